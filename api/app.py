@@ -1,0 +1,71 @@
+"""The API application: `create_app(settings)`; uvicorn runs it with `--factory`."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.responses import ORJSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+from redis.asyncio import BlockingConnectionPool, Redis
+
+from api import admin_routes, requests_routes, streaming
+from api.auth import KeyRing
+from api.errors import install_error_handlers
+from api.limits import BodySizeLimit
+from api.metrics import render_metrics
+from api.services import Services, services
+from scheduler.admin import Tuning
+from sessions.hub import EventHub
+from sessions.store import SessionStore
+from sluicegate.settings import Settings, from_env
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or from_env()
+    if not settings.redis_url:
+        raise SystemExit("the API needs --redis-url (or run `sluicegate serve`)")
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        pool = BlockingConnectionPool.from_url(settings.redis_url, max_connections=64, timeout=10)
+        redis = Redis(connection_pool=pool)
+        hub = EventHub(redis)
+        await hub.start()
+        app.state.services = Services(
+            settings=settings, redis=redis, hub=hub, tuning=Tuning(redis),
+            store=SessionStore(redis, session_ttl=settings.session_ttl, lease_seconds=settings.lease_seconds),
+            keyring=KeyRing(redis, enabled=settings.auth_enabled, admin_key=settings.admin_key))
+        try:
+            yield
+        finally:
+            await hub.stop()
+            await redis.aclose()
+
+    app = FastAPI(title="Sluicegate", version="0.1.0", lifespan=lifespan, default_response_class=ORJSONResponse)
+    install_error_handlers(app)
+    app.include_router(requests_routes.router)
+    app.include_router(streaming.router)
+    app.include_router(admin_routes.router)
+    try:
+        from api import openai_routes
+
+        app.include_router(openai_routes.router)
+    except ImportError:  # pragma: no cover - optional while being built
+        pass
+
+    @app.get("/healthz")
+    async def healthz(request: Request) -> ORJSONResponse:
+        svc = services(request)
+        await svc.redis.ping()
+        return ORJSONResponse({"status": "ok", "open_streams": svc.open_streams})
+
+    @app.get("/metrics")
+    async def metrics(request: Request) -> Response:
+        svc = services(request)
+        return Response(await render_metrics(svc.redis, open_streams=svc.open_streams),
+                        media_type=CONTENT_TYPE_LATEST)
+
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    return app

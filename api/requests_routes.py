@@ -1,0 +1,63 @@
+"""Submit, inspect and cancel requests."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import ORJSONResponse
+
+from api.auth import Principal
+from api.errors import ApiError
+from api.schemas import SESSION_PATTERN, SubmitBody
+from api.services import principal, services
+from api.views import request_view
+from sessions.requests import NewRequest
+
+router = APIRouter()
+
+
+def check_session_id(session_id: str) -> None:
+    if not SESSION_PATTERN.match(session_id):
+        raise ApiError(422, "session_id: 1-128 characters of A-Z a-z 0-9 . _ : @ -")
+
+
+async def submit_request(request: Request, who: Principal, new: NewRequest) -> dict[str, str]:
+    svc = services(request)
+    if new.max_tokens > svc.settings.max_tokens_limit:
+        raise ApiError(422, f"max_tokens: at most {svc.settings.max_tokens_limit} (--max-tokens-limit)")
+    result = await svc.store.submit(new, owner=who.owner)
+    if result.outcome == "forbidden":
+        raise ApiError(403, f"session {new.session_id!r} belongs to another tenant")
+    if result.outcome != "ok":
+        raise ApiError(409, "request id collision; retry")
+    return {"request_id": result.request_id, "session_id": new.session_id, "status": "queued",
+            "events_url": f"/v1/requests/{result.request_id}/events"}
+
+
+@router.post("/v1/sessions/{session_id}/requests", status_code=202)
+async def submit(session_id: str, body: SubmitBody, request: Request, who: Principal = Depends(principal)):
+    check_session_id(session_id)
+    new = NewRequest(session_id=session_id, max_tokens=body.max_tokens, priority=int(body.priority),
+                     tenant=who.tenant or body.tenant, group=body.group, prompt=body.prompt,
+                     messages=[m.model_dump() for m in body.messages] if body.messages else None,
+                     params=body.params)
+    return ORJSONResponse(await submit_request(request, who, new), status_code=202)
+
+
+@router.get("/v1/requests/{request_id}")
+async def get_request(request_id: str, request: Request, who: Principal = Depends(principal)):
+    fields = await services(request).store.request_fields(request_id)
+    if fields is None or (who.tenant and fields.get("tn") != who.tenant):
+        raise ApiError(404, f"no request {request_id!r}")
+    return ORJSONResponse(request_view(request_id, fields))
+
+
+@router.delete("/v1/requests/{request_id}")
+async def cancel_request(request_id: str, request: Request, who: Principal = Depends(principal)):
+    svc = services(request)
+    outcome = await svc.store.cancel(request_id, owner=who.owner)
+    if outcome[0] in ("missing", "forbidden"):
+        raise ApiError(404, f"no request {request_id!r}")
+    if outcome[0] == "terminal":
+        raise ApiError(409, f"request {request_id!r} already ended ({outcome[1]})")
+    fields = await svc.store.request_fields(request_id) or {}
+    return ORJSONResponse(request_view(request_id, fields), status_code=200)

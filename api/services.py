@@ -1,0 +1,33 @@
+"""What the routes share within one API process, built once in the app's lifespan."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fastapi import Request
+from redis.asyncio import Redis
+
+from api.auth import KeyRing, Principal
+from scheduler.admin import Tuning
+from sessions.hub import EventHub
+from sessions.store import SessionStore
+from sluicegate.settings import Settings
+
+
+@dataclass
+class Services:
+    settings: Settings
+    redis: Redis
+    store: SessionStore
+    hub: EventHub
+    tuning: Tuning
+    keyring: KeyRing
+    open_streams: int = 0
+
+
+def services(request: Request) -> Services:
+    return request.app.state.services  # type: ignore[no-any-return]
+
+
+async def principal(request: Request) -> Principal:
+    return await services(request).keyring.principal(request)

@@ -1,0 +1,64 @@
+"""Server-Sent Events: a session's or a request's events, resumable with Last-Event-ID or ?after=."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Depends, Request
+from sse_starlette import EventSourceResponse
+
+from api.auth import Principal
+from api.errors import ApiError
+from api.schemas import SESSION_PATTERN
+from api.services import Services, principal, services
+from sessions.stream import EventStream
+
+router = APIRouter()
+PING = b": ping\n\n"
+
+
+def resume_cursor(request: Request) -> int:
+    raw = request.headers.get("last-event-id") or request.query_params.get("after") or "0"
+    if not raw.strip().isdigit():
+        raise ApiError(422, "Last-Event-ID / after must be an event id (a non-negative integer)")
+    return int(raw)
+
+
+async def sse_bytes(svc: Services, stream: EventStream) -> AsyncIterator[bytes]:
+    svc.open_streams += 1
+    try:
+        async for batch in stream.batches():
+            yield b"".join(event.sse() for event in batch) if batch else PING
+    finally:
+        svc.open_streams -= 1
+
+
+def sse_response(svc: Services, stream: EventStream) -> EventSourceResponse:
+    return EventSourceResponse(sse_bytes(svc, stream), ping=0, headers={"Cache-Control": "no-store"})
+
+
+@router.get("/v1/sessions/{session_id}/events")
+async def session_events(session_id: str, request: Request, who: Principal = Depends(principal)):
+    svc = services(request)
+    if not SESSION_PATTERN.match(session_id):
+        raise ApiError(422, "session_id: 1-128 characters of A-Z a-z 0-9 . _ : @ -")
+    owner = await svc.store.session_owner(session_id)
+    if owner is None or (who.tenant and owner != who.tenant):
+        raise ApiError(404, f"no session {session_id!r} (never used, or recycled after its TTL)")
+    stream = EventStream(svc.store, svc.hub, session_id, after=resume_cursor(request),
+                         idle_seconds=svc.settings.sse_ping_seconds)
+    return sse_response(svc, stream)
+
+
+@router.get("/v1/requests/{request_id}/events")
+async def request_events(request_id: str, request: Request, who: Principal = Depends(principal)):
+    svc = services(request)
+    fields = await svc.store.request_fields(request_id)
+    if fields is None or (who.tenant and fields.get("tn") != who.tenant):
+        raise ApiError(404, f"no request {request_id!r}")
+    cursor = resume_cursor(request)
+    if not cursor:
+        cursor = int(fields.get("fs", 1)) - 1
+    stream = EventStream(svc.store, svc.hub, fields["sid"], after=cursor, request_id=request_id,
+                         idle_seconds=svc.settings.sse_ping_seconds)
+    return sse_response(svc, stream)

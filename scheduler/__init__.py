@@ -1,0 +1,1 @@
+"""Scheduling: the policy settings, the clock-driven scheduler loop, and runtime tuning."""

@@ -1,0 +1,131 @@
+"""Runtime tuning and inspection: tenant weights, group quotas, queue statistics.
+
+Weights and quotas are read by the dispatch script on every decision, so a change takes effect on
+the next scheduling decision without restarting anything.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from redis.asyncio import Redis
+
+from sessions import keys
+
+QUOTA_FIELDS = ("requests_per_second", "tokens_per_second", "burst", "max_concurrency", "burst_tokens")
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _number(text: str) -> float | int:
+    value = float(text)
+    return int(value) if value.is_integer() else value
+
+
+class Tuning:
+    def __init__(self, redis: Redis) -> None:
+        self.redis = redis
+
+    async def set_weight(self, tenant: str, weight: float) -> None:
+        await self.redis.hset(keys.TENANT_WEIGHTS, tenant, weight)
+
+    async def set_quota(self, group: str, quota: dict[str, float | None]) -> dict[str, float | int]:
+        """Set the given quota fields; a field given as null is removed (unlimited)."""
+        cfg = keys.group_key(group, "cfg")
+        to_set = {k: v for k, v in quota.items() if v is not None}
+        to_clear = [k for k, v in quota.items() if v is None]
+        async with self.redis.pipeline(transaction=True) as pipe:
+            if to_set:
+                pipe.hset(cfg, mapping=to_set)  # type: ignore[arg-type]
+            if to_clear:
+                pipe.hdel(cfg, *to_clear)
+            if "requests_per_second" in to_clear or "tokens_per_second" in to_clear:
+                pipe.hdel(keys.group_key(group, "qs"), *(("tat",) if "requests_per_second" in to_clear
+                                                          else ("lvl", "at")))
+            pipe.sadd(keys.GROUPS, group)
+            pipe.rpush(keys.HINT, group)  # wake a scheduler: the change applies on the next decision
+            pipe.ltrim(keys.HINT, 0, 0)
+            await pipe.execute()
+        return await self.quota(group)
+
+    async def quota(self, group: str) -> dict[str, float | int]:
+        raw = await self.redis.hgetall(keys.group_key(group, "cfg"))
+        return {_text(k): _number(_text(v)) for k, v in raw.items()}
+
+    async def weights(self) -> dict[str, float]:
+        raw = await self.redis.hgetall(keys.TENANT_WEIGHTS)
+        return {_text(k): float(v) for k, v in raw.items()}
+
+    async def groups(self) -> list[str]:
+        return sorted(_text(g) for g in await self.redis.smembers(keys.GROUPS))
+
+    async def tenants(self) -> list[dict[str, Any]]:
+        """Every tenant with a weight or a counter, with its counter per group."""
+        weights = await self.weights()
+        counters: dict[str, dict[str, float]] = {}
+        for group in await self.groups():
+            for tenant, value in (await self.redis.hgetall(keys.group_key(group, "vtc"))).items():
+                counters.setdefault(_text(tenant), {})[group] = float(value)
+        names = sorted(set(weights) | set(counters))
+        return [{"tenant": t, "weight": weights.get(t, 1.0), "virtual_token_counter": counters.get(t, {})}
+                for t in names]
+
+    async def group_state(self, group: str) -> dict[str, Any]:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hgetall(keys.group_key(group, "cfg"))
+            pipe.hgetall(keys.group_key(group, "qs"))
+            pipe.zcard(keys.group_key(group, "run"))
+            pipe.llen(keys.group_key(group, "idle"))
+            pipe.hgetall(keys.group_key(group, "cn"))
+            pipe.zscore(keys.WAKE, group)
+            cfg, qs, running, idle, ready, wake = await pipe.execute()
+        state = {_text(k): _text(v) for k, v in qs.items()}
+        return {
+            "group": group,
+            "quota": {_text(k): _number(_text(v)) for k, v in cfg.items()},
+            "running": running,
+            "free_slots": idle,
+            "ready_sessions_by_class": {_text(k): int(v) for k, v in ready.items()},
+            "throttled": wake is not None or state.get("throttled") == "max_concurrency" and running > 0,
+            "last_throttle_reason": state.get("throttled"),
+            "next_admission_ms": wake,
+            "token_bucket_level": float(state["lvl"]) if "lvl" in state else None,
+        }
+
+    async def stats(self) -> dict[str, Any]:
+        """Queue depth by group, priority and tenant; running; workers; per-group quota state."""
+        raw_depth = await self.redis.hgetall(keys.metric("depth"))
+        depth: list[dict[str, Any]] = []
+        by_group: dict[str, int] = {}
+        for label, value in raw_depth.items():
+            n = int(value)
+            if n <= 0:
+                continue
+            group, priority, tenant = _text(label).split("|", 2)
+            depth.append({"group": group, "priority": int(priority), "tenant": tenant, "queued": n})
+            by_group[group] = by_group.get(group, 0) + n
+        groups = [await self.group_state(g) for g in await self.groups()]
+        workers = await self.workers()
+        return {
+            "queued": sum(by_group.values()),
+            "queued_by_group": by_group,
+            "queue_depth": sorted(depth, key=lambda d: (d["group"], -d["priority"], d["tenant"])),
+            "running": sum(g["running"] for g in groups),
+            "groups": groups,
+            "workers": workers,
+            "tenants": await self.tenants(),
+        }
+
+    async def workers(self) -> list[dict[str, Any]]:
+        """Registered workers; a worker whose liveness key lapsed is dropped from the registry."""
+        registered = {_text(k): _text(v) for k, v in (await self.redis.hgetall(keys.WORKERS)).items()}
+        alive = []
+        for wid, info in sorted(registered.items()):
+            if await self.redis.exists(keys.worker(wid)):
+                group, _, slots = info.partition("|")
+                alive.append({"worker_id": wid, "group": group, "slots": int(slots)})
+            else:
+                await self.redis.hdel(keys.WORKERS, wid)
+        return alive

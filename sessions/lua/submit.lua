@@ -1,0 +1,34 @@
+-- submit.lua: store a request, append it to its session's lite queue (creating the session on
+-- first use), emit `queued`, and dispatch at once if the session was idle.
+-- KEYS[1] request hash  sg:r:<rid>
+-- KEYS[2] session meta  sg:s:<sid>:m
+-- KEYS[3] session queue sg:s:<sid>:q
+-- KEYS[4] session log   sg:s:<sid>:l
+-- ARGV[1] lease ms   ARGV[2] request id   ARGV[3] session id   ARGV[4] tenant   ARGV[5] group
+-- ARGV[6] priority   ARGV[7] max_tokens   ARGV[8] input (prompt text or messages JSON)
+-- ARGV[9] input kind ("p" prompt | "m" messages)   ARGV[10] params JSON   ARGV[11] input tokens
+-- ARGV[12] owner to enforce ("" = none)
+-- Returns {"ok", seq of the queued event} or {"forbidden", owner} / {"exists"}.
+local lease = tonumber(ARGV[1])
+local rid, sid, tenant, group, prio = ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+if redis.call('EXISTS', KEYS[1]) == 1 then return { 'exists' } end
+local owner = redis.call('HGET', KEYS[2], 'tn')
+if ARGV[12] ~= '' and owner and owner ~= ARGV[12] then return { 'forbidden', owner } end
+local now = clock()
+redis.call('HSET', KEYS[1], 'sid', sid, 'tn', tenant, 'g', group, 'p', prio, 'ep', prio, 'mt', ARGV[7],
+  'in', ARGV[8], 'ik', ARGV[9], 'pa', ARGV[10], 'it', ARGV[11], 'st', 'queued', 'sub', now, 'n', 0, 'a', 0)
+if not owner then redis.call('HSET', KEYS[2], 'tn', tenant) end
+redis.call('PERSIST', KEYS[2])
+redis.call('PERSIST', KEYS[4])
+local position = redis.call('RPUSH', KEYS[3], rid)
+local seq = emit(sid, 'queued', rid, { request_id = rid, priority = tonumber(prio), tenant = tenant,
+  group = group, position = position - 1 })
+redis.call('HSET', KEYS[1], 'fs', seq)
+redis.call('SADD', PREFIX .. 'groups', group)
+count('requests', group .. '|' .. prio .. '|' .. tenant .. '|submitted')
+depth({ g = group, p = prio, tn = tenant }, 1)
+if position == 1 then
+  make_ready(rid, now)
+  dispatch(group, now, lease)
+end
+return { 'ok', seq }

@@ -1,0 +1,39 @@
+-- sweep.lua: the clock-driven part of scheduling, run by every scheduler process: requeue the
+-- requests whose worker lease expired, promote requests waiting past their class's max wait
+-- (aging), and dispatch the groups whose quota now admits work. Idempotent; safe to run anywhere.
+-- KEYS[1] sg:leases   KEYS[2] sg:wake   KEYS[3] sg:groups
+-- ARGV[1] lease ms
+-- Returns {requeued, promoted, dispatched, next wake ms or -1, now ms}.
+local lease = tonumber(ARGV[1])
+local now = clock()
+local requeued, promoted, started = 0, 0, 0
+for _, rid in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, 200)) do
+  local r = load(rid, RUN_FIELDS)
+  if r.st == 'running' then
+    requeue(rid, r, now, 'worker_lost', false, lease)
+    requeued = requeued + 1
+  else
+    redis.call('ZREM', KEYS[1], rid)
+  end
+end
+local pol = policy()
+for _, group in ipairs(redis.call('SMEMBERS', KEYS[3])) do
+  for cls = 0, 9 do
+    local limit = now - pol['mw' .. cls] * 1000
+    for _, sid in ipairs(redis.call('ZRANGEBYSCORE', kg(group, 'age' .. cls), '-inf', limit, 'LIMIT', 0, 100)) do
+      local rid = redis.call('LINDEX', kqueue(sid), 0)
+      local tenant = rid and redis.call('HGET', kreq(rid), 'tn')
+      if tenant and remove_ready(sid, group, tenant, cls) then
+        redis.call('HSET', kreq(rid), 'ep', 10)
+        make_ready(rid, now)
+        promoted = promoted + 1
+      else
+        redis.call('ZREM', kg(group, 'age' .. cls), sid)
+      end
+    end
+  end
+  redis.call('ZREM', KEYS[2], group)
+  started = started + dispatch(group, now, lease)
+end
+local nxt = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')[2]
+return { requeued, promoted, started, nxt and tostring(nxt) or '-1', tostring(now) }

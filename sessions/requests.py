@@ -1,0 +1,47 @@
+"""What a new request is, before it is stored."""
+
+from __future__ import annotations
+
+import json
+import secrets
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def new_request_id() -> str:
+    """12 URL-safe characters (72 random bits): short, because it is repeated in every event."""
+    return secrets.token_urlsafe(9)
+
+
+def estimate_tokens(text: str) -> int:
+    """A tokenizer-free estimate (about 4 characters per token), enough for fair-share accounting."""
+    return max(1, len(text) // 4)
+
+
+@dataclass(frozen=True)
+class NewRequest:
+    session_id: str
+    max_tokens: int
+    priority: int
+    tenant: str
+    group: str
+    prompt: str | None = None
+    messages: list[dict[str, Any]] | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+    request_id: str = field(default_factory=new_request_id)
+
+    @property
+    def input_kind(self) -> str:
+        return "p" if self.messages is None else "m"
+
+    @property
+    def input_text(self) -> str:
+        if self.messages is None:
+            return self.prompt or ""
+        return json.dumps(self.messages, separators=(",", ":"), ensure_ascii=False)
+
+    @property
+    def input_tokens(self) -> int:
+        if self.messages is None:
+            return estimate_tokens(self.prompt or "")
+        return estimate_tokens("".join(str(m.get("content", "")) for m in self.messages))

@@ -1,0 +1,135 @@
+"""The worker's view of the store: register slots, receive runs, append tokens, finish."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from redis.asyncio import Redis
+
+from sessions import keys
+from sessions.events import Event
+from sessions.scripts import Scripts
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """Everything an engine needs to (re)start a request at `start_index`."""
+
+    request_id: str
+    attempt: str
+    session_id: str
+    group: str
+    tenant: str
+    priority: int
+    max_tokens: int
+    start_index: int
+    input_kind: str
+    input_text: str
+    params: dict[str, Any]
+
+    @property
+    def prompt(self) -> str | None:
+        return self.input_text if self.input_kind == "p" else None
+
+    @property
+    def messages(self) -> list[dict[str, Any]]:
+        if self.input_kind == "m":
+            return list(json.loads(self.input_text))
+        return [{"role": "user", "content": self.input_text}]
+
+
+@dataclass(frozen=True)
+class AppendResult:
+    ok: bool
+    status: str = ""  # when fenced: the request's status now
+    expected_index: int | None = None
+
+
+class RunStore:
+    def __init__(self, redis: Redis, *, worker_id: str, group: str, lease_seconds: float,
+                 session_ttl: int) -> None:
+        self.redis = redis
+        self.scripts = Scripts(redis)
+        self.worker_id = worker_id
+        self.group = group
+        self.lease_ms = int(lease_seconds * 1000)
+        self.session_ttl = session_ttl
+
+    async def set_free_slots(self, slots: int) -> int:
+        """Offer `slots` free slots to the scheduler (0 withdraws them all and marks the worker gone)."""
+        return int(await self.scripts.register_worker(
+            keys=[keys.worker(self.worker_id), keys.group_key(self.group, "idle")],
+            args=[self.lease_ms, self.worker_id, self.group, slots]))
+
+    async def next_assignment(self, timeout: float) -> tuple[str, str] | None:
+        item = await self.redis.blpop([keys.worker_inbox(self.worker_id)], timeout=timeout)
+        if item is None:
+            return None
+        rid, _, attempt = item[1].decode().rpartition("|")
+        return rid, attempt
+
+    async def drain_inbox(self) -> list[tuple[str, str]]:
+        items = await self.redis.lpop(keys.worker_inbox(self.worker_id), 10_000) or []
+        return [tuple(i.decode().rsplit("|", 1)) for i in items]  # type: ignore[misc]
+
+    async def load(self, rid: str, attempt: str) -> RunSpec | None:
+        """The run's inputs, or None when this worker does not own that attempt any more."""
+        names = ("st", "a", "w", "sid", "g", "tn", "p", "mt", "n", "ik", "in", "pa")
+        values = await self.redis.hmget(keys.request(rid), names)
+        f = {k: (v.decode() if v is not None else None) for k, v in zip(names, values, strict=True)}
+        if f["st"] != "running" or f["a"] != attempt or f["w"] != self.worker_id:
+            return None
+        return RunSpec(request_id=rid, attempt=attempt, session_id=f["sid"] or "", group=f["g"] or "",
+                       tenant=f["tn"] or "", priority=int(f["p"] or 5), max_tokens=int(f["mt"] or 0),
+                       start_index=int(f["n"] or 0), input_kind=f["ik"] or "p", input_text=f["in"] or "",
+                       params=json.loads(f["pa"] or "{}"))
+
+    async def append(self, rid: str, attempt: str, first_index: int, data: list[str]) -> AppendResult:
+        reply = await self.scripts.append(keys=[keys.request(rid)], args=[rid, attempt, first_index, *data])
+        code = int(reply[0])
+        if code == 1:
+            return AppendResult(True)
+        if code == -1:
+            return AppendResult(False, "running", int(reply[1]))
+        status = reply[1].decode() if isinstance(reply[1], bytes) else str(reply[1])
+        return AppendResult(False, status)
+
+    async def finish(self, rid: str, attempt: str, *, outcome: str, detail: str, return_slot: bool) -> bool:
+        reply = await self.scripts.finish(
+            keys=[keys.request(rid)],
+            args=[self.lease_ms, self.session_ttl, rid, attempt, self.worker_id, outcome, detail,
+                  "1" if return_slot else "0", self.group])
+        return int(reply[0]) == 1
+
+    async def hand_back(self, rid: str, attempt: str, *, reason: str, return_slot: bool) -> bool:
+        reply = await self.scripts.handback(
+            keys=[keys.request(rid)],
+            args=[self.lease_ms, rid, attempt, self.worker_id, reason, "1" if return_slot else "0", self.group])
+        return int(reply[0]) == 1
+
+    async def output_so_far(self, spec: RunSpec) -> str:
+        """The text of tokens 0..start_index-1 of a request, from its session log (for resumes)."""
+        first = int(await self.redis.hget(keys.request(spec.request_id), "fs") or 1)
+        texts: list[str] = []
+        cursor = first - 1
+        while len(texts) < spec.start_index:
+            reply = await self.scripts.read_log(keys=[keys.session_meta(spec.session_id),
+                                                      keys.session_log(spec.session_id)], args=[cursor, 1000])
+            entries = [Event.parse(e) for e in reply[1:]]
+            if not entries:
+                break
+            for event in entries:
+                if event.name == "token" and event.request_id == spec.request_id:
+                    data = json.loads(event.data)
+                    if data["index"] == len(texts):
+                        texts.append(data["text"])
+            cursor = entries[-1].seq
+        return "".join(texts[: spec.start_index])
+
+    async def heartbeat(self, running: list[str]) -> list[str]:
+        """Renew liveness and leases; returns the "rid|attempt" runs this worker lost."""
+        lost = await self.scripts.heartbeat(keys=[keys.worker(self.worker_id)],
+                                            args=[self.lease_ms, self.worker_id, *running])
+        return [x.decode() for x in lost]

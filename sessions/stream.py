@@ -1,0 +1,86 @@
+"""Resumable event streams: the log after a cursor, then live events, none twice, none missing.
+
+The order of operations is what makes resume exact:
+1. join the session's channel (live from here on);
+2. for a request stream, read the request's status (a terminal status means its terminal event is
+   already in the log);
+3. read the log after the cursor, in pages;
+4. take live batches, dropping ids already sent; a gap (or a reader queue overflow) rereads the log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+from sessions.events import Event
+from sessions.hub import EventHub
+from sessions.store import SessionStore
+
+PAGE = 1000
+
+
+class EventStream:
+    """Yields batches of events of one session (optionally one request) after an exclusive cursor."""
+
+    def __init__(self, store: SessionStore, hub: EventHub, session_id: str, *, after: int = 0,
+                 request_id: str | None = None, idle_seconds: float = 15.0) -> None:
+        self.store = store
+        self.hub = hub
+        self.session_id = session_id
+        self.cursor = after
+        self.request_id = request_id
+        self.idle_seconds = idle_seconds
+        self.finished = False
+
+    def _keep(self, events: list[Event]) -> list[Event]:
+        """Events past the cursor (and of the request, for a request stream), up to its terminal one."""
+        kept: list[Event] = []
+        for event in events:
+            if event.seq <= self.cursor:
+                continue
+            self.cursor = event.seq
+            if self.request_id is None or event.request_id == self.request_id:
+                kept.append(event)
+                if self.request_id is not None and event.terminal:
+                    self.finished = True
+                    break
+        return kept
+
+    async def _backlog(self) -> AsyncIterator[list[Event]]:
+        while not self.finished:
+            _, events = await self.store.read_events(self.session_id, self.cursor, PAGE)
+            kept = self._keep(events)
+            if kept:
+                yield kept
+            if len(events) < PAGE:
+                return
+
+    async def batches(self) -> AsyncIterator[list[Event]]:
+        """Batches of events; an empty batch means `idle_seconds` passed without one (send a ping)."""
+        reader = await self.hub.join(self.session_id)
+        try:
+            already_over = False
+            if self.request_id is not None:
+                fields = await self.store.request_fields(self.request_id)
+                already_over = fields is None or fields.get("st") in ("done", "failed", "cancelled")
+            async for batch in self._backlog():
+                yield batch
+            if already_over:
+                return
+            while not self.finished:
+                try:
+                    live = await asyncio.wait_for(reader.queue.get(), self.idle_seconds)
+                except TimeoutError:
+                    yield []
+                    continue
+                if reader.overflowed or (live and live[0].seq > self.cursor + 1):
+                    reader.overflowed = False
+                    async for batch in self._backlog():
+                        yield batch
+                    continue
+                kept = self._keep(live)
+                if kept:
+                    yield kept
+        finally:
+            self.hub.leave(self.session_id, reader)

@@ -1,0 +1,105 @@
+"""One run of one request on one worker slot: stream the engine's tokens into the session log.
+
+Token writes are coalesced: at most one append is in flight per run, and whatever the engine
+produced meanwhile goes out in the next append. The first token leaves at once, and a fast engine
+costs one Redis round trip per batch rather than per token. Every append is fenced by attempt: the
+moment the run is preempted, cancelled or its lease lost, the next append says so and the run stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from dataclasses import dataclass
+
+from sessions.runs import RunSpec, RunStore
+from workers.engines.base import Engine, EngineError
+
+log = logging.getLogger(__name__)
+
+MAX_BATCH = 256
+
+
+class Fenced(Exception):
+    """The run no longer owns its request."""
+
+
+@dataclass
+class RunOutcome:
+    kind: str  # "done" | "fenced" | "engine_error"
+    detail: str = ""
+    transient: bool = False
+
+
+def token_data(rid: str, index: int, text: str) -> str:
+    return '{"request_id":"%s","index":%d,"text":%s}' % (rid, index, json.dumps(text, ensure_ascii=False))
+
+
+class Run:
+    def __init__(self, store: RunStore, engine: Engine, spec: RunSpec) -> None:
+        self.store = store
+        self.engine = engine
+        self.spec = spec
+        self.next_index = spec.start_index
+        self._pending: list[str] = []
+        self._wake = asyncio.Event()
+        self._produced_all = False
+
+    @property
+    def key(self) -> str:
+        return f"{self.spec.request_id}|{self.spec.attempt}"
+
+    async def _write_loop(self) -> None:
+        rid, attempt = self.spec.request_id, self.spec.attempt
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._pending:
+                batch = self._pending[:MAX_BATCH]
+                data = [token_data(rid, self.next_index + i, text) for i, text in enumerate(batch)]
+                result = await self.store.append(rid, attempt, self.next_index, data)
+                if not result.ok:
+                    raise Fenced(result.status)
+                del self._pending[:len(batch)]
+                self.next_index += len(batch)
+            if self._produced_all:
+                return
+
+    async def _produce(self, so_far: str) -> None:
+        async for text in self.engine.stream(self.spec, so_far):
+            self._pending.append(text)
+            self._wake.set()
+        self._produced_all = True
+        self._wake.set()
+
+    async def execute(self, so_far: str = "") -> RunOutcome:
+        """Generate until done; returns how it ended. Cancellation (control message, shutdown) propagates."""
+        writer = asyncio.create_task(self._write_loop())
+        producer = asyncio.create_task(self._produce(so_far))
+        try:
+            done, _ = await asyncio.wait({writer, producer}, return_when=asyncio.FIRST_EXCEPTION)
+            for task in done:
+                error = task.exception()
+                if error is not None:
+                    raise error
+            return RunOutcome("done", "length")
+        except Fenced as fenced:
+            return RunOutcome("fenced", str(fenced))
+        except EngineError as error:
+            await self._flush_quietly(writer)
+            return RunOutcome("engine_error", str(error), transient=error.transient)
+        finally:
+            for task in (writer, producer):
+                task.cancel()
+            for task in (writer, producer):
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+
+    async def _flush_quietly(self, writer: asyncio.Task[None]) -> None:
+        """After an engine error, keep the tokens it did produce (they count for the resume)."""
+        self._produced_all = True
+        self._wake.set()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(asyncio.shield(writer), timeout=5)
