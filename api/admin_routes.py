@@ -5,10 +5,10 @@ from __future__ import annotations
 import re
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import ORJSONResponse
 
 from api.auth import Principal, require_admin
 from api.errors import ApiError
+from api.responses import JSON
 from api.schemas import NAME_PATTERN, KeyBody, QuotaBody, WeightBody
 from api.services import principal, services
 
@@ -24,7 +24,7 @@ def check_name(kind: str, name: str) -> None:
 @router.post("/keys", status_code=201)
 async def create_key(body: KeyBody, request: Request, who: Principal = Depends(principal)):
     require_admin(who)
-    return ORJSONResponse(await services(request).keyring.create(body.tenant), status_code=201)
+    return JSON(await services(request).keyring.create(body.tenant), status_code=201)
 
 
 @router.delete("/keys/{key_id}")
@@ -32,13 +32,13 @@ async def revoke_key(key_id: str, request: Request, who: Principal = Depends(pri
     require_admin(who)
     if not await services(request).keyring.revoke(key_id):
         raise ApiError(404, f"no key {key_id!r}")
-    return ORJSONResponse({"key_id": key_id, "revoked": True})
+    return JSON({"key_id": key_id, "revoked": True})
 
 
 @router.get("/tenants")
 async def list_tenants(request: Request, who: Principal = Depends(principal)):
     require_admin(who)
-    return ORJSONResponse({"tenants": await services(request).tuning.tenants()})
+    return JSON({"tenants": await services(request).tuning.tenants()})
 
 
 @router.put("/tenants/{tenant}")
@@ -46,14 +46,14 @@ async def set_tenant(tenant: str, body: WeightBody, request: Request, who: Princ
     require_admin(who)
     check_name("tenant", tenant)
     await services(request).tuning.set_weight(tenant, body.weight)
-    return ORJSONResponse({"tenant": tenant, "weight": body.weight})
+    return JSON({"tenant": tenant, "weight": body.weight})
 
 
 @router.get("/groups")
 async def list_groups(request: Request, who: Principal = Depends(principal)):
     require_admin(who)
     tuning = services(request).tuning
-    return ORJSONResponse({"groups": [{"group": g, "quota": await tuning.quota(g)} for g in await tuning.groups()]})
+    return JSON({"groups": [{"group": g, "quota": await tuning.quota(g)} for g in await tuning.groups()]})
 
 
 @router.put("/groups/{group}")
@@ -61,7 +61,7 @@ async def set_group(group: str, body: QuotaBody, request: Request, who: Principa
     require_admin(who)
     check_name("group", group)
     quota = await services(request).tuning.set_quota(group, body.model_dump(exclude_unset=True))
-    return ORJSONResponse({"group": group, "quota": quota})
+    return JSON({"group": group, "quota": quota})
 
 
 @router.get("/stats")
@@ -70,4 +70,4 @@ async def stats(request: Request, who: Principal = Depends(principal)):
     svc = services(request)
     data = await svc.tuning.stats()
     data["api_process"] = {"open_streams": svc.open_streams, "subscribed_sessions": svc.hub.subscribed_sessions}
-    return ORJSONResponse(data)
+    return JSON(data)

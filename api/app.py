@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
-from fastapi.responses import ORJSONResponse, Response
+from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from redis.asyncio import BlockingConnectionPool, Redis
 
@@ -15,6 +15,7 @@ from api.auth import KeyRing
 from api.errors import install_error_handlers
 from api.limits import BodySizeLimit
 from api.metrics import render_metrics
+from api.responses import JSON
 from api.services import Services, services
 from scheduler.admin import Tuning
 from sessions.hub import EventHub
@@ -43,7 +44,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await hub.stop()
             await redis.aclose()
 
-    app = FastAPI(title="Sluicegate", version="0.1.0", lifespan=lifespan, default_response_class=ORJSONResponse)
+    app = FastAPI(title="Sluicegate", version="0.1.0", lifespan=lifespan, default_response_class=JSON)
     install_error_handlers(app)
     app.include_router(requests_routes.router)
     app.include_router(streaming.router)
@@ -56,10 +57,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         pass
 
     @app.get("/healthz")
-    async def healthz(request: Request) -> ORJSONResponse:
+    async def healthz(request: Request) -> JSON:
         svc = services(request)
         await svc.redis.ping()
-        return ORJSONResponse({"status": "ok", "open_streams": svc.open_streams})
+        return JSON({"status": "ok", "open_streams": svc.open_streams})
 
     @app.get("/metrics")
     async def metrics(request: Request) -> Response:

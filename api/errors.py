@@ -7,8 +7,9 @@ import logging
 import redis.exceptions
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import ORJSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from api.responses import JSON
 
 log = logging.getLogger(__name__)
 
@@ -25,8 +26,8 @@ class ApiError(Exception):
         self.type = type_ or STATUS_TYPES.get(status, "error")
 
 
-def error_response(status: int, message: str, type_: str | None = None) -> ORJSONResponse:
-    return ORJSONResponse({"error": {"type": type_ or STATUS_TYPES.get(status, "error"), "message": message}},
+def error_response(status: int, message: str, type_: str | None = None) -> JSON:
+    return JSON({"error": {"type": type_ or STATUS_TYPES.get(status, "error"), "message": message}},
                           status_code=status)
 
 
@@ -41,26 +42,26 @@ def describe_validation(exc: RequestValidationError) -> str:
 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
-    async def _api_error(_: Request, exc: ApiError) -> ORJSONResponse:
+    async def _api_error(_: Request, exc: ApiError) -> JSON:
         return error_response(exc.status, exc.message, exc.type)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> ORJSONResponse:
+    async def _validation(_: Request, exc: RequestValidationError) -> JSON:
         return error_response(422, describe_validation(exc))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> ORJSONResponse:
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSON:
         message = exc.detail if isinstance(exc.detail, str) else "error"
         if exc.status_code == 404 and message == "Not Found":
             message = "no such endpoint"
         return error_response(exc.status_code, message)
 
     @app.exception_handler(redis.exceptions.ConnectionError)
-    async def _redis_down(_: Request, exc: Exception) -> ORJSONResponse:
+    async def _redis_down(_: Request, exc: Exception) -> JSON:
         log.warning("redis unavailable: %s", exc)
         return error_response(503, "the queue store (Redis) is unavailable; retry shortly")
 
     @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> ORJSONResponse:
+    async def _unexpected(_: Request, exc: Exception) -> JSON:
         log.exception("unhandled error")
         return error_response(500, f"internal error: {type(exc).__name__}", "internal_error")

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import ORJSONResponse
 
 from api.auth import Principal
 from api.errors import ApiError
+from api.responses import JSON
 from api.schemas import SESSION_PATTERN, SubmitBody
 from api.services import principal, services
 from api.views import request_view
@@ -40,7 +40,7 @@ async def submit(session_id: str, body: SubmitBody, request: Request, who: Princ
                      tenant=who.tenant or body.tenant, group=body.group, prompt=body.prompt,
                      messages=[m.model_dump() for m in body.messages] if body.messages else None,
                      params=body.params)
-    return ORJSONResponse(await submit_request(request, who, new), status_code=202)
+    return JSON(await submit_request(request, who, new), status_code=202)
 
 
 @router.get("/v1/requests/{request_id}")
@@ -48,7 +48,7 @@ async def get_request(request_id: str, request: Request, who: Principal = Depend
     fields = await services(request).store.request_fields(request_id)
     if fields is None or (who.tenant and fields.get("tn") != who.tenant):
         raise ApiError(404, f"no request {request_id!r}")
-    return ORJSONResponse(request_view(request_id, fields))
+    return JSON(request_view(request_id, fields))
 
 
 @router.delete("/v1/requests/{request_id}")
@@ -60,4 +60,4 @@ async def cancel_request(request_id: str, request: Request, who: Principal = Dep
     if outcome[0] == "terminal":
         raise ApiError(409, f"request {request_id!r} already ended ({outcome[1]})")
     fields = await svc.store.request_fields(request_id) or {}
-    return ORJSONResponse(request_view(request_id, fields), status_code=200)
+    return JSON(request_view(request_id, fields), status_code=200)

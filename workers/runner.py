@@ -34,7 +34,7 @@ class RunOutcome:
 
 
 def token_data(rid: str, index: int, text: str) -> str:
-    return '{"request_id":"%s","index":%d,"text":%s}' % (rid, index, json.dumps(text, ensure_ascii=False))
+    return f'{{"request_id":"{rid}","index":{index},"text":{json.dumps(text, ensure_ascii=False)}}}'
 
 
 class Run:

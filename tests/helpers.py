@@ -1,0 +1,226 @@
+"""Test helpers: an in-process stack (API + scheduler + workers on one background loop), HTTP and SSE
+clients, subprocess components for crash tests. Real Valkey only, never a mock."""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import uvicorn
+
+from scheduler.loop import Scheduler
+from sluicegate.embedded import free_port
+from sluicegate.settings import Settings
+from workers.engines.base import Engine
+from workers.worker import Worker
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def fast_settings(redis_url: str, **overrides: Any) -> Settings:
+    """Settings tuned for tests: quick sim engine, short leases and sweeps."""
+    base = Settings(redis_url=redis_url, sim_tokens_per_second=400.0, sim_prefill_ms=0.0, lease_seconds=1.5,
+                    heartbeat_seconds=0.3, sweep_seconds=0.05, shutdown_grace_seconds=2.0, slots=4,
+                    sse_ping_seconds=1.0, log_level="warning")
+    return base.replace(**overrides)
+
+
+@dataclass
+class Stack:
+    """API, scheduler and workers running on one asyncio loop in a background thread."""
+
+    settings: Settings
+    loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.new_event_loop)
+    port: int = 0
+    _thread: threading.Thread | None = None
+    _server: uvicorn.Server | None = None
+    _stops: dict[str, asyncio.Event] = field(default_factory=dict)
+    _tasks: dict[str, Future[Any]] = field(default_factory=dict)
+    workers: dict[str, Worker] = field(default_factory=dict)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _call(self, coro: Any, timeout: float = 30) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def start(self, *, api: bool = True, scheduler: bool = True, workers: int = 1) -> Stack:
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+        if api:
+            from api.app import create_app
+
+            self.port = free_port()
+            config = uvicorn.Config(create_app(self.settings), host="127.0.0.1", port=self.port, log_level="warning",
+                                    access_log=False, lifespan="on")
+            self._server = uvicorn.Server(config)
+            self._tasks["api"] = asyncio.run_coroutine_threadsafe(self._server.serve(), self.loop)
+            deadline = time.monotonic() + 15
+            while not self._server.started:
+                if time.monotonic() > deadline:
+                    raise TimeoutError("API did not start")
+                time.sleep(0.02)
+        if scheduler:
+            self.start_service("scheduler", lambda stop: Scheduler(self.settings).run(stop))
+        for _ in range(workers):
+            self.add_worker()
+        return self
+
+    def start_service(self, name: str, run: Callable[[asyncio.Event], Any]) -> None:
+        async def make_event() -> asyncio.Event:
+            return asyncio.Event()
+
+        stop = self._call(make_event())
+        self._stops[name] = stop
+        self._tasks[name] = asyncio.run_coroutine_threadsafe(run(stop), self.loop)
+
+    def add_worker(self, *, engine: Engine | None = None, **overrides: Any) -> str:
+        settings = self.settings.replace(**overrides)
+
+        async def make() -> Worker:
+            return Worker(settings, engine=engine, use_rq=False)
+
+        worker = self._call(make())
+        self.workers[worker.worker_id] = worker
+        self.start_service(worker.worker_id, worker.run)
+        deadline = time.monotonic() + 10
+        while not self._call(worker.redis.exists(f"sg:w:{worker.worker_id}")):
+            if time.monotonic() > deadline:
+                raise TimeoutError("worker did not register")
+            time.sleep(0.02)
+        return worker.worker_id
+
+    def stop_service(self, name: str, timeout: float = 30) -> None:
+        stop = self._stops.pop(name, None)
+        if stop is not None:
+            self.loop.call_soon_threadsafe(stop.set)
+            self._tasks.pop(name).result(timeout)
+        self.workers.pop(name, None)
+
+    def stop(self) -> None:
+        for name in list(self._stops):
+            try:
+                self.stop_service(name)
+            except Exception:  # noqa: BLE001 - best effort at teardown
+                pass
+        if self._server is not None:
+            self._server.should_exit = True
+            try:
+                self._tasks["api"].result(15)
+            except Exception:  # noqa: BLE001
+                pass
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        if self._thread is not None:
+            self._thread.join(10)
+
+
+def call(method: str, url: str, body: Any = None, headers: dict[str, str] | None = None,
+         raw: bytes | None = None) -> tuple[int, Any]:
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    request = urllib.request.Request(url, data=data, method=method,
+                                     headers={"content-type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            payload = response.read()
+            return response.status, (json.loads(payload) if payload else None)
+    except urllib.error.HTTPError as error:
+        payload = error.read()
+        try:
+            return error.code, json.loads(payload)
+        except ValueError:
+            return error.code, payload
+
+
+def submit(base_url: str, session_id: str, **body: Any) -> str:
+    body.setdefault("prompt", "hello")
+    body.setdefault("max_tokens", 10)
+    code, reply = call("POST", f"{base_url}/v1/sessions/{session_id}/requests", body)
+    assert code == 202, (code, reply)
+    return reply["request_id"]
+
+
+@dataclass
+class SseEvent:
+    id: int
+    event: str
+    data: dict[str, Any]
+
+
+def sse(base_url: str, path: str, *, last_id: int | str | None = None, stop_after: int | None = None,
+        timeout: float = 60, until: Callable[[SseEvent], bool] | None = None) -> Iterator[SseEvent]:
+    """Events from an SSE endpoint; stops at the stream's end, after `stop_after` events, or when `until` is true."""
+    host, port = base_url.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=timeout)
+    headers = {"Last-Event-ID": str(last_id)} if last_id is not None else {}
+    connection.request("GET", path, headers=headers)
+    response = connection.getresponse()
+    if response.status != 200:
+        raise AssertionError(f"GET {path} -> {response.status}: {response.read()!r}")
+    current: dict[str, Any] = {"id": None, "event": "message", "data": []}
+    seen = 0
+    try:
+        while True:
+            line = response.readline()
+            if not line:
+                return
+            text = line.decode().rstrip("\r\n")
+            if text == "":
+                if current["data"]:
+                    event = SseEvent(int(current["id"]), current["event"], json.loads("\n".join(current["data"])))
+                    yield event
+                    seen += 1
+                    if (stop_after and seen >= stop_after) or (until and until(event)):
+                        return
+                current = {"id": None, "event": "message", "data": []}
+            elif not text.startswith(":"):
+                name, _, value = text.partition(":")
+                value = value[1:] if value.startswith(" ") else value
+                if name == "data":
+                    current["data"].append(value)
+                elif name in ("id", "event"):
+                    current[name] = value
+    finally:
+        connection.close()
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 10, interval: float = 0.02, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+def spawn(role: str, settings: Settings, *args: str) -> subprocess.Popen[bytes]:
+    """A real `sluicegate <role>` process (for kill -9 and multi-process tests)."""
+    env = {**os.environ, **settings.to_env()}
+    return subprocess.Popen([sys.executable, "-m", "sluicegate", role, *args], env=env, cwd=ROOT,
+                            stdin=subprocess.DEVNULL, start_new_session=True)
+
+
+def stop_process(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 20) -> int:
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
