@@ -84,7 +84,10 @@ def progress(message: str) -> None:
 
 @dataclass
 class ServeProcess:
-    """`sluicegate serve` in a subprocess on a free port, with its own data dir (removed at stop)."""
+    """`sluicegate serve` in a subprocess on a free port, with its own data dir (removed at stop).
+
+    Scenarios that read Redis themselves start a `scratch_server()` and pass its URL as `redis_url`.
+    """
 
     flags: list[str] = field(default_factory=list)
     redis_url: str | None = None
@@ -116,19 +119,6 @@ class ServeProcess:
             except OSError:
                 time.sleep(0.2)
         raise TimeoutError("serve did not come up")
-
-    def redis_url_in_use(self) -> str:
-        """The Redis URL the stack uses (the embedded one when none was given)."""
-        if self.redis_url:
-            return self.redis_url
-        from sluicegate.embedded import EmbeddedServer as _E  # noqa: F401 - documents where the port comes from
-
-        conf = Path(self.data_dir) / "valkey"
-        # serve logs the URL; the embedded server writes nothing else we can read, so ask the process tree
-        for line in (Path(self.data_dir) / "serve.log").read_text().splitlines():
-            if "embedded Valkey on " in line:
-                return line.split("embedded Valkey on ", 1)[1].split()[0]
-        raise RuntimeError(f"no embedded server URL in the serve log ({conf})")
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:

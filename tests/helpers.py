@@ -4,6 +4,7 @@ clients, subprocess components for crash tests. Real Valkey only, never a mock."
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.client
 import json
 import os
@@ -113,16 +114,12 @@ class Stack:
 
     def stop(self) -> None:
         for name in list(self._stops):
-            try:
+            with contextlib.suppress(Exception):  # best effort at teardown
                 self.stop_service(name)
-            except Exception:  # noqa: BLE001 - best effort at teardown
-                pass
         if self._server is not None:
             self._server.should_exit = True
-            try:
+            with contextlib.suppress(Exception):
                 self._tasks["api"].result(15)
-            except Exception:  # noqa: BLE001
-                pass
         self.loop.call_soon_threadsafe(self.loop.stop)
         if self._thread is not None:
             self._thread.join(10)
