@@ -12,6 +12,10 @@ def request(rid: str) -> str:
     return f"{PREFIX}r:{rid}"
 
 
+def request_input(rid: str) -> str:
+    return f"{PREFIX}r:{rid}:in"
+
+
 def session_meta(sid: str) -> str:
     return f"{PREFIX}s:{sid}:m"
 

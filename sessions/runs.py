@@ -76,9 +76,13 @@ class RunStore:
 
     async def load(self, rid: str, attempt: str) -> RunSpec | None:
         """The run's inputs, or None when this worker does not own that attempt any more."""
-        names = ("st", "a", "w", "sid", "g", "tn", "p", "mt", "n", "ik", "in", "pa")
-        values = await self.redis.hmget(keys.request(rid), names)
+        names = ("st", "a", "w", "sid", "g", "tn", "p", "mt", "n", "ik", "pa")
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hmget(keys.request(rid), names)
+            pipe.get(keys.request_input(rid))
+            values, text = await pipe.execute()
         f = {k: (v.decode() if v is not None else None) for k, v in zip(names, values, strict=True)}
+        f["in"] = text.decode() if text is not None else None
         if f["st"] != "running" or f["a"] != attempt or f["w"] != self.worker_id:
             return None
         return RunSpec(request_id=rid, attempt=attempt, session_id=f["sid"] or "", group=f["g"] or "",

@@ -33,7 +33,8 @@ class SessionStore:
     async def submit(self, req: NewRequest, *, owner: str = "") -> SubmitResult:
         sid, rid = req.session_id, req.request_id
         reply = await self.scripts.submit(
-            keys=[keys.request(rid), keys.session_meta(sid), keys.session_queue(sid), keys.session_log(sid)],
+            keys=[keys.request(rid), keys.session_meta(sid), keys.session_queue(sid), keys.session_log(sid),
+                  keys.request_input(rid)],
             args=[self.lease_ms, rid, sid, req.tenant, req.group, req.priority, req.max_tokens, req.input_text,
                   req.input_kind, json.dumps(req.params, separators=(",", ":")), req.input_tokens, owner],
         )
@@ -44,10 +45,10 @@ class SessionStore:
         raw = await self.redis.hgetall(keys.request(rid))
         if not raw:
             return None
-        return {_text(k): _text(v) for k, v in raw.items() if k != b"in"}
+        return {_text(k): _text(v) for k, v in raw.items()}
 
     async def request_input(self, rid: str) -> str | None:
-        value = await self.redis.hget(keys.request(rid), "in")
+        value = await self.redis.get(keys.request_input(rid))
         return None if value is None else _text(value)
 
     async def cancel(self, rid: str, *, owner: str = "") -> list[str]:

@@ -3,6 +3,7 @@
 --
 -- Keyspace (every key starts with "sg:"; the README's "Keyspace" section is the full table):
 --   sg:r:<rid>              hash   one request (short field names, see api/views.py)
+--   sg:r:<rid>:in           string its prompt or messages JSON (deleted when the request ends)
 --   sg:s:<sid>:m            hash   session meta: seq (last event id), base (first id kept), tn (owner)
 --   sg:s:<sid>:q            list   the session's lite queue of request ids (head = current request)
 --   sg:s:<sid>:l            list   the session's event log, one "id|event|rid|json" entry per event
@@ -28,6 +29,7 @@ local RANK = 1e13 -- running-rank score = class * RANK + (RANK - start ms)
 local BUCKETS = { {{BUCKETS}} }
 
 local function kreq(rid) return PREFIX .. 'r:' .. rid end
+local function kinput(rid) return PREFIX .. 'r:' .. rid .. ':in' end
 local function kmeta(sid) return PREFIX .. 's:' .. sid .. ':m' end
 local function kqueue(sid) return PREFIX .. 's:' .. sid .. ':q' end
 local function klog(sid) return PREFIX .. 's:' .. sid .. ':l' end
@@ -378,6 +380,7 @@ end
 local function finalize(rid, r, status, event, data, now, ttl)
   redis.call('HSET', kreq(rid), 'st', status, 'fin', now)
   redis.call('EXPIRE', kreq(rid), ttl)
+  redis.call('DEL', kinput(rid))
   count('requests', r.g .. '|' .. r.p .. '|' .. r.tn .. '|' .. status)
   emit(r.sid, event, rid, data)
   return advance(r.sid, rid, now, ttl)

@@ -4,6 +4,7 @@
 -- KEYS[2] session meta  sg:s:<sid>:m
 -- KEYS[3] session queue sg:s:<sid>:q
 -- KEYS[4] session log   sg:s:<sid>:l
+-- KEYS[5] request input sg:r:<rid>:in (a string of its own: a large prompt never bloats the hash)
 -- ARGV[1] lease ms   ARGV[2] request id   ARGV[3] session id   ARGV[4] tenant   ARGV[5] group
 -- ARGV[6] priority   ARGV[7] max_tokens   ARGV[8] input (prompt text or messages JSON)
 -- ARGV[9] input kind ("p" prompt | "m" messages)   ARGV[10] params JSON   ARGV[11] input tokens
@@ -16,13 +17,13 @@ local owner = redis.call('HGET', KEYS[2], 'tn')
 if ARGV[12] ~= '' and owner and owner ~= ARGV[12] then return { 'forbidden', owner } end
 local now = clock()
 redis.call('HSET', KEYS[1], 'sid', sid, 'tn', tenant, 'g', group, 'p', prio, 'ep', prio, 'mt', ARGV[7],
-  'in', ARGV[8], 'ik', ARGV[9], 'pa', ARGV[10], 'it', ARGV[11], 'st', 'queued', 'sub', now, 'n', 0, 'a', 0)
+  'ik', ARGV[9], 'pa', ARGV[10], 'it', ARGV[11], 'st', 'queued', 'sub', now, 'n', 0, 'a', 0)
+redis.call('SET', KEYS[5], ARGV[8])
 if not owner then redis.call('HSET', KEYS[2], 'tn', tenant) end
 redis.call('PERSIST', KEYS[2])
 redis.call('PERSIST', KEYS[4])
 local position = redis.call('RPUSH', KEYS[3], rid)
-local seq = emit(sid, 'queued', rid, { request_id = rid, priority = tonumber(prio), tenant = tenant,
-  group = group, position = position - 1 })
+local seq = emit(sid, 'queued', rid, { request_id = rid, priority = tonumber(prio), position = position - 1 })
 redis.call('HSET', KEYS[1], 'fs', seq)
 redis.call('SADD', PREFIX .. 'groups', group)
 count('requests', group .. '|' .. prio .. '|' .. tenant .. '|submitted')
