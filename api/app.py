@@ -9,8 +9,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
-from api import admin_routes, requests_routes, streaming
+from api import admin_routes, openai_routes, requests_routes, streaming
 from api.auth import KeyRing
 from api.errors import install_error_handlers
 from api.limits import BodySizeLimit
@@ -30,7 +32,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        pool = BlockingConnectionPool.from_url(settings.redis_url, max_connections=64, timeout=10)
+        # One immediate retry on a fresh connection: after a Redis restart every pooled connection
+        # is dead and redis-py gives pool-built clients no retry, so each would fail one call (503).
+        # The restarted server never saw that command, so it still runs once.
+        pool = BlockingConnectionPool.from_url(settings.redis_url, max_connections=64, timeout=10,
+                                               retry=Retry(NoBackoff(), 1))
         redis = Redis(connection_pool=pool)
         hub = EventHub(redis)
         await hub.start()
@@ -49,12 +55,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(requests_routes.router)
     app.include_router(streaming.router)
     app.include_router(admin_routes.router)
-    try:
-        from api import openai_routes
-
-        app.include_router(openai_routes.router)
-    except ImportError:  # pragma: no cover - optional while being built
-        pass
+    app.include_router(openai_routes.router)
 
     @app.get("/healthz")
     async def healthz(request: Request) -> JSON:

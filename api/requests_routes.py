@@ -20,7 +20,7 @@ def check_session_id(session_id: str) -> None:
         raise ApiError(422, "session_id: 1-128 characters of A-Z a-z 0-9 . _ : @ -")
 
 
-async def submit_request(request: Request, who: Principal, new: NewRequest) -> dict[str, str]:
+async def submit_request(request: Request, who: Principal, new: NewRequest) -> dict[str, str | int]:
     svc = services(request)
     if new.max_tokens > svc.settings.max_tokens_limit:
         raise ApiError(422, f"max_tokens: at most {svc.settings.max_tokens_limit} (--max-tokens-limit)")
@@ -30,7 +30,7 @@ async def submit_request(request: Request, who: Principal, new: NewRequest) -> d
     if result.outcome != "ok":
         raise ApiError(409, "request id collision; retry")
     return {"request_id": result.request_id, "session_id": new.session_id, "status": "queued",
-            "events_url": f"/v1/requests/{result.request_id}/events"}
+            "events_url": f"/v1/requests/{result.request_id}/events", "first_event_id": result.first_event_id}
 
 
 @router.post("/v1/sessions/{session_id}/requests", status_code=202)

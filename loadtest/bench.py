@@ -12,6 +12,13 @@ import sys
 
 SCENARIOS: dict[str, str] = {
     # name: module under loadtest.scenarios (added as they are written)
+    "memory": "memory",
+    "resume": "resume",
+    "ttft": "ttft",
+    "throughput": "throughput",
+    "fanout": "fanout",
+    "decision": "decision",
+    "priority": "priority",
 }
 
 

@@ -13,11 +13,13 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+import aiohttp
 
 from sluicegate.embedded import EmbeddedServer, free_port
 
@@ -133,3 +135,145 @@ class ServeProcess:
 def scratch_server(persistent: bool = False) -> EmbeddedServer:
     """A fresh embedded Valkey on a free port for a scenario (stop() it when done)."""
     return EmbeddedServer(data_dir=tempfile.mkdtemp(prefix="sg-bench-valkey-"), persistent=persistent).start()
+
+
+def wait_http(url: str, *, timeout: float = 60, process: subprocess.Popen[bytes] | None = None) -> None:
+    """Poll `url` until it answers 200 (or `process` exits, or `timeout` passes)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"process exited with code {process.returncode} before {url} answered")
+        try:
+            with urllib.request.urlopen(url, timeout=1) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.1)
+    raise TimeoutError(f"{url} did not answer in {timeout} s")
+
+
+@dataclass
+class Component:
+    """One `sluicegate ROLE [flags]` subprocess (api, scheduler, worker, sim-backend), log in a temp dir.
+
+    For scenarios that need the parts apart: kill one worker, measure one API process's CPU.
+    """
+
+    role: str
+    flags: list[str] = field(default_factory=list)
+    process: subprocess.Popen[bytes] | None = None
+    log_path: Path | None = None
+
+    def start(self) -> Component:
+        self.log_path = Path(tempfile.mkdtemp(prefix=f"sg-bench-{self.role}-")) / f"{self.role}.log"
+        log = open(self.log_path, "wb")  # noqa: SIM115 - handed to the child
+        args = [sys.executable, "-m", "sluicegate", self.role, "--log-level", "warning", *self.flags]
+        self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                        start_new_session=True, cwd=ROOT)
+        log.close()
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def kill(self) -> None:
+        """SIGKILL: no goodbye, no hand-back (a crashed worker)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    def stop(self, timeout: float = 20) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        if self.log_path is not None:
+            shutil.rmtree(self.log_path.parent, ignore_errors=True)
+
+
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user + system) a live process has used so far; 0.0 once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _role_of(pid: int) -> str:
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return "gone"
+    words = [a.decode(errors="replace") for a in argv if a]
+    if words and ("valkey-server" in words[0] or "redis-server" in words[0]):
+        return "valkey"
+    if "sluicegate" in words:
+        after = words[words.index("sluicegate") + 1:]
+        return after[0] if after else "sluicegate"
+    return Path(words[0]).name if words else "?"
+
+
+def cpu_by_role(root_pids: Sequence[int]) -> dict[str, float]:
+    """CPU seconds so far of these processes and all their descendants, summed by role (api, worker, ...)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry.name))
+    totals: dict[str, float] = {}
+    todo = list(root_pids)
+    while todo:
+        pid = todo.pop()
+        todo.extend(children.get(pid, []))
+        role = _role_of(pid)
+        totals[role] = totals.get(role, 0.0) + process_cpu(pid)
+    return totals
+
+
+def cpu_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    return {role: round(after.get(role, 0.0) - before.get(role, 0.0), 3) for role in sorted(set(before) | set(after))}
+
+
+@dataclass
+class SseEvent:
+    id: str | None
+    event: str
+    data: str
+
+
+async def sse_events(response: aiohttp.ClientResponse) -> AsyncIterator[SseEvent]:
+    """The events of an SSE response body, as they arrive (comments and pings skipped)."""
+    event_id: str | None = None
+    name, data = "message", []
+    async for raw in response.content:
+        line = raw.rstrip(b"\r\n").decode()
+        if not line:
+            if data or name != "message":
+                yield SseEvent(event_id, name, "\n".join(data))
+            event_id, name, data = None, "message", []
+            continue
+        if line.startswith(":"):
+            continue
+        key, _, value = line.partition(":")
+        value = value[1:] if value.startswith(" ") else value
+        if key == "data":
+            data.append(value)
+        elif key == "event":
+            name = value
+        elif key == "id":
+            event_id = value
+
+
+def client_session(connections: int = 0, *, force_close: bool = False) -> aiohttp.ClientSession:
+    """An aiohttp session for benchmark clients (httpx costs ~7x the CPU per request here)."""
+    connector = aiohttp.TCPConnector(limit=connections, force_close=force_close)
+    return aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None, sock_read=120))

@@ -38,6 +38,12 @@ class Reader:
         except asyncio.QueueFull:
             self.overflowed = True
 
+    def reread(self) -> None:
+        """Wake the reader and send it back to the log (events may have been published unseen)."""
+        self.overflowed = True
+        with contextlib.suppress(asyncio.QueueFull):
+            self.queue.put_nowait([])
+
 
 class _Channel:
     def __init__(self) -> None:
@@ -118,6 +124,11 @@ class EventHub:
                 continue
             kind = message["type"]
             if kind == "subscribe":
+                if channel.confirmed.is_set():
+                    # Resubscribed after a lost connection (redis-py does it on reconnect): what was
+                    # published while we were away is only in the log, so readers reread it.
+                    for reader in channel.readers:
+                        reader.reread()
                 channel.confirmed.set()
             elif kind == "message":
                 batch = parse_published(message["data"])

@@ -57,11 +57,12 @@ class RunStore:
         self.lease_ms = int(lease_seconds * 1000)
         self.session_ttl = session_ttl
 
-    async def set_free_slots(self, slots: int) -> int:
-        """Offer `slots` free slots to the scheduler (0 withdraws them all and marks the worker gone)."""
+    async def set_free_slots(self, free: int, total: int | None = None) -> int:
+        """Offer exactly `free` free slots of `total` to the scheduler, replacing every ticket offered
+        before (so it is safe to repeat); `set_free_slots(0)` withdraws them all and deregisters."""
         return int(await self.scripts.register_worker(
             keys=[keys.worker(self.worker_id), keys.group_key(self.group, "idle")],
-            args=[self.lease_ms, self.worker_id, self.group, slots]))
+            args=[self.lease_ms, self.worker_id, self.group, free, free if total is None else total]))
 
     async def next_assignment(self, timeout: float) -> tuple[str, str] | None:
         item = await self.redis.blpop([keys.worker_inbox(self.worker_id)], timeout=timeout)
@@ -73,6 +74,10 @@ class RunStore:
     async def drain_inbox(self) -> list[tuple[str, str]]:
         items = await self.redis.lpop(keys.worker_inbox(self.worker_id), 10_000) or []
         return [tuple(i.decode().rsplit("|", 1)) for i in items]  # type: ignore[misc]
+
+    async def wake_inbox(self) -> None:
+        """Push an empty assignment ("|") so that a blocked `next_assignment` returns now."""
+        await self.redis.rpush(keys.worker_inbox(self.worker_id), "|")
 
     async def load(self, rid: str, attempt: str) -> RunSpec | None:
         """The run's inputs, or None when this worker does not own that attempt any more."""
@@ -96,7 +101,12 @@ class RunStore:
         if code == 1:
             return AppendResult(True)
         if code == -1:
-            return AppendResult(False, "running", int(reply[1]))
+            expected = int(reply[1])
+            if expected == first_index + len(data):
+                # Our own batch already landed: the client resent it after losing the reply. Only
+                # the owner of this attempt writes, so no one else can have moved the index here.
+                return AppendResult(True)
+            return AppendResult(False, "running", expected)
         status = reply[1].decode() if isinstance(reply[1], bytes) else str(reply[1])
         return AppendResult(False, status)
 
@@ -132,8 +142,12 @@ class RunStore:
             cursor = entries[-1].seq
         return "".join(texts[: spec.start_index])
 
-    async def heartbeat(self, running: list[str]) -> list[str]:
-        """Renew liveness and leases; returns the "rid|attempt" runs this worker lost."""
-        lost = await self.scripts.heartbeat(keys=[keys.worker(self.worker_id)],
-                                            args=[self.lease_ms, self.worker_id, *running])
-        return [x.decode() for x in lost]
+    async def heartbeat(self, running: list[str], *, leaving: bool = False) -> tuple[bool, list[str]]:
+        """Renew liveness (unless leaving) and the runs' leases, reaping the group's dead workers.
+
+        Returns (rejoin, lost): rejoin when this worker had lapsed or been reaped, so its free
+        slots must be offered again; lost are the "rid|attempt" runs it no longer owns."""
+        reply = await self.scripts.heartbeat(
+            keys=[keys.worker(self.worker_id)],
+            args=[self.lease_ms, self.worker_id, self.group, "leaving" if leaving else "live", *running])
+        return int(reply[0]) == 1, [x.decode() for x in reply[1:]]

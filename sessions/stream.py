@@ -2,10 +2,10 @@
 
 The order of operations is what makes resume exact:
 1. join the session's channel (live from here on);
-2. for a request stream, read the request's status (a terminal status means its terminal event is
-   already in the log);
-3. read the log after the cursor, in pages;
-4. take live batches, dropping ids already sent; a gap (or a reader queue overflow) rereads the log.
+   (a request stream first reads the request's status: an ended request's terminal event is already
+   in the log, so it is served from the log alone, without joining);
+2. read the log after the cursor, in pages;
+3. take live batches, dropping ids already sent; a gap (or a reader queue overflow) rereads the log.
 """
 
 from __future__ import annotations
@@ -58,16 +58,17 @@ class EventStream:
 
     async def batches(self) -> AsyncIterator[list[Event]]:
         """Batches of events; an empty batch means `idle_seconds` passed without one (send a ping)."""
+        if self.request_id is not None:
+            fields = await self.store.request_fields(self.request_id)
+            if fields is None or fields.get("st") in ("done", "failed", "cancelled"):
+                # Ended: its terminal event is already in the log, so the log alone is the whole answer.
+                async for batch in self._backlog():
+                    yield batch
+                return
         reader = await self.hub.join(self.session_id)
         try:
-            already_over = False
-            if self.request_id is not None:
-                fields = await self.store.request_fields(self.request_id)
-                already_over = fields is None or fields.get("st") in ("done", "failed", "cancelled")
             async for batch in self._backlog():
                 yield batch
-            if already_over:
-                return
             while not self.finished:
                 try:
                     live = await asyncio.wait_for(reader.queue.get(), self.idle_seconds)

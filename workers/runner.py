@@ -4,6 +4,8 @@ Token writes are coalesced: at most one append is in flight per run, and whateve
 produced meanwhile goes out in the next append. The first token leaves at once, and a fast engine
 costs one Redis round trip per batch rather than per token. Every append is fenced by attempt: the
 moment the run is preempted, cancelled or its lease lost, the next append says so and the run stops.
+A dropped Redis connection is retried (the fence makes a resent batch safe) rather than failing a
+generation that is otherwise fine.
 """
 
 from __future__ import annotations
@@ -14,12 +16,16 @@ import json
 import logging
 from dataclasses import dataclass
 
-from sessions.runs import RunSpec, RunStore
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from sessions.runs import AppendResult, RunSpec, RunStore
 from workers.engines.base import Engine, EngineError
 
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 256
+APPEND_RETRY_SECONDS = 30.0  # past this the lease is long gone: hand the run back instead
 
 
 class Fenced(Exception):
@@ -52,20 +58,36 @@ class Run:
         return f"{self.spec.request_id}|{self.spec.attempt}"
 
     async def _write_loop(self) -> None:
-        rid, attempt = self.spec.request_id, self.spec.attempt
+        rid = self.spec.request_id
         while True:
             await self._wake.wait()
             self._wake.clear()
             while self._pending:
                 batch = self._pending[:MAX_BATCH]
                 data = [token_data(rid, self.next_index + i, text) for i, text in enumerate(batch)]
-                result = await self.store.append(rid, attempt, self.next_index, data)
+                result = await self._append(data)
                 if not result.ok:
-                    raise Fenced(result.status)
+                    raise Fenced(result.status if result.expected_index is None
+                                 else f"index {self.next_index} but the log expects {result.expected_index}")
                 del self._pending[:len(batch)]
                 self.next_index += len(batch)
             if self._produced_all:
                 return
+
+    async def _append(self, data: list[str]) -> AppendResult:
+        """One fenced append, resent through dropped connections (a resent batch is recognised)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + APPEND_RETRY_SECONDS
+        delay = 0.05
+        while True:
+            try:
+                return await self.store.append(self.spec.request_id, self.spec.attempt, self.next_index, data)
+            except (RedisConnectionError, RedisTimeoutError) as error:
+                if loop.time() > deadline:
+                    raise
+                log.warning("run %s: append failed (%s); retrying", self.key, error)
+                await asyncio.sleep(delay)
+                delay = min(1.0, delay * 2)
 
     async def _produce(self, so_far: str) -> None:
         async for text in self.engine.stream(self.spec, so_far):

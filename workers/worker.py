@@ -4,7 +4,14 @@ Life of a slot: the worker puts one ticket per free slot in its group's idle lis
 decision takes a ticket and pushes "rid|attempt" into this worker's inbox; the slot runs the
 request; `finish` returns the ticket and dispatches the next request into it in the same atomic
 step. A control channel lets a preemption or a cancel stop a run at once; heartbeats keep the
-worker's liveness key and its runs' leases alive, and tell it which runs it lost.
+worker's liveness key and its runs' leases alive, tell it which runs it lost, and reap the tickets
+of workers that died without saying goodbye.
+
+The ticket ledger must stay exact (tickets in the idle list + assignments in the inbox + runs held
+== slots): every run ends in exactly one finish or hand-back (retried through dropped connections;
+the scripts make a repeat a no-op), and when the worker had lapsed (paused past its lease, Redis
+restarted) it re-offers exactly its free slots, between two inbox reads and with no run ending in
+flight, so that nothing it counts can change under it.
 """
 
 from __future__ import annotations
@@ -17,6 +24,9 @@ import socket
 import uuid
 
 from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from sessions import keys
 from sessions.runs import RunStore
@@ -27,6 +37,8 @@ from workers.presence import RqPresence
 from workers.runner import Run
 
 log = logging.getLogger(__name__)
+
+REDIS_DOWN = (RedisConnectionError, RedisTimeoutError)
 
 
 def new_worker_id(group: str) -> str:
@@ -40,82 +52,122 @@ class Worker:
         self.settings = settings
         self.engine = engine or make_engine(settings)
         self.worker_id = worker_id or new_worker_id(settings.group)
-        self.redis = Redis.from_url(settings.redis_url)
+        # Named connections: `CLIENT LIST` shows which worker holds which connection.
+        self.redis = Redis.from_url(settings.redis_url, client_name=f"sluicegate-worker:{self.worker_id}")
         self.store = RunStore(self.redis, worker_id=self.worker_id, group=settings.group,
                               lease_seconds=settings.lease_seconds, session_ttl=settings.session_ttl)
         self.presence = (RqPresence(settings.redis_url, group=settings.group, worker_id=self.worker_id,
                                     ttl_seconds=max(10, int(settings.lease_seconds * 3))) if use_rq else None)
-        self.runs: dict[str, asyncio.Task[None]] = {}
-        self.stopping = False
-        self.shutting_down_runs: set[str] = set()
+        self.runs: dict[str, asyncio.Task[None]] = {}  # "rid|attempt" -> its task; each holds one ticket
         self.executing: set[str] = set()  # runs inside the engine loop: the only ones a notice may cancel
+        self.interrupted: set[str] = set()  # notices for runs not yet (or no longer) executing
+        self.handing_back: set[str] = set()  # shutdown: interrupted runs go back to the queue
+        self.stopping = False
+        self.resync_needed = False
+        self._ending = 0  # run ends (finish / hand-back scripts) in flight
+        self._ends_quiet = asyncio.Event()
+        self._resyncing: asyncio.Event | None = None
 
     # ---- lifecycle ---------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
         if self.presence is not None:
             await asyncio.to_thread(self.presence.birth)
-        control = asyncio.create_task(self._control_loop())
+        pubsub = self.redis.pubsub()
+        await pubsub.subscribe(keys.worker_control(self.worker_id))  # before any run can be dispatched here
+        control = asyncio.create_task(self._control_loop(pubsub))
         heartbeat = asyncio.create_task(self._heartbeat_loop())
-        await self.store.set_free_slots(self.settings.slots)
+        try:
+            await self.store.set_free_slots(self.settings.slots, self.settings.slots)
+        except REDIS_DOWN as error:
+            log.warning("worker %s: could not offer its slots yet (%s); retrying", self.worker_id, error)
+            self.resync_needed = True
         log.info("worker %s serving group %r with %d slots", self.worker_id, self.settings.group,
                  self.settings.slots)
         inbox = asyncio.create_task(self._inbox_loop())
         try:
             await stop.wait()
         finally:
-            inbox.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await inbox
-            await self._shutdown()
+            await self._shutdown(inbox)
             for task in (control, heartbeat):
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
+            with contextlib.suppress(Exception):
+                await self.store.set_free_slots(0)  # gone for good: no liveness key, no ticket
             if self.presence is not None:
                 with contextlib.suppress(Exception):
                     await asyncio.to_thread(self.presence.death)
             await self.engine.aclose()
             await self.redis.aclose()
 
-    async def _shutdown(self) -> None:
+    async def _shutdown(self, inbox: asyncio.Task[None]) -> None:
         """Stop taking work, let runs finish within the grace period, hand the rest back."""
         self.stopping = True
-        await self.store.set_free_slots(0)
-        for rid, attempt in await self.store.drain_inbox():
-            await self.store.hand_back(rid, attempt, reason="worker_shutdown", return_slot=False)
+        with contextlib.suppress(Exception):
+            await self.store.set_free_slots(0)  # no ticket left: nothing new is dispatched here
+        with contextlib.suppress(Exception):
+            await self.store.wake_inbox()
+        try:
+            await asyncio.wait_for(inbox, timeout=5)  # it hands back what arrives meanwhile, then exits
+        except (asyncio.CancelledError, Exception):  # includes the timeout
+            inbox.cancel()
+        with contextlib.suppress(Exception):
+            for rid, attempt in await self.store.drain_inbox():
+                if rid:
+                    await self._end(rid, attempt, reason="worker_shutdown")
         if self.runs:
             log.info("worker %s: waiting up to %.1f s for %d runs", self.worker_id,
                      self.settings.shutdown_grace_seconds, len(self.runs))
             await asyncio.wait(list(self.runs.values()), timeout=self.settings.shutdown_grace_seconds)
         for key in list(self.runs):
-            self.shutting_down_runs.add(key)
+            self.handing_back.add(key)
             self._interrupt(key)
         if self.runs:
             await asyncio.wait(list(self.runs.values()), timeout=10)
 
     # ---- loops -------------------------------------------------------------------------------
     async def _inbox_loop(self) -> None:
-        while True:
+        """The one place where assignments become runs (so a resync here sees an exact count)."""
+        while not self.stopping:
+            if self.resync_needed:
+                try:
+                    await self._resync()
+                except REDIS_DOWN as error:
+                    log.warning("worker %s: resync failed (%s); retrying", self.worker_id, error)
+                    await asyncio.sleep(0.5)
+                    continue
             try:
                 assignment = await self.store.next_assignment(timeout=1.0)
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                log.exception("inbox read failed; retrying")
+            except Exception as error:
+                # The connection broke: an assignment popped on the way may be lost with its
+                # reply (its lease lapses and it resumes elsewhere), so recount the free slots.
+                log.warning("worker %s: inbox read failed (%s); retrying", self.worker_id, error)
+                self.resync_needed = True
                 await asyncio.sleep(0.5)
                 continue
-            if assignment is not None:
-                rid, attempt = assignment
-                key = f"{rid}|{attempt}"
-                self.runs[key] = asyncio.create_task(self._serve(rid, attempt, key))
+            if assignment is None or not assignment[0]:  # timeout, or the shutdown wake-up
+                continue
+            rid, attempt = assignment
+            if self.stopping:
+                await self._end(rid, attempt, reason="worker_shutdown")
+                continue
+            key = f"{rid}|{attempt}"
+            self.runs[key] = asyncio.create_task(self._serve(rid, attempt, key))
 
-    async def _control_loop(self) -> None:
+    async def _control_loop(self, pubsub: PubSub) -> None:
         """Preemption and cancel notices: stop the named run now rather than at its next token."""
-        pubsub = self.redis.pubsub()
-        await pubsub.subscribe(keys.worker_control(self.worker_id))
         try:
             while True:
-                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                try:
+                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:  # Redis restarting: the next read reconnects and resubscribes;
+                    log.warning("control channel lost; reconnecting")  # heartbeats cover the gap
+                    await asyncio.sleep(0.5)
+                    continue
                 if message is not None:
                     self._interrupt(message["data"].decode())
         finally:
@@ -126,61 +178,112 @@ class Worker:
         while True:
             await asyncio.sleep(self.settings.heartbeat_seconds)
             try:
-                for key in await self.store.heartbeat(list(self.runs)):
+                rejoin, lost = await self.store.heartbeat(list(self.runs), leaving=self.stopping)
+                for key in lost:
                     self._interrupt(key)
+                if rejoin and not self.stopping:
+                    log.warning("worker %s had lapsed (paused, or Redis lost its state): re-offering its "
+                                "free slots", self.worker_id)
+                    self.resync_needed = True
                 if self.presence is not None:
-                    await asyncio.to_thread(self.presence.beat, len(self.runs))
+                    await asyncio.to_thread(self.presence.beat, len(self.executing))
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                log.exception("heartbeat failed")
+            except Exception as error:
+                log.warning("worker %s: heartbeat failed: %s", self.worker_id, error)
+
+    # ---- the ticket ledger -------------------------------------------------------------------
+    async def _resync(self) -> None:
+        """Offer exactly the free slots again: slots minus the runs held (each still owes a ticket)."""
+        gate = asyncio.Event()
+        self._resyncing = gate  # run ends wait: none may return a ticket while we count
+        try:
+            while self._ending:
+                self._ends_quiet.clear()
+                await self._ends_quiet.wait()
+            held = len(self.runs)
+            await self.store.set_free_slots(max(0, self.settings.slots - held), self.settings.slots)
+            self.resync_needed = False
+            log.info("worker %s: offered %d free slots (%d running)", self.worker_id,
+                     self.settings.slots - held, held)
+        finally:
+            self._resyncing = None
+            gate.set()
+
+    async def _end(self, rid: str, attempt: str, *, outcome: str = "", detail: str = "", reason: str = "") -> None:
+        """End a run: `finish` with an outcome, else hand it back (which only releases the slot when
+        the run is no longer ours). Exactly once, retried through dropped connections."""
+        while self._resyncing is not None:
+            await self._resyncing.wait()
+        self._ending += 1
+        try:
+            return_slot = not self.stopping
+            deadline = asyncio.get_running_loop().time() + max(30.0, 10 * self.settings.lease_seconds)
+            delay = 0.1
+            while True:
+                try:
+                    if outcome:
+                        await self.store.finish(rid, attempt, outcome=outcome, detail=detail, return_slot=return_slot)
+                    else:
+                        await self.store.hand_back(rid, attempt, reason=reason, return_slot=return_slot)
+                    return
+                except REDIS_DOWN as error:
+                    if asyncio.get_running_loop().time() > deadline:
+                        log.error("run %s|%s: could not end it (%s); its lease will lapse", rid, attempt, error)
+                        self.resync_needed = True  # its ticket may not have come back
+                        return
+                    log.warning("run %s|%s: ending it failed (%s); retrying", rid, attempt, error)
+                    await asyncio.sleep(delay)
+                    delay = min(1.0, delay * 2)
+                except Exception:
+                    log.exception("run %s|%s: could not end it; its lease will lapse", rid, attempt)
+                    self.resync_needed = True
+                    return
+        finally:
+            self._ending -= 1
+            if not self._ending:
+                self._ends_quiet.set()
 
     # ---- one run -----------------------------------------------------------------------------
     async def _serve(self, rid: str, attempt: str, key: str) -> None:
         try:
             spec = await self.store.load(rid, attempt)
-            if spec is None:  # lost before it started (cancelled, preempted, lease expired)
-                await self._release(rid, attempt)
+            so_far = await self.store.output_so_far(spec) if spec is not None and spec.start_index else ""
+            if spec is None or key in self.interrupted:  # lost before it started
+                await self._end(rid, attempt, reason="worker_shutdown" if key in self.handing_back else "released")
                 return
-            run = Run(self.store, self.engine, spec)
-            so_far = await self.store.output_so_far(spec) if spec.start_index else ""
             self.executing.add(key)
             try:
-                outcome = await run.execute(so_far)
-            except asyncio.CancelledError:
+                outcome = await Run(self.store, self.engine, spec).execute(so_far)
+            except asyncio.CancelledError:  # a notice (preempted, cancelled, lease lost) or shutdown
                 self.executing.discard(key)
-                if key in self.shutting_down_runs:
-                    await self.store.hand_back(rid, attempt, reason="worker_shutdown", return_slot=False)
-                else:
-                    await self._release(rid, attempt)
+                await self._end(rid, attempt, reason="worker_shutdown" if key in self.handing_back else "released")
                 return
             self.executing.discard(key)
             if outcome.kind == "done":
-                await self.store.finish(rid, attempt, outcome="done", detail=outcome.detail,
-                                        return_slot=not self.stopping)
+                await self._end(rid, attempt, outcome="done", detail=outcome.detail)
             elif outcome.kind == "fenced":
-                await self._release(rid, attempt)
+                log.info("run %s fenced (%s)", key, outcome.detail)
+                await self._end(rid, attempt, reason="released")
             elif outcome.transient and int(attempt) < self.settings.backend_retries:
-                await self.store.hand_back(rid, attempt, reason=f"backend_error: {outcome.detail}",
-                                           return_slot=not self.stopping)
+                await self._end(rid, attempt, reason=f"backend_error: {outcome.detail}")
             else:
-                await self.store.finish(rid, attempt, outcome="failed", detail=outcome.detail,
-                                        return_slot=not self.stopping)
+                await self._end(rid, attempt, outcome="failed", detail=outcome.detail)
+        except REDIS_DOWN as error:  # Redis unreachable for long: let the run resume elsewhere
+            log.warning("run %s: Redis unavailable (%s); handing it back", key, error)
+            await self._end(rid, attempt, reason="worker_redis_error")
         except Exception as error:  # never silence: the request ends with an error event
             log.exception("run %s failed", key)
-            with contextlib.suppress(Exception):
-                await self.store.finish(rid, attempt, outcome="failed", detail=f"worker error: {error}",
-                                        return_slot=not self.stopping)
+            await self._end(rid, attempt, outcome="failed", detail=f"worker error: {error}")
         finally:
             self.executing.discard(key)
+            self.interrupted.discard(key)
+            self.handing_back.discard(key)
             self.runs.pop(key, None)
-            self.shutting_down_runs.discard(key)
 
     def _interrupt(self, key: str) -> None:
-        task = self.runs.get(key)
-        if task is not None and key in self.executing:
-            task.cancel()
-
-    async def _release(self, rid: str, attempt: str) -> None:
-        """Give the slot back after losing the run (finish on a run we do not own only releases)."""
-        await self.store.finish(rid, attempt, outcome="done", detail="released", return_slot=not self.stopping)
+        if key not in self.runs:
+            return
+        self.interrupted.add(key)
+        if key in self.executing:
+            self.runs[key].cancel()

@@ -135,7 +135,9 @@ end
 ---------------------------------------------------------------------------------------------------
 -- The ready set: a session is ready when its head request waits to run.
 ---------------------------------------------------------------------------------------------------
-local function make_ready(rid, now)
+-- `keep_counter`: the request was already admitted (requeued after a preemption or a lost worker,
+-- or promoted by aging), so its tenant is not a newcomer and keeps its counter.
+local function make_ready(rid, now, keep_counter)
   local r = load(rid, { 'sid', 'g', 'tn', 'ep', 'rs' })
   local group, tenant, cls = r.g, r.tn, r.ep
   local ready_score = tonumber(r.rs)
@@ -150,7 +152,7 @@ local function make_ready(rid, now)
     -- A returning tenant is lifted to the least backlogged counter: no credit banked while idle.
     local least = redis.call('ZRANGE', kg(group, 'bt'), 0, 0, 'WITHSCORES')[2]
     local floor = tonumber(least or redis.call('GET', kg(group, 'vlast')) or '0')
-    if counter < floor then
+    if counter < floor and not keep_counter then
       counter = floor
       redis.call('HSET', kg(group, 'vtc'), tenant, counter)
     end
@@ -196,12 +198,29 @@ local function token_level(group, cfg, now)
   return math.min(cfg.cap, level + (now - at) * cfg.tps / 1000)
 end
 
+-- The GCRA theoretical arrival time, never in the past. It is stored with the interval it was
+-- computed at ('ti'): after a rate change the outstanding debt is rescaled to the new interval, so
+-- a new rate applies from the next decision (raised: no waiting out the old interval; lowered: the
+-- burst already used is not forgotten).
+local function gcra_tat(group, interval, now)
+  local s = redis.call('HMGET', kg(group, 'qs'), 'tat', 'ti')
+  local tat, ti = tonumber(s[1]), tonumber(s[2])
+  if not tat or tat <= now then return now end
+  if ti and ti ~= interval then return now + (tat - now) * interval / ti end
+  return tat
+end
+
+-- Slots in use: running requests plus preempted or cancelled runs whose worker has not let go.
+local function in_flight(group, now)
+  redis.call('ZREMRANGEBYSCORE', kg(group, 'pre'), '-inf', now)
+  return redis.call('ZCARD', kg(group, 'run')) + redis.call('ZCARD', kg(group, 'pre'))
+end
+
 -- Returns ok, wake_ms (when a rate quota will admit it), reason.
 local function quota_gate(group, cfg, reserve, first_run, now)
   if cfg.rps and first_run then
     local interval = 1000 / cfg.rps
-    local tat = math.max(tonumber(redis.call('HGET', kg(group, 'qs'), 'tat') or now), now)
-    local allow_at = tat - (cfg.burst - 1) * interval
+    local allow_at = gcra_tat(group, interval, now) - (cfg.burst - 1) * interval
     if allow_at > now + 0.001 then return false, allow_at, 'requests_per_second' end
   end
   if cfg.tps then
@@ -209,15 +228,14 @@ local function quota_gate(group, cfg, reserve, first_run, now)
     local level = token_level(group, cfg, now)
     if level < need then return false, now + (need - level) * 1000 / cfg.tps, 'tokens_per_second' end
   end
-  if cfg.mc and redis.call('ZCARD', kg(group, 'run')) >= cfg.mc then return false, nil, 'max_concurrency' end
+  if cfg.mc and in_flight(group, now) >= cfg.mc then return false, nil, 'max_concurrency' end
   return true
 end
 
 local function quota_take(group, cfg, reserve, first_run, now)
   if cfg.rps and first_run then
     local interval = 1000 / cfg.rps
-    local tat = math.max(tonumber(redis.call('HGET', kg(group, 'qs'), 'tat') or now), now)
-    redis.call('HSET', kg(group, 'qs'), 'tat', tat + interval)
+    redis.call('HSET', kg(group, 'qs'), 'tat', gcra_tat(group, interval, now) + interval, 'ti', interval)
   end
   if cfg.tps then
     redis.call('HSET', kg(group, 'qs'), 'lvl', token_level(group, cfg, now) - reserve, 'at', now)
@@ -285,7 +303,11 @@ end
 
 -- Put a request that was running back at the head of its session's turn in the ready set.
 -- `freeing` records a slot whose worker has not let go yet (so preemption does not overshoot).
+-- `reason` is a label ("priority", "worker_lost", ...), optionally followed by ": detail"; only the
+-- label reaches metrics (bounded cardinality), the detail goes into the event.
 local function requeue(rid, r, now, reason, freeing, lease)
+  local label, detail = string.match(reason, '^([%w_]+):%s*(.*)$')
+  reason = label or reason
   end_run(rid, r, now)
   redis.call('HSET', kreq(rid), 'st', 'preempted')
   if reason == 'priority' then redis.call('HINCRBY', kreq(rid), 'pc', 1) end
@@ -293,14 +315,26 @@ local function requeue(rid, r, now, reason, freeing, lease)
   if r.w then redis.call('PUBLISH', kworker(r.w) .. ':ctl', rid .. '|' .. r.a) end
   depth(r, 1)
   count('preemptions', r.g .. '|' .. r.p .. '|' .. reason)
-  emit(r.sid, 'preempted', rid, { request_id = rid, index = tonumber(r.n), reason = reason })
-  make_ready(rid, now)
+  emit(r.sid, 'preempted', rid, { request_id = rid, index = tonumber(r.n), reason = reason, detail = detail })
+  make_ready(rid, now, true)
+end
+
+local function note_wake(group, wake)
+  redis.call('ZADD', PREFIX .. 'wake', 'LT', wake, group)
+  if redis.call('LLEN', PREFIX .. 'hint') == 0 then redis.call('LPUSH', PREFIX .. 'hint', group) end
 end
 
 -- Preempt the lowest-ranked running requests (lowest class, then most recently started) while
--- more requests of a higher class wait than slots are already being freed.
+-- more requests of a higher class wait than slots are already being freed (sg:g:G:pre).
+-- Aged requests (class 10) never preempt, but the real classes waiting below them still do.
+-- Anti-thrash: a run that used up its max preemptions is immune and skipped; a run inside its
+-- min-run quantum is passed over only for an older run of its own class, never for a higher
+-- class: the group is woken when the quantum ends and the victim is taken then.
 local function preempt_for(group, top, now, lease)
-  if top > 9 then return end -- aged requests jump the queue but never preempt
+  if top > 9 then
+    top = tonumber(redis.call('ZREVRANGEBYSCORE', kg(group, 'cls'), 9, '-inf', 'LIMIT', 0, 1)[1])
+    if not top then return end
+  end
   local pol = policy()
   redis.call('ZREMRANGEBYSCORE', kg(group, 'pre'), '-inf', now)
   local pending = redis.call('ZCARD', kg(group, 'pre'))
@@ -308,23 +342,25 @@ local function preempt_for(group, top, now, lease)
   local counts = redis.call('HGETALL', kg(group, 'cn'))
   for i = 1, #counts, 2 do waiting[tonumber(counts[i])] = tonumber(counts[i + 1]) end
   local victims = redis.call('ZRANGE', kg(group, 'run'), 0, 31, 'WITHSCORES')
+  local quantum_cls = nil
   for i = 1, #victims, 2 do
     local vcls = math.floor(tonumber(victims[i + 1]) / RANK)
-    if vcls >= top then return end
+    if vcls >= top or (quantum_cls and vcls > quantum_cls) then return end
     local above = 0
     for c = vcls + 1, 9 do above = above + (waiting[c] or 0) end
     if above <= pending then return end
     local r = load(victims[i], RUN_FIELDS)
-    if now - tonumber(r.ds) >= pol.min_run and tonumber(r.pc or '0') < pol.max_pre then
-      requeue(victims[i], r, now, 'priority', true, lease)
-      pending = pending + 1
+    if tonumber(r.pc or '0') < pol.max_pre then
+      local ripe = tonumber(r.ds) + pol.min_run
+      if now >= ripe then
+        requeue(victims[i], r, now, 'priority', true, lease)
+        pending = pending + 1
+      else
+        quantum_cls = quantum_cls or vcls
+        note_wake(group, ripe)
+      end
     end
   end
-end
-
-local function note_wake(group, wake)
-  redis.call('ZADD', PREFIX .. 'wake', 'LT', wake, group)
-  if redis.call('LLEN', PREFIX .. 'hint') == 0 then redis.call('LPUSH', PREFIX .. 'hint', group) end
 end
 
 -- The scheduling decision: highest class, then the backlogged tenant with the least virtual

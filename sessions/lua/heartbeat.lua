@@ -1,18 +1,37 @@
--- heartbeat.lua: renew a worker's liveness and the leases of the requests it still owns.
+-- heartbeat.lua: renew a worker's liveness and the leases of the requests it still owns, and reap
+-- the workers of its group that stopped heartbeating without deregistering (kill -9, lost host):
+-- their slot tickets and their inbox go, so the group's free-slot ledger stays exact.
 -- KEYS[1] worker liveness key sg:w:<wid>
--- ARGV[1] lease ms   ARGV[2] worker id   ARGV[3..] "rid|attempt" of each request it runs
--- Returns the "rid|attempt" entries the worker no longer owns (it should stop them).
-local lease, wid = tonumber(ARGV[1]), ARGV[2]
+-- ARGV[1] lease ms   ARGV[2] worker id   ARGV[3] group   ARGV[4] "live" | "leaving" (shutting down:
+-- renew run leases only)   ARGV[5..] "rid|attempt" of each request it runs
+-- Returns {rejoin, lost...}: rejoin is 1 when a live worker had lapsed or been reaped (dispatch may
+-- have discarded some of its tickets: it must re-offer its free slots); lost lists the
+-- "rid|attempt" runs it no longer owns (it should stop them).
+local lease, wid, group, mode = tonumber(ARGV[1]), ARGV[2], ARGV[3], ARGV[4]
 local now = clock()
-redis.call('SET', KEYS[1], now, 'PX', math.floor(lease))
-local lost = {}
-for i = 3, #ARGV do
+local rejoin = 0
+if mode == 'live' then
+  local roster = kg(group, 'wk')
+  if redis.call('EXISTS', KEYS[1]) == 0 or not redis.call('ZSCORE', roster, wid) then rejoin = 1 end
+  redis.call('SET', KEYS[1], now, 'PX', math.floor(lease))
+  redis.call('ZADD', roster, now, wid)
+  for _, dead in ipairs(redis.call('ZRANGEBYSCORE', roster, '-inf', now - lease, 'LIMIT', 0, 16)) do
+    if redis.call('EXISTS', kworker(dead)) == 0 then
+      redis.call('LREM', kg(group, 'idle'), 0, dead)
+      redis.call('DEL', kworker(dead) .. ':in') -- its assignments' leases lapse: the sweep requeues them
+      redis.call('HDEL', PREFIX .. 'workers', dead)
+      redis.call('ZREM', roster, dead)
+    end
+  end
+end
+local reply = { rejoin }
+for i = 5, #ARGV do
   local rid, attempt = string.match(ARGV[i], '^(.*)|(%d+)$')
   local r = load(rid, { 'st', 'a', 'w' })
   if owns(r, attempt, wid) then
     redis.call('ZADD', PREFIX .. 'leases', 'XX', now + lease, rid)
   else
-    lost[#lost + 1] = ARGV[i]
+    reply[#reply + 1] = ARGV[i]
   end
 end
-return lost
+return reply

@@ -25,7 +25,7 @@ for _, group in ipairs(redis.call('SMEMBERS', KEYS[3])) do
       local tenant = rid and redis.call('HGET', kreq(rid), 'tn')
       if tenant and remove_ready(sid, group, tenant, cls) then
         redis.call('HSET', kreq(rid), 'ep', 10)
-        make_ready(rid, now)
+        make_ready(rid, now, true)
         promoted = promoted + 1
       else
         redis.call('ZREM', kg(group, 'age' .. cls), sid)

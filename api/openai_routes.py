@@ -1,0 +1,191 @@
+"""`POST /v1/chat/completions`: the OpenAI-compatible face of submit + stream.
+
+The call is an ordinary Sluicegate request: headers `X-Session-Id` (default: a fresh session per
+call), `X-Priority` (0..9 or low|normal|high|critical), `X-Tenant` and `X-Group` map to the submit
+fields; body fields Sluicegate does not use (temperature, top_p, stop, ...) go to the engine as
+params. Its events become OpenAI objects:
+- stream true: one `chat.completion.chunk` per token (the first also carries the role), then a
+  chunk with an empty delta, the finish_reason and the usage, then `data: [DONE]`. With
+  `stream_options.include_usage` the usage moves to a last chunk with no choices, as OpenAI sends it.
+- stream false: one `chat.completion` when the request ends.
+- `error` and `cancelled` end the answer with an OpenAI-style error object (in the stream, then `[DONE]`).
+
+Generation never depends on the client: a caller that disconnects leaves the request running, and
+its tokens stay readable at `/v1/requests/{X-Request-Id}/events`.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, Depends, Request
+from starlette.responses import StreamingResponse
+
+from api.auth import Principal
+from api.errors import ApiError, error_response
+from api.requests_routes import check_session_id, submit_request
+from api.responses import JSON
+from api.schemas import NAME_PATTERN, ChatBody, SubmitBody, parse_priority
+from api.services import Services, principal, services
+from sessions import keys
+from sessions.events import Event
+from sessions.requests import NewRequest
+from sessions.stream import EventStream
+
+router = APIRouter()
+NAME = re.compile(NAME_PATTERN)
+DEFAULT_MAX_TOKENS: int = SubmitBody.model_fields["max_tokens"].default
+NOT_PARAMS = frozenset({"stream_options"})  # handled here, not by the engine
+DONE = b"data: [DONE]\n\n"
+PING = b": ping\n\n"
+CHUNK_TAIL = b'},"finish_reason":null}]}\n\n'
+
+
+def header_name(request: Request, header: str, default: str) -> str:
+    value = request.headers.get(header, default).strip() or default
+    if not NAME.match(value):
+        raise ApiError(422, f"{header}: 1-64 characters of A-Z a-z 0-9 . _ -")
+    return value
+
+
+def new_request(body: ChatBody, request: Request, who: Principal) -> NewRequest:
+    """Headers and body to a Sluicegate request (422 on anything it cannot take)."""
+    session_id = request.headers.get("x-session-id") or "chat-" + secrets.token_urlsafe(12)
+    check_session_id(session_id)
+    try:
+        priority = parse_priority(request.headers.get("x-priority", "5"))
+    except ValueError as error:
+        raise ApiError(422, f"X-Priority: {error}") from None
+    extra = dict(body.model_extra or {})
+    if extra.get("n", 1) != 1:
+        raise ApiError(422, "n: only 1 is supported")
+    return NewRequest(
+        session_id=session_id, priority=priority,
+        max_tokens=body.max_completion_tokens or body.max_tokens or DEFAULT_MAX_TOKENS,
+        tenant=who.tenant or header_name(request, "X-Tenant", "default"),
+        group=header_name(request, "X-Group", "default"),
+        messages=[m.model_dump() for m in body.messages],
+        params={k: v for k, v in extra.items() if k not in NOT_PARAMS})
+
+
+class Completion:
+    """Renders one request's events as OpenAI objects."""
+
+    def __init__(self, new: NewRequest, model: str, include_usage: bool) -> None:
+        self.id = f"chatcmpl-{new.request_id}"
+        self.model = model
+        self.created = int(time.time())
+        self.prompt_tokens = new.input_tokens
+        self.include_usage = include_usage
+        self.tokens = 0
+        self.texts: list[str] = []
+        prefix = (b'data: {"id":"' + self.id.encode() + b'","object":"chat.completion.chunk","created":'
+                  + str(self.created).encode() + b',"model":' + orjson.dumps(model) + b',"choices":[{"index":0,')
+        self.first_head = prefix + b'"delta":{"role":"assistant","content":'
+        self.head = prefix + b'"delta":{"content":'
+
+    def usage(self, completion_tokens: int) -> dict[str, int]:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion_tokens,
+                "total_tokens": self.prompt_tokens + completion_tokens}
+
+    def token_text(self, event: Event) -> str:
+        return str(orjson.loads(event.data)["text"])
+
+    def chunk(self, text: str) -> bytes:
+        head = self.first_head if self.tokens == 0 else self.head
+        self.tokens += 1
+        return head + orjson.dumps(text) + CHUNK_TAIL
+
+    def _base(self) -> dict[str, Any]:
+        return {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model}
+
+    def final_chunks(self, data: dict[str, Any]) -> bytes:
+        tokens = int(data.get("tokens", self.tokens))
+        final: dict[str, Any] = {**self._base(), "choices": [
+            {"index": 0, "delta": {}, "finish_reason": data.get("finish_reason", "length")}]}
+        if not self.include_usage:
+            final["usage"] = self.usage(tokens)
+        out = b"data: " + orjson.dumps(final) + b"\n\n"
+        if self.include_usage:
+            out += b"data: " + orjson.dumps({**self._base(), "choices": [], "usage": self.usage(tokens)}) + b"\n\n"
+        return out + DONE
+
+    def message(self, data: dict[str, Any]) -> dict[str, Any]:
+        tokens = int(data.get("tokens", len(self.texts)))
+        return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(self.texts)},
+                             "finish_reason": data.get("finish_reason", "length")}],
+                "usage": self.usage(tokens)}
+
+
+def failure(event: Event) -> tuple[int, str, str]:
+    """Status, type and message of a request that ended without `done`."""
+    data = orjson.loads(event.data)
+    if event.name == "cancelled":
+        return 409, "cancelled", "the request was cancelled"
+    return 502, "generation_failed", str(data.get("message") or "the generation failed")
+
+
+async def request_events(svc: Services, new: NewRequest, *, fresh_session: bool) -> AsyncIterator[list[Event]]:
+    """The request's events from its first one (a fresh session's log starts with it: no lookup)."""
+    first = 1 if fresh_session else int(await svc.redis.hget(keys.request(new.request_id), "fs") or 1)
+    stream = EventStream(svc.store, svc.hub, new.session_id, after=first - 1, request_id=new.request_id,
+                         idle_seconds=svc.settings.sse_ping_seconds)
+    async for batch in stream.batches():
+        yield batch
+
+
+async def sse_chunks(svc: Services, new: NewRequest, completion: Completion,
+                     fresh_session: bool) -> AsyncIterator[bytes]:
+    svc.open_streams += 1
+    try:
+        async for batch in request_events(svc, new, fresh_session=fresh_session):
+            if not batch:
+                yield PING
+                continue
+            out = []
+            for event in batch:
+                if event.name == "token":
+                    out.append(completion.chunk(completion.token_text(event)))
+                elif event.name == "done":
+                    out.append(completion.final_chunks(orjson.loads(event.data)))
+                elif event.terminal:
+                    status, type_, message = failure(event)
+                    error = {"error": {"type": type_, "message": message, "code": status}}
+                    out.append(b"data: " + orjson.dumps(error) + b"\n\n" + DONE)
+            if out:
+                yield b"".join(out)
+    finally:
+        svc.open_streams -= 1
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(body: ChatBody, request: Request, who: Principal = Depends(principal)):
+    svc = services(request)
+    new = new_request(body, request, who)
+    fresh_session = "x-session-id" not in request.headers
+    await submit_request(request, who, new)
+    headers = {"X-Request-Id": new.request_id, "X-Session-Id": new.session_id}
+    options = (body.model_extra or {}).get("stream_options")
+    completion = Completion(new, body.model or new.group,
+                            include_usage=isinstance(options, dict) and bool(options.get("include_usage")))
+    if body.stream:
+        return StreamingResponse(sse_chunks(svc, new, completion, fresh_session), media_type="text/event-stream",
+                                 headers={**headers, "Cache-Control": "no-store"})
+    async for batch in request_events(svc, new, fresh_session=fresh_session):
+        for event in batch:
+            if event.name == "token":
+                completion.texts.append(completion.token_text(event))
+            elif event.name == "done":
+                return JSON(completion.message(orjson.loads(event.data)), headers=headers)
+            elif event.terminal:
+                status, type_, message = failure(event)
+                response = error_response(status, message, type_)
+                response.headers.update(headers)
+                return response
+    raise ApiError(503, f"the event stream ended early; read it at /v1/requests/{new.request_id}/events")

@@ -1,0 +1,102 @@
+"""PNG plots for the README (the `plots` extra: matplotlib). Without matplotlib, say so and skip.
+
+Each function takes plain numbers (what the scenario also writes to JSON) and writes one small PNG
+under docs/.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from loadtest.common import DOCS_DIR, ROOT, progress
+
+
+def _pyplot() -> Any | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        progress("matplotlib is not installed (pip install 'sluicegate[plots]'): no plot written")
+        return None
+    return plt
+
+
+def _save(plt: Any, fig: Any, name: str) -> Path:
+    DOCS_DIR.mkdir(parents=True, exist_ok=True)
+    path = DOCS_DIR / name
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    print(f"wrote {path.relative_to(ROOT)}")
+    return path
+
+
+def decision_cost(rows: Sequence[Mapping[str, Any]], name: str = "decision_cost.png") -> Path | None:
+    """p50/p99 decision time (ms) against queued requests, log x axis."""
+    plt = _pyplot()
+    if plt is None:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    sizes = [r["queued"] for r in rows]
+    for key, style in (("p50_ms", "o-"), ("p99_ms", "s-")):
+        ax.plot(sizes, [r[key] for r in rows], style, label=f"{key[:3]} server-side")
+    if rows and "rtt_p50_ms" in rows[0]:
+        ax.plot(sizes, [r["rtt_p50_ms"] for r in rows], "^--", alpha=0.6, label="p50 round trip - PING")
+    ax.axhline(1.0, color="grey", linestyle=":", label="target p99 (1 ms)")
+    ax.set_xscale("log")
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel("queued requests (1k tenants, 10 groups)")
+    ax.set_ylabel("dispatch decision (ms)")
+    ax.set_title("Scheduling decision cost against queue size")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return _save(plt, fig, name)
+
+
+def priority_wait(series: Mapping[str, Sequence[tuple[float, float]]], name: str = "priority_wait.png",
+                  title: str = "Wait by priority over time",
+                  marks: Sequence[tuple[float, str]] = ()) -> Path | None:
+    """Scatter of wait (ms) against submit time (s) per priority label; `marks` label phase starts."""
+    plt = _pyplot()
+    if plt is None:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    for label, points in series.items():
+        if points:
+            ax.scatter([p[0] for p in points], [p[1] for p in points], s=6, alpha=0.6, label=label)
+    for x, text in marks:
+        ax.axvline(x, color="grey", linestyle=":")
+        ax.annotate(text, (x, 1), textcoords="offset points", xytext=(3, 0), fontsize=8, color="grey",
+                    xycoords=("data", "axes fraction"), va="top")
+    ax.set_yscale("symlog", linthresh=10)
+    ax.set_xlabel("submitted at (s since phase start)")
+    ax.set_ylabel("wait to start (ms)")
+    ax.set_title(title)
+    ax.legend(fontsize=8, markerscale=2)
+    ax.grid(alpha=0.3)
+    return _save(plt, fig, name)
+
+
+def fairness_share(times: Sequence[float], shares: Mapping[str, Sequence[float]], targets: Mapping[str, float],
+                   name: str = "fairness_share.png", title: str = "Token share by tenant over time") -> Path | None:
+    """Per-window token share of each tenant (lines) against its weight share (dashed)."""
+    plt = _pyplot()
+    if plt is None:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (tenant, values) in enumerate(shares.items()):
+        color = colors[i % len(colors)]
+        ax.plot(times, values, "-", color=color, label=tenant)
+        ax.axhline(targets[tenant], color=color, linestyle="--", alpha=0.5)
+    ax.set_ylim(0, max([*targets.values(), 0.1]) * 1.3)
+    ax.set_xlabel("time (s)")
+    ax.set_ylabel("share of output tokens")
+    ax.set_title(title)
+    ax.legend(fontsize=8, ncol=len(shares))
+    ax.grid(alpha=0.3)
+    return _save(plt, fig, name)

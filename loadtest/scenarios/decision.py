@@ -1,0 +1,171 @@
+"""decision: scheduling decision cost against queue size (1k to 1M queued requests, 1k tenants, 10 groups).
+
+A scratch Valkey is filled through the real submit script (SessionStore.submit) with no worker, so
+nothing dispatches: requests of random priority 0..9, tenant and group, one per session (the worst
+case for the ready set: every request is a ready session). Then, per sample, a bench worker offers
+one free slot (register_worker), which runs one dispatch decision into it: class -> tenant with the
+least virtual token counter -> oldest session -> quota gate -> ticket -> started event and inbox
+push, then a second pass that finds no slot and checks for preemption. Untimed after each sample:
+the run is finished without returning its slot and one new request is submitted, so the depth stays
+constant and the running set stays empty.
+
+The figure is the server-side execution time of that one EVALSHA (the change in INFO commandstats'
+EVALSHA microseconds across the call: no network, no client); the client round trip minus a PING
+round trip is reported beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import time
+from typing import Any
+
+from redis.asyncio import Redis
+
+from loadtest import plots
+from loadtest.common import percentile, print_table, progress, scratch_server, write_result
+from sessions.requests import NewRequest
+from sessions.runs import RunStore
+from sessions.scripts import script_source
+from sessions.store import SessionStore
+
+PROMPT = "x" * 100  # a 100-character prompt, as in the memory figure
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sizes", default="1000,10000,100000", help="queue sizes to measure, ascending")
+    p.add_argument("--million", action="store_true", help="also measure 1,000,000 queued (fills ~1-2 GB, minutes)")
+    p.add_argument("--samples", type=int, default=2000, help="timed decisions per size")
+    p.add_argument("--tenants", type=int, default=1000)
+    p.add_argument("--groups", type=int, default=10)
+    p.add_argument("--concurrency", type=int, default=64, help="submits in flight while filling")
+    p.add_argument("--seed", type=int, default=7)
+
+
+class Filler:
+    """Submits requests of random priority, tenant and group, one per session."""
+
+    def __init__(self, store: SessionStore, rng: random.Random, tenants: int, groups: int) -> None:
+        self.store = store
+        self.rng = rng
+        self.tenants = tenants
+        self.groups = groups
+        self.count = 0
+
+    def new(self) -> NewRequest:
+        self.count += 1
+        return NewRequest(session_id=f"d{self.count}", max_tokens=64, priority=self.rng.randint(0, 9),
+                          tenant=f"t{self.rng.randrange(self.tenants)}", group=f"g{self.rng.randrange(self.groups)}",
+                          prompt=PROMPT)
+
+    async def fill(self, n: int, concurrency: int) -> None:
+        queue: asyncio.Queue[NewRequest | None] = asyncio.Queue(maxsize=concurrency * 4)
+
+        async def submitter() -> None:
+            while (req := await queue.get()) is not None:
+                await self.store.submit(req)
+
+        tasks = [asyncio.create_task(submitter()) for _ in range(concurrency)]
+        started = time.monotonic()
+        for i in range(n):
+            await queue.put(self.new())
+            if i and i % 100_000 == 0:
+                progress(f"  filled {i:,}/{n:,} ({i / (time.monotonic() - started):,.0f}/s)")
+        for _ in tasks:
+            await queue.put(None)
+        await asyncio.gather(*tasks)
+
+
+async def ping_rtt(redis: Redis, n: int = 500) -> float:
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        await redis.ping()
+        times.append(time.perf_counter() - t0)
+    return percentile(times, 50)
+
+
+async def evalsha_usec(redis: Redis) -> int:
+    """Total server time spent in EVALSHA so far (INFO commandstats, microseconds)."""
+    stats = await redis.info("commandstats")
+    return int(stats.get("cmdstat_evalsha", {}).get("usec", 0))
+
+
+async def measure(redis: Redis, filler: Filler, workers: dict[str, RunStore], samples: int,
+                  depth: int) -> dict[str, Any]:
+    """Time `samples` single-slot dispatch decisions at constant depth."""
+    baseline = await ping_rtt(redis)
+    groups = list(workers)
+    rtts: list[float] = []
+    server: list[float] = []
+    dispatched = 0
+    for i in range(samples):
+        store = workers[groups[i % len(groups)]]
+        before = await evalsha_usec(redis)
+        t0 = time.perf_counter()
+        started = await store.set_free_slots(1)
+        rtts.append(time.perf_counter() - t0 - baseline)
+        server.append((await evalsha_usec(redis) - before) / 1000)
+        dispatched += started
+        assignment = await store.next_assignment(timeout=0.001) if started else None
+        if assignment is not None:
+            await store.finish(*assignment, outcome="done", detail="bench", return_slot=False)
+        await filler.store.submit(filler.new())
+    return {"queued": depth, "samples": len(server), "dispatched": dispatched,
+            "p50_ms": percentile(server, 50), "p99_ms": percentile(server, 99), "max_ms": max(server, default=0.0),
+            "rtt_p50_ms": percentile(rtts, 50) * 1000, "rtt_p99_ms": percentile(rtts, 99) * 1000,
+            "ping_ms": baseline * 1000}
+
+
+async def scenario(args: argparse.Namespace) -> dict[str, Any]:
+    sizes = sorted({int(s) for s in args.sizes.split(",")} | ({1_000_000} if args.million else set()))
+    server = scratch_server()
+    try:
+        redis = Redis.from_url(server.url, max_connections=args.concurrency + 8)
+        store = SessionStore(redis, session_ttl=3600, lease_seconds=3600)
+        filler = Filler(store, random.Random(args.seed), args.tenants, args.groups)
+        workers = {f"g{g}": RunStore(redis, worker_id=f"bench.g{g}", group=f"g{g}", lease_seconds=3600,
+                                     session_ttl=3600) for g in range(args.groups)}
+        # Scripts are registered on first use: load it now so no sample pays a NOSCRIPT retry.
+        await redis.script_load(script_source("register_worker"))
+        rows = []
+        for size in sizes:
+            missing = size - await _queued(redis)
+            progress(f"filling to {size:,} queued requests ({missing:,} to add)")
+            t0 = time.monotonic()
+            await filler.fill(max(0, missing), args.concurrency)
+            fill_s = time.monotonic() - t0
+            info = await redis.info("memory")
+            progress(f"measuring {args.samples} decisions at {size:,} queued")
+            row = await measure(redis, filler, workers, args.samples, size)
+            row["fill_per_s"] = round(max(1, missing) / max(fill_s, 1e-9))
+            row["used_memory_mb"] = round(info["used_memory"] / 2**20, 1)
+            rows.append(row)
+        await redis.aclose()
+    finally:
+        server.stop()
+    return {"rows": rows}
+
+
+async def _queued(redis: Redis) -> int:
+    """Requests waiting across all groups (the depth metric kept by the scripts)."""
+    raw = await redis.hvals("sg:m:depth")
+    return sum(max(0, int(v)) for v in raw)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    result = asyncio.run(scenario(args))
+    rows = result["rows"]
+    print("\nScheduling decision (register one slot -> one dispatch), server-side EVALSHA time:")
+    print_table(rows, ["queued", "samples", "p50_ms", "p99_ms", "max_ms", "rtt_p50_ms", "rtt_p99_ms", "ping_ms",
+                       "used_memory_mb"])
+    at_100k = next((r for r in rows if r["queued"] == 100_000), None)
+    flat = max(r["p99_ms"] for r in rows) / max(min(r["p99_ms"] for r in rows), 1e-9)
+    result["targets"] = {"p99_at_100k_ms": at_100k and at_100k["p99_ms"], "p99_at_100k_ok":
+                         bool(at_100k and at_100k["p99_ms"] <= 1.0), "p99_max_over_min": round(flat, 2)}
+    print(f"target p99 <= 1 ms at 100k: {result['targets']}")
+    write_result("decision", result)
+    plots.decision_cost(rows)
+    return result

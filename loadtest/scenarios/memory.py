@@ -1,0 +1,205 @@
+"""Redis memory per queued request: each in its own session, 100-character prompt, no workers.
+
+Measures INFO memory `used_memory` before and after N submissions (target <= 1.5 KB per request,
+aim 1 KB), then MEMORY USAGE on a sample of every kind of key, so the table shows where the bytes
+go. `--via store` (default) calls SessionStore.submit, the very script the API runs; `--via api`
+goes through `sluicegate serve --workers 0` over HTTP. The server is a scratch Valkey without AOF.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import shutil
+import tempfile
+import time
+from collections import defaultdict
+from typing import Any
+
+import redis
+from redis.asyncio import Redis
+
+from loadtest.common import ServeProcess, client_session, print_table, progress, write_result
+from sessions.requests import NewRequest
+from sessions.store import SessionStore
+from sluicegate.embedded import EmbeddedServer
+from sluicegate.settings import Settings
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-n", "--requests", type=int, default=20_000, help="queued requests (try 100000, 1000000)")
+    parser.add_argument("--prompt-chars", type=int, default=100, help="prompt length")
+    parser.add_argument("--max-tokens", type=int, default=256, help="max_tokens of each request")
+    parser.add_argument("--tenants", type=int, default=1, help="spread the sessions over this many tenants")
+    parser.add_argument("--via", choices=("store", "api"), default="store",
+                        help="store: SessionStore.submit (the API's script); api: POST over HTTP")
+    parser.add_argument("--concurrency", type=int, default=32, help="submissions in flight")
+    parser.add_argument("--sample", type=int, default=500, help="keys of each kind measured with MEMORY USAGE")
+    parser.add_argument("--server-binary", default=None, help="a redis-server/valkey-server to use instead")
+
+
+def prompt_text(i: int, chars: int) -> str:
+    return (f"q{i} " + "tell me about the river that runs under the stone mill " * 8)[:chars]
+
+
+async def submit_store(url: str, args: argparse.Namespace, first: int) -> list[tuple[str, str]]:
+    client = Redis.from_url(url, max_connections=args.concurrency)
+    store = SessionStore(client, session_ttl=Settings().session_ttl, lease_seconds=Settings().lease_seconds)
+    made: list[tuple[str, str]] = []
+    counter = iter(range(first, first + args.requests))
+    step = max(1, args.requests // 10)
+
+    async def one_loop() -> None:
+        for i in counter:
+            req = NewRequest(session_id=f"mem-{i}", max_tokens=args.max_tokens, priority=5,
+                             tenant=f"t{i % args.tenants}", group="default", prompt=prompt_text(i, args.prompt_chars))
+            result = await store.submit(req)
+            assert result.outcome == "ok", result
+            made.append((req.session_id, req.request_id))
+            if len(made) % step == 0:
+                progress(f"{len(made)}/{args.requests} submitted")
+
+    await asyncio.gather(*(one_loop() for _ in range(args.concurrency)))
+    await client.aclose()
+    return made
+
+
+async def submit_api(base_url: str, args: argparse.Namespace, first: int) -> list[tuple[str, str]]:
+    made: list[tuple[str, str]] = []
+    counter = iter(range(first, first + args.requests))
+    step = max(1, args.requests // 10)
+    async with client_session(args.concurrency) as http:
+        async def one_loop() -> None:
+            for i in counter:
+                sid = f"mem-{i}"
+                body = {"prompt": prompt_text(i, args.prompt_chars), "max_tokens": args.max_tokens,
+                        "tenant": f"t{i % args.tenants}"}
+                async with http.post(f"{base_url}/v1/sessions/{sid}/requests", json=body) as response:
+                    assert response.status == 202, await response.text()
+                    made.append((sid, (await response.json())["request_id"]))
+                if len(made) % step == 0:
+                    progress(f"{len(made)}/{args.requests} submitted")
+
+        await asyncio.gather(*(one_loop() for _ in range(args.concurrency)))
+    return made
+
+
+def used(client: redis.Redis) -> dict[str, int]:
+    info = client.info("memory")
+    return {"used_memory": int(info["used_memory"]), "dataset": int(info["used_memory_dataset"]),
+            "keys": int(client.dbsize())}
+
+
+def usage(client: redis.Redis, key: str) -> int:
+    return int(client.memory_usage(key, samples=0) or 0)
+
+
+def key_templates(client: redis.Redis, sid: str, rid: str) -> list[str]:
+    """The names of one request's own keys, as templates with <sid> and <rid> (found by scanning once)."""
+    found: set[str] = set()
+    for pattern in (f"*{rid}*", f"*:{sid}:*", f"*:{sid}"):
+        for key in client.scan_iter(match=pattern, count=10_000):
+            found.add(key.decode().replace(rid, "<rid>").replace(f":{sid}:", ":<sid>:").replace(f":{sid}", ":<sid>"))
+    return sorted(found)
+
+
+def per_kind(client: redis.Redis, made: list[tuple[str, str]], sample: int) -> list[dict[str, Any]]:
+    """Average MEMORY USAGE of each kind of per-request key over a random sample."""
+    picked = random.Random(7).sample(made, min(sample, len(made)))
+    rows = []
+    for template in key_templates(client, *picked[0]):
+        names = [template.replace("<rid>", r).replace("<sid>", s) for s, r in picked]
+        pipe = client.pipeline(transaction=False)
+        for key in names:
+            pipe.memory_usage(key, samples=0)
+        sizes = [int(x or 0) for x in pipe.execute()]
+        mean = round(sum(sizes) / len(sizes), 1)
+        encoding = client.object("encoding", names[0])
+        rows.append({"kind": f"{client.type(names[0]).decode()} {template}", "keys": len(made),
+                     "encoding": encoding.decode() if encoding else "", "bytes_each": mean, "bytes_per_request": mean})
+    return rows
+
+
+def shared_keys(client: redis.Redis) -> dict[str, int]:
+    """MEMORY USAGE of every key that is not one request's or one session's own."""
+    sizes = {}
+    for key in client.scan_iter(count=1000):
+        name = key.decode()
+        if name.startswith(("sg:r:", "sg:s:")):
+            continue
+        sizes[name] = usage(client, name)
+    return sizes
+
+
+def shared_rows(before: dict[str, int], after: dict[str, int], n: int, client: redis.Redis) -> list[dict[str, Any]]:
+    """Growth of the shared keys (ready set, aging, counters) over the run, divided by N."""
+    groups: dict[str, list[str]] = defaultdict(list)
+    for name in after:
+        label = name
+        if name.startswith("sg:g:") and ":c" in name and name.count(":") >= 4:
+            label = "ready set: sessions of a tenant sg:g:<G>:c<P>:<T>"
+        elif ":age" in name:
+            label = "aging zset sg:g:<G>:age<P>"
+        elif name.startswith("sg:g:"):
+            label = "other group keys sg:g:<G>:*"
+        elif name.startswith("sg:m:"):
+            label = "metrics sg:m:*"
+        else:
+            label = "other global keys"
+        groups[label].append(name)
+    rows = []
+    for label, names in sorted(groups.items()):
+        grown = sum(after[k] - before.get(k, 0) for k in names)
+        encoding = client.object("encoding", names[0])
+        rows.append({"kind": label, "keys": len(names), "encoding": encoding.decode() if encoding else "",
+                     "bytes_each": round(sum(after[k] for k in names) / len(names), 1),
+                     "bytes_per_request": round(grown / n, 1)})
+    return rows
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    data_dir = tempfile.mkdtemp(prefix="sg-bench-valkey-")
+    server = EmbeddedServer(data_dir=data_dir, persistent=False, binary=args.server_binary).start()
+    serve: ServeProcess | None = None
+    try:
+        client = redis.Redis.from_url(server.url)
+        version = client.info("server").get("valkey_version") or client.info("server")["redis_version"]
+        if args.via == "api":
+            serve = ServeProcess(flags=["--workers", "0"], redis_url=server.url).start()
+        # Warm up: load the scripts, create the group's shared keys, so that "before" holds the fixed costs.
+        warm = argparse.Namespace(**{**vars(args), "requests": 200, "concurrency": 4})
+        asyncio.run(submit_api(serve.base_url, warm, 10**9) if serve else submit_store(server.url, warm, 10**9))
+        before, shared_before = used(client), shared_keys(client)
+        began = time.perf_counter()
+        made = asyncio.run(submit_api(serve.base_url, args, 0) if serve else submit_store(server.url, args, 0))
+        elapsed = time.perf_counter() - began
+        after = used(client)
+        n = len(made)
+        per_request = (after["used_memory"] - before["used_memory"]) / n
+        per_request_dataset = (after["dataset"] - before["dataset"]) / n
+        rows = per_kind(client, made, args.sample) + shared_rows(shared_before, shared_keys(client), n, client)
+        accounted = sum(r["bytes_per_request"] for r in rows)
+        rows.append({"kind": "allocator, key table, expires (unaccounted)", "keys": "",
+                     "encoding": "", "bytes_each": "", "bytes_per_request": round(per_request - accounted, 1)})
+        rows.append({"kind": "TOTAL used_memory / N", "keys": after["keys"] - before["keys"], "encoding": "",
+                     "bytes_each": "", "bytes_per_request": round(per_request, 1)})
+        print(f"\n{n} queued requests (each its own session, {args.prompt_chars}-char prompt) via {args.via} "
+              f"in {elapsed:.1f} s on {version}")
+        print_table(rows)
+        verdict = "met" if per_request <= 1536 else "MISSED"
+        print(f"\nper queued request: {per_request:.0f} B used_memory ({per_request_dataset:.0f} B dataset); "
+              f"target <= 1536 B ({verdict}), aim 1024 B")
+        result = {"requests": n, "via": args.via, "server": version, "prompt_chars": args.prompt_chars,
+                  "bytes_per_request": round(per_request, 1),
+                  "dataset_bytes_per_request": round(per_request_dataset, 1),
+                  "keys_per_request": round((after["keys"] - before["keys"]) / n, 3),
+                  "before": before, "after": after, "breakdown": rows, "target_bytes": 1536, "aim_bytes": 1024,
+                  "target_met": per_request <= 1536, "seconds": round(elapsed, 2)}
+        write_result("memory", result)
+        return result
+    finally:
+        if serve is not None:
+            serve.stop()
+        server.stop()
+        shutil.rmtree(data_dir, ignore_errors=True)

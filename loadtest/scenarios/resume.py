@@ -1,0 +1,143 @@
+"""Resume latency: reconnect with Last-Event-ID to the first replayed event (target p99 <= 100 ms, aim 5 ms).
+
+Against `sluicegate serve`: one finished request and one still generating (live), each ~500 events
+in its own session. Each reconnect opens a NEW TCP connection (a real reconnect), sends
+Last-Event-ID at a random cursor inside the request's events, and stops the clock when the first
+event arrives; the event must be the one right after the cursor. Both stream forms are measured:
+/v1/requests/{id}/events and /v1/sessions/{id}/events.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import time
+from typing import Any
+
+import aiohttp
+
+from loadtest.common import (
+    ServeProcess,
+    client_session,
+    cpu_seconds,
+    percentile,
+    print_table,
+    progress,
+    sse_events,
+    write_result,
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--reconnects", type=int, default=400, help="reconnects per case (4 cases)")
+    parser.add_argument("--events", type=int, default=500, help="events each request has when measuring")
+    parser.add_argument("--tokens-per-second", type=float, default=100.0,
+                        help="sim pace: the live request keeps appending at this rate while measured")
+    parser.add_argument("--concurrency", type=int, default=1, help="reconnects in flight (1 = pure latency)")
+    parser.add_argument("--seed", type=int, default=1)
+
+
+async def submit(http: aiohttp.ClientSession, base: str, sid: str, max_tokens: int) -> dict[str, Any]:
+    async with http.post(f"{base}/v1/sessions/{sid}/requests",
+                         json={"prompt": f"resume bench {sid}", "max_tokens": max_tokens}) as response:
+        assert response.status == 202, await response.text()
+        return dict(await response.json())
+
+
+async def status(http: aiohttp.ClientSession, base: str, rid: str) -> dict[str, Any]:
+    async with http.get(f"{base}/v1/requests/{rid}") as response:
+        return dict(await response.json())
+
+
+async def first_event_id(http: aiohttp.ClientSession, base: str, sid: str) -> int:
+    """The id of the session's first event (the request's `queued`)."""
+    async with http.get(f"{base}/v1/sessions/{sid}/events") as response:
+        async for event in sse_events(response):
+            return int(event.id or 0)
+    raise RuntimeError("no events")
+
+
+async def reconnect(http: aiohttp.ClientSession, url: str, cursor: int) -> float:
+    """Seconds from connect start to the first event after `cursor`; checks it is cursor + 1."""
+    began = time.perf_counter()
+    async with http.get(url, headers={"Last-Event-ID": str(cursor)}) as response:
+        assert response.status == 200, await response.text()
+        async for event in sse_events(response):
+            elapsed = time.perf_counter() - began
+            assert int(event.id or 0) == cursor + 1, (event.id, cursor)
+            return elapsed
+    raise RuntimeError(f"no event after {cursor} at {url}")
+
+
+async def measure(base: str, args: argparse.Namespace) -> dict[str, Any]:
+    rng = random.Random(args.seed)
+    async with client_session(8) as http:
+        finished = await submit(http, base, "resume-finished", args.events - 3)  # queued + started + done
+        live = await submit(http, base, "resume-live", 32000)
+        progress(f"waiting for {args.events} events in each request ({args.tokens_per_second:g} tokens/s)")
+        while True:
+            fin, liv = await status(http, base, finished["request_id"]), await status(http, base, live["request_id"])
+            if fin["status"] == "done" and liv["tokens"] >= args.events:
+                break
+            assert fin["status"] in ("queued", "running", "done"), fin
+            await asyncio.sleep(0.2)
+        cases = []
+        for label, req in (("finished", finished), ("live", live)):
+            sid, rid = req["session_id"], req["request_id"]
+            first = await first_event_id(http, base, sid)
+            cases.append((label, "request", f"{base}/v1/requests/{rid}/events", first))
+            cases.append((label, "session", f"{base}/v1/sessions/{sid}/events", first))
+
+        rows, raw = [], {}
+        cpu0 = cpu_seconds()
+        # A new TCP connection per reconnect, as a client that lost its network would.
+        async with client_session(0, force_close=True) as fresh:
+            for label, form, url, first in cases:
+                for _ in range(3):  # warm the API's code paths and its hub subscription
+                    await reconnect(fresh, url, first + 5)
+                samples: list[float] = []
+                todo = iter(range(args.reconnects))
+
+                async def loop(url: str = url, first: int = first, samples: list[float] = samples,
+                               todo: Any = todo) -> None:
+                    for _ in todo:
+                        cursor = first - 1 + rng.randrange(0, args.events - 2)
+                        samples.append(await reconnect(fresh, url, cursor))
+
+                await asyncio.gather(*(loop() for _ in range(args.concurrency)))
+                ms = [s * 1000 for s in samples]
+                raw[f"{label}/{form}"] = ms
+                rows.append({"request": label, "stream": form, "reconnects": len(ms),
+                             "p50_ms": percentile(ms, 50), "p90_ms": percentile(ms, 90),
+                             "p99_ms": percentile(ms, 99), "max_ms": max(ms)})
+                progress(f"{label}/{form}: p50 {rows[-1]['p50_ms']:.2f} ms, p99 {rows[-1]['p99_ms']:.2f} ms")
+        client_cpu = cpu_seconds() - cpu0
+        async with http.delete(f"{base}/v1/requests/{live['request_id']}"):
+            pass
+    return {"rows": rows, "client_cpu_seconds": round(client_cpu, 3),
+            "samples_ms": {k: [round(x, 3) for x in v] for k, v in raw.items()}}
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    flags = ["--workers", "1", "--slots", "4", "--sim-prefill-ms", "0",
+             "--sim-tokens-per-second", str(args.tokens_per_second)]
+    serve = ServeProcess(flags=flags).start()
+    try:
+        outcome = asyncio.run(measure(serve.base_url, args))
+    finally:
+        serve.stop()
+    rows = outcome["rows"]
+    print(f"\nreconnect (new TCP connection + Last-Event-ID) to first replayed event, "
+          f"{args.events}-event requests, concurrency {args.concurrency}")
+    print_table(rows)
+    worst = max(r["p99_ms"] for r in rows)
+    print(f"\nworst p99 {worst:.2f} ms: target <= 100 ms ({'met' if worst <= 100 else 'MISSED'}), aim 5 ms "
+          f"({'met' if worst <= 5 else 'not yet'}); client CPU {outcome['client_cpu_seconds']:.2f} s")
+    result = {"rows": rows, "worst_p99_ms": worst, "target_ms": 100, "aim_ms": 5, "target_met": worst <= 100,
+              "aim_met": worst <= 5, "client_cpu_seconds": outcome["client_cpu_seconds"],
+              "settings": {"events": args.events, "tokens_per_second": args.tokens_per_second,
+                           "concurrency": args.concurrency, "reconnects": args.reconnects, "stack": flags},
+              "samples_ms": outcome["samples_ms"]}
+    write_result("resume", result)
+    return result

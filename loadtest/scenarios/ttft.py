@@ -1,0 +1,196 @@
+"""TTFT added over a direct call: the sim-backend alone against the same sim-backend behind Sluicegate.
+
+Starts `sluicegate sim-backend` and `sluicegate serve --engine openai --backend-url <it>`, then sends
+sequential requests, rotating through three ways of asking for the same completion:
+- direct: POST /v1/chat/completions (stream) to the sim-backend;
+- chat:   POST /v1/chat/completions (stream) to Sluicegate (submit + stream in one call);
+- sse:    POST /v1/sessions/{sid}/requests, then GET /v1/requests/{rid}/events (two round trips).
+TTFT is from sending the request to receiving the first token; every request is read to its end
+before the next starts. Targets (issue 4): added p50 <= 3 ms (aim 1), added p99 <= 10 ms (aim 5).
+"added" = percentile(via Sluicegate) - percentile(direct); the paired per-round difference is shown too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import time
+from typing import Any
+
+import aiohttp
+
+from loadtest.common import (
+    Component,
+    ServeProcess,
+    client_session,
+    cpu_by_role,
+    cpu_delta,
+    free_port,
+    percentile,
+    print_table,
+    progress,
+    sse_events,
+    wait_http,
+    write_result,
+)
+
+MODES = ("direct", "chat", "sse")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--rounds", type=int, default=200, help="rounds; each sends one request per mode")
+    parser.add_argument("--warmup", type=int, default=20, help="rounds not counted")
+    parser.add_argument("--max-tokens", type=int, default=4, help="tokens per request (read to the end)")
+    parser.add_argument("--tokens-per-second", type=float, default=200.0, help="sim-backend pace")
+    parser.add_argument("--prefill-ms", type=float, default=0.0, help="sim-backend delay before the first token")
+    parser.add_argument("--modes", default=",".join(MODES), help="which of direct,chat,sse to run")
+    parser.add_argument("--slots", type=int, default=4, help="worker slots")
+
+
+def chat_body(i: int, max_tokens: int) -> dict[str, Any]:
+    return {"model": "sim", "stream": True, "max_tokens": max_tokens,
+            "messages": [{"role": "user", "content": f"ttft bench question {i}"}]}
+
+
+async def chat_ttft(http: aiohttp.ClientSession, url: str, body: dict[str, Any],
+                    headers: dict[str, str] | None = None) -> tuple[float, str | None]:
+    """Seconds to the first content chunk of a streamed chat completion (read to [DONE])."""
+    began = time.perf_counter()
+    ttft = None
+    async with http.post(url, json=body, headers=headers) as response:
+        assert response.status == 200, await response.text()
+        async for event in sse_events(response):
+            if event.data == "[DONE]":
+                break
+            if ttft is None:
+                chunk = json.loads(event.data)
+                assert "error" not in chunk, chunk
+                if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                    ttft = time.perf_counter() - began
+        request_id = response.headers.get("x-request-id")
+    assert ttft is not None, "no token"
+    return ttft, request_id
+
+
+async def sse_ttft(http: aiohttp.ClientSession, base: str, i: int, max_tokens: int) -> tuple[float, str]:
+    """Seconds from POST submit to the first `token` event of GET /v1/requests/{id}/events."""
+    body = {"messages": chat_body(i, max_tokens)["messages"], "max_tokens": max_tokens}
+    began = time.perf_counter()
+    async with http.post(f"{base}/v1/sessions/ttft-{i}/requests", json=body) as response:
+        assert response.status == 202, await response.text()
+        rid = (await response.json())["request_id"]
+    ttft = None
+    async with http.get(f"{base}/v1/requests/{rid}/events") as response:
+        async for event in sse_events(response):
+            if event.event == "token" and ttft is None:
+                ttft = time.perf_counter() - began
+            elif event.event in ("done", "error", "cancelled"):
+                assert event.event == "done", event
+                break
+    assert ttft is not None, "no token"
+    return ttft, rid
+
+
+async def server_side(http: aiohttp.ClientSession, base: str, rid: str | None) -> dict[str, float]:
+    """Where Sluicegate spent the time, from the request's own timestamps (ms)."""
+    if not rid:
+        return {}
+    async with http.get(f"{base}/v1/requests/{rid}") as response:
+        view = await response.json()
+    sub, started, first = view.get("submitted_at"), view.get("started_at"), view.get("first_token_at")
+    if None in (sub, started, first):
+        return {}
+    return {"submit_to_dispatch": (started - sub) * 1000, "dispatch_to_first_append": (first - started) * 1000}
+
+
+async def measure(backend: str, base: str, args: argparse.Namespace) -> dict[str, Any]:
+    modes = [m for m in args.modes.split(",") if m]
+    ttft: dict[str, list[float]] = {m: [] for m in modes}
+    inside: dict[str, list[float]] = {"submit_to_dispatch": [], "dispatch_to_first_append": []}
+    counter = itertools.count()
+    # One keep-alive client per target, as a real caller (or a gateway in front) would hold.
+    async with client_session(4) as direct_http, client_session(4) as sg_http:
+        for round_no in range(args.warmup + args.rounds):
+            counted = round_no >= args.warmup
+            order = modes[round_no % len(modes):] + modes[:round_no % len(modes)]  # rotate: no fixed position
+            for mode in order:
+                i = next(counter)
+                rid = None
+                if mode == "direct":
+                    seconds, _ = await chat_ttft(direct_http, f"{backend}/v1/chat/completions",
+                                                 chat_body(i, args.max_tokens))
+                elif mode == "chat":
+                    seconds, rid = await chat_ttft(sg_http, f"{base}/v1/chat/completions",
+                                                   chat_body(i, args.max_tokens), {"X-Session-Id": f"ttft-c{i}"})
+                else:
+                    seconds, rid = await sse_ttft(sg_http, base, i, args.max_tokens)
+                if counted:
+                    ttft[mode].append(seconds * 1000)
+                    for name, ms in (await server_side(sg_http, base, rid)).items():
+                        inside[name].append(ms)
+            if counted and (round_no - args.warmup + 1) % max(1, args.rounds // 5) == 0:
+                progress(f"round {round_no - args.warmup + 1}/{args.rounds}")
+    return {"ttft": ttft, "inside": inside}
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    backend_port = free_port()
+    backend = Component("sim-backend", ["--port", str(backend_port), "--sim-prefill-ms", str(args.prefill_ms),
+                                        "--sim-tokens-per-second", str(args.tokens_per_second)]).start()
+    backend_url = f"http://127.0.0.1:{backend_port}"
+    serve = None
+    try:
+        wait_http(f"{backend_url}/v1/models", process=backend.process)
+        flags = ["--engine", "openai", "--backend-url", f"{backend_url}/v1", "--workers", "1",
+                 "--slots", str(args.slots)]
+        serve = ServeProcess(flags=flags).start()
+        cpu0 = cpu_by_role([serve.process.pid, backend.pid])  # type: ignore[union-attr]
+        began = time.perf_counter()
+        outcome = asyncio.run(measure(backend_url, serve.base_url, args))
+        elapsed = time.perf_counter() - began
+        cpu = cpu_delta(cpu0, cpu_by_role([serve.process.pid, backend.pid]))  # type: ignore[union-attr]
+    finally:
+        if serve is not None:
+            serve.stop()
+        backend.stop()
+    ttft = outcome["ttft"]
+    rows = [{"mode": m, "requests": len(v), "p50_ms": percentile(v, 50), "p90_ms": percentile(v, 90),
+             "p99_ms": percentile(v, 99), "max_ms": max(v)} for m, v in ttft.items()]
+    added: dict[str, dict[str, float]] = {}
+    if "direct" in ttft:
+        direct = ttft["direct"]
+        for mode in (m for m in ttft if m != "direct"):
+            paired = [via - d for via, d in zip(ttft[mode], direct, strict=False)]
+            added[mode] = {"p50_ms": percentile(ttft[mode], 50) - percentile(direct, 50),
+                           "p99_ms": percentile(ttft[mode], 99) - percentile(direct, 99),
+                           "paired_p50_ms": percentile(paired, 50), "paired_p99_ms": percentile(paired, 99)}
+            rows.append({"mode": f"{mode} - direct", "requests": len(paired), "p50_ms": added[mode]["p50_ms"],
+                         "p99_ms": added[mode]["p99_ms"]})
+            rows.append({"mode": f"{mode} - direct, paired", "requests": len(paired),
+                         "p50_ms": added[mode]["paired_p50_ms"], "p90_ms": percentile(paired, 90),
+                         "p99_ms": added[mode]["paired_p99_ms"], "max_ms": max(paired)})
+    inside = {name: {"p50_ms": percentile(v, 50), "p99_ms": percentile(v, 99)}
+              for name, v in outcome["inside"].items() if v}
+    print(f"\nTTFT, sequential, sim-backend prefill {args.prefill_ms:g} ms, {args.tokens_per_second:g} tokens/s, "
+          f"{args.max_tokens} tokens per request, {args.rounds} rounds")
+    print_table(rows, ["mode", "requests", "p50_ms", "p90_ms", "p99_ms", "max_ms"])
+    if inside:
+        print("\ninside Sluicegate (the request's own timestamps, chat + sse requests):")
+        print_table([{"span": k, **v} for k, v in inside.items()])
+    print(f"\nCPU seconds over {elapsed:.1f} s: {cpu}")
+    verdicts = {}
+    for mode, a in added.items():
+        verdicts[mode] = {"p50_target_met": a["p50_ms"] <= 3, "p99_target_met": a["p99_ms"] <= 10,
+                          "p50_aim_met": a["p50_ms"] <= 1, "p99_aim_met": a["p99_ms"] <= 5}
+        met = verdicts[mode]["p50_target_met"] and verdicts[mode]["p99_target_met"]
+        print(f"{mode}: added p50 {a['p50_ms']:.2f} ms (target 3, aim 1), added p99 {a['p99_ms']:.2f} ms "
+              f"(target 10, aim 5): {'met' if met else 'MISSED'}")
+    result = {"rows": rows, "added": added, "verdicts": verdicts, "inside_ms": inside, "cpu_seconds": cpu,
+              "seconds": round(elapsed, 2),
+              "settings": {"rounds": args.rounds, "max_tokens": args.max_tokens, "prefill_ms": args.prefill_ms,
+                           "tokens_per_second": args.tokens_per_second, "slots": args.slots},
+              "samples_ms": {m: [round(x, 3) for x in v] for m, v in ttft.items()}}
+    write_result("ttft", result)
+    return result

@@ -1,0 +1,207 @@
+"""A deterministic driver for the scheduling scripts: a real Redis and the real Lua scripts, with the
+test playing the workers (register slots, pop inboxes, append, finish, hand back) and the clock pinned
+through `sg:clock`, so that every decision happens at an exact, repeatable moment."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from sessions import keys
+from sessions.scripts import Scripts, script_source
+
+LEASE_MS = 600_000  # long: worker liveness keys use the real clock, the pinned clock drives the rest
+TTL = 3600
+T0 = 1_000_000  # pinned start time (ms); never 0: the running-rank score assumes now > 0
+
+
+@dataclass
+class Run:
+    """One assignment popped from a worker inbox: what a real worker slot would be executing."""
+
+    rid: str
+    attempt: str
+    wid: str
+    group: str
+    next_index: int
+    fenced: bool = False
+
+
+@dataclass(frozen=True)
+class Entry:
+    seq: int
+    event: str
+    rid: str
+    data: dict[str, Any]
+
+
+class Harness:
+    def __init__(self, r: redis.Redis, *, now: int = T0, lease_ms: int = LEASE_MS) -> None:
+        self.r = r
+        self.scripts = Scripts(r)
+        self.lease_ms = lease_ms  # request leases, on the pinned clock
+        self.worker_lease_ms = max(lease_ms, LEASE_MS)  # worker liveness keys expire on the real clock
+        self.now = now
+        self.workers: dict[str, str] = {}
+        self.runs: list[Run] = []  # assignments a fake worker still holds
+        self.dispatched: list[Run] = []  # every assignment ever made, in the order they were popped
+        self._rids = 0
+        r.set(keys.PREFIX + "clock", now)
+
+    # -- clock, policy, tuning -------------------------------------------------------------------
+    def set_clock(self, ms: int) -> None:
+        self.now = ms
+        self.r.set(keys.PREFIX + "clock", ms)
+
+    def advance(self, ms: int) -> None:
+        self.set_clock(self.now + ms)
+
+    def policy(self, **fields: float) -> None:
+        self.r.hset(keys.POLICY, mapping=fields)  # type: ignore[arg-type]
+
+    def weight(self, tenant: str, value: float) -> None:
+        self.r.hset(keys.TENANT_WEIGHTS, tenant, value)
+
+    def quota(self, group: str, **fields: float | None) -> None:
+        """The same writes as scheduler.admin.Tuning.set_quota (None removes a field = unlimited)."""
+        cfg = keys.group_key(group, "cfg")
+        to_set = {k: v for k, v in fields.items() if v is not None}
+        to_clear = [k for k, v in fields.items() if v is None]
+        if to_set:
+            self.r.hset(cfg, mapping=to_set)  # type: ignore[arg-type]
+        if to_clear:
+            self.r.hdel(cfg, *to_clear)
+        if "requests_per_second" in to_clear:
+            self.r.hdel(keys.group_key(group, "qs"), "tat")
+        if "tokens_per_second" in to_clear:
+            self.r.hdel(keys.group_key(group, "qs"), "lvl", "at")
+        self.r.sadd(keys.GROUPS, group)
+
+    # -- the worker's side -----------------------------------------------------------------------
+    def add_worker(self, wid: str, group: str = "default", slots: int = 1) -> int:
+        self.workers[wid] = group
+        started = int(self.scripts.register_worker(keys=[keys.worker(wid), keys.group_key(group, "idle")],
+                                                   args=[self.worker_lease_ms, wid, group, slots]))
+        self.collect()
+        return started
+
+    def collect(self) -> list[Run]:
+        """Pop every worker inbox (oldest first) and hold the new assignments."""
+        new: list[Run] = []
+        for wid, group in self.workers.items():
+            while (item := self.r.rpop(keys.worker_inbox(wid))) is not None:
+                rid, _, attempt = item.rpartition("|")
+                run = Run(rid, attempt, wid, group, int(self.r.hget(keys.request(rid), "n") or 0))
+                new.append(run)
+        self.runs.extend(new)
+        self.dispatched.extend(new)
+        return new
+
+    def run_of(self, rid: str) -> Run:
+        """The newest assignment of a request that a worker still holds."""
+        for run in reversed(self.runs):
+            if run.rid == rid:
+                return run
+        raise AssertionError(f"no worker holds {rid}")
+
+    def append(self, run: Run, count: int = 1) -> list[Any]:
+        data = [json.dumps({"request_id": run.rid, "index": run.next_index + i, "text": "t"}) for i in range(count)]
+        reply = self.scripts.append(keys=[keys.request(run.rid)], args=[run.rid, run.attempt, run.next_index, *data])
+        if int(reply[0]) == 1:
+            run.next_index += count
+        elif int(reply[0]) == 0:
+            run.fenced = True
+        return list(reply)
+
+    def finish(self, run: Run, outcome: str = "done", detail: str = "length", return_slot: bool = True) -> list[Any]:
+        """Finish a run; on a run the worker no longer owns this only releases the slot."""
+        self.runs.remove(run)
+        reply = self.scripts.finish(keys=[keys.request(run.rid)],
+                                    args=[self.lease_ms, TTL, run.rid, run.attempt, run.wid, outcome, detail,
+                                          "1" if return_slot else "0", run.group])
+        self.collect()
+        return list(reply)
+
+    def complete(self, rid: str) -> list[Any]:
+        """Stream a held request's remaining tokens and finish it as done."""
+        run = self.run_of(rid)
+        remaining = int(self.r.hget(keys.request(rid), "mt") or 0) - run.next_index
+        if remaining > 0:
+            assert self.append(run, remaining)[0] == 1, f"{rid} was fenced"
+        return self.finish(run)
+
+    def heartbeat(self, wid: str) -> list[str]:
+        """Renew the worker and the leases of the runs it holds; returns the runs it no longer owns."""
+        held = [f"{run.rid}|{run.attempt}" for run in self.runs if run.wid == wid]
+        return list(self.scripts.heartbeat(keys=[keys.worker(wid)], args=[self.worker_lease_ms, wid, *held]))
+
+    def handback(self, run: Run, reason: str = "worker_shutdown", return_slot: bool = True) -> list[Any]:
+        self.runs.remove(run)
+        reply = self.scripts.handback(keys=[keys.request(run.rid)],
+                                      args=[self.lease_ms, run.rid, run.attempt, run.wid, reason,
+                                            "1" if return_slot else "0", run.group])
+        self.collect()
+        return list(reply)
+
+    # -- the API's and the scheduler's side ------------------------------------------------------
+    def submit(self, sid: str, *, tenant: str = "t", group: str = "default", priority: int = 5,
+               max_tokens: int = 10, prompt: str = "x" * 40, rid: str | None = None) -> str:
+        if rid is None:
+            self._rids += 1
+            rid = f"r{self._rids}"
+        submit_keys = [keys.request(rid), keys.session_meta(sid), keys.session_queue(sid), keys.session_log(sid)]
+        if "KEYS[5]" in script_source("submit"):  # the prompt stored as a string of its own
+            submit_keys.append(keys.request(rid) + ":in")
+        reply = self.scripts.submit(
+            keys=submit_keys,
+            args=[self.lease_ms, rid, sid, tenant, group, priority, max_tokens, prompt, "p", "{}",
+                  max(1, len(prompt) // 4), ""])
+        assert reply[0] == "ok", reply
+        self.collect()
+        return rid
+
+    def cancel(self, rid: str) -> list[Any]:
+        reply = self.scripts.cancel(keys=[keys.request(rid)], args=[self.lease_ms, TTL, rid, ""])
+        self.collect()
+        return list(reply)
+
+    def sweep(self) -> tuple[int, int, int, float, float]:
+        requeued, promoted, started, wake, now = self.scripts.sweep(
+            keys=[keys.LEASES, keys.WAKE, keys.GROUPS], args=[self.lease_ms])
+        self.collect()
+        return int(requeued), int(promoted), int(started), float(wake), float(now)
+
+    # -- inspection ------------------------------------------------------------------------------
+    def req(self, rid: str) -> dict[str, str]:
+        return self.r.hgetall(keys.request(rid))
+
+    def status(self, rid: str) -> str:
+        return self.r.hget(keys.request(rid), "st") or "missing"
+
+    def log(self, sid: str) -> list[Entry]:
+        out = []
+        for raw in self.r.lrange(keys.session_log(sid), 0, -1):
+            seq, event, rid, data = raw.split("|", 3)
+            out.append(Entry(int(seq), event, rid, json.loads(data)))
+        return out
+
+    def events(self, sid: str, rid: str) -> list[Entry]:
+        return [e for e in self.log(sid) if e.rid == rid]
+
+    def token_indices(self, sid: str, rid: str) -> list[int]:
+        return [e.data["index"] for e in self.events(sid, rid) if e.event == "token"]
+
+    def vtc(self, tenant: str, group: str = "default") -> float:
+        return float(self.r.hget(keys.group_key(group, "vtc"), tenant) or 0)
+
+    def running(self, group: str = "default") -> list[str]:
+        return list(self.r.zrange(keys.group_key(group, "run"), 0, -1))
+
+    def pending_preemptions(self, group: str = "default") -> int:
+        return int(self.r.zcard(keys.group_key(group, "pre")))
+
+    def dispatched_rids(self) -> list[str]:
+        return [run.rid for run in self.dispatched]

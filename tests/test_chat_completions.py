@@ -1,0 +1,135 @@
+"""`POST /v1/chat/completions`: OpenAI objects over an ordinary Sluicegate request (sim engine)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import redis
+
+from sluicegate.embedded import free_port
+from tests.helpers import Stack, call, fast_settings
+from tests.openai_helpers import ChatStream, chat_stream
+from workers.engines.openai import OpenAIEngine
+from workers.engines.sim import prompt_of, sim_text
+
+MESSAGES = [{"role": "system", "content": "short answers"}, {"role": "user", "content": "why queue requests?"}]
+
+
+def request_status(stack: Stack, rid: str) -> dict[str, Any]:
+    code, status = call("GET", f"{stack.base_url}/v1/requests/{rid}")
+    assert code == 200
+    return status
+
+
+def test_streamed(stack: Stack) -> None:
+    headers = {"X-Session-Id": "chat-1", "X-Priority": "high", "X-Tenant": "acme", "X-Group": "default"}
+    result = chat_stream(stack.base_url, {"model": "tiny", "messages": MESSAGES, "max_tokens": 12, "temperature": 0},
+                         headers)
+    assert result.status == 200 and result.headers["content-type"].startswith("text/event-stream")
+    rid = result.headers["x-request-id"]
+    assert result.headers["x-session-id"] == "chat-1" and result.done
+    assert len(result.content_chunks) == 12 and result.text == sim_text(prompt_of(MESSAGES), 12)
+    assert {c["id"] for c in result.chunks} == {f"chatcmpl-{rid}"}
+    assert {c["model"] for c in result.chunks} == {"tiny"}
+    assert result.chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    final = result.chunks[-1]
+    assert final["choices"][0]["finish_reason"] == "length" and final["choices"][0]["delta"] == {}
+    assert final["usage"]["completion_tokens"] == 12 and final["usage"]["prompt_tokens"] > 0
+    status = request_status(stack, rid)
+    assert (status["status"], status["priority"], status["tenant"], status["group"], status["session_id"]) == (
+        "done", 7, "acme", "default", "chat-1")
+
+
+def test_streamed_usage_chunk_when_asked(stack: Stack) -> None:
+    result = chat_stream(stack.base_url, {"messages": MESSAGES, "max_completion_tokens": 5,
+                                          "stream_options": {"include_usage": True}})
+    assert result.done and result.text == sim_text(prompt_of(MESSAGES), 5)
+    finish, usage = result.chunks[-2], result.chunks[-1]
+    assert finish["choices"][0]["finish_reason"] == "length" and "usage" not in finish
+    assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 5
+    assert result.chunks[0]["model"] == "default"  # no model in the body: the group's name
+
+
+def test_not_streamed(stack: Stack) -> None:
+    code, reply = call("POST", f"{stack.base_url}/v1/chat/completions",
+                       {"model": "tiny", "messages": MESSAGES, "max_tokens": 9}, headers={"X-Priority": "3"})
+    assert code == 200, reply
+    assert reply["object"] == "chat.completion" and reply["model"] == "tiny"
+    choice = reply["choices"][0]
+    assert choice["message"] == {"role": "assistant", "content": sim_text(prompt_of(MESSAGES), 9)}
+    assert choice["finish_reason"] == "length"
+    usage = reply["usage"]
+    assert usage["completion_tokens"] == 9 and usage["total_tokens"] == usage["prompt_tokens"] + 9
+    status = request_status(stack, reply["id"].removeprefix("chatcmpl-"))
+    assert status["priority"] == 3 and status["tenant"] == "default" and status["session_id"].startswith("chat-")
+
+
+def test_headers_echo_ids_and_a_fresh_session_per_call(stack: Stack) -> None:
+    sessions = set()
+    for _ in range(2):
+        result = chat_stream(stack.base_url, {"messages": MESSAGES, "max_tokens": 2})
+        assert result.done
+        sessions.add(result.headers["x-session-id"])
+        assert request_status(stack, result.headers["x-request-id"])["session_id"] == result.headers["x-session-id"]
+    assert len(sessions) == 2
+    for count in (5, 3):  # a reused session: each call streams its own request only
+        result = chat_stream(stack.base_url, {"messages": MESSAGES, "max_tokens": count}, {"X-Session-Id": "reused"})
+        assert result.done and result.text == sim_text(prompt_of(MESSAGES), count)
+        assert len(result.content_chunks) == count and result.chunks[-1]["usage"]["completion_tokens"] == count
+
+
+def test_x_group_routes_to_that_group(stack: Stack) -> None:
+    stack.add_worker(group="big")
+    result = chat_stream(stack.base_url, {"messages": MESSAGES, "max_tokens": 3}, {"X-Group": "big"})
+    assert result.done and result.chunks[0]["model"] == "big"
+    assert request_status(stack, result.headers["x-request-id"])["group"] == "big"
+
+
+@pytest.mark.parametrize(("headers", "body", "needle"), [
+    ({"X-Priority": "urgent"}, {}, "X-Priority"),
+    ({"X-Priority": "10"}, {}, "X-Priority"),
+    ({"X-Tenant": "no spaces"}, {}, "X-Tenant"),
+    ({"X-Group": "a/b"}, {}, "X-Group"),
+    ({"X-Session-Id": "bad session"}, {}, "session_id"),
+    ({}, {"messages": []}, "messages"),
+    ({}, {"messages": MESSAGES, "max_tokens": 0}, "max_tokens"),
+    ({}, {"messages": MESSAGES, "max_tokens": 10**9}, "max_tokens"),
+    ({}, {"messages": MESSAGES, "n": 2}, "n"),
+])
+def test_bad_input_gets_422_and_stores_nothing(stack: Stack, r: redis.Redis, headers: dict[str, str],
+                                               body: dict[str, Any], needle: str) -> None:
+    for stream in (False, True):
+        code, reply = call("POST", f"{stack.base_url}/v1/chat/completions",
+                           {"messages": MESSAGES, "max_tokens": 4, **body, "stream": stream}, headers=headers)
+        assert code == 422, reply
+        assert reply["error"]["type"] == "invalid_request" and needle in reply["error"]["message"]
+    assert r.keys("sg:r:*") == [] and r.keys("sg:s:*") == []
+
+
+def test_cancelled_mid_stream_ends_with_an_error_object(stack: Stack) -> None:
+    def cancel_once(result: ChatStream, chunk: dict[str, Any]) -> None:
+        if len(result.chunks) == 2:
+            code, _ = call("DELETE", f"{stack.base_url}/v1/requests/{result.headers['x-request-id']}")
+            assert code == 200
+
+    result = chat_stream(stack.base_url, {"messages": MESSAGES, "max_tokens": 4000}, on_chunk=cancel_once)
+    assert result.done and 2 <= len(result.content_chunks) < 4000
+    assert result.chunks[-1]["error"]["type"] == "cancelled"
+    assert request_status(stack, result.headers["x-request-id"])["status"] == "cancelled"
+
+
+def test_a_failed_generation_maps_to_an_openai_error(redis_url: str) -> None:
+    stack = Stack(fast_settings(redis_url)).start(workers=0)
+    try:
+        dead = f"http://127.0.0.1:{free_port()}/v1"
+        stack.add_worker(engine=OpenAIEngine(dead, models={"*": "m"}, retries=1))
+        result = chat_stream(stack.base_url, {"messages": MESSAGES, "max_tokens": 4})
+        assert result.done and result.content_chunks == []
+        error = result.chunks[-1]["error"]
+        assert error["type"] == "generation_failed" and "cannot connect" in error["message"]
+        code, reply = call("POST", f"{stack.base_url}/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 4})
+        assert code == 502 and reply["error"]["type"] == "generation_failed"
+        assert dead in reply["error"]["message"]
+    finally:
+        stack.stop()

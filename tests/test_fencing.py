@@ -1,0 +1,146 @@
+"""Fencing: a worker that lost a run (its lease lapsed while it was paused, or it was preempted)
+cannot write into a stream it no longer owns. Writes carry the attempt number; `append` rejects an
+old attempt with {0, status} and a wrong start index with {-1, expected index}."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from pathlib import Path
+
+import redis
+from redis.asyncio import Redis as AsyncRedis
+
+from sessions import keys
+from sessions.runs import RunStore
+from sessions.scripts import Scripts
+from tests.helpers import Stack, call, fast_settings, sse, submit
+from tests.worker_helpers import Listener, WorkerProcess, assert_tickets_balanced, token_indices, token_text
+from workers.engines.sim import SimEngine, prompt_seed, sim_text, sim_token
+from workers.runner import Run, token_data
+
+
+def test_append_rejects_an_old_attempt_and_a_wrong_index(redis_url: str, r: redis.Redis) -> None:
+    """The scripts directly, with the test playing two workers: a zombie that lost its run and the
+    survivor that resumed it."""
+    stack = Stack(fast_settings(redis_url)).start(scheduler=False, workers=0)  # the API only
+    prompt = "fenced in"
+    seed = prompt_seed(prompt)
+
+    async def scenario() -> None:
+        client = AsyncRedis.from_url(redis_url)
+        scripts = Scripts(client)
+        zombie = RunStore(client, worker_id="default.zombie.1.aaaaaa", group="default", lease_seconds=30,
+                          session_ttl=60)
+        survivor = RunStore(client, worker_id="default.survivor.2.bbbbbb", group="default", lease_seconds=30,
+                            session_ttl=60)
+        try:
+            await zombie.set_free_slots(1)
+            rid = submit(stack.base_url, "fence", prompt=prompt, max_tokens=6)
+            assert await zombie.next_assignment(timeout=5) == (rid, "1")
+            spec = await zombie.load(rid, "1")
+            assert spec is not None and spec.start_index == 0
+
+            def tok(i: int) -> str:
+                return token_data(rid, i, sim_token(seed, i))
+
+            def append(attempt: str, first: int, *indices: int) -> object:
+                return scripts.append(keys=[keys.request(rid)], args=[rid, attempt, first, *map(tok, indices)])
+
+            assert (await zombie.append(rid, "1", 0, [tok(0), tok(1)])).ok
+            assert await append("1", 5, 5) == [-1, 2]  # a gap
+            assert await append("1", 1, 1) == [-1, 2]  # an overlap
+            # the zombie's own batch resent after a lost reply is recognised, not written twice
+            assert (await zombie.append(rid, "1", 0, [tok(0), tok(1)])).ok
+            assert int(await client.hget(keys.request(rid), "n")) == 2
+
+            # the zombie's lease lapses (it was paused); the sweep requeues the run onto the survivor
+            await survivor.set_free_slots(1)
+            await client.zadd(keys.LEASES, {rid: 0})
+            await scripts.sweep(keys=[keys.LEASES, keys.WAKE, keys.GROUPS], args=[1500])
+            assert await survivor.next_assignment(timeout=5) == (rid, "2")
+
+            assert await append("1", 2, 2) == [0, b"running"]  # fenced: attempt 2 owns the run now
+            assert await append("0", 2, 2) == [0, b"running"]
+            # the zombie's run, waking up mid-generation, is fenced at its first write: nothing lands
+            zombie_run = Run(zombie, SimEngine(tokens_per_second=1000, prefill_ms=0), spec)
+            zombie_run.next_index = 2
+            outcome = await zombie_run.execute()
+            assert outcome.kind == "fenced" and outcome.detail == "running", outcome
+            assert int(await client.hget(keys.request(rid), "n")) == 2
+            assert await zombie.load(rid, "1") is None
+
+            assert (await survivor.append(rid, "2", 2, [tok(i) for i in range(2, 6)])).ok
+            assert await survivor.finish(rid, "2", outcome="done", detail="length", return_slot=True)
+            # the zombie's late finish only releases its slot: no second `done`, and repeating it
+            # (a retry after a lost reply) does not return a second ticket
+            assert not await zombie.finish(rid, "1", outcome="done", detail="length", return_slot=True)
+            assert not await zombie.finish(rid, "1", outcome="done", detail="length", return_slot=True)
+            assert int(await client.hget(keys.metric("fenced"), "default")) >= 3
+        finally:
+            await client.aclose()
+
+    try:
+        asyncio.run(scenario())
+        (rid,) = [k.split(":")[2] for k in r.keys("sg:r:*") if k.count(":") == 2]
+        events = list(sse(stack.base_url, f"/v1/requests/{rid}/events", timeout=10))
+        assert [e.event for e in events].count("done") == 1 and events[-1].event == "done"
+        assert [(e.event, e.data.get("reason")) for e in events if e.event == "preempted"] == [
+            ("preempted", "worker_lost")]
+        assert token_indices(events) == list(range(6))
+        assert token_text(events) == sim_text(prompt, 6)
+        assert sorted(r.lrange("sg:g:default:idle", 0, -1)) == ["default.survivor.2.bbbbbb", "default.zombie.1.aaaaaa"]
+    finally:
+        stack.stop()
+
+
+def test_a_paused_worker_wakes_up_fenced(redis_url: str, r: redis.Redis, tmp_path: Path) -> None:
+    """SIGSTOP a worker mid-stream until its lease lapses and the run resumes on the other worker,
+    then SIGCONT it: nothing it writes lands (no index twice, one `done`), and it re-offers its
+    slots (dispatch dropped its tickets while it was gone), so the ledger balances with both alive."""
+    settings = fast_settings(redis_url, sim_tokens_per_second=100.0, lease_seconds=1.5, heartbeat_seconds=0.3,
+                             slots=2)
+    stack = Stack(settings).start(workers=0)
+    workers = [WorkerProcess(settings, str(tmp_path / f"w{i}.log")) for i in range(2)]
+    try:
+        by_id = {w.registered(r): w for w in workers}
+        prompt = "sleeping beauty"
+        rid = submit(stack.base_url, "zombie", prompt=prompt, max_tokens=250)
+        listener = Listener(stack.base_url, rid)
+        started, _ = listener.first(lambda e: e.event == "started")
+        zombie = by_id[started.data["worker"]]
+        (survivor_id,) = set(by_id) - {zombie.worker_id}
+        listener.first(lambda e: e.event == "token" and e.data["index"] >= 30)
+
+        zombie.signal(signal.SIGSTOP)
+        try:
+            resumed, _ = listener.first(lambda e: e.event == "resumed", timeout=30)
+            assert resumed.data["worker"] == survivor_id
+            listener.first(lambda e: e.event == "token" and e.data["index"] >= resumed.data["index"] + 20)
+        finally:
+            zombie.signal(signal.SIGCONT)
+        events = listener.join(60)
+
+        assert token_indices(events) == list(range(250)), "the zombie's late write landed"
+        assert token_text(events) == sim_text(prompt, 250)
+        assert [e.event for e in events].count("done") == 1 and events[-1].event == "done"
+        assert [e.data["reason"] for e in events if e.event == "preempted"] == ["worker_lost"]
+        assert call("GET", f"{stack.base_url}/v1/requests/{rid}")[1]["tokens"] == 250
+
+        assert_tickets_balanced(r, expected_slots=4)  # the zombie is back with both its slots
+        assert zombie.proc.poll() is None and "had lapsed" in zombie.log_text()
+        fenced = int(r.hget("sg:m:fenced", "default") or 0)
+        print(f"\nlate writes fenced: {fenced} (0 when the control notice stopped the run before its next write)")
+        # and the zombie serves again
+        more = [submit(stack.base_url, f"again{i}", max_tokens=60) for i in range(4)]
+        ran_on = set()
+        for m in more:
+            tail = Listener(stack.base_url, m).join(30)
+            assert tail[-1].event == "done" and token_indices(tail) == list(range(60))
+            ran_on.update(e.data["worker"] for e in tail if e.event == "started")
+        assert ran_on == set(by_id)
+        assert_tickets_balanced(r, expected_slots=4)
+    finally:
+        for w in workers:
+            w.close()
+        stack.stop()

@@ -1,0 +1,176 @@
+"""The openai engine end to end: API -> scheduler -> worker -> OpenAIEngine -> a real sim-backend server.
+
+Failures are real: a backend that answers 503, one that is not listening yet (connection refused),
+one that is never there, one that cuts streams short. The sim-backend generates the sim engine's
+text, so every run is checked token by token against what the sim engine would have produced.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from sessions.runs import RunSpec
+from sluicegate.embedded import free_port
+from sluicegate.settings import Settings
+from tests.helpers import SseEvent, Stack, call, fast_settings, sse, submit, wait_for
+from tests.openai_helpers import ServerThread
+from workers.engines.openai import OpenAIEngine
+from workers.engines.sim import prompt_of, sim_text
+from workers.sim_backend import Faults, create_sim_backend
+
+MESSAGES = [{"role": "system", "content": "terse"}, {"role": "user", "content": "what does a sluice gate do?"}]
+
+
+@pytest.fixture
+def bare_stack(redis_url: str) -> Iterator[Stack]:
+    """API + scheduler, no worker: each test adds one with its own OpenAIEngine."""
+    running = Stack(fast_settings(redis_url)).start(workers=0)
+    yield running
+    running.stop()
+
+
+def engine_for(url: str, **options: Any) -> OpenAIEngine:
+    options = {"retries": 4, "backoff_initial": 0.02, "backoff_max": 0.2, "timeout": 10.0, **options}
+    return OpenAIEngine(url, **options)
+
+
+def ask(stack: Stack, session_id: str, max_tokens: int, **body: Any) -> str:
+    """Submit MESSAGES (the helpers' `submit` defaults to a prompt)."""
+    code, reply = call("POST", f"{stack.base_url}/v1/sessions/{session_id}/requests",
+                       {"messages": MESSAGES, "max_tokens": max_tokens, **body})
+    assert code == 202, reply
+    return str(reply["request_id"])
+
+
+def events_of(stack: Stack, rid: str) -> list[SseEvent]:
+    return list(sse(stack.base_url, f"/v1/requests/{rid}/events", timeout=30))
+
+
+def assert_tokens(events: list[SseEvent], expected_text: str, count: int) -> None:
+    tokens = [e.data for e in events if e.event == "token"]
+    assert [t["index"] for t in tokens] == list(range(count))  # every index once, in order
+    assert "".join(t["text"] for t in tokens) == expected_text
+
+
+def test_engine_body_maps_priority_params_and_resume() -> None:
+    engine = OpenAIEngine("http://127.0.0.1:1/v1/", models={"*": "m"})
+    run = RunSpec(request_id="r", attempt="1", session_id="s", group="g", tenant="t", priority=7, max_tokens=10,
+                  start_index=0, input_kind="m", input_text=json.dumps(MESSAGES),
+                  params={"temperature": 0.2, "stop": ["\n"], "model": "evil", "max_tokens": 999, "stream": False,
+                          "messages": [], "n": 3})
+    body = engine.body(run, "", "m")
+    assert body == {"temperature": 0.2, "stop": ["\n"], "model": "m", "messages": MESSAGES, "stream": True,
+                    "max_tokens": 10, "priority": 2}
+    resumed = engine.body(RunSpec(**{**run.__dict__, "start_index": 4, "priority": 0}), "a b c d ", "m")
+    assert resumed["messages"] == [*MESSAGES, {"role": "assistant", "content": "a b c d "}]
+    assert resumed["continue_final_message"] is True and resumed["add_generation_prompt"] is False
+    assert resumed["max_tokens"] == 6 and resumed["priority"] == 9
+    assert engine.base_url == "http://127.0.0.1:1/v1"
+    settings = Settings(engine="openai", backend_url="http://127.0.0.1:9/v1", backend_model="default=a,big=b",
+                        backend_retries=7, backend_timeout=3.0, backend_api_key="k")
+    configured = OpenAIEngine.from_settings(settings)
+    assert configured.models == {"default": "a", "big": "b"} and configured.retries == 7
+    assert configured.timeout == 3.0 and configured.headers["authorization"] == "Bearer k"
+    with pytest.raises(ValueError, match="backend-url"):
+        OpenAIEngine.from_settings(Settings(engine="openai"))
+
+
+def test_completes_with_the_sim_engine_text(bare_stack: Stack) -> None:
+    with ServerThread(create_sim_backend(2000.0, 0.0)) as backend:
+        bare_stack.add_worker(engine=engine_for(backend.url))  # no --backend-model: asks /v1/models
+        rids = [ask(bare_stack, f"s{i}", 15 + i, priority=7)
+                for i in range(5)]
+        for i, rid in enumerate(rids):
+            events = events_of(bare_stack, rid)
+            assert events[-1].event == "done" and events[-1].data["tokens"] == 15 + i
+            assert_tokens(events, sim_text(prompt_of(MESSAGES), 15 + i), 15 + i)
+        prompt_rid = submit(bare_stack.base_url, "p", prompt="hello", max_tokens=6)
+        assert_tokens(events_of(bare_stack, prompt_rid), sim_text("hello", 6), 6)
+
+
+def test_503s_before_the_first_token_are_retried(bare_stack: Stack) -> None:
+    with ServerThread(create_sim_backend(2000.0, 0.0, faults=Faults(fail_first=3))) as backend:
+        bare_stack.add_worker(engine=engine_for(backend.url, retries=5, models={"*": "sim"}))
+        rid = ask(bare_stack, "s", 8)
+        events = events_of(bare_stack, rid)
+        assert [e.event for e in events if e.event in ("preempted", "error")] == []  # retried inside the engine
+        assert_tokens(events, sim_text(prompt_of(MESSAGES), 8), 8)
+        assert call("GET", f"{bare_stack.base_url}/v1/requests/{rid}")[1]["attempts"] == 1
+
+
+def test_connection_refused_until_the_backend_starts(bare_stack: Stack) -> None:
+    port = free_port()
+    engine = engine_for(f"http://127.0.0.1:{port}/v1", retries=40, backoff_max=0.25, models={"*": "sim"})
+    bare_stack.add_worker(engine=engine)
+    rid = ask(bare_stack, "s", 10)
+    wait_for(lambda: call("GET", f"{bare_stack.base_url}/v1/requests/{rid}")[1]["status"] == "running",
+             what="the request to start")
+    time.sleep(0.3)  # the engine is retrying against a closed port
+    assert call("GET", f"{bare_stack.base_url}/v1/requests/{rid}")[1]["tokens"] == 0
+    with ServerThread(create_sim_backend(2000.0, 0.0), port=port):
+        events = events_of(bare_stack, rid)
+    assert events[-1].event == "done"
+    assert_tokens(events, sim_text(prompt_of(MESSAGES), 10), 10)
+
+
+def test_a_backend_that_never_answers_ends_the_request_with_an_error(bare_stack: Stack) -> None:
+    port = free_port()
+    bare_stack.add_worker(engine=engine_for(f"http://127.0.0.1:{port}/v1", retries=3, models={"*": "sim"}))
+    began = time.monotonic()
+    rid = ask(bare_stack, "s", 10)
+    events = events_of(bare_stack, rid)
+    assert time.monotonic() - began < 20  # liveness bound, not a benchmark
+    assert events[-1].event == "error"
+    message = events[-1].data["message"]
+    assert f"127.0.0.1:{port}" in message and "3 times" in message and "cannot connect" in message
+    status = call("GET", f"{bare_stack.base_url}/v1/requests/{rid}")[1]
+    assert status["status"] == "failed" and status["error"] == message and status["tokens"] == 0
+
+
+def test_a_4xx_is_permanent_and_not_retried(bare_stack: Stack) -> None:
+    faults = Faults(fail_first=1, fail_status=400)  # a retry would succeed: the request must fail anyway
+    with ServerThread(create_sim_backend(2000.0, 0.0, faults=faults)) as backend:
+        bare_stack.add_worker(engine=engine_for(backend.url, models={"*": "sim"}))
+        rid = ask(bare_stack, "s", 5)
+        events = events_of(bare_stack, rid)
+        assert events[-1].event == "error" and "HTTP 400" in events[-1].data["message"]
+        assert faults.requests == 1
+
+
+def test_a_stream_cut_after_tokens_resumes_from_the_tokens_so_far(bare_stack: Stack) -> None:
+    faults = Faults(break_streams=2, break_after=3)
+    with ServerThread(create_sim_backend(2000.0, 0.0, faults=faults)) as backend:
+        bare_stack.add_worker(engine=engine_for(backend.url, models={"*": "sim"}), backend_retries=4)
+        rid = ask(bare_stack, "s", 12)
+        events = events_of(bare_stack, rid)
+    names = [e.event for e in events]
+    assert names.count("preempted") == 2 and names.count("resumed") == 2 and names[-1] == "done"
+    preempted = [e.data for e in events if e.event == "preempted"]
+    assert [p["index"] for p in preempted] == [3, 6]
+    assert all(p["reason"] == "backend_error" and "after 3 tokens" in p["detail"] for p in preempted)
+    assert_tokens(events, sim_text(prompt_of(MESSAGES), 12), 12)  # the uninterrupted output, exactly once
+
+
+def test_a_stream_that_keeps_breaking_ends_with_an_error(bare_stack: Stack) -> None:
+    faults = Faults(break_streams=100, break_after=2)
+    with ServerThread(create_sim_backend(2000.0, 0.0, faults=faults)) as backend:
+        bare_stack.add_worker(engine=engine_for(backend.url, models={"*": "sim"}), backend_retries=2)
+        rid = ask(bare_stack, "s", 12)
+        events = events_of(bare_stack, rid)
+    assert [e.event for e in events].count("preempted") == 1  # handed back once, then out of retries
+    assert events[-1].event == "error" and "broke after 2 tokens" in events[-1].data["message"]
+    assert_tokens(events, sim_text(prompt_of(MESSAGES), 4), 4)
+
+
+def test_a_backend_without_priority_scheduling_still_serves(bare_stack: Stack) -> None:
+    with ServerThread(create_sim_backend(2000.0, 0.0, faults=Faults(reject_priority=True))) as backend:
+        engine = engine_for(backend.url, models={"*": "sim"})
+        bare_stack.add_worker(engine=engine)
+        rid = ask(bare_stack, "s", 5, priority=2)
+        assert_tokens(events_of(bare_stack, rid), sim_text(prompt_of(MESSAGES), 5), 5)
+        assert engine.send_priority is False

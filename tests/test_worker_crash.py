@@ -1,0 +1,139 @@
+"""Liveness: a worker that dies (kill -9) or loses its Redis connections loses nothing.
+
+After kill -9 mid-stream, the run's lease lapses, the scheduler's sweep requeues it (`preempted`,
+reason worker_lost) and it resumes on the surviving worker from the tokens so far: the client sees
+every token index once and the very text an uninterrupted run produces. The dead worker's slot
+tickets are reaped, so the ledger balances again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from pathlib import Path
+
+import redis
+from redis.asyncio import Redis as AsyncRedis
+
+from sessions import keys
+from sessions.runs import RunStore
+from tests.helpers import Stack, call, fast_settings, submit, wait_for
+from tests.worker_helpers import (
+    Listener,
+    WorkerProcess,
+    assert_tickets_balanced,
+    idle_tickets,
+    token_indices,
+    token_text,
+)
+from workers.engines.sim import sim_text
+
+
+def test_kill_9_mid_stream_resumes_on_the_other_worker(redis_url: str, r: redis.Redis, tmp_path: Path) -> None:
+    settings = fast_settings(redis_url, sim_tokens_per_second=100.0, lease_seconds=1.5, heartbeat_seconds=0.3,
+                             slots=2)
+    stack = Stack(settings).start(workers=0)  # API + scheduler (its sweep requeues expired leases)
+    workers = [WorkerProcess(settings, str(tmp_path / f"w{i}.log")) for i in range(2)]
+    try:
+        by_id = {w.registered(r): w for w in workers}
+        prompt = "what the river keeps"
+        rid = submit(stack.base_url, "crash", prompt=prompt, max_tokens=300)
+        listener = Listener(stack.base_url, rid)
+        started, _ = listener.first(lambda e: e.event == "started")
+        victim = by_id[started.data["worker"]]
+        (survivor_id,) = set(by_id) - {victim.worker_id}
+        listener.first(lambda e: e.event == "token" and e.data["index"] >= 40)
+
+        victim.signal(signal.SIGKILL)
+        killed_at = time.monotonic()
+        assert victim.wait(10) == -signal.SIGKILL
+        resumed, resumed_at = listener.first(lambda e: e.event == "resumed", timeout=30)
+        events = listener.join(60)
+        print(f"\ndead worker to resumed generation: {resumed_at - killed_at:.2f} s (lease 1.5 s)")
+        assert resumed_at - killed_at < 10
+
+        preempted = [e for e in events if e.event == "preempted"]
+        assert len(preempted) == 1 and preempted[0].data["reason"] == "worker_lost", preempted
+        assert resumed.data["worker"] == survivor_id
+        assert resumed.data["index"] == preempted[0].data["index"] >= 40
+        assert token_indices(events) == list(range(300)), "a token index is missing or doubled"
+        assert token_text(events) == sim_text(prompt, 300)
+        assert events[-1].event == "done" and events[-1].data["tokens"] == 300
+        assert [e.id for e in events] == sorted({e.id for e in events})
+        view = call("GET", f"{stack.base_url}/v1/requests/{rid}")[1]
+        assert view["status"] == "done" and view["tokens"] == 300
+
+        # the dead worker's tickets and inbox are reaped by the survivor's heartbeats
+        assert_tickets_balanced(r, expected_slots=2)
+        assert r.exists(f"sg:w:{victim.worker_id}:in") == 0
+        # and the survivor still serves: a new request runs to the end on it
+        more = submit(stack.base_url, "after", max_tokens=20)
+        tail = Listener(stack.base_url, more).join(30)
+        assert tail[-1].event == "done" and token_indices(tail) == list(range(20))
+        assert [e.data["worker"] for e in tail if e.event == "started"] == [survivor_id]
+    finally:
+        for w in workers:
+            w.close()
+        stack.stop()
+
+
+def _kill_connections(r: redis.Redis, name: str) -> int:
+    """Drop every connection a client opened under `name` (its BLPOP, pubsub and pool connections)."""
+    killed = 0
+    for client in r.client_list():
+        if client.get("name") == name:
+            killed += r.client_kill_filter(_id=client["id"])
+    return killed
+
+
+def test_worker_survives_its_connections_dropping(redis_url: str, r: redis.Redis) -> None:
+    """Kill all of a worker's Redis connections mid-stream (twice): the run completes gap-free, the
+    control channel comes back (a cancel still interrupts at once) and no slot ticket is lost."""
+    stack = Stack(fast_settings(redis_url, sim_tokens_per_second=100.0, slots=2)).start(workers=1)
+    try:
+        (wid,) = stack.workers
+        name = f"sluicegate-worker:{wid}"
+        rid = submit(stack.base_url, "blip", prompt="blip", max_tokens=150)
+        listener = Listener(stack.base_url, rid)
+        listener.first(lambda e: e.event == "token" and e.data["index"] >= 20)
+        assert _kill_connections(r, name) >= 2  # at least the inbox BLPOP and the control subscription
+        listener.first(lambda e: e.event == "token" and e.data["index"] >= 60)
+        assert _kill_connections(r, name) >= 2
+        events = listener.join(30)
+        assert events[-1].event == "done", events[-3:]
+        assert token_indices(events) == list(range(150))
+        assert token_text(events) == sim_text("blip", 150)
+
+        wait_for(lambda: r.pubsub_numsub(f"sg:w:{wid}:ctl")[0][1] == 1, what="the control channel to resubscribe")
+        long_rid = submit(stack.base_url, "blip2", prompt="long", max_tokens=5000)
+        wait_for(lambda: call("GET", f"{stack.base_url}/v1/requests/{long_rid}")[1]["tokens"] > 3,
+                 what="the long run")
+        assert call("DELETE", f"{stack.base_url}/v1/requests/{long_rid}")[0] == 200
+        worker = stack.workers[wid]
+        wait_for(lambda: not worker.runs, timeout=5, what="the worker to drop the cancelled run")
+        assert_tickets_balanced(r, expected_slots=2)
+    finally:
+        stack.stop()
+
+
+def test_tickets_of_a_vanished_worker_are_reaped(redis_url: str, r: redis.Redis) -> None:
+    """A worker that dies idle has no run whose lease could lapse, yet its tickets (and a stray
+    inbox) must not outlive it: the live workers' heartbeats reap them once its liveness lapses."""
+    stack = Stack(fast_settings(redis_url, slots=2)).start(api=False, workers=1)
+    ghost = "default.ghost.1.000000"
+
+    async def register_and_vanish() -> None:
+        client = AsyncRedis.from_url(redis_url)
+        store = RunStore(client, worker_id=ghost, group="default", lease_seconds=1.0, session_ttl=60)
+        await store.set_free_slots(3)
+        await client.rpush(keys.worker_inbox(ghost), "nothing|1")
+        await client.aclose()
+
+    try:
+        asyncio.run(register_and_vanish())
+        assert idle_tickets(r)[ghost] == 3
+        assert_tickets_balanced(r, expected_slots=2)
+        assert r.exists(keys.worker_inbox(ghost)) == 0 and not r.hexists("sg:workers", ghost)
+    finally:
+        stack.stop()
