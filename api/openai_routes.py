@@ -32,7 +32,6 @@ from api.requests_routes import check_session_id, submit_request
 from api.responses import JSON
 from api.schemas import NAME_PATTERN, ChatBody, SubmitBody, parse_priority
 from api.services import Services, principal, services
-from sessions import keys
 from sessions.events import Event
 from sessions.requests import NewRequest
 from sessions.stream import EventStream
@@ -131,20 +130,18 @@ def failure(event: Event) -> tuple[int, str, str]:
     return 502, "generation_failed", str(data.get("message") or "the generation failed")
 
 
-async def request_events(svc: Services, new: NewRequest, *, fresh_session: bool) -> AsyncIterator[list[Event]]:
-    """The request's events from its first one (a fresh session's log starts with it: no lookup)."""
-    first = 1 if fresh_session else int(await svc.redis.hget(keys.request(new.request_id), "fs") or 1)
+async def request_events(svc: Services, new: NewRequest, *, first: int) -> AsyncIterator[list[Event]]:
+    """The request's events from its first one (`first_event_id` of the submit)."""
     stream = EventStream(svc.store, svc.hub, new.session_id, after=first - 1, request_id=new.request_id,
                          idle_seconds=svc.settings.sse_ping_seconds)
     async for batch in stream.batches():
         yield batch
 
 
-async def sse_chunks(svc: Services, new: NewRequest, completion: Completion,
-                     fresh_session: bool) -> AsyncIterator[bytes]:
+async def sse_chunks(svc: Services, new: NewRequest, completion: Completion, first: int) -> AsyncIterator[bytes]:
     svc.open_streams += 1
     try:
-        async for batch in request_events(svc, new, fresh_session=fresh_session):
+        async for batch in request_events(svc, new, first=first):
             if not batch:
                 yield PING
                 continue
@@ -168,16 +165,15 @@ async def sse_chunks(svc: Services, new: NewRequest, completion: Completion,
 async def chat_completions(body: ChatBody, request: Request, who: Principal = Depends(principal)):
     svc = services(request)
     new = new_request(body, request, who)
-    fresh_session = "x-session-id" not in request.headers
-    await submit_request(request, who, new)
+    first = int((await submit_request(request, who, new))["first_event_id"])
     headers = {"X-Request-Id": new.request_id, "X-Session-Id": new.session_id}
     options = (body.model_extra or {}).get("stream_options")
     completion = Completion(new, body.model or new.group,
                             include_usage=isinstance(options, dict) and bool(options.get("include_usage")))
     if body.stream:
-        return StreamingResponse(sse_chunks(svc, new, completion, fresh_session), media_type="text/event-stream",
+        return StreamingResponse(sse_chunks(svc, new, completion, first), media_type="text/event-stream",
                                  headers={**headers, "Cache-Control": "no-store"})
-    async for batch in request_events(svc, new, fresh_session=fresh_session):
+    async for batch in request_events(svc, new, first=first):
         for event in batch:
             if event.name == "token":
                 completion.texts.append(completion.token_text(event))

@@ -1,0 +1,268 @@
+"""Property test: random interleavings of submit (random sessions, tenants, classes, groups), cancel, preemption
+(higher classes arriving with no free slot), token appends, finish, hand-back, lease expiry, heartbeats, clock
+ticks with aging and quota changes never lose, duplicate or reorder a session's requests, and every structure
+of the ready set stays consistent. The test plays the workers against the real scripts on a real Redis."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from sessions import keys
+from tests.sched_harness import Harness
+
+LEASE = 2000
+SLOTS = {"w0": ("g0", 1), "w1": ("g0", 1), "w2": ("g1", 2)}
+TERMINAL = {"done", "failed", "cancelled"}
+QUOTAS = [
+    {"requests_per_second": 5, "burst": 2},
+    {"tokens_per_second": 20, "burst_tokens": 8},
+    {"max_concurrency": 1},
+    {"requests_per_second": None, "tokens_per_second": None, "burst": None, "burst_tokens": None,
+     "max_concurrency": None},
+]
+
+pick = st.integers(0, 1000)
+OPS = st.one_of(
+    st.tuples(st.just("submit"), st.integers(0, 4), st.integers(0, 2), st.integers(0, 9), st.integers(0, 1),
+              st.integers(1, 4)),
+    st.tuples(st.just("cancel"), pick),
+    st.tuples(st.just("work"), pick, st.integers(1, 3)),
+    st.tuples(st.just("finish"), pick, st.sampled_from(["done", "done", "failed"])),
+    st.tuples(st.just("handback"), pick),
+    st.tuples(st.just("expire")),
+    st.tuples(st.just("heartbeat"), st.sampled_from(sorted(SLOTS))),
+    st.tuples(st.just("tick"), st.integers(0, 2000)),
+    st.tuples(st.just("quota"), st.integers(0, 1), st.integers(0, len(QUOTAS) - 1)),
+)
+
+
+@dataclass
+class Snapshot:
+    """Every sg:* key, read in one pipeline."""
+
+    requests: dict[str, dict[str, str]] = field(default_factory=dict)
+    queues: dict[str, list[str]] = field(default_factory=dict)
+    logs: dict[str, list[tuple[int, str, str, dict[str, Any]]]] = field(default_factory=dict)
+    zsets: dict[str, dict[str, float]] = field(default_factory=dict)
+    hashes: dict[str, dict[str, str]] = field(default_factory=dict)
+    lists: dict[str, list[str]] = field(default_factory=dict)
+
+    @classmethod
+    def take(cls, r: redis.Redis) -> Snapshot:
+        snap = cls()
+        names = sorted(r.keys("sg:*"))
+        pipe = r.pipeline(transaction=False)
+        readers = []
+        for name in names:
+            kind = r.type(name)
+            if kind == "hash":
+                pipe.hgetall(name)
+            elif kind == "list":
+                pipe.lrange(name, 0, -1)
+            elif kind == "zset":
+                pipe.zrange(name, 0, -1, withscores=True)
+            else:
+                continue
+            readers.append((name, kind))
+        for (name, kind), value in zip(readers, pipe.execute(), strict=True):
+            if m := re.fullmatch(r"sg:r:([^:]+)", name):
+                snap.requests[m[1]] = value
+            elif m := re.fullmatch(r"sg:s:([^:]+):q", name):
+                snap.queues[m[1]] = value
+            elif m := re.fullmatch(r"sg:s:([^:]+):l", name):
+                entries = [e.split("|", 3) for e in value]
+                snap.logs[m[1]] = [(int(s), ev, rid, json.loads(d)) for s, ev, rid, d in entries]
+            elif kind == "zset":
+                snap.zsets[name] = dict(value)
+            elif kind == "hash":
+                snap.hashes[name] = value
+            else:
+                snap.lists[name] = value
+        return snap
+
+
+def check(h: Harness, order: dict[str, list[str]]) -> Snapshot:
+    """The invariants, from one consistent read of the whole keyspace."""
+    snap = Snapshot.take(h.r)
+    req = snap.requests
+    # Session queues: submission order minus the terminal ones; one run per session; only heads run.
+    for sid, rids in order.items():
+        live = [x for x in rids if req[x]["st"] not in TERMINAL]
+        assert snap.queues.get(sid, []) == live, (sid, live)
+        assert sum(req[x]["st"] == "running" for x in rids) <= 1
+        assert all(req[x]["st"] == "queued" for x in live[1:]), "only a session's head runs or is preempted"
+    # The ready set: a session is in exactly one ready zset iff its head waits, the one of its head's
+    # group, effective class and tenant.
+    ready: dict[str, list[tuple[str, str, str]]] = defaultdict(list)
+    for name, members in snap.zsets.items():
+        if m := re.fullmatch(r"sg:g:([^:]+):c(\d+):(.+)", name):
+            for sid in members:
+                ready[sid].append((m[1], m[2], m[3]))
+    for sid in set(order) | set(ready):
+        live = snap.queues.get(sid, [])
+        head = req[live[0]] if live else None
+        if head is None or head["st"] == "running":
+            assert sid not in ready, (sid, ready.get(sid))
+        else:
+            assert head["st"] in ("queued", "preempted")
+            assert ready[sid] == [(head["g"], head["ep"], head["tn"])]
+    for group in ("g0", "g1"):
+        check_group(h, snap, group, ready)
+    # Runs: the run zset, the leases and the fake workers agree; nothing runs twice.
+    running = {rid for rid, f in req.items() if f["st"] == "running"}
+    assert set(snap.zsets.get(keys.LEASES, {})) == running
+    owners = Counter(run.rid for run in h.runs if not run.fenced and req[run.rid]["st"] == "running"
+                     and req[run.rid]["a"] == run.attempt)
+    assert set(owners) == running and all(n == 1 for n in owners.values()), "a running request has one owner"
+    for run in h.runs:
+        f = req[run.rid]
+        if f["st"] == "running" and f["a"] == run.attempt:
+            assert f["w"] == run.wid
+    # Slots are conserved: free tickets plus held runs = slots, per worker.
+    for wid, (group, slots) in SLOTS.items():
+        free = snap.lists.get(keys.group_key(group, "idle"), []).count(wid)
+        assert free + sum(run.wid == wid for run in h.runs) == slots, wid
+    # Exactly once, in order, and session order in the log.
+    for sid, rids in order.items():
+        log = snap.logs.get(sid, [])
+        assert [e[0] for e in log] == list(range(log[0][0], log[0][0] + len(log))) if log else True
+        for rid in rids:
+            assert [d["index"] for _, ev, x, d in log if x == rid and ev == "token"] == list(range(int(req[rid]["n"])))
+        first_start = {}
+        terminal_at = {}
+        for pos, (_, ev, x, _) in enumerate(log):
+            if ev == "started":
+                assert x not in first_start, "started twice"
+                first_start[x] = pos
+            if ev in ("done", "error", "cancelled"):
+                assert x not in terminal_at, "two terminal events"
+                terminal_at[x] = pos
+        for i, earlier in enumerate(rids):
+            for later in rids[i + 1:]:
+                if later in first_start:
+                    assert earlier in terminal_at and terminal_at[earlier] < first_start[later], (earlier, later)
+    return snap
+
+
+def check_group(h: Harness, snap: Snapshot, group: str, ready: dict[str, list[tuple[str, str, str]]]) -> None:
+    def z(suffix: str) -> dict[str, float]:
+        return snap.zsets.get(keys.group_key(group, suffix), {})
+
+    def hm(suffix: str) -> dict[str, str]:
+        return snap.hashes.get(keys.group_key(group, suffix), {})
+
+    per_class: Counter[str] = Counter()
+    per_tenant: Counter[str] = Counter()
+    tenants_in_class: dict[str, set[str]] = defaultdict(set)
+    sessions_in_class: dict[str, set[str]] = defaultdict(set)
+    for sid, places in ready.items():
+        for g, cls, tenant in places:
+            if g == group:
+                per_class[cls] += 1
+                per_tenant[tenant] += 1
+                tenants_in_class[cls].add(tenant)
+                sessions_in_class[cls].add(sid)
+    assert {k: int(v) for k, v in hm("cn").items()} == dict(per_class)
+    assert {k: int(v) for k, v in hm("btn").items()} == dict(per_tenant)
+    assert set(z("cls")) == set(per_class)
+    vtc = {t: float(v) for t, v in hm("vtc").items()}
+    assert z("bt") == {t: vtc[t] for t in per_tenant}
+    for cls in range(11):
+        assert z(f"c{cls}") == {t: vtc[t] for t in tenants_in_class.get(str(cls), set())}, cls
+        if cls < 10:
+            assert set(z(f"age{cls}")) == sessions_in_class.get(str(cls), set())
+    running = {rid for rid, f in snap.requests.items() if f["st"] == "running" and f["g"] == group}
+    assert set(z("run")) == running
+    held = {f"{run.rid}|{run.attempt}" for run in h.runs}
+    assert set(z("pre")) <= held, "a slot being freed belongs to a run a worker still holds"
+
+
+def apply(h: Harness, op: tuple[Any, ...], order: dict[str, list[str]], rids: list[str]) -> None:
+    name = op[0]
+    if name == "submit":
+        _, s, t, prio, g, mt = op
+        sid = f"s{s}"
+        rid = h.submit(sid, tenant=f"t{t}", priority=prio, group=f"g{g}", max_tokens=mt)
+        order.setdefault(sid, []).append(rid)
+        rids.append(rid)
+    elif name == "cancel" and rids:
+        reply = h.cancel(rids[op[1] % len(rids)])
+        assert reply[0] in ("cancelled", "terminal")
+    elif name in ("work", "finish", "handback") and h.runs:
+        run = h.runs[op[1] % len(h.runs)]
+        if name == "work":
+            room = int(h.r.hget(keys.request(run.rid), "mt") or 0) - run.next_index
+            if room > 0:
+                assert h.append(run, min(room, op[2]))[0] in (0, 1)
+        elif name == "finish":
+            h.finish(run, outcome=op[2])
+        else:
+            h.handback(run, reason="backend_error")
+    elif name == "expire":
+        h.advance(LEASE + 1)
+        h.sweep()
+    elif name == "heartbeat":
+        lost = set(h.heartbeat(op[1]))
+        owned = {f"{run.rid}|{run.attempt}" for run in h.runs if run.wid == op[1]
+                 and h.r.hget(keys.request(run.rid), "st") == "running"
+                 and h.r.hget(keys.request(run.rid), "a") == run.attempt}
+        assert lost == {f"{run.rid}|{run.attempt}" for run in h.runs if run.wid == op[1]} - owned
+    elif name == "tick":
+        h.advance(op[1])
+        h.sweep()
+    elif name == "quota":
+        h.quota(f"g{op[1]}", **QUOTAS[op[2]])
+        h.sweep()
+
+
+def drain(h: Harness, order: dict[str, list[str]], rids: list[str]) -> None:
+    """Lift the quotas and play well-behaved workers until every request has ended."""
+    for group in ("g0", "g1"):
+        h.quota(group, **QUOTAS[-1])
+    h.sweep()
+    for _ in range(500):
+        if not h.runs and all(h.status(x) in TERMINAL for x in rids):
+            break
+        for run in list(h.runs):
+            f = h.req(run.rid)
+            if f["st"] == "running" and f["a"] == run.attempt:
+                room = int(f["mt"]) - run.next_index
+                if room > 0:
+                    assert h.append(run, room)[0] == 1
+            h.finish(run)
+        h.advance(10)
+        h.sweep()
+        check(h, order)
+    snap = check(h, order)
+    assert all(snap.requests[x]["st"] in TERMINAL for x in rids), "a request never ended"
+    assert not h.runs
+    for group in ("g0", "g1"):
+        assert not any(name.startswith(keys.group_key(group, "c")) for name in snap.zsets), "ready set not empty"
+        assert not snap.zsets.get(keys.group_key(group, "run"))
+
+
+@settings(max_examples=60, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(ops=st.lists(OPS, min_size=1, max_size=40))
+def test_random_interleavings_keep_every_invariant(r: redis.Redis, ops: list[tuple[Any, ...]]) -> None:
+    r.flushall()
+    h = Harness(r, lease_ms=LEASE)
+    h.policy(min_run=0, max_pre=2, mw0=3, mw1=3, mw2=3, mw3=3, mw4=3)
+    for wid, (group, slots) in SLOTS.items():
+        h.add_worker(wid, group=group, slots=slots)
+    order: dict[str, list[str]] = {}
+    rids: list[str] = []
+    for op in ops:
+        apply(h, op, order, rids)
+        check(h, order)
+    drain(h, order, rids)
+    attempts = Counter((run.rid, run.attempt) for run in h.dispatched)
+    assert all(n == 1 for n in attempts.values()), "an attempt was dispatched twice"
