@@ -38,7 +38,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         pool = BlockingConnectionPool.from_url(settings.redis_url, max_connections=64, timeout=10,
                                                retry=Retry(NoBackoff(), 1))
         redis = Redis(connection_pool=pool)
-        hub = EventHub(redis)
+        hub = EventHub(settings.redis_url)
         await hub.start()
         app.state.services = Services(
             settings=settings, redis=redis, hub=hub, tuning=Tuning(redis),

@@ -6,10 +6,6 @@ import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 
-class BodyTooLarge(Exception):
-    pass
-
-
 class BodySizeLimit:
     """Pure ASGI middleware (streams stay untouched): checks Content-Length and counts chunked bodies."""
 
@@ -27,27 +23,31 @@ class BodySizeLimit:
                 return
         seen = 0
         started = False
+        rejected = False
 
         async def limited_receive() -> Message:
-            nonlocal seen
+            # Answer 413 here and tell the app the client left: raising instead would not work, as
+            # FastAPI turns any error while reading a body into its own 400.
+            nonlocal seen, rejected
             message = await receive()
-            if message["type"] == "http.request":
+            if message["type"] == "http.request" and not rejected:
                 seen += len(message.get("body", b""))
                 if seen > self.max_bytes:
-                    raise BodyTooLarge
+                    rejected = True
+                    if not started:
+                        await self._reject(send)
+                    return {"type": "http.disconnect"}
             return message
 
         async def tracking_send(message: Message) -> None:
             nonlocal started
+            if rejected and not started:
+                return  # the 413 is the answer; drop whatever the app says about the cut body
             if message["type"] == "http.response.start":
                 started = True
             await send(message)
 
-        try:
-            await self.app(scope, limited_receive, tracking_send)
-        except BodyTooLarge:
-            if not started:
-                await self._reject(send)
+        await self.app(scope, limited_receive, tracking_send)
 
     async def _reject(self, send: Send) -> None:
         body = orjson.dumps({"error": {"type": "payload_too_large",

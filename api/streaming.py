@@ -15,12 +15,14 @@ from sessions.stream import EventStream
 
 router = APIRouter()
 PING = b": ping\n\n"
+MAX_EVENT_ID = 2**53 - 1  # the scripts hold ids as Lua numbers (doubles): past this they are not exact
 
 
 def resume_cursor(request: Request) -> int:
-    raw = request.headers.get("last-event-id") or request.query_params.get("after") or "0"
-    if not raw.strip().isdigit():
-        raise ApiError(422, "Last-Event-ID / after must be an event id (a non-negative integer)")
+    raw = (request.headers.get("last-event-id") or request.query_params.get("after") or "0").strip()
+    # ASCII digits only: str.isdigit() also accepts "²", which int() rejects
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 16 and int(raw) <= MAX_EVENT_ID):
+        raise ApiError(422, f"Last-Event-ID / after must be an event id (an integer 0..{MAX_EVENT_ID})")
     return int(raw)
 
 
@@ -60,5 +62,5 @@ async def request_events(request_id: str, request: Request, who: Principal = Dep
     if not cursor:
         cursor = int(fields.get("fs", 1)) - 1
     stream = EventStream(svc.store, svc.hub, fields["sid"], after=cursor, request_id=request_id,
-                         idle_seconds=svc.settings.sse_ping_seconds)
+                         request_status=fields.get("st"), idle_seconds=svc.settings.sse_ping_seconds)
     return sse_response(svc, stream)

@@ -17,8 +17,12 @@ SCENARIOS: dict[str, str] = {
     "ttft": "ttft",
     "throughput": "throughput",
     "fanout": "fanout",
+    "recovery": "recovery",
+    "rq_cost": "rq_cost",
     "decision": "decision",
     "priority": "priority",
+    "fairness": "fairness",
+    "quota": "quota",
 }
 
 

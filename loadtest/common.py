@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import resource
+import shlex
 import shutil
 import signal
 import subprocess
@@ -71,9 +72,16 @@ def print_table(rows: list[dict[str, Any]], columns: list[str] | None = None) ->
         print("  ".join(fmt(row.get(c, "")).ljust(widths[c]) for c in columns))
 
 
+def invoked_command() -> str:
+    """The command line that ran this benchmark, in a form to paste again (no venv path)."""
+    program = Path(sys.argv[0]).name
+    prefix = "python -m loadtest.bench" if program == "bench.py" else program
+    return shlex.join([prefix, *sys.argv[1:]]).replace(shlex.quote(prefix), prefix, 1)
+
+
 def write_result(name: str, result: dict[str, Any], *, command: str | None = None) -> Path:
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    payload = {"scenario": name, "machine": machine(), "command": command or " ".join(sys.argv), **result}
+    payload = {"scenario": name, "machine": machine(), "command": command or invoked_command(), **result}
     path = RESULTS_DIR / f"{name}.json"
     path.write_text(json.dumps(payload, indent=2, default=str))
     print(f"wrote {path.relative_to(ROOT)}")

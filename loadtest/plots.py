@@ -31,7 +31,7 @@ def _save(plt: Any, fig: Any, name: str) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
-    print(f"wrote {path.relative_to(ROOT)}")
+    print(f"wrote {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
     return path
 
 
@@ -64,39 +64,45 @@ def priority_wait(series: Mapping[str, Sequence[tuple[float, float]]], name: str
     plt = _pyplot()
     if plt is None:
         return None
-    fig, ax = plt.subplots(figsize=(7, 3.8))
+    fig, ax = plt.subplots(figsize=(7.5, 3.8))
+    top = max((p[1] for points in series.values() for p in points), default=10.0)
     for label, points in series.items():
         if points:
             ax.scatter([p[0] for p in points], [p[1] for p in points], s=6, alpha=0.6, label=label)
     for x, text in marks:
         ax.axvline(x, color="grey", linestyle=":")
-        ax.annotate(text, (x, 1), textcoords="offset points", xytext=(3, 0), fontsize=8, color="grey",
+        ax.annotate(text, (x, 1), textcoords="offset points", xytext=(3, -3), fontsize=8, color="grey",
                     xycoords=("data", "axes fraction"), va="top")
     ax.set_yscale("symlog", linthresh=10)
-    ax.set_xlabel("submitted at (s since phase start)")
+    ax.set_ylim(0, top * 3)
+    ax.set_xlabel("submitted at (s since the first phase started)")
     ax.set_ylabel("wait to start (ms)")
     ax.set_title(title)
-    ax.legend(fontsize=8, markerscale=2)
+    ax.legend(fontsize=8, markerscale=2, loc="upper left", bbox_to_anchor=(1.01, 1), title="priority")
     ax.grid(alpha=0.3)
     return _save(plt, fig, name)
 
 
-def fairness_share(times: Sequence[float], shares: Mapping[str, Sequence[float]], targets: Mapping[str, float],
-                   name: str = "fairness_share.png", title: str = "Token share by tenant over time") -> Path | None:
-    """Per-window token share of each tenant (lines) against its weight share (dashed)."""
+def fairness_share(panels: Sequence[tuple[str, Sequence[float], Mapping[str, Sequence[float]]]],
+                   targets: Mapping[str, float], name: str = "fairness_share.png",
+                   title: str = "Token share by tenant over time") -> Path | None:
+    """One panel per run (label, times, {tenant: shares}): each tenant's share per window (lines)
+    against its weight share (dashed)."""
     plt = _pyplot()
     if plt is None:
         return None
-    fig, ax = plt.subplots(figsize=(7, 3.8))
+    fig, axes = plt.subplots(len(panels), 1, figsize=(7, 1.2 + 2.4 * len(panels)), sharex=True, squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for i, (tenant, values) in enumerate(shares.items()):
-        color = colors[i % len(colors)]
-        ax.plot(times, values, "-", color=color, label=tenant)
-        ax.axhline(targets[tenant], color=color, linestyle="--", alpha=0.5)
-    ax.set_ylim(0, max([*targets.values(), 0.1]) * 1.3)
-    ax.set_xlabel("time (s)")
-    ax.set_ylabel("share of output tokens")
-    ax.set_title(title)
-    ax.legend(fontsize=8, ncol=len(shares))
-    ax.grid(alpha=0.3)
+    for ax, (label, times, shares) in zip(axes[:, 0], panels, strict=True):
+        for i, (tenant, values) in enumerate(shares.items()):
+            color = colors[i % len(colors)]
+            ax.plot(times, values, "-", color=color, label=tenant)
+            ax.axhline(targets[tenant], color=color, linestyle="--", alpha=0.5)
+        ax.set_ylim(0, max([*targets.values(), 0.1]) * 1.3)
+        ax.set_ylabel("token share")
+        ax.set_title(label, fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0, 0].legend(fontsize=8, ncol=len(targets), loc="upper left")
+    axes[-1, 0].set_xlabel("time (s)")
+    fig.suptitle(title, fontsize=10)
     return _save(plt, fig, name)

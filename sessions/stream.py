@@ -17,14 +17,18 @@ from sessions.events import Event
 from sessions.hub import EventHub
 from sessions.store import SessionStore
 
+FIRST_PAGE = 100  # small, so a resume sends its first event without reading the whole backlog first
 PAGE = 1000
+ENDED = ("done", "failed", "cancelled")
 
 
 class EventStream:
     """Yields batches of events of one session (optionally one request) after an exclusive cursor."""
 
     def __init__(self, store: SessionStore, hub: EventHub, session_id: str, *, after: int = 0,
-                 request_id: str | None = None, idle_seconds: float = 15.0) -> None:
+                 request_id: str | None = None, request_status: str | None = None,
+                 idle_seconds: float = 15.0) -> None:
+        """`request_status`: the request's status if the caller has just read it (saves a read)."""
         self.store = store
         self.hub = hub
         self.session_id = session_id
@@ -32,6 +36,7 @@ class EventStream:
         self.request_id = request_id
         self.idle_seconds = idle_seconds
         self.finished = False
+        self.request_status = request_status
 
     def _keep(self, events: list[Event]) -> list[Event]:
         """Events past the cursor (and of the request, for a request stream), up to its terminal one."""
@@ -47,38 +52,46 @@ class EventStream:
                     break
         return kept
 
-    async def _backlog(self) -> AsyncIterator[list[Event]]:
+    async def _backlog(self, page: int = PAGE) -> AsyncIterator[list[Event]]:
         while not self.finished:
-            _, events = await self.store.read_events(self.session_id, self.cursor, PAGE)
+            _, events = await self.store.read_events(self.session_id, self.cursor, page)
             kept = self._keep(events)
             if kept:
                 yield kept
-            if len(events) < PAGE:
+            if len(events) < page:
                 return
+            page = PAGE
 
     async def batches(self) -> AsyncIterator[list[Event]]:
         """Batches of events; an empty batch means `idle_seconds` passed without one (send a ping)."""
         if self.request_id is not None:
-            fields = await self.store.request_fields(self.request_id)
-            if fields is None or fields.get("st") in ("done", "failed", "cancelled"):
+            status = self.request_status
+            if status is None:
+                fields = await self.store.request_fields(self.request_id)
+                status = fields.get("st") if fields else None
+            if status is None or status in ENDED:
                 # Ended: its terminal event is already in the log, so the log alone is the whole answer.
-                async for batch in self._backlog():
+                async for batch in self._backlog(FIRST_PAGE):
                     yield batch
                 return
         reader = await self.hub.join(self.session_id)
         try:
-            async for batch in self._backlog():
+            async for batch in self._backlog(FIRST_PAGE):
                 yield batch
             while not self.finished:
                 try:
                     live = await asyncio.wait_for(reader.queue.get(), self.idle_seconds)
                 except TimeoutError:
-                    yield []
-                    continue
-                if reader.overflowed or (live and live[0].seq > self.cursor + 1):
+                    live = None
+                if live is None or reader.overflowed or (live and live[0].seq > self.cursor + 1):
+                    # Idle, overflowed or a gap: the log is the truth (a publish may have been missed).
                     reader.overflowed = False
+                    sent = False
                     async for batch in self._backlog():
+                        sent = True
                         yield batch
+                    if live is None and not sent:
+                        yield []
                     continue
                 kept = self._keep(live)
                 if kept:

@@ -91,11 +91,15 @@ class Harness:
     def collect(self) -> list[Run]:
         """Pop every worker inbox (oldest first) and hold the new assignments."""
         new: list[Run] = []
-        for wid, group in self.workers.items():
-            while (item := self.r.rpop(keys.worker_inbox(wid))) is not None:
+        pipe = self.r.pipeline(transaction=True)
+        for wid in self.workers:
+            pipe.lrange(keys.worker_inbox(wid), 0, -1)
+            pipe.delete(keys.worker_inbox(wid))
+        inboxes = pipe.execute()[::2]
+        for (wid, group), items in zip(self.workers.items(), inboxes, strict=True):
+            for item in reversed(items):  # LPUSHed: the oldest is last
                 rid, _, attempt = item.rpartition("|")
-                run = Run(rid, attempt, wid, group, int(self.r.hget(keys.request(rid), "n") or 0))
-                new.append(run)
+                new.append(Run(rid, attempt, wid, group, int(self.r.hget(keys.request(rid), "n") or 0)))
         self.runs.extend(new)
         self.dispatched.extend(new)
         return new
@@ -136,7 +140,9 @@ class Harness:
     def heartbeat(self, wid: str) -> list[str]:
         """Renew the worker and the leases of the runs it holds; returns the runs it no longer owns."""
         held = [f"{run.rid}|{run.attempt}" for run in self.runs if run.wid == wid]
-        return list(self.scripts.heartbeat(keys=[keys.worker(wid)], args=[self.worker_lease_ms, wid, *held]))
+        reply = self.scripts.heartbeat(keys=[keys.worker(wid)],
+                                       args=[self.worker_lease_ms, wid, self.workers[wid], "live", *held])
+        return list(reply[1:])
 
     def handback(self, run: Run, reason: str = "worker_shutdown", return_slot: bool = True) -> list[Any]:
         self.runs.remove(run)

@@ -14,7 +14,7 @@ from redis.asyncio import Redis as AsyncRedis
 
 from sessions.runs import RunSpec, RunStore
 from tests.helpers import Stack, call, fast_settings, sse, submit, wait_for
-from tests.worker_helpers import Listener, assert_tickets_balanced, token_indices
+from tests.worker_helpers import Listener, assert_tickets_balanced, on_loop, token_indices
 from workers.engines.sim import SimEngine
 from workers.runner import token_data
 
@@ -112,9 +112,10 @@ def test_cancel_a_running_request_stops_it_within_a_token(redis_url: str, r: red
 
 
 def test_cancel_interrupts_a_hung_generation_at_once(redis_url: str, r: redis.Redis) -> None:
-    """The engine hangs after one token: only the control channel can stop it before its next write."""
+    """The engine hangs after one token and heartbeats are rare: only the control channel can stop
+    the run before its next write would be fenced (minutes away)."""
     probe = Probe(SimEngine(tokens_per_second=400.0, prefill_ms=0), stall_prompt="hang")
-    stack = Stack(fast_settings(redis_url, slots=1)).start(workers=0)
+    stack = Stack(fast_settings(redis_url, slots=1, lease_seconds=120.0, heartbeat_seconds=60.0)).start(workers=0)
     try:
         base = stack.base_url
         stack.add_worker(engine=probe, slots=1)
@@ -146,28 +147,22 @@ def test_cancel_while_the_finish_is_in_flight_keeps_the_ticket(redis_url: str, r
     """The run produced its last token and its worker is about to call `finish` when the cancel
     lands: the late finish only releases the slot (one ticket back, never two, never none)."""
     stack = Stack(fast_settings(redis_url)).start(scheduler=False, workers=0)
-
-    async def scenario() -> None:
-        client = AsyncRedis.from_url(redis_url)
-        worker = RunStore(client, worker_id="default.late.1.cccccc", group="default", lease_seconds=30,
-                          session_ttl=60)
-        try:
-            await worker.set_free_slots(1)
-            rid = submit(stack.base_url, "late", max_tokens=3)
-            assert await worker.next_assignment(timeout=5) == (rid, "1")
-            assert (await worker.append(rid, "1", 0, [token_data(rid, i, "x ") for i in range(3)])).ok
-            assert call("DELETE", f"{stack.base_url}/v1/requests/{rid}")[0] == 200
-            assert r.llen("sg:g:default:idle") == 0  # the worker has not let go yet
-            assert not await worker.finish(rid, "1", outcome="done", detail="length", return_slot=True)
-            assert not await worker.finish(rid, "1", outcome="done", detail="length", return_slot=True)
-            assert r.lrange("sg:g:default:idle", 0, -1) == ["default.late.1.cccccc"]
-            assert status(stack.base_url, rid)["status"] == "cancelled"
-            nxt = submit(stack.base_url, "late2", max_tokens=3)  # and the slot takes work again
-            assert await worker.next_assignment(timeout=5) == (nxt, "1")
-        finally:
-            await client.aclose()
-
+    run = on_loop(stack)
+    client = AsyncRedis.from_url(redis_url)  # used on the stack's loop only
+    worker = RunStore(client, worker_id="default.late.1.cccccc", group="default", lease_seconds=30, session_ttl=60)
     try:
-        asyncio.run(scenario())
+        run(worker.set_free_slots(1))
+        rid = submit(stack.base_url, "late", max_tokens=3)
+        assert run(worker.next_assignment(timeout=5)) == (rid, "1")
+        assert run(worker.append(rid, "1", 0, [token_data(rid, i, "x ") for i in range(3)])).ok
+        assert call("DELETE", f"{stack.base_url}/v1/requests/{rid}")[0] == 200
+        assert r.llen("sg:g:default:idle") == 0  # the worker has not let go yet
+        assert not run(worker.finish(rid, "1", outcome="done", detail="length", return_slot=True))
+        assert not run(worker.finish(rid, "1", outcome="done", detail="length", return_slot=True))
+        assert r.lrange("sg:g:default:idle", 0, -1) == ["default.late.1.cccccc"]
+        assert status(stack.base_url, rid)["status"] == "cancelled"
+        nxt = submit(stack.base_url, "late2", max_tokens=3)  # and the slot takes work again
+        assert run(worker.next_assignment(timeout=5)) == (nxt, "1")
     finally:
+        run(client.aclose())
         stack.stop()

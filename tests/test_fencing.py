@@ -4,7 +4,6 @@ old attempt with {0, status} and a wrong start index with {-1, expected index}."
 
 from __future__ import annotations
 
-import asyncio
 import signal
 from pathlib import Path
 
@@ -15,7 +14,7 @@ from sessions import keys
 from sessions.runs import RunStore
 from sessions.scripts import Scripts
 from tests.helpers import Stack, call, fast_settings, sse, submit
-from tests.worker_helpers import Listener, WorkerProcess, assert_tickets_balanced, token_indices, token_text
+from tests.worker_helpers import Listener, WorkerProcess, assert_tickets_balanced, on_loop, token_indices, token_text
 from workers.engines.sim import SimEngine, prompt_seed, sim_text, sim_token
 from workers.runner import Run, token_data
 
@@ -24,65 +23,61 @@ def test_append_rejects_an_old_attempt_and_a_wrong_index(redis_url: str, r: redi
     """The scripts directly, with the test playing two workers: a zombie that lost its run and the
     survivor that resumed it."""
     stack = Stack(fast_settings(redis_url)).start(scheduler=False, workers=0)  # the API only
+    run = on_loop(stack)
+    client = AsyncRedis.from_url(redis_url)  # used on the stack's loop only
+    scripts = Scripts(client)
+    zombie = RunStore(client, worker_id="default.zombie.1.aaaaaa", group="default", lease_seconds=30, session_ttl=60)
+    survivor = RunStore(client, worker_id="default.survivor.2.bbbbbb", group="default", lease_seconds=30,
+                        session_ttl=60)
     prompt = "fenced in"
     seed = prompt_seed(prompt)
-
-    async def scenario() -> None:
-        client = AsyncRedis.from_url(redis_url)
-        scripts = Scripts(client)
-        zombie = RunStore(client, worker_id="default.zombie.1.aaaaaa", group="default", lease_seconds=30,
-                          session_ttl=60)
-        survivor = RunStore(client, worker_id="default.survivor.2.bbbbbb", group="default", lease_seconds=30,
-                            session_ttl=60)
-        try:
-            await zombie.set_free_slots(1)
-            rid = submit(stack.base_url, "fence", prompt=prompt, max_tokens=6)
-            assert await zombie.next_assignment(timeout=5) == (rid, "1")
-            spec = await zombie.load(rid, "1")
-            assert spec is not None and spec.start_index == 0
-
-            def tok(i: int) -> str:
-                return token_data(rid, i, sim_token(seed, i))
-
-            def append(attempt: str, first: int, *indices: int) -> object:
-                return scripts.append(keys=[keys.request(rid)], args=[rid, attempt, first, *map(tok, indices)])
-
-            assert (await zombie.append(rid, "1", 0, [tok(0), tok(1)])).ok
-            assert await append("1", 5, 5) == [-1, 2]  # a gap
-            assert await append("1", 1, 1) == [-1, 2]  # an overlap
-            # the zombie's own batch resent after a lost reply is recognised, not written twice
-            assert (await zombie.append(rid, "1", 0, [tok(0), tok(1)])).ok
-            assert int(await client.hget(keys.request(rid), "n")) == 2
-
-            # the zombie's lease lapses (it was paused); the sweep requeues the run onto the survivor
-            await survivor.set_free_slots(1)
-            await client.zadd(keys.LEASES, {rid: 0})
-            await scripts.sweep(keys=[keys.LEASES, keys.WAKE, keys.GROUPS], args=[1500])
-            assert await survivor.next_assignment(timeout=5) == (rid, "2")
-
-            assert await append("1", 2, 2) == [0, b"running"]  # fenced: attempt 2 owns the run now
-            assert await append("0", 2, 2) == [0, b"running"]
-            # the zombie's run, waking up mid-generation, is fenced at its first write: nothing lands
-            zombie_run = Run(zombie, SimEngine(tokens_per_second=1000, prefill_ms=0), spec)
-            zombie_run.next_index = 2
-            outcome = await zombie_run.execute()
-            assert outcome.kind == "fenced" and outcome.detail == "running", outcome
-            assert int(await client.hget(keys.request(rid), "n")) == 2
-            assert await zombie.load(rid, "1") is None
-
-            assert (await survivor.append(rid, "2", 2, [tok(i) for i in range(2, 6)])).ok
-            assert await survivor.finish(rid, "2", outcome="done", detail="length", return_slot=True)
-            # the zombie's late finish only releases its slot: no second `done`, and repeating it
-            # (a retry after a lost reply) does not return a second ticket
-            assert not await zombie.finish(rid, "1", outcome="done", detail="length", return_slot=True)
-            assert not await zombie.finish(rid, "1", outcome="done", detail="length", return_slot=True)
-            assert int(await client.hget(keys.metric("fenced"), "default")) >= 3
-        finally:
-            await client.aclose()
-
     try:
-        asyncio.run(scenario())
-        (rid,) = [k.split(":")[2] for k in r.keys("sg:r:*") if k.count(":") == 2]
+        run(zombie.set_free_slots(1))
+        rid = submit(stack.base_url, "fence", prompt=prompt, max_tokens=6)
+        assert run(zombie.next_assignment(timeout=5)) == (rid, "1")
+        spec = run(zombie.load(rid, "1"))
+        assert spec is not None and spec.start_index == 0
+
+        def tok(i: int) -> str:
+            return token_data(rid, i, sim_token(seed, i))
+
+        def append(attempt: str, first: int, *indices: int) -> object:
+            return run(scripts.append(keys=[keys.request(rid)], args=[rid, attempt, first, *map(tok, indices)]))
+
+        def produced() -> int:
+            return int(r.hget(keys.request(rid), "n"))
+
+        assert run(zombie.append(rid, "1", 0, [tok(0), tok(1)])).ok
+        assert append("1", 5, 5) == [-1, 2]  # a gap
+        assert append("1", 1, 1) == [-1, 2]  # an overlap
+        # the zombie's own batch resent after a lost reply is recognised, not written twice
+        assert run(zombie.append(rid, "1", 0, [tok(0), tok(1)])).ok
+        assert produced() == 2
+
+        # the zombie's lease lapses (it was paused); the sweep requeues the run onto the survivor
+        run(survivor.set_free_slots(1))
+        r.zadd(keys.LEASES, {rid: 0})
+        run(scripts.sweep(keys=[keys.LEASES, keys.WAKE, keys.GROUPS], args=[1500]))
+        assert run(survivor.next_assignment(timeout=5)) == (rid, "2")
+
+        assert append("1", 2, 2) == [0, b"running"]  # fenced: attempt 2 owns the run now
+        assert append("0", 2, 2) == [0, b"running"]
+        # the zombie's run, waking up mid-generation, is fenced at its first write: nothing lands
+        zombie_run = Run(zombie, SimEngine(tokens_per_second=1000, prefill_ms=0), spec)
+        zombie_run.next_index = 2
+        outcome = run(zombie_run.execute())
+        assert outcome.kind == "fenced" and outcome.detail == "running", outcome
+        assert produced() == 2
+        assert run(zombie.load(rid, "1")) is None
+
+        assert run(survivor.append(rid, "2", 2, [tok(i) for i in range(2, 6)])).ok
+        assert run(survivor.finish(rid, "2", outcome="done", detail="length", return_slot=True))
+        # the zombie's late finish only releases its slot: no second `done`, and repeating it
+        # (a retry after a lost reply) does not return a second ticket
+        assert not run(zombie.finish(rid, "1", outcome="done", detail="length", return_slot=True))
+        assert not run(zombie.finish(rid, "1", outcome="done", detail="length", return_slot=True))
+        assert int(r.hget(keys.metric("fenced"), "default")) >= 3
+
         events = list(sse(stack.base_url, f"/v1/requests/{rid}/events", timeout=10))
         assert [e.event for e in events].count("done") == 1 and events[-1].event == "done"
         assert [(e.event, e.data.get("reason")) for e in events if e.event == "preempted"] == [
@@ -91,6 +86,7 @@ def test_append_rejects_an_old_attempt_and_a_wrong_index(redis_url: str, r: redi
         assert token_text(events) == sim_text(prompt, 6)
         assert sorted(r.lrange("sg:g:default:idle", 0, -1)) == ["default.survivor.2.bbbbbb", "default.zombie.1.aaaaaa"]
     finally:
+        run(client.aclose())
         stack.stop()
 
 

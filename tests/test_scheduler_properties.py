@@ -12,14 +12,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from sessions import keys
 from tests.sched_harness import Harness
 
 LEASE = 2000
-SLOTS = {"w0": ("g0", 1), "w1": ("g0", 1), "w2": ("g1", 2)}
+SLOTS = {"w0": ("g0", 1), "w1": ("g1", 1), "w2": ("g1", 2)}
 TERMINAL = {"done", "failed", "cancelled"}
 QUOTAS = [
     {"requests_per_second": 5, "burst": 2},
@@ -30,18 +30,36 @@ QUOTAS = [
 ]
 
 pick = st.integers(0, 1000)
-OPS = st.one_of(
-    st.tuples(st.just("submit"), st.integers(0, 4), st.integers(0, 2), st.integers(0, 9), st.integers(0, 1),
-              st.integers(1, 4)),
-    st.tuples(st.just("cancel"), pick),
-    st.tuples(st.just("work"), pick, st.integers(1, 3)),
-    st.tuples(st.just("finish"), pick, st.sampled_from(["done", "done", "failed"])),
-    st.tuples(st.just("handback"), pick),
-    st.tuples(st.just("expire")),
-    st.tuples(st.just("heartbeat"), st.sampled_from(sorted(SLOTS))),
-    st.tuples(st.just("tick"), st.integers(0, 2000)),
-    st.tuples(st.just("quota"), st.integers(0, 1), st.integers(0, len(QUOTAS) - 1)),
-)
+STEPS = {
+    "submit": st.tuples(st.just("submit"), st.integers(0, 5), st.integers(0, 2), st.integers(0, 9),
+                        st.integers(0, 1), st.integers(1, 4)),
+    "work": st.tuples(st.just("work"), pick, st.integers(1, 3)),
+    "finish": st.tuples(st.just("finish"), pick, st.sampled_from(["done", "done", "failed"])),
+    "cancel": st.tuples(st.just("cancel"), pick),
+    "handback": st.tuples(st.just("handback"), pick),
+    "expire": st.tuples(st.just("expire")),
+    "heartbeat": st.tuples(st.just("heartbeat"), st.sampled_from(sorted(SLOTS))),
+    "tick": st.tuples(st.just("tick"), st.integers(0, 2000)),
+    "quota": st.tuples(st.just("quota"), st.integers(0, 1), st.integers(0, len(QUOTAS) - 1)),
+}
+MIX = ["submit"] * 8 + ["work"] * 4 + ["finish"] * 4 + ["cancel", "cancel", "handback", "expire", "heartbeat",
+                                                          "tick", "tick", "quota", "quota"]
+OPS = st.sampled_from(MIX).flatmap(STEPS.__getitem__)
+
+
+# One read of the whole keyspace (metrics and prompts aside), atomic and cheap to parse.
+SNAPSHOT_LUA = """
+local out = {}
+for _, name in ipairs(redis.call('KEYS', 'sg:*')) do
+  if not string.find(name, '^sg:m:') and not string.find(name, ':in$') then
+    local kind = redis.call('TYPE', name)['ok']
+    if kind == 'hash' then out[name] = { 'h', redis.call('HGETALL', name) }
+    elseif kind == 'list' then out[name] = { 'l', redis.call('LRANGE', name, 0, -1) }
+    elseif kind == 'zset' then out[name] = { 'z', redis.call('ZRANGE', name, 0, -1, 'WITHSCORES') } end
+  end
+end
+return cjson.encode(out)
+"""
 
 
 @dataclass
@@ -58,21 +76,14 @@ class Snapshot:
     @classmethod
     def take(cls, r: redis.Redis) -> Snapshot:
         snap = cls()
-        names = sorted(r.keys("sg:*"))
-        pipe = r.pipeline(transaction=False)
-        readers = []
-        for name in names:
-            kind = r.type(name)
-            if kind == "hash":
-                pipe.hgetall(name)
-            elif kind == "list":
-                pipe.lrange(name, 0, -1)
-            elif kind == "zset":
-                pipe.zrange(name, 0, -1, withscores=True)
+        for name, (kind, flat) in json.loads(r.eval(SNAPSHOT_LUA, 0)).items():
+            flat = flat or []  # cjson encodes an empty table as {}
+            if kind == "h":
+                value: Any = dict(zip(flat[::2], flat[1::2], strict=True))
+            elif kind == "z":
+                value = {m: float(v) for m, v in zip(flat[::2], flat[1::2], strict=True)}
             else:
-                continue
-            readers.append((name, kind))
-        for (name, kind), value in zip(readers, pipe.execute(), strict=True):
+                value = flat
             if m := re.fullmatch(r"sg:r:([^:]+)", name):
                 snap.requests[m[1]] = value
             elif m := re.fullmatch(r"sg:s:([^:]+):q", name):
@@ -80,9 +91,9 @@ class Snapshot:
             elif m := re.fullmatch(r"sg:s:([^:]+):l", name):
                 entries = [e.split("|", 3) for e in value]
                 snap.logs[m[1]] = [(int(s), ev, rid, json.loads(d)) for s, ev, rid, d in entries]
-            elif kind == "zset":
-                snap.zsets[name] = dict(value)
-            elif kind == "hash":
+            elif kind == "z":
+                snap.zsets[name] = value
+            elif kind == "h":
                 snap.hashes[name] = value
             else:
                 snap.lists[name] = value
@@ -251,7 +262,7 @@ def drain(h: Harness, order: dict[str, list[str]], rids: list[str]) -> None:
 
 @settings(max_examples=60, deadline=None, database=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-@given(ops=st.lists(OPS, min_size=1, max_size=40))
+@given(ops=st.lists(OPS, min_size=20, max_size=60))
 def test_random_interleavings_keep_every_invariant(r: redis.Redis, ops: list[tuple[Any, ...]]) -> None:
     r.flushall()
     h = Harness(r, lease_ms=LEASE)
@@ -266,3 +277,10 @@ def test_random_interleavings_keep_every_invariant(r: redis.Redis, ops: list[tup
     drain(h, order, rids)
     attempts = Counter((run.rid, run.attempt) for run in h.dispatched)
     assert all(n == 1 for n in attempts.values()), "an attempt was dispatched twice"
+    snap = Snapshot.take(r)  # what the example exercised (pytest --hypothesis-show-statistics)
+    for log in snap.logs.values():
+        for _, ev, _, data in log:
+            if ev in ("preempted", "resumed", "cancelled", "error"):
+                event(f"{ev}:{data.get('reason', '')}" if ev == "preempted" else ev)
+    if any(f.get("ep") == "10" for f in snap.requests.values()):
+        event("aged")

@@ -8,7 +8,6 @@ tickets are reaped, so the ledger balances again.
 
 from __future__ import annotations
 
-import asyncio
 import signal
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ from tests.worker_helpers import (
     WorkerProcess,
     assert_tickets_balanced,
     idle_tickets,
+    on_loop,
     token_indices,
     token_text,
 )
@@ -121,19 +121,15 @@ def test_tickets_of_a_vanished_worker_are_reaped(redis_url: str, r: redis.Redis)
     """A worker that dies idle has no run whose lease could lapse, yet its tickets (and a stray
     inbox) must not outlive it: the live workers' heartbeats reap them once its liveness lapses."""
     stack = Stack(fast_settings(redis_url, slots=2)).start(api=False, workers=1)
+    run = on_loop(stack)
     ghost = "default.ghost.1.000000"
-
-    async def register_and_vanish() -> None:
-        client = AsyncRedis.from_url(redis_url)
-        store = RunStore(client, worker_id=ghost, group="default", lease_seconds=1.0, session_ttl=60)
-        await store.set_free_slots(3)
-        await client.rpush(keys.worker_inbox(ghost), "nothing|1")
-        await client.aclose()
-
+    client = AsyncRedis.from_url(redis_url)  # used on the stack's loop only
     try:
-        asyncio.run(register_and_vanish())
+        run(RunStore(client, worker_id=ghost, group="default", lease_seconds=1.0, session_ttl=60).set_free_slots(3))
+        r.rpush(keys.worker_inbox(ghost), "nothing|1")
         assert idle_tickets(r)[ghost] == 3
         assert_tickets_balanced(r, expected_slots=2)
         assert r.exists(keys.worker_inbox(ghost)) == 0 and not r.hexists("sg:workers", ghost)
     finally:
+        run(client.aclose())
         stack.stop()

@@ -3,6 +3,7 @@ the slot-ticket ledger check. Real Valkey and real processes only."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -10,13 +11,13 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
-from typing import IO
+from collections.abc import Callable, Coroutine
+from typing import IO, Any
 
 import redis
 
 from sluicegate.settings import Settings
-from tests.helpers import ROOT, SseEvent, sse, wait_for
+from tests.helpers import ROOT, SseEvent, Stack, sse, wait_for
 
 TERMINAL = ("done", "error", "cancelled")
 
@@ -156,3 +157,16 @@ def assert_tickets_balanced(r: redis.Redis, group: str = "default", *, expected_
     except AssertionError as error:
         tickets, slots = seen[0]
         raise AssertionError(f"{error}: idle tickets {dict(tickets)} != live slots {dict(slots)}") from None
+
+
+def on_loop(stack: Stack) -> Callable[..., Any]:
+    """Run a coroutine on the stack's event loop and wait for its result, from the test thread.
+
+    Tests drive async clients (RunStore, Run) through the stack's one loop rather than asyncio.run:
+    it stays correct even when something (gevent via an imported locust) turned threads into
+    greenlets that share asyncio's notion of the running loop."""
+
+    def run(coro: Coroutine[Any, Any, Any], timeout: float = 30) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, stack.loop).result(timeout)
+
+    return run

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
+import shutil
 import time
 from typing import Any
 
@@ -87,10 +88,12 @@ async def ping_rtt(redis: Redis, n: int = 500) -> float:
     return percentile(times, 50)
 
 
-async def evalsha_usec(redis: Redis) -> int:
-    """Total server time spent in EVALSHA so far (INFO commandstats, microseconds)."""
+async def evalsha_usec(redis: Redis) -> tuple[int, int]:
+    """Server time spent in EVALSHA so far (INFO commandstats, microseconds), and the number of
+    commands run other than EVALSHA and INFO (those a script ran, when nothing else runs)."""
     stats = await redis.info("commandstats")
-    return int(stats.get("cmdstat_evalsha", {}).get("usec", 0))
+    inner = sum(int(v["calls"]) for k, v in stats.items() if k not in ("cmdstat_evalsha", "cmdstat_info"))
+    return int(stats.get("cmdstat_evalsha", {}).get("usec", 0)), inner
 
 
 async def measure(redis: Redis, filler: Filler, workers: dict[str, RunStore], samples: int,
@@ -100,14 +103,17 @@ async def measure(redis: Redis, filler: Filler, workers: dict[str, RunStore], sa
     groups = list(workers)
     rtts: list[float] = []
     server: list[float] = []
+    calls: list[int] = []
     dispatched = 0
     for i in range(samples):
         store = workers[groups[i % len(groups)]]
-        before = await evalsha_usec(redis)
+        usec, inner = await evalsha_usec(redis)
         t0 = time.perf_counter()
         started = await store.set_free_slots(1)
         rtts.append(time.perf_counter() - t0 - baseline)
-        server.append((await evalsha_usec(redis) - before) / 1000)
+        usec_after, inner_after = await evalsha_usec(redis)
+        server.append((usec_after - usec) / 1000)
+        calls.append(inner_after - inner)
         dispatched += started
         assignment = await store.next_assignment(timeout=0.001) if started else None
         if assignment is not None:
@@ -116,7 +122,8 @@ async def measure(redis: Redis, filler: Filler, workers: dict[str, RunStore], sa
     return {"queued": depth, "samples": len(server), "dispatched": dispatched,
             "p50_ms": percentile(server, 50), "p99_ms": percentile(server, 99), "max_ms": max(server, default=0.0),
             "rtt_p50_ms": percentile(rtts, 50) * 1000, "rtt_p99_ms": percentile(rtts, 99) * 1000,
-            "ping_ms": baseline * 1000}
+            "ping_ms": baseline * 1000, "commands": percentile(calls, 50),
+            "us_per_command": round(percentile(server, 50) * 1000 / max(1, percentile(calls, 50)), 2)}
 
 
 async def scenario(args: argparse.Namespace) -> dict[str, Any]:
@@ -146,6 +153,7 @@ async def scenario(args: argparse.Namespace) -> dict[str, Any]:
         await redis.aclose()
     finally:
         server.stop()
+        shutil.rmtree(server.data_dir, ignore_errors=True)  # scratch_server() leaves its temp dir behind
     return {"rows": rows}
 
 
@@ -160,7 +168,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     rows = result["rows"]
     print("\nScheduling decision (register one slot -> one dispatch), server-side EVALSHA time:")
     print_table(rows, ["queued", "samples", "p50_ms", "p99_ms", "max_ms", "rtt_p50_ms", "rtt_p99_ms", "ping_ms",
-                       "used_memory_mb"])
+                       "commands", "us_per_command", "used_memory_mb"])
+    print("(commands: Redis commands the decision script ran, median; us_per_command: p50 time / commands)")
     at_100k = next((r for r in rows if r["queued"] == 100_000), None)
     flat = max(r["p99_ms"] for r in rows) / max(min(r["p99_ms"] for r in rows), 1e-9)
     result["targets"] = {"p99_at_100k_ms": at_100k and at_100k["p99_ms"], "p99_at_100k_ok":

@@ -98,7 +98,8 @@ class OpenLoop:
     """Poisson arrivals at `rate` per second for `seconds`, each request in a session of its own.
 
     `make` returns (body, tags) for the n-th arrival; submissions run concurrently (bounded), so a
-    slow reply never delays the next arrival.
+    slow reply never delays the next arrival. Failed submits are kept in `errors` (more than 1%
+    fails the run).
     """
 
     http: aiohttp.ClientSession
@@ -109,6 +110,7 @@ class OpenLoop:
     rng: random.Random
     prefix: str = "ol"
     in_flight: int = 256
+    note_progress: bool = True
     submitted: list[Submitted] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
 
@@ -130,12 +132,14 @@ class OpenLoop:
             tasks.add(task)
             task.add_done_callback(tasks.discard)
             n += 1
-            if at - last_note >= 10:
+            if self.note_progress and at - last_note >= 10:
                 last_note = at
                 progress(f"  {at:.0f}/{self.seconds:.0f} s, {n} submitted")
         await asyncio.gather(*tasks)
-        if self.errors:
-            raise RuntimeError(f"{len(self.errors)} submits failed, first: {self.errors[0]}")
+        if self.errors:  # reported, not fatal: a figure under overload should say how many were refused
+            progress(f"  {len(self.errors)} of {n} submits failed, first: {self.errors[0]}")
+        if len(self.errors) > 0.01 * max(n, 1):
+            raise RuntimeError(f"{len(self.errors)} of {n} submits failed, first: {self.errors[0]}")
         return self.submitted
 
     async def _one(self, sid: str, body: dict[str, Any], tags: dict[str, Any], started: float,

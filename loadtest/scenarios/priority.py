@@ -3,8 +3,8 @@
 Against `sluicegate serve` (sim engine, 2 workers x 8 slots by default).
 (i) Every slot runs 1-second low-priority jobs (priority 2, with a backlog behind them); a
     high-priority request (7) arrives every ~0.5 s, `--repeats` times. Measured per arrival, on the
-    client: submit -> `started` event and submit -> first token (SSE), and on the server clock
-    started_at - submitted_at. Target: it starts within 100 ms, every time.
+    server clock started_at - submitted_at (target: within 100 ms, every time), and on the client
+    submit -> `started` event and submit -> first token (these add the POST reply and the SSE connect).
 (ii) Open-loop Poisson arrivals of short jobs with a priority mix (default 60% low, 30% normal, 10%
     high), first at 0.5x then at 3x the group's capacity, each for `--seconds`. Per priority: wait
     (started_at - submitted_at) and time to first token (first_token_at - submitted_at), both on
@@ -92,7 +92,9 @@ async def high_under_full_load(args: argparse.Namespace, base: str, http: aiohtt
                "submit_to_started": stats([s["started_ms"] for s in samples]),
                "submit_to_first_token": stats([s["first_token_ms"] for s in samples]),
                "server_wait": stats([s["server_wait_ms"] for s in samples])}
-    summary["target_ok"] = summary["submit_to_started"]["max_ms"] <= 100
+    # The target is on the server clock (the scheduler's part); the client columns add this client's
+    # POST reply and SSE connect on a shared machine.
+    summary["target_ok"] = summary["server_wait"]["max_ms"] <= 100
     return {"summary": summary, "samples": samples}
 
 
@@ -103,7 +105,8 @@ async def overload(args: argparse.Namespace, base: str, http: aiohttp.ClientSess
     mix = [(int(p), float(w)) for p, w in (part.split(":") for part in args.mix.split(","))]
     rng = random.Random(args.seed)
     loads = [float(x) for x in args.loads.split(",")]
-    levels = []
+    levels, boundaries = [], []
+    errors: dict[str, int] = {}
     t_origin = time.monotonic()
     for load in loads:
         progress(f"(ii) {load}x capacity: {load * cap:.1f} req/s for {args.seconds:.0f} s (capacity {cap:.1f}/s)")
@@ -114,8 +117,10 @@ async def overload(args: argparse.Namespace, base: str, http: aiohttp.ClientSess
                     {"priority": priority, "load": load})
 
         started = time.monotonic()
+        boundaries.append((started - t_origin, f"{load}x"))
         loop = OpenLoop(http, base, load * cap, args.seconds, make, rng, prefix=f"l{load}")
         submitted = await loop.run(started)
+        errors[str(load)] = len(loop.errors)
         for s in submitted:
             s.at += started - t_origin
         await asyncio.sleep(2.0)  # let the last high-priority arrivals start
@@ -140,7 +145,7 @@ async def overload(args: argparse.Namespace, base: str, http: aiohttp.ClientSess
         bucket["wait"].append(wait)
         if view["first_token_at"] is not None:
             bucket["ttft"].append((view["first_token_at"] - view["submitted_at"]) * 1000)
-        label = f"{NAMES.get(s.tags['priority'], 'p')} ({s.tags['priority']})"
+        label = f"{s.tags['priority']} {NAMES.get(s.tags['priority'], '')}"
         series.setdefault(label, []).append((s.at, wait))
     for (load, priority), b in sorted(by_key.items()):
         w, t = stats(b["wait"]), stats(b["ttft"])
@@ -150,11 +155,11 @@ async def overload(args: argparse.Namespace, base: str, http: aiohttp.ClientSess
     high = {row["load"]: row for row in rows if row["priority"] == args.high}
     lo, hi = min(loads), max(loads)
     ratio = high[hi]["ttft_p99_ms"] / high[lo]["ttft_p99_ms"] if lo in high and hi in high else float("nan")
-    boundaries = [(args.seconds * i, f"{load}x") for i, load in enumerate(loads)]
     summary = {"capacity_per_s": cap, "slots": slots, "rows": rows, "high_ttft_p99_ratio": ratio,
                "high_wait_p99_ms": {str(k): v["wait_p99_ms"] for k, v in high.items()},
-               "target_ok": ratio <= 1.5, "submitted": {str(load): len(s) for load, s in levels}}
-    return {"summary": summary, "series": series, "boundaries": boundaries}
+               "target_ok": ratio <= 1.5, "submitted": {str(load): len(s) for load, s in levels},
+               "submit_errors": errors}
+    return {"summary": summary, "series": dict(sorted(series.items(), reverse=True)), "boundaries": boundaries}
 
 
 async def scenario(args: argparse.Namespace) -> dict[str, Any]:
@@ -181,14 +186,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
               f"arrivals saw every slot busy):")
         print_table([{"measure": k, **v} for k, v in s.items() if isinstance(v, dict)],
                     ["measure", "n", "p50_ms", "p99_ms", "max_ms"])
-        print(f"target: starts within 100 ms every time -> {'met' if s['target_ok'] else 'NOT met'}")
+        print(f"target: starts within 100 ms every time (server clock: started_at - submitted_at) -> "
+              f"{'met' if s['target_ok'] else 'NOT met'}")
     if "ii" in result:
         s = result["ii"]["summary"]
         print(f"\n(ii) open-loop load, capacity {s['capacity_per_s']:.1f} req/s ({s['slots']} slots):")
         print_table(s["rows"])
         print(f"high-priority TTFT p99 at {args.loads.split(',')[-1]}x / at {args.loads.split(',')[0]}x = "
               f"{s['high_ttft_p99_ratio']:.2f} (target <= 1.5) -> {'met' if s['target_ok'] else 'NOT met'}; "
-              f"high wait p99 (ms) by load: {json.dumps(s['high_wait_p99_ms'])}")
+              f"high wait p99 (ms) by load: {json.dumps(s['high_wait_p99_ms'])}; submits refused by load: "
+              f"{json.dumps(s['submit_errors'])}")
         plots.priority_wait(result["ii"]["series"], marks=result["ii"]["boundaries"],
                             title=f"Wait by priority: {args.loads.replace(',', 'x then ')}x capacity")
     write_result("priority", {k: {kk: vv for kk, vv in v.items() if kk != "series"} for k, v in result.items()})

@@ -1,0 +1,60 @@
+"""rq presence: a `sluicegate worker` process is an rq worker of queue `sluicegate.<group>` in rq's
+registry (what `rq info` and rq-dashboard show operators), kept there by its heartbeats, and gone
+after a graceful shutdown. Requests themselves never become rq jobs."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from datetime import datetime
+from pathlib import Path
+
+import redis
+from rq import Worker as RqWorker
+
+from tests.helpers import fast_settings, wait_for
+from tests.worker_helpers import WorkerProcess
+
+
+def rq_worker(url: str, name: str) -> RqWorker | None:
+    connection = redis.Redis.from_url(url)
+    try:
+        return next((w for w in RqWorker.all(connection=connection) if w.name == name), None)
+    finally:
+        connection.close()
+
+
+def test_worker_process_is_listed_by_rq_while_alive(redis_url: str, r: redis.Redis, tmp_path: Path) -> None:
+    settings = fast_settings(redis_url, group="gpu-a", slots=2, heartbeat_seconds=0.3)
+    worker = WorkerProcess(settings, str(tmp_path / "worker.log"))
+    try:
+        wid = _registered_in(r, worker, "gpu-a")
+        listed = wait_for(lambda: rq_worker(redis_url, wid), timeout=10, what="the worker in rq's registry")
+        assert listed.queue_names() == ["sluicegate.gpu-a"]
+        assert listed.get_state() == "idle"
+        first: datetime = listed.last_heartbeat
+        wait_for(lambda: (w := rq_worker(redis_url, wid)) is not None and w.last_heartbeat > first, timeout=10,
+                 what="an rq heartbeat")
+        assert 0 < r.ttl(listed.key) <= 70  # kept alive by heartbeats, gone soon after they stop
+
+        rq_cli = shutil.which("rq", path=os.path.dirname(sys.executable))
+        if rq_cli:  # the operators' view
+            shown = subprocess.run([rq_cli, "info", "-W", "-u", redis_url], capture_output=True, text=True, timeout=30)
+            assert wid in shown.stdout and "sluicegate.gpu-a" in shown.stdout, shown.stdout + shown.stderr
+
+        worker.signal(signal.SIGTERM)
+        assert worker.wait(15) == 0
+        assert rq_worker(redis_url, wid) is None
+        assert not r.hexists("sg:workers", wid)
+    finally:
+        worker.close()
+
+
+def _registered_in(r: redis.Redis, worker: WorkerProcess, group: str) -> str:
+    wid = worker.registered(r)
+    assert r.hget("sg:workers", wid) == f"{group}|2" and wid.startswith(f"{group}.")
+    assert r.lrange(f"sg:g:{group}:idle", 0, -1) == [wid, wid]
+    return wid
