@@ -35,7 +35,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # One immediate retry on a fresh connection: after a Redis restart every pooled connection
         # is dead and redis-py gives pool-built clients no retry, so each would fail one call (503).
         # The restarted server never saw that command, so it still runs once.
-        pool = BlockingConnectionPool.from_url(settings.redis_url, max_connections=64, timeout=10,
+        # Commands hold a connection only while they run (SSE readers share the hub's connection), so
+        # the pool bounds concurrency without being a queue; a wait past `timeout` is a 503.
+        pool = BlockingConnectionPool.from_url(settings.redis_url, max_connections=256, timeout=20,
                                                retry=Retry(NoBackoff(), 1))
         redis = Redis(connection_pool=pool)
         hub = EventHub(settings.redis_url)

@@ -16,7 +16,7 @@ from sessions.scripts import Scripts
 
 @dataclass(frozen=True)
 class SubmitResult:
-    outcome: str  # "ok" | "forbidden" | "exists"
+    outcome: str  # "ok" | "forbidden"
     request_id: str
     first_event_id: int = 0
 

@@ -181,6 +181,7 @@ def test_preempted_request_keeps_its_place(r: redis.Redis) -> None:
     second = h.submit("a", priority=9)  # same session: waits for `first` whatever its class
     h.advance(5)
     other = h.submit("b", priority=2)
+    h.advance(5)
     h.append(h.run_of(first), 3)
     high = h.submit("h", priority=8, tenant="u")
     assert h.status(first) == "preempted" and h.status(second) == "queued"

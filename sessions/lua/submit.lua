@@ -9,10 +9,12 @@
 -- ARGV[6] priority   ARGV[7] max_tokens   ARGV[8] input (prompt text or messages JSON)
 -- ARGV[9] input kind ("p" prompt | "m" messages)   ARGV[10] params JSON   ARGV[11] input tokens
 -- ARGV[12] owner to enforce ("" = none)
--- Returns {"ok", seq of the queued event} or {"forbidden", owner} / {"exists"}.
+-- Returns {"ok", seq of the queued event} or {"forbidden", owner}.
 local lease = tonumber(ARGV[1])
 local rid, sid, tenant, group, prio = ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
-if redis.call('EXISTS', KEYS[1]) == 1 then return { 'exists' } end
+-- Request ids are 72 random bits: an existing one is this very submission, replayed by a client
+-- retry after a lost reply. Answer as the first time did, without storing it twice.
+if redis.call('EXISTS', KEYS[1]) == 1 then return { 'ok', redis.call('HGET', KEYS[1], 'fs') } end
 local owner = redis.call('HGET', KEYS[2], 'tn')
 if ARGV[12] ~= '' and owner and owner ~= ARGV[12] then return { 'forbidden', owner } end
 local now = clock()
