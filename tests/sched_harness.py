@@ -4,12 +4,16 @@ through `sg:clock`, so that every decision happens at an exact, repeatable momen
 
 from __future__ import annotations
 
+import asyncio
 import json
 from dataclasses import dataclass
 from typing import Any
 
 import redis
+from redis.asyncio import ConnectionPool as AsyncConnectionPool
+from redis.asyncio import Redis as AsyncRedis
 
+from scheduler.admin import Tuning
 from sessions import keys
 from sessions.scripts import Scripts, script_source
 
@@ -66,19 +70,16 @@ class Harness:
         self.r.hset(keys.TENANT_WEIGHTS, tenant, value)
 
     def quota(self, group: str, **fields: float | None) -> None:
-        """The same writes as scheduler.admin.Tuning.set_quota (None removes a field = unlimited)."""
-        cfg = keys.group_key(group, "cfg")
-        to_set = {k: v for k, v in fields.items() if v is not None}
-        to_clear = [k for k, v in fields.items() if v is None]
-        if to_set:
-            self.r.hset(cfg, mapping=to_set)  # type: ignore[arg-type]
-        if to_clear:
-            self.r.hdel(cfg, *to_clear)
-        if "requests_per_second" in to_clear:
-            self.r.hdel(keys.group_key(group, "qs"), "tat")
-        if "tokens_per_second" in to_clear:
-            self.r.hdel(keys.group_key(group, "qs"), "lvl", "at")
-        self.r.sadd(keys.GROUPS, group)
+        """Through the admin code path (scheduler.admin.Tuning.set_quota): None removes a field = unlimited."""
+
+        async def set_quota() -> None:
+            client = AsyncRedis(connection_pool=AsyncConnectionPool(**self.r.connection_pool.connection_kwargs))
+            try:
+                await Tuning(client).set_quota(group, fields)
+            finally:
+                await client.aclose(close_connection_pool=True)
+
+        asyncio.run(set_quota())
 
     # -- the worker's side -----------------------------------------------------------------------
     def add_worker(self, wid: str, group: str = "default", slots: int = 1) -> int:

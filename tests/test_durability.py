@@ -89,9 +89,9 @@ def test_running_processes_survive_a_server_restart(server: EmbeddedServer) -> N
         time.sleep(0.2)  # past the backlog read: the client now waits on live events only
 
         crash_and_restart(server)
-        # every subscriber comes back: the API hub (its process channel and the session's) and the
-        # worker's control channel (instant preempt/cancel)
-        for channel in ("sg:hub", "sg:e:live", f"sg:w:{wid}:ctl"):
+        # every subscriber comes back: the API hub (the session's channel) and the worker's control
+        # channel (instant preempt/cancel)
+        for channel in ("sg:e:live", f"sg:w:{wid}:ctl"):
             wait_for(lambda channel=channel: client.pubsub_numsub(channel)[0][1] == 1, timeout=15,
                      interval=0.1, what=f"a subscriber on {channel} after the restart")
         wait_for(lambda: client.exists(f"sg:w:{wid}"), timeout=10, what="the worker's heartbeat")

@@ -7,6 +7,7 @@ subprocess here, never inside the pytest process.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -19,7 +20,9 @@ import redis
 
 from tests.helpers import ROOT, Stack
 
-pytest.importorskip("locust")
+# find_spec, not importorskip: importing locust here would patch this process's threads with gevent
+if importlib.util.find_spec("locust") is None:
+    pytest.skip("locust is not installed (the `load` extra)", allow_module_level=True)
 
 LOCUSTFILE = os.path.join(ROOT, "loadtest", "locustfile.py")
 

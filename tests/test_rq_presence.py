@@ -45,6 +45,11 @@ def test_worker_process_is_listed_by_rq_while_alive(redis_url: str, r: redis.Red
             shown = subprocess.run([rq_cli, "info", "-W", "-u", redis_url], capture_output=True, text=True, timeout=30)
             assert wid in shown.stdout and "sluicegate.gpu-a" in shown.stdout, shown.stdout + shown.stderr
 
+        # rq's registration lost (say Redis restarted empty): the next rq beat registers again
+        r.delete(listed.key)
+        r.srem("rq:workers", listed.key)
+        wait_for(lambda: rq_worker(redis_url, wid) is not None, timeout=10, what="the rq registration to come back")
+
         worker.signal(signal.SIGTERM)
         assert worker.wait(15) == 0
         assert rq_worker(redis_url, wid) is None

@@ -184,7 +184,7 @@ def check_group(h: Harness, snap: Snapshot, group: str, ready: dict[str, list[tu
     assert {k: int(v) for k, v in hm("cn").items()} == dict(per_class)
     assert {k: int(v) for k, v in hm("btn").items()} == dict(per_tenant)
     assert set(z("cls")) == set(per_class)
-    vtc = {t: float(v) for t, v in hm("vtc").items()}
+    vtc = defaultdict(float, {t: float(v) for t, v in hm("vtc").items()})  # never charged = 0
     assert z("bt") == {t: vtc[t] for t in per_tenant}
     for cls in range(11):
         assert z(f"c{cls}") == {t: vtc[t] for t in tenants_in_class.get(str(cls), set())}, cls

@@ -24,15 +24,15 @@ from workers.engines.sim import sim_text
 
 def test_sigterm_finishes_short_runs_and_hands_back_long_ones(redis_url: str, r: redis.Redis,
                                                                tmp_path: Path) -> None:
-    grace = 2.0
+    grace = 3.0
     settings = fast_settings(redis_url, sim_tokens_per_second=100.0, slots=4, shutdown_grace_seconds=grace)
     stack = Stack(settings).start(workers=0)
     leaving = WorkerProcess(settings, str(tmp_path / "leaving.log"))
     try:
         base = stack.base_url
         wid = leaving.registered(r)
-        short = submit(base, "short", prompt="short one", max_tokens=120)  # ~1.2 s: fits in the grace
-        longs = {submit(base, f"long{i}", prompt=f"long one {i}", max_tokens=500): f"long one {i}" for i in range(2)}
+        short = submit(base, "short", prompt="short one", max_tokens=200)  # ~2 s: fits in the grace
+        longs = {submit(base, f"long{i}", prompt=f"long one {i}", max_tokens=600): f"long one {i}" for i in range(2)}
         listeners = {rid: Listener(base, rid) for rid in [short, *longs]}
         for listener in listeners.values():
             started, _ = listener.first(lambda e: e.event == "started")
@@ -50,13 +50,13 @@ def test_sigterm_finishes_short_runs_and_hands_back_long_ones(redis_url: str, r:
 
         events = listeners[short].join(30)  # finished within the grace, on the worker it started on
         assert [e.event for e in events if e.event in ("preempted", "resumed")] == []
-        assert events[-1].event == "done" and token_indices(events) == list(range(120))
+        assert events[-1].event == "done" and token_indices(events) == list(range(200))
         for rid, prompt in longs.items():  # handed back, resumed on the survivor, nothing lost
             events = listeners[rid].join(30)
             assert [e.data["reason"] for e in events if e.event == "preempted"] == ["worker_shutdown"]
             assert [e.data["worker"] for e in events if e.event == "resumed"] == [survivor]
-            assert events[-1].event == "done" and token_indices(events) == list(range(500))
-            assert token_text(events) == sim_text(prompt, 500)
+            assert events[-1].event == "done" and token_indices(events) == list(range(600))
+            assert token_text(events) == sim_text(prompt, 600)
         assert_tickets_balanced(r, expected_slots=4)
     finally:
         leaving.close()

@@ -39,6 +39,7 @@ from workers.runner import Run
 log = logging.getLogger(__name__)
 
 REDIS_DOWN = (RedisConnectionError, RedisTimeoutError)
+SOCKET_TIMEOUT = 15.0  # well above the inbox's 1 s blocking pop and any script's run time
 
 
 def new_worker_id(group: str) -> str:
@@ -52,8 +53,10 @@ class Worker:
         self.settings = settings
         self.engine = engine or make_engine(settings)
         self.worker_id = worker_id or new_worker_id(settings.group)
-        # Named connections: `CLIENT LIST` shows which worker holds which connection.
-        self.redis = Redis.from_url(settings.redis_url, client_name=f"sluicegate-worker:{self.worker_id}")
+        # Named connections: `CLIENT LIST` shows which worker holds which connection. Timeouts: a
+        # half-open connection must fail (and reconnect) rather than hang the heartbeats forever.
+        self.redis = Redis.from_url(settings.redis_url, client_name=f"sluicegate-worker:{self.worker_id}",
+                                    socket_timeout=SOCKET_TIMEOUT, socket_connect_timeout=5, socket_keepalive=True)
         self.store = RunStore(self.redis, worker_id=self.worker_id, group=settings.group,
                               lease_seconds=settings.lease_seconds, session_ttl=settings.session_ttl)
         self.presence = (RqPresence(settings.redis_url, group=settings.group, worker_id=self.worker_id,
@@ -71,11 +74,15 @@ class Worker:
     # ---- lifecycle ---------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
         if self.presence is not None:
-            await asyncio.to_thread(self.presence.birth)
+            try:
+                await asyncio.to_thread(self.presence.birth)
+            except Exception as error:  # rq is the operators' view, not the work: its next beat retries
+                log.warning("worker %s: rq registration failed: %s", self.worker_id, error)
         pubsub = self.redis.pubsub()
         await pubsub.subscribe(keys.worker_control(self.worker_id))  # before any run can be dispatched here
         control = asyncio.create_task(self._control_loop(pubsub))
         heartbeat = asyncio.create_task(self._heartbeat_loop())
+        presence = asyncio.create_task(self._presence_loop())
         try:
             await self.store.set_free_slots(self.settings.slots, self.settings.slots)
         except REDIS_DOWN as error:
@@ -88,7 +95,7 @@ class Worker:
             await stop.wait()
         finally:
             await self._shutdown(inbox)
-            for task in (control, heartbeat):
+            for task in (control, heartbeat, presence):
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
@@ -104,14 +111,14 @@ class Worker:
         """Stop taking work, let runs finish within the grace period, hand the rest back."""
         self.stopping = True
         with contextlib.suppress(Exception):
-            await self.store.set_free_slots(0)  # no ticket left: nothing new is dispatched here
-        with contextlib.suppress(Exception):
             await self.store.wake_inbox()
-        try:
-            await asyncio.wait_for(inbox, timeout=5)  # it hands back what arrives meanwhile, then exits
+        try:  # the inbox loop exits first, so that no resync of its can offer slots again after this
+            await asyncio.wait_for(inbox, timeout=5)  # it hands back what arrives meanwhile
         except (asyncio.CancelledError, Exception):  # includes the timeout
             inbox.cancel()
         with contextlib.suppress(Exception):
+            await self.store.set_free_slots(0)  # no ticket left: nothing new is dispatched here
+        with contextlib.suppress(Exception):  # what was dispatched here before that goes back
             for rid, attempt in await self.store.drain_inbox():
                 if rid:
                     await self._end(rid, attempt, reason="worker_shutdown")
@@ -132,8 +139,8 @@ class Worker:
             if self.resync_needed:
                 try:
                     await self._resync()
-                except REDIS_DOWN as error:
-                    log.warning("worker %s: resync failed (%s); retrying", self.worker_id, error)
+                except Exception as error:
+                    log.warning("worker %s: offering its free slots failed (%s); retrying", self.worker_id, error)
                     await asyncio.sleep(0.5)
                     continue
             try:
@@ -185,12 +192,24 @@ class Worker:
                     log.warning("worker %s had lapsed (paused, or Redis lost its state): re-offering its "
                                 "free slots", self.worker_id)
                     self.resync_needed = True
-                if self.presence is not None:
-                    await asyncio.to_thread(self.presence.beat, len(self.executing))
             except asyncio.CancelledError:
                 raise
             except Exception as error:
                 log.warning("worker %s: heartbeat failed: %s", self.worker_id, error)
+
+    async def _presence_loop(self) -> None:
+        """rq's registry heartbeat, apart from the lease heartbeats: rq is the operators' view and
+        must never delay the heartbeats that keep the runs' leases."""
+        if self.presence is None:
+            return
+        while True:
+            await asyncio.sleep(self.presence.beat_seconds)
+            try:
+                await asyncio.to_thread(self.presence.beat, len(self.executing))
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:
+                log.warning("worker %s: rq heartbeat failed: %s", self.worker_id, error)
 
     # ---- the ticket ledger -------------------------------------------------------------------
     async def _resync(self) -> None:
@@ -256,11 +275,12 @@ class Worker:
             try:
                 outcome = await Run(self.store, self.engine, spec).execute(so_far)
             except asyncio.CancelledError:  # a notice (preempted, cancelled, lease lost) or shutdown
+                outcome = None
+            finally:  # from here on no notice may cancel this task: its end must not be cut short
                 self.executing.discard(key)
+            if outcome is None:
                 await self._end(rid, attempt, reason="worker_shutdown" if key in self.handing_back else "released")
-                return
-            self.executing.discard(key)
-            if outcome.kind == "done":
+            elif outcome.kind == "done":
                 await self._end(rid, attempt, outcome="done", detail=outcome.detail)
             elif outcome.kind == "fenced":
                 log.info("run %s fenced (%s)", key, outcome.detail)

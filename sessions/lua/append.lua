@@ -3,9 +3,9 @@
 -- KEYS[1] request hash sg:r:<rid>
 -- ARGV[1] request id   ARGV[2] attempt   ARGV[3] index of the first token in this batch
 -- ARGV[4..] token event data (JSON), one per token, in index order
--- Returns {1, tokens so far} | {0, status} when fenced | {-1, expected index} on a gap/overlap (the
--- writer's own batch landing twice, when a lost reply made its client resend it, shows up as an
--- overlap with expected = first + batch size).
+-- Returns {1, tokens so far} | {0, status} when fenced | {-1, expected index} on a gap/overlap. A batch
+-- resent after its reply was lost (it had landed) is refused as an overlap with expected = first +
+-- batch size, which the writer takes as success (sessions/runs.py).
 local rid, attempt, first = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local r = load(rid, { 'st', 'a', 'n', 'sid', 'g', 'tn', 'p', 'sub', 'ft' })
 if not owns(r, attempt) then

@@ -18,6 +18,7 @@
 --   sg:g:<G>:run            zset   running requests, score ranks preemption victims first
 --   sg:g:<G>:pre            zset   slots being freed (preempted or cancelled, worker not yet released)
 --   sg:g:<G>:idle           list   one ticket (worker id) per free worker slot
+--   sg:g:<G>:wk             zset   the group's workers by last heartbeat (ms): the dead ones get reaped
 --   sg:g:<G>:cfg / qs       hash   group quota settings / quota state
 --   sg:leases               zset   running request id -> lease expiry (ms)
 --   sg:wake                 zset   group -> time its quota admits the next request (ms)
