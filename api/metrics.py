@@ -46,10 +46,10 @@ def _histogram(name: str, doc: str, raw: dict[bytes, bytes]) -> HistogramMetricF
 
 async def render_metrics(redis: Redis, *, open_streams: int) -> bytes:
     async with redis.pipeline(transaction=False) as pipe:
-        for name in ("requests", "tokens", "preemptions", "depth", "wait", "ttft"):
+        for name in ("requests", "tokens", "preemptions", "depth", "wait", "ttft", "fenced"):
             pipe.hgetall(keys.metric(name))
         pipe.zcard(keys.LEASES)
-        requests, tokens, preemptions, depth, wait, ttft, running = await pipe.execute()
+        requests, tokens, preemptions, depth, wait, ttft, fenced, running = await pipe.execute()
 
     req = CounterMetricFamily("sluicegate_requests", "Requests by outcome (submitted, done, failed, cancelled).",
                               labels=["group", "priority", "tenant", "status"])
@@ -67,11 +67,15 @@ async def render_metrics(redis: Redis, *, open_streams: int) -> bytes:
                             labels=["group", "priority", "tenant"])
     for parts, value in _labels(depth):
         dep.add_metric(parts, max(value, 0.0))
+    fen = CounterMetricFamily("sluicegate_fenced_writes", "Late writes refused from workers that lost their run.",
+                              labels=["group"])
+    for parts, value in _labels(fenced):
+        fen.add_metric(parts, value)
     run = GaugeMetricFamily("sluicegate_running_requests", "Requests running on a worker.")
     run.add_metric([], running)
     streams = GaugeMetricFamily("sluicegate_open_streams", "SSE streams open on this API process.")
     streams.add_metric([], open_streams)
-    families = [req, tok, pre, dep, run, streams,
+    families = [req, tok, pre, dep, fen, run, streams,
                 _histogram("sluicegate_request_wait_seconds", "Submission to first dispatch.", wait),
                 _histogram("sluicegate_time_to_first_token_seconds", "Submission to first token.", ttft)]
     registry = CollectorRegistry(auto_describe=False)

@@ -120,6 +120,16 @@ class Stack:
             self._server.should_exit = True
             with contextlib.suppress(Exception):
                 self._tasks["api"].result(15)
+
+        async def cancel_leftovers() -> None:  # e.g. sse-starlette's shutdown watcher
+            current = asyncio.current_task()
+            leftovers = [t for t in asyncio.all_tasks() if t is not current]
+            for task in leftovers:
+                task.cancel()
+            await asyncio.gather(*leftovers, return_exceptions=True)
+
+        with contextlib.suppress(Exception):
+            self._call(cancel_leftovers(), timeout=10)
         self.loop.call_soon_threadsafe(self.loop.stop)
         if self._thread is not None:
             self._thread.join(10)
