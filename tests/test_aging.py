@@ -67,6 +67,7 @@ def test_class_max_wait_setting_reaches_the_scripts(r: redis.Redis, redis_url: s
     h = Harness(r)
     h.add_worker("w", slots=1)
     h.submit("busy", priority=9)
+    h.submit("next", priority=9)  # waits in class 9: every class below it is starved by a higher one
     seven, two, five = h.submit("a", priority=7), h.submit("b", priority=2), h.submit("c", priority=5)
     for at, promoted in [(999, []), (1000, [seven]), (4999, [seven]), (5000, [seven, two]),
                          (29_999, [seven, two]), (30_000, [seven, two, five])]:
@@ -92,12 +93,27 @@ def test_promotion_keeps_the_tenants_counter(r: redis.Redis) -> None:
     assert h.vtc("t") == before and h.req(t)["ep"] == "10"
 
 
+def test_top_class_is_not_aged(r: redis.Redis) -> None:
+    """Aging bounds the wait higher classes impose: the highest class with ready work is left to fair
+    share (promoting it would let the longest waiters, the lowest-weight tenants, jump the fair order)."""
+    h = Harness(r)
+    h.policy(mw3=1)
+    h.add_worker("w", slots=1)
+    h.submit("busy", priority=9)  # runs; nothing above class 3 waits
+    old = h.submit("old", priority=3)
+    h.advance(5000)
+    assert h.sweep()[1] == 0 and h.req(old)["ep"] == "3"
+    h.submit("higher", priority=5)  # now class 3 is starved by a higher class: promoted at once
+    assert h.sweep()[1] == 1 and h.req(old)["ep"] == "10"
+
+
 def test_aged_requests_are_served_fairly_and_in_order(r: redis.Redis) -> None:
     """Class 10 is an ordinary class for dispatch: least counter first, FIFO inside a tenant."""
     h = Harness(r)
     h.policy(mw3=1)
     h.add_worker("w", slots=1)
     busy = h.submit("busy", tenant="z", priority=9)
+    starver = h.submit("next", tenant="z", priority=9)  # a waiting higher class: class 3 is starved
     waiting = []
     for i in range(3):
         for tenant in ("a", "b"):
@@ -109,4 +125,4 @@ def test_aged_requests_are_served_fairly_and_in_order(r: redis.Redis) -> None:
     while h.runs:
         h.complete(h.runs[0].rid)
     order = h.dispatched_rids()[1:]
-    assert order == waiting  # a0 b0 a1 b1 a2 b2: alternating tenants, each in its own FIFO order
+    assert order == [*waiting, starver]  # a0 b0 a1 b1 a2 b2 (alternating, FIFO each), then class 9

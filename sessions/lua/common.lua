@@ -369,9 +369,16 @@ end
 local function dispatch(group, now, lease)
   local started = 0
   local cfg = quota_config(group)
+  local rate_limited = cfg.rps or cfg.tps
   for _ = 1, 64 do
     local top = redis.call('ZREVRANGE', kg(group, 'cls'), 0, 0)[1]
     if not top then break end
+    if not rate_limited and redis.call('LLEN', kg(group, 'idle')) == 0 then
+      -- No free slot and no rate quota to consult: only a preemption can make room (the common
+      -- case under load, so it skips the tenant/session/request lookup).
+      preempt_for(group, tonumber(top), now, lease)
+      break
+    end
     local tenant = redis.call('ZRANGE', kg(group, 'c' .. top), 0, 0)[1]
     local sid = redis.call('ZRANGE', kg(group, 'c' .. top .. ':' .. tenant), 0, 0)[1]
     local rid = redis.call('LINDEX', kqueue(sid), 0)

@@ -1,6 +1,6 @@
 -- sweep.lua: the clock-driven part of scheduling, run by every scheduler process: requeue the
--- requests whose worker lease expired, promote requests waiting past their class's max wait
--- (aging), and dispatch the groups whose quota now admits work. Idempotent; safe to run anywhere.
+-- requests whose worker lease expired, promote requests waiting past their class's max wait while a
+-- higher class has work (aging), and dispatch the groups whose quota now admits work. Idempotent; safe to run anywhere.
 -- KEYS[1] sg:leases   KEYS[2] sg:wake   KEYS[3] sg:groups
 -- ARGV[1] lease ms
 -- Returns {requeued, promoted, dispatched, next wake ms or -1, now ms}.
@@ -18,7 +18,11 @@ for _, rid in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 
 end
 local pol = policy()
 for _, group in ipairs(redis.call('SMEMBERS', KEYS[3])) do
-  for cls = 0, 9 do
+  -- Aging bounds the wait that higher classes impose: only classes below the highest class with
+  -- ready work are promoted. The highest class is served by fair share, which starves no tenant;
+  -- promoting it too would let the longest-waiting (lowest-weight) tenants jump the fair order.
+  local highest = tonumber(redis.call('ZREVRANGEBYSCORE', kg(group, 'cls'), 9, '-inf', 'LIMIT', 0, 1)[1] or -1)
+  for cls = 0, highest - 1 do
     local limit = now - pol['mw' .. cls] * 1000
     for _, sid in ipairs(redis.call('ZRANGEBYSCORE', kg(group, 'age' .. cls), '-inf', limit, 'LIMIT', 0, 100)) do
       local rid = redis.call('LINDEX', kqueue(sid), 0)
