@@ -41,9 +41,11 @@ class Tuning:
                 pipe.hset(cfg, mapping=to_set)  # type: ignore[arg-type]
             if to_clear:
                 pipe.hdel(cfg, *to_clear)
-            if "requests_per_second" in to_clear or "tokens_per_second" in to_clear:
-                pipe.hdel(keys.group_key(group, "qs"), *(("tat",) if "requests_per_second" in to_clear
-                                                          else ("lvl", "at")))
+            # Forget the state of a quota that is removed, so re-adding it later starts afresh.
+            stale = [*(("tat", "ti") if "requests_per_second" in to_clear else ()),
+                     *(("lvl", "at") if "tokens_per_second" in to_clear else ())]
+            if stale:
+                pipe.hdel(keys.group_key(group, "qs"), *stale)
             pipe.sadd(keys.GROUPS, group)
             pipe.rpush(keys.HINT, group)  # wake a scheduler: the change applies on the next decision
             pipe.ltrim(keys.HINT, 0, 0)

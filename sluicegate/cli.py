@@ -49,7 +49,7 @@ HELP: dict[str, str] = {
     "max_wait_seconds": "max wait of every priority class before a request is promoted (aging)",
     "class_max_wait": "per-class max waits overriding --max-wait-seconds, e.g. `0=300,2=120`",
     "preempt_min_run_ms": "a run is not preempted before it has run this long (anti-thrash)",
-    "max_preemptions": "a request is preempted at most this many times (anti-thrash)",
+    "max_preemptions": "a request is preempted at most this many times, then runs to the end (0 = never preempt)",
     "sweep_seconds": "scheduler sweep period (leases, aging, quota refills)",
     "log_level": "debug, info, warning or error",
 }
@@ -128,7 +128,12 @@ def run_until_signalled(make: Callable[[asyncio.Event], Coroutine[Any, Any, None
             loop.add_signal_handler(sig, stop.set)
         await make(stop)
 
-    asyncio.run(main())
+    try:
+        import uvloop  # installed with uvicorn[standard]; measured lower latency per Redis round trip
+    except ImportError:
+        asyncio.run(main())
+    else:
+        uvloop.run(main())
 
 
 def main(argv: list[str] | None = None) -> int:

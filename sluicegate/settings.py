@@ -53,7 +53,7 @@ class Settings:
     max_wait_seconds: float = 60.0
     class_max_wait: str = ""
     preempt_min_run_ms: float = 50.0
-    max_preemptions: int = 3
+    max_preemptions: int = 20
     sweep_seconds: float = 0.2
     log_level: str = "info"
     extra: dict[str, Any] = field(default_factory=dict, compare=False)

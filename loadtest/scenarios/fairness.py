@@ -12,10 +12,10 @@ output estimates off by -50% / +50%, reconciled when each request ends):
 - Jain's index of the weight-normalised shares (target >= 0.99);
 - the longest time a backlogged tenant went without a dispatch (target < 10 s), and the longest
   wait of any request against the class max wait + 1 s.
-Aging: under sustained open-loop overload every request eventually waits past its class's max wait
-and is promoted to the aged class, which outranks every tenant still in its own class; the scenario
-therefore sets `--max-wait-seconds` (default 600) above the run length to measure the fair share
-itself. Pass `--max-wait-seconds 60` to see the product default's effect in runs over a minute.
+Aging runs at the product default (`--max-wait-seconds 60`): it promotes only requests starved by
+a higher class, and here every request is in one class, so fair share alone decides. In one class
+at sustained 3x overload queues grow without bound, so "wait <= class max wait + 1 s" cannot hold
+and is reported for information, not as a target.
 Writes docs/fairness_share.png: token share by tenant per 10 s window, one panel per ratio.
 """
 
@@ -45,7 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=100, help="tokens per request")
     p.add_argument("--warmup", type=float, default=5.0, help="seconds left out of the shares")
     p.add_argument("--window", type=float, default=60.0, help="window for per-window shares")
-    p.add_argument("--max-wait-seconds", type=float, default=600.0, help="class max wait (aging) of the serve")
+    p.add_argument("--max-wait-seconds", type=float, default=60.0, help="class max wait (aging) of the serve")
     p.add_argument("--serve-flag", action="append", default=[], metavar="FLAG", help="extra flag for serve (repeat)")
     p.add_argument("--seed", type=int, default=5)
 
@@ -164,7 +164,6 @@ def analyse(args: argparse.Namespace, ratio: float, tenants: list[str], targets:
         "oldest_unstarted_s": oldest_unstarted, "class_max_wait_s": args.max_wait_seconds,
         "targets_ok": {"share_5pct": max(over_dev.values()) <= 0.05, "window_10pct": worst_window <= 0.10,
                        "jain_0.99": jain(normalised) >= 0.99, "gap_under_10s": max(gaps.values()) < 10,
-                       "wait_under_max_plus_1s": max(waits, default=0.0) <= args.max_wait_seconds + 1,
                        "all_backlogged_at_end": all(backlog[t] > 0 for t in tenants)},
         "plot": {"times": plot_times, "shares": plot_shares, "targets": targets},
     }

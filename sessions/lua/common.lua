@@ -52,7 +52,7 @@ end
 local function seconds(ms) return string.format('%.6f', ms / 1000) end
 
 local POLICY_DEFAULTS = {
-  w_in = 1, w_out = 2, est = 1, min_run = 50, max_pre = 3,
+  w_in = 1, w_out = 2, est = 1, min_run = 50, max_pre = 20,
   mw0 = 60, mw1 = 60, mw2 = 60, mw3 = 60, mw4 = 60, mw5 = 60, mw6 = 60, mw7 = 60, mw8 = 60, mw9 = 60,
 }
 local policy_cache = nil
