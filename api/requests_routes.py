@@ -22,6 +22,10 @@ def check_session_id(session_id: str) -> None:
 
 async def submit_request(request: Request, who: Principal, new: NewRequest) -> dict[str, str | int]:
     svc = services(request)
+    try:
+        new.input_text.encode()
+    except UnicodeEncodeError:  # e.g. a lone surrogate ("\ud800"), which JSON allows and UTF-8 does not
+        raise ApiError(422, "prompt/messages: not valid Unicode text (a lone surrogate?)") from None
     if new.max_tokens > svc.settings.max_tokens_limit:
         raise ApiError(422, f"max_tokens: at most {svc.settings.max_tokens_limit} (--max-tokens-limit)")
     result = await svc.store.submit(new, owner=who.owner)

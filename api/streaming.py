@@ -39,6 +39,14 @@ def sse_response(svc: Services, stream: EventStream) -> EventSourceResponse:
     return EventSourceResponse(sse_bytes(svc, stream), ping=0, headers={"Cache-Control": "no-store"})
 
 
+async def check_cursor(svc: Services, session_id: str, cursor: int) -> None:
+    """A cursor past the session's last event cannot be resumed: the session was recycled after its
+    TTL and started over, or the id never existed. Say so instead of streaming pings."""
+    if cursor and cursor > await svc.store.last_event_id(session_id):
+        raise ApiError(409, f"event id {cursor} is past the last event of session {session_id!r} "
+                            "(recycled after its TTL, or never issued); reconnect without a cursor")
+
+
 @router.get("/v1/sessions/{session_id}/events")
 async def session_events(session_id: str, request: Request, who: Principal = Depends(principal)):
     svc = services(request)
@@ -47,8 +55,9 @@ async def session_events(session_id: str, request: Request, who: Principal = Dep
     owner = await svc.store.session_owner(session_id)
     if owner is None or (who.tenant and owner != who.tenant):
         raise ApiError(404, f"no session {session_id!r} (never used, or recycled after its TTL)")
-    stream = EventStream(svc.store, svc.hub, session_id, after=resume_cursor(request),
-                         idle_seconds=svc.settings.sse_ping_seconds)
+    cursor = resume_cursor(request)
+    await check_cursor(svc, session_id, cursor)
+    stream = EventStream(svc.store, svc.hub, session_id, after=cursor, idle_seconds=svc.settings.sse_ping_seconds)
     return sse_response(svc, stream)
 
 
@@ -59,6 +68,7 @@ async def request_events(request_id: str, request: Request, who: Principal = Dep
     if fields is None or (who.tenant and fields.get("tn") != who.tenant):
         raise ApiError(404, f"no request {request_id!r}")
     cursor = resume_cursor(request)
+    await check_cursor(svc, fields["sid"], cursor)
     if not cursor:
         cursor = int(fields.get("fs", 1)) - 1
     stream = EventStream(svc.store, svc.hub, fields["sid"], after=cursor, request_id=request_id,

@@ -61,6 +61,10 @@ class SessionStore:
         value = await self.redis.hget(keys.session_meta(sid), "tn")
         return None if value is None else _text(value)
 
+    async def last_event_id(self, sid: str) -> int:
+        """The last event id a session assigned (0 for none)."""
+        return int(await self.redis.hget(keys.session_meta(sid), "seq") or 0)
+
     async def read_events(self, sid: str, after: int, limit: int = 1000) -> tuple[int, list[Event]]:
         """Events with id > after, oldest first; also the last id the session has assigned."""
         reply = await self.scripts.read_log(keys=[keys.session_meta(sid), keys.session_log(sid)],

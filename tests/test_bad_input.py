@@ -256,3 +256,12 @@ def test_large_prompt_is_stored_once(idle_stack: Stack, r: redis.Redis) -> None:
     assert max(len(entry) for entry in r.lrange("sg:s:huge:l", 0, -1)) < 1024
     # and the worker did see the whole prompt: the sim text is a function of all of it
     assert "".join(e.data["text"] for e in events if e.event == "token") == sim_text(prompt, 6)
+
+
+def test_lone_surrogate_is_422_not_500(stack: Stack, r: redis.Redis) -> None:
+    """JSON allows "\\ud800", UTF-8 does not: the API must refuse it as bad input, not fail storing it."""
+    for body in (b'{"prompt": "\\ud800", "max_tokens": 2}',
+                 b'{"messages": [{"role": "user", "content": "a\\udfffb"}], "max_tokens": 2}'):
+        code, reply = call("POST", f"{stack.base_url}/v1/sessions/sur/requests", raw=body)
+        assert code == 422 and "Unicode" in reply["error"]["message"], (code, reply)
+    assert not r.keys("sg:r:*") and not r.keys("sg:s:sur:*")

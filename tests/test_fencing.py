@@ -140,3 +140,37 @@ def test_a_paused_worker_wakes_up_fenced(redis_url: str, r: redis.Redis, tmp_pat
         for w in workers:
             w.close()
         stack.stop()
+
+
+def test_a_replayed_release_of_an_older_attempt_returns_no_second_ticket(r: redis.Redis) -> None:
+    """Attempts are not released in order: A's release of attempt 1 (reply lost, so retried) may come
+    after B finished attempt 2. The retry must not put A's ticket back a second time."""
+    scripts = Scripts(r)
+    idle = keys.group_key("default", "idle")
+
+    def offer(wid: str) -> None:
+        scripts.register_worker(keys=[keys.worker(wid), idle], args=[30_000, wid, "default", 1, 1])
+
+    def submit_direct(rid: str, sid: str, priority: int) -> None:
+        scripts.submit(keys=[keys.request(rid), keys.session_meta(sid), keys.session_queue(sid),
+                             keys.session_log(sid), keys.request_input(rid)],
+                       args=[30_000, rid, sid, "t", "default", priority, 4, "p", "p", "{}", 1, ""])
+
+    def finish(rid: str, attempt: int, wid: str) -> list:
+        return scripts.finish(keys=[keys.request(rid)],
+                              args=[30_000, 60, rid, attempt, wid, "done", "length", "1", "default"])
+
+    r.hset(keys.POLICY, mapping={"min_run": 0})
+    offer("A")
+    submit_direct("low", "s-low", 2)
+    assert r.lpop(keys.worker_inbox("A")) == "low|1"
+    submit_direct("high", "s-high", 9)  # no free slot: preempts low (attempt 1 on A)
+    assert r.hget(keys.request("low"), "st") == "preempted"
+    assert finish("low", 1, "A")[0] == 0  # A lets go: its ticket goes to high
+    assert r.lpop(keys.worker_inbox("A")) == "high|1"
+    offer("B")
+    assert r.lpop(keys.worker_inbox("B")) == "low|2"
+    assert finish("low", 2, "B")[0] == 1  # B finishes attempt 2: its ticket comes back
+    assert r.lrange(idle, 0, -1) == ["B"]
+    finish("low", 1, "A")  # A's retried release of attempt 1
+    assert r.lrange(idle, 0, -1) == ["B"], "A got a second ticket while it still runs `high`"

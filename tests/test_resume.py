@@ -207,3 +207,14 @@ def test_concurrent_clients_share_one_subscription(idle_stack: Stack, r: redis.R
     assert all(seq == sequences[0] for seq in sequences), "clients of one session saw different sequences"
     assert_exactly_once(threads[0][1], rids, 60)
     assert [e.id for e in threads[0][1]] == list(range(1, len(sequences[0]) + 1))
+
+
+def test_cursor_past_the_session_end_is_409(stack: Stack) -> None:
+    """A cursor the session never issued (or one from before it was recycled) is refused clearly,
+    rather than streaming pings until ids catch up with it."""
+    rid = submit(stack.base_url, "past-end", max_tokens=3)
+    last = list(sse(stack.base_url, f"/v1/requests/{rid}/events", timeout=20))[-1].id
+    for path in (f"/v1/requests/{rid}/events", "/v1/sessions/past-end/events"):
+        code, reply = call("GET", f"{stack.base_url}{path}?after={last + 1}")
+        assert code == 409 and "past the last event" in reply["error"]["message"], (path, code, reply)
+    assert [e.id for e in sse(stack.base_url, f"/v1/requests/{rid}/events", last_id=last, timeout=10)] == []

@@ -5,14 +5,15 @@
 -- ARGV[6] outcome ("done" | "failed")   ARGV[7] finish_reason or error message
 -- ARGV[8] return the slot ticket ("1" | "0")   ARGV[9] the worker's group (where its ticket goes)
 -- Returns {1, status} when finished, {0, status} when the worker no longer owned the request.
--- An attempt lets go of its slot once: the request remembers it (field rel), so a call repeated
+-- An attempt lets go of its slot once: the request remembers it (field rel<attempt>, one per
+-- attempt, since attempts are not released in order), so a call repeated
 -- because its reply was lost (client retry after a dropped connection) never returns a 2nd ticket.
 local lease, ttl = tonumber(ARGV[1]), tonumber(ARGV[2])
 local rid, attempt, wid, outcome, detail = ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7]
 local now = clock()
 local r = load(rid, RUN_FIELDS)
 local group = r.g
-if r.st and redis.call('HGET', KEYS[1], 'rel') == attempt then return { 0, r.st } end
+if r.st and redis.call('HEXISTS', KEYS[1], 'rel' .. attempt) == 1 then return { 0, r.st } end
 local finished, next_group = 0, nil
 if owns(r, attempt, wid) then
   end_run(rid, r, now)
@@ -29,7 +30,7 @@ if owns(r, attempt, wid) then
 elseif group then
   redis.call('ZREM', kg(group, 'pre'), rid .. '|' .. attempt)
 end
-if r.st then redis.call('HSET', KEYS[1], 'rel', attempt) end
+if r.st then redis.call('HSET', KEYS[1], 'rel' .. attempt, 1) end
 if ARGV[8] == '1' and redis.call('EXISTS', kworker(wid)) == 1 then
   redis.call('LPUSH', kg(ARGV[9], 'idle'), wid)
 end
