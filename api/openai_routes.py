@@ -32,6 +32,7 @@ from api.requests_routes import check_session_id, submit_request
 from api.responses import JSON
 from api.schemas import NAME_PATTERN, ChatBody, SubmitBody, parse_priority
 from api.services import Services, principal, services
+from api.streaming import PING
 from sessions.events import Event
 from sessions.requests import NewRequest
 from sessions.stream import EventStream
@@ -41,7 +42,6 @@ NAME = re.compile(NAME_PATTERN)
 DEFAULT_MAX_TOKENS: int = SubmitBody.model_fields["max_tokens"].default
 NOT_PARAMS = frozenset({"stream_options"})  # handled here, not by the engine
 DONE = b"data: [DONE]\n\n"
-PING = b": ping\n\n"
 CHUNK_TAIL = b'},"finish_reason":null}]}\n\n'
 
 
@@ -140,8 +140,7 @@ async def request_events(svc: Services, new: NewRequest, *, first: int) -> Async
 
 
 async def sse_chunks(svc: Services, new: NewRequest, completion: Completion, first: int) -> AsyncIterator[bytes]:
-    svc.open_streams += 1
-    try:
+    with svc.stream_open():
         async for batch in request_events(svc, new, first=first):
             if not batch:
                 yield PING
@@ -158,8 +157,6 @@ async def sse_chunks(svc: Services, new: NewRequest, completion: Completion, fir
                     out.append(b"data: " + orjson.dumps(error) + b"\n\n" + DONE)
             if out:
                 yield b"".join(out)
-    finally:
-        svc.open_streams -= 1
 
 
 @router.post("/v1/chat/completions")

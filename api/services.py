@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from fastapi import Request
@@ -23,6 +25,15 @@ class Services:
     tuning: Tuning
     keyring: KeyRing
     open_streams: int = 0
+
+    @contextmanager
+    def stream_open(self) -> Iterator[None]:
+        """Count an SSE stream as open for as long as the block runs (healthz, stats, metrics)."""
+        self.open_streams += 1
+        try:
+            yield
+        finally:
+            self.open_streams -= 1
 
 
 def services(request: Request) -> Services:

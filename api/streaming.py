@@ -27,22 +27,19 @@ def resume_cursor(request: Request) -> int:
 
 
 async def sse_bytes(svc: Services, stream: EventStream) -> AsyncIterator[bytes]:
-    svc.open_streams += 1
-    try:
+    with svc.stream_open():
         async for batch in stream.batches():
             yield b"".join(event.sse() for event in batch) if batch else PING
-    finally:
-        svc.open_streams -= 1
 
 
 def sse_response(svc: Services, stream: EventStream) -> EventSourceResponse:
     return EventSourceResponse(sse_bytes(svc, stream), ping=0, headers={"Cache-Control": "no-store"})
 
 
-async def check_cursor(svc: Services, session_id: str, cursor: int) -> None:
+def check_cursor(session_id: str, cursor: int, last_event_id: int) -> None:
     """A cursor past the session's last event cannot be resumed: the session was recycled after its
     TTL and started over, or the id never existed. Say so instead of streaming pings."""
-    if cursor and cursor > await svc.store.last_event_id(session_id):
+    if cursor > last_event_id:
         raise ApiError(409, f"event id {cursor} is past the last event of session {session_id!r} "
                             "(recycled after its TTL, or never issued); reconnect without a cursor")
 
@@ -52,11 +49,11 @@ async def session_events(session_id: str, request: Request, who: Principal = Dep
     svc = services(request)
     if not SESSION_PATTERN.match(session_id):
         raise ApiError(422, "session_id: 1-128 characters of A-Z a-z 0-9 . _ : @ -")
-    owner = await svc.store.session_owner(session_id)
+    owner, last_event_id = await svc.store.session_state(session_id)
     if owner is None or (who.tenant and owner != who.tenant):
         raise ApiError(404, f"no session {session_id!r} (never used, or recycled after its TTL)")
     cursor = resume_cursor(request)
-    await check_cursor(svc, session_id, cursor)
+    check_cursor(session_id, cursor, last_event_id)
     stream = EventStream(svc.store, svc.hub, session_id, after=cursor, idle_seconds=svc.settings.sse_ping_seconds)
     return sse_response(svc, stream)
 
@@ -68,8 +65,9 @@ async def request_events(request_id: str, request: Request, who: Principal = Dep
     if fields is None or (who.tenant and fields.get("tn") != who.tenant):
         raise ApiError(404, f"no request {request_id!r}")
     cursor = resume_cursor(request)
-    await check_cursor(svc, fields["sid"], cursor)
-    if not cursor:
+    if cursor:  # only a resume needs the session's last id (one more read)
+        check_cursor(fields["sid"], cursor, (await svc.store.session_state(fields["sid"]))[1])
+    else:
         cursor = int(fields.get("fs", 1)) - 1
     stream = EventStream(svc.store, svc.hub, fields["sid"], after=cursor, request_id=request_id,
                          request_status=fields.get("st"), idle_seconds=svc.settings.sse_ping_seconds)

@@ -56,14 +56,10 @@ class SessionStore:
                                           args=[self.lease_ms, self.session_ttl, rid, owner])
         return [_text(x) for x in reply]
 
-    async def session_owner(self, sid: str) -> str | None:
-        """The tenant that owns a session, or None when the session does not exist (or expired)."""
-        value = await self.redis.hget(keys.session_meta(sid), "tn")
-        return None if value is None else _text(value)
-
-    async def last_event_id(self, sid: str) -> int:
-        """The last event id a session assigned (0 for none)."""
-        return int(await self.redis.hget(keys.session_meta(sid), "seq") or 0)
+    async def session_state(self, sid: str) -> tuple[str | None, int]:
+        """The session's owner (None when it does not exist or expired) and its last event id, in one read."""
+        owner, seq = await self.redis.hmget(keys.session_meta(sid), ["tn", "seq"])
+        return (None if owner is None else _text(owner)), int(seq or 0)
 
     async def read_events(self, sid: str, after: int, limit: int = 1000) -> tuple[int, list[Event]]:
         """Events with id > after, oldest first; also the last id the session has assigned."""

@@ -16,11 +16,9 @@ import json
 import logging
 from dataclasses import dataclass
 
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
-
 from sessions.runs import AppendResult, RunSpec, RunStore
 from workers.engines.base import Engine, EngineError
+from workers.redis_retry import through_dropped_connections
 
 log = logging.getLogger(__name__)
 
@@ -76,18 +74,10 @@ class Run:
 
     async def _append(self, data: list[str]) -> AppendResult:
         """One fenced append, resent through dropped connections (a resent batch is recognised)."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + APPEND_RETRY_SECONDS
-        delay = 0.05
-        while True:
-            try:
-                return await self.store.append(self.spec.request_id, self.spec.attempt, self.next_index, data)
-            except (RedisConnectionError, RedisTimeoutError) as error:
-                if loop.time() > deadline:
-                    raise
-                log.warning("run %s: append failed (%s); retrying", self.key, error)
-                await asyncio.sleep(delay)
-                delay = min(1.0, delay * 2)
+        spec = self.spec
+        return await through_dropped_connections(
+            lambda: self.store.append(spec.request_id, spec.attempt, self.next_index, data),
+            seconds=APPEND_RETRY_SECONDS, what=f"run {self.key}: append")
 
     async def _produce(self, so_far: str) -> None:
         async for text in self.engine.stream(self.spec, so_far):

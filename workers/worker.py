@@ -25,8 +25,6 @@ import uuid
 
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from sessions import keys
 from sessions.runs import RunStore
@@ -34,11 +32,11 @@ from sluicegate.settings import Settings
 from workers.engines import make_engine
 from workers.engines.base import Engine
 from workers.presence import RqPresence
+from workers.redis_retry import REDIS_DOWN, through_dropped_connections
 from workers.runner import Run
 
 log = logging.getLogger(__name__)
 
-REDIS_DOWN = (RedisConnectionError, RedisTimeoutError)
 SOCKET_TIMEOUT = 15.0  # well above the inbox's 1 s blocking pop and any script's run time
 
 
@@ -237,27 +235,22 @@ class Worker:
         self._ending += 1
         try:
             return_slot = not self.stopping
-            deadline = asyncio.get_running_loop().time() + max(30.0, 10 * self.settings.lease_seconds)
-            delay = 0.1
-            while True:
-                try:
-                    if outcome:
-                        await self.store.finish(rid, attempt, outcome=outcome, detail=detail, return_slot=return_slot)
-                    else:
-                        await self.store.hand_back(rid, attempt, reason=reason, return_slot=return_slot)
-                    return
-                except REDIS_DOWN as error:
-                    if asyncio.get_running_loop().time() > deadline:
-                        log.error("run %s|%s: could not end it (%s); its lease will lapse", rid, attempt, error)
-                        self.resync_needed = True  # its ticket may not have come back
-                        return
-                    log.warning("run %s|%s: ending it failed (%s); retrying", rid, attempt, error)
-                    await asyncio.sleep(delay)
-                    delay = min(1.0, delay * 2)
-                except Exception:
-                    log.exception("run %s|%s: could not end it; its lease will lapse", rid, attempt)
-                    self.resync_needed = True
-                    return
+
+            async def end() -> None:
+                if outcome:
+                    await self.store.finish(rid, attempt, outcome=outcome, detail=detail, return_slot=return_slot)
+                else:
+                    await self.store.hand_back(rid, attempt, reason=reason, return_slot=return_slot)
+
+            try:
+                await through_dropped_connections(end, seconds=max(30.0, 10 * self.settings.lease_seconds),
+                                                  what=f"run {rid}|{attempt}: ending it")
+            except REDIS_DOWN as error:
+                log.error("run %s|%s: could not end it (%s); its lease will lapse", rid, attempt, error)
+                self.resync_needed = True  # its ticket may not have come back
+            except Exception:
+                log.exception("run %s|%s: could not end it; its lease will lapse", rid, attempt)
+                self.resync_needed = True
         finally:
             self._ending -= 1
             if not self._ending:
