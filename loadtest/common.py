@@ -22,6 +22,7 @@ from typing import Any
 
 import aiohttp
 
+from sessions.events import SseParser
 from sluicegate.embedded import EmbeddedServer, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -260,25 +261,11 @@ class SseEvent:
 
 async def sse_events(response: aiohttp.ClientResponse) -> AsyncIterator[SseEvent]:
     """The events of an SSE response body, as they arrive (comments and pings skipped)."""
-    event_id: str | None = None
-    name, data = "message", []
+    parser = SseParser()
     async for raw in response.content:
-        line = raw.rstrip(b"\r\n").decode()
-        if not line:
-            if data or name != "message":
-                yield SseEvent(event_id, name, "\n".join(data))
-            event_id, name, data = None, "message", []
-            continue
-        if line.startswith(":"):
-            continue
-        key, _, value = line.partition(":")
-        value = value[1:] if value.startswith(" ") else value
-        if key == "data":
-            data.append(value)
-        elif key == "event":
-            name = value
-        elif key == "id":
-            event_id = value
+        wire = parser.feed(raw)
+        if wire is not None:
+            yield SseEvent(wire.id, wire.event, wire.data)
 
 
 def client_session(connections: int = 0, *, force_close: bool = False) -> aiohttp.ClientSession:

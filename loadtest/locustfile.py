@@ -42,6 +42,8 @@ from typing import Any
 from locust import FastHttpUser, events, task
 from locust.env import Environment
 
+from sessions.events import SseParser
+
 NAMES = {"low": 2, "normal": 5, "high": 7, "critical": 9}
 TERMINAL = {"done", "error", "cancelled"}
 OPTIONS = {  # option -> (env var, default, help)
@@ -149,24 +151,14 @@ class SseStream:
     def events(self) -> Iterator[SseEvent]:
         if self.raw is None:
             return
-        current: dict[str, Any] = {"id": None, "event": "message", "data": []}
+        parser = SseParser()
         while True:
             line = self.raw.readline(b"\n")
             if not line:
                 return
-            text = line.decode().rstrip("\r\n")
-            if not text:
-                if current["data"]:
-                    yield SseEvent(int(current["id"]), current["event"], json.loads("\n".join(current["data"])),
-                                   time.perf_counter())
-                current = {"id": None, "event": "message", "data": []}
-            elif not text.startswith(":"):
-                name, _, value = text.partition(":")
-                value = value[1:] if value.startswith(" ") else value
-                if name == "data":
-                    current["data"].append(value)
-                elif name in ("id", "event"):
-                    current[name] = value
+            wire = parser.feed(line)
+            if wire is not None:
+                yield SseEvent(int(str(wire.id)), wire.event, json.loads(wire.data), time.perf_counter())
 
     def drop(self) -> None:
         """Close the connection mid-stream: it must never go back to the pool with unread data."""

@@ -23,6 +23,7 @@ from typing import Any
 import uvicorn
 
 from scheduler.loop import Scheduler
+from sessions.events import SseParser
 from sluicegate.embedded import free_port
 from sluicegate.settings import Settings
 from workers.engines.base import Engine
@@ -177,29 +178,20 @@ def sse(base_url: str, path: str, *, last_id: int | str | None = None, stop_afte
     response = connection.getresponse()
     if response.status != 200:
         raise AssertionError(f"GET {path} -> {response.status}: {response.read()!r}")
-    current: dict[str, Any] = {"id": None, "event": "message", "data": []}
+    parser = SseParser()
     seen = 0
     try:
         while True:
             line = response.readline()
             if not line:
                 return
-            text = line.decode().rstrip("\r\n")
-            if text == "":
-                if current["data"]:
-                    event = SseEvent(int(current["id"]), current["event"], json.loads("\n".join(current["data"])))
-                    yield event
-                    seen += 1
-                    if (stop_after and seen >= stop_after) or (until and until(event)):
-                        return
-                current = {"id": None, "event": "message", "data": []}
-            elif not text.startswith(":"):
-                name, _, value = text.partition(":")
-                value = value[1:] if value.startswith(" ") else value
-                if name == "data":
-                    current["data"].append(value)
-                elif name in ("id", "event"):
-                    current[name] = value
+            wire = parser.feed(line)
+            if wire is not None:
+                event = SseEvent(int(str(wire.id)), wire.event, json.loads(wire.data))
+                yield event
+                seen += 1
+                if (stop_after and seen >= stop_after) or (until and until(event)):
+                    return
     finally:
         connection.close()
 
