@@ -40,6 +40,36 @@ class RunSpec:
         return [{"role": "user", "content": self.input_text}]
 
 
+    @classmethod
+    def from_fields(cls, rid: str, attempt: str, f: dict[str, Any]) -> RunSpec:
+        """From the request's fields, by their short names in the hash (`in` = the input text)."""
+        return cls(request_id=rid, attempt=attempt, session_id=f.get("sid") or "", group=f.get("g") or "",
+                   tenant=f.get("tn") or "", priority=int(f.get("p") or 5), max_tokens=int(f.get("mt") or 0),
+                   start_index=int(f.get("n") or 0), input_kind=f.get("ik") or "p", input_text=f.get("in") or "",
+                   params=json.loads(f.get("pa") or "{}"))
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """One inbox entry: "rid|attempt", then a newline and the run spec's fields as JSON (start_run in
+    common.lua). An empty entry ("|") is the shutdown wake-up."""
+
+    request_id: str
+    attempt: str
+    fields: dict[str, Any] | None = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.request_id}|{self.attempt}"
+
+    @classmethod
+    def parse(cls, raw: bytes | str) -> Assignment:
+        text = raw.decode() if isinstance(raw, bytes) else raw
+        head, _, spec = text.partition("\n")
+        rid, _, attempt = head.rpartition("|")
+        return cls(rid, attempt, json.loads(spec) if spec else None)
+
+
 @dataclass(frozen=True)
 class AppendResult:
     ok: bool
@@ -64,20 +94,31 @@ class RunStore:
             keys=[keys.worker(self.worker_id), keys.group_key(self.group, "idle")],
             args=[self.lease_ms, self.worker_id, self.group, free, free if total is None else total]))
 
-    async def next_assignment(self, timeout: float) -> tuple[str, str] | None:
-        item = await self.redis.blpop([keys.worker_inbox(self.worker_id)], timeout=timeout)
-        if item is None:
-            return None
-        rid, _, attempt = item[1].decode().rpartition("|")
-        return rid, attempt
+    async def next_assignment(self, timeout: float) -> Assignment | None:
+        """The oldest assignment (the scripts LPUSH them: runs start in the order they were dispatched)."""
+        item = await self.redis.brpop([keys.worker_inbox(self.worker_id)], timeout=timeout)
+        return None if item is None else Assignment.parse(item[1])
 
-    async def drain_inbox(self) -> list[tuple[str, str]]:
+    async def drain_inbox(self) -> list[Assignment]:
         items = await self.redis.lpop(keys.worker_inbox(self.worker_id), 10_000) or []
-        return [tuple(i.decode().rsplit("|", 1)) for i in items]  # type: ignore[misc]
+        return [Assignment.parse(i) for i in items]
 
     async def wake_inbox(self) -> None:
         """Push an empty assignment ("|") so that a blocked `next_assignment` returns now."""
         await self.redis.rpush(keys.worker_inbox(self.worker_id), "|")
+
+    async def spec(self, assignment: Assignment) -> RunSpec | None:
+        """The run's inputs: carried in the assignment (no round trip, unless the input was too long
+        to carry), else read back with `load`. None when the request's input is gone (it ended)."""
+        fields = assignment.fields
+        if fields is None:
+            return await self.load(assignment.request_id, assignment.attempt)
+        if "in" not in fields:
+            text = await self.redis.get(keys.request_input(assignment.request_id))
+            if text is None:
+                return None
+            fields = {**fields, "in": text.decode()}
+        return RunSpec.from_fields(assignment.request_id, assignment.attempt, fields)
 
     async def load(self, rid: str, attempt: str) -> RunSpec | None:
         """The run's inputs, or None when this worker does not own that attempt any more."""
@@ -90,10 +131,7 @@ class RunStore:
         f["in"] = text.decode() if text is not None else None
         if f["st"] != "running" or f["a"] != attempt or f["w"] != self.worker_id:
             return None
-        return RunSpec(request_id=rid, attempt=attempt, session_id=f["sid"] or "", group=f["g"] or "",
-                       tenant=f["tn"] or "", priority=int(f["p"] or 5), max_tokens=int(f["mt"] or 0),
-                       start_index=int(f["n"] or 0), input_kind=f["ik"] or "p", input_text=f["in"] or "",
-                       params=json.loads(f["pa"] or "{}"))
+        return RunSpec.from_fields(rid, attempt, f)
 
     async def append(self, rid: str, attempt: str, first_index: int, data: list[str]) -> AppendResult:
         reply = await self.scripts.append(keys=[keys.request(rid)], args=[rid, attempt, first_index, *data])

@@ -15,6 +15,7 @@ from redis.asyncio import Redis as AsyncRedis
 
 from scheduler.admin import Tuning
 from sessions import keys
+from sessions.runs import Assignment
 from sessions.scripts import Scripts, script_source
 
 LEASE_MS = 600_000  # long: worker liveness keys use the real clock, the pinned clock drives the rest
@@ -99,8 +100,9 @@ class Harness:
         inboxes = pipe.execute()[::2]
         for (wid, group), items in zip(self.workers.items(), inboxes, strict=True):
             for item in reversed(items):  # LPUSHed: the oldest is last
-                rid, _, attempt = item.rpartition("|")
-                new.append(Run(rid, attempt, wid, group, int(self.r.hget(keys.request(rid), "n") or 0)))
+                assignment = Assignment.parse(item)
+                rid = assignment.request_id
+                new.append(Run(rid, assignment.attempt, wid, group, int(self.r.hget(keys.request(rid), "n") or 0)))
         self.runs.extend(new)
         self.dispatched.extend(new)
         return new

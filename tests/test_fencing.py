@@ -11,7 +11,7 @@ import redis
 from redis.asyncio import Redis as AsyncRedis
 
 from sessions import keys
-from sessions.runs import RunStore
+from sessions.runs import Assignment, RunStore
 from sessions.scripts import Scripts
 from tests.helpers import Stack, call, fast_settings, sse, submit
 from tests.worker_helpers import Listener, WorkerProcess, assert_tickets_balanced, on_loop, token_indices, token_text
@@ -34,9 +34,10 @@ def test_append_rejects_an_old_attempt_and_a_wrong_index(redis_url: str, r: redi
     try:
         run(zombie.set_free_slots(1))
         rid = submit(stack.base_url, "fence", prompt=prompt, max_tokens=6)
-        assert run(zombie.next_assignment(timeout=5)) == (rid, "1")
-        spec = run(zombie.load(rid, "1"))
-        assert spec is not None and spec.start_index == 0
+        assignment = run(zombie.next_assignment(timeout=5))
+        assert assignment.key == f"{rid}|1"
+        spec = run(zombie.spec(assignment))
+        assert spec is not None and spec.start_index == 0 and spec == run(zombie.load(rid, "1"))
 
         def tok(i: int) -> str:
             return token_data(rid, i, sim_token(seed, i))
@@ -58,7 +59,7 @@ def test_append_rejects_an_old_attempt_and_a_wrong_index(redis_url: str, r: redi
         run(survivor.set_free_slots(1))
         r.zadd(keys.LEASES, {rid: 0})
         run(scripts.sweep(keys=[keys.LEASES, keys.WAKE, keys.GROUPS], args=[1500]))
-        assert run(survivor.next_assignment(timeout=5)) == (rid, "2")
+        assert run(survivor.next_assignment(timeout=5)).key == f"{rid}|2"
 
         assert append("1", 2, 2) == [0, b"running"]  # fenced: attempt 2 owns the run now
         assert append("0", 2, 2) == [0, b"running"]
@@ -163,13 +164,13 @@ def test_a_replayed_release_of_an_older_attempt_returns_no_second_ticket(r: redi
     r.hset(keys.POLICY, mapping={"min_run": 0})
     offer("A")
     submit_direct("low", "s-low", 2)
-    assert r.lpop(keys.worker_inbox("A")) == "low|1"
+    assert Assignment.parse(r.lpop(keys.worker_inbox("A"))).key == "low|1"
     submit_direct("high", "s-high", 9)  # no free slot: preempts low (attempt 1 on A)
     assert r.hget(keys.request("low"), "st") == "preempted"
     assert finish("low", 1, "A")[0] == 0  # A lets go: its ticket goes to high
-    assert r.lpop(keys.worker_inbox("A")) == "high|1"
+    assert Assignment.parse(r.lpop(keys.worker_inbox("A"))).key == "high|1"
     offer("B")
-    assert r.lpop(keys.worker_inbox("B")) == "low|2"
+    assert Assignment.parse(r.lpop(keys.worker_inbox("B"))).key == "low|2"
     assert finish("low", 2, "B")[0] == 1  # B finishes attempt 2: its ticket comes back
     assert r.lrange(idle, 0, -1) == ["B"]
     finish("low", 1, "A")  # A's retried release of attempt 1

@@ -27,7 +27,7 @@ from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 
 from sessions import keys
-from sessions.runs import RunStore
+from sessions.runs import Assignment, RunStore
 from sluicegate.settings import Settings
 from workers.engines import make_engine
 from workers.engines.base import Engine
@@ -37,6 +37,7 @@ from workers.runner import Run
 
 log = logging.getLogger(__name__)
 
+EARLY_NOTICES = 1024  # notices kept for runs whose assignment has not arrived (most are for ended runs)
 SOCKET_TIMEOUT = 15.0  # well above the inbox's 1 s blocking pop and any script's run time
 
 
@@ -62,6 +63,7 @@ class Worker:
         self.runs: dict[str, asyncio.Task[None]] = {}  # "rid|attempt" -> its task; each holds one ticket
         self.executing: set[str] = set()  # runs inside the engine loop: the only ones a notice may cancel
         self.interrupted: set[str] = set()  # notices for runs not yet (or no longer) executing
+        self.early_notices: dict[str, bool] = {}  # notices for runs not received yet, oldest first
         self.handing_back: set[str] = set()  # shutdown: interrupted runs go back to the queue
         self.stopping = False
         self.resync_needed = False
@@ -117,9 +119,9 @@ class Worker:
         with contextlib.suppress(Exception):
             await self.store.set_free_slots(0)  # no ticket left: nothing new is dispatched here
         with contextlib.suppress(Exception):  # what was dispatched here before that goes back
-            for rid, attempt in await self.store.drain_inbox():
-                if rid:
-                    await self._end(rid, attempt, reason="worker_shutdown")
+            for drained in await self.store.drain_inbox():
+                if drained.request_id:
+                    await self._end(drained.request_id, drained.attempt, reason="worker_shutdown")
         if self.runs:
             log.info("worker %s: waiting up to %.1f s for %d runs", self.worker_id,
                      self.settings.shutdown_grace_seconds, len(self.runs))
@@ -152,14 +154,15 @@ class Worker:
                 self.resync_needed = True
                 await asyncio.sleep(0.5)
                 continue
-            if assignment is None or not assignment[0]:  # timeout, or the shutdown wake-up
+            if assignment is None or not assignment.request_id:  # timeout, or the shutdown wake-up
                 continue
-            rid, attempt = assignment
             if self.stopping:
-                await self._end(rid, attempt, reason="worker_shutdown")
+                await self._end(assignment.request_id, assignment.attempt, reason="worker_shutdown")
                 continue
-            key = f"{rid}|{attempt}"
-            self.runs[key] = asyncio.create_task(self._serve(rid, attempt, key))
+            key = assignment.key
+            if self.early_notices.pop(key, None):
+                self.interrupted.add(key)
+            self.runs[key] = asyncio.create_task(self._serve(assignment))
 
     async def _control_loop(self, pubsub: PubSub) -> None:
         """Preemption and cancel notices: stop the named run now rather than at its next token."""
@@ -174,7 +177,7 @@ class Worker:
                     await asyncio.sleep(0.5)
                     continue
                 if message is not None:
-                    self._interrupt(message["data"].decode())
+                    self._notice(message["data"].decode())
         finally:
             with contextlib.suppress(Exception):
                 await pubsub.aclose()
@@ -257,9 +260,10 @@ class Worker:
                 self._ends_quiet.set()
 
     # ---- one run -----------------------------------------------------------------------------
-    async def _serve(self, rid: str, attempt: str, key: str) -> None:
+    async def _serve(self, assignment: Assignment) -> None:
+        rid, attempt, key = assignment.request_id, assignment.attempt, assignment.key
         try:
-            spec = await self.store.load(rid, attempt)
+            spec = await self.store.spec(assignment)
             so_far = await self.store.output_so_far(spec) if spec is not None and spec.start_index else ""
             if spec is None or key in self.interrupted:  # lost before it started
                 await self._end(rid, attempt, reason="worker_shutdown" if key in self.handing_back else "released")
@@ -293,6 +297,15 @@ class Worker:
             self.interrupted.discard(key)
             self.handing_back.discard(key)
             self.runs.pop(key, None)
+
+    def _notice(self, key: str) -> None:
+        """A control notice. It can overtake its run's assignment (the notice comes on the control
+        connection, the assignment on the inbox one): kept a while, it stops the run before it starts."""
+        if key not in self.runs:
+            self.early_notices[key] = True
+            while len(self.early_notices) > EARLY_NOTICES:
+                del self.early_notices[next(iter(self.early_notices))]
+        self._interrupt(key)
 
     def _interrupt(self, key: str) -> None:
         if key not in self.runs:

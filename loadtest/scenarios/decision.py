@@ -117,7 +117,8 @@ async def measure(redis: Redis, filler: Filler, workers: dict[str, RunStore], sa
         dispatched += started
         assignment = await store.next_assignment(timeout=0.001) if started else None
         if assignment is not None:
-            await store.finish(*assignment, outcome="done", detail="bench", return_slot=False)
+            await store.finish(assignment.request_id, assignment.attempt, outcome="done", detail="bench",
+                               return_slot=False)
         await filler.store.submit(filler.new())
     return {"queued": depth, "samples": len(server), "dispatched": dispatched,
             "p50_ms": percentile(server, 50), "p99_ms": percentile(server, 99), "max_ms": max(server, default=0.0),

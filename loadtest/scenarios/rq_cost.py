@@ -6,7 +6,8 @@ On one scratch Valkey server (AOF everysec, like `sluicegate serve`):
   writes, execution, result, registries).
 - Sluicegate: the same N requests through `SessionStore.submit` (one script: store, queue, ready set,
   dispatch into a free slot ticket of a registered worker), the worker side picking the assignment
-  from its inbox (`RunStore.next_assignment` + `load`), and `finish` (which hands the slot back and
+  from its inbox (`RunStore.next_assignment`, which carries the run spec; `RunStore.spec` builds it
+  without a round trip), and `finish` (which hands the slot back and
   dispatches the next request), i.e. the whole per-request lifecycle minus the tokens.
 Also the server-side cost of each script (INFO commandstats, microseconds per call).
 """
@@ -64,7 +65,7 @@ async def measure_sluicegate(url: str, n: int) -> dict[str, Any]:
     store = SessionStore(client, session_ttl=3600, lease_seconds=600)
     worker = RunStore(client, worker_id="bench.rq-cost.0.x", group="bench", lease_seconds=600, session_ttl=3600)
     await worker.set_free_slots(1)
-    spans: dict[str, list[float]] = {"submit+dispatch": [], "pickup (BLPOP inbox)": [], "load": [], "finish": []}
+    spans: dict[str, list[float]] = {"submit+dispatch": [], "pickup (BLPOP inbox)": [], "spec": [], "finish": []}
     for i in range(n):
         req = NewRequest(session_id=f"rq-cost-{i}", max_tokens=16, priority=5, tenant="t", group="bench",
                          prompt="tell me about the river that runs under the stone mill")
@@ -73,14 +74,15 @@ async def measure_sluicegate(url: str, n: int) -> dict[str, Any]:
         t1 = time.perf_counter()
         assignment = await worker.next_assignment(timeout=5)
         t2 = time.perf_counter()
-        assert result.outcome == "ok" and assignment is not None and assignment[0] == req.request_id, assignment
-        spec = await worker.load(*assignment)
+        assert result.outcome == "ok" and assignment is not None and assignment.request_id == req.request_id, assignment
+        spec = await worker.spec(assignment)
         t3 = time.perf_counter()
         assert spec is not None
-        finished = await worker.finish(*assignment, outcome="done", detail="length", return_slot=True)
+        finished = await worker.finish(assignment.request_id, assignment.attempt, outcome="done", detail="length",
+                                       return_slot=True)
         t4 = time.perf_counter()
         assert finished
-        for name, a, b in (("submit+dispatch", t0, t1), ("pickup (BLPOP inbox)", t1, t2), ("load", t2, t3),
+        for name, a, b in (("submit+dispatch", t0, t1), ("pickup (BLPOP inbox)", t1, t2), ("spec", t2, t3),
                            ("finish", t3, t4)):
             spans[name].append((b - a) * 1000)
     await client.aclose()

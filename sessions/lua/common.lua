@@ -22,7 +22,8 @@
 --   sg:g:<G>:cfg / qs       hash   group quota settings / quota state
 --   sg:leases               zset   running request id -> lease expiry (ms)
 --   sg:wake                 zset   group -> time its quota admits the next request (ms)
---   sg:w:<wid>              string worker liveness (PX lease); sg:w:<wid>:in list = its inbox
+--   sg:w:<wid>              string worker liveness (PX lease); sg:w:<wid>:in list = its inbox of
+--                                  assignments ("rid|attempt\n" + run spec JSON, see start_run)
 --   sg:m:*                  hash   cluster-wide metrics (counters and histogram buckets)
 
 local PREFIX = 'sg:'
@@ -275,9 +276,20 @@ local function take_ticket(group)
   end
 end
 
+-- The worker's assignment: "rid|attempt", a newline, then the run spec as JSON (the fields the
+-- worker would otherwise read back, saving that round trip on the way to the first token). An
+-- input longer than INLINE_INPUT is left out (`in` absent): the worker reads it from sg:r:<rid>:in.
+local INLINE_INPUT = 8192
+local function assignment(rid, attempt, r)
+  local spec = { sid = r.sid, g = r.g, tn = r.tn, p = r.p, mt = r.mt, n = r.n, ik = r.ik, pa = r.pa }
+  local text = redis.call('GET', kinput(rid))
+  if text and #text <= INLINE_INPUT then spec['in'] = text end
+  return rid .. '|' .. attempt .. '\n' .. cjson.encode(spec)
+end
+
 local function start_run(group, cls, tenant, sid, rid, wid, cfg, now, lease)
   remove_ready(sid, group, tenant, cls)
-  local r = load(rid, { 'n', 'mt', 'it', 'sub', 'p', 'tn', 'g' })
+  local r = load(rid, { 'n', 'mt', 'it', 'sub', 'p', 'tn', 'g', 'sid', 'ik', 'pa' })
   local attempt = redis.call('HINCRBY', kreq(rid), 'a', 1)
   local produced = tonumber(r.n)
   local remaining = tonumber(r.mt) - produced
@@ -299,7 +311,7 @@ local function start_run(group, cls, tenant, sid, rid, wid, cfg, now, lease)
   redis.call('ZADD', PREFIX .. 'leases', now + lease, rid)
   emit(sid, attempt == 1 and 'started' or 'resumed', rid,
     { request_id = rid, index = produced, attempt = attempt, worker = wid })
-  redis.call('LPUSH', kworker(wid) .. ':in', rid .. '|' .. attempt)
+  redis.call('LPUSH', kworker(wid) .. ':in', assignment(rid, attempt, r))
 end
 
 -- Put a request that was running back at the head of its session's turn in the ready set.
