@@ -15,6 +15,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_delay, wait_exponential
 
+from workers.retrying import first_try_then
+
 log = logging.getLogger(__name__)
 
 REDIS_DOWN = (RedisConnectionError, RedisTimeoutError)
@@ -29,9 +31,9 @@ async def through_dropped_connections(call: Callable[[], Awaitable[T]], *, secon
         error = state.outcome.exception() if state.outcome else None
         log.warning("%s failed (%s); retrying", what, error)
 
-    async for attempt in AsyncRetrying(retry=retry_if_exception_type(REDIS_DOWN), reraise=True,
-                                       wait=wait_exponential(multiplier=0.05, max=1.0),
-                                       stop=stop_after_delay(seconds), before_sleep=warn):
-        with attempt:
-            return await call()
-    raise AssertionError("unreachable: tenacity either returns or reraises")
+    def retrying() -> AsyncRetrying:
+        return AsyncRetrying(retry=retry_if_exception_type(REDIS_DOWN), reraise=True,
+                             wait=wait_exponential(multiplier=0.05, max=1.0), stop=stop_after_delay(seconds),
+                             before_sleep=warn)
+
+    return await first_try_then(call, retrying, REDIS_DOWN)

@@ -163,6 +163,7 @@ class Worker:
             if self.early_notices.pop(key, None):
                 self.interrupted.add(key)
             self.runs[key] = asyncio.create_task(self._serve(assignment))
+            await asyncio.sleep(0)  # let the run send its backend request before the next inbox read
 
     async def _control_loop(self, pubsub: PubSub) -> None:
         """Preemption and cancel notices: stop the named run now rather than at its next token."""

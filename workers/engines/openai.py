@@ -33,6 +33,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt,
 from sessions.runs import RunSpec
 from sluicegate.settings import Settings
 from workers.engines.base import EngineError
+from workers.retrying import first_try_then
 
 log = logging.getLogger(__name__)
 
@@ -183,19 +184,18 @@ class OpenAIEngine:
 
     async def _open(self, run: RunSpec, so_far: str) -> tuple[aiohttp.ClientResponse, Any, str | None]:
         """Connect and read up to the first token, retrying transient failures."""
-        retrying = AsyncRetrying(stop=stop_after_attempt(self.retries), reraise=True,
+        def retrying() -> AsyncRetrying:
+            return AsyncRetrying(stop=stop_after_attempt(self.retries), reraise=True,
                                  wait=wait_random_exponential(multiplier=self.backoff_initial, max=self.backoff_max),
                                  retry=retry_if_exception_type(Transient))
+
         try:
-            async for attempt in retrying:
-                with attempt:
-                    return await self._attempt(run, so_far)
+            return await first_try_then(lambda: self._attempt(run, so_far), retrying, (Transient,))
         except Transient as error:
             raise EngineError(f"backend {self.base_url} failed {self.retries} times before the first token; "
                               f"last error: {error}", transient=False) from error
         except Permanent as error:
             raise EngineError(f"backend {self.base_url} refused the request: {error}", transient=False) from error
-        raise AssertionError("unreachable")  # pragma: no cover
 
     async def _attempt(self, run: RunSpec, so_far: str) -> tuple[aiohttp.ClientResponse, Any, str | None]:
         try:
