@@ -1,10 +1,26 @@
-"""Load the Lua scripts: each file in lua/ gets common.lua prepended and is registered once."""
+"""The Lua scripts, loaded into Redis as one function library and called with FCALL.
+
+A function library is loaded once (FUNCTION LOAD) and kept by the server, persisted with its data:
+common.lua runs at load time and each script in lua/ becomes a function of the library. Sent as
+EVALSHA scripts, every call re-ran common.lua's definitions first, which measured about 37 µs of
+server time per call (most of a small script's cost). Redis >= 7.0 and Valkey have functions.
+
+The library's name and its functions' names carry a digest of the source, so processes of two
+versions (a rolling upgrade) each call their own code. A server that lost the library (a fresh or
+flushed server) gets it again on the first call that finds it missing.
+"""
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Awaitable, Callable, Sequence
 from functools import cache
 from pathlib import Path
 from typing import Any
+
+from redis import Redis
+from redis.asyncio import Redis as AsyncRedis
+from redis.exceptions import ResponseError
 
 from sessions.keys import BUCKETS
 
@@ -13,26 +29,88 @@ SCRIPT_NAMES = ("submit", "append", "finish", "handback", "cancel", "heartbeat",
                 "sweep", "read_log")
 
 
+def _common() -> str:
+    common = (LUA_DIR / "common.lua").read_text()
+    return common.replace("{{BUCKETS}}", ", ".join(repr(b) for b in BUCKETS))
+
+
 @cache
 def script_source(name: str) -> str:
-    common = (LUA_DIR / "common.lua").read_text()
-    common = common.replace("{{BUCKETS}}", ", ".join(repr(b) for b in BUCKETS))
-    return common + "\n" + (LUA_DIR / f"{name}.lua").read_text()
+    """One script's own text (without common.lua), as in its file."""
+    return (LUA_DIR / f"{name}.lua").read_text()
+
+
+@cache
+def _digest() -> str:
+    text = _common() + "".join(script_source(name) for name in SCRIPT_NAMES)
+    return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
+def function_name(name: str) -> str:
+    return f"sg_{_digest()}_{name}"
+
+
+@cache
+def library_source() -> str:
+    """The whole library: common.lua, then each script registered as a function of (KEYS, ARGV)."""
+    parts = [f"#!lua name=sluicegate_{_digest()}", _common()]
+    for name in SCRIPT_NAMES:
+        parts.append(f"redis.register_function('{function_name(name)}', function(KEYS, ARGV)\n"
+                     f"begin_call()\n{script_source(name)}\nend)")
+    return "\n".join(parts) + "\n"
+
+
+def _library_missing(error: ResponseError) -> bool:
+    return "function not found" in str(error).lower()
 
 
 class Scripts:
-    """The registered scripts for one Redis client (sync or asyncio): `scripts.submit(keys, args)`."""
+    """The library's functions for one Redis client (sync or asyncio): `scripts.submit(keys, args)`."""
 
-    def __init__(self, client: Any) -> None:
+    submit: Callable[..., Any]
+    append: Callable[..., Any]
+    finish: Callable[..., Any]
+    handback: Callable[..., Any]
+    cancel: Callable[..., Any]
+    heartbeat: Callable[..., Any]
+    register_worker: Callable[..., Any]
+    sweep: Callable[..., Any]
+    read_log: Callable[..., Any]
+
+    def __init__(self, client: Redis | AsyncRedis) -> None:
+        self.client = client
+        make = self._async_function if isinstance(client, AsyncRedis) else self._sync_function
         for name in SCRIPT_NAMES:
-            setattr(self, name, client.register_script(script_source(name)))
+            setattr(self, name, make(function_name(name)))
 
-    submit: Any
-    append: Any
-    finish: Any
-    handback: Any
-    cancel: Any
-    heartbeat: Any
-    register_worker: Any
-    sweep: Any
-    read_log: Any
+    def load(self) -> Any:
+        """Load (or reload) the library; an awaitable for an asyncio client."""
+        return self.client.function_load(library_source(), replace=True)
+
+    def _sync_function(self, fname: str) -> Callable[..., Any]:
+        client = self.client
+
+        def call(keys: Sequence[Any] = (), args: Sequence[Any] = ()) -> Any:
+            try:
+                return client.fcall(fname, len(keys), *keys, *args)
+            except ResponseError as error:
+                if not _library_missing(error):
+                    raise
+            self.load()
+            return client.fcall(fname, len(keys), *keys, *args)
+
+        return call
+
+    def _async_function(self, fname: str) -> Callable[..., Awaitable[Any]]:
+        client = self.client
+
+        async def call(keys: Sequence[Any] = (), args: Sequence[Any] = ()) -> Any:
+            try:
+                return await client.fcall(fname, len(keys), *keys, *args)  # type: ignore[misc]
+            except ResponseError as error:
+                if not _library_missing(error):
+                    raise
+            await self.load()
+            return await client.fcall(fname, len(keys), *keys, *args)  # type: ignore[misc]
+
+        return call

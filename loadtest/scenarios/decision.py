@@ -9,8 +9,8 @@ push, then a second pass that finds no slot and checks for preemption. Untimed a
 the run is finished without returning its slot and one new request is submitted, so the depth stays
 constant and the running set stays empty.
 
-The figure is the server-side execution time of that one EVALSHA (the change in INFO commandstats'
-EVALSHA microseconds across the call: no network, no client); the client round trip minus a PING
+The figure is the server-side execution time of that one FCALL (the change in INFO commandstats'
+FCALL microseconds across the call: no network, no client); the client round trip minus a PING
 round trip is reported beside it.
 """
 
@@ -29,7 +29,7 @@ from loadtest import plots
 from loadtest.common import percentile, print_table, progress, scratch_server, write_result
 from sessions.requests import NewRequest
 from sessions.runs import RunStore
-from sessions.scripts import script_source
+from sessions.scripts import Scripts
 from sessions.store import SessionStore
 
 PROMPT = "x" * 100  # a 100-character prompt, as in the memory figure
@@ -88,12 +88,12 @@ async def ping_rtt(redis: Redis, n: int = 500) -> float:
     return percentile(times, 50)
 
 
-async def evalsha_usec(redis: Redis) -> tuple[int, int]:
-    """Server time spent in EVALSHA so far (INFO commandstats, microseconds), and the number of
-    commands run other than EVALSHA and INFO (those a script ran, when nothing else runs)."""
+async def fcall_usec(redis: Redis) -> tuple[int, int]:
+    """Server time spent in FCALL (the scripts) so far (INFO commandstats, microseconds), and the
+    number of commands run other than FCALL and INFO (those a script ran, when nothing else runs)."""
     stats = await redis.info("commandstats")
-    inner = sum(int(v["calls"]) for k, v in stats.items() if k not in ("cmdstat_evalsha", "cmdstat_info"))
-    return int(stats.get("cmdstat_evalsha", {}).get("usec", 0)), inner
+    inner = sum(int(v["calls"]) for k, v in stats.items() if k not in ("cmdstat_fcall", "cmdstat_info"))
+    return int(stats.get("cmdstat_fcall", {}).get("usec", 0)), inner
 
 
 async def measure(redis: Redis, filler: Filler, workers: dict[str, RunStore], samples: int,
@@ -107,11 +107,11 @@ async def measure(redis: Redis, filler: Filler, workers: dict[str, RunStore], sa
     dispatched = 0
     for i in range(samples):
         store = workers[groups[i % len(groups)]]
-        usec, inner = await evalsha_usec(redis)
+        usec, inner = await fcall_usec(redis)
         t0 = time.perf_counter()
         started = await store.set_free_slots(1)
         rtts.append(time.perf_counter() - t0 - baseline)
-        usec_after, inner_after = await evalsha_usec(redis)
+        usec_after, inner_after = await fcall_usec(redis)
         server.append((usec_after - usec) / 1000)
         calls.append(inner_after - inner)
         dispatched += started
@@ -136,8 +136,7 @@ async def scenario(args: argparse.Namespace) -> dict[str, Any]:
         filler = Filler(store, random.Random(args.seed), args.tenants, args.groups)
         workers = {f"g{g}": RunStore(redis, worker_id=f"bench.g{g}", group=f"g{g}", lease_seconds=3600,
                                      session_ttl=3600) for g in range(args.groups)}
-        # Scripts are registered on first use: load it now so no sample pays a NOSCRIPT retry.
-        await redis.script_load(script_source("register_worker"))
+        await Scripts(redis).load()  # now, so that no sample pays for loading the library
         rows = []
         for size in sizes:
             missing = size - await _queued(redis)
@@ -167,7 +166,7 @@ async def _queued(redis: Redis) -> int:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     result = asyncio.run(scenario(args))
     rows = result["rows"]
-    print("\nScheduling decision (register one slot -> one dispatch), server-side EVALSHA time:")
+    print("\nScheduling decision (register one slot -> one dispatch), server-side FCALL time:")
     print_table(rows, ["queued", "samples", "p50_ms", "p99_ms", "max_ms", "rtt_p50_ms", "rtt_p99_ms", "ping_ms",
                        "commands", "us_per_command", "used_memory_mb"])
     print("(commands: Redis commands the decision script ran, median; us_per_command: p50 time / commands)")

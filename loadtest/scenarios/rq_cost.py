@@ -90,7 +90,7 @@ async def measure_sluicegate(url: str, n: int) -> dict[str, Any]:
 
 
 def script_costs(client: redis.Redis) -> list[dict[str, Any]]:
-    """Server-side microseconds per call of each command (evalsha = the scripts) and of rq's commands."""
+    """Server-side microseconds per call of each command (fcall = the scripts) and of rq's commands."""
     stats = client.info("commandstats")
     rows = []
     for name, s in sorted(stats.items(), key=lambda kv: -kv[1]["usec"]):
@@ -133,7 +133,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     print_table(rows)
     print("\nserver-side cost per command, rq run:")
     print_table(rq_stats)
-    print("\nserver-side cost per command, sluicegate run (evalsha = the Lua scripts):")
+    print("\nserver-side cost per command, sluicegate run (fcall = the Lua scripts):")
     print_table(sg_stats)
     rq_total = rows[2]["mean_ms"]
     print(f"\nrq: {rq_total:.2f} ms per job before any token; sluicegate: {total:.2f} ms per request "

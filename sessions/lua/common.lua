@@ -1,5 +1,7 @@
--- common.lua: helpers shared by every Sluicegate script; sessions/scripts.py prepends this file
--- to each script. It takes no KEYS or ARGV of its own.
+-- common.lua: helpers shared by every Sluicegate script. sessions/scripts.py loads this file and
+-- every script as one function library (FUNCTION LOAD): this part runs once, at load, and each
+-- script becomes a function that calls begin_call() first. It takes no KEYS or ARGV of its own.
+-- Locals here outlive a call, so anything cached per call must be reset in begin_call().
 --
 -- Keyspace (every key starts with "sg:"; the README's "Keyspace" section is the full table):
 --   sg:r:<rid>              hash   one request (short field names, see api/views.py)
@@ -56,7 +58,12 @@ local POLICY_DEFAULTS = {
   w_in = 1, w_out = 2, est = 1, min_run = 50, max_pre = 20,
   mw0 = 60, mw1 = 60, mw2 = 60, mw3 = 60, mw4 = 60, mw5 = 60, mw6 = 60, mw7 = 60, mw8 = 60, mw9 = 60,
 }
-local policy_cache = nil
+local policy_cache = nil -- per call: an admin may change sg:policy between two calls
+
+local function begin_call()
+  policy_cache = nil
+end
+
 local function policy()
   if policy_cache then return policy_cache end
   policy_cache = {}
