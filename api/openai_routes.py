@@ -24,12 +24,11 @@ from typing import Any
 
 import orjson
 from fastapi import APIRouter, Depends, Request
-from starlette.responses import StreamingResponse
 
 from api.auth import Principal
 from api.errors import ApiError, error_response
 from api.requests_routes import check_session_id, submit_request
-from api.responses import JSON
+from api.responses import JSON, EventStreamResponse
 from api.schemas import NAME_PATTERN, ChatBody, SubmitBody, parse_priority
 from api.services import Services, principal, services
 from api.streaming import PING
@@ -169,8 +168,8 @@ async def chat_completions(body: ChatBody, request: Request, who: Principal = De
     completion = Completion(new, body.model or new.group,
                             include_usage=isinstance(options, dict) and bool(options.get("include_usage")))
     if body.stream:
-        return StreamingResponse(sse_chunks(svc, new, completion, first), media_type="text/event-stream",
-                                 headers={**headers, "Cache-Control": "no-store"})
+        return EventStreamResponse(sse_chunks(svc, new, completion, first),
+                                   headers={**headers, "Cache-Control": "no-store"})
     async for batch in request_events(svc, new, first=first):
         for event in batch:
             if event.name == "token":

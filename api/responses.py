@@ -1,13 +1,66 @@
-"""JSON responses rendered with orjson (FastAPI's JSON is deprecated)."""
+"""Response classes: JSON rendered with orjson (FastAPI's JSON is deprecated), and a lean event stream."""
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
+from starlette.types import Receive, Scope, Send
 
 
 class JSON(JSONResponse):
     def render(self, content: Any) -> bytes:
         return orjson.dumps(content)
+
+
+class EventStreamResponse(Response):
+    """A streamed body that sends its status line and headers together with its first chunk.
+
+    Starlette's StreamingResponse sends the headers at once and watches for a disconnect in an anyio
+    task group of its own; for a chat stream that is a wake-up of the client and a task group per
+    request, both while the first token is on its way. Here the headers leave with the first chunk
+    (a token, or the first keep-alive ping), and a disconnect cancels the streaming task directly.
+    A client that leaves stops only this response; the generation goes on.
+    """
+
+    media_type = "text/event-stream"
+
+    def __init__(self, chunks: AsyncIterator[bytes], headers: dict[str, str]) -> None:
+        self.status_code = 200
+        self.background = None
+        self.init_headers(headers)  # no body set: no content-length, so the body goes out chunked
+        self.chunks = chunks
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        streaming = asyncio.current_task()
+        left = False
+
+        async def watch() -> None:
+            nonlocal left
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            left = True
+            if streaming is not None:
+                streaming.cancel()
+
+        watcher = asyncio.ensure_future(watch())
+        started = False
+        try:
+            async for chunk in self.chunks:
+                if not started:
+                    await send({"type": "http.response.start", "status": self.status_code,
+                                "headers": self.raw_headers})
+                    started = True
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            if not started:
+                await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except asyncio.CancelledError:
+            if not left:
+                raise
+        finally:
+            watcher.cancel()
+            await self.chunks.aclose()  # type: ignore[attr-defined]

@@ -80,7 +80,8 @@ class EventStream:
                 yield batch
             while not self.finished:
                 try:
-                    live = await asyncio.wait_for(reader.queue.get(), self.idle_seconds)
+                    async with asyncio.timeout(self.idle_seconds):  # no task per wait, unlike wait_for
+                        live = await reader.queue.get()
                 except TimeoutError:
                     live = None
                 if live is None or reader.overflowed or (live and live[0].seq > self.cursor + 1):

@@ -133,3 +133,28 @@ def test_a_failed_generation_maps_to_an_openai_error(redis_url: str) -> None:
         assert dead in reply["error"]["message"]
     finally:
         stack.stop()
+
+
+def test_a_client_that_leaves_a_chat_stream_frees_it_and_the_generation_goes_on(stack: Stack) -> None:
+    import http.client
+    import json
+    import time
+
+    host, port = stack.base_url.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=10)
+    connection.request("POST", "/v1/chat/completions", json.dumps(  # 4000 tokens at 400/s: 10 s
+        {"model": "m", "stream": True, "max_tokens": 4000, "messages": MESSAGES}), {"content-type": "application/json"})
+    response = connection.getresponse()
+    rid = response.getheader("x-request-id")
+    assert response.status == 200 and response.readline().startswith(b"data: ")  # the first token arrived
+    connection.sock.shutdown(2)  # type: ignore[union-attr]
+    connection.close()
+    deadline = time.monotonic() + 5
+    while call("GET", f"{stack.base_url}/healthz")[1]["open_streams"] != 0:
+        assert time.monotonic() < deadline, "the stream stayed open after its client left"
+        time.sleep(0.02)
+    produced = request_status(stack, rid)["tokens"]
+    time.sleep(0.3)
+    status = request_status(stack, rid)
+    assert status["status"] == "running" and status["tokens"] > produced  # the generation went on
+    assert call("DELETE", f"{stack.base_url}/v1/requests/{rid}")[0] == 200
