@@ -187,3 +187,21 @@ def test_weights_through_the_api_steer_dispatch(redis_url: str) -> None:
         assert first_ten["b"] >= 7, first_ten
     finally:
         stack.stop()
+
+
+def test_a_counter_raised_in_another_class_still_decides_within_this_one(r: redis.Redis) -> None:
+    """A dispatch raises its tenant's counter without rewriting the tenant's score in its other classes;
+    the decision must still go by the counter. a runs in class 7 (counter 0 -> 30) while a and b both
+    wait in class 5 with scores 0 there: b (counter 0) goes first, not a (score 0, counter 30)."""
+    h = Harness(r)
+    a7 = h.submit("a7", tenant="a", priority=7, max_tokens=10, prompt=PROMPT)
+    a5 = h.submit("a5", tenant="a", priority=5, max_tokens=10, prompt=PROMPT)
+    b5 = h.submit("b5", tenant="b", priority=5, max_tokens=10, prompt=PROMPT)
+    h.add_worker("w1", slots=1)
+    assert h.dispatched_rids() == [a7] and h.vtc("a") == 30 and h.vtc("b") == 0
+    assert r.zscore(keys.group_key("default", "c5"), "a") == 0  # lagging behind a's counter
+    h.complete(a7)  # produced exactly its estimate: nothing to reconcile, the score still lags
+    assert h.dispatched_rids() == [a7, b5]
+    assert r.zscore(keys.group_key("default", "c5"), "a") == 30  # caught up when it came to the head
+    h.complete(b5)
+    assert h.dispatched_rids() == [a7, b5, a5]

@@ -126,18 +126,38 @@ local function depth(r, by)
 end
 
 ---------------------------------------------------------------------------------------------------
--- Virtual token counters (weighted VTC). A counter lives in vtc and, while the tenant is
--- backlogged, as its score in bt and in every class zset it is part of.
+-- Virtual token counters (weighted VTC). A counter lives in vtc (the truth) and, while the tenant
+-- is backlogged, as its score in bt (always current) and in every class zset it is part of, where
+-- the score may lag behind the counter but is never ahead of it. A dispatch raises its tenant's
+-- counter without touching the class zsets (up to ten writes saved per decision); pick_tenant
+-- catches a lagging head up before taking it. A counter that goes down (a run produced less than
+-- its estimate) is written to every class zset at once: a score ahead of its counter would hide
+-- the tenant from pick_tenant.
 ---------------------------------------------------------------------------------------------------
 local function vtc_get(group, tenant)
   return tonumber(redis.call('HGET', kg(group, 'vtc'), tenant) or '0') or 0
 end
 
-local function vtc_set(group, tenant, value)
+local function vtc_set(group, tenant, value, old)
   redis.call('HSET', kg(group, 'vtc'), tenant, value)
   redis.call('ZADD', kg(group, 'bt'), 'XX', value, tenant)
-  for _, cls in ipairs(redis.call('ZRANGE', kg(group, 'cls'), 0, -1)) do
-    redis.call('ZADD', kg(group, 'c' .. cls), 'XX', value, tenant)
+  if value < old then
+    for _, cls in ipairs(redis.call('ZRANGE', kg(group, 'cls'), 0, -1)) do
+      redis.call('ZADD', kg(group, 'c' .. cls), 'XX', value, tenant)
+    end
+  end
+end
+
+-- The backlogged tenant of class `cls` with the least counter, and that counter. Scores lag, never
+-- lead: a head whose score equals its counter has the least counter of all. A lagging head is
+-- caught up and the next head looked at (each catch-up is one lag fewer, so this ends).
+local function pick_tenant(group, cls)
+  local zset = kg(group, 'c' .. cls)
+  while true do
+    local head = redis.call('ZRANGE', zset, 0, 0, 'WITHSCORES')
+    local counter = vtc_get(group, head[1])
+    if tonumber(head[2]) >= counter then return head[1], counter end
+    redis.call('ZADD', zset, counter, head[1])
   end
 end
 
@@ -271,7 +291,10 @@ local function end_run(rid, r, now)
   local produced = tonumber(r.n) - tonumber(r.dn or r.n)
   local pol = policy()
   local correction = pol.w_out * (produced - tonumber(r.ce or produced)) / weight(r.tn)
-  if correction ~= 0 then vtc_set(r.g, r.tn, vtc_get(r.g, r.tn) + correction) end
+  if correction ~= 0 then
+    local counter = vtc_get(r.g, r.tn)
+    vtc_set(r.g, r.tn, counter + correction, counter)
+  end
   quota_refund(r.g, tonumber(r.cr or produced) - produced, now)
 end
 
@@ -294,25 +317,24 @@ local function assignment(rid, attempt, r)
   return rid .. '|' .. attempt .. '\n' .. cjson.encode(spec)
 end
 
-local function start_run(group, cls, tenant, sid, rid, wid, cfg, now, lease)
+-- The request fields a dispatch reads: the quota gate's, start_run's and the assignment's.
+local DISPATCH_FIELDS = { 'mt', 'n', 'a', 'it', 'sub', 'p', 'tn', 'g', 'sid', 'ik', 'pa' }
+
+local function start_run(group, cls, tenant, counter, sid, rid, r, wid, cfg, now, lease)
   remove_ready(sid, group, tenant, cls)
-  local r = load(rid, { 'n', 'mt', 'it', 'sub', 'p', 'tn', 'g', 'sid', 'ik', 'pa' })
-  local attempt = redis.call('HINCRBY', kreq(rid), 'a', 1)
+  local attempt = tonumber(r.a) + 1
   local produced = tonumber(r.n)
   local remaining = tonumber(r.mt) - produced
   local pol = policy()
   local estimate = math.ceil(remaining * pol.est)
   local input_cost = (produced == 0 and attempt == 1) and pol.w_in * tonumber(r.it) or 0
-  local counter = vtc_get(group, tenant) + (input_cost + pol.w_out * estimate) / weight(tenant)
-  vtc_set(group, tenant, counter)
-  redis.call('SET', kg(group, 'vlast'), counter)
+  local charged = counter + (input_cost + pol.w_out * estimate) / weight(tenant)
+  vtc_set(group, tenant, charged, counter)
+  redis.call('SET', kg(group, 'vlast'), charged)
   quota_take(group, cfg, remaining, attempt == 1, now)
-  redis.call('HSET', kreq(rid), 'st', 'running', 'w', wid, 'ds', now, 'dn', produced, 'ce', estimate,
-    'cr', remaining)
-  if attempt == 1 then
-    redis.call('HSET', kreq(rid), 'sa', now)
-    observe('wait', group .. '|' .. r.p, (now - tonumber(r.sub)) / 1000)
-  end
+  redis.call('HSET', kreq(rid), 'st', 'running', 'a', attempt, 'w', wid, 'ds', now, 'dn', produced,
+    'ce', estimate, 'cr', remaining, attempt == 1 and 'sa' or 'ds', now)
+  if attempt == 1 then observe('wait', group .. '|' .. r.p, (now - tonumber(r.sub)) / 1000) end
   depth(r, -1)
   redis.call('ZADD', kg(group, 'run'), tonumber(cls) * RANK + (RANK - now), rid)
   redis.call('ZADD', PREFIX .. 'leases', now + lease, rid)
@@ -351,6 +373,9 @@ end
 -- min-run quantum is passed over only for an older run of its own class, never for a higher
 -- class: the group is woken when the quantum ends and the victim is taken then.
 local function preempt_for(group, top, now, lease)
+  -- The lowest-ranked runs first: most decisions end here, when none ranks below the waiting class.
+  local victims = redis.call('ZRANGE', kg(group, 'run'), 0, 31, 'WITHSCORES')
+  if #victims == 0 or math.floor(tonumber(victims[2]) / RANK) >= math.min(top, 9) then return end
   if top > 9 then
     top = tonumber(redis.call('ZREVRANGEBYSCORE', kg(group, 'cls'), 9, '-inf', 'LIMIT', 0, 1)[1])
     if not top then return end
@@ -361,7 +386,6 @@ local function preempt_for(group, top, now, lease)
   local waiting = {}
   local counts = redis.call('HGETALL', kg(group, 'cn'))
   for i = 1, #counts, 2 do waiting[tonumber(counts[i])] = tonumber(counts[i + 1]) end
-  local victims = redis.call('ZRANGE', kg(group, 'run'), 0, 31, 'WITHSCORES')
   local quantum_cls = nil
   for i = 1, #victims, 2 do
     local vcls = math.floor(tonumber(victims[i + 1]) / RANK)
@@ -388,33 +412,35 @@ end
 local function dispatch(group, now, lease)
   local started = 0
   local cfg = quota_config(group)
-  local rate_limited = cfg.rps or cfg.tps
+  -- With no rate quota to consult, a free slot is all a request waits for: take the ticket first,
+  -- and with none (the common case under load) skip the tenant/session/request lookup.
+  local ticket_first = not (cfg.rps or cfg.tps)
   for _ = 1, 64 do
     local top = redis.call('ZREVRANGE', kg(group, 'cls'), 0, 0)[1]
     if not top then break end
-    if not rate_limited and redis.call('LLEN', kg(group, 'idle')) == 0 then
-      -- No free slot and no rate quota to consult: only a preemption can make room (the common
-      -- case under load, so it skips the tenant/session/request lookup).
+    local wid = ticket_first and take_ticket(group)
+    if ticket_first and not wid then
       preempt_for(group, tonumber(top), now, lease)
       break
     end
-    local tenant = redis.call('ZRANGE', kg(group, 'c' .. top), 0, 0)[1]
+    local tenant, counter = pick_tenant(group, top)
     local sid = redis.call('ZRANGE', kg(group, 'c' .. top .. ':' .. tenant), 0, 0)[1]
     local rid = redis.call('LINDEX', kqueue(sid), 0)
-    local r = load(rid, { 'mt', 'n', 'a' })
+    local r = load(rid, DISPATCH_FIELDS)
     local reserve = tonumber(r.mt) - tonumber(r.n)
     local ok, wake, why = quota_gate(group, cfg, reserve, tonumber(r.a) == 0, now)
     if not ok then
+      if wid then redis.call('RPUSH', kg(group, 'idle'), wid) end -- the ticket goes back where it was
       redis.call('HSET', kg(group, 'qs'), 'throttled', why, 'throttled_at', now)
       if wake then note_wake(group, wake) else preempt_for(group, tonumber(top), now, lease) end
       break
     end
-    local wid = take_ticket(group)
+    wid = wid or take_ticket(group)
     if not wid then
       preempt_for(group, tonumber(top), now, lease)
       break
     end
-    start_run(group, top, tenant, sid, rid, wid, cfg, now, lease)
+    start_run(group, top, tenant, counter, sid, rid, r, wid, cfg, now, lease)
     started = started + 1
   end
   return started
