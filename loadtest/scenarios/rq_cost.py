@@ -65,7 +65,7 @@ async def measure_sluicegate(url: str, n: int) -> dict[str, Any]:
     store = SessionStore(client, session_ttl=3600, lease_seconds=600)
     worker = RunStore(client, worker_id="bench.rq-cost.0.x", group="bench", lease_seconds=600, session_ttl=3600)
     await worker.set_free_slots(1)
-    spans: dict[str, list[float]] = {"submit+dispatch": [], "pickup (BLPOP inbox)": [], "spec": [], "finish": []}
+    spans: dict[str, list[float]] = {"submit+dispatch": [], "pickup (BRPOP inbox)": [], "spec": [], "finish": []}
     for i in range(n):
         req = NewRequest(session_id=f"rq-cost-{i}", max_tokens=16, priority=5, tenant="t", group="bench",
                          prompt="tell me about the river that runs under the stone mill")
@@ -82,7 +82,7 @@ async def measure_sluicegate(url: str, n: int) -> dict[str, Any]:
                                        return_slot=True)
         t4 = time.perf_counter()
         assert finished
-        for name, a, b in (("submit+dispatch", t0, t1), ("pickup (BLPOP inbox)", t1, t2), ("spec", t2, t3),
+        for name, a, b in (("submit+dispatch", t0, t1), ("pickup (BRPOP inbox)", t1, t2), ("spec", t2, t3),
                            ("finish", t3, t4)):
             spans[name].append((b - a) * 1000)
     await client.aclose()

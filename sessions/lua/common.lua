@@ -318,7 +318,7 @@ local function assignment(rid, attempt, r)
 end
 
 -- The request fields a dispatch reads: the quota gate's, start_run's and the assignment's.
-local DISPATCH_FIELDS = { 'mt', 'n', 'a', 'it', 'sub', 'p', 'tn', 'g', 'sid', 'ik', 'pa' }
+local DISPATCH_FIELDS = { 'mt', 'n', 'a', 'it', 'sub', 'p', 'ep', 'tn', 'g', 'sid', 'ik', 'pa' }
 
 local function start_run(group, cls, tenant, counter, sid, rid, r, wid, cfg, now, lease)
   remove_ready(sid, group, tenant, cls)
@@ -444,6 +444,25 @@ local function dispatch(group, now, lease)
     started = started + 1
   end
   return started
+end
+
+-- A request that becomes ready while nothing else in its group is ready is the decision's only
+-- candidate: start it at once when the quota and a free slot allow, without passing through the
+-- ready set (about twenty commands saved on the way to its first token). Its tenant returns from
+-- idle: as in make_ready, its counter is lifted to the last dispatched counter (no tenant is
+-- backlogged). Returns false, having changed nothing, when the decision must go the usual way.
+local function start_alone(rid, now, lease)
+  local r = load(rid, DISPATCH_FIELDS)
+  local group, tenant = r.g, r.tn
+  if redis.call('EXISTS', kg(group, 'cls')) == 1 then return false end
+  local cfg = quota_config(group)
+  if not quota_gate(group, cfg, tonumber(r.mt) - tonumber(r.n), tonumber(r.a) == 0, now) then return false end
+  local wid = take_ticket(group)
+  if not wid then return false end
+  local counter = math.max(vtc_get(group, tenant), tonumber(redis.call('GET', kg(group, 'vlast')) or '0'))
+  redis.call('HSET', kreq(rid), 'rs', now)
+  start_run(group, r.ep, tenant, counter, r.sid, rid, r, wid, cfg, now, lease)
+  return true
 end
 
 ---------------------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ redis.call('HSET', KEYS[1], 'fs', seq)
 redis.call('SADD', PREFIX .. 'groups', group)
 count('requests', group .. '|' .. prio .. '|' .. tenant .. '|submitted')
 depth({ g = group, p = prio, tn = tenant }, 1)
-if position == 1 then
+if position == 1 and not start_alone(rid, now, lease) then
   make_ready(rid, now)
   dispatch(group, now, lease)
 end
