@@ -57,10 +57,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="Sluicegate", version="0.1.0", lifespan=lifespan, default_response_class=JSON,
                   telemetry={"tracing": False, "metrics": False, "logs": False})
     install_error_handlers(app)
+    # Routes are matched in order, each one tried in turn: the per-request paths go first.
+    app.include_router(openai_routes.router)
     app.include_router(requests_routes.router)
     app.include_router(streaming.router)
     app.include_router(admin_routes.router)
-    app.include_router(openai_routes.router)
 
     @app.get("/healthz")
     async def healthz(request: Request) -> JSON:

@@ -23,7 +23,9 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
 
 from api.auth import Principal
 from api.errors import ApiError, error_response
@@ -158,8 +160,26 @@ async def sse_chunks(svc: Services, new: NewRequest, completion: Completion, fir
                 yield b"".join(out)
 
 
-@router.post("/v1/chat/completions")
-async def chat_completions(body: ChatBody, request: Request, who: Principal = Depends(principal)):
+async def chat_body(request: Request) -> ChatBody:
+    """The body, validated here rather than by FastAPI's body and dependency machinery (measured: about
+    a fifth of this route's CPU before the submit, on the path of every first token). Errors go
+    through the same 422 handler as everywhere else."""
+    try:
+        return ChatBody.model_validate_json(await request.body())
+    except ValidationError as error:
+        raise RequestValidationError(error.errors(include_url=False)) from None
+
+
+# The body as FastAPI would document it (Message is a component already, through SubmitBody).
+CHAT_SCHEMA = ChatBody.model_json_schema(ref_template="#/components/schemas/{model}")
+CHAT_SCHEMA.pop("$defs", None)
+
+
+@router.post("/v1/chat/completions", openapi_extra={
+    "requestBody": {"required": True, "content": {"application/json": {"schema": CHAT_SCHEMA}}}})
+async def chat_completions(request: Request):
+    body = await chat_body(request)
+    who = await principal(request)
     svc = services(request)
     new = new_request(body, request, who)
     first = int((await submit_request(request, who, new))["first_event_id"])

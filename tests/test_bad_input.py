@@ -113,6 +113,16 @@ def test_chat_completions_bad_input(stack: Stack, r: redis.Redis) -> None:
     ]:
         code, reply = call("POST", url, body, headers=headers)
         assert_error(code, reply, 422, *words, what=f"chat: {what}")
+    for what, raw, words in [  # the route validates its body itself: the same 422s as FastAPI's
+        ("malformed JSON", b'{"messages": [', ("json",)),
+        ("empty body", b"", ()),
+        ("JSON array", b"[]", ()),
+        ("messages not a list", b'{"messages": "hi"}', ("messages",)),
+        ("role missing", b'{"messages": [{"content": "hi"}]}', ("role",)),
+        ("lone surrogate", b'{"messages": [{"role": "user", "content": "a\\udfffb"}]}', ()),
+    ]:
+        code, reply = call("POST", url, raw=raw)
+        assert_error(code, reply, 422, *words, what=f"chat: {what}")
     assert r.keys("sg:r:*") == [] and r.keys("sg:s:*") == []
 
 

@@ -312,7 +312,7 @@ end
 local INLINE_INPUT = 8192
 local function assignment(rid, attempt, r)
   local spec = { sid = r.sid, g = r.g, tn = r.tn, p = r.p, mt = r.mt, n = r.n, ik = r.ik, pa = r.pa }
-  local text = redis.call('GET', kinput(rid))
+  local text = r['in'] or redis.call('GET', kinput(rid))
   if text and #text <= INLINE_INPUT then spec['in'] = text end
   return rid .. '|' .. attempt .. '\n' .. cjson.encode(spec)
 end
@@ -450,9 +450,9 @@ end
 -- candidate: start it at once when the quota and a free slot allow, without passing through the
 -- ready set (about twenty commands saved on the way to its first token). Its tenant returns from
 -- idle: as in make_ready, its counter is lifted to the last dispatched counter (no tenant is
--- backlogged). Returns false, having changed nothing, when the decision must go the usual way.
-local function start_alone(rid, now, lease)
-  local r = load(rid, DISPATCH_FIELDS)
+-- backlogged). `r`: the request's DISPATCH_FIELDS, as submit just stored them (and `in`, its input).
+-- Returns false, having changed nothing, when the decision must go the usual way.
+local function start_alone(rid, r, now, lease)
   local group, tenant = r.g, r.tn
   if redis.call('EXISTS', kg(group, 'cls')) == 1 then return false end
   local cfg = quota_config(group)
@@ -460,7 +460,6 @@ local function start_alone(rid, now, lease)
   local wid = take_ticket(group)
   if not wid then return false end
   local counter = math.max(vtc_get(group, tenant), tonumber(redis.call('GET', kg(group, 'vlast')) or '0'))
-  redis.call('HSET', kreq(rid), 'rs', now)
   start_run(group, r.ep, tenant, counter, r.sid, rid, r, wid, cfg, now, lease)
   return true
 end

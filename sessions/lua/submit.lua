@@ -18,19 +18,28 @@ if redis.call('EXISTS', KEYS[1]) == 1 then return { 'ok', redis.call('HGET', KEY
 local owner = redis.call('HGET', KEYS[2], 'tn')
 if ARGV[12] ~= '' and owner and owner ~= ARGV[12] then return { 'forbidden', owner } end
 local now = clock()
-redis.call('HSET', KEYS[1], 'sid', sid, 'tn', tenant, 'g', group, 'p', prio, 'ep', prio, 'mt', ARGV[7],
-  'ik', ARGV[9], 'pa', ARGV[10], 'it', ARGV[11], 'st', 'queued', 'sub', now, 'n', 0, 'a', 0)
-redis.call('SET', KEYS[5], ARGV[8])
 if not owner then redis.call('HSET', KEYS[2], 'tn', tenant) end
-redis.call('PERSIST', KEYS[2])
-redis.call('PERSIST', KEYS[4])
 local position = redis.call('RPUSH', KEYS[3], rid)
+if position == 1 then -- the session was idle, so its meta and log had a TTL
+  redis.call('PERSIST', KEYS[2])
+  redis.call('PERSIST', KEYS[4])
+end
 local seq = emit(sid, 'queued', rid, { request_id = rid, priority = tonumber(prio), position = position - 1 })
-redis.call('HSET', KEYS[1], 'fs', seq)
+-- At the head of its session's queue the request is ready from now on (rs: its ready time).
+local r = { sid = sid, tn = tenant, g = group, p = prio, ep = prio, mt = ARGV[7], ik = ARGV[9], pa = ARGV[10],
+  it = ARGV[11], st = 'queued', sub = now, n = 0, a = 0, fs = seq, rs = position == 1 and now or nil }
+local fields = {}
+for name, value in pairs(r) do
+  fields[#fields + 1] = name
+  fields[#fields + 1] = value
+end
+redis.call('HSET', KEYS[1], unpack(fields))
+redis.call('SET', KEYS[5], ARGV[8])
 redis.call('SADD', PREFIX .. 'groups', group)
 count('requests', group .. '|' .. prio .. '|' .. tenant .. '|submitted')
-depth({ g = group, p = prio, tn = tenant }, 1)
-if position == 1 and not start_alone(rid, now, lease) then
+depth(r, 1)
+r['in'] = ARGV[8] -- carried into the assignment when it is short (no read back)
+if position == 1 and not start_alone(rid, r, now, lease) then
   make_ready(rid, now)
   dispatch(group, now, lease)
 end
