@@ -12,6 +12,9 @@ Against `sluicegate serve` (sim engine, 2 workers x 8 slots by default).
     time to first token: below capacity a request is dispatched inside its own submit script, so its
     wait is ~0 and a ratio of waits has no meaning; TTFT includes the engine's prefill, as a user sees it.
 Writes docs/priority_wait.png: wait by priority over time through both load levels.
+Aging, with (ii) alone: `--skip i --loads 1.5 --mix 2:0.1,7:0.9 --serve-flag=--max-wait-seconds=5`
+keeps high-priority load above capacity, so low requests only start once promoted: their wait should
+stay within the max wait + 1 s (wait_max_ms of priority 2).
 """
 
 from __future__ import annotations
@@ -151,6 +154,7 @@ async def overload(args: argparse.Namespace, base: str, http: aiohttp.ClientSess
         w, t = stats(b["wait"]), stats(b["ttft"])
         rows.append({"load": load, "priority": priority, "sampled": len(b["wait"]) + len(b["unstarted"]),
                      "not_started": len(b["unstarted"]), "wait_p50_ms": w["p50_ms"], "wait_p99_ms": w["p99_ms"],
+                     "wait_max_ms": w["max_ms"],
                      "ttft_p50_ms": t["p50_ms"], "ttft_p99_ms": t["p99_ms"]})
     high = {row["load"]: row for row in rows if row["priority"] == args.high}
     lo, hi = min(loads), max(loads)
