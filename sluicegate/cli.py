@@ -88,8 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     defaults = Settings()
     types = {f.name: f.type for f in fields(Settings)}
     for command, (description, names) in COMMANDS.items():
-        p = sub.add_parser(command, help=description, description=description,
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        p = sub.add_parser(command, help=description, description=description)  # defaults: in each help text
         for name in names:
             env = ENV_PREFIX + name.upper()
             text = f"{HELP[name]} [env {env}]"
@@ -102,8 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
                 kind = float
             elif "int" in str(types[name]):
                 kind = int
-            p.add_argument(flag(name), dest=name, type=kind, default=None,
-                           help=f"{text} (default: {getattr(defaults, name)})")
+            default = getattr(defaults, name)
+            shown = f" (default: {default})" if default not in (None, "") else ""  # unset: the help says why
+            p.add_argument(flag(name), dest=name, type=kind, default=None, help=text + shown)
     sub.add_parser("bench", help="run a benchmark scenario: `sluicegate bench --help` lists them", add_help=False)
     return parser
 

@@ -1,0 +1,24 @@
+"""The command line: every command documents each flag once, with its environment variable and its
+real default (never a second, argparse-made "(default: None)")."""
+
+from __future__ import annotations
+
+import argparse
+
+from sluicegate.cli import COMMANDS, build_parser
+from sluicegate.settings import Settings
+
+
+def test_each_flag_shows_its_variable_and_default_once() -> None:
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    defaults = Settings()
+    for command, (_, names) in COMMANDS.items():
+        text = " ".join(commands[command].format_help().split())  # unwrap argparse's line breaks
+        assert "(default: None)" not in text and "(default: )" not in text, command
+        for name in names:
+            assert f"[env SLUICEGATE_{name.upper()}]" in text, (command, name)
+            default = getattr(defaults, name)
+            if default not in (None, "") and not isinstance(default, bool):
+                assert text.count(f"(default: {default})") >= 1, (command, name)
+    assert "(default: 8000)" in " ".join(commands["serve"].format_help().split())
