@@ -3,6 +3,7 @@ before each test; an in-process stack on top of it."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
@@ -14,7 +15,9 @@ from tests.helpers import Stack, fast_settings
 
 @pytest.fixture(scope="session")
 def valkey_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedServer]:
-    server = EmbeddedServer(data_dir=str(tmp_path_factory.mktemp("valkey")), persistent=False).start()
+    # SLUICEGATE_TEST_SERVER=/usr/bin/redis-server runs the suite against another server binary.
+    server = EmbeddedServer(data_dir=str(tmp_path_factory.mktemp("valkey")), persistent=False,
+                            binary=os.environ.get("SLUICEGATE_TEST_SERVER") or None).start()
     yield server
     server.stop()
 
