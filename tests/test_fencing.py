@@ -14,7 +14,14 @@ from sessions import keys
 from sessions.runs import Assignment, RunStore
 from sessions.scripts import Scripts
 from tests.helpers import Stack, call, fast_settings, sse, submit
-from tests.worker_helpers import Listener, WorkerProcess, assert_tickets_balanced, on_loop, token_indices, token_text
+from tests.worker_helpers import (
+    Listener,
+    assert_tickets_balanced,
+    on_loop,
+    stream_on_one_of_two_workers,
+    token_indices,
+    token_text,
+)
 from workers.engines.sim import SimEngine, prompt_seed, sim_text, sim_token
 from workers.runner import Run, token_data
 
@@ -95,20 +102,10 @@ def test_a_paused_worker_wakes_up_fenced(redis_url: str, r: redis.Redis, tmp_pat
     """SIGSTOP a worker mid-stream until its lease lapses and the run resumes on the other worker,
     then SIGCONT it: nothing it writes lands (no index twice, one `done`), and it re-offers its
     slots (dispatch dropped its tickets while it was gone), so the ledger balances with both alive."""
-    settings = fast_settings(redis_url, sim_tokens_per_second=100.0, lease_seconds=1.5, heartbeat_seconds=0.3,
-                             slots=2)
-    stack = Stack(settings).start(workers=0)
-    workers = [WorkerProcess(settings, str(tmp_path / f"w{i}.log")) for i in range(2)]
-    try:
-        by_id = {w.registered(r): w for w in workers}
-        prompt = "sleeping beauty"
-        rid = submit(stack.base_url, "zombie", prompt=prompt, max_tokens=250)
-        listener = Listener(stack.base_url, rid)
-        started, _ = listener.first(lambda e: e.event == "started")
-        zombie = by_id[started.data["worker"]]
-        (survivor_id,) = set(by_id) - {zombie.worker_id}
-        listener.first(lambda e: e.event == "token" and e.data["index"] >= 30)
-
+    prompt = "sleeping beauty"
+    with stream_on_one_of_two_workers(redis_url, r, tmp_path, session="zombie", prompt=prompt, max_tokens=250,
+                                      past_index=30) as run:
+        stack, rid, listener, zombie, survivor_id = run.stack, run.rid, run.listener, run.running_on, run.other_id
         zombie.signal(signal.SIGSTOP)
         try:
             resumed, _ = listener.first(lambda e: e.event == "resumed", timeout=30)
@@ -135,12 +132,8 @@ def test_a_paused_worker_wakes_up_fenced(redis_url: str, r: redis.Redis, tmp_pat
             tail = Listener(stack.base_url, m).join(30)
             assert tail[-1].event == "done" and token_indices(tail) == list(range(60))
             ran_on.update(e.data["worker"] for e in tail if e.event == "started")
-        assert ran_on == set(by_id)
+        assert ran_on == set(run.workers)
         assert_tickets_balanced(r, expected_slots=4)
-    finally:
-        for w in workers:
-            w.close()
-        stack.stop()
 
 
 def test_a_replayed_release_of_an_older_attempt_returns_no_second_ticket(r: redis.Redis) -> None:

@@ -20,10 +20,10 @@ from sessions.runs import RunStore
 from tests.helpers import Stack, call, fast_settings, submit, wait_for
 from tests.worker_helpers import (
     Listener,
-    WorkerProcess,
     assert_tickets_balanced,
     idle_tickets,
     on_loop,
+    stream_on_one_of_two_workers,
     token_indices,
     token_text,
 )
@@ -31,20 +31,10 @@ from workers.engines.sim import sim_text
 
 
 def test_kill_9_mid_stream_resumes_on_the_other_worker(redis_url: str, r: redis.Redis, tmp_path: Path) -> None:
-    settings = fast_settings(redis_url, sim_tokens_per_second=100.0, lease_seconds=1.5, heartbeat_seconds=0.3,
-                             slots=2)
-    stack = Stack(settings).start(workers=0)  # API + scheduler (its sweep requeues expired leases)
-    workers = [WorkerProcess(settings, str(tmp_path / f"w{i}.log")) for i in range(2)]
-    try:
-        by_id = {w.registered(r): w for w in workers}
-        prompt = "what the river keeps"
-        rid = submit(stack.base_url, "crash", prompt=prompt, max_tokens=300)
-        listener = Listener(stack.base_url, rid)
-        started, _ = listener.first(lambda e: e.event == "started")
-        victim = by_id[started.data["worker"]]
-        (survivor_id,) = set(by_id) - {victim.worker_id}
-        listener.first(lambda e: e.event == "token" and e.data["index"] >= 40)
-
+    prompt = "what the river keeps"
+    with stream_on_one_of_two_workers(redis_url, r, tmp_path, session="crash", prompt=prompt, max_tokens=300,
+                                      past_index=40) as run:
+        stack, rid, listener, victim, survivor_id = run.stack, run.rid, run.listener, run.running_on, run.other_id
         victim.signal(signal.SIGKILL)
         killed_at = time.monotonic()
         assert victim.wait(10) == -signal.SIGKILL
@@ -72,10 +62,6 @@ def test_kill_9_mid_stream_resumes_on_the_other_worker(redis_url: str, r: redis.
         tail = Listener(stack.base_url, more).join(30)
         assert tail[-1].event == "done" and token_indices(tail) == list(range(20))
         assert [e.data["worker"] for e in tail if e.event == "started"] == [survivor_id]
-    finally:
-        for w in workers:
-            w.close()
-        stack.stop()
 
 
 def _kill_connections(r: redis.Redis, name: str) -> int:

@@ -11,13 +11,16 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
 from typing import IO, Any
 
 import redis
 
 from sluicegate.settings import Settings
-from tests.helpers import ROOT, SseEvent, Stack, sse, wait_for
+from tests.helpers import ROOT, SseEvent, Stack, fast_settings, sse, submit, wait_for
 
 TERMINAL = ("done", "error", "cancelled")
 
@@ -170,3 +173,37 @@ def on_loop(stack: Stack) -> Callable[..., Any]:
         return asyncio.run_coroutine_threadsafe(coro, stack.loop).result(timeout)
 
     return run
+
+
+@dataclass
+class StreamOnTwoWorkers:
+    stack: Stack
+    workers: dict[str, WorkerProcess]  # by worker id
+    rid: str
+    listener: Listener
+    running_on: WorkerProcess  # the worker streaming the request
+    other_id: str  # the other worker's id
+
+
+@contextmanager
+def stream_on_one_of_two_workers(redis_url: str, r: redis.Redis, log_dir: Path, *, session: str, prompt: str,
+                                 max_tokens: int, past_index: int) -> Iterator[StreamOnTwoWorkers]:
+    """API and scheduler in process, two `sluicegate worker` processes (2 slots each, 100 tokens/s,
+    1.5 s leases), and one request streaming on one of them, past token `past_index`."""
+    settings = fast_settings(redis_url, sim_tokens_per_second=100.0, lease_seconds=1.5, heartbeat_seconds=0.3,
+                             slots=2)
+    stack = Stack(settings).start(workers=0)  # API + scheduler (its sweep requeues expired leases)
+    processes = [WorkerProcess(settings, str(log_dir / f"w{i}.log")) for i in range(2)]
+    try:
+        by_id = {w.registered(r): w for w in processes}
+        rid = submit(stack.base_url, session, prompt=prompt, max_tokens=max_tokens)
+        listener = Listener(stack.base_url, rid)
+        started, _ = listener.first(lambda e: e.event == "started")
+        running_on = by_id[started.data["worker"]]
+        (other_id,) = set(by_id) - {running_on.worker_id}
+        listener.first(lambda e: e.event == "token" and e.data["index"] >= past_index)
+        yield StreamOnTwoWorkers(stack, by_id, rid, listener, running_on, other_id)
+    finally:
+        for w in processes:
+            w.close()
+        stack.stop()
