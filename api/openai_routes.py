@@ -26,6 +26,7 @@ import orjson
 from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
+from starlette.requests import ClientDisconnect
 
 from api.auth import Principal
 from api.errors import ApiError, error_response
@@ -168,6 +169,8 @@ async def chat_body(request: Request) -> ChatBody:
         return ChatBody.model_validate_json(await request.body())
     except ValidationError as error:
         raise RequestValidationError(error.errors(include_url=False)) from None
+    except ClientDisconnect:  # gone mid-body, or cut off by the body size limit (which answered 413)
+        raise ApiError(400, "the client disconnected before sending the whole body") from None
 
 
 # The body as FastAPI would document it (Message is a component already, through SubmitBody).
@@ -178,8 +181,8 @@ CHAT_SCHEMA.pop("$defs", None)
 @router.post("/v1/chat/completions", openapi_extra={
     "requestBody": {"required": True, "content": {"application/json": {"schema": CHAT_SCHEMA}}}})
 async def chat_completions(request: Request):
+    who = await principal(request)  # before the body: an unauthenticated caller learns nothing from it
     body = await chat_body(request)
-    who = await principal(request)
     svc = services(request)
     new = new_request(body, request, who)
     first = int((await submit_request(request, who, new))["first_event_id"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -59,8 +60,12 @@ class EventStreamResponse(Response):
                 await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except asyncio.CancelledError:
-            if not left:
+            # Ours (the client left): swallowed, and the cancel request withdrawn. Anything else
+            # (a server shutdown, possibly at the same moment) propagates.
+            if not left or streaming is None or streaming.uncancel() > 0:
                 raise
         finally:
             watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await watcher  # retrieved: a failed receive() is not left unobserved
             await self.chunks.aclose()  # type: ignore[attr-defined]

@@ -50,13 +50,19 @@ def function_name(name: str) -> str:
     return f"sg_{_digest()}_{name}"
 
 
+# Functions that only read, flagged so: the server runs them where it refuses writes (a replica, or
+# a full server under noeviction), as it did the EVAL scripts.
+READ_ONLY = frozenset({"read_log"})
+
+
 @cache
 def library_source() -> str:
     """The whole library: common.lua, then each script registered as a function of (KEYS, ARGV)."""
     parts = [f"#!lua name=sluicegate_{_digest()}", _common()]
     for name in SCRIPT_NAMES:
-        parts.append(f"redis.register_function('{function_name(name)}', function(KEYS, ARGV)\n"
-                     f"begin_call()\n{script_source(name)}\nend)")
+        flags = ", flags = { 'no-writes' }" if name in READ_ONLY else ""
+        parts.append(f"redis.register_function{{ function_name = '{function_name(name)}', "
+                     f"callback = function(KEYS, ARGV)\nbegin_call()\n{script_source(name)}\nend{flags} }}")
     return "\n".join(parts) + "\n"
 
 

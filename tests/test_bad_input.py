@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 from collections.abc import Iterator
@@ -229,6 +230,9 @@ def test_body_over_the_limit_is_413(small_body_stack: Stack, r: redis.Redis) -> 
     pieces = [big[i:i + 1000] for i in range(0, len(big), 1000)]
     code, reply = post_chunked(base, SUBMIT.format(sid="big"), pieces)
     assert_error(code, reply, 413, what="chunked body over the limit")
+    chat = json.dumps({"messages": [{"role": "user", "content": "x" * (limit + 100)}]}).encode()
+    code, reply = post_chunked(base, "/v1/chat/completions", [chat[i:i + 1000] for i in range(0, len(chat), 1000)])
+    assert_error(code, reply, 413, what="chunked chat body over the limit")  # the route reads its own body
     code, reply = call("POST", f"{base}/v1/admin/tenants/acme", raw=b'{"weight": ' + b" " * limit + b"2}")
     assert code in (405, 413) and "error" in reply  # wrong method or too large: still JSON, still 4xx
     assert r.keys("sg:r:*") == [] and r.keys("sg:s:*") == []
@@ -275,3 +279,20 @@ def test_lone_surrogate_is_422_not_500(stack: Stack, r: redis.Redis) -> None:
         code, reply = call("POST", f"{stack.base_url}/v1/sessions/sur/requests", raw=body)
         assert code == 422 and "Unicode" in reply["error"]["message"], (code, reply)
     assert not r.keys("sg:r:*") and not r.keys("sg:s:sur:*")
+
+
+def test_a_chat_client_that_leaves_while_sending_its_body_is_a_4xx_not_a_server_error() -> None:
+    """The chat route reads its own body: a client gone mid-body (or cut off by the size limit) is an
+    ApiError answered like any bad request, not an exception left to the server."""
+    from starlette.requests import Request
+
+    from api.errors import ApiError
+    from api.openai_routes import chat_body
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.disconnect"}
+
+    request = Request({"type": "http", "method": "POST", "path": "/v1/chat/completions", "headers": []}, receive)
+    with pytest.raises(ApiError) as raised:
+        asyncio.run(chat_body(request))
+    assert raised.value.status == 400

@@ -18,6 +18,10 @@ def test_a_server_without_the_library_gets_it_on_the_first_call(redis_url: str, 
     functions = {f[1] for f in library["functions"]}  # ["name", <name>, "description", ...]
     assert function_name("submit") in functions and len(functions) == 9
     assert function_name("submit").startswith("sg_") and function_name("submit") != "sg_submit"
+    flags = {f[1]: set(f[5]) for f in library["functions"]}  # [..., "flags", [...]]
+    assert flags[function_name("read_log")] == {"no-writes"} and flags[function_name("submit")] == set()
+    # a reader still reads where writes are refused (as on a replica): FCALL_RO runs only no-writes functions
+    assert r.fcall_ro(function_name("read_log"), 2, "sg:s:nobody:m", "sg:s:nobody:l", 0, 10) == [0]
 
 
 def test_requests_flow_on_after_the_server_loses_the_library(stack: Stack, r: redis.Redis) -> None:

@@ -65,7 +65,7 @@ def test_kill_9_mid_stream_resumes_on_the_other_worker(redis_url: str, r: redis.
 
 
 def _kill_connections(r: redis.Redis, name: str) -> int:
-    """Drop every connection a client opened under `name` (its BLPOP, pubsub and pool connections)."""
+    """Drop every connection a client opened under `name` (its BRPOP, pubsub and pool connections)."""
     killed = 0
     for client in r.client_list():
         if client.get("name") == name:
@@ -83,7 +83,7 @@ def test_worker_survives_its_connections_dropping(redis_url: str, r: redis.Redis
         rid = submit(stack.base_url, "blip", prompt="blip", max_tokens=150)
         listener = Listener(stack.base_url, rid)
         listener.first(lambda e: e.event == "token" and e.data["index"] >= 20)
-        assert _kill_connections(r, name) >= 2  # at least the inbox BLPOP and the control subscription
+        assert _kill_connections(r, name) >= 2  # at least the inbox BRPOP and the control subscription
         listener.first(lambda e: e.event == "token" and e.data["index"] >= 60)
         assert _kill_connections(r, name) >= 2
         events = listener.join(30)

@@ -2,8 +2,10 @@
 
 tenacity's retry loop costs about as much CPU as the Redis call it wraps, and a worker makes such a
 call for every token batch. So the first attempt runs bare; only when it fails with an error worth
-retrying does tenacity take over, and it counts that failure as its own first attempt (same waits,
-same stop, same logging as if it had run the call from the start).
+retrying does tenacity take over, and it counts that failure as its own first attempt: the same
+attempts, waits and logging as if it had run the call from the start. One difference: tenacity's
+clock starts at the failure, so a time limit (stop_after_delay) does not count the first attempt's
+own duration.
 """
 
 from __future__ import annotations

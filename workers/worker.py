@@ -1,7 +1,7 @@
 """A worker process: K slots of one group, fed by the scheduler through an inbox list.
 
 Life of a slot: the worker puts one ticket per free slot in its group's idle list; a dispatch
-decision takes a ticket and pushes "rid|attempt" into this worker's inbox; the slot runs the
+decision takes a ticket and pushes "rid|attempt" and the run spec into this worker's inbox; the slot runs the
 request; `finish` returns the ticket and dispatches the next request into it in the same atomic
 step. A control channel lets a preemption or a cancel stop a run at once; heartbeats keep the
 worker's liveness key and its runs' leases alive, tell it which runs it lost, and reap the tickets

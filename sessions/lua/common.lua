@@ -312,7 +312,10 @@ end
 local INLINE_INPUT = 8192
 local function assignment(rid, attempt, r)
   local spec = { sid = r.sid, g = r.g, tn = r.tn, p = r.p, mt = r.mt, n = r.n, ik = r.ik, pa = r.pa }
-  local text = r['in'] or redis.call('GET', kinput(rid))
+  local text = r['in']
+  if not text and redis.call('STRLEN', kinput(rid)) <= INLINE_INPUT then -- a long input is not copied
+    text = redis.call('GET', kinput(rid))
+  end
   if text and #text <= INLINE_INPUT then spec['in'] = text end
   return rid .. '|' .. attempt .. '\n' .. cjson.encode(spec)
 end
@@ -451,7 +454,7 @@ end
 -- ready set (about twenty commands saved on the way to its first token). Its tenant returns from
 -- idle: as in make_ready, its counter is lifted to the last dispatched counter (no tenant is
 -- backlogged). `r`: the request's DISPATCH_FIELDS, as submit just stored them (and `in`, its input).
--- Returns false, having changed nothing, when the decision must go the usual way.
+-- Returns false, having taken no slot, when the decision must go the usual way.
 local function start_alone(rid, r, now, lease)
   local group, tenant = r.g, r.tn
   if redis.call('EXISTS', kg(group, 'cls')) == 1 then return false end

@@ -1,0 +1,61 @@
+"""API keys: with auth on, every route wants a key; the admin key does everything; a tenant key acts
+as its tenant only (its sessions and requests, never the admin routes); a revoked key stops working.
+An unauthenticated caller learns nothing about its body (401 before any 422)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from tests.helpers import Stack, call, fast_settings, wait_for
+
+ADMIN = {"Authorization": "Bearer admin-secret"}
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+
+
+@pytest.fixture
+def auth_stack(redis_url: str) -> Iterator[Stack]:
+    running = Stack(fast_settings(redis_url, auth=True, admin_key="admin-secret")).start(workers=1)
+    yield running
+    running.stop()
+
+
+def test_keys_scope_every_route(auth_stack: Stack, r: redis.Redis) -> None:
+    base = auth_stack.base_url
+    submit_url = f"{base}/v1/sessions/s-acme/requests"
+    # no key, a wrong key: 401 everywhere, even for a body that is itself invalid
+    for method, url, body in [("POST", submit_url, {"prompt": "x"}), ("POST", f"{base}/v1/chat/completions", CHAT),
+                              ("GET", f"{base}/v1/admin/stats", None)]:
+        assert call(method, url, body)[0] == 401, url
+        assert call(method, url, body, headers={"Authorization": "Bearer nope"})[0] == 401, url
+    assert call("POST", f"{base}/v1/chat/completions", raw=b"{not json")[0] == 401
+    assert r.keys("sg:r:*") == []
+
+    code, created = call("POST", f"{base}/v1/admin/keys", {"tenant": "acme"}, headers=ADMIN)
+    assert code == 201 and created["tenant"] == "acme"
+    acme = {"Authorization": f"Bearer {created['key']}"}
+    code, other = call("POST", f"{base}/v1/admin/keys", {"tenant": "globex"}, headers=ADMIN)
+    globex = {"Authorization": f"Bearer {other['key']}"}
+
+    # a tenant key submits as its tenant, whatever the body says, and reads its own stream
+    code, reply = call("POST", submit_url, {"prompt": "x", "max_tokens": 3, "tenant": "globex"}, headers=acme)
+    assert code == 202, reply
+    rid = reply["request_id"]
+    assert call("GET", f"{base}/v1/requests/{rid}", headers=acme)[1]["tenant"] == "acme"
+    # ... but not another tenant's request or session, and not the admin routes
+    assert call("GET", f"{base}/v1/requests/{rid}", headers=globex)[0] == 404
+    assert call("POST", submit_url, {"prompt": "y"}, headers=globex)[0] == 403
+    assert call("GET", f"{base}/v1/admin/stats", headers=acme)[0] == 403
+    assert call("PUT", f"{base}/v1/admin/tenants/acme", {"weight": 9}, headers=acme)[0] == 403
+    # the admin key sees everything
+    assert call("GET", f"{base}/v1/requests/{rid}", headers=ADMIN)[0] == 200
+    assert call("GET", f"{base}/v1/admin/stats", headers=ADMIN)[0] == 200
+
+    # revoked: the key stops working at once
+    assert call("DELETE", f"{base}/v1/admin/keys/{created['key_id']}", headers=ADMIN)[0] == 200
+    assert call("GET", f"{base}/v1/requests/{rid}", headers=acme)[0] == 401
+    assert call("DELETE", f"{base}/v1/admin/keys/{created['key_id']}", headers=ADMIN)[0] == 404
+    wait_for(lambda: call("GET", f"{base}/v1/requests/{rid}", headers=ADMIN)[1]["status"] == "done",
+             what="the request to finish")
