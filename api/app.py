@@ -15,6 +15,7 @@ from redis.backoff import NoBackoff
 from api import admin_routes, openai_routes, requests_routes, streaming
 from api.auth import KeyRing
 from api.errors import install_error_handlers
+from api.hot_path import ChatHotPath
 from api.limits import BodySizeLimit
 from api.metrics import render_metrics
 from api.responses import JSON
@@ -75,5 +76,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return Response(await render_metrics(svc.redis, open_streams=svc.open_streams),
                         media_type=CONTENT_TYPE_LATEST)
 
+    app.add_middleware(ChatHotPath)  # inside the body size limit (the last added is the outermost)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     return app

@@ -40,14 +40,26 @@ def describe_validation(exc: RequestValidationError) -> str:
     return "; ".join(parts) or "invalid request"
 
 
-def install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(ApiError)
-    async def _api_error(_: Request, exc: ApiError) -> JSON:
+def expected_error_response(exc: Exception) -> JSON | None:
+    """The answer to an error the API expects (bad input, Redis unavailable), or None."""
+    if isinstance(exc, ApiError):
         return error_response(exc.status, exc.message, exc.type)
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSON:
+    if isinstance(exc, RequestValidationError):
         return error_response(422, describe_validation(exc))
+    if isinstance(exc, redis.exceptions.ConnectionError):
+        log.warning("redis unavailable: %s", exc)
+        return error_response(503, "the queue store (Redis) is unavailable; retry shortly")
+    return None
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    async def _expected(_: Request, exc: Exception) -> JSON:
+        response = expected_error_response(exc)
+        assert response is not None
+        return response
+
+    for kind in (ApiError, RequestValidationError, redis.exceptions.ConnectionError):
+        app.add_exception_handler(kind, _expected)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSON:
@@ -55,11 +67,6 @@ def install_error_handlers(app: FastAPI) -> None:
         if exc.status_code == 404 and message == "Not Found":
             message = "no such endpoint"
         return error_response(exc.status_code, message)
-
-    @app.exception_handler(redis.exceptions.ConnectionError)
-    async def _redis_down(_: Request, exc: Exception) -> JSON:
-        log.warning("redis unavailable: %s", exc)
-        return error_response(503, "the queue store (Redis) is unavailable; retry shortly")
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSON:

@@ -6,11 +6,13 @@ import asyncio
 import http.client
 import json
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
 
+from sluicegate.embedded import EmbeddedServer, free_port
 from tests.helpers import Stack, call, fast_settings, sse, submit, wait_for
 from workers.engines.sim import sim_text
 
@@ -296,3 +298,20 @@ def test_a_chat_client_that_leaves_while_sending_its_body_is_a_4xx_not_a_server_
     with pytest.raises(ApiError) as raised:
         asyncio.run(chat_body(request))
     assert raised.value.status == 400
+
+
+def test_redis_unavailable_is_503_on_every_route(tmp_path: Path) -> None:
+    """Redis gone from behind a running API: a clear 503 JSON error, through the chat route's own
+    fast path as through FastAPI's handlers."""
+    server = EmbeddedServer(data_dir=str(tmp_path), port=free_port(), persistent=False).start()
+    stack = Stack(fast_settings(server.url)).start(scheduler=False, workers=0)
+    try:
+        server.stop()
+        chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        for url, body in [(f"{stack.base_url}/v1/chat/completions", chat),
+                          (stack.base_url + SUBMIT.format(sid="nobody"), {"prompt": "hi"})]:
+            code, reply = call("POST", url, body)
+            assert code == 503 and "Redis" in reply["error"]["message"], (url, code, reply)
+    finally:
+        stack.stop()
+        server.stop()
