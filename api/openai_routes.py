@@ -132,13 +132,12 @@ def failure(event: Event) -> tuple[int, str, str]:
     return 502, "generation_failed", str(data.get("message") or "the generation failed")
 
 
-async def request_events(svc: Services, new: NewRequest, *, first: int) -> AsyncIterator[list[Event]]:
+def request_events(svc: Services, new: NewRequest, *, first: int) -> AsyncIterator[list[Event]]:
     """The request's events from its first one (`first_event_id` of the submit)."""
     # Just submitted: join then read the log (correct even if it has already ended), no status read.
     stream = EventStream(svc.store, svc.hub, new.session_id, after=first - 1, request_id=new.request_id,
                          request_status="queued", idle_seconds=svc.settings.sse_ping_seconds)
-    async for batch in stream.batches():
-        yield batch
+    return stream.batches()
 
 
 async def sse_chunks(svc: Services, new: NewRequest, completion: Completion, first: int) -> AsyncIterator[bytes]:
