@@ -48,16 +48,16 @@ class EventStreamResponse(Response):
                 streaming.cancel()
 
         watcher = asyncio.ensure_future(watch())
-        started = False
+        start: dict[str, Any] | None = {"type": "http.response.start", "status": self.status_code,
+                                        "headers": self.raw_headers}
         try:
             async for chunk in self.chunks:
-                if not started:
-                    await send({"type": "http.response.start", "status": self.status_code,
-                                "headers": self.raw_headers})
-                    started = True
+                if start is not None:
+                    await send(start)
+                    start = None
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            if not started:
-                await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+            if start is not None:  # a stream that ended before its first chunk
+                await send(start)
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except asyncio.CancelledError:
             # Ours (the client left): swallowed, and the cancel request withdrawn. Anything else

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import http.client
+import json
+import time
 from typing import Any
 
 import pytest
@@ -136,10 +139,6 @@ def test_a_failed_generation_maps_to_an_openai_error(redis_url: str) -> None:
 
 
 def test_a_client_that_leaves_a_chat_stream_frees_it_and_the_generation_goes_on(stack: Stack) -> None:
-    import http.client
-    import json
-    import time
-
     host, port = stack.base_url.removeprefix("http://").split(":")
     connection = http.client.HTTPConnection(host, int(port), timeout=10)
     connection.request("POST", "/v1/chat/completions", json.dumps(  # 4000 tokens at 400/s: 10 s
