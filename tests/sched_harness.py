@@ -50,7 +50,8 @@ class Harness:
         self.lease_ms = lease_ms  # request leases, on the pinned clock
         self.worker_lease_ms = max(lease_ms, LEASE_MS)  # worker liveness keys expire on the real clock
         self.now = now
-        self.workers: dict[str, str] = {}
+        self.workers: dict[str, str] = {}  # worker id -> group
+        self.slots: dict[str, int] = {}  # worker id -> slots
         self.runs: list[Run] = []  # assignments a fake worker still holds
         self.dispatched: list[Run] = []  # every assignment ever made, in the order they were popped
         self._rids = 0
@@ -85,8 +86,13 @@ class Harness:
     # -- the worker's side -----------------------------------------------------------------------
     def add_worker(self, wid: str, group: str = "default", slots: int = 1) -> int:
         self.workers[wid] = group
+        self.slots[wid] = slots
+        return self._offer_slots(wid, slots)
+
+    def _offer_slots(self, wid: str, free: int) -> int:
+        group = self.workers[wid]
         started = int(self.scripts.register_worker(keys=[keys.worker(wid), keys.group_key(group, "idle")],
-                                                   args=[self.worker_lease_ms, wid, group, slots]))
+                                                   args=[self.worker_lease_ms, wid, group, free, self.slots[wid]]))
         self.collect()
         return started
 
@@ -141,10 +147,14 @@ class Harness:
         return self.finish(run)
 
     def heartbeat(self, wid: str) -> list[str]:
-        """Renew the worker and the leases of the runs it holds; returns the runs it no longer owns."""
+        """Renew the worker and the leases of the runs it holds; returns the runs it no longer owns.
+        A worker that had lapsed (the sweep retires the worker of a lapsed lease) offers its free
+        slots again, as a real worker does."""
         held = [f"{run.rid}|{run.attempt}" for run in self.runs if run.wid == wid]
         reply = self.scripts.heartbeat(keys=[keys.worker(wid)],
                                        args=[self.worker_lease_ms, wid, self.workers[wid], "live", *held])
+        if int(reply[0]) == 1:
+            self._offer_slots(wid, self.slots[wid] - len(held))
         return list(reply[1:])
 
     def handback(self, run: Run, reason: str = "worker_shutdown", return_slot: bool = True) -> list[Any]:

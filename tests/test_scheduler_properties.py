@@ -137,10 +137,14 @@ def check(h: Harness, order: dict[str, list[str]]) -> Snapshot:
         f = req[run.rid]
         if f["st"] == "running" and f["a"] == run.attempt:
             assert f["w"] == run.wid
-    # Slots are conserved: free tickets plus held runs = slots, per worker.
+    # Slots are conserved: free tickets plus held runs = slots, per live worker; a worker retired
+    # by the sweep (its lease lapsed) holds no ticket until its heartbeat offers its slots again.
     for wid, (group, slots) in SLOTS.items():
         free = snap.lists.get(keys.group_key(group, "idle"), []).count(wid)
-        assert free + sum(run.wid == wid for run in h.runs) == slots, wid
+        if h.r.exists(keys.worker(wid)):
+            assert free + sum(run.wid == wid for run in h.runs) == slots, wid
+        else:
+            assert free == 0, wid
     # Exactly once, in order, and session order in the log.
     for sid, rids in order.items():
         log = snap.logs.get(sid, [])
@@ -251,6 +255,8 @@ def drain(h: Harness, order: dict[str, list[str]], rids: list[str]) -> None:
                 if room > 0:
                     assert h.append(run, room)[0] == 1
             h.finish(run)
+        for wid in SLOTS:
+            h.heartbeat(wid)
         h.advance(10)
         h.sweep()
         check(h, order)

@@ -17,6 +17,7 @@ from redis.asyncio import Redis as AsyncRedis
 
 from sessions import keys
 from sessions.runs import RunStore
+from sessions.scripts import Scripts
 from tests.helpers import Stack, call, fast_settings, submit, wait_for
 from tests.worker_helpers import (
     Listener,
@@ -116,6 +117,41 @@ def test_tickets_of_a_vanished_worker_are_reaped(redis_url: str, r: redis.Redis)
         assert idle_tickets(r)[ghost] == 3
         assert_tickets_balanced(r, expected_slots=2)
         assert r.exists(keys.worker_inbox(ghost)) == 0 and not r.hexists("sg:workers", ghost)
+    finally:
+        run(client.aclose())
+        stack.stop()
+
+
+def test_a_lapsed_lease_retires_its_worker_before_the_run_is_dispatched_again(redis_url: str,
+                                                                               r: redis.Redis) -> None:
+    """kill -9 right after a heartbeat: the run's lease and the worker's liveness key lapse at the
+    same moment, and the key can outlive the lease by a hair. The sweep that requeues the run must
+    not hand it back to the dead worker through the idle ticket of its other slot (CI saw the run
+    resumed on the dead worker, then lost a second time). Here the liveness key outlives the lease
+    by a lot: the run must still go to the other worker, and the lapsed one must rejoin first."""
+    stack = Stack(fast_settings(redis_url)).start(scheduler=False, workers=0)  # the API only
+    run = on_loop(stack)
+    client = AsyncRedis.from_url(redis_url)  # used on the stack's loop only
+    scripts = Scripts(client)
+    lapsed = RunStore(client, worker_id="default.lapsed.1.aaaaaa", group="default", lease_seconds=30,
+                      session_ttl=60)
+    other = RunStore(client, worker_id="default.other.2.bbbbbb", group="default", lease_seconds=30, session_ttl=60)
+    try:
+        run(lapsed.set_free_slots(2))
+        rid = submit(stack.base_url, "lapse", max_tokens=5)
+        first = run(lapsed.next_assignment(timeout=5))
+        assert first.key == f"{rid}|1"
+        run(other.set_free_slots(1))  # the lapsed worker's spare ticket is the older one: dispatch takes it first
+        r.zadd(keys.LEASES, {rid: 0})
+        run(scripts.sweep(keys=[keys.LEASES, keys.WAKE, keys.GROUPS], args=[1500]))
+
+        resumed = run(other.next_assignment(timeout=5))
+        assert resumed is not None and resumed.key == f"{rid}|2", "the run went back to the lapsed worker"
+        assert r.exists(keys.worker(lapsed.worker_id)) == 0
+        assert lapsed.worker_id not in idle_tickets(r)
+        # were it only paused, its next heartbeat tells it so: it rejoins and drops the lost run
+        rejoin, lost = run(lapsed.heartbeat([first.key]))
+        assert rejoin and lost == [first.key]
     finally:
         run(client.aclose())
         stack.stop()

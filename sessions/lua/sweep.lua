@@ -1,6 +1,7 @@
 -- sweep.lua: the clock-driven part of scheduling, run by every scheduler process: requeue the
--- requests whose worker lease expired, promote requests waiting past their class's max wait while a
--- higher class has work (aging), and dispatch the groups whose quota now admits work. Idempotent; safe to run anywhere.
+-- requests whose worker lease expired (retiring that worker), promote requests waiting past their
+-- class's max wait while a higher class has work (aging), and dispatch the groups whose quota now
+-- admits work. Idempotent; safe to run anywhere.
 -- KEYS[1] sg:leases   KEYS[2] sg:wake   KEYS[3] sg:groups
 -- ARGV[1] lease ms
 -- Returns {requeued, promoted, dispatched, next wake ms or -1, now ms}.
@@ -10,6 +11,15 @@ local requeued, promoted, started = 0, 0, 0
 for _, rid in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, 200)) do
   local r = load(rid, RUN_FIELDS)
   if r.st == 'running' then
+    -- A lapsed lease means its worker stopped heartbeating. The same heartbeat set the worker's
+    -- liveness key, which can outlive the lease by a moment (key expiry runs on the server's own
+    -- clock, frozen while a script runs): retire the worker now, or the requeued run could go
+    -- straight back to it through one of its idle tickets. A worker that was only paused finds
+    -- out at its next heartbeat (rejoin) and offers its free slots again.
+    if r.w then
+      redis.call('DEL', kworker(r.w))
+      redis.call('LREM', kg(r.g, 'idle'), 0, r.w)
+    end
     requeue(rid, r, now, 'worker_lost', false, lease)
     requeued = requeued + 1
   else
