@@ -102,6 +102,7 @@ class ServeProcess:
 
     flags: list[str] = field(default_factory=list)
     redis_url: str | None = None
+    checkout: Path = ROOT  # the code it runs: this one, or another checkout to compare against
     port: int = 0
     data_dir: str = ""
     process: subprocess.Popen[bytes] | None = None
@@ -118,7 +119,8 @@ class ServeProcess:
         if self.redis_url:
             args += ["--redis-url", self.redis_url]
         log = open(Path(self.data_dir) / "serve.log", "wb")  # noqa: SIM115 - handed to the child
-        self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT)
+        self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                        cwd=self.checkout)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

@@ -62,7 +62,8 @@ def library_source() -> str:
     for name in SCRIPT_NAMES:
         flags = ", flags = { 'no-writes' }" if name in READ_ONLY else ""
         parts.append(f"redis.register_function{{ function_name = '{function_name(name)}', "
-                     f"callback = function(KEYS, ARGV)\nbegin_call()\n{script_source(name)}\nend{flags} }}")
+                     f"callback = function(KEYS, ARGV)\nbegin_call()\nreturn end_call(pcall(function()\n"
+                     f"{script_source(name)}\nend))\nend{flags} }}")
     return "\n".join(parts) + "\n"
 
 

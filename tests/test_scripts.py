@@ -3,8 +3,10 @@ named by a digest of their source so that two versions never call each other's c
 
 from __future__ import annotations
 
+import pytest
 import redis
 
+from sessions import keys
 from sessions.scripts import Scripts, function_name, library_source
 from tests.helpers import Stack, sse, submit
 
@@ -32,3 +34,47 @@ def test_requests_flow_on_after_the_server_loses_the_library(stack: Stack, r: re
     events = list(sse(stack.base_url, f"/v1/requests/{second}/events"))
     assert [e.event for e in events if e.event != "token"] == ["queued", "started", "done"]
     assert [e.data["index"] for e in events if e.event == "token"] == [0, 1, 2]
+
+
+def _submit_args(rid: str, sid: str, max_tokens: str) -> tuple[list[str], list[object]]:
+    return ([keys.request(rid), keys.session_meta(sid), keys.session_queue(sid), keys.session_log(sid),
+             keys.request_input(rid)],
+            [30000, rid, sid, "t", "default", 5, max_tokens, "hello", "p", "{}", 1, ""])
+
+
+def test_a_call_that_fails_half_way_still_writes_the_events_it_numbered(r: redis.Redis) -> None:
+    """Events are written when a call ends (one log write per session). A call that fails after
+    numbering an event must still write it, or the log's offsets would stop matching the event ids;
+    and the failure itself must reach the caller, a Lua error and a command's error alike."""
+    scripts = Scripts(r)
+    r.set("sg:w:w1", 1)
+    r.lpush(keys.group_key("default", "idle"), "w1")  # a free slot: the submit starts its request at once
+
+    # a Lua error after `queued` was numbered (max_tokens is no number: the quota check fails on it)
+    with pytest.raises(redis.ResponseError, match="arithmetic"):
+        scripts.submit(*_submit_args("rid-a", "s-a", "many"))
+    assert r.hget(keys.session_meta("s-a"), "seq") == "1"
+    assert [e.split("|")[1] for e in r.lrange(keys.session_log("s-a"), 0, -1)] == ["queued"]
+
+    # a command's error after `queued` was numbered (the slot list is not a list)
+    r.delete(keys.group_key("default", "idle"))
+    r.set(keys.group_key("default", "idle"), "not a list")
+    with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+        scripts.submit(*_submit_args("rid-b", "s-b", "4"))
+    assert r.hget(keys.session_meta("s-b"), "seq") == "1"
+    assert [e.split("|")[1] for e in r.lrange(keys.session_log("s-b"), 0, -1)] == ["queued"]
+
+
+def test_a_submit_that_starts_at_once_writes_its_two_events_in_one_message(r: redis.Redis) -> None:
+    scripts = Scripts(r)
+    r.set("sg:w:w1", 1)
+    r.lpush(keys.group_key("default", "idle"), "w1")
+    pubsub = r.pubsub()
+    pubsub.subscribe(keys.session_channel("s-1"))
+    assert pubsub.get_message(timeout=5)["type"] == "subscribe"
+    assert scripts.submit(*_submit_args("rid-1", "s-1", "4")) == ["ok", 1]
+    message = pubsub.get_message(timeout=5)
+    assert [line.split("|")[:2] for line in message["data"].split("\n")] == [["1", "queued"], ["2", "started"]]
+    assert r.llen(keys.session_log("s-1")) == 2
+    assert pubsub.get_message(timeout=0.2) is None
+    pubsub.close()

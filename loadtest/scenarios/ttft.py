@@ -1,12 +1,16 @@
 """TTFT added over a direct call: the sim-backend alone against the same sim-backend behind Sluicegate.
 
 Starts `sluicegate sim-backend` and `sluicegate serve --engine openai --backend-url <it>`, then sends
-sequential requests, rotating through three ways of asking for the same completion:
+sequential requests, rotating through the ways of asking for the same completion:
 - direct: POST /v1/chat/completions (stream) to the sim-backend;
 - chat:   POST /v1/chat/completions (stream) to Sluicegate (submit + stream in one call);
-- sse:    POST /v1/sessions/{sid}/requests, then GET /v1/requests/{rid}/events (two round trips).
+- sse:    POST /v1/sessions/{sid}/requests, then GET /v1/requests/{rid}/events (two round trips);
+- against: the chat call to a second Sluicegate running another checkout of the code (`--against DIR`,
+  e.g. a `git worktree` of the previous commit), in front of the same sim-backend.
 TTFT is from sending the request to receiving the first token; every request is read to its end
-before the next starts. Targets (issue 4): added p50 <= 3 ms (aim 1), added p99 <= 10 ms (aim 5).
+before the next starts. The host's noise moves whole runs by a millisecond here; `--against` measures
+two versions of the code in one run, request by request, which is how a change is judged.
+Targets (issue 4): added p50 <= 3 ms (aim 1), added p99 <= 10 ms (aim 5).
 "added" = percentile(via Sluicegate) - percentile(direct); the paired per-round difference is shown too.
 """
 
@@ -17,6 +21,7 @@ import asyncio
 import itertools
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -47,6 +52,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prefill-ms", type=float, default=0.0, help="sim-backend delay before the first token")
     parser.add_argument("--modes", default=",".join(MODES), help="which of direct,chat,sse to run")
     parser.add_argument("--slots", type=int, default=4, help="worker slots")
+    parser.add_argument("--against", type=Path, default=None, metavar="DIR",
+                        help="also run the chat mode against a Sluicegate started from this checkout "
+                             "(mode `against`, interleaved with the others)")
 
 
 def chat_body(i: int, max_tokens: int) -> dict[str, Any]:
@@ -105,13 +113,13 @@ async def server_side(http: aiohttp.ClientSession, base: str, rid: str | None) -
     return {"submit_to_dispatch": (started - sub) * 1000, "dispatch_to_first_append": (first - started) * 1000}
 
 
-async def measure(backend: str, base: str, args: argparse.Namespace) -> dict[str, Any]:
-    modes = [m for m in args.modes.split(",") if m]
+async def measure(backend: str, base: str, other: str | None, args: argparse.Namespace) -> dict[str, Any]:
+    modes = [m for m in args.modes.split(",") if m] + (["against"] if other else [])
     ttft: dict[str, list[float]] = {m: [] for m in modes}
     inside: dict[str, list[float]] = {"submit_to_dispatch": [], "dispatch_to_first_append": []}
     counter = itertools.count()
     # One keep-alive client per target, as a real caller (or a gateway in front) would hold.
-    async with client_session(4) as direct_http, client_session(4) as sg_http:
+    async with client_session(4) as direct_http, client_session(4) as sg_http, client_session(4) as other_http:
         for round_no in range(args.warmup + args.rounds):
             counted = round_no >= args.warmup
             order = modes[round_no % len(modes):] + modes[:round_no % len(modes)]  # rotate: no fixed position
@@ -124,6 +132,10 @@ async def measure(backend: str, base: str, args: argparse.Namespace) -> dict[str
                 elif mode == "chat":
                     seconds, rid = await chat_ttft(sg_http, f"{base}/v1/chat/completions",
                                                    chat_body(i, args.max_tokens), {"X-Session-Id": f"ttft-c{i}"})
+                elif mode == "against":
+                    assert other is not None
+                    seconds, _ = await chat_ttft(other_http, f"{other}/v1/chat/completions",
+                                                 chat_body(i, args.max_tokens), {"X-Session-Id": f"ttft-a{i}"})
                 else:
                     seconds, rid = await sse_ttft(sg_http, base, i, args.max_tokens)
                 if counted:
@@ -140,20 +152,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     backend = Component("sim-backend", ["--port", str(backend_port), "--sim-prefill-ms", str(args.prefill_ms),
                                         "--sim-tokens-per-second", str(args.tokens_per_second)]).start()
     backend_url = f"http://127.0.0.1:{backend_port}"
-    serve = None
+    serve = other = None
     try:
         wait_http(f"{backend_url}/v1/models", process=backend.process)
         flags = ["--engine", "openai", "--backend-url", f"{backend_url}/v1", "--workers", "1",
                  "--slots", str(args.slots)]
         serve = ServeProcess(flags=flags).start()
+        if args.against:
+            other = ServeProcess(flags=flags, checkout=args.against.resolve()).start()
         cpu0 = cpu_by_role([serve.process.pid, backend.pid])  # type: ignore[union-attr]
         began = time.perf_counter()
-        outcome = asyncio.run(measure(backend_url, serve.base_url, args))
+        outcome = asyncio.run(measure(backend_url, serve.base_url, other.base_url if other else None, args))
         elapsed = time.perf_counter() - began
         cpu = cpu_delta(cpu0, cpu_by_role([serve.process.pid, backend.pid]))  # type: ignore[union-attr]
     finally:
-        if serve is not None:
-            serve.stop()
+        for stack in (serve, other):
+            if stack is not None:
+                stack.stop()
         backend.stop()
     ttft = outcome["ttft"]
     rows = [{"mode": m, "requests": len(v), "p50_ms": percentile(v, 50), "p90_ms": percentile(v, 90),
@@ -171,6 +186,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             rows.append({"mode": f"{mode} - direct, paired", "requests": len(paired),
                          "p50_ms": added[mode]["paired_p50_ms"], "p90_ms": percentile(paired, 90),
                          "p99_ms": added[mode]["paired_p99_ms"], "max_ms": max(paired)})
+    if "chat" in ttft and "against" in ttft:  # this code against the other checkout, round by round
+        paired = [a - b for a, b in zip(ttft["chat"], ttft["against"], strict=False)]
+        rows.append({"mode": "chat - against, paired", "requests": len(paired),
+                     "p50_ms": percentile(paired, 50), "p90_ms": percentile(paired, 90)})
     inside = {name: {"p50_ms": percentile(v, 50), "p99_ms": percentile(v, 99)}
               for name, v in outcome["inside"].items() if v}
     print(f"\nTTFT, sequential, sim-backend prefill {args.prefill_ms:g} ms, {args.tokens_per_second:g} tokens/s, "
@@ -190,7 +209,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     result = {"rows": rows, "added": added, "verdicts": verdicts, "inside_ms": inside, "cpu_seconds": cpu,
               "seconds": round(elapsed, 2),
               "settings": {"rounds": args.rounds, "max_tokens": args.max_tokens, "prefill_ms": args.prefill_ms,
-                           "tokens_per_second": args.tokens_per_second, "slots": args.slots},
+                           "tokens_per_second": args.tokens_per_second, "slots": args.slots,
+                           "against": str(args.against) if args.against else None},
               "samples_ms": {m: [round(x, 3) for x in v] for m, v in ttft.items()}}
     write_result("ttft", result)
     return result

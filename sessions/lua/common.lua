@@ -1,7 +1,8 @@
 -- common.lua: helpers shared by every Sluicegate script. sessions/scripts.py loads this file and
 -- every script as one function library (FUNCTION LOAD): this part runs once, at load, and each
--- script becomes a function that calls begin_call() first. It takes no KEYS or ARGV of its own.
--- Locals here outlive a call, so anything cached per call must be reset in begin_call().
+-- script becomes a function that calls begin_call() first and hands its result (or its error) to
+-- end_call(). It takes no KEYS or ARGV of its own. Locals here outlive a call, so anything kept per
+-- call must be reset in begin_call().
 --
 -- Keyspace (every key starts with "sg:"; the README's "Keyspace" section is the full table):
 --   sg:r:<rid>              hash   one request (short field names, see api/views.py)
@@ -59,9 +60,11 @@ local POLICY_DEFAULTS = {
   mw0 = 60, mw1 = 60, mw2 = 60, mw3 = 60, mw4 = 60, mw5 = 60, mw6 = 60, mw7 = 60, mw8 = 60, mw9 = 60,
 }
 local policy_cache = nil -- per call: an admin may change sg:policy between two calls
+local outbox, outbox_sessions = {}, {} -- per call: the events emitted, by session (see emit_many)
 
 local function begin_call()
   policy_cache = nil
+  outbox, outbox_sessions = {}, {}
 end
 
 local function policy()
@@ -88,16 +91,35 @@ end
 ---------------------------------------------------------------------------------------------------
 -- Events: append to the session log and publish the same entries for live readers.
 ---------------------------------------------------------------------------------------------------
+-- Events get their ids at once; they are written when the call ends, one RPUSH and one PUBLISH per
+-- session however many events it emitted (a submit that starts its request at once emits `queued`
+-- and `started`: one log write and one message for the API to read, on the first token's way).
 local function emit_many(sid, items)
   local last = redis.call('HINCRBY', kmeta(sid), 'seq', #items)
   local first = last - #items + 1
-  local entries = {}
-  for i, item in ipairs(items) do
-    entries[i] = (first + i - 1) .. '|' .. item[1] .. '|' .. item[2] .. '|' .. item[3]
+  local entries = outbox[sid]
+  if not entries then
+    entries = {}
+    outbox[sid] = entries
+    outbox_sessions[#outbox_sessions + 1] = sid
   end
-  redis.call('RPUSH', klog(sid), unpack(entries))
-  redis.call('PUBLISH', kchan(sid), table.concat(entries, '\n'))
+  for i, item in ipairs(items) do
+    entries[#entries + 1] = (first + i - 1) .. '|' .. item[1] .. '|' .. item[2] .. '|' .. item[3]
+  end
   return first
+end
+
+-- Every call ends here, with pcall's results: the events go out even when the call failed half-way
+-- (an id taken must have its entry, or the log's offsets would no longer match the ids), then the
+-- error, if any, is raised again.
+local function end_call(ok, result)
+  for _, sid in ipairs(outbox_sessions) do
+    local entries = outbox[sid]
+    redis.call('RPUSH', klog(sid), unpack(entries))
+    redis.call('PUBLISH', kchan(sid), table.concat(entries, '\n'))
+  end
+  if not ok then error(result, 0) end
+  return result
 end
 
 local function emit(sid, event, rid, data)
@@ -114,7 +136,7 @@ local function observe(name, label, secs)
   end
   local key = PREFIX .. 'm:' .. name
   redis.call('HINCRBY', key, label .. '|' .. bucket, 1)
-  redis.call('HINCRBYFLOAT', key, label .. '|sum', secs)
+  if secs ~= 0 then redis.call('HINCRBYFLOAT', key, label .. '|sum', secs) end
 end
 
 local function count(name, label, by)
@@ -323,8 +345,8 @@ end
 -- The request fields a dispatch reads: the quota gate's, start_run's and the assignment's.
 local DISPATCH_FIELDS = { 'mt', 'n', 'a', 'it', 'sub', 'p', 'ep', 'tn', 'g', 'sid', 'ik', 'pa' }
 
+-- Start a request that is out of the ready set (the caller took it out, and off the depth gauge).
 local function start_run(group, cls, tenant, counter, sid, rid, r, wid, cfg, now, lease)
-  remove_ready(sid, group, tenant, cls)
   local attempt = tonumber(r.a) + 1
   local produced = tonumber(r.n)
   local remaining = tonumber(r.mt) - produced
@@ -338,7 +360,6 @@ local function start_run(group, cls, tenant, counter, sid, rid, r, wid, cfg, now
   redis.call('HSET', kreq(rid), 'st', 'running', 'a', attempt, 'w', wid, 'ds', now, 'dn', produced,
     'ce', estimate, 'cr', remaining, attempt == 1 and 'sa' or 'ds', now)
   if attempt == 1 then observe('wait', group .. '|' .. r.p, (now - tonumber(r.sub)) / 1000) end
-  depth(r, -1)
   redis.call('ZADD', kg(group, 'run'), tonumber(cls) * RANK + (RANK - now), rid)
   redis.call('ZADD', PREFIX .. 'leases', now + lease, rid)
   emit(sid, attempt == 1 and 'started' or 'resumed', rid,
@@ -443,6 +464,8 @@ local function dispatch(group, now, lease)
       preempt_for(group, tonumber(top), now, lease)
       break
     end
+    remove_ready(sid, group, tenant, top)
+    depth(r, -1)
     start_run(group, top, tenant, counter, sid, rid, r, wid, cfg, now, lease)
     started = started + 1
   end
@@ -451,7 +474,7 @@ end
 
 -- A request that becomes ready while nothing else in its group is ready is the decision's only
 -- candidate: start it at once when the quota and a free slot allow, without passing through the
--- ready set (about twenty commands saved on the way to its first token). Its tenant returns from
+-- ready set or the depth gauge (about twenty commands saved on the way to its first token). Its tenant returns from
 -- idle: as in make_ready, its counter is lifted to the last dispatched counter (no tenant is
 -- backlogged). `r`: the request's DISPATCH_FIELDS, as submit just stored them (and `in`, its input).
 -- Returns false, having taken no slot, when the decision must go the usual way.

@@ -37,9 +37,10 @@ redis.call('HSET', KEYS[1], unpack(fields))
 redis.call('SET', KEYS[5], ARGV[8])
 redis.call('SADD', PREFIX .. 'groups', group)
 count('requests', group .. '|' .. prio .. '|' .. tenant .. '|submitted')
-depth(r, 1)
 r['in'] = ARGV[8] -- carried into the assignment when it is short (no read back)
-if position == 1 and not start_alone(rid, r, now, lease) then
+if position == 1 and start_alone(rid, r, now, lease) then return { 'ok', seq } end
+depth(r, 1)
+if position == 1 then
   make_ready(rid, now)
   dispatch(group, now, lease)
 end
