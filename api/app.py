@@ -22,6 +22,7 @@ from api.responses import JSON
 from api.services import Services, services
 from scheduler.admin import Tuning
 from sessions.hub import EventHub
+from sessions.resp import LeanRedis
 from sessions.store import SessionStore
 from sluicegate.settings import Settings, from_env
 
@@ -41,16 +42,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         pool = BlockingConnectionPool.from_url(settings.redis_url, max_connections=256, timeout=20,
                                                retry=Retry(NoBackoff(), 1))
         redis = Redis(connection_pool=pool)
+        lean = LeanRedis(settings.redis_url)
         hub = EventHub(settings.redis_url)
         await hub.start()
         app.state.services = Services(
             settings=settings, redis=redis, hub=hub, tuning=Tuning(redis),
-            store=SessionStore(redis, session_ttl=settings.session_ttl, lease_seconds=settings.lease_seconds),
+            store=SessionStore(redis, session_ttl=settings.session_ttl, lease_seconds=settings.lease_seconds,
+                               lean=lean),
             keyring=KeyRing(redis, enabled=settings.auth_enabled, admin_key=settings.admin_key))
         try:
             yield
         finally:
             await hub.stop()
+            await lean.aclose()
             await redis.aclose()
 
     # FastAPI's native OpenTelemetry hooks are checked on every request; Sluicegate exports Prometheus

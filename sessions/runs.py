@@ -10,6 +10,7 @@ from redis.asyncio import Redis
 
 from sessions import keys
 from sessions.events import Event
+from sessions.resp import LeanRedis
 from sessions.scripts import Scripts
 
 
@@ -78,14 +79,37 @@ class AppendResult:
 
 
 class RunStore:
-    def __init__(self, redis: Redis, *, worker_id: str, group: str, lease_seconds: float,
-                 session_ttl: int) -> None:
+    """A worker's calls. The scripts and the inbox go through lean connections (sessions/resp.py):
+    the wake-up from the inbox and the first append lie on every first token's way. The inbox has a
+    connection of its own, as its blocking pop holds every reply behind it."""
+
+    def __init__(self, redis: Redis, *, lean: LeanRedis, inbox: LeanRedis, worker_id: str, group: str,
+                 lease_seconds: float, session_ttl: int) -> None:
         self.redis = redis
-        self.scripts = Scripts(redis)
+        self.lean = lean
+        self.inbox = inbox
+        self.scripts = Scripts(lean)
         self.worker_id = worker_id
         self.group = group
         self.lease_ms = int(lease_seconds * 1000)
         self.session_ttl = session_ttl
+
+    @classmethod
+    def connect(cls, redis_url: str, *, worker_id: str, group: str, lease_seconds: float, session_ttl: int,
+                client_name: str | None = None, reply_timeout: float = 15.0) -> RunStore:
+        """A store with connections of its own, all named `client_name` (`CLIENT LIST`). A reply not
+        back within `reply_timeout` (above the inbox's 1 s blocking pop and any script's run time)
+        fails its connection, which reconnects: a half-open connection must not hang the worker."""
+        redis = Redis.from_url(redis_url, client_name=client_name, socket_timeout=reply_timeout,
+                               socket_connect_timeout=5, socket_keepalive=True)
+        return cls(redis, lean=LeanRedis(redis_url, client_name=client_name, reply_timeout=reply_timeout),
+                   inbox=LeanRedis(redis_url, client_name=client_name, reply_timeout=reply_timeout),
+                   worker_id=worker_id, group=group, lease_seconds=lease_seconds, session_ttl=session_ttl)
+
+    async def aclose(self) -> None:
+        await self.inbox.aclose()
+        await self.lean.aclose()
+        await self.redis.aclose()
 
     async def set_free_slots(self, free: int, total: int | None = None) -> int:
         """Offer exactly `free` free slots of `total` to the scheduler, replacing every ticket offered
@@ -96,7 +120,7 @@ class RunStore:
 
     async def next_assignment(self, timeout: float) -> Assignment | None:
         """The oldest assignment (the scripts LPUSH them: runs start in the order they were dispatched)."""
-        item = await self.redis.brpop([keys.worker_inbox(self.worker_id)], timeout=timeout)
+        item = await self.inbox.execute("BRPOP", keys.worker_inbox(self.worker_id), timeout)
         return None if item is None else Assignment.parse(item[1])
 
     async def drain_inbox(self) -> list[Assignment]:

@@ -23,6 +23,7 @@ from redis.asyncio import Redis as AsyncRedis
 from redis.exceptions import ResponseError
 
 from sessions.keys import BUCKETS
+from sessions.resp import LeanRedis
 
 LUA_DIR = Path(__file__).parent / "lua"
 SCRIPT_NAMES = ("submit", "append", "finish", "handback", "cancel", "heartbeat", "register_worker",
@@ -72,7 +73,9 @@ def _library_missing(error: ResponseError) -> bool:
 
 
 class Scripts:
-    """The library's functions for one Redis client (sync or asyncio): `scripts.submit(keys, args)`."""
+    """The library's functions for one Redis client: `scripts.submit(keys, args)`, awaitable unless the
+    client is redis-py's synchronous one (tests, tools). The calls on a first token's way use the
+    lean client (sessions/resp.py)."""
 
     submit: Callable[..., Any]
     append: Callable[..., Any]
@@ -84,40 +87,43 @@ class Scripts:
     sweep: Callable[..., Any]
     read_log: Callable[..., Any]
 
-    def __init__(self, client: Redis | AsyncRedis) -> None:
+    def __init__(self, client: Redis | AsyncRedis | LeanRedis) -> None:
         self.client = client
-        make = self._async_function if isinstance(client, AsyncRedis) else self._sync_function
+        make = self._sync_function if isinstance(client, Redis) else self._async_function
         for name in SCRIPT_NAMES:
             setattr(self, name, make(function_name(name)))
 
     def load(self) -> Any:
-        """Load (or reload) the library; an awaitable for an asyncio client."""
+        """Load (or reload) the library; an awaitable unless the client is synchronous."""
+        if isinstance(self.client, LeanRedis):
+            return self.client.execute("FUNCTION", "LOAD", "REPLACE", library_source())
         return self.client.function_load(library_source(), replace=True)
 
-    def _sync_function(self, fname: str) -> Callable[..., Any]:
-        client = self.client
+    def _fcall(self, fname: str, keys: Sequence[Any], args: Sequence[Any]) -> Any:
+        if isinstance(self.client, LeanRedis):
+            return self.client.execute("FCALL", fname, len(keys), *keys, *args)
+        return self.client.fcall(fname, len(keys), *keys, *args)
 
+    def _sync_function(self, fname: str) -> Callable[..., Any]:
         def call(keys: Sequence[Any] = (), args: Sequence[Any] = ()) -> Any:
             try:
-                return client.fcall(fname, len(keys), *keys, *args)
+                return self._fcall(fname, keys, args)
             except ResponseError as error:
                 if not _library_missing(error):
                     raise
             self.load()
-            return client.fcall(fname, len(keys), *keys, *args)
+            return self._fcall(fname, keys, args)
 
         return call
 
     def _async_function(self, fname: str) -> Callable[..., Awaitable[Any]]:
-        client = self.client
-
         async def call(keys: Sequence[Any] = (), args: Sequence[Any] = ()) -> Any:
             try:
-                return await client.fcall(fname, len(keys), *keys, *args)  # type: ignore[misc]
+                return await self._fcall(fname, keys, args)
             except ResponseError as error:
                 if not _library_missing(error):
                     raise
             await self.load()
-            return await client.fcall(fname, len(keys), *keys, *args)  # type: ignore[misc]
+            return await self._fcall(fname, keys, args)
 
         return call

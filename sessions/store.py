@@ -11,6 +11,7 @@ from redis.asyncio import Redis
 from sessions import keys
 from sessions.events import Event
 from sessions.requests import NewRequest
+from sessions.resp import LeanRedis
 from sessions.scripts import Scripts
 
 
@@ -22,11 +23,14 @@ class SubmitResult:
 
 
 class SessionStore:
-    """Async operations on sessions and requests; every write is one atomic script."""
+    """Async operations on sessions and requests; every write is one atomic script.
 
-    def __init__(self, redis: Redis, *, session_ttl: int, lease_seconds: float) -> None:
+    The scripts go through `lean` when given (the API's: its submit lies on every first token's way,
+    see sessions/resp.py), else through `redis` like the plain reads."""
+
+    def __init__(self, redis: Redis, *, session_ttl: int, lease_seconds: float, lean: LeanRedis | None = None) -> None:
         self.redis = redis
-        self.scripts = Scripts(redis)
+        self.scripts = Scripts(lean or redis)
         self.session_ttl = session_ttl
         self.lease_ms = int(lease_seconds * 1000)
 

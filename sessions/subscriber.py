@@ -14,19 +14,12 @@ import contextlib
 import logging
 import ssl
 from collections.abc import Callable
-from urllib.parse import unquote, urlparse
+
+from sessions.resp import RedisAddress, encode
 
 log = logging.getLogger(__name__)
 
 OnFrame = Callable[[bytes, bytes, bytes | None], None]  # kind, channel, payload
-
-
-def encode_command(*parts: str | bytes) -> bytes:
-    out = [b"*%d\r\n" % len(parts)]
-    for part in parts:
-        data = part.encode() if isinstance(part, str) else part
-        out.append(b"$%d\r\n%s\r\n" % (len(data), data))
-    return b"".join(out)
 
 
 async def read_reply(reader: asyncio.StreamReader) -> object:
@@ -57,12 +50,7 @@ class Subscriber:
     """Owns one subscriber connection; `on_frame(kind, channel, payload)` sees every push frame."""
 
     def __init__(self, url: str, on_frame: OnFrame) -> None:
-        parsed = urlparse(url)
-        self.host = parsed.hostname or "127.0.0.1"
-        self.port = parsed.port or 6379
-        self.username = unquote(parsed.username) if parsed.username else None
-        self.password = unquote(parsed.password) if parsed.password else None
-        self.tls = parsed.scheme == "rediss"
+        self.address = RedisAddress.from_url(url)
         self.on_frame = on_frame
         self.channels: set[str] = set()
         self._writer: asyncio.StreamWriter | None = None
@@ -83,12 +71,12 @@ class Subscriber:
 
     def subscribe(self, channel: str) -> None:
         self.channels.add(channel)
-        self._send(encode_command("SUBSCRIBE", channel))
+        self._send(encode(("SUBSCRIBE", channel)))
 
     def unsubscribe(self, *channels: str) -> None:
         self.channels.difference_update(channels)
         if channels:
-            self._send(encode_command("UNSUBSCRIBE", *channels))
+            self._send(encode(("UNSUBSCRIBE", *channels)))
 
     def _send(self, data: bytes) -> None:
         # While disconnected nothing is sent: the reconnect resubscribes every channel in self.channels.
@@ -96,14 +84,14 @@ class Subscriber:
             self._writer.write(data)
 
     async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        context = ssl.create_default_context() if self.tls else None
-        reader, writer = await asyncio.open_connection(self.host, self.port, ssl=context)
-        if self.password is not None:
-            auth = ("AUTH", self.username, self.password) if self.username else ("AUTH", self.password)
-            writer.write(encode_command(*auth))
+        address = self.address
+        context = ssl.create_default_context() if address.tls else None
+        reader, writer = await asyncio.open_connection(address.host, address.port, ssl=context)
+        for command in address.login(select_db=False):  # channels are not per database
+            writer.write(encode(command))
             reply = await read_reply(reader)
             if isinstance(reply, Exception):
-                raise ConnectionError(f"AUTH failed: {reply}")
+                raise ConnectionError(f"{command[0]} failed: {reply}")
         return reader, writer
 
     async def _run(self) -> None:
@@ -113,7 +101,7 @@ class Subscriber:
                 reader, writer = await self._connect()
                 self._writer = writer
                 if self.channels:
-                    writer.write(encode_command("SUBSCRIBE", *sorted(self.channels)))
+                    writer.write(encode(("SUBSCRIBE", *sorted(self.channels))))
                 self.connected.set()
                 backoff = 0.05
                 while True:

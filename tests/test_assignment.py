@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 
 import redis
-from redis.asyncio import Redis as AsyncRedis
 
 from sessions import keys
 from sessions.runs import Assignment, RunStore
@@ -23,8 +22,8 @@ LONG_PROMPT = "long " * 2000  # 10,000 bytes: over the inline limit, so the work
 def test_the_assignment_carries_what_a_read_of_the_request_gives(redis_url: str, r: redis.Redis) -> None:
     stack = Stack(fast_settings(redis_url)).start(scheduler=False, workers=0)  # the API only
     run = on_loop(stack)
-    client = AsyncRedis.from_url(redis_url)  # used on the stack's loop only
-    worker = RunStore(client, worker_id="default.carry.1.aaaaaa", group="default", lease_seconds=30, session_ttl=60)
+    worker = RunStore.connect(redis_url, worker_id="default.carry.1.aaaaaa", group="default", lease_seconds=30,
+                              session_ttl=60)  # used on the stack's loop only
     try:
         run(worker.set_free_slots(3))
         prompt_rid = submit(stack.base_url, "carry-p", prompt="héllo ✓ \"quoted\" \\ / end", max_tokens=7,
@@ -56,7 +55,7 @@ def test_the_assignment_carries_what_a_read_of_the_request_gives(redis_url: str,
         # an assignment without a spec (written by an older version) is read back as before
         assert run(worker.spec(Assignment(prompt_rid, "1"))) == run(worker.load(prompt_rid, "1"))
     finally:
-        run(client.aclose())
+        run(worker.aclose())
         stack.stop()
 
 

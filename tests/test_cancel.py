@@ -10,7 +10,6 @@ from collections import defaultdict
 from collections.abc import AsyncIterator
 
 import redis
-from redis.asyncio import Redis as AsyncRedis
 
 from sessions.runs import RunSpec, RunStore
 from tests.helpers import Stack, call, fast_settings, sse, submit, wait_for
@@ -148,8 +147,8 @@ def test_cancel_while_the_finish_is_in_flight_keeps_the_ticket(redis_url: str, r
     lands: the late finish only releases the slot (one ticket back, never two, never none)."""
     stack = Stack(fast_settings(redis_url)).start(scheduler=False, workers=0)
     run = on_loop(stack)
-    client = AsyncRedis.from_url(redis_url)  # used on the stack's loop only
-    worker = RunStore(client, worker_id="default.late.1.cccccc", group="default", lease_seconds=30, session_ttl=60)
+    worker = RunStore.connect(redis_url, worker_id="default.late.1.cccccc", group="default", lease_seconds=30,
+                              session_ttl=60)  # used on the stack's loop only
     try:
         run(worker.set_free_slots(1))
         rid = submit(stack.base_url, "late", max_tokens=3)
@@ -164,5 +163,5 @@ def test_cancel_while_the_finish_is_in_flight_keeps_the_ticket(redis_url: str, r
         nxt = submit(stack.base_url, "late2", max_tokens=3)  # and the slot takes work again
         assert run(worker.next_assignment(timeout=5)).key == f"{nxt}|1"
     finally:
-        run(client.aclose())
+        run(worker.aclose())
         stack.stop()

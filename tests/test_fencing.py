@@ -8,7 +8,6 @@ import signal
 from pathlib import Path
 
 import redis
-from redis.asyncio import Redis as AsyncRedis
 
 from sessions import keys
 from sessions.runs import Assignment, RunStore
@@ -31,11 +30,11 @@ def test_append_rejects_an_old_attempt_and_a_wrong_index(redis_url: str, r: redi
     survivor that resumed it."""
     stack = Stack(fast_settings(redis_url)).start(scheduler=False, workers=0)  # the API only
     run = on_loop(stack)
-    client = AsyncRedis.from_url(redis_url)  # used on the stack's loop only
-    scripts = Scripts(client)
-    zombie = RunStore(client, worker_id="default.zombie.1.aaaaaa", group="default", lease_seconds=30, session_ttl=60)
-    survivor = RunStore(client, worker_id="default.survivor.2.bbbbbb", group="default", lease_seconds=30,
-                        session_ttl=60)
+    zombie = RunStore.connect(redis_url, worker_id="default.zombie.1.aaaaaa", group="default", lease_seconds=30,
+                              session_ttl=60)  # used on the stack's loop only
+    survivor = RunStore.connect(redis_url, worker_id="default.survivor.2.bbbbbb", group="default", lease_seconds=30,
+                                session_ttl=60)
+    scripts = zombie.scripts
     prompt = "fenced in"
     seed = prompt_seed(prompt)
     try:
@@ -97,7 +96,8 @@ def test_append_rejects_an_old_attempt_and_a_wrong_index(redis_url: str, r: redi
         assert r.lrange("sg:g:default:idle", 0, -1) == ["default.survivor.2.bbbbbb"]
         assert r.exists(keys.worker("default.zombie.1.aaaaaa")) == 0
     finally:
-        run(client.aclose())
+        run(zombie.aclose())
+        run(survivor.aclose())
         stack.stop()
 
 

@@ -13,11 +13,9 @@ import time
 from pathlib import Path
 
 import redis
-from redis.asyncio import Redis as AsyncRedis
 
 from sessions import keys
 from sessions.runs import RunStore
-from sessions.scripts import Scripts
 from tests.helpers import Stack, call, fast_settings, submit, wait_for
 from tests.worker_helpers import (
     Listener,
@@ -110,15 +108,15 @@ def test_tickets_of_a_vanished_worker_are_reaped(redis_url: str, r: redis.Redis)
     stack = Stack(fast_settings(redis_url, slots=2)).start(api=False, workers=1)
     run = on_loop(stack)
     ghost = "default.ghost.1.000000"
-    client = AsyncRedis.from_url(redis_url)  # used on the stack's loop only
+    store = RunStore.connect(redis_url, worker_id=ghost, group="default", lease_seconds=1.0, session_ttl=60)
     try:
-        run(RunStore(client, worker_id=ghost, group="default", lease_seconds=1.0, session_ttl=60).set_free_slots(3))
+        run(store.set_free_slots(3))
         r.rpush(keys.worker_inbox(ghost), "nothing|1")
         assert idle_tickets(r)[ghost] == 3
         assert_tickets_balanced(r, expected_slots=2)
         assert r.exists(keys.worker_inbox(ghost)) == 0 and not r.hexists("sg:workers", ghost)
     finally:
-        run(client.aclose())
+        run(store.aclose())
         stack.stop()
 
 
@@ -131,11 +129,10 @@ def test_a_lapsed_lease_retires_its_worker_before_the_run_is_dispatched_again(re
     by a lot: the run must still go to the other worker, and the lapsed one must rejoin first."""
     stack = Stack(fast_settings(redis_url)).start(scheduler=False, workers=0)  # the API only
     run = on_loop(stack)
-    client = AsyncRedis.from_url(redis_url)  # used on the stack's loop only
-    scripts = Scripts(client)
-    lapsed = RunStore(client, worker_id="default.lapsed.1.aaaaaa", group="default", lease_seconds=30,
-                      session_ttl=60)
-    other = RunStore(client, worker_id="default.other.2.bbbbbb", group="default", lease_seconds=30, session_ttl=60)
+    lapsed = RunStore.connect(redis_url, worker_id="default.lapsed.1.aaaaaa", group="default", lease_seconds=30,
+                              session_ttl=60)  # used on the stack's loop only
+    other = RunStore.connect(redis_url, worker_id="default.other.2.bbbbbb", group="default", lease_seconds=30,
+                             session_ttl=60)
     try:
         run(lapsed.set_free_slots(2))
         rid = submit(stack.base_url, "lapse", max_tokens=5)
@@ -143,7 +140,7 @@ def test_a_lapsed_lease_retires_its_worker_before_the_run_is_dispatched_again(re
         assert first.key == f"{rid}|1"
         run(other.set_free_slots(1))  # the lapsed worker's spare ticket is the older one: dispatch takes it first
         r.zadd(keys.LEASES, {rid: 0})
-        run(scripts.sweep(keys=[keys.LEASES, keys.WAKE, keys.GROUPS], args=[1500]))
+        run(other.scripts.sweep(keys=[keys.LEASES, keys.WAKE, keys.GROUPS], args=[1500]))
 
         resumed = run(other.next_assignment(timeout=5))
         assert resumed is not None and resumed.key == f"{rid}|2", "the run went back to the lapsed worker"
@@ -153,5 +150,6 @@ def test_a_lapsed_lease_retires_its_worker_before_the_run_is_dispatched_again(re
         rejoin, lost = run(lapsed.heartbeat([first.key]))
         assert rejoin and lost == [first.key]
     finally:
-        run(client.aclose())
+        run(lapsed.aclose())
+        run(other.aclose())
         stack.stop()

@@ -23,7 +23,6 @@ import os
 import socket
 import uuid
 
-from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 
 from sessions import keys
@@ -38,7 +37,6 @@ from workers.runner import Run
 log = logging.getLogger(__name__)
 
 EARLY_NOTICES = 1024  # notices kept for runs whose assignment has not arrived (most are for ended runs)
-SOCKET_TIMEOUT = 15.0  # well above the inbox's 1 s blocking pop and any script's run time
 
 
 def new_worker_id(group: str) -> str:
@@ -52,12 +50,11 @@ class Worker:
         self.settings = settings
         self.engine = engine or make_engine(settings)
         self.worker_id = worker_id or new_worker_id(settings.group)
-        # Named connections: `CLIENT LIST` shows which worker holds which connection. Timeouts: a
-        # half-open connection must fail (and reconnect) rather than hang the heartbeats forever.
-        self.redis = Redis.from_url(settings.redis_url, client_name=f"sluicegate-worker:{self.worker_id}",
-                                    socket_timeout=SOCKET_TIMEOUT, socket_connect_timeout=5, socket_keepalive=True)
-        self.store = RunStore(self.redis, worker_id=self.worker_id, group=settings.group,
-                              lease_seconds=settings.lease_seconds, session_ttl=settings.session_ttl)
+        # Named connections: `CLIENT LIST` shows which worker holds which connection.
+        self.store = RunStore.connect(settings.redis_url, client_name=f"sluicegate-worker:{self.worker_id}",
+                                      worker_id=self.worker_id, group=settings.group,
+                                      lease_seconds=settings.lease_seconds, session_ttl=settings.session_ttl)
+        self.redis = self.store.redis
         self.presence = (RqPresence(settings.redis_url, group=settings.group, worker_id=self.worker_id,
                                     ttl_seconds=max(10, int(settings.lease_seconds * 3))) if use_rq else None)
         self.runs: dict[str, asyncio.Task[None]] = {}  # "rid|attempt" -> its task; each holds one ticket
@@ -105,7 +102,7 @@ class Worker:
                 with contextlib.suppress(Exception):
                     await asyncio.to_thread(self.presence.death)
             await self.engine.aclose()
-            await self.redis.aclose()
+            await self.store.aclose()
 
     async def _shutdown(self, inbox: asyncio.Task[None]) -> None:
         """Stop taking work, let runs finish within the grace period, hand the rest back."""

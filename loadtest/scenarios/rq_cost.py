@@ -27,6 +27,7 @@ from rq import Queue, SimpleWorker
 
 from loadtest.common import percentile, print_table, progress, scratch_server, write_result
 from sessions.requests import NewRequest
+from sessions.resp import LeanRedis
 from sessions.runs import RunStore
 from sessions.store import SessionStore
 
@@ -62,8 +63,9 @@ def measure_rq(url: str, n: int) -> dict[str, Any]:
 
 async def measure_sluicegate(url: str, n: int) -> dict[str, Any]:
     client = Redis.from_url(url)
-    store = SessionStore(client, session_ttl=3600, lease_seconds=600)
-    worker = RunStore(client, worker_id="bench.rq-cost.0.x", group="bench", lease_seconds=600, session_ttl=3600)
+    lean = LeanRedis(url)  # as the API has it
+    store = SessionStore(client, session_ttl=3600, lease_seconds=600, lean=lean)
+    worker = RunStore.connect(url, worker_id="bench.rq-cost.0.x", group="bench", lease_seconds=600, session_ttl=3600)
     await worker.set_free_slots(1)
     spans: dict[str, list[float]] = {"submit+dispatch": [], "pickup (BRPOP inbox)": [], "spec": [], "finish": []}
     for i in range(n):
@@ -85,6 +87,8 @@ async def measure_sluicegate(url: str, n: int) -> dict[str, Any]:
         for name, a, b in (("submit+dispatch", t0, t1), ("pickup (BRPOP inbox)", t1, t2), ("spec", t2, t3),
                            ("finish", t3, t4)):
             spans[name].append((b - a) * 1000)
+    await worker.aclose()
+    await lean.aclose()
     await client.aclose()
     return spans
 

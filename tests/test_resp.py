@@ -1,0 +1,118 @@
+"""The lean client (sessions/resp.py) against a real server: replies matched to their callers under
+concurrency and cancellation, errors, lost and half-open connections, login."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+import redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+
+from sessions.resp import LeanRedis, RedisAddress
+from sluicegate.embedded import free_port
+
+
+def test_concurrent_calls_each_get_their_own_reply(redis_url: str) -> None:
+    async def main() -> list[object]:
+        client = LeanRedis(redis_url)
+        try:
+            return await asyncio.gather(*(client.execute("ECHO", f"call {i}") for i in range(500)))
+        finally:
+            await client.aclose()
+
+    assert asyncio.run(main()) == [f"call {i}".encode() for i in range(500)]
+
+
+def test_a_cancelled_call_leaves_the_replies_in_step(redis_url: str, r: redis.Redis) -> None:
+    """The caller of a blocking pop gives up; the pop's late reply must not become the next call's."""
+    async def main() -> tuple[object, object]:
+        client = LeanRedis(redis_url)
+        try:
+            waiting = asyncio.ensure_future(client.execute("BLPOP", "nothing-yet", 0.3))
+            await asyncio.sleep(0.05)
+            waiting.cancel()
+            r.rpush("nothing-yet", "late")  # the server answers the cancelled pop with it
+            return await client.execute("ECHO", "mine"), await client.execute("LLEN", "nothing-yet")
+        finally:
+            await client.aclose()
+
+    assert asyncio.run(main()) == (b"mine", 0)
+
+
+def test_an_error_reply_raises_and_the_next_call_goes_on(redis_url: str) -> None:
+    async def main() -> object:
+        client = LeanRedis(redis_url)
+        try:
+            with pytest.raises(ResponseError, match="(?i)unknown command"):
+                await client.execute("NO-SUCH-COMMAND")
+            return await client.execute("ECHO", "still here")
+        finally:
+            await client.aclose()
+
+    assert asyncio.run(main()) == b"still here"
+
+
+def test_a_killed_connection_is_replaced_on_the_next_call(redis_url: str, r: redis.Redis) -> None:
+    async def main() -> tuple[int, object]:
+        client = LeanRedis(redis_url, client_name="lean-under-test")
+        try:
+            assert await client.execute("PING") == b"PONG"
+            killed = r.client_kill_filter(_id=next(c["id"] for c in r.client_list() if c["name"] == "lean-under-test"))
+            await asyncio.sleep(0.05)  # the loss is noticed
+            return killed, await client.execute("ECHO", "again")
+        finally:
+            await client.aclose()
+
+    assert asyncio.run(main()) == (1, b"again")
+
+
+def test_an_unreachable_server_is_a_connection_error() -> None:
+    async def main() -> None:
+        client = LeanRedis(f"redis://127.0.0.1:{free_port()}/0", connect_timeout=1)
+        with pytest.raises(RedisConnectionError, match="cannot connect"):
+            await client.execute("PING")
+
+    asyncio.run(main())
+
+
+def test_a_reply_overdue_fails_the_connection_instead_of_hanging(redis_url: str) -> None:
+    """A half-open connection looks like a server that never answers: past `reply_timeout` the call
+    fails (once retried) and the client starts afresh."""
+    async def main() -> tuple[float, object]:
+        client = LeanRedis(redis_url, reply_timeout=0.2)
+        try:
+            began = time.monotonic()
+            with pytest.raises(RedisConnectionError, match="no reply"):
+                await client.execute("BLPOP", "never", 5)
+            return time.monotonic() - began, await client.execute("PING")
+        finally:
+            await client.aclose()
+
+    waited, pong = asyncio.run(main())
+    assert waited < 2 and pong == b"PONG"
+
+
+def test_login_and_database_from_the_url(redis_url: str, r: redis.Redis) -> None:
+    address = RedisAddress.from_url(redis_url)
+    r.config_set("requirepass", "s3cret")
+    try:
+        async def main() -> tuple[object, object]:
+            wrong = LeanRedis(f"redis://:nope@{address.host}:{address.port}/0")
+            with pytest.raises(RedisConnectionError, match="refused the login"):
+                await wrong.execute("PING")
+            client = LeanRedis(f"redis://:s3cret@{address.host}:{address.port}/3", client_name="lean-login")
+            try:
+                await client.execute("SET", "where", "db3")
+                info = await client.execute("CLIENT", "INFO")
+                return await client.execute("GET", "where"), info
+            finally:
+                await client.aclose()
+
+        value, info = asyncio.run(main())
+        assert value == b"db3" and b" db=3 " in info and b"name=lean-login" in info
+    finally:
+        r.config_set("requirepass", "")
+    assert r.get("where") is None  # written to database 3, not 0
