@@ -58,6 +58,22 @@ def cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def cpu_ticks() -> tuple[int, int]:
+    """(steal, total) clock ticks of all CPUs so far, from /proc/stat ((0, 0) where it is missing).
+    Steal is time the hypervisor gave this VM's CPUs to someone else: latency figures taken while it
+    is high are not comparable with quiet ones."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return 0, 0
+    return (fields[7] if len(fields) > 7 else 0), sum(fields[:8])
+
+
+def steal_percent(before: tuple[int, int], after: tuple[int, int]) -> float:
+    total = after[1] - before[1]
+    return round(100 * (after[0] - before[0]) / total, 2) if total > 0 else 0.0
+
+
 def print_table(rows: list[dict[str, Any]], columns: list[str] | None = None) -> None:
     if not rows:
         print("(no rows)")
