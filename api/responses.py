@@ -24,7 +24,9 @@ class EventStreamResponse(Response):
     The status line and headers go out at once, while the first token is still being generated:
     sent with the first token instead, they were one more socket write (and client wake-up) on its
     way. Measured with both orders interleaved in one run (by request id), headers first took
-    0.22 ms off the median time to first token.
+    0.22 ms off the median time to first token. So a failure before the first chunk (Redis lost
+    right after the submit) ends a 200 response early instead of answering 500: a streaming client
+    sees the stream cut short, as it would mid-stream.
     """
 
     media_type = "text/event-stream"

@@ -1,19 +1,24 @@
 """A lean pipelined Redis client for the calls on the way to a first token.
 
-Measured on the 2-core host, a command through redis-py's asyncio client took 236 us from call to
-reply (p50, the client idle before it, as a request's calls are) where the same PING written on a
-bare connection took 110 us: the pool checkout peeks at the socket with a zero timeout (a loop
-iteration and a cancelled timer per call), and each call crosses several coroutine layers. Three
-such calls lie on every first token's way (the API's submit, the worker's wake-up from its inbox,
-its first append), so those go through this client; everything else stays with redis-py.
+Measured on the 2-core host, an FCALL through redis-py's asyncio client took 240-293 us from call
+to reply (p50, the client idle before it, as a request's calls are), through this client 132-151
+us: redis-py's pool peeks at the socket with a zero timeout on every checkout (a loop iteration and
+a cancelled timer per call), and each call crosses several coroutine layers. Three calls lie on
+every first token's way (the API's submit, the worker's wake-up from its inbox, its first append),
+so the scripts and the inbox go through this client; everything else stays with redis-py.
 
-One connection per client, commands written at once (from the caller's own step, without a task
-switch) and replies matched to callers in order, parsed by hiredis in the protocol's callback. A
-lost connection fails the commands in flight with redis-py's ConnectionError (the callers already
-handle it) and the next call reconnects; one retry on a fresh connection, as redis-py's pools do
-(every script a caller may replay recognises a replay). A command left unanswered past
-`reply_timeout` aborts the connection: a half-open connection fails instead of hanging forever.
-Blocking commands (BRPOP) want a client of their own: they hold every reply behind them.
+One connection per client, used from one event loop, commands written at once (from the caller's
+own step, without a task switch) and replies matched to callers in order, parsed by hiredis in the
+protocol's callback. Error replies raise redis-py's exception classes (LOADING and NOAUTH are
+connection errors there, which callers retry). A lost connection fails the commands in flight with
+redis-py's ConnectionError (the callers already handle it) and the next call reconnects, with one
+retry on a fresh connection as redis-py's pools do (the scripts recognise a replayed call). A
+command left unanswered past `reply_timeout` aborts the connection: a half-open connection fails
+instead of hanging forever.
+
+A blocking command (BRPOP) holds every reply behind it, so it gets a client of its own, made with
+`blocking=True`: no retry (an item popped with a lost reply is gone; the caller must know), and a
+call given up (cancelled) closes the connection, so the server does not pop for nobody.
 """
 
 from __future__ import annotations
@@ -30,8 +35,21 @@ from typing import Any
 from urllib.parse import unquote, urlparse
 
 import hiredis
+from redis.exceptions import AuthenticationError, BusyLoadingError, OutOfMemoryError, ReadOnlyError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+
+# Error codes with an exception class of their own in redis-py (the rest are ResponseError).
+ERROR_CLASSES: dict[str, type[ResponseError] | type[RedisConnectionError]] = {
+    "LOADING": BusyLoadingError, "NOAUTH": AuthenticationError, "WRONGPASS": AuthenticationError,
+    "READONLY": ReadOnlyError, "OOM": OutOfMemoryError,
+}
+
+
+def reply_error(message: str) -> Exception:
+    """The exception for an error reply, as redis-py raises it."""
+    code, _, rest = message.partition(" ")
+    kind = ERROR_CLASSES.get(code)
+    return kind(rest) if kind is not None else ResponseError(message)
 
 
 @dataclass(frozen=True)
@@ -77,7 +95,7 @@ class _Replies(asyncio.Protocol):
 
     def __init__(self, reply_timeout: float) -> None:
         self.transport: Any = None  # an asyncio.Transport (uvloop's does not subclass it)
-        self.parser = hiredis.Reader(replyError=ResponseError)
+        self.parser = hiredis.Reader(replyError=reply_error)
         self.waiting: deque[tuple[asyncio.Future[Any], float]] = deque()
         self.lost = False
         self.reply_timeout = reply_timeout
@@ -112,7 +130,7 @@ class _Replies(asyncio.Protocol):
             future, _ = self.waiting.popleft()
             if future.done():  # its caller was cancelled
                 continue
-            if isinstance(reply, ResponseError):
+            if isinstance(reply, Exception):
                 future.set_exception(reply)
             else:
                 future.set_result(reply)
@@ -147,15 +165,19 @@ class LeanRedis:
     """`await client.execute("FCALL", ...)`: one pipelined connection, (re)connected on demand."""
 
     def __init__(self, url: str, *, client_name: str | None = None, connect_timeout: float = 5.0,
-                 reply_timeout: float = 15.0) -> None:
+                 reply_timeout: float = 15.0, blocking: bool = False) -> None:
         self.address = RedisAddress.from_url(url)
         self.client_name = client_name
         self.connect_timeout = connect_timeout
         self.reply_timeout = reply_timeout
+        self.blocking = blocking
         self._conn: _Replies | None = None
         self._connecting = asyncio.Lock()
+        self._closed = False
 
     async def _connection(self) -> _Replies:
+        if self._closed:
+            raise RedisConnectionError("the client is closed")
         conn = self._conn
         if conn is not None and not conn.lost:
             return conn
@@ -177,24 +199,34 @@ class LeanRedis:
         except (OSError, TimeoutError) as error:
             raise RedisConnectionError(f"cannot connect to Redis at {address.host}:{address.port}: {error}") from error
         login = address.login(self.client_name)
-        if login:
-            try:
-                replies = conn.send(b"".join(encode(c) for c in login), len(login))
-                for reply in replies:
+        try:
+            if login:
+                for reply in conn.send(b"".join(encode(c) for c in login), len(login)):
                     await reply
-            except ResponseError as error:
-                conn._fail(RedisConnectionError(f"Redis refused the login: {error}"))
-                raise RedisConnectionError(f"Redis refused the login: {error}") from error
+        except (ResponseError, AuthenticationError) as error:
+            conn._fail(RedisConnectionError(f"Redis refused the login: {error}"))
+            raise RedisConnectionError(f"Redis refused the login: {error}") from error
+        except BaseException:  # lost or cancelled half-way: the connection is not kept, so close it
+            conn._fail(RedisConnectionError("the login did not complete"))
+            raise
         return conn
 
     async def execute(self, *args: Any) -> Any:
         data = encode(args)
+        if self.blocking:
+            conn = await self._connection()
+            try:
+                return await conn.send(data)[0]
+            except asyncio.CancelledError:
+                conn._fail(RedisConnectionError("a blocking call was given up"))
+                raise
         try:
             return await (await self._connection()).send(data)[0]
         except RedisConnectionError:  # a connection that died unnoticed: once more on a fresh one
             return await (await self._connection()).send(data)[0]
 
     async def aclose(self) -> None:
+        self._closed = True
         if self._conn is not None:
-            self._conn._fail(RedisConnectionError("client closed"))
+            self._conn._fail(RedisConnectionError("the client is closed"))
             self._conn = None

@@ -103,7 +103,7 @@ class RunStore:
         redis = Redis.from_url(redis_url, client_name=client_name, socket_timeout=reply_timeout,
                                socket_connect_timeout=5, socket_keepalive=True)
         return cls(redis, lean=LeanRedis(redis_url, client_name=client_name, reply_timeout=reply_timeout),
-                   inbox=LeanRedis(redis_url, client_name=client_name, reply_timeout=reply_timeout),
+                   inbox=LeanRedis(redis_url, client_name=client_name, reply_timeout=reply_timeout, blocking=True),
                    worker_id=worker_id, group=group, lease_seconds=lease_seconds, session_ttl=session_ttl)
 
     async def aclose(self) -> None:

@@ -8,10 +8,10 @@ import time
 
 import pytest
 import redis
+from redis.exceptions import BusyLoadingError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
 
-from sessions.resp import LeanRedis, RedisAddress
+from sessions.resp import LeanRedis, RedisAddress, reply_error
 from sluicegate.embedded import free_port
 
 
@@ -40,6 +40,45 @@ def test_a_cancelled_call_leaves_the_replies_in_step(redis_url: str, r: redis.Re
             await client.aclose()
 
     assert asyncio.run(main()) == (b"mine", 0)
+
+
+def test_a_blocking_call_given_up_pops_nothing(redis_url: str, r: redis.Redis) -> None:
+    """A worker's inbox pop that is cancelled (shutdown) must not take an assignment it will never
+    run: the blocking client closes its connection instead, so the server stops waiting for it."""
+    async def main() -> None:
+        client = LeanRedis(redis_url, blocking=True)
+        try:
+            waiting = asyncio.ensure_future(client.execute("BRPOP", "inbox", 2))
+            await asyncio.sleep(0.05)
+            waiting.cancel()
+            await asyncio.sleep(0.1)  # the server sees the connection close
+            r.rpush("inbox", "assignment")
+            assert await client.execute("BRPOP", "inbox", 1) == [b"inbox", b"assignment"]  # a fresh connection
+        finally:
+            await client.aclose()
+
+    asyncio.run(main())
+
+
+def test_error_replies_raise_redis_py_classes() -> None:
+    """A server still loading its data (or refusing a login) is a connection error that callers
+    retry or answer with 503, not a failed request."""
+    loading = reply_error("LOADING Valkey is loading the dataset in memory")
+    assert isinstance(loading, BusyLoadingError) and isinstance(loading, RedisConnectionError)
+    assert isinstance(reply_error("NOAUTH Authentication required."), RedisConnectionError)
+    other = reply_error("ERR unknown command 'X'")
+    assert type(other) is ResponseError and str(other) == "ERR unknown command 'X'"
+
+
+def test_a_closed_client_does_not_reconnect(redis_url: str) -> None:
+    async def main() -> None:
+        client = LeanRedis(redis_url)
+        assert await client.execute("PING") == b"PONG"
+        await client.aclose()
+        with pytest.raises(RedisConnectionError, match="closed"):
+            await client.execute("PING")
+
+    asyncio.run(main())
 
 
 def test_an_error_reply_raises_and_the_next_call_goes_on(redis_url: str) -> None:

@@ -149,6 +149,11 @@ def test_a_lapsed_lease_retires_its_worker_before_the_run_is_dispatched_again(re
         # were it only paused, its next heartbeat tells it so: it rejoins and drops the lost run
         rejoin, lost = run(lapsed.heartbeat([first.key]))
         assert rejoin and lost == [first.key]
+        # that reply lost on the way, the next heartbeat says it again, until the worker offers its slots
+        assert run(lapsed.heartbeat([])) == (True, [])
+        run(lapsed.set_free_slots(2, 2))
+        assert run(lapsed.heartbeat([])) == (False, [])
+        assert idle_tickets(r)[lapsed.worker_id] == 2
     finally:
         run(lapsed.aclose())
         run(other.aclose())
