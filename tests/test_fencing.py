@@ -10,13 +10,13 @@ from pathlib import Path
 import redis
 
 from sessions import keys
-from sessions.runs import Assignment, RunStore
+from sessions.runs import Assignment
 from sessions.scripts import Scripts
-from tests.helpers import Stack, call, fast_settings, sse, submit
+from tests.helpers import call, sse, submit
 from tests.worker_helpers import (
     Listener,
+    api_and_two_played_workers,
     assert_tickets_balanced,
-    on_loop,
     stream_on_one_of_two_workers,
     token_indices,
     token_text,
@@ -28,16 +28,11 @@ from workers.runner import Run, token_data
 def test_append_rejects_an_old_attempt_and_a_wrong_index(redis_url: str, r: redis.Redis) -> None:
     """The scripts directly, with the test playing two workers: a zombie that lost its run and the
     survivor that resumed it."""
-    stack = Stack(fast_settings(redis_url)).start(scheduler=False, workers=0)  # the API only
-    run = on_loop(stack)
-    zombie = RunStore.connect(redis_url, worker_id="default.zombie.1.aaaaaa", group="default", lease_seconds=30,
-                              session_ttl=60)  # used on the stack's loop only
-    survivor = RunStore.connect(redis_url, worker_id="default.survivor.2.bbbbbb", group="default", lease_seconds=30,
-                                session_ttl=60)
-    scripts = zombie.scripts
     prompt = "fenced in"
     seed = prompt_seed(prompt)
-    try:
+    with api_and_two_played_workers(redis_url, "default.zombie.1.aaaaaa", "default.survivor.2.bbbbbb") as (
+            stack, run, zombie, survivor):
+        scripts = zombie.scripts
         run(zombie.set_free_slots(1))
         rid = submit(stack.base_url, "fence", prompt=prompt, max_tokens=6)
         assignment = run(zombie.next_assignment(timeout=5))
@@ -95,10 +90,6 @@ def test_append_rejects_an_old_attempt_and_a_wrong_index(redis_url: str, r: redi
         # returns no ticket: it offers its slots again when its next heartbeat tells it it lapsed
         assert r.lrange("sg:g:default:idle", 0, -1) == ["default.survivor.2.bbbbbb"]
         assert r.exists(keys.worker("default.zombie.1.aaaaaa")) == 0
-    finally:
-        run(zombie.aclose())
-        run(survivor.aclose())
-        stack.stop()
 
 
 def test_a_paused_worker_wakes_up_fenced(redis_url: str, r: redis.Redis, tmp_path: Path) -> None:

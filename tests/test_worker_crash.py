@@ -19,6 +19,7 @@ from sessions.runs import RunStore
 from tests.helpers import Stack, call, fast_settings, submit, wait_for
 from tests.worker_helpers import (
     Listener,
+    api_and_two_played_workers,
     assert_tickets_balanced,
     idle_tickets,
     on_loop,
@@ -127,13 +128,8 @@ def test_a_lapsed_lease_retires_its_worker_before_the_run_is_dispatched_again(re
     not hand it back to the dead worker through the idle ticket of its other slot (CI saw the run
     resumed on the dead worker, then lost a second time). Here the liveness key outlives the lease
     by a lot: the run must still go to the other worker, and the lapsed one must rejoin first."""
-    stack = Stack(fast_settings(redis_url)).start(scheduler=False, workers=0)  # the API only
-    run = on_loop(stack)
-    lapsed = RunStore.connect(redis_url, worker_id="default.lapsed.1.aaaaaa", group="default", lease_seconds=30,
-                              session_ttl=60)  # used on the stack's loop only
-    other = RunStore.connect(redis_url, worker_id="default.other.2.bbbbbb", group="default", lease_seconds=30,
-                             session_ttl=60)
-    try:
+    with api_and_two_played_workers(redis_url, "default.lapsed.1.aaaaaa", "default.other.2.bbbbbb") as (
+            stack, run, lapsed, other):
         run(lapsed.set_free_slots(2))
         rid = submit(stack.base_url, "lapse", max_tokens=5)
         first = run(lapsed.next_assignment(timeout=5))
@@ -154,7 +150,3 @@ def test_a_lapsed_lease_retires_its_worker_before_the_run_is_dispatched_again(re
         run(lapsed.set_free_slots(2, 2))
         assert run(lapsed.heartbeat([])) == (False, [])
         assert idle_tickets(r)[lapsed.worker_id] == 2
-    finally:
-        run(lapsed.aclose())
-        run(other.aclose())
-        stack.stop()

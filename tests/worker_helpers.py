@@ -19,6 +19,7 @@ from typing import IO, Any
 
 import redis
 
+from sessions.runs import RunStore
 from sluicegate.settings import Settings
 from tests.helpers import ROOT, SseEvent, Stack, fast_settings, sse, submit, wait_for
 
@@ -206,4 +207,21 @@ def stream_on_one_of_two_workers(redis_url: str, r: redis.Redis, log_dir: Path, 
     finally:
         for w in processes:
             w.close()
+        stack.stop()
+
+
+@contextmanager
+def api_and_two_played_workers(redis_url: str, first: str, second: str
+                               ) -> Iterator[tuple[Stack, Callable[..., Any], RunStore, RunStore]]:
+    """The API alone (no scheduler, no worker process) and two worker stores for the test to play
+    workers with, by id; `run` drives them on the stack's loop."""
+    stack = Stack(fast_settings(redis_url)).start(scheduler=False, workers=0)
+    run = on_loop(stack)
+    stores = [RunStore.connect(redis_url, worker_id=wid, group="default", lease_seconds=30, session_ttl=60)
+              for wid in (first, second)]
+    try:
+        yield stack, run, stores[0], stores[1]
+    finally:
+        for store in stores:
+            run(store.aclose())
         stack.stop()
