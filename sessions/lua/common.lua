@@ -474,10 +474,10 @@ end
 
 -- A request that becomes ready while nothing else in its group is ready is the decision's only
 -- candidate: start it at once when the quota and a free slot allow, without passing through the
--- ready set or the depth gauge (about twenty commands saved on the way to its first token). Its tenant returns from
--- idle: as in make_ready, its counter is lifted to the last dispatched counter (no tenant is
--- backlogged). `r`: the request's DISPATCH_FIELDS, as submit just stored them (and `in`, its input).
--- Returns false, having taken no slot, when the decision must go the usual way.
+-- ready set or the depth gauge (about twenty commands saved on the way to its first token). Its
+-- tenant returns from idle: as in make_ready, its counter is lifted to the last dispatched counter
+-- (no tenant is backlogged). `r`: the request's DISPATCH_FIELDS, as submit just stored them (and
+-- `in`, its input). Returns false, having taken no slot, when the decision must go the usual way.
 local function start_alone(rid, r, now, lease)
   local group, tenant = r.g, r.tn
   if redis.call('EXISTS', kg(group, 'cls')) == 1 then return false end
