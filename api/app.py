@@ -9,6 +9,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
@@ -39,22 +40,29 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # The restarted server never saw that command, so it still runs once.
         # Commands hold a connection only while they run (SSE readers share the hub's connection), so
         # the pool bounds concurrency without being a queue; a wait past `timeout` is a 503.
-        pool = BlockingConnectionPool.from_url(settings.redis_url, max_connections=256, timeout=20,
-                                               retry=Retry(NoBackoff(), 1))
-        redis = Redis(connection_pool=pool)
-        lean = LeanRedis(settings.redis_url)
-        hub = EventHub(settings.redis_url)
+        cluster = bool(getattr(settings, "redis_cluster", False))
+        if cluster:  # redis-py's cluster client routes each call to its slot's master
+            redis = RedisCluster.from_url(settings.redis_url, socket_connect_timeout=5, socket_timeout=20,
+                                          max_connections=256)
+            lean = None
+        else:
+            pool = BlockingConnectionPool.from_url(settings.redis_url, max_connections=256, timeout=20,
+                                                   retry=Retry(NoBackoff(), 1), socket_connect_timeout=5)
+            redis = Redis(connection_pool=pool)
+            lean = LeanRedis(settings.redis_url)
+        hub = EventHub(settings.redis_url, cluster=cluster)
         await hub.start()
         app.state.services = Services(
             settings=settings, redis=redis, hub=hub, tuning=Tuning(redis),
             store=SessionStore(redis, session_ttl=settings.session_ttl, lease_seconds=settings.lease_seconds,
-                               lean=lean),
+                               lean=lean, cluster=cluster),
             keyring=KeyRing(redis, enabled=settings.auth_enabled, admin_key=settings.admin_key))
         try:
             yield
         finally:
             await hub.stop()
-            await lean.aclose()
+            if lean is not None:
+                await lean.aclose()
             await redis.aclose()
 
     # FastAPI's native OpenTelemetry hooks are checked on every request; Sluicegate exports Prometheus

@@ -10,9 +10,9 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
-from redis.asyncio import Redis
 
 from sessions import keys
+from sessions.metrics_store import read_metrics
 
 
 class _Snapshot:
@@ -23,11 +23,11 @@ class _Snapshot:
         return self.families
 
 
-def _labels(raw: dict[bytes, bytes]) -> list[tuple[list[str], float]]:
-    return [(k.decode().split("|"), float(v)) for k, v in raw.items()]
+def _labels(raw: dict[str, float]) -> list[tuple[list[str], float]]:
+    return [(k.split("|"), v) for k, v in raw.items()]
 
 
-def _histogram(name: str, doc: str, raw: dict[bytes, bytes]) -> HistogramMetricFamily:
+def _histogram(name: str, doc: str, raw: dict[str, float]) -> HistogramMetricFamily:
     family = HistogramMetricFamily(name, doc, labels=["group", "priority"])
     series: dict[tuple[str, str], dict[str, float]] = {}
     for parts, value in _labels(raw):
@@ -44,12 +44,14 @@ def _histogram(name: str, doc: str, raw: dict[bytes, bytes]) -> HistogramMetricF
     return family
 
 
-async def render_metrics(redis: Redis, *, open_streams: int) -> bytes:
-    async with redis.pipeline(transaction=False) as pipe:
-        for name in ("requests", "tokens", "preemptions", "depth", "wait", "ttft", "fenced"):
-            pipe.hgetall(keys.metric(name))
-        pipe.zcard(keys.LEASES)
-        requests, tokens, preemptions, depth, wait, ttft, fenced, running = await pipe.execute()
+async def render_metrics(redis: Any, *, open_streams: int) -> bytes:
+    groups = sorted(g.decode() if isinstance(g, bytes) else g for g in await redis.smembers(keys.GROUPS))
+    totals = await read_metrics(redis, groups)
+    requests, tokens, preemptions, depth, wait, ttft, fenced = (
+        totals.get(name, {}) for name in ("requests", "tokens", "preemptions", "depth", "wait", "ttft", "fenced"))
+    running = 0
+    for group in groups:
+        running += await redis.zcard(keys.group_key(group, "run"))
 
     req = CounterMetricFamily("sluicegate_requests", "Requests by outcome (submitted, done, failed, cancelled).",
                               labels=["group", "priority", "tenant", "status"])

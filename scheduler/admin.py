@@ -11,6 +11,8 @@ from typing import Any
 from redis.asyncio import Redis
 
 from sessions import keys
+from sessions.metrics_store import read_metrics
+from sessions.store import register_group
 
 QUOTA_FIELDS = ("requests_per_second", "tokens_per_second", "burst", "max_concurrency", "burst_tokens")
 
@@ -29,14 +31,18 @@ class Tuning:
         self.redis = redis
 
     async def set_weight(self, tenant: str, weight: float) -> None:
+        """The source (sg:tenants) and each group's copy, where its decisions read it."""
         await self.redis.hset(keys.TENANT_WEIGHTS, tenant, weight)
+        for group in await self.groups():
+            await self.redis.hset(keys.group_key(group, "tw"), tenant, weight)
 
     async def set_quota(self, group: str, quota: dict[str, float | None]) -> dict[str, float | int]:
         """Set the given quota fields; a field given as null is removed (unlimited)."""
         cfg = keys.group_key(group, "cfg")
         to_set = {k: v for k, v in quota.items() if v is not None}
         to_clear = [k for k, v in quota.items() if v is None]
-        async with self.redis.pipeline(transaction=True) as pipe:
+        await register_group(self.redis, group)
+        async with self.redis.pipeline(transaction=False) as pipe:  # one group's slot: no cross-slot MULTI
             if to_set:
                 pipe.hset(cfg, mapping=to_set)  # type: ignore[arg-type]
             if to_clear:
@@ -46,9 +52,8 @@ class Tuning:
                      *(("lvl", "at") if "tokens_per_second" in to_clear else ())]
             if stale:
                 pipe.hdel(keys.group_key(group, "qs"), *stale)
-            pipe.sadd(keys.GROUPS, group)
-            pipe.rpush(keys.HINT, group)  # wake a scheduler: the change applies on the next decision
-            pipe.ltrim(keys.HINT, 0, 0)
+            pipe.rpush(keys.group_key(group, "hint"), 1)  # wake its scheduler: applies on the next decision
+            pipe.ltrim(keys.group_key(group, "hint"), 0, 0)
             await pipe.execute()
         return await self.quota(group)
 
@@ -81,9 +86,9 @@ class Tuning:
             pipe.zcard(keys.group_key(group, "run"))
             pipe.llen(keys.group_key(group, "idle"))
             pipe.hgetall(keys.group_key(group, "cn"))
-            pipe.zscore(keys.WAKE, group)
-            cfg, qs, running, idle, ready, wake = await pipe.execute()
+            cfg, qs, running, idle, ready = await pipe.execute()
         state = {_text(k): _text(v) for k, v in qs.items()}
+        wake = float(state["wake"]) if "wake" in state else None
         return {
             "group": group,
             "quota": {_text(k): _number(_text(v)) for k, v in cfg.items()},
@@ -98,14 +103,14 @@ class Tuning:
 
     async def stats(self) -> dict[str, Any]:
         """Queue depth by group, priority and tenant; running; workers; per-group quota state."""
-        raw_depth = await self.redis.hgetall(keys.metric("depth"))
+        raw_depth = (await read_metrics(self.redis, await self.groups())).get("depth", {})
         depth: list[dict[str, Any]] = []
         by_group: dict[str, int] = {}
         for label, value in raw_depth.items():
             n = int(value)
             if n <= 0:
                 continue
-            group, priority, tenant = _text(label).split("|", 2)
+            group, priority, tenant = label.split("|", 2)
             depth.append({"group": group, "priority": int(priority), "tenant": tenant, "queued": n})
             by_group[group] = by_group.get(group, 0) + n
         groups = [await self.group_state(g) for g in await self.groups()]
@@ -122,12 +127,12 @@ class Tuning:
 
     async def workers(self) -> list[dict[str, Any]]:
         """Registered workers; a worker whose liveness key lapsed is dropped from the registry."""
-        registered = {_text(k): _text(v) for k, v in (await self.redis.hgetall(keys.WORKERS)).items()}
         alive = []
-        for wid, info in sorted(registered.items()):
-            if await self.redis.exists(keys.worker(wid)):
-                group, _, slots = info.partition("|")
-                alive.append({"worker_id": wid, "group": group, "slots": int(slots)})
-            else:
-                await self.redis.hdel(keys.WORKERS, wid)
+        for group in await self.groups():
+            registered = await self.redis.hgetall(keys.group_key(group, "workers"))
+            for wid, info in sorted((_text(k), _text(v)) for k, v in registered.items()):
+                if await self.redis.exists(keys.worker(group, wid)):
+                    alive.append({"worker_id": wid, "group": group, "slots": int(info)})
+                else:
+                    await self.redis.hdel(keys.group_key(group, "workers"), wid)
         return alive

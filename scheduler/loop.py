@@ -1,10 +1,12 @@
 """The scheduler process: the clock-driven half of scheduling.
 
-Submissions and finished runs dispatch at once inside their own atomic scripts; what remains needs
-a clock: a group whose quota refills at a known time, requests waiting past their class's max wait,
-and runs whose worker stopped renewing its lease. The loop runs `sweep.lua`, then blocks on the hint
-list until the earliest quota wake-up or the next sweep, whichever comes first. Any number of
-schedulers may run: every step is an idempotent atomic script.
+Submissions and finished runs dispatch at once inside their own atomic functions; what remains needs a
+clock: a group whose quota refills at a known time, requests waiting past their class's max wait,
+and runs whose worker stopped renewing its lease. Each group has a loop of its own (a decision reads
+only its group's state, in its group's slot of a cluster): it runs the group's sweep, then blocks on
+the group's hint list until the earliest quota wake-up or the next sweep, whichever comes first. On a
+cluster a repair pass also readies the heads that a caller who died half-way left in an outbox
+(sessions/transitions.py). Any number of schedulers may run: every step is an idempotent atomic call.
 """
 
 from __future__ import annotations
@@ -12,52 +14,109 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-
-from redis.asyncio import Redis
+from typing import Any
 
 from scheduler.policy import publish_policy
 from sessions import keys
 from sessions.scripts import Scripts
+from sessions.store import copy_policy
+from sessions.transitions import Transitions, text
 from sluicegate.settings import Settings
 
 log = logging.getLogger(__name__)
+GROUPS_REFRESH_SECONDS = 1.0
+REPAIR_SECONDS = 2.0
+
+
+def connect(settings: Settings, **kwargs: Any) -> Any:
+    """redis-py's asyncio client for a server or a cluster, per the settings."""
+    if getattr(settings, "redis_cluster", False):
+        from redis.asyncio.cluster import RedisCluster
+
+        return RedisCluster.from_url(settings.redis_url, **kwargs)
+    from redis.asyncio import Redis
+
+    return Redis.from_url(settings.redis_url, **kwargs)
 
 
 class Scheduler:
     def __init__(self, settings: Settings) -> None:
         assert settings.redis_url, "the scheduler needs --redis-url"
         self.settings = settings
-        self.redis = Redis.from_url(settings.redis_url)
-        self.scripts = Scripts(self.redis)
+        self.cluster = bool(getattr(settings, "redis_cluster", False))
+        self.redis = connect(settings, socket_connect_timeout=5, socket_timeout=30)
+        self.scripts = Scripts(self.redis, single_server=not self.cluster)
+        self.transitions = Transitions(self.scripts, lease_ms=int(settings.lease_seconds * 1000),
+                                       session_ttl=settings.session_ttl)
         self.lease_ms = int(settings.lease_seconds * 1000)
 
-    async def sweep_once(self) -> float:
-        """One sweep; returns how long to wait before the next one (seconds)."""
-        requeued, promoted, started, next_wake, now = await self.scripts.sweep(
-            keys=[keys.LEASES, keys.WAKE, keys.GROUPS], args=[self.lease_ms])
-        if requeued or promoted:
-            log.info("sweep: %d runs requeued from lost workers, %d requests aged, %d dispatched",
-                     requeued, promoted, started)
+    async def sweep_once(self, group: str) -> float:
+        """One sweep of a group; returns how long to wait before the next one (seconds)."""
+        result = await self.transitions.sweep(group)
+        if result.lapsed or result.promoted:
+            log.info("sweep %s: %d runs of lost workers handed back, %d requests aged, %d dispatched",
+                     group, result.lapsed, result.promoted, result.started)
         wait = self.settings.sweep_seconds
-        next_wake, now = float(next_wake), float(now)
-        if next_wake >= 0:
-            wait = min(wait, max(0.0, (next_wake - now) / 1000))
+        if result.next_wake_ms >= 0:
+            wait = min(wait, max(0.0, (result.next_wake_ms - result.now_ms) / 1000))
         return wait
 
-    async def run(self, stop: asyncio.Event) -> None:
-        await publish_policy(self.redis, self.settings)
-        log.info("scheduler up (sweep every %.2f s)", self.settings.sweep_seconds)
+    async def _group_loop(self, group: str, stop: asyncio.Event) -> None:
+        hints = connect(self.settings, socket_connect_timeout=5, socket_timeout=30)  # its blocking pops
         try:
             while not stop.is_set():
                 try:
-                    wait = await self.sweep_once()
+                    wait = await self.sweep_once(group)
                     if wait > 0.0005:
-                        await self.redis.blpop([keys.HINT], timeout=wait)
+                        await hints.blpop([keys.group_key(group, "hint")], timeout=wait)
                 except asyncio.CancelledError:
                     raise
                 except Exception:
-                    log.exception("sweep failed; retrying")
+                    log.exception("sweep of group %s failed; retrying", group)
                     await asyncio.sleep(0.5)
         finally:
+            with contextlib.suppress(Exception):
+                await hints.aclose()
+
+    async def _repair_loop(self, stop: asyncio.Event) -> None:
+        buckets = keys.all_buckets()
+        while not stop.is_set():
+            try:
+                repaired = await self.transitions.repair(buckets, age_ms=int(REPAIR_SECONDS * 1000))
+                if repaired:
+                    log.warning("repair: %d half-done transitions completed", repaired)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("repair pass failed; retrying")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), REPAIR_SECONDS)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        await publish_policy(self.redis, self.settings)
+        log.info("scheduler up (sweep every %.2f s%s)", self.settings.sweep_seconds,
+                 f", cluster: repair pass every {REPAIR_SECONDS:.0f} s" if self.cluster else "")
+        loops: dict[str, asyncio.Task[None]] = {}
+        if self.cluster:
+            loops[""] = asyncio.create_task(self._repair_loop(stop))
+        try:
+            while not stop.is_set():
+                try:
+                    for group in sorted(text(g) for g in await self.redis.smembers(keys.GROUPS)):
+                        if group not in loops:
+                            await copy_policy(self.redis, group)
+                            loops[group] = asyncio.create_task(self._group_loop(group, stop))
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    log.exception("reading the groups failed; retrying")
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), GROUPS_REFRESH_SECONDS)
+        finally:
+            for task in loops.values():
+                task.cancel()
+            for task in loops.values():
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
             with contextlib.suppress(Exception):
                 await self.redis.aclose()

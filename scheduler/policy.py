@@ -1,30 +1,24 @@
-"""The scheduling policy's parameters, published to Redis where the dispatch script reads them.
+"""The scheduling policy's parameters, published to Redis where the dispatch functions read them.
 
-Dispatch decisions run inside atomic scripts started by whoever frees or fills a slot (the API on
+Dispatch decisions run inside atomic functions started by whoever frees or fills a slot (the API on
 submit, a worker on finish, the scheduler on a timer), so the policy must live where all of them
-can read it: the `sg:policy` hash. The scheduler writes it from its settings when it starts.
+can read it: `sg:policy`, copied into each group's control plane (`sg:{g:G}:pol`, in the group's own
+slot of a cluster). The scheduler writes it from its settings when it starts.
 """
 
 from __future__ import annotations
 
-from redis.asyncio import Redis
+from typing import Any
 
 from sessions import keys
+from sessions.library import policy_fields
+from sessions.store import copy_policy
 from sluicegate.settings import Settings
 
-
-def policy_fields(settings: Settings) -> dict[str, float]:
-    fields: dict[str, float] = {
-        "w_in": settings.input_token_weight,
-        "w_out": settings.output_token_weight,
-        "est": settings.output_estimate_ratio,
-        "min_run": settings.preempt_min_run_ms,
-        "max_pre": settings.max_preemptions,
-    }
-    for cls, seconds in settings.class_max_waits().items():
-        fields[f"mw{cls}"] = seconds
-    return fields
+__all__ = ["policy_fields", "publish_policy"]
 
 
-async def publish_policy(redis: Redis, settings: Settings) -> None:
+async def publish_policy(redis: Any, settings: Settings) -> None:
     await redis.hset(keys.POLICY, mapping=policy_fields(settings))  # type: ignore[arg-type]
+    for group in await redis.smembers(keys.GROUPS):
+        await copy_policy(redis, group.decode() if isinstance(group, bytes) else group)

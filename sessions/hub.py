@@ -1,4 +1,5 @@
-"""One Redis pubsub connection per process, fanned out to every local reader of a session.
+"""One Redis sharded pub/sub connection per process (per master on a cluster), fanned out to every
+local reader of a session.
 
 Ten thousand open streams must not mean ten thousand Redis connections: each API process holds one
 subscriber connection (sessions/subscriber.py), subscribes a session's channel while it has local
@@ -48,9 +49,10 @@ class _Channel:
 class EventHub:
     """Fan-out of session channels to local readers over a single subscriber connection."""
 
-    def __init__(self, redis_url: str, *, linger_seconds: float = 5.0, reader_queue: int = 4096,
-                 confirm_timeout: float = 5.0) -> None:
-        self._subscriber = Subscriber(redis_url, self._on_frame)
+    def __init__(self, redis_url: str, *, cluster: bool = False, linger_seconds: float = 5.0,
+                 reader_queue: int = 4096, confirm_timeout: float = 5.0) -> None:
+        """`cluster`: `redis_url` names a node of a Redis Cluster (one connection per master then)."""
+        self._subscriber = Subscriber(redis_url, self._on_frame, cluster=cluster)
         self._channels: dict[str, _Channel] = {}
         self._linger = linger_seconds
         self._reader_queue = reader_queue
@@ -102,14 +104,14 @@ class EventHub:
         channel = self._channels.get(channel_name.decode())
         if channel is None:
             return
-        if kind == b"message" and payload is not None:
+        if kind == b"smessage" and payload is not None:
             batch = parse_published(payload)
             for reader in channel.readers:
                 reader.offer(batch)
-        elif kind == b"subscribe":
+        elif kind == b"ssubscribe":
             if channel.confirmed.is_set():
-                # Resubscribed after a lost connection: what was published meanwhile is only in the
-                # log, so every reader rereads it.
+                # Resubscribed after a lost connection or on a slot's new master: what was published
+                # meanwhile is only in the log, so every reader rereads it.
                 for reader in channel.readers:
                     reader.reread()
             channel.confirmed.set()

@@ -1,62 +1,138 @@
-"""Key names of the Redis keyspace (the same names sessions/lua/common.lua builds)."""
+"""The keyspace: every Redis key and channel name, in one place (the Lua side builds the same names
+from the prefixes it is given in KEYS[1]; see sessions/lua/includes/keys.lua).
+
+Two planes, each under its own hash tag, so that everything one script touches lives in one slot of
+a Redis Cluster and the load spreads over the masters (README, "Growing past one Redis"):
+
+- the **data plane** of a session (its requests, their inputs, the lite queue, the event log and
+  its channel) is tagged by the session's *bucket*: a hash of the session id into 1024 buckets,
+  written as two characters. The bucket is the first two characters of every request id, so a
+  request is found from its id alone. Buckets rather than one tag per session: per-bucket keys (the
+  outbox of half-done transitions, the data plane's metrics) are few enough to enumerate without
+  SCAN, and 1024 of them spread evenly over any practical number of masters.
+- the **control plane** of a group (ready sets, virtual token counters, quotas, runs, leases, slot
+  tickets, worker inboxes and control channels, the scheduler's wake-ups) is tagged by the group.
+
+A few global keys are read rarely and written by operators only: the registry of groups, the policy
+and tenant weights (copied into each group's control plane, where decisions read them), API keys.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import re
+
 PREFIX = "sg:"
+BUCKET_ALPHABET = "0123456789abcdefghijklmnopqrstuv"
+BUCKETS_COUNT = len(BUCKET_ALPHABET) ** 2  # 1024
 # Histogram bucket bounds in seconds, shared with the Lua scripts (substituted at load time).
 BUCKETS: tuple[float, ...] = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
                               10.0, 30.0, 60.0, 120.0, 300.0)
+# Request statuses that end a request (one source for Python; the Lua side gets it substituted).
+TERMINAL_STATUSES = ("done", "failed", "cancelled")
+
+
+# ---- data plane ------------------------------------------------------------------------------
+def bucket_of_session(sid: str) -> str:
+    """The session's bucket: two characters from a stable hash of its id."""
+    n = int.from_bytes(hashlib.sha1(sid.encode()).digest()[:4], "big") % BUCKETS_COUNT
+    return BUCKET_ALPHABET[n // 32] + BUCKET_ALPHABET[n % 32]
+
+
+def all_buckets() -> list[str]:
+    return [a + b for a in BUCKET_ALPHABET for b in BUCKET_ALPHABET]
+
+
+def bucket_of_request(rid: str) -> str:
+    return rid[:2]
+
+
+def data_prefix(bucket: str) -> str:
+    """The hash-tagged prefix of one bucket's data plane: every data-plane key starts with it."""
+    return f"{PREFIX}{{s:{bucket}}}:"
+
+
+def session_prefix(sid: str) -> str:
+    return data_prefix(bucket_of_session(sid))
+
+
+def request_prefix(rid: str) -> str:
+    return data_prefix(bucket_of_request(rid))
+
+
+REQUEST_ID = re.compile(r"[0-9a-v]{2}[A-Za-z0-9_-]{1,64}")
+
+
+def valid_request_id(rid: str) -> bool:
+    """A request id as new_request_id makes them: anything else names no request (never a key)."""
+    return REQUEST_ID.fullmatch(rid) is not None
 
 
 def request(rid: str) -> str:
-    return f"{PREFIX}r:{rid}"
+    return f"{request_prefix(rid)}r:{rid}"
 
 
 def request_input(rid: str) -> str:
-    return f"{PREFIX}r:{rid}:in"
+    return f"{request_prefix(rid)}r:{rid}:in"
 
 
 def session_meta(sid: str) -> str:
-    return f"{PREFIX}s:{sid}:m"
+    return f"{session_prefix(sid)}s:{sid}:m"
 
 
 def session_queue(sid: str) -> str:
-    return f"{PREFIX}s:{sid}:q"
+    return f"{session_prefix(sid)}s:{sid}:q"
 
 
 def session_log(sid: str) -> str:
-    return f"{PREFIX}s:{sid}:l"
+    return f"{session_prefix(sid)}s:{sid}:l"
 
 
 def session_channel(sid: str) -> str:
-    return f"{PREFIX}e:{sid}"
+    """Sharded pub/sub channel (SPUBLISH): a live copy of each log append."""
+    return f"{session_prefix(sid)}e:{sid}"
+
+
+def outbox(bucket: str) -> str:
+    """zset rid -> time: heads made ready on the data plane whose control step is not yet confirmed."""
+    return f"{data_prefix(bucket)}ob"
+
+
+def data_metrics(bucket: str) -> str:
+    return f"{data_prefix(bucket)}m"
+
+
+# ---- control plane ---------------------------------------------------------------------------
+def group_prefix(group: str) -> str:
+    """The hash-tagged prefix of one group's control plane."""
+    return f"{PREFIX}{{g:{group}}}:"
 
 
 def group_key(group: str, suffix: str) -> str:
-    return f"{PREFIX}g:{group}:{suffix}"
+    return f"{group_prefix(group)}{suffix}"
 
 
-def worker(wid: str) -> str:
-    return f"{PREFIX}w:{wid}"
+def group_metrics(group: str) -> str:
+    return group_key(group, "m")
 
 
-def worker_inbox(wid: str) -> str:
-    return f"{PREFIX}w:{wid}:in"
+def worker(group: str, wid: str) -> str:
+    """The worker's liveness key (a PX lease)."""
+    return group_key(group, f"w:{wid}")
 
 
-def worker_control(wid: str) -> str:
-    return f"{PREFIX}w:{wid}:ctl"
+def worker_inbox(group: str, wid: str) -> str:
+    return group_key(group, f"w:{wid}:in")
 
 
-def metric(name: str) -> str:
-    return f"{PREFIX}m:{name}"
+def worker_control(group: str, wid: str) -> str:
+    """Sharded pub/sub channel of a worker's preemption and cancel notices ("rid|attempt|reason")."""
+    return group_key(group, f"w:{wid}:ctl")
 
 
-LEASES = PREFIX + "leases"
-WAKE = PREFIX + "wake"
-HINT = PREFIX + "hint"
-GROUPS = PREFIX + "groups"
-TENANT_WEIGHTS = PREFIX + "tenants"
-POLICY = PREFIX + "policy"
-WORKERS = PREFIX + "workers"
+# ---- global (operators' writes, rarely read on a request's way) ------------------------------
+GROUPS = PREFIX + "groups"  # set of known groups
+TENANT_WEIGHTS = PREFIX + "tenants"  # hash tenant -> weight (source; copied into each group's "tw")
+POLICY = PREFIX + "policy"  # hash policy field -> value (source; copied into each group's "pol")
 API_KEYS = PREFIX + "keys"
+LEGACY_PREFIXES = (PREFIX + "r:", PREFIX + "s:", PREFIX + "g:", PREFIX + "w:", PREFIX + "m:")

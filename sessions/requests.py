@@ -7,10 +7,13 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
+from sessions import keys
 
-def new_request_id() -> str:
-    """12 URL-safe characters (72 random bits): short, because it is repeated in every event."""
-    return secrets.token_urlsafe(9)
+
+def new_request_id(session_id: str) -> str:
+    """The session's bucket (2 characters: the request is found from its id alone, sessions/keys.py),
+    then 12 URL-safe characters (72 random bits): short, because it is repeated in every event."""
+    return keys.bucket_of_session(session_id) + secrets.token_urlsafe(9)
 
 
 def estimate_tokens(text: str) -> int:
@@ -28,7 +31,11 @@ class NewRequest:
     prompt: str | None = None
     messages: list[dict[str, Any]] | None = None
     params: dict[str, Any] = field(default_factory=dict)
-    request_id: str = field(default_factory=new_request_id)
+    request_id: str = ""  # default: a new id in the session's bucket
+
+    def __post_init__(self) -> None:
+        if not self.request_id:
+            object.__setattr__(self, "request_id", new_request_id(self.session_id))
 
     @property
     def input_kind(self) -> str:

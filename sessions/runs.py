@@ -7,11 +7,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 
 from sessions import keys
 from sessions.events import Event
 from sessions.resp import LeanRedis
 from sessions.scripts import Scripts
+from sessions.store import register_group
+from sessions.transitions import Transitions
 
 
 @dataclass(frozen=True)
@@ -52,8 +55,8 @@ class RunSpec:
 
 @dataclass(frozen=True)
 class Assignment:
-    """One inbox entry: "rid|attempt", then a newline and the run spec's fields as JSON (start_run in
-    common.lua). An empty entry ("|") is the shutdown wake-up."""
+    """One inbox entry: "rid|attempt", then (one server) a newline and the run spec as JSON (start_run in
+    scheduler/lua/includes/runs.lua). An empty entry ("|") is the shutdown wake-up."""
 
     request_id: str
     attempt: str
@@ -65,6 +68,7 @@ class Assignment:
 
     @classmethod
     def parse(cls, raw: bytes | str) -> Assignment:
+        """On one server the run spec follows (the run started already); on a cluster it does not."""
         text = raw.decode() if isinstance(raw, bytes) else raw
         head, _, spec = text.partition("\n")
         rid, _, attempt = head.rpartition("|")
@@ -79,27 +83,35 @@ class AppendResult:
 
 
 class RunStore:
-    """A worker's calls. The scripts and the inbox go through lean connections (sessions/resp.py):
-    the wake-up from the inbox and the first append lie on every first token's way. The inbox has a
-    connection of its own, as its blocking pop holds every reply behind it."""
+    """A worker's calls. On one server the functions and the inbox go through lean connections
+    (sessions/resp.py): the wake-up from the inbox and the first append lie on every first token's
+    way. The inbox has a connection of its own, as its blocking pop holds every reply behind it. On a
+    cluster everything goes through redis-py's cluster client, which routes each call to its slot."""
 
-    def __init__(self, redis: Redis, *, lean: LeanRedis, inbox: LeanRedis, worker_id: str, group: str,
-                 lease_seconds: float, session_ttl: int) -> None:
+    def __init__(self, redis: Any, *, lean: Any, inbox: Any, worker_id: str, group: str,
+                 lease_seconds: float, session_ttl: int, cluster: bool = False) -> None:
         self.redis = redis
         self.lean = lean
         self.inbox = inbox
-        self.scripts = Scripts(lean)
+        self.scripts = Scripts(lean, single_server=not cluster)
+        self.transitions = Transitions(self.scripts, lease_ms=int(lease_seconds * 1000), session_ttl=session_ttl)
         self.worker_id = worker_id
         self.group = group
+        self.cluster = cluster
         self.lease_ms = int(lease_seconds * 1000)
         self.session_ttl = session_ttl
 
     @classmethod
     def connect(cls, redis_url: str, *, worker_id: str, group: str, lease_seconds: float, session_ttl: int,
-                client_name: str | None = None, reply_timeout: float = 15.0) -> RunStore:
+                client_name: str | None = None, reply_timeout: float = 15.0, cluster: bool = False) -> RunStore:
         """A store with connections of its own, all named `client_name` (`CLIENT LIST`). A reply not
         back within `reply_timeout` (above the inbox's 1 s blocking pop and any script's run time)
         fails its connection, which reconnects: a half-open connection must not hang the worker."""
+        if cluster:
+            client = RedisCluster.from_url(redis_url, client_name=client_name, socket_timeout=reply_timeout,
+                                           socket_connect_timeout=5, socket_keepalive=True)
+            return cls(client, lean=client, inbox=client, worker_id=worker_id, group=group,
+                       lease_seconds=lease_seconds, session_ttl=session_ttl, cluster=True)
         redis = Redis.from_url(redis_url, client_name=client_name, socket_timeout=reply_timeout,
                                socket_connect_timeout=5, socket_keepalive=True)
         return cls(redis, lean=LeanRedis(redis_url, client_name=client_name, reply_timeout=reply_timeout),
@@ -107,6 +119,9 @@ class RunStore:
                    worker_id=worker_id, group=group, lease_seconds=lease_seconds, session_ttl=session_ttl)
 
     async def aclose(self) -> None:
+        if self.cluster:
+            await self.redis.aclose()
+            return
         await self.inbox.aclose()
         await self.lean.aclose()
         await self.redis.aclose()
@@ -114,29 +129,39 @@ class RunStore:
     async def set_free_slots(self, free: int, total: int | None = None) -> int:
         """Offer exactly `free` free slots of `total` to the scheduler, replacing every ticket offered
         before (so it is safe to repeat); `set_free_slots(0)` withdraws them all and deregisters."""
-        return int(await self.scripts.register_worker(
-            keys=[keys.worker(self.worker_id), keys.group_key(self.group, "idle")],
-            args=[self.lease_ms, self.worker_id, self.group, free, free if total is None else total]))
+        if free:
+            await register_group(self.redis, self.group)  # known to the schedulers and the admin API
+        return await self.transitions.register_worker(self.group, self.worker_id, free=free,
+                                                      total=free if total is None else total)
 
     async def next_assignment(self, timeout: float) -> Assignment | None:
-        """The oldest assignment (the scripts LPUSH them: runs start in the order they were dispatched)."""
-        item = await self.inbox.execute("BRPOP", keys.worker_inbox(self.worker_id), timeout)
+        """The oldest assignment (the functions LPUSH them: runs start in the order they were dispatched)."""
+        inbox = keys.worker_inbox(self.group, self.worker_id)
+        if self.cluster:
+            item = await self.inbox.brpop([inbox], timeout=timeout)
+        else:
+            item = await self.inbox.execute("BRPOP", inbox, timeout)
         return None if item is None else Assignment.parse(item[1])
 
     async def drain_inbox(self) -> list[Assignment]:
-        items = await self.redis.lpop(keys.worker_inbox(self.worker_id), 10_000) or []
+        items = await self.redis.lpop(keys.worker_inbox(self.group, self.worker_id), 10_000) or []
         return [Assignment.parse(i) for i in items]
 
     async def wake_inbox(self) -> None:
         """Push an empty assignment ("|") so that a blocked `next_assignment` returns now."""
-        await self.redis.rpush(keys.worker_inbox(self.worker_id), "|")
+        await self.redis.rpush(keys.worker_inbox(self.group, self.worker_id), "|")
 
     async def spec(self, assignment: Assignment) -> RunSpec | None:
-        """The run's inputs: carried in the assignment (no round trip, unless the input was too long
-        to carry), else read back with `load`. None when the request's input is gone (it ended)."""
+        """The run's inputs: carried in the assignment on one server (started already, no round trip
+        unless the input was too long to carry); on a cluster the worker starts the run on the data
+        plane, which answers with them. None when the request is no longer to run."""
         fields = assignment.fields
-        if fields is None:
+        if fields is None and not self.cluster:  # one server: started already, read it back
             return await self.load(assignment.request_id, assignment.attempt)
+        if fields is None:
+            fields = await self.transitions.start(assignment.request_id, assignment.attempt, self.worker_id)
+            if fields is None:
+                return None
         if "in" not in fields:
             text = await self.redis.get(keys.request_input(assignment.request_id))
             if text is None:
@@ -145,20 +170,20 @@ class RunStore:
         return RunSpec.from_fields(assignment.request_id, assignment.attempt, fields)
 
     async def load(self, rid: str, attempt: str) -> RunSpec | None:
-        """The run's inputs, or None when this worker does not own that attempt any more."""
-        names = ("st", "a", "w", "sid", "g", "tn", "p", "mt", "n", "ik", "pa")
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hmget(keys.request(rid), names)
-            pipe.get(keys.request_input(rid))
-            values, text = await pipe.execute()
-        f = {k: (v.decode() if v is not None else None) for k, v in zip(names, values, strict=True)}
-        f["in"] = text.decode() if text is not None else None
+        """The run's inputs read back from the request, or None when this worker does not own that
+        attempt (what an assignment's carried spec must equal)."""
+        names = ("st", "a", "w", "sid", "g", "tn", "p", "mt", "dn", "ik", "pa")
+        values = await self.redis.hmget(keys.request(rid), names)
+        text = await self.redis.get(keys.request_input(rid))
+        f = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in zip(names, values, strict=True)}
+        f["n"] = f.pop("dn")  # the attempt starts at the index it was started at
+        f["in"] = text.decode() if isinstance(text, bytes) else text
         if f["st"] != "running" or f["a"] != attempt or f["w"] != self.worker_id:
             return None
         return RunSpec.from_fields(rid, attempt, f)
 
     async def append(self, rid: str, attempt: str, first_index: int, data: list[str]) -> AppendResult:
-        reply = await self.scripts.append(keys=[keys.request(rid)], args=[rid, attempt, first_index, *data])
+        reply = await self.transitions.append(rid, attempt, first_index, data)
         code = int(reply[0])
         if code == 1:
             return AppendResult(True)
@@ -173,17 +198,12 @@ class RunStore:
         return AppendResult(False, status)
 
     async def finish(self, rid: str, attempt: str, *, outcome: str, detail: str, return_slot: bool) -> bool:
-        reply = await self.scripts.finish(
-            keys=[keys.request(rid)],
-            args=[self.lease_ms, self.session_ttl, rid, attempt, self.worker_id, outcome, detail,
-                  "1" if return_slot else "0", self.group])
-        return int(reply[0]) == 1
+        return await self.transitions.finish(rid, attempt, wid=self.worker_id, group=self.group, outcome=outcome,
+                                             detail=detail, return_slot=return_slot)
 
     async def hand_back(self, rid: str, attempt: str, *, reason: str, return_slot: bool) -> bool:
-        reply = await self.scripts.handback(
-            keys=[keys.request(rid)],
-            args=[self.lease_ms, rid, attempt, self.worker_id, reason, "1" if return_slot else "0", self.group])
-        return int(reply[0]) == 1
+        return await self.transitions.hand_back(rid, attempt, wid=self.worker_id, group=self.group, reason=reason,
+                                                return_slot=return_slot)
 
     async def output_so_far(self, spec: RunSpec) -> str:
         """The text of tokens 0..start_index-1 of a request, from its session log (for resumes)."""
@@ -191,8 +211,7 @@ class RunStore:
         texts: list[str] = []
         cursor = first - 1
         while len(texts) < spec.start_index:
-            reply = await self.scripts.read_log(keys=[keys.session_meta(spec.session_id),
-                                                      keys.session_log(spec.session_id)], args=[cursor, 1000])
+            reply = await self.transitions.read_log(spec.session_id, cursor, 1000)
             entries = [Event.parse(e) for e in reply[1:]]
             if not entries:
                 break
@@ -209,7 +228,4 @@ class RunStore:
 
         Returns (rejoin, lost): rejoin when this worker had lapsed or been reaped, so its free
         slots must be offered again; lost are the "rid|attempt" runs it no longer owns."""
-        reply = await self.scripts.heartbeat(
-            keys=[keys.worker(self.worker_id)],
-            args=[self.lease_ms, self.worker_id, self.group, "leaving" if leaving else "live", *running])
-        return int(reply[0]) == 1, [x.decode() for x in reply[1:]]
+        return await self.transitions.heartbeat(self.group, self.worker_id, running, leaving=leaving)

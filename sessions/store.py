@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
-
-from redis.asyncio import Redis
 
 from sessions import keys
 from sessions.events import Event
 from sessions.requests import NewRequest
-from sessions.resp import LeanRedis
 from sessions.scripts import Scripts
+from sessions.transitions import Transitions, text
 
 
 @dataclass(frozen=True)
@@ -23,54 +20,69 @@ class SubmitResult:
 
 
 class SessionStore:
-    """Async operations on sessions and requests; every write is one atomic script.
+    """Async operations on sessions and requests; every write is an atomic function call (two on a
+    cluster, see sessions/transitions.py).
 
-    The scripts go through `lean` when given (the API's: its submit lies on every first token's way,
-    see sessions/resp.py), else through `redis` like the plain reads."""
+    The functions go through `lean` when given (the API's on one server: its submit lies on every first
+    token's way, see sessions/resp.py), else through `redis` like the plain reads."""
 
-    def __init__(self, redis: Redis, *, session_ttl: int, lease_seconds: float, lean: LeanRedis | None = None) -> None:
+    def __init__(self, redis: Any, *, session_ttl: int, lease_seconds: float, lean: Any = None,
+                 cluster: bool = False) -> None:
         self.redis = redis
-        self.scripts = Scripts(lean or redis)
+        self.scripts = Scripts(lean or redis, single_server=not cluster)
+        self.transitions = Transitions(self.scripts, lease_ms=int(lease_seconds * 1000), session_ttl=session_ttl)
         self.session_ttl = session_ttl
-        self.lease_ms = int(lease_seconds * 1000)
+        self._known_groups: set[str] = set()
 
     async def submit(self, req: NewRequest, *, owner: str = "") -> SubmitResult:
-        sid, rid = req.session_id, req.request_id
-        reply = await self.scripts.submit(
-            keys=[keys.request(rid), keys.session_meta(sid), keys.session_queue(sid), keys.session_log(sid),
-                  keys.request_input(rid)],
-            args=[self.lease_ms, rid, sid, req.tenant, req.group, req.priority, req.max_tokens, req.input_text,
-                  req.input_kind, json.dumps(req.params, separators=(",", ":")), req.input_tokens, owner],
-        )
-        outcome = _text(reply[0])
-        return SubmitResult(outcome, rid, int(reply[1]) if outcome == "ok" else 0)
+        if req.group not in self._known_groups:
+            await register_group(self.redis, req.group)
+            self._known_groups.add(req.group)
+        outcome, seq = await self.transitions.submit(req, owner=owner)
+        return SubmitResult(outcome, req.request_id, seq)
 
     async def request_fields(self, rid: str) -> dict[str, str] | None:
+        if not keys.valid_request_id(rid):
+            return None
         raw = await self.redis.hgetall(keys.request(rid))
         if not raw:
             return None
-        return {_text(k): _text(v) for k, v in raw.items()}
+        return {text(k): text(v) for k, v in raw.items()}
 
     async def request_input(self, rid: str) -> str | None:
+        if not keys.valid_request_id(rid):
+            return None
         value = await self.redis.get(keys.request_input(rid))
-        return None if value is None else _text(value)
+        return None if value is None else text(value)
 
     async def cancel(self, rid: str, *, owner: str = "") -> list[str]:
-        reply = await self.scripts.cancel(keys=[keys.request(rid)],
-                                          args=[self.lease_ms, self.session_ttl, rid, owner])
-        return [_text(x) for x in reply]
+        if not keys.valid_request_id(rid):
+            return ["missing"]
+        return await self.transitions.cancel(rid, owner=owner)
 
     async def session_state(self, sid: str) -> tuple[str | None, int]:
         """The session's owner (None when it does not exist or expired) and its last event id, in one read."""
         owner, seq = await self.redis.hmget(keys.session_meta(sid), ["tn", "seq"])
-        return (None if owner is None else _text(owner)), int(seq or 0)
+        return (None if owner is None else text(owner)), int(seq or 0)
 
     async def read_events(self, sid: str, after: int, limit: int = 1000) -> tuple[int, list[Event]]:
         """Events with id > after, oldest first; also the last id the session has assigned."""
-        reply = await self.scripts.read_log(keys=[keys.session_meta(sid), keys.session_log(sid)],
-                                            args=[after, limit])
+        reply = await self.transitions.read_log(sid, after, limit)
         return int(reply[0]), [Event.parse(e) for e in reply[1:]]
 
 
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
+async def register_group(redis: Any, group: str) -> None:
+    """Make a group known: in the registry, and with its copies of the policy and tenant weights
+    (decisions read those from the group's own slot). Once per group and process; idempotent."""
+    if await redis.sadd(keys.GROUPS, group):
+        await copy_policy(redis, group)
+
+
+async def copy_policy(redis: Any, group: str) -> None:
+    """Copy sg:policy and sg:tenants into the group's control plane."""
+    policy = await redis.hgetall(keys.POLICY)
+    weights = await redis.hgetall(keys.TENANT_WEIGHTS)
+    if policy:
+        await redis.hset(keys.group_key(group, "pol"), mapping=policy)
+    if weights:
+        await redis.hset(keys.group_key(group, "tw"), mapping=weights)

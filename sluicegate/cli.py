@@ -1,7 +1,10 @@
 """`sluicegate serve | redis | api | scheduler | worker | sim-backend | bench`.
 
-Every flag is also an environment variable: `--session-ttl` <-> `SLUICEGATE_SESSION_TTL`. Flags
-win over the environment, which wins over the defaults.
+Every flag is also an environment variable (`--session-ttl` <-> `SLUICEGATE_SESSION_TTL`) and a key
+of the `--config` TOML file (`session_ttl = 600`); the flags are built from the fields of
+`sluicegate.settings.Settings`, which hold each setting's type, default and help text. Flags win over
+the environment, which wins over the file, which wins over the defaults. A bad value from any of them
+is one line on stderr and exit code 2, before anything starts.
 """
 
 from __future__ import annotations
@@ -12,50 +15,12 @@ import logging
 import signal
 import sys
 from collections.abc import Callable, Coroutine
-from dataclasses import fields
-from typing import Any
+from typing import Any, get_args
 
-from sluicegate.settings import ENV_PREFIX, Settings, from_env
-
-HELP: dict[str, str] = {
-    "host": "address to bind (keep loopback unless auth is on)",
-    "port": "port to listen on",
-    "redis_url": "Redis/Valkey URL; default for serve: start the embedded Valkey server",
-    "data_dir": "where the embedded server keeps its AOF (and serve its logs)",
-    "appendfsync": "AOF fsync policy of the embedded server: everysec (lose <= 1 s on power loss) or always",
-    "workers": "worker processes that serve starts",
-    "group": "the consumer group (pool of workers, usually one model) this worker serves",
-    "slots": "concurrent requests per worker process",
-    "engine": "sim (paced deterministic text) or openai (any OpenAI-compatible server at --backend-url)",
-    "backend_url": "base URL of the OpenAI-compatible server, e.g. http://127.0.0.1:8001/v1",
-    "backend_api_key": "API key sent to the backend as a bearer token",
-    "backend_model": "model name sent to the backend: `name` for all groups or `group=name,...`",
-    "backend_timeout": "seconds to wait for the backend's next chunk before treating it as failed",
-    "backend_retries": "attempts per request against a failing backend before it ends with an error",
-    "sim_tokens_per_second": "sim engine pace per request",
-    "sim_prefill_ms": "sim engine delay before the first token",
-    "session_ttl": "seconds an idle session (and everything it owns) is kept",
-    "auth": "require API keys (default: off on loopback, on elsewhere)",
-    "admin_key": "the admin API key (auth on)",
-    "max_body_mb": "largest request body accepted; larger ones get 413",
-    "max_tokens_limit": "largest max_tokens accepted; larger ones get 422",
-    "sse_ping_seconds": "idle seconds before an SSE keep-alive comment",
-    "lease_seconds": "a run's lease: a worker silent for this long loses its runs to others",
-    "heartbeat_seconds": "how often workers renew their leases",
-    "shutdown_grace_seconds": "on SIGTERM, how long a worker lets runs finish before handing them back",
-    "input_token_weight": "fair-share cost of an input token (w_in)",
-    "output_token_weight": "fair-share cost of an output token (w_out)",
-    "output_estimate_ratio": "share of max_tokens charged at dispatch, reconciled at the end",
-    "max_wait_seconds": "max wait of every priority class before a request is promoted (aging)",
-    "class_max_wait": "per-class max waits overriding --max-wait-seconds, e.g. `0=300,2=120`",
-    "preempt_min_run_ms": "a run is not preempted before it has run this long (anti-thrash)",
-    "max_preemptions": "a request is preempted at most this many times, then runs to the end (0 = never preempt)",
-    "sweep_seconds": "scheduler sweep period (leases, aging, quota refills)",
-    "log_level": "debug, info, warning or error",
-}
+from sluicegate.settings import ENV_PREFIX, BadSetting, Settings, from_env, setting_names
 
 NETWORK = ["host", "port"]
-CORE = ["redis_url", "session_ttl", "lease_seconds", "log_level"]
+CORE = ["config", "redis_url", "redis_cluster", "rq_redis_url", "session_ttl", "lease_seconds", "log_level"]
 API = ["auth", "admin_key", "max_body_mb", "max_tokens_limit", "sse_ping_seconds"]
 POLICY = ["input_token_weight", "output_token_weight", "output_estimate_ratio", "max_wait_seconds",
           "class_max_wait", "preempt_min_run_ms", "max_preemptions", "sweep_seconds"]
@@ -65,14 +30,15 @@ WORKER = ["group", "slots", "engine", "backend_url", "backend_api_key", "backend
 COMMANDS: dict[str, tuple[str, list[str]]] = {
     "serve": ("everything in one process tree: embedded Valkey (unless --redis-url), API, scheduler and "
               "--workers N workers; Ctrl-C stops all of it",
-              NETWORK + CORE + ["data_dir", "appendfsync", "workers"] + API + POLICY + WORKER),
-    "redis": ("the embedded Valkey server alone, in the foreground, persistent (AOF) in --data-dir",
-              ["host", "port", "data_dir", "appendfsync", "log_level"]),
+              NETWORK + CORE + ["data_dir", "appendfsync", "embedded_cluster", "workers"] + API + POLICY + WORKER),
+    "redis": ("the embedded Valkey server (or with --cluster N a cluster of N masters) alone, in the foreground, "
+              "persistent (AOF) in --data-dir",
+              ["config", "host", "port", "data_dir", "appendfsync", "cluster", "log_level"]),
     "api": ("the HTTP API alone (stateless; run several)", NETWORK + CORE + API),
     "scheduler": ("the scheduler alone (run several; they never double-dispatch)", CORE + POLICY),
     "worker": ("one worker process serving --group with --slots concurrent requests", CORE + WORKER),
     "sim-backend": ("an OpenAI-compatible server generating the sim engine's tokens at a fixed pace",
-                    NETWORK + ["sim_tokens_per_second", "sim_prefill_ms", "log_level"]),
+                    ["config"] + NETWORK + ["sim_tokens_per_second", "sim_prefill_ms", "log_level"]),
 }
 
 
@@ -80,37 +46,35 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def add_flag(parser: argparse.ArgumentParser, name: str) -> None:
+    """The flag of setting `name`, from its field: help text, variable and real default. Values stay
+    strings here; the Settings model converts and validates them with the environment and the file."""
+    info = Settings.model_fields[name]
+    text = f"{info.description} [env {ENV_PREFIX}{name.upper()}]"
+    if bool in (get_args(info.annotation) or (info.annotation,)):
+        parser.add_argument(flag(name), dest=name, action=argparse.BooleanOptionalAction, default=None, help=text)
+        return
+    shown = f" (default: {info.default})" if info.default not in (None, "") else ""  # unset: the help says why
+    parser.add_argument(flag(name), dest=name, default=None, help=text + shown)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sluicegate", description="Priority-aware scheduler in front of LLM inference servers.",
-        epilog=f"Every flag is also an environment variable {ENV_PREFIX}<FLAG_IN_CAPS>.")
+        epilog=f"Every flag is also an environment variable {ENV_PREFIX}<FLAG_IN_CAPS> and a key of the --config "
+               "file: flags > environment > file > defaults.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    defaults = Settings()
-    types = {f.name: f.type for f in fields(Settings)}
     for command, (description, names) in COMMANDS.items():
         p = sub.add_parser(command, help=description, description=description)  # defaults: in each help text
         for name in names:
-            env = ENV_PREFIX + name.upper()
-            text = f"{HELP[name]} [env {env}]"
-            if "bool" in str(types[name]):
-                p.add_argument(flag(name), dest=name, action=argparse.BooleanOptionalAction, default=None,
-                               help=text)
-                continue
-            kind: Callable[[str], Any] = str
-            if "float" in str(types[name]):
-                kind = float
-            elif "int" in str(types[name]):
-                kind = int
-            default = getattr(defaults, name)
-            shown = f" (default: {default})" if default not in (None, "") else ""  # unset: the help says why
-            p.add_argument(flag(name), dest=name, type=kind, default=None, help=text + shown)
+            add_flag(p, name)
     sub.add_parser("bench", help="run a benchmark scenario: `sluicegate bench --help` lists them", add_help=False)
     return parser
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
-    overrides = {f.name: getattr(args, f.name) for f in fields(Settings) if getattr(args, f.name, None) is not None}
-    return from_env(**overrides)
+    """Flags, then the environment, then the --config file; raises BadSetting."""
+    return from_env(**{name: getattr(args, name) for name in setting_names() if getattr(args, name, None) is not None})
 
 
 def setup_logging(settings: Settings, role: str) -> None:
@@ -145,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         settings = settings_from(args)
-    except ValueError as error:
+    except BadSetting as error:
         print(f"sluicegate: bad setting: {error}", file=sys.stderr)
         return 2
     setup_logging(settings, args.command)
@@ -154,13 +118,19 @@ def main(argv: list[str] | None = None) -> int:
 
         return serve(settings)
     if args.command == "redis":
-        from sluicegate.embedded import EmbeddedServer, ServerNotFound
+        from sluicegate.embedded import EmbeddedCluster, EmbeddedServer, ServerNotFound
 
         try:
+            if settings.cluster:
+                return EmbeddedCluster(data_dir=settings.data_dir, port=settings.port, masters=settings.cluster,
+                                       host=settings.host, appendfsync=settings.appendfsync).run_foreground()
             EmbeddedServer(data_dir=settings.data_dir, port=settings.port, host=settings.host,
                            appendfsync=settings.appendfsync).start(foreground=True)
         except ServerNotFound as error:
             print(f"sluicegate: {error}", file=sys.stderr)
+            return 1
+        except (RuntimeError, TimeoutError, ValueError) as error:  # the cluster did not form
+            print(f"sluicegate redis: {error}", file=sys.stderr)
             return 1
         return 0
     if args.command == "api":

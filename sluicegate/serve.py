@@ -1,9 +1,11 @@
 """`sluicegate serve`: the embedded server, the API, a scheduler and N workers in one process tree.
 
-The embedded server runs in its own process group so that a terminal's Ctrl-C (which reaches the
-whole foreground group) stops the API, scheduler and workers first, and the server last, after the
-workers have handed their runs back. A worker that dies is restarted; the API or the scheduler
-dying stops everything with an error.
+The embedded store is one Valkey server, or with `--embedded-cluster N` a Valkey Cluster of N
+masters; either way the children get its URL (and `--redis-cluster` for a cluster). The store runs
+in its own process group so that a terminal's Ctrl-C (which reaches the whole foreground group)
+stops the API, scheduler and workers first, and the store last, after the workers have handed their
+runs back. A worker that dies is restarted; the API or the scheduler dying stops everything with an
+error.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from sluicegate.embedded import EmbeddedServer, ServerNotFound
+from sluicegate.embedded import EmbeddedCluster, EmbeddedServer, ServerNotFound
 from sluicegate.settings import Settings
 
 log = logging.getLogger("sluicegate.serve")
@@ -27,18 +29,30 @@ def spawn(role: str, settings: Settings, *extra: str) -> subprocess.Popen[bytes]
     return subprocess.Popen([sys.executable, "-m", "sluicegate", role, *extra], env=env, stdin=subprocess.DEVNULL)
 
 
+def embedded_store(settings: Settings) -> EmbeddedServer | EmbeddedCluster:
+    if settings.embedded_cluster:
+        return EmbeddedCluster(data_dir=str(Path(settings.data_dir) / "valkey-cluster"),
+                               masters=settings.embedded_cluster, appendfsync=settings.appendfsync)
+    return EmbeddedServer(data_dir=str(Path(settings.data_dir) / "valkey"), appendfsync=settings.appendfsync)
+
+
 def serve(settings: Settings) -> int:
-    server: EmbeddedServer | None = None
+    store: EmbeddedServer | EmbeddedCluster | None = None
     if not settings.redis_url:
+        store = embedded_store(settings)
         try:
-            server = EmbeddedServer(data_dir=str(Path(settings.data_dir) / "valkey"), appendfsync=settings.appendfsync)
-            server.start(new_session=True)
-        except (ServerNotFound, RuntimeError, TimeoutError) as error:
+            store.start(new_session=True)
+        except (ServerNotFound, RuntimeError, TimeoutError, ValueError) as error:
             print(f"sluicegate serve: {error}", file=sys.stderr)
             return 1
-        settings = settings.replace(redis_url=server.url)
-        log.info("embedded Valkey on %s (AOF, appendfsync %s) in %s", server.url, settings.appendfsync,
-                 server.data_dir)
+        # The children use the store we started: they start none themselves.
+        settings = settings.replace(redis_url=store.url, redis_cluster=store.cluster, embedded_cluster=0)
+        log.info("embedded Valkey %s on %s (AOF, appendfsync %s) in %s",
+                 f"cluster of {store.masters} masters" if isinstance(store, EmbeddedCluster) else "server",
+                 store.url, settings.appendfsync, store.data_dir)
+    if settings.redis_cluster and not settings.rq_redis_url:
+        log.info("Redis Cluster without --rq-redis-url: the workers' rq presence is off (rq has no cluster "
+                 "support, rq#1942)")
 
     stopping = False
 
@@ -77,7 +91,7 @@ def serve(settings: Settings) -> int:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-        if server is not None:
-            server.stop()
+        if store is not None:
+            store.stop()
         log.info("stopped")
     return code

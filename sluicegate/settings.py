@@ -1,62 +1,224 @@
-"""One settings object for every process.
+"""One settings object for every process, validated before any process starts.
 
 Every field is a CLI flag (`--session-ttl`) and an environment variable
-(`SLUICEGATE_SESSION_TTL`); `serve` hands its settings to its children through the
-environment, so a child sees exactly what its parent was given.
+(`SLUICEGATE_SESSION_TTL`), and may be a top-level key of the `--config` TOML file
+(`session_ttl = 600`). `from_env()` layers them: flags > environment > file > defaults. `serve`
+hands its settings to its children through the environment, so a child sees exactly what its
+parent was given.
+
+`Settings(...)` itself takes only what it is given (plus the defaults): tests and callers build
+exact settings, and only `from_env()` reads the environment and the file.
 """
 
 from __future__ import annotations
 
-import os
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+import difflib
+import math
+import tomllib
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
 
 ENV_PREFIX = "SLUICEGATE_"
 PRIORITY_NAMES = {"low": 2, "normal": 5, "high": 7, "critical": 9}
+PRIORITY_CLASSES = range(10)
 
 
-@dataclass(frozen=True)
-class Settings:
+class BadSetting(ValueError):
+    """One bad value: `field: reason` (the CLI prints `sluicegate: bad setting: <this>` and exits 2)."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"{field}: {reason}")
+        self.field = field
+        self.reason = reason
+
+
+def parse_class_max_wait(spec: str) -> dict[int, float]:
+    """`0=300,2=120` -> {0: 300.0, 2: 120.0}; anything else is a ValueError naming the bad part."""
+    waits: dict[int, float] = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        cls, _, secs = part.partition("=")
+        try:
+            priority, seconds = int(cls), float(secs)
+        except ValueError:
+            raise ValueError(f"`{part}` is not CLASS=SECONDS (e.g. 0=300,2=120)") from None
+        if priority not in PRIORITY_CLASSES:
+            raise ValueError(f"`{part}`: the class must be a priority 0..9")
+        if not (math.isfinite(seconds) and seconds > 0):
+            raise ValueError(f"`{part}`: the wait must be a positive number of seconds")
+        if priority in waits:
+            raise ValueError(f"class {priority} is given twice")
+        waits[priority] = seconds
+    return waits
+
+
+def parse_backend_models(spec: str) -> dict[str, str]:
+    """`m` -> {"*": "m"}; `g1=m1,g2=m2` -> {"g1": "m1", "g2": "m2"}; a half pair is a ValueError."""
+    spec = spec.strip()
+    if not spec:
+        return {}
+    if "=" not in spec:
+        return {"*": spec}
+    models: dict[str, str] = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        group, _, model = (s.strip() for s in part.partition("="))
+        if not group or not model:
+            raise ValueError(f"`{part}` is not GROUP=MODEL (give one name for all groups, or group=name,...)")
+        models[group] = model
+    return models
+
+
+def _schemes(*schemes: str) -> AfterValidator:
+    prefixes = tuple(f"{scheme}://" for scheme in schemes)
+
+    def check(url: str) -> str:
+        if not url.startswith(prefixes):
+            raise ValueError(f"`{url}` should start with {' or '.join(prefixes)}")
+        return url
+
+    return AfterValidator(check)
+
+
+def _off_or_a_cluster(masters: int) -> int:
+    if 0 < masters < 3:
+        raise ValueError(f"a Redis Cluster needs at least 3 masters, not {masters} (0 = one plain server)")
+    return masters
+
+
+def _checked(parse: Callable[[str], object]) -> AfterValidator:
+    """Validate a spec string with its parser, keeping the string as given."""
+
+    def check(spec: str) -> str:
+        parse(spec)
+        return spec
+
+    return AfterValidator(check)
+
+
+Port = Annotated[int, Field(ge=1, le=65535)]
+Count = Annotated[int, Field(ge=1)]
+Positive = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+NonNegative = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+RedisUrl = Annotated[str, _schemes("redis", "rediss", "unix")]
+HttpUrl = Annotated[str, _schemes("http", "https")]
+ClusterSize = Annotated[int, Field(ge=0), AfterValidator(_off_or_a_cluster)]
+OPTIONAL = ("config", "redis_url", "rq_redis_url", "backend_url", "backend_api_key", "auth", "admin_key")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="forbid")
+
+    config: str | None = Field(None, description="a TOML file of settings, top-level keys named like the flags "
+                               "with underscores (session_ttl = 600); flags and the environment override it")
     # network and storage
-    host: str = "127.0.0.1"
-    port: int = 8000
-    redis_url: str | None = None
-    data_dir: str = "./.sluicegate"
-    appendfsync: str = "everysec"
+    host: str = Field("127.0.0.1", min_length=1, description="address to bind (keep loopback unless auth is on)")
+    port: Port = Field(8000, description="port to listen on")
+    redis_url: RedisUrl | None = Field(None, description="Redis/Valkey URL; default for serve: start the embedded "
+                                       "Valkey server")
+    redis_cluster: bool = Field(False, description="--redis-url names a node of a Redis Cluster (any node: the "
+                                "client finds the others)")
+    rq_redis_url: RedisUrl | None = Field(None, description="a standalone Redis for the workers' rq presence in "
+                                          "cluster mode (rq has no cluster support, rq#1942); without it, rq "
+                                          "presence is off in cluster mode")
+    data_dir: str = Field("./.sluicegate", min_length=1, description="where the embedded server keeps its AOF "
+                          "(and serve its logs)")
+    appendfsync: Literal["everysec", "always"] = Field(
+        "everysec", description="AOF fsync policy of the embedded server: everysec (lose <= 1 s on power loss) "
+        "or always")
+    embedded_cluster: ClusterSize = Field(0, description="start an embedded Valkey Cluster of N masters (N >= 3) "
+                                          "instead of one server; 0 = one server")
+    cluster: ClusterSize = Field(0, description="run a Valkey Cluster of N masters (N >= 3) on ports "
+                                 "--port..--port+N-1 instead of one server; 0 = one server")
     # processes
-    workers: int = 2
-    group: str = "default"
-    slots: int = 8
-    engine: str = "sim"
-    backend_url: str | None = None
-    backend_api_key: str | None = None
-    backend_model: str = ""
-    backend_timeout: float = 60.0
-    backend_retries: int = 4
-    sim_tokens_per_second: float = 50.0
-    sim_prefill_ms: float = 20.0
+    workers: int = Field(2, ge=0, description="worker processes that serve starts (0: run workers elsewhere)")
+    group: str = Field("default", min_length=1, description="the consumer group (pool of workers, usually one "
+                       "model) this worker serves")
+    slots: Count = Field(8, description="concurrent requests per worker process")
+    engine: Literal["sim", "openai"] = Field(
+        "sim", description="sim (paced deterministic text) or openai (any OpenAI-compatible server at --backend-url)")
+    backend_url: HttpUrl | None = Field(None, description="base URL of the OpenAI-compatible server, e.g. "
+                                        "http://127.0.0.1:8001/v1")
+    backend_api_key: str | None = Field(None, description="API key sent to the backend as a bearer token")
+    backend_model: Annotated[str, _checked(parse_backend_models)] = Field(
+        "", description="model name sent to the backend: `name` for all groups or `group=name,...`")
+    backend_timeout: Positive = Field(60.0, description="seconds to wait for the backend's next chunk before "
+                                     "treating it as failed")
+    backend_retries: Count = Field(4, description="attempts per request against a failing backend before it ends "
+                                   "with an error")
+    sim_tokens_per_second: Positive = Field(50.0, description="sim engine pace per request")
+    sim_prefill_ms: NonNegative = Field(20.0, description="sim engine delay before the first token")
     # sessions and API
-    session_ttl: int = 3600
-    auth: bool | None = None
-    admin_key: str | None = None
-    max_body_mb: float = 32.0
-    max_tokens_limit: int = 32768
-    sse_ping_seconds: float = 15.0
+    session_ttl: Count = Field(3600, description="seconds an idle session (and everything it owns) is kept")
+    auth: bool | None = Field(None, description="require API keys (default: off on loopback, on elsewhere)")
+    admin_key: str | None = Field(None, description="the admin API key (auth on)")
+    max_body_mb: Positive = Field(32.0, description="largest request body accepted; larger ones get 413")
+    max_tokens_limit: Count = Field(32768, description="largest max_tokens accepted; larger ones get 422")
+    sse_ping_seconds: Positive = Field(15.0, description="idle seconds before an SSE keep-alive comment")
     # liveness
-    lease_seconds: float = 3.0
-    heartbeat_seconds: float = 1.0
-    shutdown_grace_seconds: float = 10.0
+    lease_seconds: Positive = Field(3.0, description="a run's lease: a worker silent for this long loses its runs "
+                                   "to others")
+    heartbeat_seconds: Positive = Field(1.0, description="how often workers renew their leases (less than "
+                                       "--lease-seconds)")
+    shutdown_grace_seconds: NonNegative = Field(10.0, description="on SIGTERM, how long a worker lets runs finish "
+                                                "before handing them back")
     # scheduling policy
-    input_token_weight: float = 1.0
-    output_token_weight: float = 2.0
-    output_estimate_ratio: float = 1.0
-    max_wait_seconds: float = 60.0
-    class_max_wait: str = ""
-    preempt_min_run_ms: float = 50.0
-    max_preemptions: int = 20
-    sweep_seconds: float = 0.2
-    log_level: str = "info"
-    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+    input_token_weight: NonNegative = Field(1.0, description="fair-share cost of an input token (w_in)")
+    output_token_weight: NonNegative = Field(2.0, description="fair-share cost of an output token (w_out)")
+    output_estimate_ratio: NonNegative = Field(1.0, description="share of max_tokens charged at dispatch, "
+                                               "reconciled at the end")
+    max_wait_seconds: Positive = Field(60.0, description="max wait of every priority class before a request is "
+                                      "promoted (aging)")
+    class_max_wait: Annotated[str, _checked(parse_class_max_wait)] = Field(
+        "", description="per-class max waits overriding --max-wait-seconds, e.g. `0=300,2=120`")
+    preempt_min_run_ms: NonNegative = Field(50.0, description="a run is not preempted before it has run this long "
+                                            "(anti-thrash)")
+    max_preemptions: int = Field(20, ge=0, description="a request is preempted at most this many times, then runs "
+                                 "to the end (0 = never preempt)")
+    sweep_seconds: Positive = Field(0.2, description="scheduler sweep period (leases, aging, quota refills)")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="debug, info, warning or "
+                                                                     "error")
+    # tables of the config file that are not settings ([groups.NAME], ...), kept for the code that reads them
+    extra: Annotated[dict[str, Any], NoDecode] = Field(default_factory=dict)
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+                                   **_others: PydanticBaseSettingsSource) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings,)  # from_env() adds the environment and the file, in its precedence order
+
+    @field_validator(*OPTIONAL, mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        return None if value == "" else value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        if self.engine == "openai" and not self.backend_url:
+            raise BadSetting("backend_url", "the openai engine needs --backend-url (e.g. http://127.0.0.1:8001/v1)")
+        if self.heartbeat_seconds >= self.lease_seconds:
+            raise BadSetting("heartbeat_seconds", f"{self.heartbeat_seconds} must be less than --lease-seconds "
+                             f"({self.lease_seconds}), or workers lose their runs between heartbeats")
+        if self.embedded_cluster and self.redis_url:
+            raise BadSetting("embedded_cluster", "--embedded-cluster starts its own cluster: drop --redis-url, or "
+                             "drop --embedded-cluster and pass --redis-cluster")
+        if self.redis_cluster and not (self.redis_url or self.embedded_cluster):
+            raise BadSetting("redis_cluster", "--redis-cluster needs --redis-url naming a node of the cluster "
+                             "(or serve --embedded-cluster N)")
+        return self
 
     @property
     def auth_enabled(self) -> bool:
@@ -71,27 +233,17 @@ class Settings:
 
     def class_max_waits(self) -> dict[int, float]:
         """Max wait per priority class 0..9: `--max-wait-seconds`, overridden by `--class-max-wait 2=120,7=10`."""
-        waits = {p: self.max_wait_seconds for p in range(10)}
-        for part in filter(None, (p.strip() for p in self.class_max_wait.split(","))):
-            cls, _, secs = part.partition("=")
-            waits[int(cls)] = float(secs)
-        return waits
+        return {p: self.max_wait_seconds for p in PRIORITY_CLASSES} | parse_class_max_wait(self.class_max_wait)
 
     def backend_models(self) -> dict[str, str]:
         """Model name per group from `--backend-model`: `m` for all groups, or `g1=m1,g2=m2`."""
-        spec = self.backend_model.strip()
-        if not spec:
-            return {}
-        if "=" not in spec:
-            return {"*": spec}
-        pairs = (p.split("=", 1) for p in spec.split(",") if p.strip())
-        return {g.strip(): m.strip() for g, m in pairs}
+        return parse_backend_models(self.backend_model)
 
     def to_env(self) -> dict[str, str]:
         """The environment that reproduces these settings in a child process."""
         env: dict[str, str] = {}
-        for name, value in asdict(self).items():
-            if name == "extra" or value is None:
+        for name, value in self.model_dump(exclude={"extra"}).items():
+            if value is None:
                 continue
             if isinstance(value, bool):
                 value = "1" if value else "0"
@@ -99,39 +251,76 @@ class Settings:
         return env
 
     def replace(self, **changes: Any) -> Settings:
-        data = {f.name: getattr(self, f.name) for f in fields(self)}
-        data.update(changes)
-        return Settings(**data)
+        """A copy with `changes`, validated like any other settings."""
+        return type(self)(**{**self.model_dump(), **changes})
 
 
-def parse_bool(text: str) -> bool:
-    value = text.strip().lower()
-    if value in ("1", "true", "yes", "on"):
-        return True
-    if value in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"not a boolean: {text!r}")
+def setting_names() -> list[str]:
+    """Every setting a flag, a variable or the file may give (`extra` is the file's other tables)."""
+    return [name for name in Settings.model_fields if name != "extra"]
 
 
-def coerce(name: str, raw: str) -> Any:
-    """Convert an environment string to the type of field `name`."""
-    kind = Settings.__dataclass_fields__[name].type
-    if "bool" in str(kind):
-        return parse_bool(raw)
-    if "int" in str(kind) and "None" not in str(kind):
-        return int(raw)
-    if "float" in str(kind):
-        return float(raw)
-    return raw
+def env_values(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The settings among `SLUICEGATE_*` variables of `environ` (default: this process's environment)."""
+    source = EnvSettingsSource(Settings)
+    if environ is not None:
+        source.env_vars = {key.lower(): value for key, value in environ.items()}
+    values = source()
+    values.pop("extra", None)
+    return values
 
 
-def from_env(environ: dict[str, str] | None = None, **overrides: Any) -> Settings:
-    """Settings from `SLUICEGATE_*` variables, then explicit overrides (CLI flags)."""
-    environ = os.environ if environ is None else environ
+def file_values(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(settings, other tables) of a TOML file: top-level keys are settings, tables are kept whole."""
+    if not Path(path).is_file():
+        raise BadSetting("config", f"no such file: {path}")
+    try:
+        data = TomlConfigSettingsSource(Settings, toml_file=path).toml_data
+    except (tomllib.TOMLDecodeError, OSError) as error:
+        raise BadSetting("config", f"cannot read {path}: {error}") from None
+    names = setting_names()
     values: dict[str, Any] = {}
-    for f in fields(Settings):
-        raw = environ.get(ENV_PREFIX + f.name.upper())
-        if raw is not None and f.name != "extra":
-            values[f.name] = coerce(f.name, raw)
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    return Settings(**values)
+    tables: dict[str, Any] = {}
+    for key, value in data.items():
+        if key == "config":
+            raise BadSetting(key, f"{path} cannot name another config file")
+        if key in names:
+            values[key] = value
+        elif isinstance(value, dict):
+            tables[key] = value
+        else:
+            close = difflib.get_close_matches(key.replace("-", "_"), names, n=1)
+            hint = f" (did you mean `{close[0]}`?)" if close else ""
+            raise BadSetting(key, f"not a setting, in {path}{hint}")
+    return values, tables
+
+
+def bad_setting(error: ValidationError, origins: Mapping[str, str]) -> BadSetting:
+    """The first problem of a ValidationError as one BadSetting, naming where the value came from."""
+    first = error.errors()[0]
+    cause = first.get("ctx", {}).get("error")
+    if isinstance(cause, BadSetting):
+        return cause
+    field = str(first["loc"][0]) if first["loc"] else "settings"
+    reason = first["msg"].removeprefix("Value error, ")
+    if first["type"] != "value_error":
+        reason += f", got {first['input']!r}"
+    if field in origins:
+        reason += f" (from {origins[field]})"
+    return BadSetting(field, reason)
+
+
+def from_env(environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+    """Settings from explicit overrides (CLI flags), then `SLUICEGATE_*` variables, then the `config`
+    TOML file, then the defaults. Raises BadSetting, naming the first bad value."""
+    flags = {name: value for name, value in overrides.items() if value is not None}
+    env = env_values(environ)
+    path = flags.get("config") or env.get("config")
+    file, tables = file_values(path) if path else ({}, {})
+    origins = {name: path for name in file} if path else {}
+    origins |= {name: ENV_PREFIX + name.upper() for name in env}
+    origins |= {name: "--" + name.replace("_", "-") for name in flags}
+    try:
+        return Settings(**{"extra": tables, **file, **env, **flags})
+    except ValidationError as error:
+        raise bad_setting(error, origins) from None

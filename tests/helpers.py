@@ -23,6 +23,7 @@ from typing import Any
 import uvicorn
 
 from scheduler.loop import Scheduler
+from sessions import keys
 from sessions.events import SseParser
 from sluicegate.embedded import free_port
 from sluicegate.settings import Settings
@@ -100,7 +101,7 @@ class Stack:
         self.workers[worker.worker_id] = worker
         self.start_service(worker.worker_id, worker.run)
         deadline = time.monotonic() + 10
-        while not self._call(worker.redis.exists(f"sg:w:{worker.worker_id}")):
+        while not self._call(worker.redis.exists(keys.worker(worker.settings.group, worker.worker_id))):
             if time.monotonic() > deadline:
                 raise TimeoutError("worker did not register")
             time.sleep(0.02)

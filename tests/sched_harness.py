@@ -15,8 +15,11 @@ from redis.asyncio import Redis as AsyncRedis
 
 from scheduler.admin import Tuning
 from sessions import keys
+from sessions.requests import NewRequest
 from sessions.runs import Assignment
-from sessions.scripts import Scripts, script_source
+from sessions.scripts import Scripts
+from sessions.store import register_group
+from sessions.transitions import Transitions, run_sync
 
 LEASE_MS = 600_000  # long: worker liveness keys use the real clock, the pinned clock drives the rest
 TTL = 3600
@@ -44,18 +47,22 @@ class Entry:
 
 
 class Harness:
-    def __init__(self, r: redis.Redis, *, now: int = T0, lease_ms: int = LEASE_MS) -> None:
+    def __init__(self, r: redis.Redis, *, now: int = T0, lease_ms: int = LEASE_MS, cluster: bool = False) -> None:
         self.r = r
-        self.scripts = Scripts(r)
+        # On a cluster the clock is the servers' own: a pinned clock is a global key, which a function
+        # may not read from its plane's slot.
+        self.scripts = Scripts(r, single_server=not cluster, pinned_clock=not cluster)
         self.lease_ms = lease_ms  # request leases, on the pinned clock
         self.worker_lease_ms = max(lease_ms, LEASE_MS)  # worker liveness keys expire on the real clock
+        self.t = Transitions(self.scripts, lease_ms=lease_ms, session_ttl=TTL)
         self.now = now
         self.workers: dict[str, str] = {}  # worker id -> group
         self.slots: dict[str, int] = {}  # worker id -> slots
         self.runs: list[Run] = []  # assignments a fake worker still holds
         self.dispatched: list[Run] = []  # every assignment ever made, in the order they were popped
         self._rids = 0
-        r.set(keys.PREFIX + "clock", now)
+        if not cluster:
+            r.set(keys.PREFIX + "clock", now)
 
     # -- clock, policy, tuning -------------------------------------------------------------------
     def set_clock(self, ms: int) -> None:
@@ -67,9 +74,16 @@ class Harness:
 
     def policy(self, **fields: float) -> None:
         self.r.hset(keys.POLICY, mapping=fields)  # type: ignore[arg-type]
+        for group in self.r.smembers(keys.GROUPS):
+            self.r.hset(keys.group_key(group, "pol"), mapping=fields)  # type: ignore[arg-type]
 
     def weight(self, tenant: str, value: float) -> None:
         self.r.hset(keys.TENANT_WEIGHTS, tenant, value)
+        for group in self.r.smembers(keys.GROUPS):
+            self.r.hset(keys.group_key(group, "tw"), tenant, value)
+
+    def _group(self, group: str) -> None:
+        run_sync(register_group(_Sync(self.r), group))
 
     def quota(self, group: str, **fields: float | None) -> None:
         """Through the admin code path (scheduler.admin.Tuning.set_quota): None removes a field = unlimited."""
@@ -91,23 +105,26 @@ class Harness:
 
     def _offer_slots(self, wid: str, free: int) -> int:
         group = self.workers[wid]
-        started = int(self.scripts.register_worker(keys=[keys.worker(wid), keys.group_key(group, "idle")],
-                                                   args=[self.worker_lease_ms, wid, group, free, self.slots[wid]]))
+        self._group(group)
+        started = run_sync(Transitions(self.scripts, lease_ms=self.worker_lease_ms, session_ttl=TTL).register_worker(
+            group, wid, free=free, total=self.slots[wid]))
         self.collect()
         return started
 
     def collect(self) -> list[Run]:
         """Pop every worker inbox (oldest first) and hold the new assignments."""
         new: list[Run] = []
-        pipe = self.r.pipeline(transaction=True)
-        for wid in self.workers:
-            pipe.lrange(keys.worker_inbox(wid), 0, -1)
-            pipe.delete(keys.worker_inbox(wid))
-        inboxes = pipe.execute()[::2]
-        for (wid, group), items in zip(self.workers.items(), inboxes, strict=True):
+        for wid, group in self.workers.items():
+            items = self.r.lrange(keys.worker_inbox(group, wid), 0, -1)
+            self.r.delete(keys.worker_inbox(group, wid))
             for item in reversed(items):  # LPUSHed: the oldest is last
                 assignment = Assignment.parse(item)
                 rid = assignment.request_id
+                # On a cluster the worker starts the run on the data plane (refused: no longer to run).
+                if assignment.fields is None and run_sync(self.t.start(rid, assignment.attempt, wid)) is None:
+                    run_sync(self.t.hand_back(rid, assignment.attempt, wid=wid, group=group, reason="released",
+                                              return_slot=True))
+                    continue
                 new.append(Run(rid, assignment.attempt, wid, group, int(self.r.hget(keys.request(rid), "n") or 0)))
         self.runs.extend(new)
         self.dispatched.extend(new)
@@ -122,7 +139,7 @@ class Harness:
 
     def append(self, run: Run, count: int = 1) -> list[Any]:
         data = [json.dumps({"request_id": run.rid, "index": run.next_index + i, "text": "t"}) for i in range(count)]
-        reply = self.scripts.append(keys=[keys.request(run.rid)], args=[run.rid, run.attempt, run.next_index, *data])
+        reply = run_sync(self.t.append(run.rid, run.attempt, run.next_index, data))
         if int(reply[0]) == 1:
             run.next_index += count
         elif int(reply[0]) == 0:
@@ -132,11 +149,10 @@ class Harness:
     def finish(self, run: Run, outcome: str = "done", detail: str = "length", return_slot: bool = True) -> list[Any]:
         """Finish a run; on a run the worker no longer owns this only releases the slot."""
         self.runs.remove(run)
-        reply = self.scripts.finish(keys=[keys.request(run.rid)],
-                                    args=[self.lease_ms, TTL, run.rid, run.attempt, run.wid, outcome, detail,
-                                          "1" if return_slot else "0", run.group])
+        finished = run_sync(self.t.finish(run.rid, run.attempt, wid=run.wid, group=run.group, outcome=outcome,
+                                          detail=detail, return_slot=return_slot))
         self.collect()
-        return list(reply)
+        return [1 if finished else 0]
 
     def complete(self, rid: str) -> list[Any]:
         """Stream a held request's remaining tokens and finish it as done."""
@@ -151,19 +167,17 @@ class Harness:
         A worker that had lapsed (the sweep retires the worker of a lapsed lease) offers its free
         slots again, as a real worker does."""
         held = [f"{run.rid}|{run.attempt}" for run in self.runs if run.wid == wid]
-        reply = self.scripts.heartbeat(keys=[keys.worker(wid)],
-                                       args=[self.worker_lease_ms, wid, self.workers[wid], "live", *held])
-        if int(reply[0]) == 1:
+        rejoin, lost = run_sync(self.t.heartbeat(self.workers[wid], wid, held, lease_ms=self.worker_lease_ms))
+        if rejoin:
             self._offer_slots(wid, self.slots[wid] - len(held))
-        return list(reply[1:])
+        return lost
 
     def handback(self, run: Run, reason: str = "worker_shutdown", return_slot: bool = True) -> list[Any]:
         self.runs.remove(run)
-        reply = self.scripts.handback(keys=[keys.request(run.rid)],
-                                      args=[self.lease_ms, run.rid, run.attempt, run.wid, reason,
-                                            "1" if return_slot else "0", run.group])
+        stopped = run_sync(self.t.hand_back(run.rid, run.attempt, wid=run.wid, group=run.group, reason=reason,
+                                            return_slot=return_slot))
         self.collect()
-        return list(reply)
+        return [1 if stopped else 0]
 
     # -- the API's and the scheduler's side ------------------------------------------------------
     def submit(self, sid: str, *, tenant: str = "t", group: str = "default", priority: int = 5,
@@ -171,27 +185,39 @@ class Harness:
         if rid is None:
             self._rids += 1
             rid = f"r{self._rids}"
-        submit_keys = [keys.request(rid), keys.session_meta(sid), keys.session_queue(sid), keys.session_log(sid)]
-        if "KEYS[5]" in script_source("submit"):  # the prompt stored as a string of its own
-            submit_keys.append(keys.request(rid) + ":in")
-        reply = self.scripts.submit(
-            keys=submit_keys,
-            args=[self.lease_ms, rid, sid, tenant, group, priority, max_tokens, prompt, "p", "{}",
-                  max(1, len(prompt) // 4), ""])
-        assert reply[0] == "ok", reply
+        rid = keys.bucket_of_session(sid) + rid  # request ids carry their session's bucket
+        self._group(group)
+        req = NewRequest(session_id=sid, max_tokens=max_tokens, priority=priority, tenant=tenant, group=group,
+                         prompt=prompt, request_id=rid)
+        outcome, _ = run_sync(self.t.submit(req))
+        assert outcome == "ok", outcome
         self.collect()
         return rid
 
     def cancel(self, rid: str) -> list[Any]:
-        reply = self.scripts.cancel(keys=[keys.request(rid)], args=[self.lease_ms, TTL, rid, ""])
+        reply = run_sync(self.t.cancel(rid))
         self.collect()
-        return list(reply)
+        return reply
 
     def sweep(self) -> tuple[int, int, int, float, float]:
-        requeued, promoted, started, wake, now = self.scripts.sweep(
-            keys=[keys.LEASES, keys.WAKE, keys.GROUPS], args=[self.lease_ms])
+        """Every group's sweep (as the scheduler's loops do); the sums, and the earliest wake-up."""
+        totals, wakes, now = [0, 0, 0], [], 0.0
+        for group in sorted(self.r.smembers(keys.GROUPS)):
+            result = run_sync(self.t.sweep(group))
+            totals = [totals[0] + result.lapsed, totals[1] + result.promoted, totals[2] + result.started]
+            if result.next_wake_ms >= 0:
+                wakes.append(result.next_wake_ms)
+            now = result.now_ms
         self.collect()
-        return int(requeued), int(promoted), int(started), float(wake), float(now)
+        return totals[0], totals[1], totals[2], min(wakes) if wakes else -1.0, now
+
+    def set_preemptions(self, rid: str, count: int) -> None:
+        """Pretend a running request was preempted `count` times (its run record keeps the count)."""
+        run = self.run_of(rid)
+        key = f"{rid}|{run.attempt}"
+        record = json.loads(self.r.hget(keys.group_key(run.group, "ri"), key))
+        record["pc"] = count
+        self.r.hset(keys.group_key(run.group, "ri"), key, json.dumps(record))
 
     # -- inspection ------------------------------------------------------------------------------
     def req(self, rid: str) -> dict[str, str]:
@@ -217,10 +243,26 @@ class Harness:
         return float(self.r.hget(keys.group_key(group, "vtc"), tenant) or 0)
 
     def running(self, group: str = "default") -> list[str]:
-        return list(self.r.zrange(keys.group_key(group, "run"), 0, -1))
+        """Request ids of the group's running runs."""
+        return [key.rpartition("|")[0] for key in self.r.zrange(keys.group_key(group, "run"), 0, -1)]
 
     def pending_preemptions(self, group: str = "default") -> int:
         return int(self.r.zcard(keys.group_key(group, "pre")))
 
     def dispatched_rids(self) -> list[str]:
         return [run.rid for run in self.dispatched]
+
+
+class _Sync:
+    """A synchronous client seen through awaitable calls, for helpers written for the async clients."""
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._client, name)
+
+        async def call(*args: Any, **kwargs: Any) -> Any:
+            return method(*args, **kwargs)
+
+        return call

@@ -73,7 +73,7 @@ def test_a_notice_that_overtakes_its_assignment_stops_the_run_before_the_engine(
     try:
         run(worker.store.set_free_slots(1, 1))
         rid = submit(stack.base_url, "early", max_tokens=5)
-        assert r.llen(keys.worker_inbox(worker.worker_id)) == 1  # dispatched, not picked up yet
+        assert r.llen(keys.worker_inbox("default", worker.worker_id)) == 1  # dispatched, not picked up yet
         assert call("DELETE", f"{stack.base_url}/v1/requests/{rid}")[0] == 200
         worker._notice(f"{rid}|1")  # the cancel's notice, arriving before the assignment is read
 
@@ -81,7 +81,7 @@ def test_a_notice_that_overtakes_its_assignment_stops_the_run_before_the_engine(
             return asyncio.create_task(worker._inbox_loop())
 
         inbox = run(start())
-        wait_for(lambda: r.lrange("sg:g:default:idle", 0, -1) == [worker.worker_id], timeout=10,
+        wait_for(lambda: r.lrange("sg:{g:default}:idle", 0, -1) == [worker.worker_id], timeout=10,
                  what="the slot to come back")
         assert rid not in probe.closed, "the engine was started for a run already cancelled"
         assert call("GET", f"{stack.base_url}/v1/requests/{rid}")[1]["status"] == "cancelled"

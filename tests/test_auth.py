@@ -31,7 +31,7 @@ def test_keys_scope_every_route(auth_stack: Stack, r: redis.Redis) -> None:
         assert call(method, url, body)[0] == 401, url
         assert call(method, url, body, headers={"Authorization": "Bearer nope"})[0] == 401, url
     assert call("POST", f"{base}/v1/chat/completions", raw=b"{not json")[0] == 401
-    assert r.keys("sg:r:*") == []
+    assert r.keys("sg:{s:*}:r:*") == []
 
     code, created = call("POST", f"{base}/v1/admin/keys", {"tenant": "acme"}, headers=ADMIN)
     assert code == 201 and created["tenant"] == "acme"

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import redis
 
+from sessions import keys
 from sluicegate.embedded import EmbeddedServer, free_port
 from tests.helpers import Stack, call, fast_settings, sse, submit, wait_for
 from workers.engines.sim import sim_text
@@ -73,7 +74,7 @@ def test_invalid_fields_are_422_naming_them(stack: Stack, r: redis.Redis) -> Non
         except AssertionError as error:
             failures.append(str(error).splitlines()[0])
     assert not failures, "\n".join(failures)
-    assert r.keys("sg:r:*") == [] and r.keys("sg:s:*") == [], "a rejected submit left state behind"
+    assert r.keys("sg:{s:*}:r:*") == [] and r.keys("sg:{s:*}:s:*") == [], "a rejected submit left state behind"
 
 
 def test_malformed_bodies_and_ids(stack: Stack, r: redis.Redis) -> None:
@@ -100,7 +101,7 @@ def test_malformed_bodies_and_ids(stack: Stack, r: redis.Redis) -> None:
     ]
     for what, (code, reply), status, words in cases:
         assert_error(code, reply, status, *words, what=what)
-    assert r.keys("sg:r:*") == [] and r.keys("sg:s:*") == [], "a rejected submit left state behind"
+    assert r.keys("sg:{s:*}:r:*") == [] and r.keys("sg:{s:*}:s:*") == [], "a rejected submit left state behind"
 
 
 def test_chat_completions_bad_input(stack: Stack, r: redis.Redis) -> None:
@@ -126,7 +127,7 @@ def test_chat_completions_bad_input(stack: Stack, r: redis.Redis) -> None:
     ]:
         code, reply = call("POST", url, raw=raw)
         assert_error(code, reply, 422, *words, what=f"chat: {what}")
-    assert r.keys("sg:r:*") == [] and r.keys("sg:s:*") == []
+    assert r.keys("sg:{s:*}:r:*") == [] and r.keys("sg:{s:*}:s:*") == []
 
 
 def test_unknown_things_are_404_json(stack: Stack) -> None:
@@ -199,7 +200,7 @@ def test_bad_admin_input_is_422_and_changes_nothing(stack: Stack, r: redis.Redis
     code, reply = call("POST", f"{base}/v1/admin/keys", {"tenant": "has space"})
     assert_error(code, reply, 422, "tenant", what="key for a bad tenant name")
     assert r.hgetall("sg:tenants") == {}, "a rejected weight was stored"
-    assert not r.exists("sg:g:default:cfg") and "bad name" not in r.smembers("sg:groups")
+    assert not r.exists("sg:{g:default}:cfg") and "bad name" not in r.smembers("sg:groups")
     assert call("GET", f"{base}/v1/admin/groups")[1]["groups"] == [{"group": "default", "quota": {}}]
 
 
@@ -237,7 +238,7 @@ def test_body_over_the_limit_is_413(small_body_stack: Stack, r: redis.Redis) -> 
     assert_error(code, reply, 413, what="chunked chat body over the limit")  # the route reads its own body
     code, reply = call("POST", f"{base}/v1/admin/tenants/acme", raw=b'{"weight": ' + b" " * limit + b"2}")
     assert code in (405, 413) and "error" in reply  # wrong method or too large: still JSON, still 4xx
-    assert r.keys("sg:r:*") == [] and r.keys("sg:s:*") == []
+    assert r.keys("sg:{s:*}:r:*") == [] and r.keys("sg:{s:*}:s:*") == []
     # just under the limit, by either transfer, is accepted
     fits = json.dumps({"prompt": "y" * (limit - 200), "max_tokens": 5}).encode()
     assert call("POST", base + SUBMIT.format(sid="fits"), raw=fits)[0] == 202
@@ -269,7 +270,7 @@ def test_large_prompt_is_stored_once(idle_stack: Stack, r: redis.Redis) -> None:
     events = list(sse(base, f"/v1/requests/{rid}/events", timeout=30))
     assert events[-1].event == "done"
     assert all(len(json.dumps(e.data)) < 1024 for e in events), "an event carries the prompt"
-    assert max(len(entry) for entry in r.lrange("sg:s:huge:l", 0, -1)) < 1024
+    assert max(len(entry) for entry in r.lrange(keys.session_log("huge"), 0, -1)) < 1024
     # and the worker did see the whole prompt: the sim text is a function of all of it
     assert "".join(e.data["text"] for e in events if e.event == "token") == sim_text(prompt, 6)
 
@@ -280,7 +281,7 @@ def test_lone_surrogate_is_422_not_500(stack: Stack, r: redis.Redis) -> None:
                  b'{"messages": [{"role": "user", "content": "a\\udfffb"}], "max_tokens": 2}'):
         code, reply = call("POST", f"{stack.base_url}/v1/sessions/sur/requests", raw=body)
         assert code == 422 and "Unicode" in reply["error"]["message"], (code, reply)
-    assert not r.keys("sg:r:*") and not r.keys("sg:s:sur:*")
+    assert not r.keys("sg:{s:*}:r:*") and not r.keys(keys.session_prefix("sur") + "s:sur:*")
 
 
 def test_a_chat_client_that_leaves_while_sending_its_body_is_a_4xx_not_a_server_error() -> None:

@@ -155,10 +155,10 @@ def test_cancel_while_the_finish_is_in_flight_keeps_the_ticket(redis_url: str, r
         assert run(worker.next_assignment(timeout=5)).key == f"{rid}|1"
         assert run(worker.append(rid, "1", 0, [token_data(rid, i, "x ") for i in range(3)])).ok
         assert call("DELETE", f"{stack.base_url}/v1/requests/{rid}")[0] == 200
-        assert r.llen("sg:g:default:idle") == 0  # the worker has not let go yet
+        assert r.llen("sg:{g:default}:idle") == 0  # the worker has not let go yet
         assert not run(worker.finish(rid, "1", outcome="done", detail="length", return_slot=True))
         assert not run(worker.finish(rid, "1", outcome="done", detail="length", return_slot=True))
-        assert r.lrange("sg:g:default:idle", 0, -1) == ["default.late.1.cccccc"]
+        assert r.lrange("sg:{g:default}:idle", 0, -1) == ["default.late.1.cccccc"]
         assert status(stack.base_url, rid)["status"] == "cancelled"
         nxt = submit(stack.base_url, "late2", max_tokens=3)  # and the slot takes work again
         assert run(worker.next_assignment(timeout=5)).key == f"{nxt}|1"

@@ -107,7 +107,7 @@ def test_bad_input_gets_422_and_stores_nothing(stack: Stack, r: redis.Redis, hea
                            {"messages": MESSAGES, "max_tokens": 4, **body, "stream": stream}, headers=headers)
         assert code == 422, reply
         assert reply["error"]["type"] == "invalid_request" and needle in reply["error"]["message"]
-    assert r.keys("sg:r:*") == [] and r.keys("sg:s:*") == []
+    assert r.keys("sg:{s:*}:r:*") == [] and r.keys("sg:{s:*}:s:*") == []
 
 
 def test_cancelled_mid_stream_ends_with_an_error_object(stack: Stack) -> None:

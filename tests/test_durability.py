@@ -13,6 +13,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from sessions import keys
 from sluicegate.embedded import EmbeddedServer, free_port
 from tests.helpers import SseEvent, Stack, call, fast_settings, sse, wait_for
 
@@ -50,8 +51,8 @@ def test_accepted_request_survives_a_crash(server: EmbeddedServer) -> None:
         assert code == 200 and view["status"] == "queued" and view["max_tokens"] == 25, view
         client = redis.Redis.from_url(server.url, decode_responses=True)
         try:
-            assert client.get(f"sg:r:{rid}:in") == "keep me"
-            assert client.lrange("sg:s:durable:q", 0, -1) == [rid]
+            assert client.get(keys.request_input(rid)) == "keep me"
+            assert client.lrange(keys.session_queue("durable"), 0, -1) == [rid]
         finally:
             client.close()
         (queued,) = list(sse(stack.base_url, f"/v1/requests/{rid}/events", stop_after=1, timeout=10))
@@ -85,16 +86,17 @@ def test_running_processes_survive_a_server_restart(server: EmbeddedServer) -> N
             until=lambda e: e.event == "done")), daemon=True)
         listener.start()
         wait_for(lambda: call("GET", f"{base}/healthz")[1]["open_streams"] == 1, what="the SSE client to connect")
-        wait_for(lambda: client.pubsub_numsub("sg:e:live")[0][1] == 1, what="the hub to subscribe")
+        wait_for(lambda: client.pubsub_shardnumsub(keys.session_channel("live"))[0][1] == 1,
+                 what="the hub to subscribe")
         time.sleep(0.2)  # past the backlog read: the client now waits on live events only
 
         crash_and_restart(server)
         # every subscriber comes back: the API hub (the session's channel) and the worker's control
         # channel (instant preempt/cancel)
-        for channel in ("sg:e:live", f"sg:w:{wid}:ctl"):
-            wait_for(lambda channel=channel: client.pubsub_numsub(channel)[0][1] == 1, timeout=15,
+        for channel in (keys.session_channel("live"), keys.worker_control("default", wid)):
+            wait_for(lambda channel=channel: client.pubsub_shardnumsub(channel)[0][1] == 1, timeout=15,
                      interval=0.1, what=f"a subscriber on {channel} after the restart")
-        wait_for(lambda: client.exists(f"sg:w:{wid}"), timeout=10, what="the worker's heartbeat")
+        wait_for(lambda: client.exists(keys.worker("default", wid)), timeout=10, what="the worker's heartbeat")
 
         code, reply = call("POST", f"{base}/v1/sessions/live/requests", {"prompt": "after", "max_tokens": 30})
         assert code == 202, reply
@@ -114,7 +116,7 @@ def test_running_processes_survive_a_server_restart(server: EmbeddedServer) -> N
         assert call("DELETE", f"{base}/v1/requests/{long_rid}")[0] == 200
         worker = stack.workers[wid]
         wait_for(lambda: not worker.runs, timeout=5, what="the worker to drop the cancelled run")
-        wait_for(lambda: client.llen("sg:g:default:idle") == 4, what="the slot to come back")
+        wait_for(lambda: client.llen("sg:{g:default}:idle") == 4, what="the slot to come back")
     finally:
         client.close()
         stack.stop()
@@ -147,9 +149,9 @@ def test_run_in_flight_survives_a_crash(server: EmbeddedServer) -> None:
         assert ids == sorted(set(ids))
         code, view = call("GET", f"{base}/v1/requests/{rid}")
         assert view["status"] == "done" and view["tokens"] == 600, view
-        wait_for(lambda: client.llen("sg:g:default:idle") == 4, timeout=10,
+        wait_for(lambda: client.llen("sg:{g:default}:idle") == 4, timeout=10,
                  what="every slot of the worker to come back")
-        assert set(client.lrange("sg:g:default:idle", 0, -1)) == {wid}
+        assert set(client.lrange("sg:{g:default}:idle", 0, -1)) == {wid}
     finally:
         client.close()
         stack.stop()
@@ -167,7 +169,8 @@ def test_live_client_gets_events_published_while_the_hub_was_reconnecting(server
         listener = threading.Thread(target=lambda: received.extend(sse(
             base, "/v1/sessions/gap/events", timeout=30, stop_after=2)), daemon=True)
         listener.start()
-        wait_for(lambda: len(received) == 1 and client.pubsub_numsub("sg:e:gap")[0][1] == 1, what="live wait")
+        wait_for(lambda: len(received) == 1 and client.pubsub_shardnumsub(keys.session_channel("gap"))[0][1] == 1,
+                 what="live wait")
         crash_and_restart(server)
         # at once: the hub is usually still backing off, so this event is published to no one
         code, reply = call("POST", f"{base}/v1/sessions/gap/requests", {"prompt": "two", "max_tokens": 5})

@@ -10,9 +10,13 @@ from pathlib import Path
 import redis
 
 from sessions import keys
+from sessions.requests import NewRequest
 from sessions.runs import Assignment
 from sessions.scripts import Scripts
+from sessions.store import register_group
+from sessions.transitions import Transitions, run_sync
 from tests.helpers import call, sse, submit
+from tests.sched_harness import _Sync
 from tests.worker_helpers import (
     Listener,
     api_and_two_played_workers,
@@ -32,19 +36,25 @@ def test_append_rejects_an_old_attempt_and_a_wrong_index(redis_url: str, r: redi
     seed = prompt_seed(prompt)
     with api_and_two_played_workers(redis_url, "default.zombie.1.aaaaaa", "default.survivor.2.bbbbbb") as (
             stack, run, zombie, survivor):
-        scripts = zombie.scripts
+        transitions = zombie.transitions
         run(zombie.set_free_slots(1))
         rid = submit(stack.base_url, "fence", prompt=prompt, max_tokens=6)
         assignment = run(zombie.next_assignment(timeout=5))
         assert assignment.key == f"{rid}|1"
         spec = run(zombie.spec(assignment))
-        assert spec is not None and spec.start_index == 0 and spec == run(zombie.load(rid, "1"))
+        assert spec is not None and spec.start_index == 0
+
+        def owner() -> list[str | None]:
+            return r.hmget(keys.request(rid), "st", "a", "w")
+
+        assert owner() == ["running", "1", zombie.worker_id]
 
         def tok(i: int) -> str:
             return token_data(rid, i, sim_token(seed, i))
 
         def append(attempt: str, first: int, *indices: int) -> object:
-            return run(scripts.append(keys=[keys.request(rid)], args=[rid, attempt, first, *map(tok, indices)]))
+            reply = run(transitions.append(rid, attempt, first, [tok(i) for i in indices]))
+            return [x.decode() if isinstance(x, bytes) else int(x) for x in reply]
 
         def produced() -> int:
             return int(r.hget(keys.request(rid), "n"))
@@ -58,19 +68,19 @@ def test_append_rejects_an_old_attempt_and_a_wrong_index(redis_url: str, r: redi
 
         # the zombie's lease lapses (it was paused); the sweep requeues the run onto the survivor
         run(survivor.set_free_slots(1))
-        r.zadd(keys.LEASES, {rid: 0})
-        run(scripts.sweep(keys=[keys.LEASES, keys.WAKE, keys.GROUPS], args=[1500]))
+        r.zadd(keys.group_key("default", "leases"), {f"{rid}|1": 0})
+        run(transitions.sweep("default"))
         assert run(survivor.next_assignment(timeout=5)).key == f"{rid}|2"
 
-        assert append("1", 2, 2) == [0, b"running"]  # fenced: attempt 2 owns the run now
-        assert append("0", 2, 2) == [0, b"running"]
+        assert append("1", 2, 2) == [0, "running"]  # fenced: attempt 2 owns the run now
+        assert append("0", 2, 2) == [0, "running"]
         # the zombie's run, waking up mid-generation, is fenced at its first write: nothing lands
         zombie_run = Run(zombie, SimEngine(tokens_per_second=1000, prefill_ms=0), spec)
         zombie_run.next_index = 2
         outcome = run(zombie_run.execute())
         assert outcome.kind == "fenced" and outcome.detail == "running", outcome
         assert produced() == 2
-        assert run(zombie.load(rid, "1")) is None
+        assert owner() == ["running", "2", survivor.worker_id]  # the zombie no longer owns the run
 
         assert run(survivor.append(rid, "2", 2, [tok(i) for i in range(2, 6)])).ok
         assert run(survivor.finish(rid, "2", outcome="done", detail="length", return_slot=True))
@@ -78,7 +88,7 @@ def test_append_rejects_an_old_attempt_and_a_wrong_index(redis_url: str, r: redi
         # (a retry after a lost reply) does not return a second ticket
         assert not run(zombie.finish(rid, "1", outcome="done", detail="length", return_slot=True))
         assert not run(zombie.finish(rid, "1", outcome="done", detail="length", return_slot=True))
-        assert int(r.hget(keys.metric("fenced"), "default")) >= 3
+        assert int(r.hget(keys.data_metrics(keys.bucket_of_request(rid)), "fenced|default")) >= 3
 
         events = list(sse(stack.base_url, f"/v1/requests/{rid}/events", timeout=10))
         assert [e.event for e in events].count("done") == 1 and events[-1].event == "done"
@@ -88,8 +98,8 @@ def test_append_rejects_an_old_attempt_and_a_wrong_index(redis_url: str, r: redi
         assert token_text(events) == sim_text(prompt, 6)
         # the sweep retired the zombie (its liveness went with its lease), so its late release
         # returns no ticket: it offers its slots again when its next heartbeat tells it it lapsed
-        assert r.lrange("sg:g:default:idle", 0, -1) == ["default.survivor.2.bbbbbb"]
-        assert r.exists(keys.worker("default.zombie.1.aaaaaa")) == 0
+        assert r.lrange(keys.group_key("default", "idle"), 0, -1) == ["default.survivor.2.bbbbbb"]
+        assert r.exists(keys.worker("default", "default.zombie.1.aaaaaa")) == 0
 
 
 def test_a_paused_worker_wakes_up_fenced(redis_url: str, r: redis.Redis, tmp_path: Path) -> None:
@@ -117,7 +127,7 @@ def test_a_paused_worker_wakes_up_fenced(redis_url: str, r: redis.Redis, tmp_pat
 
         assert_tickets_balanced(r, expected_slots=4)  # the zombie is back with both its slots
         assert zombie.proc.poll() is None and "had lapsed" in zombie.log_text()
-        fenced = int(r.hget("sg:m:fenced", "default") or 0)
+        fenced = int(r.hget(keys.data_metrics(keys.bucket_of_request(rid)), "fenced|default") or 0)
         print(f"\nlate writes fenced: {fenced} (0 when the control notice stopped the run before its next write)")
         # and the zombie serves again
         more = [submit(stack.base_url, f"again{i}", max_tokens=60) for i in range(4)]
@@ -133,32 +143,38 @@ def test_a_paused_worker_wakes_up_fenced(redis_url: str, r: redis.Redis, tmp_pat
 def test_a_replayed_release_of_an_older_attempt_returns_no_second_ticket(r: redis.Redis) -> None:
     """Attempts are not released in order: A's release of attempt 1 (reply lost, so retried) may come
     after B finished attempt 2. The retry must not put A's ticket back a second time."""
-    scripts = Scripts(r)
+    t = Transitions(Scripts(r), lease_ms=30_000, session_ttl=60)
     idle = keys.group_key("default", "idle")
+    low, high = keys.bucket_of_session("s-low") + "low", keys.bucket_of_session("s-high") + "high"
 
     def offer(wid: str) -> None:
-        scripts.register_worker(keys=[keys.worker(wid), idle], args=[30_000, wid, "default", 1, 1])
+        run_sync(t.register_worker("default", wid, free=1, total=1))
 
     def submit_direct(rid: str, sid: str, priority: int) -> None:
-        scripts.submit(keys=[keys.request(rid), keys.session_meta(sid), keys.session_queue(sid),
-                             keys.session_log(sid), keys.request_input(rid)],
-                       args=[30_000, rid, sid, "t", "default", priority, 4, "p", "p", "{}", 1, ""])
+        req = NewRequest(session_id=sid, max_tokens=4, priority=priority, tenant="t", group="default",
+                         prompt="p", request_id=rid)
+        assert run_sync(t.submit(req))[0] == "ok"
 
-    def finish(rid: str, attempt: int, wid: str) -> list:
-        return scripts.finish(keys=[keys.request(rid)],
-                              args=[30_000, 60, rid, attempt, wid, "done", "length", "1", "default"])
+    def finish(rid: str, attempt: int, wid: str) -> bool:
+        return run_sync(t.finish(rid, str(attempt), wid=wid, group="default", outcome="done", detail="length",
+                                 return_slot=True))
+
+    def popped(wid: str) -> str:
+        return Assignment.parse(r.lpop(keys.worker_inbox("default", wid))).key
 
     r.hset(keys.POLICY, mapping={"min_run": 0})
+    run_sync(register_group(_Sync(r), "default"))
+    r.hset(keys.group_key("default", "pol"), mapping={"min_run": 0})
     offer("A")
-    submit_direct("low", "s-low", 2)
-    assert Assignment.parse(r.lpop(keys.worker_inbox("A"))).key == "low|1"
-    submit_direct("high", "s-high", 9)  # no free slot: preempts low (attempt 1 on A)
-    assert r.hget(keys.request("low"), "st") == "preempted"
-    assert finish("low", 1, "A")[0] == 0  # A lets go: its ticket goes to high
-    assert Assignment.parse(r.lpop(keys.worker_inbox("A"))).key == "high|1"
+    submit_direct(low, "s-low", 2)
+    assert popped("A") == f"{low}|1"
+    submit_direct(high, "s-high", 9)  # no free slot: preempts low (attempt 1 on A)
+    assert r.hget(keys.request(low), "st") == "preempted"
+    assert not finish(low, 1, "A")  # A lets go: its ticket goes to high
+    assert popped("A") == f"{high}|1"
     offer("B")
-    assert Assignment.parse(r.lpop(keys.worker_inbox("B"))).key == "low|2"
-    assert finish("low", 2, "B")[0] == 1  # B finishes attempt 2: its ticket comes back
+    assert popped("B") == f"{low}|2"
+    assert finish(low, 2, "B")  # B finishes attempt 2: its ticket comes back
     assert r.lrange(idle, 0, -1) == ["B"]
-    finish("low", 1, "A")  # A's retried release of attempt 1
+    finish(low, 1, "A")  # A's retried release of attempt 1
     assert r.lrange(idle, 0, -1) == ["B"], "A got a second ticket while it still runs `high`"

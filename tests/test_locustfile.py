@@ -62,7 +62,7 @@ def test_locust_runs_clean_and_verifies_resumed_streams(stack: Stack, tmp_path: 
     assert entries["PUT /v1/admin/groups/[group]"]["num_requests"] > 0
     client = redis.Redis.from_url(str(stack.settings.redis_url), decode_responses=True)
     try:
-        assert client.hgetall("sg:g:default:cfg") == {}
+        assert client.hgetall("sg:{g:default}:cfg") == {}
         assert set(client.hvals("sg:tenants")) <= {"1.0"}
     finally:
         client.close()

@@ -16,6 +16,7 @@ import redis
 
 from sessions import keys
 from sessions.scripts import Scripts
+from sessions.transitions import Transitions, run_sync
 from tests.helpers import Stack, call, fast_settings, spawn, stop_process, submit, wait_for
 
 REQUESTS = 300
@@ -35,7 +36,8 @@ def cluster(redis_url: str, r: redis.Redis) -> Iterator[Stack]:
     try:
         procs += [spawn("scheduler", settings) for _ in range(2)]
         procs += [spawn("worker", settings) for _ in range(WORKERS)]
-        wait_for(lambda: r.hlen(keys.WORKERS) == WORKERS and r.llen("sg:g:default:idle") == WORKERS * SLOTS,
+        wait_for(lambda: r.hlen(keys.group_key("default", "workers")) == WORKERS
+                 and r.llen(keys.group_key("default", "idle")) == WORKERS * SLOTS,
                  timeout=60, interval=0.1, what="the worker processes to register")
         wait_for(lambda: r.exists(keys.POLICY), timeout=30, what="a scheduler to start")
         yield api
@@ -49,11 +51,10 @@ def cluster(redis_url: str, r: redis.Redis) -> Iterator[Stack]:
 def hammer_sweeps(redis_url: str, lease_ms: int, stop: threading.Event, dispatched: list[int]) -> None:
     """Run the sweep script back to back from its own connection, racing the schedulers."""
     client = redis.Redis.from_url(redis_url)
-    scripts = Scripts(client)
+    transitions = Transitions(Scripts(client), lease_ms=lease_ms, session_ttl=3600)
     try:
         while not stop.is_set():
-            reply = scripts.sweep(keys=[keys.LEASES, keys.WAKE, keys.GROUPS], args=[lease_ms])
-            dispatched.append(int(reply[2]))
+            dispatched.append(run_sync(transitions.sweep("default")).started)
     finally:
         client.close()
 
@@ -89,7 +90,7 @@ def test_every_request_dispatched_exactly_once(cluster: Stack, r: redis.Redis, r
             thread.join(10)
 
     # the quota really gated dispatch, and the racing sweeps really dispatched some of it
-    assert r.hget("sg:g:default:qs", "throttled") == "requests_per_second"
+    assert r.hget(keys.group_key("default", "qs"), "throttled") == "requests_per_second"
     assert all(d for d in dispatched), "a hammering sweep never ran"
     assert sum(map(sum, dispatched)) > 0, "the extra sweeps never dispatched: they did not race anything"
 
@@ -111,6 +112,7 @@ def test_every_request_dispatched_exactly_once(cluster: Stack, r: redis.Redis, r
         assert starts == session_rids, sid
 
     # every ticket came home: each worker offers exactly its slots again, nothing runs, no lease left
-    wait_for(lambda: r.llen("sg:g:default:idle") == WORKERS * SLOTS, what="every slot back")
-    assert set(Counter(r.lrange("sg:g:default:idle", 0, -1)).values()) == {SLOTS}
-    assert r.zcard("sg:g:default:run") == 0 and r.zcard(keys.LEASES) == 0
+    idle = keys.group_key("default", "idle")
+    wait_for(lambda: r.llen(idle) == WORKERS * SLOTS, what="every slot back")
+    assert set(Counter(r.lrange(idle, 0, -1)).values()) == {SLOTS}
+    assert r.zcard(keys.group_key("default", "run")) == 0 and r.zcard(keys.group_key("default", "leases")) == 0

@@ -30,18 +30,19 @@ def test_victim_is_lowest_class_then_most_recent_and_resumes_in_order(r: redis.R
     victim = lows["c"]  # class 1 like b, but started later
     victim_run = h.run_of(victim)
     pubsub = r.pubsub()
-    pubsub.subscribe(*(keys.worker_control(w) for w in h.workers))
+    pubsub.ssubscribe(*(keys.worker_control(g, w) for w, g in h.workers.items()))
     for _ in h.workers:
-        assert pubsub.get_message(timeout=1)["type"] == "subscribe"
+        assert pubsub.get_sharded_message(timeout=1)["type"] == "ssubscribe"
     h.advance(1000)
 
     high = h.submit("h", priority=7, max_tokens=3)
     assert h.status(victim) == "preempted" and h.status(high) == "queued"
     assert sorted(h.running()) == sorted([lows["a"], lows["b"]])
     assert h.pending_preemptions() == 1
-    message = pubsub.get_message(timeout=1)
-    assert message["channel"] == keys.worker_control(victim_run.wid) and message["data"] == f"{victim}|1"
-    assert pubsub.get_message(timeout=0.05) is None
+    message = pubsub.get_sharded_message(timeout=1)
+    assert message["channel"] == keys.worker_control("default", victim_run.wid)
+    assert message["data"] == f"{victim}|1|priority"
+    assert pubsub.get_sharded_message(timeout=0.05) is None
     last = h.events("c", victim)[-1]
     assert (last.event, last.data["index"], last.data["reason"]) == ("preempted", 2, "priority")
 
@@ -144,7 +145,7 @@ def test_capped_victim_is_skipped_for_the_next_one(r: redis.Redis) -> None:
     h = Harness(r)
     h.policy(min_run=0, max_pre=1)
     lows = started_lows(h, [("a", 3), ("b", 1)])
-    r.hset(keys.request(lows["b"]), "pc", 1)  # b already used its one preemption
+    h.set_preemptions(lows["b"], 1)  # b already used its one preemption
     h.submit("h", priority=8)
     assert h.status(lows["b"]) == "running" and h.status(lows["a"]) == "preempted"
 

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
+from sessions import keys
 from tests.helpers import SseEvent, Stack, call, fast_settings, sse, submit, wait_for
 
 TERMINAL = ("done", "error", "cancelled")
@@ -198,7 +199,7 @@ def test_concurrent_clients_share_one_subscription(idle_stack: Stack, r: redis.R
                for _ in range(6)]
     wait_for(lambda: call("GET", f"{idle_stack.base_url}/healthz")[1]["open_streams"] == 6, what="6 streams open")
     # the per-process hub: six SSE clients, one Redis subscription to the session's channel
-    assert r.pubsub_numsub(f"sg:e:{sid}") == [(f"sg:e:{sid}", 1)]
+    assert r.pubsub_shardnumsub(keys.session_channel(sid)) == [(keys.session_channel(sid), 1)]
     idle_stack.add_worker()
     for thread, _ in threads:
         thread.join(30)

@@ -15,6 +15,7 @@ from pathlib import Path
 import redis
 from rq import Worker as RqWorker
 
+from sessions import keys
 from tests.helpers import fast_settings, wait_for
 from tests.worker_helpers import WorkerProcess
 
@@ -53,13 +54,13 @@ def test_worker_process_is_listed_by_rq_while_alive(redis_url: str, r: redis.Red
         worker.signal(signal.SIGTERM)
         assert worker.wait(15) == 0
         assert rq_worker(redis_url, wid) is None
-        assert not r.hexists("sg:workers", wid)
+        assert not r.hexists(keys.group_key("default", "workers"), wid)
     finally:
         worker.close()
 
 
 def _registered_in(r: redis.Redis, worker: WorkerProcess, group: str) -> str:
     wid = worker.registered(r)
-    assert r.hget("sg:workers", wid) == f"{group}|2" and wid.startswith(f"{group}.")
-    assert r.lrange(f"sg:g:{group}:idle", 0, -1) == [wid, wid]
+    assert r.hget(keys.group_key(group, "workers"), wid) == "2" and wid.startswith(f"{group}.")
+    assert r.lrange(keys.group_key(group, "idle"), 0, -1) == [wid, wid]
     return wid

@@ -51,7 +51,7 @@ OPS = st.sampled_from(MIX).flatmap(STEPS.__getitem__)
 SNAPSHOT_LUA = """
 local out = {}
 for _, name in ipairs(redis.call('KEYS', 'sg:*')) do
-  if not string.find(name, '^sg:m:') and not string.find(name, ':in$') then
+  if not string.find(name, '^sg:{[^}]*}:m$') and not string.find(name, ':in$') then
     local kind = redis.call('TYPE', name)['ok']
     if kind == 'hash' then out[name] = { 'h', redis.call('HGETALL', name) }
     elseif kind == 'list' then out[name] = { 'l', redis.call('LRANGE', name, 0, -1) }
@@ -84,11 +84,11 @@ class Snapshot:
                 value = {m: float(v) for m, v in zip(flat[::2], flat[1::2], strict=True)}
             else:
                 value = flat
-            if m := re.fullmatch(r"sg:r:([^:]+)", name):
+            if m := re.fullmatch(r"sg:\{s:..\}:r:([^:]+)", name):
                 snap.requests[m[1]] = value
-            elif m := re.fullmatch(r"sg:s:([^:]+):q", name):
+            elif m := re.fullmatch(r"sg:\{s:..\}:s:([^:]+):q", name):
                 snap.queues[m[1]] = value
-            elif m := re.fullmatch(r"sg:s:([^:]+):l", name):
+            elif m := re.fullmatch(r"sg:\{s:..\}:s:([^:]+):l", name):
                 entries = [e.split("|", 3) for e in value]
                 snap.logs[m[1]] = [(int(s), ev, rid, json.loads(d)) for s, ev, rid, d in entries]
             elif kind == "z":
@@ -114,7 +114,7 @@ def check(h: Harness, order: dict[str, list[str]]) -> Snapshot:
     # group, effective class and tenant.
     ready: dict[str, list[tuple[str, str, str]]] = defaultdict(list)
     for name, members in snap.zsets.items():
-        if m := re.fullmatch(r"sg:g:([^:]+):c(\d+):(.+)", name):
+        if m := re.fullmatch(r"sg:\{g:([^}]+)\}:c(\d+):(.+)", name):
             for sid in members:
                 ready[sid].append((m[1], m[2], m[3]))
     for sid in set(order) | set(ready):
@@ -129,7 +129,8 @@ def check(h: Harness, order: dict[str, list[str]]) -> Snapshot:
         check_group(h, snap, group, ready)
     # Runs: the run zset, the leases and the fake workers agree; nothing runs twice.
     running = {rid for rid, f in req.items() if f["st"] == "running"}
-    assert set(snap.zsets.get(keys.LEASES, {})) == running
+    leased = {key.rpartition("|")[0] for g in ("g0", "g1") for key in snap.zsets.get(keys.group_key(g, "leases"), {})}
+    assert leased == running
     owners = Counter(run.rid for run in h.runs if not run.fenced and req[run.rid]["st"] == "running"
                      and req[run.rid]["a"] == run.attempt)
     assert set(owners) == running and all(n == 1 for n in owners.values()), "a running request has one owner"
@@ -141,7 +142,7 @@ def check(h: Harness, order: dict[str, list[str]]) -> Snapshot:
     # by the sweep (its lease lapsed) holds no ticket until its heartbeat offers its slots again.
     for wid, (group, slots) in SLOTS.items():
         free = snap.lists.get(keys.group_key(group, "idle"), []).count(wid)
-        if h.r.exists(keys.worker(wid)):
+        if h.r.exists(keys.worker(group, wid)):
             assert free + sum(run.wid == wid for run in h.runs) == slots, wid
         else:
             assert free == 0, wid
@@ -196,8 +197,9 @@ def check_group(h: Harness, snap: Snapshot, group: str, ready: dict[str, list[tu
         assert all(score <= vtc[t] for t, score in scores.items()), (cls, scores, dict(vtc))
         if cls < 10:
             assert set(z(f"age{cls}")) == sessions_in_class.get(str(cls), set())
+    assert set(hm("rq")) == set().union(*sessions_in_class.values()), "a ready session has its head's spec"
     running = {rid for rid, f in snap.requests.items() if f["st"] == "running" and f["g"] == group}
-    assert set(z("run")) == running
+    assert {key.rpartition("|")[0] for key in z("run")} == running
     held = {f"{run.rid}|{run.attempt}" for run in h.runs}
     assert set(z("pre")) <= held, "a slot being freed belongs to a run a worker still holds"
 

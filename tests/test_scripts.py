@@ -7,23 +7,29 @@ import pytest
 import redis
 
 from sessions import keys
-from sessions.scripts import Scripts, function_name, library_source
+from sessions.library import FUNCTIONS, function_name, library_source
+from sessions.requests import NewRequest
+from sessions.scripts import Scripts
+from sessions.store import register_group
+from sessions.transitions import Transitions, run_sync
 from tests.helpers import Stack, sse, submit
+from tests.sched_harness import _Sync
 
 
 def test_a_server_without_the_library_gets_it_on_the_first_call(redis_url: str, r: redis.Redis) -> None:
     r.function_flush()
     scripts = Scripts(redis.Redis.from_url(redis_url))
-    assert scripts.read_log(keys=["sg:s:nobody:m", "sg:s:nobody:l"], args=[0, 10]) == [0]
+    nobody = keys.session_prefix("nobody")
+    assert scripts.call("read_log", [nobody], ["nobody", 0, 10]) == [0]
     [library] = [dict(zip(entry[::2], entry[1::2], strict=True)) for entry in r.function_list()]
     assert library["library_name"] == library_source().split()[1].removeprefix("name=")
     functions = {f[1] for f in library["functions"]}  # ["name", <name>, "description", ...]
-    assert function_name("submit") in functions and len(functions) == 9
+    assert function_name("submit") in functions and functions == {function_name(name) for name in FUNCTIONS}
     assert function_name("submit").startswith("sg_") and function_name("submit") != "sg_submit"
     flags = {f[1]: set(f[5]) for f in library["functions"]}  # [..., "flags", [...]]
     assert flags[function_name("read_log")] == {"no-writes"} and flags[function_name("submit")] == set()
     # a reader still reads where writes are refused (as on a replica): FCALL_RO runs only no-writes functions
-    assert r.fcall_ro(function_name("read_log"), 2, "sg:s:nobody:m", "sg:s:nobody:l", 0, 10) == [0]
+    assert r.fcall_ro(function_name("read_log"), 1, nobody, scripts.flags, "nobody", 0, 10) == [0]
 
 
 def test_requests_flow_on_after_the_server_loses_the_library(stack: Stack, r: redis.Redis) -> None:
@@ -36,23 +42,30 @@ def test_requests_flow_on_after_the_server_loses_the_library(stack: Stack, r: re
     assert [e.data["index"] for e in events if e.event == "token"] == [0, 1, 2]
 
 
-def _submit_args(rid: str, sid: str, max_tokens: str) -> tuple[list[str], list[object]]:
-    return ([keys.request(rid), keys.session_meta(sid), keys.session_queue(sid), keys.session_log(sid),
-             keys.request_input(rid)],
-            [30000, rid, sid, "t", "default", 5, max_tokens, "hello", "p", "{}", 1, ""])
+def _transitions(r: redis.Redis) -> Transitions:
+    """Direct calls on one server, with one worker "w1" offering a free slot: a submit starts its
+    request at once."""
+    run_sync(register_group(_Sync(r), "default"))
+    t = Transitions(Scripts(r), lease_ms=30000, session_ttl=60)
+    run_sync(t.register_worker("default", "w1", free=1, total=1))
+    return t
+
+
+def _submit(t: Transitions, rid: str, sid: str, max_tokens: object) -> tuple[str, int]:
+    req = NewRequest(session_id=sid, max_tokens=max_tokens, priority=5, tenant="t", group="default",  # type: ignore[arg-type]
+                     prompt="hello", request_id=keys.bucket_of_session(sid) + rid)
+    return run_sync(t.submit(req))
 
 
 def test_a_call_that_fails_half_way_still_writes_the_events_it_numbered(r: redis.Redis) -> None:
     """Events are written when a call ends (one log write per session). A call that fails after
     numbering an event must still write it, or the log's offsets would stop matching the event ids;
     and the failure itself must reach the caller, a Lua error and a command's error alike."""
-    scripts = Scripts(r)
-    r.set("sg:w:w1", 1)
-    r.lpush(keys.group_key("default", "idle"), "w1")  # a free slot: the submit starts its request at once
+    t = _transitions(r)  # a free slot: the submit starts its request at once
 
     # a Lua error after `queued` was numbered (max_tokens is no number: the quota check fails on it)
     with pytest.raises(redis.ResponseError, match="arithmetic"):
-        scripts.submit(*_submit_args("rid-a", "s-a", "many"))
+        _submit(t, "rid-a", "s-a", "many")
     assert r.hget(keys.session_meta("s-a"), "seq") == "1"
     assert [e.split("|")[1] for e in r.lrange(keys.session_log("s-a"), 0, -1)] == ["queued"]
 
@@ -60,21 +73,19 @@ def test_a_call_that_fails_half_way_still_writes_the_events_it_numbered(r: redis
     r.delete(keys.group_key("default", "idle"))
     r.set(keys.group_key("default", "idle"), "not a list")
     with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
-        scripts.submit(*_submit_args("rid-b", "s-b", "4"))
+        _submit(t, "rid-b", "s-b", 4)
     assert r.hget(keys.session_meta("s-b"), "seq") == "1"
     assert [e.split("|")[1] for e in r.lrange(keys.session_log("s-b"), 0, -1)] == ["queued"]
 
 
 def test_a_submit_that_starts_at_once_writes_its_two_events_in_one_message(r: redis.Redis) -> None:
-    scripts = Scripts(r)
-    r.set("sg:w:w1", 1)
-    r.lpush(keys.group_key("default", "idle"), "w1")
+    t = _transitions(r)
     pubsub = r.pubsub()
-    pubsub.subscribe(keys.session_channel("s-1"))
-    assert pubsub.get_message(timeout=5)["type"] == "subscribe"
-    assert scripts.submit(*_submit_args("rid-1", "s-1", "4")) == ["ok", 1]
-    message = pubsub.get_message(timeout=5)
+    pubsub.ssubscribe(keys.session_channel("s-1"))
+    assert pubsub.get_sharded_message(timeout=5)["type"] == "ssubscribe"
+    assert _submit(t, "rid-1", "s-1", 4) == ("ok", 1)
+    message = pubsub.get_sharded_message(timeout=5)
     assert [line.split("|")[:2] for line in message["data"].split("\n")] == [["1", "queued"], ["2", "started"]]
     assert r.llen(keys.session_log("s-1")) == 2
-    assert pubsub.get_message(timeout=0.2) is None
+    assert pubsub.get_sharded_message(timeout=0.2) is None
     pubsub.close()

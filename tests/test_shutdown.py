@@ -10,6 +10,7 @@ from pathlib import Path
 
 import redis
 
+from sessions import keys
 from tests.helpers import Stack, call, fast_settings, submit, wait_for
 from tests.worker_helpers import (
     Listener,
@@ -46,7 +47,7 @@ def test_sigterm_finishes_short_runs_and_hands_back_long_ones(redis_url: str, r:
         wait_for(lambda: wid not in idle_tickets(r), timeout=5, what="the leaving worker's tickets to go")
         assert leaving.wait(grace + 15) == 0
         print(f"\nSIGTERM to exit: {time.monotonic() - signalled:.2f} s (grace {grace} s)")
-        assert not r.exists(f"sg:w:{wid}") and not r.hexists("sg:workers", wid)
+        assert not r.exists(keys.worker("default", wid)) and not r.hexists(keys.group_key("default", "workers"), wid)
 
         events = listeners[short].join(30)  # finished within the grace, on the worker it started on
         assert [e.event for e in events if e.event in ("preempted", "resumed")] == []

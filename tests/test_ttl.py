@@ -10,6 +10,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
+from sessions import keys
 from tests.helpers import Stack, call, fast_settings, sse, submit, wait_for
 
 TTL = 1
@@ -77,7 +78,7 @@ def test_idle_session_leaves_nothing_after_its_ttl(ttl_stack: Stack, r: redis.Re
     ends = {e.data["request_id"]: e.event for e in events if e.event in ("done", "cancelled", "error")}
     assert ends == {quick: "done", long_running: "cancelled", after: "done", never_ran: "cancelled"}
     # the worker has let go of the cancelled run and every slot is back
-    wait_for(lambda: r.llen("sg:g:default:idle") == 4 and r.zcard("sg:g:default:run") == 0, what="slots back")
+    wait_for(lambda: r.llen("sg:{g:default}:idle") == 4 and r.zcard("sg:{g:default}:run") == 0, what="slots back")
     assert mentions(r, [sid]), "the session should still be there within its TTL"
     time.sleep(PAST_TTL)
     assert_gone(base, r, sid, rids)
@@ -92,7 +93,7 @@ def test_waiting_work_keeps_its_session_alive(ttl_stack: Stack, r: redis.Redis) 
     waiting = submit(base, sid, max_tokens=5, prompt="two", group="later")
     time.sleep(PAST_TTL)
     assert status(base, waiting) == "queued"
-    for key in (f"sg:s:{sid}:m", f"sg:s:{sid}:q", f"sg:s:{sid}:l", f"sg:r:{waiting}"):
+    for key in (keys.session_meta(sid), keys.session_queue(sid), keys.session_log(sid), keys.request(waiting)):
         assert r.exists(key) and r.ttl(key) == -1, f"{key} would expire under a waiting request"
     replay = list(sse(base, f"/v1/sessions/{sid}/events", stop_after=100, timeout=5,
                       until=lambda e: e.event == "queued" and e.data["request_id"] == waiting))
@@ -100,6 +101,6 @@ def test_waiting_work_keeps_its_session_alive(ttl_stack: Stack, r: redis.Redis) 
 
     ttl_stack.add_worker(group="later")
     wait_for(lambda: status(base, waiting) == "done", timeout=20, what="the waiting request to run")
-    wait_for(lambda: r.llen("sg:g:later:idle") == 4, what="the slot back")
+    wait_for(lambda: r.llen(keys.group_key("later", "idle")) == 4, what="the slot back")
     time.sleep(PAST_TTL)
     assert_gone(base, r, sid, [first, waiting])

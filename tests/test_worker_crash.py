@@ -56,7 +56,7 @@ def test_kill_9_mid_stream_resumes_on_the_other_worker(redis_url: str, r: redis.
 
         # the dead worker's tickets and inbox are reaped by the survivor's heartbeats
         assert_tickets_balanced(r, expected_slots=2)
-        assert r.exists(f"sg:w:{victim.worker_id}:in") == 0
+        assert r.exists(keys.worker_inbox("default", victim.worker_id)) == 0
         # and the survivor still serves: a new request runs to the end on it
         more = submit(stack.base_url, "after", max_tokens=20)
         tail = Listener(stack.base_url, more).join(30)
@@ -91,7 +91,8 @@ def test_worker_survives_its_connections_dropping(redis_url: str, r: redis.Redis
         assert token_indices(events) == list(range(150))
         assert token_text(events) == sim_text("blip", 150)
 
-        wait_for(lambda: r.pubsub_numsub(f"sg:w:{wid}:ctl")[0][1] == 1, what="the control channel to resubscribe")
+        wait_for(lambda: r.pubsub_shardnumsub(keys.worker_control("default", wid))[0][1] == 1,
+                 what="the control channel to resubscribe")
         long_rid = submit(stack.base_url, "blip2", prompt="long", max_tokens=5000)
         wait_for(lambda: call("GET", f"{stack.base_url}/v1/requests/{long_rid}")[1]["tokens"] > 3,
                  what="the long run")
@@ -112,10 +113,11 @@ def test_tickets_of_a_vanished_worker_are_reaped(redis_url: str, r: redis.Redis)
     store = RunStore.connect(redis_url, worker_id=ghost, group="default", lease_seconds=1.0, session_ttl=60)
     try:
         run(store.set_free_slots(3))
-        r.rpush(keys.worker_inbox(ghost), "nothing|1")
+        r.rpush(keys.worker_inbox("default", ghost), "nothing|1")
         assert idle_tickets(r)[ghost] == 3
         assert_tickets_balanced(r, expected_slots=2)
-        assert r.exists(keys.worker_inbox(ghost)) == 0 and not r.hexists("sg:workers", ghost)
+        assert r.exists(keys.worker_inbox("default", ghost)) == 0
+        assert not r.hexists(keys.group_key("default", "workers"), ghost)
     finally:
         run(store.aclose())
         stack.stop()
@@ -135,12 +137,12 @@ def test_a_lapsed_lease_retires_its_worker_before_the_run_is_dispatched_again(re
         first = run(lapsed.next_assignment(timeout=5))
         assert first.key == f"{rid}|1"
         run(other.set_free_slots(1))  # the lapsed worker's spare ticket is the older one: dispatch takes it first
-        r.zadd(keys.LEASES, {rid: 0})
-        run(other.scripts.sweep(keys=[keys.LEASES, keys.WAKE, keys.GROUPS], args=[1500]))
+        r.zadd(keys.group_key("default", "leases"), {f"{rid}|1": 0})
+        run(other.transitions.sweep("default"))
 
         resumed = run(other.next_assignment(timeout=5))
         assert resumed is not None and resumed.key == f"{rid}|2", "the run went back to the lapsed worker"
-        assert r.exists(keys.worker(lapsed.worker_id)) == 0
+        assert r.exists(keys.worker("default", lapsed.worker_id)) == 0
         assert lapsed.worker_id not in idle_tickets(r)
         # were it only paused, its next heartbeat tells it so: it rejoins and drops the lost run
         rejoin, lost = run(lapsed.heartbeat([first.key]))

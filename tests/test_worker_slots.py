@@ -10,14 +10,16 @@ from collections import Counter
 
 import redis
 
+from sessions import keys
 from tests.helpers import Stack, call, fast_settings, submit, wait_for
 from tests.worker_helpers import assert_tickets_balanced
 
-# One atomic snapshot: the worker of every running request of a group.
+# One atomic snapshot: the worker of every running run of a group (its run record names it).
 SNAPSHOT = """
 local out = {}
-for _, rid in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
-  out[#out + 1] = redis.call('HGET', 'sg:r:' .. rid, 'w') or '?'
+for _, key in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  local rec = redis.call('HGET', KEYS[2], key)
+  out[#out + 1] = rec and cjson.decode(rec).w or '?'
 end
 return out
 """
@@ -39,7 +41,8 @@ class Sampler:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            running = Counter(self.r.eval(SNAPSHOT, 1, f"sg:g:{self.group}:run"))
+            running = Counter(self.r.eval(SNAPSHOT, 2, keys.group_key(self.group, "run"),
+                                          keys.group_key(self.group, "ri")))
             self.max_total = max(self.max_total, sum(running.values()))
             for wid, n in running.items():
                 self.max_per_worker[wid] = max(self.max_per_worker[wid], n)

@@ -19,6 +19,7 @@ from typing import IO, Any
 
 import redis
 
+from sessions import keys
 from sessions.runs import RunStore
 from sluicegate.settings import Settings
 from tests.helpers import ROOT, SseEvent, Stack, fast_settings, sse, submit, wait_for
@@ -46,9 +47,10 @@ class WorkerProcess:
 
         def find() -> str | None:
             assert self.proc.poll() is None, f"worker exited early with {self.proc.returncode}"
-            for wid in r.hkeys("sg:workers"):
-                if wid.split(".")[-2] == str(self.pid) and r.exists(f"sg:w:{wid}"):
-                    return str(wid)
+            for group in r.smembers(keys.GROUPS):
+                for wid in r.hkeys(keys.group_key(group, "workers")):
+                    if wid.split(".")[-2] == str(self.pid) and r.exists(keys.worker(group, wid)):
+                        return str(wid)
             return None
 
         self.worker_id = wait_for(find, timeout=timeout, interval=0.05, what=f"worker pid {self.pid} to register")
@@ -131,15 +133,14 @@ def token_text(events: list[SseEvent]) -> str:
 def live_slots(r: redis.Redis, group: str = "default") -> Counter[str]:
     """Slots per live worker of a group (liveness key present), from the worker registry."""
     slots: Counter[str] = Counter()
-    for wid, info in r.hgetall("sg:workers").items():
-        g, _, n = str(info).rpartition("|")
-        if g == group and r.exists(f"sg:w:{wid}"):
+    for wid, n in r.hgetall(keys.group_key(group, "workers")).items():
+        if r.exists(keys.worker(group, wid)):
             slots[str(wid)] = int(n)
     return slots
 
 
 def idle_tickets(r: redis.Redis, group: str = "default") -> Counter[str]:
-    return Counter(str(t) for t in r.lrange(f"sg:g:{group}:idle", 0, -1))
+    return Counter(str(t) for t in r.lrange(keys.group_key(group, "idle"), 0, -1))
 
 
 def assert_tickets_balanced(r: redis.Redis, group: str = "default", *, expected_slots: int | None = None,
@@ -149,7 +150,7 @@ def assert_tickets_balanced(r: redis.Redis, group: str = "default", *, expected_
     seen: list[tuple[Counter[str], Counter[str]]] = []
 
     def balanced() -> bool:
-        running = r.zcard(f"sg:g:{group}:run")
+        running = r.zcard(keys.group_key(group, "run"))
         tickets, slots = idle_tickets(r, group), live_slots(r, group)
         seen[:] = [(tickets, slots)]
         if expected_slots is not None and sum(slots.values()) != expected_slots:

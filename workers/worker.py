@@ -23,10 +23,9 @@ import os
 import socket
 import uuid
 
-from redis.asyncio.client import PubSub
-
 from sessions import keys
 from sessions.runs import Assignment, RunStore
+from sessions.subscriber import Subscriber
 from sluicegate.settings import Settings
 from workers.engines import make_engine
 from workers.engines.base import Engine
@@ -51,17 +50,24 @@ class Worker:
         self.engine = engine or make_engine(settings)
         self.worker_id = worker_id or new_worker_id(settings.group)
         # Named connections: `CLIENT LIST` shows which worker holds which connection.
+        cluster = bool(getattr(settings, "redis_cluster", False))
         self.store = RunStore.connect(settings.redis_url, client_name=f"sluicegate-worker:{self.worker_id}",
                                       worker_id=self.worker_id, group=settings.group,
-                                      lease_seconds=settings.lease_seconds, session_ttl=settings.session_ttl)
+                                      lease_seconds=settings.lease_seconds, session_ttl=settings.session_ttl,
+                                      cluster=cluster)
         self.redis = self.store.redis
-        self.presence = (RqPresence(settings.redis_url, group=settings.group, worker_id=self.worker_id,
-                                    ttl_seconds=max(10, int(settings.lease_seconds * 3))) if use_rq else None)
+        # rq has no cluster support (rq#1942): on a cluster the rq presence goes to a standalone
+        # --rq-redis-url when one is given, and is off otherwise.
+        rq_url = getattr(settings, "rq_redis_url", None) or (None if cluster else settings.redis_url)
+        self.presence = (RqPresence(rq_url, group=settings.group, worker_id=self.worker_id,
+                                    ttl_seconds=max(10, int(settings.lease_seconds * 3)))
+                         if use_rq and rq_url else None)
         self.runs: dict[str, asyncio.Task[None]] = {}  # "rid|attempt" -> its task; each holds one ticket
         self.executing: set[str] = set()  # runs inside the engine loop: the only ones a notice may cancel
         self.interrupted: set[str] = set()  # notices for runs not yet (or no longer) executing
         self.early_notices: dict[str, bool] = {}  # notices for runs not received yet, oldest first
         self.handing_back: set[str] = set()  # shutdown: interrupted runs go back to the queue
+        self.stop_reasons: dict[str, str] = {}  # why a notice stopped a run (its hand-back says so)
         self.stopping = False
         self.resync_needed = False
         self._ending = 0  # run ends (finish / hand-back scripts) in flight
@@ -75,9 +81,13 @@ class Worker:
                 await asyncio.to_thread(self.presence.birth)
             except Exception as error:  # rq is the operators' view, not the work: its next beat retries
                 log.warning("worker %s: rq registration failed: %s", self.worker_id, error)
-        pubsub = self.redis.pubsub()
-        await pubsub.subscribe(keys.worker_control(self.worker_id))  # before any run can be dispatched here
-        control = asyncio.create_task(self._control_loop(pubsub))
+        # Sharded pub/sub (on a cluster: on the master of the channel's slot), confirmed by the server
+        # before any run can be dispatched here.
+        subscriber = Subscriber(self.settings.redis_url, self._on_control, cluster=self.settings.redis_cluster,
+                                client_name=f"sluicegate-worker:{self.worker_id}")
+        subscriber.subscribe(keys.worker_control(self.settings.group, self.worker_id))
+        await subscriber.start()
+        control = asyncio.create_task(self._control_loop(subscriber))
         heartbeat = asyncio.create_task(self._heartbeat_loop())
         presence = asyncio.create_task(self._presence_loop())
         try:
@@ -162,23 +172,18 @@ class Worker:
             self.runs[key] = asyncio.create_task(self._serve(assignment))
             await asyncio.sleep(0)  # let the run send its backend request before the next inbox read
 
-    async def _control_loop(self, pubsub: PubSub) -> None:
-        """Preemption and cancel notices: stop the named run now rather than at its next token."""
+    async def _control_loop(self, subscriber: Subscriber) -> None:
+        """Preemption and cancel notices: stop the named run now rather than at its next token. They
+        arrive through `_on_control`; the subscriber reconnects and resubscribes by itself (the
+        heartbeats cover a gap). This task holds it until the worker stops."""
         try:
-            while True:
-                try:
-                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
-                except asyncio.CancelledError:
-                    raise
-                except Exception:  # Redis restarting: the next read reconnects and resubscribes;
-                    log.warning("control channel lost; reconnecting")  # heartbeats cover the gap
-                    await asyncio.sleep(0.5)
-                    continue
-                if message is not None:
-                    self._notice(message["data"].decode())
+            await asyncio.Event().wait()
         finally:
-            with contextlib.suppress(Exception):
-                await pubsub.aclose()
+            await subscriber.stop()
+
+    def _on_control(self, kind: bytes, channel: bytes, payload: bytes | None) -> None:
+        if kind == b"smessage" and payload is not None:
+            self._notice(payload.decode())
 
     async def _heartbeat_loop(self) -> None:
         while True:
@@ -264,7 +269,7 @@ class Worker:
             spec = await self.store.spec(assignment)
             so_far = await self.store.output_so_far(spec) if spec is not None and spec.start_index else ""
             if spec is None or key in self.interrupted:  # lost before it started
-                await self._end(rid, attempt, reason="worker_shutdown" if key in self.handing_back else "released")
+                await self._end(rid, attempt, reason=self._stop_reason(key))
                 return
             self.executing.add(key)
             try:
@@ -274,7 +279,7 @@ class Worker:
             finally:  # from here on no notice may cancel this task: its end must not be cut short
                 self.executing.discard(key)
             if outcome is None:
-                await self._end(rid, attempt, reason="worker_shutdown" if key in self.handing_back else "released")
+                await self._end(rid, attempt, reason=self._stop_reason(key))
             elif outcome.kind == "done":
                 await self._end(rid, attempt, outcome="done", detail=outcome.detail)
             elif outcome.kind == "fenced":
@@ -294,11 +299,24 @@ class Worker:
             self.executing.discard(key)
             self.interrupted.discard(key)
             self.handing_back.discard(key)
+            self.stop_reasons.pop(key, None)
             self.runs.pop(key, None)
 
-    def _notice(self, key: str) -> None:
-        """A control notice. It can overtake its run's assignment (the notice comes on the control
-        connection, the assignment on the inbox one): kept a while, it stops the run before it starts."""
+    def _stop_reason(self, key: str) -> str:
+        """Why a run stopped before its end: shutting down, or what its notice said (on a cluster the
+        hand-back is what records a preemption on the data plane)."""
+        if key in self.handing_back:
+            return "worker_shutdown"
+        return self.stop_reasons.get(key, "released")
+
+    def _notice(self, notice: str) -> None:
+        """A control notice "rid|attempt|reason" (reason: priority or cancelled). It can overtake its
+        run's assignment (the notice comes on the control connection, the assignment on the inbox
+        one): kept a while, it stops the run before it starts."""
+        rid, attempt, reason = (notice.split("|") + ["", ""])[:3]
+        key = f"{rid}|{attempt}"
+        if reason:
+            self.stop_reasons[key] = reason
         if key not in self.runs:
             self.early_notices[key] = True
             while len(self.early_notices) > EARLY_NOTICES:

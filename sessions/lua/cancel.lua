@@ -1,23 +1,9 @@
--- cancel.lua: cancel a queued, preempted or running request. A running request's worker is told at
--- once (control channel) and is fenced from writing; its slot returns when it lets go.
--- KEYS[1] request hash sg:r:<rid>
--- ARGV[1] lease ms   ARGV[2] session ttl s   ARGV[3] request id   ARGV[4] owner to enforce ("" = none)
--- Returns {"cancelled"} | {"terminal", status} | {"missing"} | {"forbidden"}.
-local lease, ttl, rid = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
-local r = load(rid, RUN_FIELDS)
-if not r.st then return { 'missing' } end
-if ARGV[4] ~= '' and r.tn ~= ARGV[4] then return { 'forbidden' } end
-if TERMINAL[r.st] then return { 'terminal', r.st } end
-local now = clock()
-if r.st == 'running' then
-  end_run(rid, r, now)
-  redis.call('ZADD', kg(r.g, 'pre'), now + lease, rid .. '|' .. r.a)
-  redis.call('PUBLISH', kworker(r.w) .. ':ctl', rid .. '|' .. r.a)
-else
-  if redis.call('LINDEX', kqueue(r.sid), 0) == rid then remove_ready(r.sid, r.g, r.tn, r.ep) end
-  depth(r, -1)
-end
-local next_group = finalize(rid, r, 'cancelled', 'cancelled',
-  { request_id = rid, tokens = tonumber(r.n) }, now, ttl)
-dispatch_after(r.g, next_group, now, lease)
-return { 'cancelled' }
+-- cancel.lua (data plane, cluster): cancel a queued, preempted or running request and advance its
+-- session; the caller then withdraws it from its group (withdraw.lua) and readies the next head.
+-- KEYS[1] the request's data prefix sg:{s:<bucket>}:
+-- ARGV[1] flags   ARGV[2] session ttl s   ARGV[3] request id   ARGV[4] owner to enforce ("" = none)
+-- Returns {"cancelled", group, attempt, session id, produced (-1), next head spec JSON or ""} |
+-- {"terminal", status} | {"missing"} | {"forbidden"}.
+local outcome, r, produced, nxt = d_cancel(ARGV[3], ARGV[4], clock(), tonumber(ARGV[2]), true)
+if outcome ~= 'cancelled' then return { outcome, r.st } end
+return { outcome, r.g, r.a, r.sid, produced or -1, nxt and cjson.encode(nxt) or '' }

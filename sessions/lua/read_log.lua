@@ -1,10 +1,12 @@
--- read_log.lua: the events of a session after an exclusive cursor, oldest first.
--- KEYS[1] session meta sg:s:<sid>:m   KEYS[2] session log sg:s:<sid>:l
--- ARGV[1] cursor (last event id seen; 0 = from the oldest kept)   ARGV[2] max entries
+-- read_log.lua (data plane, read only): the events of a session after an exclusive cursor, oldest first.
+-- KEYS[1] the session's data prefix sg:{s:<bucket>}:
+-- ARGV[1] flags   ARGV[2] session id   ARGV[3] cursor (last event id seen; 0 = from the oldest kept)
+-- ARGV[4] max entries
 -- Returns {last id assigned (0 = no session), entries...}.
-local seq = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')
-local base = tonumber(redis.call('HGET', KEYS[1], 'base') or '1')
-local start = math.max(tonumber(ARGV[1]) + 1 - base, 0)
-local entries = redis.call('LRANGE', KEYS[2], start, start + tonumber(ARGV[2]) - 1)
+local meta = kmeta(KEYS[1], ARGV[2])
+local seq = tonumber(redis.call('HGET', meta, 'seq') or '0')
+local base = tonumber(redis.call('HGET', meta, 'base') or '1')
+local start = math.max(tonumber(ARGV[3]) + 1 - base, 0)
+local entries = redis.call('LRANGE', klog(KEYS[1], ARGV[2]), start, start + tonumber(ARGV[4]) - 1)
 table.insert(entries, 1, seq)
 return entries

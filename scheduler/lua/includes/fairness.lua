@@ -1,0 +1,86 @@
+-- fairness.lua: the ready set and the weighted virtual token counters (VTC, Sheng et al. OSDI'24).
+--
+-- A session is ready when its head request waits to run; the group holds that request's ready spec
+-- in rq[sid]. Ready sessions are indexed by class (cls), by tenant within a class (c<P>, score = the
+-- tenant's virtual counter) and by ready time within a tenant (c<P>:<T>, FIFO).
+--
+-- A counter lives in vtc (the truth) and, while the tenant is backlogged, as its score in bt
+-- (always current) and in every class zset it is part of, where the score may lag behind the counter
+-- but is never ahead of it. A dispatch raises its tenant's counter without touching the class zsets
+-- (up to ten writes saved per decision); pick_tenant catches a lagging head up before taking it. A
+-- counter that goes down (a run produced less than its estimate) is written to every class zset at
+-- once: a score ahead of its counter would hide the tenant from pick_tenant.
+
+local function vtc_get(cp, tenant)
+  return tonumber(redis.call('HGET', cp .. 'vtc', tenant) or '0') or 0
+end
+
+local function vtc_set(cp, tenant, value, old)
+  redis.call('HSET', cp .. 'vtc', tenant, value)
+  redis.call('ZADD', cp .. 'bt', 'XX', value, tenant)
+  if value < old then
+    for _, cls in ipairs(redis.call('ZRANGE', cp .. 'cls', 0, -1)) do
+      redis.call('ZADD', cp .. 'c' .. cls, 'XX', value, tenant)
+    end
+  end
+end
+
+-- The backlogged tenant of class `cls` with the least counter, and that counter. Scores lag, never
+-- lead: a head whose score equals its counter has the least counter of all. A lagging head is
+-- caught up and the next head looked at (each catch-up is one lag fewer, so this ends).
+local function pick_tenant(cp, cls)
+  local zset = cp .. 'c' .. cls
+  while true do
+    local head = redis.call('ZRANGE', zset, 0, 0, 'WITHSCORES')
+    local counter = vtc_get(cp, head[1])
+    if tonumber(head[2]) >= counter then return head[1], counter end
+    redis.call('ZADD', zset, counter, head[1])
+  end
+end
+
+-- Make a head request ready. `keep_counter`: the request was already admitted (requeued after a
+-- preemption or a lost worker, or promoted by aging), so its tenant is not a newcomer and keeps its
+-- counter. The spec keeps its first ready time (rs): a requeued request stays ahead of later ones.
+local function make_ready(cp, spec, now, keep_counter)
+  local tenant, cls, sid = spec.tn, spec.ep, spec.sid
+  spec.rs = spec.rs or now
+  redis.call('HSET', cp .. 'rq', sid, cjson.encode(spec))
+  redis.call('ZADD', cp .. 'c' .. cls .. ':' .. tenant, spec.rs, sid)
+  if cls < 10 then redis.call('ZADD', cp .. 'age' .. cls, now, sid) end
+  local counter = vtc_get(cp, tenant)
+  if redis.call('HINCRBY', cp .. 'btn', tenant, 1) == 1 then
+    -- A returning tenant is lifted to the least backlogged counter: no credit banked while idle.
+    local least = redis.call('ZRANGE', cp .. 'bt', 0, 0, 'WITHSCORES')[2]
+    local floor = tonumber(least or redis.call('GET', cp .. 'vlast') or '0')
+    if counter < floor and not keep_counter then
+      counter = floor
+      redis.call('HSET', cp .. 'vtc', tenant, counter)
+    end
+    redis.call('ZADD', cp .. 'bt', counter, tenant)
+  end
+  redis.call('ZADD', cp .. 'c' .. cls, counter, tenant)
+  redis.call('ZADD', cp .. 'cls', cls, cls)
+  redis.call('HINCRBY', cp .. 'cn', cls, 1)
+end
+
+local function remove_ready(cp, sid, tenant, cls)
+  local sessions = cp .. 'c' .. cls .. ':' .. tenant
+  if redis.call('ZREM', sessions, sid) == 0 then return false end
+  redis.call('HDEL', cp .. 'rq', sid)
+  redis.call('ZREM', cp .. 'age' .. cls, sid)
+  if redis.call('EXISTS', sessions) == 0 then redis.call('ZREM', cp .. 'c' .. cls, tenant) end
+  if redis.call('HINCRBY', cp .. 'cn', cls, -1) <= 0 then
+    redis.call('HDEL', cp .. 'cn', cls)
+    redis.call('ZREM', cp .. 'cls', cls)
+  end
+  if redis.call('HINCRBY', cp .. 'btn', tenant, -1) <= 0 then
+    redis.call('HDEL', cp .. 'btn', tenant)
+    redis.call('ZREM', cp .. 'bt', tenant)
+  end
+  return true
+end
+
+local function ready_head(cp, sid)
+  local raw = redis.call('HGET', cp .. 'rq', sid)
+  return raw and cjson.decode(raw) or nil
+end

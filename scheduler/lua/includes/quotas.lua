@@ -1,0 +1,77 @@
+-- quotas.lua: group quotas. GCRA for requests/s (with burst), a token bucket for tokens/s that may go
+-- into debt by a reservation (reserved at dispatch, reconciled when the run ends), and a cap on
+-- concurrency (runs in flight, including those being stopped).
+
+local function quota_config(cp)
+  local c = redis.call('HMGET', cp .. 'cfg', 'requests_per_second', 'tokens_per_second', 'burst',
+    'max_concurrency', 'burst_tokens')
+  local cfg = { rps = tonumber(c[1]), tps = tonumber(c[2]), burst = tonumber(c[3]) or 1, mc = tonumber(c[4]) }
+  if cfg.tps then cfg.cap = tonumber(c[5]) or cfg.tps end
+  return cfg
+end
+
+local function token_level(cp, cfg, now)
+  local s = redis.call('HMGET', cp .. 'qs', 'lvl', 'at')
+  local level, at = tonumber(s[1]), tonumber(s[2])
+  if not level then return cfg.cap end
+  return math.min(cfg.cap, level + (now - at) * cfg.tps / 1000)
+end
+
+-- The GCRA theoretical arrival time, never in the past. It is stored with the interval it was
+-- computed at ('ti'): after a rate change the outstanding debt is rescaled to the new interval, so
+-- a new rate applies from the next decision (raised: no waiting out the old interval; lowered: the
+-- burst already used is not forgotten).
+local function gcra_tat(cp, interval, now)
+  local s = redis.call('HMGET', cp .. 'qs', 'tat', 'ti')
+  local tat, ti = tonumber(s[1]), tonumber(s[2])
+  if not tat or tat <= now then return now end
+  if ti and ti ~= interval then return now + (tat - now) * interval / ti end
+  return tat
+end
+
+-- Slots in use: running requests plus preempted or cancelled runs whose worker has not let go.
+local function in_flight(cp, now)
+  redis.call('ZREMRANGEBYSCORE', cp .. 'pre', '-inf', now)
+  return redis.call('ZCARD', cp .. 'run') + redis.call('ZCARD', cp .. 'pre')
+end
+
+-- Returns ok, wake_ms (when a rate quota will admit it), reason.
+local function quota_gate(cp, cfg, reserve, first_run, now)
+  if cfg.rps and first_run then
+    local interval = 1000 / cfg.rps
+    local allow_at = gcra_tat(cp, interval, now) - (cfg.burst - 1) * interval
+    if allow_at > now + 0.001 then return false, allow_at, 'requests_per_second' end
+  end
+  if cfg.tps then
+    local need = math.min(reserve, cfg.cap)
+    local level = token_level(cp, cfg, now)
+    if level < need then return false, now + (need - level) * 1000 / cfg.tps, 'tokens_per_second' end
+  end
+  if cfg.mc and in_flight(cp, now) >= cfg.mc then return false, nil, 'max_concurrency' end
+  return true
+end
+
+local function quota_take(cp, cfg, reserve, first_run, now)
+  if cfg.rps and first_run then
+    local interval = 1000 / cfg.rps
+    redis.call('HSET', cp .. 'qs', 'tat', gcra_tat(cp, interval, now) + interval, 'ti', interval)
+  end
+  if cfg.tps then
+    redis.call('HSET', cp .. 'qs', 'lvl', token_level(cp, cfg, now) - reserve, 'at', now)
+  end
+end
+
+local function quota_refund(cp, unused, now)
+  local cfg = quota_config(cp)
+  if cfg.tps and unused > 0 then
+    redis.call('HSET', cp .. 'qs', 'lvl', math.min(cfg.cap, token_level(cp, cfg, now) + unused), 'at', now)
+  end
+end
+
+-- The group's scheduler loop sleeps until the earliest of these wake-ups (a quota refill, the end
+-- of a preemption quantum): note one and nudge the loop if it sleeps longer.
+local function note_wake(cp, wake)
+  local current = tonumber(redis.call('HGET', cp .. 'qs', 'wake') or '')
+  if not current or wake < current then redis.call('HSET', cp .. 'qs', 'wake', wake) end
+  if redis.call('LLEN', cp .. 'hint') == 0 then redis.call('LPUSH', cp .. 'hint', 1) end
+end

@@ -1,0 +1,136 @@
+-- runs.lua: a run is one attempt of a request on one worker slot, known to the control plane by its
+-- record ri["rid|attempt"] (the request's ready spec plus what the dispatch charged). The record
+-- lives from dispatch until the worker lets go (or its lease lapses): its presence is what makes
+-- release idempotent (a repeated release finds no record and only hands the slot back).
+
+local RANK = 1e13 -- running-rank score = class * RANK + (RANK - start ms)
+
+local function run_record(cp, key)
+  local raw = redis.call('HGET', cp .. 'ri', key)
+  return raw and cjson.decode(raw) or nil
+end
+
+local function depth(cp, spec, by)
+  count(cmetrics(cp), 'depth', spec.g .. '|' .. spec.p .. '|' .. spec.tn, by)
+end
+
+-- Close the accounting of a run: reconcile the tenant's counter and the token quota with what it
+-- produced (nil when unknown, e.g. its worker was lost: the estimate stands), and drop it from the
+-- running set and the leases.
+local function end_run(cp, key, rec, produced, now)
+  redis.call('HDEL', cp .. 'ri', key)
+  redis.call('ZREM', cp .. 'run', key)
+  redis.call('ZREM', cp .. 'leases', key)
+  produced = produced or rec.ce
+  local correction = policy(cp).w_out * (produced - rec.ce) / weight(cp, rec.tn)
+  if correction ~= 0 then
+    local counter = vtc_get(cp, rec.tn)
+    vtc_set(cp, rec.tn, counter + correction, counter)
+  end
+  quota_refund(cp, rec.cr - produced, now)
+end
+
+local function take_ticket(cp)
+  while true do
+    local wid = redis.call('RPOP', cp .. 'idle')
+    if not wid then return nil end
+    if redis.call('EXISTS', kworker(cp, wid)) == 1 then return wid end
+  end
+end
+
+local function return_ticket(cp, wid)
+  if redis.call('EXISTS', kworker(cp, wid)) == 1 then redis.call('LPUSH', cp .. 'idle', wid) end
+end
+
+-- The ready spec of a run's request, to put it back in the ready set (it keeps its ready time and
+-- its class, which aging may have raised). `fresh`: the data plane's newer view (tokens so far).
+local SPEC_KEYS = { 'rid', 'sid', 'tn', 'g', 'p', 'ep', 'mt', 'n', 'a', 'it', 'sub', 'pc', 'rs' }
+local function spec_of(rec, fresh)
+  local spec = {}
+  for _, name in ipairs(SPEC_KEYS) do spec[name] = rec[name] end
+  if fresh then
+    spec.n, spec.a, spec.pc = fresh.n, math.max(fresh.a, rec.a), math.max(fresh.pc or 0, rec.pc or 0)
+  end
+  return spec
+end
+
+-- Put a run's request back in the ready set. Skipped when its session already has another head
+-- waiting: the session moved on (the request ended on the data plane, and the control step that
+-- says so is still on its way), and a head readied from the data plane is the truth.
+local function requeue_ready(cp, spec, now)
+  local waiting = ready_head(cp, spec.sid)
+  if waiting and waiting.rid ~= spec.rid then return false end
+  if waiting then remove_ready(cp, spec.sid, waiting.tn, waiting.ep) else depth(cp, spec, 1) end
+  make_ready(cp, spec, now, true)
+  return true
+end
+
+-- Start a request that is out of the ready set (the caller took it out, and off the depth gauge).
+-- The assignment "rid|attempt" goes to the worker's inbox; a single-server call also starts the run
+-- on the data plane at once (the `started` event, the fence) and carries the run spec in the
+-- assignment, saving the worker a round trip. Returns false when the request turned out to have
+-- ended (a stale ready entry): the ticket goes back.
+local function start_run(cp, cls, tenant, counter, spec, wid, cfg, now, lease)
+  local attempt = spec.a + 1
+  local remaining = spec.mt - spec.n
+  local pol = policy(cp)
+  local estimate = math.ceil(remaining * pol.est)
+  local input_cost = (spec.n == 0 and attempt == 1) and pol.w_in * spec.it or 0
+  local charged = counter + (input_cost + pol.w_out * estimate) / weight(cp, tenant)
+  vtc_set(cp, tenant, charged, counter)
+  redis.call('SET', cp .. 'vlast', charged)
+  quota_take(cp, cfg, remaining, attempt == 1, now)
+  local key = spec.rid .. '|' .. attempt
+  local rec = spec_of(spec)
+  rec.a, rec.w, rec.ds, rec.ce, rec.cr, rec.cls = attempt, wid, now, estimate, remaining, cls
+  redis.call('HSET', cp .. 'ri', key, cjson.encode(rec))
+  redis.call('HSET', cp .. 'tk', key, wid) -- the slot this attempt holds, given back once (let_go)
+  redis.call('ZADD', cp .. 'run', cls * RANK + (RANK - now), key)
+  redis.call('ZADD', cp .. 'leases', now + lease, key)
+  if attempt == 1 then observe(cmetrics(cp), 'wait', spec.g .. '|' .. spec.p, (now - spec.sub) / 1000) end
+  local entry = key
+  if single_server then
+    local ok, run = d_start(spec.rid, attempt, wid, now)
+    if not ok then
+      end_run(cp, key, rec, 0, now)
+      redis.call('HDEL', cp .. 'tk', key)
+      redis.call('RPUSH', cp .. 'idle', wid)
+      return false
+    end
+    entry = key .. '\n' .. cjson.encode(run)
+  end
+  redis.call('LPUSH', kworker(cp, wid) .. ':in', entry)
+  return true
+end
+
+-- A worker lets go of run `key` (finished, handed back, or stopped after a notice), or the sweep
+-- closes the run of a lost worker. `requeue`: the request's ready spec when it goes back to wait.
+-- A run the control plane already requeued (preempted on a cluster, record flag rq) only has its
+-- waiting entry refreshed; a cancelled one (flag cx) is not requeued.
+local function release(cp, key, produced, requeue, now)
+  local rec = run_record(cp, key)
+  if rec then
+    end_run(cp, key, rec, produced, now)
+    if requeue and not rec.cx then
+      local spec = spec_of(rec, requeue)
+      if rec.rq then
+        local waiting = ready_head(cp, spec.sid)
+        if waiting and waiting.rid == spec.rid then
+          waiting.n, waiting.pc = spec.n, spec.pc
+          redis.call('HSET', cp .. 'rq', spec.sid, cjson.encode(waiting))
+        end
+      else
+        requeue_ready(cp, spec, now)
+      end
+    end
+  end
+  redis.call('ZREM', cp .. 'pre', key)
+end
+
+-- Stop a running run for the control plane: out of the running set, its slot counted as being freed
+-- until the worker lets go, and the worker told at once on its control channel.
+local function stop_run(cp, key, rec, now, lease, reason)
+  redis.call('ZREM', cp .. 'run', key)
+  redis.call('ZADD', cp .. 'pre', now + lease, key)
+  redis.call('SPUBLISH', kworker(cp, rec.w) .. ':ctl', key .. '|' .. reason)
+end

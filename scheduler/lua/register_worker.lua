@@ -1,0 +1,24 @@
+-- register_worker.lua (control plane): a worker comes up, re-offers its free slots after a lapse, or
+-- leaves: set its liveness key and put one ticket per free slot into its group's idle list, then
+-- dispatch into them. Every earlier ticket of the worker is withdrawn first, so calling it again
+-- never doubles a slot.
+-- KEYS[1] the group's control prefix sg:{g:<group>}:
+-- ARGV[1] flags   ARGV[2] lease ms   ARGV[3] worker id   ARGV[4] free slots
+-- ARGV[5] total slots (0 = deregister)   ARGV[6] what the worker shows operators (JSON)
+-- An assignment still waiting in the worker's inbox holds a ticket already: it is not offered again.
+-- Returns the number of requests dispatched.
+local cp, lease, wid, free, total = KEYS[1], tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
+local roster = cp .. 'wk'
+redis.call('LREM', cp .. 'idle', 0, wid)
+if total == 0 then
+  redis.call('DEL', kworker(cp, wid))
+  redis.call('HDEL', cp .. 'workers', wid)
+  redis.call('ZREM', roster, wid)
+  return 0
+end
+local now = clock()
+redis.call('SET', kworker(cp, wid), now, 'PX', math.floor(lease))
+redis.call('ZADD', roster, now, wid)
+redis.call('HSET', cp .. 'workers', wid, ARGV[6])
+for _ = 1, free - redis.call('LLEN', kworker(cp, wid) .. ':in') do redis.call('LPUSH', cp .. 'idle', wid) end
+return dispatch(cp, now, lease)

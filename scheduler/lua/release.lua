@@ -1,0 +1,13 @@
+-- release.lua (control plane, cluster): a worker lets go of a run (after finish.lua or
+-- handback.lua), or the sweep closes a lost worker's run: reconcile its charges, requeue its
+-- request when it goes back to wait, give the slot's ticket back, and fill the freed slot.
+-- Idempotent: a repeated call finds no run record and only returns the ticket (when asked).
+-- KEYS[1] the group's control prefix sg:{g:<group>}:
+-- ARGV[1] flags   ARGV[2] lease ms   ARGV[3] "rid|attempt"   ARGV[4] worker id
+-- ARGV[5] tokens the run produced (-1 unknown)   ARGV[6] ready spec JSON to requeue, or ""
+-- ARGV[7] return the slot's ticket ("1" | "0")
+-- Returns the number of requests dispatched.
+local produced = tonumber(ARGV[5])
+local requeue = ARGV[6] ~= '' and cjson.decode(ARGV[6]) or nil
+return let_go(KEYS[1], ARGV[3], ARGV[4], produced >= 0 and produced or nil, requeue, ARGV[7] == '1', clock(),
+  tonumber(ARGV[2]))

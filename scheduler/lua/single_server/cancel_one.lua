@@ -1,0 +1,11 @@
+-- cancel_one.lua (one server): cancel.lua, withdraw.lua and ready.lua for the next head in one call.
+-- KEYS[1] the request's data prefix sg:{s:<bucket>}:
+-- ARGV[1] flags   ARGV[2] lease ms   ARGV[3] session ttl s   ARGV[4] request id   ARGV[5] owner ("" = none)
+-- Returns {"cancelled"} | {"terminal", status} | {"missing"} | {"forbidden"}.
+local now, lease = clock(), tonumber(ARGV[2])
+local rid = ARGV[4]
+local outcome, r, produced, nxt = d_cancel(rid, ARGV[5], now, tonumber(ARGV[3]), false)
+if outcome ~= 'cancelled' then return { outcome, r.st } end
+withdraw(gpre(r.g), rid, r.a, r.sid, produced, now, lease)
+if nxt then ready(gpre(nxt.g), nxt, now, lease) end
+return { outcome }

@@ -1,0 +1,20 @@
+-- finish_one.lua (one server): finish.lua, release.lua and ready.lua for the session's next head in
+-- one call: end the run, advance the session, give the slot back and fill it at once.
+-- KEYS[1] the request's data prefix sg:{s:<bucket>}:   KEYS[2] the worker's group's control prefix
+-- ARGV[1] flags   ARGV[2] lease ms   ARGV[3] session ttl s   ARGV[4] request id   ARGV[5] attempt
+-- ARGV[6] worker id   ARGV[7] outcome ("done" | "failed")   ARGV[8] finish_reason or error message
+-- ARGV[9] return the slot's ticket ("1" | "0")
+-- Returns {finished 1|0, status before}.
+local now, lease = clock(), tonumber(ARGV[2])
+local rid, attempt = ARGV[4], ARGV[5]
+local finished, status, produced, nxt = d_finish(rid, attempt, ARGV[6], ARGV[7], ARGV[8], now, tonumber(ARGV[3]),
+  false)
+-- The run is released and its slot returned before the next head is readied: a decision in between
+-- must not see the ended run as running (it could preempt it).
+release(KEYS[2], rid .. '|' .. attempt, produced, nil, now)
+if redis.call('HDEL', KEYS[2] .. 'tk', rid .. '|' .. attempt) == 1 and ARGV[9] == '1' then
+  return_ticket(KEYS[2], ARGV[6])
+end
+if nxt then ready(gpre(nxt.g), nxt, now, lease) end
+dispatch(KEYS[2], now, lease)
+return { finished and 1 or 0, status }

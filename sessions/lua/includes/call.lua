@@ -1,0 +1,69 @@
+-- call.lua: what every function does around its body: the clock, and the events it emits, written
+-- when the call ends. sessions/library.py wraps each function body as
+--   begin_call(); return end_call(pcall(body))
+-- Locals here outlive a call (the library's top level runs once, at load), so anything kept per
+-- call is reset in begin_call().
+
+local pinned_clock = false -- tests pin the clock with sg:clock; production never reads it
+-- A single-server call runs both planes' steps of a transition itself (flag "S"); on a cluster each
+-- step is a call of its own, in the slot of its plane (README, "Growing past one Redis").
+local single_server = false
+local call_id = 0 -- tells a per-call cache (policy.lua) that a new call began
+
+-- Milliseconds since the epoch from the server clock, so every process agrees on "now".
+local function clock()
+  if pinned_clock then
+    local pinned = redis.call('GET', PREFIX .. 'clock')
+    if pinned then return tonumber(pinned) end
+  end
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+end
+
+local outbox, outbox_sessions = {}, {} -- per call: the events emitted, by session (see emit_many)
+
+-- `flags`: the first argument of every function: "S" single server, "T" pinned test clock.
+local function begin_call(flags)
+  pinned_clock = string.find(flags, 'T', 1, true) ~= nil
+  single_server = string.find(flags, 'S', 1, true) ~= nil
+  call_id = call_id + 1
+  outbox, outbox_sessions = {}, {}
+end
+
+-- Events get their ids at once; they are written when the call ends, one RPUSH and one SPUBLISH per
+-- session however many events it emitted (a submit that starts its request at once emits `queued`
+-- and `started`: one log write and one message for the API to read, on the first token's way).
+local function emit_many(dp, sid, items)
+  local last = redis.call('HINCRBY', kmeta(dp, sid), 'seq', #items)
+  local first = last - #items + 1
+  local key = dp .. sid
+  local entries = outbox[key]
+  if not entries then
+    entries = {}
+    outbox[key] = entries
+    outbox_sessions[#outbox_sessions + 1] = { dp, sid, key }
+  end
+  for i, item in ipairs(items) do
+    entries[#entries + 1] = (first + i - 1) .. '|' .. item[1] .. '|' .. item[2] .. '|' .. item[3]
+  end
+  return first
+end
+
+local function emit(dp, sid, event, rid, data)
+  return emit_many(dp, sid, { { event, rid, cjson.encode(data) } })
+end
+
+-- Every call ends here, with pcall's results: the events go out even when the call failed half-way
+-- (an id taken must have its entry, or the log's offsets would no longer match the ids), then the
+-- error, if any, is raised again.
+local function end_call(ok, result)
+  for _, s in ipairs(outbox_sessions) do
+    local entries = outbox[s[3]]
+    redis.call('RPUSH', klog(s[1], s[2]), unpack(entries))
+    redis.call('SPUBLISH', kchan(s[1], s[2]), table.concat(entries, '\n'))
+  end
+  if not ok then error(result, 0) end
+  return result
+end
+
+local function seconds(ms) return string.format('%.6f', ms / 1000) end

@@ -1,0 +1,43 @@
+-- keys.lua: key and channel names, built from the two hash-tagged prefixes (sessions/keys.py is
+-- the Python side and explains the layout; the README's "Keyspace" table lists every key).
+--   data plane of a bucket     sg:{s:BB}:   (BB = the first two characters of a request id)
+--     r:<rid>          hash   one request (short field names, see api/views.py)
+--     r:<rid>:in       string its prompt or messages JSON (deleted when the request ends)
+--     s:<sid>:m        hash   session meta: seq (last event id), base (first id kept), tn (owner)
+--     s:<sid>:q        list   the session's lite queue of request ids (head = current request)
+--     s:<sid>:l        list   the session's event log, one "id|event|rid|json" entry per event
+--     e:<sid>          sharded channel: live copy of each log append (SPUBLISH)
+--     ob               zset   outbox: heads readied here whose control step is unconfirmed (cluster)
+--     m                hash   the bucket's share of the metrics ("name|labels" -> value)
+--   control plane of a group   sg:{g:G}:
+--     rq               hash   sid -> ready spec (JSON) of each ready session's head request
+--     cls / c<P> / c<P>:<T> / age<P> / cn / btn / bt / vtc / vlast   ready sets and fairness
+--     ri               hash   "rid|attempt" -> run record (JSON) of each dispatched, unreleased run
+--     run              zset   running runs, score ranks preemption victims first
+--     pre              zset   runs being stopped (preempted or cancelled, worker not yet let go)
+--     leases           zset   "rid|attempt" -> lease expiry (ms)
+--     tk               hash   "rid|attempt" -> worker: the slot each unreleased attempt holds
+--     idle             list   one ticket (worker id) per free worker slot
+--     wk / workers     zset / hash   the group's workers by last heartbeat / their slot counts
+--     w:<wid> / w:<wid>:in / w:<wid>:ctl   liveness (PX) / inbox of assignments / control channel
+--     cfg / qs         hash   quota settings / quota state (incl. wake: when a quota admits next)
+--     hint             list   wakes the group's scheduler loop
+--     pol / tw         hash   copies of the policy and of the tenant weights (decisions read these)
+--     m                hash   the group's share of the metrics
+--   global             sg:groups (set), sg:policy, sg:tenants, sg:keys, sg:clock (tests only)
+
+local PREFIX = 'sg:'
+local TERMINAL = { {{TERMINAL}} }
+local BUCKETS = { {{BUCKETS}} }
+
+local function dpre(bucket) return PREFIX .. '{s:' .. bucket .. '}:' end
+local function dpre_of(rid) return dpre(string.sub(rid, 1, 2)) end
+local function gpre(group) return PREFIX .. '{g:' .. group .. '}:' end
+
+local function kreq(rid) return dpre_of(rid) .. 'r:' .. rid end
+local function kinput(rid) return dpre_of(rid) .. 'r:' .. rid .. ':in' end
+local function kmeta(dp, sid) return dp .. 's:' .. sid .. ':m' end
+local function kqueue(dp, sid) return dp .. 's:' .. sid .. ':q' end
+local function klog(dp, sid) return dp .. 's:' .. sid .. ':l' end
+local function kchan(dp, sid) return dp .. 'e:' .. sid end
+local function kworker(cp, wid) return cp .. 'w:' .. wid end

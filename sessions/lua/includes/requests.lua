@@ -1,0 +1,181 @@
+-- requests.lua: the data plane's transitions of a request and its session (everything here touches
+-- one bucket's keys: the request hash, its input, its session's queue, meta and log). Each returns
+-- what the control plane needs next, as a plain table (a "ready spec" or a produced-token count);
+-- a single-server function hands it on in the same call, a cluster caller in the next call.
+
+-- What the control plane ranks, charges and starts a waiting head request by.
+local SPEC_FIELDS = { 'sid', 'tn', 'g', 'p', 'ep', 'mt', 'n', 'a', 'it', 'sub', 'pc', 'st' }
+local function ready_spec(rid)
+  local v = redis.call('HMGET', kreq(rid), unpack(SPEC_FIELDS))
+  if not v[1] then return nil end
+  return { rid = rid, sid = v[1], tn = v[2], g = v[3], p = tonumber(v[4]), ep = tonumber(v[5]),
+    mt = tonumber(v[6]), n = tonumber(v[7]), a = tonumber(v[8]), it = tonumber(v[9]), sub = tonumber(v[10]),
+    pc = tonumber(v[11] or '0') }
+end
+
+-- Load the listed fields of a request into a table (nil fields stay nil).
+local function load(rid, names)
+  local values = redis.call('HMGET', kreq(rid), unpack(names))
+  local r = {}
+  for i, name in ipairs(names) do r[name] = values[i] end
+  return r
+end
+
+local function dmetrics(rid) return dpre_of(rid) .. 'm' end
+
+-- A head request that waits to be made ready on the control plane. On a cluster that is the next
+-- call, so the head is noted in the bucket's outbox first: if the caller dies in between, the
+-- repair pass (scheduler) finds it there. A single-server call readies it in the same call.
+local function head_waiting(rid, now, via_outbox)
+  if via_outbox then redis.call('ZADD', dpre_of(rid) .. 'ob', now, rid) end
+  return ready_spec(rid)
+end
+
+-- Store a new request at the tail of its session's lite queue (creating the session on first use).
+-- Returns 'ok', seq of its `queued` event, its ready spec when it is the session's head (nil when it
+-- waits behind another request of the session) | 'forbidden', owner | 'ok', seq (a replay).
+local function d_submit(dp, rid, sid, tenant, group, prio, max_tokens, input, kind, params, input_tokens, owner,
+                        now, via_outbox)
+  local rkey = kreq(rid)
+  -- Request ids are 72 random bits: an existing one is this very submission, replayed by a client
+  -- retry after a lost reply. Answer as the first time did, without storing it twice.
+  if redis.call('EXISTS', rkey) == 1 then return 'ok', redis.call('HGET', rkey, 'fs'), nil end
+  local meta = kmeta(dp, sid)
+  local stored_owner = redis.call('HGET', meta, 'tn')
+  if owner ~= '' and stored_owner and stored_owner ~= owner then return 'forbidden', stored_owner, nil end
+  if not stored_owner then redis.call('HSET', meta, 'tn', tenant) end
+  local position = redis.call('RPUSH', kqueue(dp, sid), rid)
+  if position == 1 then -- the session was idle, so its meta and log had a TTL
+    redis.call('PERSIST', meta)
+    redis.call('PERSIST', klog(dp, sid))
+  end
+  local seq = emit(dp, sid, 'queued', rid, { request_id = rid, priority = tonumber(prio), position = position - 1 })
+  redis.call('HSET', rkey, 'sid', sid, 'tn', tenant, 'g', group, 'p', prio, 'ep', prio, 'mt', max_tokens,
+    'ik', kind, 'pa', params, 'it', input_tokens, 'st', 'queued', 'sub', now, 'n', 0, 'a', 0, 'fs', seq)
+  redis.call('SET', kinput(rid), input)
+  local label = group .. '|' .. prio .. '|' .. tenant
+  count(dp .. 'm', 'requests', label .. '|submitted')
+  count(dp .. 'm', 'depth', label, 1)
+  if position ~= 1 then return 'ok', seq, nil end
+  return 'ok', seq, head_waiting(rid, now, via_outbox)
+end
+
+-- The run spec a worker needs to (re)start a request: the assignment carries it (saving a read on
+-- the way to the first token). An input longer than INLINE_INPUT is left out (`in` absent): the
+-- worker reads it from r:<rid>:in.
+local INLINE_INPUT = 8192
+local RUN_SPEC_FIELDS = { 'sid', 'g', 'tn', 'p', 'mt', 'n', 'ik', 'pa', 'fs' }
+local function run_spec(rid)
+  local spec = load(rid, RUN_SPEC_FIELDS)
+  if redis.call('STRLEN', kinput(rid)) <= INLINE_INPUT then spec['in'] = redis.call('GET', kinput(rid)) end
+  return spec
+end
+
+local function d_preempted(rid, r, reason, detail)
+  local dp = dpre_of(rid)
+  redis.call('HSET', kreq(rid), 'st', 'preempted')
+  if reason == 'priority' then redis.call('HINCRBY', kreq(rid), 'pc', 1) end
+  count(dp .. 'm', 'preemptions', r.g .. '|' .. r.p .. '|' .. reason)
+  emit(dp, r.sid, 'preempted', rid, { request_id = rid, index = tonumber(r.n), reason = reason, detail = detail })
+end
+
+-- Start attempt `attempt` of a dispatched request on worker `wid`: from here on only this attempt
+-- may write the request's tokens (the fence every append checks). Refused ('gone') when the request
+-- ended or a later attempt already started. An earlier attempt still marked running (on a cluster
+-- its hand-back can come after the new start) is fenced here, with its `preempted` event.
+-- Returns ok, run spec (see run_spec), previous status.
+local function d_start(rid, attempt, wid, now, reason)
+  local r = load(rid, { 'st', 'a', 'n', 'sid', 'g', 'p', 'sa' })
+  if not r.st or TERMINAL[r.st] or tonumber(r.a) >= attempt then return false, nil, r.st end
+  if r.st == 'running' then d_preempted(rid, r, reason or 'superseded') end
+  local first = not r.sa
+  redis.call('HSET', kreq(rid), 'st', 'running', 'a', attempt, 'w', wid, 'dn', r.n, 'ds', now,
+    first and 'sa' or 'ds', now)
+  local dp = dpre_of(rid)
+  redis.call('ZREM', dp .. 'ob', rid)
+  emit(dp, r.sid, first and 'started' or 'resumed', rid,
+    { request_id = rid, index = tonumber(r.n), attempt = attempt, worker = wid })
+  return true, run_spec(rid), r.st
+end
+
+-- Remove an ended request from its session queue; the next one becomes the head (returned as a
+-- ready spec) or, when the session has no work left, its idle TTL starts.
+local function advance(dp, sid, rid, now, ttl, via_outbox)
+  local queue = kqueue(dp, sid)
+  local was_head = redis.call('LINDEX', queue, 0) == rid
+  redis.call('LREM', queue, 1, rid)
+  if not was_head then return nil end
+  local next_rid = redis.call('LINDEX', queue, 0)
+  if next_rid then return head_waiting(next_rid, now, via_outbox) end
+  redis.call('EXPIRE', kmeta(dp, sid), ttl)
+  redis.call('EXPIRE', klog(dp, sid), ttl)
+  return nil
+end
+
+local function finalize(rid, r, status, event, data, now, ttl, via_outbox)
+  local dp = dpre_of(rid)
+  redis.call('HSET', kreq(rid), 'st', status, 'fin', now)
+  redis.call('EXPIRE', kreq(rid), ttl)
+  redis.call('DEL', kinput(rid))
+  redis.call('ZREM', dp .. 'ob', rid)
+  count(dp .. 'm', 'requests', r.g .. '|' .. r.p .. '|' .. r.tn .. '|' .. status)
+  emit(dp, r.sid, event, rid, data)
+  return advance(dp, r.sid, rid, now, ttl, via_outbox)
+end
+
+local END_FIELDS = { 'st', 'a', 'w', 'n', 'dn', 'sid', 'g', 'tn', 'p' }
+local function owns(r, attempt, wid)
+  return r.st == 'running' and r.a == attempt and (wid == nil or r.w == wid)
+end
+local function produced_by(r, attempt)
+  if r.a ~= attempt then return nil end
+  return tonumber(r.n) - tonumber(r.dn or r.n)
+end
+
+-- End attempt `attempt` as done or failed. Returns finished (bool), status, tokens this attempt
+-- produced (nil when unknown), the session's next head (ready spec) if any.
+local function d_finish(rid, attempt, wid, outcome, detail, now, ttl, via_outbox)
+  local r = load(rid, END_FIELDS)
+  if not owns(r, attempt, wid) then return false, r.st or 'missing', produced_by(r, attempt), nil end
+  local produced, tokens = produced_by(r, attempt), tonumber(r.n)
+  local nxt
+  if outcome == 'done' then
+    nxt = finalize(rid, r, 'done', 'done', { request_id = rid, tokens = tokens, finish_reason = detail }, now, ttl,
+      via_outbox)
+  else
+    redis.call('HSET', kreq(rid), 'err', detail)
+    nxt = finalize(rid, r, 'failed', 'error', { request_id = rid, tokens = tokens, message = detail }, now, ttl,
+      via_outbox)
+  end
+  return true, r.st, produced, nxt
+end
+
+-- Stop attempt `attempt` and put its request back to wait (preempted, worker lost or shutting
+-- down, backend failed after tokens streamed): it resumes from the tokens so far. `reason` is a
+-- label ("priority", "worker_lost", ...), optionally followed by ": detail"; only the label reaches
+-- metrics (bounded cardinality). Returns stopped (bool), status, produced, ready spec to requeue.
+local function d_stop(rid, attempt, wid, reason)
+  local r = load(rid, END_FIELDS)
+  local label, detail = string.match(reason, '^([%w_]+):%s*(.*)$')
+  if not owns(r, attempt, wid) then
+    -- Not ours any more. Still waiting (never started, or stopped already): requeue it as it is.
+    local spec = (r.st and not TERMINAL[r.st] and tonumber(r.a) <= tonumber(attempt)) and ready_spec(rid) or nil
+    return false, r.st or 'missing', produced_by(r, attempt), spec
+  end
+  d_preempted(rid, r, label or reason, detail)
+  return true, r.st, produced_by(r, attempt), ready_spec(rid)
+end
+
+-- Cancel a queued, preempted or running request (a running one's worker is fenced at its next
+-- write). Returns outcome ('cancelled' | 'terminal' | 'missing' | 'forbidden'), the request's
+-- fields before, produced by its current attempt, the session's next head.
+local function d_cancel(rid, owner, now, ttl, via_outbox)
+  local r = load(rid, END_FIELDS)
+  if not r.st then return 'missing', r end
+  if owner ~= '' and r.tn ~= owner then return 'forbidden', r end
+  if TERMINAL[r.st] then return 'terminal', r end
+  if r.st ~= 'running' then count(dpre_of(rid) .. 'm', 'depth', r.g .. '|' .. r.p .. '|' .. r.tn, -1) end
+  local nxt = finalize(rid, r, 'cancelled', 'cancelled', { request_id = rid, tokens = tonumber(r.n) }, now, ttl,
+    via_outbox)
+  return 'cancelled', r, produced_by(r, r.a), nxt
+end

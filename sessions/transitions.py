@@ -1,0 +1,186 @@
+"""The state changes of a request, each as the library calls it takes (README, "Growing past one Redis").
+
+A transition that touches both planes (submit readies a session; a dispatch starts a request; a finish
+frees a slot and readies the session's next request; a preemption fences a run) is one call on one
+server (the single-server functions), and on a cluster one call per plane, each in the slot of its
+plane, each idempotent, in an order that loses nothing when the caller dies between them:
+
+    submit:  data submit (head noted in the bucket's outbox)  ->  control ready (+ dispatch)
+    start:   control dispatch (run record, lease, inbox)      ->  data start (worker: `started`, fence)
+    finish:  data finish (next head noted in the outbox)      ->  control release  ->  control ready (next)
+    stop:    data handback (fence, `preempted`)               ->  control release (requeue)
+    cancel:  data cancel (next head noted in the outbox)      ->  control withdraw  ->  control ready (next)
+
+What a dead caller leaves half-done is finished by the scheduler: a head in an outbox is readied
+again by the repair pass (`repair`), a run whose worker stopped renewing its lease is handed back and
+released by the sweep (`sweep`). Every method here is a coroutine; with redis-py's synchronous client
+(tests, tools) it never suspends, and `run_sync` drives it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Coroutine, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from sessions import keys
+from sessions.requests import NewRequest
+from sessions.scripts import Scripts
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def run_sync(coro: Coroutine[Any, Any, T]) -> T:
+    """Drive a transition over a synchronous client (its calls return at once, so it never suspends)."""
+    try:
+        coro.send(None)
+    except StopIteration as stop:
+        return stop.value  # type: ignore[no-any-return]
+    coro.close()
+    raise RuntimeError("a transition over a synchronous client suspended")
+
+
+def text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    lapsed: int
+    promoted: int
+    started: int
+    next_wake_ms: float  # -1: none
+    now_ms: float
+
+
+class Transitions:
+    def __init__(self, scripts: Scripts, *, lease_ms: int, session_ttl: int) -> None:
+        self.scripts = scripts
+        self.single = scripts.single_server
+        self.lease_ms = lease_ms
+        self.ttl = session_ttl
+
+    async def _call(self, name: str, keys_: Sequence[Any], args: Sequence[Any]) -> Any:
+        result = self.scripts.call(name, keys_, args)
+        if hasattr(result, "__await__"):
+            result = await result
+        return result
+
+    async def _ready(self, spec_json: Any) -> None:
+        spec = json.loads(text(spec_json))
+        await self._call("ready", [keys.group_prefix(spec["g"])], [self.lease_ms, text(spec_json)])
+
+    # ---- the API's transitions -----------------------------------------------------------------
+    async def submit(self, req: NewRequest, *, owner: str = "") -> tuple[str, int]:
+        """Returns ("ok", seq of the `queued` event) or ("forbidden", 0)."""
+        sid, rid = req.session_id, req.request_id
+        args = [rid, sid, req.tenant, req.group, req.priority, req.max_tokens, req.input_text, req.input_kind,
+                json.dumps(req.params, separators=(",", ":")), req.input_tokens, owner]
+        dp = keys.session_prefix(sid)
+        if self.single:
+            reply = await self._call("submit_one", [dp, keys.group_prefix(req.group)], [self.lease_ms, *args])
+        else:
+            reply = await self._call("submit", [dp], args)
+            if text(reply[0]) == "ok" and text(reply[2]):
+                try:
+                    await self._ready(reply[2])
+                except (RedisConnectionError, RedisTimeoutError) as error:
+                    # Accepted means durable: the request is stored and its head is in the outbox,
+                    # from where the repair pass readies it.
+                    log.warning("request %s stored; readying it failed (%s): the repair pass will", rid, error)
+        outcome = text(reply[0])
+        return outcome, int(reply[1]) if outcome == "ok" else 0
+
+    async def cancel(self, rid: str, *, owner: str = "") -> list[str]:
+        """["cancelled"] | ["terminal", status] | ["missing"] | ["forbidden"]."""
+        dp = keys.request_prefix(rid)
+        if self.single:
+            reply = await self._call("cancel_one", [dp], [self.lease_ms, self.ttl, rid, owner])
+            return [text(x) for x in reply]
+        reply = await self._call("cancel", [dp], [self.ttl, rid, owner])
+        if text(reply[0]) != "cancelled":
+            return [text(x) for x in reply]
+        group, attempt, sid, produced, nxt = (text(x) for x in reply[1:6])
+        await self._call("withdraw", [keys.group_prefix(group)], [self.lease_ms, rid, attempt, sid, produced])
+        if nxt:
+            await self._ready(nxt)
+        return ["cancelled"]
+
+    async def read_log(self, sid: str, after: int, limit: int) -> list[Any]:
+        return list(await self._call("read_log", [keys.session_prefix(sid)], [sid, after, limit]))
+
+    # ---- a worker's transitions ----------------------------------------------------------------
+    async def start(self, rid: str, attempt: str, wid: str) -> dict[str, Any] | None:
+        """Start an assigned run on the data plane (cluster); None when it is no longer to run."""
+        reply = await self._call("start", [keys.request_prefix(rid)], [rid, attempt, wid])
+        return json.loads(text(reply[1])) if int(reply[0]) == 1 else None
+
+    async def append(self, rid: str, attempt: str, first_index: int, data: Sequence[str]) -> list[Any]:
+        return list(await self._call("append", [keys.request_prefix(rid)], [rid, attempt, first_index, *data]))
+
+    async def finish(self, rid: str, attempt: str, *, wid: str, group: str, outcome: str, detail: str,
+                     return_slot: bool) -> bool:
+        dp, cp, slot = keys.request_prefix(rid), keys.group_prefix(group), "1" if return_slot else "0"
+        if self.single:
+            reply = await self._call("finish_one", [dp, cp], [self.lease_ms, self.ttl, rid, attempt, wid, outcome,
+                                                               detail, slot])
+            return int(reply[0]) == 1
+        reply = await self._call("finish", [dp], [self.ttl, rid, attempt, wid, outcome, detail])
+        # Released before the next head is readied: a decision in between must not take the ended run
+        # for a running one. Dying in between leaves the next head in the outbox (repair readies it).
+        await self._call("release", [cp], [self.lease_ms, f"{rid}|{attempt}", wid, reply[2], "", slot])
+        if text(reply[3]):
+            await self._ready(reply[3])
+        return int(reply[0]) == 1
+
+    async def hand_back(self, rid: str, attempt: str, *, wid: str, group: str, reason: str,
+                        return_slot: bool) -> bool:
+        dp, cp, slot = keys.request_prefix(rid), keys.group_prefix(group), "1" if return_slot else "0"
+        if self.single:
+            reply = await self._call("handback_one", [dp, cp], [self.lease_ms, rid, attempt, wid, reason, slot])
+            return int(reply[0]) == 1
+        reply = await self._call("handback", [dp], [rid, attempt, wid, reason])
+        await self._call("release", [cp], [self.lease_ms, f"{rid}|{attempt}", wid, reply[2], text(reply[3]), slot])
+        return int(reply[0]) == 1
+
+    async def register_worker(self, group: str, wid: str, *, free: int, total: int, info: str = "") -> int:
+        return int(await self._call("register_worker", [keys.group_prefix(group)],
+                                    [self.lease_ms, wid, free, total, info or str(total)]))
+
+    async def heartbeat(self, group: str, wid: str, held: Sequence[str], *, leaving: bool = False,
+                        lease_ms: int | None = None) -> tuple[bool, list[str]]:
+        reply = await self._call("heartbeat", [keys.group_prefix(group)],
+                                 [lease_ms or self.lease_ms, wid, "leaving" if leaving else "live", *held])
+        return int(reply[0]) == 1, [text(x) for x in reply[1:]]
+
+    # ---- the scheduler's transitions -----------------------------------------------------------
+    async def sweep(self, group: str) -> SweepResult:
+        """One group's sweep; on a cluster also hands back and releases the runs of lost workers."""
+        cp = keys.group_prefix(group)
+        reply = await self._call("sweep", [cp], [self.lease_ms])
+        for key in (text(x) for x in reply[5:]):
+            rid, _, attempt = key.rpartition("|")
+            stopped = await self._call("handback", [keys.request_prefix(rid)], [rid, attempt, "", "worker_lost"])
+            await self._call("release", [cp], [self.lease_ms, key, "", stopped[2], text(stopped[3]), "0"])
+        return SweepResult(int(reply[0]), int(reply[1]), int(reply[2]), float(reply[3]), float(reply[4]))
+
+    async def repair(self, buckets: Sequence[str], *, age_ms: int, limit: int = 100) -> int:
+        """Ready again the heads that a dead caller left in the buckets' outboxes (cluster only)."""
+        repaired = 0
+        for bucket in buckets:
+            dp = keys.data_prefix(bucket)
+            specs = await self._call("outbox", [dp], [age_ms, limit])
+            done = []
+            for spec_json in specs:
+                await self._ready(spec_json)
+                done.append(json.loads(text(spec_json))["rid"])
+            if done:
+                await self._call("outbox_done", [dp], done)
+                repaired += len(done)
+        return repaired

@@ -1,0 +1,143 @@
+"""The scheduling protocol on a real 3-master Valkey Cluster: each transition as one call per plane,
+in its plane's slot (sessions/transitions.py), driven by the test playing the workers (the harness),
+on the servers' own clock. Proves: session order and exactly-once token indices across preemption and
+a lost worker; a caller that dies between the two steps of a submit or a finish loses nothing (the
+repair pass and the sweep finish the job); the data of many sessions spreads over the masters."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+
+import pytest
+import redis
+from redis.cluster import RedisCluster
+
+from sessions import keys
+from sessions.requests import NewRequest
+from sessions.transitions import run_sync
+from sluicegate.embedded import EmbeddedCluster
+from tests.cluster_helpers import flush_cluster, valkey_cluster  # noqa: F401 (a fixture)
+from tests.sched_harness import Harness
+
+LEASE = 600
+
+
+@pytest.fixture
+def rc(valkey_cluster: EmbeddedCluster) -> Iterator[RedisCluster]:  # noqa: F811
+    flush_cluster(valkey_cluster)
+    client = RedisCluster.from_url(valkey_cluster.url, decode_responses=True)
+    yield client
+    client.close()
+
+
+def log(r: RedisCluster, sid: str) -> list[tuple[str, str, dict]]:
+    out = []
+    for raw in r.lrange(keys.session_log(sid), 0, -1):
+        _, event, rid, data = raw.split("|", 3)
+        out.append((event, rid, json.loads(data)))
+    return out
+
+
+def test_a_session_runs_in_order_with_every_index_once_across_preemption(rc: RedisCluster) -> None:
+    h = Harness(rc, lease_ms=60_000, cluster=True)
+    h.policy(min_run=0)
+    h.add_worker("w0", slots=1)
+    first = h.submit("a", priority=2, max_tokens=6)
+    second = h.submit("a", priority=2, max_tokens=3)
+    h.append(h.run_of(first), 2)
+    high = h.submit("h", priority=8, tenant="u", max_tokens=2)
+    # The control plane preempted `first` and told its worker; the worker's hand-back fences it.
+    assert h.status(first) == "running" and rc.zcard(keys.group_key("default", "pre")) == 1
+    h.handback(h.run_of(first), reason="priority")
+    assert h.status(first) == "preempted" and h.status(high) == "running"
+    h.complete(high)
+    assert h.run_of(first).next_index == 2 and h.run_of(first).attempt == "2"
+    h.complete(first)
+    h.complete(second)
+    events = log(rc, "a")
+    assert [d["index"] for e, rid, d in events if e == "token" and rid == first] == list(range(6))
+    assert [(e, d.get("reason")) for e, rid, d in events if rid == first and e in ("preempted", "resumed")] == [
+        ("preempted", "priority"), ("resumed", None)]
+    order = [(e, rid) for e, rid, _ in events if e in ("started", "done")]
+    assert order == [("started", first), ("done", first), ("started", second), ("done", second)]
+
+
+def test_a_submit_whose_caller_died_after_the_data_step_is_readied_by_the_repair_pass(rc: RedisCluster) -> None:
+    h = Harness(rc, lease_ms=LEASE, cluster=True)
+    h.add_worker("w0", slots=1)
+    h._group("default")
+    req = NewRequest(session_id="orphan", max_tokens=2, priority=5, tenant="t", group="default", prompt="p")
+    # Only the data step: the request is stored and its head noted in the bucket's outbox.
+    reply = h.scripts.call("submit", [keys.session_prefix("orphan")],
+                           [req.request_id, "orphan", "t", "default", 5, 2, "p", "p", "{}", 1, ""])
+    assert reply[0] == "ok" and h.status(req.request_id) == "queued"
+    assert rc.zscore(keys.outbox(keys.bucket_of_session("orphan")), req.request_id) is not None
+    assert not h.collect(), "nothing dispatched: the control step never ran"
+    bucket = [keys.bucket_of_session("orphan")]
+    assert run_sync(h.t.repair(bucket, age_ms=0)) == 1
+    h.collect()
+    assert h.status(req.request_id) == "running"
+    assert rc.zcard(keys.outbox(bucket[0])) == 0
+    assert run_sync(h.t.repair(bucket, age_ms=0)) == 0, "repeating the repair changes nothing"
+    h.complete(req.request_id)
+    assert h.status(req.request_id) == "done"
+
+
+def test_a_finish_whose_caller_died_after_the_data_step_is_completed(rc: RedisCluster) -> None:
+    """The worker ended the run on the data plane and died: the sweep closes its run (lease lapsed),
+    the repair pass readies the session's next request, nothing runs twice."""
+    h = Harness(rc, lease_ms=LEASE, cluster=True)
+    h.add_worker("w0", slots=1)
+    h.add_worker("w1", slots=1)
+    first = h.submit("s", max_tokens=2)
+    second = h.submit("s", max_tokens=2)
+    run = h.run_of(first)
+    h.append(run, 2)
+    reply = h.scripts.call("finish", [keys.request_prefix(first)], [3600, first, run.attempt, run.wid, "done", "stop"])
+    assert int(reply[0]) == 1 and h.status(first) == "done"
+    h.runs.remove(run)  # the worker is gone: no release, no next-ready
+    assert h.status(second) == "queued"
+    time.sleep(LEASE / 1000 + 0.2)
+    h.sweep()  # the lapsed lease: the run is closed on the control plane
+    assert not rc.zcard(keys.group_key("default", "run"))
+    assert run_sync(h.t.repair([keys.bucket_of_session("s")], age_ms=0)) == 1
+    h.collect()
+    assert h.status(second) == "running"
+    h.complete(second)
+    events = log(rc, "s")
+    assert [e for e, rid, _ in events if rid == first].count("done") == 1
+    assert [e for e, _, _ in events].count("started") == 2
+
+
+def test_a_lost_worker_s_run_resumes_elsewhere_at_the_next_index(rc: RedisCluster) -> None:
+    h = Harness(rc, lease_ms=LEASE, cluster=True)
+    h.add_worker("w0", slots=1)
+    rid = h.submit("k", max_tokens=5)
+    run = h.run_of(rid)
+    h.append(run, 3)
+    h.runs.remove(run)  # killed
+    del h.workers[run.wid]
+    h.add_worker("w1", slots=1)
+    time.sleep(LEASE / 1000 + 0.2)
+    h.sweep()
+    resumed = h.run_of(rid)
+    assert (resumed.wid, resumed.attempt, resumed.next_index) == ("w1", "2", 3)
+    h.complete(rid)
+    events = log(rc, "k")
+    assert [d["index"] for e, _, d in events if e == "token"] == list(range(5))
+    assert [(e, d.get("reason")) for e, _, d in events if e == "preempted"] == [("preempted", "worker_lost")]
+
+
+def test_sessions_spread_over_the_masters(rc: RedisCluster, valkey_cluster: EmbeddedCluster) -> None:  # noqa: F811
+    h = Harness(rc, lease_ms=60_000, cluster=True)
+    for i in range(600):
+        h.submit(f"spread-{i}", max_tokens=1)
+    counts = []
+    for url in valkey_cluster.urls:
+        node = redis.Redis.from_url(url)
+        counts.append(sum(1 for _ in node.scan_iter(match="sg:{s:*", count=1000)))
+        node.close()
+    total = sum(counts)
+    assert all(0.15 <= c / total <= 0.45 for c in counts), counts
