@@ -26,6 +26,12 @@ if mode == 'live' then
       redis.call('DEL', kworker(cp, dead) .. ':in') -- its assignments' leases lapse: the sweep requeues them
       redis.call('HDEL', cp .. 'workers', dead)
       redis.call('ZREM', roster, dead)
+      -- the slots its unreleased attempts held die with it (a worker that was only retired keeps
+      -- them: it offers the rest when it rejoins, and these come back when it lets go of the runs)
+      local held = redis.call('HGETALL', cp .. 'tk')
+      for i = 1, #held, 2 do
+        if held[i + 1] == dead then redis.call('HDEL', cp .. 'tk', held[i]) end
+      end
     end
   end
 end

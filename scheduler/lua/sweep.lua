@@ -24,7 +24,6 @@ for _, key in ipairs(redis.call('ZRANGEBYSCORE', cp .. 'leases', '-inf', now, 'L
     -- out at its next heartbeat (rejoin) and offers its free slots again.
     redis.call('DEL', kworker(cp, rec.w))
     redis.call('LREM', cp .. 'idle', 0, rec.w)
-    redis.call('HDEL', cp .. 'tk', key) -- a retired worker's slots come back with its rejoin
     lapsed = lapsed + 1
     if single_server then
       local _, _, produced, spec = d_stop(rec.rid, tostring(rec.a), nil, 'worker_lost')
