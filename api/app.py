@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from redis.asyncio import BlockingConnectionPool, Redis
-from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
@@ -22,6 +22,7 @@ from api.metrics import render_metrics
 from api.responses import JSON
 from api.services import Services, services
 from scheduler.admin import Tuning
+from sessions.connect import async_client
 from sessions.hub import EventHub
 from sessions.resp import LeanRedis
 from sessions.store import SessionStore
@@ -40,11 +41,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # The restarted server never saw that command, so it still runs once.
         # Commands hold a connection only while they run (SSE readers share the hub's connection), so
         # the pool bounds concurrency without being a queue; a wait past `timeout` is a 503.
-        cluster = bool(getattr(settings, "redis_cluster", False))
+        cluster = settings.redis_cluster
+        lean: LeanRedis | None = None
         if cluster:  # redis-py's cluster client routes each call to its slot's master
-            redis = RedisCluster.from_url(settings.redis_url, socket_connect_timeout=5, socket_timeout=20,
-                                          max_connections=256)
-            lean = None
+            redis: Any = async_client(settings.redis_url, cluster=True, socket_timeout=20, max_connections=256)
         else:
             pool = BlockingConnectionPool.from_url(settings.redis_url, max_connections=256, timeout=20,
                                                    retry=Retry(NoBackoff(), 1), socket_connect_timeout=5)

@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from sessions import keys
+from sessions.connect import text
 from sessions.metrics_store import read_metrics
 
 
@@ -45,7 +46,7 @@ def _histogram(name: str, doc: str, raw: dict[str, float]) -> HistogramMetricFam
 
 
 async def render_metrics(redis: Any, *, open_streams: int) -> bytes:
-    groups = sorted(g.decode() if isinstance(g, bytes) else g for g in await redis.smembers(keys.GROUPS))
+    groups = sorted(text(g) for g in await redis.smembers(keys.GROUPS))
     totals = await read_metrics(redis, groups)
     requests, tokens, preemptions, depth, wait, ttft, fenced = (
         totals.get(name, {}) for name in ("requests", "tokens", "preemptions", "depth", "wait", "ttft", "fenced"))

@@ -11,14 +11,11 @@ from typing import Any
 from redis.asyncio import Redis
 
 from sessions import keys
+from sessions.connect import text
 from sessions.metrics_store import read_metrics
 from sessions.store import register_group
 
 QUOTA_FIELDS = ("requests_per_second", "tokens_per_second", "burst", "max_concurrency", "burst_tokens")
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _number(text: str) -> float | int:
@@ -59,14 +56,14 @@ class Tuning:
 
     async def quota(self, group: str) -> dict[str, float | int]:
         raw = await self.redis.hgetall(keys.group_key(group, "cfg"))
-        return {_text(k): _number(_text(v)) for k, v in raw.items()}
+        return {text(k): _number(text(v)) for k, v in raw.items()}
 
     async def weights(self) -> dict[str, float]:
         raw = await self.redis.hgetall(keys.TENANT_WEIGHTS)
-        return {_text(k): float(v) for k, v in raw.items()}
+        return {text(k): float(v) for k, v in raw.items()}
 
     async def groups(self) -> list[str]:
-        return sorted(_text(g) for g in await self.redis.smembers(keys.GROUPS))
+        return sorted(text(g) for g in await self.redis.smembers(keys.GROUPS))
 
     async def tenants(self) -> list[dict[str, Any]]:
         """Every tenant with a weight or a counter, with its counter per group."""
@@ -74,7 +71,7 @@ class Tuning:
         counters: dict[str, dict[str, float]] = {}
         for group in await self.groups():
             for tenant, value in (await self.redis.hgetall(keys.group_key(group, "vtc"))).items():
-                counters.setdefault(_text(tenant), {})[group] = float(value)
+                counters.setdefault(text(tenant), {})[group] = float(value)
         names = sorted(set(weights) | set(counters))
         return [{"tenant": t, "weight": weights.get(t, 1.0), "virtual_token_counter": counters.get(t, {})}
                 for t in names]
@@ -87,14 +84,14 @@ class Tuning:
             pipe.llen(keys.group_key(group, "idle"))
             pipe.hgetall(keys.group_key(group, "cn"))
             cfg, qs, running, idle, ready = await pipe.execute()
-        state = {_text(k): _text(v) for k, v in qs.items()}
+        state = {text(k): text(v) for k, v in qs.items()}
         wake = float(state["wake"]) if "wake" in state else None
         return {
             "group": group,
-            "quota": {_text(k): _number(_text(v)) for k, v in cfg.items()},
+            "quota": {text(k): _number(text(v)) for k, v in cfg.items()},
             "running": running,
             "free_slots": idle,
-            "ready_sessions_by_class": {_text(k): int(v) for k, v in ready.items()},
+            "ready_sessions_by_class": {text(k): int(v) for k, v in ready.items()},
             "throttled": wake is not None or state.get("throttled") == "max_concurrency" and running > 0,
             "last_throttle_reason": state.get("throttled"),
             "next_admission_ms": wake,
@@ -103,7 +100,8 @@ class Tuning:
 
     async def stats(self) -> dict[str, Any]:
         """Queue depth by group, priority and tenant; running; workers; per-group quota state."""
-        raw_depth = (await read_metrics(self.redis, await self.groups())).get("depth", {})
+        names = await self.groups()
+        raw_depth = (await read_metrics(self.redis, names)).get("depth", {})
         depth: list[dict[str, Any]] = []
         by_group: dict[str, int] = {}
         for label, value in raw_depth.items():
@@ -113,7 +111,7 @@ class Tuning:
             group, priority, tenant = label.split("|", 2)
             depth.append({"group": group, "priority": int(priority), "tenant": tenant, "queued": n})
             by_group[group] = by_group.get(group, 0) + n
-        groups = [await self.group_state(g) for g in await self.groups()]
+        groups = [await self.group_state(g) for g in names]
         workers = await self.workers()
         return {
             "queued": sum(by_group.values()),
@@ -130,7 +128,7 @@ class Tuning:
         alive = []
         for group in await self.groups():
             registered = await self.redis.hgetall(keys.group_key(group, "workers"))
-            for wid, info in sorted((_text(k), _text(v)) for k, v in registered.items()):
+            for wid, info in sorted((text(k), text(v)) for k, v in registered.items()):
                 if await self.redis.exists(keys.worker(group, wid)):
                     alive.append({"worker_id": wid, "group": group, "slots": int(info)})
                 else:

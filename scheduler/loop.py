@@ -14,13 +14,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import Any
 
 from scheduler.policy import publish_policy
 from sessions import keys
+from sessions.connect import async_client, text
 from sessions.scripts import Scripts
 from sessions.store import copy_policy
-from sessions.transitions import Transitions, text
+from sessions.transitions import Transitions
 from sluicegate.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -28,23 +28,12 @@ GROUPS_REFRESH_SECONDS = 1.0
 REPAIR_SECONDS = 2.0
 
 
-def connect(settings: Settings, **kwargs: Any) -> Any:
-    """redis-py's asyncio client for a server or a cluster, per the settings."""
-    if getattr(settings, "redis_cluster", False):
-        from redis.asyncio.cluster import RedisCluster
-
-        return RedisCluster.from_url(settings.redis_url, **kwargs)
-    from redis.asyncio import Redis
-
-    return Redis.from_url(settings.redis_url, **kwargs)
-
-
 class Scheduler:
     def __init__(self, settings: Settings) -> None:
         assert settings.redis_url, "the scheduler needs --redis-url"
         self.settings = settings
-        self.cluster = bool(getattr(settings, "redis_cluster", False))
-        self.redis = connect(settings, socket_connect_timeout=5, socket_timeout=30)
+        self.cluster = settings.redis_cluster
+        self.redis = async_client(settings.redis_url, cluster=self.cluster, socket_timeout=30)
         self.scripts = Scripts(self.redis, single_server=not self.cluster)
         self.transitions = Transitions(self.scripts, lease_ms=int(settings.lease_seconds * 1000),
                                        session_ttl=settings.session_ttl)
@@ -62,7 +51,7 @@ class Scheduler:
         return wait
 
     async def _group_loop(self, group: str, stop: asyncio.Event) -> None:
-        hints = connect(self.settings, socket_connect_timeout=5, socket_timeout=30)  # its blocking pops
+        hints = async_client(self.settings.redis_url, cluster=self.cluster, socket_timeout=30)  # blocking pops
         try:
             while not stop.is_set():
                 try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from sessions import keys
+from sessions.connect import text
 from sessions.library import policy_fields
 from sessions.store import copy_policy
 from sluicegate.settings import Settings
@@ -21,4 +22,4 @@ __all__ = ["policy_fields", "publish_policy"]
 async def publish_policy(redis: Any, settings: Settings) -> None:
     await redis.hset(keys.POLICY, mapping=policy_fields(settings))  # type: ignore[arg-type]
     for group in await redis.smembers(keys.GROUPS):
-        await copy_policy(redis, group.decode() if isinstance(group, bytes) else group)
+        await copy_policy(redis, text(group))

@@ -108,7 +108,7 @@ def primary_urls(url: str, *, cluster: bool, timeout: float = CONNECT_TIMEOUT) -
     seed_host = urlsplit(url).hostname or "127.0.0.1"
     addresses: dict[tuple[str, int], int] = {}
     for first, _last, primary, *_replicas in sorted(slots, key=lambda entry: int(entry[0])):
-        host, port = _text(primary[0]), int(primary[1])
+        host, port = text(primary[0]), int(primary[1])
         # "" or "?" means the node does not know its own endpoint: it is the host we asked.
         addresses.setdefault((host if host not in ("", "?") else seed_host, port), int(first))
     return [_with_address(url, host, port) for host, port in addresses]
@@ -217,17 +217,17 @@ def _call(client: redis.Redis, where: str, timeout: float, *command: Any) -> Any
 
 def _ask(client: redis.Redis, where: str, timeout: float, *command: Any) -> dict[str, str]:
     """An INFO-style command as {field: text}, whether redis-py parsed it (INFO) or not (CLUSTER INFO)."""
-    text = _call(client, where, timeout, *command)
-    if isinstance(text, dict):
-        return {str(name): str(value) for name, value in text.items()}
-    fields = (line.split(":", 1) for line in _text(text).splitlines() if ":" in line and not line.startswith("#"))
+    reply = _call(client, where, timeout, *command)
+    if isinstance(reply, dict):
+        return {str(name): str(value) for name, value in reply.items()}
+    fields = (line.split(":", 1) for line in text(reply).splitlines() if ":" in line and not line.startswith("#"))
     return {name: value.strip() for name, value in fields}
 
 
 def _failed_nodes(nodes: Any) -> list[str]:
     """Addresses flagged fail or pfail in CLUSTER NODES (`<id> <ip:port@bus> <flags> ...`)."""
     failed = []
-    for line in _text(nodes).splitlines():
+    for line in text(nodes).splitlines():
         parts = line.split()
         if len(parts) > 2 and {"fail", "fail?"} & set(parts[2].split(",")):
             failed.append(parts[1].split("@")[0])
@@ -240,7 +240,8 @@ def _reason(error: BaseException) -> str:
     return re.sub(r"^Error -?\d+ connecting to \S+?\. ", "", text) or type(error).__name__
 
 
-def _text(value: Any) -> str:
+def text(value: Any) -> str:
+    """A reply as text (clients built without decode_responses answer bytes)."""
     return value.decode() if isinstance(value, bytes) else str(value)
 
 

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.asyncio.cluster import RedisCluster
 
 from sessions import keys
+from sessions.connect import async_client
 from sessions.events import Event
 from sessions.resp import LeanRedis
 from sessions.scripts import Scripts
@@ -108,8 +108,8 @@ class RunStore:
         back within `reply_timeout` (above the inbox's 1 s blocking pop and any script's run time)
         fails its connection, which reconnects: a half-open connection must not hang the worker."""
         if cluster:
-            client = RedisCluster.from_url(redis_url, client_name=client_name, socket_timeout=reply_timeout,
-                                           socket_connect_timeout=5, socket_keepalive=True)
+            client = async_client(redis_url, cluster=True, client_name=client_name, socket_timeout=reply_timeout,
+                                  socket_keepalive=True)
             return cls(client, lean=client, inbox=client, worker_id=worker_id, group=group,
                        lease_seconds=lease_seconds, session_ttl=session_ttl, cluster=True)
         redis = Redis.from_url(redis_url, client_name=client_name, socket_timeout=reply_timeout,

@@ -6,10 +6,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from sessions import keys
+from sessions.connect import text
 from sessions.events import Event
 from sessions.requests import NewRequest
 from sessions.scripts import Scripts
-from sessions.transitions import Transitions, text
+from sessions.transitions import Transitions
 
 
 @dataclass(frozen=True)

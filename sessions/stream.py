@@ -13,13 +13,13 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
+from sessions import keys
 from sessions.events import Event
 from sessions.hub import EventHub
 from sessions.store import SessionStore
 
 FIRST_PAGE = 100  # small, so a resume sends its first event without reading the whole backlog first
 PAGE = 1000
-ENDED = ("done", "failed", "cancelled")
 
 
 class EventStream:
@@ -69,7 +69,7 @@ class EventStream:
             if status is None:
                 fields = await self.store.request_fields(self.request_id)
                 status = fields.get("st") if fields else None
-            if status is None or status in ENDED:
+            if status is None or status in keys.TERMINAL_STATUSES:
                 # Ended: its terminal event is already in the log, so the log alone is the whole answer.
                 async for batch in self._backlog(FIRST_PAGE):
                     yield batch

@@ -29,6 +29,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from sessions import keys
+from sessions.connect import text
 from sessions.requests import NewRequest
 from sessions.scripts import Scripts
 
@@ -44,10 +45,6 @@ def run_sync(coro: Coroutine[Any, Any, T]) -> T:
         return stop.value  # type: ignore[no-any-return]
     coro.close()
     raise RuntimeError("a transition over a synchronous client suspended")
-
-
-def text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 @dataclass(frozen=True)

@@ -56,6 +56,22 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
+def wait_until_answering(client: redis.Redis, process: subprocess.Popen[bytes] | None, deadline: float, *,
+                         what: str, log: Path, late: str, interval: float) -> None:
+    """Ping a server we started until it answers; fail at once if its process exits, or at the deadline."""
+    while True:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"{what} exited with code {process.returncode}; see {log}")
+        try:
+            if client.ping():
+                return
+        except (redis.ConnectionError, redis.BusyLoadingError, redis.TimeoutError):
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} {late}")
+        time.sleep(interval)
+
+
 @dataclass
 class EmbeddedServer:
     """A server process we own: start(), url, stop()."""
@@ -96,23 +112,10 @@ class EmbeddedServer:
         return self
 
     def wait_ready(self, timeout: float) -> None:
-        client = redis.Redis(host=self.host, port=self.port, socket_connect_timeout=0.5)
-        deadline = time.monotonic() + timeout
-        try:
-            while True:
-                if self.process is not None and self.process.poll() is not None:
-                    raise RuntimeError(f"the embedded server exited with code {self.process.returncode}; "
-                                       f"see {Path(self.data_dir) / 'server.log'}")
-                try:
-                    if client.ping():
-                        return
-                except (redis.ConnectionError, redis.BusyLoadingError, redis.TimeoutError):
-                    pass
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"the embedded server did not answer on port {self.port} in {timeout} s")
-                time.sleep(0.05)
-        finally:
-            client.close()
+        with redis.Redis(host=self.host, port=self.port, socket_connect_timeout=0.5) as client:
+            wait_until_answering(client, self.process, time.monotonic() + timeout,
+                                 what="the embedded server", log=Path(self.data_dir) / "server.log",
+                                 late=f"did not answer on port {self.port} in {timeout} s", interval=0.05)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Graceful: SIGTERM makes the server flush its AOF and exit."""
@@ -381,20 +384,10 @@ class EmbeddedCluster:
         log.close()
 
     def _wait_node(self, index: int, deadline: float) -> None:
-        process = self.processes[index]
         with self.client(index, timeout=0.5) as node:
-            while True:
-                if process is not None and process.poll() is not None:
-                    raise RuntimeError(f"the cluster node on port {self.port + index} exited with code "
-                                       f"{process.returncode}; see {self.node_dir(index) / 'server.log'}")
-                try:
-                    if node.ping():
-                        return
-                except (redis.ConnectionError, redis.BusyLoadingError, redis.TimeoutError):
-                    pass
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"the cluster node on port {self.port + index} did not answer in time")
-                time.sleep(0.02)
+            wait_until_answering(node, self.processes[index], deadline,
+                                 what=f"the cluster node on port {self.port + index}",
+                                 log=self.node_dir(index) / "server.log", late="did not answer in time", interval=0.02)
 
     def _form(self) -> None:
         """Form a new cluster the direct way: each node claims its even share of the slots with

@@ -50,7 +50,7 @@ class Worker:
         self.engine = engine or make_engine(settings)
         self.worker_id = worker_id or new_worker_id(settings.group)
         # Named connections: `CLIENT LIST` shows which worker holds which connection.
-        cluster = bool(getattr(settings, "redis_cluster", False))
+        cluster = settings.redis_cluster
         self.store = RunStore.connect(settings.redis_url, client_name=f"sluicegate-worker:{self.worker_id}",
                                       worker_id=self.worker_id, group=settings.group,
                                       lease_seconds=settings.lease_seconds, session_ttl=settings.session_ttl,
@@ -58,16 +58,16 @@ class Worker:
         self.redis = self.store.redis
         # rq has no cluster support (rq#1942): on a cluster the rq presence goes to a standalone
         # --rq-redis-url when one is given, and is off otherwise.
-        rq_url = getattr(settings, "rq_redis_url", None) or (None if cluster else settings.redis_url)
+        rq_url = settings.rq_redis_url or (None if cluster else settings.redis_url)
         self.presence = (RqPresence(rq_url, group=settings.group, worker_id=self.worker_id,
                                     ttl_seconds=max(10, int(settings.lease_seconds * 3)))
                          if use_rq and rq_url else None)
         self.runs: dict[str, asyncio.Task[None]] = {}  # "rid|attempt" -> its task; each holds one ticket
         self.executing: set[str] = set()  # runs inside the engine loop: the only ones a notice may cancel
         self.interrupted: set[str] = set()  # notices for runs not yet (or no longer) executing
-        self.early_notices: dict[str, bool] = {}  # notices for runs not received yet, oldest first
+        self.early_notices: dict[str, str] = {}  # reasons of notices for runs not received yet, oldest first
         self.handing_back: set[str] = set()  # shutdown: interrupted runs go back to the queue
-        self.stop_reasons: dict[str, str] = {}  # why a notice stopped a run (its hand-back says so)
+        self.stop_reasons: dict[str, str] = {}  # why a notice stopped a run it holds (its hand-back says so)
         self.stopping = False
         self.resync_needed = False
         self._ending = 0  # run ends (finish / hand-back scripts) in flight
@@ -167,8 +167,10 @@ class Worker:
                 await self._end(assignment.request_id, assignment.attempt, reason="worker_shutdown")
                 continue
             key = assignment.key
-            if self.early_notices.pop(key, None):
+            early = self.early_notices.pop(key, None)
+            if early is not None:
                 self.interrupted.add(key)
+                self.stop_reasons[key] = early or "released"
             self.runs[key] = asyncio.create_task(self._serve(assignment))
             await asyncio.sleep(0)  # let the run send its backend request before the next inbox read
 
@@ -315,12 +317,12 @@ class Worker:
         one): kept a while, it stops the run before it starts."""
         rid, attempt, reason = (notice.split("|") + ["", ""])[:3]
         key = f"{rid}|{attempt}"
-        if reason:
-            self.stop_reasons[key] = reason
-        if key not in self.runs:
-            self.early_notices[key] = True
+        if key not in self.runs:  # kept with the early notice (bounded), not for a run that may never come
+            self.early_notices[key] = reason
             while len(self.early_notices) > EARLY_NOTICES:
                 del self.early_notices[next(iter(self.early_notices))]
+        elif reason:
+            self.stop_reasons[key] = reason
         self._interrupt(key)
 
     def _interrupt(self, key: str) -> None:

@@ -73,11 +73,14 @@ end
 
 -- A worker lets go of a run and, when asked, gives its slot's ticket back; then the freed slot is
 -- filled. An attempt gives its slot back once (tk: the slots attempts hold), however often a lost
--- reply makes the worker repeat the call, and attempts are not released in order. Returns the
--- number of requests dispatched.
-local function let_go(cp, key, wid, produced, requeue, return_slot, now, lease)
+-- reply makes the worker repeat the call, and attempts are not released in order. `next_head`
+-- (one server: the session's next request, from the same call's finish) is readied after the
+-- release, so that no decision sees the ended run as running (it could preempt it), and after the
+-- ticket, so that it can take the freed slot. Returns the number of requests dispatched.
+local function let_go(cp, key, wid, produced, requeue, return_slot, now, lease, next_head)
   release(cp, key, produced, requeue, now)
   if redis.call('HDEL', cp .. 'tk', key) == 1 and return_slot then return_ticket(cp, wid) end
+  if next_head then ready(gpre(next_head.g), next_head, now, lease) end
   return dispatch(cp, now, lease)
 end
 

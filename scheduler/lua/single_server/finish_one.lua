@@ -9,12 +9,5 @@ local now, lease = clock(), tonumber(ARGV[2])
 local rid, attempt = ARGV[4], ARGV[5]
 local finished, status, produced, nxt = d_finish(rid, attempt, ARGV[6], ARGV[7], ARGV[8], now, tonumber(ARGV[3]),
   false)
--- The run is released and its slot returned before the next head is readied: a decision in between
--- must not see the ended run as running (it could preempt it).
-release(KEYS[2], rid .. '|' .. attempt, produced, nil, now)
-if redis.call('HDEL', KEYS[2] .. 'tk', rid .. '|' .. attempt) == 1 and ARGV[9] == '1' then
-  return_ticket(KEYS[2], ARGV[6])
-end
-if nxt then ready(gpre(nxt.g), nxt, now, lease) end
-dispatch(KEYS[2], now, lease)
+let_go(KEYS[2], rid .. '|' .. attempt, ARGV[6], produced, nil, ARGV[9] == '1', now, lease, nxt)
 return { finished and 1 or 0, status }

@@ -65,5 +65,3 @@ local function end_call(ok, result)
   if not ok then error(result, 0) end
   return result
 end
-
-local function seconds(ms) return string.format('%.6f', ms / 1000) end

@@ -4,7 +4,7 @@
 -- a single-server function hands it on in the same call, a cluster caller in the next call.
 
 -- What the control plane ranks, charges and starts a waiting head request by.
-local SPEC_FIELDS = { 'sid', 'tn', 'g', 'p', 'ep', 'mt', 'n', 'a', 'it', 'sub', 'pc', 'st' }
+local SPEC_FIELDS = { 'sid', 'tn', 'g', 'p', 'ep', 'mt', 'n', 'a', 'it', 'sub', 'pc' }
 local function ready_spec(rid)
   local v = redis.call('HMGET', kreq(rid), unpack(SPEC_FIELDS))
   if not v[1] then return nil end
@@ -20,8 +20,6 @@ local function load(rid, names)
   for i, name in ipairs(names) do r[name] = values[i] end
   return r
 end
-
-local function dmetrics(rid) return dpre_of(rid) .. 'm' end
 
 -- A head request that waits to be made ready on the control plane. On a cluster that is the next
 -- call, so the head is noted in the bucket's outbox first: if the caller dies in between, the
