@@ -10,12 +10,11 @@ not copied between shards.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
 from typing import Any
 
 from redis import Redis
-from redis.asyncio import Redis as AsyncRedis
+from redis.cluster import RedisCluster
 from redis.exceptions import ResponseError
 
 from sessions.library import FUNCTIONS, function_name, library_source
@@ -38,8 +37,7 @@ class Scripts:
         self.client = client
         self.single_server = single_server
         self.flags = ("S" if single_server else "C") + ("T" if pinned_clock else "")
-        self._sync = isinstance(client, Redis) or not (
-            isinstance(client, (AsyncRedis, LeanRedis)) or inspect.iscoroutinefunction(getattr(client, "fcall", None)))
+        self._sync = isinstance(client, (Redis, RedisCluster))  # redis-py's blocking clients; others are awaited
 
     def _fcall(self, name: str, keys: Sequence[Any], args: Sequence[Any]) -> Any:
         fname = function_name(name)
