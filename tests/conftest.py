@@ -1,5 +1,12 @@
 """Fixtures: one real Valkey server per test session (the embedded binary) on a free port, flushed
-before each test; an in-process stack on top of it."""
+before each test; an in-process stack on top of it.
+
+`SLUICEGATE_TEST_CLUSTER=1` runs the same suite on an embedded 3-master Valkey cluster instead
+(`redis_url` is then its seed URL, `r` a cluster client, and `fast_settings` turns `--redis-cluster`
+on). Tests marked `single_server` prove something about one server only (a server crash, the
+deterministic harness whose clock is pinned through a global key) and are skipped there; tests marked
+`own_servers` start servers of their own and run in the single-server pass only.
+"""
 
 from __future__ import annotations
 
@@ -8,14 +15,35 @@ from collections.abc import Iterator
 
 import pytest
 import redis
+from redis.cluster import RedisCluster
 
-from sluicegate.embedded import EmbeddedServer
-from tests.helpers import Stack, fast_settings
+from sluicegate.embedded import EmbeddedCluster, EmbeddedServer
+from tests.cluster_helpers import flush_cluster, start_test_cluster
+from tests.helpers import ON_CLUSTER, Stack, fast_settings
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "single_server: proves a property of one server; skipped on a cluster")
+    config.addinivalue_line("markers", "own_servers: starts its own servers; runs in the single-server pass only")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not ON_CLUSTER:
+        return
+    skip = pytest.mark.skip(reason="single-server only (see tests/conftest.py)")
+    for item in items:
+        if "single_server" in item.keywords or "own_servers" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")
-def valkey_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedServer]:
+def valkey_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedServer | EmbeddedCluster]:
     # SLUICEGATE_TEST_SERVER=/usr/bin/redis-server runs the suite against another server binary.
+    if ON_CLUSTER:
+        cluster = start_test_cluster(tmp_path_factory.mktemp("valkey-cluster"))
+        yield cluster
+        cluster.stop()
+        return
     server = EmbeddedServer(data_dir=str(tmp_path_factory.mktemp("valkey")), persistent=False,
                             binary=os.environ.get("SLUICEGATE_TEST_SERVER") or None).start()
     yield server
@@ -23,7 +51,10 @@ def valkey_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Embedded
 
 
 @pytest.fixture
-def redis_url(valkey_server: EmbeddedServer) -> str:
+def redis_url(valkey_server: EmbeddedServer | EmbeddedCluster) -> str:
+    if isinstance(valkey_server, EmbeddedCluster):
+        flush_cluster(valkey_server)
+        return valkey_server.url
     client = redis.Redis.from_url(valkey_server.url)
     client.flushall()
     client.close()
@@ -32,8 +63,9 @@ def redis_url(valkey_server: EmbeddedServer) -> str:
 
 @pytest.fixture
 def r(redis_url: str) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_url, decode_responses=True)
-    yield client
+    client = (RedisCluster.from_url(redis_url, decode_responses=True) if ON_CLUSTER
+              else redis.Redis.from_url(redis_url, decode_responses=True))
+    yield client  # type: ignore[misc]
     client.close()
 
 

@@ -31,13 +31,15 @@ from workers.engines.base import Engine
 from workers.worker import Worker
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The suite's second pass: the same tests on an embedded 3-master cluster (tests/conftest.py).
+ON_CLUSTER = os.environ.get("SLUICEGATE_TEST_CLUSTER") == "1"
 
 
 def fast_settings(redis_url: str, **overrides: Any) -> Settings:
     """Settings tuned for tests: quick sim engine, short leases and sweeps."""
     base = Settings(redis_url=redis_url, sim_tokens_per_second=400.0, sim_prefill_ms=0.0, lease_seconds=1.5,
                     heartbeat_seconds=0.3, sweep_seconds=0.05, shutdown_grace_seconds=2.0, slots=4,
-                    sse_ping_seconds=1.0, log_level="warning")
+                    sse_ping_seconds=1.0, log_level="warning", redis_cluster=ON_CLUSTER)
     return base.replace(**overrides)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 import redis
 from redis.asyncio import Redis as AsyncRedis
 
@@ -13,6 +14,7 @@ from sluicegate.settings import Settings
 from tests.sched_harness import T0, Harness
 
 
+@pytest.mark.single_server  # the deterministic harness pins the clock (a global key)
 def test_sweep_promotes_after_the_class_max_wait_and_never_preempts(r: redis.Redis) -> None:
     h = Harness(r)
     h.policy(mw2=5)
@@ -35,6 +37,7 @@ def test_sweep_promotes_after_the_class_max_wait_and_never_preempts(r: redis.Red
     assert h.dispatched_rids() == [busy, low, *highs]
 
 
+@pytest.mark.single_server  # the deterministic harness pins the clock (a global key)
 def test_nothing_waits_forever_under_sustained_high_load(r: redis.Redis) -> None:
     """One slot, a class 9 request always waiting and each run taking 1 s: the class 0 request (default
     max wait 60 s) starts within its max wait plus one run."""
@@ -54,6 +57,7 @@ def test_nothing_waits_forever_under_sustained_high_load(r: redis.Redis) -> None
     assert T0 + 60_000 <= started <= T0 + 61_000
 
 
+@pytest.mark.single_server  # the deterministic harness pins the clock (a global key)
 def test_class_max_wait_setting_reaches_the_scripts(r: redis.Redis, redis_url: str) -> None:
     """--class-max-wait overrides --max-wait-seconds per class, through the published sg:policy."""
     settings = Settings(redis_url=redis_url, max_wait_seconds=30, class_max_wait="2=5,7=1")
@@ -76,6 +80,7 @@ def test_class_max_wait_setting_reaches_the_scripts(r: redis.Redis, redis_url: s
         assert [x for x in (seven, two, five) if h.req(x)["ep"] == "10"] == promoted, at
 
 
+@pytest.mark.single_server  # the deterministic harness pins the clock (a global key)
 def test_promotion_keeps_the_tenants_counter(r: redis.Redis) -> None:
     """Aging moves a session to class 10; its tenant is still backlogged, not a newcomer to lift."""
     h = Harness(r)
@@ -93,6 +98,7 @@ def test_promotion_keeps_the_tenants_counter(r: redis.Redis) -> None:
     assert h.vtc("t") == before and h.req(t)["ep"] == "10"
 
 
+@pytest.mark.single_server  # the deterministic harness pins the clock (a global key)
 def test_top_class_is_not_aged(r: redis.Redis) -> None:
     """Aging bounds the wait higher classes impose: the highest class with ready work is left to fair
     share (promoting it would let the longest waiters, the lowest-weight tenants, jump the fair order)."""
@@ -107,6 +113,7 @@ def test_top_class_is_not_aged(r: redis.Redis) -> None:
     assert h.sweep()[1] == 1 and h.req(old)["ep"] == "10"
 
 
+@pytest.mark.single_server  # the deterministic harness pins the clock (a global key)
 def test_aged_requests_are_served_fairly_and_in_order(r: redis.Redis) -> None:
     """Class 10 is an ordinary class for dispatch: least counter first, FIFO inside a tenant."""
     h = Harness(r)

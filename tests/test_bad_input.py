@@ -301,6 +301,7 @@ def test_a_chat_client_that_leaves_while_sending_its_body_is_a_4xx_not_a_server_
     assert raised.value.status == 400
 
 
+@pytest.mark.own_servers
 def test_redis_unavailable_is_503_on_every_route(tmp_path: Path) -> None:
     """Redis gone from behind a running API: a clear 503 JSON error, through the chat route's own
     fast path as through FastAPI's handlers."""

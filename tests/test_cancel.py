@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 import redis
 
 from sessions.runs import RunSpec, RunStore
-from tests.helpers import Stack, call, fast_settings, sse, submit, wait_for
+from tests.helpers import ON_CLUSTER, Stack, call, fast_settings, sse, submit, wait_for
 from tests.worker_helpers import Listener, assert_tickets_balanced, on_loop, token_indices
 from workers.engines.sim import SimEngine
 from workers.runner import token_data
@@ -148,11 +148,13 @@ def test_cancel_while_the_finish_is_in_flight_keeps_the_ticket(redis_url: str, r
     stack = Stack(fast_settings(redis_url)).start(scheduler=False, workers=0)
     run = on_loop(stack)
     worker = RunStore.connect(redis_url, worker_id="default.late.1.cccccc", group="default", lease_seconds=30,
-                              session_ttl=60)  # used on the stack's loop only
+                              session_ttl=60, cluster=ON_CLUSTER)  # used on the stack's loop only
     try:
         run(worker.set_free_slots(1))
         rid = submit(stack.base_url, "late", max_tokens=3)
-        assert run(worker.next_assignment(timeout=5)).key == f"{rid}|1"
+        taken = run(worker.next_assignment(timeout=5))
+        assert taken.key == f"{rid}|1"
+        assert run(worker.spec(taken)) is not None  # the run starts (on a cluster: on the data plane)
         assert run(worker.append(rid, "1", 0, [token_data(rid, i, "x ") for i in range(3)])).ok
         assert call("DELETE", f"{stack.base_url}/v1/requests/{rid}")[0] == 200
         assert r.llen("sg:{g:default}:idle") == 0  # the worker has not let go yet

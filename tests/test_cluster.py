@@ -21,6 +21,8 @@ from sluicegate.embedded import EmbeddedCluster
 from tests.cluster_helpers import flush_cluster, valkey_cluster  # noqa: F401 (a fixture)
 from tests.sched_harness import Harness
 
+pytestmark = pytest.mark.own_servers  # its own cluster
+
 LEASE = 600
 
 

@@ -20,6 +20,8 @@ from sessions.connect import RedisUnavailable, check_redis, key_slot, node_for_k
 from sluicegate.embedded import CLUSTER_SLOTS, EmbeddedCluster, EmbeddedServer, RedisProcess, free_port
 from tests.cluster_helpers import flush_cluster, start_test_cluster
 
+pytestmark = pytest.mark.own_servers  # its own servers
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

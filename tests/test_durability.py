@@ -17,6 +17,8 @@ from sessions import keys
 from sluicegate.embedded import EmbeddedServer, free_port
 from tests.helpers import SseEvent, Stack, call, fast_settings, sse, wait_for
 
+pytestmark = pytest.mark.single_server  # crashes and restarts the one server
+
 
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[EmbeddedServer]:

@@ -8,6 +8,7 @@ import random
 from collections import Counter
 from collections.abc import Callable
 
+import pytest
 import redis
 
 from sessions import keys
@@ -51,6 +52,7 @@ def assert_shares(service: Counter[str], weights: dict[str, float], tolerance: f
         assert abs(share - want) <= tolerance * want, (tenant, share, want, dict(service))
 
 
+@pytest.mark.single_server  # the deterministic harness pins the clock (a global key)
 def test_weighted_token_shares_converge(r: redis.Redis) -> None:
     h = Harness(r)
     for tenant, w in WEIGHTS.items():
@@ -58,6 +60,7 @@ def test_weighted_token_shares_converge(r: redis.Redis) -> None:
     assert_shares(serve(h, WEIGHTS, 600), WEIGHTS, 0.05)
 
 
+@pytest.mark.single_server  # the deterministic harness pins the clock (a global key)
 def test_shares_hold_when_estimates_are_wrong(r: redis.Redis) -> None:
     """Every run is charged max_tokens at dispatch, but tenants really produce 100%, 75%, 50% and 25% of it
     (+-10%): only the reconciliation at the end keeps the token shares right; without it each tenant would
@@ -75,6 +78,7 @@ def test_shares_hold_when_estimates_are_wrong(r: redis.Redis) -> None:
     assert max(normalised) - min(normalised) <= 10 + 2 * 40
 
 
+@pytest.mark.single_server  # the deterministic harness pins the clock (a global key)
 def test_counter_reconciled_at_finish(r: redis.Redis) -> None:
     h = Harness(r)
     h.weight("t", 2)
@@ -86,6 +90,7 @@ def test_counter_reconciled_at_finish(r: redis.Redis) -> None:
     assert h.vtc("t") == (10 + 2 * 30) / 2  # reconciled with what was produced
 
 
+@pytest.mark.single_server  # the deterministic harness pins the clock (a global key)
 def test_preempted_run_is_charged_once_and_not_lifted(r: redis.Redis) -> None:
     """Across a preemption the tenant pays its input once and its output once; going back to the ready set
     after a preemption is not a 'return from idle', so the counter is not lifted."""
@@ -106,6 +111,7 @@ def test_preempted_run_is_charged_once_and_not_lifted(r: redis.Redis) -> None:
     assert h.vtc("t") == (10 + 2 * 30) / 2
 
 
+@pytest.mark.single_server  # the deterministic harness pins the clock (a global key)
 def test_returning_tenant_is_lifted_to_least_backlogged_counter(r: redis.Redis) -> None:
     h = Harness(r)
     h.add_worker("w1", slots=1)
@@ -126,6 +132,7 @@ def test_returning_tenant_is_lifted_to_least_backlogged_counter(r: redis.Redis) 
     assert Counter(order) == Counter({"a": 4, "b": 4})  # alternating, not a burst of b
 
 
+@pytest.mark.single_server  # the deterministic harness pins the clock (a global key)
 def test_lift_never_lowers_a_counter_and_uses_the_last_counter_when_nobody_waits(r: redis.Redis) -> None:
     h = Harness(r)
     h.add_worker("w1", slots=1)
@@ -138,6 +145,7 @@ def test_lift_never_lowers_a_counter_and_uses_the_last_counter_when_nobody_waits
     assert h.vtc("rich") == 1000
 
 
+@pytest.mark.single_server  # the deterministic harness pins the clock (a global key)
 def test_weight_change_applies_to_next_decisions(r: redis.Redis) -> None:
     h = Harness(r)
     first = serve(h, {"a": 1, "b": 1}, 20)
@@ -147,6 +155,7 @@ def test_weight_change_applies_to_next_decisions(r: redis.Redis) -> None:
     assert_shares(second, {"a": 1, "b": 3}, 0.1)
 
 
+@pytest.mark.single_server  # the deterministic harness pins the clock (a global key)
 def test_fifo_over_a_tenants_ready_sessions(r: redis.Redis) -> None:
     h = Harness(r)
     s0 = [h.submit("s0", tenant="t"), h.submit("s0", tenant="t")]
@@ -189,6 +198,7 @@ def test_weights_through_the_api_steer_dispatch(redis_url: str) -> None:
         stack.stop()
 
 
+@pytest.mark.single_server  # the deterministic harness pins the clock (a global key)
 def test_a_counter_raised_in_another_class_still_decides_within_this_one(r: redis.Redis) -> None:
     """A dispatch raises its tenant's counter without rewriting the tenant's score in its other classes;
     the decision must still go by the counter. a runs in class 7 (counter 0 -> 30) while a and b both

@@ -7,6 +7,7 @@ from __future__ import annotations
 import signal
 from pathlib import Path
 
+import pytest
 import redis
 
 from sessions import keys
@@ -70,7 +71,9 @@ def test_append_rejects_an_old_attempt_and_a_wrong_index(redis_url: str, r: redi
         run(survivor.set_free_slots(1))
         r.zadd(keys.group_key("default", "leases"), {f"{rid}|1": 0})
         run(transitions.sweep("default"))
-        assert run(survivor.next_assignment(timeout=5)).key == f"{rid}|2"
+        taken = run(survivor.next_assignment(timeout=5))
+        assert taken.key == f"{rid}|2"
+        assert run(survivor.spec(taken)) is not None  # the survivor's run starts (on a cluster: on the data plane)
 
         assert append("1", 2, 2) == [0, "running"]  # fenced: attempt 2 owns the run now
         assert append("0", 2, 2) == [0, "running"]
@@ -140,6 +143,7 @@ def test_a_paused_worker_wakes_up_fenced(redis_url: str, r: redis.Redis, tmp_pat
         assert_tickets_balanced(r, expected_slots=4)
 
 
+@pytest.mark.single_server  # drives the one-server functions directly (the ticket rule is shared: runs.lua)
 def test_a_replayed_release_of_an_older_attempt_returns_no_second_ticket(r: redis.Redis) -> None:
     """Attempts are not released in order: A's release of attempt 1 (reply lost, so retried) may come
     after B finished attempt 2. The retry must not put A's ticket back a second time."""

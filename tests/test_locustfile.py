@@ -45,7 +45,7 @@ def run_locust(host: str, tmp_path: Path, *, users: int, seconds: int) -> tuple[
     return entries, summary, output
 
 
-def test_locust_runs_clean_and_verifies_resumed_streams(stack: Stack, tmp_path: Path) -> None:
+def test_locust_runs_clean_and_verifies_resumed_streams(stack: Stack, r: redis.Redis, tmp_path: Path) -> None:
     entries, summary, output = run_locust(stack.base_url, tmp_path, users=8, seconds=12)
     failures = {name: e["num_failures"] for name, e in entries.items() if e["num_failures"]}
     assert not failures, (failures, output[-3000:])
@@ -60,12 +60,8 @@ def test_locust_runs_clean_and_verifies_resumed_streams(stack: Stack, tmp_path: 
     # The operator changed weights and quotas and put permissive values back at the end.
     assert entries["PUT /v1/admin/tenants/[tenant]"]["num_requests"] > 0
     assert entries["PUT /v1/admin/groups/[group]"]["num_requests"] > 0
-    client = redis.Redis.from_url(str(stack.settings.redis_url), decode_responses=True)
-    try:
-        assert client.hgetall("sg:{g:default}:cfg") == {}
-        assert set(client.hvals("sg:tenants")) <= {"1.0"}
-    finally:
-        client.close()
+    assert r.hgetall("sg:{g:default}:cfg") == {}
+    assert set(r.hvals("sg:tenants")) <= {"1.0"}
 
 
 def test_verifier_fails_gaps_duplicates_and_reordered_ids() -> None:

@@ -15,9 +15,10 @@ import pytest
 import redis
 
 from sessions import keys
+from sessions.connect import sync_client
 from sessions.scripts import Scripts
 from sessions.transitions import Transitions, run_sync
-from tests.helpers import Stack, call, fast_settings, spawn, stop_process, submit, wait_for
+from tests.helpers import ON_CLUSTER, Stack, call, fast_settings, spawn, stop_process, submit, wait_for
 
 REQUESTS = 300
 SESSIONS = 60
@@ -50,8 +51,8 @@ def cluster(redis_url: str, r: redis.Redis) -> Iterator[Stack]:
 
 def hammer_sweeps(redis_url: str, lease_ms: int, stop: threading.Event, dispatched: list[int]) -> None:
     """Run the sweep script back to back from its own connection, racing the schedulers."""
-    client = redis.Redis.from_url(redis_url)
-    transitions = Transitions(Scripts(client), lease_ms=lease_ms, session_ttl=3600)
+    client = sync_client(redis_url, cluster=ON_CLUSTER)
+    transitions = Transitions(Scripts(client, single_server=not ON_CLUSTER), lease_ms=lease_ms, session_ttl=3600)
     try:
         while not stop.is_set():
             dispatched.append(run_sync(transitions.sweep("default")).started)

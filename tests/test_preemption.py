@@ -4,6 +4,7 @@ minimum run quantum and a cap on preemptions per request, and never more victims
 
 from __future__ import annotations
 
+import pytest
 import redis
 
 from sessions import keys
@@ -23,6 +24,7 @@ def started_lows(h: Harness, spec: list[tuple[str, int]], gap: int = 10) -> dict
     return rids
 
 
+@pytest.mark.single_server  # the deterministic harness pins the clock (a global key)
 def test_victim_is_lowest_class_then_most_recent_and_resumes_in_order(r: redis.Redis) -> None:
     h = Harness(r)
     h.policy(min_run=50, max_pre=3)
@@ -63,6 +65,7 @@ def test_victim_is_lowest_class_then_most_recent_and_resumes_in_order(r: redis.R
     pubsub.close()
 
 
+@pytest.mark.single_server  # the deterministic harness pins the clock (a global key)
 def test_equal_or_lower_class_never_preempts(r: redis.Redis) -> None:
     h = Harness(r)
     h.policy(min_run=0)
@@ -75,6 +78,7 @@ def test_equal_or_lower_class_never_preempts(r: redis.Redis) -> None:
     assert h.status(same) == h.status(lower) == "queued" and h.pending_preemptions() == 0
 
 
+@pytest.mark.single_server  # the deterministic harness pins the clock (a global key)
 def test_minimum_run_quantum(r: redis.Redis) -> None:
     """A run younger than min_run ms is not preempted; the sweep reports the moment it becomes eligible
     and preempts it then."""
@@ -93,6 +97,7 @@ def test_minimum_run_quantum(r: redis.Redis) -> None:
     assert h.status(low) == "preempted"
 
 
+@pytest.mark.single_server  # the deterministic harness pins the clock (a global key)
 def test_min_run_waits_for_lower_class_victim_instead_of_preempting_a_higher_one(r: redis.Redis) -> None:
     """The quantum delays the lowest-ranked victim; it does not hand the preemption to a higher class."""
     h = Harness(r)
@@ -110,6 +115,7 @@ def test_min_run_waits_for_lower_class_victim_instead_of_preempting_a_higher_one
     assert h.status(low) == "preempted" and h.status(mid) == "running"
 
 
+@pytest.mark.single_server  # the deterministic harness pins the clock (a global key)
 def test_min_run_within_a_class_takes_the_next_most_recent(r: redis.Redis) -> None:
     """Inside the victims' class, a run still in its quantum is passed over for an older one of that class."""
     h = Harness(r)
@@ -120,6 +126,7 @@ def test_min_run_within_a_class_takes_the_next_most_recent(r: redis.Redis) -> No
     assert h.status(lows["a"]) == "preempted" and h.status(lows["b"]) == "running"
 
 
+@pytest.mark.single_server  # the deterministic harness pins the clock (a global key)
 def test_preemption_cap_per_request(r: redis.Redis) -> None:
     h = Harness(r)
     h.policy(min_run=0, max_pre=2)
@@ -141,6 +148,7 @@ def test_preemption_cap_per_request(r: redis.Redis) -> None:
     assert h.token_indices("a", low) == list(range(10))
 
 
+@pytest.mark.single_server  # the deterministic harness pins the clock (a global key)
 def test_capped_victim_is_skipped_for_the_next_one(r: redis.Redis) -> None:
     h = Harness(r)
     h.policy(min_run=0, max_pre=1)
@@ -150,6 +158,7 @@ def test_capped_victim_is_skipped_for_the_next_one(r: redis.Redis) -> None:
     assert h.status(lows["b"]) == "running" and h.status(lows["a"]) == "preempted"
 
 
+@pytest.mark.single_server  # the deterministic harness pins the clock (a global key)
 def test_several_arrivals_preempt_exactly_as_many_victims_as_needed(r: redis.Redis) -> None:
     h = Harness(r)
     h.policy(min_run=0)
@@ -173,6 +182,7 @@ def test_several_arrivals_preempt_exactly_as_many_victims_as_needed(r: redis.Red
     assert total == 3
 
 
+@pytest.mark.single_server  # the deterministic harness pins the clock (a global key)
 def test_preempted_request_keeps_its_place(r: redis.Redis) -> None:
     """Back to the head of its session queue, and ahead of its tenant's sessions that became ready later."""
     h = Harness(r)
@@ -195,6 +205,7 @@ def test_preempted_request_keeps_its_place(r: redis.Redis) -> None:
     assert h.dispatched_rids() == [first, high, first, second, other]
 
 
+@pytest.mark.single_server  # the deterministic harness pins the clock (a global key)
 def test_aged_request_does_not_stop_a_real_preemption(r: redis.Redis) -> None:
     """An aged request never preempts, but waiting behind it must not stop a class 7 from preempting."""
     h = Harness(r)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 
+import pytest
 import redis
 
 from sessions import keys
@@ -11,6 +12,7 @@ from tests.helpers import Stack, call, fast_settings, submit, wait_for
 from tests.sched_harness import Harness
 
 
+@pytest.mark.single_server  # the deterministic harness pins the clock (a global key)
 def test_one_slot_dispatches_strictly_by_class(r: redis.Redis) -> None:
     """Requests of classes 0..9 (three of each, shuffled, several tenants) queued before the only slot
     appears run highest class first; inside a class, one tenant's requests keep their FIFO order."""
@@ -37,6 +39,7 @@ def test_one_slot_dispatches_strictly_by_class(r: redis.Redis) -> None:
         assert [submitted_at[x] for x in same] == sorted(submitted_at[x] for x in same)
 
 
+@pytest.mark.single_server  # the deterministic harness pins the clock (a global key)
 def test_random_mix_has_zero_inversions(r: redis.Redis) -> None:
     """A random interleaving of submits (random sessions, tenants, classes) and completions on two slots:
     whenever a request is dispatched, no ready session head of a higher class is left waiting. Checked

@@ -25,6 +25,7 @@ def queue(h: Harness, n: int, *, group: str = "default", max_tokens: int = 10, p
     return rids
 
 
+@pytest.mark.single_server  # the deterministic harness pins the clock (a global key)
 def test_requests_per_second_with_burst(r: redis.Redis) -> None:
     h = Harness(r)
     h.quota("default", requests_per_second=2, burst=3)
@@ -48,6 +49,7 @@ def test_requests_per_second_with_burst(r: redis.Redis) -> None:
     assert r.hget(keys.group_key("default", "qs"), "throttled") == "requests_per_second"
 
 
+@pytest.mark.single_server  # the deterministic harness pins the clock (a global key)
 def test_resumed_requests_are_not_charged_again(r: redis.Redis) -> None:
     h = Harness(r)
     h.policy(min_run=0)
@@ -61,6 +63,7 @@ def test_resumed_requests_are_not_charged_again(r: redis.Redis) -> None:
     assert h.status(low) == "running"  # resumed at T0 + 1000 although the rate allows no new request now
 
 
+@pytest.mark.single_server  # the deterministic harness pins the clock (a global key)
 def test_tokens_per_second_reserve_and_refund(r: redis.Redis) -> None:
     h = Harness(r)
     h.quota("default", tokens_per_second=100)  # bucket capacity defaults to one second of tokens
@@ -84,6 +87,7 @@ def test_tokens_per_second_reserve_and_refund(r: redis.Redis) -> None:
     assert float(qs(h)["lvl"]) == 40
 
 
+@pytest.mark.single_server  # the deterministic harness pins the clock (a global key)
 def test_request_larger_than_the_bucket_waits_for_a_full_bucket_then_borrows(r: redis.Redis) -> None:
     h = Harness(r)
     h.quota("default", tokens_per_second=100)
@@ -94,6 +98,7 @@ def test_request_larger_than_the_bucket_waits_for_a_full_bucket_then_borrows(r: 
     assert h.sweep()[3] == T0 + 2500  # back to a full bucket (100) from -150
 
 
+@pytest.mark.single_server  # the deterministic harness pins the clock (a global key)
 def test_token_quota_is_never_overrun_by_streams(r: redis.Redis) -> None:
     """Random sizes, random early stops, 10 ms steps: tokens streamed by time T never exceed the bucket plus
     tokens_per_second * T, because every run reserves its max_tokens before it starts."""
@@ -119,6 +124,7 @@ def test_token_quota_is_never_overrun_by_streams(r: redis.Redis) -> None:
     assert produced > 0.8 * 200 * 2  # and the quota was used, not starved
 
 
+@pytest.mark.single_server  # the deterministic harness pins the clock (a global key)
 def test_max_concurrency(r: redis.Redis) -> None:
     h = Harness(r)
     h.quota("default", max_concurrency=2)
@@ -131,6 +137,7 @@ def test_max_concurrency(r: redis.Redis) -> None:
     assert r.hget(keys.group_key("default", "qs"), "throttled") == "max_concurrency"
 
 
+@pytest.mark.single_server  # the deterministic harness pins the clock (a global key)
 def test_max_concurrency_counts_a_preempted_run_until_its_worker_lets_go(r: redis.Redis) -> None:
     h = Harness(r)
     h.policy(min_run=0)
@@ -146,6 +153,7 @@ def test_max_concurrency_counts_a_preempted_run_until_its_worker_lets_go(r: redi
     assert h.status(low) == "preempted"
 
 
+@pytest.mark.single_server  # the deterministic harness pins the clock (a global key)
 def test_group_out_of_quota_does_not_block_another(r: redis.Redis) -> None:
     h = Harness(r)
     h.quota("slow", requests_per_second=1, burst=1, tokens_per_second=10)
@@ -160,6 +168,7 @@ def test_group_out_of_quota_does_not_block_another(r: redis.Redis) -> None:
     assert h.status(more) == "running"
 
 
+@pytest.mark.single_server  # the deterministic harness pins the clock (a global key)
 def test_throttled_requests_are_neither_lost_nor_reordered(r: redis.Redis) -> None:
     h = Harness(r)
     h.quota("default", requests_per_second=1, burst=1)
@@ -179,6 +188,7 @@ def test_throttled_requests_are_neither_lost_nor_reordered(r: redis.Redis) -> No
     assert done == mine
 
 
+@pytest.mark.single_server  # the deterministic harness pins the clock (a global key)
 def test_rate_changes_apply_on_the_next_decision(r: redis.Redis) -> None:
     h = Harness(r)
     h.quota("default", requests_per_second=1, burst=1)
@@ -198,6 +208,7 @@ def test_rate_changes_apply_on_the_next_decision(r: redis.Redis) -> None:
     assert h.dispatched_rids() == rids
 
 
+@pytest.mark.single_server  # the deterministic harness pins the clock (a global key)
 def test_removing_a_token_quota_and_concurrency_cap_makes_the_group_unlimited(r: redis.Redis) -> None:
     h = Harness(r)
     h.quota("default", tokens_per_second=10, max_concurrency=1)

@@ -14,6 +14,9 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from sessions.resp import LeanRedis, RedisAddress, reply_error
 from sluicegate.embedded import free_port
 
+# The lean client speaks to one server (on a cluster the stack uses redis-py's cluster client).
+pytestmark = pytest.mark.single_server
+
 
 def test_concurrent_calls_each_get_their_own_reply(redis_url: str) -> None:
     async def main() -> list[object]:

@@ -12,12 +12,17 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
+import pytest
 import redis
 from rq import Worker as RqWorker
 
 from sessions import keys
 from tests.helpers import fast_settings, wait_for
 from tests.worker_helpers import WorkerProcess
+from workers.worker import Worker
+
+# rq has no cluster support (rq#1942): its presence lives on one server (on a cluster: --rq-redis-url).
+pytestmark = pytest.mark.single_server
 
 
 def rq_worker(url: str, name: str) -> RqWorker | None:
@@ -64,3 +69,18 @@ def _registered_in(r: redis.Redis, worker: WorkerProcess, group: str) -> str:
     assert r.hget(keys.group_key(group, "workers"), wid) == "2" and wid.startswith(f"{group}.")
     assert r.lrange(keys.group_key(group, "idle"), 0, -1) == [wid, wid]
     return wid
+
+
+@pytest.mark.parametrize("standalone_rq", [False, True])
+def test_on_a_cluster_rq_presence_goes_to_the_rq_server_or_is_off(redis_url: str, standalone_rq: bool) -> None:
+    """rq has no cluster support: with --redis-cluster the presence uses --rq-redis-url (here the test's
+    standalone server), and is off without it. The cluster URL is never dialled to build the worker."""
+    settings = fast_settings("redis://127.0.0.1:2/0", redis_cluster=True,
+                             rq_redis_url=redis_url if standalone_rq else None)
+    worker = Worker(settings, use_rq=True)
+    if not standalone_rq:
+        assert worker.presence is None
+    else:
+        assert worker.presence is not None
+        kwargs = worker.presence._connection.connection_pool.connection_kwargs
+        assert f"redis://{kwargs['host']}:{kwargs['port']}/0" == redis_url

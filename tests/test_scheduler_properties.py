@@ -11,6 +11,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
+import pytest
 import redis
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
@@ -273,6 +274,7 @@ def drain(h: Harness, order: dict[str, list[str]], rids: list[str]) -> None:
 @settings(max_examples=60, deadline=None, database=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(ops=st.lists(OPS, min_size=20, max_size=60))
+@pytest.mark.single_server  # the deterministic harness pins the clock (a global key)
 def test_random_interleavings_keep_every_invariant(r: redis.Redis, ops: list[tuple[Any, ...]]) -> None:
     r.flushall()
     h = Harness(r, lease_ms=LEASE)

@@ -16,6 +16,7 @@ from tests.helpers import Stack, sse, submit
 from tests.sched_harness import _Sync
 
 
+@pytest.mark.single_server  # the one-server functions and one FUNCTION LIST; the cluster reload: test below
 def test_a_server_without_the_library_gets_it_on_the_first_call(redis_url: str, r: redis.Redis) -> None:
     r.function_flush()
     scripts = Scripts(redis.Redis.from_url(redis_url))
@@ -57,6 +58,7 @@ def _submit(t: Transitions, rid: str, sid: str, max_tokens: object) -> tuple[str
     return run_sync(t.submit(req))
 
 
+@pytest.mark.single_server  # the one-server form of a transition
 def test_a_call_that_fails_half_way_still_writes_the_events_it_numbered(r: redis.Redis) -> None:
     """Events are written when a call ends (one log write per session). A call that fails after
     numbering an event must still write it, or the log's offsets would stop matching the event ids;
@@ -78,6 +80,7 @@ def test_a_call_that_fails_half_way_still_writes_the_events_it_numbered(r: redis
     assert [e.split("|")[1] for e in r.lrange(keys.session_log("s-b"), 0, -1)] == ["queued"]
 
 
+@pytest.mark.single_server  # the one-server form of a transition
 def test_a_submit_that_starts_at_once_writes_its_two_events_in_one_message(r: redis.Redis) -> None:
     t = _transitions(r)
     pubsub = r.pubsub()

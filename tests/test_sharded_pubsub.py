@@ -20,6 +20,8 @@ from sessions.subscriber import Subscriber
 from sluicegate.embedded import EmbeddedCluster
 from tests.cluster_helpers import start_test_cluster
 
+pytestmark = pytest.mark.own_servers  # its own servers
+
 T = TypeVar("T")
 EVENT = "1|token|r1|{}"  # one entry of a log append, as the scripts publish it
 

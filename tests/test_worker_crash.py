@@ -16,7 +16,7 @@ import redis
 
 from sessions import keys
 from sessions.runs import RunStore
-from tests.helpers import Stack, call, fast_settings, submit, wait_for
+from tests.helpers import ON_CLUSTER, Stack, call, fast_settings, submit, wait_for
 from tests.worker_helpers import (
     Listener,
     api_and_two_played_workers,
@@ -110,7 +110,8 @@ def test_tickets_of_a_vanished_worker_are_reaped(redis_url: str, r: redis.Redis)
     stack = Stack(fast_settings(redis_url, slots=2)).start(api=False, workers=1)
     run = on_loop(stack)
     ghost = "default.ghost.1.000000"
-    store = RunStore.connect(redis_url, worker_id=ghost, group="default", lease_seconds=1.0, session_ttl=60)
+    store = RunStore.connect(redis_url, worker_id=ghost, group="default", lease_seconds=1.0, session_ttl=60,
+                             cluster=ON_CLUSTER)
     try:
         run(store.set_free_slots(3))
         r.rpush(keys.worker_inbox("default", ghost), "nothing|1")

@@ -22,7 +22,7 @@ import redis
 from sessions import keys
 from sessions.runs import RunStore
 from sluicegate.settings import Settings
-from tests.helpers import ROOT, SseEvent, Stack, fast_settings, sse, submit, wait_for
+from tests.helpers import ON_CLUSTER, ROOT, SseEvent, Stack, fast_settings, sse, submit, wait_for
 
 TERMINAL = ("done", "error", "cancelled")
 
@@ -218,7 +218,8 @@ def api_and_two_played_workers(redis_url: str, first: str, second: str
     workers with, by id; `run` drives them on the stack's loop."""
     stack = Stack(fast_settings(redis_url)).start(scheduler=False, workers=0)
     run = on_loop(stack)
-    stores = [RunStore.connect(redis_url, worker_id=wid, group="default", lease_seconds=30, session_ttl=60)
+    stores = [RunStore.connect(redis_url, worker_id=wid, group="default", lease_seconds=30, session_ttl=60,
+                               cluster=ON_CLUSTER)
               for wid in (first, second)]
     try:
         yield stack, run, stores[0], stores[1]
