@@ -1,4 +1,4 @@
-"""`sluicegate serve | redis | api | scheduler | worker | sim-backend | bench`.
+"""`sluicegate serve | redis | api | scheduler | worker | sim-backend | migrate | bench`.
 
 Every flag is also an environment variable (`--session-ttl` <-> `SLUICEGATE_SESSION_TTL`) and a key
 of the `--config` TOML file (`session_ttl = 600`); the flags are built from the fields of
@@ -39,6 +39,9 @@ COMMANDS: dict[str, tuple[str, list[str]]] = {
     "worker": ("one worker process serving --group with --slots concurrent requests", CORE + WORKER),
     "sim-backend": ("an OpenAI-compatible server generating the sim engine's tokens at a fixed pace",
                     ["config"] + NETWORK + ["sim_tokens_per_second", "sim_prefill_ms", "log_level"]),
+    "migrate": ("move the sessions and requests of a deployment from the old key layout to this version's "
+                "(stop the old API, scheduler and workers first); --dry-run shows what would move",
+                ["config", "redis_url", "redis_cluster", "session_ttl", "lease_seconds", "log_level"]),
 }
 
 
@@ -68,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(command, help=description, description=description)  # defaults: in each help text
         for name in names:
             add_flag(p, name)
+        if command == "migrate":  # not a setting: one run's choice
+            p.add_argument("--dry-run", action="store_true", help="print what would move (a JSON line per "
+                           "session) and change nothing")
     sub.add_parser("bench", help="run a benchmark scenario: `sluicegate bench --help` lists them", add_help=False)
     return parser
 
@@ -133,6 +139,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"sluicegate redis: {error}", file=sys.stderr)
             return 1
         return 0
+    if args.command == "migrate":
+        from sluicegate.migrate import main as migrate_main
+
+        return migrate_main(settings, dry_run=args.dry_run)
     if args.command == "api":
         import uvicorn
 
