@@ -23,6 +23,7 @@ SCENARIOS: dict[str, str] = {
     "priority": "priority",
     "fairness": "fairness",
     "quota": "quota",
+    "cluster": "cluster",
 }
 
 
