@@ -5,12 +5,11 @@ from __future__ import annotations
 import re
 
 from fastapi import APIRouter, Depends, Request
-
-from api.auth import Principal, require_admin
-from api.errors import ApiError
-from api.responses import JSON
-from api.schemas import NAME_PATTERN, KeyBody, QuotaBody, WeightBody
-from api.services import principal, services
+from sluicegate.api.auth import Principal, require_admin
+from sluicegate.api.errors import ApiError
+from sluicegate.api.responses import JSON
+from sluicegate.api.schemas import NAME_PATTERN, KeyBody, QuotaBody, WeightBody
+from sluicegate.api.services import principal, services
 
 router = APIRouter(prefix="/v1/admin")
 NAME = re.compile(NAME_PATTERN)

@@ -12,20 +12,20 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from sluicegate.api import admin_routes, openai_routes, requests_routes, streaming
+from sluicegate.api.auth import KeyRing
+from sluicegate.api.errors import install_error_handlers
+from sluicegate.api.hot_path import ChatHotPath
+from sluicegate.api.limits import BodySizeLimit
+from sluicegate.api.metrics import render_metrics
+from sluicegate.api.responses import JSON
+from sluicegate.api.services import Services, services
+from sluicegate.scheduler.admin import Tuning
+from sluicegate.sessions.connect import async_client
+from sluicegate.sessions.hub import EventHub
+from sluicegate.sessions.resp import LeanRedis
+from sluicegate.sessions.store import SessionStore
 
-from api import admin_routes, openai_routes, requests_routes, streaming
-from api.auth import KeyRing
-from api.errors import install_error_handlers
-from api.hot_path import ChatHotPath
-from api.limits import BodySizeLimit
-from api.metrics import render_metrics
-from api.responses import JSON
-from api.services import Services, services
-from scheduler.admin import Tuning
-from sessions.connect import async_client
-from sessions.hub import EventHub
-from sessions.resp import LeanRedis
-from sessions.store import SessionStore
 from sluicegate.settings import Settings, from_env
 
 

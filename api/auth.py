@@ -14,9 +14,8 @@ from dataclasses import dataclass
 import orjson
 from fastapi import Request
 from redis.asyncio import Redis
-
-from api.errors import ApiError
-from sessions import keys
+from sluicegate.api.errors import ApiError
+from sluicegate.sessions import keys
 
 
 @dataclass(frozen=True)

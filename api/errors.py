@@ -7,9 +7,8 @@ import logging
 import redis.exceptions
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from sluicegate.api.responses import JSON
 from starlette.exceptions import HTTPException as StarletteHTTPException
-
-from api.responses import JSON
 
 log = logging.getLogger(__name__)
 

@@ -10,10 +10,9 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
-
-from sessions import keys
-from sessions.connect import text
-from sessions.metrics_store import read_metrics
+from sluicegate.sessions import keys
+from sluicegate.sessions.connect import text
+from sluicegate.sessions.metrics_store import read_metrics
 
 
 class _Snapshot:

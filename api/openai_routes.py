@@ -26,18 +26,17 @@ import orjson
 from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
+from sluicegate.api.auth import Principal
+from sluicegate.api.errors import ApiError, error_response
+from sluicegate.api.requests_routes import check_session_id, submit_request
+from sluicegate.api.responses import JSON, EventStreamResponse
+from sluicegate.api.schemas import NAME_PATTERN, ChatBody, SubmitBody, parse_priority
+from sluicegate.api.services import Services, principal, services
+from sluicegate.api.streaming import PING
+from sluicegate.sessions.events import Event
+from sluicegate.sessions.requests import NewRequest
+from sluicegate.sessions.stream import EventStream
 from starlette.requests import ClientDisconnect
-
-from api.auth import Principal
-from api.errors import ApiError, error_response
-from api.requests_routes import check_session_id, submit_request
-from api.responses import JSON, EventStreamResponse
-from api.schemas import NAME_PATTERN, ChatBody, SubmitBody, parse_priority
-from api.services import Services, principal, services
-from api.streaming import PING
-from sessions.events import Event
-from sessions.requests import NewRequest
-from sessions.stream import EventStream
 
 router = APIRouter()
 NAME = re.compile(NAME_PATTERN)

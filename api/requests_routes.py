@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request
-
-from api.auth import Principal
-from api.errors import ApiError
-from api.responses import JSON
-from api.schemas import SESSION_PATTERN, SubmitBody
-from api.services import principal, services
-from api.views import request_view
-from sessions.requests import NewRequest
+from sluicegate.api.auth import Principal
+from sluicegate.api.errors import ApiError
+from sluicegate.api.responses import JSON
+from sluicegate.api.schemas import SESSION_PATTERN, SubmitBody
+from sluicegate.api.services import principal, services
+from sluicegate.api.views import request_view
+from sluicegate.sessions.requests import NewRequest
 
 router = APIRouter()
 

@@ -5,13 +5,12 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Depends, Request
+from sluicegate.api.auth import Principal
+from sluicegate.api.errors import ApiError
+from sluicegate.api.schemas import SESSION_PATTERN
+from sluicegate.api.services import Services, principal, services
+from sluicegate.sessions.stream import EventStream
 from sse_starlette import EventSourceResponse
-
-from api.auth import Principal
-from api.errors import ApiError
-from api.schemas import SESSION_PATTERN
-from api.services import Services, principal, services
-from sessions.stream import EventStream
 
 router = APIRouter()
 PING = b": ping\n\n"

@@ -1,4 +1,4 @@
-"""`sluicegate bench SCENARIO [flags]` (or `python -m loadtest.bench`): one scenario per README figure.
+"""`sluicegate bench SCENARIO [flags]` (or `python -m sluicegate.loadtest.bench`): one scenario per README figure.
 
 Each scenario prints a table, writes loadtest/results/<scenario>.json and, with the `plots` extra
 installed, may write a PNG under docs/.
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="scenario", required=True, metavar="SCENARIO")
     modules = {}
     for name, module_name in SCENARIOS.items():
-        module = importlib.import_module(f"loadtest.scenarios.{module_name}")
+        module = importlib.import_module(f"sluicegate.loadtest.scenarios.{module_name}")
         modules[name] = module
         p = sub.add_parser(name, help=(module.__doc__ or "").strip().splitlines()[0],
                            description=module.__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)

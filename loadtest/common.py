@@ -21,13 +21,16 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from sluicegate.sessions.events import SseParser
 
-from sessions.events import SseParser
 from sluicegate.embedded import EmbeddedServer, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS_DIR = ROOT / "loadtest" / "results"
-DOCS_DIR = ROOT / "docs"
+# In a checkout results go to loadtest/results/ and plots to docs/; from an installed wheel (no
+# checkout around the package) both go to ./sluicegate-bench/ in the working directory.
+IN_CHECKOUT = (ROOT / "pyproject.toml").is_file()
+RESULTS_DIR = ROOT / "loadtest" / "results" if IN_CHECKOUT else Path.cwd() / "sluicegate-bench"
+DOCS_DIR = ROOT / "docs" if IN_CHECKOUT else RESULTS_DIR
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -92,7 +95,7 @@ def print_table(rows: list[dict[str, Any]], columns: list[str] | None = None) ->
 def invoked_command() -> str:
     """The command line that ran this benchmark, in a form to paste again (no venv path)."""
     program = Path(sys.argv[0]).name
-    prefix = "python -m loadtest.bench" if program == "bench.py" else program
+    prefix = "python -m sluicegate.loadtest.bench" if program == "bench.py" else program
     return shlex.join([prefix, *sys.argv[1:]]).replace(shlex.quote(prefix), prefix, 1)
 
 
@@ -101,7 +104,7 @@ def write_result(name: str, result: dict[str, Any], *, command: str | None = Non
     payload = {"scenario": name, "machine": machine(), "command": command or invoked_command(), **result}
     path = RESULTS_DIR / f"{name}.json"
     path.write_text(json.dumps(payload, indent=2, default=str))
-    print(f"wrote {path.relative_to(ROOT)}")
+    print(f"wrote {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
     return path
 
 

@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from loadtest.common import DOCS_DIR, ROOT, progress
+from sluicegate.loadtest.common import DOCS_DIR, ROOT, progress
 
 
 def _pyplot() -> Any | None:

@@ -9,11 +9,10 @@ from __future__ import annotations
 from typing import Any
 
 from redis.asyncio import Redis
-
-from sessions import keys
-from sessions.connect import text
-from sessions.metrics_store import read_metrics
-from sessions.store import register_group
+from sluicegate.sessions import keys
+from sluicegate.sessions.connect import text
+from sluicegate.sessions.metrics_store import read_metrics
+from sluicegate.sessions.store import register_group
 
 QUOTA_FIELDS = ("requests_per_second", "tokens_per_second", "burst", "max_concurrency", "burst_tokens")
 

@@ -15,12 +15,13 @@ import asyncio
 import contextlib
 import logging
 
-from scheduler.policy import publish_policy
-from sessions import keys
-from sessions.connect import async_client, text
-from sessions.scripts import Scripts
-from sessions.store import copy_policy
-from sessions.transitions import Transitions
+from sluicegate.scheduler.policy import publish_policy
+from sluicegate.sessions import keys
+from sluicegate.sessions.connect import async_client, text
+from sluicegate.sessions.scripts import Scripts
+from sluicegate.sessions.store import copy_policy
+from sluicegate.sessions.transitions import Transitions
+
 from sluicegate.settings import Settings
 
 log = logging.getLogger(__name__)

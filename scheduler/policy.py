@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from sessions import keys
-from sessions.connect import text
-from sessions.library import policy_fields
-from sessions.store import copy_policy
+from sluicegate.sessions import keys
+from sluicegate.sessions.connect import text
+from sluicegate.sessions.library import policy_fields
+from sluicegate.sessions.store import copy_policy
+
 from sluicegate.settings import Settings
 
 __all__ = ["policy_fields", "publish_policy"]

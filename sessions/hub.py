@@ -14,9 +14,9 @@ import asyncio
 import contextlib
 import time
 
-from sessions import keys
-from sessions.events import Event, parse_published
-from sessions.subscriber import Subscriber
+from sluicegate.sessions import keys
+from sluicegate.sessions.events import Event, parse_published
+from sluicegate.sessions.subscriber import Subscriber
 
 
 class Reader:

@@ -14,7 +14,8 @@ import hashlib
 from functools import cache
 from pathlib import Path
 
-from sessions import keys
+from sluicegate.sessions import keys
+
 from sluicegate.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from sessions import keys
+from sluicegate.sessions import keys
 
 
 async def read_metrics(redis: Any, groups: Sequence[str]) -> dict[str, dict[str, float]]:

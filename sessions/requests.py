@@ -7,7 +7,7 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
-from sessions import keys
+from sluicegate.sessions import keys
 
 
 def new_request_id(session_id: str) -> str:

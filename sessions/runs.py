@@ -7,14 +7,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from redis.asyncio import Redis
-
-from sessions import keys
-from sessions.connect import async_client
-from sessions.events import Event
-from sessions.resp import LeanRedis
-from sessions.scripts import Scripts
-from sessions.store import register_group
-from sessions.transitions import Transitions
+from sluicegate.sessions import keys
+from sluicegate.sessions.connect import async_client
+from sluicegate.sessions.events import Event
+from sluicegate.sessions.resp import LeanRedis
+from sluicegate.sessions.scripts import Scripts
+from sluicegate.sessions.store import register_group
+from sluicegate.sessions.transitions import Transitions
 
 
 @dataclass(frozen=True)

@@ -16,9 +16,8 @@ from typing import Any
 from redis import Redis
 from redis.cluster import RedisCluster
 from redis.exceptions import ResponseError
-
-from sessions.library import FUNCTIONS, function_name, library_source
-from sessions.resp import LeanRedis
+from sluicegate.sessions.library import FUNCTIONS, function_name, library_source
+from sluicegate.sessions.resp import LeanRedis
 
 __all__ = ["Scripts", "FUNCTIONS"]
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from sessions import keys
-from sessions.connect import text
-from sessions.events import Event
-from sessions.requests import NewRequest
-from sessions.scripts import Scripts
-from sessions.transitions import Transitions
+from sluicegate.sessions import keys
+from sluicegate.sessions.connect import text
+from sluicegate.sessions.events import Event
+from sluicegate.sessions.requests import NewRequest
+from sluicegate.sessions.scripts import Scripts
+from sluicegate.sessions.transitions import Transitions
 
 
 @dataclass(frozen=True)

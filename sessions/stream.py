@@ -13,10 +13,10 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
-from sessions import keys
-from sessions.events import Event
-from sessions.hub import EventHub
-from sessions.store import SessionStore
+from sluicegate.sessions import keys
+from sluicegate.sessions.events import Event
+from sluicegate.sessions.hub import EventHub
+from sluicegate.sessions.store import SessionStore
 
 FIRST_PAGE = 100  # small, so a resume sends its first event without reading the whole backlog first
 PAGE = 1000

@@ -27,11 +27,10 @@ from typing import Any, TypeVar
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-
-from sessions import keys
-from sessions.connect import text
-from sessions.requests import NewRequest
-from sessions.scripts import Scripts
+from sluicegate.sessions import keys
+from sluicegate.sessions.connect import text
+from sluicegate.sessions.requests import NewRequest
+from sluicegate.sessions.scripts import Scripts
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -109,7 +109,7 @@ def run_until_signalled(make: Callable[[asyncio.Event], Coroutine[Any, Any, None
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"]:  # the benchmark harness parses its own arguments
-        from loadtest.bench import main as bench_main
+        from sluicegate.loadtest.bench import main as bench_main
 
         return bench_main(argv[1:])
     args = build_parser().parse_args(argv)
@@ -152,24 +152,24 @@ def main(argv: list[str] | None = None) -> int:
         import os
 
         os.environ.update(settings.to_env())
-        uvicorn.run("api.app:create_app", factory=True, host=settings.host, port=settings.port,
+        uvicorn.run("sluicegate.api.app:create_app", factory=True, host=settings.host, port=settings.port,
                     log_level=settings.log_level.lower(), access_log=False, timeout_graceful_shutdown=5)
         return 0
     if not settings.redis_url and args.command in ("scheduler", "worker"):
         print(f"sluicegate {args.command}: --redis-url is required", file=sys.stderr)
         return 2
     if args.command == "scheduler":
-        from scheduler.loop import Scheduler
+        from sluicegate.scheduler.loop import Scheduler
 
         run_until_signalled(Scheduler(settings).run)
         return 0
     if args.command == "worker":
-        from workers.worker import Worker
+        from sluicegate.workers.worker import Worker
 
         run_until_signalled(Worker(settings).run)
         return 0
     if args.command == "sim-backend":
-        from workers.sim_backend import run_sim_backend
+        from sluicegate.workers.sim_backend import run_sim_backend
 
         run_sim_backend(settings)
         return 0

@@ -35,10 +35,10 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from sessions import keys
-from sessions.connect import RedisUnavailable, async_client, check_redis
-from sessions.scripts import Scripts
-from sessions.store import copy_policy, register_group
+from sluicegate.sessions import keys
+from sluicegate.sessions.connect import RedisUnavailable, async_client, check_redis
+from sluicegate.sessions.scripts import Scripts
+from sluicegate.sessions.store import copy_policy, register_group
 from sluicegate.settings import Settings
 
 OLD_REQUEST = keys.PREFIX + "r:"  # sg:r:<rid>, sg:r:<rid>:in

@@ -13,8 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from sluicegate.sessions.connect import sync_client
 
-from sessions.connect import sync_client
 from sluicegate.embedded import EmbeddedCluster
 
 

@@ -21,14 +21,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import uvicorn
+from sluicegate.scheduler.loop import Scheduler
+from sluicegate.sessions import keys
+from sluicegate.sessions.events import SseParser
+from sluicegate.workers.engines.base import Engine
+from sluicegate.workers.worker import Worker
 
-from scheduler.loop import Scheduler
-from sessions import keys
-from sessions.events import SseParser
 from sluicegate.embedded import free_port
 from sluicegate.settings import Settings
-from workers.engines.base import Engine
-from workers.worker import Worker
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The suite's second pass: the same tests on an embedded 3-master cluster (tests/conftest.py).
@@ -67,7 +67,7 @@ class Stack:
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self._thread.start()
         if api:
-            from api.app import create_app
+            from sluicegate.api.app import create_app
 
             self.port = free_port()
             config = uvicorn.Config(create_app(self.settings), host="127.0.0.1", port=self.port, log_level="warning",

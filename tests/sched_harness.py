@@ -12,14 +12,13 @@ from typing import Any
 import redis
 from redis.asyncio import ConnectionPool as AsyncConnectionPool
 from redis.asyncio import Redis as AsyncRedis
-
-from scheduler.admin import Tuning
-from sessions import keys
-from sessions.requests import NewRequest
-from sessions.runs import Assignment
-from sessions.scripts import Scripts
-from sessions.store import register_group
-from sessions.transitions import Transitions, run_sync
+from sluicegate.scheduler.admin import Tuning
+from sluicegate.sessions import keys
+from sluicegate.sessions.requests import NewRequest
+from sluicegate.sessions.runs import Assignment
+from sluicegate.sessions.scripts import Scripts
+from sluicegate.sessions.store import register_group
+from sluicegate.sessions.transitions import Transitions, run_sync
 
 LEASE_MS = 600_000  # long: worker liveness keys use the real clock, the pinned clock drives the rest
 TTL = 3600

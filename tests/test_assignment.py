@@ -7,14 +7,14 @@ from __future__ import annotations
 import asyncio
 
 import redis
+from sluicegate.sessions import keys
+from sluicegate.sessions.runs import Assignment, RunStore
+from sluicegate.workers.engines.sim import SimEngine
+from sluicegate.workers.worker import Worker
 
-from sessions import keys
-from sessions.runs import Assignment, RunStore
 from tests.helpers import ON_CLUSTER, Stack, call, fast_settings, submit, wait_for
 from tests.test_cancel import Probe
 from tests.worker_helpers import on_loop
-from workers.engines.sim import SimEngine
-from workers.worker import Worker
 
 LONG_PROMPT = "long " * 2000  # 10,000 bytes: over the inline limit, so the worker reads it itself
 

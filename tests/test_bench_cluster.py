@@ -9,8 +9,7 @@ from typing import Any
 
 import pytest
 import redis
-
-from loadtest.scenarios import cluster as bench
+from sluicegate.loadtest.scenarios import cluster as bench
 
 
 def stream(indices: list[int], *, done: bool = True) -> bytes:

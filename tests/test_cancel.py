@@ -10,12 +10,12 @@ from collections import defaultdict
 from collections.abc import AsyncIterator
 
 import redis
+from sluicegate.sessions.runs import RunSpec, RunStore
+from sluicegate.workers.engines.sim import SimEngine
+from sluicegate.workers.runner import token_data
 
-from sessions.runs import RunSpec, RunStore
 from tests.helpers import ON_CLUSTER, Stack, call, fast_settings, sse, submit, wait_for
 from tests.worker_helpers import Listener, assert_tickets_balanced, on_loop, token_indices
-from workers.engines.sim import SimEngine
-from workers.runner import token_data
 
 
 class Probe:

@@ -9,12 +9,12 @@ from typing import Any
 
 import pytest
 import redis
+from sluicegate.workers.engines.openai import OpenAIEngine
+from sluicegate.workers.engines.sim import prompt_of, sim_text
 
 from sluicegate.embedded import free_port
 from tests.helpers import Stack, call, fast_settings
 from tests.openai_helpers import ChatStream, chat_stream
-from workers.engines.openai import OpenAIEngine
-from workers.engines.sim import prompt_of, sim_text
 
 MESSAGES = [{"role": "system", "content": "short answers"}, {"role": "user", "content": "why queue requests?"}]
 

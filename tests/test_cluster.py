@@ -13,10 +13,10 @@ from collections.abc import Iterator
 import pytest
 import redis
 from redis.cluster import RedisCluster
+from sluicegate.sessions import keys
+from sluicegate.sessions.requests import NewRequest
+from sluicegate.sessions.transitions import run_sync
 
-from sessions import keys
-from sessions.requests import NewRequest
-from sessions.transitions import run_sync
 from sluicegate.embedded import EmbeddedCluster
 from tests.cluster_helpers import flush_cluster, valkey_cluster  # noqa: F401 (a fixture)
 from tests.sched_harness import Harness

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 import redis
+from sluicegate.sessions.connect import RedisUnavailable, check_redis, key_slot, node_for_key, primary_urls, sync_client
 
-from sessions.connect import RedisUnavailable, check_redis, key_slot, node_for_key, primary_urls, sync_client
 from sluicegate.embedded import CLUSTER_SLOTS, EmbeddedCluster, EmbeddedServer, RedisProcess, free_port
 from tests.cluster_helpers import flush_cluster, start_test_cluster
 

@@ -12,8 +12,8 @@ import pytest
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
+from sluicegate.sessions import keys
 
-from sessions import keys
 from sluicegate.embedded import EmbeddedServer, free_port
 from tests.helpers import SseEvent, Stack, call, fast_settings, sse, wait_for
 

@@ -9,13 +9,15 @@ from pathlib import Path
 
 import pytest
 import redis
+from sluicegate.sessions import keys
+from sluicegate.sessions.requests import NewRequest
+from sluicegate.sessions.runs import Assignment
+from sluicegate.sessions.scripts import Scripts
+from sluicegate.sessions.store import register_group
+from sluicegate.sessions.transitions import Transitions, run_sync
+from sluicegate.workers.engines.sim import SimEngine, prompt_seed, sim_text, sim_token
+from sluicegate.workers.runner import Run, token_data
 
-from sessions import keys
-from sessions.requests import NewRequest
-from sessions.runs import Assignment
-from sessions.scripts import Scripts
-from sessions.store import register_group
-from sessions.transitions import Transitions, run_sync
 from tests.helpers import call, sse, submit
 from tests.sched_harness import _Sync
 from tests.worker_helpers import (
@@ -26,8 +28,6 @@ from tests.worker_helpers import (
     token_indices,
     token_text,
 )
-from workers.engines.sim import SimEngine, prompt_seed, sim_text, sim_token
-from workers.runner import Run, token_data
 
 
 def test_append_rejects_an_old_attempt_and_a_wrong_index(redis_url: str, r: redis.Redis) -> None:

@@ -68,7 +68,7 @@ def test_verifier_fails_gaps_duplicates_and_reordered_ids() -> None:
     """The verifier is what turns a broken stream into a reported failure; prove it rejects each case."""
     script = textwrap.dedent("""
         import json
-        from loadtest.locustfile import SseEvent, StreamBroken, Verifier
+        from sluicegate.loadtest.locustfile import SseEvent, StreamBroken, Verifier
 
         def tok(i, idx, rid="r1"):
             return SseEvent(i, "token", {"request_id": rid, "index": idx}, 0.0)

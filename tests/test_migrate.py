@@ -15,12 +15,12 @@ from typing import Any
 
 import pytest
 import redis
+from sluicegate.sessions import keys
+from sluicegate.workers.engines.sim import prompt_seed, sim_text, sim_token
 
-from sessions import keys
 from sluicegate.cli import main as cli_main
 from sluicegate.migrate import migrate
 from tests.helpers import ON_CLUSTER, Stack, call, fast_settings, sse, submit, wait_for
-from workers.engines.sim import prompt_seed, sim_text, sim_token
 
 TENANT, GROUP, WEIGHT = "acme", "default", 4.0
 KEPT_GLOBALS = {keys.GROUPS, keys.TENANT_WEIGHTS, keys.POLICY}

@@ -13,15 +13,15 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from sluicegate.sessions.runs import RunSpec
+from sluicegate.workers.engines.openai import OpenAIEngine
+from sluicegate.workers.engines.sim import prompt_of, sim_text
+from sluicegate.workers.sim_backend import Faults, create_sim_backend
 
-from sessions.runs import RunSpec
 from sluicegate.embedded import free_port
 from sluicegate.settings import Settings
 from tests.helpers import SseEvent, Stack, call, fast_settings, sse, submit, wait_for
 from tests.openai_helpers import ServerThread
-from workers.engines.openai import OpenAIEngine
-from workers.engines.sim import prompt_of, sim_text
-from workers.sim_backend import Faults, create_sim_backend
 
 MESSAGES = [{"role": "system", "content": "terse"}, {"role": "user", "content": "what does a sluice gate do?"}]
 

@@ -10,8 +10,8 @@ import pytest
 import redis
 from redis.exceptions import BusyLoadingError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
+from sluicegate.sessions.resp import LeanRedis, RedisAddress, reply_error
 
-from sessions.resp import LeanRedis, RedisAddress, reply_error
 from sluicegate.embedded import free_port
 
 # The lean client speaks to one server (on a cluster the stack uses redis-py's cluster client).

@@ -5,9 +5,8 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from sluicegate.workers.retrying import first_try_then
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_none
-
-from workers.retrying import first_try_then
 
 
 class Flaky:

@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 import redis
 from rq import Worker as RqWorker
+from sluicegate.sessions import keys
+from sluicegate.workers.worker import Worker
 
-from sessions import keys
 from tests.helpers import fast_settings, wait_for
 from tests.worker_helpers import WorkerProcess
-from workers.worker import Worker
 
 # rq has no cluster support (rq#1942): its presence lives on one server (on a cluster: --rq-redis-url).
 pytestmark = pytest.mark.single_server

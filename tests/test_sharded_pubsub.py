@@ -13,10 +13,10 @@ import pytest
 import redis
 from redis.cluster import RedisCluster
 from redis.crc import key_slot
+from sluicegate.sessions import keys
+from sluicegate.sessions.hub import EventHub
+from sluicegate.sessions.subscriber import Subscriber
 
-from sessions import keys
-from sessions.hub import EventHub
-from sessions.subscriber import Subscriber
 from sluicegate.embedded import EmbeddedCluster
 from tests.cluster_helpers import start_test_cluster
 

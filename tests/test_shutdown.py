@@ -9,8 +9,9 @@ import time
 from pathlib import Path
 
 import redis
+from sluicegate.sessions import keys
+from sluicegate.workers.engines.sim import sim_text
 
-from sessions import keys
 from tests.helpers import Stack, call, fast_settings, submit, wait_for
 from tests.worker_helpers import (
     Listener,
@@ -20,7 +21,6 @@ from tests.worker_helpers import (
     token_indices,
     token_text,
 )
-from workers.engines.sim import sim_text
 
 
 def test_sigterm_finishes_short_runs_and_hands_back_long_ones(redis_url: str, r: redis.Redis,

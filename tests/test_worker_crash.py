@@ -13,9 +13,10 @@ import time
 from pathlib import Path
 
 import redis
+from sluicegate.sessions import keys
+from sluicegate.sessions.runs import RunStore
+from sluicegate.workers.engines.sim import sim_text
 
-from sessions import keys
-from sessions.runs import RunStore
 from tests.helpers import ON_CLUSTER, Stack, call, fast_settings, submit, wait_for
 from tests.worker_helpers import (
     Listener,
@@ -27,7 +28,6 @@ from tests.worker_helpers import (
     token_indices,
     token_text,
 )
-from workers.engines.sim import sim_text
 
 
 def test_kill_9_mid_stream_resumes_on_the_other_worker(redis_url: str, r: redis.Redis, tmp_path: Path) -> None:

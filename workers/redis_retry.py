@@ -13,9 +13,8 @@ from typing import TypeVar
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+from sluicegate.workers.retrying import first_try_then
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_delay, wait_exponential
-
-from workers.retrying import first_try_then
 
 log = logging.getLogger(__name__)
 

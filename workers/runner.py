@@ -16,9 +16,9 @@ import json
 import logging
 from dataclasses import dataclass
 
-from sessions.runs import AppendResult, RunSpec, RunStore
-from workers.engines.base import Engine, EngineError
-from workers.redis_retry import through_dropped_connections
+from sluicegate.sessions.runs import AppendResult, RunSpec, RunStore
+from sluicegate.workers.engines.base import Engine, EngineError
+from sluicegate.workers.redis_retry import through_dropped_connections
 
 log = logging.getLogger(__name__)
 

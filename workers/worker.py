@@ -23,15 +23,16 @@ import os
 import socket
 import uuid
 
-from sessions import keys
-from sessions.runs import Assignment, RunStore
-from sessions.subscriber import Subscriber
+from sluicegate.sessions import keys
+from sluicegate.sessions.runs import Assignment, RunStore
+from sluicegate.sessions.subscriber import Subscriber
+from sluicegate.workers.engines import make_engine
+from sluicegate.workers.engines.base import Engine
+from sluicegate.workers.presence import RqPresence
+from sluicegate.workers.redis_retry import REDIS_DOWN, through_dropped_connections
+from sluicegate.workers.runner import Run
+
 from sluicegate.settings import Settings
-from workers.engines import make_engine
-from workers.engines.base import Engine
-from workers.presence import RqPresence
-from workers.redis_retry import REDIS_DOWN, through_dropped_connections
-from workers.runner import Run
 
 log = logging.getLogger(__name__)
 

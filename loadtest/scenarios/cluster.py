@@ -34,8 +34,7 @@ from typing import Any
 
 import aiohttp
 import redis
-
-from loadtest.common import (
+from sluicegate.loadtest.common import (
     Component,
     client_session,
     cpu_by_role,
@@ -48,8 +47,9 @@ from loadtest.common import (
     wait_http,
     write_result,
 )
-from sessions import keys
-from sessions.connect import key_slot, sync_client
+from sluicegate.sessions import keys
+from sluicegate.sessions.connect import key_slot, sync_client
+
 from sluicegate.embedded import EmbeddedCluster
 
 KEY_SHARE = (0.15, 0.45)

@@ -28,9 +28,8 @@ import time
 from typing import Any
 
 from redis.asyncio import Redis
-
-from loadtest import plots
-from loadtest.common import (
+from sluicegate.loadtest import plots
+from sluicegate.loadtest.common import (
     cpu_ticks,
     percentile,
     print_table,
@@ -39,11 +38,11 @@ from loadtest.common import (
     steal_percent,
     write_result,
 )
-from sessions import keys
-from sessions.requests import NewRequest
-from sessions.runs import RunStore
-from sessions.scripts import Scripts
-from sessions.store import SessionStore, register_group
+from sluicegate.sessions import keys
+from sluicegate.sessions.requests import NewRequest
+from sluicegate.sessions.runs import RunStore
+from sluicegate.sessions.scripts import Scripts
+from sluicegate.sessions.store import SessionStore, register_group
 
 PROMPT = "x" * 100  # a 100-character prompt, as in the memory figure
 

@@ -27,9 +27,9 @@ import random
 import time
 from typing import Any
 
-from loadtest import plots
-from loadtest.common import ServeProcess, client_session, print_table, progress, write_result
-from loadtest.scenarios.live import OpenLoop, capacity, fetch_views, get_json, poll_tokens, put, serve_flags
+from sluicegate.loadtest import plots
+from sluicegate.loadtest.common import ServeProcess, client_session, print_table, progress, write_result
+from sluicegate.loadtest.scenarios.live import OpenLoop, capacity, fetch_views, get_json, poll_tokens, put, serve_flags
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

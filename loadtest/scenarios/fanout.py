@@ -16,8 +16,7 @@ import time
 from typing import Any
 
 import aiohttp
-
-from loadtest.common import (
+from sluicegate.loadtest.common import (
     Component,
     client_session,
     cpu_by_role,

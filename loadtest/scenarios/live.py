@@ -15,8 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
-
-from loadtest.common import progress
+from sluicegate.loadtest.common import progress
 
 METRIC_LINE = re.compile(r'^(\w+)\{([^}]*)\} ([0-9.eE+-]+)$')
 LABEL = re.compile(r'(\w+)="([^"]*)"')

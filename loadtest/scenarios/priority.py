@@ -27,10 +27,17 @@ import time
 from typing import Any
 
 import aiohttp
-
-from loadtest import plots
-from loadtest.common import ServeProcess, client_session, percentile, print_table, progress, sse_events, write_result
-from loadtest.scenarios.live import OpenLoop, capacity, fetch_views, get_json, serve_flags, submit
+from sluicegate.loadtest import plots
+from sluicegate.loadtest.common import (
+    ServeProcess,
+    client_session,
+    percentile,
+    print_table,
+    progress,
+    sse_events,
+    write_result,
+)
+from sluicegate.loadtest.scenarios.live import OpenLoop, capacity, fetch_views, get_json, serve_flags, submit
 
 NAMES = {2: "low", 5: "normal", 7: "high"}
 

@@ -19,8 +19,7 @@ from typing import Any
 
 import aiohttp
 import redis
-
-from loadtest.common import (
+from sluicegate.loadtest.common import (
     Component,
     client_session,
     free_port,

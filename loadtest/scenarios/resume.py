@@ -17,8 +17,7 @@ import time
 from typing import Any
 
 import aiohttp
-
-from loadtest.common import (
+from sluicegate.loadtest.common import (
     ServeProcess,
     client_session,
     cpu_seconds,

@@ -24,12 +24,11 @@ from typing import Any
 import redis
 from redis.asyncio import Redis
 from rq import Queue, SimpleWorker
-
-from loadtest.common import percentile, print_table, progress, scratch_server, write_result
-from sessions.requests import NewRequest
-from sessions.resp import LeanRedis
-from sessions.runs import RunStore
-from sessions.store import SessionStore
+from sluicegate.loadtest.common import percentile, print_table, progress, scratch_server, write_result
+from sluicegate.sessions.requests import NewRequest
+from sluicegate.sessions.resp import LeanRedis
+from sluicegate.sessions.runs import RunStore
+from sluicegate.sessions.store import SessionStore
 
 
 def trivial_job() -> int:

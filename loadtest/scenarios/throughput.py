@@ -16,8 +16,7 @@ from typing import Any
 
 import aiohttp
 import orjson
-
-from loadtest.common import (
+from sluicegate.loadtest.common import (
     ServeProcess,
     client_session,
     cpu_by_role,

@@ -25,8 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-
-from loadtest.common import (
+from sluicegate.loadtest.common import (
     Component,
     ServeProcess,
     client_session,

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+from sluicegate.workers.engines.base import Engine
+
 from sluicegate.settings import Settings
-from workers.engines.base import Engine
 
 
 def make_engine(settings: Settings) -> Engine:
     if settings.engine == "sim":
-        from workers.engines.sim import SimEngine
+        from sluicegate.workers.engines.sim import SimEngine
 
         return SimEngine(tokens_per_second=settings.sim_tokens_per_second, prefill_ms=settings.sim_prefill_ms)
     if settings.engine == "openai":
-        from workers.engines.openai import OpenAIEngine
+        from sluicegate.workers.engines.openai import OpenAIEngine
 
         return OpenAIEngine.from_settings(settings)
     raise ValueError(f"unknown engine {settings.engine!r}: use sim or openai")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Protocol
 
-from sessions.runs import RunSpec
+from sluicegate.sessions.runs import RunSpec
 
 
 class EngineError(Exception):

@@ -10,7 +10,7 @@ import asyncio
 import hashlib
 from collections.abc import AsyncIterator
 
-from sessions.runs import RunSpec
+from sluicegate.sessions.runs import RunSpec
 
 WORDS = ("the", "a", "gate", "river", "token", "flows", "under", "bright", "queue", "of", "stone", "light",
          "and", "slow", "water", "runs", "to", "sea", "over", "night", "mill", "wheel", "turns", "keeps",
