@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 from fastapi import APIRouter, Depends, Request
+
 from sluicegate.api.auth import Principal, require_admin
 from sluicegate.api.errors import ApiError
 from sluicegate.api.responses import JSON

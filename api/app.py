@@ -12,6 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+
 from sluicegate.api import admin_routes, openai_routes, requests_routes, streaming
 from sluicegate.api.auth import KeyRing
 from sluicegate.api.errors import install_error_handlers
@@ -25,7 +26,6 @@ from sluicegate.sessions.connect import async_client
 from sluicegate.sessions.hub import EventHub
 from sluicegate.sessions.resp import LeanRedis
 from sluicegate.sessions.store import SessionStore
-
 from sluicegate.settings import Settings, from_env
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import orjson
 from fastapi import Request
 from redis.asyncio import Redis
+
 from sluicegate.api.errors import ApiError
 from sluicegate.sessions import keys
 

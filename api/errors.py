@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import logging
 
-import redis.exceptions
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from sluicegate.api.responses import JSON
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from sluicegate.api.responses import JSON
+from sluicegate.sessions.connect import UNAVAILABLE
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ def expected_error_response(exc: Exception) -> JSON | None:
         return error_response(exc.status, exc.message, exc.type)
     if isinstance(exc, RequestValidationError):
         return error_response(422, describe_validation(exc))
-    if isinstance(exc, redis.exceptions.ConnectionError):
+    if isinstance(exc, UNAVAILABLE):
         log.warning("redis unavailable: %s", exc)
         return error_response(503, "the queue store (Redis) is unavailable; retry shortly")
     return None
@@ -57,7 +58,7 @@ def install_error_handlers(app: FastAPI) -> None:
         assert response is not None
         return response
 
-    for kind in (ApiError, RequestValidationError, redis.exceptions.ConnectionError):
+    for kind in (ApiError, RequestValidationError, *UNAVAILABLE):
         app.add_exception_handler(kind, _expected)
 
     @app.exception_handler(StarletteHTTPException)

@@ -11,10 +11,11 @@ is still a JSON 500), and answers the errors the API expects exactly as FastAPI'
 
 from __future__ import annotations
 
-from sluicegate.api import openai_routes
-from sluicegate.api.errors import expected_error_response
 from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
+
+from sluicegate.api import openai_routes
+from sluicegate.api.errors import expected_error_response
 
 
 class ChatHotPath:

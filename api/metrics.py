@@ -10,6 +10,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
 from sluicegate.sessions import keys
 from sluicegate.sessions.connect import text
 from sluicegate.sessions.metrics_store import read_metrics

@@ -26,6 +26,8 @@ import orjson
 from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
+from starlette.requests import ClientDisconnect
+
 from sluicegate.api.auth import Principal
 from sluicegate.api.errors import ApiError, error_response
 from sluicegate.api.requests_routes import check_session_id, submit_request
@@ -36,7 +38,6 @@ from sluicegate.api.streaming import PING
 from sluicegate.sessions.events import Event
 from sluicegate.sessions.requests import NewRequest
 from sluicegate.sessions.stream import EventStream
-from starlette.requests import ClientDisconnect
 
 router = APIRouter()
 NAME = re.compile(NAME_PATTERN)

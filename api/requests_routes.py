@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request
+
 from sluicegate.api.auth import Principal
 from sluicegate.api.errors import ApiError
 from sluicegate.api.responses import JSON

@@ -8,11 +8,11 @@ from dataclasses import dataclass
 
 from fastapi import Request
 from redis.asyncio import Redis
+
 from sluicegate.api.auth import KeyRing, Principal
 from sluicegate.scheduler.admin import Tuning
 from sluicegate.sessions.hub import EventHub
 from sluicegate.sessions.store import SessionStore
-
 from sluicegate.settings import Settings
 
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Depends, Request
+from sse_starlette import EventSourceResponse
+
 from sluicegate.api.auth import Principal
 from sluicegate.api.errors import ApiError
 from sluicegate.api.schemas import SESSION_PATTERN
 from sluicegate.api.services import Services, principal, services
 from sluicegate.sessions.stream import EventStream
-from sse_starlette import EventSourceResponse
 
 router = APIRouter()
 PING = b": ping\n\n"

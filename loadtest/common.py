@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from sluicegate.sessions.events import SseParser
 
 from sluicegate.embedded import EmbeddedServer, free_port
+from sluicegate.sessions.events import SseParser
 
 ROOT = Path(__file__).resolve().parent.parent
 # In a checkout results go to loadtest/results/ and plots to docs/; from an installed wheel (no

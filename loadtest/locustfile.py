@@ -41,6 +41,7 @@ from typing import Any
 
 from locust import FastHttpUser, events, task
 from locust.env import Environment
+
 from sluicegate.sessions.events import SseParser
 
 NAMES = {"low": 2, "normal": 5, "high": 7, "critical": 9}

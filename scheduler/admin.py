@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from redis.asyncio import Redis
+
 from sluicegate.sessions import keys
 from sluicegate.sessions.connect import text
 from sluicegate.sessions.metrics_store import read_metrics

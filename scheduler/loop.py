@@ -21,7 +21,6 @@ from sluicegate.sessions.connect import async_client, text
 from sluicegate.sessions.scripts import Scripts
 from sluicegate.sessions.store import copy_policy
 from sluicegate.sessions.transitions import Transitions
-
 from sluicegate.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -43,6 +43,13 @@ SyncClient = redis.Redis | redis.cluster.RedisCluster
 AsyncClient = redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster
 
 
+# What "the store cannot answer right now" looks like, on one server or a cluster (a node down, its
+# slots uncovered, a failover under way): callers answer 503 or retry, never 500.
+UNAVAILABLE: tuple[type[BaseException], ...] = (
+    redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, redis.exceptions.ClusterError,
+    redis.exceptions.RedisClusterException, redis.exceptions.TryAgainError)
+
+
 class RedisUnavailable(RuntimeError):
     """Redis cannot be used as configured; the message is one line that says what to change."""
 

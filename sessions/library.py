@@ -15,7 +15,6 @@ from functools import cache
 from pathlib import Path
 
 from sluicegate.sessions import keys
-
 from sluicegate.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent

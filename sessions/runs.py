@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from redis.asyncio import Redis
+
 from sluicegate.sessions import keys
 from sluicegate.sessions.connect import async_client
 from sluicegate.sessions.events import Event

@@ -16,6 +16,7 @@ from typing import Any
 from redis import Redis
 from redis.cluster import RedisCluster
 from redis.exceptions import ResponseError
+
 from sluicegate.sessions.library import FUNCTIONS, function_name, library_source
 from sluicegate.sessions.resp import LeanRedis
 

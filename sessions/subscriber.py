@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterable
 
 import hiredis
 from redis.crc import key_slot
+
 from sluicegate.sessions.resp import RedisAddress, encode
 
 log = logging.getLogger(__name__)

@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+
 from sluicegate.sessions import keys
 from sluicegate.sessions.connect import text
 from sluicegate.sessions.requests import NewRequest

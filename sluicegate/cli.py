@@ -119,6 +119,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sluicegate: bad setting: {error}", file=sys.stderr)
         return 2
     setup_logging(settings, args.command)
+    if settings.redis_url and args.command in ("serve", "api", "scheduler", "worker"):
+        # A bad URL, a cluster with slots uncovered or a node down: one line and exit 1, never a hang.
+        from sluicegate.sessions.connect import RedisUnavailable, check_redis
+
+        try:
+            check_redis(settings.redis_url, cluster=settings.redis_cluster)
+        except RedisUnavailable as error:
+            print(f"sluicegate {args.command}: {error}", file=sys.stderr)
+            return 1
     if args.command == "serve":
         from sluicegate.serve import serve
 

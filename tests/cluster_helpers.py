@@ -13,9 +13,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sluicegate.sessions.connect import sync_client
 
 from sluicegate.embedded import EmbeddedCluster
+from sluicegate.sessions.connect import sync_client
 
 
 def start_test_cluster(tmp_dir: str | Path, masters: int = 3) -> EmbeddedCluster:

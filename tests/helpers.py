@@ -21,14 +21,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import uvicorn
+
+from sluicegate.embedded import free_port
 from sluicegate.scheduler.loop import Scheduler
 from sluicegate.sessions import keys
 from sluicegate.sessions.events import SseParser
+from sluicegate.settings import Settings
 from sluicegate.workers.engines.base import Engine
 from sluicegate.workers.worker import Worker
-
-from sluicegate.embedded import free_port
-from sluicegate.settings import Settings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The suite's second pass: the same tests on an embedded 3-master cluster (tests/conftest.py).

@@ -12,6 +12,7 @@ from typing import Any
 import redis
 from redis.asyncio import ConnectionPool as AsyncConnectionPool
 from redis.asyncio import Redis as AsyncRedis
+
 from sluicegate.scheduler.admin import Tuning
 from sluicegate.sessions import keys
 from sluicegate.sessions.requests import NewRequest

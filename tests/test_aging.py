@@ -8,8 +8,8 @@ import asyncio
 import pytest
 import redis
 from redis.asyncio import Redis as AsyncRedis
-from sluicegate.scheduler.policy import publish_policy
 
+from sluicegate.scheduler.policy import publish_policy
 from sluicegate.settings import Settings
 from tests.sched_harness import T0, Harness
 

@@ -7,11 +7,11 @@ from __future__ import annotations
 import asyncio
 
 import redis
+
 from sluicegate.sessions import keys
 from sluicegate.sessions.runs import Assignment, RunStore
 from sluicegate.workers.engines.sim import SimEngine
 from sluicegate.workers.worker import Worker
-
 from tests.helpers import ON_CLUSTER, Stack, call, fast_settings, submit, wait_for
 from tests.test_cancel import Probe
 from tests.worker_helpers import on_loop

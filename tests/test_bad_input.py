@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 import redis
-from sluicegate.sessions import keys
-from sluicegate.workers.engines.sim import sim_text
 
 from sluicegate.embedded import EmbeddedServer, free_port
+from sluicegate.sessions import keys
+from sluicegate.workers.engines.sim import sim_text
 from tests.helpers import Stack, call, fast_settings, sse, submit, wait_for
 
 SUBMIT = "/v1/sessions/{sid}/requests"
@@ -287,9 +287,10 @@ def test_lone_surrogate_is_422_not_500(stack: Stack, r: redis.Redis) -> None:
 def test_a_chat_client_that_leaves_while_sending_its_body_is_a_4xx_not_a_server_error() -> None:
     """The chat route reads its own body: a client gone mid-body (or cut off by the size limit) is an
     ApiError answered like any bad request, not an exception left to the server."""
+    from starlette.requests import Request
+
     from sluicegate.api.errors import ApiError
     from sluicegate.api.openai_routes import chat_body
-    from starlette.requests import Request
 
     async def receive() -> dict[str, Any]:
         return {"type": "http.disconnect"}

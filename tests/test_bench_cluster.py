@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import redis
+
 from sluicegate.loadtest.scenarios import cluster as bench
 
 

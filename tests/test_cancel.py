@@ -10,10 +10,10 @@ from collections import defaultdict
 from collections.abc import AsyncIterator
 
 import redis
+
 from sluicegate.sessions.runs import RunSpec, RunStore
 from sluicegate.workers.engines.sim import SimEngine
 from sluicegate.workers.runner import token_data
-
 from tests.helpers import ON_CLUSTER, Stack, call, fast_settings, sse, submit, wait_for
 from tests.worker_helpers import Listener, assert_tickets_balanced, on_loop, token_indices
 

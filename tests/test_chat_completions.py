@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 import redis
-from sluicegate.workers.engines.openai import OpenAIEngine
-from sluicegate.workers.engines.sim import prompt_of, sim_text
 
 from sluicegate.embedded import free_port
+from sluicegate.workers.engines.openai import OpenAIEngine
+from sluicegate.workers.engines.sim import prompt_of, sim_text
 from tests.helpers import Stack, call, fast_settings
 from tests.openai_helpers import ChatStream, chat_stream
 

@@ -13,11 +13,11 @@ from collections.abc import Iterator
 import pytest
 import redis
 from redis.cluster import RedisCluster
+
+from sluicegate.embedded import EmbeddedCluster
 from sluicegate.sessions import keys
 from sluicegate.sessions.requests import NewRequest
 from sluicegate.sessions.transitions import run_sync
-
-from sluicegate.embedded import EmbeddedCluster
 from tests.cluster_helpers import flush_cluster, valkey_cluster  # noqa: F401 (a fixture)
 from tests.sched_harness import Harness
 
@@ -143,3 +143,70 @@ def test_sessions_spread_over_the_masters(rc: RedisCluster, valkey_cluster: Embe
         node.close()
     total = sum(counts)
     assert all(0.15 <= c / total <= 0.45 for c in counts), counts
+
+
+def test_a_dispatch_whose_worker_died_before_starting_it_is_dispatched_again(rc: RedisCluster) -> None:
+    """Control step done (run record, lease, inbox), data step (`start`) never ran: the lease lapses,
+    the sweep requeues it, another worker starts it; the client sees one `started`."""
+    h = Harness(rc, lease_ms=LEASE, cluster=True)
+    h._group("default")
+    # w0 offers a slot but is not played by the harness: it takes no assignment and dies before `start`
+    run_sync(h.t.register_worker("default", "w0", free=1, total=1))
+    rid = h.submit("d", max_tokens=3)
+    assert rc.llen(keys.worker_inbox("default", "w0")) == 1 and h.status(rid) == "queued"
+    h.add_worker("w1", slots=1)
+    time.sleep(LEASE / 1000 + 0.2)
+    h.sweep()
+    run = h.run_of(rid)
+    assert (run.wid, run.attempt) == ("w1", "2")
+    h.complete(rid)
+    events = log(rc, "d")
+    assert [e for e, _, _ in events].count("started") == 1 and "preempted" not in [e for e, _, _ in events]
+    assert [d["index"] for e, _, d in events if e == "token"] == [0, 1, 2]
+
+
+def test_a_preemption_whose_worker_died_before_handing_back_is_fenced_by_the_sweep(rc: RedisCluster) -> None:
+    """Control step done (the run stopped and requeued, the notice sent), the worker died before its
+    hand-back (the data step): the sweep fences it on the data plane; it resumes where it was."""
+    h = Harness(rc, lease_ms=LEASE, cluster=True)
+    h.policy(min_run=0)
+    h.add_worker("w0", slots=1)
+    low = h.submit("low", priority=1, max_tokens=6)
+    h.append(h.run_of(low), 2)
+    high = h.submit("high", priority=8, max_tokens=1)
+    assert rc.zcard(keys.group_key("default", "pre")) == 1 and h.status(low) == "running"
+    h.runs.remove(h.run_of(low))  # died: no hand-back
+    del h.workers["w0"]
+    h.add_worker("w1", slots=1)
+    time.sleep(LEASE / 1000 + 0.2)
+    h.sweep()  # the lease lapsed: fenced as worker_lost, its slot accounted free
+    assert h.status(low) == "preempted"
+    h.complete(high)
+    resumed = h.run_of(low)
+    assert (resumed.wid, resumed.next_index) == ("w1", 2)
+    h.complete(low)
+    events = log(rc, "low")
+    assert [d["index"] for e, _, d in events if e == "token"] == list(range(6))
+    assert [e for e, _, _ in events].count("started") == 1 and [e for e, _, _ in events].count("done") == 1
+
+
+def test_a_cancel_whose_caller_died_before_the_control_step_frees_everything(rc: RedisCluster) -> None:
+    """Data step done (`cancelled`), control step (withdraw) never ran: a waiting request is refused
+    at its start and its slot comes back; a running one is fenced at its next write."""
+    h = Harness(rc, lease_ms=60_000, cluster=True)
+    h.add_worker("w0", slots=1)
+    running = h.submit("a", max_tokens=4)
+    waiting = h.submit("b", max_tokens=4)
+    for rid in (running, waiting):
+        reply = h.scripts.call("cancel", [keys.request_prefix(rid)], [3600, rid, ""])
+        assert reply[0] == "cancelled"
+    assert h.append(h.run_of(running), 1)[0] == 0  # fenced
+    h.handback(h.run_of(running), reason="released")  # the worker lets go: its slot goes to `waiting`...
+    assert h.status(waiting) == "cancelled" and not h.runs  # ...whose start is refused: the slot comes back
+    assert rc.lrange(keys.group_key("default", "idle"), 0, -1) == ["w0"]
+    after = h.submit("c", max_tokens=1)
+    h.complete(after)
+    for sid in ("a", "b"):
+        names = [e for e, _, _ in log(rc, sid)]
+        assert names.count("cancelled") == 1 and "done" not in names
+    assert "started" not in [e for e, _, _ in log(rc, "b")]

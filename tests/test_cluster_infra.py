@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 import redis
-from sluicegate.sessions.connect import RedisUnavailable, check_redis, key_slot, node_for_key, primary_urls, sync_client
 
 from sluicegate.embedded import CLUSTER_SLOTS, EmbeddedCluster, EmbeddedServer, RedisProcess, free_port
+from sluicegate.sessions.connect import RedisUnavailable, check_redis, key_slot, node_for_key, primary_urls, sync_client
 from tests.cluster_helpers import flush_cluster, start_test_cluster
 
 pytestmark = pytest.mark.own_servers  # its own servers

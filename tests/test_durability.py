@@ -12,9 +12,9 @@ import pytest
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
-from sluicegate.sessions import keys
 
 from sluicegate.embedded import EmbeddedServer, free_port
+from sluicegate.sessions import keys
 from tests.helpers import SseEvent, Stack, call, fast_settings, sse, wait_for
 
 pytestmark = pytest.mark.single_server  # crashes and restarts the one server

@@ -10,8 +10,8 @@ from collections.abc import Callable
 
 import pytest
 import redis
-from sluicegate.sessions import keys
 
+from sluicegate.sessions import keys
 from tests.helpers import Stack, call, fast_settings, submit, wait_for
 from tests.sched_harness import Harness
 

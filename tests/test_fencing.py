@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import redis
+
 from sluicegate.sessions import keys
 from sluicegate.sessions.requests import NewRequest
 from sluicegate.sessions.runs import Assignment
@@ -17,7 +18,6 @@ from sluicegate.sessions.store import register_group
 from sluicegate.sessions.transitions import Transitions, run_sync
 from sluicegate.workers.engines.sim import SimEngine, prompt_seed, sim_text, sim_token
 from sluicegate.workers.runner import Run, token_data
-
 from tests.helpers import call, sse, submit
 from tests.sched_harness import _Sync
 from tests.worker_helpers import (

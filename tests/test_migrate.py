@@ -15,11 +15,11 @@ from typing import Any
 
 import pytest
 import redis
-from sluicegate.sessions import keys
-from sluicegate.workers.engines.sim import prompt_seed, sim_text, sim_token
 
 from sluicegate.cli import main as cli_main
 from sluicegate.migrate import migrate
+from sluicegate.sessions import keys
+from sluicegate.workers.engines.sim import prompt_seed, sim_text, sim_token
 from tests.helpers import ON_CLUSTER, Stack, call, fast_settings, sse, submit, wait_for
 
 TENANT, GROUP, WEIGHT = "acme", "default", 4.0

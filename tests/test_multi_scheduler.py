@@ -13,11 +13,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import redis
+
 from sluicegate.sessions import keys
 from sluicegate.sessions.connect import sync_client
 from sluicegate.sessions.scripts import Scripts
 from sluicegate.sessions.transitions import Transitions, run_sync
-
 from tests.helpers import ON_CLUSTER, Stack, call, fast_settings, spawn, stop_process, submit, wait_for
 
 REQUESTS = 300

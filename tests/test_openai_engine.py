@@ -13,13 +13,13 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+
+from sluicegate.embedded import free_port
 from sluicegate.sessions.runs import RunSpec
+from sluicegate.settings import Settings
 from sluicegate.workers.engines.openai import OpenAIEngine
 from sluicegate.workers.engines.sim import prompt_of, sim_text
 from sluicegate.workers.sim_backend import Faults, create_sim_backend
-
-from sluicegate.embedded import free_port
-from sluicegate.settings import Settings
 from tests.helpers import SseEvent, Stack, call, fast_settings, sse, submit, wait_for
 from tests.openai_helpers import ServerThread
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 import redis
-from sluicegate.sessions import keys
 
+from sluicegate.sessions import keys
 from tests.helpers import Stack, call, fast_settings, sse, submit, wait_for
 from tests.sched_harness import T0, Harness
 

@@ -8,8 +8,8 @@ import random
 
 import pytest
 import redis
-from sluicegate.sessions import keys
 
+from sluicegate.sessions import keys
 from tests.helpers import Stack, call, fast_settings
 from tests.sched_harness import T0, Harness
 

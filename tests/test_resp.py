@@ -10,9 +10,9 @@ import pytest
 import redis
 from redis.exceptions import BusyLoadingError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from sluicegate.sessions.resp import LeanRedis, RedisAddress, reply_error
 
 from sluicegate.embedded import free_port
+from sluicegate.sessions.resp import LeanRedis, RedisAddress, reply_error
 
 # The lean client speaks to one server (on a cluster the stack uses redis-py's cluster client).
 pytestmark = pytest.mark.single_server

@@ -13,8 +13,8 @@ from collections.abc import Iterator
 
 import pytest
 import redis
-from sluicegate.sessions import keys
 
+from sluicegate.sessions import keys
 from tests.helpers import SseEvent, Stack, call, fast_settings, sse, submit, wait_for
 
 TERMINAL = ("done", "error", "cancelled")

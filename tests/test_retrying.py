@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from sluicegate.workers.retrying import first_try_then
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_none
+
+from sluicegate.workers.retrying import first_try_then
 
 
 class Flaky:

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import redis
 from rq import Worker as RqWorker
+
 from sluicegate.sessions import keys
 from sluicegate.workers.worker import Worker
-
 from tests.helpers import fast_settings, wait_for
 from tests.worker_helpers import WorkerProcess
 

@@ -15,8 +15,8 @@ import pytest
 import redis
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-from sluicegate.sessions import keys
 
+from sluicegate.sessions import keys
 from tests.sched_harness import Harness
 
 LEASE = 2000

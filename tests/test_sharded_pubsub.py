@@ -13,11 +13,11 @@ import pytest
 import redis
 from redis.cluster import RedisCluster
 from redis.crc import key_slot
+
+from sluicegate.embedded import EmbeddedCluster
 from sluicegate.sessions import keys
 from sluicegate.sessions.hub import EventHub
 from sluicegate.sessions.subscriber import Subscriber
-
-from sluicegate.embedded import EmbeddedCluster
 from tests.cluster_helpers import start_test_cluster
 
 pytestmark = pytest.mark.own_servers  # its own servers

@@ -9,9 +9,9 @@ import time
 from pathlib import Path
 
 import redis
+
 from sluicegate.sessions import keys
 from sluicegate.workers.engines.sim import sim_text
-
 from tests.helpers import Stack, call, fast_settings, submit, wait_for
 from tests.worker_helpers import (
     Listener,

@@ -8,12 +8,12 @@ import signal
 from collections.abc import Iterator
 
 import pytest
-from sluicegate.sessions.runs import RunSpec
-from sluicegate.workers.engines.sim import SimEngine, prompt_of, prompt_seed, sim_text, sim_token
-from sluicegate.workers.sim_backend import Faults, create_sim_backend
 
 from sluicegate.embedded import free_port
+from sluicegate.sessions.runs import RunSpec
 from sluicegate.settings import Settings
+from sluicegate.workers.engines.sim import SimEngine, prompt_of, prompt_seed, sim_text, sim_token
+from sluicegate.workers.sim_backend import Faults, create_sim_backend
 from tests.helpers import call, spawn, stop_process, wait_for
 from tests.openai_helpers import ServerThread, chat_stream
 

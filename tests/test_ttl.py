@@ -9,8 +9,8 @@ from collections.abc import Iterator
 
 import pytest
 import redis
-from sluicegate.sessions import keys
 
+from sluicegate.sessions import keys
 from tests.helpers import Stack, call, fast_settings, sse, submit, wait_for
 
 TTL = 1

@@ -13,10 +13,10 @@ import time
 from pathlib import Path
 
 import redis
+
 from sluicegate.sessions import keys
 from sluicegate.sessions.runs import RunStore
 from sluicegate.workers.engines.sim import sim_text
-
 from tests.helpers import ON_CLUSTER, Stack, call, fast_settings, submit, wait_for
 from tests.worker_helpers import (
     Listener,

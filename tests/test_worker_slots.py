@@ -9,8 +9,8 @@ import time
 from collections import Counter
 
 import redis
-from sluicegate.sessions import keys
 
+from sluicegate.sessions import keys
 from tests.helpers import Stack, call, fast_settings, submit, wait_for
 from tests.worker_helpers import assert_tickets_balanced
 

@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import IO, Any
 
 import redis
+
 from sluicegate.sessions import keys
 from sluicegate.sessions.runs import RunStore
-
 from sluicegate.settings import Settings
 from tests.helpers import ON_CLUSTER, ROOT, SseEvent, Stack, fast_settings, sse, submit, wait_for
 

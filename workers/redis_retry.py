@@ -11,14 +11,14 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
-from sluicegate.workers.retrying import first_try_then
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_delay, wait_exponential
+
+from sluicegate.sessions.connect import UNAVAILABLE
+from sluicegate.workers.retrying import first_try_then
 
 log = logging.getLogger(__name__)
 
-REDIS_DOWN = (RedisConnectionError, RedisTimeoutError)
+REDIS_DOWN = UNAVAILABLE  # connection lost, timed out, or a cluster node or slot unavailable
 T = TypeVar("T")
 
 

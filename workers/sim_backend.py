@@ -28,15 +28,15 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from sluicegate.sessions.requests import estimate_tokens
-from sluicegate.workers.engines.sim import WORDS, paced_tokens, prompt_of, prompt_seed
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from sluicegate.sessions.requests import estimate_tokens
 from sluicegate.settings import Settings
+from sluicegate.workers.engines.sim import WORDS, paced_tokens, prompt_of, prompt_seed
 
 DEFAULT_MAX_TOKENS = 256
 ENCODED = {word + " ": orjson.dumps(word + " ") for word in WORDS}  # token text -> its JSON string

@@ -26,13 +26,12 @@ import uuid
 from sluicegate.sessions import keys
 from sluicegate.sessions.runs import Assignment, RunStore
 from sluicegate.sessions.subscriber import Subscriber
+from sluicegate.settings import Settings
 from sluicegate.workers.engines import make_engine
 from sluicegate.workers.engines.base import Engine
 from sluicegate.workers.presence import RqPresence
 from sluicegate.workers.redis_retry import REDIS_DOWN, through_dropped_connections
 from sluicegate.workers.runner import Run
-
-from sluicegate.settings import Settings
 
 log = logging.getLogger(__name__)
 

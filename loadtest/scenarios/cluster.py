@@ -34,6 +34,8 @@ from typing import Any
 
 import aiohttp
 import redis
+
+from sluicegate.embedded import EmbeddedCluster
 from sluicegate.loadtest.common import (
     Component,
     client_session,
@@ -49,8 +51,6 @@ from sluicegate.loadtest.common import (
 )
 from sluicegate.sessions import keys
 from sluicegate.sessions.connect import key_slot, sync_client
-
-from sluicegate.embedded import EmbeddedCluster
 
 KEY_SHARE = (0.15, 0.45)
 MAX_APPEND_SHARE = 0.45

@@ -28,6 +28,7 @@ import time
 from typing import Any
 
 from redis.asyncio import Redis
+
 from sluicegate.loadtest import plots
 from sluicegate.loadtest.common import (
     cpu_ticks,

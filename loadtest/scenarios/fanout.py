@@ -16,6 +16,7 @@ import time
 from typing import Any
 
 import aiohttp
+
 from sluicegate.loadtest.common import (
     Component,
     client_session,

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
+
 from sluicegate.loadtest.common import progress
 
 METRIC_LINE = re.compile(r'^(\w+)\{([^}]*)\} ([0-9.eE+-]+)$')

@@ -19,11 +19,11 @@ from typing import Any
 
 import redis
 from redis.asyncio import Redis
+
+from sluicegate.embedded import EmbeddedServer
 from sluicegate.loadtest.common import ServeProcess, client_session, print_table, progress, write_result
 from sluicegate.sessions.requests import NewRequest
 from sluicegate.sessions.store import SessionStore
-
-from sluicegate.embedded import EmbeddedServer
 from sluicegate.settings import Settings
 
 

@@ -27,6 +27,7 @@ import time
 from typing import Any
 
 import aiohttp
+
 from sluicegate.loadtest import plots
 from sluicegate.loadtest.common import (
     ServeProcess,

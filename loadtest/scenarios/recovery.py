@@ -19,6 +19,7 @@ from typing import Any
 
 import aiohttp
 import redis
+
 from sluicegate.loadtest.common import (
     Component,
     client_session,

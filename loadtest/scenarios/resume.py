@@ -17,6 +17,7 @@ import time
 from typing import Any
 
 import aiohttp
+
 from sluicegate.loadtest.common import (
     ServeProcess,
     client_session,

@@ -24,6 +24,7 @@ from typing import Any
 import redis
 from redis.asyncio import Redis
 from rq import Queue, SimpleWorker
+
 from sluicegate.loadtest.common import percentile, print_table, progress, scratch_server, write_result
 from sluicegate.sessions.requests import NewRequest
 from sluicegate.sessions.resp import LeanRedis

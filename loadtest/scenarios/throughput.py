@@ -16,6 +16,7 @@ from typing import Any
 
 import aiohttp
 import orjson
+
 from sluicegate.loadtest.common import (
     ServeProcess,
     client_session,

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+
 from sluicegate.loadtest.common import (
     Component,
     ServeProcess,

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from sluicegate.workers.engines.base import Engine
-
 from sluicegate.settings import Settings
+from sluicegate.workers.engines.base import Engine
 
 
 def make_engine(settings: Settings) -> Engine:

@@ -28,12 +28,12 @@ from typing import Any
 
 import aiohttp
 import orjson
-from sluicegate.sessions.runs import RunSpec
-from sluicegate.workers.engines.base import EngineError
-from sluicegate.workers.retrying import first_try_then
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_random_exponential
 
+from sluicegate.sessions.runs import RunSpec
 from sluicegate.settings import Settings
+from sluicegate.workers.engines.base import EngineError
+from sluicegate.workers.retrying import first_try_then
 
 log = logging.getLogger(__name__)
 
