@@ -70,7 +70,9 @@ def serve(settings: Settings) -> int:
     code = 0
     try:
         while not stopping:
-            time.sleep(0.2)
+            time.sleep(0.2)  # resumed after a signal handler ran (PEP 475): look at `stopping` first
+            if stopping:  # Ctrl-C reaches the children too: one that exits now is no failure
+                break
             for role, proc in core.items():
                 if proc.poll() is not None:
                     log.error("%s exited with code %s; stopping", role, proc.returncode)
