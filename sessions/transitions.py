@@ -26,11 +26,8 @@ from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
-
 from sluicegate.sessions import keys
-from sluicegate.sessions.connect import text
+from sluicegate.sessions.connect import UNAVAILABLE, text
 from sluicegate.sessions.requests import NewRequest
 from sluicegate.sessions.scripts import Scripts
 
@@ -90,7 +87,7 @@ class Transitions:
             if text(reply[0]) == "ok" and text(reply[2]):
                 try:
                     await self._ready(reply[2])
-                except (RedisConnectionError, RedisTimeoutError) as error:
+                except UNAVAILABLE as error:
                     # Accepted means durable: the request is stored and its head is in the outbox,
                     # from where the repair pass readies it.
                     log.warning("request %s stored; readying it failed (%s): the repair pass will", rid, error)
@@ -107,9 +104,12 @@ class Transitions:
         if text(reply[0]) != "cancelled":
             return [text(x) for x in reply]
         group, attempt, sid, produced, nxt = (text(x) for x in reply[1:6])
-        await self._call("withdraw", [keys.group_prefix(group)], [self.lease_ms, rid, attempt, sid, produced])
-        if nxt:
-            await self._ready(nxt)
+        try:  # cancelled already: what follows is repaired if it fails (stale entries, the outbox)
+            await self._call("withdraw", [keys.group_prefix(group)], [self.lease_ms, rid, attempt, sid, produced])
+            if nxt:
+                await self._ready(nxt)
+        except UNAVAILABLE as error:
+            log.warning("request %s cancelled; withdrawing it failed (%s): the repair pass and sweep will", rid, error)
         return ["cancelled"]
 
     async def read_log(self, sid: str, after: int, limit: int) -> list[Any]:
@@ -134,7 +134,7 @@ class Transitions:
         reply = await self._call("finish", [dp], [self.ttl, rid, attempt, wid, outcome, detail])
         # Released before the next head is readied: a decision in between must not take the ended run
         # for a running one. Dying in between leaves the next head in the outbox (repair readies it).
-        await self._call("release", [cp], [self.lease_ms, f"{rid}|{attempt}", wid, reply[2], "", slot])
+        await self._call("release", [cp], [self.lease_ms, f"{rid}|{attempt}", wid, reply[2], text(reply[4]), slot])
         if text(reply[3]):
             await self._ready(reply[3])
         return int(reply[0]) == 1
@@ -167,7 +167,7 @@ class Transitions:
         for key in (text(x) for x in reply[5:]):
             rid, _, attempt = key.rpartition("|")
             stopped = await self._call("handback", [keys.request_prefix(rid)], [rid, attempt, "", "worker_lost"])
-            await self._call("release", [cp], [self.lease_ms, key, "", stopped[2], text(stopped[3]), "0"])
+            await self._call("release", [cp], [self.lease_ms, key, "", stopped[2], text(stopped[3]), "keep"])
         return SweepResult(int(reply[0]), int(reply[1]), int(reply[2]), float(reply[3]), float(reply[4]))
 
     async def repair(self, buckets: Sequence[str], *, age_ms: int, limit: int = 100) -> int:

@@ -210,3 +210,77 @@ def test_a_cancel_whose_caller_died_before_the_control_step_frees_everything(rc:
         names = [e for e, _, _ in log(rc, sid)]
         assert names.count("cancelled") == 1 and "done" not in names
     assert "started" not in [e for e, _, _ in log(rc, "b")]
+
+
+def test_a_finish_refused_after_the_sweep_handed_the_run_back_still_requeues_it(rc: RedisCluster) -> None:
+    """The worker's finish lands between the sweep's hand-back and its release: the worker's release
+    (first to find the run record) requeues the request, the sweep's finds nothing. Nothing is stuck."""
+    h = Harness(rc, lease_ms=LEASE, cluster=True)
+    h.add_worker("w0", slots=1)
+    rid = h.submit("late", max_tokens=3)
+    run = h.run_of(rid)
+    h.append(run, 3)
+    time.sleep(LEASE / 1000 + 0.2)
+    cp, key = keys.group_prefix("default"), f"{rid}|{run.attempt}"
+    assert h.scripts.call("sweep", [cp], [LEASE])[5:] == [key]  # the sweep's control step
+    stopped = h.scripts.call("handback", [keys.request_prefix(rid)], [rid, run.attempt, "", "worker_lost"])
+    h.runs.remove(run)
+    assert not run_sync(h.t.finish(rid, run.attempt, wid="w0", group="default", outcome="done", detail="stop",
+                                   return_slot=True))  # refused: the run was taken away
+    h.scripts.call("release", [cp], [LEASE, key, "", stopped[2], stopped[3], "keep"])  # the sweep's release
+    h.add_worker("w1", slots=1)
+    assert h.run_of(rid).next_index == 3
+    h.complete(rid)
+    events = log(rc, "late")
+    assert [d["index"] for e, _, d in events if e == "token"] == [0, 1, 2]
+    assert [e for e, _, _ in events][-1] == "done"
+
+
+def test_a_paused_worker_keeps_the_slot_of_a_run_the_sweep_closed(rc: RedisCluster) -> None:
+    """The sweep closes the run of a paused worker; the worker rejoins counting that run as held and
+    gets its ticket back when it lets go of it: no slot is lost."""
+    h = Harness(rc, lease_ms=LEASE, cluster=True)
+    h.add_worker("w0", slots=1)
+    rid = h.submit("paused", max_tokens=3)
+    time.sleep(LEASE / 1000 + 0.2)
+    h.sweep()  # retires w0, hands the run back (worker_lost), releases it keeping w0's slot
+    assert h.heartbeat("w0") == [f"{rid}|1"]  # rejoins (offering its other 0 slots); the run is lost
+    h.handback(h.run_of(rid), reason="released")  # lets go: the ticket comes back and takes the run
+    resumed = h.run_of(rid)
+    assert (resumed.wid, resumed.attempt) == ("w0", "2")
+    h.complete(rid)
+    assert rc.lrange(keys.group_key("default", "idle"), 0, -1) == ["w0"]
+
+
+def test_a_late_ready_of_an_earlier_head_never_replaces_the_session_s_later_one(rc: RedisCluster) -> None:
+    h = Harness(rc, lease_ms=60_000, cluster=True)
+    h.add_worker("w0", slots=1)
+    busy = h.submit("busy", max_tokens=2)  # holds the only slot
+    first = NewRequest(session_id="s", max_tokens=2, priority=5, tenant="t", group="default", prompt="p")
+    reply = h.scripts.call("submit", [keys.session_prefix("s")],
+                           [first.request_id, "s", "t", "default", 5, 2, "p", "p", "{}", 1, ""])
+    early_spec = reply[2]
+    assert h.scripts.call("ready", [keys.group_prefix("default")], [60_000, early_spec]) == "ready"
+    later = h.submit("s", max_tokens=2)
+    h.cancel(first.request_id)  # `later` becomes the head and waits for the slot
+    assert json.loads(rc.hget(keys.group_key("default", "rq"), "s"))["rid"] == later
+    # the ready step of `first`, delayed (a stalled caller, a slow repair pass), arrives now
+    assert h.scripts.call("ready", [keys.group_prefix("default")], [60_000, early_spec]) == "stale"
+    assert json.loads(rc.hget(keys.group_key("default", "rq"), "s"))["rid"] == later
+    h.complete(busy)
+    h.complete(later)
+    assert h.status(later) == "done"
+
+
+def test_a_missed_preemption_notice_is_repeated_by_the_heartbeat(rc: RedisCluster) -> None:
+    """On a cluster the worker's hand-back is what fences a preempted run: a notice it missed comes
+    again with its next heartbeat, with the reason (its lease stays renewed meanwhile)."""
+    h = Harness(rc, lease_ms=60_000, cluster=True)
+    h.policy(min_run=0)
+    h.add_worker("w0", slots=1)
+    low = h.submit("low", priority=1, max_tokens=5)
+    h.submit("high", priority=8, max_tokens=1)
+    assert h.heartbeat("w0") == [f"{low}|1|priority"]
+    assert h.status(low) == "running"  # not fenced until the worker hands it back
+    h.handback(h.run_of(low), reason="priority")
+    assert h.status(low) == "preempted"

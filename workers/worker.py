@@ -192,8 +192,8 @@ class Worker:
             await asyncio.sleep(self.settings.heartbeat_seconds)
             try:
                 rejoin, lost = await self.store.heartbeat(list(self.runs), leaving=self.stopping)
-                for key in lost:
-                    self._interrupt(key)
+                for entry in lost:  # "rid|attempt", or with the reason the control plane stopped it
+                    self._notice(entry)
                 if rejoin and not self.stopping:
                     log.warning("worker %s had lapsed (paused, or Redis lost its state): re-offering its "
                                 "free slots", self.worker_id)

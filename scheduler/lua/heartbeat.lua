@@ -6,7 +6,9 @@
 -- renew run leases only)   ARGV[5..] "rid|attempt" of each run it holds
 -- Returns {rejoin, lost...}: rejoin is 1 when a live worker had lapsed, been retired by the sweep or
 -- been reaped (its tickets may be gone: it must re-offer its free slots); lost lists the
--- "rid|attempt" runs it no longer owns (it should stop them). The liveness key of a lapsed worker is
+-- "rid|attempt" runs it no longer owns (it should stop them), and as "rid|attempt|reason" the runs
+-- the control plane stopped (preempted or cancelled on a cluster, where its hand-back is what fences
+-- them): their leases are still renewed, but a notice the worker missed is not missed for long. The liveness key of a lapsed worker is
 -- not set again here but by register_worker, with its tickets: until then every heartbeat answers
 -- rejoin, so a reply lost on the way (or a replayed call) cannot make the worker miss it.
 local cp, lease, wid, mode = KEYS[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
@@ -41,6 +43,11 @@ for i = 5, #ARGV do
   if rec and rec.w == wid then
     redis.call('ZADD', cp .. 'leases', 'XX', now + lease, ARGV[i])
     redis.call('ZADD', cp .. 'pre', 'XX', now + lease, ARGV[i])
+    if rec.cx then
+      reply[#reply + 1] = ARGV[i] .. '|cancelled'
+    elseif rec.rq then
+      reply[#reply + 1] = ARGV[i] .. '|priority'
+    end
   else
     reply[#reply + 1] = ARGV[i]
   end

@@ -11,12 +11,16 @@ local cp, lease, wid, free, total = KEYS[1], tonumber(ARGV[2]), ARGV[3], tonumbe
 local roster = cp .. 'wk'
 redis.call('LREM', cp .. 'idle', 0, wid)
 if total == 0 then
+  -- leaving: whatever its inbox still holds is handed back by the worker right after this; the list
+  -- expires in case it cannot (its assignments' leases lapse and the sweep requeues them)
+  redis.call('PEXPIRE', kworker(cp, wid) .. ':in', math.floor(lease * 10))
   redis.call('DEL', kworker(cp, wid))
   redis.call('HDEL', cp .. 'workers', wid)
   redis.call('ZREM', roster, wid)
   return 0
 end
 local now = clock()
+redis.call('PERSIST', kworker(cp, wid) .. ':in')
 redis.call('SET', kworker(cp, wid), now, 'PX', math.floor(lease))
 redis.call('ZADD', roster, now, wid)
 redis.call('HSET', cp .. 'workers', wid, ARGV[6])

@@ -5,9 +5,9 @@
 -- KEYS[1] the group's control prefix sg:{g:<group>}:
 -- ARGV[1] flags   ARGV[2] lease ms   ARGV[3] "rid|attempt"   ARGV[4] worker id
 -- ARGV[5] tokens the run produced (-1 unknown)   ARGV[6] ready spec JSON to requeue, or ""
--- ARGV[7] return the slot's ticket ("1" | "0")
+-- ARGV[7] the slot: "1" its ticket comes back, "0" let go without one (leaving), "keep" (the sweep)
 -- Returns the number of requests dispatched.
 local produced = tonumber(ARGV[5])
 local requeue = ARGV[6] ~= '' and cjson.decode(ARGV[6]) or nil
-return let_go(KEYS[1], ARGV[3], ARGV[4], produced >= 0 and produced or nil, requeue, ARGV[7] == '1', clock(),
+return let_go(KEYS[1], ARGV[3], ARGV[4], produced >= 0 and produced or nil, requeue, ARGV[7], clock(),
   tonumber(ARGV[2]))

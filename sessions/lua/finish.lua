@@ -5,7 +5,8 @@
 -- ARGV[1] flags   ARGV[2] session ttl s   ARGV[3] request id   ARGV[4] attempt   ARGV[5] worker id
 -- ARGV[6] outcome ("done" | "failed")   ARGV[7] finish_reason or error message
 -- Returns {finished 1|0, status before, tokens this attempt produced (-1 unknown), next head's
--- ready spec JSON or ""}.
-local finished, status, produced, nxt = d_finish(ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], clock(),
+-- ready spec JSON or "", (refused) the request's spec JSON to requeue or ""}.
+local finished, status, produced, nxt, requeue = d_finish(ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], clock(),
   tonumber(ARGV[2]), true)
-return { finished and 1 or 0, status, produced or -1, nxt and cjson.encode(nxt) or '' }
+return { finished and 1 or 0, status, produced or -1, nxt and cjson.encode(nxt) or '',
+  requeue and cjson.encode(requeue) or '' }

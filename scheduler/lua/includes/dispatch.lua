@@ -61,6 +61,9 @@ local function ready(cp, spec, now, lease)
   local current = ready_head(cp, spec.sid)
   if current then
     if current.rid == spec.rid then return 'known' end
+    -- A session's requests are queued in the order of their `queued` events (fs): a late ready of
+    -- an earlier head (the session has moved on since) never takes the place of a later one.
+    if (tonumber(spec.fs) or 0) < (tonumber(current.fs) or 0) then return 'stale' end
     remove_ready(cp, spec.sid, current.tn, current.ep)
   end
   if redis.call('HEXISTS', cp .. 'ri', spec.rid .. '|' .. (spec.a + 1)) == 1 then return 'known' end
@@ -73,13 +76,16 @@ end
 
 -- A worker lets go of a run and, when asked, gives its slot's ticket back; then the freed slot is
 -- filled. An attempt gives its slot back once (tk: the slots attempts hold), however often a lost
--- reply makes the worker repeat the call, and attempts are not released in order. `next_head`
+-- reply makes the worker repeat the call, and attempts are not released in order. `slot`: "1" the
+-- ticket comes back, "0" the attempt's slot is let go without one (the worker is leaving), "keep"
+-- the slot stays with the worker (the sweep closing the run of a worker that may only be paused: it
+-- rejoins counting the run as held, and gets the ticket when it lets go of it). `next_head`
 -- (one server: the session's next request, from the same call's finish) is readied after the
 -- release, so that no decision sees the ended run as running (it could preempt it), and after the
 -- ticket, so that it can take the freed slot. Returns the number of requests dispatched.
-local function let_go(cp, key, wid, produced, requeue, return_slot, now, lease, next_head)
+local function let_go(cp, key, wid, produced, requeue, slot, now, lease, next_head)
   release(cp, key, produced, requeue, now)
-  if redis.call('HDEL', cp .. 'tk', key) == 1 and return_slot then return_ticket(cp, wid) end
+  if slot ~= 'keep' and redis.call('HDEL', cp .. 'tk', key) == 1 and slot == '1' then return_ticket(cp, wid) end
   if next_head then ready(gpre(next_head.g), next_head, now, lease) end
   return dispatch(cp, now, lease)
 end

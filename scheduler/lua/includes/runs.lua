@@ -44,7 +44,7 @@ end
 
 -- The ready spec of a run's request, to put it back in the ready set (it keeps its ready time and
 -- its class, which aging may have raised). `fresh`: the data plane's newer view (tokens so far).
-local SPEC_KEYS = { 'rid', 'sid', 'tn', 'g', 'p', 'ep', 'mt', 'n', 'a', 'it', 'sub', 'pc', 'rs' }
+local SPEC_KEYS = { 'rid', 'sid', 'tn', 'g', 'p', 'ep', 'mt', 'n', 'a', 'it', 'sub', 'pc', 'rs', 'fs' }
 local function spec_of(rec, fresh)
   local spec = {}
   for _, name in ipairs(SPEC_KEYS) do spec[name] = rec[name] end

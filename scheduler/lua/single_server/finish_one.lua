@@ -7,7 +7,7 @@
 -- Returns {finished 1|0, status before}.
 local now, lease = clock(), tonumber(ARGV[2])
 local rid, attempt = ARGV[4], ARGV[5]
-local finished, status, produced, nxt = d_finish(rid, attempt, ARGV[6], ARGV[7], ARGV[8], now, tonumber(ARGV[3]),
-  false)
-let_go(KEYS[2], rid .. '|' .. attempt, ARGV[6], produced, nil, ARGV[9] == '1', now, lease, nxt)
+local finished, status, produced, nxt, requeue = d_finish(rid, attempt, ARGV[6], ARGV[7], ARGV[8], now,
+  tonumber(ARGV[3]), false)
+let_go(KEYS[2], rid .. '|' .. attempt, ARGV[6], produced, requeue, ARGV[9], now, lease, nxt)
 return { finished and 1 or 0, status }

@@ -6,5 +6,5 @@
 local now, lease = clock(), tonumber(ARGV[2])
 local rid, attempt = ARGV[3], ARGV[4]
 local stopped, status, produced, spec = d_stop(rid, attempt, ARGV[5], ARGV[6])
-let_go(KEYS[2], rid .. '|' .. attempt, ARGV[5], produced, spec, ARGV[7] == '1', now, lease)
+let_go(KEYS[2], rid .. '|' .. attempt, ARGV[5], produced, spec, ARGV[7], now, lease)
 return { stopped and 1 or 0, status }

@@ -4,13 +4,13 @@
 -- a single-server function hands it on in the same call, a cluster caller in the next call.
 
 -- What the control plane ranks, charges and starts a waiting head request by.
-local SPEC_FIELDS = { 'sid', 'tn', 'g', 'p', 'ep', 'mt', 'n', 'a', 'it', 'sub', 'pc' }
+local SPEC_FIELDS = { 'sid', 'tn', 'g', 'p', 'ep', 'mt', 'n', 'a', 'it', 'sub', 'pc', 'fs' }
 local function ready_spec(rid)
   local v = redis.call('HMGET', kreq(rid), unpack(SPEC_FIELDS))
   if not v[1] then return nil end
   return { rid = rid, sid = v[1], tn = v[2], g = v[3], p = tonumber(v[4]), ep = tonumber(v[5]),
     mt = tonumber(v[6]), n = tonumber(v[7]), a = tonumber(v[8]), it = tonumber(v[9]), sub = tonumber(v[10]),
-    pc = tonumber(v[11] or '0') }
+    pc = tonumber(v[11] or '0'), fs = tonumber(v[12]) }
 end
 
 -- Load the listed fields of a request into a table (nil fields stay nil).
@@ -84,7 +84,17 @@ end
 -- Returns ok, run spec (see run_spec), previous status.
 local function d_start(rid, attempt, wid, now, reason)
   local r = load(rid, { 'st', 'a', 'n', 'sid', 'g', 'p', 'sa' })
-  if not r.st or TERMINAL[r.st] or tonumber(r.a) >= attempt then return false, nil, r.st end
+  if not r.st or TERMINAL[r.st] or tonumber(r.a) >= attempt then
+    -- A stale dispatch (on a cluster its ready step may have come late and taken the place of the
+    -- session's real head): that head goes to the outbox, so the repair pass readies it again.
+    if r.st and TERMINAL[r.st] and not single_server then
+      local dp = dpre_of(rid)
+      local head = redis.call('LINDEX', kqueue(dp, r.sid), 0)
+      local st = head and redis.call('HGET', kreq(head), 'st')
+      if st == 'queued' or st == 'preempted' then redis.call('ZADD', dp .. 'ob', now, head) end
+    end
+    return false, nil, r.st
+  end
   if r.st == 'running' then d_preempted(rid, r, reason or 'superseded') end
   local first = not r.sa
   redis.call('HSET', kreq(rid), 'st', 'running', 'a', attempt, 'w', wid, 'dn', r.n, 'ds', now,
@@ -125,16 +135,29 @@ local END_FIELDS = { 'st', 'a', 'w', 'n', 'dn', 'sid', 'g', 'tn', 'p' }
 local function owns(r, attempt, wid)
   return r.st == 'running' and r.a == attempt and (wid == nil or r.w == wid)
 end
+-- Tokens attempt `attempt` produced: 0 when it never started on the data plane (a dispatch whose
+-- start was refused or never came), nil when a later attempt started (unknown).
 local function produced_by(r, attempt)
-  if r.a ~= attempt then return nil end
+  if r.a ~= attempt then return (tonumber(r.a) or 0) < tonumber(attempt) and 0 or nil end
   return tonumber(r.n) - tonumber(r.dn or r.n)
 end
 
+-- A request that still waits to run (never started this attempt, or stopped already), as a ready spec
+-- to requeue; nil once it ended or a later attempt started.
+local function still_waiting(rid, r, attempt)
+  if r.st and not TERMINAL[r.st] and tonumber(r.a) <= tonumber(attempt) then return ready_spec(rid) end
+  return nil
+end
+
 -- End attempt `attempt` as done or failed. Returns finished (bool), status, tokens this attempt
--- produced (nil when unknown), the session's next head (ready spec) if any.
+-- produced (nil when unknown), the session's next head (ready spec) if any, and (refused: the run
+-- was taken away, e.g. a sweep handed it back meanwhile) the request's spec when it still waits, for
+-- the release to requeue: whichever of the two releases comes first finds the run record.
 local function d_finish(rid, attempt, wid, outcome, detail, now, ttl, via_outbox)
   local r = load(rid, END_FIELDS)
-  if not owns(r, attempt, wid) then return false, r.st or 'missing', produced_by(r, attempt), nil end
+  if not owns(r, attempt, wid) then
+    return false, r.st or 'missing', produced_by(r, attempt), nil, still_waiting(rid, r, attempt)
+  end
   local produced, tokens = produced_by(r, attempt), tonumber(r.n)
   local nxt
   if outcome == 'done' then
@@ -155,10 +178,8 @@ end
 local function d_stop(rid, attempt, wid, reason)
   local r = load(rid, END_FIELDS)
   local label, detail = string.match(reason, '^([%w_]+):%s*(.*)$')
-  if not owns(r, attempt, wid) then
-    -- Not ours any more. Still waiting (never started, or stopped already): requeue it as it is.
-    local spec = (r.st and not TERMINAL[r.st] and tonumber(r.a) <= tonumber(attempt)) and ready_spec(rid) or nil
-    return false, r.st or 'missing', produced_by(r, attempt), spec
+  if not owns(r, attempt, wid) then -- not ours any more; still waiting: requeue it as it is
+    return false, r.st or 'missing', produced_by(r, attempt), still_waiting(rid, r, attempt)
   end
   d_preempted(rid, r, label or reason, detail)
   return true, r.st, produced_by(r, attempt), ready_spec(rid)
