@@ -9,8 +9,9 @@ from fastapi import APIRouter, Depends, Request
 from sluicegate.api.auth import Principal, require_admin
 from sluicegate.api.errors import ApiError
 from sluicegate.api.responses import JSON
-from sluicegate.api.schemas import NAME_PATTERN, KeyBody, QuotaBody, WeightBody
+from sluicegate.api.schemas import NAME_PATTERN, GroupBody, KeyBody, WeightBody
 from sluicegate.api.services import principal, services
+from sluicegate.sessions.store import ModelConflict, declare_group, forget_group_model, group_models
 
 router = APIRouter(prefix="/v1/admin")
 NAME = re.compile(NAME_PATTERN)
@@ -52,16 +53,31 @@ async def set_tenant(tenant: str, body: WeightBody, request: Request, who: Princ
 @router.get("/groups")
 async def list_groups(request: Request, who: Principal = Depends(principal)):
     require_admin(who)
-    tuning = services(request).tuning
-    return JSON({"groups": [{"group": g, "quota": await tuning.quota(g)} for g in await tuning.groups()]})
+    svc = services(request)
+    models = await group_models(svc.redis)
+    return JSON({"groups": [{"group": g, "model": models.get(g), "quota": await svc.tuning.quota(g)}
+                            for g in await svc.tuning.groups()]})
 
 
 @router.put("/groups/{group}")
-async def set_group(group: str, body: QuotaBody, request: Request, who: Principal = Depends(principal)):
+async def set_group(group: str, body: GroupBody, request: Request, who: Principal = Depends(principal)):
+    """Declares the group; `model` names the model it serves (409 `model_conflict` when another group
+    serves it: nothing is changed then), null forgets it; the quota fields as before."""
     require_admin(who)
     check_name("group", group)
-    quota = await services(request).tuning.set_quota(group, body.model_dump(exclude_unset=True))
-    return JSON({"group": group, "quota": quota})
+    svc = services(request)
+    fields = body.model_dump(exclude_unset=True)
+    model = fields.pop("model", None)
+    try:
+        if "model" in body.model_fields_set and model is None:
+            await forget_group_model(svc.redis, group)
+        await declare_group(svc.redis, group, model)
+    except ModelConflict as conflict:
+        raise ApiError(409, str(conflict), "model_conflict") from None
+    finally:
+        svc.directory.invalidate()  # this process routes by the change at once; the others within seconds
+    quota = await svc.tuning.set_quota(group, fields)
+    return JSON({"group": group, "model": (await group_models(svc.redis)).get(group), "quota": quota})
 
 
 @router.get("/stats")

@@ -13,8 +13,9 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from sluicegate.api import admin_routes, openai_routes, requests_routes, streaming
+from sluicegate.api import admin_routes, models_routes, openai_routes, requests_routes, streaming
 from sluicegate.api.auth import KeyRing
+from sluicegate.api.directory import Directory
 from sluicegate.api.errors import install_error_handlers
 from sluicegate.api.hot_path import ChatHotPath
 from sluicegate.api.limits import BodySizeLimit
@@ -56,7 +57,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             settings=settings, redis=redis, hub=hub, tuning=Tuning(redis),
             store=SessionStore(redis, session_ttl=settings.session_ttl, lease_seconds=settings.lease_seconds,
                                lean=lean, cluster=cluster),
-            keyring=KeyRing(redis, enabled=settings.auth_enabled, admin_key=settings.admin_key))
+            keyring=KeyRing(redis, enabled=settings.auth_enabled, admin_key=settings.admin_key),
+            directory=Directory(redis))
         try:
             yield
         finally:
@@ -75,6 +77,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(requests_routes.router)
     app.include_router(streaming.router)
     app.include_router(admin_routes.router)
+    app.include_router(models_routes.router)
 
     @app.get("/healthz")
     async def healthz(request: Request) -> JSON:

@@ -1,4 +1,5 @@
-"""Every error is `{"error": {"type", "message"}}` with a 4xx/5xx status; bad input never gets a 5xx."""
+"""Every error is `{"error": {"type", "message"}}` (and `code` where OpenAI clients read one) with a 4xx/5xx
+status; bad input never gets a 5xx."""
 
 from __future__ import annotations
 
@@ -19,16 +20,19 @@ STATUS_TYPES = {400: "invalid_request", 401: "unauthorized", 403: "forbidden", 4
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, type_: str | None = None) -> None:
+    def __init__(self, status: int, message: str, type_: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.type = type_ or STATUS_TYPES.get(status, "error")
+        self.code = code
 
 
-def error_response(status: int, message: str, type_: str | None = None) -> JSON:
-    return JSON({"error": {"type": type_ or STATUS_TYPES.get(status, "error"), "message": message}},
-                          status_code=status)
+def error_response(status: int, message: str, type_: str | None = None, code: str | None = None) -> JSON:
+    error = {"type": type_ or STATUS_TYPES.get(status, "error"), "message": message}
+    if code is not None:
+        error["code"] = code
+    return JSON({"error": error}, status_code=status)
 
 
 def describe_validation(exc: RequestValidationError) -> str:
@@ -43,7 +47,7 @@ def describe_validation(exc: RequestValidationError) -> str:
 def expected_error_response(exc: Exception) -> JSON | None:
     """The answer to an error the API expects (bad input, Redis unavailable), or None."""
     if isinstance(exc, ApiError):
-        return error_response(exc.status, exc.message, exc.type)
+        return error_response(exc.status, exc.message, exc.type, exc.code)
     if isinstance(exc, RequestValidationError):
         return error_response(422, describe_validation(exc))
     if isinstance(exc, UNAVAILABLE):

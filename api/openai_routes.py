@@ -2,13 +2,18 @@
 
 The call is an ordinary Sluicegate request: headers `X-Session-Id` (default: a fresh session per
 call), `X-Priority` (0..9 or low|normal|high|critical), `X-Tenant` and `X-Group` map to the submit
-fields; body fields Sluicegate does not use (temperature, top_p, stop, ...) go to the engine as
-params. Its events become OpenAI objects:
+fields; `model` picks the group (see `chat_group`); body fields Sluicegate does not use
+(temperature, top_p, stop, tools, logprobs, ...) go to the engine as params. Its events become
+OpenAI objects (api/chat_render.py), carrying what the backend said: the text, tool-call deltas,
+logprobs, the finish_reason and the usage:
 - stream true: one `chat.completion.chunk` per token (the first also carries the role), then a
   chunk with an empty delta, the finish_reason and the usage, then `data: [DONE]`. With
   `stream_options.include_usage` the usage moves to a last chunk with no choices, as OpenAI sends it.
-- stream false: one `chat.completion` when the request ends.
-- `error` and `cancelled` end the answer with an OpenAI-style error object (in the stream, then `[DONE]`).
+- stream false: the status and headers (`X-Request-Id`, `X-Session-Id`) go out as soon as the
+  request is stored, so a client that loses the connection can find its request; the
+  `chat.completion` follows when the request ends.
+- `error` and `cancelled` end the answer with an OpenAI-style error object (in the stream, then
+  `[DONE]`; not streamed, as the body of the 200 answer, whose status went out already).
 
 Generation never depends on the client: a caller that disconnects leaves the request running, and
 its tokens stay readable at `/v1/requests/{X-Request-Id}/events`.
@@ -18,9 +23,7 @@ from __future__ import annotations
 
 import re
 import secrets
-import time
 from collections.abc import AsyncIterator
-from typing import Any
 
 import orjson
 from fastapi import APIRouter, Request
@@ -29,22 +32,23 @@ from pydantic import ValidationError
 from starlette.requests import ClientDisconnect
 
 from sluicegate.api.auth import Principal
-from sluicegate.api.errors import ApiError, error_response
+from sluicegate.api.chat_render import DONE, Completion
+from sluicegate.api.errors import ApiError
+from sluicegate.api.models_routes import model_not_found
 from sluicegate.api.requests_routes import check_session_id, submit_request
-from sluicegate.api.responses import JSON, EventStreamResponse
+from sluicegate.api.responses import EventStreamResponse
 from sluicegate.api.schemas import NAME_PATTERN, ChatBody, SubmitBody, parse_priority
 from sluicegate.api.services import Services, principal, services
 from sluicegate.api.streaming import PING
 from sluicegate.sessions.events import Event
 from sluicegate.sessions.requests import NewRequest
+from sluicegate.sessions.store import DEFAULT_GROUP
 from sluicegate.sessions.stream import EventStream
 
 router = APIRouter()
 NAME = re.compile(NAME_PATTERN)
 DEFAULT_MAX_TOKENS: int = SubmitBody.model_fields["max_tokens"].default
 NOT_PARAMS = frozenset({"stream_options"})  # handled here, not by the engine
-DONE = b"data: [DONE]\n\n"
-CHUNK_TAIL = b'},"finish_reason":null}]}\n\n'
 
 
 def header_name(request: Request, header: str, default: str) -> str:
@@ -54,8 +58,23 @@ def header_name(request: Request, header: str, default: str) -> str:
     return value
 
 
-def new_request(body: ChatBody, request: Request, who: Principal) -> NewRequest:
-    """Headers and body to a Sluicegate request (422 on anything it cannot take)."""
+async def chat_group(body: ChatBody, request: Request) -> str:
+    """`X-Group` wins; else the group serving `model`, or the group of that name; no model: `default`.
+    An unknown model is a 404 `model_not_found` (a group X-Group names that does not exist is the
+    submit's 404 `unknown_group`). The lookup is cached (api/directory.py): no round trip per call."""
+    if request.headers.get("x-group", "").strip():
+        return header_name(request, "X-Group", DEFAULT_GROUP)
+    if not body.model:
+        return DEFAULT_GROUP
+    group = await services(request).directory.group_for(body.model)
+    if group is None:
+        raise model_not_found(body.model)
+    return group
+
+
+async def new_request(body: ChatBody, request: Request, who: Principal) -> NewRequest:
+    """Headers and body to a Sluicegate request (422 on anything it cannot take, then 404 on an
+    unknown model)."""
     session_id = request.headers.get("x-session-id") or "chat-" + secrets.token_urlsafe(12)
     check_session_id(session_id)
     try:
@@ -69,59 +88,9 @@ def new_request(body: ChatBody, request: Request, who: Principal) -> NewRequest:
         session_id=session_id, priority=priority,
         max_tokens=body.max_completion_tokens or body.max_tokens or DEFAULT_MAX_TOKENS,
         tenant=who.tenant or header_name(request, "X-Tenant", "default"),
-        group=header_name(request, "X-Group", "default"),
+        group=await chat_group(body, request),
         messages=[m.model_dump() for m in body.messages],
         params={k: v for k, v in extra.items() if k not in NOT_PARAMS})
-
-
-class Completion:
-    """Renders one request's events as OpenAI objects."""
-
-    def __init__(self, new: NewRequest, model: str, include_usage: bool) -> None:
-        self.id = f"chatcmpl-{new.request_id}"
-        self.model = model
-        self.created = int(time.time())
-        self.prompt_tokens = new.input_tokens
-        self.include_usage = include_usage
-        self.tokens = 0
-        self.texts: list[str] = []
-        prefix = (b'data: {"id":"' + self.id.encode() + b'","object":"chat.completion.chunk","created":'
-                  + str(self.created).encode() + b',"model":' + orjson.dumps(model) + b',"choices":[{"index":0,')
-        self.first_head = prefix + b'"delta":{"role":"assistant","content":'
-        self.head = prefix + b'"delta":{"content":'
-
-    def usage(self, completion_tokens: int) -> dict[str, int]:
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion_tokens,
-                "total_tokens": self.prompt_tokens + completion_tokens}
-
-    def token_text(self, event: Event) -> str:
-        return str(orjson.loads(event.data)["text"])
-
-    def chunk(self, text: str) -> bytes:
-        head = self.first_head if self.tokens == 0 else self.head
-        self.tokens += 1
-        return head + orjson.dumps(text) + CHUNK_TAIL
-
-    def _base(self) -> dict[str, Any]:
-        return {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model}
-
-    def final_chunks(self, data: dict[str, Any]) -> bytes:
-        tokens = int(data.get("tokens", self.tokens))
-        final: dict[str, Any] = {**self._base(), "choices": [
-            {"index": 0, "delta": {}, "finish_reason": data.get("finish_reason", "length")}]}
-        if not self.include_usage:
-            final["usage"] = self.usage(tokens)
-        out = b"data: " + orjson.dumps(final) + b"\n\n"
-        if self.include_usage:
-            out += b"data: " + orjson.dumps({**self._base(), "choices": [], "usage": self.usage(tokens)}) + b"\n\n"
-        return out + DONE
-
-    def message(self, data: dict[str, Any]) -> dict[str, Any]:
-        tokens = int(data.get("tokens", len(self.texts)))
-        return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(self.texts)},
-                             "finish_reason": data.get("finish_reason", "length")}],
-                "usage": self.usage(tokens)}
 
 
 def failure(event: Event) -> tuple[int, str, str]:
@@ -149,7 +118,7 @@ async def sse_chunks(svc: Services, new: NewRequest, completion: Completion, fir
             out = []
             for event in batch:
                 if event.name == "token":
-                    out.append(completion.chunk(completion.token_text(event)))
+                    out.append(completion.chunk(orjson.loads(event.data)))
                 elif event.name == "done":
                     out.append(completion.final_chunks(orjson.loads(event.data)))
                 elif event.terminal:
@@ -158,6 +127,28 @@ async def sse_chunks(svc: Services, new: NewRequest, completion: Completion, fir
                     out.append(b"data: " + orjson.dumps(error) + b"\n\n" + DONE)
             if out:
                 yield b"".join(out)
+
+
+async def message_body(svc: Services, new: NewRequest, completion: Completion, first: int) -> AsyncIterator[bytes]:
+    """The non-streamed answer, whose status and headers (X-Request-Id) went out before it: a newline
+    while idle (JSON allows leading whitespace; it keeps proxies from closing an idle connection),
+    then the `chat.completion`, or an OpenAI error object when the request failed or was cancelled."""
+    async for batch in request_events(svc, new, first=first):
+        if not batch:
+            yield b"\n"
+            continue
+        for event in batch:
+            if event.name == "token":
+                completion.add(orjson.loads(event.data))
+            elif event.name == "done":
+                yield orjson.dumps(completion.message(orjson.loads(event.data)))
+                return
+            elif event.terminal:
+                status, type_, message = failure(event)
+                yield orjson.dumps({"error": {"type": type_, "message": message, "code": status}})
+                return
+    message = f"the event stream ended early; read it at /v1/requests/{new.request_id}/events"
+    yield orjson.dumps({"error": {"type": "unavailable", "message": message, "code": 503}})
 
 
 async def chat_body(request: Request) -> ChatBody:
@@ -183,7 +174,7 @@ async def chat_completions(request: Request):
     who = await principal(request)  # before the body: an unauthenticated caller learns nothing from it
     body = await chat_body(request)
     svc = services(request)
-    new = new_request(body, request, who)
+    new = await new_request(body, request, who)
     first = int((await submit_request(request, who, new))["first_event_id"])
     headers = {"X-Request-Id": new.request_id, "X-Session-Id": new.session_id}
     options = (body.model_extra or {}).get("stream_options")
@@ -192,15 +183,5 @@ async def chat_completions(request: Request):
     if body.stream:
         return EventStreamResponse(sse_chunks(svc, new, completion, first),
                                    headers={**headers, "Cache-Control": "no-store"})
-    async for batch in request_events(svc, new, first=first):
-        for event in batch:
-            if event.name == "token":
-                completion.texts.append(completion.token_text(event))
-            elif event.name == "done":
-                return JSON(completion.message(orjson.loads(event.data)), headers=headers)
-            elif event.terminal:
-                status, type_, message = failure(event)
-                response = error_response(status, message, type_)
-                response.headers.update(headers)
-                return response
-    raise ApiError(503, f"the event stream ended early; read it at /v1/requests/{new.request_id}/events")
+    return EventStreamResponse(message_body(svc, new, completion, first), headers=headers,
+                               media_type="application/json")

@@ -31,6 +31,9 @@ async def submit_request(request: Request, who: Principal, new: NewRequest) -> d
     result = await svc.store.submit(new, owner=who.owner)
     if result.outcome == "forbidden":
         raise ApiError(403, f"session {new.session_id!r} belongs to another tenant")
+    if result.outcome == "unknown_group":
+        raise ApiError(404, f"no group {new.group!r}: declare it (PUT /v1/admin/groups/{new.group}) or start a worker "
+                       "serving it", "unknown_group")
     return {"request_id": result.request_id, "session_id": new.session_id, "status": "queued",
             "events_url": f"/v1/requests/{result.request_id}/events", "first_event_id": result.first_event_id}
 

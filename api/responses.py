@@ -31,9 +31,11 @@ class EventStreamResponse(Response):
 
     media_type = "text/event-stream"
 
-    def __init__(self, chunks: AsyncIterator[bytes], headers: dict[str, str]) -> None:
+    def __init__(self, chunks: AsyncIterator[bytes], headers: dict[str, str], media_type: str | None = None) -> None:
         self.status_code = 200
         self.background = None
+        if media_type:  # e.g. a JSON body whose headers go out before it is complete
+            self.media_type = media_type
         self.init_headers(headers)  # no body set: no content-length, so the body goes out chunked
         self.chunks = chunks
 

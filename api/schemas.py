@@ -7,9 +7,14 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from sluicegate.scheduler.quota import Quota
+from sluicegate.sessions.keys import NAME_PATTERN
+from sluicegate.sessions.store import check_model_name
 from sluicegate.settings import PRIORITY_NAMES
 
-NAME_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
+__all__ = ["NAME_PATTERN"]  # the API validates names with the key layout's rule
+
+ROLES = ("system", "user", "assistant", "tool", "developer", "function")
 SESSION_PATTERN = re.compile(r"^[A-Za-z0-9._:@-]{1,128}$")
 
 
@@ -32,9 +37,32 @@ def parse_priority(value: Any) -> int:
 
 
 class Message(BaseModel):
+    """An OpenAI chat message, checked here so that a bad one is a 422 at the submit and never a failed
+    generation later; its other fields (name, tool_calls, tool_call_id, ...) pass through to the engine."""
+
     model_config = ConfigDict(extra="allow")
-    role: str = Field(min_length=1, max_length=64)
-    content: Any = ""
+    role: str
+    content: Any = None  # a string or a list of parts; null or absent only when an assistant calls tools
+
+    @field_validator("role")
+    @classmethod
+    def _role(cls, value: str) -> str:
+        if value not in ROLES:
+            raise ValueError(f"role {value[:64]!r} is not one of {', '.join(ROLES)}")
+        return value
+
+    @model_validator(mode="after")
+    def _content(self) -> Message:
+        extra = self.model_extra or {}
+        if self.content is None:
+            if not (self.role == "assistant" and (extra.get("tool_calls") or extra.get("function_call"))):
+                raise ValueError(f"content: required for a {self.role} message (a string or a list of parts)")
+        elif not isinstance(self.content, str) and not (
+                isinstance(self.content, list) and all(isinstance(p, dict) for p in self.content)):
+            raise ValueError("content: a string or a list of parts (objects)")
+        if self.role == "tool" and not isinstance(extra.get("tool_call_id"), str):
+            raise ValueError("tool_call_id: required for a tool message")
+        return self
 
 
 class SubmitBody(BaseModel):
@@ -64,15 +92,18 @@ class WeightBody(BaseModel):
     weight: float = Field(gt=0, le=1e6)
 
 
-class QuotaBody(BaseModel):
-    """Absent fields keep their value; null removes the limit (unlimited)."""
+QuotaBody = Quota  # the quota fields of PUT /v1/admin/groups/{g} (scheduler/quota.py)
 
-    model_config = ConfigDict(extra="forbid")
-    requests_per_second: float | None = Field(default=None, gt=0)
-    tokens_per_second: float | None = Field(default=None, gt=0)
-    burst: int | None = Field(default=None, ge=1)
-    max_concurrency: int | None = Field(default=None, ge=0)
-    burst_tokens: float | None = Field(default=None, gt=0)
+
+class GroupBody(QuotaBody):
+    """The quota fields, and the model the group serves (absent: kept; null: the group names none)."""
+
+    model: str | None = None
+
+    @field_validator("model")
+    @classmethod
+    def _model(cls, value: str | None) -> str | None:
+        return None if value is None else check_model_name(value)
 
 
 class KeyBody(BaseModel):

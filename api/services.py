@@ -10,6 +10,7 @@ from fastapi import Request
 from redis.asyncio import Redis
 
 from sluicegate.api.auth import KeyRing, Principal
+from sluicegate.api.directory import Directory
 from sluicegate.scheduler.admin import Tuning
 from sluicegate.sessions.hub import EventHub
 from sluicegate.sessions.store import SessionStore
@@ -24,6 +25,7 @@ class Services:
     hub: EventHub
     tuning: Tuning
     keyring: KeyRing
+    directory: Directory
     open_streams: int = 0
 
     @contextmanager

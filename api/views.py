@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
+
 
 def _seconds(ms: str | None) -> float | None:
     return None if ms is None else round(float(ms) / 1000, 6)
@@ -22,12 +24,17 @@ def request_view(rid: str, f: dict[str, str]) -> dict[str, Any]:
         "tokens": int(f.get("n", 0)),
         "attempts": int(f.get("a", 0)),
         "preemptions": int(f.get("pc", 0)),
+        "failed_attempts": int(f.get("fl", 0)),
         "submitted_at": _seconds(f.get("sub")),
         "started_at": _seconds(f.get("sa")),
         "first_token_at": _seconds(f.get("ft")),
         "finished_at": _seconds(f.get("fin")),
         "events_url": f"/v1/requests/{rid}/events",
     }
+    if "fr" in f:
+        view["finish_reason"] = f["fr"]
+    if "us" in f:
+        view["usage"] = orjson.loads(f["us"])
     if "err" in f:
         view["error"] = f["err"]
     return view

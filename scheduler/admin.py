@@ -15,8 +15,6 @@ from sluicegate.sessions.connect import text
 from sluicegate.sessions.metrics_store import read_metrics
 from sluicegate.sessions.store import register_group
 
-QUOTA_FIELDS = ("requests_per_second", "tokens_per_second", "burst", "max_concurrency", "burst_tokens")
-
 
 def _number(text: str) -> float | int:
     value = float(text)

@@ -36,7 +36,7 @@ class Scheduler:
         self.redis = async_client(settings.redis_url, cluster=self.cluster, socket_timeout=30)
         self.scripts = Scripts(self.redis, single_server=not self.cluster)
         self.transitions = Transitions(self.scripts, lease_ms=int(settings.lease_seconds * 1000),
-                                       session_ttl=settings.session_ttl)
+                                       session_ttl=settings.session_ttl, max_attempts=settings.max_attempts)
         self.lease_ms = int(settings.lease_seconds * 1000)
 
     async def sweep_once(self, group: str) -> float:

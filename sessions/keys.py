@@ -13,8 +13,9 @@ a Redis Cluster and the load spreads over the masters (README, "Growing past one
 - the **control plane** of a group (ready sets, virtual token counters, quotas, runs, leases, slot
   tickets, worker inboxes and control channels, the scheduler's wake-ups) is tagged by the group.
 
-A few global keys are read rarely and written by operators only: the registry of groups, the policy
-and tenant weights (copied into each group's control plane, where decisions read them), API keys.
+A few global keys are read rarely and written by operators only: the registry of groups and of the
+models they serve, the policy and tenant weights (copied into each group's control plane, where
+decisions read them), API keys.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ BUCKETS_COUNT = len(BUCKET_ALPHABET) ** 2  # 1024
 # Histogram bucket bounds in seconds, shared with the Lua scripts (substituted at load time).
 BUCKETS: tuple[float, ...] = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
                               10.0, 30.0, 60.0, 120.0, 300.0)
+# Names of groups and tenants, which become parts of keys (groups: the control plane's hash tag).
+NAME_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
 # Request statuses that end a request (one source for Python; the Lua side gets it substituted).
 TERMINAL_STATUSES = ("done", "failed", "cancelled")
 
@@ -132,6 +135,7 @@ def worker_control(group: str, wid: str) -> str:
 
 # ---- global (operators' writes, rarely read on a request's way) ------------------------------
 GROUPS = PREFIX + "groups"  # set of known groups
+MODELS = PREFIX + "models"  # hash model -> the group serving it (a group names at most one)
 TENANT_WEIGHTS = PREFIX + "tenants"  # hash tenant -> weight (source; copied into each group's "tw")
 POLICY = PREFIX + "policy"  # hash policy field -> value (source; copied into each group's "pol")
 API_KEYS = PREFIX + "keys"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,8 +14,10 @@ from sluicegate.sessions.connect import async_client
 from sluicegate.sessions.events import Event
 from sluicegate.sessions.resp import LeanRedis
 from sluicegate.sessions.scripts import Scripts
-from sluicegate.sessions.store import register_group
-from sluicegate.sessions.transitions import Transitions
+from sluicegate.sessions.store import declare_group, register_group
+from sluicegate.sessions.transitions import MAX_ATTEMPTS, Transitions
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -89,21 +92,25 @@ class RunStore:
     cluster everything goes through redis-py's cluster client, which routes each call to its slot."""
 
     def __init__(self, redis: Any, *, lean: Any, inbox: Any, worker_id: str, group: str,
-                 lease_seconds: float, session_ttl: int, cluster: bool = False) -> None:
+                 lease_seconds: float, session_ttl: int, cluster: bool = False, model: str | None = None,
+                 max_attempts: int = MAX_ATTEMPTS) -> None:
         self.redis = redis
         self.lean = lean
         self.inbox = inbox
         self.scripts = Scripts(lean, single_server=not cluster)
-        self.transitions = Transitions(self.scripts, lease_ms=int(lease_seconds * 1000), session_ttl=session_ttl)
+        self.transitions = Transitions(self.scripts, lease_ms=int(lease_seconds * 1000), session_ttl=session_ttl,
+                                       max_attempts=max_attempts)
         self.worker_id = worker_id
         self.group = group
+        self.model = model  # the group's model (--backend-model), declared with the slots
         self.cluster = cluster
         self.lease_ms = int(lease_seconds * 1000)
         self.session_ttl = session_ttl
 
     @classmethod
     def connect(cls, redis_url: str, *, worker_id: str, group: str, lease_seconds: float, session_ttl: int,
-                client_name: str | None = None, reply_timeout: float = 15.0, cluster: bool = False) -> RunStore:
+                client_name: str | None = None, reply_timeout: float = 15.0, cluster: bool = False,
+                model: str | None = None, max_attempts: int = MAX_ATTEMPTS) -> RunStore:
         """A store with connections of its own, all named `client_name` (`CLIENT LIST`). A reply not
         back within `reply_timeout` (above the inbox's 1 s blocking pop and any script's run time)
         fails its connection, which reconnects: a half-open connection must not hang the worker."""
@@ -111,12 +118,14 @@ class RunStore:
             client = async_client(redis_url, cluster=True, client_name=client_name, socket_timeout=reply_timeout,
                                   socket_keepalive=True)
             return cls(client, lean=client, inbox=client, worker_id=worker_id, group=group,
-                       lease_seconds=lease_seconds, session_ttl=session_ttl, cluster=True)
+                       lease_seconds=lease_seconds, session_ttl=session_ttl, cluster=True, model=model,
+                       max_attempts=max_attempts)
         redis = Redis.from_url(redis_url, client_name=client_name, socket_timeout=reply_timeout,
                                socket_connect_timeout=5, socket_keepalive=True)
         return cls(redis, lean=LeanRedis(redis_url, client_name=client_name, reply_timeout=reply_timeout),
                    inbox=LeanRedis(redis_url, client_name=client_name, reply_timeout=reply_timeout, blocking=True),
-                   worker_id=worker_id, group=group, lease_seconds=lease_seconds, session_ttl=session_ttl)
+                   worker_id=worker_id, group=group, lease_seconds=lease_seconds, session_ttl=session_ttl,
+                   model=model, max_attempts=max_attempts)
 
     async def aclose(self) -> None:
         if self.cluster:
@@ -129,8 +138,13 @@ class RunStore:
     async def set_free_slots(self, free: int, total: int | None = None) -> int:
         """Offer exactly `free` free slots of `total` to the scheduler, replacing every ticket offered
         before (so it is safe to repeat); `set_free_slots(0)` withdraws them all and deregisters."""
-        if free:
-            await register_group(self.redis, self.group)  # known to the schedulers and the admin API
+        if free:  # known to the schedulers and the admin API, with the model it serves
+            try:
+                await declare_group(self.redis, self.group, self.model)
+            except ValueError as error:  # the model is another group's (or not a name): serve without it
+                log.warning("worker %s: model %r not registered for group %r: %s", self.worker_id, self.model,
+                            self.group, error)
+                await register_group(self.redis, self.group)
         return await self.transitions.register_worker(self.group, self.worker_id, free=free,
                                                       total=free if total is None else total)
 
@@ -197,9 +211,10 @@ class RunStore:
         status = reply[1].decode() if isinstance(reply[1], bytes) else str(reply[1])
         return AppendResult(False, status)
 
-    async def finish(self, rid: str, attempt: str, *, outcome: str, detail: str, return_slot: bool) -> bool:
+    async def finish(self, rid: str, attempt: str, *, outcome: str, detail: str, return_slot: bool,
+                     usage: dict[str, Any] | None = None) -> bool:
         return await self.transitions.finish(rid, attempt, wid=self.worker_id, group=self.group, outcome=outcome,
-                                             detail=detail, return_slot=return_slot)
+                                             detail=detail, return_slot=return_slot, usage=usage)
 
     async def hand_back(self, rid: str, attempt: str, *, reason: str, return_slot: bool) -> bool:
         return await self.transitions.hand_back(rid, attempt, wid=self.worker_id, group=self.group, reason=reason,

@@ -30,9 +30,11 @@ from sluicegate.sessions import keys
 from sluicegate.sessions.connect import UNAVAILABLE, text
 from sluicegate.sessions.requests import NewRequest
 from sluicegate.sessions.scripts import Scripts
+from sluicegate.settings import Settings
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+MAX_ATTEMPTS: int = Settings.model_fields["max_attempts"].default
 
 
 async def settled(value: Any) -> Any:
@@ -60,11 +62,12 @@ class SweepResult:
 
 
 class Transitions:
-    def __init__(self, scripts: Scripts, *, lease_ms: int, session_ttl: int) -> None:
+    def __init__(self, scripts: Scripts, *, lease_ms: int, session_ttl: int, max_attempts: int = MAX_ATTEMPTS) -> None:
         self.scripts = scripts
         self.single = scripts.single_server
         self.lease_ms = lease_ms
         self.ttl = session_ttl
+        self.max_attempts = max_attempts
 
     async def _call(self, name: str, keys_: Sequence[Any], args: Sequence[Any]) -> Any:
         return await settled(self.scripts.call(name, keys_, args))
@@ -125,16 +128,20 @@ class Transitions:
         return list(await self._call("append", [keys.request_prefix(rid)], [rid, attempt, first_index, *data]))
 
     async def finish(self, rid: str, attempt: str, *, wid: str, group: str, outcome: str, detail: str,
-                     return_slot: bool) -> bool:
+                     return_slot: bool, usage: dict[str, Any] | None = None) -> bool:
+        """End a run as done (`detail`: the finish_reason; `usage`: the backend's, for the whole request)
+        or failed (`detail`: why)."""
         dp, cp, slot = keys.request_prefix(rid), keys.group_prefix(group), "1" if return_slot else "0"
+        used = json.dumps(usage, separators=(",", ":")) if usage else ""
         if self.single:
             reply = await self._call("finish_one", [dp, cp], [self.lease_ms, self.ttl, rid, attempt, wid, outcome,
-                                                               detail, slot])
+                                                               detail, slot, used])
             return int(reply[0]) == 1
-        reply = await self._call("finish", [dp], [self.ttl, rid, attempt, wid, outcome, detail])
+        reply = await self._call("finish", [dp], [self.ttl, rid, attempt, wid, outcome, detail, used])
         # Released before the next head is readied: a decision in between must not take the ended run
         # for a running one. Dying in between leaves the next head in the outbox (repair readies it).
-        await self._call("release", [cp], [self.lease_ms, f"{rid}|{attempt}", wid, reply[2], text(reply[4]), slot])
+        await self._call("release", [cp], [self.lease_ms, f"{rid}|{attempt}", wid, reply[2], text(reply[4]), slot,
+                                           reply[5]])
         if text(reply[3]):
             await self._ready(reply[3])
         return int(reply[0]) == 1
@@ -143,11 +150,19 @@ class Transitions:
                         return_slot: bool) -> bool:
         dp, cp, slot = keys.request_prefix(rid), keys.group_prefix(group), "1" if return_slot else "0"
         if self.single:
-            reply = await self._call("handback_one", [dp, cp], [self.lease_ms, rid, attempt, wid, reason, slot])
+            reply = await self._call("handback_one", [dp, cp], [self.lease_ms, rid, attempt, wid, reason, slot,
+                                                                 self.max_attempts, self.ttl])
             return int(reply[0]) == 1
-        reply = await self._call("handback", [dp], [rid, attempt, wid, reason])
-        await self._call("release", [cp], [self.lease_ms, f"{rid}|{attempt}", wid, reply[2], text(reply[3]), slot])
+        reply = await self._call("handback", [dp], [rid, attempt, wid, reason, self.max_attempts, self.ttl])
+        await self._stopped(cp, f"{rid}|{attempt}", wid, reply, slot)
         return int(reply[0]) == 1
+
+    async def _stopped(self, cp: str, key: str, wid: str, reply: Sequence[Any], slot: str) -> None:
+        """After a data-plane hand-back: release the run (requeueing its request) and, when that was its
+        last allowed attempt and it ended, ready the session's next head (else the outbox has it)."""
+        await self._call("release", [cp], [self.lease_ms, key, wid, reply[2], text(reply[3]), slot])
+        if text(reply[4]):
+            await self._ready(reply[4])
 
     async def register_worker(self, group: str, wid: str, *, free: int, total: int, info: str = "") -> int:
         return int(await self._call("register_worker", [keys.group_prefix(group)],
@@ -163,11 +178,12 @@ class Transitions:
     async def sweep(self, group: str) -> SweepResult:
         """One group's sweep; on a cluster also hands back and releases the runs of lost workers."""
         cp = keys.group_prefix(group)
-        reply = await self._call("sweep", [cp], [self.lease_ms])
+        reply = await self._call("sweep", [cp], [self.lease_ms, self.max_attempts, self.ttl])
         for key in (text(x) for x in reply[5:]):
             rid, _, attempt = key.rpartition("|")
-            stopped = await self._call("handback", [keys.request_prefix(rid)], [rid, attempt, "", "worker_lost"])
-            await self._call("release", [cp], [self.lease_ms, key, "", stopped[2], text(stopped[3]), "keep"])
+            stopped = await self._call("handback", [keys.request_prefix(rid)],
+                                       [rid, attempt, "", "worker_lost", self.max_attempts, self.ttl])
+            await self._stopped(cp, key, "", stopped, "keep")
         return SweepResult(int(reply[0]), int(reply[1]), int(reply[2]), float(reply[3]), float(reply[4]))
 
     async def repair(self, buckets: Sequence[str], *, age_ms: int, limit: int = 100) -> int:

@@ -20,13 +20,14 @@ from typing import Any, get_args
 from sluicegate.settings import ENV_PREFIX, BadSetting, Settings, from_env, setting_names
 
 NETWORK = ["host", "port"]
-CORE = ["config", "redis_url", "redis_cluster", "rq_redis_url", "session_ttl", "lease_seconds", "log_level"]
+CORE = ["config", "redis_url", "redis_cluster", "rq_redis_url", "session_ttl", "lease_seconds", "max_attempts",
+        "log_level"]
 API = ["auth", "admin_key", "max_body_mb", "max_tokens_limit", "sse_ping_seconds"]
 POLICY = ["input_token_weight", "output_token_weight", "output_estimate_ratio", "max_wait_seconds",
           "class_max_wait", "preempt_min_run_ms", "max_preemptions", "sweep_seconds"]
 WORKER = ["group", "slots", "engine", "backend_url", "backend_api_key", "backend_model", "backend_timeout",
-          "backend_retries", "sim_tokens_per_second", "sim_prefill_ms", "heartbeat_seconds",
-          "shutdown_grace_seconds"]
+          "backend_retries", "backend_first_token_timeout", "backend_idle_timeout", "sim_tokens_per_second",
+          "sim_prefill_ms", "heartbeat_seconds", "shutdown_grace_seconds"]
 COMMANDS: dict[str, tuple[str, list[str]]] = {
     "serve": ("everything in one process tree: embedded Valkey (unless --redis-url), API, scheduler and "
               "--workers N workers; Ctrl-C stops all of it",
@@ -78,9 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def given_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings given as flags on this command line."""
+    return {name: getattr(args, name) for name in setting_names() if getattr(args, name, None) is not None}
+
+
 def settings_from(args: argparse.Namespace) -> Settings:
     """Flags, then the environment, then the --config file; raises BadSetting."""
-    return from_env(**{name: getattr(args, name) for name in setting_names() if getattr(args, name, None) is not None})
+    return from_env(**given_flags(args))
 
 
 def setup_logging(settings: Settings, role: str) -> None:
@@ -115,6 +121,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         settings = settings_from(args)
+        if args.command == "serve":  # [groups.NAME] tables: checked before anything starts
+            from sluicegate.groups_config import explicit_names, load_groups
+
+            groups = load_groups(settings, explicit_names(given_flags(args)))
     except BadSetting as error:
         print(f"sluicegate: bad setting: {error}", file=sys.stderr)
         return 2
@@ -131,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         from sluicegate.serve import serve
 
-        return serve(settings)
+        return serve(settings, groups)
     if args.command == "redis":
         from sluicegate.embedded import EmbeddedCluster, EmbeddedServer, ServerNotFound
 

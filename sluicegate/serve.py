@@ -4,21 +4,33 @@ The embedded store is one Valkey server, or with `--embedded-cluster N` a Valkey
 masters; either way the children get its URL (and `--redis-cluster` for a cluster). The store runs
 in its own process group so that a terminal's Ctrl-C (which reaches the whole foreground group)
 stops the API, scheduler and workers first, and the store last, after the workers have handed their
-runs back. A worker that dies is restarted; the API or the scheduler dying stops everything with an
-error.
+runs back. A worker that dies is restarted (with its group's settings); the API or the scheduler dying
+stops everything with an error.
+
+Without `[groups.NAME]` tables in `--config`, the workers serve the one group `--group`. With them
+(`sluicegate.groups_config`), each group is declared in Redis with its model and quota before any
+worker starts, then gets its own workers with its own settings.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
+from redis import RedisError
+
 from sluicegate.embedded import EmbeddedCluster, EmbeddedServer, ServerNotFound
+from sluicegate.groups_config import GroupConfig
+from sluicegate.scheduler.admin import Tuning
+from sluicegate.sessions.connect import UNAVAILABLE, async_client
+from sluicegate.sessions.store import declare_group, forget_group_model, group_models
 from sluicegate.settings import Settings
 
 log = logging.getLogger("sluicegate.serve")
@@ -36,7 +48,28 @@ def embedded_store(settings: Settings) -> EmbeddedServer | EmbeddedCluster:
     return EmbeddedServer(data_dir=str(Path(settings.data_dir) / "valkey"), appendfsync=settings.appendfsync)
 
 
-def serve(settings: Settings) -> int:
+async def declare_groups(settings: Settings, groups: Sequence[GroupConfig]) -> None:
+    """Each group, its model and the quota fields its table gives, before its workers start (so that
+    chat requests route by model as soon as the API answers). A group of this config whose model
+    changed lets go of the old one first, so that two groups may swap models between runs."""
+    assert settings.redis_url
+    client = async_client(settings.redis_url, cluster=settings.redis_cluster, decode_responses=True)
+    try:
+        current = await group_models(client)
+        for group in groups:
+            if group.model is not None and current.get(group.name) not in (None, group.model):
+                await forget_group_model(client, group.name)
+        for group in groups:
+            await declare_group(client, group.name, group.model)
+            if group.quota:
+                await Tuning(client).set_quota(group.name, dict(group.quota))
+    finally:
+        await client.aclose()
+
+
+def serve(settings: Settings, groups: Sequence[GroupConfig] = ()) -> int:
+    """Run the whole stack until SIGINT or SIGTERM; `groups` are the checked `[groups.NAME]` tables
+    (none: the one group `--group` with `--workers` workers). Returns the exit code."""
     store: EmbeddedServer | EmbeddedCluster | None = None
     if not settings.redis_url:
         store = embedded_store(settings)
@@ -63,12 +96,28 @@ def serve(settings: Settings) -> int:
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
 
-    core = {"scheduler": spawn("scheduler", settings), "api": spawn("api", settings)}
-    workers = [spawn("worker", settings) for _ in range(settings.workers)]
-    log.info("serving on http://%s:%d with %d workers (%s engine)", settings.host, settings.port,
-             settings.workers, settings.engine)
+    pools = [group.worker_settings(settings) for group in groups] or [settings]
+    core: dict[str, subprocess.Popen[bytes]] = {}
+    workers: list[tuple[Settings, subprocess.Popen[bytes]]] = []
     code = 0
     try:
+        if groups:
+            try:
+                asyncio.run(declare_groups(settings, groups))
+            except (*UNAVAILABLE, RedisError, ValueError) as error:  # the store, or a model another group has
+                log.error("cannot declare the groups of %s: %s", settings.config, error)
+                return 1
+            for group, pool in zip(groups, pools, strict=True):
+                log.info("group %s: model %s, %s engine, workers %d x %d slots", group.name, group.model or "-",
+                         pool.engine, pool.workers, pool.slots)
+        core = {"scheduler": spawn("scheduler", settings), "api": spawn("api", settings)}
+        workers = [(pool, spawn("worker", pool)) for pool in pools for _ in range(pool.workers)]
+        if groups:
+            log.info("serving on http://%s:%d with %d groups, %d workers", settings.host, settings.port,
+                     len(groups), len(workers))
+        else:
+            log.info("serving on http://%s:%d with %d workers (%s engine)", settings.host, settings.port,
+                     settings.workers, settings.engine)
         while not stopping:
             time.sleep(0.2)  # resumed after a signal handler ran (PEP 475): look at `stopping` first
             if stopping:  # Ctrl-C reaches the children too: one that exits now is no failure
@@ -77,12 +126,13 @@ def serve(settings: Settings) -> int:
                 if proc.poll() is not None:
                     log.error("%s exited with code %s; stopping", role, proc.returncode)
                     stopping, code = True, 1
-            for i, proc in enumerate(workers):
+            for i, (pool, proc) in enumerate(workers):
                 if proc.poll() is not None and not stopping:
-                    log.warning("worker %d exited with code %s; restarting it", proc.pid, proc.returncode)
-                    workers[i] = spawn("worker", settings)
+                    log.warning("worker %d of group %s exited with code %s; restarting it", proc.pid, pool.group,
+                                proc.returncode)
+                    workers[i] = (pool, spawn("worker", pool))
     finally:
-        children = [core["api"], *workers, core["scheduler"]]
+        children = [proc for proc in (core.get("api"), *(p for _, p in workers), core.get("scheduler")) if proc]
         for proc in children:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)

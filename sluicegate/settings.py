@@ -153,8 +153,18 @@ class Settings(BaseSettings):
         "", description="model name sent to the backend: `name` for all groups or `group=name,...`")
     backend_timeout: Positive = Field(60.0, description="seconds to wait for the backend's next chunk before "
                                      "treating it as failed")
-    backend_retries: Count = Field(4, description="attempts per request against a failing backend before it ends "
-                                   "with an error")
+    backend_retries: Count = Field(4, description="tries of one attempt against a failing backend before the first "
+                                   "token (connection refused, 5xx, 429, timeouts), with backoff; then the attempt "
+                                   "fails (see --max-attempts)")
+    backend_first_token_timeout: Positive = Field(
+        120.0, description="seconds a backend call may take to its first token (keep-alive comments do not count); "
+        "past it the call fails as a transient failure")
+    backend_idle_timeout: Positive = Field(
+        30.0, description="seconds a backend call may stay silent between tokens (keep-alive comments do not "
+        "count); past it the call fails as a transient failure")
+    max_attempts: Count = Field(5, description="attempts a request gets whose backend calls fail or whose worker is "
+                                "lost; then it ends with an `error` event and status failed (preemptions and "
+                                "graceful hand-backs do not count: see --max-preemptions)")
     sim_tokens_per_second: Positive = Field(50.0, description="sim engine pace per request")
     sim_prefill_ms: NonNegative = Field(20.0, description="sim engine delay before the first token")
     # sessions and API

@@ -55,6 +55,7 @@ def test_streamed_usage_chunk_when_asked(stack: Stack) -> None:
 
 
 def test_not_streamed(stack: Stack) -> None:
+    assert call("PUT", f"{stack.base_url}/v1/admin/groups/default", {"model": "tiny"})[0] == 200
     code, reply = call("POST", f"{stack.base_url}/v1/chat/completions",
                        {"model": "tiny", "messages": MESSAGES, "max_tokens": 9}, headers={"X-Priority": "3"})
     assert code == 200, reply
@@ -132,7 +133,8 @@ def test_a_failed_generation_maps_to_an_openai_error(redis_url: str) -> None:
         error = result.chunks[-1]["error"]
         assert error["type"] == "generation_failed" and "cannot connect" in error["message"]
         code, reply = call("POST", f"{stack.base_url}/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 4})
-        assert code == 502 and reply["error"]["type"] == "generation_failed"
+        # not streamed, the 200 and its headers went out before the request failed: the body says it
+        assert code == 200 and reply["error"]["type"] == "generation_failed" and reply["error"]["code"] == 502
         assert dead in reply["error"]["message"]
     finally:
         stack.stop()
@@ -142,7 +144,8 @@ def test_a_client_that_leaves_a_chat_stream_frees_it_and_the_generation_goes_on(
     host, port = stack.base_url.removeprefix("http://").split(":")
     connection = http.client.HTTPConnection(host, int(port), timeout=10)
     connection.request("POST", "/v1/chat/completions", json.dumps(  # 4000 tokens at 400/s: 10 s
-        {"model": "m", "stream": True, "max_tokens": 4000, "messages": MESSAGES}), {"content-type": "application/json"})
+        {"model": "default", "stream": True, "max_tokens": 4000, "messages": MESSAGES}),
+        {"content-type": "application/json"})
     response = connection.getresponse()
     rid = response.getheader("x-request-id")
     assert response.status == 200 and response.readline().startswith(b"data: ")  # the first token arrived
@@ -157,3 +160,23 @@ def test_a_client_that_leaves_a_chat_stream_frees_it_and_the_generation_goes_on(
     status = request_status(stack, rid)
     assert status["status"] == "running" and status["tokens"] > produced  # the generation went on
     assert call("DELETE", f"{stack.base_url}/v1/requests/{rid}")[0] == 200
+
+
+def test_not_streamed_sends_its_ids_before_the_body(stack: Stack) -> None:
+    """A client that loses a long non-streamed call can still find its request: the status line and
+    X-Request-Id / X-Session-Id arrive while it is still generating."""
+    host, port = stack.base_url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    try:
+        conn.request("POST", "/v1/chat/completions", json.dumps({"messages": MESSAGES, "max_tokens": 200}),
+                     {"content-type": "application/json", "X-Session-Id": "early"})
+        response = conn.getresponse()  # returns once the status line and headers are in
+        rid = response.getheader("x-request-id")
+        assert response.status == 200 and response.getheader("x-session-id") == "early" and rid
+        status = request_status(stack, rid)
+        assert status["status"] in ("queued", "running") and status["tokens"] < 200  # still generating
+        reply = json.loads(response.read())
+        assert reply["id"] == f"chatcmpl-{rid}" and reply["usage"]["completion_tokens"] == 200
+        assert reply["choices"][0]["message"]["content"] == sim_text(prompt_of(MESSAGES), 200)
+    finally:
+        conn.close()

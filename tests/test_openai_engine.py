@@ -65,7 +65,7 @@ def test_engine_body_maps_priority_params_and_resume() -> None:
                           "messages": [], "n": 3})
     body = engine.body(run, "", "m")
     assert body == {"temperature": 0.2, "stop": ["\n"], "model": "m", "messages": MESSAGES, "stream": True,
-                    "max_tokens": 10, "priority": 2}
+                    "max_tokens": 10, "priority": 2, "stream_options": {"include_usage": True}}
     resumed = engine.body(RunSpec(**{**run.__dict__, "start_index": 4, "priority": 0}), "a b c d ", "m")
     assert resumed["messages"] == [*MESSAGES, {"role": "assistant", "content": "a b c d "}]
     assert resumed["continue_final_message"] is True and resumed["add_generation_prompt"] is False
@@ -159,11 +159,14 @@ def test_a_stream_cut_after_tokens_resumes_from_the_tokens_so_far(bare_stack: St
 def test_a_stream_that_keeps_breaking_ends_with_an_error(bare_stack: Stack) -> None:
     faults = Faults(break_streams=100, break_after=2)
     with ServerThread(create_sim_backend(2000.0, 0.0, faults=faults)) as backend:
-        bare_stack.add_worker(engine=engine_for(backend.url, models={"*": "sim"}), backend_retries=2)
+        bare_stack.add_worker(engine=engine_for(backend.url, models={"*": "sim"}), max_attempts=2)
         rid = ask(bare_stack, "s", 12)
         events = events_of(bare_stack, rid)
-    assert [e.event for e in events].count("preempted") == 1  # handed back once, then out of retries
-    assert events[-1].event == "error" and "broke after 2 tokens" in events[-1].data["message"]
+    assert [e.event for e in events].count("preempted") == 1  # handed back once, then out of attempts
+    message = events[-1].data["message"]
+    assert events[-1].event == "error" and "broke after 2 tokens" in message and "--max-attempts 2" in message
+    status = call("GET", f"{bare_stack.base_url}/v1/requests/{rid}")[1]
+    assert status["status"] == "failed" and status["failed_attempts"] == 2
     assert_tokens(events, sim_text(prompt_of(MESSAGES), 4), 4)
 
 

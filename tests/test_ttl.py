@@ -89,7 +89,8 @@ def test_waiting_work_keeps_its_session_alive(ttl_stack: Stack, r: redis.Redis) 
     sid = f"wait-{uuid.uuid4().hex[:8]}"
     first = submit(base, sid, max_tokens=5, prompt="one")
     wait_for(lambda: status(base, first) == "done", what="the first request")
-    # the session is idle now (its TTL armed); new work for a group nobody serves yet arrives
+    # the session is idle now (its TTL armed); new work for a group declared but not served yet arrives
+    assert call("PUT", f"{base}/v1/admin/groups/later", {})[0] == 200
     waiting = submit(base, sid, max_tokens=5, prompt="two", group="later")
     time.sleep(PAST_TTL)
     assert status(base, waiting) == "queued"

@@ -6,6 +6,10 @@ costs one Redis round trip per batch rather than per token. Every append is fenc
 moment the run is preempted, cancelled or its lease lost, the next append says so and the run stops.
 A dropped Redis connection is retried (the fence makes a resent batch safe) rather than failing a
 generation that is otherwise fine.
+
+A token is its text, and, when the engine gave a `Token`, the backend's raw non-text delta (tool
+calls) and logprobs, carried in its `token` event. The engine's `Finish` (finish_reason, usage)
+becomes the run's outcome, which the worker writes into the `done` event.
 """
 
 from __future__ import annotations
@@ -15,9 +19,12 @@ import contextlib
 import json
 import logging
 from dataclasses import dataclass
+from typing import Any
+
+import orjson
 
 from sluicegate.sessions.runs import AppendResult, RunSpec, RunStore
-from sluicegate.workers.engines.base import Engine, EngineError
+from sluicegate.workers.engines.base import Engine, EngineError, Finish, Token
 from sluicegate.workers.redis_retry import through_dropped_connections
 
 log = logging.getLogger(__name__)
@@ -33,12 +40,20 @@ class Fenced(Exception):
 @dataclass
 class RunOutcome:
     kind: str  # "done" | "fenced" | "engine_error"
-    detail: str = ""
+    detail: str = ""  # done: the finish_reason; otherwise what went wrong
     transient: bool = False
+    usage: dict[str, Any] | None = None  # done: the backend's usage for the whole request, if it reported one
 
 
-def token_data(rid: str, index: int, text: str) -> str:
-    return f'{{"request_id":"{rid}","index":{index},"text":{json.dumps(text, ensure_ascii=False)}}}'
+def token_data(rid: str, index: int, token: str | Token) -> str:
+    if isinstance(token, str):
+        return f'{{"request_id":"{rid}","index":{index},"text":{json.dumps(token, ensure_ascii=False)}}}'
+    data: dict[str, Any] = {"request_id": rid, "index": index, "text": token.text}
+    if token.delta:
+        data["delta"] = token.delta
+    if token.logprobs is not None:
+        data["logprobs"] = token.logprobs
+    return orjson.dumps(data).decode()
 
 
 class Run:
@@ -47,9 +62,10 @@ class Run:
         self.engine = engine
         self.spec = spec
         self.next_index = spec.start_index
-        self._pending: list[str] = []
+        self._pending: list[str | Token] = []
         self._wake = asyncio.Event()
         self._produced_all = False
+        self.finish: Finish | None = None
 
     @property
     def key(self) -> str:
@@ -62,7 +78,7 @@ class Run:
             self._wake.clear()
             while self._pending:
                 batch = self._pending[:MAX_BATCH]
-                data = [token_data(rid, self.next_index + i, text) for i, text in enumerate(batch)]
+                data = [token_data(rid, self.next_index + i, token) for i, token in enumerate(batch)]
                 result = await self._append(data)
                 if not result.ok:
                     raise Fenced(result.status if result.expected_index is None
@@ -80,8 +96,11 @@ class Run:
             seconds=APPEND_RETRY_SECONDS, what=f"run {self.key}: append")
 
     async def _produce(self, so_far: str) -> None:
-        async for text in self.engine.stream(self.spec, so_far):
-            self._pending.append(text)
+        async for piece in self.engine.stream(self.spec, so_far):
+            if isinstance(piece, Finish):
+                self.finish = piece
+                continue
+            self._pending.append(piece)
             self._wake.set()
         self._produced_all = True
         self._wake.set()
@@ -96,7 +115,9 @@ class Run:
                 error = task.exception()
                 if error is not None:
                     raise error
-            return RunOutcome("done", "length")
+            if self.finish is None:  # the engine produced max_tokens tokens and said nothing more
+                return RunOutcome("done", "length")
+            return RunOutcome("done", self.finish.reason, usage=self.finish.usage)
         except Fenced as fenced:
             return RunOutcome("fenced", str(fenced))
         except EngineError as error:

@@ -15,7 +15,8 @@ What it serves:
   with no choices, as OpenAI sends it. Not streamed: one `chat.completion` with usage.
 - Continuation (vLLM's `continue_final_message: true` with a final assistant message): the output
   continues at index = the number of sim tokens already in that message, seeded by the messages
-  before it, so the text so far plus the continuation equals the uninterrupted output.
+  before it, so the text so far plus the continuation equals the uninterrupted output. As vLLM
+  does, the usage counts the output so far as prompt (one token per sim token).
 
 Failure injection (tests only) is an explicit option of `create_sim_backend`, per app, never global.
 """
@@ -109,7 +110,7 @@ def plan_of(body: Any, default_model: str, serial: int) -> Plan:
     options = body.get("stream_options")
     return Plan(completion_id=f"chatcmpl-sim{serial}", model=str(body.get("model") or default_model),
                 created=int(time.time()), seed=prompt_seed(prompt_of(seeded_by)), start=start, count=count,
-                prompt_tokens=estimate_tokens(prompt_of(messages)),
+                prompt_tokens=estimate_tokens(prompt_of(seeded_by)) + start,  # the output so far counts as prompt
                 include_usage=isinstance(options, dict) and bool(options.get("include_usage")))
 
 

@@ -22,6 +22,7 @@ import logging
 import os
 import socket
 import uuid
+from typing import Any
 
 from sluicegate.sessions import keys
 from sluicegate.sessions.runs import Assignment, RunStore
@@ -54,7 +55,9 @@ class Worker:
         self.store = RunStore.connect(settings.redis_url, client_name=f"sluicegate-worker:{self.worker_id}",
                                       worker_id=self.worker_id, group=settings.group,
                                       lease_seconds=settings.lease_seconds, session_ttl=settings.session_ttl,
-                                      cluster=cluster)
+                                      cluster=cluster, model=settings.backend_models().get(
+                                          settings.group, settings.backend_models().get("*")),
+                                      max_attempts=settings.max_attempts)
         self.redis = self.store.redis
         # rq has no cluster support (rq#1942): on a cluster the rq presence goes to a standalone
         # --rq-redis-url when one is given, and is off otherwise.
@@ -235,7 +238,8 @@ class Worker:
             self._resyncing = None
             gate.set()
 
-    async def _end(self, rid: str, attempt: str, *, outcome: str = "", detail: str = "", reason: str = "") -> None:
+    async def _end(self, rid: str, attempt: str, *, outcome: str = "", detail: str = "", reason: str = "",
+                   usage: dict[str, Any] | None = None) -> None:
         """End a run: `finish` with an outcome, else hand it back (which only releases the slot when
         the run is no longer ours). Exactly once, retried through dropped connections."""
         while self._resyncing is not None:
@@ -246,7 +250,8 @@ class Worker:
 
             async def end() -> None:
                 if outcome:
-                    await self.store.finish(rid, attempt, outcome=outcome, detail=detail, return_slot=return_slot)
+                    await self.store.finish(rid, attempt, outcome=outcome, detail=detail, return_slot=return_slot,
+                                            usage=usage)
                 else:
                     await self.store.hand_back(rid, attempt, reason=reason, return_slot=return_slot)
 
@@ -283,11 +288,11 @@ class Worker:
             if outcome is None:
                 await self._end(rid, attempt, reason=self._stop_reason(key))
             elif outcome.kind == "done":
-                await self._end(rid, attempt, outcome="done", detail=outcome.detail)
+                await self._end(rid, attempt, outcome="done", detail=outcome.detail, usage=outcome.usage)
             elif outcome.kind == "fenced":
                 log.info("run %s fenced (%s)", key, outcome.detail)
                 await self._end(rid, attempt, reason="released")
-            elif outcome.transient and int(attempt) < self.settings.backend_retries:
+            elif outcome.transient:  # resumed, possibly elsewhere, unless it was the last attempt (--max-attempts)
                 await self._end(rid, attempt, reason=f"backend_error: {outcome.detail}")
             else:
                 await self._end(rid, attempt, outcome="failed", detail=outcome.detail)

@@ -61,7 +61,7 @@ async def one_sse(http: aiohttp.ClientSession, base: str, sid: str, max_tokens: 
 
 
 async def one_chat(http: aiohttp.ClientSession, base: str, sid: str, max_tokens: int) -> int:
-    body = {"model": "sim", "stream": True, "max_tokens": max_tokens,
+    body = {"stream": True, "max_tokens": max_tokens,  # no model: the group `default`
             "messages": [{"role": "user", "content": "throughput bench"}]}
     async with http.post(f"{base}/v1/chat/completions", json=body, headers={"X-Session-Id": sid}) as response:
         if response.status != 200:

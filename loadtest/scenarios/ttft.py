@@ -157,8 +157,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     serve = other = None
     try:
         wait_http(f"{backend_url}/v1/models", process=backend.process)
-        flags = ["--engine", "openai", "--backend-url", f"{backend_url}/v1", "--workers", "1",
-                 "--slots", str(args.slots)]
+        flags = ["--engine", "openai", "--backend-url", f"{backend_url}/v1", "--backend-model", "sim",
+                 "--workers", "1", "--slots", str(args.slots)]  # the worker declares `sim`: chat_body's model
         serve = ServeProcess(flags=flags).start()
         if args.against:
             other = ServeProcess(flags=flags, checkout=args.against.resolve()).start()

@@ -6,8 +6,10 @@
 -- ARGV[1] flags   ARGV[2] lease ms   ARGV[3] "rid|attempt"   ARGV[4] worker id
 -- ARGV[5] tokens the run produced (-1 unknown)   ARGV[6] ready spec JSON to requeue, or ""
 -- ARGV[7] the slot: "1" its ticket comes back, "0" let go without one (leaving), "keep" (the sweep)
+-- ARGV[8] the request's input tokens as the backend counted them (-1 unknown; absent = unknown)
 -- Returns the number of requests dispatched.
 local produced = tonumber(ARGV[5])
+local prompt = tonumber(ARGV[8] or '-1')
 local requeue = ARGV[6] ~= '' and cjson.decode(ARGV[6]) or nil
 return let_go(KEYS[1], ARGV[3], ARGV[4], produced >= 0 and produced or nil, requeue, ARGV[7], clock(),
-  tonumber(ARGV[2]))
+  tonumber(ARGV[2]), nil, prompt >= 0 and prompt or nil)

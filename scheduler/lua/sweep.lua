@@ -6,9 +6,10 @@
 -- and the scheduler hands it back on the data plane, then releases it here (release.lua). Its lease
 -- stays until that release, so a scheduler that dies in between leaves it for the next sweep.
 -- KEYS[1] the group's control prefix sg:{g:<group>}:
--- ARGV[1] flags   ARGV[2] lease ms
+-- ARGV[1] flags   ARGV[2] lease ms   ARGV[3] max attempts (a lost worker counts as a failed attempt)
+-- ARGV[4] session ttl s
 -- Returns {lapsed runs, promoted, dispatched, next wake ms or -1, now ms, "rid|attempt" to hand back...}.
-local cp, lease = KEYS[1], tonumber(ARGV[2])
+local cp, lease, max_attempts, ttl = KEYS[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local now = clock()
 local lapsed, promoted = 0, 0
 local lost = {}
@@ -26,8 +27,10 @@ for _, key in ipairs(redis.call('ZRANGEBYSCORE', cp .. 'leases', '-inf', now, 'L
     redis.call('LREM', cp .. 'idle', 0, rec.w)
     lapsed = lapsed + 1
     if single_server then
-      local _, _, produced, spec = d_stop(rec.rid, tostring(rec.a), nil, 'worker_lost')
+      local _, _, produced, spec, nxt = d_stop(rec.rid, tostring(rec.a), nil, 'worker_lost', max_attempts, now,
+        ttl, false)
       release(cp, key, produced, spec, now)
+      if nxt then ready(gpre(nxt.g), nxt, now, lease) end
     else
       lost[#lost + 1] = key
     end

@@ -4,9 +4,12 @@
 -- KEYS[1] the request's data prefix sg:{s:<bucket>}:
 -- ARGV[1] flags   ARGV[2] session ttl s   ARGV[3] request id   ARGV[4] attempt   ARGV[5] worker id
 -- ARGV[6] outcome ("done" | "failed")   ARGV[7] finish_reason or error message
+-- ARGV[8] the backend's usage for the whole request, JSON, or "" (none reported)
 -- Returns {finished 1|0, status before, tokens this attempt produced (-1 unknown), next head's
--- ready spec JSON or "", (refused) the request's spec JSON to requeue or ""}.
-local finished, status, produced, nxt, requeue = d_finish(ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], clock(),
-  tonumber(ARGV[2]), true)
+-- ready spec JSON or "", (refused) the request's spec JSON to requeue or "", the request's input
+-- tokens as the backend counted them (-1 unknown)}.
+local usage = (ARGV[8] or '') ~= '' and cjson.decode(ARGV[8]) or nil
+local finished, status, produced, nxt, requeue, prompt = d_finish(ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], usage,
+  clock(), tonumber(ARGV[2]), true)
 return { finished and 1 or 0, status, produced or -1, nxt and cjson.encode(nxt) or '',
-  requeue and cjson.encode(requeue) or '' }
+  requeue and cjson.encode(requeue) or '', prompt or -1 }

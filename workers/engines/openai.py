@@ -1,27 +1,40 @@
 """The `openai` engine: stream a run from any OpenAI-compatible server (vLLM, SGLang, TGI, llama.cpp, Ollama).
 
 One aiohttp session per worker process, pooled keep-alive connections (aiohttp costs far less CPU
-per stream than httpx). Each non-empty `delta.content` of a chunk is one token of the run.
+per stream than httpx). Each chunk with text, a non-text delta (tool calls) or logprobs is one token
+of the run; what the chunk carried besides text travels with it (`Token`), and the stream's
+finish_reason and usage end it (`Finish`). Usage is asked for with `stream_options.include_usage`
+(a server that refuses the field is asked again without it, and not asked again).
 
 Failures, and who handles them:
-- before the first token (connection refused, timeout, 408, 429, 5xx, a stream cut short): retried
-  here with tenacity, exponential backoff with full jitter (waits drawn from [0, 0.5 s x 2^n], at
-  most 8 s), at most `retries` attempts; then the run ends with a permanent EngineError naming the
-  backend and its last error. Other 4xx are permanent at once (the request itself is wrong).
-- after tokens streamed: a transient EngineError; the worker hands the run back and it resumes,
-  possibly elsewhere, from the tokens so far (bounded by the worker's `backend_retries`).
+- before the first token (connection refused, timeout, 408, 429, 5xx, a stream cut short, no token
+  within `first_token_timeout`): retried here with tenacity, exponential backoff with full jitter
+  (waits drawn from [0, 0.5 s x 2^n], at most 8 s), at most `retries` tries; then the attempt fails
+  as a transient EngineError naming the backend and its last error. Other 4xx are permanent at once
+  (the request itself is wrong).
+- after tokens streamed (a broken stream, silence past `idle_timeout`): a transient EngineError.
+A transient failure hands the run back; it resumes, possibly on another worker and backend, from the
+tokens so far, until the request has failed `--max-attempts` times. Keep-alive comments are not
+activity: a backend that sends only those times out like a silent one.
 
 Resume sends the output so far as a final assistant message with vLLM's `continue_final_message`
 (and `add_generation_prompt: false`), asking for the remaining `max_tokens - start_index` tokens.
+The backend then counts the output so far as prompt: the usage reported is moved back by
+`start_index` tokens, to what the request would have reported uninterrupted (exact when each
+streamed chunk is one token, as vLLM and SGLang stream).
 
 Priority: vLLM schedules lower values first (with `--scheduling-policy priority`), so Sluicegate's
 0..9 (higher first) is sent as `priority = 9 - p`. A server that rejects the field (vLLM without
 priority scheduling answers 400 "...Priority scheduling is not enabled") is asked again without it,
 and this engine stops sending it.
+
+A run that is cancelled or preempted closes its HTTP stream at once (the backend aborts the
+generation and frees its KV cache).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -32,15 +45,17 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt,
 
 from sluicegate.sessions.runs import RunSpec
 from sluicegate.settings import Settings
-from sluicegate.workers.engines.base import EngineError
+from sluicegate.workers.engines.base import EngineError, Finish, Piece, Token
 from sluicegate.workers.retrying import first_try_then
 
 log = logging.getLogger(__name__)
 
 # Fields the engine owns: run params (temperature, top_p, stop, seed, ...) never override them.
-RESERVED = frozenset({"model", "messages", "stream", "max_tokens", "max_completion_tokens", "n", "priority",
-                      "continue_final_message", "add_generation_prompt"})
+RESERVED = frozenset({"model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens", "n",
+                      "priority", "continue_final_message", "add_generation_prompt"})
+TEXT_FIELDS = frozenset({"content", "role"})  # what a delta carries that is not passed on raw
 RETRIED_STATUSES = frozenset({408, 429})
+OVERSHOOT_READ = 8  # chunks read past max_tokens for the finish_reason and usage before cutting the stream
 
 
 class Transient(Exception):
@@ -77,10 +92,54 @@ def error_message(status: int, body: bytes) -> str:
     return f"HTTP {status}: {text.strip()[:300]}"
 
 
+def usage_as_uninterrupted(usage: Any, start_index: int) -> dict[str, Any] | None:
+    """The backend's usage for a continued run, moved back to the whole request: the output so far
+    (`start_index` tokens) was sent as prompt, and is output."""
+    if not isinstance(usage, dict):
+        return None
+    try:
+        prompt, completion = int(usage["prompt_tokens"]), int(usage["completion_tokens"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    moved = min(start_index, prompt)
+    return {**usage, "prompt_tokens": prompt - moved, "completion_tokens": completion + moved,
+            "total_tokens": prompt + completion}
+
+
+class StreamState:
+    """What one backend stream said besides its tokens."""
+
+    def __init__(self) -> None:
+        self.finish_reason: str | None = None
+        self.usage: dict[str, Any] | None = None
+
+
+def pieces_of(chunk: dict[str, Any], state: StreamState) -> list[Piece]:
+    """The tokens of one chunk (usually one), noting its finish_reason and usage in `state`."""
+    if isinstance(chunk.get("usage"), dict):
+        state.usage = chunk["usage"]
+    out: list[Piece] = []
+    for choice in chunk.get("choices") or ():
+        if not isinstance(choice, dict) or choice.get("index", 0) != 0:
+            continue  # n = 1: only the first choice is ours
+        delta = choice.get("delta") or {}
+        text = delta.get("content") or ""
+        extra = {k: v for k, v in delta.items() if k not in TEXT_FIELDS and v not in (None, [], "")}
+        logprobs = choice.get("logprobs")
+        if extra or logprobs:
+            out.append(Token(text, extra or None, logprobs or None))
+        elif text:
+            out.append(text)
+        if choice.get("finish_reason"):
+            state.finish_reason = str(choice["finish_reason"])
+    return out
+
+
 class OpenAIEngine:
     def __init__(self, base_url: str, *, api_key: str | None = None, models: dict[str, str] | None = None,
                  timeout: float = 60.0, retries: int = 4, backoff_initial: float = 0.5,
-                 backoff_max: float = 8.0, send_priority: bool = True) -> None:
+                 backoff_max: float = 8.0, send_priority: bool = True, first_token_timeout: float = 120.0,
+                 idle_timeout: float = 30.0) -> None:
         self.base_url = base_url.rstrip("/")
         self.models = dict(models or {})
         self.timeout = timeout
@@ -88,6 +147,9 @@ class OpenAIEngine:
         self.backoff_initial = backoff_initial
         self.backoff_max = backoff_max
         self.send_priority = send_priority
+        self.ask_usage = True
+        self.first_token_timeout = first_token_timeout
+        self.idle_timeout = idle_timeout
         self.headers = {"content-type": "application/json", "accept": "text/event-stream"}
         if api_key:
             self.headers["authorization"] = f"Bearer {api_key}"
@@ -99,7 +161,9 @@ class OpenAIEngine:
         if not settings.backend_url:
             raise ValueError("the openai engine needs --backend-url (e.g. http://127.0.0.1:8001/v1)")
         return cls(settings.backend_url, api_key=settings.backend_api_key, models=settings.backend_models(),
-                   timeout=settings.backend_timeout, retries=settings.backend_retries)
+                   timeout=settings.backend_timeout, retries=settings.backend_retries,
+                   first_token_timeout=settings.backend_first_token_timeout,
+                   idle_timeout=settings.backend_idle_timeout)
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -142,6 +206,8 @@ class OpenAIEngine:
         if run.start_index > 0:
             body.update(messages=[*messages, {"role": "assistant", "content": so_far}],
                         continue_final_message=True, add_generation_prompt=False)
+        if self.ask_usage:
+            body["stream_options"] = {"include_usage": True}
         if self.send_priority:
             body["priority"] = 9 - run.priority
         return body
@@ -154,25 +220,39 @@ class OpenAIEngine:
         raise Permanent(message)
 
     # ---- streaming ---------------------------------------------------------------------------
-    def stream(self, run: RunSpec, so_far: str) -> AsyncIterator[str]:
+    def stream(self, run: RunSpec, so_far: str) -> AsyncIterator[Piece]:
         return self._generate(run, so_far)
 
-    async def _generate(self, run: RunSpec, so_far: str) -> AsyncIterator[str]:
+    async def _generate(self, run: RunSpec, so_far: str) -> AsyncIterator[Piece]:
         remaining = run.max_tokens - run.start_index
         if remaining <= 0:
             return
-        response, tokens, first = await self._open(run, so_far)
+        state = StreamState()
+        response, tokens, first = await self._open(run, so_far, state)
         produced = 0
         try:
             if first is None:
+                yield self._finish(state, run, produced, remaining)
                 return
             yield first
             produced = 1
-            async for text in tokens:
-                if produced == remaining:  # a backend that overshoots max_tokens: never past the run's end
+            extra = 0
+            while True:
+                try:
+                    async with asyncio.timeout(self.idle_timeout):
+                        piece = await anext(tokens, None)
+                except TimeoutError:
+                    raise Transient(f"no token for {self.idle_timeout:g} s (--backend-idle-timeout)") from None
+                if piece is None:
                     break
-                yield text
-                produced += 1
+                if produced < remaining:
+                    yield piece
+                    produced += 1
+                else:  # read on for the finish_reason and usage; a backend past max_tokens is cut
+                    extra += 1
+                    if extra > OVERSHOOT_READ:
+                        break
+            yield self._finish(state, run, produced, remaining)
         except (Transient, aiohttp.ClientError, TimeoutError, ValueError) as error:
             raise EngineError(f"backend stream broke after {produced} tokens: {describe(error)}",
                               transient=True) from error
@@ -182,7 +262,14 @@ class OpenAIEngine:
             await tokens.aclose()
             response.release()  # back to the pool when read to the end; closed (aborting the backend) otherwise
 
-    async def _open(self, run: RunSpec, so_far: str) -> tuple[aiohttp.ClientResponse, Any, str | None]:
+    @staticmethod
+    def _finish(state: StreamState, run: RunSpec, produced: int, remaining: int) -> Finish:
+        """How the stream ended: the backend's finish_reason (`length` when it was cut at max_tokens)."""
+        reason = state.finish_reason or ("length" if produced >= remaining else "stop")
+        return Finish(reason, usage_as_uninterrupted(state.usage, run.start_index))
+
+    async def _open(self, run: RunSpec, so_far: str,
+                    state: StreamState) -> tuple[aiohttp.ClientResponse, Any, Piece | None]:
         """Connect and read up to the first token, retrying transient failures."""
         def retrying() -> AsyncRetrying:
             return AsyncRetrying(stop=stop_after_attempt(self.retries), reraise=True,
@@ -190,26 +277,31 @@ class OpenAIEngine:
                                  retry=retry_if_exception_type(Transient))
 
         try:
-            return await first_try_then(lambda: self._attempt(run, so_far), retrying, (Transient,))
+            return await first_try_then(lambda: self._attempt(run, so_far, state), retrying, (Transient,))
         except Transient as error:
             raise EngineError(f"backend {self.base_url} failed {self.retries} times before the first token; "
-                              f"last error: {error}", transient=False) from error
+                              f"last error: {error}", transient=True) from error
         except Permanent as error:
             raise EngineError(f"backend {self.base_url} refused the request: {error}", transient=False) from error
 
-    async def _attempt(self, run: RunSpec, so_far: str) -> tuple[aiohttp.ClientResponse, Any, str | None]:
+    async def _attempt(self, run: RunSpec, so_far: str,
+                       state: StreamState) -> tuple[aiohttp.ClientResponse, Any, Piece | None]:
         try:
-            body = self.body(run, so_far, await self.model_for(run.group))
-            response = await self._post(body)
-            tokens = self._tokens(response)
-            try:
-                first = await anext(tokens, None)
-            except BaseException:
-                await tokens.aclose()
-                response.release()
-                raise
-            return response, tokens, first
-        except (aiohttp.ClientError, TimeoutError, ValueError) as error:
+            async with asyncio.timeout(self.first_token_timeout):
+                body = self.body(run, so_far, await self.model_for(run.group))
+                response = await self._post(body)
+                tokens = self._tokens(response, state)
+                try:
+                    first = await anext(tokens, None)
+                except BaseException:
+                    await tokens.aclose()
+                    response.release()
+                    raise
+                return response, tokens, first
+        except TimeoutError:
+            raise Transient(f"no first token within {self.first_token_timeout:g} s "
+                            "(--backend-first-token-timeout)") from None
+        except (aiohttp.ClientError, ValueError) as error:
             raise Transient(describe(error)) from error
 
     async def _post(self, body: dict[str, Any]) -> aiohttp.ClientResponse:
@@ -220,18 +312,28 @@ class OpenAIEngine:
                 return response
             payload = await response.read()
             response.release()
-            if response.status == 400 and "priority" in body and b"priority" in payload.lower():
-                log.warning("backend %s rejects `priority`; sending requests without it from now on: %s",
-                            self.base_url, error_message(400, payload))
-                self.send_priority = False
-                body.pop("priority")
+            if response.status == 400 and self._drop_refused_field(body, payload):
                 continue
             self._raise_for_status(response.status, payload)
 
+    def _drop_refused_field(self, body: dict[str, Any], payload: bytes) -> bool:
+        """A 400 naming a field this engine adds (`priority`, `stream_options`): stop sending it."""
+        lowered = payload.lower()
+        for field in ("priority", "stream_options"):
+            if field in body and field.encode() in lowered:
+                log.warning("backend %s rejects `%s`; sending requests without it from now on: %s",
+                            self.base_url, field, error_message(400, payload))
+                if field == "priority":
+                    self.send_priority = False
+                else:
+                    self.ask_usage = False
+                body.pop(field)
+                return True
+        return False
+
     @staticmethod
-    async def _tokens(response: aiohttp.ClientResponse) -> AsyncIterator[str]:
-        """Token texts from an SSE body; a stream that ends without `[DONE]` or a finish_reason is cut short."""
-        finished = False
+    async def _tokens(response: aiohttp.ClientResponse, state: StreamState) -> AsyncIterator[Piece]:
+        """Tokens from an SSE body; a stream that ends without `[DONE]` or a finish_reason is cut short."""
         async for line in response.content:
             if not line.startswith(b"data:"):
                 continue  # blank separators, comments (keep-alives), event names
@@ -246,11 +348,7 @@ class OpenAIEngine:
                 if isinstance(code, int) and 400 <= code < 500 and code not in RETRIED_STATUSES:
                     raise Permanent(message)
                 raise Transient(message)
-            for choice in chunk.get("choices") or ():
-                text = (choice.get("delta") or {}).get("content")
-                if text:
-                    yield text
-                if choice.get("finish_reason"):
-                    finished = True
-        if not finished:
+            for piece in pieces_of(chunk, state):
+                yield piece
+        if state.finish_reason is None:
             raise Transient("the stream ended before [DONE]")

@@ -82,9 +82,10 @@ end
 -- rejoins counting the run as held, and gets the ticket when it lets go of it). `next_head`
 -- (one server: the session's next request, from the same call's finish) is readied after the
 -- release, so that no decision sees the ended run as running (it could preempt it), and after the
--- ticket, so that it can take the freed slot. Returns the number of requests dispatched.
-local function let_go(cp, key, wid, produced, requeue, slot, now, lease, next_head)
-  release(cp, key, produced, requeue, now)
+-- ticket, so that it can take the freed slot. `prompt`: see end_run. Returns the number of requests
+-- dispatched.
+local function let_go(cp, key, wid, produced, requeue, slot, now, lease, next_head, prompt)
+  release(cp, key, produced, requeue, now, prompt)
   if slot ~= 'keep' and redis.call('HDEL', cp .. 'tk', key) == 1 and slot == '1' then return_ticket(cp, wid) end
   if next_head then ready(gpre(next_head.g), next_head, now, lease) end
   return dispatch(cp, now, lease)

@@ -15,14 +15,18 @@ local function depth(cp, spec, by)
 end
 
 -- Close the accounting of a run: reconcile the tenant's counter and the token quota with what it
--- produced (nil when unknown, e.g. its worker was lost: the estimate stands), and drop it from the
--- running set and the leases.
-local function end_run(cp, key, rec, produced, now)
+-- produced (nil when unknown, e.g. its worker was lost: the estimate stands) and, when the backend
+-- counted them, with the request's real input tokens (charged once, by estimate, at its first
+-- dispatch); and drop it from the running set and the leases.
+local function end_run(cp, key, rec, produced, now, prompt)
   redis.call('HDEL', cp .. 'ri', key)
   redis.call('ZREM', cp .. 'run', key)
   redis.call('ZREM', cp .. 'leases', key)
   produced = produced or rec.ce
-  local correction = policy(cp).w_out * (produced - rec.ce) / weight(cp, rec.tn)
+  local pol = policy(cp)
+  local correction = pol.w_out * (produced - rec.ce)
+  if prompt and rec.it then correction = correction + pol.w_in * (prompt - rec.it) end
+  correction = correction / weight(cp, rec.tn)
   if correction ~= 0 then
     local counter = vtc_get(cp, rec.tn)
     vtc_set(cp, rec.tn, counter + correction, counter)
@@ -104,13 +108,14 @@ local function start_run(cp, cls, tenant, counter, spec, wid, cfg, now, lease)
 end
 
 -- A worker lets go of run `key` (finished, handed back, or stopped after a notice), or the sweep
--- closes the run of a lost worker. `requeue`: the request's ready spec when it goes back to wait.
+-- closes the run of a lost worker. `requeue`: the request's ready spec when it goes back to wait;
+-- `prompt`: its input tokens as the backend counted them (see end_run).
 -- A run the control plane already requeued (preempted on a cluster, record flag rq) only has its
 -- waiting entry refreshed; a cancelled one (flag cx) is not requeued.
-local function release(cp, key, produced, requeue, now)
+local function release(cp, key, produced, requeue, now, prompt)
   local rec = run_record(cp, key)
   if rec then
-    end_run(cp, key, rec, produced, now)
+    end_run(cp, key, rec, produced, now, prompt)
     if requeue and not rec.cx then
       local spec = spec_of(rec, requeue)
       if rec.rq then

@@ -4,10 +4,12 @@
 -- ARGV[1] flags   ARGV[2] lease ms   ARGV[3] session ttl s   ARGV[4] request id   ARGV[5] attempt
 -- ARGV[6] worker id   ARGV[7] outcome ("done" | "failed")   ARGV[8] finish_reason or error message
 -- ARGV[9] return the slot's ticket ("1" | "0")
+-- ARGV[10] the backend's usage for the whole request, JSON, or "" (none reported)
 -- Returns {finished 1|0, status before}.
 local now, lease = clock(), tonumber(ARGV[2])
 local rid, attempt = ARGV[4], ARGV[5]
-local finished, status, produced, nxt, requeue = d_finish(rid, attempt, ARGV[6], ARGV[7], ARGV[8], now,
-  tonumber(ARGV[3]), false)
-let_go(KEYS[2], rid .. '|' .. attempt, ARGV[6], produced, requeue, ARGV[9], now, lease, nxt)
+local usage = (ARGV[10] or '') ~= '' and cjson.decode(ARGV[10]) or nil
+local finished, status, produced, nxt, requeue, prompt = d_finish(rid, attempt, ARGV[6], ARGV[7], ARGV[8], usage,
+  now, tonumber(ARGV[3]), false)
+let_go(KEYS[2], rid .. '|' .. attempt, ARGV[6], produced, requeue, ARGV[9], now, lease, nxt, prompt)
 return { finished and 1 or 0, status }

@@ -24,7 +24,7 @@
 --     hint             list   wakes the group's scheduler loop
 --     pol / tw         hash   copies of the policy and of the tenant weights (decisions read these)
 --     m                hash   the group's share of the metrics
---   global             sg:groups (set), sg:policy, sg:tenants, sg:keys, sg:clock (tests only)
+--   global             sg:groups (set), sg:models, sg:policy, sg:tenants, sg:keys, sg:clock (tests only)
 
 local PREFIX = 'sg:'
 local TERMINAL = { {{TERMINAL}} }

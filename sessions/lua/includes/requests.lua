@@ -131,7 +131,7 @@ local function finalize(rid, r, status, event, data, now, ttl, via_outbox)
   return advance(dp, r.sid, rid, now, ttl, via_outbox)
 end
 
-local END_FIELDS = { 'st', 'a', 'w', 'n', 'dn', 'sid', 'g', 'tn', 'p' }
+local END_FIELDS = { 'st', 'a', 'w', 'n', 'dn', 'sid', 'g', 'tn', 'p', 'it', 'fl' }
 local function owns(r, attempt, wid)
   return r.st == 'running' and r.a == attempt and (wid == nil or r.w == wid)
 end
@@ -149,39 +149,74 @@ local function still_waiting(rid, r, attempt)
   return nil
 end
 
--- End attempt `attempt` as done or failed. Returns finished (bool), status, tokens this attempt
--- produced (nil when unknown), the session's next head (ready spec) if any, and (refused: the run
--- was taken away, e.g. a sweep handed it back meanwhile) the request's spec when it still waits, for
--- the release to requeue: whichever of the two releases comes first finds the run record.
-local function d_finish(rid, attempt, wid, outcome, detail, now, ttl, via_outbox)
+-- The usage a `done` reports: the backend's for the whole request when it gave one (a table), else
+-- Sluicegate's count: the estimated input tokens and the tokens streamed.
+local function usage_of(r, usage, tokens)
+  if usage then return usage end
+  local prompt = tonumber(r.it) or 0
+  return { prompt_tokens = prompt, completion_tokens = tokens, total_tokens = prompt + tokens }
+end
+
+-- End attempt `attempt` as done or failed. `usage`: the backend's usage for the whole request (a
+-- table) or nil. Returns finished (bool), status, tokens this attempt produced (nil when unknown; by
+-- the backend's count when it reported usage), the session's next head (ready spec) if any, (refused:
+-- the run was taken away, e.g. a sweep handed it back meanwhile) the request's spec when it still
+-- waits, for the release to requeue (whichever of the two releases comes first finds the run record),
+-- and the request's real input tokens when the backend reported them.
+local function d_finish(rid, attempt, wid, outcome, detail, usage, now, ttl, via_outbox)
   local r = load(rid, END_FIELDS)
   if not owns(r, attempt, wid) then
     return false, r.st or 'missing', produced_by(r, attempt), nil, still_waiting(rid, r, attempt)
   end
   local produced, tokens = produced_by(r, attempt), tonumber(r.n)
+  local prompt
   local nxt
   if outcome == 'done' then
-    nxt = finalize(rid, r, 'done', 'done', { request_id = rid, tokens = tokens, finish_reason = detail }, now, ttl,
-      via_outbox)
+    local reported = usage_of(r, usage, tokens)
+    if usage then
+      produced = math.max(0, (tonumber(usage.completion_tokens) or tokens) - tonumber(r.dn or 0))
+      prompt = tonumber(usage.prompt_tokens)
+    end
+    redis.call('HSET', kreq(rid), 'fr', detail, 'us', cjson.encode(reported))
+    nxt = finalize(rid, r, 'done', 'done', { request_id = rid, tokens = tokens, finish_reason = detail,
+      usage = reported }, now, ttl, via_outbox)
   else
     redis.call('HSET', kreq(rid), 'err', detail)
     nxt = finalize(rid, r, 'failed', 'error', { request_id = rid, tokens = tokens, message = detail }, now, ttl,
       via_outbox)
   end
-  return true, r.st, produced, nxt
+  return true, r.st, produced, nxt, nil, prompt
 end
 
+-- The stops that count against a request's attempts (--max-attempts): its backend calls failed, or
+-- its worker was lost. Preemptions, cancels and graceful hand-backs (shutdown) do not count.
+local FAILURES = { backend_error = true, worker_lost = true }
+
 -- Stop attempt `attempt` and put its request back to wait (preempted, worker lost or shutting
--- down, backend failed after tokens streamed): it resumes from the tokens so far. `reason` is a
--- label ("priority", "worker_lost", ...), optionally followed by ": detail"; only the label reaches
--- metrics (bounded cardinality). Returns stopped (bool), status, produced, ready spec to requeue.
-local function d_stop(rid, attempt, wid, reason)
+-- down, backend failed): it resumes from the tokens so far. `reason` is a label ("priority",
+-- "worker_lost", ...), optionally followed by ": detail"; only the label reaches metrics (bounded
+-- cardinality). A failure (FAILURES) that is the request's `max_attempts`-th ends it instead, as
+-- failed, with an `error` event. Returns stopped (bool), status, produced, the ready spec to requeue
+-- (nil when it ended), and the session's next head (ready spec) when it ended.
+local function d_stop(rid, attempt, wid, reason, max_attempts, now, ttl, via_outbox)
   local r = load(rid, END_FIELDS)
   local label, detail = string.match(reason, '^([%w_]+):%s*(.*)$')
+  label = label or reason
   if not owns(r, attempt, wid) then -- not ours any more; still waiting: requeue it as it is
     return false, r.st or 'missing', produced_by(r, attempt), still_waiting(rid, r, attempt)
   end
-  d_preempted(rid, r, label or reason, detail)
+  if FAILURES[label] and max_attempts then
+    local failures = redis.call('HINCRBY', kreq(rid), 'fl', 1)
+    if failures >= max_attempts then
+      local message = 'failed ' .. failures .. ' attempts (--max-attempts ' .. max_attempts .. '); last: '
+        .. label .. (detail and detail ~= '' and (': ' .. detail) or '')
+      redis.call('HSET', kreq(rid), 'err', message)
+      local nxt = finalize(rid, r, 'failed', 'error', { request_id = rid, tokens = tonumber(r.n), message = message },
+        now, ttl, via_outbox)
+      return true, r.st, produced_by(r, attempt), nil, nxt
+    end
+  end
+  d_preempted(rid, r, label, detail)
   return true, r.st, produced_by(r, attempt), ready_spec(rid)
 end
 

@@ -1,0 +1,64 @@
+"""Which group a chat call's `model` names, as this API process sees the registry (sessions/store.py).
+
+The registry changes rarely and every chat call reads it, so a snapshot is kept for `ttl` seconds: a
+known model costs no round trip. A name the snapshot does not know reloads it when it is older than
+`miss_ttl`, so a model declared a moment ago works within about a second, and a flood of unknown
+names costs at most one read per `miss_ttl`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+from sluicegate.sessions import keys
+from sluicegate.sessions.connect import text
+from sluicegate.sessions.store import DEFAULT_GROUP
+
+
+class Directory:
+    def __init__(self, redis: Any, *, ttl: float = 5.0, miss_ttl: float = 1.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.redis = redis
+        self.ttl = ttl
+        self.miss_ttl = miss_ttl
+        self.clock = clock
+        self.models: dict[str, str] = {}  # model -> group
+        self.groups: frozenset[str] = frozenset()
+        self.loaded_at = -math.inf
+        self._lock = asyncio.Lock()  # one reload at a time; the callers waiting on it share its result
+
+    async def group_for(self, model: str) -> str | None:
+        """The group serving `model`, else the group of that name; None when there is neither."""
+        await self._fresh(self.ttl)
+        group = self._lookup(model)
+        if group is None:
+            await self._fresh(self.miss_ttl)
+            group = self._lookup(model)
+        return group
+
+    def invalidate(self) -> None:
+        """Forget the snapshot (this process changed the registry): the next lookup reloads it."""
+        self.loaded_at = -math.inf
+
+    def _lookup(self, model: str) -> str | None:
+        group = self.models.get(model)
+        if group is None and (model == DEFAULT_GROUP or model in self.groups):
+            group = model
+        return group
+
+    async def _fresh(self, max_age: float) -> None:
+        if self.clock() - self.loaded_at <= max_age:
+            return
+        async with self._lock:
+            if self.clock() - self.loaded_at <= max_age:  # reloaded while this caller waited
+                return
+            began = self.clock()
+            models = await self.redis.hgetall(keys.MODELS)
+            groups = await self.redis.smembers(keys.GROUPS)
+            self.models = {text(m): text(g) for m, g in models.items()}
+            self.groups = frozenset(text(g) for g in groups)
+            self.loaded_at = began

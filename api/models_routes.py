@@ -1,0 +1,48 @@
+"""`GET /v1/models`: what a chat call can name as its `model` right now, in OpenAI's shape.
+
+A group is listed while it has a live worker, under the model it declared or, when it declared none,
+under its own name (a chat call's `model` may name a group). `created` is the time of the answer, as
+vLLM gives it: Sluicegate keeps no creation time for a model.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+
+from sluicegate.api.auth import Principal
+from sluicegate.api.errors import ApiError
+from sluicegate.api.responses import JSON
+from sluicegate.api.services import principal, services
+from sluicegate.sessions.store import group_models
+
+router = APIRouter()
+
+
+def model_not_found(model: str) -> ApiError:
+    return ApiError(404, f"the model {model[:256]!r} does not exist or no group serves it (GET /v1/models lists them)",
+                    "model_not_found", "model_not_found")
+
+
+async def served_models(request: Request) -> list[dict[str, Any]]:
+    svc = services(request)
+    live = {w["group"] for w in await svc.tuning.workers()}
+    named = await group_models(svc.redis)
+    created = int(time.time())
+    ids = sorted({named.get(group, group) for group in live})
+    return [{"id": i, "object": "model", "created": created, "owned_by": "sluicegate"} for i in ids]
+
+
+@router.get("/v1/models")
+async def list_models(request: Request, who: Principal = Depends(principal)):
+    return JSON({"object": "list", "data": await served_models(request)})
+
+
+@router.get("/v1/models/{model:path}")
+async def get_model(model: str, request: Request, who: Principal = Depends(principal)):
+    for entry in await served_models(request):
+        if entry["id"] == model:
+            return JSON(entry)
+    raise model_not_found(model)
