@@ -9,9 +9,10 @@ from fastapi import APIRouter, Depends, Request
 from sluicegate.api.auth import Principal, require_admin
 from sluicegate.api.errors import ApiError
 from sluicegate.api.responses import JSON
-from sluicegate.api.schemas import NAME_PATTERN, GroupBody, KeyBody, WeightBody
+from sluicegate.api.schemas import GroupBody, KeyBody, WeightBody
 from sluicegate.api.services import principal, services
-from sluicegate.sessions.store import ModelConflict, declare_group, forget_group_model, group_models
+from sluicegate.sessions.keys import NAME_PATTERN
+from sluicegate.sessions.registry import ModelConflict, declare_group, forget_group_model, group_models
 
 router = APIRouter(prefix="/v1/admin")
 NAME = re.compile(NAME_PATTERN)

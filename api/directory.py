@@ -16,7 +16,7 @@ from typing import Any
 
 from sluicegate.sessions import keys
 from sluicegate.sessions.connect import text
-from sluicegate.sessions.store import DEFAULT_GROUP
+from sluicegate.sessions.registry import DEFAULT_GROUP
 
 
 class Directory:
@@ -29,6 +29,7 @@ class Directory:
         self.models: dict[str, str] = {}  # model -> group
         self.groups: frozenset[str] = frozenset()
         self.loaded_at = -math.inf
+        self.served: tuple[float, list[dict[str, Any]]] | None = None  # GET /v1/models: (when, listing)
         self._lock = asyncio.Lock()  # one reload at a time; the callers waiting on it share its result
 
     async def group_for(self, model: str) -> str | None:
@@ -43,6 +44,7 @@ class Directory:
     def invalidate(self) -> None:
         """Forget the snapshot (this process changed the registry): the next lookup reloads it."""
         self.loaded_at = -math.inf
+        self.served = None
 
     def _lookup(self, model: str) -> str | None:
         group = self.models.get(model)

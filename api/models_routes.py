@@ -16,9 +16,10 @@ from sluicegate.api.auth import Principal
 from sluicegate.api.errors import ApiError
 from sluicegate.api.responses import JSON
 from sluicegate.api.services import principal, services
-from sluicegate.sessions.store import group_models
+from sluicegate.sessions.registry import group_models
 
 router = APIRouter()
+SERVED_TTL = 1.0  # seconds a listing is reused
 
 
 def model_not_found(model: str) -> ApiError:
@@ -27,12 +28,18 @@ def model_not_found(model: str) -> ApiError:
 
 
 async def served_models(request: Request) -> list[dict[str, Any]]:
+    """The listing, kept a second per process: any caller may ask, and it reads every worker's liveness."""
     svc = services(request)
+    cached = svc.directory.served
+    if cached is not None and time.monotonic() - cached[0] < SERVED_TTL:
+        return cached[1]
     live = {w["group"] for w in await svc.tuning.workers()}
     named = await group_models(svc.redis)
     created = int(time.time())
     ids = sorted({named.get(group, group) for group in live})
-    return [{"id": i, "object": "model", "created": created, "owned_by": "sluicegate"} for i in ids]
+    listing = [{"id": i, "object": "model", "created": created, "owned_by": "sluicegate"} for i in ids]
+    svc.directory.served = (time.monotonic(), listing)
+    return listing
 
 
 @router.get("/v1/models")

@@ -37,12 +37,13 @@ from sluicegate.api.errors import ApiError
 from sluicegate.api.models_routes import model_not_found
 from sluicegate.api.requests_routes import check_session_id, submit_request
 from sluicegate.api.responses import EventStreamResponse
-from sluicegate.api.schemas import NAME_PATTERN, ChatBody, SubmitBody, parse_priority
+from sluicegate.api.schemas import ChatBody, SubmitBody, parse_priority
 from sluicegate.api.services import Services, principal, services
 from sluicegate.api.streaming import PING
 from sluicegate.sessions.events import Event
+from sluicegate.sessions.keys import NAME_PATTERN
+from sluicegate.sessions.registry import DEFAULT_GROUP
 from sluicegate.sessions.requests import NewRequest
-from sluicegate.sessions.store import DEFAULT_GROUP
 from sluicegate.sessions.stream import EventStream
 
 router = APIRouter()

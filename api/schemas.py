@@ -9,10 +9,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from sluicegate.scheduler.quota import Quota
 from sluicegate.sessions.keys import NAME_PATTERN
-from sluicegate.sessions.store import check_model_name
+from sluicegate.sessions.registry import check_model_name
 from sluicegate.settings import PRIORITY_NAMES
-
-__all__ = ["NAME_PATTERN"]  # the API validates names with the key layout's rule
 
 ROLES = ("system", "user", "assistant", "tool", "developer", "function")
 SESSION_PATTERN = re.compile(r"^[A-Za-z0-9._:@-]{1,128}$")

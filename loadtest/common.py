@@ -133,7 +133,11 @@ class ServeProcess:
     def start(self, timeout: float = 60) -> ServeProcess:
         self.port = self.port or free_port()
         self.data_dir = tempfile.mkdtemp(prefix="sg-bench-")
-        args = [sys.executable, "-m", "sluicegate", "serve", "--port", str(self.port), "--data-dir", self.data_dir,
+        # Another checkout runs in its own environment when it has one (`python3 -m venv DIR/.venv && DIR/.venv/bin/pip
+        # install -e DIR`): this one's editable install maps sluicegate.* to this checkout's folders.
+        own = self.checkout / ".venv" / "bin" / "python"
+        python = str(own) if self.checkout != ROOT and own.is_file() else sys.executable
+        args = [python, "-m", "sluicegate", "serve", "--port", str(self.port), "--data-dir", self.data_dir,
                 "--log-level", "warning", *self.flags]
         if self.redis_url:
             args += ["--redis-url", self.redis_url]

@@ -13,7 +13,7 @@ from redis.asyncio import Redis
 from sluicegate.sessions import keys
 from sluicegate.sessions.connect import text
 from sluicegate.sessions.metrics_store import read_metrics
-from sluicegate.sessions.store import register_group
+from sluicegate.sessions.registry import register_group
 
 
 def _number(text: str) -> float | int:

@@ -18,8 +18,8 @@ import logging
 from sluicegate.scheduler.policy import publish_policy
 from sluicegate.sessions import keys
 from sluicegate.sessions.connect import async_client, text
+from sluicegate.sessions.registry import copy_policy
 from sluicegate.sessions.scripts import Scripts
-from sluicegate.sessions.store import copy_policy
 from sluicegate.sessions.transitions import Transitions
 from sluicegate.settings import Settings
 

@@ -13,7 +13,7 @@ from typing import Any
 from sluicegate.sessions import keys
 from sluicegate.sessions.connect import text
 from sluicegate.sessions.library import policy_fields
-from sluicegate.sessions.store import copy_policy
+from sluicegate.sessions.registry import copy_policy
 from sluicegate.settings import Settings
 
 __all__ = ["policy_fields", "publish_policy"]

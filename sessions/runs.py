@@ -12,9 +12,9 @@ from redis.asyncio import Redis
 from sluicegate.sessions import keys
 from sluicegate.sessions.connect import async_client
 from sluicegate.sessions.events import Event
+from sluicegate.sessions.registry import declare_group, register_group
 from sluicegate.sessions.resp import LeanRedis
 from sluicegate.sessions.scripts import Scripts
-from sluicegate.sessions.store import declare_group, register_group
 from sluicegate.sessions.transitions import MAX_ATTEMPTS, Transitions
 
 log = logging.getLogger(__name__)
@@ -139,8 +139,11 @@ class RunStore:
         """Offer exactly `free` free slots of `total` to the scheduler, replacing every ticket offered
         before (so it is safe to repeat); `set_free_slots(0)` withdraws them all and deregisters."""
         if free:  # known to the schedulers and the admin API, with the model it serves
-            try:
-                await declare_group(self.redis, self.group, self.model)
+            try:  # never over an operator's name for the group: only when it names none yet
+                named = await declare_group(self.redis, self.group, self.model, replace=False)
+                if self.model is not None and named != self.model:
+                    log.warning("worker %s: group %r is declared as model %r; its --backend-model %r is sent to "
+                                "the backend but not registered", self.worker_id, self.group, named, self.model)
             except ValueError as error:  # the model is another group's (or not a name): serve without it
                 log.warning("worker %s: model %r not registered for group %r: %s", self.worker_id, self.model,
                             self.group, error)
@@ -220,10 +223,17 @@ class RunStore:
         return await self.transitions.hand_back(rid, attempt, wid=self.worker_id, group=self.group, reason=reason,
                                                 return_slot=return_slot)
 
-    async def output_so_far(self, spec: RunSpec) -> str:
-        """The text of tokens 0..start_index-1 of a request, from its session log (for resumes)."""
+    async def pin(self, rid: str, attempt: str) -> bool:
+        """Keep a running run from being preempted (see scheduler/lua/pin.lua); False when it was stopped."""
+        return await self.transitions.pin(self.group, rid, attempt)
+
+    async def output_so_far(self, spec: RunSpec) -> tuple[str, bool]:
+        """The text of tokens 0..start_index-1 of a request, from its session log (for resumes), and
+        whether an engine can continue from it: False once a token carried a non-text delta (a
+        tool call), which no engine can be asked to continue."""
         first = int(await self.redis.hget(keys.request(spec.request_id), "fs") or 1)
         texts: list[str] = []
+        text_only = True
         cursor = first - 1
         while len(texts) < spec.start_index:
             reply = await self.transitions.read_log(spec.session_id, cursor, 1000)
@@ -235,8 +245,9 @@ class RunStore:
                     data = json.loads(event.data)
                     if data["index"] == len(texts):
                         texts.append(data["text"])
+                        text_only = text_only and "delta" not in data
             cursor = entries[-1].seq
-        return "".join(texts[: spec.start_index])
+        return "".join(texts[: spec.start_index]), text_only
 
     async def heartbeat(self, running: list[str], *, leaving: bool = False) -> tuple[bool, list[str]]:
         """Renew liveness (unless leaving) and the runs' leases, reaping the group's dead workers.

@@ -164,6 +164,11 @@ class Transitions:
         if text(reply[4]):
             await self._ready(reply[4])
 
+    async def pin(self, group: str, rid: str, attempt: str) -> bool:
+        """Make a running run immune to preemption (it is about to stream what no resume could continue);
+        False when the control plane already stopped it."""
+        return int(await self._call("pin", [keys.group_prefix(group)], [f"{rid}|{attempt}"])) == 1
+
     async def register_worker(self, group: str, wid: str, *, free: int, total: int, info: str = "") -> int:
         return int(await self._call("register_worker", [keys.group_prefix(group)],
                                     [self.lease_ms, wid, free, total, info or str(total)]))

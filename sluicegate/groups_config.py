@@ -29,7 +29,7 @@ from pydantic import ValidationError
 
 from sluicegate.scheduler.quota import QUOTA_FIELDS, Quota
 from sluicegate.sessions.keys import NAME_PATTERN
-from sluicegate.sessions.store import check_model_name
+from sluicegate.sessions.registry import check_model_name
 from sluicegate.settings import BadSetting, Settings, bad_setting, env_values
 
 TABLE = "groups"

@@ -37,8 +37,8 @@ from typing import Any, TextIO
 
 from sluicegate.sessions import keys
 from sluicegate.sessions.connect import RedisUnavailable, async_client, check_redis
+from sluicegate.sessions.registry import copy_policy, register_group
 from sluicegate.sessions.scripts import Scripts
-from sluicegate.sessions.store import copy_policy, register_group
 from sluicegate.settings import Settings
 
 OLD_REQUEST = keys.PREFIX + "r:"  # sg:r:<rid>, sg:r:<rid>:in

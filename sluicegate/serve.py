@@ -30,7 +30,7 @@ from sluicegate.embedded import EmbeddedCluster, EmbeddedServer, ServerNotFound
 from sluicegate.groups_config import GroupConfig
 from sluicegate.scheduler.admin import Tuning
 from sluicegate.sessions.connect import UNAVAILABLE, async_client
-from sluicegate.sessions.store import declare_group, forget_group_model, group_models
+from sluicegate.sessions.registry import declare_group, forget_group_model, group_models
 from sluicegate.settings import Settings
 
 log = logging.getLogger("sluicegate.serve")

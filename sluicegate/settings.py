@@ -151,8 +151,9 @@ class Settings(BaseSettings):
     backend_api_key: str | None = Field(None, description="API key sent to the backend as a bearer token")
     backend_model: Annotated[str, _checked(parse_backend_models)] = Field(
         "", description="model name sent to the backend: `name` for all groups or `group=name,...`")
-    backend_timeout: Positive = Field(60.0, description="seconds to wait for the backend's next chunk before "
-                                     "treating it as failed")
+    backend_timeout: Positive = Field(60.0, description="seconds to connect to the backend (and to read its model "
+                                     "list); reads of a stream are bounded by --backend-first-token-timeout and "
+                                     "--backend-idle-timeout")
     backend_retries: Count = Field(4, description="tries of one attempt against a failing backend before the first "
                                    "token (connection refused, 5xx, 429, timeouts), with backoff; then the attempt "
                                    "fails (see --max-attempts)")

@@ -15,10 +15,10 @@ from redis.asyncio import Redis as AsyncRedis
 
 from sluicegate.scheduler.admin import Tuning
 from sluicegate.sessions import keys
+from sluicegate.sessions.registry import register_group
 from sluicegate.sessions.requests import NewRequest
 from sluicegate.sessions.runs import Assignment
 from sluicegate.sessions.scripts import Scripts
-from sluicegate.sessions.store import register_group
 from sluicegate.sessions.transitions import Transitions, run_sync
 
 LEASE_MS = 600_000  # long: worker liveness keys use the real clock, the pinned clock drives the rest

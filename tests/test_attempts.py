@@ -118,3 +118,36 @@ def test_a_resumed_run_reconciles_only_the_output_of_its_own_attempt(r: redis.Re
     h.append(h.run_of(rid), 5)
     finish_with(h, rid, "stop", {"prompt_tokens": estimate, "completion_tokens": 9, "total_tokens": estimate + 9})
     assert h.vtc("acme") == estimate + 9
+
+
+def test_a_preempted_run_whose_hand_back_fails_it_leaves_no_waiting_entry(r: redis.Redis) -> None:
+    """On a cluster the control plane requeues a preempted run at once and the worker's hand-back fences
+    it later; when that hand-back reports the request's last allowed failure, the request ends, and
+    its waiting entry must go with it (it was dispatched for nothing, and counted as queued)."""
+    h = harness(r, max_attempts=1)
+    h.policy(min_run=0)
+    h.add_worker("w1", slots=1)
+    low = h.submit("low", priority=2, max_tokens=50)
+    after = h.submit("low", priority=2, max_tokens=2)  # the session's next request
+    h.append(h.run_of(low), 2)
+    high = h.submit("high", priority=9, max_tokens=3)
+    h.handback(h.run_of(low), reason="backend_error: the stream broke")
+    cp = keys.group_key("default", "")
+    if ON_CLUSTER:
+        waiting = r.hget(cp + "rq", "low")
+        assert waiting is None or json.loads(waiting)["rid"] == after  # not the failed request
+    h.complete(high)
+    if not ON_CLUSTER:  # one server: it was preempted in the decision's own call, and resumes now
+        h.complete(low)
+    h.complete(after)
+    depth: dict[str, float] = {}  # the gauge is the sum of the data planes' and the control plane's shares
+    for name in [keys.data_metrics(b) for b in keys.all_buckets()] + [keys.group_metrics("default")]:
+        for k, v in r.hgetall(name).items():
+            if k.startswith("depth|"):
+                depth[k] = depth.get(k, 0) + float(v)
+    if ON_CLUSTER:  # the hand-back came first on the data plane: the request failed there
+        assert h.status(low) == "failed" and h.status(after) == "done" and r.hget(cp + "rq", "low") is None
+        assert all(v == 0 for v in depth.values()), depth
+        assert not h.running() and h.dispatched_rids().count(low) == 1
+    else:  # one server: the preemption fenced the run in its own call; the late hand-back is no failure
+        assert h.status(low) == "done" and h.status(after) == "done" and h.req(low).get("fl") is None

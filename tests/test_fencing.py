@@ -11,10 +11,10 @@ import pytest
 import redis
 
 from sluicegate.sessions import keys
+from sluicegate.sessions.registry import register_group
 from sluicegate.sessions.requests import NewRequest
 from sluicegate.sessions.runs import Assignment
 from sluicegate.sessions.scripts import Scripts
-from sluicegate.sessions.store import register_group
 from sluicegate.sessions.transitions import Transitions, run_sync
 from sluicegate.workers.engines.sim import SimEngine, prompt_seed, sim_text, sim_token
 from sluicegate.workers.runner import Run, token_data

@@ -17,7 +17,7 @@ import redis
 from sluicegate.api.directory import Directory
 from sluicegate.sessions import keys
 from sluicegate.sessions.connect import async_client
-from sluicegate.sessions.store import (
+from sluicegate.sessions.registry import (
     ModelConflict,
     declare_group,
     forget_group_model,
@@ -99,8 +99,9 @@ def test_concurrent_declarations_of_one_model_have_one_winner(redis_url: str, r:
                                     return_exceptions=True)
 
     outcomes = with_redis(redis_url, scenario)
-    assert sum(o is None for o in outcomes) == 1 and all(isinstance(o, ModelConflict) for o in outcomes if o)
-    winner = f"g{outcomes.index(None)}"
+    assert sum(o == LLAMA for o in outcomes) == 1
+    assert all(isinstance(o, ModelConflict) for o in outcomes if o != LLAMA)
+    winner = f"g{outcomes.index(LLAMA)}"
     assert r.hgetall(keys.MODELS) == {LLAMA: winner}
     assert {o.group for o in outcomes if isinstance(o, ModelConflict)} == {winner}
 
@@ -197,8 +198,8 @@ def test_models_lists_the_groups_with_live_workers(empty_stack: Stack) -> None:
     assert missing.value.code == "model_not_found"
 
     big = next(w for w, worker in stack.workers.items() if worker.settings.group == "big")
-    stack.stop_service(big)  # its worker gone: the group's model is no longer listed
-    assert [m.id for m in client.models.list().data] == ["default", "small"]
+    stack.stop_service(big)  # its worker gone: the group's model is no longer listed (a listing lasts 1 s)
+    wait_for(lambda: [m.id for m in client.models.list().data] == ["default", "small"], what="big to go")
 
 
 def test_models_needs_a_key_when_auth_is_on(redis_url: str) -> None:
@@ -328,11 +329,13 @@ def test_a_worker_whose_model_is_taken_serves_without_it(empty_stack: Stack, r: 
     assert r.hgetall(keys.MODELS) == {LLAMA: "big"} and "other" in r.smembers(keys.GROUPS)
     rid = submit(stack.base_url, "s", prompt="x", group="other", max_tokens=2)
     wait_for(lambda: call("GET", f"{stack.base_url}/v1/requests/{rid}")[1]["status"] == "done", what="the run")
-    assert [m.id for m in sdk(stack).models.list().data] == ["other"]
+    wait_for(lambda: [m.id for m in sdk(stack).models.list().data] == ["other"], what="the listing")
 
-    stack.add_worker(group="big", backend_model=f"big={QWEN}")  # a worker's model replaces the group's
-    assert r.hgetall(keys.MODELS) == {QWEN: "big"}
-    assert [m.id for m in sdk(stack).models.list().data] == ["other", QWEN]
+    with caplog.at_level(logging.WARNING, logger="sluicegate.sessions.runs"):
+        stack.add_worker(group="big", backend_model=f"big={QWEN}")  # never over the operator's name for the group
+    assert r.hgetall(keys.MODELS) == {LLAMA: "big"}
+    wait_for(lambda: [m.id for m in sdk(stack).models.list().data] == [LLAMA, "other"], what="the listing")
+    assert any("declared as model" in rec.getMessage() and QWEN in rec.getMessage() for rec in caplog.records)
 
 
 # ---- messages ------------------------------------------------------------------------------------

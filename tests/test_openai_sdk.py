@@ -255,3 +255,38 @@ def test_preempted_twice_answers_as_if_never_preempted(fake: FakeBackend, redis_
         assert done["finish_reason"] == "stop" and done["usage"]["prompt_tokens"] == 9
         assert done["usage"]["completion_tokens"] == len(STORY)
         assert call("GET", f"{stack.base_url}/v1/requests/{rid}")[1]["status"] == "done"
+
+
+# ---- a run that streamed a tool call is never preempted -------------------------------------------------
+def test_a_run_streaming_a_tool_call_is_not_preempted(fake: FakeBackend, redis_url: str) -> None:
+    """An engine continues text, not a half-made tool call: once a run streamed a tool-call delta it is
+    pinned (never preempted), so an agent never gets a call generated twice into broken JSON."""
+    slow_tool = [{"content": f"w{i} "} for i in range(6)] + TOOL_DELTAS[1:] + [
+        {"tool_calls": [{"index": 1, "function": {"arguments": ""}}]} for _ in range(30)]
+
+    def script(body: dict[str, Any]) -> Script | None:
+        if body["messages"][0].get("content") == LOW_MESSAGES[0]["content"]:
+            return Script(deltas=slow_tool, chunk_delay=0.05, finish_reason="tool_calls")
+        return Script.text("ok", prompt_tokens=3)
+
+    fake.choose = script
+    with sluicegate_in_front(fake, redis_url, slots=1) as (stack, _):
+        rid = submit(stack.base_url, "agent", prompt=None, messages=LOW_MESSAGES, max_tokens=100, priority="low")
+        fake.wait_until(lambda rs: rs and rs[-1].chunks_sent >= 9, what="the tool call to be streaming")
+        high = submit(stack.base_url, "urgent", prompt="hi", max_tokens=2, priority="critical")
+        events = list(sse(stack.base_url, f"/v1/requests/{rid}/events", timeout=30))
+        assert [e.event for e in events].count("preempted") == 0 and events[-1].event == "done"
+        assert events[-1].data["finish_reason"] == "tool_calls"
+        assert list(sse(stack.base_url, f"/v1/requests/{high}/events", timeout=30))[-1].event == "done"
+        agent, urgent = (call("GET", f"{stack.base_url}/v1/requests/{r}")[1] for r in (rid, high))
+        assert agent["preemptions"] == 0 and urgent["started_at"] >= agent["finished_at"]  # it waited its turn
+
+
+def test_a_tool_call_cut_by_the_backend_is_not_resumed_into_broken_json(fake: FakeBackend, gate: Stack) -> None:
+    """A backend failure in the middle of a tool call cannot be continued (an engine continues text):
+    the request fails with a message that says so, rather than an agent getting a call twice."""
+    fake.default = Script(deltas=TOOL_DELTAS, cut_after=3, finish_reason="tool_calls")
+    rid = submit(gate.base_url, "cut-tool", prompt=None, messages=MESSAGES, max_tokens=50)
+    events = list(sse(gate.base_url, f"/v1/requests/{rid}/events", timeout=30))
+    assert events[-1].event == "error" and "streamed a tool call" in events[-1].data["message"]
+    assert len(fake.records) == 1  # no second backend call made it into the output

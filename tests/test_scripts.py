@@ -8,9 +8,9 @@ import redis
 
 from sluicegate.sessions import keys
 from sluicegate.sessions.library import FUNCTIONS, function_name, library_source
+from sluicegate.sessions.registry import register_group
 from sluicegate.sessions.requests import NewRequest
 from sluicegate.sessions.scripts import Scripts
-from sluicegate.sessions.store import register_group
 from sluicegate.sessions.transitions import Transitions, run_sync
 from tests.helpers import Stack, sse, submit
 from tests.sched_harness import _Sync

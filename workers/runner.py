@@ -66,6 +66,7 @@ class Run:
         self._wake = asyncio.Event()
         self._produced_all = False
         self.finish: Finish | None = None
+        self._pinned = False
 
     @property
     def key(self) -> str:
@@ -100,6 +101,12 @@ class Run:
             if isinstance(piece, Finish):
                 self.finish = piece
                 continue
+            if isinstance(piece, Token) and piece.delta and not self._pinned:
+                # A resume continues text, not a half-made tool call: pinned first (never preempted
+                # from here on), or not written at all when the run was stopped meanwhile.
+                if not await self.store.pin(self.spec.request_id, self.spec.attempt):
+                    raise Fenced("stopped before it streamed a tool call")
+                self._pinned = True
             self._pending.append(piece)
             self._wake.set()
         self._produced_all = True

@@ -36,6 +36,8 @@ from sluicegate.workers.runner import Run
 
 log = logging.getLogger(__name__)
 
+CANNOT_CONTINUE = ("the run was interrupted after it streamed a tool call, which no engine can continue: "
+                   "call again")
 EARLY_NOTICES = 1024  # notices kept for runs whose assignment has not arrived (most are for ended runs)
 
 
@@ -274,9 +276,14 @@ class Worker:
         rid, attempt, key = assignment.request_id, assignment.attempt, assignment.key
         try:
             spec = await self.store.spec(assignment)
-            so_far = await self.store.output_so_far(spec) if spec is not None and spec.start_index else ""
+            so_far, continuable = ("", True)
+            if spec is not None and spec.start_index:
+                so_far, continuable = await self.store.output_so_far(spec)
             if spec is None or key in self.interrupted:  # lost before it started
                 await self._end(rid, attempt, reason=self._stop_reason(key))
+                return
+            if not continuable:  # never preempted (pinned), but its worker was lost or its backend failed
+                await self._end(rid, attempt, outcome="failed", detail=CANNOT_CONTINUE)
                 return
             self.executing.add(key)
             try:

@@ -40,10 +40,11 @@ from sluicegate.loadtest.common import (
     write_result,
 )
 from sluicegate.sessions import keys
+from sluicegate.sessions.registry import register_group
 from sluicegate.sessions.requests import NewRequest
 from sluicegate.sessions.runs import RunStore
 from sluicegate.sessions.scripts import Scripts
-from sluicegate.sessions.store import SessionStore, register_group
+from sluicegate.sessions.store import SessionStore
 
 PROMPT = "x" * 100  # a 100-character prompt, as in the memory figure
 

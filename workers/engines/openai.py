@@ -169,7 +169,9 @@ class OpenAIEngine:
     def session(self) -> aiohttp.ClientSession:
         """Created on first use, inside the worker's event loop."""
         if self._session is None:
-            timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.timeout, sock_read=self.timeout)
+            # Reads are bounded by the first-token and idle deadlines (keep-alive comments do not count
+            # as activity there, and a long prefill may exceed any fixed socket read timeout).
+            timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.timeout, sock_read=None)
             self._session = aiohttp.ClientSession(
                 timeout=timeout, headers=self.headers,
                 connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30))
@@ -187,7 +189,7 @@ class OpenAIEngine:
         if configured:
             return configured
         if self._served_model is None:
-            async with self.session.get(f"{self.base_url}/models") as response:
+            async with asyncio.timeout(self.timeout), self.session.get(f"{self.base_url}/models") as response:
                 body = await response.read()
                 if response.status != 200:
                     self._raise_for_status(response.status, body)
@@ -252,6 +254,8 @@ class OpenAIEngine:
                     extra += 1
                     if extra > OVERSHOOT_READ:
                         break
+            if extra:  # it went past max_tokens: what the caller got ends at the length limit
+                state.finish_reason = "length"
             yield self._finish(state, run, produced, remaining)
         except (Transient, aiohttp.ClientError, TimeoutError, ValueError) as error:
             raise EngineError(f"backend stream broke after {produced} tokens: {describe(error)}",

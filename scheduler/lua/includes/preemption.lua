@@ -1,7 +1,8 @@
 -- preemption.lua: stop the lowest-ranked running requests (lowest class, then most recently
 -- started) while more requests of a higher class wait than slots are already being freed (pre).
 -- Aged requests (class 10) never preempt, but the real classes waiting below them still do.
--- Anti-thrash: a run that used up its max preemptions is immune and skipped; a run inside its
+-- Anti-thrash: a run that used up its max preemptions is immune and skipped, and so is a run that
+-- streamed a tool-call delta (pin.lua: it could not be resumed faithfully); a run inside its
 -- min-run quantum is passed over only for an older run of its own class, never for a higher
 -- class: the group is woken when the quantum ends and the victim is taken then.
 
@@ -45,7 +46,7 @@ local function preempt_for(cp, top, now, lease)
     for c = vcls + 1, 9 do above = above + (waiting[c] or 0) end
     if above <= pending then return end
     local rec = run_record(cp, victims[i])
-    if rec and (rec.pc or 0) < pol.max_pre then
+    if rec and (rec.pc or 0) < pol.max_pre and redis.call('SISMEMBER', cp .. 'pin', victims[i]) == 0 then
       local ripe = rec.ds + pol.min_run
       if now >= ripe then
         preempt(cp, victims[i], rec, now, lease)

@@ -22,6 +22,7 @@ local function end_run(cp, key, rec, produced, now, prompt)
   redis.call('HDEL', cp .. 'ri', key)
   redis.call('ZREM', cp .. 'run', key)
   redis.call('ZREM', cp .. 'leases', key)
+  redis.call('SREM', cp .. 'pin', key)
   produced = produced or rec.ce
   local pol = policy(cp)
   local correction = pol.w_out * (produced - rec.ce)
@@ -116,6 +117,15 @@ local function release(cp, key, produced, requeue, now, prompt)
   local rec = run_record(cp, key)
   if rec then
     end_run(cp, key, rec, produced, now, prompt)
+    if rec.rq and not requeue then
+      -- Requeued by a preemption here, but it ended meanwhile on the data plane (it finished, or
+      -- that was its last allowed attempt): its waiting entry goes, and off the depth gauge.
+      local waiting = ready_head(cp, rec.sid)
+      if waiting and waiting.rid == rec.rid and (waiting.a or 0) <= rec.a
+          and remove_ready(cp, rec.sid, waiting.tn, waiting.ep) then
+        depth(cp, waiting, -1)
+      end
+    end
     if requeue and not rec.cx then
       local spec = spec_of(rec, requeue)
       if rec.rq then

@@ -15,6 +15,7 @@
 --     ri               hash   "rid|attempt" -> run record (JSON) of each dispatched, unreleased run
 --     run              zset   running runs, score ranks preemption victims first
 --     pre              zset   runs being stopped (preempted or cancelled, worker not yet let go)
+--     pin              set    runs never to preempt: they streamed a tool-call delta (pin.lua)
 --     leases           zset   "rid|attempt" -> lease expiry (ms)
 --     tk               hash   "rid|attempt" -> worker: the slot each unreleased attempt holds
 --     idle             list   one ticket (worker id) per free worker slot
