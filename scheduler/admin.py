@@ -6,6 +6,7 @@ the next scheduling decision without restarting anything.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from redis.asyncio import Redis
@@ -14,6 +15,16 @@ from sluicegate.sessions import keys
 from sluicegate.sessions.connect import text
 from sluicegate.sessions.metrics_store import read_metrics
 from sluicegate.sessions.registry import register_group
+
+
+def shown_info(info: str) -> dict[str, Any]:
+    """What a worker registered for operators: JSON with its slots, engine and what the engine can do
+    (a bare slot count from workers of earlier versions)."""
+    try:
+        shown = json.loads(info)
+    except ValueError:
+        return {"slots": 0}
+    return shown if isinstance(shown, dict) else {"slots": int(shown)}
 
 
 def _number(text: str) -> float | int:
@@ -128,7 +139,7 @@ class Tuning:
             registered = await self.redis.hgetall(keys.group_key(group, "workers"))
             for wid, info in sorted((text(k), text(v)) for k, v in registered.items()):
                 if await self.redis.exists(keys.worker(group, wid)):
-                    alive.append({"worker_id": wid, "group": group, "slots": int(info)})
+                    alive.append({"worker_id": wid, "group": group, **shown_info(info)})
                 else:
                     await self.redis.hdel(keys.group_key(group, "workers"), wid)
         return alive

@@ -106,6 +106,8 @@ class RunStore:
         self.cluster = cluster
         self.lease_ms = int(lease_seconds * 1000)
         self.session_ttl = session_ttl
+        self.shown: dict[str, Any] = {}  # what operators see of this worker (engine, its capabilities)
+        self.resume_mode = "continue"  # how its engine resumes a run (the `resumed` event says it)
 
     @classmethod
     def connect(cls, redis_url: str, *, worker_id: str, group: str, lease_seconds: float, session_ttl: int,
@@ -148,8 +150,9 @@ class RunStore:
                 log.warning("worker %s: model %r not registered for group %r: %s", self.worker_id, self.model,
                             self.group, error)
                 await register_group(self.redis, self.group)
-        return await self.transitions.register_worker(self.group, self.worker_id, free=free,
-                                                      total=free if total is None else total)
+        total = free if total is None else total
+        info = json.dumps({**self.shown, "slots": total}, separators=(",", ":"))
+        return await self.transitions.register_worker(self.group, self.worker_id, free=free, total=total, info=info)
 
     async def next_assignment(self, timeout: float) -> Assignment | None:
         """The oldest assignment (the functions LPUSH them: runs start in the order they were dispatched)."""
@@ -176,7 +179,8 @@ class RunStore:
         if fields is None and not self.cluster:  # one server: started already, read it back
             return await self.load(assignment.request_id, assignment.attempt)
         if fields is None:
-            fields = await self.transitions.start(assignment.request_id, assignment.attempt, self.worker_id)
+            fields = await self.transitions.start(assignment.request_id, assignment.attempt, self.worker_id,
+                                                  resume=self.resume_mode)
             if fields is None:
                 return None
         if "in" not in fields:

@@ -26,7 +26,8 @@ API = ["auth", "admin_key", "max_body_mb", "max_tokens_limit", "sse_ping_seconds
 POLICY = ["input_token_weight", "output_token_weight", "output_estimate_ratio", "max_wait_seconds",
           "class_max_wait", "preempt_min_run_ms", "max_preemptions", "sweep_seconds"]
 WORKER = ["group", "slots", "engine", "backend_url", "backend_api_key", "backend_model", "backend_timeout",
-          "backend_retries", "backend_first_token_timeout", "backend_idle_timeout", "sim_tokens_per_second",
+          "backend_retries", "backend_probe", "backend_continue", "backend_first_token_timeout",
+          "backend_idle_timeout", "sim_tokens_per_second",
           "sim_prefill_ms", "heartbeat_seconds", "shutdown_grace_seconds"]
 COMMANDS: dict[str, tuple[str, list[str]]] = {
     "serve": ("everything in one process tree: embedded Valkey (unless --redis-url), API, scheduler and "

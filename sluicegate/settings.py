@@ -32,6 +32,7 @@ from pydantic_settings import (
 ENV_PREFIX = "SLUICEGATE_"
 PRIORITY_NAMES = {"low": 2, "normal": 5, "high": 7, "critical": 9}
 PRIORITY_CLASSES = range(10)
+DEFAULT_SLOTS = 8
 
 
 class BadSetting(ValueError):
@@ -112,7 +113,7 @@ NonNegative = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 RedisUrl = Annotated[str, _schemes("redis", "rediss", "unix")]
 HttpUrl = Annotated[str, _schemes("http", "https")]
 ClusterSize = Annotated[int, Field(ge=0), AfterValidator(_off_or_a_cluster)]
-OPTIONAL = ("config", "redis_url", "rq_redis_url", "backend_url", "backend_api_key", "auth", "admin_key")
+OPTIONAL = ("config", "redis_url", "rq_redis_url", "backend_url", "backend_api_key", "auth", "admin_key", "slots")
 
 
 class Settings(BaseSettings):
@@ -143,7 +144,8 @@ class Settings(BaseSettings):
     workers: int = Field(2, ge=0, description="worker processes that serve starts (0: run workers elsewhere)")
     group: str = Field("default", min_length=1, description="the consumer group (pool of workers, usually one "
                        "model) this worker serves")
-    slots: Count = Field(8, description="concurrent requests per worker process")
+    slots: Count | None = Field(None, description="concurrent requests per worker process (default: as many as "
+                                "the engine says it runs at once, else 8)")
     engine: Literal["sim", "openai"] = Field(
         "sim", description="sim (paced deterministic text) or openai (any OpenAI-compatible server at --backend-url)")
     backend_url: HttpUrl | None = Field(None, description="base URL of the OpenAI-compatible server, e.g. "
@@ -157,6 +159,12 @@ class Settings(BaseSettings):
     backend_retries: Count = Field(4, description="tries of one attempt against a failing backend before the first "
                                    "token (connection refused, 5xx, 429, timeouts), with backoff; then the attempt "
                                    "fails (see --max-attempts)")
+    backend_probe: bool = Field(True, description="at start, ask the backend what it can do (priority, "
+                                "continuing a partial answer, usage in streams, requests at once); shown in "
+                                "/v1/admin/stats")
+    backend_continue: Literal["auto", "yes", "no"] = Field(
+        "auto", description="resume a preempted run by continuing its partial answer (yes), by generating again and "
+        "skipping what was streamed (no), or as the probe found (auto)")
     backend_first_token_timeout: Positive = Field(
         120.0, description="seconds a backend call may take to its first token (keep-alive comments do not count); "
         "past it the call fails as a transient failure")
@@ -245,6 +253,11 @@ class Settings(BaseSettings):
     def class_max_waits(self) -> dict[int, float]:
         """Max wait per priority class 0..9: `--max-wait-seconds`, overridden by `--class-max-wait 2=120,7=10`."""
         return {p: self.max_wait_seconds for p in PRIORITY_CLASSES} | parse_class_max_wait(self.class_max_wait)
+
+    @property
+    def slots_or_default(self) -> int:
+        """--slots, or 8 when the engine does not say (a worker asks it first: Worker.slots)."""
+        return self.slots or DEFAULT_SLOTS
 
     def backend_models(self) -> dict[str, str]:
         """Model name per group from `--backend-model`: `m` for all groups, or `g1=m1,g2=m2`."""

@@ -36,10 +36,11 @@ ON_CLUSTER = os.environ.get("SLUICEGATE_TEST_CLUSTER") == "1"
 
 
 def fast_settings(redis_url: str, **overrides: Any) -> Settings:
-    """Settings tuned for tests: quick sim engine, short leases and sweeps."""
+    """Settings tuned for tests: quick sim engine, short leases and sweeps; no backend probe (tests that
+    count a backend's requests would count it: the tests of the probe turn it on)."""
     base = Settings(redis_url=redis_url, sim_tokens_per_second=400.0, sim_prefill_ms=0.0, lease_seconds=1.5,
                     heartbeat_seconds=0.3, sweep_seconds=0.05, shutdown_grace_seconds=2.0, slots=4,
-                    sse_ping_seconds=1.0, log_level="warning", redis_cluster=ON_CLUSTER)
+                    sse_ping_seconds=1.0, log_level="warning", redis_cluster=ON_CLUSTER, backend_probe=False)
     return base.replace(**overrides)
 
 

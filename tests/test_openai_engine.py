@@ -177,3 +177,51 @@ def test_a_backend_without_priority_scheduling_still_serves(bare_stack: Stack) -
         rid = ask(bare_stack, "s", 5, priority=2)
         assert_tokens(events_of(bare_stack, rid), sim_text(prompt_of(MESSAGES), 5), 5)
         assert engine.send_priority is False
+
+
+def test_the_probe_learns_a_servers_kind_slots_and_refusals() -> None:
+    """workers/engines/probe.py against servers that say different things: the sim-backend (an unknown
+    OpenAI-compatible server that streams usage), one refusing `priority` as vLLM does without priority
+    scheduling, and one with llama.cpp's `/props` (its slot count)."""
+    import asyncio
+
+    import aiohttp
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse
+    from starlette.routing import Mount, Route
+
+    from sluicegate.workers.engines.probe import Capabilities, probe
+
+    async def props(_: Any) -> JSONResponse:
+        return JSONResponse({"total_slots": 3, "default_generation_settings": {}})
+
+    llama_like = Starlette(routes=[Route("/props", props), Mount("/", create_sim_backend(2000.0, 0.0))])
+
+    async def learn(url: str) -> Capabilities:
+        async with aiohttp.ClientSession() as session:
+            return await probe(session, url, "sim")
+
+    with ServerThread(create_sim_backend(2000.0, 0.0)) as plain, \
+            ServerThread(create_sim_backend(2000.0, 0.0, faults=Faults(reject_priority=True))) as strict, \
+            ServerThread(llama_like) as llama:
+        assert asyncio.run(learn(plain.url)) == Capabilities("openai-compatible", streams_usage=True)
+        assert asyncio.run(learn(strict.url)).accepts_priority is False
+        assert asyncio.run(learn(llama.url)) == Capabilities("llama.cpp", slots=3, counts_tokens=True)
+
+
+def test_a_worker_takes_its_slots_from_the_engine_unless_told(bare_stack: Stack) -> None:
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse
+    from starlette.routing import Mount, Route
+
+    async def props(_: Any) -> JSONResponse:
+        return JSONResponse({"total_slots": 3})
+
+    app = Starlette(routes=[Route("/props", props), Mount("/", create_sim_backend(2000.0, 0.0))])
+    with ServerThread(app) as backend:
+        probed = bare_stack.add_worker(engine=engine_for(backend.url, models={"*": "sim"}), slots=None,
+                                       backend_probe=True)
+        told = bare_stack.add_worker(engine=engine_for(backend.url, models={"*": "sim"}), slots=2, backend_probe=True)
+        shown = {w["worker_id"]: w for w in call("GET", f"{bare_stack.base_url}/v1/admin/stats")[1]["workers"]}
+    assert shown[probed]["slots"] == 3 and shown[probed]["capabilities"]["server"] == "llama.cpp"
+    assert shown[told]["slots"] == 2 and shown[probed]["resume"] == "continue"

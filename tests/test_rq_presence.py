@@ -16,6 +16,7 @@ import pytest
 import redis
 from rq import Worker as RqWorker
 
+from sluicegate.scheduler.admin import shown_info
 from sluicegate.sessions import keys
 from sluicegate.workers.worker import Worker
 from tests.helpers import fast_settings, wait_for
@@ -66,7 +67,7 @@ def test_worker_process_is_listed_by_rq_while_alive(redis_url: str, r: redis.Red
 
 def _registered_in(r: redis.Redis, worker: WorkerProcess, group: str) -> str:
     wid = worker.registered(r)
-    assert r.hget(keys.group_key(group, "workers"), wid) == "2" and wid.startswith(f"{group}.")
+    assert shown_info(r.hget(keys.group_key(group, "workers"), wid))["slots"] == 2 and wid.startswith(f"{group}.")
     assert r.lrange(keys.group_key(group, "idle"), 0, -1) == [wid, wid]
     return wid
 

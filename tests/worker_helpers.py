@@ -19,6 +19,7 @@ from typing import IO, Any
 
 import redis
 
+from sluicegate.scheduler.admin import shown_info
 from sluicegate.sessions import keys
 from sluicegate.sessions.runs import RunStore
 from sluicegate.settings import Settings
@@ -133,9 +134,9 @@ def token_text(events: list[SseEvent]) -> str:
 def live_slots(r: redis.Redis, group: str = "default") -> Counter[str]:
     """Slots per live worker of a group (liveness key present), from the worker registry."""
     slots: Counter[str] = Counter()
-    for wid, n in r.hgetall(keys.group_key(group, "workers")).items():
+    for wid, info in r.hgetall(keys.group_key(group, "workers")).items():
         if r.exists(keys.worker(group, wid)):
-            slots[str(wid)] = int(n)
+            slots[str(wid)] = int(shown_info(info)["slots"])
     return slots
 
 

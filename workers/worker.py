@@ -78,6 +78,29 @@ class Worker:
         self._ending = 0  # run ends (finish / hand-back scripts) in flight
         self._ends_quiet = asyncio.Event()
         self._resyncing: asyncio.Event | None = None
+        self.slots = settings.slots_or_default  # until the engine says how many it runs at once
+
+    async def _learn_engine(self) -> None:
+        """Ask the engine what it can do (workers/engines/probe.py): its slot count becomes this worker's
+        unless --slots says otherwise, and operators see it all in /v1/admin/stats."""
+        shown: dict[str, Any] = {"engine": self.settings.engine}
+        probe = getattr(self.engine, "probe", None)
+        if probe is not None and self.settings.backend_probe:
+            choice = {"auto": None, "yes": True, "no": False}[self.settings.backend_continue]
+            try:
+                found = await probe(self.settings.group, continues=choice)
+            except Exception as error:  # an engine that is not up yet: the defaults, and say so
+                log.warning("worker %s: probing the backend failed (%s); using the defaults", self.worker_id, error)
+            else:
+                if self.settings.slots is None and found.slots:
+                    self.slots = found.slots
+                shown["capabilities"] = found.as_dict()
+                log.info("worker %s: backend is %s", self.worker_id, found)
+        resume = getattr(self.engine, "resume_mode", None)
+        if resume is not None:
+            shown["resume"] = resume
+            self.store.resume_mode = resume
+        self.store.shown = shown
 
     # ---- lifecycle ---------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
@@ -95,13 +118,13 @@ class Worker:
         control = asyncio.create_task(self._control_loop(subscriber))
         heartbeat = asyncio.create_task(self._heartbeat_loop())
         presence = asyncio.create_task(self._presence_loop())
+        await self._learn_engine()
         try:
-            await self.store.set_free_slots(self.settings.slots, self.settings.slots)
+            await self.store.set_free_slots(self.slots, self.slots)
         except REDIS_DOWN as error:
             log.warning("worker %s: could not offer its slots yet (%s); retrying", self.worker_id, error)
             self.resync_needed = True
-        log.info("worker %s serving group %r with %d slots", self.worker_id, self.settings.group,
-                 self.settings.slots)
+        log.info("worker %s serving group %r with %d slots", self.worker_id, self.settings.group, self.slots)
         inbox = asyncio.create_task(self._inbox_loop())
         try:
             await stop.wait()
@@ -232,10 +255,9 @@ class Worker:
                 self._ends_quiet.clear()
                 await self._ends_quiet.wait()
             held = len(self.runs)
-            await self.store.set_free_slots(max(0, self.settings.slots - held), self.settings.slots)
+            await self.store.set_free_slots(max(0, self.slots - held), self.slots)
             self.resync_needed = False
-            log.info("worker %s: offered %d free slots (%d running)", self.worker_id,
-                     self.settings.slots - held, held)
+            log.info("worker %s: offered %d free slots (%d running)", self.worker_id, self.slots - held, held)
         finally:
             self._resyncing = None
             gate.set()

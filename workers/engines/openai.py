@@ -24,12 +24,17 @@ The backend then counts the output so far as prompt: the usage reported is moved
 streamed chunk is one token, as vLLM and SGLang stream).
 
 Priority: vLLM schedules lower values first (with `--scheduling-policy priority`), so Sluicegate's
-0..9 (higher first) is sent as `priority = 9 - p`. A server that rejects the field (vLLM without
-priority scheduling answers 400 "...Priority scheduling is not enabled") is asked again without it,
-and this engine stops sending it.
+0..9 (higher first) is sent as `priority = 9 - p`; to SGLang, which runs higher values first, as
+`p`. A server that rejects the field (vLLM without priority scheduling answers 400 "...Priority
+scheduling is not enabled") is asked again without it, and this engine stops sending it.
 
 A run that is cancelled or preempted closes its HTTP stream at once (the backend aborts the
 generation and frees its KV cache).
+
+What the backend can do (priority, continuation, usage in streams, slots) is probed when the worker
+starts (workers/engines/probe.py). A backend that cannot continue a partial answer gets the whole
+request again on a resume, and the tokens already streamed are skipped (`resume_mode`). A backend
+whose stream reports no usage but has a tokenize endpoint gets its output counted with it.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt,
 from sluicegate.sessions.runs import RunSpec
 from sluicegate.settings import Settings
 from sluicegate.workers.engines.base import EngineError, Finish, Piece, Token
+from sluicegate.workers.engines.probe import Capabilities, probe, root_of
 from sluicegate.workers.retrying import first_try_then
 
 log = logging.getLogger(__name__)
@@ -155,6 +161,8 @@ class OpenAIEngine:
             self.headers["authorization"] = f"Bearer {api_key}"
         self._session: aiohttp.ClientSession | None = None
         self._served_model: str | None = None
+        self.capabilities = Capabilities()  # until probe(): an unknown OpenAI-compatible server
+        self._count_overhead: int | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings) -> OpenAIEngine:
@@ -201,17 +209,36 @@ class OpenAIEngine:
             self._served_model = str(served[0])
         return self._served_model
 
+    async def probe(self, group: str, *, continues: bool | None = None) -> Capabilities:
+        """Learn what the backend can do (workers/engines/probe.py) and act on it; `continues` overrides
+        what the probe found about continuing a partial message."""
+        found = await probe(self.session, self.base_url, await self.model_for(group))
+        if continues is not None:
+            found = Capabilities(**{**found.as_dict(), "continues": continues})
+        self.capabilities = found
+        self.send_priority = self.send_priority and found.accepts_priority
+        return found
+
+    @property
+    def resume_mode(self) -> str:
+        """How a resumed run gets the rest of its output: `continue` (the engine continues the output so
+        far) or `regenerate` (the engine generates from the start again; the tokens already streamed
+        are skipped: the same text under greedy decoding, possibly another one when sampling)."""
+        return "continue" if self.capabilities.continues else "regenerate"
+
     def body(self, run: RunSpec, so_far: str, model: str) -> dict[str, Any]:
         body = {k: v for k, v in run.params.items() if k not in RESERVED}
         messages = run.messages
         body.update(model=model, messages=messages, stream=True, max_tokens=run.max_tokens - run.start_index)
-        if run.start_index > 0:
+        if run.start_index > 0 and self.capabilities.continues:
             body.update(messages=[*messages, {"role": "assistant", "content": so_far}],
                         continue_final_message=True, add_generation_prompt=False)
+        elif run.start_index > 0:  # regenerate: the whole output again, its first start_index tokens skipped
+            body["max_tokens"] = run.max_tokens
         if self.ask_usage:
             body["stream_options"] = {"include_usage": True}
         if self.send_priority:
-            body["priority"] = 9 - run.priority
+            body["priority"] = run.priority if self.capabilities.priority_higher_first else 9 - run.priority
         return body
 
     @staticmethod
@@ -231,31 +258,31 @@ class OpenAIEngine:
             return
         state = StreamState()
         response, tokens, first = await self._open(run, so_far, state)
-        produced = 0
+        skip = run.start_index if run.start_index and not self.capabilities.continues else 0
+        produced = extra = 0
+        generated: list[str] = []  # this call's text, skipped tokens included (counted when no usage comes)
         try:
-            if first is None:
-                yield self._finish(state, run, produced, remaining)
-                return
-            yield first
-            produced = 1
-            extra = 0
-            while True:
-                try:
-                    async with asyncio.timeout(self.idle_timeout):
-                        piece = await anext(tokens, None)
-                except TimeoutError:
-                    raise Transient(f"no token for {self.idle_timeout:g} s (--backend-idle-timeout)") from None
-                if piece is None:
-                    break
-                if produced < remaining:
+            piece = first
+            while piece is not None:
+                generated.append(piece if isinstance(piece, str) else piece.text)
+                if skip:
+                    skip -= 1
+                elif produced < remaining:
                     yield piece
                     produced += 1
                 else:  # read on for the finish_reason and usage; a backend past max_tokens is cut
                     extra += 1
                     if extra > OVERSHOOT_READ:
                         break
+                try:
+                    async with asyncio.timeout(self.idle_timeout):
+                        piece = await anext(tokens, None)
+                except TimeoutError:
+                    raise Transient(f"no token for {self.idle_timeout:g} s (--backend-idle-timeout)") from None
             if extra:  # it went past max_tokens: what the caller got ends at the length limit
                 state.finish_reason = "length"
+            if state.usage is None and self.capabilities.counts_tokens:
+                state.usage = await self._count_usage(run, so_far, "".join(generated))
             yield self._finish(state, run, produced, remaining)
         except (Transient, aiohttp.ClientError, TimeoutError, ValueError) as error:
             raise EngineError(f"backend stream broke after {produced} tokens: {describe(error)}",
@@ -266,11 +293,40 @@ class OpenAIEngine:
             await tokens.aclose()
             response.release()  # back to the pool when read to the end; closed (aborting the backend) otherwise
 
-    @staticmethod
-    def _finish(state: StreamState, run: RunSpec, produced: int, remaining: int) -> Finish:
-        """How the stream ended: the backend's finish_reason (`length` when it was cut at max_tokens)."""
+    async def _count_usage(self, run: RunSpec, so_far: str, generated: str) -> dict[str, Any] | None:
+        """Usage for an engine whose stream reports none, counted with its own tokenizer: the output
+        exactly; the prompt as its messages' text (without the chat template's own tokens, which only
+        the engine knows). For a continued run it is counted as the call saw it (usage_as_uninterrupted
+        moves it back)."""
+        continued = bool(run.start_index) and self.capabilities.continues
+        prompt = "\n".join(str(m.get("content") or "") for m in run.messages) + (so_far if continued else "")
+        output = generated
+        try:
+            if self._count_overhead is None:  # what the tokenizer adds to any text (a BOS token, say)
+                self._count_overhead = await self._count("")
+            prompt_tokens = await self._count(prompt)  # a chat template starts with BOS too: kept
+            completion_tokens = max(0, await self._count(output) - self._count_overhead)
+        except (aiohttp.ClientError, TimeoutError, ValueError, KeyError) as error:
+            log.warning("backend %s: counting tokens failed (%s); usage is Sluicegate's estimate", self.base_url, error)
+            return None
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens, "counted_by": "tokenizer"}
+
+    async def _count(self, text: str) -> int:
+        root = root_of(self.base_url)
+        async with asyncio.timeout(self.timeout):
+            if self.capabilities.server == "llama-cpp-python":
+                async with self.session.post(f"{root}/extras/tokenize/count", data=orjson.dumps({"input": text})) as r:
+                    return int(orjson.loads(await r.read())["count"])
+            async with self.session.post(f"{root}/tokenize", data=orjson.dumps({"content": text})) as r:
+                return len(orjson.loads(await r.read())["tokens"])
+
+    def _finish(self, state: StreamState, run: RunSpec, produced: int, remaining: int) -> Finish:
+        """How the stream ended: the backend's finish_reason (`length` when it was cut at max_tokens), and
+        its usage for the whole request (a regenerated run's call generated all of it)."""
         reason = state.finish_reason or ("length" if produced >= remaining else "stop")
-        return Finish(reason, usage_as_uninterrupted(state.usage, run.start_index))
+        moved = run.start_index if self.capabilities.continues else 0
+        return Finish(reason, usage_as_uninterrupted(state.usage, moved))
 
     async def _open(self, run: RunSpec, so_far: str,
                     state: StreamState) -> tuple[aiohttp.ClientResponse, Any, Piece | None]:
@@ -343,6 +399,8 @@ class OpenAIEngine:
                 continue  # blank separators, comments (keep-alives), event names
             payload = line[5:].strip()
             if payload == b"[DONE]":
+                if state.finish_reason is None:  # e.g. llama-cpp-python interrupting it for another request
+                    raise Transient("the stream ended with [DONE] but no finish_reason (cut short)")
                 return
             chunk = orjson.loads(payload)
             if "error" in chunk:  # vLLM reports errors inside the stream

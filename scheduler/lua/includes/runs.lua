@@ -35,6 +35,12 @@ local function end_run(cp, key, rec, produced, now, prompt)
   quota_refund(cp, rec.cr - produced, now)
 end
 
+-- How a worker's engine resumes a run, as it registered ("continue" | "regenerate"; nil: not said).
+local function worker_resume(cp, wid)
+  local ok, info = pcall(cjson.decode, redis.call('HGET', cp .. 'workers', wid) or '')
+  return ok and type(info) == 'table' and info.resume or nil
+end
+
 local function take_ticket(cp)
   while true do
     local wid = redis.call('RPOP', cp .. 'idle')
@@ -95,7 +101,7 @@ local function start_run(cp, cls, tenant, counter, spec, wid, cfg, now, lease)
   if attempt == 1 then observe(cmetrics(cp), 'wait', spec.g .. '|' .. spec.p, (now - spec.sub) / 1000) end
   local entry = key
   if single_server then
-    local ok, run = d_start(spec.rid, attempt, wid, now)
+    local ok, run = d_start(spec.rid, attempt, wid, now, nil, spec.n > 0 and worker_resume(cp, wid) or nil)
     if not ok then
       end_run(cp, key, rec, 0, now)
       redis.call('HDEL', cp .. 'tk', key)

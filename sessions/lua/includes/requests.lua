@@ -80,9 +80,10 @@ end
 -- Start attempt `attempt` of a dispatched request on worker `wid`: from here on only this attempt
 -- may write the request's tokens (the fence every append checks). Refused ('gone') when the request
 -- ended or a later attempt already started. An earlier attempt still marked running (on a cluster
--- its hand-back can come after the new start) is fenced here, with its `preempted` event.
+-- its hand-back can come after the new start) is fenced here, with its `preempted` event. `resume`:
+-- how the worker's engine resumes ("continue" | "regenerate"), said in the `resumed` event.
 -- Returns ok, run spec (see run_spec), previous status.
-local function d_start(rid, attempt, wid, now, reason)
+local function d_start(rid, attempt, wid, now, reason, resume)
   local r = load(rid, { 'st', 'a', 'n', 'sid', 'g', 'p', 'sa' })
   if not r.st or TERMINAL[r.st] or tonumber(r.a) >= attempt then
     -- A stale dispatch (on a cluster its ready step may have come late and taken the place of the
@@ -101,8 +102,9 @@ local function d_start(rid, attempt, wid, now, reason)
     first and 'sa' or 'ds', now)
   local dp = dpre_of(rid)
   redis.call('ZREM', dp .. 'ob', rid)
-  emit(dp, r.sid, first and 'started' or 'resumed', rid,
-    { request_id = rid, index = tonumber(r.n), attempt = attempt, worker = wid })
+  local data = { request_id = rid, index = tonumber(r.n), attempt = attempt, worker = wid }
+  if not first and resume and resume ~= '' then data.resume = resume end
+  emit(dp, r.sid, first and 'started' or 'resumed', rid, data)
   return true, run_spec(rid), r.st
 end
 
