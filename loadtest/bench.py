@@ -10,6 +10,8 @@ import argparse
 import importlib
 import sys
 
+from sluicegate.loadtest.engine_servers import EnginesMissing
+
 SCENARIOS: dict[str, str] = {
     # name: module under loadtest.scenarios (added as they are written)
     "memory": "memory",
@@ -40,7 +42,11 @@ def main(argv: list[str] | None = None) -> int:
                            description=module.__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         module.add_arguments(p)
     args = parser.parse_args(argv)
-    modules[args.scenario].run(args)
+    try:
+        modules[args.scenario].run(args)
+    except EnginesMissing as error:  # --engine-server llamacpp without the engines extra
+        print(f"sluicegate bench {args.scenario}: {error}", file=sys.stderr)
+        return 2
     return 0
 
 

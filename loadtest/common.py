@@ -186,6 +186,21 @@ def wait_http(url: str, *, timeout: float = 60, process: subprocess.Popen[bytes]
     raise TimeoutError(f"{url} did not answer in {timeout} s")
 
 
+def wait_model(base_url: str, model: str, *, timeout: float = 60) -> None:
+    """Poll Sluicegate's GET /v1/models until it lists `model`: a worker declares its models once it is up
+    (after probing its engine), and a chat call naming one before then is refused with 404."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{base_url}/v1/models", timeout=2) as response:
+                if any(m.get("id") == model for m in json.loads(response.read()).get("data") or ()):
+                    return
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(f"{base_url}/v1/models did not list {model!r} in {timeout:g} s")
+
+
 @dataclass
 class Component:
     """One `sluicegate ROLE [flags]` subprocess (api, scheduler, worker, sim-backend), log in a temp dir.
@@ -246,6 +261,8 @@ def _role_of(pid: int) -> str:
     words = [a.decode(errors="replace") for a in argv if a]
     if words and ("valkey-server" in words[0] or "redis-server" in words[0]):
         return "valkey"
+    if "llama_cpp.server" in words:
+        return "llama-cpp-server"
     if "sluicegate" in words:
         after = words[words.index("sluicegate") + 1:]
         return after[0] if after else "sluicegate"

@@ -5,13 +5,25 @@ session, stream the request's events until `done`, repeat. Counted: requests tha
 the measured window (after a warm-up). Reported beside the rate: latency (submit to `done`), the
 client's own CPU seconds (aiohttp, in this process) and the CPU seconds of every server process, by
 role, so the bottleneck is visible. Target >= 300 req/s on 2 cores (issue 4), aim 500.
+
+`--engine-server llamacpp` puts a real engine behind Sluicegate instead of the sim engine: llama-cpp-python's
+server (the `engines` extra) with the small generated model of sluicegate.loadtest.engine_servers, through
+`--engine openai`. That engine runs one request at a time, so Sluicegate runs 1 worker x 1 slot and 4
+clients by default (enough to keep a request always waiting in Sluicegate: the rate then shows the gap
+Sluicegate leaves between the engine's requests). Each prompt ends in a digit or an uppercase letter, so
+the engine answers `--max-tokens` tokens (1-9 or 13-38) and stops at its end-of-sequence token. The same
+clients first run against the engine directly (POST /v1/chat/completions, streamed): the baseline.
+The 300 req/s target is the sim's; with llamacpp the figure is the share of the direct rate.
+Results go to throughput-llamacpp.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -23,31 +35,50 @@ from sluicegate.loadtest.common import (
     cpu_by_role,
     cpu_delta,
     cpu_seconds,
+    cpu_ticks,
     percentile,
     print_table,
     progress,
+    steal_percent,
+    wait_model,
     write_result,
 )
 
+ENGINE_SERVERS = ("sim", "llamacpp")
+PROMPT = "throughput bench"
+# The defaults per engine server: (clients, workers, slots).
+DEFAULTS = {"sim": (64, 2, 32), "llamacpp": (4, 1, 1)}
+
+One = Callable[[aiohttp.ClientSession, str], Awaitable[int]]  # (http, session id) -> tokens streamed
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--clients", type=int, default=64, help="concurrent clients")
+    parser.add_argument("--clients", type=int, default=None,
+                        help="concurrent clients; when not given: 64 with sim, 4 with llamacpp")
     parser.add_argument("--duration", type=float, default=20.0, help="measured seconds")
     parser.add_argument("--warmup", type=float, default=3.0, help="seconds before measuring")
     parser.add_argument("--max-tokens", type=int, default=1, help="tokens per request")
-    parser.add_argument("--workers", type=int, default=2, help="worker processes")
-    parser.add_argument("--slots", type=int, default=32, help="slots per worker")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="worker processes; when not given: 2 with sim, 1 with llamacpp")
+    parser.add_argument("--slots", type=int, default=None,
+                        help="slots per worker; when not given: 32 with sim, 1 with llamacpp")
     parser.add_argument("--mode", choices=("sse", "chat"), default="sse",
                         help="sse: POST submit + GET request events; chat: POST /v1/chat/completions stream")
     parser.add_argument("--session-per-request", action="store_true",
                         help="a new session for every request (default: one session per client)")
     parser.add_argument("--serve-flag", action="append", default=[], metavar="FLAG",
                         help="extra flag for `sluicegate serve` (repeat), e.g. --serve-flag=--appendfsync=always")
+    parser.add_argument("--engine-server", choices=ENGINE_SERVERS, default="sim",
+                        help="what generates: Sluicegate's own sim engine, or llama-cpp-python's server with a "
+                             "generated model behind `--engine openai` (needs the engines extra)")
 
 
-async def one_sse(http: aiohttp.ClientSession, base: str, sid: str, max_tokens: int) -> int:
-    async with http.post(f"{base}/v1/sessions/{sid}/requests",
-                         json={"prompt": "throughput bench", "max_tokens": max_tokens}) as response:
+async def one_sse(http: aiohttp.ClientSession, base: str, sid: str, max_tokens: int, prompt: str = PROMPT,
+                  params: dict[str, Any] | None = None) -> int:
+    body: dict[str, Any] = {"prompt": prompt, "max_tokens": max_tokens}
+    if params:
+        body["params"] = params
+    async with http.post(f"{base}/v1/sessions/{sid}/requests", json=body) as response:
         if response.status != 202:
             raise RuntimeError(f"submit: {response.status} {await response.text()}")
         rid = (await response.json())["request_id"]
@@ -60,9 +91,12 @@ async def one_sse(http: aiohttp.ClientSession, base: str, sid: str, max_tokens: 
     return body.count(b"event: token\n")
 
 
-async def one_chat(http: aiohttp.ClientSession, base: str, sid: str, max_tokens: int) -> int:
-    body = {"stream": True, "max_tokens": max_tokens,  # no model: the group `default`
-            "messages": [{"role": "user", "content": "throughput bench"}]}
+async def one_chat(http: aiohttp.ClientSession, base: str, sid: str, max_tokens: int, prompt: str = PROMPT,
+                   params: dict[str, Any] | None = None, model: str | None = None) -> int:
+    body: dict[str, Any] = {"stream": True, "max_tokens": max_tokens,  # no model: the group `default`
+                            "messages": [{"role": "user", "content": prompt}], **(params or {})}
+    if model:
+        body["model"] = model
     async with http.post(f"{base}/v1/chat/completions", json=body, headers={"X-Session-Id": sid}) as response:
         if response.status != 200:
             raise RuntimeError(f"chat: {response.status} {await response.text()}")
@@ -82,12 +116,11 @@ async def one_chat(http: aiohttp.ClientSession, base: str, sid: str, max_tokens:
     return tokens
 
 
-async def measure(serve: ServeProcess, args: argparse.Namespace) -> dict[str, Any]:
-    base = serve.base_url
+async def measure(one: One, roots: list[int], expected: int, args: argparse.Namespace) -> dict[str, Any]:
+    """`args.clients` clients calling `one` in a loop; `expected` tokens (content chunks) each."""
     finished: list[tuple[float, float]] = []  # (end time, latency seconds)
     errors: list[str] = []
     stop = asyncio.Event()
-    one = one_sse if args.mode == "sse" else one_chat
 
     async def client(http: aiohttp.ClientSession, c: int) -> None:
         n = 0
@@ -96,9 +129,9 @@ async def measure(serve: ServeProcess, args: argparse.Namespace) -> dict[str, An
             n += 1
             began = time.perf_counter()
             try:
-                tokens = await one(http, base, sid, args.max_tokens)
-                if tokens != args.max_tokens:
-                    raise RuntimeError(f"{tokens} tokens, expected {args.max_tokens}")
+                tokens = await one(http, sid)
+                if tokens != expected:
+                    raise RuntimeError(f"{tokens} tokens, expected {expected}")
             except Exception as error:  # a failed request is a reported failure, not a crash
                 errors.append(f"{type(error).__name__}: {error}")
                 await asyncio.sleep(0.05)
@@ -110,8 +143,8 @@ async def measure(serve: ServeProcess, args: argparse.Namespace) -> dict[str, An
         tasks = [asyncio.create_task(client(http, c)) for c in range(args.clients)]
         progress(f"{args.clients} clients, warm-up {args.warmup:g} s")
         await asyncio.sleep(args.warmup)
-        roots = [serve.process.pid]  # type: ignore[union-attr]
         t0, client0, server0 = time.perf_counter(), cpu_seconds(), cpu_by_role(roots)
+        ticks0, load0 = cpu_ticks(), os.getloadavg()
         ticks = max(1, int(args.duration // 5))
         for k in range(ticks):
             await asyncio.sleep(args.duration / ticks)
@@ -119,40 +152,138 @@ async def measure(serve: ServeProcess, args: argparse.Namespace) -> dict[str, An
             progress(f"{(k + 1) * args.duration / ticks:.0f}/{args.duration:g} s: {done} completed, "
                      f"{len(errors)} errors")
         t1, client1, server1 = time.perf_counter(), cpu_seconds(), cpu_by_role(roots)
+        steal, load1 = steal_percent(ticks0, cpu_ticks()), os.getloadavg()
         stop.set()
         await asyncio.wait(tasks, timeout=30)
     window = [lat for end, lat in finished if t0 <= end <= t1]
     return {"completed": len(window), "seconds": t1 - t0, "latencies": window, "errors": errors,
-            "client_cpu": client1 - client0, "server_cpu": cpu_delta(server0, server1)}
+            "client_cpu": client1 - client0, "server_cpu": cpu_delta(server0, server1), "steal_percent": steal,
+            "load_average": (load0[0], load1[0])}
+
+
+def row_of(out: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    ms = [x * 1000 for x in out["latencies"]]
+    return {"clients": args.clients, "mode": args.mode, "completed": out["completed"],
+            "req_per_s": out["completed"] / out["seconds"], "p50_ms": percentile(ms, 50), "p99_ms": percentile(ms, 99),
+            "errors": len(out["errors"]), "client_cpu_s": out["client_cpu"],
+            "client_cpu_ms_per_req": 1000 * out["client_cpu"] / max(1, out["completed"])}
+
+
+def print_cpu(out: dict[str, Any]) -> None:
+    print_table([{"role": role, "cpu_s": s, "cores": s / out["seconds"],
+                  "cpu_ms_per_req": 1000 * s / max(1, out["completed"])}
+                 for role, s in out["server_cpu"].items() if s > 0])
+
+
+def host_line(out: dict[str, Any]) -> str:
+    before, after = out["load_average"]
+    return (f"host: {out['steal_percent']:.1f}% of CPU time stolen by the hypervisor, 1-minute load average "
+            f"{before:.2f} before and {after:.2f} after")
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    clients, workers, slots = DEFAULTS[args.engine_server]
+    args.clients = clients if args.clients is None else args.clients
+    args.workers = workers if args.workers is None else args.workers
+    args.slots = slots if args.slots is None else args.slots
+    if args.engine_server == "llamacpp":
+        return run_llamacpp(args)
     flags = ["--workers", str(args.workers), "--slots", str(args.slots), "--sim-prefill-ms", "0",
              "--sim-tokens-per-second", "1000", *args.serve_flag]
     serve = ServeProcess(flags=flags).start()
+    base = serve.base_url
+    if args.mode == "sse":
+        async def one(http: aiohttp.ClientSession, sid: str) -> int:
+            return await one_sse(http, base, sid, args.max_tokens)
+    else:
+        async def one(http: aiohttp.ClientSession, sid: str) -> int:
+            return await one_chat(http, base, sid, args.max_tokens)
     try:
-        out = asyncio.run(measure(serve, args))
+        out = asyncio.run(measure(one, [serve.process.pid], args.max_tokens, args))  # type: ignore[union-attr]
     finally:
         serve.stop()
     rate = out["completed"] / out["seconds"]
-    ms = [x * 1000 for x in out["latencies"]]
     cpu = out["server_cpu"]
-    rows = [{"clients": args.clients, "mode": args.mode, "completed": out["completed"],
-             "req_per_s": rate, "p50_ms": percentile(ms, 50), "p99_ms": percentile(ms, 99),
-             "errors": len(out["errors"]), "client_cpu_s": out["client_cpu"],
-             "client_cpu_ms_per_req": 1000 * out["client_cpu"] / max(1, out["completed"])}]
+    rows = [row_of(out, args)]
     print(f"\n{args.max_tokens}-token requests end to end over {out['seconds']:.1f} s "
-          f"({args.workers} workers x {args.slots} slots)")
+          f"({args.workers} workers x {args.slots} slots), engine: Sluicegate's sim")
     print_table(rows)
     print("\nserver CPU seconds in the window, by process role (cores = seconds / window):")
-    print_table([{"role": role, "cpu_s": s, "cores": s / out["seconds"],
-                  "cpu_ms_per_req": 1000 * s / max(1, out["completed"])} for role, s in cpu.items() if s > 0])
+    print_cpu(out)
     if out["errors"]:
         print(f"first errors: {out['errors'][:3]}")
+    print(host_line(out))
     print(f"\n{rate:.0f} completed requests/s: target >= 300 ({'met' if rate >= 300 else 'MISSED'}), "
           f"aim 500 ({'met' if rate >= 500 else 'not yet'})")
     result = {"rows": rows, "req_per_s": round(rate, 1), "target": 300, "aim": 500, "target_met": rate >= 300,
               "aim_met": rate >= 500, "server_cpu_seconds": cpu, "errors": out["errors"][:20],
+              "steal_percent": out["steal_percent"], "load_average": out["load_average"],
               "settings": {**{k: v for k, v in vars(args).items() if k != "func"}, "serve_flags": flags}}
     write_result("throughput", result)
+    return result
+
+
+def run_llamacpp(args: argparse.Namespace) -> dict[str, Any]:
+    """The same clients against llama-cpp-python's server directly, then through Sluicegate in front of it."""
+    from sluicegate.loadtest.engine_servers import (
+        answer_of_length,
+        describe_llama_bench,
+        generated_llama_server,
+        require_engines,
+    )
+
+    require_engines("gguf", "numpy", "llama_cpp")
+    ending, answer = answer_of_length(args.max_tokens)
+    prompt = f"{PROMPT}, go on from {ending}"
+    asked = args.max_tokens + 8  # above the answer: the engine stops at its end-of-sequence first
+    expected = len(answer)  # content chunks: the engine streams one per character
+    greedy = {"temperature": 0}
+    progress("writing the model and starting llama-cpp-python's server")
+    with generated_llama_server() as server:
+        async def direct(http: aiohttp.ClientSession, sid: str) -> int:
+            return await one_chat(http, server.root, sid, asked, prompt, greedy, model=server.alias)
+
+        progress("the engine alone (POST /v1/chat/completions, streamed)")
+        direct_out = asyncio.run(measure(direct, [server.pid], expected, args))
+        flags = ["--engine", "openai", "--backend-url", server.url, "--backend-model", server.alias,
+                 "--workers", str(args.workers), "--slots", str(args.slots), *args.serve_flag]
+        serve = ServeProcess(flags=flags).start()
+        base = serve.base_url
+        if args.mode == "sse":
+            async def via(http: aiohttp.ClientSession, sid: str) -> int:
+                return await one_sse(http, base, sid, asked, prompt, greedy)
+        else:
+            async def via(http: aiohttp.ClientSession, sid: str) -> int:
+                return await one_chat(http, base, sid, asked, prompt, greedy)
+        try:
+            wait_model(base, server.alias)  # its worker is up (it probes the engine first)
+            progress(f"through Sluicegate ({args.mode})")
+            out = asyncio.run(measure(via, [serve.process.pid, server.pid], expected, args))  # type: ignore[union-attr]
+        finally:
+            serve.stop()
+    rate, direct_rate = (o["completed"] / o["seconds"] for o in (out, direct_out))
+    rows = [{"via": "direct", **row_of(direct_out, args), "mode": "chat"}, {"via": "sluicegate", **row_of(out, args)}]
+    title = describe_llama_bench(ending, answer, args.max_tokens)
+    shape = (f"{args.workers} worker{'s' if args.workers != 1 else ''} x "
+             f"{args.slots} slot{'s' if args.slots != 1 else ''}")
+    print(f"\n{args.max_tokens}-token requests end to end over {out['seconds']:.1f} s, {title}; Sluicegate {shape}")
+    print_table(rows)
+    for name, o in (("direct", direct_out), ("through Sluicegate", out)):
+        print(f"\nserver CPU seconds in the window, {name}, by process role (cores = seconds / window):")
+        print_cpu(o)
+        if o["errors"]:
+            print(f"first errors: {o['errors'][:3]}")
+        print(host_line(o))
+    share = rate / direct_rate if direct_rate else float("nan")
+    print(f"\n{rate:.1f} completed requests/s through Sluicegate, {direct_rate:.1f} directly: {100 * share:.0f}% of "
+          f"the engine's own rate")
+    result = {"rows": rows, "req_per_s": round(rate, 1), "direct_req_per_s": round(direct_rate, 1),
+              "share_of_direct": round(share, 3), "engine_server": title,
+              "server_cpu_seconds": out["server_cpu"], "direct_server_cpu_seconds": direct_out["server_cpu"],
+              "errors": out["errors"][:20], "direct_errors": direct_out["errors"][:20],
+              "steal_percent": {"direct": direct_out["steal_percent"], "sluicegate": out["steal_percent"]},
+              "load_average": {"direct": direct_out["load_average"], "sluicegate": out["load_average"]},
+              "settings": {**{k: v for k, v in vars(args).items() if k != "func"}, "serve_flags": flags,
+                           "prompt": prompt, "max_tokens_asked": asked}}
+    write_result("throughput-llamacpp", result)
     return result

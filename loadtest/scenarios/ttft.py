@@ -12,15 +12,26 @@ before the next starts. The host's noise moves whole runs by a millisecond here;
 two versions of the code in one run, request by request, which is how a change is judged.
 Targets (issue 4): added p50 <= 3 ms (aim 1), added p99 <= 10 ms (aim 5).
 "added" = percentile(via Sluicegate) - percentile(direct); the paired per-round difference is shown too.
+
+`--engine-server llamacpp` puts a real engine there instead of the sim-backend: llama-cpp-python's server
+(the `engines` extra) with the small generated model of sluicegate.loadtest.engine_servers, which runs one
+request at a time (so Sluicegate runs with `--slots 1` unless told otherwise). Each prompt ends in a digit or
+an uppercase letter, so the engine answers `--max-tokens` tokens (1-9 or 13-38) and then stops at its
+end-of-sequence token (`finish_reason: "stop"`); the streamed text is checked. The sim-only flags
+(`--tokens-per-second`, `--prefill-ms`) do not apply; results go to ttft-llamacpp.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 import json
+import os
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,10 +51,12 @@ from sluicegate.loadtest.common import (
     sse_events,
     steal_percent,
     wait_http,
+    wait_model,
     write_result,
 )
 
 MODES = ("direct", "chat", "sse")
+ENGINE_SERVERS = ("sim", "llamacpp")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -53,40 +66,105 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokens-per-second", type=float, default=200.0, help="sim-backend pace")
     parser.add_argument("--prefill-ms", type=float, default=0.0, help="sim-backend delay before the first token")
     parser.add_argument("--modes", default=",".join(MODES), help="which of direct,chat,sse to run")
-    parser.add_argument("--slots", type=int, default=4, help="worker slots")
+    parser.add_argument("--slots", type=int, default=None,
+                        help="worker slots; when not given: 4 with the sim-backend, 1 with llamacpp")
+    parser.add_argument("--engine-server", choices=ENGINE_SERVERS, default="sim",
+                        help="the server behind Sluicegate: `sluicegate sim-backend`, or llama-cpp-python's server "
+                             "with a generated model (needs the engines extra)")
     parser.add_argument("--against", type=Path, default=None, metavar="DIR",
                         help="also run the chat mode against a Sluicegate started from this checkout "
                              "(mode `against`, interleaved with the others)")
 
 
-def chat_body(i: int, max_tokens: int) -> dict[str, Any]:
-    return {"model": "sim", "stream": True, "max_tokens": max_tokens,
-            "messages": [{"role": "user", "content": f"ttft bench question {i}"}]}
+@dataclass(frozen=True)
+class Backend:
+    """The engine server behind Sluicegate, and what to ask it."""
+
+    kind: str  # sim | llamacpp
+    url: str  # root, without /v1
+    model: str  # the model id it serves (the worker declares it: `--backend-model`)
+    pid: int
+    ending: str = ""  # llamacpp: the prompt's last character, which fixes the answer
+    answer: str | None = None  # llamacpp: the text the engine streams before end-of-sequence
+    max_tokens: int = 0  # llamacpp: asked for, above the answer's length (the engine stops first)
+
+
+def chat_body(i: int, max_tokens: int, backend: Backend | None = None) -> dict[str, Any]:
+    if backend is None or backend.kind == "sim":
+        return {"model": "sim", "stream": True, "max_tokens": max_tokens,
+                "messages": [{"role": "user", "content": f"ttft bench question {i}"}]}
+    return {"model": backend.model, "stream": True, "max_tokens": backend.max_tokens, "temperature": 0,
+            "messages": [{"role": "user", "content": f"ttft bench question {i}, go on from {backend.ending}"}]}
+
+
+@contextlib.contextmanager
+def engine_server(args: argparse.Namespace) -> Iterator[Backend]:
+    """The sim-backend, or llama-cpp-python's server with the generated model (removed afterwards)."""
+    if args.engine_server == "sim":
+        backend_port = free_port()
+        backend = Component("sim-backend", ["--port", str(backend_port), "--sim-prefill-ms", str(args.prefill_ms),
+                                            "--sim-tokens-per-second", str(args.tokens_per_second)]).start()
+        try:
+            backend_url = f"http://127.0.0.1:{backend_port}"
+            wait_http(f"{backend_url}/v1/models", process=backend.process)
+            yield Backend("sim", backend_url, "sim", backend.pid)
+        finally:
+            backend.stop()
+        return
+    from sluicegate.loadtest.engine_servers import answer_of_length, generated_llama_server, require_engines
+
+    require_engines("gguf", "numpy", "llama_cpp")
+    ending, answer = answer_of_length(args.max_tokens)
+    progress("writing the model and starting llama-cpp-python's server")
+    with generated_llama_server() as server:
+        yield Backend("llamacpp", server.root, server.alias, server.pid, ending, answer, args.max_tokens + 8)
+
+
+def engine_title(backend: Backend, args: argparse.Namespace) -> str:
+    if backend.kind == "sim":
+        return (f"engine server sim-backend: prefill {args.prefill_ms:g} ms, {args.tokens_per_second:g} tokens/s, "
+                f"{args.max_tokens} tokens per request")
+    from sluicegate.loadtest.engine_servers import describe_llama_bench
+
+    return describe_llama_bench(backend.ending, backend.answer or "", args.max_tokens)
 
 
 async def chat_ttft(http: aiohttp.ClientSession, url: str, body: dict[str, Any],
-                    headers: dict[str, str] | None = None) -> tuple[float, str | None]:
-    """Seconds to the first content chunk of a streamed chat completion (read to [DONE])."""
+                    headers: dict[str, str] | None = None, expect: str | None = None) -> tuple[float, str | None]:
+    """Seconds to the first content chunk of a streamed chat completion (read to [DONE]). With `expect`,
+    the streamed text must be that, and end with finish_reason `stop`."""
     began = time.perf_counter()
     ttft = None
+    text, finish = [], None
     async with http.post(url, json=body, headers=headers) as response:
         assert response.status == 200, await response.text()
         async for event in sse_events(response):
             if event.data == "[DONE]":
                 break
-            if ttft is None:
+            if ttft is None or expect is not None:
                 chunk = json.loads(event.data)
                 assert "error" not in chunk, chunk
                 if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
-                    ttft = time.perf_counter() - began
+                    if ttft is None:
+                        ttft = time.perf_counter() - began
+                    text.append(chunk["choices"][0]["delta"]["content"])
+                if chunk["choices"] and chunk["choices"][0].get("finish_reason"):
+                    finish = chunk["choices"][0]["finish_reason"]
         request_id = response.headers.get("x-request-id")
     assert ttft is not None, "no token"
+    if expect is not None:
+        assert ("".join(text), finish) == (expect, "stop"), (url, "".join(text), finish)
     return ttft, request_id
 
 
-async def sse_ttft(http: aiohttp.ClientSession, base: str, i: int, max_tokens: int) -> tuple[float, str]:
+async def sse_ttft(http: aiohttp.ClientSession, base: str, i: int, max_tokens: int,
+                   backend: Backend | None = None) -> tuple[float, str]:
     """Seconds from POST submit to the first `token` event of GET /v1/requests/{id}/events."""
-    body = {"messages": chat_body(i, max_tokens)["messages"], "max_tokens": max_tokens}
+    if backend is None or backend.kind == "sim":
+        body: dict[str, Any] = {"messages": chat_body(i, max_tokens)["messages"], "max_tokens": max_tokens}
+    else:
+        chat = chat_body(i, max_tokens, backend)
+        body = {"messages": chat["messages"], "max_tokens": chat["max_tokens"], "params": {"temperature": 0}}
     began = time.perf_counter()
     async with http.post(f"{base}/v1/sessions/ttft-{i}/requests", json=body) as response:
         assert response.status == 202, await response.text()
@@ -115,11 +193,12 @@ async def server_side(http: aiohttp.ClientSession, base: str, rid: str | None) -
     return {"submit_to_dispatch": (started - sub) * 1000, "dispatch_to_first_append": (first - started) * 1000}
 
 
-async def measure(backend: str, base: str, other: str | None, args: argparse.Namespace) -> dict[str, Any]:
+async def measure(backend: Backend, base: str, other: str | None, args: argparse.Namespace) -> dict[str, Any]:
     modes = [m for m in args.modes.split(",") if m] + (["against"] if other else [])
     ttft: dict[str, list[float]] = {m: [] for m in modes}
     inside: dict[str, list[float]] = {"submit_to_dispatch": [], "dispatch_to_first_append": []}
     counter = itertools.count()
+    expect = backend.answer  # None with the sim-backend: its text is not checked
     # One keep-alive client per target, as a real caller (or a gateway in front) would hold.
     async with client_session(4) as direct_http, client_session(4) as sg_http, client_session(4) as other_http:
         for round_no in range(args.warmup + args.rounds):
@@ -128,18 +207,19 @@ async def measure(backend: str, base: str, other: str | None, args: argparse.Nam
             for mode in order:
                 i = next(counter)
                 rid = None
+                body = chat_body(i, args.max_tokens, backend)
                 if mode == "direct":
-                    seconds, _ = await chat_ttft(direct_http, f"{backend}/v1/chat/completions",
-                                                 chat_body(i, args.max_tokens))
+                    seconds, _ = await chat_ttft(direct_http, f"{backend.url}/v1/chat/completions", body,
+                                                 expect=expect)
                 elif mode == "chat":
-                    seconds, rid = await chat_ttft(sg_http, f"{base}/v1/chat/completions",
-                                                   chat_body(i, args.max_tokens), {"X-Session-Id": f"ttft-c{i}"})
+                    seconds, rid = await chat_ttft(sg_http, f"{base}/v1/chat/completions", body,
+                                                   {"X-Session-Id": f"ttft-c{i}"}, expect=expect)
                 elif mode == "against":
                     assert other is not None
-                    seconds, _ = await chat_ttft(other_http, f"{other}/v1/chat/completions",
-                                                 chat_body(i, args.max_tokens), {"X-Session-Id": f"ttft-a{i}"})
+                    seconds, _ = await chat_ttft(other_http, f"{other}/v1/chat/completions", body,
+                                                 {"X-Session-Id": f"ttft-a{i}"}, expect=expect)
                 else:
-                    seconds, rid = await sse_ttft(sg_http, base, i, args.max_tokens)
+                    seconds, rid = await sse_ttft(sg_http, base, i, args.max_tokens, backend)
                 if counted:
                     ttft[mode].append(seconds * 1000)
                     for name, ms in (await server_side(sg_http, base, rid)).items():
@@ -150,30 +230,33 @@ async def measure(backend: str, base: str, other: str | None, args: argparse.Nam
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    backend_port = free_port()
-    backend = Component("sim-backend", ["--port", str(backend_port), "--sim-prefill-ms", str(args.prefill_ms),
-                                        "--sim-tokens-per-second", str(args.tokens_per_second)]).start()
-    backend_url = f"http://127.0.0.1:{backend_port}"
+    if args.slots is None:
+        args.slots = 4 if args.engine_server == "sim" else 1  # llama-cpp-python runs one request at a time
     serve = other = None
-    try:
-        wait_http(f"{backend_url}/v1/models", process=backend.process)
-        flags = ["--engine", "openai", "--backend-url", f"{backend_url}/v1", "--backend-model", "sim",
-                 "--workers", "1", "--slots", str(args.slots)]  # the worker declares `sim`: chat_body's model
-        serve = ServeProcess(flags=flags).start()
-        if args.against:
-            other = ServeProcess(flags=flags, checkout=args.against.resolve()).start()
-        cpu0 = cpu_by_role([serve.process.pid, backend.pid])  # type: ignore[union-attr]
-        ticks0 = cpu_ticks()
-        began = time.perf_counter()
-        outcome = asyncio.run(measure(backend_url, serve.base_url, other.base_url if other else None, args))
-        elapsed = time.perf_counter() - began
-        steal = steal_percent(ticks0, cpu_ticks())
-        cpu = cpu_delta(cpu0, cpu_by_role([serve.process.pid, backend.pid]))  # type: ignore[union-attr]
-    finally:
-        for stack in (serve, other):
-            if stack is not None:
-                stack.stop()
-        backend.stop()
+    with engine_server(args) as backend:
+        try:
+            flags = ["--engine", "openai", "--backend-url", f"{backend.url}/v1", "--backend-model", backend.model,
+                     "--workers", "1", "--slots", str(args.slots)]  # the worker declares chat_body's model
+            serve = ServeProcess(flags=flags).start()
+            if args.against:
+                other = ServeProcess(flags=flags, checkout=args.against.resolve()).start()
+            for stack in (serve, other):  # its worker is up (it probes the engine first) and declared the model
+                if stack is not None:
+                    wait_model(stack.base_url, backend.model)
+            cpu0 = cpu_by_role([serve.process.pid, backend.pid])  # type: ignore[union-attr]
+            ticks0 = cpu_ticks()
+            load0 = os.getloadavg()
+            began = time.perf_counter()
+            outcome = asyncio.run(measure(backend, serve.base_url, other.base_url if other else None, args))
+            elapsed = time.perf_counter() - began
+            steal = steal_percent(ticks0, cpu_ticks())
+            load1 = os.getloadavg()
+            cpu = cpu_delta(cpu0, cpu_by_role([serve.process.pid, backend.pid]))  # type: ignore[union-attr]
+        finally:
+            for stack in (serve, other):
+                if stack is not None:
+                    stack.stop()
+        title = engine_title(backend, args)
     ttft = outcome["ttft"]
     rows = [{"mode": m, "requests": len(v), "p50_ms": percentile(v, 50), "p90_ms": percentile(v, 90),
              "p99_ms": percentile(v, 99), "max_ms": max(v)} for m, v in ttft.items()]
@@ -196,8 +279,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                      "p50_ms": percentile(paired, 50), "p90_ms": percentile(paired, 90)})
     inside = {name: {"p50_ms": percentile(v, 50), "p99_ms": percentile(v, 99)}
               for name, v in outcome["inside"].items() if v}
-    print(f"\nTTFT, sequential, sim-backend prefill {args.prefill_ms:g} ms, {args.tokens_per_second:g} tokens/s, "
-          f"{args.max_tokens} tokens per request, {args.rounds} rounds")
+    print(f"\nTTFT, sequential, {title}, {args.rounds} rounds, {args.slots} slot{'s' if args.slots != 1 else ''}")
     print_table(rows, ["mode", "requests", "p50_ms", "p90_ms", "p99_ms", "max_ms"])
     if inside:
         print("\ninside Sluicegate (the request's own timestamps, chat + sse requests):")
@@ -205,8 +287,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     print(f"\nCPU seconds over {elapsed:.1f} s: {cpu}")
     if "direct" in ttft:  # how quiet the host was: only quiet runs compare with each other
         direct = ttft["direct"]
-        print(f"host: {steal:.1f}% of CPU time stolen by the hypervisor; the direct call alone p50 "
-              f"{percentile(direct, 50):.2f} ms, p90 {percentile(direct, 90):.2f} ms")
+        print(f"host: {steal:.1f}% of CPU time stolen by the hypervisor, 1-minute load average {load0[0]:.2f} before "
+              f"and {load1[0]:.2f} after; the direct call alone p50 {percentile(direct, 50):.2f} ms, "
+              f"p90 {percentile(direct, 90):.2f} ms")
     verdicts = {}
     for mode, a in added.items():
         verdicts[mode] = {"p50_target_met": a["p50_ms"] <= 3, "p99_target_met": a["p99_ms"] <= 10,
@@ -215,11 +298,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         print(f"{mode}: added p50 {a['p50_ms']:.2f} ms (target 3, aim 1), added p99 {a['p99_ms']:.2f} ms "
               f"(target 10, aim 5): {'met' if met else 'MISSED'}")
     result = {"rows": rows, "added": added, "verdicts": verdicts, "inside_ms": inside, "cpu_seconds": cpu,
-              "steal_percent": steal,
-              "seconds": round(elapsed, 2),
+              "steal_percent": steal, "load_average": {"before": list(load0), "after": list(load1)},
+              "seconds": round(elapsed, 2), "engine_server": title,
               "settings": {"rounds": args.rounds, "max_tokens": args.max_tokens, "prefill_ms": args.prefill_ms,
                            "tokens_per_second": args.tokens_per_second, "slots": args.slots,
+                           "engine_server": args.engine_server,
                            "against": str(args.against) if args.against else None},
               "samples_ms": {m: [round(x, 3) for x in v] for m, v in ttft.items()}}
-    write_result("ttft", result)
+    write_result("ttft" if args.engine_server == "sim" else f"ttft-{args.engine_server}", result)
     return result
