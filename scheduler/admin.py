@@ -6,7 +6,6 @@ the next scheduling decision without restarting anything.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from redis.asyncio import Redis
@@ -15,16 +14,7 @@ from sluicegate.sessions import keys
 from sluicegate.sessions.connect import text
 from sluicegate.sessions.metrics_store import read_metrics
 from sluicegate.sessions.registry import register_group
-
-
-def shown_info(info: str) -> dict[str, Any]:
-    """What a worker registered for operators: JSON with its slots, engine and what the engine can do
-    (a bare slot count from workers of earlier versions)."""
-    try:
-        shown = json.loads(info)
-    except ValueError:
-        return {"slots": 0}
-    return shown if isinstance(shown, dict) else {"slots": int(shown)}
+from sluicegate.sessions.runs import shown_info
 
 
 def _number(text: str) -> float | int:

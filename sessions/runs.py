@@ -20,6 +20,16 @@ from sluicegate.sessions.transitions import MAX_ATTEMPTS, Transitions
 log = logging.getLogger(__name__)
 
 
+def shown_info(info: str) -> dict[str, Any]:
+    """What a worker registered for operators: JSON with its slots, engine and what the engine can do
+    (a bare slot count from workers of earlier versions)."""
+    try:
+        shown = json.loads(info)
+    except ValueError:
+        return {"slots": 0}
+    return shown if isinstance(shown, dict) else {"slots": int(shown)}
+
+
 @dataclass(frozen=True)
 class RunSpec:
     """Everything an engine needs to (re)start a request at `start_index`."""
@@ -107,7 +117,7 @@ class RunStore:
         self.lease_ms = int(lease_seconds * 1000)
         self.session_ttl = session_ttl
         self.shown: dict[str, Any] = {}  # what operators see of this worker (engine, its capabilities)
-        self.resume_mode = "continue"  # how its engine resumes a run (the `resumed` event says it)
+        self.resume_mode = ""  # how its engine resumes a run, when it says (the `resumed` event says it)
 
     @classmethod
     def connect(cls, redis_url: str, *, worker_id: str, group: str, lease_seconds: float, session_ttl: int,

@@ -67,6 +67,35 @@ async def declare_groups(settings: Settings, groups: Sequence[GroupConfig]) -> N
         await client.aclose()
 
 
+def share_engine(pool: Settings) -> Settings:
+    """Workers that share one engine share its slots. Each worker takes its engine's slot count unless
+    --slots is given (workers/worker.py); so when serve starts several workers in front of one engine,
+    it asks the engine once and gives each worker its share (and no more workers than slots: a
+    one-at-a-time engine gets one worker)."""
+    if pool.engine != "openai" or pool.slots is not None or not pool.backend_probe or pool.workers < 2:
+        return pool
+    from sluicegate.workers.engines.openai import OpenAIEngine
+
+    async def ask() -> int | None:
+        engine = OpenAIEngine.from_settings(pool)
+        try:
+            async with asyncio.timeout(30):
+                return (await engine.probe(pool.group)).slots
+        except Exception as error:  # not up yet: each worker asks it again when it starts
+            log.warning("group %s: could not ask its engine how many requests it runs (%s)", pool.group, error)
+            return None
+        finally:
+            await engine.aclose()
+
+    total = asyncio.run(ask())
+    if not total:
+        return pool
+    workers = min(pool.workers, total)
+    log.info("group %s: its engine runs %d requests at once: %d workers x %d slots", pool.group, total, workers,
+             total // workers)
+    return pool.replace(workers=workers, slots=total // workers)
+
+
 def serve(settings: Settings, groups: Sequence[GroupConfig] = ()) -> int:
     """Run the whole stack until SIGINT or SIGTERM; `groups` are the checked `[groups.NAME]` tables
     (none: the one group `--group` with `--workers` workers). Returns the exit code."""
@@ -96,7 +125,7 @@ def serve(settings: Settings, groups: Sequence[GroupConfig] = ()) -> int:
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
 
-    pools = [group.worker_settings(settings) for group in groups] or [settings]
+    pools = [share_engine(pool) for pool in [group.worker_settings(settings) for group in groups] or [settings]]
     core: dict[str, subprocess.Popen[bytes]] = {}
     workers: list[tuple[Settings, subprocess.Popen[bytes]]] = []
     code = 0
@@ -108,8 +137,8 @@ def serve(settings: Settings, groups: Sequence[GroupConfig] = ()) -> int:
                 log.error("cannot declare the groups of %s: %s", settings.config, error)
                 return 1
             for group, pool in zip(groups, pools, strict=True):
-                log.info("group %s: model %s, %s engine, workers %d x %d slots", group.name, group.model or "-",
-                         pool.engine, pool.workers, pool.slots)
+                log.info("group %s: model %s, %s engine, workers %d x %s slots", group.name, group.model or "-",
+                         pool.engine, pool.workers, pool.slots or "the engine's")
         core = {"scheduler": spawn("scheduler", settings), "api": spawn("api", settings)}
         workers = [(pool, spawn("worker", pool)) for pool in pools for _ in range(pool.workers)]
         if groups:
@@ -117,7 +146,7 @@ def serve(settings: Settings, groups: Sequence[GroupConfig] = ()) -> int:
                      len(groups), len(workers))
         else:
             log.info("serving on http://%s:%d with %d workers (%s engine)", settings.host, settings.port,
-                     settings.workers, settings.engine)
+                     len(workers), settings.engine)
         while not stopping:
             time.sleep(0.2)  # resumed after a signal handler ran (PEP 475): look at `stopping` first
             if stopping:  # Ctrl-C reaches the children too: one that exits now is no failure

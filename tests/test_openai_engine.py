@@ -225,3 +225,37 @@ def test_a_worker_takes_its_slots_from_the_engine_unless_told(bare_stack: Stack)
         shown = {w["worker_id"]: w for w in call("GET", f"{bare_stack.base_url}/v1/admin/stats")[1]["workers"]}
     assert shown[probed]["slots"] == 3 and shown[probed]["capabilities"]["server"] == "llama.cpp"
     assert shown[told]["slots"] == 2 and shown[probed]["resume"] == "continue"
+
+
+def test_serve_shares_one_engines_slots_among_its_workers() -> None:
+    """Each worker would take the engine's whole slot count: serve asks once and splits it."""
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse
+    from starlette.routing import Mount, Route
+
+    from sluicegate.serve import share_engine
+
+    def with_slots(total: int) -> Starlette:
+        async def props(_: Any) -> JSONResponse:
+            return JSONResponse({"total_slots": total})
+
+        return Starlette(routes=[Route("/props", props), Mount("/", create_sim_backend(2000.0, 0.0))])
+
+    with ServerThread(with_slots(4)) as four, ServerThread(with_slots(1)) as one:
+        pool = Settings(engine="openai", backend_url=four.url, backend_model="sim", workers=2)
+        assert (share_engine(pool).workers, share_engine(pool).slots) == (2, 2)
+        single = share_engine(pool.replace(backend_url=one.url, workers=3))
+        assert (single.workers, single.slots) == (1, 1)  # a one-at-a-time engine gets one worker
+        assert share_engine(pool.replace(slots=5)).slots == 5  # --slots given: as given
+
+
+def test_backend_continue_no_regenerates_with_a_seed_of_the_request() -> None:
+    engine = OpenAIEngine("http://127.0.0.1:1/v1", models={"*": "m"})
+    engine.resume_by(False)
+    run = RunSpec(request_id="r1", attempt="2", session_id="s", group="g", tenant="t", priority=5, max_tokens=10,
+                  start_index=4, input_kind="m", input_text=json.dumps(MESSAGES), params={"temperature": 0.7})
+    body = engine.body(run, "a b c d ", "m")
+    assert body["messages"] == MESSAGES and "continue_final_message" not in body  # the whole answer again
+    assert body["max_tokens"] == 10 and body["seed"] == engine.body(run, "", "m")["seed"]
+    assert engine.resume_mode == "regenerate"
+    assert engine.body(RunSpec(**{**run.__dict__, "params": {"seed": 3}}), "", "m")["seed"] == 3  # the caller's wins

@@ -16,8 +16,8 @@ import pytest
 import redis
 from rq import Worker as RqWorker
 
-from sluicegate.scheduler.admin import shown_info
 from sluicegate.sessions import keys
+from sluicegate.sessions.runs import shown_info
 from sluicegate.workers.worker import Worker
 from tests.helpers import fast_settings, wait_for
 from tests.worker_helpers import WorkerProcess

@@ -19,9 +19,8 @@ from typing import IO, Any
 
 import redis
 
-from sluicegate.scheduler.admin import shown_info
 from sluicegate.sessions import keys
-from sluicegate.sessions.runs import RunStore
+from sluicegate.sessions.runs import RunStore, shown_info
 from sluicegate.settings import Settings
 from tests.helpers import ON_CLUSTER, ROOT, SseEvent, Stack, fast_settings, sse, submit, wait_for
 

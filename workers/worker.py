@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 CANNOT_CONTINUE = ("the run was interrupted after it streamed a tool call, which no engine can continue: "
                    "call again")
+PROBE_BUDGET = 30.0  # seconds a worker spends learning its engine before it offers its slots anyway
 EARLY_NOTICES = 1024  # notices kept for runs whose assignment has not arrived (most are for ended runs)
 
 
@@ -82,13 +83,14 @@ class Worker:
 
     async def _learn_engine(self) -> None:
         """Ask the engine what it can do (workers/engines/probe.py): its slot count becomes this worker's
-        unless --slots says otherwise, and operators see it all in /v1/admin/stats."""
+        unless --slots says otherwise, and operators see it all in /v1/admin/stats. Bounded: an engine
+        that does not answer leaves the defaults."""
         shown: dict[str, Any] = {"engine": self.settings.engine}
         probe = getattr(self.engine, "probe", None)
         if probe is not None and self.settings.backend_probe:
-            choice = {"auto": None, "yes": True, "no": False}[self.settings.backend_continue]
             try:
-                found = await probe(self.settings.group, continues=choice)
+                async with asyncio.timeout(PROBE_BUDGET):
+                    found = await probe(self.settings.group)
             except Exception as error:  # an engine that is not up yet: the defaults, and say so
                 log.warning("worker %s: probing the backend failed (%s); using the defaults", self.worker_id, error)
             else:
@@ -96,6 +98,9 @@ class Worker:
                     self.slots = found.slots
                 shown["capabilities"] = found.as_dict()
                 log.info("worker %s: backend is %s", self.worker_id, found)
+        resume_by = getattr(self.engine, "resume_by", None)
+        if resume_by is not None and self.settings.backend_continue != "auto":
+            resume_by(self.settings.backend_continue == "yes")
         resume = getattr(self.engine, "resume_mode", None)
         if resume is not None:
             shown["resume"] = resume
@@ -104,6 +109,7 @@ class Worker:
 
     # ---- lifecycle ---------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
+        await self._learn_engine()  # first: nothing is started yet that a stop meanwhile would leave behind
         if self.presence is not None:
             try:
                 await asyncio.to_thread(self.presence.birth)
@@ -118,7 +124,6 @@ class Worker:
         control = asyncio.create_task(self._control_loop(subscriber))
         heartbeat = asyncio.create_task(self._heartbeat_loop())
         presence = asyncio.create_task(self._presence_loop())
-        await self._learn_engine()
         try:
             await self.store.set_free_slots(self.slots, self.slots)
         except REDIS_DOWN as error:

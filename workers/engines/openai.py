@@ -40,8 +40,10 @@ whose stream reports no usage but has a tokenize endpoint gets its output counte
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 import aiohttp
@@ -61,6 +63,7 @@ RESERVED = frozenset({"model", "messages", "stream", "stream_options", "max_toke
                       "priority", "continue_final_message", "add_generation_prompt"})
 TEXT_FIELDS = frozenset({"content", "role"})  # what a delta carries that is not passed on raw
 RETRIED_STATUSES = frozenset({408, 429})
+COUNT_TIMEOUT = 5.0  # seconds for a tokenize-count call; past it the usage is Sluicegate's estimate
 OVERSHOOT_READ = 8  # chunks read past max_tokens for the finish_reason and usage before cutting the stream
 
 
@@ -209,15 +212,16 @@ class OpenAIEngine:
             self._served_model = str(served[0])
         return self._served_model
 
-    async def probe(self, group: str, *, continues: bool | None = None) -> Capabilities:
-        """Learn what the backend can do (workers/engines/probe.py) and act on it; `continues` overrides
-        what the probe found about continuing a partial message."""
+    async def probe(self, group: str) -> Capabilities:
+        """Learn what the backend can do (workers/engines/probe.py) and act on it."""
         found = await probe(self.session, self.base_url, await self.model_for(group))
-        if continues is not None:
-            found = Capabilities(**{**found.as_dict(), "continues": continues})
         self.capabilities = found
         self.send_priority = self.send_priority and found.accepts_priority
         return found
+
+    def resume_by(self, continues: bool) -> None:
+        """--backend-continue yes|no: how a resume gets the rest, whatever the probe found."""
+        self.capabilities = replace(self.capabilities, continues=continues)
 
     @property
     def resume_mode(self) -> str:
@@ -235,6 +239,10 @@ class OpenAIEngine:
                         continue_final_message=True, add_generation_prompt=False)
         elif run.start_index > 0:  # regenerate: the whole output again, its first start_index tokens skipped
             body["max_tokens"] = run.max_tokens
+        if not self.capabilities.continues and "seed" not in body:
+            # A resume regenerates: a seed of the request's own makes a sampled output come out the same
+            # again on an engine that honours it (greedy decoding needs none).
+            body["seed"] = int(hashlib.sha1(run.request_id.encode()).hexdigest()[:8], 16) % 2**31
         if self.ask_usage:
             body["stream_options"] = {"include_usage": True}
         if self.send_priority:
@@ -259,6 +267,7 @@ class OpenAIEngine:
         state = StreamState()
         response, tokens, first = await self._open(run, so_far, state)
         skip = run.start_index if run.start_index and not self.capabilities.continues else 0
+        skipped: list[str] = []
         produced = extra = 0
         generated: list[str] = []  # this call's text, skipped tokens included (counted when no usage comes)
         try:
@@ -267,6 +276,11 @@ class OpenAIEngine:
                 generated.append(piece if isinstance(piece, str) else piece.text)
                 if skip:
                     skip -= 1
+                    skipped.append(generated[-1])
+                    if not skip and "".join(skipped) != so_far:  # sampled differently: the seam shows
+                        log.warning("run %s|%s: the regenerated output differs from what was streamed before "
+                                    "index %d; the rest continues the new one", run.request_id, run.attempt,
+                                    run.start_index)
                 elif produced < remaining:
                     yield piece
                     produced += 1
@@ -314,7 +328,7 @@ class OpenAIEngine:
 
     async def _count(self, text: str) -> int:
         root = root_of(self.base_url)
-        async with asyncio.timeout(self.timeout):
+        async with asyncio.timeout(COUNT_TIMEOUT):  # the run holds its slot meanwhile
             if self.capabilities.server == "llama-cpp-python":
                 async with self.session.post(f"{root}/extras/tokenize/count", data=orjson.dumps({"input": text})) as r:
                     return int(orjson.loads(await r.read())["count"])
@@ -350,7 +364,7 @@ class OpenAIEngine:
             async with asyncio.timeout(self.first_token_timeout):
                 body = self.body(run, so_far, await self.model_for(run.group))
                 response = await self._post(body)
-                tokens = self._tokens(response, state)
+                tokens = self._tokens(response, state, strict_done=self.capabilities.interrupts)
                 try:
                     first = await anext(tokens, None)
                 except BaseException:
@@ -392,14 +406,16 @@ class OpenAIEngine:
         return False
 
     @staticmethod
-    async def _tokens(response: aiohttp.ClientResponse, state: StreamState) -> AsyncIterator[Piece]:
-        """Tokens from an SSE body; a stream that ends without `[DONE]` or a finish_reason is cut short."""
+    async def _tokens(response: aiohttp.ClientResponse, state: StreamState, *,
+                      strict_done: bool = False) -> AsyncIterator[Piece]:
+        """Tokens from an SSE body; a stream that ends without `[DONE]` or a finish_reason is cut short,
+        and so is (`strict_done`: a server known to interrupt streams) a `[DONE]` without a finish_reason."""
         async for line in response.content:
             if not line.startswith(b"data:"):
                 continue  # blank separators, comments (keep-alives), event names
             payload = line[5:].strip()
             if payload == b"[DONE]":
-                if state.finish_reason is None:  # e.g. llama-cpp-python interrupting it for another request
+                if strict_done and state.finish_reason is None:  # llama-cpp-python interrupted it for another
                     raise Transient("the stream ended with [DONE] but no finish_reason (cut short)")
                 return
             chunk = orjson.loads(payload)

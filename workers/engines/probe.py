@@ -6,9 +6,10 @@ message (a resume), whether a stream reports usage, and how many requests they r
 worker with more slots than the engine queues requests inside the engine, where no preemption
 reaches them). So the worker asks:
 
-1. which server it is, by an endpoint only that server has: llama.cpp's `/props` (which also gives
-   `total_slots`), vLLM's `/version`, SGLang's `/get_server_info` (`max_running_requests`), TGI's `/info`
-   (`max_concurrent_requests`), Ollama's `/api/version`, llama-cpp-python's `/extras/tokenize/count`;
+1. which server it is, by an endpoint only that server has, all GETs that touch no model (asked at
+   once): llama.cpp's `/props` (which also gives `total_slots`), vLLM's `/version`, SGLang's
+   `/get_server_info` (`max_running_requests`), TGI's `/info` (`max_concurrent_requests`), Ollama's
+   `/api/version`, llama-cpp-python's `/openapi.json` (its `/extras/tokenize/count`);
 2. one streamed one-token request with `priority` and `stream_options.include_usage`: a 400 naming a
    field says it is refused; a usage chunk says streams report usage.
 
@@ -45,6 +46,7 @@ class Capabilities:
     continues: bool = True  # can continue a partial assistant message (else a resume regenerates)
     streams_usage: bool = True
     counts_tokens: bool = False  # has a tokenize-count endpoint (usage for an engine whose stream has none)
+    interrupts: bool = False  # may end a running stream with a bare [DONE] (llama-cpp-python's interrupt_requests)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -66,39 +68,32 @@ async def _get_json(session: aiohttp.ClientSession, url: str) -> Any:
         return None
 
 
-async def _post_ok(session: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> bool:
-    try:
-        async with asyncio.timeout(PROBE_TIMEOUT), session.post(url, data=orjson.dumps(body)) as response:
-            await response.read()
-            return response.status == 200
-    except (aiohttp.ClientError, TimeoutError):
-        return False
-
-
-async def identify(session: aiohttp.ClientSession, base_url: str) -> Capabilities:
-    """The server's kind, and what its own endpoints say about it."""
+async def identify(session: aiohttp.ClientSession, base_url: str) -> Capabilities | None:
+    """The server's kind, and what its own endpoints say about it, from GETs that touch no model (a busy
+    one-at-a-time engine serves them at once, and is not interrupted by them); None: not known."""
     root = root_of(base_url)
-    props = await _get_json(session, f"{root}/props")
+    props, openapi, sglang, tgi, ollama, vllm = await asyncio.gather(
+        _get_json(session, f"{root}/props"), _get_json(session, f"{root}/openapi.json"),
+        _get_json(session, f"{root}/get_server_info"), _get_json(session, f"{root}/info"),
+        _get_json(session, f"{root}/api/version"), _get_json(session, f"{root}/version"))
     if isinstance(props, dict) and "total_slots" in props:
         return Capabilities("llama.cpp", slots=int(props["total_slots"]), counts_tokens=True)
-    if await _post_ok(session, f"{root}/extras/tokenize/count", {"input": "a"}):
+    paths = openapi.get("paths") if isinstance(openapi, dict) else None
+    if isinstance(paths, dict) and "/extras/tokenize/count" in paths:
+        # llama-cpp-python: one request at a time, no usage in streams, `priority` dropped unread
         return Capabilities("llama-cpp-python", slots=ONE_AT_A_TIME["llama-cpp-python"], continues=False,
-                            counts_tokens=True)
-    info = await _get_json(session, f"{root}/get_server_info")
-    if isinstance(info, dict) and ("max_running_requests" in info or "model_path" in info):
-        slots = info.get("max_running_requests")
+                            streams_usage=False, counts_tokens=True, interrupts=True)
+    if isinstance(sglang, dict) and ("max_running_requests" in sglang or "model_path" in sglang):
+        slots = sglang.get("max_running_requests")
         return Capabilities("sglang", slots=int(slots) if isinstance(slots, int) else None,
-                            priority_higher_first=not info.get("schedule_low_priority_values_first", False))
-    info = await _get_json(session, f"{root}/info")
-    if isinstance(info, dict) and "max_concurrent_requests" in info:
-        return Capabilities("tgi", slots=int(info["max_concurrent_requests"]))  # continues a final assistant turn
-    version = await _get_json(session, f"{root}/api/version")
-    if isinstance(version, dict) and "version" in version:
+                            priority_higher_first=not sglang.get("schedule_low_priority_values_first", False))
+    if isinstance(tgi, dict) and "max_concurrent_requests" in tgi:
+        return Capabilities("tgi", slots=int(tgi["max_concurrent_requests"]))  # continues a final assistant turn
+    if isinstance(ollama, dict) and "version" in ollama:
         return Capabilities("ollama", continues=False)
-    version = await _get_json(session, f"{root}/version")
-    if isinstance(version, dict) and "version" in version:
+    if isinstance(vllm, dict) and "version" in vllm:
         return Capabilities("vllm")
-    return Capabilities()
+    return None
 
 
 async def try_stream(session: aiohttp.ClientSession, base_url: str, model: str,
@@ -138,5 +133,9 @@ async def try_stream(session: aiohttp.ClientSession, base_url: str, model: str,
 
 
 async def probe(session: aiohttp.ClientSession, base_url: str, model: str) -> Capabilities:
+    """What the server is and can do. Known kinds whose answers the test request could not improve
+    (llama-cpp-python: it would wait behind, or interrupt, a running stream) are not sent one."""
     found = await identify(session, base_url)
-    return await try_stream(session, base_url, model, found)
+    if found is not None and found.server == "llama-cpp-python":
+        return found
+    return await try_stream(session, base_url, model, found or Capabilities())

@@ -53,6 +53,8 @@ async def paced_tokens(seed: bytes, start: int, stop: int, *, tokens_per_second:
 
 
 class SimEngine:
+    resume_mode = "continue"  # it generates from any index: a resume continues exactly
+
     def __init__(self, *, tokens_per_second: float, prefill_ms: float) -> None:
         self.tokens_per_second = tokens_per_second
         self.prefill_ms = prefill_ms

@@ -101,7 +101,7 @@ local function start_run(cp, cls, tenant, counter, spec, wid, cfg, now, lease)
   if attempt == 1 then observe(cmetrics(cp), 'wait', spec.g .. '|' .. spec.p, (now - spec.sub) / 1000) end
   local entry = key
   if single_server then
-    local ok, run = d_start(spec.rid, attempt, wid, now, nil, spec.n > 0 and worker_resume(cp, wid) or nil)
+    local ok, run = d_start(spec.rid, attempt, wid, now, nil, attempt > 1 and worker_resume(cp, wid) or nil)
     if not ok then
       end_run(cp, key, rec, 0, now)
       redis.call('HDEL', cp .. 'tk', key)
