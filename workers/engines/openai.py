@@ -270,13 +270,15 @@ class OpenAIEngine:
         skipped: list[str] = []
         produced = extra = 0
         generated: list[str] = []  # this call's text, skipped tokens included (counted when no usage comes)
+        keep_text = self.capabilities.counts_tokens
         try:
             piece = first
             while piece is not None:
-                generated.append(piece if isinstance(piece, str) else piece.text)
+                if keep_text:
+                    generated.append(piece if isinstance(piece, str) else piece.text)
                 if skip:
                     skip -= 1
-                    skipped.append(generated[-1])
+                    skipped.append(piece if isinstance(piece, str) else piece.text)
                     if not skip and "".join(skipped) != so_far:  # sampled differently: the seam shows
                         log.warning("run %s|%s: the regenerated output differs from what was streamed before "
                                     "index %d; the rest continues the new one", run.request_id, run.attempt,
