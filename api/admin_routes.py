@@ -19,7 +19,7 @@ NAME = re.compile(NAME_PATTERN)
 
 
 def check_name(kind: str, name: str) -> None:
-    if not NAME.match(name):
+    if not NAME.fullmatch(name):
         raise ApiError(422, f"{kind}: 1-64 characters of A-Z a-z 0-9 . _ -")
 
 

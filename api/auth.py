@@ -65,7 +65,7 @@ class KeyRing:
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token:
             raise ApiError(401, "missing API key: send `Authorization: Bearer <key>`")
-        if self.admin_key and hmac.compare_digest(token, self.admin_key):
+        if self.admin_key and hmac.compare_digest(token.encode(), self.admin_key.encode()):  # bytes: str must be ASCII
             return OPEN
         record = await self.redis.hget(keys.API_KEYS, key_digest(token))
         if record is None:

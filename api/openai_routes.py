@@ -54,7 +54,7 @@ NOT_PARAMS = frozenset({"stream_options"})  # handled here, not by the engine
 
 def header_name(request: Request, header: str, default: str) -> str:
     value = request.headers.get(header, default).strip() or default
-    if not NAME.match(value):
+    if not NAME.fullmatch(value):
         raise ApiError(422, f"{header}: 1-64 characters of A-Z a-z 0-9 . _ -")
     return value
 

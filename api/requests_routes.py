@@ -16,7 +16,7 @@ router = APIRouter()
 
 
 def check_session_id(session_id: str) -> None:
-    if not SESSION_PATTERN.match(session_id):
+    if not SESSION_PATTERN.fullmatch(session_id):
         raise ApiError(422, "session_id: 1-128 characters of A-Z a-z 0-9 . _ : @ -")
 
 

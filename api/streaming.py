@@ -47,7 +47,7 @@ def check_cursor(session_id: str, cursor: int, last_event_id: int) -> None:
 @router.get("/v1/sessions/{session_id}/events")
 async def session_events(session_id: str, request: Request, who: Principal = Depends(principal)):
     svc = services(request)
-    if not SESSION_PATTERN.match(session_id):
+    if not SESSION_PATTERN.fullmatch(session_id):
         raise ApiError(422, "session_id: 1-128 characters of A-Z a-z 0-9 . _ : @ -")
     owner, last_event_id = await svc.store.session_state(session_id)
     if owner is None or (who.tenant and owner != who.tenant):

@@ -59,3 +59,20 @@ def test_keys_scope_every_route(auth_stack: Stack, r: redis.Redis) -> None:
     assert call("DELETE", f"{base}/v1/admin/keys/{created['key_id']}", headers=ADMIN)[0] == 404
     wait_for(lambda: call("GET", f"{base}/v1/requests/{rid}", headers=ADMIN)[1]["status"] == "done",
              what="the request to finish")
+
+
+def test_a_key_with_non_ascii_characters_is_a_401_not_a_500(auth_stack: Stack) -> None:
+    """Found by reading (issue 12): hmac.compare_digest raises on non-ASCII strings."""
+    import http.client
+
+    host, port = auth_stack.base_url.removeprefix("http://").split(":")
+    for token in (b"cl\xc3\xa9", b"\xff\xfe", "admin-secreté".encode("latin-1")):
+        conn = http.client.HTTPConnection(host, int(port), timeout=10)
+        try:
+            conn.putrequest("GET", "/v1/admin/stats")
+            conn.putheader("Authorization", b"Bearer " + token)
+            conn.endheaders()
+            response = conn.getresponse()
+            assert response.status == 401, (token, response.status, response.read())
+        finally:
+            conn.close()

@@ -317,3 +317,21 @@ def test_redis_unavailable_is_503_on_every_route(tmp_path: Path) -> None:
     finally:
         stack.stop()
         server.stop()
+
+
+def test_names_with_a_trailing_newline_and_request_ids_naming_other_keys_are_refused(stack: Stack,
+                                                                                      r: redis.Redis) -> None:
+    """Found by reading (issue 12): `$` also matches before a final newline, so `abc\\n` passed the name
+    checks; and a request id with a key's suffix (`<rid>:in`, its stored prompt) must name nothing."""
+    base = stack.base_url
+    code, reply = call("PUT", f"{base}/v1/admin/tenants/abc%0A", {"weight": 2.0})
+    assert_error(code, reply, 422, what="a tenant name ending in a newline")
+    code, reply = call("PUT", f"{base}/v1/admin/groups/abc%0A", {"burst": 2})
+    assert_error(code, reply, 422, what="a group name ending in a newline")
+    code, reply = call("POST", f"{base}/v1/sessions/abc%0A/requests", {"prompt": "x"})
+    assert_error(code, reply, 422, what="a session id ending in a newline")
+    assert not any("abc\n" in key for key in r.hkeys(keys.TENANT_WEIGHTS)) and "abc\n" not in r.smembers(keys.GROUPS)
+    rid = submit(base, "k", max_tokens=2)
+    for suffix in (":in", "%0A"):
+        code, reply = call("GET", f"{base}/v1/requests/{rid}{suffix}")
+        assert_error(code, reply, 404, what=f"a request id with {suffix!r} after it")
