@@ -153,3 +153,16 @@ def test_a_lapsed_lease_retires_its_worker_before_the_run_is_dispatched_again(re
         run(lapsed.set_free_slots(2, 2))
         assert run(lapsed.heartbeat([])) == (False, [])
         assert idle_tickets(r)[lapsed.worker_id] == 2
+
+
+def test_started_events_name_the_worker_by_an_id_that_names_no_host_or_process(stack: Stack) -> None:
+    """Tenants read `started`: it names the worker by an opaque id; operators see host and pid in stats."""
+    import os
+    import socket
+
+    rid = submit(stack.base_url, "who", max_tokens=2)
+    started = next(e for e in Listener(stack.base_url, rid).join(30) if e.event == "started")
+    wid = started.data["worker"]
+    assert socket.gethostname() not in wid and str(os.getpid()) not in wid.split(".")
+    shown = {w["worker_id"]: w for w in call("GET", f"{stack.base_url}/v1/admin/stats")[1]["workers"]}
+    assert shown[wid]["host"] == socket.gethostname() and shown[wid]["pid"] == os.getpid()

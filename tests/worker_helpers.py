@@ -49,7 +49,8 @@ class WorkerProcess:
             assert self.proc.poll() is None, f"worker exited early with {self.proc.returncode}"
             for group in r.smembers(keys.GROUPS):
                 for wid in r.hkeys(keys.group_key(group, "workers")):
-                    if wid.split(".")[-2] == str(self.pid) and r.exists(keys.worker(group, wid)):
+                    info = shown_info(r.hget(keys.group_key(group, "workers"), wid) or "")
+                    if info.get("pid") == self.pid and r.exists(keys.worker(group, wid)):
                         return str(wid)
             return None
 

@@ -43,7 +43,9 @@ EARLY_NOTICES = 1024  # notices kept for runs whose assignment has not arrived (
 
 
 def new_worker_id(group: str) -> str:
-    return f"{group}.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:6]}"
+    """The group and a random part: the id appears in `started` and `resumed` events, which tenants read,
+    so it names no host and no process (operators find those in /v1/admin/stats: `host`, `pid`)."""
+    return f"{group}.{uuid.uuid4().hex[:12]}"
 
 
 class Worker:
@@ -85,7 +87,7 @@ class Worker:
         """Ask the engine what it can do (workers/engines/probe.py): its slot count becomes this worker's
         unless --slots says otherwise, and operators see it all in /v1/admin/stats. Bounded: an engine
         that does not answer leaves the defaults."""
-        shown: dict[str, Any] = {"engine": self.settings.engine}
+        shown: dict[str, Any] = {"engine": self.settings.engine, "host": socket.gethostname(), "pid": os.getpid()}
         probe = getattr(self.engine, "probe", None)
         if probe is not None and self.settings.backend_probe:
             try:

@@ -42,6 +42,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import os
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
@@ -76,8 +77,10 @@ class Permanent(Exception):
 
 
 def describe(error: BaseException) -> str:
-    if isinstance(error, aiohttp.ClientConnectorError):
-        return f"cannot connect ({error.os_error.strerror or error.os_error})"
+    if isinstance(error, aiohttp.ClientConnectorError):  # the reason only: the address goes to the log
+        os_error = error.os_error
+        reason = os.strerror(os_error.errno) if os_error.errno else type(os_error).__name__
+        return f"cannot connect ({reason})"
     if isinstance(error, TimeoutError):
         return f"timed out ({type(error).__name__})"
     if isinstance(error, aiohttp.ClientPayloadError):
@@ -208,7 +211,7 @@ class OpenAIEngine:
                 items = listing.get("data") if isinstance(listing, dict) else None
                 served = [m["id"] for m in items or () if isinstance(m, dict) and m.get("id")]
             if not served:
-                raise Permanent(f"{self.base_url}/models lists no model; set --backend-model")
+                raise Permanent("the backend's /models lists no model; set --backend-model")
             self._served_model = str(served[0])
         return self._served_model
 
@@ -354,11 +357,15 @@ class OpenAIEngine:
 
         try:
             return await first_try_then(lambda: self._attempt(run, so_far, state), retrying, (Transient,))
-        except Transient as error:
-            raise EngineError(f"backend {self.base_url} failed {self.retries} times before the first token; "
+        except Transient as error:  # tenants read the message: the backend's address goes to the log only
+            log.warning("run %s|%s: backend %s failed %d times before the first token: %s", run.request_id,
+                        run.attempt, self.base_url, self.retries, error)
+            raise EngineError(f"the backend failed {self.retries} times before the first token; "
                               f"last error: {error}", transient=True) from error
         except Permanent as error:
-            raise EngineError(f"backend {self.base_url} refused the request: {error}", transient=False) from error
+            log.warning("run %s|%s: backend %s refused the request: %s", run.request_id, run.attempt, self.base_url,
+                        error)
+            raise EngineError(f"the backend refused the request: {error}", transient=False) from error
 
     async def _attempt(self, run: RunSpec, so_far: str,
                        state: StreamState) -> tuple[aiohttp.ClientResponse, Any, Piece | None]:
