@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, Request
 from sluicegate.api.auth import Principal, require_admin
 from sluicegate.api.errors import ApiError
 from sluicegate.api.responses import JSON
-from sluicegate.api.schemas import GroupBody, KeyBody, WeightBody
+from sluicegate.api.schemas import GroupBody, KeyBody, TenantBody
 from sluicegate.api.services import principal, services
 from sluicegate.sessions.keys import NAME_PATTERN
 from sluicegate.sessions.registry import ModelConflict, declare_group, forget_group_model, group_models
@@ -26,7 +26,14 @@ def check_name(kind: str, name: str) -> None:
 @router.post("/keys", status_code=201)
 async def create_key(body: KeyBody, request: Request, who: Principal = Depends(principal)):
     require_admin(who)
-    return JSON(await services(request).keyring.create(body.tenant), status_code=201)
+    return JSON(await services(request).keyring.create(body.tenant, body.expires_in), status_code=201)
+
+
+@router.get("/keys")
+async def list_keys(request: Request, who: Principal = Depends(principal)):
+    """Every key's id, tenant, creation, last use (to about a minute) and expiry; never the key."""
+    require_admin(who)
+    return JSON({"keys": await services(request).keyring.listing()})
 
 
 @router.delete("/keys/{key_id}")
@@ -44,11 +51,19 @@ async def list_tenants(request: Request, who: Principal = Depends(principal)):
 
 
 @router.put("/tenants/{tenant}")
-async def set_tenant(tenant: str, body: WeightBody, request: Request, who: Principal = Depends(principal)):
+async def set_tenant(tenant: str, body: TenantBody, request: Request, who: Principal = Depends(principal)):
+    """The weight (fair share) and the guardrails (api/guardrails.py); fields left out are kept."""
     require_admin(who)
     check_name("tenant", tenant)
-    await services(request).tuning.set_weight(tenant, body.weight)
-    return JSON({"tenant": tenant, "weight": body.weight})
+    svc = services(request)
+    fields = body.model_dump(exclude_unset=True)
+    weight = fields.pop("weight", None)
+    if weight is not None:
+        await svc.tuning.set_weight(tenant, weight)
+    if fields:
+        await svc.tuning.set_limits(tenant, fields)
+        svc.guardrails.invalidate(tenant)  # this process applies them at once; the others within seconds
+    return JSON(await svc.tuning.tenant(tenant))
 
 
 @router.get("/groups")
@@ -86,5 +101,6 @@ async def stats(request: Request, who: Principal = Depends(principal)):
     require_admin(who)
     svc = services(request)
     data = await svc.tuning.stats()
-    data["api_process"] = {"open_streams": svc.open_streams, "subscribed_sessions": svc.hub.subscribed_sessions}
+    data["api_process"] = {"open_streams": svc.open_streams, "subscribed_sessions": svc.hub.subscribed_sessions,
+                           "open_streams_by_tenant": dict(svc.guardrails.streams)}
     return JSON(data)

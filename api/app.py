@@ -17,13 +17,14 @@ from sluicegate.api import admin_routes, models_routes, openai_routes, requests_
 from sluicegate.api.auth import KeyRing
 from sluicegate.api.directory import Directory
 from sluicegate.api.errors import install_error_handlers
+from sluicegate.api.guardrails import Guardrails
 from sluicegate.api.hot_path import ChatHotPath
 from sluicegate.api.limits import BodySizeLimit
 from sluicegate.api.metrics import render_metrics
 from sluicegate.api.responses import JSON
 from sluicegate.api.services import Services, services
 from sluicegate.scheduler.admin import Tuning
-from sluicegate.sessions.connect import async_client
+from sluicegate.sessions.connect import CONNECT_TIMEOUT, READ_TIMEOUT, async_client
 from sluicegate.sessions.hub import EventHub
 from sluicegate.sessions.resp import LeanRedis
 from sluicegate.sessions.store import SessionStore
@@ -48,7 +49,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             redis: Any = async_client(settings.redis_url, cluster=True, socket_timeout=20, max_connections=256)
         else:
             pool = BlockingConnectionPool.from_url(settings.redis_url, max_connections=256, timeout=20,
-                                                   retry=Retry(NoBackoff(), 1), socket_connect_timeout=5)
+                                                   retry=Retry(NoBackoff(), 1), socket_connect_timeout=CONNECT_TIMEOUT,
+                                                   socket_timeout=READ_TIMEOUT)  # a half-open connection: a 503
             redis = Redis(connection_pool=pool)
             lean = LeanRedis(settings.redis_url)
         hub = EventHub(settings.redis_url, cluster=cluster)
@@ -58,7 +60,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             store=SessionStore(redis, session_ttl=settings.session_ttl, lease_seconds=settings.lease_seconds,
                                lean=lean, cluster=cluster),
             keyring=KeyRing(redis, enabled=settings.auth_enabled, admin_key=settings.admin_key),
-            directory=Directory(redis))
+            directory=Directory(redis), guardrails=Guardrails(redis))
         try:
             yield
         finally:

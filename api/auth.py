@@ -9,7 +9,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+import time
 from dataclasses import dataclass
+from typing import Any
 
 import orjson
 from fastapi import Request
@@ -31,6 +33,9 @@ class Principal:
 
 
 OPEN = Principal(admin=True)
+# `last_used_at` is written at most this often per key and API process: a key's use costs no write
+# per request, and the listing is still accurate to about a minute.
+TOUCH_SECONDS = 60.0
 
 
 def key_digest(key: str) -> str:
@@ -42,21 +47,59 @@ class KeyRing:
         self.redis = redis
         self.enabled = enabled
         self.admin_key = admin_key
+        self.touched: dict[str, float] = {}  # key_id -> when this process last wrote its last_used_at (monotonic)
 
-    async def create(self, tenant: str) -> dict[str, str]:
+    async def create(self, tenant: str, expires_in: float | None = None) -> dict[str, Any]:
+        """A new key, shown once; only its digest is stored. `expires_in` (seconds) bounds its life."""
         key = "sg-" + secrets.token_urlsafe(24)
         key_id = "key_" + secrets.token_hex(6)
-        await self.redis.hset(keys.API_KEYS, key_digest(key), orjson.dumps({"key_id": key_id, "tenant": tenant}))
-        await self.redis.hset(keys.API_KEYS + ":ids", key_id, key_digest(key))
-        return {"key_id": key_id, "key": key, "tenant": tenant}
+        now = round(time.time(), 3)
+        expires_at = None if expires_in is None else round(now + expires_in, 3)
+        record = {"key_id": key_id, "tenant": tenant, "created_at": now, "expires_at": expires_at}
+        await self.redis.hset(keys.API_KEYS, key_digest(key), orjson.dumps(record))
+        await self.redis.hset(keys.API_KEY_IDS, key_id, key_digest(key))
+        return {**record, "key": key}
 
     async def revoke(self, key_id: str) -> bool:
-        digest = await self.redis.hget(keys.API_KEYS + ":ids", key_id)
+        digest = await self.redis.hget(keys.API_KEY_IDS, key_id)
         if digest is None:
             return False
         await self.redis.hdel(keys.API_KEYS, digest)
-        await self.redis.hdel(keys.API_KEYS + ":ids", key_id)
+        await self.redis.hdel(keys.API_KEY_IDS, key_id)
+        await self.redis.hdel(keys.API_KEYS_USED, key_id)
+        self.touched.pop(key_id, None)
         return True
+
+    async def listing(self) -> list[dict[str, Any]]:
+        """Every key's metadata, oldest first: never the key nor its digest (the digest of a short or
+        guessable key would let a reader confirm it offline). Keys made before `created_at` was kept
+        show null there."""
+        records = await self.redis.hvals(keys.API_KEYS)
+        used = await self.redis.hgetall(keys.API_KEYS_USED)
+        last_used = {(k.decode() if isinstance(k, bytes) else k): float(v) for k, v in used.items()}
+        now = time.time()
+        out = []
+        for raw in records:
+            record = orjson.loads(raw)
+            expires_at = record.get("expires_at")
+            out.append({"key_id": record["key_id"], "tenant": record["tenant"],
+                        "created_at": record.get("created_at"), "last_used_at": last_used.get(record["key_id"]),
+                        "expires_at": expires_at, "expired": expires_at is not None and now >= expires_at})
+        return sorted(out, key=lambda k: (k["created_at"] or 0, k["key_id"]))
+
+    async def accept(self, raw: bytes | str) -> Principal:
+        """A stored key's principal: 401 once it expired; notes its use (throttled, see TOUCH_SECONDS)."""
+        record = orjson.loads(raw)
+        now = time.time()
+        expires_at = record.get("expires_at")
+        if expires_at is not None and now >= expires_at:
+            raise ApiError(401, f"API key {record['key_id']} expired; ask the operator for a new one")
+        key_id = record["key_id"]
+        at = time.monotonic()
+        if at - self.touched.get(key_id, -TOUCH_SECONDS) >= TOUCH_SECONDS:
+            self.touched[key_id] = at
+            await self.redis.hset(keys.API_KEYS_USED, key_id, round(now, 3))
+        return Principal(admin=False, tenant=record["tenant"])
 
     async def principal(self, request: Request) -> Principal:
         if not self.enabled:
@@ -70,7 +113,7 @@ class KeyRing:
         record = await self.redis.hget(keys.API_KEYS, key_digest(token))
         if record is None:
             raise ApiError(401, "unknown or revoked API key")
-        return Principal(admin=False, tenant=orjson.loads(record)["tenant"])
+        return await self.accept(record)
 
 
 def require_admin(principal: Principal) -> None:

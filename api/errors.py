@@ -7,6 +7,7 @@ import logging
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from redis.exceptions import MasterDownError, OutOfMemoryError, ReadOnlyError, ResponseError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sluicegate.api.responses import JSON
@@ -16,23 +17,26 @@ log = logging.getLogger(__name__)
 
 STATUS_TYPES = {400: "invalid_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
                 405: "method_not_allowed", 409: "conflict", 413: "payload_too_large", 415: "unsupported_media_type",
-                422: "invalid_request", 503: "unavailable"}
+                422: "invalid_request", 429: "rate_limited", 503: "unavailable"}
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, type_: str | None = None, code: str | None = None) -> None:
+    def __init__(self, status: int, message: str, type_: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.type = type_ or STATUS_TYPES.get(status, "error")
         self.code = code
+        self.headers = headers  # e.g. Retry-After on a 429
 
 
-def error_response(status: int, message: str, type_: str | None = None, code: str | None = None) -> JSON:
+def error_response(status: int, message: str, type_: str | None = None, code: str | None = None,
+                   headers: dict[str, str] | None = None) -> JSON:
     error = {"type": type_ or STATUS_TYPES.get(status, "error"), "message": message}
     if code is not None:
         error["code"] = code
-    return JSON({"error": error}, status_code=status)
+    return JSON({"error": error}, status_code=status, headers=headers)
 
 
 def describe_validation(exc: RequestValidationError) -> str:
@@ -44,15 +48,27 @@ def describe_validation(exc: RequestValidationError) -> str:
     return "; ".join(parts) or "invalid request"
 
 
+# The store refusing work for a while (full under noeviction, a replica, a failed snapshot, a long
+# script, a failover): a 503 the client retries, never a 500. redis-py names some by class and leaves
+# the others as a ResponseError whose message starts with the server's error code.
+REFUSING = (OutOfMemoryError, ReadOnlyError, MasterDownError)
+REFUSING_CODES = ("MISCONF ", "BUSY ", "NOREPLICAS ", "CLUSTERDOWN ", "OOM ", "READONLY ", "LOADING ")
+RETRY_AFTER = {"Retry-After": "1"}
+
+
+def store_refuses(exc: BaseException) -> bool:
+    return isinstance(exc, REFUSING) or isinstance(exc, ResponseError) and str(exc).startswith(REFUSING_CODES)
+
+
 def expected_error_response(exc: Exception) -> JSON | None:
-    """The answer to an error the API expects (bad input, Redis unavailable), or None."""
+    """The answer to an error the API expects (bad input, Redis unavailable or refusing work), or None."""
     if isinstance(exc, ApiError):
-        return error_response(exc.status, exc.message, exc.type, exc.code)
+        return error_response(exc.status, exc.message, exc.type, exc.code, exc.headers)
     if isinstance(exc, RequestValidationError):
         return error_response(422, describe_validation(exc))
-    if isinstance(exc, UNAVAILABLE):
-        log.warning("redis unavailable: %s", exc)
-        return error_response(503, "the queue store (Redis) is unavailable; retry shortly")
+    if isinstance(exc, UNAVAILABLE) or store_refuses(exc):
+        log.warning("redis unavailable: %s: %s", type(exc).__name__, exc)
+        return error_response(503, "the queue store (Redis) is unavailable; retry shortly", headers=RETRY_AFTER)
     return None
 
 
@@ -74,5 +90,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSON:
+        refused = expected_error_response(exc) if store_refuses(exc) else None
+        if refused is not None:  # a ResponseError naming the store's refusal (OOM, MISCONF, BUSY, ...)
+            return refused
         log.exception("unhandled error")
         return error_response(500, f"internal error: {type(exc).__name__}", "internal_error")

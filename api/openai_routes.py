@@ -176,13 +176,20 @@ async def chat_completions(request: Request):
     body = await chat_body(request)
     svc = services(request)
     new = await new_request(body, request, who)
-    first = int((await submit_request(request, who, new))["first_event_id"])
+    # A stream is counted before the submit, so a tenant over max_streams stores nothing (429).
+    release = await svc.guardrails.open_stream(who) if body.stream else None
+    try:
+        first = int((await submit_request(request, who, new))["first_event_id"])
+    except BaseException:
+        if release is not None:
+            release()
+        raise
     headers = {"X-Request-Id": new.request_id, "X-Session-Id": new.session_id}
     options = (body.model_extra or {}).get("stream_options")
     completion = Completion(new, body.model or new.group,
                             include_usage=isinstance(options, dict) and bool(options.get("include_usage")))
     if body.stream:
         return EventStreamResponse(sse_chunks(svc, new, completion, first),
-                                   headers={**headers, "Cache-Control": "no-store"})
+                                   headers={**headers, "Cache-Control": "no-store"}, on_close=release)
     return EventStreamResponse(message_body(svc, new, completion, first), headers=headers,
                                media_type="application/json")

@@ -28,6 +28,7 @@ async def submit_request(request: Request, who: Principal, new: NewRequest) -> d
         raise ApiError(422, "prompt/messages: not valid Unicode text (a lone surrogate?)") from None
     if new.max_tokens > svc.settings.max_tokens_limit:
         raise ApiError(422, f"max_tokens: at most {svc.settings.max_tokens_limit} (--max-tokens-limit)")
+    await svc.guardrails.check_priority(who, new.priority)  # before the submit: a refused request stores nothing
     result = await svc.store.submit(new, owner=who.owner)
     if result.outcome == "forbidden":
         raise ApiError(403, f"session {new.session_id!r} belongs to another tenant")

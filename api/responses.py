@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import orjson
@@ -31,8 +31,10 @@ class EventStreamResponse(Response):
 
     media_type = "text/event-stream"
 
-    def __init__(self, chunks: AsyncIterator[bytes], headers: dict[str, str], media_type: str | None = None) -> None:
+    def __init__(self, chunks: AsyncIterator[bytes], headers: dict[str, str], media_type: str | None = None,
+                 on_close: Callable[[], None] | None = None) -> None:
         self.status_code = 200
+        self.on_close = on_close  # called once the response ends, however (e.g. a tenant's stream count)
         self.background = None
         if media_type:  # e.g. a JSON body whose headers go out before it is complete
             self.media_type = media_type
@@ -66,4 +68,8 @@ class EventStreamResponse(Response):
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await watcher  # retrieved: a failed receive() is not left unobserved
-            await self.chunks.aclose()  # type: ignore[attr-defined]
+            try:
+                await self.chunks.aclose()  # type: ignore[attr-defined]
+            finally:
+                if self.on_close is not None:
+                    self.on_close()

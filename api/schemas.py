@@ -85,9 +85,32 @@ class SubmitBody(BaseModel):
         return self
 
 
-class WeightBody(BaseModel):
+class TenantBody(BaseModel):
+    """`PUT /v1/admin/tenants/{t}`: a field left out is kept; `max_priority` or `max_streams` given as
+    null goes back to its default (9; unlimited). The weight cannot be null (it is always some weight)."""
+
     model_config = ConfigDict(extra="forbid")
-    weight: float = Field(gt=0, le=1e6)
+    weight: float | None = Field(default=None, gt=0, le=1e6)
+    max_priority: int | None = Field(default=None, ge=0, le=9)
+    max_streams: int | None = Field(default=None, ge=0, le=1_000_000)
+
+    @field_validator("weight")
+    @classmethod
+    def _weight(cls, value: float | None) -> float:
+        if value is None:
+            raise ValueError("a number > 0 (leave the field out to keep the weight)")
+        return value
+
+    @field_validator("max_priority", mode="before")
+    @classmethod
+    def _max_priority(cls, value: Any) -> int | None:
+        return None if value is None else parse_priority(value)  # 0..9 or a name, as a submit takes it
+
+    @model_validator(mode="after")
+    def _something(self) -> TenantBody:
+        if not self.model_fields_set:
+            raise ValueError("give at least one of weight, max_priority, max_streams")
+        return self
 
 
 QuotaBody = Quota  # the quota fields of PUT /v1/admin/groups/{g} (scheduler/quota.py)
@@ -107,6 +130,7 @@ class GroupBody(QuotaBody):
 class KeyBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     tenant: str = Field(pattern=NAME_PATTERN)
+    expires_in: float | None = Field(default=None, gt=0, le=10 * 365 * 86400)  # seconds; none: never expires
 
 
 class ChatBody(BaseModel):

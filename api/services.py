@@ -11,6 +11,7 @@ from redis.asyncio import Redis
 
 from sluicegate.api.auth import KeyRing, Principal
 from sluicegate.api.directory import Directory
+from sluicegate.api.guardrails import Guardrails
 from sluicegate.scheduler.admin import Tuning
 from sluicegate.sessions.hub import EventHub
 from sluicegate.sessions.store import SessionStore
@@ -26,6 +27,7 @@ class Services:
     tuning: Tuning
     keyring: KeyRing
     directory: Directory
+    guardrails: Guardrails
     open_streams: int = 0
 
     @contextmanager

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from sse_starlette import EventSourceResponse
+from starlette.types import Receive, Scope, Send
 
 from sluicegate.api.auth import Principal
 from sluicegate.api.errors import ApiError
@@ -32,8 +34,24 @@ async def sse_bytes(svc: Services, stream: EventStream) -> AsyncIterator[bytes]:
             yield b"".join(event.sse() for event in batch) if batch else PING
 
 
-def sse_response(svc: Services, stream: EventStream) -> EventSourceResponse:
-    return EventSourceResponse(sse_bytes(svc, stream), ping=0, headers={"Cache-Control": "no-store"})
+class CountedEventSource(EventSourceResponse):
+    """Calls `on_close` when the response ends however it ends: a client gone before the body's
+    generator ever started never runs that generator's `finally`, so a count kept there would leak."""
+
+    def __init__(self, *args: Any, on_close: Callable[[], None], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_close()
+
+
+def sse_response(svc: Services, stream: EventStream, on_close: Callable[[], None]) -> EventSourceResponse:
+    return CountedEventSource(sse_bytes(svc, stream), ping=0, headers={"Cache-Control": "no-store"},
+                              on_close=on_close)
 
 
 def check_cursor(session_id: str, cursor: int, last_event_id: int) -> None:
@@ -54,8 +72,9 @@ async def session_events(session_id: str, request: Request, who: Principal = Dep
         raise ApiError(404, f"no session {session_id!r} (never used, or recycled after its TTL)")
     cursor = resume_cursor(request)
     check_cursor(session_id, cursor, last_event_id)
+    release = await svc.guardrails.open_stream(who)  # last: a refused stream was otherwise valid (429)
     stream = EventStream(svc.store, svc.hub, session_id, after=cursor, idle_seconds=svc.settings.sse_ping_seconds)
-    return sse_response(svc, stream)
+    return sse_response(svc, stream, release)
 
 
 @router.get("/v1/requests/{request_id}/events")
@@ -69,6 +88,7 @@ async def request_events(request_id: str, request: Request, who: Principal = Dep
         check_cursor(fields["sid"], cursor, (await svc.store.session_state(fields["sid"]))[1])
     else:
         cursor = int(fields.get("fs", 1)) - 1
+    release = await svc.guardrails.open_stream(who)
     stream = EventStream(svc.store, svc.hub, fields["sid"], after=cursor, request_id=request_id,
                          request_status=fields.get("st"), idle_seconds=svc.settings.sse_ping_seconds)
-    return sse_response(svc, stream)
+    return sse_response(svc, stream, release)

@@ -10,6 +10,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
+from sluicegate.scheduler.limits import DEFAULTS, TenantLimits, all_limits, read_limits, write_limits
 from sluicegate.sessions import keys
 from sluicegate.sessions.connect import text
 from sluicegate.sessions.metrics_store import read_metrics
@@ -31,6 +32,10 @@ class Tuning:
         await self.redis.hset(keys.TENANT_WEIGHTS, tenant, weight)
         for group in await self.groups():
             await self.redis.hset(keys.group_key(group, "tw"), tenant, weight)
+
+    async def set_limits(self, tenant: str, changes: dict[str, int | None]) -> TenantLimits:
+        """The tenant's guardrails (scheduler/limits.py); the API reads them through a short cache."""
+        return await write_limits(self.redis, tenant, changes)
 
     async def set_quota(self, group: str, quota: dict[str, float | None]) -> dict[str, float | int]:
         """Set the given quota fields; a field given as null is removed (unlimited)."""
@@ -65,15 +70,22 @@ class Tuning:
         return sorted(text(g) for g in await self.redis.smembers(keys.GROUPS))
 
     async def tenants(self) -> list[dict[str, Any]]:
-        """Every tenant with a weight or a counter, with its counter per group."""
+        """Every tenant with a weight, a limit or a counter: its guardrails and its counter per group."""
         weights = await self.weights()
+        limits = await all_limits(self.redis)
         counters: dict[str, dict[str, float]] = {}
         for group in await self.groups():
             for tenant, value in (await self.redis.hgetall(keys.group_key(group, "vtc"))).items():
                 counters.setdefault(text(tenant), {})[group] = float(value)
-        names = sorted(set(weights) | set(counters))
-        return [{"tenant": t, "weight": weights.get(t, 1.0), "virtual_token_counter": counters.get(t, {})}
-                for t in names]
+        names = sorted(set(weights) | set(limits) | set(counters))
+        return [{"tenant": t, "weight": weights.get(t, 1.0), **limits.get(t, DEFAULTS).as_dict(),
+                 "virtual_token_counter": counters.get(t, {})} for t in names]
+
+    async def tenant(self, tenant: str) -> dict[str, Any]:
+        """One tenant's settings (the answer to its PUT)."""
+        weight = await self.redis.hget(keys.TENANT_WEIGHTS, tenant)
+        limits = await read_limits(self.redis, tenant)
+        return {"tenant": tenant, "weight": 1.0 if weight is None else float(weight), **limits.as_dict()}
 
     async def group_state(self, group: str) -> dict[str, Any]:
         async with self.redis.pipeline(transaction=False) as pipe:

@@ -139,4 +139,7 @@ MODELS = PREFIX + "models"  # hash model -> the group serving it (a group names 
 TENANT_WEIGHTS = PREFIX + "tenants"  # hash tenant -> weight (source; copied into each group's "tw")
 POLICY = PREFIX + "policy"  # hash policy field -> value (source; copied into each group's "pol")
 API_KEYS = PREFIX + "keys"
+API_KEY_IDS = API_KEYS + ":ids"  # hash key_id -> the key's digest (the field of its record in API_KEYS)
+API_KEYS_USED = API_KEYS + ":used"  # hash key_id -> when it last authenticated (Unix s; about once a minute)
+TENANT_LIMITS = PREFIX + "tenant_limits"  # hash "<tenant>:<limit>" -> int (scheduler/limits.py)
 LEGACY_PREFIXES = (PREFIX + "r:", PREFIX + "s:", PREFIX + "g:", PREFIX + "w:", PREFIX + "m:")

@@ -1,0 +1,83 @@
+"""Tenant guardrails on the request path: `max_priority` on a submit, `max_streams` on an SSE stream.
+
+They bind tenant keys (auth on). The admin key, and every caller when auth is off, is the operator
+and is not limited. Limits are stored by scheduler/limits.py; every submit of a tenant key needs
+them, so each tenant's limits are cached here for `ttl` seconds (a change made through this process
+applies at once, one made through another within `ttl`). Checks run before anything is stored.
+
+Open streams are counted in this API process (no Redis write per stream, nothing to leak when a
+process dies): with N API processes behind a balancer a tenant can hold up to N x max_streams.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from sluicegate.api.auth import Principal
+from sluicegate.api.errors import ApiError
+from sluicegate.scheduler.limits import TenantLimits, read_limits
+
+STREAM_RETRY_AFTER = 5  # seconds: streams end with their requests; sooner would mostly be refused again
+
+
+class Guardrails:
+    def __init__(self, redis: Any, *, ttl: float = 3.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.redis = redis
+        self.ttl = ttl
+        self.clock = clock
+        self.cached: dict[str, tuple[float, TenantLimits]] = {}  # tenant -> (loaded at, limits)
+        self.streams: dict[str, int] = {}  # tenant -> SSE streams open in this process
+
+    async def limits(self, tenant: str) -> TenantLimits:
+        hit = self.cached.get(tenant)
+        now = self.clock()
+        if hit is not None and now - hit[0] <= self.ttl:
+            return hit[1]
+        limits = await read_limits(self.redis, tenant)
+        self.cached[tenant] = (now, limits)
+        return limits
+
+    def invalidate(self, tenant: str | None = None) -> None:
+        """Forget cached limits (this process changed them): the next check reads them again."""
+        if tenant is None:
+            self.cached.clear()
+        else:
+            self.cached.pop(tenant, None)
+
+    async def check_priority(self, who: Principal, priority: int) -> None:
+        if who.admin or who.tenant is None:
+            return
+        allowed = (await self.limits(who.tenant)).max_priority
+        if priority > allowed:
+            raise ApiError(403, f"priority {priority} is above tenant {who.tenant!r}'s max_priority {allowed}",
+                           "priority_not_allowed", "priority_not_allowed")
+
+    async def open_stream(self, who: Principal) -> Callable[[], None]:
+        """Count one more stream of the caller's tenant, or 429 `tenant_limit` when it holds
+        `max_streams` already. Returns the release, to call exactly once when the stream ends (it
+        does nothing the second time)."""
+        tenant = who.tenant
+        if who.admin or tenant is None:
+            return lambda: None
+        allowed = (await self.limits(tenant)).max_streams
+        # no await between the check and the count: concurrent opens cannot both take the last place
+        if allowed is not None and self.streams.get(tenant, 0) >= allowed:
+            raise ApiError(429, f"tenant {tenant!r} has {allowed} streams open (its max_streams); close one first",
+                           "tenant_limit", "tenant_limit", headers={"Retry-After": str(STREAM_RETRY_AFTER)})
+        self.streams[tenant] = self.streams.get(tenant, 0) + 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if released:
+                return
+            released = True
+            left = self.streams.get(tenant, 1) - 1
+            if left > 0:
+                self.streams[tenant] = left
+            else:
+                self.streams.pop(tenant, None)
+
+        return release
