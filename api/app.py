@@ -90,6 +90,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.get("/metrics")
     async def metrics(request: Request) -> Response:
         svc = services(request)
+        await svc.keyring.require_metrics_reader(request, settings.metrics_key)
         return Response(await render_metrics(svc.redis, open_streams=svc.open_streams),
                         media_type=CONTENT_TYPE_LATEST)
 

@@ -60,6 +60,17 @@ class KeyRing:
         await self.redis.hset(keys.API_KEY_IDS, key_id, key_digest(key))
         return {**record, "key": key}
 
+    async def require_metrics_reader(self, request: Request, metrics_key: str | None) -> None:
+        """With auth on, /metrics tells queue depths and tenants' traffic: it needs the admin key or the
+        metrics key (a scraper's, good for nothing else)."""
+        if not self.enabled:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if metrics_key and scheme.lower() == "bearer" and hmac.compare_digest(token.encode(), metrics_key.encode()):
+            return
+        if not (await self.principal(request)).admin:
+            raise ApiError(403, "/metrics needs the admin key or --metrics-key")
+
     async def revoke(self, key_id: str) -> bool:
         digest = await self.redis.hget(keys.API_KEY_IDS, key_id)
         if digest is None:

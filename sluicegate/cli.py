@@ -22,7 +22,7 @@ from sluicegate.settings import ENV_PREFIX, BadSetting, Settings, from_env, sett
 NETWORK = ["host", "port"]
 CORE = ["config", "redis_url", "redis_cluster", "rq_redis_url", "session_ttl", "lease_seconds", "max_attempts",
         "log_level"]
-API = ["auth", "admin_key", "max_body_mb", "max_tokens_limit", "sse_ping_seconds"]
+API = ["auth", "admin_key", "metrics_key", "max_body_mb", "max_tokens_limit", "sse_ping_seconds"]
 POLICY = ["input_token_weight", "output_token_weight", "output_estimate_ratio", "max_wait_seconds",
           "class_max_wait", "preempt_min_run_ms", "max_preemptions", "sweep_seconds"]
 WORKER = ["group", "slots", "engine", "backend_url", "backend_api_key", "backend_model", "backend_timeout",

@@ -113,7 +113,8 @@ NonNegative = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 RedisUrl = Annotated[str, _schemes("redis", "rediss", "unix")]
 HttpUrl = Annotated[str, _schemes("http", "https")]
 ClusterSize = Annotated[int, Field(ge=0), AfterValidator(_off_or_a_cluster)]
-OPTIONAL = ("config", "redis_url", "rq_redis_url", "backend_url", "backend_api_key", "auth", "admin_key", "slots")
+OPTIONAL = ("config", "redis_url", "rq_redis_url", "backend_url", "backend_api_key", "auth", "admin_key", "slots",
+            "metrics_key")
 
 
 class Settings(BaseSettings):
@@ -180,6 +181,8 @@ class Settings(BaseSettings):
     session_ttl: Count = Field(3600, description="seconds an idle session (and everything it owns) is kept")
     auth: bool | None = Field(None, description="require API keys (default: off on loopback, on elsewhere)")
     admin_key: str | None = Field(None, description="the admin API key (auth on)")
+    metrics_key: str | None = Field(None, description="a key that may read /metrics and nothing else (auth on: "
+                                    "/metrics needs it or the admin key, as `Authorization: Bearer`)")
     max_body_mb: Positive = Field(32.0, description="largest request body accepted; larger ones get 413")
     max_tokens_limit: Count = Field(32768, description="largest max_tokens accepted; larger ones get 422")
     sse_ping_seconds: Positive = Field(15.0, description="idle seconds before an SSE keep-alive comment")

@@ -4,6 +4,8 @@ An unauthenticated caller learns nothing about its body (401 before any 422)."""
 
 from __future__ import annotations
 
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 
 import pytest
@@ -76,3 +78,28 @@ def test_a_key_with_non_ascii_characters_is_a_401_not_a_500(auth_stack: Stack) -
             assert response.status == 401, (token, response.status, response.read())
         finally:
             conn.close()
+
+
+def test_metrics_need_the_admin_key_or_the_metrics_key(redis_url: str, r: redis.Redis) -> None:
+    """With auth on, /metrics (queue depths, every tenant's traffic) is for operators: the admin key, or
+    --metrics-key for a Prometheus scraper; a tenant key is refused."""
+    stack = Stack(fast_settings(redis_url, auth=True, admin_key="admin-secret", metrics_key="scrape-me")).start(
+        workers=0)
+    try:
+        base = stack.base_url
+        tenant = call("POST", f"{base}/v1/admin/keys", {"tenant": "acme"}, headers=ADMIN)[1]["key"]
+        for headers, status in (({}, 401), ({"Authorization": f"Bearer {tenant}"}, 403),
+                                ({"Authorization": "Bearer wrong"}, 401), (ADMIN, 200),
+                                ({"Authorization": "Bearer scrape-me"}, 200)):
+            request = urllib.request.Request(f"{base}/metrics", headers=headers)
+            try:
+                with urllib.request.urlopen(request, timeout=10) as response:
+                    code, text = response.status, response.read().decode()
+            except urllib.error.HTTPError as error:
+                code, text = error.code, ""
+            assert code == status, (headers, code)
+            assert code != 200 or "sluicegate_requests_total" in text
+        code, _ = call("GET", f"{base}/v1/admin/stats", headers={"Authorization": "Bearer scrape-me"})
+        assert code == 401  # the metrics key reads /metrics and nothing else
+    finally:
+        stack.stop()

@@ -181,7 +181,7 @@ def every_field_changed(tmp_path: Path) -> Settings:
         cluster=5, workers=0, group="gpu-a", slots=3, engine="openai", backend_url="http://127.0.0.1:8001/v1",
         backend_api_key="sk-x", backend_model="default=a,big=b", backend_timeout=7.5, backend_retries=2,
         backend_first_token_timeout=9.5, backend_idle_timeout=4.5, max_attempts=2, backend_probe=False,
-        backend_continue="no",
+        backend_continue="no", metrics_key="mk",
         sim_tokens_per_second=123.5, sim_prefill_ms=0.0, session_ttl=60, auth=False, admin_key="adm",
         max_body_mb=0.5, max_tokens_limit=100, sse_ping_seconds=2.5, lease_seconds=4.0, heartbeat_seconds=0.5,
         shutdown_grace_seconds=0.0, input_token_weight=0.5, output_token_weight=3.0, output_estimate_ratio=0.25,
