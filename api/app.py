@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -30,11 +31,26 @@ from sluicegate.sessions.resp import LeanRedis
 from sluicegate.sessions.store import SessionStore
 from sluicegate.settings import Settings, from_env
 
+log = logging.getLogger(__name__)
+
+
+def exposure_warnings(settings: Settings) -> list[str]:
+    """What a configuration leaves open, said once at start (a deliberate setup stays allowed)."""
+    warnings = []
+    if settings.auth_enabled and not settings.admin_key:
+        warnings.append("auth is on but there is no --admin-key: nobody can create keys, set limits or read /metrics")
+    if not settings.auth_enabled and settings.host not in ("127.0.0.1", "localhost", "::1"):
+        warnings.append(f"--no-auth on {settings.host}: anyone who reaches this port can submit as any tenant, read "
+                        "every session and change quotas, weights and keys")
+    return warnings
+
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or from_env()
     if not settings.redis_url:
         raise SystemExit("the API needs --redis-url (or run `sluicegate serve`)")
+    for warning in exposure_warnings(settings):
+        log.warning("%s", warning)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -58,7 +74,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.services = Services(
             settings=settings, redis=redis, hub=hub, tuning=Tuning(redis),
             store=SessionStore(redis, session_ttl=settings.session_ttl, lease_seconds=settings.lease_seconds,
-                               lean=lean, cluster=cluster),
+                               lean=lean, cluster=cluster, log_max_events=settings.session_log_max_events),
             keyring=KeyRing(redis, enabled=settings.auth_enabled, admin_key=settings.admin_key),
             directory=Directory(redis), guardrails=Guardrails(redis))
         try:

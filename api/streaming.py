@@ -13,6 +13,7 @@ from sluicegate.api.auth import Principal
 from sluicegate.api.errors import ApiError
 from sluicegate.api.schemas import SESSION_PATTERN
 from sluicegate.api.services import Services, principal, services
+from sluicegate.sessions import keys
 from sluicegate.sessions.stream import EventStream
 
 router = APIRouter()
@@ -54,12 +55,22 @@ def sse_response(svc: Services, stream: EventStream, on_close: Callable[[], None
                               on_close=on_close)
 
 
-def check_cursor(session_id: str, cursor: int, last_event_id: int) -> None:
+def check_cursor(session_id: str, cursor: int, last_event_id: int, oldest_kept: int) -> None:
     """A cursor past the session's last event cannot be resumed: the session was recycled after its
-    TTL and started over, or the id never existed. Say so instead of streaming pings."""
+    TTL and started over, or the id never existed. Say so instead of streaming pings. A cursor before
+    the oldest kept event minus one cannot be resumed either: the events after it were trimmed
+    (--session-log-max-events), and resuming would skip them."""
     if cursor > last_event_id:
         raise ApiError(409, f"event id {cursor} is past the last event of session {session_id!r} "
                             "(recycled after its TTL, or never issued); reconnect without a cursor")
+    if 0 < cursor < oldest_kept - 1:
+        raise cursor_expired(session_id, cursor, oldest_kept)
+
+
+def cursor_expired(session_id: str, cursor: int, oldest_kept: int) -> ApiError:
+    return ApiError(409, f"event id {cursor} is older than the log of session {session_id!r} keeps "
+                         f"(--session-log-max-events): the oldest kept event is {oldest_kept}; resume from "
+                         f"{oldest_kept - 1} or reconnect without a cursor, accepting the gap", "cursor_expired")
 
 
 @router.get("/v1/sessions/{session_id}/events")
@@ -67,11 +78,11 @@ async def session_events(session_id: str, request: Request, who: Principal = Dep
     svc = services(request)
     if not SESSION_PATTERN.fullmatch(session_id):
         raise ApiError(422, "session_id: 1-128 characters of A-Z a-z 0-9 . _ : @ -")
-    owner, last_event_id = await svc.store.session_state(session_id)
+    owner, last_event_id, oldest_kept = await svc.store.session_state(session_id)
     if owner is None or (who.tenant and owner != who.tenant):
         raise ApiError(404, f"no session {session_id!r} (never used, or recycled after its TTL)")
     cursor = resume_cursor(request)
-    check_cursor(session_id, cursor, last_event_id)
+    check_cursor(session_id, cursor, last_event_id, oldest_kept)
     release = await svc.guardrails.open_stream(who)  # last: a refused stream was otherwise valid (429)
     stream = EventStream(svc.store, svc.hub, session_id, after=cursor, idle_seconds=svc.settings.sse_ping_seconds)
     return sse_response(svc, stream, release)
@@ -85,9 +96,17 @@ async def request_events(request_id: str, request: Request, who: Principal = Dep
         raise ApiError(404, f"no request {request_id!r}")
     cursor = resume_cursor(request)
     if cursor:  # only a resume needs the session's last id (one more read)
-        check_cursor(fields["sid"], cursor, (await svc.store.session_state(fields["sid"]))[1])
+        _, last_event_id, oldest_kept = await svc.store.session_state(fields["sid"])
+        check_cursor(fields["sid"], cursor, last_event_id, oldest_kept)
     else:
         cursor = int(fields.get("fs", 1)) - 1
+        if fields.get("st") in keys.TERMINAL_STATUSES:
+            # An ended request's first events may have been trimmed (--session-log-max-events): a
+            # stream of it would miss them. A request that has not ended keeps all of its events (the
+            # log is never trimmed past its session's head's `queued` event, and the queue is in order).
+            oldest_kept = (await svc.store.session_state(fields["sid"]))[2]
+            if cursor < oldest_kept - 1:
+                raise cursor_expired(fields["sid"], cursor, oldest_kept)
     release = await svc.guardrails.open_stream(who)
     stream = EventStream(svc.store, svc.hub, fields["sid"], after=cursor, request_id=request_id,
                          request_status=fields.get("st"), idle_seconds=svc.settings.sse_ping_seconds)

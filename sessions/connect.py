@@ -153,7 +153,7 @@ def _check(url: str, cluster: bool, timeout: float) -> None:
     try:
         client = _probe_client(url, timeout)
     except ValueError as error:
-        raise RedisUnavailable(f"bad Redis URL {_redacted(url)!r}: {error}") from None
+        raise RedisUnavailable(f"bad Redis URL {redacted(url)!r}: {error}") from None
     with client:
         info = _ask(client, where, timeout, "INFO", "cluster")
         enabled = info.get("cluster_enabled") == "1"
@@ -255,12 +255,12 @@ def text(value: Any) -> str:
 def _where(url: str) -> str:
     try:
         parts = urlsplit(url)
-        return f"{parts.hostname}:{parts.port or 6379}" if parts.hostname else _redacted(url)
+        return f"{parts.hostname}:{parts.port or 6379}" if parts.hostname else redacted(url)
     except ValueError:
-        return _redacted(url)
+        return redacted(url)
 
 
-def _redacted(url: str) -> str:
+def redacted(url: str) -> str:
     """The URL with any password masked: messages end up in logs."""
     parts = urlsplit(url)
     if parts.password is None:

@@ -15,7 +15,7 @@ from functools import cache
 from pathlib import Path
 
 from sluicegate.sessions import keys
-from sluicegate.settings import Settings
+from sluicegate.settings import LOG_MIN_EVENTS, Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA_DIR = ROOT / "sessions" / "lua"
@@ -68,6 +68,8 @@ def _includes() -> str:
         "{{BUCKETS}}": ", ".join(repr(b) for b in keys.BUCKETS),
         "{{TERMINAL}}": ", ".join(f"{s} = true" for s in keys.TERMINAL_STATUSES),
         "{{POLICY_DEFAULTS}}": ", ".join(f"{k} = {v!r}" for k, v in policy_fields(Settings()).items()),
+        "{{LOG_MIN_EVENTS}}": str(LOG_MIN_EVENTS),
+        "{{LOG_MAX_EVENTS}}": str(Settings().session_log_max_events),
     }
     text = "\n".join(path.read_text() for path in INCLUDES)
     for marker, value in constants.items():

@@ -244,14 +244,16 @@ class RunStore:
     async def output_so_far(self, spec: RunSpec) -> tuple[str, bool]:
         """The text of tokens 0..start_index-1 of a request, from its session log (for resumes), and
         whether an engine can continue from it: False once a token carried a non-text delta (a
-        tool call), which no engine can be asked to continue."""
+        tool call), which no engine can be asked to continue. The log, bounded as it is
+        (--session-log-max-events), never trims the events of its session's head request, which a
+        resumed one is (sessions/lua/includes/call.lua, trim_log)."""
         first = int(await self.redis.hget(keys.request(spec.request_id), "fs") or 1)
         texts: list[str] = []
         text_only = True
         cursor = first - 1
         while len(texts) < spec.start_index:
             reply = await self.transitions.read_log(spec.session_id, cursor, 1000)
-            entries = [Event.parse(e) for e in reply[1:]]
+            entries = [Event.parse(e) for e in reply[2:]]
             if not entries:
                 break
             for event in entries:

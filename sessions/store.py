@@ -11,7 +11,18 @@ from sluicegate.sessions.events import Event
 from sluicegate.sessions.registry import DEFAULT_GROUP, group_exists, register_group
 from sluicegate.sessions.requests import NewRequest
 from sluicegate.sessions.scripts import Scripts
-from sluicegate.sessions.transitions import Transitions
+from sluicegate.sessions.transitions import LOG_MAX_EVENTS, Transitions
+
+
+class CursorExpired(Exception):
+    """A cursor older than the oldest kept event (minus one): the events between were trimmed
+    (--session-log-max-events), so a resume from it would have a gap."""
+
+    def __init__(self, cursor: int, oldest: int) -> None:
+        super().__init__(f"event id {cursor} was trimmed from the session's log; the oldest kept event is "
+                         f"{oldest}")
+        self.cursor = cursor
+        self.oldest = oldest
 
 
 @dataclass(frozen=True)
@@ -29,10 +40,11 @@ class SessionStore:
     token's way, see sessions/resp.py), else through `redis` like the plain reads."""
 
     def __init__(self, redis: Any, *, session_ttl: int, lease_seconds: float, lean: Any = None,
-                 cluster: bool = False) -> None:
+                 cluster: bool = False, log_max_events: int = LOG_MAX_EVENTS) -> None:
         self.redis = redis
         self.scripts = Scripts(lean or redis, single_server=not cluster)
-        self.transitions = Transitions(self.scripts, lease_ms=int(lease_seconds * 1000), session_ttl=session_ttl)
+        self.transitions = Transitions(self.scripts, lease_ms=int(lease_seconds * 1000), session_ttl=session_ttl,
+                                       log_max_events=log_max_events)
         self.session_ttl = session_ttl
         self._known_groups: set[str] = set()
 
@@ -67,12 +79,16 @@ class SessionStore:
             return ["missing"]
         return await self.transitions.cancel(rid, owner=owner)
 
-    async def session_state(self, sid: str) -> tuple[str | None, int]:
-        """The session's owner (None when it does not exist or expired) and its last event id, in one read."""
-        owner, seq = await self.redis.hmget(keys.session_meta(sid), ["tn", "seq"])
-        return (None if owner is None else text(owner)), int(seq or 0)
+    async def session_state(self, sid: str) -> tuple[str | None, int, int]:
+        """The session's owner (None when it does not exist or expired), its last event id and the id of
+        its oldest kept event (older ones were trimmed, --session-log-max-events), in one read."""
+        owner, seq, base = await self.redis.hmget(keys.session_meta(sid), ["tn", "seq", "base"])
+        return (None if owner is None else text(owner)), int(seq or 0), int(base or 1)
 
     async def read_events(self, sid: str, after: int, limit: int = 1000) -> tuple[int, list[Event]]:
-        """Events with id > after, oldest first; also the last id the session has assigned."""
+        """Events with id > after (0: from the oldest kept), oldest first; also the last id the session
+        has assigned. Raises CursorExpired when events right after `after` were trimmed (a gap)."""
         reply = await self.transitions.read_log(sid, after, limit)
-        return int(reply[0]), [Event.parse(e) for e in reply[1:]]
+        if 0 < after < int(reply[1]) - 1:
+            raise CursorExpired(after, int(reply[1]))
+        return int(reply[0]), [Event.parse(e) for e in reply[2:]]

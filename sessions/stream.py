@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 from sluicegate.sessions import keys
 from sluicegate.sessions.events import Event
 from sluicegate.sessions.hub import EventHub
-from sluicegate.sessions.store import SessionStore
+from sluicegate.sessions.store import CursorExpired, SessionStore
 
 FIRST_PAGE = 100  # small, so a resume sends its first event without reading the whole backlog first
 PAGE = 1000
@@ -37,6 +37,7 @@ class EventStream:
         self.idle_seconds = idle_seconds
         self.finished = False
         self.request_status = request_status
+        self.expired: CursorExpired | None = None  # set when the log was trimmed past the cursor (the stream ends)
 
     def _keep(self, events: list[Event]) -> list[Event]:
         """Events past the cursor (and of the request, for a request stream), up to its terminal one."""
@@ -54,7 +55,15 @@ class EventStream:
 
     async def _backlog(self, page: int = PAGE) -> AsyncIterator[list[Event]]:
         while not self.finished:
-            _, events = await self.store.read_events(self.session_id, self.cursor, page)
+            try:
+                _, events = await self.store.read_events(self.session_id, self.cursor, page)
+            except CursorExpired as expired:
+                # A reader so slow (or a race with the check before the stream) that the log was trimmed
+                # past its cursor: end the stream rather than skip events; a reconnect with the last id
+                # received gets the 409 that says so.
+                self.expired = expired
+                self.finished = True
+                return
             kept = self._keep(events)
             if kept:
                 yield kept

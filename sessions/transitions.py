@@ -35,6 +35,7 @@ from sluicegate.settings import Settings
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 MAX_ATTEMPTS: int = Settings.model_fields["max_attempts"].default
+LOG_MAX_EVENTS: int = Settings.model_fields["session_log_max_events"].default
 
 
 async def settled(value: Any) -> Any:
@@ -62,12 +63,18 @@ class SweepResult:
 
 
 class Transitions:
-    def __init__(self, scripts: Scripts, *, lease_ms: int, session_ttl: int, max_attempts: int = MAX_ATTEMPTS) -> None:
+    def __init__(self, scripts: Scripts, *, lease_ms: int, session_ttl: int, max_attempts: int = MAX_ATTEMPTS,
+                 log_max_events: int = LOG_MAX_EVENTS) -> None:
+        """`log_max_events` (--session-log-max-events) bounds each session's log. Only submit passes it:
+        the function stores it in the session's meta, where every later call that appends to the log
+        reads it (sessions/lua/includes/call.lua, trim_log), so the workers' and the scheduler's calls
+        need no setting of their own and a session keeps the cap its last submit gave it."""
         self.scripts = scripts
         self.single = scripts.single_server
         self.lease_ms = lease_ms
         self.ttl = session_ttl
         self.max_attempts = max_attempts
+        self.log_max_events = log_max_events
 
     async def _call(self, name: str, keys_: Sequence[Any], args: Sequence[Any]) -> Any:
         return await settled(self.scripts.call(name, keys_, args))
@@ -81,7 +88,7 @@ class Transitions:
         """Returns ("ok", seq of the `queued` event) or ("forbidden", 0)."""
         sid, rid = req.session_id, req.request_id
         args = [rid, sid, req.tenant, req.group, req.priority, req.max_tokens, req.input_text, req.input_kind,
-                json.dumps(req.params, separators=(",", ":")), req.input_tokens, owner]
+                json.dumps(req.params, separators=(",", ":")), req.input_tokens, owner, self.log_max_events]
         dp = keys.session_prefix(sid)
         if self.single:
             reply = await self._call("submit_one", [dp, keys.group_prefix(req.group)], [self.lease_ms, *args])
@@ -116,6 +123,7 @@ class Transitions:
         return ["cancelled"]
 
     async def read_log(self, sid: str, after: int, limit: int) -> list[Any]:
+        """[last id assigned, id of the oldest kept event, entries after `after`...]."""
         return list(await self._call("read_log", [keys.session_prefix(sid)], [sid, after, limit]))
 
     # ---- a worker's transitions ----------------------------------------------------------------

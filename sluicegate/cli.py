@@ -15,6 +15,7 @@ import logging
 import signal
 import sys
 from collections.abc import Callable, Coroutine
+from pathlib import Path
 from typing import Any, get_args
 
 from sluicegate.settings import ENV_PREFIX, BadSetting, Settings, from_env, setting_names
@@ -22,7 +23,8 @@ from sluicegate.settings import ENV_PREFIX, BadSetting, Settings, from_env, sett
 NETWORK = ["host", "port"]
 CORE = ["config", "redis_url", "redis_cluster", "rq_redis_url", "session_ttl", "lease_seconds", "max_attempts",
         "log_level"]
-API = ["auth", "admin_key", "metrics_key", "max_body_mb", "max_tokens_limit", "sse_ping_seconds"]
+API = ["auth", "admin_key", "metrics_key", "max_body_mb", "max_tokens_limit", "sse_ping_seconds",
+       "session_log_max_events"]
 POLICY = ["input_token_weight", "output_token_weight", "output_estimate_ratio", "max_wait_seconds",
           "class_max_wait", "preempt_min_run_ms", "max_preemptions", "sweep_seconds"]
 WORKER = ["group", "slots", "engine", "backend_url", "backend_api_key", "backend_model", "backend_timeout",
@@ -32,10 +34,11 @@ WORKER = ["group", "slots", "engine", "backend_url", "backend_api_key", "backend
 COMMANDS: dict[str, tuple[str, list[str]]] = {
     "serve": ("everything in one process tree: embedded Valkey (unless --redis-url), API, scheduler and "
               "--workers N workers; Ctrl-C stops all of it",
-              NETWORK + CORE + ["data_dir", "appendfsync", "embedded_cluster", "workers"] + API + POLICY + WORKER),
+              NETWORK + CORE + ["data_dir", "appendfsync", "password", "embedded_cluster", "workers"] + API + POLICY
+              + WORKER),
     "redis": ("the embedded Valkey server (or with --cluster N a cluster of N masters) alone, in the foreground, "
               "persistent (AOF) in --data-dir",
-              ["config", "host", "port", "data_dir", "appendfsync", "cluster", "log_level"]),
+              ["config", "host", "port", "data_dir", "appendfsync", "password", "cluster", "log_level"]),
     "api": ("the HTTP API alone (stateless; run several)", NETWORK + CORE + API),
     "scheduler": ("the scheduler alone (run several; they never double-dispatch)", CORE + POLICY),
     "worker": ("one worker process serving --group with --slots concurrent requests", CORE + WORKER),
@@ -144,14 +147,29 @@ def main(argv: list[str] | None = None) -> int:
 
         return serve(settings, groups)
     if args.command == "redis":
-        from sluicegate.embedded import EmbeddedCluster, EmbeddedServer, ServerNotFound
+        from sluicegate.embedded import (
+            EmbeddedCluster,
+            EmbeddedServer,
+            ServerNotFound,
+            data_dir_password,
+            free_port,
+            write_url_file,
+        )
 
+        password = data_dir_password(settings.data_dir) if settings.password else None
         try:
             if settings.cluster:
                 return EmbeddedCluster(data_dir=settings.data_dir, port=settings.port, masters=settings.cluster,
-                                       host=settings.host, appendfsync=settings.appendfsync).run_foreground()
-            EmbeddedServer(data_dir=settings.data_dir, port=settings.port, host=settings.host,
-                           appendfsync=settings.appendfsync).start(foreground=True)
+                                       host=settings.host, appendfsync=settings.appendfsync,
+                                       password=password).run_foreground()
+            server = EmbeddedServer(data_dir=settings.data_dir, port=settings.port, host=settings.host,
+                                    appendfsync=settings.appendfsync, password=password)
+            Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
+            server.port = server.port or free_port(settings.host)
+            if password:
+                write_url_file(settings.data_dir, server.url)
+            print(server.url, flush=True)
+            server.start(foreground=True)
         except ServerNotFound as error:
             print(f"sluicegate: {error}", file=sys.stderr)
             return 1

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import random
+import secrets
 import shutil
 import signal
 import socket
@@ -22,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Protocol
-from urllib.parse import quote
+from urllib.parse import quote, unquote, urlsplit
 
 import redis
 
@@ -72,6 +73,39 @@ def wait_until_answering(client: redis.Redis, process: subprocess.Popen[bytes] |
         time.sleep(interval)
 
 
+URL_FILE = "redis.url"  # in a data dir: the URL of the server there, password included (mode 0600)
+
+
+def data_dir_password(data_dir: str) -> str:
+    """The password of the server in `data_dir`: the one its redis.url names (a restart keeps it, and so
+    the clients' URL), else a new one. Local users other than its owner must not read it."""
+    stored = Path(data_dir) / URL_FILE
+    if stored.is_file():
+        password = urlsplit(stored.read_text().strip()).password
+        if password:
+            return unquote(password)
+    return secrets.token_urlsafe(24)
+
+
+def write_url_file(data_dir: str, url: str) -> Path:
+    """DATA_DIR/redis.url, readable by its owner only (the URL holds the password)."""
+    path = Path(data_dir) / URL_FILE
+    path.touch(mode=0o600)
+    path.chmod(0o600)
+    path.write_text(url + "\n")
+    return path
+
+
+def _auth_config(directory: Path, password: str) -> Path:
+    """The password in a 0600 config file, not in argv, where `ps` would show it to every local user."""
+    auth = directory / "auth.conf"
+    secret = password.replace("\\", "\\\\").replace('"', '\\"')
+    auth.touch(mode=0o600)
+    auth.chmod(0o600)
+    auth.write_text(f'requirepass "{secret}"\nmasterauth "{secret}"\n')
+    return auth
+
+
 @dataclass
 class EmbeddedServer:
     """A server process we own: start(), url, stop()."""
@@ -84,17 +118,21 @@ class EmbeddedServer:
     appendfsync: str = "everysec"
     persistent: bool = True
     binary: str | None = None
+    password: str | None = field(default=None, repr=False)  # kept out of logs
     process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://{self.host}:{self.port}/0"
+        auth = f":{quote(self.password, safe='')}@" if self.password else ""
+        return f"redis://{auth}{self.host}:{self.port}/0"
 
     def command(self) -> list[str]:
         binary = self.binary or find_server_binary()
         persistence = (["--appendonly", "yes", "--appendfsync", self.appendfsync, "--save", ""]
                        if self.persistent else ["--appendonly", "no", "--save", ""])
-        return [binary, "--port", str(self.port), "--bind", self.host, "--dir", str(Path(self.data_dir).resolve()),
+        directory = Path(self.data_dir).resolve()
+        config = [str(_auth_config(directory, self.password))] if self.password else []
+        return [binary, *config, "--port", str(self.port), "--bind", self.host, "--dir", str(directory),
                 "--protected-mode", "yes", "--daemonize", "no", "--logfile", "",
                 "--loglevel", "warning", *persistence]
 
@@ -112,7 +150,7 @@ class EmbeddedServer:
         return self
 
     def wait_ready(self, timeout: float) -> None:
-        with redis.Redis(host=self.host, port=self.port, socket_connect_timeout=0.5) as client:
+        with redis.Redis(host=self.host, port=self.port, password=self.password, socket_connect_timeout=0.5) as client:
             wait_until_answering(client, self.process, time.monotonic() + timeout,
                                  what="the embedded server", log=Path(self.data_dir) / "server.log",
                                  late=f"did not answer on port {self.port} in {timeout} s", interval=0.05)
@@ -339,6 +377,8 @@ class EmbeddedCluster:
         try:
             # Own session: a terminal's Ctrl-C reaches us only, and we stop the nodes gracefully.
             self.start(new_session=True)
+            if self.password:
+                write_url_file(self.data_dir, self.url)
             print(self.url, flush=True)
             reported: set[int] = set()
             while not stopping.wait(0.5):
@@ -373,11 +413,7 @@ class EmbeddedCluster:
         node_dir = self.node_dir(index)
         node_dir.mkdir(parents=True, exist_ok=True)
         if self.password:
-            auth = node_dir / "auth.conf"
-            secret = self.password.replace("\\", "\\\\").replace('"', '\\"')
-            auth.touch(mode=0o600)
-            auth.chmod(0o600)
-            auth.write_text(f'requirepass "{secret}"\nmasterauth "{secret}"\n')
+            _auth_config(node_dir, self.password)
         log = open(node_dir / "server.log", "ab")  # noqa: SIM115 - owned by the child
         self.processes[index] = subprocess.Popen(self.command(index), stdout=log, stderr=subprocess.STDOUT,
                                                  stdin=subprocess.DEVNULL, start_new_session=new_session)

@@ -26,10 +26,10 @@ from pathlib import Path
 
 from redis import RedisError
 
-from sluicegate.embedded import EmbeddedCluster, EmbeddedServer, ServerNotFound
+from sluicegate.embedded import EmbeddedCluster, EmbeddedServer, ServerNotFound, data_dir_password, write_url_file
 from sluicegate.groups_config import GroupConfig
 from sluicegate.scheduler.admin import Tuning
-from sluicegate.sessions.connect import UNAVAILABLE, async_client
+from sluicegate.sessions.connect import UNAVAILABLE, async_client, redacted
 from sluicegate.sessions.registry import declare_group, forget_group_model, group_models
 from sluicegate.settings import Settings
 
@@ -42,10 +42,15 @@ def spawn(role: str, settings: Settings, *extra: str) -> subprocess.Popen[bytes]
 
 
 def embedded_store(settings: Settings) -> EmbeddedServer | EmbeddedCluster:
+    """The store serve starts, password-protected unless --no-password (its URL, password included,
+    goes to the children through their environment, and to DATA_DIR/<store>/redis.url, mode 0600)."""
     if settings.embedded_cluster:
-        return EmbeddedCluster(data_dir=str(Path(settings.data_dir) / "valkey-cluster"),
-                               masters=settings.embedded_cluster, appendfsync=settings.appendfsync)
-    return EmbeddedServer(data_dir=str(Path(settings.data_dir) / "valkey"), appendfsync=settings.appendfsync)
+        directory = str(Path(settings.data_dir) / "valkey-cluster")
+        return EmbeddedCluster(data_dir=directory, masters=settings.embedded_cluster, appendfsync=settings.appendfsync,
+                               password=data_dir_password(directory) if settings.password else None)
+    directory = str(Path(settings.data_dir) / "valkey")
+    return EmbeddedServer(data_dir=directory, appendfsync=settings.appendfsync,
+                          password=data_dir_password(directory) if settings.password else None)
 
 
 async def declare_groups(settings: Settings, groups: Sequence[GroupConfig]) -> None:
@@ -108,10 +113,12 @@ def serve(settings: Settings, groups: Sequence[GroupConfig] = ()) -> int:
             print(f"sluicegate serve: {error}", file=sys.stderr)
             return 1
         # The children use the store we started: they start none themselves.
+        if store.password:
+            write_url_file(store.data_dir, store.url)
         settings = settings.replace(redis_url=store.url, redis_cluster=store.cluster, embedded_cluster=0)
         log.info("embedded Valkey %s on %s (AOF, appendfsync %s) in %s",
                  f"cluster of {store.masters} masters" if isinstance(store, EmbeddedCluster) else "server",
-                 store.url, settings.appendfsync, store.data_dir)
+                 redacted(store.url), settings.appendfsync, store.data_dir)
     if settings.redis_cluster and not settings.rq_redis_url:
         log.info("Redis Cluster without --rq-redis-url: the workers' rq presence is off (rq has no cluster "
                  "support, rq#1942)")

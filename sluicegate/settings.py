@@ -106,6 +106,7 @@ def _checked(parse: Callable[[str], object]) -> AfterValidator:
     return AfterValidator(check)
 
 
+LOG_MIN_EVENTS = 100  # the smallest --session-log-max-events (the Lua side never trims a log this short)
 Port = Annotated[int, Field(ge=1, le=65535)]
 Count = Annotated[int, Field(ge=1)]
 Positive = Annotated[float, Field(gt=0, allow_inf_nan=False)]
@@ -134,6 +135,8 @@ class Settings(BaseSettings):
                                           "presence is off in cluster mode")
     data_dir: str = Field("./.sluicegate", min_length=1, description="where the embedded server keeps its AOF "
                           "(and serve its logs)")
+    password: bool = Field(True, description="protect the embedded Valkey with a generated password, kept in "
+                           "DATA_DIR/redis.url (mode 0600) and reused on restart; --no-password: none")
     appendfsync: Literal["everysec", "always"] = Field(
         "everysec", description="AOF fsync policy of the embedded server: everysec (lose <= 1 s on power loss) "
         "or always")
@@ -179,6 +182,9 @@ class Settings(BaseSettings):
     sim_prefill_ms: NonNegative = Field(20.0, description="sim engine delay before the first token")
     # sessions and API
     session_ttl: Count = Field(3600, description="seconds an idle session (and everything it owns) is kept")
+    session_log_max_events: Annotated[int, Field(ge=LOG_MIN_EVENTS)] = Field(
+        10000, description="events each session's log keeps: older ones are trimmed, and a resume cursor before "
+        "the oldest kept one gets 409 cursor_expired (the running request's own events are always kept)")
     auth: bool | None = Field(None, description="require API keys (default: off on loopback, on elsewhere)")
     admin_key: str | None = Field(None, description="the admin API key (auth on)")
     metrics_key: str | None = Field(None, description="a key that may read /metrics and nothing else (auth on: "

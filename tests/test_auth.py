@@ -103,3 +103,13 @@ def test_metrics_need_the_admin_key_or_the_metrics_key(redis_url: str, r: redis.
         assert code == 401  # the metrics key reads /metrics and nothing else
     finally:
         stack.stop()
+
+
+def test_what_a_configuration_leaves_open_is_said_at_start() -> None:
+    from sluicegate.api.app import exposure_warnings
+    from sluicegate.settings import Settings
+
+    assert exposure_warnings(Settings()) == []  # loopback, auth off: the default
+    assert exposure_warnings(Settings(auth=True, admin_key="k")) == []
+    assert "no --admin-key" in exposure_warnings(Settings(auth=True))[0]
+    assert "anyone who reaches this port" in exposure_warnings(Settings(host="0.0.0.0", auth=False))[0]

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -32,7 +33,11 @@ def test_redis_cluster_prints_its_seed_url_and_stops_on_ctrl_c(tmp_path: Path) -
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline().decode().strip()
-        assert line == f"redis://127.0.0.1:{port}/0", (line, (tmp_path / "redis.log").read_text())
+        url = urlsplit(line)
+        log = (tmp_path / "redis.log").read_text()
+        assert (url.hostname, url.port, url.path) == ("127.0.0.1", port, "/0"), (line, log)
+        assert url.password and (tmp_path / "c" / "redis.url").read_text().strip() == line  # generated, kept 0600
+        assert (tmp_path / "c" / "redis.url").stat().st_mode & 0o777 == 0o600
         check_redis(line, cluster=True)  # three masters, every slot covered
         os.killpg(proc.pid, signal.SIGINT)
         assert proc.wait(30) == 0

@@ -56,11 +56,39 @@ end
 -- Every call ends here, with pcall's results: the events go out even when the call failed half-way
 -- (an id taken must have its entry, or the log's offsets would no longer match the ids), then the
 -- error, if any, is raised again.
+--
+-- The log is bounded (--session-log-max-events): its cap is stored in the session meta (`lm`) by each
+-- submit, so no other caller passes it. After the append, entries past the newest `lm` are trimmed
+-- (LTRIM, O(trimmed)) and the meta's `base` (id of the oldest kept entry) moves on; readers map ids to
+-- list offsets with it and refuse cursors older than base - 1 (sessions/store.py). The events of the
+-- session's current head request (from its `queued` event on) are never trimmed: a resume of a
+-- running or preempted request rebuilds its output from them (sessions/runs.py `output_so_far`).
+-- The queue is in submit order, so no request that has not ended loses an event. A log may thus
+-- exceed its cap until its head ends: by the head's events (at most its max_tokens + a few) and by
+-- those of the requests that ran while it waited (a deep queue).
+local LOG_MIN_EVENTS = {{LOG_MIN_EVENTS}} -- the smallest cap allowed: shorter logs are never trimmed
+local LOG_MAX_EVENTS = {{LOG_MAX_EVENTS}} -- the default cap, for a session whose meta has none
+
+local function trim_log(dp, sid, length)
+  local meta = kmeta(dp, sid)
+  local cap = tonumber(redis.call('HGET', meta, 'lm') or LOG_MAX_EVENTS)
+  if length <= cap then return end
+  local drop = length - cap
+  local base = tonumber(redis.call('HGET', meta, 'base') or '1')
+  local head = redis.call('LINDEX', kqueue(dp, sid), 0)
+  local fs = head and tonumber(redis.call('HGET', kreq(head), 'fs') or '')
+  if fs and fs >= base then drop = math.min(drop, fs - base) end
+  if drop <= 0 then return end
+  redis.call('LTRIM', klog(dp, sid), drop, -1)
+  redis.call('HSET', meta, 'base', base + drop)
+end
+
 local function end_call(ok, result)
   for _, s in ipairs(outbox_sessions) do
     local entries = outbox[s[3]]
-    redis.call('RPUSH', klog(s[1], s[2]), unpack(entries))
+    local length = redis.call('RPUSH', klog(s[1], s[2]), unpack(entries))
     redis.call('SPUBLISH', kchan(s[1], s[2]), table.concat(entries, '\n'))
+    if length > LOG_MIN_EVENTS then trim_log(s[1], s[2], length) end
   end
   if not ok then error(result, 0) end
   return result

@@ -3,7 +3,7 @@
 --   data plane of a bucket     sg:{s:BB}:   (BB = the first two characters of a request id)
 --     r:<rid>          hash   one request (short field names, see api/views.py)
 --     r:<rid>:in       string its prompt or messages JSON (deleted when the request ends)
---     s:<sid>:m        hash   session meta: seq (last event id), base (first id kept), tn (owner)
+--     s:<sid>:m        hash   session meta: seq (last event id), base (first id kept), tn (owner), lm (log cap)
 --     s:<sid>:q        list   the session's lite queue of request ids (head = current request)
 --     s:<sid>:l        list   the session's event log, one "id|event|rid|json" entry per event
 --     e:<sid>          sharded channel: live copy of each log append (SPUBLISH)

@@ -32,8 +32,10 @@ end
 -- Store a new request at the tail of its session's lite queue (creating the session on first use).
 -- Returns 'ok', seq of its `queued` event, its ready spec when it is the session's head (nil when it
 -- waits behind another request of the session) | 'forbidden', owner | 'ok', seq (a replay).
+-- `log_max`: the session's log cap (--session-log-max-events; "" = keep the one stored), noted in its
+-- meta for every later call that appends to the log (see trim_log in call.lua).
 local function d_submit(dp, rid, sid, tenant, group, prio, max_tokens, input, kind, params, input_tokens, owner,
-                        now, via_outbox)
+                        now, via_outbox, log_max)
   local rkey = kreq(rid)
   -- Request ids are 72 random bits: an existing one is this very submission, replayed by a client
   -- retry after a lost reply. Answer as the first time did, without storing it twice.
@@ -42,6 +44,7 @@ local function d_submit(dp, rid, sid, tenant, group, prio, max_tokens, input, ki
   local stored_owner = redis.call('HGET', meta, 'tn')
   if owner ~= '' and stored_owner and stored_owner ~= owner then return 'forbidden', stored_owner, nil end
   if not stored_owner then redis.call('HSET', meta, 'tn', tenant) end
+  if log_max and log_max ~= '' then redis.call('HSET', meta, 'lm', log_max) end
   local position = redis.call('RPUSH', kqueue(dp, sid), rid)
   if position == 1 then -- the session was idle, so its meta and log had a TTL
     redis.call('PERSIST', meta)
