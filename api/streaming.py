@@ -11,9 +11,10 @@ from starlette.types import Receive, Scope, Send
 
 from sluicegate.api.auth import Principal
 from sluicegate.api.errors import ApiError
-from sluicegate.api.schemas import SESSION_PATTERN
+from sluicegate.api.requests_routes import check_session_id
 from sluicegate.api.services import Services, principal, services
 from sluicegate.sessions import keys
+from sluicegate.sessions.store import cursor_trimmed
 from sluicegate.sessions.stream import EventStream
 
 router = APIRouter()
@@ -63,7 +64,7 @@ def check_cursor(session_id: str, cursor: int, last_event_id: int, oldest_kept: 
     if cursor > last_event_id:
         raise ApiError(409, f"event id {cursor} is past the last event of session {session_id!r} "
                             "(recycled after its TTL, or never issued); reconnect without a cursor")
-    if 0 < cursor < oldest_kept - 1:
+    if cursor_trimmed(cursor, oldest_kept):
         raise cursor_expired(session_id, cursor, oldest_kept)
 
 
@@ -76,8 +77,7 @@ def cursor_expired(session_id: str, cursor: int, oldest_kept: int) -> ApiError:
 @router.get("/v1/sessions/{session_id}/events")
 async def session_events(session_id: str, request: Request, who: Principal = Depends(principal)):
     svc = services(request)
-    if not SESSION_PATTERN.fullmatch(session_id):
-        raise ApiError(422, "session_id: 1-128 characters of A-Z a-z 0-9 . _ : @ -")
+    check_session_id(session_id)
     owner, last_event_id, oldest_kept = await svc.store.session_state(session_id)
     if owner is None or (who.tenant and owner != who.tenant):
         raise ApiError(404, f"no session {session_id!r} (never used, or recycled after its TTL)")

@@ -14,6 +14,12 @@ from sluicegate.sessions.scripts import Scripts
 from sluicegate.sessions.transitions import LOG_MAX_EVENTS, Transitions
 
 
+def cursor_trimmed(cursor: int, oldest_kept: int) -> bool:
+    """A resume cursor the log can no longer continue without a gap: events after it were trimmed
+    (0 means "from the oldest kept event", which is always possible)."""
+    return 0 < cursor < oldest_kept - 1
+
+
 class CursorExpired(Exception):
     """A cursor older than the oldest kept event (minus one): the events between were trimmed
     (--session-log-max-events), so a resume from it would have a gap."""
@@ -89,6 +95,6 @@ class SessionStore:
         """Events with id > after (0: from the oldest kept), oldest first; also the last id the session
         has assigned. Raises CursorExpired when events right after `after` were trimmed (a gap)."""
         reply = await self.transitions.read_log(sid, after, limit)
-        if 0 < after < int(reply[1]) - 1:
+        if cursor_trimmed(after, int(reply[1])):
             raise CursorExpired(after, int(reply[1]))
         return int(reply[0]), [Event.parse(e) for e in reply[2:]]

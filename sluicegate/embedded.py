@@ -96,6 +96,18 @@ def write_url_file(data_dir: str, url: str) -> Path:
     return path
 
 
+def server_url(host: str, port: int, password: str | None) -> str:
+    auth = f":{quote(password, safe='')}@" if password else ""
+    return f"redis://{auth}{host}:{port}/0"
+
+
+def persistence_args(appendfsync: str, persistent: bool) -> list[str]:
+    """AOF (no RDB snapshots) for a persistent server; none at all otherwise."""
+    if persistent:
+        return ["--appendonly", "yes", "--appendfsync", appendfsync, "--save", ""]
+    return ["--appendonly", "no", "--save", ""]
+
+
 def _auth_config(directory: Path, password: str) -> Path:
     """The password in a 0600 config file, not in argv, where `ps` would show it to every local user."""
     auth = directory / "auth.conf"
@@ -123,13 +135,11 @@ class EmbeddedServer:
 
     @property
     def url(self) -> str:
-        auth = f":{quote(self.password, safe='')}@" if self.password else ""
-        return f"redis://{auth}{self.host}:{self.port}/0"
+        return server_url(self.host, self.port, self.password)
 
     def command(self) -> list[str]:
         binary = self.binary or find_server_binary()
-        persistence = (["--appendonly", "yes", "--appendfsync", self.appendfsync, "--save", ""]
-                       if self.persistent else ["--appendonly", "no", "--save", ""])
+        persistence = persistence_args(self.appendfsync, self.persistent)
         directory = Path(self.data_dir).resolve()
         config = [str(_auth_config(directory, self.password))] if self.password else []
         return [binary, *config, "--port", str(self.port), "--bind", self.host, "--dir", str(directory),
@@ -274,8 +284,7 @@ class EmbeddedCluster:
         return [self.node_url(index) for index in range(self.masters)]
 
     def node_url(self, index: int) -> str:
-        auth = f":{quote(self.password, safe='')}@" if self.password else ""
-        return f"redis://{auth}{self.host}:{self.port + index}/0"
+        return server_url(self.host, self.port + index, self.password)
 
     def node_dir(self, index: int) -> Path:
         return Path(self.data_dir).resolve() / f"node-{self.port + index}"
@@ -283,8 +292,7 @@ class EmbeddedCluster:
     def command(self, index: int) -> list[str]:
         binary = self.binary or find_server_binary()
         node_dir = self.node_dir(index)
-        persistence = (["--appendonly", "yes", "--appendfsync", self.appendfsync, "--save", ""]
-                       if self.persistent else ["--appendonly", "no", "--save", ""])
+        persistence = persistence_args(self.appendfsync, self.persistent)
         # The password goes in a 0600 file, not in argv, where `ps` would show it to every local user.
         config = [str(node_dir / "auth.conf")] if self.password else []
         announce = ["--cluster-announce-ip", self.host] if _is_ip(self.host) else []

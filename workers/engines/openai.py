@@ -54,7 +54,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt,
 from sluicegate.sessions.runs import RunSpec
 from sluicegate.settings import Settings
 from sluicegate.workers.engines.base import EngineError, Finish, Piece, Token
-from sluicegate.workers.engines.probe import Capabilities, probe, root_of
+from sluicegate.workers.engines.probe import Capabilities, probe, refused_field, root_of
 from sluicegate.workers.retrying import first_try_then
 
 log = logging.getLogger(__name__)
@@ -395,15 +395,8 @@ class OpenAIEngine:
                 return response
             payload = await response.read()
             response.release()
-            if response.status == 400 and self._drop_refused_field(body, payload):
-                continue
-            self._raise_for_status(response.status, payload)
-
-    def _drop_refused_field(self, body: dict[str, Any], payload: bytes) -> bool:
-        """A 400 naming a field this engine adds (`priority`, `stream_options`): stop sending it."""
-        lowered = payload.lower()
-        for field in ("priority", "stream_options"):
-            if field in body and field.encode() in lowered:
+            field = refused_field(response.status, payload, body)
+            if field is not None:  # stop sending it
                 log.warning("backend %s rejects `%s`; sending requests without it from now on: %s",
                             self.base_url, field, error_message(400, payload))
                 if field == "priority":
@@ -411,8 +404,8 @@ class OpenAIEngine:
                 else:
                     self.ask_usage = False
                 body.pop(field)
-                return True
-        return False
+                continue
+            self._raise_for_status(response.status, payload)
 
     @staticmethod
     async def _tokens(response: aiohttp.ClientResponse, state: StreamState, *,

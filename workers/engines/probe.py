@@ -52,6 +52,18 @@ class Capabilities:
         return asdict(self)
 
 
+OPTIONAL_FIELDS = ("priority", "stream_options")  # what Sluicegate adds to a request, and a server may refuse
+
+
+def refused_field(status: int, payload: bytes, body: dict[str, Any]) -> str | None:
+    """The field of ours a 400 names (vLLM without priority scheduling: "...Priority scheduling is not
+    enabled"), so that the request can go again without it; None for any other answer."""
+    if status != 400:
+        return None
+    lowered = payload.lower()
+    return next((f for f in OPTIONAL_FIELDS if f in body and f.encode() in lowered), None)
+
+
 def root_of(base_url: str) -> str:
     """`http://host:port/v1` -> `http://host:port` (the servers' own endpoints live at the root)."""
     base = base_url.rstrip("/")
@@ -111,12 +123,10 @@ async def try_stream(session: aiohttp.ClientSession, base_url: str, model: str,
         except (aiohttp.ClientError, TimeoutError) as error:
             log.warning("probing %s: the test request failed (%s); assuming defaults", base_url, error)
             return found
-        if response.status == 400 and "priority" in body and b"priority" in payload.lower():
-            accepts_priority = False
-            body.pop("priority")
-            continue
-        if response.status == 400 and "stream_options" in body and b"stream_options" in payload.lower():
-            body.pop("stream_options")
+        field = refused_field(response.status, payload, body)
+        if field is not None:
+            accepts_priority = accepts_priority and field != "priority"
+            body.pop(field)
             continue
         if response.status != 200:
             log.warning("probing %s: the test request got HTTP %d; assuming defaults", base_url, response.status)
