@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import re
+from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 
+from sluicegate.api import audit
 from sluicegate.api.auth import Principal, require_admin
 from sluicegate.api.errors import ApiError
 from sluicegate.api.responses import JSON
 from sluicegate.api.schemas import GroupBody, KeyBody, TenantBody
-from sluicegate.api.services import principal, services
+from sluicegate.api.services import Services, principal, services
+from sluicegate.scheduler.deadlines import read_deadlines, write_deadlines
 from sluicegate.sessions.keys import NAME_PATTERN
 from sluicegate.sessions.registry import ModelConflict, declare_group, forget_group_model, group_models
 
@@ -26,7 +29,10 @@ def check_name(kind: str, name: str) -> None:
 @router.post("/keys", status_code=201)
 async def create_key(body: KeyBody, request: Request, who: Principal = Depends(principal)):
     require_admin(who)
-    return JSON(await services(request).keyring.create(body.tenant, body.expires_in), status_code=201)
+    created = await services(request).keyring.create(body.tenant, body.expires_in)
+    await audit.record(services(request), "key.create", created["key_id"], None,
+                       {k: v for k, v in created.items() if k != "key"})
+    return JSON(created, status_code=201)
 
 
 @router.get("/keys")
@@ -39,8 +45,10 @@ async def list_keys(request: Request, who: Principal = Depends(principal)):
 @router.delete("/keys/{key_id}")
 async def revoke_key(key_id: str, request: Request, who: Principal = Depends(principal)):
     require_admin(who)
+    before = await audit.key_state(services(request), key_id)
     if not await services(request).keyring.revoke(key_id):
         raise ApiError(404, f"no key {key_id!r}")
+    await audit.record(services(request), "key.revoke", key_id, before, None)
     return JSON({"key_id": key_id, "revoked": True})
 
 
@@ -56,6 +64,7 @@ async def set_tenant(tenant: str, body: TenantBody, request: Request, who: Princ
     require_admin(who)
     check_name("tenant", tenant)
     svc = services(request)
+    before = await svc.tuning.tenant(tenant)
     fields = body.model_dump(exclude_unset=True)
     weight = fields.pop("weight", None)
     if weight is not None:
@@ -63,7 +72,9 @@ async def set_tenant(tenant: str, body: TenantBody, request: Request, who: Princ
     if fields:
         await svc.tuning.set_limits(tenant, fields)
         svc.guardrails.invalidate(tenant)  # this process applies them at once; the others within seconds
-    return JSON(await svc.tuning.tenant(tenant))
+    after = await svc.tuning.tenant(tenant)
+    await audit.record(svc, "tenant.update", tenant, before, after)
+    return JSON(after)
 
 
 @router.get("/groups")
@@ -71,8 +82,13 @@ async def list_groups(request: Request, who: Principal = Depends(principal)):
     require_admin(who)
     svc = services(request)
     models = await group_models(svc.redis)
-    return JSON({"groups": [{"group": g, "model": models.get(g), "quota": await svc.tuning.quota(g)}
+    return JSON({"groups": [{"group": g, "model": models.get(g), "quota": await svc.tuning.quota(g),
+                             "deadlines_ms": deadlines_view(await read_deadlines(svc.redis, g))}
                             for g in await svc.tuning.groups()]})
+
+
+def deadlines_view(deadlines: dict[int, int]) -> dict[str, int]:
+    return {str(cls): ms for cls, ms in sorted(deadlines.items())}
 
 
 @router.put("/groups/{group}")
@@ -82,8 +98,10 @@ async def set_group(group: str, body: GroupBody, request: Request, who: Principa
     require_admin(who)
     check_name("group", group)
     svc = services(request)
+    before = await audit.group_state(svc, group)
     fields = body.model_dump(exclude_unset=True)
     model = fields.pop("model", None)
+    deadlines = fields.pop("deadlines_ms", None)
     try:
         if "model" in body.model_fields_set and model is None:
             await forget_group_model(svc.redis, group)
@@ -93,14 +111,23 @@ async def set_group(group: str, body: GroupBody, request: Request, who: Principa
     finally:
         svc.directory.invalidate()  # this process routes by the change at once; the others within seconds
     quota = await svc.tuning.set_quota(group, fields)
-    return JSON({"group": group, "model": (await group_models(svc.redis)).get(group), "quota": quota})
+    if deadlines is not None:
+        await write_deadlines(svc.redis, group, {int(cls): ms for cls, ms in deadlines.items()})
+        svc.directory.invalidate()
+    await audit.record(svc, "group.update", group, before, await audit.group_state(svc, group))
+    return JSON({"group": group, "model": (await group_models(svc.redis)).get(group), "quota": quota,
+                 "deadlines_ms": deadlines_view(await read_deadlines(svc.redis, group))})
 
 
 @router.get("/stats")
 async def stats(request: Request, who: Principal = Depends(principal)):
     require_admin(who)
-    svc = services(request)
+    return JSON(await stats_document(services(request)))
+
+
+async def stats_document(svc: Services) -> dict[str, Any]:
+    """The stats JSON, also sent each second by the dashboard's stream (api/dashboard_routes.py)."""
     data = await svc.tuning.stats()
     data["api_process"] = {"open_streams": svc.open_streams, "subscribed_sessions": svc.hub.subscribed_sessions,
                            "open_streams_by_tenant": dict(svc.guardrails.streams)}
-    return JSON(data)
+    return data

@@ -1,4 +1,5 @@
-"""Which group a chat call's `model` names, as this API process sees the registry (sessions/store.py).
+"""Which group a chat call's `model` names, as this API process sees the registry (sessions/store.py),
+and each group's default deadlines (scheduler/deadlines.py), both read on a request's way.
 
 The registry changes rarely and every chat call reads it, so a snapshot is kept for `ttl` seconds: a
 known model costs no round trip. A name the snapshot does not know reloads it when it is older than
@@ -14,6 +15,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from sluicegate.scheduler.deadlines import read_deadlines
 from sluicegate.sessions import keys
 from sluicegate.sessions.connect import text
 from sluicegate.sessions.registry import DEFAULT_GROUP
@@ -31,6 +33,7 @@ class Directory:
         self.loaded_at = -math.inf
         self.served: tuple[float, list[dict[str, Any]]] | None = None  # GET /v1/models: (when, listing)
         self._lock = asyncio.Lock()  # one reload at a time; the callers waiting on it share its result
+        self.deadlines: dict[str, tuple[float, dict[int, int]]] = {}  # group -> (read at, class -> ms)
 
     async def group_for(self, model: str) -> str | None:
         """The group serving `model`, else the group of that name; None when there is neither."""
@@ -41,10 +44,22 @@ class Directory:
             group = self._lookup(model)
         return group
 
+    async def deadline_for(self, group: str, priority: int) -> int | None:
+        """The group's default deadline (ms) for a submit of this class that names none, if any; read
+        at most every `ttl` seconds per group."""
+        hit = self.deadlines.get(group)
+        now = self.clock()
+        if hit is None or now - hit[0] > self.ttl:
+            hit = (now, await read_deadlines(self.redis, group))
+            self.deadlines[group] = hit
+        return hit[1].get(priority)
+
     def invalidate(self) -> None:
-        """Forget the snapshot (this process changed the registry): the next lookup reloads it."""
+        """Forget the snapshots (this process changed the registry or a group's deadlines): the next
+        lookup reloads them."""
         self.loaded_at = -math.inf
         self.served = None
+        self.deadlines.clear()
 
     def _lookup(self, model: str) -> str | None:
         group = self.models.get(model)

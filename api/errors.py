@@ -7,11 +7,11 @@ import logging
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from redis.exceptions import MasterDownError, OutOfMemoryError, ReadOnlyError, ResponseError
+from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sluicegate.api.responses import JSON
-from sluicegate.sessions.connect import UNAVAILABLE
+from sluicegate.sessions.connect import UNAVAILABLE, store_refuses
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +31,28 @@ class ApiError(Exception):
         self.headers = headers  # e.g. Retry-After on a 429
 
 
+class ErrorDetail(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: str
+    message: str
+    code: str | None = None  # where OpenAI clients read one (e.g. model_not_found)
+
+
+class ErrorBody(BaseModel):
+    """The one error shape, for the OpenAPI schema: without it FastAPI documents its own 422 body
+    (`{"detail": [...]}`), which the API never sends, and no other error status at all."""
+
+    model_config = ConfigDict(extra="forbid")
+    error: ErrorDetail
+
+
+# Every route's documented errors (FastAPI(responses=...) reaches every route, included or not).
+ERROR_RESPONSES: dict[int | str, dict] = {
+    "4XX": {"model": ErrorBody, "description": "Bad input, auth, not found, conflict, limits"},
+    503: {"model": ErrorBody, "description": "The queue store (Redis) is unavailable or refusing work: retry"},
+}
+
+
 def error_response(status: int, message: str, type_: str | None = None, code: str | None = None,
                    headers: dict[str, str] | None = None) -> JSON:
     error = {"type": type_ or STATUS_TYPES.get(status, "error"), "message": message}
@@ -48,16 +70,7 @@ def describe_validation(exc: RequestValidationError) -> str:
     return "; ".join(parts) or "invalid request"
 
 
-# The store refusing work for a while (full under noeviction, a replica, a failed snapshot, a long
-# script, a failover): a 503 the client retries, never a 500. redis-py names some by class and leaves
-# the others as a ResponseError whose message starts with the server's error code.
-REFUSING = (OutOfMemoryError, ReadOnlyError, MasterDownError)
-REFUSING_CODES = ("MISCONF ", "BUSY ", "NOREPLICAS ", "CLUSTERDOWN ", "OOM ", "READONLY ", "LOADING ")
 RETRY_AFTER = {"Retry-After": "1"}
-
-
-def store_refuses(exc: BaseException) -> bool:
-    return isinstance(exc, REFUSING) or isinstance(exc, ResponseError) and str(exc).startswith(REFUSING_CODES)
 
 
 def expected_error_response(exc: Exception) -> JSON | None:

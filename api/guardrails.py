@@ -1,25 +1,29 @@
-"""Tenant guardrails on the request path: `max_priority` on a submit, `max_streams` on an SSE stream.
+"""Tenant guardrails on the request path: `max_priority` and `max_queued` on a submit, `max_streams` on
+an SSE stream.
 
 They bind tenant keys (auth on). The admin key, and every caller when auth is off, is the operator
 and is not limited. Limits are stored by scheduler/limits.py; every submit of a tenant key needs
 them, so each tenant's limits are cached here for `ttl` seconds (a change made through this process
 applies at once, one made through another within `ttl`). Checks run before anything is stored.
 
-Open streams are counted in this API process (no Redis write per stream, nothing to leak when a
+Queued requests are counted in Redis, fleet-wide (api/admission.py). Open streams are counted in this
+API process (no Redis write per stream, nothing to leak when a
 process dies): with N API processes behind a balancer a tenant can hold up to N x max_streams.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
+from sluicegate.api.admission import QueuedLimit
 from sluicegate.api.auth import Principal
 from sluicegate.api.errors import ApiError
 from sluicegate.scheduler.limits import TenantLimits, read_limits
 
 STREAM_RETRY_AFTER = 5  # seconds: streams end with their requests; sooner would mostly be refused again
+QUEUED_RETRY_AFTER = 1  # seconds: a place frees as soon as one of the tenant's requests ends
 
 
 class Guardrails:
@@ -29,6 +33,7 @@ class Guardrails:
         self.clock = clock
         self.cached: dict[str, tuple[float, TenantLimits]] = {}  # tenant -> (loaded at, limits)
         self.streams: dict[str, int] = {}  # tenant -> SSE streams open in this process
+        self.queued = QueuedLimit(redis, clock=clock)
 
     async def limits(self, tenant: str) -> TenantLimits:
         hit = self.cached.get(tenant)
@@ -53,6 +58,22 @@ class Guardrails:
         if priority > allowed:
             raise ApiError(403, f"priority {priority} is above tenant {who.tenant!r}'s max_priority {allowed}",
                            "priority_not_allowed", "priority_not_allowed")
+
+    async def take_place(self, who: Principal, request_id: str) -> Callable[[], Awaitable[None]] | None:
+        """A place among the tenant's `max_queued` requests for a request about to be submitted, or 429
+        `tenant_limit`. Returns what gives the place back when the submit stores nothing (None: the
+        caller is not limited)."""
+        tenant = who.tenant
+        if who.admin or tenant is None:
+            return None
+        allowed = (await self.limits(tenant)).max_queued
+        if allowed is None:
+            return None
+        if not await self.queued.take(tenant, request_id, allowed):
+            raise ApiError(429, f"tenant {tenant!r} has {allowed} requests queued or running (its max_queued); "
+                                "submit again when one ends", "tenant_limit", "tenant_limit",
+                           headers={"Retry-After": str(QUEUED_RETRY_AFTER)})
+        return lambda: self.queued.give_back(tenant, request_id)
 
     async def open_stream(self, who: Principal) -> Callable[[], None]:
         """Count one more stream of the caller's tenant, or 429 `tenant_limit` when it holds

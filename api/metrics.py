@@ -1,11 +1,16 @@
 """GET /metrics: the cluster's counters and histograms, kept in Redis by the atomic scripts.
 
-Any API process reports the same totals (they are not per-process), so a scrape of any replica is
-complete. Histograms are labelled by group and priority; counters also by tenant.
+Any API process reports the same numbers (they are not per-process: every counter is a sum of the
+Redis metrics hashes, every gauge a read of Redis state), so a scrape of any replica is complete; the
+one exception is `sluicegate_open_streams`, which is about the process that answers. Histograms are
+labelled by group and priority; counters also by tenant, bounded to the top `max_tenants` tenants
+(most tokens so far) plus `tenant="other"`, so the series stay few however many tenants call.
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -14,6 +19,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from sluicegate.sessions import keys
 from sluicegate.sessions.connect import text
 from sluicegate.sessions.metrics_store import read_metrics
+
+OTHER = "other"  # the tenant label of every tenant outside the top N
+QUOTA_FIELDS = ("requests_per_second", "tokens_per_second", "burst", "burst_tokens", "max_concurrency")
 
 
 class _Snapshot:
@@ -26,6 +34,30 @@ class _Snapshot:
 
 def _labels(raw: dict[str, float]) -> list[tuple[list[str], float]]:
     return [(k.split("|"), v) for k, v in raw.items()]
+
+
+def top_tenants(totals: dict[str, dict[str, float]], limit: int) -> set[str]:
+    """The `limit` tenants with the most tokens so far (then requests, then name). All-time fleet
+    counters rank them, so every API process picks the same set and it rarely changes."""
+    score: dict[str, list[float]] = {}
+    for name, tenant_at, slot in (("tokens", 2, 0), ("requests", 2, 1), ("depth", 2, 1)):
+        for parts, value in _labels(totals.get(name, {})):
+            if len(parts) > tenant_at:
+                score.setdefault(parts[tenant_at], [0.0, 0.0])[slot] += max(value, 0.0)
+    ranked = sorted(score, key=lambda t: (-score[t][0], -score[t][1], t))
+    return set(ranked[:limit])
+
+
+def bounded(raw: dict[str, float], tenant_at: int, keep: set[str]) -> dict[str, float]:
+    """The series with every tenant outside `keep` summed under "other" (totals are preserved)."""
+    out: dict[str, float] = {}
+    for label, value in raw.items():
+        parts = label.split("|")
+        if len(parts) > tenant_at and parts[tenant_at] not in keep:
+            parts[tenant_at] = OTHER
+        key = "|".join(parts)
+        out[key] = out.get(key, 0.0) + value
+    return out
 
 
 def _histogram(name: str, doc: str, raw: dict[str, float]) -> HistogramMetricFamily:
@@ -45,42 +77,95 @@ def _histogram(name: str, doc: str, raw: dict[str, float]) -> HistogramMetricFam
     return family
 
 
-async def render_metrics(redis: Any, *, open_streams: int) -> bytes:
+def _family(kind: type[Any], name: str, doc: str, labels: list[str], raw: dict[str, float]) -> Any:
+    family = kind(name, doc, labels=labels)
+    for parts, value in _labels(raw):
+        family.add_metric(parts, max(value, 0.0) if kind is GaugeMetricFamily else value)
+    return family
+
+
+async def _groups_state(redis: Any, groups: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """Per group: running requests, free slots, quota settings and the live workers' slot counts
+    (registry entries whose liveness key lapsed are skipped, not removed: a scrape writes nothing)."""
+    state: dict[str, dict[str, Any]] = {}
+    for group in groups:
+        async with redis.pipeline(transaction=False) as pipe:  # one group's slot
+            pipe.zcard(keys.group_key(group, "run"))
+            pipe.llen(keys.group_key(group, "idle"))
+            pipe.hgetall(keys.group_key(group, "cfg"))
+            pipe.hgetall(keys.group_key(group, "workers"))
+            running, idle, cfg, registered = await pipe.execute()
+        workers = sorted((text(k), text(v)) for k, v in registered.items())
+        alive: list[Any] = []
+        if workers:
+            async with redis.pipeline(transaction=False) as pipe:
+                for wid, _ in workers:
+                    pipe.exists(keys.worker(group, wid))
+                alive = await pipe.execute()
+        slots = [_slots(info) for (_, info), up in zip(workers, alive, strict=True) if up]
+        state[group] = {"running": running, "idle": idle, "workers": len(slots), "slots": sum(slots),
+                        "quota": {text(k): float(text(v)) for k, v in cfg.items() if text(k) in QUOTA_FIELDS}}
+    return state
+
+
+def _slots(info: str) -> int:
+    """A worker's slot count from its registry entry (JSON, or a bare count from older workers)."""
+    try:
+        shown = json.loads(info)
+    except ValueError:
+        return 0
+    return int(shown.get("slots", 0)) if isinstance(shown, dict) else int(shown)
+
+
+def _gauge(name: str, doc: str, labels: list[str], rows: Iterable[tuple[list[str], float]]) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(name, doc, labels=labels)
+    for values, value in rows:
+        family.add_metric(values, value)
+    return family
+
+
+async def render_metrics(redis: Any, *, open_streams: int, max_tenants: int = 20) -> bytes:
     groups = sorted(text(g) for g in await redis.smembers(keys.GROUPS))
     totals = await read_metrics(redis, groups)
-    requests, tokens, preemptions, depth, wait, ttft, fenced = (
-        totals.get(name, {}) for name in ("requests", "tokens", "preemptions", "depth", "wait", "ttft", "fenced"))
-    running = 0
-    for group in groups:
-        running += await redis.zcard(keys.group_key(group, "run"))
-
-    req = CounterMetricFamily("sluicegate_requests", "Requests by outcome (submitted, done, failed, cancelled).",
-                              labels=["group", "priority", "tenant", "status"])
-    for parts, value in _labels(requests):
-        req.add_metric(parts, value)
-    tok = CounterMetricFamily("sluicegate_tokens", "Tokens streamed to sessions.",
-                              labels=["group", "priority", "tenant"])
-    for parts, value in _labels(tokens):
-        tok.add_metric(parts, value)
-    pre = CounterMetricFamily("sluicegate_preemptions", "Runs stopped and requeued, by reason.",
-                              labels=["group", "priority", "reason"])
-    for parts, value in _labels(preemptions):
-        pre.add_metric(parts, value)
-    dep = GaugeMetricFamily("sluicegate_queue_depth", "Requests waiting to run.",
-                            labels=["group", "priority", "tenant"])
-    for parts, value in _labels(depth):
-        dep.add_metric(parts, max(value, 0.0))
-    fen = CounterMetricFamily("sluicegate_fenced_writes", "Late writes refused from workers that lost their run.",
-                              labels=["group"])
-    for parts, value in _labels(fenced):
-        fen.add_metric(parts, value)
-    run = GaugeMetricFamily("sluicegate_running_requests", "Requests running on a worker.")
-    run.add_metric([], running)
-    streams = GaugeMetricFamily("sluicegate_open_streams", "SSE streams open on this API process.")
-    streams.add_metric([], open_streams)
-    families = [req, tok, pre, dep, fen, run, streams,
-                _histogram("sluicegate_request_wait_seconds", "Submission to first dispatch.", wait),
-                _histogram("sluicegate_time_to_first_token_seconds", "Submission to first token.", ttft)]
+    keep = top_tenants(totals, max_tenants)
+    weights = {text(k): float(v) for k, v in (await redis.hgetall(keys.TENANT_WEIGHTS)).items()}
+    state = await _groups_state(redis, groups)
+    tenant_labels = ["group", "priority", "tenant"]
+    families = [
+        _family(CounterMetricFamily, "sluicegate_requests", "Requests by outcome (submitted, done, failed, "
+                "cancelled).", [*tenant_labels, "status"], bounded(totals.get("requests", {}), 2, keep)),
+        _family(CounterMetricFamily, "sluicegate_tokens", "Tokens streamed to sessions.", tenant_labels,
+                bounded(totals.get("tokens", {}), 2, keep)),
+        _family(CounterMetricFamily, "sluicegate_preemptions", "Runs stopped and requeued, by reason.",
+                ["group", "priority", "reason"], totals.get("preemptions", {})),
+        _family(CounterMetricFamily, "sluicegate_quota_throttled", "Scheduling decisions held back by the "
+                "group's quota (work was waiting), by the limit that held them.", ["group", "reason"],
+                totals.get("throttled", {})),
+        _family(GaugeMetricFamily, "sluicegate_queue_depth", "Requests waiting to run.", tenant_labels,
+                bounded(totals.get("depth", {}), 2, keep)),
+        _family(CounterMetricFamily, "sluicegate_deadlines", "Deadlines (time-to-first-token objectives) met "
+                "or missed, by group and priority (a request failed at its deadline counts as missed).",
+                ["group", "priority", "outcome"], totals.get("deadlines", {})),
+        _family(CounterMetricFamily, "sluicegate_fenced_writes", "Late writes refused from workers that lost "
+                "their run.", ["group"], totals.get("fenced", {})),
+        _gauge("sluicegate_running_requests", "Requests running on a worker.", ["group"],
+               (([g], s["running"]) for g, s in state.items())),
+        _gauge("sluicegate_workers", "Live workers (liveness key held).", ["group"],
+               (([g], s["workers"]) for g, s in state.items())),
+        _gauge("sluicegate_worker_slots", "Slots (concurrent requests) of the live workers.", ["group"],
+               (([g], s["slots"]) for g, s in state.items())),
+        _gauge("sluicegate_free_slots", "Worker slots waiting for a request.", ["group"],
+               (([g], s["idle"]) for g, s in state.items())),
+        _gauge("sluicegate_group_quota", "A group's quota setting (absent: unlimited).", ["group", "quota"],
+               (([g, q], v) for g, s in state.items() for q, v in sorted(s["quota"].items()))),
+        _gauge("sluicegate_tenant_weight", "Fair-share weight of each tenant with its own label.", ["tenant"],
+               (([t], weights.get(t, 1.0)) for t in sorted(keep))),
+        _gauge("sluicegate_open_streams", "SSE streams open on this API process.", [], [([], open_streams)]),
+        _histogram("sluicegate_request_wait_seconds", "Submission to first dispatch.", totals.get("wait", {})),
+        _histogram("sluicegate_time_to_first_token_seconds", "Submission to first token.", totals.get("ttft", {})),
+        _histogram("sluicegate_deadline_slack_seconds", "Time left to its deadline when a request with one was "
+                   "first dispatched (0: already late).", totals.get("slack", {})),
+    ]
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Snapshot(families))  # type: ignore[arg-type]
     return generate_latest(registry)

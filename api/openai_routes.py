@@ -32,6 +32,7 @@ from pydantic import ValidationError
 from starlette.requests import ClientDisconnect
 
 from sluicegate.api.auth import Principal
+from sluicegate.api.callbacks import attach_callback, check_callback
 from sluicegate.api.chat_render import DONE, Completion
 from sluicegate.api.errors import ApiError
 from sluicegate.api.models_routes import model_not_found
@@ -40,6 +41,7 @@ from sluicegate.api.responses import EventStreamResponse
 from sluicegate.api.schemas import ChatBody, SubmitBody, parse_priority
 from sluicegate.api.services import Services, principal, services
 from sluicegate.api.streaming import PING
+from sluicegate.scheduler.deadlines import MAX_DEADLINE_MS
 from sluicegate.sessions.events import Event
 from sluicegate.sessions.keys import NAME_PATTERN
 from sluicegate.sessions.registry import DEFAULT_GROUP
@@ -82,6 +84,10 @@ async def new_request(body: ChatBody, request: Request, who: Principal) -> NewRe
         priority = parse_priority(request.headers.get("x-priority", "5"))
     except ValueError as error:
         raise ApiError(422, f"X-Priority: {error}") from None
+    deadline = request.headers.get("x-deadline-ms", "").strip()
+    if deadline and not (deadline.isascii() and deadline.isdigit() and len(deadline) <= 16  # int(): <= 4300 digits
+                         and 1 <= int(deadline) <= MAX_DEADLINE_MS):
+        raise ApiError(422, f"X-Deadline-Ms: a deadline in ms, 1..{MAX_DEADLINE_MS}")
     extra = dict(body.model_extra or {})
     if extra.get("n", 1) != 1:
         raise ApiError(422, "n: only 1 is supported")
@@ -91,7 +97,8 @@ async def new_request(body: ChatBody, request: Request, who: Principal) -> NewRe
         tenant=who.tenant or header_name(request, "X-Tenant", "default"),
         group=await chat_group(body, request),
         messages=[m.model_dump() for m in body.messages],
-        params={k: v for k, v in extra.items() if k not in NOT_PARAMS})
+        params={k: v for k, v in extra.items() if k not in NOT_PARAMS},
+        deadline_ms=int(deadline) if deadline else None)
 
 
 def failure(event: Event) -> tuple[int, str, str]:
@@ -170,16 +177,20 @@ CHAT_SCHEMA.pop("$defs", None)
 
 
 @router.post("/v1/chat/completions", openapi_extra={
-    "requestBody": {"required": True, "content": {"application/json": {"schema": CHAT_SCHEMA}}}})
+    "requestBody": {"required": True, "content": {"application/json": {"schema": CHAT_SCHEMA}}}},
+    responses={200: {"description": "A chat.completion, or chat.completion.chunk events when `stream` is true",
+                     "content": {"application/json": {}, "text/event-stream": {}}}})
 async def chat_completions(request: Request):
     who = await principal(request)  # before the body: an unauthenticated caller learns nothing from it
     body = await chat_body(request)
     svc = services(request)
     new = await new_request(body, request, who)
+    callback = check_callback(svc, request.headers.get("x-callback-url"))  # push mode (api/callbacks.py)
     # A stream is counted before the submit, so a tenant over max_streams stores nothing (429).
     release = await svc.guardrails.open_stream(who) if body.stream else None
     try:
         first = int((await submit_request(request, who, new))["first_event_id"])
+        await attach_callback(svc, new.request_id, callback)
     except BaseException:
         if release is not None:
             release()

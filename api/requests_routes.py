@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import json
+from dataclasses import replace
+
 from fastapi import APIRouter, Depends, Request
 
 from sluicegate.api.auth import Principal
+from sluicegate.api.callbacks import attach_callback, check_callback
 from sluicegate.api.errors import ApiError
+from sluicegate.api.output import request_output
 from sluicegate.api.responses import JSON
 from sluicegate.api.schemas import SESSION_PATTERN, SubmitBody
 from sluicegate.api.services import principal, services
 from sluicegate.api.views import request_view
 from sluicegate.sessions.requests import NewRequest
+from sluicegate.tracing import TRACING, carry_trace
 
 router = APIRouter()
 
@@ -26,10 +32,23 @@ async def submit_request(request: Request, who: Principal, new: NewRequest) -> d
         new.input_text.encode()
     except UnicodeEncodeError:  # e.g. a lone surrogate ("\ud800"), which JSON allows and UTF-8 does not
         raise ApiError(422, "prompt/messages: not valid Unicode text (a lone surrogate?)") from None
+    try:
+        json.dumps(new.params, allow_nan=False)  # stored as JSON and sent to engines: NaN is not JSON
+    except ValueError:
+        raise ApiError(422, "params: NaN and Infinity are not JSON numbers") from None
     if new.max_tokens > svc.settings.max_tokens_limit:
         raise ApiError(422, f"max_tokens: at most {svc.settings.max_tokens_limit} (--max-tokens-limit)")
     await svc.guardrails.check_priority(who, new.priority)  # before the submit: a refused request stores nothing
+    if new.deadline_ms is None:
+        default = await svc.directory.deadline_for(new.group, new.priority)
+        if default is not None:
+            new = replace(new, deadline_ms=default)
+    if TRACING.get() is not None:  # --otel-endpoint: the trace context goes with the request (sluicegate/tracing.py)
+        new = carry_trace(new)
+    give_back = await svc.guardrails.take_place(who, new.request_id)  # max_queued (429)
     result = await svc.store.submit(new, owner=who.owner)
+    if give_back is not None and result.outcome != "ok":
+        await give_back()
     if result.outcome == "forbidden":
         raise ApiError(403, f"session {new.session_id!r} belongs to another tenant")
     if result.outcome == "unknown_group":
@@ -41,20 +60,35 @@ async def submit_request(request: Request, who: Principal, new: NewRequest) -> d
 
 @router.post("/v1/sessions/{session_id}/requests", status_code=202)
 async def submit(session_id: str, body: SubmitBody, request: Request, who: Principal = Depends(principal)):
+    return await submit_body(request, who, session_id, body)
+
+
+async def submit_body(request: Request, who: Principal, session_id: str, body: SubmitBody) -> JSON:
+    """The submit once its body is valid and its caller known (the route and api/hot_path.py)."""
     check_session_id(session_id)
+    callback = check_callback(services(request), body.callback_url)  # push mode: 422 before anything is stored
     new = NewRequest(session_id=session_id, max_tokens=body.max_tokens, priority=int(body.priority),
                      tenant=who.tenant or body.tenant, group=body.group, prompt=body.prompt,
                      messages=[m.model_dump() for m in body.messages] if body.messages else None,
-                     params=body.params)
-    return JSON(await submit_request(request, who, new), status_code=202)
+                     params=body.params, deadline_ms=body.deadline_ms,
+                     fail_on_deadline_miss=body.on_deadline_miss == "fail")
+    reply = await submit_request(request, who, new)
+    await attach_callback(services(request), str(reply["request_id"]), callback)
+    services(request).recent.note(str(reply["request_id"]), new.session_id, new.tenant, int(reply["first_event_id"]))
+    return JSON(reply, status_code=202)
 
 
 @router.get("/v1/requests/{request_id}")
-async def get_request(request_id: str, request: Request, who: Principal = Depends(principal)):
+async def get_request(request_id: str, request: Request, who: Principal = Depends(principal),
+                      include: str = ""):
+    """`?include=output` adds `output`, the text so far (polling mode, api/output.py)."""
     fields = await services(request).store.request_fields(request_id)
     if fields is None or (who.tenant and fields.get("tn") != who.tenant):
         raise ApiError(404, f"no request {request_id!r}")
-    return JSON(request_view(request_id, fields))
+    view = request_view(request_id, fields)
+    if "output" in include.split(","):
+        view.update(await request_output(services(request).store, request_id, fields))
+    return JSON(view)
 
 
 @router.delete("/v1/requests/{request_id}")

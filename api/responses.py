@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import weakref
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -15,6 +16,43 @@ from starlette.types import Receive, Scope, Send
 class JSON(JSONResponse):
     def render(self, content: Any) -> bytes:
         return orjson.dumps(content)
+
+
+class ShutdownDrain:
+    """Ends the open event streams of an event loop when the server starts shutting down, as
+    sse-starlette does for its own responses (its shutdown signal, one watcher task per loop rather
+    than one per stream): a client sees its stream end and resumes elsewhere with Last-Event-ID,
+    instead of the server waiting out its graceful-shutdown timeout and then cancelling it."""
+
+    def __init__(self) -> None:
+        self.open: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, set[Callable[[], None]]] = (
+            weakref.WeakKeyDictionary())
+        self.watchers: set[asyncio.Task[None]] = set()
+
+    def add(self, end: Callable[[], None]) -> None:
+        loop = asyncio.get_running_loop()
+        ends = self.open.get(loop)
+        if ends is None:
+            ends = self.open[loop] = set()
+            watcher = loop.create_task(self._watch(ends))
+            self.watchers.add(watcher)
+            watcher.add_done_callback(self.watchers.discard)
+        ends.add(end)
+
+    def discard(self, end: Callable[[], None]) -> None:
+        with contextlib.suppress(RuntimeError, KeyError):
+            self.open[asyncio.get_running_loop()].discard(end)
+
+    @staticmethod
+    async def _watch(ends: set[Callable[[], None]]) -> None:
+        from sse_starlette import EventSourceResponse  # its uvicorn hook is installed on import
+
+        await EventSourceResponse._listen_for_exit_signal()
+        for end in list(ends):
+            end()
+
+
+DRAIN = ShutdownDrain()
 
 
 class EventStreamResponse(Response):
@@ -32,8 +70,9 @@ class EventStreamResponse(Response):
     media_type = "text/event-stream"
 
     def __init__(self, chunks: AsyncIterator[bytes], headers: dict[str, str], media_type: str | None = None,
-                 on_close: Callable[[], None] | None = None) -> None:
+                 on_close: Callable[[], None] | None = None, end_on_shutdown: bool = False) -> None:
         self.status_code = 200
+        self.end_on_shutdown = end_on_shutdown  # an SSE stream (resumable): ShutdownDrain ends it
         self.on_close = on_close  # called once the response ends, however (e.g. a tenant's stream count)
         self.background = None
         if media_type:  # e.g. a JSON body whose headers go out before it is complete
@@ -43,7 +82,7 @@ class EventStreamResponse(Response):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         streaming = asyncio.current_task()
-        left = False
+        left = drained = False
 
         async def watch() -> None:
             nonlocal left
@@ -53,18 +92,31 @@ class EventStreamResponse(Response):
             if streaming is not None:
                 streaming.cancel()
 
+        def drain() -> None:
+            nonlocal drained
+            if not (left or drained) and streaming is not None:
+                drained = True
+                streaming.cancel()
+
         watcher = asyncio.ensure_future(watch())
+        if self.end_on_shutdown:
+            DRAIN.add(drain)
         try:
-            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
-            async for chunk in self.chunks:
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            try:
+                await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+                async for chunk in self.chunks:
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            except asyncio.CancelledError:
+                # Ours (the client left, or the server is shutting down): swallowed, and the cancel
+                # request withdrawn. Anything else propagates.
+                if not (left or drained) or streaming is None or streaming.uncancel() > 0:
+                    raise
+                if left:
+                    return
             await send({"type": "http.response.body", "body": b"", "more_body": False})
-        except asyncio.CancelledError:
-            # Ours (the client left): swallowed, and the cancel request withdrawn. Anything else
-            # (a server shutdown, possibly at the same moment) propagates.
-            if not left or streaming is None or streaming.uncancel() > 0:
-                raise
         finally:
+            if self.end_on_shutdown:
+                DRAIN.discard(drain)
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await watcher  # retrieved: a failed receive() is not left unobserved

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from sluicegate.scheduler.deadlines import MAX_DEADLINE_MS
 from sluicegate.scheduler.quota import Quota
 from sluicegate.sessions.keys import NAME_PATTERN
 from sluicegate.sessions.registry import check_model_name
@@ -39,8 +40,11 @@ class Message(BaseModel):
     generation later; its other fields (name, tool_calls, tool_call_id, ...) pass through to the engine."""
 
     model_config = ConfigDict(extra="allow")
-    role: str
-    content: Any = None  # a string or a list of parts; null or absent only when an assistant calls tools
+    # Documented as the schema's enum and the content's shapes, so that a client (or a fuzzer) sees what
+    # is valid; checked by the validators below, whose messages name the field.
+    role: str = Field(json_schema_extra={"enum": list(ROLES)})
+    content: Any = Field(default=None, json_schema_extra={"anyOf": [
+        {"type": "string"}, {"type": "array", "items": {"type": "object"}}, {"type": "null"}]})
 
     @field_validator("role")
     @classmethod
@@ -72,6 +76,9 @@ class SubmitBody(BaseModel):
     tenant: str = Field(default="default", pattern=NAME_PATTERN)
     group: str = Field(default="default", pattern=NAME_PATTERN)
     params: dict[str, Any] = Field(default_factory=dict)
+    deadline_ms: int | None = Field(default=None, ge=1, le=MAX_DEADLINE_MS)  # time-to-first-token objective
+    on_deadline_miss: Literal["run", "fail"] = "run"
+    callback_url: str | None = None  # push mode: checked against --webhook-allow (api/callbacks.py)
 
     @field_validator("priority", mode="before")
     @classmethod
@@ -86,12 +93,14 @@ class SubmitBody(BaseModel):
 
 
 class TenantBody(BaseModel):
-    """`PUT /v1/admin/tenants/{t}`: a field left out is kept; `max_priority` or `max_streams` given as
-    null goes back to its default (9; unlimited). The weight cannot be null (it is always some weight)."""
+    """`PUT /v1/admin/tenants/{t}`: a field left out is kept; `max_priority`, `max_queued` or `max_streams`
+    given as null goes back to its default (9; unlimited). The weight cannot be null (it is always some
+    weight)."""
 
     model_config = ConfigDict(extra="forbid")
     weight: float | None = Field(default=None, gt=0, le=1e6)
     max_priority: int | None = Field(default=None, ge=0, le=9)
+    max_queued: int | None = Field(default=None, ge=0, le=1_000_000)
     max_streams: int | None = Field(default=None, ge=0, le=1_000_000)
 
     @field_validator("weight")
@@ -109,7 +118,7 @@ class TenantBody(BaseModel):
     @model_validator(mode="after")
     def _something(self) -> TenantBody:
         if not self.model_fields_set:
-            raise ValueError("give at least one of weight, max_priority, max_streams")
+            raise ValueError("give at least one of weight, max_priority, max_queued, max_streams")
         return self
 
 
@@ -120,11 +129,25 @@ class GroupBody(QuotaBody):
     """The quota fields, and the model the group serves (absent: kept; null: the group names none)."""
 
     model: str | None = None
+    # default deadline per priority class ("0".."9" or a name) in ms; null removes a class's default
+    deadlines_ms: dict[str, int | None] | None = None
 
     @field_validator("model")
     @classmethod
     def _model(cls, value: str | None) -> str | None:
         return None if value is None else check_model_name(value)
+
+    @field_validator("deadlines_ms")
+    @classmethod
+    def _deadlines(cls, value: dict[str, int | None] | None) -> dict[str, int | None]:
+        if value is None:
+            raise ValueError("an object of class -> ms (leave the field out to keep them)")
+        checked: dict[str, int | None] = {}
+        for name, ms in value.items():
+            if ms is not None and not 1 <= ms <= MAX_DEADLINE_MS:
+                raise ValueError(f"{name}: a deadline in ms, 1..{MAX_DEADLINE_MS}, or null")
+            checked[str(parse_priority(name))] = ms
+        return checked
 
 
 class KeyBody(BaseModel):

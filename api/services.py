@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fastapi import Request
 from redis.asyncio import Redis
@@ -12,6 +12,7 @@ from redis.asyncio import Redis
 from sluicegate.api.auth import KeyRing, Principal
 from sluicegate.api.directory import Directory
 from sluicegate.api.guardrails import Guardrails
+from sluicegate.api.recent import RecentSubmits
 from sluicegate.scheduler.admin import Tuning
 from sluicegate.sessions.hub import EventHub
 from sluicegate.sessions.store import SessionStore
@@ -29,6 +30,10 @@ class Services:
     directory: Directory
     guardrails: Guardrails
     open_streams: int = 0
+    recent: RecentSubmits = field(init=False)  # requests just submitted here (api/recent.py)
+
+    def __post_init__(self) -> None:
+        self.recent = RecentSubmits(self.settings.session_ttl)
 
     @contextmanager
     def stream_open(self) -> Iterator[None]:

@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
-from typing import Any
 
 from fastapi import APIRouter, Depends, Request
-from sse_starlette import EventSourceResponse
-from starlette.types import Receive, Scope, Send
 
 from sluicegate.api.auth import Principal
 from sluicegate.api.errors import ApiError
 from sluicegate.api.requests_routes import check_session_id
-from sluicegate.api.services import Services, principal, services
+from sluicegate.api.responses import EventStreamResponse
+from sluicegate.api.services import Services, services
+from sluicegate.api.stream_tokens import request_stream_principal, session_stream_principal
 from sluicegate.sessions import keys
-from sluicegate.sessions.store import cursor_trimmed
+from sluicegate.sessions.store import LogBounds
 from sluicegate.sessions.stream import EventStream
 
 router = APIRouter()
@@ -36,36 +35,42 @@ async def sse_bytes(svc: Services, stream: EventStream) -> AsyncIterator[bytes]:
             yield b"".join(event.sse() for event in batch) if batch else PING
 
 
-class CountedEventSource(EventSourceResponse):
-    """Calls `on_close` when the response ends however it ends: a client gone before the body's
-    generator ever started never runs that generator's `finally`, so a count kept there would leak."""
-
-    def __init__(self, *args: Any, on_close: Callable[[], None], **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.on_close = on_close
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            self.on_close()
+# sse-starlette's headers, so that the lean response below answers exactly as EventSourceResponse did.
+SSE_HEADERS = {"Cache-Control": "no-store", "Connection": "keep-alive", "X-Accel-Buffering": "no"}
 
 
-def sse_response(svc: Services, stream: EventStream, on_close: Callable[[], None]) -> EventSourceResponse:
-    return CountedEventSource(sse_bytes(svc, stream), ping=0, headers={"Cache-Control": "no-store"},
-                              on_close=on_close)
+def sse_response(svc: Services, stream: EventStream, on_close: Callable[[], None]) -> EventStreamResponse:
+    """The lean streamed response (api/responses.py) with sse-starlette's headers, ended at shutdown as
+    sse-starlette ends its streams. sse-starlette ran four tasks in an anyio task group per stream; this
+    runs one watcher. `on_close` runs however the response ends (a client gone before
+    the body started never runs the generator's `finally`: the stream is closed here too)."""
+
+    def closed() -> None:
+        stream.close()
+        on_close()
+
+    return EventStreamResponse(sse_bytes(svc, stream), headers=dict(SSE_HEADERS), on_close=closed,
+                               end_on_shutdown=True)
 
 
-def check_cursor(session_id: str, cursor: int, last_event_id: int, oldest_kept: int) -> None:
-    """A cursor past the session's last event cannot be resumed: the session was recycled after its
-    TTL and started over, or the id never existed. Say so instead of streaming pings. A cursor before
-    the oldest kept event minus one cannot be resumed either: the events after it were trimmed
-    (--session-log-max-events), and resuming would skip them."""
-    if cursor > last_event_id:
-        raise ApiError(409, f"event id {cursor} is past the last event of session {session_id!r} "
-                            "(recycled after its TTL, or never issued); reconnect without a cursor")
-    if cursor_trimmed(cursor, oldest_kept):
-        raise cursor_expired(session_id, cursor, oldest_kept)
+def check_cursor(session_id: str, cursor: int, bounds: LogBounds) -> None:
+    """Refuse (409) a cursor that cannot be resumed without a gap or a wrong event, instead of streaming:
+    - past the session's last event: the session was recycled after its TTL and started over, the id
+      was lost when the store restarted from an older state, or it never existed;
+    - inside an id hole a store restart left: it may name an event handed out and lost (AOF everysec,
+      a failover), so later ids are not its successors;
+    - before the oldest kept event minus one: the events after it were trimmed (--session-log-max-events)."""
+    if cursor > bounds.last_id:
+        raise ApiError(409, f"event id {cursor} is past the last event of session {session_id!r} (recycled "
+                            "after its TTL, lost when the store restarted from an older state, or never issued); "
+                            "reconnect without a cursor", "cursor_expired")
+    lost_before = bounds.lost_before(cursor)
+    if lost_before is not None:
+        raise ApiError(409, f"event id {cursor} of session {session_id!r} was lost when the store restarted from "
+                            f"an older state: the last event kept before it is {lost_before}; resume from "
+                            f"{lost_before} or reconnect without a cursor", "cursor_expired")
+    if bounds.trimmed(cursor):
+        raise cursor_expired(session_id, cursor, bounds.oldest_kept)
 
 
 def cursor_expired(session_id: str, cursor: int, oldest_kept: int) -> ApiError:
@@ -74,40 +79,63 @@ def cursor_expired(session_id: str, cursor: int, oldest_kept: int) -> ApiError:
                          f"{oldest_kept - 1} or reconnect without a cursor, accepting the gap", "cursor_expired")
 
 
-@router.get("/v1/sessions/{session_id}/events")
-async def session_events(session_id: str, request: Request, who: Principal = Depends(principal)):
-    svc = services(request)
+async def session_stream(svc: Services, who: Principal, session_id: str, request: Request) -> EventStreamResponse:
+    """GET /v1/sessions/{id}/events once the caller is known (the route and api/hot_path.py)."""
     check_session_id(session_id)
-    owner, last_event_id, oldest_kept = await svc.store.session_state(session_id)
+    owner, bounds = await svc.store.session_state(session_id)
     if owner is None or (who.tenant and owner != who.tenant):
         raise ApiError(404, f"no session {session_id!r} (never used, or recycled after its TTL)")
     cursor = resume_cursor(request)
-    check_cursor(session_id, cursor, last_event_id, oldest_kept)
+    check_cursor(session_id, cursor, bounds)
     release = await svc.guardrails.open_stream(who)  # last: a refused stream was otherwise valid (429)
     stream = EventStream(svc.store, svc.hub, session_id, after=cursor, idle_seconds=svc.settings.sse_ping_seconds)
     return sse_response(svc, stream, release)
 
 
-@router.get("/v1/requests/{request_id}/events")
-async def request_events(request_id: str, request: Request, who: Principal = Depends(principal)):
-    svc = services(request)
-    fields = await svc.store.request_fields(request_id)
-    if fields is None or (who.tenant and fields.get("tn") != who.tenant):
+async def request_stream(svc: Services, who: Principal, request_id: str, request: Request, *,
+                         reread: bool = False) -> EventStreamResponse:
+    """GET /v1/requests/{id}/events once the caller is known (the route and api/hot_path.py). Two reads:
+    the request's head (none for a request this process has just accepted: api/recent.py), then (after
+    joining its session's channel, unless it ended) the log's first page, whose bounds check the cursor,
+    instead of a separate read of them first."""
+    known = None if reread else svc.recent.take(request_id)
+    head = known or await svc.store.request_head(request_id)
+    if head is None or (who.tenant and head.get("tn") != who.tenant):
         raise ApiError(404, f"no request {request_id!r}")
+    sid, status = head["sid"], head.get("st")
     cursor = resume_cursor(request)
-    if cursor:  # only a resume needs the session's last id (one more read)
-        _, last_event_id, oldest_kept = await svc.store.session_state(fields["sid"])
-        check_cursor(fields["sid"], cursor, last_event_id, oldest_kept)
-    else:
-        cursor = int(fields.get("fs", 1)) - 1
-        if fields.get("st") in keys.TERMINAL_STATUSES:
+    resuming = cursor > 0
+    if not resuming:
+        cursor = int(head.get("fs", 1)) - 1
+    stream = EventStream(svc.store, svc.hub, sid, after=cursor, request_id=request_id,
+                         request_status="queued" if known else status, idle_seconds=svc.settings.sse_ping_seconds)
+    bounds = await stream.open()
+    if known and not bounds.holds(int(known["fs"])):  # lost in a store restart: read the request itself
+        stream.close()
+        return await request_stream(svc, who, request_id, request, reread=True)
+    try:
+        if resuming:
+            check_cursor(sid, cursor, bounds)
+        elif (known or status in keys.TERMINAL_STATUSES) and cursor < bounds.oldest_kept - 1:
             # An ended request's first events may have been trimmed (--session-log-max-events): a
             # stream of it would miss them. A request that has not ended keeps all of its events (the
-            # log is never trimmed past its session's head's `queued` event, and the queue is in order).
-            oldest_kept = (await svc.store.session_state(fields["sid"]))[2]
-            if cursor < oldest_kept - 1:
-                raise cursor_expired(fields["sid"], cursor, oldest_kept)
-    release = await svc.guardrails.open_stream(who)
-    stream = EventStream(svc.store, svc.hub, fields["sid"], after=cursor, request_id=request_id,
-                         request_status=fields.get("st"), idle_seconds=svc.settings.sse_ping_seconds)
+            # log is never trimmed past its session's head's `queued` event, and the queue is in order),
+            # so for a request of unknown status (just accepted) this can only fire once it has ended.
+            raise cursor_expired(sid, cursor, bounds.oldest_kept)
+        release = await svc.guardrails.open_stream(who)
+    except BaseException:
+        stream.close()
+        raise
     return sse_response(svc, stream, release)
+
+
+@router.get("/v1/sessions/{session_id}/events")
+async def session_events(session_id: str, request: Request,
+                         who: Principal = Depends(session_stream_principal)):
+    return await session_stream(services(request), who, session_id, request)
+
+
+@router.get("/v1/requests/{request_id}/events")
+async def request_events(request_id: str, request: Request,
+                         who: Principal = Depends(request_stream_principal)):
+    return await request_stream(services(request), who, request_id, request)

@@ -1,40 +1,8 @@
-"""How stored requests look to API users (the hash uses short field names to save memory)."""
+"""How stored requests look to API users: sessions/status.py, shared with the callbacks' bodies
+(webhooks/delivery.py), which may not import the API."""
 
 from __future__ import annotations
 
-from typing import Any
+from sluicegate.sessions.status import request_view
 
-import orjson
-
-
-def _seconds(ms: str | None) -> float | None:
-    return None if ms is None else round(float(ms) / 1000, 6)
-
-
-def request_view(rid: str, f: dict[str, str]) -> dict[str, Any]:
-    view: dict[str, Any] = {
-        "request_id": rid,
-        "session_id": f.get("sid"),
-        "status": f.get("st"),
-        "tenant": f.get("tn"),
-        "group": f.get("g"),
-        "priority": int(f.get("p", 5)),
-        "effective_priority": int(f.get("ep", f.get("p", 5))),
-        "max_tokens": int(f.get("mt", 0)),
-        "tokens": int(f.get("n", 0)),
-        "attempts": int(f.get("a", 0)),
-        "preemptions": int(f.get("pc", 0)),
-        "failed_attempts": int(f.get("fl", 0)),
-        "submitted_at": _seconds(f.get("sub")),
-        "started_at": _seconds(f.get("sa")),
-        "first_token_at": _seconds(f.get("ft")),
-        "finished_at": _seconds(f.get("fin")),
-        "events_url": f"/v1/requests/{rid}/events",
-    }
-    if "fr" in f:
-        view["finish_reason"] = f["fr"]
-    if "us" in f:
-        view["usage"] = orjson.loads(f["us"])
-    if "err" in f:
-        view["error"] = f["err"]
-    return view
+__all__ = ["request_view"]

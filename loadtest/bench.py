@@ -19,6 +19,7 @@ SCENARIOS: dict[str, str] = {
     "ttft": "ttft",
     "throughput": "throughput",
     "fanout": "fanout",
+    "streams": "streams",
     "recovery": "recovery",
     "rq_cost": "rq_cost",
     "decision": "decision",
@@ -26,6 +27,9 @@ SCENARIOS: dict[str, str] = {
     "fairness": "fairness",
     "quota": "quota",
     "cluster": "cluster",
+    "soak": "soak",
+    "drills": "drills",
+    "deadlines": "deadlines",
 }
 
 

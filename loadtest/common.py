@@ -266,6 +266,8 @@ def _role_of(pid: int) -> str:
     if "sluicegate" in words:
         after = words[words.index("sluicegate") + 1:]
         return after[0] if after else "sluicegate"
+    if any("multiprocessing" in word for word in words):
+        return ""  # a spawned child (`api --api-processes N`'s processes): counted under its parent's role
     return Path(words[0]).name if words else "?"
 
 
@@ -281,11 +283,11 @@ def cpu_by_role(root_pids: Sequence[int]) -> dict[str, float]:
             continue
         children.setdefault(ppid, []).append(int(entry.name))
     totals: dict[str, float] = {}
-    todo = list(root_pids)
+    todo = [(pid, "?") for pid in root_pids]
     while todo:
-        pid = todo.pop()
-        todo.extend(children.get(pid, []))
-        role = _role_of(pid)
+        pid, parent_role = todo.pop()
+        role = _role_of(pid) or parent_role
+        todo.extend((child, role) for child in children.get(pid, []))
         totals[role] = totals.get(role, 0.0) + process_cpu(pid)
     return totals
 

@@ -19,8 +19,10 @@ from sluicegate.sessions.runs import shown_info
 
 
 def _number(text: str) -> float | int:
+    """A stored quota field as JSON renders it: an integer only where a double holds it exactly (a larger
+    one, stored before the bounds, stays a float: orjson refuses integers past 64 bits)."""
     value = float(text)
-    return int(value) if value.is_integer() else value
+    return int(value) if value.is_integer() and abs(value) <= 2**53 else value
 
 
 class Tuning:

@@ -20,6 +20,7 @@ MAX_PRIORITY = 9
 @dataclass(frozen=True)
 class TenantLimits:
     max_priority: int = MAX_PRIORITY  # a submit above it is refused (403 priority_not_allowed)
+    max_queued: int | None = None  # requests queued or running at once; None: unlimited
     max_streams: int | None = None  # open SSE streams at once; None: unlimited
 
     def as_dict(self) -> dict[str, int | None]:

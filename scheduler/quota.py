@@ -9,12 +9,14 @@ from pydantic import BaseModel, ConfigDict, Field
 class Quota(BaseModel):
     """Absent fields keep their value; null removes the limit (unlimited)."""
 
-    model_config = ConfigDict(extra="forbid")
-    requests_per_second: float | None = Field(default=None, gt=0)
-    tokens_per_second: float | None = Field(default=None, gt=0)
-    burst: int | None = Field(default=None, ge=1)
-    max_concurrency: int | None = Field(default=None, ge=0)
-    burst_tokens: float | None = Field(default=None, gt=0)
+    # Finite and bounded: the scripts hold these as doubles, and a value past 2**64 stored once made every
+    # later read of the group's quota (GET /v1/admin/groups) fail to render, a 500 until it was removed.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    requests_per_second: float | None = Field(default=None, gt=0, le=1e9)
+    tokens_per_second: float | None = Field(default=None, gt=0, le=1e12)
+    burst: int | None = Field(default=None, ge=1, le=10**9)
+    max_concurrency: int | None = Field(default=None, ge=0, le=10**6)
+    burst_tokens: float | None = Field(default=None, gt=0, le=1e12)
 
 
 QUOTA_FIELDS = tuple(Quota.model_fields)

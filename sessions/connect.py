@@ -50,6 +50,25 @@ UNAVAILABLE: tuple[type[BaseException], ...] = (
     redis.exceptions.RedisClusterException, redis.exceptions.TryAgainError)
 
 
+# The store refusing work for a while (full under noeviction, a replica, a failed snapshot, a long
+# script, a failover): the API answers 503, a worker or scheduler retries, as for a lost connection.
+# redis-py names some by class and leaves the others as a ResponseError whose message starts with the
+# server's error code. A refused call did nothing (the server refuses before it runs a command).
+REFUSING: tuple[type[BaseException], ...] = (
+    redis.exceptions.OutOfMemoryError, redis.exceptions.ReadOnlyError, redis.exceptions.MasterDownError)
+REFUSING_CODES = ("MISCONF ", "BUSY ", "NOREPLICAS ", "CLUSTERDOWN ", "OOM ", "READONLY ", "LOADING ")
+
+
+def store_refuses(exc: BaseException) -> bool:
+    return isinstance(exc, REFUSING) or (isinstance(exc, redis.exceptions.ResponseError)
+                                         and str(exc).startswith(REFUSING_CODES))
+
+
+def store_unavailable(exc: BaseException) -> bool:
+    """Unreachable or refusing work for now: worth retrying, never a caller's mistake."""
+    return isinstance(exc, UNAVAILABLE) or store_refuses(exc)
+
+
 class RedisUnavailable(RuntimeError):
     """Redis cannot be used as configured; the message is one line that says what to change."""
 

@@ -50,9 +50,10 @@ class EventHub:
     """Fan-out of session channels to local readers over a single subscriber connection."""
 
     def __init__(self, redis_url: str, *, cluster: bool = False, linger_seconds: float = 5.0,
-                 reader_queue: int = 4096, confirm_timeout: float = 5.0) -> None:
-        """`cluster`: `redis_url` names a node of a Redis Cluster (one connection per master then)."""
-        self._subscriber = Subscriber(redis_url, self._on_frame, cluster=cluster)
+                 reader_queue: int = 4096, confirm_timeout: float = 5.0, client_name: str | None = None) -> None:
+        """`cluster`: `redis_url` names a node of a Redis Cluster (one connection per master then);
+        `client_name` names its connections in CLIENT LIST."""
+        self._subscriber = Subscriber(redis_url, self._on_frame, cluster=cluster, client_name=client_name)
         self._channels: dict[str, _Channel] = {}
         self._linger = linger_seconds
         self._reader_queue = reader_queue

@@ -105,6 +105,21 @@ def data_metrics(bucket: str) -> str:
     return f"{data_prefix(bucket)}m"
 
 
+def callbacks_due(bucket: str) -> str:
+    """zset rid -> when its callback delivery is due (ms): ended requests with a callback_url (webhooks/)."""
+    return f"{data_prefix(bucket)}cb"
+
+
+def usage_pending(bucket: str) -> str:
+    """hash "hour|tenant|group|r|i|o" -> count: usage of ended requests not yet folded (sessions/usage.py)."""
+    return f"{data_prefix(bucket)}u"
+
+
+def usage_folding(bucket: str) -> str:
+    """The pending usage taken for folding (renamed from usage_pending), with its fold's sequence in "#"."""
+    return f"{data_prefix(bucket)}uf"
+
+
 # ---- control plane ---------------------------------------------------------------------------
 def group_prefix(group: str) -> str:
     """The hash-tagged prefix of one group's control plane."""
@@ -142,4 +157,18 @@ API_KEYS = PREFIX + "keys"
 API_KEY_IDS = API_KEYS + ":ids"  # hash key_id -> the key's digest (the field of its record in API_KEYS)
 API_KEYS_USED = API_KEYS + ":used"  # hash key_id -> when it last authenticated (Unix s; about once a minute)
 TENANT_LIMITS = PREFIX + "tenant_limits"  # hash "<tenant>:<limit>" -> int (scheduler/limits.py)
+AUDIT = PREFIX + "audit"  # list of admin changes, newest first, capped (api/audit.py)
+
+
+def usage_hour(hour: int) -> str:
+    """hash "tenant|group|r|i|o" -> requests, input and output tokens ended in one hour (Unix s of its start),
+    with the last fold applied per bucket in "@<bucket>" (sessions/usage.py); expires after 35 days."""
+    return f"{PREFIX}usage:{hour}"
+
+
+def tenant_active(tenant: str) -> str:
+    """Zset of a tenant's requests that may still be queued or running (api/admission.py), request id
+    -> submit time: only for a tenant with `max_queued`, tagged by tenant so that one key holds the
+    count every API process checks."""
+    return f"{PREFIX}{{t:{tenant}}}:act"
 LEGACY_PREFIXES = (PREFIX + "r:", PREFIX + "s:", PREFIX + "g:", PREFIX + "w:", PREFIX + "m:")

@@ -20,12 +20,15 @@ from sluicegate.settings import LOG_MIN_EVENTS, Settings
 ROOT = Path(__file__).resolve().parent.parent
 DATA_DIR = ROOT / "sessions" / "lua"
 CONTROL_DIR = ROOT / "scheduler" / "lua"
-INCLUDES = (DATA_DIR / "includes" / "keys.lua", DATA_DIR / "includes" / "call.lua",
-            DATA_DIR / "includes" / "metrics.lua", DATA_DIR / "includes" / "requests.lua",
+INCLUDES = (DATA_DIR / "includes" / "keys.lua", DATA_DIR / "includes" / "log_ids.lua",
+            DATA_DIR / "includes" / "call.lua",
+            DATA_DIR / "includes" / "metrics.lua", DATA_DIR / "includes" / "ended.lua",
+            DATA_DIR / "includes" / "requests.lua",
             CONTROL_DIR / "includes" / "policy.lua", CONTROL_DIR / "includes" / "fairness.lua",
             CONTROL_DIR / "includes" / "quotas.lua", CONTROL_DIR / "includes" / "runs.lua",
             CONTROL_DIR / "includes" / "preemption.lua", CONTROL_DIR / "includes" / "dispatch.lua")
-DATA_FUNCTIONS = ("submit", "start", "append", "finish", "handback", "cancel", "read_log", "outbox", "outbox_done")
+DATA_FUNCTIONS = ("submit", "start", "append", "finish", "handback", "cancel", "expire", "read_log", "outbox",
+                  "outbox_done")
 CONTROL_FUNCTIONS = ("ready", "release", "withdraw", "heartbeat", "register_worker", "sweep", "pin")
 SINGLE_SERVER_FUNCTIONS = ("submit_one", "finish_one", "handback_one", "cancel_one")
 FUNCTIONS = DATA_FUNCTIONS + CONTROL_FUNCTIONS + SINGLE_SERVER_FUNCTIONS
@@ -42,6 +45,9 @@ def policy_fields(settings: Settings) -> dict[str, float]:
         "est": settings.output_estimate_ratio,
         "min_run": settings.preempt_min_run_ms,
         "max_pre": settings.max_preemptions,
+        "dlh": settings.deadline_horizon * 1000,
+        "dlw": settings.deadline_promote_window * 1000,
+        "dlb": settings.deadline_max_boost,
     }
     for cls, seconds in settings.class_max_waits().items():
         fields[f"mw{cls}"] = seconds

@@ -17,7 +17,7 @@ from sluicegate.sessions import keys
 from sluicegate.sessions.connect import text
 
 DEFAULT_GROUP = "default"  # always exists: where a request naming no group goes
-MODEL_NAME = re.compile(r"[^\s\x00-\x1f\x7f-\x9f]{1,256}")
+MODEL_NAME = re.compile(r"[^\s\x00-\x1f\x7f-\x9f\ud800-\udfff]{1,256}")  # no lone surrogate: not UTF-8
 DECLARE_SCRIPT = Path(__file__).parent / "lua" / "standalone" / "declare_model.lua"
 
 

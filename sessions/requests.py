@@ -32,6 +32,8 @@ class NewRequest:
     messages: list[dict[str, Any]] | None = None
     params: dict[str, Any] = field(default_factory=dict)
     request_id: str = ""  # default: a new id in the session's bucket
+    deadline_ms: int | None = None  # time-to-first-token objective from the submit
+    fail_on_deadline_miss: bool = False  # `"on_deadline_miss": "fail"`: end it once the deadline passes
 
     def __post_init__(self) -> None:
         if not self.request_id:

@@ -253,7 +253,7 @@ class RunStore:
         cursor = first - 1
         while len(texts) < spec.start_index:
             reply = await self.transitions.read_log(spec.session_id, cursor, 1000)
-            entries = [Event.parse(e) for e in reply[2:]]
+            entries = [Event.parse(e) for e in reply[3:]]  # after the last id, oldest kept id and holes
             if not entries:
                 break
             for event in entries:

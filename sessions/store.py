@@ -14,21 +14,70 @@ from sluicegate.sessions.scripts import Scripts
 from sluicegate.sessions.transitions import LOG_MAX_EVENTS, Transitions
 
 
-def cursor_trimmed(cursor: int, oldest_kept: int) -> bool:
-    """A resume cursor the log can no longer continue without a gap: events after it were trimmed
-    (0 means "from the oldest kept event", which is always possible)."""
-    return 0 < cursor < oldest_kept - 1
+def parse_holes(raw: Any) -> tuple[tuple[int, int], ...]:
+    """The meta's `hl`: "hs:he,..." pairs, ids hs+1 .. he-1 skipped after a store restart
+    (sessions/lua/includes/log_ids.lua)."""
+    holes = []
+    for pair in text(raw or "").split(","):
+        if pair:
+            start, end = pair.split(":")
+            holes.append((int(start), int(end)))
+    return tuple(holes)
+
+
+@dataclass(frozen=True)
+class LogBounds:
+    """What a resume cursor is checked against: the session's last event id, its oldest kept one
+    (older ones were trimmed, --session-log-max-events) and the id holes its store's restarts left."""
+
+    last_id: int
+    oldest_kept: int = 1
+    holes: tuple[tuple[int, int], ...] = ()
+
+    def trimmed(self, cursor: int) -> bool:
+        """Events right after the cursor were trimmed: resuming from it would skip them (0 means "from
+        the oldest kept event", which is always possible)."""
+        return 0 < cursor < self.oldest_kept - 1
+
+    def holds(self, event_id: int) -> bool:
+        """The log assigned this id and did not lose it in a store restart (it may have been trimmed)."""
+        return 0 < event_id <= self.last_id and not any(start < event_id < end for start, end in self.holes)
+
+    def lost_before(self, cursor: int) -> int | None:
+        """When the cursor may name an event the store lost in a restart from an older state (AOF
+        everysec, a failover), the last id kept before it; else None. Its id may have been issued again
+        to another event, so a resume from it could silently skip events. A cursor past the last id is
+        never resumable either (lost, or the session was recycled after its TTL)."""
+        for start, end in self.holes:
+            if start < cursor < end - 1:
+                return start
+        return None
 
 
 class CursorExpired(Exception):
-    """A cursor older than the oldest kept event (minus one): the events between were trimmed
-    (--session-log-max-events), so a resume from it would have a gap."""
+    """A cursor the log cannot continue from without a gap: the events after it were trimmed
+    (--session-log-max-events), or it names an event lost when the store restarted from an older state."""
 
-    def __init__(self, cursor: int, oldest: int) -> None:
-        super().__init__(f"event id {cursor} was trimmed from the session's log; the oldest kept event is "
-                         f"{oldest}")
+    def __init__(self, cursor: int, oldest: int, lost_before: int | None = None) -> None:
+        if lost_before is None:
+            message = f"event id {cursor} was trimmed from the session's log; the oldest kept event is {oldest}"
+        else:
+            message = (f"event id {cursor} was lost when the store restarted from an older state; the last "
+                       f"event kept before it is {lost_before}")
+        super().__init__(message)
         self.cursor = cursor
         self.oldest = oldest
+        self.lost_before = lost_before
+
+
+def log_gap(bounds: LogBounds, after: int) -> CursorExpired | None:
+    """The gap a read after `after` would leave (events trimmed, or `after` lost in a store restart)."""
+    if bounds.trimmed(after):
+        return CursorExpired(after, bounds.oldest_kept)
+    lost_before = bounds.lost_before(after) if after <= bounds.last_id else bounds.last_id
+    if lost_before is not None:
+        return CursorExpired(after, bounds.oldest_kept, lost_before)
+    return None
 
 
 @dataclass(frozen=True)
@@ -48,6 +97,7 @@ class SessionStore:
     def __init__(self, redis: Any, *, session_ttl: int, lease_seconds: float, lean: Any = None,
                  cluster: bool = False, log_max_events: int = LOG_MAX_EVENTS) -> None:
         self.redis = redis
+        self.lean = lean
         self.scripts = Scripts(lean or redis, single_server=not cluster)
         self.transitions = Transitions(self.scripts, lease_ms=int(lease_seconds * 1000), session_ttl=session_ttl,
                                        log_max_events=log_max_events)
@@ -74,6 +124,21 @@ class SessionStore:
             return None
         return {text(k): text(v) for k, v in raw.items()}
 
+    async def request_head(self, rid: str) -> dict[str, str] | None:
+        """The four fields a request's event stream needs (tenant, session, first event, status), read
+        through the lean client where there is one: it lies on every resumable stream's way, where an
+        HGETALL through redis-py cost a quarter of the route's time."""
+        if not keys.valid_request_id(rid):
+            return None
+        names = ("tn", "sid", "fs", "st")
+        if self.lean is not None:
+            values = await self.lean.execute("HMGET", keys.request(rid), *names)
+        else:
+            values = await self.redis.hmget(keys.request(rid), list(names))
+        if values[1] is None:  # every stored request has its session
+            return None
+        return {name: text(value) for name, value in zip(names, values, strict=True) if value is not None}
+
     async def request_input(self, rid: str) -> str | None:
         if not keys.valid_request_id(rid):
             return None
@@ -85,16 +150,28 @@ class SessionStore:
             return ["missing"]
         return await self.transitions.cancel(rid, owner=owner)
 
-    async def session_state(self, sid: str) -> tuple[str | None, int, int]:
-        """The session's owner (None when it does not exist or expired), its last event id and the id of
-        its oldest kept event (older ones were trimmed, --session-log-max-events), in one read."""
-        owner, seq, base = await self.redis.hmget(keys.session_meta(sid), ["tn", "seq", "base"])
-        return (None if owner is None else text(owner)), int(seq or 0), int(base or 1)
+    async def session_state(self, sid: str) -> tuple[str | None, LogBounds]:
+        """The session's owner (None when it does not exist or expired) and its log's bounds, in one read."""
+        names = ("tn", "seq", "base", "hl")
+        if self.lean is not None:  # on a resume's way (sessions/resp.py)
+            owner, seq, base, holes = await self.lean.execute("HMGET", keys.session_meta(sid), *names)
+        else:
+            owner, seq, base, holes = await self.redis.hmget(keys.session_meta(sid), list(names))
+        return (None if owner is None else text(owner)), LogBounds(int(seq or 0), int(base or 1), parse_holes(holes))
+
+    async def read_page(self, sid: str, after: int, limit: int = 1000) -> tuple[LogBounds, list[Event]]:
+        """Events with id > after (0: from the oldest kept), oldest first, and the log's bounds as read in
+        the same call (a stream checks its cursor against them instead of reading them first). No gap
+        check: see `log_gap`."""
+        reply = await self.transitions.read_log(sid, after, limit)
+        return LogBounds(int(reply[0]), int(reply[1]), parse_holes(reply[2])), [Event.parse(e) for e in reply[3:]]
 
     async def read_events(self, sid: str, after: int, limit: int = 1000) -> tuple[int, list[Event]]:
         """Events with id > after (0: from the oldest kept), oldest first; also the last id the session
-        has assigned. Raises CursorExpired when events right after `after` were trimmed (a gap)."""
-        reply = await self.transitions.read_log(sid, after, limit)
-        if cursor_trimmed(after, int(reply[1])):
-            raise CursorExpired(after, int(reply[1]))
-        return int(reply[0]), [Event.parse(e) for e in reply[2:]]
+        has assigned. Raises CursorExpired when events right after `after` were trimmed or `after` was
+        lost in a store restart (a gap either way)."""
+        bounds, events = await self.read_page(sid, after, limit)
+        gap = log_gap(bounds, after)
+        if gap is not None:
+            raise gap
+        return bounds.last_id, events

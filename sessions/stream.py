@@ -15,10 +15,10 @@ from collections.abc import AsyncIterator
 
 from sluicegate.sessions import keys
 from sluicegate.sessions.events import Event
-from sluicegate.sessions.hub import EventHub
-from sluicegate.sessions.store import CursorExpired, SessionStore
+from sluicegate.sessions.hub import EventHub, Reader
+from sluicegate.sessions.store import CursorExpired, LogBounds, SessionStore, log_gap
 
-FIRST_PAGE = 100  # small, so a resume sends its first event without reading the whole backlog first
+FIRST_PAGE = 16  # small, so a resume sends its first event without reading (and parsing) the backlog first
 PAGE = 1000
 
 
@@ -38,6 +38,29 @@ class EventStream:
         self.finished = False
         self.request_status = request_status
         self.expired: CursorExpired | None = None  # set when the log was trimmed past the cursor (the stream ends)
+        self.reader: Reader | None = None
+        self._first: tuple[LogBounds, list[Event]] | None = None  # the first page, read by `open`
+
+    async def open(self) -> LogBounds:
+        """Steps 1 and 2 before the response starts: join (unless the request ended), read the first page.
+        Returns the log's bounds from that same read, so a route checks its cursor without another read.
+        Only for a caller that knows the request's status; `close` undoes the join if no stream follows."""
+        ended = self.request_id is not None and (self.request_status is None
+                                                 or self.request_status in keys.TERMINAL_STATUSES)
+        if not ended:
+            self.reader = await self.hub.join(self.session_id)
+        try:
+            self._first = await self.store.read_page(self.session_id, self.cursor, FIRST_PAGE)
+        except BaseException:
+            self.close()
+            raise
+        return self._first[0]
+
+    def close(self) -> None:
+        """Leave the session's channel (idempotent): a response that never ran its body still leaves."""
+        if self.reader is not None:
+            self.hub.leave(self.session_id, self.reader)
+            self.reader = None
 
     def _keep(self, events: list[Event]) -> list[Event]:
         """Events past the cursor (and of the request, for a request stream), up to its terminal one."""
@@ -55,13 +78,20 @@ class EventStream:
 
     async def _backlog(self, page: int = PAGE) -> AsyncIterator[list[Event]]:
         while not self.finished:
-            try:
-                _, events = await self.store.read_events(self.session_id, self.cursor, page)
-            except CursorExpired as expired:
+            first, self._first = self._first, None
+            if first is not None:  # read by `open`: the same check read_events makes
+                gap, events = log_gap(first[0], self.cursor), first[1]
+            else:
+                try:
+                    _, events = await self.store.read_events(self.session_id, self.cursor, page)
+                    gap = None
+                except CursorExpired as expired:
+                    gap = expired
+            if gap is not None:
                 # A reader so slow (or a race with the check before the stream) that the log was trimmed
                 # past its cursor: end the stream rather than skip events; a reconnect with the last id
                 # received gets the 409 that says so.
-                self.expired = expired
+                self.expired = gap
                 self.finished = True
                 return
             kept = self._keep(events)
@@ -69,10 +99,22 @@ class EventStream:
                 yield kept
             if len(events) < page:
                 return
-            page = PAGE
+            # Growing pages: a client that leaves after its first events (a reconnect that found what it
+            # wanted, a probe) is noticed before the server has parsed the whole backlog for nobody.
+            page = min(PAGE, page * 4)
 
     async def batches(self) -> AsyncIterator[list[Event]]:
         """Batches of events; an empty batch means `idle_seconds` passed without one (send a ping)."""
+        if self._first is not None:  # opened: joined (unless ended) and the first page read
+            try:
+                async for batch in self._backlog(FIRST_PAGE):
+                    yield batch
+                if self.reader is not None:
+                    async for batch in self._live(self.reader):
+                        yield batch
+            finally:
+                self.close()
+            return
         if self.request_id is not None:
             status = self.request_status
             if status is None:
@@ -83,28 +125,33 @@ class EventStream:
                 async for batch in self._backlog(FIRST_PAGE):
                     yield batch
                 return
-        reader = await self.hub.join(self.session_id)
+        self.reader = await self.hub.join(self.session_id)
         try:
             async for batch in self._backlog(FIRST_PAGE):
                 yield batch
-            while not self.finished:
-                try:
-                    async with asyncio.timeout(self.idle_seconds):  # no task per wait, unlike wait_for
-                        live = await reader.queue.get()
-                except TimeoutError:
-                    live = None
-                if live is None or reader.overflowed or (live and live[0].seq > self.cursor + 1):
-                    # Idle, overflowed or a gap: the log is the truth (a publish may have been missed).
-                    reader.overflowed = False
-                    sent = False
-                    async for batch in self._backlog():
-                        sent = True
-                        yield batch
-                    if live is None and not sent:
-                        yield []
-                    continue
-                kept = self._keep(live)
-                if kept:
-                    yield kept
+            async for batch in self._live(self.reader):
+                yield batch
         finally:
-            self.hub.leave(self.session_id, reader)
+            self.close()
+
+    async def _live(self, reader: Reader) -> AsyncIterator[list[Event]]:
+        """Step 3: live batches, dropping ids already sent; the log again after a gap, overflow or idle."""
+        while not self.finished:
+            try:
+                async with asyncio.timeout(self.idle_seconds):  # no task per wait, unlike wait_for
+                    live = await reader.queue.get()
+            except TimeoutError:
+                live = None
+            if live is None or reader.overflowed or (live and live[0].seq > self.cursor + 1):
+                # Idle, overflowed or a gap: the log is the truth (a publish may have been missed).
+                reader.overflowed = False
+                sent = False
+                async for batch in self._backlog():
+                    sent = True
+                    yield batch
+                if live is None and not sent:
+                    yield []
+                continue
+            kept = self._keep(live)
+            if kept:
+                yield kept

@@ -88,7 +88,8 @@ class Transitions:
         """Returns ("ok", seq of the `queued` event) or ("forbidden", 0)."""
         sid, rid = req.session_id, req.request_id
         args = [rid, sid, req.tenant, req.group, req.priority, req.max_tokens, req.input_text, req.input_kind,
-                json.dumps(req.params, separators=(",", ":")), req.input_tokens, owner, self.log_max_events]
+                json.dumps(req.params, separators=(",", ":")), req.input_tokens, owner, self.log_max_events,
+                req.deadline_ms or "", "fail" if req.fail_on_deadline_miss else "run"]
         dp = keys.session_prefix(sid)
         if self.single:
             reply = await self._call("submit_one", [dp, keys.group_prefix(req.group)], [self.lease_ms, *args])
@@ -193,11 +194,20 @@ class Transitions:
         """One group's sweep; on a cluster also hands back and releases the runs of lost workers."""
         cp = keys.group_prefix(group)
         reply = await self._call("sweep", [cp], [self.lease_ms, self.max_attempts, self.ttl])
-        for key in (text(x) for x in reply[5:]):
+        lost = int(reply[5])
+        for entry in (text(x) for x in reply[6:6 + lost]):
+            reason, _, key = entry.partition(":")  # worker_lost (counts as a failed attempt) | lease_lapsed
             rid, _, attempt = key.rpartition("|")
             stopped = await self._call("handback", [keys.request_prefix(rid)],
-                                       [rid, attempt, "", "worker_lost", self.max_attempts, self.ttl])
+                                       [rid, attempt, "", reason, self.max_attempts, self.ttl])
             await self._stopped(cp, key, "", stopped, "keep")
+        for rid in (text(x) for x in reply[6 + lost:]):  # deadlines missed by requests that fail then
+            ended = await self._call("expire", [keys.request_prefix(rid)], [self.ttl, rid])
+            if text(ended[0]) == "expired":
+                group, attempt, sid, nxt = (text(x) for x in ended[1:5])
+                await self._call("withdraw", [keys.group_prefix(group)], [self.lease_ms, rid, attempt, sid, -1])
+                if nxt:
+                    await self._ready(nxt)
         return SweepResult(int(reply[0]), int(reply[1]), int(reply[2]), float(reply[3]), float(reply[4]))
 
     async def repair(self, buckets: Sequence[str], *, age_ms: int, limit: int = 100) -> int:

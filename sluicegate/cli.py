@@ -1,4 +1,6 @@
-"""`sluicegate serve | redis | api | scheduler | worker | sim-backend | migrate | bench`.
+"""`sluicegate serve | redis | api | scheduler | worker | webhooks | sim-backend | migrate | bench`, and the client
+commands `submit | tail | quota | weight | stats` (sluicegate/client_cli.py: they take no settings) and
+`mcp` (sluicegate/mcp_server.py).
 
 Every flag is also an environment variable (`--session-ttl` <-> `SLUICEGATE_SESSION_TTL`) and a key
 of the `--config` TOML file (`session_ttl = 600`); the flags are built from the fields of
@@ -18,30 +20,37 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, get_args
 
+from sluicegate import client_cli, mcp_server
 from sluicegate.settings import ENV_PREFIX, BadSetting, Settings, from_env, setting_names
 
 NETWORK = ["host", "port"]
 CORE = ["config", "redis_url", "redis_cluster", "rq_redis_url", "session_ttl", "lease_seconds", "max_attempts",
         "log_level"]
-API = ["auth", "admin_key", "metrics_key", "max_body_mb", "max_tokens_limit", "sse_ping_seconds",
-       "session_log_max_events"]
+API = ["api_processes", "redis_max_connections", "auth", "admin_key", "metrics_key", "metrics_max_tenants",
+       "max_body_mb", "max_tokens_limit", "sse_ping_seconds",
+       "session_log_max_events", "cors_origins", "stream_token_ttl", "otel_endpoint"]
 POLICY = ["input_token_weight", "output_token_weight", "output_estimate_ratio", "max_wait_seconds",
           "class_max_wait", "preempt_min_run_ms", "max_preemptions", "sweep_seconds"]
 WORKER = ["group", "slots", "engine", "backend_url", "backend_api_key", "backend_model", "backend_timeout",
           "backend_retries", "backend_probe", "backend_continue", "backend_first_token_timeout",
           "backend_idle_timeout", "sim_tokens_per_second",
           "sim_prefill_ms", "heartbeat_seconds", "shutdown_grace_seconds"]
+WEBHOOKS = ["webhook_allow", "webhook_secret", "webhook_max_attempts", "webhook_backoff", "webhook_timeout"]
 COMMANDS: dict[str, tuple[str, list[str]]] = {
     "serve": ("everything in one process tree: embedded Valkey (unless --redis-url), API, scheduler and "
               "--workers N workers; Ctrl-C stops all of it",
               NETWORK + CORE + ["data_dir", "appendfsync", "password", "embedded_cluster", "workers"] + API + POLICY
-              + WORKER),
+              + WORKER + WEBHOOKS + ["access_log"]),
     "redis": ("the embedded Valkey server (or with --cluster N a cluster of N masters) alone, in the foreground, "
               "persistent (AOF) in --data-dir",
               ["config", "host", "port", "data_dir", "appendfsync", "password", "cluster", "log_level"]),
-    "api": ("the HTTP API alone (stateless; run several)", NETWORK + CORE + API),
+    "api": ("the HTTP API alone (stateless; run several)", NETWORK + CORE + API + WEBHOOKS + ["access_log"]),
+    "webhooks": ("the callback deliveries (signed POSTs of ended requests' status, retried with backoff) and the "
+                 "folding of usage counts; serve starts one (run several: each delivery is claimed by one)",
+                 CORE + WEBHOOKS),
     "scheduler": ("the scheduler alone (run several; they never double-dispatch)", CORE + POLICY),
-    "worker": ("one worker process serving --group with --slots concurrent requests", CORE + WORKER),
+    "worker": ("one worker process serving --group with --slots concurrent requests",
+               CORE + WORKER + ["otel_endpoint"]),  # serve has it from API
     "sim-backend": ("an OpenAI-compatible server generating the sim engine's tokens at a fixed pace",
                     ["config"] + NETWORK + ["sim_tokens_per_second", "sim_prefill_ms", "log_level"]),
     "migrate": ("move the sessions and requests of a deployment from the old key layout to this version's "
@@ -80,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--dry-run", action="store_true", help="print what would move (a JSON line per "
                            "session) and change nothing")
     sub.add_parser("bench", help="run a benchmark scenario: `sluicegate bench --help` lists them", add_help=False)
+    client_cli.add_commands(sub)
+    mcp_server.add_command(sub)  # `sluicegate mcp`: the mcp extra is imported only when it runs
     return parser
 
 
@@ -123,17 +134,25 @@ def main(argv: list[str] | None = None) -> int:
 
         return bench_main(argv[1:])
     args = build_parser().parse_args(argv)
+    if args.command in client_cli.COMMANDS:  # HTTP clients of a running API: no server settings
+        return client_cli.run(args)
+    if args.command == "mcp":  # a stdio MCP server over the HTTP API (sluicegate/mcp_server.py)
+        return mcp_server.run(args)
     try:
         settings = settings_from(args)
         if args.command == "serve":  # [groups.NAME] tables: checked before anything starts
             from sluicegate.groups_config import explicit_names, load_groups
 
             groups = load_groups(settings, explicit_names(given_flags(args)))
+        if settings.otel_endpoint:  # the extra is checked here, before anything starts
+            from sluicegate.tracing import require_sdk
+
+            require_sdk()
     except BadSetting as error:
         print(f"sluicegate: bad setting: {error}", file=sys.stderr)
         return 2
     setup_logging(settings, args.command)
-    if settings.redis_url and args.command in ("serve", "api", "scheduler", "worker"):
+    if settings.redis_url and args.command in ("serve", "api", "scheduler", "worker", "webhooks"):
         # A bad URL, a cluster with slots uncovered or a node down: one line and exit 1, never a hang.
         from sluicegate.sessions.connect import RedisUnavailable, check_redis
 
@@ -190,16 +209,25 @@ def main(argv: list[str] | None = None) -> int:
         import os
 
         os.environ.update(settings.to_env())
+        # --api-processes N > 1: uvicorn's supervisor binds the port once and spawns N processes that accept
+        # on that socket (each a whole API with its own Redis pool); SIGINT/SIGTERM to it stops them all, and
+        # it restarts one that dies. The API keeps no state of its own, so they need nothing shared.
         uvicorn.run("sluicegate.api.app:create_app", factory=True, host=settings.host, port=settings.port,
-                    log_level=settings.log_level.lower(), access_log=False, timeout_graceful_shutdown=5)
+                    log_level=settings.log_level.lower(), access_log=settings.access_log, timeout_graceful_shutdown=5,
+                    workers=settings.api_processes if settings.api_processes > 1 else None)
         return 0
-    if not settings.redis_url and args.command in ("scheduler", "worker"):
+    if not settings.redis_url and args.command in ("scheduler", "worker", "webhooks"):
         print(f"sluicegate {args.command}: --redis-url is required", file=sys.stderr)
         return 2
     if args.command == "scheduler":
         from sluicegate.scheduler.loop import Scheduler
 
         run_until_signalled(Scheduler(settings).run)
+        return 0
+    if args.command == "webhooks":
+        from sluicegate.webhooks.delivery import Delivery
+
+        run_until_signalled(Delivery(settings).run)
         return 0
     if args.command == "worker":
         from sluicegate.workers.worker import Worker

@@ -135,6 +135,7 @@ def serve(settings: Settings, groups: Sequence[GroupConfig] = ()) -> int:
     pools = [share_engine(pool) for pool in [group.worker_settings(settings) for group in groups] or [settings]]
     core: dict[str, subprocess.Popen[bytes]] = {}
     workers: list[tuple[Settings, subprocess.Popen[bytes]]] = []
+    webhooks: subprocess.Popen[bytes] | None = None
     code = 0
     try:
         if groups:
@@ -147,6 +148,7 @@ def serve(settings: Settings, groups: Sequence[GroupConfig] = ()) -> int:
                 log.info("group %s: model %s, %s engine, workers %d x %s slots", group.name, group.model or "-",
                          pool.engine, pool.workers, pool.slots or "the engine's")
         core = {"scheduler": spawn("scheduler", settings), "api": spawn("api", settings)}
+        webhooks = spawn("webhooks", settings)  # callbacks and usage folding: restarted when it dies, like a worker
         workers = [(pool, spawn("worker", pool)) for pool in pools for _ in range(pool.workers)]
         if groups:
             log.info("serving on http://%s:%d with %d groups, %d workers", settings.host, settings.port,
@@ -162,13 +164,17 @@ def serve(settings: Settings, groups: Sequence[GroupConfig] = ()) -> int:
                 if proc.poll() is not None:
                     log.error("%s exited with code %s; stopping", role, proc.returncode)
                     stopping, code = True, 1
+            if webhooks.poll() is not None and not stopping:
+                log.warning("webhooks exited with code %s; restarting it", webhooks.returncode)
+                webhooks = spawn("webhooks", settings)
             for i, (pool, proc) in enumerate(workers):
                 if proc.poll() is not None and not stopping:
                     log.warning("worker %d of group %s exited with code %s; restarting it", proc.pid, pool.group,
                                 proc.returncode)
                     workers[i] = (pool, spawn("worker", pool))
     finally:
-        children = [proc for proc in (core.get("api"), *(p for _, p in workers), core.get("scheduler")) if proc]
+        children = [proc for proc in (core.get("api"), *(p for _, p in workers), core.get("scheduler"), webhooks)
+                    if proc]
         for proc in children:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import re
 import tomllib
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -79,6 +80,16 @@ def parse_backend_models(spec: str) -> dict[str, str]:
     return models
 
 
+def parse_cors_origins(spec: str) -> list[str]:
+    """`http://a.test,https://b.test:8443` -> the origins; `*` is any origin; a path or a bare host is a
+    ValueError (a browser sends the origin as scheme://host[:port], nothing more)."""
+    origins = [part.strip() for part in spec.split(",") if part.strip()]
+    for origin in origins:
+        if origin != "*" and not re.fullmatch(r"https?://[^/\s?#]+", origin):
+            raise ValueError(f"`{origin}` is not an origin like http://127.0.0.1:3000 (scheme://host[:port], no path)")
+    return origins
+
+
 def _schemes(*schemes: str) -> AfterValidator:
     prefixes = tuple(f"{scheme}://" for scheme in schemes)
 
@@ -106,6 +117,15 @@ def _checked(parse: Callable[[str], object]) -> AfterValidator:
     return AfterValidator(check)
 
 
+def parse_hosts(spec: str) -> list[str]:
+    """`a.example.com, 127.0.0.1` -> ["a.example.com", "127.0.0.1"] (host names, lowercased; no scheme or path)."""
+    hosts = [h.strip().lower() for h in spec.split(",") if h.strip()]
+    for host in hosts:
+        if "/" in host or " " in host:
+            raise ValueError(f"`{host}` is not a host name (give hosts only, e.g. hooks.example.com)")
+    return hosts
+
+
 LOG_MIN_EVENTS = 100  # the smallest --session-log-max-events (the Lua side never trims a log this short)
 Port = Annotated[int, Field(ge=1, le=65535)]
 Count = Annotated[int, Field(ge=1)]
@@ -115,7 +135,7 @@ RedisUrl = Annotated[str, _schemes("redis", "rediss", "unix")]
 HttpUrl = Annotated[str, _schemes("http", "https")]
 ClusterSize = Annotated[int, Field(ge=0), AfterValidator(_off_or_a_cluster)]
 OPTIONAL = ("config", "redis_url", "rq_redis_url", "backend_url", "backend_api_key", "auth", "admin_key", "slots",
-            "metrics_key")
+            "metrics_key", "webhook_secret", "otel_endpoint")
 
 
 class Settings(BaseSettings):
@@ -146,6 +166,12 @@ class Settings(BaseSettings):
                                  "--port..--port+N-1 instead of one server; 0 = one server")
     # processes
     workers: int = Field(2, ge=0, description="worker processes that serve starts (0: run workers elsewhere)")
+    api_processes: Count = Field(1, description="API processes answering on --port (uvicorn workers sharing one "
+                                 "listening socket): the API is stateless, so N processes use N cores")
+    redis_max_connections: Annotated[int, Field(ge=4, le=10_000)] = Field(
+        48, description="pooled Redis connections per API process on one server (plus one pipelined connection and "
+        "one subscriber): callers past it wait for a free one instead of opening more, so 10,000 open streams take "
+        "no more (a cluster keeps up to 256 per master: its client fails rather than waits past its bound)")
     group: str = Field("default", min_length=1, description="the consumer group (pool of workers, usually one "
                        "model) this worker serves")
     slots: Count | None = Field(None, description="concurrent requests per worker process (default: as many as "
@@ -189,9 +215,17 @@ class Settings(BaseSettings):
     admin_key: str | None = Field(None, description="the admin API key (auth on)")
     metrics_key: str | None = Field(None, description="a key that may read /metrics and nothing else (auth on: "
                                     "/metrics needs it or the admin key, as `Authorization: Bearer`)")
+    metrics_max_tenants: Count = Field(20, description="tenants with a label of their own on /metrics (those with "
+                                       "the most tokens so far); the others are summed as tenant=\"other\", so "
+                                       "the series stay bounded")
     max_body_mb: Positive = Field(32.0, description="largest request body accepted; larger ones get 413")
     max_tokens_limit: Count = Field(32768, description="largest max_tokens accepted; larger ones get 422")
     sse_ping_seconds: Positive = Field(15.0, description="idle seconds before an SSE keep-alive comment")
+    cors_origins: Annotated[str, _checked(parse_cors_origins)] = Field(
+        "", description="browser origins allowed to call the API, comma-separated (e.g. https://app.example.com); "
+        "CORS answers for them on every route, SSE included; default none")
+    stream_token_ttl: Count = Field(300, description="seconds a stream token (POST /v1/stream-tokens, for "
+                                    "EventSource's ?token=) may open its stream")
     # liveness
     lease_seconds: Positive = Field(3.0, description="a run's lease: a worker silent for this long loses its runs "
                                    "to others")
@@ -212,9 +246,30 @@ class Settings(BaseSettings):
                                             "(anti-thrash)")
     max_preemptions: int = Field(20, ge=0, description="a request is preempted at most this many times, then runs "
                                  "to the end (0 = never preempt)")
+    deadline_horizon: NonNegative = Field(10.0, description="within a tenant's share, a request without a "
+                                          "deadline ranks as one due this many seconds after it became ready")
+    deadline_promote_window: NonNegative = Field(0.1, description="a request whose deadline is this near (s) "
+                                                 "rises by up to --deadline-max-boost classes")
+    deadline_max_boost: int = Field(1, ge=0, le=9, description="how many priority classes a request about to "
+                                    "miss its deadline may rise (never above the highest class with work)")
     sweep_seconds: Positive = Field(0.2, description="scheduler sweep period (leases, aging, quota refills)")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="debug, info, warning or "
                                                                      "error")
+    # operators: webhooks (webhooks/delivery.py), access log
+    webhook_allow: Annotated[str, _checked(parse_hosts)] = Field(
+        "", description="hosts a submit's callback_url may name, comma-separated (e.g. hooks.example.com,127.0.0.1); "
+        "any other is refused with 422 callback_not_allowed; default: none (callbacks off)")
+    webhook_secret: str | None = Field(None, description="key of the HMAC-SHA256 signature of every callback "
+                                       "(X-Sluicegate-Signature: t=<unix>,v1=<hex of \"<t>.<body>\">)")
+    webhook_max_attempts: Count = Field(8, description="deliveries tried per callback before it is marked failed")
+    webhook_backoff: Positive = Field(5.0, description="seconds before the first retry of a failed delivery, "
+                                      "doubling each time (8 attempts: about 10 minutes)")
+    webhook_timeout: Positive = Field(10.0, description="seconds a callback's receiver may take to answer")
+    access_log: bool = Field(False, description="log one line per HTTP request (uvicorn's access log)")
+    otel_endpoint: HttpUrl | None = Field(
+        None, description="OTLP/HTTP collector for OpenTelemetry traces, e.g. http://127.0.0.1:4318 (spans go to its "
+        "/v1/traces): a span per submit and chat call (child of the caller's W3C traceparent) and per backend call, "
+        "whose traceparent header goes to the backend; needs the otel extra; default none (off, nothing imported)")
     # tables of the config file that are not settings ([groups.NAME], ...), kept for the code that reads them
     extra: Annotated[dict[str, Any], NoDecode] = Field(default_factory=dict)
 
@@ -243,6 +298,8 @@ class Settings(BaseSettings):
         if self.embedded_cluster and self.redis_url:
             raise BadSetting("embedded_cluster", "--embedded-cluster starts its own cluster: drop --redis-url, or "
                              "drop --embedded-cluster and pass --redis-cluster")
+        if self.webhook_allow and not self.webhook_secret:
+            raise BadSetting("webhook_secret", "--webhook-allow needs --webhook-secret: every callback is signed")
         if self.redis_cluster and not (self.redis_url or self.embedded_cluster):
             raise BadSetting("redis_cluster", "--redis-cluster needs --redis-url naming a node of the cluster "
                              "(or serve --embedded-cluster N)")
@@ -267,6 +324,13 @@ class Settings(BaseSettings):
     def slots_or_default(self) -> int:
         """--slots, or 8 when the engine does not say (a worker asks it first: Worker.slots)."""
         return self.slots or DEFAULT_SLOTS
+
+    def cors_origin_list(self) -> list[str]:
+        return parse_cors_origins(self.cors_origins)
+
+    def webhook_hosts(self) -> list[str]:
+        """The hosts callbacks may call (--webhook-allow)."""
+        return parse_hosts(self.webhook_allow)
 
     def backend_models(self) -> dict[str, str]:
         """Model name per group from `--backend-model`: `m` for all groups, or `g1=m1,g2=m2`."""

@@ -27,6 +27,7 @@ def lose_worker(h: Harness, r: redis.Redis, rid: str) -> None:
     """The worker holding `rid` stops heartbeating: its lease lapses and the sweep takes the run back."""
     run = h.run_of(rid)
     r.zadd(keys.group_key("default", "leases"), {f"{rid}|{run.attempt}": 0})
+    r.delete(keys.worker("default", run.wid))  # not heard from for its lease (a worker still beating is not lost)
     h.sweep()
     h.runs.remove(run)
     h.heartbeat(run.wid)  # retired by the sweep: it rejoins and offers its slot again

@@ -201,7 +201,8 @@ def test_bad_admin_input_is_422_and_changes_nothing(stack: Stack, r: redis.Redis
     assert_error(code, reply, 422, "tenant", what="key for a bad tenant name")
     assert r.hgetall("sg:tenants") == {}, "a rejected weight was stored"
     assert not r.exists("sg:{g:default}:cfg") and "bad name" not in r.smembers("sg:groups")
-    assert call("GET", f"{base}/v1/admin/groups")[1]["groups"] == [{"group": "default", "model": None, "quota": {}}]
+    assert call("GET", f"{base}/v1/admin/groups")[1]["groups"] == [{"group": "default", "model": None, "quota": {},
+                                                                     "deadlines_ms": {}}]
 
 
 @pytest.fixture

@@ -222,7 +222,7 @@ def test_a_finish_refused_after_the_sweep_handed_the_run_back_still_requeues_it(
     h.append(run, 3)
     time.sleep(LEASE / 1000 + 0.2)
     cp, key = keys.group_prefix("default"), f"{rid}|{run.attempt}"
-    assert h.scripts.call("sweep", [cp], [LEASE])[5:] == [key]  # the sweep's control step
+    assert h.scripts.call("sweep", [cp], [LEASE])[5:] == [1, f"worker_lost:{key}"]  # the sweep's control step
     stopped = h.scripts.call("handback", [keys.request_prefix(rid)], [rid, run.attempt, "", "worker_lost"])
     h.runs.remove(run)
     assert not run_sync(h.t.finish(rid, run.attempt, wid="w0", group="default", outcome="done", detail="stop",

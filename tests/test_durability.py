@@ -109,7 +109,9 @@ def test_running_processes_survive_a_server_restart(server: EmbeddedServer) -> N
         assert [e.event for e in mine[:2]] == ["queued", "started"] and mine[-1].event == "done"
         assert mine[1].data["worker"] == wid, "the request did not run on the worker that lived through the crash"
         assert [e.data["index"] for e in mine if e.event == "token"] == list(range(30))
-        assert [e.id for e in live] == list(range(before[-1].id + 1, before[-1].id + 1 + len(live)))
+        # the first id after a restart skips a million (sessions/lua/includes/log_ids.lua), then runs on
+        first_after = before[-1].id + 1_000_000 + 1
+        assert [e.id for e in live] == list(range(first_after, first_after + len(live)))
 
         # and a cancel still reaches the worker at once over its control channel
         code, reply = call("POST", f"{base}/v1/sessions/live/requests", {"prompt": "long", "max_tokens": 4000})
@@ -179,7 +181,9 @@ def test_live_client_gets_events_published_while_the_hub_was_reconnecting(server
         assert code == 202, reply
         listener.join(15)
         assert not listener.is_alive(), "the queued event published during the hub's reconnect never arrived"
-        assert [(e.id, e.event, e.data["request_id"]) for e in received][1] == (2, "queued", reply["request_id"])
+        # its id: the first after a restart skips a million (sessions/lua/includes/log_ids.lua)
+        assert [(e.id, e.event, e.data["request_id"]) for e in received][1] == (1_000_002, "queued",
+                                                                                 reply["request_id"])
     finally:
         client.close()
         stack.stop()

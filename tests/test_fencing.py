@@ -70,6 +70,7 @@ def test_append_rejects_an_old_attempt_and_a_wrong_index(redis_url: str, r: redi
         # the zombie's lease lapses (it was paused); the sweep requeues the run onto the survivor
         run(survivor.set_free_slots(1))
         r.zadd(keys.group_key("default", "leases"), {f"{rid}|1": 0})
+        r.delete(keys.worker("default", zombie.worker_id))  # paused: not heard from for its lease
         run(transitions.sweep("default"))
         taken = run(survivor.next_assignment(timeout=5))
         assert taken.key == f"{rid}|2"

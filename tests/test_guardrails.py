@@ -1,6 +1,6 @@
 """Tenant guardrails and key management (issue 12): keys are listed without their secret, expire, and
 note their last use without a write per request; a tenant key is held to its tenant's `max_priority`
-(403 `priority_not_allowed`) and `max_streams` (429 `tenant_limit` with Retry-After), and a refused
+(403 `priority_not_allowed`), `max_queued` and `max_streams` (429 `tenant_limit` with Retry-After), and a refused
 request stores nothing. The admin key, and every caller with auth off, is not limited."""
 
 from __future__ import annotations
@@ -125,7 +125,8 @@ def test_max_priority_refuses_and_stores_nothing(auth_stack: Stack, r: redis.Red
     base = auth_stack.base_url
     acme, globex = new_key(base, "acme"), new_key(base, "globex")
     code, reply = call("PUT", f"{base}/v1/admin/tenants/acme", {"max_priority": "normal"}, headers=ADMIN)
-    assert code == 200 and reply == {"tenant": "acme", "weight": 1.0, "max_priority": 5, "max_streams": None}
+    assert code == 200 and reply == {"tenant": "acme", "weight": 1.0, "max_priority": 5, "max_queued": None,
+                                     "max_streams": None}
     assert call("PUT", f"{base}/v1/admin/tenants/acme", {"max_priority": 9}, headers=bearer(acme))[0] == 403
 
     for priority in (6, 9, "high", "critical"):
@@ -152,7 +153,7 @@ def test_max_priority_refuses_and_stores_nothing(auth_stack: Stack, r: redis.Red
     assert call("PUT", f"{base}/v1/admin/tenants/acme", {"weight": 3}, headers=ADMIN)[1]["max_priority"] == 5
     code, reply = call("PUT", f"{base}/v1/admin/tenants/acme", {"max_priority": None, "max_streams": 4},
                        headers=ADMIN)
-    assert reply == {"tenant": "acme", "weight": 3.0, "max_priority": 9, "max_streams": 4}
+    assert reply == {"tenant": "acme", "weight": 3.0, "max_priority": 9, "max_queued": None, "max_streams": 4}
     tenants = {t["tenant"]: t for t in call("GET", f"{base}/v1/admin/tenants", headers=ADMIN)[1]["tenants"]}
     assert (tenants["acme"]["max_priority"], tenants["acme"]["max_streams"]) == (9, 4)
     assert (tenants["globex"]["max_priority"], tenants["globex"]["max_streams"]) == (9, None)
@@ -164,7 +165,8 @@ def test_bad_guardrail_input_is_422_and_changes_nothing(auth_stack: Stack) -> No
     base = auth_stack.base_url
     call("PUT", f"{base}/v1/admin/tenants/acme", {"max_priority": 4, "max_streams": 2}, headers=ADMIN)
     for body in ({"max_priority": 10}, {"max_priority": -1}, {"max_priority": "urgent"}, {"max_streams": -1},
-                 {"max_streams": "many"}, {"weight": None}, {}, {"max_priority": 1, "weight": 0}):
+                 {"max_streams": "many"}, {"max_queued": -1},
+                 {"max_queued": 1.5}, {"weight": None}, {}, {"max_priority": 1, "weight": 0}):
         code, reply = call("PUT", f"{base}/v1/admin/tenants/acme", body, headers=ADMIN)
         assert_error(code, reply, 422, "invalid_request")
     tenants = {t["tenant"]: t for t in call("GET", f"{base}/v1/admin/tenants", headers=ADMIN)[1]["tenants"]}
@@ -277,3 +279,54 @@ def test_max_streams_refuses_a_stream_over_the_limit(auth_stack: Stack, r: redis
                       {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "stream": True})
     assert chat.status == 200 and chat.events()[-1] == "[DONE]"
     wait_for(lambda: open_streams(base) == {}, what="the finished chat stream to be released")
+
+
+# ---- max_queued -------------------------------------------------------------------------------
+def test_max_queued_is_fleet_wide_and_frees_places_as_requests_end(redis_url: str, r: redis.Redis) -> None:
+    """Nothing runs at first (no worker): three requests hold acme's three places, through either of two
+    API processes; a fourth is a 429 that stores nothing. A cancel frees a place, and so does the end
+    of every request once a worker runs them."""
+    settings = fast_settings(redis_url, auth=True, admin_key="admin-secret")
+    first = Stack(settings).start(workers=0)
+    second = Stack(settings).start(scheduler=False, workers=0)
+    try:
+        acme, globex = new_key(first.base_url, "acme"), new_key(first.base_url, "globex")
+        code, reply = call("PUT", f"{first.base_url}/v1/admin/tenants/acme", {"max_queued": 3}, headers=ADMIN)
+        assert code == 200 and reply["max_queued"] == 3
+
+        def submit_as(stack: Stack, key: dict[str, str], sid: str) -> tuple[int, dict]:
+            return call("POST", f"{stack.base_url}/v1/sessions/{sid}/requests", {"prompt": "x", "max_tokens": 3},
+                        headers=bearer(key))
+
+        held = [submit_as(stack, acme, f"q{n}") for n, stack in enumerate((first, second, first))]
+        assert [code for code, _ in held] == [202, 202, 202]
+        before = data_keys(r)
+        for stack in (first, second):
+            code, reply = submit_as(stack, acme, "q-over")
+            assert_error(code, reply, 429, "tenant_limit")
+            assert "max_queued" in reply["error"]["message"]
+            code, reply = call("POST", f"{stack.base_url}/v1/chat/completions",
+                               {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+                               headers={**bearer(acme), "X-Session-Id": "q-chat"})
+            assert_error(code, reply, 429, "tenant_limit")
+        assert sorted(data_keys(r)) == sorted(before)  # nothing stored for a refused request
+        # another tenant and the admin key are not held to acme's limit
+        assert submit_as(first, globex, "q-globex")[0] == 202
+        assert call("POST", f"{first.base_url}/v1/sessions/q-admin/requests",
+                    {"prompt": "x", "max_tokens": 3, "tenant": "acme"}, headers=ADMIN)[0] == 202
+
+        # a cancelled request gives its place back (within the recheck interval)
+        assert call("DELETE", f"{first.base_url}/v1/requests/{held[0][1]['request_id']}", headers=ADMIN)[0] == 200
+        wait_for(lambda: submit_as(second, acme, "q-after-cancel")[0] == 202, timeout=10,
+                 what="a place freed by the cancel")
+        assert submit_as(first, acme, "q-over")[0] == 429
+
+        first.add_worker()  # every request runs and ends: all places free up at the next check
+        wait_for(lambda: r.zcard(keys.tenant_active("acme")) == 3 and all(
+            r.hget(keys.request(rid), "st") == "done" for rid in r.zrange(keys.tenant_active("acme"), 0, -1)),
+            timeout=30, what="acme's runs to end")
+        wait_for(lambda: submit_as(first, acme, "q-late0")[0] == 202, timeout=10, what="a place after the runs")
+        assert [submit_as(first, acme, f"q-late{n}")[0] for n in (1, 2)] == [202, 202]  # one check freed all
+    finally:
+        second.stop()
+        first.stop()

@@ -145,14 +145,16 @@ def test_the_directory_caches_and_sees_a_new_model_within_its_miss_ttl(redis_url
 def test_admin_groups_declare_models_with_the_quota_as_before(empty_stack: Stack, r: redis.Redis) -> None:
     base = empty_stack.base_url
     code, body = call("PUT", f"{base}/v1/admin/groups/llama", {"model": LLAMA, "requests_per_second": 5, "burst": 2})
-    assert code == 200 and body == {"group": "llama", "model": LLAMA, "quota": {"requests_per_second": 5, "burst": 2}}
+    assert code == 200 and body == {"group": "llama", "model": LLAMA, "quota": {"requests_per_second": 5, "burst": 2},
+                                    "deadlines_ms": {}}
     code, body = call("PUT", f"{base}/v1/admin/groups/llama", {"requests_per_second": None})  # model kept
-    assert code == 200 and body == {"group": "llama", "model": LLAMA, "quota": {"burst": 2}}
+    assert code == 200 and body == {"group": "llama", "model": LLAMA, "quota": {"burst": 2}, "deadlines_ms": {}}
     code, body = call("PUT", f"{base}/v1/admin/groups/qwen", {"model": QWEN})
-    assert code == 200 and body == {"group": "qwen", "model": QWEN, "quota": {}}
+    assert code == 200 and body == {"group": "qwen", "model": QWEN, "quota": {}, "deadlines_ms": {}}
     code, body = call("GET", f"{base}/v1/admin/groups")
-    assert code == 200 and body["groups"] == [{"group": "llama", "model": LLAMA, "quota": {"burst": 2}},
-                                              {"group": "qwen", "model": QWEN, "quota": {}}]
+    assert code == 200 and body["groups"] == [
+        {"group": "llama", "model": LLAMA, "quota": {"burst": 2}, "deadlines_ms": {}},
+        {"group": "qwen", "model": QWEN, "quota": {}, "deadlines_ms": {}}]
 
     # a model another group serves: 409, and nothing changes (not the quota, not the group list)
     code, body = call("PUT", f"{base}/v1/admin/groups/other", {"model": LLAMA, "burst": 9})
@@ -165,10 +167,10 @@ def test_admin_groups_declare_models_with_the_quota_as_before(empty_stack: Stack
     # another model replaces the group's; null forgets it
     assert call("PUT", f"{base}/v1/admin/groups/qwen", {"model": "qwen3:8b"})[1]["model"] == "qwen3:8b"
     code, body = call("PUT", f"{base}/v1/admin/groups/llama", {"model": None})
-    assert code == 200 and body == {"group": "llama", "model": None, "quota": {"burst": 2}}
+    assert code == 200 and body == {"group": "llama", "model": None, "quota": {"burst": 2}, "deadlines_ms": {}}
     assert r.hgetall(keys.MODELS) == {"qwen3:8b": "qwen"}
     listed = call("GET", f"{base}/v1/admin/groups")[1]["groups"]
-    assert {"group": "llama", "model": None, "quota": {"burst": 2}} in listed
+    assert {"group": "llama", "model": None, "quota": {"burst": 2}, "deadlines_ms": {}} in listed
 
     for bad in ("", "has space", "tab\t", "x" * 257, 5):
         code, body = call("PUT", f"{base}/v1/admin/groups/llama", {"model": bad})

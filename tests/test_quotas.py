@@ -231,7 +231,8 @@ def test_quota_admin_api(redis_url: str, bad: dict) -> None:
         code, body = call("PUT", f"{base}/v1/admin/groups/g1", {"requests_per_second": None})
         assert code == 200 and body["quota"] == {"burst": 2, "max_concurrency": 3}
         code, body = call("GET", f"{base}/v1/admin/groups")
-        assert {"group": "g1", "model": None, "quota": {"burst": 2, "max_concurrency": 3}} in body["groups"]
+        assert {"group": "g1", "model": None, "quota": {"burst": 2, "max_concurrency": 3},
+                "deadlines_ms": {}} in body["groups"]
         code, body = call("PUT", f"{base}/v1/admin/groups/g1", bad)
         assert 400 <= code < 500 and "error" in body
         code, stats = call("GET", f"{base}/v1/admin/stats")

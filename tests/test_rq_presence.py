@@ -1,6 +1,6 @@
 """rq presence: a `sluicegate worker` process is an rq worker of queue `sluicegate.<group>` in rq's
 registry (what `rq info` and rq-dashboard show operators), kept there by its heartbeats, and gone
-after a graceful shutdown. Requests themselves never become rq jobs."""
+after a graceful shutdown. Requests are never dispatched as rq jobs, but rq shows the ones a worker runs."""
 
 from __future__ import annotations
 
@@ -11,15 +11,18 @@ import subprocess
 import sys
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
+from rq import Queue
 from rq import Worker as RqWorker
 
 from sluicegate.sessions import keys
 from sluicegate.sessions.runs import shown_info
+from sluicegate.workers.presence import rq_job_id
 from sluicegate.workers.worker import Worker
-from tests.helpers import fast_settings, wait_for
+from tests.helpers import Stack, call, fast_settings, submit, wait_for
 from tests.worker_helpers import WorkerProcess
 
 # rq has no cluster support (rq#1942): its presence lives on one server (on a cluster: --rq-redis-url).
@@ -85,3 +88,75 @@ def test_on_a_cluster_rq_presence_goes_to_the_rq_server_or_is_off(redis_url: str
         assert worker.presence is not None
         kwargs = worker.presence._connection.connection_pool.connection_kwargs
         assert f"redis://{kwargs['host']}:{kwargs['port']}/0" == redis_url
+
+
+def rq_view(url: str, wid: str) -> dict[str, Any]:
+    """What rq's own tooling reads of a worker: its state, the jobs of its current executions (rq-dashboard's
+    current job) and the queue's StartedJobRegistry ("N executing" in `rq info`)."""
+    connection = redis.Redis.from_url(url)
+    try:
+        worker = next((w for w in RqWorker.all(connection=connection) if w.name == wid), None)
+        assert worker is not None, f"worker {wid} is not in rq's registry"
+        jobs = {e.job_id: e.job for e in worker.get_current_executions(refresh=True)}
+        queue = Queue("sluicegate.default", connection=connection)
+        return {"state": worker.get_state(), "jobs": jobs, "started": set(queue.started_job_registry.get_job_ids()),
+                "current": worker.get_current_job()}
+    finally:
+        connection.close()
+
+
+def rq_info(url: str) -> str:
+    rq_cli = shutil.which("rq", path=os.path.dirname(sys.executable))
+    assert rq_cli, "the rq CLI is installed with rq"
+    shown = subprocess.run([rq_cli, "info", "--raw", "-u", url, "sluicegate.default"], capture_output=True, text=True,
+                           timeout=30)
+    assert shown.returncode == 0, shown.stdout + shown.stderr
+    return shown.stdout
+
+
+def test_rq_shows_the_requests_a_worker_runs_and_nothing_after(redis_url: str, r: redis.Redis, tmp_path: Path) -> None:
+    """A worker running requests is `busy` in rq with one started Job per request (its description names the
+    request), in its execution index and the queue's StartedJobRegistry; idle again, with no rq record left
+    behind, once they end. The records expire on their own: the Job hash first (see workers/presence.py)."""
+    stack = Stack(fast_settings(redis_url, sim_tokens_per_second=100.0)).start(workers=0)
+    worker = WorkerProcess(fast_settings(redis_url, sim_tokens_per_second=100.0, slots=2),
+                           str(tmp_path / "worker.log"))
+    try:
+        wid = worker.registered(r)
+        wait_for(lambda: rq_worker(redis_url, wid), timeout=10, what="the worker in rq's registry")
+        assert rq_view(redis_url, wid)["state"] == "idle"
+
+        long_one = submit(stack.base_url, "rq-a", max_tokens=400, tenant="acme")  # 4 s at 100 tokens/s
+        short_one = submit(stack.base_url, "rq-b", max_tokens=250)
+        both = {rq_job_id(long_one, "1"), rq_job_id(short_one, "1")}
+        view = wait_for(lambda: (v := rq_view(redis_url, wid))["state"] == "busy" and set(v["jobs"]) == both and v,
+                        timeout=5, what="rq to show the worker busy with both requests")
+        assert view["started"] == both
+        job = view["jobs"][rq_job_id(long_one, "1")]
+        assert long_one in job.description and "session_id rq-a" in job.description and "acme" in job.description
+        assert job.get_status() == "started" and job.worker_name == wid and job.origin == "sluicegate.default"
+        assert job.meta["request_id"] == long_one
+        assert view["current"] is not None and view["current"].id in both  # rq-dashboard's "current job"
+        for member in r.smembers(f"rq:worker:{wid}:executions"):  # all expire, the Job hash first
+            job_ttl, execution_ttl = r.ttl(f"rq:job:{member.split(':')[0]}"), r.ttl(f"rq:execution:{member}")
+            assert 0 < job_ttl <= 10 and job_ttl < execution_ttl <= 15, (job_ttl, execution_ttl)
+        shown = rq_info(redis_url)
+        assert "2 executing" in shown and f"worker {wid}" in shown and "busy" in shown, shown
+
+        code, _ = call("DELETE", f"{stack.base_url}/v1/requests/{long_one}")
+        assert code in (200, 202)
+        wait_for(lambda: set(rq_view(redis_url, wid)["jobs"]) == {rq_job_id(short_one, "1")}, timeout=5,
+                 what="the cancelled request to leave rq's view")
+        assert not r.exists(f"rq:job:{rq_job_id(long_one, '1')}")
+
+        wait_for(lambda: call("GET", f"{stack.base_url}/v1/requests/{short_one}")[1]["status"] == "done", timeout=10,
+                 what="the second request to end")
+        view = wait_for(lambda: (v := rq_view(redis_url, wid))["state"] == "idle" and not v["jobs"] and v, timeout=5,
+                        what="rq to show the worker idle again")
+        assert view["started"] == set() and view["current"] is None
+        shown = rq_info(redis_url)
+        assert "0 executing" in shown and "idle" in shown, shown
+        assert [k for k in r.scan_iter("rq:*") if "job" in k or "execution" in k or "wip" in k] == []
+    finally:
+        worker.close()
+        stack.stop()

@@ -178,16 +178,20 @@ def every_field_changed(tmp_path: Path) -> Settings:
     changed = dict(
         config=str(config), host="0.0.0.0", port=9001, redis_url="redis://:pw@127.0.0.1:7000/0", redis_cluster=True,
         rq_redis_url="redis://127.0.0.1:7100/1", data_dir="/tmp/sg", appendfsync="always", embedded_cluster=0,
-        cluster=5, workers=0, group="gpu-a", slots=3, engine="openai", backend_url="http://127.0.0.1:8001/v1",
+        cluster=5, workers=0, api_processes=3, redis_max_connections=32, group="gpu-a", slots=3, engine="openai", backend_url="http://127.0.0.1:8001/v1",
         backend_api_key="sk-x", backend_model="default=a,big=b", backend_timeout=7.5, backend_retries=2,
         backend_first_token_timeout=9.5, backend_idle_timeout=4.5, max_attempts=2, backend_probe=False,
-        backend_continue="no", metrics_key="mk", password=False,
+        backend_continue="no", metrics_key="mk", metrics_max_tenants=5, password=False,
         sim_tokens_per_second=123.5, sim_prefill_ms=0.0, session_ttl=60, session_log_max_events=500,
         auth=False, admin_key="adm",
         max_body_mb=0.5, max_tokens_limit=100, sse_ping_seconds=2.5, lease_seconds=4.0, heartbeat_seconds=0.5,
+        cors_origins="http://127.0.0.1:3000,https://app.test", stream_token_ttl=60,
         shutdown_grace_seconds=0.0, input_token_weight=0.5, output_token_weight=3.0, output_estimate_ratio=0.25,
         max_wait_seconds=30.0, class_max_wait="2=120,7=10", preempt_min_run_ms=0.0, max_preemptions=0,
-        sweep_seconds=0.1, log_level="debug", extra={"groups": {"big": {"model": "llama-3-70b"}}})
+        deadline_horizon=3.0, deadline_promote_window=0.25, deadline_max_boost=2, sweep_seconds=0.1,
+        log_level="debug", extra={"groups": {"big": {"model": "llama-3-70b"}}},
+        webhook_allow="hooks.example.com,127.0.0.1", webhook_secret="whs", webhook_max_attempts=3,
+        webhook_backoff=1.5, webhook_timeout=4.0, access_log=True, otel_endpoint="http://127.0.0.1:4318")
     settings = Settings(**changed)
     defaults = Settings()
     # embedded_cluster cannot go with redis_url: the next test covers it

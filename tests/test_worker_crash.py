@@ -17,7 +17,7 @@ import redis
 from sluicegate.sessions import keys
 from sluicegate.sessions.runs import RunStore
 from sluicegate.workers.engines.sim import sim_text
-from tests.helpers import ON_CLUSTER, Stack, call, fast_settings, submit, wait_for
+from tests.helpers import ON_CLUSTER, Stack, call, fast_settings, sse, submit, wait_for
 from tests.worker_helpers import (
     Listener,
     api_and_two_played_workers,
@@ -139,6 +139,8 @@ def test_a_lapsed_lease_retires_its_worker_before_the_run_is_dispatched_again(re
         assert first.key == f"{rid}|1"
         run(other.set_free_slots(1))  # the lapsed worker's spare ticket is the older one: dispatch takes it first
         r.zadd(keys.group_key("default", "leases"), {f"{rid}|1": 0})
+        # its last beat a lease ago (killed right after it), its liveness key not yet expired
+        r.set(keys.worker("default", lapsed.worker_id), 1, px=60_000)
         run(other.transitions.sweep("default"))
 
         resumed = run(other.next_assignment(timeout=5))
@@ -153,6 +155,29 @@ def test_a_lapsed_lease_retires_its_worker_before_the_run_is_dispatched_again(re
         run(lapsed.set_free_slots(2, 2))
         assert run(lapsed.heartbeat([])) == (False, [])
         assert idle_tickets(r)[lapsed.worker_id] == 2
+
+
+def test_a_lapsed_lease_of_a_worker_still_beating_is_requeued_without_counting_a_failure(
+        redis_url: str, r: redis.Redis) -> None:
+    """The assignment waited in the inbox of a worker whose event loop is busy (it beats, but has not
+    started the run, so its beats do not renew it): the run is requeued, the worker keeps its slots,
+    and the stop is no failed attempt (--max-attempts counts lost workers and backend failures only)."""
+    with api_and_two_played_workers(redis_url, "default.slow.1.aaaaaa", "default.other.2.bbbbbb") as (
+            stack, run, slow, other):
+        run(slow.set_free_slots(2))
+        rid = submit(stack.base_url, "slow", max_tokens=5)
+        first = run(slow.next_assignment(timeout=5))
+        assert first.key == f"{rid}|1"
+        r.zadd(keys.group_key("default", "leases"), {f"{rid}|1": 0})
+        run(slow.heartbeat([]))  # beating, without the run
+        run(other.transitions.sweep("default"))
+        assert r.hget(keys.request(rid), "fl") in (None, "0")
+        assert r.exists(keys.worker("default", slow.worker_id)) == 1
+        resumed = run(slow.next_assignment(timeout=5)) or run(other.next_assignment(timeout=5))
+        assert resumed is not None and resumed.key == f"{rid}|2"
+        if not ON_CLUSTER:  # one server starts a run at its dispatch; a played worker on a cluster never did
+            events = [e.event for e in sse(stack.base_url, f"/v1/requests/{rid}/events", stop_after=3, timeout=10)]
+            assert events == ["queued", "started", "preempted"]
 
 
 def test_started_events_name_the_worker_by_an_id_that_names_no_host_or_process(stack: Stack) -> None:

@@ -19,11 +19,14 @@ T = TypeVar("T")
 
 
 async def first_try_then(call: Callable[[], Awaitable[T]], retrying: Callable[[], AsyncRetrying],
-                         retried: tuple[type[BaseException], ...]) -> T:
-    """`await call()`; when that raises one of `retried`, hand over to `retrying()` (built only then)."""
+                         retried: Callable[[BaseException], bool]) -> T:
+    """`await call()`; when that raises an error `retried` accepts, hand over to `retrying()` (built only
+    then)."""
     try:
         return await call()
-    except retried as error:
+    except Exception as error:
+        if not retried(error):
+            raise
         failed: BaseException | None = error
 
     async def again() -> T:

@@ -25,13 +25,14 @@ import uuid
 from typing import Any
 
 from sluicegate.sessions import keys
-from sluicegate.sessions.runs import Assignment, RunStore
+from sluicegate.sessions.connect import store_unavailable
+from sluicegate.sessions.runs import Assignment, RunSpec, RunStore
 from sluicegate.sessions.subscriber import Subscriber
 from sluicegate.settings import Settings
 from sluicegate.workers.engines import make_engine
 from sluicegate.workers.engines.base import Engine
 from sluicegate.workers.presence import RqPresence
-from sluicegate.workers.redis_retry import REDIS_DOWN, through_dropped_connections
+from sluicegate.workers.redis_retry import through_dropped_connections
 from sluicegate.workers.runner import Run
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,7 @@ log = logging.getLogger(__name__)
 CANNOT_CONTINUE = ("the run was interrupted after it streamed a tool call, which no engine can continue: "
                    "call again")
 PROBE_BUDGET = 30.0  # seconds a worker spends learning its engine before it offers its slots anyway
+RQ_MIN_INTERVAL = 0.05  # seconds between two rq writes of the runs shown (bursts of run changes coalesce)
 EARLY_NOTICES = 1024  # notices kept for runs whose assignment has not arrived (most are for ended runs)
 
 
@@ -70,6 +72,8 @@ class Worker:
         self.presence = (RqPresence(rq_url, group=settings.group, worker_id=self.worker_id,
                                     ttl_seconds=max(10, int(settings.lease_seconds * 3)))
                          if use_rq and rq_url else None)
+        self.rq_runs: dict[str, dict[str, Any]] = {}  # runs executing, as rq's tooling is to show them
+        self.rq_changed = asyncio.Event()  # rq_runs changed: the presence loop shows it (coalesced)
         self.runs: dict[str, asyncio.Task[None]] = {}  # "rid|attempt" -> its task; each holds one ticket
         self.executing: set[str] = set()  # runs inside the engine loop: the only ones a notice may cancel
         self.interrupted: set[str] = set()  # notices for runs not yet (or no longer) executing
@@ -128,7 +132,9 @@ class Worker:
         presence = asyncio.create_task(self._presence_loop())
         try:
             await self.store.set_free_slots(self.slots, self.slots)
-        except REDIS_DOWN as error:
+        except Exception as error:
+            if not store_unavailable(error):
+                raise
             log.warning("worker %s: could not offer its slots yet (%s); retrying", self.worker_id, error)
             self.resync_needed = True
         log.info("worker %s serving group %r with %d slots", self.worker_id, self.settings.group, self.slots)
@@ -239,18 +245,35 @@ class Worker:
                 log.warning("worker %s: heartbeat failed: %s", self.worker_id, error)
 
     async def _presence_loop(self) -> None:
-        """rq's registry heartbeat, apart from the lease heartbeats: rq is the operators' view and
-        must never delay the heartbeats that keep the runs' leases."""
+        """rq's registry heartbeat and the runs rq shows, apart from the lease heartbeats: rq is the
+        operators' view and must never delay the heartbeats that keep the runs' leases, nor a run.
+        Changes are coalesced (at most one rq write every RQ_MIN_INTERVAL s): a run shorter than that
+        may never be shown, and costs rq nothing."""
         if self.presence is None:
             return
         while True:
-            await asyncio.sleep(self.presence.beat_seconds)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.rq_changed.wait(), timeout=self.presence.beat_seconds)
+            self.rq_changed.clear()
             try:
-                await asyncio.to_thread(self.presence.beat, len(self.executing))
+                await asyncio.to_thread(self.presence.show, dict(self.rq_runs))
             except asyncio.CancelledError:
                 raise
             except Exception as error:
                 log.warning("worker %s: rq heartbeat failed: %s", self.worker_id, error)
+            await asyncio.sleep(RQ_MIN_INTERVAL)
+
+    def _show_in_rq(self, key: str, spec: RunSpec | None) -> None:
+        """A run starts executing (its spec) or ends (None): the presence loop tells rq, off the run's path."""
+        if self.presence is None:
+            return
+        if spec is None:
+            if self.rq_runs.pop(key, None) is None:
+                return
+        else:
+            self.rq_runs[key] = {"request_id": spec.request_id, "attempt": spec.attempt,
+                                 "session_id": spec.session_id, "tenant": spec.tenant, "priority": spec.priority}
+        self.rq_changed.set()
 
     # ---- the ticket ledger -------------------------------------------------------------------
     async def _resync(self) -> None:
@@ -289,12 +312,12 @@ class Worker:
             try:
                 await through_dropped_connections(end, seconds=max(30.0, 10 * self.settings.lease_seconds),
                                                   what=f"run {rid}|{attempt}: ending it")
-            except REDIS_DOWN as error:
-                log.error("run %s|%s: could not end it (%s); its lease will lapse", rid, attempt, error)
+            except Exception as error:
+                if store_unavailable(error):
+                    log.error("run %s|%s: could not end it (%s); its lease will lapse", rid, attempt, error)
+                else:
+                    log.exception("run %s|%s: could not end it; its lease will lapse", rid, attempt)
                 self.resync_needed = True  # its ticket may not have come back
-            except Exception:
-                log.exception("run %s|%s: could not end it; its lease will lapse", rid, attempt)
-                self.resync_needed = True
         finally:
             self._ending -= 1
             if not self._ending:
@@ -315,6 +338,7 @@ class Worker:
                 await self._end(rid, attempt, outcome="failed", detail=CANNOT_CONTINUE)
                 return
             self.executing.add(key)
+            self._show_in_rq(key, spec)
             try:
                 outcome = await Run(self.store, self.engine, spec).execute(so_far)
             except asyncio.CancelledError:  # a notice (preempted, cancelled, lease lost) or shutdown
@@ -332,13 +356,15 @@ class Worker:
                 await self._end(rid, attempt, reason=f"backend_error: {outcome.detail}")
             else:
                 await self._end(rid, attempt, outcome="failed", detail=outcome.detail)
-        except REDIS_DOWN as error:  # Redis unreachable for long: let the run resume elsewhere
-            log.warning("run %s: Redis unavailable (%s); handing it back", key, error)
-            await self._end(rid, attempt, reason="worker_redis_error")
-        except Exception as error:  # never silence: the request ends with an error event
-            log.exception("run %s failed", key)
-            await self._end(rid, attempt, outcome="failed", detail=f"worker error: {error}")
+        except Exception as error:
+            if store_unavailable(error):  # Redis unreachable or refusing for long: let the run resume elsewhere
+                log.warning("run %s: Redis unavailable (%s); handing it back", key, error)
+                await self._end(rid, attempt, reason="worker_redis_error")
+            else:  # never silence: the request ends with an error event
+                log.exception("run %s failed", key)
+                await self._end(rid, attempt, outcome="failed", detail=f"worker error: {error}")
         finally:
+            self._show_in_rq(key, None)
             self.executing.discard(key)
             self.interrupted.discard(key)
             self.handing_back.discard(key)

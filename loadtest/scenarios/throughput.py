@@ -44,10 +44,10 @@ from sluicegate.loadtest.common import (
     write_result,
 )
 
-ENGINE_SERVERS = ("sim", "llamacpp")
+ENGINE_SERVERS = ("sim", "llamacpp", "sim-backend")
 PROMPT = "throughput bench"
 # The defaults per engine server: (clients, workers, slots).
-DEFAULTS = {"sim": (64, 2, 32), "llamacpp": (4, 1, 1)}
+DEFAULTS = {"sim": (64, 2, 32), "llamacpp": (4, 1, 1), "sim-backend": (32, 2, 32)}
 
 One = Callable[[aiohttp.ClientSession, str], Awaitable[int]]  # (http, session id) -> tokens streamed
 
@@ -62,8 +62,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="worker processes; when not given: 2 with sim, 1 with llamacpp")
     parser.add_argument("--slots", type=int, default=None,
                         help="slots per worker; when not given: 32 with sim, 1 with llamacpp")
-    parser.add_argument("--mode", choices=("sse", "chat"), default="sse",
-                        help="sse: POST submit + GET request events; chat: POST /v1/chat/completions stream")
+    parser.add_argument("--mode", choices=("sse", "chat", "both"), default="sse",
+                        help="sse: POST submit + GET request events; chat: POST /v1/chat/completions stream; "
+                             "both: the two against the same server in one run, in alternating phases")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="with --mode both: chat-then-sse rounds, each phase --duration/rounds seconds")
     parser.add_argument("--session-per-request", action="store_true",
                         help="a new session for every request (default: one session per client)")
     parser.add_argument("--serve-flag", action="append", default=[], metavar="FLAG",
@@ -188,8 +191,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     args.slots = slots if args.slots is None else args.slots
     if args.engine_server == "llamacpp":
         return run_llamacpp(args)
+    if args.engine_server == "sim-backend":
+        return run_sim_backend(args)
     flags = ["--workers", str(args.workers), "--slots", str(args.slots), "--sim-prefill-ms", "0",
              "--sim-tokens-per-second", "1000", *args.serve_flag]
+    if args.mode == "both":
+        return run_both(args, flags)
     serve = ServeProcess(flags=flags).start()
     base = serve.base_url
     if args.mode == "sse":
@@ -220,6 +227,63 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
               "steal_percent": out["steal_percent"], "load_average": out["load_average"],
               "settings": {**{k: v for k, v in vars(args).items() if k != "func"}, "serve_flags": flags}}
     write_result("throughput", result)
+    return result
+
+
+def run_both(args: argparse.Namespace, flags: list[str]) -> dict[str, Any]:
+    """The resumable route against the chat route on the same server in one run (issue 15: >= 80%).
+    The phases alternate (chat, sse, chat, sse, ...), so a neighbour's load on the shared cores falls on
+    both routes alike; each phase has its own warm-up."""
+    serve = ServeProcess(flags=flags).start()
+    base = serve.base_url
+    ones: dict[str, One] = {
+        "chat": lambda http, sid: one_chat(http, base, sid, args.max_tokens),
+        "sse": lambda http, sid: one_sse(http, base, sid, args.max_tokens),
+    }
+    phase = argparse.Namespace(**{**vars(args), "duration": args.duration / max(1, args.rounds)})
+    outs: dict[str, list[dict[str, Any]]] = {"chat": [], "sse": []}
+    try:
+        for r in range(max(1, args.rounds)):
+            for mode in ("chat", "sse"):
+                progress(f"round {r + 1}/{args.rounds}: {mode}")
+                outs[mode].append(asyncio.run(measure(ones[mode], [serve.process.pid], args.max_tokens,  # type: ignore[union-attr]
+                                                      phase)))
+    finally:
+        serve.stop()
+    merged: dict[str, dict[str, Any]] = {}
+    for mode, parts in outs.items():
+        cpu: dict[str, float] = {}
+        for part in parts:
+            for role, s in part["server_cpu"].items():
+                cpu[role] = cpu.get(role, 0.0) + s
+        merged[mode] = {"completed": sum(p["completed"] for p in parts), "seconds": sum(p["seconds"] for p in parts),
+                        "latencies": [x for p in parts for x in p["latencies"]],
+                        "errors": [e for p in parts for e in p["errors"]],
+                        "client_cpu": sum(p["client_cpu"] for p in parts), "server_cpu": cpu,
+                        "steal_percent": max(p["steal_percent"] for p in parts),
+                        "load_average": (parts[0]["load_average"][0], parts[-1]["load_average"][1])}
+    rows = [row_of(merged[mode], argparse.Namespace(**{**vars(args), "mode": mode})) for mode in ("chat", "sse")]
+    rates = {mode: merged[mode]["completed"] / merged[mode]["seconds"] for mode in merged}
+    share = rates["sse"] / rates["chat"] if rates["chat"] else float("nan")
+    print(f"\n{args.max_tokens}-token requests end to end, {args.rounds} alternating rounds of "
+          f"{phase.duration:g} s per route ({args.workers} workers x {args.slots} slots), engine: Sluicegate's sim")
+    print_table(rows)
+    for mode in ("chat", "sse"):
+        print(f"\nserver CPU seconds, {mode} phases, by process role (cores = seconds / window):")
+        print_cpu(merged[mode])
+        if merged[mode]["errors"]:
+            print(f"first errors: {merged[mode]['errors'][:3]}")
+        print(host_line(merged[mode]))
+    print(f"\nresumable route (submit + GET events) {rates['sse']:.0f} req/s = {100 * share:.0f}% of the chat "
+          f"route's {rates['chat']:.0f} req/s: target >= 80% ({'met' if share >= 0.8 else 'MISSED'})")
+    result = {"rows": rows, "req_per_s": {m: round(r, 1) for m, r in rates.items()},
+              "sse_share_of_chat": round(share, 3), "target_share": 0.8, "target_met": share >= 0.8,
+              "server_cpu_seconds": {m: merged[m]["server_cpu"] for m in merged},
+              "errors": {m: merged[m]["errors"][:20] for m in merged},
+              "steal_percent": {m: merged[m]["steal_percent"] for m in merged},
+              "load_average": {m: merged[m]["load_average"] for m in merged},
+              "settings": {**{k: v for k, v in vars(args).items() if k != "func"}, "serve_flags": flags}}
+    write_result("throughput-both", result)
     return result
 
 
@@ -286,4 +350,61 @@ def run_llamacpp(args: argparse.Namespace) -> dict[str, Any]:
               "settings": {**{k: v for k, v in vars(args).items() if k != "func"}, "serve_flags": flags,
                            "prompt": prompt, "max_tokens_asked": asked}}
     write_result("throughput-llamacpp", result)
+    return result
+
+
+def run_sim_backend(args: argparse.Namespace) -> dict[str, Any]:
+    """Issue 15's setup: `sluicegate sim-backend` (a real OpenAI-compatible streaming server, 1,000 tokens/s)
+    alone on the chat route, then Sluicegate (`--engine openai`) in front of it, in one run."""
+    from sluicegate.loadtest.common import Component, free_port, wait_http
+
+    port = free_port()
+    backend = Component("sim-backend", ["--port", str(port), "--sim-prefill-ms", "0",
+                                        "--sim-tokens-per-second", "1000"]).start()
+    root = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{root}/v1/models", process=backend.process)
+
+        async def direct(http: aiohttp.ClientSession, sid: str) -> int:
+            return await one_chat(http, root, sid, args.max_tokens, model="sim")
+
+        progress("the sim-backend alone (POST /v1/chat/completions, streamed)")
+        direct_out = asyncio.run(measure(direct, [backend.pid], args.max_tokens, args))
+        flags = ["--engine", "openai", "--backend-url", f"{root}/v1", "--backend-model", "sim",
+                 "--workers", str(args.workers), "--slots", str(args.slots), *args.serve_flag]
+        serve = ServeProcess(flags=flags).start()
+        base = serve.base_url
+
+        async def via(http: aiohttp.ClientSession, sid: str) -> int:
+            return await one_chat(http, base, sid, args.max_tokens, model="sim")
+
+        try:
+            wait_model(base, "sim")
+            progress("through Sluicegate (chat route)")
+            out = asyncio.run(measure(via, [serve.process.pid, backend.pid], args.max_tokens, args))  # type: ignore[union-attr]
+        finally:
+            serve.stop()
+    finally:
+        backend.stop()
+    rate, direct_rate = (o["completed"] / o["seconds"] for o in (out, direct_out))
+    args.mode = "chat"
+    rows = [{"via": "direct", **row_of(direct_out, args)}, {"via": "sluicegate", **row_of(out, args)}]
+    print(f"\n{args.max_tokens}-token requests end to end over {out['seconds']:.1f} s, sim-backend at 1,000 tokens/s; "
+          f"Sluicegate {args.workers} workers x {args.slots} slots")
+    print_table(rows)
+    for name, o in (("direct", direct_out), ("through Sluicegate", out)):
+        print(f"\nserver CPU seconds in the window, {name}, by process role (cores = seconds / window):")
+        print_cpu(o)
+        if o["errors"]:
+            print(f"first errors: {o['errors'][:3]}")
+        print(host_line(o))
+    print(f"\n{rate:.0f} completed requests/s through Sluicegate, {direct_rate:.0f} directly: target >= 1,000 "
+          f"({'met' if rate >= 1000 else 'MISSED'})")
+    result = {"rows": rows, "req_per_s": round(rate, 1), "direct_req_per_s": round(direct_rate, 1), "target": 1000,
+              "target_met": rate >= 1000, "server_cpu_seconds": out["server_cpu"],
+              "direct_server_cpu_seconds": direct_out["server_cpu"], "errors": out["errors"][:20],
+              "steal_percent": {"direct": direct_out["steal_percent"], "sluicegate": out["steal_percent"]},
+              "load_average": {"direct": direct_out["load_average"], "sluicegate": out["load_average"]},
+              "settings": {**{k: v for k, v in vars(args).items() if k != "func"}, "serve_flags": flags}}
+    write_result("throughput-sim-backend", result)
     return result

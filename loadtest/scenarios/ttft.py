@@ -133,7 +133,7 @@ async def chat_ttft(http: aiohttp.ClientSession, url: str, body: dict[str, Any],
                     headers: dict[str, str] | None = None, expect: str | None = None) -> tuple[float, str | None]:
     """Seconds to the first content chunk of a streamed chat completion (read to [DONE]). With `expect`,
     the streamed text must be that, and end with finish_reason `stop`."""
-    began = time.perf_counter()
+    began, sent = time.perf_counter(), time.time()
     ttft = None
     text, finish = [], None
     async with http.post(url, json=body, headers=headers) as response:
@@ -147,6 +147,7 @@ async def chat_ttft(http: aiohttp.ClientSession, url: str, body: dict[str, Any],
                 if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
                     if ttft is None:
                         ttft = time.perf_counter() - began
+                        WALL[request_id_of(response)] = (sent, time.time())
                     text.append(chunk["choices"][0]["delta"]["content"])
                 if chunk["choices"] and chunk["choices"][0].get("finish_reason"):
                     finish = chunk["choices"][0]["finish_reason"]
@@ -165,7 +166,7 @@ async def sse_ttft(http: aiohttp.ClientSession, base: str, i: int, max_tokens: i
     else:
         chat = chat_body(i, max_tokens, backend)
         body = {"messages": chat["messages"], "max_tokens": chat["max_tokens"], "params": {"temperature": 0}}
-    began = time.perf_counter()
+    began, sent = time.perf_counter(), time.time()
     async with http.post(f"{base}/v1/sessions/ttft-{i}/requests", json=body) as response:
         assert response.status == 202, await response.text()
         rid = (await response.json())["request_id"]
@@ -174,6 +175,7 @@ async def sse_ttft(http: aiohttp.ClientSession, base: str, i: int, max_tokens: i
         async for event in sse_events(response):
             if event.event == "token" and ttft is None:
                 ttft = time.perf_counter() - began
+                WALL[rid] = (sent, time.time())
             elif event.event in ("done", "error", "cancelled"):
                 assert event.event == "done", event
                 break
@@ -181,8 +183,20 @@ async def sse_ttft(http: aiohttp.ClientSession, base: str, i: int, max_tokens: i
     return ttft, rid
 
 
+# request id -> (wall clock when the client sent it, when its first token arrived): the hops below
+# compare them with the request's own timestamps (Redis's clock: the same host's).
+WALL: dict[str, tuple[float, float]] = {}
+
+
+def request_id_of(response: aiohttp.ClientResponse) -> str:
+    return response.headers.get("x-request-id", "")
+
+
 async def server_side(http: aiohttp.ClientSession, base: str, rid: str | None) -> dict[str, float]:
-    """Where Sluicegate spent the time, from the request's own timestamps (ms)."""
+    """Where the time to a first token went, from the request's own timestamps (ms): the client's send
+    to the submit's write in Redis (client, HTTP, API, Redis), the submit to the dispatch (inline on one
+    server), the dispatch to the first token's append (worker wake-up, engine, append), and the append
+    to the client's receipt (publish, the API's subscriber and fan-out, SSE, client)."""
     if not rid:
         return {}
     async with http.get(f"{base}/v1/requests/{rid}") as response:
@@ -190,13 +204,17 @@ async def server_side(http: aiohttp.ClientSession, base: str, rid: str | None) -
     sub, started, first = view.get("submitted_at"), view.get("started_at"), view.get("first_token_at")
     if None in (sub, started, first):
         return {}
-    return {"submit_to_dispatch": (started - sub) * 1000, "dispatch_to_first_append": (first - started) * 1000}
+    hops = {"submit_to_dispatch": (started - sub) * 1000, "dispatch_to_first_append": (first - started) * 1000}
+    wall = WALL.pop(rid, None)
+    if wall is not None:
+        hops = {"send_to_submit": (sub - wall[0]) * 1000, **hops, "append_to_client": (wall[1] - first) * 1000}
+    return hops
 
 
 async def measure(backend: Backend, base: str, other: str | None, args: argparse.Namespace) -> dict[str, Any]:
     modes = [m for m in args.modes.split(",") if m] + (["against"] if other else [])
     ttft: dict[str, list[float]] = {m: [] for m in modes}
-    inside: dict[str, list[float]] = {"submit_to_dispatch": [], "dispatch_to_first_append": []}
+    inside: dict[str, list[float]] = {}  # "<mode> <hop>" -> ms (server_side)
     counter = itertools.count()
     expect = backend.answer  # None with the sim-backend: its text is not checked
     # One keep-alive client per target, as a real caller (or a gateway in front) would hold.
@@ -223,7 +241,7 @@ async def measure(backend: Backend, base: str, other: str | None, args: argparse
                 if counted:
                     ttft[mode].append(seconds * 1000)
                     for name, ms in (await server_side(sg_http, base, rid)).items():
-                        inside[name].append(ms)
+                        inside.setdefault(f"{mode} {name}", []).append(ms)
             if counted and (round_no - args.warmup + 1) % max(1, args.rounds // 5) == 0:
                 progress(f"round {round_no - args.warmup + 1}/{args.rounds}")
     return {"ttft": ttft, "inside": inside}
@@ -282,7 +300,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     print(f"\nTTFT, sequential, {title}, {args.rounds} rounds, {args.slots} slot{'s' if args.slots != 1 else ''}")
     print_table(rows, ["mode", "requests", "p50_ms", "p90_ms", "p99_ms", "max_ms"])
     if inside:
-        print("\ninside Sluicegate (the request's own timestamps, chat + sse requests):")
+        print("\nper hop (the request's own timestamps against the client's clock, same host):")
         print_table([{"span": k, **v} for k, v in inside.items()])
     print(f"\nCPU seconds over {elapsed:.1f} s: {cpu}")
     if "direct" in ttft:  # how quiet the host was: only quiet runs compare with each other

@@ -1,14 +1,20 @@
 -- sweep.lua (control plane): the clock-driven part of one group's scheduling, run by every
 -- scheduler process: close the runs whose worker lease lapsed (retiring that worker), promote
--- requests waiting past their class's max wait while a higher class has work (aging), and dispatch
--- when the group's quota now admits work. Idempotent; safe to run anywhere.
+-- requests waiting past their class's max wait while a higher class has work (aging), raise requests
+-- whose deadline's slack runs out (by up to dlb classes, never above the highest class with work), end
+-- those whose deadline passed with "on_deadline_miss": "fail", and dispatch when the group's quota now
+-- admits work. Idempotent; safe to run anywhere.
+-- On a cluster an expired request's "rid" is returned; the scheduler ends it on the data plane
+-- (expire.lua), then withdraws it here. Its entry in dld goes at once: a scheduler that dies in
+-- between leaves it to run late rather than to fail.
 -- On one server a lost run is handed back in this call; on a cluster its "rid|attempt" is returned
 -- and the scheduler hands it back on the data plane, then releases it here (release.lua). Its lease
 -- stays until that release, so a scheduler that dies in between leaves it for the next sweep.
 -- KEYS[1] the group's control prefix sg:{g:<group>}:
 -- ARGV[1] flags   ARGV[2] lease ms   ARGV[3] max attempts (a lost worker counts as a failed attempt)
 -- ARGV[4] session ttl s
--- Returns {lapsed runs, promoted, dispatched, next wake ms or -1, now ms, "rid|attempt" to hand back...}.
+-- Returns {lapsed runs, promoted, dispatched, next wake ms or -1, now ms, number of runs to hand back,
+-- "reason:rid|attempt" to hand back..., expired "rid" to end on the data plane...}.
 local cp, lease, max_attempts, ttl = KEYS[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local now = clock()
 local lapsed, promoted = 0, 0
@@ -18,21 +24,30 @@ for _, key in ipairs(redis.call('ZRANGEBYSCORE', cp .. 'leases', '-inf', now, 'L
   if not rec then
     redis.call('ZREM', cp .. 'leases', key)
   else
-    -- A lapsed lease means its worker stopped heartbeating. The same heartbeat set the worker's
-    -- liveness key, which can outlive the lease by a moment (key expiry runs on the server's own
-    -- clock, frozen while a script runs): retire the worker now, or the requeued run could go
-    -- straight back to it through one of its idle tickets. A worker that was only paused finds
-    -- out at its next heartbeat (rejoin) and offers its free slots again.
-    redis.call('DEL', kworker(cp, rec.w))
-    redis.call('LREM', cp .. 'idle', 0, rec.w)
+    -- A lapsed lease means its worker stopped heartbeating, or heartbeats without this run: the
+    -- assignment still waits in its inbox behind a busy event loop. A worker not heard from for half
+    -- a lease (its liveness key, whose value is its last beat, is old or gone) is lost: retired now
+    -- (the key can outlive its last beat's lease by a moment, key expiry running on the server's own
+    -- clock, frozen while a script runs), or the requeued run could go straight back to it through
+    -- one of its idle tickets; a worker that was only paused finds out at its next heartbeat,
+    -- rejoins and offers its free slots again. That loss counts against the request's
+    -- --max-attempts. A worker that beat since keeps its slots, and the stop does not count
+    -- (lease_lapsed): a slow worker is not a failed attempt. Its late start is fenced.
+    local beat = tonumber(redis.call('GET', kworker(cp, rec.w)) or '')
+    local reason = 'lease_lapsed'
+    if not beat or now - beat >= lease / 2 then
+      reason = 'worker_lost'
+      redis.call('DEL', kworker(cp, rec.w))
+      redis.call('LREM', cp .. 'idle', 0, rec.w)
+    end
     lapsed = lapsed + 1
     if single_server then
-      local _, _, produced, spec, nxt = d_stop(rec.rid, tostring(rec.a), nil, 'worker_lost', max_attempts, now,
+      local _, _, produced, spec, nxt = d_stop(rec.rid, tostring(rec.a), nil, reason, max_attempts, now,
         ttl, false)
       release(cp, key, produced, spec, now)
       if nxt then ready(gpre(nxt.g), nxt, now, lease) end
     else
-      lost[#lost + 1] = key
+      lost[#lost + 1] = reason .. ':' .. key
     end
   end
 end
@@ -45,7 +60,7 @@ for cls = 0, highest - 1 do
   local limit = now - pol['mw' .. cls] * 1000
   for _, sid in ipairs(redis.call('ZRANGEBYSCORE', cp .. 'age' .. cls, '-inf', limit, 'LIMIT', 0, 100)) do
     local spec = ready_head(cp, sid)
-    if spec and remove_ready(cp, sid, spec.tn, cls) then
+    if spec and remove_ready(cp, sid, spec.tn, cls, spec.dl) then
       spec.ep = 10
       make_ready(cp, spec, now, true)
       if single_server then redis.call('HSET', kreq(spec.rid), 'ep', 10) end
@@ -55,9 +70,47 @@ for cls = 0, highest - 1 do
     end
   end
 end
+-- Deadlines whose slack runs out: up by at most dlb classes, and not past the highest class with work.
+for _, sid in ipairs(redis.call('ZRANGEBYSCORE', cp .. 'dlp', '-inf', now, 'LIMIT', 0, 100)) do
+  redis.call('ZREM', cp .. 'dlp', sid)
+  local spec = ready_head(cp, sid)
+  local cls = spec and spec.ep
+  if spec and spec.dl and cls < highest then
+    local raised = math.min(cls + pol.dlb, highest)
+    remove_ready(cp, sid, spec.tn, cls, true)
+    spec.ep, spec.bo = raised, 1
+    make_ready(cp, spec, now, true)
+    if single_server then redis.call('HSET', kreq(spec.rid), 'ep', raised) end
+    promoted = promoted + 1
+  end
+end
+-- Deadlines missed while waiting: the request ranks behind on-time work (fairness.lua), or fails then.
+local expired = {}
+for _, sid in ipairs(redis.call('ZRANGEBYSCORE', cp .. 'dld', '-inf', now, 'LIMIT', 0, 100)) do
+  redis.call('ZREM', cp .. 'dld', sid)
+  local spec = ready_head(cp, sid)
+  if spec and spec.dl and not spec.dm then
+    redis.call('ZADD', cp .. 'c' .. spec.ep .. ':' .. spec.tn, 'XX', deadline_rank(spec, now, pol), sid)
+  elseif spec and spec.dm and spec.dl <= now then
+    if single_server then
+      local outcome, r, nxt = d_expire(spec.rid, now, ttl, false)
+      if outcome == 'expired' then
+        withdraw(cp, spec.rid, r.a, sid, nil, now, lease)
+        if nxt then ready(gpre(nxt.g), nxt, now, lease) end
+      end
+    else
+      expired[#expired + 1] = spec.rid
+    end
+  end
+end
 redis.call('HDEL', cp .. 'qs', 'wake')
 local started = dispatch(cp, now, lease)
-local nxt = redis.call('HGET', cp .. 'qs', 'wake')
-local reply = { lapsed, promoted, started, nxt or '-1', tostring(now) }
+local nxt = tonumber(redis.call('HGET', cp .. 'qs', 'wake') or '')
+for _, zset in ipairs({ 'dlp', 'dld' }) do
+  local first = redis.call('ZRANGE', cp .. zset, 0, 0, 'WITHSCORES')[2]
+  if first and (not nxt or tonumber(first) < nxt) then nxt = tonumber(first) end
+end
+local reply = { lapsed, promoted, started, nxt and tostring(nxt) or '-1', tostring(now), #lost }
 for _, key in ipairs(lost) do reply[#reply + 1] = key end
+for _, rid in ipairs(expired) do reply[#reply + 1] = rid end
 return reply

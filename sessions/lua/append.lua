@@ -8,7 +8,7 @@
 -- resent after its reply was lost (it had landed) is refused as an overlap with expected = first +
 -- batch size, which the writer takes as success (sessions/runs.py).
 local dp, rid, attempt, first = KEYS[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
-local r = load(rid, { 'st', 'a', 'n', 'sid', 'g', 'tn', 'p', 'sub', 'ft' })
+local r = load(rid, { 'st', 'a', 'n', 'sid', 'g', 'tn', 'p', 'sub', 'ft', 'dl' })
 if not owns(r, attempt) then
   count(dp .. 'm', 'fenced', r.g or '?') -- a late write from a worker that lost the run (operators' signal)
   return { 0, r.st or 'missing' }
@@ -22,6 +22,11 @@ if not r.ft then
   local now = clock()
   redis.call('HSET', kreq(rid), 'ft', now)
   observe(dp .. 'm', 'ttft', r.g .. '|' .. r.p, (now - tonumber(r.sub)) / 1000)
+  if r.dl then -- the deadline is a time-to-first-token objective: met or missed now
+    local met = now <= tonumber(r.dl)
+    redis.call('HSET', kreq(rid), 'dmt', met and '1' or '0')
+    count(dp .. 'm', 'deadlines', r.g .. '|' .. r.p .. '|' .. (met and 'met' or 'missed'))
+  end
 end
 count(dp .. 'm', 'tokens', r.g .. '|' .. r.p .. '|' .. r.tn, #items)
 return { 1, total }

@@ -3,12 +3,14 @@
 -- ARGV[1] flags   ARGV[2] session id   ARGV[3] cursor (last event id seen; 0 = from the oldest kept)
 -- ARGV[4] max entries
 -- Returns {last id assigned (0 = no session), id of the oldest kept event (older ones were trimmed,
--- --session-log-max-events: a cursor before it - 1 has a gap), entries...}.
+-- --session-log-max-events: a cursor before it - 1 has a gap), the id holes left by restarts
+-- ("hs:he,...", "" for none: log_ids.lua), entries...}.
 local meta = kmeta(KEYS[1], ARGV[2])
-local seq = tonumber(redis.call('HGET', meta, 'seq') or '0')
-local base = tonumber(redis.call('HGET', meta, 'base') or '1')
-local start = math.max(tonumber(ARGV[3]) + 1 - base, 0)
+local fields = redis.call('HMGET', meta, 'seq', 'base', 'hl')
+local seq, base = tonumber(fields[1] or '0'), tonumber(fields[2] or '1')
+local start = offset_after(math.max(tonumber(ARGV[3]), base - 1), base, parse_holes(fields[3]))
 local entries = redis.call('LRANGE', klog(KEYS[1], ARGV[2]), start, start + tonumber(ARGV[4]) - 1)
+table.insert(entries, 1, fields[3] or '')
 table.insert(entries, 1, base)
 table.insert(entries, 1, seq)
 return entries

@@ -6,8 +6,9 @@
 -- ARGV[6] priority   ARGV[7] max_tokens   ARGV[8] input (prompt text or messages JSON)
 -- ARGV[9] input kind ("p" prompt | "m" messages)   ARGV[10] params JSON   ARGV[11] input tokens
 -- ARGV[12] owner to enforce ("" = none)   ARGV[13] the session log's cap (--session-log-max-events;
--- absent or "" = keep the stored one, else the default)
+-- absent or "" = keep the stored one, else the default)   ARGV[14] deadline ms ("" = none)
+-- ARGV[15] on deadline miss ("run" | "fail")
 -- Returns {"ok", seq of the queued event, ready spec JSON or ""} | {"forbidden", owner, ""}.
 local outcome, seq, spec = d_submit(KEYS[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9],
-  ARGV[10], ARGV[11], ARGV[12], clock(), true, ARGV[13])
+  ARGV[10], ARGV[11], ARGV[12], clock(), true, ARGV[13], ARGV[14], ARGV[15])
 return { outcome, seq, spec and cjson.encode(spec) or '' }

@@ -43,7 +43,7 @@ import asyncio
 import hashlib
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import replace
 from typing import Any
 
@@ -53,6 +53,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt,
 
 from sluicegate.sessions.runs import RunSpec
 from sluicegate.settings import Settings
+from sluicegate.tracing import TRACE_PARAM, Tracing, traced_stream, tracing_for
 from sluicegate.workers.engines.base import EngineError, Finish, Piece, Token
 from sluicegate.workers.engines.probe import Capabilities, probe, refused_field, root_of
 from sluicegate.workers.retrying import first_try_then
@@ -61,7 +62,7 @@ log = logging.getLogger(__name__)
 
 # Fields the engine owns: run params (temperature, top_p, stop, seed, ...) never override them.
 RESERVED = frozenset({"model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens", "n",
-                      "priority", "continue_final_message", "add_generation_prompt"})
+                      "priority", "continue_final_message", "add_generation_prompt", TRACE_PARAM})
 TEXT_FIELDS = frozenset({"content", "role"})  # what a delta carries that is not passed on raw
 RETRIED_STATUSES = frozenset({408, 429})
 COUNT_TIMEOUT = 5.0  # seconds for a tokenize-count call; past it the usage is Sluicegate's estimate
@@ -151,8 +152,9 @@ class OpenAIEngine:
     def __init__(self, base_url: str, *, api_key: str | None = None, models: dict[str, str] | None = None,
                  timeout: float = 60.0, retries: int = 4, backoff_initial: float = 0.5,
                  backoff_max: float = 8.0, send_priority: bool = True, first_token_timeout: float = 120.0,
-                 idle_timeout: float = 30.0) -> None:
+                 idle_timeout: float = 30.0, tracing: Tracing | None = None) -> None:
         self.base_url = base_url.rstrip("/")
+        self.tracing = tracing  # --otel-endpoint: a span per backend call, its traceparent sent along
         self.models = dict(models or {})
         self.timeout = timeout
         self.retries = max(1, retries)
@@ -177,7 +179,8 @@ class OpenAIEngine:
         return cls(settings.backend_url, api_key=settings.backend_api_key, models=settings.backend_models(),
                    timeout=settings.backend_timeout, retries=settings.backend_retries,
                    first_token_timeout=settings.backend_first_token_timeout,
-                   idle_timeout=settings.backend_idle_timeout)
+                   idle_timeout=settings.backend_idle_timeout,
+                   tracing=tracing_for(settings.otel_endpoint, "sluicegate-worker") if settings.otel_endpoint else None)
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -261,14 +264,19 @@ class OpenAIEngine:
 
     # ---- streaming ---------------------------------------------------------------------------
     def stream(self, run: RunSpec, so_far: str) -> AsyncIterator[Piece]:
-        return self._generate(run, so_far)
+        if self.tracing is None:
+            return self._generate(run, so_far)
+        model = self.models.get(run.group) or self.models.get("*") or self._served_model
+        return traced_stream(self.tracing, run, lambda headers: self._generate(run, so_far, headers),
+                             server=self.base_url, model=model)
 
-    async def _generate(self, run: RunSpec, so_far: str) -> AsyncIterator[Piece]:
+    async def _generate(self, run: RunSpec, so_far: str,
+                        headers: dict[str, str] | None = None) -> AsyncGenerator[Piece, None]:
         remaining = run.max_tokens - run.start_index
         if remaining <= 0:
             return
         state = StreamState()
-        response, tokens, first = await self._open(run, so_far, state)
+        response, tokens, first = await self._open(run, so_far, state, headers)
         skip = run.start_index if run.start_index and not self.capabilities.continues else 0
         skipped: list[str] = []
         produced = extra = 0
@@ -347,8 +355,8 @@ class OpenAIEngine:
         moved = run.start_index if self.capabilities.continues else 0
         return Finish(reason, usage_as_uninterrupted(state.usage, moved))
 
-    async def _open(self, run: RunSpec, so_far: str,
-                    state: StreamState) -> tuple[aiohttp.ClientResponse, Any, Piece | None]:
+    async def _open(self, run: RunSpec, so_far: str, state: StreamState,
+                    headers: dict[str, str] | None = None) -> tuple[aiohttp.ClientResponse, Any, Piece | None]:
         """Connect and read up to the first token, retrying transient failures."""
         def retrying() -> AsyncRetrying:
             return AsyncRetrying(stop=stop_after_attempt(self.retries), reraise=True,
@@ -356,7 +364,8 @@ class OpenAIEngine:
                                  retry=retry_if_exception_type(Transient))
 
         try:
-            return await first_try_then(lambda: self._attempt(run, so_far, state), retrying, (Transient,))
+            return await first_try_then(lambda: self._attempt(run, so_far, state, headers), retrying,
+                                        lambda error: isinstance(error, Transient))
         except Transient as error:  # tenants read the message: the backend's address goes to the log only
             log.warning("run %s|%s: backend %s failed %d times before the first token: %s", run.request_id,
                         run.attempt, self.base_url, self.retries, error)
@@ -367,12 +376,12 @@ class OpenAIEngine:
                         error)
             raise EngineError(f"the backend refused the request: {error}", transient=False) from error
 
-    async def _attempt(self, run: RunSpec, so_far: str,
-                       state: StreamState) -> tuple[aiohttp.ClientResponse, Any, Piece | None]:
+    async def _attempt(self, run: RunSpec, so_far: str, state: StreamState,
+                       headers: dict[str, str] | None = None) -> tuple[aiohttp.ClientResponse, Any, Piece | None]:
         try:
             async with asyncio.timeout(self.first_token_timeout):
                 body = self.body(run, so_far, await self.model_for(run.group))
-                response = await self._post(body)
+                response = await self._post(body, headers)
                 tokens = self._tokens(response, state, strict_done=self.capabilities.interrupts)
                 try:
                     first = await anext(tokens, None)
@@ -387,10 +396,11 @@ class OpenAIEngine:
         except (aiohttp.ClientError, ValueError) as error:
             raise Transient(describe(error)) from error
 
-    async def _post(self, body: dict[str, Any]) -> aiohttp.ClientResponse:
+    async def _post(self, body: dict[str, Any], headers: dict[str, str] | None = None) -> aiohttp.ClientResponse:
+        """`headers`: besides the session's (the W3C traceparent of the call's span, when tracing)."""
         url = f"{self.base_url}/chat/completions"
         while True:
-            response = await self.session.post(url, data=orjson.dumps(body))
+            response = await self.session.post(url, data=orjson.dumps(body), headers=headers)
             if response.status == 200:
                 return response
             payload = await response.read()

@@ -23,6 +23,7 @@ local function dispatch(cp, now, lease)
     if not ok then
       if wid then redis.call('RPUSH', cp .. 'idle', wid) end -- the ticket goes back where it was
       redis.call('HSET', cp .. 'qs', 'throttled', why, 'throttled_at', now)
+      count(cmetrics(cp), 'throttled', spec.g .. '|' .. why) -- sluicegate_quota_throttled_total
       if wake then note_wake(cp, wake) else preempt_for(cp, tonumber(top), now, lease) end
       break
     end
@@ -31,7 +32,7 @@ local function dispatch(cp, now, lease)
       preempt_for(cp, tonumber(top), now, lease)
       break
     end
-    remove_ready(cp, sid, tenant, top)
+    remove_ready(cp, sid, tenant, top, spec.dl)
     depth(cp, spec, -1)
     if start_run(cp, tonumber(top), tenant, counter, spec, wid, cfg, now, lease) then started = started + 1 end
   end
@@ -64,7 +65,7 @@ local function ready(cp, spec, now, lease)
     -- A session's requests are queued in the order of their `queued` events (fs): a late ready of
     -- an earlier head (the session has moved on since) never takes the place of a later one.
     if (tonumber(spec.fs) or 0) < (tonumber(current.fs) or 0) then return 'stale' end
-    remove_ready(cp, spec.sid, current.tn, current.ep)
+    remove_ready(cp, spec.sid, current.tn, current.ep, current.dl)
   end
   if redis.call('HEXISTS', cp .. 'ri', spec.rid .. '|' .. (spec.a + 1)) == 1 then return 'known' end
   spec.rs = spec.rs or now -- its ready time, kept if it is requeued (FIFO among its tenant's sessions)
@@ -106,5 +107,5 @@ local function withdraw(cp, rid, attempt, sid, produced, now, lease)
     end
   end
   local waiting = ready_head(cp, sid)
-  if waiting and waiting.rid == rid then remove_ready(cp, sid, waiting.tn, waiting.ep) end
+  if waiting and waiting.rid == rid then remove_ready(cp, sid, waiting.tn, waiting.ep, waiting.dl) end
 end

@@ -2,7 +2,20 @@
 --
 -- A session is ready when its head request waits to run; the group holds that request's ready spec
 -- in rq[sid]. Ready sessions are indexed by class (cls), by tenant within a class (c<P>, score = the
--- tenant's virtual counter) and by ready time within a tenant (c<P>:<T>, FIFO).
+-- tenant's virtual counter) and by deadline within a tenant (c<P>:<T>): a request's own deadline (dl,
+-- its time-to-first-token objective), or for one without, its ready time plus the deadline horizon
+-- (policy dlh): earliest deadline first, requests without one in FIFO order, and none waits more than
+-- the horizon behind later requests with deadlines. Deadlines only reorder a tenant's own requests:
+-- which tenant goes next is the counters' choice alone.
+--
+-- A request whose deadline passed while it waited ranks behind the horizon after it (deadline + dlh):
+-- under overload, work that already missed must not take the turns of work that can still make it
+-- (EDF's domino effect); it still runs, in deadline order, ahead of on-time work due later than that.
+--
+-- Deadlines also feed two sweeps (sweep.lua): dlp (sid -> when its slack runs out: deadline minus the
+-- promotion window, policy dlw) raises a request by up to dlb classes, never above the highest class
+-- with ready work; dld (sid -> deadline) re-ranks a request once its deadline passes, or fails it
+-- ("on_deadline_miss": "fail").
 --
 -- A counter lives in vtc (the truth) and, while the tenant is backlogged, as its score in bt
 -- (always current) and in every class zset it is part of, where the score may lag behind the counter
@@ -38,6 +51,13 @@ local function pick_tenant(cp, cls)
   end
 end
 
+-- A ready request's rank among its tenant's in its class (lowest first): see above.
+local function deadline_rank(spec, now, pol)
+  if not spec.dl then return spec.rs + pol.dlh end
+  if spec.dl <= now then return spec.dl + pol.dlh end
+  return spec.dl
+end
+
 -- Make a head request ready. `keep_counter`: the request was already admitted (requeued after a
 -- preemption or a lost worker, or promoted by aging), so its tenant is not a newcomer and keeps its
 -- counter. The spec keeps its first ready time (rs): a requeued request stays ahead of later ones.
@@ -45,8 +65,13 @@ local function make_ready(cp, spec, now, keep_counter)
   local tenant, cls, sid = spec.tn, spec.ep, spec.sid
   spec.rs = spec.rs or now
   redis.call('HSET', cp .. 'rq', sid, cjson.encode(spec))
-  redis.call('ZADD', cp .. 'c' .. cls .. ':' .. tenant, spec.rs, sid)
+  local pol = policy(cp)
+  redis.call('ZADD', cp .. 'c' .. cls .. ':' .. tenant, deadline_rank(spec, now, pol), sid)
   if cls < 10 then redis.call('ZADD', cp .. 'age' .. cls, now, sid) end
+  if spec.dl then
+    if cls < 9 and not spec.bo and pol.dlb > 0 then redis.call('ZADD', cp .. 'dlp', spec.dl - pol.dlw, sid) end
+    if spec.dm or spec.dl > now then redis.call('ZADD', cp .. 'dld', spec.dl, sid) end
+  end
   local counter = vtc_get(cp, tenant)
   if redis.call('HINCRBY', cp .. 'btn', tenant, 1) == 1 then
     -- A returning tenant is lifted to the least backlogged counter: no credit banked while idle.
@@ -63,11 +88,16 @@ local function make_ready(cp, spec, now, keep_counter)
   redis.call('HINCRBY', cp .. 'cn', cls, 1)
 end
 
-local function remove_ready(cp, sid, tenant, cls)
+-- `timed`: the request has a deadline (only then is it in the deadline sweeps' sets).
+local function remove_ready(cp, sid, tenant, cls, timed)
   local sessions = cp .. 'c' .. cls .. ':' .. tenant
   if redis.call('ZREM', sessions, sid) == 0 then return false end
   redis.call('HDEL', cp .. 'rq', sid)
   redis.call('ZREM', cp .. 'age' .. cls, sid)
+  if timed then
+    redis.call('ZREM', cp .. 'dlp', sid)
+    redis.call('ZREM', cp .. 'dld', sid)
+  end
   if redis.call('EXISTS', sessions) == 0 then redis.call('ZREM', cp .. 'c' .. cls, tenant) end
   if redis.call('HINCRBY', cp .. 'cn', cls, -1) <= 0 then
     redis.call('HDEL', cp .. 'cn', cls)

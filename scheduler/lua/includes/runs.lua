@@ -55,12 +55,13 @@ end
 
 -- The ready spec of a run's request, to put it back in the ready set (it keeps its ready time and
 -- its class, which aging may have raised). `fresh`: the data plane's newer view (tokens so far).
-local SPEC_KEYS = { 'rid', 'sid', 'tn', 'g', 'p', 'ep', 'mt', 'n', 'a', 'it', 'sub', 'pc', 'rs', 'fs' }
+local SPEC_KEYS = { 'rid', 'sid', 'tn', 'g', 'p', 'ep', 'mt', 'n', 'a', 'it', 'sub', 'pc', 'rs', 'fs', 'dl', 'dm', 'bo' }
 local function spec_of(rec, fresh)
   local spec = {}
   for _, name in ipairs(SPEC_KEYS) do spec[name] = rec[name] end
   if fresh then
     spec.n, spec.a, spec.pc = fresh.n, math.max(fresh.a, rec.a), math.max(fresh.pc or 0, rec.pc or 0)
+    if (tonumber(fresh.n) or 0) > 0 then spec.dl, spec.dm = nil, nil end -- its first token came: met or missed
   end
   return spec
 end
@@ -71,7 +72,7 @@ end
 local function requeue_ready(cp, spec, now)
   local waiting = ready_head(cp, spec.sid)
   if waiting and waiting.rid ~= spec.rid then return false end
-  if waiting then remove_ready(cp, spec.sid, waiting.tn, waiting.ep) else depth(cp, spec, 1) end
+  if waiting then remove_ready(cp, spec.sid, waiting.tn, waiting.ep, waiting.dl) else depth(cp, spec, 1) end
   make_ready(cp, spec, now, true)
   return true
 end
@@ -98,7 +99,10 @@ local function start_run(cp, cls, tenant, counter, spec, wid, cfg, now, lease)
   redis.call('HSET', cp .. 'tk', key, wid) -- the slot this attempt holds, given back once (let_go)
   redis.call('ZADD', cp .. 'run', cls * RANK + (RANK - now), key)
   redis.call('ZADD', cp .. 'leases', now + lease, key)
-  if attempt == 1 then observe(cmetrics(cp), 'wait', spec.g .. '|' .. spec.p, (now - spec.sub) / 1000) end
+  if attempt == 1 then
+    observe(cmetrics(cp), 'wait', spec.g .. '|' .. spec.p, (now - spec.sub) / 1000)
+    if spec.dl then observe(cmetrics(cp), 'slack', spec.g .. '|' .. spec.p, math.max(0, spec.dl - now) / 1000) end
+  end
   local entry = key
   if single_server then
     local ok, run = d_start(spec.rid, attempt, wid, now, nil, attempt > 1 and worker_resume(cp, wid) or nil)
@@ -128,7 +132,7 @@ local function release(cp, key, produced, requeue, now, prompt)
       -- that was its last allowed attempt): its waiting entry goes, and off the depth gauge.
       local waiting = ready_head(cp, rec.sid)
       if waiting and waiting.rid == rec.rid and (waiting.a or 0) <= rec.a
-          and remove_ready(cp, rec.sid, waiting.tn, waiting.ep) then
+          and remove_ready(cp, rec.sid, waiting.tn, waiting.ep, waiting.dl) then
         depth(cp, waiting, -1)
       end
     end

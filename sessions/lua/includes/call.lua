@@ -34,7 +34,7 @@ end
 -- session however many events it emitted (a submit that starts its request at once emits `queued`
 -- and `started`: one log write and one message for the API to read, on the first token's way).
 local function emit_many(dp, sid, items)
-  local last = redis.call('HINCRBY', kmeta(dp, sid), 'seq', #items)
+  local last = take_ids(kmeta(dp, sid), #items)
   local first = last - #items + 1
   local key = dp .. sid
   local entries = outbox[key]
@@ -74,13 +74,19 @@ local function trim_log(dp, sid, length)
   local cap = tonumber(redis.call('HGET', meta, 'lm') or LOG_MAX_EVENTS)
   if length <= cap then return end
   local drop = length - cap
-  local base = tonumber(redis.call('HGET', meta, 'base') or '1')
+  local kept = redis.call('HMGET', meta, 'base', 'hl')
+  local base, holes = tonumber(kept[1] or '1'), parse_holes(kept[2])
   local head = redis.call('LINDEX', kqueue(dp, sid), 0)
   local fs = head and tonumber(redis.call('HGET', kreq(head), 'fs') or '')
-  if fs and fs >= base then drop = math.min(drop, fs - base) end
+  if fs and fs >= base then drop = math.min(drop, offset_after(fs - 1, base, holes)) end
   if drop <= 0 then return end
   redis.call('LTRIM', klog(dp, sid), drop, -1)
-  redis.call('HSET', meta, 'base', base + drop)
+  base = id_at(drop, base, holes)
+  redis.call('HSET', meta, 'base', base)
+  if kept[2] then
+    local hl = holes_after(holes, base)
+    if hl then redis.call('HSET', meta, 'hl', hl) else redis.call('HDEL', meta, 'hl') end
+  end
 end
 
 local function end_call(ok, result)

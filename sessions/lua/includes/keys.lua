@@ -3,12 +3,15 @@
 --   data plane of a bucket     sg:{s:BB}:   (BB = the first two characters of a request id)
 --     r:<rid>          hash   one request (short field names, see api/views.py)
 --     r:<rid>:in       string its prompt or messages JSON (deleted when the request ends)
---     s:<sid>:m        hash   session meta: seq (last event id), base (first id kept), tn (owner), lm (log cap)
+--     s:<sid>:m        hash   session meta: seq (last event id), base (first id kept), tn (owner), lm (log cap),
+--                             bt (boot that wrote last), hl (id holes left by restarts: log_ids.lua)
 --     s:<sid>:q        list   the session's lite queue of request ids (head = current request)
 --     s:<sid>:l        list   the session's event log, one "id|event|rid|json" entry per event
 --     e:<sid>          sharded channel: live copy of each log append (SPUBLISH)
 --     ob               zset   outbox: heads readied here whose control step is unconfirmed (cluster)
 --     m                hash   the bucket's share of the metrics ("name|labels" -> value)
+--     cb               zset   request id -> when its callback delivery is due (ms): includes/ended.lua
+--     u / uf           hash   usage pending / being folded into sg:usage:<hour> (sessions/usage.py)
 --   control plane of a group   sg:{g:G}:
 --     rq               hash   sid -> ready spec (JSON) of each ready session's head request
 --     cls / c<P> / c<P>:<T> / age<P> / cn / btn / bt / vtc / vlast   ready sets and fairness
@@ -24,6 +27,8 @@
 --     cfg / qs         hash   quota settings / quota state (incl. wake: when a quota admits next)
 --     hint             list   wakes the group's scheduler loop
 --     pol / tw         hash   copies of the policy and of the tenant weights (decisions read these)
+--     dlp / dld        zset   ready heads with a deadline: when their slack runs out / their deadline (fairness.lua)
+--     dls              hash   default deadline ms per priority class (scheduler/deadlines.py; the API reads it)
 --     m                hash   the group's share of the metrics
 --   global             sg:groups (set), sg:models, sg:policy, sg:tenants, sg:keys, sg:clock (tests only)
 

@@ -4,13 +4,16 @@
 -- a single-server function hands it on in the same call, a cluster caller in the next call.
 
 -- What the control plane ranks, charges and starts a waiting head request by.
-local SPEC_FIELDS = { 'sid', 'tn', 'g', 'p', 'ep', 'mt', 'n', 'a', 'it', 'sub', 'pc', 'fs' }
+-- `dl`: its deadline (ms; the time-to-first-token objective), `dm`: 1 when a missed deadline fails it.
+local SPEC_FIELDS = { 'sid', 'tn', 'g', 'p', 'ep', 'mt', 'n', 'a', 'it', 'sub', 'pc', 'fs', 'dl', 'dm', 'ft' }
 local function ready_spec(rid)
   local v = redis.call('HMGET', kreq(rid), unpack(SPEC_FIELDS))
   if not v[1] then return nil end
   return { rid = rid, sid = v[1], tn = v[2], g = v[3], p = tonumber(v[4]), ep = tonumber(v[5]),
     mt = tonumber(v[6]), n = tonumber(v[7]), a = tonumber(v[8]), it = tonumber(v[9]), sub = tonumber(v[10]),
-    pc = tonumber(v[11] or '0'), fs = tonumber(v[12]) }
+    pc = tonumber(v[11] or '0'), fs = tonumber(v[12]),
+    -- a deadline binds until the first token: a request resumed after it is ranked without one
+    dl = not v[15] and tonumber(v[13] or '') or nil, dm = (not v[15] and v[14] == '1') and 1 or nil }
 end
 
 -- Load the listed fields of a request into a table (nil fields stay nil).
@@ -34,8 +37,10 @@ end
 -- waits behind another request of the session) | 'forbidden', owner | 'ok', seq (a replay).
 -- `log_max`: the session's log cap (--session-log-max-events; "" = keep the one stored), noted in its
 -- meta for every later call that appends to the log (see trim_log in call.lua).
+-- `deadline_ms`: the time-to-first-token objective from now ("" or 0: none); `on_miss`: "fail" ends the
+-- request once it is missed (sweep.lua), anything else lets it run late.
 local function d_submit(dp, rid, sid, tenant, group, prio, max_tokens, input, kind, params, input_tokens, owner,
-                        now, via_outbox, log_max)
+                        now, via_outbox, log_max, deadline_ms, on_miss)
   local rkey = kreq(rid)
   -- Request ids are 72 random bits: an existing one is this very submission, replayed by a client
   -- retry after a lost reply. Answer as the first time did, without storing it twice.
@@ -54,6 +59,10 @@ local function d_submit(dp, rid, sid, tenant, group, prio, max_tokens, input, ki
   redis.call('HSET', rkey, 'sid', sid, 'tn', tenant, 'g', group, 'p', prio, 'ep', prio, 'mt', max_tokens,
     'ik', kind, 'pa', params, 'it', input_tokens, 'st', 'queued', 'sub', now, 'n', 0, 'a', 0, 'fs', seq)
   redis.call('SET', kinput(rid), input)
+  local objective = tonumber(deadline_ms or '') or 0
+  if objective > 0 then
+    redis.call('HSET', rkey, 'dl', now + objective, 'dm', on_miss == 'fail' and '1' or '0')
+  end
   local label = group .. '|' .. prio .. '|' .. tenant
   count(dp .. 'm', 'requests', label .. '|submitted')
   count(dp .. 'm', 'depth', label, 1)
@@ -132,6 +141,7 @@ local function finalize(rid, r, status, event, data, now, ttl, via_outbox)
   redis.call('DEL', kinput(rid))
   redis.call('ZREM', dp .. 'ob', rid)
   count(dp .. 'm', 'requests', r.g .. '|' .. r.p .. '|' .. r.tn .. '|' .. status)
+  ended(rid, now) -- its callback and its usage (ended.lua)
   emit(dp, r.sid, event, rid, data)
   return advance(dp, r.sid, rid, now, ttl, via_outbox)
 end
@@ -223,6 +233,27 @@ local function d_stop(rid, attempt, wid, reason, max_attempts, now, ttl, via_out
   end
   d_preempted(rid, r, label, detail)
   return true, r.st, produced_by(r, attempt), ready_spec(rid)
+end
+
+-- End a waiting request whose deadline passed with `"on_deadline_miss": "fail"` (the sweep found it):
+-- failed, with an `error` event whose message starts `deadline_exceeded`. Only a request that has not
+-- had its first token and is not running (a dispatch that won the race runs it: it started in time).
+-- Nothing was charged: charges are taken at dispatch. Returns outcome ('expired' | 'kept'), the
+-- request's fields, the session's next head.
+local function d_expire(rid, now, ttl, via_outbox)
+  local r = load(rid, { 'st', 'a', 'n', 'sid', 'g', 'tn', 'p', 'dl', 'dm', 'ft', 'sub' })
+  if not r.st or TERMINAL[r.st] or r.st == 'running' or r.ft or r.dm ~= '1' or now < tonumber(r.dl) then
+    return 'kept', r
+  end
+  local dp = dpre_of(rid)
+  count(dp .. 'm', 'depth', r.g .. '|' .. r.p .. '|' .. r.tn, -1)
+  count(dp .. 'm', 'deadlines', r.g .. '|' .. r.p .. '|missed')
+  local message = string.format('deadline_exceeded: not started within its deadline of %d ms',
+    tonumber(r.dl) - tonumber(r.sub))
+  redis.call('HSET', kreq(rid), 'err', message, 'dmt', '0')
+  local nxt = finalize(rid, r, 'failed', 'error', { request_id = rid, tokens = tonumber(r.n), message = message },
+    now, ttl, via_outbox)
+  return 'expired', r, nxt
 end
 
 -- Cancel a queued, preempted or running request (a running one's worker is fenced at its next

@@ -1,0 +1,29 @@
+"""Push mode at the API: a submit's `callback_url` (chat: `X-Callback-Url`) is checked against
+--webhook-allow before anything is stored, and noted on the request right after its submit
+(sessions/callbacks.py; webhooks/delivery.py sends it)."""
+
+from __future__ import annotations
+
+from sluicegate.api.errors import ApiError
+from sluicegate.api.services import Services
+from sluicegate.sessions import callbacks
+
+MAX_URL = 2048
+
+
+def check_callback(svc: Services, url: str | None) -> str | None:
+    """The URL when given and allowed; 422 `callback_not_allowed` for any host not in --webhook-allow."""
+    if url is None or url == "":
+        return None
+    if len(url) > MAX_URL or callbacks.callback_host(url) is None:
+        raise ApiError(422, f"callback_url: an http(s) URL of at most {MAX_URL} characters", "callback_not_allowed")
+    if not callbacks.callback_allowed(url, svc.settings.webhook_hosts()):
+        raise ApiError(422, f"callback_url: host {callbacks.callback_host(url)!r} is not in --webhook-allow",
+                       "callback_not_allowed")
+    return url
+
+
+async def attach_callback(svc: Services, request_id: str, url: str | None) -> None:
+    """Note the checked callback on the stored request (its delivery is queued when it ends)."""
+    if url is not None:
+        await callbacks.attach(svc.redis, request_id, url)

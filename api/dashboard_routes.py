@@ -1,0 +1,112 @@
+"""`GET /dashboard` (one static page, no build step) and the stats stream it follows.
+
+The page holds no data and no secret, so it is served to anyone; it reads everything from
+`GET /v1/admin/stats/stream` (an SSE event a second: the `/v1/admin/stats` JSON plus tokens/s and
+each tenant's share against its weight), which needs the admin key or a stats stream token
+(api/stream_tokens.py). Its Content-Security-Policy allows only the page's own inline script and
+style (by hash) and connections to this origin, so whatever a stats field holds cannot run or send
+the admin key elsewhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import re
+import time
+from collections.abc import AsyncIterator
+from functools import cache
+from importlib import resources
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import HTMLResponse
+from sse_starlette import EventSourceResponse
+
+from sluicegate.api.admin_routes import stats_document
+from sluicegate.api.auth import Principal, require_admin
+from sluicegate.api.services import Services, services
+from sluicegate.api.stream_tokens import stats_stream_principal
+from sluicegate.sessions.metrics_store import read_metrics
+
+router = APIRouter()
+RETRY_MS = 1000  # how soon a browser's EventSource reconnects after the stream drops
+INLINE = re.compile(r"<(script|style)>(.*?)</\1>", re.S)
+
+
+@cache
+def dashboard_page() -> tuple[bytes, str]:
+    """The page and its Content-Security-Policy (hashes of its inline script and style), read once."""
+    html = (resources.files("sluicegate.api") / "static" / "dashboard.html").read_text()
+    hashes: dict[str, list[str]] = {"script": [], "style": []}
+    for tag, body in INLINE.findall(html):
+        digest = base64.b64encode(hashlib.sha256(body.encode()).digest()).decode()
+        hashes[tag].append(f"'sha256-{digest}'")
+    policy = (f"default-src 'none'; script-src {' '.join(hashes['script'])}; style-src {' '.join(hashes['style'])}; "
+              "connect-src 'self'; img-src data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+    return html.encode(), policy
+
+
+@router.get("/dashboard", response_class=HTMLResponse, include_in_schema=False)
+async def dashboard() -> HTMLResponse:
+    page, policy = dashboard_page()
+    return HTMLResponse(page, headers={"Content-Security-Policy": policy, "Cache-Control": "no-store",
+                                       "Referrer-Policy": "no-referrer", "X-Content-Type-Options": "nosniff"})
+
+
+def rates(before: dict[str, float], after: dict[str, float], seconds: float) -> dict[str, Any]:
+    """Tokens/s overall, by group and by tenant between two readings of the `tokens` counters
+    (labels `group|priority|tenant`)."""
+    by_group: dict[str, float] = {}
+    by_tenant: dict[str, float] = {}
+    for label, value in after.items():
+        delta = max(value - before.get(label, value), 0.0) / seconds if seconds > 0 else 0.0
+        group, _, tenant = label.split("|", 2)
+        by_group[group] = by_group.get(group, 0.0) + delta
+        by_tenant[tenant] = by_tenant.get(tenant, 0.0) + delta
+    return {"total": round(sum(by_group.values()), 1), "by_group": {g: round(v, 1) for g, v in by_group.items()},
+            "by_tenant": {t: round(v, 1) for t, v in by_tenant.items()}}
+
+
+def tenant_shares(doc: dict[str, Any], by_tenant: dict[str, float]) -> list[dict[str, Any]]:
+    """Each active tenant's share of the tokens streamed against its weight's share (among the active
+    ones: fairness is among those that want service, as the scheduler sees it)."""
+    weights = {t["tenant"]: float(t["weight"]) for t in doc.get("tenants", [])}
+    queued: dict[str, int] = {}
+    for depth in doc.get("queue_depth", []):
+        queued[depth["tenant"]] = queued.get(depth["tenant"], 0) + depth["queued"]
+    active = sorted(t for t in set(queued) | {t for t, v in by_tenant.items() if v > 0})
+    total_weight = sum(weights.get(t, 1.0) for t in active) or 1.0
+    total_rate = sum(by_tenant.get(t, 0.0) for t in active)
+    return [{"tenant": t, "weight": weights.get(t, 1.0), "weight_share": round(weights.get(t, 1.0) / total_weight, 4),
+             "tokens_per_second": round(by_tenant.get(t, 0.0), 1),
+             "token_share": round(by_tenant.get(t, 0.0) / total_rate, 4) if total_rate else 0.0,
+             "queued": queued.get(t, 0)} for t in active]
+
+
+async def stats_events(svc: Services, interval: float) -> AsyncIterator[bytes]:
+    """An event per `interval`: the stats document with `tokens_per_second` and `tenant_share`."""
+    yield f"retry: {RETRY_MS}\n\n".encode()
+    before: dict[str, float] | None = None
+    at = time.monotonic()
+    while True:
+        doc = await stats_document(svc)
+        tokens = (await read_metrics(svc.redis, [g["group"] for g in doc["groups"]])).get("tokens", {})
+        now = time.monotonic()
+        doc["tokens_per_second"] = rates(tokens if before is None else before, tokens, now - at)
+        doc["tenant_share"] = tenant_shares(doc, doc["tokens_per_second"]["by_tenant"])
+        doc["sent_at"] = round(time.time(), 3)
+        before, at = tokens, now
+        yield b"event: stats\ndata: " + orjson.dumps(doc) + b"\n\n"
+        await asyncio.sleep(interval)
+
+
+@router.get("/v1/admin/stats/stream", responses={200: {"content": {"text/event-stream": {}}}})
+async def stats_stream(request: Request, interval: float = Query(1.0, ge=0.2, le=60.0),
+                       who: Principal = Depends(stats_stream_principal)) -> EventSourceResponse:
+    """The dashboard's feed: admin key, or `?token=` from `POST /v1/stream-tokens {"stats": true}`."""
+    require_admin(who)
+    svc = services(request)
+    return EventSourceResponse(stats_events(svc, interval), ping=0, headers={"Cache-Control": "no-store"})

@@ -1,0 +1,91 @@
+"""Operators' reads: the audit log and usage for chargeback (admin key required when auth is on), and
+readiness (`/readyz`: Redis answers and the function library is loaded; `/healthz` stays liveness)."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from fastapi import APIRouter, Depends, Query, Request
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import RedisError
+
+from sluicegate.api import audit
+from sluicegate.api.auth import Principal, require_admin
+from sluicegate.api.errors import ApiError
+from sluicegate.api.responses import JSON
+from sluicegate.api.services import principal, services
+from sluicegate.sessions import usage
+from sluicegate.sessions.connect import UNAVAILABLE
+from sluicegate.sessions.library import digest
+
+router = APIRouter()
+
+
+@router.get("/v1/admin/audit")
+async def audit_log(request: Request, who: Principal = Depends(principal),
+                    limit: int = Query(100, ge=1, le=audit.AUDIT_MAX)):
+    """Admin changes, newest first: {at, key_id, action, target, before, after} (api/audit.py)."""
+    require_admin(who)
+    return JSON({"entries": await audit.entries(services(request), limit)})
+
+
+def parse_since(since: str | None) -> float:
+    """Unix seconds or an ISO 8601 time (no zone: UTC); default 24 hours ago."""
+    if not since:
+        return time.time() - 86400
+    try:
+        return float(since)
+    except ValueError:
+        pass
+    try:
+        moment = datetime.fromisoformat(since.replace("Z", "+00:00"))
+    except ValueError:
+        raise ApiError(422, "since: Unix seconds or an ISO 8601 time (e.g. 2026-12-01T00:00:00Z)") from None
+    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
+
+
+@router.get("/v1/admin/usage")
+async def usage_report(request: Request, who: Principal = Depends(principal), tenant: str = "", group: str = "",
+                       since: str = ""):
+    """Requests, input and output tokens per tenant, group and hour, from `since` (hours are kept 35 days;
+    sessions/usage.py). Each row's `hour` is the Unix time its hour starts."""
+    require_admin(who)
+    start = parse_since(since)
+    rows = await usage.usage(services(request).redis, since=start, tenant=tenant or None, group=group or None)
+    for row in rows:
+        row["hour_utc"] = datetime.fromtimestamp(row["hour"], UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    totals = {k: sum(r[k] for r in rows) for k in ("requests", "input_tokens", "output_tokens")}
+    return JSON({"since": start, "usage": rows, "totals": totals})
+
+
+async def library_loaded(redis: Any) -> bool:
+    """The function library of this version is on the server (on every master of a cluster)."""
+    name = f"sluicegate_{digest()}"
+    if isinstance(redis, RedisCluster):
+        replies = await redis.execute_command("FUNCTION", "LIST", "LIBRARYNAME", name,
+                                              target_nodes=RedisCluster.PRIMARIES)
+        return all(bool(reply) for reply in replies.values())
+    return bool(await redis.execute_command("FUNCTION", "LIST", "LIBRARYNAME", name))
+
+
+@router.get("/readyz")
+async def readyz(request: Request):
+    """200 when Redis answers and the function library is loaded, else 503 with the reason. A library
+    found missing (a flushed or failed-over server) is loaded here, as the next call would load it."""
+    svc = services(request)
+    try:
+        await svc.redis.ping()
+    except (*UNAVAILABLE, RedisError) as error:
+        return JSON({"status": "unavailable", "reason": f"redis does not answer: {error}"}, status_code=503,
+                    headers={"Retry-After": "1"})
+    try:
+        if not await library_loaded(svc.redis):
+            await svc.store.scripts.load()
+            if not await library_loaded(svc.redis):
+                raise RedisError("still missing after FUNCTION LOAD")
+    except (*UNAVAILABLE, RedisError) as error:
+        return JSON({"status": "unavailable", "reason": f"function library not loaded: {error}"}, status_code=503,
+                    headers={"Retry-After": "1"})
+    return JSON({"status": "ready"})

@@ -1,0 +1,81 @@
+"""Callbacks of ended requests (push mode): what the API notes at submit and the delivery process
+(webhooks/delivery.py) works through.
+
+A submit with a `callback_url` notes it in the request hash (`cb`). When the request ends, its terminal
+step queues the delivery in its bucket's `cb` zset (sessions/lua/includes/ended.lua), in the same atomic
+call as the end itself: nothing is lost between the two, and the entry shares the request's hash tag
+(cluster-safe). The delivery process claims a due entry for one attempt (the entry stays queued, due
+again after a lease, so a crash loses nothing) and settles it: delivered, failed, or due again later.
+The request hash records the outcome (`cbs`, `cbn` attempts, `cbe` last error) until it expires.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import cache
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from sluicegate.sessions import keys
+from sluicegate.sessions.connect import text
+
+SCRIPTS = Path(__file__).parent / "lua" / "standalone"
+
+
+@cache
+def script(name: str) -> str:
+    return (SCRIPTS / f"{name}.lua").read_text()
+
+
+def callback_host(url: str) -> str | None:
+    """The host an http(s) URL names (lowercased), or None when it is not one."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+        parts.port  # noqa: B018 - raises on a bad port
+    except ValueError:
+        return None
+    if parts.scheme not in ("http", "https") or not host:
+        return None
+    return host.lower()
+
+
+def callback_allowed(url: str, hosts: Sequence[str]) -> bool:
+    """Only hosts the operator listed (--webhook-allow) are ever called: at submit and before each delivery."""
+    host = callback_host(url)
+    return host is not None and host in hosts
+
+
+def callback_view(fields: dict[str, str]) -> dict[str, Any] | None:
+    """The `callback` of GET /v1/requests/{id}: pending until a delivery succeeded or the attempts ran out."""
+    if "cb" not in fields:
+        return None
+    return {"url": fields["cb"], "status": fields.get("cbs", "pending"), "attempts": int(fields.get("cbn", 0)),
+            "last_error": fields.get("cbe")}
+
+
+async def attach(redis: Any, rid: str, url: str) -> bool:
+    """Note the callback on a just-submitted request (queued at once if it ended already); False when the
+    request does not exist."""
+    reply = await redis.eval(script("callback_attach"), 2, keys.request(rid),
+                             keys.callbacks_due(keys.bucket_of_request(rid)), rid, url, *keys.TERMINAL_STATUSES)
+    return int(reply) == 1
+
+
+async def claim(redis: Any, rid: str, *, now_ms: int, lease_ms: int) -> tuple[int, dict[str, str]] | None:
+    """One delivery attempt of a due callback: (attempt number, the request's fields); None when it is
+    not due or its request expired (then it is dropped)."""
+    reply = await redis.eval(script("callback_claim"), 2, keys.callbacks_due(keys.bucket_of_request(rid)),
+                             keys.request(rid), rid, now_ms, lease_ms)
+    if not reply:
+        return None
+    fields = {text(reply[i]): text(reply[i + 1]) for i in range(1, len(reply) - 1, 2)}
+    return int(reply[0]), fields
+
+
+async def settle(redis: Any, rid: str, attempt: int, outcome: str, error: str = "", retry_at_ms: int = 0) -> bool:
+    """Record an attempt's outcome: "delivered", "failed" (no more attempts), or "retry" at `retry_at_ms`."""
+    reply = await redis.eval(script("callback_settle"), 2, keys.callbacks_due(keys.bucket_of_request(rid)),
+                             keys.request(rid), rid, attempt, outcome, error[:500], retry_at_ms)
+    return int(reply) == 1

@@ -1,0 +1,9 @@
+-- expire.lua (data plane, cluster): end a waiting request whose deadline passed with
+-- "on_deadline_miss": "fail" (the sweep returned it); the caller then withdraws it from its group
+-- (withdraw.lua) and readies the session's next head. On one server the sweep does all of it at once.
+-- KEYS[1] the request's data prefix sg:{s:<bucket>}:
+-- ARGV[1] flags   ARGV[2] session ttl s   ARGV[3] request id
+-- Returns {"expired", group, attempt, session id, next head spec JSON or ""} | {"kept"}.
+local outcome, r, nxt = d_expire(ARGV[3], clock(), tonumber(ARGV[2]), true)
+if outcome ~= 'expired' then return { outcome } end
+return { outcome, r.g, r.a, r.sid, nxt and cjson.encode(nxt) or '' }

@@ -1,0 +1,74 @@
+-- log_ids.lua: event ids, never issued twice, and where each lives in a session's log list.
+--
+-- A server that restarts from an older state forgets the ids it handed out last: with AOF and
+-- appendfsync everysec it loses up to about a second of writes, and a failover loses what the replica
+-- had not received. Issued again, those ids would name other events, and a client resuming from one
+-- would silently get them. So the first id a session assigns after its server (re)started skips
+-- LOG_ID_JUMP ids: the meta's `bt` holds the boot of the library that wrote last, and a library local
+-- (reset whenever the library loads: a restart, a failover, a new version) tells this boot's. The
+-- skipped ids are a hole, "hs:he" in the meta's `hl` (ascending, comma-separated): ids hs+1 .. he-1
+-- were never kept. A cursor in hs+1 .. he-2 may be an id handed out and lost, so readers refuse it
+-- (409, sessions/store.py); he-1 is the same place as hs. A jump without a loss (a clean restart, a
+-- reload) costs nothing but id space; ids stay exact Lua numbers for 2^53 / LOG_ID_JUMP restarts.
+-- The log list itself stays contiguous: offsets skip the holes.
+
+local LOG_ID_JUMP = 1000000
+local boot_id = false
+
+local function parse_holes(hl)
+  local holes = {}
+  if hl then
+    for a, b in string.gmatch(hl, '(%d+):(%d+)') do holes[#holes + 1] = { tonumber(a), tonumber(b) } end
+  end
+  return holes
+end
+
+-- The offset in the log list of the first entry with an id > cursor (cursor >= base - 1): the number
+-- of ids kept from base to cursor.
+local function offset_after(cursor, base, holes)
+  local offset = cursor - base + 1
+  for _, h in ipairs(holes) do
+    local lo, hi = math.max(h[1] + 1, base), math.min(h[2] - 1, cursor)
+    if hi >= lo then offset = offset - (hi - lo + 1) end
+  end
+  return math.max(offset, 0)
+end
+
+-- The id of the entry at `offset` in the log list whose first entry has id `base`.
+local function id_at(offset, base, holes)
+  local id = base + offset
+  for _, h in ipairs(holes) do
+    if h[1] >= base and h[1] < id then id = id + h[2] - h[1] - 1 end
+  end
+  return id
+end
+
+-- The holes a log whose oldest kept id is `base` still needs, as the meta's `hl` (false: none).
+local function holes_after(holes, base)
+  local kept = {}
+  for _, h in ipairs(holes) do
+    if h[2] - 1 >= base then kept[#kept + 1] = h[1] .. ':' .. h[2] end
+  end
+  return #kept > 0 and table.concat(kept, ',')
+end
+
+-- Take `count` ids for a session's next events; returns the last. Skips LOG_ID_JUMP ids first when
+-- the session was last written before this library loaded (see above).
+local function take_ids(meta, count)
+  if not boot_id then
+    local t = redis.call('TIME')
+    boot_id = t[1] .. '.' .. t[2]
+  end
+  local written = redis.call('HMGET', meta, 'bt', 'seq', 'hl')
+  if written[1] ~= boot_id then
+    if written[1] and written[2] then
+      local last = tonumber(written[2])
+      local hole = last .. ':' .. (last + LOG_ID_JUMP + 1)
+      redis.call('HSET', meta, 'bt', boot_id, 'seq', last + LOG_ID_JUMP,
+        'hl', written[3] and (written[3] .. ',' .. hole) or hole)
+    else
+      redis.call('HSET', meta, 'bt', boot_id)
+    end
+  end
+  return redis.call('HINCRBY', meta, 'seq', count)
+end

@@ -1,0 +1,18 @@
+-- callback_claim.lua (run with EVAL by the delivery process, webhooks/delivery.py): take a due callback
+-- for one delivery attempt. The entry stays queued, due again after the lease: a delivery process that
+-- dies mid-attempt loses nothing (another one, or its restart, tries again), and two processes never
+-- try the same callback at once.
+-- KEYS[1] the bucket's due callbacks sg:{s:<bucket>}:cb   KEYS[2] the request hash sg:{s:<bucket>}:r:<rid>
+-- ARGV[1] request id   ARGV[2] now (ms)   ARGV[3] lease (ms)
+-- Returns false when not due (another process holds it) | {} when the request expired (dropped) |
+-- {attempt number, field, value, field, value, ...} (the request hash).
+local due = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if not due or tonumber(due) > tonumber(ARGV[2]) then return false end
+if redis.call('EXISTS', KEYS[2]) == 0 then
+  redis.call('ZREM', KEYS[1], ARGV[1])
+  return {}
+end
+redis.call('ZADD', KEYS[1], tonumber(ARGV[2]) + tonumber(ARGV[3]), ARGV[1])
+local fields = redis.call('HGETALL', KEYS[2])
+table.insert(fields, 1, redis.call('HINCRBY', KEYS[2], 'cbn', 1))
+return fields

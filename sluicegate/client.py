@@ -1,0 +1,635 @@
+"""Python client for the Sluicegate HTTP API: `Client` (sync) and `AsyncClient` (asyncio), on httpx.
+
+    from sluicegate.client import Client
+
+    with Client() as sg:                      # SLUICEGATE_URL, SLUICEGATE_API_KEY
+        sub = sg.submit("chat-42", "Tell me about sluice gates", max_tokens=40, priority="high")
+        for event in sg.stream(request_id=sub.request_id):
+            if event.event == "token":
+                print(event.text, end="", flush=True)
+
+`stream()` is the point of a client: generation never depends on the connection, so a dropped
+connection or a restarted API is a reconnect with `Last-Event-ID`, not an error. It retries
+transport errors and 5xx with a bounded, jittered backoff and gives up (`StreamUnavailable`) after
+`reconnect_timeout` seconds without a connection; a 4xx is the caller's problem and is raised at
+once (`CursorExpired` when the session's log no longer holds the cursor). Every error the API
+answers is a `SluicegateError` carrying its status and the `type`/`code` of the JSON error body.
+
+This module talks HTTP only: it must not import the server's packages (sluicegate.api and friends).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import random
+import time
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, overload
+from urllib.parse import quote
+
+import httpx
+from httpx_sse import EventSource, ServerSentEvent, SSEError, aconnect_sse, connect_sse
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+TERMINAL = frozenset({"done", "error", "cancelled"})
+RETRIED_STATUSES = frozenset({500, 502, 503, 504})  # the server or a proxy in front of it is down or busy
+Priority = int | str  # 0..9 or low|normal|high|critical
+
+
+class _Keep:
+    """The default of an admin field that is left as it is (None means "unlimited" / "default")."""
+
+    def __repr__(self) -> str:
+        return "KEEP"
+
+
+KEEP: Any = _Keep()
+
+
+# ---- values ---------------------------------------------------------------------------------------
+class SluicegateError(Exception):
+    """An error answer of the API (`status`, and `code`/`message` from its JSON body), or no answer at all
+    (`status` None: the server could not be reached)."""
+
+    def __init__(self, status: int | None, code: str, message: str, body: Any = None,
+                 retry_after: float | None = None) -> None:
+        super().__init__(f"{status if status is not None else 'no answer'} {code}: {message}")
+        self.status = status
+        self.code = code
+        self.message = message
+        self.body = body
+        self.retry_after = retry_after
+
+
+class CursorExpired(SluicegateError):
+    """409 `cursor_expired`: the session's log was trimmed past the resume cursor (the message names the
+    oldest kept id). Resuming silently without a cursor would skip events, so the caller decides."""
+
+
+class StreamUnavailable(SluicegateError):
+    """A stream could not be (re)connected within `reconnect_timeout` seconds."""
+
+
+@dataclass(frozen=True)
+class Event:
+    """One event of a session's log: `event` (queued, started, token, ..., done), its `id` (strictly
+    increasing within the session: the resume cursor) and its JSON `data`."""
+
+    event: str
+    id: int
+    data: dict[str, Any]
+
+    @property
+    def request_id(self) -> str | None:
+        return self.data.get("request_id")
+
+    @property
+    def text(self) -> str:
+        """A token's text ('' for the other events)."""
+        return str(self.data.get("text") or "")
+
+    @property
+    def index(self) -> int | None:
+        """A token's 0-based position in its request's output."""
+        return self.data.get("index")
+
+    @property
+    def terminal(self) -> bool:
+        return self.event in TERMINAL
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"event": self.event, "id": self.id, "data": self.data}
+
+
+@dataclass(frozen=True)
+class Submitted:
+    """The answer to a submit (202)."""
+
+    request_id: str
+    session_id: str
+    events_url: str
+    status: str = "queued"
+    raw: dict[str, Any] = field(default_factory=dict, repr=False)
+
+
+# ---- what the sync and async clients share -------------------------------------------------------
+def _quoted(value: str) -> str:
+    return quote(value, safe="")
+
+
+def _error_from(response: httpx.Response, body: bytes) -> SluicegateError:
+    """The API's `{"error": {"type", "message", "code"?}}`, or whatever a proxy answered instead."""
+    parsed: Any = None
+    code, message = _status_code_name(response.status_code), body.decode(errors="replace").strip()[:500]
+    with contextlib.suppress(ValueError):
+        parsed = json.loads(body) if body else None
+    if isinstance(parsed, dict) and isinstance(parsed.get("error"), dict):
+        error = parsed["error"]
+        named = error.get("code") if isinstance(error.get("code"), str) else error.get("type")
+        code = str(named or code)
+        message = str(error.get("message") or message)
+    retry_after = None
+    with contextlib.suppress(ValueError):
+        retry_after = float(response.headers["retry-after"]) if "retry-after" in response.headers else None
+    kind = CursorExpired if code == "cursor_expired" else SluicegateError
+    return kind(response.status_code, code, message or response.reason_phrase, parsed, retry_after)
+
+
+def _status_code_name(status: int) -> str:
+    return {400: "invalid_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 409: "conflict",
+            422: "invalid_request", 429: "rate_limited", 503: "unavailable"}.get(status, f"http_{status}")
+
+
+def _unreachable(error: Exception, url: str) -> SluicegateError:
+    return SluicegateError(None, "unreachable", f"{url}: {type(error).__name__}: {error}")
+
+
+def _body_error(payload: Any) -> SluicegateError | None:
+    """A failure reported inside a 200 (a chat answer whose status went out before it ended)."""
+    if isinstance(payload, dict) and isinstance(payload.get("error"), dict):
+        error = payload["error"]
+        status = error.get("code") if isinstance(error.get("code"), int) else None
+        return SluicegateError(status, str(error.get("type") or "error"), str(error.get("message") or ""), payload)
+    return None
+
+
+def _submit_body(prompt: str | Sequence[Mapping[str, Any]], max_tokens: int | None, priority: Priority | None,
+                 tenant: str | None, group: str | None, params: Mapping[str, Any] | None, deadline_ms: int | None,
+                 on_deadline_miss: str | None, callback_url: str | None) -> dict[str, Any]:
+    """Only what is given: the server's defaults stay the server's."""
+    body: dict[str, Any] = {"prompt": prompt} if isinstance(prompt, str) else {"messages": list(prompt)}
+    optional = {"max_tokens": max_tokens, "priority": priority, "tenant": tenant, "group": group,
+                "params": dict(params) if params else None, "deadline_ms": deadline_ms,
+                "on_deadline_miss": on_deadline_miss, "callback_url": callback_url}
+    body.update({k: v for k, v in optional.items() if v is not None})
+    return body
+
+
+def _chat_call(messages: Sequence[Mapping[str, Any]], model: str | None, stream: bool, session_id: str | None,
+               priority: Priority | None, tenant: str | None, group: str | None, max_tokens: int | None,
+               deadline_ms: int | None, callback_url: str | None, extra: dict[str, Any]
+               ) -> tuple[dict[str, Any], dict[str, str]]:
+    """The body and the X- headers that carry Sluicegate's fields on the OpenAI route."""
+    body: dict[str, Any] = {"messages": list(messages), "stream": stream, **extra}
+    if model is not None:
+        body["model"] = model
+    if max_tokens is not None:
+        body["max_tokens"] = max_tokens
+    given = {"X-Session-Id": session_id, "X-Priority": priority, "X-Tenant": tenant, "X-Group": group,
+             "X-Deadline-Ms": deadline_ms, "X-Callback-Url": callback_url}
+    return body, {k: str(v) for k, v in given.items() if v is not None}
+
+
+def _admin_fields(**fields: Any) -> dict[str, Any]:
+    return {k: v for k, v in fields.items() if v is not KEEP}
+
+
+def _chunk(sse: ServerSentEvent) -> dict[str, Any] | None:
+    """One chat chunk, None at `[DONE]`; raises the error object the route sends when generation fails."""
+    if sse.data.strip() == "[DONE]":
+        return None
+    payload = json.loads(sse.data)
+    error = _body_error(payload)
+    if error is not None:
+        raise error
+    return payload
+
+
+class _Retry(Exception):
+    """Internal: this attempt failed in a way worth a reconnect."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+class _Follow:
+    """The resume logic of one `stream()` call, apart from its I/O: the cursor, when to stop, and the
+    backoff between reconnects (jittered, doubling up to `max_backoff`, at least the server's
+    Retry-After), bounded by `reconnect_timeout` seconds without a connection."""
+
+    def __init__(self, path: str, *, request_id: str | None, after: int | None, reconnect_timeout: float,
+                 max_backoff: float, on_reconnect: Callable[[Exception, float], None] | None) -> None:
+        self.path = path
+        self.request_id = request_id
+        self.last_id = after
+        self.ended = False
+        self.reconnect_timeout = reconnect_timeout
+        self.max_backoff = max_backoff
+        self.on_reconnect = on_reconnect
+        self.failing_since: float | None = None
+        self.delay = 0.0
+
+    def headers(self) -> dict[str, str]:
+        return {"Last-Event-ID": str(self.last_id)} if self.last_id is not None else {}
+
+    def connected(self) -> None:
+        self.failing_since = None
+
+    def accept(self, sse: ServerSentEvent) -> Event | None:
+        """The event to yield, or None for one already seen (ids only increase; a server never resends
+        one, but a client that says "none twice" checks)."""
+        try:
+            event_id = int(sse.id)
+        except (TypeError, ValueError):
+            return None  # not a log event (the API sends none without an id)
+        if self.last_id is not None and event_id <= self.last_id:
+            return None
+        self.last_id = event_id
+        self.delay = 0.0  # progress: the next drop starts the backoff afresh
+        event = Event(sse.event, event_id, json.loads(sse.data) if sse.data else {})
+        if self.request_id is not None and event.terminal and event.request_id in (self.request_id, None):
+            self.ended = True
+        return event
+
+    def refused(self, response: httpx.Response, body: bytes) -> _Retry:
+        """A non-200 answer: a reconnect for a server down or busy (5xx); raised at once otherwise."""
+        error = _error_from(response, body)
+        if response.status_code in RETRIED_STATUSES:
+            return _Retry(error)
+        raise error
+
+    def backoff(self, error: Exception) -> float:
+        """Seconds to wait before the next attempt; raises StreamUnavailable once out of time."""
+        now = time.monotonic()
+        if self.failing_since is None:
+            self.failing_since = now
+        elapsed = now - self.failing_since
+        if elapsed >= self.reconnect_timeout:
+            if isinstance(error, SluicegateError) and error.status is not None:
+                raise StreamUnavailable(error.status, error.code, f"gave up after {elapsed:.1f} s: {error.message}",
+                                        error.body) from error
+            raise StreamUnavailable(None, "unreachable", f"{self.path}: gave up reconnecting after {elapsed:.1f} s: "
+                                    f"{type(error).__name__}: {error}") from error
+        self.delay = min(self.max_backoff, max(0.05, self.delay * 2))
+        wait = self.delay * random.uniform(0.5, 1.0)
+        retry_after = error.retry_after if isinstance(error, SluicegateError) else None
+        if retry_after:
+            wait = max(wait, min(retry_after, self.max_backoff * 4))
+        wait = min(wait, max(0.0, self.reconnect_timeout - elapsed))
+        if self.on_reconnect is not None:
+            self.on_reconnect(error, wait)
+        return wait
+
+
+class _Base:
+    """Configuration and request building common to both clients."""
+
+    def __init__(self, url: str | None = None, *, api_key: str | None = None, timeout: float = 30.0,
+                 stream_read_timeout: float = 60.0, reconnect_timeout: float = 60.0, max_backoff: float = 2.0) -> None:
+        self.url = (url or os.environ.get("SLUICEGATE_URL") or DEFAULT_URL).rstrip("/")
+        self.api_key = api_key if api_key is not None else (os.environ.get("SLUICEGATE_API_KEY") or None)
+        self.timeout = timeout
+        # Idle SSE streams get a keep-alive comment every --sse-ping-seconds (15 s by default): a read
+        # silent for longer than this is a dead connection (a host gone without a FIN), so reconnect.
+        self.stream_timeout = httpx.Timeout(timeout, read=stream_read_timeout)
+        self.reconnect_timeout = reconnect_timeout
+        self.max_backoff = max_backoff
+
+    def _headers(self) -> dict[str, str]:
+        headers = {"User-Agent": "sluicegate-client"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        return headers
+
+    def _follow(self, session_id: str | None, request_id: str | None, after: int | None,
+                reconnect_timeout: float | None, on_reconnect: Callable[[Exception, float], None] | None) -> _Follow:
+        if (session_id is None) == (request_id is None):
+            raise ValueError("give exactly one of session_id or request_id")
+        path = (f"/v1/requests/{_quoted(request_id)}/events" if request_id is not None
+                else f"/v1/sessions/{_quoted(str(session_id))}/events")
+        return _Follow(path, request_id=request_id, after=after, max_backoff=self.max_backoff,
+                       reconnect_timeout=self.reconnect_timeout if reconnect_timeout is None else reconnect_timeout,
+                       on_reconnect=on_reconnect)
+
+
+def _submitted(payload: dict[str, Any]) -> Submitted:
+    return Submitted(request_id=payload["request_id"], session_id=payload["session_id"],
+                     events_url=payload.get("events_url", ""), status=payload.get("status", "queued"), raw=payload)
+
+
+# ---- sync -----------------------------------------------------------------------------------------
+class Client(_Base):
+    """A blocking client; use it as a context manager (or call close()) to release its connections."""
+
+    def __init__(self, url: str | None = None, *, api_key: str | None = None, timeout: float = 30.0,
+                 stream_read_timeout: float = 60.0, reconnect_timeout: float = 60.0, max_backoff: float = 2.0,
+                 transport: httpx.BaseTransport | None = None) -> None:
+        super().__init__(url, api_key=api_key, timeout=timeout, stream_read_timeout=stream_read_timeout,
+                         reconnect_timeout=reconnect_timeout, max_backoff=max_backoff)
+        self.http = httpx.Client(base_url=self.url, headers=self._headers(), timeout=timeout, transport=transport)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.http.close()
+
+    def _call(self, method: str, path: str, body: Any = None, params: Mapping[str, Any] | None = None) -> Any:
+        try:
+            response = self.http.request(method, path, json=body, params=params)
+        except httpx.TransportError as error:
+            raise _unreachable(error, self.url + path) from error
+        if response.status_code >= 400:
+            raise _error_from(response, response.content)
+        return response.json() if response.content else None
+
+    # requests
+    def submit(self, session_id: str, prompt: str | Sequence[Mapping[str, Any]], *, max_tokens: int | None = None,
+               priority: Priority | None = None, tenant: str | None = None, group: str | None = None,
+               params: Mapping[str, Any] | None = None, deadline_ms: int | None = None,
+               on_deadline_miss: str | None = None, callback_url: str | None = None) -> Submitted:
+        """Queue a request in the session (`prompt` is a string, or a list of chat messages)."""
+        body = _submit_body(prompt, max_tokens, priority, tenant, group, params, deadline_ms, on_deadline_miss,
+                            callback_url)
+        return _submitted(self._call("POST", f"/v1/sessions/{_quoted(session_id)}/requests", body))
+
+    def request(self, request_id: str, *, include_output: bool = False) -> dict[str, Any]:
+        """Status, tokens so far and timestamps (with `include_output`, the text so far too)."""
+        params = {"include": "output"} if include_output else None
+        return self._call("GET", f"/v1/requests/{_quoted(request_id)}", params=params)
+
+    def cancel(self, request_id: str) -> dict[str, Any]:
+        return self._call("DELETE", f"/v1/requests/{_quoted(request_id)}")
+
+    def stream(self, *, session_id: str | None = None, request_id: str | None = None, after: int | None = None,
+               reconnect_timeout: float | None = None,
+               on_reconnect: Callable[[Exception, float], None] | None = None) -> Iterator[Event]:
+        """The events of a request (ends after its terminal event) or of a session (never ends by itself),
+        after the event id `after` when given; reconnects and resumes by itself (see the module doc)."""
+        follow = self._follow(session_id, request_id, after, reconnect_timeout, on_reconnect)
+        while not follow.ended:
+            try:
+                with connect_sse(self.http, "GET", follow.path, headers=follow.headers(),
+                                 timeout=self.stream_timeout) as source:
+                    response = source.response
+                    if response.status_code != 200:
+                        raise follow.refused(response, response.read())
+                    follow.connected()
+                    for sse in source.iter_sse():
+                        event = follow.accept(sse)
+                        if event is not None:
+                            yield event
+                            if follow.ended:
+                                return
+                    raise _Retry(ConnectionError("the stream ended before its terminal event"))
+            except (_Retry, httpx.TransportError) as error:
+                cause = error.error if isinstance(error, _Retry) else error
+                time.sleep(follow.backoff(cause))
+            except SSEError as error:  # a 200 that is no event stream: not the API (a proxy's page?)
+                raise SluicegateError(200, "not_an_event_stream", str(error)) from error
+
+    # OpenAI-compatible chat
+    @overload
+    def chat(self, messages: Sequence[Mapping[str, Any]], *, model: str | None = ..., stream: Literal[False] = ...,
+             session_id: str | None = ..., priority: Priority | None = ..., tenant: str | None = ...,
+             group: str | None = ..., max_tokens: int | None = ..., deadline_ms: int | None = ...,
+             callback_url: str | None = ..., **extra: Any) -> dict[str, Any]: ...
+
+    @overload
+    def chat(self, messages: Sequence[Mapping[str, Any]], *, model: str | None = ..., stream: Literal[True],
+             session_id: str | None = ..., priority: Priority | None = ..., tenant: str | None = ...,
+             group: str | None = ..., max_tokens: int | None = ..., deadline_ms: int | None = ...,
+             callback_url: str | None = ..., **extra: Any) -> Iterator[dict[str, Any]]: ...
+
+    def chat(self, messages: Sequence[Mapping[str, Any]], *, model: str | None = None, stream: bool = False,
+             session_id: str | None = None, priority: Priority | None = None, tenant: str | None = None,
+             group: str | None = None, max_tokens: int | None = None, deadline_ms: int | None = None,
+             callback_url: str | None = None, **extra: Any) -> dict[str, Any] | Iterator[dict[str, Any]]:
+        """POST /v1/chat/completions: the `chat.completion` dict, or with `stream=True` an iterator of
+        `chat.completion.chunk` dicts (opened before this returns, so a refused call raises here; a
+        dropped chat stream is not resumed: follow `X-Request-Id` with stream() for that). Other
+        OpenAI fields (temperature, tools, ...) go in `extra`."""
+        body, headers = _chat_call(messages, model, stream, session_id, priority, tenant, group, max_tokens,
+                                   deadline_ms, callback_url, extra)
+        if not stream:
+            timeout = self.stream_timeout  # the answer comes when generation ends; newlines keep it alive
+            try:
+                response = self.http.post("/v1/chat/completions", json=body, headers=headers, timeout=timeout)
+            except httpx.TransportError as error:
+                raise _unreachable(error, self.url + "/v1/chat/completions") from error
+            if response.status_code >= 400:
+                raise _error_from(response, response.content)
+            payload = response.json()
+            failed = _body_error(payload)
+            if failed is not None:
+                raise failed
+            return payload
+        request = self.http.build_request("POST", "/v1/chat/completions", json=body,
+                                          headers={**headers, "Accept": "text/event-stream"},
+                                          timeout=self.stream_timeout)
+        try:
+            response = self.http.send(request, stream=True)
+        except httpx.TransportError as error:
+            raise _unreachable(error, self.url + "/v1/chat/completions") from error
+        if response.status_code >= 400:
+            try:
+                raise _error_from(response, response.read())
+            finally:
+                response.close()
+        return self._chunks(response)
+
+    def _chunks(self, response: httpx.Response) -> Iterator[dict[str, Any]]:
+        try:
+            for sse in EventSource(response).iter_sse():
+                chunk = _chunk(sse)
+                if chunk is None:
+                    return
+                yield chunk
+        except httpx.TransportError as error:
+            raise _unreachable(error, self.url + "/v1/chat/completions") from error
+        finally:
+            response.close()
+
+    # admin (the admin key when auth is on)
+    def set_quota(self, group: str, *, requests_per_second: float | None = KEEP, tokens_per_second: float | None = KEEP,
+                  burst: int | None = KEEP, max_concurrency: int | None = KEEP, burst_tokens: float | None = KEEP,
+                  model: str | None = KEEP) -> dict[str, Any]:
+        """Set a group's quota fields: the ones not given are kept, None removes a limit (unlimited)."""
+        fields = _admin_fields(requests_per_second=requests_per_second, tokens_per_second=tokens_per_second,
+                               burst=burst, max_concurrency=max_concurrency, burst_tokens=burst_tokens, model=model)
+        return self._call("PUT", f"/v1/admin/groups/{_quoted(group)}", fields)
+
+    def set_weight(self, tenant: str, weight: float) -> dict[str, Any]:
+        """A tenant's fair-share weight (default 1.0)."""
+        return self._call("PUT", f"/v1/admin/tenants/{_quoted(tenant)}", {"weight": weight})
+
+    def set_tenant(self, tenant: str, *, weight: float = KEEP, max_priority: Priority | None = KEEP,
+                   max_streams: int | None = KEEP, **limits: Any) -> dict[str, Any]:
+        """A tenant's weight and guardrails: fields not given are kept, None goes back to the default."""
+        fields = _admin_fields(weight=weight, max_priority=max_priority, max_streams=max_streams, **limits)
+        return self._call("PUT", f"/v1/admin/tenants/{_quoted(tenant)}", fields)
+
+    def groups(self) -> list[dict[str, Any]]:
+        return self._call("GET", "/v1/admin/groups")["groups"]
+
+    def tenants(self) -> list[dict[str, Any]]:
+        return self._call("GET", "/v1/admin/tenants")["tenants"]
+
+    def stats(self) -> dict[str, Any]:
+        """Queue depth by group, priority and tenant; running; workers; quotas; tenants."""
+        return self._call("GET", "/v1/admin/stats")
+
+
+# ---- async ----------------------------------------------------------------------------------------
+class AsyncClient(_Base):
+    """The asyncio twin of `Client`: the same methods, awaited; `stream()` and a streamed `chat()` are
+    async iterators. Use `async with` (or `await aclose()`)."""
+
+    def __init__(self, url: str | None = None, *, api_key: str | None = None, timeout: float = 30.0,
+                 stream_read_timeout: float = 60.0, reconnect_timeout: float = 60.0, max_backoff: float = 2.0,
+                 transport: httpx.AsyncBaseTransport | None = None) -> None:
+        super().__init__(url, api_key=api_key, timeout=timeout, stream_read_timeout=stream_read_timeout,
+                         reconnect_timeout=reconnect_timeout, max_backoff=max_backoff)
+        self.http = httpx.AsyncClient(base_url=self.url, headers=self._headers(), timeout=timeout,
+                                      transport=transport)
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
+
+    async def _call(self, method: str, path: str, body: Any = None, params: Mapping[str, Any] | None = None) -> Any:
+        try:
+            response = await self.http.request(method, path, json=body, params=params)
+        except httpx.TransportError as error:
+            raise _unreachable(error, self.url + path) from error
+        if response.status_code >= 400:
+            raise _error_from(response, response.content)
+        return response.json() if response.content else None
+
+    async def submit(self, session_id: str, prompt: str | Sequence[Mapping[str, Any]], *,
+                     max_tokens: int | None = None, priority: Priority | None = None, tenant: str | None = None,
+                     group: str | None = None, params: Mapping[str, Any] | None = None,
+                     deadline_ms: int | None = None, on_deadline_miss: str | None = None,
+                     callback_url: str | None = None) -> Submitted:
+        body = _submit_body(prompt, max_tokens, priority, tenant, group, params, deadline_ms, on_deadline_miss,
+                            callback_url)
+        return _submitted(await self._call("POST", f"/v1/sessions/{_quoted(session_id)}/requests", body))
+
+    async def request(self, request_id: str, *, include_output: bool = False) -> dict[str, Any]:
+        params = {"include": "output"} if include_output else None
+        return await self._call("GET", f"/v1/requests/{_quoted(request_id)}", params=params)
+
+    async def cancel(self, request_id: str) -> dict[str, Any]:
+        return await self._call("DELETE", f"/v1/requests/{_quoted(request_id)}")
+
+    async def stream(self, *, session_id: str | None = None, request_id: str | None = None, after: int | None = None,
+                     reconnect_timeout: float | None = None,
+                     on_reconnect: Callable[[Exception, float], None] | None = None) -> AsyncIterator[Event]:
+        """As Client.stream()."""
+        follow = self._follow(session_id, request_id, after, reconnect_timeout, on_reconnect)
+        while not follow.ended:
+            try:
+                async with aconnect_sse(self.http, "GET", follow.path, headers=follow.headers(),
+                                        timeout=self.stream_timeout) as source:
+                    response = source.response
+                    if response.status_code != 200:
+                        raise follow.refused(response, await response.aread())
+                    follow.connected()
+                    async for sse in source.aiter_sse():
+                        event = follow.accept(sse)
+                        if event is not None:
+                            yield event
+                            if follow.ended:
+                                return
+                    raise _Retry(ConnectionError("the stream ended before its terminal event"))
+            except (_Retry, httpx.TransportError) as error:
+                cause = error.error if isinstance(error, _Retry) else error
+                await asyncio.sleep(follow.backoff(cause))
+            except SSEError as error:
+                raise SluicegateError(200, "not_an_event_stream", str(error)) from error
+
+    @overload
+    async def chat(self, messages: Sequence[Mapping[str, Any]], *, model: str | None = ...,
+                   stream: Literal[False] = ..., session_id: str | None = ..., priority: Priority | None = ...,
+                   tenant: str | None = ..., group: str | None = ..., max_tokens: int | None = ...,
+                   deadline_ms: int | None = ..., callback_url: str | None = ..., **extra: Any) -> dict[str, Any]: ...
+
+    @overload
+    async def chat(self, messages: Sequence[Mapping[str, Any]], *, model: str | None = ..., stream: Literal[True],
+                   session_id: str | None = ..., priority: Priority | None = ..., tenant: str | None = ...,
+                   group: str | None = ..., max_tokens: int | None = ..., deadline_ms: int | None = ...,
+                   callback_url: str | None = ..., **extra: Any) -> AsyncIterator[dict[str, Any]]: ...
+
+    async def chat(self, messages: Sequence[Mapping[str, Any]], *, model: str | None = None, stream: bool = False,
+                   session_id: str | None = None, priority: Priority | None = None, tenant: str | None = None,
+                   group: str | None = None, max_tokens: int | None = None, deadline_ms: int | None = None,
+                   callback_url: str | None = None,
+                   **extra: Any) -> dict[str, Any] | AsyncIterator[dict[str, Any]]:
+        """As Client.chat()."""
+        body, headers = _chat_call(messages, model, stream, session_id, priority, tenant, group, max_tokens,
+                                   deadline_ms, callback_url, extra)
+        path = "/v1/chat/completions"
+        if not stream:
+            try:
+                response = await self.http.post(path, json=body, headers=headers, timeout=self.stream_timeout)
+            except httpx.TransportError as error:
+                raise _unreachable(error, self.url + path) from error
+            if response.status_code >= 400:
+                raise _error_from(response, response.content)
+            payload = response.json()
+            failed = _body_error(payload)
+            if failed is not None:
+                raise failed
+            return payload
+        request = self.http.build_request("POST", path, json=body, headers={**headers, "Accept": "text/event-stream"},
+                                          timeout=self.stream_timeout)
+        try:
+            response = await self.http.send(request, stream=True)
+        except httpx.TransportError as error:
+            raise _unreachable(error, self.url + path) from error
+        if response.status_code >= 400:
+            try:
+                raise _error_from(response, await response.aread())
+            finally:
+                await response.aclose()
+        return self._chunks(response)
+
+    async def _chunks(self, response: httpx.Response) -> AsyncIterator[dict[str, Any]]:
+        try:
+            async for sse in EventSource(response).aiter_sse():
+                chunk = _chunk(sse)
+                if chunk is None:
+                    return
+                yield chunk
+        except httpx.TransportError as error:
+            raise _unreachable(error, self.url + "/v1/chat/completions") from error
+        finally:
+            await response.aclose()
+
+    async def set_quota(self, group: str, *, requests_per_second: float | None = KEEP,
+                        tokens_per_second: float | None = KEEP, burst: int | None = KEEP,
+                        max_concurrency: int | None = KEEP, burst_tokens: float | None = KEEP,
+                        model: str | None = KEEP) -> dict[str, Any]:
+        fields = _admin_fields(requests_per_second=requests_per_second, tokens_per_second=tokens_per_second,
+                               burst=burst, max_concurrency=max_concurrency, burst_tokens=burst_tokens, model=model)
+        return await self._call("PUT", f"/v1/admin/groups/{_quoted(group)}", fields)
+
+    async def set_weight(self, tenant: str, weight: float) -> dict[str, Any]:
+        return await self._call("PUT", f"/v1/admin/tenants/{_quoted(tenant)}", {"weight": weight})
+
+    async def set_tenant(self, tenant: str, *, weight: float = KEEP, max_priority: Priority | None = KEEP,
+                         max_streams: int | None = KEEP, **limits: Any) -> dict[str, Any]:
+        fields = _admin_fields(weight=weight, max_priority=max_priority, max_streams=max_streams, **limits)
+        return await self._call("PUT", f"/v1/admin/tenants/{_quoted(tenant)}", fields)
+
+    async def groups(self) -> list[dict[str, Any]]:
+        return (await self._call("GET", "/v1/admin/groups"))["groups"]
+
+    async def tenants(self) -> list[dict[str, Any]]:
+        return (await self._call("GET", "/v1/admin/tenants"))["tenants"]
+
+    async def stats(self) -> dict[str, Any]:
+        return await self._call("GET", "/v1/admin/stats")

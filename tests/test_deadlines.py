@@ -1,0 +1,246 @@
+"""Deadlines (issue 14), against the real scripts: within a class and a tenant's share the earliest
+deadline goes first, requests without one in FIFO order bounded by the horizon; a request about to
+miss its deadline rises by at most --deadline-max-boost classes, never above the highest class with
+work; a tenant that marks everything urgent gains nothing over the others; a missed deadline with
+"fail" ends the request at once and charges nothing."""
+
+from __future__ import annotations
+
+import random
+import urllib.request
+
+import pytest
+import redis
+
+from sluicegate.sessions import keys
+from tests.helpers import Stack, call, fast_settings, sse, wait_for
+from tests.sched_harness import Harness
+
+SINGLE = pytest.mark.single_server  # the deterministic harness pins the clock (a global key)
+
+
+def busy(h: Harness) -> str:
+    """One slot, taken by a long request of another tenant: what is submitted next waits."""
+    h.add_worker("w1", slots=1)
+    return h.submit("blocker", tenant="other", max_tokens=1000)
+
+
+def order_of(h: Harness, rids: list[str], blocker: str) -> list[str]:
+    """Complete the blocker, then each run in turn: the order the waiting requests were dispatched."""
+    h.complete(blocker)
+    order = []
+    for _ in rids:
+        run = h.runs[0]
+        order.append(run.rid)
+        h.complete(run.rid)
+    return order
+
+
+@SINGLE
+def test_earliest_deadline_first_and_no_deadline_in_fifo_order(r: redis.Redis) -> None:
+    h = Harness(r)
+    h.policy(max_pre=0)
+    blocker = busy(h)
+    plan = [("a", None), ("b", 5000), ("c", 1000), ("d", None), ("e", 3000)]
+    rids = {}
+    for name, deadline in plan:
+        h.advance(10)
+        rids[name] = h.submit(f"s-{name}", tenant="t", deadline_ms=deadline)
+    names = {rid: name for name, rid in rids.items()}
+    assert [names[rid] for rid in order_of(h, list(rids.values()), blocker)] == ["c", "e", "b", "a", "d"]
+
+
+@SINGLE
+def test_the_horizon_bounds_how_long_deadlines_keep_a_request_without_one_waiting(r: redis.Redis) -> None:
+    h = Harness(r)
+    h.policy(max_pre=0, dlh=2000)  # a request without a deadline ranks as due 2 s after it is ready
+    blocker = busy(h)
+    plain = h.submit("s-plain", tenant="t")
+    h.advance(10)
+    late = h.submit("s-late", tenant="t", deadline_ms=5000)  # due after the plain one's horizon
+    soon = h.submit("s-soon", tenant="t", deadline_ms=1000)  # due before it
+    assert order_of(h, [plain, late, soon], blocker) == [soon, plain, late]
+
+
+@SINGLE
+def test_a_request_that_missed_its_deadline_waits_behind_one_that_can_still_make_it(r: redis.Redis) -> None:
+    """Under overload, work that already missed must not take the turns of work that can still make it
+    (EDF's domino effect): once its deadline passes, a request ranks the horizon after it."""
+    h = Harness(r)
+    h.policy(max_pre=0, dlh=10_000)
+    blocker = busy(h)
+    missed = h.submit("s-missed", tenant="t", deadline_ms=1000)
+    h.advance(1100)
+    h.sweep()  # its deadline passed while it waited: re-ranked
+    on_time = h.submit("s-on-time", tenant="t", deadline_ms=500)
+    h.advance(200)
+    plain = h.submit("s-plain", tenant="t")  # no deadline: ranks 10 s after it came, after the missed one
+    assert order_of(h, [missed, on_time, plain], blocker) == [on_time, missed, plain]
+
+
+@SINGLE
+def test_marking_everything_urgent_gains_a_tenant_nothing(r: redis.Redis) -> None:
+    """Two runs of the same workload on one slot, one where tenant u gives every request a 1 ms
+    deadline: the sequence of tenants dispatched is the same, request for request."""
+
+    def tenants_served(urgent: bool) -> list[str]:
+        r.flushall()
+        h = Harness(r)
+        h.policy(max_pre=0)
+        h.weight("u", 1.0)
+        h.weight("v", 2.0)
+        rng = random.Random(5)
+        n = 0
+        for tenant in ("u", "v") * 4:
+            n += 1
+            h.submit(f"{tenant}-{n}", tenant=tenant, max_tokens=rng.randint(5, 30),
+                     deadline_ms=1 if urgent and tenant == "u" else None)
+        h.add_worker("w1", slots=1)
+        served = []
+        for _ in range(60):
+            run = h.runs[0]
+            tenant = h.req(run.rid)["tn"]
+            served.append(tenant)
+            h.advance(5)
+            n += 1
+            h.submit(f"{tenant}-{n}", tenant=tenant, max_tokens=rng.randint(5, 30),
+                     deadline_ms=1 if urgent and tenant == "u" else None)
+            h.complete(run.rid)
+        return served
+
+    plain, urgent = tenants_served(False), tenants_served(True)
+    assert urgent == plain
+    assert abs(plain.count("v") / len(plain) - 2 / 3) < 0.1  # and the weights hold
+
+
+@SINGLE
+def test_a_request_about_to_miss_rises_by_the_bounded_boost_only(r: redis.Redis) -> None:
+    h = Harness(r)
+    h.policy(max_pre=0, dlw=100, dlb=1)
+    blocker = busy(h)
+    high = h.submit("s-high", tenant="t", priority=7)
+    mid = h.submit("s-mid", tenant="t", priority=6)
+    urgent = h.submit("s-urgent", tenant="t", priority=5, deadline_ms=500)
+    assert h.sweep()[1] == 0  # slack left: nothing rises
+    h.advance(401)  # within the promotion window (100 ms) of its deadline
+    _, promoted, _, wake, _ = h.sweep()
+    assert promoted == 1 and h.req(urgent)["ep"] == "6"  # one class up: above 5, never above 7
+    # in class 6 it competes by deadline inside its tenant: it goes before the older mid request
+    assert order_of(h, [high, mid, urgent], blocker) == [high, urgent, mid]
+
+
+@SINGLE
+def test_the_boost_never_lifts_past_the_highest_class_with_work(r: redis.Redis) -> None:
+    h = Harness(r)
+    h.policy(max_pre=0, dlw=100, dlb=5)
+    blocker = busy(h)
+    six = h.submit("s-six", tenant="t", priority=6)
+    urgent = h.submit("s-urgent", tenant="t", priority=2, deadline_ms=200)
+    h.advance(150)
+    assert h.sweep()[1] == 1 and h.req(urgent)["ep"] == "6"  # 2 + 5 = 7 capped at 6
+    assert order_of(h, [six, urgent], blocker) == [urgent, six]  # in class 6, by deadline first
+
+
+@SINGLE
+def test_the_sweep_wakes_when_a_deadline_needs_it(r: redis.Redis) -> None:
+    h = Harness(r)
+    h.policy(max_pre=0, dlw=100)
+    busy(h)
+    h.submit("s-high", tenant="t", priority=7)
+    h.submit("s-fail", tenant="t", priority=5, deadline_ms=3000, fail_on_miss=True)
+    h.submit("s-run", tenant="t", priority=4, deadline_ms=1000)
+    now = h.now
+    assert h.sweep()[3] == now + 1000 - 100  # the earliest: s-run's slack runs out
+
+
+@SINGLE
+def test_a_missed_deadline_that_fails_ends_at_once_and_charges_nothing(r: redis.Redis) -> None:
+    h = Harness(r)
+    h.policy(max_pre=0)
+    blocker = busy(h)
+    doomed = h.submit("s", tenant="t", deadline_ms=500, fail_on_miss=True)
+    after = h.submit("s", tenant="t", max_tokens=5)  # the same session: runs once `doomed` ended
+    late_ok = h.submit("s-run", tenant="t", deadline_ms=500)  # missed too, but it runs late
+    counters = r.hgetall(keys.group_key("default", "vtc"))  # t lifted to the least counter as it arrived
+    h.advance(499)
+    h.sweep()
+    assert h.status(doomed) == "queued"
+    h.advance(2)
+    h.sweep()
+    assert h.status(doomed) == "failed" and h.status(late_ok) == "queued"
+    (error,) = [e for e in h.events("s", doomed) if e.event == "error"]
+    assert error.data["message"].startswith("deadline_exceeded")
+    assert h.req(doomed)["dmt"] == "0"
+    assert r.hgetall(keys.group_key("default", "vtc")) == counters  # nothing charged
+    assert not r.zcard(keys.group_key("default", "dld"))
+    h.complete(blocker)
+    first = h.runs[0].rid
+    assert first in (after, late_ok)
+    h.complete(first)
+    h.complete(h.runs[0].rid)
+    assert h.status(after) == "done" and h.status(late_ok) == "done"
+    assert h.req(late_ok)["dmt"] == "0"  # missed, and ran
+
+
+@SINGLE
+def test_a_deadline_met_at_the_first_token(r: redis.Redis) -> None:
+    h = Harness(r)
+    h.add_worker("w1", slots=1)
+    rid = h.submit("s", tenant="t", deadline_ms=500)
+    h.advance(100)
+    h.append(h.run_of(rid), 1)
+    assert h.req(rid)["dmt"] == "1"
+
+
+# ---- through the API, on one server and on a cluster ------------------------------------------------
+def test_deadlines_through_the_api(redis_url: str) -> None:
+    """deadline_ms and on_deadline_miss on a submit, X-Deadline-Ms on chat, the group's default per
+    class, and what GET /v1/requests/{id} says of them."""
+    stack = Stack(fast_settings(redis_url, slots=1)).start(workers=0)
+    try:
+        base = stack.base_url
+        code, body = call("PUT", f"{base}/v1/admin/groups/default", {"deadlines_ms": {"7": 800, "high": 900,
+                                                                                       "2": None}})
+        assert code == 200 and body["deadlines_ms"] == {"7": 900}, body
+        for bad in ({"deadlines_ms": {"7": 0}}, {"deadlines_ms": {"x": 5}}, {"deadlines_ms": None}):
+            assert call("PUT", f"{base}/v1/admin/groups/default", bad)[0] == 422
+        code, fail = call("POST", f"{base}/v1/sessions/d1/requests", {"prompt": "x", "max_tokens": 3,
+                                                                       "deadline_ms": 300, "on_deadline_miss": "fail"})
+        assert code == 202
+        code, default = call("POST", f"{base}/v1/sessions/d2/requests", {"prompt": "x", "max_tokens": 3,
+                                                                          "priority": "high"})
+        assert code == 202
+        view = call("GET", f"{base}/v1/requests/{default['request_id']}")[1]
+        assert view["deadline_at"] == pytest.approx(view["submitted_at"] + 0.9, abs=0.002)
+        assert view["deadline_met"] is None and view["on_deadline_miss"] == "run"
+        for bad in ({"deadline_ms": 0}, {"deadline_ms": "soon"}, {"on_deadline_miss": "panic"}):
+            assert call("POST", f"{base}/v1/sessions/d3/requests", {"prompt": "x", **bad})[0] == 422
+
+        # no worker: the failing one ends at its deadline (the scheduler's sweep), the other waits
+        events = list(sse(base, f"/v1/requests/{fail['request_id']}/events", timeout=10))
+        assert [e.event for e in events] == ["queued", "error"]
+        assert events[-1].data["message"].startswith("deadline_exceeded")
+        view = call("GET", f"{base}/v1/requests/{fail['request_id']}")[1]
+        assert view["status"] == "failed" and view["deadline_met"] is False
+        assert call("GET", f"{base}/v1/requests/{default['request_id']}")[1]["status"] == "queued"
+
+        stack.add_worker()
+        wait_for(lambda: call("GET", f"{base}/v1/requests/{default['request_id']}")[1]["status"] == "done",
+                 timeout=20, what="the late request to run")
+        assert call("GET", f"{base}/v1/requests/{default['request_id']}")[1]["deadline_met"] is False
+        code, reply = call("POST", f"{base}/v1/chat/completions",
+                           {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+                           headers={"X-Deadline-Ms": "60000", "X-Session-Id": "d-chat"})
+        assert code == 200, reply
+        rid = reply["id"].removeprefix("chatcmpl-")
+        view = call("GET", f"{base}/v1/requests/{rid}")[1]
+        assert view["deadline_met"] is True, view
+        assert call("POST", f"{base}/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]},
+                    headers={"X-Deadline-Ms": "-5"})[0] == 422
+        metrics = urllib.request.urlopen(f"{base}/metrics", timeout=10).read().decode()
+        assert 'sluicegate_deadlines_total{group="default",outcome="missed",priority="5"} 1.0' in metrics
+        assert 'sluicegate_deadlines_total{group="default",outcome="missed",priority="7"} 1.0' in metrics
+        assert 'sluicegate_deadlines_total{group="default",outcome="met",priority="5"} 1.0' in metrics
+        assert 'sluicegate_deadline_slack_seconds_count{group="default",priority="7"} 1.0' in metrics
+    finally:
+        stack.stop()

@@ -1,0 +1,72 @@
+"""The resumable route's hot path (api/hot_path.py) answers as FastAPI does: the same 202, the same
+errors (an unusual body is handed to FastAPI, replayed), the same event-stream headers; a request
+just submitted streams without a read of its head, and a head lost from the store falls back to it."""
+
+from __future__ import annotations
+
+import http.client
+import json
+
+from sluicegate.api.recent import RecentSubmits
+from sluicegate.sessions.store import LogBounds
+from tests.helpers import Stack, call, sse, submit
+
+BAD_BODIES = [b'{"prompt": "x", "max_tokens": 0}', b'{"prompt": "x", "messages": [{"role": "user", "content": "y"}]}',
+              b"{not json", b"[]", b"", b'{"prompt": "x", "max_tokens": 1, "tenant": "no spaces"}',
+              b'{"prompt": "x", "max_tokens": NaN}']
+
+
+def test_bad_submits_get_fastapis_own_answers(stack: Stack) -> None:
+    # application/json takes the hot path (and is handed back to FastAPI); a +json type goes to FastAPI
+    # directly: both must answer the same.
+    for raw in BAD_BODIES:
+        hot = call("POST", f"{stack.base_url}/v1/sessions/hp-1/requests", raw=raw)
+        plain = call("POST", f"{stack.base_url}/v1/sessions/hp-1/requests", raw=raw,
+                     headers={"content-type": "application/vnd.api+json"})
+        assert hot == plain and hot[0] == 422, (raw, hot, plain)
+    code, reply = call("POST", f"{stack.base_url}/v1/sessions/bad%20id/requests", {"prompt": "x"})
+    assert code == 422 and "session_id" in reply["error"]["message"]
+
+
+def test_submit_then_stream_through_the_hot_path(stack: Stack) -> None:
+    rid = submit(stack.base_url, "hp-2", max_tokens=5)
+    events = list(sse(stack.base_url, f"/v1/requests/{rid}/events"))
+    assert [e.event for e in events][0] == "queued" and events[-1].event == "done"
+    assert [e.data["index"] for e in events if e.event == "token"] == list(range(5))
+    again = list(sse(stack.base_url, f"/v1/requests/{rid}/events", last_id=events[1].id))  # a resume: read
+    assert [e.id for e in again] == [e.id for e in events[2:]]
+    code, reply = call("GET", f"{stack.base_url}/v1/requests/{rid[:2]}nope/events")
+    assert code == 404 and reply["error"]["type"] == "not_found"
+
+
+def test_event_streams_keep_sse_starlettes_headers(stack: Stack) -> None:
+    rid = submit(stack.base_url, "hp-3", max_tokens=1)
+    host, port = stack.base_url.removeprefix("http://").split(":")
+    for path in (f"/v1/requests/{rid}/events", "/v1/sessions/hp-3/events?after=0"):
+        connection = http.client.HTTPConnection(host, int(port), timeout=30)
+        connection.request("GET", path)
+        response = connection.getresponse()
+        assert response.status == 200
+        assert response.getheader("content-type") == "text/event-stream; charset=utf-8"
+        assert response.getheader("cache-control") == "no-store"
+        assert response.getheader("connection") == "keep-alive"
+        assert response.getheader("x-accel-buffering") == "no"
+        connection.close()  # a session's stream never ends
+    code, reply = call("GET", f"{stack.base_url}/v1/requests/{rid}/events", headers={"Last-Event-ID": "x"})
+    assert code == 422 and json.dumps(reply).count("Last-Event-ID") == 1
+
+
+def test_recent_submits_are_taken_once_and_age_out() -> None:
+    now = [0.0]
+    recent = RecentSubmits(session_ttl=4, clock=lambda: now[0])
+    recent.note("r1", "s", "t", 7)
+    assert recent.take("r1") == {"sid": "s", "tn": "t", "fs": "7"} and recent.take("r1") is None
+    recent.note("r2", "s", "t", 8)
+    now[0] = 2.5  # past half the session TTL
+    assert recent.take("r2") is None
+
+
+def test_a_first_event_lost_in_a_restart_is_not_held() -> None:
+    bounds = LogBounds(last_id=20, oldest_kept=1, holes=((10, 15),))
+    assert bounds.holds(10) and bounds.holds(15) and bounds.holds(20)
+    assert not bounds.holds(12) and not bounds.holds(21) and not bounds.holds(0)

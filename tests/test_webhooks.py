@@ -1,0 +1,203 @@
+"""Push mode (signed callbacks of ended requests, retried, surviving a restart of the delivery process)
+and polling mode (`?include=output`). Real Valkey, a real local receiver on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import signal
+from collections.abc import Iterator
+
+import pytest
+
+from sluicegate.sessions import keys
+from sluicegate.settings import Settings
+from sluicegate.webhooks.delivery import Delivery
+from sluicegate.webhooks.signing import HEADER, verify
+from tests.helpers import Stack, call, fast_settings, spawn, sse, stop_process, submit, wait_for
+from tests.webhook_receiver import Receiver
+
+SECRET = "test-secret"
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    running = Receiver().start()
+    yield running
+    running.stop()
+
+
+def hook_settings(redis_url: str, **overrides: object) -> Settings:
+    given = {"webhook_allow": "127.0.0.1", "webhook_secret": SECRET, "webhook_backoff": 0.2, "webhook_timeout": 2.0}
+    return fast_settings(redis_url, **{**given, **overrides})
+
+
+def start_stack(redis_url: str, *, delivery: bool = True, **overrides: object) -> Stack:
+    stack = Stack(hook_settings(redis_url, **overrides)).start(workers=1)
+    if delivery:
+        stack.start_service("webhooks", Delivery(stack.settings, poll_seconds=0.05).run)
+    return stack
+
+
+def status(stack: Stack, rid: str) -> dict:
+    code, view = call("GET", f"{stack.base_url}/v1/requests/{rid}")
+    assert code == 200, view
+    return view
+
+
+def delivered(stack: Stack, rid: str) -> dict | None:
+    view = status(stack, rid)
+    return view if view.get("callback", {}).get("status") in ("delivered", "failed") else None
+
+
+def test_an_ended_request_posts_its_signed_final_status_once(redis_url: str, receiver: Receiver) -> None:
+    stack = start_stack(redis_url)
+    try:
+        rid = submit(stack.base_url, "hook-1", max_tokens=5, callback_url=f"{receiver.url}/done")
+        view = wait_for(lambda: delivered(stack, rid), what="the delivery")
+        assert view["callback"] == {"url": f"{receiver.url}/done", "status": "delivered", "attempts": 1,
+                                    "last_error": None}
+        [hit] = receiver.to("/done")
+        assert verify(SECRET, hit.body, hit.headers[HEADER])
+        assert not verify("another secret", hit.body, hit.headers[HEADER])
+        t, v1 = hit.headers[HEADER].split(",")
+        assert t.startswith("t=") and v1.startswith("v1=") and len(v1) == 3 + 64
+        body = json.loads(hit.body)
+        assert body["request_id"] == rid and body["status"] == "done" and body["tokens"] == 5
+        assert body["finished_at"] is not None and "callback" not in body
+        # A cancelled request ends too: its callback says so.
+        slow = submit(stack.base_url, "hook-2", max_tokens=10_000, callback_url=f"{receiver.url}/cancelled")
+        assert call("DELETE", f"{stack.base_url}/v1/requests/{slow}")[0] == 200
+        wait_for(lambda: delivered(stack, slow), what="the cancel's delivery")
+        assert json.loads(receiver.to("/cancelled")[0].body)["status"] == "cancelled"
+        assert len(receiver.to("/done")) == 1  # nothing sent twice
+    finally:
+        stack.stop()
+
+
+def test_a_receiver_error_is_retried_with_backoff_until_delivered(redis_url: str, receiver: Receiver) -> None:
+    receiver.statuses = [500, 503, 200]
+    stack = start_stack(redis_url)
+    try:
+        rid = submit(stack.base_url, "hook-3", max_tokens=3, callback_url=f"{receiver.url}/retry")
+        view = wait_for(lambda: delivered(stack, rid), what="the delivery")
+        assert view["callback"]["status"] == "delivered" and view["callback"]["attempts"] == 3
+        assert view["callback"]["last_error"] == "HTTP 503"  # the last failure stays visible
+        hits = receiver.to("/retry")
+        assert len(hits) == 3
+        gaps = [b.at - a.at for a, b in zip(hits, hits[1:], strict=False)]
+        assert gaps[0] >= 0.2 * 0.9 and gaps[1] >= 0.4 * 0.9, gaps  # 0.2 s, then doubling
+        assert all(verify(SECRET, h.body, h.headers[HEADER]) for h in hits)
+    finally:
+        stack.stop()
+
+
+def test_attempts_are_bounded_then_the_callback_is_failed(redis_url: str, receiver: Receiver) -> None:
+    receiver.statuses = [500]
+    stack = start_stack(redis_url, webhook_max_attempts=3, webhook_backoff=0.05)
+    try:
+        rid = submit(stack.base_url, "hook-4", max_tokens=2, callback_url=f"{receiver.url}/broken")
+        view = wait_for(lambda: delivered(stack, rid), what="the give-up")
+        assert view["callback"] == {"url": f"{receiver.url}/broken", "status": "failed", "attempts": 3,
+                                    "last_error": "HTTP 500"}
+        assert len(receiver.to("/broken")) == 3
+        assert not stack._call(stack.workers[next(iter(stack.workers))].redis.zcard(
+            keys.callbacks_due(keys.bucket_of_request(rid))))
+    finally:
+        stack.stop()
+
+
+def test_a_host_not_allowed_is_422_and_nothing_is_stored(redis_url: str, r, receiver: Receiver) -> None:
+    stack = start_stack(redis_url, delivery=False)
+    try:
+        for url in ("http://example.com/hook", "http://localhost:1/hook", "ftp://127.0.0.1/x", "not a url"):
+            code, reply = call("POST", f"{stack.base_url}/v1/sessions/refused/requests",
+                               {"prompt": "hi", "max_tokens": 2, "callback_url": url})
+            assert code == 422 and reply["error"]["type"] == "callback_not_allowed", (url, reply)
+        code, reply = call("POST", f"{stack.base_url}/v1/chat/completions",
+                           {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+                           headers={"X-Callback-Url": "https://hooks.example.com/x", "X-Session-Id": "refused"})
+        assert code == 422 and reply["error"]["type"] == "callback_not_allowed"
+        assert not r.exists(keys.session_meta("refused"))
+    finally:
+        stack.stop()
+
+
+def test_the_chat_route_takes_x_callback_url(redis_url: str, receiver: Receiver) -> None:
+    stack = start_stack(redis_url)
+    try:
+        code, reply = call("POST", f"{stack.base_url}/v1/chat/completions",
+                           {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4},
+                           headers={"X-Callback-Url": f"{receiver.url}/chat"})
+        assert code == 200, reply
+        rid = reply["id"].removeprefix("chatcmpl-")
+        wait_for(lambda: receiver.to("/chat"), what="the chat's callback")
+        body = json.loads(receiver.to("/chat")[0].body)
+        assert body["request_id"] == rid and body["status"] == "done" and body["tokens"] == 4
+    finally:
+        stack.stop()
+
+
+def test_the_allowed_hosts_are_checked_again_before_each_delivery(redis_url: str, receiver: Receiver) -> None:
+    stack = start_stack(redis_url, delivery=False)
+    try:
+        rid = submit(stack.base_url, "hook-5", max_tokens=2, callback_url=f"{receiver.url}/late")
+        wait_for(lambda: status(stack, rid)["status"] == "done", what="the request's end")
+        narrower = stack.settings.replace(webhook_allow="hooks.example.com")
+        stack.start_service("webhooks", Delivery(narrower, poll_seconds=0.05).run)
+        view = wait_for(lambda: delivered(stack, rid), what="the refusal")
+        assert view["callback"]["status"] == "failed" and "--webhook-allow" in view["callback"]["last_error"]
+        assert receiver.received == []
+    finally:
+        stack.stop()
+
+
+def test_a_pending_delivery_survives_a_kill_of_the_delivery_process(redis_url: str, receiver: Receiver) -> None:
+    """kill -9 of `sluicegate webhooks` between a failed attempt and its retry, and a request that ends
+    while no delivery process runs: a new process delivers both."""
+    receiver.statuses = [500]
+    stack = start_stack(redis_url, delivery=False, webhook_backoff=1.0)
+    settings = stack.settings.replace(log_level="warning")
+    process = spawn("webhooks", settings)
+    try:
+        first = submit(stack.base_url, "hook-6", max_tokens=2, callback_url=f"{receiver.url}/first")
+        wait_for(lambda: receiver.to("/first"), timeout=15, what="the first attempt")
+        stop_process(process, signal.SIGKILL)
+        second = submit(stack.base_url, "hook-7", max_tokens=2, callback_url=f"{receiver.url}/second")
+        wait_for(lambda: status(stack, second)["status"] == "done", what="the second request's end")
+        assert status(stack, first)["callback"]["status"] == "pending"
+        receiver.statuses = [200]
+        process = spawn("webhooks", settings)
+        for rid in (first, second):
+            view = wait_for(lambda rid=rid: delivered(stack, rid), timeout=15, what="the delivery after the restart")
+            assert view["callback"]["status"] == "delivered"
+        assert status(stack, first)["callback"]["attempts"] == 2 and len(receiver.to("/first")) == 2
+        assert status(stack, second)["callback"]["attempts"] == 1
+    finally:
+        stop_process(process)
+        stack.stop()
+
+
+def test_polling_mode_include_output_gives_the_text_so_far(redis_url: str) -> None:
+    stack = Stack(fast_settings(redis_url, sim_tokens_per_second=40.0)).start(workers=1)
+    try:
+        rid = submit(stack.base_url, "poll-1", max_tokens=40)
+        wait_for(lambda: status(stack, rid)["tokens"] >= 3, what="some tokens")
+        code, partial = call("GET", f"{stack.base_url}/v1/requests/{rid}?include=output")
+        assert code == 200 and partial["output"] and partial["status"] == "running"
+        texts = [e.data["text"] for e in sse(stack.base_url, f"/v1/requests/{rid}/events") if e.event == "token"]
+        full = "".join(texts)
+        assert full.startswith(partial["output"]) and len(partial["output"]) < len(full)
+        code, ended = call("GET", f"{stack.base_url}/v1/requests/{rid}?include=output")
+        assert ended["output"] == full and ended["status"] == "done"
+        assert "output" not in status(stack, rid)  # only when asked
+    finally:
+        stack.stop()
+
+
+def test_callbacks_need_a_secret_and_hosts_only() -> None:
+    with pytest.raises(ValueError, match="--webhook-allow needs --webhook-secret"):
+        Settings(webhook_allow="127.0.0.1")
+    with pytest.raises(ValueError, match="not a host name"):
+        Settings(webhook_allow="http://127.0.0.1/hook", webhook_secret="s")
+    assert Settings(webhook_allow=" Hooks.Example.com, 127.0.0.1 ", webhook_secret="s").webhook_hosts() == [
+        "hooks.example.com", "127.0.0.1"]

@@ -1,0 +1,1 @@
+"""The delivery process of callbacks (`sluicegate webhooks`)."""
