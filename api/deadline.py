@@ -37,9 +37,13 @@ class ResponseDeadline:
             nonlocal started
             if message["type"] == "http.response.start" and not started:
                 if deadline is not None:
-                    if deadline.expired():  # fired an instant ago: its cancel lands at the next await
-                        await asyncio.sleep(0)  # -> CancelledError -> TimeoutError: the 503 below
-                    deadline.reschedule(None)
+                    if deadline.expired():
+                        # Fired an instant ago: a cancel not yet delivered lands here (CancelledError ->
+                        # TimeoutError: the 503 below). One that the app already swallowed is spent: the
+                        # response goes on, and a fired timeout cannot be rescheduled.
+                        await asyncio.sleep(0)
+                    else:
+                        deadline.reschedule(None)
                 started = True
             await send(message)
 

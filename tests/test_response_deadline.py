@@ -55,3 +55,19 @@ def test_a_response_starting_as_the_deadline_fires_is_one_answer_never_a_500() -
     for wait in (0.195, 0.199, 0.2, 0.201, 0.205):
         status, _, _ = asyncio.run(call(ResponseDeadline(app_that(wait), seconds=0.2)))
         assert status in (200, 503)
+
+
+def test_an_app_that_swallows_the_cancel_still_answers_never_a_500() -> None:
+    """Something under the app (a client library) swallowed the deadline's cancel, then the response
+    starts: the fired timeout cannot be rescheduled; the answer goes on (it was a RuntimeError)."""
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await asyncio.sleep(1.0)
+        except asyncio.CancelledError:
+            asyncio.current_task().uncancel()  # type: ignore[union-attr]
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"late"})
+
+    status, _, body = asyncio.run(call(ResponseDeadline(app, seconds=0.1)))
+    assert status == 200 and body == b"late"

@@ -332,12 +332,7 @@ def run_llamacpp(args: argparse.Namespace) -> dict[str, Any]:
              f"{args.slots} slot{'s' if args.slots != 1 else ''}")
     print(f"\n{args.max_tokens}-token requests end to end over {out['seconds']:.1f} s, {title}; Sluicegate {shape}")
     print_table(rows)
-    for name, o in (("direct", direct_out), ("through Sluicegate", out)):
-        print(f"\nserver CPU seconds in the window, {name}, by process role (cores = seconds / window):")
-        print_cpu(o)
-        if o["errors"]:
-            print(f"first errors: {o['errors'][:3]}")
-        print(host_line(o))
+    print_both_cpu(direct_out, out)
     share = rate / direct_rate if direct_rate else float("nan")
     print(f"\n{rate:.1f} completed requests/s through Sluicegate, {direct_rate:.1f} directly: {100 * share:.0f}% of "
           f"the engine's own rate")
@@ -392,12 +387,7 @@ def run_sim_backend(args: argparse.Namespace) -> dict[str, Any]:
     print(f"\n{args.max_tokens}-token requests end to end over {out['seconds']:.1f} s, sim-backend at 1,000 tokens/s; "
           f"Sluicegate {args.workers} workers x {args.slots} slots")
     print_table(rows)
-    for name, o in (("direct", direct_out), ("through Sluicegate", out)):
-        print(f"\nserver CPU seconds in the window, {name}, by process role (cores = seconds / window):")
-        print_cpu(o)
-        if o["errors"]:
-            print(f"first errors: {o['errors'][:3]}")
-        print(host_line(o))
+    print_both_cpu(direct_out, out)
     print(f"\n{rate:.0f} completed requests/s through Sluicegate, {direct_rate:.0f} directly: target >= 1,000 "
           f"({'met' if rate >= 1000 else 'MISSED'})")
     result = {"rows": rows, "req_per_s": round(rate, 1), "direct_req_per_s": round(direct_rate, 1), "target": 1000,
@@ -408,3 +398,13 @@ def run_sim_backend(args: argparse.Namespace) -> dict[str, Any]:
               "settings": {**{k: v for k, v in vars(args).items() if k != "func"}, "serve_flags": flags}}
     write_result("throughput-sim-backend", result)
     return result
+
+
+def print_both_cpu(direct_out: dict[str, Any], out: dict[str, Any]) -> None:
+    """Server CPU by process role of the direct run and the run through Sluicegate, side by side."""
+    for name, o in (("direct", direct_out), ("through Sluicegate", out)):
+        print(f"\nserver CPU seconds in the window, {name}, by process role (cores = seconds / window):")
+        print_cpu(o)
+        if o["errors"]:
+            print(f"first errors: {o['errors'][:3]}")
+        print(host_line(o))
