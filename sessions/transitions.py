@@ -202,7 +202,7 @@ class Transitions:
                                        [rid, attempt, "", reason, self.max_attempts, self.ttl])
             await self._stopped(cp, key, "", stopped, "keep")
         for rid in (text(x) for x in reply[6 + lost:]):  # deadlines missed by requests that fail then
-            ended = await self._call("expire", [keys.request_prefix(rid)], [self.ttl, rid])
+            ended = await self._call("expire", [keys.request_prefix(rid)], [self.ttl, rid, reply[4]])
             if text(ended[0]) == "expired":
                 group, attempt, sid, nxt = (text(x) for x in ended[1:5])
                 await self._call("withdraw", [keys.group_prefix(group)], [self.lease_ms, rid, attempt, sid, -1])

@@ -173,6 +173,8 @@ def test_a_lapsed_lease_of_a_worker_still_beating_is_requeued_without_counting_a
         run(other.transitions.sweep("default"))
         assert r.hget(keys.request(rid), "fl") in (None, "0")
         assert r.exists(keys.worker("default", slow.worker_id)) == 1
+        if ON_CLUSTER:  # its assignment never started: popped late from the inbox, its start is refused
+            assert run(slow.spec(first)) is None
         resumed = run(slow.next_assignment(timeout=5)) or run(other.next_assignment(timeout=5))
         assert resumed is not None and resumed.key == f"{rid}|2"
         if not ON_CLUSTER:  # one server starts a run at its dispatch; a played worker on a cluster never did

@@ -14,7 +14,8 @@
 -- ARGV[1] flags   ARGV[2] lease ms   ARGV[3] max attempts (a lost worker counts as a failed attempt)
 -- ARGV[4] session ttl s
 -- Returns {lapsed runs, promoted, dispatched, next wake ms or -1, now ms, number of runs to hand back,
--- "reason:rid|attempt" to hand back..., expired "rid" to end on the data plane...}.
+-- "reason:rid|attempt" to hand back..., expired "rid" to end on the data plane...}; the expiries are
+-- decided at this call's clock (its `now`, passed on to expire.lua).
 local cp, lease, max_attempts, ttl = KEYS[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local now = clock()
 local lapsed, promoted = 0, 0
@@ -25,7 +26,7 @@ for _, key in ipairs(redis.call('ZRANGEBYSCORE', cp .. 'leases', '-inf', now, 'L
     redis.call('ZREM', cp .. 'leases', key)
   else
     -- A lapsed lease means its worker stopped heartbeating, or heartbeats without this run: the
-    -- assignment still waits in its inbox behind a busy event loop. A worker not heard from for half
+    -- assignment still waits in its inbox behind a busy event loop. A worker not heard from for most of
     -- a lease (its liveness key, whose value is its last beat, is old or gone) is lost: retired now
     -- (the key can outlive its last beat's lease by a moment, key expiry running on the server's own
     -- clock, frozen while a script runs), or the requeued run could go straight back to it through
@@ -35,7 +36,7 @@ for _, key in ipairs(redis.call('ZRANGEBYSCORE', cp .. 'leases', '-inf', now, 'L
     -- (lease_lapsed): a slow worker is not a failed attempt. Its late start is fenced.
     local beat = tonumber(redis.call('GET', kworker(cp, rec.w)) or '')
     local reason = 'lease_lapsed'
-    if not beat or now - beat >= lease / 2 then
+    if not beat or now - beat >= lease * 0.9 then
       reason = 'worker_lost'
       redis.call('DEL', kworker(cp, rec.w))
       redis.call('LREM', cp .. 'idle', 0, rec.w)
@@ -99,6 +100,9 @@ for _, sid in ipairs(redis.call('ZRANGEBYSCORE', cp .. 'dld', '-inf', now, 'LIMI
         if nxt then ready(gpre(nxt.g), nxt, now, lease) end
       end
     else
+      -- ended on the data plane next (expire.lua, at this call's clock); meanwhile ranked as late, so
+      -- that this call's dispatch does not start it first
+      redis.call('ZADD', cp .. 'c' .. spec.ep .. ':' .. spec.tn, 'XX', deadline_rank(spec, now, pol), sid)
       expired[#expired + 1] = spec.rid
     end
   end

@@ -96,8 +96,9 @@ end
 -- how the worker's engine resumes ("continue" | "regenerate"), said in the `resumed` event.
 -- Returns ok, run spec (see run_spec), previous status.
 local function d_start(rid, attempt, wid, now, reason, resume)
-  local r = load(rid, { 'st', 'a', 'n', 'sid', 'g', 'p', 'sa' })
-  if not r.st or TERMINAL[r.st] or tonumber(r.a) >= attempt then
+  local r = load(rid, { 'st', 'a', 'n', 'sid', 'g', 'p', 'sa', 'fa' })
+  -- `fa`: the last attempt the control plane closed before it ever started here (d_stop): too late now
+  if not r.st or TERMINAL[r.st] or tonumber(r.a) >= attempt or tonumber(r.fa or '0') >= attempt then
     -- A stale dispatch (on a cluster its ready step may have come late and taken the place of the
     -- session's real head): that head goes to the outbox, so the repair pass readies it again.
     if r.st and TERMINAL[r.st] and not single_server then
@@ -218,6 +219,11 @@ local function d_stop(rid, attempt, wid, reason, max_attempts, now, ttl, via_out
   local label, detail = string.match(reason, '^([%w_]+):%s*(.*)$')
   label = label or reason
   if not owns(r, attempt, wid) then -- not ours any more; still waiting: requeue it as it is
+    if r.st and not TERMINAL[r.st] and tonumber(r.a) < tonumber(attempt) then
+      -- Closed before it started (on a cluster: an assignment still in a busy worker's inbox when its
+      -- lease lapsed): its late start must be refused, or it would run unseen by the control plane.
+      redis.call('HSET', kreq(rid), 'fa', attempt)
+    end
     return false, r.st or 'missing', produced_by(r, attempt), still_waiting(rid, r, attempt)
   end
   if FAILURES[label] and max_attempts then
