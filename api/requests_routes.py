@@ -14,8 +14,8 @@ from sluicegate.api.output import request_output
 from sluicegate.api.responses import JSON
 from sluicegate.api.schemas import SESSION_PATTERN, SubmitBody
 from sluicegate.api.services import principal, services
-from sluicegate.api.views import request_view
 from sluicegate.sessions.requests import NewRequest
+from sluicegate.sessions.status import request_view
 from sluicegate.tracing import TRACING, carry_trace
 
 router = APIRouter()

@@ -1,7 +1,7 @@
 -- keys.lua: key and channel names, built from the two hash-tagged prefixes (sessions/keys.py is
 -- the Python side and explains the layout; the README's "Keyspace" table lists every key).
 --   data plane of a bucket     sg:{s:BB}:   (BB = the first two characters of a request id)
---     r:<rid>          hash   one request (short field names, see api/views.py)
+--     r:<rid>          hash   one request (short field names, see sessions/status.py)
 --     r:<rid>:in       string its prompt or messages JSON (deleted when the request ends)
 --     s:<sid>:m        hash   session meta: seq (last event id), base (first id kept), tn (owner), lm (log cap),
 --                             bt (boot that wrote last), hl (id holes left by restarts: log_ids.lua)
