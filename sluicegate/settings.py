@@ -246,6 +246,10 @@ class Settings(BaseSettings):
                                             "(anti-thrash)")
     max_preemptions: int = Field(20, ge=0, description="a request is preempted at most this many times, then runs "
                                  "to the end (0 = never preempt)")
+    fair_share_preemption: bool = Field(True, description="with no free slot, the tenant next in the fair order "
+                                        "takes the slot of a same-class run of the tenant furthest above its "
+                                        "weighted share of the running slots (--no-fair-share-preemption: only "
+                                        "priority preempts)")
     deadline_horizon: NonNegative = Field(10.0, description="within a tenant's share, a request without a "
                                           "deadline ranks as one due this many seconds after it became ready")
     deadline_promote_window: NonNegative = Field(0.1, description="a request whose deadline is this near (s) "

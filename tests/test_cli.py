@@ -22,3 +22,12 @@ def test_each_flag_shows_its_variable_and_default_once() -> None:
             if default not in (None, "") and not isinstance(default, bool):
                 assert text.count(f"(default: {default})") >= 1, (command, name)
     assert "(default: 8000)" in " ".join(commands["serve"].format_help().split())
+
+
+def test_every_setting_is_a_flag_of_serve_or_of_the_process_that_reads_it() -> None:
+    """A setting the README names as a flag must be one (the deadline settings once were not)."""
+    flags = {name for _, names in COMMANDS.values() for name in names}
+    assert set(Settings.model_fields) - {"extra"} <= flags
+    serve = set(COMMANDS["serve"][1])
+    for name in ("deadline_horizon", "deadline_promote_window", "deadline_max_boost", "fair_share_preemption"):
+        assert name in serve and name in COMMANDS["scheduler"][1], name

@@ -140,11 +140,21 @@ def check(h: Harness, order: dict[str, list[str]]) -> Snapshot:
         if f["st"] == "running" and f["a"] == run.attempt:
             assert f["w"] == run.wid
     # Slots are conserved: free tickets plus held runs = slots, per live worker; a worker retired
-    # by the sweep (its lease lapsed) holds no ticket until its heartbeat offers its slots again.
+    # by the sweep (its lease lapsed) holds no ticket until its heartbeat offers its slots again. A run
+    # whose slot was handed over (fair-share preemption) holds no ticket: it is fenced, and only waits
+    # for its worker to let go.
     for wid, (group, slots) in SLOTS.items():
         free = snap.lists.get(keys.group_key(group, "idle"), []).count(wid)
+        ticketed = snap.hashes.get(keys.group_key(group, "tk"), {})
+        held = [run for run in h.runs if run.wid == wid]
+        handed = [run for run in held if f"{run.rid}|{run.attempt}" not in ticketed]
+        for run in handed:
+            f = req[run.rid]
+            assert not (f["st"] == "running" and f["a"] == run.attempt), ("a handed-over run still runs", run)
         if h.r.exists(keys.worker(group, wid)):
-            assert free + sum(run.wid == wid for run in h.runs) == slots, wid
+            assert free + len(held) - len(handed) == slots, wid
+            if handed:
+                event("a slot was handed over")
         else:
             assert free == 0, wid
     # Exactly once, in order, and session order in the log.
@@ -201,6 +211,14 @@ def check_group(h: Harness, snap: Snapshot, group: str, ready: dict[str, list[tu
     assert set(hm("rq")) == set().union(*sessions_in_class.values()), "a ready session has its head's spec"
     running = {rid for rid, f in snap.requests.items() if f["st"] == "running" and f["g"] == group}
     assert {key.rpartition("|")[0] for key in z("run")} == running
+    # Who holds the running slots (fair-share preemption): rt:<tenant> = its runs, ro = runs / weight.
+    by_tenant: dict[str, dict[str, float]] = defaultdict(dict)
+    for key, score in z("run").items():
+        by_tenant[snap.requests[key.rpartition("|")[0]]["tn"]][key] = score
+    assert {name.rpartition(":rt:")[2]: members for name, members in snap.zsets.items()
+            if name.startswith(keys.group_key(group, "rt:"))} == by_tenant
+    weights = {t: float(w) for t, w in hm("tw").items()}
+    assert z("ro") == pytest.approx({t: len(runs) / weights.get(t, 1.0) for t, runs in by_tenant.items()})
     held = {f"{run.rid}|{run.attempt}" for run in h.runs}
     assert set(z("pre")) <= held, "a slot being freed belongs to a run a worker still holds"
 
@@ -271,11 +289,29 @@ def drain(h: Harness, order: dict[str, list[str]], rids: list[str]) -> None:
         assert not snap.zsets.get(keys.group_key(group, "run"))
 
 
+# Two classes in the three-slot group: the contention inside a class that fair-share preemption acts on.
+SAME_CLASS_OPS = st.sampled_from(MIX).flatmap(lambda name: st.tuples(
+    st.just("submit"), st.integers(0, 7), st.integers(0, 2), st.sampled_from([5, 5, 5, 6]), st.just(1),
+    st.integers(2, 6)) if name == "submit" else STEPS[name])
+
+
 @settings(max_examples=60, deadline=None, database=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(ops=st.lists(OPS, min_size=20, max_size=60))
 @pytest.mark.single_server  # the deterministic harness pins the clock (a global key)
 def test_random_interleavings_keep_every_invariant(r: redis.Redis, ops: list[tuple[Any, ...]]) -> None:
+    play(r, ops)
+
+
+@settings(max_examples=40, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(ops=st.lists(SAME_CLASS_OPS, min_size=20, max_size=60))
+@pytest.mark.single_server  # the deterministic harness pins the clock (a global key)
+def test_random_interleavings_within_a_class_keep_every_invariant(r: redis.Redis, ops: list[tuple[Any, ...]]) -> None:
+    play(r, ops)
+
+
+def play(r: redis.Redis, ops: list[tuple[Any, ...]]) -> None:
     r.flushall()
     h = Harness(r, lease_ms=LEASE)
     h.policy(min_run=0, max_pre=2, mw0=3, mw1=3, mw2=3, mw3=3, mw4=3)

@@ -44,7 +44,7 @@ def test_the_key_check_allows_only_fixed_keys() -> None:
     assert soak.classify("sg:{s:a1}:s:soak-1-0:l") == "leaked-data"
     assert soak.classify("sg:{s:a1}:r:a1xyz") == "leaked-data"
     assert soak.classify("sg:{s:a1}:ob") == "leaked-control"
-    for suffix in ("ri", "leases", "tk", "run", "rq", "c5", "c5:t1", "age5", "w:default.abc:in"):
+    for suffix in ("ri", "leases", "tk", "run", "ro", "rt:t1", "rq", "c5", "c5:t1", "age5", "w:default.abc:in"):
         assert soak.classify(f"sg:{{g:default}}:{suffix}") == "leaked-control", suffix
 
 

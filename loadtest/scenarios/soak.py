@@ -82,7 +82,7 @@ TTFT_RATIO_TARGET = 1.5
 TERMINAL = ("done", "error", "cancelled")
 # Control-plane keys that hold per-run or per-ready-session entries: an idle group has none of them
 # (Redis deletes an emptied hash, set, zset or list), so any left after the run is a leaked entry.
-TRANSIENT_GROUP_KEYS = re.compile(r"^(rq|ri|run|pre|pin|leases|tk|cls|c\d+|c\d+:.+|age\d+|w:[^:]+:in)$")
+TRANSIENT_GROUP_KEYS = re.compile(r"^(rq|ri|run|ro|rt:.+|pre|pin|leases|tk|cls|c\d+|c\d+:.+|age\d+|w:[^:]+:in)$")
 ID_TOKEN = re.compile(r"[A-Za-z0-9_-]+")
 
 

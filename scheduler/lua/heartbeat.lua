@@ -46,7 +46,7 @@ for i = 5, #ARGV do
     if rec.cx then
       reply[#reply + 1] = ARGV[i] .. '|cancelled'
     elseif rec.rq then
-      reply[#reply + 1] = ARGV[i] .. '|priority'
+      reply[#reply + 1] = ARGV[i] .. '|' .. (rec.rr or 'priority')
     end
   else
     reply[#reply + 1] = ARGV[i]

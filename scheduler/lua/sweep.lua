@@ -108,7 +108,7 @@ for _, sid in ipairs(redis.call('ZRANGEBYSCORE', cp .. 'dld', '-inf', now, 'LIMI
   end
 end
 redis.call('HDEL', cp .. 'qs', 'wake')
-local started = dispatch(cp, now, lease)
+local started = dispatch(cp, now, lease, true)
 local nxt = tonumber(redis.call('HGET', cp .. 'qs', 'wake') or '')
 for _, zset in ipairs({ 'dlp', 'dld' }) do
   local first = redis.call('ZRANGE', cp .. zset, 0, 0, 'WITHSCORES')[2]

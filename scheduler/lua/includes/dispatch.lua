@@ -1,8 +1,22 @@
 -- dispatch.lua: the scheduling decision. Highest class, then the backlogged tenant with the least
 -- virtual token counter, then that tenant's oldest ready session; gated by the group's quota; into
--- a free slot (a ticket), or preempting when none is free.
+-- a free slot (a ticket); with none free, into the slot of a tenant above its fair share of the
+-- running slots (same class), else by preempting a lower class (preemption.lua).
 
-local function dispatch(cp, now, lease)
+-- No free slot for class `cls`: true when a tenant above its share handed one over (decide again,
+-- `ran`: a run started in it); false when the decision stops here (a lower class may be preempted:
+-- its slot comes back when its worker lets go). `share`: see dispatch.
+local function without_free_slot(cp, cls, cfg, now, lease, share)
+  local handed, ran = false, false
+  if share then handed, ran = hand_over(cp, cls, cfg, now, lease) end
+  if not handed then preempt_for(cp, cls, now, lease) end
+  return handed, ran
+end
+
+-- `share`: try fair-share preemption when no slot is free. Asked where waiting work appears (a request
+-- becomes ready) and on the sweep (a victim's min-run quantum ended), not when a slot frees: that
+-- slot goes by the fair order anyway, and a saturated group's every release would pay for the check.
+local function dispatch(cp, now, lease, share)
   local started = 0
   local cfg = quota_config(cp)
   -- With no rate quota to consult, a free slot is all a request waits for: take the ticket first,
@@ -13,28 +27,32 @@ local function dispatch(cp, now, lease)
     if not top then break end
     local wid = ticket_first and take_ticket(cp)
     if ticket_first and not wid then
-      preempt_for(cp, tonumber(top), now, lease)
-      break
+      local handed, ran = without_free_slot(cp, tonumber(top), cfg, now, lease, share)
+      if not handed then break end
+      if ran then started = started + 1 end
+    else
+      local tenant, counter = pick_tenant(cp, top)
+      local sid = redis.call('ZRANGE', cp .. 'c' .. top .. ':' .. tenant, 0, 0)[1]
+      local spec = ready_head(cp, sid)
+      local ok, wake, why = quota_gate(cp, cfg, spec.mt - spec.n, spec.a == 0, now)
+      if not ok then
+        if wid then redis.call('RPUSH', cp .. 'idle', wid) end -- the ticket goes back where it was
+        redis.call('HSET', cp .. 'qs', 'throttled', why, 'throttled_at', now)
+        count(cmetrics(cp), 'throttled', spec.g .. '|' .. why) -- sluicegate_quota_throttled_total
+        if wake then note_wake(cp, wake) else preempt_for(cp, tonumber(top), now, lease) end
+        break
+      end
+      wid = wid or take_ticket(cp)
+      if wid then
+        remove_ready(cp, sid, tenant, top, spec.dl)
+        depth(cp, spec, -1)
+        if start_run(cp, tonumber(top), tenant, counter, spec, wid, cfg, now, lease) then started = started + 1 end
+      else
+        local handed, ran = without_free_slot(cp, tonumber(top), cfg, now, lease, share)
+        if not handed then break end
+        if ran then started = started + 1 end
+      end
     end
-    local tenant, counter = pick_tenant(cp, top)
-    local sid = redis.call('ZRANGE', cp .. 'c' .. top .. ':' .. tenant, 0, 0)[1]
-    local spec = ready_head(cp, sid)
-    local ok, wake, why = quota_gate(cp, cfg, spec.mt - spec.n, spec.a == 0, now)
-    if not ok then
-      if wid then redis.call('RPUSH', cp .. 'idle', wid) end -- the ticket goes back where it was
-      redis.call('HSET', cp .. 'qs', 'throttled', why, 'throttled_at', now)
-      count(cmetrics(cp), 'throttled', spec.g .. '|' .. why) -- sluicegate_quota_throttled_total
-      if wake then note_wake(cp, wake) else preempt_for(cp, tonumber(top), now, lease) end
-      break
-    end
-    wid = wid or take_ticket(cp)
-    if not wid then
-      preempt_for(cp, tonumber(top), now, lease)
-      break
-    end
-    remove_ready(cp, sid, tenant, top, spec.dl)
-    depth(cp, spec, -1)
-    if start_run(cp, tonumber(top), tenant, counter, spec, wid, cfg, now, lease) then started = started + 1 end
   end
   return started
 end
@@ -71,7 +89,7 @@ local function ready(cp, spec, now, lease)
   spec.rs = spec.rs or now -- its ready time, kept if it is requeued (FIFO among its tenant's sessions)
   if start_alone(cp, spec, now, lease) then return 'started' end
   make_ready(cp, spec, now)
-  dispatch(cp, now, lease)
+  dispatch(cp, now, lease, true)
   return 'ready'
 end
 

@@ -51,6 +51,21 @@ local function pick_tenant(cp, cls)
   end
 end
 
+-- The same choice leaving out tenant `excluded` (nil when no other tenant waits in the class): as if it
+-- were not waiting. Its place at the head, lagging or not, does not matter.
+local function pick_tenant_except(cp, cls, excluded)
+  local zset = cp .. 'c' .. cls
+  while true do
+    local heads = redis.call('ZRANGE', zset, 0, 1, 'WITHSCORES')
+    local name, score = heads[1], heads[2]
+    if name == excluded then name, score = heads[3], heads[4] end
+    if not name then return nil end
+    local counter = vtc_get(cp, name)
+    if tonumber(score) >= counter then return name, counter end
+    redis.call('ZADD', zset, counter, name)
+  end
+end
+
 -- A ready request's rank among its tenant's in its class (lowest first): see above.
 local function deadline_rank(spec, now, pol)
   if not spec.dl then return spec.rs + pol.dlh end

@@ -1,27 +1,91 @@
--- preemption.lua: stop the lowest-ranked running requests (lowest class, then most recently
+-- preemption.lua: two ways a waiting request takes a running one's slot when none is free.
+--
+-- By priority (preempt_for): stop the lowest-ranked running requests (lowest class, then most recently
 -- started) while more requests of a higher class wait than slots are already being freed (pre).
 -- Aged requests (class 10) never preempt, but the real classes waiting below them still do.
--- Anti-thrash: a run that used up its max preemptions is immune and skipped, and so is a run that
--- streamed a tool-call delta (pin.lua: it could not be resumed faithfully); a run inside its
+--
+-- By fair share (hand_over), inside one class: the tenant the fair order picks next, leaving out the
+-- tenant furthest above its weighted share of the group's running slots (ro: runs / weight), takes a
+-- slot from that one when it would still hold at least as much per weight after the swap as the
+-- taker does: no ping-pong, and a tenant at or below its share is never preempted for another. Counters alone cannot
+-- see this: a tenant returning from idle is lifted to the flooder's counter, so a tenant that floods
+-- keeps every slot the others free and they queue behind its runs (the soak's TTFT). The victim's slot
+-- goes to the taker at once (its ticket is handed over), or the fair order could give it straight back.
+--
+-- Anti-thrash, for both: a run that used up its max preemptions is immune and skipped, and so is a
+-- run that streamed a tool-call delta (pin.lua: it could not be resumed faithfully); a run inside its
 -- min-run quantum is passed over only for an older run of its own class, never for a higher
 -- class: the group is woken when the quantum ends and the victim is taken then.
 
 -- Preempt one run: its request goes back to the head of its session's turn at once. On one server
 -- the data plane is fenced in the same call (the `preempted` event, the accounting); on a cluster
 -- the worker's hand-back does that, and its run record stays until then (flag rq: requeued).
-local function preempt(cp, key, rec, now, lease)
-  stop_run(cp, key, rec, now, lease, 'priority')
+-- `reason`: 'priority' or 'fair_share'; `handed`: the slot goes to another run at once (stop_run).
+local function preempt(cp, key, rec, now, lease, reason, handed)
+  stop_run(cp, key, rec, now, lease, reason, handed)
   rec.pc = (rec.pc or 0) + 1
   local spec = spec_of(rec)
   if single_server then
-    local _, _, produced, fresh = d_stop(rec.rid, tostring(rec.a), rec.w, 'priority')
+    local _, _, produced, fresh = d_stop(rec.rid, tostring(rec.a), rec.w, reason)
     end_run(cp, key, rec, produced, now)
     if fresh then spec = spec_of(rec, fresh) end
   else
-    rec.rq = 1
+    rec.rq, rec.rr = 1, reason
     redis.call('HSET', cp .. 'ri', key, cjson.encode(rec))
   end
   requeue_ready(cp, spec, now)
+end
+
+-- May this run be preempted now? (immune: used up its preemptions, or pinned); else when (ripe).
+local function preemptible(cp, key, rec, pol, now)
+  if not rec or (rec.pc or 0) >= pol.max_pre or redis.call('SISMEMBER', cp .. 'pin', key) == 1 then
+    return false
+  end
+  local ripe = rec.ds + pol.min_run
+  return now >= ripe, ripe
+end
+
+-- Fair-share preemption in class `cls` (see above). Returns handed (a run was stopped and its slot
+-- handed over), ran (the taker's run started in it; if its request turned out to have ended, the
+-- slot's ticket is back in the idle list). Looks at the 16 most recent runs of that class.
+local function hand_over(cp, cls, cfg, now, lease)
+  local pol = policy(cp)
+  if pol.fsp == 0 or pol.max_pre == 0 then return false end
+  -- The cheap exits first: nothing runs, or no other tenant than the one furthest above its share
+  -- waits. Only the furthest above is looked at (one victim tenant per decision).
+  local heaviest = redis.call('ZREVRANGE', cp .. 'ro', 0, 0, 'WITHSCORES')
+  if not heaviest[1] then return false end
+  local victim_tenant = heaviest[1]
+  local tenant, counter = pick_tenant_except(cp, cls, victim_tenant)
+  if not tenant then return false end
+  local victim_weight, taker_weight = weight(cp, victim_tenant), weight(cp, tenant)
+  local taker_runs = (tonumber(redis.call('ZSCORE', cp .. 'ro', tenant)) or 0) * taker_weight
+  -- after the swap the victim's tenant still holds at least as much per weight as the taker
+  if tonumber(heaviest[2]) - 1 / victim_weight < (taker_runs + 1) / taker_weight then return false end
+  local runs = cp .. 'rt:' .. victim_tenant
+  local soonest = nil -- the earliest end of a min-run quantum among the runs passed over
+  -- its runs of this class, most recently started first (the least work lost)
+  for _, key in ipairs(redis.call('ZRANGEBYSCORE', runs, cls * RANK, (cls + 1) * RANK - 1, 'LIMIT', 0, 16)) do
+    local rec = run_record(cp, key)
+    local ok, ripe = preemptible(cp, key, rec, pol, now)
+    if ok and redis.call('EXISTS', kworker(cp, rec.w)) == 1 then
+      local sid = redis.call('ZRANGE', cp .. 'c' .. cls .. ':' .. tenant, 0, 0)[1]
+      local spec = ready_head(cp, sid)
+      -- the swap leaves the runs in flight as they were: only the rate quotas are asked
+      if not quota_gate(cp, { rps = cfg.rps, tps = cfg.tps, burst = cfg.burst, cap = cfg.cap },
+          spec.mt - spec.n, spec.a == 0, now) then
+        return false
+      end
+      preempt(cp, key, rec, now, lease, 'fair_share', true)
+      remove_ready(cp, sid, tenant, cls, spec.dl)
+      depth(cp, spec, -1)
+      return true, start_run(cp, cls, tenant, counter, spec, rec.w, cfg, now, lease)
+    elseif ripe and (not soonest or ripe < soonest) then
+      soonest = ripe
+    end
+  end
+  if soonest then note_wake(cp, soonest) end -- the sweep tries again then
+  return false
 end
 
 local function preempt_for(cp, top, now, lease)
@@ -46,15 +110,13 @@ local function preempt_for(cp, top, now, lease)
     for c = vcls + 1, 9 do above = above + (waiting[c] or 0) end
     if above <= pending then return end
     local rec = run_record(cp, victims[i])
-    if rec and (rec.pc or 0) < pol.max_pre and redis.call('SISMEMBER', cp .. 'pin', victims[i]) == 0 then
-      local ripe = rec.ds + pol.min_run
-      if now >= ripe then
-        preempt(cp, victims[i], rec, now, lease)
-        pending = pending + 1
-      else
-        quantum_cls = quantum_cls or vcls
-        note_wake(cp, ripe)
-      end
+    local ok, ripe = preemptible(cp, victims[i], rec, pol, now)
+    if ok then
+      preempt(cp, victims[i], rec, now, lease, 'priority')
+      pending = pending + 1
+    elseif ripe then
+      quantum_cls = quantum_cls or vcls
+      note_wake(cp, ripe)
     end
   end
 end

@@ -5,6 +5,27 @@
 
 local RANK = 1e13 -- running-rank score = class * RANK + (RANK - start ms)
 
+-- Who holds the group's running slots: rt:<tenant> (its runs, by the running-rank score) and ro
+-- (tenant -> its runs / its weight). Fair-share preemption (preemption.lua) reads both. A run counts
+-- from its dispatch until it leaves the running set (stopped, or ended).
+local function run_added(cp, key, tenant, score)
+  local mine = cp .. 'rt:' .. tenant
+  redis.call('ZADD', mine, score, key)
+  redis.call('ZADD', cp .. 'ro', redis.call('ZCARD', mine) / weight(cp, tenant), tenant)
+end
+
+local function run_removed(cp, key, tenant)
+  if redis.call('ZREM', cp .. 'run', key) == 0 then return end
+  local mine = cp .. 'rt:' .. tenant
+  redis.call('ZREM', mine, key)
+  local held = redis.call('ZCARD', mine)
+  if held == 0 then
+    redis.call('ZREM', cp .. 'ro', tenant)
+  else
+    redis.call('ZADD', cp .. 'ro', held / weight(cp, tenant), tenant)
+  end
+end
+
 local function run_record(cp, key)
   local raw = redis.call('HGET', cp .. 'ri', key)
   return raw and cjson.decode(raw) or nil
@@ -20,7 +41,7 @@ end
 -- dispatch); and drop it from the running set and the leases.
 local function end_run(cp, key, rec, produced, now, prompt)
   redis.call('HDEL', cp .. 'ri', key)
-  redis.call('ZREM', cp .. 'run', key)
+  run_removed(cp, key, rec.tn)
   redis.call('ZREM', cp .. 'leases', key)
   redis.call('SREM', cp .. 'pin', key)
   produced = produced or rec.ce
@@ -98,6 +119,7 @@ local function start_run(cp, cls, tenant, counter, spec, wid, cfg, now, lease)
   redis.call('HSET', cp .. 'ri', key, cjson.encode(rec))
   redis.call('HSET', cp .. 'tk', key, wid) -- the slot this attempt holds, given back once (let_go)
   redis.call('ZADD', cp .. 'run', cls * RANK + (RANK - now), key)
+  run_added(cp, key, tenant, cls * RANK + (RANK - now))
   redis.call('ZADD', cp .. 'leases', now + lease, key)
   if attempt == 1 then
     observe(cmetrics(cp), 'wait', spec.g .. '|' .. spec.p, (now - spec.sub) / 1000)
@@ -153,9 +175,14 @@ local function release(cp, key, produced, requeue, now, prompt)
 end
 
 -- Stop a running run for the control plane: out of the running set, its slot counted as being freed
--- until the worker lets go, and the worker told at once on its control channel.
-local function stop_run(cp, key, rec, now, lease, reason)
-  redis.call('ZREM', cp .. 'run', key)
-  redis.call('ZADD', cp .. 'pre', now + lease, key)
+-- until the worker lets go (unless `handed`: its slot already went to another run, and its attempt
+-- gives no ticket back), and the worker told at once on its control channel.
+local function stop_run(cp, key, rec, now, lease, reason, handed)
+  run_removed(cp, key, rec.tn)
+  if handed then
+    redis.call('HDEL', cp .. 'tk', key)
+  else
+    redis.call('ZADD', cp .. 'pre', now + lease, key)
+  end
   redis.call('SPUBLISH', kworker(cp, rec.w) .. ':ctl', key .. '|' .. reason)
 end

@@ -81,10 +81,13 @@ local function run_spec(rid)
   return spec
 end
 
+-- The stops that count against --max-preemptions: by a higher class, or for a tenant below its share.
+local PREEMPTIONS = { priority = true, fair_share = true }
+
 local function d_preempted(rid, r, reason, detail)
   local dp = dpre_of(rid)
   redis.call('HSET', kreq(rid), 'st', 'preempted')
-  if reason == 'priority' then redis.call('HINCRBY', kreq(rid), 'pc', 1) end
+  if PREEMPTIONS[reason] then redis.call('HINCRBY', kreq(rid), 'pc', 1) end
   count(dp .. 'm', 'preemptions', r.g .. '|' .. r.p .. '|' .. reason)
   emit(dp, r.sid, 'preempted', rid, { request_id = rid, index = tonumber(r.n), reason = reason, detail = detail })
 end

@@ -1,0 +1,174 @@
+"""Fair-share preemption inside a class: with no free slot, the tenant next in the fair order takes a slot
+from the tenant furthest above its weighted share of the running slots, at once (the slot is handed over),
+when that tenant would still hold at least as much per weight after the swap. The victim is its most
+recently started run past the min-run quantum; it resumes at its next index. Never across classes, never
+a tenant at its share, never a ping-pong; bounded by --max-preemptions; off with --no-fair-share-preemption."""
+
+from __future__ import annotations
+
+import urllib.request
+
+import pytest
+import redis
+
+from sluicegate.sessions import keys
+from tests.helpers import Stack, call, fast_settings, sse, submit, wait_for
+from tests.sched_harness import Harness
+
+
+def flooded(h: Harness, runs: int, *, slots: int | None = None, gap: int = 10, cls: int = 5) -> list[str]:
+    """One worker whose every slot runs a request of tenant `flood`, started `gap` ms apart."""
+    h.add_worker("w0", slots=slots or runs)
+    rids = []
+    for i in range(runs):
+        rids.append(h.submit(f"f{i}", tenant="flood", priority=cls, max_tokens=10))
+        h.append(h.run_of(rids[-1]), 2)
+        h.advance(gap)
+    assert len(h.running()) == runs
+    return rids
+
+
+def tickets(h: Harness) -> int:
+    return len(h.r.lrange(keys.group_key("default", "idle"), 0, -1))
+
+
+def held_tickets(h: Harness) -> set[str]:
+    return set(h.r.hkeys(keys.group_key("default", "tk")))
+
+
+@pytest.mark.single_server  # the deterministic harness pins the clock (a global key)
+def test_a_tenant_below_its_share_takes_the_flooders_newest_slot_at_once(r: redis.Redis) -> None:
+    h = Harness(r)
+    h.policy(min_run=50)
+    floods = flooded(h, 4)
+    h.advance(1000)
+    pubsub = r.pubsub()
+    pubsub.ssubscribe(keys.worker_control("default", "w0"))
+    assert pubsub.get_sharded_message(timeout=1)["type"] == "ssubscribe"
+
+    mine = h.submit("m", tenant="calm", max_tokens=3)
+    victim = floods[-1]  # the most recently started
+    assert h.status(mine) == "running" and h.status(victim) == "preempted"
+    assert h.run_of(mine).wid == "w0" and h.pending_preemptions() == 0  # handed over, not freed later
+    assert pubsub.get_sharded_message(timeout=1)["data"] == f"{victim}|1|fair_share"
+    last = h.events("f3", victim)[-1]
+    assert (last.event, last.data["index"], last.data["reason"]) == ("preempted", 2, "fair_share")
+    assert h.req(victim)["pc"] == "1"
+    # the slot ledger: the victim's attempt holds no ticket any more, the taker's does; none is free
+    assert held_tickets(h) == {f"{x}|1" for x in floods[:3] + [mine]} and tickets(h) == 0
+
+    victim_run = h.run_of(victim)
+    assert h.append(victim_run, 1) == [0, "preempted"]  # fenced at its next token
+    h.finish(victim_run)  # lets go: no ticket comes back (the slot is the taker's)
+    assert tickets(h) == 0 and h.status(victim) == "preempted"
+    h.complete(mine)  # the taker's end frees the slot: the victim resumes there at its next index
+    resumed = h.run_of(victim)
+    assert (resumed.attempt, resumed.next_index) == ("2", 2)
+    h.complete(victim)
+    assert h.token_indices("f3", victim) == list(range(10))
+    for rid in floods[:3]:
+        h.complete(rid)
+    assert tickets(h) == 4 and not held_tickets(h)
+    assert not r.exists(keys.group_key("default", "ro")) and not r.keys("sg:{g:default}:rt:*")
+    pubsub.close()
+
+
+@pytest.mark.single_server  # the deterministic harness pins the clock (a global key)
+def test_no_swap_that_would_leave_the_taker_above_the_victim(r: redis.Redis) -> None:
+    """Equal weights: a holds 3 of 4 slots, b 1; b's next takes one (a: 2 after, b: 2); b's third does not."""
+    h = Harness(r)
+    h.policy(min_run=0)
+    h.add_worker("w0", slots=4)
+    a = [h.submit(f"a{i}", tenant="a") for i in range(3)]
+    b = [h.submit("b0", tenant="b")]
+    h.advance(100)
+    b.append(h.submit("b1", tenant="b"))
+    assert h.status(b[1]) == "running" and sum(h.status(x) == "preempted" for x in a) == 1
+    b.append(h.submit("b2", tenant="b"))
+    h.sweep()
+    assert h.status(b[2]) == "queued" and sum(h.status(x) == "preempted" for x in a) == 1
+    # and a, now below b's share... at 2 each: a's waiting request does not take b's slot back
+    h.sweep()
+    assert sorted(h.status(x) for x in b) == ["queued", "running", "running"]
+
+
+@pytest.mark.single_server  # the deterministic harness pins the clock (a global key)
+def test_weights_set_the_share(r: redis.Redis) -> None:
+    """Weight 3 against 1: holding 3 of 4 slots is its share; the light tenant takes nothing."""
+    h = Harness(r)
+    h.policy(min_run=0)
+    h.weight("heavy", 3)
+    h.add_worker("w0", slots=4)
+    heavy = [h.submit(f"h{i}", tenant="heavy") for i in range(4)]
+    h.advance(100)
+    light = h.submit("l0", tenant="light")
+    assert h.status(light) == "running" and sum(h.status(x) == "preempted" for x in heavy) == 1
+    light2 = h.submit("l1", tenant="light")  # (3 - 1) / 3 < (1 + 1) / 1
+    h.sweep()
+    assert h.status(light2) == "queued" and sum(h.status(x) == "preempted" for x in heavy) == 1
+
+
+@pytest.mark.single_server  # the deterministic harness pins the clock (a global key)
+def test_quantum_cap_class_and_switch(r: redis.Redis) -> None:
+    h = Harness(r)
+    h.policy(min_run=500, max_pre=1)
+    floods = flooded(h, 3, gap=100)  # started at t0, t0+100, t0+200; now t0+300
+    mine = h.submit("m", tenant="calm")
+    # every flood run is inside its quantum: nothing taken now; the sweep is woken when the oldest ripens
+    assert h.status(mine) == "queued" and all(h.status(x) == "running" for x in floods)
+    wake = h.sweep()[3]
+    assert wake == h.now + 200
+    h.advance(200)
+    h.sweep()
+    assert h.status(mine) == "running" and h.status(floods[0]) == "preempted"  # the only ripe one
+    # a request that used up its preemptions is immune
+    h.set_preemptions(floods[1], 1)
+    h.advance(1000)
+    other = h.submit("o", tenant="other")
+    assert h.status(other) == "running" and h.status(floods[2]) == "preempted"
+    assert h.status(floods[1]) == "running"
+
+    # never across classes: a class 5 tenant takes nothing from class 7 runs
+    r.flushall()
+    h = Harness(r)
+    h.policy(min_run=0)
+    highs = flooded(h, 3, cls=7)
+    h.advance(100)
+    low = h.submit("m", tenant="calm", priority=5)
+    h.sweep()
+    assert h.status(low) == "queued" and all(h.status(x) == "running" for x in highs)
+
+    # switched off
+    r.flushall()
+    h = Harness(r)
+    h.policy(min_run=0, fsp=0)
+    floods = flooded(h, 3)
+    h.advance(100)
+    mine = h.submit("m", tenant="calm")
+    h.sweep()
+    assert h.status(mine) == "queued" and all(h.status(x) == "running" for x in floods)
+
+
+def test_fair_share_preemption_end_to_end(redis_url: str) -> None:
+    """Real workers (one server, and the cluster pass): a flooder fills every slot with long runs; another
+    tenant's request starts at once, and the flooder's victim resumes later with every index once."""
+    stack = Stack(fast_settings(redis_url, slots=3, sim_tokens_per_second=50.0)).start(workers=1)
+    try:
+        base = stack.base_url
+        floods = [submit(base, f"flood-{i}", max_tokens=60, tenant="flood") for i in range(3)]
+        wait_for(lambda: call("GET", f"{base}/v1/admin/stats")[1]["running"] == 3, what="flood running")
+        mine = submit(base, "calm-1", max_tokens=5, tenant="calm")
+        assert [e.event for e in sse(base, f"/v1/requests/{mine}/events")][-1] == "done"
+        assert call("GET", f"{base}/v1/requests/{mine}")[1]["status"] == "done"
+        reasons = []
+        for rid in floods:
+            events = list(sse(base, f"/v1/requests/{rid}/events"))
+            assert events[-1].event == "done"
+            assert [e.data["index"] for e in events if e.event == "token"] == list(range(60))
+            reasons += [e.data["reason"] for e in events if e.event == "preempted"]
+        assert reasons == ["fair_share"]
+        with urllib.request.urlopen(f"{base}/metrics", timeout=10) as response:
+            assert 'reason="fair_share"' in response.read().decode()
+        wait_for(lambda: call("GET", f"{base}/v1/admin/stats")[1]["running"] == 0, what="idle")
+    finally:
+        stack.stop()
