@@ -49,6 +49,7 @@ def policy_fields(settings: Settings) -> dict[str, float]:
         "dlh": settings.deadline_horizon * 1000,
         "dlw": settings.deadline_promote_window * 1000,
         "dlb": settings.deadline_max_boost,
+        "dlf": settings.deadline_forecast_factor,
     }
     for cls, seconds in settings.class_max_waits().items():
         fields[f"mw{cls}"] = seconds

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -147,9 +148,10 @@ class RunStore:
         await self.lean.aclose()
         await self.redis.aclose()
 
-    async def set_free_slots(self, free: int, total: int | None = None) -> int:
+    async def set_free_slots(self, free: int, total: int | None = None, held: Sequence[str] = ()) -> int:
         """Offer exactly `free` free slots of `total` to the scheduler, replacing every ticket offered
-        before (so it is safe to repeat); `set_free_slots(0)` withdraws them all and deregisters."""
+        before (so it is safe to repeat); `set_free_slots(0)` withdraws them all and deregisters. `held`:
+        the runs counted out of `free`; the scheduler counts back those whose slot it handed over."""
         if free:  # known to the schedulers and the admin API, with the model it serves
             try:  # never over an operator's name for the group: only when it names none yet
                 named = await declare_group(self.redis, self.group, self.model, replace=False)
@@ -162,7 +164,8 @@ class RunStore:
                 await register_group(self.redis, self.group)
         total = free if total is None else total
         info = json.dumps({**self.shown, "slots": total}, separators=(",", ":"))
-        return await self.transitions.register_worker(self.group, self.worker_id, free=free, total=total, info=info)
+        return await self.transitions.register_worker(self.group, self.worker_id, free=free, total=total, info=info,
+                                                      held=held)
 
     async def next_assignment(self, timeout: float) -> Assignment | None:
         """The oldest assignment (the functions LPUSH them: runs start in the order they were dispatched)."""

@@ -179,9 +179,12 @@ class Transitions:
         False when the control plane already stopped it."""
         return int(await self._call("pin", [keys.group_prefix(group)], [f"{rid}|{attempt}"])) == 1
 
-    async def register_worker(self, group: str, wid: str, *, free: int, total: int, info: str = "") -> int:
+    async def register_worker(self, group: str, wid: str, *, free: int, total: int, info: str = "",
+                              held: Sequence[str] = ()) -> int:
+        """`held`: the runs the worker holds ("rid|attempt"); one whose slot no longer holds a ticket (handed
+        over by fair-share preemption) does not count against `free`."""
         return int(await self._call("register_worker", [keys.group_prefix(group)],
-                                    [self.lease_ms, wid, free, total, info or str(total)]))
+                                    [self.lease_ms, wid, free, total, info or str(total), *held]))
 
     async def heartbeat(self, group: str, wid: str, held: Sequence[str], *, leaving: bool = False,
                         lease_ms: int | None = None) -> tuple[bool, list[str]]:

@@ -256,6 +256,9 @@ class Settings(BaseSettings):
                                                  "rises by up to --deadline-max-boost classes")
     deadline_max_boost: int = Field(1, ge=0, le=9, description="how many priority classes a request about to "
                                     "miss its deadline may rise (never above the highest class with work)")
+    deadline_forecast_factor: NonNegative = Field(1.5, description="a request whose wait for its turn, at its "
+                                                  "tenant's current pace and times this factor, exceeds its slack "
+                                                  "ranks as missed at once (0 = only once its deadline passed)")
     sweep_seconds: Positive = Field(0.2, description="scheduler sweep period (leases, aging, quota refills)")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="debug, info, warning or "
                                                                      "error")

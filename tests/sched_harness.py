@@ -103,11 +103,11 @@ class Harness:
         self.slots[wid] = slots
         return self._offer_slots(wid, slots)
 
-    def _offer_slots(self, wid: str, free: int) -> int:
+    def _offer_slots(self, wid: str, free: int, held: list[str] | None = None) -> int:
         group = self.workers[wid]
         self._group(group)
         started = run_sync(Transitions(self.scripts, lease_ms=self.worker_lease_ms, session_ttl=TTL).register_worker(
-            group, wid, free=free, total=self.slots[wid]))
+            group, wid, free=free, total=self.slots[wid], held=held or []))
         self.collect()
         return started
 
@@ -169,7 +169,7 @@ class Harness:
         held = [f"{run.rid}|{run.attempt}" for run in self.runs if run.wid == wid]
         rejoin, lost = run_sync(self.t.heartbeat(self.workers[wid], wid, held, lease_ms=self.worker_lease_ms))
         if rejoin:
-            self._offer_slots(wid, self.slots[wid] - len(held))
+            self._offer_slots(wid, self.slots[wid] - len(held), held)
         return lost
 
     def handback(self, run: Run, reason: str = "worker_shutdown", return_slot: bool = True) -> list[Any]:

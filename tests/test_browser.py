@@ -149,7 +149,8 @@ def test_the_dashboard_shows_the_stats_and_reconnects_by_itself(fleet: tuple[Sta
         shot = tmp_path / "dashboard.png"
     page.screenshot(path=str(shot), full_page=True)
     assert shot.stat().st_size > 10_000
-    assert page.inner_text("#tenants").count("75.0%") == 1  # acme's fair share, weight 3 of 4
+    rows = {line.split("\t")[0]: line.split("\t") for line in page.inner_text("#tenants").splitlines() if line}
+    assert (rows["acme"][5], rows["globex"][5]) == ("75.0%", "25.0%")  # the fair shares, weights 3 and 1
 
     # The API restarts: the stream drops and the same EventSource reconnects by itself (no new one)
     opens = page.evaluate("window.sluicegate.opens")

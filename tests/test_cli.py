@@ -29,5 +29,6 @@ def test_every_setting_is_a_flag_of_serve_or_of_the_process_that_reads_it() -> N
     flags = {name for _, names in COMMANDS.values() for name in names}
     assert set(Settings.model_fields) - {"extra"} <= flags
     serve = set(COMMANDS["serve"][1])
-    for name in ("deadline_horizon", "deadline_promote_window", "deadline_max_boost", "fair_share_preemption"):
+    for name in ("deadline_horizon", "deadline_promote_window", "deadline_max_boost", "deadline_forecast_factor",
+                 "fair_share_preemption"):
         assert name in serve and name in COMMANDS["scheduler"][1], name

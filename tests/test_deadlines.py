@@ -1,6 +1,7 @@
 """Deadlines (issue 14), against the real scripts: within a class and a tenant's share the earliest
-deadline goes first, requests without one in FIFO order bounded by the horizon; a request about to
-miss its deadline rises by at most --deadline-max-boost classes, never above the highest class with
+deadline goes first, requests without one in FIFO order bounded by the horizon; a request that missed
+its deadline, or is forecast to, ranks its class's max wait after it; a request about to miss its deadline
+rises by at most --deadline-max-boost classes, never above the highest class with
 work; a tenant that marks everything urgent gains nothing over the others; a missed deadline with
 "fail" ends the request at once and charges nothing."""
 
@@ -65,25 +66,57 @@ def test_the_horizon_bounds_how_long_deadlines_keep_a_request_without_one_waitin
 @SINGLE
 def test_a_request_that_missed_its_deadline_waits_behind_one_that_can_still_make_it(r: redis.Redis) -> None:
     """Under overload, work that already missed must not take the turns of work that can still make it
-    (EDF's domino effect): once its deadline passes, a request ranks the horizon after it."""
+    (EDF's domino effect): once its deadline passes, a request ranks its class's max wait after it, so
+    behind on-time work due before that, and ahead of work due after it (nothing waits forever)."""
     h = Harness(r)
-    h.policy(max_pre=0, dlh=10_000)
+    h.policy(max_pre=0, dlh=10_000, mw5=30)
     blocker = busy(h)
     missed = h.submit("s-missed", tenant="t", deadline_ms=1000)
     h.advance(1100)
-    h.sweep()  # its deadline passed while it waited: re-ranked
+    h.sweep()  # its deadline passed while it waited: re-ranked at T+1000+30000
     on_time = h.submit("s-on-time", tenant="t", deadline_ms=500)
     h.advance(200)
-    plain = h.submit("s-plain", tenant="t")  # no deadline: ranks 10 s after it came, after the missed one
-    assert order_of(h, [missed, on_time, plain], blocker) == [on_time, missed, plain]
+    plain = h.submit("s-plain", tenant="t")  # no deadline: ranks as due 10 s after it came (T+11300)
+    h.advance(22_000)
+    later = h.submit("s-later", tenant="t")  # due T+33300: after the missed one's bound
+    assert order_of(h, [missed, on_time, plain, later], blocker) == [on_time, plain, missed, later]
+
+
+@SINGLE
+def test_a_request_forecast_to_miss_ranks_as_missed_at_once(r: redis.Redis) -> None:
+    """The work ranked ahead of a request, at the pace its tenant is served (its runs, each lasting the
+    group's mean run duration), times the forecast factor, past its deadline: it ranks as missed from the
+    start, so it does not crowd out requests that can still make theirs. With the factor 0 it does not."""
+
+    def order(factor: float) -> list[str]:
+        r.flushall()
+        h = Harness(r)
+        h.policy(max_pre=0, dlh=10_000, mw5=60, dlf=factor)
+        h.add_worker("w1", slots=1)
+        h.submit("warm", tenant="t")
+        h.advance(1000)
+        h.complete(h.runs[0].rid)  # the group's mean run duration is now 1000 ms
+        blocker = h.submit("s-blocker", tenant="t", max_tokens=1000)  # t runs one request: 1 s a turn
+        names = {}
+        for k in range(1, 5):  # deadlines 3 s out: b_k has k - 1 ahead, 1.5 x (k - 1) s > 3 s for b4 only
+            h.advance(1)
+            names[h.submit(f"s-b{k}", tenant="t", deadline_ms=3000)] = f"b{k}"
+        h.advance(1)
+        names[h.submit("s-plain", tenant="t")] = "plain"  # no deadline: due 10 s after it came
+        return [names[rid] for rid in order_of(h, list(names), blocker)]
+
+    assert order(1.5) == ["b1", "b2", "b3", "plain", "b4"]
+    assert order(0) == ["b1", "b2", "b3", "b4", "plain"]
 
 
 @SINGLE
 def test_marking_everything_urgent_gains_a_tenant_nothing(r: redis.Redis) -> None:
-    """Two runs of the same workload on one slot, one where tenant u gives every request a 1 ms
-    deadline: the sequence of tenants dispatched is the same, request for request."""
+    """Two runs of the same workload on one slot, one where tenant u gives every request a 1 ms deadline
+    (so its requests are missed, or forecast to be, and reordered among themselves). With each tenant's
+    requests of one size, that reordering cannot move the counters: the sequence of tenants dispatched is
+    the same, request for request. With sizes that vary, the token shares stay the same within noise."""
 
-    def tenants_served(urgent: bool) -> list[str]:
+    def tenants_served(urgent: bool, sizes: dict[str, tuple[int, int]]) -> list[tuple[str, int]]:
         r.flushall()
         h = Harness(r)
         h.policy(max_pre=0)
@@ -93,24 +126,33 @@ def test_marking_everything_urgent_gains_a_tenant_nothing(r: redis.Redis) -> Non
         n = 0
         for tenant in ("u", "v") * 4:
             n += 1
-            h.submit(f"{tenant}-{n}", tenant=tenant, max_tokens=rng.randint(5, 30),
+            h.submit(f"{tenant}-{n}", tenant=tenant, max_tokens=rng.randint(*sizes[tenant]),
                      deadline_ms=1 if urgent and tenant == "u" else None)
         h.add_worker("w1", slots=1)
         served = []
-        for _ in range(60):
+        for _ in range(120):
             run = h.runs[0]
             tenant = h.req(run.rid)["tn"]
-            served.append(tenant)
+            served.append((tenant, int(h.req(run.rid)["mt"])))
             h.advance(5)
             n += 1
-            h.submit(f"{tenant}-{n}", tenant=tenant, max_tokens=rng.randint(5, 30),
+            h.submit(f"{tenant}-{n}", tenant=tenant, max_tokens=rng.randint(*sizes[tenant]),
                      deadline_ms=1 if urgent and tenant == "u" else None)
+            if n % 7 == 0:
+                h.sweep()  # the deadlines pass: u's requests are re-ranked as missed
             h.complete(run.rid)
         return served
 
-    plain, urgent = tenants_served(False), tenants_served(True)
+    fixed = {"u": (12, 12), "v": (20, 20)}
+    plain, urgent = tenants_served(False, fixed), tenants_served(True, fixed)
     assert urgent == plain
-    assert abs(plain.count("v") / len(plain) - 2 / 3) < 0.1  # and the weights hold
+
+    def v_share(served: list[tuple[str, int]]) -> float:
+        return sum(t for who, t in served if who == "v") / sum(t for _, t in served)
+
+    varied = {"u": (5, 30), "v": (5, 30)}
+    plain, urgent = tenants_served(False, varied), tenants_served(True, varied)
+    assert abs(v_share(plain) - 2 / 3) < 0.05 and abs(v_share(urgent) - v_share(plain)) < 0.03  # weights hold
 
 
 @SINGLE

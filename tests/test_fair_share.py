@@ -12,6 +12,7 @@ import pytest
 import redis
 
 from sluicegate.sessions import keys
+from sluicegate.sessions.transitions import run_sync
 from tests.helpers import Stack, call, fast_settings, sse, submit, wait_for
 from tests.sched_harness import Harness
 
@@ -74,38 +75,98 @@ def test_a_tenant_below_its_share_takes_the_flooders_newest_slot_at_once(r: redi
 
 
 @pytest.mark.single_server  # the deterministic harness pins the clock (a global key)
+def test_a_worker_that_re_offers_its_slots_counts_a_handed_over_run_as_free(r: redis.Redis) -> None:
+    """A worker that lapsed and rejoins offers its slots minus the runs it holds; a run whose slot was handed
+    over (not yet stopped on its side) holds none: counted, the worker's slot would be lost for good."""
+    h = Harness(r)
+    h.policy(min_run=0)
+    floods = flooded(h, 2)
+    h.advance(100)
+    mine = h.submit("m", tenant="calm", max_tokens=2)
+    victim_run = h.run_of(floods[1])
+    assert h.status(floods[1]) == "preempted"
+    h.complete(mine)  # its slot goes to the preempted flood request (attempt 2)
+    h.complete(floods[0])  # a ticket comes back: nothing waits
+    assert tickets(h) == 1
+    r.delete(keys.worker("default", "w0"))  # the worker lapsed: its next heartbeat rejoins
+    h.heartbeat("w0")  # it holds the old attempt (not yet stopped) and the new one
+    assert tickets(h) == 1  # one slot is free, whatever the worker's own count of its runs says
+    h.finish(victim_run)
+    h.complete(floods[1])
+    assert tickets(h) == 2
+
+
+@pytest.mark.single_server  # the deterministic harness pins the clock (a global key)
 def test_no_swap_that_would_leave_the_taker_above_the_victim(r: redis.Redis) -> None:
-    """Equal weights: a holds 3 of 4 slots, b 1; b's next takes one (a: 2 after, b: 2); b's third does not."""
+    """Equal weights: z holds 3 of 4 slots, b 1; b's next takes one (z: 2 after, b: 2); b's third does not.
+    (z sorts after b: at 2 runs each, z is the one furthest above its share, and still not taken from.)"""
     h = Harness(r)
     h.policy(min_run=0)
     h.add_worker("w0", slots=4)
-    a = [h.submit(f"a{i}", tenant="a") for i in range(3)]
+    z = [h.submit(f"z{i}", tenant="z") for i in range(3)]
     b = [h.submit("b0", tenant="b")]
     h.advance(100)
     b.append(h.submit("b1", tenant="b"))
-    assert h.status(b[1]) == "running" and sum(h.status(x) == "preempted" for x in a) == 1
+    assert h.status(b[1]) == "running" and sum(h.status(x) == "preempted" for x in z) == 1
     b.append(h.submit("b2", tenant="b"))
     h.sweep()
-    assert h.status(b[2]) == "queued" and sum(h.status(x) == "preempted" for x in a) == 1
-    # and a, now below b's share... at 2 each: a's waiting request does not take b's slot back
+    assert h.status(b[2]) == "queued" and sum(h.status(x) == "preempted" for x in z) == 1
+    assert r.zrevrange(keys.group_key("default", "ro"), 0, 0) == ["z"]
+    # nor does z's waiting request take b's slot back
     h.sweep()
     assert sorted(h.status(x) for x in b) == ["queued", "running", "running"]
 
 
 @pytest.mark.single_server  # the deterministic harness pins the clock (a global key)
 def test_weights_set_the_share(r: redis.Redis) -> None:
-    """Weight 3 against 1: holding 3 of 4 slots is its share; the light tenant takes nothing."""
+    """Weight 3 against 1: holding 3 of 4 slots is its share; the light tenant takes no more. (whale sorts
+    after light: at 3/3 and 1/1 runs per weight it is the one taken from, and (3 - 1) / 3 < (1 + 1) / 1.)"""
     h = Harness(r)
     h.policy(min_run=0)
-    h.weight("heavy", 3)
+    h.weight("whale", 3)
     h.add_worker("w0", slots=4)
-    heavy = [h.submit(f"h{i}", tenant="heavy") for i in range(4)]
+    whale = [h.submit(f"h{i}", tenant="whale") for i in range(4)]
     h.advance(100)
     light = h.submit("l0", tenant="light")
-    assert h.status(light) == "running" and sum(h.status(x) == "preempted" for x in heavy) == 1
-    light2 = h.submit("l1", tenant="light")  # (3 - 1) / 3 < (1 + 1) / 1
+    assert h.status(light) == "running" and sum(h.status(x) == "preempted" for x in whale) == 1
+    light2 = h.submit("l1", tenant="light")
     h.sweep()
-    assert h.status(light2) == "queued" and sum(h.status(x) == "preempted" for x in heavy) == 1
+    assert h.status(light2) == "queued" and sum(h.status(x) == "preempted" for x in whale) == 1
+    assert r.zrevrange(keys.group_key("default", "ro"), 0, 0) == ["whale"]
+
+
+@pytest.mark.single_server  # the deterministic harness pins the clock (a global key)
+def test_two_flooders_do_not_keep_a_calm_tenant_waiting(r: redis.Redis) -> None:
+    """a and z flood (3 runs each of 6 slots, more waiting); a comes first in the fair order, but it is no
+    taker (it is above its share itself): the calm tenant behind it takes the slot."""
+    h = Harness(r)
+    h.policy(min_run=0)
+    h.add_worker("w0", slots=6)
+    runs = [h.submit(f"{t}{i}", tenant=t) for i in range(3) for t in ("a", "z")]
+    waiting = [h.submit(f"{t}-wait", tenant=t) for t in ("a", "z")]
+    h.advance(100)
+    mine = h.submit("m", tenant="m")
+    assert h.status(mine) == "running"
+    assert sum(h.status(x) == "preempted" for x in runs) == 1
+    assert all(h.status(x) == "queued" for x in waiting)
+
+
+@pytest.mark.single_server  # the deterministic harness pins the clock (a global key)
+def test_an_assignment_waiting_without_a_ticket_takes_no_slot_from_the_offer(r: redis.Redis) -> None:
+    """A worker re-offers its slots while its inbox still holds two assignments: one holds a ticket, the
+    other (a run handed over before the worker took it) does not. Only the first is counted out."""
+    h = Harness(r)
+    h.add_worker("w0", slots=2)
+    inbox = keys.worker_inbox("default", "w0")
+    r.lpush(inbox, "aaghost|1", "aareal|1")
+    r.hset(keys.group_key("default", "tk"), "aareal|1", "w0")
+    run_sync(h.t.register_worker("default", "w0", free=2, total=2))
+    assert tickets(h) == 1
+    # and a held run without a ticket is counted back: the worker holds 3 runs on 2 slots
+    r.delete(inbox)
+    r.hset(keys.group_key("default", "tk"), mapping={"aab|1": "w0", "aac|1": "w0"})
+    run_sync(h.t.register_worker("default", "w0", free=2 - 3, total=2, held=["aaa|1", "aab|1", "aac|1"]))
+    assert tickets(h) == 0
 
 
 @pytest.mark.single_server  # the deterministic harness pins the clock (a global key)

@@ -295,16 +295,18 @@ SAME_CLASS_OPS = st.sampled_from(MIX).flatmap(lambda name: st.tuples(
     st.integers(2, 6)) if name == "submit" else STEPS[name])
 
 
-@settings(max_examples=60, deadline=None, database=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+PROPERTY = settings(deadline=None, database=None,
+                    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+
+
+@settings(PROPERTY, max_examples=60)
 @given(ops=st.lists(OPS, min_size=20, max_size=60))
 @pytest.mark.single_server  # the deterministic harness pins the clock (a global key)
 def test_random_interleavings_keep_every_invariant(r: redis.Redis, ops: list[tuple[Any, ...]]) -> None:
     play(r, ops)
 
 
-@settings(max_examples=40, deadline=None, database=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(PROPERTY, max_examples=40)
 @given(ops=st.lists(SAME_CLASS_OPS, min_size=20, max_size=60))
 @pytest.mark.single_server  # the deterministic harness pins the clock (a global key)
 def test_random_interleavings_within_a_class_keep_every_invariant(r: redis.Redis, ops: list[tuple[Any, ...]]) -> None:

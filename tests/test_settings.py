@@ -189,7 +189,7 @@ def every_field_changed(tmp_path: Path) -> Settings:
         shutdown_grace_seconds=0.0, input_token_weight=0.5, output_token_weight=3.0, output_estimate_ratio=0.25,
         max_wait_seconds=30.0, class_max_wait="2=120,7=10", preempt_min_run_ms=0.0, max_preemptions=0,
         fair_share_preemption=False, deadline_horizon=3.0, deadline_promote_window=0.25, deadline_max_boost=2,
-        sweep_seconds=0.1,
+        deadline_forecast_factor=0.0, sweep_seconds=0.1,
         log_level="debug", extra={"groups": {"big": {"model": "llama-3-70b"}}},
         webhook_allow="hooks.example.com,127.0.0.1", webhook_secret="whs", webhook_max_attempts=3,
         webhook_backoff=1.5, webhook_timeout=4.0, access_log=True, otel_endpoint="http://127.0.0.1:4318")

@@ -284,8 +284,8 @@ class Worker:
             while self._ending:
                 self._ends_quiet.clear()
                 await self._ends_quiet.wait()
-            held = len(self.runs)
-            await self.store.set_free_slots(max(0, self.slots - held), self.slots)
+            held = len(self.runs)  # may exceed the slots for a moment: a run whose slot was handed over
+            await self.store.set_free_slots(self.slots - held, self.slots, held=list(self.runs))
             self.resync_needed = False
             log.info("worker %s: offered %d free slots (%d running)", self.worker_id, self.slots - held, held)
         finally:

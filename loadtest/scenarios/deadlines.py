@@ -3,14 +3,15 @@
 Against `sluicegate serve` (sim engine, 2 workers x 12 slots, 10-token jobs at 25 tokens/s after a 20 ms
 prefill by default: 0.42 s a run, ~57 requests/s of capacity) on a scratch Valkey of its own, once with
 deadlines on and once with them off (a fresh server each), in one invocation.
-The mix (the same arrivals in both runs, from one seed): tenants weighted 1:2:4, each submitting open-loop
-Poisson arrivals at the same rate, together `--overload` (2) times the capacity, so every tenant stays
-backlogged; all in one priority class (5); `--tight-share` (10%) of each tenant's requests carry the tight
-deadline, the rest the loose one, all with the default `"on_deadline_miss": "run"` (`--loose-miss fail`
-makes the loose ones fail instead). Off = the same requests without `deadline_ms`: each tenant's own
-requests in FIFO order. The tight load alone (10% of 2x = 0.2x capacity) fits every tenant's share
-(1/7 of capacity for the smallest, which offers 2/3 x 10% = 0.067x of capacity as tight requests):
-whether tight requests start in time is then up to the order inside each tenant.
+The mix (the same arrivals in both runs, from one seed): tenants weighted 1:2:4, submitting open-loop
+Poisson arrivals, together `--overload` (2) times the capacity; with `--split weighted` (the default)
+each tenant at 2x its own fair share, with `--split equal` all at the same rate (then the lightest
+tenant, 1/7 of the capacity for 1/3 of the load, is at 4.7x and the heaviest at 1.2x). Every tenant
+stays backlogged; all in one priority class (5); `--tight-share` (10%) of each tenant's requests carry the
+tight deadline, the rest the loose one, all with the default `"on_deadline_miss": "run"` (`--loose-miss
+fail` makes the loose ones fail instead). Off = the same requests without `deadline_ms`: each tenant's
+own requests in FIFO order. The tight load alone (10% of 2x = 0.2x of each share) fits every tenant's
+share: whether tight requests start in time is then up to the order inside each tenant.
 After the load stops the server keeps serving for the loose deadline + 1 s, so every request's deadline
 has passed when it is read back: a request meets its deadline when its first token came at most
 deadline_ms after its submit (first_token_at - submitted_at, server clock; in the on run cross-checked
@@ -59,6 +60,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tight-ms", type=int, default=300, help="the tight deadline")
     p.add_argument("--loose-ms", type=int, default=10_000, help="the loose deadline")
     p.add_argument("--tight-share", type=float, default=0.10, help="share of each tenant's requests that are tight")
+    p.add_argument("--split", choices=("weighted", "equal"), default="weighted",
+                   help="arrival rates: in proportion to the weights (every tenant at --overload times its share), "
+                        "or equal (the lightest tenant overloaded the most)")
     p.add_argument("--loose-miss", choices=("run", "fail"), default="run", help="on_deadline_miss of loose requests")
     p.add_argument("--modes", default="on,off", help="runs to make: on, off or both")
     p.add_argument("--workers", type=int, default=2)
@@ -78,6 +82,14 @@ def fcall_latency(info: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in raw.items()} if isinstance(raw, dict) else {}
 
 
+def arrival_rates(total: float, weights: list[float], split: str) -> list[float]:
+    """Each tenant's arrival rate: `weighted` offers each the same multiple of its fair share (2x overload
+    is 2x for every tenant); `equal` gives all the same rate, so the lightest is overloaded the most."""
+    if split == "equal":
+        return [total / len(weights)] * len(weights)
+    return [total * w / sum(weights) for w in weights]
+
+
 async def one_mode(args: argparse.Namespace, mode: str) -> dict[str, Any]:
     """One serve, one load: the same arrivals (seeded) with deadlines (`on`) or without (`off`)."""
     weights = [float(w) for w in args.weights.split(",")]
@@ -95,9 +107,10 @@ async def one_mode(args: argparse.Namespace, mode: str) -> dict[str, Any]:
             base = serve.base_url
             for tenant, weight in zip(tenants, weights, strict=True):
                 await put(http, base, f"/v1/admin/tenants/{tenant}", {"weight": weight})
-            rate = args.overload * cap / len(tenants)
-            progress(f"deadlines {mode}: {len(tenants)} tenants x {rate:.1f} req/s for {args.seconds:.0f} s "
-                     f"(capacity {cap:.1f} req/s), {args.tight_share:.0%} tight")
+            rates = arrival_rates(args.overload * cap, weights, args.split)
+            progress(f"deadlines {mode}: tenants at {', '.join(f'{r:.1f}' for r in rates)} req/s for "
+                     f"{args.seconds:.0f} s (capacity {cap:.1f} req/s, {args.split} split), "
+                     f"{args.tight_share:.0%} tight")
 
             def maker(tenant: str, kinds: random.Random) -> Any:
                 def make(n: int) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -114,7 +127,7 @@ async def one_mode(args: argparse.Namespace, mode: str) -> dict[str, Any]:
             loops = []
             for i, tenant in enumerate(tenants):
                 arrivals, kinds = random.Random(rng.random()), random.Random(rng.random())
-                loops.append(OpenLoop(http, base, rate, args.seconds, maker(tenant, kinds), arrivals,
+                loops.append(OpenLoop(http, base, rates[i], args.seconds, maker(tenant, kinds), arrivals,
                                       prefix=f"dl-{mode}-{tenant}", note_progress=i == 0))
             await redis.config_resetstat()
             ticks, started = cpu_ticks(), time.monotonic()

@@ -5,7 +5,12 @@
 -- KEYS[1] the group's control prefix sg:{g:<group>}:
 -- ARGV[1] flags   ARGV[2] lease ms   ARGV[3] worker id   ARGV[4] free slots
 -- ARGV[5] total slots (0 = deregister)   ARGV[6] what the worker shows operators (JSON)
+-- ARGV[7..] "rid|attempt" of the runs it holds (optional), counted out of ARGV[4] (its slots minus
+-- these; it may be negative: a worker can hold one run more than its slots for a moment, see below)
 -- An assignment still waiting in the worker's inbox holds a ticket already: it is not offered again.
+-- A held run or waiting assignment that holds no ticket (its slot was handed over to another run by
+-- fair-share preemption, or its ticket died with the worker when it was reaped) takes no slot from
+-- the offer: its end gives none back.
 -- Returns the number of requests dispatched.
 local cp, lease, wid, free, total = KEYS[1], tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
 local roster = cp .. 'wk'
@@ -24,5 +29,11 @@ redis.call('PERSIST', kworker(cp, wid) .. ':in')
 redis.call('SET', kworker(cp, wid), now, 'PX', math.floor(lease))
 redis.call('ZADD', roster, now, wid)
 redis.call('HSET', cp .. 'workers', wid, ARGV[6])
-for _ = 1, free - redis.call('LLEN', kworker(cp, wid) .. ':in') do redis.call('LPUSH', cp .. 'idle', wid) end
+for i = 7, #ARGV do
+  if redis.call('HEXISTS', cp .. 'tk', ARGV[i]) == 0 then free = free + 1 end
+end
+for _, entry in ipairs(redis.call('LRANGE', kworker(cp, wid) .. ':in', 0, -1)) do
+  if redis.call('HEXISTS', cp .. 'tk', string.match(entry, '^[^\n]*')) == 1 then free = free - 1 end
+end
+for _ = 1, math.min(total, free) do redis.call('LPUSH', cp .. 'idle', wid) end
 return dispatch(cp, now, lease)

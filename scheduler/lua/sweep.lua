@@ -91,7 +91,7 @@ for _, sid in ipairs(redis.call('ZRANGEBYSCORE', cp .. 'dld', '-inf', now, 'LIMI
   redis.call('ZREM', cp .. 'dld', sid)
   local spec = ready_head(cp, sid)
   if spec and spec.dl and not spec.dm then
-    redis.call('ZADD', cp .. 'c' .. spec.ep .. ':' .. spec.tn, 'XX', deadline_rank(spec, now, pol), sid)
+    redis.call('ZADD', cp .. 'c' .. spec.ep .. ':' .. spec.tn, 'XX', deadline_rank(cp, spec, now, pol), sid)
   elseif spec and spec.dm and spec.dl <= now then
     if single_server then
       local outcome, r, nxt = d_expire(spec.rid, now, ttl, false)
@@ -102,7 +102,7 @@ for _, sid in ipairs(redis.call('ZRANGEBYSCORE', cp .. 'dld', '-inf', now, 'LIMI
     else
       -- ended on the data plane next (expire.lua, at this call's clock); meanwhile ranked as late, so
       -- that this call's dispatch does not start it first
-      redis.call('ZADD', cp .. 'c' .. spec.ep .. ':' .. spec.tn, 'XX', deadline_rank(spec, now, pol), sid)
+      redis.call('ZADD', cp .. 'c' .. spec.ep .. ':' .. spec.tn, 'XX', deadline_rank(cp, spec, now, pol), sid)
       expired[#expired + 1] = spec.rid
     end
   end

@@ -8,9 +8,13 @@
 -- the horizon behind later requests with deadlines. Deadlines only reorder a tenant's own requests:
 -- which tenant goes next is the counters' choice alone.
 --
--- A request whose deadline passed while it waited ranks behind the horizon after it (deadline + dlh):
--- under overload, work that already missed must not take the turns of work that can still make it
--- (EDF's domino effect); it still runs, in deadline order, ahead of on-time work due later than that.
+-- A request whose deadline passed while it waited, or is forecast to pass before its turn comes (see
+-- forecast_miss), ranks its class's max wait after its deadline (deadline + mw<p>): under overload,
+-- work that will miss must not take the turns of work that can still make it (EDF's domino effect,
+-- where every request ends up served just too late). It still runs, in deadline order, ahead of
+-- on-time work due later than that: aging's bound, so nothing waits forever. Forecasting the misses at
+-- the start, rather than finding them at the deadline, keeps the on-time queue one that can be served
+-- in time: at 2x overload it is what lets tight deadlines through (loadtest/scenarios/deadlines.py).
 --
 -- Deadlines also feed two sweeps (sweep.lua): dlp (sid -> when its slack runs out: deadline minus the
 -- promotion window, policy dlw) raises a request by up to dlb classes, never above the highest class
@@ -51,25 +55,25 @@ local function pick_tenant(cp, cls)
   end
 end
 
--- The same choice leaving out tenant `excluded` (nil when no other tenant waits in the class): as if it
--- were not waiting. Its place at the head, lagging or not, does not matter.
-local function pick_tenant_except(cp, cls, excluded)
-  local zset = cp .. 'c' .. cls
-  while true do
-    local heads = redis.call('ZRANGE', zset, 0, 1, 'WITHSCORES')
-    local name, score = heads[1], heads[2]
-    if name == excluded then name, score = heads[3], heads[4] end
-    if not name then return nil end
-    local counter = vtc_get(cp, name)
-    if tonumber(score) >= counter then return name, counter end
-    redis.call('ZADD', zset, counter, name)
-  end
+-- A request's deadline is forecast to be missed when the work ranked ahead of it in its tenant's queue,
+-- at the pace the tenant is served now (its running runs, each turning over in the group's mean run
+-- duration, rdur), would take longer than its slack, times the forecast factor (policy dlf; 0: never).
+-- Nothing to go by (the tenant runs nothing yet, no run has ended yet): no forecast.
+local function forecast_miss(cp, spec, now, pol)
+  if pol.dlf == 0 then return false end
+  local held = redis.call('ZCARD', cp .. 'rt:' .. spec.tn)
+  if held == 0 then return false end
+  local duration = tonumber(redis.call('GET', cp .. 'rdur') or '')
+  if not duration then return false end
+  local ahead = redis.call('ZCOUNT', cp .. 'c' .. spec.ep .. ':' .. spec.tn, '-inf', '(' .. spec.dl)
+  return now + ahead * duration / held * pol.dlf > spec.dl
 end
 
--- A ready request's rank among its tenant's in its class (lowest first): see above.
-local function deadline_rank(spec, now, pol)
+-- A ready request's rank among its tenant's in its class (lowest first): see above. A missed deadline
+-- (passed, or forecast) ranks its class's max wait after it (aging's bound, policy mw<p>).
+local function deadline_rank(cp, spec, now, pol)
   if not spec.dl then return spec.rs + pol.dlh end
-  if spec.dl <= now then return spec.dl + pol.dlh end
+  if spec.dl <= now or forecast_miss(cp, spec, now, pol) then return spec.dl + pol['mw' .. spec.p] * 1000 end
   return spec.dl
 end
 
@@ -81,10 +85,14 @@ local function make_ready(cp, spec, now, keep_counter)
   spec.rs = spec.rs or now
   redis.call('HSET', cp .. 'rq', sid, cjson.encode(spec))
   local pol = policy(cp)
-  redis.call('ZADD', cp .. 'c' .. cls .. ':' .. tenant, deadline_rank(spec, now, pol), sid)
+  local rank = deadline_rank(cp, spec, now, pol)
+  redis.call('ZADD', cp .. 'c' .. cls .. ':' .. tenant, rank, sid)
   if cls < 10 then redis.call('ZADD', cp .. 'age' .. cls, now, sid) end
   if spec.dl then
-    if cls < 9 and not spec.bo and pol.dlb > 0 then redis.call('ZADD', cp .. 'dlp', spec.dl - pol.dlw, sid) end
+    local on_time = rank == spec.dl -- not missed, nor forecast to: only such a request is worth raising
+    if on_time and cls < 9 and not spec.bo and pol.dlb > 0 then
+      redis.call('ZADD', cp .. 'dlp', spec.dl - pol.dlw, sid)
+    end
     if spec.dm or spec.dl > now then redis.call('ZADD', cp .. 'dld', spec.dl, sid) end
   end
   local counter = vtc_get(cp, tenant)

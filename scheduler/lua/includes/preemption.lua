@@ -4,10 +4,10 @@
 -- started) while more requests of a higher class wait than slots are already being freed (pre).
 -- Aged requests (class 10) never preempt, but the real classes waiting below them still do.
 --
--- By fair share (hand_over), inside one class: the tenant the fair order picks next, leaving out the
--- tenant furthest above its weighted share of the group's running slots (ro: runs / weight), takes a
--- slot from that one when it would still hold at least as much per weight after the swap as the
--- taker does: no ping-pong, and a tenant at or below its share is never preempted for another. Counters alone cannot
+-- By fair share (hand_over), inside one class: the first tenant in the fair order (of the first few
+-- waiting) that is below the tenant furthest above its weighted share of the group's running slots
+-- (ro: runs / weight) takes a slot from that one, when it would still hold at least as much per weight
+-- after the swap as the taker does: no ping-pong, and a tenant at or below its share is never preempted for another. Counters alone cannot
 -- see this: a tenant returning from idle is lifted to the flooder's counter, so a tenant that floods
 -- keeps every slot the others free and they queue behind its runs (the soak's TTFT). The victim's slot
 -- goes to the taker at once (its ticket is handed over), or the fair order could give it straight back.
@@ -45,23 +45,40 @@ local function preemptible(cp, key, rec, pol, now)
   return now >= ripe, ripe
 end
 
+-- The taker for a victim tenant holding `victim_share` runs per weight: of the first TAKERS tenants
+-- waiting in class `cls` in the fair order (their scores may lag their counters: see fairness.lua), the
+-- first that is not the victim's and would still hold no more per weight than the victim after the
+-- swap; and its counter. Several tenants may flood at once: the head of the fair order may be another
+-- flooder, and a tenant below its share behind it must still get its slot.
+local TAKERS = 4
+local function taker_for(cp, cls, victim_tenant, victim_share)
+  local waiting = redis.call('ZRANGE', cp .. 'c' .. cls, 0, TAKERS * 2 - 1)
+  local seen = 0
+  for _, tenant in ipairs(waiting) do
+    if tenant ~= victim_tenant then
+      local tenant_weight = weight(cp, tenant)
+      local runs = (tonumber(redis.call('ZSCORE', cp .. 'ro', tenant)) or 0) * tenant_weight
+      if (runs + 1) / tenant_weight <= victim_share then return tenant, vtc_get(cp, tenant) end
+      seen = seen + 1
+      if seen == TAKERS then return nil end
+    end
+  end
+  return nil
+end
+
 -- Fair-share preemption in class `cls` (see above). Returns handed (a run was stopped and its slot
 -- handed over), ran (the taker's run started in it; if its request turned out to have ended, the
 -- slot's ticket is back in the idle list). Looks at the 16 most recent runs of that class.
 local function hand_over(cp, cls, cfg, now, lease)
   local pol = policy(cp)
   if pol.fsp == 0 or pol.max_pre == 0 then return false end
-  -- The cheap exits first: nothing runs, or no other tenant than the one furthest above its share
-  -- waits. Only the furthest above is looked at (one victim tenant per decision).
+  -- The cheap exit first: nothing runs. Only the tenant furthest above its share is a victim (one
+  -- victim tenant per decision); after the swap it still holds at least as much per weight as the taker.
   local heaviest = redis.call('ZREVRANGE', cp .. 'ro', 0, 0, 'WITHSCORES')
   if not heaviest[1] then return false end
   local victim_tenant = heaviest[1]
-  local tenant, counter = pick_tenant_except(cp, cls, victim_tenant)
+  local tenant, counter = taker_for(cp, cls, victim_tenant, tonumber(heaviest[2]) - 1 / weight(cp, victim_tenant))
   if not tenant then return false end
-  local victim_weight, taker_weight = weight(cp, victim_tenant), weight(cp, tenant)
-  local taker_runs = (tonumber(redis.call('ZSCORE', cp .. 'ro', tenant)) or 0) * taker_weight
-  -- after the swap the victim's tenant still holds at least as much per weight as the taker
-  if tonumber(heaviest[2]) - 1 / victim_weight < (taker_runs + 1) / taker_weight then return false end
   local runs = cp .. 'rt:' .. victim_tenant
   local soonest = nil -- the earliest end of a min-run quantum among the runs passed over
   -- its runs of this class, most recently started first (the least work lost)
@@ -80,8 +97,8 @@ local function hand_over(cp, cls, cfg, now, lease)
       remove_ready(cp, sid, tenant, cls, spec.dl)
       depth(cp, spec, -1)
       return true, start_run(cp, cls, tenant, counter, spec, rec.w, cfg, now, lease)
-    elseif ripe and (not soonest or ripe < soonest) then
-      soonest = ripe
+    elseif not ok and ripe and (not soonest or ripe < soonest) then -- inside its quantum (a run on a
+      soonest = ripe                                                -- gone worker is skipped, not waited for)
     end
   end
   if soonest then note_wake(cp, soonest) end -- the sweep tries again then

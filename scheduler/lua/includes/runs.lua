@@ -6,16 +6,16 @@
 local RANK = 1e13 -- running-rank score = class * RANK + (RANK - start ms)
 
 -- Who holds the group's running slots: rt:<tenant> (its runs, by the running-rank score) and ro
--- (tenant -> its runs / its weight). Fair-share preemption (preemption.lua) reads both. A run counts
+-- (tenant -> its runs / its weight; a weight change shows at the tenant's next start or stop). Fair-share preemption (preemption.lua) reads both. A run counts
 -- from its dispatch until it leaves the running set (stopped, or ended).
-local function run_added(cp, key, tenant, score)
+local function run_added(cp, key, tenant, tenant_weight, score)
   local mine = cp .. 'rt:' .. tenant
   redis.call('ZADD', mine, score, key)
-  redis.call('ZADD', cp .. 'ro', redis.call('ZCARD', mine) / weight(cp, tenant), tenant)
+  redis.call('ZADD', cp .. 'ro', redis.call('ZCARD', mine) / tenant_weight, tenant)
 end
 
 local function run_removed(cp, key, tenant)
-  if redis.call('ZREM', cp .. 'run', key) == 0 then return end
+  if redis.call('ZREM', cp .. 'run', key) == 0 then return false end
   local mine = cp .. 'rt:' .. tenant
   redis.call('ZREM', mine, key)
   local held = redis.call('ZCARD', mine)
@@ -24,6 +24,15 @@ local function run_removed(cp, key, tenant)
   else
     redis.call('ZADD', cp .. 'ro', held / weight(cp, tenant), tenant)
   end
+  return true
+end
+
+-- The group's mean run duration (ms, a moving average over the runs that finished, having produced
+-- tokens: not those stopped, lost or refused at their start): the pace a deadline forecast goes by
+-- (fairness.lua forecast_miss).
+local function note_run_duration(cp, ms)
+  local mean = tonumber(redis.call('GET', cp .. 'rdur') or '')
+  redis.call('SET', cp .. 'rdur', mean and mean + 0.1 * (ms - mean) or ms)
 end
 
 local function run_record(cp, key)
@@ -39,9 +48,9 @@ end
 -- produced (nil when unknown, e.g. its worker was lost: the estimate stands) and, when the backend
 -- counted them, with the request's real input tokens (charged once, by estimate, at its first
 -- dispatch); and drop it from the running set and the leases.
-local function end_run(cp, key, rec, produced, now, prompt)
+local function end_run(cp, key, rec, produced, now, prompt, finished)
   redis.call('HDEL', cp .. 'ri', key)
-  run_removed(cp, key, rec.tn)
+  if run_removed(cp, key, rec.tn) and finished and (produced or 0) > 0 then note_run_duration(cp, now - rec.ds) end
   redis.call('ZREM', cp .. 'leases', key)
   redis.call('SREM', cp .. 'pin', key)
   produced = produced or rec.ce
@@ -109,7 +118,8 @@ local function start_run(cp, cls, tenant, counter, spec, wid, cfg, now, lease)
   local pol = policy(cp)
   local estimate = math.ceil(remaining * pol.est)
   local input_cost = (spec.n == 0 and attempt == 1) and pol.w_in * spec.it or 0
-  local charged = counter + (input_cost + pol.w_out * estimate) / weight(cp, tenant)
+  local tenant_weight = weight(cp, tenant)
+  local charged = counter + (input_cost + pol.w_out * estimate) / tenant_weight
   vtc_set(cp, tenant, charged, counter)
   redis.call('SET', cp .. 'vlast', charged)
   quota_take(cp, cfg, remaining, attempt == 1, now)
@@ -119,7 +129,7 @@ local function start_run(cp, cls, tenant, counter, spec, wid, cfg, now, lease)
   redis.call('HSET', cp .. 'ri', key, cjson.encode(rec))
   redis.call('HSET', cp .. 'tk', key, wid) -- the slot this attempt holds, given back once (let_go)
   redis.call('ZADD', cp .. 'run', cls * RANK + (RANK - now), key)
-  run_added(cp, key, tenant, cls * RANK + (RANK - now))
+  run_added(cp, key, tenant, tenant_weight, cls * RANK + (RANK - now))
   redis.call('ZADD', cp .. 'leases', now + lease, key)
   if attempt == 1 then
     observe(cmetrics(cp), 'wait', spec.g .. '|' .. spec.p, (now - spec.sub) / 1000)
@@ -148,7 +158,7 @@ end
 local function release(cp, key, produced, requeue, now, prompt)
   local rec = run_record(cp, key)
   if rec then
-    end_run(cp, key, rec, produced, now, prompt)
+    end_run(cp, key, rec, produced, now, prompt, not requeue)
     if rec.rq and not requeue then
       -- Requeued by a preemption here, but it ended meanwhile on the data plane (it finished, or
       -- that was its last allowed attempt): its waiting entry goes, and off the depth gauge.

@@ -71,13 +71,16 @@ local function d_submit(dp, rid, sid, tenant, group, prio, max_tokens, input, ki
 end
 
 -- The run spec a worker needs to (re)start a request: the assignment carries it (saving a read on
--- the way to the first token). An input longer than INLINE_INPUT is left out (`in` absent): the
--- worker reads it from r:<rid>:in.
+-- the way to the first token), from the fields d_start loaded (`r`). An input longer than
+-- INLINE_INPUT is left out (`in` absent): the worker reads it from r:<rid>:in. One read either way:
+-- at most INLINE_INPUT + 1 bytes come back, and a longer answer means a longer input.
 local INLINE_INPUT = 8192
 local RUN_SPEC_FIELDS = { 'sid', 'g', 'tn', 'p', 'mt', 'n', 'ik', 'pa', 'fs' }
-local function run_spec(rid)
-  local spec = load(rid, RUN_SPEC_FIELDS)
-  if redis.call('STRLEN', kinput(rid)) <= INLINE_INPUT then spec['in'] = redis.call('GET', kinput(rid)) end
+local function run_spec(rid, r)
+  local spec = {}
+  for _, name in ipairs(RUN_SPEC_FIELDS) do spec[name] = r[name] end
+  local input = redis.call('GETRANGE', kinput(rid), 0, INLINE_INPUT)
+  if #input <= INLINE_INPUT then spec['in'] = input end
   return spec
 end
 
@@ -99,7 +102,7 @@ end
 -- how the worker's engine resumes ("continue" | "regenerate"), said in the `resumed` event.
 -- Returns ok, run spec (see run_spec), previous status.
 local function d_start(rid, attempt, wid, now, reason, resume)
-  local r = load(rid, { 'st', 'a', 'n', 'sid', 'g', 'p', 'sa', 'fa' })
+  local r = load(rid, { 'st', 'a', 'n', 'sid', 'g', 'p', 'sa', 'fa', 'tn', 'mt', 'ik', 'pa', 'fs' })
   -- `fa`: the last attempt the control plane closed before it ever started here (d_stop): too late now
   if not r.st or TERMINAL[r.st] or tonumber(r.a) >= attempt or tonumber(r.fa or '0') >= attempt then
     -- A stale dispatch (on a cluster its ready step may have come late and taken the place of the
@@ -117,11 +120,11 @@ local function d_start(rid, attempt, wid, now, reason, resume)
   redis.call('HSET', kreq(rid), 'st', 'running', 'a', attempt, 'w', wid, 'dn', r.n, 'ds', now,
     first and 'sa' or 'ds', now)
   local dp = dpre_of(rid)
-  redis.call('ZREM', dp .. 'ob', rid)
+  if not single_server then redis.call('ZREM', dp .. 'ob', rid) end -- one server never notes an outbox
   local data = { request_id = rid, index = tonumber(r.n), attempt = attempt, worker = wid }
   if not first and resume and resume ~= '' then data.resume = resume end
   emit(dp, r.sid, first and 'started' or 'resumed', rid, data)
-  return true, run_spec(rid), r.st
+  return true, run_spec(rid, r), r.st
 end
 
 -- Remove an ended request from its session queue; the next one becomes the head (returned as a
