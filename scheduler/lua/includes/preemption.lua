@@ -7,10 +7,11 @@
 -- By fair share (hand_over), inside one class: the first tenant in the fair order (of the first few
 -- waiting) that is below the tenant furthest above its weighted share of the group's running slots
 -- (ro: runs / weight) takes a slot from that one, when it would still hold at least as much per weight
--- after the swap as the taker does: no ping-pong, and a tenant at or below its share is never preempted for another. Counters alone cannot
--- see this: a tenant returning from idle is lifted to the flooder's counter, so a tenant that floods
--- keeps every slot the others free and they queue behind its runs (the soak's TTFT). The victim's slot
--- goes to the taker at once (its ticket is handed over), or the fair order could give it straight back.
+-- after the swap as the taker does: no ping-pong, and a tenant at or below its share is never
+-- preempted for another. Counters alone cannot see this: a tenant returning from idle is lifted to the
+-- flooder's counter, so a tenant that floods keeps every slot the others free and they queue behind
+-- its runs (the soak's TTFT). The victim's slot goes to the taker at once (its ticket is handed over),
+-- or the fair order could give it straight back.
 --
 -- Anti-thrash, for both: a run that used up its max preemptions is immune and skipped, and so is a
 -- run that streamed a tool-call delta (pin.lua: it could not be resumed faithfully); a run inside its

@@ -6,8 +6,9 @@
 local RANK = 1e13 -- running-rank score = class * RANK + (RANK - start ms)
 
 -- Who holds the group's running slots: rt:<tenant> (its runs, by the running-rank score) and ro
--- (tenant -> its runs / its weight; a weight change shows at the tenant's next start or stop). Fair-share preemption (preemption.lua) reads both. A run counts
--- from its dispatch until it leaves the running set (stopped, or ended).
+-- (tenant -> its runs / its weight; a weight change shows at the tenant's next start or stop).
+-- Fair-share preemption (preemption.lua) reads both. A run counts from its dispatch until it leaves
+-- the running set (stopped, or ended).
 local function run_added(cp, key, tenant, tenant_weight, score)
   local mine = cp .. 'rt:' .. tenant
   redis.call('ZADD', mine, score, key)
