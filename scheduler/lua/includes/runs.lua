@@ -50,12 +50,14 @@ end
 -- counted them, with the request's real input tokens (charged once, by estimate, at its first
 -- dispatch); and drop it from the running set and the leases.
 local function end_run(cp, key, rec, produced, now, prompt, finished)
+  local pol = policy(cp)
   redis.call('HDEL', cp .. 'ri', key)
-  if run_removed(cp, key, rec.tn) and finished and (produced or 0) > 0 then note_run_duration(cp, now - rec.ds) end
+  local was_running = run_removed(cp, key, rec.tn)
+  -- the deadline forecast's pace, kept only while forecasts are on (a finish pays nothing otherwise)
+  if was_running and finished and (produced or 0) > 0 and pol.dlf > 0 then note_run_duration(cp, now - rec.ds) end
   redis.call('ZREM', cp .. 'leases', key)
   redis.call('SREM', cp .. 'pin', key)
   produced = produced or rec.ce
-  local pol = policy(cp)
   local correction = pol.w_out * (produced - rec.ce)
   if prompt and rec.it then correction = correction + pol.w_in * (prompt - rec.it) end
   correction = correction / weight(cp, rec.tn)
