@@ -1,4 +1,4 @@
-"""The API application: `create_app(settings)`; uvicorn runs it with `--factory`."""
+"""The API application: `create_app(settings)`; a `sluicegate api` process runs `serving_app` (a uvicorn factory)."""
 
 from __future__ import annotations
 
@@ -37,6 +37,7 @@ from sluicegate.api.limits import BodySizeLimit
 from sluicegate.api.metrics import render_metrics
 from sluicegate.api.responses import JSON
 from sluicegate.api.services import Services, services
+from sluicegate.gc_tuning import settle_after_start_up
 from sluicegate.scheduler.admin import Tuning
 from sluicegate.sessions.connect import CONNECT_TIMEOUT, READ_TIMEOUT, async_client
 from sluicegate.sessions.hub import EventHub
@@ -60,7 +61,14 @@ def exposure_warnings(settings: Settings) -> list[str]:
     return warnings
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def serving_app() -> FastAPI:
+    """The app of a `sluicegate api` process (uvicorn's factory): the process is the API's alone."""
+    return create_app(own_process=True)
+
+
+def create_app(settings: Settings | None = None, *, own_process: bool = False) -> FastAPI:
+    """`own_process`: the app owns its process (not a test's or an embedder's), so the process's garbage
+    collection is tuned for it once it is up (sluicegate/gc_tuning.py)."""
     settings = settings or from_env()
     if not settings.redis_url:
         raise SystemExit("the API needs --redis-url (or run `sluicegate serve`)")
@@ -99,6 +107,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                lean=lean, cluster=cluster, log_max_events=settings.session_log_max_events),
             keyring=KeyRing(redis, enabled=settings.auth_enabled, admin_key=settings.admin_key),
             directory=Directory(redis), guardrails=Guardrails(redis))
+        if own_process:
+            settle_after_start_up()
         try:
             yield
         finally:

@@ -93,7 +93,8 @@ async def stats_events(svc: Services, interval: float) -> AsyncIterator[bytes]:
     at = time.monotonic()
     while True:
         doc = await stats_document(svc)
-        tokens = (await read_metrics(svc.redis, [g["group"] for g in doc["groups"]])).get("tokens", {})
+        tokens = (await read_metrics(svc.redis, [g["group"] for g in doc["groups"]], only=("tokens",))).get(
+            "tokens", {})
         now = time.monotonic()
         doc["tokens_per_second"] = rates(tokens if before is None else before, tokens, now - at)
         doc["tenant_share"] = tenant_shares(doc, doc["tokens_per_second"]["by_tenant"])

@@ -114,7 +114,7 @@ class Tuning:
     async def stats(self) -> dict[str, Any]:
         """Queue depth by group, priority and tenant; running; workers; per-group quota state."""
         names = await self.groups()
-        raw_depth = (await read_metrics(self.redis, names)).get("depth", {})
+        raw_depth = (await read_metrics(self.redis, names, only=("depth",))).get("depth", {})
         depth: list[dict[str, Any]] = []
         by_group: dict[str, int] = {}
         for label, value in raw_depth.items():

@@ -91,12 +91,18 @@ def encode(args: Iterable[Any]) -> bytes:
 
 
 class _Replies(asyncio.Protocol):
-    """One connection: replies parsed as they arrive and handed to the oldest waiting command."""
+    """One connection: replies parsed as they arrive and handed to the oldest waiting command.
+
+    Commands sent in one turn of the event loop go out in one write, when the turn's ready callbacks
+    have run (call_soon): under load, the runs of a worker or the streams of an API process that each
+    send a command in the same turn cost one syscall, and Valkey one read, instead of one each. An idle
+    process pays one loop hop, microseconds."""
 
     def __init__(self, reply_timeout: float) -> None:
         self.transport: Any = None  # an asyncio.Transport (uvloop's does not subclass it)
         self.parser = hiredis.Reader(replyError=reply_error)
         self.waiting: deque[tuple[asyncio.Future[Any], float]] = deque()
+        self.outgoing: list[bytes] = []  # commands sent this turn, not yet written (see the class doc)
         self.lost = False
         self.reply_timeout = reply_timeout
         self._watchdog: asyncio.TimerHandle | None = None
@@ -116,10 +122,17 @@ class _Replies(asyncio.Protocol):
         now = time.monotonic()
         futures = [loop.create_future() for _ in range(count)]
         self.waiting.extend((future, now) for future in futures)
-        self.transport.write(data)
+        if not self.outgoing:
+            loop.call_soon(self._write_outgoing)
+        self.outgoing.append(data)
         if self._watchdog is None:
             self._watchdog = loop.call_later(self.reply_timeout, self._check_overdue)
         return futures
+
+    def _write_outgoing(self) -> None:
+        data, self.outgoing = self.outgoing, []
+        if not self.lost:  # else their futures failed with the connection
+            self.transport.write(data[0] if len(data) == 1 else b"".join(data))
 
     def data_received(self, data: bytes) -> None:
         self.parser.feed(data)

@@ -11,7 +11,7 @@ from typing import Any
 from redis.asyncio import Redis
 
 from sluicegate.sessions import keys
-from sluicegate.sessions.connect import async_client
+from sluicegate.sessions.connect import async_client, async_node_for_key
 from sluicegate.sessions.events import Event
 from sluicegate.sessions.registry import declare_group, register_group
 from sluicegate.sessions.resp import LeanRedis
@@ -19,6 +19,7 @@ from sluicegate.sessions.scripts import Scripts
 from sluicegate.sessions.transitions import MAX_ATTEMPTS, Transitions
 
 log = logging.getLogger(__name__)
+INBOX_BATCH = 64  # assignments read from a worker's inbox in one round trip (next_assignments)
 
 
 def shown_info(info: str) -> dict[str, Any]:
@@ -175,6 +176,18 @@ class RunStore:
         else:
             item = await self.inbox.execute("BRPOP", inbox, timeout)
         return None if item is None else Assignment.parse(item[1])
+
+    async def next_assignments(self, timeout: float, most: int = INBOX_BATCH) -> list[Assignment]:
+        """The oldest assignments, up to `most`, in one round trip (BLMPOP): a burst of dispatches to this
+        worker (a flood's runs ending and the next starting) is not read one round trip after another,
+        each behind the worker's other work. Waits up to `timeout` seconds for the first."""
+        inbox = keys.worker_inbox(self.group, self.worker_id)
+        if self.cluster:  # routed by hand: BLMPOP's keys move, so redis-py would ask COMMAND GETKEYS first
+            reply = await self.inbox.execute_command("BLMPOP", timeout, 1, inbox, "RIGHT", "COUNT", most,
+                                                     target_nodes=await async_node_for_key(self.inbox, inbox))
+        else:
+            reply = await self.inbox.execute("BLMPOP", timeout, 1, inbox, "RIGHT", "COUNT", most)
+        return [] if reply is None else [Assignment.parse(item) for item in reply[1]]
 
     async def drain_inbox(self) -> list[Assignment]:
         items = await self.redis.lpop(keys.worker_inbox(self.group, self.worker_id), 10_000) or []

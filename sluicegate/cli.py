@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, get_args
 
 from sluicegate import client_cli, mcp_server
+from sluicegate.gc_tuning import settle_after_start_up
 from sluicegate.settings import ENV_PREFIX, BadSetting, Settings, from_env, setting_names
 
 NETWORK = ["host", "port"]
@@ -118,6 +119,7 @@ def run_until_signalled(make: Callable[[asyncio.Event], Coroutine[Any, Any, None
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
+        settle_after_start_up()
         await make(stop)
 
     try:
@@ -213,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         # --api-processes N > 1: uvicorn's supervisor binds the port once and spawns N processes that accept
         # on that socket (each a whole API with its own Redis pool); SIGINT/SIGTERM to it stops them all, and
         # it restarts one that dies. The API keeps no state of its own, so they need nothing shared.
-        uvicorn.run("sluicegate.api.app:create_app", factory=True, host=settings.host, port=settings.port,
+        uvicorn.run("sluicegate.api.app:serving_app", factory=True, host=settings.host, port=settings.port,
                     log_level=settings.log_level.lower(), access_log=settings.access_log, timeout_graceful_shutdown=5,
                     workers=settings.api_processes if settings.api_processes > 1 else None)
         return 0

@@ -158,3 +158,46 @@ def test_login_and_database_from_the_url(redis_url: str, r: redis.Redis) -> None
     finally:
         r.config_set("requirepass", "")
     assert r.get("where") is None  # written to database 3, not 0
+
+
+def test_commands_sent_in_one_turn_go_out_in_one_write(redis_url: str) -> None:
+    """The calls a turn of the event loop makes share one write (and the server one read); a call made
+    alone is written in its own turn, not held for company."""
+    async def main() -> tuple[list[object], int, object, int]:
+        client = LeanRedis(redis_url)
+        try:
+            await client.execute("PING")
+            transport = client._conn.transport  # type: ignore[union-attr]
+            writes: list[bytes] = []
+            write = transport.write
+            transport.write = lambda data: (writes.append(data), write(data))[1]
+            replies = await asyncio.gather(*(client.execute("ECHO", f"call {i}") for i in range(50)))
+            together = len(writes)
+            alone = await asyncio.wait_for(client.execute("ECHO", "alone"), 1)
+            return replies, together, alone, len(writes)
+        finally:
+            await client.aclose()
+
+    replies, together, alone, total = asyncio.run(main())
+    assert replies == [f"call {i}".encode() for i in range(50)] and together == 1
+    assert alone == b"alone" and total == 2
+
+
+def test_a_connection_lost_before_its_turn_ends_does_not_strand_the_calls_it_held(redis_url: str) -> None:
+    """Its calls are not written to the dead connection, nor left waiting: each fails with it and, as
+    any call on a connection that died unnoticed, is sent once more on a fresh one."""
+    async def main() -> tuple[list[object], bool]:
+        client = LeanRedis(redis_url)
+        try:
+            await client.execute("PING")
+            conn = client._conn
+            assert conn is not None
+            pending = asyncio.gather(*(client.execute("ECHO", "again") for _ in range(3)))
+            await asyncio.sleep(0)  # the calls are queued for this turn's write
+            assert conn.outgoing and not conn.lost
+            conn._fail(RedisConnectionError("lost"))
+            return await asyncio.wait_for(pending, 2), client._conn is not conn
+        finally:
+            await client.aclose()
+
+    assert asyncio.run(main()) == ([b"again"] * 3, True)

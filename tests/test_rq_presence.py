@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -17,10 +18,11 @@ import pytest
 import redis
 from rq import Queue
 from rq import Worker as RqWorker
+from rq.registry import StartedJobRegistry
 
 from sluicegate.sessions import keys
 from sluicegate.sessions.runs import shown_info
-from sluicegate.workers.presence import rq_job_id
+from sluicegate.workers.presence import RqPresence, rq_job_id
 from sluicegate.workers.worker import Worker
 from tests.helpers import Stack, call, fast_settings, submit, wait_for
 from tests.worker_helpers import WorkerProcess
@@ -160,3 +162,29 @@ def test_rq_shows_the_requests_a_worker_runs_and_nothing_after(redis_url: str, r
     finally:
         worker.close()
         stack.stop()
+
+
+def test_a_beat_renews_only_the_records_that_would_expire_before_the_next_one(redis_url: str, r: redis.Redis) -> None:
+    """A run shorter than about half the TTL is never renewed; one about to expire is, to the full TTL.
+    And every record shares the presence's one StartedJobRegistry (rq builds one per access)."""
+    presence = RqPresence(redis_url, group="default", worker_id="default.beat.1.aaaaaa", ttl_seconds=10)
+    try:
+        presence.birth()
+        runs = {f"r{i}|1": {"request_id": f"r{i}", "attempt": "1"} for i in range(2)}
+        presence.show(runs)
+        old, young = (f"rq:job:{rq_job_id(f'r{i}', '1')}" for i in range(2))
+        assert r.exists(old, young) == 2
+        for key in (old, young):
+            r.expire(key, 2)  # both close to expiring in Redis; only `old` is so by the presence's account
+        presence._shown["r0|1"].expires_at = time.monotonic() + 1
+        presence._next_beat = 0  # a beat is due
+        presence.show(runs)
+        assert 8 <= r.ttl(old) <= 10 and r.ttl(young) <= 2
+        execution = presence._shown["r0|1"].execution
+        assert 10 < r.ttl(execution.key) <= 15  # the execution outlives its Job hash (module doc)
+        assert all(shown.job.started_job_registry is presence._registry for shown in presence._shown.values())
+        listed = StartedJobRegistry("sluicegate.default", connection=r).get_job_and_execution_ids(cleanup=False)
+        assert sorted(listed) == sorted((s.job.id, s.execution.id) for s in presence._shown.values())
+    finally:
+        presence.death()
+    assert r.exists(old, young) == 0

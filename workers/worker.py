@@ -192,7 +192,7 @@ class Worker:
                     await asyncio.sleep(0.5)
                     continue
             try:
-                assignment = await self.store.next_assignment(timeout=1.0)
+                assignments = await self.store.next_assignments(timeout=1.0)
             except asyncio.CancelledError:
                 raise
             except Exception as error:
@@ -202,18 +202,23 @@ class Worker:
                 self.resync_needed = True
                 await asyncio.sleep(0.5)
                 continue
-            if assignment is None or not assignment.request_id:  # timeout, or the shutdown wake-up
-                continue
-            if self.stopping:
-                await self._end(assignment.request_id, assignment.attempt, reason="worker_shutdown")
-                continue
-            key = assignment.key
-            early = self.early_notices.pop(key, None)
-            if early is not None:
-                self.interrupted.add(key)
-                self.stop_reasons[key] = early or "released"
-            self.runs[key] = asyncio.create_task(self._serve(assignment))
-            await asyncio.sleep(0)  # let the run send its backend request before the next inbox read
+            for assignment in assignments:  # all become runs before the next resync counts them
+                await self._take(assignment)
+
+    async def _take(self, assignment: Assignment) -> None:
+        """An assignment from the inbox becomes a run (or, shutting down, goes back at once)."""
+        if not assignment.request_id:  # the shutdown wake-up
+            return
+        if self.stopping:
+            await self._end(assignment.request_id, assignment.attempt, reason="worker_shutdown")
+            return
+        key = assignment.key
+        early = self.early_notices.pop(key, None)
+        if early is not None:
+            self.interrupted.add(key)
+            self.stop_reasons[key] = early or "released"
+        self.runs[key] = asyncio.create_task(self._serve(assignment))
+        await asyncio.sleep(0)  # let the run send its backend request before the next one starts
 
     async def _control_loop(self, subscriber: Subscriber) -> None:
         """Preemption and cancel notices: stop the named run now rather than at its next token. They

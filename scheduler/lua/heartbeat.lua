@@ -2,8 +2,9 @@
 -- and reap the workers of its group that stopped heartbeating without deregistering (kill -9, lost
 -- host): their slot tickets and their inbox go, so the group's free-slot ledger stays exact.
 -- KEYS[1] the group's control prefix sg:{g:<group>}:
--- ARGV[1] flags   ARGV[2] lease ms   ARGV[3] worker id   ARGV[4] "live" | "leaving" (shutting down:
--- renew run leases only)   ARGV[5..] "rid|attempt" of each run it holds
+-- ARGV[1] flags   ARGV[2] lease ms   ARGV[3] worker id   ARGV[4] "live" | "leaving" (renew run leases
+-- only: shutting down, or the next chunk of a worker's runs, sessions/transitions.py)   ARGV[5..]
+-- "rid|attempt" of each run it holds
 -- Returns {rejoin, lost...}: rejoin is 1 when a live worker had lapsed, been retired by the sweep or
 -- been reaped (its tickets may be gone: it must re-offer its free slots); lost lists the
 -- "rid|attempt" runs it no longer owns (it should stop them), and as "rid|attempt|reason" the runs

@@ -1,0 +1,34 @@
+"""The metrics the functions keep (sessions/metrics_store.py): every bucket's and group's share summed,
+read a chunk of hashes a round trip, and with `only` the named metrics alone."""
+
+from __future__ import annotations
+
+import asyncio
+
+import redis
+
+from sluicegate.sessions import keys
+from sluicegate.sessions.connect import async_client
+from sluicegate.sessions.metrics_store import METRICS_CHUNK, read_metrics
+from tests.helpers import ON_CLUSTER
+
+
+def test_the_shares_of_every_bucket_and_group_are_summed_and_only_picks_names(redis_url: str, r: redis.Redis) -> None:
+    buckets = keys.all_buckets()
+    assert len(buckets) > 4 * METRICS_CHUNK  # the sum crosses chunks
+    for i, bucket in enumerate(buckets):
+        r.hset(keys.data_metrics(bucket), mapping={"depth|g1|5|t1": 1, "tokens|g1|5|t1": i, "ttft|g1|5|3": 2})
+    r.hset(keys.group_metrics("g1"), mapping={"depth|g1|5|t1": -len(buckets) + 7, "starts|g1|5": 4})
+
+    async def read(only: tuple[str, ...] | None) -> dict[str, dict[str, float]]:
+        client = async_client(redis_url, cluster=ON_CLUSTER)
+        try:
+            return await read_metrics(client, ["g1"], only=only)
+        finally:
+            await client.aclose()
+
+    everything = asyncio.run(read(None))
+    assert everything == {"depth": {"g1|5|t1": 7.0}, "tokens": {"g1|5|t1": float(sum(range(len(buckets))))},
+                          "ttft": {"g1|5|3": 2.0 * len(buckets)}, "starts": {"g1|5": 4.0}}
+    assert asyncio.run(read(("depth",))) == {"depth": {"g1|5|t1": 7.0}}
+    assert asyncio.run(read(("tokens", "starts"))) == {"tokens": everything["tokens"], "starts": {"g1|5": 4.0}}
