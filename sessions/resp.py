@@ -7,18 +7,19 @@ a cancelled timer per call), and each call crosses several coroutine layers. Thr
 every first token's way (the API's submit, the worker's wake-up from its inbox, its first append),
 so the scripts and the inbox go through this client; everything else stays with redis-py.
 
-One connection per client, used from one event loop, commands written at once (from the caller's
-own step, without a task switch) and replies matched to callers in order, parsed by hiredis in the
-protocol's callback. Error replies raise redis-py's exception classes (LOADING and NOAUTH are
-connection errors there, which callers retry). A lost connection fails the commands in flight with
-redis-py's ConnectionError (the callers already handle it) and the next call reconnects, with one
-retry on a fresh connection as redis-py's pools do (the scripts recognise a replayed call). A
-command left unanswered past `reply_timeout` aborts the connection: a half-open connection fails
-instead of hanging forever.
+One connection per client, used from one event loop; the commands of one turn of the loop are
+written together when the turn's callbacks have run (`_Replies`), and replies are matched to callers
+in order, parsed by hiredis in the protocol's callback. Error replies raise redis-py's exception
+classes (LOADING and NOAUTH are connection errors there, which callers retry). A lost connection
+fails the commands in flight with redis-py's ConnectionError (the callers already handle it) and the
+next call reconnects, with one retry on a fresh connection as redis-py's pools do (the scripts
+recognise a replayed call). A command left unanswered past `reply_timeout` aborts the connection: a
+half-open connection fails instead of hanging forever.
 
-A blocking command (BRPOP) holds every reply behind it, so it gets a client of its own, made with
-`blocking=True`: no retry (an item popped with a lost reply is gone; the caller must know), and a
-call given up (cancelled) closes the connection, so the server does not pop for nobody.
+A blocking command (a worker's BLMPOP on its inbox) holds every reply behind it, so it gets a client
+of its own, made with `blocking=True`: no retry (an item popped with a lost reply is gone; the
+caller must know), and a call given up (cancelled) closes the connection, so the server does not pop
+for nobody.
 """
 
 from __future__ import annotations
@@ -131,8 +132,15 @@ class _Replies(asyncio.Protocol):
 
     def _write_outgoing(self) -> None:
         data, self.outgoing = self.outgoing, []
-        if not self.lost:  # else their futures failed with the connection
+        if self.lost:  # their futures failed with the connection
+            return
+        if self.transport.is_closing():  # closed, connection_lost not yet called: fail them now
+            self._fail(RedisConnectionError("the connection to Redis is closed"))
+            return
+        try:
             self.transport.write(data[0] if len(data) == 1 else b"".join(data))
+        except Exception as error:  # raised here, in a callback, it would reach no caller
+            self._fail(RedisConnectionError(f"writing to Redis failed: {error}"))
 
     def data_received(self, data: bytes) -> None:
         self.parser.feed(data)

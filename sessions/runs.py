@@ -194,7 +194,7 @@ class RunStore:
         return [Assignment.parse(i) for i in items]
 
     async def wake_inbox(self) -> None:
-        """Push an empty assignment ("|") so that a blocked `next_assignment` returns now."""
+        """Push an empty assignment ("|") so that a blocked `next_assignments` returns now."""
         await self.redis.rpush(keys.worker_inbox(self.group, self.worker_id), "|")
 
     async def spec(self, assignment: Assignment) -> RunSpec | None:

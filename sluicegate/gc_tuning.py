@@ -17,7 +17,8 @@ YOUNG_THRESHOLD = 20_000  # allocations net of frees between two young collectio
 
 
 def settle_after_start_up() -> None:
-    """Call once the service is up: collect what start-up left, freeze the rest, raise the threshold."""
+    """Call once start-up is done (imports, settings, the app or the service object built): collect what
+    it left, freeze the rest, raise the threshold. What the service builds later is collected as usual."""
     gc.collect()
     gc.freeze()
     _, middle, old = gc.get_threshold()

@@ -101,3 +101,27 @@ def test_a_notice_that_overtakes_its_assignment_stops_the_run_before_the_engine(
 
         run(stop())
         stack.stop()
+
+
+def test_a_burst_of_assignments_is_read_in_one_round_trip_in_dispatch_order(redis_url: str, r: redis.Redis) -> None:
+    """next_assignments takes every waiting assignment (up to its bound) at once, oldest first, and
+    a wake-up ("|", which the worker skips) comes first; an empty inbox answers [] after the timeout."""
+    stack = Stack(fast_settings(redis_url)).start(scheduler=False, workers=0)
+    run = on_loop(stack)
+    worker = RunStore.connect(redis_url, worker_id="default.burst.1.aaaaaa", group="default", lease_seconds=30,
+                              session_ttl=60, cluster=ON_CLUSTER)
+    try:
+        run(worker.set_free_slots(8))
+        rids = [submit(stack.base_url, f"burst-{i}", max_tokens=2) for i in range(4)]
+        run(worker.wake_inbox())
+        rids.append(submit(stack.base_url, "burst-4", max_tokens=2))
+        taken = run(worker.next_assignments(timeout=5))
+        assert [a.key for a in taken] == ["|"] + [f"{rid}|1" for rid in rids]  # a wake-up jumps the queue
+        assert run(worker.next_assignments(timeout=0.1)) == []
+        more = [submit(stack.base_url, f"burst-{i}", max_tokens=2) for i in range(5, 8)]
+        assert [a.key for a in run(worker.next_assignments(timeout=5, most=2))] == [f"{rid}|1" for rid in more[:2]]
+        assert [a.key for a in run(worker.next_assignments(timeout=5))] == [f"{more[2]}|1"]
+        assert r.llen(keys.worker_inbox("default", worker.worker_id)) == 0
+    finally:
+        run(worker.aclose())
+        stack.stop()

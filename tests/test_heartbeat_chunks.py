@@ -22,9 +22,20 @@ def test_a_heartbeat_renews_every_lease_of_a_worker_holding_more_runs_than_one_c
     assert len(held) == n
     leases = keys.group_key("default", "leases")
     r.zadd(leases, dict.fromkeys(held, 1), xx=True)  # all about to lapse
-    gone = held[-1]  # the last chunk's last run: the worker no longer owns it
+    gone = [held[0], held[-1]]  # the first chunk's first run and the last chunk's last: no longer the worker's
     h.finish(h.runs[-1])
+    h.finish(h.runs[0])
+    calls: list[tuple[str, str, int]] = []
+    call = h.t._call
+
+    async def counted(name: str, keys_: list[str], args: list[object]) -> object:
+        calls.append((name, str(args[2]), len(args) - 3))  # the mode, and how many runs the call renews
+        return await call(name, keys_, args)
+
+    h.t._call = counted  # type: ignore[method-assign]
     rejoin, lost = run_sync(h.t.heartbeat("default", "w1", held, lease_ms=h.worker_lease_ms))
-    assert not rejoin and lost == [gone]
+    assert not rejoin and lost == gone
+    assert calls == [("heartbeat", "live", HEARTBEAT_CHUNK), ("heartbeat", "leaving", HEARTBEAT_CHUNK),
+                     ("heartbeat", "leaving", n - 2 * HEARTBEAT_CHUNK)]
     renewed = dict(r.zrange(leases, 0, -1, withscores=True))
-    assert len(renewed) == n - 1 and all(score > 1 for score in renewed.values())
+    assert len(renewed) == n - 2 and all(score > 1 for score in renewed.values())

@@ -20,14 +20,19 @@ def test_the_shares_of_every_bucket_and_group_are_summed_and_only_picks_names(re
         r.hset(keys.data_metrics(bucket), mapping={"depth|g1|5|t1": 1, "tokens|g1|5|t1": i, "ttft|g1|5|3": 2})
     r.hset(keys.group_metrics("g1"), mapping={"depth|g1|5|t1": -len(buckets) + 7, "starts|g1|5": 4})
 
+    round_trips = []
+
     async def read(only: tuple[str, ...] | None) -> dict[str, dict[str, float]]:
         client = async_client(redis_url, cluster=ON_CLUSTER)
+        pipeline = client.pipeline
+        client.pipeline = lambda **kw: round_trips.append(kw) or pipeline(**kw)  # type: ignore[method-assign]
         try:
             return await read_metrics(client, ["g1"], only=only)
         finally:
             await client.aclose()
 
     everything = asyncio.run(read(None))
+    assert len(round_trips) == -(-(len(buckets) + 1) // METRICS_CHUNK)  # a chunk of hashes a round trip
     assert everything == {"depth": {"g1|5|t1": 7.0}, "tokens": {"g1|5|t1": float(sum(range(len(buckets))))},
                           "ttft": {"g1|5|3": 2.0 * len(buckets)}, "starts": {"g1|5": 4.0}}
     assert asyncio.run(read(("depth",))) == {"depth": {"g1|5|t1": 7.0}}

@@ -12,7 +12,7 @@ and in the queue's StartedJobRegistry, which is what `rq info` counts as "execut
 Cheap by construction: the worker calls `show` with the runs it executes; a call writes only the
 difference from what rq shows (one pipeline), bursts are coalesced by the caller, and between
 changes nothing is written but the periodic heartbeat. A beat renews only the records that would
-expire before the next beat could (a run shorter than about half the TTL is never renewed), and one
+expire within 2.5 beats (a run shorter than about a third of the TTL is never renewed), and one
 StartedJobRegistry serves every record: rq builds one per access, and its serializer check (a
 runtime Protocol isinstance) cost more than the rest of a run's records (the soak measured the rq
 presence at a third of a worker's CPU before both). Nothing outlives a run: its records are
@@ -39,7 +39,8 @@ from rq.utils import now
 
 JOB_FUNC = "sluicegate.request"  # never executed: names what the job stands for in rq's tooling
 EXPIRY_MARGIN = 5  # seconds the execution records outlive their Job hash (see the module doc)
-RENEW_WITHIN_BEATS = 1.5  # a beat renews the records that would expire within this many beats
+RENEW_WITHIN_BEATS = 2.5  # a beat renews the records that would expire within this many beats (a late
+# beat, its thread behind the worker's other work, still comes before they expire)
 
 
 def rq_queue_name(group: str) -> str:
@@ -88,6 +89,10 @@ class RqPresence:
         self._registry = StartedJobRegistry(queue=self._queue)
         self._shown: dict[str, Shown] = {}  # run key "rid|attempt" -> what rq shows of it
         self._lock = threading.Lock()
+
+    def next_beat_in(self) -> float:
+        """Seconds until a beat is due (0: now)."""
+        return max(0.0, self._next_beat - time.monotonic())
 
     def birth(self) -> None:
         with self._lock:

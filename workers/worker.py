@@ -202,15 +202,16 @@ class Worker:
                 self.resync_needed = True
                 await asyncio.sleep(0.5)
                 continue
-            for assignment in assignments:  # all become runs before the next resync counts them
+            for i, assignment in enumerate(assignments):  # all become runs before the next resync counts them
+                if self.stopping:  # what is left of the batch goes back at once, together
+                    await asyncio.gather(*(self._end(a.request_id, a.attempt, reason="worker_shutdown")
+                                           for a in assignments[i:] if a.request_id))
+                    break
                 await self._take(assignment)
 
     async def _take(self, assignment: Assignment) -> None:
-        """An assignment from the inbox becomes a run (or, shutting down, goes back at once)."""
+        """An assignment from the inbox becomes a run."""
         if not assignment.request_id:  # the shutdown wake-up
-            return
-        if self.stopping:
-            await self._end(assignment.request_id, assignment.attempt, reason="worker_shutdown")
             return
         key = assignment.key
         early = self.early_notices.pop(key, None)
@@ -258,7 +259,7 @@ class Worker:
             return
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.rq_changed.wait(), timeout=self.presence.beat_seconds)
+                await asyncio.wait_for(self.rq_changed.wait(), timeout=self.presence.next_beat_in())
             self.rq_changed.clear()
             try:
                 await asyncio.to_thread(self.presence.show, dict(self.rq_runs))
