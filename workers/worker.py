@@ -267,6 +267,7 @@ class Worker:
                 raise
             except Exception as error:
                 log.warning("worker %s: rq heartbeat failed: %s", self.worker_id, error)
+                await asyncio.sleep(self.presence.beat_seconds)  # its beat stays due: not again at once
             await asyncio.sleep(RQ_MIN_INTERVAL)
 
     def _show_in_rq(self, key: str, spec: RunSpec | None) -> None:
