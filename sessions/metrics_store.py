@@ -10,6 +10,7 @@ from typing import Any
 from sluicegate.sessions import keys
 
 METRICS_CHUNK = 64  # metric hashes read per round trip (read_metrics)
+SCAN_COUNT = 1000  # hash slots an HSCAN visits a step (a small hash is one listpack: read whole at once)
 
 
 async def read_metrics(redis: Any, groups: Sequence[str],
@@ -24,11 +25,8 @@ async def read_metrics(redis: Any, groups: Sequence[str],
     names = [keys.group_metrics(g) for g in groups] + [keys.data_metrics(b) for b in keys.all_buckets()]
     totals: dict[str, dict[str, float]] = {}
     for start in range(0, len(names), METRICS_CHUNK):
-        async with redis.pipeline(transaction=False) as pipe:
-            for name in names[start:start + METRICS_CHUNK]:
-                pipe.hgetall(name)
-            shares = await pipe.execute()
-        for share in shares:
+        chunk = names[start:start + METRICS_CHUNK]
+        for share in await (_read_all(redis, chunk) if only is None else _read_named(redis, chunk, only)):
             for field, value in share.items():
                 field = field.decode() if isinstance(field, bytes) else field
                 metric, _, label = field.partition("|")
@@ -37,3 +35,27 @@ async def read_metrics(redis: Any, groups: Sequence[str],
                 series = totals.setdefault(metric, {})
                 series[label] = series.get(label, 0.0) + float(value)
     return totals
+
+
+async def _read_all(redis: Any, names: Sequence[str]) -> list[dict[Any, Any]]:
+    async with redis.pipeline(transaction=False) as pipe:
+        for name in names:
+            pipe.hgetall(name)
+        return list(await pipe.execute())
+
+
+async def _read_named(redis: Any, names: Sequence[str], only: Collection[str]) -> list[dict[Any, Any]]:
+    """The fields of the `only` metrics, picked by the server (HSCAN MATCH "name|*"): a bucket's hash
+    holds every metric's fields, and parsing the ones not asked for was most of a stats call's CPU."""
+    wanted = [(name, f"{metric}|*") for name in names for metric in only]
+    async with redis.pipeline(transaction=False) as pipe:
+        for name, pattern in wanted:
+            pipe.hscan(name, 0, match=pattern, count=SCAN_COUNT)
+        replies = await pipe.execute()
+    shares = []
+    for (name, pattern), (cursor, fields) in zip(wanted, replies, strict=True):
+        while int(cursor):  # a large hash (not one listpack) is walked in steps
+            cursor, more = await redis.hscan(name, cursor, match=pattern, count=SCAN_COUNT)
+            fields = {**fields, **more}
+        shares.append(fields)
+    return shares

@@ -37,3 +37,20 @@ def test_the_shares_of_every_bucket_and_group_are_summed_and_only_picks_names(re
                           "ttft": {"g1|5|3": 2.0 * len(buckets)}, "starts": {"g1|5": 4.0}}
     assert asyncio.run(read(("depth",))) == {"depth": {"g1|5|t1": 7.0}}
     assert asyncio.run(read(("tokens", "starts"))) == {"tokens": everything["tokens"], "starts": {"g1|5": 4.0}}
+
+
+def test_only_walks_a_hash_too_large_for_one_scan_step(redis_url: str, r: redis.Redis) -> None:
+    # A group's hash with thousands of fields is a hashtable, which HSCAN walks in steps: every
+    # matching field is summed once, none missed and none twice.
+    many = {f"depth|g1|5|t{i}": 1 for i in range(3000)} | {f"ttft|g1|5|{i}": 2 for i in range(3000)}
+    r.hset(keys.group_metrics("g1"), mapping=many)
+    assert r.object("encoding", keys.group_metrics("g1")) in ("hashtable", b"hashtable")
+
+    async def read() -> dict[str, dict[str, float]]:
+        client = async_client(redis_url, cluster=ON_CLUSTER)
+        try:
+            return await read_metrics(client, ["g1"], only=("depth",))
+        finally:
+            await client.aclose()
+
+    assert asyncio.run(read()) == {"depth": {f"g1|5|t{i}": 1.0 for i in range(3000)}}

@@ -18,6 +18,8 @@ import pytest
 import redis
 from rq import Queue
 from rq import Worker as RqWorker
+from rq.executions import Execution
+from rq.job import Job, JobStatus
 from rq.registry import StartedJobRegistry
 
 from sluicegate.sessions import keys
@@ -165,8 +167,7 @@ def test_rq_shows_the_requests_a_worker_runs_and_nothing_after(redis_url: str, r
 
 
 def test_a_beat_renews_only_the_records_that_would_expire_before_the_next_one(redis_url: str, r: redis.Redis) -> None:
-    """A run shorter than about half the TTL is never renewed; one about to expire is, to the full TTL.
-    And every record shares the presence's one StartedJobRegistry (rq builds one per access)."""
+    """A run shorter than about half the TTL is never renewed; one about to expire is, to the full TTL."""
     presence = RqPresence(redis_url, group="default", worker_id="default.beat.1.aaaaaa", ttl_seconds=10)
     try:
         presence.birth()
@@ -180,11 +181,58 @@ def test_a_beat_renews_only_the_records_that_would_expire_before_the_next_one(re
         presence._next_beat = 0  # a beat is due
         presence.show(runs)
         assert 8 <= r.ttl(old) <= 10 and r.ttl(young) <= 2
-        execution = presence._shown["r0|1"].execution
+        shown = presence._shown["r0|1"]
+        execution = Execution.fetch(shown.execution_id, shown.job_id, connection=redis.Redis.from_url(redis_url))
         assert 10 < r.ttl(execution.key) <= 15  # the execution outlives its Job hash (module doc)
-        assert all(shown.job.started_job_registry is presence._registry for shown in presence._shown.values())
         listed = StartedJobRegistry("sluicegate.default", connection=r).get_job_and_execution_ids(cleanup=False)
-        assert sorted(listed) == sorted((s.job.id, s.execution.id) for s in presence._shown.values())
+        assert sorted(listed) == sorted((s.job_id, s.execution_id) for s in presence._shown.values())
     finally:
         presence.death()
     assert r.exists(old, young) == 0
+
+
+def test_the_script_writes_what_rq_itself_writes_for_a_started_job(redis_url: str, r: redis.Redis) -> None:
+    """The presence writes rq's records by script (workers/lua/rq_show.lua), not through rq's objects:
+    the same keys, fields, types and expiries as rq's own Job.save and Execution.create, and rq's
+    Execution.delete finds nothing of them left to delete."""
+    raw = redis.Redis.from_url(redis_url)
+    presence = RqPresence(redis_url, group="default", worker_id="default.same.1.aaaaaa", ttl_seconds=10)
+    try:
+        presence.birth()
+        presence.show({"ours|1": {"request_id": "ours", "attempt": "1", "tenant": "acme"}})
+        queue = Queue("sluicegate.default", connection=raw)
+        theirs = Job.create("sluicegate.request", connection=raw, id="theirs-a1", origin=queue.name,
+                            status=JobStatus.STARTED, timeout=-1, description="d", meta={"request_id": "theirs"})
+        theirs.worker_name = "default.same.1.aaaaaa"
+        theirs.started_at = datetime.now()
+        with raw.pipeline(transaction=False) as pipe:
+            theirs.save(pipeline=pipe)
+            pipe.expire(theirs.key, 10)
+            execution = Execution.create(theirs, ttl=15, pipeline=pipe, worker_name="default.same.1.aaaaaa")
+            pipe.execute()
+
+        def records(job_id: str, execution_id: str) -> dict[str, Any]:
+            found = {}
+            for key in raw.scan_iter("rq:*"):
+                name = key.decode()
+                if job_id in name and name.replace(job_id, "J").replace(execution_id, "E") != name:
+                    kind = raw.type(key).decode()
+                    fields = sorted(raw.hkeys(key)) if kind == "hash" else None
+                    ttl = raw.ttl(key)
+                    found[name.replace(job_id, "J").replace(execution_id, "E")] = (kind, fields, ttl > 0)
+            return found
+
+        ours = presence._shown["ours|1"]
+        assert records(ours.job_id, ours.execution_id) == records("theirs-a1", execution.id)
+        started = {m.decode() for m in raw.zrange("rq:wip:sluicegate.default", 0, -1)}
+        assert started == {f"{ours.job_id}:{ours.execution_id}", f"theirs-a1:{execution.id}"}
+        assert raw.smembers("rq:worker:default.same.1.aaaaaa:executions") == {m.encode() for m in started}
+        job = Job.fetch(ours.job_id, connection=raw)
+        assert (job.get_status(), job.origin, job.worker_name, job.meta["tenant"], job.func_name) == (
+            "started", "sluicegate.default", "default.same.1.aaaaaa", "acme", "sluicegate.request")
+        assert job.started_at is not None and job.created_at is not None
+        presence.show({})
+        assert not raw.exists(f"rq:job:{ours.job_id}") and records(ours.job_id, ours.execution_id) == {}
+        assert {m.decode() for m in raw.zrange("rq:wip:sluicegate.default", 0, -1)} == {f"theirs-a1:{execution.id}"}
+    finally:
+        presence.death()

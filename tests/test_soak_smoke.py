@@ -5,6 +5,7 @@ the whole scenario (own Valkey, API, scheduler, sim workers, drops and a flooder
 from __future__ import annotations
 
 import argparse
+import gc
 from typing import Any
 
 import pytest
@@ -64,7 +65,10 @@ def test_a_tiny_soak_has_no_gap_no_double_and_leaves_no_key(monkeypatch: pytest.
                               "--max-tokens", "2,6", "--think", "0.1,0.3", "--drop-rate", "0.5",
                               "--flood-backlog", "10", "--flood-submitters", "2", "--session-ttl", "2",
                               "--sample-every", "2"])
+    collector = (gc.get_threshold(), gc.get_freeze_count())
     result = soak.run(args)  # raises SystemExit on a gap, a double or a leaked key
+    assert (gc.get_threshold(), gc.get_freeze_count()) == collector  # the load generator's tuning is undone
+    assert set(result["valkey_stalls"]) == {"phase1", "phase2"}  # Valkey's latency monitor, read per phase
     streams = result["streams"]
     assert streams["requests"] > 20 and streams["resumed_requests"] > 0 and streams["flood_submitted"] > 0
     assert streams["gaps"] == streams["doubles"] == 0

@@ -10,12 +10,12 @@ and in the queue's StartedJobRegistry, which is what `rq info` counts as "execut
 `Worker.get_current_job()` and rq-dashboard read.
 
 Cheap by construction: the worker calls `show` with the runs it executes; a call writes only the
-difference from what rq shows (one pipeline), bursts are coalesced by the caller, and between
-changes nothing is written but the periodic heartbeat. A beat renews only the records that would
-expire within 2.5 beats (a run shorter than about a third of the TTL is never renewed), and one
-StartedJobRegistry serves every record: rq builds one per access, and its serializer check (a
-runtime Protocol isinstance) was a quarter of the presence's CPU. Before both, the rq presence was
-37% of a worker's CPU in the soak; after, 30% of a worker's CPU that fell by a fifth (README).
+difference from what rq shows, bursts are coalesced by the caller, and between changes nothing is
+written but the periodic heartbeat. A beat renews only the records that would expire within 2.5 beats
+(a run shorter than about a third of the TTL is never renewed). The records are written by one script
+call (`lua/rq_show.lua`) with the fields and keys rq itself writes, taken once from rq's own classes
+(`RqRecords`): through rq's objects and a redis-py pipeline, a run cost fourteen commands packed and
+parsed and a Job built and serialized, and the presence was a fifth of a worker's CPU in the soak.
 Nothing outlives a run: its records are deleted when it ends, and they all expire on their own if
 the worker dies (the Job hash first, so that rq's cleanup of the StartedJobRegistry finds no job to
 move to the FailedJobRegistry).
@@ -28,20 +28,24 @@ import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+from uuid import uuid4
 
 import redis
 from rq import Queue
 from rq import Worker as RqWorker
-from rq.executions import Execution
+from rq.executions import WORKER_EXECUTIONS_KEY_TEMPLATE, Execution, ExecutionRegistry
 from rq.job import Job, JobStatus
 from rq.registry import StartedJobRegistry
-from rq.utils import now
+from rq.utils import current_timestamp, now, utcformat
 
 JOB_FUNC = "sluicegate.request"  # never executed: names what the job stands for in rq's tooling
 EXPIRY_MARGIN = 5  # seconds the execution records outlive their Job hash (see the module doc)
 RENEW_WITHIN_BEATS = 2.5  # a beat renews the records that would expire within this many beats (a late
 # beat, its thread behind the worker's other work, still comes before they expire)
+PER_RUN_FIELDS = ("description", "meta", "created_at", "started_at")  # the Job fields a run sets itself
+SHOW_SCRIPT = (Path(__file__).parent / "lua" / "rq_show.lua").read_text()
 
 
 def rq_queue_name(group: str) -> str:
@@ -54,23 +58,35 @@ def rq_job_id(request_id: str, attempt: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "_", f"{request_id}-a{attempt}")
 
 
-class ShownJob(Job):
-    """A Job whose StartedJobRegistry is the presence's one (rq's Execution reads it per call)."""
-
-    registry: StartedJobRegistry
-
-    @property
-    def started_job_registry(self) -> StartedJobRegistry:
-        return self.registry
-
-
 @dataclass
 class Shown:
     """What rq shows of one run, and when its records expire unless renewed (time.monotonic())."""
 
-    job: ShownJob
-    execution: Execution
+    job_id: str
+    execution_id: str
     expires_at: float
+
+
+class RqRecords:
+    """rq's names and field values for a started job of this worker, taken once from rq's own classes
+    (a prototype Job's fields, the key templates), so that a run costs a few strings, not rq's objects."""
+
+    def __init__(self, connection: redis.Redis, queue: Queue, worker_name: str) -> None:
+        prototype = Job.create(JOB_FUNC, connection=connection, id="prototype", origin=queue.name,
+                               status=JobStatus.STARTED, timeout=-1, description="", meta={})
+        prototype.worker_name = worker_name
+        self.serializer = prototype.serializer
+        self.constant_fields = [part for name, value in prototype.to_dict().items() if name not in PER_RUN_FIELDS
+                                for part in (name, value)]
+        self.job_prefix = Job.redis_job_namespace_prefix
+        self.execution_template = Execution(id="{1}", job_id="{0}", connection=connection).key
+        self.started_registry = StartedJobRegistry(queue=queue).key
+        self.worker_executions = WORKER_EXECUTIONS_KEY_TEMPLATE.format(worker_name)
+
+    def keys(self, shown: Shown) -> list[str]:
+        """The run's Job hash, Execution hash and the job's ExecutionRegistry."""
+        return [self.job_prefix + shown.job_id, self.execution_template.format(shown.job_id, shown.execution_id),
+                ExecutionRegistry.key_template.format(shown.job_id)]
 
 
 class RqPresence:
@@ -86,8 +102,10 @@ class RqPresence:
         self._ttl = ttl_seconds
         self.beat_seconds = max(1.0, ttl_seconds / 4)
         self._born = False
+        self._busy: bool | None = None  # the state rq shows (None: not written since birth)
         self._next_beat = 0.0
-        self._registry = StartedJobRegistry(queue=self._queue)
+        self._records = RqRecords(self._connection, self._queue, self._worker.name)
+        self._show = self._connection.register_script(SHOW_SCRIPT)
         self._shown: dict[str, Shown] = {}  # run key "rid|attempt" -> what rq shows of it
         self._lock = threading.Lock()
 
@@ -101,7 +119,8 @@ class RqPresence:
 
     def _birth(self) -> None:
         self._worker.register_birth()
-        self._worker.set_state("busy" if self._shown else "idle")
+        self._busy = bool(self._shown)
+        self._worker.set_state("busy" if self._busy else "idle")
         self._born = True
         self._next_beat = time.monotonic() + self.beat_seconds
 
@@ -117,59 +136,68 @@ class RqPresence:
             ended = [key for key in self._shown if key not in runs]
             if not (started or ended or due):
                 return
-            with self._connection.pipeline(transaction=False) as pipe:
-                for key in ended:
-                    shown = self._shown.pop(key)
-                    shown.execution.delete(shown.job, pipe)
-                    pipe.delete(shown.job.key)
-                for key in started:
-                    self._shown[key] = self._start(runs[key], pipe)
-                if started or ended:
-                    self._worker.set_state("busy" if self._shown else "idle", pipeline=pipe)
-                if due:
-                    self._worker.heartbeat(self._ttl, pipeline=pipe)
-                    self._renew(pipe)
-                pipe.execute()
+            moment = time.monotonic()
+            gone = [self._shown[key] for key in ended]
+            renewed = [shown for key, shown in self._shown.items()
+                       if key in runs and needs_renewal(shown, moment, self.beat_seconds)] if due else []
+            new = {key: self._new(runs[key]) for key in started}
+            self._write(new, gone, renewed)
+            for key in ended:
+                del self._shown[key]
+            for shown in renewed:
+                shown.expires_at = moment + self._ttl
+            self._shown.update((key, shown) for key, (shown, _) in new.items())
+            busy = bool(self._shown)
+            if due or busy != self._busy:
+                with self._connection.pipeline(transaction=False) as pipe:
+                    if busy != self._busy:
+                        self._worker.set_state("busy" if busy else "idle", pipeline=pipe)
+                    if due:
+                        self._worker.heartbeat(self._ttl, pipeline=pipe)
+                    pipe.execute()
+                self._busy = busy
             if due:
                 self._next_beat = time.monotonic() + self.beat_seconds
 
-    def _renew(self, pipe: Any) -> None:
-        """Keep the records of the runs that outlive the next beat as long as the worker's registration."""
-        moment = time.monotonic()
-        for shown in self._shown.values():
-            if shown.expires_at - moment < RENEW_WITHIN_BEATS * self.beat_seconds:
-                pipe.expire(shown.job.key, self._ttl)
-                shown.execution.heartbeat(self._registry, self._ttl + EXPIRY_MARGIN, pipe)
-                shown.expires_at = moment + self._ttl
-
-    def _start(self, run: Mapping[str, Any], pipe: Any) -> Shown:
+    def _new(self, run: Mapping[str, Any]) -> tuple[Shown, list[Any]]:
+        """A run's records: what rq will show, and the values the script writes for it."""
         rid, attempt = str(run["request_id"]), str(run["attempt"])
         details = ", ".join(f"{name} {run[name]}" for name in ("session_id", "tenant", "priority")
                             if run.get(name) is not None)
-        job = ShownJob.create(JOB_FUNC, connection=self._connection, id=rq_job_id(rid, attempt),
-                         origin=self._queue.name, status=JobStatus.STARTED, timeout=-1,
-                         description=f"sluicegate request {rid} (attempt {attempt}{', ' + details if details else ''})",
-                         meta={str(k): v for k, v in run.items()})
-        job.registry = self._registry
-        job.started_at = now()
-        job.worker_name = self._worker.name
-        job.save(pipeline=pipe)
-        pipe.expire(job.key, self._ttl)
-        expires_at = time.monotonic() + self._ttl
-        execution = Execution.create(job, ttl=self._ttl + EXPIRY_MARGIN, pipeline=pipe, worker_name=self._worker.name)
-        return Shown(job, execution, expires_at)
+        shown = Shown(rq_job_id(rid, attempt), uuid4().hex, time.monotonic() + self._ttl)
+        stamp = utcformat(now())
+        return shown, [shown.job_id, shown.execution_id,
+                       f"sluicegate request {rid} (attempt {attempt}{', ' + details if details else ''})",
+                       self._records.serializer.dumps({str(k): v for k, v in run.items()}), stamp, stamp]
+
+    def _write(self, new: Mapping[str, tuple[Shown, list[Any]]], gone: list[Shown], renewed: list[Shown]) -> None:
+        """One script call: the new runs' records written, the ended ones' deleted, the others renewed."""
+        if not (new or gone or renewed):
+            return
+        keys = [self._records.started_registry, self._records.worker_executions]
+        args: list[Any] = [len(new), len(gone), len(renewed), self._ttl, self._ttl + EXPIRY_MARGIN,
+                           repr(time.time()), current_timestamp(), self._worker.name,
+                           len(self._records.constant_fields) // 2, *self._records.constant_fields]
+        for shown, values in new.values():
+            keys += self._records.keys(shown)
+            args += values
+        for shown in (*gone, *renewed):
+            keys += self._records.keys(shown)
+            args += (shown.job_id, shown.execution_id)
+        self._show(keys=keys, args=args)
 
     def death(self) -> None:
         """Gone for good: no run shown, no registration."""
         with self._lock:
             try:
                 if self._shown:
-                    with self._connection.pipeline(transaction=False) as pipe:
-                        for shown in self._shown.values():
-                            shown.execution.delete(shown.job, pipe)
-                            pipe.delete(shown.job.key)
-                        pipe.execute()
+                    self._write({}, list(self._shown.values()), [])
                     self._shown.clear()
                 self._worker.register_death()
             finally:
                 self._connection.close()
+
+
+def needs_renewal(shown: Shown, moment: float, beat_seconds: float) -> bool:
+    """The run's records would expire within RENEW_WITHIN_BEATS beats: this beat renews them."""
+    return shown.expires_at - moment < RENEW_WITHIN_BEATS * beat_seconds

@@ -3,7 +3,8 @@
 Starts its own stack (like `fanout`): a Valkey server with AOF, one `sluicegate api` (the process whose
 RSS is sampled), a scheduler and `--workers` sim workers with enough slots for every stream
 (`--slots 0`: 1.1 x streams over the workers), all with a short `--session-ttl` (default 30 s) so that
-the leak check after the run takes seconds, not an hour. Auth is off and each request names its
+the leak check after the run takes seconds, not an hour. `--valkey-nice -10` runs Valkey first to the
+CPU, as on a host where it has a core of its own (see `prioritize`). Auth is off and each request names its
 `tenant` (as the other scenarios do); the tenants get weights through PUT /v1/admin/tenants.
 
 Each of `--streams` clients belongs to a well-behaved tenant (streams split by weight, default
@@ -42,8 +43,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import json
 import math
+import os
 import random
 import re
 import resource
@@ -57,6 +60,7 @@ import aiohttp
 import redis
 from redis.asyncio import Redis
 
+from sluicegate.gc_tuning import settle_after_start_up
 from sluicegate.loadtest.common import (
     Component,
     client_session,
@@ -79,6 +83,7 @@ from sluicegate.sessions import keys
 
 FLOOD = "flood"
 TTFT_RATIO_TARGET = 1.5
+STALL_MS = 1  # Valkey's latency monitor logs what takes this long or more (milliseconds)
 TERMINAL = ("done", "error", "cancelled")
 # Control-plane keys that hold per-run or per-ready-session entries: an idle group has none of them
 # (Redis deletes an emptied hash, set, zset or list), so any left after the run is a leaked entry.
@@ -109,6 +114,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=float, default=15.0, help="seconds left out of TTFT at each phase start")
     p.add_argument("--view-sample", type=float, default=0.25,
                    help="share of well-behaved requests whose server timestamps are read after `done`")
+    p.add_argument("--valkey-nice", type=int, default=0,
+                   help="scheduling priority of the stack's Valkey (0: as every other process; -10: first to "
+                        "the CPU, as with a core of its own; below 0 needs CAP_SYS_NICE, and without it the run "
+                        "goes on at 0 and says so)")
     p.add_argument("--seed", type=int, default=12)
 
 
@@ -149,6 +158,21 @@ def raise_fd_limit() -> int:
         with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def prioritize(pid: int | None, nice: int) -> int:
+    """Give Valkey the CPU first, as a deployment gives it a core of its own: on one 2-core host with
+    the API, the workers and the load generator, the OS preempts it mid-command (an append, 75 us, ran
+    up to 40 ms in Valkey's slow log), the more the busier the host, and every stream waits on it.
+    Returns the nice value it runs at."""
+    if pid is None or nice == 0:
+        return 0
+    try:
+        os.setpriority(os.PRIO_PROCESS, pid, nice)  # its main thread: the one that serves commands
+    except PermissionError:
+        progress(f"Valkey stays at nice 0: setting {nice} needs CAP_SYS_NICE (--valkey-nice 0 to silence this)")
+        return 0
+    return nice
 
 
 def rss_bytes(pid: int) -> int:
@@ -443,6 +467,19 @@ async def metric_totals(http: aiohttp.ClientSession, base: str, name: str,
     return totals
 
 
+async def valkey_stalls(client: Redis) -> dict[str, dict[str, float]]:
+    """What Valkey's latency monitor logged since the last call (which resets it), by event: `command`
+    (a command that ran >= 1 ms: a long script, or the server preempted mid-command), `aof-write`, `fork`..."""
+    logged: dict[str, dict[str, float]] = {}
+    for entry in await client.execute_command("LATENCY", "LATEST"):
+        name = entry[0].decode() if isinstance(entry[0], bytes) else str(entry[0])
+        logged[name] = {"max_ms": int(entry[3])}
+        if len(entry) >= 6:  # Valkey 8.1: the sum and the count of the spikes too
+            logged[name] |= {"sum_ms": int(entry[4]), "count": int(entry[5])}
+    await client.execute_command("LATENCY", "RESET")
+    return logged
+
+
 async def counters(http: aiohttp.ClientSession, base: str) -> dict[str, dict[str, float]]:
     return {"done": await metric_totals(http, base, "sluicegate_requests_total", {"status": "done"}),
             "tokens": await metric_totals(http, base, "sluicegate_tokens_total")}
@@ -607,7 +644,15 @@ async def drive(args: argparse.Namespace, base: str, server_url: str, parts: dic
                          f"{soak.flood_backlog_seen}), used_memory {last['used_memory'] / 2**20:.1f} MiB, "
                          f"API RSS {last['api_rss'] / 2**20:.1f} MiB")
 
+        # This process's own collector, tuned as the servers' (sluicegate/gc_tuning.py) once every client
+        # is connected: untuned, its full collections (100-190 ms late in a run, over the live tasks and
+        # connections) stalled the clients' loop and landed in the TTFT measured, later phases more.
+        await asyncio.sleep(ramp + 1.0)
+        settle_after_start_up()
+        await async_client.config_set("latency-monitor-threshold", STALL_MS)
+        await valkey_stalls(async_client)
         await report_until(soak.clock.phase1)
+        stalls = [await valkey_stalls(async_client)]
         marks.append(await counters(http, base))
         cpu_marks.append({**cpu_by_role(roots), "client (this process)": cpu_seconds()})
         tick_marks.append(cpu_ticks())
@@ -620,6 +665,7 @@ async def drive(args: argparse.Namespace, base: str, server_url: str, parts: dic
         for task in tasks + flood:
             task.cancel()
         await asyncio.gather(*tasks, *flood, lag, return_exceptions=True)
+        stalls.append(await valkey_stalls(async_client))
         marks.append(await counters(http, base))
         cpu_marks.append({**cpu_by_role(roots), "client (this process)": cpu_seconds()})
         tick_marks.append(cpu_ticks())
@@ -642,7 +688,7 @@ async def drive(args: argparse.Namespace, base: str, server_url: str, parts: dic
     return {"soak": soak, "streams": streams, "samples": samples, "marks": marks, "cpu_marks": cpu_marks,
             "tick_marks": tick_marks, "load_end": load_end, "drained_s": drained, "keys_at_idle": at_idle,
             "keys_at_idle_without_ttl": no_ttl, "expire_wait_s": expire_wait, "leaks": leaks,
-            "idle_tickets": idle_tickets}
+            "idle_tickets": idle_tickets, "valkey_stalls": stalls}
 
 
 def ttft_row(phase: str, tally: PhaseTally) -> dict[str, Any]:
@@ -702,7 +748,7 @@ def report(args: argparse.Namespace, out: dict[str, Any], slots: int) -> dict[st
     print(f"\nsoak: {args.streams} streams, {out['load_end']:.0f} s ({phase1:.0f} s without the flooder, "
           f"{out['load_end'] - phase1:.0f} s with it), {args.workers} workers x {slots} slots, sim "
           f"{args.tokens_per_second:g} tokens/s, {args.max_tokens} tokens, think {args.think} s, drop rate "
-          f"{args.drop_rate:g}, session TTL {args.session_ttl} s")
+          f"{args.drop_rate:g}, session TTL {args.session_ttl} s, Valkey at nice {args.valkey_nice}")
     print("\nmemory (bytes; dbsize in keys; slopes per minute over the second half of the run / of each phase):")
     print_table(mem)
     print("\nstreams:")
@@ -722,6 +768,9 @@ def report(args: argparse.Namespace, out: dict[str, Any], slots: int) -> dict[st
                  for r in sorted(set(cpu[0]) | set(cpu[1])) if cpu[0].get(r, 0.0) or cpu[1].get(r, 0.0)])
     print(f"steal {steal[0]}% / {steal[1]}%; client loop lag p99 {lag[0]['p99_ms']} / {lag[1]['p99_ms']} ms "
           f"(max {lag[0]['max_ms']} / {lag[1]['max_ms']} ms)")
+    for i, logged in enumerate(out["valkey_stalls"]):
+        print(f"Valkey's stalls >= {STALL_MS} ms, phase {i + 1} (latency monitor: count, max): " + (", ".join(
+            f"{name} {e.get('count', '?')}, {e['max_ms']} ms" for name, e in sorted(logged.items())) or "none"))
     print(f"\nkeys: drained in {out['drained_s']:.1f} s; {out['keys_at_idle']} session/request keys at idle "
           f"({out['keys_at_idle_without_ttl']} without a TTL); after the TTL + {5 + out['expire_wait_s']:.0f} s: "
           f"{leaks['keys_left']} keys left, {leaks['fixed']} fixed, leaked {leaks['leaked']} (session/request "
@@ -746,7 +795,7 @@ def report(args: argparse.Namespace, out: dict[str, Any], slots: int) -> dict[st
                            "target": TTFT_RATIO_TARGET, "client_met": ratio_client <= TTFT_RATIO_TARGET,
                            "server_met": ratio_server <= TTFT_RATIO_TARGET},
         "tenants": tenants, "cpu_seconds": {"phase1": cpu[0], "phase2": cpu[1]}, "steal_percent": steal,
-        "client_loop_lag": lag,
+        "client_loop_lag": lag, "valkey_stalls": {"phase1": out["valkey_stalls"][0], "phase2": out["valkey_stalls"][1]},
         "keys": {**leaks, "drained_s": round(out["drained_s"], 1), "session_keys_at_idle": out["keys_at_idle"],
                  "session_keys_at_idle_without_ttl": out["keys_at_idle_without_ttl"],
                  "expire_wait_s": out["expire_wait_s"], "idle_tickets": out["idle_tickets"],
@@ -794,8 +843,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             time.sleep(0.2)
         client.close()
         valkey_pid = server.process.pid if server.process else None
+        args.valkey_nice = prioritize(valkey_pid, args.valkey_nice)
         roots = [p.pid for p in [api, scheduler, *workers]] + ([valkey_pid] if valkey_pid else [])
-        out = asyncio.run(drive(args, base, server.url, parts, roots, valkey_pid))
+        collector = gc.get_threshold()
+        try:
+            out = asyncio.run(drive(args, base, server.url, parts, roots, valkey_pid))
+        finally:  # drive tunes this process's collector (settle_after_start_up): a caller's is its own
+            gc.unfreeze()
+            gc.set_threshold(*collector)
     finally:
         for part in [api, scheduler, *workers]:
             part.stop()
