@@ -46,8 +46,10 @@ async def _read_all(redis: Any, names: Sequence[str]) -> list[dict[Any, Any]]:
 
 async def _read_named(redis: Any, names: Sequence[str], only: Collection[str]) -> list[dict[Any, Any]]:
     """The fields of the `only` metrics, picked by the server (HSCAN MATCH "name|*"): a bucket's hash
-    holds every metric's fields, and parsing the ones not asked for was most of a stats call's CPU."""
-    wanted = [(name, f"{metric}|*") for name in names for metric in only]
+    holds every metric's fields, and parsing the ones not asked for was most of a stats call's CPU. A
+    small hash (a listpack) is read whole in one step, as HGETALL read it; a large one is walked, so a
+    field added meanwhile may be read at the next call (these are gauges and counters for display)."""
+    wanted = [(name, f"{metric}|*") for name in names for metric in dict.fromkeys(only)]
     async with redis.pipeline(transaction=False) as pipe:
         for name, pattern in wanted:
             pipe.hscan(name, 0, match=pattern, count=SCAN_COUNT)

@@ -236,3 +236,29 @@ def test_the_script_writes_what_rq_itself_writes_for_a_started_job(redis_url: st
         assert {m.decode() for m in raw.zrange("rq:wip:sluicegate.default", 0, -1)} == {f"theirs-a1:{execution.id}"}
     finally:
         presence.death()
+
+
+def test_a_write_resent_or_a_registration_lost_leaves_no_second_set_of_records(redis_url: str, r: redis.Redis) -> None:
+    """A write whose reply was lost is made again with the same execution ids (not a second set that
+    rq's cleanup would later mark failed); registering again deletes the records of runs gone meanwhile."""
+    presence = RqPresence(redis_url, group="default", worker_id="default.again.1.aaaaaa", ttl_seconds=10)
+    wip = "rq:wip:sluicegate.default"
+    try:
+        presence.birth()
+        runs = {f"r{i}|1": {"request_id": f"r{i}", "attempt": "1"} for i in range(2)}
+        presence.show(runs)
+        first = set(r.zrange(wip, 0, -1))
+        presence._shown.clear()  # as if the reply was lost: the presence does not know it wrote them
+        presence.show(runs)
+        assert set(r.zrange(wip, 0, -1)) == first and len(first) == 2
+        assert r.scard("rq:worker:default.again.1.aaaaaa:executions") == 2
+
+        r.delete("rq:worker:default.again.1.aaaaaa")  # the registration lapsed; r1 ended meanwhile
+        presence._next_beat = 0
+        presence.show({"r0|1": runs["r0|1"]})
+        assert r.exists("rq:worker:default.again.1.aaaaaa")
+        assert [m.split(":")[0] for m in r.zrange(wip, 0, -1)] == [rq_job_id("r0", "1")]
+        assert not r.exists(f"rq:job:{rq_job_id('r1', '1')}") and r.exists(f"rq:job:{rq_job_id('r0', '1')}")
+    finally:
+        presence.death()
+    assert r.zcard(wip) == 0

@@ -13,7 +13,8 @@ Cheap by construction: the worker calls `show` with the runs it executes; a call
 difference from what rq shows, bursts are coalesced by the caller, and between changes nothing is
 written but the periodic heartbeat. A beat renews only the records that would expire within 2.5 beats
 (a run shorter than about a third of the TTL is never renewed). The records are written by one script
-call (`lua/rq_show.lua`) with the fields and keys rq itself writes, taken once from rq's own classes
+call a change (`lua/rq_show.lua`; rq's own heartbeat and busy/idle state go in a pipeline beside it)
+with the fields and keys rq itself writes, taken once from rq's own classes
 (`RqRecords`): through rq's objects and a redis-py pipeline, a run cost fourteen commands packed and
 parsed and a Job built and serialized, and the presence was a fifth of a worker's CPU in the soak.
 Nothing outlives a run: its records are deleted when it ends, and they all expire on their own if
@@ -30,7 +31,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from uuid import uuid4
+from uuid import NAMESPACE_URL, uuid5
 
 import redis
 from rq import Queue
@@ -79,14 +80,20 @@ class RqRecords:
         self.constant_fields = [part for name, value in prototype.to_dict().items() if name not in PER_RUN_FIELDS
                                 for part in (name, value)]
         self.job_prefix = Job.redis_job_namespace_prefix
-        self.execution_template = Execution(id="{1}", job_id="{0}", connection=connection).key
+        self.execution_prefix = Execution(id="E", job_id="J", connection=connection).key.removesuffix("J:E")
         self.started_registry = StartedJobRegistry(queue=queue).key
         self.worker_executions = WORKER_EXECUTIONS_KEY_TEMPLATE.format(worker_name)
+        self.worker_name = worker_name
 
     def keys(self, shown: Shown) -> list[str]:
         """The run's Job hash, Execution hash and the job's ExecutionRegistry."""
-        return [self.job_prefix + shown.job_id, self.execution_template.format(shown.job_id, shown.execution_id),
+        return [self.job_prefix + shown.job_id, f"{self.execution_prefix}{shown.job_id}:{shown.execution_id}",
                 ExecutionRegistry.key_template.format(shown.job_id)]
+
+    def execution_id(self, job_id: str) -> str:
+        """The same for the same run on this worker (rq's are random): a write resent after a lost reply,
+        or after registering again, overwrites its records instead of leaving a second set behind."""
+        return uuid5(NAMESPACE_URL, f"rq-execution:{self.worker_name}:{job_id}").hex
 
 
 class RqPresence:
@@ -129,15 +136,18 @@ class RqPresence:
         and beat when a beat is due. Writes nothing when neither is the case."""
         with self._lock:
             due = time.monotonic() >= self._next_beat
+            stale: dict[str, Shown] = {}
             if due and (not self._born or not self._connection.exists(self._worker.key)):
-                self._shown.clear()  # the registration failed (Redis was away) or was lost (Redis restarted
-                self._birth()  # empty): register again, and show every run afresh
+                # The registration failed (Redis was away) or was lost (Redis restarted empty, or the key
+                # lapsed): register again, show every run afresh, and delete what is left of the others.
+                stale, self._shown = self._shown, {}
+                self._birth()
             started = [key for key in runs if key not in self._shown]
             ended = [key for key in self._shown if key not in runs]
             if not (started or ended or due):
                 return
             moment = time.monotonic()
-            gone = [self._shown[key] for key in ended]
+            gone = [self._shown[key] for key in ended] + [shown for key, shown in stale.items() if key not in runs]
             renewed = [shown for key, shown in self._shown.items()
                        if key in runs and needs_renewal(shown, moment, self.beat_seconds)] if due else []
             new = {key: self._new(runs[key]) for key in started}
@@ -164,24 +174,28 @@ class RqPresence:
         rid, attempt = str(run["request_id"]), str(run["attempt"])
         details = ", ".join(f"{name} {run[name]}" for name in ("session_id", "tenant", "priority")
                             if run.get(name) is not None)
-        shown = Shown(rq_job_id(rid, attempt), uuid4().hex, time.monotonic() + self._ttl)
+        job_id = rq_job_id(rid, attempt)
+        shown = Shown(job_id, self._records.execution_id(job_id), time.monotonic() + self._ttl)
         stamp = utcformat(now())
         return shown, [shown.job_id, shown.execution_id,
                        f"sluicegate request {rid} (attempt {attempt}{', ' + details if details else ''})",
                        self._records.serializer.dumps({str(k): v for k, v in run.items()}), stamp, stamp]
 
     def _write(self, new: Mapping[str, tuple[Shown, list[Any]]], gone: list[Shown], renewed: list[Shown]) -> None:
-        """One script call: the new runs' records written, the ended ones' deleted, the others renewed."""
+        """One script call: the ended runs' records deleted, the new ones' written, the others renewed."""
         if not (new or gone or renewed):
             return
         keys = [self._records.started_registry, self._records.worker_executions]
-        args: list[Any] = [len(new), len(gone), len(renewed), self._ttl, self._ttl + EXPIRY_MARGIN,
+        args: list[Any] = [len(gone), len(new), len(renewed), self._ttl, self._ttl + EXPIRY_MARGIN,
                            repr(time.time()), current_timestamp(), self._worker.name,
                            len(self._records.constant_fields) // 2, *self._records.constant_fields]
+        for shown in gone:
+            keys += self._records.keys(shown)
+            args += (shown.job_id, shown.execution_id)
         for shown, values in new.values():
             keys += self._records.keys(shown)
             args += values
-        for shown in (*gone, *renewed):
+        for shown in renewed:
             keys += self._records.keys(shown)
             args += (shown.job_id, shown.execution_id)
         self._show(keys=keys, args=args)

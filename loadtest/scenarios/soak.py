@@ -845,11 +845,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         valkey_pid = server.process.pid if server.process else None
         args.valkey_nice = prioritize(valkey_pid, args.valkey_nice)
         roots = [p.pid for p in [api, scheduler, *workers]] + ([valkey_pid] if valkey_pid else [])
-        collector = gc.get_threshold()
+        collector, frozen = gc.get_threshold(), gc.get_freeze_count()
         try:
             out = asyncio.run(drive(args, base, server.url, parts, roots, valkey_pid))
         finally:  # drive tunes this process's collector (settle_after_start_up): a caller's is its own
-            gc.unfreeze()
+            if not frozen:
+                gc.unfreeze()
             gc.set_threshold(*collector)
     finally:
         for part in [api, scheduler, *workers]:
