@@ -169,13 +169,10 @@ class RunStore:
                                                       held=held)
 
     async def next_assignment(self, timeout: float) -> Assignment | None:
-        """The oldest assignment (the functions LPUSH them: runs start in the order they were dispatched)."""
-        inbox = keys.worker_inbox(self.group, self.worker_id)
-        if self.cluster:
-            item = await self.inbox.brpop([inbox], timeout=timeout)
-        else:
-            item = await self.inbox.execute("BRPOP", inbox, timeout)
-        return None if item is None else Assignment.parse(item[1])
+        """The oldest assignment (the functions LPUSH them: runs start in the order they were dispatched),
+        or None after `timeout` seconds: `next_assignments` for one."""
+        taken = await self.next_assignments(timeout, most=1)
+        return taken[0] if taken else None
 
     async def next_assignments(self, timeout: float, most: int = INBOX_BATCH) -> list[Assignment]:
         """The oldest assignments, up to `most`, in one round trip (BLMPOP): a burst of dispatches to this
