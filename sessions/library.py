@@ -46,6 +46,7 @@ def policy_fields(settings: Settings) -> dict[str, float]:
         "min_run": settings.preempt_min_run_ms,
         "max_pre": settings.max_preemptions,
         "fsp": 1 if settings.fair_share_preemption else 0,
+        "fsr": settings.fair_share_headroom,
         "dlh": settings.deadline_horizon * 1000,
         "dlw": settings.deadline_promote_window * 1000,
         "dlb": settings.deadline_max_boost,

@@ -31,8 +31,9 @@ API = ["api_processes", "redis_max_connections", "auth", "admin_key", "metrics_k
        "max_body_mb", "max_tokens_limit", "sse_ping_seconds",
        "session_log_max_events", "cors_origins", "stream_token_ttl", "otel_endpoint"]
 POLICY = ["input_token_weight", "output_token_weight", "output_estimate_ratio", "max_wait_seconds",
-          "class_max_wait", "preempt_min_run_ms", "max_preemptions", "fair_share_preemption", "deadline_horizon",
-          "deadline_promote_window", "deadline_max_boost", "deadline_forecast_factor", "sweep_seconds"]
+          "class_max_wait", "preempt_min_run_ms", "max_preemptions", "fair_share_preemption", "fair_share_headroom",
+          "deadline_horizon", "deadline_promote_window", "deadline_max_boost", "deadline_forecast_factor",
+          "sweep_seconds"]
 WORKER = ["group", "slots", "engine", "backend_url", "backend_api_key", "backend_model", "backend_timeout",
           "backend_retries", "backend_probe", "backend_continue", "backend_first_token_timeout",
           "backend_idle_timeout", "sim_tokens_per_second",

@@ -250,6 +250,10 @@ class Settings(BaseSettings):
                                         "takes the slot of a same-class run of the tenant furthest above its "
                                         "weighted share of the running slots (--no-fair-share-preemption: only "
                                         "priority preempts)")
+    fair_share_headroom: float = Field(0.02, ge=0, le=0.5, description="while a tenant runs a slot or more below "
+                                       "the one furthest above its share of the running slots, this share of a "
+                                       "group's slots (rounded down) is kept for such tenants, so that they start "
+                                       "at once instead of by a preemption (0: off)")
     deadline_horizon: NonNegative = Field(10.0, description="within a tenant's share, a request without a "
                                           "deadline ranks as one due this many seconds after it became ready")
     deadline_promote_window: NonNegative = Field(0.1, description="a request whose deadline is this near (s) "

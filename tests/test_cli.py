@@ -30,5 +30,5 @@ def test_every_setting_is_a_flag_of_serve_or_of_the_process_that_reads_it() -> N
     assert set(Settings.model_fields) - {"extra"} <= flags
     serve = set(COMMANDS["serve"][1])
     for name in ("deadline_horizon", "deadline_promote_window", "deadline_max_boost", "deadline_forecast_factor",
-                 "fair_share_preemption"):
+                 "fair_share_preemption", "fair_share_headroom"):
         assert name in serve and name in COMMANDS["scheduler"][1], name

@@ -233,3 +233,131 @@ def test_fair_share_preemption_end_to_end(redis_url: str) -> None:
         wait_for(lambda: call("GET", f"{base}/v1/admin/stats")[1]["running"] == 0, what="idle")
     finally:
         stack.stop()
+
+
+# Headroom (--fair-share-headroom, policy fsr): while a running tenant is a slot or more below the tenant
+# furthest above its share, the group's last fsr x slots go only to tenants that could take a slot from
+# that one; so a calm tenant starts in one at once instead of by a preemption.
+
+def headroom_group(r: redis.Redis, fsr: float, *, slots: int = 8, calm_first: bool = True,
+                   quota: bool = False) -> Harness:
+    """One worker of `slots` slots, headroom `fsr`; tenant calm runs one request unless not `calm_first`;
+    `quota`: a rate quota that never binds, so that the decision takes its other path (quota first)."""
+    r.flushall()
+    h = Harness(r)
+    h.policy(min_run=0, fsr=fsr)
+    h.add_worker("w0", slots=slots)
+    if quota:
+        h.quota("default", requests_per_second=10_000, burst=10_000)
+    if calm_first:
+        h.submit("c0", tenant="calm")
+    return h
+
+
+def running(h: Harness, rids: list[str]) -> int:
+    return [h.status(x) for x in rids].count("running")
+
+
+def never_preempted(h: Harness, rids: list[str]) -> bool:
+    return all(int(h.req(x).get("pc", "0")) == 0 and int(h.req(x)["a"]) <= 1 for x in rids)
+
+
+@pytest.mark.single_server  # the deterministic harness pins the clock (a global key)
+@pytest.mark.parametrize("quota", [False, True], ids=["slot-first", "quota-first"])
+def test_the_heaviest_tenant_leaves_the_headroom_free_and_a_calm_tenant_starts_there_without_a_preemption(
+        r: redis.Redis, quota: bool) -> None:
+    """Headroom 0.25 of 8 slots: 2 stay free of the flooder while the calm tenant runs below it. The calm
+    tenant's next requests start there with no preemption; a slot that frees refills the headroom first,
+    then goes to the flooder's backlog; alone with work, the flooder fills every slot."""
+    h = headroom_group(r, 0.25, quota=quota)
+    calm = [h.dispatched_rids()[0]]
+    floods = [h.submit(f"f{i}", tenant="flood") for i in range(10)]
+    assert running(h, floods) == 5 and tickets(h) == 2  # 1 + 5 run, 2 free
+    calm.append(h.submit("c1", tenant="calm"))
+    assert h.status(calm[1]) == "running" and tickets(h) == 1 and never_preempted(h, floods)
+    calm.append(h.submit("c2", tenant="calm"))  # the last free slot: still the calm tenant's
+    assert h.status(calm[2]) == "running" and tickets(h) == 0 and never_preempted(h, floods)
+    h.complete(calm[0])  # the freed slot refills the headroom: the flooder's backlog waits
+    assert tickets(h) == 1 and running(h, floods) == 5
+    h.complete(calm[1])
+    assert tickets(h) == 2 and running(h, floods) == 5
+    h.complete(floods[0])  # a slot above the headroom: the flooder's next takes it
+    assert tickets(h) == 2 and running(h, floods) == 5 and h.status(floods[5]) == "running"
+    h.complete(calm[2])  # the flooder is alone with work now: it fills every slot
+    assert tickets(h) == 0 and running(h, floods) == 8
+    for rid in floods:
+        if h.status(rid) != "done":
+            h.complete(rid)
+    assert tickets(h) == 8 and not held_tickets(h) and never_preempted(h, floods)
+
+
+@pytest.mark.single_server  # the deterministic harness pins the clock (a global key)
+def test_a_second_flooder_does_not_eat_the_headroom(r: redis.Redis) -> None:
+    """Headroom 1 of 8 slots; a and b both flood (3 runs each, calm 1). Whichever is first in ro, the other
+    could not take a slot from it (3 + 1 > 3 - 1): neither takes the last slot while the calm tenant is
+    below them, and the calm tenant's next request starts there with no preemption."""
+    h = headroom_group(r, 0.125)
+    floods = [h.submit(f"{t}{i}", tenant=t) for i in range(5) for t in ("a", "b")]
+    assert running(h, floods) == 6 and tickets(h) == 1
+    mine = h.submit("c1", tenant="calm")
+    assert h.status(mine) == "running" and tickets(h) == 0 and never_preempted(h, floods)
+
+
+@pytest.mark.single_server  # the deterministic harness pins the clock (a global key)
+def test_the_headroom_never_idles_a_slot_for_a_tenant_alone_a_higher_class_or_when_off(r: redis.Redis) -> None:
+    h = headroom_group(r, 0.25, calm_first=False)
+    floods = [h.submit(f"f{i}", tenant="flood") for i in range(10)]
+    assert running(h, floods) == 8 and tickets(h) == 0  # alone: every slot
+
+    # tenants at their shares: nobody is below the heaviest, every slot is used
+    h = headroom_group(r, 0.25, calm_first=False)
+    even = [h.submit(f"{t}{i}", tenant=t) for i in range(5) for t in ("a", "b")]
+    assert running(h, even) == 8 and tickets(h) == 0
+
+    # a class above a running run is never held back (it could preempt that run anyway)
+    h = headroom_group(r, 0.25)
+    floods = [h.submit(f"f{i}", tenant="flood") for i in range(6)]
+    assert running(h, floods) == 5 and tickets(h) == 2
+    urgent = h.submit("u", tenant="flood", priority=7)
+    assert h.status(urgent) == "running" and tickets(h) == 1
+
+    # off: the flooder takes every free slot, and the calm tenant's next request preempts
+    h = headroom_group(r, 0)
+    floods = [h.submit(f"f{i}", tenant="flood") for i in range(10)]
+    assert running(h, floods) == 7 and tickets(h) == 0
+    h.advance(100)
+    mine = h.submit("c1", tenant="calm")
+    assert h.status(mine) == "running" and [h.status(x) for x in floods].count("preempted") == 1
+
+
+@pytest.mark.single_server  # the deterministic harness pins the clock (a global key)
+@pytest.mark.parametrize(("slots", "free"), [(49, 0), (50, 1)])
+def test_the_default_headroom_starts_at_50_slots(r: redis.Redis, slots: int, free: int) -> None:
+    """The default (0.02 of the slots) rounds down: no slot below 50 slots, so small groups are as before."""
+    h = headroom_group(r, 0.02, slots=slots)
+    floods = [h.submit(f"f{i}", tenant="flood") for i in range(60)]
+    assert running(h, floods) == slots - 1 - free and tickets(h) == free
+
+
+def test_the_headroom_end_to_end(redis_url: str) -> None:
+    """Real workers (one server, and the cluster pass), 8 slots, headroom 0.25: with a calm tenant running,
+    a flooder's backlog leaves 2 slots free, and the calm tenant's next request starts in one with no
+    preemption; every request ends with each index once and no `preempted` event."""
+    stack = Stack(fast_settings(redis_url, slots=8, sim_tokens_per_second=20.0, fair_share_headroom=0.25)).start(
+        workers=1)
+    try:
+        base = stack.base_url
+        first = submit(base, "calm-0", max_tokens=80, tenant="calm")
+        wait_for(lambda: call("GET", f"{base}/v1/admin/stats")[1]["running"] == 1, what="calm running")
+        floods = [submit(base, f"flood-{i}", max_tokens=40, tenant="flood") for i in range(8)]
+        wait_for(lambda: call("GET", f"{base}/v1/admin/stats")[1]["running"] == 6, what="flood running")
+        mine = submit(base, "calm-1", max_tokens=5, tenant="calm")
+        assert [e.event for e in sse(base, f"/v1/requests/{mine}/events")][-1] == "done"
+        for rid, tokens in [(first, 80), *((rid, 40) for rid in floods)]:
+            events = list(sse(base, f"/v1/requests/{rid}/events"))
+            assert events[-1].event == "done"
+            assert not [e for e in events if e.event == "preempted"]
+            assert [e.data["index"] for e in events if e.event == "token"] == list(range(tokens))
+        wait_for(lambda: call("GET", f"{base}/v1/admin/stats")[1]["running"] == 0, what="idle")
+    finally:
+        stack.stop()

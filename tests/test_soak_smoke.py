@@ -69,6 +69,9 @@ def test_a_tiny_soak_has_no_gap_no_double_and_leaves_no_key(monkeypatch: pytest.
     result = soak.run(args)  # raises SystemExit on a gap, a double or a leaked key
     assert (gc.get_threshold(), gc.get_freeze_count()) == collector  # the load generator's tuning is undone
     assert set(result["valkey_stalls"]) == {"phase1", "phase2"}  # Valkey's latency monitor, read per phase
+    assert set(result["preempted"]) == {"phase1", "phase2"}  # preemptions by reason, from the server's counters
+    phase1 = result["preempted"]["phase1"]  # 1.1 x as many slots as streams: no tenant ever waits for one
+    assert phase1.get("fair_share", 0) == phase1.get("priority", 0) == 0, phase1
     streams = result["streams"]
     assert streams["requests"] > 20 and streams["resumed_requests"] > 0 and streams["flood_submitted"] > 0
     assert streams["gaps"] == streams["doubles"] == 0

@@ -33,7 +33,8 @@ Measured:
   requests whose first token came on their first connection; server: first_token_at - submitted_at
   of a `--view-sample` fraction), leaving out `--warmup` s at each phase start; target p99 with the
   flooder <= 1.5 x p99 without (reported, MISS printed, never fails the run);
-- requests and tokens completed per tenant and phase against the weight shares (server counters).
+- requests and tokens completed per tenant and phase against the weight shares, and runs preempted per
+  phase by reason (server counters).
 Exit code 1 when gaps/doubles > 0 or leaked keys > 0 (after writing loadtest/results/soak.json).
 Smoke: `sluicegate bench soak --streams 100 --duration 60`.
 """
@@ -482,7 +483,15 @@ async def valkey_stalls(client: Redis) -> dict[str, dict[str, float]]:
 
 async def counters(http: aiohttp.ClientSession, base: str) -> dict[str, dict[str, float]]:
     return {"done": await metric_totals(http, base, "sluicegate_requests_total", {"status": "done"}),
-            "tokens": await metric_totals(http, base, "sluicegate_tokens_total")}
+            "tokens": await metric_totals(http, base, "sluicegate_tokens_total"),
+            "preempted": await metric_totals(http, base, "sluicegate_preemptions_total", by="reason")}
+
+
+def preemptions(marks: list[dict[str, dict[str, float]]]) -> list[dict[str, int]]:
+    """Runs preempted in each phase, by reason (fair_share: a tenant below its share took the slot; the
+    headroom, --fair-share-headroom, is there to make these rare)."""
+    return [{reason: int(marks[p + 1]["preempted"].get(reason, 0) - marks[p]["preempted"].get(reason, 0))
+             for reason in sorted(set(marks[p + 1]["preempted"]) | set(marks[p]["preempted"]))} for p in range(2)]
 
 
 async def sample_memory(client: Redis, pids: dict[str, list[int]], soak: Soak, samples: list[dict[str, Any]],
@@ -762,6 +771,9 @@ def report(args: argparse.Namespace, out: dict[str, Any], slots: int) -> dict[st
           f"({verdict_s}); target <= {TTFT_RATIO_TARGET}x")
     print("\nper tenant and phase (server counters: requests done and output tokens):")
     print_table(tenants)
+    preempted = preemptions(out["marks"])
+    print("preempted runs by reason, phase 1 / phase 2: " + " / ".join(
+        ", ".join(f"{reason} {n}" for reason, n in phase.items()) or "none" for phase in preempted))
     print("\nCPU seconds by role (cores = seconds / phase length):")
     print_table([{"role": r, "phase1_s": cpu[0].get(r, 0.0), "phase1_cores": cpu[0].get(r, 0.0) / spans[0],
                   "phase2_s": cpu[1].get(r, 0.0), "phase2_cores": cpu[1].get(r, 0.0) / max(spans[1], 1e-9)}
@@ -794,7 +806,8 @@ def report(args: argparse.Namespace, out: dict[str, Any], slots: int) -> dict[st
         "ttft_p99_ratio": {"client": round(ratio_client, 3), "server": round(ratio_server, 3),
                            "target": TTFT_RATIO_TARGET, "client_met": ratio_client <= TTFT_RATIO_TARGET,
                            "server_met": ratio_server <= TTFT_RATIO_TARGET},
-        "tenants": tenants, "cpu_seconds": {"phase1": cpu[0], "phase2": cpu[1]}, "steal_percent": steal,
+        "tenants": tenants, "preempted": {"phase1": preempted[0], "phase2": preempted[1]},
+        "cpu_seconds": {"phase1": cpu[0], "phase2": cpu[1]}, "steal_percent": steal,
         "client_loop_lag": lag, "valkey_stalls": {"phase1": out["valkey_stalls"][0], "phase2": out["valkey_stalls"][1]},
         "keys": {**leaks, "drained_s": round(out["drained_s"], 1), "session_keys_at_idle": out["keys_at_idle"],
                  "session_keys_at_idle_without_ttl": out["keys_at_idle_without_ttl"],

@@ -1,6 +1,7 @@
 -- dispatch.lua: the scheduling decision. Highest class, then the backlogged tenant with the least
 -- virtual token counter, then that tenant's oldest ready session; gated by the group's quota; into
--- a free slot (a ticket); with none free, into the slot of a tenant above its fair share of the
+-- a free slot (a ticket), the group's last few only for a tenant below the one furthest above its
+-- share (the headroom); with none free, into the slot of a tenant above its fair share of the
 -- running slots (same class), else by preempting a lower class (preemption.lua).
 
 -- No free slot for class `cls`: true when a tenant above its share handed one over (decide again,
@@ -11,6 +12,31 @@ local function without_free_slot(cp, cls, cfg, now, lease, share)
   if share then handed, ran = hand_over(cp, cls, cfg, now, lease) end
   if not handed then preempt_for(cp, cls, now, lease) end
   return handed, ran
+end
+
+-- Headroom (policy fsr): while a running tenant is a slot or more below the one furthest above its
+-- share of the running slots (the first in ro: it could take a slot from it, see hand_over), the
+-- group's last fsr x slots go only to such tenants: the one below starts in one at once, where it would
+-- otherwise preempt (a stop, a hand-back and a restart later, on the way to its first token). Not
+-- kept: for work of a class above a running run (it could preempt that run), when no slot is free (then
+-- preemption decides), or when no tenant is below the heaviest (one tenant alone, or all at their
+-- shares: every slot may be used). `holding`: the caller holds a ticket already. Returns nil when no
+-- headroom is kept here, else the heaviest tenant and the share a taker must stay within (could_take).
+local function headroom(cp, cls, holding)
+  local fraction = policy(cp).fsr
+  if fraction <= 0 then return nil end
+  local after = redis.call('LLEN', cp .. 'idle') - (holding and 0 or 1) -- free slots once this one is taken
+  if after < 0 then return nil end
+  -- the group's slots: those held by attempts (tk) and the free ones (the epsilon: 0.29 * 100 < 29)
+  if after >= math.floor(fraction * (redis.call('HLEN', cp .. 'tk') + after + 1) + 1e-9) then return nil end
+  local lowest_run = redis.call('ZRANGE', cp .. 'run', 0, 0, 'WITHSCORES')[2]
+  if not lowest_run or tonumber(cls) > math.floor(tonumber(lowest_run) / RANK) then return nil end
+  local heaviest = redis.call('ZREVRANGE', cp .. 'ro', 0, 0, 'WITHSCORES')
+  local lightest = redis.call('ZRANGE', cp .. 'ro', 0, 0)[1]
+  if not heaviest[1] or lightest == heaviest[1] then return nil end
+  local limit = tonumber(heaviest[2]) - 1 / weight(cp, heaviest[1])
+  if not could_take(cp, lightest, limit) then return nil end
+  return heaviest[1], limit
 end
 
 -- `share`: try fair-share preemption when no slot is free. Asked where waiting work appears (a request
@@ -31,7 +57,17 @@ local function dispatch(cp, now, lease, share)
       if not handed then break end
       if ran then started = started + 1 end
     else
-      local tenant, counter = pick_tenant(cp, top)
+      local tenant, counter
+      local heaviest, limit = headroom(cp, top, wid)
+      if heaviest then
+        tenant, counter = taker_for(cp, tonumber(top), heaviest, limit)
+        if not tenant then -- none of those waiting in this class may have the headroom: it stays free
+          if wid then redis.call('RPUSH', cp .. 'idle', wid) end
+          break
+        end
+      else
+        tenant, counter = pick_tenant(cp, top)
+      end
       local sid = redis.call('ZRANGE', cp .. 'c' .. top .. ':' .. tenant, 0, 0)[1]
       local spec = ready_head(cp, sid)
       local ok, wake, why = quota_gate(cp, cfg, spec.mt - spec.n, spec.a == 0, now)
@@ -68,6 +104,11 @@ local function start_alone(cp, spec, now, lease)
   if not quota_gate(cp, cfg, spec.mt - spec.n, spec.a == 0, now) then return false end
   local wid = take_ticket(cp)
   if not wid then return false end
+  local heaviest, limit = headroom(cp, spec.ep, true)
+  if heaviest and not could_take(cp, spec.tn, limit) then -- the heaviest itself never could
+    redis.call('RPUSH', cp .. 'idle', wid)
+    return false
+  end
   local counter = math.max(vtc_get(cp, spec.tn), tonumber(redis.call('GET', cp .. 'vlast') or '0'))
   depth(cp, spec, -1)
   return start_run(cp, spec.ep, spec.tn, counter, spec, wid, cfg, now, lease)

@@ -52,14 +52,20 @@ end
 -- swap; and its counter. Several tenants may flood at once: the head of the fair order may be another
 -- flooder, and a tenant below its share behind it must still get its slot.
 local TAKERS = 4
+
+-- Would `tenant`, given one more slot, hold no more per weight than `victim_share`?
+local function could_take(cp, tenant, victim_share)
+  local tenant_weight = weight(cp, tenant)
+  local runs = (tonumber(redis.call('ZSCORE', cp .. 'ro', tenant)) or 0) * tenant_weight
+  return (runs + 1) / tenant_weight <= victim_share
+end
+
 local function taker_for(cp, cls, victim_tenant, victim_share)
   local waiting = redis.call('ZRANGE', cp .. 'c' .. cls, 0, TAKERS * 2 - 1)
   local seen = 0
   for _, tenant in ipairs(waiting) do
     if tenant ~= victim_tenant then
-      local tenant_weight = weight(cp, tenant)
-      local runs = (tonumber(redis.call('ZSCORE', cp .. 'ro', tenant)) or 0) * tenant_weight
-      if (runs + 1) / tenant_weight <= victim_share then return tenant, vtc_get(cp, tenant) end
+      if could_take(cp, tenant, victim_share) then return tenant, vtc_get(cp, tenant) end
       seen = seen + 1
       if seen == TAKERS then return nil end
     end
