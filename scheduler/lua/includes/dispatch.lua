@@ -31,12 +31,11 @@ local function headroom(cp, cls, holding)
   if after >= math.floor(fraction * (redis.call('HLEN', cp .. 'tk') + after + 1) + 1e-9) then return nil end
   local lowest_run = redis.call('ZRANGE', cp .. 'run', 0, 0, 'WITHSCORES')[2]
   if not lowest_run or tonumber(cls) > math.floor(tonumber(lowest_run) / RANK) then return nil end
-  local heaviest = redis.call('ZREVRANGE', cp .. 'ro', 0, 0, 'WITHSCORES')
+  local heaviest, limit = heaviest_share(cp)
+  if not heaviest then return nil end
   local lightest = redis.call('ZRANGE', cp .. 'ro', 0, 0)[1]
-  if not heaviest[1] or lightest == heaviest[1] then return nil end
-  local limit = tonumber(heaviest[2]) - 1 / weight(cp, heaviest[1])
-  if not could_take(cp, lightest, limit) then return nil end
-  return heaviest[1], limit
+  if lightest == heaviest or not could_take(cp, lightest, limit) then return nil end
+  return heaviest, limit
 end
 
 -- `share`: try fair-share preemption when no slot is free. Asked where waiting work appears (a request

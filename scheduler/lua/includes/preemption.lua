@@ -53,6 +53,15 @@ end
 -- flooder, and a tenant below its share behind it must still get its slot.
 local TAKERS = 4
 
+-- The tenant furthest above its weighted share of the running slots (the first in ro), and what it
+-- holds per weight once it has given up one slot: no taker may hold more after taking it. Nil when
+-- nothing runs.
+local function heaviest_share(cp)
+  local heaviest = redis.call('ZREVRANGE', cp .. 'ro', 0, 0, 'WITHSCORES')
+  if not heaviest[1] then return nil end
+  return heaviest[1], tonumber(heaviest[2]) - 1 / weight(cp, heaviest[1])
+end
+
 -- Would `tenant`, given one more slot, hold no more per weight than `victim_share`?
 local function could_take(cp, tenant, victim_share)
   local tenant_weight = weight(cp, tenant)
@@ -81,10 +90,9 @@ local function hand_over(cp, cls, cfg, now, lease)
   if pol.fsp == 0 or pol.max_pre == 0 then return false end
   -- The cheap exit first: nothing runs. Only the tenant furthest above its share is a victim (one
   -- victim tenant per decision); after the swap it still holds at least as much per weight as the taker.
-  local heaviest = redis.call('ZREVRANGE', cp .. 'ro', 0, 0, 'WITHSCORES')
-  if not heaviest[1] then return false end
-  local victim_tenant = heaviest[1]
-  local tenant, counter = taker_for(cp, cls, victim_tenant, tonumber(heaviest[2]) - 1 / weight(cp, victim_tenant))
+  local victim_tenant, victim_share = heaviest_share(cp)
+  if not victim_tenant then return false end
+  local tenant, counter = taker_for(cp, cls, victim_tenant, victim_share)
   if not tenant then return false end
   local runs = cp .. 'rt:' .. victim_tenant
   local soonest = nil -- the earliest end of a min-run quantum among the runs passed over
