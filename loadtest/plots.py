@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from sluicegate.loadtest.common import DOCS_DIR, ROOT, progress
+from sluicegate.loadtest.targets import DECISION_P99_MS
 
 
 def _pyplot() -> Any | None:
@@ -46,7 +47,7 @@ def decision_cost(rows: Sequence[Mapping[str, Any]], name: str = "decision_cost.
         ax.plot(sizes, [r[key] for r in rows], style, label=f"{key[:3]} server-side")
     if rows and "rtt_p50_ms" in rows[0]:
         ax.plot(sizes, [r["rtt_p50_ms"] for r in rows], "^--", alpha=0.6, label="p50 round trip - PING")
-    ax.axhline(1.0, color="grey", linestyle=":", label="target p99 (1 ms)")
+    ax.axhline(DECISION_P99_MS, color="grey", linestyle=":", label=f"target p99 ({DECISION_P99_MS:g} ms)")
     ax.set_xscale("log")
     ax.set_ylim(bottom=0)
     ax.set_xlabel("queued requests (1k tenants, 10 groups)")

@@ -4,6 +4,8 @@ after a graceful shutdown. Requests are never dispatched as rq jobs, but rq show
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import shutil
 import signal
@@ -23,9 +25,9 @@ from rq.job import Job, JobStatus
 from rq.registry import StartedJobRegistry
 
 from sluicegate.sessions import keys
-from sluicegate.sessions.runs import shown_info
+from sluicegate.sessions.runs import RunSpec, shown_info
 from sluicegate.workers.presence import RqPresence, rq_job_id
-from sluicegate.workers.worker import Worker
+from sluicegate.workers.worker import RQ_SETTLE, Worker
 from tests.helpers import Stack, call, fast_settings, submit, wait_for
 from tests.worker_helpers import WorkerProcess
 
@@ -262,3 +264,49 @@ def test_a_write_resent_or_a_registration_lost_leaves_no_second_set_of_records(r
     finally:
         presence.death()
     assert r.zcard(wip) == 0
+
+
+def test_rq_hears_of_a_run_only_once_it_has_settled_and_never_of_one_shorter(redis_url: str, r: redis.Redis) -> None:
+    """A run's start goes to rq RQ_SETTLE s after it, not while the run waits for its first token (a
+    redis-py call beside the event loop, a script in Valkey ahead of the first append); a run that ends
+    within that time is never written, and one that lasts is shown as rq shows a started job."""
+    worker = Worker(fast_settings(redis_url), use_rq=True)
+    presence = worker.presence
+    assert presence is not None
+    writes: list[tuple[float, set[str]]] = []
+    show = presence.show
+
+    def recorded(runs: dict[str, dict[str, Any]]) -> None:
+        writes.append((time.monotonic(), set(runs)))
+        show(runs)
+
+    presence.show = recorded  # type: ignore[method-assign]
+    spec = RunSpec.from_fields("ab1", "1", {"sid": "s1", "g": "default", "tn": "acme", "p": "5", "mt": "4"})
+    longer = RunSpec.from_fields("ab2", "1", {"sid": "s2", "g": "default", "tn": "acme", "p": "5", "mt": "4"})
+
+    async def scenario() -> float:
+        presence.birth()
+        loop = asyncio.create_task(worker._presence_loop())
+        try:
+            worker._show_in_rq("ab1|1", spec)
+            await asyncio.sleep(RQ_SETTLE / 5)
+            worker._show_in_rq("ab1|1", None)  # ended well within the settle time
+            await asyncio.sleep(RQ_SETTLE * 3)
+            started = time.monotonic()
+            worker._show_in_rq("ab2|1", longer)
+            async with asyncio.timeout(5):
+                while not any("ab2|1" in runs for _, runs in writes):
+                    await asyncio.sleep(0.005)
+            return started
+        finally:
+            loop.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await loop
+            presence.death()
+            await worker.store.aclose()
+
+    started = asyncio.run(scenario())
+    assert all("ab1|1" not in runs for _, runs in writes), writes
+    assert not r.exists(f"rq:job:{rq_job_id('ab1', '1')}")
+    first = next(at for at, runs in writes if "ab2|1" in runs)
+    assert first - started >= RQ_SETTLE * 0.9, first - started  # not at the run's start

@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 CANNOT_CONTINUE = ("the run was interrupted after it streamed a tool call, which no engine can continue: "
                    "call again")
 PROBE_BUDGET = 30.0  # seconds a worker spends learning its engine before it offers its slots anyway
-RQ_MIN_INTERVAL = 0.05  # seconds between two rq writes of the runs shown (bursts of run changes coalesce)
+RQ_SETTLE = 0.05  # seconds a change of the runs shown waits before rq is told (see _presence_loop)
 EARLY_NOTICES = 1024  # notices kept for runs whose assignment has not arrived (most are for ended runs)
 
 
@@ -253,13 +253,18 @@ class Worker:
     async def _presence_loop(self) -> None:
         """rq's registry heartbeat and the runs rq shows, apart from the lease heartbeats: rq is the
         operators' view and must never delay the heartbeats that keep the runs' leases, nor a run.
-        Changes are coalesced (at most one rq write every RQ_MIN_INTERVAL s): a run shorter than that
-        may never be shown, and costs rq nothing."""
+        A change is written RQ_SETTLE s after it happened, with every change made meanwhile (at most one
+        rq write per RQ_SETTLE s). Written at once, as it was, a run's start went to rq while the run was
+        waiting for its first token: a redis-py call in a thread beside the event loop, and a script in
+        Valkey ahead of the first token's append. A run shorter than RQ_SETTLE may never be shown, and
+        costs rq nothing."""
         if self.presence is None:
             return
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.rq_changed.wait(), timeout=self.presence.next_beat_in())
+            if self.rq_changed.is_set():  # a change, not a beat that fell due
+                await asyncio.sleep(RQ_SETTLE)
             self.rq_changed.clear()
             try:
                 await asyncio.to_thread(self.presence.show, dict(self.rq_runs))
@@ -268,7 +273,6 @@ class Worker:
             except Exception as error:
                 log.warning("worker %s: rq heartbeat failed: %s", self.worker_id, error)
                 await asyncio.sleep(self.presence.beat_seconds)  # its beat stays due: not again at once
-            await asyncio.sleep(RQ_MIN_INTERVAL)
 
     def _show_in_rq(self, key: str, spec: RunSpec | None) -> None:
         """A run starts executing (its spec) or ends (None): the presence loop tells rq, off the run's path."""

@@ -49,11 +49,11 @@ from sluicegate.loadtest.common import (
     wait_http,
     write_result,
 )
+from sluicegate.loadtest.targets import CLUSTER_MAX_APPEND_SHARE as MAX_APPEND_SHARE
 from sluicegate.sessions import keys
 from sluicegate.sessions.connect import key_slot, sync_client
 
-KEY_SHARE = (0.15, 0.45)
-MAX_APPEND_SHARE = 0.45
+KEY_SHARE = (0.15, 0.45)  # each master's share of the keys: a check of this bench's own, not a DESIGN target
 TOKEN_INDEX = re.compile(rb'event: token\r?\ndata: \{"request_id":"[^"]*","index":(\d+)[,}]')
 TOKEN = b"event: token\n"
 DONE = re.compile(rb"event: done\r?\n")

@@ -49,6 +49,7 @@ from sluicegate.loadtest.common import (
 )
 from sluicegate.loadtest.scenarios.fairness import deviation, shares_between
 from sluicegate.loadtest.scenarios.live import OpenLoop, capacity, fetch_views, get_json, poll_tokens, put, serve_flags
+from sluicegate.loadtest.targets import FAIR_SHARE_DEVIATION
 
 KINDS = ("tight", "loose")
 
@@ -238,7 +239,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         targets = {"tight_met_on": on["attainment"]["tight"].get("all"),
                    "tight_met_off": by_mode["off"]["attainment"]["tight"].get("all") if "off" in by_mode else None,
                    "tight_95pct_ok": (on["attainment"]["tight"].get("all") or 0) >= 0.95,
-                   "fairness_deviation_on": on["max_deviation"], "fairness_2pct_ok": on["max_deviation"] <= 0.02}
+                   "fairness_deviation_on": on["max_deviation"],
+                   "fairness_2pct_ok": on["max_deviation"] <= FAIR_SHARE_DEVIATION}
         print("\ntargets: " + ", ".join(f"{k} {v}" for k, v in targets.items()))
     result = {"settings": {k: v for k, v in vars(args).items() if k != "func"}, "runs": runs, "targets": targets}
     write_result("deadlines", result)

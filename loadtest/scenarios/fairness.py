@@ -8,10 +8,10 @@ Reported per estimate ratio (`--output-estimate-ratio` of the scheduler: 1.0 exa
 output estimates off by -50% / +50%, reconciled when each request ends):
 - each tenant's share of output tokens over the run (after `--warmup`) and in every `--window`
   second window (sliding by 10 s), as relative deviation from its weight share
-  (targets 5% over the run, 10% per window);
-- Jain's index of the weight-normalised shares (target >= 0.99);
-- the longest time a backlogged tenant went without a dispatch (target < 10 s), and the longest
-  wait of any request against the class max wait + 1 s.
+  (targets, from DESIGN.md: 2% over the run, 5% per 60 s window);
+- Jain's index of the weight-normalised shares (target >= 0.999);
+- the longest time a backlogged tenant went without a dispatch (checked < 10 s: a check of this
+  bench's own, not a DESIGN target), and the longest wait of any request against the class max wait + 1 s.
 Aging runs at the product default (`--max-wait-seconds 60`): it promotes only requests starved by
 a higher class, and here every request is in one class, so fair share alone decides. In one class
 at sustained 3x overload queues grow without bound, so "wait <= class max wait + 1 s" cannot hold
@@ -30,6 +30,10 @@ from typing import Any
 from sluicegate.loadtest import plots
 from sluicegate.loadtest.common import ServeProcess, client_session, print_table, progress, write_result
 from sluicegate.loadtest.scenarios.live import OpenLoop, capacity, fetch_views, get_json, poll_tokens, put, serve_flags
+from sluicegate.loadtest.targets import FAIR_JAIN_MIN, FAIR_SHARE_DEVIATION, FAIR_WINDOW_DEVIATION, FAIR_WINDOW_S
+
+# The longest a backlogged tenant may go without a dispatch: a check of this bench's own, not a DESIGN target.
+GAP_CHECK_S = 10.0
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -44,7 +48,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefill-ms", type=float, default=20.0)
     p.add_argument("--max-tokens", type=int, default=100, help="tokens per request")
     p.add_argument("--warmup", type=float, default=5.0, help="seconds left out of the shares")
-    p.add_argument("--window", type=float, default=60.0, help="window for per-window shares")
+    p.add_argument("--window", type=float, default=FAIR_WINDOW_S,
+                   help="window for per-window shares (DESIGN's per-window target is for 60 s)")
     p.add_argument("--max-wait-seconds", type=float, default=60.0, help="class max wait (aging) of the serve")
     p.add_argument("--serve-flag", action="append", default=[], metavar="FLAG", help="extra flag for serve (repeat)")
     p.add_argument("--seed", type=int, default=5)
@@ -162,9 +167,12 @@ def analyse(args: argparse.Namespace, ratio: float, tenants: list[str], targets:
         "window_seconds": round(min(args.window, span), 1), "windows": windows, "jain": jain(normalised),
         "longest_gap_s": max(gaps.values()), "max_wait_s": max(waits, default=0.0),
         "oldest_unstarted_s": oldest_unstarted, "class_max_wait_s": args.max_wait_seconds,
-        "targets_ok": {"share_5pct": max(over_dev.values()) <= 0.05, "window_10pct": worst_window <= 0.10,
-                       "jain_0.99": jain(normalised) >= 0.99, "gap_under_10s": max(gaps.values()) < 10,
-                       "all_backlogged_at_end": all(backlog[t] > 0 for t in tenants)},
+        "targets_ok": {"share": max(over_dev.values()) <= FAIR_SHARE_DEVIATION,
+                       "window": worst_window <= FAIR_WINDOW_DEVIATION, "jain": jain(normalised) >= FAIR_JAIN_MIN},
+        "target_values": {"share_deviation": FAIR_SHARE_DEVIATION, "window_deviation": FAIR_WINDOW_DEVIATION,
+                          "window_seconds": FAIR_WINDOW_S, "jain_min": FAIR_JAIN_MIN},
+        "checks_ok": {"gap_under_10s": max(gaps.values()) < GAP_CHECK_S,
+                      "all_backlogged_at_end": all(backlog[t] > 0 for t in tenants)},
         "plot": {"times": plot_times, "shares": plot_shares, "targets": targets},
     }
 
@@ -179,11 +187,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         print(f"\nestimate ratio {r['estimate_ratio']} ({r['seconds']:.0f} s, {r['requests']} requests, "
               f"{args.overload}x overload):")
         print_table(r["tenants"])
-        print(f"max deviation over the run {r['max_deviation']:.1%} (target 5%), worst {r['window_seconds']:.0f}-s "
-              f"window {r['worst_window_deviation']:.1%} (target 10%), Jain {r['jain']:.4f} (target 0.99), "
-              f"longest gap {r['longest_gap_s']:.2f} s (target < 10), max wait {r['max_wait_s']:.1f} s "
-              f"(class max wait {r['class_max_wait_s']:.0f} s), submits refused {r['submit_errors']}")
-        print("targets: " + ", ".join(f"{k} {'met' if v else 'NOT met'}" for k, v in r["targets_ok"].items()))
+        print(f"max deviation over the run {r['max_deviation']:.1%} (target {FAIR_SHARE_DEVIATION:.0%}), worst "
+              f"{r['window_seconds']:.0f}-s window {r['worst_window_deviation']:.1%} (target "
+              f"{FAIR_WINDOW_DEVIATION:.0%} per {FAIR_WINDOW_S:.0f}-s window), Jain {r['jain']:.4f} (target "
+              f">= {FAIR_JAIN_MIN:g}), longest gap {r['longest_gap_s']:.2f} s (check < {GAP_CHECK_S:g}), max wait "
+              f"{r['max_wait_s']:.1f} s (class max wait {r['class_max_wait_s']:.0f} s), submits refused "
+              f"{r['submit_errors']}")
+        print("targets: " + ", ".join(f"{k} {'met' if v else 'NOT met'}" for k, v in r["targets_ok"].items())
+              + "; checks: " + ", ".join(f"{k} {'met' if v else 'NOT met'}" for k, v in r["checks_ok"].items()))
     panels = [(f"estimate ratio {r['estimate_ratio']}", r["plot"]["times"], r["plot"]["shares"]) for r in results]
     plots.fairness_share(panels, results[0]["plot"]["targets"],
                          title=f"Token share by tenant (weights {args.weights.replace(',', ':')}, "

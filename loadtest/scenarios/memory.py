@@ -1,7 +1,7 @@
 """Redis memory per queued request: each in its own session, 100-character prompt, no workers.
 
-Measures INFO memory `used_memory` before and after N submissions (target <= 1.5 KB per request,
-aim 1 KB), then MEMORY USAGE on a sample of every kind of key, so the table shows where the bytes
+Measures INFO memory `used_memory` before and after N submissions (target <= 1 KB = 1024 B per
+request), then MEMORY USAGE on a sample of every kind of key, so the table shows where the bytes
 go. `--via store` (default) calls SessionStore.submit, the very script the API runs; `--via api`
 goes through `sluicegate serve --workers 0` over HTTP. The server is a scratch Valkey without AOF.
 """
@@ -22,6 +22,7 @@ from redis.asyncio import Redis
 
 from sluicegate.embedded import EmbeddedServer
 from sluicegate.loadtest.common import ServeProcess, client_session, print_table, progress, write_result
+from sluicegate.loadtest.targets import MEMORY_BYTES_PER_REQUEST
 from sluicegate.sessions.requests import NewRequest
 from sluicegate.sessions.store import SessionStore
 from sluicegate.settings import Settings
@@ -187,15 +188,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         print(f"\n{n} queued requests (each its own session, {args.prompt_chars}-char prompt) via {args.via} "
               f"in {elapsed:.1f} s on {version}")
         print_table(rows)
-        verdict = "met" if per_request <= 1536 else "MISSED"
+        met = per_request <= MEMORY_BYTES_PER_REQUEST
         print(f"\nper queued request: {per_request:.0f} B used_memory ({per_request_dataset:.0f} B dataset); "
-              f"target <= 1536 B ({verdict}), aim 1024 B")
+              f"target <= {MEMORY_BYTES_PER_REQUEST} B ({'met' if met else 'MISSED'})")
         result = {"requests": n, "via": args.via, "server": version, "prompt_chars": args.prompt_chars,
                   "bytes_per_request": round(per_request, 1),
                   "dataset_bytes_per_request": round(per_request_dataset, 1),
                   "keys_per_request": round((after["keys"] - before["keys"]) / n, 3),
-                  "before": before, "after": after, "breakdown": rows, "target_bytes": 1536, "aim_bytes": 1024,
-                  "target_met": per_request <= 1536, "seconds": round(elapsed, 2)}
+                  "before": before, "after": after, "breakdown": rows,
+                  "target_bytes": MEMORY_BYTES_PER_REQUEST, "target_met": met, "seconds": round(elapsed, 2)}
         write_result("memory", result)
         return result
     finally:

@@ -3,14 +3,16 @@
 Against `sluicegate serve` (sim engine, 2 workers x 8 slots by default).
 (i) Every slot runs 1-second low-priority jobs (priority 2, with a backlog behind them); a
     high-priority request (7) arrives every ~0.5 s, `--repeats` times. Measured per arrival, on the
-    server clock started_at - submitted_at (target: within 100 ms, every time), and on the client
-    submit -> `started` event and submit -> first token (these add the POST reply and the SSE connect).
+    server clock started_at - submitted_at (checked: within 100 ms every time, a check of this bench's
+    own, not a DESIGN target), and on the client submit -> `started` event and submit -> first token
+    (these add the POST reply and the SSE connect).
 (ii) Open-loop Poisson arrivals of short jobs with a priority mix (default 60% low, 30% normal, 10%
     high), first at 0.5x then at 3x the group's capacity, each for `--seconds`. Per priority: wait
     (started_at - submitted_at) and time to first token (first_token_at - submitted_at), both on
-    the server clock. Target: high-priority p99 at 3x <= 1.5x its p99 at 0.5x. The ratio is taken on
-    time to first token: below capacity a request is dispatched inside its own submit script, so its
-    wait is ~0 and a ratio of waits has no meaning; TTFT includes the engine's prefill, as a user sees it.
+    the server clock. Target (DESIGN.md, stated there on the wait): high-priority p99 at 3x <= 1.2x its
+    p99 at 0.5x. The ratio is taken on time to first token: below capacity a request is dispatched
+    inside its own submit script, so its wait is ~0 and a ratio of waits has no meaning; TTFT includes
+    the engine's prefill, as a user sees it.
 Writes docs/priority_wait.png: wait by priority over time through both load levels.
 Aging, with (ii) alone: `--skip i --loads 1.5 --mix 2:0.1,7:0.9 --serve-flag=--max-wait-seconds=5`
 keeps high-priority load above capacity, so low requests only start once promoted: their wait should
@@ -39,8 +41,11 @@ from sluicegate.loadtest.common import (
     write_result,
 )
 from sluicegate.loadtest.scenarios.live import OpenLoop, capacity, fetch_views, get_json, serve_flags, submit
+from sluicegate.loadtest.targets import HIGH_PRIORITY_P99_RATIO
 
 NAMES = {2: "low", 5: "normal", 7: "high"}
+# (i)'s bound on every high-priority start under full load: a check of this bench's own; DESIGN sets no target for it.
+START_CHECK_MS = 100
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -103,9 +108,11 @@ async def high_under_full_load(args: argparse.Namespace, base: str, http: aiohtt
                "submit_to_started": stats([s["started_ms"] for s in samples]),
                "submit_to_first_token": stats([s["first_token_ms"] for s in samples]),
                "server_wait": stats([s["server_wait_ms"] for s in samples])}
-    # The target is on the server clock (the scheduler's part); the client columns add this client's
-    # POST reply and SSE connect on a shared machine.
-    summary["target_ok"] = summary["server_wait"]["max_ms"] <= 100
+    # The check is on the server clock (the scheduler's part); the client columns add this client's
+    # POST reply and SSE connect on a shared machine. No DESIGN target covers (i): target_ok stays None.
+    summary["check_ms"] = START_CHECK_MS
+    summary["check_ok"] = summary["server_wait"]["max_ms"] <= START_CHECK_MS
+    summary["target_ok"] = None
     return {"summary": summary, "samples": samples}
 
 
@@ -169,7 +176,8 @@ async def overload(args: argparse.Namespace, base: str, http: aiohttp.ClientSess
     ratio = high[hi]["ttft_p99_ms"] / high[lo]["ttft_p99_ms"] if lo in high and hi in high else float("nan")
     summary = {"capacity_per_s": cap, "slots": slots, "rows": rows, "high_ttft_p99_ratio": ratio,
                "high_wait_p99_ms": {str(k): v["wait_p99_ms"] for k, v in high.items()},
-               "target_ok": ratio <= 1.5, "submitted": {str(load): len(s) for load, s in levels},
+               "target_ratio": HIGH_PRIORITY_P99_RATIO, "target_ok": ratio <= HIGH_PRIORITY_P99_RATIO,
+               "submitted": {str(load): len(s) for load, s in levels},
                "submit_errors": errors}
     return {"summary": summary, "series": dict(sorted(series.items(), reverse=True)), "boundaries": boundaries}
 
@@ -198,14 +206,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
               f"arrivals saw every slot busy):")
         print_table([{"measure": k, **v} for k, v in s.items() if isinstance(v, dict)],
                     ["measure", "n", "p50_ms", "p99_ms", "max_ms"])
-        print(f"target: starts within 100 ms every time (server clock: started_at - submitted_at) -> "
-              f"{'met' if s['target_ok'] else 'NOT met'}")
+        print(f"check (this bench's own, not a DESIGN target): starts within {START_CHECK_MS} ms every time "
+              f"(server clock: started_at - submitted_at) -> {'met' if s['check_ok'] else 'NOT met'}")
     if "ii" in result:
         s = result["ii"]["summary"]
         print(f"\n(ii) open-loop load, capacity {s['capacity_per_s']:.1f} req/s ({s['slots']} slots):")
         print_table(s["rows"])
         print(f"high-priority TTFT p99 at {args.loads.split(',')[-1]}x / at {args.loads.split(',')[0]}x = "
-              f"{s['high_ttft_p99_ratio']:.2f} (target <= 1.5) -> {'met' if s['target_ok'] else 'NOT met'}; "
+              f"{s['high_ttft_p99_ratio']:.2f} (target <= {HIGH_PRIORITY_P99_RATIO:g}) -> "
+              f"{'met' if s['target_ok'] else 'NOT met'}; "
               f"high wait p99 (ms) by load: {json.dumps(s['high_wait_p99_ms'])}; submits refused by load: "
               f"{json.dumps(s['submit_errors'])}")
         plots.priority_wait(result["ii"]["series"], marks=result["ii"]["boundaries"],

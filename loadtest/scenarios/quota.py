@@ -1,4 +1,4 @@
-"""quota: a group's requests/s and tokens/s quotas while backlogged; measured rate / quota (target 0.95-1.01).
+"""quota: a group's requests/s and tokens/s quotas while backlogged; measured rate / quota (target 0.97-1.01).
 
 Against `sluicegate serve` (sim engine, 2 workers x 16 slots: far more capacity than either quota,
 so the quota is what binds). Open-loop arrivals at `--overload` times the quota keep the group
@@ -21,6 +21,7 @@ from typing import Any
 
 from sluicegate.loadtest.common import ServeProcess, client_session, print_table, progress, write_result
 from sluicegate.loadtest.scenarios.live import OpenLoop, fetch_views, get_json, poll_tokens, put, serve_flags
+from sluicegate.loadtest.targets import QUOTA_RATIO
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -78,7 +79,8 @@ async def measure(args: argparse.Namespace, kind: str, quota: dict[str, Any], ra
             "dispatches_per_s": round(dispatch_rate, 3), "tokens_per_s": round(token_rate, 1),
             "queued_at_end": stats["queued"], "submit_errors": len(loop.errors),
             "throttled_at_end": group.get("throttled"),
-            "ok": 0.95 <= measured / limit <= 1.01 and stats["queued"] > 0, "dispatches_by_second": per_second,
+            "ok": QUOTA_RATIO[0] <= measured / limit <= QUOTA_RATIO[1] and stats["queued"] > 0,
+            "dispatches_by_second": per_second,
             "tokens_timeline": [(round(t, 2), c.get("default", 0.0)) for t, c in timeline]}
 
 
@@ -99,8 +101,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     print_table(rows, [k for k in rows[0] if k not in ("dispatches_by_second", "tokens_timeline")])
     for r in rows:
         print(f"{r['quota']}: dispatches per second {r['dispatches_by_second']}")
-    print("target: 0.95 <= measured / quota <= 1.01 while backlogged -> " +
+    print(f"target: {QUOTA_RATIO[0]:g} <= measured / quota <= {QUOTA_RATIO[1]:g} while backlogged -> " +
           ", ".join(f"{r['quota']} {'met' if r['ok'] else 'NOT met'}" for r in rows))
-    result = {"rows": rows}
+    result = {"rows": rows, "target_ratio": list(QUOTA_RATIO)}
     write_result("quota", result)
     return result

@@ -1,4 +1,4 @@
-"""Resume latency: reconnect with Last-Event-ID to the first replayed event (target p99 <= 100 ms, aim 5 ms).
+"""Resume latency: reconnect with Last-Event-ID to the first replayed event (target p99 <= 5 ms).
 
 Against `sluicegate serve`: one finished request and one still generating (live), each ~500 events
 in its own session. Each reconnect opens a NEW TCP connection (a real reconnect), sends
@@ -6,6 +6,12 @@ Last-Event-ID at a random cursor among the request's last ~500 events (so up to 
 stops the clock when the first event arrives; the event must be the one right after the cursor.
 Both stream forms are measured:
 /v1/requests/{id}/events and /v1/sessions/{id}/events.
+
+A p99 of 400 reconnects is their 4th-worst, and on a 2-core host a 5-20 ms stall of the whole host
+(seen in bursts of a few hundred ms, with no process of the stack busier than usual) decides it from
+one run to the next. `--runs N` repeats the measurement on N fresh stacks and reports each run and the
+percentiles of all their reconnects pooled (each case N x 400): the pooled p99 is the figure to
+compare with the target; the runs show how far a single one moves.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from sluicegate.loadtest.common import (
     sse_events,
     write_result,
 )
+from sluicegate.loadtest.targets import RESUME_P99_MS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,6 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="sim pace: the live request keeps appending at this rate while measured")
     parser.add_argument("--concurrency", type=int, default=1, help="reconnects in flight (1 = pure latency)")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--runs", type=int, default=1,
+                        help="repeat on this many fresh stacks; percentiles are also given over all runs pooled")
 
 
 async def submit(http: aiohttp.ClientSession, base: str, sid: str, max_tokens: int) -> dict[str, Any]:
@@ -113,9 +122,7 @@ async def measure(base: str, args: argparse.Namespace) -> dict[str, Any]:
                 await asyncio.gather(*(loop() for _ in range(args.concurrency)))
                 ms = [s * 1000 for s in samples]
                 raw[f"{label}/{form}"] = ms
-                rows.append({"request": label, "stream": form, "reconnects": len(ms),
-                             "p50_ms": percentile(ms, 50), "p90_ms": percentile(ms, 90),
-                             "p99_ms": percentile(ms, 99), "max_ms": max(ms)})
+                rows.append(case_row(f"{label}/{form}", ms))
                 progress(f"{label}/{form}: p50 {rows[-1]['p50_ms']:.2f} ms, p99 {rows[-1]['p99_ms']:.2f} ms")
         client_cpu = cpu_seconds() - cpu0
         live_tokens = (await status(http, base, live["request_id"]))["tokens"]
@@ -127,26 +134,56 @@ async def measure(base: str, args: argparse.Namespace) -> dict[str, Any]:
             "samples_ms": {k: [round(x, 3) for x in v] for k, v in raw.items()}}
 
 
+def case_row(case: str, ms: list[float]) -> dict[str, Any]:
+    label, form = case.split("/")
+    return {"request": label, "stream": form, "reconnects": len(ms), "p50_ms": percentile(ms, 50),
+            "p90_ms": percentile(ms, 90), "p99_ms": percentile(ms, 99), "max_ms": max(ms)}
+
+
+def pooled(outcomes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each case's percentiles over the reconnects of every run."""
+    cases = list(outcomes[0]["samples_ms"])
+    return [case_row(case, [ms for outcome in outcomes for ms in outcome["samples_ms"][case]]) for case in cases]
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     flags = ["--workers", "1", "--slots", "4", "--sim-prefill-ms", "0",
              "--sim-tokens-per-second", str(args.tokens_per_second)]
-    serve = ServeProcess(flags=flags).start()
-    try:
-        outcome = asyncio.run(measure(serve.base_url, args))
-    finally:
-        serve.stop()
-    rows = outcome["rows"]
-    print(f"\nreconnect (new TCP connection + Last-Event-ID) to first replayed event, "
-          f"{args.events}-event requests, concurrency {args.concurrency}")
+    outcomes = []
+    for i in range(max(1, args.runs)):
+        if args.runs > 1:
+            progress(f"run {i + 1}/{args.runs}, a fresh stack")
+        serve = ServeProcess(flags=flags).start()
+        try:
+            outcomes.append(asyncio.run(measure(serve.base_url, argparse.Namespace(**{**vars(args),
+                                                                                      "seed": args.seed + i}))))
+        finally:
+            serve.stop()
+    rows = pooled(outcomes)
+    title = (f"reconnect (new TCP connection + Last-Event-ID) to first replayed event, {args.events}-event requests, "
+             f"concurrency {args.concurrency}")
+    if len(outcomes) > 1:
+        print(f"\n{title}: p99 ms by run")
+        print_table([{"run": i + 1, **{f"{r['request']}/{r['stream']}": r["p99_ms"] for r in outcome["rows"]},
+                      "worst": max(r["p99_ms"] for r in outcome["rows"])} for i, outcome in enumerate(outcomes)])
+        title += f", {len(outcomes)} runs pooled"
+    print(f"\n{title}")
     print_table(rows)
     worst = max(r["p99_ms"] for r in rows)
-    print(f"\nworst p99 {worst:.2f} ms: target <= 100 ms ({'met' if worst <= 100 else 'MISSED'}), aim 5 ms "
-          f"({'met' if worst <= 5 else 'not yet'}); client CPU {outcome['client_cpu_seconds']:.2f} s")
-    result = {"rows": rows, "worst_p99_ms": worst, "live_tokens_at_end": outcome["live_tokens_at_end"],
-              "target_ms": 100, "aim_ms": 5, "target_met": worst <= 100,
-              "aim_met": worst <= 5, "client_cpu_seconds": outcome["client_cpu_seconds"],
+    runs_within_target = sum(max(r["p99_ms"] for r in outcome["rows"]) <= RESUME_P99_MS for outcome in outcomes)
+    client_cpu = sum(outcome["client_cpu_seconds"] for outcome in outcomes)
+    met = worst <= RESUME_P99_MS
+    print(f"\nworst p99 {worst:.2f} ms: target <= {RESUME_P99_MS:g} ms ({'met' if met else 'MISSED'}); runs with "
+          f"every p99 within it: {runs_within_target} of {len(outcomes)}; client CPU {client_cpu:.2f} s")
+    result = {"rows": rows, "worst_p99_ms": worst, "live_tokens_at_end": outcomes[-1]["live_tokens_at_end"],
+              "target_ms": RESUME_P99_MS, "target_met": met, "client_cpu_seconds": round(client_cpu, 3),
+              "runs": [{"rows": outcome["rows"], "worst_p99_ms": max(r["p99_ms"] for r in outcome["rows"])}
+                       for outcome in outcomes],
+              "runs_within_target": runs_within_target,
               "settings": {"events": args.events, "tokens_per_second": args.tokens_per_second,
-                           "concurrency": args.concurrency, "reconnects": args.reconnects, "stack": flags},
-              "samples_ms": outcome["samples_ms"]}
+                           "concurrency": args.concurrency, "reconnects": args.reconnects, "runs": len(outcomes),
+                           "stack": flags},
+              "samples_ms": {case: [ms for outcome in outcomes for ms in outcome["samples_ms"][case]]
+                             for case in outcomes[0]["samples_ms"]}}
     write_result("resume", result)
     return result

@@ -44,9 +44,9 @@ from sluicegate.loadtest.common import (
     wait_http,
     write_result,
 )
+from sluicegate.loadtest.targets import OPEN_STREAMS as TARGET_STREAMS
+from sluicegate.loadtest.targets import STREAM_REDIS_CONNECTIONS as TARGET_CONNECTIONS
 
-TARGET_STREAMS = 10_000
-TARGET_CONNECTIONS = 64
 DONE = b"event: done\n"
 
 

@@ -1,0 +1,61 @@
+"""The targets of DESIGN.md's "## Targets" table (../shared/DESIGN.md), in one place.
+
+Every bench verdict ("met" / "MISSED", `target_met`) compares against these, so a result is always
+reported against the design's figure, never a looser one of a scenario's own. Change a value here
+only when that table changes. A scenario's extra checks that DESIGN does not set stay in the scenario
+and are printed as checks, not as targets.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+# | TTFT added over a direct call (sequential, openai engine in front of a real streaming server) | p50 <= 1 ms, ...
+TTFT_ADDED_P50_MS: Final = 1.0
+# | TTFT added over a direct call (...) | ..., p99 <= 3 ms |
+TTFT_ADDED_P99_MS: Final = 3.0
+
+# | completed requests/s, 32 clients, 2 cores, chat route | >= 1,000 (57% of the bare backend's 1,752) |
+CHAT_REQUESTS_PER_S: Final = 1_000
+# the same row: the figure holds for 32 clients on the chat route
+CHAT_CLIENTS: Final = 32
+# | the same on the resumable route (submit + GET events) | >= 80% of the chat route |
+RESUMABLE_SHARE_OF_CHAT: Final = 0.80
+
+# | scheduling decision | p99 <= 1 ms with 1M queued requests over 1k tenants |
+DECISION_P99_MS: Final = 1.0
+
+# | token fan-out through the API, one process | >= 50k tokens/s, ... |
+FANOUT_TOKENS_PER_S: Final = 50_000
+# | token fan-out through the API, one process | ..., 10k open streams on <= 64 Redis connections |
+OPEN_STREAMS: Final = 10_000
+# the same row: the API's Redis connections with those streams open
+STREAM_REDIS_CONNECTIONS: Final = 64
+
+# | memory per queued request (100-char prompt) | <= 1 KB |
+MEMORY_BYTES_PER_REQUEST: Final = 1024
+
+# | resume: reconnect to first replayed event | p99 <= 5 ms |
+RESUME_P99_MS: Final = 5.0
+
+# | high priority at 3x overload | p99 wait <= 1.2x its p99 at 0.5x load |
+HIGH_PRIORITY_P99_RATIO: Final = 1.2
+
+# | weighted fairness at 2-3x overload | share within 2% of weight (5% per 60 s window), Jain >= 0.999 |
+FAIR_SHARE_DEVIATION: Final = 0.02
+# the same row: "(5% per 60 s window)"
+FAIR_WINDOW_DEVIATION: Final = 0.05
+FAIR_WINDOW_S: Final = 60.0
+# the same row: "Jain >= 0.999"
+FAIR_JAIN_MIN: Final = 0.999
+
+# | group quota | rate within [0.97, 1.01] x quota when backlogged |
+QUOTA_RATIO: Final = (0.97, 1.01)
+
+# | dead worker to resumed generation | <= 3 s |
+RECOVERY_S: Final = 3.0
+
+# | cluster: 3 masters | ...; token appends spread with no master above 45%; ... |
+CLUSTER_MAX_APPEND_SHARE: Final = 0.45
+# | cluster: 3 masters | ...; single-server TTFT not slower by more than 5% | (no bench measures it yet)
+CLUSTER_SINGLE_SERVER_TTFT_SLOWDOWN: Final = 0.05
