@@ -57,5 +57,6 @@ RECOVERY_S: Final = 3.0
 
 # | cluster: 3 masters | ...; token appends spread with no master above 45%; ... |
 CLUSTER_MAX_APPEND_SHARE: Final = 0.45
-# | cluster: 3 masters | ...; single-server TTFT not slower by more than 5% | (no bench measures it yet)
+# | cluster: 3 masters | ...; single-server TTFT not slower by more than 5% |
+# (`ttft --against` measures it; no verdict is printed)
 CLUSTER_SINGLE_SERVER_TTFT_SLOWDOWN: Final = 0.05

@@ -266,10 +266,12 @@ def test_a_write_resent_or_a_registration_lost_leaves_no_second_set_of_records(r
     assert r.zcard(wip) == 0
 
 
-def test_rq_hears_of_a_run_only_once_it_has_settled_and_never_of_one_shorter(redis_url: str, r: redis.Redis) -> None:
-    """A run's start goes to rq RQ_SETTLE s after it, not while the run waits for its first token (a
-    redis-py call beside the event loop, a script in Valkey ahead of the first append); a run that ends
-    within that time is never written, and one that lasts is shown as rq shows a started job."""
+def test_rq_is_shown_only_runs_older_than_the_settle_time_and_never_a_shorter_one(redis_url: str,
+                                                                                  r: redis.Redis) -> None:
+    """rq is told of a run once it has run RQ_SETTLE s, never while it waits for its first token (a
+    redis-py call beside the event loop, a script in Valkey ahead of the first append): not even when
+    another run's change is written meanwhile. A run that ends sooner is never written; one that lasts
+    is shown as rq shows a started job."""
     worker = Worker(fast_settings(redis_url), use_rq=True)
     presence = worker.presence
     assert presence is not None
@@ -281,23 +283,32 @@ def test_rq_hears_of_a_run_only_once_it_has_settled_and_never_of_one_shorter(red
         show(runs)
 
     presence.show = recorded  # type: ignore[method-assign]
-    spec = RunSpec.from_fields("ab1", "1", {"sid": "s1", "g": "default", "tn": "acme", "p": "5", "mt": "4"})
-    longer = RunSpec.from_fields("ab2", "1", {"sid": "s2", "g": "default", "tn": "acme", "p": "5", "mt": "4"})
+    started: dict[str, float] = {}
 
-    async def scenario() -> float:
+    def start(rid: str) -> None:
+        started[f"{rid}|1"] = time.monotonic()
+        worker._show_in_rq(f"{rid}|1", RunSpec.from_fields(rid, "1", {"sid": f"s-{rid}", "g": "default",
+                                                                       "tn": "acme", "p": "5", "mt": "4"}))
+
+    async def until_shown(key: str) -> None:
+        async with asyncio.timeout(5):
+            while not any(key in runs for _, runs in writes):
+                await asyncio.sleep(0.005)
+
+    async def scenario() -> None:
         presence.birth()
         loop = asyncio.create_task(worker._presence_loop())
         try:
-            worker._show_in_rq("ab1|1", spec)
+            start("ab1")
             await asyncio.sleep(RQ_SETTLE / 5)
             worker._show_in_rq("ab1|1", None)  # ended well within the settle time
             await asyncio.sleep(RQ_SETTLE * 3)
-            started = time.monotonic()
-            worker._show_in_rq("ab2|1", longer)
-            async with asyncio.timeout(5):
-                while not any("ab2|1" in runs for _, runs in writes):
-                    await asyncio.sleep(0.005)
-            return started
+            start("ab2")
+            await asyncio.sleep(RQ_SETTLE * 0.8)
+            start("ab3")  # its start is pending when ab2's is written
+            await until_shown("ab2|1")
+            assert r.hget(f"rq:job:{rq_job_id('ab2', '1')}", "status") == "started"
+            await until_shown("ab3|1")
         finally:
             loop.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -305,8 +316,10 @@ def test_rq_hears_of_a_run_only_once_it_has_settled_and_never_of_one_shorter(red
             presence.death()
             await worker.store.aclose()
 
-    started = asyncio.run(scenario())
+    asyncio.run(scenario())
     assert all("ab1|1" not in runs for _, runs in writes), writes
     assert not r.exists(f"rq:job:{rq_job_id('ab1', '1')}")
-    first = next(at for at, runs in writes if "ab2|1" in runs)
-    assert first - started >= RQ_SETTLE * 0.9, first - started  # not at the run's start
+    for at, runs in writes:  # nothing written younger than the settle time
+        assert all(at - started[key] >= RQ_SETTLE * 0.9 for key in runs), (at, runs, started)
+    first_of = {key: next(at for at, runs in writes if key in runs) for key in ("ab2|1", "ab3|1")}
+    assert first_of["ab3|1"] > first_of["ab2|1"]  # ab3 was pending, too young, when ab2 was written

@@ -131,6 +131,12 @@ class RqPresence:
         self._born = True
         self._next_beat = time.monotonic() + self.beat_seconds
 
+    def would_write(self, runs: Mapping[str, Mapping[str, Any]]) -> bool:
+        """Whether `show(runs)` would write anything now: a beat is due, or runs start or stop being
+        shown. The caller skips the thread hop to `show` when not."""
+        with self._lock:
+            return time.monotonic() >= self._next_beat or runs.keys() != self._shown.keys()
+
     def show(self, runs: Mapping[str, Mapping[str, Any]]) -> None:
         """Make rq show exactly `runs` ("rid|attempt" -> request_id, attempt and what else describes it),
         and beat when a beat is due. Writes nothing when neither is the case."""

@@ -21,6 +21,7 @@ import contextlib
 import logging
 import os
 import socket
+import time
 import uuid
 from typing import Any
 
@@ -73,6 +74,7 @@ class Worker:
                                     ttl_seconds=max(10, int(settings.lease_seconds * 3)))
                          if use_rq and rq_url else None)
         self.rq_runs: dict[str, dict[str, Any]] = {}  # runs executing, as rq's tooling is to show them
+        self.rq_since: dict[str, float] = {}  # when each of them started executing (time.monotonic())
         self.rq_changed = asyncio.Event()  # rq_runs changed: the presence loop shows it (coalesced)
         self.runs: dict[str, asyncio.Task[None]] = {}  # "rid|attempt" -> its task; each holds one ticket
         self.executing: set[str] = set()  # runs inside the engine loop: the only ones a notice may cancel
@@ -253,11 +255,11 @@ class Worker:
     async def _presence_loop(self) -> None:
         """rq's registry heartbeat and the runs rq shows, apart from the lease heartbeats: rq is the
         operators' view and must never delay the heartbeats that keep the runs' leases, nor a run.
-        A change is written RQ_SETTLE s after it happened, with every change made meanwhile (at most one
-        rq write per RQ_SETTLE s). Written at once, as it was, a run's start went to rq while the run was
-        waiting for its first token: a redis-py call in a thread beside the event loop, and a script in
-        Valkey ahead of the first token's append. A run shorter than RQ_SETTLE may never be shown, and
-        costs rq nothing."""
+        rq is shown only the runs that started RQ_SETTLE s ago or more, and a change is written RQ_SETTLE
+        s after it, with every change made meanwhile (at most one write per RQ_SETTLE s). Written at
+        once, as it was, a run's start went to rq while the run waited for its first token: a redis-py
+        call in a thread beside the event loop, and a script in Valkey ahead of the first token's append.
+        A run shorter than RQ_SETTLE is never shown, and costs rq nothing."""
         if self.presence is None:
             return
         while True:
@@ -266,22 +268,33 @@ class Worker:
             if self.rq_changed.is_set():  # a change, not a beat that fell due
                 await asyncio.sleep(RQ_SETTLE)
             self.rq_changed.clear()
+            settled = self._settled_runs(time.monotonic())
+            if len(settled) < len(self.rq_runs):  # the younger ones are shown at the next write
+                self.rq_changed.set()
+            if not self.presence.would_write(settled):
+                continue
             try:
-                await asyncio.to_thread(self.presence.show, dict(self.rq_runs))
+                await asyncio.to_thread(self.presence.show, settled)
             except asyncio.CancelledError:
                 raise
             except Exception as error:
                 log.warning("worker %s: rq heartbeat failed: %s", self.worker_id, error)
                 await asyncio.sleep(self.presence.beat_seconds)  # its beat stays due: not again at once
 
+    def _settled_runs(self, now: float) -> dict[str, dict[str, Any]]:
+        """The runs executing that started RQ_SETTLE s before `now` or earlier: what rq is to show."""
+        return {key: run for key, run in self.rq_runs.items() if now - self.rq_since[key] >= RQ_SETTLE}
+
     def _show_in_rq(self, key: str, spec: RunSpec | None) -> None:
         """A run starts executing (its spec) or ends (None): the presence loop tells rq, off the run's path."""
         if self.presence is None:
             return
         if spec is None:
+            self.rq_since.pop(key, None)
             if self.rq_runs.pop(key, None) is None:
                 return
         else:
+            self.rq_since[key] = time.monotonic()
             self.rq_runs[key] = {"request_id": spec.request_id, "attempt": spec.attempt,
                                  "session_id": spec.session_id, "tenant": spec.tenant, "priority": spec.priority}
         self.rq_changed.set()

@@ -7,7 +7,7 @@ stops the clock when the first event arrives; the event must be the one right af
 Both stream forms are measured:
 /v1/requests/{id}/events and /v1/sessions/{id}/events.
 
-A p99 of 400 reconnects is their 4th-worst, and on a 2-core host a 5-20 ms stall of the whole host
+A p99 of 400 reconnects is their 5th-worst, and on a 2-core host a 5-20 ms stall of the whole host
 (seen in bursts of a few hundred ms, with no process of the stack busier than usual) decides it from
 one run to the next. `--runs N` repeats the measurement on N fresh stacks and reports each run and the
 percentiles of all their reconnects pooled (each case N x 400): the pooled p99 is the figure to
