@@ -226,8 +226,9 @@ class RunStore:
             return None
         return RunSpec.from_fields(rid, attempt, f)
 
-    async def append(self, rid: str, attempt: str, first_index: int, data: list[str]) -> AppendResult:
-        reply = await self.transitions.append(rid, attempt, first_index, data)
+    async def append(self, rid: str, attempt: str, first_index: int, data: list[str],
+                     engine_times: tuple[float, float] | None = None) -> AppendResult:
+        reply = await self.transitions.append(rid, attempt, first_index, data, engine_times)
         code = int(reply[0])
         if code == 1:
             return AppendResult(True)

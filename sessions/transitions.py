@@ -135,8 +135,12 @@ class Transitions:
         reply = await self._call("start", [keys.request_prefix(rid)], [rid, attempt, wid, resume])
         return json.loads(text(reply[1])) if int(reply[0]) == 1 else None
 
-    async def append(self, rid: str, attempt: str, first_index: int, data: Sequence[str]) -> list[Any]:
-        return list(await self._call("append", [keys.request_prefix(rid)], [rid, attempt, first_index, *data]))
+    async def append(self, rid: str, attempt: str, first_index: int, data: Sequence[str],
+                     engine_times: tuple[float, float] | None = None) -> list[Any]:
+        """`engine_times`: on an attempt's first batch, the worker's clock (ms) when it called the engine and
+        when the engine's first token came; the request keeps them with its first token."""
+        times = f"{engine_times[0]:.3f}|{engine_times[1]:.3f}" if engine_times else ""
+        return list(await self._call("append", [keys.request_prefix(rid)], [rid, attempt, first_index, times, *data]))
 
     async def finish(self, rid: str, attempt: str, *, wid: str, group: str, outcome: str, detail: str,
                      return_slot: bool, usage: dict[str, Any] | None = None) -> bool:

@@ -93,6 +93,25 @@ def test_completes_with_the_sim_engine_text(bare_stack: Stack) -> None:
         assert_tokens(events_of(bare_stack, prompt_rid), sim_text("hello", 6), 6)
 
 
+def test_a_request_shows_where_its_first_tokens_time_went(bare_stack: Stack) -> None:
+    """GET /v1/requests/{id} carries the worker's timestamps of its engine call and of the engine's first
+    token (what `bench ttft` splits the dispatch-to-first-append hop by): in causal order between the
+    dispatch and the first token's append, with the backend's prefill between the two."""
+    with ServerThread(create_sim_backend(2000.0, 80.0)) as backend:  # 80 ms before the first token
+        bare_stack.add_worker(engine=engine_for(backend.url, models={"*": "sim"}))
+        rid = ask(bare_stack, "s", 4)
+        assert events_of(bare_stack, rid)[-1].event == "done"
+    view = call("GET", f"{bare_stack.base_url}/v1/requests/{rid}")[1]
+    started, called, answered = view["started_at"], view["backend_called_at"], view["backend_first_token_at"]
+    assert started <= called <= answered <= view["first_token_at"] <= view["finished_at"], view
+    assert answered - called >= 0.08  # the backend's prefill lies between them
+    unanswered = submit(bare_stack.base_url, "q", max_tokens=2)  # the backend is gone: no first token
+    wait_for(lambda: call("GET", f"{bare_stack.base_url}/v1/requests/{unanswered}")[1]["attempts"] >= 1,
+             what="the request to start")
+    waiting = call("GET", f"{bare_stack.base_url}/v1/requests/{unanswered}")[1]
+    assert waiting["backend_called_at"] is None and waiting["backend_first_token_at"] is None
+
+
 def test_503s_before_the_first_token_are_retried(bare_stack: Stack) -> None:
     with ServerThread(create_sim_backend(2000.0, 0.0, faults=Faults(fail_first=3))) as backend:
         bare_stack.add_worker(engine=engine_for(backend.url, retries=5, models={"*": "sim"}))

@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,6 +68,10 @@ class Run:
         self._produced_all = False
         self.finish: Finish | None = None
         self._pinned = False
+        # The worker's clock (ms) when it called the engine and when the engine's first token came: the
+        # attempt's first append carries them, so the request shows where its first token's time went.
+        self._engine_called: float | None = None
+        self._engine_answered: float | None = None
 
     @property
     def key(self) -> str:
@@ -80,7 +85,7 @@ class Run:
             while self._pending:
                 batch = self._pending[:MAX_BATCH]
                 data = [token_data(rid, self.next_index + i, token) for i, token in enumerate(batch)]
-                result = await self._append(data)
+                result = await self._append(data, self._engine_times())
                 if not result.ok:
                     raise Fenced(result.status if result.expected_index is None
                                  else f"index {self.next_index} but the log expects {result.expected_index}")
@@ -89,18 +94,27 @@ class Run:
             if self._produced_all:
                 return
 
-    async def _append(self, data: list[str]) -> AppendResult:
+    async def _append(self, data: list[str], engine_times: tuple[float, float] | None) -> AppendResult:
         """One fenced append, resent through dropped connections (a resent batch is recognised)."""
         spec = self.spec
         return await through_dropped_connections(
-            lambda: self.store.append(spec.request_id, spec.attempt, self.next_index, data),
+            lambda: self.store.append(spec.request_id, spec.attempt, self.next_index, data, engine_times),
             seconds=APPEND_RETRY_SECONDS, what=f"run {self.key}: append")
 
+    def _engine_times(self) -> tuple[float, float] | None:
+        """The engine's call and first token, for the attempt's first batch only."""
+        if self.next_index != self.spec.start_index or self._engine_called is None or self._engine_answered is None:
+            return None
+        return self._engine_called, self._engine_answered
+
     async def _produce(self, so_far: str) -> None:
+        self._engine_called = time.time() * 1000
         async for piece in self.engine.stream(self.spec, so_far):
             if isinstance(piece, Finish):
                 self.finish = piece
                 continue
+            if self._engine_answered is None:
+                self._engine_answered = time.time() * 1000
             if isinstance(piece, Token) and piece.delta and not self._pinned:
                 # A resume continues text, not a half-made tool call: pinned first (never preempted
                 # from here on), or not written at all when the run was stopped meanwhile.

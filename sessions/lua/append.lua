@@ -3,7 +3,9 @@
 -- stream.
 -- KEYS[1] the request's data prefix sg:{s:<bucket>}:
 -- ARGV[1] flags   ARGV[2] request id   ARGV[3] attempt   ARGV[4] index of the first token in this batch
--- ARGV[5..] token event data (JSON), one per token, in index order
+-- ARGV[5] the worker's clock (ms) when it called the engine and when the engine's first token came,
+--         "called|first", on an attempt's first batch ("" otherwise); kept with the request's first token
+-- ARGV[6..] token event data (JSON), one per token, in index order
 -- Returns {1, tokens so far} | {0, status} when fenced | {-1, expected index} on a gap/overlap. A batch
 -- resent after its reply was lost (it had landed) is refused as an overlap with expected = first +
 -- batch size, which the writer takes as success (sessions/runs.py).
@@ -15,12 +17,17 @@ if not owns(r, attempt) then
 end
 if tonumber(r.n) ~= first then return { -1, tonumber(r.n) } end
 local items = {}
-for i = 5, #ARGV do items[#items + 1] = { 'token', rid, ARGV[i] } end
+for i = 6, #ARGV do items[#items + 1] = { 'token', rid, ARGV[i] } end
 emit_many(dp, r.sid, items)
 local total = redis.call('HINCRBY', kreq(rid), 'n', #items)
 if not r.ft then
   local now = clock()
-  redis.call('HSET', kreq(rid), 'ft', now)
+  local called, answered = string.match(ARGV[5], '^([%d.]+)|([%d.]+)$')
+  if called then -- where the first token's time went between the worker and its engine (GET /v1/requests/{id})
+    redis.call('HSET', kreq(rid), 'ft', now, 'ec', called, 'ef', answered)
+  else
+    redis.call('HSET', kreq(rid), 'ft', now)
+  end
   observe(dp .. 'm', 'ttft', r.g .. '|' .. r.p, (now - tonumber(r.sub)) / 1000)
   if r.dl then -- the deadline is a time-to-first-token objective: met or missed now
     local met = now <= tonumber(r.dl)
