@@ -106,6 +106,38 @@ def test_append_rejects_an_old_attempt_and_a_wrong_index(redis_url: str, r: redi
         assert r.exists(keys.worker("default", "default.zombie.1.aaaaaa")) == 0
 
 
+def test_the_first_tokens_engine_times_are_kept_once_and_only_when_well_formed(redis_url: str,
+                                                                               r: redis.Redis) -> None:
+    """An attempt's first append may carry its worker's engine times (called, first token): the request
+    keeps them with its first token, and no later batch (nor a resumed attempt, which finds the first
+    token written) overwrites them; a malformed value is ignored, and the request still reads."""
+    with api_and_two_played_workers(redis_url, "default.timed.1.aaaaaa", "default.other.2.bbbbbb") as (
+            stack, run, worker, _):
+        run(worker.set_free_slots(1))
+
+        def started(session: str) -> str:
+            rid = submit(stack.base_url, session, prompt="timed", max_tokens=6)
+            assert run(worker.spec(run(worker.next_assignment(timeout=5)))) is not None
+            return rid
+
+        def times(rid: str) -> list[str | None]:
+            return r.hmget(keys.request(rid), "ec", "ef")
+
+        rid = started("times")
+        assert run(worker.append(rid, "1", 0, [token_data(rid, 0, "a")], (1700000000123.5, 1700000000125.25))).ok
+        assert times(rid) == ["1700000000123.500", "1700000000125.250"]
+        assert run(worker.append(rid, "1", 1, [token_data(rid, 1, "b")], (1.0, 2.0))).ok
+        assert times(rid) == ["1700000000123.500", "1700000000125.250"]  # the first token's, kept
+        assert run(worker.finish(rid, "1", outcome="done", detail="stop", return_slot=True))
+
+        bad = started("malformed")
+        reply = run(worker.transitions.scripts.call("append", [keys.request_prefix(bad)],
+                                                    [bad, "1", 0, "1.2.3|.", token_data(bad, 0, "a")]))
+        assert int(reply[0]) == 1 and times(bad) == [None, None]
+        code, view = call("GET", f"{stack.base_url}/v1/requests/{bad}")
+        assert code == 200 and view["backend_called_at"] is None and view["first_token_at"] is not None
+
+
 def test_a_paused_worker_wakes_up_fenced(redis_url: str, r: redis.Redis, tmp_path: Path) -> None:
     """SIGSTOP a worker mid-stream until its lease lapses and the run resumes on the other worker,
     then SIGCONT it: nothing it writes lands (no index twice, one `done`), and it re-offers its

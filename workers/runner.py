@@ -102,8 +102,9 @@ class Run:
             seconds=APPEND_RETRY_SECONDS, what=f"run {self.key}: append")
 
     def _engine_times(self) -> tuple[float, float] | None:
-        """The engine's call and first token, for the attempt's first batch only."""
-        if self.next_index != self.spec.start_index or self._engine_called is None or self._engine_answered is None:
+        """The engine's call and first token, with the request's first batch only (a resumed attempt's
+        would be ignored: the request keeps the times of its first token)."""
+        if self.next_index != 0 or self._engine_called is None or self._engine_answered is None:
             return None
         return self._engine_called, self._engine_answered
 

@@ -210,7 +210,7 @@ async def server_side(http: aiohttp.ClientSession, base: str, rid: str | None) -
         return {}
     hops = {"submit_to_dispatch": (started - sub) * 1000, "dispatch_to_first_append": (first - started) * 1000}
     called, answered = view.get("backend_called_at"), view.get("backend_first_token_at")
-    if called is not None and answered is not None:
+    if called is not None and answered is not None and view.get("attempts") == 1:  # else started_at is another's
         hops.update(dispatch_to_engine_call=(called - started) * 1000, engine_call_to_first_token=(answered - called)
                     * 1000, engine_first_token_to_append=(first - answered) * 1000)
     wall = WALL.pop(rid, None)

@@ -22,7 +22,7 @@ emit_many(dp, r.sid, items)
 local total = redis.call('HINCRBY', kreq(rid), 'n', #items)
 if not r.ft then
   local now = clock()
-  local called, answered = string.match(ARGV[5], '^([%d.]+)|([%d.]+)$')
+  local called, answered = string.match(ARGV[5], '^(%d+%.?%d*)|(%d+%.?%d*)$')
   if called then -- where the first token's time went between the worker and its engine (GET /v1/requests/{id})
     redis.call('HSET', kreq(rid), 'ft', now, 'ec', called, 'ef', answered)
   else
