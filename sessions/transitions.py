@@ -137,8 +137,8 @@ class Transitions:
 
     async def append(self, rid: str, attempt: str, first_index: int, data: Sequence[str],
                      engine_times: tuple[float, float] | None = None) -> list[Any]:
-        """`engine_times`: on an attempt's first batch, the worker's clock (ms) when it called the engine and
-        when the engine's first token came; the request keeps them with its first token."""
+        """`engine_times`: with the request's first batch, the worker's clock (ms) when it called the engine
+        and when the engine's first token came; the request keeps them with its first token."""
         times = f"{engine_times[0]:.3f}|{engine_times[1]:.3f}" if engine_times else ""
         return list(await self._call("append", [keys.request_prefix(rid)], [rid, attempt, first_index, times, *data]))
 

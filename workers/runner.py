@@ -69,7 +69,7 @@ class Run:
         self.finish: Finish | None = None
         self._pinned = False
         # The worker's clock (ms) when it called the engine and when the engine's first token came: the
-        # attempt's first append carries them, so the request shows where its first token's time went.
+        # request's first append carries them, so the request shows where its first token's time went.
         self._engine_called: float | None = None
         self._engine_answered: float | None = None
 

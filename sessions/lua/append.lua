@@ -4,7 +4,7 @@
 -- KEYS[1] the request's data prefix sg:{s:<bucket>}:
 -- ARGV[1] flags   ARGV[2] request id   ARGV[3] attempt   ARGV[4] index of the first token in this batch
 -- ARGV[5] the worker's clock (ms) when it called the engine and when the engine's first token came,
---         "called|first", on an attempt's first batch ("" otherwise); kept with the request's first token
+--         "called|first", with the request's first batch ("" otherwise); kept with its first token
 -- ARGV[6..] token event data (JSON), one per token, in index order
 -- Returns {1, tokens so far} | {0, status} when fenced | {-1, expected index} on a gap/overlap. A batch
 -- resent after its reply was lost (it had landed) is refused as an overlap with expected = first +
