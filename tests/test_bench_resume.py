@@ -20,7 +20,7 @@ def test_pooled_percentiles_are_taken_over_every_runs_reconnects() -> None:
     stalled = outcome([1.0] * 95 + [20.0] * 5, [1.5] * 100)
     # On its own the stalled run's p99 is 20 ms; pooled with a quiet run, 200 reconnects of which 5 (2.5%) stalled.
     assert resume.case_row("finished/request", stalled["samples_ms"]["finished/request"])["p99_ms"] == 20.0
-    rows = resume.pooled([quiet, stalled])
+    rows = [resume.case_row(case, ms) for case, ms in resume.pooled([quiet, stalled]).items()]
     by_case = {f"{row['request']}/{row['stream']}": row for row in rows}
     assert by_case["finished/request"]["reconnects"] == 200
     assert by_case["finished/request"]["p99_ms"] == 20.0  # 5 of 200 above: the 99th percentile is a stall
@@ -28,4 +28,5 @@ def test_pooled_percentiles_are_taken_over_every_runs_reconnects() -> None:
     assert by_case["finished/request"]["max_ms"] == 20.0
     assert by_case["live/session"] == {"request": "live", "stream": "session", "reconnects": 200, "p50_ms": 1.5,
                                        "p90_ms": 1.5, "p99_ms": 1.5, "max_ms": 1.5}
-    assert resume.pooled([quiet, quiet])[0]["p99_ms"] == 1.0  # 2 of 200 at 2.0 ms: under the 99th
+    twice = resume.pooled([quiet, quiet])["finished/request"]
+    assert resume.case_row("finished/request", twice)["p99_ms"] == 1.0  # 2 of 200 at 2.0 ms: under the 99th
