@@ -37,7 +37,7 @@ from sluicegate.api.chat_render import DONE, Completion
 from sluicegate.api.errors import ApiError
 from sluicegate.api.models_routes import model_not_found
 from sluicegate.api.requests_routes import check_session_id, submit_request
-from sluicegate.api.responses import EventStreamResponse
+from sluicegate.api.responses import EventStreamResponse, LastChunk
 from sluicegate.api.schemas import ChatBody, SubmitBody, parse_priority
 from sluicegate.api.services import Services, principal, services
 from sluicegate.api.streaming import PING
@@ -133,6 +133,9 @@ async def sse_chunks(svc: Services, new: NewRequest, completion: Completion, fir
                     status, type_, message = failure(event)
                     error = {"error": {"type": type_, "message": message, "code": status}}
                     out.append(b"data: " + orjson.dumps(error) + b"\n\n" + DONE)
+            if batch[-1].terminal:  # the stream's end goes out with it
+                yield LastChunk(b"".join(out))
+                return
             if out:
                 yield b"".join(out)
 
@@ -149,14 +152,14 @@ async def message_body(svc: Services, new: NewRequest, completion: Completion, f
             if event.name == "token":
                 completion.add(orjson.loads(event.data))
             elif event.name == "done":
-                yield orjson.dumps(completion.message(orjson.loads(event.data)))
+                yield LastChunk(orjson.dumps(completion.message(orjson.loads(event.data))))
                 return
             elif event.terminal:
                 status, type_, message = failure(event)
-                yield orjson.dumps({"error": {"type": type_, "message": message, "code": status}})
+                yield LastChunk(orjson.dumps({"error": {"type": type_, "message": message, "code": status}}))
                 return
     message = f"the event stream ended early; read it at /v1/requests/{new.request_id}/events"
-    yield orjson.dumps({"error": {"type": "unavailable", "message": message, "code": 503}})
+    yield LastChunk(orjson.dumps({"error": {"type": "unavailable", "message": message, "code": 503}}))
 
 
 async def chat_body(request: Request) -> ChatBody:

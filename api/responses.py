@@ -55,6 +55,11 @@ class ShutdownDrain:
 DRAIN = ShutdownDrain()
 
 
+class LastChunk(bytes):
+    """A stream's last chunk (its terminal event): it goes out with the end of the body, in one socket
+    write and one read for the client, instead of a write for the chunk and another for the end."""
+
+
 class EventStreamResponse(Response):
     """A streamed body without Starlette's per-response task group: a disconnect cancels the
     streaming task directly. A client that leaves stops only this response; the generation goes on.
@@ -105,7 +110,10 @@ class EventStreamResponse(Response):
             try:
                 await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
                 async for chunk in self.chunks:
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                    last = isinstance(chunk, LastChunk)
+                    await send({"type": "http.response.body", "body": chunk, "more_body": not last})
+                    if last:
+                        return
             except asyncio.CancelledError:
                 # Ours (the client left, or the server is shutting down): swallowed, and the cancel
                 # request withdrawn. Anything else propagates.

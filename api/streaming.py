@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, Request
 from sluicegate.api.auth import Principal
 from sluicegate.api.errors import ApiError
 from sluicegate.api.requests_routes import check_session_id
-from sluicegate.api.responses import EventStreamResponse
+from sluicegate.api.responses import EventStreamResponse, LastChunk
 from sluicegate.api.services import Services, services
 from sluicegate.api.stream_tokens import request_stream_principal, session_stream_principal
 from sluicegate.sessions import keys
@@ -32,7 +32,13 @@ def resume_cursor(request: Request) -> int:
 async def sse_bytes(svc: Services, stream: EventStream) -> AsyncIterator[bytes]:
     with svc.stream_open():
         async for batch in stream.batches():
-            yield b"".join(event.sse() for event in batch) if batch else PING
+            if not batch:
+                yield PING
+            elif stream.finished:  # a request's terminal event: the stream's end goes out with it
+                yield LastChunk(b"".join(event.sse() for event in batch))
+                return
+            else:
+                yield b"".join(event.sse() for event in batch)
 
 
 # sse-starlette's headers, so that the lean response below answers exactly as EventSourceResponse did.

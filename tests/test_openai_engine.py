@@ -7,17 +7,19 @@ text, so every run is checked token by token against what the sim engine would h
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Iterator
 from typing import Any
 
+import aiohttp
 import pytest
 
 from sluicegate.embedded import free_port
 from sluicegate.sessions.runs import RunSpec
 from sluicegate.settings import Settings
-from sluicegate.workers.engines.openai import OpenAIEngine
+from sluicegate.workers.engines.openai import OpenAIEngine, sse_lines
 from sluicegate.workers.engines.sim import prompt_of, sim_text
 from sluicegate.workers.sim_backend import Faults, create_sim_backend
 from tests.helpers import SseEvent, Stack, call, fast_settings, sse, submit, wait_for
@@ -274,3 +276,44 @@ def test_backend_continue_no_regenerates_with_a_seed_of_the_request() -> None:
     assert body["max_tokens"] == 10 and body["seed"] == engine.body(run, "", "m")["seed"]
     assert engine.resume_mode == "regenerate"
     assert engine.body(RunSpec(**{**run.__dict__, "params": {"seed": 3}}), "", "m")["seed"] == 3  # the caller's wins
+
+
+def test_a_streams_lines_are_the_same_however_its_bytes_arrive() -> None:
+    """sse_lines reads what has arrived and splits it: lines cut across reads, several in one read,
+    CRLF endings and a last line without its newline all come out as a line-by-line reader gives them;
+    a line past MAX_LINE is an error, not an unbounded buffer. Over a real loopback connection, the
+    body written in the pieces given, each flushed and let arrive before the next."""
+    body = b'data: {"a": 1}\r\n\r\n: keep-alive\n\ndata: {"b": "\xc3\xa9"}\n\ndata: [DONE]'
+    expected = body.split(b"\n")
+
+    async def main() -> None:
+        pieces: list[bytes] = []
+
+        async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\nconnection: close\r\n\r\n"
+                         % sum(map(len, pieces)))
+            for piece in pieces:
+                writer.write(piece)
+                await writer.drain()
+                await asyncio.sleep(0.001)
+            writer.close()
+
+        server = await asyncio.start_server(answer, "127.0.0.1", 0)
+        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/"
+        async with aiohttp.ClientSession() as session:
+            async def lines_of(these: list[bytes]) -> list[bytes]:
+                pieces[:] = these
+                async with session.get(url) as response:
+                    return [line async for line in sse_lines(response.content)]
+
+            assert await lines_of([body]) == expected
+            for cut in range(1, len(body), 3):  # split into two reads, a line cut anywhere
+                assert await lines_of([body[:cut], body[cut:]]) == expected, cut
+            assert await lines_of([body[i:i + 2] for i in range(0, len(body), 2)]) == expected
+            with pytest.raises(ValueError, match="over"):
+                await lines_of([b"data: " + b"x" * 2**16] * 17)
+        server.close()
+        await server.wait_closed()
+
+    asyncio.run(main())

@@ -323,3 +323,20 @@ def test_rq_is_shown_only_runs_older_than_the_settle_time_and_never_a_shorter_on
         assert all(at - started[key] >= RQ_SETTLE * 0.9 for key in runs), (at, runs, started)
     first_of = {key: next(at for at, runs in writes if key in runs) for key in ("ab2|1", "ab3|1")}
     assert first_of["ab3|1"] > first_of["ab2|1"]  # ab3 was pending, too young, when ab2 was written
+
+
+def test_a_show_that_runs_after_the_workers_death_writes_nothing(redis_url: str, r: redis.Redis) -> None:
+    """A `show` queued in a thread as the worker stopped can run after `death()` (the stop cancels the
+    presence loop, not the thread): it must not register the worker again, nor show its runs."""
+    name = "default.after.1.aaaaaa"
+    presence = RqPresence(redis_url, group="default", worker_id=name, ttl_seconds=10)
+    presence.birth()
+    presence.show({"r0|1": {"request_id": "r0", "attempt": "1"}})
+    assert rq_worker(redis_url, name) is not None and r.exists(f"rq:job:{rq_job_id('r0', '1')}")
+    presence.death()
+    presence._next_beat = 0  # a beat due as well: the late call would have registered again
+    presence.show({"r1|1": {"request_id": "r1", "attempt": "1"}})
+    assert rq_worker(redis_url, name) is None
+    assert r.hget(f"rq:worker:{name}", "death") is not None  # rq's record of its death, not a new birth
+    assert not r.exists(f"rq:job:{rq_job_id('r1', '1')}")
+    assert not r.exists(f"rq:job:{rq_job_id('r0', '1')}") and r.zcard("rq:wip:sluicegate.default") == 0

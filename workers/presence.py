@@ -114,6 +114,7 @@ class RqPresence:
         self._records = RqRecords(self._connection, self._queue, self._worker.name)
         self._show = self._connection.register_script(SHOW_SCRIPT)
         self._shown: dict[str, Shown] = {}  # run key "rid|attempt" -> what rq shows of it
+        self._dead = False  # death() ran: a `show` still queued behind it writes nothing
         self._lock = threading.Lock()
 
     def next_beat_in(self) -> float:
@@ -141,6 +142,10 @@ class RqPresence:
         """Make rq show exactly `runs` ("rid|attempt" -> request_id, attempt and what else describes it),
         and beat when a beat is due. Writes nothing when neither is the case."""
         with self._lock:
+            # A call queued in a thread before the worker's end, run after it, would register the worker
+            # again (its connection reconnects) and show runs that are gone.
+            if self._dead:
+                return
             due = time.monotonic() >= self._next_beat
             stale: dict[str, Shown] = {}
             if due and (not self._born or not self._connection.exists(self._worker.key)):
@@ -209,6 +214,7 @@ class RqPresence:
     def death(self) -> None:
         """Gone for good: no run shown, no registration."""
         with self._lock:
+            self._dead = True
             try:
                 if self._shown:
                     self._write({}, list(self._shown.values()), [])

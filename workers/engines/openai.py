@@ -55,6 +55,7 @@ from sluicegate.sessions.runs import RunSpec
 from sluicegate.settings import Settings
 from sluicegate.tracing import TRACE_PARAM, Tracing, traced_stream, tracing_for
 from sluicegate.workers.engines.base import EngineError, Finish, Piece, Token
+from sluicegate.workers.engines.idle import IdleDeadline
 from sluicegate.workers.engines.probe import Capabilities, probe, refused_field, root_of
 from sluicegate.workers.retrying import first_try_then
 
@@ -67,6 +68,7 @@ TEXT_FIELDS = frozenset({"content", "role"})  # what a delta carries that is not
 RETRIED_STATUSES = frozenset({408, 429})
 COUNT_TIMEOUT = 5.0  # seconds for a tokenize-count call; past it the usage is Sluicegate's estimate
 OVERSHOOT_READ = 8  # chunks read past max_tokens for the finish_reason and usage before cutting the stream
+MAX_LINE = 2**20  # bytes of one line of a backend's stream (a chunk with logprobs is a few KB)
 
 
 class Transient(Exception):
@@ -117,6 +119,20 @@ def usage_as_uninterrupted(usage: Any, start_index: int) -> dict[str, Any] | Non
     moved = min(start_index, prompt)
     return {**usage, "prompt_tokens": prompt - moved, "completion_tokens": completion + moved,
             "total_tokens": prompt + completion}
+
+
+async def sse_lines(body: aiohttp.StreamReader) -> AsyncIterator[bytes]:
+    """The body's lines (without their newline), read as the bytes arrive: an event ("data: ...", then a
+    blank line) usually comes in one read, which a read per line (aiohttp's iteration) made two."""
+    rest = b""
+    async for data in body.iter_any():
+        *lines, rest = (rest + data).split(b"\n")
+        for line in lines:
+            yield line
+        if len(rest) > MAX_LINE:  # a broken or hostile backend: never an unbounded buffer
+            raise ValueError(f"a line of the backend's stream is over {MAX_LINE} bytes")
+    if rest:
+        yield rest
 
 
 class StreamState:
@@ -282,6 +298,7 @@ class OpenAIEngine:
         produced = extra = 0
         generated: list[str] = []  # this call's text, skipped tokens included (counted when no usage comes)
         keep_text = self.capabilities.counts_tokens
+        idle = IdleDeadline(self.idle_timeout)
         try:
             piece = first
             while piece is not None:
@@ -302,8 +319,7 @@ class OpenAIEngine:
                     if extra > OVERSHOOT_READ:
                         break
                 try:
-                    async with asyncio.timeout(self.idle_timeout):
-                        piece = await anext(tokens, None)
+                    piece = await idle.next(tokens)
                 except TimeoutError:
                     raise Transient(f"no token for {self.idle_timeout:g} s (--backend-idle-timeout)") from None
             if extra:  # it went past max_tokens: what the caller got ends at the length limit
@@ -317,6 +333,7 @@ class OpenAIEngine:
         except Permanent as error:
             raise EngineError(f"backend stream failed after {produced} tokens: {error}", transient=False) from error
         finally:
+            idle.close()
             await tokens.aclose()
             response.release()  # back to the pool when read to the end; closed (aborting the backend) otherwise
 
@@ -422,7 +439,7 @@ class OpenAIEngine:
                       strict_done: bool = False) -> AsyncIterator[Piece]:
         """Tokens from an SSE body; a stream that ends without `[DONE]` or a finish_reason is cut short,
         and so is (`strict_done`: a server known to interrupt streams) a `[DONE]` without a finish_reason."""
-        async for line in response.content:
+        async for line in sse_lines(response.content):
             if not line.startswith(b"data:"):
                 continue  # blank separators, comments (keep-alives), event names
             payload = line[5:].strip()

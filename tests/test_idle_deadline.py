@@ -1,0 +1,101 @@
+"""workers/engines/idle.py: one idle deadline for a whole token stream. Only a wait for the next item can
+time out; the time between waits never counts; a cancel from anyone else stays a cancel. On the loop
+the worker runs (uvloop, whose timers are whole milliseconds) and on asyncio's own."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+import uvloop
+
+from sluicegate.workers.engines.idle import IdleDeadline
+
+LOOPS = {"asyncio": asyncio.run, "uvloop": uvloop.run}
+
+
+async def paced(gaps: list[float], closed: list[bool]) -> AsyncIterator[int]:
+    """An item after each gap (seconds), noting when the stream is closed."""
+    try:
+        for i, gap in enumerate(gaps):
+            await asyncio.sleep(gap)
+            yield i
+    finally:
+        closed.append(True)
+
+
+async def drain(deadline: IdleDeadline, items: AsyncIterator[int], between: float = 0.0) -> list[int]:
+    got: list[int] = []
+    try:
+        while (item := await deadline.next(items)) is not None:
+            got.append(item)
+            await asyncio.sleep(between)  # the consumer's own work between two waits
+    finally:
+        deadline.close()
+    return got
+
+
+def run(loop: str, main: Callable[[], Awaitable[Any]]) -> Any:
+    return LOOPS[loop](main())
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_stream_that_keeps_coming_never_times_out(loop: str) -> None:
+    """Forty items 10 ms apart: 0.4 s in all, each wait far under the 0.1 s deadline (its one timer is
+    moved on, never fired)."""
+    async def main() -> list[int]:
+        return await drain(IdleDeadline(0.1), paced([0.01] * 40, []))
+
+    assert run(loop, main) == list(range(40))
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_wait_past_the_deadline_raises_timeout_and_closes_the_stream(loop: str) -> None:
+    closed: list[bool] = []
+
+    async def main() -> tuple[list[int], float]:
+        got: list[int] = []
+        deadline = IdleDeadline(0.1)
+        items = paced([0.0, 0.01, 5.0], closed)
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(TimeoutError):
+            while (item := await deadline.next(items)) is not None:
+                got.append(item)
+        deadline.close()
+        return got, asyncio.get_running_loop().time() - started
+
+    got, took = run(loop, main)
+    assert got == [0, 1] and closed == [True]
+    assert 0.09 <= took < 1.0  # the deadline, not the 5 s gap
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_the_consumers_time_between_waits_never_counts(loop: str) -> None:
+    """Items come at once, the consumer takes 0.15 s over each: longer than the 0.1 s deadline, which
+    only a wait can run out."""
+    async def main() -> list[int]:
+        return await drain(IdleDeadline(0.1), paced([0.0] * 4, []), between=0.15)
+
+    assert run(loop, main) == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_cancel_from_outside_stays_a_cancel(loop: str) -> None:
+    """A run stopped by a notice while it waits for a token is cancelled, not timed out, and the deadline
+    leaves no timer behind to cancel anything later."""
+    async def main() -> str:
+        task = asyncio.create_task(drain(IdleDeadline(0.1), paced([5.0], [])))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            outcome = "cancelled"
+        except TimeoutError:
+            outcome = "timed out"
+        await asyncio.sleep(0.2)  # past the deadline: this task is not cancelled by a stale timer
+        return outcome
+
+    assert run(loop, main) == "cancelled"
