@@ -1,7 +1,7 @@
 """One idle deadline for a whole token stream.
 
 A timeout around each wait for the backend's next chunk (`asyncio.timeout`) made, moved and cancelled a
-timer for every token: 4-5% of the worker's samples under load (py-spy, 16-token answers). This arms one
+timer for every token: about 5% of the worker's samples under load (py-spy, 16-token answers). This arms one
 timer per idle period instead, and a token costs a clock read. As before, only a wait can time out: the
 time between two waits (the run writing its token, while the stream is suspended at its yield) never
 counts, and a cancel from anyone else stays a cancel.
