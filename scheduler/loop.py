@@ -4,7 +4,8 @@ Submissions and finished runs dispatch at once inside their own atomic functions
 clock: a group whose quota refills at a known time, requests waiting past their class's max wait,
 and runs whose worker stopped renewing its lease. Each group has a loop of its own (a decision reads
 only its group's state, in its group's slot of a cluster): it runs the group's sweep, then blocks on
-the group's hint list until the earliest quota wake-up or the next sweep, whichever comes first. On a
+the group's hint list until the earliest quota wake-up or the next sweep, whichever comes first. A group
+added while the scheduler runs gets its loop at once (sg:groups:hint), else on the next read. On a
 cluster a repair pass also readies the heads that a caller who died half-way left in an outbox
 (sessions/transitions.py). Any number of schedulers may run: every step is an idempotent atomic call.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from typing import Any
 
 from sluicegate.scheduler.policy import publish_policy
 from sluicegate.sessions import keys
@@ -81,6 +83,21 @@ class Scheduler:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), REPAIR_SECONDS)
 
+    @staticmethod
+    async def _until_groups_change(hints: Any, stop: asyncio.Event) -> None:
+        """Until a group is added (register_group's hint), GROUPS_REFRESH_SECONDS pass, or the stop.
+        A group found only on the refresh had no loop for up to a second: a high-priority request that
+        came inside a running request's preemption quantum waited for it instead of the quantum."""
+        hint = asyncio.ensure_future(hints.blpop([keys.GROUPS_HINT], timeout=GROUPS_REFRESH_SECONDS))
+        stopped = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait({hint, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            if hint.done():
+                hint.result()  # its error, if any
+        finally:
+            for task in (hint, stopped):
+                task.cancel()
+
     async def run(self, stop: asyncio.Event) -> None:
         await publish_policy(self.redis, self.settings)
         log.info("scheduler up (sweep every %.2f s%s)", self.settings.sweep_seconds,
@@ -88,6 +105,7 @@ class Scheduler:
         loops: dict[str, asyncio.Task[None]] = {}
         if self.cluster:
             loops[""] = asyncio.create_task(self._repair_loop(stop))
+        hints = async_client(self.settings.redis_url, cluster=self.cluster, socket_timeout=30)  # blocking pops
         try:
             while not stop.is_set():
                 try:
@@ -95,13 +113,16 @@ class Scheduler:
                         if group not in loops:
                             await copy_policy(self.redis, group)
                             loops[group] = asyncio.create_task(self._group_loop(group, stop))
+                    await self._until_groups_change(hints, stop)
                 except asyncio.CancelledError:
                     raise
                 except Exception:
                     log.exception("reading the groups failed; retrying")
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), GROUPS_REFRESH_SECONDS)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), GROUPS_REFRESH_SECONDS)
         finally:
+            with contextlib.suppress(Exception):
+                await hints.aclose()
             for task in loops.values():
                 task.cancel()
             for task in loops.values():

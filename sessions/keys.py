@@ -150,6 +150,7 @@ def worker_control(group: str, wid: str) -> str:
 
 # ---- global (operators' writes, rarely read on a request's way) ------------------------------
 GROUPS = PREFIX + "groups"  # set of known groups
+GROUPS_HINT = GROUPS + ":hint"  # list: a group was just added (a scheduler starts its loop at once, not on its refresh)
 MODELS = PREFIX + "models"  # hash model -> the group serving it (a group names at most one)
 TENANT_WEIGHTS = PREFIX + "tenants"  # hash tenant -> weight (source; copied into each group's "tw")
 POLICY = PREFIX + "policy"  # hash policy field -> value (source; copied into each group's "pol")

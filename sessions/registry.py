@@ -91,6 +91,10 @@ async def register_group(redis: Any, group: str) -> None:
     (decisions read those from the group's own slot). Once per group and process; idempotent."""
     if await redis.sadd(keys.GROUPS, group):
         await copy_policy(redis, group)
+        # Submits dispatch by themselves, but the group's timed steps (a preemption quantum's end, a quota
+        # refill, aging) wait for its scheduler loop: a scheduler starts it now, not on its next refresh.
+        await redis.lpush(keys.GROUPS_HINT, group)
+        await redis.ltrim(keys.GROUPS_HINT, 0, 63)
 
 
 async def copy_policy(redis: Any, group: str) -> None:

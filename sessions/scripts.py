@@ -29,6 +29,10 @@ def _library_missing(error: ResponseError) -> bool:
     return "function not found" in str(error).lower()
 
 
+def _library_exists(error: ResponseError) -> bool:
+    return "already exists" in str(error).lower()
+
+
 class Scripts:
     """The library's functions for one Redis client: `await scripts.call("submit", keys, args)`
     (for redis-py's synchronous clients the call returns the reply itself). The first argument of
@@ -62,11 +66,41 @@ class Scripts:
                                                  target_nodes=node)
 
     def load(self) -> Any:
-        """Load (or reload) the library on the server, or on every master of a cluster."""
-        if isinstance(self.client, LeanRedis):
-            return self.client.execute("FUNCTION", "LOAD", "REPLACE", library_source())
-        # redis-py's cluster clients send FUNCTION LOAD to every master (PRIMARIES).
-        return self.client.function_load(library_source(), replace=True)
+        """Load the library where it is missing: on the server, or on every master of a cluster.
+
+        Never with REPLACE: a library of this name is this code (its name carries the source's digest),
+        and loading it again would restart its boot id (sessions/lua/includes/log_ids.lua), so that every
+        session's next event skipped LOG_ID_JUMP ids. Processes that start together all find the library
+        missing and all load it: the first wins, the others are told it exists."""
+        if self._sync:
+            for node in self._nodes():
+                try:
+                    self.client.execute_command("FUNCTION", "LOAD", library_source(), **node)
+                except ResponseError as error:
+                    if not _library_exists(error):
+                        raise
+            return None
+        return self._load_async()
+
+    async def _load_async(self) -> None:
+        if isinstance(self.client, AsyncRedisCluster):
+            await self.client.initialize()  # its masters known (a no-op once they are)
+        for node in self._nodes():
+            try:
+                if isinstance(self.client, LeanRedis):
+                    await self.client.execute("FUNCTION", "LOAD", library_source())
+                else:
+                    await self.client.execute_command("FUNCTION", "LOAD", library_source(), **node)
+            except ResponseError as error:
+                if not _library_exists(error):
+                    raise
+
+    def _nodes(self) -> list[dict[str, Any]]:
+        """The targets of a load, as execute_command's keyword arguments: each master of a cluster
+        (functions are not copied between shards), or the one server."""
+        if isinstance(self.client, (RedisCluster, AsyncRedisCluster)):
+            return [{"target_nodes": node} for node in self.client.get_primaries()]
+        return [{}]
 
     def call(self, name: str, keys: Sequence[Any] = (), args: Sequence[Any] = ()) -> Any:
         if self._sync:

@@ -18,6 +18,7 @@ import redis
 
 from sluicegate.embedded import EmbeddedServer, free_port
 from sluicegate.sessions import keys
+from sluicegate.sessions.scripts import Scripts
 from tests.helpers import SseEvent, Stack, call, fast_settings, sse, submit, wait_for
 
 JUMP = 1_000_000  # LOG_ID_JUMP in sessions/lua/includes/log_ids.lua
@@ -72,6 +73,18 @@ def test_ids_skip_after_a_restart_and_resumes_read_across_the_hole(api_only: Sta
     # a request stream from the request's first event starts at the hole's end
     (queued,) = list(sse(base, f"/v1/requests/{late}/events", stop_after=1, timeout=10))
     assert queued.event == "queued" and queued.id == JUMP + 4 and queued.data["request_id"] == late
+
+
+def test_a_process_that_loads_the_library_again_starts_no_new_boot(api_only: Stack, r: redis.Redis) -> None:
+    """Processes that start together all find the library missing and all load it. A second load of the
+    same library is not a restart: it must not skip ids (it did while loads replaced the library, which
+    restarted its boot; the rollback test below then saw its events 2 and 3 a million ids on)."""
+    base, sid = api_only.base_url, "epoch-reload"
+    submit(base, sid, prompt="first", max_tokens=5)
+    Scripts(r).load()  # as a scheduler or worker starting beside the API does
+    submit(base, sid, prompt="second", max_tokens=5)
+    assert r.hmget(keys.session_meta(sid), ["seq", "hl"]) == ["2", None]
+    assert [e.id for e in sse(base, f"/v1/sessions/{sid}/events", stop_after=2, timeout=10)] == [1, 2]
 
 
 def test_trimming_moves_past_a_hole(redis_url: str, r: redis.Redis) -> None:

@@ -4,6 +4,8 @@ minimum run quantum and a cap on preemptions per request, and never more victims
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import redis
 
@@ -252,5 +254,26 @@ def test_preemption_end_to_end(redis_url: str) -> None:
         assert views[high]["finished_at"] < views[low]["finished_at"]
         assert views[low]["preemptions"] == 1
         wait_for(lambda: call("GET", f"{base}/v1/admin/stats")[1]["running"] == 0, what="idle")
+    finally:
+        stack.stop()
+
+
+def test_a_new_groups_quantum_ends_on_time(redis_url: str) -> None:
+    """A group that appears while the scheduler runs (its first worker starts) gets its scheduler loop
+    at once: a high-priority request that comes inside a running request's preemption quantum preempts
+    when the quantum ends. The loop used to start on the scheduler's next read of the groups (up to a
+    second later), and the request waited for that instead (tests/test_llamacpp.py failed on it)."""
+    stack = Stack(fast_settings(redis_url, slots=1, preempt_min_run_ms=100)).start(workers=0)
+    try:
+        base = stack.base_url
+        time.sleep(0.1)  # the scheduler has read the groups: none yet
+        stack.add_worker()  # registers the group "default"
+        low = submit(base, "low", priority="low", max_tokens=400)
+        assert [e.event for e in sse(base, f"/v1/requests/{low}/events", stop_after=2)] == ["queued", "started"]
+        submitted = time.monotonic()
+        high = submit(base, "high", priority="critical", max_tokens=5)
+        started = next(e for e in sse(base, f"/v1/requests/{high}/events") if e.event == "started")
+        waited = time.monotonic() - submitted
+        assert started.event == "started" and waited < 0.6, f"the high-priority request started after {waited:.2f} s"
     finally:
         stack.stop()

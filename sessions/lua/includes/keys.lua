@@ -30,7 +30,7 @@
 --     dlp / dld        zset   ready heads with a deadline: when their slack runs out / their deadline (fairness.lua)
 --     dls              hash   default deadline ms per priority class (scheduler/deadlines.py; the API reads it)
 --     m                hash   the group's share of the metrics
---   global             sg:groups (set), sg:models, sg:policy, sg:tenants, sg:keys, sg:clock (tests only)
+--   global             sg:groups (set), sg:groups:hint, sg:models, sg:policy, sg:tenants, sg:keys, sg:clock (tests only)
 
 local PREFIX = 'sg:'
 local TERMINAL = { {{TERMINAL}} }
