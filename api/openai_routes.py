@@ -24,6 +24,7 @@ from __future__ import annotations
 import re
 import secrets
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 
 import orjson
 from fastapi import APIRouter, Request
@@ -118,46 +119,50 @@ def request_events(svc: Services, new: NewRequest, *, first: int) -> AsyncIterat
 
 
 async def sse_chunks(svc: Services, new: NewRequest, completion: Completion, first: int) -> AsyncIterator[bytes]:
+    # aclosing: the events are left at their end (the return below), and closed here, at once, rather than
+    # by the garbage collector's finalizer (a task and a loop wake-up per request, and the hub left later)
     with svc.stream_open():
-        async for batch in request_events(svc, new, first=first):
-            if not batch:
-                yield PING
-                continue
-            out = []
-            for event in batch:
-                if event.name == "token":
-                    out.append(completion.chunk(orjson.loads(event.data)))
-                elif event.name == "done":
-                    out.append(completion.final_chunks(orjson.loads(event.data)))
-                elif event.terminal:
-                    status, type_, message = failure(event)
-                    error = {"error": {"type": type_, "message": message, "code": status}}
-                    out.append(b"data: " + orjson.dumps(error) + b"\n\n" + DONE)
-            if batch[-1].terminal:  # the stream's end goes out with it
-                yield LastChunk(b"".join(out))
-                return
-            if out:
-                yield b"".join(out)
+        async with aclosing(request_events(svc, new, first=first)) as batches:
+            async for batch in batches:
+                if not batch:
+                    yield PING
+                    continue
+                out = []
+                for event in batch:
+                    if event.name == "token":
+                        out.append(completion.chunk(orjson.loads(event.data)))
+                    elif event.name == "done":
+                        out.append(completion.final_chunks(orjson.loads(event.data)))
+                    elif event.terminal:
+                        status, type_, message = failure(event)
+                        error = {"error": {"type": type_, "message": message, "code": status}}
+                        out.append(b"data: " + orjson.dumps(error) + b"\n\n" + DONE)
+                if batch[-1].terminal:  # the stream's end goes out with it
+                    yield LastChunk(b"".join(out))
+                    return
+                if out:
+                    yield b"".join(out)
 
 
 async def message_body(svc: Services, new: NewRequest, completion: Completion, first: int) -> AsyncIterator[bytes]:
     """The non-streamed answer, whose status and headers (X-Request-Id) went out before it: a newline
     while idle (JSON allows leading whitespace; it keeps proxies from closing an idle connection),
     then the `chat.completion`, or an OpenAI error object when the request failed or was cancelled."""
-    async for batch in request_events(svc, new, first=first):
-        if not batch:
-            yield b"\n"
-            continue
-        for event in batch:
-            if event.name == "token":
-                completion.add(orjson.loads(event.data))
-            elif event.name == "done":
-                yield LastChunk(orjson.dumps(completion.message(orjson.loads(event.data))))
-                return
-            elif event.terminal:
-                status, type_, message = failure(event)
-                yield LastChunk(orjson.dumps({"error": {"type": type_, "message": message, "code": status}}))
-                return
+    async with aclosing(request_events(svc, new, first=first)) as batches:  # closed at once: see sse_chunks
+        async for batch in batches:
+            if not batch:
+                yield b"\n"
+                continue
+            for event in batch:
+                if event.name == "token":
+                    completion.add(orjson.loads(event.data))
+                elif event.name == "done":
+                    yield LastChunk(orjson.dumps(completion.message(orjson.loads(event.data))))
+                    return
+                elif event.terminal:
+                    status, type_, message = failure(event)
+                    yield LastChunk(orjson.dumps({"error": {"type": type_, "message": message, "code": status}}))
+                    return
     message = f"the event stream ended early; read it at /v1/requests/{new.request_id}/events"
     yield LastChunk(orjson.dumps({"error": {"type": "unavailable", "message": message, "code": 503}}))
 

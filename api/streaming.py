@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
 
 from fastapi import APIRouter, Depends, Request
 
@@ -31,14 +32,15 @@ def resume_cursor(request: Request) -> int:
 
 async def sse_bytes(svc: Services, stream: EventStream) -> AsyncIterator[bytes]:
     with svc.stream_open():
-        async for batch in stream.batches():
-            if not batch:
-                yield PING
-            elif stream.finished:  # a request's terminal event: the stream's end goes out with it
-                yield LastChunk(b"".join(event.sse() for event in batch))
-                return
-            else:
-                yield b"".join(event.sse() for event in batch)
+        async with aclosing(stream.batches()) as batches:  # closed at once, not by the garbage collector
+            async for batch in batches:
+                if not batch:
+                    yield PING
+                elif stream.finished:  # a request's terminal event: the stream's end goes out with it
+                    yield LastChunk(b"".join(event.sse() for event in batch))
+                    return
+                else:
+                    yield b"".join(event.sse() for event in batch)
 
 
 # sse-starlette's headers, so that the lean response below answers exactly as EventSourceResponse did.

@@ -97,6 +97,7 @@ class Scheduler:
         finally:
             for task in (hint, stopped):
                 task.cancel()
+            await asyncio.gather(hint, stopped, return_exceptions=True)
 
     async def run(self, stop: asyncio.Event) -> None:
         await publish_policy(self.redis, self.settings)

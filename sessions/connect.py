@@ -14,9 +14,9 @@ Routing, as read in redis-py 6.4 (redis/cluster.py, redis/asyncio/cluster.py, re
   and ASK), so the caller retries.
 - FUNCTION LOAD / DELETE / FLUSH / LIST go to every primary the client knows (sync: one after the
   other; asyncio: in parallel) and return `{node_name: reply}`; one failing node fails the call
-  after the others may have loaded it, so load with replace=True. Functions are not replicated
-  between shards, and a primary that appears later (failover, resharding) has none: reload on
-  "Function not found".
+  after the others may have loaded it. Functions are not replicated between shards, and a primary
+  that appears later (failover, resharding) has none: reload on "Function not found", node by node
+  where it is missing (sessions/scripts.py: never with REPLACE, which would restart the library).
 """
 
 from __future__ import annotations

@@ -71,16 +71,18 @@ class Scripts:
         Never with REPLACE: a library of this name is this code (its name carries the source's digest),
         and loading it again would restart its boot id (sessions/lua/includes/log_ids.lua), so that every
         session's next event skipped LOG_ID_JUMP ids. Processes that start together all find the library
-        missing and all load it: the first wins, the others are told it exists."""
-        if self._sync:
-            for node in self._nodes():
-                try:
-                    self.client.execute_command("FUNCTION", "LOAD", library_source(), **node)
-                except ResponseError as error:
-                    if not _library_exists(error):
-                        raise
-            return None
-        return self._load_async()
+        missing and all load it: the first wins, the others are told it exists. Sent to each master, a
+        load is not retried on a lost connection (connect.py), as an FCALL is not: after a failover the
+        call that finds the library missing fails once, and the next one loads the new master."""
+        if not self._sync:
+            return self._load_async()
+        for node in self._nodes():
+            try:
+                self.client.execute_command("FUNCTION", "LOAD", library_source(), **node)
+            except ResponseError as error:
+                if not _library_exists(error):
+                    raise
+        return None
 
     async def _load_async(self) -> None:
         if isinstance(self.client, AsyncRedisCluster):

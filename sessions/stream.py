@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 
 from sluicegate.sessions import keys
 from sluicegate.sessions.events import Event
@@ -104,14 +105,19 @@ class EventStream:
             page = min(PAGE, page * 4)
 
     async def batches(self) -> AsyncIterator[list[Event]]:
-        """Batches of events; an empty batch means `idle_seconds` passed without one (send a ping)."""
+        """Batches of events; an empty batch means `idle_seconds` passed without one (send a ping).
+        A reader usually leaves it at its end (a terminal event): closing it closes the generator it is
+        reading from at once (aclosing; an `async for` alone leaves that one to the garbage collector's
+        finalizer, a task and a loop wake-up later)."""
         if self._first is not None:  # opened: joined (unless ended) and the first page read
             try:
-                async for batch in self._backlog(FIRST_PAGE):
-                    yield batch
-                if self.reader is not None:
-                    async for batch in self._live(self.reader):
+                async with aclosing(self._backlog(FIRST_PAGE)) as backlog:
+                    async for batch in backlog:
                         yield batch
+                if self.reader is not None:
+                    async with aclosing(self._live(self.reader)) as live:
+                        async for batch in live:
+                            yield batch
             finally:
                 self.close()
             return
@@ -122,15 +128,18 @@ class EventStream:
                 status = fields.get("st") if fields else None
             if status is None or status in keys.TERMINAL_STATUSES:
                 # Ended: its terminal event is already in the log, so the log alone is the whole answer.
-                async for batch in self._backlog(FIRST_PAGE):
-                    yield batch
+                async with aclosing(self._backlog(FIRST_PAGE)) as backlog:
+                    async for batch in backlog:
+                        yield batch
                 return
         self.reader = await self.hub.join(self.session_id)
         try:
-            async for batch in self._backlog(FIRST_PAGE):
-                yield batch
-            async for batch in self._live(self.reader):
-                yield batch
+            async with aclosing(self._backlog(FIRST_PAGE)) as backlog:
+                async for batch in backlog:
+                    yield batch
+            async with aclosing(self._live(self.reader)) as live:
+                async for batch in live:
+                    yield batch
         finally:
             self.close()
 
@@ -146,9 +155,10 @@ class EventStream:
                 # Idle, overflowed or a gap: the log is the truth (a publish may have been missed).
                 reader.overflowed = False
                 sent = False
-                async for batch in self._backlog():
-                    sent = True
-                    yield batch
+                async with aclosing(self._backlog()) as backlog:
+                    async for batch in backlog:
+                        sent = True
+                        yield batch
                 if live is None and not sent:
                     yield []
                 continue

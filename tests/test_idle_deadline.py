@@ -99,3 +99,47 @@ def test_a_cancel_from_outside_stays_a_cancel(loop: str) -> None:
         return outcome
 
     assert run(loop, main) == "cancelled"
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_task_with_an_old_cancel_still_times_out(loop: str) -> None:
+    """A task that once swallowed a cancel without withdrawing it (cancelling() stays 1) still gets a
+    TimeoutError, not a CancelledError, when its own deadline fires: asyncio.timeout's rule."""
+    async def main() -> int:
+        task = asyncio.current_task()
+        assert task is not None
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.sleep(1)
+        assert task.cancelling() == 1
+        deadline = IdleDeadline(0.05)
+        with pytest.raises(TimeoutError):
+            await drain(deadline, paced([1.0], []))
+        return task.cancelling()
+
+    assert run(loop, main) == 1  # the old one stays; ours is withdrawn
+
+
+async def swallowing(first_gap: float) -> AsyncIterator[int]:
+    """A stream that turns a cancel of its wait into one more item (as a careless iterator might)."""
+    try:
+        await asyncio.sleep(first_gap)
+    except asyncio.CancelledError:
+        yield -1
+    yield 0
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_fire_the_iterator_swallowed_is_withdrawn(loop: str) -> None:
+    """The deadline fires, but the iterator turns the cancel into an item: the cancel it asked is
+    withdrawn (the task is not left cancelling) and a later cancel from outside is not taken for ours."""
+    async def main() -> tuple[list[int], int]:
+        deadline = IdleDeadline(0.05)
+        items = swallowing(1.0)
+        got = [await deadline.next(items), await deadline.next(items)]
+        deadline.close()
+        task = asyncio.current_task()
+        assert task is not None
+        return got, task.cancelling()
+
+    assert run(loop, main) == ([-1, 0], 0)

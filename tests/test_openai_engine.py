@@ -8,7 +8,9 @@ text, so every run is checked token by token against what the sim engine would h
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
+import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -19,7 +21,7 @@ import pytest
 from sluicegate.embedded import free_port
 from sluicegate.sessions.runs import RunSpec
 from sluicegate.settings import Settings
-from sluicegate.workers.engines.openai import OpenAIEngine, sse_lines
+from sluicegate.workers.engines.openai import OpenAIEngine, StreamState, sse_lines
 from sluicegate.workers.engines.sim import prompt_of, sim_text
 from sluicegate.workers.sim_backend import Faults, create_sim_backend
 from tests.helpers import SseEvent, Stack, call, fast_settings, sse, submit, wait_for
@@ -317,3 +319,43 @@ def test_a_streams_lines_are_the_same_however_its_bytes_arrive() -> None:
         await server.wait_closed()
 
     asyncio.run(main())
+
+
+def test_a_backend_stream_read_to_its_done_leaves_no_generator_to_the_garbage_collector() -> None:
+    """At `[DONE]` the token reader returns while the line splitter is still at its last line: it is
+    closed there, not left to the garbage collector, whose finalizer costs a task and a loop wake-up
+    per backend call (asyncio's hook, recorded here). The stream is the engine's, over a real loopback
+    connection."""
+    chunk = {"choices": [{"index": 0, "delta": {"content": "hi"}, "finish_reason": "stop"}]}
+    body = b"data: " + json.dumps(chunk).encode() + b"\n\ndata: [DONE]\n\n"
+    finalized: list[str] = []
+
+    async def main() -> None:
+        hooks = sys.get_asyncgen_hooks()
+
+        def finalizer(generator: Any) -> None:
+            finalized.append(generator.__qualname__)
+            hooks.finalizer(generator)  # type: ignore[misc]
+
+        async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+            await writer.drain()
+
+        server = await asyncio.start_server(answer, "127.0.0.1", 0)
+        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/"
+        sys.set_asyncgen_hooks(hooks.firstiter, finalizer)
+        try:
+            async with aiohttp.ClientSession() as session, session.get(url) as response:
+                state = StreamState()
+                assert [piece async for piece in OpenAIEngine._tokens(response, state)] == ["hi"]
+                assert state.finish_reason == "stop"
+            gc.collect()
+            await asyncio.sleep(0.01)
+        finally:
+            sys.set_asyncgen_hooks(*hooks)
+            server.close()
+            await server.wait_closed()
+
+    asyncio.run(main())
+    assert finalized == []

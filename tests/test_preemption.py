@@ -9,6 +9,7 @@ import time
 import pytest
 import redis
 
+from sluicegate.scheduler import loop as scheduler_loop
 from sluicegate.sessions import keys
 from tests.helpers import Stack, call, fast_settings, sse, submit, wait_for
 from tests.sched_harness import T0, Harness
@@ -258,11 +259,13 @@ def test_preemption_end_to_end(redis_url: str) -> None:
         stack.stop()
 
 
-def test_a_new_groups_quantum_ends_on_time(redis_url: str) -> None:
+def test_a_new_groups_quantum_ends_on_time(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """A group that appears while the scheduler runs (its first worker starts) gets its scheduler loop
     at once: a high-priority request that comes inside a running request's preemption quantum preempts
     when the quantum ends. The loop used to start on the scheduler's next read of the groups (up to a
-    second later), and the request waited for that instead (tests/test_llamacpp.py failed on it)."""
+    second later), and the request waited for that instead (tests/test_llamacpp.py failed on it). The
+    reads are 10 s apart here, so that only the hint can start the loop in time."""
+    monkeypatch.setattr(scheduler_loop, "GROUPS_REFRESH_SECONDS", 10.0)
     stack = Stack(fast_settings(redis_url, slots=1, preempt_min_run_ms=100)).start(workers=0)
     try:
         base = stack.base_url

@@ -5,17 +5,22 @@ Recorded on the real app, between uvicorn and the app, for every route that stre
 from __future__ import annotations
 
 import asyncio
+import gc
 import http.client
 import json
 import socket
+import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from sluicegate.api.responses import EventStreamResponse, LastChunk
 from tests.helpers import Stack, submit
+
+PROJECT = str(Path(__file__).resolve().parent.parent)  # the project's own generators, not its libraries'
 
 
 @pytest.fixture
@@ -72,6 +77,42 @@ def test_the_terminal_event_and_the_end_of_the_body_are_one_message(
         assert all(m["body"] for m in messages), "no empty message just to end the body"
         assert [m.get("more_body", False) for m in messages] == [True] * (len(messages) - 1) + [False]
         assert last in messages[-1]["body"]
+
+
+def test_a_finished_stream_leaves_no_generator_to_the_garbage_collector(stack: Stack) -> None:
+    """A response leaves its events at the terminal one (the last chunk): the generators it read from
+    are closed then, not left to the garbage collector, whose finalizer costs a task and a loop wake-up
+    per request and leaves the session's hub later. Recorded with asyncio's hook, in the app's thread."""
+    finalized: list[str] = []
+
+    async def install() -> Any:
+        hooks = sys.get_asyncgen_hooks()
+
+        def finalizer(generator: Any) -> None:
+            where = generator.ag_code.co_filename
+            if where.startswith(PROJECT) and "site-packages" not in where:
+                finalized.append(generator.__qualname__)
+            hooks.finalizer(generator)
+
+        sys.set_asyncgen_hooks(hooks.firstiter, finalizer)
+        return hooks
+
+    async def settle_and_restore(hooks: Any) -> None:
+        gc.collect()
+        await asyncio.sleep(0.05)
+        sys.set_asyncgen_hooks(*hooks)
+
+    hooks = stack._call(install())  # noqa: SLF001 (the hooks are the loop thread's)
+    try:
+        chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+        read(stack, "POST", "/v1/chat/completions", {**chat, "stream": True})
+        read(stack, "POST", "/v1/chat/completions", chat)
+        rid = submit(stack.base_url, "writes-gc", max_tokens=3)
+        assert b"event: done" in read(stack, "GET", f"/v1/requests/{rid}/events")
+        time.sleep(0.2)  # the worker's side of the runs has ended too
+    finally:
+        stack._call(settle_and_restore(hooks))  # noqa: SLF001
+    assert finalized == []
 
 
 def test_a_session_stream_never_ends_its_body_early(stack: Stack) -> None:

@@ -35,16 +35,20 @@ class IdleDeadline:
         self._waiting_since = since = self._loop.time()
         if self._timer is None:
             self._timer = self._loop.call_at(since + self.seconds, self._check)
+        before = self._task.cancelling()  # cancels asked before this wait (theirs, not ours)
         try:
             return await anext(items, None)
         except asyncio.CancelledError:
             if self._fired:  # ours, unless someone else cancelled too (then theirs goes on)
                 self._fired = False
-                if self._task.uncancel() == 0:
+                if self._task.uncancel() <= before:
                     raise TimeoutError(f"no item for {self.seconds:g} s") from None
             raise
         finally:
             self._waiting_since = None
+            if self._fired:  # fired, but the wait ended otherwise (the iterator turned the cancel into an
+                self._fired = False  # item or another error): the cancel asked is withdrawn
+                self._task.uncancel()
 
     def _check(self) -> None:
         """The timer: cancel the wait that has lasted `seconds`, else wait for the current one's due time.

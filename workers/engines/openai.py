@@ -44,6 +44,7 @@ import hashlib
 import logging
 import os
 from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing
 from dataclasses import replace
 from typing import Any
 
@@ -123,16 +124,27 @@ def usage_as_uninterrupted(usage: Any, start_index: int) -> dict[str, Any] | Non
 
 async def sse_lines(body: aiohttp.StreamReader) -> AsyncIterator[bytes]:
     """The body's lines (without their newline), read as the bytes arrive: an event ("data: ...", then a
-    blank line) usually comes in one read, which a read per line (aiohttp's iteration) made two."""
-    rest = b""
+    blank line) usually comes in one read, which a read per line (aiohttp's iteration) made two. A line
+    cut across reads is kept in pieces, joined once whole (never copied again per read)."""
+    pieces: list[bytes] = []  # the unfinished line
+    size = 0
     async for data in body.iter_any():
-        *lines, rest = (rest + data).split(b"\n")
-        for line in lines:
-            yield line
-        if len(rest) > MAX_LINE:  # a broken or hostile backend: never an unbounded buffer
-            raise ValueError(f"a line of the backend's stream is over {MAX_LINE} bytes")
-    if rest:
-        yield rest
+        *lines, rest = data.split(b"\n")
+        if lines:
+            if pieces:
+                pieces.append(lines[0])
+                lines[0] = b"".join(pieces)
+                pieces.clear()
+                size = 0
+            for line in lines:
+                yield line
+        if rest:
+            pieces.append(rest)
+            size += len(rest)
+            if size > MAX_LINE:  # a broken or hostile backend: never an unbounded buffer
+                raise ValueError(f"a line of the backend's stream is over {MAX_LINE} bytes")
+    if pieces:
+        yield b"".join(pieces)
 
 
 class StreamState:
@@ -439,23 +451,24 @@ class OpenAIEngine:
                       strict_done: bool = False) -> AsyncIterator[Piece]:
         """Tokens from an SSE body; a stream that ends without `[DONE]` or a finish_reason is cut short,
         and so is (`strict_done`: a server known to interrupt streams) a `[DONE]` without a finish_reason."""
-        async for line in sse_lines(response.content):
-            if not line.startswith(b"data:"):
-                continue  # blank separators, comments (keep-alives), event names
-            payload = line[5:].strip()
-            if payload == b"[DONE]":
-                if strict_done and state.finish_reason is None:  # llama-cpp-python interrupted it for another
-                    raise Transient("the stream ended with [DONE] but no finish_reason (cut short)")
-                return
-            chunk = orjson.loads(payload)
-            if "error" in chunk:  # vLLM reports errors inside the stream
-                error = chunk["error"]
-                code = error.get("code") if isinstance(error, dict) else None
-                message = error_message(code if isinstance(code, int) else 500, payload)
-                if isinstance(code, int) and 400 <= code < 500 and code not in RETRIED_STATUSES:
-                    raise Permanent(message)
-                raise Transient(message)
-            for piece in pieces_of(chunk, state):
-                yield piece
+        async with aclosing(sse_lines(response.content)) as lines:  # closed at [DONE], not by the GC
+            async for line in lines:
+                if not line.startswith(b"data:"):
+                    continue  # blank separators, comments (keep-alives), event names
+                payload = line[5:].strip()
+                if payload == b"[DONE]":
+                    if strict_done and state.finish_reason is None:  # llama-cpp-python interrupted it for another
+                        raise Transient("the stream ended with [DONE] but no finish_reason (cut short)")
+                    return
+                chunk = orjson.loads(payload)
+                if "error" in chunk:  # vLLM reports errors inside the stream
+                    error = chunk["error"]
+                    code = error.get("code") if isinstance(error, dict) else None
+                    message = error_message(code if isinstance(code, int) else 500, payload)
+                    if isinstance(code, int) and 400 <= code < 500 and code not in RETRIED_STATUSES:
+                        raise Permanent(message)
+                    raise Transient(message)
+                for piece in pieces_of(chunk, state):
+                    yield piece
         if state.finish_reason is None:
             raise Transient("the stream ended before [DONE]")
