@@ -122,12 +122,11 @@ class Scheduler:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(stop.wait(), GROUPS_REFRESH_SECONDS)
         finally:
-            with contextlib.suppress(Exception):
-                await hints.aclose()
             for task in loops.values():
                 task.cancel()
             for task in loops.values():
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
-            with contextlib.suppress(Exception):
-                await self.redis.aclose()
+            for client in (hints, self.redis):
+                with contextlib.suppress(Exception):
+                    await client.aclose()
