@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -76,18 +77,19 @@ class Assignment:
     request_id: str
     attempt: str
     fields: dict[str, Any] | None = None
+    taken_at: float | None = None  # the worker's clock (ms) when its inbox read returned it
 
     @property
     def key(self) -> str:
         return f"{self.request_id}|{self.attempt}"
 
     @classmethod
-    def parse(cls, raw: bytes | str) -> Assignment:
+    def parse(cls, raw: bytes | str, taken_at: float | None = None) -> Assignment:
         """On one server the run spec follows (the run started already); on a cluster it does not."""
         text = raw.decode() if isinstance(raw, bytes) else raw
         head, _, spec = text.partition("\n")
         rid, _, attempt = head.rpartition("|")
-        return cls(rid, attempt, json.loads(spec) if spec else None)
+        return cls(rid, attempt, json.loads(spec) if spec else None, taken_at)
 
 
 @dataclass(frozen=True)
@@ -184,7 +186,10 @@ class RunStore:
                                                      target_nodes=await async_node_for_key(self.inbox, inbox))
         else:
             reply = await self.inbox.execute("BLMPOP", timeout, 1, inbox, "RIGHT", "COUNT", most)
-        return [] if reply is None else [Assignment.parse(item) for item in reply[1]]
+        if reply is None:
+            return []
+        taken_at = time.time() * 1000
+        return [Assignment.parse(item, taken_at) for item in reply[1]]
 
     async def drain_inbox(self) -> list[Assignment]:
         items = await self.redis.lpop(keys.worker_inbox(self.group, self.worker_id), 10_000) or []
@@ -227,7 +232,7 @@ class RunStore:
         return RunSpec.from_fields(rid, attempt, f)
 
     async def append(self, rid: str, attempt: str, first_index: int, data: list[str],
-                     engine_times: tuple[float, float] | None = None) -> AppendResult:
+                     engine_times: tuple[float, float, float] | None = None) -> AppendResult:
         reply = await self.transitions.append(rid, attempt, first_index, data, engine_times)
         code = int(reply[0])
         if code == 1:

@@ -31,7 +31,8 @@ def request_view(rid: str, f: dict[str, str]) -> dict[str, Any]:
         "submitted_at": _seconds(f.get("sub")),
         "started_at": _seconds(f.get("sa")),
         "first_token_at": _seconds(f.get("ft")),
-        "backend_called_at": _seconds(f.get("ec")),  # the worker's clock: where the first token's time went
+        "worker_took_at": _seconds(f.get("et")),  # the worker's clock: where the first token's time went
+        "backend_called_at": _seconds(f.get("ec")),
         "backend_first_token_at": _seconds(f.get("ef")),
         "finished_at": _seconds(f.get("fin")),
         "events_url": f"/v1/requests/{rid}/events",

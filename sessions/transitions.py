@@ -136,10 +136,11 @@ class Transitions:
         return json.loads(text(reply[1])) if int(reply[0]) == 1 else None
 
     async def append(self, rid: str, attempt: str, first_index: int, data: Sequence[str],
-                     engine_times: tuple[float, float] | None = None) -> list[Any]:
-        """`engine_times`: with the request's first batch, the worker's clock (ms) when it called the engine
-        and when the engine's first token came; the request keeps them with its first token."""
-        times = f"{engine_times[0]:.3f}|{engine_times[1]:.3f}" if engine_times else ""
+                     engine_times: tuple[float, float, float] | None = None) -> list[Any]:
+        """`engine_times`: with the request's first batch, the worker's clock (ms) when it took the run from
+        its inbox, called the engine and got the engine's first token; the request keeps them with its
+        first token."""
+        times = "|".join(f"{t:.3f}" for t in engine_times) if engine_times else ""
         return list(await self._call("append", [keys.request_prefix(rid)], [rid, attempt, first_index, times, *data]))
 
     async def finish(self, rid: str, attempt: str, *, wid: str, group: str, outcome: str, detail: str,

@@ -108,7 +108,7 @@ def test_append_rejects_an_old_attempt_and_a_wrong_index(redis_url: str, r: redi
 
 def test_the_first_tokens_engine_times_are_kept_once_and_only_when_well_formed(redis_url: str,
                                                                                r: redis.Redis) -> None:
-    """An attempt's first append may carry its worker's engine times (called, first token): the request
+    """An attempt's first append may carry its worker's engine times (took the run, called, first token): the request
     keeps them with its first token, and no later batch (nor a resumed attempt, which finds the first
     token written) overwrites them; a malformed value is ignored, and the request still reads."""
     with api_and_two_played_workers(redis_url, "default.timed.1.aaaaaa", "default.other.2.bbbbbb") as (
@@ -121,21 +121,24 @@ def test_the_first_tokens_engine_times_are_kept_once_and_only_when_well_formed(r
             return rid
 
         def times(rid: str) -> list[str | None]:
-            return r.hmget(keys.request(rid), "ec", "ef")
+            return r.hmget(keys.request(rid), "et", "ec", "ef")
 
         rid = started("times")
-        assert run(worker.append(rid, "1", 0, [token_data(rid, 0, "a")], (1700000000123.5, 1700000000125.25))).ok
-        assert times(rid) == ["1700000000123.500", "1700000000125.250"]
-        assert run(worker.append(rid, "1", 1, [token_data(rid, 1, "b")], (1.0, 2.0))).ok
-        assert times(rid) == ["1700000000123.500", "1700000000125.250"]  # the first token's, kept
+        kept = ["1700000000122.750", "1700000000123.500", "1700000000125.250"]
+        assert run(worker.append(rid, "1", 0, [token_data(rid, 0, "a")],
+                                 (1700000000122.75, 1700000000123.5, 1700000000125.25))).ok
+        assert times(rid) == kept
+        assert run(worker.append(rid, "1", 1, [token_data(rid, 1, "b")], (1.0, 2.0, 3.0))).ok
+        assert times(rid) == kept  # the first token's, kept
         assert run(worker.finish(rid, "1", outcome="done", detail="stop", return_slot=True))
 
         bad = started("malformed")
         reply = run(worker.transitions.scripts.call("append", [keys.request_prefix(bad)],
                                                     [bad, "1", 0, "1.2.3|.", token_data(bad, 0, "a")]))
-        assert int(reply[0]) == 1 and times(bad) == [None, None]
+        assert int(reply[0]) == 1 and times(bad) == [None, None, None]
         code, view = call("GET", f"{stack.base_url}/v1/requests/{bad}")
-        assert code == 200 and view["backend_called_at"] is None and view["first_token_at"] is not None
+        assert code == 200 and view["backend_called_at"] is None and view["worker_took_at"] is None
+        assert view["first_token_at"] is not None
 
 
 def test_a_paused_worker_wakes_up_fenced(redis_url: str, r: redis.Redis, tmp_path: Path) -> None:

@@ -127,13 +127,17 @@ def test_non_stream(gate: Stack, llama_server: LlamaServer) -> None:
 
 def test_stream(gate: Stack, llama_server: LlamaServer) -> None:
     model = llama_server.alias
+    started = time.monotonic()
     engine = streamed(llama_server.url, model, LONG, max_tokens=300)
+    direct = time.monotonic() - started
     started = time.monotonic()
     answer = streamed(f"{gate.base_url}/v1", model, LONG, max_tokens=300)
     elapsed = time.monotonic() - started
     assert (answer["text"], answer["finish_reason"]) == (engine["text"], "length")
     assert answer["text"] == continuation(LONG[0]["content"], 300)[0]
-    assert elapsed > 1.0  # a long request really runs on the engine (about 3-4 s on one thread)
+    # a long request really runs on the engine: about as long as the engine's own answer (0.9-4 s here,
+    # with the host's load; a fixed second failed on a quiet host)
+    assert elapsed > 0.5 * direct, (elapsed, direct)
 
 
 def test_finish_reason_stop_at_end_of_sequence(gate: Stack, llama_server: LlamaServer) -> None:

@@ -24,7 +24,7 @@ from sluicegate.settings import Settings
 from sluicegate.workers.engines.openai import OpenAIEngine, StreamState, sse_lines
 from sluicegate.workers.engines.sim import prompt_of, sim_text
 from sluicegate.workers.sim_backend import Faults, create_sim_backend
-from tests.helpers import SseEvent, Stack, call, fast_settings, sse, submit, wait_for
+from tests.helpers import ON_CLUSTER, SseEvent, Stack, call, fast_settings, sse, submit, wait_for
 from tests.openai_helpers import ServerThread
 
 MESSAGES = [{"role": "system", "content": "terse"}, {"role": "user", "content": "what does a sluice gate do?"}]
@@ -98,16 +98,19 @@ def test_completes_with_the_sim_engine_text(bare_stack: Stack) -> None:
 
 
 def test_a_request_shows_where_its_first_tokens_time_went(bare_stack: Stack) -> None:
-    """GET /v1/requests/{id} carries the worker's timestamps of its engine call and of the engine's first
-    token (what `bench ttft` splits the dispatch-to-first-append hop by): in causal order between the
-    dispatch and the first token's append, with the backend's prefill between the two."""
+    """GET /v1/requests/{id} carries the worker's timestamps of its take of the run from its inbox, of its
+    engine call and of the engine's first token (what `bench ttft` splits the dispatch-to-first-append hop
+    by): in causal order up to the first token's append, with the backend's prefill between the last two.
+    On one server the take follows the dispatch; on a cluster the worker starts the run after its take."""
     with ServerThread(create_sim_backend(2000.0, 80.0)) as backend:  # 80 ms before the first token
         bare_stack.add_worker(engine=engine_for(backend.url, models={"*": "sim"}))
         rid = ask(bare_stack, "s", 4)
         assert events_of(bare_stack, rid)[-1].event == "done"
     view = call("GET", f"{bare_stack.base_url}/v1/requests/{rid}")[1]
     started, called, answered = view["started_at"], view["backend_called_at"], view["backend_first_token_at"]
+    taken = view["worker_took_at"]
     assert started <= called <= answered <= view["first_token_at"] <= view["finished_at"], view
+    assert taken < called and (ON_CLUSTER or started <= taken), view  # the worker's own set-up between
     assert answered - called >= 0.08  # the backend's prefill lies between them
 
 

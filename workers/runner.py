@@ -58,7 +58,7 @@ def token_data(rid: str, index: int, token: str | Token) -> str:
 
 
 class Run:
-    def __init__(self, store: RunStore, engine: Engine, spec: RunSpec) -> None:
+    def __init__(self, store: RunStore, engine: Engine, spec: RunSpec, *, taken_at: float | None = None) -> None:
         self.store = store
         self.engine = engine
         self.spec = spec
@@ -68,8 +68,10 @@ class Run:
         self._produced_all = False
         self.finish: Finish | None = None
         self._pinned = False
-        # The worker's clock (ms) when it called the engine and when the engine's first token came: the
-        # request's first append carries them, so the request shows where its first token's time went.
+        # The worker's clock (ms) when it took the run from its inbox, called the engine and got the
+        # engine's first token: the request's first append carries them, so the request shows where its
+        # first token's time went (taken_at: Assignment.taken_at; unknown, it is the call's time).
+        self._taken_at = taken_at
         self._engine_called: float | None = None
         self._engine_answered: float | None = None
 
@@ -101,12 +103,12 @@ class Run:
             lambda: self.store.append(spec.request_id, spec.attempt, self.next_index, data, engine_times),
             seconds=APPEND_RETRY_SECONDS, what=f"run {self.key}: append")
 
-    def _engine_times(self) -> tuple[float, float] | None:
+    def _engine_times(self) -> tuple[float, float, float] | None:
         """The engine's call and first token, with the request's first batch only (a resumed attempt's
         would be ignored: the request keeps the times of its first token)."""
         if self.next_index != 0 or self._engine_called is None or self._engine_answered is None:
             return None
-        return self._engine_called, self._engine_answered
+        return self._taken_at or self._engine_called, self._engine_called, self._engine_answered
 
     async def _produce(self, so_far: str) -> None:
         self._engine_called = time.time() * 1000

@@ -198,9 +198,11 @@ async def server_side(http: aiohttp.ClientSession, base: str, rid: str | None) -
     to the submit's write in Redis (client, HTTP, API, Redis), the submit to the dispatch (inline on one
     server), the dispatch to the first token's append (worker wake-up, engine, append), and the append
     to the client's receipt (publish, the API's subscriber and fan-out, SSE, client). The dispatch to the
-    first append is split by the worker's own timestamps (its clock): the worker's wake-up and set-up up
-    to its engine call, the engine call to its first token (HTTP client, backend), and that token to its
-    append (the worker's hand-over to its writer, the append call)."""
+    first append is split by the worker's own timestamps (its clock): to its engine call (itself split at
+    the worker's take of the run from its inbox: the rest of the submit's script, Valkey's reply to the
+    blocked inbox read and the worker's wake-up, then the worker's own set-up), the engine call to its
+    first token (HTTP client, backend), and that token to its append (the worker's hand-over to its
+    writer, the append call)."""
     if not rid:
         return {}
     async with http.get(f"{base}/v1/requests/{rid}") as response:
@@ -210,9 +212,14 @@ async def server_side(http: aiohttp.ClientSession, base: str, rid: str | None) -
         return {}
     hops = {"submit_to_dispatch": (started - sub) * 1000, "dispatch_to_first_append": (first - started) * 1000}
     called, answered = view.get("backend_called_at"), view.get("backend_first_token_at")
+    taken = view.get("worker_took_at")
     if called is not None and answered is not None and view.get("attempts") == 1:  # else started_at is another's
-        hops.update(dispatch_to_engine_call=(called - started) * 1000, engine_call_to_first_token=(answered - called)
-                    * 1000, engine_first_token_to_append=(first - answered) * 1000)
+        hops.update(dispatch_to_engine_call=(called - started) * 1000)
+        if taken is not None:  # the dispatch to the worker's inbox read, then its own set-up to the call
+            hops.update(dispatch_to_worker_take=(taken - started) * 1000,
+                        worker_take_to_engine_call=(called - taken) * 1000)
+        hops.update(engine_call_to_first_token=(answered - called) * 1000,
+                    engine_first_token_to_append=(first - answered) * 1000)
     wall = WALL.pop(rid, None)
     if wall is not None:
         hops = {"send_to_submit": (sub - wall[0]) * 1000, **hops, "append_to_client": (wall[1] - first) * 1000}

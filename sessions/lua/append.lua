@@ -3,8 +3,9 @@
 -- stream.
 -- KEYS[1] the request's data prefix sg:{s:<bucket>}:
 -- ARGV[1] flags   ARGV[2] request id   ARGV[3] attempt   ARGV[4] index of the first token in this batch
--- ARGV[5] the worker's clock (ms) when it called the engine and when the engine's first token came,
---         "called|first", with the request's first batch ("" otherwise); kept with its first token
+-- ARGV[5] the worker's clock (ms) when it took the run from its inbox, called the engine and got the
+--         engine's first token, "took|called|first", with the request's first batch ("" otherwise);
+--         kept with its first token
 -- ARGV[6..] token event data (JSON), one per token, in index order
 -- Returns {1, tokens so far} | {0, status} when fenced | {-1, expected index} on a gap/overlap. A batch
 -- resent after its reply was lost (it had landed) is refused as an overlap with expected = first +
@@ -22,9 +23,9 @@ emit_many(dp, r.sid, items)
 local total = redis.call('HINCRBY', kreq(rid), 'n', #items)
 if not r.ft then
   local now = clock()
-  local called, answered = string.match(ARGV[5], '^(%d+%.?%d*)|(%d+%.?%d*)$')
-  if called then -- where the first token's time went between the worker and its engine (GET /v1/requests/{id})
-    redis.call('HSET', kreq(rid), 'ft', now, 'ec', called, 'ef', answered)
+  local took, called, answered = string.match(ARGV[5], '^(%d+%.?%d*)|(%d+%.?%d*)|(%d+%.?%d*)$')
+  if took then -- where the first token's time went in the worker and its engine (GET /v1/requests/{id})
+    redis.call('HSET', kreq(rid), 'ft', now, 'et', took, 'ec', called, 'ef', answered)
   else
     redis.call('HSET', kreq(rid), 'ft', now)
   end
