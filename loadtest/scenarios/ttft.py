@@ -6,7 +6,10 @@ sequential requests, rotating through the ways of asking for the same completion
 - chat:   POST /v1/chat/completions (stream) to Sluicegate (submit + stream in one call);
 - sse:    POST /v1/sessions/{sid}/requests, then GET /v1/requests/{rid}/events (two round trips);
 - against: the chat call to a second Sluicegate running another checkout of the code (`--against DIR`,
-  e.g. a `git worktree` of the previous commit), in front of the same sim-backend.
+  e.g. a `git worktree` of the previous commit), in front of the same sim-backend;
+- floor:  the chat call through two minimal relays that cross the same processes and sockets as the chat
+  route (API, Valkey, worker, backend, and back) with next to no work at each (loadtest/floor_relay.py):
+  what the hops alone add on this host, below which no implementation of this design can go.
 TTFT is from sending the request to receiving the first token; every request is read to its end
 before the next starts. The host's noise moves whole runs by a millisecond here; `--against` measures
 two versions of the code in one run, request by request, which is how a change is judged.
@@ -54,9 +57,10 @@ from sluicegate.loadtest.common import (
     wait_model,
     write_result,
 )
+from sluicegate.loadtest.floor_relay import floor_chain
 from sluicegate.loadtest.targets import TTFT_ADDED_P50_MS, TTFT_ADDED_P99_MS
 
-MODES = ("direct", "chat", "sse")
+MODES = ("direct", "chat", "sse", "floor")
 ENGINE_SERVERS = ("sim", "llamacpp")
 
 
@@ -66,7 +70,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tokens", type=int, default=4, help="tokens per request (read to the end)")
     parser.add_argument("--tokens-per-second", type=float, default=200.0, help="sim-backend pace")
     parser.add_argument("--prefill-ms", type=float, default=0.0, help="sim-backend delay before the first token")
-    parser.add_argument("--modes", default=",".join(MODES), help="which of direct,chat,sse to run")
+    parser.add_argument("--modes", default="direct,chat,sse", help=f"which of {','.join(MODES)} to run")
     parser.add_argument("--slots", type=int, default=None,
                         help="worker slots; when not given: 4 with the sim-backend, 1 with llamacpp")
     parser.add_argument("--engine-server", choices=ENGINE_SERVERS, default="sim",
@@ -226,14 +230,16 @@ async def server_side(http: aiohttp.ClientSession, base: str, rid: str | None) -
     return hops
 
 
-async def measure(backend: Backend, base: str, other: str | None, args: argparse.Namespace) -> dict[str, Any]:
+async def measure(backend: Backend, base: str, other: str | None, floor: str | None,
+                  args: argparse.Namespace) -> dict[str, Any]:
     modes = [m for m in args.modes.split(",") if m] + (["against"] if other else [])
     ttft: dict[str, list[float]] = {m: [] for m in modes}
     inside: dict[str, list[float]] = {}  # "<mode> <hop>" -> ms (server_side)
     counter = itertools.count()
     expect = backend.answer  # None with the sim-backend: its text is not checked
     # One keep-alive client per target, as a real caller (or a gateway in front) would hold.
-    async with client_session(4) as direct_http, client_session(4) as sg_http, client_session(4) as other_http:
+    async with (client_session(4) as direct_http, client_session(4) as sg_http, client_session(4) as other_http,
+                client_session(4) as floor_http):
         for round_no in range(args.warmup + args.rounds):
             counted = round_no >= args.warmup
             order = modes[round_no % len(modes):] + modes[:round_no % len(modes)]  # rotate: no fixed position
@@ -251,6 +257,9 @@ async def measure(backend: Backend, base: str, other: str | None, args: argparse
                     assert other is not None
                     seconds, _ = await chat_ttft(other_http, f"{other}/v1/chat/completions", body,
                                                  {"X-Session-Id": f"ttft-a{i}"}, expect=expect)
+                elif mode == "floor":  # the relays pass on the first token only: no text to check
+                    assert floor is not None
+                    seconds, _ = await chat_ttft(floor_http, f"{floor}/v1/chat/completions", body)
                 else:
                     seconds, rid = await sse_ttft(sg_http, base, i, args.max_tokens, backend)
                 if counted:
@@ -266,7 +275,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.slots is None:
         args.slots = 4 if args.engine_server == "sim" else 1  # llama-cpp-python runs one request at a time
     serve = other = None
-    with engine_server(args) as backend:
+    unknown = set(args.modes.split(",")) - set(MODES) - {""}
+    if unknown:
+        raise SystemExit(f"sluicegate bench ttft: unknown mode {', '.join(sorted(unknown))} (of {','.join(MODES)})")
+    with engine_server(args) as backend, contextlib.ExitStack() as chain:
+        floor = chain.enter_context(floor_chain(backend.url)) if "floor" in args.modes.split(",") else None
         try:
             flags = ["--engine", "openai", "--backend-url", f"{backend.url}/v1", "--backend-model", backend.model,
                      "--workers", "1", "--slots", str(args.slots)]  # the worker declares chat_body's model
@@ -280,7 +293,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             ticks0 = cpu_ticks()
             load0 = os.getloadavg()
             began = time.perf_counter()
-            outcome = asyncio.run(measure(backend, serve.base_url, other.base_url if other else None, args))
+            outcome = asyncio.run(measure(backend, serve.base_url, other.base_url if other else None, floor, args))
             elapsed = time.perf_counter() - began
             steal = steal_percent(ticks0, cpu_ticks())
             load1 = os.getloadavg()
@@ -324,13 +337,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
               f"and {load1[0]:.2f} after; the direct call alone p50 {percentile(direct, 50):.2f} ms, "
               f"p90 {percentile(direct, 90):.2f} ms")
     verdicts = {}
+    if "floor" in added:  # not Sluicegate: what its design's hops cost with nothing done at them
+        floor = added.pop("floor")
+        print(f"floor (the same hops, next to no work at each): added p50 {floor['p50_ms']:.2f} ms, "
+              f"p99 {floor['p99_ms']:.2f} ms")
+        for mode in (m for m in ("chat", "sse") if m in added):
+            print(f"{mode} above the floor: p50 {added[mode]['p50_ms'] - floor['p50_ms']:+.2f} ms, "
+                  f"p99 {added[mode]['p99_ms'] - floor['p99_ms']:+.2f} ms")
+        added_floor = floor
+    else:
+        added_floor = None
     for mode, a in added.items():
         verdicts[mode] = {"p50_target_met": a["p50_ms"] <= TTFT_ADDED_P50_MS,
                           "p99_target_met": a["p99_ms"] <= TTFT_ADDED_P99_MS}
         met = verdicts[mode]["p50_target_met"] and verdicts[mode]["p99_target_met"]
         print(f"{mode}: added p50 {a['p50_ms']:.2f} ms (target {TTFT_ADDED_P50_MS:g}), added p99 {a['p99_ms']:.2f} ms "
               f"(target {TTFT_ADDED_P99_MS:g}): {'met' if met else 'MISSED'}")
-    result = {"rows": rows, "added": added, "verdicts": verdicts, "inside_ms": inside, "cpu_seconds": cpu,
+    result = {"rows": rows, "added": added, "floor_added": added_floor, "verdicts": verdicts, "inside_ms": inside,
+              "cpu_seconds": cpu,
               "targets_ms": {"added_p50": TTFT_ADDED_P50_MS, "added_p99": TTFT_ADDED_P99_MS},
               "steal_percent": steal, "load_average": {"before": list(load0), "after": list(load1)},
               "seconds": round(elapsed, 2), "engine_server": title,
