@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 
 from fastapi import APIRouter, Depends, Request
@@ -33,7 +32,7 @@ async def submit_request(request: Request, who: Principal, new: NewRequest) -> d
     except UnicodeEncodeError:  # e.g. a lone surrogate ("\ud800"), which JSON allows and UTF-8 does not
         raise ApiError(422, "prompt/messages: not valid Unicode text (a lone surrogate?)") from None
     try:
-        json.dumps(new.params, allow_nan=False)  # stored as JSON and sent to engines: NaN is not JSON
+        new.params_json  # noqa: B018 - made here, then stored and sent to engines as is: NaN is not JSON
     except ValueError:
         raise ApiError(422, "params: NaN and Infinity are not JSON numbers") from None
     if new.max_tokens > svc.settings.max_tokens_limit:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import secrets
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from sluicegate.sessions import keys
@@ -43,11 +44,17 @@ class NewRequest:
     def input_kind(self) -> str:
         return "p" if self.messages is None else "m"
 
-    @property
+    @cached_property
     def input_text(self) -> str:
+        """Made once: the submit checks it, then stores it (on the way to every first token)."""
         if self.messages is None:
             return self.prompt or ""
         return json.dumps(self.messages, separators=(",", ":"), ensure_ascii=False)
+
+    @cached_property
+    def params_json(self) -> str:
+        """The params as stored and sent to engines; ValueError for NaN or Infinity, which JSON lacks."""
+        return json.dumps(self.params, separators=(",", ":"), allow_nan=False) if self.params else "{}"
 
     @property
     def input_tokens(self) -> int:

@@ -89,7 +89,7 @@ class Transitions:
         """Returns ("ok", seq of the `queued` event) or ("forbidden", 0)."""
         sid, rid = req.session_id, req.request_id
         args = [rid, sid, req.tenant, req.group, req.priority, req.max_tokens, req.input_text, req.input_kind,
-                json.dumps(req.params, separators=(",", ":")), req.input_tokens, owner, self.log_max_events,
+                req.params_json, req.input_tokens, owner, self.log_max_events,
                 req.deadline_ms or "", "fail" if req.fail_on_deadline_miss else "run"]
         dp = keys.session_prefix(sid)
         if self.single:

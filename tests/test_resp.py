@@ -12,7 +12,7 @@ from redis.exceptions import BusyLoadingError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from sluicegate.embedded import free_port
-from sluicegate.sessions.resp import LeanRedis, RedisAddress, reply_error
+from sluicegate.sessions.resp import LeanRedis, RedisAddress, encode, reply_error
 
 # The lean client speaks to one server (on a cluster the stack uses redis-py's cluster client).
 pytestmark = pytest.mark.single_server
@@ -161,8 +161,8 @@ def test_login_and_database_from_the_url(redis_url: str, r: redis.Redis) -> None
 
 
 def test_commands_sent_in_one_turn_go_out_in_one_write(redis_url: str) -> None:
-    """The calls a turn of the event loop makes share one write (and the server one read); a call made
-    alone is written in its own turn, not held for company."""
+    """The calls a turn of the event loop makes while one is in flight share one write (and the server
+    one read); the first, made on an idle connection, and a call made alone are written at once."""
     async def main() -> tuple[list[object], int, object, int]:
         client = LeanRedis(redis_url)
         try:
@@ -179,8 +179,34 @@ def test_commands_sent_in_one_turn_go_out_in_one_write(redis_url: str) -> None:
             await client.aclose()
 
     replies, together, alone, total = asyncio.run(main())
-    assert replies == [f"call {i}".encode() for i in range(50)] and together == 1
-    assert alone == b"alone" and total == 2
+    assert replies == [f"call {i}".encode() for i in range(50)] and together == 2  # the first, then 49 at once
+    assert alone == b"alone" and total == 3
+
+
+def test_a_call_on_an_idle_connection_is_written_before_the_turn_ends(redis_url: str, r: redis.Redis) -> None:
+    """The first token's calls (the API's submit, a worker's first append) wait for no loop hop: the
+    server has the command while the caller's turn still runs. Made while another is in flight, a call
+    waits for the turn's end, to share its write."""
+    async def main() -> tuple[str | None, str | None, list[object]]:
+        client = LeanRedis(redis_url)
+        try:
+            await client.execute("PING")
+            conn = client._conn
+            assert conn is not None
+            # From here to the gather, nothing yields to the loop: only what was written is on the server.
+            first = conn.send(encode(("SET", "idle-call", "1")))
+            time.sleep(0.2)
+            idle = r.get("idle-call")
+            second = conn.send(encode(("SET", "busy-call", "1")))  # the first is in flight
+            time.sleep(0.2)
+            busy = r.get("busy-call")
+            return idle, busy, await asyncio.gather(*first, *second)
+        finally:
+            await client.aclose()
+
+    idle, busy, replies = asyncio.run(main())
+    assert idle == "1" and busy is None and replies == [b"OK", b"OK"]
+    assert r.get("busy-call") == "1"
 
 
 def test_a_connection_lost_before_its_turn_ends_does_not_strand_the_calls_it_held(redis_url: str) -> None:

@@ -325,6 +325,32 @@ def test_rq_is_shown_only_runs_older_than_the_settle_time_and_never_a_shorter_on
     assert first_of["ab3|1"] > first_of["ab2|1"]  # ab3 was pending, too young, when ab2 was written
 
 
+def test_a_runs_start_wakes_no_task_before_the_settle_time(redis_url: str) -> None:
+    """A run's start is on its way from the inbox to its engine call: it only notes the run. Waking the
+    presence loop there, to sleep out the settle time, took two task steps off that way; the loop is
+    woken once the change falls due, with every change made meanwhile."""
+    worker = Worker(fast_settings(redis_url), use_rq=True)
+    woken: list[float] = []
+
+    class Recorded(asyncio.Event):
+        def set(self) -> None:
+            woken.append(time.monotonic())
+            super().set()
+
+    async def scenario() -> float:
+        worker.rq_changed = Recorded()
+        began = time.monotonic()
+        for rid in ("cd1", "cd2", "cd3"):  # three starts in a row: one wake-up for all of them
+            worker._show_in_rq(f"{rid}|1", RunSpec.from_fields(rid, "1", {"sid": f"s-{rid}", "g": "default"}))
+            await asyncio.sleep(RQ_SETTLE / 10)
+        await asyncio.sleep(RQ_SETTLE * 2)
+        await worker.store.aclose()
+        return began
+
+    began = asyncio.run(scenario())
+    assert len(woken) == 1 and woken[0] - began >= RQ_SETTLE * 0.9, (began, woken)
+
+
 def test_a_show_that_runs_after_the_workers_death_writes_nothing(redis_url: str, r: redis.Redis) -> None:
     """A `show` queued in a thread as the worker stopped can run after `death()` (the stop cancels the
     presence loop, not the thread): it must not register the worker again, nor show its runs."""

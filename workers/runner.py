@@ -131,8 +131,10 @@ class Run:
 
     async def execute(self, so_far: str = "") -> RunOutcome:
         """Generate until done; returns how it ended. Cancellation (control message, shutdown) propagates."""
-        writer = asyncio.create_task(self._write_loop())
+        # The producer first: its first step (up to the engine call) runs before the writer's, which
+        # only waits for tokens.
         producer = asyncio.create_task(self._produce(so_far))
+        writer = asyncio.create_task(self._write_loop())
         try:
             done, _ = await asyncio.wait({writer, producer}, return_when=asyncio.FIRST_EXCEPTION)
             for task in done:

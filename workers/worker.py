@@ -75,7 +75,8 @@ class Worker:
                          if use_rq and rq_url else None)
         self.rq_runs: dict[str, dict[str, Any]] = {}  # runs executing, as rq's tooling is to show them
         self.rq_since: dict[str, float] = {}  # when each of them started executing (time.monotonic())
-        self.rq_changed = asyncio.Event()  # rq_runs changed: the presence loop shows it (coalesced)
+        self.rq_changed = asyncio.Event()  # rq_runs changed RQ_SETTLE s ago: the presence loop shows it
+        self.rq_due: asyncio.TimerHandle | None = None  # sets rq_changed RQ_SETTLE s after a change
         self.runs: dict[str, asyncio.Task[None]] = {}  # "rid|attempt" -> its task; each holds one ticket
         self.executing: set[str] = set()  # runs inside the engine loop: the only ones a notice may cancel
         self.interrupted: set[str] = set()  # notices for runs not yet (or no longer) executing
@@ -149,6 +150,8 @@ class Worker:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
+            if self.rq_due is not None:
+                self.rq_due.cancel()
             with contextlib.suppress(Exception):
                 await self.store.set_free_slots(0)  # gone for good: no liveness key, no ticket
             if self.presence is not None:
@@ -210,6 +213,8 @@ class Worker:
                                            for a in assignments[i:] if a.request_id))
                     break
                 await self._take(assignment)
+            if assignments:  # their engine calls go out before the next inbox read, which a lean client
+                await asyncio.sleep(0)  # writes at once (sessions/resp.py): a run's producer starts a turn later
 
     async def _take(self, assignment: Assignment) -> None:
         """An assignment from the inbox becomes a run."""
@@ -221,7 +226,7 @@ class Worker:
             self.interrupted.add(key)
             self.stop_reasons[key] = early or "released"
         self.runs[key] = asyncio.create_task(self._serve(assignment))
-        await asyncio.sleep(0)  # let the run send its backend request before the next one starts
+        await asyncio.sleep(0)  # the run starts (its producer calls the engine a turn later) before the next
 
     async def _control_loop(self, subscriber: Subscriber) -> None:
         """Preemption and cancel notices: stop the named run now rather than at its next token. They
@@ -259,18 +264,18 @@ class Worker:
         s after it, with every change made meanwhile (at most one write per RQ_SETTLE s). Written at
         once, as it was, a run's start went to rq while the run waited for its first token: a redis-py
         call in a thread beside the event loop, and a script in Valkey ahead of the first token's append.
-        A run shorter than RQ_SETTLE is never shown, and costs rq nothing."""
+        A run shorter than RQ_SETTLE is never shown, and costs rq nothing. The wait is a timer
+        (`_rq_soon`), not this loop: woken at the change to sleep here, it took two task steps on the run's
+        way from its inbox to its engine call."""
         if self.presence is None:
             return
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.rq_changed.wait(), timeout=self.presence.next_beat_in())
-            if self.rq_changed.is_set():  # a change, not a beat that fell due
-                await asyncio.sleep(RQ_SETTLE)
             self.rq_changed.clear()
             settled = self._settled_runs(time.monotonic())
             if len(settled) < len(self.rq_runs):  # the younger ones are shown at the next write
-                self.rq_changed.set()
+                self._rq_soon()
             if not self.presence.would_write(settled):
                 continue
             try:
@@ -297,6 +302,15 @@ class Worker:
             self.rq_since[key] = time.monotonic()
             self.rq_runs[key] = {"request_id": spec.request_id, "attempt": spec.attempt,
                                  "session_id": spec.session_id, "tenant": spec.tenant, "priority": spec.priority}
+        self._rq_soon()
+
+    def _rq_soon(self) -> None:
+        """The presence loop shows rq_runs RQ_SETTLE s from now, with every change made meanwhile."""
+        if self.rq_due is None:
+            self.rq_due = asyncio.get_running_loop().call_later(RQ_SETTLE, self._rq_fall_due)
+
+    def _rq_fall_due(self) -> None:
+        self.rq_due = None
         self.rq_changed.set()
 
     # ---- the ticket ledger -------------------------------------------------------------------

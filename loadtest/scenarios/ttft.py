@@ -253,10 +253,10 @@ async def measure(backend: Backend, base: str, other: str | None, floor: str | N
                 elif mode == "chat":
                     seconds, rid = await chat_ttft(sg_http, f"{base}/v1/chat/completions", body,
                                                    {"X-Session-Id": f"ttft-c{i}"}, expect=expect)
-                elif mode == "against":
+                elif mode == "against":  # its hops too: both trees, split the same way, in one run
                     assert other is not None
-                    seconds, _ = await chat_ttft(other_http, f"{other}/v1/chat/completions", body,
-                                                 {"X-Session-Id": f"ttft-a{i}"}, expect=expect)
+                    seconds, rid = await chat_ttft(other_http, f"{other}/v1/chat/completions", body,
+                                                   {"X-Session-Id": f"ttft-a{i}"}, expect=expect)
                 elif mode == "floor":  # the relays pass on the first token only: no text to check
                     assert floor is not None
                     seconds, _ = await chat_ttft(floor_http, f"{floor}/v1/chat/completions", body)
@@ -264,7 +264,8 @@ async def measure(backend: Backend, base: str, other: str | None, floor: str | N
                     seconds, rid = await sse_ttft(sg_http, base, i, args.max_tokens, backend)
                 if counted:
                     ttft[mode].append(seconds * 1000)
-                    for name, ms in (await server_side(sg_http, base, rid)).items():
+                    view = (other_http, other) if mode == "against" else (sg_http, base)
+                    for name, ms in (await server_side(*view, rid)).items():
                         inside.setdefault(f"{mode} {name}", []).append(ms)
             if counted and (round_no - args.warmup + 1) % max(1, args.rounds // 5) == 0:
                 progress(f"round {round_no - args.warmup + 1}/{args.rounds}")
