@@ -7,10 +7,11 @@ a cancelled timer per call), and each call crosses several coroutine layers. Thr
 every first token's way (the API's submit, the worker's wake-up from its inbox, its first append),
 so the scripts and the inbox go through this client; everything else stays with redis-py.
 
-One connection per client, used from one event loop; the commands of one turn of the loop are
-written together when the turn's callbacks have run (`_Replies`), and replies are matched to callers
-in order, parsed by hiredis in the protocol's callback. Error replies raise redis-py's exception
-classes (LOADING and NOAUTH are connection errors there, which callers retry). A lost connection
+One connection per client, used from one event loop; a command on an idle connection is written at
+once, and those made while one is in flight are written together when the turn's callbacks have run
+(`_Replies`); replies are matched to callers in order, parsed by hiredis in the protocol's callback.
+Error replies raise redis-py's exception classes (LOADING and NOAUTH are connection errors there,
+which callers retry). A lost connection
 fails the commands in flight with redis-py's ConnectionError (the callers already handle it) and the
 next call reconnects, with one retry on a fresh connection as redis-py's pools do (the scripts
 recognise a replayed call). A command left unanswered past `reply_timeout` aborts the connection: a

@@ -152,6 +152,7 @@ class Worker:
                     await task
             if self.rq_due is not None:
                 self.rq_due.cancel()
+                self.rq_due = None
             with contextlib.suppress(Exception):
                 await self.store.set_free_slots(0)  # gone for good: no liveness key, no ticket
             if self.presence is not None:
