@@ -46,7 +46,7 @@ class NewRequest:
 
     @cached_property
     def input_text(self) -> str:
-        """Made once: the submit checks it, then stores it (on the way to every first token)."""
+        """Made once per request object: the submit checks it, then stores it (on every first token's way)."""
         if self.messages is None:
             return self.prompt or ""
         return json.dumps(self.messages, separators=(",", ":"), ensure_ascii=False)
