@@ -15,12 +15,12 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-import aiohttp
 import pytest
 
 from sluicegate.embedded import free_port
 from sluicegate.sessions.runs import RunSpec
 from sluicegate.settings import Settings
+from sluicegate.workers.engines.http1 import HTTP1Client
 from sluicegate.workers.engines.openai import OpenAIEngine, StreamState, sse_lines
 from sluicegate.workers.engines.sim import prompt_of, sim_text
 from sluicegate.workers.sim_backend import Faults, create_sim_backend
@@ -305,12 +305,15 @@ def test_a_streams_lines_are_the_same_however_its_bytes_arrive() -> None:
             writer.close()
 
         server = await asyncio.start_server(answer, "127.0.0.1", 0)
-        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/"
-        async with aiohttp.ClientSession() as session:
+        client = HTTP1Client(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", {}, connect_timeout=5)
+        try:
             async def lines_of(these: list[bytes]) -> list[bytes]:
                 pieces[:] = these
-                async with session.get(url) as response:
-                    return [line async for line in sse_lines(response.content)]
+                response = await client.post("/", b"")
+                try:
+                    return [line async for line in sse_lines(response)]
+                finally:
+                    response.release()
 
             assert await lines_of([body]) == expected
             for cut in range(1, len(body), 3):  # split into two reads, a line cut anywhere
@@ -318,6 +321,8 @@ def test_a_streams_lines_are_the_same_however_its_bytes_arrive() -> None:
             assert await lines_of([body[i:i + 2] for i in range(0, len(body), 2)]) == expected
             with pytest.raises(ValueError, match="over"):
                 await lines_of([b"data: " + b"x" * 2**16] * 17)
+        finally:
+            await client.aclose()
         server.close()
         await server.wait_closed()
 
@@ -349,10 +354,13 @@ def test_a_backend_stream_read_to_its_done_leaves_no_generator_to_the_garbage_co
         url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/"
         sys.set_asyncgen_hooks(hooks.firstiter, finalizer)
         try:
-            async with aiohttp.ClientSession() as session, session.get(url) as response:
-                state = StreamState()
-                assert [piece async for piece in OpenAIEngine._tokens(response, state)] == ["hi"]
-                assert state.finish_reason == "stop"
+            client = HTTP1Client(url, {}, connect_timeout=5)
+            response = await client.post("/", b"")
+            state = StreamState()
+            assert [piece async for piece in OpenAIEngine._tokens(response, state)] == ["hi"]
+            assert state.finish_reason == "stop"
+            response.release()
+            await client.aclose()
             gc.collect()
             await asyncio.sleep(0.01)
         finally:
