@@ -6,8 +6,10 @@ same processes and sockets as Sluicegate's chat route, in the same order, but do
     client -> front (the API's place) -> Valkey (LPUSH) -> back (the worker's place, BLMPOP)
            -> backend -> back (first content line) -> Valkey (PUBLISH) -> front (subscriber) -> client
 
-No FastAPI, no scripts (one LPUSH, one PUBLISH), no bookkeeping, no durable log: a raw asyncio HTTP
-server in front, a raw HTTP/1.1 client behind, the lean RESP client (sessions/resp.py) between. What
+No FastAPI, no scripts (one LPUSH, one PUBLISH per message), no bookkeeping, no durable log: a raw
+asyncio HTTP server in front, the worker's lean HTTP/1.1 client (workers/engines/http1.py) behind, the
+lean RESP client (sessions/resp.py) between. The answer ends when the backend's has, as through
+Sluicegate, so a timed request never overlaps the tail of the one before. What
 this chain adds over the direct call is what the hops alone cost on the host (process wake-ups, socket
 round trips, the smallest Python on each side): no implementation of this design can add less there.
 What Sluicegate adds above it is its own work, the part that code can still win.
@@ -31,14 +33,17 @@ import uvloop
 
 from sluicegate.loadtest.common import free_port, scratch_server
 from sluicegate.sessions.resp import LeanRedis, RedisAddress, encode
+from sluicegate.workers.engines.http1 import HTTP1Client, HTTPClientError
 
 QUEUE = "floor:q"
 CHANNEL = "floor:first"
+FIRST, END, FAILED = b"first", b"end", b"failed"  # what a message on CHANNEL says of its request
 
 
 class Front(asyncio.Protocol):
-    """One client connection: a POST's body goes to the queue; the first token, when it is published,
-    goes back as a complete SSE answer (the token's chunk, then [DONE]; keep-alive)."""
+    """One client connection: a POST's body goes to the queue; the first token goes back as soon as it is
+    published, and the answer ends ([DONE], kept connection) when the backend's has ended; a failure
+    before the first token is a 502."""
 
     def __init__(self, relay: FrontRelay) -> None:
         self.relay = relay
@@ -64,27 +69,48 @@ class Front(asyncio.Protocol):
         body, self.buffer = self.buffer[head_end + 4:end], self.buffer[end:]
         self.relay.submit(self, body)
 
-    def answer(self, line: bytes) -> None:
-        payload = line + b"\n\ndata: [DONE]\n\n"
+    def first(self, line: bytes) -> None:
+        """The answer's head and its first token; the rest of the backend's answer is not relayed."""
+        self.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+                   + chunk(line + b"\n\n"))
+
+    def end(self) -> None:
+        """The backend's answer has ended: so does this one (the client reads it to its end, so the next
+        request starts only once the backend is done, as through Sluicegate)."""
+        self.write(chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n")
+
+    def fail(self, reason: bytes, started: bool) -> None:
+        if started:  # nothing truthful can follow a started answer
+            if self.transport is not None:
+                self.transport.abort()
+            return
+        self.write(b"HTTP/1.1 502 Bad Gateway\r\ncontent-type: text/plain\r\ncontent-length: "
+                   + str(len(reason)).encode() + b"\r\n\r\n" + reason)
+
+    def write(self, data: bytes) -> None:
         if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: "
-                                 + str(len(payload)).encode() + b"\r\n\r\n" + payload)
+            self.transport.write(data)
+
+
+def chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
 
 
 class FrontRelay:
     def __init__(self, redis_url: str) -> None:
         self.redis_url = redis_url
         self.redis = LeanRedis(redis_url)
-        self.waiting: dict[bytes, Front] = {}
+        self.waiting: dict[bytes, tuple[Front, bool]] = {}  # request id -> its client, whether it has begun
         self.ids = itertools.count()
 
     def submit(self, front: Front, body: bytes) -> None:
         rid = str(next(self.ids)).encode()
-        self.waiting[rid] = front
+        self.waiting[rid] = (front, False)
         asyncio.ensure_future(self.redis.execute("LPUSH", QUEUE, rid + b"|" + body))
 
     async def listen(self, ready: asyncio.Event) -> None:
-        """SUBSCRIBE on a connection of its own; each message is `rid|first data line`."""
+        """SUBSCRIBE on a connection of its own; each message is `rid|kind|data`: the first data line
+        (FIRST), the end of the backend's answer (END) or why it failed (FAILED)."""
         address = RedisAddress.from_url(self.redis_url)
         reader, writer = await asyncio.open_connection(address.host, address.port)
         for command in (*address.login(), ("SUBSCRIBE", CHANNEL)):
@@ -99,10 +125,21 @@ class FrontRelay:
                 if isinstance(message, list) and message[0] == b"subscribe":
                     ready.set()
                 elif isinstance(message, list) and message[0] == b"message":
-                    rid, _, line = message[2].partition(b"|")
-                    front = self.waiting.pop(rid, None)
-                    if front is not None:
-                        front.answer(line)
+                    self.relay_back(*message[2].split(b"|", 2))
+
+    def relay_back(self, rid: bytes, kind: bytes, data: bytes) -> None:
+        front, started = self.waiting.get(rid, (None, False))
+        if front is None:
+            return
+        if kind == FIRST:
+            self.waiting[rid] = (front, True)
+            front.first(data)
+            return
+        del self.waiting[rid]
+        if kind == END and started:
+            front.end()
+        else:
+            front.fail(data or b"the backend's answer had no token", started)
 
     async def serve(self, port: int) -> None:
         ready = asyncio.Event()
@@ -115,16 +152,13 @@ class FrontRelay:
 
 
 class BackRelay:
-    """Pops a request, posts it to the backend on a kept connection, publishes the first content line,
-    then reads the answer to its end (so the connection is reused)."""
+    """Pops a request, posts it to the backend on a kept connection (the worker's own HTTP client),
+    publishes the first content line, reads the answer to its end and publishes that end."""
 
     def __init__(self, redis_url: str, backend: str) -> None:
         self.inbox = LeanRedis(redis_url, blocking=True)
         self.redis = LeanRedis(redis_url)
-        host, _, port = backend.removeprefix("http://").partition("/")[0].partition(":")
-        self.host, self.port = host, int(port or 80)
-        self.reader: asyncio.StreamReader | None = None
-        self.writer: asyncio.StreamWriter | None = None
+        self.http = HTTP1Client(backend, {"content-type": "application/json"}, connect_timeout=5.0)
 
     async def run(self) -> None:
         await self.redis.execute("PING")
@@ -134,33 +168,32 @@ class BackRelay:
             if reply is None:
                 continue
             rid, _, body = reply[1][0].partition(b"|")
-            await self.relay(rid, body)
+            try:
+                await self.relay(rid, body)
+            except (HTTPClientError, ValueError) as error:  # told to the front, which answers 502
+                self.publish(rid, FAILED, str(error).encode())
+
+    def publish(self, rid: bytes, kind: bytes, data: bytes = b"") -> None:
+        asyncio.ensure_future(self.redis.execute("PUBLISH", CHANNEL, b"|".join((rid, kind, data))))
 
     async def relay(self, rid: bytes, body: bytes) -> None:
-        if self.writer is None or self.writer.is_closing():
-            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
-        assert self.reader is not None
-        self.writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nhost: " + self.host.encode()
-                          + b"\r\ncontent-type: application/json\r\ncontent-length: " + str(len(body)).encode()
-                          + b"\r\n\r\n" + body)
-        head = await self.reader.readuntil(b"\r\n\r\n")
-        if b"chunked" not in head.lower():
-            raise RuntimeError(f"expected a chunked SSE answer, got {head[:200]!r}")
-        sent, pending = False, b""
-        while True:  # chunked transfer encoding: size line, data, CRLF; a 0 size ends it
-            size = int((await self.reader.readuntil(b"\r\n")).strip(), 16)
-            if size == 0:
-                await self.reader.readuntil(b"\r\n")
-                return
-            pending += (await self.reader.readexactly(size + 2))[:-2]
-            *lines, pending = pending.split(b"\n")
-            for line in lines:
-                if sent or not line.startswith(b"data: {"):
-                    continue
-                choices = orjson.loads(line[6:]).get("choices") or [{}]
-                if choices[0].get("delta", {}).get("content"):
-                    sent = True
-                    asyncio.ensure_future(self.redis.execute("PUBLISH", CHANNEL, rid + b"|" + line))
+        response = await self.http.post("/v1/chat/completions", body)
+        try:
+            if response.status != 200:
+                raise ValueError(f"the backend answered {response.status}")
+            sent, pending = False, b""
+            async for data in response:
+                *lines, pending = (pending + data).split(b"\n")
+                for line in lines:
+                    if sent or not line.startswith(b"data: {"):
+                        continue
+                    choices = orjson.loads(line[6:]).get("choices") or [{}]
+                    if choices[0].get("delta", {}).get("content"):
+                        sent = True
+                        self.publish(rid, FIRST, line)
+            self.publish(rid, END)
+        finally:
+            response.release()
 
 
 @contextlib.contextmanager
