@@ -12,7 +12,14 @@ import pytest
 import trustme
 
 from sluicegate.embedded import free_port
-from sluicegate.workers.engines.http1 import MAX_READ, CannotConnect, HTTP1Client, ResponseCut, ServerClosed
+from sluicegate.workers.engines.http1 import (
+    MAX_READ,
+    BadResponse,
+    CannotConnect,
+    HTTP1Client,
+    ResponseCut,
+    ServerClosed,
+)
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[None]]
 
@@ -260,5 +267,26 @@ def test_an_error_body_is_read_only_up_to_its_limit() -> None:
                 status, body = await body_of(client)
                 assert status == 500 and body == b"x" * MAX_READ
             assert server.connections == 2
+
+    run(main)
+
+
+def test_a_chunk_size_that_is_not_hexadecimal_is_a_bad_response() -> None:
+    """`-5`, `+5`, `1_0` or ` ` would pass int(..., 16) or leave the framing undefined: refused."""
+    sizes = [b"-5", b"+5", b"1_0", b"zz", b" "]
+
+    async def answer(_: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n" + sizes[n] + b"\r\nhello\r\n0\r\n\r\n")
+        await writer.drain()
+
+    async def main() -> None:
+        server = Server(answer)
+        async with server as client:
+            for _ in sizes:
+                response = await client.post("/", b"")
+                with pytest.raises(BadResponse, match="not hexadecimal"):
+                    await anext(response)
+                response.release()
+            assert server.connections == len(sizes)  # a broken framing's connection is never kept
 
     run(main)

@@ -134,10 +134,10 @@ class Response:
             if self._left == 0 and await reader.readexactly(2) != b"\r\n":  # the end of the chunk before
                 raise BadResponse("a chunk without its CRLF")
             size_line = await reader.readuntil(b"\r\n")
-            try:
-                self._left = int(size_line.split(b";", 1)[0], 16)
-            except ValueError:
-                raise BadResponse("a chunk size that is not hexadecimal") from None
+            size = size_line.split(b";", 1)[0].strip()
+            if not size or size.strip(b"0123456789abcdefABCDEF"):
+                raise BadResponse("a chunk size that is not hexadecimal")
+            self._left = int(size, 16)
             if self._left == 0:
                 while await reader.readuntil(b"\r\n") != b"\r\n":  # trailers, if any, up to the blank line
                     pass
@@ -178,14 +178,20 @@ class Response:
             connection.close()
 
     async def _read_rest(self, connection: _Connection) -> None:
+        """The drain: the connection is kept only when the body's end came in time, closed otherwise (a
+        failure, or the client closing meanwhile, which cancels this)."""
         self._connection = connection
+        ended = False
         try:
             async with asyncio.timeout(DRAIN_TIMEOUT):
                 async for _ in self:
                     pass
+            ended = True
         except (HTTPClientError, TimeoutError, OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
-            self._done = False
-        self.release()
+            pass
+        finally:
+            self._done = self._done and ended
+            self.release()
 
 
 class HTTP1Client:
