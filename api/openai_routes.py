@@ -44,6 +44,7 @@ from sluicegate.api.services import Services, principal, services
 from sluicegate.api.streaming import PING
 from sluicegate.scheduler.deadlines import MAX_DEADLINE_MS
 from sluicegate.sessions.events import Event
+from sluicegate.sessions.hub import Reader
 from sluicegate.sessions.keys import NAME_PATTERN
 from sluicegate.sessions.registry import DEFAULT_GROUP
 from sluicegate.sessions.requests import NewRequest
@@ -110,19 +111,21 @@ def failure(event: Event) -> tuple[int, str, str]:
     return 502, "generation_failed", str(data.get("message") or "the generation failed")
 
 
-def request_events(svc: Services, new: NewRequest, *, first: int) -> AsyncIterator[list[Event]]:
-    """The request's events from its first one (`first_event_id` of the submit)."""
-    # Just submitted: join then read the log (correct even if it has already ended), no status read.
+def request_events(svc: Services, new: NewRequest, *, first: int, joined: Reader | None) -> AsyncIterator[list[Event]]:
+    """The request's events from its first one (`first_event_id` of the submit). `joined`: a reader that
+    joined the session's channel before the submit (all its events come live, no log read); else the
+    stream joins then reads the log (correct even if the request has already ended), no status read."""
     stream = EventStream(svc.store, svc.hub, new.session_id, after=first - 1, request_id=new.request_id,
-                         request_status="queued", idle_seconds=svc.settings.sse_ping_seconds)
+                         request_status="queued", idle_seconds=svc.settings.sse_ping_seconds, joined=joined)
     return stream.batches()
 
 
-async def sse_chunks(svc: Services, new: NewRequest, completion: Completion, first: int) -> AsyncIterator[bytes]:
+async def sse_chunks(svc: Services, new: NewRequest, completion: Completion, first: int,
+                     joined: Reader | None) -> AsyncIterator[bytes]:
     # aclosing: the events are left at their end (the return below), and closed here, at once, rather than
     # by the garbage collector's finalizer (a task and a loop wake-up per request, and the hub left later)
     with svc.stream_open():
-        async with aclosing(request_events(svc, new, first=first)) as batches:
+        async with aclosing(request_events(svc, new, first=first, joined=joined)) as batches:
             async for batch in batches:
                 if not batch:
                     yield PING
@@ -144,11 +147,13 @@ async def sse_chunks(svc: Services, new: NewRequest, completion: Completion, fir
                     yield b"".join(out)
 
 
-async def message_body(svc: Services, new: NewRequest, completion: Completion, first: int) -> AsyncIterator[bytes]:
+async def message_body(svc: Services, new: NewRequest, completion: Completion, first: int,
+                       joined: Reader | None) -> AsyncIterator[bytes]:
     """The non-streamed answer, whose status and headers (X-Request-Id) went out before it: a newline
     while idle (JSON allows leading whitespace; it keeps proxies from closing an idle connection),
     then the `chat.completion`, or an OpenAI error object when the request failed or was cancelled."""
-    async with aclosing(request_events(svc, new, first=first)) as batches:  # closed at once: see sse_chunks
+    # closed at once: see sse_chunks
+    async with aclosing(request_events(svc, new, first=first, joined=joined)) as batches:
         async for batch in batches:
             if not batch:
                 yield b"\n"
@@ -196,19 +201,29 @@ async def chat_completions(request: Request):
     callback = check_callback(svc, request.headers.get("x-callback-url"))  # push mode (api/callbacks.py)
     # A stream is counted before the submit, so a tenant over max_streams stores nothing (429).
     release = await svc.guardrails.open_stream(who) if body.stream else None
+    # A session this process already follows (a client that names its session): joined before the
+    # submit, the request's events all come live and the stream reads no log.
+    joined = svc.hub.join_live(new.session_id)
+
+    def closed() -> None:
+        """Once the answer ends, however (its body may never run: the client gone before the headers)."""
+        if joined is not None:
+            svc.hub.leave(new.session_id, joined)
+        if release is not None:
+            release()
+
     try:
         first = int((await submit_request(request, who, new))["first_event_id"])
         await attach_callback(svc, new.request_id, callback)
     except BaseException:
-        if release is not None:
-            release()
+        closed()
         raise
     headers = {"X-Request-Id": new.request_id, "X-Session-Id": new.session_id}
     options = (body.model_extra or {}).get("stream_options")
     completion = Completion(new, body.model or new.group,
                             include_usage=isinstance(options, dict) and bool(options.get("include_usage")))
     if body.stream:
-        return EventStreamResponse(sse_chunks(svc, new, completion, first),
-                                   headers={**headers, "Cache-Control": "no-store"}, on_close=release)
-    return EventStreamResponse(message_body(svc, new, completion, first), headers=headers,
+        return EventStreamResponse(sse_chunks(svc, new, completion, first, joined),
+                                   headers={**headers, "Cache-Control": "no-store"}, on_close=closed)
+    return EventStreamResponse(message_body(svc, new, completion, first, joined), headers=headers, on_close=closed,
                                media_type="application/json")

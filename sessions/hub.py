@@ -94,6 +94,20 @@ class EventHub:
                 await asyncio.wait_for(channel.confirmed.wait(), self._confirm_timeout)
         return reader
 
+    def join_live(self, sid: str) -> Reader | None:
+        """A reader for a session whose channel this process is already subscribed to (confirmed by the
+        server), at once; None when it is not (`join` subscribes and waits). A reader taken before a
+        call that writes the session's events gets every one of them live, so its stream needs no log
+        read: a session's next request (a client that names its session) pays for none. Whatever it
+        misses (a lost connection, a full queue) sends it to the log, as any reader."""
+        channel = self._channels.get(keys.session_channel(sid))
+        if channel is None or not channel.confirmed.is_set():
+            return None
+        reader = Reader(self._reader_queue)
+        channel.readers.add(reader)
+        channel.idle_since = None
+        return reader
+
     def leave(self, sid: str, reader: Reader) -> None:
         channel = self._channels.get(keys.session_channel(sid))
         if channel is not None:

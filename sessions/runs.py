@@ -17,7 +17,7 @@ from sluicegate.sessions.events import Event
 from sluicegate.sessions.registry import declare_group, register_group
 from sluicegate.sessions.resp import LeanRedis
 from sluicegate.sessions.scripts import Scripts
-from sluicegate.sessions.transitions import MAX_ATTEMPTS, Transitions
+from sluicegate.sessions.transitions import MAX_ATTEMPTS, Tail, Transitions
 
 log = logging.getLogger(__name__)
 INBOX_BATCH = 64  # assignments read from a worker's inbox in one round trip (next_assignments)
@@ -248,9 +248,10 @@ class RunStore:
         return AppendResult(False, status)
 
     async def finish(self, rid: str, attempt: str, *, outcome: str, detail: str, return_slot: bool,
-                     usage: dict[str, Any] | None = None) -> bool:
+                     usage: dict[str, Any] | None = None, tail: Tail | None = None) -> bool:
+        """End a run (sessions/transitions.py `finish`); `tail`: its last tokens, appended by the same call."""
         return await self.transitions.finish(rid, attempt, wid=self.worker_id, group=self.group, outcome=outcome,
-                                             detail=detail, return_slot=return_slot, usage=usage)
+                                             detail=detail, return_slot=return_slot, usage=usage, tail=tail)
 
     async def hand_back(self, rid: str, attempt: str, *, reason: str, return_slot: bool) -> bool:
         return await self.transitions.hand_back(rid, attempt, wid=self.worker_id, group=self.group, reason=reason,

@@ -3,7 +3,8 @@
 The order of operations is what makes resume exact:
 1. join the session's channel (live from here on);
    (a request stream first reads the request's status: an ended request's terminal event is already
-   in the log, so it is served from the log alone, without joining);
+   in the log, so it is served from the log alone, without joining; a stream given a reader that
+   joined before any event after its cursor was written starts at step 3: all of them come live);
 2. read the log after the cursor, in pages;
 3. take live batches, dropping ids already sent; a gap (or a reader queue overflow) rereads the log.
 """
@@ -28,8 +29,10 @@ class EventStream:
 
     def __init__(self, store: SessionStore, hub: EventHub, session_id: str, *, after: int = 0,
                  request_id: str | None = None, request_status: str | None = None,
-                 idle_seconds: float = 15.0) -> None:
-        """`request_status`: the request's status if the caller has just read it (saves a read)."""
+                 idle_seconds: float = 15.0, joined: Reader | None = None) -> None:
+        """`request_status`: the request's status if the caller has just read it (saves a read).
+        `joined`: a reader of the session's channel that joined before any event after `after` was
+        written (EventHub.join_live, before the submit): the stream reads no log unless it misses one."""
         self.store = store
         self.hub = hub
         self.session_id = session_id
@@ -39,7 +42,8 @@ class EventStream:
         self.finished = False
         self.request_status = request_status
         self.expired: CursorExpired | None = None  # set when the log was trimmed past the cursor (the stream ends)
-        self.reader: Reader | None = None
+        self.reader: Reader | None = joined
+        self._live_from_start = joined is not None
         self._first: tuple[LogBounds, list[Event]] | None = None  # the first page, read by `open`
 
     async def open(self) -> LogBounds:
@@ -109,6 +113,14 @@ class EventStream:
         A reader usually leaves it at its end (a terminal event): closing it closes the generator it is
         reading from at once (aclosing; an `async for` alone leaves that one to the garbage collector's
         finalizer, a task and a loop wake-up later)."""
+        if self._live_from_start:  # every event after the cursor comes live (a gap sends it to the log)
+            try:
+                async with aclosing(self._live(self.reader)) as live:  # type: ignore[arg-type]
+                    async for batch in live:
+                        yield batch
+            finally:
+                self.close()
+            return
         if self._first is not None:  # opened: joined (unless ended) and the first page read
             try:
                 async with aclosing(self._backlog(FIRST_PAGE)) as backlog:

@@ -55,6 +55,21 @@ def run_sync(coro: Coroutine[Any, Any, T]) -> T:
 
 
 @dataclass(frozen=True)
+class Tail:
+    """A run's last tokens, which its end appends (`finish(tail=...)`): `data` is each token's event data
+    (JSON), the first at `first_index`; `engine_times` as `append`'s, when they are the request's first."""
+
+    first_index: int
+    data: Sequence[str]
+    engine_times: tuple[float, float, float] | None = None
+
+
+def engine_times_arg(engine_times: tuple[float, float, float] | None) -> str:
+    """The worker's took|called|first times (ms) as the scripts take them, "" when not given."""
+    return "|".join(f"{t:.3f}" for t in engine_times) if engine_times else ""
+
+
+@dataclass(frozen=True)
 class SweepResult:
     lapsed: int
     promoted: int
@@ -140,20 +155,22 @@ class Transitions:
         """`engine_times`: with the request's first batch, the worker's clock (ms) when it took the run from
         its inbox, called the engine and got the engine's first token; the request keeps them with its
         first token."""
-        times = "|".join(f"{t:.3f}" for t in engine_times) if engine_times else ""
-        return list(await self._call("append", [keys.request_prefix(rid)], [rid, attempt, first_index, times, *data]))
+        return list(await self._call("append", [keys.request_prefix(rid)],
+                                     [rid, attempt, first_index, engine_times_arg(engine_times), *data]))
 
     async def finish(self, rid: str, attempt: str, *, wid: str, group: str, outcome: str, detail: str,
-                     return_slot: bool, usage: dict[str, Any] | None = None) -> bool:
+                     return_slot: bool, usage: dict[str, Any] | None = None, tail: Tail | None = None) -> bool:
         """End a run as done (`detail`: the finish_reason; `usage`: the backend's, for the whole request)
-        or failed (`detail`: why)."""
+        or failed (`detail`: why). `tail`: the run's last tokens, appended in the same call before it ends
+        (one call and one event batch instead of an append, then the end)."""
         dp, cp, slot = keys.request_prefix(rid), keys.group_prefix(group), "1" if return_slot else "0"
         used = json.dumps(usage, separators=(",", ":")) if usage else ""
+        last = [tail.first_index, engine_times_arg(tail.engine_times), *tail.data] if tail and tail.data else []
         if self.single:
             reply = await self._call("finish_one", [dp, cp], [self.lease_ms, self.ttl, rid, attempt, wid, outcome,
-                                                               detail, slot, used])
+                                                               detail, slot, used, *last])
             return int(reply[0]) == 1
-        reply = await self._call("finish", [dp], [self.ttl, rid, attempt, wid, outcome, detail, used])
+        reply = await self._call("finish", [dp], [self.ttl, rid, attempt, wid, outcome, detail, used, *last])
         # Released before the next head is readied: a decision in between must not take the ended run
         # for a running one. Dying in between leaves the next head in the outbox (repair readies it).
         await self._call("release", [cp], [self.lease_ms, f"{rid}|{attempt}", wid, reply[2], text(reply[4]), slot,

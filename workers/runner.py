@@ -2,7 +2,9 @@
 
 Token writes are coalesced: at most one append is in flight per run, and whatever the engine
 produced meanwhile goes out in the next append. The first token leaves at once, and a fast engine
-costs one Redis round trip per batch rather than per token. Every append is fenced by attempt: the
+costs one Redis round trip per batch rather than per token. What is left when the engine has ended
+(its last tokens came with its finish, or while an append was in flight) goes with the run's end:
+one call, and one batch for the readers, instead of an append and then the end. Every append is fenced by attempt: the
 moment the run is preempted, cancelled or its lease lost, the next append says so and the run stops.
 A dropped Redis connection is retried (the fence makes a resent batch safe) rather than failing a
 generation that is otherwise fine.
@@ -25,6 +27,7 @@ from typing import Any
 import orjson
 
 from sluicegate.sessions.runs import AppendResult, RunSpec, RunStore
+from sluicegate.sessions.transitions import Tail
 from sluicegate.workers.engines.base import Engine, EngineError, Finish, Token
 from sluicegate.workers.redis_retry import through_dropped_connections
 
@@ -44,6 +47,7 @@ class RunOutcome:
     detail: str = ""  # done: the finish_reason; otherwise what went wrong
     transient: bool = False
     usage: dict[str, Any] | None = None  # done: the backend's usage for the whole request, if it reported one
+    tail: Tail | None = None  # done: the tokens not appended yet, which the run's end appends
 
 
 def token_data(rid: str, index: int, token: str | Token) -> str:
@@ -66,6 +70,7 @@ class Run:
         self._pending: list[str | Token] = []
         self._wake = asyncio.Event()
         self._produced_all = False
+        self._ended_cleanly = False  # the engine's stream ended: what is pending goes with the run's end
         self.finish: Finish | None = None
         self._pinned = False
         # The worker's clock (ms) when it took the run from its inbox, called the engine and got the
@@ -85,6 +90,8 @@ class Run:
             await self._wake.wait()
             self._wake.clear()
             while self._pending:
+                if self._ended_cleanly and len(self._pending) <= MAX_BATCH:
+                    return  # the run's end carries them (execute)
                 batch = self._pending[:MAX_BATCH]
                 data = [token_data(rid, self.next_index + i, token) for i, token in enumerate(batch)]
                 result = await self._append(data, self._engine_times())
@@ -126,8 +133,16 @@ class Run:
                 self._pinned = True
             self._pending.append(piece)
             self._wake.set()
-        self._produced_all = True
+        self._produced_all = self._ended_cleanly = True
         self._wake.set()
+
+    def _tail(self) -> Tail | None:
+        """The tokens the writer left for the run's end (it leaves them once the engine has ended)."""
+        if not self._pending:
+            return None
+        rid = self.spec.request_id
+        data = [token_data(rid, self.next_index + i, token) for i, token in enumerate(self._pending)]
+        return Tail(self.next_index, data, self._engine_times())
 
     async def execute(self, so_far: str = "") -> RunOutcome:
         """Generate until done; returns how it ended. Cancellation (control message, shutdown) propagates."""
@@ -142,8 +157,8 @@ class Run:
                 if error is not None:
                     raise error
             if self.finish is None:  # the engine produced max_tokens tokens and said nothing more
-                return RunOutcome("done", "length")
-            return RunOutcome("done", self.finish.reason, usage=self.finish.usage)
+                return RunOutcome("done", "length", tail=self._tail())
+            return RunOutcome("done", self.finish.reason, usage=self.finish.usage, tail=self._tail())
         except Fenced as fenced:
             return RunOutcome("fenced", str(fenced))
         except EngineError as error:

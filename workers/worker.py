@@ -29,6 +29,7 @@ from sluicegate.sessions import keys
 from sluicegate.sessions.connect import store_unavailable
 from sluicegate.sessions.runs import Assignment, RunSpec, RunStore
 from sluicegate.sessions.subscriber import Subscriber
+from sluicegate.sessions.transitions import Tail
 from sluicegate.settings import Settings
 from sluicegate.workers.engines import make_engine
 from sluicegate.workers.engines.base import Engine
@@ -332,9 +333,10 @@ class Worker:
             gate.set()
 
     async def _end(self, rid: str, attempt: str, *, outcome: str = "", detail: str = "", reason: str = "",
-                   usage: dict[str, Any] | None = None) -> None:
+                   usage: dict[str, Any] | None = None, tail: Tail | None = None) -> None:
         """End a run: `finish` with an outcome, else hand it back (which only releases the slot when
-        the run is no longer ours). Exactly once, retried through dropped connections."""
+        the run is no longer ours). Exactly once, retried through dropped connections. `tail`: the run's
+        last tokens, which the finish appends."""
         while self._resyncing is not None:
             await self._resyncing.wait()
         self._ending += 1
@@ -344,7 +346,7 @@ class Worker:
             async def end() -> None:
                 if outcome:
                     await self.store.finish(rid, attempt, outcome=outcome, detail=detail, return_slot=return_slot,
-                                            usage=usage)
+                                            usage=usage, tail=tail)
                 else:
                     await self.store.hand_back(rid, attempt, reason=reason, return_slot=return_slot)
 
@@ -387,7 +389,8 @@ class Worker:
             if outcome is None:
                 await self._end(rid, attempt, reason=self._stop_reason(key))
             elif outcome.kind == "done":
-                await self._end(rid, attempt, outcome="done", detail=outcome.detail, usage=outcome.usage)
+                await self._end(rid, attempt, outcome="done", detail=outcome.detail, usage=outcome.usage,
+                                tail=outcome.tail)
             elif outcome.kind == "fenced":
                 log.info("run %s fenced (%s)", key, outcome.detail)
                 await self._end(rid, attempt, reason="released")

@@ -5,10 +5,14 @@
 -- ARGV[1] flags   ARGV[2] session ttl s   ARGV[3] request id   ARGV[4] attempt   ARGV[5] worker id
 -- ARGV[6] outcome ("done" | "failed")   ARGV[7] finish_reason or error message
 -- ARGV[8] the backend's usage for the whole request, JSON, or "" (none reported)
+-- ARGV[9] the index of the first of the run's last tokens, which this call appends before it ends the
+--         run ("" when it carries none)   ARGV[10] as append.lua's ARGV[5]
+-- ARGV[11..] those tokens' event data (JSON), one per token, in index order
 -- Returns {finished 1|0, status before, tokens this attempt produced (-1 unknown), next head's
 -- ready spec JSON or "", (refused) the request's spec JSON to requeue or "", the request's input
 -- tokens as the backend counted them (-1 unknown)}.
 local usage = (ARGV[8] or '') ~= '' and cjson.decode(ARGV[8]) or nil
+append_tail(KEYS[1], ARGV[3], ARGV[4], ARGV[9] or '', ARGV[10] or '', ARGV, 11)
 local finished, status, produced, nxt, requeue, prompt = d_finish(ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], usage,
   clock(), tonumber(ARGV[2]), true)
 return { finished and 1 or 0, status, produced or -1, nxt and cjson.encode(nxt) or '',

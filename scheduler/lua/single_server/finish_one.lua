@@ -5,10 +5,13 @@
 -- ARGV[6] worker id   ARGV[7] outcome ("done" | "failed")   ARGV[8] finish_reason or error message
 -- ARGV[9] return the slot's ticket ("1" | "0")
 -- ARGV[10] the backend's usage for the whole request, JSON, or "" (none reported)
+-- ARGV[11] ARGV[12] ARGV[13..] the run's last tokens, appended before the run ends: as finish.lua's
+--         ARGV[9] ARGV[10] ARGV[11..]
 -- Returns {finished 1|0, status before}.
 local now, lease = clock(), tonumber(ARGV[2])
 local rid, attempt = ARGV[4], ARGV[5]
 local usage = (ARGV[10] or '') ~= '' and cjson.decode(ARGV[10]) or nil
+append_tail(KEYS[1], rid, attempt, ARGV[11] or '', ARGV[12] or '', ARGV, 13)
 local finished, status, produced, nxt, requeue, prompt = d_finish(rid, attempt, ARGV[6], ARGV[7], ARGV[8], usage,
   now, tonumber(ARGV[3]), false)
 let_go(KEYS[2], rid .. '|' .. attempt, ARGV[6], produced, requeue, ARGV[9], now, lease, nxt, prompt)

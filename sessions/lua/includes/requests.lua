@@ -185,6 +185,55 @@ end
 -- the run was taken away, e.g. a sweep handed it back meanwhile) the request's spec when it still
 -- waits, for the release to requeue (whichever of the two releases comes first finds the run record),
 -- and the request's real input tokens when the backend reported them.
+-- Append token events args[from..] (JSON data, one per token, in index order) for attempt `attempt` of a
+-- running request, the first at index `first`; `times` is "took|called|first" (the worker's clock, ms, when
+-- it took the run, called its engine and got its first token) with the request's first batch, else "".
+-- Returns {1, tokens so far} | {0, status} when fenced | {-1, expected index} on a gap or an overlap.
+local function d_append(dp, rid, attempt, first, times, args, from)
+  local r = load(rid, { 'st', 'a', 'n', 'sid', 'g', 'tn', 'p', 'sub', 'ft', 'dl' })
+  if not owns(r, attempt) then
+    count(dp .. 'm', 'fenced', r.g or '?') -- a late write from a worker that lost the run (operators' signal)
+    return { 0, r.st or 'missing' }
+  end
+  if tonumber(r.n) ~= first then return { -1, tonumber(r.n) } end
+  local items = {}
+  for i = from, #args do items[#items + 1] = { 'token', rid, args[i] } end
+  emit_many(dp, r.sid, items)
+  local total = redis.call('HINCRBY', kreq(rid), 'n', #items)
+  if not r.ft then
+    local now = clock()
+    local took, called, answered = string.match(times, '^(%d+%.?%d*)|(%d+%.?%d*)|(%d+%.?%d*)$')
+    if took then -- where the first token's time went in the worker and its engine (GET /v1/requests/{id})
+      redis.call('HSET', kreq(rid), 'ft', now, 'et', took, 'ec', called, 'ef', answered)
+    else
+      redis.call('HSET', kreq(rid), 'ft', now)
+    end
+    observe(dp .. 'm', 'ttft', r.g .. '|' .. r.p, (now - tonumber(r.sub)) / 1000)
+    if r.dl then -- the deadline is a time-to-first-token objective: met or missed now
+      local met = now <= tonumber(r.dl)
+      redis.call('HSET', kreq(rid), 'dmt', met and '1' or '0')
+      count(dp .. 'm', 'deadlines', r.g .. '|' .. r.p .. '|' .. (met and 'met' or 'missed'))
+    end
+  end
+  count(dp .. 'm', 'tokens', r.g .. '|' .. r.p .. '|' .. r.tn, #items)
+  return { 1, total }
+end
+
+-- The tokens a run's end carries (its last batch: one call, and one event batch for the readers,
+-- instead of an append and then the end), args[from..], appended before it ends; `first` is the index
+-- of the first ("" when none). A fenced batch is left out: the end is refused as it would be alone. An
+-- overlap that is exactly this batch is a resent end whose first call landed: the end decides. Any
+-- other gap cannot come from the run's owner (only it writes): an error, and the run's lease lapses
+-- (the request resumes from the tokens in the log) rather than ending with tokens missing.
+local function append_tail(dp, rid, attempt, first, times, args, from)
+  if first == '' or from > #args then return end
+  first = tonumber(first)
+  local appended = d_append(dp, rid, attempt, first, times, args, from)
+  if appended[1] == -1 and appended[2] ~= first + #args - from + 1 then
+    error('the run\'s last tokens start at index ' .. first .. ' but the log expects ' .. appended[2], 0)
+  end
+end
+
 local function d_finish(rid, attempt, wid, outcome, detail, usage, now, ttl, via_outbox)
   local r = load(rid, END_FIELDS)
   if not owns(r, attempt, wid) then

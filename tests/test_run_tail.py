@@ -1,0 +1,105 @@
+"""A run's last tokens go with its end: the finish appends them, then ends the run, in one call that
+publishes one batch (the last tokens and `done`), instead of an append and then the finish. Each token
+still lands once and in order: a resent finish adds nothing, a run that lost its request writes nothing,
+and a tail that does not start where the log expects ends nothing (the run's lease lapses and the
+request resumes from its log)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import redis
+
+from sluicegate.sessions import keys
+from sluicegate.sessions.transitions import Tail
+from sluicegate.workers.engines.sim import SimEngine, prompt_seed, sim_text, sim_token
+from sluicegate.workers.runner import Run, token_data
+from tests.helpers import call, sse, submit
+from tests.worker_helpers import api_and_two_played_workers, token_indices, token_text
+
+PROMPT = "the end carries the rest"
+
+
+def published(pubsub: Any) -> list[list[str]]:
+    """The event batches published since the last call: each a list of "seq|name" of one message."""
+    batches = []
+    while (message := pubsub.get_sharded_message(timeout=0.3)) is not None:
+        if message["type"] == "smessage":
+            batches.append(["|".join(line.split("|")[:2]) for line in message["data"].split("\n")])
+    return batches
+
+
+def test_the_finish_appends_the_last_tokens_and_ends_in_one_batch(redis_url: str, r: redis.Redis) -> None:
+    seed = prompt_seed(PROMPT)
+    with api_and_two_played_workers(redis_url, "default.tail.1.aaaaaa", "default.other.2.bbbbbb") as (
+            stack, run, worker, _):
+        run(worker.set_free_slots(1))
+        rid = submit(stack.base_url, "tail-1", prompt=PROMPT, max_tokens=6)
+        assert run(worker.spec(run(worker.next_assignment(timeout=5)))) is not None
+        pubsub = r.pubsub()
+        pubsub.ssubscribe(keys.session_channel("tail-1"))
+        assert pubsub.get_sharded_message(timeout=5)["type"] == "ssubscribe"
+
+        def tok(i: int) -> str:
+            return token_data(rid, i, sim_token(seed, i))
+
+        def produced() -> int:
+            return int(r.hget(keys.request(rid), "n"))
+
+        assert run(worker.append(rid, "1", 0, [tok(0), tok(1)])).ok
+        tail = Tail(2, [tok(i) for i in range(2, 6)])
+        assert run(worker.finish(rid, "1", outcome="done", detail="length", return_slot=True, tail=tail))
+        assert published(pubsub) == [["3|token", "4|token"],
+                                     ["5|token", "6|token", "7|token", "8|token", "9|done"]]
+        assert produced() == 6 and r.hget(keys.request(rid), "st") == "done"
+
+        # resent after a lost reply: the end is refused (the request ended), no token lands twice
+        assert not run(worker.finish(rid, "1", outcome="done", detail="length", return_slot=True, tail=tail))
+        assert published(pubsub) == [] and produced() == 6
+        pubsub.close()
+
+        events = list(sse(stack.base_url, f"/v1/requests/{rid}/events", timeout=10))
+        assert token_indices(events) == list(range(6)) and token_text(events) == sim_text(PROMPT, 6)
+        assert [e.event for e in events].count("done") == 1 and events[-1].data["tokens"] == 6
+
+
+def test_a_tail_that_does_not_start_where_the_log_expects_ends_nothing(redis_url: str, r: redis.Redis) -> None:
+    seed = prompt_seed(PROMPT)
+    with api_and_two_played_workers(redis_url, "default.gap.1.aaaaaa", "default.other.2.bbbbbb") as (
+            stack, run, worker, _):
+        run(worker.set_free_slots(1))
+        rid = submit(stack.base_url, "tail-2", prompt=PROMPT, max_tokens=4)
+        assert run(worker.spec(run(worker.next_assignment(timeout=5)))) is not None
+        assert run(worker.append(rid, "1", 0, [token_data(rid, 0, sim_token(seed, 0))])).ok
+        for first in (3, 0):  # a gap; an overlap that is not this batch resent (that would end at index 1)
+            gap = Tail(first, [token_data(rid, i, sim_token(seed, i)) for i in range(first, first + 2)])
+            with pytest.raises(redis.ResponseError, match="the log expects 1"):
+                run(worker.finish(rid, "1", outcome="done", detail="length", return_slot=True, tail=gap))
+            assert r.hmget(keys.request(rid), "st", "n") == ["running", "1"]
+        rest = Tail(1, [token_data(rid, i, sim_token(seed, i)) for i in range(1, 4)])
+        assert run(worker.finish(rid, "1", outcome="done", detail="length", return_slot=True, tail=rest))
+        events = list(sse(stack.base_url, f"/v1/requests/{rid}/events", timeout=10))
+        assert token_indices(events) == [0, 1, 2, 3] and token_text(events) == sim_text(PROMPT, 4)
+
+
+def test_a_run_whose_engine_ended_before_its_writer_ran_leaves_every_token_to_its_end(redis_url: str,
+                                                                                     r: redis.Redis) -> None:
+    """An engine that produced its whole answer at once (no pause between tokens): no append at all, and
+    the end writes the first token with the engine's times, as a first append would have."""
+    with api_and_two_played_workers(redis_url, "default.once.1.aaaaaa", "default.other.2.bbbbbb") as (
+            stack, run, worker, _):
+        run(worker.set_free_slots(1))
+        rid = submit(stack.base_url, "tail-3", prompt=PROMPT, max_tokens=5)
+        spec = run(worker.spec(run(worker.next_assignment(timeout=5))))
+        assert spec is not None
+        outcome = run(Run(worker, SimEngine(tokens_per_second=0, prefill_ms=0), spec).execute())
+        assert outcome.kind == "done" and outcome.tail is not None
+        assert outcome.tail.first_index == 0 and len(outcome.tail.data) == 5 and outcome.tail.engine_times
+        assert r.hget(keys.request(rid), "n") == "0" and r.hget(keys.request(rid), "ft") is None, "no append"
+        assert run(worker.finish(rid, "1", outcome="done", detail="length", return_slot=True, tail=outcome.tail))
+        code, view = call("GET", f"{stack.base_url}/v1/requests/{rid}")
+        assert code == 200 and view["status"] == "done" and view["tokens"] == 5
+        assert view["first_token_at"] is not None and view["backend_called_at"] is not None
+        events = list(sse(stack.base_url, f"/v1/requests/{rid}/events", timeout=10))
+        assert token_indices(events) == list(range(5)) and token_text(events) == sim_text(PROMPT, 5)
