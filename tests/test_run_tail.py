@@ -6,25 +6,52 @@ request resumes from its log)."""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
 import redis
 
 from sluicegate.sessions import keys
+from sluicegate.sessions.runs import RunSpec, RunStore
 from sluicegate.sessions.transitions import Tail
 from sluicegate.workers.engines.sim import SimEngine, prompt_seed, sim_text, sim_token
 from sluicegate.workers.runner import Run, token_data
-from tests.helpers import call, sse, submit
+from tests.helpers import Stack, call, sse, submit
 from tests.worker_helpers import api_and_two_played_workers, token_indices, token_text
 
 PROMPT = "the end carries the rest"
 
 
+@contextmanager
+def one_run(redis_url: str, session: str, max_tokens: int) -> Iterator[tuple[Stack, Callable[..., Any], RunStore,
+                                                                            str, RunSpec]]:
+    """The API, a request of `session` and a worker played by the test that has started it: (stack, run,
+    worker, request id, run spec)."""
+    with api_and_two_played_workers(redis_url, "default.tail.1.aaaaaa", "default.other.2.bbbbbb") as (
+            stack, run, worker, _):
+        run(worker.set_free_slots(1))
+        rid = submit(stack.base_url, session, prompt=PROMPT, max_tokens=max_tokens)
+        spec = run(worker.spec(run(worker.next_assignment(timeout=5))))
+        assert spec is not None
+        yield stack, run, worker, rid, spec
+
+
+def next_message(pubsub: Any, timeout: float) -> dict[str, Any] | None:
+    """The next sharded pub/sub message within `timeout`, or None (a cluster's pubsub ignores its own
+    timeout when it is not told the node: it returns at once)."""
+    deadline = time.monotonic() + timeout
+    while (message := pubsub.get_sharded_message(timeout=0.05)) is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return message  # type: ignore[no-any-return]
+
+
 def published(pubsub: Any) -> list[list[str]]:
     """The event batches published since the last call: each a list of "seq|name" of one message."""
     batches = []
-    while (message := pubsub.get_sharded_message(timeout=0.3)) is not None:
+    while (message := next_message(pubsub, 0.5)) is not None:
         if message["type"] == "smessage":
             batches.append(["|".join(line.split("|")[:2]) for line in message["data"].split("\n")])
     return batches
@@ -32,14 +59,10 @@ def published(pubsub: Any) -> list[list[str]]:
 
 def test_the_finish_appends_the_last_tokens_and_ends_in_one_batch(redis_url: str, r: redis.Redis) -> None:
     seed = prompt_seed(PROMPT)
-    with api_and_two_played_workers(redis_url, "default.tail.1.aaaaaa", "default.other.2.bbbbbb") as (
-            stack, run, worker, _):
-        run(worker.set_free_slots(1))
-        rid = submit(stack.base_url, "tail-1", prompt=PROMPT, max_tokens=6)
-        assert run(worker.spec(run(worker.next_assignment(timeout=5)))) is not None
+    with one_run(redis_url, "tail-1", 6) as (stack, run, worker, rid, _):
         pubsub = r.pubsub()
         pubsub.ssubscribe(keys.session_channel("tail-1"))
-        assert pubsub.get_sharded_message(timeout=5)["type"] == "ssubscribe"
+        assert (next_message(pubsub, 5) or {}).get("type") == "ssubscribe"
 
         def tok(i: int) -> str:
             return token_data(rid, i, sim_token(seed, i))
@@ -66,11 +89,7 @@ def test_the_finish_appends_the_last_tokens_and_ends_in_one_batch(redis_url: str
 
 def test_a_tail_that_does_not_start_where_the_log_expects_ends_nothing(redis_url: str, r: redis.Redis) -> None:
     seed = prompt_seed(PROMPT)
-    with api_and_two_played_workers(redis_url, "default.gap.1.aaaaaa", "default.other.2.bbbbbb") as (
-            stack, run, worker, _):
-        run(worker.set_free_slots(1))
-        rid = submit(stack.base_url, "tail-2", prompt=PROMPT, max_tokens=4)
-        assert run(worker.spec(run(worker.next_assignment(timeout=5)))) is not None
+    with one_run(redis_url, "tail-2", 4) as (stack, run, worker, rid, _):
         assert run(worker.append(rid, "1", 0, [token_data(rid, 0, sim_token(seed, 0))])).ok
         for first in (3, 0):  # a gap; an overlap that is not this batch resent (that would end at index 1)
             gap = Tail(first, [token_data(rid, i, sim_token(seed, i)) for i in range(first, first + 2)])
@@ -87,12 +106,7 @@ def test_a_run_whose_engine_ended_before_its_writer_ran_leaves_every_token_to_it
                                                                                      r: redis.Redis) -> None:
     """An engine that produced its whole answer at once (no pause between tokens): no append at all, and
     the end writes the first token with the engine's times, as a first append would have."""
-    with api_and_two_played_workers(redis_url, "default.once.1.aaaaaa", "default.other.2.bbbbbb") as (
-            stack, run, worker, _):
-        run(worker.set_free_slots(1))
-        rid = submit(stack.base_url, "tail-3", prompt=PROMPT, max_tokens=5)
-        spec = run(worker.spec(run(worker.next_assignment(timeout=5))))
-        assert spec is not None
+    with one_run(redis_url, "tail-3", 5) as (stack, run, worker, rid, spec):
         outcome = run(Run(worker, SimEngine(tokens_per_second=0, prefill_ms=0), spec).execute())
         assert outcome.kind == "done" and outcome.tail is not None
         assert outcome.tail.first_index == 0 and len(outcome.tail.data) == 5 and outcome.tail.engine_times
