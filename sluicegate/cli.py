@@ -36,7 +36,7 @@ POLICY = ["input_token_weight", "output_token_weight", "output_estimate_ratio", 
           "sweep_seconds"]
 WORKER = ["group", "slots", "engine", "backend_url", "backend_api_key", "backend_model", "backend_timeout",
           "backend_retries", "backend_probe", "backend_continue", "backend_first_token_timeout",
-          "backend_idle_timeout", "sim_tokens_per_second",
+          "backend_idle_timeout", "stream_interval_ms", "sim_tokens_per_second",
           "sim_prefill_ms", "heartbeat_seconds", "shutdown_grace_seconds"]
 WEBHOOKS = ["webhook_allow", "webhook_secret", "webhook_max_attempts", "webhook_backoff", "webhook_timeout"]
 COMMANDS: dict[str, tuple[str, list[str]]] = {

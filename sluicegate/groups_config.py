@@ -3,8 +3,9 @@
 Each table may give the group's `model` (sent to its backend and declared in Redis so that chat
 requests route to it by `model`), its workers' settings (`engine`, `backend_url`, `backend_api_key`,
 `workers`, `slots`, `backend_timeout`, `backend_retries`, `backend_first_token_timeout`,
-`backend_idle_timeout`, `backend_probe`, `backend_continue`, `sim_tokens_per_second`, `sim_prefill_ms`)
-and its quota (`requests_per_second`, `tokens_per_second`, `burst`, `max_concurrency`, `burst_tokens`).
+`backend_idle_timeout`, `backend_probe`, `backend_continue`, `stream_interval_ms`, `sim_tokens_per_second`,
+`sim_prefill_ms`) and its quota (`requests_per_second`, `tokens_per_second`, `burst`, `max_concurrency`,
+`burst_tokens`).
 
 Precedence, for each group: a flag or `SLUICEGATE_*` variable given explicitly > the group's table >
 the file's top-level keys > the defaults. `from_env()` has already layered flags > environment > file
@@ -39,7 +40,7 @@ WORKER_KEYS = {"model": "backend_model", "engine": "engine", "backend_url": "bac
                "backend_timeout": "backend_timeout", "backend_retries": "backend_retries",
                "backend_first_token_timeout": "backend_first_token_timeout",
                "backend_idle_timeout": "backend_idle_timeout", "backend_probe": "backend_probe",
-               "backend_continue": "backend_continue",
+               "backend_continue": "backend_continue", "stream_interval_ms": "stream_interval_ms",
                "sim_tokens_per_second": "sim_tokens_per_second", "sim_prefill_ms": "sim_prefill_ms"}
 QUOTA_KEYS = QUOTA_FIELDS
 KEYS = (*WORKER_KEYS, *QUOTA_KEYS)

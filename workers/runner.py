@@ -4,7 +4,10 @@ Token writes are coalesced: at most one append is in flight per run, and whateve
 produced meanwhile goes out in the next append. The first token leaves at once, and a fast engine
 costs one Redis round trip per batch rather than per token. What is left when the engine has ended
 (its last tokens came with its finish, or while an append was in flight) goes with the run's end:
-one call, and one batch for the readers, instead of an append and then the end. Every append is fenced by attempt: the
+one call, and one batch for the readers, instead of an append and then the end. With an interval
+(--stream-interval-ms), an append starts at most once per interval after the first, which is never held:
+a fast engine's run then costs its first append, a few batches and its end, and the engine's end (or
+failure) cuts a hold short. Every append is fenced by attempt: the
 moment the run is preempted, cancelled or its lease lost, the next append says so and the run stops.
 A dropped Redis connection is retried (the fence makes a resent batch safe) rather than failing a
 generation that is otherwise fine.
@@ -62,8 +65,10 @@ def token_data(rid: str, index: int, token: str | Token) -> str:
 
 
 class Run:
-    def __init__(self, store: RunStore, engine: Engine, spec: RunSpec, *, taken_at: float | None = None) -> None:
+    def __init__(self, store: RunStore, engine: Engine, spec: RunSpec, *, taken_at: float | None = None,
+                 interval: float = 0.0) -> None:
         self.store = store
+        self.interval = interval  # seconds between the starts of two appends (--stream-interval-ms)
         self.engine = engine
         self.spec = spec
         self.next_index = spec.start_index
@@ -71,6 +76,7 @@ class Run:
         self._wake = asyncio.Event()
         self._produced_all = False
         self._ended_cleanly = False  # the engine's stream ended: what is pending goes with the run's end
+        self._produced = asyncio.Event()  # the engine's stream ended (cuts an interval's wait short)
         self.finish: Finish | None = None
         self._pinned = False
         # The worker's clock (ms) when it took the run from its inbox, called the engine and got the
@@ -94,14 +100,24 @@ class Run:
                     return  # the run's end carries them (execute)
                 batch = self._pending[:MAX_BATCH]
                 data = [token_data(rid, self.next_index + i, token) for i, token in enumerate(batch)]
+                began = time.monotonic()
                 result = await self._append(data, self._engine_times())
                 if not result.ok:
                     raise Fenced(result.status if result.expected_index is None
                                  else f"index {self.next_index} but the log expects {result.expected_index}")
                 del self._pending[:len(batch)]
                 self.next_index += len(batch)
+                if self.interval and not self._produced_all:
+                    await self._hold(began + self.interval)
             if self._produced_all:
                 return
+
+    async def _hold(self, until: float) -> None:
+        """The tokens that come meanwhile wait for the next append until `until` (time.monotonic()), or until
+        the engine's stream ends, whichever is first: then the run's end carries them at once."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(max(0.0, until - time.monotonic())):
+                await self._produced.wait()
 
     async def _append(self, data: list[str], engine_times: tuple[float, float] | None) -> AppendResult:
         """One fenced append, resent through dropped connections (a resent batch is recognised)."""
@@ -135,6 +151,7 @@ class Run:
             self._wake.set()
         self._produced_all = self._ended_cleanly = True
         self._wake.set()
+        self._produced.set()
 
     def _tail(self) -> Tail | None:
         """The tokens the writer left for the run's end (it leaves them once the engine has ended)."""
@@ -175,5 +192,6 @@ class Run:
         """After an engine error, keep the tokens it did produce (they count for the resume)."""
         self._produced_all = True
         self._wake.set()
+        self._produced.set()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(asyncio.shield(writer), timeout=5)

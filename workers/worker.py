@@ -381,7 +381,8 @@ class Worker:
             self.executing.add(key)
             self._show_in_rq(key, spec)
             try:
-                outcome = await Run(self.store, self.engine, spec, taken_at=assignment.taken_at).execute(so_far)
+                outcome = await Run(self.store, self.engine, spec, taken_at=assignment.taken_at,
+                                    interval=self.settings.stream_interval_ms / 1000).execute(so_far)
             except asyncio.CancelledError:  # a notice (preempted, cancelled, lease lost) or shutdown
                 outcome = None
             finally:  # from here on no notice may cancel this task: its end must not be cut short

@@ -3,10 +3,11 @@
 Against `sluicegate serve` (sim engine, prefill 0). Each client loops: submit a request into its own
 session, stream the request's events until `done`, repeat. Counted: requests that completed inside
 the measured window (after a warm-up). Reported beside the rate: latency (submit to `done`), the
-client's own CPU seconds (aiohttp, in this process) and the CPU seconds of every server process, by
-role, so the bottleneck is visible. Target (DESIGN.md): >= 1,000 completed requests/s with 32 clients
-on the chat route in front of a real streaming server, 2 cores (other setups get no verdict); with
-`--mode both`, the resumable route (submit + GET events) >= 80% of the chat route.
+client's own CPU seconds (in this process; `--client`, loadtest/bench_http.py) and the CPU seconds of
+every server process, by role, so the bottleneck is visible. Target (DESIGN.md): >= 1,000 completed
+requests/s with 32 clients on the chat route in front of a real streaming server, 2 cores (other
+setups get no verdict); with `--mode both`, the resumable route (submit + GET events) >= 80% of the
+chat route.
 
 `--engine-server llamacpp` puts a real engine behind Sluicegate instead of the sim engine: llama-cpp-python's
 server (the `engines` extra) with the small generated model of sluicegate.loadtest.engine_servers, through
@@ -30,12 +31,11 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import aiohttp
 import orjson
 
+from sluicegate.loadtest.bench_http import CLIENTS, BenchHTTP, bench_http, run_on_loop
 from sluicegate.loadtest.common import (
     ServeProcess,
-    client_session,
     cpu_by_role,
     cpu_delta,
     cpu_seconds,
@@ -51,10 +51,13 @@ from sluicegate.loadtest.targets import CHAT_CLIENTS, CHAT_REQUESTS_PER_S, RESUM
 
 ENGINE_SERVERS = ("sim", "llamacpp", "sim-backend")
 PROMPT = "throughput bench"
-# The defaults per engine server: (clients, workers, slots).
-DEFAULTS = {"sim": (64, 2, 32), "llamacpp": (4, 1, 1), "sim-backend": (32, 2, 32)}
+# The defaults per engine server: (clients, workers, slots). In front of the sim-backend, one worker of
+# 64 slots: on 2 cores it took 6% less server CPU per request than 2 x 32 (3 interleaved pairs,
+# 2026-12-04; one process batches more of its runs' Redis calls into one write, and switches less).
+DEFAULTS = {"sim": (64, 2, 32), "llamacpp": (4, 1, 1), "sim-backend": (32, 1, 64)}
+JSON = {"content-type": "application/json"}
 
-One = Callable[[aiohttp.ClientSession, str], Awaitable[int]]  # (http, session id) -> tokens streamed
+One = Callable[[BenchHTTP, str], Awaitable[int]]  # (http, session id) -> tokens streamed
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -64,9 +67,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=float, default=3.0, help="seconds before measuring")
     parser.add_argument("--max-tokens", type=int, default=1, help="tokens per request")
     parser.add_argument("--workers", type=int, default=None,
-                        help="worker processes; when not given: 2 with sim, 1 with llamacpp")
+                        help="worker processes; when not given: 2 with sim, 1 with llamacpp or sim-backend")
     parser.add_argument("--slots", type=int, default=None,
-                        help="slots per worker; when not given: 32 with sim, 1 with llamacpp")
+                        help="slots per worker; when not given: 32 with sim, 1 with llamacpp, 64 with sim-backend")
     parser.add_argument("--mode", choices=("sse", "chat", "both"), default="sse",
                         help="sse: POST submit + GET request events; chat: POST /v1/chat/completions stream; "
                              "both: the two against the same server in one run, in alternating phases")
@@ -76,39 +79,43 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a new session for every request (default: one session per client)")
     parser.add_argument("--serve-flag", action="append", default=[], metavar="FLAG",
                         help="extra flag for `sluicegate serve` (repeat), e.g. --serve-flag=--appendfsync=always")
+    parser.add_argument("--client", choices=CLIENTS, default="lean",
+                        help="the load client (loadtest/bench_http.py): lean (the engine's HTTP/1.1 client on "
+                             "uvloop) or aiohttp (on asyncio's loop, as figures before 2026-12-04 were taken)")
     parser.add_argument("--engine-server", choices=ENGINE_SERVERS, default="sim",
                         help="what generates: Sluicegate's own sim engine, or llama-cpp-python's server with a "
                              "generated model behind `--engine openai` (needs the engines extra)")
 
 
-async def one_sse(http: aiohttp.ClientSession, base: str, sid: str, max_tokens: int, prompt: str = PROMPT,
+async def one_sse(http: BenchHTTP, base: str, sid: str, max_tokens: int, prompt: str = PROMPT,
                   params: dict[str, Any] | None = None) -> int:
     body: dict[str, Any] = {"prompt": prompt, "max_tokens": max_tokens}
     if params:
         body["params"] = params
-    async with http.post(f"{base}/v1/sessions/{sid}/requests", json=body) as response:
-        if response.status != 202:
-            raise RuntimeError(f"submit: {response.status} {await response.text()}")
-        rid = (await response.json())["request_id"]
+    status, data = await http.fetch("POST", f"{base}/v1/sessions/{sid}/requests", orjson.dumps(body), JSON)
+    if status != 202:
+        raise RuntimeError(f"submit: {status} {data[:500]!r}")
+    rid = orjson.loads(data)["request_id"]
     # The request stream closes after its terminal event: read it whole and count in the bytes (parsing
     # each event in Python would cost the client, which shares the cores, more than the check is worth).
-    async with http.get(f"{base}/v1/requests/{rid}/events") as response:
-        body = await response.read()
-    if b"\nevent: done\n" not in b"\n" + body:
-        raise RuntimeError(f"stream ended without done: {body[-200:]!r}")
-    return body.count(b"event: token\n")
+    status, data = await http.fetch("GET", f"{base}/v1/requests/{rid}/events")
+    if status != 200:
+        raise RuntimeError(f"events: {status} {data[:500]!r}")
+    if b"\nevent: done\n" not in b"\n" + data:
+        raise RuntimeError(f"stream ended without done: {data[-200:]!r}")
+    return data.count(b"event: token\n")
 
 
-async def one_chat(http: aiohttp.ClientSession, base: str, sid: str, max_tokens: int, prompt: str = PROMPT,
+async def one_chat(http: BenchHTTP, base: str, sid: str, max_tokens: int, prompt: str = PROMPT,
                    params: dict[str, Any] | None = None, model: str | None = None) -> int:
     body: dict[str, Any] = {"stream": True, "max_tokens": max_tokens,  # no model: the group `default`
                             "messages": [{"role": "user", "content": prompt}], **(params or {})}
     if model:
         body["model"] = model
-    async with http.post(f"{base}/v1/chat/completions", json=body, headers={"X-Session-Id": sid}) as response:
-        if response.status != 200:
-            raise RuntimeError(f"chat: {response.status} {await response.text()}")
-        data = await response.read()
+    status, data = await http.fetch("POST", f"{base}/v1/chat/completions", orjson.dumps(body),
+                                    {**JSON, "x-session-id": sid})
+    if status != 200:
+        raise RuntimeError(f"chat: {status} {data[:500]!r}")
     tokens, done = 0, False
     for line in data.split(b"\n"):
         if line == b"data: [DONE]":
@@ -130,7 +137,7 @@ async def measure(one: One, roots: list[int], expected: int, args: argparse.Name
     errors: list[str] = []
     stop = asyncio.Event()
 
-    async def client(http: aiohttp.ClientSession, c: int) -> None:
+    async def client(http: BenchHTTP, c: int) -> None:
         n = 0
         while not stop.is_set():
             sid = f"tp-{c}-{n}" if args.session_per_request else f"tp-{c}"
@@ -147,7 +154,8 @@ async def measure(one: One, roots: list[int], expected: int, args: argparse.Name
             ended = time.perf_counter()
             finished.append((ended, ended - began))
 
-    async with client_session(args.clients * 2) as http:
+    http = bench_http(args.client, args.clients * 2)
+    try:
         tasks = [asyncio.create_task(client(http, c)) for c in range(args.clients)]
         progress(f"{args.clients} clients, warm-up {args.warmup:g} s")
         await asyncio.sleep(args.warmup)
@@ -163,10 +171,17 @@ async def measure(one: One, roots: list[int], expected: int, args: argparse.Name
         steal, load1 = steal_percent(ticks0, cpu_ticks()), os.getloadavg()
         stop.set()
         await asyncio.wait(tasks, timeout=30)
+    finally:
+        await http.aclose()
     window = [lat for end, lat in finished if t0 <= end <= t1]
     return {"completed": len(window), "seconds": t1 - t0, "latencies": window, "errors": errors,
             "client_cpu": client1 - client0, "server_cpu": cpu_delta(server0, server1), "steal_percent": steal,
             "load_average": (load0[0], load1[0])}
+
+
+def measure_on_loop(one: One, roots: list[int], expected: int, args: argparse.Namespace) -> dict[str, Any]:
+    """`measure` on the loop of the client that `--client` names."""
+    return run_on_loop(args.client, lambda: measure(one, roots, expected, args))
 
 
 def row_of(out: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
@@ -221,13 +236,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     serve = ServeProcess(flags=flags).start()
     base = serve.base_url
     if args.mode == "sse":
-        async def one(http: aiohttp.ClientSession, sid: str) -> int:
+        async def one(http: BenchHTTP, sid: str) -> int:
             return await one_sse(http, base, sid, args.max_tokens)
     else:
-        async def one(http: aiohttp.ClientSession, sid: str) -> int:
+        async def one(http: BenchHTTP, sid: str) -> int:
             return await one_chat(http, base, sid, args.max_tokens)
     try:
-        out = asyncio.run(measure(one, [serve.process.pid], args.max_tokens, args))  # type: ignore[union-attr]
+        out = measure_on_loop(one, [serve.process.pid], args.max_tokens, args)  # type: ignore[union-attr]
     finally:
         serve.stop()
     rate = out["completed"] / out["seconds"]
@@ -267,8 +282,8 @@ def run_both(args: argparse.Namespace, flags: list[str]) -> dict[str, Any]:
         for r in range(max(1, args.rounds)):
             for mode in ("chat", "sse"):
                 progress(f"round {r + 1}/{args.rounds}: {mode}")
-                outs[mode].append(asyncio.run(measure(ones[mode], [serve.process.pid], args.max_tokens,  # type: ignore[union-attr]
-                                                      phase)))
+                outs[mode].append(measure_on_loop(ones[mode], [serve.process.pid], args.max_tokens,  # type: ignore[union-attr]
+                                                     phase))
     finally:
         serve.stop()
     merged: dict[str, dict[str, Any]] = {}
@@ -327,25 +342,25 @@ def run_llamacpp(args: argparse.Namespace) -> dict[str, Any]:
     greedy = {"temperature": 0}
     progress("writing the model and starting llama-cpp-python's server")
     with generated_llama_server() as server:
-        async def direct(http: aiohttp.ClientSession, sid: str) -> int:
+        async def direct(http: BenchHTTP, sid: str) -> int:
             return await one_chat(http, server.root, sid, asked, prompt, greedy, model=server.alias)
 
         progress("the engine alone (POST /v1/chat/completions, streamed)")
-        direct_out = asyncio.run(measure(direct, [server.pid], expected, args))
+        direct_out = measure_on_loop(direct, [server.pid], expected, args)
         flags = ["--engine", "openai", "--backend-url", server.url, "--backend-model", server.alias,
                  "--workers", str(args.workers), "--slots", str(args.slots), *args.serve_flag]
         serve = ServeProcess(flags=flags).start()
         base = serve.base_url
         if args.mode == "sse":
-            async def via(http: aiohttp.ClientSession, sid: str) -> int:
+            async def via(http: BenchHTTP, sid: str) -> int:
                 return await one_sse(http, base, sid, asked, prompt, greedy)
         else:
-            async def via(http: aiohttp.ClientSession, sid: str) -> int:
+            async def via(http: BenchHTTP, sid: str) -> int:
                 return await one_chat(http, base, sid, asked, prompt, greedy)
         try:
             wait_model(base, server.alias)  # its worker is up (it probes the engine first)
             progress(f"through Sluicegate ({args.mode})")
-            out = asyncio.run(measure(via, [serve.process.pid, server.pid], expected, args))  # type: ignore[union-attr]
+            out = measure_on_loop(via, [serve.process.pid, server.pid], expected, args)  # type: ignore[union-attr]
         finally:
             serve.stop()
     rate, direct_rate = (o["completed"] / o["seconds"] for o in (out, direct_out))
@@ -383,23 +398,23 @@ def run_sim_backend(args: argparse.Namespace) -> dict[str, Any]:
     try:
         wait_http(f"{root}/v1/models", process=backend.process)
 
-        async def direct(http: aiohttp.ClientSession, sid: str) -> int:
+        async def direct(http: BenchHTTP, sid: str) -> int:
             return await one_chat(http, root, sid, args.max_tokens, model="sim")
 
         progress("the sim-backend alone (POST /v1/chat/completions, streamed)")
-        direct_out = asyncio.run(measure(direct, [backend.pid], args.max_tokens, args))
+        direct_out = measure_on_loop(direct, [backend.pid], args.max_tokens, args)
         flags = ["--engine", "openai", "--backend-url", f"{root}/v1", "--backend-model", "sim",
                  "--workers", str(args.workers), "--slots", str(args.slots), *args.serve_flag]
         serve = ServeProcess(flags=flags).start()
         base = serve.base_url
 
-        async def via(http: aiohttp.ClientSession, sid: str) -> int:
+        async def via(http: BenchHTTP, sid: str) -> int:
             return await one_chat(http, base, sid, args.max_tokens, model="sim")
 
         try:
             wait_model(base, "sim")
             progress("through Sluicegate (chat route)")
-            out = asyncio.run(measure(via, [serve.process.pid, backend.pid], args.max_tokens, args))  # type: ignore[union-attr]
+            out = measure_on_loop(via, [serve.process.pid, backend.pid], args.max_tokens, args)  # type: ignore[union-attr]
         finally:
             serve.stop()
     finally:
