@@ -10,8 +10,9 @@ is what every figure before 2026-12-04 used, kept so that the two can be compare
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
+import asyncio
+from collections.abc import Callable, Coroutine
+from typing import Any, Protocol, TypeVar
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -20,6 +21,8 @@ from sluicegate.workers.engines.http1 import HTTP1Client
 
 CLIENTS = ("lean", "aiohttp")
 MAX_BODY = 16 * 2**20  # bytes of one response: a throughput answer is a few kB
+READ_TIMEOUT = 120.0  # seconds for a whole answer (aiohttp's sock_read below): a stalled one is an error
+T = TypeVar("T")
 
 
 class BenchHTTP(Protocol):
@@ -43,9 +46,10 @@ class LeanHTTP:
         if client is None:
             client = self._origins[origin] = HTTP1Client(origin, {}, connect_timeout=10.0)
         path = parts.path + (f"?{parts.query}" if parts.query else "")
-        response = await client.request(method, path, body, headers)
-        data = await response.read(MAX_BODY)
-        if len(data) >= MAX_BODY:
+        async with asyncio.timeout(READ_TIMEOUT):
+            response = await client.request(method, path, body, headers)
+            data = await response.read(MAX_BODY + 1)
+        if len(data) > MAX_BODY:
             raise RuntimeError(f"{method} {path}: a body over {MAX_BODY} bytes")
         return response.status, data
 
@@ -57,7 +61,7 @@ class LeanHTTP:
 class AiohttpHTTP:
     def __init__(self, connections: int) -> None:
         self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=connections),
-                                             timeout=aiohttp.ClientTimeout(total=None, sock_read=120))
+                                             timeout=aiohttp.ClientTimeout(total=None, sock_read=READ_TIMEOUT))
 
     async def fetch(self, method: str, url: str, body: bytes = b"",
                     headers: dict[str, str] | None = None) -> tuple[int, bytes]:
@@ -76,13 +80,14 @@ def bench_http(kind: str, connections: int) -> BenchHTTP:
     raise ValueError(f"unknown client {kind!r}: one of {', '.join(CLIENTS)}")
 
 
-def run_on_loop(kind: str, main: Callable[[], Awaitable[Any]]) -> Any:
-    """`main()` on the loop the client runs on: uvloop for `lean` (as Sluicegate's own processes run),
-    asyncio's for `aiohttp` (as every earlier figure was taken)."""
+def run_on_loop(kind: str, main: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    """`main()` on the loop the client runs on: uvloop for `lean` where it is installed (as Sluicegate's
+    own processes run), asyncio's for `aiohttp` (as every earlier figure was taken)."""
     if kind == "lean":
-        import uvloop  # installed with uvicorn[standard]
-
-        return uvloop.run(main())
-    import asyncio
-
-    return asyncio.run(main())  # type: ignore[arg-type]
+        try:
+            import uvloop  # installed with uvicorn[standard], except where it does not build (Windows, PyPy)
+        except ImportError:
+            pass
+        else:
+            return uvloop.run(main())
+    return asyncio.run(main())

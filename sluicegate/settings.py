@@ -205,10 +205,11 @@ class Settings(BaseSettings):
                                 "lost; then it ends with an `error` event and status failed (preemptions and "
                                 "graceful hand-backs do not count: see --max-preemptions)")
     stream_interval_ms: Annotated[float, Field(ge=0, le=1000, allow_inf_nan=False)] = Field(
-        0.0, description="a run's tokens after its first are written to its log (and reach its readers) at most "
-        "once per this many ms, in one batch: fewer Redis calls and SSE writes per request for a fast engine, "
-        "against up to this much delay on the tokens after the first (the first token is never held; SGLang's "
-        "--stream-interval makes the same trade); 0: each batch leaves as soon as the one before is written")
+        0.0, description="a run's tokens after its first are written to its log (and reach its readers) about "
+        "once per this many ms, in one batch (sooner when 256 wait, or when the engine ends): fewer Redis calls "
+        "and SSE writes per request for a fast engine, against up to this much delay on the tokens after the "
+        "first (the first token is never held; SGLang's --stream-interval makes the same trade); 0: each batch "
+        "leaves as soon as the one before is written")
     sim_tokens_per_second: Positive = Field(50.0, description="sim engine pace per request")
     sim_prefill_ms: NonNegative = Field(20.0, description="sim engine delay before the first token")
     # sessions and API

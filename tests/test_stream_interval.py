@@ -19,8 +19,8 @@ from sluicegate.settings import Settings
 from sluicegate.workers.engines.base import EngineError, Piece
 from sluicegate.workers.engines.sim import SimEngine, prompt_seed, sim_text, sim_token
 from sluicegate.workers.runner import Run
-from tests.helpers import sse
-from tests.test_run_tail import PROMPT, one_run
+from tests.helpers import Stack, fast_settings, sse, submit
+from tests.test_run_tail import PROMPT, next_message, one_run
 from tests.worker_helpers import token_indices, token_text
 
 
@@ -99,6 +99,71 @@ def test_an_engine_failure_during_a_hold_still_writes_every_token_it_produced(re
         assert outcome.kind == "engine_error" and outcome.transient
         assert [a[1:] for a in appends] == [(0, 1), (1, 4)]
         assert r.hget(keys.request(rid), "n") == "5", "the tokens held are in the log: a resume continues after them"
+
+
+class FloodsWhileHeld:
+    """An engine that streams its first sim token, pauses (the writer appends it, then holds), streams
+    `count - 1` more at once, and ends `then` seconds later."""
+
+    def __init__(self, count: int, then: float) -> None:
+        self.count, self.then = count, then
+        self.ended_at = 0.0
+
+    async def stream(self, run: RunSpec, so_far: str) -> AsyncIterator[Piece]:
+        seed = prompt_seed(PROMPT)
+        yield sim_token(seed, 0)
+        await asyncio.sleep(0.3)
+        for i in range(1, self.count):
+            yield sim_token(seed, i)
+        await asyncio.sleep(self.then)
+        self.ended_at = time.monotonic()
+
+    async def aclose(self) -> None:
+        pass
+
+
+def test_a_full_batch_ends_a_hold_so_no_token_waits_out_the_interval_behind_it(redis_url: str,
+                                                                               r: redis.Redis) -> None:
+    """An append carries at most MAX_BATCH (256) tokens: were a hold kept while more than that waited,
+    the delay would grow by an interval per batch. A full batch leaves at once, then the next."""
+    with one_run(redis_url, "interval-4", 600) as (stack, run, worker, rid, spec):
+        appends = recording_appends(worker)
+        engine = FloodsWhileHeld(600, then=1.5)
+        outcome = run(Run(worker, engine, spec, interval=30).execute())
+        assert outcome.kind == "done"
+        assert [a[1:] for a in appends] == [(0, 1), (1, 256), (257, 256)]
+        assert all(at < engine.ended_at for at, _, _ in appends), "full batches waited for the engine's end"
+        assert outcome.tail is not None and outcome.tail.first_index == 513 and len(outcome.tail.data) == 87
+        assert run(worker.finish(rid, "1", outcome="done", detail="length", return_slot=True, tail=outcome.tail))
+        events = list(sse(stack.base_url, f"/v1/requests/{rid}/events", timeout=10))
+        assert token_indices(events) == list(range(600)) and token_text(events) == sim_text(PROMPT, 600)
+
+
+def test_a_worker_holds_its_runs_tokens_for_the_interval_its_settings_give(redis_url: str, r: redis.Redis) -> None:
+    """The setting's way from the flag to the run (ms to seconds): a 30-token answer at 100 tokens/s
+    reaches the session's channel in a few batches, not one per token."""
+    stack = Stack(fast_settings(redis_url, stream_interval_ms=150, sim_tokens_per_second=100)).start(workers=1)
+    try:
+        pubsub = r.pubsub()
+        pubsub.ssubscribe(keys.session_channel("interval-5"))
+        assert (next_message(pubsub, 5) or {}).get("type") == "ssubscribe"
+        rid = submit(stack.base_url, "interval-5", prompt=PROMPT, max_tokens=30)
+        with_tokens = 0
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            message = next_message(pubsub, 1)
+            if message is None or message["type"] != "smessage":
+                continue
+            names = [line.split("|")[1] for line in message["data"].split("\n")]
+            with_tokens += "token" in names
+            if "done" in names:
+                break
+        pubsub.close()
+        assert 2 <= with_tokens <= 4, f"{with_tokens} batches of tokens: the interval did not reach the run"
+        events = list(sse(stack.base_url, f"/v1/requests/{rid}/events", timeout=10))
+        assert token_indices(events) == list(range(30)) and token_text(events) == sim_text(PROMPT, 30)
+    finally:
+        stack.stop()
 
 
 def test_the_interval_is_checked_before_any_process_starts() -> None:

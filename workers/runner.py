@@ -6,11 +6,11 @@ costs one Redis round trip per batch rather than per token. What is left when th
 (its last tokens came with its finish, or while an append was in flight) goes with the run's end:
 one call, and one batch for the readers, instead of an append and then the end. With an interval
 (--stream-interval-ms), an append starts at most once per interval after the first, which is never held:
-a fast engine's run then costs its first append, a few batches and its end, and the engine's end (or
-failure) cuts a hold short. Every append is fenced by attempt: the
-moment the run is preempted, cancelled or its lease lost, the next append says so and the run stops.
-A dropped Redis connection is retried (the fence makes a resent batch safe) rather than failing a
-generation that is otherwise fine.
+a fast engine's run then costs its first append, a few batches and its end. The engine's end or failure
+cuts a hold short, and so does a full batch (MAX_BATCH) waiting, so no token waits much past an interval.
+Every append is fenced by attempt: the moment the run is preempted, cancelled or its lease lost, the
+next append says so and the run stops. A dropped Redis connection is retried (the fence makes a
+resent batch safe) rather than failing a generation that is otherwise fine.
 
 A token is its text, and, when the engine gave a `Token`, the backend's raw non-text delta (tool
 calls) and logprobs, carried in its `token` event. The engine's `Finish` (finish_reason, usage)
@@ -76,7 +76,7 @@ class Run:
         self._wake = asyncio.Event()
         self._produced_all = False
         self._ended_cleanly = False  # the engine's stream ended: what is pending goes with the run's end
-        self._produced = asyncio.Event()  # the engine's stream ended (cuts an interval's wait short)
+        self._hold_over = asyncio.Event()  # the engine ended, or a full batch waits: a hold ends at once
         self.finish: Finish | None = None
         self._pinned = False
         # The worker's clock (ms) when it took the run from its inbox, called the engine and got the
@@ -100,7 +100,7 @@ class Run:
                     return  # the run's end carries them (execute)
                 batch = self._pending[:MAX_BATCH]
                 data = [token_data(rid, self.next_index + i, token) for i, token in enumerate(batch)]
-                began = time.monotonic()
+                began = asyncio.get_running_loop().time()
                 result = await self._append(data, self._engine_times())
                 if not result.ok:
                     raise Fenced(result.status if result.expected_index is None
@@ -113,11 +113,15 @@ class Run:
                 return
 
     async def _hold(self, until: float) -> None:
-        """The tokens that come meanwhile wait for the next append until `until` (time.monotonic()), or until
-        the engine's stream ends, whichever is first: then the run's end carries them at once."""
+        """The tokens that come meanwhile wait for the next append until `until` (the loop's clock), until
+        a full batch waits (so the delay never grows past the interval), or until the engine's stream
+        ends, whichever is first: an ended engine's tokens then go with the run's end at once."""
+        if len(self._pending) >= MAX_BATCH or until <= asyncio.get_running_loop().time():
+            return
+        self._hold_over.clear()  # the caller saw the engine still running: nothing awaited since
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(max(0.0, until - time.monotonic())):
-                await self._produced.wait()
+            async with asyncio.timeout_at(until):
+                await self._hold_over.wait()
 
     async def _append(self, data: list[str], engine_times: tuple[float, float] | None) -> AppendResult:
         """One fenced append, resent through dropped connections (a resent batch is recognised)."""
@@ -149,9 +153,11 @@ class Run:
                 self._pinned = True
             self._pending.append(piece)
             self._wake.set()
+            if len(self._pending) >= MAX_BATCH:
+                self._hold_over.set()
         self._produced_all = self._ended_cleanly = True
         self._wake.set()
-        self._produced.set()
+        self._hold_over.set()
 
     def _tail(self) -> Tail | None:
         """The tokens the writer left for the run's end (it leaves them once the engine has ended)."""
@@ -192,6 +198,6 @@ class Run:
         """After an engine error, keep the tokens it did produce (they count for the resume)."""
         self._produced_all = True
         self._wake.set()
-        self._produced.set()
+        self._hold_over.set()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(asyncio.shield(writer), timeout=5)

@@ -223,8 +223,9 @@ class HTTP1Client:
                       headers: dict[str, str] | None = None) -> Response:
         """`method` on base path + `path` with `body` (the benchmark clients GET too); as `post`."""
         extra = "".join(f"{name}: {value}\r\n" for name, value in headers.items()) if headers else ""
-        request = (f"{method} {self.path}{path} HTTP/1.1\r\n{self._head}{extra}content-length: {len(body)}\r\n\r\n"
-                   .encode("latin-1") + body)
+        if body or method not in ("GET", "HEAD"):  # a GET without a body says nothing of one (RFC 9110 8.6)
+            extra += f"content-length: {len(body)}\r\n"
+        request = f"{method} {self.path}{path} HTTP/1.1\r\n{self._head}{extra}\r\n".encode("latin-1") + body
         connection = self._kept()
         if connection is not None:
             try:
