@@ -37,12 +37,13 @@ def recording_appends(worker: RunStore) -> list[tuple[float, int, int]]:
     return calls
 
 
-class FailsWhileHeld:
+class BurstWhileHeld:
     """An engine that streams its first sim token, pauses (the writer appends it, then holds), streams
-    `count - 1` more and fails while the writer still holds them."""
+    `count - 1` more at once, and `then` seconds later ends, or fails (`fail`)."""
 
-    def __init__(self, count: int) -> None:
-        self.count = count
+    def __init__(self, count: int, *, then: float, fail: bool = False) -> None:
+        self.count, self.then, self.fail = count, then, fail
+        self.ended_at = 0.0
 
     async def stream(self, run: RunSpec, so_far: str) -> AsyncIterator[Piece]:
         seed = prompt_seed(PROMPT)
@@ -50,8 +51,10 @@ class FailsWhileHeld:
         await asyncio.sleep(0.3)
         for i in range(1, self.count):
             yield sim_token(seed, i)
-        await asyncio.sleep(0.1)
-        raise EngineError("the backend went away", transient=True)
+        await asyncio.sleep(self.then)
+        self.ended_at = time.monotonic()
+        if self.fail:
+            raise EngineError("the backend went away", transient=True)
 
     async def aclose(self) -> None:
         pass
@@ -94,32 +97,11 @@ def test_an_engine_failure_during_a_hold_still_writes_every_token_it_produced(re
     with one_run(redis_url, "interval-3", 8) as (_stack, run, worker, rid, spec):
         began = time.monotonic()
         appends = recording_appends(worker)
-        outcome = run(Run(worker, FailsWhileHeld(5), spec, interval=30).execute())
+        outcome = run(Run(worker, BurstWhileHeld(5, then=0.1, fail=True), spec, interval=30).execute())
         assert time.monotonic() - began < 10, "the run waited for its interval after the engine had failed"
         assert outcome.kind == "engine_error" and outcome.transient
         assert [a[1:] for a in appends] == [(0, 1), (1, 4)]
         assert r.hget(keys.request(rid), "n") == "5", "the tokens held are in the log: a resume continues after them"
-
-
-class FloodsWhileHeld:
-    """An engine that streams its first sim token, pauses (the writer appends it, then holds), streams
-    `count - 1` more at once, and ends `then` seconds later."""
-
-    def __init__(self, count: int, then: float) -> None:
-        self.count, self.then = count, then
-        self.ended_at = 0.0
-
-    async def stream(self, run: RunSpec, so_far: str) -> AsyncIterator[Piece]:
-        seed = prompt_seed(PROMPT)
-        yield sim_token(seed, 0)
-        await asyncio.sleep(0.3)
-        for i in range(1, self.count):
-            yield sim_token(seed, i)
-        await asyncio.sleep(self.then)
-        self.ended_at = time.monotonic()
-
-    async def aclose(self) -> None:
-        pass
 
 
 def test_a_full_batch_ends_a_hold_so_no_token_waits_out_the_interval_behind_it(redis_url: str,
@@ -128,7 +110,7 @@ def test_a_full_batch_ends_a_hold_so_no_token_waits_out_the_interval_behind_it(r
     the delay would grow by an interval per batch. A full batch leaves at once, then the next."""
     with one_run(redis_url, "interval-4", 600) as (stack, run, worker, rid, spec):
         appends = recording_appends(worker)
-        engine = FloodsWhileHeld(600, then=1.5)
+        engine = BurstWhileHeld(600, then=1.5)
         outcome = run(Run(worker, engine, spec, interval=30).execute())
         assert outcome.kind == "done"
         assert [a[1:] for a in appends] == [(0, 1), (1, 256), (257, 256)]
