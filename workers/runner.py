@@ -5,7 +5,7 @@ produced meanwhile goes out in the next append. The first token leaves at once, 
 costs one Redis round trip per batch rather than per token. What is left when the engine has ended
 (its last tokens came with its finish, or while an append was in flight) goes with the run's end:
 one call, and one batch for the readers, instead of an append and then the end. With an interval
-(--stream-interval-ms), an append starts at most once per interval after the first, which is never held:
+(--stream-interval-ms), an append starts about once per interval after the first, which is never held:
 a fast engine's run then costs its first append, a few batches and its end. The engine's end or failure
 cuts a hold short, and so does a full batch (MAX_BATCH) waiting, so no token waits much past an interval.
 Every append is fenced by attempt: the moment the run is preempted, cancelled or its lease lost, the
