@@ -15,13 +15,12 @@ from collections.abc import Callable, Coroutine
 from typing import Any, Protocol, TypeVar
 from urllib.parse import urlsplit
 
-import aiohttp
-
+from sluicegate.loadtest.common import client_session
 from sluicegate.workers.engines.http1 import HTTP1Client
 
 CLIENTS = ("lean", "aiohttp")
 MAX_BODY = 16 * 2**20  # bytes of one response: a throughput answer is a few kB
-READ_TIMEOUT = 120.0  # seconds for a whole answer (aiohttp's sock_read below): a stalled one is an error
+READ_TIMEOUT = 120.0  # seconds for a whole answer (as client_session's sock_read): a stalled one is an error
 T = TypeVar("T")
 
 
@@ -60,8 +59,7 @@ class LeanHTTP:
 
 class AiohttpHTTP:
     def __init__(self, connections: int) -> None:
-        self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=connections),
-                                             timeout=aiohttp.ClientTimeout(total=None, sock_read=READ_TIMEOUT))
+        self.session = client_session(connections)  # every other bench's aiohttp session
 
     async def fetch(self, method: str, url: str, body: bytes = b"",
                     headers: dict[str, str] | None = None) -> tuple[int, bytes]:
