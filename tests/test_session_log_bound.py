@@ -127,6 +127,29 @@ def test_a_preempted_request_resumes_from_its_own_tokens_after_trimming(capped: 
     assert log_ids(r, sid) == list(range(seq - CAP + 1, seq + 1)) and base == seq - CAP + 1
 
 
+def submit_and_cancel(stack: Stack, sid: str, count: int) -> None:
+    """`count` requests that end at once (`queued`, `cancelled`: two events each), so the log can move on."""
+    for n in range(count):
+        rid = submit(stack.base_url, sid, prompt=f"c{n}", max_tokens=1)
+        assert call("DELETE", f"{stack.base_url}/v1/requests/{rid}")[0] == 200
+
+
+def test_a_submit_with_another_cap_sets_it_for_every_later_call(redis_url: str, r: redis.Redis) -> None:
+    """The cap is read with a call's first event ids and kept for that call only: a process started with
+    a larger cap lets the session's log grow to it, and one with a smaller cap trims it back."""
+    sid = "bound-recapped"
+    for cap, expected in ((CAP, CAP), (3 * CAP, 2 * CAP), (CAP, CAP)):
+        stack = Stack(fast_settings(redis_url, session_log_max_events=cap)).start(workers=0)
+        try:
+            submit_and_cancel(stack, sid, CAP // 2)  # CAP events per round
+        finally:
+            stack.stop()
+        assert r.hget(keys.session_meta(sid), "lm") == str(cap)
+        assert r.llen(keys.session_log(sid)) == expected
+    seq, base = meta(r, sid)
+    assert log_ids(r, sid) == list(range(base, seq + 1)) and seq == 3 * CAP
+
+
 def test_the_cap_has_a_floor() -> None:
     from pydantic import ValidationError
 

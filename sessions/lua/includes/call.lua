@@ -28,14 +28,13 @@ local function begin_call(flags)
   single_server = string.find(flags, 'S', 1, true) ~= nil
   call_id = call_id + 1
   outbox, outbox_sessions = {}, {}
+  checked_metas = {}
 end
 
 -- Events get their ids at once; they are written when the call ends, one RPUSH and one SPUBLISH per
 -- session however many events it emitted (a submit that starts its request at once emits `queued`
 -- and `started`: one log write and one message for the API to read, on the first token's way).
-local function emit_many(dp, sid, items)
-  local last = take_ids(kmeta(dp, sid), #items)
-  local first = last - #items + 1
+local function outbox_of(dp, sid)
   local key = dp .. sid
   local entries = outbox[key]
   if not entries then
@@ -43,9 +42,26 @@ local function emit_many(dp, sid, items)
     outbox[key] = entries
     outbox_sessions[#outbox_sessions + 1] = { dp, sid, key }
   end
+  return entries
+end
+
+local function emit_many(dp, sid, items)
+  local first = take_ids(kmeta(dp, sid), #items) - #items + 1
+  local entries = outbox_of(dp, sid)
   for i, item in ipairs(items) do
     entries[#entries + 1] = (first + i - 1) .. '|' .. item[1] .. '|' .. item[2] .. '|' .. item[3]
   end
+  return first
+end
+
+-- `token` events of request `rid`, their data args[from..]: emit_many without a table per token (an
+-- append is most of the calls a request makes).
+local function emit_tokens(dp, sid, rid, args, from)
+  local count = #args - from + 1
+  local first = take_ids(kmeta(dp, sid), count) - count + 1
+  local entries = outbox_of(dp, sid)
+  local kind = '|token|' .. rid .. '|'
+  for i = from, #args do entries[#entries + 1] = (first + i - from) .. kind .. args[i] end
   return first
 end
 
@@ -71,7 +87,9 @@ local LOG_MAX_EVENTS = {{LOG_MAX_EVENTS}} -- the default cap, for a session whos
 
 local function trim_log(dp, sid, length)
   local meta = kmeta(dp, sid)
-  local cap = tonumber(redis.call('HGET', meta, 'lm') or LOG_MAX_EVENTS)
+  local cap = checked_metas[meta] -- read with the call's first event ids (take_ids)
+  if cap == nil then cap = tonumber(redis.call('HGET', meta, 'lm') or '') end
+  cap = cap or LOG_MAX_EVENTS
   if length <= cap then return end
   local drop = length - cap
   local kept = redis.call('HMGET', meta, 'base', 'hl')

@@ -52,23 +52,32 @@ local function holes_after(holes, base)
   return #kept > 0 and table.concat(kept, ',')
 end
 
+-- The metas whose boot this call has checked, each with the session's log cap (its `lm`, read in the
+-- same HMGET; false: none stored), so that a second batch of events in one call, and the trim after the
+-- call's append (call.lua trim_log), read nothing more. Reset by begin_call (call.lua): only d_submit
+-- writes `lm`, before its first event.
+local checked_metas = {}
+
 -- Take `count` ids for a session's next events; returns the last. Skips LOG_ID_JUMP ids first when
 -- the session was last written before this library loaded (see above).
 local function take_ids(meta, count)
-  if not boot_id then
-    local t = redis.call('TIME')
-    boot_id = t[1] .. '.' .. t[2]
-  end
-  local written = redis.call('HMGET', meta, 'bt', 'seq', 'hl')
-  if written[1] ~= boot_id then
-    if written[1] and written[2] then
-      local last = tonumber(written[2])
-      local hole = last .. ':' .. (last + LOG_ID_JUMP + 1)
-      redis.call('HSET', meta, 'bt', boot_id, 'seq', last + LOG_ID_JUMP,
-        'hl', written[3] and (written[3] .. ',' .. hole) or hole)
-    else
-      redis.call('HSET', meta, 'bt', boot_id)
+  if checked_metas[meta] == nil then
+    if not boot_id then
+      local t = redis.call('TIME')
+      boot_id = t[1] .. '.' .. t[2]
     end
+    local written = redis.call('HMGET', meta, 'bt', 'seq', 'hl', 'lm')
+    if written[1] ~= boot_id then
+      if written[1] and written[2] then
+        local last = tonumber(written[2])
+        local hole = last .. ':' .. (last + LOG_ID_JUMP + 1)
+        redis.call('HSET', meta, 'bt', boot_id, 'seq', last + LOG_ID_JUMP,
+          'hl', written[3] and (written[3] .. ',' .. hole) or hole)
+      else
+        redis.call('HSET', meta, 'bt', boot_id)
+      end
+    end
+    checked_metas[meta] = tonumber(written[4] or '') or false
   end
   return redis.call('HINCRBY', meta, 'seq', count)
 end

@@ -101,8 +101,9 @@ end
 -- its hand-back can come after the new start) is fenced here, with its `preempted` event. `resume`:
 -- how the worker's engine resumes ("continue" | "regenerate"), said in the `resumed` event.
 -- Returns ok, run spec (see run_spec), previous status.
+local START_FIELDS = { 'st', 'a', 'n', 'sid', 'g', 'p', 'sa', 'fa', 'tn', 'mt', 'ik', 'pa', 'fs' }
 local function d_start(rid, attempt, wid, now, reason, resume)
-  local r = load(rid, { 'st', 'a', 'n', 'sid', 'g', 'p', 'sa', 'fa', 'tn', 'mt', 'ik', 'pa', 'fs' })
+  local r = load(rid, START_FIELDS)
   -- `fa`: the last attempt the control plane closed before it ever started here (d_stop): too late now
   if not r.st or TERMINAL[r.st] or tonumber(r.a) >= attempt or tonumber(r.fa or '0') >= attempt then
     -- A stale dispatch (on a cluster its ready step may have come late and taken the place of the
@@ -189,17 +190,17 @@ end
 -- running request, the first at index `first`; `times` is "took|called|first" (the worker's clock, ms, when
 -- it took the run, called its engine and got its first token) with the request's first batch, else "".
 -- Returns {1, tokens so far} | {0, status} when fenced | {-1, expected index} on a gap or an overlap.
+local APPEND_FIELDS = { 'st', 'a', 'n', 'sid', 'g', 'tn', 'p', 'sub', 'ft', 'dl' }
 local function d_append(dp, rid, attempt, first, times, args, from)
-  local r = load(rid, { 'st', 'a', 'n', 'sid', 'g', 'tn', 'p', 'sub', 'ft', 'dl' })
+  local r = load(rid, APPEND_FIELDS)
   if not owns(r, attempt) then
     count(dp .. 'm', 'fenced', r.g or '?') -- a late write from a worker that lost the run (operators' signal)
     return { 0, r.st or 'missing' }
   end
   if tonumber(r.n) ~= first then return { -1, tonumber(r.n) } end
-  local items = {}
-  for i = from, #args do items[#items + 1] = { 'token', rid, args[i] } end
-  emit_many(dp, r.sid, items)
-  local total = redis.call('HINCRBY', kreq(rid), 'n', #items)
+  local added = #args - from + 1
+  emit_tokens(dp, r.sid, rid, args, from)
+  local total = redis.call('HINCRBY', kreq(rid), 'n', added)
   if not r.ft then
     local now = clock()
     local took, called, answered = string.match(times, '^(%d+%.?%d*)|(%d+%.?%d*)|(%d+%.?%d*)$')
@@ -215,7 +216,7 @@ local function d_append(dp, rid, attempt, first, times, args, from)
       count(dp .. 'm', 'deadlines', r.g .. '|' .. r.p .. '|' .. (met and 'met' or 'missed'))
     end
   end
-  count(dp .. 'm', 'tokens', r.g .. '|' .. r.p .. '|' .. r.tn, #items)
+  count(dp .. 'm', 'tokens', r.g .. '|' .. r.p .. '|' .. r.tn, added)
   return { 1, total }
 end
 
