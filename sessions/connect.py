@@ -73,6 +73,12 @@ class RedisUnavailable(RuntimeError):
     """Redis cannot be used as configured; the message is one line that says what to change."""
 
 
+def tcp_keepalive(url: str) -> dict[str, Any]:
+    """redis-py's socket_keepalive for a TCP URL; its Unix socket connections refuse the argument (and a
+    local socket's peer cannot vanish unseen, as a host behind a dead network can)."""
+    return {} if url.startswith("unix:") else {"socket_keepalive": True}
+
+
 def _with_timeouts(kw: dict[str, Any]) -> dict[str, Any]:
     return {"socket_connect_timeout": CONNECT_TIMEOUT, "socket_timeout": READ_TIMEOUT, **kw}
 

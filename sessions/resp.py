@@ -34,7 +34,7 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import unquote, urlparse
+from urllib.parse import parse_qs, unquote, urlparse
 
 import hiredis
 from redis.exceptions import AuthenticationError, BusyLoadingError, OutOfMemoryError, ReadOnlyError, ResponseError
@@ -56,7 +56,8 @@ def reply_error(message: str) -> Exception:
 
 @dataclass(frozen=True)
 class RedisAddress:
-    """Where a redis:// or rediss:// URL points, and how to log in."""
+    """Where a redis://, rediss:// or unix:// URL points, and how to log in. A unix:// URL is
+    redis-py's form: unix://[[user]:password@]/path/to/socket[?db=N]."""
 
     host: str
     port: int
@@ -64,17 +65,29 @@ class RedisAddress:
     username: str | None = None
     password: str | None = None
     tls: bool = False
+    path: str | None = None  # a Unix socket's: the server is on this host
 
     @classmethod
     def from_url(cls, url: str) -> RedisAddress:
         parsed = urlparse(url)
-        if parsed.scheme not in ("redis", "rediss"):
-            raise ValueError(f"unsupported Redis URL scheme {parsed.scheme!r} (redis:// or rediss://)")
+        if parsed.scheme not in ("redis", "rediss", "unix"):
+            raise ValueError(f"unsupported Redis URL scheme {parsed.scheme!r} (redis://, rediss:// or unix://)")
+        username = unquote(parsed.username) if parsed.username else None
+        password = unquote(parsed.password) if parsed.password else None
+        if parsed.scheme == "unix":
+            query = parse_qs(parsed.query)
+            if not parsed.path:
+                raise ValueError("a unix:// Redis URL names the socket's path: unix:///path/to/socket")
+            return cls(host="", port=0, db=int(query.get("db", ["0"])[0]), username=username,
+                       password=password or query.get("password", [None])[0], path=unquote(parsed.path))
         path = parsed.path.strip("/")
         return cls(host=parsed.hostname or "127.0.0.1", port=parsed.port or 6379, db=int(path) if path else 0,
-                   username=unquote(parsed.username) if parsed.username else None,
-                   password=unquote(parsed.password) if parsed.password else None,
-                   tls=parsed.scheme == "rediss")
+                   username=username, password=password, tls=parsed.scheme == "rediss")
+
+    @property
+    def where(self) -> str:
+        """The address as an error message names it."""
+        return self.path or f"{self.host}:{self.port}"
 
     def login(self, client_name: str | None = None, *, select_db: bool = True) -> list[tuple[Any, ...]]:
         """The commands that open a session on a fresh connection."""
@@ -219,12 +232,14 @@ class LeanRedis:
         loop = asyncio.get_running_loop()
         context = ssl.create_default_context() if address.tls else None
         try:
-            _, conn = await asyncio.wait_for(
-                loop.create_connection(lambda: _Replies(self.reply_timeout), address.host, address.port,
-                                       ssl=context),
-                self.connect_timeout)
+            if address.path:
+                opening = loop.create_unix_connection(lambda: _Replies(self.reply_timeout), address.path)
+            else:
+                opening = loop.create_connection(lambda: _Replies(self.reply_timeout), address.host, address.port,
+                                                 ssl=context)
+            _, conn = await asyncio.wait_for(opening, self.connect_timeout)
         except (OSError, TimeoutError) as error:
-            raise RedisConnectionError(f"cannot connect to Redis at {address.host}:{address.port}: {error}") from error
+            raise RedisConnectionError(f"cannot connect to Redis at {address.where}: {error}") from error
         login = address.login(self.client_name)
         try:
             if login:

@@ -12,7 +12,7 @@ from typing import Any
 from redis.asyncio import Redis
 
 from sluicegate.sessions import keys
-from sluicegate.sessions.connect import async_client, async_node_for_key
+from sluicegate.sessions.connect import async_client, async_node_for_key, tcp_keepalive
 from sluicegate.sessions.events import Event
 from sluicegate.sessions.registry import declare_group, register_group
 from sluicegate.sessions.resp import LeanRedis
@@ -137,7 +137,7 @@ class RunStore:
                        lease_seconds=lease_seconds, session_ttl=session_ttl, cluster=True, model=model,
                        max_attempts=max_attempts)
         redis = Redis.from_url(redis_url, client_name=client_name, socket_timeout=reply_timeout,
-                               socket_connect_timeout=5, socket_keepalive=True)
+                               socket_connect_timeout=5, **tcp_keepalive(redis_url))
         return cls(redis, lean=LeanRedis(redis_url, client_name=client_name, reply_timeout=reply_timeout),
                    inbox=LeanRedis(redis_url, client_name=client_name, reply_timeout=reply_timeout, blocking=True),
                    worker_id=worker_id, group=group, lease_seconds=lease_seconds, session_ttl=session_ttl,

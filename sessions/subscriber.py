@@ -63,7 +63,11 @@ async def open_connection(address: RedisAddress, timeout: float, client_name: st
                           ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, hiredis.Reader]:
     """A logged-in connection (no SELECT: channels are not per database) and its reply parser."""
     context = ssl.create_default_context() if address.tls else None
-    reader, writer = await asyncio.wait_for(asyncio.open_connection(address.host, address.port, ssl=context), timeout)
+    if address.path:
+        opening = asyncio.open_unix_connection(address.path)
+    else:
+        opening = asyncio.open_connection(address.host, address.port, ssl=context)
+    reader, writer = await asyncio.wait_for(opening, timeout)
     sock = writer.get_extra_info("socket")
     if sock is not None:
         with contextlib.suppress(OSError):
@@ -225,6 +229,10 @@ class Subscriber:
             slot = self._slots[channel] = key_slot(channel.encode())
         return slot
 
+    def _where(self, node: Node) -> str:
+        """A node as a log line names it (a Unix socket: its path)."""
+        return self.address.path or f"{node[0]}:{node[1]}"
+
     def _node(self, channel: str) -> Node | None:
         if not self.cluster:
             return self._seed
@@ -301,7 +309,7 @@ class Subscriber:
             except asyncio.CancelledError:
                 raise
             except Exception as error:  # noqa: BLE001 - any failure: reconnect and resubscribe
-                log.warning("subscriber connection to %s:%d lost (%s); reconnecting", *link.node, error)
+                log.warning("subscriber connection to %s lost (%s); reconnecting", self._where(link.node), error)
             finally:
                 writer, link.writer = link.writer, None
                 link.pending.clear()
@@ -331,7 +339,8 @@ class Subscriber:
     def _on_reply(self, link: _Link, frame: object) -> None:
         if isinstance(frame, hiredis.ReplyError):  # MOVED, CROSSSLOT, CLUSTERDOWN, ...: its command failed
             kind, names = link.pending.popleft() if link.pending else (b"", deque())
-            log.warning("%s on %s:%d refused (%s); rerouting", kind.decode().upper() or "a command", *link.node, frame)
+            log.warning("%s on %s refused (%s); rerouting", kind.decode().upper() or "a command",
+                        self._where(link.node), frame)
             if kind == SSUBSCRIBE:
                 self._relocate(link, names)
             return

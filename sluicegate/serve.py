@@ -115,10 +115,12 @@ def serve(settings: Settings, groups: Sequence[GroupConfig] = ()) -> int:
         # The children use the store we started: they start none themselves.
         if store.password:
             write_url_file(store.data_dir, store.url)
-        settings = settings.replace(redis_url=store.url, redis_cluster=store.cluster, embedded_cluster=0)
-        log.info("embedded Valkey %s on %s (AOF, appendfsync %s) in %s",
+        # ... over its Unix socket when it has one (the URL file and the log name its TCP address, for tools)
+        settings = settings.replace(redis_url=store.local_url, redis_cluster=store.cluster, embedded_cluster=0)
+        log.info("embedded Valkey %s on %s (AOF, appendfsync %s) in %s%s",
                  f"cluster of {store.masters} masters" if isinstance(store, EmbeddedCluster) else "server",
-                 redacted(store.url), settings.appendfsync, store.data_dir)
+                 redacted(store.url), settings.appendfsync, store.data_dir,
+                 "; its processes connect over its Unix socket" if store.local_url != store.url else "")
     if settings.redis_cluster and not settings.rq_redis_url:
         log.info("Redis Cluster without --rq-redis-url: the workers' rq presence is off (rq has no cluster "
                  "support, rq#1942)")

@@ -328,6 +328,9 @@ max_concurrency = 2
         workers = wait_for(lambda: (w := _workers(proc.pid)) and len(w) == 2 and w, timeout=10, what="2 workers")
         backed = next(pid for pid, e in workers.items() if e["SLUICEGATE_GROUP"] == "backed")
         assert workers[backed]["SLUICEGATE_ENGINE"] == "openai" and workers[backed]["SLUICEGATE_SLOTS"] == "3"
+        if not ON_CLUSTER:  # its processes reach the embedded server over its Unix socket, the owner's only
+            url, sock = workers[backed]["SLUICEGATE_REDIS_URL"], tmp_path / "data" / "valkey" / "valkey.sock"
+            assert url.startswith("unix://:") and f"@{sock}?" in url and sock.stat().st_mode & 0o777 == 0o700
         assert workers[backed]["SLUICEGATE_BACKEND_MODEL"] == "backed-model"
         os.kill(backed, signal.SIGKILL)
         again = wait_for(lambda: {p: e for p, e in _workers(proc.pid).items() if p != backed and

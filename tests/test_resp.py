@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 
 import pytest
 import redis
 from redis.exceptions import BusyLoadingError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from sluicegate.embedded import free_port
+from sluicegate.embedded import EmbeddedServer, free_port
 from sluicegate.sessions.resp import LeanRedis, RedisAddress, encode, reply_error
 
 # The lean client speaks to one server (on a cluster the stack uses redis-py's cluster client).
@@ -158,6 +159,52 @@ def test_login_and_database_from_the_url(redis_url: str, r: redis.Redis) -> None
     finally:
         r.config_set("requirepass", "")
     assert r.get("where") is None  # written to database 3, not 0
+
+
+def test_a_unix_socket_url_logs_in_and_selects_its_database(valkey_server: EmbeddedServer, redis_url: str,
+                                                             r: redis.Redis) -> None:
+    """redis-py's unix:// form, which settings accept and serve hands its processes for the embedded server
+    (EmbeddedServer.local_url): the password in the URL or its query, the database in the query."""
+    path = valkey_server.socket_path
+    assert path is not None and valkey_server.local_url == f"unix://{path}?db=0"
+    assert RedisAddress.from_url(f"unix://{path}?db=2&password=pw") == RedisAddress(
+        host="", port=0, db=2, password="pw", path=str(path))
+    with pytest.raises(ValueError, match="names the socket's path"):
+        RedisAddress.from_url("unix://")
+    r.config_set("requirepass", "s3cret")
+    try:
+        async def main() -> tuple[object, object]:
+            client = LeanRedis(f"unix://:s3cret@{path}?db=3", client_name="lean-unix")
+            try:
+                await client.execute("SET", "where", "db3 over the socket")
+                info = await client.execute("CLIENT", "INFO")
+                return await client.execute("GET", "where"), info
+            finally:
+                await client.aclose()
+
+        value, info = asyncio.run(main())
+        assert value == b"db3 over the socket" and b" db=3 " in info and b"name=lean-unix" in info
+        assert f"addr={path}:0".encode() in info and b" flags=U " in info  # a Unix socket's client
+    finally:
+        r.config_set("requirepass", "")
+    assert r.get("where") is None
+
+
+def test_a_data_dir_too_long_for_a_socket_path_keeps_tcp(tmp_path: Path) -> None:
+    server = EmbeddedServer(data_dir="/tmp/" + "d" * 100, port=6399)
+    assert server.socket_path is None and server.local_url == server.url and "--unixsocket" not in server.command()
+    short = EmbeddedServer(data_dir=str(tmp_path), port=6399, password="p w")
+    assert short.local_url == f"unix://:p%20w@{tmp_path}/valkey.sock?db=0" and "--unixsocket" in short.command()
+    assert RedisAddress.from_url(short.local_url).password == "p w"
+
+
+def test_a_missing_unix_socket_is_a_connection_error(tmp_path: Path) -> None:
+    async def main() -> None:
+        client = LeanRedis(f"unix://{tmp_path}/no.sock", connect_timeout=1)
+        with pytest.raises(RedisConnectionError, match=f"cannot connect to Redis at {tmp_path}/no.sock"):
+            await client.execute("PING")
+
+    asyncio.run(main())
 
 
 def test_commands_sent_in_one_turn_go_out_in_one_write(redis_url: str) -> None:

@@ -14,7 +14,7 @@ import redis
 from redis.cluster import RedisCluster
 from redis.crc import key_slot
 
-from sluicegate.embedded import EmbeddedCluster
+from sluicegate.embedded import EmbeddedCluster, EmbeddedServer
 from sluicegate.sessions import keys
 from sluicegate.sessions.hub import EventHub
 from sluicegate.sessions.subscriber import Subscriber
@@ -79,16 +79,22 @@ class Frames:
 
 
 # ---- one server -------------------------------------------------------------------------------
-def test_spublish_reaches_a_hub_reader_over_one_connection_and_again_after_it_is_killed(redis_url: str,
-                                                                                       r: redis.Redis) -> None:
+@pytest.mark.parametrize("transport", ["tcp", "unix"])
+def test_spublish_reaches_a_hub_reader_over_one_connection_and_again_after_it_is_killed(
+        transport: str, valkey_server: EmbeddedServer, redis_url: str, r: redis.Redis) -> None:
+    """Over TCP, and over the Unix socket that serve's processes use for its embedded server."""
     sessions = ["alpha", "beta", "gamma"]
+    url = redis_url if transport == "tcp" else valkey_server.local_url
+    assert url.startswith("unix://" if transport == "unix" else "redis://")
 
     async def scenario() -> None:
-        hub = EventHub(redis_url, linger_seconds=60)
+        hub = EventHub(url, linger_seconds=60)
         await hub.start()
         try:
             readers = {sid: await hub.join(sid) for sid in sessions}  # each returns once confirmed
             assert len(subscriber_ids(r)) == 1, "the hub must multiplex every session over one connection"
+            (flags,) = [c["flags"] for c in r.client_list() if int(c.get("ssub", 0)) > 0]
+            assert ("U" in flags) == (transport == "unix"), flags
             for sid in sessions:
                 assert r.execute_command("PUBSUB", "SHARDNUMSUB", keys.session_channel(sid))[1] == 1
                 assert r.spublish(keys.session_channel(sid), EVENT) == 1
