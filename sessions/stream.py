@@ -11,13 +11,13 @@ The order of operations is what makes resume exact:
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 
 from sluicegate.sessions import keys
 from sluicegate.sessions.events import Event
 from sluicegate.sessions.hub import EventHub, Reader
+from sluicegate.sessions.idle import IdleDeadline
 from sluicegate.sessions.store import CursorExpired, LogBounds, SessionStore, log_gap
 
 FIRST_PAGE = 16  # small, so a resume sends its first event without reading (and parsing) the backlog first
@@ -157,23 +157,26 @@ class EventStream:
 
     async def _live(self, reader: Reader) -> AsyncIterator[list[Event]]:
         """Step 3: live batches, dropping ids already sent; the log again after a gap, overflow or idle."""
-        while not self.finished:
-            try:
-                async with asyncio.timeout(self.idle_seconds):  # no task per wait, unlike wait_for
-                    live = await reader.queue.get()
-            except TimeoutError:
-                live = None
-            if live is None or reader.overflowed or (live and live[0].seq > self.cursor + 1):
-                # Idle, overflowed or a gap: the log is the truth (a publish may have been missed).
-                reader.overflowed = False
-                sent = False
-                async with aclosing(self._backlog()) as backlog:
-                    async for batch in backlog:
-                        sent = True
-                        yield batch
-                if live is None and not sent:
-                    yield []
-                continue
-            kept = self._keep(live)
-            if kept:
-                yield kept
+        idle = IdleDeadline(self.idle_seconds)  # one timer per idle period, not one per wait (sessions/idle.py)
+        try:
+            while not self.finished:
+                try:
+                    live = await idle.wait(reader.queue.get())
+                except TimeoutError:
+                    live = None
+                if live is None or reader.overflowed or (live and live[0].seq > self.cursor + 1):
+                    # Idle, overflowed or a gap: the log is the truth (a publish may have been missed).
+                    reader.overflowed = False
+                    sent = False
+                    async with aclosing(self._backlog()) as backlog:
+                        async for batch in backlog:
+                            sent = True
+                            yield batch
+                    if live is None and not sent:
+                        yield []
+                    continue
+                kept = self._keep(live)
+                if kept:
+                    yield kept
+        finally:
+            idle.close()

@@ -1,4 +1,4 @@
-"""workers/engines/idle.py: one idle deadline for a whole token stream. Only a wait for the next item can
+"""sessions/idle.py: one idle deadline for a whole stream of waits. Only a wait for the next item can
 time out; the time between waits never counts; a cancel from anyone else stays a cancel. On the loop
 the worker runs (uvloop, whose timers are whole milliseconds) and on asyncio's own."""
 
@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import uvloop
 
-from sluicegate.workers.engines.idle import IdleDeadline
+from sluicegate.sessions.idle import IdleDeadline
 
 LOOPS = {"asyncio": asyncio.run, "uvloop": uvloop.run}
 
@@ -143,3 +143,33 @@ def test_a_fire_the_iterator_swallowed_is_withdrawn(loop: str) -> None:
         return got, task.cancelling()
 
     assert run(loop, main) == ([-1, 0], 0)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_waits_on_a_queue_time_out_alone_and_leave_it_whole(loop: str) -> None:
+    """`wait`, as an event stream waits for its next batch: quick puts never time out; a wait with nothing
+    put raises TimeoutError and its cancelled get takes nothing, so the next put reaches the next wait."""
+    async def main() -> tuple[list[int], bool, int]:
+        queue: asyncio.Queue[int] = asyncio.Queue()
+        deadline = IdleDeadline(0.1)
+
+        async def put_later(n: int, after: float) -> None:
+            await asyncio.sleep(after)
+            queue.put_nowait(n)
+
+        got = []
+        for n in range(20):  # 20 waits of ~20 ms: 400 ms in all, none alone near the deadline
+            later = asyncio.create_task(put_later(n, 0.02))
+            got.append(await deadline.wait(queue.get()))
+            await later
+        try:
+            await deadline.wait(queue.get())
+            timed_out = False
+        except TimeoutError:
+            timed_out = True
+        queue.put_nowait(99)
+        last = await deadline.wait(queue.get())
+        deadline.close()
+        return got, timed_out, last
+
+    assert run(loop, main) == (list(range(20)), True, 99)

@@ -54,12 +54,12 @@ import aiohttp
 import orjson
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_random_exponential
 
+from sluicegate.sessions.idle import IdleDeadline
 from sluicegate.sessions.runs import RunSpec
 from sluicegate.settings import Settings
 from sluicegate.tracing import TRACE_PARAM, Tracing, traced_stream, tracing_for
 from sluicegate.workers.engines.base import EngineError, Finish, Piece, Token
 from sluicegate.workers.engines.http1 import HTTP1Client, HTTPClientError, Response
-from sluicegate.workers.engines.idle import IdleDeadline
 from sluicegate.workers.engines.probe import Capabilities, probe, refused_field, root_of
 from sluicegate.workers.retrying import first_try_then
 

@@ -1,16 +1,18 @@
-"""One idle deadline for a whole token stream.
+"""One idle deadline for a whole stream of waits.
 
-A timeout around each wait for the backend's next chunk (`asyncio.timeout`) made, moved and cancelled a
-timer for every token: about 5% of the worker's samples under load (py-spy, 16-token answers). This arms one
-timer per idle period instead, and a token costs a clock read. As before, only a wait can time out: the
-time between two waits (the run writing its token, while the stream is suspended at its yield) never
-counts, and a cancel from anyone else stays a cancel.
+A timeout around each wait (`asyncio.timeout`) made, moved and cancelled a timer for every one: about 5%
+of the worker's samples under load around each wait for the backend's next chunk (py-spy, 16-token
+answers), and 5% of the API's around each wait of a stream for its next batch of events. This arms one
+timer per idle period instead, and a wait costs a clock read. As before, only a wait can time out: the
+time between two waits (the caller handling what it got) never counts, and a cancel from anyone else
+stays a cancel. Used by the engines' backend streams (workers/engines/openai.py) and the API's event
+streams (sessions/stream.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -18,7 +20,8 @@ EARLY = 0.001  # seconds a timer may fire before its time (uvloop's timers are w
 
 
 class IdleDeadline:
-    """`next(items)` raises TimeoutError when that wait alone lasts `seconds`. Made and used in one task."""
+    """`wait(x)` (and `next(items)`) raises TimeoutError when that wait alone lasts `seconds`. Made and used in
+    one task."""
 
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
@@ -32,12 +35,16 @@ class IdleDeadline:
 
     async def next(self, items: AsyncIterator[T]) -> T | None:
         """The next item, None at the end."""
+        return await self.wait(anext(items, None))
+
+    async def wait(self, awaitable: Awaitable[T]) -> T:
+        """`awaitable`'s result; TimeoutError when it takes `seconds` (it is cancelled then)."""
         self._waiting_since = since = self._loop.time()
         if self._timer is None:
             self._timer = self._loop.call_at(since + self.seconds, self._check)
         before = self._task.cancelling()  # cancels asked before this wait (theirs, not ours)
         try:
-            return await anext(items, None)
+            return await awaitable
         except asyncio.CancelledError:
             if self._fired:  # ours, unless someone else cancelled too (then theirs goes on)
                 self._fired = False
