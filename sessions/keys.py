@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from functools import lru_cache
 
 PREFIX = "sg:"
 BUCKET_ALPHABET = "0123456789abcdefghijklmnopqrstuv"
@@ -36,6 +37,7 @@ TERMINAL_STATUSES = ("done", "failed", "cancelled")
 
 
 # ---- data plane ------------------------------------------------------------------------------
+@lru_cache(maxsize=16384)  # a pure function, asked several times a request (ids, keys, channel): 2% of the API
 def bucket_of_session(sid: str) -> str:
     """The session's bucket: two characters from a stable hash of its id."""
     n = int.from_bytes(hashlib.sha1(sid.encode()).digest()[:4], "big") % BUCKETS_COUNT

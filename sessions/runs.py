@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 from redis.asyncio import Redis
 
 from sluicegate.sessions import keys
@@ -56,7 +57,7 @@ class RunSpec:
     @property
     def messages(self) -> list[dict[str, Any]]:
         if self.input_kind == "m":
-            return list(json.loads(self.input_text))
+            return list(orjson.loads(self.input_text))
         return [{"role": "user", "content": self.input_text}]
 
 
@@ -66,7 +67,7 @@ class RunSpec:
         return cls(request_id=rid, attempt=attempt, session_id=f.get("sid") or "", group=f.get("g") or "",
                    tenant=f.get("tn") or "", priority=int(f.get("p") or 5), max_tokens=int(f.get("mt") or 0),
                    start_index=int(f.get("n") or 0), input_kind=f.get("ik") or "p", input_text=f.get("in") or "",
-                   params=json.loads(f.get("pa") or "{}"))
+                   params=orjson.loads(f.get("pa") or "{}"))
 
 
 @dataclass(frozen=True)
@@ -89,7 +90,7 @@ class Assignment:
         text = raw.decode() if isinstance(raw, bytes) else raw
         head, _, spec = text.partition("\n")
         rid, _, attempt = head.rpartition("|")
-        return cls(rid, attempt, json.loads(spec) if spec else None, taken_at)
+        return cls(rid, attempt, orjson.loads(spec) if spec else None, taken_at)
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ request resumes from its log)."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -117,3 +118,11 @@ def test_a_run_whose_engine_ended_before_its_writer_ran_leaves_every_token_to_it
         assert view["first_token_at"] is not None and view["backend_called_at"] is not None
         events = list(sse(stack.base_url, f"/v1/requests/{rid}/events", timeout=10))
         assert token_indices(events) == list(range(5)) and token_text(events) == sim_text(PROMPT, 5)
+
+
+@pytest.mark.parametrize("text", ['plain ', 'say "hi"\\n', "tab\tnew\nline\r", "\x00\x1f\x7f", "é中文 🙂",
+                                  "\u2028\u2029", "</script>", ""])
+def test_a_token_event_carries_any_text_exactly(text: str) -> None:
+    """A token's event data is JSON that gives back its text exactly, whatever characters it holds."""
+    data = json.loads(token_data("ab1", 7, text))
+    assert data == {"request_id": "ab1", "index": 7, "text": text}

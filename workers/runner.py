@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -55,7 +54,7 @@ class RunOutcome:
 
 def token_data(rid: str, index: int, token: str | Token) -> str:
     if isinstance(token, str):
-        return f'{{"request_id":"{rid}","index":{index},"text":{json.dumps(token, ensure_ascii=False)}}}'
+        return f'{{"request_id":"{rid}","index":{index},"text":{orjson.dumps(token).decode()}}}'
     data: dict[str, Any] = {"request_id": rid, "index": index, "text": token.text}
     if token.delta:
         data["delta"] = token.delta
