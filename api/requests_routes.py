@@ -71,9 +71,18 @@ async def submit_body(request: Request, who: Principal, session_id: str, body: S
                      messages=[m.model_dump() for m in body.messages] if body.messages else None,
                      params=body.params, deadline_ms=body.deadline_ms,
                      fail_on_deadline_miss=body.on_deadline_miss == "fail")
-    reply = await submit_request(request, who, new)
-    await attach_callback(services(request), str(reply["request_id"]), callback)
-    services(request).recent.note(str(reply["request_id"]), new.session_id, new.tenant, int(reply["first_event_id"]))
+    svc = services(request)
+    # A session this process follows: a reader joined before the submit has every event of the request, so
+    # its GET /v1/requests/{id}/events here streams without a log read (api/recent.py).
+    joined = svc.hub.join_live(session_id)
+    try:
+        reply = await submit_request(request, who, new)
+        await attach_callback(svc, str(reply["request_id"]), callback)
+    except BaseException:
+        if joined is not None:
+            svc.hub.leave(session_id, joined)
+        raise
+    svc.recent.note(str(reply["request_id"]), new.session_id, new.tenant, int(reply["first_event_id"]), joined)
     return JSON(reply, status_code=202)
 
 

@@ -33,7 +33,7 @@ class Services:
     recent: RecentSubmits = field(init=False)  # requests just submitted here (api/recent.py)
 
     def __post_init__(self) -> None:
-        self.recent = RecentSubmits(self.settings.session_ttl)
+        self.recent = RecentSubmits(self.settings.session_ttl, leave=self.hub.leave)
 
     @contextmanager
     def stream_open(self) -> Iterator[None]:

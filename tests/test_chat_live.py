@@ -14,10 +14,13 @@ import pytest
 import redis
 from redis.cluster import RedisCluster
 
+from sluicegate.api.recent import READER_MAX_AGE
 from sluicegate.api.services import Services
+from sluicegate.sessions import keys
 from sluicegate.workers.engines.sim import prompt_of, sim_text
-from tests.helpers import Stack
+from tests.helpers import SseEvent, Stack, sse, submit, wait_for
 from tests.openai_helpers import chat_stream
+from tests.worker_helpers import token_text
 
 MESSAGES = [{"role": "user", "content": "follow me"}]
 
@@ -87,3 +90,39 @@ def test_a_reader_that_joined_live_and_missed_events_still_streams_the_whole_ans
         for node, client_id in killed:
             node.client_kill_filter(_id=client_id)
         whole_answer(stack, "followed-3", 8)  # resubscribed, the hub sends the reader to the log
+
+
+def resumable(stack: Stack, session: str, max_tokens: int, last_event_id: int | None = None) -> list[SseEvent]:
+    """Submit, then GET the request's events (the resumable route); every token once, in order."""
+    rid = submit(stack.base_url, session, prompt="follow me too", max_tokens=max_tokens)
+    events = list(sse(stack.base_url, f"/v1/requests/{rid}/events", last_id=last_event_id, timeout=30))
+    assert [e.event for e in events][-1] == "done"
+    return events
+
+
+def test_the_resumable_route_on_a_followed_session_reads_no_log(stack: Stack, log_reads: list[str]) -> None:
+    """The submit takes a reader of the session's channel before it writes (api/recent.py): the GET that
+    follows streams the request from it. A GET with a cursor (a resume) reads the log, as always."""
+    first = resumable(stack, "followed-sse", 6)
+    assert log_reads == ["followed-sse"], "a session not followed yet: the GET joins, then reads the log"
+    for max_tokens in (5, 7, 3):
+        events = resumable(stack, "followed-sse", max_tokens)
+        assert [e.event for e in events] == ["queued", "started", *["token"] * max_tokens, "done"]
+        assert token_text(events) == sim_text("follow me too", max_tokens)
+        assert [e.id for e in events] == list(range(events[0].id, events[0].id + max_tokens + 3)), "none twice"
+    assert log_reads == ["followed-sse"], "followed: every event came live"
+    resumed = resumable(stack, "followed-sse", 4, last_event_id=first[-1].id)  # the log from the first's end
+    assert len(log_reads) > 1 and set(log_reads) == {"followed-sse"}
+    assert token_text(resumed) == sim_text("follow me too", 4)
+
+
+def test_a_reader_the_get_never_takes_is_given_back(stack: Stack) -> None:
+    """A submit on a followed session whose events nobody GETs: its reader leaves the hub in time, and the
+    session's channel is left once it has no reader (after the hub's linger)."""
+    resumable(stack, "followed-untaken", 2)
+    svc: Services = stack._server.config.app.state.services  # noqa: SLF001
+    channel = svc.hub._channels[keys.session_channel("followed-untaken")]  # noqa: SLF001
+    submit(stack.base_url, "followed-untaken", prompt="nobody reads me", max_tokens=2)
+    assert len(channel.readers) == 1, "the submit's reader waits for its GET"
+    wait_for(lambda: not svc.recent.readers and not channel.readers, timeout=READER_MAX_AGE + 5,
+             what="the untaken reader given back, with no other call to the process")

@@ -4,10 +4,12 @@ just submitted streams without a read of its head, and a head lost from the stor
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 
-from sluicegate.api.recent import RecentSubmits
+from sluicegate.api.recent import READER_MAX_AGE, Accepted, RecentSubmits
+from sluicegate.sessions.hub import Reader
 from sluicegate.sessions.store import LogBounds
 from tests.helpers import Stack, call, sse, submit
 
@@ -58,12 +60,24 @@ def test_event_streams_keep_sse_starlettes_headers(stack: Stack) -> None:
 
 def test_recent_submits_are_taken_once_and_age_out() -> None:
     now = [0.0]
-    recent = RecentSubmits(session_ttl=4, clock=lambda: now[0])
+    left: list[tuple[str, Reader]] = []
+    recent = RecentSubmits(session_ttl=8, clock=lambda: now[0], leave=lambda sid, reader: left.append((sid, reader)))
     recent.note("r1", "s", "t", 7)
-    assert recent.take("r1") == {"sid": "s", "tn": "t", "fs": "7"} and recent.take("r1") is None
+    assert recent.take("r1") == Accepted({"sid": "s", "tn": "t", "fs": "7"}) and recent.take("r1") is None
     recent.note("r2", "s", "t", 8)
-    now[0] = 2.5  # past half the session TTL
+    now[0] = 4.5  # past half the session TTL
     assert recent.take("r2") is None
+    # a reader is handed to the GET that takes it; one nobody takes is given back after READER_MAX_AGE
+    taken, untaken = Reader(8), Reader(8)
+
+    async def readers() -> None:
+        recent.note("r3", "s3", "t", 9, taken)
+        recent.note("r4", "s4", "t", 10, untaken)
+        assert recent.take("r3") == Accepted({"sid": "s3", "tn": "t", "fs": "9"}, taken) and left == []
+        now[0] += READER_MAX_AGE + 0.1
+        assert recent.take("r4") == Accepted({"sid": "s4", "tn": "t", "fs": "10"}) and left == [("s4", untaken)]
+
+    asyncio.run(readers())
 
 
 def test_a_first_event_lost_in_a_restart_is_not_held() -> None:
