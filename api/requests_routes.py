@@ -73,8 +73,9 @@ async def submit_body(request: Request, who: Principal, session_id: str, body: S
                      fail_on_deadline_miss=body.on_deadline_miss == "fail")
     svc = services(request)
     # A session this process follows: a reader joined before the submit has every event of the request, so
-    # its GET /v1/requests/{id}/events here streams without a log read (api/recent.py).
-    joined = svc.hub.join_live(session_id)
+    # its GET /v1/requests/{id}/events here streams without a log read (api/recent.py). Not in push mode (a
+    # callback_url): that caller is told the outcome, and no GET is expected.
+    joined = svc.hub.join_live(session_id) if callback is None else None
     try:
         reply = await submit_request(request, who, new)
         await attach_callback(svc, str(reply["request_id"]), callback)

@@ -106,7 +106,8 @@ async def request_stream(svc: Services, who: Principal, request_id: str, request
     """GET /v1/requests/{id}/events once the caller is known (the route and api/hot_path.py). Two reads:
     the request's head (none for a request this process has just accepted: api/recent.py), then (after
     joining its session's channel, unless it ended) the log's first page, whose bounds check the cursor,
-    instead of a separate read of them first."""
+    instead of a separate read of them first. None at all for a request accepted here on a session this
+    process follows (accepted_stream)."""
     accepted = None if reread else svc.recent.take(request_id)
     if accepted is not None and accepted.reader is not None:
         return await accepted_stream(svc, who, request_id, request, accepted.head, accepted.reader)

@@ -286,7 +286,9 @@ def _where(url: str) -> str:
 
 
 def redacted(url: str) -> str:
-    """The URL with any password masked: messages end up in logs."""
+    """The URL with any password masked (in its user part, or a unix:// URL's `?password=`): messages end up
+    in logs."""
+    url = re.sub(r"([?&])password=[^&#]*", r"\1password=***", url)
     parts = urlsplit(url)
     if parts.password is None:
         return url

@@ -67,7 +67,7 @@ class RunSpec:
         return cls(request_id=rid, attempt=attempt, session_id=f.get("sid") or "", group=f.get("g") or "",
                    tenant=f.get("tn") or "", priority=int(f.get("p") or 5), max_tokens=int(f.get("mt") or 0),
                    start_index=int(f.get("n") or 0), input_kind=f.get("ik") or "p", input_text=f.get("in") or "",
-                   params=orjson.loads(f.get("pa") or "{}"))
+                   params=json.loads(f.get("pa") or "{}"))  # not orjson: it refuses a lone surrogate
 
 
 @dataclass(frozen=True)

@@ -175,7 +175,7 @@ class Subscriber:
         while not self._ready():
             if time.monotonic() > deadline:
                 where = "the cluster at" if self.cluster else "the server at"
-                raise TimeoutError(f"subscriptions not confirmed by {where} {self._seed[0]}:{self._seed[1]} "
+                raise TimeoutError(f"subscriptions not confirmed by {where} {self._where(self._seed)} "
                                    f"within {timeout:g} s")
             await asyncio.sleep(0.01)
 

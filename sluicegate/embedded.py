@@ -108,7 +108,7 @@ MAX_SOCKET_PATH = 100  # bytes: a Unix socket's path must fit sun_path (108 on L
 def unix_url(path: Path, password: str | None) -> str:
     """redis-py's form of a Unix socket URL (sessions/resp.py reads the same)."""
     auth = f":{quote(password, safe='')}@" if password else ""
-    return f"unix://{auth}{path}?db=0"
+    return f"unix://{auth}{quote(str(path), safe='/')}?db=0"  # a `#`, `?` or `%` in the path stays the path's
 
 
 def persistence_args(appendfsync: str, persistent: bool) -> list[str]:

@@ -9,7 +9,8 @@ import asyncio
 import redis
 
 from sluicegate.sessions import keys
-from sluicegate.sessions.runs import Assignment, RunStore
+from sluicegate.sessions.requests import NewRequest
+from sluicegate.sessions.runs import Assignment, RunSpec, RunStore
 from sluicegate.workers.engines.sim import SimEngine
 from sluicegate.workers.worker import Worker
 from tests.helpers import ON_CLUSTER, Stack, call, fast_settings, submit, wait_for
@@ -125,3 +126,12 @@ def test_a_burst_of_assignments_is_read_in_one_round_trip_in_dispatch_order(redi
     finally:
         run(worker.aclose())
         stack.stop()
+
+
+def test_params_with_any_json_string_reach_the_run() -> None:
+    """Params are stored as the submit encoded them (json.dumps, non-ASCII escaped): a lone surrogate is a
+    valid JSON escape there, and the run spec reads it back (orjson would refuse it)."""
+    new = NewRequest(session_id="s", max_tokens=1, priority=5, tenant="t", group="g", prompt="p",
+                     params={"stop": ["\ud800", "é"]})
+    spec = RunSpec.from_fields("r", "1", {"pa": new.params_json, "in": "p", "ik": "p"})
+    assert spec.params == {"stop": ["\ud800", "é"]}

@@ -114,6 +114,9 @@ def test_the_resumable_route_on_a_followed_session_reads_no_log(stack: Stack, lo
     resumed = resumable(stack, "followed-sse", 4, last_event_id=first[-1].id)  # the log from the first's end
     assert len(log_reads) > 1 and set(log_reads) == {"followed-sse"}
     assert token_text(resumed) == sim_text("follow me too", 4)
+    svc: Services = stack._server.config.app.state.services  # noqa: SLF001
+    channel = svc.hub._channels[keys.session_channel("followed-sse")]  # noqa: SLF001
+    wait_for(lambda: not channel.readers and not svc.recent.readers, what="every reader left, the resume's too")
 
 
 def test_a_reader_the_get_never_takes_is_given_back(stack: Stack) -> None:
@@ -122,7 +125,8 @@ def test_a_reader_the_get_never_takes_is_given_back(stack: Stack) -> None:
     resumable(stack, "followed-untaken", 2)
     svc: Services = stack._server.config.app.state.services  # noqa: SLF001
     channel = svc.hub._channels[keys.session_channel("followed-untaken")]  # noqa: SLF001
+    wait_for(lambda: not channel.readers, what="the first stream gone")
     submit(stack.base_url, "followed-untaken", prompt="nobody reads me", max_tokens=2)
-    assert len(channel.readers) == 1, "the submit's reader waits for its GET"
+    assert len(channel.readers) == 1 and len(svc.recent.readers) == 1, "the submit's reader waits for its GET"
     wait_for(lambda: not svc.recent.readers and not channel.readers, timeout=READER_MAX_AGE + 5,
              what="the untaken reader given back, with no other call to the process")

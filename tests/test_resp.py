@@ -13,6 +13,7 @@ from redis.exceptions import BusyLoadingError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from sluicegate.embedded import EmbeddedServer, free_port
+from sluicegate.sessions.connect import redacted
 from sluicegate.sessions.resp import LeanRedis, RedisAddress, encode, reply_error
 
 # The lean client speaks to one server (on a cluster the stack uses redis-py's cluster client).
@@ -196,6 +197,14 @@ def test_a_data_dir_too_long_for_a_socket_path_keeps_tcp(tmp_path: Path) -> None
     short = EmbeddedServer(data_dir=str(tmp_path), port=6399, password="p w")
     assert short.local_url == f"unix://:p%20w@{tmp_path}/valkey.sock?db=0" and "--unixsocket" in short.command()
     assert RedisAddress.from_url(short.local_url).password == "p w"
+    odd = EmbeddedServer(data_dir=str(tmp_path / "a#b?c%d"), port=6399)  # characters a URL would take apart
+    assert RedisAddress.from_url(odd.local_url).path == str(tmp_path / "a#b?c%d" / "valkey.sock")
+
+
+def test_a_password_in_a_url_is_masked_in_logs() -> None:
+    assert redacted("redis://:s3cret@h:1/0") == "redis://:***@h:1/0" and redacted("redis://h:1/0") == "redis://h:1/0"
+    assert redacted("unix://:s3cret@/run/v.sock?db=0") == "unix://:***@/run/v.sock?db=0"
+    assert redacted("unix:///run/v.sock?db=1&password=s3cret") == "unix:///run/v.sock?db=1&password=***"
 
 
 def test_a_missing_unix_socket_is_a_connection_error(tmp_path: Path) -> None:
