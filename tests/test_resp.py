@@ -139,23 +139,30 @@ def test_a_reply_overdue_fails_the_connection_instead_of_hanging(redis_url: str)
     assert waited < 2 and pong == b"PONG"
 
 
+def set_and_get_in_db3(url: str, client_name: str) -> tuple[object, object]:
+    """SET then GET through a lean client on `url` (which names database 3), and its CLIENT INFO."""
+    async def main() -> tuple[object, object]:
+        client = LeanRedis(url, client_name=client_name)
+        try:
+            await client.execute("SET", "where", "db3")
+            info = await client.execute("CLIENT", "INFO")
+            return await client.execute("GET", "where"), info
+        finally:
+            await client.aclose()
+
+    return asyncio.run(main())
+
+
 def test_login_and_database_from_the_url(redis_url: str, r: redis.Redis) -> None:
     address = RedisAddress.from_url(redis_url)
     r.config_set("requirepass", "s3cret")
     try:
-        async def main() -> tuple[object, object]:
-            wrong = LeanRedis(f"redis://:nope@{address.host}:{address.port}/0")
+        async def refused() -> None:
             with pytest.raises(RedisConnectionError, match="refused the login"):
-                await wrong.execute("PING")
-            client = LeanRedis(f"redis://:s3cret@{address.host}:{address.port}/3", client_name="lean-login")
-            try:
-                await client.execute("SET", "where", "db3")
-                info = await client.execute("CLIENT", "INFO")
-                return await client.execute("GET", "where"), info
-            finally:
-                await client.aclose()
+                await LeanRedis(f"redis://:nope@{address.host}:{address.port}/0").execute("PING")
 
-        value, info = asyncio.run(main())
+        asyncio.run(refused())
+        value, info = set_and_get_in_db3(f"redis://:s3cret@{address.host}:{address.port}/3", "lean-login")
         assert value == b"db3" and b" db=3 " in info and b"name=lean-login" in info
     finally:
         r.config_set("requirepass", "")
@@ -174,17 +181,8 @@ def test_a_unix_socket_url_logs_in_and_selects_its_database(valkey_server: Embed
         RedisAddress.from_url("unix://")
     r.config_set("requirepass", "s3cret")
     try:
-        async def main() -> tuple[object, object]:
-            client = LeanRedis(f"unix://:s3cret@{path}?db=3", client_name="lean-unix")
-            try:
-                await client.execute("SET", "where", "db3 over the socket")
-                info = await client.execute("CLIENT", "INFO")
-                return await client.execute("GET", "where"), info
-            finally:
-                await client.aclose()
-
-        value, info = asyncio.run(main())
-        assert value == b"db3 over the socket" and b" db=3 " in info and b"name=lean-unix" in info
+        value, info = set_and_get_in_db3(f"unix://:s3cret@{path}?db=3", "lean-unix")
+        assert value == b"db3" and b" db=3 " in info and b"name=lean-unix" in info
         assert f"addr={path}:0".encode() in info and b" flags=U " in info  # a Unix socket's client
     finally:
         r.config_set("requirepass", "")
