@@ -3,15 +3,17 @@
 -- decision reads only its group's slot). Defaults come from sluicegate/settings.py.
 
 local POLICY_DEFAULTS = { {{POLICY_DEFAULTS}} }
-local policy_cache, policy_of, policy_call = nil, nil, -1 -- per call and group: an admin may change it
-
+-- Read once per call and group (call.lua per_call): an admin may change it between calls.
 local function policy(cp)
-  if policy_cache and policy_of == cp and policy_call == call_id then return policy_cache end
-  policy_cache, policy_of, policy_call = {}, cp, call_id
-  for name, value in pairs(POLICY_DEFAULTS) do policy_cache[name] = value end
+  local key = 'policy|' .. cp
+  local pol = per_call[key]
+  if pol then return pol end
+  pol = {}
+  for name, value in pairs(POLICY_DEFAULTS) do pol[name] = value end
   local stored = redis.call('HGETALL', cp .. 'pol')
-  for i = 1, #stored, 2 do policy_cache[stored[i]] = tonumber(stored[i + 1]) end
-  return policy_cache
+  for i = 1, #stored, 2 do pol[stored[i]] = tonumber(stored[i + 1]) end
+  per_call[key] = pol
+  return pol
 end
 
 local function weight(cp, tenant)

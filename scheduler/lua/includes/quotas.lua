@@ -2,17 +2,17 @@
 -- into debt by a reservation (reserved at dispatch, reconciled when the run ends), and a cap on
 -- concurrency (runs in flight, including those being stopped).
 
--- Read once per call and group, as policy() is (a finish reads it to refund, then to fill the freed slot);
--- only the admin API writes it, never a function. Callers do not change the table.
-local quota_cache, quota_of, quota_call = nil, nil, -1
-
+-- Read once per call and group, as policy() is (call.lua per_call: a finish reads it to refund, then to
+-- fill the freed slot); only the admin API writes it, never a function. Callers do not change the table.
 local function quota_config(cp)
-  if quota_cache and quota_of == cp and quota_call == call_id then return quota_cache end
+  local key = 'quota|' .. cp
+  local cfg = per_call[key]
+  if cfg then return cfg end
   local c = redis.call('HMGET', cp .. 'cfg', 'requests_per_second', 'tokens_per_second', 'burst',
     'max_concurrency', 'burst_tokens')
-  local cfg = { rps = tonumber(c[1]), tps = tonumber(c[2]), burst = tonumber(c[3]) or 1, mc = tonumber(c[4]) }
+  cfg = { rps = tonumber(c[1]), tps = tonumber(c[2]), burst = tonumber(c[3]) or 1, mc = tonumber(c[4]) }
   if cfg.tps then cfg.cap = tonumber(c[5]) or cfg.tps end
-  quota_cache, quota_of, quota_call = cfg, cp, call_id
+  per_call[key] = cfg
   return cfg
 end
 

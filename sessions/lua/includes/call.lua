@@ -8,7 +8,9 @@ local pinned_clock = false -- tests pin the clock with sg:clock; production neve
 -- A single-server call runs both planes' steps of a transition itself (flag "S"); on a cluster each
 -- step is a call of its own, in the slot of its plane (README, "Growing past one Redis").
 local single_server = false
-local call_id = 0 -- tells a per-call cache (policy.lua) that a new call began
+-- What a call reads once and keeps for its own length, by key: a group's policy and quota config
+-- (policy.lua, quotas.lua), which only the admin API writes. Reset by begin_call.
+local per_call = {}
 
 -- Milliseconds since the epoch from the server clock, so every process agrees on "now".
 local function clock()
@@ -26,7 +28,7 @@ local outbox, outbox_sessions = {}, {} -- per call: the events emitted, by sessi
 local function begin_call(flags)
   pinned_clock = string.find(flags, 'T', 1, true) ~= nil
   single_server = string.find(flags, 'S', 1, true) ~= nil
-  call_id = call_id + 1
+  per_call = {}
   outbox, outbox_sessions = {}, {}
   checked_metas = {}
 end
