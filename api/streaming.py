@@ -14,7 +14,6 @@ from sluicegate.api.responses import EventStreamResponse, LastChunk
 from sluicegate.api.services import Services, services
 from sluicegate.api.stream_tokens import request_stream_principal, session_stream_principal
 from sluicegate.sessions import keys
-from sluicegate.sessions.hub import Reader
 from sluicegate.sessions.store import LogBounds
 from sluicegate.sessions.stream import EventStream
 
@@ -107,62 +106,46 @@ async def request_stream(svc: Services, who: Principal, request_id: str, request
     the request's head (none for a request this process has just accepted: api/recent.py), then (after
     joining its session's channel, unless it ended) the log's first page, whose bounds check the cursor,
     instead of a separate read of them first. None at all for a request accepted here on a session this
-    process follows (accepted_stream)."""
+    process follows, unless it resumes: the reader that joined before the submit has every event."""
     accepted = None if reread else svc.recent.take(request_id)
-    if accepted is not None and accepted.reader is not None:
-        return await accepted_stream(svc, who, request_id, request, accepted.head, accepted.reader)
     known = accepted.head if accepted is not None else None
-    head = known or await svc.store.request_head(request_id)
-    if head is None or (who.tenant and head.get("tn") != who.tenant):
-        raise ApiError(404, f"no request {request_id!r}")
+    joined = accepted.reader if accepted is not None else None
+    try:
+        head = known or await svc.store.request_head(request_id)
+        if head is None or (who.tenant and head.get("tn") != who.tenant):
+            raise ApiError(404, f"no request {request_id!r}")
+        cursor = resume_cursor(request)
+    except BaseException:
+        if accepted is not None and joined is not None:
+            svc.hub.leave(accepted.head["sid"], joined)
+        raise
     sid, status = head["sid"], head.get("st")
-    cursor = resume_cursor(request)
     resuming = cursor > 0
+    if joined is not None and resuming:  # a resume is checked against the log: the usual way
+        svc.hub.leave(sid, joined)
+        joined = None
     if not resuming:
         cursor = int(head.get("fs", 1)) - 1
     stream = EventStream(svc.store, svc.hub, sid, after=cursor, request_id=request_id,
-                         request_status="queued" if known else status, idle_seconds=svc.settings.sse_ping_seconds)
-    bounds = await stream.open()
-    if known and not bounds.holds(int(known["fs"])):  # lost in a store restart: read the request itself
-        stream.close()
-        return await request_stream(svc, who, request_id, request, reread=True)
+                         request_status="queued" if known else status, idle_seconds=svc.settings.sse_ping_seconds,
+                         joined=joined)
     try:
-        if resuming:
-            check_cursor(sid, cursor, bounds)
-        elif (known or status in keys.TERMINAL_STATUSES) and cursor < bounds.oldest_kept - 1:
-            # An ended request's first events may have been trimmed (--session-log-max-events): a
-            # stream of it would miss them. A request that has not ended keeps all of its events (the
-            # log is never trimmed past its session's head's `queued` event, and the queue is in order),
-            # so for a request of unknown status (just accepted) this can only fire once it has ended.
-            raise cursor_expired(sid, cursor, bounds.oldest_kept)
+        if joined is None:  # (else every event of the request comes live: no log read, nothing to check in it)
+            bounds = await stream.open()
+            if known and not bounds.holds(int(known["fs"])):  # lost in a store restart: read the request itself
+                stream.close()
+                return await request_stream(svc, who, request_id, request, reread=True)
+            if resuming:
+                check_cursor(sid, cursor, bounds)
+            elif (known or status in keys.TERMINAL_STATUSES) and cursor < bounds.oldest_kept - 1:
+                # An ended request's first events may have been trimmed (--session-log-max-events): a
+                # stream of it would miss them. A request that has not ended keeps all of its events (the
+                # log is never trimmed past its session's head's `queued` event, and the queue is in order),
+                # so for a request of unknown status (just accepted) this can only fire once it has ended.
+                raise cursor_expired(sid, cursor, bounds.oldest_kept)
         release = await svc.guardrails.open_stream(who)
     except BaseException:
-        stream.close()
-        raise
-    return sse_response(svc, stream, release)
-
-
-async def accepted_stream(svc: Services, who: Principal, request_id: str, request: Request, head: dict[str, str],
-                          reader: Reader) -> EventStreamResponse:
-    """A request this process has just accepted on a session it follows: `reader` joined before the submit,
-    so every event of the request comes live and the stream reads no log (api/recent.py). A resume (a
-    cursor) takes the usual way, which checks the cursor against the log."""
-    try:
-        if who.tenant and head["tn"] != who.tenant:
-            raise ApiError(404, f"no request {request_id!r}")
-        resuming = resume_cursor(request) > 0
-    except BaseException:
-        svc.hub.leave(head["sid"], reader)
-        raise
-    if resuming:
-        svc.hub.leave(head["sid"], reader)
-        return await request_stream(svc, who, request_id, request, reread=True)
-    stream = EventStream(svc.store, svc.hub, head["sid"], after=int(head["fs"]) - 1, request_id=request_id,
-                         request_status="queued", idle_seconds=svc.settings.sse_ping_seconds, joined=reader)
-    try:
-        release = await svc.guardrails.open_stream(who)
-    except BaseException:
-        stream.close()
+        stream.close()  # idempotent
         raise
     return sse_response(svc, stream, release)
 
