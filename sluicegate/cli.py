@@ -207,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "api":
         import uvicorn
 
+        from sluicegate.api.joined_writes import JoinedWritesProtocol
+
         if not settings.redis_url:
             print("sluicegate api: --redis-url is required", file=sys.stderr)
             return 2
@@ -217,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         # on that socket (each a whole API with its own Redis pool); SIGINT/SIGTERM to it stops them all, and
         # it restarts one that dies. The API keeps no state of its own, so they need nothing shared.
         uvicorn.run("sluicegate.api.app:serving_app", factory=True, host=settings.host, port=settings.port,
+                    http=JoinedWritesProtocol,  # uvicorn's httptools protocol, one write a turn of the loop
                     log_level=settings.log_level.lower(), access_log=settings.access_log, timeout_graceful_shutdown=5,
                     workers=settings.api_processes if settings.api_processes > 1 else None)
         return 0

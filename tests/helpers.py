@@ -69,10 +69,11 @@ class Stack:
         self._thread.start()
         if api:
             from sluicegate.api.app import create_app
+            from sluicegate.api.joined_writes import JoinedWritesProtocol
 
             self.port = free_port()
             config = uvicorn.Config(create_app(self.settings), host="127.0.0.1", port=self.port, log_level="warning",
-                                    access_log=False, lifespan="on")
+                                    access_log=False, lifespan="on", http=JoinedWritesProtocol)  # as `sluicegate api`
             self._server = uvicorn.Server(config)
             self._tasks["api"] = asyncio.run_coroutine_threadsafe(self._server.serve(), self.loop)
             deadline = time.monotonic() + 15

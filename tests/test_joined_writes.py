@@ -1,0 +1,173 @@
+"""The API's HTTP protocol writes once per connection and turn of the event loop (api/joined_writes.py):
+a response's head and body sent together go out in one write, a head whose body comes later goes out
+on its own at once, and closing never loses what is held. Checked on a recording transport, and on a
+real uvicorn server with a raw socket client."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import uvicorn
+
+from sluicegate.api.joined_writes import FLUSH_BYTES, JoinedWrites, JoinedWritesProtocol
+from sluicegate.embedded import free_port
+
+
+class Recorder(asyncio.Transport):
+    """The socket side: what reached it, write by write."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[bytes] = []
+        self.closing = False
+        self.closed = self.aborted = False
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        assert not self.closed, "a write after close"
+        self.writes.append(bytes(data))
+
+    def is_closing(self) -> bool:
+        return self.closing or self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    def abort(self) -> None:
+        self.aborted = True
+
+    def get_write_buffer_size(self) -> int:
+        return 7
+
+
+def on_loop(test: Any) -> None:
+    async def main() -> None:
+        recorder = Recorder()
+        await test(recorder, JoinedWrites(recorder, asyncio.get_running_loop()))
+
+    asyncio.run(main())
+
+
+def test_writes_in_one_turn_go_out_as_one_at_its_end_and_later_turns_write_again() -> None:
+    async def test(recorder: Recorder, joined: JoinedWrites) -> None:
+        joined.write(b"HTTP/1.1 202 Accepted\r\n\r\n")
+        joined.write(b"")
+        joined.write(b'{"ok": 1}')
+        assert recorder.writes == []  # held for the rest of the turn
+        assert joined.get_write_buffer_size() == 7 + 25 + 9
+        await asyncio.sleep(0)
+        assert recorder.writes == [b'HTTP/1.1 202 Accepted\r\n\r\n{"ok": 1}']
+        joined.write(b"data: 1\n\n")
+        await asyncio.sleep(0)
+        joined.writelines([b"data: 2\n\n", b"0\r\n\r\n"])
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert recorder.writes[1:] == [b"data: 1\n\n", b"data: 2\n\n0\r\n\r\n"]
+        assert joined.get_write_buffer_size() == 7
+
+    on_loop(test)
+
+
+def test_past_the_flush_size_what_is_held_goes_out_at_once() -> None:
+    async def test(recorder: Recorder, joined: JoinedWrites) -> None:
+        joined.write(b"h")
+        joined.write(b"x" * FLUSH_BYTES)
+        assert recorder.writes == [b"h" + b"x" * FLUSH_BYTES]  # the transport's flow control sees it now
+        joined.write(b"tail")
+        await asyncio.sleep(0)
+        assert recorder.writes[1:] == [b"tail"]
+
+    on_loop(test)
+
+
+def test_close_writes_what_is_held_first_and_a_closing_transport_or_an_abort_drops_it() -> None:
+    async def test(recorder: Recorder, joined: JoinedWrites) -> None:
+        joined.write(b"last chunk")
+        joined.close()
+        assert recorder.writes == [b"last chunk"] and recorder.closed
+        await asyncio.sleep(0)  # the turn's end finds nothing more to write (and no write after close)
+        assert recorder.writes == [b"last chunk"]
+
+    on_loop(test)
+
+    async def gone(recorder: Recorder, joined: JoinedWrites) -> None:
+        joined.write(b"to a peer that left")
+        recorder.closing = True
+        await asyncio.sleep(0)
+        assert recorder.writes == []
+        recorder.closing = False
+        joined.write(b"held")
+        joined.abort()
+        await asyncio.sleep(0)
+        assert recorder.writes == [] and recorder.aborted
+
+    on_loop(gone)
+
+
+def answering(release: asyncio.Event) -> Any:
+    """/json: a head and a body sent together; /late: a head, then its body once `release` is set."""
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        if scope["path"] == "/json":
+            await send({"type": "http.response.start", "status": 202,
+                        "headers": [(b"content-type", b"application/json"), (b"content-length", b"9")]})
+            await send({"type": "http.response.body", "body": b'{"ok": 1}'})
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
+        await release.wait()
+        await send({"type": "http.response.body", "body": b"data: late\n\n", "more_body": False})
+
+    return app
+
+
+@contextlib.asynccontextmanager
+async def serving() -> AsyncIterator[tuple[int, asyncio.Event, uvicorn.Server]]:
+    release = asyncio.Event()
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(answering(release), host="127.0.0.1", port=port, log_level="warning",
+                                           http=JoinedWritesProtocol, lifespan="off"))
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        await asyncio.sleep(0.01)
+    try:
+        yield port, release, server
+    finally:
+        server.should_exit = True
+        await task
+
+
+async def read_until(sock: socket.socket, done: Callable[[bytes], bool], timeout: float = 5) -> bytes:
+    loop = asyncio.get_running_loop()
+    data = b""
+    async with asyncio.timeout(timeout):
+        while not done(data):
+            data += await loop.sock_recv(sock, 65536)
+    return data
+
+
+def test_a_served_connection_answers_in_order_on_the_joined_transport_and_a_late_body_does_not_hold_its_head() -> None:
+    async def main() -> None:
+        async with serving() as (port, release, server):
+            loop = asyncio.get_running_loop()
+            with socket.create_connection(("127.0.0.1", port)) as sock:
+                sock.setblocking(False)
+                # two requests pipelined on one connection: both answers, whole and in order
+                await loop.sock_sendall(sock, b"GET /json HTTP/1.1\r\nhost: x\r\n\r\n" * 2)
+                data = await read_until(sock, lambda d: d.count(b'{"ok": 1}') == 2)
+                assert data.count(b"HTTP/1.1 202 Accepted\r\n") == 2 and data.endswith(b'{"ok": 1}')
+                (protocol,) = server.server_state.connections
+                assert isinstance(protocol.transport, JoinedWrites)  # type: ignore[attr-defined]
+                # the head of a response whose body waits goes out alone, a turn later at most
+                await loop.sock_sendall(sock, b"GET /late HTTP/1.1\r\nhost: x\r\n\r\n")
+                head = await read_until(sock, lambda d: b"\r\n\r\n" in d)
+                assert head.startswith(b"HTTP/1.1 200 OK\r\n") and b"data: late" not in head
+                release.set()
+                body = await read_until(sock, lambda d: d.endswith(b"0\r\n\r\n"))
+                assert b"data: late\n\n" in body
+
+    asyncio.run(main())
