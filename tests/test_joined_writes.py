@@ -1,7 +1,7 @@
-"""The API's HTTP protocol writes once per connection and turn of the event loop (api/joined_writes.py):
-a response's head and body sent together go out in one write, a head whose body comes later goes out
-on its own at once, and closing never loses what is held. Checked on a recording transport, and on a
-real uvicorn server with a raw socket client."""
+"""The API's HTTP protocol (api/joined_writes.py): the first write after a request's bytes arrive (its
+answer's head) waits for the rest of the turn and goes out with whatever the app writes in it; later
+writes go out at once; closing never loses what is held. Checked on a recording transport (alone, and
+under uvicorn's protocol), and on a real uvicorn server with a raw socket client."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import uvicorn
+from uvicorn.server import ServerState
 
 from sluicegate.api.joined_writes import FLUSH_BYTES, JoinedWrites, JoinedWritesProtocol
 from sluicegate.embedded import free_port
@@ -42,6 +43,12 @@ class Recorder(asyncio.Transport):
     def get_write_buffer_size(self) -> int:
         return 7
 
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
 
 def on_loop(test: Any) -> None:
     async def main() -> None:
@@ -51,21 +58,22 @@ def on_loop(test: Any) -> None:
     asyncio.run(main())
 
 
-def test_writes_in_one_turn_go_out_as_one_at_its_end_and_later_turns_write_again() -> None:
+def test_the_head_waits_for_its_turn_to_end_joined_with_what_follows_it_and_later_writes_go_at_once() -> None:
     async def test(recorder: Recorder, joined: JoinedWrites) -> None:
-        joined.write(b"HTTP/1.1 202 Accepted\r\n\r\n")
+        joined.write(b"HTTP/1.1 202 Accepted\r\n\r\n")  # a new connection's first write: a head
         joined.write(b"")
         joined.write(b'{"ok": 1}')
         assert recorder.writes == []  # held for the rest of the turn
         assert joined.get_write_buffer_size() == 7 + 25 + 9
         await asyncio.sleep(0)
         assert recorder.writes == [b'HTTP/1.1 202 Accepted\r\n\r\n{"ok": 1}']
-        joined.write(b"data: 1\n\n")
+        joined.write(b"data: 1\n\n")  # a stream's token: nothing held, so at once
+        assert recorder.writes[1:] == [b"data: 1\n\n"]
+        joined.hold_next()  # the next request came in
+        joined.writelines([b"HTTP/1.1 200 OK\r\n\r\n", b"0\r\n\r\n"])
+        assert recorder.writes[2:] == []
         await asyncio.sleep(0)
-        joined.writelines([b"data: 2\n\n", b"0\r\n\r\n"])
-        await asyncio.sleep(0)
-        await asyncio.sleep(0)
-        assert recorder.writes[1:] == [b"data: 1\n\n", b"data: 2\n\n0\r\n\r\n"]
+        assert recorder.writes[2:] == [b"HTTP/1.1 200 OK\r\n\r\n0\r\n\r\n"]
         assert joined.get_write_buffer_size() == 7
 
     on_loop(test)
@@ -76,9 +84,8 @@ def test_past_the_flush_size_what_is_held_goes_out_at_once() -> None:
         joined.write(b"h")
         joined.write(b"x" * FLUSH_BYTES)
         assert recorder.writes == [b"h" + b"x" * FLUSH_BYTES]  # the transport's flow control sees it now
-        joined.write(b"tail")
         await asyncio.sleep(0)
-        assert recorder.writes[1:] == [b"tail"]
+        assert len(recorder.writes) == 1
 
     on_loop(test)
 
@@ -99,12 +106,34 @@ def test_close_writes_what_is_held_first_and_a_closing_transport_or_an_abort_dro
         await asyncio.sleep(0)
         assert recorder.writes == []
         recorder.closing = False
+        joined.hold_next()
         joined.write(b"held")
         joined.abort()
         await asyncio.sleep(0)
         assert recorder.writes == [] and recorder.aborted
 
     on_loop(gone)
+
+
+def test_under_uvicorns_protocol_each_answer_of_a_kept_connection_is_one_write() -> None:
+    async def main() -> None:
+        config = uvicorn.Config(answering(asyncio.Event()), http=JoinedWritesProtocol, lifespan="off",
+                                log_level="warning")
+        protocol = JoinedWritesProtocol(config, ServerState(), {}, _loop=asyncio.get_running_loop())
+        recorder = Recorder()
+        protocol.connection_made(recorder)
+        for n in (1, 2):  # the second request on the kept connection: its head is held again
+            protocol.data_received(b"GET /json HTTP/1.1\r\nhost: x\r\n\r\n")
+            async with asyncio.timeout(5):
+                while len(recorder.writes) < n:
+                    await asyncio.sleep(0.001)
+            await asyncio.sleep(0.01)
+            assert len(recorder.writes) == n
+            assert recorder.writes[-1].startswith(b"HTTP/1.1 202 Accepted\r\n")
+            assert recorder.writes[-1].endswith(b'\r\n\r\n{"ok": 1}')
+        protocol.connection_lost(None)
+
+    asyncio.run(main())
 
 
 def answering(release: asyncio.Event) -> Any:

@@ -1,7 +1,8 @@
 """TTFT added over a direct call: the sim-backend alone against the same sim-backend behind Sluicegate.
 
 Starts `sluicegate sim-backend` and `sluicegate serve --engine openai --backend-url <it>`, then sends
-sequential requests, rotating through the ways of asking for the same completion:
+sequential requests, each way of asking for the same completion once a round, in a shuffled order, each
+right after a direct call (`round_orders`):
 - direct: POST /v1/chat/completions (stream) to the sim-backend;
 - chat:   POST /v1/chat/completions (stream) to Sluicegate (submit + stream in one call);
 - sse:    POST /v1/sessions/{sid}/requests, then GET /v1/requests/{rid}/events (two round trips);
@@ -11,10 +12,13 @@ sequential requests, rotating through the ways of asking for the same completion
   route (API, Valkey, worker, backend, and back) with next to no work at each (loadtest/floor_relay.py):
   what the hops alone add on this host, below which no implementation of this design can go.
 TTFT is from sending the request to receiving the first token; every request is read to its end
-before the next starts. The host's noise moves whole runs by a millisecond here; `--against` measures
+before the next starts. Every way through Sluicegate follows a direct call, so none comes right after another
+request through Sluicegate, which would find the code both run still warm in the caches of the cores.
+The host's noise moves whole runs by a millisecond here; `--against` measures
 two versions of the code in one run, request by request, which is how a change is judged.
 Targets (DESIGN.md, loadtest/targets.py): added p50 <= 1 ms, added p99 <= 3 ms.
-"added" = percentile(via Sluicegate) - percentile(direct); the paired per-round difference is shown too.
+"added" = percentile(via Sluicegate) - percentile(direct); the paired difference (each request against the direct
+call just before it) is shown too.
 
 `--engine-server llamacpp` puts a real engine there instead of the sim-backend: llama-cpp-python's server
 (the `engines` extra) with the small generated model of sluicegate.loadtest.engine_servers, which runs one
@@ -32,6 +36,7 @@ import contextlib
 import itertools
 import json
 import os
+import random
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -230,19 +235,36 @@ async def server_side(http: aiohttp.ClientSession, base: str, rid: str | None) -
     return hops
 
 
+def round_orders(modes: list[str], rounds: int, seed: int = 0) -> list[list[str]]:
+    """Each round's calls: every mode but `direct` once, in a seeded shuffle (a rerun repeats it), each right
+    after a direct call when `direct` is among the modes. A request through Sluicegate runs faster right after
+    another one than after a direct call (the code both run is still warm in the 2 cores' caches), so no mode
+    may follow another: with a rotation, `against` followed `chat` or `sse` where `chat` followed `direct`,
+    and `--against` the same tree read +0.08 ms (`--modes direct,chat`) and +0.22 ms (`direct,chat,sse`) for
+    the `against` slot; with a shuffle alone, +0.16 and -0.20 ms (a pair's difference then swings by the
+    order inside its round)."""
+    rng = random.Random(seed)
+    others = [m for m in modes if m != "direct"]
+    lead = ["direct"] if "direct" in modes else []
+    if not others:
+        return [list(lead) for _ in range(rounds)]
+    return [[call for mode in rng.sample(others, len(others)) for call in (*lead, mode)] for _ in range(rounds)]
+
+
 async def measure(backend: Backend, base: str, other: str | None, floor: str | None,
                   args: argparse.Namespace) -> dict[str, Any]:
     modes = [m for m in args.modes.split(",") if m] + (["against"] if other else [])
     ttft: dict[str, list[float]] = {m: [] for m in modes}
     inside: dict[str, list[float]] = {}  # "<mode> <hop>" -> ms (server_side)
+    before: dict[str, list[float]] = {m: [] for m in modes if m != "direct"}  # the direct call just before each
     counter = itertools.count()
     expect = backend.answer  # None with the sim-backend: its text is not checked
     # One keep-alive client per target, as a real caller (or a gateway in front) would hold.
     async with (client_session(4) as direct_http, client_session(4) as sg_http, client_session(4) as other_http,
                 client_session(4) as floor_http):
-        for round_no in range(args.warmup + args.rounds):
+        for round_no, order in enumerate(round_orders(modes, args.warmup + args.rounds)):
             counted = round_no >= args.warmup
-            order = modes[round_no % len(modes):] + modes[:round_no % len(modes)]  # rotate: no fixed position
+            last_direct = None
             for mode in order:
                 i = next(counter)
                 rid = None
@@ -264,12 +286,16 @@ async def measure(backend: Backend, base: str, other: str | None, floor: str | N
                     seconds, rid = await sse_ttft(sg_http, base, i, args.max_tokens, backend)
                 if counted:
                     ttft[mode].append(seconds * 1000)
+                    if mode == "direct":
+                        last_direct = seconds * 1000
+                    elif last_direct is not None:
+                        before[mode].append(last_direct)
                     view = (other_http, other) if mode == "against" else (sg_http, base)
                     for name, ms in (await server_side(*view, rid)).items():
                         inside.setdefault(f"{mode} {name}", []).append(ms)
             if counted and (round_no - args.warmup + 1) % max(1, args.rounds // 5) == 0:
                 progress(f"round {round_no - args.warmup + 1}/{args.rounds}")
-    return {"ttft": ttft, "inside": inside}
+    return {"ttft": ttft, "inside": inside, "before": before}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -311,7 +337,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if "direct" in ttft:
         direct = ttft["direct"]
         for mode in (m for m in ttft if m != "direct"):
-            paired = [via - d for via, d in zip(ttft[mode], direct, strict=False)]
+            paired = [via - d for via, d in zip(ttft[mode], outcome["before"][mode], strict=True)]
             added[mode] = {"p50_ms": percentile(ttft[mode], 50) - percentile(direct, 50),
                            "p99_ms": percentile(ttft[mode], 99) - percentile(direct, 99),
                            "paired_p50_ms": percentile(paired, 50), "paired_p99_ms": percentile(paired, 99)}
