@@ -49,17 +49,18 @@ class JoinedWrites:
             return
         self._hold_next = False
         if not self._held:
-            self._loop.call_soon(self._flush)
-        self._held.append(data)
+            self._loop.call_soon(self.flush)
+        self._held.append(data if type(data) is bytes else bytes(data))  # a caller may reuse its buffer
         self._size += len(data)
         if self._size > FLUSH_BYTES:
-            self._flush()
+            self.flush()
 
     def writelines(self, chunks: Any) -> None:
         for chunk in chunks:
             self.write(chunk)
 
-    def _flush(self) -> None:
+    def flush(self) -> None:
+        """Write what is held now (the end of the turn does it otherwise)."""
         held = self._held
         if not held:
             return
@@ -72,11 +73,11 @@ class JoinedWrites:
         return self._transport.get_write_buffer_size() + self._size
 
     def write_eof(self) -> None:
-        self._flush()
+        self.flush()
         self._transport.write_eof()
 
     def close(self) -> None:
-        self._flush()
+        self.flush()
         self._transport.close()
 
     def abort(self) -> None:
@@ -98,3 +99,9 @@ class JoinedWritesProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         self.joined.hold_next()
         super().data_received(data)
+
+    def eof_received(self) -> bool | None:
+        # The client half-closed: the transport closes itself when this returns, past the wrapper, so
+        # what is held (an answer written this turn) goes out first.
+        self.joined.flush()
+        return super().eof_received()

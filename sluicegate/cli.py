@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         # on that socket (each a whole API with its own Redis pool); SIGINT/SIGTERM to it stops them all, and
         # it restarts one that dies. The API keeps no state of its own, so they need nothing shared.
         uvicorn.run("sluicegate.api.app:serving_app", factory=True, host=settings.host, port=settings.port,
-                    http=JoinedWritesProtocol,  # uvicorn's httptools protocol, one write a turn of the loop
+                    http=JoinedWritesProtocol,  # uvicorn's httptools protocol: a head goes out with its body
                     log_level=settings.log_level.lower(), access_log=settings.access_log, timeout_graceful_shutdown=5,
                     workers=settings.api_processes if settings.api_processes > 1 else None)
         return 0

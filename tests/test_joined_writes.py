@@ -115,6 +115,23 @@ def test_close_writes_what_is_held_first_and_a_closing_transport_or_an_abort_dro
     on_loop(gone)
 
 
+def test_a_held_answer_goes_out_before_a_half_closed_connection_closes_and_a_reused_buffer_is_copied() -> None:
+    async def main() -> None:
+        config = uvicorn.Config(answering(asyncio.Event()), http=JoinedWritesProtocol, lifespan="off",
+                                log_level="warning")
+        protocol = JoinedWritesProtocol(config, ServerState(), {}, _loop=asyncio.get_running_loop())
+        recorder = Recorder()
+        protocol.connection_made(recorder)
+        buffer = bytearray(b"HTTP/1.1 202 Accepted\r\n\r\n")
+        protocol.joined.write(buffer)  # held: the connection's first write
+        buffer[:] = b"reused"
+        protocol.eof_received()  # the client's FIN: the transport closes itself after this
+        assert recorder.writes == [b"HTTP/1.1 202 Accepted\r\n\r\n"]
+        protocol.connection_lost(None)
+
+    asyncio.run(main())
+
+
 def test_under_uvicorns_protocol_each_answer_of_a_kept_connection_is_one_write() -> None:
     async def main() -> None:
         config = uvicorn.Config(answering(asyncio.Event()), http=JoinedWritesProtocol, lifespan="off",

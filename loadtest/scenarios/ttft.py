@@ -70,7 +70,8 @@ ENGINE_SERVERS = ("sim", "llamacpp")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--rounds", type=int, default=200, help="rounds; each sends one request per mode")
+    parser.add_argument("--rounds", type=int, default=200,
+                        help="rounds; each sends one request per mode, each through Sluicegate after a direct one")
     parser.add_argument("--warmup", type=int, default=20, help="rounds not counted")
     parser.add_argument("--max-tokens", type=int, default=4, help="tokens per request (read to the end)")
     parser.add_argument("--tokens-per-second", type=float, default=200.0, help="sim-backend pace")
@@ -347,7 +348,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                          "p50_ms": added[mode]["paired_p50_ms"], "p90_ms": percentile(paired, 90),
                          "p99_ms": added[mode]["paired_p99_ms"], "max_ms": max(paired)})
     if "chat" in ttft and "against" in ttft:  # this code against the other checkout, round by round
-        paired = [a - b for a, b in zip(ttft["chat"], ttft["against"], strict=False)]
+        paired = [a - b for a, b in zip(ttft["chat"], ttft["against"], strict=True)]
         rows.append({"mode": "chat - against, paired", "requests": len(paired),
                      "p50_ms": percentile(paired, 50), "p90_ms": percentile(paired, 90)})
     inside = {name: {"p50_ms": percentile(v, 50), "p99_ms": percentile(v, 99)}
