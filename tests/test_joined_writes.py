@@ -115,30 +115,36 @@ def test_close_writes_what_is_held_first_and_a_closing_transport_or_an_abort_dro
     on_loop(gone)
 
 
-def test_a_held_answer_goes_out_before_a_half_closed_connection_closes_and_a_reused_buffer_is_copied() -> None:
+def on_protocol(test: Any) -> None:
+    """`test(protocol, recorder)`: uvicorn's protocol, on a joined transport over a recorder, serving `answering`."""
+
     async def main() -> None:
         config = uvicorn.Config(answering(asyncio.Event()), http=JoinedWritesProtocol, lifespan="off",
                                 log_level="warning")
         protocol = JoinedWritesProtocol(config, ServerState(), {}, _loop=asyncio.get_running_loop())
         recorder = Recorder()
         protocol.connection_made(recorder)
+        try:
+            await test(protocol, recorder)
+        finally:
+            protocol.connection_lost(None)
+
+    asyncio.run(main())
+
+
+def test_a_held_answer_goes_out_before_a_half_closed_connection_closes_and_a_reused_buffer_is_copied() -> None:
+    async def test(protocol: JoinedWritesProtocol, recorder: Recorder) -> None:
         buffer = bytearray(b"HTTP/1.1 202 Accepted\r\n\r\n")
         protocol.joined.write(buffer)  # held: the connection's first write
         buffer[:] = b"reused"
         protocol.eof_received()  # the client's FIN: the transport closes itself after this
         assert recorder.writes == [b"HTTP/1.1 202 Accepted\r\n\r\n"]
-        protocol.connection_lost(None)
 
-    asyncio.run(main())
+    on_protocol(test)
 
 
 def test_under_uvicorns_protocol_each_answer_of_a_kept_connection_is_one_write() -> None:
-    async def main() -> None:
-        config = uvicorn.Config(answering(asyncio.Event()), http=JoinedWritesProtocol, lifespan="off",
-                                log_level="warning")
-        protocol = JoinedWritesProtocol(config, ServerState(), {}, _loop=asyncio.get_running_loop())
-        recorder = Recorder()
-        protocol.connection_made(recorder)
+    async def test(protocol: JoinedWritesProtocol, recorder: Recorder) -> None:
         for n in (1, 2):  # the second request on the kept connection: its head is held again
             protocol.data_received(b"GET /json HTTP/1.1\r\nhost: x\r\n\r\n")
             async with asyncio.timeout(5):
@@ -148,9 +154,8 @@ def test_under_uvicorns_protocol_each_answer_of_a_kept_connection_is_one_write()
             assert len(recorder.writes) == n
             assert recorder.writes[-1].startswith(b"HTTP/1.1 202 Accepted\r\n")
             assert recorder.writes[-1].endswith(b'\r\n\r\n{"ok": 1}')
-        protocol.connection_lost(None)
 
-    asyncio.run(main())
+    on_protocol(test)
 
 
 def answering(release: asyncio.Event) -> Any:
