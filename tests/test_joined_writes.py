@@ -1,7 +1,8 @@
 """The API's HTTP protocol (api/joined_writes.py): the first write after a request's bytes arrive (its
-answer's head) waits for the rest of the turn and goes out with whatever the app writes in it; later
-writes go out at once; closing never loses what is held. Checked on a recording transport (alone, and
-under uvicorn's protocol), and on a real uvicorn server with a raw socket client."""
+answer's head) waits for the rest of the turn and goes out with whatever the app writes in it; a
+answer's head alone waits on for its body's first write, `head_wait` at most; later writes go
+out at once; closing never loses what is held. Checked on a recording transport (alone, and under
+uvicorn's protocol), and on a real uvicorn server with a raw socket client."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from typing import Any
 import uvicorn
 from uvicorn.server import ServerState
 
-from sluicegate.api.joined_writes import FLUSH_BYTES, JoinedWrites, JoinedWritesProtocol
+from sluicegate.api.joined_writes import FLUSH_BYTES, HEAD_WAIT_SECONDS, JoinedWrites, JoinedWritesProtocol
 from sluicegate.embedded import free_port
 
 
@@ -50,10 +51,10 @@ class Recorder(asyncio.Transport):
         pass
 
 
-def on_loop(test: Any) -> None:
+def on_loop(test: Any, **options: Any) -> None:
     async def main() -> None:
         recorder = Recorder()
-        await test(recorder, JoinedWrites(recorder, asyncio.get_running_loop()))
+        await test(recorder, JoinedWrites(recorder, asyncio.get_running_loop(), **options))
 
     asyncio.run(main())
 
@@ -115,17 +116,68 @@ def test_close_writes_what_is_held_first_and_a_closing_transport_or_an_abort_dro
     on_loop(gone)
 
 
+def test_a_streamed_head_alone_waits_for_its_first_chunk_or_head_wait_then_goes_out() -> None:
+    async def joined_with_its_first_chunk(recorder: Recorder, joined: JoinedWrites) -> None:
+        joined.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+        await asyncio.sleep(0.01)  # turns go by: the head waits for its body
+        assert recorder.writes == []
+        joined.write(b"7\r\ndata: 1\r\n")  # the first token: out at once, with the head
+        assert recorder.writes == [b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n7\r\ndata: 1\r\n"]
+        joined.write(b"7\r\ndata: 2\r\n")
+        assert recorder.writes[1:] == [b"7\r\ndata: 2\r\n"]
+        await asyncio.sleep(0.05)  # the spent wait writes nothing more
+        assert len(recorder.writes) == 2
+
+    on_loop(joined_with_its_first_chunk, answering=lambda: True, head_wait=0.02)
+
+    async def alone_after_head_wait(recorder: Recorder, joined: JoinedWrites) -> None:
+        joined.write(b"HTTP/1.1 200 OK\r\n\r\n")
+        await asyncio.sleep(0.005)
+        assert recorder.writes == []
+        await asyncio.sleep(0.05)
+        assert recorder.writes == [b"HTTP/1.1 200 OK\r\n\r\n"]
+        joined.write(b"late")  # nothing held: at once
+        assert recorder.writes[1:] == [b"late"]
+
+    on_loop(alone_after_head_wait, answering=lambda: True, head_wait=0.02)
+
+    async def with_its_first_chunk_in_the_same_turn(recorder: Recorder, joined: JoinedWrites) -> None:
+        joined.write(b"HTTP/1.1 200 OK\r\n\r\n")  # a stream whose first events are already there
+        joined.write(b"7\r\ndata: 1\r\n")
+        await asyncio.sleep(0)  # the turn's end: out, not held for a further write
+        assert recorder.writes == [b"HTTP/1.1 200 OK\r\n\r\n7\r\ndata: 1\r\n"]
+
+    on_loop(with_its_first_chunk_in_the_same_turn, answering=lambda: True, head_wait=10)
+
+    async def closed_or_aborted_while_waiting(recorder: Recorder, joined: JoinedWrites) -> None:
+        joined.write(b"head")
+        await asyncio.sleep(0)
+        joined.close()  # what is held goes out first; the wait then writes nothing after the close
+        assert recorder.writes == [b"head"] and recorder.closed
+        recorder.closed = False
+        joined.hold_next()
+        joined.write(b"another head")
+        await asyncio.sleep(0)
+        joined.abort()
+        await asyncio.sleep(0.05)
+        assert recorder.writes == [b"head"] and recorder.aborted
+
+    on_loop(closed_or_aborted_while_waiting, answering=lambda: True, head_wait=0.02)
+
+
 def on_protocol(test: Any) -> None:
-    """`test(protocol, recorder)`: uvicorn's protocol, on a joined transport over a recorder, serving `answering`."""
+    """`test(protocol, recorder, release)`: uvicorn's protocol, on a joined transport over a recorder, serving
+    `answering(release)`."""
 
     async def main() -> None:
-        config = uvicorn.Config(answering(asyncio.Event()), http=JoinedWritesProtocol, lifespan="off",
+        release = asyncio.Event()
+        config = uvicorn.Config(answering(release), http=JoinedWritesProtocol, lifespan="off",
                                 log_level="warning")
         protocol = JoinedWritesProtocol(config, ServerState(), {}, _loop=asyncio.get_running_loop())
         recorder = Recorder()
         protocol.connection_made(recorder)
         try:
-            await test(protocol, recorder)
+            await test(protocol, recorder, release)
         finally:
             protocol.connection_lost(None)
 
@@ -133,7 +185,7 @@ def on_protocol(test: Any) -> None:
 
 
 def test_a_held_answer_goes_out_before_a_half_closed_connection_closes_and_a_reused_buffer_is_copied() -> None:
-    async def test(protocol: JoinedWritesProtocol, recorder: Recorder) -> None:
+    async def test(protocol: JoinedWritesProtocol, recorder: Recorder, release: asyncio.Event) -> None:
         buffer = bytearray(b"HTTP/1.1 202 Accepted\r\n\r\n")
         protocol.joined.write(buffer)  # held: the connection's first write
         buffer[:] = b"reused"
@@ -144,7 +196,7 @@ def test_a_held_answer_goes_out_before_a_half_closed_connection_closes_and_a_reu
 
 
 def test_under_uvicorns_protocol_each_answer_of_a_kept_connection_is_one_write() -> None:
-    async def test(protocol: JoinedWritesProtocol, recorder: Recorder) -> None:
+    async def test(protocol: JoinedWritesProtocol, recorder: Recorder, release: asyncio.Event) -> None:
         for n in (1, 2):  # the second request on the kept connection: its head is held again
             protocol.data_received(b"GET /json HTTP/1.1\r\nhost: x\r\n\r\n")
             async with asyncio.timeout(5):
@@ -158,11 +210,69 @@ def test_under_uvicorns_protocol_each_answer_of_a_kept_connection_is_one_write()
     on_protocol(test)
 
 
+def test_under_uvicorns_protocol_a_streamed_answer_goes_out_with_its_first_chunk() -> None:
+    async def test(protocol: JoinedWritesProtocol, recorder: Recorder, release: asyncio.Event) -> None:
+        protocol.data_received(b"GET /late HTTP/1.1\r\nhost: x\r\n\r\n")
+        await asyncio.sleep(0.01)  # the app sent its head and waits: uvicorn wrote the head, held here
+        assert recorder.writes == [] and protocol.cycle.response_started
+        release.set()
+        async with asyncio.timeout(5):
+            while not recorder.writes:
+                await asyncio.sleep(0.001)
+        (answer,) = recorder.writes
+        assert answer.startswith(b"HTTP/1.1 200 OK\r\n") and answer.endswith(b"data: late\n\n\r\n0\r\n\r\n")
+
+    on_protocol(test)
+
+
+def test_under_uvicorns_protocol_bytes_that_arrive_mid_answer_hold_none_of_its_writes() -> None:
+    async def test(protocol: JoinedWritesProtocol, recorder: Recorder, release: asyncio.Event) -> None:
+        # /stream answers with a head and a first chunk, then reads the rest of its body before a second
+        protocol.data_received(b"POST /stream HTTP/1.1\r\nhost: x\r\ncontent-length: 4\r\n\r\nab")
+        async with asyncio.timeout(5):
+            while not recorder.writes:
+                await asyncio.sleep(0)
+        assert recorder.writes[0].endswith(b"data: 1\n\n\r\n")  # the head with the first chunk
+        protocol.data_received(b"cd")  # the body's rest, mid-answer
+        for _ in range(20):  # a few turns: the second chunk is written when sent, not after a head's wait
+            await asyncio.sleep(0)
+        assert recorder.writes[1:] == [b"9\r\ndata: 2\n\n\r\n"]
+        release.set()
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert recorder.writes[2:] == [b"0\r\n\r\n"]
+
+    on_protocol(test)
+
+
+def test_under_uvicorns_protocol_a_100_continue_goes_out_at_the_end_of_its_turn() -> None:
+    async def test(protocol: JoinedWritesProtocol, recorder: Recorder, release: asyncio.Event) -> None:
+        protocol.data_received(b"POST /echo HTTP/1.1\r\nhost: x\r\nexpect: 100-continue\r\ncontent-length: 2\r\n\r\n")
+        for _ in range(20):  # the app reads its body: uvicorn writes 100 Continue, not an answer's head
+            await asyncio.sleep(0)
+        assert recorder.writes == [b"HTTP/1.1 100 Continue\r\n\r\n"]
+        protocol.data_received(b"hi")
+        async with asyncio.timeout(5):
+            while len(recorder.writes) < 2:
+                await asyncio.sleep(0)
+        assert recorder.writes[1].startswith(b"HTTP/1.1 200 OK\r\n") and recorder.writes[1].endswith(b"\r\n\r\nhi")
+
+    on_protocol(test)
+
+
 def answering(release: asyncio.Event) -> Any:
-    """/json: a head and a body sent together; /late: a head, then its body once `release` is set."""
+    """/json: a head and a body sent together; /late: a head, then its body once `release` is set;
+    /stream: a head and a first chunk, a second once its request's body is read, its end on `release`;
+    /echo: its request's body."""
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
+            return
+        if scope["path"] == "/echo":
+            body = (await receive())["body"]
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})
             return
         if scope["path"] == "/json":
             await send({"type": "http.response.start", "status": 202,
@@ -170,6 +280,14 @@ def answering(release: asyncio.Event) -> Any:
             await send({"type": "http.response.body", "body": b'{"ok": 1}'})
             return
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
+        if scope["path"] == "/stream":
+            await send({"type": "http.response.body", "body": b"data: 1\n\n", "more_body": True})
+            while (await receive()).get("more_body"):
+                pass
+            await send({"type": "http.response.body", "body": b"data: 2\n\n", "more_body": True})
+            await release.wait()
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            return
         await release.wait()
         await send({"type": "http.response.body", "body": b"data: late\n\n", "more_body": False})
 
@@ -201,7 +319,7 @@ async def read_until(sock: socket.socket, done: Callable[[bytes], bool], timeout
     return data
 
 
-def test_a_served_connection_answers_in_order_on_the_joined_transport_and_a_late_body_does_not_hold_its_head() -> None:
+def test_a_served_connection_answers_in_order_on_the_joined_transport_and_a_late_bodys_head_waits_boundedly() -> None:
     async def main() -> None:
         async with serving() as (port, release, server):
             loop = asyncio.get_running_loop()
@@ -213,9 +331,11 @@ def test_a_served_connection_answers_in_order_on_the_joined_transport_and_a_late
                 assert data.count(b"HTTP/1.1 202 Accepted\r\n") == 2 and data.endswith(b'{"ok": 1}')
                 (protocol,) = server.server_state.connections
                 assert isinstance(protocol.transport, JoinedWrites)  # type: ignore[attr-defined]
-                # the head of a response whose body waits goes out alone, a turn later at most
+                # the head of a streamed answer whose body waits goes out alone after HEAD_WAIT_SECONDS
+                sent = loop.time()
                 await loop.sock_sendall(sock, b"GET /late HTTP/1.1\r\nhost: x\r\n\r\n")
                 head = await read_until(sock, lambda d: b"\r\n\r\n" in d)
+                assert loop.time() - sent >= HEAD_WAIT_SECONDS * 0.9  # the loop's timer may fire a hair early
                 assert head.startswith(b"HTTP/1.1 200 OK\r\n") and b"data: late" not in head
                 release.set()
                 body = await read_until(sock, lambda d: d.endswith(b"0\r\n\r\n"))
