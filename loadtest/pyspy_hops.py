@@ -1,6 +1,6 @@
 """Where a process's CPU goes, by hop: py-spy's raw samples, each counted once under its innermost frame
 that names a hop. `python -m sluicegate.loadtest.pyspy_hops api.txt worker.txt` after
-`py-spy record --format raw -o api.txt --pid PID` (README, Performance: the commands)."""
+`py-spy record --format raw -o api.txt --pid PID` (README, Performance, "Where issue 15 stands")."""
 
 from __future__ import annotations
 
