@@ -6,12 +6,13 @@ wake-ups of the client, where one would do. On loopback a `send` also runs the r
 the stack: it is one of the costlier things a request does. Here the first write after a request's
 bytes arrive (its answer's head) waits for the end of that turn of the loop, and whatever the app
 writes meanwhile joins it: a head and a body sent together (every JSON answer; an event stream whose
-first events are already there) go out as one. A streamed answer's head alone at the end of its turn
-(chat waiting for its first token) waits on for its body's first write, `HEAD_WAIT_SECONDS` at most,
-and goes out with it: the first token then reaches the client in one write and one wake-up, and the
-client is not woken for a head while the worker calls its engine (`bench ttft --against`: -0.07 ms
-paired, twice). A request still queued after that gets its head alone, so a caller learns its status
-and `X-Request-Id` within the wait. Bytes that arrive mid-answer (the rest of a body, a pipelined
+first events are already there) go out as one. An answer's head alone at the end of its turn, its
+body still to come (chat waiting for its first token), waits on for its body's first write or its
+end, `HEAD_WAIT_SECONDS` at most, and goes out with it: the first token then reaches the client in
+one write and one wake-up, and the client is not woken for a head while the worker calls its engine
+(`bench ttft --against`: -0.04 to -0.07 ms paired in three runs). The bound is short, so that headers
+are never more than 10 ms late: a request still queued, or an engine slower to its first token, gets
+its head alone after it, as before. Bytes that arrive mid-answer (the rest of a body, a pipelined
 request) hold none of that answer's writes. Once nothing is held, a write goes out at once, as before: a
 stream's tokens pay no loop hop (held for a turn too, the first token came 0.06 ms later). Past
 `FLUSH_BYTES` held, the writes go out at once, so that a response written in many pieces in one turn
@@ -27,7 +28,7 @@ from typing import Any
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 FLUSH_BYTES = 64 * 1024  # held past this, the writes go out at once (uvloop's default high-water mark)
-HEAD_WAIT_SECONDS = 0.1  # a streamed answer's head waits this long at most for its body's first write
+HEAD_WAIT_SECONDS = 0.01  # an answer's head alone waits this long at most for its body's first write
 
 
 class JoinedWrites:
@@ -106,9 +107,13 @@ class JoinedWrites:
         self._transport.close()
 
     def abort(self) -> None:
+        self.discard()
+        self._transport.abort()
+
+    def discard(self) -> None:
+        """Drop what is held (the connection is gone)."""
         self._stop_waiting()
         self._held, self._size = [], 0
-        self._transport.abort()
 
     def __getattr__(self, name: str) -> Any:  # is_closing, pause_reading, get_extra_info, ...
         return getattr(self._transport, name)
@@ -117,10 +122,12 @@ class JoinedWrites:
 class JoinedWritesProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol on a `JoinedWrites` transport (`sluicegate api` serves with it): the
     first write after a request's bytes arrive is held for the rest of the turn, and an answer's head
-    alone for its body's first write."""
+    alone for its body's first write or its end, `head_wait` at most."""
+
+    head_wait = HEAD_WAIT_SECONDS
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        self.joined = JoinedWrites(transport, self.loop, answering=self._answering)
+        self.joined = JoinedWrites(transport, self.loop, answering=self._answering, head_wait=self.head_wait)
         super().connection_made(self.joined)  # type: ignore[arg-type]
 
     def _answering(self) -> bool:
@@ -132,6 +139,15 @@ class JoinedWritesProtocol(HttpToolsProtocol):
         if not self._answering():  # bytes that arrive mid-answer (a pipelined request) hold none of its writes
             self.joined.hold_next()
         super().data_received(data)
+
+    def on_response_complete(self) -> None:
+        # An answer that ends without another write (a 204, an empty body, HEAD): its head waits no more.
+        self.joined.flush()
+        super().on_response_complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.joined.discard()  # nothing more reaches the peer: no head's wait is left behind
+        super().connection_lost(exc)
 
     def eof_received(self) -> bool | None:
         # The client half-closed: the transport closes itself when this returns, past the wrapper, so

@@ -9,9 +9,10 @@ logprobs, the finish_reason and the usage:
 - stream true: one `chat.completion.chunk` per token (the first also carries the role), then a
   chunk with an empty delta, the finish_reason and the usage, then `data: [DONE]`. With
   `stream_options.include_usage` the usage moves to a last chunk with no choices, as OpenAI sends it.
-- stream false: the status and headers (`X-Request-Id`, `X-Session-Id`) go out as soon as the
-  request is stored, so a client that loses the connection can find its request; the
-  `chat.completion` follows when the request ends.
+- stream false: the status and headers (`X-Request-Id`, `X-Session-Id`) go out once the request is
+  stored (within `HEAD_WAIT_SECONDS` of it, api/joined_writes.py, or with the body if it comes
+  first), so a client that loses the connection can find its request; the `chat.completion` follows
+  when the request ends.
 - `error` and `cancelled` end the answer with an OpenAI-style error object (in the stream, then
   `[DONE]`; not streamed, as the body of the 200 answer, whose status went out already).
 
@@ -149,7 +150,8 @@ async def sse_chunks(svc: Services, new: NewRequest, completion: Completion, fir
 
 async def message_body(svc: Services, new: NewRequest, completion: Completion, first: int,
                        joined: Reader | None) -> AsyncIterator[bytes]:
-    """The non-streamed answer, whose status and headers (X-Request-Id) went out before it: a newline
+    """The non-streamed answer, whose status and headers (X-Request-Id) go out before it (or with it,
+    when it comes within `HEAD_WAIT_SECONDS`): a newline
     while idle (JSON allows leading whitespace; it keeps proxies from closing an idle connection),
     then the `chat.completion`, or an OpenAI error object when the request failed or was cancelled."""
     # closed at once: see sse_chunks

@@ -1,7 +1,7 @@
 """The API's HTTP protocol (api/joined_writes.py): the first write after a request's bytes arrive (its
-answer's head) waits for the rest of the turn and goes out with whatever the app writes in it; a
-answer's head alone waits on for its body's first write, `head_wait` at most; later writes go
-out at once; closing never loses what is held. Checked on a recording transport (alone, and under
+answer's head) waits for the rest of the turn and goes out with whatever the app writes in it; an
+answer's head alone waits on for its body's first write, `head_wait` at most, or its end; later
+writes go out at once; closing never loses what is held. Checked on a recording transport (alone, and under
 uvicorn's protocol), and on a real uvicorn server with a raw socket client."""
 
 from __future__ import annotations
@@ -165,15 +165,15 @@ def test_a_streamed_head_alone_waits_for_its_first_chunk_or_head_wait_then_goes_
     on_loop(closed_or_aborted_while_waiting, answering=lambda: True, head_wait=0.02)
 
 
-def on_protocol(test: Any) -> None:
+def on_protocol(test: Any, head_wait: float = HEAD_WAIT_SECONDS) -> None:
     """`test(protocol, recorder, release)`: uvicorn's protocol, on a joined transport over a recorder, serving
-    `answering(release)`."""
+    `answering(release)`; a head alone waits `head_wait` at most."""
 
     async def main() -> None:
         release = asyncio.Event()
-        config = uvicorn.Config(answering(release), http=JoinedWritesProtocol, lifespan="off",
-                                log_level="warning")
-        protocol = JoinedWritesProtocol(config, ServerState(), {}, _loop=asyncio.get_running_loop())
+        waiting = type("Protocol", (JoinedWritesProtocol,), {"head_wait": head_wait})
+        config = uvicorn.Config(answering(release), http=waiting, lifespan="off", log_level="warning")
+        protocol = waiting(config, ServerState(), {}, _loop=asyncio.get_running_loop())
         recorder = Recorder()
         protocol.connection_made(recorder)
         try:
@@ -222,7 +222,7 @@ def test_under_uvicorns_protocol_a_streamed_answer_goes_out_with_its_first_chunk
         (answer,) = recorder.writes
         assert answer.startswith(b"HTTP/1.1 200 OK\r\n") and answer.endswith(b"data: late\n\n\r\n0\r\n\r\n")
 
-    on_protocol(test)
+    on_protocol(test, head_wait=60)
 
 
 def test_under_uvicorns_protocol_bytes_that_arrive_mid_answer_hold_none_of_its_writes() -> None:
@@ -260,13 +260,71 @@ def test_under_uvicorns_protocol_a_100_continue_goes_out_at_the_end_of_its_turn(
     on_protocol(test)
 
 
+def test_under_uvicorns_protocol_an_answer_that_ends_without_a_body_write_waits_for_nothing() -> None:
+    async def test(protocol: JoinedWritesProtocol, recorder: Recorder, release: asyncio.Event) -> None:
+        protocol.data_received(b"GET /empty HTTP/1.1\r\nhost: x\r\n\r\n")  # a 204, its empty body a turn later
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert len(recorder.writes) == 1 and recorder.writes[0].startswith(b"HTTP/1.1 204 No Content\r\n")
+        protocol.data_received(b"HEAD /late HTTP/1.1\r\nhost: x\r\n\r\n")  # uvicorn writes no body for HEAD
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert len(recorder.writes) == 1  # the head waits (for a body or the answer's end)
+        release.set()
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert len(recorder.writes) == 2 and recorder.writes[1].startswith(b"HTTP/1.1 200 OK\r\n")
+        assert recorder.writes[1].endswith(b"\r\n\r\n")
+
+    on_protocol(test, head_wait=60)
+
+
+def test_under_uvicorns_protocol_a_request_pipelined_while_a_head_waits_is_answered_after_it_in_order() -> None:
+    async def test(protocol: JoinedWritesProtocol, recorder: Recorder, release: asyncio.Event) -> None:
+        protocol.data_received(b"GET /late HTTP/1.1\r\nhost: x\r\n\r\n")
+        for _ in range(5):
+            await asyncio.sleep(0)
+        protocol.data_received(b"GET /json HTTP/1.1\r\nhost: x\r\n\r\n")  # pipelined: queued by uvicorn
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert recorder.writes == []  # /late's head still waits for its body
+        release.set()
+        async with asyncio.timeout(5):
+            while b'{"ok": 1}' not in b"".join(recorder.writes):
+                await asyncio.sleep(0)
+        stream = b"".join(recorder.writes)
+        late, json = stream.split(b"0\r\n\r\n", 1)  # /late's end, then the answer to /json
+        assert late.startswith(b"HTTP/1.1 200 OK\r\n") and late.endswith(b"data: late\n\n\r\n")
+        assert recorder.writes[0] == late + b"0\r\n\r\n"  # its head went out with its body (and end)
+        assert json.startswith(b"HTTP/1.1 202 Accepted\r\n") and json.endswith(b'\r\n\r\n{"ok": 1}')
+
+    on_protocol(test, head_wait=60)
+
+
+def test_under_uvicorns_protocol_a_connection_lost_while_a_head_waits_leaves_nothing_to_write() -> None:
+    async def test(protocol: JoinedWritesProtocol, recorder: Recorder, release: asyncio.Event) -> None:
+        protocol.data_received(b"GET /late HTTP/1.1\r\nhost: x\r\n\r\n")
+        for _ in range(5):
+            await asyncio.sleep(0)
+        protocol.connection_lost(ConnectionResetError())
+        await asyncio.sleep(0.1)  # past the head's wait: nothing is written to the connection that is gone
+        assert recorder.writes == [] and protocol.joined.get_write_buffer_size() == 7
+
+    on_protocol(test, head_wait=0.02)
+
+
 def answering(release: asyncio.Event) -> Any:
     """/json: a head and a body sent together; /late: a head, then its body once `release` is set;
     /stream: a head and a first chunk, a second once its request's body is read, its end on `release`;
-    /echo: its request's body."""
+    /echo: its request's body; /empty: a 204 whose (empty) body is sent a turn after its head."""
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
+            return
+        if scope["path"] == "/empty":
+            await send({"type": "http.response.start", "status": 204, "headers": []})
+            await asyncio.sleep(0)
+            await send({"type": "http.response.body", "body": b""})
             return
         if scope["path"] == "/echo":
             body = (await receive())["body"]
