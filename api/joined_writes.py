@@ -10,7 +10,7 @@ first events are already there) go out as one. An answer's head alone at the end
 body still to come (chat waiting for its first token), waits on for its body's first write or its
 end, `HEAD_WAIT_SECONDS` at most, and goes out with it: the first token then reaches the client in
 one write and one wake-up, and the client is not woken for a head while the worker calls its engine
-(`bench ttft --against`: -0.04 to -0.07 ms paired in three runs). The bound is short, so that headers
+(`bench ttft --against`: -0.04 to -0.08 ms paired in four runs). The bound is short, so that headers
 are never more than 10 ms late: a request still queued, or an engine slower to its first token, gets
 its head alone after it, as before. Bytes that arrive mid-answer (the rest of a body, a pipelined
 request) hold none of that answer's writes. Once nothing is held, a write goes out at once, as before: a
@@ -136,7 +136,7 @@ class JoinedWritesProtocol(HttpToolsProtocol):
         return cycle is not None and cycle.response_started and not cycle.response_complete
 
     def data_received(self, data: bytes) -> None:
-        if not self._answering():  # bytes that arrive mid-answer (a pipelined request) hold none of its writes
+        if not self._answering():  # bytes that arrive mid-answer (a body's rest, a pipelined request) hold none
             self.joined.hold_next()
         super().data_received(data)
 
