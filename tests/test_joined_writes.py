@@ -51,6 +51,19 @@ class Recorder(asyncio.Transport):
         pass
 
 
+async def turns(n: int) -> None:
+    """Let `n` turns of the event loop go by (no time passes to speak of: a head's wait does not end)."""
+    for _ in range(n):
+        await asyncio.sleep(0)
+
+
+async def until(done: Callable[[], bool]) -> None:
+    """Turn the loop until `done()`, 5 s at most."""
+    async with asyncio.timeout(5):
+        while not done():
+            await asyncio.sleep(0)
+
+
 def on_loop(test: Any, **options: Any) -> None:
     async def main() -> None:
         recorder = Recorder()
@@ -199,9 +212,7 @@ def test_under_uvicorns_protocol_each_answer_of_a_kept_connection_is_one_write()
     async def test(protocol: JoinedWritesProtocol, recorder: Recorder, release: asyncio.Event) -> None:
         for n in (1, 2):  # the second request on the kept connection: its head is held again
             protocol.data_received(b"GET /json HTTP/1.1\r\nhost: x\r\n\r\n")
-            async with asyncio.timeout(5):
-                while len(recorder.writes) < n:
-                    await asyncio.sleep(0.001)
+            await until(lambda count=n: len(recorder.writes) >= count)
             await asyncio.sleep(0.01)
             assert len(recorder.writes) == n
             assert recorder.writes[-1].startswith(b"HTTP/1.1 202 Accepted\r\n")
@@ -216,9 +227,7 @@ def test_under_uvicorns_protocol_a_streamed_answer_goes_out_with_its_first_chunk
         await asyncio.sleep(0.01)  # the app sent its head and waits: uvicorn wrote the head, held here
         assert recorder.writes == [] and protocol.cycle.response_started
         release.set()
-        async with asyncio.timeout(5):
-            while not recorder.writes:
-                await asyncio.sleep(0.001)
+        await until(lambda: bool(recorder.writes))
         (answer,) = recorder.writes
         assert answer.startswith(b"HTTP/1.1 200 OK\r\n") and answer.endswith(b"data: late\n\n\r\n0\r\n\r\n")
 
@@ -229,17 +238,13 @@ def test_under_uvicorns_protocol_bytes_that_arrive_mid_answer_hold_none_of_its_w
     async def test(protocol: JoinedWritesProtocol, recorder: Recorder, release: asyncio.Event) -> None:
         # /stream answers with a head and a first chunk, then reads the rest of its body before a second
         protocol.data_received(b"POST /stream HTTP/1.1\r\nhost: x\r\ncontent-length: 4\r\n\r\nab")
-        async with asyncio.timeout(5):
-            while not recorder.writes:
-                await asyncio.sleep(0)
+        await until(lambda: bool(recorder.writes))
         assert recorder.writes[0].endswith(b"data: 1\n\n\r\n")  # the head with the first chunk
         protocol.data_received(b"cd")  # the body's rest, mid-answer
-        for _ in range(20):  # a few turns: the second chunk is written when sent, not after a head's wait
-            await asyncio.sleep(0)
+        await turns(20)  # a few turns: the second chunk is written when sent, not after a head's wait
         assert recorder.writes[1:] == [b"9\r\ndata: 2\n\n\r\n"]
         release.set()
-        for _ in range(20):
-            await asyncio.sleep(0)
+        await turns(20)
         assert recorder.writes[2:] == [b"0\r\n\r\n"]
 
     on_protocol(test)
@@ -248,13 +253,10 @@ def test_under_uvicorns_protocol_bytes_that_arrive_mid_answer_hold_none_of_its_w
 def test_under_uvicorns_protocol_a_100_continue_goes_out_at_the_end_of_its_turn() -> None:
     async def test(protocol: JoinedWritesProtocol, recorder: Recorder, release: asyncio.Event) -> None:
         protocol.data_received(b"POST /echo HTTP/1.1\r\nhost: x\r\nexpect: 100-continue\r\ncontent-length: 2\r\n\r\n")
-        for _ in range(20):  # the app reads its body: uvicorn writes 100 Continue, not an answer's head
-            await asyncio.sleep(0)
+        await turns(20)  # the app reads its body: uvicorn writes 100 Continue, not an answer's head
         assert recorder.writes == [b"HTTP/1.1 100 Continue\r\n\r\n"]
         protocol.data_received(b"hi")
-        async with asyncio.timeout(5):
-            while len(recorder.writes) < 2:
-                await asyncio.sleep(0)
+        await until(lambda: len(recorder.writes) >= 2)
         assert recorder.writes[1].startswith(b"HTTP/1.1 200 OK\r\n") and recorder.writes[1].endswith(b"\r\n\r\nhi")
 
     on_protocol(test)
@@ -263,16 +265,13 @@ def test_under_uvicorns_protocol_a_100_continue_goes_out_at_the_end_of_its_turn(
 def test_under_uvicorns_protocol_an_answer_that_ends_without_a_body_write_waits_for_nothing() -> None:
     async def test(protocol: JoinedWritesProtocol, recorder: Recorder, release: asyncio.Event) -> None:
         protocol.data_received(b"GET /empty HTTP/1.1\r\nhost: x\r\n\r\n")  # a 204, its empty body a turn later
-        for _ in range(20):
-            await asyncio.sleep(0)
+        await turns(20)
         assert len(recorder.writes) == 1 and recorder.writes[0].startswith(b"HTTP/1.1 204 No Content\r\n")
         protocol.data_received(b"HEAD /late HTTP/1.1\r\nhost: x\r\n\r\n")  # uvicorn writes no body for HEAD
-        for _ in range(5):
-            await asyncio.sleep(0)
+        await turns(5)
         assert len(recorder.writes) == 1  # the head waits (for a body or the answer's end)
         release.set()
-        for _ in range(20):
-            await asyncio.sleep(0)
+        await turns(20)
         assert len(recorder.writes) == 2 and recorder.writes[1].startswith(b"HTTP/1.1 200 OK\r\n")
         assert recorder.writes[1].endswith(b"\r\n\r\n")
 
@@ -282,16 +281,12 @@ def test_under_uvicorns_protocol_an_answer_that_ends_without_a_body_write_waits_
 def test_under_uvicorns_protocol_a_request_pipelined_while_a_head_waits_is_answered_after_it_in_order() -> None:
     async def test(protocol: JoinedWritesProtocol, recorder: Recorder, release: asyncio.Event) -> None:
         protocol.data_received(b"GET /late HTTP/1.1\r\nhost: x\r\n\r\n")
-        for _ in range(5):
-            await asyncio.sleep(0)
+        await turns(5)
         protocol.data_received(b"GET /json HTTP/1.1\r\nhost: x\r\n\r\n")  # pipelined: queued by uvicorn
-        for _ in range(5):
-            await asyncio.sleep(0)
+        await turns(5)
         assert recorder.writes == []  # /late's head still waits for its body
         release.set()
-        async with asyncio.timeout(5):
-            while b'{"ok": 1}' not in b"".join(recorder.writes):
-                await asyncio.sleep(0)
+        await until(lambda: b'{"ok": 1}' in b"".join(recorder.writes))
         stream = b"".join(recorder.writes)
         late, json = stream.split(b"0\r\n\r\n", 1)  # /late's end, then the answer to /json
         assert late.startswith(b"HTTP/1.1 200 OK\r\n") and late.endswith(b"data: late\n\n\r\n")
@@ -304,8 +299,7 @@ def test_under_uvicorns_protocol_a_request_pipelined_while_a_head_waits_is_answe
 def test_under_uvicorns_protocol_a_connection_lost_while_a_head_waits_leaves_nothing_to_write() -> None:
     async def test(protocol: JoinedWritesProtocol, recorder: Recorder, release: asyncio.Event) -> None:
         protocol.data_received(b"GET /late HTTP/1.1\r\nhost: x\r\n\r\n")
-        for _ in range(5):
-            await asyncio.sleep(0)
+        await turns(5)
         protocol.connection_lost(ConnectionResetError())
         await asyncio.sleep(0.1)  # past the head's wait: nothing is written to the connection that is gone
         assert recorder.writes == [] and protocol.joined.get_write_buffer_size() == 7
