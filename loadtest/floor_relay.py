@@ -14,7 +14,16 @@ this chain adds over the direct call is what the hops alone cost on the host (pr
 round trips, the smallest Python on each side): no implementation of this design can add less there.
 What Sluicegate adds above it is its own work, the part that code can still win.
 
-Run as `python -m sluicegate.loadtest.floor_relay front|back REDIS_URL ...` (the bench starts both).
+`bench ttft --modes floor-one` times the floor of another shape, with no worker process: one relay in the
+API's place stores the request (one SET), calls the backend on the store's reply, stores the first token
+(one SET) and sends it to the client on that reply, so a token is still kept before it is seen:
+
+    client -> one (SET) -> Valkey -> one -> backend -> one (first content line, SET) -> Valkey -> one -> client
+
+It crosses as many sockets as the chain above, but between two processes instead of three, and Valkey
+answers the process that asked instead of waking another one (no BLMPOP, no PUBLISH).
+
+Run as `python -m sluicegate.loadtest.floor_relay front|back|one REDIS_URL ...` (the bench starts them).
 Sequential use only: one request at a time, as the ttft bench sends them.
 """
 
@@ -25,11 +34,12 @@ import contextlib
 import itertools
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 
 import hiredis
 import orjson
 import uvloop
+from redis.exceptions import RedisError
 
 from sluicegate.loadtest.common import free_port, scratch_server
 from sluicegate.sessions.resp import LeanRedis, RedisAddress, encode
@@ -38,14 +48,15 @@ from sluicegate.workers.engines.http1 import HTTP1Client, HTTPClientError
 QUEUE = "floor:q"
 CHANNEL = "floor:first"
 FIRST, END, FAILED = b"first", b"end", b"failed"  # what a message on CHANNEL says of its request
+KEPT_SECONDS = 60  # how long the one-process relay keeps a request and its first token
 
 
 class Front(asyncio.Protocol):
-    """One client connection: a POST's body goes to the queue; the first token goes back as soon as it is
-    published, and the answer ends ([DONE], kept connection) when the backend's has ended; a failure
+    """One client connection: a POST's body goes to the relay; the first token goes back as soon as the
+    relay has it, and the answer ends ([DONE], kept connection) when the backend's has ended; a failure
     before the first token is a 502."""
 
-    def __init__(self, relay: FrontRelay) -> None:
+    def __init__(self, relay: FrontRelay | OneProcessRelay) -> None:
         self.relay = relay
         self.buffer = b""
         self.transport: asyncio.Transport | None = None
@@ -177,34 +188,86 @@ class BackRelay:
         asyncio.ensure_future(self.redis.execute("PUBLISH", CHANNEL, b"|".join((rid, kind, data))))
 
     async def relay(self, rid: bytes, body: bytes) -> None:
-        response = await self.http.post("/v1/chat/completions", body)
+        async def first(line: bytes) -> None:
+            self.publish(rid, FIRST, line)
+
+        await read_answer(self.http, body, first)
+        self.publish(rid, END)
+
+
+async def read_answer(http: HTTP1Client, body: bytes, first: Callable[[bytes], Awaitable[None]]) -> bool:
+    """Posts `body` to the backend and reads its answer to the end, awaiting `first` with the first data line
+    that carries content; whether there was one. A status other than 200 is a ValueError."""
+    response = await http.post("/v1/chat/completions", body)
+    try:
+        if response.status != 200:
+            raise ValueError(f"the backend answered {response.status}")
+        sent, pending = False, b""
+        async for data in response:
+            *lines, pending = (pending + data).split(b"\n")
+            for line in lines:
+                if sent or not line.startswith(b"data: {"):
+                    continue
+                choices = orjson.loads(line[6:]).get("choices") or [{}]
+                if choices[0].get("delta", {}).get("content"):
+                    sent = True
+                    await first(line)
+        return sent
+    finally:
+        response.release()
+
+
+class OneProcessRelay:
+    """The relay of `floor-one` (the module's doc): the API's place does the worker's job too, so Valkey
+    answers it and wakes no other process."""
+
+    def __init__(self, redis_url: str, backend: str) -> None:
+        self.redis = LeanRedis(redis_url)
+        self.http = HTTP1Client(backend, {"content-type": "application/json"}, connect_timeout=5.0)
+        self.ids = itertools.count()
+
+    def submit(self, front: Front, body: bytes) -> None:
+        asyncio.ensure_future(self.relay(front, str(next(self.ids)).encode(), body))
+
+    async def relay(self, front: Front, rid: bytes, body: bytes) -> None:
+        started = False
+
+        async def first(line: bytes) -> None:
+            nonlocal started
+            await self.redis.execute("SET", b"floor:t:" + rid, line, "EX", KEPT_SECONDS)  # kept before seen
+            front.first(line)
+            started = True
+
         try:
-            if response.status != 200:
-                raise ValueError(f"the backend answered {response.status}")
-            sent, pending = False, b""
-            async for data in response:
-                *lines, pending = (pending + data).split(b"\n")
-                for line in lines:
-                    if sent or not line.startswith(b"data: {"):
-                        continue
-                    choices = orjson.loads(line[6:]).get("choices") or [{}]
-                    if choices[0].get("delta", {}).get("content"):
-                        sent = True
-                        self.publish(rid, FIRST, line)
-            self.publish(rid, END)
-        finally:
-            response.release()
+            await self.redis.execute("SET", b"floor:r:" + rid, body, "EX", KEPT_SECONDS)
+            if await read_answer(self.http, body, first):
+                front.end()
+            else:
+                front.fail(b"the backend's answer had no token", started=False)
+        except (HTTPClientError, ValueError, RedisError) as error:  # Valkey's refusal too: nothing unkept is sent
+            front.fail(str(error).encode(), started)
+
+    async def serve(self, port: int) -> None:
+        await self.redis.execute("PING")
+        server = await asyncio.get_running_loop().create_server(lambda: Front(self), "127.0.0.1", port)
+        print("ready", flush=True)
+        async with server:
+            await server.serve_forever()
 
 
 @contextlib.contextmanager
-def floor_chain(backend_url: str) -> Iterator[str]:
-    """A Valkey of its own (AOF, appendfsync everysec, as `serve` runs it), the back relay in front of
-    `backend_url` and the front relay; yields the front's base URL."""
-    server = scratch_server(persistent=True)
+def floor_chain(backend_url: str, *, one_process: bool = False, redis_url: str | None = None) -> Iterator[str]:
+    """A Valkey of its own (AOF, appendfsync everysec, as `serve` runs it; or the one at `redis_url`), the back
+    relay in front of `backend_url` and the front relay (or, `one_process`, the one relay of `floor-one`);
+    yields the base URL that clients call."""
+    server = scratch_server(persistent=True) if redis_url is None else None
+    url = server.url if server is not None else redis_url
     port = free_port()
+    roles = ([["one", url, backend_url, str(port)]] if one_process
+             else [["back", url, backend_url], ["front", url, str(port)]])
     processes: list[subprocess.Popen[bytes]] = []
     try:
-        for args in (["back", server.url, backend_url], ["front", server.url, str(port)]):
+        for args in roles:
             process = subprocess.Popen([sys.executable, "-m", "sluicegate.loadtest.floor_relay", *args],
                                        stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, start_new_session=True)
             processes.append(process)
@@ -216,7 +279,8 @@ def floor_chain(backend_url: str) -> Iterator[str]:
         for process in processes:
             process.terminate()
             process.wait(10)
-        server.stop()
+        if server is not None:
+            server.stop()
 
 
 def main(argv: list[str]) -> None:
@@ -225,8 +289,11 @@ def main(argv: list[str]) -> None:
         uvloop.run(FrontRelay(redis_url).serve(int(argv[2])))
     elif role == "back":
         uvloop.run(BackRelay(redis_url, argv[2]).run())
+    elif role == "one":
+        uvloop.run(OneProcessRelay(redis_url, argv[2]).serve(int(argv[3])))
     else:
-        raise SystemExit("usage: floor_relay front REDIS_URL PORT | back REDIS_URL BACKEND_URL")
+        raise SystemExit("usage: floor_relay front REDIS_URL PORT | back REDIS_URL BACKEND_URL"
+                         " | one REDIS_URL BACKEND_URL PORT")
 
 
 if __name__ == "__main__":

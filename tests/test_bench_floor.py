@@ -1,7 +1,8 @@
-"""The floor relays of `bench ttft --modes floor` (loadtest/floor_relay.py): two minimal processes that
-cross the chat route's hops (front, Valkey, back, backend, and back again). The floor is only a floor if
-each request really makes the whole trip: the first token that comes back is the backend's own for that
-request, on kept connections, one request after another."""
+"""The floor relays of `bench ttft --modes floor,floor-one` (loadtest/floor_relay.py): two minimal processes
+that cross the chat route's hops (front, Valkey, back, backend, and back again), or one that does the back's
+job too. A floor is only a floor if each request really makes the whole trip: the first token that comes
+back is the backend's own for that request, on kept connections, one request after another; and through
+the one relay, the request and its first token are in Valkey before the client sees that token."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ import time
 
 import aiohttp
 import pytest
+import redis
 
-from sluicegate.loadtest.common import Component, free_port, sse_events, wait_http
+from sluicegate.loadtest.common import Component, free_port, scratch_server, sse_events, wait_http
 from sluicegate.loadtest.floor_relay import floor_chain
 
 pytestmark = pytest.mark.single_server  # its own Valkey and backend: once is enough
@@ -35,6 +37,24 @@ async def first_content(http: aiohttp.ClientSession, url: str, question: str) ->
     return texts[0], done, time.perf_counter() - started
 
 
+async def trips(floor: str, direct: str, questions: list[str]) -> list[tuple[str, str, int, float, float]]:
+    """Each question through the relays, then directly: the first tokens, the relayed answer's [DONE]s
+    and both answers' seconds."""
+    connector = aiohttp.TCPConnector(limit=1)  # one kept connection: answers must end cleanly
+    async with aiohttp.ClientSession(connector=connector) as http:
+        seen = []
+        for question in questions:
+            relayed, done, took = await first_content(http, floor, question)
+            expected, _, direct_took = await first_content(http, direct, question)
+            seen.append((relayed, expected, done, took, direct_took))
+        return seen
+
+
+async def refused(floor: str, body: dict[str, object]) -> tuple[int, str]:
+    async with aiohttp.ClientSession() as http, http.post(f"{floor}/v1/chat/completions", json=body) as response:
+        return response.status, await response.text()
+
+
 def sim_backend(port: int) -> Component:
     """20 ms between tokens: an answer's tail (60 ms after its first of 4 tokens) is easy to tell apart."""
     backend = Component("sim-backend", ["--port", str(port), "--sim-prefill-ms", "0",
@@ -43,7 +63,9 @@ def sim_backend(port: int) -> Component:
     return backend
 
 
-def test_each_request_gets_its_own_first_token_through_the_relays_and_ends_with_the_backends() -> None:
+@pytest.mark.parametrize("one_process", [False, True], ids=["floor", "floor-one"])
+def test_each_request_gets_its_own_first_token_through_the_relays_and_ends_with_the_backends(
+        one_process: bool) -> None:
     """Each first token is the backend's own for that request; each answer ends once the backend's has
     (not at its first token, which let the backend's tail overlap the next timed request); a backend
     that is gone is a 502, and one back again (on the same port: the kept connection is dead) serves."""
@@ -51,27 +73,13 @@ def test_each_request_gets_its_own_first_token_through_the_relays_and_ends_with_
     direct = f"http://127.0.0.1:{port}"
     backend = sim_backend(port)
     try:
-        with floor_chain(direct) as floor:
-            async def trips() -> list[tuple[str, str, int, float, float]]:
-                connector = aiohttp.TCPConnector(limit=1)  # one kept connection: answers must end cleanly
-                async with aiohttp.ClientSession(connector=connector) as http:
-                    seen = []
-                    for question in ("sluice", "gate", "sluice", "weir"):
-                        relayed, done, took = await first_content(http, floor, question)
-                        expected, _, direct_took = await first_content(http, direct, question)
-                        seen.append((relayed, expected, done, took, direct_took))
-                    return seen
-
-            async def refused() -> tuple[int, str]:
-                async with aiohttp.ClientSession() as http, http.post(f"{floor}/v1/chat/completions",
-                                                                      json={"model": "sim"}) as response:
-                    return response.status, await response.text()
-
-            seen = asyncio.run(trips())
+        with floor_chain(direct, one_process=one_process) as floor:
+            questions = ["sluice", "gate", "sluice", "weir"]
+            seen = asyncio.run(trips(floor, direct, questions))
             backend.stop()
-            status, reason = asyncio.run(refused())
+            status, reason = asyncio.run(refused(floor, {"model": "sim"}))
             backend = sim_backend(port)
-            again = asyncio.run(trips())
+            again = asyncio.run(trips(floor, direct, questions))
     finally:
         backend.stop()
     for relayed, expected, done, took, direct_took in seen + again:
@@ -79,3 +87,33 @@ def test_each_request_gets_its_own_first_token_through_the_relays_and_ends_with_
         assert took >= 0.5 * direct_took, (took, direct_took)  # the relayed answer lasts as long as the backend's
     assert len({relayed for relayed, *_ in seen}) > 1, seen  # the questions' answers differ: no mix-up hides
     assert status == 502 and "cannot connect" in reason, (status, reason)
+
+
+def test_the_one_relay_keeps_a_request_and_its_first_token_before_the_client_sees_it() -> None:
+    """`floor-one` stands for a shape that keeps what it sends, as Sluicegate does: each first token the
+    client gets is in Valkey beside its request; and a relay that may store the request but not the token
+    (an ACL) sends no token at all, a 502 instead."""
+    port = free_port()
+    direct = f"http://127.0.0.1:{port}"
+    backend = sim_backend(port)
+    server = scratch_server()
+    admin = redis.Redis.from_url(server.url)
+    admin.execute_command("ACL", "SETUSER", "requests-only", "on", ">pw", "~floor:r:*", "+ping", "+set")
+    limited = f"redis://requests-only:pw@127.0.0.1:{server.port}"
+    try:
+        with floor_chain(direct, one_process=True, redis_url=server.url) as floor:
+            seen = asyncio.run(trips(floor, direct, ["sluice", "gate", "weir"]))
+        kept = [admin.get(f"floor:t:{i}") for i in range(3)]
+        with floor_chain(direct, one_process=True, redis_url=limited) as floor:
+            status, reason = asyncio.run(refused(floor, {"model": "sim", "stream": True, "max_tokens": 4,
+                                                         "messages": [{"role": "user", "content": "dam"}]}))
+        stored = sorted(admin.scan_iter("floor:*"))
+    finally:
+        backend.stop()
+        server.stop()
+    for (relayed, expected, *_), line in zip(seen, kept, strict=True):
+        assert relayed == expected and line is not None, (seen, kept)
+        assert json.loads(line.removeprefix(b"data: "))["choices"][0]["delta"]["content"] == relayed
+    assert status == 502 and "NOPERM" in reason, (status, reason)
+    # the limited relay counted from 0 again: it stored its request over the first one's, and no token
+    assert stored == [b"floor:r:0", b"floor:r:1", b"floor:r:2", b"floor:t:0", b"floor:t:1", b"floor:t:2"], stored

@@ -10,7 +10,10 @@ right after a direct call (`round_orders`):
   e.g. a `git worktree` of the previous commit), in front of the same sim-backend;
 - floor:  the chat call through two minimal relays that cross the same processes and sockets as the chat
   route (API, Valkey, worker, backend, and back) with next to no work at each (loadtest/floor_relay.py):
-  what the hops alone add on this host, below which no implementation of this design can go.
+  what the hops alone add on this host, below which no implementation of this design can go;
+- floor-one: the floor of another shape, with no worker process (loadtest/floor_relay.py): one relay in the
+  API's place stores the request, calls the backend itself and stores the first token before sending it,
+  so Valkey answers the process that asked instead of waking another.
 TTFT is from sending the request to receiving the first token; every request is read to its end
 before the next starts. Every way through Sluicegate follows a direct call, so none comes right after another
 request through Sluicegate, which would find the code both run still warm in the caches of the cores.
@@ -65,7 +68,8 @@ from sluicegate.loadtest.common import (
 from sluicegate.loadtest.floor_relay import floor_chain
 from sluicegate.loadtest.targets import TTFT_ADDED_P50_MS, TTFT_ADDED_P99_MS
 
-MODES = ("direct", "chat", "sse", "floor")
+MODES = ("direct", "chat", "sse", "floor", "floor-one")
+FLOORS = {"floor": False, "floor-one": True}  # mode -> the relay's `one_process`
 ENGINE_SERVERS = ("sim", "llamacpp")
 
 
@@ -252,7 +256,7 @@ def round_orders(modes: list[str], rounds: int, seed: int = 0) -> list[list[str]
     return [[call for mode in rng.sample(others, len(others)) for call in (*lead, mode)] for _ in range(rounds)]
 
 
-async def measure(backend: Backend, base: str, other: str | None, floor: str | None,
+async def measure(backend: Backend, base: str, other: str | None, floors: dict[str, str],
                   args: argparse.Namespace) -> dict[str, Any]:
     modes = [m for m in args.modes.split(",") if m] + (["against"] if other else [])
     ttft: dict[str, list[float]] = {m: [] for m in modes}
@@ -280,9 +284,8 @@ async def measure(backend: Backend, base: str, other: str | None, floor: str | N
                     assert other is not None
                     seconds, rid = await chat_ttft(other_http, f"{other}/v1/chat/completions", body,
                                                    {"X-Session-Id": f"ttft-a{i}"}, expect=expect)
-                elif mode == "floor":  # the relays pass on the first token only: no text to check
-                    assert floor is not None
-                    seconds, _ = await chat_ttft(floor_http, f"{floor}/v1/chat/completions", body)
+                elif mode in FLOORS:  # the relays pass on the first token only: no text to check
+                    seconds, _ = await chat_ttft(floor_http, f"{floors[mode]}/v1/chat/completions", body)
                 else:
                     seconds, rid = await sse_ttft(sg_http, base, i, args.max_tokens, backend)
                 if counted:
@@ -307,7 +310,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if unknown:
         raise SystemExit(f"sluicegate bench ttft: unknown mode {', '.join(sorted(unknown))} (of {','.join(MODES)})")
     with engine_server(args) as backend, contextlib.ExitStack() as chain:
-        floor_url = chain.enter_context(floor_chain(backend.url)) if "floor" in args.modes.split(",") else None
+        floors = {mode: chain.enter_context(floor_chain(backend.url, one_process=one))
+                  for mode, one in FLOORS.items() if mode in args.modes.split(",")}
         try:
             flags = ["--engine", "openai", "--backend-url", f"{backend.url}/v1", "--backend-model", backend.model,
                      "--workers", "1", "--slots", str(args.slots)]  # the worker declares chat_body's model
@@ -321,7 +325,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             ticks0 = cpu_ticks()
             load0 = os.getloadavg()
             began = time.perf_counter()
-            outcome = asyncio.run(measure(backend, serve.base_url, other.base_url if other else None, floor_url, args))
+            outcome = asyncio.run(measure(backend, serve.base_url, other.base_url if other else None, floors, args))
             elapsed = time.perf_counter() - began
             steal = steal_percent(ticks0, cpu_ticks())
             load1 = os.getloadavg()
@@ -366,19 +370,25 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
               f"p90 {percentile(direct, 90):.2f} ms")
     verdicts = {}
     added_floor = added.pop("floor", None)  # not Sluicegate: what its design's hops cost with nothing done at them
+    added_floor_one = added.pop("floor-one", None)  # nor this: the hops of a shape with no worker process
     if added_floor is not None:
         print(f"floor (the same hops, next to no work at each): added p50 {added_floor['p50_ms']:.2f} ms, "
-              f"p99 {added_floor['p99_ms']:.2f} ms")
+              f"p99 {added_floor['p99_ms']:.2f} ms, paired p50 {added_floor['paired_p50_ms']:.2f} ms")
         for mode in (m for m in ("chat", "sse") if m in added):
             print(f"{mode} above the floor: p50 {added[mode]['p50_ms'] - added_floor['p50_ms']:+.2f} ms, "
                   f"p99 {added[mode]['p99_ms'] - added_floor['p99_ms']:+.2f} ms")
+    if added_floor_one is not None:
+        print(f"floor-one (no worker process: the API's place calls the backend itself): added p50 "
+              f"{added_floor_one['p50_ms']:.2f} ms, p99 {added_floor_one['p99_ms']:.2f} ms, paired p50 "
+              f"{added_floor_one['paired_p50_ms']:.2f} ms")
     for mode, a in added.items():
         verdicts[mode] = {"p50_target_met": a["p50_ms"] <= TTFT_ADDED_P50_MS,
                           "p99_target_met": a["p99_ms"] <= TTFT_ADDED_P99_MS}
         met = verdicts[mode]["p50_target_met"] and verdicts[mode]["p99_target_met"]
         print(f"{mode}: added p50 {a['p50_ms']:.2f} ms (target {TTFT_ADDED_P50_MS:g}), added p99 {a['p99_ms']:.2f} ms "
               f"(target {TTFT_ADDED_P99_MS:g}): {'met' if met else 'MISSED'}")
-    result = {"rows": rows, "added": added, "floor_added": added_floor, "verdicts": verdicts, "inside_ms": inside,
+    result = {"rows": rows, "added": added, "floor_added": added_floor, "floor_one_added": added_floor_one,
+              "verdicts": verdicts, "inside_ms": inside,
               "cpu_seconds": cpu,
               "targets_ms": {"added_p50": TTFT_ADDED_P50_MS, "added_p99": TTFT_ADDED_P99_MS},
               "steal_percent": steal, "load_average": {"before": list(load0), "after": list(load1)},
