@@ -7,6 +7,7 @@ the one relay, the request and its first token are in Valkey before the client s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 
@@ -16,6 +17,7 @@ import redis
 
 from sluicegate.loadtest.common import Component, free_port, scratch_server, sse_events, wait_http
 from sluicegate.loadtest.floor_relay import floor_chain
+from tests.fake_backend import FakeBackend, Script
 
 pytestmark = pytest.mark.single_server  # its own Valkey and backend: once is enough
 
@@ -89,31 +91,44 @@ def test_each_request_gets_its_own_first_token_through_the_relays_and_ends_with_
     assert status == 502 and "cannot connect" in reason, (status, reason)
 
 
-def test_the_one_relay_keeps_a_request_and_its_first_token_before_the_client_sees_it() -> None:
-    """`floor-one` stands for a shape that keeps what it sends, as Sluicegate does: each first token the
-    client gets is in Valkey beside its request; and a relay that may store the request but not the token
-    (an ACL) sends no token at all, a 502 instead."""
+def test_the_one_relay_keeps_a_request_before_its_backend_call_and_a_token_before_the_client_sees_it() -> None:
+    """`floor-one` stands for a shape that keeps what it sends, as Sluicegate does: each request and each
+    first token the client gets is in Valkey; a relay that may store the request but not the token (an
+    ACL) sends no token, a 502 instead; and one that may store nothing never calls the backend."""
     port = free_port()
     direct = f"http://127.0.0.1:{port}"
-    backend = sim_backend(port)
-    server = scratch_server()
-    admin = redis.Redis.from_url(server.url)
-    admin.execute_command("ACL", "SETUSER", "requests-only", "on", ">pw", "~floor:r:*", "+ping", "+set")
-    limited = f"redis://requests-only:pw@127.0.0.1:{server.port}"
-    try:
+    body = {"model": "sim", "stream": True, "max_tokens": 4, "messages": [{"role": "user", "content": "dam"}]}
+    with contextlib.ExitStack() as stack:
+        backend = sim_backend(port)
+        stack.callback(backend.stop)
+        server = scratch_server()
+        stack.callback(server.stop)
+        admin = stack.enter_context(redis.Redis.from_url(server.url))
+        admin.execute_command("ACL", "SETUSER", "requests-only", "on", ">pw", "~floor:r:*", "+ping", "+set")
+        admin.execute_command("ACL", "SETUSER", "nothing-kept", "on", ">pw", "+ping", "+set")
+        fake = FakeBackend(models=["sim"], default=Script.text("never", "sent"))
+        fake_url = stack.enter_context(fake.serve()).url.removesuffix("/v1")
+
         with floor_chain(direct, one_process=True, redis_url=server.url) as floor:
             seen = asyncio.run(trips(floor, direct, ["sluice", "gate", "weir"]))
-        kept = [admin.get(f"floor:t:{i}") for i in range(3)]
+        requests = [json.loads(admin.get(f"floor:r:{i}") or b"{}") for i in range(3)]
+        tokens = [admin.get(f"floor:t:{i}") for i in range(3)]
+        limited = f"redis://requests-only:pw@127.0.0.1:{server.port}"
         with floor_chain(direct, one_process=True, redis_url=limited) as floor:
-            status, reason = asyncio.run(refused(floor, {"model": "sim", "stream": True, "max_tokens": 4,
-                                                         "messages": [{"role": "user", "content": "dam"}]}))
+            token_refused = asyncio.run(refused(floor, body))
+        overwritten = json.loads(admin.get("floor:r:0") or b"{}")  # the new relay counts from 0 again
         stored = sorted(admin.scan_iter("floor:*"))
-    finally:
-        backend.stop()
-        server.stop()
-    for (relayed, expected, *_), line in zip(seen, kept, strict=True):
-        assert relayed == expected and line is not None, (seen, kept)
-        assert json.loads(line.removeprefix(b"data: "))["choices"][0]["delta"]["content"] == relayed
-    assert status == 502 and "NOPERM" in reason, (status, reason)
-    # the limited relay counted from 0 again: it stored its request over the first one's, and no token
+        nothing = f"redis://nothing-kept:pw@127.0.0.1:{server.port}"
+        with floor_chain(fake_url, one_process=True, redis_url=nothing) as floor:
+            request_refused = asyncio.run(refused(floor, body))
+        called = fake.records
+    for (relayed, expected, *_), request, token, question in zip(seen, requests, tokens, ["sluice", "gate", "weir"],
+                                                                strict=True):
+        assert relayed == expected and token is not None, (seen, tokens)
+        assert json.loads(token.removeprefix(b"data: "))["choices"][0]["delta"]["content"] == relayed
+        assert request["messages"][0]["content"] == question, requests
+    assert token_refused[0] == 502 and "NOPERM" in token_refused[1], token_refused
+    assert overwritten["messages"][0]["content"] == "dam", overwritten
     assert stored == [b"floor:r:0", b"floor:r:1", b"floor:r:2", b"floor:t:0", b"floor:t:1", b"floor:t:2"], stored
+    assert request_refused[0] == 502 and "NOPERM" in request_refused[1], request_refused
+    assert called == [], called  # the backend is called only once the request is kept

@@ -12,8 +12,8 @@ right after a direct call (`round_orders`):
   route (API, Valkey, worker, backend, and back) with next to no work at each (loadtest/floor_relay.py):
   what the hops alone add on this host, below which no implementation of this design can go;
 - floor-one: the floor of another shape, with no worker process (loadtest/floor_relay.py): one relay in the
-  API's place stores the request, calls the backend itself and stores the first token before sending it,
-  so Valkey answers the process that asked instead of waking another.
+  API's place stores the request, calls the backend itself once Valkey has acknowledged it, and stores the
+  first token before sending it, so Valkey answers the process that asked instead of waking another.
 TTFT is from sending the request to receiving the first token; every request is read to its end
 before the next starts. Every way through Sluicegate follows a direct call, so none comes right after another
 request through Sluicegate, which would find the code both run still warm in the caches of the cores.
