@@ -72,13 +72,17 @@ class RunSpec:
 
 @dataclass(frozen=True)
 class Assignment:
-    """One inbox entry: "rid|attempt", then (one server) a newline and the run spec as JSON (start_run in
+    """One inbox entry: "rid|attempt", then (one server) a newline and the run spec as JSON, or (a
+    cluster) "|reason" when the control plane preempted the request's previous attempt (start_run in
     scheduler/lua/includes/runs.lua). An empty entry ("|") is the shutdown wake-up."""
 
     request_id: str
     attempt: str
     fields: dict[str, Any] | None = None
     taken_at: float | None = None  # the worker's clock (ms) when its inbox read returned it
+    # Why the previous attempt was stopped (cluster): its `preempted` event says it, should this start
+    # come before that attempt's hand-back.
+    stopped_for: str = ""
 
     @property
     def key(self) -> str:
@@ -89,8 +93,9 @@ class Assignment:
         """On one server the run spec follows (the run started already); on a cluster it does not."""
         text = raw.decode() if isinstance(raw, bytes) else raw
         head, _, spec = text.partition("\n")
-        rid, _, attempt = head.rpartition("|")
-        return cls(rid, attempt, orjson.loads(spec) if spec else None, taken_at)
+        rid, _, attempt = head.partition("|")  # a request id has no "|" (sessions/requests.py)
+        attempt, _, stopped_for = attempt.partition("|")
+        return cls(rid, attempt, orjson.loads(spec) if spec else None, taken_at, stopped_for)
 
 
 @dataclass(frozen=True)
@@ -209,7 +214,7 @@ class RunStore:
             return await self.load(assignment.request_id, assignment.attempt)
         if fields is None:
             fields = await self.transitions.start(assignment.request_id, assignment.attempt, self.worker_id,
-                                                  resume=self.resume_mode)
+                                                  resume=self.resume_mode, stopped_for=assignment.stopped_for)
             if fields is None:
                 return None
         if "in" not in fields:

@@ -144,10 +144,12 @@ class Transitions:
         return list(await self._call("read_log", [keys.session_prefix(sid)], [sid, after, limit]))
 
     # ---- a worker's transitions ----------------------------------------------------------------
-    async def start(self, rid: str, attempt: str, wid: str, *, resume: str = "") -> dict[str, Any] | None:
+    async def start(self, rid: str, attempt: str, wid: str, *, resume: str = "",
+                    stopped_for: str = "") -> dict[str, Any] | None:
         """Start an assigned run on the data plane (cluster); None when it is no longer to run. `resume`:
-        how the worker's engine resumes (its `resumed` event says it)."""
-        reply = await self._call("start", [keys.request_prefix(rid)], [rid, attempt, wid, resume])
+        how the worker's engine resumes (its `resumed` event says it). `stopped_for`: the assignment's
+        reason the previous attempt was preempted, for its `preempted` event if it is still running."""
+        reply = await self._call("start", [keys.request_prefix(rid)], [rid, attempt, wid, resume, stopped_for])
         return json.loads(text(reply[1])) if int(reply[0]) == 1 else None
 
     async def append(self, rid: str, attempt: str, first_index: int, data: Sequence[str],

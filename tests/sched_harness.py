@@ -121,7 +121,8 @@ class Harness:
                 assignment = Assignment.parse(item)
                 rid = assignment.request_id
                 # On a cluster the worker starts the run on the data plane (refused: no longer to run).
-                if assignment.fields is None and run_sync(self.t.start(rid, assignment.attempt, wid)) is None:
+                if assignment.fields is None and run_sync(self.t.start(
+                        rid, assignment.attempt, wid, stopped_for=assignment.stopped_for)) is None:
                     run_sync(self.t.hand_back(rid, assignment.attempt, wid=wid, group=group, reason="released",
                                               return_slot=True))
                     continue

@@ -284,3 +284,45 @@ def test_a_missed_preemption_notice_is_repeated_by_the_heartbeat(rc: RedisCluste
     assert h.status(low) == "running"  # not fenced until the worker hands it back
     h.handback(h.run_of(low), reason="priority")
     assert h.status(low) == "preempted"
+
+
+@pytest.mark.parametrize("reason", ["priority", "fair_share"])
+def test_a_restart_before_the_hand_back_fences_the_stopped_attempt_with_its_reason(rc: RedisCluster,
+                                                                                    reason: str) -> None:
+    """A preempted request may start again on another worker's slot before its stopped attempt's hand-back
+    reaches the data plane. That start fences the attempt, and its `preempted` event gives the control
+    plane's reason (counted against --max-preemptions), not "superseded". Its assignment, which carries
+    the reason, holds its slot's ticket while it waits; the hand-back that comes later changes nothing."""
+    h = Harness(rc, lease_ms=60_000, cluster=True)
+    h.policy(min_run=0)
+    if reason == "priority":
+        h.add_worker("w0", slots=1)
+        h.submit("low", priority=1, max_tokens=6)
+        h.submit("high", priority=8, tenant="u", max_tokens=2)  # waits for the preempted run's slot
+    else:
+        h.add_worker("w0", slots=2)
+        h.submit("f1", tenant="flood", max_tokens=6)
+        h.submit("f2", tenant="flood", max_tokens=6)
+        h.submit("calm", tenant="calm", max_tokens=2)  # takes one flood run's slot at once
+    [notice] = h.heartbeat("w0")
+    victim, _, said = notice.rpartition("|1|")
+    assert said == reason and h.status(victim) == "running"  # stopped on the control plane only
+    stopped = h.run_of(victim)
+    h.append(stopped, 2)
+    free = 2 if reason == "priority" else 1  # the priority case's w1 also takes the waiting high request
+    run_sync(h.t.register_worker("default", "w1", free=free, total=free))  # not collected yet
+    assert f"{victim}|2|{reason}" in rc.lrange(keys.worker_inbox("default", "w1"), 0, -1)
+    run_sync(h.t.register_worker("default", "w1", free=free, total=free))  # offered again (after a lapse)
+    assert "w1" not in rc.lrange(keys.group_key("default", "idle"), 0, -1), "a waiting assignment holds its slot"
+    h.workers["w1"], h.slots["w1"] = "default", free
+    h.collect()  # w1 starts the victim's second attempt; the first has not been handed back
+    resumed = h.run_of(victim)
+    assert (resumed.wid, resumed.attempt, resumed.next_index) == ("w1", "2", 2)
+    assert h.req(victim)["pc"] == "1"
+    assert h.handback(stopped, reason=reason) == [0]
+    h.complete(victim)
+    sid = h.req(victim)["sid"]
+    events = [(e, d) for e, rid, d in log(rc, sid) if rid == victim]
+    assert [(e, d.get("reason")) for e, d in events if e in ("preempted", "resumed")] == [
+        ("preempted", reason), ("resumed", None)]
+    assert [d["index"] for e, d in events if e == "token"] == list(range(6))

@@ -33,6 +33,9 @@ local function preempt(cp, key, rec, now, lease, reason, handed)
   else
     rec.rq, rec.rr = 1, reason
     redis.call('HSET', cp .. 'ri', key, cjson.encode(rec))
+    -- Its next attempt may start before this one's hand-back reaches the data plane: that start then
+    -- fences this attempt, and says why it was stopped (start_run).
+    spec.rr = reason
   end
   requeue_ready(cp, spec, now)
 end

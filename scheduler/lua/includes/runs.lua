@@ -113,8 +113,10 @@ end
 -- Start a request that is out of the ready set (the caller took it out, and off the depth gauge).
 -- The assignment "rid|attempt" goes to the worker's inbox; a single-server call also starts the run
 -- on the data plane at once (the `started` event, the fence) and carries the run spec in the
--- assignment, saving the worker a round trip. Returns false when the request turned out to have
--- ended (a stale ready entry): the ticket goes back.
+-- assignment, saving the worker a round trip. On a cluster, a request this plane preempted carries
+-- the reason ("rid|attempt|reason"): should the worker's start come before the previous attempt's
+-- hand-back, it fences that attempt with the reason in its `preempted` event (start.lua). Returns
+-- false when the request turned out to have ended (a stale ready entry): the ticket goes back.
 local function start_run(cp, cls, tenant, counter, spec, wid, cfg, now, lease)
   local attempt = spec.a + 1
   local remaining = spec.mt - spec.n
@@ -148,6 +150,8 @@ local function start_run(cp, cls, tenant, counter, spec, wid, cfg, now, lease)
       return false
     end
     entry = key .. '\n' .. cjson.encode(run)
+  elseif spec.rr then
+    entry = key .. '|' .. spec.rr
   end
   redis.call('LPUSH', kworker(cp, wid) .. ':in', entry)
   return true
