@@ -73,8 +73,8 @@ class RunSpec:
 @dataclass(frozen=True)
 class Assignment:
     """One inbox entry: "rid|attempt", then (one server) a newline and the run spec as JSON, or (a
-    cluster) "|reason" when the control plane preempted the request's previous attempt (start_run in
-    scheduler/lua/includes/runs.lua). An empty entry ("|") is the shutdown wake-up."""
+    cluster, INBOX_FORMAT 2) "|reason" when the control plane preempted the request's previous attempt
+    (start_run in scheduler/lua/includes/runs.lua). An empty entry ("|") is the shutdown wake-up."""
 
     request_id: str
     attempt: str
@@ -93,8 +93,8 @@ class Assignment:
         """On one server the run spec follows (the run started already); on a cluster it does not."""
         text = raw.decode() if isinstance(raw, bytes) else raw
         head, _, spec = text.partition("\n")
-        rid, _, attempt = head.partition("|")  # a request id has no "|" (sessions/requests.py)
-        attempt, _, stopped_for = attempt.partition("|")
+        rid, _, rest = head.partition("|")  # a request id has no "|" (sessions/requests.py)
+        attempt, _, stopped_for = rest.partition("|")
         return cls(rid, attempt, orjson.loads(spec) if spec else None, taken_at, stopped_for)
 
 
@@ -172,9 +172,8 @@ class RunStore:
                             self.group, error)
                 await register_group(self.redis, self.group)
         total = free if total is None else total
-        info = json.dumps({**self.shown, "slots": total}, separators=(",", ":"))
-        return await self.transitions.register_worker(self.group, self.worker_id, free=free, total=total, info=info,
-                                                      held=held)
+        return await self.transitions.register_worker(self.group, self.worker_id, free=free, total=total,
+                                                      shown=self.shown, held=held)
 
     async def next_assignment(self, timeout: float) -> Assignment | None:
         """The oldest assignment (the functions LPUSH them: runs start in the order they were dispatched),

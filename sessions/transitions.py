@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -35,6 +35,10 @@ from sluicegate.settings import Settings
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 HEARTBEAT_CHUNK = 64  # runs renewed per heartbeat call (heartbeat)
+# The worker inbox entries this code reads (sessions/runs.py, Assignment), declared when a worker
+# registers: 2 adds "|reason" to a cluster's entry. A dispatcher sends that suffix only to a worker that
+# declared it, so in a rolling upgrade an older worker never gets an entry it would misread.
+INBOX_FORMAT = 2
 MAX_ATTEMPTS: int = Settings.model_fields["max_attempts"].default
 LOG_MAX_EVENTS: int = Settings.model_fields["session_log_max_events"].default
 
@@ -204,12 +208,14 @@ class Transitions:
         False when the control plane already stopped it."""
         return int(await self._call("pin", [keys.group_prefix(group)], [f"{rid}|{attempt}"])) == 1
 
-    async def register_worker(self, group: str, wid: str, *, free: int, total: int, info: str = "",
-                              held: Sequence[str] = ()) -> int:
-        """`held`: the runs the worker holds ("rid|attempt"); one whose slot no longer holds a ticket (handed
-        over by fair-share preemption) does not count against `free`."""
+    async def register_worker(self, group: str, wid: str, *, free: int, total: int,
+                              shown: Mapping[str, Any] | None = None, held: Sequence[str] = ()) -> int:
+        """`shown`: what operators see of the worker (its engine, what it can do), kept with its slots and
+        the inbox format it reads. `held`: the runs the worker holds ("rid|attempt"); one whose slot no
+        longer holds a ticket (handed over by fair-share preemption) does not count against `free`."""
+        info = json.dumps({**(shown or {}), "slots": total, "inbox": INBOX_FORMAT}, separators=(",", ":"))
         return int(await self._call("register_worker", [keys.group_prefix(group)],
-                                    [self.lease_ms, wid, free, total, info or str(total), *held]))
+                                    [self.lease_ms, wid, free, total, info, *held]))
 
     async def heartbeat(self, group: str, wid: str, held: Sequence[str], *, leaving: bool = False,
                         lease_ms: int | None = None) -> tuple[bool, list[str]]:

@@ -98,17 +98,19 @@ class Harness:
         asyncio.run(set_quota())
 
     # -- the worker's side -----------------------------------------------------------------------
-    def add_worker(self, wid: str, group: str = "default", slots: int = 1) -> int:
+    def add_worker(self, wid: str, group: str = "default", slots: int = 1, *, collect: bool = True) -> int:
+        """`collect=False`: its assignments wait in its inbox until the next `collect`."""
         self.workers[wid] = group
         self.slots[wid] = slots
-        return self._offer_slots(wid, slots)
+        return self._offer_slots(wid, slots, collect=collect)
 
-    def _offer_slots(self, wid: str, free: int, held: list[str] | None = None) -> int:
+    def _offer_slots(self, wid: str, free: int, held: list[str] | None = None, *, collect: bool = True) -> int:
         group = self.workers[wid]
         self._group(group)
         started = run_sync(Transitions(self.scripts, lease_ms=self.worker_lease_ms, session_ttl=TTL).register_worker(
             group, wid, free=free, total=self.slots[wid], held=held or []))
-        self.collect()
+        if collect:
+            self.collect()
         return started
 
     def collect(self) -> list[Run]:

@@ -135,3 +135,19 @@ def test_params_with_any_json_string_reach_the_run() -> None:
                      params={"stop": ["\ud800", "é"]})
     spec = RunSpec.from_fields("r", "1", {"pa": new.params_json, "in": "p", "ik": "p"})
     assert spec.params == {"stop": ["\ud800", "é"]}
+
+
+def test_an_inbox_entry_parses_in_each_of_its_shapes() -> None:
+    """One server: the run spec after a newline. A cluster: no spec, and (inbox format 2) the reason the
+    control plane stopped the previous attempt. "|": the shutdown wake-up."""
+    carried = Assignment.parse(b'ab12|1\n{"sid":"s","n":0}', taken_at=5.0)
+    assert (carried.request_id, carried.attempt, carried.fields, carried.taken_at, carried.stopped_for) == (
+        "ab12", "1", {"sid": "s", "n": 0}, 5.0, "")
+    resumed = Assignment.parse("ab12|2|fair_share")
+    assert (resumed.request_id, resumed.attempt, resumed.fields, resumed.stopped_for) == ("ab12", "2", None,
+                                                                                          "fair_share")
+    assert resumed.key == "ab12|2"
+    plain = Assignment.parse("ab12|3")
+    assert (plain.request_id, plain.attempt, plain.stopped_for) == ("ab12", "3", "")
+    wake = Assignment.parse("|")
+    assert (wake.request_id, wake.attempt) == ("", "")

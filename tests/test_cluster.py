@@ -19,7 +19,7 @@ from sluicegate.sessions import keys
 from sluicegate.sessions.requests import NewRequest
 from sluicegate.sessions.transitions import run_sync
 from tests.cluster_helpers import flush_cluster, valkey_cluster  # noqa: F401 (a fixture)
-from tests.sched_harness import Harness
+from tests.sched_harness import Harness, Run
 
 pytestmark = pytest.mark.own_servers  # its own cluster
 
@@ -286,14 +286,11 @@ def test_a_missed_preemption_notice_is_repeated_by_the_heartbeat(rc: RedisCluste
     assert h.status(low) == "preempted"
 
 
-@pytest.mark.parametrize("reason", ["priority", "fair_share"])
-def test_a_restart_before_the_hand_back_fences_the_stopped_attempt_with_its_reason(rc: RedisCluster,
-                                                                                    reason: str) -> None:
-    """A preempted request may start again on another worker's slot before its stopped attempt's hand-back
-    reaches the data plane. That start fences the attempt, and its `preempted` event gives the control
-    plane's reason (counted against --max-preemptions), not "superseded". Its assignment, which carries
-    the reason, holds its slot's ticket while it waits; the hand-back that comes later changes nothing."""
-    h = Harness(rc, lease_ms=60_000, cluster=True)
+
+
+def preempted_and_waiting(h: Harness, reason: str) -> tuple[str, Run]:
+    """A request stopped for `reason` on the control plane (requeued at once) whose worker w0 has not
+    handed it back yet, with 2 tokens streamed: its id and its stopped run."""
     h.policy(min_run=0)
     if reason == "priority":
         h.add_worker("w0", slots=1)
@@ -305,24 +302,78 @@ def test_a_restart_before_the_hand_back_fences_the_stopped_attempt_with_its_reas
         h.submit("f2", tenant="flood", max_tokens=6)
         h.submit("calm", tenant="calm", max_tokens=2)  # takes one flood run's slot at once
     [notice] = h.heartbeat("w0")
-    victim, _, said = notice.rpartition("|1|")
-    assert said == reason and h.status(victim) == "running"  # stopped on the control plane only
+    victim, attempt, said = notice.split("|")
+    assert (attempt, said, h.status(victim)) == ("1", reason, "running")  # stopped on the control plane only
     stopped = h.run_of(victim)
     h.append(stopped, 2)
+    return victim, stopped
+
+
+def preemptions(rc: RedisCluster, h: Harness, rid: str) -> list[str | None]:
+    """The reasons of the request's `preempted` events, in order."""
+    return [d.get("reason") for e, r, d in log(rc, h.req(rid)["sid"]) if r == rid and e == "preempted"]
+
+
+@pytest.mark.parametrize("reason", ["priority", "fair_share"])
+def test_a_restart_before_the_hand_back_fences_the_stopped_attempt_with_its_reason(rc: RedisCluster,
+                                                                                    reason: str) -> None:
+    """A preempted request may start again on any free slot before its stopped attempt's hand-back
+    reaches the data plane. That start fences the attempt, and its `preempted` event gives the control
+    plane's reason (and the data plane counts it as a preemption), not "superseded". Its assignment,
+    which carries the reason, holds its slot's ticket while it waits; the hand-back that comes later
+    changes nothing."""
+    h = Harness(rc, lease_ms=60_000, cluster=True)
+    victim, stopped = preempted_and_waiting(h, reason)
     free = 2 if reason == "priority" else 1  # the priority case's w1 also takes the waiting high request
-    run_sync(h.t.register_worker("default", "w1", free=free, total=free))  # not collected yet
+    h.add_worker("w1", slots=free, collect=False)
     assert f"{victim}|2|{reason}" in rc.lrange(keys.worker_inbox("default", "w1"), 0, -1)
-    run_sync(h.t.register_worker("default", "w1", free=free, total=free))  # offered again (after a lapse)
+    h.add_worker("w1", slots=free, collect=False)  # offered again (after a lapse)
     assert "w1" not in rc.lrange(keys.group_key("default", "idle"), 0, -1), "a waiting assignment holds its slot"
-    h.workers["w1"], h.slots["w1"] = "default", free
     h.collect()  # w1 starts the victim's second attempt; the first has not been handed back
     resumed = h.run_of(victim)
     assert (resumed.wid, resumed.attempt, resumed.next_index) == ("w1", "2", 2)
-    assert h.req(victim)["pc"] == "1"
+    assert h.req(victim).get("pc") == "1"
     assert h.handback(stopped, reason=reason) == [0]
     h.complete(victim)
-    sid = h.req(victim)["sid"]
-    events = [(e, d) for e, rid, d in log(rc, sid) if rid == victim]
-    assert [(e, d.get("reason")) for e, d in events if e in ("preempted", "resumed")] == [
-        ("preempted", reason), ("resumed", None)]
+    assert preemptions(rc, h, victim) == [reason]
+    events = [(e, d) for e, rid, d in log(rc, h.req(victim)["sid"]) if rid == victim]
+    assert [e for e, _ in events if e in ("preempted", "resumed")] == ["preempted", "resumed"]
     assert [d["index"] for e, d in events if e == "token"] == list(range(6))
+
+
+def test_a_worker_of_the_earlier_inbox_format_gets_no_reason_and_its_start_says_superseded(rc: RedisCluster) -> None:
+    """A rolling upgrade: a worker that registered without declaring inbox format 2 would misread
+    "rid|attempt|reason", so it gets "rid|attempt"; an early start then fences the stopped attempt as
+    "superseded", as before, and the run goes on."""
+    h = Harness(rc, lease_ms=60_000, cluster=True)
+    victim, stopped = preempted_and_waiting(h, "priority")
+    h.scripts.call("register_worker", [keys.group_prefix("default")], [60_000, "old", 2, 2, "2"])  # bare slots
+    inbox = rc.lrange(keys.worker_inbox("default", "old"), 0, -1)
+    assert f"{victim}|2" in inbox and not any(entry.count("|") > 1 for entry in inbox)
+    h.workers["old"], h.slots["old"] = "default", 2
+    h.collect()
+    assert h.run_of(victim).attempt == "2" and h.req(victim).get("pc") is None
+    assert h.handback(stopped, reason="priority") == [0]
+    h.complete(victim)
+    assert preemptions(rc, h, victim) == ["superseded"]
+    assert h.token_indices(h.req(victim)["sid"], victim) == list(range(6))
+
+
+def test_a_carried_reason_fences_only_the_attempt_it_was_given_for(rc: RedisCluster) -> None:
+    """Attempt 1 is stopped; attempt 2 is dispatched and stopped before its worker started it; attempt 3
+    starts while attempt 1 still runs (neither worker handed back). Attempt 3 carries attempt 2's
+    reason, so attempt 1 is fenced as "superseded"."""
+    h = Harness(rc, lease_ms=60_000, cluster=True)
+    victim, _ = preempted_and_waiting(h, "priority")
+    h.add_worker("w1", slots=2, collect=False)  # attempt 2 and the high request wait in w1's inbox
+    del h.workers["w1"]  # w1 never starts what it was sent (the harness's submits collect)
+    assert f"{victim}|2|priority" in rc.lrange(keys.worker_inbox("default", "w1"), 0, -1)
+    # two more of a higher class than any running: w0's slot is being freed for one, attempt 2 (the
+    # lowest class running) is stopped for the other
+    h.submit("higher-1", priority=9, tenant="v", max_tokens=2)
+    h.submit("higher-2", priority=9, tenant="v", max_tokens=2)
+    h.add_worker("w2", slots=3, collect=False)
+    assert f"{victim}|3|priority" in rc.lrange(keys.worker_inbox("default", "w2"), 0, -1)
+    h.collect()
+    assert h.run_of(victim).attempt == "3" and h.status(victim) == "running"
+    assert preemptions(rc, h, victim) == ["superseded"]

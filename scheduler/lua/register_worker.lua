@@ -33,7 +33,7 @@ for i = 7, #ARGV do
   if redis.call('HEXISTS', cp .. 'tk', ARGV[i]) == 0 then free = free + 1 end
 end
 for _, entry in ipairs(redis.call('LRANGE', kworker(cp, wid) .. ':in', 0, -1)) do
-  if redis.call('HEXISTS', cp .. 'tk', string.match(entry, '^[^|\n]*|[^|\n]*')) == 1 then free = free - 1 end
+  if redis.call('HEXISTS', cp .. 'tk', string.match(entry, '^[^|\n]*|?[^|\n]*')) == 1 then free = free - 1 end
 end
 for _ = 1, math.min(total, free) do redis.call('LPUSH', cp .. 'idle', wid) end
 return dispatch(cp, now, lease)

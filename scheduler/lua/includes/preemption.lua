@@ -20,7 +20,8 @@
 
 -- Preempt one run: its request goes back to the head of its session's turn at once. On one server
 -- the data plane is fenced in the same call (the `preempted` event, the accounting); on a cluster
--- the worker's hand-back does that, and its run record stays until then (flag rq: requeued).
+-- the worker's hand-back does that, and its run record stays until then (flag rq: requeued; rr: why).
+-- The waiting spec keeps the reason too (rr), for a start that comes before that hand-back.
 -- `reason`: 'priority' or 'fair_share'; `handed`: the slot goes to another run at once (stop_run).
 local function preempt(cp, key, rec, now, lease, reason, handed)
   stop_run(cp, key, rec, now, lease, reason, handed)

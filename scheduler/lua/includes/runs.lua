@@ -68,10 +68,15 @@ local function end_run(cp, key, rec, produced, now, prompt, finished)
   quota_refund(cp, rec.cr - produced, now)
 end
 
+-- What a worker registered (sessions/transitions.py, register_worker): {} when nothing readable.
+local function worker_info(cp, wid)
+  local ok, info = pcall(cjson.decode, redis.call('HGET', cp .. 'workers', wid) or '')
+  return ok and type(info) == 'table' and info or {}
+end
+
 -- How a worker's engine resumes a run, as it registered ("continue" | "regenerate"; nil: not said).
 local function worker_resume(cp, wid)
-  local ok, info = pcall(cjson.decode, redis.call('HGET', cp .. 'workers', wid) or '')
-  return ok and type(info) == 'table' and info.resume or nil
+  return worker_info(cp, wid).resume
 end
 
 local function take_ticket(cp)
@@ -114,9 +119,10 @@ end
 -- The assignment "rid|attempt" goes to the worker's inbox; a single-server call also starts the run
 -- on the data plane at once (the `started` event, the fence) and carries the run spec in the
 -- assignment, saving the worker a round trip. On a cluster, a request this plane preempted carries
--- the reason ("rid|attempt|reason"): should the worker's start come before the previous attempt's
--- hand-back, it fences that attempt with the reason in its `preempted` event (start.lua). Returns
--- false when the request turned out to have ended (a stale ready entry): the ticket goes back.
+-- the reason ("rid|attempt|reason", to a worker that reads inbox format 2): should the worker's start
+-- come before the previous attempt's hand-back, it fences that attempt with the reason in its
+-- `preempted` event (start.lua). Returns false when the request turned out to have ended (a stale
+-- ready entry): the ticket goes back.
 local function start_run(cp, cls, tenant, counter, spec, wid, cfg, now, lease)
   local attempt = spec.a + 1
   local remaining = spec.mt - spec.n
@@ -150,7 +156,7 @@ local function start_run(cp, cls, tenant, counter, spec, wid, cfg, now, lease)
       return false
     end
     entry = key .. '\n' .. cjson.encode(run)
-  elseif spec.rr then
+  elseif spec.rr and (tonumber(worker_info(cp, wid).inbox) or 1) >= 2 then
     entry = key .. '|' .. spec.rr
   end
   redis.call('LPUSH', kworker(cp, wid) .. ':in', entry)
@@ -161,7 +167,8 @@ end
 -- closes the run of a lost worker. `requeue`: the request's ready spec when it goes back to wait;
 -- `prompt`: its input tokens as the backend counted them (see end_run).
 -- A run the control plane already requeued (preempted on a cluster, record flag rq) only has its
--- waiting entry refreshed; a cancelled one (flag cx) is not requeued.
+-- waiting entry refreshed (its rr stays: harmless once the hand-back fenced the attempt); a cancelled
+-- one (flag cx) is not requeued.
 local function release(cp, key, produced, requeue, now, prompt)
   local rec = run_record(cp, key)
   if rec then

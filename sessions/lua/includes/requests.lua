@@ -98,11 +98,13 @@ end
 -- Start attempt `attempt` of a dispatched request on worker `wid`: from here on only this attempt
 -- may write the request's tokens (the fence every append checks). Refused ('gone') when the request
 -- ended or a later attempt already started. An earlier attempt still marked running (on a cluster
--- its hand-back can come after the new start) is fenced here, with its `preempted` event. `resume`:
--- how the worker's engine resumes ("continue" | "regenerate"), said in the `resumed` event.
+-- its hand-back can come after the new start) is fenced here, with its `preempted` event: its reason
+-- is `stopped_for` (the control plane's, carried by the assignment) when that names a preemption of
+-- the attempt just before this one, else 'superseded'. `resume`: how the worker's engine resumes
+-- ("continue" | "regenerate"), said in the `resumed` event.
 -- Returns ok, run spec (see run_spec), previous status.
 local START_FIELDS = { 'st', 'a', 'n', 'sid', 'g', 'p', 'sa', 'fa', 'tn', 'mt', 'ik', 'pa', 'fs' }
-local function d_start(rid, attempt, wid, now, reason, resume)
+local function d_start(rid, attempt, wid, now, stopped_for, resume)
   local r = load(rid, START_FIELDS)
   -- `fa`: the last attempt the control plane closed before it ever started here (d_stop): too late now
   if not r.st or TERMINAL[r.st] or tonumber(r.a) >= attempt or tonumber(r.fa or '0') >= attempt then
@@ -116,7 +118,10 @@ local function d_start(rid, attempt, wid, now, reason, resume)
     end
     return false, nil, r.st
   end
-  if r.st == 'running' then d_preempted(rid, r, reason or 'superseded') end
+  if r.st == 'running' then
+    local known = PREEMPTIONS[stopped_for] and tonumber(r.a) == attempt - 1
+    d_preempted(rid, r, known and stopped_for or 'superseded')
+  end
   local first = not r.sa
   redis.call('HSET', kreq(rid), 'st', 'running', 'a', attempt, 'w', wid, 'dn', r.n, 'ds', now,
     first and 'sa' or 'ds', now)
