@@ -286,8 +286,6 @@ def test_a_missed_preemption_notice_is_repeated_by_the_heartbeat(rc: RedisCluste
     assert h.status(low) == "preempted"
 
 
-
-
 def preempted_and_waiting(h: Harness, reason: str) -> tuple[str, Run]:
     """A request stopped for `reason` on the control plane (requeued at once) whose worker w0 has not
     handed it back yet, with 2 tokens streamed: its id and its stopped run."""
@@ -341,13 +339,15 @@ def test_a_restart_before_the_hand_back_fences_the_stopped_attempt_with_its_reas
     assert [d["index"] for e, d in events if e == "token"] == list(range(6))
 
 
-def test_a_worker_of_the_earlier_inbox_format_gets_no_reason_and_its_start_says_superseded(rc: RedisCluster) -> None:
+@pytest.mark.parametrize("shown", ["2", '{"engine":"openai","slots":2}'])  # a bare count; JSON without `inbox`
+def test_a_worker_of_the_earlier_inbox_format_gets_no_reason_and_its_start_says_superseded(rc: RedisCluster,
+                                                                                           shown: str) -> None:
     """A rolling upgrade: a worker that registered without declaring inbox format 2 would misread
     "rid|attempt|reason", so it gets "rid|attempt"; an early start then fences the stopped attempt as
     "superseded", as before, and the run goes on."""
     h = Harness(rc, lease_ms=60_000, cluster=True)
     victim, stopped = preempted_and_waiting(h, "priority")
-    h.scripts.call("register_worker", [keys.group_prefix("default")], [60_000, "old", 2, 2, "2"])  # bare slots
+    h.scripts.call("register_worker", [keys.group_prefix("default")], [60_000, "old", 2, 2, shown])
     inbox = rc.lrange(keys.worker_inbox("default", "old"), 0, -1)
     assert f"{victim}|2" in inbox and not any(entry.count("|") > 1 for entry in inbox)
     h.workers["old"], h.slots["old"] = "default", 2

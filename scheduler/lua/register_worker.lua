@@ -4,7 +4,8 @@
 -- never doubles a slot.
 -- KEYS[1] the group's control prefix sg:{g:<group>}:
 -- ARGV[1] flags   ARGV[2] lease ms   ARGV[3] worker id   ARGV[4] free slots
--- ARGV[5] total slots (0 = deregister)   ARGV[6] what the worker shows operators (JSON)
+-- ARGV[5] total slots (0 = deregister)   ARGV[6] what the worker shows operators (JSON), with its slots
+-- and the inbox format it reads (`inbox`, read by start_run; shown in the admin listing too)
 -- ARGV[7..] "rid|attempt" of the runs it holds (optional), counted out of ARGV[4] (its slots minus
 -- these; it may be negative: a worker can hold one run more than its slots for a moment, see below)
 -- An assignment still waiting in the worker's inbox holds a ticket already: it is not offered again.
@@ -33,6 +34,7 @@ for i = 7, #ARGV do
   if redis.call('HEXISTS', cp .. 'tk', ARGV[i]) == 0 then free = free + 1 end
 end
 for _, entry in ipairs(redis.call('LRANGE', kworker(cp, wid) .. ':in', 0, -1)) do
+  -- the entry's key, "rid|attempt", before any "|reason" or newline and run spec
   if redis.call('HEXISTS', cp .. 'tk', string.match(entry, '^[^|\n]*|?[^|\n]*')) == 1 then free = free - 1 end
 end
 for _ = 1, math.min(total, free) do redis.call('LPUSH', cp .. 'idle', wid) end
