@@ -155,9 +155,7 @@ class FrontRelay:
         ready = asyncio.Event()
         listener = asyncio.create_task(self.listen(ready))
         await ready.wait()
-        server = await asyncio.get_running_loop().create_server(lambda: Front(self), "127.0.0.1", port)
-        print("ready", flush=True)
-        async with server:
+        async with await open_front(self, port):
             await listener
 
 
@@ -248,10 +246,15 @@ class OneProcessRelay:
 
     async def serve(self, port: int) -> None:
         await self.redis.execute("PING")
-        server = await asyncio.get_running_loop().create_server(lambda: Front(self), "127.0.0.1", port)
-        print("ready", flush=True)
-        async with server:
+        async with await open_front(self, port) as server:
             await server.serve_forever()
+
+
+async def open_front(relay: FrontRelay | OneProcessRelay, port: int) -> asyncio.Server:
+    """Clients' connections on `port`, each a `Front` of `relay`; says "ready" (what floor_chain waits for)."""
+    server = await asyncio.get_running_loop().create_server(lambda: Front(relay), "127.0.0.1", port)
+    print("ready", flush=True)
+    return server
 
 
 @contextlib.contextmanager

@@ -68,6 +68,9 @@ local function end_run(cp, key, rec, produced, now, prompt, finished)
   quota_refund(cp, rec.cr - produced, now)
 end
 
+-- The inbox format from which a worker reads "rid|attempt|reason" (INBOX_FORMAT in sessions/transitions.py).
+local INBOX_WITH_REASON = 2
+
 -- What a worker registered (sessions/transitions.py, register_worker): {} when nothing readable.
 local function worker_info(cp, wid)
   local ok, info = pcall(cjson.decode, redis.call('HGET', cp .. 'workers', wid) or '')
@@ -156,7 +159,7 @@ local function start_run(cp, cls, tenant, counter, spec, wid, cfg, now, lease)
       return false
     end
     entry = key .. '\n' .. cjson.encode(run)
-  elseif spec.rr and (tonumber(worker_info(cp, wid).inbox) or 1) >= 2 then
+  elseif spec.rr and (tonumber(worker_info(cp, wid).inbox) or 1) >= INBOX_WITH_REASON then
     entry = key .. '|' .. spec.rr
   end
   redis.call('LPUSH', kworker(cp, wid) .. ':in', entry)
