@@ -22,6 +22,7 @@ SCENARIOS: dict[str, str] = {
     "streams": "streams",
     "recovery": "recovery",
     "rq_cost": "rq_cost",
+    "calls": "calls",
     "decision": "decision",
     "priority": "priority",
     "fairness": "fairness",

@@ -11,10 +11,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
+import re
 import shutil
 import tempfile
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -23,6 +25,7 @@ from redis.asyncio import Redis
 from sluicegate.embedded import EmbeddedServer
 from sluicegate.loadtest.common import ServeProcess, client_session, print_table, progress, write_result
 from sluicegate.loadtest.targets import MEMORY_BYTES_PER_REQUEST
+from sluicegate.sessions import keys
 from sluicegate.sessions.requests import NewRequest
 from sluicegate.sessions.store import SessionStore
 from sluicegate.settings import Settings
@@ -96,28 +99,33 @@ def usage(client: redis.Redis, key: str) -> int:
     return int(client.memory_usage(key, samples=0) or 0)
 
 
-def key_templates(client: redis.Redis, sid: str, rid: str) -> list[str]:
-    """The names of one request's own keys, as templates with <sid> and <rid> (found by scanning once)."""
-    found: set[str] = set()
-    for pattern in (f"*{rid}*", f"*:{sid}:*", f"*:{sid}"):
-        for key in client.scan_iter(match=pattern, count=10_000):
-            found.add(key.decode().replace(rid, "<rid>").replace(f":{sid}:", ":<sid>:").replace(f":{sid}", ":<sid>"))
-    return sorted(found)
+# One request's own keys, by kind: each named by sessions/keys.py from the request's and its session's ids
+# (the request's in its id's bucket, the session's in its id's: two hash tags, README "Keyspace").
+OWN_KEYS: tuple[tuple[str, Callable[[str, str], str]], ...] = (
+    ("request hash sg:{s:BB}:r:<rid>", lambda sid, rid: keys.request(rid)),
+    ("request input sg:{s:BB}:r:<rid>:in", lambda sid, rid: keys.request_input(rid)),
+    ("session log sg:{s:BB}:s:<sid>:l", lambda sid, rid: keys.session_log(sid)),
+    ("session meta sg:{s:BB}:s:<sid>:m", lambda sid, rid: keys.session_meta(sid)),
+    ("session queue sg:{s:BB}:s:<sid>:q", lambda sid, rid: keys.session_queue(sid)),
+)
+OWN_KEY = re.compile(r"^sg:\{s:[^}]*\}:(r|s):")  # a request's or a session's own key, of any bucket
 
 
 def per_kind(client: redis.Redis, made: list[tuple[str, str]], sample: int) -> list[dict[str, Any]]:
-    """Average MEMORY USAGE of each kind of per-request key over a random sample."""
+    """Average MEMORY USAGE of each kind of a request's own keys over a random sample."""
     picked = random.Random(7).sample(made, min(sample, len(made)))
     rows = []
-    for template in key_templates(client, *picked[0]):
-        names = [template.replace("<rid>", r).replace("<sid>", s) for s, r in picked]
+    for label, name_of in OWN_KEYS:
+        names = [name_of(sid, rid) for sid, rid in picked]
         pipe = client.pipeline(transaction=False)
         for key in names:
             pipe.memory_usage(key, samples=0)
         sizes = [int(x or 0) for x in pipe.execute()]
+        if not all(sizes):
+            raise RuntimeError(f"{label}: {sizes.count(0)} of {len(names)} sampled keys are missing")
         mean = round(sum(sizes) / len(sizes), 1)
         encoding = client.object("encoding", names[0])
-        rows.append({"kind": f"{client.type(names[0]).decode()} {template}", "keys": len(made),
+        rows.append({"kind": f"{client.type(names[0]).decode()} {label}", "keys": len(made),
                      "encoding": encoding.decode() if encoding else "", "bytes_each": mean, "bytes_per_request": mean})
     return rows
 
@@ -127,28 +135,34 @@ def shared_keys(client: redis.Redis) -> dict[str, int]:
     sizes = {}
     for key in client.scan_iter(count=1000):
         name = key.decode()
-        if name.startswith(("sg:r:", "sg:s:")):
+        if OWN_KEY.match(name):
             continue
         sizes[name] = usage(client, name)
     return sizes
 
 
+def shared_label(name: str) -> str:
+    """The kind of a shared key, as the breakdown groups them."""
+    if re.match(r"^sg:\{g:[^}]*\}:rq$", name):
+        return "ready specs, one a ready session sg:{g:G}:rq"
+    if re.match(r"^sg:\{g:[^}]*\}:c\d+:", name):
+        return "ready set: sessions of a tenant sg:{g:G}:c<P>:<T>"
+    if re.match(r"^sg:\{g:[^}]*\}:age\d+$", name):
+        return "aging zset sg:{g:G}:age<P>"
+    if name.startswith("sg:{g:"):
+        return "other group keys sg:{g:G}:*"
+    if re.match(r"^sg:\{s:[^}]*\}:m$", name):
+        return "metrics, a bucket's share sg:{s:BB}:m"
+    if name.startswith("sg:{s:"):
+        return "other bucket keys sg:{s:BB}:*"
+    return "other global keys"
+
+
 def shared_rows(before: dict[str, int], after: dict[str, int], n: int, client: redis.Redis) -> list[dict[str, Any]]:
-    """Growth of the shared keys (ready set, aging, counters) over the run, divided by N."""
+    """Growth of the shared keys (ready specs and sets, aging, counters) over the run, divided by N."""
     groups: dict[str, list[str]] = defaultdict(list)
     for name in after:
-        label = name
-        if name.startswith("sg:g:") and ":c" in name and name.count(":") >= 4:
-            label = "ready set: sessions of a tenant sg:g:<G>:c<P>:<T>"
-        elif ":age" in name:
-            label = "aging zset sg:g:<G>:age<P>"
-        elif name.startswith("sg:g:"):
-            label = "other group keys sg:g:<G>:*"
-        elif name.startswith("sg:m:"):
-            label = "metrics sg:m:*"
-        else:
-            label = "other global keys"
-        groups[label].append(name)
+        groups[shared_label(name)].append(name)
     rows = []
     for label, names in sorted(groups.items()):
         grown = sum(after[k] - before.get(k, 0) for k in names)

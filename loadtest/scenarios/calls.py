@@ -1,0 +1,117 @@
+"""What Valkey does for one request: the function library's calls of a request's life, on a scratch server.
+
+N requests, each in a session of its own, go through the one-server transitions in three phases. Each
+phase is read from INFO commandstats alone (nothing else calls the server):
+- submit: `submit_one` stores the request and, a slot being free, starts it at once (dispatch included);
+- append: one `append` a token for each token but the last (a request's tokens when no two share a call);
+- finish: `finish_one` carrying the last token (a run's end appends its last tokens), the slot given back.
+For each: its calls, the Redis commands a call runs (as the server counts them), and the server's
+microseconds a call (the function's whole time, its commands included). The server time moves with the
+host by 10-30% between runs; the command counts do not. Compare two trees by running this from each in
+turn (`--rounds` alternates nothing: it repeats the phases, each round on fresh requests).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shutil
+from typing import Any
+
+from redis.asyncio import Redis
+
+from sluicegate.loadtest.common import print_table, progress, scratch_server, write_result
+from sluicegate.sessions import keys
+from sluicegate.sessions.registry import register_group
+from sluicegate.sessions.requests import NewRequest
+from sluicegate.sessions.scripts import Scripts
+from sluicegate.sessions.transitions import Tail, Transitions
+
+GROUP, WORKER = "bench", "bench.calls.0"
+NOT_THE_CALLS = {"fcall", "config|resetstat", "info"}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-n", "--requests", type=int, default=500, help="requests a round, each in its own session")
+    parser.add_argument("--tokens", type=int, default=16, help="tokens a request")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds, each on fresh requests")
+    parser.add_argument("--aof", action="store_true", help="run the server with AOF everysec, as `serve` does")
+
+
+async def _phase(client: Redis, name: str, calls: list[Any]) -> dict[str, Any]:
+    """Run the calls one after the other; what the server counted for them."""
+    await client.config_resetstat()
+    for call in calls:
+        await call()
+    stats = await client.info("commandstats")
+    fcall = stats.get("cmdstat_fcall", {"calls": 0, "usec": 0})
+    inner = sum(s["calls"] for command, s in stats.items() if command.removeprefix("cmdstat_") not in NOT_THE_CALLS)
+    count = max(1, fcall["calls"])
+    return {"phase": name, "calls": fcall["calls"], "commands_a_call": inner / count,
+            "usec_a_call": fcall["usec"] / count}
+
+
+async def _round(client: Redis, t: Transitions, n: int, tokens: int, index: int) -> list[dict[str, Any]]:
+    await t.register_worker(GROUP, WORKER, free=n, total=n)
+    requests = [NewRequest(session_id=f"calls-{index}-{i}", max_tokens=tokens, priority=5, tenant="t", group=GROUP,
+                           prompt="tell me about the river that runs under the stone mill") for i in range(n)]
+
+    def token(rid: str, at: int) -> str:
+        return json.dumps({"request_id": rid, "index": at, "text": "word "}, separators=(",", ":"))
+
+    submits = [lambda req=req: t.submit(req) for req in requests]
+    appends = [lambda req=req, at=at: t.append(req.request_id, "1", at, [token(req.request_id, at)])
+               for req in requests for at in range(tokens - 1)]
+    finishes = [lambda req=req: t.finish(req.request_id, "1", wid=WORKER, group=GROUP, outcome="done", detail="length",
+                                         return_slot=True, tail=Tail(tokens - 1, [token(req.request_id, tokens - 1)]))
+                for req in requests]
+    rows = [await _phase(client, "submit (submit_one: stored, dispatched, started)", submits),
+            await _phase(client, "append (one token a call)", appends),
+            await _phase(client, "finish (finish_one with the last token)", finishes)]
+    done = await client.hget(keys.request(requests[-1].request_id), "st")
+    if done != b"done":
+        raise RuntimeError(f"the last request ended as {done!r}, not done")
+    return rows
+
+
+async def _measure(url: str, n: int, tokens: int, rounds: int) -> list[list[dict[str, Any]]]:
+    client = Redis.from_url(url)
+    try:
+        await register_group(client, GROUP)
+        scripts = Scripts(client)
+        await scripts.load()  # before the first phase: a call that finds the library missing would count its load
+        t = Transitions(scripts, lease_ms=600_000, session_ttl=3600)
+        return [await _round(client, t, n, tokens, index) for index in range(rounds)]
+    finally:
+        await client.aclose()
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    if args.tokens < 1:
+        raise ValueError("--tokens must be at least 1")
+    server = scratch_server(persistent=args.aof)
+    try:
+        progress(f"{args.rounds} rounds of {args.requests} requests, {args.tokens} tokens each")
+        rounds = asyncio.run(_measure(server.url, args.requests, args.tokens, args.rounds))
+    finally:
+        server.stop()
+        shutil.rmtree(server.data_dir, ignore_errors=True)
+    rows = []
+    for index, phases in enumerate(rounds):
+        for phase in phases:
+            rows.append({"round": index + 1, **phase})
+        per_request = {"commands": 0.0, "usec": 0.0}
+        for phase in phases:
+            share = phase["calls"] / args.requests
+            per_request["commands"] += phase["commands_a_call"] * share
+            per_request["usec"] += phase["usec_a_call"] * share
+        rows.append({"round": index + 1, "phase": "a request, all its calls", "calls": "",
+                     "commands_a_call": per_request["commands"], "usec_a_call": per_request["usec"]})
+    print(f"\nthe library's calls of a request's life, {args.requests} requests a round, {args.tokens} tokens, "
+          f"sequential ({'AOF everysec' if args.aof else 'no AOF'}); the last row of a round is a request's total")
+    print_table(rows)
+    result = {"rows": rows, "settings": {"requests": args.requests, "tokens": args.tokens, "rounds": args.rounds,
+                                         "aof": args.aof}}
+    write_result("calls", result)
+    return result
