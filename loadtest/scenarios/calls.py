@@ -6,9 +6,11 @@ phase is read from INFO commandstats alone (nothing else calls the server):
 - append: one `append` a token for each token but the last (a request's tokens when no two share a call);
 - finish: `finish_one` carrying the last token (a run's end appends its last tokens), the slot given back.
 For each: its calls, the Redis commands a call runs (as the server counts them), and the server's
-microseconds a call (the function's whole time, its commands included). The server time moves with the
-host by 10-30% between runs; the command counts do not. Compare two trees by running this from each in
-turn (`--rounds` alternates nothing: it repeats the phases, each round on fresh requests).
+microseconds a call (the function's whole time, its commands included; the replication and AOF feed that
+follow a call are not). Each call's reply is checked, and every request must end done with all its tokens.
+The server time moves with the host by 10-30% between runs; the command counts do not. Compare two trees by
+running this from each in turn (`--rounds` alternates nothing: it repeats the phases on fresh requests).
+Only the library's calls are counted: not the worker's inbox read, nor the API's own commands.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import argparse
 import asyncio
 import json
 import shutil
+from collections.abc import Callable
 from typing import Any
 
 from redis.asyncio import Redis
@@ -29,30 +32,36 @@ from sluicegate.sessions.scripts import Scripts
 from sluicegate.sessions.transitions import Tail, Transitions
 
 GROUP, WORKER = "bench", "bench.calls.0"
-NOT_THE_CALLS = {"fcall", "config|resetstat", "info"}
+NOT_THE_CALLS = frozenset({"fcall", "config|resetstat", "info"})  # the calls themselves, and the reading of them
+# A client that connected during a phase would add these: the phase's counts would not be the calls' alone.
+CONNECTION_SETUP = frozenset({"hello", "auth", "select", "client|setinfo", "client|setname"})
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-n", "--requests", type=int, default=500, help="requests a round, each in its own session")
     parser.add_argument("--tokens", type=int, default=16, help="tokens a request")
     parser.add_argument("--rounds", type=int, default=3, help="rounds, each on fresh requests")
-    parser.add_argument("--aof", action="store_true", help="run the server with AOF everysec, as `serve` does")
 
 
-async def _phase(client: Redis, name: str, calls: list[Any]) -> dict[str, Any]:
-    """Run the calls one after the other; what the server counted for them."""
+async def _phase(client: Redis, name: str, calls: list[Any], expected: Callable[[Any], bool]) -> dict[str, Any]:
+    """Run the calls one after the other, each reply checked by `expected`; what the server counted for them."""
     await client.config_resetstat()
     for call in calls:
-        await call()
-    stats = await client.info("commandstats")
-    fcall = stats.get("cmdstat_fcall", {"calls": 0, "usec": 0})
-    inner = sum(s["calls"] for command, s in stats.items() if command.removeprefix("cmdstat_") not in NOT_THE_CALLS)
+        reply = await call()
+        if not expected(reply):
+            raise RuntimeError(f"{name}: a call answered {reply!r}")
+    stats = {command.removeprefix("cmdstat_"): s for command, s in (await client.info("commandstats")).items()}
+    if CONNECTION_SETUP & set(stats):
+        raise RuntimeError(f"{name}: a client connected during the phase ({sorted(CONNECTION_SETUP & set(stats))})")
+    fcall = stats.get("fcall", {"calls": 0, "usec": 0})
+    inner = sum(s["calls"] for command, s in stats.items() if command not in NOT_THE_CALLS)
     count = max(1, fcall["calls"])
     return {"phase": name, "calls": fcall["calls"], "commands_a_call": inner / count,
             "usec_a_call": fcall["usec"] / count}
 
 
 async def _round(client: Redis, t: Transitions, n: int, tokens: int, index: int) -> list[dict[str, Any]]:
+    await client.delete(keys.worker_inbox(GROUP, WORKER))  # the last round's assignments: nobody takes them
     await t.register_worker(GROUP, WORKER, free=n, total=n)
     requests = [NewRequest(session_id=f"calls-{index}-{i}", max_tokens=tokens, priority=5, tenant="t", group=GROUP,
                            prompt="tell me about the river that runs under the stone mill") for i in range(n)]
@@ -66,12 +75,15 @@ async def _round(client: Redis, t: Transitions, n: int, tokens: int, index: int)
     finishes = [lambda req=req: t.finish(req.request_id, "1", wid=WORKER, group=GROUP, outcome="done", detail="length",
                                          return_slot=True, tail=Tail(tokens - 1, [token(req.request_id, tokens - 1)]))
                 for req in requests]
-    rows = [await _phase(client, "submit (submit_one: stored, dispatched, started)", submits),
-            await _phase(client, "append (one token a call)", appends),
-            await _phase(client, "finish (finish_one with the last token)", finishes)]
-    done = await client.hget(keys.request(requests[-1].request_id), "st")
-    if done != b"done":
-        raise RuntimeError(f"the last request ended as {done!r}, not done")
+    rows = [await _phase(client, "submit (submit_one: stored, dispatched, started)", submits,
+                         lambda reply: reply[0] == "ok"),
+            await _phase(client, "append (one token a call)", appends, lambda reply: int(reply[0]) == 1),
+            await _phase(client, "finish (finish_one with the last token)", finishes, lambda reply: reply is True)]
+    for req in requests:
+        status, produced = await client.hmget(keys.request(req.request_id), "st", "n")
+        if (status, produced) != (b"done", str(tokens).encode()):
+            raise RuntimeError(f"request {req.request_id} ended as {status!r} with {produced!r} tokens, not done "
+                               f"with {tokens}")
     return rows
 
 
@@ -90,7 +102,7 @@ async def _measure(url: str, n: int, tokens: int, rounds: int) -> list[list[dict
 def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.tokens < 1:
         raise ValueError("--tokens must be at least 1")
-    server = scratch_server(persistent=args.aof)
+    server = scratch_server()
     try:
         progress(f"{args.rounds} rounds of {args.requests} requests, {args.tokens} tokens each")
         rounds = asyncio.run(_measure(server.url, args.requests, args.tokens, args.rounds))
@@ -109,9 +121,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         rows.append({"round": index + 1, "phase": "a request, all its calls", "calls": "",
                      "commands_a_call": per_request["commands"], "usec_a_call": per_request["usec"]})
     print(f"\nthe library's calls of a request's life, {args.requests} requests a round, {args.tokens} tokens, "
-          f"sequential ({'AOF everysec' if args.aof else 'no AOF'}); the last row of a round is a request's total")
+          "sequential; the last row of a round is a request's total")
     print_table(rows)
-    result = {"rows": rows, "settings": {"requests": args.requests, "tokens": args.tokens, "rounds": args.rounds,
-                                         "aof": args.aof}}
+    result = {"rows": rows, "settings": {"requests": args.requests, "tokens": args.tokens, "rounds": args.rounds}}
     write_result("calls", result)
     return result

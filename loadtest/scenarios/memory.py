@@ -155,6 +155,8 @@ def shared_label(name: str) -> str:
         return "metrics, a bucket's share sg:{s:BB}:m"
     if name.startswith("sg:{s:"):
         return "other bucket keys sg:{s:BB}:*"
+    if name.startswith("sg:{t:"):
+        return "a tenant's admitted requests sg:{t:T}:act"
     return "other global keys"
 
 
