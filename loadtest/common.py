@@ -166,9 +166,22 @@ class ServeProcess:
         shutil.rmtree(self.data_dir, ignore_errors=True)
 
 
-def scratch_server(persistent: bool = False) -> EmbeddedServer:
-    """A fresh embedded Valkey on a free port for a scenario (stop() it when done)."""
-    return EmbeddedServer(data_dir=tempfile.mkdtemp(prefix="sg-bench-valkey-"), persistent=persistent).start()
+@dataclass
+class ScratchServer(EmbeddedServer):
+    """An embedded Valkey in a temp dir of its own, which its stop() removes: a bench leaves nothing in /tmp."""
+
+    def stop(self, timeout: float = 10.0) -> None:
+        try:
+            super().stop(timeout)
+        finally:
+            shutil.rmtree(self.data_dir, ignore_errors=True)
+
+
+def scratch_server(persistent: bool = False) -> ScratchServer:
+    """A fresh embedded Valkey on a free port for a scenario (stop() it when done: that removes its data)."""
+    server = ScratchServer(data_dir=tempfile.mkdtemp(prefix="sg-bench-valkey-"), persistent=persistent)
+    server.start()
+    return server
 
 
 def wait_http(url: str, *, timeout: float = 60, process: subprocess.Popen[bytes] | None = None) -> None:

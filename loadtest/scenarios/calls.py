@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import shutil
 from collections.abc import Callable
 from typing import Any
 
@@ -108,7 +107,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         rounds = asyncio.run(_measure(server.url, args.requests, args.tokens, args.rounds))
     finally:
         server.stop()
-        shutil.rmtree(server.data_dir, ignore_errors=True)
     rows = []
     for index, phases in enumerate(rounds):
         for phase in phases:

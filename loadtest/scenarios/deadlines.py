@@ -31,7 +31,6 @@ import argparse
 import asyncio
 import os
 import random
-import shutil
 import time
 from typing import Any
 
@@ -152,7 +151,6 @@ async def one_mode(args: argparse.Namespace, mode: str) -> dict[str, Any]:
         serve.stop()
         await redis.aclose()
         valkey.stop()
-        shutil.rmtree(valkey.data_dir, ignore_errors=True)
     result = analyse(args, mode, submitted, views, deadline_ms, tenants, targets, timeline, elapsed)
     result.update({"capacity_per_s": round(cap, 2), "offered_per_s": round(args.overload * cap, 2),
                    "submit_errors": sum(len(loop.errors) for loop in loops),

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
-import shutil
 import time
 from typing import Any
 
@@ -183,7 +182,6 @@ async def scenario(args: argparse.Namespace) -> dict[str, Any]:
         await redis.aclose()
     finally:
         server.stop()
-        shutil.rmtree(server.data_dir, ignore_errors=True)  # scratch_server() leaves its temp dir behind
     return {"rows": rows}
 
 

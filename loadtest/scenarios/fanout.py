@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import shutil
 import time
 from typing import Any
 
@@ -137,7 +136,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for part in parts:
             part.stop()
         server.stop()
-        shutil.rmtree(server.data_dir, ignore_errors=True)
     rate = out["tokens"] / out["seconds"]
     api_cores = out["api_cpu"] / out["seconds"]
     us_per_token = 1e6 * out["api_cpu"] / max(1, out["tokens"])

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import shutil
 import time
 from typing import Any
 
@@ -104,7 +103,7 @@ async def measure(base: str, url: str, worker_flags: list[str], workers: dict[in
             rows.append(await one_round(http, base, workers, n, args))
             progress(f"round {n + 1}/{args.rounds}: resumed {rows[-1]['kill_to_resumed_s']:.2f} s after the kill")
             dead = rows[-1]["victim_pid"]
-            workers.pop(dead)
+            workers.pop(dead).stop()  # killed already: this removes its log's temp dir
             fresh = Component("worker", worker_flags).start()
             workers[fresh.pid] = fresh
     return rows
@@ -131,7 +130,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for part in [api, scheduler, *workers.values()]:
             part.stop()
         server.stop()
-        shutil.rmtree(server.data_dir, ignore_errors=True)
     resumed = [r["kill_to_resumed_s"] for r in rows]
     token = [r["kill_to_next_token_s"] for r in rows]
     summary = [{"span": "kill -> resumed event", "p50_s": percentile(resumed, 50), "max_s": max(resumed)},

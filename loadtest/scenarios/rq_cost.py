@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import shutil
 import time
 from typing import Any
 
@@ -117,7 +116,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         client.close()
     finally:
         server.stop()
-        shutil.rmtree(server.data_dir, ignore_errors=True)
     rows = [{"system": "rq", "step": "enqueue", "p50_ms": percentile(rq_out["enqueue_ms"], 50),
              "p99_ms": percentile(rq_out["enqueue_ms"], 99),
              "mean_ms": sum(rq_out["enqueue_ms"]) / len(rq_out["enqueue_ms"])},

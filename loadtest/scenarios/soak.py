@@ -51,7 +51,6 @@ import os
 import random
 import re
 import resource
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -869,5 +868,4 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for part in [api, scheduler, *workers]:
             part.stop()
         server.stop()
-        shutil.rmtree(server.data_dir, ignore_errors=True)
     return report(args, out, slots)

@@ -23,7 +23,6 @@ import contextlib
 import multiprocessing as mp
 import queue
 import resource
-import shutil
 import time
 from multiprocessing.synchronize import Event as MpEvent
 from pathlib import Path
@@ -233,7 +232,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for part in parts:
             part.stop()
         server.stop()
-        shutil.rmtree(server.data_dir, ignore_errors=True)
     peak = max((n for _, n in samples), default=0)
     whole = sum(r["whole"] for r in reports)
     failed = sum(r["failed"] for r in reports)
