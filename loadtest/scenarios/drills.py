@@ -714,6 +714,7 @@ async def drill_scheduler(stack: DrillStack, args: argparse.Namespace) -> dict[s
             counts["resumed_before_restart"] = sum(1 for t in stranded if t.resumed_at)
             counts["stalled_before_restart"] = sum(1 for t in load.tracked.values() if t.end is None)
             marks["restart"] = load.now()
+            await in_thread(stack.scheduler.stop)  # type: ignore[union-attr]  # killed: this removes its log's temp dir
             stack.scheduler = await in_thread(stack.start_scheduler)
             progress(f"scheduler: killed at {marks['kill']:.1f} s, a worker at {marks['worker_kill']:.1f} s, "
                      f"scheduler back at {marks['restart']:.1f} s")
