@@ -166,7 +166,6 @@ class ServeProcess:
         shutil.rmtree(self.data_dir, ignore_errors=True)
 
 
-@dataclass
 class ScratchServer(EmbeddedServer):
     """An embedded Valkey in a temp dir of its own, which its stop() removes: a bench leaves nothing in /tmp."""
 
@@ -177,9 +176,10 @@ class ScratchServer(EmbeddedServer):
             shutil.rmtree(self.data_dir, ignore_errors=True)
 
 
-def scratch_server(persistent: bool = False) -> ScratchServer:
-    """A fresh embedded Valkey on a free port for a scenario (stop() it when done: that removes its data)."""
-    server = ScratchServer(data_dir=tempfile.mkdtemp(prefix="sg-bench-valkey-"), persistent=persistent)
+def scratch_server(persistent: bool = False, binary: str | None = None) -> ScratchServer:
+    """A fresh embedded Valkey on a free port for a scenario (stop() it when done: that removes its data);
+    `binary`: a redis-server/valkey-server to run instead of the embedded one."""
+    server = ScratchServer(data_dir=tempfile.mkdtemp(prefix="sg-bench-valkey-"), persistent=persistent, binary=binary)
     server.start()
     return server
 

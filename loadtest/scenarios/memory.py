@@ -12,8 +12,6 @@ import argparse
 import asyncio
 import random
 import re
-import shutil
-import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -22,8 +20,14 @@ from typing import Any
 import redis
 from redis.asyncio import Redis
 
-from sluicegate.embedded import EmbeddedServer
-from sluicegate.loadtest.common import ServeProcess, client_session, print_table, progress, write_result
+from sluicegate.loadtest.common import (
+    ServeProcess,
+    client_session,
+    print_table,
+    progress,
+    scratch_server,
+    write_result,
+)
 from sluicegate.loadtest.targets import MEMORY_BYTES_PER_REQUEST
 from sluicegate.sessions import keys
 from sluicegate.sessions.requests import NewRequest
@@ -176,8 +180,7 @@ def shared_rows(before: dict[str, int], after: dict[str, int], n: int, client: r
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    data_dir = tempfile.mkdtemp(prefix="sg-bench-valkey-")
-    server = EmbeddedServer(data_dir=data_dir, persistent=False, binary=args.server_binary).start()
+    server = scratch_server(binary=args.server_binary)
     serve: ServeProcess | None = None
     try:
         client = redis.Redis.from_url(server.url)
@@ -219,4 +222,3 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if serve is not None:
             serve.stop()
         server.stop()
-        shutil.rmtree(data_dir, ignore_errors=True)
