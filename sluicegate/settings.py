@@ -233,9 +233,9 @@ class Settings(BaseSettings):
     stream_token_ttl: Count = Field(300, description="seconds a stream token (POST /v1/stream-tokens, for "
                                     "EventSource's ?token=) may open its stream")
     # liveness
-    lease_seconds: Positive = Field(3.0, description="a run's lease: a worker silent for this long loses its runs "
+    lease_seconds: Positive = Field(2.5, description="a run's lease: a worker silent for this long loses its runs "
                                    "to others")
-    heartbeat_seconds: Positive = Field(1.0, description="how often workers renew their leases (less than "
+    heartbeat_seconds: Positive = Field(0.5, description="how often workers renew their leases (less than "
                                        "--lease-seconds)")
     shutdown_grace_seconds: NonNegative = Field(10.0, description="on SIGTERM, how long a worker lets runs finish "
                                                 "before handing them back")

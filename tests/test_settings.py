@@ -157,7 +157,7 @@ def test_flags_beat_the_environment_which_beats_the_file_which_beats_the_default
     assert settings.port == 7003  # flag > env > file
     assert settings.slots == 5  # env > file
     assert settings.session_ttl == 600 and settings.redis_cluster  # file > defaults
-    assert settings.rq_redis_url == "redis://127.0.0.1:7200/0" and settings.lease_seconds == 3.0
+    assert settings.rq_redis_url == "redis://127.0.0.1:7200/0" and settings.lease_seconds == 2.5
     no_cluster = settings_from(build_parser().parse_args(["serve", "--no-redis-cluster"]))
     assert not no_cluster.redis_cluster and no_cluster.port == 7002
 
@@ -185,7 +185,7 @@ def every_field_changed(tmp_path: Path) -> Settings:
         stream_interval_ms=12.5, sim_tokens_per_second=123.5, sim_prefill_ms=0.0, session_ttl=60,
         session_log_max_events=500,
         auth=False, admin_key="adm",
-        max_body_mb=0.5, max_tokens_limit=100, sse_ping_seconds=2.5, lease_seconds=4.0, heartbeat_seconds=0.5,
+        max_body_mb=0.5, max_tokens_limit=100, sse_ping_seconds=2.5, lease_seconds=4.0, heartbeat_seconds=0.75,
         cors_origins="http://127.0.0.1:3000,https://app.test", stream_token_ttl=60,
         shutdown_grace_seconds=0.0, input_token_weight=0.5, output_token_weight=3.0, output_estimate_ratio=0.25,
         max_wait_seconds=30.0, class_max_wait="2=120,7=10", preempt_min_run_ms=0.0, max_preemptions=0,
