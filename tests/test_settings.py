@@ -14,6 +14,7 @@ import pytest
 from pydantic import ValidationError
 
 from sluicegate.cli import COMMANDS, build_parser, main, settings_from
+from sluicegate.loadtest.targets import RECOVERY_S
 from sluicegate.settings import BadSetting, Settings, from_env, setting_names
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -142,6 +143,19 @@ def test_a_missing_or_broken_file_is_a_bad_config(capsys: pytest.CaptureFixture[
     broken.write_text("port = \n")
     assert refusal(capsys, ["api", "--config", str(broken)]).startswith(
         f"sluicegate: bad setting: config: cannot read {broken}: ")
+
+
+# A requeued run's start and first token on another worker: under 0.05 s in `bench recovery`.
+RESTART_MARGIN_S = 0.25
+
+
+def test_the_default_lease_finds_a_dead_worker_within_the_design_bound_and_spares_a_stalled_one() -> None:
+    """DESIGN: a dead worker's generation resumes within 3 s. A worker killed just after a heartbeat is
+    found once its whole lease has run out, by the next sweep. A live worker may miss its beats for the
+    lease less one beat without losing its runs: 2 s, as with the 3 s / 1 s pair before 2026-12-04."""
+    defaults = Settings()
+    assert defaults.lease_seconds + defaults.sweep_seconds + RESTART_MARGIN_S <= RECOVERY_S
+    assert defaults.lease_seconds - defaults.heartbeat_seconds >= 2.0
 
 
 def test_flags_beat_the_environment_which_beats_the_file_which_beats_the_defaults(
