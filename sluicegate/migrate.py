@@ -438,8 +438,14 @@ class Migration:
         await self.delete(old)
 
 
-async def migrate_async(redis_url: str, *, cluster: bool = False, dry_run: bool = False, lease_ms: int = 3000,
-                        session_ttl: int = 3600, out: TextIO | None = None) -> Summary:
+# The settings' defaults, for callers that name none (the CLI passes its settings'): never a copy of them.
+DEFAULT_LEASE_MS = int(Settings.model_fields["lease_seconds"].default * 1000)
+DEFAULT_SESSION_TTL = int(Settings.model_fields["session_ttl"].default)
+
+
+async def migrate_async(redis_url: str, *, cluster: bool = False, dry_run: bool = False,
+                        lease_ms: int = DEFAULT_LEASE_MS, session_ttl: int = DEFAULT_SESSION_TTL,
+                        out: TextIO | None = None) -> Summary:
     client = async_client(redis_url, cluster=cluster, decode_responses=True)
     try:
         migration = Migration(client, cluster=cluster, lease_ms=lease_ms, session_ttl=session_ttl,

@@ -145,17 +145,21 @@ def test_a_missing_or_broken_file_is_a_bad_config(capsys: pytest.CaptureFixture[
         f"sluicegate: bad setting: config: cannot read {broken}: ")
 
 
-# A requeued run's start and first token on another worker: under 0.05 s in `bench recovery`.
-RESTART_MARGIN_S = 0.25
+# An allowance for a requeued run's start and first token on another worker (not a measured figure:
+# `bench recovery` times kill -> resumed and kill -> next token, not the restart alone).
+RESTART_ALLOWANCE_S = 0.25
+# What a live worker could stall without losing its runs with the 3 s lease and 1 s heartbeat before.
+STALL_S = 2.0
 
 
-def test_the_default_lease_finds_a_dead_worker_within_the_design_bound_and_spares_a_stalled_one() -> None:
-    """DESIGN: a dead worker's generation resumes within 3 s. A worker killed just after a heartbeat is
-    found once its whole lease has run out, by the next sweep. A live worker may miss its beats for the
-    lease less one beat without losing its runs: 2 s, as with the 3 s / 1 s pair before 2026-12-04."""
+def test_the_default_lease_and_heartbeat_fit_the_recovery_target_and_a_2_s_stall() -> None:
+    """The defaults' arithmetic, not a measurement (`bench recovery` and `bench soak` measure). DESIGN: a
+    dead worker's generation resumes within 3 s; a worker killed just after a heartbeat is found once its
+    whole lease has run out, by the next sweep. A live worker survives any stall of up to the lease less
+    one beat: it stays 2 s."""
     defaults = Settings()
-    assert defaults.lease_seconds + defaults.sweep_seconds + RESTART_MARGIN_S <= RECOVERY_S
-    assert defaults.lease_seconds - defaults.heartbeat_seconds >= 2.0
+    assert defaults.lease_seconds + defaults.sweep_seconds + RESTART_ALLOWANCE_S <= RECOVERY_S
+    assert defaults.lease_seconds - defaults.heartbeat_seconds >= STALL_S
 
 
 def test_flags_beat_the_environment_which_beats_the_file_which_beats_the_defaults(

@@ -710,7 +710,7 @@ async def drill_scheduler(stack: DrillStack, args: argparse.Namespace) -> dict[s
             marks["worker_kill"] = load.now()
             await in_thread(stack.workers[0].kill)
             stranded.extend(t for t in load.tracked.values() if t.end is None and t.worker == victim)
-            await asyncio.sleep(4.0)  # past the lease (3 s): only a sweep would hand the runs back now
+            await asyncio.sleep(4.0)  # past the lease (2.5 s by default): only a sweep would hand the runs back now
             counts["resumed_before_restart"] = sum(1 for t in stranded if t.resumed_at)
             counts["stalled_before_restart"] = sum(1 for t in load.tracked.values() if t.end is None)
             marks["restart"] = load.now()
