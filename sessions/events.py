@@ -20,6 +20,8 @@ class Event:
     def parse(cls, entry: bytes | str) -> Event:
         text = entry.decode() if isinstance(entry, bytes) else entry
         seq, name, rid, data = text.split("|", 3)
+        if name == "queued" and '"request_id"' not in data:
+            data = with_request_id(data, rid)
         return cls(int(seq), name, rid, data)
 
     @property
@@ -28,6 +30,13 @@ class Event:
 
     def sse(self) -> bytes:
         return f"id: {self.seq}\nevent: {self.name}\ndata: {self.data}\n\n".encode()
+
+
+def with_request_id(data: str, rid: str) -> str:
+    """A `queued` event's data with its request_id put back: the log stores it without (the entry's
+    rid field names it, and a queued request's memory is what a million sessions pay for)."""
+    rest = data[1:-1]
+    return f'{{"request_id":"{rid}"{"," if rest else ""}{rest}}}'
 
 
 def parse_published(message: bytes | str) -> list[Event]:

@@ -24,7 +24,8 @@ INCLUDES = (DATA_DIR / "includes" / "keys.lua", DATA_DIR / "includes" / "log_ids
             DATA_DIR / "includes" / "call.lua",
             DATA_DIR / "includes" / "metrics.lua", DATA_DIR / "includes" / "ended.lua",
             DATA_DIR / "includes" / "requests.lua",
-            CONTROL_DIR / "includes" / "policy.lua", CONTROL_DIR / "includes" / "fairness.lua",
+            CONTROL_DIR / "includes" / "policy.lua", CONTROL_DIR / "includes" / "ready_specs.lua",
+            CONTROL_DIR / "includes" / "fairness.lua",
             CONTROL_DIR / "includes" / "quotas.lua", CONTROL_DIR / "includes" / "runs.lua",
             CONTROL_DIR / "includes" / "preemption.lua", CONTROL_DIR / "includes" / "dispatch.lua")
 DATA_FUNCTIONS = ("submit", "start", "append", "finish", "handback", "cancel", "expire", "read_log", "outbox",

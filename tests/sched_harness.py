@@ -15,6 +15,7 @@ from redis.asyncio import Redis as AsyncRedis
 
 from sluicegate.scheduler.admin import Tuning
 from sluicegate.sessions import keys
+from sluicegate.sessions.events import Event
 from sluicegate.sessions.registry import register_group
 from sluicegate.sessions.requests import NewRequest
 from sluicegate.sessions.runs import Assignment
@@ -231,17 +232,21 @@ class Harness:
         return self.r.hget(keys.request(rid), "st") or "missing"
 
     def log(self, sid: str) -> list[Entry]:
-        out = []
-        for raw in self.r.lrange(keys.session_log(sid), 0, -1):
-            seq, event, rid, data = raw.split("|", 3)
-            out.append(Entry(int(seq), event, rid, json.loads(data)))
-        return out
+        """The session's log as its readers see it (sessions/events.py)."""
+        return [Entry(e.seq, e.name, e.request_id, json.loads(e.data))
+                for e in map(Event.parse, self.r.lrange(keys.session_log(sid), 0, -1))]
 
     def events(self, sid: str, rid: str) -> list[Entry]:
         return [e for e in self.log(sid) if e.rid == rid]
 
     def token_indices(self, sid: str, rid: str) -> list[int]:
         return [e.data["index"] for e in self.events(sid, rid) if e.event == "token"]
+
+    def waiting_rid(self, sid: str, group: str = "default") -> str | None:
+        """The request the group's ready spec of session `sid` names (its first stored value: see
+        scheduler/lua/includes/ready_specs.lua), or None when the session is not ready there."""
+        raw = self.r.hget(keys.group_key(group, "rq"), sid)
+        return raw.split("|", 1)[0] if raw is not None else None
 
     def vtc(self, tenant: str, group: str = "default") -> float:
         return float(self.r.hget(keys.group_key(group, "vtc"), tenant) or 0)

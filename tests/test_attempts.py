@@ -135,8 +135,8 @@ def test_a_preempted_run_whose_hand_back_fails_it_leaves_no_waiting_entry(r: red
     h.handback(h.run_of(low), reason="backend_error: the stream broke")
     cp = keys.group_key("default", "")
     if ON_CLUSTER:
-        waiting = r.hget(cp + "rq", "low")
-        assert waiting is None or json.loads(waiting)["rid"] == after  # not the failed request
+        waiting = h.waiting_rid("low")
+        assert waiting is None or waiting == after  # not the failed request
     h.complete(high)
     if not ON_CLUSTER:  # one server: it was preempted in the decision's own call, and resumes now
         h.complete(low)

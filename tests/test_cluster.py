@@ -263,10 +263,10 @@ def test_a_late_ready_of_an_earlier_head_never_replaces_the_session_s_later_one(
     assert h.scripts.call("ready", [keys.group_prefix("default")], [60_000, early_spec]) == "ready"
     later = h.submit("s", max_tokens=2)
     h.cancel(first.request_id)  # `later` becomes the head and waits for the slot
-    assert json.loads(rc.hget(keys.group_key("default", "rq"), "s"))["rid"] == later
+    assert h.waiting_rid("s") == later
     # the ready step of `first`, delayed (a stalled caller, a slow repair pass), arrives now
     assert h.scripts.call("ready", [keys.group_prefix("default")], [60_000, early_spec]) == "stale"
-    assert json.loads(rc.hget(keys.group_key("default", "rq"), "s"))["rid"] == later
+    assert h.waiting_rid("s") == later
     h.complete(busy)
     h.complete(later)
     assert h.status(later) == "done"

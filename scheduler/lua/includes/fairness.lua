@@ -1,7 +1,7 @@
 -- fairness.lua: the ready set and the weighted virtual token counters (VTC, Sheng et al. OSDI'24).
 --
 -- A session is ready when its head request waits to run; the group holds that request's ready spec
--- in rq[sid]. Ready sessions are indexed by class (cls), by tenant within a class (c<P>, score = the
+-- in rq[sid] (stored as ready_specs.lua says). Ready sessions are indexed by class (cls), by tenant within a class (c<P>, score = the
 -- tenant's virtual counter) and by deadline within a tenant (c<P>:<T>): a request's own deadline (dl,
 -- its time-to-first-token objective), or for one without, its ready time plus the deadline horizon
 -- (policy dlh): earliest deadline first, requests without one in FIFO order, and none waits more than
@@ -83,7 +83,7 @@ end
 local function make_ready(cp, spec, now, keep_counter)
   local tenant, cls, sid = spec.tn, spec.ep, spec.sid
   spec.rs = spec.rs or now
-  redis.call('HSET', cp .. 'rq', sid, cjson.encode(spec))
+  redis.call('HSET', cp .. 'rq', sid, spec_encode(spec))
   local pol = policy(cp)
   local rank = deadline_rank(cp, spec, now, pol)
   redis.call('ZADD', cp .. 'c' .. cls .. ':' .. tenant, rank, sid)
@@ -135,5 +135,5 @@ end
 
 local function ready_head(cp, sid)
   local raw = redis.call('HGET', cp .. 'rq', sid)
-  return raw and cjson.decode(raw) or nil
+  return raw and spec_decode(raw, sid, cp) or nil
 end

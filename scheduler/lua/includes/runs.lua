@@ -96,7 +96,6 @@ end
 
 -- The ready spec of a run's request, to put it back in the ready set (it keeps its ready time and
 -- its class, which aging may have raised). `fresh`: the data plane's newer view (tokens so far).
-local SPEC_KEYS = { 'rid', 'sid', 'tn', 'g', 'p', 'ep', 'mt', 'n', 'a', 'it', 'sub', 'pc', 'rs', 'fs', 'dl', 'dm', 'bo' }
 local function spec_of(rec, fresh)
   local spec = {}
   for _, name in ipairs(SPEC_KEYS) do spec[name] = rec[name] end
@@ -191,7 +190,7 @@ local function release(cp, key, produced, requeue, now, prompt)
         local waiting = ready_head(cp, spec.sid)
         if waiting and waiting.rid == spec.rid then
           waiting.n, waiting.pc = spec.n, spec.pc
-          redis.call('HSET', cp .. 'rq', spec.sid, cjson.encode(waiting))
+          redis.call('HSET', cp .. 'rq', spec.sid, spec_encode(waiting))
         end
       else
         requeue_ready(cp, spec, now)

@@ -13,7 +13,7 @@
 --     cb               zset   request id -> when its callback delivery is due (ms): includes/ended.lua
 --     u / uf           hash   usage pending / being folded into sg:usage:<hour> (sessions/usage.py)
 --   control plane of a group   sg:{g:G}:
---     rq               hash   sid -> ready spec (JSON) of each ready session's head request
+--     rq               hash   sid -> ready spec of each ready session's head request (ready_specs.lua)
 --     cls / c<P> / c<P>:<T> / age<P> / cn / btn / bt / vtc / vlast   ready sets and fairness
 --     ri               hash   "rid|attempt" -> run record (JSON) of each dispatched, unreleased run
 --     run              zset   running runs, score ranks preemption victims first

@@ -32,6 +32,10 @@ local function head_waiting(rid, now, via_outbox)
   return ready_spec(rid)
 end
 
+-- The input kind and parameters a request hash leaves out when they are these (most prompts):
+-- its readers take an absent ik as 'p' and an absent pa as '{}'.
+local DEFAULT_INPUT_KIND, NO_PARAMS = 'p', '{}'
+
 -- Store a new request at the tail of its session's lite queue (creating the session on first use).
 -- Returns 'ok', seq of its `queued` event, its ready spec when it is the session's head (nil when it
 -- waits behind another request of the session) | 'forbidden', owner | 'ok', seq (a replay).
@@ -55,9 +59,15 @@ local function d_submit(dp, rid, sid, tenant, group, prio, max_tokens, input, ki
     redis.call('PERSIST', meta)
     redis.call('PERSIST', klog(dp, sid))
   end
-  local seq = emit(dp, sid, 'queued', rid, { request_id = rid, priority = tonumber(prio), position = position - 1 })
-  redis.call('HSET', rkey, 'sid', sid, 'tn', tenant, 'g', group, 'p', prio, 'ep', prio, 'mt', max_tokens,
-    'ik', kind, 'pa', params, 'it', input_tokens, 'st', 'queued', 'sub', now, 'n', 0, 'a', 0, 'fs', seq)
+  -- Its data names no request_id: the entry's own rid field does, and readers put it back in
+  -- (sessions/events.py). Stored once per queued request, that saves ~48 bytes of each.
+  local seq = emit(dp, sid, 'queued', rid, { priority = tonumber(prio), position = position - 1 })
+  local fields = { 'sid', sid, 'tn', tenant, 'g', group, 'p', prio, 'ep', prio, 'mt', max_tokens,
+    'it', input_tokens, 'st', 'queued', 'sub', now, 'n', 0, 'a', 0, 'fs', seq }
+  -- A prompt (ik p) without parameters is left at the readers' defaults (sessions/runs.py), unstored.
+  if kind ~= DEFAULT_INPUT_KIND then fields[#fields + 1], fields[#fields + 2] = 'ik', kind end
+  if params ~= NO_PARAMS then fields[#fields + 1], fields[#fields + 2] = 'pa', params end
+  redis.call('HSET', rkey, unpack(fields))
   redis.call('SET', kinput(rid), input)
   local objective = tonumber(deadline_ms or '') or 0
   if objective > 0 then
