@@ -3,8 +3,9 @@
 --   data plane of a bucket     sg:{s:BB}:   (BB = the first two characters of a request id)
 --     r:<rid>          hash   one request (short field names, see sessions/status.py)
 --     r:<rid>:in       string its prompt or messages JSON (deleted when the request ends)
---     s:<sid>:m        hash   session meta: seq (last event id), base (first id kept), tn (owner), lm (log cap),
---                             bt (boot that wrote last), hl (id holes left by restarts: log_ids.lua)
+--     s:<sid>:m        hash   session meta: seq (last event id), base (first id kept), tn (owner),
+--                             lm (log cap; absent: the default), bt (boot that wrote last), hl (id holes
+--                             left by restarts: log_ids.lua)
 --     s:<sid>:q        list   the session's lite queue of request ids (head = current request)
 --     s:<sid>:l        list   the session's event log, one "id|event|rid|json" entry per event
 --     e:<sid>          sharded channel: live copy of each log append (SPUBLISH)

@@ -13,7 +13,19 @@
 -- The log list itself stays contiguous: offsets skip the holes.
 
 local LOG_ID_JUMP = 1000000
-local boot_id = false
+local boot_id = false -- the server's clock (us) when this library loaded, in base 36 (see base36)
+
+-- A non-negative integer below 2^53 in base 36: a boot id in 10 characters, not the 17 of "s.us" (it
+-- is in every session's meta, and a million idle sessions pay for each byte). Only compared for equality.
+local function base36(n)
+  local digits, out = '0123456789abcdefghijklmnopqrstuvwxyz', ''
+  repeat
+    local digit = n % 36
+    out = string.sub(digits, digit + 1, digit + 1) .. out
+    n = (n - digit) / 36
+  until n == 0
+  return out
+end
 
 local function parse_holes(hl)
   local holes = {}
@@ -64,7 +76,7 @@ local function take_ids(meta, count)
   if checked_metas[meta] == nil then
     if not boot_id then
       local t = redis.call('TIME')
-      boot_id = t[1] .. '.' .. t[2]
+      boot_id = base36(tonumber(t[1]) * 1000000 + tonumber(t[2]))
     end
     local written = redis.call('HMGET', meta, 'bt', 'seq', 'hl', 'lm')
     if written[1] ~= boot_id then

@@ -40,7 +40,7 @@ local DEFAULT_INPUT_KIND, NO_PARAMS = 'p', '{}'
 -- Returns 'ok', seq of its `queued` event, its ready spec when it is the session's head (nil when it
 -- waits behind another request of the session) | 'forbidden', owner | 'ok', seq (a replay).
 -- `log_max`: the session's log cap (--session-log-max-events; "" = keep the one stored), noted in its
--- meta for every later call that appends to the log (see trim_log in call.lua).
+-- meta for every later call that appends to the log (see trim_log in call.lua); the default is not.
 -- `deadline_ms`: the time-to-first-token objective from now ("" or 0: none); `on_miss`: "fail" ends the
 -- request once it is missed (sweep.lua), anything else lets it run late.
 local function d_submit(dp, rid, sid, tenant, group, prio, max_tokens, input, kind, params, input_tokens, owner,
@@ -53,7 +53,12 @@ local function d_submit(dp, rid, sid, tenant, group, prio, max_tokens, input, ki
   local stored_owner = redis.call('HGET', meta, 'tn')
   if owner ~= '' and stored_owner and stored_owner ~= owner then return 'forbidden', stored_owner, nil end
   if not stored_owner then redis.call('HSET', meta, 'tn', tenant) end
-  if log_max and log_max ~= '' then redis.call('HSET', meta, 'lm', log_max) end
+  if log_max and log_max ~= '' then
+    -- the default cap is the absent one (call.lua trim_log): not stored, and a cap stored by a process
+    -- with another setting is removed (one command either way)
+    if tonumber(log_max) == LOG_MAX_EVENTS then redis.call('HDEL', meta, 'lm')
+    else redis.call('HSET', meta, 'lm', log_max) end
+  end
   local position = redis.call('RPUSH', kqueue(dp, sid), rid)
   if position == 1 then -- the session was idle, so its meta and log had a TTL
     redis.call('PERSIST', meta)
