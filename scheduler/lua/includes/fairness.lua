@@ -1,12 +1,12 @@
 -- fairness.lua: the ready set and the weighted virtual token counters (VTC, Sheng et al. OSDI'24).
 --
 -- A session is ready when its head request waits to run; the group holds that request's ready spec
--- in rq[sid] (stored as ready_specs.lua says). Ready sessions are indexed by class (cls), by tenant within a class (c<P>, score = the
--- tenant's virtual counter) and by deadline within a tenant (c<P>:<T>): a request's own deadline (dl,
--- its time-to-first-token objective), or for one without, its ready time plus the deadline horizon
--- (policy dlh): earliest deadline first, requests without one in FIFO order, and none waits more than
--- the horizon behind later requests with deadlines. Deadlines only reorder a tenant's own requests:
--- which tenant goes next is the counters' choice alone.
+-- in rq[sid] (in the form ready_specs.lua gives it). Ready sessions are indexed by class (cls), by
+-- tenant within a class (c<P>, score = the tenant's virtual counter) and by deadline within a tenant
+-- (c<P>:<T>): a request's own deadline (dl, its time-to-first-token objective), or for one without,
+-- its ready time plus the deadline horizon (policy dlh): earliest deadline first, requests without one
+-- in FIFO order, and none waits more than the horizon behind later requests with deadlines. Deadlines
+-- only reorder a tenant's own requests: which tenant goes next is the counters' choice alone.
 --
 -- A request whose deadline passed while it waited, or is forecast to pass before its turn comes (see
 -- forecast_miss), ranks its class's max wait after its deadline (deadline + mw<p>): under overload,
