@@ -40,6 +40,8 @@ from sluicegate.loadtest.common import (
     cpu_delta,
     cpu_seconds,
     cpu_ticks,
+    describe_cpu,
+    machine,
     percentile,
     print_table,
     progress,
@@ -200,7 +202,8 @@ def print_cpu(out: dict[str, Any]) -> None:
 
 def host_line(out: dict[str, Any]) -> str:
     before, after = out["load_average"]
-    return (f"host: {out['steal_percent']:.1f}% of CPU time stolen by the hypervisor, 1-minute load average "
+    return (f"host: {describe_cpu(machine())}; {out['steal_percent']:.1f}% of CPU time stolen by the hypervisor, "
+            "1-minute load average "
             f"{before:.2f} before and {after:.2f} after")
 
 

@@ -55,7 +55,9 @@ from sluicegate.loadtest.common import (
     cpu_by_role,
     cpu_delta,
     cpu_ticks,
+    describe_cpu,
     free_port,
+    machine,
     percentile,
     print_table,
     progress,
@@ -365,7 +367,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     print(f"\nCPU seconds over {elapsed:.1f} s: {cpu}")
     if "direct" in ttft:  # how quiet the host was: only quiet runs compare with each other
         direct = ttft["direct"]
-        print(f"host: {steal:.1f}% of CPU time stolen by the hypervisor, 1-minute load average {load0[0]:.2f} before "
+        print(f"host: {describe_cpu(machine())}; {steal:.1f}% of CPU time stolen by the hypervisor, 1-minute load "
+              f"average {load0[0]:.2f} before "
               f"and {load1[0]:.2f} after; the direct call alone p50 {percentile(direct, 50):.2f} ms, "
               f"p90 {percentile(direct, 90):.2f} ms")
     verdicts = {}
