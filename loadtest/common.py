@@ -71,6 +71,13 @@ def describe_cpu(identity: dict[str, Any]) -> str:
     return f"{identity['cpu']} ({', '.join(details)})" if details else str(identity["cpu"])
 
 
+def host_line(steal: float, load_before: float, load_after: float) -> str:
+    """How quiet the host was during a run, and which host it was: only quiet runs on one kind of host
+    compare with each other."""
+    return (f"host: {describe_cpu(machine())}; {steal:.1f}% of CPU time stolen by the hypervisor, 1-minute load "
+            f"average {load_before:.2f} before and {load_after:.2f} after")
+
+
 def machine() -> dict[str, Any]:
     try:
         cpuinfo = Path("/proc/cpuinfo").read_text()

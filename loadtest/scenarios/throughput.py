@@ -40,8 +40,7 @@ from sluicegate.loadtest.common import (
     cpu_delta,
     cpu_seconds,
     cpu_ticks,
-    describe_cpu,
-    machine,
+    host_line,
     percentile,
     print_table,
     progress,
@@ -200,11 +199,9 @@ def print_cpu(out: dict[str, Any]) -> None:
                  for role, s in out["server_cpu"].items() if s > 0])
 
 
-def host_line(out: dict[str, Any]) -> str:
+def run_host_line(out: dict[str, Any]) -> str:
     before, after = out["load_average"]
-    return (f"host: {describe_cpu(machine())}; {out['steal_percent']:.1f}% of CPU time stolen by the hypervisor, "
-            "1-minute load average "
-            f"{before:.2f} before and {after:.2f} after")
+    return host_line(out["steal_percent"], before, after)
 
 
 def target_line(rate: float, args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
@@ -258,7 +255,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     print_cpu(out)
     if out["errors"]:
         print(f"first errors: {out['errors'][:3]}")
-    print(host_line(out))
+    print(run_host_line(out))
     line, verdict = target_line(rate, args)
     print(f"\n{rate:.0f} completed requests/s: {line}")
     result = {"rows": rows, "req_per_s": round(rate, 1), **verdict, "server_cpu_seconds": cpu,
@@ -312,7 +309,7 @@ def run_both(args: argparse.Namespace, flags: list[str]) -> dict[str, Any]:
         print_cpu(merged[mode])
         if merged[mode]["errors"]:
             print(f"first errors: {merged[mode]['errors'][:3]}")
-        print(host_line(merged[mode]))
+        print(run_host_line(merged[mode]))
     print(f"\nresumable route (submit + GET events) {rates['sse']:.0f} req/s = {100 * share:.0f}% of the chat "
           f"route's {rates['chat']:.0f} req/s: target >= {RESUMABLE_SHARE_OF_CHAT:.0%} "
           f"({'met' if share >= RESUMABLE_SHARE_OF_CHAT else 'MISSED'})")
@@ -448,4 +445,4 @@ def print_both_cpu(direct_out: dict[str, Any], out: dict[str, Any]) -> None:
         print_cpu(o)
         if o["errors"]:
             print(f"first errors: {o['errors'][:3]}")
-        print(host_line(o))
+        print(run_host_line(o))

@@ -55,9 +55,8 @@ from sluicegate.loadtest.common import (
     cpu_by_role,
     cpu_delta,
     cpu_ticks,
-    describe_cpu,
     free_port,
-    machine,
+    host_line,
     percentile,
     print_table,
     progress,
@@ -367,9 +366,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     print(f"\nCPU seconds over {elapsed:.1f} s: {cpu}")
     if "direct" in ttft:  # how quiet the host was: only quiet runs compare with each other
         direct = ttft["direct"]
-        print(f"host: {describe_cpu(machine())}; {steal:.1f}% of CPU time stolen by the hypervisor, 1-minute load "
-              f"average {load0[0]:.2f} before "
-              f"and {load1[0]:.2f} after; the direct call alone p50 {percentile(direct, 50):.2f} ms, "
+        print(f"{host_line(steal, load0[0], load1[0])}; the direct call alone p50 {percentile(direct, 50):.2f} ms, "
               f"p90 {percentile(direct, 90):.2f} ms")
     verdicts = {}
     added_floor = added.pop("floor", None)  # not Sluicegate: what its design's hops cost with nothing done at them
