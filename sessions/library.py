@@ -79,7 +79,9 @@ def _includes() -> str:
         "{{TERMINAL}}": ", ".join(f"{s} = true" for s in keys.TERMINAL_STATUSES),
         "{{POLICY_DEFAULTS}}": ", ".join(f"{k} = {v!r}" for k, v in policy_fields(Settings()).items()),
         "{{LOG_MIN_EVENTS}}": str(LOG_MIN_EVENTS),
-        "{{LOG_MAX_EVENTS}}": str(Settings().session_log_max_events),
+        # the code's default (as Settings() always is: it reads no environment): a meta without `lm` means
+        # this cap to every process, and d_submit stores any other
+        "{{LOG_MAX_EVENTS}}": str(Settings.model_fields["session_log_max_events"].default),
     }
     text = "\n".join(path.read_text() for path in INCLUDES)
     for marker, value in constants.items():

@@ -69,3 +69,26 @@ def test_a_spec_stored_as_json_before_this_form_reads_as_it_did(r: redis.Redis) 
            "sub": 1796427856174, "mt": 256, "rid": "8mdfFIIWwVRmYF", "it": 25, "g": "default"}
     back = call(r, "return cjson.encode(spec_decode(ARGV[1], 'mem-0', ARGV[2]))", json.dumps(old), CP)
     assert json.loads(back) == old
+
+
+def test_a_submitted_head_gets_the_spec_that_reading_it_back_gives(r: redis.Redis) -> None:
+    """d_submit hands the head's spec on without reading it back: it must be exactly what ready_spec reads
+    from the request just stored, with or without a deadline (a ms clock with a fraction, as TIME gives)."""
+    body = ("begin_call('S')\n"
+            "local outcome, _, spec = d_submit(KEYS[1], ARGV[1], ARGV[2], 't-1', 'g-1.x', '7', '64', 'hello', 'p',"
+            " '{}', '3', '', tonumber(ARGV[3]), false, '', ARGV[4], ARGV[5])\n"
+            "if outcome ~= 'ok' or not spec then return { 'no spec' } end\n"
+            "local back, differ = ready_spec(ARGV[1]), {}\n"
+            "for k, v in pairs(spec) do if back[k] ~= v then differ[#differ + 1] = k end end\n"
+            "for k, v in pairs(back) do if spec[k] ~= v then differ[#differ + 1] = k end end\n"
+            "table.sort(differ)\n"
+            "return { cjson.encode(spec), unpack(differ) }")
+    seen = []
+    for n, (deadline, on_miss) in enumerate((("", "run"), ("250", "fail"), ("250", "run"))):
+        sid = f"head-spec-{n}"
+        dp = keys.session_prefix(sid)
+        rid = keys.bucket_of_session(sid) + f"headspec{n}"
+        spec_json, *differ = r.eval(_includes() + "\n" + body, 1, dp, rid, sid, "1796427856174.387", deadline, on_miss)
+        assert differ == [], f"fields that differ from the stored request's: {differ}"
+        seen.append(json.loads(spec_json))
+    assert "dl" not in seen[0] and seen[1]["dm"] == 1 and seen[2]["dl"] and "dm" not in seen[2]

@@ -27,9 +27,10 @@ end
 -- A head request that waits to be made ready on the control plane. On a cluster that is the next
 -- call, so the head is noted in the bucket's outbox first: if the caller dies in between, the
 -- repair pass (scheduler) finds it there. A single-server call readies it in the same call.
-local function head_waiting(rid, now, via_outbox)
+-- `known`: its ready spec when the caller has it already (d_submit, from the values it just stored).
+local function head_waiting(rid, now, via_outbox, known)
   if via_outbox then redis.call('ZADD', dpre_of(rid) .. 'ob', now, rid) end
-  return ready_spec(rid)
+  return known or ready_spec(rid)
 end
 
 -- The input kind and parameters a request hash leaves out when they are these (most prompts):
@@ -55,8 +56,9 @@ local function d_submit(dp, rid, sid, tenant, group, prio, max_tokens, input, ki
   if not stored_owner then redis.call('HSET', meta, 'tn', tenant) end
   if log_max and log_max ~= '' then
     -- the default cap is the absent one (call.lua trim_log): not stored, and a cap stored by a process
-    -- with another setting is removed (one command either way)
-    if tonumber(log_max) == LOG_MAX_EVENTS then redis.call('HDEL', meta, 'lm')
+    -- with another setting is removed (a new session's meta has none)
+    if tonumber(log_max) == LOG_MAX_EVENTS then
+      if stored_owner then redis.call('HDEL', meta, 'lm') end
     else redis.call('HSET', meta, 'lm', log_max) end
   end
   local position = redis.call('RPUSH', kqueue(dp, sid), rid)
@@ -82,7 +84,14 @@ local function d_submit(dp, rid, sid, tenant, group, prio, max_tokens, input, ki
   count(dp .. 'm', 'requests', label .. '|submitted')
   count(dp .. 'm', 'depth', label, 1)
   if position ~= 1 then return 'ok', seq, nil end
-  return 'ok', seq, head_waiting(rid, now, via_outbox)
+  -- The head's ready spec, as ready_spec would read it back from what was just stored (a new request:
+  -- no tokens, attempts, preemptions or first token yet), without reading it back (on the first
+  -- token's way). tests/test_ready_specs.py holds the two equal.
+  local p = tonumber(prio)
+  local spec = { rid = rid, sid = sid, tn = tenant, g = group, p = p, ep = p, mt = tonumber(max_tokens), n = 0, a = 0,
+    it = tonumber(input_tokens), sub = now, pc = 0, fs = seq }
+  if objective > 0 then spec.dl, spec.dm = now + objective, on_miss == 'fail' and 1 or nil end
+  return 'ok', seq, head_waiting(rid, now, via_outbox, spec)
 end
 
 -- The run spec a worker needs to (re)start a request: the assignment carries it (saving a read on
