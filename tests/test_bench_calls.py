@@ -11,7 +11,7 @@ from sluicegate.loadtest.scenarios import calls
 
 
 def _rounds(requests: int, tokens: int, rounds: int) -> list[list[dict[str, object]]]:
-    result = calls.run(argparse.Namespace(requests=requests, tokens=tokens, rounds=rounds))  # checks every reply
+    result = calls.run(argparse.Namespace(requests=requests, tokens=tokens, rounds=rounds, idle_ms=""))  # checks all
     rows = result["rows"]
     return [rows[i:i + 4] for i in range(0, len(rows), 4)]
 
@@ -37,3 +37,18 @@ def test_each_phase_counts_its_own_calls_the_same_every_round_and_a_request_adds
     assert one[0]["commands_a_call"] == three[0][0]["commands_a_call"]
     assert one[2]["commands_a_call"] > three[0][2]["commands_a_call"]
     assert one[3]["commands_a_call"] == pytest.approx(one[0]["commands_a_call"] + one[2]["commands_a_call"])
+
+
+@pytest.mark.single_server
+def test_the_submits_after_idleness_take_the_first_tokens_way_one_phase_each(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--idle-ms`: one phase of submits per idle time, each started at once in its own call (the run checks
+    every request's status), so each phase counts the same commands as the rounds' submit phase."""
+    monkeypatch.setattr(calls, "write_result", lambda name, result: None)
+    result = calls.run(argparse.Namespace(requests=3, tokens=2, rounds=1, idle_ms="0, 2"))
+    submit = result["rows"][0]
+    assert [(row["idle_ms"], row["calls"]) for row in result["after_idle"]] == [(0.0, 3), (2.0, 3)]
+    for row in result["after_idle"]:
+        assert row["commands_a_call"] == pytest.approx(submit["commands_a_call"], abs=1)
+        assert row["usec_a_call"] > 0
+    with pytest.raises(ValueError):
+        calls.idle_times("5,-1")

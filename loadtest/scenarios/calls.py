@@ -11,6 +11,10 @@ follow a call are not). Each call's reply is checked, and every request must end
 The server time moves with the host by 10-30% between runs; the command counts do not. Compare two trees by
 running this from each in turn (`--rounds` alternates nothing: it repeats the phases on fresh requests).
 Only the library's calls are counted: not the worker's inbox read, nor the API's own commands.
+
+`--idle-ms 0,1,5,20,100` adds what a first token meets on an idle stack: the submit's server time when each
+call comes after that long with nothing sent (the client sleeps, blocking), on fresh requests. On a VM a
+process that wakes after idling runs its code several times slower than back to back.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -40,6 +45,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-n", "--requests", type=int, default=500, help="requests a round, each in its own session")
     parser.add_argument("--tokens", type=int, default=16, help="tokens a request")
     parser.add_argument("--rounds", type=int, default=3, help="rounds, each on fresh requests")
+    parser.add_argument("--idle-ms", default="", metavar="LIST",
+                        help="comma-separated idle times (ms): the submit's server time when each call follows that "
+                             "much idleness, -n calls each (default: not measured)")
+
+
+def idle_times(text: str) -> list[float]:
+    """`--idle-ms` as milliseconds, in the order given."""
+    times = [float(part) for part in text.split(",") if part.strip()]
+    if any(t < 0 for t in times):
+        raise ValueError("--idle-ms: times must be >= 0")
+    return times
 
 
 async def _phase(client: Redis, name: str, calls: list[Any], expected: Callable[[Any], bool]) -> dict[str, Any]:
@@ -86,14 +102,38 @@ async def _round(client: Redis, t: Transitions, n: int, tokens: int, index: int)
     return rows
 
 
-async def _measure(url: str, n: int, tokens: int, rounds: int) -> list[list[dict[str, Any]]]:
+async def _after_idle(client: Redis, t: Transitions, n: int, idle_ms: float) -> dict[str, Any]:
+    """`n` submits, each after `idle_ms` of a blocking sleep (nothing reaches the server meanwhile)."""
+    await client.delete(keys.worker_inbox(GROUP, WORKER))
+    await t.register_worker(GROUP, WORKER, free=n, total=n)
+
+    requests = [NewRequest(session_id=f"calls-idle-{idle_ms:g}-{i}", max_tokens=1, priority=5, tenant="t",
+                           group=GROUP, prompt="the stone mill") for i in range(n)]
+
+    def submit_after_idle(req: NewRequest) -> Callable[[], Any]:
+        async def call() -> Any:
+            time.sleep(idle_ms / 1000)  # blocking: the client's loop wakes nothing meanwhile
+            return await t.submit(req)
+        return call
+
+    row = await _phase(client, f"submit after {idle_ms:g} ms idle", [submit_after_idle(req) for req in requests],
+                       lambda reply: reply[0] == "ok")
+    for req in requests:  # each took the first token's way: started at once, in the submit's own call
+        if (status := await client.hget(keys.request(req.request_id), "st")) != b"running":
+            raise RuntimeError(f"request {req.request_id} is {status!r} after its submit, not running")
+    return {"idle_ms": idle_ms, **row}
+
+
+async def _measure(url: str, n: int, tokens: int, rounds: int,
+                   idle: list[float]) -> tuple[list[list[dict[str, Any]]], list[dict[str, Any]]]:
     client = Redis.from_url(url)
     try:
         await register_group(client, GROUP)
         scripts = Scripts(client)
         await scripts.load()  # before the first phase: a call that finds the library missing would count its load
         t = Transitions(scripts, lease_ms=600_000, session_ttl=3600)
-        return [await _round(client, t, n, tokens, index) for index in range(rounds)]
+        measured = [await _round(client, t, n, tokens, index) for index in range(rounds)]
+        return measured, [await _after_idle(client, t, n, ms) for ms in idle]
     finally:
         await client.aclose()
 
@@ -101,10 +141,11 @@ async def _measure(url: str, n: int, tokens: int, rounds: int) -> list[list[dict
 def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.tokens < 1:
         raise ValueError("--tokens must be at least 1")
+    idle = idle_times(args.idle_ms)
     server = scratch_server()
     try:
         progress(f"{args.rounds} rounds of {args.requests} requests, {args.tokens} tokens each")
-        rounds = asyncio.run(_measure(server.url, args.requests, args.tokens, args.rounds))
+        rounds, after_idle = asyncio.run(_measure(server.url, args.requests, args.tokens, args.rounds, idle))
     finally:
         server.stop()
     rows = []
@@ -121,6 +162,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     print(f"\nthe library's calls of a request's life, {args.requests} requests a round, {args.tokens} tokens, "
           "sequential; the last row of a round is a request's total")
     print_table(rows)
-    result = {"rows": rows, "settings": {"requests": args.requests, "tokens": args.tokens, "rounds": args.rounds}}
+    if after_idle:
+        print(f"\nthe submit's server time when each call follows a time of idleness, {args.requests} calls each")
+        print_table([{"idle_ms": row["idle_ms"], "calls": row["calls"], "commands_a_call": row["commands_a_call"],
+                      "usec_a_call": row["usec_a_call"]} for row in after_idle])
+    result = {"rows": rows, "after_idle": after_idle,
+              "settings": {"requests": args.requests, "tokens": args.tokens, "rounds": args.rounds, "idle_ms": idle}}
     write_result("calls", result)
     return result
