@@ -44,9 +44,9 @@ def test_the_submits_after_idleness_take_the_first_tokens_way_one_phase_each(mon
     """`--idle-ms`: one phase of submits per idle time, each started at once in its own call (the run checks
     every request's status), so each phase counts the same commands as the rounds' submit phase."""
     monkeypatch.setattr(calls, "write_result", lambda name, result: None)
-    result = calls.run(argparse.Namespace(requests=3, tokens=2, rounds=1, idle_ms="0, 2"))
+    result = calls.run(argparse.Namespace(requests=3, tokens=2, rounds=1, idle_ms="0, 2, 2"))
     submit = result["rows"][0]
-    assert [(row["idle_ms"], row["calls"]) for row in result["after_idle"]] == [(0.0, 3), (2.0, 3)]
+    assert [(row["idle_ms"], row["calls"]) for row in result["after_idle"]] == [(0.0, 3), (2.0, 3), (2.0, 3)]
     for row in result["after_idle"]:
         assert row["commands_a_call"] == pytest.approx(submit["commands_a_call"], abs=1)
         assert row["usec_a_call"] > 0

@@ -102,12 +102,13 @@ async def _round(client: Redis, t: Transitions, n: int, tokens: int, index: int)
     return rows
 
 
-async def _after_idle(client: Redis, t: Transitions, n: int, idle_ms: float) -> dict[str, Any]:
-    """`n` submits, each after `idle_ms` of a blocking sleep (nothing reaches the server meanwhile)."""
+async def _after_idle(client: Redis, t: Transitions, n: int, idle_ms: float, phase: int) -> dict[str, Any]:
+    """`n` submits, each after `idle_ms` of a blocking sleep (nothing reaches the server meanwhile), each in a
+    session of its own (`phase`: this one's place in --idle-ms, which may name a time twice)."""
     await client.delete(keys.worker_inbox(GROUP, WORKER))
     await t.register_worker(GROUP, WORKER, free=n, total=n)
 
-    requests = [NewRequest(session_id=f"calls-idle-{idle_ms:g}-{i}", max_tokens=1, priority=5, tenant="t",
+    requests = [NewRequest(session_id=f"calls-idle-{phase}-{i}", max_tokens=1, priority=5, tenant="t",
                            group=GROUP, prompt="the stone mill") for i in range(n)]
 
     def submit_after_idle(req: NewRequest) -> Callable[[], Any]:
@@ -133,7 +134,7 @@ async def _measure(url: str, n: int, tokens: int, rounds: int,
         await scripts.load()  # before the first phase: a call that finds the library missing would count its load
         t = Transitions(scripts, lease_ms=600_000, session_ttl=3600)
         measured = [await _round(client, t, n, tokens, index) for index in range(rounds)]
-        return measured, [await _after_idle(client, t, n, ms) for ms in idle]
+        return measured, [await _after_idle(client, t, n, ms, phase) for phase, ms in enumerate(idle)]
     finally:
         await client.aclose()
 
