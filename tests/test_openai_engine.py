@@ -111,9 +111,7 @@ def test_a_request_shows_where_its_first_tokens_time_went(bare_stack: Stack) -> 
     taken = view["worker_took_at"]
     assert started <= called <= answered <= view["first_token_at"] <= view["finished_at"], view
     assert taken < called and (ON_CLUSTER or started <= taken), view  # the worker's own set-up between
-    # the backend's 80 ms prefill lies between them (its timer may fire a little early: one CI run saw 79.94
-    # ms; stamped on the same side of the prefill, the two would be well under a millisecond apart)
-    assert answered - called >= 0.07
+    assert answered - called >= 0.08  # the backend's prefill lies between them
 
 
 def test_503s_before_the_first_token_are_retried(bare_stack: Stack) -> None:

@@ -41,8 +41,10 @@ async def paced_tokens(seed: bytes, start: int, stop: int, *, tokens_per_second:
                        prefill_ms: float) -> AsyncIterator[str]:
     """Tokens start..stop-1: the first after the prefill delay, then one every 1/tokens_per_second."""
     loop = asyncio.get_running_loop()
-    if prefill_ms > 0:
-        await asyncio.sleep(prefill_ms / 1000)
+    if prefill_ms > 0:  # the whole delay: a timer may fire early (uvloop's are whole milliseconds)
+        until = loop.time() + prefill_ms / 1000
+        while (left := until - loop.time()) > 0:
+            await asyncio.sleep(left)
     began = loop.time()
     interval = 1.0 / tokens_per_second if tokens_per_second > 0 else 0.0
     for k, index in enumerate(range(start, stop)):
