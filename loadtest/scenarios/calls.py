@@ -75,9 +75,14 @@ async def _phase(client: Redis, name: str, calls: list[Any], expected: Callable[
             "usec_a_call": fcall["usec"] / count}
 
 
-async def _round(client: Redis, t: Transitions, n: int, tokens: int, index: int) -> list[dict[str, Any]]:
-    await client.delete(keys.worker_inbox(GROUP, WORKER))  # the last round's assignments: nobody takes them
+async def _free_slots(client: Redis, t: Transitions, n: int) -> None:
+    """The worker with `n` free slots again, its inbox emptied of the last phase's assignments (nobody takes them)."""
+    await client.delete(keys.worker_inbox(GROUP, WORKER))
     await t.register_worker(GROUP, WORKER, free=n, total=n)
+
+
+async def _round(client: Redis, t: Transitions, n: int, tokens: int, index: int) -> list[dict[str, Any]]:
+    await _free_slots(client, t, n)
     requests = [NewRequest(session_id=f"calls-{index}-{i}", max_tokens=tokens, priority=5, tenant="t", group=GROUP,
                            prompt="tell me about the river that runs under the stone mill") for i in range(n)]
 
@@ -105,9 +110,7 @@ async def _round(client: Redis, t: Transitions, n: int, tokens: int, index: int)
 async def _after_idle(client: Redis, t: Transitions, n: int, idle_ms: float, phase: int) -> dict[str, Any]:
     """`n` submits, each after `idle_ms` of a blocking sleep (nothing reaches the server meanwhile), each in a
     session of its own (`phase`: this one's place in --idle-ms, which may name a time twice)."""
-    await client.delete(keys.worker_inbox(GROUP, WORKER))
-    await t.register_worker(GROUP, WORKER, free=n, total=n)
-
+    await _free_slots(client, t, n)
     requests = [NewRequest(session_id=f"calls-idle-{phase}-{i}", max_tokens=1, priority=5, tenant="t",
                            group=GROUP, prompt="the stone mill") for i in range(n)]
 
