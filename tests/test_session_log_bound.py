@@ -59,6 +59,17 @@ def test_a_busy_session_keeps_exactly_the_newest_events(capped: Stack, r: redis.
     assert [e.id for e in events] == list(range(base, seq + 1))
 
 
+def test_a_new_sessions_cap_holds_from_its_first_request(capped: Stack, r: redis.Redis) -> None:
+    """The cap is stored with the meta the first submit creates: a first request longer than the cap is
+    trimmed to it once it ends, with no other submit to store the cap meanwhile."""
+    sid = "bound-first"
+    rid = submit(capped.base_url, sid, prompt="long", max_tokens=CAP + 20)
+    wait_done(r, [rid])
+    seq, base = meta(r, sid)
+    assert seq == CAP + 23 and r.hget(keys.session_meta(sid), "lm") == str(CAP)
+    assert log_ids(r, sid) == list(range(base, seq + 1)) and len(log_ids(r, sid)) == CAP
+
+
 def expired(code: int, reply: Any, oldest: int) -> bool:
     return code == 409 and reply["error"]["type"] == "cursor_expired" and f"oldest kept event is {oldest}" in \
         reply["error"]["message"]

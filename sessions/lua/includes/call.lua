@@ -9,7 +9,8 @@ local pinned_clock = false -- tests pin the clock with sg:clock; production neve
 -- step is a call of its own, in the slot of its plane (README, "Growing past one Redis").
 local single_server = false
 -- What a call reads once and keeps for its own length, by key: a group's policy and quota config
--- (policy.lua, quotas.lua), which only the admin API writes. Reset by begin_call.
+-- (policy.lua, quotas.lua), which only the admin API writes; and a request the call has just stored
+-- (requests.lua d_submit), which its start in the same call then need not read back. Reset by begin_call.
 local per_call = {}
 
 -- Milliseconds since the epoch from the server clock, so every process agrees on "now".

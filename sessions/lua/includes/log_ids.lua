@@ -70,23 +70,39 @@ end
 -- writes `lm`, before its first event.
 local checked_metas = {}
 
+local function this_boot()
+  if not boot_id then
+    local t = redis.call('TIME')
+    boot_id = base36(tonumber(t[1]) * 1000000 + tonumber(t[2]))
+  end
+  return boot_id
+end
+
+-- Create a new session's meta: its owner, this boot (it has issued no id, so there is nothing to skip)
+-- and its log cap (false: the default, unstored), in one write that leaves take_ids nothing to check.
+local function create_meta(meta, tenant, log_cap)
+  if log_cap then
+    redis.call('HSET', meta, 'tn', tenant, 'bt', this_boot(), 'lm', log_cap)
+  else
+    redis.call('HSET', meta, 'tn', tenant, 'bt', this_boot())
+  end
+  checked_metas[meta] = log_cap and tonumber(log_cap) or false
+end
+
 -- Take `count` ids for a session's next events; returns the last. Skips LOG_ID_JUMP ids first when
 -- the session was last written before this library loaded (see above).
 local function take_ids(meta, count)
   if checked_metas[meta] == nil then
-    if not boot_id then
-      local t = redis.call('TIME')
-      boot_id = base36(tonumber(t[1]) * 1000000 + tonumber(t[2]))
-    end
+    local boot = this_boot()
     local written = redis.call('HMGET', meta, 'bt', 'seq', 'hl', 'lm')
-    if written[1] ~= boot_id then
+    if written[1] ~= boot then
       if written[1] and written[2] then
         local last = tonumber(written[2])
         local hole = last .. ':' .. (last + LOG_ID_JUMP + 1)
-        redis.call('HSET', meta, 'bt', boot_id, 'seq', last + LOG_ID_JUMP,
+        redis.call('HSET', meta, 'bt', boot, 'seq', last + LOG_ID_JUMP,
           'hl', written[3] and (written[3] .. ',' .. hole) or hole)
       else
-        redis.call('HSET', meta, 'bt', boot_id)
+        redis.call('HSET', meta, 'bt', boot)
       end
     end
     checked_metas[meta] = tonumber(written[4] or '') or false

@@ -53,17 +53,19 @@ local function d_submit(dp, rid, sid, tenant, group, prio, max_tokens, input, ki
   local meta = kmeta(dp, sid)
   local stored_owner = redis.call('HGET', meta, 'tn')
   if owner ~= '' and stored_owner and stored_owner ~= owner then return 'forbidden', stored_owner, nil end
-  if not stored_owner then redis.call('HSET', meta, 'tn', tenant) end
-  if log_max and log_max ~= '' then
-    -- the default cap is the absent one (call.lua trim_log): not stored, and a cap stored by a process
-    -- with another setting is removed (a new session's meta has none)
-    if tonumber(log_max) == LOG_MAX_EVENTS then
-      if stored_owner then redis.call('HDEL', meta, 'lm') end
-    else redis.call('HSET', meta, 'lm', log_max) end
+  -- the default log cap is the absent one (call.lua trim_log): not stored, and a cap stored by a process
+  -- with another setting is removed
+  local log_cap = log_max and log_max ~= '' and tonumber(log_max) ~= LOG_MAX_EVENTS and log_max
+  if not stored_owner then
+    create_meta(meta, tenant, log_cap)
+  elseif log_cap then
+    redis.call('HSET', meta, 'lm', log_cap)
+  elseif log_max and log_max ~= '' then
+    redis.call('HDEL', meta, 'lm')
   end
   local position = redis.call('RPUSH', kqueue(dp, sid), rid)
-  if position == 1 then -- the session was idle, so its meta and log had a TTL
-    redis.call('PERSIST', meta)
+  if position == 1 then -- the session was idle, so its meta (unless new: just made) and log had a TTL
+    if stored_owner then redis.call('PERSIST', meta) end
     redis.call('PERSIST', klog(dp, sid))
   end
   -- Its data names no request_id: the entry's own rid field does, and readers put it back in
@@ -76,6 +78,10 @@ local function d_submit(dp, rid, sid, tenant, group, prio, max_tokens, input, ki
   if params ~= NO_PARAMS then fields[#fields + 1], fields[#fields + 2] = 'pa', params end
   redis.call('HSET', rkey, unpack(fields))
   redis.call('SET', kinput(rid), input)
+  if position == 1 then -- a head may start in this same call (submit_one): d_start takes these, unread
+    per_call[rkey] = { st = 'queued', a = '0', n = '0', sid = sid, g = group, p = prio, tn = tenant, mt = max_tokens,
+      ik = kind ~= DEFAULT_INPUT_KIND and kind or nil, pa = params ~= NO_PARAMS and params or nil, input = input }
+  end
   local objective = tonumber(deadline_ms or '') or 0
   if objective > 0 then
     redis.call('HSET', rkey, 'dl', now + objective, 'dm', on_miss == 'fail' and '1' or '0')
@@ -95,15 +101,16 @@ local function d_submit(dp, rid, sid, tenant, group, prio, max_tokens, input, ki
 end
 
 -- The run spec a worker needs to (re)start a request: the assignment carries it (saving a read on
--- the way to the first token), from the fields d_start loaded (`r`). An input longer than
--- INLINE_INPUT is left out (`in` absent): the worker reads it from r:<rid>:in. One read either way:
--- at most INLINE_INPUT + 1 bytes come back, and a longer answer means a longer input.
+-- the way to the first token), from the fields d_start loaded (`r`; with `input` when the call has just
+-- stored the request, which then needs no read). An input longer than INLINE_INPUT is left out (`in`
+-- absent): the worker reads it from r:<rid>:in. One read at most: at most INLINE_INPUT + 1 bytes come
+-- back, and a longer answer means a longer input. RunSpec.from_fields (sessions/runs.py) reads these.
 local INLINE_INPUT = 8192
-local RUN_SPEC_FIELDS = { 'sid', 'g', 'tn', 'p', 'mt', 'n', 'ik', 'pa', 'fs' }
+local RUN_SPEC_FIELDS = { 'sid', 'g', 'tn', 'p', 'mt', 'n', 'ik', 'pa' }
 local function run_spec(rid, r)
   local spec = {}
   for _, name in ipairs(RUN_SPEC_FIELDS) do spec[name] = r[name] end
-  local input = redis.call('GETRANGE', kinput(rid), 0, INLINE_INPUT)
+  local input = r.input or redis.call('GETRANGE', kinput(rid), 0, INLINE_INPUT)
   if #input <= INLINE_INPUT then spec['in'] = input end
   return spec
 end
@@ -127,9 +134,11 @@ end
 -- the attempt just before this one, else 'superseded'. `resume`: how the worker's engine resumes
 -- ("continue" | "regenerate"), said in the `resumed` event.
 -- Returns ok, run spec (see run_spec), previous status.
-local START_FIELDS = { 'st', 'a', 'n', 'sid', 'g', 'p', 'sa', 'fa', 'tn', 'mt', 'ik', 'pa', 'fs' }
+local START_FIELDS = { 'st', 'a', 'n', 'sid', 'g', 'p', 'sa', 'fa', 'tn', 'mt', 'ik', 'pa' }
 local function d_start(rid, attempt, wid, now, stopped_for, resume)
-  local r = load(rid, START_FIELDS)
+  -- the request's fields as this call's d_submit stored them (its input too), else read (and `input` nil)
+  local r = per_call[kreq(rid)] or load(rid, START_FIELDS)
+  per_call[kreq(rid)] = nil
   -- `fa`: the last attempt the control plane closed before it ever started here (d_stop): too late now
   if not r.st or TERMINAL[r.st] or tonumber(r.a) >= attempt or tonumber(r.fa or '0') >= attempt then
     -- A stale dispatch (on a cluster its ready step may have come late and taken the place of the
