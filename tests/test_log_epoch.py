@@ -177,3 +177,19 @@ def test_a_rollback_never_hands_a_cursor_other_events(tmp_path: Path) -> None:
 def try_submit(base_url: str, sid: str) -> str | None:
     code, reply = call("POST", f"{base_url}/v1/sessions/{sid}/requests", {"prompt": "new", "max_tokens": 5})
     return reply["request_id"] if code == 202 else None
+
+
+def test_an_ownerless_meta_with_ids_is_kept_not_made_anew(api_only: Stack, r: redis.Redis) -> None:
+    """A meta with issued ids but no owner (`sluicegate migrate` writes one for a session with no
+    stored request) is an existing session, not a new one: written by an earlier boot, its next id
+    skips the jump; the tenant becomes its owner; and it stops expiring while the request waits."""
+    base, sid = api_only.base_url, "epoch-ownerless"
+    meta = keys.session_meta(sid)
+    r.hset(meta, mapping={"seq": "41", "bt": "an-earlier-boot"})
+    r.pexpire(meta, 60_000)
+    code, reply = call("POST", f"{base}/v1/sessions/{sid}/requests", {"prompt": "p", "max_tokens": 5})
+    assert code == 202, (code, reply)
+    assert reply["first_event_id"] == 41 + JUMP + 1, "the session's ids went on without the jump"
+    assert r.ttl(meta) == -1, "the meta would expire under a waiting request"
+    assert r.hget(meta, "tn") == "default"
+    assert r.hget(meta, "hl") == f"41:{41 + JUMP + 1}"

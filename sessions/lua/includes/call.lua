@@ -90,7 +90,7 @@ local LOG_MAX_EVENTS = {{LOG_MAX_EVENTS}} -- the default cap, for a session whos
 
 local function trim_log(dp, sid, length)
   local meta = kmeta(dp, sid)
-  local cap = checked_metas[meta] -- read with the call's first event ids (take_ids)
+  local cap = checked_metas[meta] -- known once the call took event ids (take_ids) or made the meta
   if cap == nil then cap = tonumber(redis.call('HGET', meta, 'lm') or '') end
   cap = cap or LOG_MAX_EVENTS
   if length <= cap then return end

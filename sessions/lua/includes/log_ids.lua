@@ -64,10 +64,10 @@ local function holes_after(holes, base)
   return #kept > 0 and table.concat(kept, ',')
 end
 
--- The metas whose boot this call has checked, each with the session's log cap (its `lm`, read in the
--- same HMGET; false: none stored), so that a second batch of events in one call, and the trim after the
--- call's append (call.lua trim_log), read nothing more. Reset by begin_call (call.lua): only d_submit
--- writes `lm`, before its first event.
+-- The metas whose boot this call has checked (or made: create_meta), each with the session's log cap
+-- (its `lm`, read in take_ids' HMGET or written by create_meta; false: none stored), so that a second
+-- batch of events in one call, and the trim after the call's append (call.lua trim_log), read nothing
+-- more. Reset by begin_call (call.lua): only d_submit writes `lm`, before its first event.
 local checked_metas = {}
 
 local function this_boot()

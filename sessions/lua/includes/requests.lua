@@ -51,21 +51,28 @@ local function d_submit(dp, rid, sid, tenant, group, prio, max_tokens, input, ki
   -- retry after a lost reply. Answer as the first time did, without storing it twice.
   if redis.call('EXISTS', rkey) == 1 then return 'ok', redis.call('HGET', rkey, 'fs'), nil end
   local meta = kmeta(dp, sid)
-  local stored_owner = redis.call('HGET', meta, 'tn')
+  -- A meta with ids but no owner (only `sluicegate migrate` writes one) is not new: it keeps its ids,
+  -- its boot check and its TTL handling, and takes this tenant as its owner.
+  local stored = redis.call('HMGET', meta, 'tn', 'seq')
+  local stored_owner = stored[1]
+  local new_meta = not stored_owner and not stored[2]
   if owner ~= '' and stored_owner and stored_owner ~= owner then return 'forbidden', stored_owner, nil end
   -- the default log cap is the absent one (call.lua trim_log): not stored, and a cap stored by a process
   -- with another setting is removed
   local log_cap = log_max and log_max ~= '' and tonumber(log_max) ~= LOG_MAX_EVENTS and log_max
-  if not stored_owner then
+  if new_meta then
     create_meta(meta, tenant, log_cap)
-  elseif log_cap then
-    redis.call('HSET', meta, 'lm', log_cap)
-  elseif log_max and log_max ~= '' then
-    redis.call('HDEL', meta, 'lm')
+  else
+    if not stored_owner then redis.call('HSET', meta, 'tn', tenant) end
+    if log_cap then
+      redis.call('HSET', meta, 'lm', log_cap)
+    elseif log_max and log_max ~= '' then
+      redis.call('HDEL', meta, 'lm')
+    end
   end
   local position = redis.call('RPUSH', kqueue(dp, sid), rid)
   if position == 1 then -- the session was idle, so its meta (unless new: just made) and log had a TTL
-    if stored_owner then redis.call('PERSIST', meta) end
+    if not new_meta then redis.call('PERSIST', meta) end
     redis.call('PERSIST', klog(dp, sid))
   end
   -- Its data names no request_id: the entry's own rid field does, and readers put it back in
@@ -78,7 +85,7 @@ local function d_submit(dp, rid, sid, tenant, group, prio, max_tokens, input, ki
   if params ~= NO_PARAMS then fields[#fields + 1], fields[#fields + 2] = 'pa', params end
   redis.call('HSET', rkey, unpack(fields))
   redis.call('SET', kinput(rid), input)
-  if position == 1 then -- a head may start in this same call (submit_one): d_start takes these, unread
+  if position == 1 and not via_outbox then -- it may start in this same call (submit_one): d_start takes these, unread
     per_call[rkey] = { st = 'queued', a = '0', n = '0', sid = sid, g = group, p = prio, tn = tenant, mt = max_tokens,
       ik = kind ~= DEFAULT_INPUT_KIND and kind or nil, pa = params ~= NO_PARAMS and params or nil, input = input }
   end
