@@ -117,6 +117,15 @@ def _slots(info: str) -> int:
     return int(shown.get("slots", 0)) if isinstance(shown, dict) else int(shown)
 
 
+def queue_depths(totals: dict[str, dict[str, float]]) -> dict[str, float]:
+    """The depth of every (group, priority, tenant) that has submitted, 0 where nothing waits. A request
+    that starts in its own submit is never counted waiting (scheduler/lua/single_server/submit_one.lua),
+    so its series would otherwise be missing until one of its kind had to wait."""
+    depths = {label.rsplit("|", 1)[0]: 0.0 for label in totals.get("requests", {}) if label.endswith("|submitted")}
+    depths.update(totals.get("depth", {}))
+    return depths
+
+
 def _gauge(name: str, doc: str, labels: list[str], rows: Iterable[tuple[list[str], float]]) -> GaugeMetricFamily:
     family = GaugeMetricFamily(name, doc, labels=labels)
     for values, value in rows:
@@ -142,7 +151,7 @@ async def render_metrics(redis: Any, *, open_streams: int, max_tenants: int = 20
                 "group's quota (work was waiting), by the limit that held them.", ["group", "reason"],
                 totals.get("throttled", {})),
         _family(GaugeMetricFamily, "sluicegate_queue_depth", "Requests waiting to run.", tenant_labels,
-                bounded(totals.get("depth", {}), 2, keep)),
+                bounded(queue_depths(totals), 2, keep)),
         _family(CounterMetricFamily, "sluicegate_deadlines", "Deadlines (time-to-first-token objectives) met "
                 "or missed, by group and priority (a request failed at its deadline counts as missed).",
                 ["group", "priority", "outcome"], totals.get("deadlines", {})),

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import urllib.request
 
+import redis
 from prometheus_client.parser import text_string_to_metric_families
 
+from sluicegate.sessions import keys
 from tests.helpers import call, wait_for
 
 Sample = tuple[str, tuple[tuple[str, str], ...]]
@@ -41,3 +43,13 @@ def wait_done(base_url: str, rids: list[str], timeout: float = 30) -> None:
                    for rid in rids)
 
     wait_for(ended, timeout=timeout, interval=0.1, what="the requests to end")
+
+
+def raw_depths(r: redis.Redis, groups: list[str]) -> dict[str, float]:
+    """The queue depth as the planes count it, summed: unclipped (the gauge shows a negative as 0)."""
+    depth: dict[str, float] = {}
+    for name in [keys.data_metrics(b) for b in keys.all_buckets()] + [keys.group_metrics(g) for g in groups]:
+        for field, value in r.hgetall(name).items():
+            if field.startswith("depth|"):
+                depth[field] = depth.get(field, 0) + float(value)
+    return depth

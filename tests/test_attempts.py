@@ -14,6 +14,7 @@ import redis
 from sluicegate.sessions import keys
 from sluicegate.sessions.transitions import run_sync
 from tests.helpers import ON_CLUSTER
+from tests.metrics_helpers import raw_depths
 from tests.sched_harness import Harness
 
 
@@ -141,11 +142,7 @@ def test_a_preempted_run_whose_hand_back_fails_it_leaves_no_waiting_entry(r: red
     if not ON_CLUSTER:  # one server: it was preempted in the decision's own call, and resumes now
         h.complete(low)
     h.complete(after)
-    depth: dict[str, float] = {}  # the gauge is the sum of the data planes' and the control plane's shares
-    for name in [keys.data_metrics(b) for b in keys.all_buckets()] + [keys.group_metrics("default")]:
-        for k, v in r.hgetall(name).items():
-            if k.startswith("depth|"):
-                depth[k] = depth.get(k, 0) + float(v)
+    depth = raw_depths(r, ["default"])  # the sum of the data planes' and the control plane's shares
     if ON_CLUSTER:  # the hand-back came first on the data plane: the request failed there
         assert h.status(low) == "failed" and h.status(after) == "done" and r.hget(cp + "rq", "low") is None
         assert all(v == 0 for v in depth.values()), depth

@@ -4,10 +4,12 @@ bounded to the top --metrics-max-tenants tenants plus "other", with every total 
 
 from __future__ import annotations
 
+import redis
+
 from sluicegate.api.metrics import bounded, top_tenants
 from sluicegate.embedded import free_port
 from tests.helpers import Stack, call, fast_settings, spawn, stop_process, submit, wait_for
-from tests.metrics_helpers import scrape, series, tenants, total, wait_done
+from tests.metrics_helpers import raw_depths, scrape, series, tenants, total, wait_done
 
 PER_PROCESS = {"sluicegate_open_streams"}  # the one gauge about the process that answers
 
@@ -70,6 +72,10 @@ def test_tenant_labels_are_the_top_n_plus_other_and_the_sums_are_kept(redis_url:
         samples = scrape(stack.base_url)
         for name in ("sluicegate_tokens_total", "sluicegate_requests_total", "sluicegate_queue_depth"):
             assert tenants(samples, name) == {"t0", "t1", "t2", "other"}, name
+        # every request ended: none waits, whether it started in its own submit or waited for a slot
+        assert set(series(samples, "sluicegate_queue_depth").values()) == {0.0}
+        depths = raw_depths(redis.Redis.from_url(redis_url, decode_responses=True), ["default"])
+        assert depths and set(depths.values()) == {0.0}, depths
         assert total(samples, "sluicegate_tokens_total") == sum(sizes.values())
         assert total(samples, "sluicegate_tokens_total", tenant="other") == 30 + 20 + 10
         assert total(samples, "sluicegate_requests_total", tenant="other", status="done") == 3

@@ -97,7 +97,8 @@ end
 -- ready set (about twenty commands saved on the way to its first token). Its tenant returns from
 -- idle: as in make_ready, its counter is lifted to the last dispatched counter (no tenant is
 -- backlogged). Returns false, having taken no slot, when the decision must go the usual way.
-local function start_alone(cp, spec, now, lease)
+-- `uncounted`: the request was never counted waiting (submit_one counts it only if it does not start).
+local function start_alone(cp, spec, now, lease, uncounted)
   if redis.call('EXISTS', cp .. 'cls') == 1 then return false end
   local cfg = quota_config(cp)
   if not quota_gate(cp, cfg, spec.mt - spec.n, spec.a == 0, now) then return false end
@@ -109,14 +110,15 @@ local function start_alone(cp, spec, now, lease)
     return false
   end
   local counter = math.max(vtc_get(cp, spec.tn), tonumber(redis.call('GET', cp .. 'vlast') or '0'))
-  depth(cp, spec, -1)
+  if not uncounted then depth(cp, spec, -1) end
   return start_run(cp, spec.ep, spec.tn, counter, spec, wid, cfg, now, lease)
 end
 
 -- Make a session's head request ready in its group (and dispatch). Idempotent, as the repair pass
 -- may repeat it: a head already waiting or already dispatched is left alone ('known'); a different
 -- head waiting for the same session (its request ended without the control step) is replaced.
-local function ready(cp, spec, now, lease)
+-- `uncounted`: see start_alone.
+local function ready(cp, spec, now, lease, uncounted)
   local current = ready_head(cp, spec.sid)
   if current then
     if current.rid == spec.rid then return 'known' end
@@ -127,7 +129,7 @@ local function ready(cp, spec, now, lease)
   end
   if redis.call('HEXISTS', cp .. 'ri', spec.rid .. '|' .. (spec.a + 1)) == 1 then return 'known' end
   spec.rs = spec.rs or now -- its ready time, kept if it is requeued (FIFO among its tenant's sessions)
-  if start_alone(cp, spec, now, lease) then return 'started' end
+  if start_alone(cp, spec, now, lease, uncounted) then return 'started' end
   make_ready(cp, spec, now)
   dispatch(cp, now, lease, true)
   return 'ready'
