@@ -272,6 +272,22 @@ def test_a_late_ready_of_an_earlier_head_never_replaces_the_session_s_later_one(
     assert h.status(later) == "done"
 
 
+def test_a_ready_repeated_after_its_request_started_starts_nothing(rc: RedisCluster) -> None:
+    """The ready step is idempotent: repeated for a head that already runs (a slow caller's retry, a
+    repair pass that read the outbox before the start cleared it), it finds the run and leaves it."""
+    h = Harness(rc, lease_ms=60_000, cluster=True)
+    h.add_worker("w0", slots=2)
+    new = NewRequest(session_id="s", max_tokens=2, priority=5, tenant="t", group="default", prompt="p")
+    spec = h.scripts.call("submit", [keys.session_prefix("s")],
+                          [new.request_id, "s", "t", "default", 5, 2, "p", "p", "{}", 1, ""])[2]
+    assert h.scripts.call("ready", [keys.group_prefix("default")], [60_000, spec]) == "started"
+    h.collect()
+    assert h.scripts.call("ready", [keys.group_prefix("default")], [60_000, spec]) == "known"
+    assert h.collect() == [] and h.dispatched_rids() == [new.request_id]
+    h.complete(new.request_id)
+    assert h.status(new.request_id) == "done"
+
+
 def test_a_missed_preemption_notice_is_repeated_by_the_heartbeat(rc: RedisCluster) -> None:
     """On a cluster the worker's hand-back is what fences a preempted run: a notice it missed comes
     again with its next heartbeat, with the reason (its lease stays renewed meanwhile)."""

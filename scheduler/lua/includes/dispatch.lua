@@ -97,8 +97,9 @@ end
 -- ready set (about twenty commands saved on the way to its first token). Its tenant returns from
 -- idle: as in make_ready, its counter is lifted to the last dispatched counter (no tenant is
 -- backlogged). Returns false, having taken no slot, when the decision must go the usual way.
--- `uncounted`: the request was never counted waiting (submit_one counts it only if it does not start).
-local function start_alone(cp, spec, now, lease, uncounted)
+-- `fresh`: the request was stored in this same call (submit_one), which counts it waiting only if it
+-- does not start here: its start takes nothing back.
+local function start_alone(cp, spec, now, lease, fresh)
   if redis.call('EXISTS', cp .. 'cls') == 1 then return false end
   local cfg = quota_config(cp)
   if not quota_gate(cp, cfg, spec.mt - spec.n, spec.a == 0, now) then return false end
@@ -110,15 +111,16 @@ local function start_alone(cp, spec, now, lease, uncounted)
     return false
   end
   local counter = math.max(vtc_get(cp, spec.tn), tonumber(redis.call('GET', cp .. 'vlast') or '0'))
-  if not uncounted then depth(cp, spec, -1) end
+  if not fresh then depth(cp, spec, -1) end
   return start_run(cp, spec.ep, spec.tn, counter, spec, wid, cfg, now, lease)
 end
 
 -- Make a session's head request ready in its group (and dispatch). Idempotent, as the repair pass
 -- may repeat it: a head already waiting or already dispatched is left alone ('known'); a different
 -- head waiting for the same session (its request ended without the control step) is replaced.
--- `uncounted`: see start_alone.
-local function ready(cp, spec, now, lease, uncounted)
+-- `fresh`: the request was stored in this same call (submit_one): no attempt of it can have a run record
+-- (one exists only while the request does), and see start_alone.
+local function ready(cp, spec, now, lease, fresh)
   local current = ready_head(cp, spec.sid)
   if current then
     if current.rid == spec.rid then return 'known' end
@@ -127,9 +129,9 @@ local function ready(cp, spec, now, lease, uncounted)
     if (tonumber(spec.fs) or 0) < (tonumber(current.fs) or 0) then return 'stale' end
     remove_ready(cp, spec.sid, current.tn, current.ep, current.dl)
   end
-  if redis.call('HEXISTS', cp .. 'ri', spec.rid .. '|' .. (spec.a + 1)) == 1 then return 'known' end
+  if not fresh and redis.call('HEXISTS', cp .. 'ri', spec.rid .. '|' .. (spec.a + 1)) == 1 then return 'known' end
   spec.rs = spec.rs or now -- its ready time, kept if it is requeued (FIFO among its tenant's sessions)
-  if start_alone(cp, spec, now, lease, uncounted) then return 'started' end
+  if start_alone(cp, spec, now, lease, fresh) then return 'started' end
   make_ready(cp, spec, now)
   dispatch(cp, now, lease, true)
   return 'ready'

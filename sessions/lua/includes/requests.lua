@@ -83,15 +83,16 @@ local function d_submit(dp, rid, sid, tenant, group, prio, max_tokens, input, ki
   -- A prompt (ik p) without parameters is left at the readers' defaults (sessions/runs.py), unstored.
   if kind ~= DEFAULT_INPUT_KIND then fields[#fields + 1], fields[#fields + 2] = 'ik', kind end
   if params ~= NO_PARAMS then fields[#fields + 1], fields[#fields + 2] = 'pa', params end
+  local objective = tonumber(deadline_ms or '') or 0
+  if objective > 0 then
+    fields[#fields + 1], fields[#fields + 2] = 'dl', now + objective
+    fields[#fields + 1], fields[#fields + 2] = 'dm', on_miss == 'fail' and '1' or '0'
+  end
   redis.call('HSET', rkey, unpack(fields))
   redis.call('SET', kinput(rid), input)
   if position == 1 and not via_outbox then -- it may start in this same call (submit_one): d_start takes these, unread
     per_call[rkey] = { st = 'queued', a = '0', n = '0', sid = sid, g = group, p = prio, tn = tenant, mt = max_tokens,
       ik = kind ~= DEFAULT_INPUT_KIND and kind or nil, pa = params ~= NO_PARAMS and params or nil, input = input }
-  end
-  local objective = tonumber(deadline_ms or '') or 0
-  if objective > 0 then
-    redis.call('HSET', rkey, 'dl', now + objective, 'dm', on_miss == 'fail' and '1' or '0')
   end
   local label = group .. '|' .. prio .. '|' .. tenant
   count(dp .. 'm', 'requests', label .. '|submitted')
