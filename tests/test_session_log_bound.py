@@ -147,7 +147,8 @@ def submit_and_cancel(stack: Stack, sid: str, count: int) -> None:
 
 def test_a_submit_with_another_cap_sets_it_for_every_later_call(redis_url: str, r: redis.Redis) -> None:
     """The cap is read with a call's first event ids and kept for that call only: a process started with
-    a larger cap lets the session's log grow to it, and one with a smaller cap trims it back."""
+    a larger cap lets the session's log grow to it, one with a smaller cap trims it back, and one with
+    the default removes the stored cap."""
     sid = "bound-recapped"
     for cap, expected in ((CAP, CAP), (3 * CAP, 2 * CAP), (CAP, CAP)):
         stack = Stack(fast_settings(redis_url, session_log_max_events=cap)).start(workers=0)
@@ -159,6 +160,13 @@ def test_a_submit_with_another_cap_sets_it_for_every_later_call(redis_url: str, 
         assert r.llen(keys.session_log(sid)) == expected
     seq, base = meta(r, sid)
     assert log_ids(r, sid) == list(range(base, seq + 1)) and seq == 3 * CAP
+    stack = Stack(fast_settings(redis_url)).start(workers=0)  # the default cap, which is never stored
+    try:
+        submit_and_cancel(stack, sid, CAP // 2)
+    finally:
+        stack.stop()
+    assert r.hget(keys.session_meta(sid), "lm") is None
+    assert r.llen(keys.session_log(sid)) == 2 * CAP  # the default's 10,000: nothing trimmed
 
 
 def test_the_cap_has_a_floor() -> None:

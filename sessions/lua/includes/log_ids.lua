@@ -64,10 +64,10 @@ local function holes_after(holes, base)
   return #kept > 0 and table.concat(kept, ',')
 end
 
--- The metas whose boot this call has checked (or made: create_meta), each with the session's log cap
--- (its `lm`, read in take_ids' HMGET or written by create_meta; false: none stored), so that a second
--- batch of events in one call, and the trim after the call's append (call.lua trim_log), read nothing
--- more. Reset by begin_call (call.lua): only d_submit writes `lm`, before its first event.
+-- The metas whose boot this call has checked (check_boot) or made (create_meta), each with the session's
+-- log cap (its `lm` as read and written by the call; false: none stored), so that a second batch of events
+-- in one call, and the trim after the call's append (call.lua trim_log), read nothing more. Reset by
+-- begin_call (call.lua): only d_submit writes `lm`, before its first event.
 local checked_metas = {}
 
 local function this_boot()
@@ -89,23 +89,28 @@ local function create_meta(meta, tenant, log_cap)
   checked_metas[meta] = log_cap and tonumber(log_cap) or false
 end
 
--- Take `count` ids for a session's next events; returns the last. Skips LOG_ID_JUMP ids first when
--- the session was last written before this library loaded (see above).
+-- Check an existing meta's boot, from its `bt`, `seq`, `hl` as stored, and note its log cap `lm` (nil:
+-- the default) for the call: when the session was last written before this library loaded, its next
+-- id skips LOG_ID_JUMP (see above). d_submit passes what its own first read of the meta got.
+local function check_boot(meta, written_boot, seq, holes, cap)
+  local boot = this_boot()
+  if written_boot ~= boot then
+    if written_boot and seq then
+      local last = tonumber(seq)
+      local hole = last .. ':' .. (last + LOG_ID_JUMP + 1)
+      redis.call('HSET', meta, 'bt', boot, 'seq', last + LOG_ID_JUMP, 'hl', holes and (holes .. ',' .. hole) or hole)
+    else
+      redis.call('HSET', meta, 'bt', boot)
+    end
+  end
+  checked_metas[meta] = tonumber(cap or '') or false
+end
+
+-- Take `count` ids for a session's next events; returns the last.
 local function take_ids(meta, count)
   if checked_metas[meta] == nil then
-    local boot = this_boot()
     local written = redis.call('HMGET', meta, 'bt', 'seq', 'hl', 'lm')
-    if written[1] ~= boot then
-      if written[1] and written[2] then
-        local last = tonumber(written[2])
-        local hole = last .. ':' .. (last + LOG_ID_JUMP + 1)
-        redis.call('HSET', meta, 'bt', boot, 'seq', last + LOG_ID_JUMP,
-          'hl', written[3] and (written[3] .. ',' .. hole) or hole)
-      else
-        redis.call('HSET', meta, 'bt', boot)
-      end
-    end
-    checked_metas[meta] = tonumber(written[4] or '') or false
+    check_boot(meta, written[1], written[2], written[3], written[4])
   end
   return redis.call('HINCRBY', meta, 'seq', count)
 end

@@ -52,9 +52,10 @@ local function d_submit(dp, rid, sid, tenant, group, prio, max_tokens, input, ki
   if redis.call('EXISTS', rkey) == 1 then return 'ok', redis.call('HGET', rkey, 'fs'), nil end
   local meta = kmeta(dp, sid)
   -- A meta with ids but no owner (only `sluicegate migrate` writes one) is not new: it keeps its ids,
-  -- its boot check and its TTL handling, and takes this tenant as its owner.
-  local stored = redis.call('HMGET', meta, 'tn', 'seq')
-  local stored_owner = stored[1]
+  -- its boot check and its TTL handling, and takes this tenant as its owner. The same read serves the
+  -- boot check of the ids this call takes (log_ids.lua check_boot).
+  local stored = redis.call('HMGET', meta, 'tn', 'seq', 'bt', 'hl', 'lm')
+  local stored_owner, stored_cap = stored[1], stored[5]
   local new_meta = not stored_owner and not stored[2]
   if owner ~= '' and stored_owner and stored_owner ~= owner then return 'forbidden', stored_owner, nil end
   -- the default log cap is the absent one (call.lua trim_log): not stored, and a cap stored by a process
@@ -65,10 +66,13 @@ local function d_submit(dp, rid, sid, tenant, group, prio, max_tokens, input, ki
   else
     if not stored_owner then redis.call('HSET', meta, 'tn', tenant) end
     if log_cap then
-      redis.call('HSET', meta, 'lm', log_cap)
-    elseif log_max and log_max ~= '' then
+      if log_cap ~= stored_cap then redis.call('HSET', meta, 'lm', log_cap) end
+      stored_cap = log_cap
+    elseif log_max and log_max ~= '' and stored_cap then
       redis.call('HDEL', meta, 'lm')
+      stored_cap = nil
     end
+    check_boot(meta, stored[3], stored[2], stored[4], stored_cap)
   end
   local position = redis.call('RPUSH', kqueue(dp, sid), rid)
   if position == 1 then -- the session was idle, so its meta (unless new: just made) and log had a TTL
