@@ -255,21 +255,21 @@ local function d_append(dp, rid, attempt, first, times, args, from)
   if tonumber(r.n) ~= first then return { -1, tonumber(r.n) } end
   local added = #args - from + 1
   emit_tokens(dp, r.sid, rid, args, from)
-  local total = redis.call('HINCRBY', kreq(rid), 'n', added)
-  if not r.ft then
+  local total = first + added -- its count was `first` (checked above)
+  if r.ft then
+    redis.call('HSET', kreq(rid), 'n', total)
+  else -- the first token: its count, its time and where that went, in one write
     local now = clock()
+    local fields = { 'n', total, 'ft', now }
     local took, called, answered = string.match(times, '^(%d+%.?%d*)|(%d+%.?%d*)|(%d+%.?%d*)$')
     if took then -- where the first token's time went in the worker and its engine (GET /v1/requests/{id})
-      redis.call('HSET', kreq(rid), 'ft', now, 'et', took, 'ec', called, 'ef', answered)
-    else
-      redis.call('HSET', kreq(rid), 'ft', now)
+      fields[5], fields[6], fields[7], fields[8], fields[9], fields[10] = 'et', took, 'ec', called, 'ef', answered
     end
+    local met = r.dl and now <= tonumber(r.dl) -- the deadline is a time-to-first-token objective: met or missed now
+    if r.dl then fields[#fields + 1], fields[#fields + 2] = 'dmt', met and '1' or '0' end
+    redis.call('HSET', kreq(rid), unpack(fields))
     observe(dp .. 'm', 'ttft', r.g .. '|' .. r.p, (now - tonumber(r.sub)) / 1000)
-    if r.dl then -- the deadline is a time-to-first-token objective: met or missed now
-      local met = now <= tonumber(r.dl)
-      redis.call('HSET', kreq(rid), 'dmt', met and '1' or '0')
-      count(dp .. 'm', 'deadlines', r.g .. '|' .. r.p .. '|' .. (met and 'met' or 'missed'))
-    end
+    if r.dl then count(dp .. 'm', 'deadlines', r.g .. '|' .. r.p .. '|' .. (met and 'met' or 'missed')) end
   end
   count(dp .. 'm', 'tokens', r.g .. '|' .. r.p .. '|' .. r.tn, added)
   return { 1, total }
