@@ -31,7 +31,7 @@ local function begin_call(flags)
   single_server = string.find(flags, 'S', 1, true) ~= nil
   per_call = {}
   outbox, outbox_sessions = {}, {}
-  checked_metas = {}
+  checked_metas, last_ids = {}, {}
 end
 
 -- Events get their ids at once; they are written when the call ends, one RPUSH and one SPUBLISH per
@@ -113,6 +113,7 @@ end
 local function end_call(ok, result)
   for _, s in ipairs(outbox_sessions) do
     local entries = outbox[s[3]]
+    write_last_id(kmeta(s[1], s[2]))
     local length = redis.call('RPUSH', klog(s[1], s[2]), unpack(entries))
     redis.call('SPUBLISH', kchan(s[1], s[2]), table.concat(entries, '\n'))
     if length > LOG_MIN_EVENTS then trim_log(s[1], s[2], length) end

@@ -69,6 +69,10 @@ end
 -- in one call, and the trim after the call's append (call.lua trim_log), read nothing more. Reset by
 -- begin_call (call.lua): only d_submit writes `lm`, before its first event.
 local checked_metas = {}
+-- The last id each of those metas has issued, as the call goes: its `seq`, written back once, with the
+-- call's events, by end_call (call.lua write_last_id), where each batch of ids cost a HINCRBY. Reset by
+-- begin_call.
+local last_ids = {}
 
 local function this_boot()
   if not boot_id then
@@ -87,6 +91,7 @@ local function create_meta(meta, tenant, log_cap)
     redis.call('HSET', meta, 'tn', tenant, 'bt', this_boot())
   end
   checked_metas[meta] = log_cap and tonumber(log_cap) or false
+  last_ids[meta] = 0
 end
 
 -- Check an existing meta's boot, from its `bt`, `seq`, `hl` as stored, and note its log cap `lm` (nil:
@@ -94,23 +99,35 @@ end
 -- id skips LOG_ID_JUMP (see above). d_submit passes what its own first read of the meta got.
 local function check_boot(meta, written_boot, seq, holes, cap)
   local boot = this_boot()
+  local last = tonumber(seq or '0')
   if written_boot ~= boot then
     if written_boot and seq then
-      local last = tonumber(seq)
       local hole = last .. ':' .. (last + LOG_ID_JUMP + 1)
-      redis.call('HSET', meta, 'bt', boot, 'seq', last + LOG_ID_JUMP, 'hl', holes and (holes .. ',' .. hole) or hole)
+      last = last + LOG_ID_JUMP
+      -- the jump is written at once, with the boot that makes it: a call that fails before its first event
+      -- must not leave the boot noted and the ids not skipped
+      redis.call('HSET', meta, 'bt', boot, 'seq', last, 'hl', holes and (holes .. ',' .. hole) or hole)
     else
       redis.call('HSET', meta, 'bt', boot)
     end
   end
   checked_metas[meta] = tonumber(cap or '') or false
+  last_ids[meta] = last
 end
 
--- Take `count` ids for a session's next events; returns the last.
+-- Take `count` ids for a session's next events; returns the last. The meta's `seq` is written when the
+-- call ends (call.lua end_call), with the events these ids name.
 local function take_ids(meta, count)
   if checked_metas[meta] == nil then
     local written = redis.call('HMGET', meta, 'bt', 'seq', 'hl', 'lm')
     check_boot(meta, written[1], written[2], written[3], written[4])
   end
-  return redis.call('HINCRBY', meta, 'seq', count)
+  local last = last_ids[meta] + count
+  last_ids[meta] = last
+  return last
+end
+
+-- The meta's `seq` after the ids this call took (end_call, once a meta, with the call's events).
+local function write_last_id(meta)
+  redis.call('HSET', meta, 'seq', string.format('%d', last_ids[meta])) -- an integer's digits, never 1e+14
 end
