@@ -62,7 +62,7 @@ def _healthy(base_url: str) -> bool:
         return False
 
 
-def test_tenant_labels_are_the_top_n_plus_other_and_the_sums_are_kept(redis_url: str) -> None:
+def test_tenant_labels_are_the_top_n_plus_other_and_the_sums_are_kept(redis_url: str, r: redis.Redis) -> None:
     stack = Stack(fast_settings(redis_url, metrics_max_tenants=3, sim_tokens_per_second=2000.0)).start(workers=1)
     try:
         assert call("PUT", f"{stack.base_url}/v1/admin/tenants/t1", {"weight": 3})[0] == 200
@@ -74,7 +74,7 @@ def test_tenant_labels_are_the_top_n_plus_other_and_the_sums_are_kept(redis_url:
             assert tenants(samples, name) == {"t0", "t1", "t2", "other"}, name
         # every request ended: none waits, whether it started in its own submit or waited for a slot
         assert set(series(samples, "sluicegate_queue_depth").values()) == {0.0}
-        depths = raw_depths(redis.Redis.from_url(redis_url, decode_responses=True), ["default"])
+        depths = raw_depths(r, ["default"])
         assert depths and set(depths.values()) == {0.0}, depths
         assert total(samples, "sluicegate_tokens_total") == sum(sizes.values())
         assert total(samples, "sluicegate_tokens_total", tenant="other") == 30 + 20 + 10
