@@ -41,8 +41,10 @@ local function run_record(cp, key)
   return raw and cjson.decode(raw) or nil
 end
 
-local function depth(cp, spec, by)
-  count(cmetrics(cp), 'depth', spec.g .. '|' .. spec.p .. '|' .. spec.tn, by)
+-- The depth gauge's share of either plane, by its prefix (a group's control prefix; a session's data
+-- prefix where submit_one counts a head it did not start): the gauge is the sum of the shares.
+local function depth(prefix, spec, by)
+  count(prefix .. 'm', 'depth', spec.g .. '|' .. spec.p .. '|' .. spec.tn, by)
 end
 
 -- Close the accounting of a run: reconcile the tenant's counter and the token quota with what it

@@ -7,7 +7,5 @@ local now = clock()
 local outcome, seq, spec = d_submit(KEYS[1], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9], ARGV[10],
   ARGV[11], ARGV[12], ARGV[13], now, false, ARGV[14], ARGV[15], ARGV[16])
 -- d_submit leaves a head to be counted waiting here: not at all when it starts at once.
-if spec and ready(KEYS[2], spec, now, tonumber(ARGV[2]), true) ~= 'started' then
-  count(KEYS[1] .. 'm', 'depth', spec.g .. '|' .. spec.p .. '|' .. spec.tn, 1)
-end
+if spec and ready(KEYS[2], spec, now, tonumber(ARGV[2]), true) ~= 'started' then depth(KEYS[1], spec, 1) end
 return { outcome, seq }

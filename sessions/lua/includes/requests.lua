@@ -100,13 +100,10 @@ local function d_submit(dp, rid, sid, tenant, group, prio, max_tokens, input, ki
   end
   local label = group .. '|' .. prio .. '|' .. tenant
   count(dp .. 'm', 'requests', label .. '|submitted')
-  if position ~= 1 then
-    count(dp .. 'm', 'depth', label, 1)
-    return 'ok', seq, nil
-  end
   -- A head readied in this same call (submit_one) is counted waiting there, and only if it does not start
   -- at once: its start would take the count back in the same call.
-  if via_outbox then count(dp .. 'm', 'depth', label, 1) end
+  if position ~= 1 or via_outbox then count(dp .. 'm', 'depth', label, 1) end
+  if position ~= 1 then return 'ok', seq, nil end
   -- The head's ready spec, as ready_spec would read it back from what was just stored (a new request:
   -- no tokens, attempts, preemptions or first token yet), without reading it back (on the first
   -- token's way). tests/test_ready_specs.py holds the two equal.
