@@ -11,7 +11,7 @@ from sluicegate.sessions.library import FUNCTIONS, function_name, library_source
 from sluicegate.sessions.registry import register_group
 from sluicegate.sessions.requests import NewRequest
 from sluicegate.sessions.scripts import Scripts
-from sluicegate.sessions.transitions import Transitions, run_sync
+from sluicegate.sessions.transitions import Tail, Transitions, run_sync
 from tests.helpers import Stack, sse, submit
 from tests.sched_harness import _Sync
 
@@ -78,6 +78,70 @@ def test_a_call_that_fails_half_way_still_writes_the_events_it_numbered(r: redis
         _submit(t, "rid-b", "s-b", 4)
     assert r.hget(keys.session_meta("s-b"), "seq") == "1"
     assert [e.split("|")[1] for e in r.lrange(keys.session_log("s-b"), 0, -1)] == ["queued"]
+
+
+JUMP = 1_000_000  # LOG_ID_JUMP in sessions/lua/includes/log_ids.lua
+
+
+def _log_ids(r: redis.Redis, sid: str) -> list[int]:
+    return [int(entry.split("|", 1)[0]) for entry in r.lrange(keys.session_log(sid), 0, -1)]
+
+
+def _last_id(r: redis.Redis, sid: str) -> int:
+    return int(r.hget(keys.session_meta(sid), "seq") or 0)
+
+
+@pytest.mark.single_server  # the one-server form of a transition
+def test_a_call_that_fails_after_a_restarts_jump_keeps_the_jump(r: redis.Redis) -> None:
+    """A call writes its sessions' last ids when it ends, but a restart's jump at once, with the boot
+    that makes it: a call that fails after noting the new boot and before its first event must not
+    leave the boot noted and the ids not skipped, or the next id could name an event the restart lost."""
+    t = _transitions(r)
+    run_sync(t.register_worker("default", "w1", free=0, total=1))  # no free slot: the submits only queue
+    assert _submit(t, "r1", "jumped", 4) == ("ok", 1)
+    assert _submit(t, "r2", "jumped", 4) == ("ok", 2)
+    r.function_flush()  # a new boot
+    queue = keys.session_queue("jumped")
+    waiting = r.lrange(queue, 0, -1)
+    r.delete(queue)
+    r.set(queue, "not a list")  # the submit fails after its boot check, before it numbers an event
+    with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+        _submit(t, "r3", "jumped", 4)
+    assert _last_id(r, "jumped") == 2 + JUMP
+    r.delete(queue)
+    r.rpush(queue, *waiting)
+    assert _submit(t, "r4", "jumped", 4) == ("ok", 2 + JUMP + 1)
+    assert _log_ids(r, "jumped") == [1, 2, 2 + JUMP + 1]
+
+
+@pytest.mark.single_server  # the one-server form of a transition
+def test_one_call_on_two_sessions_after_a_restart_jumps_each_once(r: redis.Redis) -> None:
+    """A finish that ends one session's run and starts another session's waiting request, the first
+    call after a restart: each session skips once, and each stored last id is its log's last."""
+    t = _transitions(r)  # one free slot
+    assert _submit(t, "ra", "first", 4) == ("ok", 1)  # queued 1, started 2
+    assert _submit(t, "rb", "second", 4) == ("ok", 1)  # queued 1: waits for the slot
+    r.function_flush()
+    assert run_sync(t.finish(keys.bucket_of_session("first") + "ra", "1", wid="w1", group="default",
+                             outcome="done", detail="stop", return_slot=True,
+                             tail=Tail(0, ['{"text":"a"}', '{"text":"b"}'])))
+    assert _log_ids(r, "first") == [1, 2, 2 + JUMP + 1, 2 + JUMP + 2, 2 + JUMP + 3]  # two tokens and done
+    assert _last_id(r, "first") == 2 + JUMP + 3
+    assert [e.split("|")[1] for e in r.lrange(keys.session_log("second"), 0, -1)] == ["queued", "started"]
+    assert _log_ids(r, "second") == [1, 1 + JUMP + 1] and _last_id(r, "second") == 1 + JUMP + 1
+
+
+@pytest.mark.single_server  # the one-server form of a transition
+def test_a_call_reads_the_meta_afresh_not_what_an_earlier_call_saw(r: redis.Redis) -> None:
+    """What a call learns of a session (its boot checked, its last id) lives for that call only: between
+    two calls another writer (a second library version in a rolling upgrade, `sluicegate migrate`) may
+    move the last id, and the next call must number on from there."""
+    t = _transitions(r)
+    run_sync(t.register_worker("default", "w1", free=0, total=1))
+    assert _submit(t, "q1", "moved", 4) == ("ok", 1)
+    r.hset(keys.session_meta("moved"), "seq", 50)
+    assert run_sync(t.cancel(keys.bucket_of_session("moved") + "q1")) == ["cancelled"]
+    assert _log_ids(r, "moved") == [1, 51] and _last_id(r, "moved") == 51
 
 
 @pytest.mark.single_server  # the one-server form of a transition
