@@ -13,6 +13,7 @@ from sluicegate.sessions.requests import NewRequest
 from sluicegate.sessions.scripts import Scripts
 from sluicegate.sessions.transitions import Tail, Transitions, run_sync
 from tests.helpers import Stack, sse, submit
+from tests.metrics_helpers import raw_depths
 from tests.sched_harness import _Sync
 
 
@@ -142,6 +143,24 @@ def test_a_call_reads_the_meta_afresh_not_what_an_earlier_call_saw(r: redis.Redi
     r.hset(keys.session_meta("moved"), "seq", 50)
     assert run_sync(t.cancel(keys.bucket_of_session("moved") + "q1")) == ["cancelled"]
     assert _log_ids(r, "moved") == [1, 51] and _last_id(r, "moved") == 51
+
+
+@pytest.mark.single_server  # the one-server form of a transition
+def test_a_submit_whose_ready_fails_counts_its_stored_request_waiting(r: redis.Redis) -> None:
+    """submit_one counts its head waiting after `ready`, which may start it instead. A ready that fails
+    leaves the request stored and queued (nothing rolls back): it must be counted, or its later cancel,
+    start or expiry takes back a count never made and the planes' depth drifts below zero (the gauge
+    clips it, so /metrics would hide the drift)."""
+    t = _transitions(r)
+    label = "depth|default|5|t"  # group|priority|tenant of _submit's requests
+    ready_heads = keys.group_key("default", "rq")
+    r.set(ready_heads, "not a hash")  # ready's first read fails: after the request is stored
+    with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+        _submit(t, "stuck", "s-ready", 4)
+    assert raw_depths(r, ["default"]).get(label) == 1
+    r.delete(ready_heads)
+    assert run_sync(t.cancel(keys.bucket_of_session("s-ready") + "stuck")) == ["cancelled"]
+    assert raw_depths(r, ["default"]).get(label) == 0
 
 
 @pytest.mark.single_server  # the one-server form of a transition
