@@ -15,6 +15,8 @@ from sluicegate.sessions.transitions import Tail, Transitions, run_sync
 from tests.helpers import Stack, sse, submit
 from tests.metrics_helpers import raw_depths
 from tests.sched_harness import _Sync
+from tests.test_log_epoch import JUMP
+from tests.test_session_log_bound import log_ids, meta
 
 
 @pytest.mark.single_server  # the one-server functions and one FUNCTION LIST; the cluster reload: test below
@@ -81,17 +83,6 @@ def test_a_call_that_fails_half_way_still_writes_the_events_it_numbered(r: redis
     assert [e.split("|")[1] for e in r.lrange(keys.session_log("s-b"), 0, -1)] == ["queued"]
 
 
-JUMP = 1_000_000  # LOG_ID_JUMP in sessions/lua/includes/log_ids.lua
-
-
-def _log_ids(r: redis.Redis, sid: str) -> list[int]:
-    return [int(entry.split("|", 1)[0]) for entry in r.lrange(keys.session_log(sid), 0, -1)]
-
-
-def _last_id(r: redis.Redis, sid: str) -> int:
-    return int(r.hget(keys.session_meta(sid), "seq") or 0)
-
-
 @pytest.mark.single_server  # the one-server form of a transition
 def test_a_call_that_fails_after_a_restarts_jump_keeps_the_jump(r: redis.Redis) -> None:
     """A call writes its sessions' last ids when it ends, but a restart's jump at once, with the boot
@@ -108,11 +99,11 @@ def test_a_call_that_fails_after_a_restarts_jump_keeps_the_jump(r: redis.Redis) 
     r.set(queue, "not a list")  # the submit fails after its boot check, before it numbers an event
     with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
         _submit(t, "r3", "jumped", 4)
-    assert _last_id(r, "jumped") == 2 + JUMP
+    assert meta(r, "jumped")[0] == 2 + JUMP
     r.delete(queue)
     r.rpush(queue, *waiting)
     assert _submit(t, "r4", "jumped", 4) == ("ok", 2 + JUMP + 1)
-    assert _log_ids(r, "jumped") == [1, 2, 2 + JUMP + 1]
+    assert log_ids(r, "jumped") == [1, 2, 2 + JUMP + 1]
 
 
 @pytest.mark.single_server  # the one-server form of a transition
@@ -126,10 +117,10 @@ def test_one_call_on_two_sessions_after_a_restart_jumps_each_once(r: redis.Redis
     assert run_sync(t.finish(keys.bucket_of_session("first") + "ra", "1", wid="w1", group="default",
                              outcome="done", detail="stop", return_slot=True,
                              tail=Tail(0, ['{"text":"a"}', '{"text":"b"}'])))
-    assert _log_ids(r, "first") == [1, 2, 2 + JUMP + 1, 2 + JUMP + 2, 2 + JUMP + 3]  # two tokens and done
-    assert _last_id(r, "first") == 2 + JUMP + 3
+    assert log_ids(r, "first") == [1, 2, 2 + JUMP + 1, 2 + JUMP + 2, 2 + JUMP + 3]  # two tokens and done
+    assert meta(r, "first")[0] == 2 + JUMP + 3
     assert [e.split("|")[1] for e in r.lrange(keys.session_log("second"), 0, -1)] == ["queued", "started"]
-    assert _log_ids(r, "second") == [1, 1 + JUMP + 1] and _last_id(r, "second") == 1 + JUMP + 1
+    assert log_ids(r, "second") == [1, 1 + JUMP + 1] and meta(r, "second")[0] == 1 + JUMP + 1
 
 
 @pytest.mark.single_server  # the one-server form of a transition
@@ -142,7 +133,7 @@ def test_a_call_reads_the_meta_afresh_not_what_an_earlier_call_saw(r: redis.Redi
     assert _submit(t, "q1", "moved", 4) == ("ok", 1)
     r.hset(keys.session_meta("moved"), "seq", 50)
     assert run_sync(t.cancel(keys.bucket_of_session("moved") + "q1")) == ["cancelled"]
-    assert _log_ids(r, "moved") == [1, 51] and _last_id(r, "moved") == 51
+    assert log_ids(r, "moved") == [1, 51] and meta(r, "moved")[0] == 51
 
 
 @pytest.mark.single_server  # the one-server form of a transition
