@@ -6,8 +6,16 @@ connection. Measured in the blackhole drill (`sluicegate bench drills`): calls h
 10 s outage, none answered 503. The deadline is lifted once the response starts, so event streams
 and a non-streamed chat answer (its headers go out at once) are never cut by it.
 
-A submit cut by it may still have been stored: the client sees a 503 for a request that runs anyway,
-the same uncertainty as a dropped connection (a retry with the same session is a new request).
+The deadline counts from the request's start, and again from each part of its body that arrives: a
+large prompt on a slow link (up to `--max-body-mb`) that keeps arriving is never cut, and the answer
+then has the whole deadline once its body is in. The upload is the client's, not Redis's: a body
+that stalls (no bytes for as long as the deadline) ends in `408 request_timeout` with
+`Connection: close`, never a 503 that blames the store. Nothing is stored for it (no route acts on
+part of a body). The app's `receive` is wrapped, so the cost is one timer reschedule per part of the
+body, and no extra task or wait.
+
+A submit cut by the 503 may still have been stored: the client sees a 503 for a request that runs
+anyway, the same uncertainty as a dropped connection (a retry with the same session is a new request).
 """
 
 from __future__ import annotations
@@ -31,29 +39,52 @@ class ResponseDeadline:
             await self.app(scope, receive, send)
             return
         started = False
-        deadline: asyncio.Timeout | None = None
+        body_done = False  # the last part of the body (or a disconnect) has been received
+        awaiting_body = False  # the app waits on the client's body: a deadline that fires now is a stall
+        deadline = asyncio.timeout(self.seconds)
+
+        async def receive_body() -> Message:
+            """Each part of the body moves the deadline on: it counts from the last progress."""
+            nonlocal body_done, awaiting_body
+            if body_done or started:  # the deadline is the response's alone (or lifted)
+                return await receive()
+            awaiting_body = True
+            message = await receive()
+            if deadline.expired():  # fired as the body arrived: the cancel lands at the next await (a 408)
+                return message
+            awaiting_body = False
+            if message["type"] == "http.request":
+                body_done = not message.get("more_body", False)
+                deadline.reschedule(asyncio.get_running_loop().time() + self.seconds)
+            else:
+                body_done = True  # the client left
+            return message
 
         async def send_started(message: Message) -> None:
             nonlocal started
             if message["type"] == "http.response.start" and not started:
-                if deadline is not None:
-                    if deadline.expired():
-                        # Fired an instant ago: a cancel not yet delivered lands here (CancelledError ->
-                        # TimeoutError: the 503 below). One that the app already swallowed is spent: the
-                        # response goes on, and a fired timeout cannot be rescheduled.
-                        await asyncio.sleep(0)
-                    else:
-                        deadline.reschedule(None)
+                if deadline.expired():
+                    # Fired an instant ago: a cancel not yet delivered lands here (CancelledError ->
+                    # TimeoutError: the 503 below). One that the app already swallowed is spent: the
+                    # response goes on, and a fired timeout cannot be rescheduled.
+                    await asyncio.sleep(0)
+                else:
+                    deadline.reschedule(None)
                 started = True
             await send(message)
 
         try:
-            async with asyncio.timeout(self.seconds) as deadline:
-                await self.app(scope, receive, send_started)
+            async with deadline:
+                await self.app(scope, receive_body, send_started)
         except TimeoutError:
             if started:
                 raise
-            response = error_response(503, f"not answered within {self.seconds:g} s (the queue store, or this API "
-                                           "process, is unavailable or overloaded); retry shortly",
-                                      headers=RETRY_AFTER)
+            if awaiting_body:
+                response = error_response(408, f"the request body stalled: no bytes for {self.seconds:g} s; "
+                                               "nothing was stored, send the request again",
+                                          headers={"Connection": "close"})
+            else:
+                response = error_response(503, f"not answered within {self.seconds:g} s (the queue store, or "
+                                               "this API process, is unavailable or overloaded); retry shortly",
+                                          headers=RETRY_AFTER)
             await response(scope, receive, send)
