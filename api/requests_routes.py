@@ -31,6 +31,8 @@ async def submit_request(request: Request, who: Principal, new: NewRequest) -> d
         new.input_text.encode()
     except UnicodeEncodeError:  # e.g. a lone surrogate ("\ud800"), which JSON allows and UTF-8 does not
         raise ApiError(422, "prompt/messages: not valid Unicode text (a lone surrogate?)") from None
+    except ValueError:  # a field of a message (e.g. `name`) that is NaN or Infinity
+        raise ApiError(422, "messages: NaN and Infinity are not JSON numbers") from None
     try:
         new.params_json  # noqa: B018 - made here, then stored and sent to engines as is: NaN is not JSON
     except ValueError:

@@ -98,7 +98,9 @@ class TenantBody(BaseModel):
     weight)."""
 
     model_config = ConfigDict(extra="forbid")
-    weight: float | None = Field(default=None, gt=0, le=1e6)
+    # at least 1e-6: a tenant's fairness counter grows by its tokens over its weight, and a weight near
+    # zero (1e-320) would make it infinite for good, even after the weight is set right
+    weight: float | None = Field(default=None, ge=1e-6, le=1e6)
     max_priority: int | None = Field(default=None, ge=0, le=9)
     max_queued: int | None = Field(default=None, ge=0, le=1_000_000)
     max_streams: int | None = Field(default=None, ge=0, le=1_000_000)
@@ -107,7 +109,7 @@ class TenantBody(BaseModel):
     @classmethod
     def _weight(cls, value: float | None) -> float:
         if value is None:
-            raise ValueError("a number > 0 (leave the field out to keep the weight)")
+            raise ValueError("a number from 1e-6 to 1e6 (leave the field out to keep the weight)")
         return value
 
     @field_validator("max_priority", mode="before")

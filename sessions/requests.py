@@ -46,10 +46,11 @@ class NewRequest:
 
     @cached_property
     def input_text(self) -> str:
-        """Made once per request object: the submit checks it, then stores it (on every first token's way)."""
+        """Made once per request object: the submit checks it, then stores it (on every first token's way).
+        ValueError for NaN or Infinity in the messages, which JSON lacks (the worker could not read them back)."""
         if self.messages is None:
             return self.prompt or ""
-        return json.dumps(self.messages, separators=(",", ":"), ensure_ascii=False)
+        return json.dumps(self.messages, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
     @cached_property
     def params_json(self) -> str:

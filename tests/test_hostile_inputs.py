@@ -203,6 +203,11 @@ CHAT_BODIES: list[tuple[str, bytes, set[int] | str]] = [
     ("lone surrogate in content", b'{"messages": [{"role": "user", "content": "a\\ud800"}]}', {422}),
     ("lone surrogate in a message field", b'{"messages": [{"role": "user", "content": "a", "name": "\\udfff"}]}',
      {422}),
+    # NaN is not JSON: stored in the input, the worker could not read it back (a failed run, not a 422)
+    ("NaN in a message field", b'{"messages": [{"role": "user", "content": "a", "name": NaN}], "max_tokens": 2}',
+     {422}),
+    ("Infinity in content parts", b'{"messages": [{"role": "user", "content": [{"type": "text", "text": "a", '
+                                  b'"w": -Infinity}]}], "max_tokens": 2}', {422}),
     # the chat route's JSON parser refuses a lone surrogate anywhere (it is not Unicode text): 422
     ("lone surrogate in model", b'{"messages": [{"role": "user", "content": "a"}], "model": "\\ud800"}', {422}),
     ("lone surrogate in a passed field", b'{"messages": [{"role": "user", "content": "a"}], "max_tokens": 2, '
@@ -315,6 +320,8 @@ SUBMIT_CASES: list[tuple[str, str, bytes, set[int] | str]] = [
     ("params Infinity", "p1", b'{"prompt": "x", "max_tokens": 2, "params": {"t": Infinity}}', {422}),
     ("params huge int", "p1", b'{"prompt": "x", "max_tokens": 2, "params": {"t": ' + b"9" * 4000 + b"}}", {202, 422}),
     ("params deep", "p1", b'{"prompt": "x", "params": {"a": ' + nested(100_000).encode() + b"}}", "4xx"),
+    ("NaN in a message field", "p1", b'{"messages": [{"role": "user", "content": "x", "name": NaN}]}', {422}),
+    ("Infinity in a message field", "p1", b'{"messages": [{"role": "user", "content": "x", "n": Infinity}]}', {422}),
     ("unknown field with a surrogate name", "p1", b'{"prompt": "x", "\\ud800": 1}', {422}),
     ("unknown field with a huge name", "p1", b'{"prompt": "x", "' + b"f" * 100_000 + b'": 1}', {422}),
     ("prompt with NUL", "p1", b'{"prompt": "a\\u0000b", "max_tokens": 2}', {202}),
@@ -345,6 +352,9 @@ ADMIN_CASES: list[tuple[str, str, str, bytes, set[int] | str]] = [
     ("model with a lone surrogate", "PUT", "/v1/admin/groups/fz6", b'{"model": "\\ud800"}', {422}),
     ("model 100 KB", "PUT", "/v1/admin/groups/fz7", b'{"model": "' + b"m" * 100_000 + b'"}', {422}),
     ("weight Infinity", "PUT", "/v1/admin/tenants/fz", b'{"weight": Infinity}', {422}),
+    ("weight subnormal", "PUT", "/v1/admin/tenants/fz", b'{"weight": 1e-320}', {422}),
+    ("weight below 1e-6", "PUT", "/v1/admin/tenants/fz", b'{"weight": 9e-7}', {422}),
+    ("weight 1e-6", "PUT", "/v1/admin/tenants/fz", b'{"weight": 1e-6}', {200}),
     ("max_streams 1e300", "PUT", "/v1/admin/tenants/fz", b'{"max_streams": 1e300}', {422}),
     ("key expiry NaN", "POST", "/v1/admin/keys", b'{"tenant": "fz", "expires_in": NaN}', {422}),
 ]
