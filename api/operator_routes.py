@@ -3,6 +3,7 @@ readiness (`/readyz`: Redis answers and the function library is loaded; `/health
 
 from __future__ import annotations
 
+import math
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -36,9 +37,13 @@ def parse_since(since: str | None) -> float:
     if not since:
         return time.time() - 86400
     try:
-        return float(since)
+        seconds = float(since)
     except ValueError:
         pass
+    else:
+        if not math.isfinite(seconds):  # "nan", "inf", "1e400": no hour to start from
+            raise ApiError(422, "since: a finite number of Unix seconds, or an ISO 8601 time")
+        return seconds
     try:
         moment = datetime.fromisoformat(since.replace("Z", "+00:00"))
     except ValueError:

@@ -122,6 +122,11 @@ def usage_folding(bucket: str) -> str:
     return f"{data_prefix(bucket)}uf"
 
 
+def usage_sequence(bucket: str) -> str:
+    """The bucket's last fold sequence (usage_take.lua: the next one is past it); expires after 35 days."""
+    return f"{data_prefix(bucket)}us"
+
+
 # ---- control plane ---------------------------------------------------------------------------
 def group_prefix(group: str) -> str:
     """The hash-tagged prefix of one group's control plane."""

@@ -5,9 +5,10 @@ Counted where requests end: the terminal step adds them to its bucket's pending 
 be slow and keeping hours per bucket would multiply memory by 1024, so the pending counts are folded
 into one hash per hour, `sg:usage:<hour>` (kept 35 days), by the webhooks process every few seconds
 and by every usage read before it answers. A fold is three steps, each safe to repeat and to run
-concurrently (see the usage_*.lua scripts): take (rename the pending hash, stamp a sequence), apply
-to each hour once per sequence, drop. A folder that dies half-way leaves its taken hash, which the
-next fold takes again with the same sequence: no count is lost or added twice.
+concurrently (see the usage_*.lua scripts): take (rename the pending hash, stamp a sequence that only
+grows, whatever the server's clock does), apply to each hour once per sequence, drop. A folder that
+dies half-way leaves its taken hash, which the next fold takes again with the same sequence: no count
+is lost or added twice.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ KINDS = {"r": "requests", "i": "input_tokens", "o": "output_tokens"}
 
 async def take(redis: Any, bucket: str) -> tuple[str, dict[str, str]] | None:
     """Step 1: the bucket's pending usage, taken for folding: (its fold sequence, fields); None when none."""
-    reply = await redis.eval(script("usage_take"), 2, keys.usage_pending(bucket), keys.usage_folding(bucket))
+    reply = await redis.eval(script("usage_take"), 3, keys.usage_pending(bucket), keys.usage_folding(bucket),
+                             keys.usage_sequence(bucket), USAGE_TTL)
     if not reply:
         return None
     pairs = {text(reply[i]): text(reply[i + 1]) for i in range(0, len(reply) - 1, 2)}

@@ -126,6 +126,9 @@ def test_usage_counts_requests_and_tokens_per_tenant_group_and_hour(redis_url: s
         iso = datetime.fromtimestamp(hour, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         assert call("GET", f"{base}/v1/admin/usage?since={iso}")[1]["totals"] == report["totals"]
         assert call("GET", f"{base}/v1/admin/usage?since=yesterday")[0] == 422
+        for odd in ("nan", "inf", "-inf", "1e400"):  # floats, but no hour to start from: 422, not a 500
+            status, body = call("GET", f"{base}/v1/admin/usage?since={odd}")
+            assert (status, body["error"]["type"]) == (422, "invalid_request"), (odd, status, body)
     finally:
         stack.stop()
 
@@ -156,3 +159,34 @@ def test_a_fold_that_died_half_way_is_finished_by_the_next_without_counting_twic
             await redis.aclose()
 
     assert asyncio.run(scenario()) == (6, 12)
+
+
+def test_a_fold_after_the_servers_clock_stepped_back_is_still_counted(redis_url: str) -> None:
+    """An hour applies a bucket's fold only past the last sequence it noted. The last fold was stamped
+    by a clock an hour ahead (NTP stepped it back since, or a failover moved the bucket to a host running
+    behind): the next fold's sequence must still come after it, or its counts are dropped."""
+    hour = int(time.time()) // 3600 * 3600
+    ahead = (int(time.time()) + 3600) * 1_000_000  # a sequence from a clock an hour ahead
+
+    async def scenario() -> list[dict]:
+        redis = async_client(redis_url, cluster=ON_CLUSTER, decode_responses=True)
+        try:
+            bucket = keys.bucket_of_session("stepped")
+            await redis.hset(keys.usage_pending(bucket), f"{hour}|acme|default|r", 1)
+            taken = await usage.take(redis, bucket)
+            assert taken is not None and int(taken[0]) <= ahead
+            await redis.delete(keys.usage_folding(bucket))
+            # as the last fold of the clock ahead left it: the bucket's sequence, and the hour's mark
+            await redis.set(keys.usage_sequence(bucket), str(ahead))
+            await redis.hset(keys.usage_hour(hour), f"@{bucket}", str(ahead))
+            await redis.hset(keys.usage_pending(bucket), f"{hour}|acme|default|r", 2)
+            await redis.hset(keys.usage_pending(bucket), f"{hour}|acme|default|o", 7)
+            await usage.fold(redis)
+            assert not await redis.exists(keys.usage_folding(bucket))
+            assert 0 < await redis.ttl(keys.usage_sequence(bucket)) <= usage.USAGE_TTL
+            return await usage.usage(redis, since=hour, tenant="acme")
+        finally:
+            await redis.aclose()
+
+    rows = asyncio.run(scenario())
+    assert [(r["requests"], r["output_tokens"]) for r in rows] == [(2, 7)]
