@@ -46,13 +46,25 @@ class Directory:
 
     async def deadline_for(self, group: str, priority: int) -> int | None:
         """The group's default deadline (ms) for a submit of this class that names none, if any; read
-        at most every `ttl` seconds per group."""
+        at most every `ttl` seconds per group. A group the registry does not know has none, and is not
+        remembered: its submit is a 404, and names made up by a caller must not grow this cache."""
         hit = self.deadlines.get(group)
         now = self.clock()
         if hit is None or now - hit[0] > self.ttl:
+            if not await self._known_group(group):
+                self.deadlines.pop(group, None)
+                return None
             hit = (now, await read_deadlines(self.redis, group))
             self.deadlines[group] = hit
         return hit[1].get(priority)
+
+    async def _known_group(self, group: str) -> bool:
+        """Whether the registry holds `group` (as group_for: a miss reloads at most every `miss_ttl`)."""
+        for max_age in (self.ttl, self.miss_ttl):
+            await self._fresh(max_age)
+            if group == DEFAULT_GROUP or group in self.groups:
+                return True
+        return False
 
     def invalidate(self) -> None:
         """Forget the snapshots (this process changed the registry or a group's deadlines): the next

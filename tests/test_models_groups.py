@@ -15,6 +15,7 @@ import pytest
 import redis
 
 from sluicegate.api.directory import Directory
+from sluicegate.scheduler.deadlines import write_deadlines
 from sluicegate.sessions import keys
 from sluicegate.sessions.connect import async_client
 from sluicegate.sessions.registry import (
@@ -137,6 +138,27 @@ def test_the_directory_caches_and_sees_a_new_model_within_its_miss_ttl(redis_url
         await declare_group(client, "c", "third")
         directory.invalidate()
         assert await directory.group_for("third") == "c" and loads == 4
+
+    with_redis(redis_url, scenario)
+
+
+def test_the_directory_remembers_deadlines_of_known_groups_only(redis_url: str) -> None:
+    """Every submit that names no deadline asks for its group's default: one naming a made-up group
+    (a 404 at the submit) must leave nothing behind, however many names a caller invents."""
+    now = [100.0]
+
+    async def scenario(client: Any) -> None:
+        directory = Directory(client, ttl=5.0, miss_ttl=1.0, clock=lambda: now[0])
+        await declare_group(client, "a", LLAMA)
+        await write_deadlines(client, "a", {5: 250})
+        assert await directory.deadline_for("a", 5) == 250 and await directory.deadline_for("a", 3) is None
+        for i in range(200):
+            assert await directory.deadline_for(f"made-up-{i}", 5) is None
+        assert set(directory.deadlines) == {"a"}
+        await declare_group(client, "b", QWEN)  # declared by another process: known after miss_ttl
+        await write_deadlines(client, "b", {5: 40})
+        now[0] += 1.01
+        assert await directory.deadline_for("b", 5) == 40 and set(directory.deadlines) == {"a", "b"}
 
     with_redis(redis_url, scenario)
 
