@@ -19,6 +19,7 @@ from sluicegate.sessions import keys
 from sluicegate.sessions.requests import NewRequest
 from sluicegate.sessions.transitions import run_sync
 from tests.cluster_helpers import flush_cluster, valkey_cluster  # noqa: F401 (a fixture)
+from tests.metrics_helpers import raw_depths
 from tests.sched_harness import Harness, Run
 
 pytestmark = pytest.mark.own_servers  # its own cluster
@@ -270,6 +271,33 @@ def test_a_late_ready_of_an_earlier_head_never_replaces_the_session_s_later_one(
     h.complete(busy)
     h.complete(later)
     assert h.status(later) == "done"
+
+
+def test_a_repair_after_an_attempt_closed_before_it_started_leaves_the_next_attempt_alone(rc: RedisCluster) -> None:
+    """The sweep closes attempt 1 before it started (the data plane notes it as `fa`, its `a` stays 0) and
+    dispatches attempt 2. The repair pass, finding the submit's outbox entry still there (only a start
+    clears it), readies the head again: it must see attempt 2 in flight, not put the request back in the
+    ready set to be dispatched a third time (a start that is refused, with its tenant charged the run's
+    estimate and the queue depth counted out twice)."""
+    h = Harness(rc, lease_ms=LEASE, cluster=True)
+    h._group("default")
+    run_sync(h.t.register_worker("default", "w0", free=1, total=1))  # takes attempt 1 and never starts it
+    rid = h.submit("d", max_tokens=3)
+    time.sleep(LEASE / 1000 + 0.2)
+    h.sweep()  # attempt 1 closed before it started; no free slot for the next
+    rc.delete(keys.worker_inbox("default", "w0"))
+    h.add_worker("w1", slots=1, collect=False)  # attempt 2 waits in w1's inbox
+    assert rc.hget(keys.request(rid), "fa") == "1" and rc.hexists(keys.group_key("default", "ri"), f"{rid}|2")
+    assert rc.hget(keys.request(rid), "st") == "queued"
+    charged = h.vtc("t")
+    assert run_sync(h.t.repair([keys.bucket_of_session("d")], age_ms=0)) == 1
+    assert h.waiting_rid("d") is None and h.vtc("t") == charged
+    h.collect()
+    h.complete(rid)
+    h.add_worker("w2", slots=1)  # a free slot: nothing is left to dispatch
+    assert [(run.wid, run.attempt) for run in h.dispatched if run.rid == rid][-1:] == [("w1", "2")]
+    assert h.dispatched_rids().count(rid) == 1 and h.status(rid) == "done"
+    assert all(v == 0 for v in raw_depths(rc, ["default"]).values())
 
 
 def test_a_ready_repeated_after_its_request_started_starts_nothing(rc: RedisCluster) -> None:

@@ -5,12 +5,16 @@
 
 -- What the control plane ranks, charges and starts a waiting head request by.
 -- `dl`: its deadline (ms; the time-to-first-token objective), `dm`: 1 when a missed deadline fails it.
-local SPEC_FIELDS = { 'sid', 'tn', 'g', 'p', 'ep', 'mt', 'n', 'a', 'it', 'sub', 'pc', 'fs', 'dl', 'dm', 'ft' }
+-- `a`: the last attempt either plane has used up: one the control plane closed before it started here
+-- (`fa`, d_stop) counts, or a late ready (the repair pass) would dispatch that attempt again beside the
+-- next one already in flight (dispatch.lua ready's run check looks at attempt a+1).
+local SPEC_FIELDS = { 'sid', 'tn', 'g', 'p', 'ep', 'mt', 'n', 'a', 'it', 'sub', 'pc', 'fs', 'dl', 'dm', 'ft', 'fa' }
 local function ready_spec(rid)
   local v = redis.call('HMGET', kreq(rid), unpack(SPEC_FIELDS))
   if not v[1] then return nil end
   return { rid = rid, sid = v[1], tn = v[2], g = v[3], p = tonumber(v[4]), ep = tonumber(v[5]),
-    mt = tonumber(v[6]), n = tonumber(v[7]), a = tonumber(v[8]), it = tonumber(v[9]), sub = tonumber(v[10]),
+    mt = tonumber(v[6]), n = tonumber(v[7]), a = math.max(tonumber(v[8]), tonumber(v[16] or '0')),
+    it = tonumber(v[9]), sub = tonumber(v[10]),
     pc = tonumber(v[11] or '0'), fs = tonumber(v[12]),
     -- a deadline binds until the first token: a request resumed after it is ranked without one
     dl = not v[15] and tonumber(v[13] or '') or nil, dm = (not v[15] and v[14] == '1') and 1 or nil }
