@@ -22,6 +22,10 @@ from sluicegate.sessions.transitions import MAX_ATTEMPTS, Tail, Transitions
 
 log = logging.getLogger(__name__)
 INBOX_BATCH = 64  # assignments read from a worker's inbox in one round trip (next_assignments)
+# A run's end for a `"on_deadline_miss": "fail"` deadline that passed before its first token was written
+# (`finish(outcome="failed", detail=DEADLINE_EXCEEDED)`; the store words the `error` event's message), and
+# what the store answers a first token appended past it (sessions/lua/includes/requests.lua).
+DEADLINE_EXCEEDED = "deadline_exceeded"
 
 
 def shown_info(info: str) -> dict[str, Any]:
@@ -49,6 +53,9 @@ class RunSpec:
     input_kind: str
     input_text: str
     params: dict[str, Any]
+    # ms left, when the run started, until the request's `"on_deadline_miss": "fail"` deadline (<= 0: passed);
+    # None when no such deadline binds (none, "run", or its first token came in an earlier attempt)
+    deadline_left_ms: float | None = None
 
     @property
     def prompt(self) -> str | None:
@@ -67,7 +74,8 @@ class RunSpec:
         return cls(request_id=rid, attempt=attempt, session_id=f.get("sid") or "", group=f.get("g") or "",
                    tenant=f.get("tn") or "", priority=int(f.get("p") or 5), max_tokens=int(f.get("mt") or 0),
                    start_index=int(f.get("n") or 0), input_kind=f.get("ik") or "p", input_text=f.get("in") or "",
-                   params=json.loads(f.get("pa") or "{}"))  # not orjson: it refuses a lone surrogate
+                   params=json.loads(f.get("pa") or "{}"),  # not orjson: it refuses a lone surrogate
+                   deadline_left_ms=None if f.get("dx") is None else float(f["dx"]))
 
 
 @dataclass(frozen=True)
@@ -103,6 +111,7 @@ class AppendResult:
     ok: bool
     status: str = ""  # when fenced: the request's status now
     expected_index: int | None = None
+    deadline_missed: bool = False  # a first token past a `fail` deadline: not written, the run ends failed
 
 
 class RunStore:
@@ -249,6 +258,8 @@ class RunStore:
                 # the owner of this attempt writes, so no one else can have moved the index here.
                 return AppendResult(True)
             return AppendResult(False, "running", expected)
+        if code == -2:
+            return AppendResult(False, "running", deadline_missed=True)
         status = reply[1].decode() if isinstance(reply[1], bytes) else str(reply[1])
         return AppendResult(False, status)
 

@@ -43,9 +43,10 @@ def request_view(rid: str, f: dict[str, str]) -> dict[str, Any]:
         view["usage"] = orjson.loads(f["us"])
     if "err" in f:
         view["error"] = f["err"]
-    if "dl" in f:  # the time-to-first-token objective: met or missed at the first token (null: not yet)
-        view["deadline_at"] = _seconds(f["dl"])
-        view["deadline_met"] = None if "dmt" not in f else f["dmt"] == "1"
+    # the time-to-first-token objective: met or missed at the first token (null: not yet, or none)
+    view["deadline_at"] = _seconds(f.get("dl"))
+    view["deadline_met"] = None if "dmt" not in f else f["dmt"] == "1"
+    if "dl" in f:
         view["on_deadline_miss"] = "fail" if f.get("dm") == "1" else "run"
     callback = callback_view(f)  # push mode: the delivery's state (sessions/callbacks.py)
     if callback is not None:

@@ -300,6 +300,38 @@ def test_a_repair_after_an_attempt_closed_before_it_started_leaves_the_next_atte
     assert all(v == 0 for v in raw_depths(rc, ["default"]).values())
 
 
+def test_a_cancel_between_a_dispatch_and_its_start_counts_the_request_out_of_the_depth_once(rc: RedisCluster) -> None:
+    """Dispatched (its assignment waits in the worker's inbox), not yet started on the data plane: the
+    status says queued, the control plane has it running. A cancel then must take it off the queue
+    depth once, not once on each plane."""
+    h = Harness(rc, lease_ms=60_000, cluster=True)
+    h.add_worker("w0", slots=1, collect=False)
+    rid = keys.bucket_of_session("a") + "r1"
+    new = NewRequest(session_id="a", max_tokens=4, priority=5, tenant="t", group="default", prompt="p", request_id=rid)
+    assert run_sync(h.t.submit(new))[0] == "ok"  # dispatched: the harness's worker has not taken it yet
+    assert rc.hexists(keys.group_key("default", "ri"), f"{rid}|1") and h.status(rid) == "queued"
+    assert h.cancel(rid)[0] == "cancelled"  # the worker's start is then refused, and it lets go
+    assert h.status(rid) == "cancelled"
+    assert all(v == 0 for v in raw_depths(rc, ["default"]).values())
+
+
+def test_a_cancel_between_a_preemption_and_its_hand_back_leaves_the_depth_exact(rc: RedisCluster) -> None:
+    """The control plane preempted a run and put it back to wait; the data plane has it running until
+    the worker's hand-back. A cancel in between, and the hand-back after it, leave the depth at 0."""
+    h = Harness(rc, lease_ms=60_000, cluster=True)
+    h.policy(min_run=0)
+    h.add_worker("w0", slots=1)
+    low = h.submit("a", priority=1, max_tokens=6)
+    h.append(h.run_of(low), 2)
+    high = h.submit("b", priority=8, tenant="u", max_tokens=2)
+    assert h.status(low) == "running" and h.waiting_rid("a") == low
+    assert h.cancel(low)[0] == "cancelled"
+    h.handback(h.run_of(low), reason="priority")
+    h.complete(high)
+    assert h.status(low) == "cancelled" and h.status(high) == "done"
+    assert all(v == 0 for v in raw_depths(rc, ["default"]).values())
+
+
 def test_a_ready_repeated_after_its_request_started_starts_nothing(rc: RedisCluster) -> None:
     """The ready step is idempotent: repeated for a head that already runs (a slow caller's retry, a
     repair pass that read the outbox before the start cleared it), it finds the run and leaves it."""

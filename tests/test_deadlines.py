@@ -3,19 +3,26 @@ deadline goes first, requests without one in FIFO order bounded by the horizon; 
 its deadline, or is forecast to, ranks its class's max wait after it; a request about to miss its deadline
 rises by at most --deadline-max-boost classes, never above the highest class with
 work; a tenant that marks everything urgent gains nothing over the others; a missed deadline with
-"fail" ends the request at once and charges nothing."""
+"fail" ends the request at once and charges nothing, whether it was still waiting or running without its
+first token (its worker stops the engine call, and a first token past the deadline is never written)."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 import time
 import urllib.request
+from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 import redis
 
 from sluicegate.sessions import keys
-from tests.helpers import Stack, call, fast_settings, sse, wait_for
+from sluicegate.sessions.runs import Assignment, RunSpec
+from sluicegate.sessions.transitions import Tail, run_sync
+from sluicegate.workers.engines.sim import SimEngine
+from tests.helpers import Stack, call, fast_settings, sse, submit, wait_for
 from tests.sched_harness import Harness
 
 SINGLE = pytest.mark.single_server  # the deterministic harness pins the clock (a global key)
@@ -235,6 +242,60 @@ def test_a_deadline_met_at_the_first_token(r: redis.Redis) -> None:
     assert h.req(rid)["dmt"] == "1"
 
 
+@SINGLE
+def test_a_first_token_past_a_fail_deadline_is_not_written_and_the_run_ends_failed(r: redis.Redis) -> None:
+    """The run carries the time left to its `fail` deadline (its worker's timer); a first token that
+    reaches the store after the deadline is refused (nothing written), and the worker's end says why."""
+    h = Harness(r)
+    doomed = h.submit("s", tenant="t", deadline_ms=500, fail_on_miss=True)
+    late_ok = h.submit("s-run", tenant="t", deadline_ms=500)  # "run": it may be late
+    met = h.submit("s-met", tenant="t", max_tokens=4, deadline_ms=500, fail_on_miss=True)
+    h.advance(100)
+    h.add_worker("w1", slots=3, collect=False)
+    carried = {Assignment.parse(item).request_id: Assignment.parse(item).fields
+               for item in r.lrange(keys.worker_inbox("default", "w1"), 0, -1)}
+    assert carried[doomed]["dx"] == 400 and "dx" not in carried[late_ok]  # type: ignore[index]
+    h.collect()
+    h.advance(400)
+    assert h.append(h.run_of(met), 1)[0] == 1  # at the deadline: met, and nothing binds the run from here on
+    h.advance(1)
+    assert h.append(h.run_of(met), 3)[0] == 1
+    assert h.append(h.run_of(doomed), 2)[:1] == [-2]
+    assert h.req(doomed)["n"] == "0" and "ft" not in h.req(doomed) and not h.token_indices("s", doomed)
+    assert h.append(h.run_of(late_ok), 1)[0] == 1 and h.req(late_ok)["dmt"] == "0"  # missed, and runs on
+    h.finish(h.run_of(doomed), "failed", "deadline_exceeded")
+    assert h.status(doomed) == "failed" and h.req(doomed)["dmt"] == "0"
+    (error,) = [e for e in h.events("s", doomed) if e.event == "error"]
+    assert error.data["message"] == "deadline_exceeded: no first token within its deadline of 500 ms"
+    assert [e.event for e in h.events("s", doomed)] == ["queued", "started", "error"]
+    h.finish(h.run_of(met))
+    assert h.status(met) == "done" and h.req(met)["dmt"] == "1" and h.token_indices("s-met", met) == [0, 1, 2, 3]
+    assert h.running() == [late_ok]  # the failed run's slot is free
+
+
+@SINGLE
+def test_a_run_s_last_tokens_past_a_fail_deadline_end_it_failed_not_done(r: redis.Redis) -> None:
+    """A run whose whole output goes with its end (the engine finished before the first append): the end
+    is judged as the first append would have been."""
+    h = Harness(r)
+    h.add_worker("w1", slots=2)
+    doomed = h.submit("s", tenant="t", max_tokens=2, deadline_ms=500, fail_on_miss=True)
+    met = h.submit("s2", tenant="t", max_tokens=2, deadline_ms=500, fail_on_miss=True)
+    h.advance(500)
+    run = h.run_of(met)
+    tail = Tail(0, [f'{{"request_id":"{met}","index":{i},"text":"t"}}' for i in range(2)])
+    assert run_sync(h.t.finish(met, run.attempt, wid=run.wid, group="default", outcome="done", detail="length",
+                               return_slot=True, tail=tail))
+    assert h.status(met) == "done" and h.req(met)["dmt"] == "1" and h.token_indices("s2", met) == [0, 1]
+    h.advance(1)
+    run = h.run_of(doomed)
+    tail = Tail(0, [f'{{"request_id":"{doomed}","index":{i},"text":"t"}}' for i in range(2)])
+    assert run_sync(h.t.finish(doomed, run.attempt, wid=run.wid, group="default", outcome="done", detail="length",
+                               return_slot=True, tail=tail))
+    assert h.status(doomed) == "failed" and h.req(doomed)["dmt"] == "0" and not h.token_indices("s", doomed)
+    assert h.req(doomed)["err"].startswith("deadline_exceeded")
+
+
 # ---- through the API, on one server and on a cluster ------------------------------------------------
 def test_deadlines_through_the_api(redis_url: str) -> None:
     """deadline_ms and on_deadline_miss on a submit, X-Deadline-Ms on chat, the group's default per
@@ -256,6 +317,9 @@ def test_deadlines_through_the_api(redis_url: str) -> None:
         view = call("GET", f"{base}/v1/requests/{default['request_id']}")[1]
         assert view["deadline_at"] == pytest.approx(view["submitted_at"] + 0.9, abs=0.002)
         assert view["deadline_met"] is None and view["on_deadline_miss"] == "run"
+        code, plain = call("POST", f"{base}/v1/sessions/d4/requests", {"prompt": "x", "max_tokens": 3})
+        view = call("GET", f"{base}/v1/requests/{plain['request_id']}")[1]  # no deadline: both fields, null
+        assert (view["deadline_at"], view["deadline_met"]) == (None, None) and "on_deadline_miss" not in view
         for bad in ({"deadline_ms": 0}, {"deadline_ms": "soon"}, {"on_deadline_miss": "panic"}):
             assert call("POST", f"{base}/v1/sessions/d3/requests", {"prompt": "x", **bad})[0] == 422
 
@@ -289,5 +353,84 @@ def test_deadlines_through_the_api(redis_url: str) -> None:
         assert 'sluicegate_deadlines_total{group="default",outcome="missed",priority="7"} 1.0' in metrics
         assert 'sluicegate_deadlines_total{group="default",outcome="met",priority="5"} 1.0' in metrics
         assert 'sluicegate_deadline_slack_seconds_count{group="default",priority="7"} 1.0' in metrics
+    finally:
+        stack.stop()
+
+
+class PacedEngine:
+    """The sim engine, slow to its first token for a prompt that says so ("slow": 3 s of prefill);
+    counts its calls."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.fast = SimEngine(tokens_per_second=400.0, prefill_ms=0.0)
+        self.slow = SimEngine(tokens_per_second=400.0, prefill_ms=3000.0)
+
+    def stream(self, run: RunSpec, so_far: str) -> AsyncIterator[str]:
+        self.calls += 1
+        return (self.slow if run.prompt == "slow" else self.fast).stream(run, so_far)
+
+    async def aclose(self) -> None:
+        return None
+
+
+def test_a_fail_deadline_stops_a_run_before_its_first_token_and_spares_one_whose_first_token_landed(
+        redis_url: str) -> None:
+    """Started in time, but the backend's prefill outlasts the deadline: the worker stops the engine call
+    at the deadline and the request fails, with nothing generated. A first token that reached the store in
+    time met the deadline, even when the store's answer comes back after it: that run goes on."""
+    engine = PacedEngine()
+    stack = Stack(fast_settings(redis_url, slots=2)).start(workers=0)
+    try:
+        base = stack.base_url
+        wid = stack.add_worker(engine=engine)
+        store = stack.workers[wid].store
+        real_append = store.append
+
+        async def first_answer_late(rid: str, attempt: str, first_index: int, *args: Any, **kwargs: Any) -> Any:
+            result = await real_append(rid, attempt, first_index, *args, **kwargs)
+            if first_index == 0:
+                await asyncio.sleep(1.0)  # the first token landed in time; its answer comes after the deadline
+            return result
+
+        store.append = first_answer_late  # type: ignore[method-assign]
+        slow = submit(base, "dl-slow", prompt="slow", max_tokens=5, deadline_ms=500, on_deadline_miss="fail")
+        landed = submit(base, "dl-landed", prompt="quick", max_tokens=5, deadline_ms=500, on_deadline_miss="fail")
+        events = list(sse(base, f"/v1/requests/{slow}/events", timeout=20))
+        assert [e.event for e in events] == ["queued", "started", "error"], events
+        assert events[-1].data["message"].startswith("deadline_exceeded")
+        view = call("GET", f"{base}/v1/requests/{slow}")[1]
+        assert view["status"] == "failed" and view["deadline_met"] is False and view["tokens"] == 0, view
+        assert view["finished_at"] - view["submitted_at"] < 2.0, view  # at its deadline, not after the prefill
+        events = list(sse(base, f"/v1/requests/{landed}/events", timeout=20))
+        assert [e.event for e in events] == ["queued", "started"] + ["token"] * 5 + ["done"], events
+        view = call("GET", f"{base}/v1/requests/{landed}")[1]
+        assert view["status"] == "done" and view["deadline_met"] is True, view
+        time.sleep(3.5)  # past the slow run's prefill: nothing more was generated for it
+        assert [e.event for e in sse(base, "/v1/sessions/dl-slow/events", until=lambda e: e.event == "error")] == [
+            "queued", "started", "error"]
+        assert call("GET", f"{base}/v1/requests/{slow}")[1]["tokens"] == 0
+        later = [submit(base, f"dl-after-{i}", max_tokens=2) for i in range(2)]  # both slots came back
+        wait_for(lambda: all(call("GET", f"{base}/v1/requests/{rid}")[1]["status"] == "done" for rid in later),
+                 timeout=10, what="later requests to run")
+    finally:
+        stack.stop()
+
+
+def test_a_run_started_after_its_fail_deadline_fails_without_calling_the_engine(redis_url: str) -> None:
+    """No scheduler sweeps here: the request waits past its deadline, then a worker comes and takes it."""
+    engine = PacedEngine()
+    stack = Stack(fast_settings(redis_url, slots=1)).start(scheduler=False, workers=0)
+    try:
+        base = stack.base_url
+        rid = submit(base, "dl-late", max_tokens=3, deadline_ms=1, on_deadline_miss="fail")
+        time.sleep(0.1)
+        stack.add_worker(engine=engine)
+        events = list(sse(base, f"/v1/requests/{rid}/events", timeout=20))
+        assert [e.event for e in events] == ["queued", "started", "error"], events
+        assert events[-1].data["message"].startswith("deadline_exceeded")
+        view = call("GET", f"{base}/v1/requests/{rid}")[1]
+        assert view["status"] == "failed" and view["deadline_met"] is False and view["tokens"] == 0, view
+        assert engine.calls == 0
     finally:
         stack.stop()

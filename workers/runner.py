@@ -12,6 +12,13 @@ Every append is fenced by attempt: the moment the run is preempted, cancelled or
 next append says so and the run stops. A dropped Redis connection is retried (the fence makes a
 resent batch safe) rather than failing a generation that is otherwise fine.
 
+A request with a `"on_deadline_miss": "fail"` deadline and no first token yet has a timer (its run spec
+says how long is left; no other run pays for one): if it fires before the first append has begun, the
+engine call and the writer are stopped and the run ends failed (`deadline_exceeded`), nothing it generated
+written; if the first append is on its way, the store decides, by its clock, as it does for every first
+token: written in time, the deadline was met and the run goes on; past it, refused, and the run ends failed.
+A run whose deadline passed before it started ends so at once, without calling the engine.
+
 A token is its text, and, when the engine gave a `Token`, the backend's raw non-text delta (tool
 calls) and logprobs, carried in its `token` event. The engine's `Finish` (finish_reason, usage)
 becomes the run's outcome, which the worker writes into the `done` event.
@@ -28,7 +35,7 @@ from typing import Any
 
 import orjson
 
-from sluicegate.sessions.runs import AppendResult, RunSpec, RunStore
+from sluicegate.sessions.runs import DEADLINE_EXCEEDED, AppendResult, RunSpec, RunStore
 from sluicegate.sessions.transitions import Tail
 from sluicegate.workers.engines.base import Engine, EngineError, Finish, Token
 from sluicegate.workers.redis_retry import through_dropped_connections
@@ -43,9 +50,13 @@ class Fenced(Exception):
     """The run no longer owns its request."""
 
 
+class DeadlineMissed(Exception):
+    """The store refused the first token: it came past the request's `fail` deadline."""
+
+
 @dataclass
 class RunOutcome:
-    kind: str  # "done" | "fenced" | "engine_error"
+    kind: str  # "done" | "fenced" | "engine_error" | "deadline_exceeded" (detail DEADLINE_EXCEEDED)
     detail: str = ""  # done: the finish_reason; otherwise what went wrong
     transient: bool = False
     usage: dict[str, Any] | None = None  # done: the backend's usage for the whole request, if it reported one
@@ -84,6 +95,9 @@ class Run:
         self._taken_at = taken_at
         self._engine_called: float | None = None
         self._engine_answered: float | None = None
+        self._deadline_timer: asyncio.TimerHandle | None = None  # armed until the first token is written
+        self._appending = False  # an append is on its way to the store
+        self._missed = False  # the timer stopped the run
 
     @property
     def key(self) -> str:
@@ -100,10 +114,19 @@ class Run:
                 batch = self._pending[:MAX_BATCH]
                 data = [token_data(rid, self.next_index + i, token) for i, token in enumerate(batch)]
                 began = asyncio.get_running_loop().time()
-                result = await self._append(data, self._engine_times())
+                self._appending = True
+                try:
+                    result = await self._append(data, self._engine_times())
+                finally:
+                    self._appending = False
                 if not result.ok:
+                    if result.deadline_missed:
+                        raise DeadlineMissed
                     raise Fenced(result.status if result.expected_index is None
                                  else f"index {self.next_index} but the log expects {result.expected_index}")
+                if self._deadline_timer is not None:  # the first token is written: the deadline was met
+                    self._deadline_timer.cancel()
+                    self._deadline_timer = None
                 del self._pending[:len(batch)]
                 self.next_index += len(batch)
                 if self.interval and not self._produced_all:
@@ -166,14 +189,32 @@ class Run:
         data = [token_data(rid, self.next_index + i, token) for i, token in enumerate(self._pending)]
         return Tail(self.next_index, data, self._engine_times())
 
+    def _deadline_passed(self, producer: asyncio.Task[None], writer: asyncio.Task[None]) -> None:
+        """The `fail` deadline's timer: no first token is written yet. With the first append on its way the
+        store decides (see the module's docstring); else the run stops here, the engine call with it."""
+        self._deadline_timer = None
+        if self._appending:
+            return
+        self._missed = True
+        producer.cancel()
+        writer.cancel()
+
     async def execute(self, so_far: str = "") -> RunOutcome:
         """Generate until done; returns how it ended. Cancellation (control message, shutdown) propagates."""
+        left = self.spec.deadline_left_ms
+        if left is not None and left <= 0:  # its `fail` deadline passed before it started
+            return RunOutcome("deadline_exceeded", DEADLINE_EXCEEDED)
         # The producer first: its first step (up to the engine call) runs before the writer's, which
         # only waits for tokens.
         producer = asyncio.create_task(self._produce(so_far))
         writer = asyncio.create_task(self._write_loop())
+        if left is not None:  # a ms late rather than early: a loop's timer may fire up to a ms early
+            self._deadline_timer = asyncio.get_running_loop().call_later((left + 1) / 1000, self._deadline_passed,
+                                                                         producer, writer)
         try:
             done, _ = await asyncio.wait({writer, producer}, return_when=asyncio.FIRST_EXCEPTION)
+            if self._missed:
+                return RunOutcome("deadline_exceeded", DEADLINE_EXCEEDED)
             for task in done:
                 error = task.exception()
                 if error is not None:
@@ -183,10 +224,15 @@ class Run:
             return RunOutcome("done", self.finish.reason, usage=self.finish.usage, tail=self._tail())
         except Fenced as fenced:
             return RunOutcome("fenced", str(fenced))
+        except DeadlineMissed:
+            return RunOutcome("deadline_exceeded", DEADLINE_EXCEEDED)
         except EngineError as error:
             await self._flush_quietly(writer)
             return RunOutcome("engine_error", str(error), transient=error.transient)
         finally:
+            if self._deadline_timer is not None:
+                self._deadline_timer.cancel()
+                self._deadline_timer = None
             for task in (writer, producer):
                 task.cancel()
             for task in (writer, producer):

@@ -397,7 +397,7 @@ class Worker:
                 await self._end(rid, attempt, reason="released")
             elif outcome.transient:  # resumed, possibly elsewhere, unless it was the last attempt (--max-attempts)
                 await self._end(rid, attempt, reason=f"backend_error: {outcome.detail}")
-            else:
+            else:  # a permanent engine error, or a `fail` deadline passed before the first token (deadline_exceeded)
                 await self._end(rid, attempt, outcome="failed", detail=outcome.detail)
         except Exception as error:
             if store_unavailable(error):  # Redis unreachable or refusing for long: let the run resume elsewhere

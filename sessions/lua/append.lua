@@ -7,7 +7,9 @@
 --         engine's first token, "took|called|first", with the request's first batch ("" otherwise);
 --         kept with its first token
 -- ARGV[6..] token event data (JSON), one per token, in index order
--- Returns {1, tokens so far} | {0, status} when fenced | {-1, expected index} on a gap/overlap. A batch
--- resent after its reply was lost (it had landed) is refused as an overlap with expected = first +
--- batch size, which the writer takes as success (sessions/runs.py).
+-- Returns {1, tokens so far} | {0, status} when fenced | {-1, expected index} on a gap/overlap |
+-- {-2, "deadline_exceeded"} for a first token past the request's `"on_deadline_miss": "fail"` deadline
+-- (nothing written; the worker then ends the run failed). A batch resent after its reply was lost (it had
+-- landed) is refused as an overlap with expected = first + batch size, which the writer takes as success
+-- (sessions/runs.py).
 return d_append(KEYS[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), ARGV[5], ARGV, 6)

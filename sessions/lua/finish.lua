@@ -3,7 +3,8 @@
 -- dies first, the outbox and the run's lapsing lease let the scheduler finish the job.
 -- KEYS[1] the request's data prefix sg:{s:<bucket>}:
 -- ARGV[1] flags   ARGV[2] session ttl s   ARGV[3] request id   ARGV[4] attempt   ARGV[5] worker id
--- ARGV[6] outcome ("done" | "failed")   ARGV[7] finish_reason or error message
+-- ARGV[6] outcome ("done" | "failed")   ARGV[7] finish_reason or error message ("deadline_exceeded": a
+--         `fail` deadline passed before the first token; the function words the message, see d_finish)
 -- ARGV[8] the backend's usage for the whole request, JSON, or "" (none reported)
 -- ARGV[9] the index of the first of the run's last tokens, which this call appends before it ends the
 --         run ("" when it carries none)   ARGV[10] as append.lua's ARGV[5]

@@ -80,7 +80,6 @@ local function dispatch(cp, now, lease, share)
       wid = wid or take_ticket(cp)
       if wid then
         remove_ready(cp, sid, tenant, top, spec.dl)
-        depth(cp, spec, -1)
         if start_run(cp, tonumber(top), tenant, counter, spec, wid, cfg, now, lease) then started = started + 1 end
       else
         local handed, ran = without_free_slot(cp, tonumber(top), cfg, now, lease, share)
@@ -97,9 +96,7 @@ end
 -- ready set (about twenty commands saved on the way to its first token). Its tenant returns from
 -- idle: as in make_ready, its counter is lifted to the last dispatched counter (no tenant is
 -- backlogged). Returns false, having taken no slot, when the decision must go the usual way.
--- `fresh`: the request was stored in this same call (submit_one), which counts it waiting only if it
--- does not start here: its start takes nothing back.
-local function start_alone(cp, spec, now, lease, fresh)
+local function start_alone(cp, spec, now, lease)
   if redis.call('EXISTS', cp .. 'cls') == 1 then return false end
   local cfg = quota_config(cp)
   if not quota_gate(cp, cfg, spec.mt - spec.n, spec.a == 0, now) then return false end
@@ -111,7 +108,6 @@ local function start_alone(cp, spec, now, lease, fresh)
     return false
   end
   local counter = math.max(vtc_get(cp, spec.tn), tonumber(redis.call('GET', cp .. 'vlast') or '0'))
-  if not fresh then depth(cp, spec, -1) end
   return start_run(cp, spec.ep, spec.tn, counter, spec, wid, cfg, now, lease)
 end
 
@@ -131,7 +127,7 @@ local function ready(cp, spec, now, lease, fresh)
   end
   if not fresh and redis.call('HEXISTS', cp .. 'ri', spec.rid .. '|' .. (spec.a + 1)) == 1 then return 'known' end
   spec.rs = spec.rs or now -- its ready time, kept if it is requeued (FIFO among its tenant's sessions)
-  if start_alone(cp, spec, now, lease, fresh) then return 'started' end
+  if start_alone(cp, spec, now, lease) then return 'started' end
   make_ready(cp, spec, now)
   dispatch(cp, now, lease, true)
   return 'ready'

@@ -114,7 +114,6 @@ local function hand_over(cp, cls, cfg, now, lease)
       end
       preempt(cp, key, rec, now, lease, 'fair_share', true)
       remove_ready(cp, sid, tenant, cls, spec.dl)
-      depth(cp, spec, -1)
       return true, start_run(cp, cls, tenant, counter, spec, rec.w, cfg, now, lease)
     elseif not ok and ripe and (not soonest or ripe < soonest) then -- inside its quantum (a run on a
       soonest = ripe                                                -- gone worker is skipped, not waited for)

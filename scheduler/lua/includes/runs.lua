@@ -41,12 +41,6 @@ local function run_record(cp, key)
   return raw and cjson.decode(raw) or nil
 end
 
--- The depth gauge's share of either plane, by its prefix (a group's control prefix; a session's data
--- prefix where submit_one counts a head it did not start): the gauge is the sum of the shares.
-local function depth(prefix, spec, by)
-  count(prefix .. 'm', 'depth', spec.g .. '|' .. spec.p .. '|' .. spec.tn, by)
-end
-
 -- Close the accounting of a run: reconcile the tenant's counter and the token quota with what it
 -- produced (nil when unknown, e.g. its worker was lost: the estimate stands) and, when the backend
 -- counted them, with the request's real input tokens (charged once, by estimate, at its first
@@ -114,12 +108,12 @@ end
 local function requeue_ready(cp, spec, now)
   local waiting = ready_head(cp, spec.sid)
   if waiting and waiting.rid ~= spec.rid then return false end
-  if waiting then remove_ready(cp, spec.sid, waiting.tn, waiting.ep, waiting.dl) else depth(cp, spec, 1) end
+  if waiting then remove_ready(cp, spec.sid, waiting.tn, waiting.ep, waiting.dl) end
   make_ready(cp, spec, now, true)
   return true
 end
 
--- Start a request that is out of the ready set (the caller took it out, and off the depth gauge).
+-- Start a request that is out of the ready set (the caller took it out).
 -- The assignment "rid|attempt" goes to the worker's inbox; a single-server call also starts the run
 -- on the data plane at once (the `started` event, the fence) and carries the run spec in the
 -- assignment, saving the worker a round trip. On a cluster, a request this plane preempted carries
@@ -179,11 +173,10 @@ local function release(cp, key, produced, requeue, now, prompt)
     end_run(cp, key, rec, produced, now, prompt, not requeue)
     if rec.rq and not requeue then
       -- Requeued by a preemption here, but it ended meanwhile on the data plane (it finished, or
-      -- that was its last allowed attempt): its waiting entry goes, and off the depth gauge.
+      -- that was its last allowed attempt): its waiting entry goes.
       local waiting = ready_head(cp, rec.sid)
-      if waiting and waiting.rid == rec.rid and (waiting.a or 0) <= rec.a
-          and remove_ready(cp, rec.sid, waiting.tn, waiting.ep, waiting.dl) then
-        depth(cp, waiting, -1)
+      if waiting and waiting.rid == rec.rid and (waiting.a or 0) <= rec.a then
+        remove_ready(cp, rec.sid, waiting.tn, waiting.ep, waiting.dl)
       end
     end
     if requeue and not rec.cx then

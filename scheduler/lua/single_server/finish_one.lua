@@ -2,7 +2,8 @@
 -- one call: end the run, advance the session, give the slot back and fill it at once.
 -- KEYS[1] the request's data prefix sg:{s:<bucket>}:   KEYS[2] the worker's group's control prefix
 -- ARGV[1] flags   ARGV[2] lease ms   ARGV[3] session ttl s   ARGV[4] request id   ARGV[5] attempt
--- ARGV[6] worker id   ARGV[7] outcome ("done" | "failed")   ARGV[8] finish_reason or error message
+-- ARGV[6] worker id   ARGV[7] outcome ("done" | "failed")   ARGV[8] finish_reason or error message (as
+--         finish.lua's ARGV[7])
 -- ARGV[9] return the slot's ticket ("1" | "0")
 -- ARGV[10] the backend's usage for the whole request, JSON, or "" (none reported)
 -- ARGV[11] ARGV[12] ARGV[13..] the run's last tokens, appended before the run ends: as finish.lua's

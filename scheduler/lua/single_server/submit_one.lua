@@ -6,11 +6,11 @@
 local now = clock()
 local outcome, seq, spec = d_submit(KEYS[1], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9], ARGV[10],
   ARGV[11], ARGV[12], ARGV[13], now, false, ARGV[14], ARGV[15], ARGV[16])
--- d_submit leaves a head to be counted waiting here: not at all when it starts at once. A ready that
--- fails leaves it stored and waiting (nothing rolls back): counted, then the error reaches the caller.
+-- d_submit leaves a head to be counted waiting here, where it may start at once (then it is not). A ready
+-- that fails leaves it stored and waiting (nothing rolls back): counted, then the error reaches the caller.
 if spec then
   local readied, answer = pcall(ready, KEYS[2], spec, now, tonumber(ARGV[2]), true)
-  if not readied or answer ~= 'started' then depth(KEYS[1], spec, 1) end
+  count_if_not_started(spec)
   if not readied then error(answer, 0) end
 end
 return { outcome, seq }

@@ -28,6 +28,22 @@ local function load(rid, names)
   return r
 end
 
+-- The queue depth gauge (sluicegate_queue_depth) counts a request while the data plane has it waiting:
+-- from its submit, and from each stop that puts it back (d_preempted), until it starts (d_start) or
+-- ends without running (finalize). One plane counts, by the request's own status: on a cluster the
+-- control plane's steps lag the data plane's (a dispatch not yet started, a preemption not yet handed
+-- back), and a count split between them took a request off twice, or never, when a cancel came between.
+local function count_waiting(rid, r, by)
+  count(dpre_of(rid) .. 'm', 'depth', r.g .. '|' .. r.p .. '|' .. r.tn, by)
+end
+
+-- A head that d_submit stored for submit_one to start at once is counted waiting only when it did not
+-- start in the call (two commands fewer on the first token's way than a count and its take-back).
+local function uncounted(rid) return 'uncounted:' .. rid end -- its per_call mark
+local function count_if_not_started(spec)
+  if per_call[uncounted(spec.rid)] then count_waiting(spec.rid, spec, 1) end
+end
+
 -- A head request that waits to be made ready on the control plane. On a cluster that is the next
 -- call, so the head is noted in the bucket's outbox first: if the caller dies in between, the
 -- repair pass (scheduler) finds it there. A single-server call readies it in the same call.
@@ -99,13 +115,15 @@ local function d_submit(dp, rid, sid, tenant, group, prio, max_tokens, input, ki
   redis.call('HSET', rkey, unpack(fields))
   redis.call('SET', kinput(rid), input)
   if position == 1 and not via_outbox then -- it may start in this same call (submit_one): d_start takes these, unread
+    per_call[uncounted(rid)] = true
     per_call[rkey] = { st = 'queued', a = '0', n = '0', sid = sid, g = group, p = prio, tn = tenant, mt = max_tokens,
       ik = kind ~= DEFAULT_INPUT_KIND and kind or nil, pa = params ~= NO_PARAMS and params or nil, input = input }
+    if objective > 0 and on_miss == 'fail' then per_call[rkey].dl, per_call[rkey].dm = now + objective, '1' end
   end
   local label = group .. '|' .. prio .. '|' .. tenant
   count(dp .. 'm', 'requests', label .. '|submitted')
   -- A head readied in this same call (submit_one) is counted waiting there, and only if it does not start
-  -- at once: its start would take the count back in the same call.
+  -- at once (count_if_not_started).
   if position ~= 1 or via_outbox then count(dp .. 'm', 'depth', label, 1) end
   if position ~= 1 then return 'ok', seq, nil end
   -- The head's ready spec, as ready_spec would read it back from what was just stored (a new request:
@@ -123,13 +141,17 @@ end
 -- stored the request, which then needs no read). An input longer than INLINE_INPUT is left out (`in`
 -- absent): the worker reads it from r:<rid>:in. One read at most: at most INLINE_INPUT + 1 bytes come
 -- back, and a longer answer means a longer input. RunSpec.from_fields (sessions/runs.py) reads these.
+-- `dx`: the ms left (at `now`; 0 or less: passed already) until the request's `"on_deadline_miss": "fail"` deadline,
+-- when it has one and no first token yet: the worker stops the run if no first token is written by then.
+-- Relative, so that the worker's timer goes by no clock but its own and never fires before the deadline.
 local INLINE_INPUT = 8192
 local RUN_SPEC_FIELDS = { 'sid', 'g', 'tn', 'p', 'mt', 'n', 'ik', 'pa' }
-local function run_spec(rid, r)
+local function run_spec(rid, r, now)
   local spec = {}
   for _, name in ipairs(RUN_SPEC_FIELDS) do spec[name] = r[name] end
   local input = r.input or redis.call('GETRANGE', kinput(rid), 0, INLINE_INPUT)
   if #input <= INLINE_INPUT then spec['in'] = input end
+  if r.dm == '1' and not r.ft then spec.dx = tonumber(r.dl) - now end
   return spec
 end
 
@@ -139,6 +161,7 @@ local PREEMPTIONS = { priority = true, fair_share = true }
 local function d_preempted(rid, r, reason, detail)
   local dp = dpre_of(rid)
   redis.call('HSET', kreq(rid), 'st', 'preempted')
+  count_waiting(rid, r, 1)
   if PREEMPTIONS[reason] then redis.call('HINCRBY', kreq(rid), 'pc', 1) end
   count(dp .. 'm', 'preemptions', r.g .. '|' .. r.p .. '|' .. reason)
   emit(dp, r.sid, 'preempted', rid, { request_id = rid, index = tonumber(r.n), reason = reason, detail = detail })
@@ -152,7 +175,7 @@ end
 -- the attempt just before this one, else 'superseded'. `resume`: how the worker's engine resumes
 -- ("continue" | "regenerate"), said in the `resumed` event.
 -- Returns ok, run spec (see run_spec), previous status.
-local START_FIELDS = { 'st', 'a', 'n', 'sid', 'g', 'p', 'sa', 'fa', 'tn', 'mt', 'ik', 'pa' }
+local START_FIELDS = { 'st', 'a', 'n', 'sid', 'g', 'p', 'sa', 'fa', 'tn', 'mt', 'ik', 'pa', 'dl', 'dm', 'ft' }
 local function d_start(rid, attempt, wid, now, stopped_for, resume)
   -- the request's fields as this call's d_submit stored them (its input too), else read (and `input` nil)
   local r = per_call[kreq(rid)] or load(rid, START_FIELDS)
@@ -173,6 +196,7 @@ local function d_start(rid, attempt, wid, now, stopped_for, resume)
     local known = PREEMPTIONS[stopped_for] and tonumber(r.a) == attempt - 1
     d_preempted(rid, r, known and stopped_for or 'superseded')
   end
+  if per_call[uncounted(rid)] then per_call[uncounted(rid)] = nil else count_waiting(rid, r, -1) end
   local first = not r.sa
   redis.call('HSET', kreq(rid), 'st', 'running', 'a', attempt, 'w', wid, 'dn', r.n, 'ds', now,
     first and 'sa' or 'ds', now)
@@ -181,7 +205,7 @@ local function d_start(rid, attempt, wid, now, stopped_for, resume)
   local data = { request_id = rid, index = tonumber(r.n), attempt = attempt, worker = wid }
   if not first and resume and resume ~= '' then data.resume = resume end
   emit(dp, r.sid, first and 'started' or 'resumed', rid, data)
-  return true, run_spec(rid, r), r.st
+  return true, run_spec(rid, r, now), r.st
 end
 
 -- Remove an ended request from its session queue; the next one becomes the head (returned as a
@@ -198,8 +222,22 @@ local function advance(dp, sid, rid, now, ttl, via_outbox)
   return nil
 end
 
+-- A `"on_deadline_miss": "fail"` deadline missed before the request's first token: it ends failed with an
+-- `error` event whose message this gives (`what` came too late: it "starts deadline_exceeded", says the
+-- contract), and the miss is recorded as its first token's would have been (deadline_met false, the metric).
+-- The caller writes the message as the request's `err` and finalizes it.
+local DEADLINE_EXCEEDED = 'deadline_exceeded' -- also the worker's detail for it (sessions/runs.py)
+local function deadline_missed(rid, r, what)
+  redis.call('HSET', kreq(rid), 'dmt', '0')
+  count(dpre_of(rid) .. 'm', 'deadlines', r.g .. '|' .. r.p .. '|missed')
+  return string.format('%s: %s within its deadline of %d ms', DEADLINE_EXCEEDED, what,
+    tonumber(r.dl) - tonumber(r.sub))
+end
+
+-- `r.st`: the status it ends from (a request that was waiting leaves the depth gauge).
 local function finalize(rid, r, status, event, data, now, ttl, via_outbox)
   local dp = dpre_of(rid)
+  if r.st ~= 'running' then count_waiting(rid, r, -1) end
   redis.call('HSET', kreq(rid), 'st', status, 'fin', now)
   redis.call('EXPIRE', kreq(rid), ttl)
   redis.call('DEL', kinput(rid))
@@ -245,8 +283,10 @@ end
 -- Append token events args[from..] (JSON data, one per token, in index order) for attempt `attempt` of a
 -- running request, the first at index `first`; `times` is "took|called|first" (the worker's clock, ms, when
 -- it took the run, called its engine and got its first token) with the request's first batch, else "".
--- Returns {1, tokens so far} | {0, status} when fenced | {-1, expected index} on a gap or an overlap.
-local APPEND_FIELDS = { 'st', 'a', 'n', 'sid', 'g', 'tn', 'p', 'sub', 'ft', 'dl' }
+-- Returns {1, tokens so far} | {0, status} when fenced | {-1, expected index} on a gap or an overlap |
+-- {-2, 'deadline_exceeded'} for a first token past the request's `"on_deadline_miss": "fail"` deadline:
+-- nothing is written (the deadline was missed), and the worker ends the run failed for it (d_finish).
+local APPEND_FIELDS = { 'st', 'a', 'n', 'sid', 'g', 'tn', 'p', 'sub', 'ft', 'dl', 'dm' }
 local function d_append(dp, rid, attempt, first, times, args, from)
   local r = load(rid, APPEND_FIELDS)
   if not owns(r, attempt) then
@@ -254,6 +294,7 @@ local function d_append(dp, rid, attempt, first, times, args, from)
     return { 0, r.st or 'missing' }
   end
   if tonumber(r.n) ~= first then return { -1, tonumber(r.n) } end
+  if r.dm == '1' and not r.ft and clock() > tonumber(r.dl) then return { -2, DEADLINE_EXCEEDED } end
   local added = #args - from + 1
   emit_tokens(dp, r.sid, rid, args, from)
   local total = first + added -- its count was `first` (checked above)
@@ -291,10 +332,19 @@ local function append_tail(dp, rid, attempt, first, times, args, from)
   end
 end
 
+-- A request with a `"on_deadline_miss": "fail"` deadline and no first token ends failed for it when the
+-- worker says so (`detail` DEADLINE_EXCEEDED: its timer stopped the run, or the store refused its first
+-- token), or when its run ends done past the deadline without one (its last tokens, which append_tail
+-- refused before this: the end is judged as their append was).
+local FINISH_FIELDS = { 'st', 'a', 'w', 'n', 'dn', 'sid', 'g', 'tn', 'p', 'it', 'fl', 'dl', 'dm', 'ft', 'sub' }
 local function d_finish(rid, attempt, wid, outcome, detail, usage, now, ttl, via_outbox)
-  local r = load(rid, END_FIELDS)
+  local r = load(rid, FINISH_FIELDS)
   if not owns(r, attempt, wid) then
     return false, r.st or 'missing', produced_by(r, attempt), nil, still_waiting(rid, r, attempt)
+  end
+  if r.dm == '1' and not r.ft
+      and ((outcome ~= 'done' and detail == DEADLINE_EXCEEDED) or (outcome == 'done' and now > tonumber(r.dl))) then
+    outcome, detail = 'failed', deadline_missed(rid, r, 'no first token')
   end
   local produced, tokens = produced_by(r, attempt), tonumber(r.n)
   local prompt
@@ -363,12 +413,8 @@ local function d_expire(rid, now, ttl, via_outbox)
   if not r.st or TERMINAL[r.st] or r.st == 'running' or r.ft or r.dm ~= '1' or now < tonumber(r.dl) then
     return 'kept', r
   end
-  local dp = dpre_of(rid)
-  count(dp .. 'm', 'depth', r.g .. '|' .. r.p .. '|' .. r.tn, -1)
-  count(dp .. 'm', 'deadlines', r.g .. '|' .. r.p .. '|missed')
-  local message = string.format('deadline_exceeded: not started within its deadline of %d ms',
-    tonumber(r.dl) - tonumber(r.sub))
-  redis.call('HSET', kreq(rid), 'err', message, 'dmt', '0')
+  local message = deadline_missed(rid, r, 'not started')
+  redis.call('HSET', kreq(rid), 'err', message)
   local nxt = finalize(rid, r, 'failed', 'error', { request_id = rid, tokens = tonumber(r.n), message = message },
     now, ttl, via_outbox)
   return 'expired', r, nxt
@@ -382,7 +428,6 @@ local function d_cancel(rid, owner, now, ttl, via_outbox)
   if not r.st then return 'missing', r end
   if owner ~= '' and r.tn ~= owner then return 'forbidden', r end
   if TERMINAL[r.st] then return 'terminal', r end
-  if r.st ~= 'running' then count(dpre_of(rid) .. 'm', 'depth', r.g .. '|' .. r.p .. '|' .. r.tn, -1) end
   local nxt = finalize(rid, r, 'cancelled', 'cancelled', { request_id = rid, tokens = tonumber(r.n) }, now, ttl,
     via_outbox)
   return 'cancelled', r, produced_by(r, r.a), nxt
