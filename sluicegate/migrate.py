@@ -272,8 +272,9 @@ class Migration:
         entries, seq = plan.new_log()
         waiting = plan.waiting
         stored = list(plan.requests.values())
+        counted = waiting + plan.stranded  # the depth gauge counts every request its status says waits
         async with self.r.pipeline(transaction=False) as pipe:
-            for request in waiting:
+            for request in counted:
                 pipe.exists(keys.request(plan.new_id(request.rid)))
             existed = await pipe.execute()
         # One transaction: every key here is in the bucket's slot.
@@ -298,7 +299,7 @@ class Migration:
                 tx.pexpire(log_key, log_ttl)
             for request in stored:
                 self.queue_request(tx, plan.sid, request)
-            for request, known in zip(waiting, existed, strict=True):
+            for request, known in zip(counted, existed, strict=True):
                 if not known:  # the depth gauge counts waiting requests from their submit on
                     f = request.fields
                     tx.hincrby(keys.data_metrics(bucket), f"depth|{f.get('g')}|{f.get('p')}|{f.get('tn')}", 1)

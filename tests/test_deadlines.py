@@ -13,6 +13,7 @@ import random
 import time
 import urllib.request
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -21,9 +22,12 @@ import redis
 from sluicegate.sessions import keys
 from sluicegate.sessions.runs import Assignment, RunSpec
 from sluicegate.sessions.transitions import Tail, run_sync
+from sluicegate.workers.engines.base import EngineError
 from sluicegate.workers.engines.sim import SimEngine
+from sluicegate.workers.runner import Run
 from tests.helpers import Stack, call, fast_settings, sse, submit, wait_for
 from tests.sched_harness import Harness
+from tests.test_run_tail import one_run
 
 SINGLE = pytest.mark.single_server  # the deterministic harness pins the clock (a global key)
 
@@ -434,3 +438,33 @@ def test_a_run_started_after_its_fail_deadline_fails_without_calling_the_engine(
         assert engine.calls == 0
     finally:
         stack.stop()
+
+
+class FailingEngine:
+    """An engine whose backend call fails at once, before any token."""
+
+    async def stream(self, run: RunSpec, so_far: str) -> AsyncIterator[Any]:
+        raise EngineError("the backend refused the call", transient=True)
+        yield  # an async generator
+
+    async def aclose(self) -> None:
+        return None
+
+
+def test_a_backend_error_just_before_a_fail_deadline_stays_a_backend_error(redis_url: str, r: redis.Redis) -> None:
+    """The run's backend fails, and the deadline's timer fires while the run keeps what it produced (the
+    flush after an engine error): the outcome is still the backend's error (the request resumes, to fail
+    at its next start), not a cancel the worker would take for a notice (a `preempted` event, `released`)."""
+    with one_run(redis_url, "dl-engine-error", 5) as (_, run, worker, rid, spec):
+        timed = replace(spec, deadline_left_ms=20.0)
+        runner = Run(worker, FailingEngine(), timed)  # type: ignore[arg-type]
+        flush = runner._flush_quietly
+
+        async def slow_flush(writer: asyncio.Task[None]) -> None:
+            await asyncio.sleep(0.08)  # the deadline passes meanwhile
+            await flush(writer)
+
+        runner._flush_quietly = slow_flush  # type: ignore[method-assign]
+        outcome = run(runner.execute())
+        assert (outcome.kind, outcome.transient) == ("engine_error", True), outcome
+        assert "refused" in outcome.detail and r.hget(keys.request(rid), "st") == "running"

@@ -21,6 +21,7 @@ from sluicegate.migrate import migrate
 from sluicegate.sessions import keys
 from sluicegate.workers.engines.sim import prompt_seed, sim_text, sim_token
 from tests.helpers import ON_CLUSTER, Stack, call, fast_settings, sse, submit, wait_for
+from tests.metrics_helpers import raw_depths
 
 TENANT, GROUP, WEIGHT = "acme", "default", 4.0
 KEPT_GLOBALS = {keys.GROUPS, keys.TENANT_WEIGHTS, keys.POLICY}
@@ -272,3 +273,15 @@ def test_refuses_while_the_old_workers_run(redis_url: str, r: redis.Redis, capsy
     assert cli_main(["migrate", "--redis-url", redis_url, *(["--redis-cluster"] if ON_CLUSTER else [])]) == 1
     assert "w-live" in capsys.readouterr().err
     assert snapshot(r) == before
+
+
+def test_the_queue_depth_after_migrate_counts_every_request_that_waits(redis_url: str, r: redis.Redis) -> None:
+    """The gauge counts a request while its status says it waits (queued or preempted), a stranded one
+    (in no session's queue: copied, cannot run) too: its cancel takes it off like any other's."""
+    old = write_old_deployment(r, head_status="preempted")
+    stranded = old_id()
+    OldDeployment(r).request(stranded, "chat-a", status="queued", max_tokens=5, fs=10, prompt="lost")
+    summary = migrate(redis_url, cluster=ON_CLUSTER, out=io.StringIO())
+    assert (summary.queued, summary.stranded) == (3, 1)
+    depth = {label: n for label, n in raw_depths(r, [GROUP]).items() if n}
+    assert depth == {f"depth|{GROUP}|5|{TENANT}": 4}, (depth, old["p"])

@@ -124,9 +124,7 @@ class Run:
                         raise DeadlineMissed
                     raise Fenced(result.status if result.expected_index is None
                                  else f"index {self.next_index} but the log expects {result.expected_index}")
-                if self._deadline_timer is not None:  # the first token is written: the deadline was met
-                    self._deadline_timer.cancel()
-                    self._deadline_timer = None
+                self._disarm_deadline()  # the first token is written: the deadline was met
                 del self._pending[:len(batch)]
                 self.next_index += len(batch)
                 if self.interval and not self._produced_all:
@@ -199,6 +197,11 @@ class Run:
         producer.cancel()
         writer.cancel()
 
+    def _disarm_deadline(self) -> None:
+        if self._deadline_timer is not None:
+            self._deadline_timer.cancel()
+            self._deadline_timer = None
+
     async def execute(self, so_far: str = "") -> RunOutcome:
         """Generate until done; returns how it ended. Cancellation (control message, shutdown) propagates."""
         left = self.spec.deadline_left_ms
@@ -227,12 +230,11 @@ class Run:
         except DeadlineMissed:
             return RunOutcome("deadline_exceeded", DEADLINE_EXCEEDED)
         except EngineError as error:
+            self._disarm_deadline()  # it could fire during the flush and cancel the writer: a cancel, not this error
             await self._flush_quietly(writer)
             return RunOutcome("engine_error", str(error), transient=error.transient)
         finally:
-            if self._deadline_timer is not None:
-                self._deadline_timer.cancel()
-                self._deadline_timer = None
+            self._disarm_deadline()
             for task in (writer, producer):
                 task.cancel()
             for task in (writer, producer):

@@ -13,6 +13,7 @@
 --     m                hash   the bucket's share of the metrics ("name|labels" -> value)
 --     cb               zset   request id -> when its callback delivery is due (ms): includes/ended.lua
 --     u / uf           hash   usage pending / being folded into sg:usage:<hour> (sessions/usage.py)
+--     us               string the bucket's last fold sequence (usage_take.lua; expires after 35 days)
 --   control plane of a group   sg:{g:G}:
 --     rq               hash   sid -> ready spec of each ready session's head request (ready_specs.lua)
 --     cls / c<P> / c<P>:<T> / age<P> / cn / btn / bt / vtc / vlast   ready sets and fairness
