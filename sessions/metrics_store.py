@@ -20,8 +20,9 @@ async def read_metrics(redis: Any, groups: Sequence[str],
     Read METRICS_CHUNK hashes a round trip: over a thousand hashes in one pipeline held the server,
     and parsing the replies held this process's event loop, for tens of milliseconds at a time
     (a dashboard's stats once a second stalled every stream of its API process: the soak's TTFT p99)."""
-    # The groups' shares first: a request submitted (+1 depth in its bucket) and dispatched (-1 in its
-    # group) between two chunks then counts for a moment as queued, never as a negative depth.
+    # The groups' shares too: their counters, and the queue depth that a deployment from before
+    # 2026-12-05 counted there (its offsets still sum with the buckets'). A request's depth now moves in
+    # its own bucket's hash alone, so a read across chunks never sees it counted twice or negative.
     names = [keys.group_metrics(g) for g in groups] + [keys.data_metrics(b) for b in keys.all_buckets()]
     totals: dict[str, dict[str, float]] = {}
     for start in range(0, len(names), METRICS_CHUNK):
