@@ -124,7 +124,7 @@ local function d_submit(dp, rid, sid, tenant, group, prio, max_tokens, input, ki
   count(dp .. 'm', 'requests', label .. '|submitted')
   -- A head readied in this same call (submit_one) is counted waiting there, and only if it does not start
   -- at once (count_if_not_started).
-  if position ~= 1 or via_outbox then count(dp .. 'm', 'depth', label, 1) end
+  if position ~= 1 or via_outbox then count_waiting(rid, { g = group, p = prio, tn = tenant }, 1) end
   if position ~= 1 then return 'ok', seq, nil end
   -- The head's ready spec, as ready_spec would read it back from what was just stored (a new request:
   -- no tokens, attempts, preemptions or first token yet), without reading it back (on the first
