@@ -37,12 +37,7 @@ class Directory:
 
     async def group_for(self, model: str) -> str | None:
         """The group serving `model`, else the group of that name; None when there is neither."""
-        await self._fresh(self.ttl)
-        group = self._lookup(model)
-        if group is None:
-            await self._fresh(self.miss_ttl)
-            group = self._lookup(model)
-        return group
+        return await self._found(lambda: self.models.get(model) or self._group_named(model))
 
     async def deadline_for(self, group: str, priority: int) -> int | None:
         """The group's default deadline (ms) for a submit of this class that names none, if any; read
@@ -51,20 +46,21 @@ class Directory:
         hit = self.deadlines.get(group)
         now = self.clock()
         if hit is None or now - hit[0] > self.ttl:
-            if not await self._known_group(group):
+            if await self._found(lambda: self._group_named(group)) is None:
                 self.deadlines.pop(group, None)
                 return None
             hit = (now, await read_deadlines(self.redis, group))
             self.deadlines[group] = hit
         return hit[1].get(priority)
 
-    async def _known_group(self, group: str) -> bool:
-        """Whether the registry holds `group` (as group_for: a miss reloads at most every `miss_ttl`)."""
+    async def _found(self, find: Callable[[], str | None]) -> str | None:
+        """`find` in the snapshot; a miss reloads it when it is older than `miss_ttl`, and looks again."""
         for max_age in (self.ttl, self.miss_ttl):
             await self._fresh(max_age)
-            if group == DEFAULT_GROUP or group in self.groups:
-                return True
-        return False
+            found = find()
+            if found is not None:
+                return found
+        return None
 
     def invalidate(self) -> None:
         """Forget the snapshots (this process changed the registry or a group's deadlines): the next
@@ -73,11 +69,8 @@ class Directory:
         self.served = None
         self.deadlines.clear()
 
-    def _lookup(self, model: str) -> str | None:
-        group = self.models.get(model)
-        if group is None and (model == DEFAULT_GROUP or model in self.groups):
-            group = model
-        return group
+    def _group_named(self, name: str) -> str | None:
+        return name if name == DEFAULT_GROUP or name in self.groups else None
 
     async def _fresh(self, max_age: float) -> None:
         if self.clock() - self.loaded_at <= max_age:
