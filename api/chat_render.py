@@ -89,11 +89,16 @@ class Completion:
         return b"data: " + orjson.dumps({**self._base(), "choices": [choice]}) + b"\n\n"
 
     def final_chunks(self, data: dict[str, Any]) -> bytes:
+        """The finish chunk (and the usage's own chunk, with `include_usage`), then `[DONE]`. An answer
+        with no token still opens with the role's chunk, as OpenAI's streams always do: the SDK's stream
+        helper builds its message's role from it."""
         final: dict[str, Any] = {**self._base(), "choices": [
             {"index": 0, "delta": {}, "finish_reason": data.get("finish_reason") or "stop"}]}
         if not self.include_usage:
             final["usage"] = self._usage(data)
         out = b"data: " + orjson.dumps(final) + b"\n\n"
+        if self.tokens == 0:
+            out = self.first_head + b'""' + CHUNK_TAIL + out
         if self.include_usage:
             out += b"data: " + orjson.dumps({**self._base(), "choices": [], "usage": self._usage(data)}) + b"\n\n"
         return out + DONE

@@ -9,12 +9,13 @@ logprobs, the finish_reason and the usage:
 - stream true: one `chat.completion.chunk` per token (the first also carries the role), then a
   chunk with an empty delta, the finish_reason and the usage, then `data: [DONE]`. With
   `stream_options.include_usage` the usage moves to a last chunk with no choices, as OpenAI sends it.
-- stream false: the status and headers (`X-Request-Id`, `X-Session-Id`) go out once the request is
-  stored (within `HEAD_WAIT_SECONDS` of it, api/joined_writes.py, or with the body if it comes
-  first), so a client that loses the connection can find its request; the `chat.completion` follows
+- stream false: the status and headers (`X-Request-Id`, `X-Session-Id`) wait for the request's first
+  token, so that one refused or failed before it gets its own status (409 cancelled, the backend's 4xx,
+  502), which OpenAI's SDKs raise on; at most until an idle ping (`--sse-ping-seconds`), after which they
+  go out, so a client that loses the connection can find its request; the `chat.completion` follows
   when the request ends.
 - `error` and `cancelled` end the answer with an OpenAI-style error object (in the stream, then
-  `[DONE]`; not streamed, as the body of the 200 answer, whose status went out already).
+  `[DONE]`; not streamed, the answer with its own status, or, once the 200 went out, its body).
 
 Generation never depends on the client: a caller that disconnects leaves the request running, and
 its tokens stay readable at `/v1/requests/{X-Request-Id}/events`.
@@ -39,7 +40,7 @@ from sluicegate.api.chat_render import DONE, Completion
 from sluicegate.api.errors import ApiError
 from sluicegate.api.models_routes import model_not_found
 from sluicegate.api.requests_routes import check_session_id, submit_request
-from sluicegate.api.responses import EventStreamResponse, LastChunk
+from sluicegate.api.responses import JSON, EventStreamResponse, LastChunk
 from sluicegate.api.schemas import ChatBody, SubmitBody, parse_priority
 from sluicegate.api.services import Services, principal, services
 from sluicegate.api.streaming import PING
@@ -49,6 +50,7 @@ from sluicegate.sessions.hub import Reader
 from sluicegate.sessions.keys import NAME_PATTERN
 from sluicegate.sessions.registry import DEFAULT_GROUP
 from sluicegate.sessions.requests import NewRequest
+from sluicegate.sessions.runs import BACKEND_REFUSED
 from sluicegate.sessions.stream import EventStream
 
 router = APIRouter()
@@ -92,7 +94,9 @@ async def new_request(body: ChatBody, request: Request, who: Principal) -> NewRe
                          and 1 <= int(deadline) <= MAX_DEADLINE_MS):
         raise ApiError(422, f"X-Deadline-Ms: a deadline in ms, 1..{MAX_DEADLINE_MS}")
     extra = dict(body.model_extra or {})
-    if extra.get("n", 1) != 1:
+    if extra.get("n") is None:  # absent, or null (OpenAI's schema allows it): the default, 1
+        extra.pop("n", None)
+    elif extra["n"] != 1:
         raise ApiError(422, "n: only 1 is supported")
     return NewRequest(
         session_id=session_id, priority=priority,
@@ -105,11 +109,15 @@ async def new_request(body: ChatBody, request: Request, who: Principal) -> NewRe
 
 
 def failure(event: Event) -> tuple[int, str, str]:
-    """Status, type and message of a request that ended without `done`."""
-    data = orjson.loads(event.data)
+    """Status, type and message of a request that ended without `done`: 409 cancelled, the backend's own
+    4xx when it refused the request (a context too long, a bad parameter: calling again will not help),
+    else 502."""
     if event.name == "cancelled":
         return 409, "cancelled", "the request was cancelled"
-    return 502, "generation_failed", str(data.get("message") or "the generation failed")
+    message = str(orjson.loads(event.data).get("message") or "the generation failed")
+    if refused := BACKEND_REFUSED.match(message):
+        return int(refused.group(1)), "invalid_request", message
+    return 502, "generation_failed", message
 
 
 def request_events(svc: Services, new: NewRequest, *, first: int, joined: Reader | None) -> AsyncIterator[list[Event]]:
@@ -148,15 +156,38 @@ async def sse_chunks(svc: Services, new: NewRequest, completion: Completion, fir
                     yield b"".join(out)
 
 
-async def message_body(svc: Services, new: NewRequest, completion: Completion, first: int,
-                       joined: Reader | None) -> AsyncIterator[bytes]:
-    """The non-streamed answer, whose status and headers (X-Request-Id) go out before it (or with it,
-    when it comes within `HEAD_WAIT_SECONDS`): a newline
+async def held_news(batches: AsyncIterator[list[Event]]) -> tuple[list[list[Event]], Event | None]:
+    """The batches of a non-streamed answer up to the first that tells how it goes: a token (it runs), its
+    terminal event, or an idle ping (`--sse-ping-seconds` without an event: still queued). Returns them,
+    and the terminal event if it ended before its first token."""
+    held: list[list[Event]] = []
+    async for batch in batches:
+        held.append(batch)
+        if not batch:
+            break
+        for event in batch:
+            if event.terminal:
+                return held, event
+            if event.name == "token":
+                return held, None
+    return held, None
+
+
+async def message_body(new: NewRequest, completion: Completion, held: list[list[Event]],
+                       batches: AsyncIterator[list[Event]]) -> AsyncIterator[bytes]:
+    """The non-streamed answer, whose status and headers (X-Request-Id) went out once its first token
+    came, or once it was still queued after an idle ping (`held`: the batches read until then): a newline
     while idle (JSON allows leading whitespace; it keeps proxies from closing an idle connection),
     then the `chat.completion`, or an OpenAI error object when the request failed or was cancelled."""
-    # closed at once: see sse_chunks
-    async with aclosing(request_events(svc, new, first=first, joined=joined)) as batches:
+    async def every_batch() -> AsyncIterator[list[Event]]:
+        for batch in held:
+            yield batch
         async for batch in batches:
+            yield batch
+
+    # closed at once: see sse_chunks
+    async with aclosing(batches), aclosing(every_batch()) as events:
+        async for batch in events:
             if not batch:
                 yield b"\n"
                 continue
@@ -227,5 +258,20 @@ async def chat_completions(request: Request):
     if body.stream:
         return EventStreamResponse(sse_chunks(svc, new, completion, first, joined),
                                    headers={**headers, "Cache-Control": "no-store"}, on_close=closed)
-    return EventStreamResponse(message_body(svc, new, completion, first, joined), headers=headers, on_close=closed,
+    # Not streamed: the status waits for the first token, so that a request refused or failed before it
+    # gets its own status, which OpenAI's SDKs raise on (they read no error out of a 200's body).
+    batches = request_events(svc, new, first=first, joined=joined)
+    try:
+        held, ended = await held_news(batches)
+    except BaseException:
+        await batches.aclose()
+        closed()
+        raise
+    if ended is not None and ended.name != "done":
+        await batches.aclose()
+        closed()
+        status, type_, message = failure(ended)
+        return JSON({"error": {"type": type_, "message": message, "code": status}}, status_code=status,
+                    headers=headers)
+    return EventStreamResponse(message_body(new, completion, held, batches), headers=headers, on_close=closed,
                                media_type="application/json")

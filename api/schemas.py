@@ -166,4 +166,4 @@ class ChatBody(BaseModel):
     model: str | None = None
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
-    stream: bool = False
+    stream: bool | None = False  # OpenAI's schema allows null: the default (False)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,6 +27,11 @@ INBOX_BATCH = 64  # assignments read from a worker's inbox in one round trip (ne
 # (`finish(outcome="failed", detail=DEADLINE_EXCEEDED)`; the store words the `error` event's message), and
 # what the store answers a first token appended past it (sessions/lua/includes/requests.lua).
 DEADLINE_EXCEEDED = "deadline_exceeded"
+# How an engine words a request its backend refused before the first token (an HTTP 4xx that calling again
+# will not change: a context too long, a bad parameter), then "HTTP <status>: <the backend's words>": the
+# OpenAI front answers such a request with that status (api/openai_routes.py).
+BACKEND_REFUSED_PREFIX = "the backend refused the request: "
+BACKEND_REFUSED = re.compile(re.escape(BACKEND_REFUSED_PREFIX) + r"HTTP (4\d\d)\b")
 
 
 def shown_info(info: str) -> dict[str, Any]:

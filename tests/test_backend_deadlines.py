@@ -122,11 +122,13 @@ def test_max_attempts_caps_a_backend_that_keeps_cutting_streams(redis_url: str) 
     assert len(fake.records) == 6  # 3 more for the SDK's request: no 4th attempt for either
 
 
-def test_a_failed_non_streamed_request_answers_200_with_an_error_object(redis_url: str) -> None:
-    """The non-streamed answer's 200 and X-Request-Id go out before the request ends (a client that
-    loses the connection can find its request), so a later failure is its body: an OpenAI error
-    object. The SDK raises nothing for a 200: its object has `error` and no choices (README, "OpenAI
-    compatibility"); a streamed request raises APIError (the test above)."""
+def test_a_non_streamed_request_failed_after_its_first_token_answers_200_with_an_error_object(
+        redis_url: str) -> None:
+    """The non-streamed answer's 200 and X-Request-Id go out with its first token (a client that loses
+    the connection can find its request), so a later failure is its body: an OpenAI error object. The
+    SDK raises nothing for a 200: its object has `error` and no choices (README, "OpenAI compatibility");
+    a streamed request raises APIError (the test above); one that fails before its first token gets its
+    own status (tests/test_chat_errors.py)."""
     fake = FakeBackend(models=[MODEL], default=Script.text(*WORDS, cut_after=2))
     with sluicegate_in_front(fake, redis_url, max_attempts=1) as (stack, _):
         client = openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key="x", max_retries=0, timeout=30)

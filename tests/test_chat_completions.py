@@ -133,8 +133,8 @@ def test_a_failed_generation_maps_to_an_openai_error(redis_url: str) -> None:
         error = result.chunks[-1]["error"]
         assert error["type"] == "generation_failed" and "cannot connect" in error["message"]
         code, reply = call("POST", f"{stack.base_url}/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 4})
-        # not streamed, the 200 and its headers went out before the request failed: the body says it
-        assert code == 200 and reply["error"]["type"] == "generation_failed" and reply["error"]["code"] == 502
+        # not streamed, it failed before its first token: its status says so (tests/test_chat_errors.py)
+        assert code == 502 and reply["error"]["type"] == "generation_failed" and reply["error"]["code"] == 502
         port = dead.split(":")[-1].split("/")[0]
         assert "cannot connect" in reply["error"]["message"] and port not in reply["error"]["message"]  # no address
     finally:
