@@ -88,6 +88,24 @@ def test_tokens_per_second_reserve_and_refund(r: redis.Redis) -> None:
 
 
 @pytest.mark.single_server  # the deterministic harness pins the clock (a global key)
+def test_a_run_past_its_max_tokens_resumes_reserving_nothing(r: redis.Redis) -> None:
+    """A backend that streams message diffs may send more chunks than max_tokens, each a token event
+    (workers/engines/openai.py): its resume has no tokens left to reserve, and must not give the group
+    back tokens it never had, nor lower its tenant's charge."""
+    h = Harness(r)
+    h.quota("default", tokens_per_second=100)
+    h.add_worker("w", slots=1)
+    rid = h.submit("a", max_tokens=4)
+    assert float(qs(h)["lvl"]) == 96
+    charged = h.vtc("t")
+    run = h.run_of(rid)
+    h.append(run, 6)  # 6 token events for a max_tokens of 4
+    h.handback(run)  # resumed at once on the slot it gave back
+    assert h.status(rid) == "running" and h.run_of(rid).attempt == "2"
+    assert float(qs(h)["lvl"]) == 96 and h.vtc("t") >= charged
+
+
+@pytest.mark.single_server  # the deterministic harness pins the clock (a global key)
 def test_request_larger_than_the_bucket_waits_for_a_full_bucket_then_borrows(r: redis.Redis) -> None:
     h = Harness(r)
     h.quota("default", tokens_per_second=100)

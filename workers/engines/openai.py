@@ -3,10 +3,18 @@
 The streamed call goes through a lean HTTP/1.1 client of its own (workers/engines/http1.py, kept
 connections, 0.4 ms less to the first chunk than aiohttp); the calls off the first token's way
 (models, the probe, token counts) share one aiohttp session per worker process. Each chunk with text,
-a non-text delta (tool calls) or logprobs is one token of the run; what the chunk carried besides
-text travels with it (`Token`), and the stream's finish_reason and usage end it (`Finish`). Usage is
-asked for with `stream_options.include_usage` (a server that refuses the field is asked again without
-it, and not asked again).
+a non-text delta (tool calls) or logprobs is one token of the run (one `token` event, its index the
+next); what the chunk carried besides text travels with it (`Token`), and the stream's finish_reason
+and usage end it (`Finish`). Usage is asked for with `stream_options.include_usage` (a server that
+refuses the field is asked again without it, and not asked again).
+
+A server that streams message diffs (llama.cpp) may send several chunks for one generated token (the
+end of the text and the start of a tool call; a tool call's name, then its arguments): the backend's
+own max_tokens ends its output, and every chunk it sent is kept, with its finish_reason. Only a
+backend past its max_tokens is cut here (closing the stream), its run then ending `length`: by its own
+count (a server that reports usage in every chunk), or past RUNAWAY_CHUNKS_PER_TOKEN chunks per token
+asked (plus RUNAWAY_SLACK). Indices count chunks: a resume by regeneration skips as many chunks (the
+same ones under greedy decoding); one by continuation asks for max_tokens less them.
 
 Failures, and who handles them:
 - before the first token (connection refused, timeout, 408, 429, 5xx, a stream cut short, no token
@@ -15,6 +23,9 @@ Failures, and who handles them:
   as a transient EngineError naming the backend and its last error. Other 4xx are permanent at once
   (the request itself is wrong).
 - after tokens streamed (a broken stream, silence past `idle_timeout`): a transient EngineError.
+- an error the backend reports inside its stream (vLLM's `data: {"error": ...}`, llama.cpp's
+  `error: {...}` line, a `data:` after `event: error`), before or after tokens: its own words; a 4xx
+  other than 408 and 429 is permanent, any other is transient as above.
 A transient failure hands the run back; it resumes, possibly on another worker and backend, from the
 tokens so far, until the request has failed `--max-attempts` times. Keep-alive comments are not
 activity: a backend that sends only those times out like a silent one.
@@ -55,7 +66,7 @@ import orjson
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_random_exponential
 
 from sluicegate.sessions.idle import IdleDeadline
-from sluicegate.sessions.runs import RunSpec
+from sluicegate.sessions.runs import BACKEND_REFUSED_PREFIX, RunSpec
 from sluicegate.settings import Settings
 from sluicegate.tracing import TRACE_PARAM, Tracing, traced_stream, tracing_for
 from sluicegate.workers.engines.base import EngineError, Finish, Piece, Token
@@ -71,7 +82,11 @@ RESERVED = frozenset({"model", "messages", "stream", "stream_options", "max_toke
 TEXT_FIELDS = frozenset({"content", "role"})  # what a delta carries that is not passed on raw
 RETRIED_STATUSES = frozenset({408, 429})
 COUNT_TIMEOUT = 5.0  # seconds for a tokenize-count call; past it the usage is Sluicegate's estimate
-OVERSHOOT_READ = 8  # chunks read past max_tokens for the finish_reason and usage before cutting the stream
+# A backend past its max_tokens is cut: by its own count (usage in every chunk), or past
+# RUNAWAY_CHUNKS_PER_TOKEN chunks per token asked, plus RUNAWAY_SLACK (a server streaming message diffs
+# sends more chunks than tokens, and must never be cut while it ends by itself).
+RUNAWAY_CHUNKS_PER_TOKEN = 2
+RUNAWAY_SLACK = 8
 MAX_LINE = 2**20  # bytes of one line of a backend's stream (a chunk with logprobs is a few KB)
 
 
@@ -111,6 +126,39 @@ def error_message(status: int, body: bytes) -> str:
     except (orjson.JSONDecodeError, AttributeError):
         text = body.decode(errors="replace")
     return f"HTTP {status}: {text.strip()[:300]}"
+
+
+def stream_error(payload: bytes) -> Exception:
+    """A failure the backend reported inside its stream, shaped `{"error": {...}}` (vLLM), `{"code": ..,
+    "message": ..}` (llama.cpp's `error:` line) or plain text: the backend's words, permanent for a 4xx
+    no retry fixes (the request itself is wrong), else transient."""
+    try:
+        data = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        data = None
+    code = None
+    if isinstance(data, dict):
+        detail = data.get("error")
+        code = detail.get("code") if isinstance(detail, dict) else None
+        code = data.get("code") if code is None else code
+    if isinstance(code, str) and code.isdigit():
+        code = int(code)
+    status = code if isinstance(code, int) and not isinstance(code, bool) else 500
+    message = error_message(status, payload)
+    if 400 <= status < 500 and status not in RETRIED_STATUSES:
+        return Permanent(message)
+    return Transient(message)
+
+
+def usage_over(usage: dict[str, Any] | None, budget: int) -> bool:
+    """Whether the backend's own count (a server may report usage in every chunk) says it generated
+    more than the `budget` tokens it was asked for."""
+    if usage is None:
+        return False
+    try:
+        return int(usage["completion_tokens"]) > budget
+    except (KeyError, TypeError, ValueError):
+        return False
 
 
 def usage_as_uninterrupted(usage: Any, start_index: int) -> dict[str, Any] | None:
@@ -313,8 +361,13 @@ class OpenAIEngine:
         state = StreamState()
         response, tokens, first = await self._open(run, so_far, state, headers)
         skip = run.start_index if run.start_index and not self.capabilities.continues else 0
+        asked = remaining + skip  # the max_tokens this call asked for (body())
+        # A backend ends its stream itself, within max_tokens: every chunk it sent is kept, however many
+        # chunks its tokens came in. Only a runaway one, past its max_tokens, is cut here.
+        most = asked * RUNAWAY_CHUNKS_PER_TOKEN + RUNAWAY_SLACK
         skipped: list[str] = []
-        produced = extra = 0
+        produced = read = 0
+        cut = False
         generated: list[str] = []  # this call's text, skipped tokens included (counted when no usage comes)
         keep_text = self.capabilities.counts_tokens
         ended = False
@@ -322,6 +375,10 @@ class OpenAIEngine:
         try:
             piece = first
             while piece is not None:
+                read += 1
+                if read > most or (state.finish_reason is None and usage_over(state.usage, asked)):
+                    cut = True  # closing the stream aborts the generation
+                    break
                 if keep_text:
                     generated.append(piece if isinstance(piece, str) else piece.text)
                 if skip:
@@ -331,19 +388,15 @@ class OpenAIEngine:
                         log.warning("run %s|%s: the regenerated output differs from what was streamed before "
                                     "index %d; the rest continues the new one", run.request_id, run.attempt,
                                     run.start_index)
-                elif produced < remaining:
+                else:
                     yield piece
                     produced += 1
-                else:  # read on for the finish_reason and usage; a backend past max_tokens is cut
-                    extra += 1
-                    if extra > OVERSHOOT_READ:
-                        break
                 try:
                     piece = await idle.next(tokens)
                 except TimeoutError:
                     raise Transient(f"no token for {self.idle_timeout:g} s (--backend-idle-timeout)") from None
             ended = piece is None  # the stream's own end: its last bytes are read and the connection kept
-            if extra:  # it went past max_tokens: what the caller got ends at the length limit
+            if cut:  # Sluicegate ended it: at the length limit, whatever the backend meant to say
                 state.finish_reason = "length"
             if state.usage is None and self.capabilities.counts_tokens:
                 state.usage = await self._count_usage(run, so_far, "".join(generated))
@@ -387,7 +440,7 @@ class OpenAIEngine:
                 return len(orjson.loads(await r.read())["tokens"])
 
     def _finish(self, state: StreamState, run: RunSpec, produced: int, remaining: int) -> Finish:
-        """How the stream ended: the backend's finish_reason (`length` when it was cut at max_tokens), and
+        """How the stream ended: the backend's finish_reason (`length` when Sluicegate cut it), and
         its usage for the whole request (a regenerated run's call generated all of it)."""
         reason = state.finish_reason or ("length" if produced >= remaining else "stop")
         moved = run.start_index if self.capabilities.continues else 0
@@ -412,7 +465,7 @@ class OpenAIEngine:
         except Permanent as error:
             log.warning("run %s|%s: backend %s refused the request: %s", run.request_id, run.attempt, self.base_url,
                         error)
-            raise EngineError(f"the backend refused the request: {error}", transient=False) from error
+            raise EngineError(f"{BACKEND_REFUSED_PREFIX}{error}", transient=False) from error
 
     async def _attempt(self, run: RunSpec, so_far: str, state: StreamState,
                        headers: dict[str, str] | None = None) -> tuple[Response, Any, Piece | None]:
@@ -457,24 +510,30 @@ class OpenAIEngine:
     async def _tokens(response: AsyncIterable[bytes], state: StreamState, *,
                       strict_done: bool = False) -> AsyncIterator[Piece]:
         """Tokens from an SSE body; a stream that ends without `[DONE]` or a finish_reason is cut short,
-        and so is (`strict_done`: a server known to interrupt streams) a `[DONE]` without a finish_reason."""
+        and so is (`strict_done`: a server known to interrupt streams) a `[DONE]` without a finish_reason.
+        A failure the backend reports in the stream ends it with the backend's words (stream_error):
+        `data: {"error": ...}` (vLLM), an `error: {...}` line (llama.cpp) or `data:` after `event: error`."""
+        event = b""  # the event's name (an `event:` line), until the blank line that ends the event
         async with aclosing(sse_lines(response)) as lines:  # closed at [DONE], not by the GC
             async for line in lines:
                 if not line.startswith(b"data:"):
-                    continue  # blank separators, comments (keep-alives), event names
+                    if line.startswith(b"error:"):  # llama.cpp's server: server_sent_event(sink, "error", ...)
+                        raise stream_error(line[6:].strip())
+                    if line.startswith(b"event:"):
+                        event = line[6:].strip()
+                    elif not line.strip():
+                        event = b""
+                    continue  # comments (keep-alives), other fields
                 payload = line[5:].strip()
+                if event == b"error":  # `event: error` then its `data:` (a server's failure mid-stream)
+                    raise stream_error(payload)
                 if payload == b"[DONE]":
                     if strict_done and state.finish_reason is None:  # llama-cpp-python interrupted it for another
                         raise Transient("the stream ended with [DONE] but no finish_reason (cut short)")
                     return
                 chunk = orjson.loads(payload)
                 if "error" in chunk:  # vLLM reports errors inside the stream
-                    error = chunk["error"]
-                    code = error.get("code") if isinstance(error, dict) else None
-                    message = error_message(code if isinstance(code, int) else 500, payload)
-                    if isinstance(code, int) and 400 <= code < 500 and code not in RETRIED_STATUSES:
-                        raise Permanent(message)
-                    raise Transient(message)
+                    raise stream_error(payload)
                 for piece in pieces_of(chunk, state):
                     yield piece
         if state.finish_reason is None:

@@ -69,7 +69,7 @@ local function dispatch(cp, now, lease, share)
       end
       local sid = redis.call('ZRANGE', cp .. 'c' .. top .. ':' .. tenant, 0, 0)[1]
       local spec = ready_head(cp, sid)
-      local ok, wake, why = quota_gate(cp, cfg, spec.mt - spec.n, spec.a == 0, now)
+      local ok, wake, why = quota_gate(cp, cfg, tokens_left(spec), spec.a == 0, now)
       if not ok then
         if wid then redis.call('RPUSH', cp .. 'idle', wid) end -- the ticket goes back where it was
         redis.call('HSET', cp .. 'qs', 'throttled', why, 'throttled_at', now)
@@ -99,7 +99,7 @@ end
 local function start_alone(cp, spec, now, lease)
   if redis.call('EXISTS', cp .. 'cls') == 1 then return false end
   local cfg = quota_config(cp)
-  if not quota_gate(cp, cfg, spec.mt - spec.n, spec.a == 0, now) then return false end
+  if not quota_gate(cp, cfg, tokens_left(spec), spec.a == 0, now) then return false end
   local wid = take_ticket(cp)
   if not wid then return false end
   local heaviest, limit = headroom(cp, spec.ep, true)

@@ -109,7 +109,7 @@ local function hand_over(cp, cls, cfg, now, lease)
       local spec = ready_head(cp, sid)
       -- the swap leaves the runs in flight as they were: only the rate quotas are asked
       if not quota_gate(cp, { rps = cfg.rps, tps = cfg.tps, burst = cfg.burst, cap = cfg.cap },
-          spec.mt - spec.n, spec.a == 0, now) then
+          tokens_left(spec), spec.a == 0, now) then
         return false
       end
       preempt(cp, key, rec, now, lease, 'fair_share', true)

@@ -25,6 +25,12 @@ local HAS_PLACE = { sid = true, g = true }
 for i = 1, STORED_COUNT do HAS_PLACE[STORED_SPEC[i]] = true end -- (no ipairs while a library loads)
 local GROUP_FROM = #PREFIX + #'{g:' + 1 -- where a control plane's prefix sg:{g:<group>}: names its group
 
+-- The tokens a request may still generate: its max_tokens less those written, never below 0 (an engine
+-- whose backend streams message diffs may write more chunks than max_tokens: workers/engines/openai.py).
+local function tokens_left(spec)
+  return math.max(0, spec.mt - spec.n)
+end
+
 -- A value as stored: nil, false and JSON's null as '' (a field this spec lacks), true as '1'.
 local function stored_value(value)
   if value == nil or value == false or value == cjson.null then return '' end

@@ -123,7 +123,7 @@ end
 -- ready entry): the ticket goes back.
 local function start_run(cp, cls, tenant, counter, spec, wid, cfg, now, lease)
   local attempt = spec.a + 1
-  local remaining = spec.mt - spec.n
+  local remaining = tokens_left(spec)
   local pol = policy(cp)
   local estimate = math.ceil(remaining * pol.est)
   local input_cost = (spec.n == 0 and attempt == 1) and pol.w_in * spec.it or 0
