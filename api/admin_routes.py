@@ -1,4 +1,5 @@
-"""Keys, tenant weights, group quotas and statistics (admin key required when auth is on)."""
+"""Keys, tenant weights, group quotas and statistics (admin key required when auth is on: the router's
+dependency checks it before anything else, so a tenant key gets 403 whatever its body)."""
 
 from __future__ import annotations
 
@@ -8,16 +9,15 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 
 from sluicegate.api import audit
-from sluicegate.api.auth import Principal, require_admin
 from sluicegate.api.errors import ApiError
 from sluicegate.api.responses import JSON
 from sluicegate.api.schemas import GroupBody, KeyBody, TenantBody
-from sluicegate.api.services import Services, principal, services
+from sluicegate.api.services import Services, admin, services
 from sluicegate.scheduler.deadlines import read_deadlines, write_deadlines
 from sluicegate.sessions.keys import NAME_PATTERN
 from sluicegate.sessions.registry import ModelConflict, declare_group, forget_group_model, group_models
 
-router = APIRouter(prefix="/v1/admin")
+router = APIRouter(prefix="/v1/admin", dependencies=[Depends(admin)])
 NAME = re.compile(NAME_PATTERN)
 
 
@@ -27,8 +27,7 @@ def check_name(kind: str, name: str) -> None:
 
 
 @router.post("/keys", status_code=201)
-async def create_key(body: KeyBody, request: Request, who: Principal = Depends(principal)):
-    require_admin(who)
+async def create_key(body: KeyBody, request: Request):
     created = await services(request).keyring.create(body.tenant, body.expires_in)
     await audit.record(services(request), "key.create", created["key_id"], None,
                        {k: v for k, v in created.items() if k != "key"})
@@ -36,15 +35,13 @@ async def create_key(body: KeyBody, request: Request, who: Principal = Depends(p
 
 
 @router.get("/keys")
-async def list_keys(request: Request, who: Principal = Depends(principal)):
+async def list_keys(request: Request):
     """Every key's id, tenant, creation, last use (to about a minute) and expiry; never the key."""
-    require_admin(who)
     return JSON({"keys": await services(request).keyring.listing()})
 
 
 @router.delete("/keys/{key_id}")
-async def revoke_key(key_id: str, request: Request, who: Principal = Depends(principal)):
-    require_admin(who)
+async def revoke_key(key_id: str, request: Request):
     before = await audit.key_state(services(request), key_id)
     if not await services(request).keyring.revoke(key_id):
         raise ApiError(404, f"no key {key_id!r}")
@@ -53,15 +50,13 @@ async def revoke_key(key_id: str, request: Request, who: Principal = Depends(pri
 
 
 @router.get("/tenants")
-async def list_tenants(request: Request, who: Principal = Depends(principal)):
-    require_admin(who)
+async def list_tenants(request: Request):
     return JSON({"tenants": await services(request).tuning.tenants()})
 
 
 @router.put("/tenants/{tenant}")
-async def set_tenant(tenant: str, body: TenantBody, request: Request, who: Principal = Depends(principal)):
+async def set_tenant(tenant: str, body: TenantBody, request: Request):
     """The weight (fair share) and the guardrails (api/guardrails.py); fields left out are kept."""
-    require_admin(who)
     check_name("tenant", tenant)
     svc = services(request)
     before = await svc.tuning.tenant(tenant)
@@ -78,8 +73,7 @@ async def set_tenant(tenant: str, body: TenantBody, request: Request, who: Princ
 
 
 @router.get("/groups")
-async def list_groups(request: Request, who: Principal = Depends(principal)):
-    require_admin(who)
+async def list_groups(request: Request):
     svc = services(request)
     models = await group_models(svc.redis)
     return JSON({"groups": [{"group": g, "model": models.get(g), "quota": await svc.tuning.quota(g),
@@ -92,10 +86,9 @@ def deadlines_view(deadlines: dict[int, int]) -> dict[str, int]:
 
 
 @router.put("/groups/{group}")
-async def set_group(group: str, body: GroupBody, request: Request, who: Principal = Depends(principal)):
+async def set_group(group: str, body: GroupBody, request: Request):
     """Declares the group; `model` names the model it serves (409 `model_conflict` when another group
     serves it: nothing is changed then), null forgets it; the quota fields as before."""
-    require_admin(who)
     check_name("group", group)
     svc = services(request)
     before = await audit.group_state(svc, group)
@@ -120,8 +113,7 @@ async def set_group(group: str, body: GroupBody, request: Request, who: Principa
 
 
 @router.get("/stats")
-async def stats(request: Request, who: Principal = Depends(principal)):
-    require_admin(who)
+async def stats(request: Request):
     return JSON(await stats_document(services(request)))
 
 

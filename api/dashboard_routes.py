@@ -104,10 +104,15 @@ async def stats_events(svc: Services, interval: float) -> AsyncIterator[bytes]:
         await asyncio.sleep(interval)
 
 
-@router.get("/v1/admin/stats/stream", responses={200: {"content": {"text/event-stream": {}}}})
-async def stats_stream(request: Request, interval: float = Query(1.0, ge=0.2, le=60.0),
-                       who: Principal = Depends(stats_stream_principal)) -> EventSourceResponse:
-    """The dashboard's feed: admin key, or `?token=` from `POST /v1/stream-tokens {"stats": true}`."""
+async def stats_reader(who: Principal = Depends(stats_stream_principal)) -> Principal:
+    """The admin (key or stats token), checked before the query is validated: 401, then 403, before 422."""
     require_admin(who)
+    return who
+
+
+@router.get("/v1/admin/stats/stream", responses={200: {"content": {"text/event-stream": {}}}},
+            dependencies=[Depends(stats_reader)])
+async def stats_stream(request: Request, interval: float = Query(1.0, ge=0.2, le=60.0)) -> EventSourceResponse:
+    """The dashboard's feed: admin key, or `?token=` from `POST /v1/stream-tokens {"stats": true}`."""
     svc = services(request)
     return EventSourceResponse(stats_events(svc, interval), ping=0, headers={"Cache-Control": "no-store"})

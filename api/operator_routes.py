@@ -13,10 +13,9 @@ from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
 from sluicegate.api import audit
-from sluicegate.api.auth import Principal, require_admin
 from sluicegate.api.errors import ApiError
 from sluicegate.api.responses import JSON
-from sluicegate.api.services import principal, services
+from sluicegate.api.services import admin, services
 from sluicegate.sessions import usage
 from sluicegate.sessions.connect import UNAVAILABLE
 from sluicegate.sessions.library import digest
@@ -24,11 +23,9 @@ from sluicegate.sessions.library import digest
 router = APIRouter()
 
 
-@router.get("/v1/admin/audit")
-async def audit_log(request: Request, who: Principal = Depends(principal),
-                    limit: int = Query(100, ge=1, le=audit.AUDIT_MAX)):
+@router.get("/v1/admin/audit", dependencies=[Depends(admin)])
+async def audit_log(request: Request, limit: int = Query(100, ge=1, le=audit.AUDIT_MAX)):
     """Admin changes, newest first: {at, key_id, action, target, before, after} (api/audit.py)."""
-    require_admin(who)
     return JSON({"entries": await audit.entries(services(request), limit)})
 
 
@@ -51,12 +48,10 @@ def parse_since(since: str | None) -> float:
     return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
 
 
-@router.get("/v1/admin/usage")
-async def usage_report(request: Request, who: Principal = Depends(principal), tenant: str = "", group: str = "",
-                       since: str = ""):
+@router.get("/v1/admin/usage", dependencies=[Depends(admin)])
+async def usage_report(request: Request, tenant: str = "", group: str = "", since: str = ""):
     """Requests, input and output tokens per tenant, group and hour, from `since` (hours are kept 35 days;
     sessions/usage.py). Each row's `hour` is the Unix time its hour starts."""
-    require_admin(who)
     start = parse_since(since)
     rows = await usage.usage(services(request).redis, since=start, tenant=tenant or None, group=group or None)
     for row in rows:
