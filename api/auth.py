@@ -2,10 +2,15 @@
 
 With auth off (the default on loopback) every caller is an admin and names its tenant in the body.
 With auth on, a tenant key fixes the tenant and sees only its own sessions and requests.
+
+A request checks its key in Redis; an open SSE stream checks its key again every few seconds
+(api/key_watch.py) against this process's cache of each key's state, read again at most every
+`KEY_CHECK_SECONDS` per key (not per stream: 10,000 streams of one key cost one read per period).
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import secrets
@@ -25,6 +30,8 @@ from sluicegate.sessions import keys
 class Principal:
     admin: bool
     tenant: str | None = None  # set for tenant keys
+    key_id: str | None = None  # the tenant key (or the key a stream token was minted from)
+    expires_at: float | None = None  # the key's expiry (Unix s) when known; None: none, or not known
 
     @property
     def owner(self) -> str:
@@ -36,6 +43,18 @@ OPEN = Principal(admin=True)
 # `last_used_at` is written at most this often per key and API process: a key's use costs no write
 # per request, and the listing is still accurate to about a minute.
 TOUCH_SECONDS = 60.0
+# A key's cached state (revoked? expiry?) is read again from Redis at most this often per API process.
+KEY_CHECK_SECONDS = 3.0
+
+
+@dataclass(frozen=True)
+class KeyState:
+    read_at: float  # monotonic
+    exists: bool
+    expires_at: float | None = None
+
+    def live(self) -> bool:
+        return self.exists and (self.expires_at is None or time.time() < self.expires_at)
 
 
 def key_digest(key: str) -> str:
@@ -48,6 +67,9 @@ class KeyRing:
         self.enabled = enabled
         self.admin_key = admin_key
         self.touched: dict[str, float] = {}  # key_id -> when this process last wrote its last_used_at (monotonic)
+        self.states: dict[str, KeyState] = {}  # key_id -> its state as last read (open streams check it)
+        self.reading: dict[str, asyncio.Future[KeyState]] = {}  # key_id -> its read in flight (one per key)
+        self.revocations = 0  # keys revoked through this process: open streams check theirs at once
 
     async def create(self, tenant: str, expires_in: float | None = None) -> dict[str, Any]:
         """A new key, shown once; only its digest is stored. `expires_in` (seconds) bounds its life."""
@@ -79,7 +101,29 @@ class KeyRing:
         await self.redis.hdel(keys.API_KEY_IDS, key_id)
         await self.redis.hdel(keys.API_KEYS_USED, key_id)
         self.touched.pop(key_id, None)
+        self.states[key_id] = KeyState(time.monotonic(), exists=False)
+        self.revocations += 1
         return True
+
+    async def key_live(self, key_id: str) -> bool:
+        """The key is neither revoked nor expired, as of a read at most KEY_CHECK_SECONDS old: a local
+        lookup, and one read per key and period however many streams ask (they share the read)."""
+        state = self.states.get(key_id)
+        if state is None or time.monotonic() - state.read_at >= KEY_CHECK_SECONDS:
+            reading = self.reading.get(key_id)
+            if reading is None:
+                reading = self.reading[key_id] = asyncio.ensure_future(self._read_state(key_id))
+                reading.add_done_callback(lambda _: self.reading.pop(key_id, None))
+            state = await asyncio.shield(reading)  # a cancelled stream does not cancel the others' read
+        return state.live()
+
+    async def _read_state(self, key_id: str) -> KeyState:
+        digest = await self.redis.hget(keys.API_KEY_IDS, key_id)
+        raw = None if digest is None else await self.redis.hget(keys.API_KEYS, digest)
+        state = KeyState(time.monotonic(), exists=False) if raw is None else KeyState(
+            time.monotonic(), exists=True, expires_at=orjson.loads(raw).get("expires_at"))
+        self.states[key_id] = state
+        return state
 
     async def listing(self) -> list[dict[str, Any]]:
         """Every key's metadata, oldest first: never the key nor its digest (the digest of a short or
@@ -107,10 +151,11 @@ class KeyRing:
             raise ApiError(401, f"API key {record['key_id']} expired; ask the operator for a new one")
         key_id = record["key_id"]
         at = time.monotonic()
+        self.states[key_id] = KeyState(at, exists=True, expires_at=expires_at)  # just read: a fresh state
         if at - self.touched.get(key_id, -TOUCH_SECONDS) >= TOUCH_SECONDS:
             self.touched[key_id] = at
             await self.redis.hset(keys.API_KEYS_USED, key_id, round(now, 3))
-        return Principal(admin=False, tenant=record["tenant"])
+        return Principal(admin=False, tenant=record["tenant"], key_id=key_id, expires_at=expires_at)
 
     async def principal(self, request: Request) -> Principal:
         if not self.enabled:

@@ -10,7 +10,8 @@ after expiry gets 401 and needs a new token.
 Tokens are stateless: `<payload>.<HMAC-SHA256>`, both base64url, with a secret that the first API
 process to need it generates into Redis (`sg:stream-token-secret`, SET NX), so every API process
 accepts every other's tokens and a token survives an API restart. A tenant's token names the key it
-was minted with: revoking the key revokes its tokens (one HEXISTS when a stream opens). Deleting the
+was minted with: revoking the key revokes its tokens (one HEXISTS when a stream opens), and ends the
+streams they opened as it ends the key's own (api/key_watch.py). Deleting the
 secret (and restarting the API processes) revokes every token.
 """
 
@@ -116,7 +117,7 @@ class StreamTokens:
         if key_id is not None and not await self.redis.hexists(keys.API_KEY_IDS, key_id):
             raise ApiError(401, "the API key this stream token came from was revoked")
         tenant = fields.get("t")
-        return Principal(admin=tenant is None, tenant=tenant)
+        return Principal(admin=tenant is None, tenant=tenant, key_id=key_id)
 
 
 def stream_tokens(request: Request) -> StreamTokens:

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Depends, Request
 
 from sluicegate.api.auth import Principal
 from sluicegate.api.errors import ApiError
+from sluicegate.api.key_watch import KeyWatch, key_watch
 from sluicegate.api.requests_routes import check_session_id
 from sluicegate.api.responses import EventStreamResponse, LastChunk
 from sluicegate.api.services import Services, services
@@ -19,6 +20,7 @@ from sluicegate.sessions.stream import EventStream
 
 router = APIRouter()
 PING = b": ping\n\n"
+KEY_ENDED = LastChunk(b": the API key of this stream was revoked or expired\n\n")
 MAX_EVENT_ID = 2**53 - 1  # the scripts hold ids as Lua numbers (doubles): past this they are not exact
 
 
@@ -30,10 +32,15 @@ def resume_cursor(request: Request) -> int:
     return int(raw)
 
 
-async def sse_bytes(svc: Services, stream: EventStream) -> AsyncIterator[bytes]:
+async def sse_bytes(svc: Services, stream: EventStream, watch: KeyWatch | None = None) -> AsyncIterator[bytes]:
+    """The stream's bytes; it ends when its key is revoked or expires (api/key_watch.py): checked before
+    a batch or ping goes out, every few seconds (a clock read otherwise)."""
     with svc.stream_open():
         async with aclosing(stream.batches()) as batches:  # closed at once, not by the garbage collector
             async for batch in batches:
+                if watch is not None and watch.due() and await watch.ended():
+                    yield KEY_ENDED  # the client's reconnect gets the 401
+                    return
                 if not batch:
                     yield PING
                 elif stream.finished:  # a request's terminal event: the stream's end goes out with it
@@ -47,7 +54,8 @@ async def sse_bytes(svc: Services, stream: EventStream) -> AsyncIterator[bytes]:
 SSE_HEADERS = {"Cache-Control": "no-store", "Connection": "keep-alive", "X-Accel-Buffering": "no"}
 
 
-def sse_response(svc: Services, stream: EventStream, on_close: Callable[[], None]) -> EventStreamResponse:
+def sse_response(svc: Services, stream: EventStream, on_close: Callable[[], None],
+                 who: Principal | None = None) -> EventStreamResponse:
     """The lean streamed response (api/responses.py) with sse-starlette's headers, ended at shutdown as
     sse-starlette ends its streams. sse-starlette ran four tasks in an anyio task group per stream; this
     runs one watcher. `on_close` runs however the response ends (a client gone before
@@ -57,7 +65,8 @@ def sse_response(svc: Services, stream: EventStream, on_close: Callable[[], None
         stream.close()
         on_close()
 
-    return EventStreamResponse(sse_bytes(svc, stream), headers=dict(SSE_HEADERS), on_close=closed,
+    watch = key_watch(svc.keyring, who) if who is not None else None
+    return EventStreamResponse(sse_bytes(svc, stream, watch), headers=dict(SSE_HEADERS), on_close=closed,
                                end_on_shutdown=True)
 
 
@@ -97,7 +106,7 @@ async def session_stream(svc: Services, who: Principal, session_id: str, request
     check_cursor(session_id, cursor, bounds)
     release = await svc.guardrails.open_stream(who)  # last: a refused stream was otherwise valid (429)
     stream = EventStream(svc.store, svc.hub, session_id, after=cursor, idle_seconds=svc.settings.sse_ping_seconds)
-    return sse_response(svc, stream, release)
+    return sse_response(svc, stream, release, who)
 
 
 async def request_stream(svc: Services, who: Principal, request_id: str, request: Request, *,
@@ -147,7 +156,7 @@ async def request_stream(svc: Services, who: Principal, request_id: str, request
     except BaseException:
         stream.close()  # idempotent
         raise
-    return sse_response(svc, stream, release)
+    return sse_response(svc, stream, release, who)
 
 
 @router.get("/v1/sessions/{session_id}/events")

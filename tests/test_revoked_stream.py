@@ -1,0 +1,167 @@
+"""Revoking a tenant key, or its expiry, ends the SSE streams it opened (itself or through a stream token
+minted from it) within api/key_watch.py's bound: a leaked key's stream stops delivering the tenant's
+later output, and its reconnect gets 401. Checking costs no Redis read per stream: streams of one key
+share one read per KEY_CHECK_SECONDS."""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import json
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import redis
+
+from sluicegate.api.auth import KEY_CHECK_SECONDS, KeyRing, KeyState
+from sluicegate.api.key_watch import BOUND_SECONDS
+from sluicegate.sessions import keys
+from sluicegate.sessions.connect import async_client
+from tests.helpers import ON_CLUSTER, Stack, call, fast_settings
+
+ADMIN = {"Authorization": "Bearer admin-secret"}
+PING = 0.3
+SLACK = 3.0  # a loaded machine's delays on top of the bound
+
+
+@pytest.fixture
+def auth_stack(redis_url: str) -> Iterator[Stack]:
+    running = Stack(fast_settings(redis_url, auth=True, admin_key="admin-secret", sse_ping_seconds=PING,
+                                  sim_tokens_per_second=50.0)).start(workers=1)
+    yield running
+    running.stop()
+
+
+@dataclass
+class OpenStream:
+    """An SSE stream read in a thread: its events and when it ended."""
+
+    response: http.client.HTTPResponse
+    events: list[dict[str, Any]] = field(default_factory=list)
+    ended_at: float | None = None
+
+    def read(self) -> None:
+        try:
+            while line := self.response.readline():
+                if line.startswith(b"data: "):
+                    self.events.append(json.loads(line[6:]))
+        except Exception:
+            pass
+        self.ended_at = time.monotonic()
+
+    def wait_end(self, timeout: float) -> float | None:
+        deadline = time.monotonic() + timeout
+        while self.ended_at is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return self.ended_at
+
+
+def open_stream(base: str, path: str, headers: dict[str, str] | None = None) -> OpenStream:
+    host, port = base.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    conn.request("GET", path, headers=headers or {})
+    response = conn.getresponse()
+    assert response.status == 200, (path, response.status, response.read())
+    stream = OpenStream(response)
+    threading.Thread(target=stream.read, daemon=True).start()
+    return stream
+
+
+def new_key(base: str, **body: Any) -> tuple[str, dict[str, str]]:
+    created = call("POST", f"{base}/v1/admin/keys", {"tenant": "acme", **body}, headers=ADMIN)[1]
+    return created["key_id"], {"Authorization": f"Bearer {created['key']}"}
+
+
+def submit(base: str, sid: str, headers: dict[str, str], max_tokens: int = 2) -> str:
+    code, reply = call("POST", f"{base}/v1/sessions/{sid}/requests", {"prompt": "x", "max_tokens": max_tokens},
+                       headers=headers)
+    assert code == 202, reply
+    return str(reply["request_id"])
+
+
+def test_revoking_a_key_ends_its_session_stream_before_the_tenants_next_output(auth_stack: Stack) -> None:
+    base = auth_stack.base_url
+    leaked_id, leaked = new_key(base)
+    _, fresh = new_key(base)
+    submit(base, "s1", leaked)
+    stream = open_stream(base, "/v1/sessions/s1/events", leaked)
+    time.sleep(0.5)
+    assert call("DELETE", f"{base}/v1/admin/keys/{leaked_id}", headers=ADMIN)[0] == 200
+    later = submit(base, "s1", fresh, max_tokens=5)
+    assert stream.wait_end(PING + SLACK) is not None, "the revoked key's stream is still open"
+    time.sleep(0.5)
+    assert [e for e in stream.events if e.get("request_id") == later] == []
+    assert call("GET", f"{base}/v1/sessions/s1/events", headers=leaked)[0] == 401
+
+
+def test_a_key_revoked_by_another_api_process_ends_its_streams_within_the_bound(auth_stack: Stack,
+                                                                                 r: redis.Redis) -> None:
+    base = auth_stack.base_url
+    key_id, headers = new_key(base)
+    rid = submit(base, "s2", headers, max_tokens=2000)  # 40 s of output at 50 tokens/s
+    by_key = open_stream(base, f"/v1/requests/{rid}/events", headers)
+    token = call("POST", f"{base}/v1/stream-tokens", {"session_id": "s2"}, headers=headers)[1]["token"]
+    by_token = open_stream(base, f"/v1/sessions/s2/events?token={token}")
+    time.sleep(0.3)
+    # what another API process's revoke writes (api/auth.py KeyRing.revoke): this one's cache knows nothing
+    revoked_at = time.monotonic()
+    r.hdel(keys.API_KEYS, r.hget(keys.API_KEY_IDS, key_id))
+    r.hdel(keys.API_KEY_IDS, key_id)
+    for stream in (by_key, by_token):
+        ended = stream.wait_end(BOUND_SECONDS + PING + SLACK)
+        assert ended is not None and ended - revoked_at <= BOUND_SECONDS + PING + SLACK
+    assert by_key.events and by_key.events[-1]["request_id"] == rid  # it did stream until then
+    assert call("GET", f"{base}/v1/requests/{rid}/events", headers=headers)[0] == 401
+    assert call("GET", f"{base}/v1/sessions/s2/events?token={token}")[0] == 401
+
+
+def test_an_expired_keys_stream_ends_soon_after_the_expiry(auth_stack: Stack) -> None:
+    base = auth_stack.base_url
+    _, headers = new_key(base, expires_in=1.5)
+    rid = submit(base, "s3", headers, max_tokens=2000)
+    expires = time.monotonic() + 1.5
+    stream = open_stream(base, f"/v1/requests/{rid}/events", headers)
+    ended = stream.wait_end(1.5 + BOUND_SECONDS + SLACK)
+    assert ended is not None and ended >= expires - 0.2
+
+
+class CountingRedis:
+    """A real client that counts the commands the key ring sends (to prove they do not scale with streams)."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self.sent = 0
+
+    def __getattr__(self, name: str) -> Any:
+        command = getattr(self.client, name)
+
+        async def counted(*args: Any, **kwargs: Any) -> Any:
+            self.sent += 1
+            await asyncio.sleep(0.01)  # a read in flight while the other streams ask
+            return await command(*args, **kwargs)
+
+        return counted
+
+
+def test_many_streams_of_one_key_share_one_read_of_its_state(redis_url: str) -> None:
+    async def scenario() -> None:
+        client = async_client(redis_url, cluster=ON_CLUSTER)
+        try:
+            ring = KeyRing(client, enabled=True, admin_key=None)
+            created = await ring.create("acme")
+            spy = CountingRedis(client)
+            ring.redis = spy  # type: ignore[assignment]
+            assert all(await asyncio.gather(*(ring.key_live(created["key_id"]) for _ in range(1000))))
+            assert spy.sent == 2  # the key's digest, then its record
+            assert all(await asyncio.gather(*(ring.key_live(created["key_id"]) for _ in range(1000))))
+            assert spy.sent == 2  # a local lookup until KEY_CHECK_SECONDS have passed
+            ring.states[created["key_id"]] = KeyState(time.monotonic() - KEY_CHECK_SECONDS, exists=True)
+            assert await ring.key_live(created["key_id"]) and spy.sent == 4
+        finally:
+            await client.aclose()
+
+    asyncio.run(scenario())
