@@ -13,6 +13,11 @@ lazily instead: when a submit finds the set full, the members are checked (one p
 each) and the ended or expired ones removed. A check that frees nothing is not repeated for a second,
 so a tenant flooding at its limit costs one ZADD + ZCARD per refusal, not a scan. Cost: one check per
 `max_queued` admissions in the steady state.
+
+The set starts with the tenant's live requests, seeded when the limit is set (scheduler/limits.py), and
+the check seeds it again first (scheduler/tenant_requests.py; at most every SEED_SECONDS): a request
+admitted as unlimited by a process whose cached limits had not caught up yet is counted from the first
+check after it. A tenant with no `max_queued` costs nothing here (no command on its submits).
 """
 
 from __future__ import annotations
@@ -21,12 +26,16 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from sluicegate.scheduler.tenant_requests import KEEP_SECONDS, seed_active
 from sluicegate.sessions import keys
 from sluicegate.sessions.connect import text
 
 RECHECK_SECONDS = 1.0  # a full set whose check freed nothing is not checked again sooner
+# A full set's check seeds it at most this often per tenant and process: the seed reads every live request
+# of the tenant (one queue read a session), and a tenant refused at its limit would repeat it each second.
+# The requests it is for (admitted while cached limits lagged, a few seconds) stay live until counted.
+SEED_SECONDS = 30.0
 SUBMIT_SECONDS = 30.0  # a place older than this without its request belongs to a submit that failed
-KEEP_SECONDS = 7 * 86400  # the set of a tenant that stopped submitting goes away after this
 
 
 class QueuedLimit:
@@ -34,6 +43,7 @@ class QueuedLimit:
         self.redis = redis
         self.clock = clock
         self.checked: dict[str, float] = {}  # tenant -> when a check of its full set last freed nothing
+        self.seeded: dict[str, float] = {}  # tenant -> when a check last seeded its set
 
     async def take(self, tenant: str, request_id: str, limit: int) -> bool:
         """Take a place for `request_id`; False when the tenant has `limit` requests queued or running."""
@@ -65,7 +75,11 @@ class QueuedLimit:
         return False
 
     async def _forget_ended(self, tenant: str) -> bool:
-        """Remove the members that ended or expired; True when any was."""
+        """Count the tenant's live requests the set misses (seed, at most every SEED_SECONDS), then remove
+        the members that ended or expired; True when any was."""
+        if self.clock() - self.seeded.get(tenant, float("-inf")) >= SEED_SECONDS:
+            self.seeded[tenant] = self.clock()
+            await seed_active(self.redis, tenant)
         key = keys.tenant_active(tenant)
         members = [(text(m), float(at)) for m, at in await self.redis.zrange(key, 0, -1, withscores=True)]
         if not members:

@@ -4,6 +4,9 @@ One hash (sessions/keys.py TENANT_LIMITS) whose fields are `<tenant>:<limit>`: a
 `:`, so the field is unambiguous; one field per limit makes each change a single HSET or HDEL (two
 operators changing different limits of one tenant cannot undo each other), and one tenant's limits
 are one HMGET. A limit at its default is not stored: a tenant nobody limited has no field at all.
+
+Setting `max_queued` seeds the tenant's admission set with the requests it already has queued or
+running (scheduler/tenant_requests.py): the limit counts them from the start, not only later submits.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from sluicegate.scheduler.tenant_requests import seed_active
 from sluicegate.sessions import keys
 from sluicegate.sessions.connect import text
 
@@ -63,4 +67,6 @@ async def write_limits(redis: Any, tenant: str, changes: dict[str, int | None]) 
         await redis.hset(keys.TENANT_LIMITS, mapping=to_set)
     if to_clear:
         await redis.hdel(keys.TENANT_LIMITS, *to_clear)
+    if changes.get("max_queued") is not None:  # after the write: a submit admitted as unlimited before it is found
+        await seed_active(redis, tenant)
     return await read_limits(redis, tenant)
