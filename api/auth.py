@@ -70,6 +70,8 @@ class KeyRing:
         self.states: dict[str, KeyState] = {}  # key_id -> its state as last read (open streams check it)
         self.reading: dict[str, asyncio.Future[KeyState]] = {}  # key_id -> its read in flight (one per key)
         self.revocations = 0  # keys revoked through this process: open streams check theirs at once
+        # ...and which: a read of a key's state begun before its revoke must not bring it back to life
+        self.revoked: set[str] = set()
 
     async def create(self, tenant: str, expires_in: float | None = None) -> dict[str, Any]:
         """A new key, shown once; only its digest is stored. `expires_in` (seconds) bounds its life."""
@@ -102,6 +104,8 @@ class KeyRing:
         await self.redis.hdel(keys.API_KEYS_USED, key_id)
         self.touched.pop(key_id, None)
         self.states[key_id] = KeyState(time.monotonic(), exists=False)
+        self.revoked.add(key_id)
+        self.reading.pop(key_id, None)  # a read in flight returns what it found; the next one reads anew
         self.revocations += 1
         return True
 
@@ -120,7 +124,7 @@ class KeyRing:
     async def _read_state(self, key_id: str) -> KeyState:
         digest = await self.redis.hget(keys.API_KEY_IDS, key_id)
         raw = None if digest is None else await self.redis.hget(keys.API_KEYS, digest)
-        state = KeyState(time.monotonic(), exists=False) if raw is None else KeyState(
+        state = KeyState(time.monotonic(), exists=False) if raw is None or key_id in self.revoked else KeyState(
             time.monotonic(), exists=True, expires_at=orjson.loads(raw).get("expires_at"))
         self.states[key_id] = state
         return state
@@ -151,7 +155,8 @@ class KeyRing:
             raise ApiError(401, f"API key {record['key_id']} expired; ask the operator for a new one")
         key_id = record["key_id"]
         at = time.monotonic()
-        self.states[key_id] = KeyState(at, exists=True, expires_at=expires_at)  # just read: a fresh state
+        if key_id not in self.revoked:  # (a record read just before a revoke here is not a fresh state)
+            self.states[key_id] = KeyState(at, exists=True, expires_at=expires_at)  # just read: a fresh state
         if at - self.touched.get(key_id, -TOUCH_SECONDS) >= TOUCH_SECONDS:
             self.touched[key_id] = at
             await self.redis.hset(keys.API_KEYS_USED, key_id, round(now, 3))

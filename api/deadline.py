@@ -4,7 +4,8 @@ A Redis that neither answers nor fails (a network blackhole, a server stopped by
 otherwise hold every caller for the client's socket timeouts: 15 s, twice with the retry on a fresh
 connection. Measured in the blackhole drill (`sluicegate bench drills`): calls hung for the whole
 10 s outage, none answered 503. The deadline is lifted once the response starts, so event streams
-and a non-streamed chat answer (its headers go out at once) are never cut by it.
+and a non-streamed chat answer (its headers go out with its first token, or within 4 s without one:
+api/openai_routes.py STATUS_HOLD_SECONDS) are never cut by it.
 
 The deadline counts from the request's start, and again from each part of its body that arrives: a
 large prompt on a slow link (up to `--max-body-mb`) that keeps arriving is never cut, and the answer

@@ -10,10 +10,10 @@ logprobs, the finish_reason and the usage:
   chunk with an empty delta, the finish_reason and the usage, then `data: [DONE]`. With
   `stream_options.include_usage` the usage moves to a last chunk with no choices, as OpenAI sends it.
 - stream false: the status and headers (`X-Request-Id`, `X-Session-Id`) wait for the request's first
-  token, so that one refused or failed before it gets its own status (409 cancelled, the backend's 4xx,
-  502), which OpenAI's SDKs raise on; at most until an idle ping (`--sse-ping-seconds`), after which they
-  go out, so a client that loses the connection can find its request; the `chat.completion` follows
-  when the request ends.
+  token, so that one refused or failed before it gets its own status (409 cancelled, the backend's 400,
+  413 or 422, else 502), which OpenAI's SDKs raise on; at most STATUS_HOLD_SECONDS (4 s, inside the
+  response deadline of api/deadline.py), after which they go out, so a client that loses the connection
+  can find its request; the `chat.completion` follows when the request ends.
 - `error` and `cancelled` end the answer with an OpenAI-style error object (in the stream, then
   `[DONE]`; not streamed, the answer with its own status, or, once the 200 went out, its body).
 
@@ -37,7 +37,9 @@ from starlette.requests import ClientDisconnect
 from sluicegate.api.auth import Principal
 from sluicegate.api.callbacks import attach_callback, check_callback
 from sluicegate.api.chat_render import DONE, Completion
+from sluicegate.api.deadline import RESPONSE_DEADLINE_SECONDS
 from sluicegate.api.errors import ApiError
+from sluicegate.api.key_watch import KeyWatch, key_watch
 from sluicegate.api.models_routes import model_not_found
 from sluicegate.api.requests_routes import check_session_id, submit_request
 from sluicegate.api.responses import JSON, EventStreamResponse, LastChunk
@@ -57,6 +59,11 @@ router = APIRouter()
 NAME = re.compile(NAME_PATTERN)
 DEFAULT_MAX_TOKENS: int = SubmitBody.model_fields["max_tokens"].default
 NOT_PARAMS = frozenset({"stream_options"})  # handled here, not by the engine
+PASSED_ON = frozenset({400, 413, 422})  # a backend's refusals the caller gets as they are: its request is wrong
+# A non-streamed answer's status waits this long at most for the first token: inside the response deadline
+STATUS_HOLD_SECONDS = RESPONSE_DEADLINE_SECONDS - 1.0
+KEY_ENDED = {"error": {"type": "unauthorized", "message": "the API key of this stream was revoked or expired",
+                       "code": 401}}
 
 
 def header_name(request: Request, header: str, default: str) -> str:
@@ -110,32 +117,39 @@ async def new_request(body: ChatBody, request: Request, who: Principal) -> NewRe
 
 def failure(event: Event) -> tuple[int, str, str]:
     """Status, type and message of a request that ended without `done`: 409 cancelled, the backend's own
-    4xx when it refused the request (a context too long, a bad parameter: calling again will not help),
-    else 502."""
+    400, 413 or 422 when it refused the request (a context too long, a bad parameter: calling again will
+    not help), else 502 (a backend's 401, 403 or 404 is about Sluicegate's own call, not the caller's)."""
     if event.name == "cancelled":
         return 409, "cancelled", "the request was cancelled"
     message = str(orjson.loads(event.data).get("message") or "the generation failed")
-    if refused := BACKEND_REFUSED.match(message):
+    if (refused := BACKEND_REFUSED.match(message)) and int(refused.group(1)) in PASSED_ON:
         return int(refused.group(1)), "invalid_request", message
     return 502, "generation_failed", message
 
 
-def request_events(svc: Services, new: NewRequest, *, first: int, joined: Reader | None) -> AsyncIterator[list[Event]]:
+def request_event_stream(svc: Services, new: NewRequest, *, first: int, joined: Reader | None,
+                   idle_seconds: float | None = None) -> EventStream:
     """The request's events from its first one (`first_event_id` of the submit). `joined`: a reader that
     joined the session's channel before the submit (all its events come live, no log read); else the
-    stream joins then reads the log (correct even if the request has already ended), no status read."""
-    stream = EventStream(svc.store, svc.hub, new.session_id, after=first - 1, request_id=new.request_id,
-                         request_status="queued", idle_seconds=svc.settings.sse_ping_seconds, joined=joined)
-    return stream.batches()
+    stream joins then reads the log (correct even if the request has already ended), no status read.
+    `idle_seconds`: between pings (default `--sse-ping-seconds`)."""
+    return EventStream(svc.store, svc.hub, new.session_id, after=first - 1, request_id=new.request_id,
+                       request_status="queued", joined=joined,
+                       idle_seconds=svc.settings.sse_ping_seconds if idle_seconds is None else idle_seconds)
 
 
 async def sse_chunks(svc: Services, new: NewRequest, completion: Completion, first: int,
-                     joined: Reader | None) -> AsyncIterator[bytes]:
+                     joined: Reader | None, watch: KeyWatch | None) -> AsyncIterator[bytes]:
+    """The streamed answer; it ends when its key is revoked or expires (api/key_watch.py), with an error
+    object, so that the SDK raises."""
     # aclosing: the events are left at their end (the return below), and closed here, at once, rather than
     # by the garbage collector's finalizer (a task and a loop wake-up per request, and the hub left later)
     with svc.stream_open():
-        async with aclosing(request_events(svc, new, first=first, joined=joined)) as batches:
+        async with aclosing(request_event_stream(svc, new, first=first, joined=joined).batches()) as batches:
             async for batch in batches:
+                if watch is not None and watch.due() and await watch.ended():
+                    yield LastChunk(b"data: " + orjson.dumps(KEY_ENDED) + b"\n\n" + DONE)
+                    return
                 if not batch:
                     yield PING
                     continue
@@ -158,8 +172,8 @@ async def sse_chunks(svc: Services, new: NewRequest, completion: Completion, fir
 
 async def held_news(batches: AsyncIterator[list[Event]]) -> tuple[list[list[Event]], Event | None]:
     """The batches of a non-streamed answer up to the first that tells how it goes: a token (it runs), its
-    terminal event, or an idle ping (`--sse-ping-seconds` without an event: still queued). Returns them,
-    and the terminal event if it ended before its first token."""
+    terminal event, or an idle ping (STATUS_HOLD_SECONDS without an event: still queued, or a slow
+    prefill). Returns them, and the terminal event if it ended before its first token."""
     held: list[list[Event]] = []
     async for batch in batches:
         held.append(batch)
@@ -176,7 +190,7 @@ async def held_news(batches: AsyncIterator[list[Event]]) -> tuple[list[list[Even
 async def message_body(new: NewRequest, completion: Completion, held: list[list[Event]],
                        batches: AsyncIterator[list[Event]]) -> AsyncIterator[bytes]:
     """The non-streamed answer, whose status and headers (X-Request-Id) went out once its first token
-    came, or once it was still queued after an idle ping (`held`: the batches read until then): a newline
+    came, or once it had none after STATUS_HOLD_SECONDS (`held`: the batches read until then): a newline
     while idle (JSON allows leading whitespace; it keeps proxies from closing an idle connection),
     then the `chat.completion`, or an OpenAI error object when the request failed or was cancelled."""
     async def every_batch() -> AsyncIterator[list[Event]]:
@@ -256,22 +270,30 @@ async def chat_completions(request: Request):
     completion = Completion(new, body.model or new.group,
                             include_usage=isinstance(options, dict) and bool(options.get("include_usage")))
     if body.stream:
-        return EventStreamResponse(sse_chunks(svc, new, completion, first, joined),
+        return EventStreamResponse(sse_chunks(svc, new, completion, first, joined, key_watch(svc.keyring, who)),
                                    headers={**headers, "Cache-Control": "no-store"}, on_close=closed)
     # Not streamed: the status waits for the first token, so that a request refused or failed before it
-    # gets its own status, which OpenAI's SDKs raise on (they read no error out of a 200's body).
-    batches = request_events(svc, new, first=first, joined=joined)
+    # gets its own status, which OpenAI's SDKs raise on (they read no error out of a 200's body); at most
+    # STATUS_HOLD_SECONDS, inside the response deadline (api/deadline.py).
+    stream = request_event_stream(svc, new, first=first, joined=joined,
+                            idle_seconds=min(svc.settings.sse_ping_seconds, STATUS_HOLD_SECONDS))
+    batches = stream.batches()
+
+    def closed_too() -> None:
+        stream.close()  # its reader left at once, even when the body never runs (idempotent)
+        closed()
+
     try:
         held, ended = await held_news(batches)
     except BaseException:
         await batches.aclose()
-        closed()
+        closed_too()
         raise
     if ended is not None and ended.name != "done":
         await batches.aclose()
-        closed()
+        closed_too()
         status, type_, message = failure(ended)
         return JSON({"error": {"type": type_, "message": message, "code": status}}, status_code=status,
                     headers=headers)
-    return EventStreamResponse(message_body(new, completion, held, batches), headers=headers, on_close=closed,
-                               media_type="application/json")
+    return EventStreamResponse(message_body(new, completion, held, batches), headers=headers,
+                               on_close=closed_too, media_type="application/json")

@@ -64,7 +64,8 @@ class EventStreamResponse(Response):
     """A streamed body without Starlette's per-response task group: a disconnect cancels the
     streaming task directly. A client that leaves stops only this response; the generation goes on.
 
-    The status line and headers are sent at once, while the first token is still being generated;
+    The status line and headers are sent at once (a non-streamed chat answer's: with its first token or
+    within 4 s, api/openai_routes.py), while the first token is still being generated;
     the API's transport (api/joined_writes.py) writes them with the first chunk, in one write, when
     it comes within `HEAD_WAIT_SECONDS`. (Sent by the app with the first token, as two writes, they
     cost the first token 0.22 ms.) So a failure before the first chunk (Redis lost right after the

@@ -55,7 +55,9 @@ async def principal(request: Request) -> Principal:
 
 async def admin(request: Request) -> Principal:
     """The caller, when it holds the admin key. As a route's (or router's) dependency its 401 and 403
-    come before FastAPI validates the body and query: a tenant key learns nothing from a 422 there."""
+    come before FastAPI validates the body's fields and the query: a tenant key learns nothing of the
+    admin schema from a 422. (A body that is not JSON at all is a 422 for anyone: FastAPI decodes it
+    before it solves dependencies; that says only that the route takes JSON.)"""
     who = await principal(request)
     require_admin(who)
     return who

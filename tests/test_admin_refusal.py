@@ -1,6 +1,6 @@
-"""Admin routes check the key before anything else: no key is 401 and a tenant key is 403 whatever the
-body or query says (a 422 would answer the tenant's probe of an admin route); the admin still gets the
-422 that names its bad field."""
+"""Admin routes check the key before the body's fields and the query: no key is 401 and a tenant key is
+403 whatever they say (a 422 would answer the tenant's probe of an admin route); the admin still gets the
+422 that names its bad field. (A body that is not JSON at all is a 422 for anyone: api/services.py.)"""
 
 from __future__ import annotations
 

@@ -59,8 +59,11 @@ def test_a_request_the_backend_refuses_is_its_status_and_an_sdk_error(fake: Fake
     assert httpx.get(f"{gate.base_url}/v1/requests/{request_id}").json()["status"] == "failed"
 
 
-def test_a_backend_failure_before_the_first_token_is_502(fake: FakeBackend, gate: Stack) -> None:
-    fake.default = Script(error_status=500, error_message="engine crashed")
+@pytest.mark.parametrize("status", [500, 401, 404])
+def test_a_backend_failure_before_the_first_token_is_502(fake: FakeBackend, gate: Stack, status: int) -> None:
+    """A backend's 401 or 404 is about Sluicegate's own call (its credentials, its model), not the caller's:
+    a 502, never the SDK's AuthenticationError against the caller's key."""
+    fake.default = Script(error_status=status, error_message="engine crashed")
     with pytest.raises(openai.InternalServerError):
         sdk(gate).chat.completions.create(model=MODEL, messages=MESSAGES)  # type: ignore[arg-type]
     answer = chat(gate)
@@ -117,6 +120,22 @@ def test_a_request_with_no_first_token_by_an_idle_ping_gets_its_200_then_its_com
             assert time.monotonic() - started < 1.9  # before the backend's first token
             body = orjson.loads(answer.read())
     assert body["object"] == "chat.completion" and body["choices"][0]["message"]["content"] == "The gate holds."
+
+
+def test_a_first_token_slower_than_the_response_deadline_gets_its_200_in_time(
+        fake: FakeBackend, redis_url: str) -> None:
+    """With the default ping (15 s), a status held to the first token would meet the 5 s response deadline:
+    a 503 that the SDK retries, each retry a request stored again. It goes out within 4 s instead."""
+    fake.default = Script.text("The ", "gate ", "holds.", first_token_delay=6.0)
+    with sluicegate_in_front(fake, redis_url, sse_ping_seconds=15.0) as (stack, _):
+        started = time.monotonic()
+        with httpx.stream("POST", f"{stack.base_url}/v1/chat/completions", timeout=30,
+                          json={"model": MODEL, "messages": MESSAGES}) as answer:
+            assert answer.status_code == 200 and answer.headers["X-Request-Id"]
+            assert time.monotonic() - started < 5.5  # before the backend's first token
+            body = orjson.loads(answer.read())
+        assert body["choices"][0]["message"]["content"] == "The gate holds."
+        assert len(fake.records) == 1  # stored and generated once
 
 
 def test_a_prompt_answer_arrives_whole_with_its_200(gate: Stack) -> None:

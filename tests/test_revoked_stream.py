@@ -165,3 +165,74 @@ def test_many_streams_of_one_key_share_one_read_of_its_state(redis_url: str) -> 
             await client.aclose()
 
     asyncio.run(scenario())
+
+
+def test_revoking_a_key_ends_its_streamed_chat_answer_with_an_error(auth_stack: Stack) -> None:
+    """A chat stream is an SSE stream opened with the key too: it ends with an `unauthorized` error object
+    and `[DONE]` (the SDK raises), and delivers nothing written past the bound."""
+    base = auth_stack.base_url
+    key_id, headers = new_key(base)
+    host, port = base.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    conn.request("POST", "/v1/chat/completions", headers={**headers, "content-type": "application/json"},
+                 body=json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2000,
+                                  "stream": True}))  # 40 s of output at 50 tokens/s
+    response = conn.getresponse()
+    assert response.status == 200
+    lines: list[tuple[float, bytes]] = []
+    ended = threading.Event()
+
+    def read() -> None:
+        while line := response.readline():
+            if line.startswith(b"data: "):
+                lines.append((time.monotonic(), line[6:].strip()))
+        ended.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    time.sleep(1.0)
+    assert call("DELETE", f"{base}/v1/admin/keys/{key_id}", headers=ADMIN)[0] == 200
+    revoked_at = time.monotonic()
+    assert ended.wait(BOUND_SECONDS + SLACK), "the revoked key's chat stream is still open"
+    assert lines[-1][1] == b"[DONE]" and json.loads(lines[-2][1])["error"]["type"] == "unauthorized"
+    assert all(at <= revoked_at + BOUND_SECONDS + SLACK for at, _ in lines)
+    assert len(lines) > 20  # it did stream until then
+
+
+class SlowReplies:
+    """A real client whose HGET replies come 50 ms late (a loaded process, a slow link)."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+
+    def __getattr__(self, name: str) -> Any:
+        command = getattr(self.client, name)
+        if name != "hget":
+            return command
+
+        async def slow(*args: Any, **kwargs: Any) -> Any:
+            value = await command(*args, **kwargs)
+            await asyncio.sleep(0.05)
+            return value
+
+        return slow
+
+
+def test_a_read_in_flight_does_not_bring_back_a_key_revoked_here(redis_url: str) -> None:
+    """A stream's check that read the key just before this process revoked it must not leave the key live
+    in the cache: streams of a key revoked here end at their next check."""
+    async def scenario() -> None:
+        client = async_client(redis_url, cluster=ON_CLUSTER)
+        try:
+            ring = KeyRing(client, enabled=True, admin_key=None)
+            key_id = (await ring.create("acme"))["key_id"]
+            ring.redis = SlowReplies(client)  # type: ignore[assignment]
+            in_flight = asyncio.ensure_future(ring.key_live(key_id))
+            await asyncio.sleep(0.07)  # it has the digest, and its read of the record is on its way
+            ring.redis = client
+            assert await ring.revoke(key_id)
+            await in_flight
+            assert not await ring.key_live(key_id)
+        finally:
+            await client.aclose()
+
+    asyncio.run(scenario())
