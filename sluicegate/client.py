@@ -121,10 +121,18 @@ def _quoted(value: str) -> str:
     return quote(value, safe="")
 
 
+def _session_path(session_id: str) -> str:
+    """`/v1/sessions/<id>`. An id with `/` would reach no route (the server decodes `%2F` before it
+    routes: a 404 "no such endpoint"): refused here as the server refuses every other bad id."""
+    if "/" in session_id:
+        raise SluicegateError(422, "invalid_request", "session_id: 1-128 characters of A-Z a-z 0-9 . _ : @ -")
+    return f"/v1/sessions/{_quoted(session_id)}"
+
+
 def _error_from(response: httpx.Response, body: bytes) -> SluicegateError:
     """The API's `{"error": {"type", "message", "code"?}}`, or whatever a proxy answered instead."""
-    parsed: Any = None
-    code, message = _status_code_name(response.status_code), body.decode(errors="replace").strip()[:500]
+    parsed: Any = None  # a proxy's HTML page is one line here, as every refusal is
+    code, message = _status_code_name(response.status_code), " ".join(body.decode(errors="replace").split())[:500]
     with contextlib.suppress(ValueError):
         parsed = json.loads(body) if body else None
     if isinstance(parsed, dict) and isinstance(parsed.get("error"), dict):
@@ -145,7 +153,14 @@ def _status_code_name(status: int) -> str:
 
 
 def _unreachable(error: Exception, url: str) -> SluicegateError:
-    return SluicegateError(None, "unreachable", f"{url}: {type(error).__name__}: {error}")
+    """No answer: `unreachable` when nothing was sent (the connection failed); `no_answer` when the call
+    went out and its answer did not come back, so a submit may have been stored (check the session
+    before submitting again, or get a duplicate)."""
+    if isinstance(error, httpx.ConnectError | httpx.ConnectTimeout):
+        return SluicegateError(None, "unreachable", f"{url}: {type(error).__name__}: {error}")
+    return SluicegateError(None, "no_answer", f"{url}: sent, but no answer came ({type(error).__name__}: {error}); "
+                           "a call that changes something (a submit) may have taken effect: look before sending "
+                           "it again")
 
 
 def _body_error(payload: Any) -> SluicegateError | None:
@@ -223,12 +238,14 @@ class _Follow:
         self.on_reconnect = on_reconnect
         self.failing_since: float | None = None
         self.delay = 0.0
+        self.was_connected = False  # a stream of this call was open once
 
     def headers(self) -> dict[str, str]:
         return {"Last-Event-ID": str(self.last_id)} if self.last_id is not None else {}
 
     def connected(self) -> None:
         self.failing_since = None
+        self.was_connected = True
 
     def accept(self, sse: ServerSentEvent) -> Event | None:
         """The event to yield, or None for one already seen (ids only increase; a server never resends
@@ -247,9 +264,11 @@ class _Follow:
         return event
 
     def refused(self, response: httpx.Response, body: bytes) -> _Retry:
-        """A non-200 answer: a reconnect for a server down or busy (5xx); raised at once otherwise."""
+        """A non-200 answer: a reconnect for a server down or busy (5xx), and for a 429 once a stream of
+        this call was open (the server may still count the connection that vanished: `max_streams`;
+        its Retry-After is waited); raised at once otherwise."""
         error = _error_from(response, body)
-        if response.status_code in RETRIED_STATUSES:
+        if response.status_code in RETRIED_STATUSES or (response.status_code == 429 and self.was_connected):
             return _Retry(error)
         raise error
 
@@ -301,7 +320,7 @@ class _Base:
         if (session_id is None) == (request_id is None):
             raise ValueError("give exactly one of session_id or request_id")
         path = (f"/v1/requests/{_quoted(request_id)}/events" if request_id is not None
-                else f"/v1/sessions/{_quoted(str(session_id))}/events")
+                else f"{_session_path(str(session_id))}/events")
         return _Follow(path, request_id=request_id, after=after, max_backoff=self.max_backoff,
                        reconnect_timeout=self.reconnect_timeout if reconnect_timeout is None else reconnect_timeout,
                        on_reconnect=on_reconnect)
@@ -349,7 +368,7 @@ class Client(_Base):
         """Queue a request in the session (`prompt` is a string, or a list of chat messages)."""
         body = _submit_body(prompt, max_tokens, priority, tenant, group, params, deadline_ms, on_deadline_miss,
                             callback_url)
-        return _submitted(self._call("POST", f"/v1/sessions/{_quoted(session_id)}/requests", body))
+        return _submitted(self._call("POST", f"{_session_path(session_id)}/requests", body))
 
     def request(self, request_id: str, *, include_output: bool = False) -> dict[str, Any]:
         """Status, tokens so far and timestamps (with `include_output`, the text so far too)."""
@@ -516,7 +535,7 @@ class AsyncClient(_Base):
                      callback_url: str | None = None) -> Submitted:
         body = _submit_body(prompt, max_tokens, priority, tenant, group, params, deadline_ms, on_deadline_miss,
                             callback_url)
-        return _submitted(await self._call("POST", f"/v1/sessions/{_quoted(session_id)}/requests", body))
+        return _submitted(await self._call("POST", f"{_session_path(session_id)}/requests", body))
 
     async def request(self, request_id: str, *, include_output: bool = False) -> dict[str, Any]:
         params = {"include": "output"} if include_output else None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -21,6 +22,8 @@ if TYPE_CHECKING:
 COMMANDS = ("submit", "tail", "quota", "weight", "stats")
 QUOTA_FIELDS = ("requests_per_second", "tokens_per_second", "burst", "max_concurrency", "burst_tokens")
 UNLIMITED = ("none", "null", "unlimited", "off")
+NO_LIMIT = "none"  # a quota field given as one of UNLIMITED (None is a field not given)
+WAIT_FOR_SESSION_SECONDS = 1.0  # `tail` of a session that does not exist yet asks again this often
 
 
 def add_commands(sub: Any) -> None:
@@ -59,23 +62,27 @@ def add_commands(sub: Any) -> None:
                                    "'none' removes that limit; fields not given are kept.")
     p.add_argument("group", metavar="GROUP")
     for name in QUOTA_FIELDS:
-        p.add_argument("--" + name.replace("_", "-"), dest=name, default=None, metavar="N",
+        p.add_argument("--" + name.replace("_", "-"), dest=name, default=None, metavar="N", type=quota_value,
                        help=f"{name.replace('_', ' ')} (a number, or none for unlimited)")
 
     p = sub.add_parser("weight", parents=[common], help="set a tenant's fair-share weight",
                        description="Set TENANT's fair-share weight (default 1.0; 3.0 gets three times the "
                                    "tokens of a 1.0 tenant when both are waiting).")
     p.add_argument("tenant", metavar="TENANT")
-    p.add_argument("weight", metavar="W", type=float)
+    p.add_argument("weight", metavar="W", type=finite_number)
 
     p = sub.add_parser("stats", parents=[common], help="queues, running requests, workers, quotas, tenants",
                        description="GET /v1/admin/stats as tables (or --json); --watch redraws it live.")
     p.add_argument("--watch", "-w", action="store_true", help="update in place until Ctrl-C")
-    p.add_argument("--interval", type=float, default=1.0, metavar="S", help="seconds between updates (default: 1)")
+    p.add_argument("--interval", type=finite_number, default=1.0, metavar="S",
+                   help="seconds between updates (default: 1)")
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run one client command; a refused call is one line on stderr and exit code 1."""
+    """Run one client command; a refused call is one line on stderr and exit code 1; input that cannot be
+    sent (a URL that does not parse, text that is not valid Unicode) is one line and exit code 2."""
+    import httpx
+
     from sluicegate.client import Client, SluicegateError
 
     url = args.url or os.environ.get("SLUICEGATE_URL") or None
@@ -86,6 +93,9 @@ def run(args: argparse.Namespace) -> int:
     except SluicegateError as error:
         fail(args, error)
         return 1
+    except (httpx.InvalidURL, httpx.UnsupportedProtocol, ValueError) as error:  # UnicodeError is a ValueError
+        print(f"sluicegate {args.command}: cannot send this: {type(error).__name__}: {error}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:  # `sluicegate tail S | head`: the reader is gone, which is no error
@@ -154,23 +164,51 @@ def describe(event: Event) -> str:
 
 
 def tail(client: Client, args: argparse.Namespace) -> int:
-    for event in client.stream(session_id=args.session, after=args.after, reconnect_timeout=args.reconnect_timeout,
-                               on_reconnect=notice("tail")):
-        if args.json:
-            emit(event.as_dict())
-        else:
-            print(describe(event), flush=True)
-    return 0
+    """Follow the session; one that does not exist yet (or any more) is waited for, as `tail -F` waits for
+    a file, until its first event or Ctrl-C."""
+    from sluicegate.client import SluicegateError
+
+    seen = told = False
+    while True:
+        try:
+            for event in client.stream(session_id=args.session, after=args.after,
+                                       reconnect_timeout=args.reconnect_timeout, on_reconnect=notice("tail")):
+                seen = True
+                if args.json:
+                    emit(event.as_dict())
+                else:
+                    print(describe(event), flush=True)
+            return 0
+        except SluicegateError as error:
+            if seen or error.status != 404 or error.code != "not_found":
+                raise
+            if not told:
+                told = True
+                print(f"sluicegate tail: {error.message}; waiting for it (Ctrl-C to stop)", file=sys.stderr,
+                      flush=True)
+            time.sleep(WAIT_FOR_SESSION_SECONDS)
 
 
 # ---- quota / weight --------------------------------------------------------------------------------
-def quota_value(name: str, text: str) -> float | int | None:
-    if text.strip().lower() in UNLIMITED:
-        return None
+def finite_number(text: str) -> float:
+    """An argparse type: a number that JSON can carry (not nan or inf); a usage error (exit 2) otherwise."""
     try:
         number = float(text)
     except ValueError:
-        raise SystemExit(f"sluicegate quota: --{name.replace('_', '-')}: a number or none, not {text!r}") from None
+        raise argparse.ArgumentTypeError(f"a number, not {text!r}") from None
+    if not math.isfinite(number):
+        raise argparse.ArgumentTypeError(f"a finite number, not {text!r}")
+    return number
+
+
+def quota_value(text: str) -> float | int | str:
+    """An argparse type: a quota field's number, or NO_LIMIT (none: unlimited)."""
+    if text.strip().lower() in UNLIMITED:
+        return NO_LIMIT
+    try:
+        number = finite_number(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"a number or none, not {text!r}") from None
     return int(number) if number.is_integer() else number
 
 
@@ -182,7 +220,8 @@ def describe_quota(answer: dict[str, Any]) -> str:
 
 
 def quota(client: Client, args: argparse.Namespace) -> int:
-    fields = {name: quota_value(name, getattr(args, name)) for name in QUOTA_FIELDS if getattr(args, name) is not None}
+    fields = {name: None if value == NO_LIMIT else value for name in QUOTA_FIELDS
+              if (value := getattr(args, name)) is not None}
     if fields:
         answer = client.set_quota(args.group, **fields)
     else:

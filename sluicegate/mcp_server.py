@@ -148,13 +148,13 @@ async def _recent_events(client: AsyncClient, session_id: str, limit: int) -> tu
     import httpx
     from httpx_sse import aconnect_sse
 
-    from sluicegate.client import SluicegateError, _error_from, _quoted
+    from sluicegate.client import _error_from, _session_path, _unreachable
 
     kept: deque[dict[str, Any]] = deque(maxlen=limit)
     tokens: Counter[str] = Counter()
     loop = asyncio.get_running_loop()
     deadline = loop.time() + READ_BUDGET
-    path = f"/v1/sessions/{_quoted(session_id)}/events"
+    path = f"{_session_path(session_id)}/events"
     try:
         async with aconnect_sse(client.http, "GET", path, timeout=httpx.Timeout(client.timeout, read=None)) as source:
             if source.response.status_code != 200:
@@ -175,5 +175,5 @@ async def _recent_events(client: AsyncClient, session_id: str, limit: int) -> tu
                 else:
                     kept.append({"id": int(sse.id), "event": sse.event, "data": data})
     except httpx.TransportError as error:
-        raise SluicegateError(None, "unreachable", f"{client.url}{path}: {type(error).__name__}: {error}") from error
+        raise _unreachable(error, f"{client.url}{path}") from error
     return list(kept), tokens

@@ -1,0 +1,79 @@
+"""A TCP proxy in front of a test server whose connections can fail as networks make them fail: an
+answer that never comes back (`drop_answers`), or a client whose side vanishes while the server's side
+stays open and unread (`vanish_clients`: no FIN reaches the server, which still counts the stream),
+until `release_vanished` closes those too."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+
+
+class CuttingProxy:
+    def __init__(self, target_port: int) -> None:
+        self.target = ("127.0.0.1", target_port)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.drop_answers = False  # forward the requests, never the answers; close the client's side
+        self.lock = threading.Lock()
+        self.pairs: list[tuple[socket.socket, socket.socket]] = []  # (client's side, server's side)
+        self.frozen: set[socket.socket] = set()  # server sides left open and unread
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def close(self) -> None:
+        self.listener.close()
+        self.release_vanished()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            try:
+                server = socket.create_connection(self.target)
+            except OSError:  # the server behind is gone (the test is ending)
+                client.close()
+                continue
+            with self.lock:
+                self.pairs.append((client, server))
+            threading.Thread(target=self._pipe, args=(client, server, False), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(server, client, True), daemon=True).start()
+
+    def _pipe(self, source: socket.socket, sink: socket.socket, answers: bool) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                if answers and self.drop_answers:
+                    break
+                if source in self.frozen:
+                    return  # left open and unread: the server never learns its client left
+                sink.sendall(data)
+        for side in (source, sink):
+            if side not in self.frozen:
+                with contextlib.suppress(OSError):
+                    side.shutdown(socket.SHUT_RDWR)
+                side.close()
+
+    def vanish_clients(self) -> None:
+        """Close the client's side of every open connection, and leave the server's side open, unread."""
+        with self.lock:
+            pairs, self.pairs = self.pairs, []
+        for client, server in pairs:
+            self.frozen.add(server)
+            with contextlib.suppress(OSError):
+                client.shutdown(socket.SHUT_RDWR)
+            client.close()
+
+    def release_vanished(self) -> None:
+        """Close the server's sides left open: the server sees those clients gone."""
+        with self.lock:
+            frozen, self.frozen = self.frozen, set()
+        for server in frozen:
+            with contextlib.suppress(OSError):
+                server.shutdown(socket.SHUT_RDWR)
+            server.close()

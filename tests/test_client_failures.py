@@ -1,0 +1,174 @@
+"""The client and its commands where networks and people fail them: a stream whose connection vanished
+while the server still counts it (429 on the reconnect), a submit whose answer was lost, a proxy's HTML
+error page, a session id no route can carry, arguments JSON cannot carry, and `tail` started before its
+session's first request."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from sluicegate.client import Client, Event, SluicegateError
+from sluicegate.embedded import free_port
+from tests.cutting_proxy import CuttingProxy
+from tests.helpers import ROOT, Stack, call, fast_settings, submit
+
+ADMIN = {"Authorization": "Bearer admin-secret"}
+
+
+def sg(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLUICEGATE_")}
+    return subprocess.run([sys.executable, "-m", "sluicegate", *args], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture
+def auth_stack(redis_url: str) -> Iterator[Stack]:
+    running = Stack(fast_settings(redis_url, auth=True, admin_key="admin-secret",
+                                  sim_tokens_per_second=40.0)).start(workers=1)
+    yield running
+    running.stop()
+
+
+def test_a_stream_whose_connection_vanished_waits_out_the_429_and_resumes(auth_stack: Stack) -> None:
+    """max_streams 1: the server still counts the vanished connection, so the reconnect is refused (429,
+    Retry-After) until the server sees it gone; the stream then resumes, no event lost or repeated."""
+    base = auth_stack.base_url
+    key = call("POST", f"{base}/v1/admin/keys", {"tenant": "acme"}, headers=ADMIN)[1]["key"]
+    assert call("PUT", f"{base}/v1/admin/tenants/acme", {"max_streams": 1}, headers=ADMIN)[0] == 200
+    proxy = CuttingProxy(auth_stack.port)
+    refusals: list[str] = []
+    events: queue.Queue[Event | BaseException] = queue.Queue()
+
+    def follow() -> None:
+        try:
+            with Client(proxy.url, api_key=key) as client:
+                for event in client.stream(session_id="vanished", reconnect_timeout=30,
+                                           on_reconnect=lambda error, _: refusals.append(str(error))):
+                    events.put(event)
+        except BaseException as error:  # noqa: BLE001 - handed to the test's thread
+            events.put(error)
+
+    threading.Thread(target=follow, daemon=True).start()
+    code, sent = call("POST", f"{base}/v1/sessions/vanished/requests", {"prompt": "x", "max_tokens": 120},
+                      headers={"Authorization": f"Bearer {key}"})  # 3 s of output
+    assert code == 202, sent
+    rid = sent["request_id"]
+    got = [events.get(timeout=20) for _ in range(4)]
+    proxy.vanish_clients()
+    deadline = time.monotonic() + 20
+    while not any("429" in r for r in refusals) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert any("429" in r for r in refusals), refusals  # refused while the server counts the vanished one
+    proxy.release_vanished()  # the server sees it gone: the next try (after Retry-After) gets the stream
+    while not (isinstance(got[-1], Event) and got[-1].event == "done"):
+        got.append(events.get(timeout=30))
+        assert not isinstance(got[-1], BaseException), got[-1]
+    ids = [e.id for e in got if isinstance(e, Event)]
+    assert ids == sorted(set(ids)) and ids == list(range(ids[0], ids[0] + len(ids)))  # none lost, none twice
+    tokens = [e.index for e in got if isinstance(e, Event) and e.event == "token" and e.request_id == rid]
+    assert tokens == list(range(120))
+    proxy.close()
+
+
+def test_a_submit_whose_answer_was_lost_says_it_may_be_stored(stack: Stack) -> None:
+    proxy = CuttingProxy(stack.port)
+    proxy.drop_answers = True
+    with Client(proxy.url) as client, pytest.raises(SluicegateError) as lost:
+        client.submit("lost-answer", "hello", max_tokens=2)
+    assert lost.value.status is None and lost.value.code == "no_answer"
+    assert "may have taken effect" in lost.value.message
+    with Client(stack.base_url) as client:  # it was stored: its events are there
+        first = next(iter(client.stream(session_id="lost-answer")))
+    assert first.event == "queued"
+    proxy.close()
+    with Client(f"http://127.0.0.1:{free_port()}") as client, pytest.raises(SluicegateError) as refused:
+        client.submit("nowhere", "hello")
+    assert refused.value.code == "unreachable"  # nothing was sent
+
+
+class HtmlBadGateway(http.server.BaseHTTPRequestHandler):
+    def _answer(self) -> None:
+        body = (b"<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r\n<h1>502</h1>\r\n</body>\r\n"
+                b"</html>\r\n")
+        self.send_response(502)
+        self.send_header("Content-Type", "text/html")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_POST = do_PUT = _answer
+
+    def log_message(self, *_: object) -> None:
+        pass
+
+
+def test_a_proxys_html_error_page_is_one_line() -> None:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), HtmlBadGateway)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        result = sg("submit", "s1", "hi", "--url", f"http://127.0.0.1:{server.server_address[1]}")
+    finally:
+        server.shutdown()
+    assert result.returncode == 1 and len(result.stderr.splitlines()) == 1, result.stderr
+    assert "502" in result.stderr and "Bad Gateway" in result.stderr
+
+
+def test_a_session_id_with_a_slash_is_refused_as_the_server_refuses_any_bad_id() -> None:
+    with Client(f"http://127.0.0.1:{free_port()}") as client:  # nothing listens: a call would be `unreachable`
+        with pytest.raises(SluicegateError) as refused:
+            client.submit("a/b", "hi")
+        assert (refused.value.status, refused.value.code) == (422, "invalid_request")
+        with pytest.raises(SluicegateError):
+            next(iter(client.stream(session_id="a/b")))
+    result = sg("submit", "a/b", "hi", "--url", f"http://127.0.0.1:{free_port()}")
+    assert result.returncode == 1 and "session_id: 1-128 characters" in result.stderr
+
+
+@pytest.mark.parametrize("args", [
+    ("weight", "acme", "nan"),
+    ("quota", "default", "--burst", "inf"),
+    ("quota", "default", "--burst", "many"),
+    ("stats", "--interval", "nan"),
+])
+def test_an_argument_json_cannot_carry_is_a_usage_error(args: tuple[str, ...]) -> None:
+    result = sg(*args, "--url", f"http://127.0.0.1:{free_port()}")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("args", [
+    ("stats", "--url", "http://[::1"),
+    ("submit", "s1", "caf\udce9", "--url", "http://127.0.0.1:9"),  # argv that is not UTF-8 (surrogateescape)
+])
+def test_input_that_cannot_be_sent_is_one_line_not_a_traceback(args: tuple[str, ...]) -> None:
+    result = sg(*args)
+    assert result.returncode == 2 and len(result.stderr.splitlines()) == 1, result.stderr
+    assert "cannot send this" in result.stderr
+
+
+def test_tail_waits_for_a_session_that_has_no_request_yet(stack: Stack) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLUICEGATE_")}
+    tail = subprocess.Popen([sys.executable, "-m", "sluicegate", "tail", "not-yet", "--json", "--url", stack.base_url],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in tail.stdout or []], daemon=True).start()
+    time.sleep(1.5)
+    assert tail.poll() is None  # still waiting
+    rid = submit(stack.base_url, "not-yet", max_tokens=2)
+    events = [json.loads(lines.get(timeout=20))]
+    while events[-1]["event"] != "done":
+        events.append(json.loads(lines.get(timeout=20)))
+    tail.send_signal(signal.SIGINT)
+    _, err = tail.communicate(timeout=10)
+    assert tail.returncode == 130 and "waiting for it" in err
+    assert [e["event"] for e in events][0] == "queued" and all(e["data"].get("request_id") == rid for e in events)
