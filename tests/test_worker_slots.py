@@ -7,6 +7,8 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
+from collections.abc import AsyncIterator
+from typing import Any
 
 import redis
 
@@ -105,5 +107,41 @@ def test_a_group_never_runs_more_than_its_max_concurrency(redis_url: str, r: red
         assert sampler.max_total == 4 and sampler.max_executing_total <= 4
         assert max(sampler.max_executing.values()) <= 3
         assert_tickets_balanced(r, expected_slots=6)  # the two slots the cap kept idle are still offered
+    finally:
+        stack.stop()
+
+
+class FailsAtItsEnd:
+    """A sim engine that raises what no engine wraps (an adapter's bug) after its last token, while the
+    writer's appends of those tokens are on their way."""
+
+    def __init__(self) -> None:
+        from sluicegate.workers.engines.sim import SimEngine
+
+        self.inner = SimEngine(tokens_per_second=200.0, prefill_ms=0.0)
+
+    def stream(self, run: Any, so_far: str) -> AsyncIterator[str]:
+        return self._stream(run, so_far)
+
+    async def _stream(self, run: Any, so_far: str) -> AsyncIterator[str]:
+        async for token in self.inner.stream(run, so_far):
+            yield token
+        raise RuntimeError("an adapter's bug")
+
+    async def aclose(self) -> None:
+        pass
+
+
+def test_a_run_that_fails_mid_append_ends_and_gives_its_slot_back(redis_url: str, r: redis.Redis) -> None:
+    """The run's end cancels its writer, mid-append: on a cluster that cancel was lost (redis-py's cluster
+    client returned the append normally), the writer waited for tokens for good, and the request stayed
+    `running` with its slot held and its lease renewed. It ends failed, and the slot comes back."""
+    stack = Stack(fast_settings(redis_url, slots=2)).start(workers=0)
+    try:
+        stack.add_worker(engine=FailsAtItsEnd())
+        rid = submit(stack.base_url, "fails-at-end", prompt="b", max_tokens=40)
+        assert wait_for(lambda: call("GET", f"{stack.base_url}/v1/requests/{rid}")[1]["status"] == "failed",
+                        timeout=15), call("GET", f"{stack.base_url}/v1/requests/{rid}")[1]
+        assert_tickets_balanced(r, expected_slots=2)
     finally:
         stack.stop()

@@ -44,6 +44,10 @@ log = logging.getLogger(__name__)
 
 MAX_BATCH = 256
 APPEND_RETRY_SECONDS = 30.0  # past this the lease is long gone: hand the run back instead
+# A run's end waits this long at most for its writer and engine call to stop after their cancel: a cancel
+# can be lost (redis-py's cluster client returned an append normally that was cancelled mid-way), and a run
+# that never ended would hold its slot and its lease for good.
+STOP_WAIT_SECONDS = 5.0
 
 
 class Fenced(Exception):
@@ -98,6 +102,7 @@ class Run:
         self._deadline_timer: asyncio.TimerHandle | None = None  # armed until the first token is written
         self._appending = False  # an append is on its way to the store
         self._missed = False  # the timer stopped the run
+        self._stopping = False  # the run is ending: the writer leaves at its next step, cancelled or not
 
     @property
     def key(self) -> str:
@@ -108,7 +113,7 @@ class Run:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            while self._pending:
+            while self._pending and not self._stopping:
                 if self._ended_cleanly and len(self._pending) <= MAX_BATCH:
                     return  # the run's end carries them (execute)
                 batch = self._pending[:MAX_BATCH]
@@ -119,6 +124,8 @@ class Run:
                     result = await self._append(data, self._engine_times())
                 finally:
                     self._appending = False
+                if self._stopping:  # (its cancel may have been lost on the way: see STOP_WAIT_SECONDS)
+                    return
                 if not result.ok:
                     if result.deadline_missed:
                         raise DeadlineMissed
@@ -129,7 +136,7 @@ class Run:
                 self.next_index += len(batch)
                 if self.interval and not self._produced_all:
                     await self._hold(began + self.interval)
-            if self._produced_all:
+            if self._produced_all or self._stopping:
                 return
 
     async def _hold(self, until: float) -> None:
@@ -235,11 +242,18 @@ class Run:
             return RunOutcome("engine_error", str(error), transient=error.transient)
         finally:
             self._disarm_deadline()
+            self._stopping = True
+            self._wake.set()
+            self._hold_over.set()
             for task in (writer, producer):
                 task.cancel()
-            for task in (writer, producer):
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+            done, pending = await asyncio.wait({writer, producer}, timeout=STOP_WAIT_SECONDS)
+            for task in done:
+                if not task.cancelled():
+                    task.exception()  # retrieved: what it raised was handled above, or does not matter now
+            if pending:
+                log.warning("run %s: %d of its tasks did not stop within %g s of its end; left behind", self.key,
+                            len(pending), STOP_WAIT_SECONDS)
 
     async def _flush_quietly(self, writer: asyncio.Task[None]) -> None:
         """After an engine error, keep the tokens it did produce (they count for the resume)."""
