@@ -281,7 +281,8 @@ class Settings(BaseSettings):
     webhook_max_attempts: Count = Field(8, description="deliveries tried per callback before it is marked failed")
     webhook_backoff: Positive = Field(5.0, description="seconds before the first retry of a failed delivery, "
                                       "doubling each time (8 attempts: about 10 minutes)")
-    webhook_timeout: Positive = Field(10.0, description="seconds a callback's receiver may take to answer")
+    webhook_timeout: Positive = Field(10.0, description="seconds one callback attempt may take, whole answer "
+                                      "included (a receiver that trickles it is cut there, to be retried)")
     access_log: bool = Field(False, description="log one line per HTTP request (uvicorn's access log)")
     otel_endpoint: HttpUrl | None = Field(
         None, description="OTLP/HTTP collector for OpenTelemetry traces, e.g. http://127.0.0.1:4318 (spans go to its "

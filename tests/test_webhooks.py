@@ -201,3 +201,66 @@ def test_callbacks_need_a_secret_and_hosts_only() -> None:
         Settings(webhook_allow="http://127.0.0.1/hook", webhook_secret="s")
     assert Settings(webhook_allow=" Hooks.Example.com, 127.0.0.1 ", webhook_secret="s").webhook_hosts() == [
         "hooks.example.com", "127.0.0.1"]
+
+
+class TricklingReceiver:
+    """Answers 200 at once, then its body a byte every 0.3 s: each read well inside httpx's timeout."""
+
+    def __init__(self) -> None:
+        import threading
+        import time
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.hits: list[float] = []
+        self.done = threading.Event()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self) -> None:  # noqa: N802 - http.server's name
+                self.rfile.read(int(self.headers.get("content-length", 0)))
+                outer.hits.append(time.monotonic())
+                self.send_response(200)
+                self.send_header("content-length", "1000")
+                self.end_headers()
+                for _ in range(1000):
+                    if outer.done.is_set():
+                        return
+                    try:
+                        self.wfile.write(b"x")
+                        self.wfile.flush()
+                    except OSError:
+                        return
+                    time.sleep(0.3)
+
+            def log_message(self, *_: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def stop(self) -> None:
+        self.done.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_receiver_that_trickles_its_answer_holds_no_other_callback(redis_url: str, receiver: Receiver) -> None:
+    """An attempt is capped whole at --webhook-timeout (httpx's bounds each read): a receiver that answers
+    a byte at a time no longer holds the delivery pass, every callback due behind it, and its claim past
+    the lease."""
+    slow = TricklingReceiver()
+    stack = start_stack(redis_url, webhook_timeout=1.0)
+    try:
+        slowed = submit(stack.base_url, "slow-1", max_tokens=2, callback_url=f"{slow.url}/slow")
+        wait_for(lambda: slow.hits, what="the slow receiver's first POST")
+        fast = submit(stack.base_url, "fast-1", max_tokens=2, callback_url=f"{receiver.url}/fast")
+        assert wait_for(lambda: delivered(stack, fast), timeout=9, what="the fast receiver's delivery")
+        wait_for(lambda: "--webhook-timeout" in (status(stack, slowed)["callback"]["last_error"] or ""), timeout=5,
+                 what="the slow attempt's end")  # cut at 1 s, to be retried
+        assert status(stack, slowed)["callback"]["status"] != "delivered"
+    finally:
+        stack.stop()
+        slow.stop()

@@ -115,7 +115,13 @@ class Delivery:
         headers = {"content-type": "application/json", HEADER: signature(self.settings.webhook_secret, body),
                    "user-agent": "sluicegate-webhooks"}
         try:
-            response = await http.post(url, content=body, headers=headers)
+            # The whole attempt is capped: httpx's timeout bounds each read, and a receiver that trickles its
+            # answer a byte at a time would hold this pass (and every callback due behind it) and outlive
+            # the claim's lease (webhook_timeout + 10 s), which another process would then claim again.
+            async with asyncio.timeout(self.settings.webhook_timeout):
+                response = await http.post(url, content=body, headers=headers)
+        except TimeoutError:
+            return f"no whole answer within {self.settings.webhook_timeout:g} s (--webhook-timeout)"
         except httpx.HTTPError as error:
             return f"{type(error).__name__}: {error}"[:300]
         if 200 <= response.status_code < 300:
