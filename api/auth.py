@@ -103,8 +103,8 @@ class KeyRing:
         await self.redis.hdel(keys.API_KEY_IDS, key_id)
         await self.redis.hdel(keys.API_KEYS_USED, key_id)
         self.touched.pop(key_id, None)
-        self.states[key_id] = KeyState(time.monotonic(), exists=False)
         self.revoked.add(key_id)
+        self._note_state(key_id, False, None)
         self.reading.pop(key_id, None)  # a read in flight returns what it found; the next one reads anew
         self.revocations += 1
         return True
@@ -124,8 +124,12 @@ class KeyRing:
     async def _read_state(self, key_id: str) -> KeyState:
         digest = await self.redis.hget(keys.API_KEY_IDS, key_id)
         raw = None if digest is None else await self.redis.hget(keys.API_KEYS, digest)
-        state = KeyState(time.monotonic(), exists=False) if raw is None or key_id in self.revoked else KeyState(
-            time.monotonic(), exists=True, expires_at=orjson.loads(raw).get("expires_at"))
+        return self._note_state(key_id, raw is not None, None if raw is None else orjson.loads(raw).get("expires_at"))
+
+    def _note_state(self, key_id: str, exists: bool, expires_at: float | None) -> KeyState:
+        """Cache what a read found, as of now; a key revoked here stays revoked (a read begun before the
+        revoke may finish after it)."""
+        state = KeyState(time.monotonic(), exists=exists and key_id not in self.revoked, expires_at=expires_at)
         self.states[key_id] = state
         return state
 
@@ -155,8 +159,7 @@ class KeyRing:
             raise ApiError(401, f"API key {record['key_id']} expired; ask the operator for a new one")
         key_id = record["key_id"]
         at = time.monotonic()
-        if key_id not in self.revoked:  # (a record read just before a revoke here is not a fresh state)
-            self.states[key_id] = KeyState(at, exists=True, expires_at=expires_at)  # just read: a fresh state
+        self._note_state(key_id, True, expires_at)  # just read: a fresh state for the key's open streams
         if at - self.touched.get(key_id, -TOUCH_SECONDS) >= TOUCH_SECONDS:
             self.touched[key_id] = at
             await self.redis.hset(keys.API_KEYS_USED, key_id, round(now, 3))

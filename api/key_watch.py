@@ -20,6 +20,7 @@ from sluicegate.api.auth import KEY_CHECK_SECONDS, KeyRing, Principal
 from sluicegate.sessions.connect import UNAVAILABLE
 
 CHECK_SECONDS = 2.0
+ENDED_MESSAGE = "the API key of this stream was revoked or expired"  # a stream's last words when it ends so
 BOUND_SECONDS = CHECK_SECONDS + KEY_CHECK_SECONDS  # the README's bound
 
 

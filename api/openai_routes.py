@@ -39,7 +39,7 @@ from sluicegate.api.callbacks import attach_callback, check_callback
 from sluicegate.api.chat_render import DONE, Completion
 from sluicegate.api.deadline import RESPONSE_DEADLINE_SECONDS
 from sluicegate.api.errors import ApiError
-from sluicegate.api.key_watch import KeyWatch, key_watch
+from sluicegate.api.key_watch import ENDED_MESSAGE, KeyWatch, key_watch
 from sluicegate.api.models_routes import model_not_found
 from sluicegate.api.requests_routes import check_session_id, submit_request
 from sluicegate.api.responses import JSON, EventStreamResponse, LastChunk
@@ -62,8 +62,7 @@ NOT_PARAMS = frozenset({"stream_options"})  # handled here, not by the engine
 PASSED_ON = frozenset({400, 413, 422})  # a backend's refusals the caller gets as they are: its request is wrong
 # A non-streamed answer's status waits this long at most for the first token: inside the response deadline
 STATUS_HOLD_SECONDS = RESPONSE_DEADLINE_SECONDS - 1.0
-KEY_ENDED = {"error": {"type": "unauthorized", "message": "the API key of this stream was revoked or expired",
-                       "code": 401}}
+KEY_ENDED = {"error": {"type": "unauthorized", "message": ENDED_MESSAGE, "code": 401}}
 
 
 def header_name(request: Request, header: str, default: str) -> str:
@@ -128,7 +127,7 @@ def failure(event: Event) -> tuple[int, str, str]:
 
 
 def request_event_stream(svc: Services, new: NewRequest, *, first: int, joined: Reader | None,
-                   idle_seconds: float | None = None) -> EventStream:
+                         idle_seconds: float | None = None) -> EventStream:
     """The request's events from its first one (`first_event_id` of the submit). `joined`: a reader that
     joined the session's channel before the submit (all its events come live, no log read); else the
     stream joins then reads the log (correct even if the request has already ended), no status read.
@@ -276,7 +275,7 @@ async def chat_completions(request: Request):
     # gets its own status, which OpenAI's SDKs raise on (they read no error out of a 200's body); at most
     # STATUS_HOLD_SECONDS, inside the response deadline (api/deadline.py).
     stream = request_event_stream(svc, new, first=first, joined=joined,
-                            idle_seconds=min(svc.settings.sse_ping_seconds, STATUS_HOLD_SECONDS))
+                                  idle_seconds=min(svc.settings.sse_ping_seconds, STATUS_HOLD_SECONDS))
     batches = stream.batches()
 
     def closed_too() -> None:

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, Request
 
 from sluicegate.api.auth import Principal
 from sluicegate.api.errors import ApiError
-from sluicegate.api.key_watch import KeyWatch, key_watch
+from sluicegate.api.key_watch import ENDED_MESSAGE, KeyWatch, key_watch
 from sluicegate.api.requests_routes import check_session_id
 from sluicegate.api.responses import EventStreamResponse, LastChunk
 from sluicegate.api.services import Services, services
@@ -20,7 +20,7 @@ from sluicegate.sessions.stream import EventStream
 
 router = APIRouter()
 PING = b": ping\n\n"
-KEY_ENDED = LastChunk(b": the API key of this stream was revoked or expired\n\n")
+KEY_ENDED = LastChunk(f": {ENDED_MESSAGE}\n\n".encode())
 MAX_EVENT_ID = 2**53 - 1  # the scripts hold ids as Lua numbers (doubles): past this they are not exact
 
 

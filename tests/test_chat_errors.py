@@ -108,17 +108,23 @@ def test_a_request_cancelled_after_its_first_token_keeps_its_200_and_ends_with_t
     assert body["error"]["type"] == "cancelled" and body["error"]["code"] == 409
 
 
+def status_then_body(stack: Stack) -> tuple[float, dict[str, Any]]:
+    """A non-streamed call: the seconds until its status came (a 200 with its request id), then its body."""
+    started = time.monotonic()
+    with httpx.stream("POST", f"{stack.base_url}/v1/chat/completions", timeout=30,
+                      json={"model": MODEL, "messages": MESSAGES}) as answer:
+        assert answer.status_code == 200 and answer.headers["X-Request-Id"]
+        waited = time.monotonic() - started
+        return waited, orjson.loads(answer.read())
+
+
 def test_a_request_with_no_first_token_by_an_idle_ping_gets_its_200_then_its_completion(
         fake: FakeBackend, redis_url: str) -> None:
     """No status is held past `--sse-ping-seconds`: a client learns its request id while it waits."""
     fake.default = Script.text("The ", "gate ", "holds.", first_token_delay=2.0)
     with sluicegate_in_front(fake, redis_url, sse_ping_seconds=0.3) as (stack, _):
-        started = time.monotonic()
-        with httpx.stream("POST", f"{stack.base_url}/v1/chat/completions", timeout=30,
-                          json={"model": MODEL, "messages": MESSAGES}) as answer:
-            assert answer.status_code == 200 and answer.headers["X-Request-Id"]
-            assert time.monotonic() - started < 1.9  # before the backend's first token
-            body = orjson.loads(answer.read())
+        waited, body = status_then_body(stack)
+    assert waited < 1.9  # before the backend's first token
     assert body["object"] == "chat.completion" and body["choices"][0]["message"]["content"] == "The gate holds."
 
 
@@ -128,12 +134,8 @@ def test_a_first_token_slower_than_the_response_deadline_gets_its_200_in_time(
     a 503 that the SDK retries, each retry a request stored again. It goes out within 4 s instead."""
     fake.default = Script.text("The ", "gate ", "holds.", first_token_delay=6.0)
     with sluicegate_in_front(fake, redis_url, sse_ping_seconds=15.0) as (stack, _):
-        started = time.monotonic()
-        with httpx.stream("POST", f"{stack.base_url}/v1/chat/completions", timeout=30,
-                          json={"model": MODEL, "messages": MESSAGES}) as answer:
-            assert answer.status_code == 200 and answer.headers["X-Request-Id"]
-            assert time.monotonic() - started < 5.5  # before the backend's first token
-            body = orjson.loads(answer.read())
+        waited, body = status_then_body(stack)
+        assert waited < 5.5  # before the backend's first token
         assert body["choices"][0]["message"]["content"] == "The gate holds."
         assert len(fake.records) == 1  # stored and generated once
 
