@@ -21,7 +21,10 @@ Failures, and who handles them:
   within `first_token_timeout`): retried here with tenacity, exponential backoff with full jitter
   (waits drawn from [0, 0.5 s x 2^n], at most 8 s), at most `retries` tries; then the attempt fails
   as a transient EngineError naming the backend and its last error. Other 4xx are permanent at once
-  (the request itself is wrong).
+  (the request itself is wrong). A retried status with a `Retry-After` (seconds or an HTTP-date; vLLM,
+  TGI and proxies send it when overloaded) is honoured: the next try waits at least that long, but at
+  most RETRY_AFTER_MAX_SECONDS (30 s: a confused backend cannot park the slot for hours); one that does
+  not parse or is past leaves the backoff as it is.
 - after tokens streamed (a broken stream, silence past `idle_timeout`): a transient EngineError.
 - an error the backend reports inside its stream (vLLM's `data: {"error": ...}`, llama.cpp's
   `error: {...}` line, a `data:` after `event: error`), before or after tokens: its own words; a 4xx
@@ -56,14 +59,18 @@ import asyncio
 import hashlib
 import logging
 import os
-from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator
+import re
+import time
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable, Mapping
 from contextlib import aclosing
 from dataclasses import replace
+from datetime import UTC
+from email.utils import parsedate_to_datetime
 from typing import Any
 
 import aiohttp
 import orjson
-from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_random_exponential
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt, wait_random_exponential
 
 from sluicegate.sessions.idle import IdleDeadline
 from sluicegate.sessions.runs import BACKEND_REFUSED_PREFIX, RunSpec
@@ -88,10 +95,17 @@ COUNT_TIMEOUT = 5.0  # seconds for a tokenize-count call; past it the usage is S
 RUNAWAY_CHUNKS_PER_TOKEN = 2
 RUNAWAY_SLACK = 8
 MAX_LINE = 2**20  # bytes of one line of a backend's stream (a chunk with logprobs is a few KB)
+RETRY_AFTER_MAX_SECONDS = 30.0  # the longest a backend's Retry-After makes a retry wait
+DELTA_SECONDS = re.compile(r"\d+(?:\.\d+)?")
 
 
 class Transient(Exception):
-    """A failure worth another attempt."""
+    """A failure worth another attempt; `retry_after`: the seconds the backend asked to wait before it
+    (its Retry-After header), if it did."""
+
+    def __init__(self, *args: object, retry_after: float | None = None) -> None:
+        super().__init__(*args)
+        self.retry_after = retry_after
 
 
 class Permanent(Exception):
@@ -148,6 +162,36 @@ def stream_error(payload: bytes) -> Exception:
     if 400 <= status < 500 and status not in RETRIED_STATUSES:
         return Permanent(message)
     return Transient(message)
+
+
+def retry_after_seconds(value: str | None) -> float | None:
+    """The seconds a Retry-After header asks to wait (RFC 9110: delta-seconds, here also decimal, or an
+    HTTP-date); None for one that is absent, does not parse, or is not in the future."""
+    if not value:
+        return None
+    value = value.strip()
+    if DELTA_SECONDS.fullmatch(value):
+        seconds = float(value)
+    else:
+        try:
+            when = parsedate_to_datetime(value)
+            seconds = (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp() - time.time()
+        except (TypeError, ValueError, IndexError, OverflowError):
+            return None
+    return seconds if seconds > 0 else None
+
+
+def honouring_retry_after(backoff: Callable[[RetryCallState], float],
+                          cap: float) -> Callable[[RetryCallState], float]:
+    """A tenacity wait: `backoff`, or longer when the failed try's backend said when to come back
+    (Transient.retry_after, at most `cap` seconds): sooner only hammers an overloaded server and burns
+    the tries; the cap keeps a confused backend from parking the slot for hours."""
+    def wait(retry_state: RetryCallState) -> float:
+        error = retry_state.outcome.exception() if retry_state.outcome else None
+        asked = error.retry_after if isinstance(error, Transient) else None
+        own = backoff(retry_state)
+        return own if asked is None else max(own, min(asked, cap))
+    return wait
 
 
 def usage_over(usage: dict[str, Any] | None, budget: int) -> bool:
@@ -233,7 +277,8 @@ class OpenAIEngine:
     def __init__(self, base_url: str, *, api_key: str | None = None, models: dict[str, str] | None = None,
                  timeout: float = 60.0, retries: int = 4, backoff_initial: float = 0.5,
                  backoff_max: float = 8.0, send_priority: bool = True, first_token_timeout: float = 120.0,
-                 idle_timeout: float = 30.0, tracing: Tracing | None = None) -> None:
+                 idle_timeout: float = 30.0, tracing: Tracing | None = None,
+                 retry_after_max: float = RETRY_AFTER_MAX_SECONDS) -> None:
         self.base_url = base_url.rstrip("/")
         self.tracing = tracing  # --otel-endpoint: a span per backend call, its traceparent sent along
         self.models = dict(models or {})
@@ -241,6 +286,7 @@ class OpenAIEngine:
         self.retries = max(1, retries)
         self.backoff_initial = backoff_initial
         self.backoff_max = backoff_max
+        self.retry_after_max = retry_after_max
         self.send_priority = send_priority
         self.ask_usage = True
         self.first_token_timeout = first_token_timeout
@@ -292,7 +338,7 @@ class OpenAIEngine:
             async with asyncio.timeout(self.timeout), self.session.get(f"{self.base_url}/models") as response:
                 body = await response.read()
                 if response.status != 200:
-                    self._raise_for_status(response.status, body)
+                    self._raise_for_status(response.status, body, response.headers)
                 listing = orjson.loads(body)
                 items = listing.get("data") if isinstance(listing, dict) else None
                 served = [m["id"] for m in items or () if isinstance(m, dict) and m.get("id")]
@@ -339,10 +385,11 @@ class OpenAIEngine:
         return body
 
     @staticmethod
-    def _raise_for_status(status: int, body: bytes) -> None:
+    def _raise_for_status(status: int, body: bytes, headers: Mapping[str, str]) -> None:
+        """`headers`: the response's (looked up by lower-case name), for a retried status's Retry-After."""
         message = error_message(status, body)
         if status >= 500 or status in RETRIED_STATUSES:
-            raise Transient(message)
+            raise Transient(message, retry_after=retry_after_seconds(headers.get("retry-after")))
         raise Permanent(message)
 
     # ---- streaming ---------------------------------------------------------------------------
@@ -450,8 +497,9 @@ class OpenAIEngine:
                     headers: dict[str, str] | None = None) -> tuple[Response, Any, Piece | None]:
         """Connect and read up to the first token, retrying transient failures."""
         def retrying() -> AsyncRetrying:
+            backoff = wait_random_exponential(multiplier=self.backoff_initial, max=self.backoff_max)
             return AsyncRetrying(stop=stop_after_attempt(self.retries), reraise=True,
-                                 wait=wait_random_exponential(multiplier=self.backoff_initial, max=self.backoff_max),
+                                 wait=honouring_retry_after(backoff, self.retry_after_max),
                                  retry=retry_if_exception_type(Transient))
 
         try:
@@ -504,7 +552,7 @@ class OpenAIEngine:
                     self.ask_usage = False
                 body.pop(field)
                 continue
-            self._raise_for_status(response.status, payload)
+            self._raise_for_status(response.status, payload, response.headers)
 
     @staticmethod
     async def _tokens(response: AsyncIterable[bytes], state: StreamState, *,
