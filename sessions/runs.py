@@ -6,7 +6,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +32,19 @@ DEADLINE_EXCEEDED = "deadline_exceeded"
 # OpenAI front answers such a request with that status (api/openai_routes.py).
 BACKEND_REFUSED_PREFIX = "the backend refused the request: "
 BACKEND_REFUSED = re.compile(re.escape(BACKEND_REFUSED_PREFIX) + r"HTTP (4\d\d)\b")
+TOOL_CALL_FIELDS = frozenset({"tool_calls", "function_call"})
+REASONING_FIELDS = frozenset({"reasoning_content", "reasoning"})
+
+
+def delta_kind(fields: Iterable[str]) -> str:
+    """What non-text delta fields were, in the words of a tenant-facing message ("... streamed <kind>"):
+    a run pinned for reasoning must not be said to have streamed a tool call."""
+    names = set(fields)
+    if names & TOOL_CALL_FIELDS:
+        return "a tool call"
+    if names and names <= REASONING_FIELDS:
+        return "reasoning"
+    return "a non-text delta"
 
 
 def shown_info(info: str) -> dict[str, Any]:
@@ -283,15 +296,15 @@ class RunStore:
         """Keep a running run from being preempted (see scheduler/lua/pin.lua); False when it was stopped."""
         return await self.transitions.pin(self.group, rid, attempt)
 
-    async def output_so_far(self, spec: RunSpec) -> tuple[str, bool]:
+    async def output_so_far(self, spec: RunSpec) -> tuple[str, str | None]:
         """The text of tokens 0..start_index-1 of a request, from its session log (for resumes), and
-        whether an engine can continue from it: False once a token carried a non-text delta (a
-        tool call), which no engine can be asked to continue. The log, bounded as it is
-        (--session-log-max-events), never trims the events of its session's head request, which a
-        resumed one is (sessions/lua/includes/call.lua, trim_log)."""
+        None when an engine can continue from it, else what its tokens' non-text deltas streamed
+        (`delta_kind`: a tool call, reasoning), which no engine can be asked to continue. The log,
+        bounded as it is (--session-log-max-events), never trims the events of its session's head
+        request, which a resumed one is (sessions/lua/includes/call.lua, trim_log)."""
         first = int(await self.redis.hget(keys.request(spec.request_id), "fs") or 1)
         texts: list[str] = []
-        text_only = True
+        delta_fields: set[str] = set()  # of every token's non-text delta (workers/runner.py token_data)
         cursor = first - 1
         while len(texts) < spec.start_index:
             reply = await self.transitions.read_log(spec.session_id, cursor, 1000)
@@ -303,9 +316,9 @@ class RunStore:
                     data = json.loads(event.data)
                     if data["index"] == len(texts):
                         texts.append(data["text"])
-                        text_only = text_only and "delta" not in data
+                        delta_fields.update(data.get("delta") or ())
             cursor = entries[-1].seq
-        return "".join(texts[: spec.start_index]), text_only
+        return "".join(texts[: spec.start_index]), delta_kind(delta_fields) if delta_fields else None
 
     async def heartbeat(self, running: list[str], *, leaving: bool = False) -> tuple[bool, list[str]]:
         """Renew liveness (unless leaving) and the runs' leases, reaping the group's dead workers.

@@ -13,7 +13,9 @@ connection or a restarted API is a reconnect with `Last-Event-ID`, not an error.
 transport errors and 5xx with a bounded, jittered backoff and gives up (`StreamUnavailable`) after
 `reconnect_timeout` seconds without a connection; a 4xx is the caller's problem and is raised at
 once (`CursorExpired` when the session's log no longer holds the cursor). Every error the API
-answers is a `SluicegateError` carrying its status and the `type`/`code` of the JSON error body.
+answers is a `SluicegateError` carrying its status and the `type`/`code` of the JSON error body; an
+argument refused before sending (a number JSON cannot carry: nan, inf) is an `InvalidArgument`, both a
+`SluicegateError` and a `ValueError`.
 
 This module talks HTTP only: it must not import the server's packages (sluicegate.api and friends).
 """
@@ -23,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import os
 import random
 import time
@@ -63,6 +66,11 @@ class SluicegateError(Exception):
         self.message = message
         self.body = body
         self.retry_after = retry_after
+
+
+class InvalidArgument(SluicegateError, ValueError):
+    """An argument refused before anything was sent (422 `invalid_request`, as the server words a bad
+    field): a number JSON cannot carry (nan, inf). Also a ValueError, which such calls raised before."""
 
 
 class CursorExpired(SluicegateError):
@@ -196,7 +204,21 @@ def _chat_call(messages: Sequence[Mapping[str, Any]], model: str | None, stream:
         body["max_tokens"] = max_tokens
     given = {"X-Session-Id": session_id, "X-Priority": priority, "X-Tenant": tenant, "X-Group": group,
              "X-Deadline-Ms": deadline_ms, "X-Callback-Url": callback_url}
-    return body, {k: str(v) for k, v in given.items() if v is not None}
+    return _json_safe(body), {k: str(v) for k, v in given.items() if v is not None}
+
+
+def _json_safe(value: Any, where: str = "") -> Any:
+    """`value`, or InvalidArgument naming the field that holds nan or inf: JSON cannot carry them, and
+    httpx would refuse the whole body with a bare ValueError that names no field."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise InvalidArgument(422, "invalid_request", f"{where or 'body'}: a finite number, not {value!r}")
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            _json_safe(item, f"{where}.{key}" if where else str(key))
+    elif isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            _json_safe(item, f"{where}[{index}]")
+    return value
 
 
 def _admin_fields(**fields: Any) -> dict[str, Any]:
@@ -353,7 +375,7 @@ class Client(_Base):
 
     def _call(self, method: str, path: str, body: Any = None, params: Mapping[str, Any] | None = None) -> Any:
         try:
-            response = self.http.request(method, path, json=body, params=params)
+            response = self.http.request(method, path, json=_json_safe(body), params=params)
         except httpx.TransportError as error:
             raise _unreachable(error, self.url + path) from error
         if response.status_code >= 400:
@@ -521,7 +543,7 @@ class AsyncClient(_Base):
 
     async def _call(self, method: str, path: str, body: Any = None, params: Mapping[str, Any] | None = None) -> Any:
         try:
-            response = await self.http.request(method, path, json=body, params=params)
+            response = await self.http.request(method, path, json=_json_safe(body), params=params)
         except httpx.TransportError as error:
             raise _unreachable(error, self.url + path) from error
         if response.status_code >= 400:

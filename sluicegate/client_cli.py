@@ -80,16 +80,20 @@ def add_commands(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run one client command; a refused call is one line on stderr and exit code 1; input that cannot be
-    sent (a URL that does not parse, text that is not valid Unicode) is one line and exit code 2."""
+    sent (a URL that does not parse, text that is not valid Unicode, a number JSON cannot carry) is one
+    line and exit code 2."""
     import httpx
 
-    from sluicegate.client import Client, SluicegateError
+    from sluicegate.client import Client, InvalidArgument, SluicegateError
 
     url = args.url or os.environ.get("SLUICEGATE_URL") or None
     try:
         with Client(url, api_key=args.api_key or None) as client:
             return {"submit": submit, "tail": tail, "quota": quota, "weight": weight,
                     "stats": stats}[args.command](client, args)
+    except InvalidArgument as error:  # a SluicegateError, but the caller's input: a usage error, not a refusal
+        print(f"sluicegate {args.command}: cannot send this: {error.message}", file=sys.stderr)
+        return 2
     except SluicegateError as error:
         fail(args, error)
         return 1

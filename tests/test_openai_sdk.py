@@ -257,7 +257,7 @@ def test_preempted_twice_answers_as_if_never_preempted(fake: FakeBackend, redis_
         assert call("GET", f"{stack.base_url}/v1/requests/{rid}")[1]["status"] == "done"
 
 
-# ---- a run that streamed a tool call is never preempted -------------------------------------------------
+# ---- a run that streamed a tool call (or reasoning) is never preempted -----------------------------
 def test_a_run_streaming_a_tool_call_is_not_preempted(fake: FakeBackend, redis_url: str) -> None:
     """An engine continues text, not a half-made tool call: once a run streamed a tool-call delta it is
     pinned (never preempted), so an agent never gets a call generated twice into broken JSON."""
@@ -290,3 +290,32 @@ def test_a_tool_call_cut_by_the_backend_is_not_resumed_into_broken_json(fake: Fa
     events = list(sse(gate.base_url, f"/v1/requests/{rid}/events", timeout=30))
     assert events[-1].event == "error" and "streamed a tool call" in events[-1].data["message"]
     assert len(fake.records) == 1  # no second backend call made it into the output
+
+
+def test_reasoning_cut_by_the_backend_is_said_to_be_reasoning(fake: FakeBackend, gate: Stack) -> None:
+    """A reasoning model's run pins on its `reasoning_content` deltas as on a tool call's, and cannot be
+    continued either; the message, which tenants read, names reasoning, not a tool call."""
+    thinking = [{"reasoning_content": "The user "}, {"reasoning_content": "wants "}, {"reasoning_content": "Paris."},
+                {"content": "Sunny."}]
+    fake.default = Script(deltas=thinking, cut_after=3)
+    rid = submit(gate.base_url, "cut-reasoning", prompt=None, messages=MESSAGES, max_tokens=50)
+    events = list(sse(gate.base_url, f"/v1/requests/{rid}/events", timeout=30))
+    assert events[-1].event == "error", events[-1]
+    message = events[-1].data["message"]
+    assert "streamed reasoning, which no engine can continue" in message and "tool call" not in message, message
+    assert len(fake.records) == 1
+
+
+@pytest.mark.parametrize(("fields", "kind"), [
+    ({"tool_calls"}, "a tool call"),
+    ({"function_call"}, "a tool call"),
+    ({"reasoning_content", "tool_calls"}, "a tool call"),  # reasoned, then began a call: the call is what breaks
+    ({"reasoning_content"}, "reasoning"),
+    ({"reasoning"}, "reasoning"),
+    ({"reasoning", "refusal"}, "a non-text delta"),
+    ({"refusal"}, "a non-text delta"),
+])
+def test_what_a_pinned_run_streamed_is_named(fields: set[str], kind: str) -> None:
+    from sluicegate.sessions.runs import delta_kind
+
+    assert delta_kind(fields) == kind

@@ -35,7 +35,7 @@ from typing import Any
 
 import orjson
 
-from sluicegate.sessions.runs import DEADLINE_EXCEEDED, AppendResult, RunSpec, RunStore
+from sluicegate.sessions.runs import DEADLINE_EXCEEDED, AppendResult, RunSpec, RunStore, delta_kind
 from sluicegate.sessions.transitions import Tail
 from sluicegate.workers.engines.base import Engine, EngineError, Finish, Token
 from sluicegate.workers.redis_retry import through_dropped_connections
@@ -173,10 +173,10 @@ class Run:
             if self._engine_answered is None:
                 self._engine_answered = time.time() * 1000
             if isinstance(piece, Token) and piece.delta and not self._pinned:
-                # A resume continues text, not a half-made tool call: pinned first (never preempted
-                # from here on), or not written at all when the run was stopped meanwhile.
+                # A resume continues text, not a half-made tool call or reasoning: pinned first (never
+                # preempted from here on), or not written at all when the run was stopped meanwhile.
                 if not await self.store.pin(self.spec.request_id, self.spec.attempt):
-                    raise Fenced("stopped before it streamed a tool call")
+                    raise Fenced(f"stopped before it streamed {delta_kind(piece.delta)}")
                 self._pinned = True
             self._pending.append(piece)
             self._wake.set()

@@ -39,11 +39,15 @@ from sluicegate.workers.runner import Run
 
 log = logging.getLogger(__name__)
 
-CANNOT_CONTINUE = ("the run was interrupted after it streamed a tool call, which no engine can continue: "
-                   "call again")
 PROBE_BUDGET = 30.0  # seconds a worker spends learning its engine before it offers its slots anyway
 RQ_SETTLE = 0.05  # seconds a change of the runs shown waits before rq is told (see _presence_loop)
 EARLY_NOTICES = 1024  # notices kept for runs whose assignment has not arrived (most are for ended runs)
+
+
+def cannot_continue(streamed: str) -> str:
+    """The failure of a pinned run that was interrupted; `streamed` names what (sessions/runs.py
+    `delta_kind`), since tenants read it: a reasoning model never streamed a tool call."""
+    return f"the run was interrupted after it streamed {streamed}, which no engine can continue: call again"
 
 
 def new_worker_id(group: str) -> str:
@@ -369,14 +373,14 @@ class Worker:
         rid, attempt, key = assignment.request_id, assignment.attempt, assignment.key
         try:
             spec = await self.store.spec(assignment)
-            so_far, continuable = ("", True)
+            so_far, streamed = "", None
             if spec is not None and spec.start_index:
-                so_far, continuable = await self.store.output_so_far(spec)
+                so_far, streamed = await self.store.output_so_far(spec)
             if spec is None or key in self.interrupted:  # lost before it started
                 await self._end(rid, attempt, reason=self._stop_reason(key))
                 return
-            if not continuable:  # never preempted (pinned), but its worker was lost or its backend failed
-                await self._end(rid, attempt, outcome="failed", detail=CANNOT_CONTINUE)
+            if streamed is not None:  # never preempted (pinned), but its worker was lost or its backend failed
+                await self._end(rid, attempt, outcome="failed", detail=cannot_continue(streamed))
                 return
             self.executing.add(key)
             self._show_in_rq(key, spec)
