@@ -7,7 +7,9 @@ right after a direct call (`round_orders`):
 - chat:   POST /v1/chat/completions (stream) to Sluicegate (submit + stream in one call);
 - sse:    POST /v1/sessions/{sid}/requests, then GET /v1/requests/{rid}/events (two round trips);
 - against: the chat call to a second Sluicegate running another checkout of the code (`--against DIR`,
-  e.g. a `git worktree` of the previous commit), in front of the same sim-backend;
+  e.g. a `git worktree` of the previous commit), in front of the same sim-backend; with
+  `--against-one-session`, all in one session, whose channel the API then already follows (`--against .`
+  measures what a fresh session's subscription and log read add);
 - floor:  the chat call through two minimal relays that cross the same processes and sockets as the chat
   route (API, Valkey, worker, backend, and back) with next to no work at each (loadtest/floor_relay.py):
   what the hops alone add on this host, below which no implementation of this design can go;
@@ -90,6 +92,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--against", type=Path, default=None, metavar="DIR",
                         help="also run the chat mode against a Sluicegate started from this checkout "
                              "(mode `against`, interleaved with the others)")
+    parser.add_argument("--against-one-session", action="store_true",
+                        help="the `against` calls all go to one session, whose channel its API then already "
+                             "follows: no subscription and no log read a call; `--against .` measures their cost")
 
 
 @dataclass(frozen=True)
@@ -283,8 +288,9 @@ async def measure(backend: Backend, base: str, other: str | None, floors: dict[s
                                                    {"X-Session-Id": f"ttft-c{i}"}, expect=expect)
                 elif mode == "against":  # its hops too: both trees, split the same way, in one run
                     assert other is not None
+                    session = "ttft-a" if args.against_one_session else f"ttft-a{i}"
                     seconds, rid = await chat_ttft(other_http, f"{other}/v1/chat/completions", body,
-                                                   {"X-Session-Id": f"ttft-a{i}"}, expect=expect)
+                                                   {"X-Session-Id": session}, expect=expect)
                 elif mode in FLOORS:  # the relays pass on the first token only: no text to check
                     seconds, _ = await chat_ttft(floor_http, f"{floors[mode]}/v1/chat/completions", body)
                 else:
@@ -396,7 +402,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
               "settings": {"rounds": args.rounds, "max_tokens": args.max_tokens, "prefill_ms": args.prefill_ms,
                            "tokens_per_second": args.tokens_per_second, "slots": args.slots,
                            "engine_server": args.engine_server,
-                           "against": str(args.against) if args.against else None},
+                           "against": str(args.against) if args.against else None,
+                           "against_one_session": args.against_one_session},
               "samples_ms": {m: [round(x, 3) for x in v] for m, v in ttft.items()}}
     write_result("ttft" if args.engine_server == "sim" else f"ttft-{args.engine_server}", result)
     return result
