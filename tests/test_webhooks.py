@@ -4,13 +4,16 @@ and polling mode (`?include=output`). Real Valkey, a real local receiver on 127.
 from __future__ import annotations
 
 import json
+import logging
 import signal
+import time
 from collections.abc import Iterator
 
 import pytest
 
 from sluicegate.sessions import keys
 from sluicegate.settings import Settings
+from sluicegate.webhooks import delivery as delivery_module
 from sluicegate.webhooks.delivery import Delivery
 from sluicegate.webhooks.signing import HEADER, verify
 from tests.helpers import Stack, call, fast_settings, spawn, sse, stop_process, submit, wait_for
@@ -264,3 +267,205 @@ def test_a_receiver_that_trickles_its_answer_holds_no_other_callback(redis_url: 
     finally:
         stack.stop()
         slow.stop()
+
+
+class BlackHole:
+    """A receiver that accepts every connection and says nothing (or, with `answer_after`, answers 200 that
+    late): it counts the connections it holds open at once."""
+
+    def __init__(self, host: str = "127.0.0.1", *, answer_after: float | None = None) -> None:
+        import socket
+        import threading
+
+        self.answer_after = answer_after
+        self.accepted = 0
+        self.open = 0
+        self.most_open = 0
+        self.lock = threading.Lock()
+        self.closing = threading.Event()
+        self.conns: list[socket.socket] = []
+        self.listener = socket.create_server((host, 0))
+        self.url = f"http://{host}:{self.listener.getsockname()[1]}"
+        threading.Thread(target=self.accept, daemon=True).start()
+
+    def accept(self) -> None:
+        import threading
+
+        while not self.closing.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            with self.lock:
+                self.conns.append(conn)
+                self.accepted += 1
+                self.open += 1
+                self.most_open = max(self.most_open, self.open)
+            threading.Thread(target=self.hold, args=(conn,), daemon=True).start()
+
+    def hold(self, conn: object) -> None:
+        import socket
+        import time
+
+        assert isinstance(conn, socket.socket)
+        began = time.monotonic()
+        conn.settimeout(0.05)
+        try:
+            while not self.closing.is_set():
+                if self.answer_after is not None and time.monotonic() - began >= self.answer_after:
+                    conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                    return
+                try:
+                    if not conn.recv(65536):
+                        return  # the sender gave up (its attempt was cut) and closed
+                except TimeoutError:
+                    pass
+        except OSError:
+            return
+        finally:
+            with self.lock:
+                self.open -= 1
+            conn.close()
+
+    def stop(self) -> None:
+        self.closing.set()
+        self.listener.close()
+
+
+def callback_of(stack: Stack, rid: str) -> dict:
+    return status(stack, rid)["callback"]
+
+
+def test_a_black_holed_receiver_delays_no_later_callback(redis_url: str, receiver: Receiver) -> None:
+    """Deliveries are independent tasks: a receiver that never answers (its attempt is cut only at the
+    5-s --webhook-timeout) does not hold the next pass, so a callback to a healthy receiver that becomes
+    due meanwhile is delivered within a poll or two."""
+    hole = BlackHole()
+    stack = start_stack(redis_url, webhook_timeout=5.0)
+    try:
+        lost = submit(stack.base_url, "hole-1", max_tokens=2, callback_url=f"{hole.url}/void")
+        wait_for(lambda: hole.accepted, what="the black hole's connection")
+        began = time.monotonic()
+        fast = submit(stack.base_url, "healthy-1", max_tokens=2, callback_url=f"{receiver.url}/fast")
+        wait_for(lambda: receiver.to("/fast"), timeout=9, what="the healthy receiver's delivery")
+        took = receiver.to("/fast")[0].at - began
+        assert took < 2, f"the healthy callback took {took:.2f} s behind a black hole"
+        assert wait_for(lambda: delivered(stack, fast), what="its settle")["callback"]["status"] == "delivered"
+        assert callback_of(stack, lost) == {"url": f"{hole.url}/void", "status": "pending", "attempts": 1,
+                                            "last_error": None}  # still in its first attempt
+    finally:
+        hole.stop()
+        stack.stop()
+
+
+def test_a_host_full_of_black_holed_callbacks_holds_only_its_own(redis_url: str, receiver: Receiver) -> None:
+    """More black-holed callbacks to one host than its bound (PER_HOST in flight): the host never gets
+    more than the bound at once, the rest wait due and unclaimed, and a callback to another host is
+    delivered promptly all the same."""
+    import socket
+
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.2", 0))
+        except OSError:
+            pytest.skip("no 127.0.0.2 loopback address here")
+    bound = delivery_module.PER_HOST
+    hole = BlackHole("127.0.0.2")
+    stack = start_stack(redis_url, webhook_timeout=5.0, webhook_allow="127.0.0.1,127.0.0.2")
+    try:
+        lost = [submit(stack.base_url, f"hole-{i}", max_tokens=2, callback_url=f"{hole.url}/void/{i}")
+                for i in range(bound + 2)]
+        for rid in lost:
+            wait_for(lambda rid=rid: status(stack, rid)["status"] == "done", what="the black-holed request's end")
+        wait_for(lambda: hole.open >= bound, what="the black hole's connections")
+        time.sleep(0.3)  # several passes (0.05 s apart) that must start none of the rest
+        began = time.monotonic()
+        fast = submit(stack.base_url, "healthy-2", max_tokens=2, callback_url=f"{receiver.url}/fast")
+        wait_for(lambda: receiver.to("/fast"), timeout=9, what="the healthy receiver's delivery")
+        took = receiver.to("/fast")[0].at - began
+        assert took < 2, f"the healthy callback took {took:.2f} s behind a full black-holed host"
+        assert wait_for(lambda: delivered(stack, fast), what="its settle")["callback"]["status"] == "delivered"
+        assert hole.most_open == bound and hole.accepted == bound
+        attempts = sorted(callback_of(stack, rid)["attempts"] for rid in lost)
+        assert attempts == [0] * 2 + [1] * bound, attempts  # the rest are not claimed: they wait, due
+        assert all(callback_of(stack, rid)["status"] == "pending" for rid in lost)
+    finally:
+        hole.stop()
+        stack.stop()
+
+
+def test_a_drain_lets_the_attempts_in_flight_end_then_cuts_the_rest(redis_url: str, r, receiver: Receiver,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """`deliver_due` starts the deliveries and returns at once, and starts none again while it is in
+    flight; `drain` waits for them up to its timeout, then cancels what is left, whose claim stays (due
+    again after its lease). A delivery task's unexpected error is logged, not lost."""
+    import httpx
+
+    hole = BlackHole()
+    late = BlackHole(answer_after=0.5)
+    stack = start_stack(redis_url, delivery=False, webhook_timeout=5.0)
+    caplog.set_level(logging.ERROR, logger=Delivery.__module__)
+    try:
+        cut = submit(stack.base_url, "drain-1", max_tokens=2, callback_url=f"{hole.url}/void")
+        slow = submit(stack.base_url, "drain-2", max_tokens=2, callback_url=f"{late.url}/late")
+        broken = submit(stack.base_url, "drain-3", max_tokens=2, callback_url=f"{receiver.url}/boom")
+        for rid in (cut, slow, broken):
+            wait_for(lambda rid=rid: status(stack, rid)["status"] == "done", what="the request's end")
+
+        async def scenario() -> tuple[int, int, float, float, dict, dict]:
+            delivery = Delivery(stack.settings, poll_seconds=0.05)
+            sent = delivery.post
+
+            async def post(http: httpx.AsyncClient, url: str, rid: str, fields: dict[str, str]) -> str | None:
+                if url.endswith("/boom"):
+                    raise RuntimeError("a bug in the delivery")
+                return await sent(http, url, rid, fields)
+
+            delivery.post = post  # type: ignore[method-assign]
+            try:
+                async with httpx.AsyncClient(timeout=5.0) as http:
+                    began = time.monotonic()
+                    started = await delivery.deliver_due(http)
+                    returned_in = time.monotonic() - began
+                    again = await delivery.deliver_due(http)
+                    await delivery.drain(1.5)
+                    return started, again, returned_in, time.monotonic() - began, delivery.in_flight, \
+                        dict(delivery.per_host)
+            finally:
+                await delivery.redis.aclose()
+
+        started, again, returned_in, drained_in, in_flight, per_host = stack._call(scenario())
+        assert started == 3 and again == 0 and returned_in < 0.5, (started, again, returned_in)
+        assert 1.4 < drained_in < 3, drained_in
+        assert in_flight == {} and per_host == {}
+        assert callback_of(stack, slow) == {"url": f"{late.url}/late", "status": "delivered", "attempts": 1,
+                                            "last_error": None}  # it ended within the drain
+        assert callback_of(stack, cut) == {"url": f"{hole.url}/void", "status": "pending", "attempts": 1,
+                                           "last_error": None}  # cut mid-attempt: its claim lapses later
+        due_at = r.zscore(keys.callbacks_due(keys.bucket_of_request(cut)), cut)
+        assert due_at > time.time() * 1000 + 5_000  # the lease (webhook_timeout + 10 s) still holds it
+        assert any(broken in rec.getMessage() and rec.exc_info for rec in caplog.records), caplog.records
+    finally:
+        hole.stop()
+        late.stop()
+        stack.stop()
+
+
+def test_a_stop_waits_for_the_attempt_in_flight(redis_url: str) -> None:
+    """On stop, `run` lets an attempt in flight end (here cut by its own 1-s --webhook-timeout, and
+    rescheduled) rather than dropping it, and returns without hanging."""
+    hole = BlackHole()
+    stack = start_stack(redis_url, webhook_timeout=1.0)
+    try:
+        rid = submit(stack.base_url, "stop-1", max_tokens=2, callback_url=f"{hole.url}/void")
+        wait_for(lambda: hole.accepted, what="the black hole's connection")
+        time.sleep(0.2)
+        began = time.monotonic()
+        stack.stop_service("webhooks", timeout=10)
+        assert time.monotonic() - began < 3
+        view = callback_of(stack, rid)
+        assert view["status"] == "pending" and view["attempts"] == 1
+        assert "--webhook-timeout" in (view["last_error"] or ""), view
+    finally:
+        hole.stop()
+        stack.stop()
