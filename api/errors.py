@@ -86,16 +86,36 @@ def expected_error_response(exc: Exception) -> JSON | None:
 
 
 def install_error_handlers(app: FastAPI) -> None:
+    from sluicegate.api.services import check_keys  # here: services imports auth, which imports this module
+
+    async def refusal(request: Request) -> JSON | None:
+        """The route's key checks' answer (401, 403, or 503 for a store that is down), or None: they pass."""
+        try:
+            await check_keys(request)
+        except Exception as exc:
+            response = expected_error_response(exc)
+            if response is None:
+                raise
+            return response
+        return None
+
     async def _expected(_: Request, exc: Exception) -> JSON:
         response = expected_error_response(exc)
         assert response is not None
         return response
 
-    for kind in (ApiError, RequestValidationError, *UNAVAILABLE):
+    for kind in (ApiError, *UNAVAILABLE):
         app.add_exception_handler(kind, _expected)
 
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSON:
+        # The key checks first: FastAPI decodes a JSON body before it solves the route's dependencies.
+        return await refusal(request) or error_response(422, describe_validation(exc))
+
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSON:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSON:
+        if exc.status_code == 400 and (refused := await refusal(request)):  # a body FastAPI could not read
+            return refused
         message = exc.detail if isinstance(exc.detail, str) else "error"
         if exc.status_code == 404 and message == "Not Found":
             message = "no such endpoint"
