@@ -9,7 +9,7 @@ right after a direct call (`round_orders`):
 - against: the chat call to a second Sluicegate running another checkout of the code (`--against DIR`,
   e.g. a `git worktree` of the previous commit), in front of the same sim-backend; with
   `--against-one-session`, all in one session, whose channel the API then already follows (`--against .`
-  measures what a fresh session's subscription and log read add);
+  measures what a fresh session's creation, subscription and log read add);
 - floor:  the chat call through two minimal relays that cross the same processes and sockets as the chat
   route (API, Valkey, worker, backend, and back) with next to no work at each (loadtest/floor_relay.py):
   what the hops alone add on this host, below which no implementation of this design can go;
@@ -93,8 +93,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also run the chat mode against a Sluicegate started from this checkout "
                              "(mode `against`, interleaved with the others)")
     parser.add_argument("--against-one-session", action="store_true",
-                        help="the `against` calls all go to one session, whose channel its API then already "
-                             "follows: no subscription and no log read a call; `--against .` measures their cost")
+                        help="the `against` calls all go to one session, which exists and whose channel its API "
+                             "already follows (no subscription, no log read): `--against .` measures their cost")
 
 
 @dataclass(frozen=True)
