@@ -11,23 +11,26 @@ delivers it; anything else (an error status, a timeout, a refused connection) re
 checked against --webhook-allow again before every attempt (the list may have shrunk since the
 submit); redirects are never followed (they could lead anywhere). Workers never wait on any of this.
 
-The work in flight is bounded twice, and a callback with no room waits, still due and unclaimed, for a
-later pass. PER_HOST (4) attempts at once per receiver host (the host of the URL, as --webhook-allow
-names it; any port or path of it counts together): a receiver that answers slowly or never (an
-attempt is then cut at --webhook-timeout) holds back only callbacks to its own host, never those to
-healthy receivers. CONCURRENCY (64) attempts at once in all, to bound the process's sockets and tasks (httpx's
-pool is sized to it, so no attempt waits on the pool); it is PER_HOST times 16, so with up to 16 hosts
-in --webhook-allow it never binds before the per-host bound does, and with more it takes 16 slow hosts
-at once to fill it. The bound is per host, not per URL or port, because a host is what the operator
-allowed: one tenant cannot take every slot by spreading its callbacks over paths or ports of its own
-host, though a slow path on a host shared by several tenants does take that host's slots. A pass also
-skips the callbacks already in flight in this process (a set of their request ids): the claim would
-refuse them anyway, and this spares the useless claims.
+The work in flight is bounded twice, and a callback with no room waits, unclaimed, for a later pass; one
+whose host is full has its due time moved on by a share of --webhook-timeout (`host_full_wait`), so that
+a dead receiver's growing backlog neither fills the front of its bucket (a pass reads BATCH a bucket,
+oldest first: callbacks behind them would never be read) nor is read again every pass. PER_HOST (4)
+attempts at once per receiver host (the host of the URL, as --webhook-allow names it; any port or path of
+it counts together): a receiver that answers slowly or never (an attempt is then cut at
+--webhook-timeout) holds back only callbacks to its own host, never those to healthy receivers.
+CONCURRENCY (64) attempts at once in all, to bound the process's sockets and tasks (httpx's pool is sized
+to it, so no attempt waits on the pool); it is PER_HOST times 16, so with up to 16 hosts in
+--webhook-allow it never binds before the per-host bound does, and with more it takes 16 slow hosts at
+once to fill it. The bound is per host, not per URL or port, because a host is what the operator allowed:
+one tenant cannot take every slot by spreading its callbacks over paths or ports of its own host, though
+a slow path on a host shared by several tenants does take that host's slots. A pass also skips the
+callbacks already in flight in this process (a set of their request ids): the claim would refuse them
+anyway, and this spares the useless claims.
 
-On stop, the attempts in flight get up to --webhook-timeout (their own cap) to end; any still running
-then are cancelled. Any number of these processes may run: a claim holds a callback for one attempt
-(its lease: the timeout plus a margin), and a process killed or stopped mid-attempt leaves it queued,
-due again after the lease.
+On stop, the attempts in flight get up to --webhook-timeout (their own cap) plus SETTLE_SECONDS to end
+(an attempt cut by its cap then still records why); any still running then are cancelled. Any number of
+these processes may run: a claim holds a callback for one attempt (its lease: the timeout plus a margin),
+and a process killed or stopped mid-attempt leaves it queued, due again after the lease.
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ FOLD_SECONDS = 10.0  # between usage folds (reads fold too: this only keeps the 
 BATCH = 100  # callbacks read per bucket and pass
 CONCURRENCY = 64  # deliveries in flight at once, in all
 PER_HOST = 4  # deliveries in flight at once to one receiver host
+SETTLE_SECONDS = 2.0  # past an attempt's cap, for its outcome to be written when the process stops
 
 
 class Delivery:
@@ -87,7 +91,7 @@ class Delivery:
                         log.warning("store unavailable (%s); retrying", error)
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(stop.wait(), self.poll_seconds)
-                await self.drain(self.settings.webhook_timeout)  # each attempt is capped at this anyway
+                await self.drain(self.settings.webhook_timeout + SETTLE_SECONDS)  # each attempt is capped
             finally:
                 await self.drain(0)  # cancelled or failed: cut whatever is still in flight, leak nothing
                 await self.redis.aclose()
@@ -115,15 +119,27 @@ class Delivery:
             pipe.hget(keys.request(rid), "cb")  # its host, to count it against its bound before claiming it
         urls = await pipe.execute()
         started = 0
+        waiting: dict[str, int] = {}  # a full host's callbacks: request id -> its next due time
         for rid, url in zip(due, urls, strict=True):
             if len(self.in_flight) >= CONCURRENCY:
                 break
             host = (callbacks.callback_host(url) if url else None) or ""  # "": the claim will drop it
-            if self.per_host[host] >= PER_HOST:
+            if host and self.per_host[host] >= PER_HOST:
+                waiting[rid] = now_ms + int(self.host_full_wait() * 1000)
                 continue
             self.start(http, rid, host)
             started += 1
+        if waiting:  # XX GT: only moved later, and never back into the queue once a claim settled it
+            pipe = self.redis.pipeline(transaction=False)
+            for rid, due_ms in waiting.items():
+                pipe.zadd(keys.callbacks_due(keys.bucket_of_request(rid)), {rid: due_ms}, xx=True, gt=True)
+            await pipe.execute()
         return started
+
+    def host_full_wait(self) -> float:
+        """How long a callback whose host is full waits before a pass looks at it again: about as long as
+        one of the host's places takes to free when its receiver never answers, at least a poll."""
+        return max(self.poll_seconds, self.settings.webhook_timeout / PER_HOST)
 
     def start(self, http: httpx.AsyncClient, rid: str, host: str) -> None:
         task = asyncio.create_task(self.deliver(http, rid), name=f"callback {rid}")
