@@ -20,6 +20,7 @@ import pytest
 import redis
 from rq import Queue
 from rq import Worker as RqWorker
+from rq.exceptions import NoSuchJobError
 from rq.executions import Execution
 from rq.job import Job, JobStatus
 from rq.registry import StartedJobRegistry
@@ -101,12 +102,17 @@ def rq_view(url: str, wid: str) -> dict[str, Any]:
     current job) and the queue's StartedJobRegistry ("N executing" in `rq info`)."""
     connection = redis.Redis.from_url(url)
     try:
-        worker = next((w for w in RqWorker.all(connection=connection) if w.name == wid), None)
-        assert worker is not None, f"worker {wid} is not in rq's registry"
-        jobs = {e.job_id: e.job for e in worker.get_current_executions(refresh=True)}
-        queue = Queue("sluicegate.default", connection=connection)
-        return {"state": worker.get_state(), "jobs": jobs, "started": set(queue.started_job_registry.get_job_ids()),
-                "current": worker.get_current_job()}
+        for _ in range(20):  # a job the worker removes between rq's reads of an execution and of its job
+            try:
+                worker = next((w for w in RqWorker.all(connection=connection) if w.name == wid), None)
+                assert worker is not None, f"worker {wid} is not in rq's registry"
+                jobs = {e.job_id: e.job for e in worker.get_current_executions(refresh=True)}
+                queue = Queue("sluicegate.default", connection=connection)
+                return {"state": worker.get_state(), "jobs": jobs,
+                        "started": set(queue.started_job_registry.get_job_ids()), "current": worker.get_current_job()}
+            except NoSuchJobError:  # rq's tooling reads without a transaction: read again
+                time.sleep(0.01)
+        raise AssertionError(f"rq's view of worker {wid} kept changing under 20 reads")
     finally:
         connection.close()
 
