@@ -341,6 +341,17 @@ def callback_of(stack: Stack, rid: str) -> dict:
     return status(stack, rid)["callback"]
 
 
+def delivered_promptly(stack: Stack, receiver: Receiver, session: str, behind: str) -> None:
+    """A callback to a healthy receiver, submitted now, reaches it within 2 s and is settled delivered:
+    nothing `behind` it (a black-holed receiver) holds it back."""
+    began = time.monotonic()
+    fast = submit(stack.base_url, session, max_tokens=2, callback_url=f"{receiver.url}/fast")
+    wait_for(lambda: receiver.to("/fast"), timeout=9, what="the healthy receiver's delivery")
+    took = receiver.to("/fast")[0].at - began
+    assert took < 2, f"the healthy callback took {took:.2f} s behind {behind}"
+    assert wait_for(lambda: delivered(stack, fast), what="its settle")["callback"]["status"] == "delivered"
+
+
 def test_a_black_holed_receiver_delays_no_later_callback(redis_url: str, receiver: Receiver) -> None:
     """Deliveries are independent tasks: a receiver that never answers (its attempt is cut only at the
     30-s --webhook-timeout) does not hold the next pass, so a callback to a healthy receiver that becomes
@@ -350,12 +361,7 @@ def test_a_black_holed_receiver_delays_no_later_callback(redis_url: str, receive
     try:
         lost = submit(stack.base_url, "hole-1", max_tokens=2, callback_url=f"{hole.url}/void")
         wait_for(lambda: hole.accepted, what="the black hole's connection")
-        began = time.monotonic()
-        fast = submit(stack.base_url, "healthy-1", max_tokens=2, callback_url=f"{receiver.url}/fast")
-        wait_for(lambda: receiver.to("/fast"), timeout=9, what="the healthy receiver's delivery")
-        took = receiver.to("/fast")[0].at - began
-        assert took < 2, f"the healthy callback took {took:.2f} s behind a black hole"
-        assert wait_for(lambda: delivered(stack, fast), what="its settle")["callback"]["status"] == "delivered"
+        delivered_promptly(stack, receiver, "healthy-1", behind="a black hole")
         assert callback_of(stack, lost) == {"url": f"{hole.url}/void", "status": "pending", "attempts": 1,
                                             "last_error": None}  # still in its first attempt
     finally:
@@ -384,12 +390,7 @@ def test_a_host_full_of_black_holed_callbacks_holds_only_its_own(redis_url: str,
             wait_for(lambda rid=rid: status(stack, rid)["status"] == "done", what="the black-holed request's end")
         wait_for(lambda: hole.open >= bound, what="the black hole's connections")
         time.sleep(0.3)  # several passes (0.05 s apart) that must start none of the rest
-        began = time.monotonic()
-        fast = submit(stack.base_url, "healthy-2", max_tokens=2, callback_url=f"{receiver.url}/fast")
-        wait_for(lambda: receiver.to("/fast"), timeout=9, what="the healthy receiver's delivery")
-        took = receiver.to("/fast")[0].at - began
-        assert took < 2, f"the healthy callback took {took:.2f} s behind a full black-holed host"
-        assert wait_for(lambda: delivered(stack, fast), what="its settle")["callback"]["status"] == "delivered"
+        delivered_promptly(stack, receiver, "healthy-2", behind="a full black-holed host")
         assert hole.most_open == bound and hole.accepted == bound
         attempts = sorted(callback_of(stack, rid)["attempts"] for rid in lost)
         assert attempts == [0] * 2 + [1] * bound, attempts  # the rest are not claimed: they wait, due
