@@ -11,21 +11,27 @@ delivers it; anything else (an error status, a timeout, a refused connection) re
 checked against --webhook-allow again before every attempt (the list may have shrunk since the
 submit); redirects are never followed (they could lead anywhere). Workers never wait on any of this.
 
-The work in flight is bounded twice, and a callback with no room waits, unclaimed, for a later pass; one
-whose host is full has its due time moved on by a share of --webhook-timeout (`host_full_wait`), so that
-a dead receiver's growing backlog neither fills the front of its bucket (a pass reads BATCH a bucket,
-oldest first: callbacks behind them would never be read) nor is read again every pass. PER_HOST (4)
-attempts at once per receiver host (the host of the URL, as --webhook-allow names it; any port or path of
-it counts together): a receiver that answers slowly or never (an attempt is then cut at
---webhook-timeout) holds back only callbacks to its own host, never those to healthy receivers.
-CONCURRENCY (64) attempts at once in all, to bound the process's sockets and tasks (httpx's pool is sized
-to it, so no attempt waits on the pool); it is PER_HOST times 16, so with up to 16 hosts in
---webhook-allow it never binds before the per-host bound does, and with more it takes 16 slow hosts at
-once to fill it. The bound is per host, not per URL or port, because a host is what the operator allowed:
-one tenant cannot take every slot by spreading its callbacks over paths or ports of its own host, though
-a slow path on a host shared by several tenants does take that host's slots. A pass also skips the
-callbacks already in flight in this process (a set of their request ids): the claim would refuse them
-anyway, and this spares the useless claims.
+The work in flight is bounded twice (webhooks/rooms.py): PER_HOST (4) attempts at once per receiver host
+(the host of the URL, as --webhook-allow names it; any port or path of it counts together), so a receiver
+that answers slowly or never (an attempt is then cut at --webhook-timeout) holds back only callbacks to
+its own host, never those to healthy receivers; and CONCURRENCY (64) attempts at once in all, to bound the
+process's sockets and tasks (httpx's pool is sized to it, so no attempt waits on the pool). CONCURRENCY is
+PER_HOST times 16, so with up to 16 hosts in --webhook-allow it never binds before the per-host bound
+does, and with more it takes 16 slow hosts at once to fill it. The bound is per host, not per URL or
+port, because a host is what the operator allowed: one tenant cannot take every slot by spreading its
+callbacks over paths or ports of its own host, though a slow path on a host shared by several tenants
+does take that host's slots. Both bounds are per process: N processes may send a host N times PER_HOST.
+
+A due callback whose host is full waits in one of two ways. While the host turns over (none of its
+attempts has run SLOW_AFTER_SECONDS yet), up to HELD_PER_HOST of them are held here, unclaimed, and each
+starts the moment one of the host's places frees; more than that are left due, and a pass comes early
+(at least MIN_PASS_GAP after the last) once the held ones are all started: a fast receiver gets its
+callbacks as fast as it answers them, not PER_HOST a poll. Once the host is slow (a receiver that answers
+late or never), its due callbacks, the held ones included, have their due time moved on by a share of
+--webhook-timeout (`host_full_wait`), so that a dead receiver's growing backlog neither fills the front
+of its bucket (a pass reads BATCH a bucket, oldest first: callbacks behind them would never be read) nor
+is read again every pass. A pass skips the callbacks in flight or held here: the claim would refuse the
+ones in flight anyway, and this spares the useless claims.
 
 On stop, the attempts in flight get up to --webhook-timeout (their own cap) plus SETTLE_SECONDS to end
 (an attempt cut by its cap then still records why); any still running then are cancelled. Any number of
@@ -40,7 +46,6 @@ import contextlib
 import logging
 import random
 import time
-from collections import Counter
 from typing import Any
 
 import httpx
@@ -51,6 +56,7 @@ from sluicegate.sessions import callbacks, keys, usage
 from sluicegate.sessions.connect import UNAVAILABLE, async_client
 from sluicegate.sessions.status import request_view
 from sluicegate.settings import Settings
+from sluicegate.webhooks.rooms import Placement, Rooms
 from sluicegate.webhooks.signing import HEADER, signature
 
 log = logging.getLogger(__name__)
@@ -59,6 +65,9 @@ FOLD_SECONDS = 10.0  # between usage folds (reads fold too: this only keeps the 
 BATCH = 100  # callbacks read per bucket and pass
 CONCURRENCY = 64  # deliveries in flight at once, in all
 PER_HOST = 4  # deliveries in flight at once to one receiver host
+HELD_PER_HOST = 100  # due callbacks held for a full host that turns over, each started as a place frees
+SLOW_AFTER_SECONDS = 1.0  # a host with an attempt this old is slow: its waiting callbacks are pushed back
+MIN_PASS_GAP = 0.05  # between a pass and an early one (a freed place wants callbacks left due)
 SETTLE_SECONDS = 2.0  # past an attempt's cap, for its outcome to be written when the process stops
 
 
@@ -71,7 +80,10 @@ class Delivery:
         self.lease_ms = int((settings.webhook_timeout + 10) * 1000)
         self.redis: Any = async_client(settings.redis_url, cluster=settings.redis_cluster, decode_responses=True)
         self.in_flight: dict[str, asyncio.Task[None]] = {}  # request id -> its delivery task
-        self.per_host: Counter[str] = Counter()  # receiver host -> deliveries in flight to it
+        self.rooms = Rooms(per_host=PER_HOST, concurrency=CONCURRENCY, held_per_host=HELD_PER_HOST,
+                           slow_after=SLOW_AFTER_SECONDS)
+        self.early_pass = asyncio.Event()  # set when a freed place wants callbacks a pass left due
+        self.handing_on = True  # a freed place starts a held callback; off once the process stops
 
     async def run(self, stop: asyncio.Event) -> None:
         """Pass after pass until `stop`, then the deliveries in flight are drained; a store outage is logged
@@ -89,20 +101,36 @@ class Delivery:
                             next_fold = time.monotonic() + FOLD_SECONDS
                     except (*UNAVAILABLE, RedisError) as error:
                         log.warning("store unavailable (%s); retrying", error)
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(stop.wait(), self.poll_seconds)
+                    await self.pause(stop)
                 await self.drain(self.settings.webhook_timeout + SETTLE_SECONDS)  # each attempt is capped
             finally:
                 await self.drain(0)  # cancelled or failed: cut whatever is still in flight, leak nothing
                 await self.redis.aclose()
 
+    async def pause(self, stop: asyncio.Event) -> None:
+        """Until the next pass: a poll, or less (at least MIN_PASS_GAP) when a freed place wants one."""
+        waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self.early_pass.wait())]
+        try:
+            done, _ = await asyncio.wait(waits, timeout=self.poll_seconds, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiting in waits:
+                waiting.cancel()
+        if waits[1] in done and not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), MIN_PASS_GAP)
+        self.early_pass.clear()
+
     async def deliver_due(self, http: httpx.AsyncClient) -> int:
-        """One pass: starts a delivery task for each callback due now that is not in flight here already
-        and has room (CONCURRENCY in all, PER_HOST per receiver host; the others wait, due, for a later
-        pass); returns how many it started, without waiting for them (`drain` does)."""
-        if len(self.in_flight) >= CONCURRENCY:
+        """One pass: starts a delivery task for each callback due now that is neither in flight nor held here
+        and has room (CONCURRENCY in all, PER_HOST per receiver host; webhooks/rooms.py says what waits
+        how); returns how many it started, without waiting for them (`drain` does)."""
+        self.rooms.pass_began()
+        now, now_ms = time.monotonic(), int(time.time() * 1000)
+        waiting = dict.fromkeys(self.rooms.release_slow(now), now_ms + int(self.host_full_wait() * 1000))
+        if self.rooms.in_flight >= CONCURRENCY:
+            self.rooms.hit_concurrency = True
+            await self.push_back(waiting)
             return 0
-        now_ms = int(time.time() * 1000)
         buckets = keys.all_buckets()
         pipe = self.redis.pipeline(transaction=False)
         for bucket in buckets:
@@ -111,49 +139,60 @@ class Delivery:
         due: list[str] = []
         for bucket in (b for b, n in zip(buckets, counts, strict=True) if n):
             rids = await self.redis.zrangebyscore(keys.callbacks_due(bucket), "-inf", now_ms, start=0, num=BATCH)
-            due += (rid for rid in rids if rid not in self.in_flight)
+            due += (rid for rid in rids if not self.rooms.known(rid))
         if not due:
+            await self.push_back(waiting)
             return 0
         pipe = self.redis.pipeline(transaction=False)
         for rid in due:
             pipe.hget(keys.request(rid), "cb")  # its host, to count it against its bound before claiming it
         urls = await pipe.execute()
         started = 0
-        waiting: dict[str, int] = {}  # a full host's callbacks: request id -> its next due time
         for rid, url in zip(due, urls, strict=True):
-            if len(self.in_flight) >= CONCURRENCY:
-                break
             host = (callbacks.callback_host(url) if url else None) or ""  # "": the claim will drop it
-            if host and self.per_host[host] >= PER_HOST:
+            placement = self.rooms.place(rid, host, now)
+            if placement is Placement.FULL:
+                break
+            if placement is Placement.START:
+                self.start(http, rid)
+                started += 1
+            elif placement is Placement.PUSH:
                 waiting[rid] = now_ms + int(self.host_full_wait() * 1000)
-                continue
-            self.start(http, rid, host)
-            started += 1
-        if waiting:  # XX GT: only moved later, and never back into the queue once a claim settled it
-            pipe = self.redis.pipeline(transaction=False)
-            for rid, due_ms in waiting.items():
-                pipe.zadd(keys.callbacks_due(keys.bucket_of_request(rid)), {rid: due_ms}, xx=True, gt=True)
-            await pipe.execute()
+        await self.push_back(waiting)
         return started
+
+    async def push_back(self, waiting: dict[str, int]) -> None:
+        """Move slow hosts' waiting callbacks to their next due times (request id -> ms)."""
+        if not waiting:
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        for rid, due_ms in waiting.items():  # XX GT: only later, and never back into the queue once settled
+            pipe.zadd(keys.callbacks_due(keys.bucket_of_request(rid)), {rid: due_ms}, xx=True, gt=True)
+        await pipe.execute()
 
     def host_full_wait(self) -> float:
         """How long a callback whose host is full waits before a pass looks at it again: about as long as
         one of the host's places takes to free when its receiver never answers, at least a poll."""
         return max(self.poll_seconds, self.settings.webhook_timeout / PER_HOST)
 
-    def start(self, http: httpx.AsyncClient, rid: str, host: str) -> None:
+    def start(self, http: httpx.AsyncClient, rid: str) -> None:
+        """A delivery task for `rid`, whose place `self.rooms` has recorded."""
         task = asyncio.create_task(self.deliver(http, rid), name=f"callback {rid}")
         self.in_flight[rid] = task
-        self.per_host[host] += 1
-        task.add_done_callback(lambda done: self.finished(rid, host, done))
+        task.add_done_callback(lambda done: self.finished(http, rid, done))
 
-    def finished(self, rid: str, host: str, task: asyncio.Task[None]) -> None:
-        """A delivery task ended: free its room, and log what it raised (the callback stays queued: due again
-        at once if it was not claimed yet, else after its lease)."""
+    def finished(self, http: httpx.AsyncClient, rid: str, task: asyncio.Task[None]) -> None:
+        """A delivery task ended: its place goes to a callback held for its host, or a pass comes early for
+        callbacks left due; what it raised is logged (the callback stays queued: due again at once if it
+        was not claimed yet, else after its lease)."""
         self.in_flight.pop(rid, None)
-        self.per_host[host] -= 1
-        if self.per_host[host] <= 0:
-            del self.per_host[host]
+        host = self.rooms.end(rid)
+        if self.handing_on:
+            held = self.rooms.next_held(host, time.monotonic())
+            if held is not None:
+                self.start(http, held)
+            if self.rooms.wants_pass(host):
+                self.early_pass.set()
         if task.cancelled():
             return
         error = task.exception()
@@ -164,7 +203,9 @@ class Delivery:
 
     async def drain(self, timeout: float | None = None) -> None:
         """Wait for the deliveries in flight (up to `timeout` seconds; None: as long as they take), then
-        cancel those still running and wait for them to end: nothing is left in flight on return."""
+        cancel those still running and wait for them to end: nothing is left in flight on return. The held
+        callbacks are not started (they stay due in the store)."""
+        self.handing_on = False
         tasks = set(self.in_flight.values())
         if not tasks:
             return
