@@ -7,7 +7,7 @@ from typing import Any
 
 import orjson
 
-from sluicegate.sessions.store import CursorExpired, SessionStore
+from sluicegate.sessions.store import CursorExpired, LogBounds, SessionStore, log_gap
 
 PAGE = 1000  # events read per call
 
@@ -16,11 +16,21 @@ async def request_output(store: SessionStore, rid: str, fields: dict[str, str]) 
     """{"output": text} (each token index once, in order), or {"output": None, "output_error": why} when
     the log no longer holds the request's events (trimmed, --session-log-max-events, or expired)."""
     sid = fields.get("sid", "")
-    cursor = int(fields.get("fs", 1)) - 1
+    first = int(fields.get("fs", 1))  # the request's own first event (its `queued`)
+    cursor = first - 1
     texts: list[str] = []
     while True:
         try:
-            _last, events = await store.read_events(sid, cursor, PAGE)
+            if not texts and cursor == first - 1:  # the first page: the request's first event must be there
+                bounds, events = await store.read_page(sid, cursor, PAGE)
+                gone = first_event_gone(bounds, first)
+                if gone is not None:
+                    return {"output": None, "output_error": f"the session's log no longer holds its events: {gone}"}
+                gap = log_gap(bounds, cursor)
+                if gap is not None:
+                    raise gap
+            else:
+                _last, events = await store.read_events(sid, cursor, PAGE)
         except CursorExpired as error:
             return {"output": None, "output_error": f"the session's log no longer holds its events: {error}"}
         for event in events:
@@ -35,3 +45,15 @@ async def request_output(store: SessionStore, rid: str, fields: dict[str, str]) 
         if len(events) < PAGE:
             return {"output": "".join(texts)}
         cursor = events[-1].seq
+
+
+def first_event_gone(bounds: LogBounds, first: int) -> str | None:
+    """Why the request's first event (id `first`) is no longer in the log, if it is not. A read from
+    cursor 0 (a session's first request) means "from the oldest kept" to the log, which no gap check
+    refuses: without this, a request whose events were all trimmed, or whose session expired, would read
+    as one that produced nothing."""
+    if bounds.last_id < first:
+        return "the session expired (its log is gone)"
+    if bounds.oldest_kept > first:
+        return f"event id {first} was trimmed from the session's log; the oldest kept event is {bounds.oldest_kept}"
+    return None

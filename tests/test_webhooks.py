@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import pytest
 
 from sluicegate.sessions import keys
-from sluicegate.settings import Settings
+from sluicegate.settings import LOG_MIN_EVENTS, Settings
 from sluicegate.webhooks import delivery as delivery_module
 from sluicegate.webhooks.delivery import Delivery
 from sluicegate.webhooks.signing import HEADER, verify
@@ -194,6 +194,28 @@ def test_polling_mode_include_output_gives_the_text_so_far(redis_url: str) -> No
         code, ended = call("GET", f"{stack.base_url}/v1/requests/{rid}?include=output")
         assert ended["output"] == full and ended["status"] == "done"
         assert "output" not in status(stack, rid)  # only when asked
+    finally:
+        stack.stop()
+
+
+def test_polling_mode_says_when_the_log_no_longer_holds_a_request(redis_url: str, r) -> None:
+    """Once a request's events are trimmed from its session's log, its output is null with an
+    output_error, never an empty text: the session's first request too (its events start the log, and a
+    read from the log's start is no gap to the log), and one whose session expired."""
+    stack = Stack(fast_settings(redis_url, session_log_max_events=LOG_MIN_EVENTS)).start(workers=1)
+    try:
+        rids = []
+        for _ in range(3):  # one after the other: each one's events in one run of the log
+            rids.append(submit(stack.base_url, "trim-1", max_tokens=LOG_MIN_EVENTS // 2))
+            wait_for(lambda: status(stack, rids[-1])["status"] == "done", what="the request's end")
+        views = [call("GET", f"{stack.base_url}/v1/requests/{rid}?include=output")[1] for rid in rids]
+        for view in views[:2]:
+            assert view["output"] is None and "trimmed" in view["output_error"], view
+        assert views[2]["output"] and "output_error" not in views[2], views[2].get("output_error")  # all there
+        for key in (keys.session_meta("trim-1"), keys.session_log("trim-1")):  # as its TTL would
+            r.delete(key)
+        view = call("GET", f"{stack.base_url}/v1/requests/{rids[2]}?include=output")[1]
+        assert view["output"] is None and "expired" in view["output_error"], view
     finally:
         stack.stop()
 
