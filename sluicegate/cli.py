@@ -39,13 +39,15 @@ WORKER = ["group", "slots", "engine", "backend_url", "backend_api_key", "backend
           "backend_idle_timeout", "stream_interval_ms", "sim_tokens_per_second",
           "sim_prefill_ms", "heartbeat_seconds", "shutdown_grace_seconds"]
 WEBHOOKS = ["webhook_allow", "webhook_secret", "webhook_max_attempts", "webhook_backoff", "webhook_timeout"]
+REDIS_PORT = 6379  # `sluicegate redis` without a port: Redis's own
 COMMANDS: dict[str, tuple[str, list[str]]] = {
     "serve": ("everything in one process tree: embedded Valkey (unless --redis-url), API, scheduler and "
               "--workers N workers; Ctrl-C stops all of it",
               NETWORK + CORE + ["data_dir", "appendfsync", "password", "embedded_cluster", "workers"] + API + POLICY
               + WORKER + WEBHOOKS + ["access_log"]),
     "redis": ("the embedded Valkey server (or with --cluster N a cluster of N masters) alone, in the foreground, "
-              "persistent (AOF) in --data-dir",
+              "persistent (AOF) in --data-dir; on Redis's own port, 6379 (from there up with --cluster), unless "
+              "--port, SLUICEGATE_PORT or the --config file's port names one (their default, 8000, is the API's)",
               ["config", "host", "port", "data_dir", "appendfsync", "password", "cluster", "log_level"]),
     "api": ("the HTTP API alone (stateless; run several)", NETWORK + CORE + API + WEBHOOKS + ["access_log"]),
     "webhooks": ("the callback deliveries (signed POSTs of ended requests' status, retried with backoff) and the "
@@ -105,6 +107,12 @@ def given_flags(args: argparse.Namespace) -> dict[str, Any]:
 def settings_from(args: argparse.Namespace) -> Settings:
     """Flags, then the environment, then the --config file; raises BadSetting."""
     return from_env(**given_flags(args))
+
+
+def redis_port(settings: Settings) -> int:
+    """`sluicegate redis` listens on Redis's own port unless a flag, the environment or the file names one:
+    the setting's default (8000) is the API's, and the two would clash when the pieces run apart."""
+    return settings.port if "port" in settings.model_fields_set else REDIS_PORT
 
 
 def setup_logging(settings: Settings, role: str) -> None:
@@ -175,20 +183,19 @@ def main(argv: list[str] | None = None) -> int:
             EmbeddedServer,
             ServerNotFound,
             data_dir_password,
-            free_port,
             write_url_file,
         )
 
         password = data_dir_password(settings.data_dir) if settings.password else None
         try:
+            port = redis_port(settings)
             if settings.cluster:
-                return EmbeddedCluster(data_dir=settings.data_dir, port=settings.port, masters=settings.cluster,
+                return EmbeddedCluster(data_dir=settings.data_dir, port=port, masters=settings.cluster,
                                        host=settings.host, appendfsync=settings.appendfsync,
                                        password=password).run_foreground()
-            server = EmbeddedServer(data_dir=settings.data_dir, port=settings.port, host=settings.host,
+            server = EmbeddedServer(data_dir=settings.data_dir, port=port, host=settings.host,
                                     appendfsync=settings.appendfsync, password=password)
             Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
-            server.port = server.port or free_port(settings.host)
             if password:
                 write_url_file(settings.data_dir, server.url)
             print(server.url, flush=True)
