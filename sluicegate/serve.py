@@ -15,6 +15,7 @@ worker starts, then gets its own workers with its own settings.
 from __future__ import annotations
 
 import asyncio
+import http.client
 import logging
 import os
 import signal
@@ -39,6 +40,20 @@ log = logging.getLogger("sluicegate.serve")
 def spawn(role: str, settings: Settings, *extra: str) -> subprocess.Popen[bytes]:
     env = {**os.environ, **settings.to_env()}
     return subprocess.Popen([sys.executable, "-m", "sluicegate", role, *extra], env=env, stdin=subprocess.DEVNULL)
+
+
+def api_answers(settings: Settings) -> bool:
+    """The API answers HTTP on its port (`/healthz`, no key needed). A TCP connect alone is not enough:
+    with --api-processes N the supervisor listens before its processes serve."""
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(settings.host, settings.host)
+    connection = http.client.HTTPConnection(host, settings.port, timeout=1.0)
+    try:
+        connection.request("GET", "/healthz")
+        return connection.getresponse().status == 200
+    except OSError:
+        return False
+    finally:
+        connection.close()
 
 
 def embedded_store(settings: Settings) -> EmbeddedServer | EmbeddedCluster:
@@ -152,16 +167,17 @@ def serve(settings: Settings, groups: Sequence[GroupConfig] = ()) -> int:
         core = {"scheduler": spawn("scheduler", settings), "api": spawn("api", settings)}
         webhooks = spawn("webhooks", settings)  # callbacks and usage folding: restarted when it dies, like a worker
         workers = [(pool, spawn("worker", pool)) for pool in pools for _ in range(pool.workers)]
-        if groups:
-            log.info("serving on http://%s:%d with %d groups, %d workers", settings.host, settings.port,
-                     len(groups), len(workers))
-        else:
-            log.info("serving on http://%s:%d with %d workers (%s engine)", settings.host, settings.port,
-                     len(workers), settings.engine)
+        what = f"{len(groups)} groups, {len(workers)} workers" if groups else \
+            f"{len(workers)} workers ({settings.engine} engine)"
+        serving = f"serving on http://{settings.host}:{settings.port} with {what}"
+        announced = False
         while not stopping:
             time.sleep(0.2)  # resumed after a signal handler ran (PEP 475): look at `stopping` first
             if stopping:  # Ctrl-C reaches the children too: one that exits now is no failure
                 break
+            if not announced and api_answers(settings):  # the line a script may wait for: the API answers
+                log.info("%s", serving)
+                announced = True
             for role, proc in core.items():
                 if proc.poll() is not None:
                     log.error("%s exited with code %s; stopping", role, proc.returncode)

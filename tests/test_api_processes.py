@@ -107,3 +107,25 @@ def _healthy(base: str) -> bool:
         return call("GET", f"{base}/healthz")[0] == 200
     except OSError:
         return False
+
+
+def test_serve_says_it_is_serving_only_once_the_api_answers(redis_url: str, tmp_path: Path) -> None:
+    """The "serving on" line is the one a script waits for: when it is logged, the API answers (here with
+    two API processes, whose supervisor listens on the port before either serves)."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLUICEGATE_")}
+    args = [sys.executable, "-m", "sluicegate", "serve", "--redis-url", redis_url, "--port", str(port),
+            "--api-processes", "2", "--workers", "1", "--no-backend-probe", "--log-level", "info",
+            *(["--redis-cluster"] if ON_CLUSTER else [])]
+    log = tmp_path / "serve.log"
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=open(log, "wb"), cwd=ROOT, env=env)  # noqa: SIM115
+    try:
+        wait_for(lambda: "serving on" in log.read_text(errors="replace"), timeout=60, interval=0.01,
+                 what="the serving line")
+        assert _healthy(f"http://127.0.0.1:{port}"), log.read_text()[-2000:]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(40) == 0, log.read_text()[-2000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
