@@ -33,6 +33,7 @@ from sluicegate.scheduler.admin import Tuning
 from sluicegate.sessions.connect import UNAVAILABLE, async_client, redacted
 from sluicegate.sessions.registry import declare_group, forget_group_model, group_models
 from sluicegate.settings import Settings
+from sluicegate.webhooks.delivery import SETTLE_SECONDS
 
 log = logging.getLogger("sluicegate.serve")
 
@@ -196,7 +197,10 @@ def serve(settings: Settings, groups: Sequence[GroupConfig] = ()) -> int:
         for proc in children:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + settings.shutdown_grace_seconds + 5
+        # The workers' runs have the grace to end; the webhooks process's attempts in flight their own cap
+        # and its settle time (webhooks/delivery.py): neither is cut at the other's.
+        patience = max(settings.shutdown_grace_seconds, settings.webhook_timeout + SETTLE_SECONDS)
+        deadline = time.monotonic() + patience + 5
         for proc in children:
             try:
                 proc.wait(max(0.1, deadline - time.monotonic()))

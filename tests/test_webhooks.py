@@ -563,3 +563,47 @@ def test_a_stop_waits_for_the_attempt_in_flight(redis_url: str) -> None:
     finally:
         hole.stop()
         stack.stop()
+
+
+def test_serve_lets_the_webhooks_attempt_in_flight_end_on_stop(redis_url: str, r, tmp_path) -> None:
+    """SIGTERM to `serve` while a callback's attempt waits on a receiver that answers after 6.5 s, inside
+    its 8-s --webhook-timeout but past the 0-s --shutdown-grace-seconds plus serve's 5 s: serve waits for
+    the webhooks process's drain, so the attempt ends delivered instead of being killed mid-way."""
+    import os
+    import subprocess
+    import sys
+
+    from sluicegate.embedded import free_port
+    from sluicegate.sessions.status import request_view
+    from tests.helpers import ON_CLUSTER, ROOT
+
+    late = BlackHole(answer_after=6.5)
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLUICEGATE_")}
+    args = [sys.executable, "-m", "sluicegate", "serve", "--redis-url", redis_url, "--port", str(port),
+            "--workers", "1", "--no-backend-probe", "--log-level", "warning", "--shutdown-grace-seconds", "0",
+            "--webhook-allow", "127.0.0.1", "--webhook-secret", SECRET, "--webhook-timeout", "8",
+            *(["--redis-cluster"] if ON_CLUSTER else [])]
+    log = tmp_path / "serve.log"
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=open(log, "wb"), cwd=ROOT, env=env)  # noqa: SIM115
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_for(lambda: _answers(base), timeout=60, what="serve to answer")
+        rid = submit(base, "stop-serve", max_tokens=2, callback_url=f"{late.url}/late")
+        wait_for(lambda: late.accepted, timeout=15, what="the attempt")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(40) == 0, log.read_text()[-2000:]
+        fields = r.hgetall(keys.request(rid))
+        assert request_view(rid, fields)["callback"]["status"] == "delivered", log.read_text()[-2000:]
+    finally:
+        late.stop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _answers(base: str) -> bool:
+    try:
+        return call("GET", f"{base}/healthz")[0] == 200
+    except OSError:
+        return False
