@@ -158,6 +158,14 @@ def call(method: str, url: str, body: Any = None, headers: dict[str, str] | None
             return error.code, payload
 
 
+def healthy(base: str) -> bool:
+    """The API at `base` answers its liveness route (a refused or dropped connection: not yet, or gone)."""
+    try:
+        return call("GET", f"{base}/healthz")[0] == 200
+    except OSError:
+        return False
+
+
 def submit(base_url: str, session_id: str, **body: Any) -> str:
     body.setdefault("prompt", "hello")
     body.setdefault("max_tokens", 10)

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from sluicegate.embedded import free_port
-from tests.helpers import ON_CLUSTER, ROOT, SseEvent, call, sse, submit, wait_for
+from tests.helpers import ON_CLUSTER, ROOT, SseEvent, healthy, sse, submit, wait_for
 
 
 def children(pid: int) -> list[int]:
@@ -67,7 +67,7 @@ def test_two_api_processes_share_the_port_serve_streams_and_stop_on_sigterm(redi
     threads: list[threading.Thread] = []
     started: list[int] = []  # the API supervisor and its processes, killed if the test fails half-way
     try:
-        wait_for(lambda: _healthy(base), timeout=60, interval=0.2, what="serve to answer")
+        wait_for(lambda: healthy(base), timeout=60, interval=0.2, what="serve to answer")
         api = next(p for p in children(proc.pid) if " api" in cmdline(p))
         servers = wait_for(lambda: [p for p in children(api) if "spawn_main" in cmdline(p)] or None, timeout=20,
                            what="the API processes")
@@ -102,12 +102,6 @@ def test_two_api_processes_share_the_port_serve_streams_and_stop_on_sigterm(redi
                 os.kill(pid, signal.SIGKILL)
 
 
-def _healthy(base: str) -> bool:
-    try:
-        return call("GET", f"{base}/healthz")[0] == 200
-    except OSError:
-        return False
-
 
 def test_serve_says_it_is_serving_only_once_the_api_answers(redis_url: str, tmp_path: Path) -> None:
     """The "serving on" line is the one a script waits for: when it is logged, the API answers (here with
@@ -122,7 +116,7 @@ def test_serve_says_it_is_serving_only_once_the_api_answers(redis_url: str, tmp_
     try:
         wait_for(lambda: "serving on" in log.read_text(errors="replace"), timeout=60, interval=0.01,
                  what="the serving line")
-        assert _healthy(f"http://127.0.0.1:{port}"), log.read_text()[-2000:]
+        assert healthy(f"http://127.0.0.1:{port}"), log.read_text()[-2000:]
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(40) == 0, log.read_text()[-2000:]
     finally:

@@ -15,7 +15,7 @@ import pytest
 
 from sluicegate.embedded import free_port, free_port_block
 from sluicegate.sessions.connect import check_redis
-from tests.helpers import ROOT, call, sse, submit, wait_for
+from tests.helpers import ROOT, healthy, sse, submit, wait_for
 
 pytestmark = pytest.mark.own_servers  # clusters of their own
 
@@ -55,7 +55,7 @@ def test_serve_on_an_embedded_cluster_streams_end_to_end(tmp_path: Path) -> None
                   log=tmp_path / "serve.log")
     base = f"http://127.0.0.1:{port}"
     try:
-        wait_for(lambda: _healthy(base), timeout=60, interval=0.5, what="serve on a cluster to answer")
+        wait_for(lambda: healthy(base), timeout=60, interval=0.5, what="serve on a cluster to answer")
         rid = submit(base, "on-a-cluster", max_tokens=12)
         events = list(sse(base, f"/v1/requests/{rid}/events", timeout=30))
         assert events[-1].event == "done", (tmp_path / "serve.log").read_text()[-2000:]
@@ -66,9 +66,3 @@ def test_serve_on_an_embedded_cluster_streams_end_to_end(tmp_path: Path) -> None
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
 
-
-def _healthy(base: str) -> bool:
-    try:
-        return call("GET", f"{base}/healthz")[0] == 200
-    except OSError:
-        return False

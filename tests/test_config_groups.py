@@ -22,7 +22,7 @@ from sluicegate.embedded import free_port
 from sluicegate.groups_config import GroupConfig, explicit_names, load_groups
 from sluicegate.settings import BadSetting, Settings, from_env
 from sluicegate.workers.sim_backend import create_sim_backend
-from tests.helpers import ON_CLUSTER, ROOT, call, wait_for
+from tests.helpers import ON_CLUSTER, ROOT, call, healthy, wait_for
 from tests.openai_helpers import ServerThread
 
 TWO_GROUPS = """
@@ -241,12 +241,6 @@ def _workers(serve_pid: int) -> dict[int, dict[str, str]]:
     return found
 
 
-def _healthy(base: str) -> bool:
-    try:
-        return call("GET", f"{base}/healthz")[0] == 200
-    except OSError:
-        return False
-
 
 def _store_flags(request: pytest.FixtureRequest) -> list[str]:
     """On one server, serve starts its own embedded Valkey in --data-dir; in the cluster pass it runs on
@@ -294,7 +288,7 @@ max_concurrency = 2
                             env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(log, "wb"),  # noqa: SIM115
                             start_new_session=True)
     try:
-        wait_for(lambda: _healthy(base) or proc.poll() is not None, timeout=60, interval=0.3, what="serve to answer")
+        wait_for(lambda: healthy(base) or proc.poll() is not None, timeout=60, interval=0.3, what="serve to answer")
         assert proc.poll() is None, log.read_text()[-3000:]
         client = OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=30)
 

@@ -17,7 +17,7 @@ from sluicegate.settings import LOG_MIN_EVENTS, Settings
 from sluicegate.webhooks import delivery as delivery_module
 from sluicegate.webhooks.delivery import Delivery
 from sluicegate.webhooks.signing import HEADER, verify
-from tests.helpers import Stack, call, fast_settings, spawn, sse, stop_process, submit, wait_for
+from tests.helpers import Stack, call, fast_settings, healthy, spawn, sse, stop_process, submit, wait_for
 from tests.webhook_receiver import Receiver
 
 SECRET = "test-secret"
@@ -588,7 +588,7 @@ def test_serve_lets_the_webhooks_attempt_in_flight_end_on_stop(redis_url: str, r
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=open(log, "wb"), cwd=ROOT, env=env)  # noqa: SIM115
     try:
         base = f"http://127.0.0.1:{port}"
-        wait_for(lambda: _answers(base), timeout=60, what="serve to answer")
+        wait_for(lambda: healthy(base), timeout=60, what="serve to answer")
         rid = submit(base, "stop-serve", max_tokens=2, callback_url=f"{late.url}/late")
         wait_for(lambda: late.accepted, timeout=15, what="the attempt")
         proc.send_signal(signal.SIGTERM)
@@ -600,10 +600,3 @@ def test_serve_lets_the_webhooks_attempt_in_flight_end_on_stop(redis_url: str, r
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-
-
-def _answers(base: str) -> bool:
-    try:
-        return call("GET", f"{base}/healthz")[0] == 200
-    except OSError:
-        return False
