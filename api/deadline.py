@@ -3,9 +3,9 @@
 A Redis that neither answers nor fails (a network blackhole, a server stopped by SIGSTOP) would
 otherwise hold every caller for the client's socket timeouts: 15 s, twice with the retry on a fresh
 connection. Measured in the blackhole drill (`sluicegate bench drills`): calls hung for the whole
-10 s outage, none answered 503. The deadline is lifted once the response starts, so event streams
-and a non-streamed chat answer (its headers go out with its first token, or within 4 s without one:
-api/openai_routes.py STATUS_HOLD_SECONDS) are never cut by it.
+10 s outage, none answered 503. The deadline is lifted once the response starts, so event streams are
+never cut by it, or by the route once the store has answered (`lift_response_deadline`): a non-streamed
+chat answer's status waits for the request's end, as a backend's own does (api/openai_routes.py).
 
 The deadline counts from the request's start, and again from each part of its body that arrives: a
 large prompt on a slow link (up to `--max-body-mb`) that keeps arriving is never cut, and the answer
@@ -28,6 +28,16 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from sluicegate.api.errors import RETRY_AFTER, error_response
 
 RESPONSE_DEADLINE_SECONDS = 5.0
+LIFT = "sluicegate.lift_response_deadline"  # the scope's key of the function that lifts it
+
+
+def lift_response_deadline(scope: Scope) -> None:
+    """The store has answered (the request is stored): from here the response may take as long as the
+    request does. Without it, a status held for the request's end would be a 503 that the SDK retries,
+    each retry a request stored again."""
+    lift = scope.get(LIFT)
+    if lift is not None:
+        lift()
 
 
 class ResponseDeadline:
@@ -60,6 +70,14 @@ class ResponseDeadline:
             else:
                 body_done = True  # the client left
             return message
+
+        def lift() -> None:
+            nonlocal started
+            if not deadline.expired():  # an expiry an instant ago is already on its way (the 503)
+                deadline.reschedule(None)
+                started = True  # the body's reads are no longer timed either
+
+        scope[LIFT] = lift
 
         async def send_started(message: Message) -> None:
             nonlocal started

@@ -9,13 +9,13 @@ logprobs, the finish_reason and the usage:
 - stream true: one `chat.completion.chunk` per token (the first also carries the role), then a
   chunk with an empty delta, the finish_reason and the usage, then `data: [DONE]`. With
   `stream_options.include_usage` the usage moves to a last chunk with no choices, as OpenAI sends it.
-- stream false: the status and headers (`X-Request-Id`, `X-Session-Id`) wait for the request's first
-  token, so that one refused or failed before it gets its own status (409 cancelled, the backend's 400,
-  413 or 422, else 502), which OpenAI's SDKs raise on; at most STATUS_HOLD_SECONDS (4 s, inside the
-  response deadline of api/deadline.py), after which they go out, so a client that loses the connection
-  can find its request; the `chat.completion` follows when the request ends.
+- stream false: the status, headers (`X-Request-Id`, `X-Session-Id`) and `chat.completion` wait for the
+  request's end, as a backend's own answer does, so that one that failed or was cancelled gets its own
+  status (409 cancelled, the backend's 400, 413 or 422, else 502), which OpenAI's SDKs raise on: they read
+  no error out of a 200's body. The response deadline (api/deadline.py) is lifted once the request is
+  stored.
 - `error` and `cancelled` end the answer with an OpenAI-style error object (in the stream, then
-  `[DONE]`; not streamed, the answer with its own status, or, once the 200 went out, its body).
+  `[DONE]`; not streamed, the answer with its own status).
 
 Generation never depends on the client: a caller that disconnects leaves the request running, and
 its tokens stay readable at `/v1/requests/{X-Request-Id}/events`.
@@ -37,7 +37,7 @@ from starlette.requests import ClientDisconnect
 from sluicegate.api.auth import Principal
 from sluicegate.api.callbacks import attach_callback, check_callback
 from sluicegate.api.chat_render import DONE, Completion
-from sluicegate.api.deadline import RESPONSE_DEADLINE_SECONDS
+from sluicegate.api.deadline import lift_response_deadline
 from sluicegate.api.errors import ApiError
 from sluicegate.api.key_watch import ENDED_MESSAGE, KeyWatch, key_watch
 from sluicegate.api.models_routes import model_not_found
@@ -60,8 +60,6 @@ NAME = re.compile(NAME_PATTERN)
 DEFAULT_MAX_TOKENS: int = SubmitBody.model_fields["max_tokens"].default
 NOT_PARAMS = frozenset({"stream_options"})  # handled here, not by the engine
 PASSED_ON = frozenset({400, 413, 422})  # a backend's refusals the caller gets as they are: its request is wrong
-# A non-streamed answer's status waits this long at most for the first token: inside the response deadline
-STATUS_HOLD_SECONDS = RESPONSE_DEADLINE_SECONDS - 1.0
 KEY_ENDED = {"error": {"type": "unauthorized", "message": ENDED_MESSAGE, "code": 401}}
 
 
@@ -169,53 +167,31 @@ async def sse_chunks(svc: Services, new: NewRequest, completion: Completion, fir
                     yield b"".join(out)
 
 
-async def held_news(batches: AsyncIterator[list[Event]]) -> tuple[list[list[Event]], Event | None]:
-    """The batches of a non-streamed answer up to the first that tells how it goes: a token (it runs), its
-    terminal event, or an idle ping (STATUS_HOLD_SECONDS without an event: still queued, or a slow
-    prefill). Returns them, and the terminal event if it ended before its first token."""
-    held: list[list[Event]] = []
+async def whole_answer(request: Request, new: NewRequest, completion: Completion,
+                       batches: AsyncIterator[list[Event]], watch: KeyWatch | None) -> JSON:
+    """The non-streamed answer once the request has ended: its `chat.completion` (200), or its failure's
+    status and OpenAI error object; a 401 once its key is revoked or expires (api/key_watch.py), as a
+    stream ends. While it waits, each idle ping looks whether the client is still there: once it has
+    gone, the answer is dropped (the request runs on, readable at its events URL)."""
+    headers = {"X-Request-Id": new.request_id, "X-Session-Id": new.session_id}
     async for batch in batches:
-        held.append(batch)
+        if watch is not None and watch.due() and await watch.ended():
+            return JSON(KEY_ENDED, status_code=401, headers=headers)
         if not batch:
-            break
+            if await request.is_disconnected():
+                break
+            continue
         for event in batch:
-            if event.terminal:
-                return held, event
             if event.name == "token":
-                return held, None
-    return held, None
-
-
-async def message_body(new: NewRequest, completion: Completion, held: list[list[Event]],
-                       batches: AsyncIterator[list[Event]]) -> AsyncIterator[bytes]:
-    """The non-streamed answer, whose status and headers (X-Request-Id) went out once its first token
-    came, or once it had none after STATUS_HOLD_SECONDS (`held`: the batches read until then): a newline
-    while idle (JSON allows leading whitespace; it keeps proxies from closing an idle connection),
-    then the `chat.completion`, or an OpenAI error object when the request failed or was cancelled."""
-    async def every_batch() -> AsyncIterator[list[Event]]:
-        for batch in held:
-            yield batch
-        async for batch in batches:
-            yield batch
-
-    # closed at once: see sse_chunks
-    async with aclosing(batches), aclosing(every_batch()) as events:
-        async for batch in events:
-            if not batch:
-                yield b"\n"
-                continue
-            for event in batch:
-                if event.name == "token":
-                    completion.add(orjson.loads(event.data))
-                elif event.name == "done":
-                    yield LastChunk(orjson.dumps(completion.message(orjson.loads(event.data))))
-                    return
-                elif event.terminal:
-                    status, type_, message = failure(event)
-                    yield LastChunk(orjson.dumps({"error": {"type": type_, "message": message, "code": status}}))
-                    return
+                completion.add(orjson.loads(event.data))
+            elif event.name == "done":
+                return JSON(completion.message(orjson.loads(event.data)), headers=headers)
+            elif event.terminal:
+                status, type_, message = failure(event)
+                return JSON({"error": {"type": type_, "message": message, "code": status}}, status_code=status,
+                            headers=headers)
     message = f"the event stream ended early; read it at /v1/requests/{new.request_id}/events"
-    yield LastChunk(orjson.dumps({"error": {"type": "unavailable", "message": message, "code": 503}}))
+    return JSON({"error": {"type": "unavailable", "message": message, "code": 503}}, status_code=503, headers=headers)
 
 
 async def chat_body(request: Request) -> ChatBody:
@@ -271,28 +247,12 @@ async def chat_completions(request: Request):
     if body.stream:
         return EventStreamResponse(sse_chunks(svc, new, completion, first, joined, key_watch(svc.keyring, who)),
                                    headers={**headers, "Cache-Control": "no-store"}, on_close=closed)
-    # Not streamed: the status waits for the first token, so that a request refused or failed before it
-    # gets its own status, which OpenAI's SDKs raise on (they read no error out of a 200's body); at most
-    # STATUS_HOLD_SECONDS, inside the response deadline (api/deadline.py).
-    stream = request_event_stream(svc, new, first=first, joined=joined,
-                                  idle_seconds=min(svc.settings.sse_ping_seconds, STATUS_HOLD_SECONDS))
-    batches = stream.batches()
-
-    def closed_too() -> None:
-        stream.close()  # its reader left at once, even when the body never runs (idempotent)
-        closed()
-
+    # Not streamed: the answer, status included, waits for the request's end (whole_answer).
+    lift_response_deadline(request.scope)
+    stream = request_event_stream(svc, new, first=first, joined=joined)
     try:
-        held, ended = await held_news(batches)
-    except BaseException:
-        await batches.aclose()
-        closed_too()
-        raise
-    if ended is not None and ended.name != "done":
-        await batches.aclose()
-        closed_too()
-        status, type_, message = failure(ended)
-        return JSON({"error": {"type": type_, "message": message, "code": status}}, status_code=status,
-                    headers=headers)
-    return EventStreamResponse(message_body(new, completion, held, batches), headers=headers,
-                               on_close=closed_too, media_type="application/json")
+        async with aclosing(stream.batches()) as batches:
+            return await whole_answer(request, new, completion, batches, key_watch(svc.keyring, who))
+    finally:
+        stream.close()  # its reader left at once (idempotent)
+        closed()

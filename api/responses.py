@@ -64,8 +64,7 @@ class EventStreamResponse(Response):
     """A streamed body without Starlette's per-response task group: a disconnect cancels the
     streaming task directly. A client that leaves stops only this response; the generation goes on.
 
-    The status line and headers are sent at once (a non-streamed chat answer's: with its first token or
-    within 4 s, api/openai_routes.py), while the first token is still being generated;
+    The status line and headers are sent at once, while the first token is still being generated;
     the API's transport (api/joined_writes.py) writes them with the first chunk, in one write, when
     it comes within `HEAD_WAIT_SECONDS`. (Sent by the app with the first token, as two writes, they
     cost the first token 0.22 ms.) So a failure before the first chunk (Redis lost right after the
@@ -75,14 +74,12 @@ class EventStreamResponse(Response):
 
     media_type = "text/event-stream"
 
-    def __init__(self, chunks: AsyncIterator[bytes], headers: dict[str, str], media_type: str | None = None,
+    def __init__(self, chunks: AsyncIterator[bytes], headers: dict[str, str],
                  on_close: Callable[[], None] | None = None, end_on_shutdown: bool = False) -> None:
         self.status_code = 200
         self.end_on_shutdown = end_on_shutdown  # an SSE stream (resumable): ShutdownDrain ends it
         self.on_close = on_close  # called once the response ends, however (e.g. a tenant's stream count)
         self.background = None
-        if media_type:  # e.g. a JSON body whose headers go out before it is complete
-            self.media_type = media_type
         self.init_headers(headers)  # no body set: no content-length, so the body goes out chunked
         self.chunks = chunks
 

@@ -122,23 +122,20 @@ def test_max_attempts_caps_a_backend_that_keeps_cutting_streams(redis_url: str) 
     assert len(fake.records) == 6  # 3 more for the SDK's request: no 4th attempt for either
 
 
-def test_a_non_streamed_request_failed_after_its_first_token_answers_200_with_an_error_object(
-        redis_url: str) -> None:
-    """The non-streamed answer's 200 and X-Request-Id go out with its first token (a client that loses
-    the connection can find its request), so a later failure is its body: an OpenAI error object. The
-    SDK raises nothing for a 200: its object has `error` and no choices (README, "OpenAI compatibility");
-    a streamed request raises APIError (the test above); one that fails before its first token gets its
-    own status (tests/test_chat_errors.py)."""
+def test_a_non_streamed_request_failed_after_its_first_token_is_its_own_status(redis_url: str) -> None:
+    """The non-streamed answer's status waits for the request's end, as a backend's own does: a failure
+    after two tokens is a 502 with the OpenAI error object and X-Request-Id, which the SDK raises as an
+    InternalServerError (a 200 with the error as its body would have read as a completion with no choices)."""
     fake = FakeBackend(models=[MODEL], default=Script.text(*WORDS, cut_after=2))
     with sluicegate_in_front(fake, redis_url, max_attempts=1) as (stack, _):
         client = openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key="x", max_retries=0, timeout=30)
-        raw = client.chat.completions.with_raw_response.create(model=MODEL, messages=MESSAGES)  # type: ignore
-        rid = raw.headers["x-request-id"]
-        error = raw.http_response.json()["error"]
-        assert raw.status_code == 200 and error["type"] == "generation_failed" and error["code"] == 502
+        with pytest.raises(openai.InternalServerError) as raised:
+            client.chat.completions.create(model=MODEL, messages=MESSAGES)  # type: ignore[arg-type]
+        answer = raised.value.response
+        error = answer.json()["error"]
+        assert answer.status_code == 502 and error["type"] == "generation_failed" and error["code"] == 502
+        rid = answer.headers["x-request-id"]
         assert "after 2 tokens" in error["message"] and status_of(stack, rid)["status"] == "failed"
-        completion = raw.parse()
-        assert completion.choices is None and completion.error["type"] == "generation_failed"  # type: ignore
 
 
 # ---- a cancel or a preemption aborts the backend call at once -------------------------------------------

@@ -1,9 +1,9 @@
 """The OpenAI front's statuses and shapes where OpenAI's SDKs depend on them.
 
-A non-streamed call's status waits for its first token (api/openai_routes.py): a request that fails or
-is cancelled before it gets its own status, which the SDKs raise on; one still queued at an idle ping, or
-failing after its first token, keeps the 200 that went out, with the error object as its body. A stream
-with no token still opens with the role's chunk; `stream` and `n` may be null, as OpenAI's schema allows.
+A non-streamed call's status waits for its request's end (api/openai_routes.py), as a backend's own
+does: a request that fails or is cancelled, before its first token or after, however long it waited,
+gets its own status, which the SDKs raise on (they read no error out of a 200's body). A stream with no
+token still opens with the role's chunk; `stream` and `n` may be null, as OpenAI's schema allows.
 """
 
 from __future__ import annotations
@@ -96,48 +96,62 @@ def test_a_request_cancelled_before_its_first_token_is_409(fake: FakeBackend, ga
     assert answers[0].headers["X-Request-Id"] == request_id
 
 
-def test_a_request_cancelled_after_its_first_token_keeps_its_200_and_ends_with_the_error(
-        fake: FakeBackend, gate: Stack) -> None:
-    """Its status went out with its first token: the body carries the error."""
+def test_a_request_cancelled_after_its_first_token_is_409_too(fake: FakeBackend, gate: Stack) -> None:
+    """Its status waits for its end: a failure after the first token is the SDK's error too, not a 200
+    whose body the SDK would take for a completion with no choices."""
     fake.default = Script.text("one ", "two", chunk_delay=3.0)
-    with httpx.stream("POST", f"{gate.base_url}/v1/chat/completions", timeout=30,
-                      json={"model": MODEL, "messages": MESSAGES}) as answer:
-        assert answer.status_code == 200
-        assert httpx.delete(f"{gate.base_url}/v1/requests/{answer.headers['X-Request-Id']}").status_code == 200
-        body = orjson.loads(answer.read())
-    assert body["error"]["type"] == "cancelled" and body["error"]["code"] == 409
+    answers: list[httpx.Response] = []
+    caller = threading.Thread(target=lambda: answers.append(chat(gate)))
+    caller.start()
+    request_id = first_request_of(gate, "errors")
+    wait_tokens(gate, request_id, 1)
+    assert httpx.delete(f"{gate.base_url}/v1/requests/{request_id}").status_code == 200
+    caller.join(10)
+    assert answers[0].status_code == 409 and answers[0].json()["error"]["type"] == "cancelled"
+    assert answers[0].headers["X-Request-Id"] == request_id
 
 
-def status_then_body(stack: Stack) -> tuple[float, dict[str, Any]]:
-    """A non-streamed call: the seconds until its status came (a 200 with its request id), then its body."""
-    started = time.monotonic()
-    with httpx.stream("POST", f"{stack.base_url}/v1/chat/completions", timeout=30,
-                      json={"model": MODEL, "messages": MESSAGES}) as answer:
-        assert answer.status_code == 200 and answer.headers["X-Request-Id"]
-        waited = time.monotonic() - started
-        return waited, orjson.loads(answer.read())
+def wait_tokens(stack: Stack, request_id: str, n: int) -> None:
+    deadline = time.monotonic() + 10
+    while httpx.get(f"{stack.base_url}/v1/requests/{request_id}").json()["tokens"] < n:
+        assert time.monotonic() < deadline, "no token"
+        time.sleep(0.05)
 
 
-def test_a_request_with_no_first_token_by_an_idle_ping_gets_its_200_then_its_completion(
+def test_a_request_cancelled_after_the_response_deadline_is_409(fake: FakeBackend, redis_url: str) -> None:
+    """Stored, the request may take longer than the 5-s response deadline (api/deadline.py) before its
+    status: a cancel 6 s in is its 409, never a 503 (which the SDK would retry, storing it again) nor a
+    200 with the error as its body."""
+    fake.default = Script.text("late", first_token_delay=8.0)
+    with sluicegate_in_front(fake, redis_url, sse_ping_seconds=1.0) as (stack, _):
+        answers: list[httpx.Response] = []
+        caller = threading.Thread(target=lambda: answers.append(chat(stack)))
+        caller.start()
+        request_id = first_request_of(stack, "errors")
+        time.sleep(6.0)
+        assert httpx.delete(f"{stack.base_url}/v1/requests/{request_id}").status_code == 200
+        caller.join(10)
+    assert answers[0].status_code == 409 and answers[0].json()["error"]["type"] == "cancelled"
+
+
+def test_a_call_queued_behind_its_session_past_the_response_deadline_is_generated_once(
         fake: FakeBackend, redis_url: str) -> None:
-    """No status is held past `--sse-ping-seconds`: a client learns its request id while it waits."""
-    fake.default = Script.text("The ", "gate ", "holds.", first_token_delay=2.0)
-    with sluicegate_in_front(fake, redis_url, sse_ping_seconds=0.3) as (stack, _):
-        waited, body = status_then_body(stack)
-    assert waited < 1.9  # before the backend's first token
-    assert body["object"] == "chat.completion" and body["choices"][0]["message"]["content"] == "The gate holds."
-
-
-def test_a_first_token_slower_than_the_response_deadline_gets_its_200_in_time(
-        fake: FakeBackend, redis_url: str) -> None:
-    """With the default ping (15 s), a status held to the first token would meet the 5 s response deadline:
-    a 503 that the SDK retries, each retry a request stored again. It goes out within 4 s instead."""
-    fake.default = Script.text("The ", "gate ", "holds.", first_token_delay=6.0)
+    """Two calls in one session: the second waits behind the first, whose tokens come for 6 s (past the 5-s
+    response deadline; its events keep the session's stream busy, so no idle ping comes either). Each gets
+    its 200 and its whole completion, and the backend generates each once: no 503, which the SDK would
+    retry, storing the request again."""
+    fake.default = Script.text(*["w "] * 12, chunk_delay=0.5)
     with sluicegate_in_front(fake, redis_url, sse_ping_seconds=15.0) as (stack, _):
-        waited, body = status_then_body(stack)
-        assert waited < 5.5  # before the backend's first token
-        assert body["choices"][0]["message"]["content"] == "The gate holds."
-        assert len(fake.records) == 1  # stored and generated once
+        answers: list[httpx.Response] = []
+        callers = [threading.Thread(target=lambda: answers.append(chat(stack))) for _ in range(2)]
+        for caller in callers:
+            caller.start()
+            time.sleep(0.3)
+        for caller in callers:
+            caller.join(30)
+        assert [a.status_code for a in answers] == [200, 200], [a.text for a in answers]
+        assert all(a.json()["choices"][0]["message"]["content"] == "w " * 12 for a in answers)
+        assert len(fake.records) == 2  # stored and generated once each
 
 
 def test_a_prompt_answer_arrives_whole_with_its_200(gate: Stack) -> None:

@@ -198,6 +198,29 @@ def test_revoking_a_key_ends_its_streamed_chat_answer_with_an_error(auth_stack: 
     assert len(lines) > 20  # it did stream until then
 
 
+def test_revoking_a_key_ends_its_non_streamed_chat_answer_with_a_401(auth_stack: Stack) -> None:
+    """A non-streamed chat answer waits for its request's end: a key revoked meanwhile gets a 401 with the
+    `unauthorized` error object within the bound, not the whole completion minutes later."""
+    base = auth_stack.base_url
+    key_id, headers = new_key(base)
+    answers: list[tuple[int, Any, float]] = []
+
+    def ask() -> None:
+        code, body = call("POST", f"{base}/v1/chat/completions", headers=headers,
+                          body={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2000})  # 40 s
+        answers.append((code, body, time.monotonic()))
+
+    caller = threading.Thread(target=ask, daemon=True)
+    caller.start()
+    time.sleep(1.0)
+    assert call("DELETE", f"{base}/v1/admin/keys/{key_id}", headers=ADMIN)[0] == 200
+    revoked_at = time.monotonic()
+    caller.join(BOUND_SECONDS + SLACK)
+    assert answers, "the revoked key's answer is still held"
+    code, body, at = answers[0]
+    assert code == 401 and body["error"]["type"] == "unauthorized" and at <= revoked_at + BOUND_SECONDS + SLACK
+
+
 class SlowReplies:
     """A real client whose HGET replies come 50 ms late (a loaded process, a slow link)."""
 
