@@ -226,7 +226,7 @@ def test_the_probe_learns_a_servers_kind_slots_and_refusals() -> None:
     with ServerThread(create_sim_backend(2000.0, 0.0)) as plain, \
             ServerThread(create_sim_backend(2000.0, 0.0, faults=Faults(reject_priority=True))) as strict, \
             ServerThread(llama_like) as llama:
-        assert asyncio.run(learn(plain.url)) == Capabilities("openai-compatible", streams_usage=True)
+        assert asyncio.run(learn(plain.url)) == Capabilities("openai-compatible", streams_usage=True, continues=False)
         assert asyncio.run(learn(strict.url)).accepts_priority is False
         assert asyncio.run(learn(llama.url)) == Capabilities("llama.cpp", slots=3, counts_tokens=True)
 

@@ -17,8 +17,10 @@ What the server's kind decides (from the engines' own code and docs, README "Eng
 continuation (vLLM and SGLang with `continue_final_message`, llama.cpp's server and TGI by continuing
 a final assistant turn; llama-cpp-python and Ollama close that turn and start over), the order of
 `priority` (SGLang runs higher values first, vLLM lower ones), and the slots when the server says
-them (TGI's is its admission cap). Anything the probe cannot learn keeps the behaviour of an unknown
-OpenAI-compatible server: continuation tried, no slot count.
+them (TGI's is its admission cap). A server the probe cannot identify (OpenAI's own API, LiteLLM, LM
+Studio, a gateway that hides the servers' endpoints) is resumed by regenerating: one that ignores
+`continue_final_message` would answer from the start, and that answer, appended to what was streamed,
+would repeat it (`--backend-continue yes` when it is known to continue). No slot count.
 """
 
 from __future__ import annotations
@@ -148,4 +150,4 @@ async def probe(session: aiohttp.ClientSession, base_url: str, model: str) -> Ca
     found = await identify(session, base_url)
     if found is not None and found.server == "llama-cpp-python":
         return found
-    return await try_stream(session, base_url, model, found or Capabilities())
+    return await try_stream(session, base_url, model, found or Capabilities(continues=False))
