@@ -231,6 +231,20 @@ def test_the_probe_learns_a_servers_kind_slots_and_refusals() -> None:
         assert asyncio.run(learn(llama.url)) == Capabilities("llama.cpp", slots=3, counts_tokens=True)
 
 
+def test_without_backend_model_the_backends_own_model_is_listed_and_routed(bare_stack: Stack) -> None:
+    """No --backend-model: the worker registers the model its backend serves (its /v1/models), so that
+    Sluicegate's /v1/models lists it and a chat call naming it is routed, as the backend itself would
+    answer it (not a 404 model_not_found for the backend's own model id)."""
+    with ServerThread(create_sim_backend(2000.0, 0.0, model="served-7b")) as backend:
+        bare_stack.add_worker(engine=engine_for(backend.url))
+        listed = wait_for(lambda: [m["id"] for m in call("GET", f"{bare_stack.base_url}/v1/models")[1]["data"]]
+                          or None, what="a listed model")
+        assert listed == ["served-7b"]
+        code, reply = call("POST", f"{bare_stack.base_url}/v1/chat/completions",
+                           {"model": "served-7b", "messages": MESSAGES, "max_tokens": 3})
+        assert code == 200 and reply["model"] == "served-7b" and reply["usage"]["completion_tokens"] == 3, reply
+
+
 def test_a_worker_takes_its_slots_from_the_engine_unless_told(bare_stack: Stack) -> None:
     from starlette.applications import Starlette
     from starlette.responses import JSONResponse

@@ -112,6 +112,14 @@ class Worker:
                     self.slots = found.slots
                 shown["capabilities"] = found.as_dict()
                 log.info("worker %s: backend is %s", self.worker_id, found)
+        model_for = getattr(self.engine, "model_for", None)
+        if self.store.model is None and model_for is not None:  # no --backend-model: the backend's own
+            try:
+                async with asyncio.timeout(PROBE_BUDGET):
+                    self.store.model = await model_for(self.settings.group)  # /v1/models lists it, chat routes it
+            except Exception as error:
+                log.warning("worker %s: the backend's model list failed (%s); the group is registered without "
+                            "a model until a restart (or set --backend-model)", self.worker_id, error)
         resume_by = getattr(self.engine, "resume_by", None)
         if resume_by is not None and self.settings.backend_continue != "auto":
             resume_by(self.settings.backend_continue == "yes")
