@@ -105,7 +105,8 @@ async def session_stream(svc: Services, who: Principal, session_id: str, request
     cursor = resume_cursor(request)
     check_cursor(session_id, cursor, bounds)
     release = await svc.guardrails.open_stream(who)  # last: a refused stream was otherwise valid (429)
-    stream = EventStream(svc.store, svc.hub, session_id, after=cursor, idle_seconds=svc.settings.sse_ping_seconds)
+    stream = EventStream(svc.store, svc.hub, session_id, after=cursor, idle_seconds=svc.settings.sse_ping_seconds,
+                         owner=who.tenant or None)  # a tenant's stream ends should the id be recycled for another
     return sse_response(svc, stream, release, who)
 
 

@@ -19,7 +19,7 @@ from sluicegate.sessions.events import Event
 from sluicegate.sessions.registry import declare_group, register_group
 from sluicegate.sessions.resp import LeanRedis
 from sluicegate.sessions.scripts import Scripts
-from sluicegate.sessions.transitions import MAX_ATTEMPTS, Tail, Transitions
+from sluicegate.sessions.transitions import LOG_HEADER, MAX_ATTEMPTS, Tail, Transitions
 
 log = logging.getLogger(__name__)
 INBOX_BATCH = 64  # assignments read from a worker's inbox in one round trip (next_assignments)
@@ -308,7 +308,7 @@ class RunStore:
         cursor = first - 1
         while len(texts) < spec.start_index:
             reply = await self.transitions.read_log(spec.session_id, cursor, 1000)
-            entries = [Event.parse(e) for e in reply[3:]]  # after the last id, oldest kept id and holes
+            entries = [Event.parse(e) for e in reply[LOG_HEADER:]]
             if not entries:
                 break
             for event in entries:

@@ -11,7 +11,7 @@ from sluicegate.sessions.events import Event
 from sluicegate.sessions.registry import DEFAULT_GROUP, group_exists, register_group
 from sluicegate.sessions.requests import NewRequest
 from sluicegate.sessions.scripts import Scripts
-from sluicegate.sessions.transitions import LOG_MAX_EVENTS, Transitions
+from sluicegate.sessions.transitions import LOG_HEADER, LOG_MAX_EVENTS, Transitions
 
 
 def parse_holes(raw: Any) -> tuple[tuple[int, int], ...]:
@@ -33,6 +33,7 @@ class LogBounds:
     last_id: int
     oldest_kept: int = 1
     holes: tuple[tuple[int, int], ...] = ()
+    owner: str | None = None  # the session's tenant, where the read says it (read_log)
 
     def trimmed(self, cursor: int) -> bool:
         """Events right after the cursor were trimmed: resuming from it would skip them (0 means "from
@@ -164,7 +165,8 @@ class SessionStore:
         the same call (a stream checks its cursor against them instead of reading them first). No gap
         check: see `log_gap`."""
         reply = await self.transitions.read_log(sid, after, limit)
-        return LogBounds(int(reply[0]), int(reply[1]), parse_holes(reply[2])), [Event.parse(e) for e in reply[3:]]
+        bounds = LogBounds(int(reply[0]), int(reply[1]), parse_holes(reply[2]), text(reply[3]) or None)
+        return bounds, [Event.parse(e) for e in reply[LOG_HEADER:]]
 
     async def read_events(self, sid: str, after: int, limit: int = 1000) -> tuple[int, list[Event]]:
         """Events with id > after (0: from the oldest kept), oldest first; also the last id the session

@@ -7,6 +7,12 @@ The order of operations is what makes resume exact:
    joined before any event after its cursor was written starts at step 3: all of them come live);
 2. read the log after the cursor, in pages;
 3. take live batches, dropping ids already sent; a gap (or a reader queue overflow) rereads the log.
+
+A session stream opened for one tenant (`owner`) ends once its session id turns out to be another
+tenant's: an id recycled after its TTL starts its event ids at 1 again on the same channel, and without
+this the stream would deliver the new owner's events past its cursor. Every log read says the owner;
+a live batch that starts at or below the cursor (a new life's first events, or the overlap of the
+join with the log read) sends the stream to the log to look.
 """
 
 from __future__ import annotations
@@ -29,10 +35,12 @@ class EventStream:
 
     def __init__(self, store: SessionStore, hub: EventHub, session_id: str, *, after: int = 0,
                  request_id: str | None = None, request_status: str | None = None,
-                 idle_seconds: float = 15.0, joined: Reader | None = None) -> None:
+                 idle_seconds: float = 15.0, joined: Reader | None = None, owner: str | None = None) -> None:
         """`request_status`: the request's status if the caller has just read it (saves a read).
         `joined`: a reader of the session's channel that joined before any event after `after` was
-        written (EventHub.join_live, before the submit): the stream reads no log unless it misses one."""
+        written (EventHub.join_live, before the submit): the stream reads no log unless it misses one.
+        `owner`: the tenant the session stream was opened for (None: any; a request stream needs none,
+        its request id is its own)."""
         self.store = store
         self.hub = hub
         self.session_id = session_id
@@ -42,6 +50,8 @@ class EventStream:
         self.finished = False
         self.request_status = request_status
         self.expired: CursorExpired | None = None  # set when the log was trimmed past the cursor (the stream ends)
+        self.owner = owner
+        self.recycled = False  # the session id was found to be another tenant's (the stream ended)
         self.reader: Reader | None = joined
         self._live_from_start = joined is not None
         self._first: tuple[LogBounds, list[Event]] | None = None  # the first page, read by `open`
@@ -84,14 +94,14 @@ class EventStream:
     async def _backlog(self, page: int = PAGE) -> AsyncIterator[list[Event]]:
         while not self.finished:
             first, self._first = self._first, None
-            if first is not None:  # read by `open`: the same check read_events makes
-                gap, events = log_gap(first[0], self.cursor), first[1]
+            if first is not None:  # read by `open`
+                bounds, events = first
             else:
-                try:
-                    _, events = await self.store.read_events(self.session_id, self.cursor, page)
-                    gap = None
-                except CursorExpired as expired:
-                    gap = expired
+                bounds, events = await self.store.read_page(self.session_id, self.cursor, page)
+            if self.owner is not None and bounds.owner != self.owner:  # recycled (or expired): not ours
+                self.recycled = self.finished = True
+                return
+            gap = log_gap(bounds, self.cursor)
             if gap is not None:
                 # A reader so slow (or a race with the check before the stream) that the log was trimmed
                 # past its cursor: end the stream rather than skip events; a reconnect with the last id
@@ -164,8 +174,10 @@ class EventStream:
                     live = await idle.wait(reader.queue.get())
                 except TimeoutError:
                     live = None
-                if live is None or reader.overflowed or (live and live[0].seq > self.cursor + 1):
-                    # Idle, overflowed or a gap: the log is the truth (a publish may have been missed).
+                if live is None or reader.overflowed or (live and live[0].seq > self.cursor + 1) or (
+                        self.owner is not None and live and live[0].seq <= self.cursor):
+                    # Idle, overflowed or a gap: the log is the truth (a publish may have been missed);
+                    # or, for an owner's stream, ids that may be a recycled session's (the log says whose).
                     reader.overflowed = False
                     sent = False
                     async with aclosing(self._backlog()) as backlog:

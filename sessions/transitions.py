@@ -35,6 +35,7 @@ from sluicegate.settings import Settings
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 HEARTBEAT_CHUNK = 64  # runs renewed per heartbeat call (heartbeat)
+LOG_HEADER = 4  # read_log's reply: last id, oldest kept id, holes, owner; then the entries
 # The worker inbox entries this code reads (sessions/runs.py, Assignment), declared when a worker
 # registers: 2 adds "|reason" to a cluster's entry. A dispatcher sends that suffix only to a worker that
 # declared it, so in a rolling upgrade an older worker never gets an entry it would misread.
@@ -144,7 +145,8 @@ class Transitions:
         return ["cancelled"]
 
     async def read_log(self, sid: str, after: int, limit: int) -> list[Any]:
-        """[last id assigned, id of the oldest kept event, entries after `after`...]."""
+        """[last id assigned, id of the oldest kept event, id holes, owner, entries after `after`...]
+        (LOG_HEADER fields before the entries: sessions/lua/read_log.lua)."""
         return list(await self._call("read_log", [keys.session_prefix(sid)], [sid, after, limit]))
 
     # ---- a worker's transitions ----------------------------------------------------------------

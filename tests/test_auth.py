@@ -113,3 +113,53 @@ def test_what_a_configuration_leaves_open_is_said_at_start() -> None:
     assert exposure_warnings(Settings(auth=True, admin_key="k")) == []
     assert "no --admin-key" in exposure_warnings(Settings(auth=True))[0]
     assert "anyone who reaches this port" in exposure_warnings(Settings(host="0.0.0.0", auth=False))[0]
+
+
+def test_a_session_stream_ends_when_its_id_is_recycled_for_another_tenant(redis_url: str) -> None:
+    """A tenant's session stream left open past the session's TTL: the id, recycled for another tenant,
+    starts its event ids at 1 again on the same channel. The stream ends at that tenant's first event
+    instead of delivering its events past the old cursor (its requests, output and usage); the old
+    tenant's reconnect is a 404."""
+    import http.client
+    import json
+    import threading
+
+    stack = Stack(fast_settings(redis_url, auth=True, admin_key="admin-secret", session_ttl=1,
+                                sse_ping_seconds=30.0)).start(workers=1)
+    try:
+        base = stack.base_url
+        keys = [call("POST", f"{base}/v1/admin/keys", {"tenant": t}, headers=ADMIN)[1]["key"] for t in ("acme", "evil")]
+        acme, evil = ({"Authorization": f"Bearer {k}"} for k in keys)
+        code, first = call("POST", f"{base}/v1/sessions/shared/requests", {"prompt": "x", "max_tokens": 2},
+                           headers=acme)
+        assert code == 202
+        rid = first["request_id"]
+        wait_for(lambda: call("GET", f"{base}/v1/requests/{rid}", headers=acme)[1]["status"] == "done",
+                 what="the first request's end")
+        host, port = base.removeprefix("http://").split(":")
+        conn = http.client.HTTPConnection(host, int(port), timeout=30)
+        conn.request("GET", "/v1/sessions/shared/events", headers=acme)
+        response = conn.getresponse()
+        assert response.status == 200
+        lines: list[bytes] = []
+        ended = threading.Event()
+
+        def read() -> None:
+            while line := response.readline():
+                lines.append(line)
+            ended.set()
+
+        threading.Thread(target=read, daemon=True).start()
+        wait_for(lambda: any(line.startswith(b"data: ") and b'"tokens"' in line for line in lines),
+                 what="the stream's backlog")
+        seen = len(lines)
+        wait_for(lambda: call("POST", f"{base}/v1/sessions/shared/requests", {"prompt": "y", "max_tokens": 20},
+                              headers=evil)[0] == 202, timeout=10, interval=0.2, what="the id's recycling")
+        assert ended.wait(10), "the stream stayed open on another tenant's session"
+        later = [json.loads(line[6:]) for line in lines[seen:] if line.startswith(b"data: ")]
+        assert later == [], later  # nothing of the new owner's
+        conn = http.client.HTTPConnection(host, int(port), timeout=30)
+        conn.request("GET", "/v1/sessions/shared/events", headers={**acme, "Last-Event-ID": "4"})
+        assert conn.getresponse().status == 404
+    finally:
+        stack.stop()

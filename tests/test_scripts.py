@@ -24,7 +24,7 @@ def test_a_server_without_the_library_gets_it_on_the_first_call(redis_url: str, 
     r.function_flush()
     scripts = Scripts(redis.Redis.from_url(redis_url))
     nobody = keys.session_prefix("nobody")
-    assert scripts.call("read_log", [nobody], ["nobody", 0, 10]) == [0, 1, b""]  # last id, oldest kept, holes
+    assert scripts.call("read_log", [nobody], ["nobody", 0, 10]) == [0, 1, b"", b""]  # last id, oldest kept, holes, owner
     [library] = [dict(zip(entry[::2], entry[1::2], strict=True)) for entry in r.function_list()]
     assert library["library_name"] == library_source().split()[1].removeprefix("name=")
     functions = {f[1] for f in library["functions"]}  # ["name", <name>, "description", ...]
@@ -33,7 +33,7 @@ def test_a_server_without_the_library_gets_it_on_the_first_call(redis_url: str, 
     flags = {f[1]: set(f[5]) for f in library["functions"]}  # [..., "flags", [...]]
     assert flags[function_name("read_log")] == {"no-writes"} and flags[function_name("submit")] == set()
     # a reader still reads where writes are refused (as on a replica): FCALL_RO runs only no-writes functions
-    assert r.fcall_ro(function_name("read_log"), 1, nobody, scripts.flags, "nobody", 0, 10) == [0, 1, ""]
+    assert r.fcall_ro(function_name("read_log"), 1, nobody, scripts.flags, "nobody", 0, 10) == [0, 1, "", ""]
 
 
 def test_requests_flow_on_after_the_server_loses_the_library(stack: Stack, r: redis.Redis) -> None:
