@@ -9,13 +9,16 @@ logprobs, the finish_reason and the usage:
 - stream true: one `chat.completion.chunk` per token (the first also carries the role), then a
   chunk with an empty delta, the finish_reason and the usage, then `data: [DONE]`. With
   `stream_options.include_usage` the usage moves to a last chunk with no choices, as OpenAI sends it.
+  The status goes out with the first token (or an idle ping, `--sse-ping-seconds`, before one): a
+  request refused or failed before it gets its own status, as below, which the SDK raises as its own
+  class (BadRequestError for a context too long); after it, the stream ends with an error object.
 - stream false: the status, headers (`X-Request-Id`, `X-Session-Id`) and `chat.completion` wait for the
   request's end, as a backend's own answer does, so that one that failed or was cancelled gets its own
   status (409 cancelled, the backend's 400, 413 or 422, else 502), which OpenAI's SDKs raise on: they read
   no error out of a 200's body. The response deadline (api/deadline.py) is lifted once the request is
   stored.
-- `error` and `cancelled` end the answer with an OpenAI-style error object (in the stream, then
-  `[DONE]`; not streamed, the answer with its own status).
+- `error` and `cancelled` end the answer with an OpenAI-style error object (in the stream once it has
+  begun, then `[DONE]`; else the answer with its own status).
 
 Generation never depends on the client: a caller that disconnects leaves the request running, and
 its tokens stay readable at `/v1/requests/{X-Request-Id}/events`.
@@ -135,14 +138,40 @@ def request_event_stream(svc: Services, new: NewRequest, *, first: int, joined: 
                        idle_seconds=svc.settings.sse_ping_seconds if idle_seconds is None else idle_seconds)
 
 
-async def sse_chunks(svc: Services, new: NewRequest, completion: Completion, first: int,
-                     joined: Reader | None, watch: KeyWatch | None) -> AsyncIterator[bytes]:
+async def first_news(batches: AsyncIterator[list[Event]]) -> tuple[list[list[Event]], Event | None]:
+    """A streamed answer's batches up to the first that tells how it goes: a token (it runs), its terminal
+    event, or an idle ping (`--sse-ping-seconds` without an event: still queued, or a slow prefill).
+    Returns them, and the terminal event if it ended before its first token."""
+    held: list[list[Event]] = []
+    async for batch in batches:
+        held.append(batch)
+        if not batch:
+            break
+        for event in batch:
+            if event.terminal:
+                return held, event
+            if event.name == "token":
+                return held, None
+    return held, None
+
+
+async def after(held: list[list[Event]], batches: AsyncIterator[list[Event]]) -> AsyncIterator[list[Event]]:
+    """The batches already read, then the rest; closing it closes `batches` at once."""
+    async with aclosing(batches):
+        for batch in held:
+            yield batch
+        async for batch in batches:
+            yield batch
+
+
+async def sse_chunks(svc: Services, completion: Completion, events: AsyncIterator[list[Event]],
+                     watch: KeyWatch | None) -> AsyncIterator[bytes]:
     """The streamed answer; it ends when its key is revoked or expires (api/key_watch.py), with an error
     object, so that the SDK raises."""
     # aclosing: the events are left at their end (the return below), and closed here, at once, rather than
     # by the garbage collector's finalizer (a task and a loop wake-up per request, and the hub left later)
     with svc.stream_open():
-        async with aclosing(request_event_stream(svc, new, first=first, joined=joined).batches()) as batches:
+        async with aclosing(events) as batches:
             async for batch in batches:
                 if watch is not None and watch.due() and await watch.ended():
                     yield LastChunk(b"data: " + orjson.dumps(KEY_ENDED) + b"\n\n" + DONE)
@@ -244,12 +273,32 @@ async def chat_completions(request: Request):
     options = (body.model_extra or {}).get("stream_options")
     completion = Completion(new, body.model or new.group,
                             include_usage=isinstance(options, dict) and bool(options.get("include_usage")))
-    if body.stream:
-        return EventStreamResponse(sse_chunks(svc, new, completion, first, joined, key_watch(svc.keyring, who)),
-                                   headers={**headers, "Cache-Control": "no-store"}, on_close=closed)
-    # Not streamed: the answer, status included, waits for the request's end (whole_answer).
+    # The status waits (past the response deadline, the request being stored): streamed, for the first
+    # event that tells how it goes (first_news); not streamed, for the request's end (whole_answer). So a
+    # request refused or failed then gets its own status, which OpenAI's SDKs raise as their own classes.
     lift_response_deadline(request.scope)
     stream = request_event_stream(svc, new, first=first, joined=joined)
+    if body.stream:
+        batches = stream.batches()
+
+        def stream_closed() -> None:
+            stream.close()  # its reader left at once, even when the body never runs (idempotent)
+            closed()
+
+        try:
+            held, ended = await first_news(batches)
+        except BaseException:
+            await batches.aclose()
+            stream_closed()
+            raise
+        if ended is not None and ended.name != "done":
+            await batches.aclose()
+            stream_closed()
+            status, type_, message = failure(ended)
+            return JSON({"error": {"type": type_, "message": message, "code": status}}, status_code=status,
+                        headers=headers)
+        return EventStreamResponse(sse_chunks(svc, completion, after(held, batches), key_watch(svc.keyring, who)),
+                                   headers={**headers, "Cache-Control": "no-store"}, on_close=stream_closed)
     try:
         async with aclosing(stream.batches()) as batches:
             return await whole_answer(request, new, completion, batches, key_watch(svc.keyring, who))

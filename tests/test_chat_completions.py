@@ -128,15 +128,13 @@ def test_a_failed_generation_maps_to_an_openai_error(redis_url: str) -> None:
     try:
         dead = f"http://127.0.0.1:{free_port()}/v1"
         stack.add_worker(engine=OpenAIEngine(dead, models={"*": "m"}, retries=1))
-        result = chat_stream(stack.base_url, {"messages": MESSAGES, "max_tokens": 4})
-        assert result.done and result.content_chunks == []
-        error = result.chunks[-1]["error"]
-        assert error["type"] == "generation_failed" and "cannot connect" in error["message"]
-        code, reply = call("POST", f"{stack.base_url}/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 4})
-        # not streamed, it failed before its first token: its status says so (tests/test_chat_errors.py)
-        assert code == 502 and reply["error"]["type"] == "generation_failed" and reply["error"]["code"] == 502
-        port = dead.split(":")[-1].split("/")[0]
-        assert "cannot connect" in reply["error"]["message"] and port not in reply["error"]["message"]  # no address
+        # Streamed or not, it failed before its first token: its status says so (tests/test_chat_errors.py)
+        for stream in (True, False):
+            code, reply = call("POST", f"{stack.base_url}/v1/chat/completions",
+                               {"messages": MESSAGES, "max_tokens": 4, "stream": stream})
+            assert code == 502 and reply["error"]["type"] == "generation_failed" and reply["error"]["code"] == 502
+            port = dead.split(":")[-1].split("/")[0]
+            assert "cannot connect" in reply["error"]["message"] and port not in reply["error"]["message"]  # no address
     finally:
         stack.stop()
 

@@ -59,6 +59,20 @@ def test_a_request_the_backend_refuses_is_its_status_and_an_sdk_error(fake: Fake
     assert httpx.get(f"{gate.base_url}/v1/requests/{request_id}").json()["status"] == "failed"
 
 
+def test_a_streamed_request_the_backend_refuses_is_its_status_and_the_sdks_own_error(fake: FakeBackend,
+                                                                                    gate: Stack) -> None:
+    """Streamed too, the status waits for the first event that tells: a context too long is the SDK's
+    BadRequestError, as from the backend itself (code that trims the history and calls again catches it),
+    not a 200 whose stream then ends with an error (a bare APIError)."""
+    fake.default = Script(error_status=400, error_message="This model's maximum context length is 4096 tokens",
+                          error_type="BadRequestError")
+    with pytest.raises(openai.BadRequestError) as raised:
+        for _ in sdk(gate).chat.completions.create(model=MODEL, messages=MESSAGES, stream=True):  # type: ignore
+            pass
+    assert "maximum context length" in str(raised.value)
+    assert raised.value.response.headers["X-Request-Id"]
+
+
 @pytest.mark.parametrize("status", [500, 401, 404])
 def test_a_backend_failure_before_the_first_token_is_502(fake: FakeBackend, gate: Stack, status: int) -> None:
     """A backend's 401 or 404 is about Sluicegate's own call (its credentials, its model), not the caller's:
