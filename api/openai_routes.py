@@ -155,45 +155,49 @@ async def first_news(batches: AsyncIterator[list[Event]]) -> tuple[list[list[Eve
     return held, None
 
 
-async def after(held: list[list[Event]], batches: AsyncIterator[list[Event]]) -> AsyncIterator[list[Event]]:
-    """The batches already read, then the rest; closing it closes `batches` at once."""
-    async with aclosing(batches):
-        for batch in held:
-            yield batch
-        async for batch in batches:
-            yield batch
-
-
-async def sse_chunks(svc: Services, completion: Completion, events: AsyncIterator[list[Event]],
-                     watch: KeyWatch | None) -> AsyncIterator[bytes]:
-    """The streamed answer; it ends when its key is revoked or expires (api/key_watch.py), with an error
-    object, so that the SDK raises."""
+async def sse_chunks(svc: Services, completion: Completion, held: list[list[Event]],
+                     batches: AsyncIterator[list[Event]], watch: KeyWatch | None) -> AsyncIterator[bytes]:
+    """The streamed answer: the batches `first_news` held, then the rest; it ends when its key is revoked
+    or expires (api/key_watch.py), with an error object, so that the SDK raises."""
     # aclosing: the events are left at their end (the return below), and closed here, at once, rather than
     # by the garbage collector's finalizer (a task and a loop wake-up per request, and the hub left later)
     with svc.stream_open():
-        async with aclosing(events) as batches:
+        async with aclosing(batches):
+            for batch in held:
+                chunk = sse_chunk(completion, batch)
+                if chunk is not None:
+                    yield chunk
+                if isinstance(chunk, LastChunk):
+                    return
             async for batch in batches:
                 if watch is not None and watch.due() and await watch.ended():
                     yield LastChunk(b"data: " + orjson.dumps(KEY_ENDED) + b"\n\n" + DONE)
                     return
-                if not batch:
-                    yield PING
-                    continue
-                out = []
-                for event in batch:
-                    if event.name == "token":
-                        out.append(completion.chunk(orjson.loads(event.data)))
-                    elif event.name == "done":
-                        out.append(completion.final_chunks(orjson.loads(event.data)))
-                    elif event.terminal:
-                        status, type_, message = failure(event)
-                        error = {"error": {"type": type_, "message": message, "code": status}}
-                        out.append(b"data: " + orjson.dumps(error) + b"\n\n" + DONE)
-                if batch[-1].terminal:  # the stream's end goes out with it
-                    yield LastChunk(b"".join(out))
+                chunk = sse_chunk(completion, batch)
+                if chunk is not None:
+                    yield chunk
+                if isinstance(chunk, LastChunk):
                     return
-                if out:
-                    yield b"".join(out)
+
+
+def sse_chunk(completion: Completion, batch: list[Event]) -> bytes | None:
+    """One batch's bytes: a ping when idle, a LastChunk when it holds the request's terminal event, None
+    when none of its events is for the client (e.g. `started`)."""
+    if not batch:
+        return PING
+    out = []
+    for event in batch:
+        if event.name == "token":
+            out.append(completion.chunk(orjson.loads(event.data)))
+        elif event.name == "done":
+            out.append(completion.final_chunks(orjson.loads(event.data)))
+        elif event.terminal:
+            status, type_, message = failure(event)
+            error = {"error": {"type": type_, "message": message, "code": status}}
+            out.append(b"data: " + orjson.dumps(error) + b"\n\n" + DONE)
+    if batch[-1].terminal:  # the stream's end goes out with it
+        return LastChunk(b"".join(out))
+    return b"".join(out) or None
 
 
 async def whole_answer(request: Request, new: NewRequest, completion: Completion,
@@ -297,7 +301,7 @@ async def chat_completions(request: Request):
             status, type_, message = failure(ended)
             return JSON({"error": {"type": type_, "message": message, "code": status}}, status_code=status,
                         headers=headers)
-        return EventStreamResponse(sse_chunks(svc, completion, after(held, batches), key_watch(svc.keyring, who)),
+        return EventStreamResponse(sse_chunks(svc, completion, held, batches, key_watch(svc.keyring, who)),
                                    headers={**headers, "Cache-Control": "no-store"}, on_close=stream_closed)
     try:
         async with aclosing(stream.batches()) as batches:
