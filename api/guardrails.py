@@ -20,7 +20,7 @@ from typing import Any
 from sluicegate.api.admission import QueuedLimit
 from sluicegate.api.auth import Principal
 from sluicegate.api.errors import ApiError
-from sluicegate.scheduler.limits import TenantLimits, read_limits
+from sluicegate.scheduler.limits import MAX_PRIORITY, TenantLimits, read_limits
 
 STREAM_RETRY_AFTER = 5  # seconds: streams end with their requests; sooner would mostly be refused again
 QUEUED_RETRY_AFTER = 1  # seconds: a place frees as soon as one of the tenant's requests ends
@@ -51,13 +51,16 @@ class Guardrails:
         else:
             self.cached.pop(tenant, None)
 
-    async def check_priority(self, who: Principal, priority: int) -> None:
+    async def check_priority(self, who: Principal, priority: int) -> int | None:
+        """403 above the tenant's max_priority; else that cap when it binds (below the highest class): a
+        deadline may not raise the request past it either (scheduler/lua/sweep.lua)."""
         if who.admin or who.tenant is None:
-            return
+            return None
         allowed = (await self.limits(who.tenant)).max_priority
         if priority > allowed:
             raise ApiError(403, f"priority {priority} is above tenant {who.tenant!r}'s max_priority {allowed}",
                            "priority_not_allowed", "priority_not_allowed")
+        return allowed if allowed < MAX_PRIORITY else None
 
     async def take_place(self, who: Principal, request_id: str) -> Callable[[], Awaitable[None]] | None:
         """A place among the tenant's `max_queued` requests for a request about to be submitted, or 429

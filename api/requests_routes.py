@@ -39,11 +39,13 @@ async def submit_request(request: Request, who: Principal, new: NewRequest) -> d
         raise ApiError(422, "params: NaN and Infinity are not JSON numbers") from None
     if new.max_tokens > svc.settings.max_tokens_limit:
         raise ApiError(422, f"max_tokens: at most {svc.settings.max_tokens_limit} (--max-tokens-limit)")
-    await svc.guardrails.check_priority(who, new.priority)  # before the submit: a refused request stores nothing
+    cap = await svc.guardrails.check_priority(who, new.priority)  # before the submit: a refused one stores nothing
     if new.deadline_ms is None:
         default = await svc.directory.deadline_for(new.group, new.priority)
         if default is not None:
             new = replace(new, deadline_ms=default)
+    if cap is not None and new.deadline_ms is not None:
+        new = replace(new, boost_cap=cap)
     if TRACING.get() is not None:  # --otel-endpoint: the trace context goes with the request (sluicegate/tracing.py)
         new = carry_trace(new)
     give_back = await svc.guardrails.take_place(who, new.request_id)  # max_queued (429)

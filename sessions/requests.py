@@ -35,6 +35,7 @@ class NewRequest:
     request_id: str = ""  # default: a new id in the session's bucket
     deadline_ms: int | None = None  # time-to-first-token objective from the submit
     fail_on_deadline_miss: bool = False  # `"on_deadline_miss": "fail"`: end it once the deadline passes
+    boost_cap: int | None = None  # the highest class a deadline may raise it to (its tenant's max_priority)
 
     def __post_init__(self) -> None:
         if not self.request_id:

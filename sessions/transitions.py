@@ -110,7 +110,8 @@ class Transitions:
         sid, rid = req.session_id, req.request_id
         args = [rid, sid, req.tenant, req.group, req.priority, req.max_tokens, req.input_text, req.input_kind,
                 req.params_json, req.input_tokens, owner, self.log_max_events,
-                req.deadline_ms or "", "fail" if req.fail_on_deadline_miss else "run"]
+                req.deadline_ms or "", "fail" if req.fail_on_deadline_miss else "run",
+                "" if req.boost_cap is None else req.boost_cap]
         dp = keys.session_prefix(sid)
         if self.single:
             reply = await self._call("submit_one", [dp, keys.group_prefix(req.group)], [self.lease_ms, *args])

@@ -186,14 +186,15 @@ class Harness:
     # -- the API's and the scheduler's side ------------------------------------------------------
     def submit(self, sid: str, *, tenant: str = "t", group: str = "default", priority: int = 5,
                max_tokens: int = 10, prompt: str = "x" * 40, rid: str | None = None, deadline_ms: int | None = None,
-               fail_on_miss: bool = False) -> str:
+               fail_on_miss: bool = False, boost_cap: int | None = None) -> str:
         if rid is None:
             self._rids += 1
             rid = f"r{self._rids}"
         rid = keys.bucket_of_session(sid) + rid  # request ids carry their session's bucket
         self._group(group)
         req = NewRequest(session_id=sid, max_tokens=max_tokens, priority=priority, tenant=tenant, group=group,
-                         prompt=prompt, request_id=rid, deadline_ms=deadline_ms, fail_on_deadline_miss=fail_on_miss)
+                         prompt=prompt, request_id=rid, deadline_ms=deadline_ms, fail_on_deadline_miss=fail_on_miss,
+                         boost_cap=boost_cap)
         outcome, _ = run_sync(self.t.submit(req))
         assert outcome == "ok", outcome
         self.collect()

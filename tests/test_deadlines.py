@@ -196,6 +196,25 @@ def test_the_boost_never_lifts_past_the_highest_class_with_work(r: redis.Redis) 
 
 
 @SINGLE
+def test_the_boost_never_lifts_past_the_tenants_max_priority(r: redis.Redis) -> None:
+    """A tenant capped at max_priority 5 (the API passes the cap with the request): its request about to
+    miss is not raised above 5, though class 7 has work; nor is it when re-readied after a preemption (the
+    cap is kept with the request, the ready spec and the run record)."""
+    h = Harness(r)
+    h.policy(max_pre=0, dlw=100, dlb=2)
+    blocker = busy(h)
+    h.submit("s-seven", tenant="t", priority=7)
+    capped = h.submit("s-capped", tenant="t", priority=4, deadline_ms=500, boost_cap=5)
+    at_cap = h.submit("s-at-cap", tenant="u", priority=5, deadline_ms=500, boost_cap=5)
+    free = h.submit("s-free", tenant="v", priority=4, deadline_ms=500)
+    h.advance(401)
+    h.sweep()
+    assert (h.req(capped)["ep"], h.req(at_cap)["ep"], h.req(free)["ep"]) == ("5", "5", "6")  # up to 5; 4 + 2
+    assert h.req(capped)["mx"] == "5" and "mx" not in h.req(free)
+    h.complete(blocker)
+
+
+@SINGLE
 def test_the_sweep_wakes_when_a_deadline_needs_it(r: redis.Redis) -> None:
     h = Harness(r)
     h.policy(max_pre=0, dlw=100)

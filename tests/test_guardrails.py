@@ -161,6 +161,31 @@ def test_max_priority_refuses_and_stores_nothing(auth_stack: Stack, r: redis.Red
                 headers=bearer(acme))[0] == 202
 
 
+def test_a_capped_tenants_deadline_requests_carry_the_cap_to_the_scheduler(auth_stack: Stack,
+                                                                          r: redis.Redis) -> None:
+    """A request with a deadline (its own, or the chat route's X-Deadline-Ms) from a tenant below the
+    highest class carries its max_priority to the scheduler, which never boosts it past that
+    (tests/test_deadlines.py); none for an uncapped tenant or a request without a deadline."""
+    base = auth_stack.base_url
+    acme, globex = new_key(base, "acme"), new_key(base, "globex")
+    assert call("PUT", f"{base}/v1/admin/tenants/acme", {"max_priority": 3}, headers=ADMIN)[0] == 200
+    submitted = {}
+    for name, key, body in [("capped", acme, {"priority": 2, "deadline_ms": 60_000}),
+                            ("no-deadline", acme, {"priority": 2}),
+                            ("uncapped", globex, {"priority": 2, "deadline_ms": 60_000})]:
+        code, reply = call("POST", f"{base}/v1/sessions/cap-{name}/requests", {"prompt": "x", "max_tokens": 2, **body},
+                           headers=bearer(key))
+        assert code == 202, reply
+        submitted[name] = reply["request_id"]
+    code, reply = call("POST", f"{base}/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                       "max_tokens": 2}, headers={**bearer(acme), "X-Priority": "1", "X-Deadline-Ms": "60000",
+                                                  "X-Session-Id": "cap-chat"})
+    assert code == 200, reply
+    submitted["chat"] = reply["id"].removeprefix("chatcmpl-")
+    caps = {name: r.hget(keys.request(rid), "mx") for name, rid in submitted.items()}
+    assert caps == {"capped": "3", "no-deadline": None, "uncapped": None, "chat": "3"}
+
+
 def test_bad_guardrail_input_is_422_and_changes_nothing(auth_stack: Stack) -> None:
     base = auth_stack.base_url
     call("PUT", f"{base}/v1/admin/tenants/acme", {"max_priority": 4, "max_streams": 2}, headers=ADMIN)

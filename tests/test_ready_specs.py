@@ -33,7 +33,7 @@ def test_every_field_of_a_spec_comes_back_as_it_went_in(r: redis.Redis) -> None:
     values: dict[str, Any] = {"rid": "00aB-c_9", "sid": "s.1:x@y", "tn": "007", "g": "g-1.x", "p": 3, "ep": 7,
                               "mt": 256, "n": 12, "a": 2, "it": 25, "sub": 1796427856174.5, "pc": 1,
                               "rs": 1796427856180.3, "fs": 41, "dl": 1796427857000, "dm": 1, "bo": 1,
-                              "rr": "fair_share"}
+                              "rr": "fair_share", "mx": 8}
     assert set(names) == set(values), "the form has a new field: give it a value here"
     assert set(call(r, "return SPEC_KEYS")) <= set(names), "a spec field without a place in the form"
     stored, back = round_trip(r, values, "s.1:x@y")

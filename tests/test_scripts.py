@@ -24,7 +24,8 @@ def test_a_server_without_the_library_gets_it_on_the_first_call(redis_url: str, 
     r.function_flush()
     scripts = Scripts(redis.Redis.from_url(redis_url))
     nobody = keys.session_prefix("nobody")
-    assert scripts.call("read_log", [nobody], ["nobody", 0, 10]) == [0, 1, b"", b""]  # last id, oldest kept, holes, owner
+    # last id, oldest kept, holes, owner
+    assert scripts.call("read_log", [nobody], ["nobody", 0, 10]) == [0, 1, b"", b""]
     [library] = [dict(zip(entry[::2], entry[1::2], strict=True)) for entry in r.function_list()]
     assert library["library_name"] == library_source().split()[1].removeprefix("name=")
     functions = {f[1] for f in library["functions"]}  # ["name", <name>, "description", ...]

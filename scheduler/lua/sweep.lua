@@ -71,13 +71,14 @@ for cls = 0, highest - 1 do
     end
   end
 end
--- Deadlines whose slack runs out: up by at most dlb classes, and not past the highest class with work.
+-- Deadlines whose slack runs out: up by at most dlb classes, and not past the highest class with work,
+-- nor past the tenant's max_priority (mx: a guardrail the submit checked holds for the boost too).
 for _, sid in ipairs(redis.call('ZRANGEBYSCORE', cp .. 'dlp', '-inf', now, 'LIMIT', 0, 100)) do
   redis.call('ZREM', cp .. 'dlp', sid)
   local spec = ready_head(cp, sid)
   local cls = spec and spec.ep
-  if spec and spec.dl and cls < highest then
-    local raised = math.min(cls + pol.dlb, highest)
+  if spec and spec.dl and cls < math.min(highest, spec.mx or highest) then
+    local raised = math.min(cls + pol.dlb, highest, spec.mx or highest)
     remove_ready(cp, sid, spec.tn, cls, true)
     spec.ep, spec.bo = raised, 1
     make_ready(cp, spec, now, true)

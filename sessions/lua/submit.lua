@@ -7,8 +7,9 @@
 -- ARGV[9] input kind ("p" prompt | "m" messages)   ARGV[10] params JSON   ARGV[11] input tokens
 -- ARGV[12] owner to enforce ("" = none)   ARGV[13] the session log's cap (--session-log-max-events;
 -- absent or "" = keep the stored one, else the default)   ARGV[14] deadline ms ("" = none)
--- ARGV[15] on deadline miss ("run" | "fail")
+-- ARGV[15] on deadline miss ("run" | "fail")   ARGV[16] the highest class a deadline may raise it to (its
+-- tenant's max_priority; absent or "" = any)
 -- Returns {"ok", seq of the queued event, ready spec JSON or ""} | {"forbidden", owner, ""}.
 local outcome, seq, spec = d_submit(KEYS[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9],
-  ARGV[10], ARGV[11], ARGV[12], clock(), true, ARGV[13], ARGV[14], ARGV[15])
+  ARGV[10], ARGV[11], ARGV[12], clock(), true, ARGV[13], ARGV[14], ARGV[15], ARGV[16])
 return { outcome, seq, spec and cjson.encode(spec) or '' }

@@ -90,7 +90,7 @@ local function make_ready(cp, spec, now, keep_counter)
   if cls < 10 then redis.call('ZADD', cp .. 'age' .. cls, now, sid) end
   if spec.dl then
     local on_time = rank == spec.dl -- not missed, nor forecast to: only such a request is worth raising
-    if on_time and cls < 9 and not spec.bo and pol.dlb > 0 then
+    if on_time and cls < math.min(9, spec.mx or 9) and not spec.bo and pol.dlb > 0 then
       redis.call('ZADD', cp .. 'dlp', spec.dl - pol.dlw, sid)
     end
     if spec.dm or spec.dl > now then redis.call('ZADD', cp .. 'dld', spec.dl, sid) end

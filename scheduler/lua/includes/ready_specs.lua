@@ -7,7 +7,8 @@
 -- its values in the order of STORED_SPEC, joined by '|', without the names. Left out, as '':
 --   - sid (the field's own name) and g (the group whose control plane holds rq);
 --   - n, a and pc when 0, ep when it equals p, and rs when it equals sub (all four usual while waiting);
---   - dl, dm, bo and rr when nil (no deadline, not boosted, not preempted); and every '' at the end.
+--   - dl, dm, bo, rr and mx when nil (no deadline, not boosted, not preempted, no cap); and every '' at
+--     the end.
 -- A queued head's entry is thus "rid|tenant|p|mt|it|sub|fs": 211 bytes of server memory as JSON,
 -- 87 stored so. No value can hold '|': request ids, tenant and group names are [A-Za-z0-9._-], rr is
 -- a preemption's reason. Numbers keep tostring's 14 digits, as cjson's encoding of them did.
@@ -16,9 +17,11 @@
 
 -- Every field of a ready spec; a run record's spec part (runs.lua spec_of) copies these.
 local SPEC_KEYS = { 'rid', 'sid', 'tn', 'g', 'p', 'ep', 'mt', 'n', 'a', 'it', 'sub', 'pc', 'rs', 'fs', 'dl', 'dm',
-  'bo' }
+  'bo', 'mx' }
 -- `rr`: why it was preempted, while its hand-back is on its way (cluster; preemption.lua).
-local STORED_SPEC = { 'rid', 'tn', 'p', 'mt', 'it', 'sub', 'fs', 'ep', 'n', 'a', 'pc', 'rs', 'dl', 'dm', 'bo', 'rr' }
+-- `mx`: the highest class a deadline may raise it to (its tenant's max_priority), with a deadline only.
+local STORED_SPEC = { 'rid', 'tn', 'p', 'mt', 'it', 'sub', 'fs', 'ep', 'n', 'a', 'pc', 'rs', 'dl', 'dm', 'bo', 'rr',
+  'mx' }
 local STORED_COUNT = #STORED_SPEC
 local TEXT_FIELD = { rid = true, tn = true, rr = true }
 local HAS_PLACE = { sid = true, g = true }
@@ -48,7 +51,7 @@ local function spec_encode(spec)
     stored_value(spec.it), stored_value(sub), stored_value(spec.fs),
     ep ~= p and stored_value(ep) or '', n ~= 0 and stored_value(n) or '', a ~= 0 and stored_value(a) or '',
     pc ~= 0 and stored_value(pc) or '', rs ~= sub and stored_value(rs) or '', stored_value(spec.dl),
-    stored_value(spec.dm), stored_value(spec.bo), stored_value(spec.rr) }
+    stored_value(spec.dm), stored_value(spec.bo), stored_value(spec.rr), stored_value(spec.mx) }
   local last = STORED_COUNT
   while last > 0 and parts[last] == '' do last = last - 1 end
   return table.concat(parts, '|', 1, last)

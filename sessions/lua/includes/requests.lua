@@ -8,7 +8,7 @@
 -- `a`: the last attempt either plane has used up: one the control plane closed before it started here
 -- (`fa`, d_stop) counts, or a late ready (the repair pass) would dispatch that attempt again beside the
 -- next one already in flight (dispatch.lua ready's run check looks at attempt a+1).
-local SPEC_FIELDS = { 'sid', 'tn', 'g', 'p', 'ep', 'mt', 'n', 'a', 'it', 'sub', 'pc', 'fs', 'dl', 'dm', 'ft', 'fa' }
+local SPEC_FIELDS = { 'sid', 'tn', 'g', 'p', 'ep', 'mt', 'n', 'a', 'it', 'sub', 'pc', 'fs', 'dl', 'dm', 'ft', 'fa', 'mx' }
 local function ready_spec(rid)
   local v = redis.call('HMGET', kreq(rid), unpack(SPEC_FIELDS))
   if not v[1] then return nil end
@@ -17,7 +17,8 @@ local function ready_spec(rid)
     it = tonumber(v[9]), sub = tonumber(v[10]),
     pc = tonumber(v[11] or '0'), fs = tonumber(v[12]),
     -- a deadline binds until the first token: a request resumed after it is ranked without one
-    dl = not v[15] and tonumber(v[13] or '') or nil, dm = (not v[15] and v[14] == '1') and 1 or nil }
+    dl = not v[15] and tonumber(v[13] or '') or nil, dm = (not v[15] and v[14] == '1') and 1 or nil,
+    mx = not v[15] and tonumber(v[17] or '') or nil }
 end
 
 -- Load the listed fields of a request into a table (nil fields stay nil).
@@ -63,9 +64,10 @@ local DEFAULT_INPUT_KIND, NO_PARAMS = 'p', '{}'
 -- `log_max`: the session's log cap (--session-log-max-events; "" = keep the one stored), noted in its
 -- meta for every later call that appends to the log (see trim_log in call.lua); the default is not.
 -- `deadline_ms`: the time-to-first-token objective from now ("" or 0: none); `on_miss`: "fail" ends the
--- request once it is missed (sweep.lua), anything else lets it run late.
+-- request once it is missed (sweep.lua), anything else lets it run late. `boost_cap`: the highest class
+-- a deadline may raise it to, its tenant's max_priority (nil or "": any), kept as `mx`.
 local function d_submit(dp, rid, sid, tenant, group, prio, max_tokens, input, kind, params, input_tokens, owner,
-                        now, via_outbox, log_max, deadline_ms, on_miss)
+                        now, via_outbox, log_max, deadline_ms, on_miss, boost_cap)
   local rkey = kreq(rid)
   -- Request ids are 72 random bits: an existing one is this very submission, replayed by a client
   -- retry after a lost reply. Answer as the first time did, without storing it twice.
@@ -108,9 +110,11 @@ local function d_submit(dp, rid, sid, tenant, group, prio, max_tokens, input, ki
   if kind ~= DEFAULT_INPUT_KIND then fields[#fields + 1], fields[#fields + 2] = 'ik', kind end
   if params ~= NO_PARAMS then fields[#fields + 1], fields[#fields + 2] = 'pa', params end
   local objective = tonumber(deadline_ms or '') or 0
+  local cap = objective > 0 and tonumber(boost_cap or '') or nil
   if objective > 0 then
     fields[#fields + 1], fields[#fields + 2] = 'dl', now + objective
     fields[#fields + 1], fields[#fields + 2] = 'dm', on_miss == 'fail' and '1' or '0'
+    if cap then fields[#fields + 1], fields[#fields + 2] = 'mx', cap end
   end
   redis.call('HSET', rkey, unpack(fields))
   redis.call('SET', kinput(rid), input)
@@ -132,7 +136,7 @@ local function d_submit(dp, rid, sid, tenant, group, prio, max_tokens, input, ki
   local p = tonumber(prio)
   local spec = { rid = rid, sid = sid, tn = tenant, g = group, p = p, ep = p, mt = tonumber(max_tokens), n = 0, a = 0,
     it = tonumber(input_tokens), sub = now, pc = 0, fs = seq }
-  if objective > 0 then spec.dl, spec.dm = now + objective, on_miss == 'fail' and 1 or nil end
+  if objective > 0 then spec.dl, spec.dm, spec.mx = now + objective, on_miss == 'fail' and 1 or nil, cap end
   return 'ok', seq, head_waiting(rid, now, via_outbox, spec)
 end
 
