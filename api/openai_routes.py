@@ -64,6 +64,16 @@ DEFAULT_MAX_TOKENS: int = SubmitBody.model_fields["max_tokens"].default
 NOT_PARAMS = frozenset({"stream_options"})  # handled here, not by the engine
 PASSED_ON = frozenset({400, 413, 422})  # a backend's refusals the caller gets as they are: its request is wrong
 KEY_ENDED = {"error": {"type": "unauthorized", "message": ENDED_MESSAGE, "code": 401}}
+# On a stored request's error answer: OpenAI's SDKs retry 409 and 5xx by default, each retry a new request
+# (a cancelled call submitted again, a failed or still running one generated twice); they obey this header.
+NO_RETRY = {"x-should-retry": "false"}
+
+
+def stored_failure(status: int, type_: str, message: str, headers: dict[str, str]) -> JSON:
+    """The answer of a stored request that failed, was cancelled or cannot be followed: its status and
+    OpenAI error object, its ids, and no retry by the SDK (the request was not lost: it was answered)."""
+    return JSON({"error": {"type": type_, "message": message, "code": status}}, status_code=status,
+                headers={**headers, **NO_RETRY})
 
 
 def header_name(request: Request, header: str, default: str) -> str:
@@ -209,7 +219,7 @@ async def whole_answer(request: Request, new: NewRequest, completion: Completion
     headers = {"X-Request-Id": new.request_id, "X-Session-Id": new.session_id}
     async for batch in batches:
         if watch is not None and watch.due() and await watch.ended():
-            return JSON(KEY_ENDED, status_code=401, headers=headers)
+            return JSON(KEY_ENDED, status_code=401, headers={**headers, **NO_RETRY})
         if not batch:
             if await request.is_disconnected():
                 break
@@ -220,11 +230,9 @@ async def whole_answer(request: Request, new: NewRequest, completion: Completion
             elif event.name == "done":
                 return JSON(completion.message(orjson.loads(event.data)), headers=headers)
             elif event.terminal:
-                status, type_, message = failure(event)
-                return JSON({"error": {"type": type_, "message": message, "code": status}}, status_code=status,
-                            headers=headers)
+                return stored_failure(*failure(event), headers)
     message = f"the event stream ended early; read it at /v1/requests/{new.request_id}/events"
-    return JSON({"error": {"type": "unavailable", "message": message, "code": 503}}, status_code=503, headers=headers)
+    return stored_failure(503, "unavailable", message, headers)
 
 
 async def chat_body(request: Request) -> ChatBody:
@@ -298,9 +306,7 @@ async def chat_completions(request: Request):
         if ended is not None and ended.name != "done":
             await batches.aclose()
             stream_closed()
-            status, type_, message = failure(ended)
-            return JSON({"error": {"type": type_, "message": message, "code": status}}, status_code=status,
-                        headers=headers)
+            return stored_failure(*failure(ended), headers)
         return EventStreamResponse(sse_chunks(svc, completion, held, batches, key_watch(svc.keyring, who)),
                                    headers={**headers, "Cache-Control": "no-store"}, on_close=stream_closed)
     try:

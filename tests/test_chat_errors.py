@@ -192,3 +192,31 @@ def test_null_stream_and_n_are_their_defaults(fake: FakeBackend, gate: Stack, fi
     assert answer.status_code == 200, answer.text
     assert answer.json()["choices"][0]["message"]["content"] == "The gate holds."  # not streamed
     assert field == "stream" or field not in fake.records[-1].body  # a null n is not sent on
+
+
+def test_the_sdk_does_not_call_again_a_stored_request_that_failed_or_was_cancelled(fake: FakeBackend,
+                                                                                   gate: Stack) -> None:
+    """OpenAI's SDKs retry a 409 and a 5xx by default, each retry a new request: a stored request's error
+    answer says `x-should-retry: false`, so a cancelled call is not submitted again, nor a failed one
+    generated again."""
+    client = openai.OpenAI(base_url=f"{gate.base_url}/v1", api_key="x", timeout=30)  # default retries (2)
+    fake.default = Script.text("one ", "two", chunk_delay=3.0)
+    raised: list[Exception] = []
+
+    def ask() -> None:
+        try:
+            client.chat.completions.create(model=MODEL, messages=MESSAGES, extra_headers={"X-Session-Id": "errors"})
+        except openai.APIStatusError as error:
+            raised.append(error)
+
+    caller = threading.Thread(target=ask)
+    caller.start()
+    request_id = first_request_of(gate, "errors")
+    wait_tokens(gate, request_id, 1)
+    assert httpx.delete(f"{gate.base_url}/v1/requests/{request_id}").status_code == 200
+    caller.join(20)
+    assert isinstance(raised[0], openai.ConflictError) and len(fake.records) == 1  # asked once
+    fake.default = Script(error_status=500, error_message="engine crashed")  # failed, streamed: a 502
+    with pytest.raises(openai.InternalServerError) as failed:
+        client.chat.completions.create(model=MODEL, messages=MESSAGES, stream=True)  # type: ignore[arg-type]
+    assert failed.value.status_code == 502 and failed.value.response.headers["x-should-retry"] == "false"
