@@ -51,7 +51,7 @@ def api_answers(settings: Settings) -> bool:
     try:
         connection.request("GET", "/healthz")
         return connection.getresponse().status == 200
-    except OSError:
+    except (OSError, http.client.HTTPException):  # not up yet, or something else on the port (not HTTP)
         return False
     finally:
         connection.close()

@@ -499,13 +499,16 @@ def sluicegate_in_front(fake: FakeBackend, redis_url: str, *, workers: int = 1,
                         **overrides: Any) -> Iterator[tuple[Any, ServerThread]]:
     """The fake on a free port, and an in-process Sluicegate stack (API, scheduler, `workers` workers
     of group `default` whose `openai` engine, made from the settings, streams from it). Settings
-    default to one try per backend call (`backend_retries=1`) and the worker declaring the fake's
-    first model; `overrides` change any of them. Yields (stack, fake's server)."""
+    default to one try per backend call (`backend_retries=1`), the worker declaring the fake's first
+    model, and resumes by continuation (`backend_continue="yes"`: the fake continues as vLLM does, and
+    the probe, off in tests, would not say so); `overrides` change any of them. Yields (stack, fake's
+    server)."""
     from tests.helpers import Stack, fast_settings
 
     with fake.serve() as server:
         settings = fast_settings(redis_url, **{"engine": "openai", "backend_url": server.url,
-                                               "backend_model": fake.models[0], "backend_retries": 1, **overrides})
+                                               "backend_model": fake.models[0], "backend_retries": 1,
+                                               "backend_continue": "yes", **overrides})
         stack = Stack(settings).start(workers=workers)
         try:
             yield stack, server

@@ -198,8 +198,8 @@ def test_the_boost_never_lifts_past_the_highest_class_with_work(r: redis.Redis) 
 @SINGLE
 def test_the_boost_never_lifts_past_the_tenants_max_priority(r: redis.Redis) -> None:
     """A tenant capped at max_priority 5 (the API passes the cap with the request): its request about to
-    miss is not raised above 5, though class 7 has work; nor is it when re-readied after a preemption (the
-    cap is kept with the request, the ready spec and the run record)."""
+    miss is not raised above 5, though class 7 has work (the cap is kept with the request and its ready
+    spec: tests/test_ready_specs.py has it come back from the stored form)."""
     h = Harness(r)
     h.policy(max_pre=0, dlw=100, dlb=2)
     blocker = busy(h)

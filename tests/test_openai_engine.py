@@ -38,9 +38,13 @@ def bare_stack(redis_url: str) -> Iterator[Stack]:
     running.stop()
 
 
-def engine_for(url: str, **options: Any) -> OpenAIEngine:
+def engine_for(url: str, *, continues: bool = True, **options: Any) -> OpenAIEngine:
+    """An engine for the sim-backend, which continues a partial answer as vLLM does (the probe, off in
+    tests, would not say so: a server not identified regenerates)."""
     options = {"retries": 4, "backoff_initial": 0.02, "backoff_max": 0.2, "timeout": 10.0, **options}
-    return OpenAIEngine(url, **options)
+    engine = OpenAIEngine(url, **options)
+    engine.resume_by(continues)
+    return engine
 
 
 def ask(stack: Stack, session_id: str, max_tokens: int, **body: Any) -> str:
@@ -63,6 +67,8 @@ def assert_tokens(events: list[SseEvent], expected_text: str, count: int) -> Non
 
 def test_engine_body_maps_priority_params_and_resume() -> None:
     engine = OpenAIEngine("http://127.0.0.1:1/v1/", models={"*": "m"})
+    assert engine.resume_mode == "regenerate"  # a server not identified (no probe here) is never asked to continue
+    engine.resume_by(True)  # as for a server the probe found can (vLLM, SGLang, llama.cpp, TGI)
     run = RunSpec(request_id="r", attempt="1", session_id="s", group="g", tenant="t", priority=7, max_tokens=10,
                   start_index=0, input_kind="m", input_text=json.dumps(MESSAGES),
                   params={"temperature": 0.2, "stop": ["\n"], "model": "evil", "max_tokens": 999, "stream": False,
@@ -228,7 +234,7 @@ def test_the_probe_learns_a_servers_kind_slots_and_refusals() -> None:
             ServerThread(llama_like) as llama:
         assert asyncio.run(learn(plain.url)) == Capabilities("openai-compatible", streams_usage=True, continues=False)
         assert asyncio.run(learn(strict.url)).accepts_priority is False
-        assert asyncio.run(learn(llama.url)) == Capabilities("llama.cpp", slots=3, counts_tokens=True)
+        assert asyncio.run(learn(llama.url)) == Capabilities("llama.cpp", slots=3, counts_tokens=True, continues=True)
 
 
 def test_without_backend_model_the_backends_own_model_is_listed_and_routed(bare_stack: Stack) -> None:

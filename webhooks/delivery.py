@@ -24,9 +24,11 @@ does take that host's slots. Both bounds are per process: N processes may send a
 
 A due callback whose host is full waits in one of two ways. While the host turns over (none of its
 attempts has run SLOW_AFTER_SECONDS yet), up to HELD_PER_HOST of them are held here, unclaimed, and each
-starts the moment one of the host's places frees; more than that are left due, and a pass comes early
-(at least MIN_PASS_GAP after the last) once the held ones are all started: a fast receiver gets its
-callbacks as fast as it answers them, not PER_HOST a poll. Once the host is slow (a receiver that answers
+starts the moment one of the host's places frees; more than that are pushed back MIN_PASS_GAP (behind
+what is already due: a fast host's backlog in one bucket never hides another host's callbacks), and a
+pass comes early (at least MIN_PASS_GAP after the last) once the held ones are all started: a fast
+receiver gets its callbacks as fast as it answers them, not PER_HOST a poll. A pass reads past the held
+callbacks at the front of a bucket (BATCH more than it holds there). Once the host is slow (a receiver that answers
 late or never), its due callbacks, the held ones included, have their due time moved on by a share of
 --webhook-timeout (`host_full_wait`), so that a dead receiver's growing backlog neither fills the front
 of its bucket (a pass reads BATCH a bucket, oldest first: callbacks behind them would never be read) nor
@@ -46,6 +48,7 @@ import contextlib
 import logging
 import random
 import time
+from collections import Counter
 from typing import Any
 
 import httpx
@@ -137,8 +140,10 @@ class Delivery:
             pipe.zcount(keys.callbacks_due(bucket), "-inf", now_ms)
         counts = await pipe.execute()
         due: list[str] = []
+        held_in = Counter(keys.bucket_of_request(rid) for rid in self.rooms.held_rids())  # due, at the front
         for bucket in (b for b, n in zip(buckets, counts, strict=True) if n):
-            rids = await self.redis.zrangebyscore(keys.callbacks_due(bucket), "-inf", now_ms, start=0, num=BATCH)
+            rids = await self.redis.zrangebyscore(keys.callbacks_due(bucket), "-inf", now_ms, start=0,
+                                                  num=BATCH + held_in[bucket])
             due += (rid for rid in rids if not self.rooms.known(rid))
         if not due:
             await self.push_back(waiting)
@@ -158,11 +163,14 @@ class Delivery:
                 started += 1
             elif placement is Placement.PUSH:
                 waiting[rid] = now_ms + int(self.host_full_wait() * 1000)
+            elif placement is Placement.LEAVE:  # behind what is due now; the early pass reads it again
+                waiting[rid] = now_ms + int(MIN_PASS_GAP * 1000)
         await self.push_back(waiting)
         return started
 
     async def push_back(self, waiting: dict[str, int]) -> None:
-        """Move slow hosts' waiting callbacks to their next due times (request id -> ms)."""
+        """Move waiting callbacks (a slow host's, or past a fast one's hold) to their next due times
+        (request id -> ms)."""
         if not waiting:
             return
         pipe = self.redis.pipeline(transaction=False)

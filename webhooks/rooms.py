@@ -5,8 +5,9 @@ host is full is not simply left for the next pass: that would hold a fast receiv
 callbacks a poll, however quickly it answers. So what happens to it depends on the host:
 - the host is turning over (none of its attempts has run `slow_after` seconds yet): the callback is held
   here, unclaimed, up to `held_per_host` of them, and started the moment one of the host's places frees
-  (`next_held`); past that many it is left due for the next pass, which the process runs early once
-  the host's held ones are all started (`wants_pass`);
+  (`next_held`); past that many it is pushed back a moment (LEAVE: behind the callbacks already due, so
+  that a fast host's backlog in one bucket never hides another host's), and a pass comes early once the
+  host's held ones are all started (`wants_pass`);
 - the host is slow (an attempt of it has run `slow_after` seconds or more: a receiver that answers late
   or never): the callback is pushed back a while in the store, and so are the ones held for it
   (`release_slow`), so that a dead receiver's growing backlog neither sits at the front of its bucket
@@ -26,7 +27,7 @@ class Placement(Enum):
     START = "start"  # a place is free: start its delivery now
     HOLD = "hold"  # its host is full but turning over: held here, started when a place frees
     PUSH = "push"  # its host is slow: push its due time back in the store
-    LEAVE = "leave"  # held enough for its host already: leave it due for the next pass
+    LEAVE = "leave"  # held enough for its host already: push it back a moment, for an early pass
     FULL = "full"  # `concurrency` attempts in flight: nothing more starts in this pass
 
 
@@ -127,3 +128,7 @@ class Rooms:
 
     def held(self) -> int:
         return sum(len(room.held) for room in self.hosts.values())
+
+    def held_rids(self) -> list[str]:
+        """Every callback held here: due and unclaimed, so at the front of their buckets."""
+        return [rid for room in self.hosts.values() for rid in room.held]

@@ -18,9 +18,10 @@ continuation (vLLM and SGLang with `continue_final_message`, llama.cpp's server 
 a final assistant turn; llama-cpp-python and Ollama close that turn and start over), the order of
 `priority` (SGLang runs higher values first, vLLM lower ones), and the slots when the server says
 them (TGI's is its admission cap). A server the probe cannot identify (OpenAI's own API, LiteLLM, LM
-Studio, a gateway that hides the servers' endpoints) is resumed by regenerating: one that ignores
-`continue_final_message` would answer from the start, and that answer, appended to what was streamed,
-would repeat it (`--backend-continue yes` when it is known to continue). No slot count.
+Studio, a gateway that hides the servers' endpoints), or does not reach (not up yet, `--no-backend-probe`),
+is resumed by regenerating: one that ignores `continue_final_message` would answer from the start, and
+that answer, appended to what was streamed, would repeat it (`--backend-continue yes` when it is known to
+continue). No slot count.
 """
 
 from __future__ import annotations
@@ -45,7 +46,11 @@ class Capabilities:
     slots: int | None = None  # requests the engine runs at once, when it says (None: unknown)
     accepts_priority: bool = True
     priority_higher_first: bool = False  # SGLang runs higher values first; vLLM lower ones
-    continues: bool = True  # can continue a partial assistant message (else a resume regenerates)
+    # Can continue a partial assistant message (else a resume regenerates): only for a server identified
+    # as one that can, or --backend-continue yes. A server not identified (the probe off, failed, or
+    # unable to tell) might ignore `continue_final_message` and answer from the start: a resume by
+    # continuation would then repeat what was streamed.
+    continues: bool = False
     streams_usage: bool = True
     counts_tokens: bool = False  # has a tokenize-count endpoint (usage for an engine whose stream has none)
     interrupts: bool = False  # may end a running stream with a bare [DONE] (llama-cpp-python's interrupt_requests)
@@ -91,22 +96,22 @@ async def identify(session: aiohttp.ClientSession, base_url: str) -> Capabilitie
         _get_json(session, f"{root}/get_server_info"), _get_json(session, f"{root}/info"),
         _get_json(session, f"{root}/api/version"), _get_json(session, f"{root}/version"))
     if isinstance(props, dict) and "total_slots" in props:
-        return Capabilities("llama.cpp", slots=int(props["total_slots"]), counts_tokens=True)
+        return Capabilities("llama.cpp", slots=int(props["total_slots"]), counts_tokens=True, continues=True)
     paths = openapi.get("paths") if isinstance(openapi, dict) else None
     if isinstance(paths, dict) and "/extras/tokenize/count" in paths:
         # llama-cpp-python: one request at a time, no usage in streams, `priority` dropped unread
-        return Capabilities("llama-cpp-python", slots=ONE_AT_A_TIME["llama-cpp-python"], continues=False,
+        return Capabilities("llama-cpp-python", slots=ONE_AT_A_TIME["llama-cpp-python"],
                             streams_usage=False, counts_tokens=True, interrupts=True)
     if isinstance(sglang, dict) and ("max_running_requests" in sglang or "model_path" in sglang):
         slots = sglang.get("max_running_requests")
-        return Capabilities("sglang", slots=int(slots) if isinstance(slots, int) else None,
+        return Capabilities("sglang", slots=int(slots) if isinstance(slots, int) else None, continues=True,
                             priority_higher_first=not sglang.get("schedule_low_priority_values_first", False))
     if isinstance(tgi, dict) and "max_concurrent_requests" in tgi:
-        return Capabilities("tgi", slots=int(tgi["max_concurrent_requests"]))  # continues a final assistant turn
+        return Capabilities("tgi", slots=int(tgi["max_concurrent_requests"]), continues=True)  # a final assistant turn
     if isinstance(ollama, dict) and "version" in ollama:
-        return Capabilities("ollama", continues=False)
+        return Capabilities("ollama")
     if isinstance(vllm, dict) and "version" in vllm:
-        return Capabilities("vllm")
+        return Capabilities("vllm", continues=True)
     return None
 
 
@@ -150,4 +155,4 @@ async def probe(session: aiohttp.ClientSession, base_url: str, model: str) -> Ca
     found = await identify(session, base_url)
     if found is not None and found.server == "llama-cpp-python":
         return found
-    return await try_stream(session, base_url, model, found or Capabilities(continues=False))
+    return await try_stream(session, base_url, model, found or Capabilities())
