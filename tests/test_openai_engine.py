@@ -251,6 +251,24 @@ def test_without_backend_model_the_backends_own_model_is_listed_and_routed(bare_
         assert code == 200 and reply["model"] == "served-7b" and reply["usage"]["completion_tokens"] == 3, reply
 
 
+def test_a_backend_up_after_its_worker_still_gets_its_model_listed(bare_stack: Stack,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A backend still loading when its worker starts (nothing on its port yet): the worker looks at its
+    model list again from its heartbeats, so the model is listed once the backend answers, not only
+    after a restart."""
+    from sluicegate.embedded import free_port
+    from sluicegate.workers import worker as worker_module
+
+    monkeypatch.setattr(worker_module, "MODEL_RETRY_SECONDS", 0.5)
+    port = free_port()
+    bare_stack.add_worker(engine=engine_for(f"http://127.0.0.1:{port}/v1", retries=1))
+    listed = call("GET", f"{bare_stack.base_url}/v1/models")[1]["data"]
+    assert [m["id"] for m in listed] == ["default"]  # no name yet: the group's
+    with ServerThread(create_sim_backend(2000.0, 0.0, model="late-7b"), port=port):
+        wait_for(lambda: [m["id"] for m in call("GET", f"{bare_stack.base_url}/v1/models")[1]["data"]]
+                 == ["late-7b"], timeout=15, what="the late backend's model")
+
+
 def test_a_worker_takes_its_slots_from_the_engine_unless_told(bare_stack: Stack) -> None:
     from starlette.applications import Starlette
     from starlette.responses import JSONResponse

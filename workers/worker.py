@@ -27,6 +27,7 @@ from typing import Any
 
 from sluicegate.sessions import keys
 from sluicegate.sessions.connect import store_unavailable
+from sluicegate.sessions.registry import declare_group
 from sluicegate.sessions.runs import Assignment, RunSpec, RunStore
 from sluicegate.sessions.subscriber import Subscriber
 from sluicegate.sessions.transitions import Tail
@@ -40,6 +41,8 @@ from sluicegate.workers.runner import Run
 log = logging.getLogger(__name__)
 
 PROBE_BUDGET = 30.0  # seconds a worker spends learning its engine before it offers its slots anyway
+MODEL_RETRY_SECONDS = 10.0  # between looks at the backend's model list while it has not answered one
+MODEL_LOOKUP_SECONDS = 5.0  # one look's bound
 RQ_SETTLE = 0.05  # seconds a change of the runs shown waits before rq is told (see _presence_loop)
 EARLY_NOTICES = 1024  # notices kept for runs whose assignment has not arrived (most are for ended runs)
 
@@ -94,6 +97,8 @@ class Worker:
         self._ends_quiet = asyncio.Event()
         self._resyncing: asyncio.Event | None = None
         self.slots = settings.slots_or_default  # until the engine says how many it runs at once
+        self.model_looked_at = 0.0  # when the backend's model list was last asked (_learn_model)
+        self.model_lookup: asyncio.Task[None] | None = None
 
     async def _learn_engine(self) -> None:
         """Ask the engine what it can do (workers/engines/probe.py): its slot count becomes this worker's
@@ -101,25 +106,21 @@ class Worker:
         that does not answer leaves the defaults."""
         shown: dict[str, Any] = {"engine": self.settings.engine, "host": socket.gethostname(), "pid": os.getpid()}
         probe = getattr(self.engine, "probe", None)
+        probed = True
         if probe is not None and self.settings.backend_probe:
             try:
                 async with asyncio.timeout(PROBE_BUDGET):
                     found = await probe(self.settings.group)
             except Exception as error:  # an engine that is not up yet: the defaults, and say so
                 log.warning("worker %s: probing the backend failed (%s); using the defaults", self.worker_id, error)
+                probed = False
             else:
                 if self.settings.slots is None and found.slots:
                     self.slots = found.slots
                 shown["capabilities"] = found.as_dict()
                 log.info("worker %s: backend is %s", self.worker_id, found)
-        model_for = getattr(self.engine, "model_for", None)
-        if self.store.model is None and model_for is not None:  # no --backend-model: the backend's own
-            try:
-                async with asyncio.timeout(PROBE_BUDGET):
-                    self.store.model = await model_for(self.settings.group)  # /v1/models lists it, chat routes it
-            except Exception as error:
-                log.warning("worker %s: the backend's model list failed (%s); the group is registered without "
-                            "a model until a restart (or set --backend-model)", self.worker_id, error)
+        if probed:  # else it failed on the same backend: the heartbeats look again (_look_for_model)
+            await self._learn_model(register=False)
         resume_by = getattr(self.engine, "resume_by", None)
         if resume_by is not None and self.settings.backend_continue != "auto":
             resume_by(self.settings.backend_continue == "yes")
@@ -159,7 +160,9 @@ class Worker:
             await stop.wait()
         finally:
             await self._shutdown(inbox)
-            for task in (control, heartbeat, presence):
+            for task in (control, heartbeat, presence, self.model_lookup):
+                if task is None:
+                    continue
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
@@ -255,9 +258,50 @@ class Worker:
         if kind == b"smessage" and payload is not None:
             self._notice(payload.decode())
 
+    def _model_wanted(self) -> bool:
+        """No --backend-model, and the backend has not said its own yet (an openai engine)."""
+        return self.store.model is None and getattr(self.engine, "model_for", None) is not None
+
+    async def _learn_model(self, *, register: bool) -> None:
+        """The backend's own model (the first of its /v1/models) becomes the group's, so that /v1/models
+        lists it and chat calls naming it are routed to the group; `register`: declare it now (at start,
+        the slots' first offer does). A backend that does not answer (still loading its model) is looked
+        at again from the heartbeats, every MODEL_RETRY_SECONDS."""
+        if not self._model_wanted():
+            return
+        self.model_looked_at = time.monotonic()
+        try:
+            async with asyncio.timeout(MODEL_LOOKUP_SECONDS):
+                model = await self.engine.model_for(self.settings.group)  # type: ignore[attr-defined]
+        except Exception as error:
+            log.warning("worker %s: the backend's model list failed (%s); the group serves no model name until "
+                        "it answers (looked at again every %g s; or set --backend-model)", self.worker_id, error,
+                        MODEL_RETRY_SECONDS)
+            return
+        self.store.model = model  # sent to the backend, and declared with every offer of the slots
+        if not register:
+            return
+        try:
+            await declare_group(self.redis, self.settings.group, model, replace=False)
+        except ValueError as error:  # another group serves that model: as for a --backend-model, served unnamed
+            log.warning("worker %s: model %r not registered for group %r: %s", self.worker_id, model,
+                        self.settings.group, error)
+        except Exception as error:  # the store: the next offer of the slots declares it
+            log.warning("worker %s: declaring model %r failed (%s)", self.worker_id, model, error)
+        else:
+            log.info("worker %s: group %s serves the backend's model %s", self.worker_id, self.settings.group, model)
+
+    def _look_for_model(self) -> None:
+        """From a heartbeat: look at the backend's model list again when it is due, beside the heartbeats."""
+        if not self._model_wanted() or self.model_lookup is not None and not self.model_lookup.done():
+            return
+        if time.monotonic() - self.model_looked_at >= MODEL_RETRY_SECONDS:
+            self.model_lookup = asyncio.create_task(self._learn_model(register=True))
+
     async def _heartbeat_loop(self) -> None:
         while True:
             await asyncio.sleep(self.settings.heartbeat_seconds)
+            self._look_for_model()
             try:
                 rejoin, lost = await self.store.heartbeat(list(self.runs), leaving=self.stopping)
                 for entry in lost:  # "rid|attempt", or with the reason the control plane stopped it
