@@ -490,10 +490,11 @@ def test_callbacks_past_the_hold_come_in_an_early_pass(redis_url: str, monkeypat
 
 def test_a_fast_hosts_backlog_in_one_bucket_hides_no_other_hosts_callback(redis_url: str,
                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    """Sixty callbacks of one session (so one bucket) to a host that answers in 0.3 s (busy, not slow),
+    """Ninety callbacks of one session (so one bucket) to a host that answers in 0.3 s (busy, not slow),
     then one to another host: past the hold, the busy host's callbacks go behind what is due, and a pass
-    reads past the held ones, so the other host's callback is delivered within a few passes, not after
-    the backlog (about 4.5 s here). A pass reads 10 a bucket and holds 2 a host here."""
+    reads past the held ones, so the other host's callback is delivered a few passes in (a pass reads
+    10 a bucket and holds 2 a host here), while most of the backlog (about 7 s of it) is still to go;
+    not after it (8 of 60 left, before this was fixed)."""
     import socket
 
     with socket.socket() as probe:
@@ -507,7 +508,7 @@ def test_a_fast_hosts_backlog_in_one_bucket_hides_no_other_hosts_callback(redis_
     stack = start_stack(redis_url, delivery=False, webhook_allow="127.0.0.1,127.0.0.2")
     try:
         backlog = [submit(stack.base_url, "one-bucket", max_tokens=1, callback_url=f"{busy.url}/{i}")
-                   for i in range(60)]
+                   for i in range(90)]
         last = submit(stack.base_url, "one-bucket", max_tokens=1, callback_url=f"{other.url}/behind")
         wait_for(lambda: status(stack, last)["status"] == "done", timeout=30, what="the session's requests")
         began = time.monotonic()
@@ -515,7 +516,7 @@ def test_a_fast_hosts_backlog_in_one_bucket_hides_no_other_hosts_callback(redis_
         wait_for(lambda: callback_of(stack, last)["status"] == "delivered", timeout=20, what="the other host's")
         took = time.monotonic() - began
         pending = sum(callback_of(stack, rid)["status"] != "delivered" for rid in backlog)
-        assert took < 2.0 and pending > 20, (took, pending)  # well before the busy host's backlog was through
+        assert pending >= 30, (took, pending)  # well before the busy host's backlog was through
         wait_for(lambda: all(callback_of(stack, rid)["status"] == "delivered" for rid in backlog), timeout=60,
                  what="the backlog")
         assert busy.most_open <= delivery_module.PER_HOST
