@@ -30,6 +30,7 @@ import re
 import secrets
 from collections.abc import AsyncIterator
 from contextlib import aclosing
+from typing import Any
 
 import orjson
 from fastapi import APIRouter, Request
@@ -69,11 +70,14 @@ KEY_ENDED = {"error": {"type": "unauthorized", "message": ENDED_MESSAGE, "code":
 NO_RETRY = {"x-should-retry": "false"}
 
 
+def openai_error(status: int, type_: str, message: str) -> dict[str, dict[str, Any]]:
+    return {"error": {"type": type_, "message": message, "code": status}}
+
+
 def stored_failure(status: int, type_: str, message: str, headers: dict[str, str]) -> JSON:
     """The answer of a stored request that failed, was cancelled or cannot be followed: its status and
     OpenAI error object, its ids, and no retry by the SDK (the request was not lost: it was answered)."""
-    return JSON({"error": {"type": type_, "message": message, "code": status}}, status_code=status,
-                headers={**headers, **NO_RETRY})
+    return JSON(openai_error(status, type_, message), status_code=status, headers={**headers, **NO_RETRY})
 
 
 def header_name(request: Request, header: str, default: str) -> str:
@@ -137,15 +141,12 @@ def failure(event: Event) -> tuple[int, str, str]:
     return 502, "generation_failed", message
 
 
-def request_event_stream(svc: Services, new: NewRequest, *, first: int, joined: Reader | None,
-                         idle_seconds: float | None = None) -> EventStream:
+def request_event_stream(svc: Services, new: NewRequest, *, first: int, joined: Reader | None) -> EventStream:
     """The request's events from its first one (`first_event_id` of the submit). `joined`: a reader that
     joined the session's channel before the submit (all its events come live, no log read); else the
-    stream joins then reads the log (correct even if the request has already ended), no status read.
-    `idle_seconds`: between pings (default `--sse-ping-seconds`)."""
+    stream joins then reads the log (correct even if the request has already ended), no status read."""
     return EventStream(svc.store, svc.hub, new.session_id, after=first - 1, request_id=new.request_id,
-                       request_status="queued", joined=joined,
-                       idle_seconds=svc.settings.sse_ping_seconds if idle_seconds is None else idle_seconds)
+                       request_status="queued", joined=joined, idle_seconds=svc.settings.sse_ping_seconds)
 
 
 async def first_news(batches: AsyncIterator[list[Event]]) -> tuple[list[list[Event]], Event | None]:
@@ -202,21 +203,18 @@ def sse_chunk(completion: Completion, batch: list[Event]) -> bytes | None:
         elif event.name == "done":
             out.append(completion.final_chunks(orjson.loads(event.data)))
         elif event.terminal:
-            status, type_, message = failure(event)
-            error = {"error": {"type": type_, "message": message, "code": status}}
-            out.append(b"data: " + orjson.dumps(error) + b"\n\n" + DONE)
+            out.append(b"data: " + orjson.dumps(openai_error(*failure(event))) + b"\n\n" + DONE)
     if batch[-1].terminal:  # the stream's end goes out with it
         return LastChunk(b"".join(out))
     return b"".join(out) or None
 
 
-async def whole_answer(request: Request, new: NewRequest, completion: Completion,
+async def whole_answer(request: Request, new: NewRequest, completion: Completion, headers: dict[str, str],
                        batches: AsyncIterator[list[Event]], watch: KeyWatch | None) -> JSON:
     """The non-streamed answer once the request has ended: its `chat.completion` (200), or its failure's
     status and OpenAI error object; a 401 once its key is revoked or expires (api/key_watch.py), as a
     stream ends. While it waits, each idle ping looks whether the client is still there: once it has
     gone, the answer is dropped (the request runs on, readable at its events URL)."""
-    headers = {"X-Request-Id": new.request_id, "X-Session-Id": new.session_id}
     async for batch in batches:
         if watch is not None and watch.due() and await watch.ended():
             return JSON(KEY_ENDED, status_code=401, headers={**headers, **NO_RETRY})
@@ -311,7 +309,7 @@ async def chat_completions(request: Request):
                                    headers={**headers, "Cache-Control": "no-store"}, on_close=stream_closed)
     try:
         async with aclosing(stream.batches()) as batches:
-            return await whole_answer(request, new, completion, batches, key_watch(svc.keyring, who))
+            return await whole_answer(request, new, completion, headers, batches, key_watch(svc.keyring, who))
     finally:
         stream.close()  # its reader left at once (idempotent)
         closed()

@@ -21,7 +21,7 @@ async def request_output(store: SessionStore, rid: str, fields: dict[str, str]) 
     texts: list[str] = []
     while True:
         try:
-            if not texts and cursor == first - 1:  # the first page: the request's first event must be there
+            if cursor == first - 1:  # the first page: the request's first event must be there
                 bounds, events = await store.read_page(sid, cursor, PAGE)
                 gone = first_event_gone(bounds, first)
                 if gone is not None:

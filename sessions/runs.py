@@ -185,20 +185,28 @@ class RunStore:
         await self.lean.aclose()
         await self.redis.aclose()
 
+    async def declare_model(self) -> str | None:
+        """The group known to the schedulers and the admin API, with the model it serves (`self.model`),
+        never over an operator's name for the group: only when it names none yet. Returns the model the
+        group is declared with (None: none)."""
+        try:
+            named = await declare_group(self.redis, self.group, self.model, replace=False)
+        except ValueError as error:  # the model is another group's (or not a name): serve without it
+            log.warning("worker %s: model %r not registered for group %r: %s", self.worker_id, self.model,
+                        self.group, error)
+            await register_group(self.redis, self.group)
+            return None
+        if self.model is not None and named != self.model:
+            log.warning("worker %s: group %r is declared as model %r; its model %r is sent to the backend but "
+                        "not registered", self.worker_id, self.group, named, self.model)
+        return named
+
     async def set_free_slots(self, free: int, total: int | None = None, held: Sequence[str] = ()) -> int:
         """Offer exactly `free` free slots of `total` to the scheduler, replacing every ticket offered
         before (so it is safe to repeat); `set_free_slots(0)` withdraws them all and deregisters. `held`:
         the runs counted out of `free`; the scheduler counts back those whose slot it handed over."""
-        if free:  # known to the schedulers and the admin API, with the model it serves
-            try:  # never over an operator's name for the group: only when it names none yet
-                named = await declare_group(self.redis, self.group, self.model, replace=False)
-                if self.model is not None and named != self.model:
-                    log.warning("worker %s: group %r is declared as model %r; its --backend-model %r is sent to "
-                                "the backend but not registered", self.worker_id, self.group, named, self.model)
-            except ValueError as error:  # the model is another group's (or not a name): serve without it
-                log.warning("worker %s: model %r not registered for group %r: %s", self.worker_id, self.model,
-                            self.group, error)
-                await register_group(self.redis, self.group)
+        if free:
+            await self.declare_model()
         total = free if total is None else total
         return await self.transitions.register_worker(self.group, self.worker_id, free=free, total=total,
                                                       shown=self.shown, held=held)

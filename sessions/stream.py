@@ -51,7 +51,6 @@ class EventStream:
         self.request_status = request_status
         self.expired: CursorExpired | None = None  # set when the log was trimmed past the cursor (the stream ends)
         self.owner = owner
-        self.recycled = False  # the session id was found to be another tenant's (the stream ended)
         self.reader: Reader | None = joined
         self._live_from_start = joined is not None
         self._first: tuple[LogBounds, list[Event]] | None = None  # the first page, read by `open`
@@ -99,7 +98,7 @@ class EventStream:
             else:
                 bounds, events = await self.store.read_page(self.session_id, self.cursor, page)
             if self.owner is not None and bounds.owner != self.owner:  # recycled (or expired): not ours
-                self.recycled = self.finished = True
+                self.finished = True
                 return
             gap = log_gap(bounds, self.cursor)
             if gap is not None:

@@ -28,9 +28,9 @@ starts the moment one of the host's places frees; more than that are pushed back
 what is already due: a fast host's backlog in one bucket never hides another host's callbacks), and a
 pass comes early (at least MIN_PASS_GAP after the last) once the held ones are all started: a fast
 receiver gets its callbacks as fast as it answers them, not PER_HOST a poll. A pass reads past the held
-callbacks at the front of a bucket (BATCH more than it holds there). Once the host is slow (a receiver that answers
-late or never), its due callbacks, the held ones included, have their due time moved on by a share of
---webhook-timeout (`host_full_wait`), so that a dead receiver's growing backlog neither fills the front
+callbacks at the front of a bucket (BATCH more than it holds there). Once the host is slow (a receiver
+that answers late or never), its due callbacks, the held ones included, have their due time moved on by
+a share of --webhook-timeout (`host_full_wait`), so that a dead receiver's growing backlog neither fills the front
 of its bucket (a pass reads BATCH a bucket, oldest first: callbacks behind them would never be read) nor
 is read again every pass. A pass skips the callbacks in flight or held here: the claim would refuse the
 ones in flight anyway, and this spares the useless claims.
@@ -130,8 +130,7 @@ class Delivery:
         self.rooms.pass_began()
         now, now_ms = time.monotonic(), int(time.time() * 1000)
         waiting = dict.fromkeys(self.rooms.release_slow(now), now_ms + int(self.host_full_wait() * 1000))
-        if self.rooms.in_flight >= CONCURRENCY:
-            self.rooms.hit_concurrency = True
+        if self.rooms.full():
             await self.push_back(waiting)
             return 0
         buckets = keys.all_buckets()

@@ -35,7 +35,7 @@ class Placement(Enum):
 class Host:
     in_flight: dict[str, float] = field(default_factory=dict)  # request id -> when its attempt began
     held: deque[str] = field(default_factory=deque)  # due, unclaimed, waiting for one of its places
-    left_due: bool = False  # a pass left callbacks of it due because its hold was full
+    left_due: bool = False  # a pass pushed callbacks of it past its full hold (LEAVE): they want a pass
 
 
 class Rooms:
@@ -53,11 +53,17 @@ class Rooms:
         """In flight or held here: a pass skips it."""
         return rid in self.host_of
 
+    def full(self) -> bool:
+        """`concurrency` attempts in flight (a freed place then wants a pass)."""
+        full = self.in_flight >= self.concurrency
+        if full:
+            self.hit_concurrency = True
+        return full
+
     def place(self, rid: str, host: str, now: float) -> Placement:
         """What a pass does with a due callback it read (`host` "" for one without a valid URL: no bound,
         its claim drops it). START and HOLD are recorded here; the caller starts a START."""
-        if self.in_flight >= self.concurrency:
-            self.hit_concurrency = True
+        if self.full():
             return Placement.FULL
         room = self.hosts.setdefault(host, Host())
         if not host or len(room.in_flight) < self.per_host:
@@ -125,9 +131,6 @@ class Rooms:
 
     def slow(self, room: Host, now: float) -> bool:
         return any(now - began >= self.slow_after for began in room.in_flight.values())
-
-    def held(self) -> int:
-        return sum(len(room.held) for room in self.hosts.values())
 
     def held_rids(self) -> list[str]:
         """Every callback held here: due and unclaimed, so at the front of their buckets."""

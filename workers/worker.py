@@ -27,7 +27,6 @@ from typing import Any
 
 from sluicegate.sessions import keys
 from sluicegate.sessions.connect import store_unavailable
-from sluicegate.sessions.registry import declare_group
 from sluicegate.sessions.runs import Assignment, RunSpec, RunStore
 from sluicegate.sessions.subscriber import Subscriber
 from sluicegate.sessions.transitions import Tail
@@ -282,13 +281,11 @@ class Worker:
         if not register:
             return
         try:
-            await declare_group(self.redis, self.settings.group, model, replace=False)
-        except ValueError as error:  # another group serves that model: as for a --backend-model, served unnamed
-            log.warning("worker %s: model %r not registered for group %r: %s", self.worker_id, model,
-                        self.settings.group, error)
+            named = await self.store.declare_model()
         except Exception as error:  # the store: the next offer of the slots declares it
             log.warning("worker %s: declaring model %r failed (%s)", self.worker_id, model, error)
-        else:
+            return
+        if named == model:
             log.info("worker %s: group %s serves the backend's model %s", self.worker_id, self.settings.group, model)
 
     def _look_for_model(self) -> None:
