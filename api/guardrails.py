@@ -2,9 +2,11 @@
 an SSE stream.
 
 They bind tenant keys (auth on). The admin key, and every caller when auth is off, is the operator
-and is not limited. Limits are stored by scheduler/limits.py; every submit of a tenant key needs
-them, so each tenant's limits are cached here for `ttl` seconds (a change made through this process
-applies at once, one made through another within `ttl`). Checks run before anything is stored.
+and is not limited; but a request the admin key submits for a tenant is that tenant's, and takes a place
+among its `max_queued` (never refused), so the tenant's own submits count it from the start. Limits are
+stored by scheduler/limits.py; every submit of a tenant key needs them, so each tenant's limits are
+cached here for `ttl` seconds (a change made through this process applies at once, one made through
+another within `ttl`). Checks run before anything is stored.
 
 Queued requests are counted in Redis, fleet-wide (api/admission.py). Open streams are counted in this
 API process (no Redis write per stream, nothing to leak when a
@@ -21,6 +23,8 @@ from sluicegate.api.admission import QueuedLimit
 from sluicegate.api.auth import Principal
 from sluicegate.api.errors import ApiError
 from sluicegate.scheduler.limits import MAX_PRIORITY, TenantLimits, read_limits
+from sluicegate.scheduler.tenant_requests import KEEP_SECONDS
+from sluicegate.sessions import keys
 
 STREAM_RETRY_AFTER = 5  # seconds: streams end with their requests; sooner would mostly be refused again
 QUEUED_RETRY_AFTER = 1  # seconds: a place frees as soon as one of the tenant's requests ends
@@ -62,21 +66,36 @@ class Guardrails:
                            "priority_not_allowed", "priority_not_allowed")
         return allowed if allowed < MAX_PRIORITY else None
 
-    async def take_place(self, who: Principal, request_id: str) -> Callable[[], Awaitable[None]] | None:
-        """A place among the tenant's `max_queued` requests for a request about to be submitted, or 429
-        `tenant_limit`. Returns what gives the place back when the submit stores nothing (None: the
-        caller is not limited)."""
-        tenant = who.tenant
-        if who.admin or tenant is None:
+    async def take_place(self, who: Principal, tenant: str | None,
+                         request_id: str) -> Callable[[], Awaitable[None]] | None:
+        """A place among `tenant`'s `max_queued` requests for a request of it about to be submitted, or 429
+        `tenant_limit`; the admin's request takes one too, and is never refused (tenant None: nothing to
+        count, as with auth off). Returns what gives the place back when the submit stores nothing (None:
+        the tenant is not limited)."""
+        if tenant is None:
             return None
         allowed = (await self.limits(tenant)).max_queued
         if allowed is None:
             return None
-        if not await self.queued.take(tenant, request_id, allowed):
+        if who.admin:
+            await self._record_place(tenant, request_id, allowed)
+        elif not await self.queued.take(tenant, request_id, allowed):
             raise ApiError(429, f"tenant {tenant!r} has {allowed} requests queued or running (its max_queued); "
                                 "submit again when one ends", "tenant_limit", "tenant_limit",
                            headers={"Retry-After": str(QUEUED_RETRY_AFTER)})
         return lambda: self.queued.give_back(tenant, request_id)
+
+    async def _record_place(self, tenant: str, request_id: str, allowed: int) -> None:
+        """The admin's request takes a place, past the limit when the set is full: a plain take first, so
+        that a full set is checked (its ended requests removed, as for a tenant's submit) and does not grow
+        without end when only the admin submits for the tenant."""
+        if await self.queued.take(tenant, request_id, allowed):
+            return
+        key = keys.tenant_active(tenant)  # api/admission.py's set
+        async with self.redis.pipeline(transaction=True) as tx:
+            tx.zadd(key, {request_id: time.time()})
+            tx.expire(key, KEEP_SECONDS)
+            await tx.execute()
 
     async def open_stream(self, who: Principal) -> Callable[[], None]:
         """Count one more stream of the caller's tenant, or 429 `tenant_limit` when it holds

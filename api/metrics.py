@@ -3,8 +3,10 @@
 Any API process reports the same numbers (they are not per-process: every counter is a sum of the
 Redis metrics hashes, every gauge a read of Redis state), so a scrape of any replica is complete; the
 one exception is `sluicegate_open_streams`, which is about the process that answers. Histograms are
-labelled by group and priority; counters also by tenant, bounded to the top `max_tenants` tenants
-(most tokens so far) plus `tenant="other"`, so the series stay few however many tenants call.
+labelled by group and priority; counters also by tenant, bounded to `max_tenants` tenants plus
+`tenant="~other"`, so the series stay few however many tenants call. The labelled tenants are the
+first seen (sessions/metrics_store.py `labelled_tenants`) and keep their label: a re-ranking would move
+a tenant's whole history between series, a counter jump that rate() reads as traffic.
 """
 
 from __future__ import annotations
@@ -18,9 +20,11 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 
 from sluicegate.sessions import keys
 from sluicegate.sessions.connect import text
-from sluicegate.sessions.metrics_store import read_metrics
+from sluicegate.sessions.metrics_store import labelled_tenants, read_metrics
 
-OTHER = "other"  # the tenant label of every tenant outside the top N
+# The tenant label of every tenant without one of its own: not a tenant name (keys.NAME_PATTERN has no
+# "~"), so a tenant called "other" keeps its series apart from the overflow.
+OTHER = "~other"
 QUOTA_FIELDS = ("requests_per_second", "tokens_per_second", "burst", "burst_tokens", "max_concurrency")
 
 
@@ -36,20 +40,24 @@ def _labels(raw: dict[str, float]) -> list[tuple[list[str], float]]:
     return [(k.split("|"), v) for k, v in raw.items()]
 
 
-def top_tenants(totals: dict[str, dict[str, float]], limit: int) -> set[str]:
-    """The `limit` tenants with the most tokens so far (then requests, then name). All-time fleet
-    counters rank them, so every API process picks the same set and it rarely changes."""
+def ranked_tenants(totals: dict[str, dict[str, float]]) -> list[str]:
+    """Every tenant in the counters, most tokens so far first (then requests, then name): the order in
+    which tenants seen at the same scrape get a label while labels are left (labelled_tenants)."""
     score: dict[str, list[float]] = {}
     for name, tenant_at, slot in (("tokens", 2, 0), ("requests", 2, 1), ("depth", 2, 1)):
         for parts, value in _labels(totals.get(name, {})):
             if len(parts) > tenant_at:
                 score.setdefault(parts[tenant_at], [0.0, 0.0])[slot] += max(value, 0.0)
-    ranked = sorted(score, key=lambda t: (-score[t][0], -score[t][1], t))
-    return set(ranked[:limit])
+    return sorted(score, key=lambda t: (-score[t][0], -score[t][1], t))
+
+
+def top_tenants(totals: dict[str, dict[str, float]], limit: int) -> set[str]:
+    """The first `limit` of ranked_tenants: the tenants a fleet labels when its first scrape sees them all."""
+    return set(ranked_tenants(totals)[:limit])
 
 
 def bounded(raw: dict[str, float], tenant_at: int, keep: set[str]) -> dict[str, float]:
-    """The series with every tenant outside `keep` summed under "other" (totals are preserved)."""
+    """The series with every tenant outside `keep` summed under OTHER (totals are preserved)."""
     out: dict[str, float] = {}
     for label, value in raw.items():
         parts = label.split("|")
@@ -136,7 +144,7 @@ def _gauge(name: str, doc: str, labels: list[str], rows: Iterable[tuple[list[str
 async def render_metrics(redis: Any, *, open_streams: int, max_tenants: int = 20) -> bytes:
     groups = sorted(text(g) for g in await redis.smembers(keys.GROUPS))
     totals = await read_metrics(redis, groups)
-    keep = top_tenants(totals, max_tenants)
+    keep = set(await labelled_tenants(redis, max_tenants, ranked_tenants(totals)))
     weights = {text(k): float(v) for k, v in (await redis.hgetall(keys.TENANT_WEIGHTS)).items()}
     state = await _groups_state(redis, groups)
     tenant_labels = ["group", "priority", "tenant"]

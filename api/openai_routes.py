@@ -19,6 +19,9 @@ logprobs, the finish_reason and the usage:
   stored.
 - `error` and `cancelled` end the answer with an OpenAI-style error object (in the stream once it has
   begun, then `[DONE]`; else the answer with its own status).
+- the store (Redis) unavailable once the request is stored, before the status went out: a 503 with the
+  request's ids and `x-should-retry: false` (the SDK's retry would store and generate it again); the
+  request runs on, readable at its events URL. Before the submit it is the plain 503 (`Retry-After`).
 
 Generation never depends on the client: a caller that disconnects leaves the request running, and
 its tokens stay readable at `/v1/requests/{X-Request-Id}/events`.
@@ -26,6 +29,7 @@ its tokens stay readable at `/v1/requests/{X-Request-Id}/events`.
 
 from __future__ import annotations
 
+import logging
 import re
 import secrets
 from collections.abc import AsyncIterator
@@ -51,6 +55,7 @@ from sluicegate.api.schemas import ChatBody, SubmitBody, parse_priority
 from sluicegate.api.services import Services, principal, services
 from sluicegate.api.streaming import PING
 from sluicegate.scheduler.deadlines import MAX_DEADLINE_MS
+from sluicegate.sessions.connect import store_unavailable
 from sluicegate.sessions.events import Event
 from sluicegate.sessions.hub import Reader
 from sluicegate.sessions.keys import NAME_PATTERN
@@ -59,6 +64,7 @@ from sluicegate.sessions.requests import NewRequest
 from sluicegate.sessions.runs import BACKEND_REFUSED
 from sluicegate.sessions.stream import EventStream
 
+log = logging.getLogger(__name__)
 router = APIRouter()
 NAME = re.compile(NAME_PATTERN)
 DEFAULT_MAX_TOKENS: int = SubmitBody.model_fields["max_tokens"].default
@@ -78,6 +84,15 @@ def stored_failure(status: int, type_: str, message: str, headers: dict[str, str
     """The answer of a stored request that failed, was cancelled or cannot be followed: its status and
     OpenAI error object, its ids, and no retry by the SDK (the request was not lost: it was answered)."""
     return JSON(openai_error(status, type_, message), status_code=status, headers={**headers, **NO_RETRY})
+
+
+def store_lost(error: Exception, new: NewRequest, headers: dict[str, str]) -> JSON:
+    """The answer when the store fails after the submit stored the request: not the plain 503 that the SDK
+    retries (a second request, generated again), but the stored request's 503, with its ids."""
+    log.warning("redis unavailable after submit of %s: %s: %s", new.request_id, type(error).__name__, error)
+    message = ("the queue store (Redis) is unavailable; the request was stored and runs on: "
+               f"read it at /v1/requests/{new.request_id}/events")
+    return stored_failure(503, "unavailable", message, headers)
 
 
 def header_name(request: Request, header: str, default: str) -> str:
@@ -275,11 +290,18 @@ async def chat_completions(request: Request):
 
     try:
         first = int((await submit_request(request, who, new))["first_event_id"])
-        await attach_callback(svc, new.request_id, callback)
     except BaseException:
         closed()
         raise
+    # Stored from here on: the store failing is the stored request's 503 with NO_RETRY (store_lost).
     headers = {"X-Request-Id": new.request_id, "X-Session-Id": new.session_id}
+    try:
+        await attach_callback(svc, new.request_id, callback)
+    except BaseException as error:
+        closed()
+        if isinstance(error, Exception) and store_unavailable(error):
+            return store_lost(error, new, headers)
+        raise
     options = (body.model_extra or {}).get("stream_options")
     completion = Completion(new, body.model or new.group,
                             include_usage=isinstance(options, dict) and bool(options.get("include_usage")))
@@ -297,9 +319,11 @@ async def chat_completions(request: Request):
 
         try:
             held, ended = await first_news(batches)
-        except BaseException:
+        except BaseException as error:
             await batches.aclose()
             stream_closed()
+            if isinstance(error, Exception) and store_unavailable(error):
+                return store_lost(error, new, headers)
             raise
         if ended is not None and ended.name != "done":
             await batches.aclose()
@@ -310,6 +334,10 @@ async def chat_completions(request: Request):
     try:
         async with aclosing(stream.batches()) as batches:
             return await whole_answer(request, new, completion, headers, batches, key_watch(svc.keyring, who))
+    except Exception as error:
+        if not store_unavailable(error):
+            raise
+        return store_lost(error, new, headers)
     finally:
         stream.close()  # its reader left at once (idempotent)
         closed()

@@ -48,7 +48,9 @@ async def submit_request(request: Request, who: Principal, new: NewRequest) -> d
         new = replace(new, boost_cap=cap)
     if TRACING.get() is not None:  # --otel-endpoint: the trace context goes with the request (sluicegate/tracing.py)
         new = carry_trace(new)
-    give_back = await svc.guardrails.take_place(who, new.request_id)  # max_queued (429)
+    # max_queued (429): the request's tenant, the admin's too (it submits for a tenant); auth off limits no one
+    tenant = new.tenant if svc.keyring.enabled else None
+    give_back = await svc.guardrails.take_place(who, tenant, new.request_id)
     result = await svc.store.submit(new, owner=who.owner)
     if give_back is not None and result.outcome != "ok":
         await give_back()

@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 
 from fastapi import APIRouter, Depends, Request
+from starlette.responses import Response
 
 from sluicegate.api.auth import Principal
 from sluicegate.api.errors import ApiError
@@ -111,12 +112,14 @@ async def session_stream(svc: Services, who: Principal, session_id: str, request
 
 
 async def request_stream(svc: Services, who: Principal, request_id: str, request: Request, *,
-                         reread: bool = False) -> EventStreamResponse:
+                         reread: bool = False) -> Response:
     """GET /v1/requests/{id}/events once the caller is known (the route and api/hot_path.py). Two reads:
     the request's head (none for a request this process has just accepted: api/recent.py), then (after
     joining its session's channel, unless it ended) the log's first page, whose bounds check the cursor,
     instead of a separate read of them first. None at all for a request accepted here on a session this
-    process follows, unless it resumes: the reader that joined before the submit has every event."""
+    process follows, unless it resumes: the reader that joined before the submit has every event.
+    A resume of an ended request from its terminal event or later is a 204 (No Content): an EventSource
+    reconnects after a stream that ends, whatever it held, and stops only at a status other than 200."""
     accepted = None if reread else svc.recent.take(request_id)
     known = accepted.head if accepted is not None else None
     joined = accepted.reader if accepted is not None else None
@@ -147,6 +150,9 @@ async def request_stream(svc: Services, who: Principal, request_id: str, request
                 return await request_stream(svc, who, request_id, request, reread=True)
             if resuming:
                 check_cursor(sid, cursor, bounds)
+                if stream.reader is None and await stream.exhausted():  # ended (not joined), nothing left
+                    stream.close()
+                    return Response(status_code=204)
             elif (known or status in keys.TERMINAL_STATUSES) and cursor < bounds.oldest_kept - 1:
                 # An ended request's first events may have been trimmed (--session-log-max-events): a
                 # stream of it would miss them. A request that has not ended keeps all of its events (the

@@ -18,6 +18,11 @@ from sluicegate.sessions import keys
 from sluicegate.sessions.events import Event, parse_published
 from sluicegate.sessions.subscriber import Subscriber
 
+# How long `join` waits for the server to confirm a subscription before it returns the reader anyway.
+# Shorter than api/deadline.py's RESPONSE_DEADLINE_SECONDS (5 s): a request stream joins before its
+# response starts, so a wait as long as the deadline would always end in its 503 instead.
+CONFIRM_TIMEOUT_SECONDS = 4.0
+
 
 class Reader:
     """A local reader's queue of published batches; `overflowed` tells it to reread the log."""
@@ -50,7 +55,8 @@ class EventHub:
     """Fan-out of session channels to local readers over a single subscriber connection."""
 
     def __init__(self, redis_url: str, *, cluster: bool = False, linger_seconds: float = 5.0,
-                 reader_queue: int = 4096, confirm_timeout: float = 5.0, client_name: str | None = None) -> None:
+                 reader_queue: int = 4096, confirm_timeout: float = CONFIRM_TIMEOUT_SECONDS,
+                 client_name: str | None = None) -> None:
         """`cluster`: `redis_url` names a node of a Redis Cluster (one connection per master then);
         `client_name` names its connections in CLIENT LIST."""
         self._subscriber = Subscriber(redis_url, self._on_frame, cluster=cluster, client_name=client_name)
@@ -79,7 +85,9 @@ class EventHub:
         """Add a reader for a session; returns once the subscription is live on the server.
 
         If the server does not confirm in time (it is down or restarting) the reader is returned
-        anyway: it reads the log whenever it has been idle, so it still gets everything.
+        anyway: it reads the log whenever it has been idle, so it still gets everything. Cancelled
+        meanwhile (the client left, the response deadline fired), it leaves again: no caller has the
+        reader to leave with, and the channel would stay subscribed and its queue fill for good.
         """
         name = keys.session_channel(sid)
         reader = Reader(self._reader_queue)
@@ -90,8 +98,13 @@ class EventHub:
         channel.readers.add(reader)
         channel.idle_since = None
         if not channel.confirmed.is_set():
-            with contextlib.suppress(TimeoutError):
+            try:
                 await asyncio.wait_for(channel.confirmed.wait(), self._confirm_timeout)
+            except TimeoutError:
+                pass  # returned anyway (above)
+            except BaseException:
+                self.leave(sid, reader)
+                raise
         return reader
 
     def join_live(self, sid: str) -> Reader | None:

@@ -1,16 +1,22 @@
 """Reading the metrics the functions keep in Redis: each plane writes its share (every data bucket's
 hash `sg:{s:BB}:m`, every group's `sg:{g:G}:m`, fields "name|labels"), and the fleet's totals are the
-sums, the same from any API process."""
+sums, the same from any API process. Also the fleet's set of tenants with a label of their own on
+/metrics (`sg:metrics_tenants`), the same from any API process too."""
 
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
+from functools import cache
+from pathlib import Path
 from typing import Any
 
 from sluicegate.sessions import keys
+from sluicegate.sessions.connect import text
 
 METRICS_CHUNK = 64  # metric hashes read per round trip (read_metrics)
 SCAN_COUNT = 1000  # hash slots an HSCAN visits a step (a small hash is one listpack: read whole at once)
+LABELLED_TENANTS = keys.PREFIX + "metrics_tenants"  # sorted set tenant -> admission order (1 first)
+ADMIT_SCRIPT = Path(__file__).parent / "lua" / "standalone" / "metrics_tenants.lua"
 
 
 async def read_metrics(redis: Any, groups: Sequence[str],
@@ -62,3 +68,26 @@ async def _read_named(redis: Any, names: Sequence[str], only: Collection[str]) -
             fields = {**fields, **more}
         shares.append(fields)
     return shares
+
+
+@cache
+def _admit_source() -> str:
+    return ADMIT_SCRIPT.read_text()
+
+
+async def labelled_tenants(redis: Any, cap: int, seen: Sequence[str]) -> list[str]:
+    """The tenants with a label of their own: the first `cap` admitted, fleet-wide. While fewer hold
+    one, the `seen` ones without a label are admitted in that order (atomically: no scrape labels more
+    than `cap`). Never re-ranked: a tenant that lost its label would carry its whole history into the
+    overflow series, a counter jump with no traffic behind it. Deleting the key picks them again."""
+    if cap < 1:
+        return []
+    labelled = [text(t) for t in await redis.zrange(LABELLED_TENANTS, 0, cap - 1)]
+    if len(labelled) >= cap:  # the usual case: a full set, one read
+        return labelled
+    have = set(labelled)
+    # `cap` of them at most: enough to fill the set even if another process admitted some of these meanwhile
+    candidates = [t for t in seen if t not in have][:cap]
+    if not candidates:
+        return labelled
+    return [text(t) for t in await redis.eval(_admit_source(), 1, LABELLED_TENANTS, cap, *candidates)]

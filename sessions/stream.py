@@ -17,6 +17,7 @@ join with the log read) sends the stream to the log to look.
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 
@@ -54,6 +55,7 @@ class EventStream:
         self.reader: Reader | None = joined
         self._live_from_start = joined is not None
         self._first: tuple[LogBounds, list[Event]] | None = None  # the first page, read by `open`
+        self._ahead: list[Event] | None = None  # an ended request's first batch, read by `exhausted`
 
     async def open(self) -> LogBounds:
         """Steps 1 and 2 before the response starts: join (unless the request ended), read the first page.
@@ -69,6 +71,19 @@ class EventStream:
             self.close()
             raise
         return self._first[0]
+
+    async def exhausted(self) -> bool:
+        """For a resumed stream of an ended request (opened, so not joined): True when the log holds none of
+        its events after the cursor (the cursor is at or past its terminal event), so that the route answers
+        204, not an empty stream that a browser's EventSource would reconnect to for ever. The first page
+        (read by `open`) usually tells; it reads on only while pages hold none of the request's events, the
+        pages its stream would read anyway, and keeps the first batch found for the stream."""
+        assert self.request_id is not None and self.reader is None, "an ended request's stream, not joined"
+        async with aclosing(self._backlog(FIRST_PAGE)) as backlog:
+            async for batch in backlog:
+                self._ahead = batch
+                return False
+        return self.expired is None  # (a gap: the stream ends at once, and a reconnect gets the 409)
 
     def close(self) -> None:
         """Leave the session's channel (idempotent): a response that never ran its body still leaves."""
@@ -118,7 +133,8 @@ class EventStream:
             page = min(PAGE, page * 4)
 
     async def batches(self) -> AsyncIterator[list[Event]]:
-        """Batches of events; an empty batch means `idle_seconds` passed without one (send a ping).
+        """Batches of events; an empty batch means `idle_seconds` passed without one for this stream (send a
+        ping).
         A reader usually leaves it at its end (a terminal event): closing it closes the generator it is
         reading from at once (aclosing; an `async for` alone leaves that one to the garbage collector's
         finalizer, a task and a loop wake-up later)."""
@@ -129,6 +145,14 @@ class EventStream:
                         yield batch
             finally:
                 self.close()
+            return
+        if self._ahead is not None:  # an ended request's, read on by `exhausted`: the log has the rest
+            batch, self._ahead = self._ahead, None
+            yield batch
+            # FIRST_PAGE * 4: the page `_backlog` reads after its first when that one was full
+            async with aclosing(self._backlog(FIRST_PAGE * 4)) as backlog:
+                async for batch in backlog:
+                    yield batch
             return
         if self._first is not None:  # opened: joined (unless ended) and the first page read
             try:
@@ -165,8 +189,12 @@ class EventStream:
             self.close()
 
     async def _live(self, reader: Reader) -> AsyncIterator[list[Event]]:
-        """Step 3: live batches, dropping ids already sent; the log again after a gap, overflow or idle."""
+        """Step 3: live batches, dropping ids already sent; the log again after a gap, overflow or idle.
+        A ping goes out when the stream (not just the session) has sent nothing for `idle_seconds`: a
+        request's stream behind another request of its session gets that one's batches, none of them its
+        own, and the queue's wait then never times out."""
         idle = IdleDeadline(self.idle_seconds)  # one timer per idle period, not one per wait (sessions/idle.py)
+        last_sent = time.monotonic()  # of the last batch this stream yielded (events or a ping)
         try:
             while not self.finished:
                 try:
@@ -183,11 +211,20 @@ class EventStream:
                         async for batch in backlog:
                             sent = True
                             yield batch
-                    if live is None and not sent:
+                    now = time.monotonic()
+                    if not sent and (live is None or now - last_sent >= self.idle_seconds):
                         yield []
+                        sent = True
+                    if sent:
+                        last_sent = now
                     continue
                 kept = self._keep(live)
+                now = time.monotonic()
                 if kept:
                     yield kept
+                    last_sent = now
+                elif now - last_sent >= self.idle_seconds:  # others' events only, for as long as a ping waits
+                    yield []
+                    last_sent = now
         finally:
             idle.close()

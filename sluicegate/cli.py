@@ -17,7 +17,6 @@ import logging
 import signal
 import sys
 from collections.abc import Callable, Coroutine
-from pathlib import Path
 from typing import Any, get_args
 
 from sluicegate import client_cli, mcp_server
@@ -47,7 +46,8 @@ COMMANDS: dict[str, tuple[str, list[str]]] = {
               + WORKER + WEBHOOKS + ["access_log"]),
     "redis": ("the embedded Valkey server (or with --cluster N a cluster of N masters) alone, in the foreground, "
               "persistent (AOF) in --data-dir; on Redis's own port, 6379 (from there up with --cluster), unless "
-              "--port, SLUICEGATE_PORT or the --config file's port names one (their default, 8000, is the API's)",
+              "--port, SLUICEGATE_PORT or the --config file's port names one (their default, 8000, is the API's); "
+              "a --data-dir that holds a cluster keeps its ports",
               ["config", "host", "port", "data_dir", "appendfsync", "password", "cluster", "log_level"]),
     "api": ("the HTTP API alone (stateless; run several)", NETWORK + CORE + API + WEBHOOKS + ["access_log"]),
     "webhooks": ("the callback deliveries (signed POSTs of ended requests' status, retried with backoff) and the "
@@ -109,10 +109,15 @@ def settings_from(args: argparse.Namespace) -> Settings:
     return from_env(**given_flags(args))
 
 
+def port_named(settings: Settings) -> bool:
+    """A flag, the environment or the --config file names the port (else it is the setting's default)."""
+    return "port" in settings.model_fields_set
+
+
 def redis_port(settings: Settings) -> int:
     """`sluicegate redis` listens on Redis's own port unless a flag, the environment or the file names one:
     the setting's default (8000) is the API's, and the two would clash when the pieces run apart."""
-    return settings.port if "port" in settings.model_fields_set else REDIS_PORT
+    return settings.port if port_named(settings) else REDIS_PORT
 
 
 def setup_logging(settings: Settings, role: str) -> None:
@@ -183,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
             EmbeddedServer,
             ServerNotFound,
             data_dir_password,
+            private_dir,
             write_url_file,
         )
 
@@ -190,12 +196,14 @@ def main(argv: list[str] | None = None) -> int:
         try:
             port = redis_port(settings)
             if settings.cluster:
-                return EmbeddedCluster(data_dir=settings.data_dir, port=port, masters=settings.cluster,
-                                       host=settings.host, appendfsync=settings.appendfsync,
-                                       password=password).run_foreground()
+                cluster = EmbeddedCluster(data_dir=settings.data_dir, port=port, masters=settings.cluster,
+                                          host=settings.host, appendfsync=settings.appendfsync, password=password)
+                if not port_named(settings):  # a restart comes back on the data dir's cluster's ports
+                    cluster.port = cluster.existing_base_port() or port
+                return cluster.run_foreground()  # a named port other than theirs: refused (RuntimeError)
             server = EmbeddedServer(data_dir=settings.data_dir, port=port, host=settings.host,
                                     appendfsync=settings.appendfsync, password=password)
-            Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
+            private_dir(settings.data_dir)  # before redis.url goes in: the AOF will hold every prompt
             if password:
                 write_url_file(settings.data_dir, server.url)
             print(server.url, flush=True)

@@ -411,6 +411,8 @@ class Client(_Base):
                 with connect_sse(self.http, "GET", follow.path, headers=follow.headers(),
                                  timeout=self.stream_timeout) as source:
                     response = source.response
+                    if response.status_code == 204:  # a request's stream resumed at or past its terminal event
+                        return
                     if response.status_code != 200:
                         raise follow.refused(response, response.read())
                     follow.connected()
@@ -576,6 +578,8 @@ class AsyncClient(_Base):
                 async with aconnect_sse(self.http, "GET", follow.path, headers=follow.headers(),
                                         timeout=self.stream_timeout) as source:
                     response = source.response
+                    if response.status_code == 204:  # as in Client.stream
+                        return
                     if response.status_code != 200:
                         raise follow.refused(response, await response.aread())
                     follow.connected()

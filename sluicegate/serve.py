@@ -27,7 +27,14 @@ from pathlib import Path
 
 from redis import RedisError
 
-from sluicegate.embedded import EmbeddedCluster, EmbeddedServer, ServerNotFound, data_dir_password, write_url_file
+from sluicegate.embedded import (
+    EmbeddedCluster,
+    EmbeddedServer,
+    ServerNotFound,
+    data_dir_password,
+    private_dir,
+    write_url_file,
+)
 from sluicegate.groups_config import GroupConfig
 from sluicegate.scheduler.admin import Tuning
 from sluicegate.sessions.connect import UNAVAILABLE, async_client, redacted
@@ -59,7 +66,9 @@ def api_answers(settings: Settings) -> bool:
 
 def embedded_store(settings: Settings) -> EmbeddedServer | EmbeddedCluster:
     """The store serve starts, password-protected unless --no-password (its URL, password included,
-    goes to the children through their environment, and to DATA_DIR/<store>/redis.url, mode 0600)."""
+    goes to the children through their environment, and to DATA_DIR/<store>/redis.url, mode 0600). DATA_DIR
+    and the store's dir under it are 0700: the AOF holds every prompt and output (embedded.private_dir)."""
+    private_dir(settings.data_dir)
     if settings.embedded_cluster:
         directory = str(Path(settings.data_dir) / "valkey-cluster")
         return EmbeddedCluster(data_dir=directory, masters=settings.embedded_cluster, appendfsync=settings.appendfsync,

@@ -220,6 +220,15 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 10, interval: float 
         time.sleep(interval)
 
 
+async def until(condition: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
+    """wait_for's form for a test's event loop: polls `condition` without blocking the loop."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
 def spawn(role: str, settings: Settings, *args: str) -> subprocess.Popen[bytes]:
     """A real `sluicegate <role>` process (for kill -9 and multi-process tests)."""
     env = {**os.environ, **settings.to_env()}

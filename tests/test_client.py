@@ -60,6 +60,23 @@ def test_submit_and_stream_to_done(stack: Stack, client: Client) -> None:
     assert replayed == events[5:]
 
 
+def test_a_request_stream_resumed_at_its_end_ends_at_once(stack: Stack, client: Client) -> None:
+    """The API answers 204 to a request stream resumed at or past its terminal event (an EventSource stops
+    there); the client ends the stream, where it would reconnect for as long as it may."""
+    sent = client.submit("client-ended", "hello", max_tokens=3)
+    last = list(client.stream(request_id=sent.request_id))[-1]
+    assert last.event == "done"
+    started = time.monotonic()
+    assert list(client.stream(request_id=sent.request_id, after=last.id, reconnect_timeout=20)) == []
+
+    async def resumed() -> list[Event]:
+        async with AsyncClient(stack.base_url, reconnect_timeout=20) as async_client:
+            return [e async for e in async_client.stream(request_id=sent.request_id, after=last.id)]
+
+    assert asyncio.run(resumed()) == []
+    assert time.monotonic() - started < 10  # not the reconnect timeout's 20 s, twice
+
+
 def test_messages_and_cancel(client: Client) -> None:
     sent = client.submit("client-2", [{"role": "user", "content": "hi"}], max_tokens=30_000)
     stream = client.stream(request_id=sent.request_id)

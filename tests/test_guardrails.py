@@ -339,7 +339,7 @@ def test_max_queued_is_fleet_wide_and_frees_places_as_requests_end(redis_url: st
         assert submit_as(first, globex, "q-globex")[0] == 202
         code, by_admin = call("POST", f"{first.base_url}/v1/sessions/q-admin/requests",
                               {"prompt": "x", "max_tokens": 3, "tenant": "acme"}, headers=ADMIN)
-        assert code == 202  # (it is acme's request all the same: the next check counts it)
+        assert code == 202  # (it is acme's request all the same: it takes one of acme's places at once)
 
         # a cancelled request gives its place back (within the recheck interval)
         for rid in (held[0][1]["request_id"], by_admin["request_id"]):

@@ -1,6 +1,6 @@
 """/metrics is fleet-wide: every counter and gauge is read from Redis, so any API process reports the
 same numbers (a scrape of any replica, or of the load balancer, is complete); tenant labels are
-bounded to the top --metrics-max-tenants tenants plus "other", with every total kept."""
+bounded to --metrics-max-tenants tenants plus "~other", with every total kept."""
 
 from __future__ import annotations
 
@@ -71,14 +71,14 @@ def test_tenant_labels_are_the_top_n_plus_other_and_the_sums_are_kept(redis_url:
         wait_done(stack.base_url, rids)
         samples = scrape(stack.base_url)
         for name in ("sluicegate_tokens_total", "sluicegate_requests_total", "sluicegate_queue_depth"):
-            assert tenants(samples, name) == {"t0", "t1", "t2", "other"}, name
+            assert tenants(samples, name) == {"t0", "t1", "t2", "~other"}, name
         # every request ended: none waits, whether it started in its own submit or waited for a slot
         assert set(series(samples, "sluicegate_queue_depth").values()) == {0.0}
         depths = raw_depths(r, ["default"])
         assert depths and set(depths.values()) == {0.0}, depths
         assert total(samples, "sluicegate_tokens_total") == sum(sizes.values())
-        assert total(samples, "sluicegate_tokens_total", tenant="other") == 30 + 20 + 10
-        assert total(samples, "sluicegate_requests_total", tenant="other", status="done") == 3
+        assert total(samples, "sluicegate_tokens_total", tenant="~other") == 30 + 20 + 10
+        assert total(samples, "sluicegate_requests_total", tenant="~other", status="done") == 3
         assert total(samples, "sluicegate_requests_total", status="done") == 6
         weights = {dict(k)["tenant"]: v for k, v in series(samples, "sluicegate_tenant_weight").items()}
         assert weights == {"t0": 1.0, "t1": 3.0, "t2": 1.0}
@@ -93,4 +93,4 @@ def test_the_top_tenants_are_ranked_by_tokens_then_requests_then_name() -> None:
     assert top_tenants(totals, 2) == {"a", "b"}  # a: 35 tokens over two priorities
     assert top_tenants(totals, 4) == {"a", "b", "c", "d"}  # c and d: equal, then by name; e and f fewer
     merged = bounded({"g|5|a|done": 1.0, "g|5|x|done": 2.0, "g|5|y|done": 3.0, "g|7|y|done": 4.0}, 2, {"a"})
-    assert merged == {"g|5|a|done": 1.0, "g|5|other|done": 5.0, "g|7|other|done": 4.0}
+    assert merged == {"g|5|a|done": 1.0, "g|5|~other|done": 5.0, "g|7|~other|done": 4.0}

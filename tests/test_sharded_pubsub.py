@@ -19,6 +19,7 @@ from sluicegate.sessions import keys
 from sluicegate.sessions.hub import EventHub
 from sluicegate.sessions.subscriber import Subscriber
 from tests.cluster_helpers import start_test_cluster
+from tests.helpers import until
 
 pytestmark = pytest.mark.own_servers  # its own servers
 
@@ -38,14 +39,6 @@ def run(scenario: Callable[[], Awaitable[T]], timeout: float = 20.0) -> T:
     async def bounded() -> T:
         return await asyncio.wait_for(scenario(), timeout)
     return asyncio.run(bounded())
-
-
-async def until(condition: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 def subscriber_ids(client: redis.Redis) -> list[int]:

@@ -40,6 +40,7 @@ from sluicegate.workers.runner import Run
 log = logging.getLogger(__name__)
 
 PROBE_BUDGET = 30.0  # seconds a worker spends learning its engine before it offers its slots anyway
+PROBE_RETRY_SECONDS = 10.0  # between probes of a backend that has not answered one (still loading its model)
 MODEL_RETRY_SECONDS = 10.0  # between looks at the backend's model list while it has not answered one
 MODEL_LOOKUP_SECONDS = 5.0  # one look's bound
 RQ_SETTLE = 0.05  # seconds a change of the runs shown waits before rq is told (see _presence_loop)
@@ -96,38 +97,74 @@ class Worker:
         self._ends_quiet = asyncio.Event()
         self._resyncing: asyncio.Event | None = None
         self.slots = settings.slots_or_default  # until the engine says how many it runs at once
+        self.probe_due = False  # the probe has not reached the backend yet: the heartbeats probe again
+        self.probed_at = 0.0  # when the backend was last probed (_probe)
+        self.probing: asyncio.Task[None] | None = None
+        self.shrunk = False  # the slots shrank: the next resync counts the runs held past them (surplus)
+        self.surplus = 0  # runs held past the slots after they shrank: their ends give no ticket back
         self.model_looked_at = 0.0  # when the backend's model list was last asked (_learn_model)
         self.model_lookup: asyncio.Task[None] | None = None
 
     async def _learn_engine(self) -> None:
         """Ask the engine what it can do (workers/engines/probe.py): its slot count becomes this worker's
         unless --slots says otherwise, and operators see it all in /v1/admin/stats. Bounded: an engine
-        that does not answer leaves the defaults."""
-        shown: dict[str, Any] = {"engine": self.settings.engine, "host": socket.gethostname(), "pid": os.getpid()}
-        probe = getattr(self.engine, "probe", None)
-        probed = True
-        if probe is not None and self.settings.backend_probe:
-            try:
-                async with asyncio.timeout(PROBE_BUDGET):
-                    found = await probe(self.settings.group)
-            except Exception as error:  # an engine that is not up yet: the defaults, and say so
-                log.warning("worker %s: probing the backend failed (%s); using the defaults", self.worker_id, error)
-                probed = False
-            else:
-                if self.settings.slots is None and found.slots:
-                    self.slots = found.slots
-                shown["capabilities"] = found.as_dict()
-                log.info("worker %s: backend is %s", self.worker_id, found)
-        if probed:  # else it failed on the same backend: the heartbeats look again (_look_for_model)
+        that does not answer leaves the defaults until it does (_look_for_probe)."""
+        self.store.shown = {"engine": self.settings.engine, "host": socket.gethostname(), "pid": os.getpid()}
+        if await self._probe():  # else it failed on the same backend: the heartbeats look again (_look_for_model)
             await self._learn_model(register=False)
+        self._show_resume()
+
+    async def _probe(self) -> bool:
+        """Probe the engine, if it can be and --backend-probe; False when the probe did not reach it (not up
+        yet: probe_due, the heartbeats probe again)."""
+        probe = getattr(self.engine, "probe", None)
+        if probe is None or not self.settings.backend_probe:
+            return True
+        self.probed_at = time.monotonic()
+        try:
+            async with asyncio.timeout(PROBE_BUDGET):
+                found = await probe(self.settings.group)
+        except Exception as error:  # an engine that is not up yet: the defaults, and say so
+            log.warning("worker %s: probing the backend failed (%s); using the defaults until it answers (probed "
+                        "again every %g s)", self.worker_id, error, PROBE_RETRY_SECONDS)
+            self.probe_due = True
+            return False
+        self.probe_due = False
+        if self.settings.slots is None and found.slots:
+            self.slots = found.slots
+        self.store.shown["capabilities"] = found.as_dict()
+        log.info("worker %s: backend is %s", self.worker_id, found)
+        return True
+
+    def _show_resume(self) -> None:
+        """How the engine resumes a run (--backend-continue over what the probe found), shown and told."""
         resume_by = getattr(self.engine, "resume_by", None)
         if resume_by is not None and self.settings.backend_continue != "auto":
             resume_by(self.settings.backend_continue == "yes")
         resume = getattr(self.engine, "resume_mode", None)
         if resume is not None:
-            shown["resume"] = resume
+            self.store.shown["resume"] = resume
             self.store.resume_mode = resume
-        self.store.shown = shown
+
+    def _look_for_probe(self) -> None:
+        """From a heartbeat: probe a backend that was not up again when it is due, beside the heartbeats."""
+        if not self.probe_due or self.probing is not None and not self.probing.done():
+            return
+        if time.monotonic() - self.probed_at >= PROBE_RETRY_SECONDS:
+            self.probing = asyncio.create_task(self._probe_again())
+
+    async def _probe_again(self) -> None:
+        """A backend up after its worker: what it can do and its slot count replace the defaults, and are
+        offered with the slots again (the inbox loop's resync: exact, between two inbox reads)."""
+        slots = self.slots
+        if self.stopping or not await self._probe():
+            return
+        self.shrunk = self.slots < slots  # before any resync offers the new count
+        self._show_resume()
+        await self._learn_model(register=True)
+        log.info("worker %s: the backend answered the probe: %d slots, resumes by %s", self.worker_id, self.slots,
+                 self.store.resume_mode or "?")
+        self.resync_needed = True
 
     # ---- lifecycle ---------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
@@ -159,7 +196,7 @@ class Worker:
             await stop.wait()
         finally:
             await self._shutdown(inbox)
-            for task in (control, heartbeat, presence, self.model_lookup):
+            for task in (control, heartbeat, presence, self.model_lookup, self.probing):
                 if task is None:
                     continue
                 task.cancel()
@@ -299,6 +336,7 @@ class Worker:
         while True:
             await asyncio.sleep(self.settings.heartbeat_seconds)
             self._look_for_model()
+            self._look_for_probe()
             try:
                 rejoin, lost = await self.store.heartbeat(list(self.runs), leaving=self.stopping)
                 for entry in lost:  # "rid|attempt", or with the reason the control plane stopped it
@@ -380,6 +418,9 @@ class Worker:
             held = len(self.runs)  # may exceed the slots for a moment: a run whose slot was handed over
             await self.store.set_free_slots(self.slots - held, self.slots, held=list(self.runs))
             self.resync_needed = False
+            if self.shrunk:  # the runs held past the slots keep their tickets: their ends must not return them
+                self.shrunk = False
+                self.surplus = max(0, held - self.slots)
             log.info("worker %s: offered %d free slots (%d running)", self.worker_id, self.slots - held, held)
         finally:
             self._resyncing = None
@@ -395,6 +436,11 @@ class Worker:
         self._ending += 1
         try:
             return_slot = not self.stopping
+            if return_slot and self.surplus:  # the slots shrank under this run: its ticket goes
+                self.surplus -= 1
+                return_slot = False
+                if not self.surplus:  # the surplus counted a run whose slot was handed over, maybe: recount
+                    self.resync_needed = True
 
             async def end() -> None:
                 if outcome:

@@ -28,7 +28,8 @@ Failures, and who handles them:
 - after tokens streamed (a broken stream, silence past `idle_timeout`): a transient EngineError.
 - an error the backend reports inside its stream (vLLM's `data: {"error": ...}`, llama.cpp's
   `error: {...}` line, a `data:` after `event: error`), before or after tokens: its own words; a 4xx
-  other than 408 and 429 is permanent, any other is transient as above.
+  other than 408 and 429 is permanent, any other is transient as above. TGI tags every such error 422
+  (`http_status_code`): its words say which is the request's fault (tgi_status).
 A transient failure hands the run back; it resumes, possibly on another worker and backend, from the
 tokens so far, until the request has failed `--max-attempts` times. Keep-alive comments are not
 activity: a backend that sends only those times out like a silent one.
@@ -48,9 +49,10 @@ A run that is cancelled or preempted closes its HTTP stream at once (the backend
 generation and frees its KV cache).
 
 What the backend can do (priority, continuation, usage in streams, slots) is probed when the worker
-starts (workers/engines/probe.py). A backend that cannot continue a partial answer gets the whole
-request again on a resume, and the tokens already streamed are skipped (`resume_mode`). A backend
-whose stream reports no usage but has a tokenize endpoint gets its output counted with it.
+starts, and again until it answers when it was not up yet (workers/engines/probe.py). A backend that
+cannot continue a partial answer gets the whole request again on a resume, and the tokens already
+streamed are skipped (`resume_mode`). A backend whose stream reports no usage but has a tokenize
+endpoint gets its output counted with it.
 """
 
 from __future__ import annotations
@@ -97,6 +99,10 @@ RUNAWAY_SLACK = 8
 MAX_LINE = 2**20  # bytes of one line of a backend's stream (a chunk with logprobs is a few KB)
 RETRY_AFTER_MAX_SECONDS = 30.0  # the longest a backend's Retry-After makes a retry wait
 DELTA_SECONDS = re.compile(r"\d+(?:\.\d+)?")
+# TGI's words (its InferError) for an error in a chat stream that is the request's own: every such
+# error comes tagged 422 (tgi_status), these are the ones no retry fixes.
+TGI_REFUSALS = ("Input validation error", "Template error", "Missing template", "Tool error")
+TGI_OVERLOADED = "Model is overloaded"
 
 
 class Transient(Exception):
@@ -143,25 +149,42 @@ def error_message(status: int, body: bytes) -> str:
 
 
 def stream_error(payload: bytes) -> Exception:
-    """A failure the backend reported inside its stream, shaped `{"error": {...}}` (vLLM), `{"code": ..,
-    "message": ..}` (llama.cpp's `error:` line) or plain text: the backend's words, permanent for a 4xx
-    no retry fixes (the request itself is wrong), else transient."""
+    """A failure the backend reported inside its stream, shaped `{"error": {...}}` (vLLM; TGI's with
+    `http_status_code`), `{"code": .., "message": ..}` (llama.cpp's `error:` line) or plain text: the
+    backend's words, permanent for a 4xx no retry fixes (the request itself is wrong), else transient."""
     try:
         data = orjson.loads(payload)
     except orjson.JSONDecodeError:
         data = None
-    code = None
+    code = tgi_words = None
     if isinstance(data, dict):
         detail = data.get("error")
-        code = detail.get("code") if isinstance(detail, dict) else None
+        if isinstance(detail, dict):
+            code = detail.get("code")
+            if code is None and detail.get("http_status_code") is not None:  # TGI (v3)
+                code, tgi_words = detail["http_status_code"], str(detail.get("message", ""))
         code = data.get("code") if code is None else code
     if isinstance(code, str) and code.isdigit():
         code = int(code)
     status = code if isinstance(code, int) and not isinstance(code, bool) else 500
+    if tgi_words is not None:
+        status = tgi_status(status, tgi_words)
     message = error_message(status, payload)
     if 400 <= status < 500 and status not in RETRIED_STATUSES:
         return Permanent(message)
     return Transient(message)
+
+
+def tgi_status(tagged: int, message: str) -> int:
+    """The status of an error TGI sent inside its chat stream. TGI tags every one of them 422 (its
+    into_openai_event), an overload and a failed generation included, so its words tell them apart: a
+    request it cannot take (TGI_REFUSALS) stays 422, permanent; an overload is a 429 and anything else a
+    500, both transient. Another tag is taken as it is."""
+    if tagged != 422:
+        return tagged
+    if message.startswith(TGI_REFUSALS):
+        return 422
+    return 429 if message.startswith(TGI_OVERLOADED) else 500
 
 
 def retry_after_seconds(value: str | None) -> float | None:
@@ -271,6 +294,23 @@ def pieces_of(chunk: dict[str, Any], state: StreamState) -> list[Piece]:
         if choice.get("finish_reason"):
             state.finish_reason = str(choice["finish_reason"])
     return out
+
+
+def event_pieces(payload: bytes, event: bytes, state: StreamState, strict_done: bool) -> list[Piece] | None:
+    """The tokens of one SSE event of a stream (its name and its data); None at `[DONE]`, the stream's end.
+    Data that is not a chunk object (`null`, a list) is a broken backend's: a ValueError, like bad JSON."""
+    if event == b"error":  # `event: error` then its `data:` (a server's failure mid-stream)
+        raise stream_error(payload)
+    if payload == b"[DONE]":
+        if strict_done and state.finish_reason is None:  # llama-cpp-python interrupted it for another
+            raise Transient("the stream ended with [DONE] but no finish_reason (cut short)")
+        return None
+    chunk = orjson.loads(payload)
+    if not isinstance(chunk, dict):
+        raise ValueError(f"the stream sent data that is not a chunk: {payload[:100].decode(errors='replace')}")
+    if "error" in chunk:  # vLLM and TGI report errors inside the stream
+        raise stream_error(payload)
+    return pieces_of(chunk, state)
 
 
 class OpenAIEngine:
@@ -559,30 +599,40 @@ class OpenAIEngine:
                       strict_done: bool = False) -> AsyncIterator[Piece]:
         """Tokens from an SSE body; a stream that ends without `[DONE]` or a finish_reason is cut short,
         and so is (`strict_done`: a server known to interrupt streams) a `[DONE]` without a finish_reason.
+        As the SSE spec reads a stream, an event's `data:` lines are joined with a newline and read once at
+        the blank line that ends it, and an event with no data (a bare `data:` keep-alive) is skipped.
         A failure the backend reports in the stream ends it with the backend's words (stream_error):
-        `data: {"error": ...}` (vLLM), an `error: {...}` line (llama.cpp) or `data:` after `event: error`."""
+        `data: {"error": ...}` (vLLM, TGI), an `error: {...}` line (llama.cpp) or `data:` after `event: error`."""
         event = b""  # the event's name (an `event:` line), until the blank line that ends the event
+        data: bytes | None = None  # the event's data, likewise (nearly always one line)
         async with aclosing(sse_lines(response)) as lines:  # closed at [DONE], not by the GC
             async for line in lines:
-                if not line.startswith(b"data:"):
+                if line.startswith(b"data:"):
+                    if data is None:
+                        data = line[5:].strip()
+                    else:  # the event's data goes on: joined by a newline (SSE)
+                        data += b"\n" + line[5:].strip()
+                        if len(data) > MAX_LINE:  # as for one line: never an unbounded buffer
+                            raise ValueError(f"an event of the backend's stream is over {MAX_LINE} bytes")
+                    continue
+                if line.strip():
                     if line.startswith(b"error:"):  # llama.cpp's server: server_sent_event(sink, "error", ...)
                         raise stream_error(line[6:].strip())
                     if line.startswith(b"event:"):
                         event = line[6:].strip()
-                    elif not line.strip():
-                        event = b""
                     continue  # comments (keep-alives), other fields
-                payload = line[5:].strip()
-                if event == b"error":  # `event: error` then its `data:` (a server's failure mid-stream)
-                    raise stream_error(payload)
-                if payload == b"[DONE]":
-                    if strict_done and state.finish_reason is None:  # llama-cpp-python interrupted it for another
-                        raise Transient("the stream ended with [DONE] but no finish_reason (cut short)")
+                payload, name, data, event = data, event, None, b""  # a blank line: the event is whole
+                if payload:
+                    pieces = event_pieces(payload, name, state, strict_done)
+                    if pieces is None:
+                        return
+                    for piece in pieces:
+                        yield piece
+            if data:  # the last event without its blank line: read all the same, as before the SSE reading
+                pieces = event_pieces(data, event, state, strict_done)
+                if pieces is None:
                     return
-                chunk = orjson.loads(payload)
-                if "error" in chunk:  # vLLM reports errors inside the stream
-                    raise stream_error(payload)
-                for piece in pieces_of(chunk, state):
+                for piece in pieces:
                     yield piece
         if state.finish_reason is None:
             raise Transient("the stream ended before [DONE]")

@@ -1,4 +1,5 @@
-"""What an OpenAI-compatible engine can do, learned live when a worker starts.
+"""What an OpenAI-compatible engine can do, learned live when a worker starts (and again, from its
+heartbeats, until the engine answers: see NotUp).
 
 Engines differ in exactly what a scheduler in front of them relies on, and most say nothing about it
 in their OpenAI API: whether they take `priority`, whether they can continue a partial assistant
@@ -18,10 +19,15 @@ continuation (vLLM and SGLang with `continue_final_message`, llama.cpp's server 
 a final assistant turn; llama-cpp-python and Ollama close that turn and start over), the order of
 `priority` (SGLang runs higher values first, vLLM lower ones), and the slots when the server says
 them (TGI's is its admission cap). A server the probe cannot identify (OpenAI's own API, LiteLLM, LM
-Studio, a gateway that hides the servers' endpoints), or does not reach (not up yet, `--no-backend-probe`),
-is resumed by regenerating: one that ignores `continue_final_message` would answer from the start, and
-that answer, appended to what was streamed, would repeat it (`--backend-continue yes` when it is known to
-continue). No slot count.
+Studio, a gateway that hides the servers' endpoints), or does not ask (`--no-backend-probe`), is resumed
+by regenerating: one that ignores `continue_final_message` would answer from the start, and that answer,
+appended to what was streamed, would repeat it (`--backend-continue yes` when it is known to continue).
+No slot count.
+
+A server that is not up yet (nothing listening, or a 5xx: vLLM and SGLang open their port once the model
+is loaded, llama.cpp answers 503 while it loads) is not "a server the probe cannot identify": its
+defaults would stay for good. The probe raises NotUp, the worker starts with the defaults meanwhile and
+probes again from its heartbeats until the server answers (workers/worker.py `_look_for_probe`).
 """
 
 from __future__ import annotations
@@ -38,6 +44,10 @@ log = logging.getLogger(__name__)
 
 PROBE_TIMEOUT = 10.0  # seconds for each probe call
 ONE_AT_A_TIME = {"llama-cpp-python": 1}  # servers that run one request at a time and have no endpoint saying so
+
+
+class NotUp(Exception):
+    """The server answered none of the probe's calls as a server that is up (see the module's docstring)."""
 
 
 @dataclass(frozen=True)
@@ -116,9 +126,11 @@ async def identify(session: aiohttp.ClientSession, base_url: str) -> Capabilitie
 
 
 async def try_stream(session: aiohttp.ClientSession, base_url: str, model: str,
-                     found: Capabilities) -> Capabilities:
+                     known: Capabilities | None) -> Capabilities:
     """One streamed one-token request with `priority` and `include_usage`: what the server refuses, and
-    whether its stream reports usage."""
+    whether its stream reports usage. `known`: what identify() found; when it found nothing, a request
+    that gets no answer, or a 5xx, raises NotUp (else it leaves what was known)."""
+    found = known or Capabilities()
     body: dict[str, Any] = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1,
                             "stream": True, "stream_options": {"include_usage": True}, "priority": 4}
     accepts_priority, streams_usage = True, False
@@ -128,6 +140,8 @@ async def try_stream(session: aiohttp.ClientSession, base_url: str, model: str,
                                                                     data=orjson.dumps(body)) as response:
                 payload = await response.read()
         except (aiohttp.ClientError, TimeoutError) as error:
+            if known is None:
+                raise NotUp(f"the test request failed ({type(error).__name__}: {error})") from error
             log.warning("probing %s: the test request failed (%s); assuming defaults", base_url, error)
             return found
         field = refused_field(response.status, payload, body)
@@ -135,6 +149,8 @@ async def try_stream(session: aiohttp.ClientSession, base_url: str, model: str,
             accepts_priority = accepts_priority and field != "priority"
             body.pop(field)
             continue
+        if response.status >= 500 and known is None:
+            raise NotUp(f"the test request got HTTP {response.status}")
         if response.status != 200:
             log.warning("probing %s: the test request got HTTP %d; assuming defaults", base_url, response.status)
             return replace(found, accepts_priority=accepts_priority)
@@ -150,9 +166,10 @@ async def try_stream(session: aiohttp.ClientSession, base_url: str, model: str,
 
 
 async def probe(session: aiohttp.ClientSession, base_url: str, model: str) -> Capabilities:
-    """What the server is and can do. Known kinds whose answers the test request could not improve
-    (llama-cpp-python: it would wait behind, or interrupt, a running stream) are not sent one."""
+    """What the server is and can do; NotUp when it is not up yet. Known kinds whose answers the test
+    request could not improve (llama-cpp-python: it would wait behind, or interrupt, a running stream) are
+    not sent one."""
     found = await identify(session, base_url)
     if found is not None and found.server == "llama-cpp-python":
         return found
-    return await try_stream(session, base_url, model, found or Capabilities())
+    return await try_stream(session, base_url, model, found)

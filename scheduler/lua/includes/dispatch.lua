@@ -1,17 +1,17 @@
 -- dispatch.lua: the scheduling decision. Highest class, then the backlogged tenant with the least
 -- virtual token counter, then that tenant's oldest ready session; gated by the group's quota; into
 -- a free slot (a ticket), the group's last few only for a tenant below the one furthest above its
--- share (the headroom); with none free, into the slot of a tenant above its fair share of the
--- running slots (same class), else by preempting a lower class (preemption.lua).
+-- share (the headroom); with none free, by preempting a lower class, else into the slot of a tenant
+-- above its fair share of the running slots (same class) (preemption.lua).
 
 -- No free slot for class `cls`: true when a tenant above its share handed one over (decide again,
 -- `ran`: a run started in it); false when the decision stops here (a lower class may be preempted:
--- its slot comes back when its worker lets go). `share`: see dispatch.
+-- its slot comes back when its worker lets go). Priority first: the lowest-ranked run stops, and a
+-- same-class run is taken for fair share only when no run below the class stops for it, nor was
+-- stopped already (being_freed). `share`: see dispatch.
 local function without_free_slot(cp, cls, cfg, now, lease, share)
-  local handed, ran = false, false
-  if share then handed, ran = hand_over(cp, cls, cfg, now, lease) end
-  if not handed then preempt_for(cp, cls, now, lease) end
-  return handed, ran
+  if preempt_for(cp, cls, now, lease, cfg.mc) or not share or being_freed(cp, cls, now) then return false, false end
+  return hand_over(cp, cls, cfg, now, lease)
 end
 
 -- Headroom (policy fsr): while a running tenant is a slot or more below the one furthest above its
@@ -74,17 +74,22 @@ local function dispatch(cp, now, lease, share)
         if wid then redis.call('RPUSH', cp .. 'idle', wid) end -- the ticket goes back where it was
         redis.call('HSET', cp .. 'qs', 'throttled', why, 'throttled_at', now)
         count(cmetrics(cp), 'throttled', spec.g .. '|' .. why) -- sluicegate_quota_throttled_total
-        if wake then note_wake(cp, wake) else preempt_for(cp, tonumber(top), now, lease) end
-        break
-      end
-      wid = wid or take_ticket(cp)
-      if wid then
-        remove_ready(cp, sid, tenant, top, spec.dl)
-        if start_run(cp, tonumber(top), tenant, counter, spec, wid, cfg, now, lease) then started = started + 1 end
-      else
+        if wake then note_wake(cp, wake) break end
+        -- max_concurrency: the runs in flight are the slots here; as with no free slot (a priority stop
+        -- only where it lets the waiting request start: preempt_for's cap; a fair-share swap keeps them)
         local handed, ran = without_free_slot(cp, tonumber(top), cfg, now, lease, share)
         if not handed then break end
         if ran then started = started + 1 end
+      else
+        wid = wid or take_ticket(cp)
+        if wid then
+          remove_ready(cp, sid, tenant, top, spec.dl)
+          if start_run(cp, tonumber(top), tenant, counter, spec, wid, cfg, now, lease) then started = started + 1 end
+        else
+          local handed, ran = without_free_slot(cp, tonumber(top), cfg, now, lease, share)
+          if not handed then break end
+          if ran then started = started + 1 end
+        end
       end
     end
   end

@@ -4,7 +4,8 @@
 -- started) while more requests of a higher class wait than slots are already being freed (pre).
 -- Aged requests (class 10) never preempt, but the real classes waiting below them still do.
 --
--- By fair share (hand_over), inside one class: the first tenant in the fair order (of the first few
+-- By fair share (hand_over), inside one class, when no run of a lower class stops for the waiting
+-- class (priority comes first: the lowest-ranked run stops): the first tenant in the fair order (of the first few
 -- waiting) that is below the tenant furthest above its weighted share of the group's running slots
 -- (ro: runs / weight) takes a slot from that one, when it would still hold at least as much per weight
 -- after the swap as the taker does: no ping-pong, and a tenant at or below its share is never
@@ -88,7 +89,7 @@ end
 
 -- Fair-share preemption in class `cls` (see above). Returns handed (a run was stopped and its slot
 -- handed over), ran (the taker's run started in it; if its request turned out to have ended, the
--- slot's ticket is back in the idle list). Looks at the 16 most recent runs of that class.
+-- slot's ticket is back in the idle list). Looks at every run of that class of the victim tenant.
 local function hand_over(cp, cls, cfg, now, lease)
   local pol = policy(cp)
   if pol.fsp == 0 or pol.max_pre == 0 then return false end
@@ -100,36 +101,63 @@ local function hand_over(cp, cls, cfg, now, lease)
   if not tenant then return false end
   local runs = cp .. 'rt:' .. victim_tenant
   local soonest = nil -- the earliest end of a min-run quantum among the runs passed over
-  -- its runs of this class, most recently started first (the least work lost)
-  for _, key in ipairs(redis.call('ZRANGEBYSCORE', runs, cls * RANK, (cls + 1) * RANK - 1, 'LIMIT', 0, 16)) do
-    local rec = run_record(cp, key)
-    local ok, ripe = preemptible(cp, key, rec, pol, now)
-    if ok and redis.call('EXISTS', kworker(cp, rec.w)) == 1 then
-      local sid = redis.call('ZRANGE', cp .. 'c' .. cls .. ':' .. tenant, 0, 0)[1]
-      local spec = ready_head(cp, sid)
-      -- the swap leaves the runs in flight as they were: only the rate quotas are asked
-      if not quota_gate(cp, { rps = cfg.rps, tps = cfg.tps, burst = cfg.burst, cap = cfg.cap },
-          tokens_left(spec), spec.a == 0, now) then
-        return false
+  -- its runs of this class, most recently started first (the least work lost), 16 at a time: immune
+  -- runs (pinned, at their max preemptions) may come first, and each of them is looked at
+  local offset = 0
+  repeat
+    local page = redis.call('ZRANGEBYSCORE', runs, cls * RANK, (cls + 1) * RANK - 1, 'LIMIT', offset, 16)
+    for _, key in ipairs(page) do
+      local rec = run_record(cp, key)
+      local ok, ripe = preemptible(cp, key, rec, pol, now)
+      if ok and redis.call('EXISTS', kworker(cp, rec.w)) == 1 then
+        local sid = redis.call('ZRANGE', cp .. 'c' .. cls .. ':' .. tenant, 0, 0)[1]
+        local spec = ready_head(cp, sid)
+        -- the swap leaves the runs in flight as they were: only the rate quotas are asked
+        if not quota_gate(cp, { rps = cfg.rps, tps = cfg.tps, burst = cfg.burst, cap = cfg.cap },
+            tokens_left(spec), spec.a == 0, now) then
+          return false
+        end
+        preempt(cp, key, rec, now, lease, 'fair_share', true)
+        remove_ready(cp, sid, tenant, cls, spec.dl)
+        return true, start_run(cp, cls, tenant, counter, spec, rec.w, cfg, now, lease)
+      elseif not ok and ripe and (not soonest or ripe < soonest) then -- inside its quantum (a run on a
+        soonest = ripe                                                -- gone worker is skipped, not waited for)
       end
-      preempt(cp, key, rec, now, lease, 'fair_share', true)
-      remove_ready(cp, sid, tenant, cls, spec.dl)
-      return true, start_run(cp, cls, tenant, counter, spec, rec.w, cfg, now, lease)
-    elseif not ok and ripe and (not soonest or ripe < soonest) then -- inside its quantum (a run on a
-      soonest = ripe                                                -- gone worker is skipped, not waited for)
     end
-  end
+    offset = offset + 16
+  until #page < 16
   if soonest then note_wake(cp, soonest) end -- the sweep tries again then
   return false
 end
 
-local function preempt_for(cp, top, now, lease)
+-- Are enough slots being freed (pre: stopped runs whose workers have not let go yet) for every request
+-- waiting in class `cls` or above? Those slots go to them first (the highest class dispatches first).
+local function being_freed(cp, cls, now)
+  redis.call('ZREMRANGEBYSCORE', cp .. 'pre', '-inf', now)
+  local pending = redis.call('ZCARD', cp .. 'pre')
+  if pending == 0 then return false end
+  local counts = redis.call('HGETALL', cp .. 'cn')
+  for i = 1, #counts, 2 do
+    if tonumber(counts[i]) >= cls then pending = pending - tonumber(counts[i + 1]) end
+  end
+  return pending >= 0
+end
+
+local WINDOW = 32 -- running runs read at a time by preempt_for, lowest-ranked first
+
+-- Priority preemption for waiting class `top` (see above). Returns true when a run ranked below the
+-- waiting class stops for it, now (stopped here, or already: pre) or at the end of its quantum (the
+-- group is woken then): the lowest-ranked run stops, so fair share must not take a same-class one then.
+-- `cap`: the group's max_concurrency (nil: none). A run stops only when the running ones would then be
+-- fewer than the cap (once the stops let go, a waiting request may start): a cap lowered below the runs
+-- in flight (or to 0) stops none, where each stop's release would otherwise stop the next one.
+local function preempt_for(cp, top, now, lease, cap)
   -- The lowest-ranked runs first: most decisions end here, when none ranks below the waiting class.
-  local victims = redis.call('ZRANGE', cp .. 'run', 0, 31, 'WITHSCORES')
-  if #victims == 0 or math.floor(tonumber(victims[2]) / RANK) >= math.min(top, 9) then return end
+  local victims = redis.call('ZRANGE', cp .. 'run', 0, WINDOW - 1, 'WITHSCORES')
+  if #victims == 0 or math.floor(tonumber(victims[2]) / RANK) >= math.min(top, 9) then return false end
   if top > 9 then
     top = tonumber(redis.call('ZREVRANGEBYSCORE', cp .. 'cls', 9, '-inf', 'LIMIT', 0, 1)[1])
-    if not top then return end
+    if not top then return false end
   end
   local pol = policy(cp)
   redis.call('ZREMRANGEBYSCORE', cp .. 'pre', '-inf', now)
@@ -137,21 +165,31 @@ local function preempt_for(cp, top, now, lease)
   local waiting = {}
   local counts = redis.call('HGETALL', cp .. 'cn')
   for i = 1, #counts, 2 do waiting[tonumber(counts[i])] = tonumber(counts[i + 1]) end
-  local quantum_cls = nil
-  for i = 1, #victims, 2 do
-    local vcls = math.floor(tonumber(victims[i + 1]) / RANK)
-    if vcls >= top or (quantum_cls and vcls > quantum_cls) then return end
-    local above = 0
-    for c = vcls + 1, 9 do above = above + (waiting[c] or 0) end
-    if above <= pending then return end
-    local rec = run_record(cp, victims[i])
-    local ok, ripe = preemptible(cp, victims[i], rec, pol, now)
-    if ok then
-      preempt(cp, victims[i], rec, now, lease, 'priority')
-      pending = pending + 1
-    elseif ripe then
-      quantum_cls = quantum_cls or vcls
-      note_wake(cp, ripe)
+  -- Window after window, until the class bound or the runs run out: immune runs (pinned, at their max
+  -- preemptions) may fill a window, and a preemptible run ranked after them is still a victim.
+  local quantum_cls, found, offset = nil, false, 0
+  local running = cap and redis.call('ZCARD', cp .. 'run')
+  while true do
+    for i = 1, #victims, 2 do
+      local vcls = math.floor(tonumber(victims[i + 1]) / RANK)
+      if vcls >= top or (quantum_cls and vcls > quantum_cls) then return found end
+      local above = 0
+      for c = vcls + 1, 9 do above = above + (waiting[c] or 0) end
+      if above <= pending then return true end -- the slots being freed cover those waiting above
+      if running and running > cap then return found end
+      local rec = run_record(cp, victims[i])
+      local ok, ripe = preemptible(cp, victims[i], rec, pol, now)
+      if ok then
+        preempt(cp, victims[i], rec, now, lease, 'priority')
+        pending, found, running = pending + 1, true, running and running - 1
+        offset = offset - 1 -- out of the running set: the next window starts one rank earlier
+      elseif ripe then
+        quantum_cls, found = quantum_cls or vcls, true
+        note_wake(cp, ripe)
+      end
     end
+    if #victims < 2 * WINDOW then return found end
+    offset = offset + WINDOW
+    victims = redis.call('ZRANGE', cp .. 'run', offset, offset + WINDOW - 1, 'WITHSCORES')
   end
 end

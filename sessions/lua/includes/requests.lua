@@ -177,9 +177,10 @@ end
 -- its hand-back can come after the new start) is fenced here, with its `preempted` event: its reason
 -- is `stopped_for` (the control plane's, carried by the assignment) when that names a preemption of
 -- the attempt just before this one, else 'superseded'. `resume`: how the worker's engine resumes
--- ("continue" | "regenerate"), said in the `resumed` event.
+-- ("continue" | "regenerate"), said in the `resumed` event. The fenced attempt's token count is kept
+-- (fp "attempt:produced"): its late hand-back or finish reconciles its charges with it (produced_by).
 -- Returns ok, run spec (see run_spec), previous status.
-local START_FIELDS = { 'st', 'a', 'n', 'sid', 'g', 'p', 'sa', 'fa', 'tn', 'mt', 'ik', 'pa', 'dl', 'dm', 'ft' }
+local START_FIELDS = { 'st', 'a', 'n', 'dn', 'sid', 'g', 'p', 'sa', 'fa', 'tn', 'mt', 'ik', 'pa', 'dl', 'dm', 'ft' }
 local function d_start(rid, attempt, wid, now, stopped_for, resume)
   -- the request's fields as this call's d_submit stored them (its input too), else read (and `input` nil)
   local r = per_call[kreq(rid)] or load(rid, START_FIELDS)
@@ -199,6 +200,7 @@ local function d_start(rid, attempt, wid, now, stopped_for, resume)
   if r.st == 'running' then
     local known = PREEMPTIONS[stopped_for] and tonumber(r.a) == attempt - 1
     d_preempted(rid, r, known and stopped_for or 'superseded')
+    redis.call('HSET', kreq(rid), 'fp', r.a .. ':' .. (tonumber(r.n) - tonumber(r.dn or r.n)))
   end
   if per_call[uncounted(rid)] then per_call[uncounted(rid)] = nil else count_waiting(rid, r, -1) end
   local first = not r.sa
@@ -252,14 +254,19 @@ local function finalize(rid, r, status, event, data, now, ttl, via_outbox)
   return advance(dp, r.sid, rid, now, ttl, via_outbox)
 end
 
-local END_FIELDS = { 'st', 'a', 'w', 'n', 'dn', 'sid', 'g', 'tn', 'p', 'it', 'fl' }
+local END_FIELDS = { 'st', 'a', 'w', 'n', 'dn', 'sid', 'g', 'tn', 'p', 'it', 'fl', 'fp' }
 local function owns(r, attempt, wid)
   return r.st == 'running' and r.a == attempt and (wid == nil or r.w == wid)
 end
 -- Tokens attempt `attempt` produced: 0 when it never started on the data plane (a dispatch whose
--- start was refused or never came), nil when a later attempt started (unknown).
+-- start was refused or never came); when a later attempt started, what it had when that start fenced
+-- it (fp, d_start), else nil (unknown).
 local function produced_by(r, attempt)
-  if r.a ~= attempt then return (tonumber(r.a) or 0) < tonumber(attempt) and 0 or nil end
+  if r.a ~= attempt then
+    if (tonumber(r.a) or 0) < tonumber(attempt) then return 0 end
+    local fenced, produced = string.match(r.fp or '', '^(%d+):(%d+)$')
+    return fenced == tostring(attempt) and tonumber(produced) or nil
+  end
   return tonumber(r.n) - tonumber(r.dn or r.n)
 end
 
@@ -340,7 +347,7 @@ end
 -- worker says so (`detail` DEADLINE_EXCEEDED: its timer stopped the run, or the store refused its first
 -- token), or when its run ends done past the deadline without one (its last tokens, which append_tail
 -- refused before this: the end is judged as their append was).
-local FINISH_FIELDS = { 'st', 'a', 'w', 'n', 'dn', 'sid', 'g', 'tn', 'p', 'it', 'fl', 'dl', 'dm', 'ft', 'sub' }
+local FINISH_FIELDS = { 'st', 'a', 'w', 'n', 'dn', 'sid', 'g', 'tn', 'p', 'it', 'fl', 'dl', 'dm', 'ft', 'sub', 'fp' }
 local function d_finish(rid, attempt, wid, outcome, detail, usage, now, ttl, via_outbox)
   local r = load(rid, FINISH_FIELDS)
   if not owns(r, attempt, wid) then
