@@ -89,7 +89,7 @@ def test_slots_that_shrink_under_held_runs_come_back_exactly(stack: Stack, r: re
     worker = stack.workers[wid]
     assert registered(r, wid)["slots"] == 8
     with ServerThread(backend("/props", {"total_slots": 2}, tokens_per_second=40.0), port=port):
-        rids = [submit(stack.base_url, f"s{i}", max_tokens=40) for i in range(10)]
+        rids = [submit(stack.base_url, f"s{i}", max_tokens=200) for i in range(10)]  # 5 s a run: held past the probe
         wait_for(lambda: len(worker.executing) == 8, timeout=15, what="8 runs held")
         monkeypatch.setattr(worker_module, "PROBE_RETRY_SECONDS", 0.0, raising=False)
         wait_for(lambda: registered(r, wid)["slots"] == 2, timeout=15, what="the probed slot count")
