@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+import httpx
+
 from sluicegate.api.errors import ApiError
 from sluicegate.api.services import Services
 from sluicegate.sessions import callbacks
@@ -12,15 +14,28 @@ MAX_URL = 2048
 
 
 def check_callback(svc: Services, url: str | None) -> str | None:
-    """The URL when given and allowed; 422 `callback_not_allowed` for any host not in --webhook-allow."""
+    """The URL when given and allowed; 422 `callback_not_allowed` for any host not in --webhook-allow, or a URL
+    that is not a sendable http(s) one."""
     if url is None or url == "":
         return None
-    if len(url) > MAX_URL or callbacks.callback_host(url) is None:
+    if len(url) > MAX_URL or callbacks.callback_host(url) is None or not sendable(url):
         raise ApiError(422, f"callback_url: an http(s) URL of at most {MAX_URL} characters", "callback_not_allowed")
     if not callbacks.callback_allowed(url, svc.settings.webhook_hosts()):
         raise ApiError(422, f"callback_url: host {callbacks.callback_host(url)!r} is not in --webhook-allow",
                        "callback_not_allowed")
     return url
+
+
+def sendable(url: str) -> bool:
+    """Whether delivery can send to `url`: urlsplit (callback_host) silently drops tabs and newlines, but httpx
+    refuses any control character, so such a URL would pass here and fail at every delivery attempt."""
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in url):
+        return False
+    try:
+        httpx.URL(url)
+    except httpx.InvalidURL:
+        return False
+    return True
 
 
 async def attach_callback(svc: Services, request_id: str, url: str | None) -> None:

@@ -64,9 +64,12 @@ async def library_loaded(redis: Any) -> bool:
     """The function library of this version is on the server (on every master of a cluster)."""
     name = f"sluicegate_{digest()}"
     if isinstance(redis, RedisCluster):
-        replies = await redis.execute_command("FUNCTION", "LIST", "LIBRARYNAME", name,
-                                              target_nodes=RedisCluster.PRIMARIES)
-        return all(bool(reply) for reply in replies.values())
+        # One call per primary: with target_nodes=PRIMARIES redis-py answers a dict of replies only when there
+        # are several nodes, and the bare reply for a cluster of one primary.
+        for node in redis.get_primaries():
+            if not await redis.execute_command("FUNCTION", "LIST", "LIBRARYNAME", name, target_nodes=node):
+                return False
+        return True
     return bool(await redis.execute_command("FUNCTION", "LIST", "LIBRARYNAME", name))
 
 

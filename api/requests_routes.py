@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 
 from fastapi import APIRouter, Depends, Request
@@ -13,11 +14,14 @@ from sluicegate.api.output import request_output
 from sluicegate.api.responses import JSON
 from sluicegate.api.schemas import SESSION_PATTERN, SubmitBody
 from sluicegate.api.services import principal, services
+from sluicegate.sessions.connect import store_unavailable
 from sluicegate.sessions.requests import NewRequest
 from sluicegate.sessions.status import request_view
 from sluicegate.tracing import TRACING, carry_trace
 
+log = logging.getLogger(__name__)
 router = APIRouter()
+NO_RETRY = {"x-should-retry": "false"}  # as a stored chat request's (api/openai_routes.py): no SDK retries it
 
 
 def check_session_id(session_id: str) -> None:
@@ -63,6 +67,18 @@ async def submit_request(request: Request, who: Principal, new: NewRequest) -> d
             "events_url": f"/v1/requests/{result.request_id}/events", "first_event_id": result.first_event_id}
 
 
+def callback_lost(error: Exception, reply: dict[str, str | int]) -> JSON:
+    """The answer when the store fails noting the callback of a request the submit stored: a 503 naming that
+    request, without Retry-After (a retry would store and generate it a second time); it runs on, unnoticed."""
+    log.warning("redis unavailable noting the callback of %s: %s: %s", reply["request_id"], type(error).__name__,
+                error)
+    message = ("the queue store (Redis) is unavailable; the request was stored and runs on, but its callback "
+               f"could not be noted (none will be sent): do not submit it again, read it at {reply['events_url']}")
+    body = {"error": {"type": "unavailable", "message": message, "code": "callback_not_noted"},
+            "request_id": reply["request_id"], "session_id": reply["session_id"], "events_url": reply["events_url"]}
+    return JSON(body, status_code=503, headers={"X-Request-Id": str(reply["request_id"]), **NO_RETRY})
+
+
 @router.post("/v1/sessions/{session_id}/requests", status_code=202)
 async def submit(session_id: str, body: SubmitBody, request: Request, who: Principal = Depends(principal)):
     return await submit_body(request, who, session_id, body)
@@ -82,12 +98,23 @@ async def submit_body(request: Request, who: Principal, session_id: str, body: S
     # its GET /v1/requests/{id}/events here streams without a log read (api/recent.py). Not in push mode (a
     # callback_url): that caller is told the outcome, and no GET is expected.
     joined = svc.hub.join_live(session_id) if callback is None else None
-    try:
-        reply = await submit_request(request, who, new)
-        await attach_callback(svc, str(reply["request_id"]), callback)
-    except BaseException:
+
+    def leave() -> None:
         if joined is not None:
             svc.hub.leave(session_id, joined)
+
+    try:
+        reply = await submit_request(request, who, new)
+    except BaseException:
+        leave()
+        raise
+    # Stored from here on: the store failing is the stored request's 503, not the plain one that says retry.
+    try:
+        await attach_callback(svc, str(reply["request_id"]), callback)
+    except BaseException as error:
+        leave()
+        if isinstance(error, Exception) and store_unavailable(error):
+            return callback_lost(error, reply)
         raise
     svc.recent.note(str(reply["request_id"]), new.session_id, new.tenant, int(reply["first_event_id"]), joined)
     return JSON(reply, status_code=202)

@@ -6,7 +6,8 @@ the terminal step can queue a delivery atomically on a cluster) and starts a del
 one it has room for, then returns without waiting for them: the next pass starts what became due
 meanwhile, whatever the receivers of earlier ones are doing. A task claims its callback for one attempt
 (sessions/callbacks.py) and POSTs the request's final status, signed, to its callback URL. A 2xx
-delivers it; anything else (an error status, a timeout, a refused connection) retries it after
+delivers it (only the answer's status counts: at most ANSWER_READ bytes of its body are read); anything
+else (an error status, a timeout, a refused connection, a URL httpx refuses) retries it after
 --webhook-backoff seconds, doubling, until --webhook-max-attempts, then marks it failed. The host is
 checked against --webhook-allow again before every attempt (the list may have shrunk since the
 submit); redirects are never followed (they could lead anywhere). Workers never wait on any of this.
@@ -71,6 +72,7 @@ PER_HOST = 4  # deliveries in flight at once to one receiver host
 HELD_PER_HOST = 100  # due callbacks held for a full host that turns over, each started as a place frees
 SLOW_AFTER_SECONDS = 1.0  # a host with an attempt this old is slow: its waiting callbacks are pushed back
 MIN_PASS_GAP = 0.05  # between a pass and an early one (a freed place wants callbacks left due)
+ANSWER_READ = 16 * 1024  # bytes of a receiver's answer read at most (only its status is used)
 SETTLE_SECONDS = 2.0  # past an attempt's cap, for its outcome to be written when the process stops
 
 
@@ -260,11 +262,23 @@ class Delivery:
             # answer a byte at a time would hold one of its host's slots (PER_HOST) for as long and outlive
             # the claim's lease (webhook_timeout + 10 s), which another process would then claim again.
             async with asyncio.timeout(self.settings.webhook_timeout):
-                response = await http.post(url, content=body, headers=headers)
+                async with http.stream("POST", url, content=body, headers=headers) as response:
+                    await read_some(response, ANSWER_READ)
         except TimeoutError:
             return f"no whole answer within {self.settings.webhook_timeout:g} s (--webhook-timeout)"
-        except httpx.HTTPError as error:
+        except Exception as error:  # any: one escaping (httpx.InvalidURL is no HTTPError) would never be settled
             return f"{type(error).__name__}: {error}"[:300]
         if 200 <= response.status_code < 300:
             return None
         return f"HTTP {response.status_code}"
+
+
+async def read_some(response: httpx.Response, limit: int) -> None:
+    """Read up to `limit` bytes of an answer's body and drop them: only its status counts. A short answer is
+    read whole (its connection can then serve the next attempt); a longer one is left unread, and closing the
+    response closes its connection, so a receiver answering gigabytes costs no memory here."""
+    seen = 0
+    async for chunk in response.aiter_raw():
+        seen += len(chunk)
+        if seen >= limit:
+            return

@@ -28,4 +28,6 @@ def verify(secret: str, body: bytes, header: str, *, tolerance: float = 300.0) -
     if abs(time.time() - t) > tolerance:
         return False
     expected = signature(secret, body, t).split("v1=", 1)[1]
-    return hmac.compare_digest(expected, parts.get("v1", ""))
+    # As bytes: compare_digest refuses a str with non-ASCII characters (TypeError), which a forged header may hold.
+    given = parts.get("v1", "").encode("utf-8", "surrogateescape")
+    return hmac.compare_digest(expected.encode(), given)
