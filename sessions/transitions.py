@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from sluicegate.sessions import keys
-from sluicegate.sessions.connect import UNAVAILABLE, text
+from sluicegate.sessions.connect import store_unavailable, text
 from sluicegate.sessions.requests import NewRequest
 from sluicegate.sessions.scripts import Scripts
 from sluicegate.settings import Settings
@@ -120,9 +120,13 @@ class Transitions:
             if text(reply[0]) == "ok" and text(reply[2]):
                 try:
                     await self._ready(reply[2])
-                except UNAVAILABLE as error:
+                except Exception as error:
                     # Accepted means durable: the request is stored and its head is in the outbox,
-                    # from where the repair pass readies it.
+                    # from where the repair pass readies it. A control master unreachable or refusing
+                    # (OOM, MISCONF, ...) is no failure of the submit: a 503 would make the client's
+                    # retry store a second request.
+                    if not store_unavailable(error):
+                        raise
                     log.warning("request %s stored; readying it failed (%s): the repair pass will", rid, error)
         outcome = text(reply[0])
         return outcome, int(reply[1]) if outcome == "ok" else 0
@@ -141,7 +145,9 @@ class Transitions:
             await self._call("withdraw", [keys.group_prefix(group)], [self.lease_ms, rid, attempt, sid, produced])
             if nxt:
                 await self._ready(nxt)
-        except UNAVAILABLE as error:
+        except Exception as error:  # unreachable or refusing: the cancel is done, as for a submit
+            if not store_unavailable(error):
+                raise
             log.warning("request %s cancelled; withdrawing it failed (%s): the repair pass and sweep will", rid, error)
         return ["cancelled"]
 
@@ -268,13 +274,31 @@ class Transitions:
         counts = await settled(pipe.execute())
         repaired = 0
         for bucket in (b for b, n in zip(buckets, counts, strict=True) if n):
-            dp = keys.data_prefix(bucket)
-            specs = await self._call("outbox", [dp], [age_ms, limit])
-            done = []
-            for spec_json in specs:
-                await self._ready(spec_json)
-                done.append(json.loads(text(spec_json))["rid"])
-            if done:
-                await self._call("outbox_done", [dp], done)
-                repaired += len(done)
+            try:
+                repaired += await self._repair_bucket(bucket, age_ms, limit)
+            except Exception as error:
+                # A master unreachable or refusing (OOM, MISCONF, ...) must not stall the buckets after
+                # this one: every pass starts again at the first bucket. This one waits for the next pass.
+                if not store_unavailable(error):
+                    raise
+                log.warning("repair of bucket %s failed (%s); the next pass retries it", bucket, error)
         return repaired
+
+    async def _repair_bucket(self, bucket: str, age_ms: int, limit: int) -> int:
+        """Ready the bucket's old outbox heads; one whose group's master refuses stays in the outbox (the
+        others in the bucket, of other groups, are still readied)."""
+        dp = keys.data_prefix(bucket)
+        specs = await self._call("outbox", [dp], [age_ms, limit])
+        done = []
+        for spec_json in specs:
+            try:
+                await self._ready(spec_json)
+            except Exception as error:
+                if not store_unavailable(error):
+                    raise
+                log.warning("repair: readying %s failed (%s); the next pass retries it", text(spec_json), error)
+                continue
+            done.append(json.loads(text(spec_json))["rid"])
+        if done:
+            await self._call("outbox_done", [dp], done)
+        return len(done)

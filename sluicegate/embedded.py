@@ -206,7 +206,11 @@ class EmbeddedServer:
         self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                         start_new_session=new_session, umask=PRIVATE_UMASK)
         log.close()
-        self.wait_ready(timeout)
+        try:
+            self.wait_ready(timeout)
+        except BaseException:  # a timeout, Ctrl-C: no server left behind (in its own session, none would stop it)
+            self.kill()
+            raise
         return self
 
     def wait_ready(self, timeout: float) -> None:

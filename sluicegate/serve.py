@@ -4,8 +4,9 @@ The embedded store is one Valkey server, or with `--embedded-cluster N` a Valkey
 masters; either way the children get its URL (and `--redis-cluster` for a cluster). The store runs
 in its own process group so that a terminal's Ctrl-C (which reaches the whole foreground group)
 stops the API, scheduler and workers first, and the store last, after the workers have handed their
-runs back. A worker that dies is restarted (with its group's settings); the API or the scheduler dying
-stops everything with an error.
+runs back. A worker or the webhooks process that dies is restarted (with its group's settings; one that
+keeps dying quickly after a delay doubling up to 5 s); the API, the scheduler or the store dying stops
+everything with exit code 1 (a supervisor above restarts serve; the AOF keeps the data).
 
 Without `[groups.NAME]` tables in `--config`, the workers serve the one group `--group`. With them
 (`sluicegate.groups_config`), each group is declared in Redis with its model and quota before any
@@ -126,45 +127,113 @@ def share_engine(pool: Settings) -> Settings:
     return pool.replace(workers=workers, slots=total // workers)
 
 
+FIRST_RESTART_DELAY = 0.2  # s: a child that died is restarted after this, doubled each time it dies quickly ...
+MAX_RESTART_DELAY = 5.0  # ... up to this: a child that cannot start (its store gone) is no busy loop
+STABLE_SECONDS = 10.0  # a child that ran this long before dying starts over at FIRST_RESTART_DELAY
+
+
+class Restarted:
+    """A worker or the webhooks process: respawned when it dies, after a delay that doubles while it
+    keeps dying within STABLE_SECONDS of its start."""
+
+    def __init__(self, role: str, settings: Settings) -> None:
+        self.role, self.settings = role, settings
+        self.delay = 0.0
+        self.restart_at: float | None = None  # set while it is dead and waits for its restart
+        self.proc = spawn(role, settings)
+        self.started = time.monotonic()
+
+    def check(self, now: float) -> None:
+        """Restart it when its delay is over; notice its death otherwise."""
+        if self.restart_at is not None:
+            if now >= self.restart_at:
+                self.proc, self.started, self.restart_at = spawn(self.role, self.settings), now, None
+            return
+        if self.proc.poll() is None:
+            return
+        quick = now - self.started < STABLE_SECONDS
+        self.delay = min(2 * self.delay, MAX_RESTART_DELAY) if quick and self.delay else FIRST_RESTART_DELAY
+        self.restart_at = now + self.delay
+        group = f" of group {self.settings.group}" if self.role == "worker" else ""
+        log.warning("%s %d%s exited with code %s; restarting it in %.1f s", self.role, self.proc.pid, group,
+                    self.proc.returncode, self.delay)
+
+
+def store_deaths(store: EmbeddedServer | EmbeddedCluster) -> list[str]:
+    """The store's processes (the server, or each cluster node) that have exited, each with its code."""
+    if isinstance(store, EmbeddedCluster):
+        procs = [(f"embedded Valkey cluster node on port {store.port + index}", proc)
+                 for index, proc in enumerate(store.processes)]
+    else:
+        procs = [(f"embedded Valkey server on port {store.port}", store.process)]
+    return [f"the {what} (pid {proc.pid}) exited with code {proc.returncode}" for what, proc in procs
+            if proc is not None and proc.poll() is not None]
+
+
+def start_store(store: EmbeddedServer | EmbeddedCluster, settings: Settings) -> Settings:
+    """Start the store and return the settings its children get."""
+    store.start(new_session=True)
+    # The children use the store we started: they start none themselves.
+    if store.password:
+        write_url_file(store.data_dir, store.url)
+    # ... over its Unix socket when it has one (the URL file and the log name its TCP address, for tools)
+    log.info("embedded Valkey %s on %s (AOF, appendfsync %s) in %s%s",
+             f"cluster of {store.masters} masters" if isinstance(store, EmbeddedCluster) else "server",
+             redacted(store.url), settings.appendfsync, store.data_dir,
+             "; its processes connect over its Unix socket" if store.local_url != store.url else "")
+    return settings.replace(redis_url=store.local_url, redis_cluster=store.cluster, embedded_cluster=0)
+
+
+def interrupt(signum: int, _frame: object) -> None:
+    """SIGINT or SIGTERM while the store starts: abandon the start (serve kills the store it was starting,
+    which runs in its own session, so no Ctrl-C reaches it). Further signals wait for that cleanup."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
 def serve(settings: Settings, groups: Sequence[GroupConfig] = ()) -> int:
     """Run the whole stack until SIGINT or SIGTERM; `groups` are the checked `[groups.NAME]` tables
     (none: the one group `--group` with `--workers` workers). Returns the exit code."""
-    store: EmbeddedServer | EmbeddedCluster | None = None
-    if not settings.redis_url:
-        store = embedded_store(settings)
-        try:
-            store.start(new_session=True)
-        except (ServerNotFound, RuntimeError, TimeoutError, ValueError) as error:
-            print(f"sluicegate serve: {error}", file=sys.stderr)
-            return 1
-        # The children use the store we started: they start none themselves.
-        if store.password:
-            write_url_file(store.data_dir, store.url)
-        # ... over its Unix socket when it has one (the URL file and the log name its TCP address, for tools)
-        settings = settings.replace(redis_url=store.local_url, redis_cluster=store.cluster, embedded_cluster=0)
-        log.info("embedded Valkey %s on %s (AOF, appendfsync %s) in %s%s",
-                 f"cluster of {store.masters} masters" if isinstance(store, EmbeddedCluster) else "server",
-                 redacted(store.url), settings.appendfsync, store.data_dir,
-                 "; its processes connect over its Unix socket" if store.local_url != store.url else "")
-    if settings.redis_cluster and not settings.rq_redis_url:
-        log.info("Redis Cluster without --rq-redis-url: the workers' rq presence is off (rq has no cluster "
-                 "support, rq#1942)")
-
     stopping = False
 
     def request_stop(signum: int, _frame: object) -> None:
         nonlocal stopping
         stopping = True
 
-    signal.signal(signal.SIGINT, request_stop)
-    signal.signal(signal.SIGTERM, request_stop)
+    store: EmbeddedServer | EmbeddedCluster | None = None
+    if not settings.redis_url:
+        store = embedded_store(settings)
+        # Until the stop handlers are in place, a signal abandons the start, and any failure kills the
+        # store: it runs in its own session, so nothing else would ever stop it.
+        signal.signal(signal.SIGINT, interrupt)
+        signal.signal(signal.SIGTERM, interrupt)
+        try:
+            settings = start_store(store, settings)
+            signal.signal(signal.SIGINT, request_stop)
+            signal.signal(signal.SIGTERM, request_stop)
+        except BaseException as error:
+            store.kill()
+            if isinstance(error, KeyboardInterrupt):
+                print("sluicegate serve: stopped while its store was starting", file=sys.stderr)
+                return 1
+            if isinstance(error, (ServerNotFound, RuntimeError, TimeoutError, ValueError)):
+                print(f"sluicegate serve: {error}", file=sys.stderr)
+                return 1
+            raise
+    else:
+        signal.signal(signal.SIGINT, request_stop)
+        signal.signal(signal.SIGTERM, request_stop)
+    if settings.redis_cluster and not settings.rq_redis_url:
+        log.info("Redis Cluster without --rq-redis-url: the workers' rq presence is off (rq has no cluster "
+                 "support, rq#1942)")
 
-    pools = [share_engine(pool) for pool in [group.worker_settings(settings) for group in groups] or [settings]]
     core: dict[str, subprocess.Popen[bytes]] = {}
-    workers: list[tuple[Settings, subprocess.Popen[bytes]]] = []
-    webhooks: subprocess.Popen[bytes] | None = None
+    workers: list[Restarted] = []
+    webhooks: Restarted | None = None
     code = 0
     try:
+        pools = [share_engine(pool) for pool in [group.worker_settings(settings) for group in groups] or [settings]]
         if groups:
             try:
                 asyncio.run(declare_groups(settings, groups))
@@ -175,8 +244,8 @@ def serve(settings: Settings, groups: Sequence[GroupConfig] = ()) -> int:
                 log.info("group %s: model %s, %s engine, workers %d x %s slots", group.name, group.model or "-",
                          pool.engine, pool.workers, pool.slots or "the engine's")
         core = {"scheduler": spawn("scheduler", settings), "api": spawn("api", settings)}
-        webhooks = spawn("webhooks", settings)  # callbacks and usage folding: restarted when it dies, like a worker
-        workers = [(pool, spawn("worker", pool)) for pool in pools for _ in range(pool.workers)]
+        webhooks = Restarted("webhooks", settings)  # callbacks and usage folding: restarted when it dies, like a worker
+        workers = [Restarted("worker", pool) for pool in pools for _ in range(pool.workers)]
         what = f"{len(groups)} groups, {len(workers)} workers" if groups else \
             f"{len(workers)} workers ({settings.engine} engine)"
         serving = f"serving on http://{settings.host}:{settings.port} with {what}"
@@ -192,17 +261,18 @@ def serve(settings: Settings, groups: Sequence[GroupConfig] = ()) -> int:
                 if proc.poll() is not None:
                     log.error("%s exited with code %s; stopping", role, proc.returncode)
                     stopping, code = True, 1
-            if webhooks.poll() is not None and not stopping:
-                log.warning("webhooks exited with code %s; restarting it", webhooks.returncode)
-                webhooks = spawn("webhooks", settings)
-            for i, (pool, proc) in enumerate(workers):
-                if proc.poll() is not None and not stopping:
-                    log.warning("worker %d of group %s exited with code %s; restarting it", proc.pid, pool.group,
-                                proc.returncode)
-                    workers[i] = (pool, spawn("worker", pool))
+            # The store runs in its own session: no Ctrl-C reaches it, so its death is always a failure.
+            if store is not None and (deaths := store_deaths(store)):
+                log.error("%s; stopping (see the logs in %s)", "; ".join(deaths), store.data_dir)
+                stopping, code = True, 1
+            if stopping:
+                break
+            now = time.monotonic()
+            for child in (webhooks, *workers):
+                child.check(now)
     finally:
-        children = [proc for proc in (core.get("api"), *(p for _, p in workers), core.get("scheduler"), webhooks)
-                    if proc]
+        children = [proc for proc in (core.get("api"), *(w.proc for w in workers), core.get("scheduler"),
+                                      webhooks.proc if webhooks else None) if proc]
         for proc in children:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)

@@ -1,0 +1,135 @@
+"""A cluster's control master refusing writes (full under noeviction: `maxmemory 1`) after the data step of
+a submit or a cancel stored it (sessions/transitions.py): the call still succeeds, as for a lost
+connection, since the repair pass finishes it; a 503 would make a client's retry store a second request.
+And one refusing master does not stall the repair of the buckets after its own."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import pytest
+import redis
+from redis.cluster import RedisCluster
+
+from sluicegate.embedded import EmbeddedCluster
+from sluicegate.sessions import keys
+from sluicegate.sessions.requests import NewRequest
+from sluicegate.sessions.transitions import run_sync
+from tests.cluster_helpers import flush_cluster, valkey_cluster  # noqa: F401 (a fixture)
+from tests.helpers import Stack, call, fast_settings, wait_for
+from tests.sched_harness import Harness
+
+pytestmark = pytest.mark.own_servers  # its own cluster
+
+
+@pytest.fixture
+def rc(valkey_cluster: EmbeddedCluster) -> Iterator[RedisCluster]:  # noqa: F811
+    flush_cluster(valkey_cluster)
+    client = RedisCluster.from_url(valkey_cluster.url, decode_responses=True)
+    yield client
+    client.close()
+
+
+def master_of(rc: RedisCluster, key: str) -> int:
+    return int(rc.get_node_from_key(key).port)
+
+
+def refusing(cluster: EmbeddedCluster, port: int) -> redis.Redis:
+    """A client on one master, to make it refuse writes (`maxmemory 1`) and accept them again."""
+    return redis.Redis(host="127.0.0.1", port=port, password=cluster.password)
+
+
+def session_on_another_master(rc: RedisCluster, port: int, prefix: str = "s") -> str:
+    return next(f"{prefix}{i}" for i in range(10_000) if master_of(rc, keys.session_prefix(f"{prefix}{i}")) != port)
+
+
+def queued_events(rc: RedisCluster, sid: str) -> list[str]:
+    return [raw.split("|", 3)[2] for raw in rc.lrange(keys.session_log(sid), 0, -1) if raw.split("|", 3)[1] == "queued"]
+
+
+def test_a_submit_whose_control_master_refuses_is_accepted_and_runs_once(
+        rc: RedisCluster, valkey_cluster: EmbeddedCluster) -> None:  # noqa: F811
+    stack = Stack(fast_settings(valkey_cluster.url, redis_cluster=True)).start(workers=1)
+    ctl_port = master_of(rc, keys.group_prefix("default"))
+    node = refusing(valkey_cluster, ctl_port)
+    try:
+        code, _ = call("POST", f"{stack.base_url}/v1/sessions/warm/requests", {"prompt": "x", "max_tokens": 2})
+        assert code == 202  # the group and its worker exist before the master refuses
+        sid = session_on_another_master(rc, ctl_port)
+        node.config_set("maxmemory", "1")
+        code, body = call("POST", f"{stack.base_url}/v1/sessions/{sid}/requests", {"prompt": "hello", "max_tokens": 3})
+        assert code == 202, (code, body)  # the old code answered 503 "retry shortly" for a stored request
+        rid = body["request_id"]
+        assert rc.hget(keys.request(rid), "st") == "queued"
+        node.config_set("maxmemory", "0")
+        wait_for(lambda: rc.hget(keys.request(rid), "st") == "done", timeout=20, what="the repaired request done")
+        assert queued_events(rc, sid) == [rid], "exactly one request stored"
+    finally:
+        node.config_set("maxmemory", "0")
+        node.close()
+        stack.stop()
+
+
+def test_a_cancel_whose_control_master_refuses_reports_cancelled(
+        rc: RedisCluster, valkey_cluster: EmbeddedCluster) -> None:  # noqa: F811
+    h = Harness(rc, lease_ms=60_000, cluster=True)
+    h._group("default")  # no worker: the request stays queued
+    ctl_port = master_of(rc, keys.group_prefix("default"))
+    sid = session_on_another_master(rc, ctl_port)
+    rid = h.submit(sid, max_tokens=2)
+    node = refusing(valkey_cluster, ctl_port)
+    try:
+        node.config_set("maxmemory", "1")
+        assert run_sync(h.t.cancel(rid)) == ["cancelled"]  # the old code raised OutOfMemoryError (503)
+        assert h.status(rid) == "cancelled"
+    finally:
+        node.config_set("maxmemory", "0")
+        node.close()
+
+
+def test_a_repair_pass_with_a_refusing_master_still_repairs_the_buckets_after_it(
+        rc: RedisCluster, valkey_cluster: EmbeddedCluster) -> None:  # noqa: F811
+    h = Harness(rc, lease_ms=60_000, cluster=True)
+    groups: dict[int, str] = {}  # a group on each master
+    for i in range(1000):
+        groups.setdefault(master_of(rc, keys.group_prefix(f"g{i}")), f"g{i}")
+    (bad_port, bad_group), (_, good_group) = list(groups.items())[:2]
+    h.add_worker("wbad", group=bad_group, slots=1)
+    h.add_worker("wgood", group=good_group, slots=1)
+    buckets = keys.all_buckets()
+    order = buckets.index
+
+    def sid_where(prefix: str, ok: Callable[[str], bool]) -> str:
+        return next(f"{prefix}{i}" for i in range(100_000) if ok(f"{prefix}{i}"))
+
+    def off_bad(sid: str) -> bool:
+        return master_of(rc, keys.session_prefix(sid)) != bad_port
+
+    # Heads a dead caller left in the outboxes (only the data step ran): the refusing group's in an early
+    # bucket, the healthy group's in a later one.
+    bad_sid = sid_where("b", lambda s: off_bad(s) and order(keys.bucket_of_session(s)) < len(buckets) // 2)
+    good_sid = sid_where("g", lambda s: off_bad(s) and order(keys.bucket_of_session(s)) > order(
+        keys.bucket_of_session(bad_sid)))
+    rids = {}
+    for sid, group in ((bad_sid, bad_group), (good_sid, good_group)):
+        req = NewRequest(session_id=sid, max_tokens=2, priority=5, tenant="t", group=group, prompt="p")
+        reply = h.scripts.call("submit", [keys.session_prefix(sid)],
+                               [req.request_id, sid, "t", group, 5, 2, "p", "p", "{}", 1, ""])
+        assert reply[0] == "ok"
+        rids[group] = req.request_id
+    node = refusing(valkey_cluster, bad_port)
+    try:
+        node.config_set("maxmemory", "1")
+        assert run_sync(h.t.repair(buckets, age_ms=0)) == 1  # the old code raised OutOfMemoryError here
+        h.collect()
+        assert h.status(rids[good_group]) == "running"
+        assert h.status(rids[bad_group]) == "queued"
+        outbox = rc.zrange(keys.outbox(keys.bucket_of_session(bad_sid)), 0, -1)
+        assert rids[bad_group] in outbox, "the refused head stays for the next pass"
+        node.config_set("maxmemory", "0")
+        assert run_sync(h.t.repair(buckets, age_ms=0)) == 1
+        h.collect()
+        assert h.status(rids[bad_group]) == "running"
+    finally:
+        node.config_set("maxmemory", "0")
+        node.close()
