@@ -12,26 +12,7 @@ import time
 from pathlib import Path
 
 from sluicegate.embedded import free_port
-from tests.helpers import ON_CLUSTER, ROOT, SseEvent, healthy, sse, submit, wait_for
-
-
-def children(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                    found.append(int(entry.name))
-            except (OSError, IndexError, ValueError):
-                continue
-    return found
-
-
-def cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
+from tests.helpers import ON_CLUSTER, ROOT, SseEvent, children, cmdline, healthy, sse, submit, wait_for
 
 
 def accepted_on(pid: int, port: int) -> int:

@@ -53,6 +53,21 @@ def fail_first_read(monkeypatch: pytest.MonkeyPatch, stack: Stack, session_id: s
     monkeypatch.setattr(store, "read_page", flaky)
 
 
+def fail_first_attach(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The first noting of a callback fails as a store gone away would; returns the ids it failed for."""
+    original = callbacks.attach
+    failed: list[str] = []
+
+    async def flaky(redis_client: Any, rid: str, url: str) -> bool:
+        if not failed:
+            failed.append(rid)
+            raise DOWN
+        return await original(redis_client, rid, url)
+
+    monkeypatch.setattr(callbacks, "attach", flaky)
+    return failed
+
+
 def requests_stored(stack: Stack, session_id: str) -> int:
     store = api_store(stack)  # its class's read_page: never the flaky one patched on the instance
     _, events = stack._call(type(store).read_page(store, session_id, 0, 1000))
@@ -94,16 +109,7 @@ def test_a_store_failure_noting_the_callback_is_the_stored_requests_503(monkeypa
     """The callback is noted on the request right after its submit: the store failing there is the stored
     request's 503 too, not a second request."""
     session_id = "lost-callback"
-    original = callbacks.attach
-    failed: list[str] = []
-
-    async def flaky(redis_client: Any, rid: str, url: str) -> bool:
-        if not failed:
-            failed.append(rid)
-            raise DOWN
-        return await original(redis_client, rid, url)
-
-    monkeypatch.setattr(callbacks, "attach", flaky)
+    failed = fail_first_attach(monkeypatch)
     response = sdk_call(gate, session_id, **{"X-Callback-Url": "http://127.0.0.1:9/hook"})
     assert requests_stored(gate, session_id) == 1
     assert response is not None

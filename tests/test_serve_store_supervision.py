@@ -17,7 +17,7 @@ import redis
 from sluicegate.embedded import find_server_binary, free_port
 from sluicegate.serve import FIRST_RESTART_DELAY, MAX_RESTART_DELAY, STABLE_SECONDS, Restarted
 from sluicegate.settings import from_env
-from tests.helpers import ROOT, healthy, wait_for
+from tests.helpers import ROOT, children, cmdline, healthy, wait_for
 
 pytestmark = pytest.mark.own_servers
 
@@ -37,25 +37,11 @@ def start_serve(data_dir: Path, log: Path, *flags: str) -> tuple[subprocess.Pope
     return proc, port
 
 
-def children(pid: int) -> list[int]:
-    try:
-        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        return []
-
-
 def descendants(pid: int) -> list[int]:
     found = children(pid)
     for child in list(found):
         found.extend(descendants(child))
     return found
-
-
-def cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
 
 
 def alive(pid: int) -> bool:

@@ -11,32 +11,18 @@ from __future__ import annotations
 import json
 import urllib.error
 import urllib.request
-from typing import Any
 
 import pytest
-import redis
 
-from sluicegate.sessions import callbacks
 from tests.helpers import Stack, call, wait_for
-from tests.test_chat_stored_retry import requests_stored
+from tests.test_chat_stored_retry import fail_first_attach, requests_stored
 from tests.test_webhooks import hook_settings
-
-DOWN = redis.exceptions.ConnectionError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
 
 
 def test_a_store_failure_noting_the_callback_is_the_stored_requests_503(monkeypatch: pytest.MonkeyPatch,
                                                                         redis_url: str) -> None:
     session_id = "lost-callback"
-    original = callbacks.attach
-    failed: list[str] = []
-
-    async def flaky(redis_client: Any, rid: str, url: str) -> bool:
-        if not failed:
-            failed.append(rid)
-            raise DOWN
-        return await original(redis_client, rid, url)
-
-    monkeypatch.setattr(callbacks, "attach", flaky)
+    failed = fail_first_attach(monkeypatch)
     stack = Stack(hook_settings(redis_url)).start(workers=1)
     try:
         body = {"prompt": "hi", "max_tokens": 3, "callback_url": "http://127.0.0.1:9/hook"}
