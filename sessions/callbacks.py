@@ -6,7 +6,8 @@ step queues the delivery in its bucket's `cb` zset (sessions/lua/includes/ended.
 call as the end itself: nothing is lost between the two, and the entry shares the request's hash tag
 (cluster-safe). The delivery process claims a due entry for one attempt (the entry stays queued, due
 again after a lease, so a crash loses nothing) and settles it: delivered, failed, or due again later.
-The request hash records the outcome (`cbs`, `cbn` attempts, `cbe` last error) until it expires.
+The request hash records the outcome (`cbs`, `cbn` attempts, `cbe` last error) until it expires; a
+callback still being retried keeps it past its session's TTL, until its last attempt is settled.
 """
 
 from __future__ import annotations
@@ -63,19 +64,27 @@ async def attach(redis: Any, rid: str, url: str) -> bool:
     return int(reply) == 1
 
 
+class Expired(Exception):
+    """The request of a due callback expired before an attempt could claim it (it is dropped)."""
+
+
 async def claim(redis: Any, rid: str, *, now_ms: int, lease_ms: int) -> tuple[int, dict[str, str]] | None:
     """One delivery attempt of a due callback: (attempt number, the request's fields); None when it is
-    not due or its request expired (then it is dropped)."""
+    not due. Raises Expired when its request expired (the entry is dropped)."""
     reply = await redis.eval(script("callback_claim"), 2, keys.callbacks_due(keys.bucket_of_request(rid)),
                              keys.request(rid), rid, now_ms, lease_ms)
-    if not reply:
+    if reply is None:
         return None
+    if not reply:
+        raise Expired(rid)
     fields = {text(reply[i]): text(reply[i + 1]) for i in range(1, len(reply) - 1, 2)}
     return int(reply[0]), fields
 
 
-async def settle(redis: Any, rid: str, attempt: int, outcome: str, error: str = "", retry_at_ms: int = 0) -> bool:
-    """Record an attempt's outcome: "delivered", "failed" (no more attempts), or "retry" at `retry_at_ms`."""
+async def settle(redis: Any, rid: str, attempt: int, outcome: str, error: str = "", retry_at_ms: int = 0, *,
+                 keep_ms: int) -> bool:
+    """Record an attempt's outcome: "delivered", "failed" (no more attempts), or "retry" at `retry_at_ms`.
+    The request is kept at least `keep_ms` more, past its session's TTL if need be (its hash is the payload)."""
     reply = await redis.eval(script("callback_settle"), 2, keys.callbacks_due(keys.bucket_of_request(rid)),
-                             keys.request(rid), rid, attempt, outcome, error[:500], retry_at_ms)
+                             keys.request(rid), rid, attempt, outcome, error[:500], retry_at_ms, max(1, keep_ms))
     return int(reply) == 1

@@ -110,6 +110,24 @@ def test_attempts_are_bounded_then_the_callback_is_failed(redis_url: str, receiv
         stack.stop()
 
 
+def test_retries_that_outlast_the_session_ttl_are_still_made_and_settled(redis_url: str, r,
+                                                                         receiver: Receiver) -> None:
+    """A session TTL shorter than the retries (2 s against 1 + 2 s of backoff): the request is kept until
+    its callback is settled, instead of expiring under it and taking the callback and its outcome with it."""
+    receiver.statuses = [500, 500, 200]
+    stack = start_stack(redis_url, session_ttl=2, webhook_backoff=1.0)
+    try:
+        rid = submit(stack.base_url, "hook-ttl", max_tokens=2, callback_url=f"{receiver.url}/late")
+        view = wait_for(lambda: delivered(stack, rid), timeout=20, what="the third attempt")
+        assert view["callback"]["status"] == "delivered" and view["callback"]["attempts"] == 3
+        hits = receiver.to("/late")
+        assert len(hits) == 3 and hits[-1].at - hits[0].at > 2.0  # the last one after the session's TTL
+        assert json.loads(hits[-1].body)["status"] == "done"
+        assert 0 < r.pttl(keys.request(rid)) <= 12_000 + 2_000  # then kept for a lease only: it expires
+    finally:
+        stack.stop()
+
+
 def test_a_host_not_allowed_is_422_and_nothing_is_stored(redis_url: str, r, receiver: Receiver) -> None:
     stack = start_stack(redis_url, delivery=False)
     try:

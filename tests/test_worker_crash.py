@@ -182,6 +182,30 @@ def test_a_lapsed_lease_of_a_worker_still_beating_is_requeued_without_counting_a
             assert events == ["queued", "started", "preempted"]
 
 
+def test_an_assignment_lost_with_an_inbox_reply_leaves_no_ticket_behind(redis_url: str, r: redis.Redis) -> None:
+    """An inbox read pops an assignment and its reply is lost (the connection broke): the worker never
+    sees the run, and resyncs its slots. The ticket that attempt took must go with it, or the group's
+    slot count (`tk`, which the fair-share headroom reads) keeps one slot too many for as long as the
+    worker lives. The lapsed attempt then runs again, holding a ticket of its own."""
+    with api_and_two_played_workers(redis_url, "default.lossy.1.aaaaaa", "default.other.2.bbbbbb") as (
+            stack, run, lossy, other):
+        held = keys.group_key("default", "tk")
+        run(lossy.set_free_slots(2))
+        rid = submit(stack.base_url, "lost-reply", max_tokens=5)
+        assert r.rpop(keys.worker_inbox("default", lossy.worker_id)) is not None  # popped; the reply never came
+        assert r.hgetall(held) == {f"{rid}|1": lossy.worker_id}
+        run(lossy.set_free_slots(2, 2, held=[]))  # the inbox loop's resync after the failed read
+        assert r.hgetall(held) == {}, "the lost attempt still counts as a held slot"
+        assert idle_tickets(r)[lossy.worker_id] == 2
+        r.zadd(keys.group_key("default", "leases"), {f"{rid}|1": 0})
+        run(lossy.heartbeat([]))  # beating, without the run
+        run(other.transitions.sweep("default"))
+        resumed = run(lossy.next_assignment(timeout=5))
+        assert resumed is not None and resumed.key == f"{rid}|2"
+        assert r.hgetall(held) == {resumed.key: lossy.worker_id}
+        assert idle_tickets(r)[lossy.worker_id] == 1
+
+
 def test_started_events_name_the_worker_by_an_id_that_names_no_host_or_process(stack: Stack) -> None:
     """Tenants read `started`: it names the worker by an opaque id; operators see host and pid in stats."""
     import os

@@ -228,25 +228,32 @@ class Delivery:
             log.warning("%d callback deliveries cut; each is tried again later", len(pending))
 
     async def deliver(self, http: httpx.AsyncClient, rid: str) -> None:
-        claimed = await callbacks.claim(self.redis, rid, now_ms=int(time.time() * 1000), lease_ms=self.lease_ms)
+        try:
+            claimed = await callbacks.claim(self.redis, rid, now_ms=int(time.time() * 1000), lease_ms=self.lease_ms)
+        except callbacks.Expired:  # ended and expired (--session-ttl) while no delivery process ran
+            log.warning("callback of %s dropped: its request expired before it could be sent", rid)
+            return
         if claimed is None:
             return
         attempt, fields = claimed
         url = fields["cb"]
         if not callbacks.callback_allowed(url, self.hosts):
             log.warning("callback of %s not sent: its host is not in --webhook-allow any more", rid)
-            await callbacks.settle(self.redis, rid, attempt, "failed", "host not in --webhook-allow")
+            await callbacks.settle(self.redis, rid, attempt, "failed", "host not in --webhook-allow",
+                                   keep_ms=self.lease_ms)
             return
         error = await self.post(http, url, rid, fields)
         if error is None:
-            await callbacks.settle(self.redis, rid, attempt, "delivered")
+            await callbacks.settle(self.redis, rid, attempt, "delivered", keep_ms=self.lease_ms)
             log.info("callback of %s delivered (attempt %d)", rid, attempt)
         elif attempt >= self.settings.webhook_max_attempts:
-            await callbacks.settle(self.redis, rid, attempt, "failed", error)
+            await callbacks.settle(self.redis, rid, attempt, "failed", error, keep_ms=self.lease_ms)
             log.warning("callback of %s failed after %d attempts: %s", rid, attempt, error)
         else:
+            # the request is kept until its retry (past its session's TTL if need be): it is the payload
             delay = self.settings.webhook_backoff * 2 ** (attempt - 1) * random.uniform(0.9, 1.1)
-            await callbacks.settle(self.redis, rid, attempt, "retry", error, int((time.time() + delay) * 1000))
+            await callbacks.settle(self.redis, rid, attempt, "retry", error, int((time.time() + delay) * 1000),
+                                   keep_ms=int(delay * 1000) + self.lease_ms)
             log.info("callback of %s: attempt %d failed (%s); retrying in %.1f s", rid, attempt, error, delay)
 
     async def post(self, http: httpx.AsyncClient, url: str, rid: str, fields: dict[str, str]) -> str | None:

@@ -11,7 +11,8 @@
 -- An assignment still waiting in the worker's inbox holds a ticket already: it is not offered again.
 -- A held run or waiting assignment that holds no ticket (its slot was handed over to another run by
 -- fair-share preemption, or its ticket died with the worker when it was reaped) takes no slot from
--- the offer: its end gives none back.
+-- the offer: its end gives none back. A ticket of the worker's that is neither held nor waiting is
+-- dropped (lost with an inbox read's reply).
 -- Returns the number of requests dispatched.
 local cp, lease, wid, free, total = KEYS[1], tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
 local roster = cp .. 'wk'
@@ -30,12 +31,24 @@ redis.call('PERSIST', kworker(cp, wid) .. ':in')
 redis.call('SET', kworker(cp, wid), now, 'PX', math.floor(lease))
 redis.call('ZADD', roster, now, wid)
 redis.call('HSET', cp .. 'workers', wid, ARGV[6])
+local known = {} -- the attempts this worker holds or will read from its inbox
 for i = 7, #ARGV do
+  known[ARGV[i]] = true
   if redis.call('HEXISTS', cp .. 'tk', ARGV[i]) == 0 then free = free + 1 end
 end
 for _, entry in ipairs(redis.call('LRANGE', kworker(cp, wid) .. ':in', 0, -1)) do
   -- the entry's key, "rid|attempt", before any "|reason" or newline and run spec
-  if redis.call('HEXISTS', cp .. 'tk', string.match(entry, '^[^|\n]*|?[^|\n]*')) == 1 then free = free - 1 end
+  local key = string.match(entry, '^[^|\n]*|?[^|\n]*')
+  known[key] = true
+  if redis.call('HEXISTS', cp .. 'tk', key) == 1 then free = free - 1 end
+end
+-- A ticket held for this worker by an attempt it neither holds nor will read was lost on the way:
+-- popped by an inbox read whose reply never arrived, or held by an earlier process under the same id.
+-- It no longer stands for a slot (the offer counts every slot the worker does not use), so it goes:
+-- the group's slot count (headroom) stays exact, and the attempt's lease lapses and requeues it.
+local held = redis.call('HGETALL', cp .. 'tk')
+for i = 1, #held, 2 do
+  if held[i + 1] == wid and not known[held[i]] then redis.call('HDEL', cp .. 'tk', held[i]) end
 end
 for _ = 1, math.min(total, free) do redis.call('LPUSH', cp .. 'idle', wid) end
 return dispatch(cp, now, lease)

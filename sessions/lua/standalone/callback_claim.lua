@@ -1,7 +1,8 @@
 -- callback_claim.lua (run with EVAL by the delivery process, webhooks/delivery.py): take a due callback
 -- for one delivery attempt. The entry stays queued, due again after the lease: a delivery process that
 -- dies mid-attempt loses nothing (another one, or its restart, tries again), and two processes never
--- try the same callback at once.
+-- try the same callback at once. The request is kept at least as long as the lease, so that the
+-- attempt's outcome can be recorded (callback_settle.lua keeps it for the retries that follow).
 -- KEYS[1] the bucket's due callbacks sg:{s:<bucket>}:cb   KEYS[2] the request hash sg:{s:<bucket>}:r:<rid>
 -- ARGV[1] request id   ARGV[2] now (ms)   ARGV[3] lease (ms)
 -- Returns false when not due (another process holds it) | {} when the request expired (dropped) |
@@ -13,6 +14,8 @@ if redis.call('EXISTS', KEYS[2]) == 0 then
   return {}
 end
 redis.call('ZADD', KEYS[1], tonumber(ARGV[2]) + tonumber(ARGV[3]), ARGV[1])
+local ttl = redis.call('PTTL', KEYS[2])
+if ttl >= 0 and ttl < tonumber(ARGV[3]) then redis.call('PEXPIRE', KEYS[2], ARGV[3]) end
 local fields = redis.call('HGETALL', KEYS[2])
 table.insert(fields, 1, redis.call('HINCRBY', KEYS[2], 'cbn', 1))
 return fields

@@ -1,9 +1,11 @@
 -- callback_settle.lua (run with EVAL by the delivery process): record how a claimed delivery attempt
 -- went, in the request (`cbs` status, `cbe` last error: GET /v1/requests/{id} shows them as `callback`).
--- Ignored when another attempt was claimed since (this one's lease ran out).
+-- Ignored when another attempt was claimed since (this one's lease ran out). The request is kept for at
+-- least ARGV[6] ms more, past its session's TTL if need be: until a retry's attempt (the callback's
+-- payload is the request hash), or long enough for a final outcome to be read.
 -- KEYS[1] the bucket's due callbacks sg:{s:<bucket>}:cb   KEYS[2] the request hash sg:{s:<bucket>}:r:<rid>
 -- ARGV[1] request id   ARGV[2] attempt number   ARGV[3] "delivered" | "retry" | "failed"
--- ARGV[4] error ("" = none)   ARGV[5] when to retry (ms; "retry" only)
+-- ARGV[4] error ("" = none)   ARGV[5] when to retry (ms; "retry" only)   ARGV[6] ms to keep the request
 -- Returns 1 | 0 when ignored.
 if redis.call('EXISTS', KEYS[2]) == 0 then
   redis.call('ZREM', KEYS[1], ARGV[1])
@@ -11,6 +13,9 @@ if redis.call('EXISTS', KEYS[2]) == 0 then
 end
 if tonumber(redis.call('HGET', KEYS[2], 'cbn') or '0') ~= tonumber(ARGV[2]) then return 0 end
 if ARGV[4] ~= '' then redis.call('HSET', KEYS[2], 'cbe', ARGV[4]) end
+local keep = tonumber(ARGV[6])
+local ttl = redis.call('PTTL', KEYS[2])
+if ttl >= 0 and ttl < keep then redis.call('PEXPIRE', KEYS[2], keep) end
 if ARGV[3] == 'retry' then
   redis.call('ZADD', KEYS[1], tonumber(ARGV[5]), ARGV[1])
   return 1
