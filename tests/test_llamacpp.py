@@ -240,7 +240,7 @@ def test_the_worker_shows_what_it_probed_from_the_engine(gate: Stack) -> None:
     assert shown["slots"] == 1 and shown["resume"] == "regenerate" and shown["engine"] == "openai"
     assert shown["capabilities"] == {"server": "llama-cpp-python", "slots": 1, "accepts_priority": True,
                                      "priority_higher_first": False, "continues": False, "streams_usage": False,
-                                     "counts_tokens": True, "interrupts": True}
+                                     "counts_tokens": True, "interrupts": True, "budget_field": "max_tokens"}
 
 
 def test_a_preempted_run_resumes_by_regenerating_to_the_same_text(gate: Stack, llama_server: LlamaServer) -> None:

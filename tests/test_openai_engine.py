@@ -207,6 +207,23 @@ def test_a_backend_without_priority_scheduling_still_serves(bare_stack: Stack) -
         assert engine.send_priority is False
 
 
+def test_a_backend_that_refuses_max_tokens_is_asked_by_max_completion_tokens(bare_stack: Stack) -> None:
+    """OpenAI's reasoning models refuse `max_tokens` ("Use 'max_completion_tokens' instead"): the engine
+    asks by the newer name from then on, with the same budget, a resume's remainder included."""
+    faults = Faults(reject_max_tokens=True)
+    with ServerThread(create_sim_backend(2000.0, 0.0, faults=faults)) as backend:
+        engine = engine_for(backend.url, models={"*": "sim"})
+        bare_stack.add_worker(engine=engine)
+        rid = ask(bare_stack, "s", 5)
+        assert_tokens(events_of(bare_stack, rid), sim_text(prompt_of(MESSAGES), 5), 5)
+        assert engine.capabilities.budget_field == "max_completion_tokens"
+        resumed = RunSpec(request_id=rid, attempt="2", session_id="s", group="default", tenant="t", priority=5,
+                          max_tokens=7, start_index=3, input_kind="m", input_text=json.dumps(MESSAGES), params={})
+        body = engine.body(resumed, "a b c ", "sim")
+        assert "max_tokens" not in body and body["max_completion_tokens"] == 4
+    assert faults.requests == 2  # refused once, then served: learnt for good
+
+
 def test_the_probe_learns_a_servers_kind_slots_and_refusals() -> None:
     """workers/engines/probe.py against servers that say different things: the sim-backend (an unknown
     OpenAI-compatible server that streams usage), one refusing `priority` as vLLM does without priority
@@ -234,6 +251,10 @@ def test_the_probe_learns_a_servers_kind_slots_and_refusals() -> None:
             ServerThread(llama_like) as llama:
         assert asyncio.run(learn(plain.url)) == Capabilities("openai-compatible", streams_usage=True, continues=False)
         assert asyncio.run(learn(strict.url)).accepts_priority is False
+        assert asyncio.run(learn(plain.url)).budget_field == "max_tokens"
+    with ServerThread(create_sim_backend(2000.0, 0.0, faults=Faults(reject_max_tokens=True))) as newer:
+        assert asyncio.run(learn(newer.url)).budget_field == "max_completion_tokens"
+    with ServerThread(create_sim_backend(2000.0, 0.0)) as plain, ServerThread(llama_like) as llama:
         assert asyncio.run(learn(llama.url)) == Capabilities("llama.cpp", slots=3, counts_tokens=True, continues=True)
 
 

@@ -54,6 +54,7 @@ class Faults:
     break_streams: the first N streamed requests lose their connection after `break_after` tokens
       (no final chunk, no `[DONE]`: the client sees a truncated stream).
     reject_priority: a non-zero `priority` gets 400, as vLLM answers without `--scheduling-policy priority`.
+    reject_max_tokens: `max_tokens` gets 400 naming `max_completion_tokens`, as OpenAI's reasoning models answer.
     """
 
     fail_first: int = 0
@@ -61,6 +62,7 @@ class Faults:
     break_streams: int = 0
     break_after: int = 1
     reject_priority: bool = False
+    reject_max_tokens: bool = False
     requests: int = 0
     broken: int = 0
 
@@ -188,6 +190,9 @@ def create_sim_backend(tokens_per_second: float = 50.0, prefill_ms: float = 20.0
             plan = plan_of(body, model, faults.requests)
             if faults.reject_priority and body.get("priority", 0) != 0:
                 raise BadRequest(f"Got priority {body['priority']} but Priority scheduling is not enabled.")
+            if faults.reject_max_tokens and "max_tokens" in body:
+                raise BadRequest("Unsupported parameter: 'max_tokens' is not supported with this model. "
+                                 "Use 'max_completion_tokens' instead.")
         except (orjson.JSONDecodeError, BadRequest) as error:
             return error_response(400, str(error) or "invalid body")
         if body.get("stream"):

@@ -80,7 +80,7 @@ from sluicegate.settings import Settings
 from sluicegate.tracing import TRACE_PARAM, Tracing, traced_stream, tracing_for
 from sluicegate.workers.engines.base import EngineError, Finish, Piece, Token
 from sluicegate.workers.engines.http1 import HTTP1Client, HTTPClientError, Response
-from sluicegate.workers.engines.probe import Capabilities, probe, refused_field, root_of
+from sluicegate.workers.engines.probe import Capabilities, probe, refused_field, renamed_budget, root_of
 from sluicegate.workers.retrying import first_try_then
 
 log = logging.getLogger(__name__)
@@ -408,12 +408,14 @@ class OpenAIEngine:
     def body(self, run: RunSpec, so_far: str, model: str) -> dict[str, Any]:
         body = {k: v for k, v in run.params.items() if k not in RESERVED}
         messages = run.messages
-        body.update(model=model, messages=messages, stream=True, max_tokens=run.max_tokens - run.start_index)
+        body.update(model=model, messages=messages, stream=True)
+        budget = self.capabilities.budget_field  # max_tokens, or the newer name where it is refused
+        body[budget] = run.max_tokens - run.start_index
         if run.start_index > 0 and self.capabilities.continues:
             body.update(messages=[*messages, {"role": "assistant", "content": so_far}],
                         continue_final_message=True, add_generation_prompt=False)
         elif run.start_index > 0:  # regenerate: the whole output again, its first start_index tokens skipped
-            body["max_tokens"] = run.max_tokens
+            body[budget] = run.max_tokens
         if not self.capabilities.continues and "seed" not in body:
             # A resume regenerates: a seed of the request's own makes a sampled output come out the same
             # again on an engine that honours it (greedy decoding needs none).
@@ -591,6 +593,11 @@ class OpenAIEngine:
                 else:
                     self.ask_usage = False
                 body.pop(field)
+                continue
+            if renamed_budget(response.status, payload, body):  # asked by its newer name from now on
+                log.warning("backend %s refuses `max_tokens`; sending `max_completion_tokens` from now on",
+                            self.base_url)
+                self.capabilities = replace(self.capabilities, budget_field="max_completion_tokens")
                 continue
             self._raise_for_status(response.status, payload, response.headers)
 

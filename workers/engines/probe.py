@@ -63,6 +63,7 @@ class Capabilities:
     continues: bool = False
     streams_usage: bool = True
     counts_tokens: bool = False  # has a tokenize-count endpoint (usage for an engine whose stream has none)
+    budget_field: str = "max_tokens"  # "max_completion_tokens" where the server refuses max_tokens
     interrupts: bool = False  # may end a running stream with a bare [DONE] (llama-cpp-python's interrupt_requests)
 
     def as_dict(self) -> dict[str, Any]:
@@ -79,6 +80,15 @@ def refused_field(status: int, payload: bytes, body: dict[str, Any]) -> str | No
         return None
     lowered = payload.lower()
     return next((f for f in OPTIONAL_FIELDS if f in body and f.encode() in lowered), None)
+
+
+def renamed_budget(status: int, payload: bytes, body: dict[str, Any]) -> bool:
+    """A 400 refusing `max_tokens` for `max_completion_tokens` (OpenAI's reasoning models: "Unsupported
+    parameter: 'max_tokens' ... Use 'max_completion_tokens' instead"): the body now asks by that name."""
+    if status != 400 or "max_tokens" not in body or b"max_completion_tokens" not in payload.lower():
+        return False
+    body["max_completion_tokens"] = body.pop("max_tokens")
+    return True
 
 
 def root_of(base_url: str) -> str:
@@ -134,7 +144,7 @@ async def try_stream(session: aiohttp.ClientSession, base_url: str, model: str,
     body: dict[str, Any] = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1,
                             "stream": True, "stream_options": {"include_usage": True}, "priority": 4}
     accepts_priority, streams_usage = True, False
-    for _ in range(3):  # at most: without priority, then without stream_options
+    for _ in range(4):  # at most: without priority, without stream_options, max_tokens renamed
         try:
             async with asyncio.timeout(PROBE_TIMEOUT), session.post(f"{base_url.rstrip('/')}/chat/completions",
                                                                     data=orjson.dumps(body)) as response:
@@ -148,6 +158,9 @@ async def try_stream(session: aiohttp.ClientSession, base_url: str, model: str,
         if field is not None:
             accepts_priority = accepts_priority and field != "priority"
             body.pop(field)
+            continue
+        if renamed_budget(response.status, payload, body):
+            found = replace(found, budget_field="max_completion_tokens")
             continue
         if response.status >= 500 and known is None:
             raise NotUp(f"the test request got HTTP {response.status}")
