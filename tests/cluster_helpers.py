@@ -1,9 +1,8 @@
 """A real 3-master Valkey Cluster for tests: the embedded binary, free ports, no persistence.
 
 Forming takes ~2 s (Valkey keeps a new master out of cluster_state:ok for its first 2 s), so start it
-once per session or module and empty it between tests with flush_cluster(). A conftest uses it as:
-
-    from tests.cluster_helpers import valkey_cluster  # noqa: F401  (a session-scoped fixture)
+once per session or module and empty it between tests with flush_cluster(). tests/conftest.py offers
+its fixtures to every test: `valkey_cluster` (session-scoped) and `rc`, a client on it emptied first.
 """
 
 from __future__ import annotations
@@ -13,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from redis.cluster import RedisCluster
 
 from sluicegate.embedded import EmbeddedCluster
 from sluicegate.sessions.connect import sync_client
@@ -40,3 +40,12 @@ def valkey_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Embedde
     cluster = start_test_cluster(tmp_path_factory.mktemp("valkey-cluster"))
     yield cluster
     cluster.stop()
+
+
+@pytest.fixture
+def rc(valkey_cluster: EmbeddedCluster) -> Iterator[RedisCluster]:
+    """A client on the test cluster, emptied first (tests that play the protocol on a cluster of their own)."""
+    flush_cluster(valkey_cluster)
+    client = RedisCluster.from_url(valkey_cluster.url, decode_responses=True)
+    yield client
+    client.close()

@@ -18,7 +18,7 @@ import redis
 from redis.cluster import RedisCluster
 
 from sluicegate.embedded import EmbeddedCluster, EmbeddedServer
-from tests.cluster_helpers import flush_cluster, start_test_cluster
+from tests.cluster_helpers import flush_cluster, rc, start_test_cluster, valkey_cluster  # noqa: F401 (fixtures)
 from tests.helpers import ON_CLUSTER, Stack, fast_settings
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
 
 import pytest
 import redis
@@ -18,21 +17,12 @@ from sluicegate.embedded import EmbeddedCluster
 from sluicegate.sessions import keys
 from sluicegate.sessions.requests import NewRequest
 from sluicegate.sessions.transitions import run_sync
-from tests.cluster_helpers import flush_cluster, valkey_cluster  # noqa: F401 (a fixture)
 from tests.metrics_helpers import raw_depths
 from tests.sched_harness import Harness, Run
 
 pytestmark = pytest.mark.own_servers  # its own cluster
 
 LEASE = 600
-
-
-@pytest.fixture
-def rc(valkey_cluster: EmbeddedCluster) -> Iterator[RedisCluster]:  # noqa: F811
-    flush_cluster(valkey_cluster)
-    client = RedisCluster.from_url(valkey_cluster.url, decode_responses=True)
-    yield client
-    client.close()
 
 
 def log(r: RedisCluster, sid: str) -> list[tuple[str, str, dict]]:
@@ -133,7 +123,7 @@ def test_a_lost_worker_s_run_resumes_elsewhere_at_the_next_index(rc: RedisCluste
     assert [(e, d.get("reason")) for e, _, d in events if e == "preempted"] == [("preempted", "worker_lost")]
 
 
-def test_sessions_spread_over_the_masters(rc: RedisCluster, valkey_cluster: EmbeddedCluster) -> None:  # noqa: F811
+def test_sessions_spread_over_the_masters(rc: RedisCluster, valkey_cluster: EmbeddedCluster) -> None:
     h = Harness(rc, lease_ms=60_000, cluster=True)
     for i in range(600):
         h.submit(f"spread-{i}", max_tokens=1)

@@ -5,7 +5,7 @@ And one refusing master does not stall the repair of the buckets after its own."
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 import redis
@@ -15,19 +15,10 @@ from sluicegate.embedded import EmbeddedCluster
 from sluicegate.sessions import keys
 from sluicegate.sessions.requests import NewRequest
 from sluicegate.sessions.transitions import run_sync
-from tests.cluster_helpers import flush_cluster, valkey_cluster  # noqa: F401 (a fixture)
 from tests.helpers import Stack, call, fast_settings, wait_for
 from tests.sched_harness import Harness
 
 pytestmark = pytest.mark.own_servers  # its own cluster
-
-
-@pytest.fixture
-def rc(valkey_cluster: EmbeddedCluster) -> Iterator[RedisCluster]:  # noqa: F811
-    flush_cluster(valkey_cluster)
-    client = RedisCluster.from_url(valkey_cluster.url, decode_responses=True)
-    yield client
-    client.close()
 
 
 def master_of(rc: RedisCluster, key: str) -> int:
@@ -48,7 +39,7 @@ def queued_events(rc: RedisCluster, sid: str) -> list[str]:
 
 
 def test_a_submit_whose_control_master_refuses_is_accepted_and_runs_once(
-        rc: RedisCluster, valkey_cluster: EmbeddedCluster) -> None:  # noqa: F811
+        rc: RedisCluster, valkey_cluster: EmbeddedCluster) -> None:
     stack = Stack(fast_settings(valkey_cluster.url, redis_cluster=True)).start(workers=1)
     ctl_port = master_of(rc, keys.group_prefix("default"))
     node = refusing(valkey_cluster, ctl_port)
@@ -71,7 +62,7 @@ def test_a_submit_whose_control_master_refuses_is_accepted_and_runs_once(
 
 
 def test_a_cancel_whose_control_master_refuses_reports_cancelled(
-        rc: RedisCluster, valkey_cluster: EmbeddedCluster) -> None:  # noqa: F811
+        rc: RedisCluster, valkey_cluster: EmbeddedCluster) -> None:
     h = Harness(rc, lease_ms=60_000, cluster=True)
     h._group("default")  # no worker: the request stays queued
     ctl_port = master_of(rc, keys.group_prefix("default"))
@@ -88,7 +79,7 @@ def test_a_cancel_whose_control_master_refuses_reports_cancelled(
 
 
 def test_a_repair_pass_with_a_refusing_master_still_repairs_the_buckets_after_it(
-        rc: RedisCluster, valkey_cluster: EmbeddedCluster) -> None:  # noqa: F811
+        rc: RedisCluster, valkey_cluster: EmbeddedCluster) -> None:
     h = Harness(rc, lease_ms=60_000, cluster=True)
     groups: dict[int, str] = {}  # a group on each master
     for i in range(1000):
