@@ -12,8 +12,10 @@ class Quota(BaseModel):
     # Finite and bounded: the scripts hold these as doubles, and a value past 2**64 stored once made every
     # later read of the group's quota (GET /v1/admin/groups) fail to render, a 500 until it was removed.
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-    requests_per_second: float | None = Field(default=None, gt=0, le=1e9)
-    tokens_per_second: float | None = Field(default=None, gt=0, le=1e12)
+    # At least one a million seconds: a rate of 1e-320 made the interval (1000 / rate) infinite, and the
+    # scripts' arithmetic on it NaN, which admits everything (and stayed stored after a sane rate).
+    requests_per_second: float | None = Field(default=None, ge=1e-6, le=1e9)
+    tokens_per_second: float | None = Field(default=None, ge=1e-6, le=1e12)
     burst: int | None = Field(default=None, ge=1, le=10**9)
     max_concurrency: int | None = Field(default=None, ge=0, le=10**6)
     burst_tokens: float | None = Field(default=None, gt=0, le=1e12)

@@ -97,11 +97,20 @@ async def register_group(redis: Any, group: str) -> None:
         await redis.ltrim(keys.GROUPS_HINT, 0, 63)
 
 
+COPY_ROUNDS = 8  # copies of a source that keeps changing under them; each change also copies itself
+
+
 async def copy_policy(redis: Any, group: str) -> None:
-    """Copy sg:policy and sg:tenants into the group's control plane."""
-    policy = await redis.hgetall(keys.POLICY)
-    weights = await redis.hgetall(keys.TENANT_WEIGHTS)
-    if policy:
-        await redis.hset(keys.group_key(group, "pol"), mapping=policy)
-    if weights:
-        await redis.hset(keys.group_key(group, "tw"), mapping=weights)
+    """Copy sg:policy and sg:tenants into the group's control plane. A change written to a source between
+    this read and its write (an operator's PUT while a scheduler starts) would be overwritten in the copy
+    by the value before it, which decisions would then use for good: the sources are read again after
+    the write, and copied again until they read as written (a change writes its source first)."""
+    for _ in range(COPY_ROUNDS):
+        policy = await redis.hgetall(keys.POLICY)
+        weights = await redis.hgetall(keys.TENANT_WEIGHTS)
+        if policy:
+            await redis.hset(keys.group_key(group, "pol"), mapping=policy)
+        if weights:
+            await redis.hset(keys.group_key(group, "tw"), mapping=weights)
+        if await redis.hgetall(keys.POLICY) == policy and await redis.hgetall(keys.TENANT_WEIGHTS) == weights:
+            return

@@ -4,15 +4,17 @@ backlogged counter, runtime weights; FIFO over a tenant's ready sessions."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 from collections import Counter
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import redis
 
 from sluicegate.sessions import keys
-from tests.helpers import Stack, call, fast_settings, submit, wait_for
+from tests.helpers import ON_CLUSTER, Stack, call, fast_settings, submit, wait_for
 from tests.sched_harness import Harness
 
 WEIGHTS = {"a": 1.0, "b": 2.0, "c": 4.0, "d": 8.0}
@@ -169,6 +171,43 @@ def test_fifo_over_a_tenants_ready_sessions(r: redis.Redis) -> None:
         h.complete(h.runs[0].rid)
     # s0's second request became ready only when its first finished: it goes behind s1..s5.
     assert h.dispatched_rids() == [s0[0], *rest, s0[1]]
+
+
+def test_a_weight_set_while_a_group_copies_the_weights_is_not_undone(redis_url: str) -> None:
+    """A scheduler starting copies sg:tenants into each group (copy_policy) while an operator sets a
+    weight: the copy read the old weights, the PUT wrote the new one (source, then copies), and the
+    copy's write put the old one back where decisions read it, until the next restart."""
+    from sluicegate.scheduler.admin import Tuning
+    from sluicegate.sessions.connect import async_client
+    from sluicegate.sessions.registry import copy_policy, register_group
+
+    class PutDuringTheCopy:
+        """The store, with the operator's PUT landing right after the copy's first read of the weights."""
+
+        def __init__(self, store: Any) -> None:
+            self.store, self.put = store, False
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.store, name)
+
+        async def hgetall(self, key: str) -> Any:
+            value = await self.store.hgetall(key)
+            if key == keys.TENANT_WEIGHTS and not self.put:
+                self.put = True
+                await Tuning(self.store).set_weight("acme", 4.0)
+            return value
+
+    async def scenario() -> tuple[str | None, str | None]:
+        store = async_client(redis_url, cluster=ON_CLUSTER, decode_responses=True)
+        try:
+            await Tuning(store).set_weight("acme", 1.0)
+            await register_group(store, "g1")
+            await copy_policy(PutDuringTheCopy(store), "g1")
+            return (await store.hget(keys.TENANT_WEIGHTS, "acme"), await store.hget(keys.group_key("g1", "tw"), "acme"))
+        finally:
+            await store.aclose()
+
+    assert asyncio.run(scenario()) == ("4.0", "4.0")
 
 
 def test_weights_through_the_api_steer_dispatch(redis_url: str) -> None:

@@ -238,7 +238,22 @@ def test_removing_a_token_quota_and_concurrency_cap_makes_the_group_unlimited(r:
     assert len(h.dispatched) == 5
 
 
-@pytest.mark.parametrize("bad", [{"requests_per_second": -1}, {"burst": "many"}])
+@pytest.mark.single_server  # the deterministic harness pins the clock (a global key)
+@pytest.mark.parametrize(("tat", "ti"), [("nan", "500"), ("-nan", "500"), ("inf", "inf"), ("2000000", "inf")])
+def test_a_rate_state_that_is_not_finite_is_taken_as_none(r: redis.Redis, tat: str, ti: str) -> None:
+    """A state stored under an infinite interval (a rate of 1e-320, accepted before rates had a floor)
+    made every later decision's arithmetic NaN, which admitted every request, even at a sane rate."""
+    h = Harness(r)
+    h.quota("default", requests_per_second=2, burst=1)
+    r.hset(keys.group_key("default", "qs"), mapping={"tat": tat, "ti": ti})
+    h.add_worker("w", slots=5)
+    queue(h, 3)
+    assert len(h.dispatched) == 1  # one at once (burst 1), the others wait their turn
+    assert float(qs(h)["tat"]) == T0 + 500
+
+
+@pytest.mark.parametrize("bad", [{"requests_per_second": -1}, {"burst": "many"}, {"requests_per_second": 1e-320},
+                                 {"tokens_per_second": 1e-9}])
 def test_quota_admin_api(redis_url: str, bad: dict) -> None:
     stack = Stack(fast_settings(redis_url)).start(scheduler=False, workers=0)
     try:

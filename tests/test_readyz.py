@@ -75,6 +75,7 @@ def test_not_ready_when_redis_does_not_answer(tmp_path: Path) -> None:
         server.stop()
         code, reply = call("GET", f"{stack.base_url}/readyz")
         assert code == 503 and reply["reason"].startswith("redis does not answer"), reply
+        assert call("GET", f"{stack.base_url}/healthz")[0] == 200  # alive: a liveness probe restarts nothing
     finally:
         stack.stop()
         server.stop()
