@@ -245,20 +245,40 @@ class Transitions:
         cp = keys.group_prefix(group)
         reply = await self._call("sweep", [cp], [self.lease_ms, self.max_attempts, self.ttl])
         lost = int(reply[5])
+        # Each run and each expiry alone: a data master unreachable or refusing must not hold back those
+        # of the sessions on the other masters (the lost runs come oldest lease first, so the same one
+        # would fail first again at every sweep).
         for entry in (text(x) for x in reply[6:6 + lost]):
             reason, _, key = entry.partition(":")  # worker_lost (counts as a failed attempt) | lease_lapsed
             rid, _, attempt = key.rpartition("|")
-            stopped = await self._call("handback", [keys.request_prefix(rid)],
-                                       [rid, attempt, "", reason, self.max_attempts, self.ttl])
-            await self._stopped(cp, key, "", stopped, "keep")
-        for rid in (text(x) for x in reply[6 + lost:]):  # deadlines missed by requests that fail then
-            ended = await self._call("expire", [keys.request_prefix(rid)], [self.ttl, rid, reply[4]])
-            if text(ended[0]) == "expired":
-                group, attempt, sid, nxt = (text(x) for x in ended[1:5])
-                await self._call("withdraw", [keys.group_prefix(group)], [self.lease_ms, rid, attempt, sid, -1])
-                if nxt:
-                    await self._ready(nxt)
+            try:
+                stopped = await self._call("handback", [keys.request_prefix(rid)],
+                                           [rid, attempt, "", reason, self.max_attempts, self.ttl])
+                await self._stopped(cp, key, "", stopped, "keep")
+            except Exception as error:
+                if not store_unavailable(error):
+                    raise
+                log.warning("sweep: handing back %s failed (%s); its lapsed lease makes the next sweep retry it",
+                            key, error)
+        for entry in (text(x) for x in reply[6 + lost:]):  # deadlines missed by requests that fail then
+            rid, _, sid = entry.partition("|")
+            try:
+                await self._expire(rid, reply[4])
+            except Exception as error:
+                if not store_unavailable(error):
+                    raise
+                log.warning("sweep: ending %s past its deadline failed (%s); the next sweep retries it", rid, error)
+                await self.scripts.client.zadd(keys.group_key(group, "dld"), {sid: float(reply[4])})
         return SweepResult(int(reply[0]), int(reply[1]), int(reply[2]), float(reply[3]), float(reply[4]))
+
+    async def _expire(self, rid: str, now: Any) -> None:
+        """End a request past its `fail` deadline on its data plane, at the sweep's clock, then withdraw it."""
+        ended = await self._call("expire", [keys.request_prefix(rid)], [self.ttl, rid, now])
+        if text(ended[0]) == "expired":
+            group, attempt, sid, nxt = (text(x) for x in ended[1:5])
+            await self._call("withdraw", [keys.group_prefix(group)], [self.lease_ms, rid, attempt, sid, -1])
+            if nxt:
+                await self._ready(nxt)
 
     async def repair(self, buckets: Sequence[str], *, age_ms: int, limit: int = 100) -> int:
         """Ready again the heads that a dead caller left in the buckets' outboxes (cluster only).

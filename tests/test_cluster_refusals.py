@@ -5,6 +5,7 @@ And one refusing master does not stall the repair of the buckets after its own."
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import pytest
@@ -121,6 +122,39 @@ def test_a_repair_pass_with_a_refusing_master_still_repairs_the_buckets_after_it
         assert run_sync(h.t.repair(buckets, age_ms=0)) == 1
         h.collect()
         assert h.status(rids[bad_group]) == "running"
+    finally:
+        node.config_set("maxmemory", "0")
+        node.close()
+
+
+def test_a_sweep_whose_data_master_refuses_one_lost_run_still_ends_the_others(
+        rc: RedisCluster, valkey_cluster: EmbeddedCluster) -> None:
+    """The sweep's lost runs and missed `fail` deadlines are each ended on their own data master: the one
+    on a master that refuses (down, full) is left for the next sweep, the others are not held back (the
+    old code stopped at the first: lost runs stayed running, a missed deadline was dropped from `dld`)."""
+    h = Harness(rc, lease_ms=60_000, cluster=True)
+    ctl_port = master_of(rc, keys.group_prefix("default"))
+    bad_port = next(p for p in (n.port for n in rc.get_primaries()) if int(p) != ctl_port)
+
+    def sid_on(prefix: str, bad: bool) -> str:
+        return next(f"{prefix}{i}" for i in range(10_000)
+                    if (master_of(rc, keys.session_prefix(f"{prefix}{i}")) == int(bad_port)) == bad)
+
+    h.add_worker("w1", slots=2)
+    lost_bad, lost_good = h.submit(sid_on("a", True)), h.submit(sid_on("b", False))
+    late = h.submit(sid_on("c", False), deadline_ms=1, fail_on_miss=True)  # waits: both slots are taken
+    leases = keys.group_key("default", "leases")
+    rc.zadd(leases, {f"{lost_bad}|1": 0, f"{lost_good}|1": 1})  # lapsed, the refused one first
+    time.sleep(0.05)  # the late one's deadline passes
+    node = refusing(valkey_cluster, int(bad_port))
+    try:
+        node.config_set("maxmemory", "1")
+        run_sync(h.t.sweep("default"))
+        assert h.status(lost_good) == "preempted" and h.status(late) == "failed"
+        assert h.status(lost_bad) == "running" and rc.zscore(leases, f"{lost_bad}|1") is not None  # retried later
+        node.config_set("maxmemory", "0")
+        run_sync(h.t.sweep("default"))
+        assert h.status(lost_bad) == "preempted"
     finally:
         node.config_set("maxmemory", "0")
         node.close()

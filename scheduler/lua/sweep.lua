@@ -4,9 +4,9 @@
 -- whose deadline's slack runs out (by up to dlb classes, never above the highest class with work), end
 -- those whose deadline passed with "on_deadline_miss": "fail", and dispatch when the group's quota now
 -- admits work. Idempotent; safe to run anywhere.
--- On a cluster an expired request's "rid" is returned; the scheduler ends it on the data plane
+-- On a cluster an expired request's "rid|sid" is returned; the scheduler ends it on the data plane
 -- (expire.lua), then withdraws it here. Its entry in dld goes at once: a scheduler that dies in
--- between leaves it to run late rather than to fail.
+-- between leaves it to run late rather than to fail (one whose data master refuses puts it back).
 -- On one server a lost run is handed back in this call; on a cluster its "rid|attempt" is returned
 -- and the scheduler hands it back on the data plane, then releases it here (release.lua). Its lease
 -- stays until that release, so a scheduler that dies in between leaves it for the next sweep.
@@ -14,7 +14,7 @@
 -- ARGV[1] flags   ARGV[2] lease ms   ARGV[3] max attempts (a lost worker counts as a failed attempt)
 -- ARGV[4] session ttl s
 -- Returns {lapsed runs, promoted, dispatched, next wake ms or -1, now ms, number of runs to hand back,
--- "reason:rid|attempt" to hand back..., expired "rid" to end on the data plane...}; the expiries are
+-- "reason:rid|attempt" to hand back..., expired "rid|sid" to end on the data plane...}; the expiries are
 -- decided at this call's clock (its `now`, passed on to expire.lua).
 local cp, lease, max_attempts, ttl = KEYS[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local now = clock()
@@ -104,7 +104,7 @@ for _, sid in ipairs(redis.call('ZRANGEBYSCORE', cp .. 'dld', '-inf', now, 'LIMI
       -- ended on the data plane next (expire.lua, at this call's clock); meanwhile ranked as late, so
       -- that this call's dispatch does not start it first
       redis.call('ZADD', cp .. 'c' .. spec.ep .. ':' .. spec.tn, 'XX', deadline_rank(cp, spec, now, pol), sid)
-      expired[#expired + 1] = spec.rid
+      expired[#expired + 1] = spec.rid .. '|' .. sid
     end
   end
 end
@@ -117,5 +117,5 @@ for _, zset in ipairs({ 'dlp', 'dld' }) do
 end
 local reply = { lapsed, promoted, started, nxt and tostring(nxt) or '-1', tostring(now), #lost }
 for _, key in ipairs(lost) do reply[#reply + 1] = key end
-for _, rid in ipairs(expired) do reply[#reply + 1] = rid end
+for _, entry in ipairs(expired) do reply[#reply + 1] = entry end
 return reply
