@@ -118,8 +118,10 @@ async def request_stream(svc: Services, who: Principal, request_id: str, request
     joining its session's channel, unless it ended) the log's first page, whose bounds check the cursor,
     instead of a separate read of them first. None at all for a request accepted here on a session this
     process follows, unless it resumes: the reader that joined before the submit has every event.
-    A resume of an ended request from its terminal event or later is a 204 (No Content): an EventSource
-    reconnects after a stream that ends, whatever it held, and stops only at a status other than 200."""
+    A resume reads the head even of a request just accepted here: it may have ended since, streamed by
+    another process. A resume of an ended request from its terminal event or later is a 204 (No
+    Content): an EventSource reconnects after a stream that ends, whatever it held, and stops only at a
+    status other than 200."""
     accepted = None if reread else svc.recent.take(request_id)
     known = accepted.head if accepted is not None else None
     joined = accepted.reader if accepted is not None else None
@@ -132,11 +134,16 @@ async def request_stream(svc: Services, who: Principal, request_id: str, request
         if accepted is not None and joined is not None:
             svc.hub.leave(accepted.head["sid"], joined)
         raise
-    sid, status = head["sid"], head.get("st")
     resuming = cursor > 0
-    if joined is not None and resuming:  # a resume is checked against the log: the usual way
-        svc.hub.leave(sid, joined)
-        joined = None
+    if known is not None and resuming:  # a resume reads the request as usual: it may have ended meanwhile,
+        if joined is not None:  # and is checked against the log (a 204 past its end, else it waits for good)
+            svc.hub.leave(head["sid"], joined)
+            joined = None
+        known = None
+        head = await svc.store.request_head(request_id)
+        if head is None or (who.tenant and head.get("tn") != who.tenant):
+            raise ApiError(404, f"no request {request_id!r}")
+    sid, status = head["sid"], head.get("st")
     if not resuming:
         cursor = int(head.get("fs", 1)) - 1
     stream = EventStream(svc.store, svc.hub, sid, after=cursor, request_id=request_id,

@@ -17,6 +17,10 @@ answers is a `SluicegateError` carrying its status and the `type`/`code` of the 
 argument refused before sending (a number JSON cannot carry: nan, inf) is an `InvalidArgument`, both a
 `SluicegateError` and a `ValueError`.
 
+A non-streamed `chat()` waits for its answer as long as its request takes (nothing is written before it;
+`chat_timeout` bounds the wait). A streamed one is a `ChatStream` that owns its connection (read it to its
+end, close it, or use `with`) and carries `request_id` and `session_id`, to follow with `stream()`.
+
 This module talks HTTP only: it must not import the server's packages (sluicegate.api and friends).
 """
 
@@ -29,7 +33,7 @@ import math
 import os
 import random
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, overload
 from urllib.parse import quote
@@ -56,16 +60,19 @@ KEEP: Any = _Keep()
 # ---- values ---------------------------------------------------------------------------------------
 class SluicegateError(Exception):
     """An error answer of the API (`status`, and `code`/`message` from its JSON body), or no answer at all
-    (`status` None: the server could not be reached)."""
+    (`status` None: the server could not be reached). `request_id` is the answer's `X-Request-Id` (a chat
+    call refused or failed after its request was stored, or a streamed chat cut): its events stay
+    readable with `stream(request_id=...)`; None when there is none."""
 
     def __init__(self, status: int | None, code: str, message: str, body: Any = None,
-                 retry_after: float | None = None) -> None:
+                 retry_after: float | None = None, request_id: str | None = None) -> None:
         super().__init__(f"{status if status is not None else 'no answer'} {code}: {message}")
         self.status = status
         self.code = code
         self.message = message
         self.body = body
         self.retry_after = retry_after
+        self.request_id = request_id
 
 
 class InvalidArgument(SluicegateError, ValueError):
@@ -152,7 +159,8 @@ def _error_from(response: httpx.Response, body: bytes) -> SluicegateError:
     with contextlib.suppress(ValueError):
         retry_after = float(response.headers["retry-after"]) if "retry-after" in response.headers else None
     kind = CursorExpired if code == "cursor_expired" else SluicegateError
-    return kind(response.status_code, code, message or response.reason_phrase, parsed, retry_after)
+    return kind(response.status_code, code, message or response.reason_phrase, parsed, retry_after,
+                response.headers.get("x-request-id"))
 
 
 def _status_code_name(status: int) -> str:
@@ -161,22 +169,26 @@ def _status_code_name(status: int) -> str:
 
 
 def _unreachable(error: Exception, url: str) -> SluicegateError:
-    """No answer: `unreachable` when nothing was sent (the connection failed); `no_answer` when the call
-    went out and its answer did not come back, so a submit may have been stored (check the session
-    before submitting again, or get a duplicate)."""
+    """No answer: `unreachable` when nothing was sent (the connection failed, or no connection of the pool
+    came free in time); `no_answer` when the call went out and its answer did not come back, so a submit
+    may have been stored (check the session before submitting again, or get a duplicate)."""
     if isinstance(error, httpx.ConnectError | httpx.ConnectTimeout):
         return SluicegateError(None, "unreachable", f"{url}: {type(error).__name__}: {error}")
+    if isinstance(error, httpx.PoolTimeout):  # waited for a free connection of this client: nothing went out
+        return SluicegateError(None, "unreachable", f"{url}: not sent, no free connection in the client's pool "
+                               f"({type(error).__name__}: {error}); are streams left open?")
     return SluicegateError(None, "no_answer", f"{url}: sent, but no answer came ({type(error).__name__}: {error}); "
                            "a call that changes something (a submit) may have taken effect: look before sending "
                            "it again")
 
 
-def _body_error(payload: Any) -> SluicegateError | None:
+def _body_error(payload: Any, request_id: str | None = None) -> SluicegateError | None:
     """A failure reported inside a 200 (a chat answer whose status went out before it ended)."""
     if isinstance(payload, dict) and isinstance(payload.get("error"), dict):
         error = payload["error"]
         status = error.get("code") if isinstance(error.get("code"), int) else None
-        return SluicegateError(status, str(error.get("type") or "error"), str(error.get("message") or ""), payload)
+        return SluicegateError(status, str(error.get("type") or "error"), str(error.get("message") or ""), payload,
+                               request_id=request_id)
     return None
 
 
@@ -225,12 +237,12 @@ def _admin_fields(**fields: Any) -> dict[str, Any]:
     return {k: v for k, v in fields.items() if v is not KEEP}
 
 
-def _chunk(sse: ServerSentEvent) -> dict[str, Any] | None:
+def _chunk(sse: ServerSentEvent, request_id: str | None) -> dict[str, Any] | None:
     """One chat chunk, None at `[DONE]`; raises the error object the route sends when generation fails."""
     if sse.data.strip() == "[DONE]":
         return None
     payload = json.loads(sse.data)
-    error = _body_error(payload)
+    error = _body_error(payload, request_id)
     if error is not None:
         raise error
     return payload
@@ -321,13 +333,18 @@ class _Base:
     """Configuration and request building common to both clients."""
 
     def __init__(self, url: str | None = None, *, api_key: str | None = None, timeout: float = 30.0,
-                 stream_read_timeout: float = 60.0, reconnect_timeout: float = 60.0, max_backoff: float = 2.0) -> None:
+                 stream_read_timeout: float = 60.0, reconnect_timeout: float = 60.0, max_backoff: float = 2.0,
+                 chat_timeout: float | None = None) -> None:
         self.url = (url or os.environ.get("SLUICEGATE_URL") or DEFAULT_URL).rstrip("/")
         self.api_key = api_key if api_key is not None else (os.environ.get("SLUICEGATE_API_KEY") or None)
         self.timeout = timeout
         # Idle SSE streams get a keep-alive comment every --sse-ping-seconds (15 s by default): a read
         # silent for longer than this is a dead connection (a host gone without a FIN), so reconnect.
         self.stream_timeout = httpx.Timeout(timeout, read=stream_read_timeout)
+        # A non-streamed chat's answer is written only once its request ends (queue wait plus generation),
+        # with nothing before it: no read timeout unless `chat_timeout` is given, as a timeout would raise
+        # while the request runs on (and a retry would generate it twice).
+        self.chat_timeout = httpx.Timeout(timeout, read=chat_timeout)
         self.reconnect_timeout = reconnect_timeout
         self.max_backoff = max_backoff
 
@@ -353,15 +370,118 @@ def _submitted(payload: dict[str, Any]) -> Submitted:
                      events_url=payload.get("events_url", ""), status=payload.get("status", "queued"), raw=payload)
 
 
+# ---- streamed chat --------------------------------------------------------------------------------
+def _cut(error: httpx.TransportError, url: str, request_id: str | None) -> SluicegateError:
+    """A chat stream whose connection failed: `no_answer`, with the request's id (its events stay readable)."""
+    cut = _unreachable(error, url)
+    cut.request_id = request_id
+    return cut
+
+
+def _read_chunks(response: httpx.Response, url: str,
+                 request_id: str | None) -> Generator[dict[str, Any], None, None]:
+    """Yields {} once (entered), then the chunks; closes the response however it ends."""
+    try:
+        yield {}
+        for sse in EventSource(response).iter_sse():
+            chunk = _chunk(sse, request_id)
+            if chunk is None:
+                return
+            yield chunk
+    except httpx.TransportError as error:
+        raise _cut(error, url, request_id) from error
+    finally:
+        response.close()
+
+
+async def _aread_chunks(response: httpx.Response, url: str,
+                        request_id: str | None) -> AsyncGenerator[dict[str, Any], None]:
+    """As _read_chunks."""
+    try:
+        yield {}
+        async for sse in EventSource(response).aiter_sse():
+            chunk = _chunk(sse, request_id)
+            if chunk is None:
+                return
+            yield chunk
+    except httpx.TransportError as error:
+        raise _cut(error, url, request_id) from error
+    finally:
+        await response.aclose()
+
+
+class ChatStream:
+    """A streamed chat: iterate it for the `chat.completion.chunk` dicts. It owns an open response: read it
+    to its end, `close()` it or use it as a context manager; one dropped unread is closed when collected.
+    `request_id` and `session_id` come from the answer's headers (`X-Request-Id`, `X-Session-Id`): a cut
+    stream is not resumed, `stream(request_id=...)` reads the rest."""
+
+    def __init__(self, response: httpx.Response, url: str) -> None:
+        self.response = response
+        self.request_id: str | None = response.headers.get("x-request-id")
+        self.session_id: str | None = response.headers.get("x-session-id")
+        # Entered before it is handed out (the generator holds no reference back to self): its finally closes
+        # the response however it ends, also when the stream is dropped unread.
+        self._chunks = _read_chunks(response, url, self.request_id)
+        next(self._chunks)
+
+    def __iter__(self) -> ChatStream:
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        return next(self._chunks)
+
+    def close(self) -> None:
+        self._chunks.close()
+
+    def __enter__(self) -> ChatStream:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+
+class AsyncChatStream:
+    """As ChatStream, for `async for`: `await aclose()` or `async with` it. One dropped unread is closed by
+    its event loop (asyncio finalizes the entered async generator that owns the response)."""
+
+    def __init__(self, response: httpx.Response, url: str) -> None:
+        self.response = response
+        self.request_id: str | None = response.headers.get("x-request-id")
+        self.session_id: str | None = response.headers.get("x-session-id")
+        self._chunks = _aread_chunks(response, url, self.request_id)
+
+    @classmethod
+    async def open(cls, response: httpx.Response, url: str) -> AsyncChatStream:
+        stream = cls(response, url)
+        await anext(stream._chunks)  # entered, as in ChatStream
+        return stream
+
+    def __aiter__(self) -> AsyncChatStream:
+        return self
+
+    async def __anext__(self) -> dict[str, Any]:
+        return await anext(self._chunks)
+
+    async def aclose(self) -> None:
+        await self._chunks.aclose()
+
+    async def __aenter__(self) -> AsyncChatStream:
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.aclose()
+
+
 # ---- sync -----------------------------------------------------------------------------------------
 class Client(_Base):
     """A blocking client; use it as a context manager (or call close()) to release its connections."""
 
     def __init__(self, url: str | None = None, *, api_key: str | None = None, timeout: float = 30.0,
                  stream_read_timeout: float = 60.0, reconnect_timeout: float = 60.0, max_backoff: float = 2.0,
-                 transport: httpx.BaseTransport | None = None) -> None:
+                 chat_timeout: float | None = None, transport: httpx.BaseTransport | None = None) -> None:
         super().__init__(url, api_key=api_key, timeout=timeout, stream_read_timeout=stream_read_timeout,
-                         reconnect_timeout=reconnect_timeout, max_backoff=max_backoff)
+                         reconnect_timeout=reconnect_timeout, max_backoff=max_backoff, chat_timeout=chat_timeout)
         self.http = httpx.Client(base_url=self.url, headers=self._headers(), timeout=timeout, transport=transport)
 
     def __enter__(self) -> Client:
@@ -440,28 +560,29 @@ class Client(_Base):
     def chat(self, messages: Sequence[Mapping[str, Any]], *, model: str | None = ..., stream: Literal[True],
              session_id: str | None = ..., priority: Priority | None = ..., tenant: str | None = ...,
              group: str | None = ..., max_tokens: int | None = ..., deadline_ms: int | None = ...,
-             callback_url: str | None = ..., **extra: Any) -> Iterator[dict[str, Any]]: ...
+             callback_url: str | None = ..., **extra: Any) -> ChatStream: ...
 
     def chat(self, messages: Sequence[Mapping[str, Any]], *, model: str | None = None, stream: bool = False,
              session_id: str | None = None, priority: Priority | None = None, tenant: str | None = None,
              group: str | None = None, max_tokens: int | None = None, deadline_ms: int | None = None,
-             callback_url: str | None = None, **extra: Any) -> dict[str, Any] | Iterator[dict[str, Any]]:
-        """POST /v1/chat/completions: the `chat.completion` dict, or with `stream=True` an iterator of
-        `chat.completion.chunk` dicts (opened before this returns, so a refused call raises here; a
-        dropped chat stream is not resumed: follow `X-Request-Id` with stream() for that). Other
-        OpenAI fields (temperature, tools, ...) go in `extra`."""
+             callback_url: str | None = None, **extra: Any) -> dict[str, Any] | ChatStream:
+        """POST /v1/chat/completions: the `chat.completion` dict (waited for as long as its request takes,
+        unless the client's `chat_timeout` is set), or with `stream=True` a `ChatStream` of
+        `chat.completion.chunk` dicts (opened before this returns, so a refused call raises here; close it,
+        or read it to its end, to free its connection; a dropped chat stream is not resumed: follow its
+        `request_id` with stream() for that). Other OpenAI fields (temperature, tools, ...) go in `extra`."""
         body, headers = _chat_call(messages, model, stream, session_id, priority, tenant, group, max_tokens,
                                    deadline_ms, callback_url, extra)
         if not stream:
-            timeout = self.stream_timeout  # the answer comes when generation ends; newlines keep it alive
             try:
-                response = self.http.post("/v1/chat/completions", json=body, headers=headers, timeout=timeout)
+                response = self.http.post("/v1/chat/completions", json=body, headers=headers,
+                                          timeout=self.chat_timeout)
             except httpx.TransportError as error:
                 raise _unreachable(error, self.url + "/v1/chat/completions") from error
             if response.status_code >= 400:
                 raise _error_from(response, response.content)
             payload = response.json()
-            failed = _body_error(payload)
+            failed = _body_error(payload, response.headers.get("x-request-id"))
             if failed is not None:
                 raise failed
             return payload
@@ -477,19 +598,7 @@ class Client(_Base):
                 raise _error_from(response, response.read())
             finally:
                 response.close()
-        return self._chunks(response)
-
-    def _chunks(self, response: httpx.Response) -> Iterator[dict[str, Any]]:
-        try:
-            for sse in EventSource(response).iter_sse():
-                chunk = _chunk(sse)
-                if chunk is None:
-                    return
-                yield chunk
-        except httpx.TransportError as error:
-            raise _unreachable(error, self.url + "/v1/chat/completions") from error
-        finally:
-            response.close()
+        return ChatStream(response, self.url + "/v1/chat/completions")
 
     # admin (the admin key when auth is on)
     def set_quota(self, group: str, *, requests_per_second: float | None = KEEP, tokens_per_second: float | None = KEEP,
@@ -528,9 +637,9 @@ class AsyncClient(_Base):
 
     def __init__(self, url: str | None = None, *, api_key: str | None = None, timeout: float = 30.0,
                  stream_read_timeout: float = 60.0, reconnect_timeout: float = 60.0, max_backoff: float = 2.0,
-                 transport: httpx.AsyncBaseTransport | None = None) -> None:
+                 chat_timeout: float | None = None, transport: httpx.AsyncBaseTransport | None = None) -> None:
         super().__init__(url, api_key=api_key, timeout=timeout, stream_read_timeout=stream_read_timeout,
-                         reconnect_timeout=reconnect_timeout, max_backoff=max_backoff)
+                         reconnect_timeout=reconnect_timeout, max_backoff=max_backoff, chat_timeout=chat_timeout)
         self.http = httpx.AsyncClient(base_url=self.url, headers=self._headers(), timeout=timeout,
                                       transport=transport)
 
@@ -606,26 +715,26 @@ class AsyncClient(_Base):
     async def chat(self, messages: Sequence[Mapping[str, Any]], *, model: str | None = ..., stream: Literal[True],
                    session_id: str | None = ..., priority: Priority | None = ..., tenant: str | None = ...,
                    group: str | None = ..., max_tokens: int | None = ..., deadline_ms: int | None = ...,
-                   callback_url: str | None = ..., **extra: Any) -> AsyncIterator[dict[str, Any]]: ...
+                   callback_url: str | None = ..., **extra: Any) -> AsyncChatStream: ...
 
     async def chat(self, messages: Sequence[Mapping[str, Any]], *, model: str | None = None, stream: bool = False,
                    session_id: str | None = None, priority: Priority | None = None, tenant: str | None = None,
                    group: str | None = None, max_tokens: int | None = None, deadline_ms: int | None = None,
                    callback_url: str | None = None,
-                   **extra: Any) -> dict[str, Any] | AsyncIterator[dict[str, Any]]:
-        """As Client.chat()."""
+                   **extra: Any) -> dict[str, Any] | AsyncChatStream:
+        """As Client.chat(); a streamed one is an `AsyncChatStream` (`aclose()` or `async with`)."""
         body, headers = _chat_call(messages, model, stream, session_id, priority, tenant, group, max_tokens,
                                    deadline_ms, callback_url, extra)
         path = "/v1/chat/completions"
         if not stream:
             try:
-                response = await self.http.post(path, json=body, headers=headers, timeout=self.stream_timeout)
+                response = await self.http.post(path, json=body, headers=headers, timeout=self.chat_timeout)
             except httpx.TransportError as error:
                 raise _unreachable(error, self.url + path) from error
             if response.status_code >= 400:
                 raise _error_from(response, response.content)
             payload = response.json()
-            failed = _body_error(payload)
+            failed = _body_error(payload, response.headers.get("x-request-id"))
             if failed is not None:
                 raise failed
             return payload
@@ -640,19 +749,7 @@ class AsyncClient(_Base):
                 raise _error_from(response, await response.aread())
             finally:
                 await response.aclose()
-        return self._chunks(response)
-
-    async def _chunks(self, response: httpx.Response) -> AsyncIterator[dict[str, Any]]:
-        try:
-            async for sse in EventSource(response).aiter_sse():
-                chunk = _chunk(sse)
-                if chunk is None:
-                    return
-                yield chunk
-        except httpx.TransportError as error:
-            raise _unreachable(error, self.url + "/v1/chat/completions") from error
-        finally:
-            await response.aclose()
+        return await AsyncChatStream.open(response, self.url + path)
 
     async def set_quota(self, group: str, *, requests_per_second: float | None = KEEP,
                         tokens_per_second: float | None = KEEP, burst: int | None = KEEP,

@@ -142,6 +142,27 @@ def test_resume_after_terminal_closes_request_stream(stack: Stack, cursor_via: s
     assert [(e.id, e.event) for e in again] == [(terminal.id, "done")]
 
 
+def test_a_resume_past_the_end_of_a_request_just_accepted_here_is_204(stack: Stack) -> None:
+    """The process that accepted a submit keeps its head a few seconds (api/recent.py) for the GET that
+    follows; a client whose first GET went elsewhere (another API process, or the session's stream here)
+    and then resumes here past the terminal event must get the 204, not a stream of pings for ever."""
+    sid = "end-recent"
+    rid = submit(stack.base_url, sid, max_tokens=3)
+    events = list(sse(stack.base_url, f"/v1/sessions/{sid}/events",
+                      until=lambda e: e.event in TERMINAL, timeout=20))  # leaves the request's entry untaken
+    terminal = events[-1]
+    assert terminal.event == "done" and terminal.data["request_id"] == rid
+    host, port = stack.base_url.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=5)
+    try:
+        connection.request("GET", f"/v1/requests/{rid}/events", headers={"Last-Event-ID": str(terminal.id)})
+        response = connection.getresponse()
+        assert response.status == 204, "a 200 (the old code's: it then pinged for ever)"
+        assert response.read() == b""
+    finally:
+        connection.close()
+
+
 @pytest.fixture
 def idle_stack(redis_url: str) -> Iterator[Stack]:
     """API and scheduler, no workers: requests stay queued until the test adds one."""
