@@ -19,7 +19,7 @@ from sluicegate.sessions.events import Event
 from sluicegate.sessions.registry import declare_group, register_group
 from sluicegate.sessions.resp import LeanRedis
 from sluicegate.sessions.scripts import Scripts
-from sluicegate.sessions.transitions import LOG_HEADER, MAX_ATTEMPTS, Tail, Transitions
+from sluicegate.sessions.transitions import LOG_HEADER, MAX_ATTEMPTS, Offer, Tail, Transitions
 
 log = logging.getLogger(__name__)
 INBOX_BATCH = 64  # assignments read from a worker's inbox in one round trip (next_assignments)
@@ -201,7 +201,7 @@ class RunStore:
                         "not registered", self.worker_id, self.group, named, self.model)
         return named
 
-    async def set_free_slots(self, free: int, total: int | None = None, held: Sequence[str] = ()) -> int:
+    async def set_free_slots(self, free: int, total: int | None = None, held: Sequence[str] = ()) -> Offer:
         """Offer exactly `free` free slots of `total` to the scheduler, replacing every ticket offered
         before (so it is safe to repeat); `set_free_slots(0)` withdraws them all and deregisters. `held`:
         the runs counted out of `free`; the scheduler counts back those whose slot it handed over."""

@@ -75,6 +75,15 @@ def engine_times_arg(engine_times: tuple[float, float, float] | None) -> str:
 
 
 @dataclass(frozen=True)
+class Offer:
+    """What a worker's offer of its slots did: requests dispatched into them, and the excess: its runs and
+    waiting assignments that hold a ticket past its slots (they shrank), whose ends must give none back."""
+
+    started: int
+    excess: int
+
+
+@dataclass(frozen=True)
 class SweepResult:
     lapsed: int
     promoted: int
@@ -218,13 +227,14 @@ class Transitions:
         return int(await self._call("pin", [keys.group_prefix(group)], [f"{rid}|{attempt}"])) == 1
 
     async def register_worker(self, group: str, wid: str, *, free: int, total: int,
-                              shown: Mapping[str, Any] | None = None, held: Sequence[str] = ()) -> int:
+                              shown: Mapping[str, Any] | None = None, held: Sequence[str] = ()) -> Offer:
         """`shown`: what operators see of the worker (its engine, what it can do), kept with its slots and
         the inbox format it reads. `held`: the runs the worker holds ("rid|attempt"); one whose slot no
         longer holds a ticket (handed over by fair-share preemption) does not count against `free`."""
         info = json.dumps({**(shown or {}), "slots": total, "inbox": INBOX_FORMAT}, separators=(",", ":"))
-        return int(await self._call("register_worker", [keys.group_prefix(group)],
-                                    [self.lease_ms, wid, free, total, info, *held]))
+        started, excess = await self._call("register_worker", [keys.group_prefix(group)],
+                                           [self.lease_ms, wid, free, total, info, *held])
+        return Offer(int(started), int(excess))
 
     async def heartbeat(self, group: str, wid: str, held: Sequence[str], *, leaving: bool = False,
                         lease_ms: int | None = None) -> tuple[bool, list[str]]:

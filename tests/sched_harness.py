@@ -109,7 +109,7 @@ class Harness:
         group = self.workers[wid]
         self._group(group)
         started = run_sync(Transitions(self.scripts, lease_ms=self.worker_lease_ms, session_ttl=TTL).register_worker(
-            group, wid, free=free, total=self.slots[wid], held=held or []))
+            group, wid, free=free, total=self.slots[wid], held=held or [])).started
         if collect:
             self.collect()
         return started

@@ -4,6 +4,7 @@ can do and its slot count then (workers/worker.py `_look_for_probe`), not the de
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,9 +20,10 @@ from sluicegate.sessions.runs import shown_info
 from sluicegate.workers import worker as worker_module
 from sluicegate.workers.engines.openai import OpenAIEngine
 from sluicegate.workers.sim_backend import create_sim_backend
-from tests.helpers import Stack, call, fast_settings, submit, wait_for
+from sluicegate.workers.worker import Worker
+from tests.helpers import ON_CLUSTER, Stack, call, fast_settings, submit, wait_for
 from tests.openai_helpers import ServerThread
-from tests.worker_helpers import assert_tickets_balanced, idle_tickets
+from tests.worker_helpers import assert_tickets_balanced, idle_tickets, on_loop
 
 
 @pytest.fixture
@@ -101,3 +103,42 @@ def test_slots_that_shrink_under_held_runs_come_back_exactly(stack: Stack, r: re
         wait_for(all_done, timeout=60, interval=0.2, what="the runs to finish")
         assert_tickets_balanced(r, expected_slots=2)
         assert idle_tickets(r)[wid] == 2
+
+
+def test_a_shrink_counts_the_assignments_waiting_in_the_inbox(redis_url: str, r: redis.Redis) -> None:
+    """The slots shrink (4 -> 2) while the worker holds 2 runs and 2 more assignments wait in its inbox,
+    each holding a ticket: 4 tickets for 2 slots, so the next 2 ends give none back. The old count took
+    the held runs alone (2, no surplus): the worker kept 4 tickets for an engine of 2 slots for good."""
+    stack = Stack(fast_settings(redis_url)).start(scheduler=False, workers=0)  # the API: submits dispatch
+    run = on_loop(stack)
+    wid = "default.shrink.1.aaaaaa"
+    worker = Worker(fast_settings(redis_url, slots=4), worker_id=wid, use_rq=False)
+    try:
+        run(worker.store.set_free_slots(4, 4))
+        for i in range(4):
+            submit(stack.base_url, f"shrink{i}", max_tokens=2)
+        held = run(worker.store.next_assignments(timeout=5, most=2))
+        assert len(held) == 2
+        for assignment in held:  # runs the worker holds (their tasks are not what is counted)
+            worker.runs[assignment.key] = run(asyncio_done())
+        worker.slots = 2  # what the probe found
+        run(worker._resync())
+        assert worker.surplus == 2
+        waiting = run(worker.store.next_assignments(timeout=5, most=2))
+        assert len(waiting) == 2
+        for assignment in held + waiting:
+            if ON_CLUSTER:  # a cluster's worker starts its run on the data plane
+                assert run(worker.store.spec(assignment)) is not None
+            run(worker._end(assignment.request_id, assignment.attempt, outcome="done", detail="length"))
+        assert idle_tickets(r)[wid] == 2
+    finally:
+        run(worker.store.set_free_slots(0))
+        run(worker.store.aclose())
+        stack.stop()
+
+
+async def asyncio_done() -> asyncio.Task[None]:
+    """A finished task, standing for a run the worker holds."""
+    task = asyncio.get_running_loop().create_task(asyncio.sleep(0))
+    await task
+    return task

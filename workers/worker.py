@@ -100,8 +100,7 @@ class Worker:
         self.probe_due = False  # the probe has not reached the backend yet: the heartbeats probe again
         self.probed_at = 0.0  # when the backend was last probed (_probe)
         self.probing: asyncio.Task[None] | None = None
-        self.shrunk = False  # the slots shrank: the next resync counts the runs held past them (surplus)
-        self.surplus = 0  # runs held past the slots after they shrank: their ends give no ticket back
+        self.surplus = 0  # runs holding a ticket past the slots (they shrank): their ends give none back
         self.model_looked_at = 0.0  # when the backend's model list was last asked (_learn_model)
         self.model_lookup: asyncio.Task[None] | None = None
 
@@ -156,10 +155,8 @@ class Worker:
     async def _probe_again(self) -> None:
         """A backend up after its worker: what it can do and its slot count replace the defaults, and are
         offered with the slots again (the inbox loop's resync: exact, between two inbox reads)."""
-        slots = self.slots
         if self.stopping or not await self._probe():
             return
-        self.shrunk = self.slots < slots  # before any resync offers the new count
         self._show_resume()
         await self._learn_model(register=True)
         log.info("worker %s: the backend answered the probe: %d slots, resumes by %s", self.worker_id, self.slots,
@@ -416,11 +413,15 @@ class Worker:
                 self._ends_quiet.clear()
                 await self._ends_quiet.wait()
             held = len(self.runs)  # may exceed the slots for a moment: a run whose slot was handed over
-            await self.store.set_free_slots(self.slots - held, self.slots, held=list(self.runs))
-            self.resync_needed = False
-            if self.shrunk:  # the runs held past the slots keep their tickets: their ends must not return them
-                self.shrunk = False
-                self.surplus = max(0, held - self.slots)
+            self.resync_needed = False  # before the call: a need found meanwhile (a probe's new count) stands
+            try:
+                offer = await self.store.set_free_slots(self.slots - held, self.slots, held=list(self.runs))
+            except BaseException:
+                self.resync_needed = True
+                raise
+            # What holds a ticket past the slots (they shrank under held runs and waiting assignments),
+            # counted by the scheduler: as many of the next ends give no ticket back.
+            self.surplus = offer.excess
             log.info("worker %s: offered %d free slots (%d running)", self.worker_id, self.slots - held, held)
         finally:
             self._resyncing = None

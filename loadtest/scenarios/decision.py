@@ -131,7 +131,7 @@ async def measure(redis: Redis, filler: Filler, workers: dict[str, RunStore], sa
         store = workers[group]
         usec, inner = await fcall_usec(redis)
         t0 = time.perf_counter()
-        started = await store.transitions.register_worker(group, store.worker_id, free=1, total=1)
+        started = (await store.transitions.register_worker(group, store.worker_id, free=1, total=1)).started
         rtts.append(time.perf_counter() - t0 - baseline)
         usec_after, inner_after = await fcall_usec(redis)
         server.append((usec_after - usec) / 1000)

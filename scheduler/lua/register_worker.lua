@@ -13,7 +13,8 @@
 -- fair-share preemption, or its ticket died with the worker when it was reaped) takes no slot from
 -- the offer: its end gives none back. A ticket of the worker's that is neither held nor waiting is
 -- dropped (lost with an inbox read's reply).
--- Returns the number of requests dispatched.
+-- Returns {the number of requests dispatched, the excess: runs and waiting assignments holding a ticket
+-- past the worker's slots}.
 local cp, lease, wid, free, total = KEYS[1], tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
 local roster = cp .. 'wk'
 redis.call('LREM', cp .. 'idle', 0, wid)
@@ -24,7 +25,7 @@ if total == 0 then
   redis.call('DEL', kworker(cp, wid))
   redis.call('HDEL', cp .. 'workers', wid)
   redis.call('ZREM', roster, wid)
-  return 0
+  return { 0, 0 }
 end
 local now = clock()
 redis.call('PERSIST', kworker(cp, wid) .. ':in')
@@ -51,4 +52,6 @@ for i = 1, #held, 2 do
   if held[i + 1] == wid and not known[held[i]] then redis.call('HDEL', cp .. 'tk', held[i]) end
 end
 for _ = 1, math.min(total, free) do redis.call('LPUSH', cp .. 'idle', wid) end
-return dispatch(cp, now, lease)
+-- what holds a ticket past the slots (they shrank under held runs and waiting assignments): the worker's
+-- next ends of as many runs give none back
+return { dispatch(cp, now, lease), math.max(0, -free) }
