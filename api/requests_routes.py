@@ -17,6 +17,7 @@ from sluicegate.api.services import principal, services
 from sluicegate.sessions.connect import store_unavailable
 from sluicegate.sessions.requests import NewRequest
 from sluicegate.sessions.status import request_view
+from sluicegate.sessions.transitions import MaybeStored
 from sluicegate.tracing import TRACING, carry_trace
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,14 @@ async def submit_request(request: Request, who: Principal, new: NewRequest) -> d
     # max_queued (429): the request's tenant, the admin's too (it submits for a tenant); auth off limits no one
     tenant = new.tenant if svc.keyring.enabled else None
     give_back = await svc.guardrails.take_place(who, tenant, new.request_id)
-    result = await svc.store.submit(new, owner=who.owner)
+    try:
+        result = await svc.store.submit(new, owner=who.owner)
+    except MaybeStored as lost:  # not the plain 503 a client retries: that would store it a second time
+        log.warning("%s", lost)
+        raise ApiError(503, f"the queue store (Redis) did not answer the submit: the request may have been stored "
+                       f"and then runs. Look at /v1/requests/{new.request_id} before submitting again (404: it "
+                       "was not stored)", "unavailable", "maybe_stored",
+                       {"X-Request-Id": new.request_id, **NO_RETRY}) from lost
     if give_back is not None and result.outcome != "ok":
         await give_back()
     if result.outcome == "forbidden":

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from sluicegate.sessions import keys
-from sluicegate.sessions.connect import store_unavailable, text
+from sluicegate.sessions.connect import store_refuses, store_unavailable, text
 from sluicegate.sessions.requests import NewRequest
 from sluicegate.sessions.scripts import Scripts
 from sluicegate.settings import Settings
@@ -72,6 +72,15 @@ class Tail:
 def engine_times_arg(engine_times: tuple[float, float, float] | None) -> str:
     """The worker's took|called|first times (ms) as the scripts take them, "" when not given."""
     return "|".join(f"{t:.3f}" for t in engine_times) if engine_times else ""
+
+
+class MaybeStored(Exception):
+    """A submit whose call went out twice with no answer (the connection lost each time): it may have been
+    stored, and then runs. A caller told to retry would store and generate it a second time."""
+
+    def __init__(self, request_id: str) -> None:
+        super().__init__(f"the submit of {request_id} got no answer: it may have been stored")
+        self.request_id = request_id
 
 
 @dataclass(frozen=True)
@@ -123,9 +132,10 @@ class Transitions:
                 "" if req.boost_cap is None else req.boost_cap]
         dp = keys.session_prefix(sid)
         if self.single:
-            reply = await self._call("submit_one", [dp, keys.group_prefix(req.group)], [self.lease_ms, *args])
+            reply = await self._submit_call(rid, "submit_one", [dp, keys.group_prefix(req.group)],
+                                            [self.lease_ms, *args])
         else:
-            reply = await self._call("submit", [dp], args)
+            reply = await self._submit_call(rid, "submit", [dp], args)
             if text(reply[0]) == "ok" and text(reply[2]):
                 try:
                     await self._ready(reply[2])
@@ -139,6 +149,24 @@ class Transitions:
                     log.warning("request %s stored; readying it failed (%s): the repair pass will", rid, error)
         outcome = text(reply[0])
         return outcome, int(reply[1]) if outcome == "ok" else 0
+
+    async def _submit_call(self, rid: str, name: str, keys_: Sequence[Any], args: Sequence[Any]) -> Any:
+        """The submit's call. One whose answer was lost (the connection broke or timed out: it may have run)
+        is sent once more with the same request id, which the script answers as the first time did
+        (requests.lua): a stored request is never taken for a failed submit. Raises MaybeStored when that
+        one gets no answer either; a refusal of the first call did nothing and is raised as it is."""
+        try:
+            return await self._call(name, keys_, args)
+        except Exception as error:
+            if not store_unavailable(error) or store_refuses(error):
+                raise
+            log.warning("submit of %s got no answer (%s); asking again", rid, error)
+        try:
+            return await self._call(name, keys_, args)
+        except Exception as error:
+            if not store_unavailable(error):
+                raise
+            raise MaybeStored(rid) from error
 
     async def cancel(self, rid: str, *, owner: str = "") -> list[str]:
         """["cancelled"] | ["terminal", status] | ["missing"] | ["forbidden"]."""

@@ -1,7 +1,7 @@
 """A TCP proxy in front of a test server whose connections can fail as networks make them fail: an
-answer that never comes back (`drop_answers`), or a client whose side vanishes while the server's side
-stays open and unread (`vanish_clients`: no FIN reaches the server, which still counts the stream),
-until `release_vanished` closes those too."""
+answer that never comes back (`drop_answers`, or `drop_next` for the next N connections that answer),
+or a client whose side vanishes while the server's side stays open and unread (`vanish_clients`: no
+FIN reaches the server, which still counts the stream), until `release_vanished` closes those too."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ class CuttingProxy:
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.drop_answers = False  # forward the requests, never the answers; close the client's side
+        self.drop_next = 0  # as drop_answers, for the next N connections that answer only
         self.lock = threading.Lock()
         self.pairs: list[tuple[socket.socket, socket.socket]] = []  # (client's side, server's side)
         self.frozen: set[socket.socket] = set()  # server sides left open and unread
@@ -48,7 +49,7 @@ class CuttingProxy:
     def _pipe(self, source: socket.socket, sink: socket.socket, answers: bool) -> None:
         with contextlib.suppress(OSError):
             while data := source.recv(65536):
-                if answers and self.drop_answers:
+                if answers and (self.drop_answers or self._drop_one()):
                     break
                 if source in self.frozen:
                     return  # left open and unread: the server never learns its client left
@@ -58,6 +59,13 @@ class CuttingProxy:
                 with contextlib.suppress(OSError):
                     side.shutdown(socket.SHUT_RDWR)
                 side.close()
+
+    def _drop_one(self) -> bool:
+        with self.lock:
+            if self.drop_next <= 0:
+                return False
+            self.drop_next -= 1
+            return True
 
     def vanish_clients(self) -> None:
         """Close the client's side of every open connection, and leave the server's side open, unread."""
