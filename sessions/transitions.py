@@ -19,6 +19,7 @@ released by the sweep (`sweep`). Every method here is a coroutine; with redis-py
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -72,6 +73,9 @@ class Tail:
 def engine_times_arg(engine_times: tuple[float, float, float] | None) -> str:
     """The worker's took|called|first times (ms) as the scripts take them, "" when not given."""
     return "|".join(f"{t:.3f}" for t in engine_times) if engine_times else ""
+
+
+LEASE_PUSH_BACK_MS = 1000  # a lost run whose hand-back failed is due again this much later
 
 
 class MaybeStored(Exception):
@@ -296,8 +300,11 @@ class Transitions:
             except Exception as error:
                 if not store_unavailable(error):
                     raise
-                log.warning("sweep: handing back %s failed (%s); its lapsed lease makes the next sweep retry it",
-                            key, error)
+                log.warning("sweep: handing back %s failed (%s); the next sweep retries it", key, error)
+                # its lease pushed back a little: else the oldest leases, all of one master that refuses,
+                # would fill every sweep's batch, and the lost runs behind them would never be reached
+                await settled(self.scripts.client.zadd(keys.group_key(group, "leases"),
+                                                       {key: float(reply[4]) + LEASE_PUSH_BACK_MS}, xx=True))
         for entry in (text(x) for x in reply[6 + lost:]):  # deadlines missed by requests that fail then
             rid, _, sid = entry.partition("|")
             try:
@@ -306,7 +313,7 @@ class Transitions:
                 if not store_unavailable(error):
                     raise
                 log.warning("sweep: ending %s past its deadline failed (%s); the next sweep retries it", rid, error)
-                await self.scripts.client.zadd(keys.group_key(group, "dld"), {sid: float(reply[4])})
+                await settled(self.scripts.client.zadd(keys.group_key(group, "dld"), {sid: float(reply[4])}))
         return SweepResult(int(reply[0]), int(reply[1]), int(reply[2]), float(reply[3]), float(reply[4]))
 
     async def _expire(self, rid: str, now: Any) -> None:
@@ -329,9 +336,20 @@ class Transitions:
         pipe = self.scripts.client.pipeline(transaction=False)
         for bucket in buckets:
             pipe.zcount(keys.outbox(bucket), "-inf", cutoff)
-        counts = await settled(pipe.execute())
+        try:  # a master busy, loading or refusing answers its own buckets' counts with an error, not the pass's
+            counts = await settled(pipe.execute(raise_on_error=False))
+        except Exception as error:  # a master unreachable: each bucket is asked on its own, this pass
+            if not store_unavailable(error):
+                raise
+            log.warning("repair: counting the outboxes failed (%s); asking each bucket", error)
+            counts = await asyncio.gather(*(settled(self.scripts.client.zcount(keys.outbox(b), "-inf", cutoff))
+                                            for b in buckets), return_exceptions=True)
+        failed = [b for b, n in zip(buckets, counts, strict=True) if isinstance(n, BaseException)]
+        if failed:
+            log.warning("repair: %d buckets' outboxes could not be read (%s); the next pass retries them",
+                        len(failed), counts[buckets.index(failed[0])])
         repaired = 0
-        for bucket in (b for b, n in zip(buckets, counts, strict=True) if n):
+        for bucket in (b for b, n in zip(buckets, counts, strict=True) if n and not isinstance(n, BaseException)):
             try:
                 repaired += await self._repair_bucket(bucket, age_ms, limit)
             except Exception as error:

@@ -5,6 +5,7 @@ And one refusing master does not stall the repair of the buckets after its own."
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 
@@ -153,8 +154,63 @@ def test_a_sweep_whose_data_master_refuses_one_lost_run_still_ends_the_others(
         assert h.status(lost_good) == "preempted" and h.status(late) == "failed"
         assert h.status(lost_bad) == "running" and rc.zscore(leases, f"{lost_bad}|1") is not None  # retried later
         node.config_set("maxmemory", "0")
+        rc.zadd(leases, {f"{lost_bad}|1": 0})  # pushed back a second by the failed hand-back: now due again
         run_sync(h.t.sweep("default"))
         assert h.status(lost_bad) == "preempted"
     finally:
         node.config_set("maxmemory", "0")
+        node.close()
+
+
+def test_lost_runs_of_a_refusing_master_do_not_fill_every_sweeps_batch(
+        rc: RedisCluster, valkey_cluster: EmbeddedCluster) -> None:
+    """A sweep reads at most 200 lapsed leases, oldest first: 201 lost runs on a refusing master, older than
+    one on a healthy master, filled every batch for as long as the master refused (the old code left their
+    leases as they were), and the healthy master's run was never handed back."""
+    h = Harness(rc, lease_ms=60_000, cluster=True)
+    ctl_port = master_of(rc, keys.group_prefix("default"))
+    bad_port = next(int(n.port) for n in rc.get_primaries() if int(n.port) != ctl_port)
+    on_bad = (f"a{i}" for i in range(100_000) if master_of(rc, keys.session_prefix(f"a{i}")) == bad_port)
+    h.add_worker("w1", slots=202)
+    stuck = [h.submit(next(on_bad)) for _ in range(201)]
+    healthy = h.submit(next(f"b{i}" for i in range(10_000) if master_of(rc, keys.session_prefix(f"b{i}")) != bad_port))
+    leases = keys.group_key("default", "leases")
+    rc.zadd(leases, {**{f"{rid}|1": 0 for rid in stuck}, f"{healthy}|1": 1})  # lapsed, the refused ones first
+    node = refusing(valkey_cluster, bad_port)
+    try:
+        node.config_set("maxmemory", "1")
+        run_sync(h.t.sweep("default"))  # 200 refused: pushed back
+        run_sync(h.t.sweep("default"))
+        assert h.status(healthy) == "preempted", "the healthy master's lost run was never reached"
+        assert h.status(stuck[0]) == "running"  # left for a later sweep
+    finally:
+        node.config_set("maxmemory", "0")
+        node.close()
+
+
+def test_a_busy_master_does_not_stop_the_repair_of_the_others_buckets(
+        rc: RedisCluster, valkey_cluster: EmbeddedCluster) -> None:
+    """A master running a long script answers BUSY (LOADING after a restart is the same): the repair pass's
+    count of every bucket's outbox failed as a whole in the old code, so no bucket was repaired."""
+    h = Harness(rc, lease_ms=60_000, cluster=True)
+    h._group("default")
+    ctl_port = master_of(rc, keys.group_prefix("default"))
+    busy_port = next(int(n.port) for n in rc.get_primaries() if int(n.port) != ctl_port)
+    sid = session_on_another_master(rc, busy_port)
+    req = NewRequest(session_id=sid, max_tokens=2, priority=5, tenant="t", group="default", prompt="p")
+    reply = h.scripts.call("submit", [keys.session_prefix(sid)],  # the data step only: its caller died
+                           [req.request_id, sid, "t", "default", 5, 2, "p", "p", "{}", 1, ""])
+    assert reply[0] == "ok" and not rc.hkeys(keys.group_key("default", "rq"))
+    node = refusing(valkey_cluster, busy_port)
+    script = "local t = redis.call('TIME')[1] while tonumber(redis.call('TIME')[1]) < t + 2 do end return 1"
+    busy = threading.Thread(target=lambda: refusing(valkey_cluster, busy_port).eval(script, 0), daemon=True)
+    try:
+        node.config_set("busy-reply-threshold", 100)
+        busy.start()
+        time.sleep(0.3)  # the script runs: the master answers BUSY
+        assert run_sync(h.t.repair(keys.all_buckets(), age_ms=0)) == 1
+        assert rc.hkeys(keys.group_key("default", "rq")) == [sid]
+    finally:
+        busy.join()
+        node.config_set("busy-reply-threshold", 5000)
         node.close()

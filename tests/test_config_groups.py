@@ -162,7 +162,7 @@ def test_the_openai_engine_from_a_flag_applies_to_every_group(tmp_path: Path) ->
      "groups.a.backend_url: `localhost:8001` should start with http:// or https://, in FILE"),
     ("[groups.a]\nburst = 0\n", (), "groups.a.burst: Input should be greater than or equal to 1, got 0, in FILE"),
     ("[groups.a]\nrequests_per_second = -1\n", (),
-     "groups.a.requests_per_second: Input should be greater than 0, got -1, in FILE"),
+     "groups.a.requests_per_second: Input should be greater than or equal to 0.000001, got -1, in FILE"),
     ("[groups.a]\nmax_concurrency = true\n", (), "groups.a.max_concurrency: should be a number, got True, in FILE"),
     ("[groups.a]\nmodel = 'm'\n[groups.b]\nmodel = 'm'\n", (), "groups.b.model: `m` is also the model of [groups.a], "
      "in FILE: chat requests choose a group by model, so each model has one group"),
