@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import signal
 import sys
 from collections.abc import Callable, Coroutine
 from typing import Any, get_args
@@ -126,12 +125,14 @@ def setup_logging(settings: Settings, role: str) -> None:
 
 
 def run_until_signalled(make: Callable[[asyncio.Event], Coroutine[Any, Any, None]]) -> None:
-    """Run a service coroutine until SIGINT or SIGTERM, then let it stop gracefully."""
+    """Run a service coroutine until SIGINT, SIGTERM or SIGHUP (unless ignored: nohup), then let it stop
+    gracefully (a worker hands its runs back: SIGHUP's default action would kill it with them)."""
+    from sluicegate.embedded import stop_signals
 
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in stop_signals():
             loop.add_signal_handler(sig, stop.set)
         settle_after_start_up()
         await make(stop)
@@ -183,16 +184,28 @@ def main(argv: list[str] | None = None) -> int:
 
         return serve(settings, groups)
     if args.command == "redis":
+        from redis import RedisError
+
         from sluicegate.embedded import (
             EmbeddedCluster,
             EmbeddedServer,
             ServerNotFound,
+            announceable,
             data_dir_password,
+            keep_url_file,
             private_dir,
-            write_url_file,
         )
 
-        password = data_dir_password(settings.data_dir) if settings.password else None
+        try:
+            private_dir(settings.data_dir)  # before redis.url goes in: the AOF will hold every prompt
+            password = data_dir_password(settings.data_dir) if settings.password else None
+        except OSError as error:
+            print(f"sluicegate redis: cannot use --data-dir {settings.data_dir}: {error}", file=sys.stderr)
+            return 2
+        if settings.cluster and not announceable(settings.host):
+            print(f"sluicegate redis: --cluster needs --host to be one IP address of this host, not "
+                  f"{settings.host}: the nodes tell each other (and the clients) that address", file=sys.stderr)
+            return 2
         try:
             port = redis_port(settings)
             if settings.cluster:
@@ -203,15 +216,13 @@ def main(argv: list[str] | None = None) -> int:
                 return cluster.run_foreground()  # a named port other than theirs: refused (RuntimeError)
             server = EmbeddedServer(data_dir=settings.data_dir, port=port, host=settings.host,
                                     appendfsync=settings.appendfsync, password=password)
-            private_dir(settings.data_dir)  # before redis.url goes in: the AOF will hold every prompt
-            if password:
-                write_url_file(settings.data_dir, server.url)
+            keep_url_file(settings.data_dir, server.url, password)
             print(server.url, flush=True)
             server.start(foreground=True)
         except ServerNotFound as error:
             print(f"sluicegate: {error}", file=sys.stderr)
             return 1
-        except (RuntimeError, TimeoutError, ValueError) as error:  # the cluster did not form
+        except (RuntimeError, TimeoutError, ValueError, OSError, RedisError) as error:  # the cluster did not form
             print(f"sluicegate redis: {error}", file=sys.stderr)
             return 1
         return 0
@@ -229,7 +240,9 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         import os
 
-        os.environ.update(settings.to_env())
+        # Its processes (with --api-processes N) read these; not --config, which they must not read again.
+        os.environ.pop(ENV_PREFIX + "CONFIG", None)
+        os.environ.update(settings.child_env({}))
         # --api-processes N > 1: uvicorn's supervisor binds the port once and spawns N processes that accept
         # on that socket (each a whole API with its own Redis pool); SIGINT/SIGTERM to it stops them all, and
         # it restarts one that dies. The API keeps no state of its own, so they need nothing shared.

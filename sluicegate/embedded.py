@@ -10,6 +10,7 @@ and the cluster tests); both satisfy RedisProcess, so callers treat one server a
 
 from __future__ import annotations
 
+import ctypes
 import ipaddress
 import os
 import random
@@ -21,6 +22,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, ClassVar, Protocol
@@ -31,6 +33,40 @@ import redis
 
 class ServerNotFound(RuntimeError):
     pass
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # see stop_signals
+
+
+def stop_signals() -> tuple[signal.Signals, ...]:
+    """What stops a foreground command gracefully: Ctrl-C, a supervisor's SIGTERM, and SIGHUP (its terminal
+    or SSH session closed), whose default action would end it with no cleanup and leave its store running in
+    its own session; but not SIGHUP when it is ignored (nohup: meant to outlive its terminal)."""
+    ignored = signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+    return tuple(sig for sig in STOP_SIGNALS if not (ignored and sig == signal.SIGHUP))
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent() -> Callable[[], None] | None:
+    """Linux: a preexec_fn after which the kernel sends the child SIGTERM (Valkey flushes its AOF and exits)
+    when the thread that started it ends, so a store in its own session (no terminal signal reaches it)
+    does not outlive a SIGKILLed serve. None elsewhere. Start such a child from the main thread only."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here: the child only calls it
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before the prctl took effect: no signal would come
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return preexec
 
 
 def find_server_binary() -> str:
@@ -52,8 +88,12 @@ def find_server_binary() -> str:
     )
 
 
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET  # an IPv6 literal (--host ::1)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
+    with socket.socket(_family(host)) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
 
@@ -97,9 +137,18 @@ def write_url_file(data_dir: str, url: str) -> Path:
     return path
 
 
+def keep_url_file(data_dir: str, url: str, password: str | None) -> None:
+    """DATA_DIR/redis.url for a password-protected server; none without a password (one left by an earlier
+    run with a password would name a stale one)."""
+    if password:
+        write_url_file(data_dir, url)
+    else:
+        (Path(data_dir) / URL_FILE).unlink(missing_ok=True)
+
+
 def server_url(host: str, port: int, password: str | None) -> str:
     auth = f":{quote(password, safe='')}@" if password else ""
-    return f"redis://{auth}{host}:{port}/0"
+    return f"redis://{auth}{f'[{host}]' if ':' in host else host}:{port}/0"  # an IPv6 literal goes in brackets
 
 
 SOCKET_NAME = "valkey.sock"
@@ -204,7 +253,8 @@ class EmbeddedServer:
             os.execv(self.command()[0], self.command())
         log = _private_log(Path(self.data_dir) / "server.log")
         self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                        start_new_session=new_session, umask=PRIVATE_UMASK)
+                                        start_new_session=new_session, umask=PRIVATE_UMASK,
+                                        preexec_fn=die_with_parent() if new_session else None)
         log.close()
         try:
             self.wait_ready(timeout)
@@ -274,7 +324,7 @@ def free_port_block(count: int, host: str = "127.0.0.1") -> int:
 
 
 def _port_is_free(host: str, port: int) -> bool:
-    with socket.socket() as sock:
+    with socket.socket(_family(host)) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
@@ -445,28 +495,29 @@ class EmbeddedCluster:
             time.sleep(0.05)
 
     def run_foreground(self) -> int:
-        """`sluicegate redis --cluster N`: start, print the seed URL, run until SIGINT/SIGTERM, stop."""
+        """`sluicegate redis --cluster N`: start, print the seed URL, run until SIGINT, SIGTERM or SIGHUP,
+        stop; 0. A node that dies stops the others and returns 1, as serve does when its store dies: a
+        cluster missing a master's slots serves nothing, and a supervisor restarts the whole of it."""
         stopping = threading.Event()
-        previous = {sig: signal.signal(sig, lambda *_: stopping.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+        previous = {sig: signal.signal(sig, lambda *_: stopping.set()) for sig in stop_signals()}
+        code = 0
         try:
             # Own session: a terminal's Ctrl-C reaches us only, and we stop the nodes gracefully.
             self.start(new_session=True)
-            if self.password:
-                write_url_file(self.data_dir, self.url)
+            keep_url_file(self.data_dir, self.url, self.password)
             print(self.url, flush=True)
-            reported: set[int] = set()
-            while not stopping.wait(0.5):
+            while not stopping.wait(0.5) and not code:
                 for index, process in enumerate(self.processes):
-                    if process is not None and process.poll() is not None and index not in reported:
-                        reported.add(index)
+                    if process is not None and process.poll() is not None:
+                        code = 1
                         print(f"sluicegate redis: the node on port {self.port + index} exited with code "
-                              f"{process.returncode}; see {self.node_dir(index) / 'server.log'}",
+                              f"{process.returncode}; stopping (see {self.node_dir(index) / 'server.log'})",
                               file=sys.stderr, flush=True)
         finally:
             self.stop()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-        return 0
+        return code
 
     # -- internals ---------------------------------------------------------------------------------
 
@@ -491,7 +542,8 @@ class EmbeddedCluster:
         log = _private_log(node_dir / "server.log")
         self.processes[index] = subprocess.Popen(self.command(index), stdout=log, stderr=subprocess.STDOUT,
                                                  stdin=subprocess.DEVNULL, start_new_session=new_session,
-                                                 umask=PRIVATE_UMASK)
+                                                 umask=PRIVATE_UMASK,
+                                                 preexec_fn=die_with_parent() if new_session else None)
         log.close()
 
     def _wait_node(self, index: int, deadline: float) -> None:
@@ -549,6 +601,15 @@ def _terminate(processes: list[subprocess.Popen[bytes]], timeout: float) -> None
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+def announceable(host: str) -> bool:
+    """A cluster node's --host: an IP address others can reach it at (CLUSTER MEET takes no host name, and
+    a wildcard address such as 0.0.0.0 would be announced to the clients as is)."""
+    try:
+        return not ipaddress.ip_address(host).is_unspecified
+    except ValueError:
+        return False
 
 
 def _is_ip(host: str) -> bool:

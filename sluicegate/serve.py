@@ -4,9 +4,10 @@ The embedded store is one Valkey server, or with `--embedded-cluster N` a Valkey
 masters; either way the children get its URL (and `--redis-cluster` for a cluster). The store runs
 in its own process group so that a terminal's Ctrl-C (which reaches the whole foreground group)
 stops the API, scheduler and workers first, and the store last, after the workers have handed their
-runs back. A worker or the webhooks process that dies is restarted (with its group's settings; one that
-keeps dying quickly after a delay doubling up to 5 s); the API, the scheduler or the store dying stops
-everything with exit code 1 (a supervisor above restarts serve; the AOF keeps the data).
+runs back; a closed terminal's SIGHUP stops it alike, and on Linux a serve killed outright takes its store
+with it (embedded.die_with_parent). A worker or the webhooks process that dies is restarted (with its group's
+settings; one that keeps dying quickly after a delay doubling up to 5 s); the API, the scheduler or the store
+dying stops everything with exit code 1 (a supervisor above restarts serve; the AOF keeps the data).
 
 Without `[groups.NAME]` tables in `--config`, the workers serve the one group `--group`. With them
 (`sluicegate.groups_config`), each group is declared in Redis with its model and quota before any
@@ -29,12 +30,14 @@ from pathlib import Path
 from redis import RedisError
 
 from sluicegate.embedded import (
+    STOP_SIGNALS,
     EmbeddedCluster,
     EmbeddedServer,
     ServerNotFound,
     data_dir_password,
+    keep_url_file,
     private_dir,
-    write_url_file,
+    stop_signals,
 )
 from sluicegate.groups_config import GroupConfig
 from sluicegate.scheduler.admin import Tuning
@@ -47,7 +50,7 @@ log = logging.getLogger("sluicegate.serve")
 
 
 def spawn(role: str, settings: Settings, *extra: str) -> subprocess.Popen[bytes]:
-    env = {**os.environ, **settings.to_env()}
+    env = settings.child_env(os.environ)  # not --config: a restarted child must not read the file again
     return subprocess.Popen([sys.executable, "-m", "sluicegate", role, *extra], env=env, stdin=subprocess.DEVNULL)
 
 
@@ -68,13 +71,14 @@ def api_answers(settings: Settings) -> bool:
 def embedded_store(settings: Settings) -> EmbeddedServer | EmbeddedCluster:
     """The store serve starts, password-protected unless --no-password (its URL, password included,
     goes to the children through their environment, and to DATA_DIR/<store>/redis.url, mode 0600). DATA_DIR
-    and the store's dir under it are 0700: the AOF holds every prompt and output (embedded.private_dir)."""
+    and the store's dir under it are 0700: the AOF holds every prompt and output (embedded.private_dir).
+    Raises OSError when they cannot be (a file there, no permission)."""
     private_dir(settings.data_dir)
     if settings.embedded_cluster:
-        directory = str(Path(settings.data_dir) / "valkey-cluster")
+        directory = str(private_dir(Path(settings.data_dir) / "valkey-cluster"))
         return EmbeddedCluster(data_dir=directory, masters=settings.embedded_cluster, appendfsync=settings.appendfsync,
                                password=data_dir_password(directory) if settings.password else None)
-    directory = str(Path(settings.data_dir) / "valkey")
+    directory = str(private_dir(Path(settings.data_dir) / "valkey"))
     return EmbeddedServer(data_dir=directory, appendfsync=settings.appendfsync,
                           password=data_dir_password(directory) if settings.password else None)
 
@@ -174,8 +178,7 @@ def start_store(store: EmbeddedServer | EmbeddedCluster, settings: Settings) -> 
     """Start the store and return the settings its children get."""
     store.start(new_session=True)
     # The children use the store we started: they start none themselves.
-    if store.password:
-        write_url_file(store.data_dir, store.url)
+    keep_url_file(store.data_dir, store.url, store.password)
     # ... over its Unix socket when it has one (the URL file and the log name its TCP address, for tools)
     log.info("embedded Valkey %s on %s (AOF, appendfsync %s) in %s%s",
              f"cluster of {store.masters} masters" if isinstance(store, EmbeddedCluster) else "server",
@@ -185,17 +188,20 @@ def start_store(store: EmbeddedServer | EmbeddedCluster, settings: Settings) -> 
 
 
 def interrupt(signum: int, _frame: object) -> None:
-    """SIGINT or SIGTERM while the store starts: abandon the start (serve kills the store it was starting,
-    which runs in its own session, so no Ctrl-C reaches it). Further signals wait for that cleanup."""
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    """SIGINT, SIGTERM or SIGHUP while the store starts: abandon the start (serve kills the store it was
+    starting, which runs in its own session, so no Ctrl-C reaches it). Further signals wait for that cleanup."""
+    for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
     raise KeyboardInterrupt
 
 
 def serve(settings: Settings, groups: Sequence[GroupConfig] = ()) -> int:
-    """Run the whole stack until SIGINT or SIGTERM; `groups` are the checked `[groups.NAME]` tables
-    (none: the one group `--group` with `--workers` workers). Returns the exit code."""
+    """Run the whole stack until SIGINT, SIGTERM or SIGHUP (a closed terminal: its default action would kill
+    serve with no cleanup, and its store, in its own session, would run on; under nohup it stays ignored);
+    `groups` are the checked `[groups.NAME]` tables (none: the one group `--group` with `--workers` workers).
+    Returns the exit code."""
     stopping = False
+    signals = stop_signals()  # before `interrupt` ignores them all
 
     def request_stop(signum: int, _frame: object) -> None:
         nonlocal stopping
@@ -203,15 +209,19 @@ def serve(settings: Settings, groups: Sequence[GroupConfig] = ()) -> int:
 
     store: EmbeddedServer | EmbeddedCluster | None = None
     if not settings.redis_url:
-        store = embedded_store(settings)
+        try:
+            store = embedded_store(settings)
+        except OSError as error:
+            print(f"sluicegate serve: cannot use --data-dir {settings.data_dir}: {error}", file=sys.stderr)
+            return 2
         # Until the stop handlers are in place, a signal abandons the start, and any failure kills the
         # store: it runs in its own session, so nothing else would ever stop it.
-        signal.signal(signal.SIGINT, interrupt)
-        signal.signal(signal.SIGTERM, interrupt)
+        for sig in signals:
+            signal.signal(sig, interrupt)
         try:
             settings = start_store(store, settings)
-            signal.signal(signal.SIGINT, request_stop)
-            signal.signal(signal.SIGTERM, request_stop)
+            for sig in signals:
+                signal.signal(sig, request_stop)
         except BaseException as error:
             store.kill()
             if isinstance(error, KeyboardInterrupt):
@@ -222,8 +232,8 @@ def serve(settings: Settings, groups: Sequence[GroupConfig] = ()) -> int:
                 return 1
             raise
     else:
-        signal.signal(signal.SIGINT, request_stop)
-        signal.signal(signal.SIGTERM, request_stop)
+        for sig in signals:
+            signal.signal(sig, request_stop)
     if settings.redis_cluster and not settings.rq_redis_url:
         log.info("Redis Cluster without --rq-redis-url: the workers' rq presence is off (rq has no cluster "
                  "support, rq#1942)")
@@ -252,7 +262,7 @@ def serve(settings: Settings, groups: Sequence[GroupConfig] = ()) -> int:
         announced = False
         while not stopping:
             time.sleep(0.2)  # resumed after a signal handler ran (PEP 475): look at `stopping` first
-            if stopping:  # Ctrl-C reaches the children too: one that exits now is no failure
+            if stopping:  # Ctrl-C (SIGHUP) reaches the children too: one that exits now is no failure
                 break
             if not announced and api_answers(settings):  # the line a script may wait for: the API answers
                 log.info("%s", serving)

@@ -30,6 +30,8 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from sluicegate.sessions.keys import NAME_PATTERN
+
 ENV_PREFIX = "SLUICEGATE_"
 PRIORITY_NAMES = {"low": 2, "normal": 5, "high": 7, "critical": 9}
 PRIORITY_CLASSES = range(10)
@@ -117,6 +119,13 @@ def _checked(parse: Callable[[str], object]) -> AfterValidator:
     return AfterValidator(check)
 
 
+def _group_name(name: str) -> str:
+    """A group name is part of Redis keys and of a worker's client name: one no client could use is refused here."""
+    if not re.fullmatch(NAME_PATTERN, name):
+        raise ValueError(f"`{name}` is not a group name (1-64 of A-Z a-z 0-9 . _ -)")
+    return name
+
+
 def parse_hosts(spec: str) -> list[str]:
     """`a.example.com, 127.0.0.1` -> ["a.example.com", "127.0.0.1"] (host names, lowercased; no scheme or path)."""
     hosts = [h.strip().lower() for h in spec.split(",") if h.strip()]
@@ -153,10 +162,13 @@ class Settings(BaseSettings):
     rq_redis_url: RedisUrl | None = Field(None, description="a standalone Redis for the workers' rq presence in "
                                           "cluster mode (rq has no cluster support, rq#1942); without it, rq "
                                           "presence is off in cluster mode")
-    data_dir: str = Field("./.sluicegate", min_length=1, description="where the embedded server keeps its AOF "
-                          "(and serve its logs)")
-    password: bool = Field(True, description="protect the embedded Valkey with a generated password, kept in "
-                           "DATA_DIR/redis.url (mode 0600) and reused on restart; --no-password: none")
+    data_dir: str = Field("./.sluicegate", min_length=1, description="where the embedded Valkey keeps its AOF "
+                          "and its log (serve's: under DATA_DIR/valkey, or DATA_DIR/valkey-cluster; serve itself "
+                          "logs to stderr)")
+    password: bool = Field(True, description="protect the embedded Valkey with a generated password, kept in the "
+                           "URL file redis.url (mode 0600; serve's: DATA_DIR/valkey/redis.url, or "
+                           "DATA_DIR/valkey-cluster/redis.url; redis's: DATA_DIR/redis.url) and reused on restart; "
+                           "--no-password: none")
     appendfsync: Literal["everysec", "always"] = Field(
         "everysec", description="AOF fsync policy of the embedded server: everysec (lose <= 1 s on power loss) "
         "or always")
@@ -172,8 +184,8 @@ class Settings(BaseSettings):
         48, description="pooled Redis connections per API process on one server (plus one pipelined connection and "
         "one subscriber): callers past it wait for a free one instead of opening more, so 10,000 open streams take "
         "no more (a cluster keeps up to 256 per master: its client fails rather than waits past its bound)")
-    group: str = Field("default", min_length=1, description="the consumer group (pool of workers, usually one "
-                       "model) this worker serves")
+    group: Annotated[str, AfterValidator(_group_name)] = Field(
+        "default", description="the consumer group (pool of workers, usually one model) this worker serves")
     slots: Count | None = Field(None, description="concurrent requests per worker process (default: as many as "
                                 "the engine says it runs at once, else 8)")
     engine: Literal["sim", "openai"] = Field(
@@ -364,6 +376,14 @@ class Settings(BaseSettings):
                 value = "1" if value else "0"
             env[ENV_PREFIX + name.upper()] = str(value)
         return env
+
+    def child_env(self, environ: Mapping[str, str]) -> dict[str, str]:
+        """`environ` with these settings, for a child process (serve's, the API's): without `config`, which
+        it neither needs (every setting resolved from the file is there) nor may read again when it
+        (re)starts: an edited or deleted file would give it other settings than its parent's, or exit 2."""
+        variable = ENV_PREFIX + "CONFIG"
+        return {**{k: v for k, v in environ.items() if k != variable},
+                **{k: v for k, v in self.to_env().items() if k != variable}}
 
     def replace(self, **changes: Any) -> Settings:
         """A copy with `changes`, validated like any other settings."""
