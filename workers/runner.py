@@ -20,8 +20,11 @@ token: written in time, the deadline was met and the run goes on; past it, refus
 A run whose deadline passed before it started ends so at once, without calling the engine.
 
 A token is its text, and, when the engine gave a `Token`, the backend's raw non-text delta (tool
-calls) and logprobs, carried in its `token` event. The engine's `Finish` (finish_reason, usage)
-becomes the run's outcome, which the worker writes into the `done` event.
+calls) and logprobs, carried in its `token` event. A run is pinned (never preempted) before its first
+non-text delta is written, and a run with structured output (STRUCTURED_PARAMS) before its first token:
+no engine continues either; such a structured run whose backend fails ends failed (README "Tool calls and
+resumes"). The engine's `Finish` (finish_reason, usage) becomes the run's outcome, which the worker writes
+into the `done` event.
 """
 
 from __future__ import annotations
@@ -42,6 +45,14 @@ from sluicegate.workers.redis_retry import through_dropped_connections
 
 log = logging.getLogger(__name__)
 
+# A run's params that constrain its output to a format (a JSON object or schema, a regex, a grammar, a choice):
+# an engine constrains only what it generates, so a resume that continues the output so far makes output
+# that does not match (two JSON objects run together); such a run is pinned at its first token, as a tool call
+# is, and never resumed. `response_format` is OpenAI's (json_object, json_schema); the rest are vLLM's,
+# SGLang's, llama.cpp's and TGI's own.
+STRUCTURED_PARAMS = ("guided_json", "guided_regex", "guided_grammar", "guided_choice", "json_schema", "grammar",
+                     "regex", "ebnf", "structured_outputs")
+STRUCTURED = "structured output"  # in the tenant-facing message of such a run, interrupted
 MAX_BATCH = 256
 APPEND_RETRY_SECONDS = 30.0  # past this the lease is long gone: hand the run back instead
 # A run's end waits this long at most for its writer and engine call to stop after their cancel: a cancel
@@ -65,6 +76,20 @@ class RunOutcome:
     transient: bool = False
     usage: dict[str, Any] | None = None  # done: the backend's usage for the whole request, if it reported one
     tail: Tail | None = None  # done: the tokens not appended yet, which the run's end appends
+
+
+def structured(params: dict[str, Any]) -> bool:
+    """Whether a run's params constrain its output to a format (STRUCTURED_PARAMS)."""
+    response_format = params.get("response_format")
+    if isinstance(response_format, dict) and response_format.get("type") not in (None, "text"):
+        return True
+    return any(params.get(name) not in (None, "", [], {}) for name in STRUCTURED_PARAMS)
+
+
+def cannot_continue(streamed: str) -> str:
+    """The failure of a pinned run that was interrupted (workers/worker.py words it the same for the
+    deltas it finds in the log; it imports this module, so the words are repeated, not imported)."""
+    return f"the run was interrupted after it streamed {streamed}, which no engine can continue: call again"
 
 
 def token_data(rid: str, index: int, token: str | Token) -> str:
@@ -93,6 +118,7 @@ class Run:
         self._hold_over = asyncio.Event()  # the engine ended, or a full batch waits: a hold ends at once
         self.finish: Finish | None = None
         self._pinned = False
+        self._structured = structured(spec.params)  # pinned at its first token, never resumed
         # The worker's clock (ms) when it took the run from its inbox, called the engine and got the
         # engine's first token: the request's first append carries them, so the request shows where its
         # first token's time went (taken_at: Assignment.taken_at; unknown, it is the call's time).
@@ -172,11 +198,13 @@ class Run:
                 continue
             if self._engine_answered is None:
                 self._engine_answered = time.time() * 1000
-            if isinstance(piece, Token) and piece.delta and not self._pinned:
-                # A resume continues text, not a half-made tool call or reasoning: pinned first (never
-                # preempted from here on), or not written at all when the run was stopped meanwhile.
+            delta = piece.delta if isinstance(piece, Token) else None
+            if (delta or self._structured) and not self._pinned:
+                # A resume continues text, not a half-made tool call or reasoning, nor a constrained output
+                # (STRUCTURED_PARAMS): pinned first (never preempted from here on), or not written at all
+                # when the run was stopped meanwhile.
                 if not await self.store.pin(self.spec.request_id, self.spec.attempt):
-                    raise Fenced(f"stopped before it streamed {delta_kind(piece.delta)}")
+                    raise Fenced(f"stopped before it streamed {delta_kind(delta) if delta else STRUCTURED}")
                 self._pinned = True
             self._pending.append(piece)
             self._wake.set()
@@ -214,6 +242,8 @@ class Run:
         left = self.spec.deadline_left_ms
         if left is not None and left <= 0:  # its `fail` deadline passed before it started
             return RunOutcome("deadline_exceeded", DEADLINE_EXCEEDED)
+        if self._structured and self.spec.start_index:  # pinned, but its worker was lost: never continued
+            return RunOutcome("engine_error", cannot_continue(STRUCTURED))
         # The producer first: its first step (up to the engine call) runs before the writer's, which
         # only waits for tokens.
         producer = asyncio.create_task(self._produce(so_far))
@@ -239,6 +269,9 @@ class Run:
         except EngineError as error:
             self._disarm_deadline()  # it could fire during the flush and cancel the writer: a cancel, not this error
             await self._flush_quietly(writer)
+            if error.transient and self._pinned and self._structured:  # a resume could only spoil its output
+                log.info("run %s: %s; its structured output cannot be resumed", self.key, error)
+                return RunOutcome("engine_error", cannot_continue(STRUCTURED))
             return RunOutcome("engine_error", str(error), transient=error.transient)
         finally:
             self._disarm_deadline()

@@ -6,7 +6,7 @@ connections, 0.4 ms less to the first chunk than aiohttp); the calls off the fir
 a non-text delta (tool calls) or logprobs is one token of the run (one `token` event, its index the
 next); what the chunk carried besides text travels with it (`Token`), and the stream's finish_reason
 and usage end it (`Finish`). Usage is asked for with `stream_options.include_usage` (a server that
-refuses the field is asked again without it, and not asked again).
+refuses the field is asked again without it, and not asked again once that call is served: see `_post`).
 
 A server that streams message diffs (llama.cpp) may send several chunks for one generated token (the
 end of the text and the start of a tool call; a tool call's name, then its arguments): the backend's
@@ -25,7 +25,10 @@ Failures, and who handles them:
   TGI and proxies send it when overloaded) is honoured: the next try waits at least that long, but at
   most RETRY_AFTER_MAX_SECONDS (30 s: a confused backend cannot park the slot for hours); one that does
   not parse or is past leaves the backoff as it is.
-- after tokens streamed (a broken stream, silence past `idle_timeout`): a transient EngineError.
+- after tokens streamed (a broken stream, silence past `idle_timeout`): a transient EngineError; after
+  the backend's finish_reason (only its usage or `[DONE]` missing) the run ends finished instead.
+- a 200 that is not an event stream (its content-type says so: a JSON error served with 200, a web
+  page at a wrong --backend-url): the backend's words, permanent unless its JSON error says otherwise.
 - an error the backend reports inside its stream (vLLM's `data: {"error": ...}`, llama.cpp's
   `error: {...}` line, a `data:` after `event: error`), before or after tokens: its own words; a 4xx
   other than 408 and 429 is permanent, any other is transient as above. TGI tags every such error 422
@@ -43,7 +46,8 @@ streamed chunk is one token, as vLLM and SGLang stream).
 Priority: vLLM schedules lower values first (with `--scheduling-policy priority`), so Sluicegate's
 0..9 (higher first) is sent as `priority = 9 - p`; to SGLang, which runs higher values first, as
 `p`. A server that rejects the field (vLLM without priority scheduling answers 400 "...Priority
-scheduling is not enabled") is asked again without it, and this engine stops sending it.
+scheduling is not enabled") is asked again without it, and this engine stops sending it once that
+call is served (vLLM and SGLang echo the whole request in any validation 400, which then names it too).
 
 A run that is cancelled or preempted closes its HTTP stream at once (the backend aborts the
 generation and frees its KV cache).
@@ -482,8 +486,16 @@ class OpenAIEngine:
                     produced += 1
                 try:
                     piece = await idle.next(tokens)
-                except TimeoutError:
-                    raise Transient(f"no token for {self.idle_timeout:g} s (--backend-idle-timeout)") from None
+                except (Transient, HTTPClientError, TimeoutError, ValueError) as error:
+                    if state.finish_reason is None:
+                        if isinstance(error, TimeoutError):
+                            raise Transient(f"no token for {self.idle_timeout:g} s (--backend-idle-timeout)") from None
+                        raise
+                    # The backend said its generation ended: what broke is only its usage or [DONE]. A resume
+                    # would append to a finished answer (or fail a whole tool call): it ends here, finished.
+                    log.info("run %s|%s: the backend's stream broke after its finish_reason (%s); ended there",
+                             run.request_id, run.attempt, describe(error))
+                    break
             ended = piece is None  # the stream's own end: its last bytes are read and the connection kept
             if cut:  # Sluicegate ended it: at the length limit, whatever the backend meant to say
                 state.finish_reason = "length"
@@ -578,28 +590,58 @@ class OpenAIEngine:
             raise Transient(describe(error)) from error
 
     async def _post(self, body: dict[str, Any], headers: dict[str, str] | None = None) -> Response:
-        """`headers`: besides the engine's (the W3C traceparent of the call's span, when tracing)."""
+        """`headers`: besides the engine's (the W3C traceparent of the call's span, when tracing). A 400 that
+        names a field of ours (or asks for `max_completion_tokens`) is tried again without it (renamed), and
+        learnt for good only when that try is served: vLLM and SGLang echo the whole request in every
+        validation 400, so one tenant's bad request names them all, and must not change the engine for all."""
+        lessons: list[str] = []  # the fields left out (or "budget": renamed) on this call's way
         while True:
             response = await self.http.post("/chat/completions", orjson.dumps(body), headers)
             if response.status == 200:
+                await self._expect_stream(response)
+                self._learn(lessons)
                 return response
             payload = await response.read()
             field = refused_field(response.status, payload, body)
-            if field is not None:  # stop sending it
-                log.warning("backend %s rejects `%s`; sending requests without it from now on: %s",
-                            self.base_url, field, error_message(400, payload))
-                if field == "priority":
-                    self.send_priority = False
-                else:
-                    self.ask_usage = False
+            if field is not None:
                 body.pop(field)
+                lessons.append(field)
                 continue
-            if renamed_budget(response.status, payload, body):  # asked by its newer name from now on
+            if renamed_budget(response.status, payload, body):
+                lessons.append("budget")
+                continue
+            self._raise_for_status(response.status, payload, response.headers)  # the request's own error
+
+    def _learn(self, lessons: list[str]) -> None:
+        """What a served retry showed the backend refuses: not sent again (the budget asked by its newer name)."""
+        for lesson in lessons:
+            if lesson == "budget":
                 log.warning("backend %s refuses `max_tokens`; sending `max_completion_tokens` from now on",
                             self.base_url)
                 self.capabilities = replace(self.capabilities, budget_field="max_completion_tokens")
                 continue
-            self._raise_for_status(response.status, payload, response.headers)
+            log.warning("backend %s rejects `%s`; sending requests without it from now on", self.base_url, lesson)
+            if lesson == "priority":
+                self.send_priority = False
+            else:
+                self.ask_usage = False
+
+    @staticmethod
+    async def _expect_stream(response: Response) -> None:
+        """A 200 that says it is not an event stream (a JSON error served with 200, an HTML page from a wrong
+        --backend-url) is read, bounded, for the backend's words, not as a stream cut short (retried); one that
+        names no content-type is read as a stream."""
+        kind = response.headers.get("content-type")
+        if kind is None or kind.split(";", 1)[0].strip().lower() == "text/event-stream":
+            return
+        payload = await response.read()
+        try:
+            data = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            data = None
+        if isinstance(data, dict) and ("error" in data or data.get("object") == "error"):
+            raise stream_error(payload)
+        raise Permanent(error_message(200, payload))
 
     @staticmethod
     async def _tokens(response: AsyncIterable[bytes], state: StreamState, *,
