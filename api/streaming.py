@@ -165,7 +165,10 @@ async def request_stream(svc: Services, who: Principal, request_id: str, request
                 # stream of it would miss them. A request that has not ended keeps all of its events (the
                 # log is never trimmed past its session's head's `queued` event, and the queue is in order),
                 # so for a request of unknown status (just accepted) this can only fire once it has ended.
-                raise cursor_expired(sid, cursor, bounds.oldest_kept)
+                raise ApiError(409, f"the first events of request {request_id!r} are no longer in the log of "
+                                    f"session {sid!r} (--session-log-max-events): the oldest kept event is "
+                                    f"{bounds.oldest_kept}; resume from {bounds.oldest_kept - 1} (Last-Event-ID) "
+                                    "for what is left of it, accepting the gap", "cursor_expired")
         release = await svc.guardrails.open_stream(who)
     except BaseException:
         stream.close()  # idempotent

@@ -22,6 +22,10 @@ from sluicegate.sessions.subscriber import Subscriber
 # Shorter than api/deadline.py's RESPONSE_DEADLINE_SECONDS (5 s): a request stream joins before its
 # response starts, so a wait as long as the deadline would always end in its 503 instead.
 CONFIRM_TIMEOUT_SECONDS = 4.0
+# Log reads of readers sent back to the log at once (every reader of a channel resubscribed after a lost
+# connection): at most this many at a time per process, well inside a cluster client's bound of
+# connections per master (256, past which it raises): thousands of streams reread in turn, none cut.
+REREADS_AT_ONCE = 32
 
 
 class Reader:
@@ -65,6 +69,7 @@ class EventHub:
         self._reader_queue = reader_queue
         self._confirm_timeout = confirm_timeout
         self._linger_task: asyncio.Task[None] | None = None
+        self.rereads = asyncio.Semaphore(REREADS_AT_ONCE)  # taken by a live stream's log read (sessions/stream.py)
 
     async def start(self) -> None:
         await self._subscriber.start()
@@ -99,7 +104,10 @@ class EventHub:
         channel.idle_since = None
         if not channel.confirmed.is_set():
             try:
-                await asyncio.wait_for(channel.confirmed.wait(), self._confirm_timeout)
+                # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a cancel that lands once
+                # the wait is done, and the cancelled caller would go on with a reader nobody leaves with
+                async with asyncio.timeout(self._confirm_timeout):
+                    await channel.confirmed.wait()
             except TimeoutError:
                 pass  # returned anyway (above)
             except BaseException:

@@ -17,11 +17,13 @@ join with the log read) sends the stream to the log to look.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 
 from sluicegate.sessions import keys
+from sluicegate.sessions.connect import store_unavailable
 from sluicegate.sessions.events import Event
 from sluicegate.sessions.hub import EventHub, Reader
 from sluicegate.sessions.idle import IdleDeadline
@@ -29,6 +31,7 @@ from sluicegate.sessions.store import CursorExpired, LogBounds, SessionStore, lo
 
 FIRST_PAGE = 16  # small, so a resume sends its first event without reading (and parsing) the backlog first
 PAGE = 1000
+LOG_RETRY_SECONDS = 0.5  # a live stream's log read that failed (the store loading, out of connections) is retried
 
 
 class EventStream:
@@ -105,13 +108,18 @@ class EventStream:
                     break
         return kept
 
-    async def _backlog(self, page: int = PAGE) -> AsyncIterator[list[Event]]:
+    async def _backlog(self, page: int = PAGE, gate: asyncio.Semaphore | None = None) -> AsyncIterator[list[Event]]:
+        """The log after the cursor, in growing pages. `gate`: held for each page's read only (not while a
+        page is written to a client, however slow)."""
         while not self.finished:
             first, self._first = self._first, None
             if first is not None:  # read by `open`
                 bounds, events = first
-            else:
+            elif gate is None:
                 bounds, events = await self.store.read_page(self.session_id, self.cursor, page)
+            else:
+                async with gate:
+                    bounds, events = await self.store.read_page(self.session_id, self.cursor, page)
             if self.owner is not None and bounds.owner != self.owner:  # recycled (or expired): not ours
                 self.finished = True
                 return
@@ -195,22 +203,42 @@ class EventStream:
         own, and the queue's wait then never times out."""
         idle = IdleDeadline(self.idle_seconds)  # one timer per idle period, not one per wait (sessions/idle.py)
         last_sent = time.monotonic()  # of the last batch this stream yielded (events or a ping)
+        read_again = False  # the last log read failed: the store restarting (loading) or out of connections
         try:
             while not self.finished:
-                try:
-                    live = await idle.wait(reader.queue.get())
-                except TimeoutError:
+                if read_again:
                     live = None
+                else:
+                    try:
+                        live = await idle.wait(reader.queue.get())
+                    except TimeoutError:
+                        live = None
                 if live is None or reader.overflowed or (live and live[0].seq > self.cursor + 1) or (
                         self.owner is not None and live and live[0].seq <= self.cursor):
                     # Idle, overflowed or a gap: the log is the truth (a publish may have been missed);
                     # or, for an owner's stream, ids that may be a recycled session's (the log says whose).
                     reader.overflowed = False
-                    sent = False
-                    async with aclosing(self._backlog()) as backlog:
-                        async for batch in backlog:
-                            sent = True
-                            yield batch
+                    sent = read_again = False
+                    try:
+                        async with aclosing(self._backlog(gate=self.hub.rereads)) as backlog:
+                            async for batch in backlog:
+                                sent = True
+                                yield batch
+                    except Exception as error:
+                        # A resubscribe sends every reader to the log at once, as the store comes back from a
+                        # restart (still loading) or past a pool's bound: the stream waits and reads again,
+                        # pinging meanwhile, instead of ending (a browser's EventSource would stop at the 503
+                        # of its reconnect). Its cursor is where the last batch it sent left it.
+                        if not store_unavailable(error):
+                            raise
+                        read_again = True
+                        if sent:
+                            last_sent = time.monotonic()
+                        await asyncio.sleep(LOG_RETRY_SECONDS)
+                        if time.monotonic() - last_sent >= self.idle_seconds:
+                            yield []
+                            last_sent = time.monotonic()
+                        continue
                     now = time.monotonic()
                     if not sent and (live is None or now - last_sent >= self.idle_seconds):
                         yield []

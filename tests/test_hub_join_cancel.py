@@ -75,6 +75,32 @@ def test_a_join_cancelled_before_its_confirmation_leaves_and_the_channel_is_rele
     asyncio.run(asyncio.wait_for(scenario(), 30))
 
 
+def test_a_join_cancelled_as_its_confirmation_comes_still_leaves(redis_url: str) -> None:
+    """The confirmation and the client's leaving in the same loop turn: Python 3.11's asyncio.wait_for
+    swallowed a cancel that came once the wait was done, and the join returned a reader to a caller that
+    had gone (its stream then pinged nobody for good, holding a max_streams place)."""
+    sid = "raced-join"
+
+    async def scenario() -> None:
+        hub = EventHub(redis_url, cluster=ON_CLUSTER, linger_seconds=0.2)
+        await hub.start()
+        try:
+            joining = asyncio.create_task(hub.join(sid))
+            await asyncio.sleep(0)
+            channel = hub._channels[keys.session_channel(sid)]
+            assert not channel.confirmed.is_set(), "confirmed already: the test did not race the confirmation"
+            channel.confirmed.set()  # the server's confirmation is read...
+            joining.cancel()  # ...and the client's FIN in the same turn
+            with contextlib.suppress(asyncio.CancelledError):
+                await joining
+            assert joining.cancelled(), "the join swallowed its cancel and returned a reader"
+            assert not channel.readers, "the cancelled join's reader was left in the hub"
+        finally:
+            await hub.stop()
+
+    asyncio.run(asyncio.wait_for(scenario(), 30))
+
+
 def test_the_confirm_wait_ends_before_the_response_deadline() -> None:
     """A request stream joins before its response starts: the documented "returned anyway" path can only
     happen if the hub gives up on the confirmation before api/deadline.py turns the response into a 503."""

@@ -94,8 +94,12 @@ def test_resume_from_a_trimmed_cursor_is_409_naming_the_oldest_kept_id(capped: S
         assert expired(*call("GET", f"{url}/v1/sessions/{sid}/events?after={cursor}"), base)
         assert expired(*get_sse_status(url, f"/v1/requests/{first}/events", cursor), base)
         assert expired(*call("GET", f"{url}/v1/requests/{first}/events?after={cursor}"), base)
-    # the request form without a cursor: an ended request whose events were trimmed
-    assert expired(*call("GET", f"{url}/v1/requests/{first}/events"), base)
+    # the request form without a cursor: an ended request whose events were trimmed; its advice is a cursor
+    # (not "reconnect without a cursor", which is what it did), and that cursor serves what is left
+    code, reply = call("GET", f"{url}/v1/requests/{first}/events")
+    assert expired(code, reply, base)
+    assert "without a cursor" not in reply["error"]["message"]
+    assert f"resume from {base - 1}" in reply["error"]["message"]
 
     # a kept cursor, the oldest allowed one included: every later event, once, in order
     for cursor in (base - 1, base + 10):
