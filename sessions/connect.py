@@ -36,6 +36,8 @@ from redis.crc import REDIS_CLUSTER_HASH_SLOTS
 from redis.crc import key_slot as _key_slot
 from redis.retry import Retry
 
+from sluicegate.sessions.resp import NotConnected
+
 CONNECT_TIMEOUT = 5.0  # a server that does not accept a connection in 5 s is down, not slow
 READ_TIMEOUT = 15.0  # above any single command we send (scripts are short); blocking reads pass their own
 
@@ -67,6 +69,16 @@ def store_refuses(exc: BaseException) -> bool:
 def store_unavailable(exc: BaseException) -> bool:
     """Unreachable or refusing work for now: worth retrying, never a caller's mistake."""
     return isinstance(exc, UNAVAILABLE) or store_refuses(exc)
+
+
+def never_sent(exc: BaseException) -> bool:
+    """A failure to connect, so the command never went out and cannot have run: the lean client's
+    NotConnected (exact), or redis-py's words for a connection it could not make ("Error 111 connecting
+    to ...", "Timeout connecting to server"): its own retries may hide an earlier attempt that went out."""
+    if isinstance(exc, NotConnected):
+        return True
+    return isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError) and \
+        "connecting to" in str(exc)
 
 
 class RedisUnavailable(RuntimeError):

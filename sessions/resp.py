@@ -40,6 +40,12 @@ import hiredis
 from redis.exceptions import AuthenticationError, BusyLoadingError, OutOfMemoryError, ReadOnlyError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+
+class NotConnected(RedisConnectionError):
+    """No connection could be made (refused, timed out, the login refused or cut): the command never went
+    out, so it cannot have run (sessions/connect.py never_sent)."""
+
+
 # Error codes with an exception class of their own in redis-py (the rest are ResponseError).
 ERROR_CLASSES: dict[str, type[ResponseError] | type[RedisConnectionError]] = {
     "LOADING": BusyLoadingError, "NOAUTH": AuthenticationError, "WRONGPASS": AuthenticationError,
@@ -239,7 +245,7 @@ class LeanRedis:
                                                  ssl=context)
             _, conn = await asyncio.wait_for(opening, self.connect_timeout)
         except (OSError, TimeoutError) as error:
-            raise RedisConnectionError(f"cannot connect to Redis at {address.where}: {error}") from error
+            raise NotConnected(f"cannot connect to Redis at {address.where}: {error}") from error
         login = address.login(self.client_name)
         try:
             if login:
@@ -247,8 +253,11 @@ class LeanRedis:
                     await reply
         except (ResponseError, AuthenticationError) as error:
             conn._fail(RedisConnectionError(f"Redis refused the login: {error}"))
-            raise RedisConnectionError(f"Redis refused the login: {error}") from error
-        except BaseException:  # lost or cancelled half-way: the connection is not kept, so close it
+            raise NotConnected(f"Redis refused the login: {error}") from error
+        except RedisConnectionError as error:  # lost half-way: no command of a caller's went out
+            conn._fail(RedisConnectionError("the login did not complete"))
+            raise NotConnected(f"the login did not complete: {error}") from error
+        except BaseException:  # cancelled half-way: the connection is not kept, so close it
             conn._fail(RedisConnectionError("the login did not complete"))
             raise
         return conn
@@ -264,8 +273,13 @@ class LeanRedis:
                 raise
         try:
             return await (await self._connection()).send(data)[0]
-        except RedisConnectionError:  # a connection that died unnoticed: once more on a fresh one
-            return await (await self._connection()).send(data)[0]
+        except RedisConnectionError as first:  # a connection that died unnoticed: once more on a fresh one
+            try:
+                return await (await self._connection()).send(data)[0]
+            except NotConnected:
+                if isinstance(first, NotConnected):
+                    raise
+                raise first from None  # the first went out (its answer was lost): not "never sent"
 
     async def aclose(self) -> None:
         self._closed = True

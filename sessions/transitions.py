@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from sluicegate.sessions import keys
-from sluicegate.sessions.connect import store_refuses, store_unavailable, text
+from sluicegate.sessions.connect import never_sent, store_refuses, store_unavailable, text
 from sluicegate.sessions.requests import NewRequest
 from sluicegate.sessions.scripts import Scripts
 from sluicegate.settings import Settings
@@ -158,11 +158,12 @@ class Transitions:
         """The submit's call. One whose answer was lost (the connection broke or timed out: it may have run)
         is sent once more with the same request id, which the script answers as the first time did
         (requests.lua): a stored request is never taken for a failed submit. Raises MaybeStored when that
-        one gets no answer either; a refusal of the first call did nothing and is raised as it is."""
+        one gets no answer either. A first call that never went out (no connection could be made) or
+        that was refused did nothing: its error is raised as it is (the plain 503 a client retries)."""
         try:
             return await self._call(name, keys_, args)
         except Exception as error:
-            if not store_unavailable(error) or store_refuses(error):
+            if not store_unavailable(error) or store_refuses(error) or never_sent(error):
                 raise
             log.warning("submit of %s got no answer (%s); asking again", rid, error)
         try:
@@ -304,7 +305,8 @@ class Transitions:
                 # its lease pushed back a little: else the oldest leases, all of one master that refuses,
                 # would fill every sweep's batch, and the lost runs behind them would never be reached
                 await settled(self.scripts.client.zadd(keys.group_key(group, "leases"),
-                                                       {key: float(reply[4]) + LEASE_PUSH_BACK_MS}, xx=True))
+                                                       {key: float(reply[4]) + LEASE_PUSH_BACK_MS}, xx=True,
+                                                       gt=True))  # a lease renewed meanwhile stands
         for entry in (text(x) for x in reply[6 + lost:]):  # deadlines missed by requests that fail then
             rid, _, sid = entry.partition("|")
             try:

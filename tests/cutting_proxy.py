@@ -1,7 +1,8 @@
 """A TCP proxy in front of a test server whose connections can fail as networks make them fail: an
 answer that never comes back (`drop_answers`, or `drop_next` for the next N connections that answer),
-or a client whose side vanishes while the server's side stays open and unread (`vanish_clients`: no
-FIN reaches the server, which still counts the stream), until `release_vanished` closes those too."""
+new connections closed at once (`refuse`), or a client whose side vanishes while the server's side
+stays open and unread (`vanish_clients`: no FIN reaches the server, which still counts the stream),
+until `release_vanished` closes those too."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ class CuttingProxy:
         self.port = self.listener.getsockname()[1]
         self.drop_answers = False  # forward the requests, never the answers; close the client's side
         self.drop_next = 0  # as drop_answers, for the next N connections that answer only
+        self.refuse = False  # close every new connection at once: nothing it sends reaches the server
         self.lock = threading.Lock()
         self.pairs: list[tuple[socket.socket, socket.socket]] = []  # (client's side, server's side)
         self.frozen: set[socket.socket] = set()  # server sides left open and unread
@@ -36,6 +38,9 @@ class CuttingProxy:
                 client, _ = self.listener.accept()
             except OSError:
                 return
+            if self.refuse:
+                client.close()
+                continue
             try:
                 server = socket.create_connection(self.target)
             except OSError:  # the server behind is gone (the test is ending)

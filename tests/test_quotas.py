@@ -252,6 +252,18 @@ def test_a_rate_state_that_is_not_finite_is_taken_as_none(r: redis.Redis, tat: s
     assert float(qs(h)["tat"]) == T0 + 500
 
 
+@pytest.mark.single_server  # the deterministic harness pins the clock (a global key)
+def test_a_rate_stored_below_the_floor_still_limits(r: redis.Redis) -> None:
+    """A rate stored before the API refused rates below 1e-6/s (1e-320: an infinite interval) is read as
+    the floor: the old scripts' NaN admitted every request."""
+    h = Harness(r)
+    h.quota("default", requests_per_second=2, burst=1)
+    r.hset(keys.group_key("default", "cfg"), "requests_per_second", "1e-320")
+    h.add_worker("w", slots=5)
+    queue(h, 3)
+    assert len(h.dispatched) == 1
+
+
 @pytest.mark.parametrize("bad", [{"requests_per_second": -1}, {"burst": "many"}, {"requests_per_second": 1e-320},
                                  {"tokens_per_second": 1e-9}])
 def test_quota_admin_api(redis_url: str, bad: dict) -> None:

@@ -106,3 +106,41 @@ def test_the_api_answers_a_submit_it_may_have_stored_with_its_id_and_no_retry(
     finally:
         proxy.drop_answers = False
         stack.stop()
+
+
+def test_a_submit_that_never_reached_the_store_is_the_plain_retryable_503(
+        proxied: tuple[CuttingProxy, str], r: redis.Redis) -> None:
+    """Nothing could connect (the store down): nothing was sent, so nothing may have been stored, and the
+    answer is the plain 503 that says retry (not maybe_stored, which would stop an SDK's retries)."""
+    proxy, url = proxied
+    stack = Stack(fast_settings(url)).start(scheduler=False, workers=0)
+    try:
+        assert call("POST", f"{stack.base_url}/v1/sessions/down/requests", {"prompt": "x", "max_tokens": 2})[0] == 202
+        proxy.refuse = True  # no new connection gets through
+        r.client_kill_filter(_type="normal", skipme=True)  # and the API's are closed
+        code, body, headers = post_with_headers(f"{stack.base_url}/v1/sessions/down/requests",
+                                                {"prompt": "hi", "max_tokens": 2})
+        assert code == 503 and body["error"].get("code") != "maybe_stored", body
+        assert headers.get("retry-after") == "1" and "x-request-id" not in headers
+        assert len(r.lrange(keys.session_queue("down"), 0, -1)) == 1  # only the warm one
+    finally:
+        stack.stop()
+
+
+def test_a_submit_whose_answer_was_lost_and_then_cannot_reconnect_may_have_been_stored(
+        proxied: tuple[CuttingProxy, str], r: redis.Redis) -> None:
+    """The call went out and its answer was lost; every attempt after it could not even connect: the first
+    may have run, so it is the 503 that names the request (the lean client's own retry must not hide that
+    the first went out)."""
+    proxy, url = proxied
+    stack = Stack(fast_settings(url)).start(scheduler=False, workers=0)
+    try:
+        assert call("POST", f"{stack.base_url}/v1/sessions/half/requests", {"prompt": "x", "max_tokens": 2})[0] == 202
+        proxy.drop_next = 1_000  # every answer lost from now on...
+        proxy.refuse = True  # ...and no new connection gets through
+        code, body, headers = post_with_headers(f"{stack.base_url}/v1/sessions/half/requests",
+                                                {"prompt": "hi", "max_tokens": 2})
+        assert code == 503 and body["error"]["code"] == "maybe_stored", body
+        assert r.lrange(keys.session_queue("half"), 0, -1)[-1] == headers["x-request-id"]  # it was stored
+    finally:
+        stack.stop()

@@ -2,6 +2,8 @@
 -- into debt by a reservation (reserved at dispatch, reconciled when the run ends), and a cap on
 -- concurrency (runs in flight, including those being stopped).
 
+local MIN_RATE = 1e-6 -- per second
+
 -- Read once per call and group, as policy() is (call.lua per_call: a finish reads it to refund, then to
 -- fill the freed slot); only the admin API writes it, never a function. Callers do not change the table.
 local function quota_config(cp)
@@ -11,6 +13,10 @@ local function quota_config(cp)
   local c = redis.call('HMGET', cp .. 'cfg', 'requests_per_second', 'tokens_per_second', 'burst',
     'max_concurrency', 'burst_tokens')
   cfg = { rps = tonumber(c[1]), tps = tonumber(c[2]), burst = tonumber(c[3]) or 1, mc = tonumber(c[4]) }
+  -- the API's floor (scheduler/quota.py), for a rate stored before it: a lower one made the interval
+  -- infinite and the arithmetic NaN, which admits everything
+  if cfg.rps then cfg.rps = math.max(cfg.rps, MIN_RATE) end
+  if cfg.tps then cfg.tps = math.max(cfg.tps, MIN_RATE) end
   if cfg.tps then cfg.cap = tonumber(c[5]) or cfg.tps end
   per_call[key] = cfg
   return cfg
