@@ -12,7 +12,7 @@ import pytest
 
 from sluicegate.workers.engines.base import EngineError
 from sluicegate.workers.engines.openai import OpenAIEngine
-from tests.test_openai_engine_streams import RawBackend, chunk, finish_of, spec, tool_call
+from tests.test_openai_engine_streams import RawBackend, chunk, finish_of, spec, stream_engine, tool_call
 
 
 def answer(status: str, body: bytes, kind: bytes = b"application/json") -> bytes:
@@ -22,22 +22,7 @@ def answer(status: str, body: bytes, kind: bytes = b"application/json") -> bytes
 
 async def run_engine(backend: RawBackend, retries: int = 1) -> tuple[list[Any], EngineError | None, OpenAIEngine]:
     """What the engine yields for a 5-token run, the EngineError it raised, and the engine (what it learnt)."""
-    server = await asyncio.start_server(backend.answer, "127.0.0.1", 0)
-    engine = OpenAIEngine(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1", models={"*": "m"},
-                          retries=retries, backoff_initial=0.01, backoff_max=0.02, timeout=5.0,
-                          first_token_timeout=5.0, idle_timeout=5.0)
-    out: list[Any] = []
-    error: EngineError | None = None
-    try:
-        async for piece in engine.stream(spec(max_tokens=5), ""):
-            out.append(piece)
-    except EngineError as e:
-        error = e
-    finally:
-        await engine.aclose()
-        server.close()
-        await server.wait_closed()
-    return out, error, engine
+    return await stream_engine(backend, spec(max_tokens=5), retries=retries)
 
 
 def test_a_bad_request_that_echoes_every_field_changes_nothing_for_the_next_ones() -> None:

@@ -97,6 +97,13 @@ def spec(max_tokens: int, start_index: int = 0) -> RunSpec:
 async def stream(backend: RawBackend, run: RunSpec, so_far: str = "", *, continues: bool = True,
                  retries: int = 1) -> tuple[list[Any], EngineError | None]:
     """What the engine yields for `run` against `backend`, and the EngineError it raised, if any."""
+    out, error, _ = await stream_engine(backend, run, so_far, continues=continues, retries=retries)
+    return out, error
+
+
+async def stream_engine(backend: RawBackend, run: RunSpec, so_far: str = "", *, continues: bool = True,
+                        retries: int = 1) -> tuple[list[Any], EngineError | None, OpenAIEngine]:
+    """As `stream`, and the engine (what it learnt from the backend's answers)."""
     server = await asyncio.start_server(backend.answer, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     engine = OpenAIEngine(f"http://127.0.0.1:{port}/v1", models={"*": "m"}, retries=retries, backoff_initial=0.01,
@@ -113,7 +120,7 @@ async def stream(backend: RawBackend, run: RunSpec, so_far: str = "", *, continu
         await engine.aclose()
         server.close()
         await server.wait_closed()
-    return out, error
+    return out, error, engine
 
 
 def finish_of(pieces: list[Any]) -> Finish:
