@@ -333,25 +333,27 @@ class Transitions:
         One pipelined ZCOUNT per bucket finds the outboxes with old entries (by this host's clock, a
         second early: the `outbox` function decides by the server's); only those are called on. A pass
         over 1024 empty outboxes measured 0.21 s of CPU as function calls, which redis-py's cluster
-        client routes only after asking a server for their keys."""
+        client routes only after asking a server for their keys. One pipeline per master: a master
+        unreachable, busy, loading or refusing leaves its own buckets for the next pass, not the others'."""
         cutoff = time.time() * 1000 - max(0, age_ms - 1000)
-        pipe = self.scripts.client.pipeline(transaction=False)
-        for bucket in buckets:
-            pipe.zcount(keys.outbox(bucket), "-inf", cutoff)
-        try:  # a master busy, loading or refusing answers its own buckets' counts with an error, not the pass's
-            counts = await settled(pipe.execute(raise_on_error=False))
-        except Exception as error:  # a master unreachable: each bucket is asked on its own, this pass
-            if not store_unavailable(error):
-                raise
-            log.warning("repair: counting the outboxes failed (%s); asking each bucket", error)
-            counts = await asyncio.gather(*(settled(self.scripts.client.zcount(keys.outbox(b), "-inf", cutoff))
-                                            for b in buckets), return_exceptions=True)
-        failed = [b for b, n in zip(buckets, counts, strict=True) if isinstance(n, BaseException)]
+        counts: dict[str, Any] = {}
+        for group in await self._by_master(buckets):
+            pipe = self.scripts.client.pipeline(transaction=False)
+            for bucket in group:
+                pipe.zcount(keys.outbox(bucket), "-inf", cutoff)
+            try:
+                replies = await settled(pipe.execute(raise_on_error=False))
+            except Exception as error:
+                if not store_unavailable(error):
+                    raise
+                replies = [error] * len(group)
+            counts.update(zip(group, replies, strict=True))
+        failed = [b for b in buckets if isinstance(counts[b], BaseException)]
         if failed:
             log.warning("repair: %d buckets' outboxes could not be read (%s); the next pass retries them",
-                        len(failed), counts[buckets.index(failed[0])])
+                        len(failed), counts[failed[0]])
         repaired = 0
-        for bucket in (b for b, n in zip(buckets, counts, strict=True) if n and not isinstance(n, BaseException)):
+        for bucket in (b for b in buckets if counts[b] and not isinstance(counts[b], BaseException)):
             try:
                 repaired += await self._repair_bucket(bucket, age_ms, limit)
             except Exception as error:
@@ -361,6 +363,20 @@ class Transitions:
                     raise
                 log.warning("repair of bucket %s failed (%s); the next pass retries it", bucket, error)
         return repaired
+
+    async def _by_master(self, buckets: Sequence[str]) -> list[list[str]]:
+        """The buckets grouped by the master that holds their outbox (the client's slot map); one group on
+        one server."""
+        client = self.scripts.client
+        if not hasattr(client, "get_node_from_key"):
+            return [list(buckets)]
+        initialize = getattr(client, "initialize", None)
+        if initialize is not None and asyncio.iscoroutinefunction(initialize):
+            await initialize()  # the asyncio client's slot map (dropped after a connection error)
+        groups: dict[str, list[str]] = {}
+        for bucket in buckets:
+            groups.setdefault(client.get_node_from_key(keys.outbox(bucket)).name, []).append(bucket)
+        return list(groups.values())
 
     async def _repair_bucket(self, bucket: str, age_ms: int, limit: int) -> int:
         """Ready the bucket's old outbox heads; one whose group's master refuses stays in the outbox (the

@@ -8,6 +8,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import redis
@@ -17,6 +18,7 @@ from sluicegate.embedded import EmbeddedCluster
 from sluicegate.sessions import keys
 from sluicegate.sessions.requests import NewRequest
 from sluicegate.sessions.transitions import run_sync
+from tests.cluster_helpers import start_test_cluster
 from tests.helpers import Stack, call, fast_settings, wait_for
 from tests.sched_harness import Harness
 
@@ -214,3 +216,27 @@ def test_a_busy_master_does_not_stop_the_repair_of_the_others_buckets(
         busy.join()
         node.config_set("busy-reply-threshold", 5000)
         node.close()
+
+
+def test_an_unreachable_master_does_not_stop_the_repair_of_the_others_buckets(tmp_path: Path) -> None:
+    """A master down (before the cluster fails it over): the pipelined count of every outbox cannot reach
+    it, so the pass asks each bucket on its own, and the heads on the masters that answer are readied."""
+    cluster = start_test_cluster(tmp_path)
+    rc = RedisCluster.from_url(cluster.url, decode_responses=True)
+    try:
+        h = Harness(rc, lease_ms=60_000, cluster=True)
+        h._group("default")
+        ctl_port = master_of(rc, keys.group_prefix("default"))
+        down = next(i for i, n in enumerate(sorted(int(n.port) for n in rc.get_primaries())) if
+                    cluster.port + i != ctl_port)
+        down_port = cluster.port + down
+        sid = session_on_another_master(rc, down_port)
+        req = NewRequest(session_id=sid, max_tokens=2, priority=5, tenant="t", group="default", prompt="p")
+        assert h.scripts.call("submit", [keys.session_prefix(sid)],  # the data step only: its caller died
+                              [req.request_id, sid, "t", "default", 5, 2, "p", "p", "{}", 1, ""])[0] == "ok"
+        cluster.kill_node(down)
+        assert run_sync(h.t.repair(keys.all_buckets(), age_ms=0)) == 1
+        assert rc.hkeys(keys.group_key("default", "rq")) == [sid]
+    finally:
+        rc.close()
+        cluster.kill()
