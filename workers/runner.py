@@ -87,8 +87,9 @@ def structured(params: dict[str, Any]) -> bool:
 
 
 def cannot_continue(streamed: str) -> str:
-    """The failure of a pinned run that was interrupted (workers/worker.py words it the same for the
-    deltas it finds in the log; it imports this module, so the words are repeated, not imported)."""
+    """The failure of a pinned run that was interrupted; `streamed` names what (sessions/runs.py
+    `delta_kind`, or STRUCTURED), since tenants read it: a reasoning model never streamed a tool call.
+    Also the worker's, for a pinned run it finds interrupted in the log."""
     return f"the run was interrupted after it streamed {streamed}, which no engine can continue: call again"
 
 

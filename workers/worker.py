@@ -35,7 +35,7 @@ from sluicegate.workers.engines import make_engine
 from sluicegate.workers.engines.base import Engine
 from sluicegate.workers.presence import RqPresence
 from sluicegate.workers.redis_retry import through_dropped_connections
-from sluicegate.workers.runner import Run
+from sluicegate.workers.runner import Run, cannot_continue
 
 log = logging.getLogger(__name__)
 
@@ -45,12 +45,6 @@ MODEL_RETRY_SECONDS = 10.0  # between looks at the backend's model list while it
 MODEL_LOOKUP_SECONDS = 5.0  # one look's bound
 RQ_SETTLE = 0.05  # seconds a change of the runs shown waits before rq is told (see _presence_loop)
 EARLY_NOTICES = 1024  # notices kept for runs whose assignment has not arrived (most are for ended runs)
-
-
-def cannot_continue(streamed: str) -> str:
-    """The failure of a pinned run that was interrupted; `streamed` names what (sessions/runs.py
-    `delta_kind`), since tenants read it: a reasoning model never streamed a tool call."""
-    return f"the run was interrupted after it streamed {streamed}, which no engine can continue: call again"
 
 
 def new_worker_id(group: str) -> str:
