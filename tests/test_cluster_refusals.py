@@ -5,9 +5,10 @@ And one refusing master does not stall the repair of the buckets after its own."
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -29,9 +30,25 @@ def master_of(rc: RedisCluster, key: str) -> int:
     return int(rc.get_node_from_key(key).port)
 
 
-def refusing(cluster: EmbeddedCluster, port: int) -> redis.Redis:
-    """A client on one master, to make it refuse writes (`maxmemory 1`) and accept them again."""
+def master_client(cluster: EmbeddedCluster, port: int) -> redis.Redis:
+    """A client on one master of the cluster."""
     return redis.Redis(host="127.0.0.1", port=port, password=cluster.password)
+
+
+@contextlib.contextmanager
+def refusing(cluster: EmbeddedCluster, port: int) -> Iterator[Callable[[bool], None]]:
+    """`refuse(True)` makes one master refuse writes (`maxmemory 1`), `refuse(False)` makes it take them
+    again, as it does on the way out, whatever happened."""
+    node = master_client(cluster, port)
+
+    def refuse(on: bool) -> None:
+        node.config_set("maxmemory", "1" if on else "0")
+
+    try:
+        yield refuse
+    finally:
+        refuse(False)
+        node.close()
 
 
 def session_on_another_master(rc: RedisCluster, port: int, prefix: str = "s") -> str:
@@ -46,22 +63,21 @@ def test_a_submit_whose_control_master_refuses_is_accepted_and_runs_once(
         rc: RedisCluster, valkey_cluster: EmbeddedCluster) -> None:
     stack = Stack(fast_settings(valkey_cluster.url, redis_cluster=True)).start(workers=1)
     ctl_port = master_of(rc, keys.group_prefix("default"))
-    node = refusing(valkey_cluster, ctl_port)
     try:
-        code, _ = call("POST", f"{stack.base_url}/v1/sessions/warm/requests", {"prompt": "x", "max_tokens": 2})
-        assert code == 202  # the group and its worker exist before the master refuses
-        sid = session_on_another_master(rc, ctl_port)
-        node.config_set("maxmemory", "1")
-        code, body = call("POST", f"{stack.base_url}/v1/sessions/{sid}/requests", {"prompt": "hello", "max_tokens": 3})
-        assert code == 202, (code, body)  # the old code answered 503 "retry shortly" for a stored request
-        rid = body["request_id"]
-        assert rc.hget(keys.request(rid), "st") == "queued"
-        node.config_set("maxmemory", "0")
-        wait_for(lambda: rc.hget(keys.request(rid), "st") == "done", timeout=20, what="the repaired request done")
-        assert queued_events(rc, sid) == [rid], "exactly one request stored"
+        with refusing(valkey_cluster, ctl_port) as refuse:
+            code, _ = call("POST", f"{stack.base_url}/v1/sessions/warm/requests", {"prompt": "x", "max_tokens": 2})
+            assert code == 202  # the group and its worker exist before the master refuses
+            sid = session_on_another_master(rc, ctl_port)
+            refuse(True)
+            code, body = call("POST", f"{stack.base_url}/v1/sessions/{sid}/requests",
+                              {"prompt": "hello", "max_tokens": 3})
+            assert code == 202, (code, body)  # the old code answered 503 "retry shortly" for a stored request
+            rid = body["request_id"]
+            assert rc.hget(keys.request(rid), "st") == "queued"
+            refuse(False)
+            wait_for(lambda: rc.hget(keys.request(rid), "st") == "done", timeout=20, what="the repaired request done")
+            assert queued_events(rc, sid) == [rid], "exactly one request stored"
     finally:
-        node.config_set("maxmemory", "0")
-        node.close()
         stack.stop()
 
 
@@ -72,14 +88,10 @@ def test_a_cancel_whose_control_master_refuses_reports_cancelled(
     ctl_port = master_of(rc, keys.group_prefix("default"))
     sid = session_on_another_master(rc, ctl_port)
     rid = h.submit(sid, max_tokens=2)
-    node = refusing(valkey_cluster, ctl_port)
-    try:
-        node.config_set("maxmemory", "1")
+    with refusing(valkey_cluster, ctl_port) as refuse:
+        refuse(True)
         assert run_sync(h.t.cancel(rid)) == ["cancelled"]  # the old code raised OutOfMemoryError (503)
         assert h.status(rid) == "cancelled"
-    finally:
-        node.config_set("maxmemory", "0")
-        node.close()
 
 
 def test_a_repair_pass_with_a_refusing_master_still_repairs_the_buckets_after_it(
@@ -112,22 +124,18 @@ def test_a_repair_pass_with_a_refusing_master_still_repairs_the_buckets_after_it
                                [req.request_id, sid, "t", group, 5, 2, "p", "p", "{}", 1, ""])
         assert reply[0] == "ok"
         rids[group] = req.request_id
-    node = refusing(valkey_cluster, bad_port)
-    try:
-        node.config_set("maxmemory", "1")
+    with refusing(valkey_cluster, bad_port) as refuse:
+        refuse(True)
         assert run_sync(h.t.repair(buckets, age_ms=0)) == 1  # the old code raised OutOfMemoryError here
         h.collect()
         assert h.status(rids[good_group]) == "running"
         assert h.status(rids[bad_group]) == "queued"
         outbox = rc.zrange(keys.outbox(keys.bucket_of_session(bad_sid)), 0, -1)
         assert rids[bad_group] in outbox, "the refused head stays for the next pass"
-        node.config_set("maxmemory", "0")
+        refuse(False)
         assert run_sync(h.t.repair(buckets, age_ms=0)) == 1
         h.collect()
         assert h.status(rids[bad_group]) == "running"
-    finally:
-        node.config_set("maxmemory", "0")
-        node.close()
 
 
 def test_a_sweep_whose_data_master_refuses_one_lost_run_still_ends_the_others(
@@ -149,19 +157,15 @@ def test_a_sweep_whose_data_master_refuses_one_lost_run_still_ends_the_others(
     leases = keys.group_key("default", "leases")
     rc.zadd(leases, {f"{lost_bad}|1": 0, f"{lost_good}|1": 1})  # lapsed, the refused one first
     time.sleep(0.05)  # the late one's deadline passes
-    node = refusing(valkey_cluster, int(bad_port))
-    try:
-        node.config_set("maxmemory", "1")
+    with refusing(valkey_cluster, int(bad_port)) as refuse:
+        refuse(True)
         run_sync(h.t.sweep("default"))
         assert h.status(lost_good) == "preempted" and h.status(late) == "failed"
         assert h.status(lost_bad) == "running" and rc.zscore(leases, f"{lost_bad}|1") is not None  # retried later
-        node.config_set("maxmemory", "0")
+        refuse(False)
         rc.zadd(leases, {f"{lost_bad}|1": 0})  # pushed back a second by the failed hand-back: now due again
         run_sync(h.t.sweep("default"))
         assert h.status(lost_bad) == "preempted"
-    finally:
-        node.config_set("maxmemory", "0")
-        node.close()
 
 
 def test_lost_runs_of_a_refusing_master_do_not_fill_every_sweeps_batch(
@@ -178,16 +182,12 @@ def test_lost_runs_of_a_refusing_master_do_not_fill_every_sweeps_batch(
     healthy = h.submit(next(f"b{i}" for i in range(10_000) if master_of(rc, keys.session_prefix(f"b{i}")) != bad_port))
     leases = keys.group_key("default", "leases")
     rc.zadd(leases, {**{f"{rid}|1": 0 for rid in stuck}, f"{healthy}|1": 1})  # lapsed, the refused ones first
-    node = refusing(valkey_cluster, bad_port)
-    try:
-        node.config_set("maxmemory", "1")
+    with refusing(valkey_cluster, bad_port) as refuse:
+        refuse(True)
         run_sync(h.t.sweep("default"))  # 200 refused: pushed back
         run_sync(h.t.sweep("default"))
         assert h.status(healthy) == "preempted", "the healthy master's lost run was never reached"
         assert h.status(stuck[0]) == "running"  # left for a later sweep
-    finally:
-        node.config_set("maxmemory", "0")
-        node.close()
 
 
 def test_a_busy_master_does_not_stop_the_repair_of_the_others_buckets(
@@ -203,9 +203,9 @@ def test_a_busy_master_does_not_stop_the_repair_of_the_others_buckets(
     reply = h.scripts.call("submit", [keys.session_prefix(sid)],  # the data step only: its caller died
                            [req.request_id, sid, "t", "default", 5, 2, "p", "p", "{}", 1, ""])
     assert reply[0] == "ok" and not rc.hkeys(keys.group_key("default", "rq"))
-    node = refusing(valkey_cluster, busy_port)
+    node = master_client(valkey_cluster, busy_port)
     script = "local t = redis.call('TIME')[1] while tonumber(redis.call('TIME')[1]) < t + 2 do end return 1"
-    busy = threading.Thread(target=lambda: refusing(valkey_cluster, busy_port).eval(script, 0), daemon=True)
+    busy = threading.Thread(target=lambda: master_client(valkey_cluster, busy_port).eval(script, 0), daemon=True)
     try:
         node.config_set("busy-reply-threshold", 100)
         busy.start()
