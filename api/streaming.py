@@ -11,6 +11,7 @@ from starlette.responses import Response
 from sluicegate.api.auth import Principal
 from sluicegate.api.errors import ApiError
 from sluicegate.api.key_watch import ENDED_MESSAGE, KeyWatch, key_watch
+from sluicegate.api.output import first_event_gone
 from sluicegate.api.requests_routes import check_session_id
 from sluicegate.api.responses import EventStreamResponse, LastChunk
 from sluicegate.api.services import Services, services
@@ -97,6 +98,25 @@ def cursor_expired(session_id: str, cursor: int, oldest_kept: int) -> ApiError:
                          f"{oldest_kept - 1} or reconnect without a cursor, accepting the gap", "cursor_expired")
 
 
+def another_request_at(stream: EventStream, first: int) -> str | None:
+    """Why the event with id `first` (a request's first, its `queued`) is not the request's, if it is
+    another's: the session expired while the request's hash was kept (a callback still being retried
+    keeps it) and its id was used again, its new life numbering from 1. Read from the first page `open`
+    read (from `first - 1`), so no extra read."""
+    events = stream.first_page
+    if events and events[0].seq == first and events[0].request_id != stream.request_id:
+        return f"the session expired and its id was used again: event id {first} is another request's"
+    return None
+
+
+def log_gone(session_id: str, request_id: str, why: str) -> ApiError:
+    """A stream of a request none of whose events its session's log holds would be empty: an
+    EventSource would reconnect to it for ever (it stops only at a status other than 200)."""
+    return ApiError(409, f"the log of session {session_id!r} no longer holds the events of request "
+                         f"{request_id!r}: {why}; its final state is at GET /v1/requests/{request_id}",
+                    "cursor_expired")
+
+
 async def session_stream(svc: Services, who: Principal, session_id: str, request: Request) -> EventStreamResponse:
     """GET /v1/sessions/{id}/events once the caller is known (the route and api/hot_path.py)."""
     check_session_id(session_id)
@@ -169,6 +189,8 @@ async def request_stream(svc: Services, who: Principal, request_id: str, request
                                     f"session {sid!r} (--session-log-max-events): the oldest kept event is "
                                     f"{bounds.oldest_kept}; resume from {bounds.oldest_kept - 1} (Last-Event-ID) "
                                     "for what is left of it, accepting the gap", "cursor_expired")
+            elif (gone := first_event_gone(bounds, cursor + 1) or another_request_at(stream, cursor + 1)) is not None:
+                raise log_gone(sid, request_id, gone)  # (the `except` below leaves the channel, if joined)
         release = await svc.guardrails.open_stream(who)
     except BaseException:
         stream.close()  # idempotent

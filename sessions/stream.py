@@ -75,6 +75,11 @@ class EventStream:
             raise
         return self._first[0]
 
+    @property
+    def first_page(self) -> list[Event]:
+        """The events of the first page `open` read (empty before `open`, or once the stream served it)."""
+        return self._first[1] if self._first is not None else []
+
     async def exhausted(self) -> bool:
         """For a resumed stream of an ended request (opened, so not joined): True when the log holds none of
         its events after the cursor (the cursor is at or past its terminal event), so that the route answers
