@@ -6,7 +6,8 @@ The old layout (before the cluster layout) had no hash tags: a request hash `sg:
 plane under `sg:g:<G>:`, and global `sg:leases`, `sg:wake`, `sg:hint`, `sg:workers`, `sg:w:<wid>[:in]`,
 `sg:m:<name>` (metrics); its request ids were 12 URL-safe characters. The new layout keeps a session's
 data under its bucket's prefix and a request id starts with that bucket, so an old request gets the id
-`bucket + old id` (recognisable), and `sg:alias:<old id>` names the new one.
+`bucket + old id` (recognisable), and `sg:alias:<old id>` names the new one: as long as an ended request
+is kept, for ALIAS_RETENTION (7 days; the session TTL when longer) for one still waiting.
 
 Procedure: stop the old API, scheduler and workers (a worker hands its running requests back on
 SIGTERM; a request still marked running is taken as preempted: it resumes from its tokens so far), run
@@ -47,6 +48,7 @@ OLD_GROUP = keys.PREFIX + "g:"  # sg:g:<G>:<suffix>
 OLD_PATTERNS = tuple(keys.PREFIX + p + ":*" for p in ("r", "s", "g", "w", "m", "e"))
 OLD_SINGLETONS = tuple(keys.PREFIX + name for name in ("leases", "wake", "hint", "workers"))
 ALIAS = keys.PREFIX + "alias:"
+ALIAS_RETENTION = 7 * 24 * 3600  # s: how long an old id of a request still waiting at migration names its new one
 # The request hash fields the new layout uses (the old run bookkeeping w, ds, dn, ce, cr, rs, rel<N>
 # belonged to the old control plane).
 REQUEST_FIELDS = ("sid", "tn", "g", "p", "ep", "mt", "ik", "pa", "it", "st", "sub", "n", "a", "fs", "sa", "ft",
@@ -322,14 +324,18 @@ class Migration:
             if request.input is not None:
                 tx.pexpire(keys.request_input(new), request.pttl)
 
+    def alias_ttl_ms(self, request: OldRequest) -> int:
+        """An alias ends (no one deletes it): with its request when that keeps a TTL (an ended one, see
+        queue_request), else after ALIAS_RETENTION or the session TTL, the longer (a waiting one has none
+        until it ends)."""
+        if request.ended and request.pttl > 0:
+            return request.pttl
+        return max(ALIAS_RETENTION, self.session_ttl) * 1000
+
     async def write_aliases(self, sid: str, requests: list[OldRequest]) -> None:
         async with self.r.pipeline(transaction=False) as pipe:
             for request in requests:
-                new = keys.bucket_of_session(sid) + request.rid
-                if request.ended and request.pttl > 0:
-                    pipe.set(ALIAS + request.rid, new, px=request.pttl)
-                else:
-                    pipe.set(ALIAS + request.rid, new)
+                pipe.set(ALIAS + request.rid, keys.bucket_of_session(sid) + request.rid, px=self.alias_ttl_ms(request))
             await pipe.execute()
 
     async def ready_head(self, plan: SessionPlan) -> None:

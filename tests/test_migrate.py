@@ -17,7 +17,7 @@ import pytest
 import redis
 
 from sluicegate.cli import main as cli_main
-from sluicegate.migrate import migrate
+from sluicegate.migrate import ALIAS_RETENTION, migrate
 from sluicegate.sessions import keys
 from sluicegate.workers.engines.sim import prompt_seed, sim_text, sim_token
 from tests.helpers import ON_CLUSTER, Stack, call, fast_settings, sse, submit, wait_for
@@ -170,8 +170,9 @@ def test_old_deployment_runs_on_after_migrate(redis_url: str, r: redis.Redis, he
     assert 2_990_000 < r.pttl(keys.request(ids["e1"])) <= 3_000_000
     assert 2_990_000 < r.pttl(f"sg:alias:{old['e1']}") <= 3_000_000
     for key in (keys.session_meta("chat-a"), keys.session_log("chat-a"), keys.session_queue("chat-a"),
-                keys.request(ids["p"]), keys.request_input(ids["q2"]), f"sg:alias:{old['q1']}"):
+                keys.request(ids["p"]), keys.request_input(ids["q2"])):
         assert r.pttl(key) == -1, key
+    assert 0 < r.pttl(f"sg:alias:{old['q1']}") <= ALIAS_RETENTION * 1000  # an alias ends (test_every_alias_ends)
     assert r.lrange(keys.session_queue("chat-a"), 0, -1) == [ids["p"], ids["q1"], ids["q2"]]
     head = r.hgetall(keys.request(ids["p"]))
     assert head["st"] == "preempted" and head["n"] == "3" and head["a"] == "1"
@@ -285,3 +286,66 @@ def test_the_queue_depth_after_migrate_counts_every_request_that_waits(redis_url
     assert (summary.queued, summary.stranded) == (3, 1)
     depth = {label: n for label, n in raw_depths(r, [GROUP]).items() if n}
     assert depth == {f"depth|{GROUP}|5|{TENANT}": 4}, (depth, old["p"])
+
+
+@pytest.mark.parametrize("session_ttl", [600, ALIAS_RETENTION + 3600])
+def test_every_alias_ends(redis_url: str, r: redis.Redis, session_ttl: int) -> None:
+    """No one deletes an alias, so each has a TTL: its request's when it has one (an ended request),
+    else ALIAS_RETENTION or the session TTL, the longer: for the requests still waiting (queued,
+    preempted, interrupted), a stranded one and one whose session is gone (DESIGN: every key has an end)."""
+    old = write_old_deployment(r, head_status="running")
+    stranded, orphan = old_id(), old_id()
+    deployment = OldDeployment(r)
+    deployment.request(stranded, "chat-a", status="queued", max_tokens=5, fs=10, prompt="lost")
+    deployment.request(orphan, "chat-gone", status="preempted", max_tokens=5, fs=1, prompt="orphan")
+    summary = migrate(redis_url, cluster=ON_CLUSTER, out=io.StringIO(), session_ttl=session_ttl)
+    assert (summary.queued, summary.stranded, summary.interrupted) == (3, 2, 1)
+    kept = max(ALIAS_RETENTION, session_ttl) * 1000
+    for name in (old["p"], old["q1"], old["q2"], stranded, orphan):
+        assert r.get(f"sg:alias:{name}") is not None, name
+        assert kept - 60_000 < r.pttl(f"sg:alias:{name}") <= kept, name
+    assert 2_990_000 < r.pttl(f"sg:alias:{old['e1']}") <= 3_000_000  # an ended request's: it ends with it
+
+
+def test_cancelling_a_stranded_request_of_an_expired_session_leaves_keys_that_end(redis_url: str,
+                                                                                   r: redis.Redis) -> None:
+    """A stranded request (it waits but is in no queue: copied with no TTL) outlives its idle session.
+    Its cancel leaves no session keys that never end (its event would have recreated the meta and log,
+    owned by no one), nor does an orphan's (its session was gone at migration). A session that had only
+    a stranded request (kept with no TTL) gets the idle TTL when that ends, as after a head. A live
+    session's keys (work still queued) keep no TTL when a request that is not its head is cancelled."""
+    deployment = OldDeployment(r)
+    ended, lost, orphan, alone = old_id(), old_id(), old_id(), old_id()
+    deployment.session("chat-x", [("queued", ended, {"request_id": ended, "priority": 5, "position": 0}),
+                                  ("done", ended, {"request_id": ended, "tokens": 0, "finish_reason": "length"})],
+                       queue=[], ttl=1000)
+    deployment.request(ended, "chat-x", status="done", max_tokens=1, fs=1, ttl=1000)
+    deployment.request(lost, "chat-x", status="queued", max_tokens=5, fs=3, prompt="stranded")
+    deployment.request(orphan, "chat-gone", status="queued", max_tokens=5, fs=1, prompt="orphan")
+    deployment.session("chat-y", [("queued", alone, {"request_id": alone, "priority": 5, "position": 0})], queue=[])
+    deployment.request(alone, "chat-y", status="queued", max_tokens=5, fs=1, prompt="alone")
+    old = write_old_deployment(r, head_status="preempted")  # chat-a: P, then Q1 and Q2 queued
+    summary = migrate(redis_url, cluster=ON_CLUSTER, out=io.StringIO())
+    assert summary.stranded == 3  # the orphan's too
+    y_keys = (keys.session_meta("chat-y"), keys.session_log("chat-y"))
+    assert [r.pttl(key) for key in y_keys] == [-1, -1]
+    x_keys = (keys.session_meta("chat-x"), keys.session_log("chat-x"))
+    r.delete(*x_keys)  # chat-x's idle TTL ran out; its stranded request has none
+    session_ttl = 60
+    stack = Stack(fast_settings(redis_url, session_ttl=session_ttl)).start(workers=0)  # nothing runs
+    try:
+        base = stack.base_url
+        assert call("DELETE", f"{base}/v1/requests/{new(lost, 'chat-x')}")[0] == 200
+        assert call("GET", f"{base}/v1/requests/{new(lost, 'chat-x')}")[1]["status"] == "cancelled"
+        assert call("DELETE", f"{base}/v1/requests/{new(orphan, 'chat-gone')}")[0] == 200
+        for key in (*x_keys, keys.session_meta("chat-gone"), keys.session_log("chat-gone")):
+            assert r.pttl(key) == -2 or 0 < r.pttl(key) <= session_ttl * 1000, (key, r.pttl(key))
+        assert call("DELETE", f"{base}/v1/requests/{new(alone, 'chat-y')}")[0] == 200
+        for key in y_keys:
+            assert 0 < r.pttl(key) <= session_ttl * 1000, (key, r.pttl(key))
+        assert call("DELETE", f"{base}/v1/requests/{new(old['q1'], 'chat-a')}")[0] == 200  # not chat-a's head
+        for key in (keys.session_meta("chat-a"), keys.session_log("chat-a"), keys.session_queue("chat-a")):
+            assert r.pttl(key) == -1, key  # P and Q2 still wait
+        assert r.lrange(keys.session_queue("chat-a"), 0, -1) == [new(old["p"], "chat-a"), new(old["q2"], "chat-a")]
+    finally:
+        stack.stop()

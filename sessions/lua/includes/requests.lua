@@ -214,15 +214,17 @@ local function d_start(rid, attempt, wid, now, stopped_for, resume)
   return true, run_spec(rid, r, now), r.st
 end
 
--- Remove an ended request from its session queue; the next one becomes the head (returned as a
--- ready spec) or, when the session has no work left, its idle TTL starts.
-local function advance(dp, sid, rid, now, ttl, via_outbox)
+-- Remove an ended request from its session queue (`was_head`: it was the queue's head); the next one
+-- becomes the head (returned as a ready spec) or, when the session has no work left, its idle TTL starts,
+-- also after a request that was in no queue (a stranded one `sluicegate migrate` copied) or not the head.
+local function advance(dp, sid, rid, was_head, now, ttl, via_outbox)
   local queue = kqueue(dp, sid)
-  local was_head = redis.call('LINDEX', queue, 0) == rid
   redis.call('LREM', queue, 1, rid)
-  if not was_head then return nil end
   local next_rid = redis.call('LINDEX', queue, 0)
-  if next_rid then return head_waiting(next_rid, now, via_outbox) end
+  if next_rid then -- work still waits (its keys keep no TTL); a new head when this one was the head
+    if was_head then return head_waiting(next_rid, now, via_outbox) end
+    return nil
+  end
   redis.call('EXPIRE', kmeta(dp, sid), ttl)
   redis.call('EXPIRE', klog(dp, sid), ttl)
   return nil
@@ -250,8 +252,12 @@ local function finalize(rid, r, status, event, data, now, ttl, via_outbox)
   redis.call('ZREM', dp .. 'ob', rid)
   count(dp .. 'm', 'requests', r.g .. '|' .. r.p .. '|' .. r.tn .. '|' .. status)
   ended(rid, now) -- its callback and its usage (ended.lua)
-  emit(dp, r.sid, event, rid, data)
-  return advance(dp, r.sid, rid, now, ttl, via_outbox)
+  local was_head = redis.call('LINDEX', kqueue(dp, r.sid), 0) == rid
+  -- A request in no queue (a stranded one `sluicegate migrate` copied: it has no TTL) can outlive its idle
+  -- session. Its end event would recreate the expired session's meta and log (the log written when the
+  -- call ends, after advance's TTL), owned by no one and never ending; no one can read that session.
+  if was_head or redis.call('EXISTS', kmeta(dp, r.sid)) == 1 then emit(dp, r.sid, event, rid, data) end
+  return advance(dp, r.sid, rid, was_head, now, ttl, via_outbox)
 end
 
 local END_FIELDS = { 'st', 'a', 'w', 'n', 'dn', 'sid', 'g', 'tn', 'p', 'it', 'fl', 'fp' }
