@@ -7,12 +7,13 @@ call as the end itself: nothing is lost between the two, and the entry shares th
 (cluster-safe). The delivery process claims a due entry for one attempt (the entry stays queued, due
 again after a lease, so a crash loses nothing) and settles it: delivered, failed, or due again later.
 The request hash records the outcome (`cbs`, `cbn` attempts, `cbe` last error) until it expires; a
-callback still being retried keeps it past its session's TTL, until its last attempt is settled.
+callback still being retried, or waiting for its receiver's host, keeps it past its session's TTL, until
+its last attempt is settled.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -79,6 +80,21 @@ async def claim(redis: Any, rid: str, *, now_ms: int, lease_ms: int) -> tuple[in
         raise Expired(rid)
     fields = {text(reply[i]): text(reply[i + 1]) for i in range(1, len(reply) - 1, 2)}
     return int(reply[0]), fields
+
+
+async def push_back(redis: Any, due: dict[str, int], held: Iterable[str], *, now_ms: int, lease_ms: int) -> None:
+    """Callbacks that wait for their receiver's host, in one pipeline: each of `due` (request id -> ms) is
+    due again then (only later, and only while still queued), each of `held` (due, held by the delivery
+    process for a place of its host) stays due as it is; each one's request is kept until it is due and a
+    lease more, past its session's TTL if need be, so that a long backlog drops none of them."""
+    waiting = [*due.items(), *((rid, 0) for rid in held if rid not in due)]
+    if not waiting:
+        return
+    pipe = redis.pipeline(transaction=False)
+    for rid, due_ms in waiting:
+        pipe.eval(script("callback_push_back"), 2, keys.callbacks_due(keys.bucket_of_request(rid)), keys.request(rid),
+                  rid, due_ms, now_ms, lease_ms)
+    await pipe.execute()
 
 
 async def settle(redis: Any, rid: str, attempt: int, outcome: str, error: str = "", retry_at_ms: int = 0, *,

@@ -16,7 +16,7 @@ from sluicegate.sessions import keys
 from sluicegate.settings import LOG_MIN_EVENTS, Settings
 from sluicegate.webhooks import delivery as delivery_module
 from sluicegate.webhooks.delivery import Delivery
-from sluicegate.webhooks.signing import HEADER, verify
+from sluicegate.webhooks.signing import HEADER, signature, verify
 from tests.helpers import Stack, call, fast_settings, healthy, spawn, sse, stop_process, submit, wait_for
 from tests.webhook_receiver import Receiver
 
@@ -171,6 +171,41 @@ def test_the_allowed_hosts_are_checked_again_before_each_delivery(redis_url: str
         assert receiver.received == []
     finally:
         stack.stop()
+
+
+def test_an_emptied_allow_list_fails_what_was_pending_with_a_pass_per_fold(redis_url: str, r, receiver: Receiver,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """A process restarted with no host allowed at all marks a pending callback failed as a shrunk list does
+    (it was left pending for ever, its `cb` entry never removed), with one pass per usage fold: callbacks
+    being off (the default) costs no pass a poll."""
+    passes = []
+    deliver_due = Delivery.deliver_due
+
+    async def counted(self: Delivery, http: object) -> int:
+        passes.append(time.monotonic())
+        return await deliver_due(self, http)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Delivery, "deliver_due", counted)
+    stack = start_stack(redis_url, delivery=False)
+    try:
+        rid = submit(stack.base_url, "hook-off", max_tokens=2, callback_url=f"{receiver.url}/off")
+        wait_for(lambda: status(stack, rid)["status"] == "done", what="the request's end")
+        stack.start_service("webhooks", Delivery(stack.settings.replace(webhook_allow=""), poll_seconds=0.05).run)
+        view = wait_for(lambda: delivered(stack, rid), what="the refusal")
+        assert view["callback"] == {"url": f"{receiver.url}/off", "status": "failed", "attempts": 1,
+                                    "last_error": "host not in --webhook-allow"}
+        assert r.zscore(keys.callbacks_due(keys.bucket_of_request(rid)), rid) is None and receiver.received == []
+        time.sleep(0.5)  # ten polls
+        assert len(passes) == 1  # the first fold's; the next comes with the next fold (FOLD_SECONDS)
+    finally:
+        stack.stop()
+
+
+def test_verify_refuses_a_forged_timestamp_too_large_for_a_float() -> None:
+    body = b'{"request_id": "x"}'
+    assert verify(SECRET, body, signature(SECRET, body))
+    for t in ("1" + "0" * 400, "-" + "9" * 400, "1" + "0" * 5000, "nan", ""):
+        assert not verify(SECRET, body, f"t={t},v1=ab"), t
 
 
 def test_a_pending_delivery_survives_a_kill_of_the_delivery_process(redis_url: str, receiver: Receiver) -> None:

@@ -10,7 +10,9 @@ delivers it (only the answer's status counts: at most ANSWER_READ bytes of its b
 else (an error status, a timeout, a refused connection, a URL httpx refuses) retries it after
 --webhook-backoff seconds, doubling, until --webhook-max-attempts, then marks it failed. The host is
 checked against --webhook-allow again before every attempt (the list may have shrunk since the
-submit); redirects are never followed (they could lead anywhere). Workers never wait on any of this.
+submit); redirects are never followed (they could lead anywhere). A process with no host allowed at all
+(callbacks off, the default) still makes a pass with each usage fold, to mark failed what an emptied list
+left pending. Workers never wait on any of this.
 
 The work in flight is bounded twice (webhooks/rooms.py): PER_HOST (4) attempts at once per receiver host
 (the host of the URL, as --webhook-allow names it; any port or path of it counts together), so a receiver
@@ -34,7 +36,9 @@ that answers late or never), its due callbacks, the held ones included, have the
 a share of --webhook-timeout (`host_full_wait`), so that a dead receiver's growing backlog neither fills the front
 of its bucket (a pass reads BATCH a bucket, oldest first: callbacks behind them would never be read) nor
 is read again every pass. A pass skips the callbacks in flight or held here: the claim would refuse the
-ones in flight anyway, and this spares the useless claims.
+ones in flight anyway, and this spares the useless claims. Whatever waits (pushed back, or held) has its
+request kept until it is due and a lease more, in the same call (sessions/callbacks.py `push_back`, one
+round trip a pass), as a claim keeps it: a backlog that outlasts the session's TTL drops none of it.
 
 On stop, the attempts in flight get up to --webhook-timeout (their own cap) plus SETTLE_SECONDS to end
 (an attempt cut by its cap then still records why); any still running then are cancelled. Any number of
@@ -99,9 +103,10 @@ class Delivery:
             try:
                 while not stop.is_set():
                     try:
-                        if self.hosts:
+                        fold_due = time.monotonic() >= next_fold
+                        if self.hosts or fold_due:  # none allowed: only to fail what an emptied list left
                             await self.deliver_due(http)
-                        if time.monotonic() >= next_fold:
+                        if fold_due:
                             await usage.fold(self.redis)
                             next_fold = time.monotonic() + FOLD_SECONDS
                     except (*UNAVAILABLE, RedisError) as error:
@@ -133,7 +138,7 @@ class Delivery:
         now, now_ms = time.monotonic(), int(time.time() * 1000)
         waiting = dict.fromkeys(self.rooms.release_slow(now), now_ms + int(self.host_full_wait() * 1000))
         if self.rooms.full():
-            await self.push_back(waiting)
+            await self.push_back(waiting, now_ms)
             return 0
         buckets = keys.all_buckets()
         pipe = self.redis.pipeline(transaction=False)
@@ -147,7 +152,7 @@ class Delivery:
                                                   num=BATCH + held_in[bucket])
             due += (rid for rid in rids if not self.rooms.known(rid))
         if not due:
-            await self.push_back(waiting)
+            await self.push_back(waiting, now_ms)
             return 0
         pipe = self.redis.pipeline(transaction=False)
         for rid in due:
@@ -166,18 +171,14 @@ class Delivery:
                 waiting[rid] = now_ms + int(self.host_full_wait() * 1000)
             elif placement is Placement.LEAVE:  # behind what is due now; the early pass reads it again
                 waiting[rid] = now_ms + int(MIN_PASS_GAP * 1000)
-        await self.push_back(waiting)
+        await self.push_back(waiting, now_ms)
         return started
 
-    async def push_back(self, waiting: dict[str, int]) -> None:
+    async def push_back(self, waiting: dict[str, int], now_ms: int) -> None:
         """Move waiting callbacks (a slow host's, or past a fast one's hold) to their next due times
-        (request id -> ms)."""
-        if not waiting:
-            return
-        pipe = self.redis.pipeline(transaction=False)
-        for rid, due_ms in waiting.items():  # XX GT: only later, and never back into the queue once settled
-            pipe.zadd(keys.callbacks_due(keys.bucket_of_request(rid)), {rid: due_ms}, xx=True, gt=True)
-        await pipe.execute()
+        (request id -> ms), in one round trip; their requests, and those of the callbacks held here, are
+        kept until then and a lease more: a backlog longer than the session's TTL drops none of them."""
+        await callbacks.push_back(self.redis, waiting, self.rooms.held_rids(), now_ms=now_ms, lease_ms=self.lease_ms)
 
     def host_full_wait(self) -> float:
         """How long a callback whose host is full waits before a pass looks at it again: about as long as

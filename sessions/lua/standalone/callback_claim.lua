@@ -14,8 +14,7 @@ if redis.call('EXISTS', KEYS[2]) == 0 then
   return {}
 end
 redis.call('ZADD', KEYS[1], tonumber(ARGV[2]) + tonumber(ARGV[3]), ARGV[1])
-local ttl = redis.call('PTTL', KEYS[2])
-if ttl >= 0 and ttl < tonumber(ARGV[3]) then redis.call('PEXPIRE', KEYS[2], ARGV[3]) end
+redis.call('PEXPIRE', KEYS[2], ARGV[3], 'GT')  -- only longer: a key without a TTL is left so
 local fields = redis.call('HGETALL', KEYS[2])
 table.insert(fields, 1, redis.call('HINCRBY', KEYS[2], 'cbn', 1))
 return fields

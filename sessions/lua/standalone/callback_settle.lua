@@ -13,9 +13,7 @@ if redis.call('EXISTS', KEYS[2]) == 0 then
 end
 if tonumber(redis.call('HGET', KEYS[2], 'cbn') or '0') ~= tonumber(ARGV[2]) then return 0 end
 if ARGV[4] ~= '' then redis.call('HSET', KEYS[2], 'cbe', ARGV[4]) end
-local keep = tonumber(ARGV[6])
-local ttl = redis.call('PTTL', KEYS[2])
-if ttl >= 0 and ttl < keep then redis.call('PEXPIRE', KEYS[2], keep) end
+redis.call('PEXPIRE', KEYS[2], ARGV[6], 'GT')  -- only longer: a key without a TTL is left so
 if ARGV[3] == 'retry' then
   redis.call('ZADD', KEYS[1], tonumber(ARGV[5]), ARGV[1])
   return 1
