@@ -1,8 +1,9 @@
 """`GET /v1/models`: what a chat call can name as its `model` right now, in OpenAI's shape.
 
 A group is listed while it has a live worker, under the model it declared or, when it declared none,
-under its own name (a chat call's `model` may name a group). `created` is the time of the answer, as
-vLLM gives it: Sluicegate keeps no creation time for a model.
+under its own name (a chat call's `model` may name a group), unless another group serves a model of
+that name: the call would go there. `created` is the time of the answer, as vLLM gives it: Sluicegate
+keeps no creation time for a model.
 """
 
 from __future__ import annotations
@@ -36,7 +37,9 @@ async def served_models(request: Request) -> list[dict[str, Any]]:
     live = {w["group"] for w in await svc.tuning.workers()}
     named = await group_models(svc.redis)
     created = int(time.time())
-    ids = sorted({named.get(group, group) for group in live})
+    models = set(named.values())  # a model routes before a group's name (api/directory.py group_for)
+    ids = sorted({named.get(group, group) for group in live
+                  if group in named or group not in models})
     listing = [{"id": i, "object": "model", "created": created, "owned_by": "sluicegate"} for i in ids]
     svc.directory.served = (time.monotonic(), listing)
     return listing

@@ -2,13 +2,15 @@
 
 Two global keys, written by operators (`PUT /v1/admin/groups/{g}`, `serve --config`) and by workers
 (their `--backend-model`): `sg:groups` (every declared or served group; the scheduler sweeps each)
-and `sg:models` (model -> group). A group serves at most one model, and a model belongs to one group.
+and `sg:models` (model -> group). A group serves at most one model, and a model belongs to one group
+and is no other group's name (a chat call's `model` may name a group).
 Callers never create groups: a submit to a group that is neither declared nor served is refused.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -22,10 +24,11 @@ DECLARE_SCRIPT = Path(__file__).parent / "lua" / "standalone" / "declare_model.l
 
 
 class ModelConflict(ValueError):
-    """The model is already served by another group (`group`)."""
+    """The model is already served by another group (`group`), or (`named`) is the name of that group."""
 
-    def __init__(self, model: str, group: str) -> None:
-        super().__init__(f"model {model!r} is served by group {group!r}")
+    def __init__(self, model: str, group: str, *, named: bool = False) -> None:
+        super().__init__(f"model {model!r} is the name of group {group!r}: a chat call's model may name a group"
+                         if named else f"model {model!r} is served by group {group!r}")
         self.model = model
         self.group = group
 
@@ -46,13 +49,13 @@ def _declare_source() -> str:
 async def declare_group(redis: Any, group: str, model: str | None = None, *, replace: bool = True) -> str | None:
     """Register the group and, when `model` is given, make it the group's one model: replacing the model
     it named before, or (`replace=False`, a worker's --backend-model) only when it names none yet.
-    ModelConflict when another group serves that model (nothing is written then). Returns the model
-    the group serves afterwards (None when it names none)."""
+    ModelConflict when another group serves that model, or has it as its name (nothing is written then).
+    Returns the model the group serves afterwards (None when it names none)."""
     if model is not None:
         check_model_name(model)
-        owner = await redis.hget(keys.MODELS, model)
-        if owner is not None and text(owner) != group:
-            raise ModelConflict(model, text(owner))
+        conflict = await model_conflict(redis, group, model)
+        if conflict is not None:
+            raise conflict
     await register_group(redis, group)
     if model is None:
         return (await group_models(redis)).get(group)
@@ -62,6 +65,23 @@ async def declare_group(redis: Any, group: str, model: str | None = None, *, rep
     if reply is not None:
         raise ModelConflict(model, text(reply))
     return model
+
+
+async def model_conflict(redis: Any, group: str, model: str, released: Collection[str] = ()) -> ModelConflict | None:
+    """Why `group` cannot take `model`, if it cannot: another group serves it (unless that group is one of
+    `released`, about to let go of it), or it is another group's name. A chat call's `model` routes to the
+    group serving it before the group of that name, so that group would be listed by /v1/models under a
+    name that routes elsewhere. A model the group already serves is not looked at again (a worker
+    declares its model at every offer of slots)."""
+    owner = await redis.hget(keys.MODELS, model)
+    holder = None if owner is None else text(owner)
+    if holder == group:
+        return None
+    if holder is not None and holder not in released:
+        return ModelConflict(model, holder)
+    if model != group and await group_exists(redis, model):
+        return ModelConflict(model, model, named=True)
+    return None
 
 
 async def forget_group_model(redis: Any, group: str) -> None:

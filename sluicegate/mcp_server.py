@@ -120,14 +120,20 @@ def build_server(url: str | None = None, api_key: str | None = None) -> MCPServe
     async def inspect_session(session_id: str, max_events: int = 30, include_output: bool = False) -> dict[str, Any]:
         """A session's recent events (the last `max_events`; token events are counted per request rather than
         listed) and the status of its requests, most recent first (GET /v1/requests/{id}; with
-        `include_output` their text so far too)."""
+        `include_output` their text so far too). A request already gone (its record expires a TTL after it
+        ends, while the session's log lives on with later requests) is `{"request_id", "status": "expired"}`."""
         async with connect() as client:
             events, tokens = await _recent_events(client, session_id, max(1, min(max_events, 1000)))
             rids = list(dict.fromkeys(e["data"]["request_id"] for e in reversed(events) if "request_id" in e["data"]))
             rids += [rid for rid in reversed(tokens) if rid not in rids]
             requests = []
             for rid in rids[:MAX_REQUESTS]:
-                requests.append(await client.request(rid, include_output=include_output))
+                try:
+                    requests.append(await client.request(rid, include_output=include_output))
+                except SluicegateError as error:
+                    if error.status != 404:
+                        raise
+                    requests.append({"request_id": rid, "status": "expired"})
         return {"session_id": session_id, "events": events, "tokens_seen": dict(tokens), "requests": requests}
 
     @server.tool()

@@ -42,7 +42,7 @@ from sluicegate.embedded import (
 from sluicegate.groups_config import GroupConfig
 from sluicegate.scheduler.admin import Tuning
 from sluicegate.sessions.connect import UNAVAILABLE, async_client, redacted
-from sluicegate.sessions.registry import declare_group, forget_group_model, group_models
+from sluicegate.sessions.registry import declare_group, forget_group_model, group_models, model_conflict
 from sluicegate.settings import Settings
 from sluicegate.webhooks.delivery import SETTLE_SECONDS
 
@@ -85,14 +85,25 @@ def embedded_store(settings: Settings) -> EmbeddedServer | EmbeddedCluster:
 
 async def declare_groups(settings: Settings, groups: Sequence[GroupConfig]) -> None:
     """Each group, its model and the quota fields its table gives, before its workers start (so that
-    chat requests route by model as soon as the API answers). A group of this config whose model
-    changed lets go of the old one first, so that two groups may swap models between runs."""
+    chat requests route by model as soon as the API answers). The file has the last word on the groups
+    it lists: each serves the model its table names, or none. So a group of the file that served
+    another model, or whose table now names none, lets go of it first: a model may move from one group
+    of the file to another, and two may swap models, between runs (a model given to such a group with
+    PUT /v1/admin/groups, or by its openai workers from their backend, is let go of too; those workers
+    declare theirs again when they start). Groups the file does not list are left as they are: a model
+    one of them serves, or that is one's name, is a ModelConflict, raised before anything is written."""
     assert settings.redis_url
     client = async_client(settings.redis_url, cluster=settings.redis_cluster, decode_responses=True)
     try:
+        listed = frozenset(group.name for group in groups)
+        for group in groups:
+            if group.model is not None:
+                conflict = await model_conflict(client, group.name, group.model, released=listed)
+                if conflict is not None:
+                    raise conflict
         current = await group_models(client)
         for group in groups:
-            if group.model is not None and current.get(group.name) not in (None, group.model):
+            if current.get(group.name) not in (None, group.model):
                 await forget_group_model(client, group.name)
         for group in groups:
             await declare_group(client, group.name, group.model)

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from sluicegate.embedded import free_port
+from sluicegate.sessions import keys
 from tests.helpers import ROOT, Stack, call, fast_settings, submit, wait_for
 
 pytest.importorskip("mcp", reason="the mcp extra is not installed (pip install -e '.[mcp]'; ./dev installs it)")
@@ -119,6 +120,26 @@ def test_every_tool_acts_through_the_http_api(slow_stack: Stack) -> None:
         assert after["requests"][0]["status"] == "cancelled"
         assert ("cancelled", rid) in [(e["event"], e["data"].get("request_id")) for e in after["events"]]
         assert "404" in await tools.refused("cancel_request", request_id=rid[:2] + "nosuchrequest")
+
+    run_with_tools(base, body)
+
+
+def test_inspect_session_shows_an_expired_request_and_goes_on(slow_stack: Stack, r: Any) -> None:
+    """A request's record expires a TTL after it ends while the session's log lives on with later
+    requests: that request is `expired` in the answer, not an error of the whole tool."""
+    base = slow_stack.base_url
+    first = submit(base, "mcp-gone", max_tokens=3)
+    wait_for(lambda: status_of(base, first) == "done", timeout=10, what="the first request to end")
+    second = submit(base, "mcp-gone", max_tokens=3)
+    wait_for(lambda: status_of(base, second) == "done", timeout=10, what="the second request to end")
+    r.delete(keys.request(first), keys.request_input(first))  # what its TTL does, without waiting for it
+    assert call("GET", f"{base}/v1/requests/{first}")[0] == 404
+
+    async def body(tools: Tools) -> None:
+        seen = await tools.call("inspect_session", session_id="mcp-gone")
+        assert seen["requests"][0]["request_id"] == second and seen["requests"][0]["status"] == "done"
+        assert seen["requests"][1] == {"request_id": first, "status": "expired"}
+        assert ("done", first) in [(e["event"], e["data"].get("request_id")) for e in seen["events"]]
 
     run_with_tools(base, body)
 

@@ -94,6 +94,22 @@ def test_declare_group_maps_one_model_per_group_and_refuses_a_taken_model(redis_
     assert {"a", "b", "c"} <= r.smembers(keys.GROUPS)
 
 
+def test_a_model_cannot_take_another_groups_name(redis_url: str, r: redis.Redis) -> None:
+    """A chat call's `model` routes to the group serving it before the group of that name: a model named
+    like another group would make that group's name route away from it."""
+    async def scenario(client: Any) -> None:
+        await declare_group(client, "b")
+        for group, model in (("a", "b"), ("a", "default")):
+            with pytest.raises(ModelConflict) as conflict:
+                await declare_group(client, group, model)
+            assert conflict.value.group == model and f"the name of group '{model}'" in str(conflict.value)
+        assert await declare_group(client, "a", "a") == "a"  # its own name is no other group's
+        assert await declare_group(client, "default", "default") == "default"
+
+    with_redis(redis_url, scenario)
+    assert r.hgetall(keys.MODELS) == {"a": "a", "default": "default"}
+
+
 def test_concurrent_declarations_of_one_model_have_one_winner(redis_url: str, r: redis.Redis) -> None:
     async def scenario(client: Any) -> list[BaseException | None]:
         return await asyncio.gather(*(declare_group(client, f"g{i}", LLAMA) for i in range(8)),
@@ -200,6 +216,18 @@ def test_admin_groups_declare_models_with_the_quota_as_before(empty_stack: Stack
     assert r.hgetall(keys.MODELS) == {"qwen3:8b": "qwen"}
 
 
+def test_admin_groups_refuse_a_model_named_like_another_group(empty_stack: Stack, r: redis.Redis) -> None:
+    base = empty_stack.base_url
+    assert call("PUT", f"{base}/v1/admin/groups/b", {})[0] == 200
+    code, body = call("PUT", f"{base}/v1/admin/groups/a", {"model": "b", "burst": 3})
+    assert code == 409 and set(body) == {"error"} and body["error"]["type"] == "model_conflict"
+    assert "'b'" in body["error"]["message"]
+    assert r.hgetall(keys.MODELS) == {} and "a" not in r.smembers(keys.GROUPS)  # nothing changed
+    code, body = call("PUT", f"{base}/v1/admin/groups/a", {"model": "default"})
+    assert code == 409 and body["error"]["type"] == "model_conflict"
+    assert call("PUT", f"{base}/v1/admin/groups/a", {"model": "a"})[1]["model"] == "a"
+
+
 # ---- GET /v1/models ------------------------------------------------------------------------------
 def test_models_lists_the_groups_with_live_workers(empty_stack: Stack) -> None:
     stack = empty_stack
@@ -224,6 +252,22 @@ def test_models_lists_the_groups_with_live_workers(empty_stack: Stack) -> None:
     big = next(w for w, worker in stack.workers.items() if worker.settings.group == "big")
     stack.stop_service(big)  # its worker gone: the group's model is no longer listed (a listing lasts 1 s)
     wait_for(lambda: [m.id for m in client.models.list().data] == ["default", "small"], what="big to go")
+
+
+def test_models_does_not_list_a_group_name_that_routes_to_another_group(empty_stack: Stack, r: redis.Redis) -> None:
+    """Data written before such a model was refused: `a` serves the model `b`, and the group `b`, which
+    names no model, has a live worker. A chat call naming `b` goes to `a`, so `b` is listed only while
+    `a` has a live worker."""
+    stack = empty_stack
+    stack.add_worker(group="b")
+    r.hset(keys.MODELS, "b", "a")
+    r.sadd(keys.GROUPS, "a")
+    client = sdk(stack)
+    wait_for(lambda: [m.id for m in client.models.list().data] == [], what="b not listed (a listing lasts 1 s)")
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("b")
+    stack.add_worker(group="a")
+    wait_for(lambda: [m.id for m in client.models.list().data] == ["b"], what="b listed, for a")
 
 
 def test_models_needs_a_key_when_auth_is_on(redis_url: str) -> None:
