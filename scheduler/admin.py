@@ -96,16 +96,23 @@ class Tuning:
             pipe.zcard(keys.group_key(group, "run"))
             pipe.llen(keys.group_key(group, "idle"))
             pipe.hgetall(keys.group_key(group, "cn"))
-            cfg, qs, running, idle, ready = await pipe.execute()
+            pipe.zcard(keys.group_key(group, "pre"))
+            cfg, qs, running, idle, ready, stopping = await pipe.execute()
         state = {text(k): text(v) for k, v in qs.items()}
+        quota = {text(k): _number(text(v)) for k, v in cfg.items()}
         wake = float(state["wake"]) if "wake" in state else None
+        ready_by_class = {text(k): int(v) for k, v in ready.items()}
+        # The cap holds work back while it binds and work waits (the dispatch's own gate, quotas.lua
+        # in_flight: stopped runs count until their workers let go), whatever the last throttle was.
+        cap = quota.get("max_concurrency")
+        capped = cap is not None and running + stopping >= cap and sum(ready_by_class.values()) > 0
         return {
             "group": group,
-            "quota": {text(k): _number(text(v)) for k, v in cfg.items()},
+            "quota": quota,
             "running": running,
             "free_slots": idle,
-            "ready_sessions_by_class": {text(k): int(v) for k, v in ready.items()},
-            "throttled": wake is not None or state.get("throttled") == "max_concurrency" and running > 0,
+            "ready_sessions_by_class": ready_by_class,
+            "throttled": wake is not None or capped,
             "last_throttle_reason": state.get("throttled"),
             "next_admission_ms": wake,
             "token_bucket_level": float(state["lvl"]) if "lvl" in state else None,

@@ -4,11 +4,16 @@ request is neither lost nor reordered, and quota changes apply on the next decis
 
 from __future__ import annotations
 
+import asyncio
 import random
+from typing import Any
 
 import pytest
 import redis
+from redis.asyncio import ConnectionPool as AsyncConnectionPool
+from redis.asyncio import Redis as AsyncRedis
 
+from sluicegate.scheduler.admin import Tuning
 from sluicegate.sessions import keys
 from tests.helpers import Stack, call, fast_settings
 from tests.sched_harness import T0, Harness
@@ -169,6 +174,39 @@ def test_max_concurrency_counts_a_preempted_run_until_its_worker_lets_go(r: redi
     h.finish(h.run_of(low))
     assert h.status(high) == "running"
     assert h.status(low) == "preempted"
+
+
+def group_state(r: redis.Redis, group: str = "default") -> dict[str, Any]:
+    """The group's entry in GET /v1/admin/stats (scheduler.admin.Tuning.group_state), on one server."""
+
+    async def read() -> dict[str, Any]:
+        client = AsyncRedis(connection_pool=AsyncConnectionPool(**r.connection_pool.connection_kwargs))
+        try:
+            return await Tuning(client).group_state(group)
+        finally:
+            await client.aclose(close_connection_pool=True)
+
+    return asyncio.run(read())
+
+
+@pytest.mark.single_server  # the deterministic harness pins the clock (a global key)
+def test_stats_report_a_concurrency_throttle_only_while_the_cap_holds_work_back(r: redis.Redis) -> None:
+    """The last throttle's reason stays in the group's state; the cap's throttle is over once nothing waits
+    for it, or once it is gone."""
+    h = Harness(r)
+    h.quota("default", max_concurrency=1)
+    h.add_worker("w", slots=3)
+    first, second = queue(h, 2)
+    state = group_state(r)
+    assert state["throttled"] and state["last_throttle_reason"] == "max_concurrency"
+    h.complete(first)
+    assert h.status(second) == "running"
+    state = group_state(r)
+    assert not state["throttled"] and state["last_throttle_reason"] == "max_concurrency"  # nothing waits
+    h.quota("default", max_concurrency=None)
+    queue(h, 2, prefix="t")
+    state = group_state(r)
+    assert state["running"] == 3 and state["quota"] == {} and not state["throttled"]
 
 
 @pytest.mark.single_server  # the deterministic harness pins the clock (a global key)

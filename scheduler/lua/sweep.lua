@@ -13,6 +13,7 @@
 -- KEYS[1] the group's control prefix sg:{g:<group>}:
 -- ARGV[1] flags   ARGV[2] lease ms   ARGV[3] max attempts (a lost worker counts as a failed attempt)
 -- ARGV[4] session ttl s
+-- Clears the group's hint list (cp .. 'hint', the scheduler loop's wake-up): see the end.
 -- Returns {lapsed runs, promoted, dispatched, next wake ms or -1, now ms, number of runs to hand back,
 -- "reason:rid|attempt" to hand back..., expired "rid|sid" to end on the data plane...}; the expiries are
 -- decided at this call's clock (its `now`, passed on to expire.lua).
@@ -115,6 +116,10 @@ for _, zset in ipairs({ 'dlp', 'dld' }) do
   local first = redis.call('ZRANGE', cp .. zset, 0, 0, 'WITHSCORES')[2]
   if first and (not nxt or tonumber(first) < nxt) then nxt = tonumber(first) end
 end
+-- This call saw every change made before it and returns the earliest wake-up: a hint left in the list
+-- (pushed before it, or by its own dispatch, note_wake) would only end the loop's next wait at once, and
+-- a throttled group would sweep in a busy loop. A hint pushed by a later call survives.
+redis.call('DEL', cp .. 'hint')
 local reply = { lapsed, promoted, started, nxt and tostring(nxt) or '-1', tostring(now), #lost }
 for _, key in ipairs(lost) do reply[#reply + 1] = key end
 for _, entry in ipairs(expired) do reply[#reply + 1] = entry end

@@ -84,9 +84,12 @@ local function quota_refund(cp, unused, now)
 end
 
 -- The group's scheduler loop sleeps until the earliest of these wake-ups (a quota refill, the end
--- of a preemption quantum): note one and nudge the loop if it sleeps longer.
+-- of a preemption quantum): note one and nudge the loop if it sleeps longer. The loop sleeps no later
+-- than the wake noted when its last sweep ended (sweep.lua), and that sweep cleared the hint list: a
+-- wake no earlier than the one noted needs no hint (each would cost a sweep that finds nothing to do).
 local function note_wake(cp, wake)
   local current = tonumber(redis.call('HGET', cp .. 'qs', 'wake') or '')
-  if not current or wake < current then redis.call('HSET', cp .. 'qs', 'wake', wake) end
+  if current and wake >= current then return end
+  redis.call('HSET', cp .. 'qs', 'wake', wake)
   if redis.call('LLEN', cp .. 'hint') == 0 then redis.call('LPUSH', cp .. 'hint', 1) end
 end

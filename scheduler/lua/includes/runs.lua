@@ -1,5 +1,6 @@
 -- runs.lua: a run is one attempt of a request on one worker slot, known to the control plane by its
--- record ri["rid|attempt"] (the request's ready spec plus what the dispatch charged). The record
+-- record ri["rid|attempt"] (the request's ready spec plus what the dispatch charged: its estimate ce,
+-- the tokens reserved cr, the tenant's weight tw; JSON, one per run in flight). The record
 -- lives from dispatch until the worker lets go (or its lease lapses): its presence is what makes
 -- release idempotent (a repeated release finds no record and only hands the slot back).
 
@@ -44,7 +45,10 @@ end
 -- Close the accounting of a run: reconcile the tenant's counter and the token quota with what it
 -- produced (nil when unknown, e.g. its worker was lost: the estimate stands) and, when the backend
 -- counted them, with the request's real input tokens (charged once, by estimate, at its first
--- dispatch); and drop it from the running set and the leases.
+-- dispatch); and drop it from the running set and the leases. The correction is divided by the weight
+-- the dispatch charged at (tw), not the tenant's weight now: a weight changed while the run was in
+-- flight would otherwise scale its correction (from 1 to 0.01: a hundredfold refund). A record written
+-- before tw existed (a rolling upgrade) is corrected at the weight now.
 local function end_run(cp, key, rec, produced, now, prompt, finished)
   local pol = policy(cp)
   redis.call('HDEL', cp .. 'ri', key)
@@ -56,7 +60,7 @@ local function end_run(cp, key, rec, produced, now, prompt, finished)
   produced = produced or rec.ce
   local correction = pol.w_out * (produced - rec.ce)
   if prompt and rec.it then correction = correction + pol.w_in * (prompt - rec.it) end
-  correction = correction / weight(cp, rec.tn)
+  correction = correction / (tonumber(rec.tw) or weight(cp, rec.tn))
   if correction ~= 0 then
     local counter = vtc_get(cp, rec.tn)
     vtc_set(cp, rec.tn, counter + correction, counter)
@@ -135,6 +139,7 @@ local function start_run(cp, cls, tenant, counter, spec, wid, cfg, now, lease)
   local key = spec.rid .. '|' .. attempt
   local rec = spec_of(spec)
   rec.a, rec.w, rec.ds, rec.ce, rec.cr, rec.cls = attempt, wid, now, estimate, remaining, cls
+  rec.tw = tenant_weight -- the weight charged at, which end_run corrects by (7 bytes at the default 1)
   redis.call('HSET', cp .. 'ri', key, cjson.encode(rec))
   redis.call('HSET', cp .. 'tk', key, wid) -- the slot this attempt holds, given back once (let_go)
   redis.call('ZADD', cp .. 'run', cls * RANK + (RANK - now), key)
