@@ -96,18 +96,24 @@ class KeyRing:
             raise ApiError(403, "/metrics needs the admin key or --metrics-key")
 
     async def revoke(self, key_id: str) -> bool:
+        """Revokes the key: True for the one caller that did it (of concurrent revokes of a key, one wins
+        and is audited; the others get False, a 404, as a revoke after it does)."""
         digest = await self.redis.hget(keys.API_KEY_IDS, key_id)
         if digest is None:
             return False
-        await self.redis.hdel(keys.API_KEYS, digest)
+        # The record decides: its HDEL removes it for one caller only, and from then on the key authenticates
+        # no more, even if the writes below never happen (the id would stay behind pointing at nothing; a
+        # later revoke removes it). Deciding on the id first could leave a live key no revoke finds.
+        won = await self.redis.hdel(keys.API_KEYS, digest) == 1
         await self.redis.hdel(keys.API_KEY_IDS, key_id)
         await self.redis.hdel(keys.API_KEYS_USED, key_id)
+        # gone either way: this process's open streams of the key stop at once, whoever won
         self.touched.pop(key_id, None)
         self.revoked.add(key_id)
         self._note_state(key_id, False, None)
         self.reading.pop(key_id, None)  # a read in flight returns what it found; the next one reads anew
         self.revocations += 1
-        return True
+        return won
 
     async def key_live(self, key_id: str) -> bool:
         """The key is neither revoked nor expired, as of a read at most KEY_CHECK_SECONDS old: a local

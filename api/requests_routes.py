@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import replace
 
 from fastapi import APIRouter, Depends, Request
@@ -15,6 +16,7 @@ from sluicegate.api.responses import JSON
 from sluicegate.api.schemas import SESSION_PATTERN, SubmitBody
 from sluicegate.api.services import principal, services
 from sluicegate.sessions.connect import store_unavailable
+from sluicegate.sessions.keys import NAME_PATTERN
 from sluicegate.sessions.requests import NewRequest
 from sluicegate.sessions.status import request_view
 from sluicegate.sessions.transitions import MaybeStored
@@ -22,12 +24,23 @@ from sluicegate.tracing import TRACING, carry_trace
 
 log = logging.getLogger(__name__)
 router = APIRouter()
+TENANT_NAME = re.compile(NAME_PATTERN)
 NO_RETRY = {"x-should-retry": "false"}  # as a stored chat request's (api/openai_routes.py): no SDK retries it
 
 
 def check_session_id(session_id: str) -> None:
     if not SESSION_PATTERN.fullmatch(session_id):
         raise ApiError(422, "session_id: 1-128 characters of A-Z a-z 0-9 . _ : @ -")
+
+
+def submit_tenant(who: Principal, body: SubmitBody) -> str:
+    """The request's tenant: a tenant key's own, the body's field ignored whatever it holds; else (auth off,
+    or the admin key submitting for a tenant) the body's, a 422 in pydantic's words when it is not a name."""
+    if who.tenant:
+        return who.tenant
+    if not TENANT_NAME.fullmatch(body.tenant):
+        raise ApiError(422, f"tenant: String should match pattern '{NAME_PATTERN}'")
+    return body.tenant
 
 
 async def submit_request(request: Request, who: Principal, new: NewRequest) -> dict[str, str | int]:
@@ -94,10 +107,11 @@ async def submit(session_id: str, body: SubmitBody, request: Request, who: Princ
 
 async def submit_body(request: Request, who: Principal, session_id: str, body: SubmitBody) -> JSON:
     """The submit once its body is valid and its caller known (the route and api/hot_path.py)."""
+    tenant = submit_tenant(who, body)  # first, as when the body's schema checked it
     check_session_id(session_id)
     callback = check_callback(services(request), body.callback_url)  # push mode: 422 before anything is stored
     new = NewRequest(session_id=session_id, max_tokens=body.max_tokens, priority=int(body.priority),
-                     tenant=who.tenant or body.tenant, group=body.group, prompt=body.prompt,
+                     tenant=tenant, group=body.group, prompt=body.prompt,
                      messages=[m.model_dump() for m in body.messages] if body.messages else None,
                      params=body.params, deadline_ms=body.deadline_ms,
                      fail_on_deadline_miss=body.on_deadline_miss == "fail")

@@ -73,7 +73,9 @@ class SubmitBody(BaseModel):
     messages: list[Message] | None = Field(default=None, min_length=1)
     max_tokens: int = Field(default=256, ge=1)
     priority: int | str = 5
-    tenant: str = Field(default="default", pattern=NAME_PATTERN)
+    # A name (NAME_PATTERN), checked only where it is used (api/requests_routes.py `submit_tenant`): with a
+    # tenant key the field is ignored, whatever it holds (CONTRACT.md), as the chat route ignores X-Tenant.
+    tenant: str = Field(default="default", json_schema_extra={"pattern": NAME_PATTERN})
     group: str = Field(default="default", pattern=NAME_PATTERN)
     params: dict[str, Any] = Field(default_factory=dict)
     deadline_ms: int | None = Field(default=None, ge=1, le=MAX_DEADLINE_MS)  # time-to-first-token objective

@@ -17,6 +17,10 @@ METRICS_CHUNK = 64  # metric hashes read per round trip (read_metrics)
 SCAN_COUNT = 1000  # hash slots an HSCAN visits a step (a small hash is one listpack: read whole at once)
 LABELLED_TENANTS = keys.PREFIX + "metrics_tenants"  # sorted set tenant -> admission order (1 first)
 ADMIT_SCRIPT = Path(__file__).parent / "lua" / "standalone" / "metrics_tenants.lua"
+# Not a tenant (keys.NAME_PATTERN has no "~"): the member of LABELLED_TENANTS after which no one is labelled,
+# added once a scrape summed a seen tenant into the overflow (labelled_tenants).
+CLOSED = "~closed"
+CLOSE_CAP = 2**31 - 1  # the cap the admission script is given to add CLOSED, however many the set holds
 
 
 async def read_metrics(redis: Any, groups: Sequence[str],
@@ -75,19 +79,36 @@ def _admit_source() -> str:
     return ADMIT_SCRIPT.read_text()
 
 
+def _before_closed(members: Sequence[Any]) -> list[str]:
+    """The tenants before CLOSED (all of them when it is not among `members`)."""
+    names = [text(m) for m in members]
+    return names[:names.index(CLOSED)] if CLOSED in names else names
+
+
 async def labelled_tenants(redis: Any, cap: int, seen: Sequence[str]) -> list[str]:
     """The tenants with a label of their own: the first `cap` admitted, fleet-wide. While fewer hold
     one, the `seen` ones without a label are admitted in that order (atomically: no scrape labels more
     than `cap`). Never re-ranked: a tenant that lost its label would carry its whole history into the
-    overflow series, a counter jump with no traffic behind it. Deleting the key picks them again."""
+    overflow series, a counter jump with no traffic behind it. Nor taken out of the overflow: once a
+    seen tenant is left without a label, CLOSED follows the labelled ones, and no tenant after it gets a
+    label (a raised cap, or a process with a higher one, labels no one new). Deleting the key picks again."""
     if cap < 1:
         return []
-    labelled = [text(t) for t in await redis.zrange(LABELLED_TENANTS, 0, cap - 1)]
-    if len(labelled) >= cap:  # the usual case: a full set, one read
+    async with redis.pipeline(transaction=False) as pipe:  # one key: one round trip, in a cluster too
+        pipe.zrange(LABELLED_TENANTS, 0, cap - 1)
+        pipe.zscore(LABELLED_TENANTS, CLOSED)
+        members, closed = await pipe.execute()
+    labelled = _before_closed(members)
+    if closed is not None or not set(seen).difference(labelled):  # the usual case: one read
         return labelled
-    have = set(labelled)
-    # `cap` of them at most: enough to fill the set even if another process admitted some of these meanwhile
-    candidates = [t for t in seen if t not in have][:cap]
-    if not candidates:
-        return labelled
-    return [text(t) for t in await redis.eval(_admit_source(), 1, LABELLED_TENANTS, cap, *candidates)]
+    if len(labelled) < cap:
+        have = set(labelled)
+        # `cap` of them at most: enough to fill the set even if another process admitted some meanwhile
+        candidates = [t for t in seen if t not in have][:cap]
+        labelled = _before_closed(await redis.eval(_admit_source(), 1, LABELLED_TENANTS, cap, *candidates))[:cap]
+    if set(seen).difference(labelled):
+        # Some seen tenant is summed into the overflow: close the set before this scrape says so. CLOSED goes
+        # last (the admission script appends it, atomically), so the tenants labelled so far keep their labels
+        # and anyone admitted after it by a scrape that read the set before it is no one's label either.
+        await redis.eval(_admit_source(), 1, LABELLED_TENANTS, CLOSE_CAP, CLOSED)
+    return labelled

@@ -234,8 +234,9 @@ class Settings(BaseSettings):
     metrics_key: str | None = Field(None, description="a key that may read /metrics and nothing else (auth on: "
                                     "/metrics needs it or the admin key, as `Authorization: Bearer`)")
     metrics_max_tenants: Count = Field(20, description="tenants with a label of their own on /metrics (the first "
-                                       "seen keep it for good); the others are summed as tenant=\"~other\", so "
-                                       "the series stay bounded")
+                                       "seen keep it for good, and one once summed stays summed, also when the cap "
+                                       "is raised); the others are summed as tenant=\"~other\", so the series "
+                                       "stay bounded")
     max_body_mb: Positive = Field(32.0, description="largest request body accepted; larger ones get 413")
     max_tokens_limit: Count = Field(32768, description="largest max_tokens accepted; larger ones get 422")
     sse_ping_seconds: Positive = Field(15.0, description="idle seconds before an SSE keep-alive comment")

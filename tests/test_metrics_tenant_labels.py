@@ -12,7 +12,7 @@ import redis
 from sluicegate.api.metrics import OTHER, render_metrics
 from sluicegate.sessions import keys
 from sluicegate.sessions.connect import async_client
-from sluicegate.sessions.metrics_store import LABELLED_TENANTS
+from sluicegate.sessions.metrics_store import CLOSED, LABELLED_TENANTS
 from tests.helpers import ON_CLUSTER, Stack, fast_settings, submit
 from tests.metrics_helpers import Sample, scrape, series, wait_done
 
@@ -65,22 +65,57 @@ def _tokens_by_tenant(body: bytes) -> dict[str, float]:
             for line in body.decode().splitlines() if line.startswith(prefix)}
 
 
+async def _scrapes(redis_url: str, count: int, cap: int) -> list[bytes]:
+    """`count` API processes' scrapes at once, each with --metrics-max-tenants `cap`."""
+    clients = [async_client(redis_url, cluster=ON_CLUSTER) for _ in range(count)]
+    try:
+        return list(await asyncio.gather(*(render_metrics(c, open_streams=0, max_tenants=cap) for c in clients)))
+    finally:
+        for client in clients:
+            await client.aclose()
+
+
 def test_a_tenant_called_other_is_not_the_overflow_and_concurrent_scrapes_label_at_most_n(
         redis_url: str, r: redis.Redis) -> None:
     """Five API processes' first scrapes at once label exactly two tenants between them (the largest
     seen: "other" and "a"); "other" keeps a series of its own; later, larger tenants stay in ~other."""
-    async def scrapes(count: int) -> list[bytes]:
-        clients = [async_client(redis_url, cluster=ON_CLUSTER) for _ in range(count)]
-        try:
-            return list(await asyncio.gather(*(render_metrics(c, open_streams=0, max_tenants=2) for c in clients)))
-        finally:
-            for client in clients:
-                await client.aclose()
+    def scrapes(count: int) -> list[bytes]:
+        return asyncio.run(_scrapes(redis_url, count, 2))
 
     _write_tokens(r, {"other": 40, "a": 30, "b": 20, "c": 10})
-    bodies = asyncio.run(scrapes(5))
+    bodies = scrapes(5)
     expected = {"other": 40, "a": 30, OTHER: 30}
     assert [_tokens_by_tenant(b) for b in bodies] == [expected] * 5
-    assert r.zrange(LABELLED_TENANTS, 0, -1) == ["other", "a"]
+    assert r.zrange(LABELLED_TENANTS, 0, -1) == ["other", "a", CLOSED]  # b and c went to the overflow
     _write_tokens(r, {"b": 100, "d": 500})  # b and d overtake both labelled tenants
-    assert [_tokens_by_tenant(b) for b in asyncio.run(scrapes(2))] == [{"other": 40, "a": 30, OTHER: 630}] * 2
+    assert [_tokens_by_tenant(b) for b in scrapes(2)] == [{"other": 40, "a": 30, OTHER: 630}] * 2
+
+
+def test_a_raised_cap_takes_no_tenant_out_of_the_overflow(redis_url: str, r: redis.Redis) -> None:
+    """The reviewer's repro: a scrape with cap 1 sums B and C into ~other; one with cap 3 (raised, or
+    another process's) used to label them, and ~other went from 50 to 0 with no traffic. Once a tenant
+    is in the overflow, no tenant gets a label any more, whatever the cap; until then a raised cap labels
+    new tenants as they come; a lowered cap keeps the earliest."""
+    def scrape_with(cap: int) -> dict[str, float]:
+        return _tokens_by_tenant(asyncio.run(_scrapes(redis_url, 1, cap))[0])
+
+    _write_tokens(r, {"A": 50})
+    assert scrape_with(1) == {"A": 50}  # nobody in the overflow yet: the set stays open
+    _write_tokens(r, {"B": 30, "C": 20})
+    assert scrape_with(1) == {"A": 50, OTHER: 50}
+    assert scrape_with(3) == {"A": 50, OTHER: 50}
+    _write_tokens(r, {"D": 5})  # a tenant first seen after the raise joins the overflow too
+    assert scrape_with(3) == {"A": 50, OTHER: 55}
+    assert scrape_with(1) == {"A": 50, OTHER: 55}
+
+    r.delete(LABELLED_TENANTS)  # deleting the key picks again (moving series once)
+    assert scrape_with(3) == {"A": 50, "B": 30, "C": 20, OTHER: 5}
+    assert scrape_with(5) == {"A": 50, "B": 30, "C": 20, OTHER: 5}
+
+    r.delete(LABELLED_TENANTS)
+    r.delete(keys.data_metrics(keys.all_buckets()[0]))  # what _write_tokens wrote
+    _write_tokens(r, {"A": 50})
+    assert scrape_with(2) == {"A": 50}  # the set is not full: a raised cap still labels newcomers
+    _write_tokens(r, {"B": 30, "C": 20})
+    assert scrape_with(3) == {"A": 50, "B": 30, "C": 20}
+    assert scrape_with(1) == {"A": 50, OTHER: 50}  # a lowered cap keeps the earliest
