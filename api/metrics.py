@@ -6,7 +6,8 @@ one exception is `sluicegate_open_streams`, which is about the process that answ
 labelled by group and priority; counters also by tenant, bounded to `max_tenants` tenants plus
 `tenant="~other"`, so the series stay few however many tenants call. The labelled tenants are the
 first seen (sessions/metrics_store.py `labelled_tenants`) and keep their label: a re-ranking would move
-a tenant's whole history between series, a counter jump that rate() reads as traffic.
+a tenant's whole history between series, a counter jump that rate() reads as traffic. For the same
+reason, once a tenant is summed into `~other` no tenant gets a label any more, even with a raised cap.
 """
 
 from __future__ import annotations
