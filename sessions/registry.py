@@ -2,8 +2,9 @@
 
 Two global keys, written by operators (`PUT /v1/admin/groups/{g}`, `serve --config`) and by workers
 (their `--backend-model`): `sg:groups` (every declared or served group; the scheduler sweeps each)
-and `sg:models` (model -> group). A group serves at most one model, and a model belongs to one group
-and is no other group's name (a chat call's `model` may name a group).
+and `sg:models` (model -> group). A group serves at most one model, and a model belongs to one group.
+A model may be another group's name: a chat call's `model` routes to the group serving it first, and
+`/v1/models` then does not list that group by its name (api/models_routes.py), which `X-Group` still reaches.
 Callers never create groups: a submit to a group that is neither declared nor served is refused.
 """
 
@@ -24,11 +25,10 @@ DECLARE_SCRIPT = Path(__file__).parent / "lua" / "standalone" / "declare_model.l
 
 
 class ModelConflict(ValueError):
-    """The model is already served by another group (`group`), or (`named`) is the name of that group."""
+    """The model is already served by another group (`group`)."""
 
-    def __init__(self, model: str, group: str, *, named: bool = False) -> None:
-        super().__init__(f"model {model!r} is the name of group {group!r}: a chat call's model may name a group"
-                         if named else f"model {model!r} is served by group {group!r}")
+    def __init__(self, model: str, group: str) -> None:
+        super().__init__(f"model {model!r} is served by group {group!r}")
         self.model = model
         self.group = group
 
@@ -49,7 +49,7 @@ def _declare_source() -> str:
 async def declare_group(redis: Any, group: str, model: str | None = None, *, replace: bool = True) -> str | None:
     """Register the group and, when `model` is given, make it the group's one model: replacing the model
     it named before, or (`replace=False`, a worker's --backend-model) only when it names none yet.
-    ModelConflict when another group serves that model, or has it as its name (nothing is written then).
+    ModelConflict when another group serves that model (nothing is written then).
     Returns the model the group serves afterwards (None when it names none)."""
     if model is not None:
         check_model_name(model)
@@ -69,18 +69,15 @@ async def declare_group(redis: Any, group: str, model: str | None = None, *, rep
 
 async def model_conflict(redis: Any, group: str, model: str, released: Collection[str] = ()) -> ModelConflict | None:
     """Why `group` cannot take `model`, if it cannot: another group serves it (unless that group is one of
-    `released`, about to let go of it), or it is another group's name. A chat call's `model` routes to the
-    group serving it before the group of that name, so that group would be listed by /v1/models under a
-    name that routes elsewhere. A model the group already serves is not looked at again (a worker
-    declares its model at every offer of slots)."""
+    `released`, about to let go of it). Not that it is another group's name: `sg:groups` only grows (a
+    worker once started with `--group llama` registers it for good), so such a rule would block a model
+    name for ever over a group long gone; /v1/models leaves a shadowed group's name out instead."""
     owner = await redis.hget(keys.MODELS, model)
     holder = None if owner is None else text(owner)
     if holder == group:
         return None
     if holder is not None and holder not in released:
         return ModelConflict(model, holder)
-    if model != group and await group_exists(redis, model):
-        return ModelConflict(model, model, named=True)
     return None
 
 

@@ -30,7 +30,7 @@ from pydantic import ValidationError
 
 from sluicegate.scheduler.quota import QUOTA_FIELDS, Quota
 from sluicegate.sessions.keys import NAME_PATTERN
-from sluicegate.sessions.registry import DEFAULT_GROUP, check_model_name
+from sluicegate.sessions.registry import check_model_name
 from sluicegate.settings import BadSetting, Settings, bad_setting, env_values
 
 TABLE = "groups"
@@ -93,10 +93,6 @@ def load_groups(settings: Settings, explicit: frozenset[str] = frozenset()) -> l
             raise BadSetting(f"{TABLE}.{group.name}.model", f"`{group.model}` is also the model of "
                              f"[groups.{served[group.model]}], in {path}: chat requests choose a group by model, "
                              "so each model has one group")
-        if group.model != group.name and (group.model in tables or group.model == DEFAULT_GROUP):
-            other = f"[groups.{group.model}]" if group.model in tables else "the group `default` (it always exists)"
-            raise BadSetting(f"{TABLE}.{group.name}.model", f"`{group.model}` is the name of {other}, in {path}: "
-                             "a chat call's model may name a group, so a model cannot take another group's name")
         served[group.model] = group.name
     return groups
 

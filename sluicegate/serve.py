@@ -91,7 +91,7 @@ async def declare_groups(settings: Settings, groups: Sequence[GroupConfig]) -> N
     of the file to another, and two may swap models, between runs (a model given to such a group with
     PUT /v1/admin/groups, or by its openai workers from their backend, is let go of too; those workers
     declare theirs again when they start). Groups the file does not list are left as they are: a model
-    one of them serves, or that is one's name, is a ModelConflict, raised before anything is written."""
+    one of them serves is a ModelConflict, raised before anything is written."""
     assert settings.redis_url
     client = async_client(settings.redis_url, cluster=settings.redis_cluster, decode_responses=True)
     try:

@@ -166,10 +166,6 @@ def test_the_openai_engine_from_a_flag_applies_to_every_group(tmp_path: Path) ->
     ("[groups.a]\nmax_concurrency = true\n", (), "groups.a.max_concurrency: should be a number, got True, in FILE"),
     ("[groups.a]\nmodel = 'm'\n[groups.b]\nmodel = 'm'\n", (), "groups.b.model: `m` is also the model of [groups.a], "
      "in FILE: chat requests choose a group by model, so each model has one group"),
-    ("[groups.a]\nmodel = 'b'\n[groups.b]\n", (), "groups.a.model: `b` is the name of [groups.b], in FILE: a chat "
-     "call's model may name a group, so a model cannot take another group's name"),
-    ("[groups.a]\nmodel = 'default'\n", (), "groups.a.model: `default` is the name of the group `default` (it always "
-     "exists), in FILE: a chat call's model may name a group, so a model cannot take another group's name"),
     ("[groups.a]\nmodel = 'two words'\n", (), "groups.a.model: should be the model's name (1-256 characters, no "
      "whitespace or control characters), got 'two words', in FILE"),
     ("[groups.a]\nmodel = 'a=b'\n", (), "groups.a.model: `a=b`: a model name here cannot hold `,` or `=`, in FILE"),
