@@ -12,9 +12,11 @@ layer (an unexpected error is still a JSON 500), and answers the errors the API 
 FastAPI's handlers do.
 
 The submit and the event stream take only their ordinary form here; anything unusual goes to FastAPI,
-which answers it as before: a submit whose body is not `application/json` or does not parse or
-validate (FastAPI's 422 names the field; its 401 comes before a body's 422), the body replayed, since
-it was read; an event stream with a `?token=` (browsers), and HEAD.
+which answers it as before: a submit whose body is not `application/json` (a 415, or a +json type FastAPI
+reads), or does not parse or validate (FastAPI's 422 names the field; its 401 comes before a body's 422),
+or holds an integer orjson would read as a float, or nests deeper than the submit takes (FastAPI's parser
+refuses the deepest bodies itself), the body replayed, since it was read; an event stream with a `?token=`
+(browsers), and HEAD.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sluicegate.api import openai_routes
 from sluicegate.api.errors import error_response, expected_error_response
-from sluicegate.api.requests_routes import submit_body
+from sluicegate.api.requests_routes import NestedTooDeep, content_type, submit_body
 from sluicegate.api.schemas import SubmitBody
 from sluicegate.api.services import principal, services
 from sluicegate.api.streaming import request_stream, session_stream
@@ -37,14 +39,9 @@ from sluicegate.api.streaming import request_stream, session_stream
 SUBMIT = re.compile(r"/v1/sessions/([^/]+)/requests")
 REQUEST_EVENTS = re.compile(r"/v1/requests/([^/]+)/events")
 SESSION_EVENTS = re.compile(r"/v1/sessions/([^/]+)/events")
-
-
-def json_content(scope: Scope) -> bool:
-    """The body is `application/json` (FastAPI parses more types as JSON; those go to it)."""
-    for name, value in scope["headers"]:
-        if name == b"content-type":
-            return value.split(b";", 1)[0].strip().lower() == b"application/json"
-    return False
+# 19 digits or more: an integer may be past 64 bits (-9223372036854775809 already is), which orjson reads as a
+# float and FastAPI's json.loads exactly. A scan in C; a body with such a run (a float's digits too) goes to FastAPI.
+LONG_NUMBER = re.compile(rb"\d{19}")
 
 
 def token_given(scope: Scope) -> bool:
@@ -67,7 +64,7 @@ class ChatHotPath:
         try:
             if method == "POST" and path == "/v1/chat/completions":
                 response = await openai_routes.chat_completions(Request(scope, receive))
-            elif method == "POST" and (match := SUBMIT.fullmatch(path)) and json_content(scope):
+            elif method == "POST" and (match := SUBMIT.fullmatch(path)) and content_type(scope) == b"application/json":
                 response = await self.submit(Request(scope, receive), match.group(1))
             elif method == "GET" and (match := REQUEST_EVENTS.fullmatch(path)) and not token_given(scope):
                 request = Request(scope, receive)
@@ -93,11 +90,16 @@ class ChatHotPath:
             raw = await request.body()
         except ClientDisconnect:  # gone mid-body, or cut off by the body size limit (which answered 413)
             return error_response(400, "There was an error parsing the body")  # FastAPI's words
+        if LONG_NUMBER.search(raw):
+            return replay(raw, request.receive)
         try:
             body = SubmitBody.model_validate(orjson.loads(raw))
         except (orjson.JSONDecodeError, ValidationError):
             return replay(raw, request.receive)
-        return await submit_body(request, await principal(request), session_id, body)
+        try:
+            return await submit_body(request, await principal(request), session_id, body)
+        except NestedTooDeep:  # refused before anything is stored; FastAPI's answer may be its parser's 400
+            return replay(raw, request.receive)
 
 
 def replay(body: bytes, receive: Receive) -> Receive:

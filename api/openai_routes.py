@@ -49,11 +49,11 @@ from sluicegate.api.deadline import lift_response_deadline
 from sluicegate.api.errors import ApiError
 from sluicegate.api.key_watch import ENDED_MESSAGE, KeyWatch, key_watch
 from sluicegate.api.models_routes import model_not_found
-from sluicegate.api.requests_routes import check_session_id, submit_request
+from sluicegate.api.requests_routes import check_session_id, require_json, submit_request
 from sluicegate.api.responses import JSON, EventStreamResponse, LastChunk
 from sluicegate.api.schemas import ChatBody, SubmitBody, parse_priority
 from sluicegate.api.services import Services, principal, services
-from sluicegate.api.streaming import PING
+from sluicegate.api.streaming import PING, SSE_HEADERS
 from sluicegate.scheduler.deadlines import MAX_DEADLINE_MS
 from sluicegate.sessions.connect import store_unavailable
 from sluicegate.sessions.events import Event
@@ -251,7 +251,8 @@ async def whole_answer(request: Request, new: NewRequest, completion: Completion
 async def chat_body(request: Request) -> ChatBody:
     """The body, validated here rather than by FastAPI's body and dependency machinery (measured: about
     a fifth of this route's CPU before the submit, on the path of every first token). Errors go
-    through the same 422 handler as everywhere else."""
+    through the same 422 handler as everywhere else; a body that is not JSON by its content type is a 415."""
+    await require_json(request)
     try:
         return ChatBody.model_validate_json(await request.body())
     except ValidationError as error:
@@ -330,7 +331,7 @@ async def chat_completions(request: Request):
             stream_closed()
             return stored_failure(*failure(ended), headers)
         return EventStreamResponse(sse_chunks(svc, completion, held, batches, key_watch(svc.keyring, who)),
-                                   headers={**headers, "Cache-Control": "no-store"}, on_close=stream_closed)
+                                   headers={**headers, **SSE_HEADERS}, on_close=stream_closed)  # nginx: no buffering
     try:
         async with aclosing(stream.batches()) as batches:
             return await whole_answer(request, new, completion, headers, batches, key_watch(svc.keyring, who))

@@ -7,6 +7,7 @@ import re
 from dataclasses import replace
 
 from fastapi import APIRouter, Depends, Request
+from starlette.types import Scope
 
 from sluicegate.api.auth import Principal
 from sluicegate.api.callbacks import attach_callback, check_callback
@@ -17,7 +18,7 @@ from sluicegate.api.schemas import SESSION_PATTERN, SubmitBody
 from sluicegate.api.services import principal, services
 from sluicegate.sessions.connect import store_unavailable
 from sluicegate.sessions.keys import NAME_PATTERN
-from sluicegate.sessions.requests import NewRequest
+from sluicegate.sessions.requests import MAX_NESTING, NewRequest, TooDeep
 from sluicegate.sessions.status import request_view
 from sluicegate.sessions.transitions import MaybeStored
 from sluicegate.tracing import TRACING, carry_trace
@@ -26,6 +27,35 @@ log = logging.getLogger(__name__)
 router = APIRouter()
 TENANT_NAME = re.compile(NAME_PATTERN)
 NO_RETRY = {"x-should-retry": "false"}  # as a stored chat request's (api/openai_routes.py): no SDK retries it
+
+
+class NestedTooDeep(ApiError):
+    """A body's params or messages nested deeper than MAX_NESTING (422): api/hot_path.py hands that body to
+    FastAPI, whose parser refuses the deepest ones (400) before this check would."""
+
+
+def content_type(scope: Scope) -> bytes:
+    """The body's media type, lower case, without its parameters (charset, ...); b"" when none is given."""
+    for name, value in scope["headers"]:
+        if name == b"content-type":
+            return value.split(b";", 1)[0].strip().lower()
+    return b""
+
+
+def is_json(media_type: bytes) -> bool:
+    """application/json or a +json type (application/vnd.api+json, ...): what FastAPI reads as JSON."""
+    return media_type == b"application/json" or (media_type.startswith(b"application/")
+                                                  and media_type.endswith(b"+json"))
+
+
+async def require_json(request: Request) -> None:
+    """A JSON body with any other content type is a 415, unread: a browser's cross-site POST of a form or of
+    text/plain skips the CORS preflight, and auth is off by default on loopback (FastAPI's strict_content_type
+    would only leave such a body unparsed). The submit's dependency; the chat route calls it."""
+    media_type = content_type(request.scope)
+    if not is_json(media_type):
+        given = repr(media_type.decode("latin-1")[:100]) if media_type else "none"
+        raise ApiError(415, f"Content-Type: send application/json (a JSON body); got {given}")
 
 
 def check_session_id(session_id: str) -> None:
@@ -49,10 +79,14 @@ async def submit_request(request: Request, who: Principal, new: NewRequest) -> d
         new.input_text.encode()
     except UnicodeEncodeError:  # e.g. a lone surrogate ("\ud800"), which JSON allows and UTF-8 does not
         raise ApiError(422, "prompt/messages: not valid Unicode text (a lone surrogate?)") from None
+    except TooDeep:
+        raise NestedTooDeep(422, f"messages: nested deeper than {MAX_NESTING} arrays/objects") from None
     except ValueError:  # a field of a message (e.g. `name`) that is NaN or Infinity
         raise ApiError(422, "messages: NaN and Infinity are not JSON numbers") from None
     try:
         new.params_json  # noqa: B018 - made here, then stored and sent to engines as is: NaN is not JSON
+    except TooDeep:
+        raise NestedTooDeep(422, f"params: nested deeper than {MAX_NESTING} arrays/objects") from None
     except ValueError:
         raise ApiError(422, "params: NaN and Infinity are not JSON numbers") from None
     if new.max_tokens > svc.settings.max_tokens_limit:
@@ -101,7 +135,8 @@ def callback_lost(error: Exception, reply: dict[str, str | int]) -> JSON:
 
 
 @router.post("/v1/sessions/{session_id}/requests", status_code=202)
-async def submit(session_id: str, body: SubmitBody, request: Request, who: Principal = Depends(principal)):
+async def submit(session_id: str, body: SubmitBody, request: Request, who: Principal = Depends(principal),
+                 _: None = Depends(require_json)):  # after the key checks (401 first), before the body's 422
     return await submit_body(request, who, session_id, body)
 
 

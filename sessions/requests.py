@@ -10,11 +10,42 @@ from typing import Any
 
 from sluicegate.sessions import keys
 
+# Arrays/objects nested in params or in messages: about what the chat route's parser takes (pydantic's, 200 levels
+# in the whole body), far fewer than json.dumps takes on the API's stack (about 950) or the submit's parsers
+# (FastAPI's json.loads about 960, the hot path's orjson 1024): every path refuses the same bodies, never a 5xx.
+MAX_NESTING = 200
+
+
+class TooDeep(ValueError):
+    """Params or messages nested deeper than MAX_NESTING arrays/objects."""
+
 
 def new_request_id(session_id: str) -> str:
     """The session's bucket (2 characters: the request is found from its id alone, sessions/keys.py),
     then 12 URL-safe characters (72 random bits): short, because it is repeated in every event."""
     return keys.bucket_of_session(session_id) + secrets.token_urlsafe(9)
+
+
+def nested_deeper(value: Any, limit: int) -> bool:
+    """Whether `value` nests more than `limit` arrays/objects, walked a level at a time (no recursion)."""
+    level = [value] if isinstance(value, (dict, list)) else []
+    for _ in range(limit):
+        level = [v for c in level for v in (c.values() if isinstance(c, dict) else c) if isinstance(v, (dict, list))]
+        if not level:
+            return False
+    return bool(level)
+
+
+def json_text(value: Any, *, ensure_ascii: bool = True) -> str:
+    """`value` as stored and sent to engines: ValueError for NaN or Infinity (JSON lacks them), TooDeep past
+    MAX_NESTING. The nesting is walked only when the text holds more brackets than that (a long conversation)."""
+    try:
+        text = json.dumps(value, separators=(",", ":"), ensure_ascii=ensure_ascii, allow_nan=False)
+    except RecursionError:  # out of stack, far past MAX_NESTING
+        raise TooDeep from None
+    if text.count("[") + text.count("{") > MAX_NESTING and nested_deeper(value, MAX_NESTING):
+        raise TooDeep
+    return text
 
 
 def estimate_tokens(text: str) -> int:
@@ -48,15 +79,17 @@ class NewRequest:
     @cached_property
     def input_text(self) -> str:
         """Made once per request object: the submit checks it, then stores it (on every first token's way).
-        ValueError for NaN or Infinity in the messages, which JSON lacks (the worker could not read them back)."""
+        ValueError for NaN or Infinity in the messages, which JSON lacks (the worker could not read them back);
+        TooDeep past MAX_NESTING."""
         if self.messages is None:
             return self.prompt or ""
-        return json.dumps(self.messages, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        return json_text(self.messages, ensure_ascii=False)
 
     @cached_property
     def params_json(self) -> str:
-        """The params as stored and sent to engines; ValueError for NaN or Infinity, which JSON lacks."""
-        return json.dumps(self.params, separators=(",", ":"), allow_nan=False) if self.params else "{}"
+        """The params as stored and sent to engines; ValueError for NaN or Infinity, which JSON lacks; TooDeep
+        past MAX_NESTING."""
+        return json_text(self.params) if self.params else "{}"
 
     @property
     def input_tokens(self) -> int:

@@ -149,6 +149,44 @@ def test_unknown_things_are_404_json(stack: Stack) -> None:
     assert "nosuch" in reply["error"]["message"]
 
 
+def head_or(base: str, method: str, path: str) -> tuple[int, dict[str, str], bytes]:
+    host, port = base.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=30)
+    try:
+        connection.request(method, path)
+        response = connection.getresponse()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+    finally:
+        connection.close()
+
+
+def methods(allow: str) -> set[str]:
+    return {m.strip() for m in allow.split(",")}
+
+
+def test_a_405_names_the_allowed_methods_and_probes_answer_head(stack: Stack) -> None:
+    # RFC 9110: a 405 carries Allow; a load balancer's HEAD check gets the GET's status and headers, no body
+    from tests.test_hot_path import fastapi_path
+
+    with fastapi_path(stack) as other:
+        for base in (stack.base_url, other):
+            for method, path, allowed in (("DELETE", "/v1/chat/completions", "POST"), ("PUT", "/v1/requests/x", None),
+                                          ("HEAD", "/v1/requests/x/events", "GET"),
+                                          ("POST", "/healthz", "GET, HEAD")):
+                code, headers, body = head_or(base, method, path)
+                assert code == 405, (base, method, path, code)
+                assert headers.get("allow") and (allowed is None or methods(headers["allow"]) == methods(allowed)), \
+                    (base, path, headers)
+                if method != "HEAD":
+                    assert json.loads(body)["error"]["type"] == "method_not_allowed"
+            for path in ("/healthz", "/readyz"):
+                code, headers, body = head_or(base, "HEAD", path)
+                got, got_headers, got_body = head_or(base, "GET", path)
+                assert (code, body) == (got, b"") and got == 200, (base, path, code, got)
+                assert headers["content-type"] == got_headers["content-type"] == "application/json"
+                assert int(headers["content-length"]) > 0
+
+
 def test_bad_cursor_and_finished_cancel(stack: Stack) -> None:
     base = stack.base_url
     rid = submit(base, "cursor", max_tokens=3)
@@ -296,7 +334,8 @@ def test_a_chat_client_that_leaves_while_sending_its_body_is_a_4xx_not_a_server_
     async def receive() -> dict[str, Any]:
         return {"type": "http.disconnect"}
 
-    request = Request({"type": "http", "method": "POST", "path": "/v1/chat/completions", "headers": []}, receive)
+    request = Request({"type": "http", "method": "POST", "path": "/v1/chat/completions",
+                       "headers": [(b"content-type", b"application/json")]}, receive)
     with pytest.raises(ApiError) as raised:
         asyncio.run(chat_body(request))
     assert raised.value.status == 400

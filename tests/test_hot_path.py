@@ -7,15 +7,43 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import redis
+import uvicorn
 
 from sluicegate.api.recent import READER_MAX_AGE, Accepted, RecentSubmits
+from sluicegate.embedded import free_port
+from sluicegate.sessions import keys
 from sluicegate.sessions.hub import Reader
 from sluicegate.sessions.store import LogBounds
-from tests.helpers import Stack, call, sse, submit
+from tests.helpers import Stack, call, sse, submit, wait_for
 
 BAD_BODIES = [b'{"prompt": "x", "max_tokens": 0}', b'{"prompt": "x", "messages": [{"role": "user", "content": "y"}]}',
               b"{not json", b"[]", b"", b'{"prompt": "x", "max_tokens": 1, "tenant": "no spaces"}',
               b'{"prompt": "x", "max_tokens": NaN}']
+
+
+@contextmanager
+def fastapi_path(stack: Stack) -> Iterator[str]:
+    """The base URL of a second API server on `stack`'s settings and loop whose requests carry a root_path,
+    which api/hot_path.py declines: every request there goes through FastAPI's routes."""
+    from sluicegate.api.app import create_app
+    from sluicegate.api.joined_writes import JoinedWritesProtocol
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(stack.settings), host="127.0.0.1", port=port,
+                                           log_level="warning", access_log=False, lifespan="on",
+                                           http=JoinedWritesProtocol, root_path="/r"))
+    serving = asyncio.run_coroutine_threadsafe(server.serve(), stack.loop)
+    try:
+        wait_for(lambda: server.started or serving.done(), timeout=15, what="the FastAPI-only server")
+        assert server.started, serving.result()
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        serving.result(15)
 
 
 def test_bad_submits_get_fastapis_own_answers(stack: Stack) -> None:
@@ -84,3 +112,33 @@ def test_a_first_event_lost_in_a_restart_is_not_held() -> None:
     bounds = LogBounds(last_id=20, oldest_kept=1, holes=((10, 15),))
     assert bounds.holds(10) and bounds.holds(15) and bounds.holds(20)
     assert not bounds.holds(12) and not bounds.holds(21) and not bounds.holds(0)
+
+
+def test_integers_past_64_bits_are_stored_exactly_on_both_paths(stack: Stack, r: redis.Redis) -> None:
+    # orjson reads them as floats; the hot path hands such a body to FastAPI, whose json.loads keeps them
+    params = {"seed": 2**64, "low": -(2**63) - 1, "fits": 2**63 - 1, "ts": 1733000000000000000}
+    with fastapi_path(stack) as other:
+        for base in (stack.base_url, other):
+            code, reply = call("POST", f"{base}/v1/sessions/hp-big/requests",
+                               {"prompt": "x", "max_tokens": 1, "params": params})
+            assert code == 202, reply
+            stored = r.hget(keys.request(reply["request_id"]), "pa")
+            assert json.loads(stored) == params and "e+" not in stored, (base, stored)
+
+
+def test_a_streamed_chat_answer_sends_the_event_streams_headers(stack: Stack) -> None:
+    # nginx buffers a text/event-stream answer without X-Accel-Buffering: no
+    body = json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "stream": True})
+    with fastapi_path(stack) as other:
+        for base in (stack.base_url, other):
+            host, port = base.removeprefix("http://").split(":")
+            connection = http.client.HTTPConnection(host, int(port), timeout=30)
+            connection.request("POST", "/v1/chat/completions", body, {"content-type": "application/json"})
+            response = connection.getresponse()
+            assert response.status == 200 and response.read().endswith(b"data: [DONE]\n\n")
+            assert response.getheader("content-type") == "text/event-stream; charset=utf-8"
+            assert response.getheader("cache-control") == "no-store"
+            assert response.getheader("connection") == "keep-alive"
+            assert response.getheader("x-accel-buffering") == "no", base
+            assert response.getheader("x-request-id")
+            connection.close()
