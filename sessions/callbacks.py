@@ -84,9 +84,10 @@ async def claim(redis: Any, rid: str, *, now_ms: int, lease_ms: int) -> tuple[in
 
 async def push_back(redis: Any, due: dict[str, int], held: Iterable[str], *, now_ms: int, lease_ms: int) -> None:
     """Callbacks that wait for their receiver's host, in one pipeline: each of `due` (request id -> ms) is
-    due again then (only later, and only while still queued), each of `held` (due, held by the delivery
-    process for a place of its host) stays due as it is; each one's request is kept until it is due and a
-    lease more, past its session's TTL if need be, so that a long backlog drops none of them."""
+    due again then (only later, and only while still queued), each of `held` (due, and held by the delivery
+    process for a place of its host, or read while all its places were taken) stays due as it is; each one's
+    request is kept until it is due and a lease more, past its session's TTL if need be, so that a long
+    backlog drops none of them."""
     waiting = [*due.items(), *((rid, 0) for rid in held if rid not in due)]
     if not waiting:
         return

@@ -13,8 +13,8 @@ from sluicegate.sessions import callbacks, keys
 from sluicegate.sessions.connect import async_client
 from sluicegate.webhooks import delivery as delivery_module
 from sluicegate.webhooks.delivery import Delivery
-from tests.helpers import ON_CLUSTER, Stack, call, wait_for
-from tests.test_webhooks import BlackHole, ended_requests, start_stack
+from tests.helpers import ON_CLUSTER, Stack, call, submit, wait_for
+from tests.test_webhooks import BlackHole, ended_requests, start_stack, status
 
 
 def outcome(stack: Stack, rid: str) -> str:
@@ -98,3 +98,57 @@ def test_push_back_moves_only_queued_callbacks_later_and_keeps_their_requests(re
     assert lease - 2_000 < ttl["held"] <= lease
     assert 60_000 + lease - 2_000 < ttl["later"] <= 60_000 + lease
     assert 0 < ttl["settled"] <= 1_000 and ttl["kept"] == -1
+
+
+
+def ended(stack: Stack, urls: list[str], name: str) -> list[str]:
+    """A request a session for each callback URL, all ended."""
+    rids = [submit(stack.base_url, f"{name}-{i}", max_tokens=2, callback_url=f"{url}/{i}")
+            for i, url in enumerate(urls)]
+    for rid in rids:
+        wait_for(lambda rid=rid: status(stack, rid)["status"] == "done", what="the request's end")
+    return rids
+
+
+def test_callbacks_due_while_every_place_is_taken_keep_their_requests(
+        redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two receivers that answer in 3 s take every place of the process (CONCURRENCY 2 here, 1 a host);
+    callbacks to a fast receiver that come due meanwhile wait those 3 s against a 2-s session TTL. The passes
+    of the full process read them and keep their requests. (Before, a full pass read nothing: dropped, 404.)"""
+    monkeypatch.setattr(delivery_module, "PER_HOST", 1)
+    monkeypatch.setattr(delivery_module, "CONCURRENCY", 2)
+    slow = [BlackHole(host, answer_after=3.0) for host in ("127.0.0.2", "127.0.0.3")]
+    fast = BlackHole("127.0.0.4", answer_after=0.05)
+    stack = start_stack(redis_url, delivery=False, session_ttl=2, webhook_timeout=4.0,
+                        webhook_allow="127.0.0.2,127.0.0.3,127.0.0.4")
+    try:
+        stack.start_service("webhooks", Delivery(stack.settings, poll_seconds=0.05).run)
+        first = ended(stack, [receiver.url for receiver in slow], "first")
+        wait_for(lambda: all(receiver.open == 1 for receiver in slow), what="every place taken")
+        late = ended(stack, [fast.url] * 2, "late")
+        all_delivered(stack, first + late, timeout=30)
+        assert fast.accepted == 2
+    finally:
+        for receiver in [*slow, fast]:
+            receiver.stop()
+        stack.stop()
+
+
+def test_callbacks_a_pass_leaves_at_the_bound_keep_their_requests(
+        redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Six callbacks due to a receiver that answers in 1.5 s, with the process's only two places (CONCURRENCY =
+    PER_HOST = 2 here) and a poll longer than the 2-s session TTL: only the passes that come as places free
+    read them, and each stops at the bound. The rest it read keeps its requests: the last two wait about 3 s.
+    (Before, such a pass just stopped there: they were dropped, 404.)"""
+    monkeypatch.setattr(delivery_module, "PER_HOST", 2)
+    monkeypatch.setattr(delivery_module, "CONCURRENCY", 2)
+    receiver = BlackHole(answer_after=1.5)
+    stack = start_stack(redis_url, delivery=False, session_ttl=2, webhook_timeout=3.0)
+    try:
+        rids = ended_requests(stack, receiver.url, 6)
+        stack.start_service("webhooks", Delivery(stack.settings, poll_seconds=5.0).run)
+        all_delivered(stack, rids, timeout=30)
+        assert receiver.accepted == 6 and receiver.most_open <= 2
+    finally:
+        receiver.stop()
+        stack.stop()

@@ -36,9 +36,11 @@ that answers late or never), its due callbacks, the held ones included, have the
 a share of --webhook-timeout (`host_full_wait`), so that a dead receiver's growing backlog neither fills the front
 of its bucket (a pass reads BATCH a bucket, oldest first: callbacks behind them would never be read) nor
 is read again every pass. A pass skips the callbacks in flight or held here: the claim would refuse the
-ones in flight anyway, and this spares the useless claims. Whatever waits (pushed back, or held) has its
-request kept until it is due and a lease more, in the same call (sessions/callbacks.py `push_back`, one
-round trip a pass), as a claim keeps it: a backlog that outlasts the session's TTL drops none of it.
+ones in flight anyway, and this spares the useless claims. Whatever waits (pushed back, held, or left due
+because every place is taken: a full process still reads what is due each pass, as any pass does, and a
+pass that runs out of places keeps the rest it read) has its request kept until it is due and a lease more,
+in the same call (sessions/callbacks.py `push_back`, one round trip a pass), as a claim keeps it: a backlog
+that outlasts the session's TTL drops none of it.
 
 On stop, the attempts in flight get up to --webhook-timeout (their own cap) plus SETTLE_SECONDS to end
 (an attempt cut by its cap then still records why); any still running then are cancelled. Any number of
@@ -137,9 +139,38 @@ class Delivery:
         self.rooms.pass_began()
         now, now_ms = time.monotonic(), int(time.time() * 1000)
         waiting = dict.fromkeys(self.rooms.release_slow(now), now_ms + int(self.host_full_wait() * 1000))
-        if self.rooms.full():
+        due = await self.read_due(now_ms)
+        if self.rooms.full():  # nothing starts: what is due stays so, its request kept (past the TTL too)
+            await self.push_back(waiting, now_ms, kept=due)
+            return 0
+        if not due:
             await self.push_back(waiting, now_ms)
             return 0
+        pipe = self.redis.pipeline(transaction=False)
+        for rid in due:
+            pipe.hget(keys.request(rid), "cb")  # its host, to count it against its bound before claiming it
+        urls = await pipe.execute()
+        started = 0
+        kept: list[str] = []
+        for i, (rid, url) in enumerate(zip(due, urls, strict=True)):
+            host = (callbacks.callback_host(url) if url else None) or ""  # "": the claim will drop it
+            placement = self.rooms.place(rid, host, now)
+            if placement is Placement.FULL:  # no place left: the rest stays due, its requests kept
+                kept = due[i:]
+                break
+            if placement is Placement.START:
+                self.start(http, rid)
+                started += 1
+            elif placement is Placement.PUSH:
+                waiting[rid] = now_ms + int(self.host_full_wait() * 1000)
+            elif placement is Placement.LEAVE:  # behind what is due now; the early pass reads it again
+                waiting[rid] = now_ms + int(MIN_PASS_GAP * 1000)
+        await self.push_back(waiting, now_ms, kept=kept)
+        return started
+
+    async def read_due(self, now_ms: int) -> list[str]:
+        """The callbacks due now that are neither in flight nor held here: up to BATCH a bucket, oldest first,
+        past those held here at its front."""
         buckets = keys.all_buckets()
         pipe = self.redis.pipeline(transaction=False)
         for bucket in buckets:
@@ -151,34 +182,15 @@ class Delivery:
             rids = await self.redis.zrangebyscore(keys.callbacks_due(bucket), "-inf", now_ms, start=0,
                                                   num=BATCH + held_in[bucket])
             due += (rid for rid in rids if not self.rooms.known(rid))
-        if not due:
-            await self.push_back(waiting, now_ms)
-            return 0
-        pipe = self.redis.pipeline(transaction=False)
-        for rid in due:
-            pipe.hget(keys.request(rid), "cb")  # its host, to count it against its bound before claiming it
-        urls = await pipe.execute()
-        started = 0
-        for rid, url in zip(due, urls, strict=True):
-            host = (callbacks.callback_host(url) if url else None) or ""  # "": the claim will drop it
-            placement = self.rooms.place(rid, host, now)
-            if placement is Placement.FULL:
-                break
-            if placement is Placement.START:
-                self.start(http, rid)
-                started += 1
-            elif placement is Placement.PUSH:
-                waiting[rid] = now_ms + int(self.host_full_wait() * 1000)
-            elif placement is Placement.LEAVE:  # behind what is due now; the early pass reads it again
-                waiting[rid] = now_ms + int(MIN_PASS_GAP * 1000)
-        await self.push_back(waiting, now_ms)
-        return started
+        return due
 
-    async def push_back(self, waiting: dict[str, int], now_ms: int) -> None:
+    async def push_back(self, waiting: dict[str, int], now_ms: int, *, kept: list[str] | None = None) -> None:
         """Move waiting callbacks (a slow host's, or past a fast one's hold) to their next due times
-        (request id -> ms), in one round trip; their requests, and those of the callbacks held here, are
-        kept until then and a lease more: a backlog longer than the session's TTL drops none of them."""
-        await callbacks.push_back(self.redis, waiting, self.rooms.held_rids(), now_ms=now_ms, lease_ms=self.lease_ms)
+        (request id -> ms), in one round trip; their requests, and those of the callbacks held here or `kept`
+        due as they are (read while every place was taken), are kept until then and a lease more: a backlog
+        longer than the session's TTL drops none of them."""
+        await callbacks.push_back(self.redis, waiting, [*self.rooms.held_rids(), *(kept or ())], now_ms=now_ms,
+                                  lease_ms=self.lease_ms)
 
     def host_full_wait(self) -> float:
         """How long a callback whose host is full waits before a pass looks at it again: about as long as
