@@ -75,3 +75,11 @@ def stack(redis_url: str) -> Iterator[Stack]:
     running = Stack(fast_settings(redis_url)).start(workers=1)
     yield running
     running.stop()
+
+
+@pytest.fixture
+def auth_stack(redis_url: str) -> Iterator[Stack]:
+    """The stack with auth on and the admin key `admin-secret` (one sim worker)."""
+    running = Stack(fast_settings(redis_url, auth=True, admin_key="admin-secret")).start(workers=1)
+    yield running
+    running.stop()

@@ -6,22 +6,13 @@ from __future__ import annotations
 
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 
-import pytest
 import redis
 
 from tests.helpers import Stack, call, fast_settings, wait_for
 
 ADMIN = {"Authorization": "Bearer admin-secret"}
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
-
-
-@pytest.fixture
-def auth_stack(redis_url: str) -> Iterator[Stack]:
-    running = Stack(fast_settings(redis_url, auth=True, admin_key="admin-secret")).start(workers=1)
-    yield running
-    running.stop()
 
 
 def test_keys_scope_every_route(auth_stack: Stack, r: redis.Redis) -> None:

@@ -5,24 +5,14 @@ admin key submitting for a tenant) it is checked as before. The hot path (applic
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
-import pytest
 import redis
 
-from tests.helpers import Stack, call, fast_settings
+from tests.helpers import Stack, call
+from tests.test_auth import ADMIN
 
-ADMIN = {"Authorization": "Bearer admin-secret"}
 HOT = {"content-type": "application/json"}  # api/hot_path.py
 ROUTED = {"content-type": "application/vnd.api+json"}  # FastAPI's route
 NOT_A_NAME = "alice@example.com"
-
-
-@pytest.fixture
-def auth_stack(redis_url: str) -> Iterator[Stack]:
-    running = Stack(fast_settings(redis_url, auth=True, admin_key="admin-secret")).start(workers=1)
-    yield running
-    running.stop()
 
 
 def test_a_tenant_keys_submit_ignores_the_tenant_field(auth_stack: Stack, r: redis.Redis) -> None:
