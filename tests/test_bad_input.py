@@ -172,7 +172,7 @@ def test_a_405_names_the_allowed_methods_and_probes_answer_head(stack: Stack) ->
         for base in (stack.base_url, other):
             for method, path, allowed in (("DELETE", "/v1/chat/completions", "POST"), ("PUT", "/v1/requests/x", None),
                                           ("HEAD", "/v1/requests/x/events", "GET"),
-                                          ("POST", "/healthz", "GET, HEAD")):
+                                          ("POST", "/healthz", "GET")):  # HEAD goes with GET
                 code, headers, body = head_or(base, method, path)
                 assert code == 405, (base, method, path, code)
                 assert headers.get("allow") and (allowed is None or methods(headers["allow"]) == methods(allowed)), \
