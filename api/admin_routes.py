@@ -3,7 +3,6 @@ dependency checks it before anything else, so a tenant key gets 403 whatever its
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
@@ -14,11 +13,10 @@ from sluicegate.api.responses import JSON
 from sluicegate.api.schemas import GroupBody, KeyBody, TenantBody
 from sluicegate.api.services import Services, admin, services
 from sluicegate.scheduler.deadlines import read_deadlines, write_deadlines
-from sluicegate.sessions.keys import NAME_PATTERN
+from sluicegate.sessions.keys import NAME
 from sluicegate.sessions.registry import ModelConflict, declare_group, forget_group_model, group_models
 
 router = APIRouter(prefix="/v1/admin", dependencies=[Depends(admin)])
-NAME = re.compile(NAME_PATTERN)
 
 
 def check_name(kind: str, name: str) -> None:

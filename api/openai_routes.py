@@ -30,7 +30,6 @@ its tokens stay readable at `/v1/requests/{X-Request-Id}/events`.
 from __future__ import annotations
 
 import logging
-import re
 import secrets
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -58,7 +57,7 @@ from sluicegate.scheduler.deadlines import MAX_DEADLINE_MS
 from sluicegate.sessions.connect import store_unavailable
 from sluicegate.sessions.events import Event
 from sluicegate.sessions.hub import Reader
-from sluicegate.sessions.keys import NAME_PATTERN
+from sluicegate.sessions.keys import NAME
 from sluicegate.sessions.registry import DEFAULT_GROUP
 from sluicegate.sessions.requests import NewRequest
 from sluicegate.sessions.runs import BACKEND_REFUSED
@@ -66,7 +65,6 @@ from sluicegate.sessions.stream import EventStream
 
 log = logging.getLogger(__name__)
 router = APIRouter()
-NAME = re.compile(NAME_PATTERN)
 DEFAULT_MAX_TOKENS: int = SubmitBody.model_fields["max_tokens"].default
 NOT_PARAMS = frozenset({"stream_options"})  # handled here, not by the engine
 PASSED_ON = frozenset({400, 413, 422})  # a backend's refusals the caller gets as they are: its request is wrong

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import replace
 
 from fastapi import APIRouter, Depends, Request
@@ -17,7 +16,7 @@ from sluicegate.api.responses import JSON
 from sluicegate.api.schemas import SESSION_PATTERN, SubmitBody
 from sluicegate.api.services import principal, services
 from sluicegate.sessions.connect import store_unavailable
-from sluicegate.sessions.keys import NAME_PATTERN
+from sluicegate.sessions.keys import NAME, NAME_PATTERN
 from sluicegate.sessions.requests import MAX_NESTING, NewRequest, TooDeep
 from sluicegate.sessions.status import request_view
 from sluicegate.sessions.transitions import MaybeStored
@@ -25,7 +24,6 @@ from sluicegate.tracing import TRACING, carry_trace
 
 log = logging.getLogger(__name__)
 router = APIRouter()
-TENANT_NAME = re.compile(NAME_PATTERN)
 NO_RETRY = {"x-should-retry": "false"}  # as a stored chat request's (api/openai_routes.py): no SDK retries it
 
 
@@ -68,7 +66,7 @@ def submit_tenant(who: Principal, body: SubmitBody) -> str:
     or the admin key submitting for a tenant) the body's, a 422 in pydantic's words when it is not a name."""
     if who.tenant:
         return who.tenant
-    if not TENANT_NAME.fullmatch(body.tenant):
+    if not NAME.fullmatch(body.tenant):
         raise ApiError(422, f"tenant: String should match pattern '{NAME_PATTERN}'")
     return body.tenant
 

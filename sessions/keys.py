@@ -32,6 +32,7 @@ BUCKETS: tuple[float, ...] = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25
                               10.0, 30.0, 60.0, 120.0, 300.0)
 # Names of groups and tenants, which become parts of keys (groups: the control plane's hash tag).
 NAME_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
+NAME = re.compile(NAME_PATTERN)  # its compiled form, for the routes that check a name
 # Request statuses that end a request (one source for Python; the Lua side gets it substituted).
 TERMINAL_STATUSES = ("done", "failed", "cancelled")
 
