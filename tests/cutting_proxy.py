@@ -2,7 +2,7 @@
 answer that never comes back (`drop_answers`, or `drop_next` for the next N connections that answer),
 new connections closed at once (`refuse`), or a client whose side vanishes while the server's side
 stays open and unread (`vanish_clients`: no FIN reaches the server, which still counts the stream),
-until `release_vanished` closes those too."""
+until `release_vanished` closes those too; or every open connection closed on both sides at once (`cut`)."""
 
 from __future__ import annotations
 
@@ -81,6 +81,18 @@ class CuttingProxy:
             with contextlib.suppress(OSError):
                 client.shutdown(socket.SHUT_RDWR)
             client.close()
+
+    def cut(self) -> None:
+        """Close both sides of every open connection before returning, so a client sees its connections
+        end before anything it sends next (a kill at the server reaches the clients only when the pipe
+        threads get to it, after which a client may already have sent on a connection it took for open)."""
+        with self.lock:
+            pairs, self.pairs = self.pairs, []
+        for pair in pairs:
+            for side in pair:
+                with contextlib.suppress(OSError):
+                    side.shutdown(socket.SHUT_RDWR)
+                side.close()
 
     def release_vanished(self) -> None:
         """Close the server's sides left open: the server sees those clients gone."""

@@ -117,7 +117,7 @@ def test_a_submit_that_never_reached_the_store_is_the_plain_retryable_503(
     try:
         assert call("POST", f"{stack.base_url}/v1/sessions/down/requests", {"prompt": "x", "max_tokens": 2})[0] == 202
         proxy.refuse = True  # no new connection gets through
-        r.client_kill_filter(_type="normal", skipme=True)  # and the API's are closed
+        proxy.cut()  # and the API's are closed, before it is sent anything more
         code, body, headers = post_with_headers(f"{stack.base_url}/v1/sessions/down/requests",
                                                 {"prompt": "hi", "max_tokens": 2})
         assert code == 503 and body["error"].get("code") != "maybe_stored", body
