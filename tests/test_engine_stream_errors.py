@@ -84,3 +84,40 @@ def test_data_that_is_not_a_chunk_object_is_a_transient_failure(data: bytes) -> 
     out, error = asyncio.run(stream(after, spec(max_tokens=5)))
     assert out == ["Hi"] and error is not None and error.transient is True, error
     assert "backend stream broke after 1 tokens" in str(error) and "not a chunk" in str(error)
+
+
+@pytest.mark.parametrize("delta", [b'"oops"', b'{"content": 7}', b'{"content": ["a"]}', b"[1]"])
+def test_a_chunk_whose_delta_or_content_is_not_text_is_a_transient_failure(delta: bytes) -> None:
+    """A delta that is no object raised an AttributeError, a content that is no string went on as a token the
+    writer failed on: both past the engine's own failures, the request failed for good as a "worker error"."""
+    bad = b'data: {"choices":[{"index":0,"delta":' + delta + b'}]}\n\n'
+    backend = RawBackend([bad, DONE])
+    out, error = asyncio.run(stream(backend, spec(max_tokens=5), retries=2))
+    assert out == [] and error is not None and error.transient is True, error
+    assert "not text" in str(error) and len(backend.bodies) == 2
+    out, error = asyncio.run(stream(RawBackend([chunk({"content": "Hi"}), bad, DONE]), spec(max_tokens=5)))
+    assert out == ["Hi"] and error is not None and error.transient is True, error
+
+
+def vllm_error(message: str) -> bytes:
+    """vLLM's chat stream generator on any exception: create_streaming_error_response's defaults, a 400."""
+    return b"data: " + json.dumps({"error": {"object": "error", "message": message, "type": "BadRequestError",
+                                             "param": None, "code": 400}}).encode() + b"\n\n"
+
+
+def test_an_error_a_backend_sends_after_its_first_token_is_transient_whatever_its_tag() -> None:
+    """vLLM tags a dead engine's failure mid-stream a 400: taken at its tag, the run failed for good instead
+    of resuming on another try or backend."""
+    backend = RawBackend([chunk({"content": "Hi"}), vllm_error("Task finished unexpectedly."), DONE])
+    out, error = asyncio.run(stream(backend, spec(max_tokens=5), retries=3))
+    assert out == ["Hi"] and error is not None and error.transient is True, error
+    assert "backend stream broke after 1 tokens" in str(error) and "HTTP 400: Task finished" in str(error)
+
+
+def test_an_error_after_the_finish_reason_ends_the_run_finished() -> None:
+    """The generation ended: an error where its usage or [DONE] should be cannot be resumed (it would append
+    to a finished answer), so the run ends there, as when the stream breaks at that point."""
+    backend = RawBackend([chunk({"content": "Hi"}, "stop"), vllm_error("usage failed"), DONE])
+    out, error = asyncio.run(stream(backend, spec(max_tokens=5)))
+    assert error is None, error
+    assert out[:-1] == ["Hi"] and finish_of(out).reason == "stop"

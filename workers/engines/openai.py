@@ -288,7 +288,10 @@ def pieces_of(chunk: dict[str, Any], state: StreamState) -> list[Piece]:
         if not isinstance(choice, dict) or choice.get("index", 0) != 0:
             continue  # n = 1: only the first choice is ours
         delta = choice.get("delta") or {}
-        text = delta.get("content") or ""
+        text = (delta.get("content") or "") if isinstance(delta, dict) else None
+        if not isinstance(text, str):  # a broken backend's, like bad JSON: retried, not a worker error
+            raise ValueError(f"the stream sent a chunk whose delta or content is not text: "
+                             f"{str(choice.get('delta'))[:100]}")
         extra = {k: v for k, v in delta.items() if k not in TEXT_FIELDS and v not in (None, [], "")}
         logprobs = choice.get("logprobs")
         if extra or logprobs:
@@ -409,13 +412,16 @@ class OpenAIEngine:
         are skipped: the same text under greedy decoding, possibly another one when sampling)."""
         return "continue" if self.capabilities.continues else "regenerate"
 
-    def body(self, run: RunSpec, so_far: str, model: str) -> dict[str, Any]:
+    def body(self, run: RunSpec, so_far: str, model: str, continues: bool | None = None) -> dict[str, Any]:
+        """The call's body; `continues`: whether a resumed run asks the engine to continue its output so far
+        (by default, as the engine can), or asks for the whole output again."""
+        continues = self.capabilities.continues if continues is None else continues
         body = {k: v for k, v in run.params.items() if k not in RESERVED}
         messages = run.messages
         body.update(model=model, messages=messages, stream=True)
         budget = self.capabilities.budget_field  # max_tokens, or the newer name where it is refused
         body[budget] = run.max_tokens - run.start_index
-        if run.start_index > 0 and self.capabilities.continues:
+        if run.start_index > 0 and continues:
             body.update(messages=[*messages, {"role": "assistant", "content": so_far}],
                         continue_final_message=True, add_generation_prompt=False)
         elif run.start_index > 0:  # regenerate: the whole output again, its first start_index tokens skipped
@@ -452,8 +458,21 @@ class OpenAIEngine:
         if remaining <= 0:
             return
         state = StreamState()
-        response, tokens, first = await self._open(run, so_far, state, headers)
-        skip = run.start_index if run.start_index and not self.capabilities.continues else 0
+        continues = run.start_index > 0 and self.capabilities.continues
+        try:
+            response, tokens, first = await self._open(run, so_far, state, headers, continues)
+        except EngineError as error:
+            # The call that continues the output differs from the one the backend took (llama.cpp refuses
+            # an assistant prefill with thinking on, or after an assistant turn of the tenant's): its refusal
+            # is no fault of the request's. This attempt generates the whole output again instead.
+            if not continues or not str(error).startswith(BACKEND_REFUSED_PREFIX):
+                raise
+            log.warning("run %s|%s: the backend refused to continue the output so far (%s); generating it again",
+                        run.request_id, run.attempt, error)
+            continues = False
+            state = StreamState()
+            response, tokens, first = await self._open(run, so_far, state, headers, continues)
+        skip = run.start_index if run.start_index and not continues else 0
         asked = remaining + skip  # the max_tokens this call asked for (body())
         # A backend ends its stream itself, within max_tokens: every chunk it sent is kept, however many
         # chunks its tokens came in. Only a runaway one, past its max_tokens, is cut here.
@@ -486,7 +505,7 @@ class OpenAIEngine:
                     produced += 1
                 try:
                     piece = await idle.next(tokens)
-                except (Transient, HTTPClientError, TimeoutError, ValueError) as error:
+                except (Transient, Permanent, HTTPClientError, TimeoutError, ValueError) as error:
                     if state.finish_reason is None:
                         if isinstance(error, TimeoutError):
                             raise Transient(f"no token for {self.idle_timeout:g} s (--backend-idle-timeout)") from None
@@ -500,24 +519,27 @@ class OpenAIEngine:
             if cut:  # Sluicegate ended it: at the length limit, whatever the backend meant to say
                 state.finish_reason = "length"
             if state.usage is None and self.capabilities.counts_tokens:
-                state.usage = await self._count_usage(run, so_far, "".join(generated))
-            yield self._finish(state, run, produced, remaining)
+                state.usage = await self._count_usage(run, so_far, "".join(generated), continues)
+            yield self._finish(state, run, produced, remaining, continues)
         except (Transient, HTTPClientError, TimeoutError, ValueError) as error:
             raise EngineError(f"backend stream broke after {produced} tokens: {describe(error)}",
                               transient=True) from error
         except Permanent as error:
-            raise EngineError(f"backend stream failed after {produced} tokens: {error}", transient=False) from error
+            # The backend took the request and generated: an error it reports after that is its generation's,
+            # whatever its tag (vLLM tags every failure in its stream generator a 400 BadRequestError, a dead
+            # engine's included). Handed back, the run resumes; a real refusal uses up --max-attempts.
+            raise EngineError(f"backend stream broke after {produced} tokens: {error}", transient=True) from error
         finally:
             idle.close()
             await tokens.aclose()
             response.release(drain=ended)  # kept when read to the end; closed (aborting the backend) otherwise
 
-    async def _count_usage(self, run: RunSpec, so_far: str, generated: str) -> dict[str, Any] | None:
+    async def _count_usage(self, run: RunSpec, so_far: str, generated: str,
+                           continued: bool) -> dict[str, Any] | None:
         """Usage for an engine whose stream reports none, counted with its own tokenizer: the output
         exactly; the prompt as its messages' text (without the chat template's own tokens, which only
         the engine knows). For a continued run it is counted as the call saw it (usage_as_uninterrupted
         moves it back)."""
-        continued = bool(run.start_index) and self.capabilities.continues
         prompt = "\n".join(str(m.get("content") or "") for m in run.messages) + (so_far if continued else "")
         output = generated
         try:
@@ -540,15 +562,15 @@ class OpenAIEngine:
             async with self.session.post(f"{root}/tokenize", data=orjson.dumps({"content": text})) as r:
                 return len(orjson.loads(await r.read())["tokens"])
 
-    def _finish(self, state: StreamState, run: RunSpec, produced: int, remaining: int) -> Finish:
+    def _finish(self, state: StreamState, run: RunSpec, produced: int, remaining: int, continued: bool) -> Finish:
         """How the stream ended: the backend's finish_reason (`length` when Sluicegate cut it), and
         its usage for the whole request (a regenerated run's call generated all of it)."""
         reason = state.finish_reason or ("length" if produced >= remaining else "stop")
-        moved = run.start_index if self.capabilities.continues else 0
+        moved = run.start_index if continued else 0
         return Finish(reason, usage_as_uninterrupted(state.usage, moved))
 
-    async def _open(self, run: RunSpec, so_far: str, state: StreamState,
-                    headers: dict[str, str] | None = None) -> tuple[Response, Any, Piece | None]:
+    async def _open(self, run: RunSpec, so_far: str, state: StreamState, headers: dict[str, str] | None,
+                    continues: bool) -> tuple[Response, Any, Piece | None]:
         """Connect and read up to the first token, retrying transient failures."""
         def retrying() -> AsyncRetrying:
             backoff = wait_random_exponential(multiplier=self.backoff_initial, max=self.backoff_max)
@@ -557,7 +579,7 @@ class OpenAIEngine:
                                  retry=retry_if_exception_type(Transient))
 
         try:
-            return await first_try_then(lambda: self._attempt(run, so_far, state, headers), retrying,
+            return await first_try_then(lambda: self._attempt(run, so_far, state, headers, continues), retrying,
                                         lambda error: isinstance(error, Transient))
         except Transient as error:  # tenants read the message: the backend's address goes to the log only
             log.warning("run %s|%s: backend %s failed %d times before the first token: %s", run.request_id,
@@ -569,11 +591,11 @@ class OpenAIEngine:
                         error)
             raise EngineError(f"{BACKEND_REFUSED_PREFIX}{error}", transient=False) from error
 
-    async def _attempt(self, run: RunSpec, so_far: str, state: StreamState,
-                       headers: dict[str, str] | None = None) -> tuple[Response, Any, Piece | None]:
+    async def _attempt(self, run: RunSpec, so_far: str, state: StreamState, headers: dict[str, str] | None,
+                       continues: bool) -> tuple[Response, Any, Piece | None]:
         try:
             async with asyncio.timeout(self.first_token_timeout):
-                body = self.body(run, so_far, await self.model_for(run.group))
+                body = self.body(run, so_far, await self.model_for(run.group), continues)
                 response = await self._post(body, headers)
                 tokens = self._tokens(response, state, strict_done=self.capabilities.interrupts)
                 try:
