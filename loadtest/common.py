@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import resource
@@ -34,11 +35,12 @@ DOCS_DIR = ROOT / "docs" if IN_CHECKOUT else RESULTS_DIR
 
 
 def percentile(values: Sequence[float], q: float) -> float:
-    """Nearest-rank percentile (q in 0..100); NaN for no values."""
+    """Nearest-rank percentile (q in 0..100): the smallest value with at least q% of the values at or below
+    it; NaN for no values. (round() rounded halves to even, a rank too high whenever q% of n was odd.)"""
     if not values:
         return float("nan")
     ordered = sorted(values)
-    rank = max(0, min(len(ordered) - 1, int(round(q / 100 * len(ordered) + 0.5)) - 1))
+    rank = max(0, min(len(ordered) - 1, math.ceil(q * len(ordered) / 100 - 1e-9) - 1))
     return ordered[rank]
 
 

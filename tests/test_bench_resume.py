@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 
+from sluicegate.loadtest.common import percentile
 from sluicegate.loadtest.scenarios import resume
 
 pytestmark = pytest.mark.single_server  # no Redis: once is enough
@@ -30,3 +31,15 @@ def test_pooled_percentiles_are_taken_over_every_runs_reconnects() -> None:
                                        "p90_ms": 1.5, "p99_ms": 1.5, "max_ms": 1.5}
     twice = resume.pooled([quiet, quiet])["finished/request"]
     assert resume.case_row("finished/request", twice)["p99_ms"] == 1.0  # 2 of 200 at 2.0 ms: under the 99th
+
+
+def test_percentiles_are_nearest_rank() -> None:
+    """The smallest value with at least q% of them at or below it: 1 slow value in 100 is the p100, not the
+    p99, whatever the count's parity (rounding halves to even took the rank above when q% of n was odd)."""
+    assert percentile([1.0] * 99 + [2.0], 99) == 1.0
+    assert percentile([1.0] * 297 + [2.0] * 3, 99) == 1.0
+    assert percentile([1.0] * 296 + [2.0] * 4, 99) == 2.0
+    assert percentile(list(range(1, 11)), 50) == 5
+    assert percentile([1, 2], 50) == 1
+    assert percentile([3, 1, 2], 0) == 1 and percentile([3, 1, 2], 100) == 3
+    assert percentile(list(range(1, 101)), 7) == 7  # 7% of 100 is 7, not a float's 7.000000000000001

@@ -150,8 +150,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     print_table([{"role": r, "cpu_s": s, "cores": s / out["seconds"]} for r, s in out["cpu"].items() if s > 0])
     for line in (out["short"] + out["errors"])[:5]:
         print("problem:", line)
-    met = rate >= FANOUT_TOKENS_PER_S
-    print(f"\n{rate:,.0f} tokens/s to SSE clients: target >= {FANOUT_TOKENS_PER_S:,} ({'met' if met else 'MISSED'})")
+    met = rate >= FANOUT_TOKENS_PER_S and not out["short"] and not out["errors"]  # a lost token is no rate
+    print(f"\n{rate:,.0f} tokens/s to SSE clients, {len(out['short'])} streams short or long, "
+          f"{len(out['errors'])} errors: target >= {FANOUT_TOKENS_PER_S:,} with every stream whole "
+          f"({'met' if met else 'MISSED'})")
     result = {"rows": rows, "tokens_per_second": round(rate), "target": FANOUT_TOKENS_PER_S, "target_met": met,
               "cpu_seconds": out["cpu"], "problems": (out["short"] + out["errors"])[:20],
               "settings": {**vars(args), "slots": slots}}

@@ -7,7 +7,8 @@ client's own CPU seconds (in this process; `--client`, loadtest/bench_http.py) a
 every server process, by role, so the bottleneck is visible. Target (DESIGN.md): >= 1,000 completed
 requests/s with 32 clients on the chat route in front of a real streaming server, 2 cores (other
 setups get no verdict); with `--mode both`, the resumable route (submit + GET events) >= 80% of the
-chat route.
+chat route, "the same" setup (`--engine-server sim-backend --clients 32`, 2 cores: the two routes in
+alternating phases behind one `serve`; other setups print the share with no verdict).
 
 `--engine-server llamacpp` puts a real engine behind Sluicegate instead of the sim engine: llama-cpp-python's
 server (the `engines` extra) with the small generated model of sluicegate.loadtest.engine_servers, through
@@ -204,20 +205,53 @@ def run_host_line(out: dict[str, Any]) -> str:
     return host_line(out["steal_percent"], before, after)
 
 
-def target_line(rate: float, args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
-    """The verdict against DESIGN's chat-route figure, given only for the setup that figure is for (32
-    clients on the chat route, in front of a real streaming server: `--engine-server sim-backend`), and
-    its JSON fields (`target_met` is None for another setup)."""
-    as_target = args.clients == CHAT_CLIENTS and args.mode == "chat" and args.engine_server == "sim-backend"
+DESIGN_CORES = 2  # DESIGN's throughput rows: "32 clients, 2 cores"
+
+
+def cores() -> int:
+    """The cores this process may run on (its affinity: a container's limit, not the host's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 0
+
+
+def design_setup(args: argparse.Namespace) -> bool:
+    """The setup both of DESIGN's throughput rows are for: 32 clients, 2 cores, in front of a real streaming
+    server (`--engine-server sim-backend`). The resumable row is "the same on the resumable route"."""
+    return args.clients == CHAT_CLIENTS and args.engine_server == "sim-backend" and cores() == DESIGN_CORES
+
+
+def setup_said(args: argparse.Namespace, mode: str) -> str:
+    return (f"this run had {args.clients} clients on {cores()} cores, the {mode} route, engine server "
+            f"{args.engine_server}")
+
+
+def target_line(rate: float, args: argparse.Namespace, mode: str = "chat") -> tuple[str, dict[str, Any]]:
+    """The verdict against DESIGN's chat-route figure, given only for the setup that figure is for (the chat
+    route in `design_setup`), and its JSON fields (`target_met` is None for another setup)."""
+    as_target = design_setup(args) and mode == "chat"
     met = rate >= CHAT_REQUESTS_PER_S if as_target else None
     if as_target:
         line = f"target >= {CHAT_REQUESTS_PER_S:,} ({'met' if met else 'MISSED'})"
     else:
-        line = (f"no verdict: DESIGN's {CHAT_REQUESTS_PER_S:,} is for {CHAT_CLIENTS} clients on the chat route in "
-                f"front of a real streaming server (--engine-server sim-backend); this run had {args.clients} "
-                f"clients on the {args.mode} route, engine server {args.engine_server}")
+        line = (f"no verdict: DESIGN's {CHAT_REQUESTS_PER_S:,} is for {CHAT_CLIENTS} clients on the chat route, "
+                f"{DESIGN_CORES} cores, in front of a real streaming server (--engine-server sim-backend); "
+                f"{setup_said(args, mode)}")
     return line, {"target": CHAT_REQUESTS_PER_S, "target_met": met, "setup_as_target": as_target,
-                  "target_setup": {"clients": CHAT_CLIENTS, "mode": "chat", "engine_server": "sim-backend"}}
+                  "target_setup": {"clients": CHAT_CLIENTS, "mode": "chat", "engine_server": "sim-backend",
+                                   "cores": DESIGN_CORES}}
+
+
+def share_line(share: float, args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
+    """The verdict on the resumable route's share of the chat route (DESIGN: >= 80%), given only for
+    `design_setup`, and its JSON fields (`target_met` is None for another setup)."""
+    as_target = design_setup(args)
+    met = share >= RESUMABLE_SHARE_OF_CHAT if as_target else None
+    if as_target:
+        line = f"target >= {RESUMABLE_SHARE_OF_CHAT:.0%} ({'met' if met else 'MISSED'})"
+    else:
+        line = (f"no verdict: DESIGN's {RESUMABLE_SHARE_OF_CHAT:.0%} is for the chat row's setup ({CHAT_CLIENTS} "
+                f"clients, {DESIGN_CORES} cores, --engine-server sim-backend); {setup_said(args, 'both')}")
+    return line, {"sse_share_of_chat": round(share, 3), "target_share": RESUMABLE_SHARE_OF_CHAT,
+                  "target_met": met, "setup_as_target": as_target}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -256,7 +290,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if out["errors"]:
         print(f"first errors: {out['errors'][:3]}")
     print(run_host_line(out))
-    line, verdict = target_line(rate, args)
+    line, verdict = target_line(rate, args, args.mode)
     print(f"\n{rate:.0f} completed requests/s: {line}")
     result = {"rows": rows, "req_per_s": round(rate, 1), **verdict, "server_cpu_seconds": cpu,
               "errors": out["errors"][:20],
@@ -272,20 +306,48 @@ def run_both(args: argparse.Namespace, flags: list[str]) -> dict[str, Any]:
     both routes alike; each phase has its own warm-up."""
     serve = ServeProcess(flags=flags).start()
     base = serve.base_url
-    ones: dict[str, One] = {
-        "chat": lambda http, sid: one_chat(http, base, sid, args.max_tokens),
-        "sse": lambda http, sid: one_sse(http, base, sid, args.max_tokens),
-    }
-    phase = argparse.Namespace(**{**vars(args), "duration": args.duration / max(1, args.rounds)})
-    outs: dict[str, list[dict[str, Any]]] = {"chat": [], "sse": []}
     try:
-        for r in range(max(1, args.rounds)):
-            for mode in ("chat", "sse"):
-                progress(f"round {r + 1}/{args.rounds}: {mode}")
-                outs[mode].append(measure_on_loop(ones[mode], [serve.process.pid], args.max_tokens,  # type: ignore[union-attr]
-                                                     phase))
+        merged = alternate(routes(base, args.max_tokens), [serve.process.pid], args.max_tokens, args)  # type: ignore[union-attr]
     finally:
         serve.stop()
+    rows = [row_of(merged[mode], argparse.Namespace(**{**vars(args), "mode": mode})) for mode in ("chat", "sse")]
+    rates = {mode: merged[mode]["completed"] / merged[mode]["seconds"] for mode in merged}
+    share = rates["sse"] / rates["chat"] if rates["chat"] else float("nan")
+    print(f"\n{args.max_tokens}-token requests end to end, {args.rounds} alternating rounds of "
+          f"{args.duration / max(1, args.rounds):g} s per route ({args.workers} workers x {args.slots} slots), "
+          f"engine: Sluicegate's sim")
+    print_table(rows)
+    print_phases_cpu(merged)
+    line, verdict = share_line(share, args)
+    print(f"\nresumable route (submit + GET events) {rates['sse']:.0f} req/s = {100 * share:.0f}% of the chat "
+          f"route's {rates['chat']:.0f} req/s: {line}")
+    result = {"rows": rows, "req_per_s": {m: round(r, 1) for m, r in rates.items()}, **verdict,
+              "server_cpu_seconds": {m: merged[m]["server_cpu"] for m in merged},
+              "errors": {m: merged[m]["errors"][:20] for m in merged},
+              "steal_percent": {m: merged[m]["steal_percent"] for m in merged},
+              "load_average": {m: merged[m]["load_average"] for m in merged},
+              "settings": {**{k: v for k, v in vars(args).items() if k != "func"}, "serve_flags": flags}}
+    write_result("throughput-both", result)
+    return result
+
+
+def routes(base: str, max_tokens: int, model: str | None = None) -> dict[str, One]:
+    """One request on each route through Sluicegate at `base`: chat, and the resumable route (sse)."""
+    return {"chat": lambda http, sid: one_chat(http, base, sid, max_tokens, model=model),
+            "sse": lambda http, sid: one_sse(http, base, sid, max_tokens)}
+
+
+def alternate(ones: dict[str, One], roots: list[int], expected: int,
+              args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """Each route of `ones` measured in turn, `args.rounds` rounds of `args.duration / rounds` seconds a
+    phase (chat, sse, chat, sse, ...), so a neighbour's load on the shared cores falls on both routes
+    alike; each phase has its own warm-up. Returns each route's phases merged, as `measure` reports one."""
+    phase = argparse.Namespace(**{**vars(args), "duration": args.duration / max(1, args.rounds)})
+    outs: dict[str, list[dict[str, Any]]] = {mode: [] for mode in ones}
+    for r in range(max(1, args.rounds)):
+        for mode, one in ones.items():
+            progress(f"round {r + 1}/{args.rounds}: {mode}")
+            outs[mode].append(measure_on_loop(one, roots, expected, phase))
     merged: dict[str, dict[str, Any]] = {}
     for mode, parts in outs.items():
         cpu: dict[str, float] = {}
@@ -298,31 +360,16 @@ def run_both(args: argparse.Namespace, flags: list[str]) -> dict[str, Any]:
                         "client_cpu": sum(p["client_cpu"] for p in parts), "server_cpu": cpu,
                         "steal_percent": max(p["steal_percent"] for p in parts),
                         "load_average": (parts[0]["load_average"][0], parts[-1]["load_average"][1])}
-    rows = [row_of(merged[mode], argparse.Namespace(**{**vars(args), "mode": mode})) for mode in ("chat", "sse")]
-    rates = {mode: merged[mode]["completed"] / merged[mode]["seconds"] for mode in merged}
-    share = rates["sse"] / rates["chat"] if rates["chat"] else float("nan")
-    print(f"\n{args.max_tokens}-token requests end to end, {args.rounds} alternating rounds of "
-          f"{phase.duration:g} s per route ({args.workers} workers x {args.slots} slots), engine: Sluicegate's sim")
-    print_table(rows)
-    for mode in ("chat", "sse"):
+    return merged
+
+
+def print_phases_cpu(merged: dict[str, dict[str, Any]]) -> None:
+    for mode, out in merged.items():
         print(f"\nserver CPU seconds, {mode} phases, by process role (cores = seconds / window):")
-        print_cpu(merged[mode])
-        if merged[mode]["errors"]:
-            print(f"first errors: {merged[mode]['errors'][:3]}")
-        print(run_host_line(merged[mode]))
-    print(f"\nresumable route (submit + GET events) {rates['sse']:.0f} req/s = {100 * share:.0f}% of the chat "
-          f"route's {rates['chat']:.0f} req/s: target >= {RESUMABLE_SHARE_OF_CHAT:.0%} "
-          f"({'met' if share >= RESUMABLE_SHARE_OF_CHAT else 'MISSED'})")
-    result = {"rows": rows, "req_per_s": {m: round(r, 1) for m, r in rates.items()},
-              "sse_share_of_chat": round(share, 3), "target_share": RESUMABLE_SHARE_OF_CHAT,
-              "target_met": share >= RESUMABLE_SHARE_OF_CHAT,
-              "server_cpu_seconds": {m: merged[m]["server_cpu"] for m in merged},
-              "errors": {m: merged[m]["errors"][:20] for m in merged},
-              "steal_percent": {m: merged[m]["steal_percent"] for m in merged},
-              "load_average": {m: merged[m]["load_average"] for m in merged},
-              "settings": {**{k: v for k, v in vars(args).items() if k != "func"}, "serve_flags": flags}}
-    write_result("throughput-both", result)
-    return result
+        print_cpu(out)
+        if out["errors"]:
+            print(f"first errors: {out['errors'][:3]}")
+        print(run_host_line(out))
 
 
 def run_llamacpp(args: argparse.Namespace) -> dict[str, Any]:
@@ -370,7 +417,7 @@ def run_llamacpp(args: argparse.Namespace) -> dict[str, Any]:
              f"{args.slots} slot{'s' if args.slots != 1 else ''}")
     print(f"\n{args.max_tokens}-token requests end to end over {out['seconds']:.1f} s, {title}; Sluicegate {shape}")
     print_table(rows)
-    print_both_cpu(direct_out, out)
+    print_both_cpu(direct_out, {args.mode: out})
     share = rate / direct_rate if direct_rate else float("nan")
     print(f"\n{rate:.1f} completed requests/s through Sluicegate, {direct_rate:.1f} directly: {100 * share:.0f}% of "
           f"the engine's own rate")
@@ -388,7 +435,8 @@ def run_llamacpp(args: argparse.Namespace) -> dict[str, Any]:
 
 def run_sim_backend(args: argparse.Namespace) -> dict[str, Any]:
     """Issue 15's setup: `sluicegate sim-backend` (a real OpenAI-compatible streaming server, 1,000 tokens/s)
-    alone on the chat route, then Sluicegate (`--engine openai`) in front of it, in one run."""
+    alone on the chat route, then Sluicegate (`--engine openai`) in front of it, in one run: on `--mode`'s
+    route, or with `both` the chat and the resumable route in alternating phases (DESIGN's two rows)."""
     from sluicegate.loadtest.common import Component, free_port, wait_http
 
     port = free_port()
@@ -406,41 +454,62 @@ def run_sim_backend(args: argparse.Namespace) -> dict[str, Any]:
         flags = ["--engine", "openai", "--backend-url", f"{root}/v1", "--backend-model", "sim",
                  "--workers", str(args.workers), "--slots", str(args.slots), *args.serve_flag]
         serve = ServeProcess(flags=flags).start()
-        base = serve.base_url
-
-        async def via(http: BenchHTTP, sid: str) -> int:
-            return await one_chat(http, base, sid, args.max_tokens, model="sim")
-
+        ones = routes(serve.base_url, args.max_tokens, model="sim")
+        roots = [serve.process.pid, backend.pid]  # type: ignore[union-attr]
         try:
-            wait_model(base, "sim")
-            progress("through Sluicegate (chat route)")
-            out = measure_on_loop(via, [serve.process.pid, backend.pid], args.max_tokens, args)  # type: ignore[union-attr]
+            wait_model(serve.base_url, "sim")
+            if args.mode == "both":
+                merged = alternate(ones, roots, args.max_tokens, args)
+            else:
+                progress(f"through Sluicegate ({args.mode} route)")
+                merged = {args.mode: measure_on_loop(ones[args.mode], roots, args.max_tokens, args)}
         finally:
             serve.stop()
     finally:
         backend.stop()
-    rate, direct_rate = (o["completed"] / o["seconds"] for o in (out, direct_out))
-    args.mode = "chat"
-    rows = [{"via": "direct", **row_of(direct_out, args)}, {"via": "sluicegate", **row_of(out, args)}]
-    print(f"\n{args.max_tokens}-token requests end to end over {out['seconds']:.1f} s, sim-backend at 1,000 tokens/s; "
-          f"Sluicegate {args.workers} workers x {args.slots} slots")
+    rates = {mode: o["completed"] / o["seconds"] for mode, o in merged.items()}
+    direct_rate = direct_out["completed"] / direct_out["seconds"]
+    rows = [{"via": "direct", **row_of(direct_out, argparse.Namespace(**{**vars(args), "mode": "chat"}))},
+            *({"via": "sluicegate", **row_of(o, argparse.Namespace(**{**vars(args), "mode": mode}))}
+              for mode, o in merged.items())]
+    print(f"\n{args.max_tokens}-token requests end to end over {sum(o['seconds'] for o in merged.values()):.1f} s, "
+          f"sim-backend at 1,000 tokens/s; Sluicegate {args.workers} workers x {args.slots} slots")
     print_table(rows)
-    print_both_cpu(direct_out, out)
-    line, verdict = target_line(rate, args)
-    print(f"\n{rate:.0f} completed requests/s through Sluicegate, {direct_rate:.0f} directly: {line}")
-    result = {"rows": rows, "req_per_s": round(rate, 1), "direct_req_per_s": round(direct_rate, 1), **verdict,
-              "server_cpu_seconds": out["server_cpu"],
-              "direct_server_cpu_seconds": direct_out["server_cpu"], "errors": out["errors"][:20],
-              "steal_percent": {"direct": direct_out["steal_percent"], "sluicegate": out["steal_percent"]},
-              "load_average": {"direct": direct_out["load_average"], "sluicegate": out["load_average"]},
-              "settings": {**{k: v for k, v in vars(args).items() if k != "func"}, "serve_flags": flags}}
-    write_result("throughput-sim-backend", result)
+    print_both_cpu(direct_out, merged)
+    result: dict[str, Any] = {"rows": rows, "direct_req_per_s": round(direct_rate, 1)}
+    if "chat" in rates:
+        line, verdict = target_line(rates["chat"], args)
+        print(f"\n{rates['chat']:.0f} completed requests/s on the chat route through Sluicegate, "
+              f"{direct_rate:.0f} directly: {line}")
+        result.update({"req_per_s": round(rates["chat"], 1), **verdict})
+    if "sse" in rates and "chat" not in rates:
+        line, verdict = target_line(rates["sse"], args, "sse")
+        print(f"\n{rates['sse']:.0f} completed requests/s on the resumable route through Sluicegate, "
+              f"{direct_rate:.0f} directly: {line}")
+        result.update({"req_per_s": round(rates["sse"], 1), **verdict})
+    if len(rates) == 2:
+        share = rates["sse"] / rates["chat"] if rates["chat"] else float("nan")
+        line, share_verdict = share_line(share, args)
+        print(f"resumable route (submit + GET events) {rates['sse']:.0f} req/s = {100 * share:.0f}% of the chat "
+              f"route's {rates['chat']:.0f} req/s: {line}")
+        result.update({"resumable_req_per_s": round(rates["sse"], 1),
+                       **{("share_" + k if k in ("target_met", "setup_as_target") else k): v
+                          for k, v in share_verdict.items()}})
+    result.update({"server_cpu_seconds": {m: o["server_cpu"] for m, o in merged.items()},
+                   "direct_server_cpu_seconds": direct_out["server_cpu"],
+                   "errors": {m: o["errors"][:20] for m, o in merged.items()},
+                   "steal_percent": {"direct": direct_out["steal_percent"],
+                                     **{m: o["steal_percent"] for m, o in merged.items()}},
+                   "load_average": {"direct": direct_out["load_average"],
+                                    **{m: o["load_average"] for m, o in merged.items()}},
+                   "settings": {**{k: v for k, v in vars(args).items() if k != "func"}, "serve_flags": flags}})
+    write_result("throughput-sim-backend" if args.mode == "chat" else f"throughput-sim-backend-{args.mode}", result)
     return result
 
 
-def print_both_cpu(direct_out: dict[str, Any], out: dict[str, Any]) -> None:
-    """Server CPU by process role of the direct run and the run through Sluicegate, side by side."""
-    for name, o in (("direct", direct_out), ("through Sluicegate", out)):
+def print_both_cpu(direct_out: dict[str, Any], merged: dict[str, dict[str, Any]]) -> None:
+    """Server CPU by process role of the direct run and of each route's run through Sluicegate."""
+    for name, o in (("direct", direct_out), *((f"through Sluicegate, {m} route", o) for m, o in merged.items())):
         print(f"\nserver CPU seconds in the window, {name}, by process role (cores = seconds / window):")
         print_cpu(o)
         if o["errors"]:
