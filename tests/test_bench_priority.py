@@ -23,3 +23,9 @@ def test_stranded_high_requests_miss_whatever_the_ratio() -> None:
     ratio, stranded, met = high_verdict({0.5: row(22.0), 3.0: row(22.0, not_started=11)}, 0.5, 3.0)
     assert (ratio, stranded, met) == (1.0, 11, False)
     assert high_verdict({0.5: row(22.0, no_first_token=1), 3.0: row(22.0)}, 0.5, 3.0)[1:] == (1, False)
+
+
+def test_loads_other_than_designs_get_no_verdict() -> None:
+    """DESIGN's row compares 3x overload with 0.5x load: another pair (the aging recipe's 1.5x alone) is no
+    judgement of it."""
+    assert high_verdict({0.5: row(22.0), 1.5: row(22.0)}, 0.5, 1.5) == (1.0, 0, None)

@@ -33,9 +33,10 @@ def test_structured_output_cut_by_the_backend_fails_instead_of_being_continued(r
     """Continued, it was '{"city": "Par' + what the engine generated from its start state: not JSON."""
     fake = FakeBackend(models=["m"], default=Script.text(*JSON_PIECES, cut_after=2))
     with sluicegate_in_front(fake, redis_url) as (stack, _), \
-            pytest.raises(openai.APIError, match="streamed structured output, which no engine can continue"):
+            pytest.raises(openai.APIError, match="streamed structured output, which no engine can continue") as failed:
         ask(stack.base_url)
     assert len(fake.records) == 1  # never continued
+    assert "backend stream broke after 2 tokens" in str(failed.value)  # and what broke it, in the engine's words
 
 
 def test_structured_output_is_pinned_at_its_first_token(redis_url: str, r: redis.Redis) -> None:

@@ -272,7 +272,7 @@ class Run:
             await self._flush_quietly(writer)
             if error.transient and self._pinned and self._structured:  # a resume could only spoil its output
                 log.info("run %s: %s; its structured output cannot be resumed", self.key, error)
-                return RunOutcome("engine_error", cannot_continue(STRUCTURED))
+                return RunOutcome("engine_error", f"{cannot_continue(STRUCTURED)} ({error})")
             return RunOutcome("engine_error", str(error), transient=error.transient)
         finally:
             self._disarm_deadline()

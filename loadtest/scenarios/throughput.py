@@ -72,9 +72,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="worker processes; when not given: 2 with sim, 1 with llamacpp or sim-backend")
     parser.add_argument("--slots", type=int, default=None,
                         help="slots per worker; when not given: 32 with sim, 1 with llamacpp, 64 with sim-backend")
-    parser.add_argument("--mode", choices=("sse", "chat", "both"), default="sse",
+    parser.add_argument("--mode", choices=("sse", "chat", "both"), default=None,
                         help="sse: POST submit + GET request events; chat: POST /v1/chat/completions stream; "
-                             "both: the two against the same server in one run, in alternating phases")
+                             "both: the two against the same server in one run, in alternating phases; "
+                             "when not given: chat with sim-backend (DESIGN's row), else sse")
     parser.add_argument("--rounds", type=int, default=2,
                         help="with --mode both: chat-then-sse rounds, each phase --duration/rounds seconds")
     parser.add_argument("--session-per-request", action="store_true",
@@ -259,6 +260,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     args.clients = clients if args.clients is None else args.clients
     args.workers = workers if args.workers is None else args.workers
     args.slots = slots if args.slots is None else args.slots
+    args.mode = args.mode or ("chat" if args.engine_server == "sim-backend" else "sse")
     if args.engine_server == "llamacpp":
         return run_llamacpp(args)
     if args.engine_server == "sim-backend":

@@ -30,9 +30,13 @@ Failures, and who handles them:
 - a 200 that is not an event stream (its content-type says so: a JSON error served with 200, a web
   page at a wrong --backend-url): the backend's words, permanent unless its JSON error says otherwise.
 - an error the backend reports inside its stream (vLLM's `data: {"error": ...}`, llama.cpp's
-  `error: {...}` line, a `data:` after `event: error`), before or after tokens: its own words; a 4xx
-  other than 408 and 429 is permanent, any other is transient as above. TGI tags every such error 422
-  (`http_status_code`): its words say which is the request's fault (tgi_status).
+  `error: {...}` line, a `data:` after `event: error`): its own words. Before the first token a 4xx
+  other than 408 and 429 is permanent, any other is transient as above; TGI tags every such error 422
+  (`http_status_code`): its words say which is the request's fault (tgi_status). After the first token
+  it is transient, whatever its tag (the backend took the request: vLLM tags any failure of its stream
+  generator a 400), and after the finish_reason the run ends finished.
+- a resume by continuation that the backend refuses (a 4xx: the continued call is Sluicegate's, not the
+  request the backend took before) is asked again in the same attempt as a regeneration.
 A transient failure hands the run back; it resumes, possibly on another worker and backend, from the
 tokens so far, until the request has failed `--max-attempts` times. Keep-alive comments are not
 activity: a backend that sends only those times out like a silent one.
