@@ -80,9 +80,11 @@ def check_cursor(session_id: str, cursor: int, bounds: LogBounds) -> None:
       a failover), so later ids are not its successors;
     - before the oldest kept event minus one: the events after it were trimmed (--session-log-max-events)."""
     if cursor > bounds.last_id:
-        raise ApiError(409, f"event id {cursor} is past the last event of session {session_id!r} (recycled "
-                            "after its TTL, lost when the store restarted from an older state, or never issued); "
-                            "reconnect without a cursor", "cursor_expired")
+        raise ApiError(409, f"event id {cursor} is past the last event of session {session_id!r}, "
+                            f"{bounds.last_id}: the session started over after its TTL (reconnect without a "
+                            f"cursor: every event is new to you), or the store restarted from an older state and "
+                            f"lost the events after {bounds.last_id} (resume from {bounds.last_id}: the ids it "
+                            "hands out next skip past the lost ones)", "cursor_expired")
     lost_before = bounds.lost_before(cursor)
     if lost_before is not None:
         raise ApiError(409, f"event id {cursor} of session {session_id!r} was lost when the store restarted from "

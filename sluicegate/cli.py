@@ -67,15 +67,17 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def add_flag(parser: argparse.ArgumentParser, name: str) -> None:
-    """The flag of setting `name`, from its field: help text, variable and real default. Values stay
-    strings here; the Settings model converts and validates them with the environment and the file."""
+def add_flag(parser: argparse.ArgumentParser, name: str, default: object = None) -> None:
+    """The flag of setting `name`, from its field: help text, variable and real default (`default`: a
+    command's own, as `sluicegate redis`'s port). Values stay strings here; the Settings model converts and
+    validates them with the environment and the file."""
     info = Settings.model_fields[name]
     text = f"{info.description} [env {ENV_PREFIX}{name.upper()}]"
     if bool in (get_args(info.annotation) or (info.annotation,)):
         parser.add_argument(flag(name), dest=name, action=argparse.BooleanOptionalAction, default=None, help=text)
         return
-    shown = f" (default: {info.default})" if info.default not in (None, "") else ""  # unset: the help says why
+    default = info.default if default is None else default
+    shown = f" (default: {default})" if default not in (None, "") else ""  # unset: the help says why
     parser.add_argument(flag(name), dest=name, default=None, help=text + shown)
 
 
@@ -88,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     for command, (description, names) in COMMANDS.items():
         p = sub.add_parser(command, help=description, description=description)  # defaults: in each help text
         for name in names:
-            add_flag(p, name)
+            add_flag(p, name, REDIS_PORT if (command, name) == ("redis", "port") else None)
         if command == "migrate":  # not a setting: one run's choice
             p.add_argument("--dry-run", action="store_true", help="print what would move (a JSON line per "
                            "session) and change nothing")

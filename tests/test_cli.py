@@ -18,10 +18,12 @@ def test_each_flag_shows_its_variable_and_default_once() -> None:
         assert "(default: None)" not in text and "(default: )" not in text, command
         for name in names:
             assert f"[env SLUICEGATE_{name.upper()}]" in text, (command, name)
-            default = getattr(defaults, name)
+            default = 6379 if (command, name) == ("redis", "port") else getattr(defaults, name)  # Redis's own
             if default not in (None, "") and not isinstance(default, bool):
                 assert text.count(f"(default: {default})") >= 1, (command, name)
     assert "(default: 8000)" in " ".join(commands["serve"].format_help().split())
+    redis_port = next(a for a in commands["redis"]._actions if a.dest == "port")
+    assert "(default: 6379)" in str(redis_port.help)  # what `sluicegate redis` listens on (it said 8000)
 
 
 def test_every_setting_is_a_flag_of_serve_or_of_the_process_that_reads_it() -> None:

@@ -249,5 +249,6 @@ def test_cursor_past_the_session_end_is_409(stack: Stack) -> None:
     for path in (f"/v1/requests/{rid}/events", "/v1/sessions/past-end/events"):
         code, reply = call("GET", f"{stack.base_url}{path}?after={last + 1}")
         assert code == 409 and "past the last event" in reply["error"]["message"], (path, code, reply)
+        assert f"resume from {last}:" in reply["error"]["message"], reply  # the id to resume from, named
     # the terminal event's own id is no gap: nothing follows it (204, test_resume_after_terminal_closes_request_stream)
     assert call("GET", f"{stack.base_url}/v1/requests/{rid}/events?after={last}") == (204, None)
