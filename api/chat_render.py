@@ -24,21 +24,30 @@ DONE = b"data: [DONE]\n\n"
 
 
 def merge_tool_calls(calls: dict[int, dict[str, Any]], deltas: list[Any]) -> None:
-    """Fold streamed tool-call deltas into whole calls, by index."""
+    """Fold streamed tool-call deltas into whole calls, by index. A backend's delta is taken as it comes: an
+    index that is no integer (some servers send null) is the next call's, a `function` that is no object
+    adds nothing (the streamed answer passes them on as they are)."""
     for delta in deltas:
         if not isinstance(delta, dict):
             continue
-        index = int(delta.get("index", len(calls)))
+        index = delta.get("index")
+        if not isinstance(index, int) or isinstance(index, bool):
+            index = len(calls)
         call = calls.setdefault(index, {"id": None, "type": "function", "function": {"name": "", "arguments": ""}})
         if delta.get("id"):
             call["id"] = delta["id"]
         if delta.get("type"):
             call["type"] = delta["type"]
-        function = delta.get("function") or {}
-        if function.get("name"):
-            call["function"]["name"] += function["name"]
-        if function.get("arguments"):
-            call["function"]["arguments"] += function["arguments"]
+        merge_function(call["function"], delta.get("function"))
+
+
+def merge_function(whole: dict[str, Any], piece: Any) -> None:
+    """One streamed piece of a function call (`name`, `arguments`) added to the call so far."""
+    if not isinstance(piece, dict):
+        return
+    for field in ("name", "arguments"):
+        if isinstance(piece.get(field), str):
+            whole[field] = whole.get(field, "") + piece[field]
 
 
 class Completion:
@@ -113,6 +122,8 @@ class Completion:
         for key, value in (data.get("delta") or {}).items():
             if key == "tool_calls" and isinstance(value, list):
                 merge_tool_calls(self.tool_calls, value)
+            elif key == "function_call" and isinstance(value, dict):  # the legacy field: one call, in pieces
+                merge_function(self.other.setdefault(key, {"name": "", "arguments": ""}), value)
             elif isinstance(value, str) and isinstance(self.other.get(key, ""), str):
                 self.other[key] = self.other.get(key, "") + value
             else:

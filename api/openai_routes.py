@@ -68,14 +68,16 @@ router = APIRouter()
 DEFAULT_MAX_TOKENS: int = SubmitBody.model_fields["max_tokens"].default
 NOT_PARAMS = frozenset({"stream_options"})  # handled here, not by the engine
 PASSED_ON = frozenset({400, 413, 422})  # a backend's refusals the caller gets as they are: its request is wrong
-KEY_ENDED = {"error": {"type": "unauthorized", "message": ENDED_MESSAGE, "code": 401}}
+KEY_ENDED = {"error": {"type": "unauthorized", "message": ENDED_MESSAGE, "code": "unauthorized"}}
 # On a stored request's error answer: OpenAI's SDKs retry 409 and 5xx by default, each retry a new request
 # (a cancelled call submitted again, a failed or still running one generated twice); they obey this header.
 NO_RETRY = {"x-should-retry": "false"}
 
 
 def openai_error(status: int, type_: str, message: str) -> dict[str, dict[str, Any]]:
-    return {"error": {"type": type_, "message": message, "code": status}}
+    """OpenAI's error object. Its `code` is a string (OpenAI's schema and this API's ErrorDetail): the type;
+    the status is the answer's own."""
+    return {"error": {"type": type_, "message": message, "code": type_}}
 
 
 def stored_failure(status: int, type_: str, message: str, headers: dict[str, str]) -> JSON:
@@ -334,9 +336,13 @@ async def chat_completions(request: Request):
         async with aclosing(stream.batches()) as batches:
             return await whole_answer(request, new, completion, headers, batches, key_watch(svc.keyring, who))
     except Exception as error:
-        if not store_unavailable(error):
-            raise
-        return store_lost(error, new, headers)
+        if store_unavailable(error):
+            return store_lost(error, new, headers)
+        # The request is stored (and may have run to its end): a plain 500 would have the SDK retry it, a
+        # second request generated again. Its failure, with its ids and no retry.
+        log.exception("the answer of %s could not be assembled", new.request_id)
+        return stored_failure(502, "generation_failed", f"the answer could not be assembled ({type(error).__name__}); "
+                              f"read the request at /v1/requests/{new.request_id}/events", headers)
     finally:
         stream.close()  # its reader left at once (idempotent)
         closed()

@@ -246,8 +246,14 @@ def usage_as_uninterrupted(usage: Any, start_index: int) -> dict[str, Any] | Non
     except (KeyError, TypeError, ValueError):
         return None
     moved = min(start_index, prompt)
-    return {**usage, "prompt_tokens": prompt - moved, "completion_tokens": completion + moved,
-            "total_tokens": prompt + completion}
+    moved_back = {**usage, "prompt_tokens": prompt - moved, "completion_tokens": completion + moved,
+                  "total_tokens": prompt + completion}
+    details = usage.get("prompt_tokens_details")
+    if moved and isinstance(details, dict):  # counted over the longer prompt: none can exceed the prompt now
+        moved_back["prompt_tokens_details"] = {
+            k: min(v, prompt - moved) if isinstance(v, int) and not isinstance(v, bool) else v
+            for k, v in details.items()}
+    return moved_back
 
 
 async def sse_lines(body: AsyncIterable[bytes]) -> AsyncIterator[bytes]:
