@@ -43,3 +43,17 @@ def test_a_function_that_is_no_object_adds_nothing() -> None:
     merge_tool_calls(calls, [{"index": 0, "id": "c1", "function": "oops"}, {"index": True, "function": {"name": "f"}}])
     assert calls[0]["id"] == "c1" and calls[0]["function"]["name"] == ""
     assert calls[1]["function"]["name"] == "f"  # a bool is no index: the next call
+
+
+def test_the_python_client_reads_a_failures_status_from_its_type() -> None:
+    """An error object inside a 200 stream names its type as `code` now (a string): the client still gives
+    the failure's status, and reads the integer code older servers send."""
+    from sluicegate.client import _body_error
+
+    failed = {"type": "generation_failed", "message": "m"}
+    for payload, status in (({"error": {**failed, "code": "generation_failed"}}, 502),
+                            ({"error": {"type": "cancelled", "message": "m", "code": "cancelled"}}, 409),
+                            ({"error": {**failed, "code": 502}}, 502)):
+        error = _body_error(payload, "r1")
+        assert error is not None and (error.status, error.code, error.request_id) == \
+            (status, payload["error"]["type"], "r1")
