@@ -296,9 +296,10 @@ class RunStore:
         return await self.transitions.finish(rid, attempt, wid=self.worker_id, group=self.group, outcome=outcome,
                                              detail=detail, return_slot=return_slot, usage=usage, tail=tail)
 
-    async def hand_back(self, rid: str, attempt: str, *, reason: str, return_slot: bool) -> bool:
+    async def hand_back(self, rid: str, attempt: str, *, reason: str, return_slot: bool,
+                        never_ran: bool = False) -> bool:
         return await self.transitions.hand_back(rid, attempt, wid=self.worker_id, group=self.group, reason=reason,
-                                                return_slot=return_slot)
+                                                return_slot=return_slot, never_ran=never_ran)
 
     async def pin(self, rid: str, attempt: str) -> bool:
         """Keep a running run from being preempted (see scheduler/lua/pin.lua); False when it was stopped."""

@@ -23,7 +23,8 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Coroutine, Mapping, Sequence
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -76,6 +77,7 @@ def engine_times_arg(engine_times: tuple[float, float, float] | None) -> str:
 
 
 LEASE_PUSH_BACK_MS = 1000  # a lost run whose hand-back failed is due again this much later
+ENDS_KEPT = 1024  # data-plane replies of runs' ends whose control steps have not all landed yet (bounded)
 
 
 class MaybeStored(Exception):
@@ -118,6 +120,10 @@ class Transitions:
         self.ttl = session_ttl
         self.max_attempts = max_attempts
         self.log_max_events = log_max_events
+        # "rid|attempt" -> [the data step's reply, released]: an end whose control step failed is retried from
+        # there (the caller retries the whole end: a second data step is refused, and its reply would carry no
+        # prompt count and no next head)
+        self._ends: OrderedDict[str, list[Any]] = OrderedDict()
 
     async def _call(self, name: str, keys_: Sequence[Any], args: Sequence[Any]) -> Any:
         return await settled(self.scripts.call(name, keys_, args))
@@ -227,24 +233,55 @@ class Transitions:
             reply = await self._call("finish_one", [dp, cp], [self.lease_ms, self.ttl, rid, attempt, wid, outcome,
                                                                detail, slot, used, *last])
             return int(reply[0]) == 1
-        reply = await self._call("finish", [dp], [self.ttl, rid, attempt, wid, outcome, detail, used, *last])
+        key = f"{rid}|{attempt}"
         # Released before the next head is readied: a decision in between must not take the ended run
         # for a running one. Dying in between leaves the next head in the outbox (repair readies it).
-        await self._call("release", [cp], [self.lease_ms, f"{rid}|{attempt}", wid, reply[2], text(reply[4]), slot,
-                                           reply[5]])
-        if text(reply[3]):
-            await self._ready(reply[3])
+        reply = await self._ended(
+            key, lambda: self._call("finish", [dp], [self.ttl, rid, attempt, wid, outcome, detail, used, *last]),
+            lambda reply: self._call("release", [cp], [self.lease_ms, key, wid, reply[2], text(reply[4]), slot,
+                                                       reply[5]]),
+            3)
         return int(reply[0]) == 1
 
+    async def _ended(self, key: str, data_step: Callable[[], Awaitable[Any]],
+                     release: Callable[[Any], Awaitable[Any]], next_head: int) -> Any:
+        """A run's end on a cluster: the data step, the release, then the session's next head readied (its
+        spec at `next_head` of the data step's reply). A call retried after a control step failed takes up
+        from the step that failed, with the data step's first reply (kept in `_ends`, bounded)."""
+        kept = self._ends.get(key)
+        if kept is None:
+            kept = [await data_step(), False]
+            self._ends[key] = kept
+            while len(self._ends) > ENDS_KEPT:
+                self._ends.popitem(last=False)
+        reply = kept[0]
+        if not kept[1]:
+            await release(reply)
+            kept[1] = True
+        if text(reply[next_head]):
+            await self._ready(reply[next_head])
+        self._ends.pop(key, None)
+        return reply
+
     async def hand_back(self, rid: str, attempt: str, *, wid: str, group: str, reason: str,
-                        return_slot: bool) -> bool:
+                        return_slot: bool, never_ran: bool = False) -> bool:
+        """`never_ran`: the worker's start of this attempt was refused (the request ended, or another attempt
+        runs), so it generated nothing. On a cluster its release then reconciles it as no output and no
+        input: a repair pass that readied a head from a stale view of the outbox dispatches an attempt of a
+        request that already ran (the same "rid|attempt"), whose tokens the data plane would count again."""
         dp, cp, slot = keys.request_prefix(rid), keys.group_prefix(group), "1" if return_slot else "0"
         if self.single:
             reply = await self._call("handback_one", [dp, cp], [self.lease_ms, rid, attempt, wid, reason, slot,
                                                                  self.max_attempts, self.ttl])
             return int(reply[0]) == 1
-        reply = await self._call("handback", [dp], [rid, attempt, wid, reason, self.max_attempts, self.ttl])
-        await self._stopped(cp, f"{rid}|{attempt}", wid, reply, slot)
+        key = f"{rid}|{attempt}"
+        produced, counted_input = (0, [0]) if never_ran else (None, [])
+        reply = await self._ended(
+            key, lambda: self._call("handback", [dp], [rid, attempt, wid, reason, self.max_attempts, self.ttl]),
+            lambda reply: self._call("release", [cp], [self.lease_ms, key, wid,
+                                                       reply[2] if produced is None else produced,
+                                                       text(reply[3]), slot, *counted_input]),
+            4)
         return int(reply[0]) == 1
 
     async def _stopped(self, cp: str, key: str, wid: str, reply: Sequence[Any], slot: str) -> None:

@@ -127,7 +127,7 @@ class Harness:
                 if assignment.fields is None and run_sync(self.t.start(
                         rid, assignment.attempt, wid, stopped_for=assignment.stopped_for)) is None:
                     run_sync(self.t.hand_back(rid, assignment.attempt, wid=wid, group=group, reason="released",
-                                              return_slot=True))
+                                              return_slot=True, never_ran=True))  # as the worker's _serve
                     continue
                 new.append(Run(rid, assignment.attempt, wid, group, int(self.r.hget(keys.request(rid), "n") or 0)))
         self.runs.extend(new)

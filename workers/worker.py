@@ -422,10 +422,10 @@ class Worker:
             gate.set()
 
     async def _end(self, rid: str, attempt: str, *, outcome: str = "", detail: str = "", reason: str = "",
-                   usage: dict[str, Any] | None = None, tail: Tail | None = None) -> None:
+                   usage: dict[str, Any] | None = None, tail: Tail | None = None, never_ran: bool = False) -> None:
         """End a run: `finish` with an outcome, else hand it back (which only releases the slot when
         the run is no longer ours). Exactly once, retried through dropped connections. `tail`: the run's
-        last tokens, which the finish appends."""
+        last tokens, which the finish appends. `never_ran`: its start was refused (Transitions.hand_back)."""
         while self._resyncing is not None:
             await self._resyncing.wait()
         self._ending += 1
@@ -442,7 +442,8 @@ class Worker:
                     await self.store.finish(rid, attempt, outcome=outcome, detail=detail, return_slot=return_slot,
                                             usage=usage, tail=tail)
                 else:
-                    await self.store.hand_back(rid, attempt, reason=reason, return_slot=return_slot)
+                    await self.store.hand_back(rid, attempt, reason=reason, return_slot=return_slot,
+                                               never_ran=never_ran)
 
             try:
                 await through_dropped_connections(end, seconds=max(30.0, 10 * self.settings.lease_seconds),
@@ -467,7 +468,7 @@ class Worker:
             if spec is not None and spec.start_index:
                 so_far, streamed = await self.store.output_so_far(spec)
             if spec is None or key in self.interrupted:  # lost before it started
-                await self._end(rid, attempt, reason=self._stop_reason(key))
+                await self._end(rid, attempt, reason=self._stop_reason(key), never_ran=spec is None)
                 return
             if streamed is not None:  # never preempted (pinned), but its worker was lost or its backend failed
                 await self._end(rid, attempt, outcome="failed", detail=cannot_continue(streamed))
