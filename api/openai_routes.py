@@ -68,7 +68,7 @@ router = APIRouter()
 DEFAULT_MAX_TOKENS: int = SubmitBody.model_fields["max_tokens"].default
 NOT_PARAMS = frozenset({"stream_options"})  # handled here, not by the engine
 PASSED_ON = frozenset({400, 413, 422})  # a backend's refusals the caller gets as they are: its request is wrong
-KEY_ENDED = {"error": {"type": "unauthorized", "message": ENDED_MESSAGE, "code": "unauthorized"}}
+KEY_ENDED = {"error": {"type": "unauthorized", "message": ENDED_MESSAGE, "code": "unauthorized", "status": 401}}
 # On a stored request's error answer: OpenAI's SDKs retry 409 and 5xx by default, each retry a new request
 # (a cancelled call submitted again, a failed or still running one generated twice); they obey this header.
 NO_RETRY = {"x-should-retry": "false"}
@@ -76,8 +76,9 @@ NO_RETRY = {"x-should-retry": "false"}
 
 def openai_error(status: int, type_: str, message: str) -> dict[str, dict[str, Any]]:
     """OpenAI's error object. Its `code` is a string (OpenAI's schema and this API's ErrorDetail): the type;
-    the status is the answer's own."""
-    return {"error": {"type": type_, "message": message, "code": type_}}
+    `status` the failure's status, which an error inside a 200 stream has no other place for (a backend's
+    413 or 422 refusal is `invalid_request` too)."""
+    return {"error": {"type": type_, "message": message, "code": type_, "status": status}}
 
 
 def stored_failure(status: int, type_: str, message: str, headers: dict[str, str]) -> JSON:

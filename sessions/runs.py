@@ -19,7 +19,7 @@ from sluicegate.sessions.events import Event
 from sluicegate.sessions.registry import declare_group, register_group
 from sluicegate.sessions.resp import LeanRedis
 from sluicegate.sessions.scripts import Scripts
-from sluicegate.sessions.transitions import LOG_HEADER, MAX_ATTEMPTS, Offer, Tail, Transitions
+from sluicegate.sessions.transitions import LOG_HEADER, MAX_ATTEMPTS, EndProgress, Offer, Tail, Transitions
 
 log = logging.getLogger(__name__)
 INBOX_BATCH = 64  # assignments read from a worker's inbox in one round trip (next_assignments)
@@ -291,15 +291,17 @@ class RunStore:
         return AppendResult(False, status)
 
     async def finish(self, rid: str, attempt: str, *, outcome: str, detail: str, return_slot: bool,
-                     usage: dict[str, Any] | None = None, tail: Tail | None = None) -> bool:
+                     usage: dict[str, Any] | None = None, tail: Tail | None = None,
+                     progress: EndProgress | None = None) -> bool:
         """End a run (sessions/transitions.py `finish`); `tail`: its last tokens, appended by the same call."""
         return await self.transitions.finish(rid, attempt, wid=self.worker_id, group=self.group, outcome=outcome,
-                                             detail=detail, return_slot=return_slot, usage=usage, tail=tail)
+                                             detail=detail, return_slot=return_slot, usage=usage, tail=tail,
+                                             progress=progress)
 
     async def hand_back(self, rid: str, attempt: str, *, reason: str, return_slot: bool,
-                        never_ran: bool = False) -> bool:
+                        never_ran: bool = False, progress: EndProgress | None = None) -> bool:
         return await self.transitions.hand_back(rid, attempt, wid=self.worker_id, group=self.group, reason=reason,
-                                                return_slot=return_slot, never_ran=never_ran)
+                                                return_slot=return_slot, never_ran=never_ran, progress=progress)
 
     async def pin(self, rid: str, attempt: str) -> bool:
         """Keep a running run from being preempted (see scheduler/lua/pin.lua); False when it was stopped."""

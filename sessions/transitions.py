@@ -23,7 +23,6 @@ import asyncio
 import json
 import logging
 import time
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -77,7 +76,17 @@ def engine_times_arg(engine_times: tuple[float, float, float] | None) -> str:
 
 
 LEASE_PUSH_BACK_MS = 1000  # a lost run whose hand-back failed is due again this much later
-ENDS_KEPT = 1024  # data-plane replies of runs' ends whose control steps have not all landed yet (bounded)
+
+
+@dataclass
+class EndProgress:
+    """How far one run's end (finish or hand-back) on a cluster got, kept by its caller across its retries: a
+    retry takes up from the control step that failed, with the data step's first reply. The data step retried
+    is refused (the request has ended already) and its reply would carry neither the backend's prompt count
+    nor the session's next head."""
+
+    reply: Any = None
+    released: bool = False
 
 
 class MaybeStored(Exception):
@@ -120,10 +129,6 @@ class Transitions:
         self.ttl = session_ttl
         self.max_attempts = max_attempts
         self.log_max_events = log_max_events
-        # "rid|attempt" -> [the data step's reply, released]: an end whose control step failed is retried from
-        # there (the caller retries the whole end: a second data step is refused, and its reply would carry no
-        # prompt count and no next head)
-        self._ends: OrderedDict[str, list[Any]] = OrderedDict()
 
     async def _call(self, name: str, keys_: Sequence[Any], args: Sequence[Any]) -> Any:
         return await settled(self.scripts.call(name, keys_, args))
@@ -222,10 +227,12 @@ class Transitions:
                                      [rid, attempt, first_index, engine_times_arg(engine_times), *data]))
 
     async def finish(self, rid: str, attempt: str, *, wid: str, group: str, outcome: str, detail: str,
-                     return_slot: bool, usage: dict[str, Any] | None = None, tail: Tail | None = None) -> bool:
+                     return_slot: bool, usage: dict[str, Any] | None = None, tail: Tail | None = None,
+                     progress: EndProgress | None = None) -> bool:
         """End a run as done (`detail`: the finish_reason; `usage`: the backend's, for the whole request)
         or failed (`detail`: why). `tail`: the run's last tokens, appended in the same call before it ends
-        (one call and one event batch instead of an append, then the end)."""
+        (one call and one event batch instead of an append, then the end). `progress`: the caller's, when
+        it retries this end (EndProgress)."""
         dp, cp, slot = keys.request_prefix(rid), keys.group_prefix(group), "1" if return_slot else "0"
         used = json.dumps(usage, separators=(",", ":")) if usage else ""
         last = [tail.first_index, engine_times_arg(tail.engine_times), *tail.data] if tail and tail.data else []
@@ -237,47 +244,45 @@ class Transitions:
         # Released before the next head is readied: a decision in between must not take the ended run
         # for a running one. Dying in between leaves the next head in the outbox (repair readies it).
         reply = await self._ended(
-            key, lambda: self._call("finish", [dp], [self.ttl, rid, attempt, wid, outcome, detail, used, *last]),
+            progress or EndProgress(),
+            lambda: self._call("finish", [dp], [self.ttl, rid, attempt, wid, outcome, detail, used, *last]),
             lambda reply: self._call("release", [cp], [self.lease_ms, key, wid, reply[2], text(reply[4]), slot,
                                                        reply[5]]),
             3)
         return int(reply[0]) == 1
 
-    async def _ended(self, key: str, data_step: Callable[[], Awaitable[Any]],
+    async def _ended(self, progress: EndProgress, data_step: Callable[[], Awaitable[Any]],
                      release: Callable[[Any], Awaitable[Any]], next_head: int) -> Any:
         """A run's end on a cluster: the data step, the release, then the session's next head readied (its
-        spec at `next_head` of the data step's reply). A call retried after a control step failed takes up
-        from the step that failed, with the data step's first reply (kept in `_ends`, bounded)."""
-        kept = self._ends.get(key)
-        if kept is None:
-            kept = [await data_step(), False]
-            self._ends[key] = kept
-            while len(self._ends) > ENDS_KEPT:
-                self._ends.popitem(last=False)
-        reply = kept[0]
-        if not kept[1]:
+        spec at `next_head` of the data step's reply), each taken up where `progress` says it stopped."""
+        if progress.reply is None:
+            progress.reply = await data_step()
+        reply = progress.reply
+        if not progress.released:
             await release(reply)
-            kept[1] = True
+            progress.released = True
         if text(reply[next_head]):
             await self._ready(reply[next_head])
-        self._ends.pop(key, None)
         return reply
 
     async def hand_back(self, rid: str, attempt: str, *, wid: str, group: str, reason: str,
-                        return_slot: bool, never_ran: bool = False) -> bool:
+                        return_slot: bool, never_ran: bool = False, progress: EndProgress | None = None) -> bool:
         """`never_ran`: the worker's start of this attempt was refused (the request ended, or another attempt
-        runs), so it generated nothing. On a cluster its release then reconciles it as no output and no
-        input: a repair pass that readied a head from a stale view of the outbox dispatches an attempt of a
-        request that already ran (the same "rid|attempt"), whose tokens the data plane would count again."""
+        runs), so it generated nothing. On a cluster its release then reconciles it as no output, and a first
+        attempt as no input (the only one charged for input): a repair pass that readied a head from a stale
+        view of the outbox dispatches an attempt of a request that already ran (the same "rid|attempt"), whose
+        tokens the data plane would count again. `progress`: the caller's, when it retries (EndProgress)."""
         dp, cp, slot = keys.request_prefix(rid), keys.group_prefix(group), "1" if return_slot else "0"
         if self.single:
             reply = await self._call("handback_one", [dp, cp], [self.lease_ms, rid, attempt, wid, reason, slot,
                                                                  self.max_attempts, self.ttl])
             return int(reply[0]) == 1
         key = f"{rid}|{attempt}"
-        produced, counted_input = (0, [0]) if never_ran else (None, [])
+        produced = 0 if never_ran else None
+        counted_input = [0] if never_ran and attempt == "1" else []  # absent: the charge stands
         reply = await self._ended(
-            key, lambda: self._call("handback", [dp], [rid, attempt, wid, reason, self.max_attempts, self.ttl]),
+            progress or EndProgress(),
+            lambda: self._call("handback", [dp], [rid, attempt, wid, reason, self.max_attempts, self.ttl]),
             lambda reply: self._call("release", [cp], [self.lease_ms, key, wid,
                                                        reply[2] if produced is None else produced,
                                                        text(reply[3]), slot, *counted_input]),

@@ -51,7 +51,10 @@ def test_the_python_client_reads_a_failures_status_from_its_type() -> None:
     from sluicegate.client import _body_error
 
     failed = {"type": "generation_failed", "message": "m"}
-    for payload, status in (({"error": {**failed, "code": "generation_failed"}}, 502),
+    too_long = {"type": "invalid_request", "message": "m", "code": "invalid_request"}
+    for payload, status in (({"error": {**failed, "code": "generation_failed", "status": 502}}, 502),
+                            ({"error": {**too_long, "status": 413}}, 413),  # the backend's own refusal
+                            ({"error": too_long}, 400),
                             ({"error": {"type": "cancelled", "message": "m", "code": "cancelled"}}, 409),
                             ({"error": {**failed, "code": 502}}, 502)):
         error = _body_error(payload, "r1")

@@ -2,8 +2,8 @@
 head readied. When the release fails (the control master failing over) the worker retries the whole end:
 the retried data step was refused (the request is done already), so its reply carried no backend prompt
 count and no next head. The tenant kept the estimate's charge, and the session's next request waited for the
-repair pass. A retry now takes up from the step that failed. The cluster protocol (one call per plane), on
-one server and on the cluster in its pass."""
+repair pass. A retry now takes up from the step that failed (the caller's EndProgress). The cluster
+protocol (one call per plane), on one server and on the cluster in its pass."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import redis
 
+from sluicegate.sessions.transitions import EndProgress
 from sluicegate.workers.redis_retry import through_dropped_connections
 from tests.sched_harness import Harness
 
@@ -37,9 +38,12 @@ def test_an_end_retried_after_a_control_step_failed_ends_as_the_first_try_would(
 
     monkeypatch.setattr(h.scripts, "call", failing_once)
 
+    progress = EndProgress()  # as the worker's _end keeps it across its retries
+
     async def end() -> None:
         await h.t.finish(first, run.attempt, wid="w0", group="default", outcome="done", detail="stop",
-                         return_slot=True, usage={"prompt_tokens": 5, "completion_tokens": 4, "total_tokens": 9})
+                         return_slot=True, usage={"prompt_tokens": 5, "completion_tokens": 4, "total_tokens": 9},
+                         progress=progress)
 
     asyncio.run(through_dropped_connections(end, seconds=5, what="finish"))
     assert failed == [failing]

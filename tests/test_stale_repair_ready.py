@@ -45,3 +45,19 @@ def test_a_head_readied_from_a_stale_outbox_read_is_not_charged_twice(r: redis.R
     assert (h.vtc("t"), level()) == pytest.approx(charged[0])  # [60.0 vs 40.0; 985 vs 990 before the fix]
     assert [e.event for e in h.events("s", b)].count("done") == 1
     assert not r.hgetall(keys.group_key("default", "ri"))  # no run left
+
+
+def test_a_resumed_attempt_whose_start_is_refused_keeps_the_input_charge(r: redis.Redis) -> None:
+    """Only a first attempt is charged for input: a later one refused at its start (cancelled while it
+    waited to resume) gives back its own charge, not the input the first attempt sent to the backend."""
+    h = Harness(r, lease_ms=60_000, cluster=True)
+    h.add_worker("w0", slots=1)
+    rid = h.submit("s", tenant="t", max_tokens=5, prompt="x" * 400)  # its input estimated at 100 tokens
+    run = h.run_of(rid)
+    h.append(run, 2)
+    h.runs.remove(run)  # handed back: requeued, attempt 2 dispatched to w0's inbox, not started yet
+    run_sync(h.t.hand_back(rid, run.attempt, wid=run.wid, group=run.group, reason="worker_shutdown",
+                           return_slot=True))
+    assert h.req(rid)["a"] == "1" and run_sync(h.t.cancel(rid)) == ["cancelled"]
+    h.collect()  # attempt 2's start is refused (cancelled): handed back as never ran
+    assert h.vtc("t") >= 102.0  # at least the input and the 2 tokens produced [4.0: the input given back]

@@ -29,7 +29,7 @@ from sluicegate.sessions import keys
 from sluicegate.sessions.connect import store_unavailable
 from sluicegate.sessions.runs import Assignment, RunSpec, RunStore
 from sluicegate.sessions.subscriber import Subscriber
-from sluicegate.sessions.transitions import Tail
+from sluicegate.sessions.transitions import EndProgress, Tail
 from sluicegate.settings import Settings
 from sluicegate.workers.engines import make_engine
 from sluicegate.workers.engines.base import Engine
@@ -437,13 +437,15 @@ class Worker:
                 if not self.surplus:  # the surplus counted a run whose slot was handed over, maybe: recount
                     self.resync_needed = True
 
+            progress = EndProgress()  # a retry takes up from the step that failed
+
             async def end() -> None:
                 if outcome:
                     await self.store.finish(rid, attempt, outcome=outcome, detail=detail, return_slot=return_slot,
-                                            usage=usage, tail=tail)
+                                            usage=usage, tail=tail, progress=progress)
                 else:
                     await self.store.hand_back(rid, attempt, reason=reason, return_slot=return_slot,
-                                               never_ran=never_ran)
+                                               never_ran=never_ran, progress=progress)
 
             try:
                 await through_dropped_connections(end, seconds=max(30.0, 10 * self.settings.lease_seconds),
