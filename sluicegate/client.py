@@ -182,19 +182,12 @@ def _unreachable(error: Exception, url: str) -> SluicegateError:
                            "it again")
 
 
-# The status of each failure the chat route reports inside a 200 (api/openai_routes.py `failure`), for a
-# server that sends neither `status` nor an integer `code` (its error object's `code` is the type since
-# 2026-12-06, the integer status before).
-FAILURE_STATUS = {"cancelled": 409, "invalid_request": 400, "generation_failed": 502, "unauthorized": 401,
-                  "unavailable": 503}
-
-
 def _body_error(payload: Any, request_id: str | None = None) -> SluicegateError | None:
     """A failure reported inside a 200 (a chat answer whose status went out before it ended)."""
     if isinstance(payload, dict) and isinstance(payload.get("error"), dict):
         error = payload["error"]
-        status = next((v for v in (error.get("status"), error.get("code")) if isinstance(v, int)),
-                      FAILURE_STATUS.get(str(error.get("type"))))
+        # the failure's `status` (its `code` is the type since 2026-12-06), or an older server's integer code
+        status = next((v for v in (error.get("status"), error.get("code")) if isinstance(v, int)), None)
         return SluicegateError(status, str(error.get("type") or "error"), str(error.get("message") or ""), payload,
                                request_id=request_id)
     return None

@@ -45,17 +45,16 @@ def test_a_function_that_is_no_object_adds_nothing() -> None:
     assert calls[1]["function"]["name"] == "f"  # a bool is no index: the next call
 
 
-def test_the_python_client_reads_a_failures_status_from_its_type() -> None:
-    """An error object inside a 200 stream names its type as `code` now (a string): the client still gives
-    the failure's status, and reads the integer code older servers send."""
+def test_the_python_client_reads_a_failures_status() -> None:
+    """An error object inside a 200 stream names its type as `code` now (a string) and its status as `status`:
+    the client gives the failure's status, and reads the integer code older servers send."""
     from sluicegate.client import _body_error
 
     failed = {"type": "generation_failed", "message": "m"}
     too_long = {"type": "invalid_request", "message": "m", "code": "invalid_request"}
     for payload, status in (({"error": {**failed, "code": "generation_failed", "status": 502}}, 502),
                             ({"error": {**too_long, "status": 413}}, 413),  # the backend's own refusal
-                            ({"error": too_long}, 400),
-                            ({"error": {"type": "cancelled", "message": "m", "code": "cancelled"}}, 409),
+                            ({"error": {"type": "cancelled", "message": "m", "code": "cancelled", "status": 409}}, 409),
                             ({"error": {**failed, "code": 502}}, 502)):
         error = _body_error(payload, "r1")
         assert error is not None and (error.status, error.code, error.request_id) == \

@@ -319,7 +319,7 @@ def run_both(args: argparse.Namespace, flags: list[str]) -> dict[str, Any]:
           f"{args.duration / max(1, args.rounds):g} s per route ({args.workers} workers x {args.slots} slots), "
           f"engine: Sluicegate's sim")
     print_table(rows)
-    print_phases_cpu(merged)
+    print_runs_cpu({f"{mode} phases": out for mode, out in merged.items()})
     line, verdict = share_line(share, args)
     print(f"\nresumable route (submit + GET events) {rates['sse']:.0f} req/s = {100 * share:.0f}% of the chat "
           f"route's {rates['chat']:.0f} req/s: {line}")
@@ -363,15 +363,6 @@ def alternate(ones: dict[str, One], roots: list[int], expected: int,
                         "steal_percent": max(p["steal_percent"] for p in parts),
                         "load_average": (parts[0]["load_average"][0], parts[-1]["load_average"][1])}
     return merged
-
-
-def print_phases_cpu(merged: dict[str, dict[str, Any]]) -> None:
-    for mode, out in merged.items():
-        print(f"\nserver CPU seconds, {mode} phases, by process role (cores = seconds / window):")
-        print_cpu(out)
-        if out["errors"]:
-            print(f"first errors: {out['errors'][:3]}")
-        print(run_host_line(out))
 
 
 def run_llamacpp(args: argparse.Namespace) -> dict[str, Any]:
@@ -509,11 +500,17 @@ def run_sim_backend(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-def print_both_cpu(direct_out: dict[str, Any], merged: dict[str, dict[str, Any]]) -> None:
-    """Server CPU by process role of the direct run and of each route's run through Sluicegate."""
-    for name, o in (("direct", direct_out), *((f"through Sluicegate, {m} route", o) for m, o in merged.items())):
+def print_runs_cpu(runs: dict[str, dict[str, Any]]) -> None:
+    """Server CPU by process role of each measured run (name -> what `measure` reports), its first errors
+    and its host line."""
+    for name, o in runs.items():
         print(f"\nserver CPU seconds in the window, {name}, by process role (cores = seconds / window):")
         print_cpu(o)
         if o["errors"]:
             print(f"first errors: {o['errors'][:3]}")
         print(run_host_line(o))
+
+
+def print_both_cpu(direct_out: dict[str, Any], merged: dict[str, dict[str, Any]]) -> None:
+    """The direct run's and each route's run through Sluicegate."""
+    print_runs_cpu({"direct": direct_out, **{f"through Sluicegate, {m} route": o for m, o in merged.items()}})

@@ -475,7 +475,7 @@ class OpenAIEngine:
             # The call that continues the output differs from the one the backend took (llama.cpp refuses
             # an assistant prefill with thinking on, or after an assistant turn of the tenant's): its refusal
             # is no fault of the request's. This attempt generates the whole output again instead.
-            if not continues or not str(error).startswith(BACKEND_REFUSED_PREFIX):
+            if not continues or error.transient:  # _open's only lasting failure is a refusal
                 raise
             log.warning("run %s|%s: the backend refused to continue the output so far (%s); generating it again",
                         run.request_id, run.attempt, error)
