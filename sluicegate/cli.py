@@ -16,11 +16,14 @@ import asyncio
 import logging
 import sys
 from collections.abc import Callable, Coroutine
-from typing import Any, get_args
+from typing import TYPE_CHECKING, Any, get_args
 
 from sluicegate import client_cli, mcp_server
 from sluicegate.gc_tuning import settle_after_start_up
 from sluicegate.settings import ENV_PREFIX, BadSetting, Settings, from_env, setting_names
+
+if TYPE_CHECKING:
+    from sluicegate.groups_config import GroupConfig
 
 NETWORK = ["host", "port"]
 CORE = ["config", "redis_url", "redis_cluster", "rq_redis_url", "session_ttl", "lease_seconds", "max_attempts",
@@ -158,12 +161,15 @@ def main(argv: list[str] | None = None) -> int:
         return client_cli.run(args)
     if args.command == "mcp":  # a stdio MCP server over the HTTP API (sluicegate/mcp_server.py)
         return mcp_server.run(args)
+    groups: list[GroupConfig] = []
     try:
         settings = settings_from(args)
         if args.command == "serve":  # [groups.NAME] tables: checked before anything starts
             from sluicegate.groups_config import explicit_names, load_groups
 
             groups = load_groups(settings, explicit_names(given_flags(args)))
+        if args.command in ("serve", "worker"):  # the commands that run workers (and take --heartbeat-seconds)
+            settings.check_workers(engine=not groups)  # groups: each group's engine was checked by load_groups
         if settings.otel_endpoint:  # the extra is checked here, before anything starts
             from sluicegate.tracing import require_sdk
 

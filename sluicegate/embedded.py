@@ -51,8 +51,9 @@ PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 def die_with_parent() -> Callable[[], None] | None:
     """Linux: a preexec_fn after which the kernel sends the child SIGTERM (Valkey flushes its AOF and exits)
-    when the thread that started it ends, so a store in its own session (no terminal signal reaches it)
-    does not outlive a SIGKILLed serve. None elsewhere. Start such a child from the main thread only."""
+    when the thread that started it ends, so a store in its own session (no terminal signal reaches it), and
+    serve's other children (serve.spawn), do not outlive a SIGKILLed serve. None elsewhere. Start such a child
+    from the main thread only."""
     if not sys.platform.startswith("linux"):
         return None
     try:

@@ -5,9 +5,10 @@ masters; either way the children get its URL (and `--redis-cluster` for a cluste
 in its own process group so that a terminal's Ctrl-C (which reaches the whole foreground group)
 stops the API, scheduler and workers first, and the store last, after the workers have handed their
 runs back; a closed terminal's SIGHUP stops it alike, and on Linux a serve killed outright takes its store
-with it (embedded.die_with_parent). A worker or the webhooks process that dies is restarted (with its group's
-settings; one that keeps dying quickly after a delay doubling up to 5 s); the API, the scheduler or the store
-dying stops everything with exit code 1 (a supervisor above restarts serve; the AOF keeps the data).
+and every other child with it (embedded.die_with_parent: SIGTERM, so they stop as gracefully as at Ctrl-C).
+A worker or the webhooks process that dies is restarted (with its group's settings; one that keeps dying
+quickly after a delay doubling up to 5 s); the API, the scheduler or the store dying stops everything with
+exit code 1 (a supervisor above restarts serve; the AOF keeps the data).
 
 Without `[groups.NAME]` tables in `--config`, the workers serve the one group `--group`. With them
 (`sluicegate.groups_config`), each group is declared in Redis with its model and quota before any
@@ -35,11 +36,13 @@ from sluicegate.embedded import (
     EmbeddedServer,
     ServerNotFound,
     data_dir_password,
+    die_with_parent,
     keep_url_file,
     private_dir,
     stop_signals,
 )
 from sluicegate.groups_config import GroupConfig
+from sluicegate.scheduler import audit_log
 from sluicegate.scheduler.admin import Tuning
 from sluicegate.sessions.connect import UNAVAILABLE, async_client, redacted
 from sluicegate.sessions.registry import declare_group, forget_group_model, group_models, model_conflict
@@ -50,8 +53,12 @@ log = logging.getLogger("sluicegate.serve")
 
 
 def spawn(role: str, settings: Settings, *extra: str) -> subprocess.Popen[bytes]:
+    """A child of serve. On Linux it gets SIGTERM when serve dies, even by SIGKILL (die_with_parent): a
+    worker hands its runs back, the API frees its port (uvicorn's supervisor stops its own processes on
+    SIGTERM), rather than running on as orphans that the next serve's store and port would meet."""
     env = settings.child_env(os.environ)  # not --config: a restarted child must not read the file again
-    return subprocess.Popen([sys.executable, "-m", "sluicegate", role, *extra], env=env, stdin=subprocess.DEVNULL)
+    return subprocess.Popen([sys.executable, "-m", "sluicegate", role, *extra], env=env, stdin=subprocess.DEVNULL,
+                            preexec_fn=die_with_parent())  # serve starts no threads: preexec_fn is safe
 
 
 def api_answers(settings: Settings) -> bool:
@@ -91,7 +98,8 @@ async def declare_groups(settings: Settings, groups: Sequence[GroupConfig]) -> N
     of the file to another, and two may swap models, between runs (a model given to such a group with
     PUT /v1/admin/groups, or by its openai workers from their backend, is let go of too; those workers
     declare theirs again when they start). Groups the file does not list are left as they are: a model
-    one of them serves is a ModelConflict, raised before anything is written."""
+    one of them serves is a ModelConflict, raised before anything is written. Each group whose model or
+    quota this changed gets an audit entry (key_id "config")."""
     assert settings.redis_url
     client = async_client(settings.redis_url, cluster=settings.redis_cluster, decode_responses=True)
     try:
@@ -101,6 +109,7 @@ async def declare_groups(settings: Settings, groups: Sequence[GroupConfig]) -> N
                 conflict = await model_conflict(client, group.name, group.model, released=listed)
                 if conflict is not None:
                     raise conflict
+        before = {group.name: await audit_log.group_state(client, group.name) for group in groups}
         current = await group_models(client)
         for group in groups:
             if current.get(group.name) not in (None, group.model):
@@ -109,6 +118,10 @@ async def declare_groups(settings: Settings, groups: Sequence[GroupConfig]) -> N
             await declare_group(client, group.name, group.model)
             if group.quota:
                 await Tuning(client).set_quota(group.name, dict(group.quota))
+        for group in groups:  # after all of them: a model that moved changed both groups
+            after = await audit_log.group_state(client, group.name)
+            if after != before[group.name]:
+                await audit_log.append(client, "config", "group.update", group.name, before[group.name], after)
     finally:
         await client.aclose()
 

@@ -321,11 +321,6 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
-        if self.engine == "openai" and not self.backend_url:
-            raise BadSetting("backend_url", "the openai engine needs --backend-url (e.g. http://127.0.0.1:8001/v1)")
-        if self.heartbeat_seconds >= self.lease_seconds:
-            raise BadSetting("heartbeat_seconds", f"{self.heartbeat_seconds} must be less than --lease-seconds "
-                             f"({self.lease_seconds}), or workers lose their runs between heartbeats")
         if self.embedded_cluster and self.redis_url:
             raise BadSetting("embedded_cluster", "--embedded-cluster starts its own cluster: drop --redis-url, or "
                              "drop --embedded-cluster and pass --redis-cluster")
@@ -335,6 +330,17 @@ class Settings(BaseSettings):
             raise BadSetting("redis_cluster", "--redis-cluster needs --redis-url naming a node of the cluster "
                              "(or serve --embedded-cluster N)")
         return self
+
+    def check_workers(self, *, engine: bool = True) -> None:
+        """What workers need of these settings together; raises BadSetting. Checked by the commands that run
+        workers (`worker`, `serve`), not on every Settings: the scheduler and the API take --lease-seconds but
+        never heartbeat, and with `[groups.NAME]` tables each group may give its own backend_url (engine=False:
+        groups_config checks each group's merged settings, naming the group)."""
+        if engine and self.engine == "openai" and not self.backend_url:
+            raise BadSetting("backend_url", "the openai engine needs --backend-url (e.g. http://127.0.0.1:8001/v1)")
+        if self.heartbeat_seconds >= self.lease_seconds:
+            raise BadSetting("heartbeat_seconds", f"{self.heartbeat_seconds} must be less than --lease-seconds "
+                             f"({self.lease_seconds}), or workers lose their runs between heartbeats")
 
     @property
     def auth_enabled(self) -> bool:
