@@ -104,14 +104,16 @@ class RqPresence:
     def __init__(self, redis_url: str, *, group: str, worker_id: str, ttl_seconds: int) -> None:
         self._connection = redis.Redis.from_url(redis_url, socket_timeout=5, socket_connect_timeout=5)
         self._queue = Queue(rq_queue_name(group), connection=self._connection)
-        self._worker = RqWorker([self._queue], name=worker_id, connection=self._connection,
-                                worker_ttl=ttl_seconds)
+        self._name = worker_id
+        # Made at the first birth, not here: rq's Worker talks to its server at once (CLIENT SETNAME), and
+        # an rq server down must not keep the worker from starting (its next beat registers it).
+        self._worker: RqWorker | None = None
         self._ttl = ttl_seconds
         self.beat_seconds = max(1.0, ttl_seconds / 4)
         self._born = False
         self._busy: bool | None = None  # the state rq shows (None: not written since birth)
         self._next_beat = 0.0
-        self._records = RqRecords(self._connection, self._queue, self._worker.name)
+        self._records = RqRecords(self._connection, self._queue, worker_id)
         self._show = self._connection.register_script(SHOW_SCRIPT)
         self._shown: dict[str, Shown] = {}  # run key "rid|attempt" -> what rq shows of it
         self._dead = False  # death() ran: a `show` still queued behind it writes nothing
@@ -126,6 +128,9 @@ class RqPresence:
             self._birth()
 
     def _birth(self) -> None:
+        if self._worker is None:
+            self._worker = RqWorker([self._queue], name=self._name, connection=self._connection,
+                                    worker_ttl=self._ttl)
         self._worker.register_birth()
         self._busy = bool(self._shown)
         self._worker.set_state("busy" if self._busy else "idle")
@@ -148,7 +153,7 @@ class RqPresence:
                 return
             due = time.monotonic() >= self._next_beat
             stale: dict[str, Shown] = {}
-            if due and (not self._born or not self._connection.exists(self._worker.key)):
+            if due and (self._worker is None or not self._born or not self._connection.exists(self._worker.key)):
                 # The registration failed (Redis was away) or was lost (Redis restarted empty, or the key
                 # lapsed): register again, show every run afresh, and delete what is left of the others.
                 stale, self._shown = self._shown, {}
@@ -169,6 +174,7 @@ class RqPresence:
                 shown.expires_at = moment + self._ttl
             self._shown.update((key, shown) for key, (shown, _) in new.items())
             busy = bool(self._shown)
+            assert self._worker is not None  # made by a _birth: above, or at an earlier beat
             if due or busy != self._busy:
                 with self._connection.pipeline(transaction=False) as pipe:
                     if busy != self._busy:
@@ -198,7 +204,7 @@ class RqPresence:
             return
         keys = [self._records.started_registry, self._records.worker_executions]
         args: list[Any] = [len(gone), len(new), len(renewed), self._ttl, self._ttl + EXPIRY_MARGIN,
-                           repr(time.time()), current_timestamp(), self._worker.name,
+                           repr(time.time()), current_timestamp(), self._name,
                            len(self._records.constant_fields) // 2, *self._records.constant_fields]
         for shown in gone:
             keys += self._records.keys(shown)
@@ -219,7 +225,8 @@ class RqPresence:
                 if self._shown:
                     self._write({}, list(self._shown.values()), [])
                     self._shown.clear()
-                self._worker.register_death()
+                if self._worker is not None:  # else never registered: nothing to take back
+                    self._worker.register_death()
             finally:
                 self._connection.close()
 

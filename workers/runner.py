@@ -65,6 +65,11 @@ class Fenced(Exception):
     """The run no longer owns its request."""
 
 
+class PinRefused(Fenced):
+    """The control plane stopped the run before its pin (on a cluster its data plane learns why from the
+    run's hand-back only: the worker's notice says)."""
+
+
 class DeadlineMissed(Exception):
     """The store refused the first token: it came past the request's `fail` deadline."""
 
@@ -76,6 +81,7 @@ class RunOutcome:
     transient: bool = False
     usage: dict[str, Any] | None = None  # done: the backend's usage for the whole request, if it reported one
     tail: Tail | None = None  # done: the tokens not appended yet, which the run's end appends
+    pin_refused: bool = False  # fenced: by its pin's refusal (PinRefused)
 
 
 def structured(params: dict[str, Any]) -> bool:
@@ -184,6 +190,14 @@ class Run:
             lambda: self.store.append(spec.request_id, spec.attempt, self.next_index, data, engine_times),
             seconds=APPEND_RETRY_SECONDS, what=f"run {self.key}: append")
 
+    async def _pin(self) -> bool:
+        """Pin the run (scheduler/lua/pin.lua), resent through dropped connections and a store refusing work
+        for a while, as appends are: bare, a brief refusal at the first token ended a sound run (handed back,
+        regenerated). A resend is safe: pinning a running run twice pins it once, and a stopped one is refused."""
+        spec = self.spec
+        return await through_dropped_connections(lambda: self.store.pin(spec.request_id, spec.attempt),
+                                                 seconds=APPEND_RETRY_SECONDS, what=f"run {self.key}: pin")
+
     def _engine_times(self) -> tuple[float, float, float] | None:
         """The engine's call and first token, with the request's first batch only (a resumed attempt's
         would be ignored: the request keeps the times of its first token)."""
@@ -204,8 +218,8 @@ class Run:
                 # A resume continues text, not a half-made tool call or reasoning, nor a constrained output
                 # (STRUCTURED_PARAMS): pinned first (never preempted from here on), or not written at all
                 # when the run was stopped meanwhile.
-                if not await self.store.pin(self.spec.request_id, self.spec.attempt):
-                    raise Fenced(f"stopped before it streamed {delta_kind(delta) if delta else STRUCTURED}")
+                if not await self._pin():
+                    raise PinRefused(f"stopped before it streamed {delta_kind(delta) if delta else STRUCTURED}")
                 self._pinned = True
             self._pending.append(piece)
             self._wake.set()
@@ -264,7 +278,7 @@ class Run:
                 return RunOutcome("done", "length", tail=self._tail())
             return RunOutcome("done", self.finish.reason, usage=self.finish.usage, tail=self._tail())
         except Fenced as fenced:
-            return RunOutcome("fenced", str(fenced))
+            return RunOutcome("fenced", str(fenced), pin_refused=isinstance(fenced, PinRefused))
         except DeadlineMissed:
             return RunOutcome("deadline_exceeded", DEADLINE_EXCEEDED)
         except EngineError as error:

@@ -17,13 +17,17 @@ flight, so that nothing it counts can change under it.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
+import functools
 import logging
 import os
 import socket
+import threading
 import time
 import uuid
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from sluicegate.sessions import keys
 from sluicegate.sessions.connect import store_unavailable
@@ -38,6 +42,7 @@ from sluicegate.workers.redis_retry import through_dropped_connections
 from sluicegate.workers.runner import Run, cannot_continue
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 PROBE_BUDGET = 30.0  # seconds a worker spends learning its engine before it offers its slots anyway
 PROBE_RETRY_SECONDS = 10.0  # between probes of a backend that has not answered one (still loading its model)
@@ -45,12 +50,30 @@ MODEL_RETRY_SECONDS = 10.0  # between looks at the backend's model list while it
 MODEL_LOOKUP_SECONDS = 5.0  # one look's bound
 RQ_SETTLE = 0.05  # seconds a change of the runs shown waits before rq is told (see _presence_loop)
 EARLY_NOTICES = 1024  # notices kept for runs whose assignment has not arrived (most are for ended runs)
+RQ_LEAVE_SECONDS = 2.0  # a shutdown waits this long at most for rq to forget the worker (else its records expire)
 
 
 def new_worker_id(group: str) -> str:
     """The group and a random part: the id appears in `started` and `resumed` events, which tenants read,
     so it names no host and no process (operators find those in /v1/admin/stats: `host`, `pid`)."""
     return f"{group}.{uuid.uuid4().hex[:12]}"
+
+
+def in_daemon_thread(call: Callable[[], T]) -> asyncio.Future[T]:
+    """`call()` in a daemon thread of its own, for the rq presence's blocking calls: unlike asyncio.to_thread's
+    (the default executor's, waited for when the loop closes), a call stuck on an rq server that does not answer
+    keeps no worker process from exiting after its shutdown."""
+    done: concurrent.futures.Future[T] = concurrent.futures.Future()
+    done.set_running_or_notify_cancel()  # an awaiter's cancel or timeout cannot cancel it: the thread sets it
+
+    def target() -> None:
+        try:
+            done.set_result(call())
+        except Exception as error:  # handed to the awaiter
+            done.set_exception(error)
+
+    threading.Thread(target=target, name="sluicegate-rq", daemon=True).start()
+    return asyncio.wrap_future(done)
 
 
 class Worker:
@@ -85,6 +108,7 @@ class Worker:
         self.early_notices: dict[str, str] = {}  # reasons of notices for runs not received yet, oldest first
         self.handing_back: set[str] = set()  # shutdown: interrupted runs go back to the queue
         self.stop_reasons: dict[str, str] = {}  # why a notice stopped a run it holds (its hand-back says so)
+        self.notice_awaited: dict[str, asyncio.Event] = {}  # fenced runs whose notice is awaited (_fence_reason)
         self.stopping = False
         self.resync_needed = False
         self._ending = 0  # run ends (finish / hand-back scripts) in flight
@@ -159,12 +183,15 @@ class Worker:
 
     # ---- lifecycle ---------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
-        await self._learn_engine()  # first: nothing is started yet that a stop meanwhile would leave behind
-        if self.presence is not None:
-            try:
-                await asyncio.to_thread(self.presence.birth)
-            except Exception as error:  # rq is the operators' view, not the work: its next beat retries
-                log.warning("worker %s: rq registration failed: %s", self.worker_id, error)
+        # First, and raced with the stop: nothing is offered yet, so a stop meanwhile (the probe takes up to
+        # PROBE_BUDGET s) leaves at once, with no slot offered and no run taken only to be handed back.
+        if not await self._learned_unless_stopped(stop):
+            log.info("worker %s: stopped while learning its engine; leaving before offering its slots",
+                     self.worker_id)
+            await self._close()
+            return
+        # rq registers the worker at the presence loop's first beat, beside the work: rq is the operators' view,
+        # and an rq server down or not answering must keep no worker from serving (its next beat retries).
         # Sharded pub/sub (on a cluster: on the master of the channel's slot), confirmed by the server
         # before any run can be dispatched here.
         subscriber = Subscriber(self.settings.redis_url, self._on_control, cluster=self.settings.redis_cluster,
@@ -198,11 +225,40 @@ class Worker:
                 self.rq_due = None
             with contextlib.suppress(Exception):
                 await self.store.set_free_slots(0)  # gone for good: no liveness key, no ticket
-            if self.presence is not None:
-                with contextlib.suppress(Exception):
-                    await asyncio.to_thread(self.presence.death)
-            await self.engine.aclose()
-            await self.store.aclose()
+            await self._close()
+
+    async def _learned_unless_stopped(self, stop: asyncio.Event) -> bool:
+        """`_learn_engine`, unless `stop` is set first (then it is cancelled): whether it was learnt."""
+        learning = asyncio.create_task(self._learn_engine())
+        stopped = asyncio.create_task(stop.wait())
+        try:
+            await asyncio.wait({learning, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (learning, stopped):
+                task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await learning  # its probe or model lookup stops here, not beside the shutdown
+        return not stop.is_set()
+
+    async def _close(self) -> None:
+        """Let go of rq, the engine and the store: the end of a run(), whenever it stops."""
+        if self.presence is not None:
+            await self._leave_rq(self.presence)
+        await self.engine.aclose()
+        await self.store.aclose()
+
+    async def _leave_rq(self, presence: RqPresence) -> None:
+        """rq forgets the worker, waited for RQ_LEAVE_SECONDS at most: an rq server that does not answer (host
+        gone) held the shutdown ~11 s (redis-py's timeouts and retries), and rq is only the operators' view:
+        what is left there expires on its own (its TTL)."""
+        try:
+            await asyncio.wait_for(in_daemon_thread(presence.death), RQ_LEAVE_SECONDS)
+        except TimeoutError:
+            log.warning("worker %s: rq did not answer within %g s at its shutdown; its rq records expire on their "
+                        "own", self.worker_id, RQ_LEAVE_SECONDS)
+        except Exception as error:
+            log.warning("worker %s: leaving rq failed (%s); its rq records expire on their own", self.worker_id,
+                        error)
 
     async def _shutdown(self, inbox: asyncio.Task[None]) -> None:
         """Stop taking work, let runs finish within the grace period, hand the rest back."""
@@ -363,7 +419,7 @@ class Worker:
             if not self.presence.would_write(settled):
                 continue
             try:
-                await asyncio.to_thread(self.presence.show, settled)
+                await in_daemon_thread(functools.partial(self.presence.show, settled))
             except asyncio.CancelledError:
                 raise
             except Exception as error:
@@ -491,7 +547,7 @@ class Worker:
                                 tail=outcome.tail)
             elif outcome.kind == "fenced":
                 log.info("run %s fenced (%s)", key, outcome.detail)
-                await self._end(rid, attempt, reason="released")
+                await self._end(rid, attempt, reason=await self._fence_reason(key, outcome.pin_refused))
             elif outcome.transient:  # resumed, possibly elsewhere, unless it was the last attempt (--max-attempts)
                 await self._end(rid, attempt, reason=f"backend_error: {outcome.detail}")
             else:  # a permanent engine error, or a `fail` deadline passed before the first token (deadline_exceeded)
@@ -510,6 +566,21 @@ class Worker:
             self.handing_back.discard(key)
             self.stop_reasons.pop(key, None)
             self.runs.pop(key, None)
+
+    async def _fence_reason(self, key: str, pin_refused: bool) -> str:
+        """Why a fenced run stopped. A refused pin on a cluster: the control plane stopped the run (preempted)
+        and only this hand-back tells the data plane why (the tenant's `preempted` reason), but the notice
+        saying so comes on the control connection and can come after the refusal, or be missed (a reconnect:
+        the heartbeats repeat it); waited for, two heartbeats at most. Elsewhere the store fenced the run and
+        recorded why itself."""
+        if pin_refused and self.settings.redis_cluster and key not in self.interrupted:
+            noticed = self.notice_awaited[key] = asyncio.Event()
+            try:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(noticed.wait(), 2 * self.settings.heartbeat_seconds)
+            finally:
+                self.notice_awaited.pop(key, None)
+        return self._stop_reason(key)
 
     def _stop_reason(self, key: str) -> str:
         """Why a run stopped before its end: shutting down, or what its notice said (on a cluster the
@@ -536,5 +607,7 @@ class Worker:
         if key not in self.runs:
             return
         self.interrupted.add(key)
+        if (noticed := self.notice_awaited.get(key)) is not None:
+            noticed.set()
         if key in self.executing:
             self.runs[key].cancel()
