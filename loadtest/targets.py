@@ -34,6 +34,8 @@ STREAM_REDIS_CONNECTIONS: Final = 64
 
 # | memory per queued request (100-char prompt) | <= 1 KB |
 MEMORY_BYTES_PER_REQUEST: Final = 1024
+# the same row: the figure is for a 100-character prompt
+MEMORY_PROMPT_CHARS: Final = 100
 
 # | resume: reconnect to first replayed event | p99 <= 5 ms |
 RESUME_P99_MS: Final = 5.0
@@ -43,6 +45,8 @@ HIGH_PRIORITY_P99_RATIO: Final = 1.2
 
 # | weighted fairness at 2-3x overload | share within 2% of weight (5% per 60 s window), Jain >= 0.999 |
 FAIR_SHARE_DEVIATION: Final = 0.02
+# the same row: "at 2-3x overload" (total demand in multiples of capacity)
+FAIR_OVERLOAD: Final = (2.0, 3.0)
 # the same row: "(5% per 60 s window)"
 FAIR_WINDOW_DEVIATION: Final = 0.05
 FAIR_WINDOW_S: Final = 60.0
@@ -57,6 +61,8 @@ RECOVERY_S: Final = 3.0
 
 # | cluster: 3 masters | ...; token appends spread with no master above 45%; ... |
 CLUSTER_MAX_APPEND_SHARE: Final = 0.45
+# the same row: "3 masters"
+CLUSTER_MASTERS: Final = 3
 # | cluster: 3 masters | ...; single-server TTFT not slower by more than 5% |
 # (`ttft --against` measures it; no verdict is printed)
 CLUSTER_SINGLE_SERVER_TTFT_SLOWDOWN: Final = 0.05

@@ -7,17 +7,19 @@ stream GET /v1/requests/{id}/events to the end, and check that the token indices
 0..max_tokens-1, in order, followed by `done`. Reported:
 
 - completed requests/s and tokens/s over the run (with the client's CPU beside them);
-- the share of keys per master (DBSIZE after the run): each must hold 15-45%;
+- the share of keys per master (DBSIZE after the run): each must hold 15-45% (a check of this
+  bench's own, printed and stored as a check, not a DESIGN target);
 - the share of token appends per master: the tokens written into the data-plane buckets a master
   owns, from the metrics hashes `sg:{s:BB}:m` (field `tokens|group|priority|tenant`, before/after);
-  none may be above 45% (README, "Growing past one Redis"; target: no master above 45%);
+  none may be above 45% (README, "Growing past one Redis"; DESIGN's target for 3 masters: another
+  `--masters` prints the shares with no verdict);
 - per master, its Redis CPU (INFO CPU used_cpu_sys + used_cpu_user, before/after) and its FCALLs
   (INFO commandstats, before/after): the control plane of a group lives on one master, so its FCALL
   count is higher than its share of the tokens;
 - the CPU seconds of every process by role.
 
-Exits non-zero when a key share is outside 15-45%, an append share is above 45%, or any stream
-missed, repeated or reordered a token index (or failed).
+Exits non-zero when a key share is outside 15-45%, an append share is above 45% (3 masters), or any
+stream missed, repeated or reordered a token index (or failed).
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ from sluicegate.loadtest.common import (
     wait_http,
     write_result,
 )
+from sluicegate.loadtest.targets import CLUSTER_MASTERS
 from sluicegate.loadtest.targets import CLUSTER_MAX_APPEND_SHARE as MAX_APPEND_SHARE
 from sluicegate.sessions import keys
 from sluicegate.sessions.connect import key_slot, sync_client
@@ -259,6 +262,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                   slots)
 
 
+def verdict_word(met: bool | None) -> str:
+    if met is None:
+        return f"no verdict (DESIGN's row is for {CLUSTER_MASTERS} masters)"
+    return "met" if met else "NOT met"
+
+
 def report(args: argparse.Namespace, tally: Tally, seconds: float, masters: list[Master],
            before: list[dict[str, float]], after: list[dict[str, float]], dbsize: list[int],
            cpu: dict[str, float], client_cpu: float, slots: int) -> dict[str, Any]:
@@ -287,12 +296,14 @@ def report(args: argparse.Namespace, tally: Tally, seconds: float, masters: list
     print("\nCPU seconds during the run by process role:")
     print_table([{"role": r, "cpu_s": s, "cores": s / seconds} for r, s in cpu.items() if s > 0])
     expected = args.sessions * args.requests_per_session
-    failures = []
+    as_target = args.masters == CLUSTER_MASTERS  # DESIGN's 45% is for 3 masters (2 could not hold it at all)
+    failures: list[str] = []  # DESIGN's: the append spread and every invariant
+    check_failures: list[str] = []  # this bench's own: the key spread
     for row in rows:
         if not KEY_SHARE[0] <= row["key_share"] <= KEY_SHARE[1]:
-            failures.append(f"master {row['master']} holds {row['key_share']:.1%} of the keys (allowed "
-                            f"{KEY_SHARE[0]:.0%}-{KEY_SHARE[1]:.0%})")
-        if row["append_share"] > MAX_APPEND_SHARE:
+            check_failures.append(f"master {row['master']} holds {row['key_share']:.1%} of the keys (allowed "
+                                  f"{KEY_SHARE[0]:.0%}-{KEY_SHARE[1]:.0%})")
+        if as_target and row["append_share"] > MAX_APPEND_SHARE:
             failures.append(f"master {row['master']} took {row['append_share']:.1%} of the token appends "
                             f"(allowed <= {MAX_APPEND_SHARE:.0%})")
     if tally.bad_streams:
@@ -305,9 +316,12 @@ def report(args: argparse.Namespace, tally: Tally, seconds: float, masters: list
     if sum(tokens) != tally.tokens:
         failures.append(f"the masters' metrics count {sum(tokens):,} tokens appended, the clients received "
                         f"{tally.tokens:,}")
+    target_met = not failures if as_target else None
+    failures = check_failures + failures
     result = {"summary": summary, "masters": rows, "cpu_seconds": cpu, "failures": failures,
               "problems": (tally.bad_streams + tally.errors)[:20],
-              "targets": {"key_share": list(KEY_SHARE), "max_append_share": MAX_APPEND_SHARE, "met": not failures},
+              "targets": {"masters": CLUSTER_MASTERS, "max_append_share": MAX_APPEND_SHARE, "met": target_met},
+              "checks": {"key_share": list(KEY_SHARE), "met": not check_failures},
               "settings": {**vars(args), "slots": slots}}
     write_result("cluster", result)
     for failure in failures:
@@ -317,6 +331,9 @@ def report(args: argparse.Namespace, tally: Tally, seconds: float, masters: list
     print(f"\n{summary['req_per_s']:,.0f} completed requests/s, {summary['tokens_per_s']:,.0f} tokens/s; "
           f"key shares {key_shares}; append shares {append_shares}: "
           + ("all within bounds" if not failures else f"{len(failures)} failure(s)"))
+    print(f"target (DESIGN, {CLUSTER_MASTERS} masters): no master above {MAX_APPEND_SHARE:.0%} of the token appends, "
+          f"every stream intact -> {verdict_word(target_met)}; check (this bench's own): key shares "
+          f"{KEY_SHARE[0]:.0%}-{KEY_SHARE[1]:.0%} -> {'met' if not check_failures else 'NOT met'}")
     if failures:
         raise SystemExit(1)
     return result

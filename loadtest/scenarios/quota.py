@@ -3,8 +3,8 @@
 Against `sluicegate serve` (sim engine, 2 workers x 16 slots: far more capacity than either quota,
 so the quota is what binds). Open-loop arrivals at `--overload` times the quota keep the group
 backlogged; the quota is set through PUT /v1/admin/groups/default before the load starts.
-- requests/s: dispatches per second on the server clock, (n - 1) / (last - first started_at) over
-  the measured span (after `--warmup`);
+- requests/s: dispatches per second on the server clock: the dispatches inside the measured window
+  [warmup, warmup + seconds] over the window's length (a stall at either end of it counts);
 - tokens/s: output tokens per second from sluicegate_tokens_total on /metrics (polled every second)
   over the same span. Tokens are reserved at dispatch and refunded at the end, so a stream cannot
   overrun the quota; the bucket starts full (one second of tokens), which the warm-up leaves out.
@@ -40,6 +40,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=3)
 
 
+def dispatch_rate(started_at: list[float], lo: float, hi: float) -> float:
+    """Dispatches per second in [lo, hi): every dispatch inside the window over its whole length, so a stall
+    at either end lowers the rate (first-to-last dispatch would leave the stall out)."""
+    return sum(1 for t in started_at if lo <= t < hi) / (hi - lo) if hi > lo else float("nan")
+
+
+def quota_ok(measured: float, limit: float, queued_at_end: int) -> bool:
+    """DESIGN's row: the rate within QUOTA_RATIO x quota, and only while backlogged (requests left queued)."""
+    return QUOTA_RATIO[0] <= measured / limit <= QUOTA_RATIO[1] and queued_at_end > 0
+
+
 async def measure(args: argparse.Namespace, kind: str, quota: dict[str, Any], rate: float,
                   max_tokens: int) -> dict[str, Any]:
     serve = ServeProcess(flags=serve_flags(args.workers, args.slots, args.tokens_per_second, 0,
@@ -65,21 +76,20 @@ async def measure(args: argparse.Namespace, kind: str, quota: dict[str, Any], ra
         serve.stop()
     origin = min(v["submitted_at"] for v in views.values())
     lo, hi = origin + args.warmup, origin + args.warmup + args.seconds
-    starts = sorted(v["started_at"] for v in views.values()
-                    if v["started_at"] is not None and lo <= v["started_at"] <= hi)
-    dispatch_rate = (len(starts) - 1) / (starts[-1] - starts[0]) if len(starts) > 1 else float("nan")
+    rate_of_dispatches = dispatch_rate([v["started_at"] for v in views.values() if v["started_at"] is not None],
+                                       lo, hi)
     first = min(timeline, key=lambda p: abs(p[0] - args.warmup))
     last = min(timeline, key=lambda p: abs(p[0] - args.warmup - args.seconds))
     token_rate = (last[1].get("default", 0.0) - first[1].get("default", 0.0)) / (last[0] - first[0])
     every = sorted(v["started_at"] - origin for v in views.values() if v["started_at"] is not None)
     per_second = [sum(1 for t in every if k <= t < k + 1) for k in range(int(args.warmup + args.seconds) + 1)]
-    measured = dispatch_rate if kind == "requests_per_second" else token_rate
+    measured = rate_of_dispatches if kind == "requests_per_second" else token_rate
     limit = quota[kind]
     return {"quota": kind, "limit": limit, "measured": round(measured, 3), "ratio": round(measured / limit, 4),
-            "dispatches_per_s": round(dispatch_rate, 3), "tokens_per_s": round(token_rate, 1),
+            "dispatches_per_s": round(rate_of_dispatches, 3), "tokens_per_s": round(token_rate, 1),
             "queued_at_end": stats["queued"], "submit_errors": len(loop.errors),
             "throttled_at_end": group.get("throttled"),
-            "ok": QUOTA_RATIO[0] <= measured / limit <= QUOTA_RATIO[1] and stats["queued"] > 0,
+            "ok": quota_ok(measured, limit, stats["queued"]),
             "dispatches_by_second": per_second,
             "tokens_timeline": [(round(t, 2), c.get("default", 0.0)) for t, c in timeline]}
 

@@ -1,0 +1,49 @@
+"""`bench decision`'s verdict (loadtest/scenarios/decision.py): a size's p99 meets DESIGN's 1 ms only when every
+sample dispatched a request and the depth held; a run that timed calls which dispatched nothing is a miss."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import pytest
+
+from sluicegate.loadtest.scenarios import decision
+
+
+def row(queued: int, **changes: Any) -> dict[str, Any]:
+    return {"queued": queued, "samples": 2000, "dispatched": 2000, "p50_ms": 0.05, "p99_ms": 0.09, "max_ms": 0.2,
+            "rtt_p50_ms": 0.1, "rtt_p99_ms": 0.2, "ping_ms": 0.05, "commands": 6, "us_per_command": 8.0,
+            "used_memory_mb": 970.0, "steal_pct": 0.0, "queued_after": queued, **changes}
+
+
+def targets(monkeypatch: pytest.MonkeyPatch, *rows: dict[str, Any]) -> dict[str, Any]:
+    """`run`'s verdict on these measured rows (the filled server replaced by its rows)."""
+    async def measured(args: argparse.Namespace) -> dict[str, Any]:
+        return {"rows": list(rows)}
+
+    monkeypatch.setattr(decision, "scenario", measured)
+    monkeypatch.setattr(decision, "write_result", lambda name, result: None)
+    return decision.run(argparse.Namespace(no_plot=True))["targets"]
+
+
+def test_a_fast_p99_of_real_decisions_meets_the_target(monkeypatch: pytest.MonkeyPatch) -> None:
+    got = targets(monkeypatch, row(100_000), row(1_000_000))
+    assert got["p99_at_100k_ok"] is True and got["p99_at_1m_ok"] is True
+    assert got["p99_at_1m_miss"] is None
+
+
+def test_samples_that_dispatched_nothing_are_a_miss(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reviewer's run: nothing dispatched and the queue grew; its 0.09 ms p99 timed no decision."""
+    got = targets(monkeypatch, row(1_000_000, dispatched=0, queued_after=1_002_000))
+    assert got["p99_at_1m_ok"] is False
+    assert got["p99_at_1m_miss"] == "0 of 2000 samples dispatched"
+
+
+def test_a_few_empty_samples_or_a_depth_that_moved_are_a_miss() -> None:
+    assert decision.p99_verdict(row(100_000, dispatched=1999)) == (False, "1999 of 2000 samples dispatched")
+    ok, why = decision.p99_verdict(row(100_000, queued_after=99_000))
+    assert not ok and why.startswith("the depth did not hold")
+    assert decision.p99_verdict(row(100_000, p99_ms=1.2)) == (False, "p99 1.200 ms > 1 ms")
+    assert decision.p99_verdict(row(100_000, samples=0, dispatched=0))[0] is False
+    assert decision.p99_verdict(None) == (False, "not measured")
