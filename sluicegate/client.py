@@ -14,8 +14,8 @@ transport errors and 5xx with a bounded, jittered backoff and gives up (`StreamU
 `reconnect_timeout` seconds without a connection; a 4xx is the caller's problem and is raised at
 once (`CursorExpired` when the session's log no longer holds the cursor). Every error the API
 answers is a `SluicegateError` carrying its status and the `type`/`code` of the JSON error body; an
-argument refused before sending (a number JSON cannot carry: nan, inf) is an `InvalidArgument`, both a
-`SluicegateError` and a `ValueError`.
+argument refused before sending (a number JSON cannot carry: nan, inf; a base URL that is not http(s), refused
+when the client is built) is an `InvalidArgument`, both a `SluicegateError` and a `ValueError`.
 
 A non-streamed `chat()` waits for its answer as long as its request takes (nothing is written before it;
 `chat_timeout` bounds the wait). A streamed one is a `ChatStream` that owns its connection (read it to its
@@ -77,7 +77,8 @@ class SluicegateError(Exception):
 
 class InvalidArgument(SluicegateError, ValueError):
     """An argument refused before anything was sent (422 `invalid_request`, as the server words a bad
-    field): a number JSON cannot carry (nan, inf). Also a ValueError, which such calls raised before."""
+    field): a number JSON cannot carry (nan, inf), or a base URL with no http(s) scheme or no host (raised
+    by the constructor). Also a ValueError, which such calls raised before."""
 
 
 class CursorExpired(SluicegateError):
@@ -336,7 +337,7 @@ class _Base:
     def __init__(self, url: str | None = None, *, api_key: str | None = None, timeout: float = 30.0,
                  stream_read_timeout: float = 60.0, reconnect_timeout: float = 60.0, max_backoff: float = 2.0,
                  chat_timeout: float | None = None) -> None:
-        self.url = (url or os.environ.get("SLUICEGATE_URL") or DEFAULT_URL).rstrip("/")
+        self.url = _base_url(url or os.environ.get("SLUICEGATE_URL") or DEFAULT_URL)
         self.api_key = api_key if api_key is not None else (os.environ.get("SLUICEGATE_API_KEY") or None)
         self.timeout = timeout
         # Idle SSE streams get a keep-alive comment every --sse-ping-seconds (15 s by default): a read
@@ -364,6 +365,20 @@ class _Base:
         return _Follow(path, request_id=request_id, after=after, max_backoff=self.max_backoff,
                        reconnect_timeout=self.reconnect_timeout if reconnect_timeout is None else reconnect_timeout,
                        on_reconnect=on_reconnect)
+
+
+def _base_url(url: str) -> str:
+    """`url` without its trailing `/`, or InvalidArgument for one httpx cannot send to: with no http(s)
+    scheme (`localhost:8000`) or no host, every call would fail as if sent (`no_answer`, and a stream
+    would retry it for its whole reconnect_timeout) though nothing can ever be sent."""
+    parsed = httpx.URL(url)  # httpx.InvalidURL for one that does not parse at all, as httpx.Client raised
+    if parsed.scheme not in ("http", "https"):
+        hint = "http://" + url.split("://", 1)[-1]
+        raise InvalidArgument(422, "invalid_request", f"url {url!r}: not an http:// or https:// URL (did you mean "
+                              f"{hint!r}?)")
+    if not parsed.host:
+        raise InvalidArgument(422, "invalid_request", f"url {url!r}: no host (e.g. {DEFAULT_URL!r})")
+    return url.rstrip("/")
 
 
 def _submitted(payload: dict[str, Any]) -> Submitted:

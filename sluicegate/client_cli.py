@@ -24,6 +24,7 @@ QUOTA_FIELDS = ("requests_per_second", "tokens_per_second", "burst", "max_concur
 UNLIMITED = ("none", "null", "unlimited", "off")
 NO_LIMIT = "none"  # a quota field given as one of UNLIMITED (None is a field not given)
 WAIT_FOR_SESSION_SECONDS = 1.0  # `tail` of a session that does not exist yet asks again this often
+MIN_INTERVAL_SECONDS = 0.1  # `stats --watch --interval`: less would poll the API as fast as it answers
 
 
 def add_commands(sub: Any) -> None:
@@ -74,8 +75,8 @@ def add_commands(sub: Any) -> None:
     p = sub.add_parser("stats", parents=[common], help="queues, running requests, workers, quotas, tenants",
                        description="GET /v1/admin/stats as tables (or --json); --watch redraws it live.")
     p.add_argument("--watch", "-w", action="store_true", help="update in place until Ctrl-C")
-    p.add_argument("--interval", type=finite_number, default=1.0, metavar="S",
-                   help="seconds between updates (default: 1)")
+    p.add_argument("--interval", type=interval_seconds, default=1.0, metavar="S",
+                   help=f"seconds between updates, at least {MIN_INTERVAL_SECONDS:g} (default: 1)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -97,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
     except SluicegateError as error:
         fail(args, error)
         return 1
-    except (httpx.InvalidURL, httpx.UnsupportedProtocol, ValueError) as error:  # UnicodeError is a ValueError
+    except (httpx.InvalidURL, ValueError) as error:  # UnicodeError is a ValueError
         print(f"sluicegate {args.command}: cannot send this: {type(error).__name__}: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -184,13 +185,23 @@ def tail(client: Client, args: argparse.Namespace) -> int:
                     print(describe(event), flush=True)
             return 0
         except SluicegateError as error:
-            if seen or error.status != 404 or error.code != "not_found":
+            if seen or not no_session_yet(error, args.session):
                 raise
             if not told:
                 told = True
                 print(f"sluicegate tail: {error.message}; waiting for it (Ctrl-C to stop)", file=sys.stderr,
                       flush=True)
             time.sleep(WAIT_FOR_SESSION_SECONDS)
+
+
+def no_session_yet(error: SluicegateError, session_id: str) -> bool:
+    """Sluicegate's own 404 for a session with no event yet: a JSON error body whose message names the
+    session (api/streaming.py: "no session 'ID' (never used, ...)"). Any other 404 (another server's page,
+    a wrong route's "no such endpoint") would never turn into a stream: waiting for it would hang."""
+    body = error.body.get("error") if isinstance(error.body, dict) else None
+    message = body.get("message") if isinstance(body, dict) else None
+    return (error.status == 404 and error.code == "not_found" and isinstance(message, str)
+            and message.startswith("no session ") and session_id in message)
 
 
 # ---- quota / weight --------------------------------------------------------------------------------
@@ -202,6 +213,15 @@ def finite_number(text: str) -> float:
         raise argparse.ArgumentTypeError(f"a number, not {text!r}") from None
     if not math.isfinite(number):
         raise argparse.ArgumentTypeError(f"a finite number, not {text!r}")
+    return number
+
+
+def interval_seconds(text: str) -> float:
+    """An argparse type: seconds between `stats --watch` updates, at least MIN_INTERVAL_SECONDS (0 would
+    poll without a pause, a negative one fail in time.sleep after the first update)."""
+    number = finite_number(text)
+    if number < MIN_INTERVAL_SECONDS:
+        raise argparse.ArgumentTypeError(f"at least {MIN_INTERVAL_SECONDS:g} seconds, not {text!r}")
     return number
 
 

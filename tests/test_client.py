@@ -17,6 +17,7 @@ from sluicegate.client import (
     Client,
     CursorExpired,
     Event,
+    InvalidArgument,
     SluicegateError,
     StreamUnavailable,
 )
@@ -248,3 +249,14 @@ def test_admin_helpers(client: Client) -> None:
     group = next(g for g in stats["groups"] if g["group"] == "default")
     assert group["quota"] == {"requests_per_second": 10, "max_concurrency": 3}
     assert len(stats["workers"]) == 1
+
+
+@pytest.mark.parametrize("url", ["localhost:8000", "127.0.0.1:8000", "ftp://127.0.0.1:8000", "http://"])
+def test_a_base_url_that_is_not_http_is_refused_when_the_client_is_built(url: str) -> None:
+    """Not a `no_answer` at each call (nor a stream retried for its whole reconnect_timeout): nothing could
+    ever be sent to it."""
+    with pytest.raises(InvalidArgument) as caught:
+        Client(url)
+    assert caught.value.code == "invalid_request" and "http://" in caught.value.message
+    with pytest.raises(InvalidArgument):
+        AsyncClient(url)
