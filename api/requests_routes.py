@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import replace
 
 from fastapi import APIRouter, Depends, Request
@@ -14,8 +15,9 @@ from sluicegate.api.errors import ApiError
 from sluicegate.api.output import request_output
 from sluicegate.api.responses import JSON
 from sluicegate.api.schemas import SESSION_PATTERN, SubmitBody
-from sluicegate.api.services import principal, services
-from sluicegate.sessions.connect import store_unavailable
+from sluicegate.api.services import Services, principal, services
+from sluicegate.sessions import keys
+from sluicegate.sessions.connect import store_unavailable, text
 from sluicegate.sessions.keys import NAME, NAME_PATTERN
 from sluicegate.sessions.requests import MAX_NESTING, NewRequest, TooDeep
 from sluicegate.sessions.status import request_view
@@ -25,6 +27,7 @@ from sluicegate.tracing import TRACING, carry_trace
 log = logging.getLogger(__name__)
 router = APIRouter()
 NO_RETRY = {"x-should-retry": "false"}  # as a stored chat request's (api/openai_routes.py): no SDK retries it
+OLD_REQUEST_ID = re.compile(r"[A-Za-z0-9_-]{1,62}")  # what an id before the cluster layout may be (migrate's OLD_ID)
 
 
 class NestedTooDeep(ApiError):
@@ -175,13 +178,27 @@ async def submit_body(request: Request, who: Principal, session_id: str, body: S
     return JSON(reply, status_code=202)
 
 
+async def migrated_id(svc: Services, request_id: str) -> str | None:
+    """The new id `sluicegate migrate` gave a request of the old key layout (its `sg:alias:<old id>`), None
+    when there is none. Asked only once `request_id` named no request: a current id costs no extra read.
+    The caller then treats the new id as if the client had named it (its owner checked the same way)."""
+    if not OLD_REQUEST_ID.fullmatch(request_id):
+        return None
+    new = await svc.redis.get(keys.alias(request_id))
+    return None if new is None or text(new) == request_id else text(new)
+
+
 @router.get("/v1/requests/{request_id}")
 async def get_request(request_id: str, request: Request, who: Principal = Depends(principal),
                       include: str = ""):
-    """`?include=output` adds `output`, the text so far (polling mode, api/output.py)."""
+    """`?include=output` adds `output`, the text so far (polling mode, api/output.py). An old id (before the
+    cluster layout) answers for its request under the new id."""
+    asked = request_id
     fields = await services(request).store.request_fields(request_id)
+    if fields is None and (new := await migrated_id(services(request), request_id)) is not None:
+        request_id, fields = new, await services(request).store.request_fields(new)
     if fields is None or (who.tenant and fields.get("tn") != who.tenant):
-        raise ApiError(404, f"no request {request_id!r}")
+        raise ApiError(404, f"no request {asked!r}")
     view = request_view(request_id, fields)
     if "output" in include.split(","):
         view.update(await request_output(services(request).store, request_id, fields))
@@ -190,10 +207,13 @@ async def get_request(request_id: str, request: Request, who: Principal = Depend
 
 @router.delete("/v1/requests/{request_id}")
 async def cancel_request(request_id: str, request: Request, who: Principal = Depends(principal)):
-    svc = services(request)
+    """An old id (before the cluster layout) cancels its request, answered under the new id."""
+    svc, asked = services(request), request_id
     outcome = await svc.store.cancel(request_id, owner=who.owner)
+    if outcome[0] == "missing" and (new := await migrated_id(svc, request_id)) is not None:
+        request_id, outcome = new, await svc.store.cancel(new, owner=who.owner)
     if outcome[0] in ("missing", "forbidden"):
-        raise ApiError(404, f"no request {request_id!r}")
+        raise ApiError(404, f"no request {asked!r}")
     if outcome[0] == "terminal":
         raise ApiError(409, f"request {request_id!r} already ended ({outcome[1]})")
     fields = await svc.store.request_fields(request_id) or {}

@@ -12,7 +12,7 @@ from sluicegate.api.auth import Principal
 from sluicegate.api.errors import ApiError
 from sluicegate.api.key_watch import ENDED_MESSAGE, KeyWatch, key_watch
 from sluicegate.api.output import first_event_gone
-from sluicegate.api.requests_routes import check_session_id
+from sluicegate.api.requests_routes import check_session_id, migrated_id
 from sluicegate.api.responses import EventStreamResponse, LastChunk
 from sluicegate.api.services import Services, services
 from sluicegate.api.stream_tokens import request_stream_principal, session_stream_principal
@@ -143,14 +143,17 @@ async def request_stream(svc: Services, who: Principal, request_id: str, request
     A resume reads the head even of a request just accepted here: it may have ended since, streamed by
     another process. A resume of an ended request from its terminal event or later is a 204 (No
     Content): an EventSource reconnects after a stream that ends, whatever it held, and stops only at a
-    status other than 200."""
+    status other than 200. An old id (before the cluster layout) streams its request under the new id."""
     accepted = None if reread else svc.recent.take(request_id)
     known = accepted.head if accepted is not None else None
     joined = accepted.reader if accepted is not None else None
+    asked = request_id
     try:
         head = known or await svc.store.request_head(request_id)
+        if head is None and (new := await migrated_id(svc, request_id)) is not None:
+            request_id, head = new, await svc.store.request_head(new)
         if head is None or (who.tenant and head.get("tn") != who.tenant):
-            raise ApiError(404, f"no request {request_id!r}")
+            raise ApiError(404, f"no request {asked!r}")
         cursor = resume_cursor(request)
     except BaseException:
         if accepted is not None and joined is not None:

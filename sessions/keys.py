@@ -74,6 +74,12 @@ def valid_request_id(rid: str) -> bool:
     return REQUEST_ID.fullmatch(rid) is not None
 
 
+def alias(old_rid: str) -> str:
+    """String: the new id of a request of the key layout before the cluster change (sluicegate/migrate.py).
+    A plain key, in any slot: read only when an id names no request (api/requests_routes.py)."""
+    return f"{PREFIX}alias:{old_rid}"
+
+
 def request(rid: str) -> str:
     return f"{request_prefix(rid)}r:{rid}"
 

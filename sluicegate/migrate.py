@@ -6,8 +6,9 @@ The old layout (before the cluster layout) had no hash tags: a request hash `sg:
 plane under `sg:g:<G>:`, and global `sg:leases`, `sg:wake`, `sg:hint`, `sg:workers`, `sg:w:<wid>[:in]`,
 `sg:m:<name>` (metrics); its request ids were 12 URL-safe characters. The new layout keeps a session's
 data under its bucket's prefix and a request id starts with that bucket, so an old request gets the id
-`bucket + old id` (recognisable), and `sg:alias:<old id>` names the new one: as long as an ended request
-is kept, for ALIAS_RETENTION (7 days; the session TTL when longer) for one still waiting.
+`bucket + old id` (recognisable), and `sg:alias:<old id>` (keys.alias) names the new one: as long as an ended
+request is kept, for ALIAS_RETENTION (7 days; the session TTL when longer) for one still waiting. The API
+reads it when an id names no request (api/requests_routes.py `migrated_id`): an old id keeps working.
 
 Procedure: stop the old API, scheduler and workers (a worker hands its running requests back on
 SIGTERM; a request still marked running is taken as preempted: it resumes from its tokens so far), run
@@ -47,7 +48,6 @@ OLD_SESSION = keys.PREFIX + "s:"  # sg:s:<sid>:m | :q | :l
 OLD_GROUP = keys.PREFIX + "g:"  # sg:g:<G>:<suffix>
 OLD_PATTERNS = tuple(keys.PREFIX + p + ":*" for p in ("r", "s", "g", "w", "m", "e"))
 OLD_SINGLETONS = tuple(keys.PREFIX + name for name in ("leases", "wake", "hint", "workers"))
-ALIAS = keys.PREFIX + "alias:"
 ALIAS_RETENTION = 7 * 24 * 3600  # s: how long an old id of a request still waiting at migration names its new one
 # The request hash fields the new layout uses (the old run bookkeeping w, ds, dn, ce, cr, rs, rel<N>
 # belonged to the old control plane).
@@ -274,11 +274,7 @@ class Migration:
         entries, seq = plan.new_log()
         waiting = plan.waiting
         stored = list(plan.requests.values())
-        counted = waiting + plan.stranded  # the depth gauge counts every request its status says waits
-        async with self.r.pipeline(transaction=False) as pipe:
-            for request in counted:
-                pipe.exists(keys.request(plan.new_id(request.rid)))
-            existed = await pipe.execute()
+        uncounted = await self.uncounted(plan)
         # One transaction: every key here is in the bucket's slot.
         async with self.r.pipeline(transaction=True) as tx:
             meta_key, log_key, queue_key = keys.session_meta(sid), keys.session_log(sid), keys.session_queue(sid)
@@ -301,11 +297,26 @@ class Migration:
                 tx.pexpire(log_key, log_ttl)
             for request in stored:
                 self.queue_request(tx, plan.sid, request)
-            for request, known in zip(counted, existed, strict=True):
-                if not known:  # the depth gauge counts waiting requests from their submit on
-                    f = request.fields
-                    tx.hincrby(keys.data_metrics(bucket), f"depth|{f.get('g')}|{f.get('p')}|{f.get('tn')}", 1)
+            self.count_depth(tx, bucket, uncounted)
             await tx.execute()
+
+    async def uncounted(self, plan: SessionPlan) -> list[OldRequest]:
+        """The requests the depth gauge is to count (every one its status says waits: queued, stranded, an
+        orphan's) whose new hash is not written yet: a rerun of migrate counts none twice."""
+        counted = plan.waiting + plan.stranded
+        async with self.r.pipeline(transaction=False) as pipe:
+            for request in counted:
+                pipe.exists(keys.request(plan.new_id(request.rid)))
+            existed = await pipe.execute()
+        return [request for request, known in zip(counted, existed, strict=True) if not known]
+
+    @staticmethod
+    def count_depth(tx: Any, bucket: str, requests: list[OldRequest]) -> None:
+        """Queue (in `tx`, with the requests' hashes) the depth gauge's +1 for each: it counts waiting
+        requests from their submit on, and their cancel or end takes one off."""
+        for request in requests:
+            f = request.fields
+            tx.hincrby(keys.data_metrics(bucket), f"depth|{f.get('g')}|{f.get('p')}|{f.get('tn')}", 1)
 
     def queue_request(self, tx: Any, sid: str, request: OldRequest) -> None:
         """Queue (in `tx`) the writes of a request's new hash and input."""
@@ -335,7 +346,8 @@ class Migration:
     async def write_aliases(self, sid: str, requests: list[OldRequest]) -> None:
         async with self.r.pipeline(transaction=False) as pipe:
             for request in requests:
-                pipe.set(ALIAS + request.rid, keys.bucket_of_session(sid) + request.rid, px=self.alias_ttl_ms(request))
+                pipe.set(keys.alias(request.rid), keys.bucket_of_session(sid) + request.rid,
+                         px=self.alias_ttl_ms(request))
             await pipe.execute()
 
     async def ready_head(self, plan: SessionPlan) -> None:
@@ -431,9 +443,11 @@ class Migration:
             return
         requests = list(plan.requests.values())
         if orphan:  # request hashes whose session is gone: kept for lookups, nothing to run or stream
-            async with self.r.pipeline(transaction=True) as tx:
+            uncounted = await self.uncounted(plan)  # (all stranded: an orphan is in no queue)
+            async with self.r.pipeline(transaction=True) as tx:  # one slot: the session's bucket
                 for request in requests:
                     self.queue_request(tx, plan.sid, request)
+                self.count_depth(tx, plan.bucket, uncounted)
                 await tx.execute()
         else:
             await self.write_session(plan)

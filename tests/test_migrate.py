@@ -278,14 +278,26 @@ def test_refuses_while_the_old_workers_run(redis_url: str, r: redis.Redis, capsy
 
 def test_the_queue_depth_after_migrate_counts_every_request_that_waits(redis_url: str, r: redis.Redis) -> None:
     """The gauge counts a request while its status says it waits (queued or preempted), a stranded one
-    (in no session's queue: copied, cannot run) too: its cancel takes it off like any other's."""
+    (in no session's queue: copied, cannot run) and an orphan (its session gone) too: its cancel takes it
+    off like any other's. A rerun after dying half-way (the old keys not yet deleted) counts none twice."""
     old = write_old_deployment(r, head_status="preempted")
-    stranded = old_id()
-    OldDeployment(r).request(stranded, "chat-a", status="queued", max_tokens=5, fs=10, prompt="lost")
+    stranded, orphan = old_id(), old_id()
+    deployment = OldDeployment(r)
+    deployment.request(stranded, "chat-a", status="queued", max_tokens=5, fs=10, prompt="lost")
+    deployment.request(orphan, "chat-gone", status="queued", max_tokens=5, fs=1, prompt="orphan")
     summary = migrate(redis_url, cluster=ON_CLUSTER, out=io.StringIO())
-    assert (summary.queued, summary.stranded) == (3, 1)
+    assert (summary.queued, summary.stranded) == (3, 2)
     depth = {label: n for label, n in raw_depths(r, [GROUP]).items() if n}
-    assert depth == {f"depth|{GROUP}|5|{TENANT}": 4}, (depth, old["p"])
+    assert depth == {f"depth|{GROUP}|5|{TENANT}": 5}, (depth, old["p"])
+    deployment.request(orphan, "chat-gone", status="queued", max_tokens=5, fs=1, prompt="orphan")  # not deleted
+    assert migrate(redis_url, cluster=ON_CLUSTER, out=io.StringIO()).stranded == 1
+    assert {label: n for label, n in raw_depths(r, [GROUP]).items() if n} == depth
+    stack = Stack(fast_settings(redis_url)).start(workers=0)  # nothing runs
+    try:
+        assert call("DELETE", f"{stack.base_url}/v1/requests/{new(orphan, 'chat-gone')}")[0] == 200
+    finally:
+        stack.stop()
+    assert {label: n for label, n in raw_depths(r, [GROUP]).items() if n} == {f"depth|{GROUP}|5|{TENANT}": 4}
 
 
 @pytest.mark.parametrize("session_ttl", [600, ALIAS_RETENTION + 3600])
