@@ -27,6 +27,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from redis import RedisError
 
@@ -90,6 +91,11 @@ def embedded_store(settings: Settings) -> EmbeddedServer | EmbeddedCluster:
                           password=data_dir_password(directory) if settings.password else None)
 
 
+def without_model(state: dict[str, Any]) -> dict[str, Any]:
+    """A group's audited state but its model: what serve --config decides of a group whose table names none."""
+    return {field: value for field, value in state.items() if field != "model"}
+
+
 async def declare_groups(settings: Settings, groups: Sequence[GroupConfig]) -> None:
     """Each group, its model and the quota fields its table gives, before its workers start (so that
     chat requests route by model as soon as the API answers). The file has the last word on the groups
@@ -119,9 +125,11 @@ async def declare_groups(settings: Settings, groups: Sequence[GroupConfig]) -> N
             if group.quota:
                 await Tuning(client).set_quota(group.name, dict(group.quota))
         for group in groups:  # after all of them: a model that moved changed both groups
-            after = await audit_log.group_state(client, group.name)
-            if after != before[group.name]:
-                await audit_log.append(client, "config", "group.update", group.name, before[group.name], after)
+            was, after = before[group.name], await audit_log.group_state(client, group.name)
+            if group.model is None:  # its model is its workers' (from their backend), let go of at every start
+                was, after = without_model(was), without_model(after)
+            if after != was:
+                await audit_log.append(client, "config", "group.update", group.name, was, after)
     finally:
         await client.aclose()
 

@@ -17,6 +17,8 @@ import redis
 from sluicegate.groups_config import load_groups
 from sluicegate.serve import declare_groups
 from sluicegate.sessions import keys
+from sluicegate.sessions.connect import async_client
+from sluicegate.sessions.registry import declare_group
 from sluicegate.settings import from_env
 from tests.helpers import ON_CLUSTER
 
@@ -76,3 +78,24 @@ def test_a_swap_and_an_admin_change_the_file_undoes_are_audited(tmp_path: Path, 
         {"key_id": "config", "action": "group.update", "target": "b", "before": state("m2"), "after": state("m1")},
     ]
 
+
+
+def test_a_group_whose_model_its_workers_declare_is_not_audited_at_every_start(tmp_path: Path, redis_url: str,
+                                                                               r: redis.Redis) -> None:
+    """A table naming no model leaves the model to its workers (an openai worker declares its backend's); each
+    start lets go of it and the workers declare it again: no change of the file's, so no entry."""
+    fleet = '[groups.a]\nengine = "openai"\nbackend_url = "http://127.0.0.1:9/v1"\nworkers = 0\n'
+
+    async def workers_declare() -> None:
+        client = async_client(redis_url, cluster=ON_CLUSTER, decode_responses=True)
+        try:
+            await declare_group(client, "a", "llama-3", replace=False)
+        finally:
+            await client.aclose()
+
+    (tmp_path / "fleet.toml").write_text(fleet)
+    settings = from_env({}, config=str(tmp_path / "fleet.toml"), redis_url=redis_url, redis_cluster=ON_CLUSTER)
+    for _ in range(3):
+        asyncio.run(workers_declare())
+        asyncio.run(declare_groups(settings, load_groups(settings)))
+    assert entries(r) == []  # old: 3 x "config group.update a: llama-3 -> null"

@@ -105,6 +105,12 @@ def test_an_old_id_keeps_its_tenant(migrated: dict[str, str], redis_url: str, r:
         assert r.hget(keys.request(q1), "st") == "queued"
         assert call("GET", f"{base}/v1/requests/{old['e1']}", headers=acme)[1]["request_id"] == e1
         assert status_of(base, f"/v1/requests/{old['e1']}/events", acme)[0] == 200
+        # the browser's way: a stream token asked for by the old id is the new id's, and opens its events
+        for who, expected in ((globex, 404), (acme, 201)):
+            code, minted = call("POST", f"{base}/v1/stream-tokens", {"request_id": old["e1"]}, headers=who)
+            assert code == expected, minted  # old: 404 for acme too
+        assert minted["events_url"].startswith(f"/v1/requests/{e1}/events?token=")
+        assert status_of(base, minted["events_url"])[0] == 200
         assert call("GET", f"{base}/v1/requests/{old['q1']}", headers=ADMIN)[1]["request_id"] == q1
         code, view = call("DELETE", f"{base}/v1/requests/{old['q1']}", headers=acme)
         assert code == 200 and view["request_id"] == q1 and view["status"] == "cancelled"
