@@ -1,9 +1,10 @@
 """`POST /v1/chat/completions`: the OpenAI-compatible face of submit + stream.
 
 The call is an ordinary Sluicegate request: headers `X-Session-Id` (default: a fresh session per
-call), `X-Priority` (0..9 or low|normal|high|critical), `X-Tenant` and `X-Group` map to the submit
-fields; `model` picks the group (see `chat_group`); body fields Sluicegate does not use
-(temperature, top_p, stop, tools, logprobs, ...) go to the engine as params. Its events become
+call), `X-Priority` (0..9 or low|normal|high|critical), `X-Tenant`, `X-Group`, `X-Deadline-Ms` and
+`X-On-Deadline-Miss` (run|fail) map to the submit fields; `model` picks the group (see `chat_group`);
+body fields Sluicegate does not use (temperature, top_p, stop, tools, logprobs, ...) go to the engine
+as params. Its events become
 OpenAI objects (api/chat_render.py), carrying what the backend said: the text, tool-call deltas,
 logprobs, the finish_reason and the usage:
 - stream true: one `chat.completion.chunk` per token (the first also carries the role), then a
@@ -48,7 +49,7 @@ from sluicegate.api.deadline import lift_response_deadline
 from sluicegate.api.errors import ApiError
 from sluicegate.api.key_watch import ENDED_MESSAGE, KeyWatch, key_watch
 from sluicegate.api.models_routes import model_not_found
-from sluicegate.api.requests_routes import check_session_id, require_json, submit_request
+from sluicegate.api.requests_routes import check_group, check_session_id, require_json, submit_request
 from sluicegate.api.responses import JSON, EventStreamResponse, LastChunk
 from sluicegate.api.schemas import ChatBody, SubmitBody, parse_priority
 from sluicegate.api.services import Services, principal, services
@@ -66,7 +67,8 @@ from sluicegate.sessions.stream import EventStream
 log = logging.getLogger(__name__)
 router = APIRouter()
 DEFAULT_MAX_TOKENS: int = SubmitBody.model_fields["max_tokens"].default
-NOT_PARAMS = frozenset({"stream_options"})  # handled here, not by the engine
+# Handled here, not by the engine; on_deadline_miss is the X-On-Deadline-Miss header's, a body field is ignored
+NOT_PARAMS = frozenset({"stream_options", "on_deadline_miss"})
 PASSED_ON = frozenset({400, 413, 422})  # a backend's refusals the caller gets as they are: its request is wrong
 KEY_ENDED = {"error": {"type": "unauthorized", "message": ENDED_MESSAGE, "code": "unauthorized", "status": 401}}
 # On a stored request's error answer: OpenAI's SDKs retry 409 and 5xx by default, each retry a new request
@@ -130,6 +132,9 @@ async def new_request(body: ChatBody, request: Request, who: Principal) -> NewRe
     if deadline and not (deadline.isascii() and deadline.isdigit() and len(deadline) <= 16  # int(): <= 4300 digits
                          and 1 <= int(deadline) <= MAX_DEADLINE_MS):
         raise ApiError(422, f"X-Deadline-Ms: a deadline in ms, 1..{MAX_DEADLINE_MS}")
+    on_miss = request.headers.get("x-on-deadline-miss", "").strip().lower() or "run"  # the submit's on_deadline_miss
+    if on_miss not in ("run", "fail"):
+        raise ApiError(422, "X-On-Deadline-Miss: run or fail")
     extra = dict(body.model_extra or {})
     if extra.get("n") is None:  # absent, or null (OpenAI's schema allows it): the default, 1
         extra.pop("n", None)
@@ -142,7 +147,7 @@ async def new_request(body: ChatBody, request: Request, who: Principal) -> NewRe
         group=await chat_group(body, request),
         messages=[m.model_dump() for m in body.messages],
         params={k: v for k, v in extra.items() if k not in NOT_PARAMS},
-        deadline_ms=int(deadline) if deadline else None)
+        deadline_ms=int(deadline) if deadline else None, fail_on_deadline_miss=on_miss == "fail")
 
 
 def failure(event: Event) -> tuple[int, str, str]:
@@ -277,6 +282,7 @@ async def chat_completions(request: Request):
     svc = services(request)
     new = await new_request(body, request, who)
     callback = check_callback(svc, request.headers.get("x-callback-url"))  # push mode (api/callbacks.py)
+    await check_group(svc, new.group)  # an unknown X-Group is its 404, never max_streams' retryable 429
     # A stream is counted before the submit, so a tenant over max_streams stores nothing (429).
     release = await svc.guardrails.open_stream(who) if body.stream else None
     # A session this process already follows (a client that names its session): joined before the
@@ -291,7 +297,7 @@ async def chat_completions(request: Request):
             release()
 
     try:
-        first = int((await submit_request(request, who, new))["first_event_id"])
+        first = int((await submit_request(request, who, new, callback))["first_event_id"])
     except BaseException:
         closed()
         raise

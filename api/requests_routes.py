@@ -16,7 +16,7 @@ from sluicegate.api.output import request_output
 from sluicegate.api.responses import JSON
 from sluicegate.api.schemas import SESSION_PATTERN, SubmitBody
 from sluicegate.api.services import Services, principal, services
-from sluicegate.sessions import keys
+from sluicegate.sessions import callbacks, keys
 from sluicegate.sessions.connect import store_unavailable, text
 from sluicegate.sessions.keys import NAME, NAME_PATTERN
 from sluicegate.sessions.requests import MAX_NESTING, NewRequest, TooDeep
@@ -74,7 +74,45 @@ def submit_tenant(who: Principal, body: SubmitBody) -> str:
     return body.tenant
 
 
-async def submit_request(request: Request, who: Principal, new: NewRequest) -> dict[str, str | int]:
+def unknown_group(group: str) -> ApiError:
+    return ApiError(404, f"no group {group!r}: declare it (PUT /v1/admin/groups/{group}) or start a worker serving it",
+                    "unknown_group")
+
+
+async def check_group(svc: Services, group: str) -> None:
+    """404 `unknown_group` before a tenant's limits count the request: a tenant at its limit must not get a
+    retryable 429 for a submit that can never succeed. Cached by the store: a known group costs no round trip."""
+    if not await svc.store.known_group(group):
+        raise unknown_group(group)
+
+
+async def note_callback_of_lost(svc: Services, request_id: str, callback: str) -> bool:
+    """A callback noted on a request whose submit got no answer (MaybeStored): noted only if the request was
+    stored (False when it does not exist); False too when the store fails again."""
+    try:
+        return await callbacks.attach(svc.redis, request_id, callback)
+    except Exception as error:  # the 503 it goes into matters more than why (the store is failing anyway)
+        log.warning("noting the callback of %s after a lost submit answer failed: %s: %s", request_id,
+                    type(error).__name__, error)
+        return False
+
+
+def maybe_stored(new: NewRequest, noted: bool | None) -> ApiError:
+    """The 503 of a submit whose answer was lost twice: not the plain 503 a client retries (that would store it
+    a second time). `noted`: whether its callback was noted (None: it had none)."""
+    message = (f"the queue store (Redis) did not answer the submit: the request may have been stored and then "
+               f"runs. Look at /v1/requests/{new.request_id} before submitting again (404: it was not stored)")
+    if noted:  # the request exists, so it was stored
+        message += ". It was stored after all: its callback is noted and will be sent when it ends"
+    elif noted is not None:
+        message += ". Its callback_url was not noted: if the request was stored, poll it (no callback will be sent)"
+    return ApiError(503, message, "unavailable", "maybe_stored", {"X-Request-Id": new.request_id, **NO_RETRY})
+
+
+async def submit_request(request: Request, who: Principal, new: NewRequest,
+                         callback: str | None = None) -> dict[str, str | int]:
+    """Store `new`, or raise its ApiError. `callback` (checked) is used here only when the submit's answer
+    is lost (MaybeStored); otherwise the caller notes it once the request is stored."""
     svc = services(request)
     try:
         new.input_text.encode()
@@ -101,24 +139,24 @@ async def submit_request(request: Request, who: Principal, new: NewRequest) -> d
         new = replace(new, boost_cap=cap)
     if TRACING.get() is not None:  # --otel-endpoint: the trace context goes with the request (sluicegate/tracing.py)
         new = carry_trace(new)
+    await check_group(svc, new.group)  # before max_queued: an unknown group is its 404 at any count
     # max_queued (429): the request's tenant, the admin's too (it submits for a tenant); auth off limits no one
     tenant = new.tenant if svc.keyring.enabled else None
     give_back = await svc.guardrails.take_place(who, tenant, new.request_id)
     try:
         result = await svc.store.submit(new, owner=who.owner)
-    except MaybeStored as lost:  # not the plain 503 a client retries: that would store it a second time
+    except MaybeStored as lost:
         log.warning("%s", lost)
-        raise ApiError(503, f"the queue store (Redis) did not answer the submit: the request may have been stored "
-                       f"and then runs. Look at /v1/requests/{new.request_id} before submitting again (404: it "
-                       "was not stored)", "unavailable", "maybe_stored",
-                       {"X-Request-Id": new.request_id, **NO_RETRY}) from lost
+        # The caller notes the callback only after an answer: tried once here (a no-op when it was not stored),
+        # or a client that finds the request stored would wait for a callback that never comes.
+        noted = None if callback is None else await note_callback_of_lost(svc, new.request_id, callback)
+        raise maybe_stored(new, noted) from lost
     if give_back is not None and result.outcome != "ok":
         await give_back()
     if result.outcome == "forbidden":
         raise ApiError(403, f"session {new.session_id!r} belongs to another tenant")
-    if result.outcome == "unknown_group":
-        raise ApiError(404, f"no group {new.group!r}: declare it (PUT /v1/admin/groups/{new.group}) or start a worker "
-                       "serving it", "unknown_group")
+    if result.outcome == "unknown_group":  # the store's own check (check_group above makes it rare)
+        raise unknown_group(new.group)
     return {"request_id": result.request_id, "session_id": new.session_id, "status": "queued",
             "events_url": f"/v1/requests/{result.request_id}/events", "first_event_id": result.first_event_id}
 
@@ -162,7 +200,7 @@ async def submit_body(request: Request, who: Principal, session_id: str, body: S
             svc.hub.leave(session_id, joined)
 
     try:
-        reply = await submit_request(request, who, new)
+        reply = await submit_request(request, who, new, callback)
     except BaseException:
         leave()
         raise

@@ -105,15 +105,22 @@ class SessionStore:
         self.session_ttl = session_ttl
         self._known_groups: set[str] = set()
 
+    async def known_group(self, group: str) -> bool:
+        """Whether `group` takes requests: declared or served, or the default group (registered at its first
+        use). A caller must not create groups, as the scheduler sweeps every one of them. Cached once known:
+        groups are never removed, so a positive answer stays true."""
+        if group not in self._known_groups:
+            if group == DEFAULT_GROUP:
+                await register_group(self.redis, group)
+            elif not await group_exists(self.redis, group):
+                return False
+            self._known_groups.add(group)
+        return True
+
     async def submit(self, req: NewRequest, *, owner: str = "") -> SubmitResult:
-        """Outcome "unknown_group" (nothing stored) for a group neither declared nor served: a caller
-        must not create groups, as the scheduler sweeps every one of them."""
-        if req.group not in self._known_groups:
-            if req.group == DEFAULT_GROUP:
-                await register_group(self.redis, req.group)
-            elif not await group_exists(self.redis, req.group):
-                return SubmitResult("unknown_group", req.request_id)
-            self._known_groups.add(req.group)  # groups are never removed: a positive cache stays true
+        """Outcome "unknown_group" (nothing stored) for a group neither declared nor served (known_group)."""
+        if not await self.known_group(req.group):
+            return SubmitResult("unknown_group", req.request_id)
         outcome, seq = await self.transitions.submit(req, owner=owner)
         return SubmitResult(outcome, req.request_id, seq)
 
