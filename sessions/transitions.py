@@ -162,8 +162,23 @@ class Transitions:
                     if not store_unavailable(error):
                         raise
                     log.warning("request %s stored; readying it failed (%s): the repair pass will", rid, error)
+            elif text(reply[0]) == "ok" and text(reply[3]):
+                await self._note_behind(req.group, rid, sid, text(reply[3]))
         outcome = text(reply[0])
         return outcome, int(reply[1]) if outcome == "ok" else 0
+
+    async def _note_behind(self, group: str, rid: str, sid: str, deadline: str) -> None:
+        """A request with a `fail` deadline that waits behind its session's head, noted in its group's dlq (cluster;
+        submit_one does it on one server): only a head is readied, so else no sweep would see its deadline pass.
+        Not noted (the control master unreachable or refusing: the submit still stands), it fails only once it is
+        the head, as it did before dlq."""
+        try:
+            await settled(self.scripts.client.zadd(keys.group_key(group, "dlq"), {f"{rid}|{sid}": float(deadline)}))
+        except Exception as error:
+            if not store_unavailable(error):
+                raise
+            log.warning("request %s stored; noting its deadline failed (%s): it fails once it is its session's head",
+                        rid, error)
 
     async def _submit_call(self, rid: str, name: str, keys_: Sequence[Any], args: Sequence[Any]) -> Any:
         """The submit's call. One whose answer was lost (the connection broke or timed out: it may have run)
@@ -350,19 +365,23 @@ class Transitions:
                                                        {key: float(reply[4]) + LEASE_PUSH_BACK_MS}, xx=True,
                                                        gt=True))  # a lease renewed meanwhile stands
         for entry in (text(x) for x in reply[6 + lost:]):  # deadlines missed by requests that fail then
-            rid, _, sid = entry.partition("|")
+            # "behind:rid|sid": one submitted behind its session's head (dlq), ended only if still there
+            behind = entry.startswith("behind:")
+            rid, _, sid = entry.removeprefix("behind:").partition("|")
             try:
-                await self._expire(rid, reply[4])
+                await self._expire(rid, reply[4], behind=behind)
             except Exception as error:
                 if not store_unavailable(error):
                     raise
                 log.warning("sweep: ending %s past its deadline failed (%s); the next sweep retries it", rid, error)
-                await settled(self.scripts.client.zadd(keys.group_key(group, "dld"), {sid: float(reply[4])}))
+                zset, member = ("dlq", f"{rid}|{sid}") if behind else ("dld", sid)
+                await settled(self.scripts.client.zadd(keys.group_key(group, zset), {member: float(reply[4])}))
         return SweepResult(int(reply[0]), int(reply[1]), int(reply[2]), float(reply[3]), float(reply[4]))
 
-    async def _expire(self, rid: str, now: Any) -> None:
-        """End a request past its `fail` deadline on its data plane, at the sweep's clock, then withdraw it."""
-        ended = await self._call("expire", [keys.request_prefix(rid)], [self.ttl, rid, now])
+    async def _expire(self, rid: str, now: Any, *, behind: bool = False) -> None:
+        """End a request past its `fail` deadline on its data plane, at the sweep's clock, then withdraw it.
+        `behind`: found in dlq, so ended only while it still waits behind its session's head."""
+        ended = await self._call("expire", [keys.request_prefix(rid)], [self.ttl, rid, now, "behind" if behind else ""])
         if text(ended[0]) == "expired":
             group, attempt, sid, nxt = (text(x) for x in ended[1:5])
             await self._call("withdraw", [keys.group_prefix(group)], [self.lease_ms, rid, attempt, sid, -1])

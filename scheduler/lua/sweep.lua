@@ -2,11 +2,13 @@
 -- scheduler process: close the runs whose worker lease lapsed (retiring that worker), promote
 -- requests waiting past their class's max wait while a higher class has work (aging), raise requests
 -- whose deadline's slack runs out (by up to dlb classes, never above the highest class with work), end
--- those whose deadline passed with "on_deadline_miss": "fail", and dispatch when the group's quota now
--- admits work. Idempotent; safe to run anywhere.
--- On a cluster an expired request's "rid|sid" is returned; the scheduler ends it on the data plane
--- (expire.lua), then withdraws it here. Its entry in dld goes at once: a scheduler that dies in
--- between leaves it to run late rather than to fail (one whose data master refuses puts it back).
+-- those whose deadline passed with "on_deadline_miss": "fail" (ready heads, dld, and requests still
+-- waiting behind their session's head, dlq), and dispatch when the group's quota now admits work.
+-- Idempotent; safe to run anywhere.
+-- On a cluster an expired request's "rid|sid" is returned ("behind:rid|sid" for one from dlq); the
+-- scheduler ends it on the data plane (expire.lua), then withdraws it here. Its entry in dld (dlq) goes
+-- at once: a scheduler that dies in between leaves it to run late rather than to fail (one whose data
+-- master refuses puts it back).
 -- On one server a lost run is handed back in this call; on a cluster its "rid|attempt" is returned
 -- and the scheduler hands it back on the data plane, then releases it here (release.lua). Its lease
 -- stays until that release, so a scheduler that dies in between leaves it for the next sweep.
@@ -15,8 +17,8 @@
 -- ARGV[4] session ttl s
 -- Clears the group's hint list (cp .. 'hint', the scheduler loop's wake-up): see the end.
 -- Returns {lapsed runs, promoted, dispatched, next wake ms or -1, now ms, number of runs to hand back,
--- "reason:rid|attempt" to hand back..., expired "rid|sid" to end on the data plane...}; the expiries are
--- decided at this call's clock (its `now`, passed on to expire.lua).
+-- "reason:rid|attempt" to hand back..., expired "rid|sid" or "behind:rid|sid" to end on the data plane...};
+-- the expiries are decided at this call's clock (its `now`, passed on to expire.lua).
 local cp, lease, max_attempts, ttl = KEYS[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local now = clock()
 local lapsed, promoted = 0, 0
@@ -109,10 +111,25 @@ for _, sid in ipairs(redis.call('ZRANGEBYSCORE', cp .. 'dld', '-inf', now, 'LIMI
     end
   end
 end
+-- The same for requests submitted behind their session's head (never readied: not in dld). The data plane
+-- decides (d_expire, behind): one that became the head meanwhile is dld's, one that started or ended is kept.
+for _, entry in ipairs(redis.call('ZRANGEBYSCORE', cp .. 'dlq', '-inf', now, 'LIMIT', 0, 100)) do
+  redis.call('ZREM', cp .. 'dlq', entry)
+  if single_server then
+    local rid, sid = string.match(entry, '^([^|]*)|(.*)$')
+    local outcome, r, nxt = d_expire(rid, now, ttl, false, true)
+    if outcome == 'expired' then -- as for a head (though nothing of it should be here, nor a next head)
+      withdraw(cp, rid, r.a, sid, nil, now, lease)
+      if nxt then ready(gpre(nxt.g), nxt, now, lease) end
+    end
+  else
+    expired[#expired + 1] = 'behind:' .. entry
+  end
+end
 redis.call('HDEL', cp .. 'qs', 'wake')
 local started = dispatch(cp, now, lease, true)
 local nxt = tonumber(redis.call('HGET', cp .. 'qs', 'wake') or '')
-for _, zset in ipairs({ 'dlp', 'dld' }) do
+for _, zset in ipairs({ 'dlp', 'dld', 'dlq' }) do
   local first = redis.call('ZRANGE', cp .. zset, 0, 0, 'WITHSCORES')[2]
   if first and (not nxt or tonumber(first) < nxt) then nxt = tonumber(first) end
 end

@@ -9,7 +9,10 @@
 -- absent or "" = keep the stored one, else the default)   ARGV[14] deadline ms ("" = none)
 -- ARGV[15] on deadline miss ("run" | "fail")   ARGV[16] the highest class a deadline may raise it to (its
 -- tenant's max_priority; absent or "" = any)
--- Returns {"ok", seq of the queued event, ready spec JSON or ""} | {"forbidden", owner, ""}.
-local outcome, seq, spec = d_submit(KEYS[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9],
-  ARGV[10], ARGV[11], ARGV[12], clock(), true, ARGV[13], ARGV[14], ARGV[15], ARGV[16])
-return { outcome, seq, spec and cjson.encode(spec) or '' }
+-- Returns {"ok", seq of the queued event, ready spec JSON or "", deadline ms or ""} |
+-- {"forbidden", owner, "", ""}; the deadline (ms, rounded up) of a request with "on_deadline_miss": "fail"
+-- that waits behind its session's head, for the caller to note in its group's dlq (member "rid|sid"),
+-- where the sweep finds it (only a head is readied, and dld holds only heads).
+local outcome, seq, spec, behind = d_submit(KEYS[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8],
+  ARGV[9], ARGV[10], ARGV[11], ARGV[12], clock(), true, ARGV[13], ARGV[14], ARGV[15], ARGV[16])
+return { outcome, seq, spec and cjson.encode(spec) or '', behind or '' }

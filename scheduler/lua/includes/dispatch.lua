@@ -131,6 +131,8 @@ local function ready(cp, spec, now, lease, fresh)
     remove_ready(cp, spec.sid, current.tn, current.ep, current.dl)
   end
   if not fresh and redis.call('HEXISTS', cp .. 'ri', spec.rid .. '|' .. (spec.a + 1)) == 1 then return 'known' end
+  -- a "fail" deadline noted while it waited behind the head (dlq) is the ready set's now (dld, or its run's)
+  if spec.dm and not fresh then redis.call('ZREM', cp .. 'dlq', spec.rid .. '|' .. spec.sid) end
   spec.rs = spec.rs or now -- its ready time, kept if it is requeued (FIFO among its tenant's sessions)
   if start_alone(cp, spec, now, lease) then return 'started' end
   make_ready(cp, spec, now)

@@ -19,7 +19,8 @@
 -- Deadlines also feed two sweeps (sweep.lua): dlp (sid -> when its slack runs out: deadline minus the
 -- promotion window, policy dlw) raises a request by up to dlb classes, never above the highest class
 -- with ready work; dld (sid -> deadline) re-ranks a request once its deadline passes, or fails it
--- ("on_deadline_miss": "fail").
+-- ("on_deadline_miss": "fail"). Only a head is ready: dlq ("rid|sid" -> deadline) holds the "fail" ones
+-- submitted behind their session's head, until they are readied (dispatch.lua ready) or the sweep ends them.
 --
 -- A counter lives in vtc (the truth) and, while the tenant is backlogged, as its score in bt
 -- (always current) and in every class zset it is part of, where the score may lag behind the counter

@@ -30,6 +30,8 @@
 --     hint             list   wakes the group's scheduler loop
 --     pol / tw         hash   copies of the policy and of the tenant weights (decisions read these)
 --     dlp / dld        zset   ready heads with a deadline: when their slack runs out / their deadline (fairness.lua)
+--     dlq              zset   "rid|sid" -> deadline of a request with a "fail" one submitted behind its session's
+--                             head (requests.lua d_submit; the sweep ends it if it still waits there)
 --     dls              hash   default deadline ms per priority class (scheduler/deadlines.py; the API reads it)
 --     m                hash   the group's share of the metrics
 --   global             sg:groups (set), sg:groups:hint, sg:models, sg:policy, sg:tenants, sg:keys, sg:clock (tests only)

@@ -60,7 +60,10 @@ local DEFAULT_INPUT_KIND, NO_PARAMS = 'p', '{}'
 
 -- Store a new request at the tail of its session's lite queue (creating the session on first use).
 -- Returns 'ok', seq of its `queued` event, its ready spec when it is the session's head (nil when it
--- waits behind another request of the session) | 'forbidden', owner | 'ok', seq (a replay).
+-- waits behind another request of the session), and for one that waits behind the head with a
+-- `"on_deadline_miss": "fail"` deadline that deadline (ms, rounded up), which the caller notes in its
+-- group's dlq (the sweep ends it there: only a head is readied, with dld) | 'forbidden', owner |
+-- 'ok', seq, nil, that deadline when it still waits behind the head (a replay).
 -- `log_max`: the session's log cap (--session-log-max-events; "" = keep the one stored), noted in its
 -- meta for every later call that appends to the log (see trim_log in call.lua); the default is not.
 -- `deadline_ms`: the time-to-first-token objective from now ("" or 0: none); `on_miss`: "fail" ends the
@@ -71,7 +74,12 @@ local function d_submit(dp, rid, sid, tenant, group, prio, max_tokens, input, ki
   local rkey = kreq(rid)
   -- Request ids are 72 random bits: an existing one is this very submission, replayed by a client
   -- retry after a lost reply. Answer as the first time did, without storing it twice.
-  if redis.call('EXISTS', rkey) == 1 then return 'ok', redis.call('HGET', rkey, 'fs'), nil end
+  -- (Its deadline is answered again: the caller whose first reply was lost has not noted it in dlq.)
+  if redis.call('EXISTS', rkey) == 1 then
+    local kept = redis.call('HMGET', rkey, 'fs', 'dm', 'dl', 'st', 'sid')
+    local behind = kept[2] == '1' and kept[4] == 'queued' and redis.call('LINDEX', kqueue(dp, kept[5]), 0) ~= rid
+    return 'ok', kept[1], nil, behind and math.ceil(tonumber(kept[3])) or nil
+  end
   local meta = kmeta(dp, sid)
   -- A meta with ids but no owner (only `sluicegate migrate` writes one) is not new: it keeps its ids,
   -- its boot check and its TTL handling, and takes this tenant as its owner. The same read serves the
@@ -129,7 +137,9 @@ local function d_submit(dp, rid, sid, tenant, group, prio, max_tokens, input, ki
   -- A head readied in this same call (submit_one) is counted waiting there, and only if it does not start
   -- at once (count_if_not_started).
   if position ~= 1 or via_outbox then count_waiting(rid, { g = group, p = prio, tn = tenant }, 1) end
-  if position ~= 1 then return 'ok', seq, nil end
+  if position ~= 1 then -- behind the head: of its deadline only a `fail` one concerns the control plane (dlq)
+    return 'ok', seq, nil, objective > 0 and on_miss == 'fail' and math.ceil(now + objective) or nil
+  end
   -- The head's ready spec, as ready_spec would read it back from what was just stored (a new request:
   -- no tokens, attempts, preemptions or first token yet), without reading it back (on the first
   -- token's way). tests/test_ready_specs.py holds the two equal.
@@ -423,11 +433,13 @@ end
 -- End a waiting request whose deadline passed with `"on_deadline_miss": "fail"` (the sweep found it):
 -- failed, with an `error` event whose message starts `deadline_exceeded`. Only a request that has not
 -- had its first token and is not running (a dispatch that won the race runs it: it started in time).
--- Nothing was charged: charges are taken at dispatch. Returns outcome ('expired' | 'kept'), the
--- request's fields, the session's next head.
-local function d_expire(rid, now, ttl, via_outbox)
+-- Nothing was charged: charges are taken at dispatch. `behind`: the sweep found it in dlq (submitted
+-- behind its session's head): kept once it is the head, whose deadline is dld's (a dispatch may have
+-- won). Returns outcome ('expired' | 'kept'), the request's fields, the session's next head.
+local function d_expire(rid, now, ttl, via_outbox, behind)
   local r = load(rid, { 'st', 'a', 'n', 'sid', 'g', 'tn', 'p', 'dl', 'dm', 'ft', 'sub' })
-  if not r.st or TERMINAL[r.st] or r.st == 'running' or r.ft or r.dm ~= '1' or now < tonumber(r.dl) then
+  if not r.st or TERMINAL[r.st] or r.st == 'running' or r.ft or r.dm ~= '1' or now < tonumber(r.dl)
+      or (behind and redis.call('LINDEX', kqueue(dpre_of(rid), r.sid), 0) == rid) then
     return 'kept', r
   end
   local message = deadline_missed(rid, r, 'not started')
