@@ -3,8 +3,9 @@
 Submissions and finished runs dispatch at once inside their own atomic functions; what remains needs a
 clock: a group whose quota refills at a known time, requests waiting past their class's max wait,
 and runs whose worker stopped renewing its lease. Each group has a loop of its own (a decision reads
-only its group's state, in its group's slot of a cluster): it runs the group's sweep, then blocks on
-the group's hint list until the earliest quota wake-up or the next sweep, whichever comes first. A group
+only its group's state, in its group's slot of a cluster): it runs the group's sweep, then sleeps until
+the earliest quota wake-up or the next sweep, whichever comes first, or until a hint on the group's hint
+list (a call that needs a sweep sooner). A group
 added while the scheduler runs gets its loop at once (sg:groups:hint), else on the next read. On a
 cluster a repair pass also readies the heads that a caller who died half-way left in an outbox
 (sessions/transitions.py). Any number of schedulers may run: every step is an idempotent atomic call.
@@ -15,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from typing import Any
 
 from sluicegate.scheduler.policy import publish_policy
@@ -28,6 +30,7 @@ from sluicegate.settings import Settings
 log = logging.getLogger(__name__)
 GROUPS_REFRESH_SECONDS = 1.0
 REPAIR_SECONDS = 2.0
+HINT_POP_SECONDS = 5.0  # a hint watcher's blocking pop, renewed: the stop is seen within this
 
 
 class Scheduler:
@@ -42,28 +45,57 @@ class Scheduler:
         self.lease_ms = int(settings.lease_seconds * 1000)
 
     async def sweep_once(self, group: str) -> float:
-        """One sweep of a group; returns how long to wait before the next one (seconds)."""
+        """One sweep of a group; returns how long to wait before the next one (seconds). The wake-up is the
+        sweep's, on the server's clock at the call: the call's own time is taken off, or every wake of a
+        throttled group would come that late, and with a burst of 1 a requests/s quota would lose it each time."""
+        called = time.monotonic()
         result = await self.transitions.sweep(group)
         if result.lapsed or result.promoted:
             log.info("sweep %s: %d runs of lost workers handed back, %d requests aged, %d dispatched",
                      group, result.lapsed, result.promoted, result.started)
         wait = self.settings.sweep_seconds
         if result.next_wake_ms >= 0:
-            wait = min(wait, max(0.0, (result.next_wake_ms - result.now_ms) / 1000))
+            wait = min(wait, max(0.0, (result.next_wake_ms - result.now_ms) / 1000 - (time.monotonic() - called)))
         return wait
 
     async def _group_loop(self, group: str, stop: asyncio.Event) -> None:
-        hints = async_client(self.settings.redis_url, cluster=self.cluster, socket_timeout=30)  # blocking pops
+        """Sweep, then sleep until the sweep's wake-up (timed here) or a hint (a call that needs a sweep sooner).
+        The wake-up is not BLPOP's timeout: the server checks blocked clients' timeouts at its `hz` (10 a second
+        by default), so an idle server ended a 50 ms wait after 100 ms and a requests/s quota of 20 admitted
+        about 14 a second. A watcher holds the blocking pop, with a long timeout, and sets `hinted`."""
+        hinted = asyncio.Event()
+        watcher = asyncio.create_task(self._watch_hints(group, hinted, stop))
         try:
             while not stop.is_set():
                 try:
+                    hinted.clear()  # a hint from here on (this sweep's own included) ends the wait below
                     wait = await self.sweep_once(group)
                     if wait > 0.0005:
-                        await hints.blpop([keys.group_key(group, "hint")], timeout=wait)
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(hinted.wait(), wait)
                 except asyncio.CancelledError:
                     raise
                 except Exception:
                     log.exception("sweep of group %s failed; retrying", group)
+                    await asyncio.sleep(0.5)
+        finally:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await watcher
+
+    async def _watch_hints(self, group: str, hinted: asyncio.Event, stop: asyncio.Event) -> None:
+        """Pop the group's hints as they come (its own connection: a blocking pop holds it) and say so."""
+        hints = async_client(self.settings.redis_url, cluster=self.cluster, socket_timeout=30)  # blocking pops
+        try:
+            while not stop.is_set():
+                try:
+                    if await hints.blpop([keys.group_key(group, "hint")], timeout=HINT_POP_SECONDS):
+                        hinted.set()
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    log.exception("waiting for group %s's hints failed; retrying", group)
+                    hinted.set()  # a hint may have been lost with the connection: the loop sweeps
                     await asyncio.sleep(0.5)
         finally:
             with contextlib.suppress(Exception):

@@ -43,17 +43,22 @@ def set_quota(redis_url: str, **fields: float) -> None:
     asyncio.run(set_it())
 
 
-def run_scheduler(redis_url: str, sweep_seconds: float, body: Callable[[], Awaitable[None]]) -> int:
-    """Run a real scheduler while `body` runs; returns how many sweeps of group "default" it made."""
+def run_scheduler(redis_url: str, sweep_seconds: float, body: Callable[[], Awaitable[None]],
+                  starts: list[tuple[float, int]] | None = None) -> int:
+    """Run a real scheduler while `body` runs; returns how many sweeps of group "default" it made, and notes
+    in `starts` each of those sweeps' time (monotonic) and how many runs it started."""
     scheduler = Scheduler(fast_settings(redis_url, sweep_seconds=sweep_seconds))
     sweeps = 0
     sweep = scheduler.transitions.sweep
 
     async def counted(group: str) -> Any:
         nonlocal sweeps
+        result = await sweep(group)
         if group == "default":
             sweeps += 1
-        return await sweep(group)
+            if starts is not None:
+                starts.append((time.monotonic(), result.started))
+        return result
 
     scheduler.transitions.sweep = counted  # type: ignore[method-assign]
 
@@ -110,3 +115,27 @@ def test_the_loop_wakes_when_the_quota_admits_work_and_for_a_submit_between_swee
 
     assert started == [1, 3]  # one at once, two more as the rate allows (0.5 s apart), long before 30 s
     assert sweeps < MAX_SWEEPS
+
+
+def test_a_requests_per_second_quota_admits_at_its_rate_between_sweeps(r: redis.Redis, redis_url: str) -> None:
+    """Every start here is the loop's own wake-up (sweeps 30 s apart, nothing else calls). Timed by the server's
+    BLPOP timeout, each wake came at the server's next `hz` tick (100 ms on an idle Valkey): 20 a second gave
+    about 10 (DESIGN: the rate within [0.97, 1.01] x the quota; 0.8 here leaves room for a loaded machine)."""
+    h = real_clock_harness(r)
+    set_quota(redis_url, requests_per_second=20, burst=1)
+    h.add_worker("w", slots=200)
+    for i in range(150):
+        h.submit(f"s{i}")
+    starts: list[tuple[float, int]] = []
+
+    async def body() -> None:
+        for _ in range(6):  # the worker takes its runs and renews their leases (1.5 s here), as a live one does:
+            await asyncio.sleep(0.5)  # a lapsed one would be handed back and start again, uncharged
+            h.collect()
+            h.heartbeat("w")
+
+    begun = time.monotonic()
+    run_scheduler(redis_url, 30.0, body, starts)
+    measured = [n for at, n in starts if begun + 0.5 <= at < begun + 3.0]  # 2.5 s of the loop's own wakes
+    assert sum(measured) / 2.5 >= 0.8 * 20, starts  # [about 10 a second before]
+    assert sum(measured) <= 20 * 2.5 + 1, starts  # and never past the quota (a start at each end of the window)
