@@ -2,7 +2,8 @@
 answer that never comes back (`drop_answers`, or `drop_next` for the next N connections that answer),
 new connections closed at once (`refuse`), or a client whose side vanishes while the server's side
 stays open and unread (`vanish_clients`: no FIN reaches the server, which still counts the stream),
-until `release_vanished` closes those too; or every open connection closed on both sides at once (`cut`)."""
+until `release_vanished` closes those too; a host gone (`black_hole`: what either side sends is dropped, and
+both sides stay open until `cut`); or every open connection closed on both sides at once (`cut`)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ class CuttingProxy:
         self.drop_answers = False  # forward the requests, never the answers; close the client's side
         self.drop_next = 0  # as drop_answers, for the next N connections that answer only
         self.refuse = False  # close every new connection at once: nothing it sends reaches the server
+        self.black_hole = False  # drop what either side sends; close nothing (a host that stopped answering)
         self.lock = threading.Lock()
         self.pairs: list[tuple[socket.socket, socket.socket]] = []  # (client's side, server's side)
         self.frozen: set[socket.socket] = set()  # server sides left open and unread
@@ -54,6 +56,8 @@ class CuttingProxy:
     def _pipe(self, source: socket.socket, sink: socket.socket, answers: bool) -> None:
         with contextlib.suppress(OSError):
             while data := source.recv(65536):
+                if self.black_hole:
+                    return  # dropped, and both sides left open: `cut` closes them
                 if answers and (self.drop_answers or self._drop_one()):
                     break
                 if source in self.frozen:

@@ -7,11 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 from pathlib import Path
 from typing import Any
 
-import pytest
 import redis
 
 from sluicegate.groups_config import load_groups
@@ -21,24 +19,9 @@ from sluicegate.sessions.connect import async_client
 from sluicegate.sessions.registry import declare_group
 from sluicegate.settings import from_env
 from tests.helpers import ON_CLUSTER
+from tests.test_serve_groups_move import clean_env, run  # noqa: F401 (clean_env: an autouse fixture)
 
 NO_DEADLINES: dict[str, int] = {}
-
-
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No SLUICEGATE_* variable of the developer's shell leaks into these tests."""
-    for name in list(os.environ):
-        if name.startswith("SLUICEGATE_"):
-            monkeypatch.delenv(name)
-
-
-def start(tmp_path: Path, redis_url: str, text: str) -> None:
-    """One start of `serve --config <text>`: its groups as load_groups checks them, then declare_groups."""
-    path = tmp_path / "fleet.toml"
-    path.write_text(text)
-    settings = from_env({}, config=str(path), redis_url=redis_url, redis_cluster=ON_CLUSTER)
-    asyncio.run(declare_groups(settings, load_groups(settings)))
 
 
 def entries(r: redis.Redis) -> list[dict[str, Any]]:
@@ -54,23 +37,23 @@ def test_a_start_that_changes_groups_audits_each_change_once(tmp_path: Path, red
                                                              r: redis.Redis) -> None:
     fleet = ('[groups.a]\nmodel = "m1"\nworkers = 0\nrequests_per_second = 5\n'
              '[groups.b]\nmodel = "m2"\nworkers = 0\n[groups.idle]\nworkers = 0\n')
-    start(tmp_path, redis_url, fleet)
+    run(tmp_path, redis_url, fleet)
     first = [
         {"key_id": "config", "action": "group.update", "target": "a", "before": state(None),
          "after": state("m1", requests_per_second=5)},
         {"key_id": "config", "action": "group.update", "target": "b", "before": state(None), "after": state("m2")},
     ]  # no entry for `idle`: declared with no model and no quota, nothing of its state changed
     assert entries(r) == first  # old: [] (the file's changes went unaudited)
-    start(tmp_path, redis_url, fleet)  # the same file again: nothing changes, nothing is written
+    run(tmp_path, redis_url, fleet)  # the same file again: nothing changes, nothing is written
     assert entries(r) == first
 
 
 def test_a_swap_and_an_admin_change_the_file_undoes_are_audited(tmp_path: Path, redis_url: str,
                                                                 r: redis.Redis) -> None:
-    start(tmp_path, redis_url, '[groups.a]\nmodel = "m1"\nworkers = 0\n[groups.b]\nmodel = "m2"\nworkers = 0\n')
+    run(tmp_path, redis_url, '[groups.a]\nmodel = "m1"\nworkers = 0\n[groups.b]\nmodel = "m2"\nworkers = 0\n')
     r.hset(keys.group_key("a", "cfg"), "burst", 9)  # as PUT /v1/admin/groups/a {"burst": 9} would, since then
     r.delete(keys.AUDIT)
-    start(tmp_path, redis_url, '[groups.a]\nmodel = "m2"\nworkers = 0\nburst = 3\n'
+    run(tmp_path, redis_url, '[groups.a]\nmodel = "m2"\nworkers = 0\nburst = 3\n'
                                '[groups.b]\nmodel = "m1"\nworkers = 0\n')
     assert entries(r) == [
         {"key_id": "config", "action": "group.update", "target": "a", "before": state("m1", burst=9),

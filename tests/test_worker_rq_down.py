@@ -5,9 +5,7 @@ raised (the worker process died before it served), and the shutdown waited ~11 s
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import socket
 import threading
 from collections.abc import Iterator
 
@@ -18,60 +16,25 @@ from rq import Worker as RqWorker
 from sluicegate.sessions import keys
 from sluicegate.settings import Settings
 from sluicegate.workers.worker import Worker
+from tests.cutting_proxy import CuttingProxy
 from tests.helpers import Stack, call, fast_settings, submit, wait_for
 
 # rq has no cluster support (rq#1942): its presence lives on one server (as in test_rq_presence).
 pytestmark = pytest.mark.single_server
 
 
-class RqServerProxy:
-    """A TCP proxy in front of the test server standing for the rq server: `refuse` (down: connections
-    closed at once), forwarding, or `freeze` (a host gone: nothing answers, no connection closes)."""
-
-    def __init__(self, target_port: int) -> None:
-        self.target = ("127.0.0.1", target_port)
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.url = f"redis://127.0.0.1:{self.listener.getsockname()[1]}/0"
-        self.refuse = True
-        self.frozen = threading.Event()
-        self.sockets: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            self.sockets.append(client)
-            if self.refuse:
-                client.close()
-            elif not self.frozen.is_set():  # frozen: accepted, never answered
-                server = socket.create_connection(self.target)
-                self.sockets.append(server)
-                for source, sink in ((client, server), (server, client)):
-                    threading.Thread(target=self._pipe, args=(source, sink), daemon=True).start()
-
-    def _pipe(self, source: socket.socket, sink: socket.socket) -> None:
-        with contextlib.suppress(OSError):
-            while data := source.recv(65536):
-                if self.frozen.is_set():
-                    return  # what came is dropped; both sides stay open
-                sink.sendall(data)
-
-    def close(self) -> None:
-        self.listener.close()
-        for side in self.sockets:
-            with contextlib.suppress(OSError):
-                side.shutdown(socket.SHUT_RDWR)
-            side.close()
-
-
 @pytest.fixture
-def proxy(redis_url: str) -> Iterator[RqServerProxy]:
-    running = RqServerProxy(int(redis_url.rsplit(":", 1)[1].split("/")[0]))
+def proxy(redis_url: str) -> Iterator[CuttingProxy]:
+    """The rq server, down at first (`refuse`), in front of the test server (which keeps rq's registry)."""
+    running = CuttingProxy(int(redis_url.rsplit(":", 1)[1].split("/")[0]))
+    running.refuse = True
     yield running
+    running.cut()
     running.close()
+
+
+def rq_url(proxy: CuttingProxy) -> str:
+    return f"redis://127.0.0.1:{proxy.port}/0"
 
 
 def in_rq(redis_url: str, name: str) -> bool:
@@ -97,8 +60,8 @@ def start_worker(stack: Stack, settings: Settings) -> Worker:
     return worker
 
 
-def test_a_worker_serves_with_rq_down_and_joins_rq_when_it_is_back(redis_url: str, proxy: RqServerProxy) -> None:
-    settings = fast_settings(redis_url, rq_redis_url=proxy.url)
+def test_a_worker_serves_with_rq_down_and_joins_rq_when_it_is_back(redis_url: str, proxy: CuttingProxy) -> None:
+    settings = fast_settings(redis_url, rq_redis_url=rq_url(proxy))
     stack = Stack(settings).start(workers=0)
     try:
         worker = start_worker(stack, settings)
@@ -114,9 +77,9 @@ def test_a_worker_serves_with_rq_down_and_joins_rq_when_it_is_back(redis_url: st
 
 
 def test_a_shutdown_does_not_wait_long_for_an_rq_server_that_stopped_answering(
-        redis_url: str, proxy: RqServerProxy, caplog: pytest.LogCaptureFixture) -> None:
+        redis_url: str, proxy: CuttingProxy, caplog: pytest.LogCaptureFixture) -> None:
     proxy.refuse = False
-    settings = fast_settings(redis_url, rq_redis_url=proxy.url)
+    settings = fast_settings(redis_url, rq_redis_url=rq_url(proxy))
     stack = Stack(settings).start(workers=0)
     try:
         worker = start_worker(stack, settings)
@@ -131,7 +94,7 @@ def test_a_shutdown_does_not_wait_long_for_an_rq_server_that_stopped_answering(
                 left.set()
 
         worker.presence.death = recorded_death  # type: ignore[method-assign]
-        proxy.frozen.set()  # the rq server's host is gone
+        proxy.black_hole = True  # the rq server's host is gone
         with caplog.at_level(logging.WARNING, logger="sluicegate.workers.worker"):
             stack.stop_service(worker.worker_id)
         # the worker's run() returned with rq's goodbye still on its way (it expires in rq on its own)
@@ -139,6 +102,7 @@ def test_a_shutdown_does_not_wait_long_for_an_rq_server_that_stopped_answering(
         assert any("rq did not answer" in rec.getMessage() for rec in caplog.records)
         assert in_rq(redis_url, worker.worker_id)
     finally:
-        proxy.close()  # rq's goodbye fails now, and its thread ends
+        proxy.black_hole, proxy.refuse = False, True
+        proxy.cut()  # rq's goodbye fails now, and its thread ends
         stack.stop()
     assert left.wait(30)  # its thread ended: nothing of this test is left running
