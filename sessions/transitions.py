@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
@@ -76,6 +77,7 @@ def engine_times_arg(engine_times: tuple[float, float, float] | None) -> str:
 
 
 LEASE_PUSH_BACK_MS = 1000  # a lost run whose hand-back failed is due again this much later
+LOST_NOTE_MARGIN_MS = 1000  # a fail deadline noted after a lost submit answer, on this host's clock: this much later
 
 
 @dataclass
@@ -150,7 +152,16 @@ class Transitions:
             reply = await self._submit_call(rid, "submit_one", [dp, keys.group_prefix(req.group)],
                                             [self.lease_ms, *args])
         else:
-            reply = await self._submit_call(rid, "submit", [dp], args)
+            try:
+                reply = await self._submit_call(rid, "submit", [dp], args)
+            except MaybeStored:
+                if req.deadline_ms and req.fail_on_deadline_miss:
+                    # Stored or not, behind its head or not: noted all the same. The sweep's expire keeps a
+                    # request that is not there or is the head by then; the score, on this host's clock with a
+                    # margin, must not come before the deadline the store noted on its own clock.
+                    due = math.ceil(time.time() * 1000) + req.deadline_ms + LOST_NOTE_MARGIN_MS
+                    await self._note_behind(req.group, rid, sid, str(due))
+                raise
             if text(reply[0]) == "ok" and text(reply[2]):
                 try:
                     await self._ready(reply[2])

@@ -6,10 +6,13 @@ request that became the head, started or ended meanwhile does nothing. On one se
 from __future__ import annotations
 
 import time
+from typing import Any
 
+import pytest
 import redis
 
 from sluicegate.sessions import keys
+from sluicegate.sessions.transitions import MaybeStored, Transitions
 from tests.helpers import ON_CLUSTER, Stack, call, fast_settings, submit, wait_for
 from tests.sched_harness import Harness
 
@@ -103,6 +106,35 @@ def test_through_the_api_it_fails_while_the_head_still_runs(redis_url: str) -> N
         view = wait_for(lambda: (v := call("GET", f"{base}/v1/requests/{doomed}")[1])["status"] == "failed" and v,
                         timeout=4, what="the request behind the head to fail at its deadline")
         assert view["deadline_met"] is False and view["error"].startswith("deadline_exceeded"), view
+        assert call("GET", f"{base}/v1/requests/{head}")[1]["status"] == "running"
+        assert call("DELETE", f"{base}/v1/requests/{head}")[0] == 200
+    finally:
+        stack.stop()
+
+
+def test_a_submit_whose_answers_were_lost_is_noted_all_the_same(redis_url: str,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a cluster the note is the API's second call, after the data plane's answer: a submit that stored the
+    request but lost both answers (503 `maybe_stored`) made no note, and the request stayed `queued` past its
+    deadline until the head ended. One server notes it in the submit's own call."""
+    stack = Stack(fast_settings(redis_url, sim_tokens_per_second=20.0)).start(workers=1)
+    try:
+        base = stack.base_url
+        head = submit(base, "dl-lost", max_tokens=200)  # ~10 s
+        real = Transitions._submit_call
+
+        async def answers_lost(self: Transitions, rid: str, name: str, keys_: Any, args: Any) -> Any:
+            await real(self, rid, name, keys_, args)  # stored; both answers lost
+            raise MaybeStored(rid)
+
+        monkeypatch.setattr(Transitions, "_submit_call", answers_lost)
+        code, body = call("POST", f"{base}/v1/sessions/dl-lost/requests",
+                          {"prompt": "x", "max_tokens": 5, "deadline_ms": 300, "on_deadline_miss": "fail"})
+        monkeypatch.undo()
+        assert code == 503 and body["error"]["code"] == "maybe_stored", body
+        doomed = body["error"]["message"].split("/v1/requests/")[1].split(" ")[0]
+        wait_for(lambda: call("GET", f"{base}/v1/requests/{doomed}")[1]["status"] == "failed", timeout=8,
+                 what="the request behind the head to fail near its deadline")  # [cluster: still queued]
         assert call("GET", f"{base}/v1/requests/{head}")[1]["status"] == "running"
         assert call("DELETE", f"{base}/v1/requests/{head}")[0] == 200
     finally:
