@@ -226,15 +226,21 @@ async def migrated_id(svc: Services, request_id: str) -> str | None:
     return None if new is None or text(new) == request_id else text(new)
 
 
+async def request_fields(svc: Services, request_id: str) -> tuple[str, dict[str, str] | None]:
+    """A request's id and fields, by its id or, an old id, by the new one it names (migrated_id)."""
+    fields = await svc.store.request_fields(request_id)
+    if fields is None and (new := await migrated_id(svc, request_id)) is not None:
+        return new, await svc.store.request_fields(new)
+    return request_id, fields
+
+
 @router.get("/v1/requests/{request_id}")
 async def get_request(request_id: str, request: Request, who: Principal = Depends(principal),
                       include: str = ""):
     """`?include=output` adds `output`, the text so far (polling mode, api/output.py). An old id (before the
     cluster layout) answers for its request under the new id."""
     asked = request_id
-    fields = await services(request).store.request_fields(request_id)
-    if fields is None and (new := await migrated_id(services(request), request_id)) is not None:
-        request_id, fields = new, await services(request).store.request_fields(new)
+    request_id, fields = await request_fields(services(request), request_id)
     if fields is None or (who.tenant and fields.get("tn") != who.tenant):
         raise ApiError(404, f"no request {asked!r}")
     view = request_view(request_id, fields)

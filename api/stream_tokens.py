@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from sluicegate.api.auth import Principal, key_digest, require_admin
 from sluicegate.api.errors import ApiError
-from sluicegate.api.requests_routes import check_session_id, migrated_id
+from sluicegate.api.requests_routes import check_session_id, request_fields
 from sluicegate.api.responses import JSON
 from sluicegate.api.services import principal, services
 from sluicegate.sessions import keys
@@ -172,10 +172,7 @@ async def create_stream_token(body: StreamTokenBody, request: Request, who: Prin
             raise ApiError(404, f"no session {body.session_id!r} (never used, or recycled after its TTL)")
         kind, scope_id, url = SESSION, body.session_id, f"/v1/sessions/{body.session_id}/events"
     elif body.request_id is not None:
-        request_id = body.request_id
-        fields = await svc.store.request_fields(request_id)
-        if fields is None and (new := await migrated_id(svc, request_id)) is not None:
-            request_id, fields = new, await svc.store.request_fields(new)  # an old id: the token is the new id's
+        request_id, fields = await request_fields(svc, body.request_id)  # an old id: the token is the new id's
         if fields is None or (who.tenant and fields.get("tn") != who.tenant):
             raise ApiError(404, f"no request {body.request_id!r}")
         kind, scope_id, url = REQUEST, request_id, f"/v1/requests/{request_id}/events"
