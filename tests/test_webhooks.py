@@ -385,10 +385,16 @@ class BlackHole:
 
         assert isinstance(conn, socket.socket)
         began = time.monotonic()
+        answered = False
         conn.settimeout(0.05)
         try:
             while not self.closing.is_set():
                 if self.answer_after is not None and time.monotonic() - began >= self.answer_after:
+                    # no longer open once it answers: the sender may take the answer and open its next
+                    # connection before this thread gets to the `finally` (counted 5 for 4 under load)
+                    with self.lock:
+                        self.open -= 1
+                    answered = True
                     conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
                     return
                 try:
@@ -399,8 +405,9 @@ class BlackHole:
         except OSError:
             return
         finally:
-            with self.lock:
-                self.open -= 1
+            if not answered:
+                with self.lock:
+                    self.open -= 1
             conn.close()
 
     def stop(self) -> None:
