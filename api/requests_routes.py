@@ -109,6 +109,18 @@ def maybe_stored(new: NewRequest, noted: bool | None) -> ApiError:
     return ApiError(503, message, "unavailable", "maybe_stored", {"X-Request-Id": new.request_id, **NO_RETRY})
 
 
+def foreign_session(session_id: str) -> ApiError:
+    return ApiError(403, f"session {session_id!r} belongs to another tenant")
+
+
+async def check_session_owner(svc: Services, who: Principal, session_id: str) -> None:
+    """403 when the session belongs to another tenant than the caller's: read on a refusal's way only (a
+    stored submit checks it in its own script)."""
+    owner, _ = await svc.store.session_state(session_id)
+    if who.owner and owner is not None and owner != who.owner:
+        raise foreign_session(session_id)
+
+
 async def submit_request(request: Request, who: Principal, new: NewRequest,
                          callback: str | None = None) -> dict[str, str | int]:
     """Store `new`, or raise its ApiError. `callback` (checked) is used here only when the submit's answer
@@ -142,7 +154,11 @@ async def submit_request(request: Request, who: Principal, new: NewRequest,
     await check_group(svc, new.group)  # before max_queued: an unknown group is its 404 at any count
     # max_queued (429): the request's tenant, the admin's too (it submits for a tenant); auth off limits no one
     tenant = new.tenant if svc.keyring.enabled else None
-    give_back = await svc.guardrails.take_place(who, tenant, new.request_id)
+    try:
+        give_back = await svc.guardrails.take_place(who, tenant, new.request_id)
+    except ApiError:  # 429 at max_queued: a session of another tenant is its 403 at any count, as below it
+        await check_session_owner(svc, who, new.session_id)
+        raise
     try:
         result = await svc.store.submit(new, owner=who.owner)
     except MaybeStored as lost:
@@ -154,7 +170,7 @@ async def submit_request(request: Request, who: Principal, new: NewRequest,
     if give_back is not None and result.outcome != "ok":
         await give_back()
     if result.outcome == "forbidden":
-        raise ApiError(403, f"session {new.session_id!r} belongs to another tenant")
+        raise foreign_session(new.session_id)
     if result.outcome == "unknown_group":  # the store's own check (check_group above makes it rare)
         raise unknown_group(new.group)
     return {"request_id": result.request_id, "session_id": new.session_id, "status": "queued",

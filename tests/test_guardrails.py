@@ -337,6 +337,10 @@ def test_max_queued_is_fleet_wide_and_frees_places_as_requests_end(redis_url: st
         assert sorted(data_keys(r)) == sorted(before)  # nothing stored for a refused request
         # another tenant and the admin key are not held to acme's limit
         assert submit_as(first, globex, "q-globex")[0] == 202
+        # acme at its limit, in globex's session: the session is not acme's at any count (403, not 429)
+        code, reply = submit_as(second, acme, "q-globex")
+        assert_error(code, reply, 403, "forbidden")
+        assert submit_as(first, acme, "q-fresh")[0] == 429  # a session of its own: the limit
         code, by_admin = call("POST", f"{first.base_url}/v1/sessions/q-admin/requests",
                               {"prompt": "x", "max_tokens": 3, "tenant": "acme"}, headers=ADMIN)
         assert code == 202  # (it is acme's request all the same: it takes one of acme's places at once)
