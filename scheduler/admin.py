@@ -100,7 +100,8 @@ class Tuning:
             cfg, qs, running, idle, ready, stopping = await pipe.execute()
         state = {text(k): text(v) for k, v in qs.items()}
         quota = {text(k): _number(text(v)) for k, v in cfg.items()}
-        wake = float(state["wake"]) if "wake" in state else None
+        # when a rate quota admits next (qwake: the group's wake-up, "wake", also times preemptions' waits)
+        wake = float(state["qwake"]) if "qwake" in state else None
         ready_by_class = {text(k): int(v) for k, v in ready.items()}
         # The cap holds work back while it binds and work waits (the dispatch's own gate, quotas.lua
         # in_flight: stopped runs count until their workers let go), whatever the last throttle was.

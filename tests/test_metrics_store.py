@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 import redis
 
 from sluicegate.sessions import keys
 from sluicegate.sessions.connect import async_client
 from sluicegate.sessions.metrics_store import METRICS_CHUNK, read_metrics
 from tests.helpers import ON_CLUSTER
+from tests.sched_harness import T0, Harness
 
 
 def test_the_shares_of_every_bucket_and_group_are_summed_and_only_picks_names(redis_url: str, r: redis.Redis) -> None:
@@ -54,3 +56,18 @@ def test_only_walks_a_hash_too_large_for_one_scan_step(redis_url: str, r: redis.
             await client.aclose()
 
     assert asyncio.run(read()) == {"depth": {f"g1|5|t{i}": 1.0 for i in range(3000)}}
+
+
+@pytest.mark.single_server  # the deterministic harness pins the clock (a global key)
+def test_a_dispatch_timed_before_its_submit_observes_no_negative_wait(r: redis.Redis) -> None:
+    """On a cluster a request's submit is timed by its data master and its dispatch by its group's master:
+    a skew between them must not make a wait negative (the histogram's _sum would go down, which Prometheus
+    reads as a counter reset). Here the pinned clock goes back 1 s between the two."""
+    h = Harness(r)
+    h.submit("early", max_tokens=2)
+    h.set_clock(T0 - 1000)
+    h.add_worker("w", slots=1)
+    assert len(h.dispatched) == 1
+    shares = r.hgetall(keys.group_metrics("default"))
+    assert shares["wait|default|5|1"] == "1"  # observed, in the first bucket
+    assert float(shares.get("wait|default|5|sum", 0)) >= 0

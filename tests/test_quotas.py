@@ -210,6 +210,31 @@ def test_stats_report_a_concurrency_throttle_only_while_the_cap_holds_work_back(
 
 
 @pytest.mark.single_server  # the deterministic harness pins the clock (a global key)
+def test_stats_call_a_group_throttled_by_its_quota_not_by_a_preemptions_wait(r: redis.Redis) -> None:
+    """A group with no quota whose priority stop waits for its victim's minimum run is not throttled (the
+    dashboard said "throttled (quota)" with the wait as its next admission); a rate quota's throttle is,
+    with the time it admits next."""
+    h = Harness(r)
+    h.policy(min_run=3000)
+    h.add_worker("w", slots=1)
+    low = h.submit("low", priority=2, max_tokens=200)
+    h.advance(10)
+    high = h.submit("high", priority=9)
+    assert h.status(low) == "running" and h.status(high) == "queued"
+    *_, wake, _ = h.sweep()
+    assert wake == T0 + 3000  # the sweep comes back for the stop then
+    state = group_state(r)
+    assert state["quota"] == {} and not state["throttled"] and state["next_admission_ms"] is None
+    h.quota("default", requests_per_second=1, burst=1)
+    h.complete(low)
+    h.complete(high)
+    queue(h, 2, prefix="q")
+    state = group_state(r)
+    assert state["throttled"] and state["last_throttle_reason"] == "requests_per_second"
+    assert state["next_admission_ms"] is not None and state["next_admission_ms"] > h.now
+
+
+@pytest.mark.single_server  # the deterministic harness pins the clock (a global key)
 def test_group_out_of_quota_does_not_block_another(r: redis.Redis) -> None:
     h = Harness(r)
     h.quota("slow", requests_per_second=1, burst=1, tokens_per_second=10)

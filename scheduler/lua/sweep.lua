@@ -126,7 +126,7 @@ for _, entry in ipairs(redis.call('ZRANGEBYSCORE', cp .. 'dlq', '-inf', now, 'LI
     expired[#expired + 1] = 'behind:' .. entry
   end
 end
-redis.call('HDEL', cp .. 'qs', 'wake')
+redis.call('HDEL', cp .. 'qs', 'wake', 'qwake') -- its dispatch notes them again if they still hold
 local started = dispatch(cp, now, lease, true)
 local nxt = tonumber(redis.call('HGET', cp .. 'qs', 'wake') or '')
 for _, zset in ipairs({ 'dlp', 'dld', 'dlq' }) do

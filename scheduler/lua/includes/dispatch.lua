@@ -74,7 +74,9 @@ local function dispatch(cp, now, lease, share)
         if wid then redis.call('RPUSH', cp .. 'idle', wid) end -- the ticket goes back where it was
         redis.call('HSET', cp .. 'qs', 'throttled', why, 'throttled_at', now)
         count(cmetrics(cp), 'throttled', spec.g .. '|' .. why) -- sluicegate_quota_throttled_total
-        if wake then note_wake(cp, wake) break end
+        -- qwake: when the quota admits next, for the operator's view (scheduler/admin.py); wake also
+        -- serves preemptions' waits, which are no throttle
+        if wake then redis.call('HSET', cp .. 'qs', 'qwake', wake) note_wake(cp, wake) break end
         -- max_concurrency: the runs in flight are the slots here; as with no free slot (a priority stop
         -- only where it lets the waiting request start: preempt_for's cap; a fair-share swap keeps them)
         local handed, ran = without_free_slot(cp, tonumber(top), cfg, now, lease, share)

@@ -146,7 +146,9 @@ local function start_run(cp, cls, tenant, counter, spec, wid, cfg, now, lease)
   run_added(cp, key, tenant, tenant_weight, cls * RANK + (RANK - now))
   redis.call('ZADD', cp .. 'leases', now + lease, key)
   if attempt == 1 then
-    observe(cmetrics(cp), 'wait', spec.g .. '|' .. spec.p, (now - spec.sub) / 1000)
+    -- clamped: on a cluster `sub` is the data master's clock, `now` the control master's (a skew would
+    -- make a quick dispatch's wait negative and the histogram's _sum go down, read as a counter reset)
+    observe(cmetrics(cp), 'wait', spec.g .. '|' .. spec.p, math.max(0, now - spec.sub) / 1000)
     if spec.dl then observe(cmetrics(cp), 'slack', spec.g .. '|' .. spec.p, math.max(0, spec.dl - now) / 1000) end
   end
   local entry = key
