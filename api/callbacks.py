@@ -4,13 +4,17 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import httpx
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from sluicegate.api.errors import ApiError
 from sluicegate.api.services import Services
 from sluicegate.sessions import callbacks
 
 MAX_URL = 2048
+ATTACH_SECONDS = 3.0  # a short script: a store that has not answered it by then is stalled
 
 
 def check_callback(svc: Services, url: str | None) -> str | None:
@@ -39,6 +43,13 @@ def sendable(url: str) -> bool:
 
 
 async def attach_callback(svc: Services, request_id: str, url: str | None) -> None:
-    """Note the checked callback on the stored request (its delivery is queued when it ends)."""
-    if url is not None:
-        await callbacks.attach(svc.redis, request_id, url)
+    """Note the checked callback on the stored request (its delivery is queued when it ends). The routes lift
+    the response deadline before it (the request is stored), so a store that stalls here is bounded by
+    ATTACH_SECONDS instead: a redis TimeoutError, the stored request's 503, never a hang of the socket timeouts."""
+    if url is None:
+        return
+    try:
+        async with asyncio.timeout(ATTACH_SECONDS):
+            await callbacks.attach(svc.redis, request_id, url)
+    except TimeoutError as error:  # redis-py dropped the connection of the cancelled call
+        raise RedisTimeoutError(f"noting the callback took over {ATTACH_SECONDS:g} s") from error

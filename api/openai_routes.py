@@ -89,11 +89,14 @@ def stored_failure(status: int, type_: str, message: str, headers: dict[str, str
     return JSON(openai_error(status, type_, message), status_code=status, headers={**headers, **NO_RETRY})
 
 
-def store_lost(error: Exception, new: NewRequest, headers: dict[str, str]) -> JSON:
+def store_lost(error: Exception, new: NewRequest, headers: dict[str, str], *, callback_unsure: bool = False) -> JSON:
     """The answer when the store fails after the submit stored the request: not the plain 503 that the SDK
-    retries (a second request, generated again), but the stored request's 503, with its ids."""
+    retries (a second request, generated again), but the stored request's 503, with its ids. `callback_unsure`:
+    it failed noting the X-Callback-Url, which may or may not have been noted (the answer lost after it ran)."""
     log.warning("redis unavailable after submit of %s: %s: %s", new.request_id, type(error).__name__, error)
-    message = ("the queue store (Redis) is unavailable; the request was stored and runs on: "
+    unsure = (", but its callback may not have been noted (GET /v1/requests/{id} shows a `callback` when it was)"
+              if callback_unsure else "")
+    message = (f"the queue store (Redis) is unavailable; the request was stored and runs on{unsure}: "
                f"read it at /v1/requests/{new.request_id}/events")
     return stored_failure(503, "unavailable", message, headers)
 
@@ -301,22 +304,22 @@ async def chat_completions(request: Request):
     except BaseException:
         closed()
         raise
-    # Stored from here on: the store failing is the stored request's 503 with NO_RETRY (store_lost).
+    # Stored from here on: the store failing is the stored request's 503 with NO_RETRY (store_lost). The status
+    # waits past the response deadline (whose 503 the SDK retries): streamed, for the first event that tells how
+    # it goes (first_news); not streamed, for the request's end (whole_answer). So a request refused or failed
+    # then gets its own status, which OpenAI's SDKs raise as their own classes. attach_callback bounds its wait.
+    lift_response_deadline(request.scope)
     headers = {"X-Request-Id": new.request_id, "X-Session-Id": new.session_id}
     try:
         await attach_callback(svc, new.request_id, callback)
     except BaseException as error:
         closed()
         if isinstance(error, Exception) and store_unavailable(error):
-            return store_lost(error, new, headers)
+            return store_lost(error, new, headers, callback_unsure=True)
         raise
     options = (body.model_extra or {}).get("stream_options")
     completion = Completion(new, body.model or new.group,
                             include_usage=isinstance(options, dict) and bool(options.get("include_usage")))
-    # The status waits (past the response deadline, the request being stored): streamed, for the first
-    # event that tells how it goes (first_news); not streamed, for the request's end (whole_answer). So a
-    # request refused or failed then gets its own status, which OpenAI's SDKs raise as their own classes.
-    lift_response_deadline(request.scope)
     stream = request_event_stream(svc, new, first=first, joined=joined)
     if body.stream:
         batches = stream.batches()

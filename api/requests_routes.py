@@ -11,6 +11,7 @@ from starlette.types import Scope
 
 from sluicegate.api.auth import Principal
 from sluicegate.api.callbacks import attach_callback, check_callback
+from sluicegate.api.deadline import lift_response_deadline
 from sluicegate.api.errors import ApiError
 from sluicegate.api.output import request_output
 from sluicegate.api.responses import JSON
@@ -179,11 +180,13 @@ async def submit_request(request: Request, who: Principal, new: NewRequest,
 
 def callback_lost(error: Exception, reply: dict[str, str | int]) -> JSON:
     """The answer when the store fails noting the callback of a request the submit stored: a 503 naming that
-    request, without Retry-After (a retry would store and generate it a second time); it runs on, unnoticed."""
+    request, without Retry-After (a retry would store and generate it a second time). The note may have been
+    made all the same (an answer lost after the script ran), so the message does not promise either way."""
     log.warning("redis unavailable noting the callback of %s: %s: %s", reply["request_id"], type(error).__name__,
                 error)
     message = ("the queue store (Redis) is unavailable; the request was stored and runs on, but its callback "
-               f"could not be noted (none will be sent): do not submit it again, read it at {reply['events_url']}")
+               "may not have been noted (GET /v1/requests/{id} shows a `callback` when it was): do not submit it "
+               f"again, read it at {reply['events_url']}")
     body = {"error": {"type": "unavailable", "message": message, "code": "callback_not_noted"},
             "request_id": reply["request_id"], "session_id": reply["session_id"], "events_url": reply["events_url"]}
     return JSON(body, status_code=503, headers={"X-Request-Id": str(reply["request_id"]), **NO_RETRY})
@@ -220,7 +223,9 @@ async def submit_body(request: Request, who: Principal, session_id: str, body: S
     except BaseException:
         leave()
         raise
-    # Stored from here on: the store failing is the stored request's 503, not the plain one that says retry.
+    # Stored from here on: the store failing is the stored request's 503, not the plain one that says retry, so
+    # the response deadline (whose 503 says retry) is lifted; attach_callback bounds its own wait.
+    lift_response_deadline(request.scope)
     try:
         await attach_callback(svc, str(reply["request_id"]), callback)
     except BaseException as error:

@@ -8,7 +8,9 @@ the earliest quota wake-up or the next sweep, whichever comes first, or until a 
 list (a call that needs a sweep sooner). A group
 added while the scheduler runs gets its loop at once (sg:groups:hint), else on the next read. On a
 cluster a repair pass also readies the heads that a caller who died half-way left in an outbox
-(sessions/transitions.py). Any number of schedulers may run: every step is an idempotent atomic call.
+(sessions/transitions.py), and the scheduler that swept writes the new effective class of each request its
+sweep promoted on the data plane (effective_priority; one server's sweep writes it itself). Any number of
+schedulers may run: every step is an idempotent atomic call.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Any
 
 from sluicegate.scheduler.policy import publish_policy
 from sluicegate.sessions import keys
-from sluicegate.sessions.connect import async_client, text
+from sluicegate.sessions.connect import async_client, store_unavailable, text
 from sluicegate.sessions.registry import copy_policy
 from sluicegate.sessions.scripts import Scripts
 from sluicegate.sessions.transitions import Transitions
@@ -31,6 +33,32 @@ log = logging.getLogger(__name__)
 GROUPS_REFRESH_SECONDS = 1.0
 REPAIR_SECONDS = 2.0
 HINT_POP_SECONDS = 5.0  # a hint watcher's blocking pop, renewed: the stop is seen within this
+CLASSES_POPPED = 100  # effective classes taken from a group's epw at a time
+# KEYS[1] a request's hash   ARGV[1] its effective class. Only while the hash exists: an ended request's
+# hash expires, and must not come back as a stray key holding nothing but `ep`.
+SET_CLASS = "if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], 'ep', ARGV[1]) end"
+
+
+async def write_effective_classes(client: Any, group: str) -> int:
+    """Cluster: write the effective class of each request the group's sweeps promoted (sweep.lua pushes
+    "rid|class" to the group's epw) on its data plane, where GET /v1/requests/{rid} reads it. Each entry is
+    popped by one scheduler; one that dies after the pop, or a data master that refuses the write, leaves
+    that request showing its older class (a display only: the control plane ranks it by its own copy).
+    Returns the number of entries written."""
+    written = 0
+    while True:
+        entries = await client.lpop(keys.group_key(group, "epw"), CLASSES_POPPED) or []
+        for entry in map(text, entries):
+            rid, _, cls = entry.rpartition("|")
+            try:
+                await client.eval(SET_CLASS, 1, keys.request(rid), cls)
+                written += 1
+            except Exception as error:
+                if not store_unavailable(error):
+                    raise
+                log.warning("writing the effective class of %s failed (%s); it shows its older one", rid, error)
+        if len(entries) < CLASSES_POPPED:
+            return written
 
 
 class Scheduler:
@@ -50,6 +78,8 @@ class Scheduler:
         throttled group would come that late, and with a burst of 1 a requests/s quota would lose it each time."""
         called = time.monotonic()
         result = await self.transitions.sweep(group)
+        if self.cluster and result.promoted:
+            await write_effective_classes(self.redis, group)
         if result.lapsed or result.promoted:
             log.info("sweep %s: %d runs of lost workers handed back, %d requests aged, %d dispatched",
                      group, result.lapsed, result.promoted, result.started)

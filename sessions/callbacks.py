@@ -7,8 +7,10 @@ call as the end itself: nothing is lost between the two, and the entry shares th
 (cluster-safe). The delivery process claims a due entry for one attempt (the entry stays queued, due
 again after a lease, so a crash loses nothing) and settles it: delivered, failed, or due again later.
 The request hash records the outcome (`cbs`, `cbn` attempts, `cbe` last error) until it expires; a
-callback still being retried, or waiting for its receiver's host, keeps it past its session's TTL, until
-its last attempt is settled.
+callback still queued (being retried, or waiting for its receiver's host) keeps it past its session's TTL:
+until it is due and the longer of a lease and that TTL more, so that a delivery outage shorter than the TTL
+around its due time loses nothing. Its last attempt settled, the request is kept a lease more, or until its
+own TTL when that is later.
 """
 
 from __future__ import annotations
@@ -69,11 +71,21 @@ class Expired(Exception):
     """The request of a due callback expired before an attempt could claim it (it is dropped)."""
 
 
-async def claim(redis: Any, rid: str, *, now_ms: int, lease_ms: int) -> tuple[int, dict[str, str]] | None:
+def kept_past_due(lease_ms: int, session_ttl_ms: int) -> int:
+    """How long a queued callback's request is kept past its due time: a lease (for the attempt's outcome),
+    or its session's TTL when longer, so that a delivery process down for less than a TTL around that time
+    (a restart, a deploy) still finds it."""
+    return max(lease_ms, session_ttl_ms)
+
+
+async def claim(redis: Any, rid: str, *, now_ms: int, lease_ms: int,
+                session_ttl_ms: int) -> tuple[int, dict[str, str]] | None:
     """One delivery attempt of a due callback: (attempt number, the request's fields); None when it is
-    not due. Raises Expired when its request expired (the entry is dropped)."""
+    not due. The entry is due again after the lease (a process that dies mid-attempt loses nothing), and its
+    request kept until then and `kept_past_due` more. Raises Expired when its request expired (the entry is
+    dropped)."""
     reply = await redis.eval(script("callback_claim"), 2, keys.callbacks_due(keys.bucket_of_request(rid)),
-                             keys.request(rid), rid, now_ms, lease_ms)
+                             keys.request(rid), rid, now_ms, lease_ms, kept_past_due(lease_ms, session_ttl_ms))
     if reply is None:
         return None
     if not reply:
@@ -82,26 +94,30 @@ async def claim(redis: Any, rid: str, *, now_ms: int, lease_ms: int) -> tuple[in
     return int(reply[0]), fields
 
 
-async def push_back(redis: Any, due: dict[str, int], held: Iterable[str], *, now_ms: int, lease_ms: int) -> None:
+async def push_back(redis: Any, due: dict[str, int], held: Iterable[str], *, now_ms: int, lease_ms: int,
+                    session_ttl_ms: int = 0) -> None:
     """Callbacks that wait for their receiver's host, in one pipeline: each of `due` (request id -> ms) is
     due again then (only later, and only while still queued), each of `held` (due, and held by the delivery
     process for a place of its host, or read while all its places were taken) stays due as it is; each one's
-    request is kept until it is due and a lease more, past its session's TTL if need be, so that a long
-    backlog drops none of them."""
+    request is kept until it is due and `kept_past_due` more, past its session's TTL if need be, so that a
+    long backlog drops none of them."""
     waiting = [*due.items(), *((rid, 0) for rid in held if rid not in due)]
     if not waiting:
         return
     pipe = redis.pipeline(transaction=False)
     for rid, due_ms in waiting:
         pipe.eval(script("callback_push_back"), 2, keys.callbacks_due(keys.bucket_of_request(rid)), keys.request(rid),
-                  rid, due_ms, now_ms, lease_ms)
+                  rid, due_ms, now_ms, kept_past_due(lease_ms, session_ttl_ms))
     await pipe.execute()
 
 
 async def settle(redis: Any, rid: str, attempt: int, outcome: str, error: str = "", retry_at_ms: int = 0, *,
-                 keep_ms: int) -> bool:
+                 keep_ms: int, session_ttl_ms: int) -> bool:
     """Record an attempt's outcome: "delivered", "failed" (no more attempts), or "retry" at `retry_at_ms`.
-    The request is kept at least `keep_ms` more, past its session's TTL if need be (its hash is the payload)."""
+    A retry's request is kept at least `keep_ms` more, past its session's TTL if need be (its hash is the
+    payload); a final outcome's is kept `keep_ms` more or until its own TTL (`session_ttl_ms` after its end),
+    whichever is later: what the claims kept it past that for is over."""
     reply = await redis.eval(script("callback_settle"), 2, keys.callbacks_due(keys.bucket_of_request(rid)),
-                             keys.request(rid), rid, attempt, outcome, error[:500], retry_at_ms, max(1, keep_ms))
+                             keys.request(rid), rid, attempt, outcome, error[:500], retry_at_ms, max(1, keep_ms),
+                             session_ttl_ms)
     return int(reply) == 1

@@ -13,6 +13,7 @@ exact settings, and only `from_env()` reads the environment and the file.
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import math
 import re
 import tomllib
@@ -127,12 +128,35 @@ def _group_name(name: str) -> str:
 
 
 def parse_hosts(spec: str) -> list[str]:
-    """`a.example.com, 127.0.0.1` -> ["a.example.com", "127.0.0.1"] (host names, lowercased; no scheme or path)."""
-    hosts = [h.strip().lower() for h in spec.split(",") if h.strip()]
-    for host in hosts:
-        if "/" in host or " " in host:
-            raise ValueError(f"`{host}` is not a host name (give hosts only, e.g. hooks.example.com)")
-    return hosts
+    """`a.example.com, 127.0.0.1, [::1]` -> ["a.example.com", "127.0.0.1", "::1"] (host names, lowercased; no
+    scheme or path). Each is compared with a callback URL's host as urlsplit gives it (no brackets, no port, no
+    change to a trailing dot), so an entry that could never match is refused here, not by every callback's 422."""
+    return [_allowed_host(h.strip().lower()) for h in spec.split(",") if h.strip()]
+
+
+def _allowed_host(host: str) -> str:
+    """One entry as a URL's hostname would be; ValueError naming it when no URL's could be."""
+    if "/" in host or " " in host:
+        raise ValueError(f"`{host}` is not a host name (give hosts only, e.g. hooks.example.com)")
+    if host.startswith("[") and host.endswith("]") and _ipv6(host[1:-1]):
+        return host[1:-1]  # a URL's IPv6 literal: its hostname has no brackets
+    if "]:" in host or (":" in host and "[" not in host and not _ipv6(host)):
+        raise ValueError(f"`{host}` has a port or is not a host name: give the host alone (any port of it is "
+                         "allowed), an IPv6 address as ::1 or [::1]")
+    if "[" in host or "]" in host:
+        raise ValueError(f"`{host}` is not a host name (give hosts only, e.g. hooks.example.com)")
+    if host.endswith("."):
+        raise ValueError(f"`{host}` ends with a dot: give the name without it (hooks.example.com, not "
+                         "hooks.example.com.)")
+    return host
+
+
+def _ipv6(text: str) -> bool:
+    try:
+        ipaddress.IPv6Address(text)
+    except ValueError:
+        return False
+    return True
 
 
 LOG_MIN_EVENTS = 100  # the smallest --session-log-max-events (the Lua side never trims a log this short)

@@ -56,6 +56,8 @@ def test_a_stream_whose_connection_vanished_waits_out_the_429_and_resumes(auth_s
                 for event in client.stream(session_id="vanished", reconnect_timeout=30,
                                            on_reconnect=lambda error, _: refusals.append(str(error))):
                     events.put(event)
+                    if event.event == "done":
+                        return  # the session's stream stays open: closed here, it holds no stop of the stack
         except BaseException as error:  # noqa: BLE001 - handed to the test's thread
             events.put(error)
 

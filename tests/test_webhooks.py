@@ -283,7 +283,8 @@ def test_callbacks_need_a_secret_and_hosts_only() -> None:
 
 
 class TricklingReceiver:
-    """Answers 200 at once, then its body a byte every 0.3 s: each read well inside httpx's timeout."""
+    """Answers 503 at once, then its body a byte every 0.3 s: each read well inside httpx's timeout. (Not a
+    2xx: that status delivers the callback, however slow the rest of the answer.)"""
 
     def __init__(self) -> None:
         import threading
@@ -300,7 +301,7 @@ class TricklingReceiver:
             def do_POST(self) -> None:  # noqa: N802 - http.server's name
                 self.rfile.read(int(self.headers.get("content-length", 0)))
                 outer.hits.append(time.monotonic())
-                self.send_response(200)
+                self.send_response(503)
                 self.send_header("content-length", "1000")
                 self.end_headers()
                 for _ in range(1000):

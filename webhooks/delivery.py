@@ -6,7 +6,8 @@ the terminal step can queue a delivery atomically on a cluster) and starts a del
 one it has room for, then returns without waiting for them: the next pass starts what became due
 meanwhile, whatever the receivers of earlier ones are doing. A task claims its callback for one attempt
 (sessions/callbacks.py) and POSTs the request's final status, signed, to its callback URL. A 2xx
-delivers it (only the answer's status counts: at most ANSWER_READ bytes of its body are read); anything
+delivers it (only the answer's status counts: at most ANSWER_READ bytes of its body are read, and a body
+cut short, or still coming when the attempt's cap ends, delivers it all the same); anything
 else (an error status, a timeout, a refused connection, a URL httpx refuses) retries it after
 --webhook-backoff seconds, doubling, until --webhook-max-attempts, then marks it failed. The host is
 checked against --webhook-allow again before every attempt (the list may have shrunk since the
@@ -38,9 +39,10 @@ of its bucket (a pass reads BATCH a bucket, oldest first: callbacks behind them 
 is read again every pass. A pass skips the callbacks in flight or held here: the claim would refuse the
 ones in flight anyway, and this spares the useless claims. Whatever waits (pushed back, held, or left due
 because every place is taken: a full process still reads what is due each pass, as any pass does, and a
-pass that runs out of places keeps the rest it read) has its request kept until it is due and a lease more,
-in the same call (sessions/callbacks.py `push_back`, one round trip a pass), as a claim keeps it: a backlog
-that outlasts the session's TTL drops none of it.
+pass that runs out of places keeps the rest it read) has its request kept until it is due and the longer of
+a lease and the session's TTL more, in the same call (sessions/callbacks.py `push_back`, one round trip a
+pass), as a claim and a retry keep it: a backlog that outlasts the session's TTL drops none of it, nor does
+a delivery outage (a restart, a deploy) shorter than that TTL around its due time.
 
 On stop, the attempts in flight get up to --webhook-timeout (their own cap) plus SETTLE_SECONDS to end
 (an attempt cut by its cap then still records why); any still running then are cancelled. Any number of
@@ -89,6 +91,7 @@ class Delivery:
         self.hosts = settings.webhook_hosts()
         self.poll_seconds = poll_seconds
         self.lease_ms = int((settings.webhook_timeout + 10) * 1000)
+        self.session_ttl_ms = settings.session_ttl * 1000  # a queued callback's request outlives it (callbacks.py)
         self.redis: Any = async_client(settings.redis_url, cluster=settings.redis_cluster, decode_responses=True)
         self.in_flight: dict[str, asyncio.Task[None]] = {}  # request id -> its delivery task
         self.rooms = Rooms(per_host=PER_HOST, concurrency=CONCURRENCY, held_per_host=HELD_PER_HOST,
@@ -187,10 +190,10 @@ class Delivery:
     async def push_back(self, waiting: dict[str, int], now_ms: int, *, kept: list[str] | None = None) -> None:
         """Move waiting callbacks (a slow host's, or past a fast one's hold) to their next due times
         (request id -> ms), in one round trip; their requests, and those of the callbacks held here or `kept`
-        due as they are (read while every place was taken), are kept until then and a lease more: a backlog
-        longer than the session's TTL drops none of them."""
+        due as they are (read while every place was taken), are kept until then and the longer of a lease and
+        the session's TTL more: a backlog longer than the session's TTL drops none of them."""
         await callbacks.push_back(self.redis, waiting, [*self.rooms.held_rids(), *(kept or ())], now_ms=now_ms,
-                                  lease_ms=self.lease_ms)
+                                  lease_ms=self.lease_ms, session_ttl_ms=self.session_ttl_ms)
 
     def host_full_wait(self) -> float:
         """How long a callback whose host is full waits before a pass looks at it again: about as long as
@@ -242,7 +245,8 @@ class Delivery:
 
     async def deliver(self, http: httpx.AsyncClient, rid: str) -> None:
         try:
-            claimed = await callbacks.claim(self.redis, rid, now_ms=int(time.time() * 1000), lease_ms=self.lease_ms)
+            claimed = await callbacks.claim(self.redis, rid, now_ms=int(time.time() * 1000), lease_ms=self.lease_ms,
+                                            session_ttl_ms=self.session_ttl_ms)
         except callbacks.Expired:  # ended and expired (--session-ttl) while no delivery process ran
             log.warning("callback of %s dropped: its request expired before it could be sent", rid)
             return
@@ -253,44 +257,56 @@ class Delivery:
         if not callbacks.callback_allowed(url, self.hosts):
             log.warning("callback of %s not sent: its host is not in --webhook-allow any more", rid)
             await callbacks.settle(self.redis, rid, attempt, "failed", "host not in --webhook-allow",
-                                   keep_ms=self.lease_ms)
+                                   keep_ms=self.lease_ms, session_ttl_ms=self.session_ttl_ms)
             return
         error = await self.post(http, url, rid, fields)
         if error is None:
-            await callbacks.settle(self.redis, rid, attempt, "delivered", keep_ms=self.lease_ms)
+            await callbacks.settle(self.redis, rid, attempt, "delivered", keep_ms=self.lease_ms,
+                                   session_ttl_ms=self.session_ttl_ms)
             log.info("callback of %s delivered (attempt %d)", rid, attempt)
         elif attempt >= self.settings.webhook_max_attempts:
-            await callbacks.settle(self.redis, rid, attempt, "failed", error, keep_ms=self.lease_ms)
+            await callbacks.settle(self.redis, rid, attempt, "failed", error, keep_ms=self.lease_ms,
+                                   session_ttl_ms=self.session_ttl_ms)
             log.warning("callback of %s failed after %d attempts: %s", rid, attempt, error)
         else:
-            # the request is kept until its retry (past its session's TTL if need be): it is the payload
+            # The request is the payload: kept until its retry is due and as long as a claim keeps it past
+            # that (past its session's TTL if need be), so that an outage of the delivery process shorter
+            # than the TTL around that time loses nothing.
             delay = self.settings.webhook_backoff * 2 ** (attempt - 1) * random.uniform(0.9, 1.1)
+            keep_ms = int(delay * 1000) + callbacks.kept_past_due(self.lease_ms, self.session_ttl_ms)
             await callbacks.settle(self.redis, rid, attempt, "retry", error, int((time.time() + delay) * 1000),
-                                   keep_ms=int(delay * 1000) + self.lease_ms)
+                                   keep_ms=keep_ms, session_ttl_ms=self.session_ttl_ms)
             log.info("callback of %s: attempt %d failed (%s); retrying in %.1f s", rid, attempt, error, delay)
 
     async def post(self, http: httpx.AsyncClient, url: str, rid: str, fields: dict[str, str]) -> str | None:
-        """One signed POST of the request's final status; None when the receiver took it (2xx), else why not."""
+        """One signed POST of the request's final status; None when the receiver took it (2xx, whatever then
+        happens to the rest of its answer), else why not."""
         view = request_view(rid, fields)
         view.pop("callback", None)  # its own delivery's state is not part of the request's final status
         body = orjson.dumps(view)
         assert self.settings.webhook_secret  # the settings refuse --webhook-allow without it
         headers = {"content-type": "application/json", HEADER: signature(self.settings.webhook_secret, body),
                    "user-agent": "sluicegate-webhooks"}
+        status = 0  # the answer's, once its head is read
         try:
             # The whole attempt is capped: httpx's timeout bounds each read, and a receiver that trickles its
             # answer a byte at a time would hold one of its host's slots (PER_HOST) for as long and outlive
             # the claim's lease (webhook_timeout + 10 s), which another process would then claim again.
             async with asyncio.timeout(self.settings.webhook_timeout):
                 async with http.stream("POST", url, content=body, headers=headers) as response:
+                    status = response.status_code
                     await read_some(response, ANSWER_READ)
-        except TimeoutError:
-            return f"no whole answer within {self.settings.webhook_timeout:g} s (--webhook-timeout)"
         except Exception as error:  # any: one escaping (httpx.InvalidURL is no HTTPError) would never be settled
+            if 200 <= status < 300:  # taken: only the rest of the body failed (cut short, or too slow)
+                log.info("callback of %s: taken (HTTP %d), its answer's body not read whole (%s)", rid, status,
+                         type(error).__name__)
+                return None
+            if isinstance(error, TimeoutError):
+                return f"no whole answer within {self.settings.webhook_timeout:g} s (--webhook-timeout)"
             return f"{type(error).__name__}: {error}"[:300]
-        if 200 <= response.status_code < 300:
+        if 200 <= status < 300:
             return None
-        return f"HTTP {response.status_code}"
+        return f"HTTP {status}"
 
 
 async def read_some(response: httpx.Response, limit: int) -> None:

@@ -19,10 +19,23 @@
 -- Returns {lapsed runs, promoted, dispatched, next wake ms or -1, now ms, number of runs to hand back,
 -- "reason:rid|attempt" to hand back..., expired "rid|sid" or "behind:rid|sid" to end on the data plane...};
 -- the expiries are decided at this call's clock (its `now`, passed on to expire.lua).
+-- A request's effective class (the request hash's ep, shown as effective_priority) is written with its
+-- promotion on one server; on a cluster its "rid|class" is pushed to epw (capped at EPW_MAX, the newest
+-- kept), and the scheduler that swept writes it on the data plane (scheduler/loop.py).
 local cp, lease, max_attempts, ttl = KEYS[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local now = clock()
 local lapsed, promoted = 0, 0
 local lost = {}
+local EPW_MAX = 10000
+
+-- The new effective class of a promoted request, for GET /v1/requests/{rid} (see above).
+local function note_class(rid, cls)
+  if single_server then
+    redis.call('HSET', kreq(rid), 'ep', cls)
+  else
+    redis.call('RPUSH', cp .. 'epw', rid .. '|' .. cls)
+  end
+end
 for _, key in ipairs(redis.call('ZRANGEBYSCORE', cp .. 'leases', '-inf', now, 'LIMIT', 0, 200)) do
   local rec = run_record(cp, key)
   if not rec then
@@ -67,7 +80,7 @@ for cls = 0, highest - 1 do
     if spec and remove_ready(cp, sid, spec.tn, cls, spec.dl) then
       spec.ep = 10
       make_ready(cp, spec, now, true)
-      if single_server then redis.call('HSET', kreq(spec.rid), 'ep', 10) end
+      note_class(spec.rid, 10)
       promoted = promoted + 1
     else
       redis.call('ZREM', cp .. 'age' .. cls, sid)
@@ -85,10 +98,11 @@ for _, sid in ipairs(redis.call('ZRANGEBYSCORE', cp .. 'dlp', '-inf', now, 'LIMI
     remove_ready(cp, sid, spec.tn, cls, true)
     spec.ep, spec.bo = raised, 1
     make_ready(cp, spec, now, true)
-    if single_server then redis.call('HSET', kreq(spec.rid), 'ep', raised) end
+    note_class(spec.rid, raised)
     promoted = promoted + 1
   end
 end
+if promoted > 0 and not single_server then redis.call('LTRIM', cp .. 'epw', -EPW_MAX, -1) end
 -- Deadlines missed while waiting: the request ranks behind on-time work (fairness.lua), or fails then.
 local expired = {}
 for _, sid in ipairs(redis.call('ZRANGEBYSCORE', cp .. 'dld', '-inf', now, 'LIMIT', 0, 100)) do

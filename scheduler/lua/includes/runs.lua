@@ -172,8 +172,10 @@ end
 -- closes the run of a lost worker. `requeue`: the request's ready spec when it goes back to wait;
 -- `prompt`: its input tokens as the backend counted them (see end_run).
 -- A run the control plane already requeued (preempted on a cluster, record flag rq) only has its
--- waiting entry refreshed (its rr stays: harmless once the hand-back fenced the attempt); a cancelled
--- one (flag cx) is not requeued.
+-- waiting entry refreshed (its rr stays: harmless once the hand-back fenced the attempt), and re-ranked
+-- without its deadline when its first token came (the data plane's spec has none: a deadline binds until
+-- the first token, as on one server, where the preemption requeues it with that spec); a cancelled one
+-- (flag cx) is not requeued.
 local function release(cp, key, produced, requeue, now, prompt)
   local rec = run_record(cp, key)
   if rec then
@@ -192,7 +194,15 @@ local function release(cp, key, produced, requeue, now, prompt)
         local waiting = ready_head(cp, spec.sid)
         if waiting and waiting.rid == spec.rid then
           waiting.n, waiting.pc = spec.n, spec.pc
-          redis.call('HSET', cp .. 'rq', spec.sid, spec_encode(waiting))
+          if waiting.dl and not spec.dl then
+            -- out of dlp and dld too (no boost, no expiry); its aging clock keeps running from its requeue
+            local aged = waiting.ep < 10 and redis.call('ZSCORE', cp .. 'age' .. waiting.ep, spec.sid)
+            waiting.dl, waiting.dm = nil, nil
+            requeue_ready(cp, waiting, now)
+            if aged then redis.call('ZADD', cp .. 'age' .. waiting.ep, aged, spec.sid) end
+          else
+            redis.call('HSET', cp .. 'rq', spec.sid, spec_encode(waiting))
+          end
         end
       else
         requeue_ready(cp, spec, now)

@@ -33,6 +33,8 @@
 --     dlq              zset   "rid|sid" -> deadline of a request with a "fail" one submitted behind its session's
 --                             head (requests.lua d_submit; the sweep ends it if it still waits there)
 --     dls              hash   default deadline ms per priority class (scheduler/deadlines.py; the API reads it)
+--     epw              list   "rid|class": effective classes the sweep gave, for the scheduler to write on the
+--                             data plane (cluster; sweep.lua, scheduler/loop.py)
 --     m                hash   the group's share of the metrics
 --   global             sg:groups (set), sg:groups:hint, sg:models, sg:policy, sg:tenants, sg:keys, sg:clock (tests only)
 
