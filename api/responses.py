@@ -27,14 +27,18 @@ class ShutdownDrain:
     def __init__(self) -> None:
         self.open: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, set[Callable[[], None]]] = (
             weakref.WeakKeyDictionary())
+        self.drained: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()  # the signal came
         self.watchers: set[asyncio.Task[None]] = set()
 
     def add(self, end: Callable[[], None]) -> None:
         loop = asyncio.get_running_loop()
+        if loop in self.drained:  # a stream whose response starts once the server is shutting down ends at once
+            loop.call_soon(end)
+            return
         ends = self.open.get(loop)
         if ends is None:
             ends = self.open[loop] = set()
-            watcher = loop.create_task(self._watch(ends))
+            watcher = loop.create_task(self._watch(loop, ends))
             self.watchers.add(watcher)
             watcher.add_done_callback(self.watchers.discard)
         ends.add(end)
@@ -43,11 +47,11 @@ class ShutdownDrain:
         with contextlib.suppress(RuntimeError, KeyError):
             self.open[asyncio.get_running_loop()].discard(end)
 
-    @staticmethod
-    async def _watch(ends: set[Callable[[], None]]) -> None:
+    async def _watch(self, loop: asyncio.AbstractEventLoop, ends: set[Callable[[], None]]) -> None:
         from sse_starlette import EventSourceResponse  # its uvicorn hook is installed on import
 
         await EventSourceResponse._listen_for_exit_signal()
+        self.drained.add(loop)  # from now on `add` ends a stream itself: this watcher is done
         for end in list(ends):
             end()
 

@@ -94,12 +94,13 @@ def test_resume_from_a_trimmed_cursor_is_409_naming_the_oldest_kept_id(capped: S
         assert expired(*call("GET", f"{url}/v1/sessions/{sid}/events?after={cursor}"), base)
         assert expired(*get_sse_status(url, f"/v1/requests/{first}/events", cursor), base)
         assert expired(*call("GET", f"{url}/v1/requests/{first}/events?after={cursor}"), base)
-    # the request form without a cursor: an ended request whose events were trimmed; its advice is a cursor
-    # (not "reconnect without a cursor", which is what it did), and that cursor serves what is left
+    # the request form without a cursor: an ended request all of whose events were trimmed. Nothing of it is
+    # left to resume (a cursor would answer 204, a clean end with no terminal event), so the 409 points at its
+    # final state (it advised "resume from <oldest kept - 1>"; test_a_partly_trimmed_... keeps that advice)
     code, reply = call("GET", f"{url}/v1/requests/{first}/events")
-    assert expired(code, reply, base)
-    assert "without a cursor" not in reply["error"]["message"]
-    assert f"resume from {base - 1}" in reply["error"]["message"]
+    assert code == 409 and reply["error"]["type"] == "cursor_expired", reply
+    assert f"its final state is at GET /v1/requests/{first}" in reply["error"]["message"]
+    assert "resume from" not in reply["error"]["message"]
 
     # a kept cursor, the oldest allowed one included: every later event, once, in order
     for cursor in (base - 1, base + 10):
@@ -111,6 +112,21 @@ def test_resume_from_a_trimmed_cursor_is_409_naming_the_oldest_kept_id(capped: S
     rid = r.lrange(keys.session_log(sid), -1, -1)[0].split("|")[2]
     events = list(sse(url, f"/v1/requests/{rid}/events", timeout=10))
     assert events[-1].id == last and events[-1].event == "done" and token_indices(events) == list(range(20))
+
+
+def test_a_partly_trimmed_requests_stream_says_where_what_is_left_starts(capped: Stack, r: redis.Redis) -> None:
+    """An ended request whose first events were trimmed: its stream without a cursor is a 409 advising the
+    cursor from which what is left of it is read, and that cursor serves it to its end."""
+    sid = "bound-partly"
+    rid = submit(capped.base_url, sid, prompt="long", max_tokens=CAP + 20)
+    wait_done(r, [rid])
+    seq, base = meta(r, sid)
+    assert base > 1
+    code, reply = call("GET", f"{capped.base_url}/v1/requests/{rid}/events")
+    assert expired(code, reply, base) and f"resume from {base - 1}" in reply["error"]["message"]
+    assert "without a cursor" not in reply["error"]["message"]
+    events = list(sse(capped.base_url, f"/v1/requests/{rid}/events", last_id=base - 1, timeout=10))
+    assert [e.id for e in events] == list(range(base, seq + 1)) and events[-1].event == "done"
 
 
 def test_a_preempted_request_resumes_from_its_own_tokens_after_trimming(capped: Stack, r: redis.Redis) -> None:
