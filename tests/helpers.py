@@ -9,6 +9,7 @@ import http.client
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -267,3 +268,18 @@ def stop_process(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeo
             proc.kill()
             proc.wait()
     return proc.returncode
+
+
+def read_http_request(conn: socket.socket) -> bytes:
+    """Read one HTTP request whole from a raw socket (head and content-length body) and return its body: a
+    receiver that answers and closes with bytes unread resets the connection, which its sender takes as a
+    failed attempt."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += conn.recv(65536)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")[1:]
+                   if line.lower().startswith(b"content-length:")), 0)
+    while len(body) < length:
+        body += conn.recv(65536)
+    return body

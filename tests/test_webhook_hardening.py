@@ -12,7 +12,7 @@ import httpx
 from sluicegate.sessions import keys
 from sluicegate.webhooks.delivery import Delivery
 from sluicegate.webhooks.signing import signature, verify
-from tests.helpers import call, submit, wait_for
+from tests.helpers import call, read_http_request, submit, wait_for
 from tests.test_webhooks import delivered, start_stack, status
 from tests.webhook_receiver import Receiver
 
@@ -66,14 +66,7 @@ class HugeAnswer:
     def serve(self) -> None:
         conn, _ = self.listener.accept()
         try:
-            data = b""
-            while b"\r\n\r\n" not in data:
-                data += conn.recv(65536)
-            head, _, rest = data.partition(b"\r\n\r\n")
-            length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
-                          if line.lower().startswith(b"content-length"))
-            while len(rest) < length:
-                rest += conn.recv(65536)
+            read_http_request(conn)
             conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % self.size)
             chunk = b"x" * (1 << 20)
             while self.sent < self.size:

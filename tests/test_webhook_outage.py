@@ -14,7 +14,7 @@ import pytest
 from sluicegate.sessions import callbacks, keys
 from sluicegate.sessions.connect import async_client
 from sluicegate.webhooks.delivery import Delivery
-from tests.helpers import ON_CLUSTER, submit, wait_for
+from tests.helpers import ON_CLUSTER, read_http_request, submit, wait_for
 from tests.test_webhooks import delivered, start_stack, status
 from tests.webhook_receiver import Receiver
 
@@ -111,14 +111,7 @@ class CutShort:
 
     def answer(self, connection: socket.socket) -> None:
         with connection:
-            data = b""
-            while b"\r\n\r\n" not in data:
-                data += connection.recv(65536)
-            head, _, body = data.partition(b"\r\n\r\n")
-            length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
-                          if line.lower().startswith(b"content-length:"))
-            while len(body) < length:  # read whole: closing on unread bytes would reset the connection
-                body += connection.recv(65536)
+            read_http_request(connection)
             self.posts += 1
             connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n")
             if self.hold:
