@@ -135,9 +135,11 @@ class Transitions:
     async def _call(self, name: str, keys_: Sequence[Any], args: Sequence[Any]) -> Any:
         return await settled(self.scripts.call(name, keys_, args))
 
-    async def _ready(self, spec_json: Any) -> None:
+    async def _ready(self, spec_json: Any) -> str:
+        """The ready script's outcome (scheduler/lua/ready.lua): "ready" | "started" (it did something),
+        "known" | "stale" (a confirmation: the control plane has this head, or a later one, already)."""
         spec = json.loads(text(spec_json))
-        await self._call("ready", [keys.group_prefix(spec["g"])], [self.lease_ms, text(spec_json)])
+        return text(await self._call("ready", [keys.group_prefix(spec["g"])], [self.lease_ms, text(spec_json)]))
 
     # ---- the API's transitions -----------------------------------------------------------------
     async def submit(self, req: NewRequest, *, owner: str = "") -> tuple[str, int]:
@@ -400,7 +402,9 @@ class Transitions:
                 await self._ready(nxt)
 
     async def repair(self, buckets: Sequence[str], *, age_ms: int, limit: int = 100) -> int:
-        """Ready again the heads that a dead caller left in the buckets' outboxes (cluster only).
+        """Ready again the heads that a dead caller left in the buckets' outboxes (cluster only). Returns how
+        many the control plane did not have (made ready or started): a head whose ready succeeded but waits
+        longer than `age_ms` for a slot is only confirmed, and is no half-done transition.
 
         One pipelined ZCOUNT per bucket finds the outboxes with old entries (by this host's clock, a
         second early: the `outbox` function decides by the server's); only those are called on. A pass
@@ -452,19 +456,25 @@ class Transitions:
 
     async def _repair_bucket(self, bucket: str, age_ms: int, limit: int) -> int:
         """Ready the bucket's old outbox heads; one whose group's master refuses stays in the outbox (the
-        others in the bucket, of other groups, are still readied)."""
+        others in the bucket, of other groups, are still readied). Every head the control plane answered
+        for leaves the outbox; only those it did not have count as completed."""
         dp = keys.data_prefix(bucket)
         specs = await self._call("outbox", [dp], [age_ms, limit])
-        done = []
+        done, completed = [], 0
         for spec_json in specs:
             try:
-                await self._ready(spec_json)
+                outcome = await self._ready(spec_json)
             except Exception as error:
                 if not store_unavailable(error):
                     raise
                 log.warning("repair: readying %s failed (%s); the next pass retries it", text(spec_json), error)
                 continue
-            done.append(json.loads(text(spec_json))["rid"])
+            rid = json.loads(text(spec_json))["rid"]
+            done.append(rid)
+            if outcome in ("ready", "started"):
+                completed += 1
+            else:  # known/stale: the caller's own ready had landed (the head waits or runs), a confirmation
+                log.debug("repair: %s confirmed (%s)", rid, outcome)
         if done:
             await self._call("outbox_done", [dp], done)
-        return len(done)
+        return completed
