@@ -10,7 +10,7 @@ The request hash records the outcome (`cbs`, `cbn` attempts, `cbe` last error) u
 callback still queued (being retried, or waiting for its receiver's host) keeps it past its session's TTL:
 until it is due and the longer of a lease and that TTL more, so that a delivery outage shorter than the TTL
 around its due time loses nothing. Its last attempt settled, the request is kept a lease more, or until its
-own TTL when that is later.
+own expiry (the one it ended with, recorded as `cbx` before the first lengthening) when that is later.
 """
 
 from __future__ import annotations
@@ -112,12 +112,12 @@ async def push_back(redis: Any, due: dict[str, int], held: Iterable[str], *, now
 
 
 async def settle(redis: Any, rid: str, attempt: int, outcome: str, error: str = "", retry_at_ms: int = 0, *,
-                 keep_ms: int, session_ttl_ms: int) -> bool:
+                 keep_ms: int) -> bool:
     """Record an attempt's outcome: "delivered", "failed" (no more attempts), or "retry" at `retry_at_ms`.
     A retry's request is kept at least `keep_ms` more, past its session's TTL if need be (its hash is the
-    payload); a final outcome's is kept `keep_ms` more or until its own TTL (`session_ttl_ms` after its end),
-    whichever is later: what the claims kept it past that for is over."""
+    payload); a final outcome's is kept `keep_ms` more or until its own expiry (the one the process that ended
+    it set, not this process's --session-ttl), whichever is later: what the claims kept it past that for is
+    over."""
     reply = await redis.eval(script("callback_settle"), 2, keys.callbacks_due(keys.bucket_of_request(rid)),
-                             keys.request(rid), rid, attempt, outcome, error[:500], retry_at_ms, max(1, keep_ms),
-                             session_ttl_ms)
+                             keys.request(rid), rid, attempt, outcome, error[:500], retry_at_ms, max(1, keep_ms))
     return int(reply) == 1

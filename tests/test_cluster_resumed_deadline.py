@@ -6,20 +6,45 @@ inversion), and with "fail" could try to end it."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 import redis
 
+from sluicegate.scheduler.loop import write_effective_classes
 from sluicegate.sessions import keys
+from sluicegate.sessions.connect import async_client
+from tests.helpers import ON_CLUSTER
 from tests.sched_harness import Harness
 
 G = "default"
-STORED_DL = 12  # where a stored ready spec keeps dl, then dm (scheduler/lua/includes/ready_specs.lua STORED_SPEC)
+STORED_EP, STORED_DL, STORED_BO = 7, 12, 14  # where a stored ready spec keeps ep, dl (then dm), bo
+#                                             (scheduler/lua/includes/ready_specs.lua STORED_SPEC)
+
+
+def stored(r: redis.Redis, sid: str) -> list[str]:
+    """A session's ready entry, as stored, one value per field ('' when absent)."""
+    return r.hget(keys.group_key(G, "rq"), sid).split("|") + [""] * 17
 
 
 def stored_deadline(r: redis.Redis, sid: str) -> tuple[str, str]:
     """The (dl, dm) of a session's ready entry, as stored ('' when absent)."""
-    values = r.hget(keys.group_key(G, "rq"), sid).split("|") + [""] * 17
+    values = stored(r, sid)
     return values[STORED_DL], values[STORED_DL + 1]
+
+
+def write_classes(redis_url: str) -> None:
+    """A cluster scheduler's write of the effective classes its sweeps noted (epw) to the request hashes
+    (scheduler/loop.py); nothing to write on one server, where the sweep writes them itself."""
+
+    async def write() -> None:
+        client = async_client(redis_url, cluster=ON_CLUSTER)
+        try:
+            await write_effective_classes(client, G)
+        finally:
+            await client.aclose()
+
+    asyncio.run(write())
 
 
 @pytest.mark.parametrize("cluster", [pytest.param(False, marks=pytest.mark.single_server), True])
@@ -45,3 +70,35 @@ def test_a_request_preempted_after_its_first_token_waits_without_its_deadline(r:
     assert h.dispatched_rids()[-1] == b and h.running() == [b]
     h.complete(b)
     assert h.running() == [a] and h.status(a) == "running"
+
+
+@pytest.mark.parametrize("cluster", [pytest.param(False, marks=pytest.mark.single_server), True])
+def test_a_deadline_boost_goes_with_the_deadline_at_the_first_token(r: redis.Redis, redis_url: str,
+                                                                    cluster: bool) -> None:
+    """A request the deadline sweep raised before it ran waits at its own class once its first token came: not
+    ahead of same-class work that the fair order puts first, and shown so (effective_priority)."""
+    h = Harness(r, cluster=cluster)
+    h.policy(min_run=0, dlw=60_000)  # its slack is short enough at once: the next sweep raises it
+    busy = h.submit("busy", tenant="tb", priority=9, max_tokens=5)
+    a = h.submit("a", tenant="ta", priority=3, max_tokens=50, deadline_ms=60_000, fail_on_miss=True)
+    assert h.sweep()[1] == 1 and stored(r, "a")[STORED_EP] == "4"  # raised one class (dlb 1), below busy's
+    h.add_worker("w", slots=1)
+    h.complete(busy)
+    run = h.run_of(a)
+    assert h.append(run, 3)[0] == 1  # its first token: the deadline is met, and binds no more
+    hi = h.submit("hi", tenant="tc", priority=7, max_tokens=5)  # preempts a
+    h.handback(run, reason="priority")
+    assert h.status(a) == "preempted" and h.running() == [hi]
+    entry = stored(r, "a")
+    assert (entry[STORED_EP], entry[STORED_BO]) == ("", "")  # its own class (ep stored only when not p), no boost
+    assert r.zscore(keys.group_key(G, "c3:ta"), "a") is not None
+    assert r.zscore(keys.group_key(G, "c4:ta"), "a") is None and r.hget(keys.group_key(G, "cn"), "4") is None
+    write_classes(redis_url)  # a cluster scheduler's late write of the boost, and of its end after it
+    assert h.req(a)["ep"] == "3"
+    hi2 = h.submit("hi2", tenant="tc", priority=7, max_tokens=5)
+    b = h.submit("b", tenant="aa", priority=3, max_tokens=5)  # a's class; its tenant first in the fair order
+    h.complete(hi)
+    h.complete(hi2)
+    assert h.dispatched_rids()[-1] == b and h.running() == [b]
+    h.complete(b)
+    assert h.running() == [a]

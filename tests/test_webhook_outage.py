@@ -4,6 +4,7 @@ due time, and a 2xx whose body is cut short or too slow delivers it. Real Valkey
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import threading
 import time
@@ -54,7 +55,7 @@ def test_a_queued_callbacks_request_is_kept_a_ttl_past_its_due_time_and_a_settle
         redis_url: str, r) -> None:
     """The scripts themselves, with a TTL longer than the lease: a claim keeps the request until its lease ends
     and a TTL more, a push-back until it is due and a TTL more, a retry likewise; a final outcome gives back what
-    the claim added: kept a lease more, or until its own TTL after its end when that is later."""
+    the claim added: kept a lease more, or until its own expiry (the TTL it ended with) when that is later."""
     bucket = keys.all_buckets()[9]
     now = int(time.time() * 1000)
     lease, ttl = 5_000, 60_000
@@ -63,7 +64,7 @@ def test_a_queued_callbacks_request_is_kept_a_ttl_past_its_due_time_and_a_settle
     rids = {name: f"{bucket}{name}" for name in ended_at}
     for name, rid in rids.items():
         r.hset(keys.request(rid), mapping={"cb": "http://127.0.0.1/h", "fin": ended_at[name] + 0.5})
-        r.pexpire(keys.request(rid), 1_000)
+        r.pexpire(keys.request(rid), max(ended_at[name] + ttl - now, 1_000))  # its own TTL, from its end
         r.zadd(keys.callbacks_due(bucket), {rid: now - 100})
 
     async def scripts() -> None:
@@ -74,9 +75,9 @@ def test_a_queued_callbacks_request_is_kept_a_ttl_past_its_due_time_and_a_settle
             await callbacks.push_back(client, {rids["pushed"]: now + 5_000}, [], now_ms=now, lease_ms=lease,
                                       session_ttl_ms=ttl)
             await callbacks.settle(client, rids["retried"], 1, "retry", "HTTP 500", now + 90_000,
-                                   keep_ms=90_000 + ttl, session_ttl_ms=ttl)
+                                   keep_ms=90_000 + ttl)
             for name in ("fresh", "old"):
-                await callbacks.settle(client, rids[name], 1, "delivered", keep_ms=lease, session_ttl_ms=ttl)
+                await callbacks.settle(client, rids[name], 1, "delivered", keep_ms=lease)
         finally:
             await client.aclose()
 
@@ -87,6 +88,29 @@ def test_a_queued_callbacks_request_is_kept_a_ttl_past_its_due_time_and_a_settle
     assert 90_000 + ttl - 2_000 < kept["retried"] <= 90_000 + ttl
     assert ttl - 1_000 - 2_000 < kept["fresh"] <= ttl - 1_000  # its own TTL: later than a lease
     assert lease - 2_000 < kept["old"] <= lease  # a lease: its own TTL is over
+    assert not any(r.hexists(keys.request(rid), "cbx") for rid in (rids["fresh"], rids["old"]))  # settled: given back
+
+
+def test_a_delivered_callbacks_request_keeps_its_own_ttl_not_the_delivery_processs(redis_url: str, r,
+                                                                                   receiver: Receiver) -> None:
+    """The request ends with its stack's session TTL (3600 s); the delivery process runs with a 60-s one
+    (`sluicegate webhooks --session-ttl 60`). Once the callback is delivered the request keeps about its own
+    TTL, and GET shows nothing of what the delivery recorded. (Before, the settle cut it to its end plus the
+    delivery process's TTL: gone ~59 min early.)"""
+    stack = start_stack(redis_url, delivery=False)
+    try:
+        assert stack.settings.session_ttl == 3600
+        rid = submit(stack.base_url, "own-ttl-1", max_tokens=2, callback_url=f"{receiver.url}/own")
+        wait_for(lambda: status(stack, rid)["status"] == "done", what="the request's end")
+        assert r.pttl(keys.request(rid)) > 3_590_000
+        stack.start_service("webhooks", Delivery(stack.settings.replace(session_ttl=60), poll_seconds=0.05).run)
+        view = wait_for(lambda: delivered(stack, rid), what="the delivery")
+        assert view["callback"]["status"] == "delivered"
+        assert r.pttl(keys.request(rid)) > 3_500_000, "the delivery process's --session-ttl cut the request's TTL"
+        assert not r.hexists(keys.request(rid), "cbx")
+        assert "cbx" not in json.dumps(status(stack, rid))
+    finally:
+        stack.stop()
 
 
 class CutShort:

@@ -257,16 +257,14 @@ class Delivery:
         if not callbacks.callback_allowed(url, self.hosts):
             log.warning("callback of %s not sent: its host is not in --webhook-allow any more", rid)
             await callbacks.settle(self.redis, rid, attempt, "failed", "host not in --webhook-allow",
-                                   keep_ms=self.lease_ms, session_ttl_ms=self.session_ttl_ms)
+                                   keep_ms=self.lease_ms)
             return
         error = await self.post(http, url, rid, fields)
         if error is None:
-            await callbacks.settle(self.redis, rid, attempt, "delivered", keep_ms=self.lease_ms,
-                                   session_ttl_ms=self.session_ttl_ms)
+            await callbacks.settle(self.redis, rid, attempt, "delivered", keep_ms=self.lease_ms)
             log.info("callback of %s delivered (attempt %d)", rid, attempt)
         elif attempt >= self.settings.webhook_max_attempts:
-            await callbacks.settle(self.redis, rid, attempt, "failed", error, keep_ms=self.lease_ms,
-                                   session_ttl_ms=self.session_ttl_ms)
+            await callbacks.settle(self.redis, rid, attempt, "failed", error, keep_ms=self.lease_ms)
             log.warning("callback of %s failed after %d attempts: %s", rid, attempt, error)
         else:
             # The request is the payload: kept until its retry is due and as long as a claim keeps it past
@@ -275,7 +273,7 @@ class Delivery:
             delay = self.settings.webhook_backoff * 2 ** (attempt - 1) * random.uniform(0.9, 1.1)
             keep_ms = int(delay * 1000) + callbacks.kept_past_due(self.lease_ms, self.session_ttl_ms)
             await callbacks.settle(self.redis, rid, attempt, "retry", error, int((time.time() + delay) * 1000),
-                                   keep_ms=keep_ms, session_ttl_ms=self.session_ttl_ms)
+                                   keep_ms=keep_ms)
             log.info("callback of %s: attempt %d failed (%s); retrying in %.1f s", rid, attempt, error, delay)
 
     async def post(self, http: httpx.AsyncClient, url: str, rid: str, fields: dict[str, str]) -> str | None:

@@ -21,21 +21,11 @@
 -- the expiries are decided at this call's clock (its `now`, passed on to expire.lua).
 -- A request's effective class (the request hash's ep, shown as effective_priority) is written with its
 -- promotion on one server; on a cluster its "rid|class" is pushed to epw (capped at EPW_MAX, the newest
--- kept), and the scheduler that swept writes it on the data plane (scheduler/loop.py).
+-- kept), and the scheduler that swept writes it on the data plane (scheduler/loop.py): runs.lua note_class.
 local cp, lease, max_attempts, ttl = KEYS[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local now = clock()
 local lapsed, promoted = 0, 0
 local lost = {}
-local EPW_MAX = 10000
-
--- The new effective class of a promoted request, for GET /v1/requests/{rid} (see above).
-local function note_class(rid, cls)
-  if single_server then
-    redis.call('HSET', kreq(rid), 'ep', cls)
-  else
-    redis.call('RPUSH', cp .. 'epw', rid .. '|' .. cls)
-  end
-end
 for _, key in ipairs(redis.call('ZRANGEBYSCORE', cp .. 'leases', '-inf', now, 'LIMIT', 0, 200)) do
   local rec = run_record(cp, key)
   if not rec then
@@ -80,7 +70,7 @@ for cls = 0, highest - 1 do
     if spec and remove_ready(cp, sid, spec.tn, cls, spec.dl) then
       spec.ep = 10
       make_ready(cp, spec, now, true)
-      note_class(spec.rid, 10)
+      note_class(cp, spec.rid, 10)
       promoted = promoted + 1
     else
       redis.call('ZREM', cp .. 'age' .. cls, sid)
@@ -98,11 +88,11 @@ for _, sid in ipairs(redis.call('ZRANGEBYSCORE', cp .. 'dlp', '-inf', now, 'LIMI
     remove_ready(cp, sid, spec.tn, cls, true)
     spec.ep, spec.bo = raised, 1
     make_ready(cp, spec, now, true)
-    note_class(spec.rid, raised)
+    note_class(cp, spec.rid, raised)
     promoted = promoted + 1
   end
 end
-if promoted > 0 and not single_server then redis.call('LTRIM', cp .. 'epw', -EPW_MAX, -1) end
+if promoted > 0 then trim_classes(cp) end
 -- Deadlines missed while waiting: the request ranks behind on-time work (fairness.lua), or fails then.
 local expired = {}
 for _, sid in ipairs(redis.call('ZRANGEBYSCORE', cp .. 'dld', '-inf', now, 'LIMIT', 0, 100)) do

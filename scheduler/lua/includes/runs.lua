@@ -94,6 +94,30 @@ local function return_ticket(cp, wid)
   if redis.call('EXISTS', kworker(cp, wid)) == 1 then redis.call('LPUSH', cp .. 'idle', wid) end
 end
 
+-- A request's effective class changed (a promotion, or a boost dropped): its hash's ep (shown as
+-- effective_priority by GET /v1/requests/{rid}) is written at once on one server; on a cluster "rid|class"
+-- goes to epw (the newest EPW_MAX kept: see trim_classes), and the scheduler that sweeps next writes it on
+-- the data plane (scheduler/loop.py), in the order pushed.
+local EPW_MAX = 10000
+local function note_class(cp, rid, cls)
+  if single_server then
+    redis.call('HSET', kreq(rid), 'ep', cls)
+  else
+    redis.call('RPUSH', cp .. 'epw', rid .. '|' .. cls)
+  end
+end
+local function trim_classes(cp)
+  if not single_server then redis.call('LTRIM', cp .. 'epw', -EPW_MAX, -1) end
+end
+
+-- A waiting request's first token came (met or missed): its deadline binds no more (as ready_spec in
+-- requests.lua reads it), nor does the class a deadline boost (bo) raised it to: it waits at its own class
+-- again. Aging's class 10 is kept: that promotion is for its wait, not its deadline.
+local function drop_deadline(spec)
+  spec.dl, spec.dm, spec.mx = nil, nil, nil
+  if spec.bo and spec.ep < 10 then spec.ep, spec.bo = spec.p, nil end
+end
+
 -- The ready spec of a run's request, to put it back in the ready set (it keeps its ready time and
 -- its class, which aging may have raised). `fresh`: the data plane's newer view (tokens so far).
 local function spec_of(rec, fresh)
@@ -101,7 +125,7 @@ local function spec_of(rec, fresh)
   for _, name in ipairs(SPEC_KEYS) do spec[name] = rec[name] end
   if fresh then
     spec.n, spec.a, spec.pc = fresh.n, math.max(fresh.a, rec.a), math.max(fresh.pc or 0, rec.pc or 0)
-    if (tonumber(fresh.n) or 0) > 0 then spec.dl, spec.dm = nil, nil end -- its first token came: met or missed
+    if (tonumber(fresh.n) or 0) > 0 then drop_deadline(spec) end
   end
   return spec
 end
@@ -173,9 +197,9 @@ end
 -- `prompt`: its input tokens as the backend counted them (see end_run).
 -- A run the control plane already requeued (preempted on a cluster, record flag rq) only has its
 -- waiting entry refreshed (its rr stays: harmless once the hand-back fenced the attempt), and re-ranked
--- without its deadline when its first token came (the data plane's spec has none: a deadline binds until
--- the first token, as on one server, where the preemption requeues it with that spec); a cancelled one
--- (flag cx) is not requeued.
+-- without its deadline, and at its own class if a deadline boost raised it, when its first token came (the
+-- data plane's spec has none: a deadline binds until the first token, as on one server, where the
+-- preemption requeues it with that spec); a cancelled one (flag cx) is not requeued.
 local function release(cp, key, produced, requeue, now, prompt)
   local rec = run_record(cp, key)
   if rec then
@@ -195,11 +219,18 @@ local function release(cp, key, produced, requeue, now, prompt)
         if waiting and waiting.rid == spec.rid then
           waiting.n, waiting.pc = spec.n, spec.pc
           if waiting.dl and not spec.dl then
-            -- out of dlp and dld too (no boost, no expiry); its aging clock keeps running from its requeue
-            local aged = waiting.ep < 10 and redis.call('ZSCORE', cp .. 'age' .. waiting.ep, spec.sid)
-            waiting.dl, waiting.dm = nil, nil
+            -- out of dlp and dld too (no boost, no expiry), and out of a boosted class's sets (requeue_ready
+            -- removes the entry as stored); its aging clock keeps running from its requeue
+            local boosted = waiting.ep
+            local aged = boosted < 10 and redis.call('ZSCORE', cp .. 'age' .. boosted, spec.sid)
+            drop_deadline(waiting)
             requeue_ready(cp, waiting, now)
             if aged then redis.call('ZADD', cp .. 'age' .. waiting.ep, aged, spec.sid) end
+            -- shown too, after the boost's own entry (the hand-back's ready_spec may have been written before it)
+            if waiting.ep ~= boosted then
+              note_class(cp, spec.rid, waiting.ep)
+              trim_classes(cp)
+            end
           else
             redis.call('HSET', cp .. 'rq', spec.sid, spec_encode(waiting))
           end

@@ -2,6 +2,7 @@
 -- the Python side and explains the layout; the README's "Keyspace" table lists every key).
 --   data plane of a bucket     sg:{s:BB}:   (BB = the first two characters of a request id)
 --     r:<rid>          hash   one request (short field names, see sessions/status.py)
+--                             cbx: its own expiry (ms) before callback scripts lengthened it (callback_settle.lua)
 --     r:<rid>:in       string its prompt or messages JSON (deleted when the request ends)
 --     s:<sid>:m        hash   session meta: seq (last event id), base (first id kept), tn (owner),
 --                             lm (log cap; absent: the default), bt (boot that wrote last), hl (id holes

@@ -5,6 +5,8 @@
 
 -- What the control plane ranks, charges and starts a waiting head request by.
 -- `dl`: its deadline (ms; the time-to-first-token objective), `dm`: 1 when a missed deadline fails it.
+-- A deadline binds until the first token (`ft`): a request resumed after it is ranked without one, and at
+-- its own class again if the deadline's boost (sweep.lua) raised it.
 -- `a`: the last attempt either plane has used up: one the control plane closed before it started here
 -- (`fa`, d_stop) counts, or a late ready (the repair pass) would dispatch that attempt again beside the
 -- next one already in flight (dispatch.lua ready's run check looks at attempt a+1).
@@ -12,7 +14,14 @@ local SPEC_FIELDS = { 'sid', 'tn', 'g', 'p', 'ep', 'mt', 'n', 'a', 'it', 'sub', 
 local function ready_spec(rid)
   local v = redis.call('HMGET', kreq(rid), unpack(SPEC_FIELDS))
   if not v[1] then return nil end
-  return { rid = rid, sid = v[1], tn = v[2], g = v[3], p = tonumber(v[4]), ep = tonumber(v[5]),
+  local p, ep, first_token = tonumber(v[4]), tonumber(v[5]), v[15]
+  -- after its first token, a class a deadline boost gave it (below aging's 10, the only other raise) goes
+  -- with the deadline: its hash's ep (effective_priority) shows its own class again
+  if first_token and ep < 10 and ep ~= p then
+    ep = p
+    redis.call('HSET', kreq(rid), 'ep', p)
+  end
+  return { rid = rid, sid = v[1], tn = v[2], g = v[3], p = p, ep = ep,
     mt = tonumber(v[6]), n = tonumber(v[7]), a = math.max(tonumber(v[8]), tonumber(v[16] or '0')),
     it = tonumber(v[9]), sub = tonumber(v[10]),
     pc = tonumber(v[11] or '0'), fs = tonumber(v[12]),
