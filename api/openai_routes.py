@@ -49,7 +49,14 @@ from sluicegate.api.deadline import lift_response_deadline
 from sluicegate.api.errors import ApiError
 from sluicegate.api.key_watch import ENDED_MESSAGE, KeyWatch, key_watch
 from sluicegate.api.models_routes import model_not_found
-from sluicegate.api.requests_routes import check_group, check_session_id, require_json, submit_request
+from sluicegate.api.requests_routes import (
+    check_group,
+    check_session_id,
+    check_session_owner,
+    require_json,
+    submit_owner,
+    submit_request,
+)
 from sluicegate.api.responses import JSON, EventStreamResponse, LastChunk
 from sluicegate.api.schemas import ChatBody, SubmitBody, parse_priority
 from sluicegate.api.services import Services, principal, services
@@ -286,8 +293,17 @@ async def chat_completions(request: Request):
     new = await new_request(body, request, who)
     callback = check_callback(svc, request.headers.get("x-callback-url"))  # push mode (api/callbacks.py)
     await check_group(svc, new.group)  # an unknown X-Group is its 404, never max_streams' retryable 429
-    # A stream is counted before the submit, so a tenant over max_streams stores nothing (429).
-    release = await svc.guardrails.open_stream(who) if body.stream else None
+    release = None
+    if body.stream:
+        # A stream is counted before the submit, so a tenant over max_streams stores nothing (429). What can never
+        # be admitted is its 403 at any count, not a 429 the client retries: a priority above max_priority
+        # (checked first, cached), and a session of another tenant (read on the 429's way only).
+        await svc.guardrails.check_priority(who, new.priority)
+        try:
+            release = await svc.guardrails.open_stream(who)
+        except ApiError:
+            await check_session_owner(svc, submit_owner(svc, who, new), new.session_id)
+            raise
     # A session this process already follows (a client that names its session): joined before the
     # submit, the request's events all come live and the stream reads no log.
     joined = svc.hub.join_live(new.session_id)

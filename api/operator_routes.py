@@ -1,5 +1,6 @@
 """Operators' reads: the audit log and usage for chargeback (admin key required when auth is on), and
-readiness (`/readyz`: Redis answers and the function library is loaded; `/healthz` stays liveness)."""
+readiness (`/readyz`: Redis answers, the function library is loaded and no server may evict keys; `/healthz`
+stays liveness)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from sluicegate.api.services import admin, services
 from sluicegate.sessions import usage
 from sluicegate.sessions.connect import UNAVAILABLE
 from sluicegate.sessions.library import digest
+from sluicegate.sessions.store_policy import eviction_problems
 
 router = APIRouter()
 
@@ -76,7 +78,8 @@ async def library_loaded(redis: Any) -> bool:
 @router.head("/readyz", include_in_schema=False)  # a load balancer's check; one operation id in the OpenAPI document
 @router.get("/readyz")
 async def readyz(request: Request):
-    """200 when Redis answers and the function library is loaded, else 503 with the reason. A library
+    """200 when Redis answers, the function library is loaded and no server's maxmemory-policy may evict
+    keys (accepted requests would be lost: sessions/store_policy.py), else 503 with the reason. A library
     found missing (a flushed or failed-over server) is loaded here, as the next call would load it."""
     svc = services(request)
     try:
@@ -91,5 +94,9 @@ async def readyz(request: Request):
                 raise RedisError("still missing after FUNCTION LOAD")
     except (*UNAVAILABLE, RedisError) as error:
         return JSON({"status": "unavailable", "reason": f"function library not loaded: {error}"}, status_code=503,
+                    headers={"Retry-After": "1"})
+    problems = await eviction_problems(svc.redis)  # asked each time: a policy fixed at runtime counts at once
+    if problems:
+        return JSON({"status": "unavailable", "reason": "; ".join(problems)}, status_code=503,
                     headers={"Retry-After": "1"})
     return JSON({"status": "ready"})

@@ -114,11 +114,17 @@ def foreign_session(session_id: str) -> ApiError:
     return ApiError(403, f"session {session_id!r} belongs to another tenant")
 
 
-async def check_session_owner(svc: Services, who: Principal, session_id: str) -> None:
-    """403 when the session belongs to another tenant than the caller's: read on a refusal's way only (a
-    stored submit checks it in its own script)."""
-    owner, _ = await svc.store.session_state(session_id)
-    if who.owner and owner is not None and owner != who.owner:
+def submit_owner(svc: Services, who: Principal, new: NewRequest) -> str:
+    """The owner a submit enforces on its session ("" = any): with auth on the request's tenant, the admin's
+    too (it submits for a tenant, into that tenant's sessions only); with auth off none."""
+    return (who.owner or new.tenant) if svc.keyring.enabled else ""
+
+
+async def check_session_owner(svc: Services, owner: str, session_id: str) -> None:
+    """403 when the session belongs to another tenant than `owner` (submit_owner): read on a refusal's way
+    only (a stored submit checks it in its own script)."""
+    stored, _ = await svc.store.session_state(session_id)
+    if owner and stored is not None and stored != owner:
         raise foreign_session(session_id)
 
 
@@ -155,13 +161,14 @@ async def submit_request(request: Request, who: Principal, new: NewRequest,
     await check_group(svc, new.group)  # before max_queued: an unknown group is its 404 at any count
     # max_queued (429): the request's tenant, the admin's too (it submits for a tenant); auth off limits no one
     tenant = new.tenant if svc.keyring.enabled else None
+    owner = submit_owner(svc, who, new)
     try:
         give_back = await svc.guardrails.take_place(who, tenant, new.request_id)
     except ApiError:  # 429 at max_queued: a session of another tenant is its 403 at any count, as below it
-        await check_session_owner(svc, who, new.session_id)
+        await check_session_owner(svc, owner, new.session_id)
         raise
     try:
-        result = await svc.store.submit(new, owner=who.owner)
+        result = await svc.store.submit(new, owner=owner)
     except MaybeStored as lost:
         log.warning("%s", lost)
         # The caller notes the callback only after an answer: tried once here (a no-op when it was not stored),

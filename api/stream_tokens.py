@@ -12,7 +12,9 @@ process to need it generates into Redis (`sg:stream-token-secret`, SET NX), so e
 accepts every other's tokens and a token survives an API restart. A tenant's token names the key it
 was minted with: revoking the key revokes its tokens (one HEXISTS when a stream opens), and ends the
 streams they opened as it ends the key's own (api/key_watch.py). Deleting the
-secret (and restarting the API processes) revokes every token.
+secret (and restarting the API processes) revokes every token. A token with no tenant is the admin's only
+when the admin key minted it (`adm`): one minted while auth was off, where anyone may mint, is refused once
+auth is on (the secret outlives the restart in Redis).
 """
 
 from __future__ import annotations
@@ -85,18 +87,23 @@ class StreamTokens:
         return self._secret
 
     async def mint(self, kind: str, scope_id: str, tenant: str | None, key_id: str | None,
-                   key_expires_at: float | None) -> tuple[str, int]:
-        """A token for one stream, and its expiry (never past the key's own)."""
+                   key_expires_at: float | None, *, admin: bool = False) -> tuple[str, int]:
+        """A token for one stream, and its expiry (never past the key's own). `admin`: the admin key minted it
+        with auth on (`adm`), the only token without a tenant that check() accepts."""
         expires_at = int(time.time()) + self.ttl
         if key_expires_at is not None:
             expires_at = min(expires_at, int(key_expires_at))
-        payload = _b64(orjson.dumps({"k": kind, "id": scope_id, "t": tenant, "kid": key_id, "exp": expires_at}))
+        fields: dict[str, Any] = {"k": kind, "id": scope_id, "t": tenant, "kid": key_id, "exp": expires_at}
+        if admin:
+            fields["adm"] = 1
+        payload = _b64(orjson.dumps(fields))
         signature = hmac.new(await self.secret(), payload.encode(), hashlib.sha256).digest()
         return f"{payload}.{_b64(signature)}", expires_at
 
     async def check(self, token: str, kind: str, scope_id: str) -> Principal:
-        """The principal a token stands for on this stream: 401 when it is forged, expired, revoked or
-        made for another stream (the message does not say which other one)."""
+        """The principal a token stands for on this stream: 401 when it is forged, expired, revoked,
+        made for another stream (the message does not say which other one) or, with no tenant, not minted
+        by the admin key. Called with auth on only (token_principal)."""
         payload, _, signature = token.partition(".")
         try:
             given = _unb64(signature)
@@ -117,6 +124,8 @@ class StreamTokens:
         if key_id is not None and not await self.redis.hexists(keys.API_KEY_IDS, key_id):
             raise ApiError(401, "the API key this stream token came from was revoked")
         tenant = fields.get("t")
+        if tenant is None and fields.get("adm") != 1:  # minted while auth was off: anyone could have
+            raise ApiError(401, "stream token minted while auth was off: ask POST /v1/stream-tokens for a new one")
         return Principal(admin=tenant is None, tenant=tenant, key_id=key_id)
 
 
@@ -180,6 +189,7 @@ async def create_stream_token(body: StreamTokenBody, request: Request, who: Prin
         require_admin(who)
         kind, scope_id, url = STATS, "", "/v1/admin/stats/stream"
     key_id, key_expires_at = await caller_key(request) if who.tenant else (None, None)
-    token, expires_at = await stream_tokens(request).mint(kind, scope_id, who.tenant, key_id, key_expires_at)
+    token, expires_at = await stream_tokens(request).mint(kind, scope_id, who.tenant, key_id, key_expires_at,
+                                                          admin=who.tenant is None and svc.keyring.enabled)
     return JSON({"token": token, "expires_at": expires_at, "scope": kind, "events_url": f"{url}?token={token}"},
                 status_code=201)

@@ -187,6 +187,10 @@ def main(argv: list[str] | None = None) -> int:
         except RedisUnavailable as error:
             print(f"sluicegate {args.command}: {error}", file=sys.stderr)
             return 1
+        if args.command in ("api", "scheduler", "worker"):  # `serve` runs these, each of which says it once
+            from sluicegate.sessions.store_policy import log_eviction_problems
+
+            log_eviction_problems(settings.redis_url, cluster=settings.redis_cluster)  # an ERROR; runs anyway
     if args.command == "serve":
         from sluicegate.serve import serve
 
