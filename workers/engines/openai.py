@@ -53,6 +53,12 @@ Priority: vLLM schedules lower values first (with `--scheduling-policy priority`
 scheduling is not enabled") is asked again without it, and this engine stops sending it once that
 call is served (vLLM and SGLang echo the whole request in any validation 400, which then names it too).
 
+Seed: a backend that cannot continue (a resume regenerates) gets a seed derived from the request id when
+the caller sent none, so that a regenerated resume repeats the sampled tokens already streamed. One that
+refuses it (a 400 naming `seed`: LiteLLM's UnsupportedParamsError for a model without seeds) is asked again
+without it, and stops getting it once that call is served, as with `priority`. The caller's own seed goes
+as sent: a 400 refusing it is the request's, and the caller's.
+
 A run that is cancelled or preempted closes its HTTP stream at once (the backend aborts the
 generation and frees its KV cache).
 
@@ -88,7 +94,15 @@ from sluicegate.settings import Settings
 from sluicegate.tracing import TRACE_PARAM, Tracing, traced_stream, tracing_for
 from sluicegate.workers.engines.base import EngineError, Finish, Piece, Token
 from sluicegate.workers.engines.http1 import HTTP1Client, HTTPClientError, Response
-from sluicegate.workers.engines.probe import Capabilities, probe, refused_field, renamed_budget, root_of
+from sluicegate.workers.engines.probe import (
+    INJECTED_SEED,
+    OPTIONAL_FIELDS,
+    Capabilities,
+    probe,
+    refused_field,
+    renamed_budget,
+    root_of,
+)
 from sluicegate.workers.retrying import first_try_then
 
 log = logging.getLogger(__name__)
@@ -346,6 +360,7 @@ class OpenAIEngine:
         self.retry_after_max = retry_after_max
         self.send_priority = send_priority
         self.ask_usage = True
+        self.send_seed = True  # a seed of the request's own when the caller sent none (body()), until refused
         self.first_token_timeout = first_token_timeout
         self.idle_timeout = idle_timeout
         self.headers = {"content-type": "application/json", "accept": "text/event-stream"}
@@ -436,10 +451,11 @@ class OpenAIEngine:
                         continue_final_message=True, add_generation_prompt=False)
         elif run.start_index > 0:  # regenerate: the whole output again, its first start_index tokens skipped
             body[budget] = run.max_tokens
-        if not self.capabilities.continues and "seed" not in body:
+        if not self.capabilities.continues and self.send_seed and INJECTED_SEED not in body:
             # A resume regenerates: a seed of the request's own makes a sampled output come out the same
-            # again on an engine that honours it (greedy decoding needs none).
-            body["seed"] = int(hashlib.sha1(run.request_id.encode()).hexdigest()[:8], 16) % 2**31
+            # again on an engine that honours it (greedy decoding needs none). A backend that refuses it
+            # gets it no more (_post); the caller's own seed is the request's and goes as sent.
+            body[INJECTED_SEED] = int(hashlib.sha1(run.request_id.encode()).hexdigest()[:8], 16) % 2**31
         if self.ask_usage:
             body["stream_options"] = {"include_usage": True}
         if self.send_priority:
@@ -606,7 +622,8 @@ class OpenAIEngine:
         try:
             async with asyncio.timeout(self.first_token_timeout):
                 body = self.body(run, so_far, await self.model_for(run.group), continues)
-                response = await self._post(body, headers)
+                ours = OPTIONAL_FIELDS if INJECTED_SEED in run.params else (*OPTIONAL_FIELDS, INJECTED_SEED)
+                response = await self._post(body, headers, ours)
                 tokens = self._tokens(response, state, strict_done=self.capabilities.interrupts)
                 try:
                     first = await anext(tokens, None)
@@ -621,11 +638,13 @@ class OpenAIEngine:
         except (HTTPClientError, aiohttp.ClientError, ValueError) as error:  # aiohttp's: the model listing
             raise Transient(describe(error)) from error
 
-    async def _post(self, body: dict[str, Any], headers: dict[str, str] | None = None) -> Response:
+    async def _post(self, body: dict[str, Any], headers: dict[str, str] | None = None,
+                    ours: tuple[str, ...] = OPTIONAL_FIELDS) -> Response:
         """`headers`: besides the engine's (the W3C traceparent of the call's span, when tracing). A 400 that
-        names a field of ours (or asks for `max_completion_tokens`) is tried again without it (renamed), and
-        learnt for good only when that try is served: vLLM and SGLang echo the whole request in every
-        validation 400, so one tenant's bad request names them all, and must not change the engine for all."""
+        names a field of ours (`ours`: the seed too when Sluicegate added it; or that asks for
+        `max_completion_tokens`) is tried again without it (renamed), and learnt for good only when that try
+        is served: vLLM and SGLang echo the whole request in every validation 400, so one tenant's bad request
+        names them all, and must not change the engine for all."""
         lessons: list[str] = []  # the fields left out (or "budget": renamed) on this call's way
         while True:
             response = await self.http.post("/chat/completions", orjson.dumps(body), headers)
@@ -634,7 +653,7 @@ class OpenAIEngine:
                 self._learn(lessons)
                 return response
             payload = await response.read()
-            field = refused_field(response.status, payload, body)
+            field = refused_field(response.status, payload, body, ours)
             if field is not None:
                 body.pop(field)
                 lessons.append(field)
@@ -655,6 +674,8 @@ class OpenAIEngine:
             log.warning("backend %s rejects `%s`; sending requests without it from now on", self.base_url, lesson)
             if lesson == "priority":
                 self.send_priority = False
+            elif lesson == INJECTED_SEED:
+                self.send_seed = False
             else:
                 self.ask_usage = False
 

@@ -71,15 +71,20 @@ class Capabilities:
 
 
 OPTIONAL_FIELDS = ("priority", "stream_options")  # what Sluicegate adds to a request, and a server may refuse
+# Added too when the caller sent none and a resume would regenerate (openai.py `body`); the caller's own is
+# the request's, never dropped: a server refusing it (LiteLLM's UnsupportedParamsError) answers the caller.
+INJECTED_SEED = "seed"
 
 
-def refused_field(status: int, payload: bytes, body: dict[str, Any]) -> str | None:
-    """The field of ours a 400 names (vLLM without priority scheduling: "...Priority scheduling is not
-    enabled"), so that the request can go again without it; None for any other answer."""
+def refused_field(status: int, payload: bytes, body: dict[str, Any],
+                  ours: tuple[str, ...] = OPTIONAL_FIELDS) -> str | None:
+    """The field of ours (`ours`: those Sluicegate added to this body) a 400 names (vLLM without priority
+    scheduling: "...Priority scheduling is not enabled"), so that the request can go again without it;
+    None for any other answer."""
     if status != 400:
         return None
     lowered = payload.lower()
-    return next((f for f in OPTIONAL_FIELDS if f in body and f.encode() in lowered), None)
+    return next((f for f in ours if f in body and f.encode() in lowered), None)
 
 
 def renamed_budget(status: int, payload: bytes, body: dict[str, Any]) -> bool:
