@@ -23,6 +23,10 @@ logprobs, the finish_reason and the usage:
 - the store (Redis) unavailable once the request is stored, before the status went out: a 503 with the
   request's ids and `x-should-retry: false` (the SDK's retry would store and generate it again); the
   request runs on, readable at its events URL. Before the submit it is the plain 503 (`Retry-After`).
+  The same 503 when the API process starts shutting down (SIGTERM) while the status waits, rather than
+  uvicorn's plain 500 once its graceful-shutdown timeout cancels the route.
+- a stream that ends without its terminal event (its reader fell so far behind that the session's log
+  was trimmed past it) ends with an error object and `[DONE]`, not silently (a truncated answer).
 
 Generation never depends on the client: a caller that disconnects leaves the request running, and
 its tokens stay readable at `/v1/requests/{X-Request-Id}/events`.
@@ -30,11 +34,12 @@ its tokens stay readable at `/v1/requests/{X-Request-Id}/events`.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from contextlib import aclosing
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 from fastapi import APIRouter, Request
@@ -57,7 +62,7 @@ from sluicegate.api.requests_routes import (
     submit_owner,
     submit_request,
 )
-from sluicegate.api.responses import JSON, EventStreamResponse, LastChunk
+from sluicegate.api.responses import DRAIN, JSON, EventStreamResponse, LastChunk
 from sluicegate.api.schemas import ChatBody, SubmitBody, parse_priority
 from sluicegate.api.services import Services, principal, services
 from sluicegate.api.streaming import PING, SSE_HEADERS
@@ -81,6 +86,7 @@ KEY_ENDED = {"error": {"type": "unauthorized", "message": ENDED_MESSAGE, "code":
 # On a stored request's error answer: OpenAI's SDKs retry 409 and 5xx by default, each retry a new request
 # (a cancelled call submitted again, a failed or still running one generated twice); they obey this header.
 NO_RETRY = {"x-should-retry": "false"}
+T = TypeVar("T")
 
 
 def openai_error(status: int, type_: str, message: str) -> dict[str, dict[str, Any]]:
@@ -106,6 +112,38 @@ def store_lost(error: Exception, new: NewRequest, headers: dict[str, str], *, ca
     message = (f"the queue store (Redis) is unavailable; the request was stored and runs on{unsure}: "
                f"read it at /v1/requests/{new.request_id}/events")
     return stored_failure(503, "unavailable", message, headers)
+
+
+def shutting_down(new: NewRequest, headers: dict[str, str]) -> JSON:
+    """The answer of a stored request whose status still waits when the API process starts shutting down:
+    not uvicorn's plain 500 after its graceful-shutdown timeout, which the SDK retries (generated again)."""
+    message = ("the API process is shutting down; the request was stored and runs on: "
+               f"read it at /v1/requests/{new.request_id}/events")
+    return stored_failure(503, "unavailable", message, headers)
+
+
+async def unless_shutdown(wait: Coroutine[Any, Any, T]) -> tuple[T | None, bool]:
+    """`wait`'s result and False; or, when the server starts shutting down first (ShutdownDrain), None and
+    True at once: the wait is cancelled, by this task's own cancel, withdrawn here (any other cancel propagates)."""
+    task = asyncio.current_task()
+    drained = over = False
+
+    def drain() -> None:
+        nonlocal drained
+        if not (drained or over) and task is not None:
+            drained = True
+            task.cancel()
+
+    DRAIN.add(drain)
+    try:
+        return await wait, False
+    except asyncio.CancelledError:
+        if not drained or task is None or task.uncancel() > 0:
+            raise
+        return None, True
+    finally:
+        over = True  # a drain the loop calls later (shutdown begun before `add`) cancels nothing
+        DRAIN.discard(drain)
 
 
 def header_name(request: Request, header: str, default: str) -> str:
@@ -197,10 +235,12 @@ async def first_news(batches: AsyncIterator[list[Event]]) -> tuple[list[list[Eve
     return held, None
 
 
-async def sse_chunks(svc: Services, completion: Completion, held: list[list[Event]],
+async def sse_chunks(svc: Services, completion: Completion, held: list[list[Event]], stream: EventStream,
                      batches: AsyncIterator[list[Event]], watch: KeyWatch | None) -> AsyncIterator[bytes]:
     """The streamed answer: the batches `first_news` held, then the rest; it ends when its key is revoked
-    or expires (api/key_watch.py), with an error object, so that the SDK raises."""
+    or expires (api/key_watch.py), with an error object, so that the SDK raises. The same when the events
+    end without the terminal one (the log trimmed past a reader that fell behind): not a truncated answer
+    the SDK would take as whole."""
     # aclosing: the events are left at their end (the return below), and closed here, at once, rather than
     # by the garbage collector's finalizer (a task and a loop wake-up per request, and the hub left later)
     with svc.stream_open():
@@ -220,6 +260,9 @@ async def sse_chunks(svc: Services, completion: Completion, held: list[list[Even
                     yield chunk
                 if isinstance(chunk, LastChunk):
                     return
+            gap = f" ({stream.expired})" if stream.expired is not None else ""
+            message = f"the event stream ended early{gap}; read it at /v1/requests/{stream.request_id}/events"
+            yield LastChunk(b"data: " + orjson.dumps(openai_error(503, "unavailable", message)) + b"\n\n" + DONE)
 
 
 def sse_chunk(completion: Completion, batch: list[Event]) -> bytes | None:
@@ -324,6 +367,7 @@ async def chat_completions(request: Request):
     # waits past the response deadline (whose 503 the SDK retries): streamed, for the first event that tells how
     # it goes (first_news); not streamed, for the request's end (whole_answer). So a request refused or failed
     # then gets its own status, which OpenAI's SDKs raise as their own classes. attach_callback bounds its wait.
+    # A shutdown meanwhile ends the wait at once with the stored request's 503 (unless_shutdown, shutting_down).
     lift_response_deadline(request.scope)
     headers = {"X-Request-Id": new.request_id, "X-Session-Id": new.session_id}
     try:
@@ -345,22 +389,29 @@ async def chat_completions(request: Request):
             closed()
 
         try:
-            held, ended = await first_news(batches)
+            news, drained = await unless_shutdown(first_news(batches))
         except BaseException as error:
             await batches.aclose()
             stream_closed()
             if isinstance(error, Exception) and store_unavailable(error):
                 return store_lost(error, new, headers)
             raise
+        if news is None or drained:
+            await batches.aclose()
+            stream_closed()
+            return shutting_down(new, headers)
+        held, ended = news
         if ended is not None and ended.name != "done":
             await batches.aclose()
             stream_closed()
             return stored_failure(*failure(ended), headers)
-        return EventStreamResponse(sse_chunks(svc, completion, held, batches, key_watch(svc.keyring, who)),
+        return EventStreamResponse(sse_chunks(svc, completion, held, stream, batches, key_watch(svc.keyring, who)),
                                    headers={**headers, **SSE_HEADERS}, on_close=stream_closed)  # nginx: no buffering
     try:
         async with aclosing(stream.batches()) as batches:
-            return await whole_answer(request, new, completion, headers, batches, key_watch(svc.keyring, who))
+            answer, drained = await unless_shutdown(
+                whole_answer(request, new, completion, headers, batches, key_watch(svc.keyring, who)))
+        return shutting_down(new, headers) if answer is None or drained else answer
     except Exception as error:
         if store_unavailable(error):
             return store_lost(error, new, headers)
