@@ -163,14 +163,16 @@ def test_tail_waits_for_a_session_that_has_no_request_yet(stack: Stack) -> None:
     tail = subprocess.Popen([sys.executable, "-m", "sluicegate", "tail", "not-yet", "--json", "--url", stack.base_url],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lines: queue.Queue[str] = queue.Queue()
+    said: queue.Queue[str] = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in tail.stdout or []], daemon=True).start()
-    time.sleep(1.5)
+    threading.Thread(target=lambda: [said.put(line) for line in tail.stderr or []], daemon=True).start()
+    # it has asked and been told there is no such session yet (a fixed 1.5 s was less than a loaded host's start)
+    assert "waiting for it" in said.get(timeout=30)
     assert tail.poll() is None  # still waiting
     rid = submit(stack.base_url, "not-yet", max_tokens=2)
     events = [json.loads(lines.get(timeout=20))]
     while events[-1]["event"] != "done":
         events.append(json.loads(lines.get(timeout=20)))
     tail.send_signal(signal.SIGINT)
-    _, err = tail.communicate(timeout=10)
-    assert tail.returncode == 130 and "waiting for it" in err
+    assert tail.wait(timeout=10) == 130
     assert [e["event"] for e in events][0] == "queued" and all(e["data"].get("request_id") == rid for e in events)

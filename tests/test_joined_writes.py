@@ -134,7 +134,8 @@ def test_close_writes_what_is_held_first_and_a_closing_transport_or_an_abort_dro
 def test_a_streamed_head_alone_waits_for_its_first_chunk_or_head_wait_then_goes_out() -> None:
     async def joined_with_its_first_chunk(recorder: Recorder, joined: JoinedWrites) -> None:
         joined.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
-        await asyncio.sleep(0.01)  # turns go by: the head waits for its body
+        for _ in range(5):  # turns go by: the head waits for its body (turns, not ms: a paused host would
+            await asyncio.sleep(0)  # run the head-wait timer before this task, 10 ms were 2 failures in 9)
         assert recorder.writes == []
         joined.write(b"7\r\ndata: 1\r\n")  # the first token: out at once, with the head
         assert recorder.writes == [b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n7\r\ndata: 1\r\n"]
@@ -143,11 +144,12 @@ def test_a_streamed_head_alone_waits_for_its_first_chunk_or_head_wait_then_goes_
         await asyncio.sleep(0.05)  # the spent wait writes nothing more
         assert len(recorder.writes) == 2
 
-    on_loop(joined_with_its_first_chunk, answering=lambda: True, head_wait=0.02)
+    on_loop(joined_with_its_first_chunk, answering=lambda: True, head_wait=0.02)  # spent by the 0.05 s below
 
     async def alone_after_head_wait(recorder: Recorder, joined: JoinedWrites) -> None:
         joined.write(b"HTTP/1.1 200 OK\r\n\r\n")
-        await asyncio.sleep(0.005)
+        for _ in range(5):  # turns, not ms (see above)
+            await asyncio.sleep(0)
         assert recorder.writes == []
         await asyncio.sleep(0.05)
         assert recorder.writes == [b"HTTP/1.1 200 OK\r\n\r\n"]

@@ -323,8 +323,10 @@ def test_a_freshly_declared_model_routes_within_two_seconds(stack: Stack) -> Non
 
     with_redis(stack.settings.redis_url or "", declare)
     began = time.monotonic()
+    tried: list[float] = []
 
     def routed() -> bool:
+        tried.append(time.monotonic())  # routing is decided as the call comes in, not when its answer ends
         try:
             client.chat.completions.create(model="fresh", messages=USER, max_tokens=2)  # type: ignore[arg-type]
         except openai.NotFoundError:
@@ -332,7 +334,7 @@ def test_a_freshly_declared_model_routes_within_two_seconds(stack: Stack) -> Non
         return True
 
     wait_for(routed, timeout=2.5, interval=0.1, what="the new model to route")
-    assert time.monotonic() - began < 2.0
+    assert tried[-1] - began < 2.0
 
 
 # ---- unknown groups ------------------------------------------------------------------------------

@@ -494,7 +494,6 @@ def test_a_host_full_of_black_holed_callbacks_holds_only_its_own(redis_url: str,
         stack.start_service("webhooks", Delivery(stack.settings, poll_seconds=0.05).run)
         wait_for(lambda: hole.open >= bound, what="the black hole's connections")
         time.sleep(0.3)  # several passes (0.05 s apart) that must start none of the rest
-        delivered_promptly(stack, receiver, "healthy-2", behind="a full black-holed host")
         attempts = sorted(callback_of(stack, rid)["attempts"] for rid in lost)
         assert attempts == [0] * 2 + [1] * bound, attempts  # the rest are not claimed: they wait, due
         waiting = [rid for rid in lost if callback_of(stack, rid)["attempts"] == 0]
@@ -502,8 +501,10 @@ def test_a_host_full_of_black_holed_callbacks_holds_only_its_own(redis_url: str,
         def due_in_ms(rid: str) -> float:
             return r.zscore(keys.callbacks_due(keys.bucket_of_request(rid)), rid) - time.time() * 1000
 
-        assert time.monotonic() - began < 3, "too slow a host to check the hold"
         assert all(due_in_ms(rid) <= 0 for rid in waiting)  # held here, still due in the store
+        # checked before the healthy delivery below, which took up to 58% of the 3 s on a loaded cluster pass
+        assert time.monotonic() - began < 3, "too slow a host to check the hold"
+        delivered_promptly(stack, receiver, "healthy-2", behind="a full black-holed host")
         # Once the host is slow, they wait a share of the timeout (30 s / PER_HOST), not at the front of
         # their bucket, where a growing backlog would hide every callback behind it and be read every pass.
         wait_for(lambda: all(due_in_ms(rid) > 3_000 for rid in waiting), timeout=8, what="the push back")
