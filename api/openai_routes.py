@@ -34,12 +34,11 @@ its tokens stay readable at `/v1/requests/{X-Request-Id}/events`.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import secrets
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator
 from contextlib import aclosing
-from typing import Any, TypeVar
+from typing import Any
 
 import orjson
 from fastapi import APIRouter, Request
@@ -86,7 +85,6 @@ KEY_ENDED = {"error": {"type": "unauthorized", "message": ENDED_MESSAGE, "code":
 # On a stored request's error answer: OpenAI's SDKs retry 409 and 5xx by default, each retry a new request
 # (a cancelled call submitted again, a failed or still running one generated twice); they obey this header.
 NO_RETRY = {"x-should-retry": "false"}
-T = TypeVar("T")
 
 
 def openai_error(status: int, type_: str, message: str) -> dict[str, dict[str, Any]]:
@@ -120,30 +118,6 @@ def shutting_down(new: NewRequest, headers: dict[str, str]) -> JSON:
     message = ("the API process is shutting down; the request was stored and runs on: "
                f"read it at /v1/requests/{new.request_id}/events")
     return stored_failure(503, "unavailable", message, headers)
-
-
-async def unless_shutdown(wait: Coroutine[Any, Any, T]) -> tuple[T | None, bool]:
-    """`wait`'s result and False; or, when the server starts shutting down first (ShutdownDrain), None and
-    True at once: the wait is cancelled, by this task's own cancel, withdrawn here (any other cancel propagates)."""
-    task = asyncio.current_task()
-    drained = over = False
-
-    def drain() -> None:
-        nonlocal drained
-        if not (drained or over) and task is not None:
-            drained = True
-            task.cancel()
-
-    DRAIN.add(drain)
-    try:
-        return await wait, False
-    except asyncio.CancelledError:
-        if not drained or task is None or task.uncancel() > 0:
-            raise
-        return None, True
-    finally:
-        over = True  # a drain the loop calls later (shutdown begun before `add`) cancels nothing
-        DRAIN.discard(drain)
 
 
 def header_name(request: Request, header: str, default: str) -> str:
@@ -367,7 +341,7 @@ async def chat_completions(request: Request):
     # waits past the response deadline (whose 503 the SDK retries): streamed, for the first event that tells how
     # it goes (first_news); not streamed, for the request's end (whole_answer). So a request refused or failed
     # then gets its own status, which OpenAI's SDKs raise as their own classes. attach_callback bounds its wait.
-    # A shutdown meanwhile ends the wait at once with the stored request's 503 (unless_shutdown, shutting_down).
+    # A shutdown meanwhile ends the wait at once with the stored request's 503 (DRAIN.unless_shutdown, shutting_down).
     lift_response_deadline(request.scope)
     headers = {"X-Request-Id": new.request_id, "X-Session-Id": new.session_id}
     try:
@@ -389,7 +363,7 @@ async def chat_completions(request: Request):
             closed()
 
         try:
-            news, drained = await unless_shutdown(first_news(batches))
+            news, drained = await DRAIN.unless_shutdown(first_news(batches))
         except BaseException as error:
             await batches.aclose()
             stream_closed()
@@ -409,7 +383,7 @@ async def chat_completions(request: Request):
                                    headers={**headers, **SSE_HEADERS}, on_close=stream_closed)  # nginx: no buffering
     try:
         async with aclosing(stream.batches()) as batches:
-            answer, drained = await unless_shutdown(
+            answer, drained = await DRAIN.unless_shutdown(
                 whole_answer(request, new, completion, headers, batches, key_watch(svc.keyring, who)))
         return shutting_down(new, headers) if answer is None or drained else answer
     except Exception as error:

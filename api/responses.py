@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import weakref
-from collections.abc import AsyncIterator, Callable
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any, TypeVar
 
 import orjson
 from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
+
+T = TypeVar("T")
 
 
 class JSON(JSONResponse):
@@ -46,6 +48,31 @@ class ShutdownDrain:
     def discard(self, end: Callable[[], None]) -> None:
         with contextlib.suppress(RuntimeError, KeyError):
             self.open[asyncio.get_running_loop()].discard(end)
+
+    async def unless_shutdown(self, wait: Coroutine[Any, Any, T]) -> tuple[T | None, bool]:
+        """`wait`'s result and False; or, when the server starts shutting down first, None and True at once
+        (a route that waits before its response starts answers then, rather than be cut by uvicorn's
+        graceful-shutdown timeout and its plain 500): the wait is cancelled by this task's own cancel,
+        withdrawn here (any other cancel propagates)."""
+        task = asyncio.current_task()
+        drained = over = False
+
+        def drain() -> None:
+            nonlocal drained
+            if not (drained or over) and task is not None:
+                drained = True
+                task.cancel()
+
+        self.add(drain)
+        try:
+            return await wait, False
+        except asyncio.CancelledError:
+            if not drained or task is None or task.uncancel() > 0:
+                raise
+            return None, True
+        finally:
+            over = True  # a drain the loop calls later (shutdown begun before `add`) cancels nothing
+            self.discard(drain)
 
     async def _watch(self, loop: asyncio.AbstractEventLoop, ends: set[Callable[[], None]]) -> None:
         from sse_starlette import EventSourceResponse  # its uvicorn hook is installed on import
