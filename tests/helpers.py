@@ -16,17 +16,18 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import uvicorn
 
 from sluicegate.embedded import free_port
 from sluicegate.scheduler.loop import Scheduler
 from sluicegate.sessions import keys
+from sluicegate.sessions.connect import async_client
 from sluicegate.sessions.events import SseParser
 from sluicegate.settings import Settings
 from sluicegate.workers.engines.base import Engine
@@ -35,6 +36,7 @@ from sluicegate.workers.worker import Worker
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The suite's second pass: the same tests on an embedded 3-master cluster (tests/conftest.py).
 ON_CLUSTER = os.environ.get("SLUICEGATE_TEST_CLUSTER") == "1"
+T = TypeVar("T")
 
 
 def fast_settings(redis_url: str, **overrides: Any) -> Settings:
@@ -283,3 +285,15 @@ def read_http_request(conn: socket.socket) -> bytes:
     while len(body) < length:
         body += conn.recv(65536)
     return body
+
+
+def with_redis(redis_url: str, use: Callable[[Any], Awaitable[T]]) -> T:
+    """Run `use(client)` with an asyncio client of the test server (a cluster client on a cluster)."""
+    async def main() -> T:
+        client = async_client(redis_url, cluster=ON_CLUSTER)
+        try:
+            return await use(client)
+        finally:
+            await client.aclose()
+
+    return asyncio.run(main())

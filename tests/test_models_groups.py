@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from typing import Any, TypeVar
 
 import openai
@@ -17,7 +17,6 @@ import redis
 from sluicegate.api.directory import Directory
 from sluicegate.scheduler.deadlines import write_deadlines
 from sluicegate.sessions import keys
-from sluicegate.sessions.connect import async_client
 from sluicegate.sessions.registry import (
     ModelConflict,
     declare_group,
@@ -26,24 +25,12 @@ from sluicegate.sessions.registry import (
     group_models,
     group_of_model,
 )
-from tests.helpers import ON_CLUSTER, Stack, call, fast_settings, submit, wait_for
+from tests.helpers import Stack, call, fast_settings, submit, wait_for, with_redis
 
 T = TypeVar("T")
 LLAMA = "meta-llama/Llama-3.1-8B-Instruct"
 QWEN = "qwen2.5:7b"
 USER = [{"role": "user", "content": "hi"}]
-
-
-def with_redis(redis_url: str, use: Callable[[Any], Awaitable[T]]) -> T:
-    """Run `use(client)` with an asyncio client of the test server (a cluster client on a cluster)."""
-    async def main() -> T:
-        client = async_client(redis_url, cluster=ON_CLUSTER)
-        try:
-            return await use(client)
-        finally:
-            await client.aclose()
-
-    return asyncio.run(main())
 
 
 def nothing_stored(r: redis.Redis, group: str) -> None:

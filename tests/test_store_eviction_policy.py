@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import select
 import subprocess
@@ -18,9 +17,8 @@ import redis
 from redis.cluster import RedisCluster
 
 from sluicegate.embedded import free_port
-from sluicegate.sessions.connect import async_client
 from sluicegate.sessions.store_policy import eviction_problems
-from tests.helpers import ON_CLUSTER, ROOT, Stack, call, fast_settings, stop_process
+from tests.helpers import ROOT, Stack, call, fast_settings, stop_process, with_redis
 
 
 def _nodes(r: redis.Redis) -> list[dict[str, object]]:
@@ -51,14 +49,7 @@ def evicting(r: redis.Redis, policy: str) -> Iterator[None]:
 
 
 def problems_of(redis_url: str) -> list[str]:
-    async def ask() -> list[str]:
-        client = async_client(redis_url, cluster=ON_CLUSTER)
-        try:
-            return await eviction_problems(client)
-        finally:
-            await client.aclose()
-
-    return asyncio.run(ask())
+    return with_redis(redis_url, eviction_problems)
 
 
 @pytest.mark.parametrize("policy", ["allkeys-lru", "volatile-ttl"])
