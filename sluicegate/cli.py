@@ -202,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
             EmbeddedCluster,
             EmbeddedServer,
             ServerNotFound,
+            announce_once_answering,
             announceable,
             data_dir_password,
             keep_url_file,
@@ -229,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
             server = EmbeddedServer(data_dir=settings.data_dir, port=port, host=settings.host,
                                     appendfsync=settings.appendfsync, password=password)
             keep_url_file(settings.data_dir, server.url, password)
-            print(server.url, flush=True)
+            announce_once_answering(server.host, server.port, password, server.url)
             server.start(foreground=True)
         except ServerNotFound as error:
             print(f"sluicegate: {error}", file=sys.stderr)

@@ -43,7 +43,7 @@ from httpx_sse import EventSource, ServerSentEvent, SSEError, aconnect_sse, conn
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 TERMINAL = frozenset({"done", "error", "cancelled"})
-RETRIED_STATUSES = frozenset({500, 502, 503, 504})  # the server or a proxy in front of it is down or busy
+NEVER_HEALS = frozenset({501, 505})  # the 5xx a retry cannot change; every other 5xx is retried (a proxy's 520-524 too)
 Priority = int | str  # 0..9 or low|normal|high|critical
 
 
@@ -167,6 +167,30 @@ def _error_from(response: httpx.Response, body: bytes) -> SluicegateError:
 def _status_code_name(status: int) -> str:
     return {400: "invalid_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 409: "conflict",
             422: "invalid_request", 429: "rate_limited", 503: "unavailable"}.get(status, f"http_{status}")
+
+
+def _retried(status: int) -> bool:
+    """A 5xx: the server, or a proxy in front of it, is down, restarting or busy (501 and 505 never heal)."""
+    return 500 <= status <= 599 and status not in NEVER_HEALS
+
+
+def _json_of(response: httpx.Response) -> Any:
+    """A success's JSON body (None when empty). A body that is not JSON came from something other than the
+    API at this URL (another app's page, a login proxy): `not_json`, the call answered but not by the API."""
+    if not response.content:
+        return None
+    try:
+        return response.json()
+    except ValueError as error:
+        page = " ".join(response.content.decode(errors="replace").split())[:500]
+        raise SluicegateError(response.status_code, "not_json",
+                              f"the answer is not the API's JSON ({response.headers.get('content-type')}): {page}",
+                              request_id=response.headers.get("x-request-id")) from error
+
+
+def _not_an_event_stream(error: SSEError, request_id: str | None = None) -> SluicegateError:
+    """A 200 that is no event stream: not the API (a proxy's or another app's page)."""
+    return SluicegateError(200, "not_an_event_stream", str(error), request_id=request_id)
 
 
 def _unreachable(error: Exception, url: str) -> SluicegateError:
@@ -304,7 +328,7 @@ class _Follow:
         this call was open (the server may still count the connection that vanished: `max_streams`;
         its Retry-After is waited); raised at once otherwise."""
         error = _error_from(response, body)
-        if response.status_code in RETRIED_STATUSES or (response.status_code == 429 and self.was_connected):
+        if _retried(response.status_code) or (response.status_code == 429 and self.was_connected):
             return _Retry(error)
         raise error
 
@@ -404,6 +428,8 @@ def _read_chunks(response: httpx.Response, url: str,
             if chunk is None:
                 return
             yield chunk
+    except SSEError as error:  # before TransportError, which httpx-sse's SSEError subclasses
+        raise _not_an_event_stream(error, request_id) from error
     except httpx.TransportError as error:
         raise _cut(error, url, request_id) from error
     finally:
@@ -420,6 +446,8 @@ async def _aread_chunks(response: httpx.Response, url: str,
             if chunk is None:
                 return
             yield chunk
+    except SSEError as error:  # before TransportError, which httpx-sse's SSEError subclasses
+        raise _not_an_event_stream(error, request_id) from error
     except httpx.TransportError as error:
         raise _cut(error, url, request_id) from error
     finally:
@@ -516,7 +544,7 @@ class Client(_Base):
             raise _unreachable(error, self.url + path) from error
         if response.status_code >= 400:
             raise _error_from(response, response.content)
-        return response.json() if response.content else None
+        return _json_of(response)
 
     # requests
     def submit(self, session_id: str, prompt: str | Sequence[Mapping[str, Any]], *, max_tokens: int | None = None,
@@ -559,11 +587,11 @@ class Client(_Base):
                             if follow.ended:
                                 return
                     raise _Retry(ConnectionError("the stream ended before its terminal event"))
+            except SSEError as error:  # first: it is a TransportError too, which would be retried for ever
+                raise _not_an_event_stream(error) from error
             except (_Retry, httpx.TransportError) as error:
                 cause = error.error if isinstance(error, _Retry) else error
                 time.sleep(follow.backoff(cause))
-            except SSEError as error:  # a 200 that is no event stream: not the API (a proxy's page?)
-                raise SluicegateError(200, "not_an_event_stream", str(error)) from error
 
     # OpenAI-compatible chat
     @overload
@@ -597,7 +625,7 @@ class Client(_Base):
                 raise _unreachable(error, self.url + "/v1/chat/completions") from error
             if response.status_code >= 400:
                 raise _error_from(response, response.content)
-            payload = response.json()
+            payload = _json_of(response)
             failed = _body_error(payload, response.headers.get("x-request-id"))
             if failed is not None:
                 raise failed
@@ -675,7 +703,7 @@ class AsyncClient(_Base):
             raise _unreachable(error, self.url + path) from error
         if response.status_code >= 400:
             raise _error_from(response, response.content)
-        return response.json() if response.content else None
+        return _json_of(response)
 
     async def submit(self, session_id: str, prompt: str | Sequence[Mapping[str, Any]], *,
                      max_tokens: int | None = None, priority: Priority | None = None, tenant: str | None = None,
@@ -715,11 +743,11 @@ class AsyncClient(_Base):
                             if follow.ended:
                                 return
                     raise _Retry(ConnectionError("the stream ended before its terminal event"))
+            except SSEError as error:  # first, as in Client.stream()
+                raise _not_an_event_stream(error) from error
             except (_Retry, httpx.TransportError) as error:
                 cause = error.error if isinstance(error, _Retry) else error
                 await asyncio.sleep(follow.backoff(cause))
-            except SSEError as error:
-                raise SluicegateError(200, "not_an_event_stream", str(error)) from error
 
     @overload
     async def chat(self, messages: Sequence[Mapping[str, Any]], *, model: str | None = ...,
@@ -749,7 +777,7 @@ class AsyncClient(_Base):
                 raise _unreachable(error, self.url + path) from error
             if response.status_code >= 400:
                 raise _error_from(response, response.content)
-            payload = response.json()
+            payload = _json_of(response)
             failed = _body_error(payload, response.headers.get("x-request-id"))
             if failed is not None:
                 raise failed

@@ -115,6 +115,39 @@ def wait_until_answering(client: redis.Redis, process: subprocess.Popen[bytes] |
         time.sleep(interval)
 
 
+def announce_once_answering(host: str, port: int, password: str | None, line: str) -> None:
+    """Print `line` on stdout once the server this process is about to exec into answers on host:port (the
+    single server runs in the foreground as an exec, so nothing is left to print after it), and send the
+    server's own log to stderr: stdout carries that one line, which a script starts its API on, as it does
+    on the cluster's. A grandchild, orphaned at once, waits and prints (the server never sees a child of
+    its own); it gives up when the server's process is gone."""
+    server_pid = os.getpid()
+    sys.stdout.flush()
+    child = os.fork()
+    if child:
+        os.waitpid(child, 0)  # the first child exits at once: nothing for the server to reap later
+        os.dup2(2, 1)  # Valkey logs to stdout (--logfile ""): its lines go to stderr
+        return
+    try:
+        if os.fork():
+            os._exit(0)
+        with redis.Redis(host=host, port=port, password=password, socket_connect_timeout=0.5) as client:
+            while True:
+                try:
+                    os.kill(server_pid, 0)
+                except ProcessLookupError:
+                    os._exit(1)
+                try:
+                    if client.ping():
+                        break
+                except (redis.ConnectionError, redis.BusyLoadingError, redis.TimeoutError):
+                    pass
+                time.sleep(0.02)
+        print(line, flush=True)
+    finally:
+        os._exit(0)
+
+
 URL_FILE = "redis.url"  # in a data dir: the URL of the server there, password included (mode 0600)
 
 

@@ -442,7 +442,7 @@ def file_values(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
         raise BadSetting("config", f"no such file: {path}")
     try:
         data = TomlConfigSettingsSource(Settings, toml_file=path).toml_data
-    except (tomllib.TOMLDecodeError, OSError) as error:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError, OSError) as error:  # TOML is UTF-8 only
         raise BadSetting("config", f"cannot read {path}: {error}") from None
     names = setting_names()
     values: dict[str, Any] = {}

@@ -1,6 +1,7 @@
 """`sluicegate redis`: a cluster node's death stops the others with exit 1 and SIGHUP stops the cluster
-with exit 0; an IPv6 --host is bracketed in the URL; a --cluster --host that is no IP address of this host is
-refused; a --data-dir it cannot use is one line and exit 2; --no-password leaves no stale URL file."""
+with exit 0; the single server's URL line comes once it answers; an IPv6 --host is bracketed in the URL; a
+--cluster --host that is no IP address of this host is refused; a --data-dir it cannot use is one line and
+exit 2; --no-password leaves no stale URL file."""
 
 from __future__ import annotations
 
@@ -86,6 +87,23 @@ def test_an_ipv6_host_is_bracketed_in_the_url(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         proc.wait(20)
+
+
+def test_the_single_servers_url_line_comes_once_it_answers(tmp_path: Path) -> None:
+    """The line is what a script waits for before it starts `sluicegate api --redis-url "$url"` (as the
+    cluster's comes once the cluster is up): it came before the exec, and the first PING was refused."""
+    data = tmp_path / "data"
+    proc, out, err = run_redis(tmp_path, "--port", str(free_port()), "--data-dir", str(data))
+    try:
+        url = printed_url(proc, out, err)
+        client = redis.Redis.from_url(url, socket_connect_timeout=2)
+        assert client.ping()  # at once, no retry: was "Connection refused"
+        client.close()
+        assert "valkey-server" in cmdline(proc.pid)  # still the server itself, as a supervisor expects
+        assert out.read_text().splitlines() == [url]
+    finally:
+        proc.terminate()
+        assert proc.wait(20) == 0
 
 
 def answers(client: redis.Redis) -> bool:

@@ -143,6 +143,10 @@ def test_a_missing_or_broken_file_is_a_bad_config(capsys: pytest.CaptureFixture[
     broken.write_text("port = \n")
     assert refusal(capsys, ["api", "--config", str(broken)]).startswith(
         f"sluicegate: bad setting: config: cannot read {broken}: ")
+    latin1 = tmp_path / "latin1.toml"  # not UTF-8 (an accent saved as Latin-1): was a traceback and exit 1
+    latin1.write_bytes(b"# r\xe9glages\nsession_ttl = 600\n")
+    assert refusal(capsys, ["api", "--config", str(latin1)]).startswith(
+        f"sluicegate: bad setting: config: cannot read {latin1}: ")
 
 
 # An allowance for a requeued run's start and first token on another worker (not a measured figure:
