@@ -73,9 +73,10 @@ def _unb64(part: str) -> bytes:
 class StreamTokens:
     """Signs and checks tokens with the fleet's shared secret (kept in Redis, cached per process)."""
 
-    def __init__(self, redis: Any, ttl: int) -> None:
+    def __init__(self, redis: Any, ttl: int, admin_key: str | None = None) -> None:
         self.redis = redis
         self.ttl = ttl
+        self.admin_key = admin_key
         self._secret: bytes | None = None
         self._read_at = 0.0
 
@@ -95,15 +96,24 @@ class StreamTokens:
             expires_at = min(expires_at, int(key_expires_at))
         fields: dict[str, Any] = {"k": kind, "id": scope_id, "t": tenant, "kid": key_id, "exp": expires_at}
         if admin:
-            fields["adm"] = 1
+            fields["adm"] = await self._admin_mark()
         payload = _b64(orjson.dumps(fields))
         signature = hmac.new(await self.secret(), payload.encode(), hashlib.sha256).digest()
         return f"{payload}.{_b64(signature)}", expires_at
 
+    async def _admin_mark(self) -> str | None:
+        """What ties an admin token to the admin key that minted it: a rotated or removed key ends its tokens,
+        as a revoked tenant key ends its own. A keyed hash (the payload is readable): it tells nothing
+        about the key to the token's holder. None when there is no admin key (no admin token is good)."""
+        if self.admin_key is None:
+            return None
+        mark = hmac.new(await self.secret(), b"admin-key:" + self.admin_key.encode(), hashlib.sha256).digest()
+        return _b64(mark[:16])
+
     async def check(self, token: str, kind: str, scope_id: str) -> Principal:
         """The principal a token stands for on this stream: 401 when it is forged, expired, revoked,
         made for another stream (the message does not say which other one) or, with no tenant, not minted
-        by the admin key. Called with auth on only (token_principal)."""
+        by the admin key the API has now. Called with auth on only (token_principal)."""
         payload, _, signature = token.partition(".")
         try:
             given = _unb64(signature)
@@ -124,8 +134,13 @@ class StreamTokens:
         if key_id is not None and not await self.redis.hexists(keys.API_KEY_IDS, key_id):
             raise ApiError(401, "the API key this stream token came from was revoked")
         tenant = fields.get("t")
-        if tenant is None and fields.get("adm") != 1:  # minted while auth was off: anyone could have
-            raise ApiError(401, "stream token minted while auth was off: ask POST /v1/stream-tokens for a new one")
+        if tenant is None:
+            if "adm" not in fields:  # minted while auth was off: anyone could have
+                raise ApiError(401, "stream token minted while auth was off: ask POST /v1/stream-tokens for a new one")
+            mark = await self._admin_mark()
+            if not (isinstance(fields["adm"], str) and mark is not None and hmac.compare_digest(fields["adm"], mark)):
+                raise ApiError(401, "the admin key this stream token came from changed: ask POST /v1/stream-tokens "
+                                    "for a new one")
         return Principal(admin=tenant is None, tenant=tenant, key_id=key_id)
 
 
@@ -135,7 +150,7 @@ def stream_tokens(request: Request) -> StreamTokens:
     signer: StreamTokens | None = getattr(state, "stream_tokens", None)
     if signer is None or signer.redis is not services(request).redis:
         svc = services(request)
-        signer = state.stream_tokens = StreamTokens(svc.redis, svc.settings.stream_token_ttl)
+        signer = state.stream_tokens = StreamTokens(svc.redis, svc.settings.stream_token_ttl, svc.settings.admin_key)
     return signer
 
 

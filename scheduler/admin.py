@@ -11,6 +11,7 @@ from typing import Any
 from redis.asyncio import Redis
 
 from sluicegate.scheduler.limits import DEFAULTS, TenantLimits, all_limits, read_limits, write_limits
+from sluicegate.scheduler.quota import MIN_RATE
 from sluicegate.sessions import keys
 from sluicegate.sessions.connect import text
 from sluicegate.sessions.metrics_store import read_metrics
@@ -116,8 +117,22 @@ class Tuning:
             "throttled": wake is not None or capped,
             "last_throttle_reason": state.get("throttled"),
             "next_admission_ms": wake,
-            "token_bucket_level": float(state["lvl"]) if "lvl" in state else None,
+            "token_bucket_level": await self._token_level_now(quota, state),
         }
+
+    async def _token_level_now(self, quota: dict[str, float | int], state: dict[str, str]) -> float | None:
+        """The tokens/s bucket's level now, refilled since its last change as the scheduler reckons it
+        (quotas.lua token_level, on the server's clock); a full bucket before the first dispatch; None
+        without a tokens/s quota. The stored level is as it stood at the last dispatch or refund."""
+        if quota.get("tokens_per_second") is None:
+            return None
+        rate = max(float(quota["tokens_per_second"]), MIN_RATE)
+        cap = float(quota.get("burst_tokens", rate))
+        if "lvl" not in state or "at" not in state:
+            return cap
+        seconds, micros = await self.redis.time()
+        now_ms = seconds * 1000 + micros // 1000
+        return min(cap, float(state["lvl"]) + (now_ms - float(state["at"])) * rate / 1000)
 
     async def stats(self) -> dict[str, Any]:
         """Queue depth by group, priority and tenant; running; workers; per-group quota state."""
@@ -145,13 +160,13 @@ class Tuning:
         }
 
     async def workers(self) -> list[dict[str, Any]]:
-        """Registered workers; a worker whose liveness key lapsed is dropped from the registry."""
+        """Registered workers whose liveness key is there. A read writes nothing: deleting a lapsed entry
+        here raced its worker's rejoin (a worker live on the roster never registers again), and the next
+        heartbeat of any worker of the group reaps the dead ones (heartbeat.lua)."""
         alive = []
         for group in await self.groups():
             registered = await self.redis.hgetall(keys.group_key(group, "workers"))
             for wid, info in sorted((text(k), text(v)) for k, v in registered.items()):
                 if await self.redis.exists(keys.worker(group, wid)):
                     alive.append({"worker_id": wid, "group": group, **shown_info(info)})
-                else:
-                    await self.redis.hdel(keys.group_key(group, "workers"), wid)
         return alive

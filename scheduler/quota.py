@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
+MIN_RATE = 1e-6  # per second; quotas.lua reads a rate stored before this floor at it
+
 
 class Quota(BaseModel):
     """Absent fields keep their value; null removes the limit (unlimited)."""
@@ -14,8 +16,8 @@ class Quota(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     # At least one a million seconds: a rate of 1e-320 made the interval (1000 / rate) infinite, and the
     # scripts' arithmetic on it NaN, which admits everything (and stayed stored after a sane rate).
-    requests_per_second: float | None = Field(default=None, ge=1e-6, le=1e9)
-    tokens_per_second: float | None = Field(default=None, ge=1e-6, le=1e12)
+    requests_per_second: float | None = Field(default=None, ge=MIN_RATE, le=1e9)
+    tokens_per_second: float | None = Field(default=None, ge=MIN_RATE, le=1e12)
     burst: int | None = Field(default=None, ge=1, le=10**9)
     max_concurrency: int | None = Field(default=None, ge=0, le=10**6)
     burst_tokens: float | None = Field(default=None, gt=0, le=1e12)

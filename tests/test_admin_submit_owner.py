@@ -107,3 +107,25 @@ def test_a_stream_token_minted_with_auth_off_is_refused_once_auth_is_on(redis_ur
         assert [stream_status(base, url) for url in new] == [200, 200]
     finally:
         stack.stop()
+
+
+def test_the_admin_keys_stream_tokens_end_with_the_key(redis_url: str) -> None:
+    """Rotating a leaked admin key (or removing it) ends the tokens it minted, as revoking a tenant key
+    ends its tokens: they carried only "minted by the admin key", and opened any stream for their TTL."""
+    stack = Stack(fast_settings(redis_url, auth=True, admin_key="key-a")).start(workers=0, scheduler=False)
+    try:
+        base = stack.base_url
+        assert call("POST", f"{base}/v1/sessions/s-acme/requests", {"prompt": "x", "max_tokens": 1, "tenant": "acme"},
+                    headers={"Authorization": "Bearer key-a"})[0] == 202
+        minted = [call("POST", f"{base}/v1/stream-tokens", scope, headers={"Authorization": "Bearer key-a"})[1]
+                  for scope in ({"stats": True}, {"session_id": "s-acme"})]
+        assert [stream_status(base, token["events_url"]) for token in minted] == [200, 200]
+        for admin_key in ("key-b", None):
+            stack.stop()
+            stack = Stack(fast_settings(redis_url, auth=True, admin_key=admin_key)).start(workers=0, scheduler=False)
+            assert [stream_status(stack.base_url, token["events_url"]) for token in minted] == [401, 401], admin_key
+        stack.stop()
+        stack = Stack(fast_settings(redis_url, auth=True, admin_key="key-a")).start(workers=0, scheduler=False)
+        assert [stream_status(stack.base_url, token["events_url"]) for token in minted] == [200, 200]  # the same key
+    finally:
+        stack.stop()
