@@ -10,6 +10,7 @@ import argparse
 import importlib
 import sys
 
+from sluicegate.loadtest.common import CheckoutRefused
 from sluicegate.loadtest.engine_servers import EnginesMissing
 
 SCENARIOS: dict[str, str] = {
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         modules[args.scenario].run(args)
-    except EnginesMissing as error:  # --engine-server llamacpp without the engines extra
+    except (EnginesMissing, CheckoutRefused) as error:  # llamacpp without the engines extra; --against DIR, no .venv
         print(f"sluicegate bench {args.scenario}: {error}", file=sys.stderr)
         return 2
     return 0

@@ -133,7 +133,8 @@ def print_table(rows: list[dict[str, Any]], columns: list[str] | None = None) ->
 def invoked_command() -> str:
     """The command line that ran this benchmark, in a form to paste again (no venv path)."""
     program = Path(sys.argv[0]).name
-    prefix = "python -m sluicegate.loadtest.bench" if program == "bench.py" else program
+    prefix = {"bench.py": "python -m sluicegate.loadtest.bench", "__main__.py": "python -m sluicegate"}.get(program,
+                                                                                                         program)
     return shlex.join([prefix, *sys.argv[1:]]).replace(shlex.quote(prefix), prefix, 1)
 
 
@@ -148,6 +149,26 @@ def write_result(name: str, result: dict[str, Any], *, command: str | None = Non
 
 def progress(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+class CheckoutRefused(Exception):
+    """Another checkout that this bench cannot run alone (the scenario exits 2 with this one line)."""
+
+
+def checkout_python(checkout: Path) -> str:
+    """The python that runs `checkout`'s code: this one for this tree, DIR/.venv/bin/python for another.
+
+    This tree's python started in another DIR would run a mix of both trees: `sluicegate/` from DIR (the
+    working directory comes first on sys.path) but sluicegate.api, .sessions, .workers ... from this tree
+    (this venv's editable install maps them to this checkout's folders). So another DIR needs a .venv."""
+    if checkout.resolve() == ROOT:
+        return sys.executable
+    own = checkout / ".venv" / "bin" / "python"
+    if not own.is_file():
+        raise CheckoutRefused(f"{checkout} has no .venv of its own ({own} is missing), and this tree's python would "
+                              f"run a mix of both trees there: python3 -m venv {checkout}/.venv && "
+                              f"{checkout}/.venv/bin/pip install -e {checkout}")
+    return str(own)
 
 
 @dataclass
@@ -171,10 +192,7 @@ class ServeProcess:
     def start(self, timeout: float = 60) -> ServeProcess:
         self.port = self.port or free_port()
         self.data_dir = tempfile.mkdtemp(prefix="sg-bench-")
-        # Another checkout runs in its own environment when it has one (`python3 -m venv DIR/.venv && DIR/.venv/bin/pip
-        # install -e DIR`): this one's editable install maps sluicegate.* to this checkout's folders.
-        own = self.checkout / ".venv" / "bin" / "python"
-        python = str(own) if self.checkout != ROOT and own.is_file() else sys.executable
+        python = checkout_python(self.checkout)  # another checkout only in its own .venv: CheckoutRefused
         args = [python, "-m", "sluicegate", "serve", "--port", str(self.port), "--data-dir", self.data_dir,
                 "--log-level", "warning", *self.flags]
         if self.redis_url:

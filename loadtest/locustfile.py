@@ -321,10 +321,10 @@ class ResumeUser(SluicegateUser):
         reconnects = 0
         try:
             while verifier.terminal is None:
+                opened = time.perf_counter()  # before the connect: a reconnect is timed to its first replayed event
                 stream = self._connect(sid, rid, verifier.last_id, session_form)
                 if stream is None:
                     raise StreamBroken("could not (re)open the stream")
-                opened = time.perf_counter()
                 budget = self.rng.randint(1, max(2, body["max_tokens"])) if drops > 0 else -1
                 seen = 0
                 for event in stream.events():

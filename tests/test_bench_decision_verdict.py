@@ -4,6 +4,7 @@ sample dispatched a request and the depth held; a run that timed calls which dis
 from __future__ import annotations
 
 import argparse
+import asyncio
 from typing import Any
 
 import pytest
@@ -14,7 +15,7 @@ from sluicegate.loadtest.scenarios import decision
 def row(queued: int, **changes: Any) -> dict[str, Any]:
     return {"queued": queued, "samples": 2000, "dispatched": 2000, "p50_ms": 0.05, "p99_ms": 0.09, "max_ms": 0.2,
             "rtt_p50_ms": 0.1, "rtt_p99_ms": 0.2, "ping_ms": 0.05, "commands": 6, "us_per_command": 8.0,
-            "used_memory_mb": 970.0, "steal_pct": 0.0, "queued_after": queued, **changes}
+            "used_memory_mb": 970.0, "steal_pct": 0.0, "queued_after": queued, "group_queued": queued, **changes}
 
 
 def targets(monkeypatch: pytest.MonkeyPatch, *rows: dict[str, Any]) -> dict[str, Any]:
@@ -25,6 +26,12 @@ def targets(monkeypatch: pytest.MonkeyPatch, *rows: dict[str, Any]) -> dict[str,
     monkeypatch.setattr(decision, "scenario", measured)
     monkeypatch.setattr(decision, "write_result", lambda name, result: None)
     return decision.run(argparse.Namespace(no_plot=True))["targets"]
+
+
+def parsed(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    decision.add_arguments(parser)
+    return parser.parse_args(list(argv))
 
 
 def test_a_fast_p99_of_real_decisions_meets_the_target(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -47,3 +54,33 @@ def test_a_few_empty_samples_or_a_depth_that_moved_are_a_miss() -> None:
     assert decision.p99_verdict(row(100_000, p99_ms=1.2)) == (False, "p99 1.200 ms > 1 ms")
     assert decision.p99_verdict(row(100_000, samples=0, dispatched=0))[0] is False
     assert decision.p99_verdict(None) == (False, "not measured")
+
+
+def test_by_default_every_request_queues_in_the_one_group_a_decision_reads() -> None:
+    """DESIGN's case is 1M queued for the decision: a decision reads only its own group's state, so 10 groups
+    timed decisions that each saw ~100k."""
+    assert parsed().groups == 1
+    assert parsed("--million").groups == 1
+
+
+def test_a_decision_that_saw_part_of_the_queue_in_its_group_is_a_miss(monkeypatch: pytest.MonkeyPatch,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    assert decision.p99_verdict(row(1_000_000, group_queued=99_500)) == (
+        False, "a decision saw 99,500 queued in its group, not 1,000,000 (the requests spread over groups; a "
+               "decision reads only its own group's)")
+    got = targets(monkeypatch, row(100_000, group_queued=10_000), row(1_000_000, group_queued=100_000))
+    assert got["p99_at_1m_ok"] is False and got["p99_at_100k_ok"] is False
+    assert (got["p99_at_1m_group_queued"], got["p99_at_100k_group_queued"]) == (100_000, 10_000)
+    assert "target p99 <= 1 ms with 1M queued in the decided group" in capsys.readouterr().out
+
+
+@pytest.mark.own_servers
+@pytest.mark.parametrize(("groups", "whole"), [(1, True), (2, False)])
+def test_a_small_run_counts_the_queue_of_the_decided_group(groups: int, whole: bool) -> None:
+    """200 queued on a scratch Valkey: in one group each decision sees all 200; over two, fewer."""
+    args = parsed("--sizes", "200", "--samples", "20", "--tenants", "10", "--concurrency", "8",
+                  "--groups", str(groups))
+    got = asyncio.run(decision.scenario(args))["rows"][0]
+    assert got["queued"] == got["queued_after"] == 200 and got["dispatched"] == 20
+    assert (got["group_queued"] == 200) is whole and 0 < got["group_queued"] <= 200
+    assert decision.p99_verdict({**got, "p99_ms": 0.5})[0] is whole

@@ -75,3 +75,23 @@ def test_an_overload_outside_designs_row_gets_no_verdict(overload: float) -> Non
 def test_another_window_gets_no_window_verdict() -> None:
     assert analyse(window=30.0)["targets_ok"] == {"share": True, "window": None, "jain": True}
     assert analyse(overload=2.0)["targets_ok"] == {"share": True, "window": True, "jain": True}
+
+
+def test_a_group_that_serves_nothing_after_the_warmup_misses_and_the_run_still_writes_its_result(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """Every share 0 after the warm-up (a stalled scheduler): Jain's index is 0, a miss, where it divided by zero."""
+    assert fairness.jain([0.0, 0.0, 0.0, 0.0]) == 0.0
+    analysed = analyse(5.0)  # serves its shares until the end of the 5 s warm-up, then nothing, requests waiting
+    assert analysed["jain"] == 0.0
+    assert analysed["targets_ok"] == {"share": False, "window": False, "jain": False}
+
+    async def measured(args: argparse.Namespace) -> list[dict[str, Any]]:
+        return [{**analysed, "submit_errors": 0}]
+
+    written: dict[str, Any] = {}
+    monkeypatch.setattr(fairness, "scenario", measured)
+    monkeypatch.setattr(fairness, "write_result", lambda name, result: written.setdefault(name, result))
+    monkeypatch.setattr(fairness.plots, "fairness_share", lambda *a, **k: None)
+    fairness.run(argparse.Namespace(overload=3.0, weights="1,2,4,8"))
+    assert written["fairness"]["runs"][0]["targets_ok"]["jain"] is False
+    assert "targets: share NOT met, window NOT met, jain NOT met" in capsys.readouterr().out

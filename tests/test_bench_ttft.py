@@ -4,8 +4,15 @@ the caches; and in a seeded, shuffled order, so that no way keeps a fixed place 
 
 from __future__ import annotations
 
+import sys
 from collections import Counter
+from pathlib import Path
+from typing import Any
 
+import pytest
+
+from sluicegate.loadtest import bench, common
+from sluicegate.loadtest.scenarios import ttft
 from sluicegate.loadtest.scenarios.ttft import round_orders
 
 MODES = ["direct", "floor", "chat", "sse", "against"]
@@ -31,3 +38,35 @@ def test_the_order_is_shuffled_and_a_rerun_repeats_it() -> None:
 def test_without_direct_calls_the_ways_alone_and_direct_alone_is_one_call_a_round() -> None:
     assert all(sorted(order) == ["chat", "sse"] for order in round_orders(["chat", "sse"], 20))
     assert round_orders(["direct"], 3) == [["direct"]] * 3
+
+
+def test_against_a_checkout_without_its_own_venv_is_refused_before_anything_starts(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """This tree's python in another DIR would run `sluicegate/` from DIR but sluicegate.api, .sessions ... from
+    this tree (its editable install maps them here): a mix of both trees, timed as the other one."""
+    other = tmp_path / "other"
+    (other / "sluicegate").mkdir(parents=True)
+    started: list[str] = []
+
+    def start(*args: Any, **kwargs: Any) -> None:
+        started.append("something")
+        raise RuntimeError("started")
+
+    monkeypatch.setattr(ttft, "engine_server", start)
+    monkeypatch.setattr(common.ServeProcess, "start", start)
+    monkeypatch.setattr(common.Component, "start", start)
+    assert bench.main(["ttft", "--against", str(other)]) == 2
+    assert not started
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(f"sluicegate bench ttft: {other} has no .venv of its own")
+
+
+def test_this_tree_runs_in_this_python_and_another_only_in_its_own_venv(tmp_path: Path) -> None:
+    assert common.checkout_python(common.ROOT) == sys.executable
+    assert common.checkout_python(common.ROOT / "loadtest" / "..") == sys.executable
+    with pytest.raises(common.CheckoutRefused, match="has no .venv of its own"):
+        common.checkout_python(tmp_path)
+    own = tmp_path / ".venv" / "bin" / "python"
+    own.parent.mkdir(parents=True)
+    own.write_text("")
+    assert common.checkout_python(tmp_path) == str(own)

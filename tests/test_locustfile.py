@@ -105,3 +105,50 @@ def test_verifier_fails_gaps_duplicates_and_reordered_ids() -> None:
     assert "duplicate or reordered" in result["replayed_id"]
     assert "done says 2 tokens, saw 1" in result["short_done"]
     assert "ended with error" in result["error"]
+
+
+def test_resume_first_event_times_the_reconnect_from_before_its_connect() -> None:
+    """`SSE resume_first_event` is a reconnect to its first replayed event: the connect (here 0.5 s on a fake
+    clock until the response headers) counts, not only the wait for the first event after them (10 ms)."""
+    script = textwrap.dedent("""
+        import json, random, types
+        from sluicegate.loadtest import locustfile
+        from sluicegate.loadtest.locustfile import ResumeUser, SseEvent
+
+        clock = [0.0]
+        locustfile.time = types.SimpleNamespace(perf_counter=lambda: clock[0])
+        events = [(1, "token", {"request_id": "r1", "index": 0}), (2, "token", {"request_id": "r1", "index": 1}),
+                  (3, "token", {"request_id": "r1", "index": 2}), (4, "done", {"request_id": "r1", "tokens": 3})]
+
+        class Stream:
+            def __init__(self, after):
+                self.after = after
+
+            def events(self):
+                for i, name, data in events:
+                    if self.after is None or i > self.after:
+                        clock[0] += 0.010  # 10 ms after the headers, or after the event before
+                        yield SseEvent(i, name, data, clock[0])
+
+            def drop(self):
+                pass
+
+        def connect(sid, rid, last_id, session_form):
+            clock[0] += 0.5  # the reconnect's TCP connect and response headers
+            return Stream(last_id)
+
+        user = object.__new__(ResumeUser)
+        timings, reports = [], []
+        user.__dict__.update(cfg=types.SimpleNamespace(drops=(1, 1)), rng=random.Random(3),
+                             submit=lambda: ("s1", "r1", {"max_tokens": 3}), _connect=connect,
+                             timing=lambda name, ms: timings.append((name, ms)),
+                             report=lambda name, started, length=0, error=None: reports.append((name, length, error)))
+        user.chat_with_drops()
+        print(json.dumps({"timings": timings, "reports": reports}))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["reports"] == [["resume_verified", 3, None]], result
+    assert [name for name, _ in result["timings"]] == ["resume_first_event"], result
+    assert result["timings"][0][1] == pytest.approx(510.0), result

@@ -1,4 +1,4 @@
-"""decision: scheduling decision cost against queue size (1k to 1M queued requests, 1k tenants, 10 groups).
+"""decision: scheduling decision cost against queue size (1k to 1M queued requests, 1k tenants, 1 group).
 
 One server (the default deployment). A scratch Valkey is filled through the real submit transition
 (SessionStore.submit -> Transitions.submit, the single-server `submit_one` function) with no worker, so
@@ -12,6 +12,10 @@ quota gate -> ticket -> run record, lease, `started` event (on one server the da
 the same call) and inbox push, then a second pass that finds no slot and checks for preemption.
 Untimed after each sample: the run is finished without returning its slot and one new request is
 submitted, so the depth stays constant and the running set stays empty.
+A decision reads only its own group's state, so DESIGN's "1M queued requests over 1k tenants" is 1M in the
+decided group: one group by default. With `--groups N` each decision sees about 1/N of the requests queued;
+`group_queued` is the fewest any timed decision found in its group, and a size's verdict needs it to be the
+whole size.
 
 The figure is the server-side execution time of that one FCALL (the change in INFO commandstats'
 FCALL microseconds across the call: no network, no client); the client round trip minus a PING
@@ -56,7 +60,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--million", action="store_true", help="also measure 1,000,000 queued (fills ~1-2 GB, minutes)")
     p.add_argument("--samples", type=int, default=2000, help="timed decisions per size")
     p.add_argument("--tenants", type=int, default=1000)
-    p.add_argument("--groups", type=int, default=10)
+    p.add_argument("--groups", type=int, default=1,
+                   help="groups the requests are spread over; a decision sees only its own group's queue")
     p.add_argument("--concurrency", type=int, default=64, help="submits in flight while filling")
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--no-plot", action="store_true",
@@ -127,10 +132,12 @@ async def measure(redis: Redis, filler: Filler, workers: dict[str, RunStore], sa
     rtts: list[float] = []
     server: list[float] = []
     calls: list[int] = []
+    seen: list[int] = []  # requests queued in the decided group before each sample (untimed)
     dispatched = 0
     for i in range(samples):
         group = groups[i % len(groups)]
         store = workers[group]
+        seen.append(await _queued(redis, [group]))
         usec, inner = await fcall_usec(redis)
         t0 = time.perf_counter()
         started = (await store.transitions.register_worker(group, store.worker_id, free=1, total=1)).started
@@ -144,7 +151,7 @@ async def measure(redis: Redis, filler: Filler, workers: dict[str, RunStore], sa
             await store.finish(assignment.request_id, assignment.attempt, outcome="done", detail="bench",
                                return_slot=False)
         await filler.store.submit(filler.new())
-    return {"queued": depth, "samples": len(server), "dispatched": dispatched,
+    return {"queued": depth, "group_queued": min(seen, default=0), "samples": len(server), "dispatched": dispatched,
             "p50_ms": percentile(server, 50), "p99_ms": percentile(server, 99), "max_ms": max(server, default=0.0),
             "rtt_p50_ms": percentile(rtts, 50) * 1000, "rtt_p99_ms": percentile(rtts, 99) * 1000,
             "ping_ms": baseline * 1000, "commands": percentile(calls, 50),
@@ -196,6 +203,9 @@ def p99_verdict(row: dict[str, Any] | None) -> tuple[bool, str]:
         return False, f"{row['dispatched']} of {row['samples']} samples dispatched"
     if row["queued_after"] != row["queued"]:
         return False, f"the depth did not hold: {row['queued_after']:,} queued after, {row['queued']:,} before"
+    if row["group_queued"] < row["queued"]:
+        return False, (f"a decision saw {row['group_queued']:,} queued in its group, not {row['queued']:,} (the "
+                       "requests spread over groups; a decision reads only its own group's)")
     if not row["p99_ms"] <= DECISION_P99_MS:
         return False, f"p99 {row['p99_ms']:.3f} ms > {DECISION_P99_MS:g} ms"
     return True, ""
@@ -214,9 +224,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     result = asyncio.run(scenario(args))
     rows = result["rows"]
     print("\nScheduling decision (register one slot -> one dispatch), server-side FCALL time:")
-    print_table(rows, ["queued", "samples", "dispatched", "p50_ms", "p99_ms", "max_ms", "rtt_p50_ms", "rtt_p99_ms",
-                       "ping_ms", "commands", "us_per_command", "used_memory_mb", "steal_pct", "queued_after"])
-    print("(commands: Redis commands the decision function ran, median; us_per_command: p50 time / commands; "
+    print_table(rows, ["queued", "group_queued", "samples", "dispatched", "p50_ms", "p99_ms", "max_ms", "rtt_p50_ms",
+                       "rtt_p99_ms", "ping_ms", "commands", "us_per_command", "used_memory_mb", "steal_pct",
+                       "queued_after"])
+    print("(queued: in all groups; group_queued: the fewest that any sample found queued in its group; "
+          "commands: Redis commands the decision function ran, median; us_per_command: p50 time / commands; "
           "queued_after: ready sessions left, which must equal queued)")
     at_100k = next((r for r in rows if r["queued"] == 100_000), None)
     at_1m = next((r for r in rows if r["queued"] == 1_000_000), None)
@@ -225,9 +237,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     ok_1m, why_1m = p99_verdict(at_1m)
     result["targets"] = {"p99_at_100k_ms": at_100k and at_100k["p99_ms"], "p99_at_100k_ok": ok_100k,
                          "p99_at_100k_miss": why_100k or None,
+                         "p99_at_100k_group_queued": at_100k and at_100k["group_queued"],
                          "p99_at_1m_ms": at_1m and at_1m["p99_ms"], "p99_at_1m_ok": ok_1m,
-                         "p99_at_1m_miss": why_1m or None, "p99_max_over_min": round(flat, 2)}
-    print(f"target p99 <= {DECISION_P99_MS:g} ms at 1M queued (and at 100k): {result['targets']}")
+                         "p99_at_1m_miss": why_1m or None, "p99_at_1m_group_queued": at_1m and at_1m["group_queued"],
+                         "p99_max_over_min": round(flat, 2)}
+    print(f"target p99 <= {DECISION_P99_MS:g} ms with 1M queued in the decided group (and with 100k): "
+          f"{result['targets']}")
     write_result("decision", result)
     if not args.no_plot:
         plots.decision_cost(rows)

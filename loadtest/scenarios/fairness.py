@@ -65,7 +65,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def jain(values: list[float]) -> float:
-    return sum(values) ** 2 / (len(values) * sum(v * v for v in values)) if values else float("nan")
+    """Jain's index; 0.0 (a miss) when every value is 0: a group that served no token after the warm-up."""
+    if not values:
+        return float("nan")
+    squares = sum(v * v for v in values)
+    return sum(values) ** 2 / (len(values) * squares) if squares > 0 else 0.0
 
 
 def shares_between(timeline: list[tuple[float, dict[str, float]]], t0: float, t1: float,

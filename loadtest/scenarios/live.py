@@ -23,8 +23,11 @@ LABEL = re.compile(r'(\w+)="([^"]*)"')
 
 
 def capacity(slots: int, max_tokens: int, tokens_per_second: float, prefill_ms: float) -> float:
-    """Requests per second a group can complete: slots over the length of one run."""
-    return slots / (prefill_ms / 1000 + max_tokens / tokens_per_second)
+    """Requests per second a group can complete: slots over the length of one run. The sim engine
+    (workers/engines/sim.py `paced_tokens`) sends the first token after the prefill and then one every
+    1/tokens_per_second, so a run of n tokens lasts prefill + (n - 1) / tokens_per_second."""
+    interval = 1 / tokens_per_second if tokens_per_second > 0 else 0.0
+    return slots / (prefill_ms / 1000 + max(0, max_tokens - 1) * interval)
 
 
 def serve_flags(workers: int, slots: int, tokens_per_second: float, prefill_ms: float, *extra: str) -> list[str]:

@@ -7,7 +7,9 @@ right after a direct call (`round_orders`):
 - chat:   POST /v1/chat/completions (stream) to Sluicegate (submit + stream in one call);
 - sse:    POST /v1/sessions/{sid}/requests, then GET /v1/requests/{rid}/events (two round trips);
 - against: the chat call to a second Sluicegate running another checkout of the code (`--against DIR`,
-  e.g. a `git worktree` of the previous commit), in front of the same sim-backend; with
+  e.g. a `git worktree` of the previous commit, with its own .venv: `python3 -m venv DIR/.venv &&
+  DIR/.venv/bin/pip install -e DIR`; a DIR without one is refused, as this tree's python would run a mix of
+  both trees there), in front of the same sim-backend; with
   `--against-one-session`, all in one session, whose channel the API then already follows (`--against .`
   measures what a fresh session's creation, subscription and log read add);
 - floor:  the chat call through two minimal relays that cross the same processes and sockets as the chat
@@ -53,6 +55,7 @@ import aiohttp
 from sluicegate.loadtest.common import (
     Component,
     ServeProcess,
+    checkout_python,
     client_session,
     cpu_by_role,
     cpu_delta,
@@ -90,8 +93,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the server behind Sluicegate: `sluicegate sim-backend`, or llama-cpp-python's server "
                              "with a generated model (needs the engines extra)")
     parser.add_argument("--against", type=Path, default=None, metavar="DIR",
-                        help="also run the chat mode against a Sluicegate started from this checkout "
-                             "(mode `against`, interleaved with the others)")
+                        help="also run the chat mode against a Sluicegate started from this checkout, with its own "
+                             ".venv (mode `against`, interleaved with the others)")
     parser.add_argument("--against-one-session", action="store_true",
                         help="the `against` calls all go to one session, which exists and whose channel its API "
                              "already follows (no subscription, no log read): `--against .` measures their cost")
@@ -316,6 +319,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     unknown = set(args.modes.split(",")) - set(MODES) - {""}
     if unknown:
         raise SystemExit(f"sluicegate bench ttft: unknown mode {', '.join(sorted(unknown))} (of {','.join(MODES)})")
+    if args.against:
+        checkout_python(args.against.resolve())  # CheckoutRefused before anything starts
     with engine_server(args) as backend, contextlib.ExitStack() as chain:
         floors = {mode: chain.enter_context(floor_chain(backend.url, one_process=one))
                   for mode, one in FLOORS.items() if mode in args.modes.split(",")}
