@@ -11,6 +11,7 @@ deterministic harness whose clock is pinned through a global key) and are skippe
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Iterator
 
 import pytest
@@ -23,6 +24,11 @@ from tests.helpers import ON_CLUSTER, Stack, fast_settings
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    # Run as a background job (`cmd &` in a script), the suite inherits SIGINT ignored, and so would the
+    # commands it starts: the tests that Ctrl-C them (`tail`, `stats --watch`) would wait for ever. A handler
+    # of ours is reset to the default in each child at exec, where Python turns it into KeyboardInterrupt.
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     config.addinivalue_line("markers", "single_server: proves a property of one server; skipped on a cluster")
     config.addinivalue_line("markers", "own_servers: starts its own servers; runs in the single-server pass only")
 
