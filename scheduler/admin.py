@@ -130,9 +130,9 @@ class Tuning:
         cap = float(quota.get("burst_tokens", rate))
         if "lvl" not in state or "at" not in state:
             return cap
-        seconds, micros = await self.redis.time()
-        now_ms = seconds * 1000 + micros // 1000
-        return min(cap, float(state["lvl"]) + (now_ms - float(state["at"])) * rate / 1000)
+        seconds, micros = await self.redis.time()  # a cluster: any master's clock, never before `at` here
+        elapsed_ms = max(0.0, seconds * 1000 + micros // 1000 - float(state["at"]))
+        return min(cap, float(state["lvl"]) + elapsed_ms * rate / 1000)
 
     async def stats(self) -> dict[str, Any]:
         """Queue depth by group, priority and tenant; running; workers; per-group quota state."""
