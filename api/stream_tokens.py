@@ -137,8 +137,11 @@ class StreamTokens:
         if tenant is None:
             if "adm" not in fields:  # minted while auth was off: anyone could have
                 raise ApiError(401, "stream token minted while auth was off: ask POST /v1/stream-tokens for a new one")
+            if not isinstance(fields["adm"], str):  # `1`: minted before tokens named their admin key
+                raise ApiError(401, "stream token minted by an older version: ask POST /v1/stream-tokens for a "
+                                    "new one")
             mark = await self._admin_mark()
-            if not (isinstance(fields["adm"], str) and mark is not None and hmac.compare_digest(fields["adm"], mark)):
+            if mark is None or not hmac.compare_digest(fields["adm"], mark):
                 raise ApiError(401, "the admin key this stream token came from changed: ask POST /v1/stream-tokens "
                                     "for a new one")
         return Principal(admin=tenant is None, tenant=tenant, key_id=key_id)

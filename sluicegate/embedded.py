@@ -15,6 +15,7 @@ import ipaddress
 import os
 import random
 import secrets
+import select
 import shutil
 import signal
 import socket
@@ -120,30 +121,33 @@ def announce_once_answering(host: str, port: int, password: str | None, line: st
     single server runs in the foreground as an exec, so nothing is left to print after it), and send the
     server's own log to stderr: stdout carries that one line, which a script starts its API on, as it does
     on the cluster's. A grandchild, orphaned at once, waits and prints (the server never sees a child of
-    its own); it gives up when the server's process is gone."""
-    server_pid = os.getpid()
+    its own). It holds only stdout, and ends when the server's process does, reaped or not (a pipe's write
+    end goes through the exec: its end of file says so), or when its exec never came: a caller reading the
+    command's output to its end is never left waiting on it."""
     sys.stdout.flush()
+    gone, alive = os.pipe()
+    os.set_inheritable(alive, True)  # through the exec: closed only when the server's process ends
     child = os.fork()
     if child:
+        os.close(gone)
         os.waitpid(child, 0)  # the first child exits at once: nothing for the server to reap later
         os.dup2(2, 1)  # Valkey logs to stdout (--logfile ""): its lines go to stderr
         return
     try:
+        os.close(alive)
         if os.fork():
             os._exit(0)
-        with redis.Redis(host=host, port=port, password=password, socket_connect_timeout=0.5) as client:
-            while True:
-                try:
-                    os.kill(server_pid, 0)
-                except ProcessLookupError:
-                    os._exit(1)
+        quiet = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(quiet, 2)
+        with redis.Redis(host=host, port=port, password=password, socket_connect_timeout=0.5,
+                         socket_timeout=0.5) as client:
+            while not select.select([gone], [], [], 0.02)[0]:  # readable: end of file, the server is gone
                 try:
                     if client.ping():
+                        print(line, flush=True)
                         break
-                except (redis.ConnectionError, redis.BusyLoadingError, redis.TimeoutError):
+                except redis.RedisError:  # not up yet, loading, or another server's refusal: ours decides
                     pass
-                time.sleep(0.02)
-        print(line, flush=True)
     finally:
         os._exit(0)
 

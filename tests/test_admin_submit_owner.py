@@ -5,10 +5,15 @@ minted while auth was off is refused once auth is on (the signing secret outlive
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import http.client
+import json
 
 import redis
 
+from sluicegate.api.stream_tokens import SECRET_KEY
 from tests.helpers import Stack, call, fast_settings, wait_for
 
 ADMIN = {"Authorization": "Bearer admin-secret"}
@@ -129,3 +134,18 @@ def test_the_admin_keys_stream_tokens_end_with_the_key(redis_url: str) -> None:
         assert [stream_status(stack.base_url, token["events_url"]) for token in minted] == [200, 200]  # the same key
     finally:
         stack.stop()
+
+
+def test_an_admin_token_of_the_version_before_says_so(auth_stack: Stack, r: redis.Redis) -> None:
+    """A token minted before admin tokens named their key (`adm: 1`), as an older API process still mints
+    during a rolling upgrade: refused, saying so, not that the admin key changed (it did not)."""
+    base = auth_stack.base_url
+    minted = call("POST", f"{base}/v1/stream-tokens", {"stats": True}, headers=ADMIN)[1]
+    payload = json.loads(base64.urlsafe_b64decode(minted["token"].partition(".")[0] + "=="))
+    old = base64.urlsafe_b64encode(json.dumps({**payload, "adm": 1}).encode()).rstrip(b"=")
+    secret = bytes.fromhex(r.get(SECRET_KEY))
+    signature = base64.urlsafe_b64encode(hmac.new(secret, old, hashlib.sha256).digest()).rstrip(b"=")
+    path = minted["events_url"].replace(minted["token"], f"{old.decode()}.{signature.decode()}")
+    code, body = call("GET", f"{base}{path}")
+    assert code == 401 and "older version" in body["error"]["message"], body
+    assert stream_status(base, minted["events_url"]) == 200

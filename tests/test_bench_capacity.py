@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from sluicegate.loadtest.scenarios.live import capacity
+from sluicegate.loadtest.scenarios.live import MIN_RUN_SECONDS, capacity
 from sluicegate.workers.engines.sim import paced_tokens
 
 pytestmark = pytest.mark.single_server  # no Redis: once is enough
@@ -70,3 +70,10 @@ def test_the_deadlines_benchs_stated_figures() -> None:
     """Its docstring (and the README's deadlines row): 0.38 s a run, ~63 requests/s with 2 x 12 slots."""
     assert paced_run_seconds(10, 25.0, 20.0) == pytest.approx(0.38)
     assert round(capacity(24, 10, 25.0, 20.0)) == 63
+
+
+def test_a_run_the_engine_ends_at_once_has_a_finite_capacity() -> None:
+    """1 token, no prefill: the run takes no engine time (was a ZeroDivisionError: `bench fairness --max-tokens 1
+    --prefill-ms 0` died in its traceback)."""
+    assert paced_run_seconds(1, 25.0, 0.0) == pytest.approx(0.0, abs=1e-9)
+    assert capacity(24, 1, 25.0, 0.0) == pytest.approx(24 / MIN_RUN_SECONDS)

@@ -1,12 +1,13 @@
 """`sluicegate redis`: a cluster node's death stops the others with exit 1 and SIGHUP stops the cluster
-with exit 0; the single server's URL line comes once it answers; an IPv6 --host is bracketed in the URL; a
---cluster --host that is no IP address of this host is refused; a --data-dir it cannot use is one line and
-exit 2; --no-password leaves no stale URL file."""
+with exit 0; the single server's URL line comes once it answers, and nothing holds its output after it; an
+IPv6 --host is bracketed in the URL; a --cluster --host that is no IP address of this host is refused; a
+--data-dir it cannot use is one line and exit 2; --no-password leaves no stale URL file."""
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -104,6 +105,24 @@ def test_the_single_servers_url_line_comes_once_it_answers(tmp_path: Path) -> No
     finally:
         proc.terminate()
         assert proc.wait(20) == 0
+
+
+def test_a_server_that_cannot_start_leaves_nothing_holding_its_output(tmp_path: Path) -> None:
+    """Its port taken by a listener that never answers: Valkey exits 1, and the command's output ends with
+    it. The process that waits to print the URL held stdout and stderr for ever (PING with no read timeout,
+    and a dead server not yet reaped looked alive), so a caller reading the output to its end hung."""
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLUICEGATE_")}
+    try:
+        result = subprocess.run([sys.executable, "-m", "sluicegate", "redis", "--port", str(taken.getsockname()[1]),
+                                 "--data-dir", str(tmp_path / "data")], capture_output=True, text=True, cwd=ROOT,
+                                env=env, stdin=subprocess.DEVNULL, timeout=30)
+    finally:
+        taken.close()
+    assert result.returncode == 1 and "Address already in use" in result.stderr, result.stderr
+    assert result.stdout == ""  # no URL for a server that never answered
 
 
 def answers(client: redis.Redis) -> bool:

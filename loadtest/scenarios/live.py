@@ -22,12 +22,16 @@ METRIC_LINE = re.compile(r'^(\w+)\{([^}]*)\} ([0-9.eE+-]+)$')
 LABEL = re.compile(r'(\w+)="([^"]*)"')
 
 
+MIN_RUN_SECONDS = 0.001  # the shortest run capacity() assumes (about a dispatch's and a finish's round trips)
+
+
 def capacity(slots: int, max_tokens: int, tokens_per_second: float, prefill_ms: float) -> float:
     """Requests per second a group can complete: slots over the length of one run. The sim engine
     (workers/engines/sim.py `paced_tokens`) sends the first token after the prefill and then one every
-    1/tokens_per_second, so a run of n tokens lasts prefill + (n - 1) / tokens_per_second."""
+    1/tokens_per_second, so a run of n tokens lasts prefill + (n - 1) / tokens_per_second. A run the engine
+    ends at once (1 token, no prefill) is taken as MIN_RUN_SECONDS: a dispatch and a finish are not free."""
     interval = 1 / tokens_per_second if tokens_per_second > 0 else 0.0
-    return slots / (prefill_ms / 1000 + max(0, max_tokens - 1) * interval)
+    return slots / max(MIN_RUN_SECONDS, prefill_ms / 1000 + max(0, max_tokens - 1) * interval)
 
 
 def serve_flags(workers: int, slots: int, tokens_per_second: float, prefill_ms: float, *extra: str) -> list[str]:
