@@ -14,7 +14,7 @@ import json
 import redis
 
 from sluicegate.api.stream_tokens import SECRET_KEY
-from tests.helpers import Stack, call, fast_settings, wait_for
+from tests.helpers import Stack, call, fast_settings, stored_requests, wait_for
 
 ADMIN = {"Authorization": "Bearer admin-secret"}
 CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
@@ -24,10 +24,6 @@ def new_key(base: str, tenant: str) -> dict[str, str]:
     code, created = call("POST", f"{base}/v1/admin/keys", {"tenant": tenant}, headers=ADMIN)
     assert code == 201, created
     return {"Authorization": f"Bearer {created['key']}"}
-
-
-def stored_requests(r: redis.Redis) -> int:
-    return len(r.keys("sg:{s:*}:r:*"))
 
 
 def stream_status(base: str, path: str, headers: dict[str, str] | None = None) -> int:

@@ -21,7 +21,7 @@ from sluicegate.api.guardrails import Guardrails
 from sluicegate.scheduler.limits import TenantLimits, write_limits
 from sluicegate.sessions import keys
 from sluicegate.sessions.connect import async_client
-from tests.helpers import ON_CLUSTER, Stack, call, fast_settings, wait_for
+from tests.helpers import ON_CLUSTER, Stack, call, fast_settings, stored_requests, wait_for
 
 ADMIN = {"Authorization": "Bearer admin-secret"}
 
@@ -280,12 +280,12 @@ def test_max_streams_refuses_a_stream_over_the_limit(auth_stack: Stack, r: redis
             assert refused[-1].body["error"]["type"] == "tenant_limit"
             assert int(refused[-1].response.getheader("Retry-After")) > 0
         # a streamed chat is refused before anything is stored; a non-streamed one is not a stream
-        before = len(r.keys("sg:{s:*}:r:*"))
+        before = stored_requests(r)
         code, reply = call("POST", f"{base}/v1/chat/completions",
                            {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "stream": True},
                            headers={**bearer(acme), "X-Session-Id": "s-chat"})
         assert_error(code, reply, 429, "tenant_limit")
-        assert len(r.keys("sg:{s:*}:r:*")) == before
+        assert stored_requests(r) == before
         code, reply = call("POST", f"{base}/v1/chat/completions",
                            {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}, headers=bearer(acme))
         assert code == 200 and reply["object"] == "chat.completion", reply
