@@ -148,7 +148,7 @@ def _session_path(session_id: str) -> str:
 def _error_from(response: httpx.Response, body: bytes) -> SluicegateError:
     """The API's `{"error": {"type", "message", "code"?}}`, or whatever a proxy answered instead."""
     parsed: Any = None  # a proxy's HTML page is one line here, as every refusal is
-    code, message = _status_code_name(response.status_code), " ".join(body.decode(errors="replace").split())[:500]
+    code, message = _status_code_name(response.status_code), _one_line(body)
     with contextlib.suppress(ValueError):
         parsed = json.loads(body) if body else None
     if isinstance(parsed, dict) and isinstance(parsed.get("error"), dict):
@@ -162,6 +162,11 @@ def _error_from(response: httpx.Response, body: bytes) -> SluicegateError:
     kind = CursorExpired if code == "cursor_expired" else SluicegateError
     return kind(response.status_code, code, message or response.reason_phrase, parsed, retry_after,
                 response.headers.get("x-request-id"))
+
+
+def _one_line(body: bytes) -> str:
+    """A body as one line of at most 500 characters (a proxy's HTML page is one line in a message)."""
+    return " ".join(body.decode(errors="replace").split())[:500]
 
 
 def _status_code_name(status: int) -> str:
@@ -182,9 +187,8 @@ def _json_of(response: httpx.Response) -> Any:
     try:
         return response.json()
     except ValueError as error:
-        page = " ".join(response.content.decode(errors="replace").split())[:500]
-        raise SluicegateError(response.status_code, "not_json",
-                              f"the answer is not the API's JSON ({response.headers.get('content-type')}): {page}",
+        raise SluicegateError(response.status_code, "not_json", f"the answer is not the API's JSON "
+                              f"({response.headers.get('content-type')}): {_one_line(response.content)}",
                               request_id=response.headers.get("x-request-id")) from error
 
 

@@ -303,3 +303,12 @@ def stored_requests(r: Any) -> int:
     """Request hashes in the store, not their input keys (`r:ID:in`, deleted when a request ends: counted, a
     request that ended between two counts made them differ)."""
     return len([key for key in r.keys("sg:{s:*}:r:*") if not key.endswith(":in")])
+
+
+def run_sluicegate(*args: str, env: dict[str, str] | None = None,
+                   timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    """`sluicegate ARGS` to its end, output captured, with none of this environment's SLUICEGATE_* settings
+    (plus `env`)."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("SLUICEGATE_")}
+    return subprocess.run([sys.executable, "-m", "sluicegate", *args], env={**clean, **(env or {})}, cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)

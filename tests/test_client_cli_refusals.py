@@ -6,21 +6,17 @@ is not the API's "no session" answer (`tail` exits 1 instead of waiting for ever
 from __future__ import annotations
 
 import http.server
-import os
 import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 
 import pytest
 
-from tests.helpers import ROOT, Stack
+from tests.helpers import Stack, run_sluicegate
 
 
 def sg(*args: str, env: dict[str, str] | None = None, timeout: float = 20) -> subprocess.CompletedProcess[str]:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("SLUICEGATE_")}
-    return subprocess.run([sys.executable, "-m", "sluicegate", *args], env={**clean, **(env or {})}, cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout)
+    return run_sluicegate(*args, env=env, timeout=timeout)
 
 
 class NotFoundPage(http.server.BaseHTTPRequestHandler):

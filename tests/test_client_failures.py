@@ -21,15 +21,12 @@ import pytest
 from sluicegate.client import Client, Event, SluicegateError
 from sluicegate.embedded import free_port
 from tests.cutting_proxy import CuttingProxy
-from tests.helpers import ROOT, Stack, call, fast_settings, submit
+from tests.helpers import ROOT, Stack, call, fast_settings, run_sluicegate, submit
 
 ADMIN = {"Authorization": "Bearer admin-secret"}
 
 
-def sg(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLUICEGATE_")}
-    return subprocess.run([sys.executable, "-m", "sluicegate", *args], env=env, cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout)
+sg = run_sluicegate
 
 
 @pytest.fixture

@@ -7,9 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import http.server
-import os
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -17,7 +14,7 @@ from collections.abc import Iterator
 import pytest
 
 from sluicegate.client import AsyncClient, Client, SluicegateError
-from tests.helpers import ROOT
+from tests.helpers import run_sluicegate
 
 HTML = (200, "text/html", b"<html><body>Welcome to the dev server</body></html>")
 DONE = (200, "text/event-stream", b'id: 7\nevent: done\ndata: {"request_id": "r1", "status": "done"}\n\n')
@@ -60,10 +57,7 @@ def scripted() -> Iterator[type[Scripted]]:
     server.server_close()
 
 
-def sg(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("SLUICEGATE_")}
-    return subprocess.run([sys.executable, "-m", "sluicegate", *args], env=clean, cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout)
+sg = run_sluicegate
 
 
 @pytest.mark.parametrize("target", [{"request_id": "r1"}, {"session_id": "s1"}])
