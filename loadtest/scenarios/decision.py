@@ -185,6 +185,9 @@ async def scenario(args: argparse.Namespace) -> dict[str, Any]:
             row["steal_pct"] = steal_percent(ticks, cpu_ticks())  # the hypervisor's share: noisy rows show it
             row["fill_per_s"] = round(max(1, missing) / max(fill_s, 1e-9))
             row["used_memory_mb"] = round(info["used_memory"] / 2**20, 1)
+            # the functions VM's heap after the samples: the library paces its collector (call.lua), and a
+            # collector that fell behind would show here
+            row["lua_heap_kb"] = (await redis.info("memory")).get("used_memory_vm_functions", 0) // 1024
             rows.append(row)
         for store in workers.values():
             await store.aclose()
@@ -225,11 +228,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     rows = result["rows"]
     print("\nScheduling decision (register one slot -> one dispatch), server-side FCALL time:")
     print_table(rows, ["queued", "group_queued", "samples", "dispatched", "p50_ms", "p99_ms", "max_ms", "rtt_p50_ms",
-                       "rtt_p99_ms", "ping_ms", "commands", "us_per_command", "used_memory_mb", "steal_pct",
-                       "queued_after"])
+                       "rtt_p99_ms", "ping_ms", "commands", "us_per_command", "used_memory_mb", "lua_heap_kb",
+                       "steal_pct", "queued_after"])
     print("(queued: in all groups; group_queued: the fewest that any sample found queued in its group; "
           "commands: Redis commands the decision function ran, median; us_per_command: p50 time / commands; "
-          "queued_after: ready sessions left, which must equal queued)")
+          "lua_heap_kb: the functions VM's heap after the samples; queued_after: ready sessions left, which must "
+          "equal queued)")
     at_100k = next((r for r in rows if r["queued"] == 100_000), None)
     at_1m = next((r for r in rows if r["queued"] == 1_000_000), None)
     flat = max(r["p99_ms"] for r in rows) / max(min(r["p99_ms"] for r in rows), 1e-9)
