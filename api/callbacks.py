@@ -32,12 +32,13 @@ def check_callback(svc: Services, url: str | None) -> str | None:
 
 def sendable(url: str) -> bool:
     """Whether delivery can send to `url`: urlsplit (callback_host) silently drops tabs and newlines, but httpx
-    refuses any control character, so such a URL would pass here and fail at every delivery attempt."""
+    refuses any control character, so such a URL would pass here and fail at every delivery attempt. A lone
+    surrogate (valid JSON: "\\ud800") is no character UTF-8 can encode: httpx raises UnicodeEncodeError."""
     if any(ord(c) < 0x20 or ord(c) == 0x7F for c in url):
         return False
     try:
         httpx.URL(url)
-    except httpx.InvalidURL:
+    except (httpx.InvalidURL, UnicodeError):
         return False
     return True
 

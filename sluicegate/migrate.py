@@ -22,10 +22,19 @@ SIGTERM; a request still marked running is taken as preempted: it resumes from i
 3. the session's head made ready on its group's control plane (the library's `ready` function);
 4. the session's old keys deleted.
 
+Step 1 writes no key the new layout already has: a session whose new meta, log or queue exists is taken
+as written when they are exactly what this session's step 1 writes (an earlier run died before step 4),
+else it is left alone, old keys and all (the new version wrote the same session id, or ran the migrated
+session on since: rewriting it would lose its events and hand their ids out again), and the run ends
+with exit code 1 and a line for it. Likewise a request hash the new layout holds, changed.
+
 Before the sessions: each group is registered with its copies of `sg:policy` and `sg:tenants` and its
-quota settings (`sg:g:<G>:cfg`); after them every remaining old key is deleted (the old control plane:
-ready sets, counters, runs, leases, workers, metrics). Dying half-way and running it again is harmless
-(a session is redone until its old keys are gone), and a second run finds nothing to do.
+quota settings (`sg:g:<G>:cfg`). An old API not yet stopped may write sessions while migrate runs: each
+pass moves what the scan before it found, until a scan finds none (at most MAX_PASSES; what is left is
+reported, kept, exit code 1). Then every other old key is deleted (the old control plane: ready sets,
+counters, runs, leases, workers, metrics). Dying half-way and running it again is harmless (a session is
+redone until its old keys are gone), and a second run finds nothing to do. One run at a time: a second
+refuses while the first holds the run lock (LOCK; it lapses when a run dies).
 """
 
 from __future__ import annotations
@@ -33,9 +42,12 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import secrets
 import sys
 from dataclasses import dataclass, field
 from typing import Any, TextIO
+
+from redis.exceptions import WatchError
 
 from sluicegate.sessions import keys
 from sluicegate.sessions.connect import RedisUnavailable, async_client, check_redis
@@ -188,6 +200,8 @@ def ready_spec(new_rid: str, f: dict[str, str]) -> dict[str, Any]:
                             "ep": _number(f.get("ep"), _number(f["p"])), "mt": _number(f["mt"]),
                             "n": _number(f.get("n")), "a": _number(f.get("a")), "it": _number(f.get("it")),
                             "sub": _number(f.get("sub")), "pc": _number(f.get("pc"))}
+    if f.get("fs"):  # its `queued` event's id: a ready of a later head of the session wins over it
+        spec["fs"] = _number(f["fs"])
     if f.get("rs"):
         spec["rs"] = _number(f["rs"])
     return spec
@@ -195,6 +209,24 @@ def ready_spec(new_rid: str, f: dict[str, str]) -> dict[str, Any]:
 
 class OldStackRunning(RuntimeError):
     """Old workers still hold live leases: the old version is running (migrating now would lose work)."""
+
+
+class MigrationLocked(RuntimeError):
+    """Another run of migrate holds the run lock (two at once would count the queue depth twice)."""
+
+
+# The run lock: `SET LOCK <run id> NX PX LOCK_MS`, renewed every third of LOCK_MS while the run lasts, deleted
+# at its end; a run that dies leaves it to lapse. Not an old key (is_old_key): no sweep deletes it.
+LOCK = keys.PREFIX + "migrate-lock"
+LOCK_MS = 30_000
+# KEYS[1] the lock, ARGV[1] this run's id, ARGV[2] its new TTL in ms: renewed only while it is still ours.
+RENEW_LOCK = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end return 0"
+# KEYS[1] the lock, ARGV[1] this run's id: deleted only while it is still ours.
+RELEASE_LOCK = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
+# Passes over the old layout: a session or request an old API still writes while migrate runs is moved by
+# the next one; what is still there after the last is reported and kept.
+MAX_PASSES = 5
+WRITE_TRIES = 3  # a session's write is retried when a watched key changed between its check and its write
 
 
 @dataclass
@@ -211,9 +243,31 @@ class Summary:
     tenant_weights: int = 0
     old_keys: int = 0
     live_old_workers: list[str] = field(default_factory=list)  # a real run refuses while there are any
+    conflicts: dict[str, str] = field(default_factory=dict)  # session -> why it was left alone (old keys kept)
+    unmigrated: list[str] = field(default_factory=list)  # sessions still written in the old layout after the passes
 
     def line(self) -> str:
         return json.dumps({"summary": "migrate", **self.__dict__}, separators=(",", ":"))
+
+    def problems(self) -> list[str]:
+        """One line for each session left in the old layout: a run with any ends with exit code 1."""
+        lines = [f"session {sid!r} not migrated: {why}; its old keys (sg:s:{sid}:m|q|l, its requests' sg:r:<id>) "
+                 "are kept: check the session, then delete them by hand" for sid, why in self.conflicts.items()]
+        if self.unmigrated:
+            lines.append(f"{len(self.unmigrated)} session(s) still written in the old layout after {MAX_PASSES} "
+                         f"passes (is an old API still running?), their old keys kept: "
+                         f"{', '.join(self.unmigrated[:10])}")
+        return lines
+
+
+@dataclass
+class Found:
+    """What the new layout holds of a plan's session and requests."""
+    meta: dict[str, str]
+    queue: list[str]
+    log_length: int
+    last_entry: str | None
+    hashes: list[dict[str, str]]  # each stored request's new hash ({}: none), in plan.requests' order
 
 
 class Migration:
@@ -227,6 +281,9 @@ class Migration:
         self.dry_run = dry_run
         self.out = out
         self.summary = Summary(dry_run=dry_run)
+        self.run_id = secrets.token_hex(8)
+        self.lock_lost = False
+        self.groups_done: set[str] = set()
 
     # ---- reading the old layout ----------------------------------------------------------------
     async def old_keys(self) -> list[str]:
@@ -268,66 +325,118 @@ class Migration:
         return SessionPlan(sid, meta, int(await self.r.pttl(base + ":m")), await self.read_list(base + ":l"),
                            int(await self.r.pttl(base + ":l")), queue, requests)
 
-    # ---- writing the new one -------------------------------------------------------------------
-    async def write_session(self, plan: SessionPlan) -> None:
-        sid, bucket = plan.sid, plan.bucket
-        entries, seq = plan.new_log()
-        waiting = plan.waiting
-        stored = list(plan.requests.values())
-        uncounted = await self.uncounted(plan)
-        # One transaction: every key here is in the bucket's slot.
-        async with self.r.pipeline(transaction=True) as tx:
-            meta_key, log_key, queue_key = keys.session_meta(sid), keys.session_log(sid), keys.session_queue(sid)
-            tx.delete(meta_key)
-            tx.delete(log_key)
-            tx.delete(queue_key)
-            meta = {**plan.meta, "seq": str(seq)}
-            owner = next((r.fields["tn"] for r in stored if "tn" in r.fields), None)
-            if "tn" not in meta and owner is not None:
-                meta["tn"] = owner
-            tx.hset(meta_key, mapping=meta)
-            for i in range(0, len(entries), CHUNK):
-                tx.rpush(log_key, *entries[i:i + CHUNK])
-            if waiting:
-                tx.rpush(queue_key, *(plan.new_id(r.rid) for r in waiting))
-            meta_ttl, log_ttl = plan.idle_ttls(self.session_ttl)
-            if meta_ttl > 0:
-                tx.pexpire(meta_key, meta_ttl)
-            if log_ttl > 0 and entries:
-                tx.pexpire(log_key, log_ttl)
-            for request in stored:
-                self.queue_request(tx, plan.sid, request)
-            self.count_depth(tx, bucket, uncounted)
-            await tx.execute()
+    # ---- what the new layout already holds -------------------------------------------------------
+    @staticmethod
+    def new_meta(plan: SessionPlan, seq: int) -> dict[str, str]:
+        meta = {**plan.meta, "seq": str(seq)}
+        owner = next((r.fields["tn"] for r in plan.requests.values() if "tn" in r.fields), None)
+        if "tn" not in meta and owner is not None:
+            meta["tn"] = owner
+        return meta
 
-    async def uncounted(self, plan: SessionPlan) -> list[OldRequest]:
-        """The requests the depth gauge is to count (every one its status says waits: queued, stranded, an
-        orphan's) whose new hash is not written yet: a rerun of migrate counts none twice."""
-        counted = plan.waiting + plan.stranded
-        async with self.r.pipeline(transaction=False) as pipe:
-            for request in counted:
-                pipe.exists(keys.request(plan.new_id(request.rid)))
-            existed = await pipe.execute()
-        return [request for request, known in zip(counted, existed, strict=True) if not known]
+    @staticmethod
+    def new_fields(request: OldRequest) -> dict[str, str]:
+        """A request's new hash."""
+        fields = {name: request.fields[name] for name in REQUEST_FIELDS if name in request.fields}
+        if request.status == "running":  # not handed back: it resumes from its tokens so far
+            fields["st"] = "preempted"
+        return fields
+
+    async def read_new(self, plan: SessionPlan) -> Found:
+        sid = plan.sid
+        async with self.r.pipeline(transaction=False) as pipe:  # one slot: the session's bucket
+            pipe.hgetall(keys.session_meta(sid))
+            pipe.lrange(keys.session_queue(sid), 0, -1)
+            pipe.llen(keys.session_log(sid))
+            pipe.lindex(keys.session_log(sid), -1)
+            for request in plan.requests.values():
+                pipe.hgetall(keys.request(plan.new_id(request.rid)))
+            meta, queue, length, last, *hashes = await pipe.execute()
+        return Found(meta, queue, int(length), last, hashes)
+
+    def conflict(self, plan: SessionPlan, found: Found, *, orphan: bool) -> tuple[str | None, bool]:
+        """(why the plan must not be written, or None; whether an earlier run already wrote it all).
+
+        The new version may have written the same session id (it was started before migrate), or run the
+        migrated session on after a run of migrate died before deleting its old keys: rewriting it would
+        lose its new requests and events and hand out its event ids again. Only what this plan would write
+        itself (an earlier run's step 1, one transaction) counts as written."""
+        if not orphan and (found.meta or found.queue or found.log_length):
+            entries, seq = plan.new_log()
+            if (found.meta == self.new_meta(plan, seq) and found.queue == [plan.new_id(r.rid) for r in plan.waiting]
+                    and found.log_length == len(entries) and found.last_entry == (entries[-1] if entries else None)):
+                return None, True
+            return (f"the new layout already holds it (last event id {found.meta.get('seq', '?')}, "
+                    f"{len(found.queue)} queued), not as migrate writes it"), False
+        for request, now in zip(plan.requests.values(), found.hashes, strict=True):
+            if now and now != self.new_fields(request):
+                return f"the new layout already holds request {plan.new_id(request.rid)!r}, changed since", False
+        return None, False
+
+    # ---- writing the new one -------------------------------------------------------------------
+    async def write(self, plan: SessionPlan, *, orphan: bool) -> str | None:
+        """Step 1 for a session (or an orphan's requests), unless the new layout holds something else there:
+        then nothing is written and the reason is returned. The keys checked are watched until the write
+        (one transaction, one slot: the bucket's)."""
+        sid = plan.sid
+        stored = list(plan.requests.values())
+        watched = [keys.request(plan.new_id(r.rid)) for r in stored]
+        if not orphan:
+            watched += [keys.session_meta(sid), keys.session_log(sid), keys.session_queue(sid)]
+        for _ in range(WRITE_TRIES):
+            try:
+                async with self.r.pipeline(transaction=True) as tx:
+                    await tx.watch(*watched)
+                    found = await self.read_new(plan)
+                    why, written = self.conflict(plan, found, orphan=orphan)
+                    if why or written:
+                        return why
+                    absent = {r.rid for r, now in zip(stored, found.hashes, strict=True) if not now}
+                    tx.multi()
+                    if not orphan:
+                        self.queue_session(tx, plan)
+                    for request in stored:
+                        if request.rid in absent:  # an existing one is this very hash (see conflict)
+                            self.queue_request(tx, plan.sid, request)
+                    counted = [r for r in plan.waiting + plan.stranded if r.rid in absent]
+                    self.count_depth(tx, plan.bucket, counted)
+                    await tx.execute()
+                    return None
+            except WatchError:
+                continue
+        return "the new layout's keys of the session kept changing while migrate wrote them"
+
+    def queue_session(self, tx: Any, plan: SessionPlan) -> None:
+        """Queue (in `tx`) the writes of the session's meta, log and queue (none of them exists)."""
+        sid = plan.sid
+        entries, seq = plan.new_log()
+        meta_key, log_key, queue_key = keys.session_meta(sid), keys.session_log(sid), keys.session_queue(sid)
+        tx.hset(meta_key, mapping=self.new_meta(plan, seq))
+        for i in range(0, len(entries), CHUNK):
+            tx.rpush(log_key, *entries[i:i + CHUNK])
+        if plan.waiting:
+            tx.rpush(queue_key, *(plan.new_id(r.rid) for r in plan.waiting))
+        meta_ttl, log_ttl = plan.idle_ttls(self.session_ttl)
+        if meta_ttl > 0:
+            tx.pexpire(meta_key, meta_ttl)
+        if log_ttl > 0 and entries:
+            tx.pexpire(log_key, log_ttl)
 
     @staticmethod
     def count_depth(tx: Any, bucket: str, requests: list[OldRequest]) -> None:
         """Queue (in `tx`, with the requests' hashes) the depth gauge's +1 for each: it counts waiting
-        requests from their submit on, and their cancel or end takes one off."""
+        requests from their submit on, and their cancel or end takes one off. Only requests whose hash this
+        transaction writes are counted: a rerun of migrate counts none twice."""
         for request in requests:
             f = request.fields
             tx.hincrby(keys.data_metrics(bucket), f"depth|{f.get('g')}|{f.get('p')}|{f.get('tn')}", 1)
 
     def queue_request(self, tx: Any, sid: str, request: OldRequest) -> None:
-        """Queue (in `tx`) the writes of a request's new hash and input."""
+        """Queue (in `tx`) the writes of a request's new hash and input (neither exists)."""
         new = keys.bucket_of_session(sid) + request.rid
-        fields = {name: request.fields[name] for name in REQUEST_FIELDS if name in request.fields}
-        if request.status == "running":  # not handed back: it resumes from its tokens so far
-            fields["st"] = "preempted"
-        tx.delete(keys.request(new))
+        fields = self.new_fields(request)
         if fields:
             tx.hset(keys.request(new), mapping=fields)
-        tx.delete(keys.request_input(new))
         if request.input is not None:
             tx.set(keys.request_input(new), request.input)
         if request.ended and request.pttl > 0:
@@ -369,12 +478,30 @@ class Migration:
                     pipe.delete(name)  # one key a command: old keys are in any slot of a cluster
                 await pipe.execute()
 
+    # ---- the run lock --------------------------------------------------------------------------
+    async def lock(self) -> None:
+        if not await self.r.set(LOCK, self.run_id, nx=True, px=LOCK_MS):
+            raise MigrationLocked(f"another run of migrate holds its lock ({LOCK}, run "
+                                  f"{await self.r.get(LOCK)}): wait for it to end (a run that died lets the "
+                                  f"lock lapse within {LOCK_MS / 1000:g} s); nothing was changed")
+
+    async def hold_lock(self) -> None:
+        """Renew the lock while the run lasts; should it be lost (the run stalled past its TTL), the run stops
+        at its next session rather than run alongside another."""
+        while not self.lock_lost:
+            await asyncio.sleep(LOCK_MS / 3000)
+            self.lock_lost = not await self.r.eval(RENEW_LOCK, 1, LOCK, self.run_id, LOCK_MS)
+
+    async def unlock(self) -> None:
+        await self.r.eval(RELEASE_LOCK, 1, LOCK, self.run_id)
+
     # ---- the whole run -------------------------------------------------------------------------
     async def groups_and_quotas(self, old: list[str], group_of_requests: set[str]) -> None:
         quota_groups = {key[len(OLD_GROUP):].split(":", 1)[0] for key in old
                         if key.startswith(OLD_GROUP) and key.endswith(":cfg") and key.count(":") == 3}
-        groups = sorted({*await self.r.smembers(keys.GROUPS), *group_of_requests, *quota_groups})
-        self.summary.groups = groups
+        groups = sorted({*await self.r.smembers(keys.GROUPS), *group_of_requests, *quota_groups} - self.groups_done)
+        self.groups_done.update(groups)
+        self.summary.groups = sorted(self.groups_done)
         self.summary.tenant_weights = await self.r.hlen(keys.TENANT_WEIGHTS)
         for group in groups:
             cfg = {}
@@ -388,16 +515,13 @@ class Migration:
             if cfg:
                 await self.r.hset(keys.group_key(group, "cfg"), mapping=cfg)
 
-    async def run(self) -> Summary:
-        old = await self.old_keys()
-        self.summary.old_keys = len(old)
-        if not old:
-            return self.summary
-        await self.check_stopped(old)
+    async def sessions_in(self, old: list[str]) -> tuple[set[str], dict[str, set[str]], set[str]]:
+        """In a scan of the old keys: the sessions with old session keys, each session's old requests
+        (queued or ended, found by their sid) and the groups they name."""
         sids = {key[len(OLD_SESSION):-2] for key in old
                 if key.startswith(OLD_SESSION) and key[-2:] in (":m", ":q", ":l")}
         rids = sorted({key[len(OLD_REQUEST):].removesuffix(":in") for key in old if key.startswith(OLD_REQUEST)})
-        by_session: dict[str, set[str]] = {}  # a session's requests, queued or ended (found by their sid)
+        by_session: dict[str, set[str]] = {}
         groups: set[str] = set()
         for i in range(0, len(rids), CHUNK):
             async with self.r.pipeline(transaction=False) as pipe:
@@ -409,12 +533,51 @@ class Migration:
                     by_session.setdefault(sid, set()).add(rid)
                 if group:
                     groups.add(group)
-        await self.groups_and_quotas(old, groups)
-        for sid in sorted(sids | set(by_session)):
-            plan = await self.read_session(sid, by_session.get(sid, set()))
-            await self.move(plan, orphan=sid not in sids)
-        if not self.dry_run:
-            await self.delete(await self.old_keys())  # the old control plane, workers, metrics, leftovers
+        return sids, by_session, groups
+
+    async def run(self) -> Summary:
+        if self.dry_run:
+            return await self.passes()
+        await self.lock()
+        holder = asyncio.create_task(self.hold_lock())
+        try:
+            return await self.passes()
+        finally:
+            holder.cancel()
+            await asyncio.gather(holder, return_exceptions=True)
+            await self.unlock()
+
+    async def passes(self) -> Summary:
+        """Move every session, then sweep the old control plane. An old API not yet stopped may still write
+        sessions and requests: each pass moves what the last scan found; the sweep deletes no key of a
+        session still to move (or left alone: a conflict), only the old control plane, global keys and
+        request keys of no session."""
+        old = await self.old_keys()
+        self.summary.old_keys = len(old)
+        if not old:
+            return self.summary
+        await self.check_stopped(old)
+        for done in range(MAX_PASSES + 1):
+            sids, by_session, groups = await self.sessions_in(old)
+            todo = sorted((sids | set(by_session)) - set(self.summary.conflicts))
+            if not todo or done == MAX_PASSES or (self.dry_run and done):
+                break
+            await self.groups_and_quotas(old, groups)
+            for sid in todo:
+                if self.lock_lost:
+                    raise MigrationLocked(f"migrate lost its lock ({LOCK}) and stopped half-way: run it again")
+                plan = await self.read_session(sid, by_session.get(sid, set()))
+                await self.move(plan, orphan=sid not in sids)
+            if not self.dry_run:
+                old = await self.old_keys()
+        if self.dry_run:
+            return self.summary
+        self.summary.unmigrated = todo
+        kept = set(todo) | set(self.summary.conflicts)
+        keep = {OLD_SESSION + sid + suffix for sid in kept for suffix in (":m", ":q", ":l")}
+        keep |= {OLD_REQUEST + rid + suffix for sid in kept for rid in by_session.get(sid, ())
+                 for suffix in ("", ":in")}
+        await self.delete([key for key in old if key not in keep])  # the old control plane, workers, metrics
         return self.summary
 
     async def check_stopped(self, old: list[str]) -> None:
@@ -427,9 +590,16 @@ class Migration:
         if self.summary.live_old_workers and not self.dry_run:
             raise OldStackRunning(f"old workers are still running ({', '.join(self.summary.live_old_workers)}): "
                                   "stop the old API, scheduler and workers first (a worker that died is "
-                                  "forgotten within its lease, a few seconds)")
+                                  "forgotten within its lease, a few seconds); nothing was changed")
 
     async def move(self, plan: SessionPlan, *, orphan: bool) -> None:
+        if self.dry_run:
+            why, _ = self.conflict(plan, await self.read_new(plan), orphan=orphan)
+        else:
+            why = await self.write(plan, orphan=orphan)
+        if why:  # left alone, old keys and all
+            self.summary.conflicts[plan.sid] = why
+            return
         s = self.summary
         waiting = plan.waiting
         s.sessions += not orphan
@@ -442,15 +612,6 @@ class Migration:
             self.out.write(json.dumps(plan.describe(self.session_ttl), separators=(",", ":")) + "\n")
             return
         requests = list(plan.requests.values())
-        if orphan:  # request hashes whose session is gone: kept for lookups, nothing to run or stream
-            uncounted = await self.uncounted(plan)  # (all stranded: an orphan is in no queue)
-            async with self.r.pipeline(transaction=True) as tx:  # one slot: the session's bucket
-                for request in requests:
-                    self.queue_request(tx, plan.sid, request)
-                self.count_depth(tx, plan.bucket, uncounted)
-                await tx.execute()
-        else:
-            await self.write_session(plan)
         await self.write_aliases(plan.sid, requests)
         if not orphan:
             await self.ready_head(plan)
@@ -484,8 +645,9 @@ def migrate(redis_url: str, **options: Any) -> Summary:
 
 
 def main(settings: Settings, *, dry_run: bool) -> int:
-    """`sluicegate migrate`: exit code 0; 1 when Redis cannot be used or the old version still runs;
-    2 without --redis-url."""
+    """`sluicegate migrate`: exit code 0; 1 when Redis cannot be used, the old version still runs, another run
+    holds the lock, or a session was left in the old layout (a conflict, or still being written); 2 without
+    --redis-url."""
     if not settings.redis_url:
         print("sluicegate migrate: --redis-url is required (the Redis of the deployment to migrate)", file=sys.stderr)
         return 2
@@ -495,9 +657,11 @@ def main(settings: Settings, *, dry_run: bool) -> int:
         print(f"sluicegate migrate: {error}", file=sys.stderr)
         return 1
     try:
-        migrate(settings.redis_url, cluster=settings.redis_cluster, dry_run=dry_run,
-                lease_ms=int(settings.lease_seconds * 1000), session_ttl=settings.session_ttl)
-    except OldStackRunning as error:
-        print(f"sluicegate migrate: {error}; nothing was changed", file=sys.stderr)
+        summary = migrate(settings.redis_url, cluster=settings.redis_cluster, dry_run=dry_run,
+                          lease_ms=int(settings.lease_seconds * 1000), session_ttl=settings.session_ttl)
+    except (OldStackRunning, MigrationLocked) as error:
+        print(f"sluicegate migrate: {error}", file=sys.stderr)
         return 1
-    return 0
+    for problem in summary.problems():
+        print(f"sluicegate migrate: {problem}", file=sys.stderr)
+    return 1 if summary.problems() else 0

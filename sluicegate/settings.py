@@ -148,6 +148,11 @@ def _allowed_host(host: str) -> str:
     if host.endswith("."):
         raise ValueError(f"`{host}` ends with a dot: give the name without it (hooks.example.com, not "
                          "hooks.example.com.)")
+    if "*" in host:
+        raise ValueError(f"`{host}`: no wildcards; list each host (an entry matches one host name exactly)")
+    if not _ipv6(host) and any(ord(c) < 128 and not (c.isalnum() or c in "._-") for c in host):
+        # userinfo (a@b), a query or fragment, a %-escape, a backslash: no URL's hostname is that text
+        raise ValueError(f"`{host}` is not a host name a URL could have (give hosts only, e.g. hooks.example.com)")
     return host
 
 

@@ -30,8 +30,10 @@ SLOTS = 4
 @pytest.fixture
 def cluster(redis_url: str, r: redis.Redis) -> Iterator[Stack]:
     """API in-process; two schedulers and three workers as real processes. A long lease keeps a
-    busy machine's late heartbeat from looking like a dead worker (not what this test is about)."""
-    settings = fast_settings(redis_url, lease_seconds=6.0, slots=SLOTS)
+    busy machine's late heartbeat from looking like a dead worker (not what this test is about); and with
+    no fair-share preemption (the test's three tenants: on a slow host a run outlives the minimum run and
+    its tenant, above its share, was preempted) every start is a dispatch."""
+    settings = fast_settings(redis_url, lease_seconds=6.0, slots=SLOTS, fair_share_preemption=False)
     api = Stack(settings).start(scheduler=False, workers=0)
     procs: list[subprocess.Popen[bytes]] = []
     try:
@@ -74,7 +76,8 @@ def test_every_request_dispatched_exactly_once(cluster: Stack, r: redis.Redis, r
     try:
         with ThreadPoolExecutor(8) as pool:
             plan = [(f"ms-{i % SESSIONS}", i) for i in range(REQUESTS)]
-            # one priority: a preemption would be a legitimate second start, and not what is tested here
+            # one priority (and no fair-share preemption, above): a preemption would be a legitimate second
+            # start, and not what is tested here
             rids = list(pool.map(lambda job: (job[0], submit(base, job[0], max_tokens=TOKENS,
                                                             prompt=f"p{job[1]}", tenant=f"t{job[1] % 3}")), plan))
 

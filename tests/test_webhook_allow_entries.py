@@ -28,6 +28,11 @@ def test_a_bracketed_ipv6_literal_allows_its_callbacks() -> None:
     ("[::1]:9000", "has a port"),
     ("hooks.example.com.", "ends with a dot"),
     ("[hooks.example.com]", "not a host name"),
+    ("user@hooks.example.com", "not a host name a URL could have"),  # userinfo: the URL's host is after the @
+    ("hooks.example.com#x", "not a host name a URL could have"),
+    ("%68ooks.example.com", "not a host name a URL could have"),
+    ("hooks.example.com\\x", "not a host name a URL could have"),
+    ("*.example.com", "no wildcards"),  # was taken as a literal: sub.example.com refused, *.example.com allowed
 ])
 def test_an_entry_that_can_never_match_is_refused_by_name(entry: str, says: str) -> None:
     with pytest.raises(ValueError, match=says) as raised:

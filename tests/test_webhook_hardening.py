@@ -21,7 +21,9 @@ def test_a_callback_url_with_a_control_character_is_422(redis_url: str, r) -> No
     """urlsplit drops \\t\\r\\n silently, so such a URL passed the host check; httpx refuses it at every send."""
     stack = start_stack(redis_url, delivery=False)
     try:
-        for url in ("http://127.0.0.1:9/hook\n", "http://127.0.0.1:9/h\tok", "http://127.0.0.1:9/\x7f"):
+        # and a lone surrogate, valid JSON ("\\ud800") that httpx cannot encode (UnicodeEncodeError: was a 500)
+        for url in ("http://127.0.0.1:9/hook\n", "http://127.0.0.1:9/h\tok", "http://127.0.0.1:9/\x7f",
+                    "http://127.0.0.1:9/\ud800"):
             code, reply = call("POST", f"{stack.base_url}/v1/sessions/ctl/requests",
                                {"prompt": "hi", "max_tokens": 2, "callback_url": url})
             assert code == 422 and reply["error"]["type"] == "callback_not_allowed", (url, code, reply)
@@ -125,3 +127,8 @@ def test_verify_refuses_a_forged_non_ascii_signature() -> None:
     assert verify("s", body, good)
     for forged in (f"t={now},v1=é" + "0" * 63, f"t={now},v1=\udcff", f"t={now},v1=☃"):
         assert verify("s", body, forged) is False
+
+
+def test_verify_refuses_a_post_without_the_signature_header() -> None:
+    """A receiver passes `request.headers.get(HEADER)`: None for an unsigned POST (was AttributeError)."""
+    assert verify("s", b'{"x": 1}', None) is False

@@ -18,8 +18,11 @@ def signature(secret: str, body: bytes, at: int | None = None) -> str:
     return f"t={t},v1={digest}"
 
 
-def verify(secret: str, body: bytes, header: str, *, tolerance: float = 300.0) -> bool:
-    """What a receiver does: the v1 digest matches and the timestamp is recent."""
+def verify(secret: str, body: bytes, header: str | None, *, tolerance: float = 300.0) -> bool:
+    """What a receiver does: the v1 digest matches and the timestamp is recent. A missing header (None, as
+    `request.headers.get(HEADER)` gives for an unsigned POST) is no signature: False."""
+    if not header:
+        return False
     parts = dict(p.split("=", 1) for p in header.split(",") if "=" in p)
     try:
         t = int(parts["t"])

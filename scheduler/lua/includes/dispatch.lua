@@ -38,6 +38,11 @@ local function headroom(cp, cls, holding)
   return heaviest, limit
 end
 
+-- One call dispatches at most this many rounds (a round starts a request or preempts for one), so that a
+-- worker registering 256 free slots does not hold the server for one long call; what is left wakes the
+-- group's scheduler at once (note_wake: its hint), whose sweep goes on in calls of the same size.
+local DISPATCH_ROUNDS = 64
+
 -- `share`: try fair-share preemption when no slot is free. Asked where waiting work appears (a request
 -- becomes ready) and on the sweep (a victim's min-run quantum ended), not when a slot frees: that
 -- slot goes by the fair order anyway, and a saturated group's every release would pay for the check.
@@ -47,9 +52,13 @@ local function dispatch(cp, now, lease, share)
   -- With no rate quota to consult, a free slot is all a request waits for: take the ticket first,
   -- and with none (the common case under load) skip the tenant/session/request lookup.
   local ticket_first = not (cfg.rps or cfg.tps)
-  for _ = 1, 64 do
+  for round = 1, DISPATCH_ROUNDS + 1 do
     local top = redis.call('ZREVRANGE', cp .. 'cls', 0, 0)[1]
     if not top then break end
+    if round > DISPATCH_ROUNDS then -- work left over: the scheduler sweeps again at once, not on its timer
+      note_wake(cp, now)
+      break
+    end
     local wid = ticket_first and take_ticket(cp)
     if ticket_first and not wid then
       local handed, ran = without_free_slot(cp, tonumber(top), cfg, now, lease, share)

@@ -33,27 +33,32 @@ local outbox, outbox_sessions = {}, {} -- per call: the events emitted, by sessi
 -- Lua collector's pace"). At 25 that step is an eighth as long, and the collector's work is spread over
 -- the calls as they allocate; the VM's heap measured 0.5-0.9 MB all along (0.3-0.5 MB before).
 -- The multiplier can only be set inside a call (the server refuses collectgarbage while a library
--- loads), so the first call after each load sets it: a restart or a failover loads the library again,
--- and its first call paces the new VM.
+-- loads), so every call sets it (two C calls): whatever set it otherwise since (a restart's new VM,
+-- another library) is put right by the next call.
 -- Below 100 Lua's collector may fall behind what the calls allocate (a small object costs more to sweep
--- than its bytes earn the collector). Should the heap ever pass GC_HEAP_LIMIT_KB, a call first collects
--- it in full (a few ms, once), and the limit moves to twice what is left, so that a VM whose live heap
--- is that large is not collected at every call.
+-- than its bytes earn the collector), or a large argument (a prompt of many MB) may sit in the heap for
+-- a while. So once the heap passes GC_HEAP_HIGH_KB the calls set Lua's default pace until it is under
+-- GC_HEAP_LOW_KB again: the collector catches up in steps, with no call stopped for a full collection
+-- (which took 20-30 ms at 8 MB).
 local GC_STEP_MULTIPLIER = 25
-local GC_HEAP_LIMIT_KB = 8192
-local gc_paced = false
-local gc_heap_limit_kb = GC_HEAP_LIMIT_KB
+local GC_CATCH_UP_MULTIPLIER = 200 -- Lua's default
+local GC_HEAP_HIGH_KB = 4096
+local GC_HEAP_LOW_KB = 2048
+local gc_catching_up = false
+
+local function pace_collector()
+  local heap = collectgarbage('count')
+  if heap > GC_HEAP_HIGH_KB then
+    gc_catching_up = true
+  elseif heap < GC_HEAP_LOW_KB then
+    gc_catching_up = false
+  end
+  collectgarbage('setstepmul', gc_catching_up and GC_CATCH_UP_MULTIPLIER or GC_STEP_MULTIPLIER)
+end
 
 -- `flags`: the first argument of every function: "S" single server, "T" pinned test clock.
 local function begin_call(flags)
-  if not gc_paced then
-    collectgarbage('setstepmul', GC_STEP_MULTIPLIER)
-    gc_paced = true
-  end
-  if collectgarbage('count') > gc_heap_limit_kb then
-    collectgarbage('collect')
-    gc_heap_limit_kb = math.max(GC_HEAP_LIMIT_KB, 2 * collectgarbage('count'))
-  end
+  pace_collector()
   pinned_clock = string.find(flags, 'T', 1, true) ~= nil
   single_server = string.find(flags, 'S', 1, true) ~= nil
   per_call = {}
