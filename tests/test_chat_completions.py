@@ -10,11 +10,11 @@ from typing import Any
 import pytest
 import redis
 
-from sluicegate.embedded import free_port
 from sluicegate.workers.engines.openai import OpenAIEngine
 from sluicegate.workers.engines.sim import prompt_of, sim_text
+from sluicegate.workers.sim_backend import Faults, create_sim_backend
 from tests.helpers import Stack, call, fast_settings
-from tests.openai_helpers import ChatStream, chat_stream
+from tests.openai_helpers import ChatStream, ServerThread, chat_stream
 
 MESSAGES = [{"role": "system", "content": "short answers"}, {"role": "user", "content": "why queue requests?"}]
 
@@ -125,8 +125,10 @@ def test_cancelled_mid_stream_ends_with_an_error_object(stack: Stack) -> None:
 
 def test_a_failed_generation_maps_to_an_openai_error(redis_url: str) -> None:
     stack = Stack(fast_settings(redis_url)).start(workers=0)
+    # A backend that answers 500 to every call (one not listening makes the request wait: its worker withdraws)
+    failing = ServerThread(create_sim_backend(2000.0, 0.0, faults=Faults(fail_first=10**6, fail_status=500))).start()
     try:
-        dead = f"http://127.0.0.1:{free_port()}/v1"
+        dead = failing.url
         stack.add_worker(engine=OpenAIEngine(dead, models={"*": "m"}, retries=1))
         # Streamed or not, it failed before its first token: its status says so (tests/test_chat_errors.py)
         for stream in (True, False):
@@ -134,9 +136,10 @@ def test_a_failed_generation_maps_to_an_openai_error(redis_url: str) -> None:
                                {"messages": MESSAGES, "max_tokens": 4, "stream": stream})
             assert code == 502 and reply["error"]["type"] == reply["error"]["code"] == "generation_failed"
             port = dead.split(":")[-1].split("/")[0]
-            assert "cannot connect" in reply["error"]["message"] and port not in reply["error"]["message"]  # no address
+            assert "HTTP 500" in reply["error"]["message"] and port not in reply["error"]["message"]  # no address
     finally:
         stack.stop()
+        failing.stop()
 
 
 def test_a_client_that_leaves_a_chat_stream_frees_it_and_the_generation_goes_on(stack: Stack) -> None:

@@ -145,19 +145,31 @@ def test_connection_refused_until_the_backend_starts(bare_stack: Stack) -> None:
     assert_tokens(events, sim_text(prompt_of(MESSAGES), 10), 10)
 
 
-def test_a_backend_that_never_answers_ends_the_request_with_an_error(bare_stack: Stack) -> None:
+def test_a_backend_that_never_answers_leaves_the_request_waiting(bare_stack: Stack,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nothing listening (a backend still loading its model): the run is handed back without counting as a
+    failed attempt (old: it failed its --max-attempts in seconds, `error`), its tenant told why without the
+    backend's address; the worker withdraws its slots, and the request waits until the backend answers."""
+    from sluicegate.workers import worker as worker_module
+
+    monkeypatch.setattr(worker_module, "PROBE_RETRY_SECONDS", 0.5)
     port = free_port()
     bare_stack.add_worker(engine=engine_for(f"http://127.0.0.1:{port}/v1", retries=3, models={"*": "sim"}))
-    began = time.monotonic()
     rid = ask(bare_stack, "s", 10)
-    events = events_of(bare_stack, rid)
-    assert time.monotonic() - began < 20  # liveness bound, not a benchmark
-    assert events[-1].event == "error"
-    message = events[-1].data["message"]
+    stopped = next(e for e in sse(bare_stack.base_url, f"/v1/requests/{rid}/events", timeout=30)
+                   if e.event in ("preempted", "error"))
+    assert stopped.event == "preempted" and stopped.data["reason"] == "backend_unavailable", stopped
+    message = stopped.data["detail"]
     assert "3 times" in message and "cannot connect" in message
     assert f"127.0.0.1:{port}" not in message  # tenants read it: the backend's address stays in the log
+    time.sleep(2)  # handed back again and again meanwhile, if at all: never counted
     status = call("GET", f"{bare_stack.base_url}/v1/requests/{rid}")[1]
-    assert status["status"] == "failed" and status["error"] == message and status["tokens"] == 0
+    assert status["status"] in ("queued", "preempted") and status["failed_attempts"] == 0, status
+    with ServerThread(create_sim_backend(2000.0, 0.0), port=port):
+        events = events_of(bare_stack, rid)
+    assert events[-1].event == "done", events[-1]
+    assert_tokens(events, sim_text(prompt_of(MESSAGES), 10), 10)
+    assert call("GET", f"{bare_stack.base_url}/v1/requests/{rid}")[1]["failed_attempts"] == 0
 
 
 def test_a_4xx_is_permanent_and_not_retried(bare_stack: Stack) -> None:

@@ -41,6 +41,7 @@ import orjson
 from sluicegate.sessions.runs import DEADLINE_EXCEEDED, AppendResult, RunSpec, RunStore, delta_kind
 from sluicegate.sessions.transitions import Tail
 from sluicegate.workers.engines.base import Engine, EngineError, Finish, Token
+from sluicegate.workers.engines.probe import BackendDown
 from sluicegate.workers.redis_retry import through_dropped_connections
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,7 @@ class RunOutcome:
     usage: dict[str, Any] | None = None  # done: the backend's usage for the whole request, if it reported one
     tail: Tail | None = None  # done: the tokens not appended yet, which the run's end appends
     pin_refused: bool = False  # fenced: by its pin's refusal (PinRefused)
+    backend_down: bool = False  # engine_error: the backend was not reached before the first token (BackendDown)
 
 
 def structured(params: dict[str, Any]) -> bool:
@@ -287,7 +289,8 @@ class Run:
             if error.transient and self._pinned and self._structured:  # a resume could only spoil its output
                 log.info("run %s: %s; its structured output cannot be resumed", self.key, error)
                 return RunOutcome("engine_error", f"{cannot_continue(STRUCTURED)} ({error})")
-            return RunOutcome("engine_error", str(error), transient=error.transient)
+            return RunOutcome("engine_error", str(error), transient=error.transient,
+                              backend_down=isinstance(error, BackendDown))
         finally:
             self._disarm_deadline()
             self._stopping = True

@@ -50,6 +50,9 @@ MODEL_RETRY_SECONDS = 10.0  # between looks at the backend's model list while it
 MODEL_LOOKUP_SECONDS = 5.0  # one look's bound
 RQ_SETTLE = 0.05  # seconds a change of the runs shown waits before rq is told (see _presence_loop)
 EARLY_NOTICES = 1024  # notices kept for runs whose assignment has not arrived (most are for ended runs)
+# The hand-back reason of a run whose backend was not reached: not one of the failures that count against a
+# request's --max-attempts (sessions/lua/includes/requests.lua FAILURES).
+BACKEND_DOWN = "backend_unavailable"
 RQ_LEAVE_SECONDS = 2.0  # a shutdown waits this long at most for rq to forget the worker (else its records expire)
 
 
@@ -118,6 +121,8 @@ class Worker:
         self.probe_due = False  # the probe has not reached the backend yet: the heartbeats probe again
         self.probed_at = 0.0  # when the backend was last probed (_probe)
         self.probing: asyncio.Task[None] | None = None
+        # A run could not reach the backend (probe.py BackendDown): no slot is offered until the probe answers.
+        self.backend_down = False
         self.surplus = 0  # runs holding a ticket past the slots (they shrank): their ends give none back
         self.model_looked_at = 0.0  # when the backend's model list was last asked (_learn_model)
         self.model_lookup: asyncio.Task[None] | None = None
@@ -136,6 +141,7 @@ class Worker:
         yet: probe_due, the heartbeats probe again)."""
         probe = getattr(self.engine, "probe", None)
         if probe is None or not self.settings.backend_probe:
+            self.probe_due = False  # nothing to ask: a withdrawal (_withdraw) ends at its first look
             return True
         self.probed_at = time.monotonic()
         try:
@@ -175,11 +181,32 @@ class Worker:
         offered with the slots again (the inbox loop's resync: exact, between two inbox reads)."""
         if self.stopping or not await self._probe():
             return
+        if self.backend_down:
+            log.warning("worker %s: the backend answered the probe again; offering its slots again", self.worker_id)
+            self.backend_down = False
+            self.store.shown.pop("backend", None)
         self._show_resume()
         await self._learn_model(register=True)
         log.info("worker %s: the backend answered the probe: %d slots, resumes by %s", self.worker_id, self.slots,
                  self.store.resume_mode or "?")
         self.resync_needed = True
+
+    async def _withdraw(self) -> None:
+        """A run could not reach the backend before its first token (restarted, loading its model: probe.py
+        BackendDown). Failing fast, this worker would look free and take the group's work only to hand it
+        back: it offers no slot (the inbox loop's resync, woken now) until its probe answers again, from the
+        heartbeats every PROBE_RETRY_SECONDS (_look_for_probe, as for a backend not up at start). Its runs
+        go on; their ends give no ticket back meanwhile (_end). With every worker's backend down, the
+        group's requests wait queued."""
+        if not self.backend_down:
+            log.warning("worker %s: its backend is not reachable; withdrawing its slots until the probe answers "
+                        "(probed every %g s)", self.worker_id, PROBE_RETRY_SECONDS)
+            self.probed_at = time.monotonic()  # the run just tried it: the next look is due a retry period on
+        self.backend_down = self.probe_due = True
+        self.store.shown["backend"] = "down"
+        self.resync_needed = True
+        with contextlib.suppress(Exception):  # else the inbox loop resyncs after its read's timeout (1 s)
+            await self.store.wake_inbox()
 
     # ---- lifecycle ---------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
@@ -464,15 +491,17 @@ class Worker:
                 await self._ends_quiet.wait()
             held = len(self.runs)  # may exceed the slots for a moment: a run whose slot was handed over
             self.resync_needed = False  # before the call: a need found meanwhile (a probe's new count) stands
+            # Backend down (_withdraw): none offered, and the tickets its runs hold are surplus (given back by none)
+            usable = 0 if self.backend_down else self.slots
             try:
-                offer = await self.store.set_free_slots(self.slots - held, self.slots, held=list(self.runs))
+                offer = await self.store.set_free_slots(usable - held, self.slots, held=list(self.runs))
             except BaseException:
                 self.resync_needed = True
                 raise
             # What holds a ticket past the slots (they shrank under held runs and waiting assignments),
             # counted by the scheduler: as many of the next ends give no ticket back.
             self.surplus = offer.excess
-            log.info("worker %s: offered %d free slots (%d running)", self.worker_id, self.slots - held, held)
+            log.info("worker %s: offered %d free slots (%d running)", self.worker_id, max(0, usable - held), held)
         finally:
             self._resyncing = None
             gate.set()
@@ -486,7 +515,7 @@ class Worker:
             await self._resyncing.wait()
         self._ending += 1
         try:
-            return_slot = not self.stopping
+            return_slot = not self.stopping and not self.backend_down  # withdrawn: no ticket back (_withdraw)
             if return_slot and self.surplus:  # the slots shrank under this run: its ticket goes
                 self.surplus -= 1
                 return_slot = False
@@ -531,6 +560,9 @@ class Worker:
             if streamed is not None:  # never preempted (pinned), but its worker was lost or its backend failed
                 await self._end(rid, attempt, outcome="failed", detail=cannot_continue(streamed))
                 return
+            if self.backend_down:  # dispatched before the slots were withdrawn: back to wait, no attempt lost
+                await self._end(rid, attempt, reason=f"{BACKEND_DOWN}: its worker's backend is not reachable")
+                return
             self.executing.add(key)
             self._show_in_rq(key, spec)
             try:
@@ -548,6 +580,9 @@ class Worker:
             elif outcome.kind == "fenced":
                 log.info("run %s fenced (%s)", key, outcome.detail)
                 await self._end(rid, attempt, reason=await self._fence_reason(key, outcome.pin_refused))
+            elif outcome.backend_down:  # not reached: resumed elsewhere or later, no failed attempt (_withdraw)
+                await self._withdraw()
+                await self._end(rid, attempt, reason=f"{BACKEND_DOWN}: {outcome.detail}")
             elif outcome.transient:  # resumed, possibly elsewhere, unless it was the last attempt (--max-attempts)
                 await self._end(rid, attempt, reason=f"backend_error: {outcome.detail}")
             else:  # a permanent engine error, or a `fail` deadline passed before the first token (deadline_exceeded)

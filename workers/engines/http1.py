@@ -21,8 +21,9 @@ import asyncio
 import os
 import ssl
 import time
+from base64 import b64encode
 from collections import deque
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 READ_SIZE = 65536
 MAX_HEAD = 65536  # bytes of a response's status line and headers
@@ -32,7 +33,13 @@ MAX_READ = 2**20  # bytes of a body read whole (an error's): past them the rest 
 
 
 class HTTPClientError(Exception):
-    """A failure of the call itself; its text is fit for a tenant (no address)."""
+    """A failure of the call itself; its text is fit for a tenant (no address). `unreachable`: the server was
+    not reached at all (nothing listening), as a backend still loading its model is (the worker stops offering
+    its slots until its probe answers). A connection closed or reset after the request was sent is not: the
+    backend may have died of this very request (a poison prompt), which must use up its attempts, not wait
+    and crash the backend again at each restart."""
+
+    unreachable = False
 
 
 class CannotConnect(HTTPClientError):
@@ -44,6 +51,7 @@ class CannotConnect(HTTPClientError):
         else:
             reason = os.strerror(error.errno) if error.errno else type(error).__name__
         super().__init__(f"cannot connect ({reason})")
+        self.unreachable = not isinstance(error, ssl.SSLError)  # a certificate refused is a setting's fault
 
 
 class ServerClosed(HTTPClientError):
@@ -58,6 +66,19 @@ class ResponseCut(HTTPClientError):
 
 class BadResponse(HTTPClientError):
     """The bytes are not HTTP/1.x."""
+
+
+def split_userinfo(url: str) -> tuple[str, str | None]:
+    """`url` without its `user:password@` part, and that part as the value of a Basic `Authorization` header
+    (its user and password percent-decoded, RFC 7617), or None when it has none: what is logged of a URL, and
+    what a call to it sends."""
+    parts = urlsplit(url)
+    userinfo, at, host = parts.netloc.rpartition("@")
+    if not at:
+        return url, None
+    user, _, password = userinfo.partition(":")
+    credentials = b64encode(f"{unquote(user)}:{unquote(password)}".encode()).decode("ascii")
+    return urlunsplit(parts._replace(netloc=host)), f"Basic {credentials}"
 
 
 class _Connection:

@@ -24,7 +24,10 @@ Failures, and who handles them:
   (the request itself is wrong). A retried status with a `Retry-After` (seconds or an HTTP-date; vLLM,
   TGI and proxies send it when overloaded) is honoured: the next try waits at least that long, but at
   most RETRY_AFTER_MAX_SECONDS (30 s: a confused backend cannot park the slot for hours); one that does
-  not parse or is past leaves the backoff as it is.
+  not parse or is past leaves the backoff as it is. A backend not reached at all on the last try (nothing
+  listening, the connection reset or closed before any answer, or a 503: one still loading its model) fails
+  the attempt as BackendDown (workers/engines/probe.py): handed back without counting as a failed attempt,
+  its worker withdrawing its slots until its probe answers.
 - after tokens streamed (a broken stream, silence past `idle_timeout`): a transient EngineError; after
   the backend's finish_reason (only its usage or `[DONE]` missing) the run ends finished instead.
 - a 200 that is not an event stream (its content-type says so: a JSON error served with 200, a web
@@ -32,9 +35,12 @@ Failures, and who handles them:
 - an error the backend reports inside its stream (vLLM's `data: {"error": ...}`, llama.cpp's
   `error: {...}` line, a `data:` after `event: error`): its own words. Before the first token a 4xx
   other than 408 and 429 is permanent, any other is transient as above; TGI tags every such error 422
-  (`http_status_code`): its words say which is the request's fault (tgi_status). After the first token
-  it is transient, whatever its tag (the backend took the request: vLLM tags any failure of its stream
-  generator a 400), and after the finish_reason the run ends finished.
+  (`http_status_code`): its words say which is the request's fault (tgi_status). vLLM tags any failure of
+  its stream generator a 400, a dead engine core's included: one whose words name an engine death
+  (ENGINE_DEATH) is transient whatever its tag. After the first token it is transient, whatever its tag
+  (the backend took the request), and after the finish_reason the run ends finished.
+- a finish_reason `abort` (SGLang's graceful abort, vLLM's FinishReason.ABORT) is no answer: the backend
+  stopped the generation (a weight update, an engine shutting down), so it fails as a broken stream does.
 - a resume by continuation that the backend refuses (a 4xx: the continued call is Sluicegate's, not the
   request the backend took before) is asked again in the same attempt as a regeneration.
 A transient failure hands the run back; it resumes, possibly on another worker and backend, from the
@@ -93,10 +99,11 @@ from sluicegate.sessions.runs import BACKEND_REFUSED_PREFIX, RunSpec
 from sluicegate.settings import Settings
 from sluicegate.tracing import TRACE_PARAM, Tracing, traced_stream, tracing_for
 from sluicegate.workers.engines.base import EngineError, Finish, Piece, Token
-from sluicegate.workers.engines.http1 import HTTP1Client, HTTPClientError, Response
+from sluicegate.workers.engines.http1 import HTTP1Client, HTTPClientError, Response, split_userinfo
 from sluicegate.workers.engines.probe import (
     INJECTED_SEED,
     OPTIONAL_FIELDS,
+    BackendDown,
     Capabilities,
     probe,
     refused_field,
@@ -125,15 +132,21 @@ DELTA_SECONDS = re.compile(r"\d+(?:\.\d+)?")
 # error comes tagged 422 (tgi_status), these are the ones no retry fixes.
 TGI_REFUSALS = ("Input validation error", "Template error", "Missing template", "Tool error")
 TGI_OVERLOADED = "Model is overloaded"
+# vLLM's words for an engine that died under the request (EngineDeadError, EngineGenerateError, its V0 loop's
+# AsyncEngineDeadError), which it sends tagged 400 like a real refusal: a failure of the backend's, transient.
+ENGINE_DEATH = ("enginecore encountered an issue", "engine loop has died", "enginedeaderror", "enginegenerateerror",
+                "engine core is dead", "background loop has errored")
+UNAVAILABLE = 503  # a backend that is not up (llama.cpp while it loads its model; a proxy with no server behind)
 
 
 class Transient(Exception):
     """A failure worth another attempt; `retry_after`: the seconds the backend asked to wait before it
-    (its Retry-After header), if it did."""
+    (its Retry-After header), if it did; `down`: the backend was not reached at all, or said it is not up (503)."""
 
-    def __init__(self, *args: object, retry_after: float | None = None) -> None:
+    def __init__(self, *args: object, retry_after: float | None = None, down: bool = False) -> None:
         super().__init__(*args)
         self.retry_after = retry_after
+        self.down = down
 
 
 class Permanent(Exception):
@@ -155,6 +168,23 @@ def describe(error: BaseException) -> str:
         return "the server closed the connection"
     text = str(error)
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def unreachable(error: BaseException) -> bool:
+    """Whether a call never reached a server: nothing listening (the lean client's words, or aiohttp's for the
+    model listing). A connection closed after the request went out is no such thing (the backend may have
+    died of the request: http1.HTTPClientError), nor is a refused certificate (a setting's fault)."""
+    if isinstance(error, HTTPClientError):
+        return error.unreachable
+    if isinstance(error, aiohttp.ClientSSLError):
+        return False
+    return isinstance(error, aiohttp.ClientConnectorError)
+
+
+def names_engine_death(message: str) -> bool:
+    """Whether an error's words say the backend's engine died under the request (ENGINE_DEATH)."""
+    lowered = message.lower()
+    return any(words in lowered for words in ENGINE_DEATH)
 
 
 def error_message(status: int, body: bytes) -> str:
@@ -192,9 +222,9 @@ def stream_error(payload: bytes) -> Exception:
     if tgi_words is not None:
         status = tgi_status(status, tgi_words)
     message = error_message(status, payload)
-    if 400 <= status < 500 and status not in RETRIED_STATUSES:
+    if 400 <= status < 500 and status not in RETRIED_STATUSES and not names_engine_death(message):
         return Permanent(message)
-    return Transient(message)
+    return Transient(message, down=status == UNAVAILABLE)
 
 
 def tgi_status(tagged: int, message: str) -> int:
@@ -311,6 +341,8 @@ def pieces_of(chunk: dict[str, Any], state: StreamState) -> list[Piece]:
     for choice in chunk.get("choices") or ():
         if not isinstance(choice, dict) or choice.get("index", 0) != 0:
             continue  # n = 1: only the first choice is ours
+        if choice.get("finish_reason") == "abort":  # the backend stopped it (SGLang, vLLM): no answer, retried
+            raise Transient("the backend aborted the generation (finish_reason abort)")
         delta = choice.get("delta") or {}
         text = (delta.get("content") or "") if isinstance(delta, dict) else None
         if not isinstance(text, str):  # a broken backend's, like bad JSON: retried, not a worker error
@@ -350,7 +382,9 @@ class OpenAIEngine:
                  backoff_max: float = 8.0, send_priority: bool = True, first_token_timeout: float = 120.0,
                  idle_timeout: float = 30.0, tracing: Tracing | None = None,
                  retry_after_max: float = RETRY_AFTER_MAX_SECONDS) -> None:
-        self.base_url = base_url.rstrip("/")
+        # Credentials in the URL (`https://user:pass@host/v1`) go as a Basic Authorization header on every call
+        # (an API key's Bearer wins), and never into a log line: base_url is the URL without them.
+        self.base_url, basic = split_userinfo(base_url.rstrip("/"))
         self.tracing = tracing  # --otel-endpoint: a span per backend call, its traceparent sent along
         self.models = dict(models or {})
         self.timeout = timeout
@@ -364,8 +398,8 @@ class OpenAIEngine:
         self.first_token_timeout = first_token_timeout
         self.idle_timeout = idle_timeout
         self.headers = {"content-type": "application/json", "accept": "text/event-stream"}
-        if api_key:
-            self.headers["authorization"] = f"Bearer {api_key}"
+        if api_key or basic:
+            self.headers["authorization"] = f"Bearer {api_key}" if api_key else str(basic)
         self.http = HTTP1Client(self.base_url, {"user-agent": "sluicegate", **self.headers}, connect_timeout=timeout)
         self._session: aiohttp.ClientSession | None = None
         self._served_model: str | None = None
@@ -466,8 +500,9 @@ class OpenAIEngine:
     def _raise_for_status(status: int, body: bytes, headers: Mapping[str, str]) -> None:
         """`headers`: the response's (looked up by lower-case name), for a retried status's Retry-After."""
         message = error_message(status, body)
-        if status >= 500 or status in RETRIED_STATUSES:
-            raise Transient(message, retry_after=retry_after_seconds(headers.get("retry-after")))
+        if status >= 500 or status in RETRIED_STATUSES or names_engine_death(message):
+            raise Transient(message, retry_after=retry_after_seconds(headers.get("retry-after")),
+                            down=status == UNAVAILABLE)
         raise Permanent(message)
 
     # ---- streaming ---------------------------------------------------------------------------
@@ -610,8 +645,10 @@ class OpenAIEngine:
         except Transient as error:  # tenants read the message: the backend's address goes to the log only
             log.warning("run %s|%s: backend %s failed %d times before the first token: %s", run.request_id,
                         run.attempt, self.base_url, self.retries, error)
-            raise EngineError(f"the backend failed {self.retries} times before the first token; "
-                              f"last error: {error}", transient=True) from error
+            message = f"the backend failed {self.retries} times before the first token; last error: {error}"
+            if error.down:  # not reached, or not up: no failure of the request's (probe.py BackendDown)
+                raise BackendDown(message) from error
+            raise EngineError(message, transient=True) from error
         except Permanent as error:
             log.warning("run %s|%s: backend %s refused the request: %s", run.request_id, run.attempt, self.base_url,
                         error)
@@ -636,7 +673,7 @@ class OpenAIEngine:
             raise Transient(f"no first token within {self.first_token_timeout:g} s "
                             "(--backend-first-token-timeout)") from None
         except (HTTPClientError, aiohttp.ClientError, ValueError) as error:  # aiohttp's: the model listing
-            raise Transient(describe(error)) from error
+            raise Transient(describe(error), down=unreachable(error)) from error
 
     async def _post(self, body: dict[str, Any], headers: dict[str, str] | None = None,
                     ours: tuple[str, ...] = OPTIONAL_FIELDS) -> Response:

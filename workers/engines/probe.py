@@ -28,6 +28,11 @@ A server that is not up yet (nothing listening, or a 5xx: vLLM and SGLang open t
 is loaded, llama.cpp answers 503 while it loads) is not "a server the probe cannot identify": its
 defaults would stay for good. The probe raises NotUp, the worker starts with the defaults meanwhile and
 probes again from its heartbeats until the server answers (workers/worker.py `_look_for_probe`).
+
+A server that goes down later (restarted, reloading its model), or was never up: a run that cannot reach it
+at all before its first token (nothing listening, the connection reset or closed before any answer, a 503)
+fails with BackendDown. Its worker hands it back without counting it as a failed attempt, and stops offering
+its slots until its probe answers again: its requests go to the group's other workers, or wait queued.
 """
 
 from __future__ import annotations
@@ -40,6 +45,8 @@ from typing import Any
 import aiohttp
 import orjson
 
+from sluicegate.workers.engines.base import EngineError
+
 log = logging.getLogger(__name__)
 
 PROBE_TIMEOUT = 10.0  # seconds for each probe call
@@ -48,6 +55,14 @@ ONE_AT_A_TIME = {"llama-cpp-python": 1}  # servers that run one request at a tim
 
 class NotUp(Exception):
     """The server answered none of the probe's calls as a server that is up (see the module's docstring)."""
+
+
+class BackendDown(EngineError):
+    """A run could not reach its backend before its first token (see the module's docstring): transient,
+    and no failure of the request's (its worker withdraws its slots until the probe answers)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, transient=True)
 
 
 @dataclass(frozen=True)
