@@ -50,6 +50,7 @@ from typing import Any, TextIO
 from redis.exceptions import WatchError
 
 from sluicegate.sessions import keys
+from sluicegate.sessions.callbacks import script  # sessions/lua/standalone/<name>.lua
 from sluicegate.sessions.connect import RedisUnavailable, async_client, check_redis
 from sluicegate.sessions.registry import copy_policy, register_group
 from sluicegate.sessions.scripts import Scripts
@@ -219,10 +220,8 @@ class MigrationLocked(RuntimeError):
 # at its end; a run that dies leaves it to lapse. Not an old key (is_old_key): no sweep deletes it.
 LOCK = keys.PREFIX + "migrate-lock"
 LOCK_MS = 30_000
-# KEYS[1] the lock, ARGV[1] this run's id, ARGV[2] its new TTL in ms: renewed only while it is still ours.
-RENEW_LOCK = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end return 0"
-# KEYS[1] the lock, ARGV[1] this run's id: deleted only while it is still ours.
-RELEASE_LOCK = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
+RENEW_LOCK = script("migrate_lock_renew")
+RELEASE_LOCK = script("migrate_lock_release")
 # Passes over the old layout: a session or request an old API still writes while migrate runs is moved by
 # the next one; what is still there after the last is reported and kept.
 MAX_PASSES = 5
@@ -512,7 +511,7 @@ class Migration:
                 continue
             await register_group(self.r, group)
             await copy_policy(self.r, group)  # also for a group the old sg:groups already listed
-            if cfg:
+            if cfg and not await self.r.exists(keys.group_key(group, "cfg")):  # a rerun keeps the new version's
                 await self.r.hset(keys.group_key(group, "cfg"), mapping=cfg)
 
     async def sessions_in(self, old: list[str]) -> tuple[set[str], dict[str, set[str]], set[str]]:
@@ -615,6 +614,12 @@ class Migration:
         await self.write_aliases(plan.sid, requests)
         if not orphan:
             await self.ready_head(plan)
+        if not orphan and await self.r.llen(OLD_SESSION + plan.sid + ":l") != len(plan.log):
+            # an old API still running wrote to the session since it was read (every write adds an event): the
+            # new layout has it as read, the old keys keep what came after
+            self.summary.conflicts[plan.sid] = ("written in the old layout while migrate moved it (is an old API "
+                                                "still running?)")
+            return
         old = [OLD_SESSION + plan.sid + suffix for suffix in (":m", ":q", ":l")]
         old += [OLD_REQUEST + rid + suffix for rid in plan.requests for suffix in ("", ":in")]
         await self.delete(old)

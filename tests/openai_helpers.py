@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import threading
@@ -106,3 +107,11 @@ def chat_stream(base_url: str, body: dict[str, Any], headers: dict[str, str] | N
                 on_chunk(result, result.chunks[-1])
     finally:
         connection.close()
+
+
+async def read_posted_json(reader: asyncio.StreamReader) -> dict[str, Any]:
+    """The JSON body of the request a raw loopback server is reading (head, then content-length bytes)."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                   if line.lower().startswith(b"content-length:")), 0)
+    return json.loads(await reader.readexactly(length))  # type: ignore[no-any-return]

@@ -137,3 +137,54 @@ def test_an_abort_mid_stream_resumes_instead_of_ending_done(redis_url: str) -> N
         assert reply.choices[0].finish_reason == "stop", reply
         assert reply.choices[0].message.content == "Hello there.", reply
         assert len(fake.records) == 2
+
+
+def version_but_503(state: dict[str, int]) -> Any:
+    """A server the probe identifies (vLLM's /version answers) whose every chat call gets 503."""
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        request = Request(scope, receive)
+        path = request.url.path
+        if path.endswith("/version"):
+            response = JSONResponse({"version": "0.9.0"})
+        elif path.endswith("/models"):
+            response = JSONResponse({"data": [{"id": "m"}]})
+        elif path.endswith("/chat/completions"):
+            state["probe" if (await request.json()).get("max_tokens") == 1 else "runs"] += 1
+            response = JSONResponse({"error": {"code": 503, "message": "Service Unavailable"}}, status_code=503)
+        else:
+            response = JSONResponse({}, status_code=404)
+        await response(scope, receive, send)
+    return app
+
+
+@pytest.mark.usefixtures("quick_probes")
+@pytest.mark.parametrize("probe", [True, False])
+def test_a_backend_that_answers_its_version_but_503_to_every_chat(redis_url: str, probe: bool) -> None:
+    """With the probe, its 503 keeps the worker withdrawn: no run calls it again (before: the probe passed on
+    the version, the slots came back every probe period and each start was handed back, for ever). Without a
+    probe the slots come back each period; the hand-backs are free only up to FREE_BACKEND_DOWN_STARTS x
+    --max-attempts starts, then count, and the request fails."""
+    state = {"runs": 0, "probe": 0}
+    with ServerThread(version_but_503(state)) as server:
+        settings = fast_settings(redis_url, engine="openai", backend_url=server.url, backend_model="m",
+                                 backend_retries=1, backend_probe=probe, slots=2, max_attempts=2)
+        stack = Stack(settings).start(workers=1)
+        try:
+            rid = call("POST", f"{stack.base_url}/v1/sessions/s0/requests",
+                       {"prompt": "hi", "max_tokens": 5})[1]["request_id"]
+            if probe:
+                time.sleep(4)  # 8 probe periods
+                view = call("GET", f"{stack.base_url}/v1/requests/{rid}")[1]
+                assert view["status"] in ("queued", "preempted") and state["runs"] <= 1, (view, state)
+            else:
+                limit = worker_module.FREE_BACKEND_DOWN_STARTS * 2
+                view = wait_for(lambda: (v := call("GET", f"{stack.base_url}/v1/requests/{rid}")[1])["status"]
+                                == "failed" and v, timeout=60, what="the request to fail")
+                # the free starts (a start can be handed back before its call: the worker was withdrawn), then
+                # --max-attempts counted ones
+                assert view["failed_attempts"] == 2 and limit < view["attempts"] <= limit + 4, view
+                assert 2 < state["runs"] <= view["attempts"], state
+        finally:
+            stack.stop()

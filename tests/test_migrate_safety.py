@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 from typing import Any
 
 import pytest
@@ -222,3 +223,35 @@ def test_a_run_refuses_while_another_holds_the_lock(redis_url: str, r: redis.Red
     assert run_cli(redis_url, capsys) == (0, [])
     assert held and all(value is not None and 0 < ttl <= 300 for value, ttl in held), held
     assert r.get("sg:migrate-lock") is None and old_keys_left(r) == []
+
+
+def test_a_submit_to_a_session_migrate_is_moving_is_kept_and_reported(redis_url: str, r: redis.Redis,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """An old API still running accepts a submit to a session between its move (steps 1-3) and the delete of
+    its old keys: those keys are kept (with the late request) and the run reports the session (exit 1),
+    where they were deleted, the late request stranded in no queue, and the run ended 0."""
+    write_old_deployment(r, head_status="preempted")
+    late: list[str] = []
+    real_aliases = mig.Migration.write_aliases
+
+    async def write_aliases(self: mig.Migration, sid: str, requests: list[Any]) -> None:
+        await real_aliases(self, sid, requests)
+        if sid == "chat-a" and not late:  # the old API's submit: its `queued` event, queue entry, hash
+            late.append(rid := old_id())
+            seq = r.hincrby("sg:s:chat-a:m", "seq", 1)
+            r.rpush("sg:s:chat-a:l", f"{seq}|queued|{rid}|" + json.dumps({"request_id": rid, "position": 3}))
+            r.rpush("sg:s:chat-a:q", rid)
+            r.hset(f"sg:r:{rid}", mapping={"sid": "chat-a", "tn": TENANT, "g": GROUP, "p": 5, "mt": 5, "st": "queued"})
+    monkeypatch.setattr(mig.Migration, "write_aliases", write_aliases)
+    summary = mig.migrate(redis_url, cluster=ON_CLUSTER, out=io.StringIO())
+    assert "chat-a" in summary.conflicts and any("chat-a" in line for line in summary.problems())
+    assert late[0] in r.lrange("sg:s:chat-a:q", 0, -1) and r.exists(f"sg:r:{late[0]}")
+
+
+def test_a_rerun_keeps_a_quota_the_new_version_set(redis_url: str, r: redis.Redis,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    write_old_deployment(r, head_status="preempted")  # the old quota: max_concurrency 1
+    die_in_step_4(redis_url, monkeypatch)
+    r.hset(keys.group_key(GROUP, "cfg"), "max_concurrency", 4)  # the new version's operator raised it since
+    mig.migrate(redis_url, cluster=ON_CLUSTER, out=io.StringIO())
+    assert r.hget(keys.group_key(GROUP, "cfg"), "max_concurrency") == "4"  # was put back to 1

@@ -17,6 +17,7 @@ import pytest
 from sluicegate.sessions.runs import RunSpec
 from sluicegate.workers.engines.base import EngineError, Finish, Token
 from sluicegate.workers.engines.openai import RUNAWAY_CHUNKS_PER_TOKEN, RUNAWAY_SLACK, OpenAIEngine
+from tests.openai_helpers import read_posted_json
 
 SSE_200 = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n"
 DONE = b"data: [DONE]\n\n"
@@ -71,10 +72,7 @@ class RawBackend:
 
     async def answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            head = await reader.readuntil(b"\r\n\r\n")
-            length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
-                           if line.lower().startswith(b"content-length:")), 0)
-            self.bodies.append(json.loads(await reader.readexactly(length)))
+            self.bodies.append(await read_posted_json(reader))
             writer.write(self.head)
             self.written = 0
             for piece in self.pieces:

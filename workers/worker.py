@@ -53,6 +53,10 @@ EARLY_NOTICES = 1024  # notices kept for runs whose assignment has not arrived (
 # The hand-back reason of a run whose backend was not reached: not one of the failures that count against a
 # request's --max-attempts (sessions/lua/includes/requests.lua FAILURES).
 BACKEND_DOWN = "backend_unavailable"
+# Such hand-backs are free up to a request's start number FREE_BACKEND_DOWN_STARTS x --max-attempts; past it
+# they count as failures: a backend whose probe passes while its chat calls do not (or --no-backend-probe)
+# would else hand the same request back every PROBE_RETRY_SECONDS for ever.
+FREE_BACKEND_DOWN_STARTS = 4
 RQ_LEAVE_SECONDS = 2.0  # a shutdown waits this long at most for rq to forget the worker (else its records expire)
 
 
@@ -582,7 +586,8 @@ class Worker:
                 await self._end(rid, attempt, reason=await self._fence_reason(key, outcome.pin_refused))
             elif outcome.backend_down:  # not reached: resumed elsewhere or later, no failed attempt (_withdraw)
                 await self._withdraw()
-                await self._end(rid, attempt, reason=f"{BACKEND_DOWN}: {outcome.detail}")
+                free = int(attempt) <= FREE_BACKEND_DOWN_STARTS * self.settings.max_attempts
+                await self._end(rid, attempt, reason=f"{BACKEND_DOWN if free else 'backend_error'}: {outcome.detail}")
             elif outcome.transient:  # resumed, possibly elsewhere, unless it was the last attempt (--max-attempts)
                 await self._end(rid, attempt, reason=f"backend_error: {outcome.detail}")
             else:  # a permanent engine error, or a `fail` deadline passed before the first token (deadline_exceeded)

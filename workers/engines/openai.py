@@ -25,7 +25,7 @@ Failures, and who handles them:
   TGI and proxies send it when overloaded) is honoured: the next try waits at least that long, but at
   most RETRY_AFTER_MAX_SECONDS (30 s: a confused backend cannot park the slot for hours); one that does
   not parse or is past leaves the backoff as it is. A backend not reached at all on the last try (nothing
-  listening, the connection reset or closed before any answer, or a 503: one still loading its model) fails
+  listening, or a 503: one still loading its model) fails
   the attempt as BackendDown (workers/engines/probe.py): handed back without counting as a failed attempt,
   its worker withdrawing its slots until its probe answers.
 - after tokens streamed (a broken stream, silence past `idle_timeout`): a transient EngineError; after
@@ -182,8 +182,9 @@ def unreachable(error: BaseException) -> bool:
 
 
 def names_engine_death(message: str) -> bool:
-    """Whether an error's words say the backend's engine died under the request (ENGINE_DEATH)."""
-    lowered = message.lower()
+    """Whether an error's words say the backend's engine died under the request (ENGINE_DEATH). Only the words
+    before an echoed request (vLLM's validation errors quote it: `'input': ...`), whose prompt may hold any."""
+    lowered = message.lower().split("'input':", 1)[0].split('"input":', 1)[0]
     return any(words in lowered for words in ENGINE_DEATH)
 
 

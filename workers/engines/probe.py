@@ -30,7 +30,7 @@ defaults would stay for good. The probe raises NotUp, the worker starts with the
 probes again from its heartbeats until the server answers (workers/worker.py `_look_for_probe`).
 
 A server that goes down later (restarted, reloading its model), or was never up: a run that cannot reach it
-at all before its first token (nothing listening, the connection reset or closed before any answer, a 503)
+at all before its first token (nothing listening, or a 503; not a connection closed after the request went out)
 fails with BackendDown. Its worker hands it back without counting it as a failed attempt, and stops offering
 its slots until its probe answers again: its requests go to the group's other workers, or wait queued.
 """
@@ -159,7 +159,9 @@ async def try_stream(session: aiohttp.ClientSession, base_url: str, model: str,
                      known: Capabilities | None) -> Capabilities:
     """One streamed one-token request with `priority` and `include_usage`: what the server refuses, and
     whether its stream reports usage. `known`: what identify() found; when it found nothing, a request
-    that gets no answer, or a 5xx, raises NotUp (else it leaves what was known)."""
+    that gets no answer, or a 5xx, raises NotUp (else it leaves what was known). A 503 raises NotUp
+    whatever was found: a server that answers its version but not a chat is not serving (a run that got a
+    503 withdrew its worker until this probe answers: passing it would hand the work back again at once)."""
     found = known or Capabilities()
     body: dict[str, Any] = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1,
                             "stream": True, "stream_options": {"include_usage": True}, "priority": 4}
@@ -182,7 +184,7 @@ async def try_stream(session: aiohttp.ClientSession, base_url: str, model: str,
         if renamed_budget(response.status, payload, body):
             found = replace(found, budget_field="max_completion_tokens")
             continue
-        if response.status >= 500 and known is None:
+        if response.status >= 500 and (known is None or response.status == 503):
             raise NotUp(f"the test request got HTTP {response.status}")
         if response.status != 200:
             log.warning("probing %s: the test request got HTTP %d; assuming defaults", base_url, response.status)
