@@ -40,8 +40,7 @@ import orjson
 
 from sluicegate.sessions.runs import DEADLINE_EXCEEDED, AppendResult, RunSpec, RunStore, delta_kind
 from sluicegate.sessions.transitions import Tail
-from sluicegate.workers.engines.base import Engine, EngineError, Finish, Token
-from sluicegate.workers.engines.probe import BackendDown
+from sluicegate.workers.engines.base import BackendDown, Engine, EngineError, Finish, Token
 from sluicegate.workers.redis_retry import through_dropped_connections
 
 log = logging.getLogger(__name__)

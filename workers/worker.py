@@ -125,7 +125,7 @@ class Worker:
         self.probe_due = False  # the probe has not reached the backend yet: the heartbeats probe again
         self.probed_at = 0.0  # when the backend was last probed (_probe)
         self.probing: asyncio.Task[None] | None = None
-        # A run could not reach the backend (probe.py BackendDown): no slot is offered until the probe answers.
+        # A run could not reach the backend (BackendDown): no slot is offered until the probe answers.
         self.backend_down = False
         self.surplus = 0  # runs holding a ticket past the slots (they shrank): their ends give none back
         self.model_looked_at = 0.0  # when the backend's model list was last asked (_learn_model)
@@ -196,7 +196,7 @@ class Worker:
         self.resync_needed = True
 
     async def _withdraw(self) -> None:
-        """A run could not reach the backend before its first token (restarted, loading its model: probe.py
+        """A run could not reach the backend before its first token (restarted, loading its model:
         BackendDown). Failing fast, this worker would look free and take the group's work only to hand it
         back: it offers no slot (the inbox loop's resync, woken now) until its probe answers again, from the
         heartbeats every PROBE_RETRY_SECONDS (_look_for_probe, as for a backend not up at start). Its runs
@@ -584,12 +584,11 @@ class Worker:
             elif outcome.kind == "fenced":
                 log.info("run %s fenced (%s)", key, outcome.detail)
                 await self._end(rid, attempt, reason=await self._fence_reason(key, outcome.pin_refused))
-            elif outcome.backend_down:  # not reached: resumed elsewhere or later, no failed attempt (_withdraw)
-                await self._withdraw()
-                free = int(attempt) <= FREE_BACKEND_DOWN_STARTS * self.settings.max_attempts
-                await self._end(rid, attempt, reason=f"{BACKEND_DOWN if free else 'backend_error'}: {outcome.detail}")
             elif outcome.transient:  # resumed, possibly elsewhere, unless it was the last attempt (--max-attempts)
-                await self._end(rid, attempt, reason=f"backend_error: {outcome.detail}")
+                if outcome.backend_down:  # not reached: withdrawn, and (up to a bound) no failed attempt
+                    await self._withdraw()
+                free = outcome.backend_down and int(attempt) <= FREE_BACKEND_DOWN_STARTS * self.settings.max_attempts
+                await self._end(rid, attempt, reason=f"{BACKEND_DOWN if free else 'backend_error'}: {outcome.detail}")
             else:  # a permanent engine error, or a `fail` deadline passed before the first token (deadline_exceeded)
                 await self._end(rid, attempt, outcome="failed", detail=outcome.detail)
         except Exception as error:

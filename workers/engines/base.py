@@ -24,6 +24,15 @@ class EngineError(Exception):
         self.transient = transient
 
 
+class BackendDown(EngineError):
+    """A run could not reach its backend before its first token (nothing listening, or not up: a 503):
+    transient, and no failure of the request's (its worker withdraws its slots until its probe answers;
+    workers/engines/probe.py)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, transient=True)
+
+
 @dataclass(frozen=True, slots=True)
 class Token:
     """A token with what its chunk carried besides text: `delta` is the backend's raw delta without

@@ -25,9 +25,8 @@ Failures, and who handles them:
   TGI and proxies send it when overloaded) is honoured: the next try waits at least that long, but at
   most RETRY_AFTER_MAX_SECONDS (30 s: a confused backend cannot park the slot for hours); one that does
   not parse or is past leaves the backoff as it is. A backend not reached at all on the last try (nothing
-  listening, or a 503: one still loading its model) fails
-  the attempt as BackendDown (workers/engines/probe.py): handed back without counting as a failed attempt,
-  its worker withdrawing its slots until its probe answers.
+  listening, or a 503: one still loading its model) fails the attempt as BackendDown (engines/base.py):
+  handed back without counting as a failed attempt, its worker withdrawing its slots until its probe answers.
 - after tokens streamed (a broken stream, silence past `idle_timeout`): a transient EngineError; after
   the backend's finish_reason (only its usage or `[DONE]` missing) the run ends finished instead.
 - a 200 that is not an event stream (its content-type says so: a JSON error served with 200, a web
@@ -98,12 +97,11 @@ from sluicegate.sessions.idle import IdleDeadline
 from sluicegate.sessions.runs import BACKEND_REFUSED_PREFIX, RunSpec
 from sluicegate.settings import Settings
 from sluicegate.tracing import TRACE_PARAM, Tracing, traced_stream, tracing_for
-from sluicegate.workers.engines.base import EngineError, Finish, Piece, Token
+from sluicegate.workers.engines.base import BackendDown, EngineError, Finish, Piece, Token
 from sluicegate.workers.engines.http1 import HTTP1Client, HTTPClientError, Response, split_userinfo
 from sluicegate.workers.engines.probe import (
     INJECTED_SEED,
     OPTIONAL_FIELDS,
-    BackendDown,
     Capabilities,
     probe,
     refused_field,
@@ -647,7 +645,7 @@ class OpenAIEngine:
             log.warning("run %s|%s: backend %s failed %d times before the first token: %s", run.request_id,
                         run.attempt, self.base_url, self.retries, error)
             message = f"the backend failed {self.retries} times before the first token; last error: {error}"
-            if error.down:  # not reached, or not up: no failure of the request's (probe.py BackendDown)
+            if error.down:  # not reached, or not up: no failure of the request's (BackendDown)
                 raise BackendDown(message) from error
             raise EngineError(message, transient=True) from error
         except Permanent as error:

@@ -31,8 +31,9 @@ probes again from its heartbeats until the server answers (workers/worker.py `_l
 
 A server that goes down later (restarted, reloading its model), or was never up: a run that cannot reach it
 at all before its first token (nothing listening, or a 503; not a connection closed after the request went out)
-fails with BackendDown. Its worker hands it back without counting it as a failed attempt, and stops offering
-its slots until its probe answers again: its requests go to the group's other workers, or wait queued.
+fails with BackendDown (engines/base.py). Its worker hands it back without counting it as a failed attempt,
+and stops offering its slots until its probe answers again: its requests go to the group's other workers, or
+wait queued.
 """
 
 from __future__ import annotations
@@ -45,8 +46,6 @@ from typing import Any
 import aiohttp
 import orjson
 
-from sluicegate.workers.engines.base import EngineError
-
 log = logging.getLogger(__name__)
 
 PROBE_TIMEOUT = 10.0  # seconds for each probe call
@@ -55,14 +54,6 @@ ONE_AT_A_TIME = {"llama-cpp-python": 1}  # servers that run one request at a tim
 
 class NotUp(Exception):
     """The server answered none of the probe's calls as a server that is up (see the module's docstring)."""
-
-
-class BackendDown(EngineError):
-    """A run could not reach its backend before its first token (see the module's docstring): transient,
-    and no failure of the request's (its worker withdraws its slots until the probe answers)."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message, transient=True)
 
 
 @dataclass(frozen=True)
