@@ -3,9 +3,10 @@
 Each request of a limited tenant takes a place in one zset (sessions/keys.py `tenant_active`) before
 its submit, in one transaction (ZADD, ZCARD): over the limit, the place is given back and the submit
 refused, so the count never exceeds the limit (two racing for the last place may both be refused:
-never both admitted). A refused submit gives its place back; one that failed on its way (a lost
-connection: it may or may not have stored the request) keeps it until a check finds no request
-behind it.
+never both admitted). A submit that stored nothing gives its place back: refused by its session's
+owner or group, or by the store (full, read-only, down: api/requests_routes.py). One whose answer was
+lost (MaybeStored: it may or may not have stored the request) keeps it until a check finds no request
+behind it, as does one whose give-back failed too (freed once SUBMIT_SECONDS old).
 
 Nothing on a request's way to its end writes here (no worker or scheduler step knows of tenants'
 limits, and on a cluster the tenant's key is on another shard than the request). Places are given back

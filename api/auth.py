@@ -80,8 +80,10 @@ class KeyRing:
         now = round(time.time(), 3)
         expires_at = None if expires_in is None else round(now + expires_in, 3)
         record = {"key_id": key_id, "tenant": tenant, "created_at": now, "expires_at": expires_at}
-        await self.redis.hset(keys.API_KEYS, key_digest(key), orjson.dumps(record))
+        # Two hashes on two slots (no transaction on a cluster): the id first, so a failure between leaves an
+        # id pointing at nothing (refused everywhere, and revoke removes it), never a live key no revoke finds.
         await self.redis.hset(keys.API_KEY_IDS, key_id, key_digest(key))
+        await self.redis.hset(keys.API_KEYS, key_digest(key), orjson.dumps(record))
         return {**record, "key": key}
 
     async def require_metrics_reader(self, request: Request, metrics_key: str | None) -> None:
@@ -97,22 +99,23 @@ class KeyRing:
 
     async def revoke(self, key_id: str) -> bool:
         """Revokes the key: True for the one caller that did it (of concurrent revokes of a key, one wins
-        and is audited; the others get False, a 404, as a revoke after it does)."""
+        and is audited; the others get False, a 404, as a revoke after it does). A revoke that failed after
+        removing the record (the id left behind) is finished by the next one, which wins."""
         digest = await self.redis.hget(keys.API_KEY_IDS, key_id)
         if digest is None:
             return False
-        # The record decides: its HDEL removes it for one caller only, and from then on the key authenticates
-        # no more, even if the writes below never happen (the id would stay behind pointing at nothing; a
-        # later revoke removes it). Deciding on the id first could leave a live key no revoke finds.
-        won = await self.redis.hdel(keys.API_KEYS, digest) == 1
-        await self.redis.hdel(keys.API_KEY_IDS, key_id)
-        await self.redis.hdel(keys.API_KEYS_USED, key_id)
-        # gone either way: this process's open streams of the key stop at once, whoever won
+        # Every revoke removes the record first: from then on the key authenticates no more (nor do its stream
+        # tokens), even if the writes below never happen. The id's HDEL then decides, for one caller only:
+        # deleting the id first could leave a live key no revoke finds.
+        await self.redis.hdel(keys.API_KEYS, digest)
+        # gone either way: this process's open streams of the key stop at once, whoever wins
         self.touched.pop(key_id, None)
         self.revoked.add(key_id)
         self._note_state(key_id, False, None)
         self.reading.pop(key_id, None)  # a read in flight returns what it found; the next one reads anew
         self.revocations += 1
+        won = await self.redis.hdel(keys.API_KEY_IDS, key_id) == 1
+        await self.redis.hdel(keys.API_KEYS_USED, key_id)
         return won
 
     async def key_live(self, key_id: str) -> bool:

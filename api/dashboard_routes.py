@@ -58,11 +58,13 @@ async def dashboard() -> HTMLResponse:
 
 def rates(before: dict[str, float], after: dict[str, float], seconds: float) -> dict[str, Any]:
     """Tokens/s overall, by group and by tenant between two readings of the `tokens` counters
-    (labels `group|priority|tenant`)."""
+    (labels `group|priority|tenant`). A series missing from `before` is new since then: it started from 0
+    (a tenant's first tokens at a priority or in a group count). The first reading passes itself as
+    `before`, so what was streamed before the stream opened shows no burst."""
     by_group: dict[str, float] = {}
     by_tenant: dict[str, float] = {}
     for label, value in after.items():
-        delta = max(value - before.get(label, value), 0.0) / seconds if seconds > 0 else 0.0
+        delta = max(value - before.get(label, 0.0), 0.0) / seconds if seconds > 0 else 0.0
         group, _, tenant = label.split("|", 2)
         by_group[group] = by_group.get(group, 0.0) + delta
         by_tenant[tenant] = by_tenant.get(tenant, 0.0) + delta

@@ -19,6 +19,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
+from sluicegate.scheduler.admin import live_workers
 from sluicegate.sessions import keys
 from sluicegate.sessions.connect import text
 from sluicegate.sessions.metrics_store import labelled_tenants, read_metrics
@@ -95,24 +96,23 @@ def _family(kind: type[Any], name: str, doc: str, labels: list[str], raw: dict[s
 
 async def _groups_state(redis: Any, groups: Sequence[str]) -> dict[str, dict[str, Any]]:
     """Per group: running requests, free slots, quota settings and the live workers' slot counts
-    (registry entries whose liveness key lapsed are skipped, not removed: a scrape writes nothing)."""
+    (registry entries whose liveness key lapsed are skipped, not removed: a scrape writes nothing; so are
+    the idle tickets of such a worker, which stay listed until a dispatch or a live worker's heartbeat
+    drops them: a group whose last worker died has no free slot)."""
     state: dict[str, dict[str, Any]] = {}
     for group in groups:
         async with redis.pipeline(transaction=False) as pipe:  # one group's slot
             pipe.zcard(keys.group_key(group, "run"))
-            pipe.llen(keys.group_key(group, "idle"))
+            pipe.lrange(keys.group_key(group, "idle"), 0, -1)
             pipe.hgetall(keys.group_key(group, "cfg"))
             pipe.hgetall(keys.group_key(group, "workers"))
             running, idle, cfg, registered = await pipe.execute()
         workers = sorted((text(k), text(v)) for k, v in registered.items())
-        alive: list[Any] = []
-        if workers:
-            async with redis.pipeline(transaction=False) as pipe:
-                for wid, _ in workers:
-                    pipe.exists(keys.worker(group, wid))
-                alive = await pipe.execute()
-        slots = [_slots(info) for (_, info), up in zip(workers, alive, strict=True) if up]
-        state[group] = {"running": running, "idle": idle, "workers": len(slots), "slots": sum(slots),
+        tickets = [text(wid) for wid in idle]
+        live = await live_workers(redis, group, [wid for wid, _ in workers] + tickets)
+        slots = [_slots(info) for wid, info in workers if wid in live]
+        state[group] = {"running": running, "idle": sum(1 for wid in tickets if wid in live),
+                        "workers": len(slots), "slots": sum(slots),
                         "quota": {text(k): float(text(v)) for k, v in cfg.items() if text(k) in QUOTA_FIELDS}}
     return state
 
@@ -172,7 +172,7 @@ async def render_metrics(redis: Any, *, open_streams: int, max_tenants: int = 20
                (([g], s["workers"]) for g, s in state.items())),
         _gauge("sluicegate_worker_slots", "Slots (concurrent requests) of the live workers.", ["group"],
                (([g], s["slots"]) for g, s in state.items())),
-        _gauge("sluicegate_free_slots", "Worker slots waiting for a request.", ["group"],
+        _gauge("sluicegate_free_slots", "Live workers' slots waiting for a request.", ["group"],
                (([g], s["idle"]) for g, s in state.items())),
         _gauge("sluicegate_group_quota", "A group's quota setting (absent: unlimited).", ["group", "quota"],
                (([g, q], v) for g, s in state.items() for q, v in sorted(s["quota"].items()))),

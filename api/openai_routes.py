@@ -24,7 +24,8 @@ logprobs, the finish_reason and the usage:
   request's ids and `x-should-retry: false` (the SDK's retry would store and generate it again); the
   request runs on, readable at its events URL. Before the submit it is the plain 503 (`Retry-After`).
   The same 503 when the API process starts shutting down (SIGTERM) while the status waits, rather than
-  uvicorn's plain 500 once its graceful-shutdown timeout cancels the route.
+  uvicorn's plain 500 once its graceful-shutdown timeout cancels the route; a stream already under way
+  then ends with that error object and `[DONE]` (ShutdownEnd), not cut when uvicorn closes its connection.
 - a stream that ends without its terminal event (its reader fell so far behind that the session's log
   was trimmed past it) ends with an error object and `[DONE]`, not silently (a truncated answer).
 
@@ -34,6 +35,7 @@ its tokens stay readable at `/v1/requests/{X-Request-Id}/events`.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 from collections.abc import AsyncIterator
@@ -62,7 +64,7 @@ from sluicegate.api.requests_routes import (
     submit_request,
 )
 from sluicegate.api.responses import DRAIN, JSON, EventStreamResponse, LastChunk
-from sluicegate.api.schemas import ChatBody, SubmitBody, parse_priority
+from sluicegate.api.schemas import ChatBody, default_max_tokens, parse_priority
 from sluicegate.api.services import Services, principal, services
 from sluicegate.api.streaming import PING, SSE_HEADERS
 from sluicegate.scheduler.deadlines import MAX_DEADLINE_MS
@@ -77,7 +79,6 @@ from sluicegate.sessions.stream import EventStream
 
 log = logging.getLogger(__name__)
 router = APIRouter()
-DEFAULT_MAX_TOKENS: int = SubmitBody.model_fields["max_tokens"].default
 # Handled here, not by the engine; on_deadline_miss is the X-On-Deadline-Miss header's, a body field is ignored
 NOT_PARAMS = frozenset({"stream_options", "on_deadline_miss"})
 PASSED_ON = frozenset({400, 413, 422})  # a backend's refusals the caller gets as they are: its request is wrong
@@ -164,7 +165,9 @@ async def new_request(body: ChatBody, request: Request, who: Principal) -> NewRe
         raise ApiError(422, "n: only 1 is supported")
     return NewRequest(
         session_id=session_id, priority=priority,
-        max_tokens=body.max_completion_tokens or body.max_tokens or DEFAULT_MAX_TOKENS,
+        # none given: the default within --max-tokens-limit (a given one above it is the submit's 422)
+        max_tokens=(body.max_completion_tokens or body.max_tokens
+                    or default_max_tokens(services(request).settings.max_tokens_limit)),
         tenant=who.tenant or header_name(request, "X-Tenant", "default"),
         group=await chat_group(body, request),
         messages=[m.model_dump() for m in body.messages],
@@ -209,34 +212,87 @@ async def first_news(batches: AsyncIterator[list[Event]]) -> tuple[list[list[Eve
     return held, None
 
 
+class ShutdownEnd:
+    """Ends a streamed answer when the API process starts shutting down (DRAIN, as the resumable SSE routes
+    end), rather than uvicorn cutting its connection at its graceful-shutdown timeout, a truncated body the
+    SDK raises as a connection error, with no word of the request that runs on. Registered once per stream:
+    the signal cancels the wait for the next batch (`next`), never a write to the client; one that comes
+    meanwhile is seen at the next wait."""
+
+    __slots__ = ("due", "task", "waiting")
+
+    def __init__(self) -> None:
+        self.task = asyncio.current_task()
+        self.due = self.waiting = False
+
+    def __call__(self) -> None:
+        if not self.due:
+            self.due = True
+            if self.waiting and self.task is not None:
+                self.task.cancel()
+
+    async def next(self, batches: AsyncIterator[list[Event]]) -> list[Event] | None:
+        """The next batch; None at the events' end, or once the process is shutting down (`due`)."""
+        if self.due:
+            return None
+        self.waiting = True
+        try:
+            return await anext(batches)
+        except StopAsyncIteration:
+            return None
+        except asyncio.CancelledError:
+            # Ours (due came during this wait; before it, the wait would not have begun): withdrawn, and the
+            # answer ends. Any other cancel (the client gone, uvicorn's) propagates.
+            if not self.due or self.task is None or self.task.uncancel() > 0:
+                raise
+            return None
+        finally:
+            self.waiting = False
+
+
+def shutdown_chunk(request_id: str) -> LastChunk:
+    """The end of a streamed answer cut by the API process's shutdown: an error object (the shape of a
+    stream that ended early) and `[DONE]`; the request runs on, readable at its events URL."""
+    message = f"the API process is shutting down; the request runs on: read it at /v1/requests/{request_id}/events"
+    return LastChunk(b"data: " + orjson.dumps(openai_error(503, "unavailable", message)) + b"\n\n" + DONE)
+
+
 async def sse_chunks(svc: Services, completion: Completion, held: list[list[Event]], stream: EventStream,
                      batches: AsyncIterator[list[Event]], watch: KeyWatch | None) -> AsyncIterator[bytes]:
     """The streamed answer: the batches `first_news` held, then the rest; it ends when its key is revoked
     or expires (api/key_watch.py), with an error object, so that the SDK raises. The same when the events
     end without the terminal one (the log trimmed past a reader that fell behind): not a truncated answer
-    the SDK would take as whole."""
+    the SDK would take as whole; and when the API process starts shutting down (ShutdownEnd)."""
+    end = ShutdownEnd()
+    DRAIN.add(end)
     # aclosing: the events are left at their end (the return below), and closed here, at once, rather than
     # by the garbage collector's finalizer (a task and a loop wake-up per request, and the hub left later)
-    with svc.stream_open():
-        async with aclosing(batches):
-            for batch in held:
-                chunk = sse_chunk(completion, batch)
-                if chunk is not None:
-                    yield chunk
-                if isinstance(chunk, LastChunk):
+    try:
+        with svc.stream_open():
+            async with aclosing(batches):
+                for batch in held:
+                    chunk = sse_chunk(completion, batch)
+                    if chunk is not None:
+                        yield chunk
+                    if isinstance(chunk, LastChunk):
+                        return
+                while (batch := await end.next(batches)) is not None:
+                    if watch is not None and watch.due() and await watch.ended():
+                        yield LastChunk(b"data: " + orjson.dumps(KEY_ENDED) + b"\n\n" + DONE)
+                        return
+                    chunk = sse_chunk(completion, batch)
+                    if chunk is not None:
+                        yield chunk
+                    if isinstance(chunk, LastChunk):
+                        return
+                if end.due:
+                    yield shutdown_chunk(str(stream.request_id))
                     return
-            async for batch in batches:
-                if watch is not None and watch.due() and await watch.ended():
-                    yield LastChunk(b"data: " + orjson.dumps(KEY_ENDED) + b"\n\n" + DONE)
-                    return
-                chunk = sse_chunk(completion, batch)
-                if chunk is not None:
-                    yield chunk
-                if isinstance(chunk, LastChunk):
-                    return
-            gap = f" ({stream.expired})" if stream.expired is not None else ""
-            message = f"the event stream ended early{gap}; read it at /v1/requests/{stream.request_id}/events"
-            yield LastChunk(b"data: " + orjson.dumps(openai_error(503, "unavailable", message)) + b"\n\n" + DONE)
+                gap = f" ({stream.expired})" if stream.expired is not None else ""
+                message = f"the event stream ended early{gap}; read it at /v1/requests/{stream.request_id}/events"
+                yield LastChunk(b"data: " + orjson.dumps(openai_error(503, "unavailable", message)) + b"\n\n" + DONE)
+    finally:
+        DRAIN.discard(end)
 
 
 def sse_chunk(completion: Completion, batch: list[Event]) -> bytes | None:

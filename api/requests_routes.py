@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 
 from fastapi import APIRouter, Depends, Request
@@ -128,6 +129,16 @@ async def check_session_owner(svc: Services, owner: str, session_id: str) -> Non
         raise foreign_session(session_id)
 
 
+async def give_back_unstored(give_back: Callable[[], Awaitable[None]], request_id: str) -> None:
+    """Give back the max_queued place of a submit that stored nothing, on the way to its own 503: a store
+    still failing keeps the place, which the next check of the full set frees once SUBMIT_SECONDS old."""
+    try:
+        await give_back()
+    except Exception as error:  # the submit's error is the answer, not this one
+        log.warning("giving back the place of %s after a failed submit failed: %s: %s", request_id,
+                    type(error).__name__, error)
+
+
 async def submit_request(request: Request, who: Principal, new: NewRequest,
                          callback: str | None = None) -> dict[str, str | int]:
     """Store `new`, or raise its ApiError. `callback` (checked) is used here only when the submit's answer
@@ -175,6 +186,12 @@ async def submit_request(request: Request, who: Principal, new: NewRequest,
         # or a client that finds the request stored would wait for a callback that never comes.
         noted = None if callback is None else await note_callback_of_lost(svc, new.request_id, callback)
         raise maybe_stored(new, noted) from lost
+    except Exception as error:
+        # Store unavailable here means nothing was stored (_submit_call: refused, or never sent; a lost answer
+        # is MaybeStored above): the place goes back, or a tenant near max_queued is refused for SUBMIT_SECONDS.
+        if give_back is not None and store_unavailable(error):
+            await give_back_unstored(give_back, new.request_id)
+        raise
     if give_back is not None and result.outcome != "ok":
         await give_back()
     if result.outcome == "forbidden":
@@ -209,13 +226,14 @@ async def submit_body(request: Request, who: Principal, session_id: str, body: S
     """The submit once its body is valid and its caller known (the route and api/hot_path.py)."""
     tenant = submit_tenant(who, body)  # first, as when the body's schema checked it
     check_session_id(session_id)
-    callback = check_callback(services(request), body.callback_url)  # push mode: 422 before anything is stored
-    new = NewRequest(session_id=session_id, max_tokens=body.max_tokens, priority=int(body.priority),
+    svc = services(request)
+    callback = check_callback(svc, body.callback_url)  # push mode: 422 before anything is stored
+    new = NewRequest(session_id=session_id, max_tokens=body.budget(svc.settings.max_tokens_limit),
+                     priority=int(body.priority),
                      tenant=tenant, group=body.group, prompt=body.prompt,
                      messages=[m.model_dump() for m in body.messages] if body.messages else None,
                      params=body.params, deadline_ms=body.deadline_ms,
                      fail_on_deadline_miss=body.on_deadline_miss == "fail")
-    svc = services(request)
     # A session this process follows: a reader joined before the submit has every event of the request, so
     # its GET /v1/requests/{id}/events here streams without a log read (api/recent.py). Not in push mode (a
     # callback_url): that caller is told the outcome, and no GET is expected.

@@ -14,6 +14,7 @@ from sluicegate.sessions.registry import check_model_name
 from sluicegate.settings import PRIORITY_NAMES
 
 ROLES = ("system", "user", "assistant", "tool", "developer", "function")
+DEFAULT_MAX_TOKENS = 256  # the budget of a call that gives none, unless --max-tokens-limit is lower
 SESSION_PATTERN = re.compile(r"^[A-Za-z0-9._:@-]{1,128}$")
 
 
@@ -33,6 +34,12 @@ def parse_priority(value: Any) -> int:
     if not isinstance(value, int) or not 0 <= value <= 9:
         raise ValueError("priority must be 0..9 or low|normal|high|critical")
     return value
+
+
+def default_max_tokens(limit: int) -> int:
+    """The budget of a call that gives none: DEFAULT_MAX_TOKENS, or `--max-tokens-limit` when that is lower,
+    so that lowering the limit never refuses (422) a call for a max_tokens it did not send."""
+    return min(DEFAULT_MAX_TOKENS, limit)
 
 
 class Message(BaseModel):
@@ -71,7 +78,7 @@ class SubmitBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     prompt: str | None = None
     messages: list[Message] | None = Field(default=None, min_length=1)
-    max_tokens: int = Field(default=256, ge=1)
+    max_tokens: int = Field(default=DEFAULT_MAX_TOKENS, ge=1)
     priority: int | str = 5
     # A name (NAME_PATTERN), checked only where it is used (api/requests_routes.py `submit_tenant`): with a
     # tenant key the field is ignored, whatever it holds (CONTRACT.md), as the chat route ignores X-Tenant.
@@ -86,6 +93,10 @@ class SubmitBody(BaseModel):
     @classmethod
     def _priority(cls, value: Any) -> int:
         return parse_priority(value)
+
+    def budget(self, limit: int) -> int:
+        """`max_tokens` as given (above `limit`: the submit's 422), else the default within `limit`."""
+        return self.max_tokens if "max_tokens" in self.model_fields_set else default_max_tokens(limit)
 
     @model_validator(mode="after")
     def _one_input(self) -> SubmitBody:

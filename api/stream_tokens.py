@@ -10,7 +10,7 @@ after expiry gets 401 and needs a new token.
 Tokens are stateless: `<payload>.<HMAC-SHA256>`, both base64url, with a secret that the first API
 process to need it generates into Redis (`sg:stream-token-secret`, SET NX), so every API process
 accepts every other's tokens and a token survives an API restart. A tenant's token names the key it
-was minted with: revoking the key revokes its tokens (one HEXISTS when a stream opens), and ends the
+was minted with: revoking the key revokes its tokens (its id and record read when a stream opens), and ends the
 streams they opened as it ends the key's own (api/key_watch.py). Deleting the
 secret (and restarting the API processes) revokes every token. A token with no tenant is the admin's only
 when the admin key minted it (`adm`): one minted while auth was off, where anyone may mint, is refused once
@@ -110,6 +110,12 @@ class StreamTokens:
         mark = hmac.new(await self.secret(), b"admin-key:" + self.admin_key.encode(), hashlib.sha256).digest()
         return _b64(mark[:16])
 
+    async def key_stored(self, key_id: str) -> bool:
+        """The key's id and its record are both there: a revoke removes the record first, and one that failed
+        before removing the id leaves it pointing at nothing (api/auth.py revoke)."""
+        digest = await self.redis.hget(keys.API_KEY_IDS, key_id)
+        return digest is not None and bool(await self.redis.hexists(keys.API_KEYS, text(digest)))
+
     async def check(self, token: str, kind: str, scope_id: str) -> Principal:
         """The principal a token stands for on this stream: 401 when it is forged, expired, revoked,
         made for another stream (the message does not say which other one) or, with no tenant, not minted
@@ -131,7 +137,7 @@ class StreamTokens:
         if not isinstance(fields.get("exp"), int) or time.time() >= fields["exp"]:
             raise ApiError(401, "stream token expired: ask POST /v1/stream-tokens for a new one")
         key_id = fields.get("kid")
-        if key_id is not None and not await self.redis.hexists(keys.API_KEY_IDS, key_id):
+        if key_id is not None and not await self.key_stored(key_id):
             raise ApiError(401, "the API key this stream token came from was revoked")
         tenant = fields.get("t")
         if tenant is None:

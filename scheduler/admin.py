@@ -6,6 +6,7 @@ the next scheduling decision without restarting anything.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from redis.asyncio import Redis
@@ -24,6 +25,20 @@ def _number(text: str) -> float | int:
     one, stored before the bounds, stays a float: orjson refuses integers past 64 bits)."""
     value = float(text)
     return int(value) if value.is_integer() and abs(value) <= 2**53 else value
+
+
+async def live_workers(redis: Any, group: str, wids: Iterable[str]) -> set[str]:
+    """The workers among `wids` whose liveness key is there, in one pipelined round trip (the group's slot).
+    A worker killed while idle keeps its tickets in the idle list until a dispatch pops them or a live
+    worker's heartbeat reaps them (heartbeat.lua): free slots count only the tickets of these."""
+    ordered = sorted(set(wids))
+    if not ordered:
+        return set()
+    async with redis.pipeline(transaction=False) as pipe:
+        for wid in ordered:
+            pipe.exists(keys.worker(group, wid))
+        found = await pipe.execute()
+    return {wid for wid, up in zip(ordered, found, strict=True) if up}
 
 
 class Tuning:
@@ -95,27 +110,31 @@ class Tuning:
             pipe.hgetall(keys.group_key(group, "cfg"))
             pipe.hgetall(keys.group_key(group, "qs"))
             pipe.zcard(keys.group_key(group, "run"))
-            pipe.llen(keys.group_key(group, "idle"))
+            pipe.lrange(keys.group_key(group, "idle"), 0, -1)
             pipe.hgetall(keys.group_key(group, "cn"))
             pipe.zcard(keys.group_key(group, "pre"))
             cfg, qs, running, idle, ready, stopping = await pipe.execute()
+        tickets = [text(wid) for wid in idle]
+        live = await live_workers(self.redis, group, tickets)
         state = {text(k): text(v) for k, v in qs.items()}
         quota = {text(k): _number(text(v)) for k, v in cfg.items()}
         # when a rate quota admits next (qwake: the group's wake-up, "wake", also times preemptions' waits)
         wake = float(state["qwake"]) if "qwake" in state else None
         ready_by_class = {text(k): int(v) for k, v in ready.items()}
         # The cap holds work back while it binds and work waits (the dispatch's own gate, quotas.lua
-        # in_flight: stopped runs count until their workers let go), whatever the last throttle was.
+        # in_flight: runs stopped under the cap count until their workers let go), whatever the last throttle was.
         cap = quota.get("max_concurrency")
         capped = cap is not None and running + stopping >= cap and sum(ready_by_class.values()) > 0
         return {
             "group": group,
             "quota": quota,
             "running": running,
-            "free_slots": idle,
+            "free_slots": sum(1 for wid in tickets if wid in live),
             "ready_sessions_by_class": ready_by_class,
             "throttled": wake is not None or capped,
-            "last_throttle_reason": state.get("throttled"),
+            # With no free ticket the dispatch never reaches the quota gate, which alone writes the reason:
+            # a cap that holds work back with no rate quota's wake-up pending is the reason, not a stale one.
+            "last_throttle_reason": "max_concurrency" if capped and wake is None else state.get("throttled"),
             "next_admission_ms": wake,
             "token_bucket_level": await self._token_level_now(quota, state),
         }

@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 
 from sluicegate.sessions import keys
 from sluicegate.sessions.events import Event, parse_published
 from sluicegate.sessions.subscriber import Subscriber
+
+log = logging.getLogger(__name__)
 
 # How long `join` waits for the server to confirm a subscription before it returns the reader anyway.
 # Shorter than api/deadline.py's RESPONSE_DEADLINE_SECONDS (5 s): a request stream joins before its
@@ -47,12 +50,24 @@ class Reader:
         with contextlib.suppress(asyncio.QueueFull):
             self.queue.put_nowait([])
 
+    def drain(self) -> None:
+        """Empty the queue and clear `overflowed`, just before a log read is sent: all of it was published
+        before that read, so the read covers it, and a batch left behind at or below the reader's cursor
+        would send it to the log once more for nothing."""
+        self.overflowed = False
+        queue = self.queue
+        while not queue.empty():
+            queue.get_nowait()
+
 
 class _Channel:
     def __init__(self) -> None:
         self.readers: set[Reader] = set()
         self.confirmed = asyncio.Event()
         self.idle_since: float | None = None
+        # Readers `join` returned before the first confirmation (it gave up waiting): what was published
+        # between their log read and the subscription is only in the log, so that confirmation rereads them.
+        self.unconfirmed: set[Reader] = set()
 
 
 class EventHub:
@@ -99,20 +114,22 @@ class EventHub:
         channel = self._channels.get(name)
         if channel is None:
             channel = self._channels[name] = _Channel()
-            self._subscriber.subscribe(name)
-        channel.readers.add(reader)
+        channel.readers.add(reader)  # before subscribing: if that raises, leaving idles the channel (it lingers out)
         channel.idle_since = None
-        if not channel.confirmed.is_set():
-            try:
-                # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a cancel that lands once
-                # the wait is done, and the cancelled caller would go on with a reader nobody leaves with
-                async with asyncio.timeout(self._confirm_timeout):
-                    await channel.confirmed.wait()
-            except TimeoutError:
-                pass  # returned anyway (above)
-            except BaseException:
-                self.leave(sid, reader)
-                raise
+        try:
+            self._subscriber.subscribe(name)  # (a no-op when already wanted)
+            if not channel.confirmed.is_set():
+                try:
+                    # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a cancel that lands once
+                    # the wait is done, and the cancelled caller would go on with a reader nobody leaves with
+                    async with asyncio.timeout(self._confirm_timeout):
+                        await channel.confirmed.wait()
+                except TimeoutError:
+                    if not channel.confirmed.is_set():
+                        channel.unconfirmed.add(reader)  # returned anyway (above); reread at the confirmation
+        except BaseException:
+            self.leave(sid, reader)
+            raise
         return reader
 
     def join_live(self, sid: str) -> Reader | None:
@@ -133,6 +150,7 @@ class EventHub:
         channel = self._channels.get(keys.session_channel(sid))
         if channel is not None:
             channel.readers.discard(reader)
+            channel.unconfirmed.discard(reader)
             if not channel.readers:
                 channel.idle_since = time.monotonic()
 
@@ -145,18 +163,27 @@ class EventHub:
             for reader in channel.readers:
                 reader.offer(batch)
         elif kind == b"ssubscribe":
-            if channel.confirmed.is_set():
-                # Resubscribed after a lost connection or on a slot's new master: what was published
-                # meanwhile is only in the log, so every reader rereads it.
-                for reader in channel.readers:
-                    reader.reread()
+            # Resubscribed after a lost connection or on a slot's new master: what was published meanwhile
+            # is only in the log, so every reader rereads it. A first confirmation: only the readers `join`
+            # gave up waiting for it (they read the log before the subscription was live).
+            for reader in channel.readers if channel.confirmed.is_set() else channel.unconfirmed:
+                reader.reread()
+            channel.unconfirmed.clear()
             channel.confirmed.set()
 
     async def _linger_loop(self) -> None:
+        """Drops channels without readers for `linger` seconds. It must outlive any error of one pass: it alone
+        gives subscriptions back, and a dead loop would keep every channel ever streamed subscribed."""
         while True:
             await asyncio.sleep(self._linger / 2)
-            cutoff = time.monotonic() - self._linger
-            stale = [n for n, c in self._channels.items() if not c.readers and c.idle_since and c.idle_since < cutoff]
-            for name in stale:
-                del self._channels[name]
-            self._subscriber.unsubscribe(*stale)
+            try:
+                self._drop_lingering()
+            except Exception:
+                log.exception("event hub: dropping lingering channels failed; trying again at the next pass")
+
+    def _drop_lingering(self) -> None:
+        cutoff = time.monotonic() - self._linger
+        stale = [n for n, c in self._channels.items() if not c.readers and c.idle_since and c.idle_since < cutoff]
+        self._subscriber.unsubscribe(*stale)  # first: should it raise, the channels stay for the next pass
+        for name in stale:
+            del self._channels[name]

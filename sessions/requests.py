@@ -14,6 +14,10 @@ from sluicegate.sessions import keys
 # in the whole body), far fewer than json.dumps takes on the API's stack (about 950) or the submit's parsers
 # (FastAPI's json.loads about 960, the hot path's orjson 1024): every path refuses the same bodies, never a 5xx.
 MAX_NESTING = 200
+# The estimate of a content part that is not text (an image, audio, a file): a flat amount, not its size. 85 is
+# what OpenAI counts for an image at `"detail": "low"`; the other kinds get the same (their real cost depends
+# on the model and the backend, which reports it when it reports usage).
+PART_TOKENS = 85
 
 
 class TooDeep(ValueError):
@@ -51,6 +55,42 @@ def json_text(value: Any, *, ensure_ascii: bool = True) -> str:
 def estimate_tokens(text: str) -> int:
     """A tokenizer-free estimate (about 4 characters per token), enough for fair-share accounting."""
     return max(1, len(text) // 4)
+
+
+def estimate_message_tokens(messages: list[dict[str, Any]]) -> int:
+    """`estimate_tokens` of what a model reads of the messages: string contents, the text of `text` parts and
+    PART_TOKENS per other part (not the part's JSON: a base64 image would count tens of thousands), and the
+    `name` and `arguments` of tool calls (an assistant turn whose content is None). Lengths summed, no text
+    joined or encoded: it runs on every submit's way."""
+    chars = parts = 0
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, str):
+            chars += len(content)
+        elif isinstance(content, list):
+            for part in content:
+                if isinstance(part, dict) and part.get("type") == "text":
+                    text = part.get("text")
+                    chars += len(text) if isinstance(text, str) else 0
+                else:
+                    parts += 1
+        elif content is not None:
+            chars += len(str(content))
+        calls = message.get("tool_calls")
+        if isinstance(calls, list):
+            for call in calls:
+                if isinstance(call, dict):
+                    chars += function_chars(call.get("function"))
+        if "function_call" in message:  # the legacy single call
+            chars += function_chars(message["function_call"])
+    return max(1, chars // 4 + parts * PART_TOKENS)
+
+
+def function_chars(function: Any) -> int:
+    """The characters of a tool call's `name` and `arguments` (a function object; anything else: 0)."""
+    if not isinstance(function, dict):
+        return 0
+    return sum(len(v) for v in (function.get("name"), function.get("arguments")) if isinstance(v, str))
 
 
 @dataclass(frozen=True)
@@ -91,8 +131,9 @@ class NewRequest:
         past MAX_NESTING."""
         return json_text(self.params) if self.params else "{}"
 
-    @property
+    @cached_property
     def input_tokens(self) -> int:
+        """The input's tokens, estimated (the charge at dispatch, and the usage when the backend reports none)."""
         if self.messages is None:
             return estimate_tokens(self.prompt or "")
-        return estimate_tokens("".join(str(m.get("content", "")) for m in self.messages))
+        return estimate_message_tokens(self.messages)

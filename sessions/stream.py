@@ -8,11 +8,14 @@ The order of operations is what makes resume exact:
 2. read the log after the cursor, in pages;
 3. take live batches, dropping ids already sent; a gap (or a reader queue overflow) rereads the log.
 
-A session stream opened for one tenant (`owner`) ends once its session id turns out to be another
-tenant's: an id recycled after its TTL starts its event ids at 1 again on the same channel, and without
-this the stream would deliver the new owner's events past its cursor. Every log read says the owner;
-a live batch that starts at or below the cursor (a new life's first events, or the overlap of the
-join with the log read) sends the stream to the log to look.
+A session id recycled after its TTL starts its event ids at 1 again on the same channel. A session
+stream's live batch that starts at or below its cursor (a new life's first events, or the overlap of a
+log read with what was published while it was sent) therefore sends it to the log to look: a new life
+still short of the cursor is a gap there (the stream ends, and a reconnect with its last id gets the 409),
+and a stream opened for one tenant (`owner`) also ends once the log says the session is another tenant's,
+instead of delivering the new owner's events past its cursor. Just before each log read the reader's
+queue is emptied (all of it was published before the read, which covers it), so only what is published
+while a read is on its way can send a stream to the log again for nothing.
 """
 
 from __future__ import annotations
@@ -69,7 +72,7 @@ class EventStream:
         if not ended:
             self.reader = await self.hub.join(self.session_id)
         try:
-            self._first = await self.store.read_page(self.session_id, self.cursor, FIRST_PAGE)
+            self._first = await self._read_page(FIRST_PAGE)
         except BaseException:
             self.close()
             raise
@@ -113,6 +116,14 @@ class EventStream:
                     break
         return kept
 
+    async def _read_page(self, limit: int) -> tuple[LogBounds, list[Event]]:
+        """The log after the cursor. The reader's queue is emptied just before: every batch in it was
+        published before this read is sent, so the read covers it (kept, the batches would be at or below
+        the cursor, and send a session stream to the log again)."""
+        if self.reader is not None:
+            self.reader.drain()
+        return await self.store.read_page(self.session_id, self.cursor, limit)
+
     async def _backlog(self, page: int = PAGE, gate: asyncio.Semaphore | None = None) -> AsyncIterator[list[Event]]:
         """The log after the cursor, in growing pages. `gate`: held for each page's read only (not while a
         page is written to a client, however slow)."""
@@ -121,10 +132,10 @@ class EventStream:
             if first is not None:  # read by `open`
                 bounds, events = first
             elif gate is None:
-                bounds, events = await self.store.read_page(self.session_id, self.cursor, page)
+                bounds, events = await self._read_page(page)
             else:
-                async with gate:
-                    bounds, events = await self.store.read_page(self.session_id, self.cursor, page)
+                async with gate:  # (the queue is emptied once the turn comes, not while waiting for it)
+                    bounds, events = await self._read_page(page)
             if self.owner is not None and bounds.owner != self.owner:  # recycled (or expired): not ours
                 self.finished = True
                 return
@@ -219,10 +230,11 @@ class EventStream:
                     except TimeoutError:
                         live = None
                 if live is None or reader.overflowed or (live and live[0].seq > self.cursor + 1) or (
-                        self.owner is not None and live and live[0].seq <= self.cursor):
-                    # Idle, overflowed or a gap: the log is the truth (a publish may have been missed);
-                    # or, for an owner's stream, ids that may be a recycled session's (the log says whose).
-                    reader.overflowed = False
+                        self.request_id is None and live and live[0].seq <= self.cursor):
+                    # Idle, overflowed or a gap: the log is the truth (a publish may have been missed); or,
+                    # for a session stream, ids that may be a recycled session's new life (the log says: a
+                    # gap, or another owner). A request stream's own request id tells it. (`_read_page`
+                    # clears `overflowed` and empties the queue, just before the read that covers them.)
                     sent = read_again = False
                     try:
                         async with aclosing(self._backlog(gate=self.hub.rereads)) as backlog:

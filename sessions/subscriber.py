@@ -266,9 +266,20 @@ class Subscriber:
 
     def _send(self, link: _Link, kind: bytes, channels: list[str]) -> None:
         # While disconnected nothing is sent: the link subscribes all its channels when it reconnects.
-        if link.writer is not None:
-            link.pending.append((kind, deque(name.encode() for name in channels)))
-            link.writer.write(encode((kind.upper(), *channels)))
+        writer = link.writer
+        if writer is None:
+            return
+        link.pending.append((kind, deque(name.encode() for name in channels)))
+        try:
+            writer.write(encode((kind.upper(), *channels)))
+        except (RuntimeError, OSError) as error:
+            # uvloop closes a transport as it reads a reset, a loop turn or two before the link's task
+            # learns of it, and a write meanwhile raises (asyncio's drops it). Nothing is lost: the link
+            # reconnects and subscribes its channels again (an unsubscribed one is no longer among them).
+            # The caller (the hub's join, its linger pass) must not fail for it.
+            link.pending.pop()
+            writer.close()  # (already closed, usually) the link's task sees the loss and reconnects
+            log.debug("subscriber connection to %s lost during a write (%s)", self._where(link.node), error)
 
     def _ready(self) -> bool:
         if self.cluster:

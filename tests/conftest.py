@@ -89,3 +89,11 @@ def auth_stack(redis_url: str) -> Iterator[Stack]:
     running = Stack(fast_settings(redis_url, auth=True, admin_key="admin-secret")).start(workers=1)
     yield running
     running.stop()
+
+
+@pytest.fixture
+def idle_auth_stack(redis_url: str) -> Iterator[Stack]:
+    """Auth on, the admin key `admin-secret`, and no worker: what is submitted stays queued."""
+    running = Stack(fast_settings(redis_url, auth=True, admin_key="admin-secret")).start(workers=0)
+    yield running
+    running.stop()

@@ -276,3 +276,13 @@ class _Sync:
             return method(*args, **kwargs)
 
         return call
+
+
+def tickets(h: Harness, group: str = "default") -> int:
+    """The group's free slots (tickets in its idle list)."""
+    return int(h.r.llen(keys.group_key(group, "idle")))
+
+
+def held_tickets(h: Harness, group: str = "default") -> set[str]:
+    """The attempts that hold a slot (each gives its ticket back once)."""
+    return set(h.r.hkeys(keys.group_key(group, "tk")))

@@ -41,8 +41,10 @@ def test_a_session_runs_in_order_with_every_index_once_across_preemption(rc: Red
     second = h.submit("a", priority=2, max_tokens=3)
     h.append(h.run_of(first), 2)
     high = h.submit("h", priority=8, tenant="u", max_tokens=2)
-    # The control plane preempted `first` and told its worker; the worker's hand-back fences it.
-    assert h.status(first) == "running" and rc.zcard(keys.group_key("default", "pre")) == 1
+    # The control plane preempted `first`, handed its slot to `high` and told its worker; the worker's
+    # hand-back fences it.
+    assert h.status(first) == "running" and h.status(high) == "running" and h.run_of(high).wid == "w0"
+    assert rc.zcard(keys.group_key("default", "pre")) == 0
     h.handback(h.run_of(first), reason="priority")
     assert h.status(first) == "preempted" and h.status(high) == "running"
     h.complete(high)
@@ -164,14 +166,14 @@ def test_a_preemption_whose_worker_died_before_handing_back_is_fenced_by_the_swe
     h.add_worker("w0", slots=1)
     low = h.submit("low", priority=1, max_tokens=6)
     h.append(h.run_of(low), 2)
-    high = h.submit("high", priority=8, max_tokens=1)
-    assert rc.zcard(keys.group_key("default", "pre")) == 1 and h.status(low) == "running"
-    h.runs.remove(h.run_of(low))  # died: no hand-back
+    high = h.submit("high", priority=8, max_tokens=1)  # takes low's slot on w0 at once
+    assert h.status(low) == "running" and h.run_of(high).wid == "w0"
+    h.runs = [run for run in h.runs if run.wid != "w0"]  # died: no hand-back, and high's run lost with it
     del h.workers["w0"]
-    h.add_worker("w1", slots=1)
     time.sleep(LEASE / 1000 + 0.2)
-    h.sweep()  # the lease lapsed: fenced as worker_lost, its slot accounted free
+    h.sweep()  # the leases lapsed: low fenced as it was stopped, high requeued (its worker lost)
     assert h.status(low) == "preempted"
+    h.add_worker("w1", slots=1)  # high first (class 8), then low
     h.complete(high)
     resumed = h.run_of(low)
     assert (resumed.wid, resumed.next_index) == ("w1", 2)
@@ -361,7 +363,7 @@ def preempted_and_waiting(h: Harness, reason: str) -> tuple[str, Run]:
     if reason == "priority":
         h.add_worker("w0", slots=1)
         h.submit("low", priority=1, max_tokens=6)
-        h.submit("high", priority=8, tenant="u", max_tokens=2)  # waits for the preempted run's slot
+        h.submit("high", priority=8, tenant="u", max_tokens=2)  # takes the preempted run's slot at once
     else:
         h.add_worker("w0", slots=2)
         h.submit("f1", tenant="flood", max_tokens=6)
@@ -390,10 +392,9 @@ def test_a_restart_before_the_hand_back_fences_the_stopped_attempt_with_its_reas
     changes nothing."""
     h = Harness(rc, lease_ms=60_000, cluster=True)
     victim, stopped = preempted_and_waiting(h, reason)
-    free = 2 if reason == "priority" else 1  # the priority case's w1 also takes the waiting high request
-    h.add_worker("w1", slots=free, collect=False)
-    assert f"{victim}|2|{reason}" in rc.lrange(keys.worker_inbox("default", "w1"), 0, -1)
-    h.add_worker("w1", slots=free, collect=False)  # offered again (after a lapse)
+    h.add_worker("w1", slots=1, collect=False)
+    assert rc.lrange(keys.worker_inbox("default", "w1"), 0, -1) == [f"{victim}|2|{reason}"]
+    h.add_worker("w1", slots=1, collect=False)  # offered again (after a lapse)
     assert "w1" not in rc.lrange(keys.group_key("default", "idle"), 0, -1), "a waiting assignment holds its slot"
     h.collect()  # w1 starts the victim's second attempt; the first has not been handed back
     resumed = h.run_of(victim)

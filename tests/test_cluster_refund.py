@@ -25,9 +25,10 @@ def test_a_late_hand_back_refunds_what_the_fenced_attempt_did_not_produce(r: red
     h.add_worker("w2", slots=1)
     y = h.submit("y", tenant="Y", priority=5, max_tokens=5)
     hi = h.submit("h", tenant="H", priority=7, max_tokens=5)  # preempts x: requeued, its worker told
-    h.complete(y)  # w2's slot goes to h
-    assert h.status(hi) == "running" and (h.status(x), h.req(x)["a"]) == ("running", "1")
-    h.add_worker("w3", slots=1)  # x's attempt 2 starts before w1's hand-back: that start fences attempt 1
+    # h takes x's slot on w1 at once; on the data plane x's attempt 1 runs until w1's hand-back
+    assert h.status(hi) == "running" and h.run_of(hi).wid == "w1"
+    assert (h.status(x), h.req(x)["a"]) == ("running", "1")
+    h.complete(y)  # x's attempt 2 starts in w2's slot before w1's hand-back: that start fences attempt 1
     assert h.req(x)["a"] == "2"
     assert [e.data["reason"] for e in h.events("x", x) if e.event == "preempted"] == ["priority"]
     old = next(run for run in h.runs if run.rid == x and run.attempt == "1")

@@ -14,7 +14,7 @@ import redis
 from sluicegate.sessions import keys
 from sluicegate.sessions.transitions import run_sync
 from tests.helpers import Stack, call, fast_settings, sse, submit, wait_for
-from tests.sched_harness import Harness
+from tests.sched_harness import Harness, held_tickets, tickets
 
 
 def flooded(h: Harness, runs: int, *, slots: int | None = None, gap: int = 10, cls: int = 5) -> list[str]:
@@ -27,14 +27,6 @@ def flooded(h: Harness, runs: int, *, slots: int | None = None, gap: int = 10, c
         h.advance(gap)
     assert len(h.running()) == runs
     return rids
-
-
-def tickets(h: Harness) -> int:
-    return len(h.r.lrange(keys.group_key("default", "idle"), 0, -1))
-
-
-def held_tickets(h: Harness) -> set[str]:
-    return set(h.r.hkeys(keys.group_key("default", "tk")))
 
 
 @pytest.mark.single_server  # the deterministic harness pins the clock (a global key)

@@ -12,7 +12,7 @@ import redis
 from sluicegate.scheduler import loop as scheduler_loop
 from sluicegate.sessions import keys
 from tests.helpers import Stack, call, fast_settings, sse, submit, wait_for
-from tests.sched_harness import T0, Harness
+from tests.sched_harness import T0, Harness, held_tickets, tickets
 
 
 def started_lows(h: Harness, spec: list[tuple[str, int]], gap: int = 10) -> dict[str, str]:
@@ -41,9 +41,12 @@ def test_victim_is_lowest_class_then_most_recent_and_resumes_in_order(r: redis.R
     h.advance(1000)
 
     high = h.submit("h", priority=7, max_tokens=3)
-    assert h.status(victim) == "preempted" and h.status(high) == "queued"
-    assert sorted(h.running()) == sorted([lows["a"], lows["b"]])
-    assert h.pending_preemptions() == 1
+    # the victim's slot is handed over: the high request starts on its worker in the same call
+    assert h.status(victim) == "preempted" and h.status(high) == "running"
+    assert h.run_of(high).wid == victim_run.wid
+    assert sorted(h.running()) == sorted([lows["a"], lows["b"], high])
+    assert h.pending_preemptions() == 0
+    assert held_tickets(h) == {f"{lows['a']}|1", f"{lows['b']}|1", f"{high}|1"} and tickets(h) == 0
     message = pubsub.get_sharded_message(timeout=1)
     assert message["channel"] == keys.worker_control("default", victim_run.wid)
     assert message["data"] == f"{victim}|1|priority"
@@ -52,10 +55,9 @@ def test_victim_is_lowest_class_then_most_recent_and_resumes_in_order(r: redis.R
     assert (last.event, last.data["index"], last.data["reason"]) == ("preempted", 2, "priority")
 
     assert h.append(victim_run, 1) == [0, "preempted"]  # fenced at the next token
-    assert h.finish(victim_run)[0] == 0  # finishing a fenced run only releases the slot...
-    assert h.run_of(high).wid == victim_run.wid  # ...which goes to the high request at once
-    assert h.pending_preemptions() == 0
-    h.complete(high)
+    assert h.finish(victim_run)[0] == 0  # finishing a fenced run only lets go: no ticket comes back
+    assert tickets(h) == 0 and h.status(victim) == "preempted"
+    h.complete(high)  # the high request's end frees the slot: the victim resumes there
     resumed = h.run_of(victim)
     assert (resumed.wid, resumed.attempt, resumed.next_index) == (victim_run.wid, "2", 2)
     h.complete(victim)
@@ -173,16 +175,31 @@ def test_several_arrivals_preempt_exactly_as_many_victims_as_needed(r: redis.Red
         h.sweep()
     preempted = {sid for sid, rid in lows.items() if h.status(rid) == "preempted"}
     assert preempted == {"c", "d"}  # the two most recently started
-    assert h.pending_preemptions() == 2
-    h.finish(h.run_of(lows["d"]))  # one worker lets go: one high runs, the other still has a slot coming
-    assert sum(h.status(x) == "running" for x in (h1, h2)) == 1
-    assert h.pending_preemptions() == 1
+    assert h.status(h1) == h.status(h2) == "running"  # each in its victim's slot, at once
+    assert {h.run_of(h1).wid, h.run_of(h2).wid} == {h.run_of(lows["c"]).wid, h.run_of(lows["d"]).wid}
+    assert h.pending_preemptions() == 0
+    h.finish(h.run_of(lows["d"]))  # one victim's worker lets go: no ticket comes back, no new victim
+    assert tickets(h) == 0
     h.sweep()
     assert {sid for sid, rid in lows.items() if h.status(rid) == "preempted"} == {"c", "d"}
     h.submit("h3", priority=8, max_tokens=2)  # a new ready high: one more victim, the next most recent
     assert {sid for sid, rid in lows.items() if h.status(rid) == "preempted"} == {"b", "c", "d"}
     total = sum(e.event == "preempted" for sid in lows for e in h.log(sid))
     assert total == 3
+
+
+@pytest.mark.single_server  # the deterministic harness pins the clock (a global key)
+def test_a_run_on_a_gone_worker_is_passed_over_for_the_next_victim(r: redis.Redis) -> None:
+    """The natural victim's worker is gone (its presence key lapsed): its slot would go nowhere, so the next
+    lowest-ranked run stops and the high request starts on that one's worker."""
+    h = Harness(r)
+    h.policy(min_run=0)
+    lows = started_lows(h, [("a", 1), ("b", 1)])  # b started later: the natural victim
+    gone = h.run_of(lows["b"]).wid
+    r.delete(keys.worker("default", gone))
+    high = h.submit("h", priority=8, max_tokens=2)
+    assert h.status(lows["b"]) == "running" and h.status(lows["a"]) == "preempted"
+    assert h.status(high) == "running" and h.run_of(high).wid == h.run_of(lows["a"]).wid != gone
 
 
 @pytest.mark.single_server  # the deterministic harness pins the clock (a global key)
@@ -198,7 +215,7 @@ def test_preempted_request_keeps_its_place(r: redis.Redis) -> None:
     h.advance(5)
     h.append(h.run_of(first), 3)
     high = h.submit("h", priority=8, tenant="u")
-    assert h.status(first) == "preempted" and h.status(second) == "queued"
+    assert h.status(first) == "preempted" and h.status(second) == "queued" and h.status(high) == "running"
     h.finish(h.run_of(first))
     h.complete(high)
     assert h.run_of(first).next_index == 3
@@ -220,13 +237,14 @@ def test_aged_request_does_not_stop_a_real_preemption(r: redis.Redis) -> None:
     assert h.sweep()[1] == 1 and h.req(aged)["ep"] == "10"
     assert h.status(low) == "running"  # aging alone preempts nothing
     high = h.submit("h", priority=7, max_tokens=2)
-    assert h.status(low) == "preempted"
+    assert h.status(low) == "preempted" and h.status(high) == "running"  # the class 7 takes the slot it freed
+    assert h.status(aged) == "queued"
     h.finish(h.run_of(low))
-    h.complete(aged)  # the aged one is ahead of everything for the freed slot
-    h.complete(high)
+    h.complete(high)  # then the aged one is ahead of everything for the freed slot
+    assert h.status(aged) == "running"
     while h.runs:
         h.complete(h.runs[0].rid)
-    assert h.dispatched_rids()[:3] == [low, aged, high]
+    assert h.dispatched_rids()[:3] == [low, high, aged]
     assert sorted(h.dispatched_rids()[3:]) == sorted([low, peer])
 
 

@@ -9,7 +9,7 @@ import pytest
 import redis
 
 from sluicegate.sessions.transitions import run_sync
-from tests.sched_harness import Harness
+from tests.sched_harness import Harness, tickets
 
 
 def preempted_reasons(h: Harness, sid: str, rid: str) -> list[str]:
@@ -33,11 +33,11 @@ def test_a_lower_class_run_stops_before_fair_share_takes_a_same_class_one(r: red
     b = h.submit("b", tenant="B", priority=7)  # B is below A's share, but C's class-2 run ranks lowest
     assert preempted_reasons(h, "c", low) == ["priority"]
     assert all(h.status(x) == "running" and not preempted_reasons(h, f"a{i}", x) for i, x in enumerate(a_runs))
-    assert h.status(b) == "queued" and h.pending_preemptions() == 1
-    h.sweep()  # a sweep (fair share asked again) while C's slot is being freed takes nothing more
-    assert all(h.status(x) == "running" for x in a_runs) and h.pending_preemptions() == 1
-    h.handback(h.run_of(low), reason="priority")  # C's worker lets go: B starts in its slot
-    assert h.status(b) == "running" and all(h.status(x) == "running" for x in a_runs)
+    assert h.status(b) == "running" and h.pending_preemptions() == 0  # in C's slot, handed over at once
+    h.sweep()  # a sweep (fair share asked again) takes nothing more
+    assert all(h.status(x) == "running" for x in a_runs)
+    h.handback(h.run_of(low), reason="priority")  # C's worker lets go: no ticket comes back
+    assert h.status(b) == "running" and all(h.status(x) == "running" for x in a_runs) and tickets(h) == 0
 
 
 @pytest.mark.single_server  # the deterministic harness pins the clock (a global key)
@@ -72,7 +72,8 @@ def test_priority_looks_past_a_full_window_of_immune_runs(r: redis.Redis) -> Non
         h.set_preemptions(x, 0)
     h.sweep()
     assert h.status(lows[-1]) == "preempted" and h.status(one) == "preempted"
-    assert all(h.status(x) == "running" for x in lows[:-1]) and h.pending_preemptions() == 2
+    assert all(h.status(x) == "running" for x in lows[:-1]) and h.pending_preemptions() == 0
+    assert all(h.status(x) == "running" for x in highs) and tickets(h) == 0
 
 
 @pytest.mark.single_server  # the deterministic harness pins the clock (a global key)
@@ -145,6 +146,8 @@ def test_a_max_concurrency_at_the_runs_in_flight_stops_one_for_a_higher_class(r:
     high = h.submit("h", tenant="B", priority=7)
     stopped = [run for run in h.runs if h.status(run.rid) == "preempted"]
     assert [run.rid for run in stopped] == [lows[2]]  # the most recently started
+    # under the cap the stopped run counts until its worker lets go: no slot is handed over
+    assert h.status(high) == "queued" and h.pending_preemptions() == 1
     h.handback(stopped[0], reason="priority")
     h.sweep()
     assert h.status(high) == "running" and len(h.running()) == 3 and h.pending_preemptions() == 0

@@ -10,7 +10,7 @@
 -- these; it may be negative: a worker can hold one run more than its slots for a moment, see below)
 -- An assignment still waiting in the worker's inbox holds a ticket already: it is not offered again.
 -- A held run or waiting assignment that holds no ticket (its slot was handed over to another run by
--- fair-share preemption, or its ticket died with the worker when it was reaped) takes no slot from
+-- a preemption, or its ticket died with the worker when it was reaped) takes no slot from
 -- the offer: its end gives none back. A ticket of the worker's that is neither held nor waiting is
 -- dropped (lost with an inbox read's reply).
 -- Returns {the number of requests dispatched, the excess: runs and waiting assignments holding a ticket

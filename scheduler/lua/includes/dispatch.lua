@@ -1,16 +1,18 @@
 -- dispatch.lua: the scheduling decision. Highest class, then the backlogged tenant with the least
 -- virtual token counter, then that tenant's oldest ready session; gated by the group's quota; into
 -- a free slot (a ticket), the group's last few only for a tenant below the one furthest above its
--- share (the headroom); with none free, by preempting a lower class, else into the slot of a tenant
--- above its fair share of the running slots (same class) (preemption.lua).
+-- share (the headroom); with none free, into the slot of a run of a lower class (it stops), else into
+-- the slot of a tenant above its fair share of the running slots (same class) (preemption.lua).
 
--- No free slot for class `cls`: true when a tenant above its share handed one over (decide again,
--- `ran`: a run started in it); false when the decision stops here (a lower class may be preempted:
--- its slot comes back when its worker lets go). Priority first: the lowest-ranked run stops, and a
--- same-class run is taken for fair share only when no run below the class stops for it, nor was
--- stopped already (being_freed). `share`: see dispatch.
+-- No free slot for class `cls`: true when a running request stopped and handed its slot over (decide
+-- again; `ran`: a run started in it); false when the decision stops here (a victim inside its min-run
+-- quantum, or slots being freed). Priority first: the lowest-ranked run stops, and a same-class run is
+-- taken for fair share only when no run below the class may stop for it, nor is a slot being freed
+-- (being_freed). `share`: see dispatch.
 local function without_free_slot(cp, cls, cfg, now, lease, share)
-  if preempt_for(cp, cls, now, lease, cfg.mc) or not share or being_freed(cp, cls, now) then return false, false end
+  local waits, handed, ran = preempt_for(cp, cls, now, lease, cfg)
+  if handed then return true, ran end
+  if waits or not share or being_freed(cp, cls, now) then return false, false end
   return hand_over(cp, cls, cfg, now, lease)
 end
 
@@ -86,8 +88,8 @@ local function dispatch(cp, now, lease, share)
         -- qwake: when the quota admits next, for the operator's view (scheduler/admin.py); wake also
         -- serves preemptions' waits, which are no throttle
         if wake then redis.call('HSET', cp .. 'qs', 'qwake', wake) note_wake(cp, wake) break end
-        -- max_concurrency: the runs in flight are the slots here; as with no free slot (a priority stop
-        -- only where it lets the waiting request start: preempt_for's cap; a fair-share swap keeps them)
+        -- max_concurrency: the runs in flight are the slots here; as with no free slot (a swap, for
+        -- priority or fair share, keeps them; none while they are above the cap: preempt_for)
         local handed, ran = without_free_slot(cp, tonumber(top), cfg, now, lease, share)
         if not handed then break end
         if ran then started = started + 1 end

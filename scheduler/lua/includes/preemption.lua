@@ -1,8 +1,17 @@
 -- preemption.lua: two ways a waiting request takes a running one's slot when none is free.
 --
--- By priority (preempt_for): stop the lowest-ranked running requests (lowest class, then most recently
--- started) while more requests of a higher class wait than slots are already being freed (pre).
--- Aged requests (class 10) never preempt, but the real classes waiting below them still do.
+-- By priority (preempt_for): the lowest-ranked running request (lowest class, then most recently
+-- started) stops and its slot goes at once to the waiting request of the higher class, unless slots
+-- already being freed (pre) cover those waiting. Aged requests (class 10) never preempt, but the real
+-- classes waiting below them still do, and take the slot they freed.
+--
+-- Either way the victim's slot is handed over (its ticket goes to the taker, who starts in the same
+-- call): a slot that came back only when the victim's worker let go cost the taker that worker's
+-- notice, cancel and hand-back (the wait of a high-priority request at overload), and the fair order
+-- could give a freed slot straight back. The victim's worker holds one run more than its slots until
+-- the victim stops at its next token. Except for priority under a max_concurrency cap, which bounds what
+-- the engines run at once: there the stopped run counts until its worker lets go (pre), and its slot
+-- comes back then.
 --
 -- By fair share (hand_over), inside one class, when no run of a lower class stops for the waiting
 -- class (priority comes first: the lowest-ranked run stops): the first tenant in the fair order (of the first few
@@ -11,8 +20,7 @@
 -- after the swap as the taker does: no ping-pong, and a tenant at or below its share is never
 -- preempted for another. Counters alone cannot see this: a tenant returning from idle is lifted to the
 -- flooder's counter, so a tenant that floods keeps every slot the others free and they queue behind
--- its runs (the soak's TTFT). The victim's slot goes to the taker at once (its ticket is handed over),
--- or the fair order could give it straight back.
+-- its runs (the soak's TTFT).
 --
 -- Anti-thrash, for both: a run that used up its max preemptions is immune and skipped, and so is a
 -- run that streamed a tool-call delta (pin.lua: it could not be resumed faithfully); a run inside its
@@ -49,6 +57,15 @@ local function preemptible(cp, key, rec, pol, now)
   end
   local ripe = rec.ds + pol.min_run
   return now >= ripe, ripe
+end
+
+-- Can run `key`'s slot pass to another run? Its worker is alive (its presence key; a slot on a gone worker
+-- would go nowhere), its backend is not shown down (a request sent there would only be handed back: the
+-- worker withdrew its slots), and the run holds its slot's ticket there (a run whose ticket its worker's
+-- re-offer dropped would leave that worker with one slot more than it has).
+local function slot_can_pass(cp, key, rec)
+  return redis.call('EXISTS', kworker(cp, rec.w)) == 1 and redis.call('HGET', cp .. 'tk', key) == rec.w
+    and worker_info(cp, rec.w).backend ~= 'down'
 end
 
 -- The taker for a victim tenant holding `victim_share` runs per weight: of the first TAKERS tenants
@@ -109,7 +126,7 @@ local function hand_over(cp, cls, cfg, now, lease)
     for _, key in ipairs(page) do
       local rec = run_record(cp, key)
       local ok, ripe = preemptible(cp, key, rec, pol, now)
-      if ok and redis.call('EXISTS', kworker(cp, rec.w)) == 1 then
+      if ok and slot_can_pass(cp, key, rec) then
         local sid = redis.call('ZRANGE', cp .. 'c' .. cls .. ':' .. tenant, 0, 0)[1]
         local spec = ready_head(cp, sid)
         -- the swap leaves the runs in flight as they were: only the rate quotas are asked
@@ -130,7 +147,8 @@ local function hand_over(cp, cls, cfg, now, lease)
   return false
 end
 
--- Are enough slots being freed (pre: stopped runs whose workers have not let go yet) for every request
+-- Are enough slots being freed (pre: cancelled runs, and priority stops under a max_concurrency cap, whose
+-- workers have not let go yet) for every request
 -- waiting in class `cls` or above? Those slots go to them first (the highest class dispatches first).
 local function being_freed(cp, cls, now)
   redis.call('ZREMRANGEBYSCORE', cp .. 'pre', '-inf', now)
@@ -145,13 +163,41 @@ end
 
 local WINDOW = 32 -- running runs read at a time by preempt_for, lowest-ranked first
 
--- Priority preemption for waiting class `top` (see above). Returns true when a run ranked below the
--- waiting class stops for it, now (stopped here, or already: pre) or at the end of its quantum (the
--- group is woken then): the lowest-ranked run stops, so fair share must not take a same-class one then.
--- `cap`: the group's max_concurrency (nil: none). A run stops only when the running ones would then be
--- fewer than the cap (once the stops let go, a waiting request may start): a cap lowered below the runs
--- in flight (or to 0) stops none, where each stop's release would otherwise stop the next one.
-local function preempt_for(cp, top, now, lease, cap)
+-- The stopped run's slot goes to the request the decision picks in class `top`, which starts on the
+-- victim's worker in the same call. Gated by the rate quotas first: the dispatch gated the request at the
+-- top of the ready set, and with an aged one there (class 10) that was another request. Returns
+-- preempt_for's waits, handed, ran.
+local function hand_to_waiting(cp, top, key, rec, now, lease, cfg)
+  local tenant = pick_tenant(cp, top)
+  local sid = redis.call('ZRANGE', cp .. 'c' .. top .. ':' .. tenant, 0, 0)[1]
+  local spec = ready_head(cp, sid)
+  local ok, wake = quota_gate(cp, { rps = cfg.rps, tps = cfg.tps, burst = cfg.burst, cap = cfg.cap },
+    tokens_left(spec), spec.a == 0, now)
+  if not ok then
+    if wake then note_wake(cp, wake) end
+    return true
+  end
+  preempt(cp, key, rec, now, lease, 'priority', true)
+  remove_ready(cp, sid, tenant, top, spec.dl)
+  -- the counter read after the stop: on one server the victim's end refunds its tenant, maybe the taker
+  return false, true, start_run(cp, top, tenant, vtc_get(cp, tenant), spec, rec.w, cfg, now, lease)
+end
+
+-- Priority preemption for waiting class `top` (see above): the lowest-ranked preemptible run below the
+-- class stops, and its slot goes at once to the request the decision picks in class `top`
+-- (hand_to_waiting). Returns `waits`, `handed`, `ran`: waits, the decision stops here (a victim inside its
+-- min-run quantum: the group is woken when the quantum ends; the slots being freed, pre, cover every
+-- request waiting above the victims; the rate quota holds the picked request back: woken when it admits);
+-- handed, a run stopped and its slot went to the waiting request; ran, that request started in it (if it
+-- turned out to have ended, the slot's ticket is back in the idle list). All false: no run ranks below
+-- the class, and fair share may be asked.
+-- With a max_concurrency cap (`cfg.mc`) a stopped run counts as in flight until its worker lets go
+-- (quotas.lua in_flight: the cap bounds what the engines run at once), so there the slot is not handed
+-- over: the stop frees it when the worker lets go, and as many runs stop as requests of a higher class
+-- wait beyond the slots already being freed. A run stops only when the running ones would then be fewer
+-- than the cap: a cap lowered below the runs in flight (or to 0) stops none, where each stop's release
+-- would otherwise stop the next one.
+local function preempt_for(cp, top, now, lease, cfg)
   -- The lowest-ranked runs first: most decisions end here, when none ranks below the waiting class.
   local victims = redis.call('ZRANGE', cp .. 'run', 0, WINDOW - 1, 'WITHSCORES')
   if #victims == 0 or math.floor(tonumber(victims[2]) / RANK) >= math.min(top, 9) then return false end
@@ -167,6 +213,7 @@ local function preempt_for(cp, top, now, lease, cap)
   for i = 1, #counts, 2 do waiting[tonumber(counts[i])] = tonumber(counts[i + 1]) end
   -- Window after window, until the class bound or the runs run out: immune runs (pinned, at their max
   -- preemptions) may fill a window, and a preemptible run ranked after them is still a victim.
+  local cap = cfg.mc
   local quantum_cls, found, offset = nil, false, 0
   local running = cap and redis.call('ZCARD', cp .. 'run')
   while true do
@@ -179,11 +226,12 @@ local function preempt_for(cp, top, now, lease, cap)
       if running and running > cap then return found end
       local rec = run_record(cp, victims[i])
       local ok, ripe = preemptible(cp, victims[i], rec, pol, now)
-      if ok then
-        preempt(cp, victims[i], rec, now, lease, 'priority')
-        pending, found, running = pending + 1, true, running and running - 1
+      if ok and slot_can_pass(cp, victims[i], rec) then
+        if not cap then return hand_to_waiting(cp, top, victims[i], rec, now, lease, cfg) end
+        preempt(cp, victims[i], rec, now, lease, 'priority', false)
+        pending, found, running = pending + 1, true, running - 1
         offset = offset - 1 -- out of the running set: the next window starts one rank earlier
-      elseif ripe then
+      elseif not ok and ripe then
         quantum_cls, found = quantum_cls or vcls, true
         note_wake(cp, ripe)
       end

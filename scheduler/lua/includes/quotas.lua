@@ -44,7 +44,8 @@ local function gcra_tat(cp, interval, now)
   return tat
 end
 
--- Slots in use: running requests plus preempted or cancelled runs whose worker has not let go.
+-- Slots in use: running requests plus runs being stopped whose worker has not let go (pre: cancelled, or
+-- preempted under this cap). A run stopped with its slot handed over counts no more: the taker's does.
 local function in_flight(cp, now)
   redis.call('ZREMRANGEBYSCORE', cp .. 'pre', '-inf', now)
   return redis.call('ZCARD', cp .. 'run') + redis.call('ZCARD', cp .. 'pre')

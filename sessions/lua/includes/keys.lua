@@ -20,7 +20,7 @@
 --     cls / c<P> / c<P>:<T> / age<P> / cn / btn / bt / vtc / vlast   ready sets and fairness
 --     ri               hash   "rid|attempt" -> run record (JSON) of each dispatched, unreleased run
 --     run              zset   running runs, score ranks preemption victims first
---     pre              zset   runs being stopped (preempted or cancelled, worker not yet let go)
+--     pre              zset   runs being stopped, worker not yet let go (cancelled; preempted under a max_concurrency cap)
 --     pin              set    runs never to preempt: they streamed a tool-call delta (pin.lua)
 --     leases           zset   "rid|attempt" -> lease expiry (ms)
 --     tk               hash   "rid|attempt" -> worker: the slot each unreleased attempt holds
