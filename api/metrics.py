@@ -19,7 +19,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
-from sluicegate.scheduler.admin import live_workers
+from sluicegate.scheduler.admin import live_free_slots, live_workers
 from sluicegate.sessions import keys
 from sluicegate.sessions.connect import text
 from sluicegate.sessions.metrics_store import labelled_tenants, read_metrics
@@ -103,16 +103,15 @@ async def _groups_state(redis: Any, groups: Sequence[str]) -> dict[str, dict[str
     for group in groups:
         async with redis.pipeline(transaction=False) as pipe:  # one group's slot
             pipe.zcard(keys.group_key(group, "run"))
-            pipe.lrange(keys.group_key(group, "idle"), 0, -1)
+            pipe.llen(keys.group_key(group, "idle"))
             pipe.hgetall(keys.group_key(group, "cfg"))
             pipe.hgetall(keys.group_key(group, "workers"))
             running, idle, cfg, registered = await pipe.execute()
         workers = sorted((text(k), text(v)) for k, v in registered.items())
-        tickets = [text(wid) for wid in idle]
-        live = await live_workers(redis, group, [wid for wid, _ in workers] + tickets)
+        live = await live_workers(redis, group, [wid for wid, _ in workers])
         slots = [_slots(info) for wid, info in workers if wid in live]
-        state[group] = {"running": running, "idle": sum(1 for wid in tickets if wid in live),
-                        "workers": len(slots), "slots": sum(slots),
+        free = await live_free_slots(redis, group, idle, (wid for wid, _ in workers if wid not in live))
+        state[group] = {"running": running, "idle": free, "workers": len(slots), "slots": sum(slots),
                         "quota": {text(k): float(text(v)) for k, v in cfg.items() if text(k) in QUOTA_FIELDS}}
     return state
 

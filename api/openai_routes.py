@@ -24,8 +24,9 @@ logprobs, the finish_reason and the usage:
   request's ids and `x-should-retry: false` (the SDK's retry would store and generate it again); the
   request runs on, readable at its events URL. Before the submit it is the plain 503 (`Retry-After`).
   The same 503 when the API process starts shutting down (SIGTERM) while the status waits, rather than
-  uvicorn's plain 500 once its graceful-shutdown timeout cancels the route; a stream already under way
-  then ends with that error object and `[DONE]` (ShutdownEnd), not cut when uvicorn closes its connection.
+  uvicorn's plain 500 once its graceful-shutdown timeout cancels the route; a stream still running just
+  before that timeout ends with that error object and `[DONE]` (ShutdownEnd), not cut when uvicorn closes
+  its connection (one that ends within the grace goes out whole).
 - a stream that ends without its terminal event (its reader fell so far behind that the session's log
   was trimmed past it) ends with an error object and `[DONE]`, not silently (a truncated answer).
 
@@ -76,10 +77,14 @@ from sluicegate.sessions.registry import DEFAULT_GROUP
 from sluicegate.sessions.requests import NewRequest
 from sluicegate.sessions.runs import BACKEND_REFUSED
 from sluicegate.sessions.stream import EventStream
+from sluicegate.settings import GRACEFUL_SHUTDOWN_SECONDS
 
 log = logging.getLogger(__name__)
 router = APIRouter()
 # Handled here, not by the engine; on_deadline_miss is the X-On-Deadline-Miss header's, a body field is ignored
+# A chat stream still running at the graceful shutdown's end ends itself this long before it (ShutdownEnd): time
+# for its error object and [DONE] to go out before uvicorn closes the connection.
+SHUTDOWN_END_MARGIN = 0.5
 NOT_PARAMS = frozenset({"stream_options", "on_deadline_miss"})
 PASSED_ON = frozenset({400, 413, 422})  # a backend's refusals the caller gets as they are: its request is wrong
 KEY_ENDED = {"error": {"type": "unauthorized", "message": ENDED_MESSAGE, "code": "unauthorized", "status": 401}}
@@ -213,23 +218,37 @@ async def first_news(batches: AsyncIterator[list[Event]]) -> tuple[list[list[Eve
 
 
 class ShutdownEnd:
-    """Ends a streamed answer when the API process starts shutting down (DRAIN, as the resumable SSE routes
-    end), rather than uvicorn cutting its connection at its graceful-shutdown timeout, a truncated body the
-    SDK raises as a connection error, with no word of the request that runs on. Registered once per stream:
-    the signal cancels the wait for the next batch (`next`), never a write to the client; one that comes
-    meanwhile is seen at the next wait."""
+    """Ends a streamed answer that is still running just before the API process's graceful shutdown runs
+    out (GRACEFUL_SHUTDOWN_SECONDS after the signal, DRAIN), rather than uvicorn cutting its connection then,
+    a truncated body the SDK raises as a connection error, with no word of the request that runs on. An
+    answer that ends within the grace goes out whole: unlike a resumable stream, which ends at the signal
+    (its client reconnects where it was), a chat client cannot resume. Registered once per stream: the end
+    cancels the wait for the next batch (`next`), never a write to the client; one that comes meanwhile is
+    seen at the next wait."""
 
-    __slots__ = ("due", "task", "waiting")
+    __slots__ = ("due", "task", "timer", "waiting")
 
     def __init__(self) -> None:
         self.task = asyncio.current_task()
         self.due = self.waiting = False
+        self.timer: asyncio.TimerHandle | None = None
 
     def __call__(self) -> None:
+        """The shutdown's signal: the end comes SHUTDOWN_END_MARGIN before the grace runs out."""
+        if self.timer is None and not self.due:
+            delay = max(0.0, GRACEFUL_SHUTDOWN_SECONDS - SHUTDOWN_END_MARGIN)
+            self.timer = asyncio.get_running_loop().call_later(delay, self.end)
+
+    def end(self) -> None:
         if not self.due:
             self.due = True
             if self.waiting and self.task is not None:
                 self.task.cancel()
+
+    def close(self) -> None:
+        """The stream is over: no end to come."""
+        if self.timer is not None:
+            self.timer.cancel()
 
     async def next(self, batches: AsyncIterator[list[Event]]) -> list[Event] | None:
         """The next batch; None at the events' end, or once the process is shutting down (`due`)."""
@@ -293,6 +312,7 @@ async def sse_chunks(svc: Services, completion: Completion, held: list[list[Even
                 yield LastChunk(b"data: " + orjson.dumps(openai_error(503, "unavailable", message)) + b"\n\n" + DONE)
     finally:
         DRAIN.discard(end)
+        end.close()
 
 
 def sse_chunk(completion: Completion, batch: list[Event]) -> bytes | None:

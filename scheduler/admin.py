@@ -28,9 +28,7 @@ def _number(text: str) -> float | int:
 
 
 async def live_workers(redis: Any, group: str, wids: Iterable[str]) -> set[str]:
-    """The workers among `wids` whose liveness key is there, in one pipelined round trip (the group's slot).
-    A worker killed while idle keeps its tickets in the idle list until a dispatch pops them or a live
-    worker's heartbeat reaps them (heartbeat.lua): free slots count only the tickets of these."""
+    """The workers among `wids` whose liveness key is there, in one pipelined round trip (the group's slot)."""
     ordered = sorted(set(wids))
     if not ordered:
         return set()
@@ -39,6 +37,21 @@ async def live_workers(redis: Any, group: str, wids: Iterable[str]) -> set[str]:
             pipe.exists(keys.worker(group, wid))
         found = await pipe.execute()
     return {wid for wid, up in zip(ordered, found, strict=True) if up}
+
+
+async def live_free_slots(redis: Any, group: str, idle: int, dead: Iterable[str]) -> int:
+    """The group's free slots: its `idle` tickets (LLEN) less those of the registered workers found `dead`.
+    A worker killed while idle keeps its tickets in the idle list until a dispatch pops them or a live
+    worker's heartbeat reaps them (heartbeat.lua). Counted on the server (LPOS ... COUNT 0, one round trip
+    for all), so a read costs the same with 10,000 free slots: no list is sent back."""
+    gone = sorted(set(dead))
+    if not gone or not idle:
+        return idle
+    async with redis.pipeline(transaction=False) as pipe:
+        for wid in gone:
+            pipe.lpos(keys.group_key(group, "idle"), wid, count=0)
+        found = await pipe.execute()
+    return max(0, idle - sum(len(positions or ()) for positions in found))
 
 
 class Tuning:
@@ -110,12 +123,14 @@ class Tuning:
             pipe.hgetall(keys.group_key(group, "cfg"))
             pipe.hgetall(keys.group_key(group, "qs"))
             pipe.zcard(keys.group_key(group, "run"))
-            pipe.lrange(keys.group_key(group, "idle"), 0, -1)
+            pipe.llen(keys.group_key(group, "idle"))
             pipe.hgetall(keys.group_key(group, "cn"))
             pipe.zcard(keys.group_key(group, "pre"))
-            cfg, qs, running, idle, ready, stopping = await pipe.execute()
-        tickets = [text(wid) for wid in idle]
-        live = await live_workers(self.redis, group, tickets)
+            pipe.hkeys(keys.group_key(group, "workers"))
+            cfg, qs, running, idle, ready, stopping, registered = await pipe.execute()
+        wids = [text(wid) for wid in registered]
+        live = await live_workers(self.redis, group, wids)
+        free_slots = await live_free_slots(self.redis, group, idle, (wid for wid in wids if wid not in live))
         state = {text(k): text(v) for k, v in qs.items()}
         quota = {text(k): _number(text(v)) for k, v in cfg.items()}
         # when a rate quota admits next (qwake: the group's wake-up, "wake", also times preemptions' waits)
@@ -129,7 +144,7 @@ class Tuning:
             "group": group,
             "quota": quota,
             "running": running,
-            "free_slots": sum(1 for wid in tickets if wid in live),
+            "free_slots": free_slots,
             "ready_sessions_by_class": ready_by_class,
             "throttled": wake is not None or capped,
             # With no free ticket the dispatch never reaches the quota gate, which alone writes the reason:

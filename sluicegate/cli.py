@@ -20,7 +20,14 @@ from typing import TYPE_CHECKING, Any, get_args
 
 from sluicegate import client_cli, mcp_server
 from sluicegate.gc_tuning import settle_after_start_up
-from sluicegate.settings import ENV_PREFIX, BadSetting, Settings, from_env, setting_names
+from sluicegate.settings import (
+    ENV_PREFIX,
+    GRACEFUL_SHUTDOWN_SECONDS,
+    BadSetting,
+    Settings,
+    from_env,
+    setting_names,
+)
 
 if TYPE_CHECKING:
     from sluicegate.groups_config import GroupConfig
@@ -261,7 +268,8 @@ def main(argv: list[str] | None = None) -> int:
         # it restarts one that dies. The API keeps no state of its own, so they need nothing shared.
         uvicorn.run("sluicegate.api.app:serving_app", factory=True, host=settings.host, port=settings.port,
                     http=JoinedWritesProtocol,  # uvicorn's httptools protocol: a head goes out with its body
-                    log_level=settings.log_level.lower(), access_log=settings.access_log, timeout_graceful_shutdown=5,
+                    log_level=settings.log_level.lower(), access_log=settings.access_log,
+                    timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
                     workers=settings.api_processes if settings.api_processes > 1 else None)
         return 0
     if not settings.redis_url and args.command in ("scheduler", "worker", "webhooks"):

@@ -37,6 +37,9 @@ ENV_PREFIX = "SLUICEGATE_"
 PRIORITY_NAMES = {"low": 2, "normal": 5, "high": 7, "critical": 9}
 PRIORITY_CLASSES = range(10)
 DEFAULT_SLOTS = 8
+# How long an API process, once told to stop (SIGTERM, Ctrl-C), lets its open responses finish before uvicorn
+# closes their connections (its timeout_graceful_shutdown); a chat stream ends itself just before (ShutdownEnd).
+GRACEFUL_SHUTDOWN_SECONDS = 5
 
 
 class BadSetting(ValueError):

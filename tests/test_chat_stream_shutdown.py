@@ -1,7 +1,8 @@
-"""A streamed chat answer still running when its API process gets SIGTERM (a deploy, a scale-down) ends with an
-error object naming the request's events URL, then `data: [DONE]`: not cut by uvicorn's transport close at its
-graceful-shutdown timeout, an incomplete body the SDK raises as a bare connection error (and a caller told
-nothing retries it: generated twice). The request runs on."""
+"""A streamed chat answer still running when its API process's graceful shutdown is about to run out (a deploy, a
+scale-down: SIGTERM) ends with an error object naming the request's events URL, then `data: [DONE]`: not cut by
+uvicorn's transport close at its graceful-shutdown timeout, an incomplete body the SDK raises as a bare
+connection error (and a caller told nothing retries it: generated twice). The request runs on. An answer that
+ends within the grace goes out whole: a chat client cannot resume a stream ended early."""
 
 from __future__ import annotations
 
@@ -44,6 +45,30 @@ def test_a_running_chat_stream_ends_with_an_error_object_on_sigterm(redis_url: s
         assert code == 200 and status["status"] in ("running", "done"), status
         wait_for(lambda: call("GET", f"{api.base_url}/v1/requests/{request_id}")[1]["status"] == "done",
                  timeout=30, what="the request to run to its end")
+    finally:
+        api.stop(signal.SIGKILL)
+        stack.stop()
+
+
+def test_a_chat_stream_that_ends_within_the_grace_goes_out_whole_after_sigterm(redis_url: str) -> None:
+    settings = fast_settings(redis_url)
+    stack = Stack(settings).start(api=False, workers=1)
+    api = ApiProcess(settings).start()
+    short = 600  # 1.5 s at the sim's 400 tokens/s: well within the 5 s grace
+    try:
+        assert api.proc is not None
+        proc = api.proc
+
+        def on_chunk(result: ChatStream, _: dict[str, Any]) -> None:
+            if len(result.content_chunks) == 3:
+                proc.send_signal(signal.SIGTERM)
+
+        result = chat_stream(api.base_url, {"messages": [{"role": "user", "content": "hi"}], "max_tokens": short},
+                             on_chunk=on_chunk, timeout=30)
+        assert result.status == 200, result.body
+        assert result.done and "error" not in result.chunks[-1], result.chunks[-1:]  # before: cut at once, 503
+        assert len(result.content_chunks) == short
+        proc.wait(30)
     finally:
         api.stop(signal.SIGKILL)
         stack.stop()
