@@ -61,6 +61,13 @@ def key_digest(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
+async def key_record(redis: Redis, key_id: str) -> bytes | None:
+    """A key's record, found by its id; None when either is gone. A revoke removes the record first, and one
+    that failed before removing the id leaves it pointing at nothing (KeyRing.revoke): that key is gone."""
+    digest = await redis.hget(keys.API_KEY_IDS, key_id)
+    return None if digest is None else await redis.hget(keys.API_KEYS, digest)
+
+
 class KeyRing:
     def __init__(self, redis: Redis, *, enabled: bool, admin_key: str | None) -> None:
         self.redis = redis
@@ -131,8 +138,7 @@ class KeyRing:
         return state.live()
 
     async def _read_state(self, key_id: str) -> KeyState:
-        digest = await self.redis.hget(keys.API_KEY_IDS, key_id)
-        raw = None if digest is None else await self.redis.hget(keys.API_KEYS, digest)
+        raw = await key_record(self.redis, key_id)
         return self._note_state(key_id, raw is not None, None if raw is None else orjson.loads(raw).get("expires_at"))
 
     def _note_state(self, key_id: str, exists: bool, expires_at: float | None) -> KeyState:

@@ -31,7 +31,7 @@ import orjson
 from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from sluicegate.api.auth import Principal, key_digest, require_admin
+from sluicegate.api.auth import Principal, key_digest, key_record, require_admin
 from sluicegate.api.errors import ApiError
 from sluicegate.api.requests_routes import check_session_id, request_fields
 from sluicegate.api.responses import JSON
@@ -110,12 +110,6 @@ class StreamTokens:
         mark = hmac.new(await self.secret(), b"admin-key:" + self.admin_key.encode(), hashlib.sha256).digest()
         return _b64(mark[:16])
 
-    async def key_stored(self, key_id: str) -> bool:
-        """The key's id and its record are both there: a revoke removes the record first, and one that failed
-        before removing the id leaves it pointing at nothing (api/auth.py revoke)."""
-        digest = await self.redis.hget(keys.API_KEY_IDS, key_id)
-        return digest is not None and bool(await self.redis.hexists(keys.API_KEYS, text(digest)))
-
     async def check(self, token: str, kind: str, scope_id: str) -> Principal:
         """The principal a token stands for on this stream: 401 when it is forged, expired, revoked,
         made for another stream (the message does not say which other one) or, with no tenant, not minted
@@ -137,7 +131,7 @@ class StreamTokens:
         if not isinstance(fields.get("exp"), int) or time.time() >= fields["exp"]:
             raise ApiError(401, "stream token expired: ask POST /v1/stream-tokens for a new one")
         key_id = fields.get("kid")
-        if key_id is not None and not await self.key_stored(key_id):
+        if key_id is not None and await key_record(self.redis, key_id) is None:
             raise ApiError(401, "the API key this stream token came from was revoked")
         tenant = fields.get("t")
         if tenant is None:

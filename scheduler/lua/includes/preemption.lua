@@ -104,6 +104,23 @@ local function taker_for(cp, cls, victim_tenant, victim_share)
   return nil
 end
 
+-- Swap run `key` (stopped for `reason`) for the head of `tenant`'s oldest ready session in class `cls`, which
+-- starts on the run's worker in the same call (the slot's ticket is handed over). The swap leaves the runs in
+-- flight as they were: only the rate quotas are asked. The taker's counter is read after the stop: on one
+-- server the stopped run's end refunds its tenant, who may be the taker. Returns false and the quota's
+-- wake-up when the rate quotas hold the request back (nothing stopped); else true, and whether it started
+-- (if its request turned out to have ended, the slot's ticket is back in the idle list).
+local function swap(cp, cls, tenant, key, rec, reason, now, lease, cfg)
+  local sid = redis.call('ZRANGE', cp .. 'c' .. cls .. ':' .. tenant, 0, 0)[1]
+  local spec = ready_head(cp, sid)
+  local ok, wake = quota_gate(cp, { rps = cfg.rps, tps = cfg.tps, burst = cfg.burst, cap = cfg.cap },
+    tokens_left(spec), spec.a == 0, now)
+  if not ok then return false, wake end
+  preempt(cp, key, rec, now, lease, reason, true)
+  remove_ready(cp, sid, tenant, cls, spec.dl)
+  return true, start_run(cp, cls, tenant, vtc_get(cp, tenant), spec, rec.w, cfg, now, lease)
+end
+
 -- Fair-share preemption in class `cls` (see above). Returns handed (a run was stopped and its slot
 -- handed over), ran (the taker's run started in it; if its request turned out to have ended, the
 -- slot's ticket is back in the idle list). Looks at every run of that class of the victim tenant.
@@ -114,7 +131,7 @@ local function hand_over(cp, cls, cfg, now, lease)
   -- victim tenant per decision); after the swap it still holds at least as much per weight as the taker.
   local victim_tenant, victim_share = heaviest_share(cp)
   if not victim_tenant then return false end
-  local tenant, counter = taker_for(cp, cls, victim_tenant, victim_share)
+  local tenant = taker_for(cp, cls, victim_tenant, victim_share)
   if not tenant then return false end
   local runs = cp .. 'rt:' .. victim_tenant
   local soonest = nil -- the earliest end of a min-run quantum among the runs passed over
@@ -127,16 +144,9 @@ local function hand_over(cp, cls, cfg, now, lease)
       local rec = run_record(cp, key)
       local ok, ripe = preemptible(cp, key, rec, pol, now)
       if ok and slot_can_pass(cp, key, rec) then
-        local sid = redis.call('ZRANGE', cp .. 'c' .. cls .. ':' .. tenant, 0, 0)[1]
-        local spec = ready_head(cp, sid)
-        -- the swap leaves the runs in flight as they were: only the rate quotas are asked
-        if not quota_gate(cp, { rps = cfg.rps, tps = cfg.tps, burst = cfg.burst, cap = cfg.cap },
-            tokens_left(spec), spec.a == 0, now) then
-          return false
-        end
-        preempt(cp, key, rec, now, lease, 'fair_share', true)
-        remove_ready(cp, sid, tenant, cls, spec.dl)
-        return true, start_run(cp, cls, tenant, counter, spec, rec.w, cfg, now, lease)
+        local swapped, result = swap(cp, cls, tenant, key, rec, 'fair_share', now, lease, cfg)
+        if not swapped then return false end -- the rate quotas hold it back
+        return true, result
       elseif not ok and ripe and (not soonest or ripe < soonest) then -- inside its quantum (a run on a
         soonest = ripe                                                -- gone worker is skipped, not waited for)
       end
@@ -163,24 +173,14 @@ end
 
 local WINDOW = 32 -- running runs read at a time by preempt_for, lowest-ranked first
 
--- The stopped run's slot goes to the request the decision picks in class `top`, which starts on the
--- victim's worker in the same call. Gated by the rate quotas first: the dispatch gated the request at the
--- top of the ready set, and with an aged one there (class 10) that was another request. Returns
--- preempt_for's waits, handed, ran.
+-- The stopped run's slot goes to the request the decision picks in class `top` (swap). Its rate quotas are
+-- asked there too: the dispatch asked them of the request at the top of the ready set, and with an aged one
+-- there (class 10) that was another request. Returns preempt_for's waits, handed, ran.
 local function hand_to_waiting(cp, top, key, rec, now, lease, cfg)
-  local tenant = pick_tenant(cp, top)
-  local sid = redis.call('ZRANGE', cp .. 'c' .. top .. ':' .. tenant, 0, 0)[1]
-  local spec = ready_head(cp, sid)
-  local ok, wake = quota_gate(cp, { rps = cfg.rps, tps = cfg.tps, burst = cfg.burst, cap = cfg.cap },
-    tokens_left(spec), spec.a == 0, now)
-  if not ok then
-    if wake then note_wake(cp, wake) end
-    return true
-  end
-  preempt(cp, key, rec, now, lease, 'priority', true)
-  remove_ready(cp, sid, tenant, top, spec.dl)
-  -- the counter read after the stop: on one server the victim's end refunds its tenant, maybe the taker
-  return false, true, start_run(cp, top, tenant, vtc_get(cp, tenant), spec, rec.w, cfg, now, lease)
+  local swapped, result = swap(cp, top, pick_tenant(cp, top), key, rec, 'priority', now, lease, cfg)
+  if swapped then return false, true, result end -- result: the request started
+  if result then note_wake(cp, result) end -- held back by the rate quotas: result is when they admit it
+  return true
 end
 
 -- Priority preemption for waiting class `top` (see above): the lowest-ranked preemptible run below the
