@@ -206,19 +206,25 @@ def main(argv: list[str] | None = None) -> int:
         from redis import RedisError
 
         from sluicegate.embedded import (
+            DataDirInUse,
             EmbeddedCluster,
             EmbeddedServer,
             ServerNotFound,
-            announce_once_answering,
             announceable,
             data_dir_password,
-            keep_url_file,
+            lock_store_dir,
             private_dir,
         )
 
         try:
             private_dir(settings.data_dir)  # before redis.url goes in: the AOF will hold every prompt
+            # Held (by us and the server's processes) while it runs: a second store there would take over
+            # the socket and append to the same AOF. Taken before redis.url is read.
+            lock = lock_store_dir(settings.data_dir, settings.data_dir)
             password = data_dir_password(settings.data_dir) if settings.password else None
+        except DataDirInUse as error:
+            print(f"sluicegate redis: {error}", file=sys.stderr)
+            return 2
         except OSError as error:
             print(f"sluicegate redis: cannot use --data-dir {settings.data_dir}: {error}", file=sys.stderr)
             return 2
@@ -230,22 +236,20 @@ def main(argv: list[str] | None = None) -> int:
             port = redis_port(settings)
             if settings.cluster:
                 cluster = EmbeddedCluster(data_dir=settings.data_dir, port=port, masters=settings.cluster,
-                                          host=settings.host, appendfsync=settings.appendfsync, password=password)
+                                          host=settings.host, appendfsync=settings.appendfsync, password=password,
+                                          lock=lock)
                 if not port_named(settings):  # a restart comes back on the data dir's cluster's ports
                     cluster.port = cluster.existing_base_port() or port
                 return cluster.run_foreground()  # a named port other than theirs: refused (RuntimeError)
-            server = EmbeddedServer(data_dir=settings.data_dir, port=port, host=settings.host,
-                                    appendfsync=settings.appendfsync, password=password)
-            keep_url_file(settings.data_dir, server.url, password)
-            announce_once_answering(server.host, server.port, password, server.url)
-            server.start(foreground=True)
+            # A child, not an exec: Valkey ignores SIGHUP, and would outlive its closed terminal (run_foreground)
+            return EmbeddedServer(data_dir=settings.data_dir, port=port, host=settings.host,
+                                  appendfsync=settings.appendfsync, password=password, lock=lock).run_foreground()
         except ServerNotFound as error:
             print(f"sluicegate: {error}", file=sys.stderr)
             return 1
         except (RuntimeError, TimeoutError, ValueError, OSError, RedisError) as error:  # the cluster did not form
             print(f"sluicegate redis: {error}", file=sys.stderr)
             return 1
-        return 0
     if args.command == "migrate":
         from sluicegate.migrate import main as migrate_main
 

@@ -134,6 +134,11 @@ class Submitted:
 
 # ---- what the sync and async clients share -------------------------------------------------------
 def _quoted(value: str) -> str:
+    """`value` as one path segment. "." and ".." are names the server accepts (a session, a tenant, a group),
+    but as segments they are dot segments, which httpx removes as any URL resolver does (`/v1/sessions/..`
+    would reach `/v1`): `%2E` keeps them a name, and the server decodes it before it routes."""
+    if value in (".", ".."):
+        return "%2E" * len(value)
     return quote(value, safe="")
 
 
@@ -267,11 +272,22 @@ def _admin_fields(**fields: Any) -> dict[str, Any]:
     return {k: v for k, v in fields.items() if v is not KEEP}
 
 
+def _event_data(sse: ServerSentEvent, request_id: str | None = None) -> Any:
+    """An event's JSON data, or `bad_event` (a SluicegateError, as every failure here is) for data that is not
+    JSON: an event cut by something on the way (httpx-sse before 0.4.2 split lines on U+2028), or not the API."""
+    try:
+        return json.loads(sse.data)
+    except ValueError as error:
+        raise SluicegateError(200, "bad_event", f"an event whose data is not JSON (id {sse.id or 'none'}, "
+                              f"{sse.event}): {error}: {_one_line(sse.data.encode())}",
+                              request_id=request_id) from error
+
+
 def _chunk(sse: ServerSentEvent, request_id: str | None) -> dict[str, Any] | None:
     """One chat chunk, None at `[DONE]`; raises the error object the route sends when generation fails."""
     if sse.data.strip() == "[DONE]":
         return None
-    payload = json.loads(sse.data)
+    payload = _event_data(sse, request_id)
     error = _body_error(payload, request_id)
     if error is not None:
         raise error
@@ -289,7 +305,8 @@ class _Retry(Exception):
 class _Follow:
     """The resume logic of one `stream()` call, apart from its I/O: the cursor, when to stop, and the
     backoff between reconnects (jittered, doubling up to `max_backoff`, at least the server's
-    Retry-After), bounded by `reconnect_timeout` seconds without a connection."""
+    Retry-After however long, which `max_backoff` does not cap), bounded by `reconnect_timeout` seconds
+    without a connection."""
 
     def __init__(self, path: str, *, request_id: str | None, after: int | None, reconnect_timeout: float,
                  max_backoff: float, on_reconnect: Callable[[Exception, float], None] | None) -> None:
@@ -320,9 +337,13 @@ class _Follow:
             return None  # not a log event (the API sends none without an id)
         if self.last_id is not None and event_id <= self.last_id:
             return None
+        data = _event_data(sse, self.request_id) if sse.data else {}  # before the cursor moves past it
+        if not isinstance(data, dict):
+            raise SluicegateError(200, "bad_event", f"an event whose data is not a JSON object (id {event_id}, "
+                                  f"{sse.event}): {_one_line(sse.data.encode())}", request_id=self.request_id)
         self.last_id = event_id
         self.delay = 0.0  # progress: the next drop starts the backoff afresh
-        event = Event(sse.event, event_id, json.loads(sse.data) if sse.data else {})
+        event = Event(sse.event, event_id, data)
         if self.request_id is not None and event.terminal and event.request_id in (self.request_id, None):
             self.ended = True
         return event
@@ -351,8 +372,8 @@ class _Follow:
         self.delay = min(self.max_backoff, max(0.05, self.delay * 2))
         wait = self.delay * random.uniform(0.5, 1.0)
         retry_after = error.retry_after if isinstance(error, SluicegateError) else None
-        if retry_after:
-            wait = max(wait, min(retry_after, self.max_backoff * 4))
+        if retry_after:  # in full: sooner, the server refuses again (a 429 still counts the vanished stream)
+            wait = max(wait, retry_after)
         wait = min(wait, max(0.0, self.reconnect_timeout - elapsed))
         if self.on_reconnect is not None:
             self.on_reconnect(error, wait)

@@ -11,11 +11,11 @@ and the cluster tests); both satisfy RedisProcess, so callers treat one server a
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import ipaddress
 import os
 import random
 import secrets
-import select
 import shutil
 import signal
 import socket
@@ -101,7 +101,7 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def wait_until_answering(client: redis.Redis, process: subprocess.Popen[bytes] | None, deadline: float, *,
-                         what: str, log: Path, late: str, interval: float) -> None:
+                         what: str, log: Path | str, late: str, interval: float) -> None:
     """Ping a server we started until it answers; fail at once if its process exits, or at the deadline."""
     while True:
         if process is not None and process.poll() is not None:
@@ -116,43 +116,28 @@ def wait_until_answering(client: redis.Redis, process: subprocess.Popen[bytes] |
         time.sleep(interval)
 
 
-def announce_once_answering(host: str, port: int, password: str | None, line: str) -> None:
-    """Print `line` on stdout once the server this process is about to exec into answers on host:port (the
-    single server runs in the foreground as an exec, so nothing is left to print after it), and send the
-    server's own log to stderr: stdout carries that one line, which a script starts its API on, as it does
-    on the cluster's. A grandchild, orphaned at once, waits and prints (the server never sees a child of
-    its own). It holds only stdout, and ends when the server's process does, reaped or not (a pipe's write
-    end goes through the exec: its end of file says so), or when its exec never came: a caller reading the
-    command's output to its end is never left waiting on it."""
-    sys.stdout.flush()
-    gone, alive = os.pipe()
-    os.set_inheritable(alive, True)  # through the exec: closed only when the server's process ends
-    child = os.fork()
-    if child:
-        os.close(gone)
-        os.waitpid(child, 0)  # the first child exits at once: nothing for the server to reap later
-        os.dup2(2, 1)  # Valkey logs to stdout (--logfile ""): its lines go to stderr
-        return
-    try:
-        os.close(alive)
-        if os.fork():
-            os._exit(0)
-        quiet = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(quiet, 2)
-        with redis.Redis(host=host, port=port, password=password, socket_connect_timeout=0.5,
-                         socket_timeout=0.5) as client:
-            while not select.select([gone], [], [], 0.02)[0]:  # readable: end of file, the server is gone
-                try:
-                    if client.ping():
-                        print(line, flush=True)
-                        break
-                except redis.RedisError:  # not up yet, loading, or another server's refusal: ours decides
-                    pass
-    finally:
-        os._exit(0)
-
-
 URL_FILE = "redis.url"  # in a data dir: the URL of the server there, password included (mode 0600)
+LOCK_FILE = "lock"  # in a store's dir: flock'd while a store runs there (lock_store_dir)
+
+
+class DataDirInUse(RuntimeError):
+    pass
+
+
+def lock_store_dir(directory: str | Path, data_dir: str | Path) -> int:
+    """An exclusive flock on DIRECTORY/lock, taken before anything there is read or written; its fd, to hold for
+    the store's whole life and pass on to the store's processes (`lock` of EmbeddedServer/EmbeddedCluster), so
+    the dir stays locked until the last of them has ended. A second store on the dir would take over the first
+    one's Unix socket and append to its AOF. The kernel drops the lock with the last process holding it, so a
+    SIGKILLed owner leaves no stale lock. Raises DataDirInUse (naming `data_dir`, as the user gave it)."""
+    fd = os.open(Path(directory) / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise DataDirInUse(f"--data-dir {data_dir} is in use by another `sluicegate serve` or `sluicegate redis`") \
+            from None
+    return fd
 
 
 def data_dir_password(data_dir: str) -> str:
@@ -252,6 +237,7 @@ class EmbeddedServer:
     password: str | None = field(default=None, repr=False)  # kept out of logs
     process: subprocess.Popen[bytes] | None = None
     unix_socket: bool = True  # also listen on DATA_DIR/valkey.sock (mode 0700), for processes on this host
+    lock: int | None = None  # lock_store_dir's fd, passed on to the server: the dir stays locked while it runs
 
     @property
     def url(self) -> str:
@@ -282,30 +268,57 @@ class EmbeddedServer:
                 "--protected-mode", "yes", "--daemonize", "no", "--logfile", "",
                 "--loglevel", "warning", *unix, *persistence]
 
-    def start(self, *, foreground: bool = False, new_session: bool = False, timeout: float = 15.0) -> EmbeddedServer:
+    def start(self, *, new_session: bool = False, timeout: float = 15.0, log_to_stderr: bool = False) -> EmbeddedServer:
+        """Start the server and return once it answers. Its log goes to DATA_DIR/server.log, or with
+        `log_to_stderr` to ours (`sluicegate redis`)."""
         private_dir(self.data_dir)
         if not self.port:
             self.port = free_port(self.host)
-        if foreground:
-            os.umask(PRIVATE_UMASK)
-            os.execv(self.command()[0], self.command())
-        log = _private_log(Path(self.data_dir) / "server.log")
+        log: IO[bytes] | int = 2 if log_to_stderr else _private_log(Path(self.data_dir) / "server.log")
         self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                         start_new_session=new_session, umask=PRIVATE_UMASK,
+                                        pass_fds=() if self.lock is None else (self.lock,),
                                         preexec_fn=die_with_parent() if new_session else None)
-        log.close()
+        if not isinstance(log, int):
+            log.close()
         try:
-            self.wait_ready(timeout)
+            self.wait_ready(timeout, "its log above" if log_to_stderr else Path(self.data_dir) / "server.log")
         except BaseException:  # a timeout, Ctrl-C: no server left behind (in its own session, none would stop it)
             self.kill()
             raise
         return self
 
-    def wait_ready(self, timeout: float) -> None:
-        with redis.Redis(host=self.host, port=self.port, password=self.password, socket_connect_timeout=0.5) as client:
-            wait_until_answering(client, self.process, time.monotonic() + timeout,
-                                 what="the embedded server", log=Path(self.data_dir) / "server.log",
-                                 late=f"did not answer on port {self.port} in {timeout} s", interval=0.05)
+    def wait_ready(self, timeout: float, log: Path | str) -> None:
+        # A read timeout too: something else listening on the port (our server then exits) may never answer
+        with redis.Redis(host=self.host, port=self.port, password=self.password, socket_connect_timeout=0.5,
+                         socket_timeout=1.0) as client:
+            wait_until_answering(client, self.process, time.monotonic() + timeout, what="the embedded server",
+                                 log=log, late=f"did not answer on port {self.port} in {timeout} s", interval=0.05)
+
+    def run_foreground(self) -> int:
+        """`sluicegate redis`: start the server as a child in its own session, print its URL once it answers (the
+        line a script starts its API on), run until SIGINT, SIGTERM or SIGHUP, stop it; 0. Its log goes to our
+        stderr. The server exiting by itself returns 1, as a cluster node does (run_foreground there). Not an
+        exec: Valkey ignores SIGHUP, so it would outlive its closed terminal, holding its port and data dir;
+        and on Linux a SIGKILLed parent takes it along (die_with_parent)."""
+        stopping = threading.Event()
+        previous = {sig: signal.signal(sig, lambda *_: stopping.set()) for sig in stop_signals()}
+        code = 0
+        try:
+            self.start(new_session=True, log_to_stderr=True)  # own session: Ctrl-C reaches us only
+            keep_url_file(self.data_dir, self.url, self.password)
+            print(self.url, flush=True)
+            while not stopping.wait(0.5):
+                if self.process is not None and self.process.poll() is not None:
+                    print(f"sluicegate redis: the server on port {self.port} exited with code "
+                          f"{self.process.returncode}; stopping", file=sys.stderr, flush=True)
+                    code = 1
+                    break
+        finally:
+            self.stop()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        return code
 
     def stop(self, timeout: float = 10.0) -> None:
         """Graceful: SIGTERM makes the server flush its AOF and exit."""
@@ -414,6 +427,8 @@ class EmbeddedCluster:
     node_timeout_ms: int = 2000
     processes: list[subprocess.Popen[bytes] | None] = field(default_factory=list)
     formed_in: float | None = None  # seconds the last start() spent forming/waiting for cluster_state:ok
+    lock: int | None = None  # lock_store_dir's fd, passed on to each node: the dir stays locked while one runs
+    size_flag: str = "--cluster"  # the flag that gave `masters`, for advice (serve's is --embedded-cluster)
 
     @property
     def ports(self) -> list[int]:
@@ -569,7 +584,7 @@ class EmbeddedCluster:
             return None
         if ports != list(range(ports[0], ports[0] + self.masters)):
             raise RuntimeError(f"{self.data_dir} holds a cluster on ports {ports}, not {self.masters} consecutive "
-                               "ports: pass the same --cluster N (and --port) as before, or use a new data dir")
+                               f"ports: pass {self.size_flag} {len(ports)} as before, or use a new data dir")
         return ports[0]
 
     def _spawn(self, index: int, *, new_session: bool) -> None:
@@ -581,6 +596,7 @@ class EmbeddedCluster:
         self.processes[index] = subprocess.Popen(self.command(index), stdout=log, stderr=subprocess.STDOUT,
                                                  stdin=subprocess.DEVNULL, start_new_session=new_session,
                                                  umask=PRIVATE_UMASK,
+                                                 pass_fds=() if self.lock is None else (self.lock,),
                                                  preexec_fn=die_with_parent() if new_session else None)
         log.close()
 

@@ -31,7 +31,7 @@ from pydantic import ValidationError
 from sluicegate.scheduler.quota import QUOTA_FIELDS, Quota
 from sluicegate.sessions.keys import NAME_PATTERN
 from sluicegate.sessions.registry import check_model_name
-from sluicegate.settings import BadSetting, Settings, bad_setting, env_values
+from sluicegate.settings import BadSetting, Settings, bad_setting, check_table, env_values
 
 TABLE = "groups"
 # key of a [groups.NAME] table -> the setting it gives that group's workers
@@ -75,9 +75,10 @@ def load_groups(settings: Settings, explicit: frozenset[str] = frozenset()) -> l
     serve runs the one group of `--group`, as without a file). `explicit` holds the names of settings
     given by flags or variables: those beat the tables."""
     path = settings.config or "the config file"
+    for name in settings.extra:  # from_env() refused them already; Settings(extra=...) built in code may hold them
+        check_table(name, path)
     tables = settings.extra.get(TABLE)
     if tables is None:
-        _refuse_near_misses(settings.extra, path)
         return []
     if not isinstance(tables, dict) or not tables:
         raise BadSetting(TABLE, f"give one table [groups.NAME] per group, in {path}")
@@ -164,10 +165,3 @@ def _hint(key: str) -> str:
         return " (the table's name is the group's: [groups.NAME])"
     close = [ALIASES[key]] if key in ALIASES else difflib.get_close_matches(key.replace("-", "_"), KEYS, n=1)
     return f" (did you mean `{close[0]}`?)" if close else ""
-
-
-def _refuse_near_misses(extra: Mapping[str, Any], path: str) -> None:
-    """A `[group.NAME]` or `[Groups.NAME]` table would otherwise be kept and never read."""
-    for key in extra:
-        if difflib.get_close_matches(key.lower(), [TABLE], n=1, cutoff=0.8):
-            raise BadSetting(key, f"not a table Sluicegate reads, in {path} (did you mean `[groups.NAME]`?)")

@@ -150,11 +150,13 @@ def build_server(url: str | None = None, api_key: str | None = None) -> MCPServe
 async def _recent_events(client: AsyncClient, session_id: str, limit: int) -> tuple[list[dict[str, Any]], Counter[str]]:
     """The session's events from its oldest kept one, read until they pause for IDLE_SECONDS (or for
     READ_BUDGET s at most): the last `limit` that are not tokens, and the tokens counted per request.
-    The event stream is the API's only view of a session's log (it never ends by itself)."""
+    The event stream is the API's only view of a session's log (it never ends by itself). The answer's
+    head is waited READ_BUDGET s too: an API that takes the connection and never answers (stopped, or
+    behind a hung proxy) is `no_answer`, not a tool call that never returns."""
     import httpx
-    from httpx_sse import aconnect_sse
+    from httpx_sse import SSEError, aconnect_sse
 
-    from sluicegate.client import _error_from, _session_path, _unreachable
+    from sluicegate.client import _error_from, _not_an_event_stream, _session_path, _unreachable
 
     kept: deque[dict[str, Any]] = deque(maxlen=limit)
     tokens: Counter[str] = Counter()
@@ -162,7 +164,9 @@ async def _recent_events(client: AsyncClient, session_id: str, limit: int) -> tu
     deadline = loop.time() + READ_BUDGET
     path = f"{_session_path(session_id)}/events"
     try:
-        async with aconnect_sse(client.http, "GET", path, timeout=httpx.Timeout(client.timeout, read=None)) as source:
+        # read=READ_BUDGET bounds the wait for the head; the reads after it are bounded by wait_for below
+        async with aconnect_sse(client.http, "GET", path,
+                                timeout=httpx.Timeout(client.timeout, read=READ_BUDGET)) as source:
             if source.response.status_code != 200:
                 raise _error_from(source.response, await source.response.aread())
             events = source.aiter_sse()
@@ -180,6 +184,8 @@ async def _recent_events(client: AsyncClient, session_id: str, limit: int) -> tu
                     tokens[str(data.get("request_id"))] += 1
                 else:
                     kept.append({"id": int(sse.id), "event": sse.event, "data": data})
+    except SSEError as error:  # first: it is a TransportError too, but an answer did come (another app's page)
+        raise _not_an_event_stream(error) from error
     except httpx.TransportError as error:
         raise _unreachable(error, f"{client.url}{path}") from error
     return list(kept), tokens

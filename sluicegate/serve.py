@@ -1,11 +1,14 @@
 """`sluicegate serve`: the embedded server, the API, a scheduler and N workers in one process tree.
 
 The embedded store is one Valkey server, or with `--embedded-cluster N` a Valkey Cluster of N
-masters; either way the children get its URL (and `--redis-cluster` for a cluster). The store runs
-in its own process group so that a terminal's Ctrl-C (which reaches the whole foreground group)
-stops the API, scheduler and workers first, and the store last, after the workers have handed their
-runs back; a closed terminal's SIGHUP stops it alike, and on Linux a serve killed outright takes its store
-and every other child with it (embedded.die_with_parent: SIGTERM, so they stop as gracefully as at Ctrl-C).
+masters; either way the children get its URL (and `--redis-cluster` for a cluster). While it runs, its
+dir is locked (embedded.lock_store_dir): a second serve or `sluicegate redis` on the same --data-dir is
+refused (exit 2) rather than taking over its socket and AOF. Every child runs in a process group of its
+own (the store in its own session), so a terminal's Ctrl-C or a closed terminal's SIGHUP (which reach the
+whole foreground group) reach serve only, and serve stops the API (which then ends its open answers as at
+SIGTERM: SIGHUP's default action would kill it at once), scheduler and workers first, and the store last,
+after the workers have handed their runs back; on Linux a serve killed outright takes its store and every
+other child with it (embedded.die_with_parent: SIGTERM, so they stop as gracefully as at Ctrl-C).
 A worker or the webhooks process that dies is restarted (with its group's settings; one that keeps dying
 quickly after a delay doubling up to 5 s); the API, the scheduler or the store dying stops everything with
 exit code 1 (a supervisor above restarts serve; the AOF keeps the data).
@@ -33,12 +36,14 @@ from redis import RedisError
 
 from sluicegate.embedded import (
     STOP_SIGNALS,
+    DataDirInUse,
     EmbeddedCluster,
     EmbeddedServer,
     ServerNotFound,
     data_dir_password,
     die_with_parent,
     keep_url_file,
+    lock_store_dir,
     private_dir,
     stop_signals,
 )
@@ -54,11 +59,14 @@ log = logging.getLogger("sluicegate.serve")
 
 
 def spawn(role: str, settings: Settings, *extra: str) -> subprocess.Popen[bytes]:
-    """A child of serve. On Linux it gets SIGTERM when serve dies, even by SIGKILL (die_with_parent): a
-    worker hands its runs back, the API frees its port (uvicorn's supervisor stops its own processes on
-    SIGTERM), rather than running on as orphans that the next serve's store and port would meet."""
+    """A child of serve, in a process group of its own: a terminal's signals (Ctrl-C, a hang-up's SIGHUP) reach
+    serve only, which stops its children with SIGTERM, in order (the API has no SIGHUP handler: that signal
+    would kill it with its answers cut). On Linux it gets SIGTERM when serve dies, even by SIGKILL
+    (die_with_parent): a worker hands its runs back, the API frees its port (uvicorn's supervisor stops its
+    own processes on SIGTERM), rather than running on as orphans that the next serve's store and port would meet."""
     env = settings.child_env(os.environ)  # not --config: a restarted child must not read the file again
     return subprocess.Popen([sys.executable, "-m", "sluicegate", role, *extra], env=env, stdin=subprocess.DEVNULL,
+                            process_group=0,
                             preexec_fn=die_with_parent())  # serve starts no threads: preexec_fn is safe
 
 
@@ -80,15 +88,29 @@ def embedded_store(settings: Settings) -> EmbeddedServer | EmbeddedCluster:
     """The store serve starts, password-protected unless --no-password (its URL, password included,
     goes to the children through their environment, and to DATA_DIR/<store>/redis.url, mode 0600). DATA_DIR
     and the store's dir under it are 0700: the AOF holds every prompt and output (embedded.private_dir).
-    Raises OSError when they cannot be (a file there, no permission)."""
+    The store's dir is locked first, before its redis.url is read (its `lock`, held till serve ends).
+    Raises DataDirInUse when another store holds it, OSError when the dirs cannot be (a file there, no
+    permission)."""
     private_dir(settings.data_dir)
+    directory = str(private_dir(Path(settings.data_dir) / ("valkey-cluster" if settings.embedded_cluster
+                                                           else "valkey")))
+    lock = lock_store_dir(directory, settings.data_dir)
+    try:
+        password = data_dir_password(directory) if settings.password else None
+    except BaseException:
+        os.close(lock)
+        raise
     if settings.embedded_cluster:
-        directory = str(private_dir(Path(settings.data_dir) / "valkey-cluster"))
         return EmbeddedCluster(data_dir=directory, masters=settings.embedded_cluster, appendfsync=settings.appendfsync,
-                               password=data_dir_password(directory) if settings.password else None)
-    directory = str(private_dir(Path(settings.data_dir) / "valkey"))
-    return EmbeddedServer(data_dir=directory, appendfsync=settings.appendfsync,
-                          password=data_dir_password(directory) if settings.password else None)
+                               password=password, lock=lock, size_flag="--embedded-cluster")
+    return EmbeddedServer(data_dir=directory, appendfsync=settings.appendfsync, password=password, lock=lock)
+
+
+def release(store: EmbeddedServer | EmbeddedCluster) -> None:
+    """Close serve's fd of the store dir's lock, once its processes are gone (they hold it too)."""
+    if store.lock is not None:
+        os.close(store.lock)
+        store.lock = None
 
 
 def without_model(state: dict[str, Any]) -> dict[str, Any]:
@@ -243,6 +265,9 @@ def serve(settings: Settings, groups: Sequence[GroupConfig] = ()) -> int:
     if not settings.redis_url:
         try:
             store = embedded_store(settings)
+        except DataDirInUse as error:  # before its socket, password file or redis.url is touched
+            print(f"sluicegate serve: {error}", file=sys.stderr)
+            return 2
         except OSError as error:
             print(f"sluicegate serve: cannot use --data-dir {settings.data_dir}: {error}", file=sys.stderr)
             return 2
@@ -256,6 +281,7 @@ def serve(settings: Settings, groups: Sequence[GroupConfig] = ()) -> int:
                 signal.signal(sig, request_stop)
         except BaseException as error:
             store.kill()
+            release(store)
             if isinstance(error, KeyboardInterrupt):
                 print("sluicegate serve: stopped while its store was starting", file=sys.stderr)
                 return 1
@@ -294,7 +320,7 @@ def serve(settings: Settings, groups: Sequence[GroupConfig] = ()) -> int:
         announced = False
         while not stopping:
             time.sleep(0.2)  # resumed after a signal handler ran (PEP 475): look at `stopping` first
-            if stopping:  # Ctrl-C (SIGHUP) reaches the children too: one that exits now is no failure
+            if stopping:  # a child that exits now (one signalled by hand, say) is no failure
                 break
             if not announced and api_answers(settings):  # the line a script may wait for: the API answers
                 log.info("%s", serving)
@@ -330,5 +356,6 @@ def serve(settings: Settings, groups: Sequence[GroupConfig] = ()) -> int:
                 proc.wait()
         if store is not None:
             store.stop()
+            release(store)
         log.info("stopped")
     return code

@@ -34,6 +34,7 @@ from pydantic_settings import (
 from sluicegate.sessions.keys import NAME_PATTERN
 
 ENV_PREFIX = "SLUICEGATE_"
+FILE_TABLES = ("groups",)  # the only tables a --config file may hold: [groups.NAME] (groups_config.py)
 PRIORITY_NAMES = {"low": 2, "normal": 5, "high": 7, "critical": 9}
 PRIORITY_CLASSES = range(10)
 DEFAULT_SLOTS = 8
@@ -430,7 +431,7 @@ class Settings(BaseSettings):
 
 
 def setting_names() -> list[str]:
-    """Every setting a flag, a variable or the file may give (`extra` is the file's other tables)."""
+    """Every setting a flag, a variable or the file may give (`extra` is the file's tables: FILE_TABLES)."""
     return [name for name in Settings.model_fields if name != "extra"]
 
 
@@ -445,7 +446,9 @@ def env_values(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
 
 
 def file_values(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(settings, other tables) of a TOML file: top-level keys are settings, tables are kept whole."""
+    """(settings, tables) of a TOML file: top-level keys are settings, the FILE_TABLES are kept whole; any
+    other table would be kept and never read (a `[Groups.b]` beside `[groups.a]` drops a group, a
+    `[server] port = 9000` leaves the port at its default), so it is refused by name, as an unknown key is."""
     if not Path(path).is_file():
         raise BadSetting("config", f"no such file: {path}")
     try:
@@ -461,12 +464,23 @@ def file_values(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
         if key in names:
             values[key] = value
         elif isinstance(value, dict):
+            check_table(key, path)
             tables[key] = value
         else:
             close = difflib.get_close_matches(key.replace("-", "_"), names, n=1)
             hint = f" (did you mean `{close[0]}`?)" if close else ""
             raise BadSetting(key, f"not a setting, in {path}{hint}")
     return values, tables
+
+
+def check_table(name: str, path: str) -> None:
+    """Raise BadSetting unless `name` is one of the FILE_TABLES."""
+    if name in FILE_TABLES:
+        return
+    close = difflib.get_close_matches(name.lower(), FILE_TABLES, n=1, cutoff=0.8)
+    hint = (f"did you mean `[{close[0]}.NAME]`?" if close
+            else "settings are top-level keys, before the first table; the tables are [groups.NAME]")
+    raise BadSetting(name, f"not a table Sluicegate reads, in {path} ({hint})")
 
 
 def bad_setting(error: ValidationError, origins: Mapping[str, str]) -> BadSetting:

@@ -1,5 +1,6 @@
 """`sluicegate redis`: a cluster node's death stops the others with exit 1 and SIGHUP stops the cluster
-with exit 0; the single server's URL line comes once it answers, and nothing holds its output after it; an
+with exit 0, and the single server alike (it runs as a child: exec'd, Valkey ignored its closed terminal's
+SIGHUP); the single server's URL line comes once it answers, and nothing holds its output after it; an
 IPv6 --host is bracketed in the URL; a --cluster --host that is no IP address of this host is refused; a
 --data-dir it cannot use is one line and exit 2; --no-password leaves no stale URL file."""
 
@@ -100,11 +101,56 @@ def test_the_single_servers_url_line_comes_once_it_answers(tmp_path: Path) -> No
         client = redis.Redis.from_url(url, socket_connect_timeout=2)
         assert client.ping()  # at once, no retry: was "Connection refused"
         client.close()
-        assert "valkey-server" in cmdline(proc.pid)  # still the server itself, as a supervisor expects
+        # the server runs as its child, which a supervisor's SIGTERM to the command stops (below); no exec:
+        # Valkey ignores SIGHUP, and would outlive its closed terminal
+        assert [pid for pid in children(proc.pid) if "valkey-server" in cmdline(pid)]
         assert out.read_text().splitlines() == [url]
     finally:
         proc.terminate()
         assert proc.wait(20) == 0
+
+
+def start_single(tmp_path: Path) -> tuple[subprocess.Popen[bytes], Path, list[int]]:
+    proc, out, err = run_redis(tmp_path, "--port", str(free_port()), "--data-dir", str(tmp_path / "data"))
+    printed_url(proc, out, err)
+    servers = [pid for pid in children(proc.pid) if "valkey-server" in cmdline(pid)]
+    return proc, err, servers or [proc.pid]  # old: the command was the server itself (an exec)
+
+
+@pytest.mark.parametrize("to_group", [False, True], ids=["SIGHUP", "SIGHUP-to-its-group"])
+def test_sighup_stops_the_single_server_with_exit_0(tmp_path: Path, to_group: bool) -> None:
+    """A closed terminal: the single server stops, as the cluster does (old: Valkey ignores SIGHUP, so the
+    exec'd server ran on, holding its port and data dir)."""
+    proc, err, servers = start_single(tmp_path)
+    try:
+        if to_group:
+            os.killpg(proc.pid, signal.SIGHUP)
+        else:
+            proc.send_signal(signal.SIGHUP)
+        assert proc.wait(20) == 0, err.read_text()
+        wait_for(lambda: not [pid for pid in servers if alive(pid)], timeout=10, what="the server to stop")
+    finally:
+        end(proc, servers)
+
+
+def test_ctrl_c_stops_the_single_server_with_exit_0(tmp_path: Path) -> None:
+    proc, err, servers = start_single(tmp_path)
+    try:
+        os.killpg(proc.pid, signal.SIGINT)  # a terminal's Ctrl-C: to its foreground group
+        assert proc.wait(20) == 0, err.read_text()
+        wait_for(lambda: not [pid for pid in servers if alive(pid)], timeout=10, what="the server to stop")
+    finally:
+        end(proc, servers)
+
+
+def test_the_single_servers_death_stops_it_with_exit_1(tmp_path: Path) -> None:
+    proc, err, servers = start_single(tmp_path)
+    try:
+        os.kill(servers[0], signal.SIGKILL)
+        assert proc.wait(20) == 1, err.read_text()  # old: the command was the server, killed (-9)
+        assert "exited with code -9; stopping" in err.read_text()
+    finally:
+        end(proc, servers)
 
 
 def test_a_server_that_cannot_start_leaves_nothing_holding_its_output(tmp_path: Path) -> None:

@@ -1,7 +1,7 @@
 """The client and its commands where networks and people fail them: a stream whose connection vanished
-while the server still counts it (429 on the reconnect), a submit whose answer was lost, a proxy's HTML
-error page, a session id no route can carry, arguments JSON cannot carry, and `tail` started before its
-session's first request."""
+while the server still counts it (429 on the reconnect, its Retry-After waited in full), a submit whose
+answer was lost, a proxy's HTML error page, a session id no route can carry, arguments JSON cannot carry,
+and `tail` started before its session's first request."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import pytest
 
@@ -58,11 +59,13 @@ def test_a_stream_whose_connection_vanished_waits_out_the_429_and_resumes(auth_s
         except BaseException as error:  # noqa: BLE001 - handed to the test's thread
             events.put(error)
 
-    threading.Thread(target=follow, daemon=True).start()
+    # submitted first: a stream opened before the session exists is refused (404 "no session"), at once; the
+    # session's stream starts at its oldest kept event, so the follower misses nothing by starting after
     code, sent = call("POST", f"{base}/v1/sessions/vanished/requests", {"prompt": "x", "max_tokens": 120},
                       headers={"Authorization": f"Bearer {key}"})  # 3 s of output
     assert code == 202, sent
     rid = sent["request_id"]
+    threading.Thread(target=follow, daemon=True).start()
     got = [events.get(timeout=20) for _ in range(4)]
     proxy.vanish_clients()
     deadline = time.monotonic() + 20
@@ -78,6 +81,77 @@ def test_a_stream_whose_connection_vanished_waits_out_the_429_and_resumes(auth_s
     tokens = [e.index for e in got if isinstance(e, Event) and e.event == "token" and e.request_id == rid]
     assert tokens == list(range(120))
     proxy.close()
+
+
+@dataclass
+class HeldSeen:
+    """What a HeldStream server saw (one per server)."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    first_refusal: float | None = None
+    refusals: int = 0
+    cursors: list[str | None] = field(default_factory=list)
+
+
+class HeldStream(http.server.BaseHTTPRequestHandler):
+    """A request's stream whose first connection ends early; the reconnects get 429 `Retry-After: 2` until 2 s
+    after the first of them (as the server does while it still counts the vanished connection), then the rest.
+    What it saw is in `seen`, a fresh one per server (a subclass per test sets it)."""
+
+    seen: HeldSeen
+
+    def do_GET(self) -> None:
+        seen = self.seen
+        with seen.lock:
+            seen.cursors.append(self.headers.get("Last-Event-ID"))
+            if len(seen.cursors) == 1:
+                self._stream(b'id: 1\nevent: queued\ndata: {"request_id": "r1"}\n\n')  # then closed: no `done`
+                return
+            now = time.monotonic()
+            if seen.first_refusal is None or now - seen.first_refusal < 2.0:
+                seen.first_refusal = seen.first_refusal or now
+                seen.refusals += 1
+                body = b'{"error": {"type": "tenant_limit", "message": "too many streams"}}'
+                self.send_response(429)
+                self.send_header("Retry-After", "2")
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+                return
+        self._stream(b'id: 2\nevent: done\ndata: {"request_id": "r1", "tokens": 0}\n\n')
+
+    def _stream(self, body: bytes) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.end_headers()  # HTTP/1.0: the body ends when the connection closes
+        self.wfile.write(body)
+
+    def log_message(self, *_: object) -> None:
+        pass
+
+
+def test_a_429s_retry_after_is_waited_in_full_whatever_max_backoff() -> None:
+    """max_backoff bounds the client's own backoff, not the server's word: with max_backoff 0.1 the reconnect
+    still waits the 2 s of Retry-After, so it is refused once, not again and again until the server lets go."""
+    seen = HeldSeen()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), type("Held", (HeldStream,), {"seen": seen}))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    waits: list[tuple[str, float]] = []
+
+    def reconnecting(error: Exception, wait: float) -> None:
+        waits.append((str(error), wait))
+
+    try:
+        with Client(f"http://127.0.0.1:{server.server_address[1]}", max_backoff=0.1, reconnect_timeout=30) as client:
+            got = [(e.event, e.id) for e in client.stream(request_id="r1", on_reconnect=reconnecting)]
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert got == [("queued", 1), ("done", 2)]
+    assert seen.refusals == 1, (seen.refusals, waits)
+    assert [wait for error, wait in waits if "429" in error] == [2.0], waits
+    assert seen.cursors[1:] == ["1", "1"]  # resumed after the event it had
 
 
 def test_a_submit_whose_answer_was_lost_says_it_may_be_stored(stack: Stack) -> None:

@@ -93,7 +93,7 @@ def test_each_table_is_a_group_with_its_model_settings_and_quota(tmp_path: Path)
 
 
 def test_no_group_tables_is_one_group_as_before(tmp_path: Path) -> None:
-    settings, groups = groups_of(tmp_path, "workers = 3\n[other]\nkept = 1\n", "--group", "gpu-a")
+    settings, groups = groups_of(tmp_path, "workers = 3\n", "--group", "gpu-a")
     assert groups == [] and settings.group == "gpu-a" and settings.workers == 3
 
 
@@ -186,6 +186,50 @@ def test_load_groups_raises_bad_setting_for_code_that_calls_it(tmp_path: Path) -
     config.write_text("[groups.a]\nslot = 2\n")
     with pytest.raises(BadSetting, match=r"^groups\.a\.slot: .*did you mean `slots`"):
         load_groups(from_env(environ={}, config=str(config)))
+
+
+@pytest.mark.parametrize(("text", "line"), [
+    ("[groups.a]\nmodel = 'm1'\n[Groups.b]\nmodel = 'm2'\n",
+     "Groups: not a table Sluicegate reads, in FILE (did you mean `[groups.NAME]`?)"),
+    ("[server]\nport = 9000\n", "server: not a table Sluicegate reads, in FILE (settings are top-level keys, "
+     "before the first table; the tables are [groups.NAME])"),
+    ("[groups.a]\nmodel = 'm'\n[api]\nport = 9000\n", "api: not a table Sluicegate reads, in FILE (settings "
+     "are top-level keys, before the first table; the tables are [groups.NAME])"),
+])
+def test_a_table_other_than_groups_is_refused_even_beside_one(tmp_path: Path, text: str, line: str) -> None:
+    """Kept, it would never be read: a `[Groups.b]` beside `[groups.a]` would drop group b and its model without a
+    word, a `[server] port` would leave the port at its default. (Read here, not by `main(["serve"])`, which on
+    a tree that accepts the file would start a whole stack.)"""
+    config = tmp_path / "sluicegate.toml"
+    config.write_text(text)
+    with pytest.raises(BadSetting) as refused:
+        load_groups(from_env(environ={}, config=str(config)))
+    assert str(refused.value).replace(str(config), "FILE") == line
+
+
+def test_another_table_is_one_line_and_exit_2_for_every_command(capsys: pytest.CaptureFixture[str],
+                                                                tmp_path: Path) -> None:
+    """serve (before anything starts), and the commands that read the same file (`api --config` would otherwise
+    leave `[server] port` unread too); load_groups refuses settings built in code with such a table too."""
+    config = tmp_path / "fleet.toml"
+    config.write_text("[groups.a]\nmodel = 'm1'\n[Groups.b]\nmodel = 'm2'\n")
+    data_dir = tmp_path / "data"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLUICEGATE_")}
+    done = subprocess.run([sys.executable, "-m", "sluicegate", "serve", "--config", str(config), "--data-dir",
+                           str(data_dir), "--port", str(free_port())], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=20)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.splitlines() == [f"sluicegate: bad setting: Groups: not a table Sluicegate reads, in {config} "
+                                        "(did you mean `[groups.NAME]`?)"]
+    assert not data_dir.exists()  # nothing started
+    config.write_text("[server]\nport = 9000\n")
+    assert main(["api", "--config", str(config)]) == 2
+    assert capsys.readouterr().err.splitlines() == [f"sluicegate: bad setting: server: not a table Sluicegate reads, "
+                                                    f"in {config} (settings are top-level keys, before the first "
+                                                    f"table; the tables are [groups.NAME])"]
+    settings = Settings(extra={"groups": {"a": {"model": "m1"}}, "Groups": {"b": {"model": "m2"}}})
+    with pytest.raises(BadSetting, match=r"^Groups: not a table Sluicegate reads, in the config file \(did you mean"):
+        load_groups(settings)
 
 
 def test_a_bad_table_stops_serve_before_anything_starts(tmp_path: Path) -> None:

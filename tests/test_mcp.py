@@ -5,9 +5,12 @@ and its effect is checked through the HTTP API, not through the tool's own answe
 from __future__ import annotations
 
 import asyncio
+import http.server
 import json
 import os
+import socket
 import sys
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -171,6 +174,48 @@ def test_unreachable_api_is_a_tool_error_not_a_crash() -> None:
         assert "unreachable" in await tools.refused("inspect_session", session_id="s")
 
     run_with_tools(f"http://127.0.0.1:{free_port()}", body)
+
+
+def test_inspect_session_of_an_api_that_never_answers_is_a_tool_error_not_a_hang() -> None:
+    """The connection is taken (the listen backlog completes it, as for an API stopped with SIGSTOP or behind a
+    hung proxy) and no answer ever comes: the tool gives up within its read budget with `no_answer`, the error
+    the other tools give after their timeout, instead of a call that never returns."""
+    with socket.create_server(("127.0.0.1", 0), backlog=16) as silent:  # listens, never accepts, never answers
+        async def body(tools: Tools) -> None:
+            refusal = await asyncio.wait_for(tools.refused("inspect_session", session_id="s"), 20)
+            assert "no_answer" in refusal, refusal
+
+        run_with_tools(f"http://127.0.0.1:{silent.getsockname()[1]}", body)
+
+
+class HtmlPage(http.server.BaseHTTPRequestHandler):
+    """Another app at the URL: a 200 that is a web page, not an event stream."""
+
+    def do_GET(self) -> None:
+        body = b"<html><body><h1>Welcome</h1></body></html>"
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *_: object) -> None:
+        pass
+
+
+def test_inspect_session_of_a_page_that_is_no_event_stream_says_so() -> None:
+    """An answer came: `not_an_event_stream`, not `no_answer` (which says a call may have taken effect unseen)."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), HtmlPage)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        async def body(tools: Tools) -> None:
+            refusal = await tools.refused("inspect_session", session_id="s")
+            assert "not_an_event_stream" in refusal and "no_answer" not in refusal, refusal
+
+        run_with_tools(f"http://127.0.0.1:{server.server_address[1]}", body)
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def quota_of(base: str, group: str) -> dict[str, Any]:

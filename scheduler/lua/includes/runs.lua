@@ -233,6 +233,10 @@ local function release(cp, key, produced, requeue, now, prompt)
             end
           else
             redis.call('HSET', cp .. 'rq', spec.sid, spec_encode(waiting))
+            -- A "fail" deadline still binds: noted for the sweep again. A sweep that came between the
+            -- preemption and this hand-back took the entry out of dld, and the data plane, still running
+            -- the request then, kept it: nothing else would end it past its deadline.
+            if waiting.dm then redis.call('ZADD', cp .. 'dld', waiting.dl, spec.sid) end
           end
         end
       else

@@ -412,8 +412,9 @@ local FAILURES = { backend_error = true, worker_lost = true }
 -- cardinality). A failure (FAILURES) that is the request's `max_attempts`-th ends it instead, as
 -- failed, with an `error` event. Returns stopped (bool), status, produced, the ready spec to requeue
 -- (nil when it ended), and the session's next head (ready spec) when it ended.
+local STOP_FIELDS = { 'st', 'a', 'w', 'n', 'dn', 'sid', 'g', 'tn', 'p', 'it', 'fl', 'fp', 'dl', 'dm', 'ft', 'sub' }
 local function d_stop(rid, attempt, wid, reason, max_attempts, now, ttl, via_outbox)
-  local r = load(rid, END_FIELDS)
+  local r = load(rid, STOP_FIELDS)
   local label, detail = string.match(reason, '^([%w_]+):%s*(.*)$')
   label = label or reason
   if not owns(r, attempt, wid) then -- not ours any more; still waiting: requeue it as it is
@@ -429,6 +430,9 @@ local function d_stop(rid, attempt, wid, reason, max_attempts, now, ttl, via_out
     if failures >= max_attempts then
       local message = 'failed ' .. failures .. ' attempts (--max-attempts ' .. max_attempts .. '); last: '
         .. label .. (detail and detail ~= '' and (': ' .. detail) or '')
+      -- Its "fail" deadline passed with no first token: a miss too (deadline_met false, counted), whatever
+      -- the attempts' count says of the end.
+      if r.dm == '1' and not r.ft and now > tonumber(r.dl) then deadline_missed(rid, r, 'no first token') end
       redis.call('HSET', kreq(rid), 'err', message)
       local nxt = finalize(rid, r, 'failed', 'error', { request_id = rid, tokens = tonumber(r.n), message = message },
         now, ttl, via_outbox)
