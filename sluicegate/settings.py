@@ -284,7 +284,8 @@ class Settings(BaseSettings):
     heartbeat_seconds: Positive = Field(0.5, description="how often workers renew their leases (less than "
                                        "--lease-seconds)")
     shutdown_grace_seconds: NonNegative = Field(10.0, description="on SIGTERM, how long a worker lets runs finish "
-                                                "before handing them back")
+                                                "before handing them back (one that streamed a tool call, reasoning "
+                                                "or structured output, which no engine can continue, ends failed)")
     # scheduling policy
     input_token_weight: NonNegative = Field(1.0, description="fair-share cost of an input token (w_in)")
     output_token_weight: NonNegative = Field(2.0, description="fair-share cost of an output token (w_out)")

@@ -59,6 +59,7 @@ class Harness:
         self.now = now
         self.workers: dict[str, str] = {}  # worker id -> group
         self.slots: dict[str, int] = {}  # worker id -> slots
+        self.own_leases: dict[str, int] = {}  # worker id -> the lease it registers and beats with, when given
         self.runs: list[Run] = []  # assignments a fake worker still holds
         self.dispatched: list[Run] = []  # every assignment ever made, in the order they were popped
         self._rids = 0
@@ -99,17 +100,35 @@ class Harness:
         asyncio.run(set_quota())
 
     # -- the worker's side -----------------------------------------------------------------------
-    def add_worker(self, wid: str, group: str = "default", slots: int = 1, *, collect: bool = True) -> int:
-        """`collect=False`: its assignments wait in its inbox until the next `collect`."""
+    def add_worker(self, wid: str, group: str = "default", slots: int = 1, *, collect: bool = True,
+                   lease_ms: int | None = None) -> int:
+        """`collect=False`: its assignments wait in its inbox until the next `collect`. `lease_ms`: the
+        worker's own lease, which it registers and heartbeats with (on the real clock for its liveness
+        key, on the pinned clock for its runs), recorded on the control plane as a real worker's is.
+        Without it the worker records none (as a worker of an older version): its liveness key is
+        kept for `worker_lease_ms` of real time, and the callers' `lease_ms` governs its runs."""
         self.workers[wid] = group
         self.slots[wid] = slots
+        if lease_ms is not None:
+            self.own_leases[wid] = lease_ms
         return self._offer_slots(wid, slots, collect=collect)
+
+    def _worker_lease(self, wid: str) -> int:
+        return self.own_leases.get(wid, self.worker_lease_ms)
+
+    def _unrecord_lease(self, wid: str) -> None:
+        """A worker without its own lease records none: the long real-clock `worker_lease_ms` it registers
+        with must not become its runs' lease on the pinned clock (scheduler/lua/includes/runs.lua
+        worker_lease)."""
+        if wid not in self.own_leases:
+            self.r.hdel(keys.group_key(self.workers[wid], "wl"), wid)
 
     def _offer_slots(self, wid: str, free: int, held: list[str] | None = None, *, collect: bool = True) -> int:
         group = self.workers[wid]
         self._group(group)
-        started = run_sync(Transitions(self.scripts, lease_ms=self.worker_lease_ms, session_ttl=TTL).register_worker(
+        started = run_sync(Transitions(self.scripts, lease_ms=self._worker_lease(wid), session_ttl=TTL).register_worker(
             group, wid, free=free, total=self.slots[wid], held=held or [])).started
+        self._unrecord_lease(wid)
         if collect:
             self.collect()
         return started
@@ -171,7 +190,8 @@ class Harness:
         A worker that had lapsed (the sweep retires the worker of a lapsed lease) offers its free
         slots again, as a real worker does."""
         held = [f"{run.rid}|{run.attempt}" for run in self.runs if run.wid == wid]
-        rejoin, lost = run_sync(self.t.heartbeat(self.workers[wid], wid, held, lease_ms=self.worker_lease_ms))
+        rejoin, lost = run_sync(self.t.heartbeat(self.workers[wid], wid, held, lease_ms=self._worker_lease(wid)))
+        self._unrecord_lease(wid)
         if rejoin:
             self._offer_slots(wid, self.slots[wid] - len(held), held)
         return lost

@@ -1,6 +1,7 @@
 """The `throughput` benchmark's verdicts (loadtest/scenarios/throughput.py): DESIGN's two rows, 1,000 req/s on
 the chat route and the resumable route at >= 80% of it, are judged only in the setup they are for (32 clients,
-2 cores, in front of the sim-backend); any other setup prints its figure with no verdict."""
+2 cores, 16-token answers in front of the sim-backend; the share with the routes alternating); any other setup
+prints its figure with no verdict."""
 
 from __future__ import annotations
 
@@ -13,8 +14,10 @@ from sluicegate.loadtest.scenarios import throughput
 pytestmark = pytest.mark.single_server  # no Redis: once is enough
 
 
-def setup(clients: int = 32, engine_server: str = "sim-backend") -> argparse.Namespace:
-    return argparse.Namespace(clients=clients, engine_server=engine_server, mode="both")
+def setup(clients: int = 32, engine_server: str = "sim-backend", max_tokens: int = 16,
+          rounds: int = 2) -> argparse.Namespace:
+    return argparse.Namespace(clients=clients, engine_server=engine_server, mode="both", max_tokens=max_tokens,
+                              rounds=rounds)
 
 
 @pytest.fixture
@@ -37,6 +40,23 @@ def test_another_setup_gets_no_verdict() -> None:
         assert fields["target_met"] is None and line.startswith("no verdict"), line
         assert throughput.target_line(5000.0, args)[1]["target_met"] is None
     assert throughput.target_line(5000.0, setup(), "sse")[1]["target_met"] is None  # the 1,000 is the chat route's
+
+
+@pytest.mark.usefixtures("two_cores")
+def test_shorter_answers_get_no_verdict() -> None:
+    """A 1-token answer (the bench's default) does a request's per-token work once instead of 16 times."""
+    for max_tokens in (1, 8):
+        line, fields = throughput.target_line(5000.0, setup(max_tokens=max_tokens))
+        assert fields["target_met"] is None and line.startswith("no verdict"), line
+        assert throughput.share_line(0.95, setup(max_tokens=max_tokens))[1]["target_met"] is None
+
+
+@pytest.mark.usefixtures("two_cores")
+def test_the_share_of_one_round_gets_no_verdict() -> None:
+    """One round does not alternate the routes: the chat phase always first, on a freshly started serve."""
+    line, fields = throughput.share_line(0.95, setup(rounds=1))
+    assert fields["target_met"] is None and line.startswith("no verdict"), line
+    assert throughput.target_line(1000.0, setup(rounds=1))[1]["target_met"] is True  # the chat rate still is
 
 
 def test_more_cores_get_no_verdict(monkeypatch: pytest.MonkeyPatch) -> None:

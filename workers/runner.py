@@ -93,11 +93,17 @@ def structured(params: dict[str, Any]) -> bool:
     return any(params.get(name) not in (None, "", [], {}) for name in STRUCTURED_PARAMS)
 
 
-def cannot_continue(streamed: str) -> str:
+def cannot_continue(streamed: str, *, shutdown_grace: float | None = None) -> str:
     """The failure of a pinned run that was interrupted; `streamed` names what (sessions/runs.py
     `delta_kind`, or STRUCTURED), since tenants read it: a reasoning model never streamed a tool call.
-    Also the worker's, for a pinned run it finds interrupted in the log."""
-    return f"the run was interrupted after it streamed {streamed}, which no engine can continue: call again"
+    Also the worker's, for a pinned run it finds interrupted in the log, and (`shutdown_grace`) for one
+    it ends itself when its shutdown's grace ran out (Run.unresumable), rather than hand it back to fail."""
+    if shutdown_grace is None:
+        cause = "the run was interrupted after it streamed"
+    else:
+        cause = (f"the worker shut down (its --shutdown-grace-seconds of {shutdown_grace:g} s ran out) while the "
+                 "run streamed")
+    return f"{cause} {streamed}, which no engine can continue: call again"
 
 
 def token_data(rid: str, index: int, token: str | Token) -> str:
@@ -127,6 +133,11 @@ class Run:
         self.finish: Finish | None = None
         self._pinned = False
         self._structured = structured(spec.params)  # pinned at its first token, never resumed
+        self._delta_fields: set[str] = set()  # of the non-text deltas sent to the store
+        # What this run sent the store that no engine can continue (a `delta_kind`, or STRUCTURED), as the
+        # next worker would find it in the log; None while a resume can still take the run over. Set when a
+        # batch leaves, not when it lands: a cancelled append can still land.
+        self.unresumable: str | None = None
         # The worker's clock (ms) when it took the run from its inbox, called the engine and got the
         # engine's first token: the request's first append carries them, so the request shows where its
         # first token's time went (taken_at: Assignment.taken_at; unknown, it is the call's time).
@@ -152,6 +163,8 @@ class Run:
                     return  # the run's end carries them (execute)
                 batch = self._pending[:MAX_BATCH]
                 data = [token_data(rid, self.next_index + i, token) for i, token in enumerate(batch)]
+                if self._pinned:  # unpinned, it sends neither a delta nor structured output
+                    self._note_unresumable(batch)
                 began = asyncio.get_running_loop().time()
                 self._appending = True
                 try:
@@ -172,6 +185,16 @@ class Run:
                     await self._hold(began + self.interval)
             if self._produced_all or self._stopping:
                 return
+
+    def _note_unresumable(self, batch: list[str | Token]) -> None:
+        """A pinned run's batch leaves: what it makes the run that no engine can continue (unresumable), in
+        the worker's words for such a run found in the log (a delta's kind first, then STRUCTURED)."""
+        self._delta_fields.update(name for token in batch if isinstance(token, Token) and token.delta
+                                  for name in token.delta)
+        if self._delta_fields:
+            self.unresumable = delta_kind(self._delta_fields)
+        elif self._structured:
+            self.unresumable = STRUCTURED
 
     async def _hold(self, until: float) -> None:
         """The tokens that come meanwhile wait for the next append until `until` (the loop's clock), until

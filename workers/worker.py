@@ -113,7 +113,7 @@ class Worker:
         self.executing: set[str] = set()  # runs inside the engine loop: the only ones a notice may cancel
         self.interrupted: set[str] = set()  # notices for runs not yet (or no longer) executing
         self.early_notices: dict[str, str] = {}  # reasons of notices for runs not received yet, oldest first
-        self.handing_back: set[str] = set()  # shutdown: interrupted runs go back to the queue
+        self.handing_back: set[str] = set()  # shutdown: interrupted runs go back to the queue (or fail: _serve)
         self.stop_reasons: dict[str, str] = {}  # why a notice stopped a run it holds (its hand-back says so)
         self.notice_awaited: dict[str, asyncio.Event] = {}  # fenced runs whose notice is awaited (_fence_reason)
         self.stopping = False
@@ -292,7 +292,8 @@ class Worker:
                         error)
 
     async def _shutdown(self, inbox: asyncio.Task[None]) -> None:
-        """Stop taking work, let runs finish within the grace period, hand the rest back."""
+        """Stop taking work, let runs finish within the grace period, hand the rest back: all but those that
+        streamed what no engine can continue (a tool call, structured output), which end failed (_serve)."""
         self.stopping = True
         with contextlib.suppress(Exception):
             await self.store.wake_inbox()
@@ -569,14 +570,23 @@ class Worker:
                 return
             self.executing.add(key)
             self._show_in_rq(key, spec)
+            run = Run(self.store, self.engine, spec, taken_at=assignment.taken_at,
+                      interval=self.settings.stream_interval_ms / 1000)
             try:
-                outcome = await Run(self.store, self.engine, spec, taken_at=assignment.taken_at,
-                                    interval=self.settings.stream_interval_ms / 1000).execute(so_far)
+                outcome = await run.execute(so_far)
             except asyncio.CancelledError:  # a notice (preempted, cancelled, lease lost) or shutdown
                 outcome = None
             finally:  # from here on no notice may cancel this task: its end must not be cut short
                 self.executing.discard(key)
-            if outcome is None:
+            if outcome is None and key in self.handing_back and run.unresumable:
+                # The shutdown's grace ran out on a pinned run: handed back, it would only fail on the next
+                # worker (above), after a `resumed` event and a dispatch. It fails here, and says why.
+                grace = self.settings.shutdown_grace_seconds
+                log.warning("run %s: still running when the shutdown's grace (%g s) ran out, and it streamed %s, "
+                            "which no engine can continue; ending it failed", key, grace, run.unresumable)
+                await self._end(rid, attempt, outcome="failed",
+                                detail=cannot_continue(run.unresumable, shutdown_grace=grace))
+            elif outcome is None:
                 await self._end(rid, attempt, reason=self._stop_reason(key))
             elif outcome.kind == "done":
                 await self._end(rid, attempt, outcome="done", detail=outcome.detail, usage=outcome.usage,

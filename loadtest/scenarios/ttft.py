@@ -24,8 +24,9 @@ request through Sluicegate, which would find the code both run still warm in the
 The host's noise moves whole runs by a millisecond here; `--against` measures
 two versions of the code in one run, request by request, which is how a change is judged.
 Targets (DESIGN.md, loadtest/targets.py): added p50 <= 1 ms, added p99 <= 3 ms.
-"added" = percentile(via Sluicegate) - percentile(direct); the paired difference (each request against the direct
-call just before it) is shown too.
+"added" = percentile(via Sluicegate) - percentile(direct), and the paired difference's percentile (each request
+against the direct call just before it): neither is the exact percentile of the overhead, so a target is met
+only when both readings meet it (the paired p99 runs 0.7 ms above the other on the family-25 host).
 
 `--engine-server llamacpp` puts a real engine there instead of the sim-backend: llama-cpp-python's server
 (the `engines` extra) with the small generated model of sluicegate.loadtest.engine_servers, which runs one
@@ -155,28 +156,30 @@ def engine_title(backend: Backend, args: argparse.Namespace) -> str:
 
 async def chat_ttft(http: aiohttp.ClientSession, url: str, body: dict[str, Any],
                     headers: dict[str, str] | None = None, expect: str | None = None) -> tuple[float, str | None]:
-    """Seconds to the first content chunk of a streamed chat completion (read to [DONE]). With `expect`,
-    the streamed text must be that, and end with finish_reason `stop`."""
+    """Seconds to the first content chunk of a streamed chat completion, read to its end: an answer that
+    fails after its first token (an error chunk) or is cut before `[DONE]` fails the bench, not a sample.
+    With `expect`, the streamed text must be that, and end with finish_reason `stop`."""
     began, sent = time.perf_counter(), time.time()
     ttft = None
-    text, finish = [], None
+    text, finish, done = [], None, False
     async with http.post(url, json=body, headers=headers) as response:
         assert response.status == 200, await response.text()
         async for event in sse_events(response):
             if event.data == "[DONE]":
+                done = True
                 break
-            if ttft is None or expect is not None:
-                chunk = json.loads(event.data)
-                assert "error" not in chunk, chunk
-                if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
-                    if ttft is None:
-                        ttft = time.perf_counter() - began
-                        WALL[request_id_of(response)] = (sent, time.time())
-                    text.append(chunk["choices"][0]["delta"]["content"])
-                if chunk["choices"] and chunk["choices"][0].get("finish_reason"):
-                    finish = chunk["choices"][0]["finish_reason"]
+            chunk = json.loads(event.data)  # every chunk, after the first token too (its time is taken)
+            assert "error" not in chunk, chunk
+            if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                if ttft is None:
+                    ttft = time.perf_counter() - began
+                    WALL[request_id_of(response)] = (sent, time.time())
+                text.append(chunk["choices"][0]["delta"]["content"])
+            if chunk["choices"] and chunk["choices"][0].get("finish_reason"):
+                finish = chunk["choices"][0]["finish_reason"]
         request_id = response.headers.get("x-request-id")
     assert ttft is not None, "no token"
+    assert done and finish is not None, (url, "the answer ended without [DONE] or a finish_reason", finish)
     if expect is not None:
         assert ("".join(text), finish) == (expect, "stop"), (url, "".join(text), finish)
     return ttft, request_id
@@ -194,7 +197,7 @@ async def sse_ttft(http: aiohttp.ClientSession, base: str, i: int, max_tokens: i
     async with http.post(f"{base}/v1/sessions/ttft-{i}/requests", json=body) as response:
         assert response.status == 202, await response.text()
         rid = (await response.json())["request_id"]
-    ttft = None
+    ttft, ended = None, False
     async with http.get(f"{base}/v1/requests/{rid}/events") as response:
         async for event in sse_events(response):
             if event.event == "token" and ttft is None:
@@ -202,8 +205,10 @@ async def sse_ttft(http: aiohttp.ClientSession, base: str, i: int, max_tokens: i
                 WALL[rid] = (sent, time.time())
             elif event.event in ("done", "error", "cancelled"):
                 assert event.event == "done", event
+                ended = True
                 break
     assert ttft is not None, "no token"
+    assert ended, (rid, "the event stream ended before the request's `done`")
     return ttft, rid
 
 
@@ -392,12 +397,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         print(f"floor-one (no worker process: the API's place calls the backend itself): added p50 "
               f"{added_floor_one['p50_ms']:.2f} ms, p99 {added_floor_one['p99_ms']:.2f} ms, paired p50 "
               f"{added_floor_one['paired_p50_ms']:.2f} ms")
-    for mode, a in added.items():
-        verdicts[mode] = {"p50_target_met": a["p50_ms"] <= TTFT_ADDED_P50_MS,
-                          "p99_target_met": a["p99_ms"] <= TTFT_ADDED_P99_MS}
+    for mode, a in added.items():  # judged by the stricter of the two readings (the module's docstring)
+        p50, p99 = max(a["p50_ms"], a["paired_p50_ms"]), max(a["p99_ms"], a["paired_p99_ms"])
+        verdicts[mode] = {"p50_target_met": p50 <= TTFT_ADDED_P50_MS, "p99_target_met": p99 <= TTFT_ADDED_P99_MS}
         met = verdicts[mode]["p50_target_met"] and verdicts[mode]["p99_target_met"]
-        print(f"{mode}: added p50 {a['p50_ms']:.2f} ms (target {TTFT_ADDED_P50_MS:g}), added p99 {a['p99_ms']:.2f} ms "
-              f"(target {TTFT_ADDED_P99_MS:g}): {'met' if met else 'MISSED'}")
+        print(f"{mode}: added p50 {a['p50_ms']:.2f} ms (paired {a['paired_p50_ms']:.2f}; target "
+              f"{TTFT_ADDED_P50_MS:g}), added p99 {a['p99_ms']:.2f} ms (paired {a['paired_p99_ms']:.2f}; target "
+              f"{TTFT_ADDED_P99_MS:g}): {'met' if met else 'MISSED'}")
     result = {"rows": rows, "added": added, "floor_added": added_floor, "floor_one_added": added_floor_one,
               "verdicts": verdicts, "inside_ms": inside,
               "cpu_seconds": cpu,

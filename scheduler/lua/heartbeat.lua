@@ -2,7 +2,8 @@
 -- and reap the workers of its group that stopped heartbeating without deregistering (kill -9, lost
 -- host): their slot tickets and their inbox go, so the group's free-slot ledger stays exact.
 -- KEYS[1] the group's control prefix sg:{g:<group>}:
--- ARGV[1] flags   ARGV[2] lease ms   ARGV[3] worker id   ARGV[4] "live" | "leaving" (renew run leases
+-- ARGV[1] flags   ARGV[2] the worker's own lease ms (a live beat records it in wl: runs.lua worker_lease)
+-- ARGV[3] worker id   ARGV[4] "live" | "leaving" (renew run leases
 -- only: shutting down, or the next chunk of a worker's runs, sessions/transitions.py)   ARGV[5..]
 -- "rid|attempt" of each run it holds
 -- Returns {rejoin, lost...}: rejoin is 1 when a live worker had lapsed, been retired by the sweep or
@@ -23,11 +24,13 @@ if mode == 'live' then
     redis.call('SET', kworker(cp, wid), now, 'PX', math.floor(lease))
   end
   redis.call('ZADD', roster, now, wid) -- heard from: not reaped while it rejoins
+  redis.call('HSET', cp .. 'wl', wid, math.floor(lease)) -- kept up to date (a worker registered by an older version)
   for _, dead in ipairs(redis.call('ZRANGEBYSCORE', roster, '-inf', now - lease, 'LIMIT', 0, 16)) do
     if redis.call('EXISTS', kworker(cp, dead)) == 0 then
       redis.call('LREM', cp .. 'idle', 0, dead)
       redis.call('DEL', kworker(cp, dead) .. ':in') -- its assignments' leases lapse: the sweep requeues them
       redis.call('HDEL', cp .. 'workers', dead)
+      redis.call('HDEL', cp .. 'wl', dead)
       redis.call('ZREM', roster, dead)
       -- the slots its unreleased attempts held die with it (a worker that was only retired keeps
       -- them: it offers the rest when it rejoins, and these come back when it lets go of the runs)

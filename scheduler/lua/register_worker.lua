@@ -3,7 +3,9 @@
 -- dispatch into them. Every earlier ticket of the worker is withdrawn first, so calling it again
 -- never doubles a slot.
 -- KEYS[1] the group's control prefix sg:{g:<group>}:
--- ARGV[1] flags   ARGV[2] lease ms   ARGV[3] worker id   ARGV[4] free slots
+-- ARGV[1] flags   ARGV[2] the worker's own lease ms (its liveness; kept in wl while it is registered: its
+-- runs' first lease and the sweep's lost-worker test go by it, runs.lua worker_lease)   ARGV[3] worker id
+-- ARGV[4] free slots
 -- ARGV[5] total slots (0 = deregister)   ARGV[6] what the worker shows operators (JSON), with its slots
 -- and the inbox format it reads (`inbox`, read by start_run; shown in the admin listing too)
 -- ARGV[7..] "rid|attempt" of the runs it holds (optional), counted out of ARGV[4] (its slots minus
@@ -24,6 +26,7 @@ if total == 0 then
   redis.call('PEXPIRE', kworker(cp, wid) .. ':in', math.floor(lease * 10))
   redis.call('DEL', kworker(cp, wid))
   redis.call('HDEL', cp .. 'workers', wid)
+  redis.call('HDEL', cp .. 'wl', wid)
   redis.call('ZREM', roster, wid)
   return { 0, 0 }
 end
@@ -32,6 +35,7 @@ redis.call('PERSIST', kworker(cp, wid) .. ':in')
 redis.call('SET', kworker(cp, wid), now, 'PX', math.floor(lease))
 redis.call('ZADD', roster, now, wid)
 redis.call('HSET', cp .. 'workers', wid, ARGV[6])
+redis.call('HSET', cp .. 'wl', wid, math.floor(lease))
 local known = {} -- the attempts this worker holds or will read from its inbox
 for i = 7, #ARGV do
   known[ARGV[i]] = true

@@ -13,7 +13,9 @@
 -- and the scheduler hands it back on the data plane, then releases it here (release.lua). Its lease
 -- stays until that release, so a scheduler that dies in between leaves it for the next sweep.
 -- KEYS[1] the group's control prefix sg:{g:<group>}:
--- ARGV[1] flags   ARGV[2] lease ms   ARGV[3] max attempts (a lost worker counts as a failed attempt)
+-- ARGV[1] flags   ARGV[2] lease ms (this scheduler's; a worker's own recorded lease goes first: for the
+-- lost-worker test below and its runs' first lease at dispatch, runs.lua worker_lease)
+-- ARGV[3] max attempts (a lost worker counts as a failed attempt)
 -- ARGV[4] session ttl s
 -- Clears the group's hint list (cp .. 'hint', the scheduler loop's wake-up): see the end.
 -- Returns {lapsed runs, promoted, dispatched, next wake ms or -1, now ms, number of runs to hand back,
@@ -39,13 +41,16 @@ for _, key in ipairs(redis.call('ZRANGEBYSCORE', cp .. 'leases', '-inf', now, 'L
     -- one of its idle tickets; a worker that was only paused finds out at its next heartbeat,
     -- rejoins and offers its free slots again. That loss counts against the request's
     -- --max-attempts. A worker that beat since keeps its slots, and the stop does not count
-    -- (lease_lapsed): a slow worker is not a failed attempt. Its late start is fenced.
+    -- (lease_lapsed): a slow worker is not a failed attempt. Its late start is fenced. "A lease" is the
+    -- worker's own (runs.lua worker_lease): it beats on its own --heartbeat-seconds, which may be longer
+    -- than this scheduler's lease.
     local beat = tonumber(redis.call('GET', kworker(cp, rec.w)) or '')
     local reason = 'lease_lapsed'
-    if not beat or now - beat >= lease * 0.9 then
+    if not beat or now - beat >= worker_lease(cp, rec.w, lease) * 0.9 then
       reason = 'worker_lost'
       redis.call('DEL', kworker(cp, rec.w))
       redis.call('LREM', cp .. 'idle', 0, rec.w)
+      redis.call('HDEL', cp .. 'wl', rec.w) -- recorded again when it beats or registers
     end
     lapsed = lapsed + 1
     if single_server then

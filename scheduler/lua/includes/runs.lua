@@ -82,6 +82,14 @@ local function worker_resume(cp, wid)
   return worker_info(cp, wid).resume
 end
 
+-- The lease a worker renews its runs by (its --lease-seconds, ms), as it registered or last heartbeat
+-- (hash wl, dropped with its other records); `fallback`, the caller's, for a worker that recorded none (an
+-- older version). Its runs' first lease and the sweep's lost-worker test go by it: a worker's runs are
+-- renewed on its own beat, which another process's shorter lease would not wait for.
+local function worker_lease(cp, wid, fallback)
+  return tonumber(redis.call('HGET', cp .. 'wl', wid) or '') or fallback
+end
+
 local function take_ticket(cp)
   while true do
     local wid = redis.call('RPOP', cp .. 'idle')
@@ -148,7 +156,8 @@ end
 -- the reason ("rid|attempt|reason", to a worker that reads inbox format 2): should the worker's start
 -- come before the previous attempt's hand-back, it fences that attempt with the reason in its
 -- `preempted` event (start.lua). Returns false when the request turned out to have ended (a stale
--- ready entry): the ticket goes back.
+-- ready entry): the ticket goes back. The run's first lease is the worker's own (worker_lease; `lease`,
+-- the caller's, only for a worker that recorded none).
 local function start_run(cp, cls, tenant, counter, spec, wid, cfg, now, lease)
   local attempt = spec.a + 1
   local remaining = tokens_left(spec)
@@ -168,7 +177,7 @@ local function start_run(cp, cls, tenant, counter, spec, wid, cfg, now, lease)
   redis.call('HSET', cp .. 'tk', key, wid) -- the slot this attempt holds, given back once (let_go)
   redis.call('ZADD', cp .. 'run', cls * RANK + (RANK - now), key)
   run_added(cp, key, tenant, tenant_weight, cls * RANK + (RANK - now))
-  redis.call('ZADD', cp .. 'leases', now + lease, key)
+  redis.call('ZADD', cp .. 'leases', now + worker_lease(cp, wid, lease), key) -- renewed by that worker's beats
   if attempt == 1 then
     -- clamped: on a cluster `sub` is the data master's clock, `now` the control master's (a skew would
     -- make a quick dispatch's wait negative and the histogram's _sum go down, read as a counter reset)

@@ -26,6 +26,7 @@
 --     tk               hash   "rid|attempt" -> worker: the slot each unreleased attempt holds
 --     idle             list   one ticket (worker id) per free worker slot
 --     wk / workers     zset / hash   the group's workers by last heartbeat / their slot counts
+--     wl               hash   worker -> its own lease ms (register_worker, heartbeat; runs.lua worker_lease)
 --     w:<wid> / w:<wid>:in / w:<wid>:ctl   liveness (PX) / inbox of assignments / control channel
 --     cfg / qs         hash   quota settings / quota state (incl. wake: when a quota admits next)
 --     hint             list   wakes the group's scheduler loop
