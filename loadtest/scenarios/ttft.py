@@ -179,7 +179,7 @@ async def chat_ttft(http: aiohttp.ClientSession, url: str, body: dict[str, Any],
                 finish = chunk["choices"][0]["finish_reason"]
         request_id = response.headers.get("x-request-id")
     assert ttft is not None, "no token"
-    assert done and finish is not None, (url, "the answer ended without [DONE] or a finish_reason", finish)
+    assert done, (url, "the answer ended without [DONE]")  # a failure's error chunk was refused above
     if expect is not None:
         assert ("".join(text), finish) == (expect, "stop"), (url, "".join(text), finish)
     return ttft, request_id
