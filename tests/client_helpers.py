@@ -3,6 +3,7 @@ or kill -9) while clients stream from it, with the scheduler and workers of an i
 
 from __future__ import annotations
 
+import http.server
 import signal
 import subprocess
 import threading
@@ -65,3 +66,35 @@ def restartable_stack(settings: Settings) -> Iterator[ApiProcess]:
     finally:
         api.stop(signal.SIGKILL)
         stack.stop()
+
+
+def html_page(status: int, body: bytes) -> type[http.server.BaseHTTPRequestHandler]:
+    """Another app at a URL: every GET answered `status` with the HTML `body`; `hits` counts the requests."""
+
+    class Page(http.server.BaseHTTPRequestHandler):
+        hits = 0
+
+        def do_GET(self) -> None:
+            type(self).hits += 1
+            self.send_response(status)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *_: object) -> None:
+            pass
+
+    return Page
+
+
+@contextmanager
+def serving(handler: type[http.server.BaseHTTPRequestHandler]) -> Iterator[str]:
+    """`handler` served on a free loopback port, in a thread: its base URL; shut down after."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -5,13 +5,12 @@ is not the API's "no session" answer (`tail` exits 1 instead of waiting for ever
 
 from __future__ import annotations
 
-import http.server
 import subprocess
-import threading
 from collections.abc import Iterator
 
 import pytest
 
+from tests.client_helpers import html_page, serving
 from tests.helpers import Stack, run_sluicegate
 
 
@@ -19,32 +18,16 @@ def sg(*args: str, env: dict[str, str] | None = None, timeout: float = 20) -> su
     return run_sluicegate(*args, env=env, timeout=timeout)
 
 
-class NotFoundPage(http.server.BaseHTTPRequestHandler):
-    """Another HTTP server's 404: an HTML page for every path. Counts the requests it got."""
-
-    hits = 0
-
-    def do_GET(self) -> None:
-        type(self).hits += 1
-        body = b"<html><head><title>404 Not Found</title></head><body><h1>Not Found</h1></body></html>\n"
-        self.send_response(404)
-        self.send_header("Content-Type", "text/html")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *_: object) -> None:
-        pass
+# Another HTTP server's 404: an HTML page for every path. Counts the requests it got.
+NotFoundPage = html_page(404, b"<html><head><title>404 Not Found</title></head>"
+                                b"<body><h1>Not Found</h1></body></html>\n")
 
 
 @pytest.fixture
 def other_server() -> Iterator[str]:
     NotFoundPage.hits = 0
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotFoundPage)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    with serving(NotFoundPage) as url:
+        yield url
 
 
 @pytest.mark.parametrize(("args", "url"), [

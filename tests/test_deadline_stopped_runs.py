@@ -16,7 +16,7 @@ import pytest
 import redis
 
 from sluicegate.sessions import keys
-from tests.sched_harness import Harness
+from tests.sched_harness import Harness, Run
 
 DEADLINE_MS = 300
 
@@ -27,6 +27,15 @@ def past_the_deadline(h: Harness, cluster: bool) -> None:
         time.sleep(DEADLINE_MS / 1000 + 0.05)
     else:
         h.advance(DEADLINE_MS + 50)
+
+
+def started_on_its_last_attempt(r: redis.Redis, cluster: bool, deadline_ms: int) -> tuple[Harness, str, Run]:
+    """A request with a `fail` deadline started (no first token yet) on the only attempt --max-attempts allows."""
+    h = Harness(r, cluster=cluster)
+    h.t.max_attempts = 1
+    h.add_worker("w", slots=1)
+    a = h.submit("a", tenant="ta", priority=3, max_tokens=50, deadline_ms=deadline_ms, fail_on_miss=True)
+    return h, a, h.run_of(a)
 
 
 @pytest.mark.parametrize("cluster", [pytest.param(False, marks=pytest.mark.single_server), True])
@@ -53,11 +62,7 @@ def test_a_deadline_passed_between_a_preemption_and_its_hand_back_still_ends_the
 @pytest.mark.parametrize("cluster", [pytest.param(False, marks=pytest.mark.single_server), True])
 def test_the_last_attempt_stopped_past_a_fail_deadline_counts_the_deadline_missed(
         r: redis.Redis, cluster: bool) -> None:
-    h = Harness(r, cluster=cluster)
-    h.t.max_attempts = 1
-    h.add_worker("w", slots=1)
-    a = h.submit("a", tenant="ta", priority=3, max_tokens=50, deadline_ms=DEADLINE_MS, fail_on_miss=True)
-    run = h.run_of(a)  # started, no first token yet
+    h, a, run = started_on_its_last_attempt(r, cluster, DEADLINE_MS)
     past_the_deadline(h, cluster)
     missed_field = "deadlines|default|3|missed"
     metrics = keys.request_prefix(a) + "m"
@@ -72,10 +77,7 @@ def test_the_last_attempt_stopped_past_a_fail_deadline_counts_the_deadline_misse
 @pytest.mark.parametrize("cluster", [pytest.param(False, marks=pytest.mark.single_server), True])
 def test_the_last_attempt_stopped_within_its_deadline_leaves_the_deadline_undecided(
         r: redis.Redis, cluster: bool) -> None:
-    h = Harness(r, cluster=cluster)
-    h.t.max_attempts = 1
-    h.add_worker("w", slots=1)
-    a = h.submit("a", tenant="ta", priority=3, max_tokens=50, deadline_ms=60_000, fail_on_miss=True)
-    h.handback(h.run_of(a), reason="backend_error: 500")
+    h, a, run = started_on_its_last_attempt(r, cluster, 60_000)
+    h.handback(run, reason="backend_error: 500")
     assert h.status(a) == "failed"
     assert "dmt" not in h.req(a)  # deadline_met: null (neither met nor missed when it ended)

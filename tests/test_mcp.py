@@ -5,12 +5,10 @@ and its effect is checked through the HTTP API, not through the tool's own answe
 from __future__ import annotations
 
 import asyncio
-import http.server
 import json
 import os
 import socket
 import sys
-import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -18,6 +16,7 @@ import pytest
 
 from sluicegate.embedded import free_port
 from sluicegate.sessions import keys
+from tests.client_helpers import html_page, serving
 from tests.helpers import ROOT, Stack, call, fast_settings, submit, wait_for
 
 pytest.importorskip("mcp", reason="the mcp extra is not installed (pip install -e '.[mcp]'; ./dev installs it)")
@@ -188,34 +187,14 @@ def test_inspect_session_of_an_api_that_never_answers_is_a_tool_error_not_a_hang
         run_with_tools(f"http://127.0.0.1:{silent.getsockname()[1]}", body)
 
 
-class HtmlPage(http.server.BaseHTTPRequestHandler):
-    """Another app at the URL: a 200 that is a web page, not an event stream."""
-
-    def do_GET(self) -> None:
-        body = b"<html><body><h1>Welcome</h1></body></html>"
-        self.send_response(200)
-        self.send_header("Content-Type", "text/html")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *_: object) -> None:
-        pass
-
-
 def test_inspect_session_of_a_page_that_is_no_event_stream_says_so() -> None:
     """An answer came: `not_an_event_stream`, not `no_answer` (which says a call may have taken effect unseen)."""
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), HtmlPage)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        async def body(tools: Tools) -> None:
-            refusal = await tools.refused("inspect_session", session_id="s")
-            assert "not_an_event_stream" in refusal and "no_answer" not in refusal, refusal
+    async def body(tools: Tools) -> None:
+        refusal = await tools.refused("inspect_session", session_id="s")
+        assert "not_an_event_stream" in refusal and "no_answer" not in refusal, refusal
 
-        run_with_tools(f"http://127.0.0.1:{server.server_address[1]}", body)
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serving(html_page(200, b"<html><body><h1>Welcome</h1></body></html>")) as url:  # a page, no event stream
+        run_with_tools(url, body)
 
 
 def quota_of(base: str, group: str) -> dict[str, Any]:
