@@ -100,18 +100,31 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
+class StoppedWhileStarting(Exception):
+    """A stop signal came while the server was still starting (wait_until_answering's `stopped`)."""
+
+
 def wait_until_answering(client: redis.Redis, process: subprocess.Popen[bytes] | None, deadline: float, *,
-                         what: str, log: Path | str, late: str, interval: float) -> None:
-    """Ping a server we started until it answers; fail at once if its process exits, or at the deadline."""
+                         what: str, log: Path | str, late: str, interval: float,
+                         stopped: Callable[[], bool] | None = None) -> None:
+    """Ping a server we started until it answers; fail at once if its process exits, or at the deadline. A
+    server that answers LOADING, or takes the connection and does not answer yet (it reads its AOF between
+    its turns at the network), is alive and on its way: a large AOF can take minutes, so no deadline while
+    it is busy so. `stopped`: a stop was asked (a signal): StoppedWhileStarting, at once."""
     while True:
         if process is not None and process.poll() is not None:
             raise RuntimeError(f"{what} exited with code {process.returncode}; see {log}")
+        if stopped is not None and stopped():
+            raise StoppedWhileStarting(f"{what} was stopped while it started")
+        busy = False
         try:
             if client.ping():
                 return
-        except (redis.ConnectionError, redis.BusyLoadingError, redis.TimeoutError):
+        except (redis.BusyLoadingError, redis.TimeoutError):  # before ConnectionError: LOADING is one
+            busy = True
+        except redis.ConnectionError:  # not listening yet
             pass
-        if time.monotonic() > deadline:
+        if not busy and time.monotonic() > deadline:
             raise TimeoutError(f"{what} {late}")
         time.sleep(interval)
 
@@ -268,9 +281,11 @@ class EmbeddedServer:
                 "--protected-mode", "yes", "--daemonize", "no", "--logfile", "",
                 "--loglevel", "warning", *unix, *persistence]
 
-    def start(self, *, new_session: bool = False, timeout: float = 15.0, log_to_stderr: bool = False) -> EmbeddedServer:
-        """Start the server and return once it answers. Its log goes to DATA_DIR/server.log, or with
-        `log_to_stderr` to ours (`sluicegate redis`)."""
+    def start(self, *, new_session: bool = False, timeout: float = 15.0, log_to_stderr: bool = False,
+              stopped: Callable[[], bool] | None = None) -> EmbeddedServer:
+        """Start the server and return once it answers (`timeout` s at most, unless it is loading its AOF). Its
+        log goes to DATA_DIR/server.log, or with `log_to_stderr` to ours (`sluicegate redis`). `stopped`: a
+        stop asked meanwhile stops the server and raises StoppedWhileStarting."""
         private_dir(self.data_dir)
         if not self.port:
             self.port = free_port(self.host)
@@ -282,18 +297,22 @@ class EmbeddedServer:
         if not isinstance(log, int):
             log.close()
         try:
-            self.wait_ready(timeout, "its log above" if log_to_stderr else Path(self.data_dir) / "server.log")
-        except BaseException:  # a timeout, Ctrl-C: no server left behind (in its own session, none would stop it)
+            self.wait_ready(timeout, "its log above" if log_to_stderr else Path(self.data_dir) / "server.log",
+                            stopped)
+        except BaseException:  # a timeout, a stop, Ctrl-C: no server left behind (in its own session, none would
+            # stop it). Killed: one that has not answered yet took no write, and one loading its AOF (only read)
+            # may not heed a SIGTERM until its load ends
             self.kill()
             raise
         return self
 
-    def wait_ready(self, timeout: float, log: Path | str) -> None:
+    def wait_ready(self, timeout: float, log: Path | str, stopped: Callable[[], bool] | None = None) -> None:
         # A read timeout too: something else listening on the port (our server then exits) may never answer
         with redis.Redis(host=self.host, port=self.port, password=self.password, socket_connect_timeout=0.5,
                          socket_timeout=1.0) as client:
             wait_until_answering(client, self.process, time.monotonic() + timeout, what="the embedded server",
-                                 log=log, late=f"did not answer on port {self.port} in {timeout} s", interval=0.05)
+                                 log=log, late=f"did not answer on port {self.port} in {timeout} s", interval=0.05,
+                                 stopped=stopped)
 
     def run_foreground(self) -> int:
         """`sluicegate redis`: start the server as a child in its own session, print its URL once it answers (the
@@ -305,7 +324,10 @@ class EmbeddedServer:
         previous = {sig: signal.signal(sig, lambda *_: stopping.set()) for sig in stop_signals()}
         code = 0
         try:
-            self.start(new_session=True, log_to_stderr=True)  # own session: Ctrl-C reaches us only
+            try:  # own session: Ctrl-C reaches us only; a stop during a long AOF load is honoured at once
+                self.start(new_session=True, log_to_stderr=True, stopped=stopping.is_set)
+            except StoppedWhileStarting:
+                return 0
             keep_url_file(self.data_dir, self.url, self.password)
             print(self.url, flush=True)
             while not stopping.wait(0.5):
