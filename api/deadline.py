@@ -15,20 +15,28 @@ that stalls (no bytes for as long as the deadline) ends in `408 request_timeout`
 part of a body). The app's `receive` is wrapped, so the cost is one timer reschedule per part of the
 body, and no extra task or wait.
 
-A submit cut by the 503 may still have been stored: the client sees a 503 for a request that runs
-anyway, the same uncertainty as a dropped connection (a retry with the same session is a new request).
+A submit cut while its call to the store is out (written, or about to be) may still be stored: a stalled
+store runs it once it resumes. Its route notes the answer for that case in the scope (`note_pending_submit`),
+and the deadline answers it instead of the plain 503: the 503 `maybe_stored` that names the request, without
+Retry-After (api/requests_routes.py `maybe_stored`), since a retry would store and generate it a second time.
+A cut before that call (a key check, a cached lookup) stored nothing: the plain 503 that says retry.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+from collections.abc import Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from sluicegate.api.errors import RETRY_AFTER, error_response
+from sluicegate.api.errors import RETRY_AFTER, ApiError, error_response
+
+log = logging.getLogger(__name__)
 
 RESPONSE_DEADLINE_SECONDS = 5.0
 LIFT = "sluicegate.lift_response_deadline"  # the scope's key of the function that lifts it
+PENDING_SUBMIT = "sluicegate.pending_submit"  # the scope's key of a submit's answer while its store call is out
 
 
 def lift_response_deadline(scope: Scope) -> None:
@@ -38,6 +46,16 @@ def lift_response_deadline(scope: Scope) -> None:
     lift = scope.get(LIFT)
     if lift is not None:
         lift()
+
+
+def note_pending_submit(scope: Scope, answer: Callable[[], ApiError] | None) -> None:
+    """A submit's call to the store is going out: a deadline that fires from here answers `answer()` (the 503
+    `maybe_stored` naming the request: made only then, not on every submit), not the plain 503 a client
+    retries. None: it is known that nothing was stored (the store refused it, or the call never went out)."""
+    if answer is None:
+        scope.pop(PENDING_SUBMIT, None)
+    else:
+        scope[PENDING_SUBMIT] = answer
 
 
 class ResponseDeadline:
@@ -102,6 +120,11 @@ class ResponseDeadline:
                 response = error_response(408, f"the request body stalled: no bytes for {self.seconds:g} s; "
                                                "nothing was stored, send the request again",
                                           headers={"Connection": "close"})
+            elif (answer := scope.get(PENDING_SUBMIT)) is not None:
+                pending = answer()
+                log.warning("a submit not answered within %g s (its call to the store is out): %s", self.seconds,
+                            pending.message)
+                response = error_response(pending.status, pending.message, pending.type, pending.code, pending.headers)
             else:
                 response = error_response(503, f"not answered within {self.seconds:g} s (the queue store, or "
                                                "this API process, is unavailable or overloaded); retry shortly",

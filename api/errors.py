@@ -61,9 +61,21 @@ def error_response(status: int, message: str, type_: str | None = None, code: st
     return JSON({"error": error}, status_code=status, headers=headers)
 
 
+def describe_json_invalid(err: dict) -> str:
+    """A body that does not parse: the parser's reason and where. FastAPI's `loc` ends in the character offset
+    (not a field), its `msg` says only "JSON decode error"; pydantic's (the chat route) says the line and column."""
+    reason = str((err.get("ctx") or {}).get("error") or err.get("msg") or "invalid")
+    loc = err.get("loc", ())
+    at = f" at character {loc[-1]}" if loc and isinstance(loc[-1], int) else ""
+    return f"the body is not valid JSON: {reason}{at}"
+
+
 def describe_validation(exc: RequestValidationError) -> str:
     parts = []
     for err in exc.errors():
+        if err.get("type") == "json_invalid":
+            parts.append(describe_json_invalid(err))
+            continue
         where = ".".join(str(p) for p in err.get("loc", ()) if p not in ("body", "path", "query", "header"))
         message = str(err.get("msg", "invalid")).removeprefix("Value error, ")
         parts.append(f"{where}: {message}" if where else message)

@@ -12,7 +12,7 @@ from starlette.types import Scope
 
 from sluicegate.api.auth import Principal
 from sluicegate.api.callbacks import attach_callback, check_callback
-from sluicegate.api.deadline import lift_response_deadline
+from sluicegate.api.deadline import lift_response_deadline, note_pending_submit
 from sluicegate.api.errors import ApiError
 from sluicegate.api.output import request_output
 from sluicegate.api.responses import JSON
@@ -67,10 +67,13 @@ def check_session_id(session_id: str) -> None:
 
 
 def submit_tenant(who: Principal, body: SubmitBody) -> str:
-    """The request's tenant: a tenant key's own, the body's field ignored whatever it holds; else (auth off,
-    or the admin key submitting for a tenant) the body's, a 422 in pydantic's words when it is not a name."""
+    """The request's tenant: a tenant key's own, the body's field ignored whatever JSON it holds (null, a
+    number, an object); else (auth off, or the admin key submitting for a tenant) the body's, a 422 in
+    pydantic's words when it is not a string that is a name."""
     if who.tenant:
         return who.tenant
+    if not isinstance(body.tenant, str):
+        raise ApiError(422, "tenant: Input should be a valid string")
     if not NAME.fullmatch(body.tenant):
         raise ApiError(422, f"tenant: String should match pattern '{NAME_PATTERN}'")
     return body.tenant
@@ -178,6 +181,11 @@ async def submit_request(request: Request, who: Principal, new: NewRequest,
     except ApiError:  # 429 at max_queued: a session of another tenant is its 403 at any count, as below it
         await check_session_owner(svc, owner, new.session_id)
         raise
+    # From here the call may be written: a store that stalls runs it once it resumes, after the response deadline
+    # has cut the route (api/deadline.py). Its answer then is this 503 naming the request, not the plain one that
+    # says retry. Kept once stored (an instant before the deadline is lifted, it may still fire) or maybe stored;
+    # withdrawn where nothing was. Its max_queued place stays taken, as for MaybeStored.
+    note_pending_submit(request.scope, lambda: maybe_stored(new, None if callback is None else False))
     try:
         result = await svc.store.submit(new, owner=owner)
     except MaybeStored as lost:
@@ -185,13 +193,18 @@ async def submit_request(request: Request, who: Principal, new: NewRequest,
         # The caller notes the callback only after an answer: tried once here (a no-op when it was not stored),
         # or a client that finds the request stored would wait for a callback that never comes.
         noted = None if callback is None else await note_callback_of_lost(svc, new.request_id, callback)
-        raise maybe_stored(new, noted) from lost
+        error = maybe_stored(new, noted)
+        note_pending_submit(request.scope, lambda: error)
+        raise error from lost
     except Exception as error:
+        note_pending_submit(request.scope, None)  # the store answered with an error, or the call never went out
         # Store unavailable here means nothing was stored (_submit_call: refused, or never sent; a lost answer
         # is MaybeStored above): the place goes back, or a tenant near max_queued is refused for SUBMIT_SECONDS.
         if give_back is not None and store_unavailable(error):
             await give_back_unstored(give_back, new.request_id)
         raise
+    if result.outcome != "ok":
+        note_pending_submit(request.scope, None)  # refused by the script: nothing stored
     if give_back is not None and result.outcome != "ok":
         await give_back()
     if result.outcome == "forbidden":

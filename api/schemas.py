@@ -81,8 +81,9 @@ class SubmitBody(BaseModel):
     max_tokens: int = Field(default=DEFAULT_MAX_TOKENS, ge=1)
     priority: int | str = 5
     # A name (NAME_PATTERN), checked only where it is used (api/requests_routes.py `submit_tenant`): with a
-    # tenant key the field is ignored, whatever it holds (CONTRACT.md), as the chat route ignores X-Tenant.
-    tenant: str = Field(default="default", json_schema_extra={"pattern": NAME_PATTERN})
+    # tenant key the field is ignored, whatever JSON it holds (null, a number: CONTRACT.md), as the chat route
+    # ignores X-Tenant. Documented as the string it must be where it is used.
+    tenant: Any = Field(default="default", json_schema_extra={"type": "string", "pattern": NAME_PATTERN})
     group: str = Field(default="default", pattern=NAME_PATTERN)
     params: dict[str, Any] = Field(default_factory=dict)
     deadline_ms: int | None = Field(default=None, ge=1, le=MAX_DEADLINE_MS)  # time-to-first-token objective

@@ -10,7 +10,8 @@ counted). After the fault every accepted request must end `done` and a full repl
 - valkey-always, valkey-everysec: kill -9 of Valkey, restart in place on the same AOF. With `always` no
   accepted request may be lost; with `everysec` the losses are reported (the last ~1 s may go; a kill -9
   of the process alone loses nothing, as the AOF is written before the reply). A submit during the
-  outage must get a 503 (with Retry-After) or a connection error, never another 5xx.
+  outage must get a 503 (with Retry-After, or `maybe_stored` naming the request when its call was already
+  sent) or a connection error, never another 5xx.
 - api: two API processes on one Valkey; kill -9 of the one the clients stream through: they resume
   through the other. Reported: the resume gap (cut -> stream open again, cut -> next event).
 - blackhole: a loopback TCP proxy between the stack and Valkey stops forwarding (connections stay open,
@@ -260,6 +261,9 @@ class Call:
     status: int  # 0: no HTTP answer (connection refused, reset, timed out)
     error: str = ""
     retry_after: bool = False
+    # a submit's 503 `maybe_stored` (X-Request-Id, x-should-retry: false): its call was sent and may have been
+    # stored (a store that stalls runs it once it resumes), so it says not to retry, and has no Retry-After
+    maybe_stored: bool = False
 
 
 @dataclass
@@ -320,7 +324,9 @@ class Load:
                     reply = await response.read()
                     call = Call("submit", started, self.now() - started, response.status,
                                 "" if response.status == 202 else reply[:200].decode(errors="replace"),
-                                "Retry-After" in response.headers)
+                                "Retry-After" in response.headers,
+                                response.status == 503 and "X-Request-Id" in response.headers
+                                and response.headers.get("x-should-retry") == "false")
             except aiohttp.ClientConnectorError as error:
                 self.calls.append(Call("submit", started, self.now() - started, 0, f"connect: {error}"))
                 continue
@@ -493,7 +499,7 @@ class Load:
         anomalies = sum(t.live_anomalies for t in tracked if not t.missing)
         bad_5xx = [c for c in self.calls if c.status >= 500 and c.status != 503]
         other_4xx = [c for c in self.calls if 400 <= c.status < 500]
-        no_retry_after = [c for c in self.calls if c.status == 503 and not c.retry_after]
+        no_retry_after = [c for c in self.calls if c.status == 503 and not c.retry_after and not c.maybe_stored]
         problems = []
         if len(lost) > len(allowed):
             problems.append(f"{len(lost) - len(allowed)} accepted requests lost")
@@ -515,7 +521,8 @@ class Load:
         return {
             "submitted": self._n,
             "accepted": len(tracked),
-            "refused_503": sum(1 for c in submits if c.status == 503),
+            "refused_503": sum(1 for c in submits if c.status == 503 and not c.maybe_stored),
+            "maybe_stored_503": sum(1 for c in submits if c.maybe_stored),
             "connection_errors": sum(1 for c in submits if c.status == 0),
             "lost": len(lost), "lost_allowed": len(allowed),
             "completed": sum(1 for t in tracked if t.end == "done" and not t.replay and not t.missing),
