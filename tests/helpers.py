@@ -312,3 +312,26 @@ def run_sluicegate(*args: str, env: dict[str, str] | None = None,
     clean = {k: v for k, v in os.environ.items() if not k.startswith("SLUICEGATE_")}
     return subprocess.run([sys.executable, "-m", "sluicegate", *args], env={**clean, **(env or {})}, cwd=ROOT,
                           capture_output=True, text=True, timeout=timeout)
+
+
+@contextlib.contextmanager
+def response_deadline(seconds: float) -> Iterator[None]:
+    """The apps created meanwhile (Stack.start) have a response deadline of `seconds` (api/deadline.py; the
+    default 5 s would make the tests that wait it out slow)."""
+    from sluicegate.api import app as app_module
+    from sluicegate.api.deadline import ResponseDeadline
+
+    create_app = app_module.create_app
+
+    def create_app_with_the_deadline(settings: Settings) -> Any:
+        app = create_app(settings)
+        for middleware in app.user_middleware:
+            if middleware.cls is ResponseDeadline:
+                middleware.kwargs["seconds"] = seconds
+        return app
+
+    app_module.create_app = create_app_with_the_deadline  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        app_module.create_app = create_app

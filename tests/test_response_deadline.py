@@ -16,10 +16,8 @@ from typing import Any
 import pytest
 from starlette.types import Receive, Scope, Send
 
-from sluicegate.api import app as app_module
 from sluicegate.api.deadline import ResponseDeadline
-from sluicegate.settings import Settings
-from tests.helpers import Stack, fast_settings
+from tests.helpers import Stack, fast_settings, response_deadline
 from tests.helpers import call as http_call
 
 
@@ -137,17 +135,7 @@ def test_a_stalled_body_is_a_408_that_names_the_body_not_a_503(parts: list[tuple
 @pytest.fixture
 def short_deadline_stack(redis_url: str) -> Iterator[Stack]:
     """A stack whose response deadline is 1 s (the default 5 s would make these tests slow)."""
-    create_app = app_module.create_app
-
-    def create_app_with_a_short_deadline(settings: Settings) -> Any:
-        app = create_app(settings)
-        for middleware in app.user_middleware:
-            if middleware.cls is ResponseDeadline:
-                middleware.kwargs["seconds"] = 1.0
-        return app
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(app_module, "create_app", create_app_with_a_short_deadline)
+    with response_deadline(1.0):
         running = Stack(fast_settings(redis_url, sim_tokens_per_second=4000.0)).start(workers=1)
         try:
             yield running

@@ -18,11 +18,8 @@ from typing import Any
 
 import pytest
 
-from sluicegate.api import app as app_module
-from sluicegate.api.deadline import ResponseDeadline
 from sluicegate.embedded import EmbeddedCluster, EmbeddedServer
-from sluicegate.settings import Settings
-from tests.helpers import Stack, call, fast_settings
+from tests.helpers import Stack, call, fast_settings, response_deadline
 
 DEADLINE = 1.0  # the response deadline here (the default 5 s would make the test slow)
 HOT = {"content-type": "application/json"}  # api/hot_path.py
@@ -32,17 +29,7 @@ ROUTED = {"content-type": "application/vnd.api+json"}  # FastAPI's route
 @pytest.fixture
 def stack(redis_url: str) -> Iterator[Stack]:
     """The API alone (nothing runs what is submitted), its response deadline DEADLINE."""
-    create_app = app_module.create_app
-
-    def create_app_with_a_short_deadline(settings: Settings) -> Any:
-        app = create_app(settings)
-        for middleware in app.user_middleware:
-            if middleware.cls is ResponseDeadline:
-                middleware.kwargs["seconds"] = DEADLINE
-        return app
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(app_module, "create_app", create_app_with_a_short_deadline)
+    with response_deadline(DEADLINE):
         running = Stack(fast_settings(redis_url)).start(scheduler=False, workers=0)
     try:
         yield running
