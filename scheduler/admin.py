@@ -10,14 +10,16 @@ from collections.abc import Iterable
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 
 from sluicegate.scheduler.limits import DEFAULTS, TenantLimits, all_limits, read_limits, write_limits
 from sluicegate.scheduler.quota import MIN_RATE
 from sluicegate.sessions import keys
 from sluicegate.sessions.connect import text
 from sluicegate.sessions.metrics_store import read_metrics
-from sluicegate.sessions.registry import register_group
+from sluicegate.sessions.registry import COPY_ROUNDS, register_group
 from sluicegate.sessions.runs import shown_info
+from sluicegate.sessions.scripts import Scripts
 
 
 def _number(text: str) -> float | int:
@@ -57,12 +59,24 @@ async def live_free_slots(redis: Any, group: str, idle: int, dead: Iterable[str]
 class Tuning:
     def __init__(self, redis: Redis) -> None:
         self.redis = redis
+        self.scripts = Scripts(redis, single_server=not isinstance(redis, RedisCluster))
 
     async def set_weight(self, tenant: str, weight: float) -> None:
-        """The source (sg:tenants) and each group's copy, where its decisions read it."""
+        """The source (sg:tenants), then each group's copy, where its decisions read it: set by one call in
+        the group's slot (set_weight.lua) that also rescores the tenant's share of the running slots, so
+        that fair-share preemption goes by the new weight at the next decision. Two PUTs of one tenant
+        racing could leave every copy at the older value (A's source, B's source, B's copies, A's copies):
+        the source is read again after the copies, and copied again until it reads as copied (every
+        writer writes the source first, so the last copy is of its final value), as copy_policy does."""
         await self.redis.hset(keys.TENANT_WEIGHTS, tenant, weight)
-        for group in await self.groups():
-            await self.redis.hset(keys.group_key(group, "tw"), tenant, weight)
+        value: Any = weight
+        for _ in range(COPY_ROUNDS):
+            for group in await self.groups():
+                await self.scripts.call("set_weight", [keys.group_prefix(group)], [tenant, value])
+            now = await self.redis.hget(keys.TENANT_WEIGHTS, tenant)
+            if now is None or float(text(now)) == float(value):
+                return
+            value = text(now)
 
     async def set_limits(self, tenant: str, changes: dict[str, int | None]) -> TenantLimits:
         """The tenant's guardrails (scheduler/limits.py); the API reads them through a short cache."""

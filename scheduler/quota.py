@@ -9,7 +9,8 @@ MIN_RATE = 1e-6  # per second; quotas.lua reads a rate stored before this floor 
 
 
 class Quota(BaseModel):
-    """Absent fields keep their value; null removes the limit (unlimited)."""
+    """Absent fields keep their value; null removes the limit (unlimited) of a rate or `max_concurrency`, and
+    puts a burst back to its default (quotas.lua: `burst` 1 request, `burst_tokens` one second of tokens/s)."""
 
     # Finite and bounded: the scripts hold these as doubles, and a value past 2**64 stored once made every
     # later read of the group's quota (GET /v1/admin/groups) fail to render, a 500 until it was removed.

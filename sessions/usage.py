@@ -23,6 +23,7 @@ from sluicegate.sessions.connect import text
 
 USAGE_TTL = 35 * 86400  # seconds an hour's usage is kept
 KINDS = {"r": "requests", "i": "input_tokens", "o": "output_tokens"}
+FOLD_ROUNDS = 4  # takes of one bucket per fold (fold_bucket)
 
 
 async def take(redis: Any, bucket: str) -> tuple[str, dict[str, str]] | None:
@@ -46,14 +47,20 @@ async def apply(redis: Any, bucket: str, seq: str, pairs: dict[str, str]) -> Non
 
 
 async def fold_bucket(redis: Any, bucket: str) -> int:
-    """Fold one bucket's pending usage into the hourly hashes (take, apply, drop); returns the fields folded."""
-    taken = await take(redis, bucket)
-    if taken is None:
-        return 0
-    seq, pairs = taken
-    await apply(redis, bucket, seq, pairs)
-    await redis.eval(script("usage_done"), 1, keys.usage_folding(bucket), seq)
-    return len(pairs)
+    """Fold one bucket's pending usage into the hourly hashes (take, apply, drop); returns the fields folded.
+    Taken again until nothing is left: a take that finds a fold left half-way returns that one and leaves
+    the counts pending since, which a read that folds first must include. At most FOLD_ROUNDS rounds (two
+    suffice for that), so a bucket whose requests keep ending cannot hold its folder."""
+    folded = 0
+    for _ in range(FOLD_ROUNDS):
+        taken = await take(redis, bucket)
+        if taken is None:
+            break
+        seq, pairs = taken
+        await apply(redis, bucket, seq, pairs)
+        await redis.eval(script("usage_done"), 1, keys.usage_folding(bucket), seq)
+        folded += len(pairs)
+    return folded
 
 
 async def fold(redis: Any) -> int:
@@ -73,11 +80,13 @@ async def fold(redis: Any) -> int:
 async def usage(redis: Any, *, since: float, until: float | None = None, tenant: str | None = None,
                 group: str | None = None) -> list[dict[str, Any]]:
     """Rows {hour, tenant, group, requests, input_tokens, output_tokens}, oldest hour first, for the hours
-    from the one holding `since` to now (at most the 35 days kept), folding pending counts first."""
+    from the one holding `since` to now (at most the 35 days kept), folding pending counts first. `now`
+    is this host's clock but the hours are stamped by the store's: the hour after now's is read too, so
+    counts a store running ahead put in the next hour are not missed (an hour with none gives no rows)."""
     await fold(redis)
     now = until or time.time()
     first = max(int(since) // 3600 * 3600, int(now - USAGE_TTL) // 3600 * 3600)
-    hours = list(range(first, int(now) // 3600 * 3600 + 1, 3600))
+    hours = list(range(first, int(now) // 3600 * 3600 + 3600 + 1, 3600))
     pipe = redis.pipeline(transaction=False)
     for hour in hours:
         pipe.hgetall(keys.usage_hour(hour))

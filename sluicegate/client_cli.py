@@ -60,11 +60,13 @@ def add_commands(sub: Any) -> None:
 
     p = sub.add_parser("quota", parents=[common], help="show or set a group's quota",
                        description="Set the quota fields given (none: show the group's quota). A value of "
-                                   "'none' removes that limit; fields not given are kept.")
+                                   "'none' removes that limit (a burst goes back to its default: 1 request, "
+                                   "one second of tokens/s); fields not given are kept.")
     p.add_argument("group", metavar="GROUP")
     for name in QUOTA_FIELDS:
+        removed = "its default" if name.startswith("burst") else "unlimited"  # what none gives (scheduler/quota.py)
         p.add_argument("--" + name.replace("_", "-"), dest=name, default=None, metavar="N", type=quota_value,
-                       help=f"{name.replace('_', ' ')} (a number, or none for unlimited)")
+                       help=f"{name.replace('_', ' ')} (a number, or none: {removed})")
 
     p = sub.add_parser("weight", parents=[common], help="set a tenant's fair-share weight",
                        description="Set TENANT's fair-share weight (default 1.0; 3.0 gets three times the "

@@ -97,8 +97,9 @@ def build_server(url: str | None = None, api_key: str | None = None) -> MCPServe
                         burst: int | None = None, max_concurrency: int | None = None,
                         burst_tokens: float | None = None, remove: list[str] | None = None) -> dict[str, Any]:
         """Set a group's rate quota. Only the fields given change; `remove` names fields to make unlimited
-        again (requests_per_second, tokens_per_second, burst, max_concurrency, burst_tokens). With no field
-        and no `remove`, returns the group's quota as it is. Returns the group."""
+        again (requests_per_second, tokens_per_second, max_concurrency) or to put back to their default
+        (burst: 1 request; burst_tokens: one second of tokens_per_second). With no field and no `remove`,
+        returns the group's quota as it is. Returns the group."""
         given = {"requests_per_second": requests_per_second, "tokens_per_second": tokens_per_second,
                  "burst": burst, "max_concurrency": max_concurrency, "burst_tokens": burst_tokens}
         fields: dict[str, Any] = {name: value for name, value in given.items() if value is not None}

@@ -12,6 +12,7 @@ from typing import Any
 import redis
 from redis.asyncio import ConnectionPool as AsyncConnectionPool
 from redis.asyncio import Redis as AsyncRedis
+from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 
 from sluicegate.scheduler.admin import Tuning
 from sluicegate.sessions import keys
@@ -83,6 +84,29 @@ class Harness:
         self.r.hset(keys.TENANT_WEIGHTS, tenant, value)
         for group in self.r.smembers(keys.GROUPS):
             self.r.hset(keys.group_key(group, "tw"), tenant, value)
+
+    def set_weight(self, tenant: str, value: float) -> None:
+        """Through the admin code path (scheduler.admin.Tuning.set_weight), as a PUT sets it; `weight` above
+        writes the hashes directly."""
+
+        async def put() -> None:
+            client = self.async_client()
+            try:
+                await Tuning(client).set_weight(tenant, value)
+            finally:
+                if isinstance(client, AsyncRedis):
+                    await client.aclose(close_connection_pool=True)
+                else:
+                    await client.aclose()
+
+        asyncio.run(put())
+
+    def async_client(self) -> Any:
+        """An asyncio client of the same server (or cluster) as `r`, for the admin code path."""
+        if isinstance(self.r, redis.cluster.RedisCluster):
+            node = self.r.get_default_node()
+            return AsyncRedisCluster(host=node.host, port=node.port, decode_responses=True)
+        return AsyncRedis(connection_pool=AsyncConnectionPool(**self.r.connection_pool.connection_kwargs))
 
     def _group(self, group: str) -> None:
         run_sync(register_group(_Sync(self.r), group))

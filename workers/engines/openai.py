@@ -279,14 +279,27 @@ def usage_over(usage: dict[str, Any] | None, budget: int) -> bool:
         return False
 
 
+MAX_USAGE_COUNT = 2**53  # a backend's count at or past it is not believed (the store counts up to 2^63)
+
+
+def usage_count(value: Any) -> int | None:
+    """A backend's token count when it is a whole number in [0, MAX_USAGE_COUNT), else None: a bogus one
+    (`"prompt_tokens": 1e20`) would otherwise be charged, or fail the run's end in the store."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    if isinstance(value, float) and not value.is_integer():
+        return None
+    return int(value) if 0 <= value < MAX_USAGE_COUNT else None
+
+
 def usage_as_uninterrupted(usage: Any, start_index: int) -> dict[str, Any] | None:
     """The backend's usage for a continued run, moved back to the whole request: the output so far
-    (`start_index` tokens) was sent as prompt, and is output."""
+    (`start_index` tokens) was sent as prompt, and is output. None (Sluicegate counts) when it has no
+    believable counts (usage_count)."""
     if not isinstance(usage, dict):
         return None
-    try:
-        prompt, completion = int(usage["prompt_tokens"]), int(usage["completion_tokens"])
-    except (KeyError, TypeError, ValueError):
+    prompt, completion = usage_count(usage.get("prompt_tokens")), usage_count(usage.get("completion_tokens"))
+    if prompt is None or completion is None:
         return None
     moved = min(start_index, prompt)
     moved_back = {**usage, "prompt_tokens": prompt - moved, "completion_tokens": completion + moved,

@@ -33,13 +33,20 @@ end
 -- computed at ('ti'): after a rate change the outstanding debt is rescaled to the new interval, so
 -- a new rate applies from the next decision (raised: no waiting out the old interval; lowered: the
 -- burst already used is not forgotten).
+-- The rescaled debt is stored at once, with its interval: a gate that refuses writes nothing else, and the
+-- stored time at the old interval would otherwise lapse at the old rate's pace, admitting early (and the
+-- stats' next admission would say the old time). Only the first decision after a change writes.
 -- A state that is not finite (stored under a rate whose interval was, before rates had a floor) is
 -- taken as none: NaN compares false with everything and would admit every request for good.
 local function gcra_tat(cp, interval, now)
   local s = redis.call('HMGET', cp .. 'qs', 'tat', 'ti')
   local tat, ti = tonumber(s[1]), tonumber(s[2])
   if not (tat and tat > now and tat < math.huge) then return now end
-  if ti and ti ~= interval then tat = now + (tat - now) * interval / ti end
+  if ti and ti ~= interval then
+    tat = now + (tat - now) * interval / ti
+    if not (tat > now and tat < math.huge) then return now end
+    redis.call('HSET', cp .. 'qs', 'tat', tat, 'ti', interval)
+  end
   if not (tat > now and tat < math.huge) then return now end
   return tat
 end

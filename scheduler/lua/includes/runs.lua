@@ -7,7 +7,7 @@
 local RANK = 1e13 -- running-rank score = class * RANK + (RANK - start ms)
 
 -- Who holds the group's running slots: rt:<tenant> (its runs, by the running-rank score) and ro
--- (tenant -> its runs / its weight; a weight change shows at the tenant's next start or stop).
+-- (tenant -> its runs / its weight; rescored at a weight change by rescore_share, set_weight.lua).
 -- Fair-share preemption (preemption.lua) reads both. A run counts from its dispatch until it leaves
 -- the running set (stopped, or ended).
 local function run_added(cp, key, tenant, tenant_weight, score)
@@ -27,6 +27,15 @@ local function run_removed(cp, key, tenant)
     redis.call('ZADD', cp .. 'ro', held / weight(cp, tenant), tenant)
   end
   return true
+end
+
+-- The tenant's weight was just changed (set_weight.lua): its ro entry rescored at the weight now, as
+-- run_added and run_removed score it, so that fair-share preemption ranks it by that weight from the next
+-- decision on, not from its next start or stop. Returns the runs it holds in the group.
+local function rescore_share(cp, tenant)
+  local held = redis.call('ZCARD', cp .. 'rt:' .. tenant)
+  if held > 0 then redis.call('ZADD', cp .. 'ro', held / weight(cp, tenant), tenant) end
+  return held
 end
 
 -- The group's mean run duration (ms, a moving average over the runs that finished, having produced
@@ -65,7 +74,7 @@ local function end_run(cp, key, rec, produced, now, prompt, finished)
     local counter = vtc_get(cp, rec.tn)
     vtc_set(cp, rec.tn, counter + correction, counter)
   end
-  quota_refund(cp, rec.cr - produced, now)
+  quota_refund(cp, (rec.cr or 0) - produced, now)
 end
 
 -- The inbox format from which a worker reads "rid|attempt|reason" (INBOX_FORMAT in sessions/transitions.py).
@@ -171,7 +180,9 @@ local function start_run(cp, cls, tenant, counter, spec, wid, cfg, now, lease)
   quota_take(cp, cfg, remaining, attempt == 1, now)
   local key = spec.rid .. '|' .. attempt
   local rec = spec_of(spec)
-  rec.a, rec.w, rec.ds, rec.ce, rec.cr, rec.cls = attempt, wid, now, estimate, remaining, cls
+  -- cr: the tokens reserved from the tokens/s bucket (quota_take), which its end refunds what it did not use
+  -- of: none without that quota (a quota added while it runs must not be credited what it never took)
+  rec.a, rec.w, rec.ds, rec.ce, rec.cr, rec.cls = attempt, wid, now, estimate, cfg.tps and remaining or 0, cls
   rec.tw = tenant_weight -- the weight charged at, which end_run corrects by (7 bytes at the default 1)
   redis.call('HSET', cp .. 'ri', key, cjson.encode(rec))
   redis.call('HSET', cp .. 'tk', key, wid) -- the slot this attempt holds, given back once (let_go)

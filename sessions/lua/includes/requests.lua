@@ -302,12 +302,15 @@ local function still_waiting(rid, r, attempt)
   return nil
 end
 
--- The usage a `done` reports: the backend's for the whole request when it gave one (a table), else
--- Sluicegate's count: the estimated input tokens and the tokens streamed.
+-- The usage a `done` reports: the backend's for the whole request when it gave one (a table whose
+-- counts are sane: sane_count, ended.lua), else Sluicegate's count: the estimated input tokens and the
+-- tokens streamed. Second: whether it is the backend's.
 local function usage_of(r, usage, tokens)
-  if usage then return usage end
+  if type(usage) == 'table' and sane_count(usage.prompt_tokens) and sane_count(usage.completion_tokens) then
+    return usage, true
+  end
   local prompt = tonumber(r.it) or 0
-  return { prompt_tokens = prompt, completion_tokens = tokens, total_tokens = prompt + tokens }
+  return { prompt_tokens = prompt, completion_tokens = tokens, total_tokens = prompt + tokens }, false
 end
 
 -- End attempt `attempt` as done or failed. `usage`: the backend's usage for the whole request (a
@@ -386,10 +389,10 @@ local function d_finish(rid, attempt, wid, outcome, detail, usage, now, ttl, via
   local prompt
   local nxt
   if outcome == 'done' then
-    local reported = usage_of(r, usage, tokens)
-    if usage then
-      produced = math.max(0, (tonumber(usage.completion_tokens) or tokens) - tonumber(r.dn or 0))
-      prompt = tonumber(usage.prompt_tokens)
+    local reported, backends = usage_of(r, usage, tokens)
+    if backends then
+      produced = math.max(0, reported.completion_tokens - tonumber(r.dn or 0))
+      prompt = reported.prompt_tokens
     end
     redis.call('HSET', kreq(rid), 'fr', detail, 'us', cjson.encode(reported))
     nxt = finalize(rid, r, 'done', 'done', { request_id = rid, tokens = tokens, finish_reason = detail,

@@ -5,7 +5,9 @@
 -- Returns 1 | 0 when this fold was applied already.
 local mark = '@' .. ARGV[1]
 if tonumber(redis.call('HGET', KEYS[1], mark) or '0') >= tonumber(ARGV[2]) then return 0 end
-for i = 4, #ARGV, 2 do redis.call('HINCRBY', KEYS[1], ARGV[i], ARGV[i + 1]) end
+-- A count the hour cannot take (not an integer, or its total past 2^63) is skipped, not raised: raised,
+-- it would fail this fold, taken again with it, for ever, and with it every usage read (which folds first).
+for i = 4, #ARGV, 2 do redis.pcall('HINCRBY', KEYS[1], ARGV[i], ARGV[i + 1]) end
 redis.call('HSET', KEYS[1], mark, ARGV[2])
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
 return 1

@@ -1,0 +1,15 @@
+-- set_weight.lua (control plane): an operator's new weight for a tenant (scheduler/admin.py set_weight),
+-- written to the group's copy, where its decisions read it, and applied to fair-share preemption in the
+-- same step: the tenant's share of the running slots (ro, its runs / its weight) is rescored at the new
+-- weight (runs.lua rescore_share), or preemption would rank it by its old weight until its next start or
+-- stop (a raised weight preempted a tenant at its share and then back: a ping-pong; a lowered flooder's
+-- weight took no slot back). A swap now due is left to the next decision: the hint wakes the group's
+-- scheduler loop for a sweep.
+-- KEYS[1] the group's control prefix sg:{g:<group>}:
+-- ARGV[1] flags   ARGV[2] tenant   ARGV[3] weight (as stored in sg:tenants)
+-- Returns the runs the tenant holds in the group.
+local cp, tenant = KEYS[1], ARGV[2]
+redis.call('HSET', cp .. 'tw', tenant, ARGV[3])
+local held = rescore_share(cp, tenant)
+if redis.call('LLEN', cp .. 'hint') == 0 then redis.call('LPUSH', cp .. 'hint', 1) end
+return held
