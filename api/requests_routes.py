@@ -181,13 +181,16 @@ async def submit_request(request: Request, who: Principal, new: NewRequest,
     except ApiError:  # 429 at max_queued: a session of another tenant is its 403 at any count, as below it
         await check_session_owner(svc, owner, new.session_id)
         raise
-    # From here the call may be written: a store that stalls runs it once it resumes, after the response deadline
-    # has cut the route (api/deadline.py). Its answer then is this 503 naming the request, not the plain one that
-    # says retry. Kept once stored (an instant before the deadline is lifted, it may still fire) or maybe stored;
-    # withdrawn where nothing was. Its max_queued place stays taken, as for MaybeStored.
-    note_pending_submit(request.scope, lambda: maybe_stored(new, None if callback is None else False))
+    # Once the call is about to be written (on_sending: its connection in hand), a store that stalls runs it
+    # when it resumes, after the response deadline has cut the route (api/deadline.py): the answer then is this
+    # 503 naming the request, not the plain one that says retry (before it, nothing can have been stored: the
+    # plain one is right). Kept once stored (an instant before the deadline is lifted, it may still fire) or
+    # maybe stored; withdrawn where nothing was. Its max_queued place stays taken, as for MaybeStored.
+    def sending() -> None:
+        note_pending_submit(request.scope, lambda: maybe_stored(new, None if callback is None else False))
+
     try:
-        result = await svc.store.submit(new, owner=owner)
+        result = await svc.store.submit(new, owner=owner, on_sending=sending)
     except MaybeStored as lost:
         log.warning("%s", lost)
         # The caller notes the callback only after an answer: tried once here (a no-op when it was not stored),

@@ -262,6 +262,10 @@ class LeanRedis:
             raise
         return conn
 
+    async def ready(self) -> None:
+        """Connected (and logged in) now: the next `execute` in this loop turn writes at once, with no wait."""
+        await self._connection()
+
     async def execute(self, *args: Any) -> Any:
         data = encode(args)
         if self.blocking:

@@ -104,6 +104,12 @@ class Scripts:
             return [{"target_nodes": node} for node in self.client.get_primaries()]
         return [{}]
 
+    async def ready(self) -> None:
+        """The next call goes out with no wait before it is written (a LeanRedis connected now); a no-op for
+        redis-py's clients, which connect inside the call."""
+        if isinstance(self.client, LeanRedis):
+            await self.client.ready()
+
     def call(self, name: str, keys: Sequence[Any] = (), args: Sequence[Any] = ()) -> Any:
         if self._sync:
             try:

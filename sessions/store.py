@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -117,11 +118,13 @@ class SessionStore:
             self._known_groups.add(group)
         return True
 
-    async def submit(self, req: NewRequest, *, owner: str = "") -> SubmitResult:
-        """Outcome "unknown_group" (nothing stored) for a group neither declared nor served (known_group)."""
+    async def submit(self, req: NewRequest, *, owner: str = "",
+                     on_sending: Callable[[], None] | None = None) -> SubmitResult:
+        """Outcome "unknown_group" (nothing stored) for a group neither declared nor served (known_group).
+        `on_sending`: called just before the submit's call is written (Transitions.submit)."""
         if not await self.known_group(req.group):
             return SubmitResult("unknown_group", req.request_id)
-        outcome, seq = await self.transitions.submit(req, owner=owner)
+        outcome, seq = await self.transitions.submit(req, owner=owner, on_sending=on_sending)
         return SubmitResult(outcome, req.request_id, seq)
 
     async def request_fields(self, rid: str) -> dict[str, str] | None:

@@ -142,8 +142,10 @@ class Transitions:
         return text(await self._call("ready", [keys.group_prefix(spec["g"])], [self.lease_ms, text(spec_json)]))
 
     # ---- the API's transitions -----------------------------------------------------------------
-    async def submit(self, req: NewRequest, *, owner: str = "") -> tuple[str, int]:
-        """Returns ("ok", seq of the `queued` event) or ("forbidden", 0)."""
+    async def submit(self, req: NewRequest, *, owner: str = "",
+                     on_sending: Callable[[], None] | None = None) -> tuple[str, int]:
+        """Returns ("ok", seq of the `queued` event) or ("forbidden", 0). `on_sending` (_submit_call) is called
+        just before the submit's call is written."""
         sid, rid = req.session_id, req.request_id
         args = [rid, sid, req.tenant, req.group, req.priority, req.max_tokens, req.input_text, req.input_kind,
                 req.params_json, req.input_tokens, owner, self.log_max_events,
@@ -152,10 +154,10 @@ class Transitions:
         dp = keys.session_prefix(sid)
         if self.single:
             reply = await self._submit_call(rid, "submit_one", [dp, keys.group_prefix(req.group)],
-                                            [self.lease_ms, *args])
+                                            [self.lease_ms, *args], on_sending)
         else:
             try:
-                reply = await self._submit_call(rid, "submit", [dp], args)
+                reply = await self._submit_call(rid, "submit", [dp], args, on_sending)
             except MaybeStored:
                 if req.deadline_ms and req.fail_on_deadline_miss:
                     # Stored or not, behind its head or not: noted all the same. The sweep's expire keeps a
@@ -193,12 +195,18 @@ class Transitions:
             log.warning("request %s stored; noting its deadline failed (%s): it fails once it is its session's head",
                         rid, error)
 
-    async def _submit_call(self, rid: str, name: str, keys_: Sequence[Any], args: Sequence[Any]) -> Any:
+    async def _submit_call(self, rid: str, name: str, keys_: Sequence[Any], args: Sequence[Any],
+                           on_sending: Callable[[], None] | None = None) -> Any:
         """The submit's call. One whose answer was lost (the connection broke or timed out: it may have run)
         is sent once more with the same request id, which the script answers as the first time did
         (requests.lua): a stored request is never taken for a failed submit. Raises MaybeStored when that
         one gets no answer either. A first call that never went out (no connection could be made) or
-        that was refused did nothing: its error is raised as it is (the plain 503 a client retries)."""
+        that was refused did nothing: its error is raised as it is (the plain 503 a client retries).
+        `on_sending`: called once the connection is in hand, with no wait left before the call is written
+        (the API's response deadline then answers that it may be stored: api/deadline.py)."""
+        if on_sending is not None:
+            await self.scripts.ready()
+            on_sending()
         try:
             return await self._call(name, keys_, args)
         except Exception as error:

@@ -80,13 +80,15 @@ async def fold(redis: Any) -> int:
 async def usage(redis: Any, *, since: float, until: float | None = None, tenant: str | None = None,
                 group: str | None = None) -> list[dict[str, Any]]:
     """Rows {hour, tenant, group, requests, input_tokens, output_tokens}, oldest hour first, for the hours
-    from the one holding `since` to now (at most the 35 days kept), folding pending counts first. `now`
-    is this host's clock but the hours are stamped by the store's: the hour after now's is read too, so
-    counts a store running ahead put in the next hour are not missed (an hour with none gives no rows)."""
+    from the one holding `since` to `until` or now (at most the 35 days kept), folding pending counts first.
+    `now` is this host's clock but the hours are stamped by the store's: without `until` the hour after
+    now's is read too, so counts a store running ahead put in the next hour are not missed (an hour with
+    none gives no rows); an `until` given is the end asked for."""
     await fold(redis)
     now = until or time.time()
     first = max(int(since) // 3600 * 3600, int(now - USAGE_TTL) // 3600 * 3600)
-    hours = list(range(first, int(now) // 3600 * 3600 + 3600 + 1, 3600))
+    last = int(now) // 3600 * 3600 + (3600 if until is None else 0)
+    hours = list(range(first, last + 1, 3600))
     pipe = redis.pipeline(transaction=False)
     for hour in hours:
         pipe.hgetall(keys.usage_hour(hour))

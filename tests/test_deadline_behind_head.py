@@ -123,8 +123,9 @@ def test_a_submit_whose_answers_were_lost_is_noted_all_the_same(redis_url: str,
         head = submit(base, "dl-lost", max_tokens=200)  # ~10 s
         real = Transitions._submit_call
 
-        async def answers_lost(self: Transitions, rid: str, name: str, keys_: Any, args: Any) -> Any:
-            await real(self, rid, name, keys_, args)  # stored; both answers lost
+        async def answers_lost(self: Transitions, rid: str, name: str, keys_: Any, args: Any,
+                               on_sending: Any = None) -> Any:
+            await real(self, rid, name, keys_, args, on_sending)  # stored; both answers lost
             raise MaybeStored(rid)
 
         monkeypatch.setattr(Transitions, "_submit_call", answers_lost)

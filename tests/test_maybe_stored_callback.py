@@ -40,9 +40,9 @@ def lose_answers(monkeypatch: pytest.MonkeyPatch, *, stored: bool) -> None:
     """Every submit's call runs (`stored`) or not, and then raises as when both its answers were lost."""
     real = Transitions._submit_call
 
-    async def lossy(self: Transitions, rid: str, name: str, keys_: Any, args: Any) -> Any:
+    async def lossy(self: Transitions, rid: str, name: str, keys_: Any, args: Any, on_sending: Any = None) -> Any:
         if stored:
-            await real(self, rid, name, keys_, args)
+            await real(self, rid, name, keys_, args, on_sending)
         raise MaybeStored(rid)
 
     monkeypatch.setattr(Transitions, "_submit_call", lossy)

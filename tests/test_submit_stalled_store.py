@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import redis
 
 from sluicegate.embedded import EmbeddedCluster, EmbeddedServer
 from tests.helpers import Stack, call, fast_settings, response_deadline
@@ -108,3 +109,26 @@ def test_a_chat_call_cut_by_the_deadline_in_a_stalled_store_is_maybe_stored(
     rid = assert_maybe_stored(code, answer, headers)
     view = stored(base, rid)
     assert view["session_id"] == "stalled-chat" and view["status"] == "queued", view
+
+
+@pytest.mark.single_server  # the API's connections are killed on the one server it uses
+def test_a_submit_whose_connection_was_not_back_when_the_deadline_came_says_retry(
+        stack: Stack, valkey_server: EmbeddedServer, redis_url: str) -> None:
+    """The API's connection to the store lost just before a stall: its submit waits to reconnect when the
+    deadline cuts it, nothing was sent, so the answer is the plain 503 that says retry (not `maybe_stored`,
+    which tells the client not to, for a request that does not exist)."""
+    base = stack.base_url
+    assert call("POST", f"{base}/v1/sessions/warm/requests", {"prompt": "x", "max_tokens": 2})[0] == 202  # caches
+    admin = redis.Redis.from_url(redis_url)
+    try:
+        me = admin.client_id()
+        for client in admin.client_list():  # the API's named connections (the pipelined one among them)
+            if int(client["id"]) != me and client.get("name"):
+                admin.client_kill_filter(_id=client["id"])
+    finally:
+        admin.close()
+    time.sleep(0.3)  # the API has seen its connection go
+    code, body, headers = post_while_stalled(store_pids(valkey_server), f"{base}/v1/sessions/reconnecting/requests",
+                                             {"prompt": "during the stall", "max_tokens": 2}, HOT)
+    assert code == 503 and body["error"].get("code") != "maybe_stored", (code, body, headers)
+    assert headers.get("retry-after") == "1" and "x-should-retry" not in headers, headers

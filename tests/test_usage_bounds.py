@@ -144,6 +144,21 @@ def test_a_read_includes_the_hour_a_store_running_ahead_stamped(redis_url: str) 
     assert [(row["hour"], row["requests"]) for row in rows] == [(next_hour, 1)]  # [[]: that hour not read]
 
 
+def test_a_read_with_an_end_reads_no_hour_past_it(redis_url: str) -> None:
+    """The hour after now's is read only when no `until` is given: an end asked for is the end."""
+    next_hour = (int(time.time()) // 3600 + 1) * 3600
+
+    async def scenario() -> list[dict[str, Any]]:
+        rc = async_client(redis_url, cluster=ON_CLUSTER, decode_responses=True)
+        try:
+            await rc.hincrby(keys.usage_pending(keys.bucket_of_session("ended")), f"{next_hour}|zeta|default|r", 1)
+            return await usage.usage(rc, since=time.time() - 60, until=time.time(), tenant="zeta")
+        finally:
+            await rc.aclose()
+
+    assert asyncio.run(scenario()) == []
+
+
 @pytest.mark.single_server  # the store's clock pinned (sg:clock) to know the hour the end counts in
 def test_an_end_whose_pending_total_would_pass_2_to_the_63_still_ends(r: redis.Redis) -> None:
     h = Harness(r, lease_ms=60_000)
