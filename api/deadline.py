@@ -124,7 +124,7 @@ class ResponseDeadline:
                 pending = answer()
                 log.warning("a submit not answered within %g s (its call to the store is out): %s", self.seconds,
                             pending.message)
-                response = error_response(pending.status, pending.message, pending.type, pending.code, pending.headers)
+                response = pending.response()
             else:
                 response = error_response(503, f"not answered within {self.seconds:g} s (the queue store, or "
                                                "this API process, is unavailable or overloaded); retry shortly",

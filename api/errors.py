@@ -30,6 +30,10 @@ class ApiError(Exception):
         self.code = code
         self.headers = headers  # e.g. Retry-After on a 429
 
+    def response(self) -> JSON:
+        """This error as the API answers it (the error handlers', and the response deadline's for a submit)."""
+        return error_response(self.status, self.message, self.type, self.code, self.headers)
+
 
 class ErrorDetail(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -88,7 +92,7 @@ RETRY_AFTER = {"Retry-After": "1"}
 def expected_error_response(exc: Exception) -> JSON | None:
     """The answer to an error the API expects (bad input, Redis unavailable or refusing work), or None."""
     if isinstance(exc, ApiError):
-        return error_response(exc.status, exc.message, exc.type, exc.code, exc.headers)
+        return exc.response()
     if isinstance(exc, RequestValidationError):
         return error_response(422, describe_validation(exc))
     if isinstance(exc, UNAVAILABLE) or store_refuses(exc):

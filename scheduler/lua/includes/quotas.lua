@@ -42,12 +42,10 @@ local function gcra_tat(cp, interval, now)
   local s = redis.call('HMGET', cp .. 'qs', 'tat', 'ti')
   local tat, ti = tonumber(s[1]), tonumber(s[2])
   if not (tat and tat > now and tat < math.huge) then return now end
-  if ti and ti ~= interval then
-    tat = now + (tat - now) * interval / ti
-    if not (tat > now and tat < math.huge) then return now end
-    redis.call('HSET', cp .. 'qs', 'tat', tat, 'ti', interval)
-  end
+  local rescaled = ti and ti ~= interval
+  if rescaled then tat = now + (tat - now) * interval / ti end
   if not (tat > now and tat < math.huge) then return now end
+  if rescaled then redis.call('HSET', cp .. 'qs', 'tat', tat, 'ti', interval) end
   return tat
 end
 
