@@ -133,6 +133,34 @@ URL_FILE = "redis.url"  # in a data dir: the URL of the server there, password i
 LOCK_FILE = "lock"  # in a store's dir: flock'd while a store runs there (lock_store_dir)
 
 
+def run_in_foreground(store: EmbeddedServer | EmbeddedCluster, start: Callable[[Callable[[], bool]], object],
+                      death: Callable[[], str | None]) -> int:
+    """`sluicegate redis`'s life of a store: `start(stopped)` it, print its URL once it answers (the line a
+    script starts its API on), run until SIGINT, SIGTERM or SIGHUP, stop it; 0. A stop while it starts
+    (StoppedWhileStarting) is 0 too. A process of it that dies (`death()`: the line that says which, else
+    None) stops the rest and returns 1, as serve does when its store dies: a supervisor restarts the whole."""
+    stopping = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stopping.set()) for sig in stop_signals()}
+    code = 0
+    try:
+        try:
+            start(stopping.is_set)
+        except StoppedWhileStarting:
+            return 0
+        keep_url_file(store.data_dir, store.url, store.password)
+        print(store.url, flush=True)
+        while not stopping.wait(0.5):
+            if (died := death()) is not None:
+                print(f"sluicegate redis: {died}", file=sys.stderr, flush=True)
+                code = 1
+                break
+    finally:
+        store.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return code
+
+
 class DataDirInUse(RuntimeError):
     pass
 
@@ -320,27 +348,15 @@ class EmbeddedServer:
         stderr. The server exiting by itself returns 1, as a cluster node does (run_foreground there). Not an
         exec: Valkey ignores SIGHUP, so it would outlive its closed terminal, holding its port and data dir;
         and on Linux a SIGKILLed parent takes it along (die_with_parent)."""
-        stopping = threading.Event()
-        previous = {sig: signal.signal(sig, lambda *_: stopping.set()) for sig in stop_signals()}
-        code = 0
-        try:
-            try:  # own session: Ctrl-C reaches us only; a stop during a long AOF load is honoured at once
-                self.start(new_session=True, log_to_stderr=True, stopped=stopping.is_set)
-            except StoppedWhileStarting:
-                return 0
-            keep_url_file(self.data_dir, self.url, self.password)
-            print(self.url, flush=True)
-            while not stopping.wait(0.5):
-                if self.process is not None and self.process.poll() is not None:
-                    print(f"sluicegate redis: the server on port {self.port} exited with code "
-                          f"{self.process.returncode}; stopping", file=sys.stderr, flush=True)
-                    code = 1
-                    break
-        finally:
-            self.stop()
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-        return code
+        def death() -> str | None:
+            process = self.process
+            if process is None or process.poll() is None:
+                return None
+            return f"the server on port {self.port} exited with code {process.returncode}; stopping"
+
+        # own session: Ctrl-C reaches us only; a stop during a long AOF load is honoured at once
+        return run_in_foreground(self, lambda stopped: self.start(new_session=True, log_to_stderr=True,
+                                                                  stopped=stopped), death)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Graceful: SIGTERM makes the server flush its AOF and exit."""
@@ -573,26 +589,15 @@ class EmbeddedCluster:
         """`sluicegate redis --cluster N`: start, print the seed URL, run until SIGINT, SIGTERM or SIGHUP,
         stop; 0. A node that dies stops the others and returns 1, as serve does when its store dies: a
         cluster missing a master's slots serves nothing, and a supervisor restarts the whole of it."""
-        stopping = threading.Event()
-        previous = {sig: signal.signal(sig, lambda *_: stopping.set()) for sig in stop_signals()}
-        code = 0
-        try:
-            # Own session: a terminal's Ctrl-C reaches us only, and we stop the nodes gracefully.
-            self.start(new_session=True)
-            keep_url_file(self.data_dir, self.url, self.password)
-            print(self.url, flush=True)
-            while not stopping.wait(0.5) and not code:
-                for index, process in enumerate(self.processes):
-                    if process is not None and process.poll() is not None:
-                        code = 1
-                        print(f"sluicegate redis: the node on port {self.port + index} exited with code "
-                              f"{process.returncode}; stopping (see {self.node_dir(index) / 'server.log'})",
-                              file=sys.stderr, flush=True)
-        finally:
-            self.stop()
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-        return code
+        def death() -> str | None:
+            for index, process in enumerate(self.processes):
+                if process is not None and process.poll() is not None:
+                    return (f"the node on port {self.port + index} exited with code {process.returncode}; "
+                            f"stopping (see {self.node_dir(index) / 'server.log'})")
+            return None
+
+        # Own session: a terminal's Ctrl-C reaches us only, and we stop the nodes gracefully.
+        return run_in_foreground(self, lambda _: self.start(new_session=True), death)
 
     # -- internals ---------------------------------------------------------------------------------
 
