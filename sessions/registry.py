@@ -16,8 +16,11 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
+
 from sluicegate.sessions import keys
 from sluicegate.sessions.connect import text
+from sluicegate.sessions.scripts import Scripts
 
 DEFAULT_GROUP = "default"  # always exists: where a request naming no group goes
 MODEL_NAME = re.compile(r"[^\s\x00-\x1f\x7f-\x9f\ud800-\udfff]{1,256}")  # no lone surrogate: not UTF-8
@@ -115,19 +118,30 @@ async def register_group(redis: Any, group: str) -> None:
 
 
 COPY_ROUNDS = 8  # copies of a source that keeps changing under them; each change also copies itself
+WEIGHTS_PER_CALL = 256  # tenants whose copy one set_weight call rewrites: a call blocks the group's shard
 
 
 async def copy_policy(redis: Any, group: str) -> None:
     """Copy sg:policy and sg:tenants into the group's control plane. A change written to a source between
     this read and its write (an operator's PUT while a scheduler starts) would be overwritten in the copy
     by the value before it, which decisions would then use for good: the sources are read again after
-    the write, and copied again until they read as written (a change writes its source first)."""
+    the write, and copied again until they read as written (a change writes its source first).
+    A weight whose copy differs (a PUT that failed before it reached this group) is written by set_weight.lua,
+    as a PUT writes it: with the tenant's share of the running slots rescored, or fair-share preemption
+    would rank the tenant by the old weight until its next run starts or stops."""
     for _ in range(COPY_ROUNDS):
         policy = await redis.hgetall(keys.POLICY)
         weights = await redis.hgetall(keys.TENANT_WEIGHTS)
         if policy:
             await redis.hset(keys.group_key(group, "pol"), mapping=policy)
-        if weights:
-            await redis.hset(keys.group_key(group, "tw"), mapping=weights)
+        await _copy_weights(redis, group, weights)
         if await redis.hgetall(keys.POLICY) == policy and await redis.hgetall(keys.TENANT_WEIGHTS) == weights:
             return
+
+
+async def _copy_weights(redis: Any, group: str, weights: dict[Any, Any]) -> None:
+    copy = await redis.hgetall(keys.group_key(group, "tw"))
+    changed = [item for tenant, weight in weights.items() if copy.get(tenant) != weight for item in (tenant, weight)]
+    scripts = Scripts(redis, single_server=not isinstance(redis, AsyncRedisCluster))
+    for start in range(0, len(changed), 2 * WEIGHTS_PER_CALL):
+        await scripts.call("set_weight", [keys.group_prefix(group)], changed[start:start + 2 * WEIGHTS_PER_CALL])

@@ -18,6 +18,7 @@ from redis.asyncio import Redis as AsyncRedis
 
 from sluicegate.scheduler.admin import Tuning
 from sluicegate.sessions import keys
+from sluicegate.sessions.registry import copy_policy
 from tests.sched_harness import Harness
 
 PROTOCOLS = [
@@ -126,3 +127,28 @@ def test_two_racing_weight_puts_leave_every_group_copy_at_the_source(r: redis.Re
     source = float(r.hget(keys.TENANT_WEIGHTS, "acme"))
     copies = {g: float(r.hget(keys.group_key(g, "tw"), "acme")) for g in ("default", "g1", "g2")}
     assert (source, copies) == (3.0, {"default": 3.0, "g1": 3.0, "g2": 3.0})
+
+
+@pytest.mark.parametrize("cluster", PROTOCOLS)
+def test_a_copy_brought_back_to_the_source_rescores_the_tenants_share(r: redis.Redis, cluster: bool) -> None:
+    """A PUT that wrote the source and failed before this group's copy: the copy a scheduler's start makes
+    (copy_policy) writes the weight as a PUT does, with the tenant's share of the running slots rescored."""
+    h = Harness(r, cluster=cluster)
+    h.policy(min_run=0)
+    h.add_worker("w0", slots=4)
+    for i in range(3):
+        h.submit(f"h{i}", tenant="whale")
+    share = keys.group_key("default", "ro")
+    assert float(r.zscore(share, "whale")) == pytest.approx(3.0)  # 3 runs / 1
+    r.hset(keys.TENANT_WEIGHTS, "whale", 3)
+
+    async def copy() -> None:
+        client = h.async_client()
+        try:
+            await copy_policy(client, "default")
+        finally:
+            await (client.aclose(close_connection_pool=True) if isinstance(client, AsyncRedis) else client.aclose())
+
+    asyncio.run(copy())
+    assert float(r.hget(keys.group_key("default", "tw"), "whale")) == 3.0
+    assert float(r.zscore(share, "whale")) == pytest.approx(1.0)  # 3 runs / 3

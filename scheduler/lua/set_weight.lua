@@ -5,11 +5,15 @@
 -- stop (a raised weight preempted a tenant at its share and then back: a ping-pong; a lowered flooder's
 -- weight took no slot back). A swap now due is left to the next decision: the hint wakes the group's
 -- scheduler loop for a sweep.
+-- Also how a group's copy is brought back to the source (sessions/registry.py copy_policy: a scheduler's
+-- start, a new group), with every tenant whose copy differs, so that the copy and ro agree there too.
 -- KEYS[1] the group's control prefix sg:{g:<group>}:
--- ARGV[1] flags   ARGV[2] tenant   ARGV[3] weight (as stored in sg:tenants)
--- Returns the runs the tenant holds in the group.
-local cp, tenant = KEYS[1], ARGV[2]
-redis.call('HSET', cp .. 'tw', tenant, ARGV[3])
-local held = rescore_share(cp, tenant)
+-- ARGV[1] flags   ARGV[2], ARGV[3], ... pairs of a tenant and its weight (as stored in sg:tenants)
+-- Returns the runs those tenants hold in the group.
+local cp, held = KEYS[1], 0
+for i = 2, #ARGV - 1, 2 do
+  redis.call('HSET', cp .. 'tw', ARGV[i], ARGV[i + 1])
+  held = held + rescore_share(cp, ARGV[i])
+end
 if redis.call('LLEN', cp .. 'hint') == 0 then redis.call('LPUSH', cp .. 'hint', 1) end
 return held
