@@ -39,7 +39,17 @@ class LogBounds:
     def trimmed(self, cursor: int) -> bool:
         """Events right after the cursor were trimmed: resuming from it would skip them (0 means "from
         the oldest kept event", which is always possible)."""
-        return 0 < cursor < self.oldest_kept - 1
+        return 0 < cursor < self.resumable_from()
+
+    def resumable_from(self) -> int:
+        """The oldest cursor a read continues from without a gap: the oldest kept id - 1, or, when the
+        ids just before the oldest kept one are a restart's hole (never kept, so never trimmed), the last
+        id before that hole. The client most likely to hold that id is one cut off by the restart."""
+        edge = self.oldest_kept
+        for start, end in reversed(self.holes):  # (ascending; holes that run into each other chain)
+            if end >= edge:
+                edge = min(edge, start + 1)
+        return edge - 1
 
     def holds(self, event_id: int) -> bool:
         """The log assigned this id and did not lose it in a store restart (it may have been trimmed)."""

@@ -10,9 +10,10 @@ What it serves:
 - `POST /v1/chat/completions`: exactly `max_tokens` (or `max_completion_tokens`) tokens, finish_reason
   `length`, the same text as the sim engine for the same messages (`prompt_of` + `sim_token`), paced
   at `tokens_per_second` after `prefill_ms`. Streamed: `data: {chat.completion.chunk}` per token (the
-  first one also carries the role), a final chunk with an empty delta, the finish_reason and the
-  usage, then `data: [DONE]`; with `stream_options.include_usage` the usage moves to a last chunk
-  with no choices, as OpenAI sends it. Not streamed: one `chat.completion` with usage.
+  first one also carries the role), a final chunk with an empty delta and the finish_reason, then
+  `data: [DONE]`; the usage comes only with `stream_options.include_usage`, in a last chunk with no
+  choices, as vLLM and OpenAI send it (a stream that did not ask has none, so a client's no-usage path
+  meets here what it meets there). Not streamed: one `chat.completion` with usage.
 - Continuation (vLLM's `continue_final_message: true` with a final assistant message): the output
   continues at index = the number of sim tokens already in that message, seeded by the messages
   before it, so the text so far plus the continuation equals the uninterrupted output. As vLLM
@@ -135,9 +136,7 @@ class TokenStream:
     def _tail_chunks(self) -> bytes:
         p = self.plan
         base = {"id": p.completion_id, "object": "chat.completion.chunk", "created": p.created, "model": p.model}
-        final: dict[str, Any] = {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "length"}]}
-        if not p.include_usage:
-            final["usage"] = p.usage()
+        final = {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "length"}]}
         out = b"data: " + orjson.dumps(final) + b"\n\n"
         if p.include_usage:
             out += b"data: " + orjson.dumps({**base, "choices": [], "usage": p.usage()}) + b"\n\n"

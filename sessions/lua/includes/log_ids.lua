@@ -55,11 +55,18 @@ local function id_at(offset, base, holes)
   return id
 end
 
--- The holes a log whose oldest kept id is `base` still needs, as the meta's `hl` (false: none).
+-- The holes a log whose oldest kept id is `base` still needs, as the meta's `hl` (false: none): those
+-- after it, and those that end right at it (no id between them and base was kept: a reader at the
+-- hole's start has missed nothing, sessions/store.py LogBounds.trimmed), walked back through holes
+-- that run into each other (a jump with no event after it, then another).
 local function holes_after(holes, base)
-  local kept = {}
-  for _, h in ipairs(holes) do
-    if h[2] - 1 >= base then kept[#kept + 1] = h[1] .. ':' .. h[2] end
+  local kept, reach = {}, base
+  for i = #holes, 1, -1 do
+    local h = holes[i]
+    if h[2] >= reach then
+      table.insert(kept, 1, h[1] .. ':' .. h[2])
+      reach = math.min(reach, h[1] + 1)
+    end
   end
   return #kept > 0 and table.concat(kept, ',')
 end
