@@ -20,7 +20,9 @@ SIGTERM; a request still marked running is taken as preempted: it resumes from i
    (an idle session and its ended requests keep what remains of theirs, queued work has none);
 2. the aliases;
 3. the session's head made ready on its group's control plane (the library's `ready` function);
-4. the session's old keys deleted.
+4. the session's old keys deleted, unless an old API wrote to it since it was read (see delete_session):
+   one transaction, with that check, on the one server the old layout ran on, so a death leaves all of
+   them or none.
 
 Step 1 writes no key the new layout already has: a session whose new meta, log or queue exists is taken
 as written when they are exactly what this session's step 1 writes (an earlier run died before step 4),
@@ -28,13 +30,15 @@ else it is left alone, old keys and all (the new version wrote the same session 
 session on since: rewriting it would lose its events and hand their ids out again), and the run ends
 with exit code 1 and a line for it. Likewise a request hash the new layout holds, changed.
 
-Before the sessions: each group is registered with its copies of `sg:policy` and `sg:tenants` and its
-quota settings (`sg:g:<G>:cfg`). An old API not yet stopped may write sessions while migrate runs: each
-pass moves what the scan before it found, until a scan finds none (at most MAX_PASSES; what is left is
+Before the sessions, and also when none is left (an idle session expires while the old stack is stopped):
+each group is registered with its copies of `sg:policy` and `sg:tenants` and its quota settings
+(`sg:g:<G>:cfg`, which the sweep deletes). An old API not yet stopped may write sessions while migrate runs:
+each pass moves what the scan before it found, until a scan finds none (at most MAX_PASSES; what is left is
 reported, kept, exit code 1). Then every other old key is deleted (the old control plane: ready sets,
 counters, runs, leases, workers, metrics). Dying half-way and running it again is harmless (a session is
 redone until its old keys are gone), and a second run finds nothing to do. One run at a time: a second
-refuses while the first holds the run lock (LOCK; it lapses when a run dies).
+refuses while the first holds the run lock (LOCK; it lapses when a run dies); a run that cannot renew it
+in time stops at its next session, or before the sweep.
 """
 
 from __future__ import annotations
@@ -44,10 +48,11 @@ import json
 import re
 import secrets
 import sys
+import time
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from redis.exceptions import WatchError
+from redis.exceptions import RedisError, WatchError
 
 from sluicegate.sessions import keys
 from sluicegate.sessions.callbacks import script  # sessions/lua/standalone/<name>.lua
@@ -226,6 +231,9 @@ RELEASE_LOCK = script("migrate_lock_release")
 # the next one; what is still there after the last is reported and kept.
 MAX_PASSES = 5
 WRITE_TRIES = 3  # a session's write is retried when a watched key changed between its check and its write
+# A field step 4 sets in a session's old meta before deleting its keys one by one (a cluster, see
+# delete_session): a rerun that finds it finishes the deletes rather than compare a half-deleted session.
+MOVED = "migrated"
 
 
 @dataclass
@@ -282,6 +290,7 @@ class Migration:
         self.summary = Summary(dry_run=dry_run)
         self.run_id = secrets.token_hex(8)
         self.lock_lost = False
+        self.lock_renewed = 0.0  # time.monotonic() before the last lock write that succeeded
         self.groups_done: set[str] = set()
 
     # ---- reading the old layout ----------------------------------------------------------------
@@ -471,25 +480,83 @@ class Migration:
         return await self.scripts.call(name, keys_, args)
 
     async def delete(self, names: list[str]) -> None:
+        """Delete keys one a command (old keys are in any slot of a cluster): not atomic."""
         for i in range(0, len(names), CHUNK):
             async with self.r.pipeline(transaction=False) as pipe:
                 for name in names[i:i + CHUNK]:
                     pipe.delete(name)  # one key a command: old keys are in any slot of a cluster
                 await pipe.execute()
 
+    async def delete_session(self, plan: SessionPlan, *, orphan: bool) -> bool:
+        """Step 4: the session's old keys and its requests', unless an old API still running wrote to the
+        session since it was read (every write adds an event to its log): then nothing is deleted and it
+        returns False (the new layout has the session as read; the old keys keep what came after).
+
+        The old layout ran on one server (its scripts take keys of many slots): there the check and the
+        deletes are one transaction (WATCH), so a submit landing between them is kept, and a run that dies
+        leaves all the keys or none (half of them would read as another session on a rerun). On a cluster
+        (old keys copied there: no old API can write to one) the keys go one a command: the meta is marked
+        MOVED first and deleted last, and a rerun that finds the mark finishes the deletes (finish_delete)."""
+        base = OLD_SESSION + plan.sid
+        session = [] if orphan else [base + ":m", base + ":q", base + ":l"]
+        requests = [OLD_REQUEST + rid + suffix for rid in plan.requests for suffix in ("", ":in")]
+        if self.cluster:
+            if not orphan:
+                if await self.r.llen(base + ":l") != len(plan.log):
+                    return False
+                await self.r.hset(base + ":m", MOVED, self.run_id)
+            await self.finish_delete(plan)
+            return True
+        for _ in range(WRITE_TRIES):
+            try:
+                async with self.r.pipeline(transaction=True) as tx:
+                    if session:
+                        await tx.watch(*session)
+                        if await tx.llen(base + ":l") != len(plan.log):
+                            return False
+                    tx.multi()
+                    if session or requests:
+                        tx.delete(*session, *requests)
+                    await tx.execute()
+                    return True
+            except WatchError:  # written since the check: checked again
+                continue
+        return False
+
+    async def finish_delete(self, plan: SessionPlan) -> None:
+        """The deletes of step 4, one key a command, the old meta (with its MOVED mark) last."""
+        base = OLD_SESSION + plan.sid
+        await self.delete([base + ":q", base + ":l",
+                           *(OLD_REQUEST + rid + suffix for rid in plan.requests for suffix in ("", ":in"))])
+        await self.delete([base + ":m"])
+
     # ---- the run lock --------------------------------------------------------------------------
     async def lock(self) -> None:
+        self.lock_renewed = time.monotonic()
         if not await self.r.set(LOCK, self.run_id, nx=True, px=LOCK_MS):
             raise MigrationLocked(f"another run of migrate holds its lock ({LOCK}, run "
                                   f"{await self.r.get(LOCK)}): wait for it to end (a run that died lets the "
                                   f"lock lapse within {LOCK_MS / 1000:g} s); nothing was changed")
 
     async def hold_lock(self) -> None:
-        """Renew the lock while the run lasts; should it be lost (the run stalled past its TTL), the run stops
-        at its next session rather than run alongside another."""
+        """Renew the lock while the run lasts. A renewal that fails (a dropped connection) is tried again at
+        the next; the lock is lost when a renewal finds it no longer this run's (the run stalled past its TTL),
+        or once LOCK_MS has passed since the last renewal that succeeded (it may have lapsed): the run then
+        stops at its next session, or before its sweep, rather than run alongside another."""
         while not self.lock_lost:
             await asyncio.sleep(LOCK_MS / 3000)
-            self.lock_lost = not await self.r.eval(RENEW_LOCK, 1, LOCK, self.run_id, LOCK_MS)
+            sent = time.monotonic()
+            try:
+                held = bool(await self.r.eval(RENEW_LOCK, 1, LOCK, self.run_id, LOCK_MS))
+            except (RedisError, OSError):
+                held = time.monotonic() - self.lock_renewed < LOCK_MS / 1000
+            else:
+                self.lock_renewed = sent
+            self.lock_lost = not held
+
+    def check_lock(self) -> None:
+        if self.lock_lost:
+            raise MigrationLocked(f"migrate lost its lock ({LOCK}) and stopped half-way: run it again")
 
     async def unlock(self) -> None:
         await self.r.eval(RELEASE_LOCK, 1, LOCK, self.run_id)
@@ -556,6 +623,7 @@ class Migration:
         if not old:
             return self.summary
         await self.check_stopped(old)
+        await self.groups_and_quotas(old, set())  # also when no session is left (the sweep deletes the old cfg)
         for done in range(MAX_PASSES + 1):
             sids, by_session, groups = await self.sessions_in(old)
             todo = sorted((sids | set(by_session)) - set(self.summary.conflicts))
@@ -563,8 +631,7 @@ class Migration:
                 break
             await self.groups_and_quotas(old, groups)
             for sid in todo:
-                if self.lock_lost:
-                    raise MigrationLocked(f"migrate lost its lock ({LOCK}) and stopped half-way: run it again")
+                self.check_lock()
                 plan = await self.read_session(sid, by_session.get(sid, set()))
                 await self.move(plan, orphan=sid not in sids)
             if not self.dry_run:
@@ -576,6 +643,7 @@ class Migration:
         keep = {OLD_SESSION + sid + suffix for sid in kept for suffix in (":m", ":q", ":l")}
         keep |= {OLD_REQUEST + rid + suffix for sid in kept for rid in by_session.get(sid, ())
                  for suffix in ("", ":in")}
+        self.check_lock()
         await self.delete([key for key in old if key not in keep])  # the old control plane, workers, metrics
         return self.summary
 
@@ -592,6 +660,14 @@ class Migration:
                                   "forgotten within its lease, a few seconds); nothing was changed")
 
     async def move(self, plan: SessionPlan, *, orphan: bool) -> None:
+        if MOVED in plan.meta:  # moved by a run that died in step 4 on a cluster: only deletes are left
+            self.summary.sessions += 1
+            if self.dry_run:
+                self.out.write(json.dumps({"session": plan.sid, "moved_by_an_earlier_run": True},
+                                         separators=(",", ":")) + "\n")
+            else:
+                await self.finish_delete(plan)
+            return
         if self.dry_run:
             why, _ = self.conflict(plan, await self.read_new(plan), orphan=orphan)
         else:
@@ -614,15 +690,9 @@ class Migration:
         await self.write_aliases(plan.sid, requests)
         if not orphan:
             await self.ready_head(plan)
-        if not orphan and await self.r.llen(OLD_SESSION + plan.sid + ":l") != len(plan.log):
-            # an old API still running wrote to the session since it was read (every write adds an event): the
-            # new layout has it as read, the old keys keep what came after
+        if not await self.delete_session(plan, orphan=orphan):
             self.summary.conflicts[plan.sid] = ("written in the old layout while migrate moved it (is an old API "
                                                 "still running?)")
-            return
-        old = [OLD_SESSION + plan.sid + suffix for suffix in (":m", ":q", ":l")]
-        old += [OLD_REQUEST + rid + suffix for rid in plan.requests for suffix in ("", ":in")]
-        await self.delete(old)
 
 
 # The settings' defaults, for callers that name none (the CLI passes its settings'): never a copy of them.

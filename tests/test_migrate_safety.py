@@ -39,15 +39,16 @@ def depths(r: redis.Redis) -> dict[str, float]:
 
 
 def die_in_step_4(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A run of migrate dies deleting its first session's old keys (steps 1 to 3 done)."""
-    real_delete = mig.Migration.delete
+    """A run of migrate dies deleting its first session's old keys (steps 1 to 3 done), before any is gone
+    (on one server step 4 is one transaction: a death leaves all of them or none)."""
+    real_delete = mig.Migration.delete_session
 
-    async def dying_delete(self: mig.Migration, names: list[str]) -> None:
+    async def dying_delete(self: mig.Migration, plan: mig.SessionPlan, *, orphan: bool) -> bool:
         raise ConnectionError("killed in step 4")
-    monkeypatch.setattr(mig.Migration, "delete", dying_delete)
+    monkeypatch.setattr(mig.Migration, "delete_session", dying_delete)
     with pytest.raises(ConnectionError):
         mig.migrate(redis_url, cluster=ON_CLUSTER, out=io.StringIO())
-    monkeypatch.setattr(mig.Migration, "delete", real_delete)
+    monkeypatch.setattr(mig.Migration, "delete_session", real_delete)
 
 
 def test_a_session_the_new_version_already_wrote_is_left_alone(redis_url: str, r: redis.Redis,
