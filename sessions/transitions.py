@@ -437,9 +437,10 @@ class Transitions:
             log.warning("repair: %d buckets' outboxes could not be read (%s); the next pass retries them",
                         len(failed), counts[failed[0]])
         repaired = 0
+        refused: set[str] = set()  # the groups whose control master refused a ready in this pass
         for bucket in (b for b in buckets if counts[b] and not isinstance(counts[b], BaseException)):
             try:
-                repaired += await self._repair_bucket(bucket, age_ms, limit)
+                repaired += await self._repair_bucket(bucket, age_ms, limit, refused)
             except Exception as error:
                 # A master unreachable or refusing (OOM, MISCONF, ...) must not stall the buckets after
                 # this one: every pass starts again at the first bucket. This one waits for the next pass.
@@ -462,27 +463,38 @@ class Transitions:
             groups.setdefault(client.get_node_from_key(keys.outbox(bucket)).name, []).append(bucket)
         return list(groups.values())
 
-    async def _repair_bucket(self, bucket: str, age_ms: int, limit: int) -> int:
-        """Ready the bucket's old outbox heads; one whose group's master refuses stays in the outbox (the
-        others in the bucket, of other groups, are still readied). Every head the control plane answered
-        for leaves the outbox; only those it did not have count as completed."""
+    async def _repair_bucket(self, bucket: str, age_ms: int, limit: int, refused: set[str]) -> int:
+        """Ready the bucket's old outbox heads. Every head the control plane answered for leaves the outbox;
+        only those it did not have count as completed. One whose group's master refuses or cannot be reached
+        goes to the back of the outbox (the others in the bucket, of other groups, are still readied, and
+        the next pass's batch reaches those behind it), and so do the rest of that group's in this pass,
+        without a call: `refused` (shared by the pass's buckets) names the groups whose master refused."""
         dp = keys.data_prefix(bucket)
         specs = await self._call("outbox", [dp], [age_ms, limit])
-        done, completed = [], 0
+        done: list[str] = []
+        later: list[str] = []
+        completed = 0
         for spec_json in specs:
+            spec = json.loads(text(spec_json))
+            rid, group = spec["rid"], spec["g"]
+            if group in refused:
+                later.append(rid)
+                continue
             try:
                 outcome = await self._ready(spec_json)
             except Exception as error:
                 if not store_unavailable(error):
                     raise
-                log.warning("repair: readying %s failed (%s); the next pass retries it", text(spec_json), error)
+                log.warning("repair: readying %s failed (%s); group %s's heads wait for the next pass",
+                            rid, error, group)
+                refused.add(group)
+                later.append(rid)
                 continue
-            rid = json.loads(text(spec_json))["rid"]
             done.append(rid)
             if outcome in ("ready", "started"):
                 completed += 1
             else:  # known/stale: the caller's own ready had landed (the head waits or runs), a confirmation
                 log.debug("repair: %s confirmed (%s)", rid, outcome)
-        if done:
-            await self._call("outbox_done", [dp], done)
+        if done or later:
+            await self._call("outbox_done", [dp], [len(done), *done, *later])
         return completed

@@ -131,7 +131,8 @@ end
 
 -- Make a session's head request ready in its group (and dispatch). Idempotent, as the repair pass
 -- may repeat it: a head already waiting or already dispatched is left alone ('known'); a different
--- head waiting for the same session (its request ended without the control step) is replaced.
+-- head waiting for the same session (its request ended without the control step) is replaced, unless
+-- it is later in the session's queue ('stale', see below).
 -- `fresh`: the request was stored in this same call (submit_one): no attempt of it can have a run record
 -- (one exists only while the request does), and see start_alone.
 local function ready(cp, spec, now, lease, fresh)
@@ -139,8 +140,17 @@ local function ready(cp, spec, now, lease, fresh)
   if current then
     if current.rid == spec.rid then return 'known' end
     -- A session's requests are queued in the order of their `queued` events (fs): a late ready of
-    -- an earlier head (the session has moved on since) never takes the place of a later one.
-    if (tonumber(spec.fs) or 0) < (tonumber(current.fs) or 0) then return 'stale' end
+    -- an earlier head (the session has moved on since) never takes the place of a later one. But fs
+    -- orders one life of a session only: once its meta expired (session_ttl idle) its ids start again
+    -- at 1, and a waiting entry left from its old life (a cancel or expiry whose control step was lost)
+    -- would answer every head of the new one 'stale', for ever. A head with a smaller fs that was
+    -- submitted later (`sub`, the data master's clock, at least session_ttl after anything of the old
+    -- life) is the new life's: the old entry is replaced. Within one life an earlier head was never
+    -- submitted later, short of that master's clock going back; should it, it is readied as before fs
+    -- (its start is refused and the real head goes to the outbox).
+    local sub, current_sub = tonumber(spec.sub), tonumber(current.sub)
+    local new_life = sub and current_sub and sub > current_sub
+    if (tonumber(spec.fs) or 0) < (tonumber(current.fs) or 0) and not new_life then return 'stale' end
     remove_ready(cp, spec.sid, current.tn, current.ep, current.dl)
   end
   if not fresh and redis.call('HEXISTS', cp .. 'ri', spec.rid .. '|' .. (spec.a + 1)) == 1 then return 'known' end
