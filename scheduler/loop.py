@@ -4,13 +4,14 @@ Submissions and finished runs dispatch at once inside their own atomic functions
 clock: a group whose quota refills at a known time, requests waiting past their class's max wait,
 and runs whose worker stopped renewing its lease. Each group has a loop of its own (a decision reads
 only its group's state, in its group's slot of a cluster): it runs the group's sweep, then sleeps until
-the earliest quota wake-up or the next sweep, whichever comes first, or until a hint on the group's hint
-list (a call that needs a sweep sooner). A group
-added while the scheduler runs gets its loop at once (sg:groups:hint), else on the next read. On a
+the earliest quota or deadline wake-up or the next sweep, whichever comes first, or until a hint on the
+group's hint list (a call that needs a sweep sooner). A group
+added while the scheduler runs gets its loop at once (sg:groups:hint), else on the next read; a group whose
+slot cannot be reached holds back no other group's loop. On a
 cluster a repair pass also readies the heads that a caller who died half-way left in an outbox
 (sessions/transitions.py), and the scheduler that swept writes the new effective class of each request its
-sweep promoted on the data plane (effective_priority; one server's sweep writes it itself). Any number of
-schedulers may run: every step is an idempotent atomic call.
+sweep promoted, or whose deadline boost a hand-back dropped, on the data plane (effective_priority; one
+server's sweep writes it itself). Any number of schedulers may run: every step is an idempotent atomic call.
 """
 
 from __future__ import annotations
@@ -40,11 +41,11 @@ SET_CLASS = "if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[
 
 
 async def write_effective_classes(client: Any, group: str) -> int:
-    """Cluster: write the effective class of each request the group's sweeps promoted (sweep.lua pushes
-    "rid|class" to the group's epw) on its data plane, where GET /v1/requests/{rid} reads it. Each entry is
-    popped by one scheduler; one that dies after the pop, or a data master that refuses the write, leaves
-    that request showing its older class (a display only: the control plane ranks it by its own copy).
-    Returns the number of entries written."""
+    """Cluster: write the effective class of each request the group's sweeps promoted, or whose boost a
+    hand-back dropped (sweep.lua and runs.lua release push "rid|class" to the group's epw), on its data
+    plane, where GET /v1/requests/{rid} reads it. Each entry is popped by one scheduler; one that dies after
+    the pop, or a data master that refuses the write, leaves that request showing its older class (a display
+    only: the control plane ranks it by its own copy). Returns the number of entries written."""
     written = 0
     while True:
         entries = await client.lpop(keys.group_key(group, "epw"), CLASSES_POPPED) or []
@@ -78,8 +79,8 @@ class Scheduler:
         throttled group would come that late, and with a burst of 1 a requests/s quota would lose it each time."""
         called = time.monotonic()
         result = await self.transitions.sweep(group)
-        if self.cluster and result.promoted:
-            await write_effective_classes(self.redis, group)
+        if self.cluster:  # also when nothing was promoted: a boost dropped at a hand-back (runs.lua release)
+            await write_effective_classes(self.redis, group)  # notes its end too; an empty epw costs one pop
         if result.lapsed or result.promoted:
             log.info("sweep %s: %d runs of lost workers handed back, %d requests aged, %d dispatched",
                      group, result.lapsed, result.promoted, result.started)
@@ -92,7 +93,11 @@ class Scheduler:
         """Sweep, then sleep until the sweep's wake-up (timed here) or a hint (a call that needs a sweep sooner).
         The wake-up is not BLPOP's timeout: the server checks blocked clients' timeouts at its `hz` (10 a second
         by default), so an idle server ended a 50 ms wait after 100 ms and a requests/s quota of 20 admitted
-        about 14 a second. A watcher holds the blocking pop, with a long timeout, and sets `hinted`."""
+        about 14 a second. A watcher holds the blocking pop, with a long timeout, and sets `hinted`.
+        The group's policy is copied first (_copy_policy), here rather than where its loop is created: a group
+        whose slot cannot be reached must hold back no other group's loop."""
+        if not await self._copy_policy(group, stop):
+            return
         hinted = asyncio.Event()
         watcher = asyncio.create_task(self._watch_hints(group, hinted, stop))
         try:
@@ -112,6 +117,20 @@ class Scheduler:
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await watcher
+
+    async def _copy_policy(self, group: str, stop: asyncio.Event) -> bool:
+        """Copy the policy into the group's control plane, retrying until it is done (True) or the stop (False)."""
+        while not stop.is_set():
+            try:
+                await copy_policy(self.redis, group)
+                return True
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("copying the policy into group %s failed; retrying", group)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), GROUPS_REFRESH_SECONDS)
+        return False
 
     async def _watch_hints(self, group: str, hinted: asyncio.Event, stop: asyncio.Event) -> None:
         """Pop the group's hints as they come (its own connection: a blocking pop holds it) and say so."""
@@ -173,8 +192,7 @@ class Scheduler:
             while not stop.is_set():
                 try:
                     for group in sorted(text(g) for g in await self.redis.smembers(keys.GROUPS)):
-                        if group not in loops:
-                            await copy_policy(self.redis, group)
+                        if group not in loops:  # it copies the policy into its group first
                             loops[group] = asyncio.create_task(self._group_loop(group, stop))
                     await self._until_groups_change(hints, stop)
                 except asyncio.CancelledError:

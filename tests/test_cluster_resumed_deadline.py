@@ -7,14 +7,17 @@ inversion), and with "fail" could try to end it."""
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 import redis
 
-from sluicegate.scheduler.loop import write_effective_classes
+from sluicegate.scheduler.loop import SET_CLASS, Scheduler, write_effective_classes
 from sluicegate.sessions import keys
 from sluicegate.sessions.connect import async_client
-from tests.helpers import ON_CLUSTER
+from sluicegate.sessions.scripts import Scripts
+from sluicegate.sessions.transitions import Transitions
+from tests.helpers import ON_CLUSTER, fast_settings
 from tests.sched_harness import Harness
 
 G = "default"
@@ -102,3 +105,60 @@ def test_a_deadline_boost_goes_with_the_deadline_at_the_first_token(r: redis.Red
     assert h.dispatched_rids()[-1] == b and h.running() == [b]
     h.complete(b)
     assert h.running() == [a]
+
+
+def sweep_as_a_cluster_scheduler(redis_url: str) -> int:
+    """One sweep of the group by a real scheduler on the cluster's protocol (on one server: the cluster's
+    functions, as Harness(cluster=True) calls them); returns how many requests it promoted."""
+
+    async def sweep() -> int:
+        scheduler = Scheduler(fast_settings(redis_url))
+        if not ON_CLUSTER:
+            scheduler.cluster = True
+            scheduler.scripts = Scripts(scheduler.redis, single_server=False)
+            scheduler.transitions = Transitions(scheduler.scripts, lease_ms=scheduler.lease_ms,
+                                                session_ttl=scheduler.settings.session_ttl)
+        promoted = 0
+        sweep = scheduler.transitions.sweep
+
+        async def counted(group: str) -> Any:
+            nonlocal promoted
+            result = await sweep(group)
+            promoted += result.promoted
+            return result
+
+        scheduler.transitions.sweep = counted  # type: ignore[method-assign]
+        try:
+            await scheduler.sweep_once(G)
+        finally:
+            await scheduler.redis.aclose()
+        return promoted
+
+    return asyncio.run(sweep())
+
+
+def test_a_boost_dropped_at_a_hand_back_is_shown_after_the_next_sweep(r: redis.Redis, redis_url: str) -> None:
+    """The end of a boost, noted at the hand-back (runs.lua release), is written by the scheduler that sweeps
+    next, though that sweep promotes nothing. The hand-back's ready_spec shows the request's own class at once,
+    but a scheduler that popped the boost's entry before it writes the boost after it (the race release's note
+    is there for): the request then showed its boosted class while it waited and ran at its own, until some
+    later sweep of its group promoted a request (docs/cluster.md)."""
+    h = Harness(r, cluster=True)
+    h.policy(min_run=0, dlw=60_000)  # its slack is short enough at once: the next sweep raises it
+    busy = h.submit("busy", tenant="tb", priority=9, max_tokens=5)
+    a = h.submit("a", tenant="ta", priority=3, max_tokens=50, deadline_ms=60_000, fail_on_miss=True)
+    assert h.sweep()[1] == 1 and stored(r, "a")[STORED_EP] == "4"  # raised one class (dlb 1)
+    epw = keys.group_key(G, "epw")
+    assert r.lpop(epw, 100) == [f"{a}|4"]  # a scheduler's write_effective_classes pops the boost's entry...
+    h.add_worker("w", slots=1)
+    h.complete(busy)
+    run = h.run_of(a)
+    assert h.append(run, 3)[0] == 1  # its first token: the deadline binds no more, nor its boost
+    h.submit("hi", tenant="tc", priority=7, max_tokens=5)  # preempts a
+    h.handback(run, reason="priority")
+    assert h.status(a) == "preempted" and stored(r, "a")[STORED_EP] == ""  # waits at its own class
+    assert h.req(a)["ep"] == "3"  # (the data plane's hand-back shows it so)
+    r.eval(SET_CLASS, 1, keys.request(a), "4")  # ...and writes it only now
+    assert h.req(a)["ep"] == "4"
+    assert sweep_as_a_cluster_scheduler(redis_url) == 0  # the next sweep promotes nothing
+    assert h.req(a)["ep"] == "3"

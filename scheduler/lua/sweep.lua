@@ -84,15 +84,22 @@ for cls = 0, highest - 1 do
 end
 -- Deadlines whose slack runs out: up by at most dlb classes, and not past the highest class with work,
 -- nor past the tenant's max_priority (mx: a guardrail the submit checked holds for the boost too).
+-- Only a request still on time (fairness.lua deadline_rank: not passed, nor forecast to miss) is raised,
+-- as make_ready only notes one that is: a sweep that comes after the deadline must not lift late work
+-- ahead of the class it is raised into. The aging clock keeps running in the raised class (as in runs.lua
+-- release), or a boost would let a request wait longer than one without a deadline.
 for _, sid in ipairs(redis.call('ZRANGEBYSCORE', cp .. 'dlp', '-inf', now, 'LIMIT', 0, 100)) do
   redis.call('ZREM', cp .. 'dlp', sid)
   local spec = ready_head(cp, sid)
   local cls = spec and spec.ep
-  if spec and spec.dl and cls < math.min(highest, spec.mx or highest) then
+  if spec and spec.dl and cls < math.min(highest, spec.mx or highest) and spec.dl > now
+      and deadline_rank(cp, spec, now, pol) == spec.dl then
     local raised = math.min(cls + pol.dlb, highest, spec.mx or highest)
+    local aged = redis.call('ZSCORE', cp .. 'age' .. cls, sid)
     remove_ready(cp, sid, spec.tn, cls, true)
     spec.ep, spec.bo = raised, 1
     make_ready(cp, spec, now, true)
+    if aged and raised < 10 then redis.call('ZADD', cp .. 'age' .. raised, aged, sid) end
     note_class(cp, spec.rid, raised)
     promoted = promoted + 1
   end
@@ -144,7 +151,10 @@ for _, zset in ipairs({ 'dlp', 'dld', 'dlq' }) do
 end
 -- This call saw every change made before it and returns the earliest wake-up: a hint left in the list
 -- (pushed before it, or by its own dispatch, note_wake) would only end the loop's next wait at once, and
--- a throttled group would sweep in a busy loop. A hint pushed by a later call survives.
+-- a throttled group would sweep in a busy loop. A hint pushed by a later call survives. The wake-up is
+-- noted (qs wake), deadlines' included: a later call hints the loop only for a wake earlier than it
+-- (quotas.lua note_wake, fairness.lua note_deadline_wake).
+if nxt then redis.call('HSET', cp .. 'qs', 'wake', nxt) end
 redis.call('DEL', cp .. 'hint')
 local reply = { lapsed, promoted, started, nxt and tostring(nxt) or '-1', tostring(now), #lost }
 for _, key in ipairs(lost) do reply[#reply + 1] = key end

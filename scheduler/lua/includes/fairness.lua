@@ -78,6 +78,20 @@ local function deadline_rank(cp, spec, now, pol)
   return spec.dl
 end
 
+-- The group's scheduler loop sleeps until the wake its last sweep noted (qs wake, sweep.lua), or a hint:
+-- a deadline entry due before that wake hints it, or its boost (or its "fail") would wait for the periodic
+-- sweep, up to --sweep-seconds late, past a short deadline's promotion window. As quotas.lua note_wake
+-- (defined after this file), but with one read: it is on a deadline request's way to its first token.
+-- The hint list is cut to one entry, rather than read first (a hint already there would end the loop's
+-- next wait again at once).
+local function note_deadline_wake(cp, wake)
+  local current = tonumber(redis.call('HGET', cp .. 'qs', 'wake') or '')
+  if current and wake >= current then return end
+  redis.call('HSET', cp .. 'qs', 'wake', wake)
+  redis.call('LPUSH', cp .. 'hint', 1)
+  redis.call('LTRIM', cp .. 'hint', 0, 0)
+end
+
 -- Make a head request ready. `keep_counter`: the request was already admitted (requeued after a
 -- preemption or a lost worker, or promoted by aging), so its tenant is not a newcomer and keeps its
 -- counter. The spec keeps its first ready time (rs): a requeued request stays ahead of later ones.
@@ -91,10 +105,16 @@ local function make_ready(cp, spec, now, keep_counter)
   if cls < 10 then redis.call('ZADD', cp .. 'age' .. cls, now, sid) end
   if spec.dl then
     local on_time = rank == spec.dl -- not missed, nor forecast to: only such a request is worth raising
+    local wake -- the earliest sweep this request needs: its boost, or its "fail"
     if on_time and cls < math.min(9, spec.mx or 9) and not spec.bo and pol.dlb > 0 then
-      redis.call('ZADD', cp .. 'dlp', spec.dl - pol.dlw, sid)
+      wake = spec.dl - pol.dlw
+      redis.call('ZADD', cp .. 'dlp', wake, sid)
     end
-    if spec.dm or spec.dl > now then redis.call('ZADD', cp .. 'dld', spec.dl, sid) end
+    if spec.dm or spec.dl > now then
+      redis.call('ZADD', cp .. 'dld', spec.dl, sid)
+      if spec.dm and not wake then wake = spec.dl end -- (a boost comes first: its sweep notes the dl)
+    end
+    if wake then note_deadline_wake(cp, wake) end
   end
   local counter = vtc_get(cp, tenant)
   if redis.call('HINCRBY', cp .. 'btn', tenant, 1) == 1 then
