@@ -74,8 +74,8 @@ def test_streamed_one_chunk_per_token(backend: ServerThread) -> None:
     finish, usage = result.chunks[-2], result.chunks[-1]
     assert finish["choices"][0]["finish_reason"] == "length" and finish["choices"][0]["delta"] == {}
     assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 12
-    plain = chat_stream(backend.url, {"messages": MESSAGES, "max_tokens": 2})
-    assert plain.done and len(plain.content_chunks) == 2 and not any("usage" in c for c in plain.chunks)  # not asked for
+    plain = chat_stream(backend.url, {"messages": MESSAGES, "max_tokens": 2})  # usage not asked for
+    assert plain.done and len(plain.content_chunks) == 2 and not any("usage" in c for c in plain.chunks)
     assert plain.chunks[-1]["choices"][0]["finish_reason"] == "length"
 
 
