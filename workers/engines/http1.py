@@ -12,7 +12,9 @@ A body read to its end puts its connection back in the pool; a body left unread 
 what aborts a backend's generation when a run is cancelled), unless the caller saw the stream's own
 end (`release(drain=True)`): then its last bytes are read in the background and the connection is kept.
 A request on a kept connection that the server closed meanwhile (an idle keep-alive timeout) is sent
-once more on a new connection, when not one byte of an answer came back.
+once more on a new connection, when not one byte of an answer came back. When nothing listens for that new
+one, the call fails as the closed connection (ServerClosed), not as a server never reached: the server
+may have died of this very request, and its refusal afterwards is no news of a server that was down.
 """
 
 from __future__ import annotations
@@ -251,8 +253,12 @@ class HTTP1Client:
         if connection is not None:
             try:
                 return await self._exchange(connection, request)
-            except ServerClosed:  # it closed while kept: once more on a new connection
-                pass
+            except ServerClosed as closed:  # it closed while kept: once more on a new connection
+                try:
+                    connection = await self._connect()
+                except CannotConnect:  # nothing listens any more: it may have died of this very request
+                    raise closed from closed.__cause__  # not `unreachable`: the request reached it
+                return await self._exchange(connection, request)
         return await self._exchange(await self._connect(), request)
 
     async def _exchange(self, connection: _Connection, request: bytes) -> Response:

@@ -14,7 +14,8 @@ own max_tokens ends its output, and every chunk it sent is kept, with its finish
 backend past its max_tokens is cut here (closing the stream), its run then ending `length`: by its own
 count (a server that reports usage in every chunk), or past RUNAWAY_CHUNKS_PER_TOKEN chunks per token
 asked (plus RUNAWAY_SLACK). Indices count chunks: a resume by regeneration skips as many chunks (the
-same ones under greedy decoding); one by continuation asks for max_tokens less them.
+same ones under greedy decoding); one by continuation asks for max_tokens less the output so far, in
+tokens (`_output_tokens`: a chunk may carry several).
 
 Failures, and who handles them:
 - before the first token (connection refused, timeout, 408, 429, 5xx, a stream cut short, no token
@@ -24,9 +25,13 @@ Failures, and who handles them:
   (the request itself is wrong). A retried status with a `Retry-After` (seconds or an HTTP-date; vLLM,
   TGI and proxies send it when overloaded) is honoured: the next try waits at least that long, but at
   most RETRY_AFTER_MAX_SECONDS (30 s: a confused backend cannot park the slot for hours); one that does
-  not parse or is past leaves the backoff as it is. A backend not reached at all on the last try (nothing
+  not parse or is past leaves the backoff as it is. A backend not reached at all on any try (nothing
   listening, or a 503: one still loading its model) fails the attempt as BackendDown (engines/base.py):
   handed back without counting as a failed attempt, its worker withdrawing its slots until its probe answers.
+  One that any try reached (a connection closed or cut after the request went out, any other status, an
+  error in its stream) fails it as a failed attempt, even when nothing listens on the later tries: a
+  backend that died of the request (a poison prompt) is refused afterwards, and must not get it again
+  at each restart for free.
 - after tokens streamed (a broken stream, silence past `idle_timeout`): a transient EngineError; after
   the backend's finish_reason (only its usage or `[DONE]` missing) the run ends finished instead.
 - a 200 that is not an event stream (its content-type says so: a JSON error served with 200, a web
@@ -47,10 +52,13 @@ tokens so far, until the request has failed `--max-attempts` times. Keep-alive c
 activity: a backend that sends only those times out like a silent one.
 
 Resume sends the output so far as a final assistant message with vLLM's `continue_final_message`
-(and `add_generation_prompt: false`), asking for the remaining `max_tokens - start_index` tokens.
-The backend then counts the output so far as prompt: the usage reported is moved back by
-`start_index` tokens, to what the request would have reported uninterrupted (exact when each
-streamed chunk is one token, as vLLM and SGLang stream).
+(and `add_generation_prompt: false`), asking for the remaining max_tokens less the output so far. A
+chunk is not always one token (vLLM streams all the tokens a speculative-decoding step accepted in one
+chunk, SGLang one chunk per `--stream-interval` tokens), so the output so far is counted with the
+backend's own tokenizer where it has one (`/tokenize`: vLLM, SGLang, llama.cpp; `_output_tokens`; the
+budget never leaves out fewer than its chunks), and is `start_index` (its chunks) where it has none or the
+count fails: there a resumed run can get past max_tokens. The backend then counts the output so far as
+prompt: the usage reported is moved back by that count, to what the request would have reported uninterrupted.
 
 Priority: vLLM schedules lower values first (with `--scheduling-policy priority`), so Sluicegate's
 0..9 (higher first) is sent as `priority = 9 - p`; to SGLang, which runs higher values first, as
@@ -118,6 +126,9 @@ RESERVED = frozenset({"model", "messages", "stream", "stream_options", "max_toke
 TEXT_FIELDS = frozenset({"content", "role"})  # what a delta carries that is not passed on raw
 RETRIED_STATUSES = frozenset({408, 429})
 COUNT_TIMEOUT = 5.0  # seconds for a tokenize-count call; past it the usage is Sluicegate's estimate
+# Servers with a `/tokenize` at their root that `_count` can ask (besides those with counts_tokens): vLLM's and
+# SGLang's take `prompt` (and `model`), llama.cpp's `content`; each ignores the other's field.
+TOKENIZE_SERVERS = frozenset({"vllm", "sglang", "llama.cpp"})
 # A backend past its max_tokens is cut: by its own count (usage in every chunk), or past
 # RUNAWAY_CHUNKS_PER_TOKEN chunks per token asked, plus RUNAWAY_SLACK (a server streaming message diffs
 # sends more chunks than tokens, and must never be cut while it ends by itself).
@@ -483,15 +494,17 @@ class OpenAIEngine:
         are skipped: the same text under greedy decoding, possibly another one when sampling)."""
         return "continue" if self.capabilities.continues else "regenerate"
 
-    def body(self, run: RunSpec, so_far: str, model: str, continues: bool | None = None) -> dict[str, Any]:
+    def body(self, run: RunSpec, so_far: str, model: str, continues: bool | None = None,
+             done: int | None = None) -> dict[str, Any]:
         """The call's body; `continues`: whether a resumed run asks the engine to continue its output so far
-        (by default, as the engine can), or asks for the whole output again."""
+        (by default, as the engine can), or asks for the whole output again; `done`: the tokens of the output
+        so far, which a continuation's max_tokens leaves out (by default start_index, one per chunk)."""
         continues = self.capabilities.continues if continues is None else continues
         body = {k: v for k, v in run.params.items() if k not in RESERVED}
         messages = run.messages
         body.update(model=model, messages=messages, stream=True)
         budget = self.capabilities.budget_field  # max_tokens, or the newer name where it is refused
-        body[budget] = run.max_tokens - run.start_index
+        body[budget] = run.max_tokens - (run.start_index if done is None else done)
         if run.start_index > 0 and continues:
             body.update(messages=[*messages, {"role": "assistant", "content": so_far}],
                         continue_final_message=True, add_generation_prompt=False)
@@ -527,13 +540,16 @@ class OpenAIEngine:
 
     async def _generate(self, run: RunSpec, so_far: str,
                         headers: dict[str, str] | None = None) -> AsyncGenerator[Piece, None]:
-        remaining = run.max_tokens - run.start_index
-        if remaining <= 0:
+        if run.max_tokens - run.start_index <= 0:
             return
         state = StreamState()
         continues = run.start_index > 0 and self.capabilities.continues
+        # A continuation asks for max_tokens less the output so far, and its usage moves that back (_output_tokens)
+        counted, done = await self._output_tokens(run, so_far) if continues else (run.start_index, run.start_index)
+        if continues and run.max_tokens - done <= 0:  # the output so far is max_tokens already: ended (length)
+            return
         try:
-            response, tokens, first = await self._open(run, so_far, state, headers, continues)
+            response, tokens, first = await self._open(run, so_far, state, headers, continues, done)
         except EngineError as error:
             # The call that continues the output differs from the one the backend took (llama.cpp refuses
             # an assistant prefill with thinking on, or after an assistant turn of the tenant's): its refusal
@@ -544,8 +560,9 @@ class OpenAIEngine:
                         run.request_id, run.attempt, error)
             continues = False
             state = StreamState()
-            response, tokens, first = await self._open(run, so_far, state, headers, continues)
+            response, tokens, first = await self._open(run, so_far, state, headers, continues, done)
         skip = run.start_index if run.start_index and not continues else 0
+        remaining = run.max_tokens - (done if continues else run.start_index)
         asked = remaining + skip  # the max_tokens this call asked for (body())
         # A backend ends its stream itself, within max_tokens: every chunk it sent is kept, however many
         # chunks its tokens came in. Only a runaway one, past its max_tokens, is cut here.
@@ -593,7 +610,7 @@ class OpenAIEngine:
                 state.finish_reason = "length"
             if state.usage is None and self.capabilities.counts_tokens:
                 state.usage = await self._count_usage(run, so_far, "".join(generated), continues)
-            yield self._finish(state, run, produced, remaining, continues)
+            yield self._finish(state, produced, remaining, counted if continues else 0)
         except (Transient, HTTPClientError, TimeoutError, ValueError) as error:
             raise EngineError(f"backend stream broke after {produced} tokens: {describe(error)}",
                               transient=True) from error
@@ -620,30 +637,63 @@ class OpenAIEngine:
                 self._count_overhead = await self._count("")
             prompt_tokens = await self._count(prompt)  # a chat template starts with BOS too: kept
             completion_tokens = max(0, await self._count(output) - self._count_overhead)
-        except (aiohttp.ClientError, TimeoutError, ValueError, KeyError) as error:
+        except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, TypeError) as error:
             log.warning("backend %s: counting tokens failed (%s); usage is Sluicegate's estimate", self.base_url, error)
             return None
         return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                 "total_tokens": prompt_tokens + completion_tokens, "counted_by": "tokenizer"}
 
-    async def _count(self, text: str) -> int:
+    async def _output_tokens(self, run: RunSpec, so_far: str) -> tuple[int, int]:
+        """The tokens of a continued run's output so far: (the backend tokenizer's count, what the budget leaves
+        out). start_index counts chunks, and a chunk may carry several tokens (vLLM under speculative decoding,
+        SGLang with --stream-interval), so a backend with a tokenizer endpoint counts them; the budget takes the
+        larger of that and start_index (vLLM's and SGLang's chunks carry at least one token each, and a text
+        tokenized again can come out shorter than as generated). Both are start_index for a backend without
+        one, or when the count fails: better a usage moved back by chunks than a resume that waits."""
+        if not (self.capabilities.counts_tokens or self.capabilities.server in TOKENIZE_SERVERS):
+            return run.start_index, run.start_index
+        model = self.models.get(run.group) or self.models.get("*") or self._served_model
+        try:
+            if self._count_overhead is None:  # what the tokenizer adds to any text (a BOS token, say)
+                self._count_overhead = await self._count("", model)
+            counted = max(0, await self._count(so_far, model) - self._count_overhead)
+        except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, TypeError) as error:
+            log.warning("run %s|%s: backend %s: counting the output so far failed (%s); counted as its %d chunks",
+                        run.request_id, run.attempt, self.base_url, describe(error), run.start_index)
+            return run.start_index, run.start_index
+        return counted, max(counted, run.start_index)
+
+    async def _count(self, text: str, model: str | None = None) -> int:
+        """`text`'s tokens by the backend's tokenizer: llama-cpp-python's count endpoint, else `/tokenize` at the
+        server's root, asked in llama.cpp's words (`content`) and in vLLM's and SGLang's (`prompt`, and `model`
+        when known), each of which reads its own and ignores the others."""
         root = root_of(self.base_url)
         async with asyncio.timeout(COUNT_TIMEOUT):  # the run holds its slot meanwhile
             if self.capabilities.server == "llama-cpp-python":
                 async with self.session.post(f"{root}/extras/tokenize/count", data=orjson.dumps({"input": text})) as r:
                     return int(orjson.loads(await r.read())["count"])
-            async with self.session.post(f"{root}/tokenize", data=orjson.dumps({"content": text})) as r:
-                return len(orjson.loads(await r.read())["tokens"])
+            body: dict[str, Any] = {"content": text, "prompt": text}
+            if model:
+                body["model"] = model
+            async with self.session.post(f"{root}/tokenize", data=orjson.dumps(body)) as r:
+                payload = await r.read()
+                if r.status != 200:
+                    raise ValueError(f"the tokenize endpoint answered {r.status}")
+                tokens = orjson.loads(payload)["tokens"]
+                if not isinstance(tokens, list):
+                    raise ValueError("the tokenize endpoint sent no list of tokens")
+                return len(tokens)
 
-    def _finish(self, state: StreamState, run: RunSpec, produced: int, remaining: int, continued: bool) -> Finish:
+    @staticmethod
+    def _finish(state: StreamState, produced: int, remaining: int, moved: int) -> Finish:
         """How the stream ended: the backend's finish_reason (`length` when Sluicegate cut it), and
-        its usage for the whole request (a regenerated run's call generated all of it)."""
+        its usage for the whole request (a regenerated run's call generated all of it; a continued one's
+        prompt held the output so far, `moved` tokens, which are output)."""
         reason = state.finish_reason or ("length" if produced >= remaining else "stop")
-        moved = run.start_index if continued else 0
         return Finish(reason, usage_as_uninterrupted(state.usage, moved))
 
     async def _open(self, run: RunSpec, so_far: str, state: StreamState, headers: dict[str, str] | None,
-                    continues: bool) -> tuple[Response, Any, Piece | None]:
+                    continues: bool, done: int | None = None) -> tuple[Response, Any, Piece | None]:
         """Connect and read up to the first token, retrying transient failures."""
         def retrying() -> AsyncRetrying:
             backoff = wait_random_exponential(multiplier=self.backoff_initial, max=self.backoff_max)
@@ -651,14 +701,25 @@ class OpenAIEngine:
                                  wait=honouring_retry_after(backoff, self.retry_after_max),
                                  retry=retry_if_exception_type(Transient))
 
+        reached = False  # a try failed after reaching the backend (not `down`): then this is no BackendDown
+
+        async def attempt() -> tuple[Response, Any, Piece | None]:
+            nonlocal reached
+            try:
+                return await self._attempt(run, so_far, state, headers, continues, done)
+            except Transient as error:
+                reached = reached or not error.down
+                raise
+
         try:
-            return await first_try_then(lambda: self._attempt(run, so_far, state, headers, continues), retrying,
-                                        lambda error: isinstance(error, Transient))
+            return await first_try_then(attempt, retrying, lambda error: isinstance(error, Transient))
         except Transient as error:  # tenants read the message: the backend's address goes to the log only
             log.warning("run %s|%s: backend %s failed %d times before the first token: %s", run.request_id,
                         run.attempt, self.base_url, self.retries, error)
             message = f"the backend failed {self.retries} times before the first token; last error: {error}"
-            if error.down:  # not reached, or not up: no failure of the request's (BackendDown)
+            # Not reached on any try, or not up: no failure of the request's (BackendDown). A backend that a try
+            # reached and that refuses the later ones may have died of this very request: a failed attempt.
+            if error.down and not reached:
                 raise BackendDown(message) from error
             raise EngineError(message, transient=True) from error
         except Permanent as error:
@@ -667,10 +728,13 @@ class OpenAIEngine:
             raise EngineError(f"{BACKEND_REFUSED_PREFIX}{error}", transient=False) from error
 
     async def _attempt(self, run: RunSpec, so_far: str, state: StreamState, headers: dict[str, str] | None,
-                       continues: bool) -> tuple[Response, Any, Piece | None]:
+                       continues: bool, done: int | None = None) -> tuple[Response, Any, Piece | None]:
+        # Each try starts from a clean state: a finish_reason (or usage) a failed try read before its first
+        # token is not this try's, and would end a later cut-short stream as finished.
+        state.finish_reason = state.usage = None
         try:
             async with asyncio.timeout(self.first_token_timeout):
-                body = self.body(run, so_far, await self.model_for(run.group), continues)
+                body = self.body(run, so_far, await self.model_for(run.group), continues, done)
                 ours = OPTIONAL_FIELDS if INJECTED_SEED in run.params else (*OPTIONAL_FIELDS, INJECTED_SEED)
                 response = await self._post(body, headers, ours)
                 tokens = self._tokens(response, state, strict_done=self.capabilities.interrupts)
