@@ -36,6 +36,7 @@ from sluicegate.api.admin_routes import stats_document
 from sluicegate.api.auth import Principal, require_admin
 from sluicegate.api.services import Services, services
 from sluicegate.api.stream_tokens import stats_stream_principal
+from sluicegate.sessions.connect import UNAVAILABLE
 from sluicegate.sessions.metrics_store import read_metrics
 
 log = logging.getLogger(__name__)
@@ -168,7 +169,7 @@ async def stats_events(svc: Services, interval: float,
         await asyncio.sleep(interval)
         try:
             doc, tokens = await stats_reading(svc)
-        except (redis.exceptions.RedisError, OSError) as exc:
+        except (redis.exceptions.RedisError, OSError, *UNAVAILABLE) as exc:  # a cluster's: no RedisError
             log.warning("stats stream ended: the store failed: %s: %s", type(exc).__name__, exc)
             yield b"event: unavailable\ndata: " + orjson.dumps({"message": "the queue store (Redis) is unavailable",
                                                                  "sent_at": round(time.time(), 3)}) + b"\n\n"

@@ -30,9 +30,10 @@ from typing import Any
 import pytest
 import redis
 
-from sluicegate.embedded import EmbeddedServer, free_port
+from sluicegate.embedded import EmbeddedCluster, EmbeddedServer, free_port
 from sluicegate.sessions import keys
 from sluicegate.workers import worker as worker_module
+from tests.cluster_helpers import start_test_cluster
 from tests.helpers import Stack, call, fast_settings, wait_for
 from tests.test_stream_tokens import stats_events
 
@@ -122,10 +123,22 @@ def test_a_store_outage_answers_the_stats_streams_opening_503(own_store: tuple[E
     assert logged.tracebacks() == []
 
 
+@pytest.fixture
+def own_cluster_store(tmp_path: Path) -> Iterator[tuple[EmbeddedCluster, Stack]]:
+    """own_store's cluster: the cluster client fails otherwise (RedisClusterException, no RedisError)."""
+    cluster = start_test_cluster(tmp_path / "cluster")
+    stack = Stack(fast_settings(cluster.url, auth=True, admin_key=ADMIN, redis_cluster=True)).start(
+        scheduler=False, workers=0)
+    yield cluster, stack
+    stack.stop()
+    cluster.stop()
+
+
 @pytest.mark.own_servers  # it stops its store: the shared one (or cluster) stays up for the other tests
-def test_a_store_failure_mid_stream_ends_the_stream_quietly(own_store: tuple[EmbeddedServer, Stack],
+@pytest.mark.parametrize("store", ["own_store", "own_cluster_store"])
+def test_a_store_failure_mid_stream_ends_the_stream_quietly(store: str, request: pytest.FixtureRequest,
                                                             logged: Collected) -> None:
-    server, stack = own_store
+    server, stack = request.getfixturevalue(store)
     connection, response = open_stream(stack.base_url, "/v1/admin/stats/stream?interval=0.2", BEARER)
     try:
         assert response.status == 200

@@ -195,6 +195,35 @@ def test_a_backend_never_reached_stays_backend_down() -> None:
     assert seen == 1 and error is not None and type(error).__name__ == "BackendDown", error
 
 
+def test_a_proxys_502_then_503s_stays_backend_down() -> None:
+    """A proxy in front of a restarting backend answers 502 while its address is listed, then 503 once it is
+    removed: no try reached the backend, so BackendDown (handed back free), not a counted attempt."""
+    async def main() -> tuple[list[int], EngineError | None]:
+        answered: list[int] = []
+
+        async def proxy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await read_posted_json(reader)
+            code = 502 if not answered else 503
+            answered.append(code)
+            writer.write(status(code, "Bad Gateway" if code == 502 else "Service Unavailable"))
+            await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(proxy, "127.0.0.1", 0)
+        engine = engine_for(server.sockets[0].getsockname()[1])
+        try:
+            out, error = await drain(engine)
+        finally:
+            await engine.aclose()
+            server.close()
+        assert out == []
+        return answered, error
+
+    answered, error = asyncio.run(main())
+    assert answered[0] == 502 and len(answered) > 1 and set(answered[1:]) == {503}, answered
+    assert error is not None and type(error).__name__ == "BackendDown", error  # old: a counted EngineError
+
+
 # ---- 3. a stale finish_reason from a failed try -----------------------------------------------------------------
 def test_a_finish_reason_of_a_failed_try_does_not_end_the_next_one() -> None:
     """Try 1 sends a finish_reason but no token, then is cut; try 2 sends two tokens and is cut. Old: try 1's

@@ -146,16 +146,20 @@ TGI_OVERLOADED = "Model is overloaded"
 ENGINE_DEATH = ("enginecore encountered an issue", "engine loop has died", "enginedeaderror", "enginegenerateerror",
                 "engine core is dead", "background loop has errored")
 UNAVAILABLE = 503  # a backend that is not up (llama.cpp while it loads its model; a proxy with no server behind)
+GATEWAY_STATUSES = (502, 504)  # a proxy's own answer: the server behind it did not answer (nginx while it restarts)
 
 
 class Transient(Exception):
     """A failure worth another attempt; `retry_after`: the seconds the backend asked to wait before it
-    (its Retry-After header), if it did; `down`: the backend was not reached at all, or said it is not up (503)."""
+    (its Retry-After header), if it did; `down`: the backend was not reached at all, or said it is not up (503);
+    `gateway`: a proxy answered for it (502, 504), which shows no more than `down` that the backend was reached."""
 
-    def __init__(self, *args: object, retry_after: float | None = None, down: bool = False) -> None:
+    def __init__(self, *args: object, retry_after: float | None = None, down: bool = False,
+                 gateway: bool = False) -> None:
         super().__init__(*args)
         self.retry_after = retry_after
         self.down = down
+        self.gateway = gateway
 
 
 class Permanent(Exception):
@@ -527,7 +531,7 @@ class OpenAIEngine:
         message = error_message(status, body)
         if status >= 500 or status in RETRIED_STATUSES or names_engine_death(message):
             raise Transient(message, retry_after=retry_after_seconds(headers.get("retry-after")),
-                            down=status == UNAVAILABLE)
+                            down=status == UNAVAILABLE, gateway=status in GATEWAY_STATUSES)
         raise Permanent(message)
 
     # ---- streaming ---------------------------------------------------------------------------
@@ -701,14 +705,15 @@ class OpenAIEngine:
                                  wait=honouring_retry_after(backoff, self.retry_after_max),
                                  retry=retry_if_exception_type(Transient))
 
-        reached = False  # a try failed after reaching the backend (not `down`): then this is no BackendDown
+        # a try failed after reaching the backend (neither `down` nor a proxy's answer for it): no BackendDown then
+        reached = False
 
         async def attempt() -> tuple[Response, Any, Piece | None]:
             nonlocal reached
             try:
                 return await self._attempt(run, so_far, state, headers, continues, done)
             except Transient as error:
-                reached = reached or not error.down
+                reached = reached or not (error.down or error.gateway)
                 raise
 
         try:
