@@ -47,7 +47,7 @@ from sluicegate.settings import Settings, from_env
 
 log = logging.getLogger(__name__)
 # Response headers a browser page may read (the rest stay hidden from cross-origin scripts).
-CORS_EXPOSED = ["X-Request-Id", "X-Session-Id", "Retry-After"]
+CORS_EXPOSED = ["X-Request-Id", "X-Session-Id", "Retry-After", "x-should-retry"]  # the last: the OpenAI SDKs' retry
 
 
 def exposure_warnings(settings: Settings) -> list[str]:

@@ -190,6 +190,9 @@ async def request_stream(svc: Services, who: Principal, request_id: str, request
                 # stream of it would miss them. A request that has not ended keeps all of its events (the
                 # log is never trimmed past its session's head's `queued` event, and the queue is in order),
                 # so for a request of unknown status (just accepted) this can only fire once it has ended.
+                if known:  # it ended since this process accepted it: its status, for what is left, is the store's
+                    stream.close()
+                    return await request_stream(svc, who, request_id, request, reread=True)
                 stream.cursor = bounds.oldest_kept - 1
                 if stream.reader is None and await stream.exhausted():  # none left: a resume would be a 204
                     raise log_gone(sid, request_id, "its events were trimmed (--session-log-max-events)")

@@ -85,3 +85,18 @@ def test_a_request_stream_of_a_session_id_used_again_is_a_409(short: Stack, r: r
     assert_log_gone(base, old, "used again")
     status, body = get(base, f"/v1/requests/{new}/events")  # the new life's own request streams as usual
     assert status == 200 and b"event: done" in body, (status, body)
+
+
+def test_a_just_accepted_request_all_of_whose_events_were_trimmed_is_told_where_its_state_is(redis_url: str) -> None:
+    """The first stream of a request this API process accepted moments ago (api/recent.py: no read of its head),
+    which ended and all of whose events were trimmed since (--session-log-max-events): old, a 409 that said to
+    resume from the oldest kept id for what is left of it, though nothing is (that resume is a 204)."""
+    stack = Stack(fast_settings(redis_url, session_log_max_events=100, sim_tokens_per_second=2000.0)).start(workers=1)
+    try:
+        base, sid = stack.base_url, "gone-trimmed-fresh"
+        rids = [submit(base, sid, prompt=f"p{i}", max_tokens=60) for i in range(3)]
+        wait_for(lambda: all(call("GET", f"{base}/v1/requests/{rid}")[1]["status"] == "done" for rid in rids),
+                 what="requests done")
+        assert_log_gone(base, rids[0], "trimmed")
+    finally:
+        stack.stop()

@@ -210,7 +210,8 @@ def test_cors_answers_the_listed_origins_on_every_route_and_no_other(secured: St
     code, headers, _ = head(base, "POST", "/v1/chat/completions",
                             {"origin": ORIGIN, "content-type": "application/json", **bearer(acme)}, chat)
     assert code == 200 and headers["access-control-allow-origin"] == ORIGIN  # the hot path
-    assert "x-request-id" in headers["access-control-expose-headers"].lower()
+    exposed = headers["access-control-expose-headers"].lower()
+    assert "x-request-id" in exposed and "x-should-retry" in exposed  # a browser SDK reads both (old: not the second)
     code, headers, _ = head(base, "GET", "/healthz", {"origin": "http://127.0.0.1:6666"})
     assert code == 200 and "access-control-allow-origin" not in headers
 
