@@ -30,7 +30,8 @@ INCLUDES = (DATA_DIR / "includes" / "keys.lua", DATA_DIR / "includes" / "log_ids
             CONTROL_DIR / "includes" / "preemption.lua", CONTROL_DIR / "includes" / "dispatch.lua")
 DATA_FUNCTIONS = ("submit", "start", "append", "finish", "handback", "cancel", "expire", "read_log", "outbox",
                   "outbox_done")
-CONTROL_FUNCTIONS = ("ready", "release", "withdraw", "heartbeat", "register_worker", "sweep", "pin", "set_weight")
+CONTROL_FUNCTIONS = ("ready", "release", "withdraw", "heartbeat", "register_worker", "sweep", "pin", "set_weight",
+                     "note_behind")
 SINGLE_SERVER_FUNCTIONS = ("submit_one", "finish_one", "handback_one", "cancel_one")
 FUNCTIONS = DATA_FUNCTIONS + CONTROL_FUNCTIONS + SINGLE_SERVER_FUNCTIONS
 # Functions that only read, flagged so: the server runs them where it refuses writes (a replica, or

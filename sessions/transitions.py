@@ -183,12 +183,12 @@ class Transitions:
         return outcome, int(reply[1]) if outcome == "ok" else 0
 
     async def _note_behind(self, group: str, rid: str, sid: str, deadline: str) -> None:
-        """A request with a `fail` deadline that waits behind its session's head, noted in its group's dlq (cluster;
-        submit_one does it on one server): only a head is readied, so else no sweep would see its deadline pass.
-        Not noted (the control master unreachable or refusing: the submit still stands), it fails only once it is
-        the head, as it did before dlq."""
+        """A request with a `fail` deadline that waits behind its session's head, noted in its group's dlq, its loop
+        woken for it (cluster, note_behind.lua; submit_one does it on one server): only a head is readied, so else no
+        sweep would see its deadline pass. Not noted (the control master unreachable or refusing: the submit still
+        stands), it fails only once it is the head, as it did before dlq."""
         try:
-            await settled(self.scripts.client.zadd(keys.group_key(group, "dlq"), {f"{rid}|{sid}": float(deadline)}))
+            await self._call("note_behind", [keys.group_prefix(group)], [f"{rid}|{sid}", deadline])
         except Exception as error:
             if not store_unavailable(error):
                 raise

@@ -90,6 +90,24 @@ def test_a_fail_deadline_submitted_while_the_loop_sleeps_ends_without_waiting_fo
     assert ended == ["failed"], f"still {ended} past its deadline: the fail waited for the periodic sweep"
 
 
+def test_a_fail_deadline_behind_its_sessions_head_ends_without_waiting_for_the_sweep(
+        r: redis.Redis, redis_url: str) -> None:
+    """Not readied (it waits behind its session's running head), noted in the group's dlq: that wakes the loop
+    too (submit_one.lua; on a cluster note_behind.lua)."""
+    h = real_clock_harness(r)
+    h.add_worker("w1", slots=1)
+    h.submit("s-one", tenant="t", max_tokens=1000)  # the session's head, running
+    ended: list[str] = []
+
+    async def body() -> None:
+        rid = h.submit("s-one", tenant="t", priority=5, deadline_ms=500, fail_on_miss=True)
+        await until(lambda: h.status(rid) != "queued", 10)
+        ended.append(h.status(rid))
+
+    with_a_scheduler(redis_url, body, max_preemptions=0, deadline_max_boost=0)
+    assert ended == ["failed"], f"still {ended} past its deadline: the fail waited for the periodic sweep"
+
+
 def test_a_deadline_due_after_the_loops_wake_up_does_not_hint_it(r: redis.Redis) -> None:
     """The loop wakes by the wake-up its last sweep noted: a deadline due later needs no sweep of its own."""
     h = real_clock_harness(r)
