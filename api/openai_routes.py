@@ -409,7 +409,7 @@ async def chat_completions(request: Request):
             release()
 
     try:
-        first = int((await submit_request(request, who, new, callback))["first_event_id"])
+        first = int((await submit_request(request, who, new, callback, params_at=""))["first_event_id"])
     except BaseException:
         closed()
         raise

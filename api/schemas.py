@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any, Literal
 
+import orjson
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from sluicegate.scheduler.deadlines import MAX_DEADLINE_MS
@@ -34,6 +36,58 @@ def parse_priority(value: Any) -> int:
     if not isinstance(value, int) or not 0 <= value <= 9:
         raise ValueError("priority must be 0..9 or low|normal|high|critical")
     return value
+
+
+# The integers orjson writes (the openai engine encodes each call's body with it): int64 and uint64. The store's
+# json.dumps takes any, so a param past them was stored, then failed at the engine as a worker error.
+INT_MIN, INT_MAX = -(2**63), 2**64 - 1
+PLAIN_KEY = re.compile(r"[A-Za-z0-9_]{1,64}")
+
+
+def field_path(path: str, key: Any) -> str:
+    """`path` and one step into it: `.key` (a plain key), `["key"]` (any other, escaped: a message naming it
+    is itself JSON), `[i]` (a list's index)."""
+    if isinstance(key, int):
+        return f"{path}[{key}]"
+    if PLAIN_KEY.fullmatch(key):
+        return f"{path}.{key}" if path else key
+    return f"{path}[{json.dumps(key[:64])}]"
+
+
+def unsendable(params: dict[str, Any], root: str = "") -> tuple[str, str] | None:
+    """Where in `params` (a path from `root`: `seed`, `params.tools[0].function.name`) a value is that the
+    engines' JSON encoder (orjson) refuses, and why: an integer outside 64 bits, a string or key that is not
+    Unicode text (a lone surrogate). None when orjson takes them all (the usual case: one encode, no walk)."""
+    try:
+        orjson.dumps(params)
+        return None
+    except orjson.JSONEncodeError:
+        pass
+    text_error = "not valid Unicode text (a lone surrogate?)"
+    stack: list[tuple[str, Any]] = [(root, params)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, bool):
+            continue
+        if isinstance(value, int) and not INT_MIN <= value <= INT_MAX:
+            return path, f"an integer must fit in 64 bits ({INT_MIN} to {INT_MAX})"
+        if isinstance(value, str) and not value.isascii():
+            try:
+                value.encode()
+            except UnicodeEncodeError:
+                return path, text_error
+        steps = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+        children = []
+        for key, child in steps:
+            where = field_path(path, key)
+            if isinstance(key, str) and not key.isascii():
+                try:
+                    key.encode()
+                except UnicodeEncodeError:
+                    return where, text_error
+            children.append((where, child))
+        stack.extend(reversed(children))  # depth first, in the body's order
+    return root or "params", "cannot be encoded as JSON"
 
 
 def default_max_tokens(limit: int) -> int:

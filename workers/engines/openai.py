@@ -14,8 +14,10 @@ own max_tokens ends its output, and every chunk it sent is kept, with its finish
 backend past its max_tokens is cut here (closing the stream), its run then ending `length`: by its own
 count (a server that reports usage in every chunk), or past RUNAWAY_CHUNKS_PER_TOKEN chunks per token
 asked (plus RUNAWAY_SLACK). Indices count chunks: a resume by regeneration skips as many chunks (the
-same ones under greedy decoding); one by continuation asks for max_tokens less the output so far, in
-tokens (`_output_tokens`: a chunk may carry several).
+same ones under greedy decoding), but stops skipping at a chunk with a non-text delta (what was streamed
+before is text only: an output that turned into a tool call sends the call whole, never without its head);
+one by continuation asks for max_tokens less the output so far, in tokens (`_output_tokens`: a chunk may
+carry several).
 
 Failures, and who handles them:
 - before the first token (connection refused, timeout, 408, 429, 5xx, a stream cut short, no token
@@ -59,6 +61,8 @@ backend's own tokenizer where it has one (`/tokenize`: vLLM, SGLang, llama.cpp; 
 budget never leaves out fewer than its chunks), and is `start_index` (its chunks) where it has none or the
 count fails: there a resumed run can get past max_tokens. The backend then counts the output so far as
 prompt: the usage reported is moved back by that count, to what the request would have reported uninterrupted.
+Nor does it look for the request's `stop` strings in that prompt: one split by the seam is found here
+(StopSeam), and the run ends there with finish_reason `stop`, as it would have uninterrupted.
 
 Priority: vLLM schedules lower values first (with `--scheduling-policy priority`), so Sluicegate's
 0..9 (higher first) is sent as `priority = 9 - p`; to SGLang, which runs higher values first, as
@@ -403,6 +407,76 @@ def event_pieces(payload: bytes, event: bytes, state: StreamState, strict_done: 
     return pieces_of(chunk, state)
 
 
+def stop_strings(params: Mapping[str, Any]) -> list[str]:
+    """The request's `stop` (OpenAI: a string or a list of strings), as a list of its non-empty strings."""
+    stop = params.get("stop")
+    given = [stop] if isinstance(stop, str) else stop if isinstance(stop, list) else []
+    return [s for s in given if isinstance(s, str) and s]
+
+
+def cut_text(piece: Piece, length: int) -> Piece:
+    """`piece` with only its text's first `length` characters."""
+    if isinstance(piece, Token):
+        return replace(piece, text=piece.text[:length])
+    return piece[:length] if isinstance(piece, str) else piece
+
+
+class StopSeam:
+    """A stop string across the seam of a continued run: its head in the output so far, its tail in what the
+    continuation streams. The backend looks for stop strings only in what it generates (the output so far is
+    its prompt), so it misses one split there and runs past where the uninterrupted request would have
+    stopped. Its pieces are held while the text after the seam may still complete such a match (a few
+    characters at most: a stop string's length); on a match the run stops there, nothing past the match
+    streamed (with vLLM's `include_stop_str_in_output`, up to its end); once none can, they go on. Matches
+    wholly after the seam are the backend's own."""
+
+    def __init__(self, so_far: str, stops: list[str], include_stop: bool) -> None:
+        self.stops = stops
+        longest = max(map(len, stops), default=0)
+        self.tail = so_far[max(0, len(so_far) - (longest - 1)):] if longest > 1 else ""  # where a match may start
+        self.include_stop = include_stop
+        self.open = bool(self.tail)  # a match across the seam is still possible
+        self.held: list[Piece] = []
+        self.after = ""  # the text after the seam, while open
+
+    def feed(self, piece: Piece) -> tuple[list[Piece], bool]:
+        """The pieces to stream now (`piece` among them, or held), and whether the output stops here."""
+        if not self.open:
+            return [piece], False
+        self.held.append(piece)
+        self.after += piece.text if isinstance(piece, Token) else str(piece)
+        text, seam = self.tail + self.after, len(self.tail)
+        pending = False
+        for start in range(seam):
+            for stop in self.stops:
+                end = start + len(stop)
+                if end <= seam:  # wholly before the seam: not this continuation's
+                    continue
+                if text.startswith(stop, start):
+                    return self._cut((end if self.include_stop else start) - seam), True
+                pending = pending or (end > len(text) and stop.startswith(text[start:]))
+        if pending and not (isinstance(piece, Token) and piece.delta):  # a tool call's start ends the text
+            return [], False
+        return self.flush(), False
+
+    def flush(self) -> list[Piece]:
+        """The held pieces, and no more holding: no match across the seam can come any more."""
+        self.open = False
+        held, self.held, self.after = self.held, [], ""
+        return held
+
+    def _cut(self, length: int) -> list[Piece]:
+        """The held pieces up to `length` characters after the seam (the match's start, or its end)."""
+        out: list[Piece] = []
+        for piece in self.flush():
+            text = piece.text if isinstance(piece, Token) else str(piece)
+            if length <= 0:
+                break
+            out.append(piece if len(text) <= length else cut_text(piece, length))
+            length -= len(text)
+        return out
+
+
 class OpenAIEngine:
     def __init__(self, base_url: str, *, api_key: str | None = None, models: dict[str, str] | None = None,
                  timeout: float = 60.0, retries: int = 4, backoff_initial: float = 0.5,
@@ -572,8 +646,11 @@ class OpenAIEngine:
         # chunks its tokens came in. Only a runaway one, past its max_tokens, is cut here.
         most = asked * RUNAWAY_CHUNKS_PER_TOKEN + RUNAWAY_SLACK
         skipped: list[str] = []
+        # A continuation may have to stop at a stop string split by the seam, which the backend cannot see
+        stops = stop_strings(run.params) if continues else []
+        seam = StopSeam(so_far, stops, bool(run.params.get("include_stop_str_in_output"))) if stops else None
         produced = read = 0
-        cut = False
+        cut = stopped = False
         generated: list[str] = []  # this call's text, skipped tokens included (counted when no usage comes)
         keep_text = self.capabilities.counts_tokens
         ended = False
@@ -587,6 +664,14 @@ class OpenAIEngine:
                     break
                 if keep_text:
                     generated.append(piece if isinstance(piece, str) else piece.text)
+                if skip and isinstance(piece, Token) and piece.delta:
+                    # What was streamed before is text only (a non-text delta pins a run, never resumed): this
+                    # output went another way, into a tool call (or reasoning). Skipping its head would stream
+                    # a call without its id, type and name; it goes out whole, after the text streamed before.
+                    log.warning("run %s|%s: the regenerated output turned to a non-text delta (%s) after %d of the "
+                                "%d tokens streamed before; it goes out whole from there", run.request_id,
+                                run.attempt, ", ".join(piece.delta), len(skipped), run.start_index)
+                    skip = 0
                 if skip:
                     skip -= 1
                     skipped.append(piece if isinstance(piece, str) else piece.text)
@@ -595,8 +680,14 @@ class OpenAIEngine:
                                     "index %d; the rest continues the new one", run.request_id, run.attempt,
                                     run.start_index)
                 else:
-                    yield piece
-                    produced += 1
+                    ready, stopped = seam.feed(piece) if seam is not None else ([piece], False)
+                    for out in ready:
+                        yield out
+                        produced += 1
+                    if stopped:  # at a stop string across the seam: where the uninterrupted run ended
+                        log.info("run %s|%s: a stop string across the resume's seam ended the output",
+                                 run.request_id, run.attempt)
+                        break
                 try:
                     piece = await idle.next(tokens)
                 except (Transient, Permanent, HTTPClientError, TimeoutError, ValueError) as error:
@@ -610,8 +701,13 @@ class OpenAIEngine:
                              run.request_id, run.attempt, describe(error))
                     break
             ended = piece is None  # the stream's own end: its last bytes are read and the connection kept
+            for out in seam.flush() if seam is not None and not stopped else ():  # held, and no match came
+                yield out
+                produced += 1
             if cut:  # Sluicegate ended it: at the length limit, whatever the backend meant to say
                 state.finish_reason = "length"
+            elif stopped:  # closing the stream aborts the rest of the generation
+                state.finish_reason = "stop"
             if state.usage is None and self.capabilities.counts_tokens:
                 state.usage = await self._count_usage(run, so_far, "".join(generated), continues)
             yield self._finish(state, produced, remaining, counted if continues else 0)
