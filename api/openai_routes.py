@@ -289,6 +289,10 @@ async def sse_chunks(svc: Services, completion: Completion, held: list[list[Even
     try:
         with svc.stream_open():
             async with aclosing(batches):
+                # a key revoked or expired while the request waited for its first token: none of what it held
+                if watch is not None and watch.due() and await watch.ended():
+                    yield LastChunk(b"data: " + orjson.dumps(KEY_ENDED) + b"\n\n" + DONE)
+                    return
                 for batch in held:
                     chunk = sse_chunk(completion, batch)
                     if chunk is not None:
@@ -433,6 +437,7 @@ async def chat_completions(request: Request):
     stream = request_event_stream(svc, new, first=first, joined=joined)
     if body.stream:
         batches = stream.batches()
+        watch = key_watch(svc.keyring, who)  # from now: the wait for the first token counts towards its checks
 
         def stream_closed() -> None:
             stream.close()  # its reader left at once, even when the body never runs (idempotent)
@@ -455,7 +460,7 @@ async def chat_completions(request: Request):
             await batches.aclose()
             stream_closed()
             return stored_failure(*failure(ended), headers)
-        return EventStreamResponse(sse_chunks(svc, completion, held, stream, batches, key_watch(svc.keyring, who)),
+        return EventStreamResponse(sse_chunks(svc, completion, held, stream, batches, watch),
                                    headers={**headers, **SSE_HEADERS}, on_close=stream_closed)  # nginx: no buffering
     try:
         async with aclosing(stream.batches()) as batches:

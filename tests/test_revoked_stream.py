@@ -259,3 +259,39 @@ def test_a_read_in_flight_does_not_bring_back_a_key_revoked_here(redis_url: str)
             await client.aclose()
 
     asyncio.run(scenario())
+
+
+def test_a_key_revoked_while_its_streamed_chat_waits_for_its_first_token_gets_none_of_it(redis_url: str) -> None:
+    """The chat route holds what comes before the first token (the answer's head goes out with it): a key revoked
+    during that wait ends the stream before any of it, as a revocation through this process ends a stream at once
+    (old: the held tokens went out, then ~2 s more, before the error)."""
+    stack = Stack(fast_settings(redis_url, auth=True, admin_key="admin-secret", sse_ping_seconds=10.0,  # no ping in
+                                sim_tokens_per_second=200.0)).start(workers=0)  # the wait: it ends with the first token
+    try:
+        base = stack.base_url
+        key_id, headers = new_key(base)
+        host, port = base.removeprefix("http://").split(":")
+        conn = http.client.HTTPConnection(host, int(port), timeout=30)
+        answer: dict[str, Any] = {}
+
+        def chat() -> None:  # its answer's head comes only with the first token
+            conn.request("POST", "/v1/chat/completions", headers={**headers, "content-type": "application/json"},
+                         body=json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 400,
+                                          "stream": True}))
+            response = conn.getresponse()
+            answer["status"] = response.status
+            answer["data"] = [line[6:].strip() for line in iter(response.readline, b"") if line.startswith(b"data: ")]
+
+        reader = threading.Thread(target=chat, daemon=True)
+        reader.start()
+        time.sleep(1.0)  # waiting: no worker
+        assert call("DELETE", f"{base}/v1/admin/keys/{key_id}", headers=ADMIN)[0] == 200
+        time.sleep(3.0)  # still waiting, past a stream's key check interval
+        stack.add_worker()
+        reader.join(30)
+        assert not reader.is_alive(), "the revoked key's chat stream is still open"
+        data = answer["data"]
+        assert answer["status"] == 200 and data[-1] == b"[DONE]"
+        assert [json.loads(line)["error"]["type"] for line in data[:-1]] == ["unauthorized"], data[:3]  # no token
+    finally:
+        stack.stop()

@@ -679,8 +679,11 @@ class OpenAIEngine:
                         log.warning("run %s|%s: the regenerated output differs from what was streamed before "
                                     "index %d; the rest continues the new one", run.request_id, run.attempt,
                                     run.start_index)
+                elif seam is None:  # (most runs: no list a token)
+                    yield piece
+                    produced += 1
                 else:
-                    ready, stopped = seam.feed(piece) if seam is not None else ([piece], False)
+                    ready, stopped = seam.feed(piece)
                     for out in ready:
                         yield out
                         produced += 1
