@@ -18,7 +18,7 @@ from sluicegate.embedded import free_port, free_port_block
 from tests.helpers import ROOT, healthy, stop_process, wait_for
 from tests.test_cli_redis import printed_url, run_redis
 from tests.test_serve_signals import end, wait_serving
-from tests.test_serve_store_supervision import alive, descendants, kill_all, start_serve, valkeys
+from tests.test_serve_store_supervision import alive, descendants, kill_all, start_serve, valkeys, wait_ended
 
 pytestmark = pytest.mark.own_servers
 
@@ -107,8 +107,7 @@ def test_a_sigkilled_serve_leaves_its_data_dir_free(tmp_path: Path) -> None:
         started.extend(descendants(proc.pid))
         proc.kill()
         proc.wait()
-        wait_for(lambda: not [pid for pid in started if alive(pid)], timeout=60, interval=0.2,
-                 what="serve's children to end")
+        wait_ended(started, 60, "serve's children to end")
         again = tmp_path / "again.log"
         second, second_port = start_serve(data, again)
         wait_serving(second, second_port, again)

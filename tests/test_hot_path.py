@@ -114,9 +114,10 @@ def test_a_first_event_lost_in_a_restart_is_not_held() -> None:
     assert not bounds.holds(12) and not bounds.holds(21) and not bounds.holds(0)
 
 
-def test_integers_past_64_bits_are_stored_exactly_on_both_paths(stack: Stack, r: redis.Redis) -> None:
-    # orjson reads them as floats; the hot path hands such a body to FastAPI, whose json.loads keeps them
-    params = {"seed": 2**64, "low": -(2**63) - 1, "fits": 2**63 - 1, "ts": 1733000000000000000}
+def test_integers_at_the_64_bit_edges_are_stored_exactly_on_both_paths(stack: Stack, r: redis.Redis) -> None:
+    # orjson reads those past 64 bits as floats; the hot path hands such a body to FastAPI, whose json.loads keeps
+    # them: exact up to the edges the engine's encoder can send (-2^63 .. 2^64 - 1), a 422 naming them past those
+    params = {"seed": 2**64 - 1, "low": -(2**63), "fits": 2**63 - 1, "ts": 1733000000000000000}
     with fastapi_path(stack) as other:
         for base in (stack.base_url, other):
             code, reply = call("POST", f"{base}/v1/sessions/hp-big/requests",
@@ -124,6 +125,10 @@ def test_integers_past_64_bits_are_stored_exactly_on_both_paths(stack: Stack, r:
             assert code == 202, reply
             stored = r.hget(keys.request(reply["request_id"]), "pa")
             assert json.loads(stored) == params and "e+" not in stored, (base, stored)
+            for name, past in (("seed", 2**64), ("low", -(2**63) - 1)):
+                code, reply = call("POST", f"{base}/v1/sessions/hp-big/requests",
+                                   {"prompt": "x", "max_tokens": 1, "params": {**params, name: past}})
+                assert (code, reply["error"]["message"].split(":")[0]) == (422, f"params.{name}"), (base, reply)
 
 
 def test_a_streamed_chat_answer_sends_the_event_streams_headers(stack: Stack) -> None:

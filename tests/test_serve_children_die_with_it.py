@@ -12,7 +12,7 @@ import pytest
 
 from tests.helpers import wait_for
 from tests.test_serve_signals import end, wait_serving
-from tests.test_serve_store_supervision import alive, descendants, start_serve
+from tests.test_serve_store_supervision import descendants, start_serve, wait_ended
 
 pytestmark = pytest.mark.own_servers
 
@@ -43,8 +43,7 @@ def test_a_sigkilled_serve_takes_every_child_with_it(tmp_path: Path, flags: tupl
         proc.kill()
         proc.wait()
         # old: only the store went; the API kept the port and answered /healthz, the workers ran on
-        wait_for(lambda: not [pid for pid in started if alive(pid)], timeout=60, interval=0.2,
-                 what="serve's children to end")
+        wait_ended(started, 60, "serve's children to end")
         wait_for(lambda: port_free(port), timeout=10, interval=0.2, what="the API's port to be free")
     finally:
         end(proc, started)

@@ -57,6 +57,29 @@ def valkeys(serve_pid: int) -> list[int]:
     return [pid for pid in children(serve_pid) if "valkey-server" in cmdline(pid)]
 
 
+def process_state(pid: int) -> str:
+    """What a test that waits for `pid` to end says of it when it does not: its command, state, kernel wait
+    channel and signal masks (a child that ignores or blocks the signal meant to end it shows here)."""
+    proc = Path(f"/proc/{pid}")
+    try:
+        state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        wchan = (proc / "wchan").read_text()
+        masks = [line for line in (proc / "status").read_text().splitlines() if line.startswith(("Sig", "ShdPnd"))]
+    except (OSError, IndexError):
+        return f"{pid}: gone"
+    return f"{pid} {cmdline(pid)[:120]!r}: state {state}, wchan {wchan}, {' '.join(masks)}"
+
+
+def wait_ended(pids: list[int], timeout: float, what: str) -> None:
+    """Until none of `pids` runs; past `timeout` an AssertionError naming each that still does, and how."""
+    deadline = time.monotonic() + timeout
+    while running := [pid for pid in pids if alive(pid)]:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}: still running "
+                                 + "; ".join(process_state(pid) for pid in running))
+        time.sleep(0.2)
+
+
 def kill_all(pids: list[int]) -> None:
     for pid in pids:
         if alive(pid):
