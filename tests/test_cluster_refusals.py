@@ -94,13 +94,18 @@ def test_a_cancel_whose_control_master_refuses_reports_cancelled(
         assert h.status(rid) == "cancelled"
 
 
+def a_group_on_each_master(rc: RedisCluster) -> dict[int, str]:
+    """Master port -> the name of a group whose control plane it holds."""
+    groups: dict[int, str] = {}
+    for i in range(1000):
+        groups.setdefault(master_of(rc, keys.group_prefix(f"g{i}")), f"g{i}")
+    return groups
+
+
 def test_a_repair_pass_with_a_refusing_master_still_repairs_the_buckets_after_it(
         rc: RedisCluster, valkey_cluster: EmbeddedCluster) -> None:
     h = Harness(rc, lease_ms=60_000, cluster=True)
-    groups: dict[int, str] = {}  # a group on each master
-    for i in range(1000):
-        groups.setdefault(master_of(rc, keys.group_prefix(f"g{i}")), f"g{i}")
-    (bad_port, bad_group), (_, good_group) = list(groups.items())[:2]
+    (bad_port, bad_group), (_, good_group) = list(a_group_on_each_master(rc).items())[:2]
     h.add_worker("wbad", group=bad_group, slots=1)
     h.add_worker("wgood", group=good_group, slots=1)
     buckets = keys.all_buckets()

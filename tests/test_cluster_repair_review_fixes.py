@@ -26,7 +26,7 @@ from sluicegate.sessions.requests import NewRequest
 from sluicegate.sessions.transitions import Transitions, run_sync
 from tests.helpers import ON_CLUSTER
 from tests.sched_harness import Harness
-from tests.test_cluster_refusals import master_of, refusing
+from tests.test_cluster_refusals import a_group_on_each_master, master_of, refusing
 
 
 def data_step_only(h: Harness, sid: str, group: str = "default") -> str:
@@ -135,10 +135,7 @@ def test_a_refusing_group_s_heads_do_not_fill_every_repair_batch_of_their_bucket
     one. The refusing master is asked once a pass, not once for each of its heads."""
     rc, valkey_cluster = cluster
     h = Harness(rc, lease_ms=60_000, cluster=True)
-    groups: dict[int, str] = {}  # a group on each master
-    for i in range(1000):
-        groups.setdefault(master_of(rc, keys.group_prefix(f"g{i}")), f"g{i}")
-    (bad_port, bad_group), (good_port, good_group) = list(groups.items())[:2]
+    (bad_port, bad_group), (good_port, good_group) = list(a_group_on_each_master(rc).items())[:2]
     h.add_worker("wgood", group=good_group, slots=1)
     third = next(p for p in (int(n.port) for n in rc.get_primaries()) if p not in (bad_port, good_port))
     bucket = next(b for b in keys.all_buckets() if master_of(rc, keys.outbox(b)) == third)

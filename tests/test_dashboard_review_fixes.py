@@ -91,16 +91,20 @@ def logged() -> Iterator[Collected]:
         logger.removeHandler(handler)
 
 
-@pytest.fixture
-def own_store(tmp_path: Path) -> Iterator[tuple[EmbeddedServer, Stack]]:
-    """A store of this test's own, which it stops, and the API alone on it (auth on): nothing else runs
-    on it to log its own errors while it is down."""
-    server = EmbeddedServer(data_dir=str(tmp_path / "store"), port=free_port(), persistent=False).start()
-    stack = Stack(fast_settings(server.url, auth=True, admin_key=ADMIN, redis_cluster=False)).start(
+def api_alone_on(store: EmbeddedServer | EmbeddedCluster) -> Iterator[tuple[EmbeddedServer | EmbeddedCluster, Stack]]:
+    """The API alone on a store of the test's own (auth on), which the test stops: nothing else runs on it to
+    log its own errors while it is down."""
+    stack = Stack(fast_settings(store.url, auth=True, admin_key=ADMIN, redis_cluster=store.cluster)).start(
         scheduler=False, workers=0)
-    yield server, stack
+    yield store, stack
     stack.stop()
-    server.stop()
+    store.stop()
+
+
+@pytest.fixture
+def own_store(tmp_path: Path) -> Iterator[tuple[EmbeddedServer | EmbeddedCluster, Stack]]:
+    server = EmbeddedServer(data_dir=str(tmp_path / "store"), port=free_port(), persistent=False)
+    yield from api_alone_on(server.start())
 
 
 # ---- 2. a store outage, on the server ----------------------------------------------------------------------
@@ -124,14 +128,9 @@ def test_a_store_outage_answers_the_stats_streams_opening_503(own_store: tuple[E
 
 
 @pytest.fixture
-def own_cluster_store(tmp_path: Path) -> Iterator[tuple[EmbeddedCluster, Stack]]:
+def own_cluster_store(tmp_path: Path) -> Iterator[tuple[EmbeddedServer | EmbeddedCluster, Stack]]:
     """own_store's cluster: the cluster client fails otherwise (RedisClusterException, no RedisError)."""
-    cluster = start_test_cluster(tmp_path / "cluster")
-    stack = Stack(fast_settings(cluster.url, auth=True, admin_key=ADMIN, redis_cluster=True)).start(
-        scheduler=False, workers=0)
-    yield cluster, stack
-    stack.stop()
-    cluster.stop()
+    yield from api_alone_on(start_test_cluster(tmp_path / "cluster"))
 
 
 @pytest.mark.own_servers  # it stops its store: the shared one (or cluster) stays up for the other tests

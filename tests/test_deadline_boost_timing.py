@@ -73,34 +73,19 @@ def test_a_deadline_submitted_while_the_loop_sleeps_is_boosted_without_waiting_f
     assert boosted == [True], "the boost waited for the periodic sweep"
 
 
+@pytest.mark.parametrize("session", ["s-doomed", "s-one"], ids=["readied", "behind-its-sessions-head"])
 def test_a_fail_deadline_submitted_while_the_loop_sleeps_ends_without_waiting_for_the_sweep(
-        r: redis.Redis, redis_url: str) -> None:
+        r: redis.Redis, redis_url: str, session: str) -> None:
+    """No boost (dlb 0): only its "fail" at the deadline needs the loop. A request readied wakes it (make_ready);
+    one behind its session's running head is not readied but noted in the group's dlq, which wakes it too
+    (submit_one.lua; on a cluster note_behind.lua)."""
     h = real_clock_harness(r)
     h.add_worker("w1", slots=1)
-    h.submit("blocker", tenant="other", max_tokens=1000)
+    h.submit("s-one", tenant="t", max_tokens=1000)  # running: s-one's head, and the group's one slot
     ended: list[str] = []
 
     async def body() -> None:
-        # no boost (dlb 0): only its "fail" at the deadline needs the loop
-        rid = h.submit("s-doomed", tenant="t", priority=5, deadline_ms=500, fail_on_miss=True)
-        await until(lambda: h.status(rid) != "queued", 10)
-        ended.append(h.status(rid))
-
-    with_a_scheduler(redis_url, body, max_preemptions=0, deadline_max_boost=0)
-    assert ended == ["failed"], f"still {ended} past its deadline: the fail waited for the periodic sweep"
-
-
-def test_a_fail_deadline_behind_its_sessions_head_ends_without_waiting_for_the_sweep(
-        r: redis.Redis, redis_url: str) -> None:
-    """Not readied (it waits behind its session's running head), noted in the group's dlq: that wakes the loop
-    too (submit_one.lua; on a cluster note_behind.lua)."""
-    h = real_clock_harness(r)
-    h.add_worker("w1", slots=1)
-    h.submit("s-one", tenant="t", max_tokens=1000)  # the session's head, running
-    ended: list[str] = []
-
-    async def body() -> None:
-        rid = h.submit("s-one", tenant="t", priority=5, deadline_ms=500, fail_on_miss=True)
+        rid = h.submit(session, tenant="t", priority=5, deadline_ms=500, fail_on_miss=True)
         await until(lambda: h.status(rid) != "queued", 10)
         ended.append(h.status(rid))
 

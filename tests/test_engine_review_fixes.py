@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -49,26 +50,43 @@ async def drain(engine: OpenAIEngine, max_tokens: int = 8) -> tuple[list[Any], E
     return out, None
 
 
-# ---- 1. a backend that dies of the request ----------------------------------------------------------------------
-async def dies_of_the_request() -> tuple[int, EngineError | None]:
-    """A backend that reads the request, then dies (its listener closed, the connection aborted): every later
-    try is refused. Returns the requests that reached it and the engine's error."""
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+async def failed_run(handler: Callable[[Callable[[], None]], Handler]) -> EngineError | None:
+    """One run against a backend served by `handler(close)` (`close`: the backend stops listening); it must
+    stream nothing. Returns the run's error."""
     server: asyncio.Server | None = None
-    seen: list[dict[str, Any]] = []
 
-    async def die(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        seen.append(await read_posted_json(reader))
+    def close() -> None:
         assert server is not None
-        server.close()  # the process died: nothing listens any more
-        writer.transport.abort()
+        server.close()
 
-    server = await asyncio.start_server(die, "127.0.0.1", 0)
+    server = await asyncio.start_server(handler(close), "127.0.0.1", 0)
     engine = engine_for(server.sockets[0].getsockname()[1])
     try:
         out, error = await drain(engine)
     finally:
         await engine.aclose()
+        server.close()
     assert out == []
+    return error
+
+
+# ---- 1. a backend that dies of the request ----------------------------------------------------------------------
+async def dies_of_the_request() -> tuple[int, EngineError | None]:
+    """A backend that reads the request, then dies (its listener closed, the connection aborted): every later
+    try is refused. Returns the requests that reached it and the engine's error."""
+    seen: list[dict[str, Any]] = []
+
+    def handler(close: Callable[[], None]) -> Handler:
+        async def die(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            seen.append(await read_posted_json(reader))
+            close()  # the process died: nothing listens any more
+            writer.transport.abort()
+        return die
+
+    error = await failed_run(handler)
     return len(seen), error
 
 
@@ -168,39 +186,28 @@ def test_the_resend_after_a_kept_connection_closed_fails_as_closed_when_refused(
 
 def test_a_backend_never_reached_stays_backend_down() -> None:
     """A 503 (not up) on the first try, then nothing listening: no try reached it, so BackendDown as before."""
-    async def main() -> tuple[int, EngineError | None]:
-        server: asyncio.Server | None = None
-        seen = 0
+    seen: list[int] = []
 
+    def handler(close: Callable[[], None]) -> Handler:
         async def not_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            nonlocal seen
             await read_posted_json(reader)
-            seen += 1
+            seen.append(503)
             writer.write(status(503, "Loading model"))
             await writer.drain()
-            assert server is not None
-            server.close()  # and then it goes away altogether
+            close()  # and then it goes away altogether
             writer.close()
+        return not_up
 
-        server = await asyncio.start_server(not_up, "127.0.0.1", 0)
-        engine = engine_for(server.sockets[0].getsockname()[1])
-        try:
-            out, error = await drain(engine)
-        finally:
-            await engine.aclose()
-        assert out == []
-        return seen, error
-
-    seen, error = asyncio.run(main())
-    assert seen == 1 and error is not None and type(error).__name__ == "BackendDown", error
+    error = asyncio.run(failed_run(handler))
+    assert seen == [503] and error is not None and type(error).__name__ == "BackendDown", error
 
 
 def test_a_proxys_502_then_503s_stays_backend_down() -> None:
     """A proxy in front of a restarting backend answers 502 while its address is listed, then 503 once it is
     removed: no try reached the backend, so BackendDown (handed back free), not a counted attempt."""
-    async def main() -> tuple[list[int], EngineError | None]:
-        answered: list[int] = []
+    answered: list[int] = []
 
+    def handler(close: Callable[[], None]) -> Handler:
         async def proxy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             await read_posted_json(reader)
             code = 502 if not answered else 503
@@ -208,18 +215,9 @@ def test_a_proxys_502_then_503s_stays_backend_down() -> None:
             writer.write(status(code, "Bad Gateway" if code == 502 else "Service Unavailable"))
             await writer.drain()
             writer.close()
+        return proxy
 
-        server = await asyncio.start_server(proxy, "127.0.0.1", 0)
-        engine = engine_for(server.sockets[0].getsockname()[1])
-        try:
-            out, error = await drain(engine)
-        finally:
-            await engine.aclose()
-            server.close()
-        assert out == []
-        return answered, error
-
-    answered, error = asyncio.run(main())
+    error = asyncio.run(failed_run(handler))
     assert answered[0] == 502 and len(answered) > 1 and set(answered[1:]) == {503}, answered
     assert error is not None and type(error).__name__ == "BackendDown", error  # old: a counted EngineError
 

@@ -10,8 +10,6 @@
 
 from __future__ import annotations
 
-import http.client
-import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,8 +19,9 @@ import redis
 from sluicegate.sessions import keys
 from sluicegate.sessions.store import LogBounds, log_gap
 from sluicegate.workers.sim_backend import create_sim_backend
-from tests.helpers import Stack, call, fast_settings, sse, submit
+from tests.helpers import Stack, call, fast_settings, submit
 from tests.openai_helpers import ServerThread, chat_stream
+from tests.test_log_epoch import resume as resume_from
 
 JUMP = 1_000_000  # LOG_ID_JUMP in sessions/lua/includes/log_ids.lua
 CAP = 100  # --session-log-max-events: the smallest allowed
@@ -39,16 +38,7 @@ def capped(redis_url: str) -> Iterator[Stack]:
 
 def resume(base_url: str, path: str, last_id: int) -> tuple[int, Any]:
     """The status and error of a resume that is refused, or the id of the first event it streams."""
-    host, port = base_url.removeprefix("http://").split(":")
-    connection = http.client.HTTPConnection(host, int(port), timeout=10)
-    try:
-        connection.request("GET", path, headers={"Last-Event-ID": str(last_id)})
-        response = connection.getresponse()
-        if response.status != 200:
-            return response.status, json.loads(response.read())
-    finally:
-        connection.close()
-    return 200, [e.id for e in sse(base_url, path, last_id=last_id, stop_after=1, timeout=10)]
+    return resume_from(base_url, path, last_id, 1)
 
 
 def trimmed(code: int, reply: Any, oldest: int) -> bool:
