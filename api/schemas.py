@@ -13,6 +13,7 @@ from sluicegate.scheduler.deadlines import MAX_DEADLINE_MS
 from sluicegate.scheduler.quota import Quota
 from sluicegate.sessions.keys import NAME_PATTERN
 from sluicegate.sessions.registry import check_model_name
+from sluicegate.sessions.requests import ENGINE_OWNED_PARAMS
 from sluicegate.settings import PRIORITY_NAMES
 
 ROLES = ("system", "user", "assistant", "tool", "developer", "function")
@@ -64,7 +65,8 @@ def unsendable(params: dict[str, Any], root: str = "") -> tuple[str, str] | None
     except orjson.JSONEncodeError:
         pass
     text_error = "not valid Unicode text (a lone surrogate?)"
-    stack: list[tuple[str, Any]] = [(root, params)]
+    sent = {key: value for key, value in params.items() if key not in ENGINE_OWNED_PARAMS}  # the others never are
+    stack: list[tuple[str, Any]] = [(root, sent)]
     while stack:
         path, value = stack.pop()
         if isinstance(value, bool):
@@ -87,7 +89,11 @@ def unsendable(params: dict[str, Any], root: str = "") -> tuple[str, str] | None
                     return where, text_error
             children.append((where, child))
         stack.extend(reversed(children))  # depth first, in the body's order
-    return root or "params", "cannot be encoded as JSON"
+    try:
+        orjson.dumps(sent)
+    except orjson.JSONEncodeError:
+        return root or "params", "cannot be encoded as JSON"
+    return None
 
 
 def default_max_tokens(limit: int) -> int:

@@ -9,6 +9,7 @@ from functools import cached_property
 from typing import Any
 
 from sluicegate.sessions import keys
+from sluicegate.tracing import TRACE_PARAM
 
 # Arrays/objects nested in params or in messages: about what the chat route's parser takes (pydantic's, 200 levels
 # in the whole body), far fewer than json.dumps takes on the API's stack (about 950) or the submit's parsers
@@ -18,6 +19,11 @@ MAX_NESTING = 200
 # what OpenAI counts for an image at `"detail": "low"`; the other kinds get the same (their real cost depends
 # on the model and the backend, which reports it when it reports usage).
 PART_TOKENS = 85
+# Params an engine owns or strips (workers/engines/openai.py): never sent to a backend as given, so a value in one
+# that no backend call could carry is no reason to refuse the request (api/schemas.py `unsendable`).
+ENGINE_OWNED_PARAMS = frozenset({"model", "messages", "stream", "stream_options", "max_tokens",
+                                 "max_completion_tokens", "n", "priority", "continue_final_message",
+                                 "add_generation_prompt", TRACE_PARAM})
 
 
 class TooDeep(ValueError):

@@ -116,6 +116,12 @@ def test_an_integer_param_outside_64_bits_is_a_422_naming_it_on_the_chat_route(r
                             {"model": MODEL, "messages": MESSAGES, "seed": 2**64 - 1, "n2": -(2**63)})
         assert status == 200, body
         assert fake.records[-1].body["seed"] == 2**64 - 1 and fake.records[-1].body["n2"] == -(2**63)
+        # a field the engine owns (README: ignored) is never sent: no reason to refuse the call
+        status, body = call("POST", f"{base}/v1/chat/completions",
+                            {"model": MODEL, "messages": MESSAGES, "priority": 2**64, "add_generation_prompt": 2**64})
+        assert status == 200, body
+        sent = fake.records[-1].body
+        assert sent.get("priority") != 2**64 and "add_generation_prompt" not in sent  # (a priority is the engine's)
 
 
 def test_an_integer_param_outside_64_bits_is_a_422_naming_it_on_the_native_submit(redis_url: str,

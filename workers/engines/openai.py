@@ -62,7 +62,7 @@ budget never leaves out fewer than its chunks), and is `start_index` (its chunks
 count fails: there a resumed run can get past max_tokens. The backend then counts the output so far as
 prompt: the usage reported is moved back by that count, to what the request would have reported uninterrupted.
 Nor does it look for the request's `stop` strings in that prompt: one split by the seam is found here
-(StopSeam), and the run ends there with finish_reason `stop`, as it would have uninterrupted.
+(workers/engines/stop_seam.py), and the run ends there with finish_reason `stop`, as it would have uninterrupted.
 
 Priority: vLLM schedules lower values first (with `--scheduling-policy priority`), so Sluicegate's
 0..9 (higher first) is sent as `priority = 9 - p`; to SGLang, which runs higher values first, as
@@ -106,9 +106,10 @@ import orjson
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt, wait_random_exponential
 
 from sluicegate.sessions.idle import IdleDeadline
+from sluicegate.sessions.requests import ENGINE_OWNED_PARAMS
 from sluicegate.sessions.runs import BACKEND_REFUSED_PREFIX, RunSpec
 from sluicegate.settings import Settings
-from sluicegate.tracing import TRACE_PARAM, Tracing, traced_stream, tracing_for
+from sluicegate.tracing import Tracing, traced_stream, tracing_for
 from sluicegate.workers.engines.base import BackendDown, EngineError, Finish, Piece, Token
 from sluicegate.workers.engines.http1 import HTTP1Client, HTTPClientError, Response, split_userinfo
 from sluicegate.workers.engines.probe import (
@@ -120,13 +121,11 @@ from sluicegate.workers.engines.probe import (
     renamed_budget,
     root_of,
 )
+from sluicegate.workers.engines.stop_seam import StopSeam, stop_strings
 from sluicegate.workers.retrying import first_try_then
 
 log = logging.getLogger(__name__)
 
-# Fields the engine owns: run params (temperature, top_p, stop, seed, ...) never override them.
-RESERVED = frozenset({"model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens", "n",
-                      "priority", "continue_final_message", "add_generation_prompt", TRACE_PARAM})
 TEXT_FIELDS = frozenset({"content", "role"})  # what a delta carries that is not passed on raw
 RETRIED_STATUSES = frozenset({408, 429})
 COUNT_TIMEOUT = 5.0  # seconds for a tokenize-count call; past it the usage is Sluicegate's estimate
@@ -407,76 +406,6 @@ def event_pieces(payload: bytes, event: bytes, state: StreamState, strict_done: 
     return pieces_of(chunk, state)
 
 
-def stop_strings(params: Mapping[str, Any]) -> list[str]:
-    """The request's `stop` (OpenAI: a string or a list of strings), as a list of its non-empty strings."""
-    stop = params.get("stop")
-    given = [stop] if isinstance(stop, str) else stop if isinstance(stop, list) else []
-    return [s for s in given if isinstance(s, str) and s]
-
-
-def cut_text(piece: Piece, length: int) -> Piece:
-    """`piece` with only its text's first `length` characters."""
-    if isinstance(piece, Token):
-        return replace(piece, text=piece.text[:length])
-    return piece[:length] if isinstance(piece, str) else piece
-
-
-class StopSeam:
-    """A stop string across the seam of a continued run: its head in the output so far, its tail in what the
-    continuation streams. The backend looks for stop strings only in what it generates (the output so far is
-    its prompt), so it misses one split there and runs past where the uninterrupted request would have
-    stopped. Its pieces are held while the text after the seam may still complete such a match (a few
-    characters at most: a stop string's length); on a match the run stops there, nothing past the match
-    streamed (with vLLM's `include_stop_str_in_output`, up to its end); once none can, they go on. Matches
-    wholly after the seam are the backend's own."""
-
-    def __init__(self, so_far: str, stops: list[str], include_stop: bool) -> None:
-        self.stops = stops
-        longest = max(map(len, stops), default=0)
-        self.tail = so_far[max(0, len(so_far) - (longest - 1)):] if longest > 1 else ""  # where a match may start
-        self.include_stop = include_stop
-        self.open = bool(self.tail)  # a match across the seam is still possible
-        self.held: list[Piece] = []
-        self.after = ""  # the text after the seam, while open
-
-    def feed(self, piece: Piece) -> tuple[list[Piece], bool]:
-        """The pieces to stream now (`piece` among them, or held), and whether the output stops here."""
-        if not self.open:
-            return [piece], False
-        self.held.append(piece)
-        self.after += piece.text if isinstance(piece, Token) else str(piece)
-        text, seam = self.tail + self.after, len(self.tail)
-        pending = False
-        for start in range(seam):
-            for stop in self.stops:
-                end = start + len(stop)
-                if end <= seam:  # wholly before the seam: not this continuation's
-                    continue
-                if text.startswith(stop, start):
-                    return self._cut((end if self.include_stop else start) - seam), True
-                pending = pending or (end > len(text) and stop.startswith(text[start:]))
-        if pending and not (isinstance(piece, Token) and piece.delta):  # a tool call's start ends the text
-            return [], False
-        return self.flush(), False
-
-    def flush(self) -> list[Piece]:
-        """The held pieces, and no more holding: no match across the seam can come any more."""
-        self.open = False
-        held, self.held, self.after = self.held, [], ""
-        return held
-
-    def _cut(self, length: int) -> list[Piece]:
-        """The held pieces up to `length` characters after the seam (the match's start, or its end)."""
-        out: list[Piece] = []
-        for piece in self.flush():
-            text = piece.text if isinstance(piece, Token) else str(piece)
-            if length <= 0:
-                break
-            out.append(piece if len(text) <= length else cut_text(piece, length))
-            length -= len(text)
-        return out
-
-
 class OpenAIEngine:
     def __init__(self, base_url: str, *, api_key: str | None = None, models: dict[str, str] | None = None,
                  timeout: float = 60.0, retries: int = 4, backoff_initial: float = 0.5,
@@ -578,7 +507,7 @@ class OpenAIEngine:
         (by default, as the engine can), or asks for the whole output again; `done`: the tokens of the output
         so far, which a continuation's max_tokens leaves out (by default start_index, one per chunk)."""
         continues = self.capabilities.continues if continues is None else continues
-        body = {k: v for k, v in run.params.items() if k not in RESERVED}
+        body = {k: v for k, v in run.params.items() if k not in ENGINE_OWNED_PARAMS}  # never overridden
         messages = run.messages
         body.update(model=model, messages=messages, stream=True)
         budget = self.capabilities.budget_field  # max_tokens, or the newer name where it is refused
