@@ -96,49 +96,47 @@ def summed(by_group_tenant: dict[tuple[str, str], float]) -> dict[str, Any]:
             "by_tenant": {t: round(v, 1) for t, v in by_tenant.items()}}
 
 
+def weights_of(doc: dict[str, Any]) -> dict[str, float]:
+    return {t["tenant"]: float(t["weight"]) for t in doc.get("tenants", [])}
+
+
+def shares_among(weights: dict[str, float], queued: dict[str, int], rate: dict[str, float]) -> list[dict[str, Any]]:
+    """Each active tenant (queued, or served since the last event) with its share of the tokens streamed
+    against its weight's share among the active ones: fairness is among those that want service."""
+    active = sorted(set(queued) | {t for t, v in rate.items() if v > 0})
+    total_weight = sum(weights.get(t, 1.0) for t in active) or 1.0
+    total_rate = sum(rate.get(t, 0.0) for t in active)
+    return [{"tenant": t, "weight": weights.get(t, 1.0), "weight_share": round(weights.get(t, 1.0) / total_weight, 4),
+             "tokens_per_second": round(rate.get(t, 0.0), 1),
+             "token_share": round(rate.get(t, 0.0) / total_rate, 4) if total_rate else 0.0,
+             "queued": queued.get(t, 0)} for t in active]
+
+
 def tenant_shares(doc: dict[str, Any], by_tenant: dict[str, float]) -> list[dict[str, Any]]:
-    """Each active tenant's share of the tokens streamed against its weight's share (among the active
-    ones), fleet-wide: kept as it was for the stream's readers. Fairness is decided per group (each group
-    has its own virtual token counters and its own copy of the weights; tenants of different groups never
-    compete), which group_tenant_shares shows and the page reads."""
-    weights = {t["tenant"]: float(t["weight"]) for t in doc.get("tenants", [])}
+    """shares_among the whole fleet's tenants: kept as it was for the stream's readers. Fairness is decided
+    per group (each group has its own virtual token counters and its own copy of the weights; tenants of
+    different groups never compete), which group_tenant_shares shows and the page reads."""
     queued: dict[str, int] = {}
     for depth in doc.get("queue_depth", []):
         queued[depth["tenant"]] = queued.get(depth["tenant"], 0) + depth["queued"]
-    active = sorted(t for t in set(queued) | {t for t, v in by_tenant.items() if v > 0})
-    total_weight = sum(weights.get(t, 1.0) for t in active) or 1.0
-    total_rate = sum(by_tenant.get(t, 0.0) for t in active)
-    return [{"tenant": t, "weight": weights.get(t, 1.0), "weight_share": round(weights.get(t, 1.0) / total_weight, 4),
-             "tokens_per_second": round(by_tenant.get(t, 0.0), 1),
-             "token_share": round(by_tenant.get(t, 0.0) / total_rate, 4) if total_rate else 0.0,
-             "queued": queued.get(t, 0)} for t in active]
+    return shares_among(weights_of(doc), queued, by_tenant)
 
 
 def group_tenant_shares(doc: dict[str, Any],
                         by_group_tenant: dict[tuple[str, str], float]) -> dict[str, list[dict[str, Any]]]:
-    """Per group, as the scheduler decides: each tenant active in the group (queued there, or served there
-    since the last event), its share of the group's tokens against its weight's share among the group's
-    active tenants; the entries shaped as `tenant_share`'s. Fleet-wide, two groups of different capacity
-    that are each exactly fair look unfair (and unfairness inside one group can hide)."""
-    weights = {t["tenant"]: float(t["weight"]) for t in doc.get("tenants", [])}
-    queued: dict[tuple[str, str], int] = {}
+    """shares_among each group's tenants, as the scheduler decides: fleet-wide, two groups of different
+    capacity that are each exactly fair look unfair (and unfairness inside one group can hide)."""
+    queued: dict[str, dict[str, int]] = {}
     for depth in doc.get("queue_depth", []):
-        pair = (depth["group"], depth["tenant"])
-        queued[pair] = queued.get(pair, 0) + depth["queued"]
-    active: dict[str, list[str]] = {}
-    for group, tenant in sorted(set(queued) | {pair for pair, rate in by_group_tenant.items() if rate > 0}):
-        active.setdefault(group, []).append(tenant)
-    shares: dict[str, list[dict[str, Any]]] = {}
-    for group, tenants in active.items():
-        rate = {t: by_group_tenant.get((group, t), 0.0) for t in tenants}
-        total_weight = sum(weights.get(t, 1.0) for t in tenants) or 1.0
-        total_rate = sum(rate.values())
-        shares[group] = [{"tenant": t, "weight": weights.get(t, 1.0),
-                          "weight_share": round(weights.get(t, 1.0) / total_weight, 4),
-                          "tokens_per_second": round(rate[t], 1),
-                          "token_share": round(rate[t] / total_rate, 4) if total_rate else 0.0,
-                          "queued": queued.get((group, t), 0)} for t in tenants]
-    return shares
+        in_group = queued.setdefault(depth["group"], {})
+        in_group[depth["tenant"]] = in_group.get(depth["tenant"], 0) + depth["queued"]
+    rate: dict[str, dict[str, float]] = {}
+    for (group, tenant), value in by_group_tenant.items():
+        rate.setdefault(group, {})[tenant] = value
+    weights = weights_of(doc)
+    shares = {group: shares_among(weights, queued.get(group, {}), rate.get(group, {}))
+              for group in sorted(set(queued) | set(rate))}
+    return {group: entries for group, entries in shares.items() if entries}
 
 
 async def stats_reading(svc: Services) -> tuple[dict[str, Any], dict[str, float]]:
