@@ -75,6 +75,16 @@ OLD_ID = re.compile(r"[A-Za-z0-9_-]{1,62}")
 CHUNK = 1000
 
 
+def old_session_keys(sid: str) -> list[str]:
+    """A session's keys in the old layout: its meta, queue and log."""
+    return [OLD_SESSION + sid + suffix for suffix in (":m", ":q", ":l")]
+
+
+def old_request_keys(rids: Any) -> list[str]:
+    """The old layout's keys of these requests: each one's hash and input."""
+    return [OLD_REQUEST + rid + suffix for rid in rids for suffix in ("", ":in")]
+
+
 def is_old_key(key: str) -> bool:
     """A key of the old layout (the new one's keys start with `sg:{`; sg:groups, sg:tenants, sg:policy,
     sg:keys keep their names and are not old keys)."""
@@ -498,8 +508,8 @@ class Migration:
         (old keys copied there: no old API can write to one) the keys go one a command: the meta is marked
         MOVED first and deleted last, and a rerun that finds the mark finishes the deletes (finish_delete)."""
         base = OLD_SESSION + plan.sid
-        session = [] if orphan else [base + ":m", base + ":q", base + ":l"]
-        requests = [OLD_REQUEST + rid + suffix for rid in plan.requests for suffix in ("", ":in")]
+        session = [] if orphan else old_session_keys(plan.sid)
+        requests = old_request_keys(plan.requests)
         if self.cluster:
             if not orphan:
                 if await self.r.llen(base + ":l") != len(plan.log):
@@ -526,8 +536,7 @@ class Migration:
     async def finish_delete(self, plan: SessionPlan) -> None:
         """The deletes of step 4, one key a command, the old meta (with its MOVED mark) last."""
         base = OLD_SESSION + plan.sid
-        await self.delete([base + ":q", base + ":l",
-                           *(OLD_REQUEST + rid + suffix for rid in plan.requests for suffix in ("", ":in"))])
+        await self.delete([base + ":q", base + ":l", *old_request_keys(plan.requests)])
         await self.delete([base + ":m"])
 
     # ---- the run lock --------------------------------------------------------------------------
@@ -640,9 +649,7 @@ class Migration:
             return self.summary
         self.summary.unmigrated = todo
         kept = set(todo) | set(self.summary.conflicts)
-        keep = {OLD_SESSION + sid + suffix for sid in kept for suffix in (":m", ":q", ":l")}
-        keep |= {OLD_REQUEST + rid + suffix for sid in kept for rid in by_session.get(sid, ())
-                 for suffix in ("", ":in")}
+        keep = {key for sid in kept for key in [*old_session_keys(sid), *old_request_keys(by_session.get(sid, ()))]}
         self.check_lock()
         await self.delete([key for key in old if key not in keep])  # the old control plane, workers, metrics
         return self.summary
