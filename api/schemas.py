@@ -55,6 +55,17 @@ def field_path(path: str, key: Any) -> str:
     return f"{path}[{json.dumps(key[:64])}]"
 
 
+def not_text(value: Any) -> bool:
+    """A string that is not Unicode text (a lone surrogate, which no UTF-8 encoder takes)."""
+    if not isinstance(value, str) or value.isascii():
+        return False
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
 def unsendable(params: dict[str, Any], root: str = "") -> tuple[str, str] | None:
     """Where in `params` (a path from `root`: `seed`, `params.tools[0].function.name`) a value is that the
     engines' JSON encoder (orjson) refuses, and why: an integer outside 64 bits, a string or key that is not
@@ -73,20 +84,14 @@ def unsendable(params: dict[str, Any], root: str = "") -> tuple[str, str] | None
             continue
         if isinstance(value, int) and not INT_MIN <= value <= INT_MAX:
             return path, f"an integer must fit in 64 bits ({INT_MIN} to {INT_MAX})"
-        if isinstance(value, str) and not value.isascii():
-            try:
-                value.encode()
-            except UnicodeEncodeError:
-                return path, text_error
+        if not_text(value):
+            return path, text_error
         steps = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
         children = []
         for key, child in steps:
             where = field_path(path, key)
-            if isinstance(key, str) and not key.isascii():
-                try:
-                    key.encode()
-                except UnicodeEncodeError:
-                    return where, text_error
+            if not_text(key):
+                return where, text_error
             children.append((where, child))
         stack.extend(reversed(children))  # depth first, in the body's order
     try:
