@@ -75,6 +75,26 @@ def test_ids_skip_after_a_restart_and_resumes_read_across_the_hole(api_only: Sta
     assert queued.event == "queued" and queued.id == JUMP + 4 and queued.data["request_id"] == late
 
 
+def test_a_second_restart_keeps_the_first_restarts_hole(api_only: Stack, r: redis.Redis) -> None:
+    """A jump adds its hole to those the meta holds (read only when a jump is made): the first restart's
+    jump is taken by a cancel's event (the ids of a call that did not read the meta first), the second by a
+    submit (which read it itself); each must keep the hole before it."""
+    base, sid = api_only.base_url, "epoch-two-holes"
+    rids = [submit(base, sid, prompt=f"before {n}", max_tokens=5) for n in range(3)]
+    r.function_flush()
+    assert call("DELETE", f"{base}/v1/requests/{rids[2]}")[0] == 200  # event 4, past the first jump
+    first_hole = f"3:{3 + JUMP + 1}"
+    assert r.hget(keys.session_meta(sid), "hl") == first_hole
+    r.function_flush()
+    submit(base, sid, prompt="after", max_tokens=5)
+    last_before = JUMP + 4
+    assert r.hget(keys.session_meta(sid), "hl") == f"{first_hole},{last_before}:{last_before + JUMP + 1}"
+    ids = [e.id for e in sse(base, f"/v1/sessions/{sid}/events", stop_after=5, timeout=10)]
+    assert ids == [1, 2, 3, JUMP + 4, 2 * JUMP + 5]
+    code, reply = resume(base, f"/v1/sessions/{sid}/events", JUMP + 10, 1)  # inside the second hole
+    assert lost(code, reply, JUMP + 4), (code, reply)
+
+
 def test_a_process_that_loads_the_library_again_starts_no_new_boot(api_only: Stack, r: redis.Redis) -> None:
     """Processes that start together all find the library missing and all load it. A second load of the
     same library is not a restart: it must not skip ids (it did while loads replaced the library, which

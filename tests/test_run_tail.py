@@ -16,7 +16,7 @@ import pytest
 import redis
 
 from sluicegate.sessions import keys
-from sluicegate.sessions.runs import RunSpec, RunStore
+from sluicegate.sessions.runs import DEADLINE_EXCEEDED, RunSpec, RunStore
 from sluicegate.sessions.transitions import Tail
 from sluicegate.workers.engines.sim import SimEngine, prompt_seed, sim_text, sim_token
 from sluicegate.workers.runner import Run, token_data
@@ -27,14 +27,14 @@ PROMPT = "the end carries the rest"
 
 
 @contextmanager
-def one_run(redis_url: str, session: str, max_tokens: int) -> Iterator[tuple[Stack, Callable[..., Any], RunStore,
-                                                                            str, RunSpec]]:
-    """The API, a request of `session` and a worker played by the test that has started it: (stack, run,
-    worker, request id, run spec)."""
+def one_run(redis_url: str, session: str, max_tokens: int, **body: Any) -> Iterator[
+        tuple[Stack, Callable[..., Any], RunStore, str, RunSpec]]:
+    """The API, a request of `session` (`body`: more of its fields) and a worker played by the test that has
+    started it: (stack, run, worker, request id, run spec)."""
     with api_and_two_played_workers(redis_url, "default.tail.1.aaaaaa", "default.other.2.bbbbbb") as (
             stack, run, worker, _):
         run(worker.set_free_slots(1))
-        rid = submit(stack.base_url, session, prompt=PROMPT, max_tokens=max_tokens)
+        rid = submit(stack.base_url, session, prompt=PROMPT, max_tokens=max_tokens, **body)
         spec = run(worker.spec(run(worker.next_assignment(timeout=5))))
         assert spec is not None
         yield stack, run, worker, rid, spec
@@ -101,6 +101,19 @@ def test_a_tail_that_does_not_start_where_the_log_expects_ends_nothing(redis_url
         assert run(worker.finish(rid, "1", outcome="done", detail="length", return_slot=True, tail=rest))
         events = list(sse(stack.base_url, f"/v1/requests/{rid}/events", timeout=10))
         assert token_indices(events) == [0, 1, 2, 3] and token_text(events) == sim_text(PROMPT, 4)
+
+
+def test_an_end_whose_tail_carries_the_first_token_judges_the_request_by_it(redis_url: str, r: redis.Redis) -> None:
+    """The end reads the request as the tail's append left it (not read again: append_tail hands its fields on):
+    a first token written by the tail, in time, is a met deadline, even when the worker's own clock told it the
+    deadline had passed (it ends the run failed `deadline_exceeded`; the store's clock decides)."""
+    seed = prompt_seed(PROMPT)
+    with one_run(redis_url, "tail-4", 4, deadline_ms=60_000, on_deadline_miss="fail") as (_, run, worker, rid, _):
+        tail = Tail(0, [token_data(rid, i, sim_token(seed, i)) for i in range(2)])
+        assert run(worker.finish(rid, "1", outcome="failed", detail=DEADLINE_EXCEEDED, return_slot=True, tail=tail))
+        stored = r.hgetall(keys.request(rid))
+        assert (stored["n"], stored["dmt"], stored["st"]) == ("2", "1", "failed")
+        assert stored["err"] == DEADLINE_EXCEEDED, stored["err"]  # not "...: no first token within its deadline"
 
 
 def test_a_run_whose_engine_ended_before_its_writer_ran_leaves_every_token_to_its_end(redis_url: str,

@@ -101,15 +101,17 @@ local function create_meta(meta, tenant, log_cap)
   last_ids[meta] = 0
 end
 
--- Check an existing meta's boot, from its `bt`, `seq`, `hl` as stored, and note its log cap `lm` (nil:
--- the default) for the call: when the session was last written before this library loaded, its next
--- id skips LOG_ID_JUMP (see above). d_submit passes what its own first read of the meta got.
-local function check_boot(meta, written_boot, seq, holes, cap)
+-- Check an existing meta's boot, from its `bt` and `seq` as stored, and note its log cap `lm` (nil: the
+-- default) for the call: when the session was last written before this library loaded, its next id skips
+-- LOG_ID_JUMP (see above). d_submit passes what its own first read of the meta got. The meta's holes (`hl`)
+-- are read only for a jump, once a session and boot: every other call reads one field fewer.
+local function check_boot(meta, written_boot, seq, cap)
   local boot = this_boot()
   local last = tonumber(seq or '0')
   if written_boot ~= boot then
     if written_boot and seq then
       local hole = last .. ':' .. (last + LOG_ID_JUMP + 1)
+      local holes = redis.call('HGET', meta, 'hl')
       last = last + LOG_ID_JUMP
       -- the jump is written at once, with the boot that makes it: a call that fails before its first event
       -- must not leave the boot noted and the ids not skipped
@@ -126,8 +128,8 @@ end
 -- call ends (call.lua end_call), with the events these ids name.
 local function take_ids(meta, count)
   if checked_metas[meta] == nil then
-    local written = redis.call('HMGET', meta, 'bt', 'seq', 'hl', 'lm')
-    check_boot(meta, written[1], written[2], written[3], written[4])
+    local written = redis.call('HMGET', meta, 'bt', 'seq', 'lm')
+    check_boot(meta, written[1], written[2], written[3])
   end
   local last = last_ids[meta] + count
   last_ids[meta] = last

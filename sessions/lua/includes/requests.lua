@@ -93,8 +93,8 @@ local function d_submit(dp, rid, sid, tenant, group, prio, max_tokens, input, ki
   -- A meta with ids but no owner (only `sluicegate migrate` writes one) is not new: it keeps its ids,
   -- its boot check and its TTL handling, and takes this tenant as its owner. The same read serves the
   -- boot check of the ids this call takes (log_ids.lua check_boot).
-  local stored = redis.call('HMGET', meta, 'tn', 'seq', 'bt', 'hl', 'lm')
-  local stored_owner, stored_cap = stored[1], stored[5]
+  local stored = redis.call('HMGET', meta, 'tn', 'seq', 'bt', 'lm')
+  local stored_owner, stored_cap = stored[1], stored[4]
   local new_meta = not stored_owner and not stored[2]
   if owner ~= '' and stored_owner and stored_owner ~= owner then return 'forbidden', stored_owner, nil end
   -- the default log cap is the absent one (call.lua trim_log): not stored, and a cap stored by a process
@@ -111,7 +111,7 @@ local function d_submit(dp, rid, sid, tenant, group, prio, max_tokens, input, ki
       redis.call('HDEL', meta, 'lm')
       stored_cap = nil
     end
-    check_boot(meta, stored[3], stored[2], stored[4], stored_cap)
+    check_boot(meta, stored[3], stored[2], stored_cap)
   end
   local position = redis.call('RPUSH', kqueue(dp, sid), rid)
   if position == 1 then -- the session was idle, so its meta (unless new: just made) and log had a TTL
@@ -268,7 +268,7 @@ local function finalize(rid, r, status, event, data, now, ttl, via_outbox)
   redis.call('HSET', kreq(rid), 'st', status, 'fin', now)
   redis.call('EXPIRE', kreq(rid), ttl)
   redis.call('DEL', kinput(rid))
-  redis.call('ZREM', dp .. 'ob', rid)
+  if not single_server then redis.call('ZREM', dp .. 'ob', rid) end -- one server never notes an outbox
   count(dp .. 'm', 'requests', r.g .. '|' .. r.p .. '|' .. r.tn .. '|' .. status)
   ended(rid, now) -- its callback and its usage (ended.lua)
   local was_head = redis.call('LINDEX', kqueue(dp, r.sid), 0) == rid
@@ -325,19 +325,27 @@ end
 -- Returns {1, tokens so far} | {0, status} when fenced | {-1, expected index} on a gap or an overlap |
 -- {-2, 'deadline_exceeded'} for a first token past the request's `"on_deadline_miss": "fail"` deadline:
 -- nothing is written (the deadline was missed), and the worker ends the run failed for it (d_finish).
-local APPEND_FIELDS = { 'st', 'a', 'n', 'sid', 'g', 'tn', 'p', 'sub', 'ft', 'dl', 'dm' }
-local function d_append(dp, rid, attempt, first, times, args, from)
-  local r = load(rid, APPEND_FIELDS)
+-- A batch from index 0 carries the request's first token (ft is written with the count that first goes past
+-- 0, and the count never goes back): only it reads what the first token is judged and timed by. Every later
+-- batch, most of a run's calls, reads the fence, the count and the log's and metrics' names.
+-- `r`: the request's fields when the caller has read them (append_tail, at least FIRST_APPEND_FIELDS); what
+-- the append writes of them (`n`, `ft`) is kept in it, so that it reads as the hash does after the call.
+local APPEND_FIELDS = { 'st', 'a', 'n', 'sid', 'g', 'tn', 'p' }
+local FIRST_APPEND_FIELDS = { 'st', 'a', 'n', 'sid', 'g', 'tn', 'p', 'sub', 'ft', 'dl', 'dm' }
+local function d_append(dp, rid, attempt, first, times, args, from, r)
+  local first_token = first == 0
+  r = r or load(rid, first_token and FIRST_APPEND_FIELDS or APPEND_FIELDS)
   if not owns(r, attempt) then
     count(dp .. 'm', 'fenced', r.g or '?') -- a late write from a worker that lost the run (operators' signal)
     return { 0, r.st or 'missing' }
   end
   if tonumber(r.n) ~= first then return { -1, tonumber(r.n) } end
-  if r.dm == '1' and not r.ft and clock() > tonumber(r.dl) then return { -2, DEADLINE_EXCEEDED } end
+  first_token = first_token and not r.ft
+  if first_token and r.dm == '1' and clock() > tonumber(r.dl) then return { -2, DEADLINE_EXCEEDED } end
   local added = #args - from + 1
   emit_tokens(dp, r.sid, rid, args, from)
   local total = first + added -- its count was `first` (checked above)
-  if r.ft then
+  if not first_token then
     redis.call('HSET', kreq(rid), 'n', total)
   else -- the first token: its count, its time and where that went, in one write
     local now = clock()
@@ -349,10 +357,12 @@ local function d_append(dp, rid, attempt, first, times, args, from)
     local met = r.dl and now <= tonumber(r.dl) -- the deadline is a time-to-first-token objective: met or missed now
     if r.dl then fields[#fields + 1], fields[#fields + 2] = 'dmt', met and '1' or '0' end
     redis.call('HSET', kreq(rid), unpack(fields))
+    r.ft = now
     observe(dp .. 'm', 'ttft', r.g .. '|' .. r.p, (now - tonumber(r.sub)) / 1000)
     if r.dl then count(dp .. 'm', 'deadlines', r.g .. '|' .. r.p .. '|' .. (met and 'met' or 'missed')) end
   end
   count(dp .. 'm', 'tokens', r.g .. '|' .. r.p .. '|' .. r.tn, added)
+  r.n = total
   return { 1, total }
 end
 
@@ -362,22 +372,27 @@ end
 -- overlap that is exactly this batch is a resent end whose first call landed: the end decides. Any
 -- other gap cannot come from the run's owner (only it writes): an error, and the run's lease lapses
 -- (the request resumes from the tokens in the log) rather than ending with tokens missing.
+-- Returns the request's FINISH_FIELDS as they are after the append, which the end then reads no more (nil
+-- when there was no tail: the end reads them itself).
+local FINISH_FIELDS = { 'st', 'a', 'w', 'n', 'dn', 'sid', 'g', 'tn', 'p', 'it', 'fl', 'dl', 'dm', 'ft', 'sub', 'fp' }
 local function append_tail(dp, rid, attempt, first, times, args, from)
-  if first == '' or from > #args then return end
+  if first == '' or from > #args then return nil end
   first = tonumber(first)
-  local appended = d_append(dp, rid, attempt, first, times, args, from)
+  local r = load(rid, FINISH_FIELDS)
+  local appended = d_append(dp, rid, attempt, first, times, args, from, r)
   if appended[1] == -1 and appended[2] ~= first + #args - from + 1 then
     error('the run\'s last tokens start at index ' .. first .. ' but the log expects ' .. appended[2], 0)
   end
+  return r
 end
 
 -- A request with a `"on_deadline_miss": "fail"` deadline and no first token ends failed for it when the
 -- worker says so (`detail` DEADLINE_EXCEEDED: its timer stopped the run, or the store refused its first
 -- token), or when its run ends done past the deadline without one (its last tokens, which append_tail
--- refused before this: the end is judged as their append was).
-local FINISH_FIELDS = { 'st', 'a', 'w', 'n', 'dn', 'sid', 'g', 'tn', 'p', 'it', 'fl', 'dl', 'dm', 'ft', 'sub', 'fp' }
-local function d_finish(rid, attempt, wid, outcome, detail, usage, now, ttl, via_outbox)
-  local r = load(rid, FINISH_FIELDS)
+-- refused before this: the end is judged as their append was). `r`: the request's FINISH_FIELDS when the
+-- caller has them (append_tail's), else read here.
+local function d_finish(rid, attempt, wid, outcome, detail, usage, now, ttl, via_outbox, r)
+  r = r or load(rid, FINISH_FIELDS)
   if not owns(r, attempt, wid) then
     return false, r.st or 'missing', produced_by(r, attempt), nil, still_waiting(rid, r, attempt)
   end
