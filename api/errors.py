@@ -9,6 +9,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from sluicegate.api.responses import JSON
 from sluicegate.sessions.connect import UNAVAILABLE, store_refuses
@@ -101,6 +102,20 @@ def expected_error_response(exc: Exception) -> JSON | None:
     return None
 
 
+HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
+def allowed_methods(request: Request) -> str:
+    """A 405's Allow: every method some route takes on this path (RFC 9110: the resource's methods). The
+    router names only the first route whose path matched, and a path may have several (GET and DELETE
+    /v1/requests/{id}, GET and POST /v1/admin/keys, GET and HEAD /healthz). Each method is asked of the
+    routes as the router asks (`matches`, which sees into included routers), not read off their fields."""
+    routes = request.app.router.routes
+    allowed = (method for method in HTTP_METHODS
+               if any(route.matches({**request.scope, "method": method})[0] is Match.FULL for route in routes))
+    return ", ".join(allowed)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     from sluicegate.api.services import check_keys  # here: services imports auth, which imports this module
 
@@ -135,7 +150,10 @@ def install_error_handlers(app: FastAPI) -> None:
         message = exc.detail if isinstance(exc.detail, str) else "error"
         if exc.status_code == 404 and message == "Not Found":
             message = "no such endpoint"
-        return error_response(exc.status_code, message, headers=exc.headers)  # a 405's Allow (RFC 9110)
+        headers = exc.headers
+        if exc.status_code == 405 and (allowed := allowed_methods(request)):
+            headers = {**(headers or {}), "Allow": allowed}
+        return error_response(exc.status_code, message, headers=headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSON:
