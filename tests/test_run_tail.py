@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -86,6 +87,33 @@ def test_the_finish_appends_the_last_tokens_and_ends_in_one_batch(redis_url: str
         events = list(sse(stack.base_url, f"/v1/requests/{rid}/events", timeout=10))
         assert token_indices(events) == list(range(6)) and token_text(events) == sim_text(PROMPT, 6)
         assert [e.event for e in events].count("done") == 1 and events[-1].data["tokens"] == 6
+
+
+def fenced_writes(base_url: str) -> float:
+    """sluicegate_fenced_writes_total over every group, from /metrics."""
+    with urllib.request.urlopen(f"{base_url}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("sluicegate_fenced_writes_total{"))
+
+
+def test_a_resent_end_counts_no_fenced_write_and_a_lost_runs_end_does(redis_url: str, r: redis.Redis) -> None:
+    """The fenced-writes counter is the operators' sign of a worker that lost its run: an end resent after its
+    reply was lost (a Redis blip) is no such thing; the end with tokens of a run whose request was cancelled is."""
+    seed = prompt_seed(PROMPT)
+    with one_run(redis_url, "tail-5", 3) as (stack, run, worker, rid, _):
+        tail = Tail(0, [token_data(rid, i, sim_token(seed, i)) for i in range(3)])
+        assert run(worker.finish(rid, "1", outcome="done", detail="length", return_slot=True, tail=tail))
+        assert not run(worker.finish(rid, "1", outcome="done", detail="length", return_slot=True, tail=tail))
+        assert fenced_writes(stack.base_url) == 0 and r.hmget(keys.request(rid), "st", "n") == ["done", "3"]
+
+        cancelled = submit(stack.base_url, "tail-5b", prompt=PROMPT, max_tokens=3)
+        run(worker.set_free_slots(1))
+        assert run(worker.spec(run(worker.next_assignment(timeout=5)))) is not None
+        assert call("DELETE", f"{stack.base_url}/v1/requests/{cancelled}")[0] == 200
+        late = Tail(0, [token_data(cancelled, i, sim_token(seed, i)) for i in range(3)])
+        assert not run(worker.finish(cancelled, "1", outcome="done", detail="length", return_slot=True, tail=late))
+        assert fenced_writes(stack.base_url) == 1 and r.hget(keys.request(cancelled), "n") == "0"
 
 
 def test_a_tail_that_does_not_start_where_the_log_expects_ends_nothing(redis_url: str, r: redis.Redis) -> None:

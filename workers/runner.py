@@ -16,7 +16,8 @@ A request with a `"on_deadline_miss": "fail"` deadline and no first token yet ha
 says how long is left; no other run pays for one): if it fires before the first append has begun, the
 engine call and the writer are stopped and the run ends failed (`deadline_exceeded`), nothing it generated
 written; if the first append is on its way, the store decides, by its clock, as it does for every first
-token: written in time, the deadline was met and the run goes on; past it, refused, and the run ends failed.
+token: written in time, the deadline was met and the run goes on; past it, refused, and the run ends failed,
+also when the engine failed meanwhile (the store's refusal of an append wins over the engine's failure).
 A run whose deadline passed before it started ends so at once, without calling the engine.
 
 A token is its text, and, when the engine gave a `Token`, the backend's raw non-text delta (tool
@@ -294,9 +295,8 @@ class Run:
             done, _ = await asyncio.wait({writer, producer}, return_when=asyncio.FIRST_EXCEPTION)
             if self._missed:
                 return RunOutcome("deadline_exceeded", DEADLINE_EXCEEDED)
-            for task in done:
-                error = task.exception()
-                if error is not None:
+            for task in (writer, producer):  # the store's refusal first, whatever order `done` has
+                if task in done and (error := task.exception()) is not None:
                     raise error
             if self.finish is None:  # the engine produced max_tokens tokens and said nothing more
                 return RunOutcome("done", "length", tail=self._tail())
@@ -308,6 +308,9 @@ class Run:
         except EngineError as error:
             self._disarm_deadline()  # it could fire during the flush and cancel the writer: a cancel, not this error
             await self._flush_quietly(writer)
+            refused = self._refused(writer)
+            if refused is not None:
+                return refused
             if error.transient and self._pinned and self._structured:  # a resume could only spoil its output
                 log.info("run %s: %s; its structured output cannot be resumed", self.key, error)
                 return RunOutcome("engine_error", f"{cannot_continue(STRUCTURED)} ({error})")
@@ -327,6 +330,20 @@ class Run:
             if pending:
                 log.warning("run %s: %d of its tasks did not stop within %g s of its end; left behind", self.key,
                             len(pending), STOP_WAIT_SECONDS)
+
+    @staticmethod
+    def _refused(writer: asyncio.Task[None]) -> RunOutcome | None:
+        """How the run ended when the store refused the writer's append while the engine failed (the flush
+        waits for that append): past the `fail` deadline, or fenced. That decides the run: taken as the
+        engine's error, it would be handed back, an attempt counted, and fail later for another reason."""
+        if not writer.done() or writer.cancelled():
+            return None
+        error = writer.exception()
+        if isinstance(error, DeadlineMissed):
+            return RunOutcome("deadline_exceeded", DEADLINE_EXCEEDED)
+        if isinstance(error, Fenced):
+            return RunOutcome("fenced", str(error), pin_refused=isinstance(error, PinRefused))
+        return None
 
     async def _flush_quietly(self, writer: asyncio.Task[None]) -> None:
         """After an engine error, keep the tokens it did produce (they count for the resume)."""

@@ -13,7 +13,7 @@
 -- ready spec JSON or "", (refused) the request's spec JSON to requeue or "", the request's input
 -- tokens as the backend counted them (-1 unknown)}.
 local usage = (ARGV[8] or '') ~= '' and cjson.decode(ARGV[8]) or nil
-local r = append_tail(KEYS[1], ARGV[3], ARGV[4], ARGV[9] or '', ARGV[10] or '', ARGV, 11)
+local r = append_tail(KEYS[1], ARGV[3], ARGV[4], ARGV[5], ARGV[9] or '', ARGV[10] or '', ARGV, 11)
 local finished, status, produced, nxt, requeue, prompt = d_finish(ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], usage,
   clock(), tonumber(ARGV[2]), true, r)
 return { finished and 1 or 0, status, produced or -1, nxt and cjson.encode(nxt) or '',

@@ -12,7 +12,7 @@
 local now, lease = clock(), tonumber(ARGV[2])
 local rid, attempt = ARGV[4], ARGV[5]
 local usage = (ARGV[10] or '') ~= '' and cjson.decode(ARGV[10]) or nil
-local r = append_tail(KEYS[1], rid, attempt, ARGV[11] or '', ARGV[12] or '', ARGV, 13)
+local r = append_tail(KEYS[1], rid, attempt, ARGV[6], ARGV[11] or '', ARGV[12] or '', ARGV, 13)
 local finished, status, produced, nxt, requeue, prompt = d_finish(rid, attempt, ARGV[6], ARGV[7], ARGV[8], usage,
   now, tonumber(ARGV[3]), false, r)
 let_go(KEYS[2], rid .. '|' .. attempt, ARGV[6], produced, requeue, ARGV[9], now, lease, nxt, prompt)

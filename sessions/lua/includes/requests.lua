@@ -279,7 +279,7 @@ local function finalize(rid, r, status, event, data, now, ttl, via_outbox)
   return advance(dp, r.sid, rid, was_head, now, ttl, via_outbox)
 end
 
-local END_FIELDS = { 'st', 'a', 'w', 'n', 'dn', 'sid', 'g', 'tn', 'p', 'it', 'fl', 'fp' }
+local END_FIELDS = { 'st', 'a', 'w', 'n', 'dn', 'sid', 'g', 'tn', 'p', 'it', 'fl', 'fp', 'dl', 'ft' } -- d_cancel's
 local function owns(r, attempt, wid)
   return r.st == 'running' and r.a == attempt and (wid == nil or r.w == wid)
 end
@@ -372,13 +372,16 @@ end
 -- overlap that is exactly this batch is a resent end whose first call landed: the end decides. Any
 -- other gap cannot come from the run's owner (only it writes): an error, and the run's lease lapses
 -- (the request resumes from the tokens in the log) rather than ending with tokens missing.
+-- An end resent after its reply was lost (the request ended by this attempt on worker `wid`) appends
+-- nothing and counts no fenced write: no run was lost, the end that landed decides.
 -- Returns the request's FINISH_FIELDS as they are after the append, which the end then reads no more (nil
 -- when there was no tail: the end reads them itself).
 local FINISH_FIELDS = { 'st', 'a', 'w', 'n', 'dn', 'sid', 'g', 'tn', 'p', 'it', 'fl', 'dl', 'dm', 'ft', 'sub', 'fp' }
-local function append_tail(dp, rid, attempt, first, times, args, from)
+local function append_tail(dp, rid, attempt, wid, first, times, args, from)
   if first == '' or from > #args then return nil end
   first = tonumber(first)
   local r = load(rid, FINISH_FIELDS)
+  if (r.st == 'done' or r.st == 'failed') and r.a == attempt and r.w == wid then return r end
   local appended = d_append(dp, rid, attempt, first, times, args, from, r)
   if appended[1] == -1 and appended[2] ~= first + #args - from + 1 then
     error('the run\'s last tokens start at index ' .. first .. ' but the log expects ' .. appended[2], 0)
@@ -483,11 +486,18 @@ end
 -- Cancel a queued, preempted or running request (a running one's worker is fenced at its next
 -- write). Returns outcome ('cancelled' | 'terminal' | 'missing' | 'forbidden'), the request's
 -- fields before, produced by its current attempt, the session's next head.
+-- One cancelled after its deadline passed (by this clock, `now`) with no first token missed it, whatever its
+-- on_deadline_miss: recorded as deadline_missed records it (deadline_met false, the metric), or the late
+-- requests their clients gave up on would count as neither. One cancelled before its deadline was never judged.
 local function d_cancel(rid, owner, now, ttl, via_outbox)
   local r = load(rid, END_FIELDS)
   if not r.st then return 'missing', r end
   if owner ~= '' and r.tn ~= owner then return 'forbidden', r end
   if TERMINAL[r.st] then return 'terminal', r end
+  if r.dl and not r.ft and now > tonumber(r.dl) then
+    redis.call('HSET', kreq(rid), 'dmt', '0')
+    count(dpre_of(rid) .. 'm', 'deadlines', r.g .. '|' .. r.p .. '|missed')
+  end
   local nxt = finalize(rid, r, 'cancelled', 'cancelled', { request_id = rid, tokens = tonumber(r.n) }, now, ttl,
     via_outbox)
   return 'cancelled', r, produced_by(r, r.a), nxt
