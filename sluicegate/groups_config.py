@@ -82,8 +82,9 @@ def load_groups(settings: Settings, explicit: frozenset[str] = frozenset()) -> l
         return []
     if not isinstance(tables, dict) or not tables:
         raise BadSetting(TABLE, f"give one table [groups.NAME] per group, in {path}")
-    if "group" in explicit:
-        raise BadSetting("group", f"--group (or SLUICEGATE_GROUP) names the one group of a config without "
+    if "group" in explicit or "group" in settings.model_fields_set:  # the latter: the file's top-level `group`
+        given = "--group (or SLUICEGATE_GROUP)" if "group" in explicit else "a top-level `group`"
+        raise BadSetting("group", f"{given} names the one group of a config without "
                          f"[groups.NAME] tables; {path} has {', '.join(f'[groups.{n}]' for n in tables)}")
     groups = [_group(settings, explicit, name, table, path) for name, table in tables.items()]
     served: dict[str, str] = {}

@@ -21,10 +21,12 @@ worker starts, then gets its own workers with its own settings.
 from __future__ import annotations
 
 import asyncio
+import errno
 import http.client
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -82,6 +84,31 @@ def api_answers(settings: Settings) -> bool:
         return False
     finally:
         connection.close()
+
+
+def port_in_use(settings: Settings) -> bool:
+    """Something listens on the API's address already (an earlier serve, a `sluicegate api`, any server): serve
+    would start everything, announce "serving on" when that other server answers /healthz, then stop when its
+    own API cannot bind. Each address is bound and closed at once, never held (serve's API binds it next);
+    with SO_REUSEADDR, as uvicorn binds it, so a port left in TIME_WAIT by the last run is free; without
+    SO_REUSEPORT, which would let this bind share a port its holder had opened with it. Any other failure
+    (no such host, no IPv6) is left to the API to report, as before."""
+    try:
+        addresses = socket.getaddrinfo(settings.host, settings.port, type=socket.SOCK_STREAM,
+                                       flags=socket.AI_PASSIVE)
+    except OSError:
+        return False
+    for family, kind, proto, _, address in addresses:
+        try:
+            with socket.socket(family, kind, proto) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:  # as asyncio's server binds it: :: beside 0.0.0.0 is no clash
+                    probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                probe.bind(address)
+        except OSError as error:
+            if error.errno == errno.EADDRINUSE:
+                return True
+    return False
 
 
 def embedded_store(settings: Settings) -> EmbeddedServer | EmbeddedCluster:
@@ -156,13 +183,14 @@ async def declare_groups(settings: Settings, groups: Sequence[GroupConfig]) -> N
         await client.aclose()
 
 
-def share_engine(pool: Settings) -> Settings:
-    """Workers that share one engine share its slots. Each worker takes its engine's slot count unless
-    --slots is given (workers/worker.py); so when serve starts several workers in front of one engine,
-    it asks the engine once and gives each worker its share (and no more workers than slots: a
+def share_engine(pool: Settings) -> list[Settings]:
+    """The settings of each of `pool`'s workers. Workers that share one engine share its slots. Each worker
+    takes its engine's slot count unless --slots is given (workers/worker.py); so when serve starts several
+    workers in front of one engine, it asks the engine once and gives each worker its share, the first
+    `total % workers` one slot more, so that every slot is used (and no more workers than slots: a
     one-at-a-time engine gets one worker)."""
     if pool.engine != "openai" or pool.slots is not None or not pool.backend_probe or pool.workers < 2:
-        return pool
+        return [pool] * pool.workers
     from sluicegate.workers.engines.openai import OpenAIEngine
 
     async def ask() -> int | None:
@@ -178,11 +206,24 @@ def share_engine(pool: Settings) -> Settings:
 
     total = asyncio.run(ask())
     if not total:
-        return pool
+        return [pool] * pool.workers
     workers = min(pool.workers, total)
-    log.info("group %s: its engine runs %d requests at once: %d workers x %d slots", pool.group, total, workers,
-             total // workers)
-    return pool.replace(workers=workers, slots=total // workers)
+    share, more = divmod(total, workers)
+    shares = [pool.replace(workers=workers, slots=share + 1 if index < more else share) for index in range(workers)]
+    log.info("group %s: its engine runs %d requests at once: workers %s", pool.group, total, slot_split(shares))
+    return shares
+
+
+def slot_split(shares: Sequence[Settings]) -> str:
+    """What the workers get, for the log: `2 x 2 slots` (2 workers of 2), `1 x 2 + 2 x 1 slots`,
+    `2 x the engine's slots` (no --slots: each asks its engine), `0` (no workers)."""
+    counts: dict[int | None, int] = {}
+    for worker in shares:
+        counts[worker.slots] = counts.get(worker.slots, 0) + 1
+    if not counts:
+        return "0"
+    engines = "the engine's"
+    return " + ".join(f"{n} x {slots or engines}" for slots, n in counts.items()) + " slots"
 
 
 FIRST_RESTART_DELAY = 0.2  # s: a child that died is restarted after this, doubled each time it dies quickly ...
@@ -271,6 +312,13 @@ def serve(settings: Settings, groups: Sequence[GroupConfig] = ()) -> int:
         except OSError as error:
             print(f"sluicegate serve: cannot use --data-dir {settings.data_dir}: {error}", file=sys.stderr)
             return 2
+    if port_in_use(settings):  # before anything starts; a script waiting for "serving on" would meet the other
+        if store is not None:
+            release(store)
+        print(f"sluicegate serve: port {settings.port} is in use on {settings.host}: stop what listens there "
+              "(another serve or `sluicegate api`?), or give another --port", file=sys.stderr)
+        return 2
+    if store is not None:
         # Until the stop handlers are in place, a signal abandons the start, and any failure kills the
         # store: it runs in its own session, so nothing else would ever stop it.
         for sig in signals:
@@ -308,12 +356,12 @@ def serve(settings: Settings, groups: Sequence[GroupConfig] = ()) -> int:
             except (*UNAVAILABLE, RedisError, ValueError) as error:  # the store, or a model another group has
                 log.error("cannot declare the groups of %s: %s", settings.config, error)
                 return 1
-            for group, pool in zip(groups, pools, strict=True):
-                log.info("group %s: model %s, %s engine, workers %d x %s slots", group.name, group.model or "-",
-                         pool.engine, pool.workers, pool.slots or "the engine's")
+            for group, shares in zip(groups, pools, strict=True):
+                log.info("group %s: model %s, %s engine, workers %s", group.name, group.model or "-",
+                         group.worker_settings(settings).engine, slot_split(shares))
         core = {"scheduler": spawn("scheduler", settings), "api": spawn("api", settings)}
         webhooks = Restarted("webhooks", settings)  # callbacks and usage folding: restarted when it dies, like a worker
-        workers = [Restarted("worker", pool) for pool in pools for _ in range(pool.workers)]
+        workers = [Restarted("worker", worker) for shares in pools for worker in shares]
         what = f"{len(groups)} groups, {len(workers)} workers" if groups else \
             f"{len(workers)} workers ({settings.engine} engine)"
         serving = f"serving on http://{settings.host}:{settings.port} with {what}"

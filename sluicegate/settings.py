@@ -20,6 +20,7 @@ import tomllib
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
@@ -108,6 +109,24 @@ def _schemes(*schemes: str) -> AfterValidator:
     return AfterValidator(check)
 
 
+def _host_and_port(url: str) -> str:
+    """An http(s) URL a client can connect to: a host, and a port (if any) 1-65535. Otherwise a worker's HTTP
+    client fails on it at every start (workers/engines/http1.py), under serve in restarts that never end."""
+    try:
+        parts = urlsplit(url)
+    except ValueError as error:  # a bracket left open
+        raise ValueError(f"`{url}` is not a URL ({error})") from None
+    if not parts.hostname:
+        raise ValueError(f"`{url}` names no host")
+    try:
+        port = parts.port
+    except ValueError:  # out of range, or not a number
+        port = 0
+    if port == 0:
+        raise ValueError(f"`{url}`: its port should be a number 1-65535")
+    return url
+
+
 def _off_or_a_cluster(masters: int) -> int:
     if 0 < masters < 3:
         raise ValueError(f"a Redis Cluster needs at least 3 masters, not {masters} (0 = one plain server)")
@@ -174,7 +193,7 @@ Count = Annotated[int, Field(ge=1)]
 Positive = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 NonNegative = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 RedisUrl = Annotated[str, _schemes("redis", "rediss", "unix")]
-HttpUrl = Annotated[str, _schemes("http", "https")]
+HttpUrl = Annotated[str, _schemes("http", "https"), AfterValidator(_host_and_port)]
 ClusterSize = Annotated[int, Field(ge=0), AfterValidator(_off_or_a_cluster)]
 OPTIONAL = ("config", "redis_url", "rq_redis_url", "backend_url", "backend_api_key", "auth", "admin_key", "slots",
             "metrics_key", "webhook_secret", "otel_endpoint")
@@ -408,12 +427,14 @@ class Settings(BaseSettings):
         return parse_backend_models(self.backend_model)
 
     def to_env(self) -> dict[str, str]:
-        """The environment that reproduces these settings in a child process."""
+        """The environment that reproduces these settings in a child process. An unset one is "" (read back
+        as unset: every nullable field is in OPTIONAL), so that a variable the parent inherited, which a flag
+        such as `--admin-key ""` unset, does not reach the child and set it again."""
         env: dict[str, str] = {}
         for name, value in self.model_dump(exclude={"extra"}).items():
             if value is None:
-                continue
-            if isinstance(value, bool):
+                value = ""
+            elif isinstance(value, bool):
                 value = "1" if value else "0"
             env[ENV_PREFIX + name.upper()] = str(value)
         return env

@@ -336,10 +336,12 @@ def test_serve_shares_one_engines_slots_among_its_workers() -> None:
 
     with ServerThread(with_slots(4)) as four, ServerThread(with_slots(1)) as one:
         pool = Settings(engine="openai", backend_url=four.url, backend_model="sim", workers=2)
-        assert (share_engine(pool).workers, share_engine(pool).slots) == (2, 2)
+        assert [(w.workers, w.slots) for w in share_engine(pool)] == [(2, 2), (2, 2)]
         single = share_engine(pool.replace(backend_url=one.url, workers=3))
-        assert (single.workers, single.slots) == (1, 1)  # a one-at-a-time engine gets one worker
-        assert share_engine(pool.replace(slots=5)).slots == 5  # --slots given: as given
+        assert [(w.workers, w.slots) for w in single] == [(1, 1)]  # a one-at-a-time engine gets one worker
+        assert [w.slots for w in share_engine(pool.replace(slots=5))] == [5, 5]  # --slots given: as given
+        # 4 slots, 3 workers: the first gets the remainder (old: 3 x 1, an engine slot never used)
+        assert [w.slots for w in share_engine(pool.replace(workers=3))] == [2, 1, 1]
 
 
 def test_backend_continue_no_regenerates_with_a_seed_of_the_request() -> None:
