@@ -7,6 +7,7 @@ from typing import Any
 
 import orjson
 
+from sluicegate.sessions.events import Event
 from sluicegate.sessions.store import CursorExpired, LogBounds, SessionStore, log_gap
 
 PAGE = 1000  # events read per call
@@ -23,7 +24,7 @@ async def request_output(store: SessionStore, rid: str, fields: dict[str, str]) 
         try:
             if cursor == first - 1:  # the first page: the request's first event must be there
                 bounds, events = await store.read_page(sid, cursor, PAGE)
-                gone = first_event_gone(bounds, first)
+                gone = first_event_gone(bounds, first) or another_request_first(events, first, rid)
                 if gone is not None:
                     return {"output": None, "output_error": f"the session's log no longer holds its events: {gone}"}
                 gap = log_gap(bounds, cursor)
@@ -56,4 +57,15 @@ def first_event_gone(bounds: LogBounds, first: int) -> str | None:
         return "the session expired (its log is gone)"
     if bounds.oldest_kept > first:
         return f"event id {first} was trimmed from the session's log; the oldest kept event is {bounds.oldest_kept}"
+    return None
+
+
+def another_request_first(events: list[Event], first: int, rid: str) -> str | None:
+    """Why the event with id `first` is not the request's own `queued`, if another request's: the session
+    expired while the request's hash was kept (a callback still being retried keeps it) and its id was used
+    again, the new life numbering from 1. Its ids then pass `first_event_gone`, and every event is another
+    request's: without this, the output would read as an empty text. (The request stream's check:
+    api/streaming.py `another_request_at`.)"""
+    if events and events[0].seq == first and events[0].request_id != rid:
+        return f"the session expired and its id was used again: event id {first} is another request's"
     return None

@@ -172,13 +172,16 @@ def describe(event: Event) -> str:
 
 def tail(client: Client, args: argparse.Namespace) -> int:
     """Follow the session; one that does not exist yet (or any more) is waited for, as `tail -F` waits for
-    a file, until its first event or Ctrl-C."""
+    a file, until its first event or Ctrl-C. One that expired after events were shown (idle for its TTL)
+    is waited for too, then followed from the start of its next life: that life numbers its events from
+    1 again, so every one of them is new. Any other refusal ends the command (exit 1)."""
     from sluicegate.client import SluicegateError
 
-    seen = told = False
+    after = args.after
+    seen = told = False  # an event was shown in this life; its "waiting" line was printed
     while True:
         try:
-            for event in client.stream(session_id=args.session, after=args.after,
+            for event in client.stream(session_id=args.session, after=after,
                                        reconnect_timeout=args.reconnect_timeout, on_reconnect=notice("tail")):
                 seen = True
                 if args.json:
@@ -187,9 +190,13 @@ def tail(client: Client, args: argparse.Namespace) -> int:
                     print(describe(event), flush=True)
             return 0
         except SluicegateError as error:
-            if seen or not no_session_yet(error, args.session):
+            if not no_session_yet(error, args.session):
                 raise
-            if not told:
+            if seen:  # it expired while followed: the next life starts over at event id 1
+                after, seen, told = 0, False, True
+                print(f"sluicegate tail: session {args.session!r} expired; waiting for it (Ctrl-C to stop)",
+                      file=sys.stderr, flush=True)
+            elif not told:
                 told = True
                 print(f"sluicegate tail: {error.message}; waiting for it (Ctrl-C to stop)", file=sys.stderr,
                       flush=True)
