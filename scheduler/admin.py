@@ -98,6 +98,10 @@ class Tuning:
                      *(("lvl", "at") if "tokens_per_second" in to_clear else ())]
             if stale:
                 pipe.hdel(keys.group_key(group, "qs"), *stale)
+            if "tokens_per_second" in to_clear:
+                # A new bucket generation, after the quota's field is gone: a run that reserved from the
+                # removed bucket refunds nothing into one set again later (quotas.lua quota_refund).
+                pipe.hincrby(keys.group_key(group, "qs"), "tgen", 1)
             pipe.rpush(keys.group_key(group, "hint"), 1)  # wake its scheduler: applies on the next decision
             pipe.ltrim(keys.group_key(group, "hint"), 0, 0)
             await pipe.execute()

@@ -1,6 +1,9 @@
 -- heartbeat.lua (control plane): renew a worker's liveness and the leases of the runs it still owns,
 -- and reap the workers of its group that stopped heartbeating without deregistering (kill -9, lost
--- host): their slot tickets and their inbox go, so the group's free-slot ledger stays exact.
+-- host): their slot tickets and their inbox go, so the group's free-slot ledger stays exact. A run a deadline
+-- boost started at a raised class ranks at its own class from here once its first token came (read from
+-- its request's hash on one server, which then has its ep written too) or its deadline passed (runs.lua
+-- unboost_run).
 -- KEYS[1] the group's control prefix sg:{g:<group>}:
 -- ARGV[1] flags   ARGV[2] the worker's own lease ms (a live beat records it in wl: runs.lua worker_lease)
 -- ARGV[3] worker id   ARGV[4] "live" | "leaving" (renew run leases
@@ -47,6 +50,7 @@ for i = 5, #ARGV do
   if rec and rec.w == wid then
     redis.call('ZADD', cp .. 'leases', 'XX', now + lease, ARGV[i])
     redis.call('ZADD', cp .. 'pre', 'XX', now + lease, ARGV[i])
+    if rec.bo then unboost_run(cp, ARGV[i], rec, now) end
     if rec.cx then
       reply[#reply + 1] = ARGV[i] .. '|cancelled'
     elseif rec.rq then

@@ -22,11 +22,14 @@ local function quota_config(cp)
   return cfg
 end
 
+-- The bucket's level at `now`, and its generation (tgen: bumped by the admin API each time the tokens/s
+-- quota is removed, scheduler/admin.py set_quota; 0 before the first removal). A run refunds only into the
+-- bucket of the generation it reserved from: one removed and set again while it ran is a new bucket.
 local function token_level(cp, cfg, now)
-  local s = redis.call('HMGET', cp .. 'qs', 'lvl', 'at')
-  local level, at = tonumber(s[1]), tonumber(s[2])
-  if not level then return cfg.cap end
-  return math.min(cfg.cap, level + (now - at) * cfg.tps / 1000)
+  local s = redis.call('HMGET', cp .. 'qs', 'lvl', 'at', 'tgen')
+  local level, at, gen = tonumber(s[1]), tonumber(s[2]), tonumber(s[3]) or 0
+  if not level then return cfg.cap, gen end
+  return math.min(cfg.cap, level + (now - at) * cfg.tps / 1000), gen
 end
 
 -- The GCRA theoretical arrival time, never in the past. It is stored with the interval it was
@@ -72,20 +75,27 @@ local function quota_gate(cp, cfg, reserve, first_run, now)
   return true
 end
 
+-- Returns the tokens/s bucket's generation reserved from (nil without that quota), for the run's refund.
 local function quota_take(cp, cfg, reserve, first_run, now)
   if cfg.rps and first_run then
     local interval = 1000 / cfg.rps
     redis.call('HSET', cp .. 'qs', 'tat', gcra_tat(cp, interval, now) + interval, 'ti', interval)
   end
   if cfg.tps then
-    redis.call('HSET', cp .. 'qs', 'lvl', token_level(cp, cfg, now) - reserve, 'at', now)
+    local level, gen = token_level(cp, cfg, now)
+    redis.call('HSET', cp .. 'qs', 'lvl', level - reserve, 'at', now)
+    return gen
   end
 end
 
-local function quota_refund(cp, unused, now)
+-- `gen`: the generation the tokens were reserved from (quota_take); none is generation 0 (a run recorded
+-- before generations, or before the first removal).
+local function quota_refund(cp, unused, now, gen)
   local cfg = quota_config(cp)
   if cfg.tps and unused > 0 then
-    redis.call('HSET', cp .. 'qs', 'lvl', math.min(cfg.cap, token_level(cp, cfg, now) + unused), 'at', now)
+    local level, current = token_level(cp, cfg, now)
+    if (tonumber(gen) or 0) ~= current then return end
+    redis.call('HSET', cp .. 'qs', 'lvl', math.min(cfg.cap, level + unused), 'at', now)
   end
 end
 

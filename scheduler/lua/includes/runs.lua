@@ -74,7 +74,7 @@ local function end_run(cp, key, rec, produced, now, prompt, finished)
     local counter = vtc_get(cp, rec.tn)
     vtc_set(cp, rec.tn, counter + correction, counter)
   end
-  quota_refund(cp, (rec.cr or 0) - produced, now)
+  quota_refund(cp, (rec.cr or 0) - produced, now, rec.cg)
 end
 
 -- The inbox format from which a worker reads "rid|attempt|reason" (INBOX_FORMAT in sessions/transitions.py).
@@ -135,6 +135,33 @@ local function drop_deadline(spec)
   if spec.bo and spec.ep < 10 then spec.ep, spec.bo = spec.p, nil end
 end
 
+-- A deadline boost binds only until the first token, as the deadline does (drop_deadline): a run started at
+-- the class a boost raised it to (bo) ranks at its own class again once the control plane sees its first
+-- token (one server: `ft` in its request's hash), or its deadline pass (on a cluster the control plane sees
+-- no token; a boost no longer helps a late request, which the sweep would not raise either). Else a request
+-- of the raised class waited out its whole run: the run outranked it in the preemption's order. Its start
+-- time stays in the score (the min-run quantum); its record, its ep and shown class follow, and the group's
+-- scheduler is hinted, so that a higher class waiting preempts it at once. Called where the control plane
+-- next touches a running run, the heartbeat: the first token's way (requests.lua d_append) stays the data
+-- plane's alone. Returns whether it re-ranked the run.
+local function unboost_run(cp, key, rec, now)
+  local cls = tonumber(rec.cls)
+  if not (rec.bo and cls and cls < 10 and cls ~= rec.p) then return false end
+  if not redis.call('ZSCORE', cp .. 'run', key) then return false end -- stopped: no longer ranked
+  local due = rec.dl and now >= rec.dl
+  if not due and single_server then due = redis.call('HEXISTS', kreq(rec.rid), 'ft') == 1 end
+  if not due then return false end
+  local score = rec.p * RANK + (RANK - rec.ds)
+  redis.call('ZADD', cp .. 'run', 'XX', score, key)
+  redis.call('ZADD', cp .. 'rt:' .. rec.tn, 'XX', score, key)
+  rec.cls, rec.ep, rec.bo = rec.p, rec.p, nil
+  redis.call('HSET', cp .. 'ri', key, cjson.encode(rec))
+  note_class(cp, rec.rid, rec.p)
+  trim_classes(cp)
+  if redis.call('LLEN', cp .. 'hint') == 0 then redis.call('LPUSH', cp .. 'hint', 1) end
+  return true
+end
+
 -- The ready spec of a run's request, to put it back in the ready set (it keeps its ready time and
 -- its class, which aging may have raised). `fresh`: the data plane's newer view (tokens so far).
 local function spec_of(rec, fresh)
@@ -177,12 +204,15 @@ local function start_run(cp, cls, tenant, counter, spec, wid, cfg, now, lease)
   local charged = counter + (input_cost + pol.w_out * estimate) / tenant_weight
   vtc_set(cp, tenant, charged, counter)
   redis.call('SET', cp .. 'vlast', charged)
-  quota_take(cp, cfg, remaining, attempt == 1, now)
+  local bucket = quota_take(cp, cfg, remaining, attempt == 1, now)
   local key = spec.rid .. '|' .. attempt
   local rec = spec_of(spec)
   -- cr: the tokens reserved from the tokens/s bucket (quota_take), which its end refunds what it did not use
-  -- of: none without that quota (a quota added while it runs must not be credited what it never took)
+  -- of: none without that quota (a quota added while it runs must not be credited what it never took);
+  -- cg: that bucket's generation, when not 0 (a quota removed and set again while it runs is a new bucket,
+  -- which it took nothing from: quota_refund)
   rec.a, rec.w, rec.ds, rec.ce, rec.cr, rec.cls = attempt, wid, now, estimate, cfg.tps and remaining or 0, cls
+  if bucket and bucket ~= 0 then rec.cg = bucket end
   rec.tw = tenant_weight -- the weight charged at, which end_run corrects by (7 bytes at the default 1)
   redis.call('HSET', cp .. 'ri', key, cjson.encode(rec))
   redis.call('HSET', cp .. 'tk', key, wid) -- the slot this attempt holds, given back once (let_go)
