@@ -16,14 +16,17 @@ local function without_free_slot(cp, cls, cfg, now, lease, share)
   return hand_over(cp, cls, cfg, now, lease)
 end
 
--- Headroom (policy fsr): while a running tenant is a slot or more below the one furthest above its
--- share of the running slots (the first in ro: it could take a slot from it, see hand_over), the
--- group's last fsr x slots go only to such tenants: the one below starts in one at once, where it would
--- otherwise preempt (a stop, a hand-back and a restart later, on the way to its first token). Not
+-- Headroom (policy fsr): while a running tenant is a slot or more below a tenant it could take a slot
+-- from by fair share (one of fair_victims, heaviest first, see hand_over), the group's last fsr x slots go
+-- only to tenants that could: the one below starts in one at once, where it would otherwise preempt (a stop,
+-- a hand-back and a restart later, on the way to its first token). The victims are those of the lowest
+-- running class: a later arrival of a higher class preempts by priority, one of a lower class preempts
+-- nobody; so work of a class below every run is held back as the flooder's of the lowest class is. Not
 -- kept: for work of a class above a running run (it could preempt that run), when no slot is free (then
--- preemption decides), or when no tenant is below the heaviest (one tenant alone, or all at their
--- shares: every slot may be used). `holding`: the caller holds a ticket already. Returns nil when no
--- headroom is kept here, else the heaviest tenant and the share a taker must stay within (could_take).
+-- preemption decides), or when no tenant is below a victim (one tenant alone, or all at their shares:
+-- every slot may be used). `holding`: the caller holds a ticket already. Returns nil when no headroom is
+-- kept here, else the victims the lightest running tenant could take from, heaviest first ({ tenant,
+-- the share a taker must stay within (could_take) }).
 local function headroom(cp, cls, holding)
   local fraction = policy(cp).fsr
   if fraction <= 0 then return nil end
@@ -32,12 +35,34 @@ local function headroom(cp, cls, holding)
   -- the group's slots: those held by attempts (tk) and the free ones (the epsilon: 0.29 * 100 < 29)
   if after >= math.floor(fraction * (redis.call('HLEN', cp .. 'tk') + after + 1) + 1e-9) then return nil end
   local lowest_run = redis.call('ZRANGE', cp .. 'run', 0, 0, 'WITHSCORES')[2]
-  if not lowest_run or tonumber(cls) > math.floor(tonumber(lowest_run) / RANK) then return nil end
-  local heaviest, limit = heaviest_share(cp)
-  if not heaviest then return nil end
+  if not lowest_run then return nil end
+  local lowest_cls = math.floor(tonumber(lowest_run) / RANK)
+  if tonumber(cls) > lowest_cls then return nil end
   local lightest = redis.call('ZRANGE', cp .. 'ro', 0, 0)[1]
-  if lightest == heaviest or not could_take(cp, lightest, limit) then return nil end
-  return heaviest, limit
+  local victims = {}
+  for _, victim in ipairs(fair_victims(cp, lowest_cls)) do
+    if lightest ~= victim[1] and could_take(cp, lightest, victim[2]) then victims[#victims + 1] = victim end
+  end
+  if #victims == 0 then return nil end
+  return victims
+end
+
+-- The tenant waiting in class `cls` that takes a headroom slot (see headroom): the taker for the first of
+-- `victims` that has one (taker_for); nil when none of those waiting could take from any of them.
+local function headroom_taker(cp, cls, victims)
+  for _, victim in ipairs(victims) do
+    local tenant, counter = taker_for(cp, cls, victim[1], victim[2])
+    if tenant then return tenant, counter end
+  end
+  return nil
+end
+
+-- May `tenant` start in a headroom slot: could it take a slot from one of `victims` (see headroom)?
+local function may_take_headroom(cp, tenant, victims)
+  for _, victim in ipairs(victims) do
+    if tenant ~= victim[1] and could_take(cp, tenant, victim[2]) then return true end
+  end
+  return false
 end
 
 -- One call dispatches at most this many rounds (a round starts a request or preempts for one), so that a
@@ -68,9 +93,9 @@ local function dispatch(cp, now, lease, share)
       if ran then started = started + 1 end
     else
       local tenant, counter
-      local heaviest, limit = headroom(cp, top, wid)
-      if heaviest then
-        tenant, counter = taker_for(cp, tonumber(top), heaviest, limit)
+      local victims = headroom(cp, top, wid)
+      if victims then
+        tenant, counter = headroom_taker(cp, tonumber(top), victims)
         if not tenant then -- none of those waiting in this class may have the headroom: it stays free
           if wid then redis.call('RPUSH', cp .. 'idle', wid) end
           break
@@ -120,8 +145,8 @@ local function start_alone(cp, spec, now, lease)
   if not quota_gate(cp, cfg, tokens_left(spec), spec.a == 0, now) then return false end
   local wid = take_ticket(cp)
   if not wid then return false end
-  local heaviest, limit = headroom(cp, spec.ep, true)
-  if heaviest and not could_take(cp, spec.tn, limit) then -- the heaviest itself never could
+  local victims = headroom(cp, spec.ep, true)
+  if victims and not may_take_headroom(cp, spec.tn, victims) then
     redis.call('RPUSH', cp .. 'idle', wid)
     return false
   end

@@ -16,11 +16,14 @@
 -- By fair share (hand_over), inside one class, when no run of a lower class stops for the waiting
 -- class (priority comes first: the lowest-ranked run stops): the first tenant in the fair order (of the first few
 -- waiting) that is below the tenant furthest above its weighted share of the group's running slots
--- (ro: runs / weight) takes a slot from that one, when it would still hold at least as much per weight
--- after the swap as the taker does: no ping-pong, and a tenant at or below its share is never
--- preempted for another. Counters alone cannot see this: a tenant returning from idle is lifted to the
--- flooder's counter, so a tenant that floods keeps every slot the others free and they queue behind
--- its runs (the soak's TTFT).
+-- (ro: runs / weight) among those running a preemptible run of that class takes a slot from that one, when
+-- it would still hold at least as much per weight after the swap as the taker does: no ping-pong, and a
+-- tenant at or below its share is never preempted for another. Counters alone cannot see this: a tenant
+-- returning from idle is lifted to the flooder's counter, so a tenant that floods keeps every slot the
+-- others free and they queue behind its runs (the soak's TTFT). The victim tenant is looked for among the
+-- first VICTIMS in ro, heaviest first: the heaviest overall may run in another class only (an interactive
+-- tenant at a high class, or one run of a low-weight tenant), and the flooder of this class must still
+-- give up a slot.
 --
 -- Anti-thrash, for both: a run that used up its max preemptions is immune and skipped, and so is a
 -- run that streamed a tool-call delta (pin.lua: it could not be resumed faithfully); a run inside its
@@ -75,13 +78,25 @@ end
 -- flooder, and a tenant below its share behind it must still get its slot.
 local TAKERS = 4
 
--- The tenant furthest above its weighted share of the running slots (the first in ro), and what it
--- holds per weight once it has given up one slot: no taker may hold more after taking it. Nil when
--- nothing runs.
-local function heaviest_share(cp)
-  local heaviest = redis.call('ZREVRANGE', cp .. 'ro', 0, 0, 'WITHSCORES')
-  if not heaviest[1] then return nil end
-  return heaviest[1], tonumber(heaviest[2]) - 1 / weight(cp, heaviest[1])
+-- Fair share's candidate victims in class `cls`: of the first VICTIMS tenants in ro (furthest above
+-- their weighted share of the running slots first), those holding a run of that class; each as { tenant,
+-- what it holds per weight once it has given up one slot } (no taker may hold more after taking it).
+-- Empty when nothing runs in the class among them. Bounded, as the takers are (TAKERS): one ZREVRANGE,
+-- then per tenant a ZCOUNT and, for those kept, an HGET of its weight: 1 + 2 x VICTIMS commands at most.
+-- A flooder of the class behind VICTIMS heavier tenants that hold no preemptible run of it is not seen
+-- (the price of the bound; each of those holds more per weight than it does).
+local VICTIMS = 4
+
+local function fair_victims(cp, cls)
+  local heaviest = redis.call('ZREVRANGE', cp .. 'ro', 0, VICTIMS - 1, 'WITHSCORES')
+  local victims = {}
+  for i = 1, #heaviest, 2 do
+    local tenant = heaviest[i]
+    if redis.call('ZCOUNT', cp .. 'rt:' .. tenant, cls * RANK, (cls + 1) * RANK - 1) > 0 then
+      victims[#victims + 1] = { tenant, tonumber(heaviest[i + 1]) - 1 / weight(cp, tenant) }
+    end
+  end
+  return victims
 end
 
 -- Would `tenant`, given one more slot, hold no more per weight than `victim_share`?
@@ -123,37 +138,49 @@ end
 
 -- Fair-share preemption in class `cls` (see above). Returns handed (a run was stopped and its slot
 -- handed over), ran (the taker's run started in it; if its request turned out to have ended, the
--- slot's ticket is back in the idle list). Looks at every run of that class of the victim tenant.
+-- slot's ticket is back in the idle list). The candidate victims (fair_victims) are tried heaviest
+-- first: one with no taker (no waiting tenant would hold no more per weight after the swap), or whose
+-- runs of the class are all immune (pinned, at their max preemptions), is passed over for the next. One
+-- whose runs of the class are inside their min-run quantum is waited for (the group is woken then):
+-- a lighter tenant is not stopped in its place.
+-- Cost, bounded: fair_victims (at most 1 + 2 x VICTIMS commands), then per victim a taker_for (a ZRANGE,
+-- a weight and a ZSCORE for each of at most TAKERS tenants, a counter: at most 2 + 2 x TAKERS), so at
+-- most 9 + 4 x 10 = 49 commands before any run is paged (12 with the heaviest tenant alone); the runs
+-- paged are the victims' runs of the class, each looked at once in the whole walk (distinct tenants):
+-- no more than the class holds, as with one victim.
 local function hand_over(cp, cls, cfg, now, lease)
   local pol = policy(cp)
   if pol.fsp == 0 or pol.max_pre == 0 then return false end
-  -- The cheap exit first: nothing runs. Only the tenant furthest above its share is a victim (one
-  -- victim tenant per decision); after the swap it still holds at least as much per weight as the taker.
-  local victim_tenant, victim_share = heaviest_share(cp)
-  if not victim_tenant then return false end
-  local tenant = taker_for(cp, cls, victim_tenant, victim_share)
-  if not tenant then return false end
-  local runs = cp .. 'rt:' .. victim_tenant
-  local soonest = nil -- the earliest end of a min-run quantum among the runs passed over
-  -- its runs of this class, most recently started first (the least work lost), 16 at a time: immune
-  -- runs (pinned, at their max preemptions) may come first, and each of them is looked at
-  local offset = 0
-  repeat
-    local page = redis.call('ZRANGEBYSCORE', runs, cls * RANK, (cls + 1) * RANK - 1, 'LIMIT', offset, 16)
-    for _, key in ipairs(page) do
-      local rec = run_record(cp, key)
-      local ok, ripe = preemptible(cp, key, rec, pol, now)
-      if ok and slot_can_pass(cp, key, rec) then
-        local swapped, result = swap(cp, cls, tenant, key, rec, 'fair_share', now, lease, cfg)
-        if not swapped then return false end -- the rate quotas hold it back
-        return true, result
-      elseif not ok and ripe and (not soonest or ripe < soonest) then -- inside its quantum (a run on a
-        soonest = ripe                                                -- gone worker is skipped, not waited for)
+  for _, victim in ipairs(fair_victims(cp, cls)) do -- empty, the cheap exit: nothing runs in the class
+    local victim_tenant, victim_share = victim[1], victim[2]
+    local tenant = taker_for(cp, cls, victim_tenant, victim_share)
+    if tenant then
+      local runs = cp .. 'rt:' .. victim_tenant
+      local soonest = nil -- the earliest end of a min-run quantum among the runs passed over
+      -- its runs of this class, most recently started first (the least work lost), 16 at a time: immune
+      -- runs (pinned, at their max preemptions) may come first, and each of them is looked at
+      local offset = 0
+      repeat
+        local page = redis.call('ZRANGEBYSCORE', runs, cls * RANK, (cls + 1) * RANK - 1, 'LIMIT', offset, 16)
+        for _, key in ipairs(page) do
+          local rec = run_record(cp, key)
+          local ok, ripe = preemptible(cp, key, rec, pol, now)
+          if ok and slot_can_pass(cp, key, rec) then
+            local swapped, result = swap(cp, cls, tenant, key, rec, 'fair_share', now, lease, cfg)
+            if not swapped then return false end -- the rate quotas hold it back
+            return true, result
+          elseif not ok and ripe and (not soonest or ripe < soonest) then -- inside its quantum (a run on a
+            soonest = ripe                                                -- gone worker is skipped, not waited for)
+          end
+        end
+        offset = offset + 16
+      until #page < 16
+      if soonest then -- the sweep tries again then
+        note_wake(cp, soonest)
+        return false
       end
     end
-    offset = offset + 16
-  until #page < 16
-  if soonest then note_wake(cp, soonest) end -- the sweep tries again then
+  end
   return false
 end
 
