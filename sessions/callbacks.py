@@ -95,20 +95,27 @@ async def claim(redis: Any, rid: str, *, now_ms: int, lease_ms: int,
 
 
 async def push_back(redis: Any, due: dict[str, int], held: Iterable[str], *, now_ms: int, lease_ms: int,
-                    session_ttl_ms: int = 0) -> None:
+                    session_ttl_ms: int = 0, kept: Iterable[str] = (), give_up_ms: int = 0,
+                    give_up_error: str = "") -> list[str]:
     """Callbacks that wait for their receiver's host, in one pipeline: each of `due` (request id -> ms) is
     due again then (only later, and only while still queued), each of `held` (due, and held by the delivery
-    process for a place of its host, or read while all its places were taken) stays due as it is; each one's
-    request is kept until it is due and `kept_past_due` more, past its session's TTL if need be, so that a
-    long backlog drops none of them."""
-    waiting = [*due.items(), *((rid, 0) for rid in held if rid not in due)]
+    process for a place of its host) or `kept` (read while all its places were taken) stays due as it is;
+    each one's request is kept until it is due and `kept_past_due` more, past its session's TTL if need be,
+    so that a long backlog drops none of them. A wait is bounded (`give_up_ms` > 0): one of `due` or `kept`
+    still due whose request ended more than `give_up_ms` ago (its whole retry schedule) is settled failed
+    without an attempt (`give_up_error`), and none is pushed past that bound. Returns those failed so."""
+    kept = [rid for rid in kept if rid not in due]
+    waiting = [*((rid, at, give_up_ms) for rid, at in due.items()), *((rid, 0, give_up_ms) for rid in kept),
+               *((rid, 0, 0) for rid in dict.fromkeys(held) if rid not in due and rid not in kept)]
     if not waiting:
-        return
+        return []
     pipe = redis.pipeline(transaction=False)
-    for rid, due_ms in waiting:
+    for rid, due_ms, bound in waiting:
         pipe.eval(script("callback_push_back"), 2, keys.callbacks_due(keys.bucket_of_request(rid)), keys.request(rid),
-                  rid, due_ms, now_ms, kept_past_due(lease_ms, session_ttl_ms))
-    await pipe.execute()
+                  rid, due_ms, now_ms, kept_past_due(lease_ms, session_ttl_ms), bound, give_up_error[:500],
+                  max(1, lease_ms))
+    replies = await pipe.execute()
+    return [rid for (rid, _, _), reply in zip(waiting, replies, strict=True) if int(reply) == 2]
 
 
 async def settle(redis: Any, rid: str, attempt: int, outcome: str, error: str = "", retry_at_ms: int = 0, *,

@@ -28,21 +28,28 @@ does take that host's slots. Both bounds are per process: N processes may send a
 
 A due callback whose host is full waits in one of two ways. While the host turns over (none of its
 attempts has run SLOW_AFTER_SECONDS yet), up to HELD_PER_HOST of them are held here, unclaimed, and each
-starts the moment one of the host's places frees; more than that are pushed back MIN_PASS_GAP (behind
+starts the moment one of the host's places frees; more than that are pushed back by their turn (behind
 what is already due: a fast host's backlog in one bucket never hides another host's callbacks), and a
-pass comes early (at least MIN_PASS_GAP after the last) once the held ones are all started: a fast
-receiver gets its callbacks as fast as it answers them, not PER_HOST a poll. A pass reads past the held
-callbacks at the front of a bucket (BATCH more than it holds there). Once the host is slow (a receiver
-that answers late or never), its due callbacks, the held ones included, have their due time moved on by
-a share of --webhook-timeout (`host_full_wait`), so that a dead receiver's growing backlog neither fills the front
-of its bucket (a pass reads BATCH a bucket, oldest first: callbacks behind them would never be read) nor
-is read again every pass. A pass skips the callbacks in flight or held here: the claim would refuse the
-ones in flight anyway, and this spares the useless claims. Whatever waits (pushed back, held, or left due
-because every place is taken: a full process still reads what is due each pass, as any pass does, and a
-pass that runs out of places keeps the rest it read) has its request kept until it is due and the longer of
-a lease and the session's TTL more, in the same call (sessions/callbacks.py `push_back`, one round trip a
-pass), as a claim and a retry keep it: a backlog that outlasts the session's TTL drops none of it, nor does
-a delivery outage (a restart, a deploy) shorter than that TTL around its due time.
+pass comes early (at least MIN_PASS_GAP after the last) once the held ones are all started and one of
+those is due: a fast receiver gets its callbacks as fast as it answers them, not PER_HOST a poll. A pass
+reads past the held callbacks at the front of a bucket (BATCH more than it holds there). Once the host is
+slow (a receiver that answers late or never), its due callbacks, the held ones included, have their due
+time moved on by their turn, the first a share of --webhook-timeout (`host_full_wait`), so that a dead
+receiver's growing backlog neither fills the front of its bucket (a pass reads BATCH a bucket, oldest
+first: callbacks behind them would never be read) nor is read again every pass. A turn (webhooks/rooms.py
+`Rooms.turn`) is a callback's place in its host's queue: PER_HOST of them about every time the host's
+places all free (`turn_wait`), so a waiting callback is read about once per turn it can get, and a
+backlog costs the store about what its host's turnover does, not a few commands a callback every pass.
+A pass skips the callbacks in flight or held here: the claim would refuse the ones in flight anyway, and
+this spares the useless claims. Whatever waits (pushed back, held, or left due because every place is
+taken: a full process still reads what is due each pass, as any pass does, and still pushes back what
+waits for a full host) has its request kept until it is due and the longer of a lease and the session's
+TTL more, in the same call (sessions/callbacks.py `push_back`, one round trip a pass), as a claim and a
+retry keep it: a backlog that outlasts the session's TTL drops none of it, nor does a delivery outage (a
+restart, a deploy) shorter than that TTL around its due time. But no callback waits longer than its whole
+retry schedule (`retry_schedule`, from its request's end): one pushed back or left due past that is failed
+without an attempt, its `last_error` saying so, so that a dead receiver's backlog and the requests it keeps
+are bounded by the rate its callbacks come at times that schedule.
 
 On stop, the attempts in flight get up to --webhook-timeout (their own cap) plus SETTLE_SECONDS to end
 (an attempt cut by its cap then still records why); any still running then are cancelled. Any number of
@@ -139,13 +146,12 @@ class Delivery:
         """One pass: starts a delivery task for each callback due now that is neither in flight nor held here
         and has room (CONCURRENCY in all, PER_HOST per receiver host; webhooks/rooms.py says what waits
         how); returns how many it started, without waiting for them (`drain` does)."""
-        self.rooms.pass_began()
         now, now_ms = time.monotonic(), int(time.time() * 1000)
-        waiting = dict.fromkeys(self.rooms.release_slow(now), now_ms + int(self.host_full_wait() * 1000))
+        self.rooms.pass_began(now_ms)
+        waiting = {rid: self.rooms.turn(host, now_ms, self.turn_wait(host, now, slow=True),
+                                           first=self.host_full_wait())
+                   for host, rids in self.rooms.release_slow_hosts(now).items() for rid in rids}
         due = await self.read_due(now_ms)
-        if self.rooms.full():  # nothing starts: what is due stays so, its request kept (past the TTL too)
-            await self.push_back(waiting, now_ms, kept=due)
-            return 0
         if not due:
             await self.push_back(waiting, now_ms)
             return 0
@@ -155,19 +161,20 @@ class Delivery:
         urls = await pipe.execute()
         started = 0
         kept: list[str] = []
-        for i, (rid, url) in enumerate(zip(due, urls, strict=True)):
+        for rid, url in zip(due, urls, strict=True):
             host = (callbacks.callback_host(url) if url else None) or ""  # "": the claim will drop it
             placement = self.rooms.place(rid, host, now)
-            if placement is Placement.FULL:  # no place left: the rest stays due, its requests kept
-                kept = due[i:]
-                break
-            if placement is Placement.START:
+            if placement is Placement.FULL:  # no place left in all: it stays due, its request kept
+                kept.append(rid)
+            elif placement is Placement.START:
                 self.start(http, rid)
                 started += 1
-            elif placement is Placement.PUSH:
-                waiting[rid] = now_ms + int(self.host_full_wait() * 1000)
-            elif placement is Placement.LEAVE:  # behind what is due now; the early pass reads it again
-                waiting[rid] = now_ms + int(MIN_PASS_GAP * 1000)
+            elif placement is Placement.PUSH:  # its turn in its slow host's queue
+                waiting[rid] = self.rooms.turn(host, now_ms, self.turn_wait(host, now, slow=True),
+                                               first=self.host_full_wait())
+            elif placement is Placement.LEAVE:  # behind what is due now, by its turn; an early pass reads it
+                waiting[rid] = self.rooms.turn(host, now_ms, self.turn_wait(host, now, slow=False),
+                                             leave=True)
         await self.push_back(waiting, now_ms, kept=kept)
         return started
 
@@ -191,14 +198,50 @@ class Delivery:
         """Move waiting callbacks (a slow host's, or past a fast one's hold) to their next due times
         (request id -> ms), in one round trip; their requests, and those of the callbacks held here or `kept`
         due as they are (read while every place was taken), are kept until then and the longer of a lease and
-        the session's TTL more: a backlog longer than the session's TTL drops none of them."""
-        await callbacks.push_back(self.redis, waiting, [*self.rooms.held_rids(), *(kept or ())], now_ms=now_ms,
-                                  lease_ms=self.lease_ms, session_ttl_ms=self.session_ttl_ms)
+        the session's TTL more: a backlog longer than the session's TTL drops none of them. One of `waiting`
+        or `kept` whose request ended longer ago than its whole retry schedule (`retry_schedule`) is failed
+        without an attempt, and none is pushed past that: a dead receiver's backlog is bounded by the rate
+        its callbacks come at times that schedule."""
+        schedule = self.retry_schedule()
+        failed = await callbacks.push_back(
+            self.redis, waiting, self.rooms.held_rids(), kept=kept or (), now_ms=now_ms, lease_ms=self.lease_ms,
+            session_ttl_ms=self.session_ttl_ms, give_up_ms=int(schedule * 1000),
+            give_up_error=f"not sent: its host had no place for it within {schedule:.0f} s of the request's end, "
+                          "its whole retry schedule (--webhook-max-attempts, --webhook-backoff, --webhook-timeout)")
+        if failed:
+            log.warning("%d callbacks failed without an attempt: their host had no place for them within their "
+                        "retry schedule (%.0f s)", len(failed), schedule)
+
+    def retry_schedule(self) -> float:
+        """How long after its request's end a callback may still be waiting, in seconds: its whole retry
+        schedule, `1.1 x backoff x (2^(max_attempts - 1) - 1) + max_attempts x lease`, the backoffs between its
+        attempts at their longest (jitter +10%) and each attempt at its longest hold (a lease: the timeout
+        plus a margin, which a claim lost with its process also waits). Defaults: 1.1 x 5 x 127 + 8 x 20 s,
+        about 14 minutes. A callback waiting for its host's place past that is failed, not sent."""
+        attempts = self.settings.webhook_max_attempts
+        backoff = 1.1 * self.settings.webhook_backoff * (2 ** (attempts - 1) - 1)
+        return backoff + attempts * self.lease_ms / 1000
 
     def host_full_wait(self) -> float:
-        """How long a callback whose host is full waits before a pass looks at it again: about as long as
-        one of the host's places takes to free when its receiver never answers, at least a poll."""
+        """How long the first of a slow host's waiting callbacks waits before a pass looks at it again: about
+        as long as one of the host's places takes to free when its receiver never answers, at least a poll
+        (those behind it wait their turns, `turn_wait`)."""
         return max(self.poll_seconds, self.settings.webhook_timeout / PER_HOST)
+
+    def turn_wait(self, host: str, now: float, *, slow: bool) -> float:
+        """About how often each of a full host's places frees (seconds), for `Rooms.turn`: a slow host's
+        attempts' recent length (until one ended, as long as its oldest in flight has run so far: a guess
+        short rather than long, so that a slow but live receiver's places do not idle; at least
+        SLOW_AFTER_SECONDS, at most the timeout); for a host that
+        turns over, half of that length (MIN_PASS_GAP until one ended: as fast as early passes come): its
+        LEAVE'd callbacks are read early rather than late, so that none of its places idles (read too early,
+        one is only pushed back again, behind the rest)."""
+        answer = self.rooms.answer_time(host)
+        timeout = self.settings.webhook_timeout
+        if slow:
+            known = self.rooms.oldest_attempt(host, now) if answer is None else answer
+            return min(max(known, self.rooms.slow_after), timeout)
+        return MIN_PASS_GAP if answer is None else min(answer, timeout) / 2
 
     def start(self, http: httpx.AsyncClient, rid: str) -> None:
         """A delivery task for `rid`, whose place `self.rooms` has recorded."""
@@ -211,12 +254,12 @@ class Delivery:
         callbacks left due; what it raised is logged (the callback stays queued: due again at once if it
         was not claimed yet, else after its lease)."""
         self.in_flight.pop(rid, None)
-        host = self.rooms.end(rid)
+        host = self.rooms.end(rid, time.monotonic())
         if self.handing_on:
             held = self.rooms.next_held(host, time.monotonic())
             if held is not None:
                 self.start(http, held)
-            if self.rooms.wants_pass(host):
+            if self.rooms.wants_pass(host, int(time.time() * 1000)):
                 self.early_pass.set()
         if task.cancelled():
             return

@@ -12,6 +12,14 @@ callbacks a poll, however quickly it answers. So what happens to it depends on t
   or never): the callback is pushed back a while in the store, and so are the ones held for it
   (`release_slow`), so that a dead receiver's growing backlog neither sits at the front of its bucket
   (a pass reads only the oldest due callbacks of each) nor is read again every pass.
+How far a callback is pushed back (PUSH or LEAVE) is its turn (`turn`): by its place in its host's queue,
+not a flat delay, so that each waiting callback is read about once per turn it can get, not every pass.
+The host's places free `per_host` at a time about once a `wait` (for a slow host its attempts' recent
+length; for one that turns over, half of that: read early rather than late, so that no place idles), so
+the queue is cut into rounds of `per_host`: the first due `wait / per_host` on (for a slow host, at least
+a share of the timeout), each next one a `wait` later, behind those pushed back before (the host's tail,
+kept across passes). One read again before its turn (the guess was short) goes to the end again.
+A LEAVE'd callback's due time is noted: a pass comes early once one of them is due and the hold is used up.
 A held callback stays due in the store, unclaimed: another process may claim it first, and then this
 one's claim is refused and the place passes on.
 """
@@ -36,6 +44,15 @@ class Host:
     in_flight: dict[str, float] = field(default_factory=dict)  # request id -> when its attempt began
     held: deque[str] = field(default_factory=deque)  # due, unclaimed, waiting for one of its places
     left_due: bool = False  # a pass pushed callbacks of it past its full hold (LEAVE): they want a pass
+    leave_dues: deque[int] = field(default_factory=deque)  # when those LEAVE'd callbacks are due (ms, in order)
+
+
+@dataclass
+class Tail:
+    """The end of a host's queue of pushed-back callbacks: the round being filled and its room left."""
+
+    due_ms: int
+    left: int
 
 
 class Rooms:
@@ -48,6 +65,8 @@ class Rooms:
         self.host_of: dict[str, str] = {}  # request id -> its host, for every callback in flight or held
         self.in_flight = 0
         self.hit_concurrency = False  # a pass stopped at `concurrency`: a freed place wants a pass
+        self.tails: dict[str, Tail] = {}  # host -> the end of its pushed-back queue, while in the future
+        self.answers: dict[str, float] = {}  # host -> its attempts' recent length (seconds, smoothed)
 
     def known(self, rid: str) -> bool:
         """In flight or held here: a pass skips it."""
@@ -62,32 +81,40 @@ class Rooms:
 
     def place(self, rid: str, host: str, now: float) -> Placement:
         """What a pass does with a due callback it read (`host` "" for one without a valid URL: no bound,
-        its claim drops it). START and HOLD are recorded here; the caller starts a START."""
+        its claim drops it). START and HOLD are recorded here; the caller starts a START. A full host's
+        callback waits its host's way (HOLD, LEAVE, PUSH) whether or not `concurrency` is reached: only one
+        with a place of its host free is FULL (left due) then, so that a full process pushes a slow host's
+        backlog back as any pass does instead of reading it again every pass."""
+        room = self.hosts.get(host)
+        if host and room is not None and len(room.in_flight) >= self.per_host:
+            if self.slow(room, now):
+                return Placement.PUSH
+            if len(room.held) >= self.held_per_host:
+                room.left_due = True
+                return Placement.LEAVE
+            room.held.append(rid)
+            self.host_of[rid] = host
+            return Placement.HOLD
         if self.full():
             return Placement.FULL
-        room = self.hosts.setdefault(host, Host())
-        if not host or len(room.in_flight) < self.per_host:
-            self.begin(rid, host, now)
-            return Placement.START
-        if self.slow(room, now):
-            return Placement.PUSH
-        if len(room.held) >= self.held_per_host:
-            room.left_due = True
-            return Placement.LEAVE
-        room.held.append(rid)
-        self.host_of[rid] = host
-        return Placement.HOLD
+        self.begin(rid, host, now)
+        return Placement.START
 
     def begin(self, rid: str, host: str, now: float) -> None:
         self.hosts.setdefault(host, Host()).in_flight[rid] = now
         self.host_of[rid] = host
         self.in_flight += 1
 
-    def end(self, rid: str) -> str:
-        """An attempt ended: its place is free; returns its host."""
+    def end(self, rid: str, now: float | None = None) -> str:
+        """An attempt ended (at `now`: its length counts in its host's recent answer time): its place is
+        free; returns its host."""
         host = self.host_of.pop(rid)
         room = self.hosts[host]
-        del room.in_flight[rid]
+        began = room.in_flight.pop(rid)
+        if now is not None and host:
+            took = max(now - began, 0.0)
+            last = self.answers.get(host)
+            self.answers[host] = took if last is None else (last + took) / 2  # recent ones weigh most
         self.in_flight -= 1
         if not room.in_flight and not room.held:
             del self.hosts[host]
@@ -103,28 +130,69 @@ class Rooms:
         room.in_flight[rid] = now
         return rid
 
-    def wants_pass(self, host: str) -> bool:
+    def wants_pass(self, host: str, now_ms: int | None = None) -> bool:
         """After a place of `host` freed: true when a pass should come early, because callbacks were left
-        due that now have room (the host's hold is used up, or a pass stopped at `concurrency`)."""
+        due that now have room (the host's hold is used up, and a pass LEAVE'd callbacks of it since the
+        last pass or one it LEAVE'd is due by `now_ms`; or a pass stopped at `concurrency`)."""
         room = self.hosts.get(host)
-        host_waits = room is not None and room.left_due and not room.held
+        host_waits = room is not None and not room.held and (
+            room.left_due or (now_ms is not None and bool(room.leave_dues) and room.leave_dues[0] <= now_ms))
         return host_waits or self.hit_concurrency
 
-    def pass_began(self) -> None:
-        """A pass reads the store again: what earlier passes left due is seen anew."""
+    def pass_began(self, now_ms: int | None = None) -> None:
+        """A pass reads the store again: what earlier passes left due is seen anew (what was due by `now_ms`
+        is read by it, the rest wants a pass when due); tails that ended are dropped."""
         self.hit_concurrency = False
         for room in self.hosts.values():
             room.left_due = False
+            while now_ms is not None and room.leave_dues and room.leave_dues[0] <= now_ms:
+                room.leave_dues.popleft()
+        if now_ms is not None:
+            for host in [h for h, tail in self.tails.items() if tail.due_ms <= now_ms]:
+                del self.tails[host]
+            for host in [h for h in self.answers if h not in self.hosts and h not in self.tails]:
+                del self.answers[host]
+
+    def answer_time(self, host: str) -> float | None:
+        """How long the host's recent attempts took (seconds), None before one of them ended."""
+        return self.answers.get(host)
+
+    def turn(self, host: str, now_ms: int, wait: float, *, first: float = 0.0, leave: bool = False) -> int:
+        """When a callback of `host` that waits (PUSH, or LEAVE with `leave`) is due again (ms): its turn, at
+        the end of the host's queue, in rounds of `per_host` a `wait` apart, the first `wait / per_host` from
+        now (its places, all taken, free about that often) or `first` seconds when that is longer, so that
+        it is read about once per turn. One read again before its turn goes to the end again."""
+        wait_ms = max(int(wait * 1000), 1)
+        first = now_ms + max(wait_ms // self.per_host, int(first * 1000), 1)
+        tail = self.tails.get(host)
+        if tail is None or tail.due_ms < first:
+            tail = self.tails[host] = Tail(first, self.per_host)
+        elif not tail.left:
+            tail.due_ms, tail.left = tail.due_ms + wait_ms, self.per_host
+        tail.left -= 1
+        if leave and (room := self.hosts.get(host)) is not None:
+            room.leave_dues.append(tail.due_ms)
+        return tail.due_ms
+
+    def oldest_attempt(self, host: str, now: float) -> float:
+        """How long the host's oldest attempt in flight has run (seconds; 0 with none)."""
+        room = self.hosts.get(host)
+        return max((now - began for began in room.in_flight.values()), default=0.0) if room else 0.0
 
     def release_slow(self, now: float) -> list[str]:
         """The held callbacks of hosts that turned slow, let go here: the caller pushes them back."""
-        released: list[str] = []
-        for room in self.hosts.values():
+        return [rid for rids in self.release_slow_hosts(now).values() for rid in rids]
+
+    def release_slow_hosts(self, now: float) -> dict[str, list[str]]:
+        """`release_slow`, by host (host -> its held callbacks let go)."""
+        released: dict[str, list[str]] = {}
+        for host, room in self.hosts.items():
             if room.held and self.slow(room, now):
-                released += room.held
+                released[host] = list(room.held)
                 room.held.clear()
-        for rid in released:
-            del self.host_of[rid]
+        for rids in released.values():
+            for rid in rids:
+                del self.host_of[rid]
         for host in [h for h, room in self.hosts.items() if not room.in_flight and not room.held]:
             del self.hosts[host]
         return released

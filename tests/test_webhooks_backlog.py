@@ -1,0 +1,122 @@
+"""A receiver that never answers: its backlog of waiting callbacks costs the store about one touch a callback
+per turn it can get, not one every pass, and a callback cannot wait past its whole retry schedule (it is
+failed without an attempt, as "then marked failed" says). Real Valkey, a real black-holed socket on
+127.0.0.1 (accepts, never answers)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import Callable
+
+import redis
+
+from sluicegate.embedded import EmbeddedCluster, EmbeddedServer
+from sluicegate.sessions import keys
+from sluicegate.settings import Settings
+from sluicegate.webhooks import delivery as delivery_module
+from sluicegate.webhooks.delivery import Delivery
+from tests.test_webhooks import BlackHole, hook_settings
+
+
+def command_calls(server: EmbeddedServer | EmbeddedCluster, *, reset: bool = False) -> Counter[str]:
+    """INFO commandstats calls by command, summed over every master (a script's own calls included)."""
+    if isinstance(server, EmbeddedCluster):
+        clients = [server.client(index) for index in range(server.masters)]
+    else:
+        clients = [redis.Redis.from_url(server.url, decode_responses=True)]
+    calls: Counter[str] = Counter()
+    for client in clients:
+        with client:
+            if reset:
+                client.config_resetstat()
+            for name, stats in client.info("commandstats").items():
+                calls[name.removeprefix("cmdstat_")] += int(stats["calls"])
+    return calls
+
+
+def ended_with_callback(r, rid: str, url: str, *, ended_ms: int, due_ms: int, ttl_s: int = 60) -> None:
+    """A request that ended at `ended_ms` with its callback queued, due at `due_ms`, as the terminal step
+    leaves it."""
+    r.hset(keys.request(rid), mapping={"st": "done", "sid": f"s-{rid}", "tn": "t", "g": "default", "cb": url,
+                                       "n": 1, "fin": ended_ms})
+    r.expire(keys.request(rid), ttl_s)
+    r.zadd(keys.callbacks_due(keys.bucket_of_request(rid)), {rid: due_ms})
+
+
+def run_delivery(settings: Settings, *, poll_seconds: float, seconds: float, hole: BlackHole,
+                 until: Callable[[], bool] | None = None) -> None:
+    """One delivery process for `seconds` (or until `until`), then stopped: the black hole is closed first,
+    so that the attempts it holds end at once instead of at their timeout."""
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        task = asyncio.create_task(Delivery(settings, poll_seconds=poll_seconds).run(stop))
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and not (until and until()):
+            await asyncio.sleep(0.1)
+        hole.stop()
+        stop.set()
+        await task
+
+    asyncio.run(main())
+
+
+def test_a_black_holed_hosts_backlog_is_touched_about_once_a_turn_not_every_pass(
+        valkey_server: EmbeddedServer | EmbeddedCluster, redis_url: str, r) -> None:
+    """1,000 callbacks due to a receiver that accepts and never answers, a pass every 0.2 s for 6 s (30
+    passes; the host turns slow after 1 s, its attempts are cut at 2 s). Each waiting callback is read and
+    pushed back about once per turn it can get (PER_HOST places, each freeing every 2 s: its turn is minutes
+    away), so the commands the passes send for the backlog stay about one touch a callback: at most 3 EVALs
+    and 32 commands in all a callback (the sweep's ZCOUNTs aside: 1,024 a pass, whatever the backlog).
+    Before, each was pushed a flat max(poll, timeout / 4) = 0.5 s (50 ms while the host still turned over)
+    and so read and pushed again every pass or two: about 14,000 EVALs, 100,000 commands."""
+    n = 1_000
+    hole = BlackHole()
+    now = int(time.time() * 1000)
+    pipe = r.pipeline(transaction=False)
+    for i in range(n):
+        ended_with_callback(pipe, f"{keys.all_buckets()[i % 1024]}bh{i}", f"{hole.url}/hook", ended_ms=now,
+                            due_ms=now)
+    pipe.execute()
+    settings = hook_settings(redis_url, webhook_timeout=2.0, session_ttl=60)  # a 124-s schedule: none fails
+    command_calls(valkey_server, reset=True)
+    run_delivery(settings, poll_seconds=0.2, seconds=6.0, hole=hole)
+    calls = command_calls(valkey_server)
+    per_callback = sum(c for name, c in calls.items() if name not in ("zcount", "info", "config|resetstat"))
+    assert hole.most_open == delivery_module.PER_HOST  # only its own places, as before
+    assert calls["eval"] <= 4 * n, calls  # about 2,400 here; 13,960 before
+    assert per_callback <= 32 * n, calls  # about 21,000 here; 100,192 before
+    assert r.zcard(keys.callbacks_due(keys.all_buckets()[5])) == 1  # none dropped: all still queued
+
+
+def test_a_callback_waiting_past_its_retry_schedule_is_failed_without_an_attempt(
+        redis_url: str, r) -> None:
+    """PER_HOST fresh callbacks take every place of a black-holed host; behind them, in the same bucket, one
+    whose request ended 60 s ago against a 15-s whole retry schedule (1 attempt, at most a lease: the 5-s
+    timeout and a 10-s margin; see `Delivery.retry_schedule`). Once the host is slow, that one is not pushed
+    back again: it is settled failed, with no attempt made, saying why. (Before, it waited as long as the
+    host's places stayed taken, then was sent all the same: `cbn` 1.)"""
+    hole = BlackHole()
+    bucket = keys.all_buckets()[3]
+    now = int(time.time() * 1000)
+    fresh = [f"{bucket}fresh{i}" for i in range(delivery_module.PER_HOST)]
+    for i, rid in enumerate(fresh):
+        ended_with_callback(r, rid, f"{hole.url}/fresh", ended_ms=now, due_ms=now - 2_000 + i)
+    old = f"{bucket}old"
+    ended_with_callback(r, old, f"{hole.url}/old", ended_ms=now - 60_000, due_ms=now - 1_000, ttl_s=600)
+    settings = hook_settings(redis_url, webhook_timeout=5.0, webhook_max_attempts=1, webhook_backoff=0.05)
+
+    def settled() -> bool:
+        return r.hget(keys.request(old), "cbs") is not None
+
+    run_delivery(settings, poll_seconds=0.1, seconds=8.0, hole=hole, until=settled)
+    fields = r.hgetall(keys.request(old))
+    assert fields.get("cbs") == "failed", fields
+    assert "cbn" not in fields  # never claimed: no attempt
+    assert "retry schedule" in fields["cbe"] and "15 s" in fields["cbe"], fields["cbe"]
+    assert r.zscore(keys.callbacks_due(bucket), old) is None  # no longer queued
+    assert 0 < r.ttl(keys.request(old)) <= 600  # its own TTL back (no longer kept for the callback)
+    assert hole.accepted == delivery_module.PER_HOST  # the fresh ones only: nothing sent for the old one
+    assert all(r.hget(keys.request(rid), "cbn") == "1" for rid in fresh)  # each had its one attempt
