@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,11 +89,18 @@ class Harness:
     def set_weight(self, tenant: str, value: float) -> None:
         """Through the admin code path (scheduler.admin.Tuning.set_weight), as a PUT sets it; `weight` above
         writes the hashes directly."""
+        self._tune(lambda tuning: tuning.set_weight(tenant, value))
 
+    def set_quota(self, group: str, **fields: float | None) -> None:
+        """Through the admin code path (Tuning.set_quota), as a PUT sets it (None removes a field); `quota`
+        writes the hash directly, without what the admin path does around it (a removal's bucket generation)."""
+        self._tune(lambda tuning: tuning.set_quota(group, dict(fields)))
+
+    def _tune(self, change: Callable[[Tuning], Awaitable[Any]]) -> None:
         async def put() -> None:
             client = self.async_client()
             try:
-                await Tuning(client).set_weight(tenant, value)
+                await change(Tuning(client))
             finally:
                 if isinstance(client, AsyncRedis):
                     await client.aclose(close_connection_pool=True)

@@ -7,13 +7,9 @@ servers' own: the rate is 1 token/s, so the bucket refills next to nothing while
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 import redis
-from redis.asyncio import Redis as AsyncRedis
 
-from sluicegate.scheduler.admin import Tuning
 from sluicegate.sessions import keys
 from tests.sched_harness import Harness
 
@@ -24,18 +20,7 @@ RATE = {"tokens_per_second": 1, "burst_tokens": 1000}
 
 def set_quota(h: Harness, **fields: float | None) -> None:
     """Through the admin code path (Tuning.set_quota), on either form: None removes a field."""
-
-    async def put() -> None:
-        client = h.async_client()
-        try:
-            await Tuning(client).set_quota("default", dict(fields))
-        finally:
-            if isinstance(client, AsyncRedis):
-                await client.aclose(close_connection_pool=True)
-            else:
-                await client.aclose()
-
-    asyncio.run(put())
+    h.set_quota("default", **fields)
 
 
 @pytest.mark.parametrize("cluster", MODES)
