@@ -18,10 +18,11 @@ import redis
 
 from sluicegate.sessions import keys
 from sluicegate.sessions.runs import DEADLINE_EXCEEDED, RunSpec, RunStore
-from sluicegate.sessions.transitions import Tail
+from sluicegate.sessions.transitions import Tail, run_sync
 from sluicegate.workers.engines.sim import SimEngine, prompt_seed, sim_text, sim_token
 from sluicegate.workers.runner import Run, token_data
 from tests.helpers import Stack, call, sse, submit
+from tests.sched_harness import Harness
 from tests.worker_helpers import api_and_two_played_workers, token_indices, token_text
 
 PROMPT = "the end carries the rest"
@@ -114,6 +115,25 @@ def test_a_resent_end_counts_no_fenced_write_and_a_lost_runs_end_does(redis_url:
         late = Tail(0, [token_data(cancelled, i, sim_token(seed, i)) for i in range(3)])
         assert not run(worker.finish(cancelled, "1", outcome="done", detail="length", return_slot=True, tail=late))
         assert fenced_writes(stack.base_url) == 1 and r.hget(keys.request(cancelled), "n") == "0"
+
+
+@pytest.mark.single_server  # the harness's pinned clock (a global key, which a cluster's functions cannot read)
+def test_the_late_end_of_a_worker_the_sweep_declared_lost_counts_a_fenced_write(r: redis.Redis) -> None:
+    """A request the sweep failed at --max-attempts (its worker lost) keeps that attempt and worker on its hash,
+    as an end that landed does: only a `done` end is taken for a resent one; this late end is a fenced write."""
+    h = Harness(r, lease_ms=1000)
+    h.t.max_attempts = 1
+    h.add_worker("w1", slots=1)
+    rid = h.submit("lost", tenant="t", max_tokens=10)
+    run = h.run_of(rid)
+    h.advance(5000)
+    h.sweep()
+    assert r.hget(keys.request(rid), "st") == "failed"
+    data = [json.dumps({"request_id": rid, "index": i, "text": "t"}) for i in range(3)]
+    assert not run_sync(h.t.finish(rid, run.attempt, wid=run.wid, group="default", outcome="done", detail="length",
+                                   return_slot=True, tail=Tail(0, data)))
+    fenced = r.hget(keys.request_prefix(rid) + "m", "fenced|default")
+    assert fenced == "1" and r.hget(keys.request(rid), "n") == "0"
 
 
 def test_a_tail_that_does_not_start_where_the_log_expects_ends_nothing(redis_url: str, r: redis.Redis) -> None:

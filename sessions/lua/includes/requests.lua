@@ -372,8 +372,10 @@ end
 -- overlap that is exactly this batch is a resent end whose first call landed: the end decides. Any
 -- other gap cannot come from the run's owner (only it writes): an error, and the run's lease lapses
 -- (the request resumes from the tokens in the log) rather than ending with tokens missing.
--- An end resent after its reply was lost (the request ended by this attempt on worker `wid`) appends
--- nothing and counts no fenced write: no run was lost, the end that landed decides.
+-- An end resent after its reply was lost (the request ended done by this attempt on worker `wid`) appends
+-- nothing and counts no fenced write: no run was lost, the end that landed decides. Only `done`: a request
+-- that ended failed with that attempt and worker may have been failed by the sweep (its worker declared lost at
+-- --max-attempts), whose worker's late end is a fenced write like any other.
 -- Returns the request's FINISH_FIELDS as they are after the append, which the end then reads no more (nil
 -- when there was no tail: the end reads them itself).
 local FINISH_FIELDS = { 'st', 'a', 'w', 'n', 'dn', 'sid', 'g', 'tn', 'p', 'it', 'fl', 'dl', 'dm', 'ft', 'sub', 'fp' }
@@ -381,7 +383,7 @@ local function append_tail(dp, rid, attempt, wid, first, times, args, from)
   if first == '' or from > #args then return nil end
   first = tonumber(first)
   local r = load(rid, FINISH_FIELDS)
-  if (r.st == 'done' or r.st == 'failed') and r.a == attempt and r.w == wid then return r end
+  if r.st == 'done' and r.a == attempt and r.w == wid then return r end
   local appended = d_append(dp, rid, attempt, first, times, args, from, r)
   if appended[1] == -1 and appended[2] ~= first + #args - from + 1 then
     error('the run\'s last tokens start at index ' .. first .. ' but the log expects ' .. appended[2], 0)
