@@ -96,7 +96,7 @@ def port_in_use(settings: Settings) -> bool:
     try:
         addresses = socket.getaddrinfo(settings.host, settings.port, type=socket.SOCK_STREAM,
                                        flags=socket.AI_PASSIVE)
-    except OSError:
+    except (OSError, UnicodeError):  # UnicodeError: a name IDNA cannot encode (`a..b`)
         return False
     for family, kind, proto, _, address in addresses:
         try:

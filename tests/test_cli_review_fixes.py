@@ -261,6 +261,14 @@ def test_a_port_left_in_time_wait_is_not_in_use() -> None:
     assert not port_in_use(Settings(port=port))
 
 
+def test_a_host_name_no_lookup_can_encode_is_left_to_the_api() -> None:
+    """`--host a..b`: the lookup raises UnicodeError (IDNA), not OSError; the check leaves it to the API to
+    report, as any other lookup failure, instead of a traceback from serve."""
+    from sluicegate.serve import port_in_use
+
+    assert not port_in_use(Settings(host="a..b", port=18999))
+
+
 # 5. serve's sharing of one engine: every slot given out, the first workers one more
 
 
