@@ -227,9 +227,10 @@ def test_fair_share_preemption_end_to_end(redis_url: str) -> None:
         stack.stop()
 
 
-# Headroom (--fair-share-headroom, policy fsr): while a running tenant is a slot or more below the tenant
-# furthest above its share, the group's last fsr x slots go only to tenants that could take a slot from
-# that one; so a calm tenant starts in one at once instead of by a preemption.
+# Headroom (--fair-share-headroom, policy fsr): while a running tenant is a slot or more below a tenant it
+# could take a slot from by fair share (dispatch.lua `headroom`: the first four over their share running in the
+# lowest class, else the heaviest overall), the group's last fsr x slots go only to tenants that could take a slot
+# from that one; so a calm tenant starts in one at once instead of by a preemption.
 
 def headroom_group(r: redis.Redis, fsr: float, *, slots: int = 8, calm_first: bool = True,
                    quota: bool = False) -> Harness:

@@ -2,7 +2,9 @@
 heaviest first, passing over those with no preemptible run in the waiting class: the heaviest tenant
 overall may run in another class only (an interactive tenant at class 9, or one run of a low-weight
 tenant), and a flooder of the waiting class must still give up a slot to a calm tenant of that class.
-The free-slot headroom (--fair-share-headroom) picks its victims by the same walk.
+The free-slot headroom (--fair-share-headroom) picks its victims by the same walk; when the lightest tenant
+could take from none of them, it holds back the heaviest tenant overall if that one runs only in a higher
+class and would be the lightest's victim once it started a run in the lowest.
 
 The scripts are driven directly (tests/sched_harness.py), on one server and on a cluster (the servers'
 own clock there: the min-run quantum is 0, so no decision waits on it)."""
@@ -105,3 +107,40 @@ def test_the_headroom_is_kept_from_a_flooder_while_a_low_weight_tenant_runs_in_a
     calm.append(h.submit("c1", tenant="calm", max_tokens=1000))
     assert h.status(calm[1]) == "running" and tickets(h) == 1 and h.status(x) == "running"
     assert statuses(h, floods).count("running") == 4 and "preempted" not in statuses(h, floods)
+
+
+def test_the_headroom_is_kept_from_a_flooder_heavy_only_by_runs_of_a_higher_class(r: redis.Redis) -> None:
+    """Headroom 0.25 of 8 slots: the flooder runs 5 class-7 requests, the calm tenant one class-3 request
+    (class 3 is the lowest running class). The flooder holds no class-3 run, but once it started one it
+    would be the calm tenant's fair-share victim there: its class-3 requests wait, and the calm tenant's
+    next two start in the last 2 slots with no preemption (without this, the flooder's first class-3
+    request took one of them and was stopped for fair share at once, for the calm tenant's second)."""
+    h = harness(r, slots=8, fsr=0.25)
+    high = [h.submit(f"f7-{i}", tenant="flood", priority=7, max_tokens=1000) for i in range(5)]
+    calm = [h.submit("c3-0", tenant="calm", priority=3, max_tokens=1000)]
+    low = [h.submit(f"f3-{i}", tenant="flood", priority=3, max_tokens=1000) for i in range(2)]
+    assert statuses(h, low) == ["queued"] * 2 and tickets(h) == 2
+    h.advance(10)
+    calm += [h.submit(f"c3-{i}", tenant="calm", priority=3, max_tokens=1000) for i in range(1, 3)]
+    h.sweep()
+    assert statuses(h, calm) == ["running"] * 3 and tickets(h) == 0
+    assert statuses(h, high) == ["running"] * 5
+    assert statuses(h, low) == ["queued"] * 2 and not set(low) & set(h.dispatched_rids())  # never started
+
+
+def test_the_headroom_is_kept_from_a_tenant_of_a_higher_class_one_slot_above_the_lightest(
+        r: redis.Redis) -> None:
+    """Headroom 0.5 of 4 slots: the flooder runs 2 class-7 requests, the calm tenant one class-3 request.
+    The calm tenant could not take a slot from the flooder as it is (2 > 2 - 1), but could once the flooder
+    started a class-3 run (2 <= 3 - 1): that run would be the one stopped for the calm tenant's next
+    request, so the flooder's class-3 request waits and the calm tenant's starts in the last slot."""
+    h = harness(r, slots=4, fsr=0.5)
+    high = [h.submit(f"f7-{i}", tenant="flood", priority=7, max_tokens=1000) for i in range(2)]
+    calm = [h.submit("c3-0", tenant="calm", priority=3, max_tokens=1000)]
+    low = h.submit("f3-0", tenant="flood", priority=3, max_tokens=1000)
+    assert h.status(low) == "queued" and tickets(h) == 1
+    h.advance(10)
+    calm.append(h.submit("c3-1", tenant="calm", priority=3, max_tokens=1000))
+    h.sweep()
+    assert statuses(h, calm) == ["running"] * 2 and statuses(h, high) == ["running"] * 2 and tickets(h) == 0
+    assert h.status(low) == "queued" and low not in h.dispatched_rids()  # never started

@@ -24,9 +24,20 @@ end
 -- nobody; so work of a class below every run is held back as the flooder's of the lowest class is. Not
 -- kept: for work of a class above a running run (it could preempt that run), when no slot is free (then
 -- preemption decides), or when no tenant is below a victim (one tenant alone, or all at their shares:
--- every slot may be used). `holding`: the caller holds a ticket already. Returns nil when no headroom is
--- kept here, else the victims the lightest running tenant could take from, heaviest first ({ tenant,
--- the share a taker must stay within (could_take) }).
+-- every slot may be used). Nor is it given to a tenant heavy only by runs of a higher class: when the
+-- lightest could take from none of those victims, the heaviest overall, if it holds no run of the class
+-- (fair_victims passed it over), is the victim once the lightest could take a slot from it after it started
+-- one here (it would then hold ro + 1/w): it would start and at once be preempted by fair share, so it is
+-- held back, and a taker must stay within its ro (not ro - 1/w, the test for a tenant that runs there: one
+-- slot closer to the lightest, its start would already be undone).
+-- `holding`: the caller holds a ticket already. Returns nil when no headroom is kept here, else the
+-- victims, heaviest first ({ tenant, the share a taker must stay within (could_take) }).
+-- Cost: outside the last fsr slots, 2 reads (LLEN, HLEN); inside them at most 20 more: ZRANGE run, ZRANGE
+-- ro, fair_victims (at most 9), a could_take (2) for each of its victims but the lightest (at most 8), and
+-- when none is kept the ZREVRANGE of the heaviest overall, with a could_take when it holds no run of the
+-- class (fair_victims then kept at most 3: 19 in all); 9 with one flooder and one calm tenant. Then the
+-- taker: dispatch's headroom_taker at most 4 taker_for (4 x 10, see hand_over; 10 for the heaviest
+-- overall), start_alone's may_take_headroom at most 4 could_take (8): at most 59 and 27 commands.
 local function headroom(cp, cls, holding)
   local fraction = policy(cp).fsr
   if fraction <= 0 then return nil end
@@ -39,11 +50,20 @@ local function headroom(cp, cls, holding)
   local lowest_cls = math.floor(tonumber(lowest_run) / RANK)
   if tonumber(cls) > lowest_cls then return nil end
   local lightest = redis.call('ZRANGE', cp .. 'ro', 0, 0)[1]
+  local holders = fair_victims(cp, lowest_cls)
   local victims = {}
-  for _, victim in ipairs(fair_victims(cp, lowest_cls)) do
+  for _, victim in ipairs(holders) do
     if lightest ~= victim[1] and could_take(cp, lightest, victim[2]) then victims[#victims + 1] = victim end
   end
-  if #victims == 0 then return nil end
+  if #victims == 0 then
+    local heaviest = redis.call('ZREVRANGE', cp .. 'ro', 0, 0, 'WITHSCORES')
+    local share = tonumber(heaviest[2])
+    if not heaviest[1] or heaviest[1] == lightest or (holders[1] and holders[1][1] == heaviest[1])
+        or not could_take(cp, lightest, share) then
+      return nil
+    end
+    victims[1] = { heaviest[1], share }
+  end
   return victims
 end
 
