@@ -1,6 +1,7 @@
 """A receiver that never answers: its backlog of waiting callbacks costs the store about one touch a callback
-per turn it can get, not one every pass, and a callback cannot wait past its whole retry schedule (it is
-failed without an attempt, as "then marked failed" says). Real Valkey, a real black-holed socket on
+per turn it can get (at least about once a timeout), not one every pass, and a callback cannot wait for its
+host's slowness past its whole retry schedule (it is failed without an attempt, as "then marked failed"
+says). Real Valkey, a real black-holed socket on
 127.0.0.1 (accepts, never answers)."""
 
 from __future__ import annotations
@@ -68,10 +69,14 @@ def test_a_black_holed_hosts_backlog_is_touched_about_once_a_turn_not_every_pass
     """1,000 callbacks due to a receiver that accepts and never answers, a pass every 0.2 s for 6 s (30
     passes; the host turns slow after 1 s, its attempts are cut at 2 s). Each waiting callback is read and
     pushed back about once per turn it can get (PER_HOST places, each freeing every 2 s: its turn is minutes
-    away), so the commands the passes send for the backlog stay about one touch a callback: at most 3 EVALs
-    and 32 commands in all a callback (the sweep's ZCOUNTs aside: 1,024 a pass, whatever the backlog).
-    Before, each was pushed a flat max(poll, timeout / 4) = 0.5 s (50 ms while the host still turned over)
-    and so read and pushed again every pass or two: about 14,000 EVALs, 100,000 commands."""
+    away), but no further than about a timeout (2 s: a receiver that recovers gets its backlog within that),
+    so each is read about once a timeout: its first read and about one each 2 s of the 6, and the held ones
+    each pass of the first second. The commands the passes send for the backlog stay a few touches a
+    callback: at most 5 EVALs and 40 commands in all a callback (the sweep's ZCOUNTs aside: 1,024 a pass,
+    whatever the backlog); about 3,900-4,500 EVALs and 36,000-37,000 commands here. Pushed by turns not
+    capped (10ee7d3), about 2,400 EVALs and 21,000 commands (bounds 4 and 32 a callback). Before that, each
+    was pushed a flat max(poll, timeout / 4) = 0.5 s (50 ms while the host still turned over) and so read and
+    pushed again every pass or two: about 14,000 EVALs, 100,000 commands."""
     n = 1_000
     hole = BlackHole()
     now = int(time.time() * 1000)
@@ -86,18 +91,21 @@ def test_a_black_holed_hosts_backlog_is_touched_about_once_a_turn_not_every_pass
     calls = command_calls(valkey_server)
     per_callback = sum(c for name, c in calls.items() if name not in ("zcount", "info", "config|resetstat"))
     assert hole.most_open == delivery_module.PER_HOST  # only its own places, as before
-    assert calls["eval"] <= 4 * n, calls  # about 2,400 here; 13,960 before
-    assert per_callback <= 32 * n, calls  # about 21,000 here; 100,192 before
+    assert calls["eval"] <= 5 * n, calls  # about 3,900-4,500 here (one read a timeout); 13,960 before 10ee7d3
+    assert per_callback <= 40 * n, calls  # about 36,000-37,000 here; 100,192 before 10ee7d3
     assert r.zcard(keys.callbacks_due(keys.all_buckets()[5])) == 1  # none dropped: all still queued
 
 
 def test_a_callback_waiting_past_its_retry_schedule_is_failed_without_an_attempt(
         redis_url: str, r) -> None:
     """PER_HOST fresh callbacks take every place of a black-holed host; behind them, in the same bucket, one
-    whose request ended 60 s ago against a 15-s whole retry schedule (1 attempt, at most a lease: the 5-s
-    timeout and a 10-s margin; see `Delivery.retry_schedule`). Once the host is slow, that one is not pushed
-    back again: it is settled failed, with no attempt made, saying why. (Before, it waited as long as the
-    host's places stayed taken, then was sent all the same: `cbn` 1.)"""
+    first pushed back for that host's slowness 60 s ago (`cbw`, as a process since gone left it) against a
+    15-s whole retry schedule (1 attempt, at most a lease: the 5-s timeout and a 10-s margin; see
+    `Delivery.retry_schedule`), and one whose request ended as long ago but that never waited for a slow
+    host (a delivery outage). Once the host is slow, the first is not pushed back again: it is settled
+    failed, with no attempt made, saying why; the second is pushed back, its wait for the slow host counted
+    from now. (Before 10ee7d3, the first waited as long as the host's places stayed taken, then was sent all
+    the same: `cbn` 1; at 10ee7d3 the second was failed too, counted from its request's end.)"""
     hole = BlackHole()
     bucket = keys.all_buckets()[3]
     now = int(time.time() * 1000)
@@ -106,6 +114,9 @@ def test_a_callback_waiting_past_its_retry_schedule_is_failed_without_an_attempt
         ended_with_callback(r, rid, f"{hole.url}/fresh", ended_ms=now, due_ms=now - 2_000 + i)
     old = f"{bucket}old"
     ended_with_callback(r, old, f"{hole.url}/old", ended_ms=now - 60_000, due_ms=now - 1_000, ttl_s=600)
+    r.hset(keys.request(old), "cbw", now - 60_000)
+    outage = f"{bucket}outage"
+    ended_with_callback(r, outage, f"{hole.url}/outage", ended_ms=now - 60_000, due_ms=now - 999, ttl_s=600)
     settings = hook_settings(redis_url, webhook_timeout=5.0, webhook_max_attempts=1, webhook_backoff=0.05)
 
     def settled() -> bool:
@@ -120,3 +131,7 @@ def test_a_callback_waiting_past_its_retry_schedule_is_failed_without_an_attempt
     assert 0 < r.ttl(keys.request(old)) <= 600  # its own TTL back (no longer kept for the callback)
     assert hole.accepted == delivery_module.PER_HOST  # the fresh ones only: nothing sent for the old one
     assert all(r.hget(keys.request(rid), "cbn") == "1" for rid in fresh)  # each had its one attempt
+    waited = r.hgetall(keys.request(outage))
+    assert "cbs" not in waited and "cbn" not in waited, waited  # still waiting, not failed: no attempt yet
+    assert now <= int(waited["cbw"]) <= int(time.time() * 1000)  # its wait for the slow host noted, from now
+    assert r.zscore(keys.callbacks_due(bucket), outage) > now  # pushed back behind the host's places

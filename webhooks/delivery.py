@@ -39,17 +39,22 @@ receiver's growing backlog neither fills the front of its bucket (a pass reads B
 first: callbacks behind them would never be read) nor is read again every pass. A turn (webhooks/rooms.py
 `Rooms.turn`) is a callback's place in its host's queue: PER_HOST of them about every time the host's
 places all free (`turn_wait`), so a waiting callback is read about once per turn it can get, and a
-backlog costs the store about what its host's turnover does, not a few commands a callback every pass.
+backlog costs the store about what its host's turnover does, not a few commands a callback every pass;
+but one push moves a callback at most about a --webhook-timeout (`push_cap`), and a slow host's queue
+starts over once it is no longer slow: a receiver that recovers gets its backlog within about a timeout,
+not at the turns guessed while it was slow (a dead one's is read about once a timeout).
 A pass skips the callbacks in flight or held here: the claim would refuse the ones in flight anyway, and
 this spares the useless claims. Whatever waits (pushed back, held, or left due because every place is
 taken: a full process still reads what is due each pass, as any pass does, and still pushes back what
 waits for a full host) has its request kept until it is due and the longer of a lease and the session's
 TTL more, in the same call (sessions/callbacks.py `push_back`, one round trip a pass), as a claim and a
 retry keep it: a backlog that outlasts the session's TTL drops none of it, nor does a delivery outage (a
-restart, a deploy) shorter than that TTL around its due time. But no callback waits longer than its whole
-retry schedule (`retry_schedule`, from its request's end): one pushed back or left due past that is failed
-without an attempt, its `last_error` saying so, so that a dead receiver's backlog and the requests it keeps
-are bounded by the rate its callbacks come at times that schedule.
+restart, a deploy) shorter than that TTL around its due time. But no callback waits for a slow host longer
+than its whole retry schedule (`retry_schedule`, from its first push back for that host's slowness since
+its last attempt): one pushed back so past that is failed without an attempt, its `last_error` saying so,
+so that a dead receiver's backlog and the requests it keeps are bounded by the rate its callbacks come at
+times that schedule. No other wait is bounded so: a fast host's (LEAVE), a held one, one left due because
+every place is taken, and a delivery outage fail nothing, however old the request.
 
 On stop, the attempts in flight get up to --webhook-timeout (their own cap) plus SETTLE_SECONDS to end
 (an attempt cut by its cap then still records why); any still running then are cancelled. Any number of
@@ -147,10 +152,10 @@ class Delivery:
         and has room (CONCURRENCY in all, PER_HOST per receiver host; webhooks/rooms.py says what waits
         how); returns how many it started, without waiting for them (`drain` does)."""
         now, now_ms = time.monotonic(), int(time.time() * 1000)
-        self.rooms.pass_began(now_ms)
-        waiting = {rid: self.rooms.turn(host, now_ms, self.turn_wait(host, now, slow=True),
-                                           first=self.host_full_wait())
+        self.rooms.pass_began(now_ms, now)
+        waiting = {rid: self.slow_turn(host, now_ms, now)  # pushed back for their host's slowness
                    for host, rids in self.rooms.release_slow_hosts(now).items() for rid in rids}
+        left: dict[str, int] = {}  # pushed back past a fast host's hold
         due = await self.read_due(now_ms)
         if not due:
             await self.push_back(waiting, now_ms)
@@ -170,13 +175,23 @@ class Delivery:
                 self.start(http, rid)
                 started += 1
             elif placement is Placement.PUSH:  # its turn in its slow host's queue
-                waiting[rid] = self.rooms.turn(host, now_ms, self.turn_wait(host, now, slow=True),
-                                               first=self.host_full_wait())
+                waiting[rid] = self.slow_turn(host, now_ms, now)
             elif placement is Placement.LEAVE:  # behind what is due now, by its turn; an early pass reads it
-                waiting[rid] = self.rooms.turn(host, now_ms, self.turn_wait(host, now, slow=False),
-                                             leave=True)
-        await self.push_back(waiting, now_ms, kept=kept)
+                left[rid] = self.rooms.turn(host, now_ms, self.turn_wait(host, now, slow=False), leave=True,
+                                            cap=self.push_cap())
+        await self.push_back(waiting, now_ms, left=left, kept=kept)
         return started
+
+    def slow_turn(self, host: str, now_ms: int, now: float) -> int:
+        """When a callback waiting for slow `host` is due again (ms): its turn, at most `push_cap` away."""
+        return self.rooms.turn(host, now_ms, self.turn_wait(host, now, slow=True), first=self.host_full_wait(),
+                               cap=self.push_cap(), slow=True)
+
+    def push_cap(self) -> float:
+        """How far one push moves a waiting callback at most (seconds): about a --webhook-timeout (at least a
+        poll), so that a receiver that recovers has its backlog read again within that, while a dead one's is
+        read about once a timeout, as its places free."""
+        return max(self.settings.webhook_timeout, self.poll_seconds)
 
     async def read_due(self, now_ms: int) -> list[str]:
         """The callbacks due now that are neither in flight nor held here: up to BATCH a bucket, oldest first,
@@ -194,30 +209,35 @@ class Delivery:
             due += (rid for rid in rids if not self.rooms.known(rid))
         return due
 
-    async def push_back(self, waiting: dict[str, int], now_ms: int, *, kept: list[str] | None = None) -> None:
-        """Move waiting callbacks (a slow host's, or past a fast one's hold) to their next due times
-        (request id -> ms), in one round trip; their requests, and those of the callbacks held here or `kept`
-        due as they are (read while every place was taken), are kept until then and the longer of a lease and
-        the session's TTL more: a backlog longer than the session's TTL drops none of them. One of `waiting`
-        or `kept` whose request ended longer ago than its whole retry schedule (`retry_schedule`) is failed
-        without an attempt, and none is pushed past that: a dead receiver's backlog is bounded by the rate
-        its callbacks come at times that schedule."""
+    async def push_back(self, waiting: dict[str, int], now_ms: int, *, left: dict[str, int] | None = None,
+                        kept: list[str] | None = None) -> None:
+        """Move waiting callbacks to their next due times (request id -> ms), in one round trip: `waiting` a
+        slow host's, `left` past a fast one's hold; their requests, and those of the callbacks held here or
+        `kept` due as they are (read while every place was taken), are kept until then and the longer of a
+        lease and the session's TTL more: a backlog longer than the session's TTL drops none of them. One of
+        `waiting` that has waited for its host's slowness longer than its whole retry schedule
+        (`retry_schedule`), from its first push back for it since its last attempt, is failed without an
+        attempt, and none is pushed past that: a dead receiver's backlog is bounded by the rate its callbacks
+        come at times that schedule. No other wait is bounded: a healthy receiver loses nothing to a
+        backlog or to a delivery outage, however old its requests."""
         schedule = self.retry_schedule()
         failed = await callbacks.push_back(
-            self.redis, waiting, self.rooms.held_rids(), kept=kept or (), now_ms=now_ms, lease_ms=self.lease_ms,
-            session_ttl_ms=self.session_ttl_ms, give_up_ms=int(schedule * 1000),
-            give_up_error=f"not sent: its host had no place for it within {schedule:.0f} s of the request's end, "
-                          "its whole retry schedule (--webhook-max-attempts, --webhook-backoff, --webhook-timeout)")
+            self.redis, left or {}, self.rooms.held_rids(), kept=kept or (), slow=waiting, now_ms=now_ms,
+            lease_ms=self.lease_ms, session_ttl_ms=self.session_ttl_ms, give_up_ms=int(schedule * 1000),
+            give_up_error=f"not sent: its host stayed slow for {schedule:.0f} s, its whole retry schedule "
+                          "(--webhook-max-attempts, --webhook-backoff, --webhook-timeout), while it waited for a "
+                          "place")
         if failed:
-            log.warning("%d callbacks failed without an attempt: their host had no place for them within their "
-                        "retry schedule (%.0f s)", len(failed), schedule)
+            log.warning("%d callbacks failed without an attempt: their host stayed slow past their retry schedule "
+                        "(%.0f s) while they waited for a place", len(failed), schedule)
 
     def retry_schedule(self) -> float:
-        """How long after its request's end a callback may still be waiting, in seconds: its whole retry
-        schedule, `1.1 x backoff x (2^(max_attempts - 1) - 1) + max_attempts x lease`, the backoffs between its
-        attempts at their longest (jitter +10%) and each attempt at its longest hold (a lease: the timeout
-        plus a margin, which a claim lost with its process also waits). Defaults: 1.1 x 5 x 127 + 8 x 20 s,
-        about 14 minutes. A callback waiting for its host's place past that is failed, not sent."""
+        """How long a callback may wait for a slow host, in seconds, from its first push back for that host's
+        slowness since its last attempt: its whole retry schedule, `1.1 x backoff x (2^(max_attempts - 1) -
+        1) + max_attempts x lease`, the backoffs between its attempts at their longest (jitter +10%) and each
+        attempt at its longest hold (a lease: the timeout plus a margin, which a claim lost with its process
+        also waits). Defaults: 1.1 x 5 x 127 + 8 x 20 s, about 14 minutes. A callback waiting for a slow
+        host's place past that is failed, not sent."""
         attempts = self.settings.webhook_max_attempts
         backoff = 1.1 * self.settings.webhook_backoff * (2 ** (attempts - 1) - 1)
         return backoff + attempts * self.lease_ms / 1000

@@ -18,7 +18,10 @@ The host's places free `per_host` at a time about once a `wait` (for a slow host
 length; for one that turns over, half of that: read early rather than late, so that no place idles), so
 the queue is cut into rounds of `per_host`: the first due `wait / per_host` on (for a slow host, at least
 a share of the timeout), each next one a `wait` later, behind those pushed back before (the host's tail,
-kept across passes). One read again before its turn (the guess was short) goes to the end again.
+kept across passes), but never further than `cap` (about a timeout): a host that recovers has its
+backlog read again within that, not at turns guessed while it was slow. A slow host's tail is dropped once
+it is no longer slow, so its next waits start at the front again. One read again before its turn (the
+guess was short) goes to the end again.
 A LEAVE'd callback's due time is noted: a pass comes early once one of them is due and the hold is used up.
 A held callback stays due in the store, unclaimed: another process may claim it first, and then this
 one's claim is refused and the place passes on.
@@ -53,6 +56,7 @@ class Tail:
 
     due_ms: int
     left: int
+    slow: bool = False  # made by a slow host's pushes: dropped once the host is no longer slow
 
 
 class Rooms:
@@ -139,16 +143,19 @@ class Rooms:
             room.left_due or (now_ms is not None and bool(room.leave_dues) and room.leave_dues[0] <= now_ms))
         return host_waits or self.hit_concurrency
 
-    def pass_began(self, now_ms: int | None = None) -> None:
+    def pass_began(self, now_ms: int | None = None, now: float | None = None) -> None:
         """A pass reads the store again: what earlier passes left due is seen anew (what was due by `now_ms`
-        is read by it, the rest wants a pass when due); tails that ended are dropped."""
+        is read by it, the rest wants a pass when due); tails that ended are dropped, and so is a slow host's
+        once it is no longer slow at `now` (monotonic): its next waits are not put behind turns guessed
+        while it was slow."""
         self.hit_concurrency = False
         for room in self.hosts.values():
             room.left_due = False
             while now_ms is not None and room.leave_dues and room.leave_dues[0] <= now_ms:
                 room.leave_dues.popleft()
         if now_ms is not None:
-            for host in [h for h, tail in self.tails.items() if tail.due_ms <= now_ms]:
+            for host in [h for h, tail in self.tails.items() if tail.due_ms <= now_ms
+                         or (tail.slow and now is not None and not self.host_slow(h, now))]:
                 del self.tails[host]
             for host in [h for h in self.answers if h not in self.hosts and h not in self.tails]:
                 del self.answers[host]
@@ -157,19 +164,28 @@ class Rooms:
         """How long the host's recent attempts took (seconds), None before one of them ended."""
         return self.answers.get(host)
 
-    def turn(self, host: str, now_ms: int, wait: float, *, first: float = 0.0, leave: bool = False) -> int:
-        """When a callback of `host` that waits (PUSH, or LEAVE with `leave`) is due again (ms): its turn, at
-        the end of the host's queue, in rounds of `per_host` a `wait` apart, the first `wait / per_host` from
-        now (its places, all taken, free about that often) or `first` seconds when that is longer, so that
-        it is read about once per turn. One read again before its turn goes to the end again."""
+    def turn(self, host: str, now_ms: int, wait: float, *, first: float = 0.0, leave: bool = False,
+             cap: float = 0.0, slow: bool = False) -> int:
+        """When a callback of `host` that waits (PUSH with `slow`, or LEAVE with `leave`) is due again (ms): its
+        turn, at the end of the host's queue, in rounds of `per_host` a `wait` apart, the first `wait /
+        per_host` from now (its places, all taken, free about that often) or `first` seconds when that is
+        longer, so that it is read about once per turn; but no more than `cap` seconds from now (> 0), so that
+        a host that recovers has its backlog read again within that. One read again before its turn goes to
+        the end again."""
         wait_ms = max(int(wait * 1000), 1)
         first = now_ms + max(wait_ms // self.per_host, int(first * 1000), 1)
+        last = now_ms + max(int(cap * 1000), 1) if cap > 0 else None
+        if last is not None:
+            first = min(first, last)
         tail = self.tails.get(host)
         if tail is None or tail.due_ms < first:
             tail = self.tails[host] = Tail(first, self.per_host)
         elif not tail.left:
             tail.due_ms, tail.left = tail.due_ms + wait_ms, self.per_host
+        if last is not None and tail.due_ms > last:  # the rest of the queue waits no longer than the cap
+            tail.due_ms = last
         tail.left -= 1
+        tail.slow = tail.slow or slow
         if leave and (room := self.hosts.get(host)) is not None:
             room.leave_dues.append(tail.due_ms)
         return tail.due_ms
@@ -196,6 +212,11 @@ class Rooms:
         for host in [h for h, room in self.hosts.items() if not room.in_flight and not room.held]:
             del self.hosts[host]
         return released
+
+    def host_slow(self, host: str, now: float) -> bool:
+        """`host` has an attempt here that has run `slow_after` seconds or more."""
+        room = self.hosts.get(host)
+        return room is not None and self.slow(room, now)
 
     def slow(self, room: Host, now: float) -> bool:
         return any(now - began >= self.slow_after for began in room.in_flight.values())
