@@ -11,8 +11,6 @@ callback still queued (being retried, or waiting for its receiver's host) keeps 
 until it is due and the longer of a lease and that TTL more, so that a delivery outage shorter than the TTL
 around its due time loses nothing. Its last attempt settled, the request is kept a lease more, or until its
 own expiry (the one it ended with, recorded as `cbx` before the first lengthening) when that is later.
-A wait for a slow host is noted (`cbw`: since when, from the first push back for that host's slowness;
-cleared by the next claim) and bounded by the callback's whole retry schedule (`push_back`).
 """
 
 from __future__ import annotations
@@ -97,31 +95,20 @@ async def claim(redis: Any, rid: str, *, now_ms: int, lease_ms: int,
 
 
 async def push_back(redis: Any, due: dict[str, int], held: Iterable[str], *, now_ms: int, lease_ms: int,
-                    session_ttl_ms: int = 0, kept: Iterable[str] = (), slow: dict[str, int] | None = None,
-                    give_up_ms: int = 0, give_up_error: str = "") -> list[str]:
-    """Callbacks that wait for their receiver's host, in one pipeline: each of `due` and `slow` (request id ->
-    ms) is due again then (only later, and only while still queued), each of `held` (due, and held by the
-    delivery process for a place of its host) or `kept` (read while all its places were taken) stays due as
-    it is; each one's request is kept until it is due and `kept_past_due` more, past its session's TTL if need
-    be, so that a long backlog drops none of them. Only a wait for a slow host is bounded (`slow`, with
-    `give_up_ms` > 0): one of `slow` still due that has waited so more than `give_up_ms` (its whole retry
-    schedule), counted from its first push back for its host's slowness since its last attempt, is settled
-    failed without an attempt (`give_up_error`), and none is pushed past that bound; any other wait (`due`: a
-    fast host's, `held`, `kept`, or a delivery outage) never is. Returns those failed so."""
-    slow = slow or {}
-    kept = [rid for rid in kept if rid not in due and rid not in slow]
-    waiting = [*((rid, at, give_up_ms) for rid, at in slow.items()),
-               *((rid, at, 0) for rid, at in due.items() if rid not in slow), *((rid, 0, 0) for rid in kept),
-               *((rid, 0, 0) for rid in dict.fromkeys(held) if rid not in due and rid not in slow and rid not in kept)]
+                    session_ttl_ms: int = 0, kept: Iterable[str] = ()) -> None:
+    """Callbacks that wait for their receiver's host, in one pipeline: each of `due` (request id -> ms) is
+    due again then (only later, and only while still queued), each of `held` (due, and held by the delivery
+    process for a place of its host) or `kept` (read while all its places were taken) stays due as it is; each
+    one's request is kept until it is due and `kept_past_due` more, past its session's TTL if need be, so that
+    a long backlog drops none of them."""
+    waiting = [*due.items(), *((rid, 0) for rid in dict.fromkeys([*held, *kept]) if rid not in due)]
     if not waiting:
-        return []
+        return
     pipe = redis.pipeline(transaction=False)
-    for rid, due_ms, bound in waiting:
+    for rid, due_ms in waiting:
         pipe.eval(script("callback_push_back"), 2, keys.callbacks_due(keys.bucket_of_request(rid)), keys.request(rid),
-                  rid, due_ms, now_ms, kept_past_due(lease_ms, session_ttl_ms), bound, give_up_error[:500],
-                  max(1, lease_ms))
-    replies = await pipe.execute()
-    return [rid for (rid, _, _), reply in zip(waiting, replies, strict=True) if int(reply) == 2]
+                  rid, due_ms, now_ms, kept_past_due(lease_ms, session_ttl_ms))
+    await pipe.execute()
 
 
 async def settle(redis: Any, rid: str, attempt: int, outcome: str, error: str = "", retry_at_ms: int = 0, *,

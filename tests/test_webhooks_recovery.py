@@ -1,6 +1,6 @@
 """A healthy receiver loses nothing to how long its callbacks waited: a delivery outage longer than the whole
-retry schedule fails none of them (only a wait for a slow host is bounded so, as "then marked failed" says),
-and a receiver that hung for a moment gets its backlog within about a timeout once it answers again (a push
+retry schedule fails none of them (a give-up counted from the request's end, tried at this stop, did: none is
+kept), and a receiver that hung for a moment gets its backlog within about a timeout once it answers again (a push
 moves a waiting callback at most about a --webhook-timeout, and a host's queue starts over once it is no
 longer slow). Real Valkey, a real HTTP receiver on 127.0.0.1."""
 
@@ -67,7 +67,7 @@ def test_a_delivery_outage_past_the_retry_schedule_fails_nothing_to_a_healthy_re
     """150 callbacks to one receiver that answers in 20 ms, left due by a delivery outage: their requests
     ended 60 s ago, four times their whole retry schedule (15 s: one attempt of a 5-s timeout and a 10-s
     margin), and are kept 10 minutes more. Once a delivery process runs, each host gets PER_HOST places and
-    HELD_PER_HOST held; the rest are pushed back a moment (LEAVE), never for slowness. All are delivered.
+    HELD_PER_HOST held; the rest are pushed back a moment (LEAVE). All are delivered.
     (Before, the 46 beyond the 104 were failed unsent at once: "no place for it within 15 s of the request's
     end".)"""
     n = 150

@@ -49,12 +49,9 @@ taken: a full process still reads what is due each pass, as any pass does, and s
 waits for a full host) has its request kept until it is due and the longer of a lease and the session's
 TTL more, in the same call (sessions/callbacks.py `push_back`, one round trip a pass), as a claim and a
 retry keep it: a backlog that outlasts the session's TTL drops none of it, nor does a delivery outage (a
-restart, a deploy) shorter than that TTL around its due time. But no callback waits for a slow host longer
-than its whole retry schedule (`retry_schedule`, from its first push back for that host's slowness since
-its last attempt): one pushed back so past that is failed without an attempt, its `last_error` saying so,
-so that a dead receiver's backlog and the requests it keeps are bounded by the rate its callbacks come at
-times that schedule. No other wait is bounded so: a fast host's (LEAVE), a held one, one left due because
-every place is taken, and a delivery outage fail nothing, however old the request.
+restart, a deploy) shorter than that TTL around its due time. No wait fails a callback: a receiver that
+never answers gets PER_HOST attempts a timeout from each process, and callbacks to it beyond that wait (read
+about once a timeout), their requests kept, until their own attempts come (README: known and left).
 
 On stop, the attempts in flight get up to --webhook-timeout (their own cap) plus SETTLE_SECONDS to end
 (an attempt cut by its cap then still records why); any still running then are cancelled. Any number of
@@ -214,33 +211,9 @@ class Delivery:
         """Move waiting callbacks to their next due times (request id -> ms), in one round trip: `waiting` a
         slow host's, `left` past a fast one's hold; their requests, and those of the callbacks held here or
         `kept` due as they are (read while every place was taken), are kept until then and the longer of a
-        lease and the session's TTL more: a backlog longer than the session's TTL drops none of them. One of
-        `waiting` that has waited for its host's slowness longer than its whole retry schedule
-        (`retry_schedule`), from its first push back for it since its last attempt, is failed without an
-        attempt, and none is pushed past that: a dead receiver's backlog is bounded by the rate its callbacks
-        come at times that schedule. No other wait is bounded: a healthy receiver loses nothing to a
-        backlog or to a delivery outage, however old its requests."""
-        schedule = self.retry_schedule()
-        failed = await callbacks.push_back(
-            self.redis, left or {}, self.rooms.held_rids(), kept=kept or (), slow=waiting, now_ms=now_ms,
-            lease_ms=self.lease_ms, session_ttl_ms=self.session_ttl_ms, give_up_ms=int(schedule * 1000),
-            give_up_error=f"not sent: its host stayed slow for {schedule:.0f} s, its whole retry schedule "
-                          "(--webhook-max-attempts, --webhook-backoff, --webhook-timeout), while it waited for a "
-                          "place")
-        if failed:
-            log.warning("%d callbacks failed without an attempt: their host stayed slow past their retry schedule "
-                        "(%.0f s) while they waited for a place", len(failed), schedule)
-
-    def retry_schedule(self) -> float:
-        """How long a callback may wait for a slow host, in seconds, from its first push back for that host's
-        slowness since its last attempt: its whole retry schedule, `1.1 x backoff x (2^(max_attempts - 1) -
-        1) + max_attempts x lease`, the backoffs between its attempts at their longest (jitter +10%) and each
-        attempt at its longest hold (a lease: the timeout plus a margin, which a claim lost with its process
-        also waits). Defaults: 1.1 x 5 x 127 + 8 x 20 s, about 14 minutes. A callback waiting for a slow
-        host's place past that is failed, not sent."""
-        attempts = self.settings.webhook_max_attempts
-        backoff = 1.1 * self.settings.webhook_backoff * (2 ** (attempts - 1) - 1)
-        return backoff + attempts * self.lease_ms / 1000
+        lease and the session's TTL more: a backlog longer than the session's TTL drops none of them."""
+        await callbacks.push_back(self.redis, {**(left or {}), **waiting}, self.rooms.held_rids(), kept=kept or (),
+                                  now_ms=now_ms, lease_ms=self.lease_ms, session_ttl_ms=self.session_ttl_ms)
 
     def host_full_wait(self) -> float:
         """How long the first of a slow host's waiting callbacks waits before a pass looks at it again: about

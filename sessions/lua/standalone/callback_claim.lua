@@ -6,8 +6,6 @@
 -- can be recorded (callback_settle.lua keeps it for the retries that follow), and a delivery outage shorter
 -- than the TTL after an attempt lost with its process still finds it. The request's own expiry (set when it
 -- ended) is recorded first, once (`cbx`): the final outcome gives back what the callback scripts added.
--- An attempt ends the callback's wait for its host's slowness (`cbw`, callback_push_back.lua): a later wait
--- is counted on its own.
 -- KEYS[1] the bucket's due callbacks sg:{s:<bucket>}:cb   KEYS[2] the request hash sg:{s:<bucket>}:r:<rid>
 -- ARGV[1] request id   ARGV[2] now (ms)   ARGV[3] lease (ms)   ARGV[4] ms to keep the request past the lease
 -- Returns false when not due (another process holds it) | {} when the request expired (dropped) |
@@ -19,7 +17,6 @@ if redis.call('EXISTS', KEYS[2]) == 0 then
   return {}
 end
 redis.call('ZADD', KEYS[1], tonumber(ARGV[2]) + tonumber(ARGV[3]), ARGV[1])
-redis.call('HDEL', KEYS[2], 'cbw')
 if redis.call('HEXISTS', KEYS[2], 'cbx') == 0 then  -- its own expiry, before any callback script lengthens it
   local own = redis.call('PEXPIRETIME', KEYS[2])
   if own > 0 then redis.call('HSET', KEYS[2], 'cbx', own) end  -- a key without a TTL: nothing to give back
