@@ -31,8 +31,8 @@ def test_a_slow_host_pushes_back_what_waits_for_it() -> None:
     room = rooms()
     for rid in ("r0", "r1", "r2", "r3"):
         room.place(rid, "a", now=0.0)
-    assert room.release_slow(now=0.5) == []  # its attempts are young: it still turns over
-    assert room.release_slow(now=1.0) == ["r2", "r3"]  # an attempt has run 1 s: the held ones go back
+    assert room.release_slow(now=0.5) == {}  # its attempts are young: it still turns over
+    assert room.release_slow(now=1.0) == {"a": ["r2", "r3"]}  # an attempt has run 1 s: the held ones go back
     assert not room.known("r2") and room.held_rids() == []
     assert room.place("r2", "a", now=1.0) is Placement.PUSH
     room.end("r0")

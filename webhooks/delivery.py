@@ -151,8 +151,7 @@ class Delivery:
         now, now_ms = time.monotonic(), int(time.time() * 1000)
         self.rooms.pass_began(now_ms, now)
         waiting = {rid: self.slow_turn(host, now_ms, now)  # pushed back for their host's slowness
-                   for host, rids in self.rooms.release_slow_hosts(now).items() for rid in rids}
-        left: dict[str, int] = {}  # pushed back past a fast host's hold
+                   for host, rids in self.rooms.release_slow(now).items() for rid in rids}
         due = await self.read_due(now_ms)
         if not due:
             await self.push_back(waiting, now_ms)
@@ -174,9 +173,9 @@ class Delivery:
             elif placement is Placement.PUSH:  # its turn in its slow host's queue
                 waiting[rid] = self.slow_turn(host, now_ms, now)
             elif placement is Placement.LEAVE:  # behind what is due now, by its turn; an early pass reads it
-                left[rid] = self.rooms.turn(host, now_ms, self.turn_wait(host, now, slow=False), leave=True,
-                                            cap=self.push_cap())
-        await self.push_back(waiting, now_ms, left=left, kept=kept)
+                waiting[rid] = self.rooms.turn(host, now_ms, self.turn_wait(host, now, slow=False), leave=True,
+                                               cap=self.push_cap())
+        await self.push_back(waiting, now_ms, kept=kept)
         return started
 
     def slow_turn(self, host: str, now_ms: int, now: float) -> int:
@@ -206,13 +205,12 @@ class Delivery:
             due += (rid for rid in rids if not self.rooms.known(rid))
         return due
 
-    async def push_back(self, waiting: dict[str, int], now_ms: int, *, left: dict[str, int] | None = None,
-                        kept: list[str] | None = None) -> None:
-        """Move waiting callbacks to their next due times (request id -> ms), in one round trip: `waiting` a
-        slow host's, `left` past a fast one's hold; their requests, and those of the callbacks held here or
+    async def push_back(self, waiting: dict[str, int], now_ms: int, *, kept: list[str] | None = None) -> None:
+        """Move waiting callbacks (a slow host's, or past a fast one's hold) to their next due times (request
+        id -> ms), in one round trip; their requests, and those of the callbacks held here or
         `kept` due as they are (read while every place was taken), are kept until then and the longer of a
         lease and the session's TTL more: a backlog longer than the session's TTL drops none of them."""
-        await callbacks.push_back(self.redis, {**(left or {}), **waiting}, self.rooms.held_rids(), kept=kept or (),
+        await callbacks.push_back(self.redis, waiting, self.rooms.held_rids(), kept=kept or (),
                                   now_ms=now_ms, lease_ms=self.lease_ms, session_ttl_ms=self.session_ttl_ms)
 
     def host_full_wait(self) -> float:

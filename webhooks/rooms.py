@@ -195,12 +195,8 @@ class Rooms:
         room = self.hosts.get(host)
         return max((now - began for began in room.in_flight.values()), default=0.0) if room else 0.0
 
-    def release_slow(self, now: float) -> list[str]:
-        """The held callbacks of hosts that turned slow, let go here: the caller pushes them back."""
-        return [rid for rids in self.release_slow_hosts(now).values() for rid in rids]
-
-    def release_slow_hosts(self, now: float) -> dict[str, list[str]]:
-        """`release_slow`, by host (host -> its held callbacks let go)."""
+    def release_slow(self, now: float) -> dict[str, list[str]]:
+        """The held callbacks of hosts that turned slow, let go here, by host: the caller pushes them back."""
         released: dict[str, list[str]] = {}
         for host, room in self.hosts.items():
             if room.held and self.slow(room, now):
