@@ -39,16 +39,22 @@ def stopped_for_fair_share(h: Harness, rid: str) -> bool:
     return h.status(rid) == "preempted" and h.req(rid).get("pc") == "1"
 
 
+def flood(h: Harness) -> list[str]:
+    """The flooder a's three class-5 requests, 10 ms apart (the last the most recently started)."""
+    floods = []
+    for i in range(3):
+        floods.append(h.submit(f"a{i}", tenant="a", priority=5, max_tokens=1000))
+        h.advance(10)
+    return floods
+
+
 def test_a_flooder_gives_up_a_slot_while_a_tenant_of_another_class_is_heavier(r: redis.Redis) -> None:
     """7 slots: x runs 4 class-9 requests (the heaviest, ro 4), the flooder a 3 class-5 ones. A calm
     tenant's class-5 request takes a's newest slot at once (a still holds 2 against its 1); x, which has
     no class-5 run, is passed over and keeps all of its runs."""
     h = harness(r, slots=7)
     xs = [h.submit(f"x{i}", tenant="x", priority=9, max_tokens=1000) for i in range(4)]
-    floods = []
-    for i in range(3):
-        floods.append(h.submit(f"a{i}", tenant="a", priority=5, max_tokens=1000))
-        h.advance(10)
+    floods = flood(h)
     assert len(h.running()) == 7
     h.advance(100)
     calm = h.submit("b0", tenant="b", priority=5, max_tokens=10)
@@ -64,10 +70,7 @@ def test_one_run_of_a_low_weight_tenant_in_another_class_leaves_fair_share_on(r:
     h = harness(r, slots=4)
     h.weight("x", 0.1)
     x = h.submit("x0", tenant="x", priority=9, max_tokens=1000)
-    floods = []
-    for i in range(3):
-        floods.append(h.submit(f"a{i}", tenant="a", priority=5, max_tokens=1000))
-        h.advance(10)
+    floods = flood(h)
     h.advance(100)
     calm = h.submit("b0", tenant="b", priority=5, max_tokens=10)
     h.sweep()
@@ -82,10 +85,7 @@ def test_a_heavier_tenant_whose_class_runs_are_all_immune_is_passed_over(r: redi
     immune = [h.submit(f"p{i}", tenant="p", priority=5, max_tokens=1000) for i in range(4)]
     for rid in immune:
         h.set_preemptions(rid, 1)
-    floods = []
-    for i in range(3):
-        floods.append(h.submit(f"a{i}", tenant="a", priority=5, max_tokens=1000))
-        h.advance(10)
+    floods = flood(h)
     h.advance(100)
     calm = h.submit("b0", tenant="b", priority=5, max_tokens=10)
     assert h.status(calm) == "running"
