@@ -83,28 +83,13 @@ class Tuning:
         return await write_limits(self.redis, tenant, changes)
 
     async def set_quota(self, group: str, quota: dict[str, float | None]) -> dict[str, float | int]:
-        """Set the given quota fields; a field given as null is removed (unlimited)."""
-        cfg = keys.group_key(group, "cfg")
-        to_set = {k: v for k, v in quota.items() if v is not None}
+        """Set the given quota fields; a field given as null is removed (unlimited). One call in the group's
+        slot (set_quota.lua): the fields, a removed quota's state and a removed tokens/s quota's new bucket
+        generation change together, so no run's refund or decision lands on a change half made."""
+        to_set = [item for k, v in quota.items() if v is not None for item in (k, v)]
         to_clear = [k for k, v in quota.items() if v is None]
         await register_group(self.redis, group)
-        async with self.redis.pipeline(transaction=False) as pipe:  # one group's slot: no cross-slot MULTI
-            if to_set:
-                pipe.hset(cfg, mapping=to_set)  # type: ignore[arg-type]
-            if to_clear:
-                pipe.hdel(cfg, *to_clear)
-            # Forget the state of a quota that is removed, so re-adding it later starts afresh.
-            stale = [*(("tat", "ti") if "requests_per_second" in to_clear else ()),
-                     *(("lvl", "at") if "tokens_per_second" in to_clear else ())]
-            if stale:
-                pipe.hdel(keys.group_key(group, "qs"), *stale)
-            if "tokens_per_second" in to_clear:
-                # A new bucket generation, after the quota's field is gone: a run that reserved from the
-                # removed bucket refunds nothing into one set again later (quotas.lua quota_refund).
-                pipe.hincrby(keys.group_key(group, "qs"), "tgen", 1)
-            pipe.rpush(keys.group_key(group, "hint"), 1)  # wake its scheduler: applies on the next decision
-            pipe.ltrim(keys.group_key(group, "hint"), 0, 0)
-            await pipe.execute()
+        await self.scripts.call("set_quota", [keys.group_prefix(group)], [len(to_set) // 2, *to_set, *to_clear])
         return await self.quota(group)
 
     async def quota(self, group: str) -> dict[str, float | int]:

@@ -31,7 +31,7 @@ INCLUDES = (DATA_DIR / "includes" / "keys.lua", DATA_DIR / "includes" / "log_ids
 DATA_FUNCTIONS = ("submit", "start", "append", "finish", "handback", "cancel", "expire", "read_log", "outbox",
                   "outbox_done")
 CONTROL_FUNCTIONS = ("ready", "release", "withdraw", "heartbeat", "register_worker", "sweep", "pin", "set_weight",
-                     "note_behind")
+                     "set_quota", "note_behind")
 SINGLE_SERVER_FUNCTIONS = ("submit_one", "finish_one", "handback_one", "cancel_one")
 FUNCTIONS = DATA_FUNCTIONS + CONTROL_FUNCTIONS + SINGLE_SERVER_FUNCTIONS
 # Functions that only read, flagged so: the server runs them where it refuses writes (a replica, or
