@@ -16,6 +16,10 @@ and a stream opened for one tenant (`owner`) also ends once the log says the ses
 instead of delivering the new owner's events past its cursor. Just before each log read the reader's
 queue is emptied (all of it was published before the read, which covers it), so only what is published
 while a read is on its way can send a stream to the log again for nothing.
+
+A log read in a response that has started (step 2 in `batches` as well as step 3's rereads) that meets a
+store that cannot answer for now waits and reads again from the cursor, pinging meanwhile (`_log`); only
+the reads before the answer (`open`, `exhausted`, a chat's first batches) raise, for the caller's 503.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from sluicegate.sessions.store import CursorExpired, LogBounds, SessionStore, lo
 
 FIRST_PAGE = 16  # small, so a resume sends its first event without reading (and parsing) the backlog first
 PAGE = 1000
-LOG_RETRY_SECONDS = 0.5  # a live stream's log read that failed (the store loading, out of connections) is retried
+LOG_RETRY_SECONDS = 0.5  # a started stream's log read that failed (the store loading, out of connections) is retried
 
 
 class EventStream:
@@ -61,6 +65,13 @@ class EventStream:
         self.reader: Reader | None = joined
         self._live_from_start = joined is not None
         self._first: tuple[LogBounds, list[Event]] | None = None  # the first page, read by `open`
+        # Whether the caller has answered before `batches` reads the log's backlog, so that those reads wait
+        # out a store error (`_log`) instead of raising. A session stream's route answers once it has read
+        # the session's state (api/streaming.py), an opened stream's once `open` read the first page; a
+        # request stream not opened is read before its caller answers (a chat's first token or whole
+        # answer: api/openai_routes.py), which answers a store error itself, with the stored request's 503.
+        # (Live rereads, in `_live`, wait in every stream: a chat's starts once it has waited a ping.)
+        self._answered = request_id is None
         self._ahead: list[Event] | None = None  # an ended request's first batch, read by `exhausted`
 
     async def open(self) -> LogBounds:
@@ -76,6 +87,7 @@ class EventStream:
         except BaseException:
             self.close()
             raise
+        self._answered = True  # (`exhausted` reads before the answer too: it raises, the route's 503)
         return self._first[0]
 
     @property
@@ -156,6 +168,35 @@ class EventStream:
             # wanted, a probe) is noticed before the server has parsed the whole backlog for nobody.
             page = min(PAGE, page * 4)
 
+    async def _log(self, page: int = PAGE, gate: asyncio.Semaphore | None = None, *,
+                   since: float | None = None) -> AsyncIterator[list[Event]]:
+        """`_backlog` in a response that has started: a read that meets a store that cannot answer for now
+        (restarting, loading its data, busy, a pool at its bound) is tried again every LOG_RETRY_SECONDS
+        from the cursor, where the last batch sent left it, instead of ending the stream (a browser's
+        EventSource would stop at the 503 of its reconnect). Meanwhile an empty batch (a ping) goes out
+        `idle_seconds` after the last batch sent (`since`: before this read; None: now), and again every
+        `idle_seconds`. Any other error raises."""
+        last_sent = time.monotonic() if since is None else since
+        while True:
+            try:
+                async with aclosing(self._backlog(page, gate)) as backlog:
+                    async for batch in backlog:
+                        yield batch
+                        last_sent = time.monotonic()
+                return
+            except Exception as error:
+                if not store_unavailable(error):
+                    raise
+            await asyncio.sleep(LOG_RETRY_SECONDS)
+            if time.monotonic() - last_sent >= self.idle_seconds:
+                yield []
+                last_sent = time.monotonic()
+
+    def _backlog_read(self) -> AsyncIterator[list[Event]]:
+        """The first backlog read of a stream not opened: waits out a store error once its caller has
+        answered (`_answered`), else raises for the caller's 503."""
+        return self._log(FIRST_PAGE) if self._answered else self._backlog(FIRST_PAGE)
+
     async def batches(self) -> AsyncIterator[list[Event]]:
         """Batches of events; an empty batch means `idle_seconds` passed without one for this stream (send a
         ping).
@@ -174,13 +215,13 @@ class EventStream:
             batch, self._ahead = self._ahead, None
             yield batch
             # FIRST_PAGE * 4: the page `_backlog` reads after its first when that one was full
-            async with aclosing(self._backlog(FIRST_PAGE * 4)) as backlog:
+            async with aclosing(self._log(FIRST_PAGE * 4)) as backlog:
                 async for batch in backlog:
                     yield batch
             return
         if self._first is not None:  # opened: joined (unless ended) and the first page read
             try:
-                async with aclosing(self._backlog(FIRST_PAGE)) as backlog:
+                async with aclosing(self._log(FIRST_PAGE)) as backlog:
                     async for batch in backlog:
                         yield batch
                 if self.reader is not None:
@@ -197,13 +238,13 @@ class EventStream:
                 status = fields.get("st") if fields else None
             if status is None or status in keys.TERMINAL_STATUSES:
                 # Ended: its terminal event is already in the log, so the log alone is the whole answer.
-                async with aclosing(self._backlog(FIRST_PAGE)) as backlog:
+                async with aclosing(self._backlog_read()) as backlog:
                     async for batch in backlog:
                         yield batch
                 return
         self.reader = await self.hub.join(self.session_id)
         try:
-            async with aclosing(self._backlog(FIRST_PAGE)) as backlog:
+            async with aclosing(self._backlog_read()) as backlog:
                 async for batch in backlog:
                     yield batch
             async with aclosing(self._live(self.reader)) as live:
@@ -219,43 +260,26 @@ class EventStream:
         own, and the queue's wait then never times out."""
         idle = IdleDeadline(self.idle_seconds)  # one timer per idle period, not one per wait (sessions/idle.py)
         last_sent = time.monotonic()  # of the last batch this stream yielded (events or a ping)
-        read_again = False  # the last log read failed: the store restarting (loading) or out of connections
         try:
             while not self.finished:
-                if read_again:
+                try:
+                    live = await idle.wait(reader.queue.get())
+                except TimeoutError:
                     live = None
-                else:
-                    try:
-                        live = await idle.wait(reader.queue.get())
-                    except TimeoutError:
-                        live = None
                 if live is None or reader.overflowed or (live and live[0].seq > self.cursor + 1) or (
                         self.request_id is None and live and live[0].seq <= self.cursor):
                     # Idle, overflowed or a gap: the log is the truth (a publish may have been missed); or,
                     # for a session stream, ids that may be a recycled session's new life (the log says: a
                     # gap, or another owner). A request stream's own request id tells it. (`_read_page`
                     # clears `overflowed` and empties the queue, just before the read that covers them.)
-                    sent = read_again = False
-                    try:
-                        async with aclosing(self._backlog(gate=self.hub.rereads)) as backlog:
-                            async for batch in backlog:
-                                sent = True
-                                yield batch
-                    except Exception as error:
-                        # A resubscribe sends every reader to the log at once, as the store comes back from a
-                        # restart (still loading) or past a pool's bound: the stream waits and reads again,
-                        # pinging meanwhile, instead of ending (a browser's EventSource would stop at the 503
-                        # of its reconnect). Its cursor is where the last batch it sent left it.
-                        if not store_unavailable(error):
-                            raise
-                        read_again = True
-                        if sent:
+                    # A resubscribe sends every reader to the log at once, as the store comes back from a
+                    # restart (still loading) or past a pool's bound: `_log` waits and reads again, pinging.
+                    sent = False
+                    async with aclosing(self._log(gate=self.hub.rereads, since=last_sent)) as backlog:
+                        async for batch in backlog:
+                            sent = True  # (a ping while it waited counts: it is the idle period's)
+                            yield batch
                             last_sent = time.monotonic()
-                        await asyncio.sleep(LOG_RETRY_SECONDS)
-                        if time.monotonic() - last_sent >= self.idle_seconds:
-                            yield []
-                            last_sent = time.monotonic()
-                        continue
                     now = time.monotonic()
                     if not sent and (live is None or now - last_sent >= self.idle_seconds):
                         yield []
