@@ -153,7 +153,8 @@ async def new_request(body: ChatBody, request: Request, who: Principal) -> NewRe
     session_id = request.headers.get("x-session-id") or "chat-" + secrets.token_urlsafe(12)
     check_session_id(session_id)
     try:
-        priority = parse_priority(request.headers.get("x-priority", "5"))
+        # empty: the default, as an empty X-Tenant, X-Group or X-Session-Id is
+        priority = parse_priority(request.headers.get("x-priority", "").strip() or "5")
     except ValueError as error:
         raise ApiError(422, f"X-Priority: {error}") from None
     deadline = request.headers.get("x-deadline-ms", "").strip()
@@ -166,7 +167,7 @@ async def new_request(body: ChatBody, request: Request, who: Principal) -> NewRe
     extra = dict(body.model_extra or {})
     if extra.get("n") is None:  # absent, or null (OpenAI's schema allows it): the default, 1
         extra.pop("n", None)
-    elif extra["n"] != 1:
+    elif extra["n"] != 1 or isinstance(extra["n"], bool):  # true == 1 in Python, not in OpenAI's schema
         raise ApiError(422, "n: only 1 is supported")
     return NewRequest(
         session_id=session_id, priority=priority,
@@ -413,7 +414,9 @@ async def chat_completions(request: Request):
             release()
 
     try:
-        first = int((await submit_request(request, who, new, callback, params_at=""))["first_event_id"])
+        budget_at = "max_tokens" if body.max_completion_tokens is None else "max_completion_tokens"  # the one used
+        first = int((await submit_request(request, who, new, callback, params_at="",
+                                          max_tokens_at=budget_at))["first_event_id"])
     except BaseException:
         closed()
         raise

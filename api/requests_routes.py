@@ -16,7 +16,7 @@ from sluicegate.api.deadline import lift_response_deadline, note_pending_submit
 from sluicegate.api.errors import ApiError
 from sluicegate.api.output import request_output
 from sluicegate.api.responses import JSON
-from sluicegate.api.schemas import SESSION_PATTERN, SubmitBody, unsendable
+from sluicegate.api.schemas import SESSION_PATTERN, SubmitBody, unsendable, unsendable_value
 from sluicegate.api.services import Services, principal, services
 from sluicegate.sessions import callbacks, keys
 from sluicegate.sessions.connect import store_unavailable, text
@@ -143,10 +143,12 @@ async def give_back_unstored(give_back: Callable[[], Awaitable[None]], request_i
 
 
 async def submit_request(request: Request, who: Principal, new: NewRequest,
-                         callback: str | None = None, *, params_at: str = "params") -> dict[str, str | int]:
+                         callback: str | None = None, *, params_at: str = "params",
+                         max_tokens_at: str = "max_tokens") -> dict[str, str | int]:
     """Store `new`, or raise its ApiError. `callback` (checked) is used here only when the submit's answer
     is lost (MaybeStored); otherwise the caller notes it once the request is stored. `params_at`: where the
-    body holds the params, for a 422 naming one ("" for the chat route, whose params are the body's fields)."""
+    body holds the params, for a 422 naming one ("" for the chat route, whose params are the body's fields);
+    `max_tokens_at`: the field that gave `max_tokens` (the chat route's `max_completion_tokens`)."""
     svc = services(request)
     try:
         new.input_text.encode()
@@ -164,10 +166,15 @@ async def submit_request(request: Request, who: Principal, new: NewRequest,
         raise ApiError(422, "params: NaN and Infinity are not JSON numbers") from None
     # Stored with json.dumps, which takes them, then sent by the engine with orjson, which does not: refused here,
     # not failed at the worker (a 502 "worker error", a slot taken and a traceback per call).
-    if (refused := unsendable(new.params, params_at)) is not None:
+    # The messages too: an integer past 64 bits in one was stored, then read back by the worker as a float and
+    # sent changed (`1e+23`).
+    refused = unsendable(new.params, params_at)
+    if refused is None and new.messages is not None:
+        refused = unsendable_value(new.messages, "messages")
+    if refused is not None:
         raise ApiError(422, f"{refused[0]}: {refused[1]}")
     if new.max_tokens > svc.settings.max_tokens_limit:
-        raise ApiError(422, f"max_tokens: at most {svc.settings.max_tokens_limit} (--max-tokens-limit)")
+        raise ApiError(422, f"{max_tokens_at}: at most {svc.settings.max_tokens_limit} (--max-tokens-limit)")
     cap = await svc.guardrails.check_priority(who, new.priority)  # before the submit: a refused one stores nothing
     if new.deadline_ms is None:
         default = await svc.directory.deadline_for(new.group, new.priority)

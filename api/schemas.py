@@ -69,15 +69,28 @@ def not_text(value: Any) -> bool:
 def unsendable(params: dict[str, Any], root: str = "") -> tuple[str, str] | None:
     """Where in `params` (a path from `root`: `seed`, `params.tools[0].function.name`) a value is that the
     engines' JSON encoder (orjson) refuses, and why: an integer outside 64 bits, a string or key that is not
-    Unicode text (a lone surrogate). None when orjson takes them all (the usual case: one encode, no walk)."""
+    Unicode text (a lone surrogate). None when orjson takes them all (the usual case: one encode, no walk).
+    The params the engine owns are never sent: no reason to refuse them."""
     try:
         orjson.dumps(params)
         return None
     except orjson.JSONEncodeError:
         pass
+    return unsendable_value({k: v for k, v in params.items() if k not in ENGINE_OWNED_PARAMS}, root, "params")
+
+
+def unsendable_value(value: Any, root: str, name: str = "") -> tuple[str, str] | None:
+    """`unsendable` for any value sent to the backend (the messages, `root` "messages": `messages[0].x`): the
+    integers the store's json.dumps keeps and the worker's orjson reads back as floats (`1e+23`) are refused at
+    the submit, never sent changed. `name`: the value's name when orjson refuses it for no reason the walk
+    finds and `root` is "" (the chat route's params, the body's own fields)."""
     text_error = "not valid Unicode text (a lone surrogate?)"
-    sent = {key: value for key, value in params.items() if key not in ENGINE_OWNED_PARAMS}  # the others never are
-    stack: list[tuple[str, Any]] = [(root, sent)]
+    try:
+        orjson.dumps(value)
+        return None
+    except orjson.JSONEncodeError:
+        pass
+    stack: list[tuple[str, Any]] = [(root, value)]
     while stack:
         path, value = stack.pop()
         if isinstance(value, bool):
@@ -94,11 +107,7 @@ def unsendable(params: dict[str, Any], root: str = "") -> tuple[str, str] | None
                 return where, text_error
             children.append((where, child))
         stack.extend(reversed(children))  # depth first, in the body's order
-    try:
-        orjson.dumps(sent)
-    except orjson.JSONEncodeError:
-        return root or "params", "cannot be encoded as JSON"
-    return None
+    return root or name, "cannot be encoded as JSON"
 
 
 def default_max_tokens(limit: int) -> int:

@@ -244,7 +244,7 @@ CHAT_HEADERS: list[tuple[str, list[tuple[bytes, bytes]], set[int] | str]] = [
     ("session id empty", [(b"X-Session-Id", b"")], OK),  # none given: a fresh session
     ("session id spaces", [(b"X-Session-Id", b"   ")], OK),  # HTTP trims a value: none given
     ("session id inner space", [(b"X-Session-Id", b"a b")], {422}),
-    ("priority empty", [(b"X-Priority", b"")], {422}),
+    ("priority empty", [(b"X-Priority", b"")], OK),  # none given: the default, 5 (as an empty X-Tenant's)
     ("priority NUL", [(b"X-Priority", b"5\x00")], PROTOCOL),
     ("priority non-ASCII digit", [(b"X-Priority", b"\xb2")], {422}),  # "²": str.isdigit() says yes
     ("priority huge", [(b"X-Priority", b"9" * 5000)], {422}),

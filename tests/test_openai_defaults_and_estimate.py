@@ -59,7 +59,7 @@ def test_a_chat_budget_given_above_the_limit_is_still_refused(low_limit_stack: S
     code, reply = call("POST", f"{low_limit_stack.base_url}/v1/chat/completions",
                        {"messages": MESSAGES, field: LIMIT + 1})
     assert code == 422, reply
-    assert reply["error"]["message"] == f"max_tokens: at most {LIMIT} (--max-tokens-limit)"
+    assert reply["error"]["message"] == f"{field}: at most {LIMIT} (--max-tokens-limit)"  # the field sent
 
 
 def test_a_chat_call_without_max_tokens_still_gets_256_under_the_default_limit(stack: Stack) -> None:
