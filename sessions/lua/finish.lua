@@ -12,7 +12,7 @@
 -- Returns {finished 1|0, status before, tokens this attempt produced (-1 unknown), next head's
 -- ready spec JSON or "", (refused) the request's spec JSON to requeue or "", the request's input
 -- tokens as the backend counted them (-1 unknown)}.
-local usage = (ARGV[8] or '') ~= '' and cjson.decode(ARGV[8]) or nil
+local usage = ARGV[8] -- its text, kept as it is (usage_of, requests.lua)
 local r = append_tail(KEYS[1], ARGV[3], ARGV[4], ARGV[5], ARGV[9] or '', ARGV[10] or '', ARGV, 11)
 local finished, status, produced, nxt, requeue, prompt = d_finish(ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], usage,
   clock(), tonumber(ARGV[2]), true, r)

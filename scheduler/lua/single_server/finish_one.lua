@@ -11,7 +11,7 @@
 -- Returns {finished 1|0, status before}.
 local now, lease = clock(), tonumber(ARGV[2])
 local rid, attempt = ARGV[4], ARGV[5]
-local usage = (ARGV[10] or '') ~= '' and cjson.decode(ARGV[10]) or nil
+local usage = ARGV[10] -- its text, kept as it is (usage_of, requests.lua)
 local r = append_tail(KEYS[1], rid, attempt, ARGV[6], ARGV[11] or '', ARGV[12] or '', ARGV, 13)
 local finished, status, produced, nxt, requeue, prompt = d_finish(rid, attempt, ARGV[6], ARGV[7], ARGV[8], usage,
   now, tonumber(ARGV[3]), false, r)

@@ -261,7 +261,8 @@ local function deadline_missed(rid, r, what)
     tonumber(r.dl) - tonumber(r.sub))
 end
 
--- `r.st`: the status it ends from (a request that was waiting leaves the depth gauge).
+-- `r.st`: the status it ends from (a request that was waiting leaves the depth gauge). `data`: the end
+-- event's data, a table or its JSON text (d_finish's, which carries the backend's usage as it came).
 local function finalize(rid, r, status, event, data, now, ttl, via_outbox)
   local dp = dpre_of(rid)
   if r.st ~= 'running' then count_waiting(rid, r, -1) end
@@ -275,7 +276,9 @@ local function finalize(rid, r, status, event, data, now, ttl, via_outbox)
   -- A request in no queue (a stranded one `sluicegate migrate` copied: it has no TTL) can outlive its idle
   -- session. Its end event would recreate the expired session's meta and log (the log written when the
   -- call ends, after advance's TTL), owned by no one and never ending; no one can read that session.
-  if was_head or redis.call('EXISTS', kmeta(dp, r.sid)) == 1 then emit(dp, r.sid, event, rid, data) end
+  if was_head or redis.call('EXISTS', kmeta(dp, r.sid)) == 1 then
+    emit_many(dp, r.sid, { { event, rid, type(data) == 'string' and data or cjson.encode(data) } })
+  end
   return advance(dp, r.sid, rid, was_head, now, ttl, via_outbox)
 end
 
@@ -302,23 +305,30 @@ local function still_waiting(rid, r, attempt)
   return nil
 end
 
--- The usage a `done` reports: the backend's for the whole request when it gave one (a table whose
--- counts are sane: sane_count, ended.lua), else Sluicegate's count: the estimated input tokens and the
--- tokens streamed. Second: whether it is the backend's.
+-- The usage a `done` reports, as JSON text: the backend's for the whole request when it gave one (`usage`,
+-- the worker's JSON text of an object whose counts are sane: sane_count, ended.lua), kept as it came, since
+-- cjson's encode would cut its numbers to 14 digits and turn its empty arrays into objects; else
+-- Sluicegate's count: the estimated input tokens and the tokens streamed. Then its prompt and completion
+-- tokens, and whether it is the backend's.
 local function usage_of(r, usage, tokens)
-  if type(usage) == 'table' and sane_count(usage.prompt_tokens) and sane_count(usage.completion_tokens) then
-    return usage, true
+  if usage and usage ~= '' then
+    local ok, reported = pcall(cjson.decode, usage)
+    if ok and type(reported) == 'table' then
+      local prompt, completion = sane_count(reported.prompt_tokens), sane_count(reported.completion_tokens)
+      if prompt and completion then return usage, prompt, completion, true end
+    end
   end
   local prompt = tonumber(r.it) or 0
-  return { prompt_tokens = prompt, completion_tokens = tokens, total_tokens = prompt + tokens }, false
+  return cjson.encode({ prompt_tokens = prompt, completion_tokens = tokens, total_tokens = prompt + tokens }),
+    prompt, tokens, false
 end
 
--- End attempt `attempt` as done or failed. `usage`: the backend's usage for the whole request (a
--- table) or nil. Returns finished (bool), status, tokens this attempt produced (nil when unknown; by
--- the backend's count when it reported usage), the session's next head (ready spec) if any, (refused:
--- the run was taken away, e.g. a sweep handed it back meanwhile) the request's spec when it still
--- waits, for the release to requeue (whichever of the two releases comes first finds the run record),
--- and the request's real input tokens when the backend reported them.
+-- End attempt `attempt` as done or failed. `usage`: the backend's usage for the whole request (JSON
+-- text, stored and sent on as it is: usage_of) or nil / "". Returns finished (bool), status, tokens this
+-- attempt produced (nil when unknown; by the backend's count when it reported usage), the session's next
+-- head (ready spec) if any, (refused: the run was taken away, e.g. a sweep handed it back meanwhile) the
+-- request's spec when it still waits, for the release to requeue (whichever of the two releases comes
+-- first finds the run record), and the request's real input tokens when the backend reported them.
 -- Append token events args[from..] (JSON data, one per token, in index order) for attempt `attempt` of a
 -- running request, the first at index `first`; `times` is "took|called|first" (the worker's clock, ms, when
 -- it took the run, called its engine and got its first token) with the request's first batch, else "".
@@ -409,14 +419,16 @@ local function d_finish(rid, attempt, wid, outcome, detail, usage, now, ttl, via
   local prompt
   local nxt
   if outcome == 'done' then
-    local reported, backends = usage_of(r, usage, tokens)
+    local reported, input, output, backends = usage_of(r, usage, tokens)
     if backends then
-      produced = math.max(0, reported.completion_tokens - tonumber(r.dn or 0))
-      prompt = reported.prompt_tokens
+      produced = math.max(0, output - tonumber(r.dn or 0))
+      prompt = input
     end
-    redis.call('HSET', kreq(rid), 'fr', detail, 'us', cjson.encode(reported))
-    nxt = finalize(rid, r, 'done', 'done', { request_id = rid, tokens = tokens, finish_reason = detail,
-      usage = reported }, now, ttl, via_outbox)
+    redis.call('HSET', kreq(rid), 'fr', detail, 'us', reported)
+    -- The usage's text spliced in as it is (usage_of): an encoded object ends in its closing brace.
+    local done = cjson.encode({ request_id = rid, tokens = tokens, finish_reason = detail })
+    nxt = finalize(rid, r, 'done', 'done', string.sub(done, 1, -2) .. ',"usage":' .. reported .. '}', now, ttl,
+      via_outbox)
   else
     redis.call('HSET', kreq(rid), 'err', detail)
     nxt = finalize(rid, r, 'failed', 'error', { request_id = rid, tokens = tokens, message = detail }, now, ttl,
