@@ -11,6 +11,11 @@ callback still queued (being retried, or waiting for its receiver's host) keeps 
 until it is due and the longer of a lease and that TTL more, so that a delivery outage shorter than the TTL
 around its due time loses nothing. Its last attempt settled, the request is kept a lease more, or until its
 own expiry (the one it ended with, recorded as `cbx` before the first lengthening) when that is later.
+
+A receiver host that answers no attempt (each is cut at --webhook-timeout) is noted silent in one small hash
+(`keys.CALLBACKS_SILENT`, host -> since when, and when its last attempt was cut), written by every delivery
+process; an attempt that ends uncut deletes it. A callback waiting for a place of a host silent for a whole
+retry schedule is failed unsent (`give_up`): what bounds a dead receiver's backlog.
 """
 
 from __future__ import annotations
@@ -121,3 +126,39 @@ async def settle(redis: Any, rid: str, attempt: int, outcome: str, error: str = 
     reply = await redis.eval(script("callback_settle"), 2, keys.callbacks_due(keys.bucket_of_request(rid)),
                              keys.request(rid), rid, attempt, outcome, error[:500], retry_at_ms, max(1, keep_ms))
     return int(reply) == 1
+
+
+async def give_up(redis: Any, rids: Iterable[str], error: str, *, now_ms: int, keep_ms: int) -> int:
+    """Callbacks that wait for a place of a host silent too long, failed unsent with `error` as a last failed
+    attempt's are (`settle`), in one pipeline; only those still queued and due by `now_ms` (not claimed, settled
+    or retried since). Returns how many were failed."""
+    rids = list(rids)
+    if not rids:
+        return 0
+    pipe = redis.pipeline(transaction=False)
+    for rid in rids:
+        pipe.eval(script("callback_give_up"), 2, keys.callbacks_due(keys.bucket_of_request(rid)), keys.request(rid),
+                  rid, now_ms, error[:500], max(1, keep_ms))
+    return sum(int(reply) for reply in await pipe.execute())
+
+
+async def silent_hosts(redis: Any) -> dict[str, tuple[int, int]]:
+    """The receiver hosts no attempt got a whole answer from since their last uncut one: host -> (since when,
+    when its last attempt was cut), in ms."""
+    silent: dict[str, tuple[int, int]] = {}
+    for host, seen in (await redis.hgetall(keys.CALLBACKS_SILENT)).items():
+        since, _, last = text(seen).partition(" ")
+        if since.isdigit() and last.isdigit():
+            silent[text(host)] = (int(since), int(last))
+    return silent
+
+
+async def note_cut(redis: Any, host: str, *, now_ms: int, gap_ms: int) -> int:
+    """An attempt to `host` was cut at --webhook-timeout: its silence goes on to `now_ms`, or starts then (none
+    yet, or its last cut more than `gap_ms` ago: a time no attempt saw is no silence). Returns its start (ms)."""
+    return int(await redis.eval(script("callback_silent"), 1, keys.CALLBACKS_SILENT, host, now_ms, gap_ms))
+
+
+async def note_answered(redis: Any, host: str) -> None:
+    """An attempt to `host` ended uncut (an answer, or a connection refused at once): it is not silent."""
+    await redis.hdel(keys.CALLBACKS_SILENT, host)

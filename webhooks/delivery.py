@@ -49,9 +49,21 @@ taken: a full process still reads what is due each pass, as any pass does, and s
 waits for a full host) has its request kept until it is due and the longer of a lease and the session's
 TTL more, in the same call (sessions/callbacks.py `push_back`, one round trip a pass), as a claim and a
 retry keep it: a backlog that outlasts the session's TTL drops none of it, nor does a delivery outage (a
-restart, a deploy) shorter than that TTL around its due time. No wait fails a callback: a receiver that
-never answers gets PER_HOST attempts a timeout from each process, and callbacks to it beyond that wait (read
-about once a timeout), their requests kept, until their own attempts come (README: known and left).
+restart, a deploy) shorter than that TTL around its due time.
+
+A wait is bounded by its host's silence, not by the callback's age (a give-up counted from a request's end
+failed healthy receivers' callbacks after a delivery outage). An attempt cut at --webhook-timeout notes its
+host silent in the store (since when, and its latest cut: `callbacks.note_cut`, one hash every process
+writes); one that ends uncut (any answer, or a connection error that comes at once: such a host drains
+through the retry schedule) deletes the note, so separate slow spells never add up, and nor does a time no
+attempt saw (a cut more than `silence_gap_ms` after the last starts the silence over: a delivery outage is
+no silence). A callback that would wait for a full host silent for the retry schedule's whole span
+(`give_up_after`: every backoff and every attempt's timeout, about 715 s by default) is failed unsent
+instead (`callbacks.give_up`), as a last failed attempt would fail it. The host's own places keep trying,
+so one that answers again is seen at its next attempt and nothing more fails; a dead receiver's backlog is
+then what its places and their retries hold, not every callback that ended since it died. Each pass reads
+the notes (one HGETALL) and an attempt deletes one only when its process saw it: an answer from a host
+that is not silent costs no command.
 
 On stop, the attempts in flight get up to --webhook-timeout (their own cap) plus SETTLE_SECONDS to end
 (an attempt cut by its cap then still records why); any still running then are cancelled. Any number of
@@ -91,6 +103,11 @@ SLOW_AFTER_SECONDS = 1.0  # a host with an attempt this old is slow: its waiting
 MIN_PASS_GAP = 0.05  # between a pass and an early one (a freed place wants callbacks left due)
 ANSWER_READ = 16 * 1024  # bytes of a receiver's answer read at most (only its status is used)
 SETTLE_SECONDS = 2.0  # past an attempt's cap, for its outcome to be written when the process stops
+HTTPX_CUTS = (httpx.ConnectTimeout, httpx.ReadTimeout, httpx.WriteTimeout)  # httpx's bounds (the timeout's too)
+
+
+class Unanswered(str):
+    """The error of an attempt cut at --webhook-timeout (no whole answer within it): it notes its host silent."""
 
 
 class Delivery:
@@ -107,6 +124,7 @@ class Delivery:
                            slow_after=SLOW_AFTER_SECONDS)
         self.early_pass = asyncio.Event()  # set when a freed place wants callbacks a pass left due
         self.handing_on = True  # a freed place starts a held callback; off once the process stops
+        self.silent: dict[str, tuple[int, int]] = {}  # host -> its silence (ms: since, last cut), read each pass
 
     async def run(self, stop: asyncio.Event) -> None:
         """Pass after pass until `stop`, then the deliveries in flight are drained; a store outage is logged
@@ -150,10 +168,18 @@ class Delivery:
         how); returns how many it started, without waiting for them (`drain` does)."""
         now, now_ms = time.monotonic(), int(time.time() * 1000)
         self.rooms.pass_began(now_ms, now)
-        waiting = {rid: self.slow_turn(host, now_ms, now)  # pushed back for their host's slowness
-                   for host, rids in self.rooms.release_slow(now).items() for rid in rids}
+        self.silent = await callbacks.silent_hosts(self.redis)
+        given_up: dict[str, list[str]] = {}  # host -> waiting callbacks failed unsent: silent too long
+        waiting: dict[str, int] = {}  # pushed back for their host's slowness
+        for host, rids in self.rooms.release_slow(now).items():
+            for rid in rids:
+                if self.silent_for(host, now_ms) is not None:
+                    given_up.setdefault(host, []).append(rid)
+                else:
+                    waiting[rid] = self.slow_turn(host, now_ms, now)
         due = await self.read_due(now_ms)
         if not due:
+            await self.give_up(given_up, now_ms)
             await self.push_back(waiting, now_ms)
             return 0
         pipe = self.redis.pipeline(transaction=False)
@@ -164,6 +190,9 @@ class Delivery:
         kept: list[str] = []
         for rid, url in zip(due, urls, strict=True):
             host = (callbacks.callback_host(url) if url else None) or ""  # "": the claim will drop it
+            if self.rooms.host_full(host) and self.silent_for(host, now_ms) is not None:
+                given_up.setdefault(host, []).append(rid)  # it would wait for a host that answers nothing
+                continue
             placement = self.rooms.place(rid, host, now)
             if placement is Placement.FULL:  # no place left in all: it stays due, its request kept
                 kept.append(rid)
@@ -175,8 +204,48 @@ class Delivery:
             elif placement is Placement.LEAVE:  # behind what is due now, by its turn; an early pass reads it
                 waiting[rid] = self.rooms.turn(host, now_ms, self.turn_wait(host, now, slow=False), leave=True,
                                                cap=self.push_cap())
+        await self.give_up(given_up, now_ms)
         await self.push_back(waiting, now_ms, kept=kept)
         return started
+
+    def give_up_after(self) -> float:
+        """How long a receiver's host may answer no attempt before what waits for its places is failed unsent
+        (seconds): the retry schedule's whole span, every backoff and every attempt's timeout (about 715 s by
+        default), as long as a callback first tried when the silence began takes to fail."""
+        settings = self.settings
+        attempts = settings.webhook_max_attempts
+        return settings.webhook_backoff * (2 ** (attempts - 1) - 1) + attempts * settings.webhook_timeout
+
+    def silence_gap_ms(self) -> int:
+        """The longest time between two cut attempts of one silence (ms). A full host's place frees at a cut and
+        takes a callback again within a push (`push_cap`) and a pass, cut a timeout later; twice that allows for
+        the rest. A longer time without a cut (no delivery process ran, or none had a callback for the host)
+        starts its silence over: no attempt saw it."""
+        return int((self.push_cap() + 2 * (self.settings.webhook_timeout + self.poll_seconds)) * 1000)
+
+    def silent_for(self, host: str, now_ms: int) -> float | None:
+        """How long `host` has answered no attempt (seconds, as attempts saw it) when that is long enough to
+        give up on what waits for it (`give_up_after`) and still going on (its last cut within
+        `silence_gap_ms`); else None."""
+        seen = self.silent.get(host)
+        if seen is None:
+            return None
+        since, last = seen
+        span = (last - since) / 1000
+        if now_ms - last > self.silence_gap_ms() or span < self.give_up_after():
+            return None
+        return span
+
+    async def give_up(self, given_up: dict[str, list[str]], now_ms: int) -> None:
+        """Fail unsent the waiting callbacks of hosts silent too long (host -> request ids), one pipeline a
+        host."""
+        for host, rids in given_up.items():
+            span = self.silent_for(host, now_ms) or self.give_up_after()
+            error = (f"the receiver's host gave no whole answer to any attempt for {span:.0f} s"
+                     " (each cut at --webhook-timeout)")
+            failed = await callbacks.give_up(self.redis, rids, error, now_ms=now_ms, keep_ms=self.lease_ms)
+            if failed:
+                log.warning("%d callbacks to %s failed unsent: %s", failed, host, error)
 
     def slow_turn(self, host: str, now_ms: int, now: float) -> int:
         """When a callback waiting for slow `host` is due again (ms): its turn, at most `push_cap` away."""
@@ -309,10 +378,28 @@ class Delivery:
             await callbacks.settle(self.redis, rid, attempt, "retry", error, int((time.time() + delay) * 1000),
                                    keep_ms=keep_ms)
             log.info("callback of %s: attempt %d failed (%s); retrying in %.1f s", rid, attempt, error, delay)
+        await self.note_host(callbacks.callback_host(url) or "", error)
+
+    async def note_host(self, host: str, error: str | None) -> None:
+        """What an attempt says of its host's silence: a cut one goes on with it, one that ended uncut ends it
+        (a command only when this process knows of a note: read each pass, or written here). Written after its
+        outcome, which a store error here must not undo: a note missed only moves a give-up later, and a note
+        left is deleted by a later answer, once a pass has read it."""
+        if not host:
+            return
+        try:
+            if isinstance(error, Unanswered):
+                now_ms = int(time.time() * 1000)
+                since = await callbacks.note_cut(self.redis, host, now_ms=now_ms, gap_ms=self.silence_gap_ms())
+                self.silent[host] = (since, now_ms)
+            elif self.silent.pop(host, None) is not None:
+                await callbacks.note_answered(self.redis, host)
+        except (*UNAVAILABLE, RedisError) as failure:
+            log.warning("callbacks to %s: whether it answers not noted (%s)", host, failure)
 
     async def post(self, http: httpx.AsyncClient, url: str, rid: str, fields: dict[str, str]) -> str | None:
         """One signed POST of the request's final status; None when the receiver took it (2xx, whatever then
-        happens to the rest of its answer), else why not."""
+        happens to the rest of its answer), else why not (Unanswered when the attempt was cut at its cap)."""
         view = request_view(rid, fields)
         view.pop("callback", None)  # its own delivery's state is not part of the request's final status
         body = orjson.dumps(view)
@@ -334,7 +421,9 @@ class Delivery:
                          type(error).__name__)
                 return None
             if isinstance(error, TimeoutError):
-                return f"no whole answer within {self.settings.webhook_timeout:g} s (--webhook-timeout)"
+                return Unanswered(f"no whole answer within {self.settings.webhook_timeout:g} s (--webhook-timeout)")
+            if isinstance(error, HTTPX_CUTS):  # httpx's own bound, as long, came first
+                return Unanswered(f"{type(error).__name__}: {error}"[:300])
             return f"{type(error).__name__}: {error}"[:300]
         if 200 <= status < 300:
             return None

@@ -83,6 +83,11 @@ class Rooms:
             self.hit_concurrency = True
         return full
 
+    def host_full(self, host: str) -> bool:
+        """`per_host` attempts of `host` in flight here: a due callback of it would wait (HOLD, LEAVE, PUSH)."""
+        room = self.hosts.get(host)
+        return bool(host) and room is not None and len(room.in_flight) >= self.per_host
+
     def place(self, rid: str, host: str, now: float) -> Placement:
         """What a pass does with a due callback it read (`host` "" for one without a valid URL: no bound,
         its claim drops it). START and HOLD are recorded here; the caller starts a START. A full host's
@@ -90,7 +95,7 @@ class Rooms:
         with a place of its host free is FULL (left due) then, so that a full process pushes a slow host's
         backlog back as any pass does instead of reading it again every pass."""
         room = self.hosts.get(host)
-        if host and room is not None and len(room.in_flight) >= self.per_host:
+        if room is not None and self.host_full(host):
             if self.slow(room, now):
                 return Placement.PUSH
             if len(room.held) >= self.held_per_host:

@@ -1,0 +1,310 @@
+"""A receiver host that answers no attempt bounds its backlog: once every attempt to it has been cut at the
+timeout for the retry schedule's whole span, what waits for its places is failed unsent; its own places keep
+trying. Silence is only what cut attempts saw: an answer ends it (separate spells never add up), and a time
+no attempt saw (a delivery outage) is none. Real Valkey; receivers on 127.0.0.1 (one host: they share its
+places and its silence), time scaled down: a 0.3-s timeout, so a whole schedule of 0.65 s (2 attempts) or
+1.05 s (3)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Coroutine, Sequence
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+
+from sluicegate.sessions import keys
+from sluicegate.settings import Settings
+from sluicegate.webhooks import delivery as delivery_module
+from sluicegate.webhooks.delivery import Delivery
+from tests.test_webhooks import BlackHole, hook_settings
+from tests.test_webhooks_recovery import ended_with_callback
+
+HOST = "127.0.0.1"
+GAVE_UP = "the receiver's host gave no whole answer to any attempt for"
+POLL = 0.1
+
+
+class HangingReceiver:
+    """Answers 200 in 10 ms, except to a request that comes within one of `hangs` ((start, end), time.time()):
+    that one it holds without answering (its attempt is cut at the timeout)."""
+
+    def __init__(self, hangs: Sequence[tuple[float, float]] = ()) -> None:
+        self.taken: dict[str, float] = {}
+        self.release = threading.Event()  # ends the hung handlers at teardown
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - http.server's name
+                self.rfile.read(int(self.headers["content-length"]))
+                now = time.time()
+                if any(start <= now < end for start, end in hangs):
+                    outer.release.wait(60)
+                    return
+                time.sleep(0.01)
+                outer.taken.setdefault(self.path, now)
+                self.send_response(200)
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+            def log_message(self, *_: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer((HOST, 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://{HOST}:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.release.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def small_settings(redis_url: str, *, attempts: int = 2) -> Settings:
+    """A 0.3-s timeout, a 0.05-s backoff: a whole retry schedule of 0.65 s (2 attempts) or 1.05 s (3)."""
+    return hook_settings(redis_url, webhook_timeout=0.3, webhook_backoff=0.05, webhook_max_attempts=attempts,
+                         session_ttl=600)
+
+
+def schedule_span(settings: Settings) -> float:
+    """The retry schedule's whole span: every backoff and every attempt's timeout."""
+    attempts = settings.webhook_max_attempts
+    return settings.webhook_backoff * (2 ** (attempts - 1) - 1) + attempts * settings.webhook_timeout
+
+
+def run_delivery(settings: Settings, *, seconds: float, produce: Callable[[], Coroutine[Any, Any, None]] | None = None,
+                 until: Callable[[], bool] | None = None) -> None:
+    """One delivery process (polling every POLL s) for `seconds`, beside `produce`, or until `until()`; then
+    stopped (its attempts in flight end first: cut ones note their host's silence)."""
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        task = asyncio.create_task(Delivery(settings, poll_seconds=POLL).run(stop))
+        deadline = time.monotonic() + seconds
+        producing = asyncio.create_task(produce()) if produce is not None else None
+        while time.monotonic() < deadline and not (until and until()):
+            await asyncio.sleep(0.05)
+        if producing is not None:
+            producing.cancel()
+        stop.set()
+        await asyncio.wait_for(task, 30)
+
+    asyncio.run(main())
+
+
+class Flow:
+    """Callbacks to `url` ending at `per_second` (in bursts every 0.1 s), each due at its end, as the terminal
+    step leaves them, in 31 buckets; it samples how many are still queued."""
+
+    def __init__(self, r, url: str, *, per_second: int = 40, name: str = "sil") -> None:
+        self.r, self.url, self.per_second, self.name = r, url, per_second, name
+        self.ended: dict[str, float] = {}
+        self.queued: list[tuple[float, int]] = []  # (seconds since the flow began, callbacks queued)
+
+    def queued_now(self) -> int:
+        return sum(self.r.zcard(keys.callbacks_due(keys.all_buckets()[i])) for i in range(31))
+
+    async def run(self, seconds: float, *, began: float | None = None) -> None:
+        began = time.time() if began is None else began
+        i = 0
+        while time.time() < began + seconds:
+            for _ in range(max(1, self.per_second // 10)):
+                rid = f"{keys.all_buckets()[i % 31]}{self.name}{i}"
+                i += 1
+                now = time.time()
+                ended_with_callback(self.r, rid, f"{self.url}/{rid}", ended_ms=int(now * 1000), ttl_ms=600_000)
+                self.ended[rid] = now
+            self.queued.append((time.time() - began, self.queued_now()))
+            await asyncio.sleep(0.1)
+
+    def outcomes(self) -> dict[str, tuple[str | None, str | None]]:
+        return {rid: (self.r.hget(keys.request(rid), "cbs"), self.r.hget(keys.request(rid), "cbe"))
+                for rid in self.ended}
+
+    def queued_at(self, second: float) -> int:
+        return next(n for at, n in self.queued if at >= second)
+
+
+@pytest.mark.parametrize("slow_after", [1.0, 0.1], ids=["held-and-left", "pushed-back"])
+def test_a_silent_hosts_backlog_stops_growing_once_it_answered_nothing_for_a_whole_schedule(
+        redis_url: str, r, monkeypatch: pytest.MonkeyPatch, slow_after: float) -> None:
+    """40 callbacks a second for 5 s to a receiver that accepts and never answers: 4 attempts of 0.3 s at
+    once (PER_HOST) take about 13 a second, and each callback has 2 attempts, so about 7 a second are failed
+    by their schedule and the rest wait (held, left, or, once the host is slow, pushed back). Once the host
+    has answered no attempt for the whole schedule (0.65 s of cuts), each callback that would wait is failed
+    unsent, naming why; the host's own places keep trying; and the count of callbacks still queued stops
+    growing: about 10-45 all along here. (Before: none was failed unsent, and the queue grew by about 35 a
+    second: about 60 at 1.5 s, 100 at 2.6 s.) Run with the host never slow (attempts cut before
+    SLOW_AFTER_SECONDS: held, then left) and slow (pushed back)."""
+    monkeypatch.setattr(delivery_module, "SLOW_AFTER_SECONDS", slow_after)
+    settings = small_settings(redis_url)
+    span = schedule_span(settings)  # 0.65 s
+    hole = BlackHole(HOST)
+    flow = Flow(r, f"{hole.url}/void")
+    accepted_at: list[tuple[float, int]] = []
+    first_given_up: list[float] = []  # seconds after the flow began
+
+    async def produce() -> None:
+        began = time.time()
+
+        async def watch() -> None:
+            while True:
+                accepted_at.append((time.time() - began, hole.accepted))
+                if not first_given_up:
+                    pipe = r.pipeline(transaction=False)
+                    for rid in list(flow.ended):
+                        pipe.hget(keys.request(rid), "cbe")
+                    if any((cbe or "").startswith(GAVE_UP) for cbe in pipe.execute()):
+                        first_given_up.append(time.time() - began)
+                await asyncio.sleep(0.05)
+
+        watching = asyncio.create_task(watch())
+        try:
+            await flow.run(5.0, began=began)
+        finally:
+            watching.cancel()
+
+    try:
+        run_delivery(settings, seconds=5.5, produce=produce)
+    finally:
+        hole.stop()
+    outcomes = flow.outcomes()
+    status = Counter(cbs for cbs, _ in outcomes.values())
+    gave_up = {rid for rid, (cbs, cbe) in outcomes.items() if cbs == "failed" and (cbe or "").startswith(GAVE_UP)}
+    assert len(gave_up) > 50, (status, flow.queued[::5])  # about 100 here; none before
+    # none before a whole schedule of cuts: the first attempts are cut 0.3 s in, the first give-up is 0.65 s later
+    assert first_given_up[0] >= settings.webhook_timeout + span - 0.05, first_given_up
+    (last_at, queued_late), queued_early = flow.queued[-1], flow.queued_at(1.5)
+    assert last_at >= 4.0, flow.queued
+    assert queued_late <= queued_early + 15, flow.queued[::5]  # bounded: 8-16 from 1.5 s on here
+    assert queued_late <= 40, flow.queued[::5]
+    assert hole.most_open <= delivery_module.PER_HOST + 1  # the hole sees a cut connection close up to 50 ms late
+    assert Delivery(settings).give_up_after() == pytest.approx(span)
+    after = [n for at, n in accepted_at if at >= 4.0]
+    assert after and after[-1] > after[0], accepted_at[-15:]  # its own places keep trying
+    silence = r.hget(keys.CALLBACKS_SILENT, HOST)
+    assert silence is not None  # still silent at the end
+
+
+def test_a_healthy_receiver_loses_nothing_to_a_delivery_outage_longer_than_a_schedule(redis_url: str, r) -> None:
+    """150 callbacks to a receiver that answers in 10 ms, left due by a delivery outage of 3 s (more than four
+    times the 0.65-s schedule): no attempt was cut, so no silence was noted, and every one is delivered (more
+    than its host's 4 places and 100 held: some wait, left due a moment)."""
+    settings = small_settings(redis_url)
+    receiver = HangingReceiver()
+    rids = [f"{keys.all_buckets()[i % 7]}out{i}" for i in range(150)]
+    ended_ms = int(time.time() * 1000) - 3_000
+    for rid in rids:
+        ended_with_callback(r, rid, f"{receiver.url}/{rid}", ended_ms=ended_ms, ttl_ms=600_000)
+    try:
+        run_delivery(settings, seconds=20.0, until=lambda: all(r.hget(keys.request(rid), "cbs") for rid in rids))
+    finally:
+        receiver.stop()
+    outcome = Counter((r.hget(keys.request(rid), "cbs"), r.hget(keys.request(rid), "cbe")) for rid in rids)
+    assert outcome == {("delivered", None): 150}, outcome
+    assert r.hget(keys.CALLBACKS_SILENT, HOST) is None
+
+
+def test_a_silence_before_a_delivery_outage_does_not_count_past_it(redis_url: str, r) -> None:
+    """A receiver hangs for 1.6 s while callbacks come at 40 a second: its attempts are cut for more than the
+    0.65-s schedule, and the silence is noted. Then no delivery process runs for 2 s (longer than the 1.1-s
+    gap a silence allows between two cuts), the receiver answering again meanwhile; 150 callbacks are due to it
+    when one starts again. The old silence is not counted on (no attempt saw the outage, and the first one
+    answered ends it): all 150 are delivered, none failed unsent (they would be if a silence noted before an
+    outage counted through it)."""
+    settings = small_settings(redis_url)
+    span = schedule_span(settings)
+    began = time.time()
+    receiver = HangingReceiver([(began, began + 1.6)])
+    flow = Flow(r, receiver.url, name="pre")
+    try:
+        run_delivery(settings, seconds=1.6, produce=lambda: flow.run(1.6, began=began))
+        seen = r.hget(keys.CALLBACKS_SILENT, HOST)
+        assert seen is not None
+        since, last = map(int, seen.split())
+        assert (last - since) / 1000 >= span, seen  # a silence long enough to give up on what waits
+        gave_up = [rid for rid, (_, cbe) in flow.outcomes().items() if (cbe or "").startswith(GAVE_UP)]
+        assert gave_up  # and it did, while it lasted
+        outage_ends = last / 1000 + Delivery(settings, poll_seconds=POLL).silence_gap_ms() / 1000 + 0.5
+        rids = [f"{keys.all_buckets()[i % 7]}after{i}" for i in range(150)]
+        for rid in rids:
+            ended_with_callback(r, rid, f"{receiver.url}/{rid}", ended_ms=int(time.time() * 1000), ttl_ms=600_000)
+        time.sleep(max(0.0, outage_ends - time.time()))
+        run_delivery(settings, seconds=20.0, until=lambda: all(r.hget(keys.request(rid), "cbs") for rid in rids))
+    finally:
+        receiver.stop()
+    outcome = Counter((r.hget(keys.request(rid), "cbs"), r.hget(keys.request(rid), "cbe")) for rid in rids)
+    assert outcome == {("delivered", None): 150}, outcome
+    assert r.hget(keys.CALLBACKS_SILENT, HOST) is None  # its first answer ended the silence
+
+
+def test_a_host_that_answers_again_ends_its_silence_and_nothing_after_fails(redis_url: str, r) -> None:
+    """Callbacks at 40 a second for 4 s to a receiver that hangs its first 1.5 s (more than the 0.65-s
+    schedule): callbacks waiting for it then are failed unsent. Its own places kept trying, so its first
+    answer ends the silence: every callback that ended after its last hung attempt was cut (1.8 s) and a pass
+    is delivered, none failed, and no silence is left noted."""
+    settings = small_settings(redis_url)
+    began = time.time()
+    hang = 1.5
+    receiver = HangingReceiver([(began, began + hang)])
+    flow = Flow(r, receiver.url, name="back")
+    try:
+        run_delivery(settings, seconds=8.0, produce=lambda: flow.run(4.0, began=began),
+                     until=lambda: time.time() > began + 4.0 and all(
+                         r.hget(keys.request(rid), "cbs") for rid in flow.ended))
+    finally:
+        receiver.stop()
+    outcomes = flow.outcomes()
+    recovered = began + hang + settings.webhook_timeout + 2 * POLL
+    during = [rid for rid, (_, cbe) in outcomes.items() if (cbe or "").startswith(GAVE_UP)]
+    after = Counter(outcomes[rid] for rid, at in flow.ended.items() if at >= recovered)
+    assert during, Counter(outcomes.values())  # the hang was long enough to give up on what waited
+    assert sum(after.values()) > 50 and after == {("delivered", None): sum(after.values())}, after
+    assert r.hget(keys.CALLBACKS_SILENT, HOST) is None
+
+
+def test_two_slow_spells_separated_by_answers_do_not_add_up(redis_url: str, r) -> None:
+    """Callbacks at 40 a second for 3 s to a receiver that hangs for 0.5 s, answers for 0.6 s, then hangs 0.5 s
+    again, with 3 attempts (a 1.05-s schedule): each spell's cuts span about 0.5 s, both spells 1.6 s. The
+    answers between them end the first silence, so the second starts over: no callback is failed unsent, and
+    every one is delivered (a spell's are cut once or twice, then answered)."""
+    settings = small_settings(redis_url, attempts=3)
+    span = schedule_span(settings)  # 1.05 s
+    began = time.time() + 0.2
+    spells = [(began, began + 0.5), (began + 1.1, began + 1.6)]
+    assert spells[1][1] - spells[0][0] > span and all(end - start < span / 2 for start, end in spells)
+    receiver = HangingReceiver(spells)
+    flow = Flow(r, receiver.url, name="spell")
+    noted: list[tuple[float, str]] = []
+
+    async def produce() -> None:
+        async def watch() -> None:
+            while True:
+                seen = r.hget(keys.CALLBACKS_SILENT, HOST)
+                if seen:
+                    noted.append((time.time() - began, seen))
+                await asyncio.sleep(0.05)
+
+        watching = asyncio.create_task(watch())
+        try:
+            await flow.run(3.0)
+        finally:
+            watching.cancel()
+
+    try:
+        run_delivery(settings, seconds=12.0, produce=produce,
+                     until=lambda: time.time() > began + 3.0 and all(
+                         r.hget(keys.request(rid), "cbs") for rid in flow.ended))
+    finally:
+        receiver.stop()
+    outcomes = Counter(flow.outcomes().values())
+    sinces = {int(seen.split()[0]) for _, seen in noted}
+    assert any(at < 1.1 for at, _ in noted) and any(at >= 1.1 for at, _ in noted), noted  # both spells noted
+    assert len(sinces) >= 2, noted  # the second silence started over
+    assert not any((cbe or "").startswith(GAVE_UP) for _, cbe in outcomes), outcomes
+    assert all(cbs == "delivered" for cbs, _ in outcomes), outcomes
