@@ -9,8 +9,10 @@ is not kept (it changes): such a stream joins the session's channel before readi
 chat route's does, which is exact whatever the status; and the read checks that the request's first
 event is still in the log (a store restarted from an older state may have lost it: then the route
 reads the request as usual, and answers 404 when it is gone). The stream of a reader taken at the submit
-(below) reads no log, so it makes no such check: a request lost in between ends its stream without a
-terminal event, as the chat route's does, and a reconnect gets the 409 of a cursor past the log.
+(below) reads no log unless it misses a publish, so it makes no such check first: a request lost in
+between ends its stream without a terminal event, as the chat route's does, and a reconnect gets the 409
+of a cursor past the log, or, when the stream had sent none of its events (the log read that found the
+request's first event gone emptied the reader's queue: EventStream's `first_event`), the 404.
 
 When this process already follows the submit's session (its channel is subscribed and confirmed: a
 client that names its session), the submit also takes a reader of that channel before it writes, as

@@ -11,13 +11,13 @@ from starlette.responses import Response
 from sluicegate.api.auth import Principal
 from sluicegate.api.errors import ApiError
 from sluicegate.api.key_watch import ENDED_MESSAGE, KeyWatch, key_watch
-from sluicegate.api.output import first_event_gone
+from sluicegate.api.output import another_request_first, first_event_gone
 from sluicegate.api.requests_routes import check_session_id, migrated_id
 from sluicegate.api.responses import EventStreamResponse, LastChunk
 from sluicegate.api.services import Services, services
 from sluicegate.api.stream_tokens import request_stream_principal, session_stream_principal
 from sluicegate.sessions import keys
-from sluicegate.sessions.store import LogBounds
+from sluicegate.sessions.store import LogBounds, SessionStore
 from sluicegate.sessions.stream import EventStream
 
 router = APIRouter()
@@ -119,6 +119,24 @@ def log_gone(session_id: str, request_id: str, why: str) -> ApiError:
                     "cursor_expired")
 
 
+async def not_its_life(store: SessionStore, stream: EventStream, first: int, bounds: LogBounds) -> str | None:
+    """Why the log that holds none of an ended request's events after a resume's cursor (a 204 but for
+    this) is not the request's, if it is not: its session expired and the id was used again, the new life
+    numbering from 1 (the request's hash outlived it: a callback still being retried keeps it), so the
+    cursor may be anywhere in the request's events, not past its end. The checks of a stream without a
+    cursor, at the request's first event. The event at the cursor (read with the first page: `open`) is
+    the request's own at an EventSource's reconnect after its terminal event, which settles it without a
+    read; else the request's first event is read (one read, on this path only)."""
+    at = stream.at_cursor
+    if at is not None and at.request_id == stream.request_id:
+        return None
+    gone = first_event_gone(bounds, first)
+    if gone is not None:
+        return gone
+    _bounds, events = await store.read_page(stream.session_id, first - 1, 1)
+    return another_request_first(events, first, stream.request_id or "")
+
+
 async def session_stream(svc: Services, who: Principal, session_id: str, request: Request) -> EventStreamResponse:
     """GET /v1/sessions/{id}/events once the caller is known (the route and api/hot_path.py)."""
     check_session_id(session_id)
@@ -143,7 +161,9 @@ async def request_stream(svc: Services, who: Principal, request_id: str, request
     A resume reads the head even of a request just accepted here: it may have ended since, streamed by
     another process. A resume of an ended request from its terminal event or later is a 204 (No
     Content): an EventSource reconnects after a stream that ends, whatever it held, and stops only at a
-    status other than 200. An old id (before the cluster layout) streams its request under the new id."""
+    status other than 200; unless the log is not the request's life's (its session's id was used again:
+    `not_its_life`), the 409 of the same stream without a cursor. An old id (before the cluster layout)
+    streams its request under the new id."""
     accepted = None if reread else svc.recent.take(request_id)
     known = accepted.head if accepted is not None else None
     joined = accepted.reader if accepted is not None else None
@@ -168,15 +188,15 @@ async def request_stream(svc: Services, who: Principal, request_id: str, request
         head = await svc.store.request_head(request_id)
         if head is None or (who.tenant and head.get("tn") != who.tenant):
             raise ApiError(404, f"no request {request_id!r}")
-    sid, status = head["sid"], head.get("st")
+    sid, status, first = head["sid"], head.get("st"), int(head.get("fs", 1))
     if not resuming:
-        cursor = int(head.get("fs", 1)) - 1
+        cursor = first - 1
     stream = EventStream(svc.store, svc.hub, sid, after=cursor, request_id=request_id,
                          request_status="queued" if known else status, idle_seconds=svc.settings.sse_ping_seconds,
-                         joined=joined)
+                         joined=joined, first_event=first)
     try:
         if joined is None:  # (else every event of the request comes live: no log read, nothing to check in it)
-            bounds = await stream.open()
+            bounds = await stream.open(at_cursor=resuming)
             if known and not bounds.holds(int(known["fs"])):  # lost in a store restart: read the request itself
                 stream.close()
                 return await request_stream(svc, who, request_id, request, reread=True)
@@ -184,7 +204,11 @@ async def request_stream(svc: Services, who: Principal, request_id: str, request
                 check_cursor(sid, cursor, bounds)
                 if stream.reader is None and await stream.exhausted():  # ended (not joined), nothing left
                     stream.close()
+                    if (gone := await not_its_life(svc.store, stream, first, bounds)) is not None:
+                        raise log_gone(sid, request_id, gone)
                     return Response(status_code=204)
+                # (An ended request's events found after the cursor show the log is its life's: no check. A
+                # request not ended keeps its session, and so its log, alive: nothing to check either.)
             elif (known or status in keys.TERMINAL_STATUSES) and cursor < bounds.oldest_kept - 1:
                 # An ended request's first events may have been trimmed (--session-log-max-events): a
                 # stream of it would miss them. A request that has not ended keeps all of its events (the

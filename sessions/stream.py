@@ -46,12 +46,16 @@ class EventStream:
 
     def __init__(self, store: SessionStore, hub: EventHub, session_id: str, *, after: int = 0,
                  request_id: str | None = None, request_status: str | None = None,
-                 idle_seconds: float = 15.0, joined: Reader | None = None, owner: str | None = None) -> None:
+                 idle_seconds: float = 15.0, joined: Reader | None = None, owner: str | None = None,
+                 first_event: int | None = None) -> None:
         """`request_status`: the request's status if the caller has just read it (saves a read).
         `joined`: a reader of the session's channel that joined before any event after `after` was
         written (EventHub.join_live, before the submit): the stream reads no log unless it misses one.
         `owner`: the tenant the session stream was opened for (None: any; a request stream needs none,
-        its request id is its own)."""
+        its request id is its own).
+        `first_event`: a request stream's request's own first event id (its `queued`, written before the
+        stream was asked for): a log read from before it that finds it lost (a store restarted from an
+        older state) or another request's ends the stream, as a session stream ends at a gap (`_backlog`)."""
         self.store = store
         self.hub = hub
         self.session_id = session_id
@@ -62,6 +66,8 @@ class EventStream:
         self.request_status = request_status
         self.expired: CursorExpired | None = None  # set when the log was trimmed past the cursor (the stream ends)
         self.owner = owner
+        self.first_event = first_event
+        self.at_cursor: Event | None = None  # the event at the cursor, when `open` was asked to read it too
         self.reader: Reader | None = joined
         self._live_from_start = joined is not None
         self._first: tuple[LogBounds, list[Event]] | None = None  # the first page, read by `open`
@@ -74,16 +80,24 @@ class EventStream:
         self._answered = request_id is None
         self._ahead: list[Event] | None = None  # an ended request's first batch, read by `exhausted`
 
-    async def open(self) -> LogBounds:
+    async def open(self, *, at_cursor: bool = False) -> LogBounds:
         """Steps 1 and 2 before the response starts: join (unless the request ended), read the first page.
         Returns the log's bounds from that same read, so a route checks its cursor without another read.
-        Only for a caller that knows the request's status; `close` undoes the join if no stream follows."""
+        Only for a caller that knows the request's status; `close` undoes the join if no stream follows.
+        `at_cursor`: for an ended request resumed from a cursor, the page starts at the cursor's own event
+        (`at_cursor`, one entry more, dropped by the stream as already sent): the request's own at a
+        reconnect after its terminal event, it shows the log is the request's life's (api/streaming.py)."""
         ended = self.request_id is not None and (self.request_status is None
                                                  or self.request_status in keys.TERMINAL_STATUSES)
         if not ended:
             self.reader = await self.hub.join(self.session_id)
         try:
-            self._first = await self._read_page(FIRST_PAGE)
+            if at_cursor and ended and self.cursor > 0:
+                self._first = await self._read_page(FIRST_PAGE, after=self.cursor - 1)
+                events = self._first[1]
+                self.at_cursor = events[0] if events and events[0].seq == self.cursor else None
+            else:
+                self._first = await self._read_page(FIRST_PAGE)
         except BaseException:
             self.close()
             raise
@@ -128,13 +142,13 @@ class EventStream:
                     break
         return kept
 
-    async def _read_page(self, limit: int) -> tuple[LogBounds, list[Event]]:
-        """The log after the cursor. The reader's queue is emptied just before: every batch in it was
-        published before this read is sent, so the read covers it (kept, the batches would be at or below
-        the cursor, and send a session stream to the log again)."""
+    async def _read_page(self, limit: int, after: int | None = None) -> tuple[LogBounds, list[Event]]:
+        """The log after the cursor (or `after`). The reader's queue is emptied just before: every batch in
+        it was published before this read is sent, so the read covers it (kept, the batches would be at or
+        below the cursor, and send a session stream to the log again)."""
         if self.reader is not None:
             self.reader.drain()
-        return await self.store.read_page(self.session_id, self.cursor, limit)
+        return await self.store.read_page(self.session_id, self.cursor if after is None else after, limit)
 
     async def _backlog(self, page: int = PAGE, gate: asyncio.Semaphore | None = None) -> AsyncIterator[list[Event]]:
         """The log after the cursor, in growing pages. `gate`: held for each page's read only (not while a
@@ -159,6 +173,14 @@ class EventStream:
                 self.expired = gap
                 self.finished = True
                 return
+            if self._first_event_lost(bounds, events):
+                # A stream given a reader joined before its request's submit reads the log only when it
+                # missed a publish: the store may have restarted from a state older than the submit, its
+                # reader's queue (the lost `queued`) emptied by this read. Its cursor is still below the
+                # request's first id, which the log ends before, so no gap shows: end it rather than ping
+                # for ever; the reconnect (no cursor) gets the 404 of a request that is gone.
+                self.finished = True
+                return
             kept = self._keep(events)
             if kept:
                 yield kept
@@ -167,6 +189,19 @@ class EventStream:
             # Growing pages: a client that leaves after its first events (a reconnect that found what it
             # wanted, a probe) is noticed before the server has parsed the whole backlog for nobody.
             page = min(PAGE, page * 4)
+
+    def _first_event_lost(self, bounds: LogBounds, events: list[Event]) -> bool:
+        """A log read from before the request's first event (`first_event`) shows it gone (never kept, or
+        lost in a store restart) or another request's. No read of its own: the page's bounds and events."""
+        first = self.first_event
+        if first is None or self.cursor >= first:
+            return False
+        if not bounds.holds(first):
+            return True
+        for event in events:
+            if event.seq >= first:
+                return event.seq != first or event.request_id != self.request_id
+        return False  # (the page ends before it: a later page tells)
 
     async def _log(self, page: int = PAGE, gate: asyncio.Semaphore | None = None, *,
                    since: float | None = None) -> AsyncIterator[list[Event]]:
