@@ -30,6 +30,14 @@ STREAM_RETRY_AFTER = 5  # seconds: streams end with their requests; sooner would
 QUEUED_RETRY_AFTER = 1  # seconds: a place frees as soon as one of the tenant's requests ends
 
 
+def never_admitted(tenant: str, what: str, limit: str, retry_after: int) -> ApiError:
+    """A limit of 0 admits nothing until an operator raises it: the contract's 429 `tenant_limit` with its
+    Retry-After (a client that waits is admitted once the limit is raised, within the limits' cache), whose
+    message says so rather than telling the client to wait for a place of its own to free."""
+    return ApiError(429, f"tenant {tenant!r} may not {what}: its {limit} is 0 (until an operator raises it)",
+                    "tenant_limit", "tenant_limit", headers={"Retry-After": str(retry_after)})
+
+
 class Guardrails:
     def __init__(self, redis: Any, *, ttl: float = 3.0, clock: Callable[[], float] = time.monotonic) -> None:
         self.redis = redis
@@ -69,14 +77,16 @@ class Guardrails:
     async def take_place(self, who: Principal, tenant: str | None,
                          request_id: str) -> Callable[[], Awaitable[None]] | None:
         """A place among `tenant`'s `max_queued` requests for a request of it about to be submitted, or 429
-        `tenant_limit`; the admin's request takes one too, and is never refused (tenant None: nothing to
-        count, as with auth off). Returns what gives the place back when the submit stores nothing (None:
-        the tenant is not limited)."""
+        `tenant_limit` (saying so when max_queued is 0: no place of its own will free); the admin's request
+        takes one too, and is never refused (tenant None: nothing to count, as with auth off). Returns what
+        gives the place back when the submit stores nothing (None: the tenant is not limited)."""
         if tenant is None:
             return None
         allowed = (await self.limits(tenant)).max_queued
         if allowed is None:
             return None
+        if allowed == 0 and not who.admin:
+            raise never_admitted(tenant, "submit requests", "max_queued", QUEUED_RETRY_AFTER)
         if who.admin:
             await self._record_place(tenant, request_id, allowed)
         elif not await self.queued.take(tenant, request_id, allowed):
@@ -99,12 +109,14 @@ class Guardrails:
 
     async def open_stream(self, who: Principal) -> Callable[[], None]:
         """Count one more stream of the caller's tenant, or 429 `tenant_limit` when it holds
-        `max_streams` already. Returns the release, to call exactly once when the stream ends (it
-        does nothing the second time)."""
+        `max_streams` already (saying so when max_streams is 0). Returns the release, to
+        call exactly once when the stream ends (it does nothing the second time)."""
         tenant = who.tenant
         if who.admin or tenant is None:
             return lambda: None
         allowed = (await self.limits(tenant)).max_streams
+        if allowed == 0:
+            raise never_admitted(tenant, "open streams", "max_streams", STREAM_RETRY_AFTER)
         # no await between the check and the count: concurrent opens cannot both take the last place
         if allowed is not None and self.streams.get(tenant, 0) >= allowed:
             raise ApiError(429, f"tenant {tenant!r} has {allowed} streams open (its max_streams); close one first",

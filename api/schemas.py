@@ -10,7 +10,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from sluicegate.scheduler.deadlines import MAX_DEADLINE_MS
-from sluicegate.scheduler.quota import Quota
+from sluicegate.scheduler.quota import Quota, not_boolean
 from sluicegate.sessions.keys import NAME_PATTERN
 from sluicegate.sessions.registry import check_model_name
 from sluicegate.sessions.requests import ENGINE_OWNED_PARAMS
@@ -19,6 +19,8 @@ from sluicegate.settings import PRIORITY_NAMES
 ROLES = ("system", "user", "assistant", "tool", "developer", "function")
 DEFAULT_MAX_TOKENS = 256  # the budget of a call that gives none, unless --max-tokens-limit is lower
 SESSION_PATTERN = re.compile(r"^[A-Za-z0-9._:@-]{1,128}$")
+MIN_KEY_SECONDS = 0.5  # the shortest key life (expires_at is kept to the ms: `1e-9` was a key expired at birth)
+PRIORITY_DIGITS = 16  # longer is no priority: int() of a 5000-digit string refused with Python's own message
 
 
 def parse_priority(value: Any) -> int:
@@ -29,7 +31,8 @@ def parse_priority(value: Any) -> int:
         text = value.strip().lower()
         if text in PRIORITY_NAMES:
             return PRIORITY_NAMES[text]
-        if not text.isdigit():
+        # ASCII digits only: int() refuses "²" (which isdigit() takes) with its own message
+        if len(text) > PRIORITY_DIGITS or not (text.isascii() and text.isdigit()):
             raise ValueError("priority must be 0..9 or low|normal|high|critical")
         value = int(text)
     if isinstance(value, float) and value.is_integer():
@@ -169,6 +172,11 @@ class SubmitBody(BaseModel):
     def _priority(cls, value: Any) -> int:
         return parse_priority(value)
 
+    @field_validator("max_tokens", "deadline_ms", mode="before")
+    @classmethod
+    def _not_boolean(cls, value: Any) -> Any:
+        return not_boolean(value)  # `true` was a budget of one token, a deadline of 1 ms
+
     def budget(self, limit: int) -> int:
         """`max_tokens` as given (above `limit`: the submit's 422), else the default within `limit`."""
         return self.max_tokens if "max_tokens" in self.model_fields_set else default_max_tokens(limit)
@@ -200,6 +208,11 @@ class TenantBody(BaseModel):
             raise ValueError("a number from 1e-6 to 1e6 (leave the field out to keep the weight)")
         return value
 
+    @field_validator("weight", "max_queued", "max_streams", mode="before")
+    @classmethod
+    def _not_boolean(cls, value: Any) -> Any:
+        return not_boolean(value)
+
     @field_validator("max_priority", mode="before")
     @classmethod
     def _max_priority(cls, value: Any) -> int | None:
@@ -227,6 +240,15 @@ class GroupBody(QuotaBody):
     def _model(cls, value: str | None) -> str | None:
         return None if value is None else check_model_name(value)
 
+    @field_validator("deadlines_ms", mode="before")
+    @classmethod
+    def _deadlines_not_boolean(cls, value: Any) -> Any:
+        """`true` would be taken as a deadline of 1 ms (pydantic's lax mode)."""
+        for name, ms in value.items() if isinstance(value, dict) else ():
+            if isinstance(ms, bool):
+                raise ValueError(f"{name}: a deadline in ms, 1..{MAX_DEADLINE_MS}, or null (not a boolean)")
+        return value
+
     @field_validator("deadlines_ms")
     @classmethod
     def _deadlines(cls, value: dict[str, int | None] | None) -> dict[str, int | None]:
@@ -243,7 +265,13 @@ class GroupBody(QuotaBody):
 class KeyBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     tenant: str = Field(pattern=NAME_PATTERN)
-    expires_in: float | None = Field(default=None, gt=0, le=10 * 365 * 86400)  # seconds; none: never expires
+    # seconds; none: never expires. At least MIN_KEY_SECONDS: `1e-9` made a key expired before its first use.
+    expires_in: float | None = Field(default=None, ge=MIN_KEY_SECONDS, le=10 * 365 * 86400)
+
+    @field_validator("expires_in", mode="before")
+    @classmethod
+    def _not_boolean(cls, value: Any) -> Any:
+        return not_boolean(value)  # `true` was a key of one second
 
 
 class ChatBody(BaseModel):
@@ -255,3 +283,8 @@ class ChatBody(BaseModel):
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     stream: bool | None = False  # OpenAI's schema allows null: the default (False)
+
+    @field_validator("max_tokens", "max_completion_tokens", mode="before")
+    @classmethod
+    def _not_boolean(cls, value: Any) -> Any:
+        return not_boolean(value)  # `true` was a budget of one token

@@ -3,9 +3,19 @@ fields and their rules, in one place. The dispatch script reads the same names (
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MIN_RATE = 1e-6  # per second; quotas.lua reads a rate stored before this floor at it
+
+
+def not_boolean(value: Any) -> Any:
+    """A number field's before-check: pydantic's lax mode takes JSON true/false as 1/0 (`max_concurrency: true`
+    a cap of 1, `max_queued: false` a limit that admits nothing), never what the caller meant."""
+    if isinstance(value, bool):
+        raise ValueError("a number, not a boolean")
+    return value
 
 
 class Quota(BaseModel):
@@ -22,6 +32,12 @@ class Quota(BaseModel):
     burst: int | None = Field(default=None, ge=1, le=10**9)
     max_concurrency: int | None = Field(default=None, ge=0, le=10**6)
     burst_tokens: float | None = Field(default=None, gt=0, le=1e12)
+
+    @field_validator("requests_per_second", "tokens_per_second", "burst", "max_concurrency", "burst_tokens",
+                     mode="before")
+    @classmethod
+    def _not_boolean(cls, value: Any) -> Any:
+        return not_boolean(value)
 
 
 QUOTA_FIELDS = tuple(Quota.model_fields)
