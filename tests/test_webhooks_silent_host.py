@@ -16,11 +16,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
+from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 
-from sluicegate.sessions import keys
+from sluicegate.sessions import callbacks, keys
 from sluicegate.settings import Settings
 from sluicegate.webhooks import delivery as delivery_module
 from sluicegate.webhooks.delivery import Delivery
+from tests.helpers import ON_CLUSTER
 from tests.test_webhooks import BlackHole, hook_settings
 from tests.test_webhooks_recovery import ended_with_callback
 
@@ -308,3 +311,35 @@ def test_two_slow_spells_separated_by_answers_do_not_add_up(redis_url: str, r) -
     assert len(sinces) >= 2, noted  # the second silence started over
     assert not any((cbe or "").startswith(GAVE_UP) for _, cbe in outcomes), outcomes
     assert all(cbs == "delivered" for cbs, _ in outcomes), outcomes
+
+
+def test_a_late_attempt_cannot_undo_a_callback_failed_unsent(redis_url: str) -> None:
+    """A give-up leaves the attempt count as it is (no attempt was made): an attempt whose lease lapsed before
+    the give-up (a stalled process) still holds that count. Its late outcome must not undo the give-up. Old:
+    its `retry` queued again a callback `GET /v1/requests/{id}` reported failed, and it was sent as attempt 2."""
+    async def main() -> None:
+        redis = (RedisCluster if ON_CLUSTER else Redis).from_url(redis_url, decode_responses=True)
+        try:
+            rid = "giveupfence01"
+            request, due = keys.request(rid), keys.callbacks_due(keys.bucket_of_request(rid))
+            await redis.hset(request, mapping={"st": "done", "cb": "http://hooks.example/x"})
+            await redis.pexpire(request, 60_000)
+            now = int(time.time() * 1000)
+            await redis.zadd(due, {rid: now - 1})
+            claimed = await callbacks.claim(redis, rid, now_ms=now, lease_ms=100, session_ttl_ms=60_000)
+            assert claimed is not None and claimed[0] == 1
+            # its lease lapsed; another process's pass finds it due, its host full and silent
+            assert await callbacks.give_up(redis, [rid], "silent", now_ms=now + 200, keep_ms=1000) == 1
+            for outcome in ("retry", "failed", "delivered"):  # the late attempt's outcome, whatever it is
+                later = int(time.time() * 1000)
+                assert not await callbacks.settle(redis, rid, 1, outcome, "cut", later + 50, keep_ms=1000), outcome
+            view = callbacks.callback_view(await redis.hgetall(request))
+            assert (view["status"], view["last_error"]) == ("failed", "silent"), view
+            assert await redis.zscore(due, rid) is None
+            await asyncio.sleep(0.1)
+            assert await callbacks.claim(redis, rid, now_ms=int(time.time() * 1000), lease_ms=100,
+                                         session_ttl_ms=60_000) is None
+        finally:
+            await redis.aclose()
+
+    asyncio.run(main())

@@ -1,6 +1,7 @@
 -- callback_settle.lua (run with EVAL by the delivery process): record how a claimed delivery attempt
 -- went, in the request (`cbs` status, `cbe` last error: GET /v1/requests/{id} shows them as `callback`).
--- Ignored when another attempt was claimed since (this one's lease ran out). A retry's request is kept for
+-- Ignored when another attempt was claimed since (this one's lease ran out), or when the callback ended
+-- meanwhile (failed unsent: callback_give_up.lua). A retry's request is kept for
 -- at least ARGV[6] ms more, past its session's TTL if need be: until its retry is due and as long as a claim
 -- keeps it past that (the callback's payload is the request hash). A final outcome's is kept ARGV[6] ms more
 -- (long enough for it to be read), or until its own expiry when that is later: the one it had before the
@@ -14,7 +15,11 @@ if redis.call('EXISTS', KEYS[2]) == 0 then
   redis.call('ZREM', KEYS[1], ARGV[1])
   return 0
 end
-if tonumber(redis.call('HGET', KEYS[2], 'cbn') or '0') ~= tonumber(ARGV[2]) then return 0 end
+local seen = redis.call('HMGET', KEYS[2], 'cbn', 'cbs')
+if tonumber(seen[1] or '0') ~= tonumber(ARGV[2]) then return 0 end
+-- Ended meanwhile without another claim: failed unsent while this attempt's lease had lapsed (its host
+-- silent: callback_give_up.lua), which left `cbn` as it was. A final outcome stands.
+if seen[2] == 'failed' or seen[2] == 'delivered' then return 0 end
 if ARGV[4] ~= '' then redis.call('HSET', KEYS[2], 'cbe', ARGV[4]) end
 if ARGV[3] == 'retry' then
   if redis.call('HEXISTS', KEYS[2], 'cbx') == 0 then  -- its own expiry, before any callback script lengthens it
