@@ -126,13 +126,16 @@ async def not_its_life(store: SessionStore, stream: EventStream, first: int, bou
     cursor may be anywhere in the request's events, not past its end. The checks of a stream without a
     cursor, at the request's first event. The event at the cursor (read with the first page: `open`) is
     the request's own at an EventSource's reconnect after its terminal event, which settles it without a
-    read; else the request's first event is read (one read, on this path only)."""
+    read; else the request's first event is read (one read, on this path only). Only a sign of another life
+    answers 409: a first event trimmed by later requests' events is none (a reconnect whose cursor event was
+    trimmed too keeps its 204)."""
     at = stream.at_cursor
     if at is not None and at.request_id == stream.request_id:
         return None
-    gone = first_event_gone(bounds, first)
-    if gone is not None:
-        return gone
+    if bounds.last_id < first:  # the log ends before the request's first event: not its life's
+        return first_event_gone(bounds, first)
+    if bounds.oldest_kept > first:  # trimmed past it (a later request's events): no sign of another life,
+        return None  # and the cursor, checked, is past whatever is left: the 204 of a request read to its end
     _bounds, events = await store.read_page(stream.session_id, first - 1, 1)
     return another_request_first(events, first, stream.request_id or "")
 

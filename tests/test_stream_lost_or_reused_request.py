@@ -190,3 +190,22 @@ def test_the_reconnect_after_a_terminal_event_reads_the_log_once(redis_url: str,
         assert reads == 1
     finally:
         stack.stop()
+
+
+def test_a_resume_at_or_past_the_terminal_event_of_a_request_trimmed_since_is_a_204(redis_url: str) -> None:
+    """The check above answers 409 only on a sign of another life: a request whose events later requests'
+    trimmed from the log (`--session-log-max-events`) is still read to its end at its terminal event, however
+    far the cursor is past it. Old (this stop's first form of the check): 409 "event id 1 was trimmed"."""
+    stack = Stack(fast_settings(redis_url, session_log_max_events=100)).start(workers=1)
+    try:
+        base, sid = stack.base_url, "trimmed-since"
+        first = submit(base, sid, prompt="a", max_tokens=5)
+        wait_for(lambda: call("GET", f"{base}/v1/requests/{first}")[1]["status"] == "done", what="done")
+        terminal = list(sse(base, f"/v1/requests/{first}/events", timeout=10))[-1].id
+        later = submit(base, sid, prompt="b", max_tokens=97)  # its events trim the first request's
+        wait_for(lambda: call("GET", f"{base}/v1/requests/{later}")[1]["status"] == "done", timeout=30, what="done")
+        last = list(sse(base, f"/v1/requests/{later}/events", timeout=10))[-1].id
+        for cursor in (terminal, last):
+            assert resumed(base, first, cursor) == (204, b""), cursor
+    finally:
+        stack.stop()
