@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import secrets
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -21,9 +22,11 @@ MAX_NESTING = 200
 PART_TOKENS = 85
 # Params an engine owns or strips (workers/engines/openai.py): never sent to a backend as given, so a value in one
 # that no backend call could carry is no reason to refuse the request (api/schemas.py `unsendable`).
+# `n_predict`: llama.cpp's server reads it before `max_tokens`, so a tenant's would override the budget (its limit,
+# the token quota's estimate, a continuation's remaining tokens): Sluicegate's `max_tokens` is the one budget.
 ENGINE_OWNED_PARAMS = frozenset({"model", "messages", "stream", "stream_options", "max_tokens",
                                  "max_completion_tokens", "n", "priority", "continue_final_message",
-                                 "add_generation_prompt", TRACE_PARAM})
+                                 "add_generation_prompt", "n_predict", TRACE_PARAM})
 
 
 class TooDeep(ValueError):
@@ -64,39 +67,51 @@ def estimate_tokens(text: str) -> int:
 
 
 def estimate_message_tokens(messages: list[dict[str, Any]]) -> int:
-    """`estimate_tokens` of what a model reads of the messages: string contents, the text of `text` parts and
-    PART_TOKENS per other part (not the part's JSON: a base64 image would count tens of thousands), and the
-    `name` and `arguments` of tool calls (an assistant turn whose content is None). Lengths summed, no text
-    joined or encoded: it runs on every submit's way."""
+    """`estimate_tokens` of what a model reads of the messages (message_texts): PART_TOKENS per part that is not
+    text. Lengths summed, no text joined or encoded: it runs on every submit's way."""
     chars = parts = 0
+    for text in message_texts(messages):
+        if text is None:
+            parts += 1
+        else:
+            chars += len(text)
+    return max(1, chars // 4 + parts * PART_TOKENS)
+
+
+def message_texts(messages: list[dict[str, Any]]) -> Iterator[str | None]:
+    """What a model reads of the messages, a piece at a time: string contents, the text of `text` parts, and the
+    `name` and `arguments` of tool calls (an assistant turn whose content is None); None for each other part (an
+    image, audio, a file), never its JSON, whose base64 would count tens of thousands of tokens. One walk for the
+    submit's estimate and for a worker's count with its backend's tokenizer (workers/engines/openai.py)."""
     for message in messages:
         content = message.get("content")
         if isinstance(content, str):
-            chars += len(content)
+            yield content
         elif isinstance(content, list):
             for part in content:
                 if isinstance(part, dict) and part.get("type") == "text":
                     text = part.get("text")
-                    chars += len(text) if isinstance(text, str) else 0
+                    if isinstance(text, str):
+                        yield text
                 else:
-                    parts += 1
+                    yield None
         elif content is not None:
-            chars += len(str(content))
+            yield str(content)
         calls = message.get("tool_calls")
         if isinstance(calls, list):
             for call in calls:
                 if isinstance(call, dict):
-                    chars += function_chars(call.get("function"))
+                    yield from function_texts(call.get("function"))
         if "function_call" in message:  # the legacy single call
-            chars += function_chars(message["function_call"])
-    return max(1, chars // 4 + parts * PART_TOKENS)
+            yield from function_texts(message["function_call"])
 
 
-def function_chars(function: Any) -> int:
-    """The characters of a tool call's `name` and `arguments` (a function object; anything else: 0)."""
-    if not isinstance(function, dict):
-        return 0
-    return sum(len(v) for v in (function.get("name"), function.get("arguments")) if isinstance(v, str))
+def function_texts(function: Any) -> Iterator[str]:
+    """A tool call's `name` and `arguments` (a function object; anything else: nothing)."""
+    if isinstance(function, dict):
+        for value in (function.get("name"), function.get("arguments")):
+            if isinstance(value, str):
+                yield value
 
 
 @dataclass(frozen=True)

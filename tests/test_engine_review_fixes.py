@@ -9,6 +9,7 @@ import asyncio
 import json
 import re
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -17,9 +18,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from sluicegate.sessions.requests import PART_TOKENS, estimate_message_tokens, message_texts
 from sluicegate.workers.engines.base import EngineError, Finish
 from sluicegate.workers.engines.http1 import HTTP1Client, ServerClosed
-from sluicegate.workers.engines.openai import OpenAIEngine
+from sluicegate.workers.engines.openai import OpenAIEngine, StreamState, pieces_of
 from sluicegate.workers.engines.probe import Capabilities
 from tests.openai_helpers import ServerThread, read_posted_json
 from tests.test_engine_unusual_answers import Calls, run_against, status
@@ -364,3 +366,289 @@ def test_the_count_sends_each_servers_field() -> None:
     resume(backend, "sglang", max_tokens=30, chunks=4)
     so_far = "".join(f"w{i} " for i in range(12))
     assert {"content": so_far, "prompt": so_far, "model": "m"} in backend.tokenized, json.dumps(backend.tokenized)
+
+
+# ---- a second review: a backend restarted with another model; counts, continuations and chunks ----------------
+class Restarting:
+    """A vLLM-like server whose served model changes (a restart with another): /v1/models lists `model`, a chat
+    naming another gets vLLM's 404 NotFoundError. Records the models the chats named and the listings."""
+
+    def __init__(self, model: str) -> None:
+        self.model = model
+        self.listed: str | None = None  # what /v1/models names, when not `model`
+        self.chats: list[str] = []
+        self.listings = 0
+
+    def app(self) -> Starlette:
+        return Starlette(routes=[Route("/v1/models", self.models), Route("/version", self.version),
+                                 Route("/v1/chat/completions", self.chat, methods=["POST"])])
+
+    async def models(self, _: Request) -> Response:
+        self.listings += 1
+        return JSONResponse({"object": "list", "data": [{"id": self.listed or self.model, "object": "model"}]})
+
+    async def version(self, _: Request) -> Response:
+        return JSONResponse({"version": "0.11.0"})
+
+    async def chat(self, request: Request) -> Response:
+        body = await request.json()
+        self.chats.append(body["model"])
+        if body["model"] != self.model:
+            return JSONResponse({"object": "error", "message": f"The model `{body['model']}` does not exist.",
+                                 "type": "NotFoundError", "param": None, "code": 404}, status_code=404)
+        return Response(chunk({"content": "ok"}, "stop") + DONE, media_type="text/event-stream")
+
+
+def learnt_engine(url: str, models: dict[str, str] | None = None) -> OpenAIEngine:
+    """An engine without --backend-model (unless `models`): it learns the model from the backend's listing."""
+    return OpenAIEngine(url, models=models, retries=4, backoff_initial=0.01, backoff_max=0.02, timeout=5.0,
+                        first_token_timeout=5.0, idle_timeout=5.0)
+
+
+async def runs(url: str, count: int, between: Callable[[int], None] = lambda _: None,
+               models: dict[str, str] | None = None) -> list[Any]:
+    """`count` runs one after the other of a learnt_engine (`between(i)` before the i-th): each one's pieces, or
+    its EngineError."""
+    engine = learnt_engine(url, models)
+    results: list[Any] = []
+    try:
+        for i in range(count):
+            between(i)
+            out, error = await drain(engine)
+            results.append(error if error is not None else out)
+    finally:
+        await engine.aclose()
+    return results
+
+
+def test_a_backend_restarted_with_another_model_is_listed_again() -> None:
+    """The model learnt from /models was kept for the process's life. Old: after the backend restarted serving
+    llama-v2, every run failed for good ("The model `llama-v1` does not exist.", permanent) until the worker
+    restarted. Now the 404 naming the learnt model forgets it, and the next try lists the models again."""
+    backend = Restarting("llama-v1")
+
+    def restart(i: int) -> None:
+        if i == 1:
+            backend.model = "llama-v2"
+
+    with ServerThread(backend.app()) as server:
+        results = asyncio.run(runs(server.url, 3, restart))
+    assert results == [["ok", Finish("stop")]] * 3, results  # old: runs 2 and 3 an EngineError (permanent)
+    assert backend.chats == ["llama-v1", "llama-v1", "llama-v2", "llama-v2"], backend.chats
+    assert backend.listings == 2, backend.listings
+
+
+def test_a_listing_that_keeps_naming_a_refused_model_fails_the_attempt() -> None:
+    """Bounded: a backend whose listing names the model it refuses gets --backend-retries tries (each listing
+    again), then the attempt fails as a transient one, counted against --max-attempts. Old: permanent at once."""
+    backend = Restarting("llama-v1")
+
+    async def main() -> tuple[list[Any], EngineError | None]:
+        engine = learnt_engine(server.url)
+        engine._served_model = "gone"  # learnt before the restart
+        backend.model, backend.listed = "other", "gone"
+        try:
+            return await drain(engine)
+        finally:
+            await engine.aclose()
+
+    with ServerThread(backend.app()) as server:
+        out, error = asyncio.run(main())
+    assert out == [] and error is not None and error.transient, error  # old: transient False
+    assert "does not exist" in str(error), error
+    assert backend.chats == ["gone"] * 4 and backend.listings == 3, (backend.chats, backend.listings)
+
+
+def test_a_configured_model_refused_stays_the_requests_failure() -> None:
+    """--backend-model is the operator's: a 404 naming it is permanent at once, as before (no listing)."""
+    backend = Restarting("llama-v2")
+    with ServerThread(backend.app()) as server:
+        [error] = asyncio.run(runs(server.url, 1, models={"*": "llama-v1"}))
+    assert isinstance(error, EngineError) and not error.transient, error
+    assert backend.chats == ["llama-v1"] and backend.listings == 0, (backend.chats, backend.listings)
+
+
+def test_the_probe_lists_the_model_again() -> None:
+    """The worker probes again a backend that went down (its runs got BackendDown): the model is listed again.
+    Old: the probe's test request named the model learnt before the restart (llama-v1)."""
+    backend = Restarting("llama-v1")
+
+    async def main() -> tuple[str, str | None]:
+        engine = learnt_engine(server.url)
+        try:
+            first = await engine.model_for("default")
+            backend.model = "llama-v2"
+            await engine.probe("default")
+            return first, engine._served_model
+        finally:
+            await engine.aclose()
+
+    with ServerThread(backend.app()) as server:
+        first, after = asyncio.run(main())
+    assert first == "llama-v1" and after == "llama-v2", (first, after)  # old: llama-v1 kept
+    assert backend.chats and set(backend.chats) == {"llama-v2"}, backend.chats  # the probe's test request
+
+
+def test_a_listing_whose_data_is_no_list_is_no_worker_error() -> None:
+    """`{"data": 5}`: old: a TypeError escaped the run (a worker error with a traceback); now no model listed."""
+    async def models(_: Request) -> Response:
+        return JSONResponse({"object": "list", "data": 5})
+
+    with ServerThread(Starlette(routes=[Route("/v1/models", models)])) as server:
+        [error] = asyncio.run(runs(server.url, 1))
+    assert isinstance(error, EngineError) and "lists no model" in str(error), error
+
+
+# ---- the prompt counted with the backend's tokenizer ---------------------------------------------------------------
+IMAGE = "data:image/png;base64," + "QUJD" * 75_000  # 300 KB of base64
+
+
+class CountingServer:
+    """llama-cpp-python: no usage in its stream, `/extras/tokenize/count` (a token per word here)."""
+
+    def __init__(self) -> None:
+        self.counted: list[str] = []
+
+    def app(self) -> Starlette:
+        return Starlette(routes=[Route("/extras/tokenize/count", self.count, methods=["POST"]),
+                                 Route("/v1/chat/completions", self.chat, methods=["POST"])])
+
+    async def count(self, request: Request) -> Response:
+        text = (await request.json())["input"]
+        self.counted.append(text)
+        return JSONResponse({"count": len(text.split())})
+
+    async def chat(self, _: Request) -> Response:
+        return Response(chunk({"content": "a cat"}, "stop") + DONE, media_type="text/event-stream")
+
+
+def counted_usage(messages: list[dict[str, Any]]) -> tuple[Any, list[str]]:
+    """A run of `messages` against a CountingServer: its Finish's usage, and the texts the server counted."""
+    backend = CountingServer()
+    run = replace(spec(8), input_text=json.dumps(messages))
+
+    async def main() -> list[Any]:
+        engine = OpenAIEngine(server.url, models={"*": "m"}, retries=1, timeout=5.0)
+        engine.capabilities = Capabilities("llama-cpp-python", slots=1, streams_usage=False, counts_tokens=True,
+                                           interrupts=True)
+        try:
+            return [piece async for piece in engine.stream(run, "")]
+        finally:
+            await engine.aclose()
+
+    with ServerThread(backend.app()) as server:
+        out = asyncio.run(main())
+    assert isinstance(out[-1], Finish), out
+    return out[-1].usage, backend.counted
+
+
+def test_the_tokenizer_count_of_a_prompt_skips_an_images_base64() -> None:
+    """Old: `str(content)` of the parts was counted, base64 and all (t5: 100031 prompt tokens against the
+    estimate's 91). Now the text parts are counted, and PART_TOKENS (85) for the image, as the estimate does."""
+    messages = [{"role": "user", "content": [{"type": "text", "text": "what is in this picture?"},
+                                             {"type": "image_url", "image_url": {"url": IMAGE}}]}]
+    usage, counted = counted_usage(messages)
+    assert not any("base64" in text or "image_url" in text for text in counted), [t[:80] for t in counted]
+    assert "what is in this picture?" in counted, [t[:80] for t in counted]
+    assert usage["prompt_tokens"] == 5 + PART_TOKENS and usage["completion_tokens"] == 2, usage  # old: 75003
+
+
+def test_the_tokenizer_count_of_a_prompt_reads_tool_calls() -> None:
+    """An assistant turn whose content is None and a tool call: its name and arguments are read (old: nothing of
+    the call, the turn counted as an empty line)."""
+    messages = [{"role": "user", "content": "weather in Paris?"},
+                {"role": "assistant", "content": None,
+                 "tool_calls": [{"id": "c1", "type": "function",
+                                 "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+                {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]
+    usage, counted = counted_usage(messages)
+    prompt = next(text for text in counted if "weather in Paris?" in text)
+    assert "get_weather" in prompt and '"Paris"}' in prompt and "sunny" in prompt, prompt
+    assert usage["prompt_tokens"] == len(prompt.split()), (usage, prompt)
+
+
+def test_the_estimate_and_the_tokenizer_count_walk_the_same_texts() -> None:
+    """One walk (message_texts) for both: the estimate's characters are the texts the tokenizer is given."""
+    messages = [{"role": "user", "content": [{"type": "text", "text": "abcd" * 10}, {"type": "input_audio"}]},
+                {"role": "assistant", "content": None, "function_call": {"name": "f", "arguments": "{}"}}]
+    texts = list(message_texts(messages))
+    assert texts == ["abcd" * 10, None, "f", "{}"], texts
+    assert estimate_message_tokens(messages) == (40 + 1 + 2) // 4 + PART_TOKENS
+
+
+# ---- a continuation's echo and min_tokens ------------------------------------------------------------------------
+def continuation_body(params: dict[str, Any], start_index: int, done: int | None = None,
+                      continues: bool = True) -> dict[str, Any]:
+    engine = OpenAIEngine("http://127.0.0.1:9/v1", models={"*": "m"})
+    engine.capabilities = Capabilities("vllm", continues=True)
+    run = replace(spec(10, start_index=start_index), params=params)
+    return engine.body(run, "a b c d e f", "m", continues, done)
+
+
+def test_a_continuation_drops_echo() -> None:
+    """vLLM echoes the last message when `echo` is set, the assistant's output so far once add_generation_prompt
+    is false: the tenant got its text twice (t6: 'a b ca b c d e'). Old: echo sent as the tenant's."""
+    body = continuation_body({"echo": True, "temperature": 0.5}, start_index=3)
+    assert body["continue_final_message"] is True and "echo" not in body, body  # old: echo True
+    assert body["temperature"] == 0.5
+    assert continuation_body({"echo": True}, start_index=0)["echo"] is True  # the first call: as sent
+    assert continuation_body({"echo": True}, start_index=3, continues=False)["echo"] is True  # regenerated
+
+
+@pytest.mark.parametrize(("least", "start_index", "done", "sent"),
+                         [(8, 6, 6, 2), (8, 3, None, 5), (8, 6, 8, None), (8, 6, 9, None), (8.0, 6, 6, 2.0),
+                          ("8", 6, 6, "8")])
+def test_a_continuation_lowers_min_tokens_by_the_tokens_done(least: Any, start_index: int, done: int | None,
+                                                             sent: Any) -> None:
+    """min_tokens counts the call's own tokens, lowered by those done (the budget's: `done`, by default
+    start_index), dropped at 0; a value no number is the backend's to refuse, as sent. Old: 8 sent with max_tokens
+    4 (vLLM refuses a min above the max with a 400; another backend ran past the uninterrupted run)."""
+    body = continuation_body({"min_tokens": least}, start_index=start_index, done=done)
+    assert body.get("min_tokens") == sent, body  # old: 8
+    assert body["max_tokens"] == 10 - (start_index if done is None else done)
+
+
+def test_a_regenerated_or_first_call_keeps_min_tokens() -> None:
+    assert continuation_body({"min_tokens": 8}, start_index=6, continues=False)["min_tokens"] == 8
+    assert continuation_body({"min_tokens": 8}, start_index=0)["min_tokens"] == 8
+
+
+# ---- a chunk whose choices are no list -------------------------------------------------------------------------
+@pytest.mark.parametrize("choices", [1, True, False, 0, "abc", {"index": 0}])
+def test_choices_that_are_no_list_are_a_broken_stream(choices: Any) -> None:
+    """Old: a TypeError (`'int' object is not iterable`) escaped to the worker, which failed the request "worker
+    error" with a traceback; a string or an object was skipped silently. Now a ValueError, as bad JSON."""
+    with pytest.raises(ValueError, match="choices are not a list"):
+        pieces_of({"choices": choices}, StreamState())
+
+
+@pytest.mark.parametrize("chunk_body", [{}, {"choices": None}, {"choices": []}])
+def test_choices_missing_null_or_empty_are_no_tokens(chunk_body: dict[str, Any]) -> None:
+    state = StreamState()
+    assert pieces_of({**chunk_body, "usage": {"prompt_tokens": 1}}, state) == [] and state.usage is not None
+
+
+@pytest.mark.parametrize("bad", [b'{"choices": 1}', b'{"choices": true}'])
+def test_choices_that_are_no_list_after_a_token_hand_the_run_back(bad: bytes) -> None:
+    """After a token: a transient EngineError (the run resumes), not a worker error."""
+    calls = Calls([CHUNKED_SSE + framed(chunk({"content": "a"}) + b"data: " + bad + b"\n\n")])
+    out, error = asyncio.run(run_against(calls))
+    assert out == ["a"] and error is not None and error.transient, (out, error)
+    assert "after 1 tokens" in str(error) and "choices are not a list" in str(error), error
+
+
+def test_choices_that_are_no_list_first_are_retried() -> None:
+    """Before the first token: retried on the spot, as a stream cut short; the next try streams."""
+    calls = Calls([CHUNKED_SSE + framed(b'data: {"choices": 1}\n\n'),
+                   CHUNKED_SSE + framed(chunk({"content": "b"}, "stop") + DONE) + b"0\r\n\r\n"])
+    out, error = asyncio.run(run_against(calls))
+    assert error is None and out == ["b", Finish("stop")] and len(calls.bodies) == 2, (out, error, calls.bodies)
+
+
+def test_a_tenants_n_predict_never_reaches_the_backend() -> None:
+    """llama.cpp's server reads `n_predict` before `max_tokens`: a tenant's would override Sluicegate's budget
+    (its --max-tokens-limit, the token quota's estimate, a continuation's remaining tokens). Old: sent as given."""
+    for start_index in (0, 3):
+        body = continuation_body({"n_predict": 100_000, "temperature": 0.5}, start_index=start_index)
+        assert "n_predict" not in body and body["temperature"] == 0.5, body
+        assert body["max_tokens"] == 10 - start_index

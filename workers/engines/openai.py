@@ -24,18 +24,22 @@ Failures, and who handles them:
   within `first_token_timeout`): retried here with tenacity, exponential backoff with full jitter
   (waits drawn from [0, 0.5 s x 2^n], at most 8 s), at most `retries` tries; then the attempt fails
   as a transient EngineError naming the backend and its last error. Other 4xx are permanent at once
-  (the request itself is wrong). A retried status with a `Retry-After` (seconds or an HTTP-date; vLLM,
-  TGI and proxies send it when overloaded) is honoured: the next try waits at least that long, but at
-  most RETRY_AFTER_MAX_SECONDS (30 s: a confused backend cannot park the slot for hours); one that does
-  not parse or is past leaves the backoff as it is. A backend not reached at all on any try (nothing
-  listening, or a 503: one still loading its model) fails the attempt as BackendDown (engines/base.py):
-  handed back without counting as a failed attempt, its worker withdrawing its slots until its probe answers.
+  (the request itself is wrong), but for a 404 naming the model learnt from /models (no --backend-model): a
+  backend restarted with another model, whose name is forgotten and listed again at the next try. A retried
+  status with a `Retry-After` (seconds or an HTTP-date; vLLM, TGI and proxies send it when overloaded) is
+  honoured: the next try waits at least that long, but at most RETRY_AFTER_MAX_SECONDS (30 s: a confused
+  backend cannot park the slot for hours); one that does not parse or is past leaves the backoff as it is. A
+  backend not reached at all on any try (nothing listening, or a 503: one still loading its model) fails the
+  attempt as BackendDown (engines/base.py): handed back without counting as a failed attempt, its worker
+  withdrawing its slots until its probe answers.
   One that any try reached (a connection closed or cut after the request went out, any other status, an
   error in its stream) fails it as a failed attempt, even when nothing listens on the later tries: a
   backend that died of the request (a poison prompt) is refused afterwards, and must not get it again
   at each restart for free.
 - after tokens streamed (a broken stream, silence past `idle_timeout`): a transient EngineError; after
   the backend's finish_reason (only its usage or `[DONE]` missing) the run ends finished instead.
+- a chunk that is not one (`choices` neither a list nor null, a `delta` no object, a `content` no text) is a
+  broken stream, as bad JSON is (a ValueError): retried before the first token, handed back after it.
 - a 200 that is not an event stream (its content-type says so: a JSON error served with 200, a web
   page at a wrong --backend-url): the backend's words, permanent unless its JSON error says otherwise.
 - an error the backend reports inside its stream (vLLM's `data: {"error": ...}`, llama.cpp's
@@ -54,7 +58,8 @@ tokens so far, until the request has failed `--max-attempts` times. Keep-alive c
 activity: a backend that sends only those times out like a silent one.
 
 Resume sends the output so far as a final assistant message with vLLM's `continue_final_message`
-(and `add_generation_prompt: false`), asking for the remaining max_tokens less the output so far. A
+(and `add_generation_prompt: false`), asking for the remaining max_tokens less the output so far (and the
+tenant's `min_tokens` less it too; its `echo`, which would stream the output so far again, not at all). A
 chunk is not always one token (vLLM streams all the tokens a speculative-decoding step accepted in one
 chunk, SGLang one chunk per `--stream-interval` tokens), so the output so far is counted with the
 backend's own tokenizer where it has one (`/tokenize`: vLLM, SGLang, llama.cpp; `_output_tokens`; the
@@ -106,7 +111,7 @@ import orjson
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt, wait_random_exponential
 
 from sluicegate.sessions.idle import IdleDeadline
-from sluicegate.sessions.requests import ENGINE_OWNED_PARAMS
+from sluicegate.sessions.requests import ENGINE_OWNED_PARAMS, PART_TOKENS, message_texts
 from sluicegate.sessions.runs import BACKEND_REFUSED_PREFIX, RunSpec
 from sluicegate.settings import Settings
 from sluicegate.tracing import Tracing, traced_stream, tracing_for
@@ -202,6 +207,13 @@ def names_engine_death(message: str) -> bool:
     before an echoed request (vLLM's validation errors quote it: `'input': ...`), whose prompt may hold any."""
     lowered = message.lower().split("'input':", 1)[0].split('"input":', 1)[0]
     return any(words in lowered for words in ENGINE_DEATH)
+
+
+def refuses_model(status: int, payload: bytes, model: str) -> bool:
+    """Whether an error answer says the backend does not serve `model`: a 404 that names it (vLLM's NotFoundError
+    "The model `x` does not exist.", Ollama's 'model "x" not found')."""
+    return status == 404 and bool(model) and (model in payload.decode(errors="replace")
+                                              or model in error_message(status, payload))
 
 
 def error_message(status: int, body: bytes) -> str:
@@ -368,7 +380,12 @@ def pieces_of(chunk: dict[str, Any], state: StreamState) -> list[Piece]:
     if isinstance(chunk.get("usage"), dict):
         state.usage = chunk["usage"]
     out: list[Piece] = []
-    for choice in chunk.get("choices") or ():
+    choices = chunk.get("choices")
+    if not isinstance(choices, list):  # (the one test a chunk pays)
+        if choices is not None:  # a broken backend's, like bad JSON: retried, not a worker error
+            raise ValueError(f"the stream sent a chunk whose choices are not a list: {str(choices)[:100]}")
+        choices = ()
+    for choice in choices:
         if not isinstance(choice, dict) or choice.get("index", 0) != 0:
             continue  # n = 1: only the first choice is ours
         if choice.get("finish_reason") == "abort":  # the backend stopped it (SGLang, vLLM): no answer, retried
@@ -387,6 +404,20 @@ def pieces_of(chunk: dict[str, Any], state: StreamState) -> list[Piece]:
         if choice.get("finish_reason"):
             state.finish_reason = str(choice["finish_reason"])
     return out
+
+
+def continued_params(body: dict[str, Any], done: int) -> None:
+    """The tenant's params that mean another thing to a call continuing `done` tokens of output: `echo` would
+    stream the output so far again first (vLLM echoes the last message, the assistant's once
+    add_generation_prompt is false); `min_tokens` counts this call's tokens only, so it is lowered by those done
+    (dropped at 0: a minimum above the max_tokens left is a 400 on vLLM, else a run longer than uninterrupted)."""
+    body.pop("echo", None)
+    least = body.get("min_tokens")
+    if isinstance(least, int | float) and not isinstance(least, bool):  # another value: the backend's to refuse
+        if least - done > 0:
+            body["min_tokens"] = least - done
+        else:
+            del body["min_tokens"]
 
 
 def event_pieces(payload: bytes, event: bytes, state: StreamState, strict_done: bool) -> list[Piece] | None:
@@ -465,9 +496,14 @@ class OpenAIEngine:
             self._session = None
 
     # ---- the request -------------------------------------------------------------------------
+    def configured_model(self, group: str) -> str | None:
+        """`--backend-model` for the group (or `*`), if set."""
+        return self.models.get(group) or self.models.get("*")
+
     async def model_for(self, group: str) -> str:
-        """`--backend-model` for the group (or `*`); else the first model the backend serves."""
-        configured = self.models.get(group) or self.models.get("*")
+        """`--backend-model` for the group (or `*`); else the first model the backend serves, learnt until the
+        next probe, or until the backend refuses it (`_post`: one restarted with another model)."""
+        configured = self.configured_model(group)
         if configured:
             return configured
         if self._served_model is None:
@@ -477,14 +513,18 @@ class OpenAIEngine:
                     self._raise_for_status(response.status, body, response.headers)
                 listing = orjson.loads(body)
                 items = listing.get("data") if isinstance(listing, dict) else None
-                served = [m["id"] for m in items or () if isinstance(m, dict) and m.get("id")]
+                if not isinstance(items, list):  # (`{"data": 5}`: no model listed, not a TypeError)
+                    items = []
+                served = [m["id"] for m in items if isinstance(m, dict) and m.get("id")]
             if not served:
                 raise Permanent("the backend's /models lists no model; set --backend-model")
             self._served_model = str(served[0])
         return self._served_model
 
     async def probe(self, group: str) -> Capabilities:
-        """Learn what the backend can do (workers/engines/probe.py) and act on it."""
+        """Learn what the backend can do (workers/engines/probe.py) and act on it. The model it serves is
+        listed again: a backend probed again may have restarted with another."""
+        self._served_model = None
         found = await probe(self.session, self.base_url, await self.model_for(group))
         self.capabilities = found
         self.send_priority = self.send_priority and found.accepts_priority
@@ -511,10 +551,12 @@ class OpenAIEngine:
         messages = run.messages
         body.update(model=model, messages=messages, stream=True)
         budget = self.capabilities.budget_field  # max_tokens, or the newer name where it is refused
-        body[budget] = run.max_tokens - (run.start_index if done is None else done)
+        done = run.start_index if done is None else done
+        body[budget] = run.max_tokens - done
         if run.start_index > 0 and continues:
             body.update(messages=[*messages, {"role": "assistant", "content": so_far}],
                         continue_final_message=True, add_generation_prompt=False)
+            continued_params(body, done)
         elif run.start_index > 0:  # regenerate: the whole output again, its first start_index tokens skipped
             body[budget] = run.max_tokens
         if not self.capabilities.continues and self.send_seed and INJECTED_SEED not in body:
@@ -659,15 +701,19 @@ class OpenAIEngine:
     async def _count_usage(self, run: RunSpec, so_far: str, generated: str,
                            continued: bool) -> dict[str, Any] | None:
         """Usage for an engine whose stream reports none, counted with its own tokenizer: the output
-        exactly; the prompt as its messages' text (without the chat template's own tokens, which only
-        the engine knows). For a continued run it is counted as the call saw it (usage_as_uninterrupted
-        moves it back)."""
-        prompt = "\n".join(str(m.get("content") or "") for m in run.messages) + (so_far if continued else "")
+        exactly; the prompt as its messages' text, walked as the submit's estimate walks it (message_texts:
+        contents, text parts, tool calls' names and arguments; PART_TOKENS for each other part, an image's
+        base64 not tokenized), without the chat template's own tokens, which only the engine knows. For a
+        continued run it is counted as the call saw it (usage_as_uninterrupted moves it back)."""
+        texts = list(message_texts(run.messages))
+        parts = texts.count(None)
+        prompt = "\n".join(text for text in texts if text is not None) + (so_far if continued else "")
         output = generated
         try:
             if self._count_overhead is None:  # what the tokenizer adds to any text (a BOS token, say)
                 self._count_overhead = await self._count("")
-            prompt_tokens = await self._count(prompt)  # a chat template starts with BOS too: kept
+            # a chat template starts with BOS too: kept
+            prompt_tokens = await self._count(prompt) + parts * PART_TOKENS
             completion_tokens = max(0, await self._count(output) - self._count_overhead)
         except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, TypeError) as error:
             log.warning("backend %s: counting tokens failed (%s); usage is Sluicegate's estimate", self.base_url, error)
@@ -769,7 +815,7 @@ class OpenAIEngine:
             async with asyncio.timeout(self.first_token_timeout):
                 body = self.body(run, so_far, await self.model_for(run.group), continues, done)
                 ours = OPTIONAL_FIELDS if INJECTED_SEED in run.params else (*OPTIONAL_FIELDS, INJECTED_SEED)
-                response = await self._post(body, headers, ours)
+                response = await self._post(body, headers, ours, learnt=self.configured_model(run.group) is None)
                 tokens = self._tokens(response, state, strict_done=self.capabilities.interrupts)
                 try:
                     first = await anext(tokens, None)
@@ -785,12 +831,15 @@ class OpenAIEngine:
             raise Transient(describe(error), down=unreachable(error)) from error
 
     async def _post(self, body: dict[str, Any], headers: dict[str, str] | None = None,
-                    ours: tuple[str, ...] = OPTIONAL_FIELDS) -> Response:
+                    ours: tuple[str, ...] = OPTIONAL_FIELDS, *, learnt: bool = False) -> Response:
         """`headers`: besides the engine's (the W3C traceparent of the call's span, when tracing). A 400 that
         names a field of ours (`ours`: the seed too when Sluicegate added it; or that asks for
         `max_completion_tokens`) is tried again without it (renamed), and learnt for good only when that try
         is served: vLLM and SGLang echo the whole request in every validation 400, so one tenant's bad request
-        names them all, and must not change the engine for all."""
+        names them all, and must not change the engine for all. `learnt`: the model is the one the backend's
+        /models named (no --backend-model); a 404 naming it (vLLM's "The model `x` does not exist", Ollama's)
+        is a backend restarted with another: the name is forgotten and the try is transient, the next one
+        listing the models again (bounded by the tries: a listing that names a refused model fails the attempt)."""
         lessons: list[str] = []  # the fields left out (or "budget": renamed) on this call's way
         while True:
             response = await self.http.post("/chat/completions", orjson.dumps(body), headers)
@@ -807,6 +856,13 @@ class OpenAIEngine:
             if renamed_budget(response.status, payload, body):
                 lessons.append("budget")
                 continue
+            if learnt and refuses_model(response.status, payload, body["model"]):
+                if self._served_model == body["model"]:  # (another run may have learnt the new one meanwhile)
+                    self._served_model = None
+                log.warning("backend %s no longer serves model %s; its /models is asked again", self.base_url,
+                            body["model"])
+                raise Transient(f"{error_message(response.status, payload)} (the model its /models named; "
+                                "listed again)")
             self._raise_for_status(response.status, payload, response.headers)  # the request's own error
 
     def _learn(self, lessons: list[str]) -> None:
