@@ -12,10 +12,13 @@ until it is due and the longer of a lease and that TTL more, so that a delivery 
 around its due time loses nothing. Its last attempt settled, the request is kept a lease more, or until its
 own expiry (the one it ended with, recorded as `cbx` before the first lengthening) when that is later.
 
-A receiver host that answers no attempt (each is cut at --webhook-timeout) is noted silent in one small hash
-(`keys.CALLBACKS_SILENT`, host -> since when, and when its last attempt was cut), written by every delivery
-process; an attempt that ends uncut deletes it. A callback waiting for a place of a host silent for a whole
-retry schedule is failed unsent (`give_up`): what bounds a dead receiver's backlog.
+A receiver that gives no attempt a timely success (each is cut at --webhook-timeout, or fails only after a
+host turns slow) is noted silent in one small hash (`keys.CALLBACKS_SILENT`, keyed by the callback URL's
+origin, `callback_origin`: -> since when, and when its last such attempt ended), written by every delivery
+process; a success, or a failure that comes quickly, deletes it. A callback of a silent origin that waits for
+a place of its host, silent for a whole retry schedule, is failed unsent (`give_up`): what bounds a dead
+receiver's backlog. The origin, not the host: another port or scheme of the same host is another receiver,
+whose callbacks a dead one must not fail (the places stay per host: webhooks/rooms.py).
 """
 
 from __future__ import annotations
@@ -48,6 +51,17 @@ def callback_host(url: str) -> str | None:
     if parts.scheme not in ("http", "https") or not host:
         return None
     return host.lower()
+
+
+def callback_origin(url: str) -> str | None:
+    """The origin an http(s) URL names, "<scheme>://<host>:<port>" (host lowercased, the scheme's default port
+    filled in), or None when it is not one: a callback's receiver, as its silence is noted."""
+    host = callback_host(url)
+    if host is None:
+        return None
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    return f"{parts.scheme}://{f'[{host}]' if ':' in host else host}:{port}"
 
 
 def callback_allowed(url: str, hosts: Sequence[str]) -> bool:
@@ -129,9 +143,9 @@ async def settle(redis: Any, rid: str, attempt: int, outcome: str, error: str = 
 
 
 async def give_up(redis: Any, rids: Iterable[str], error: str, *, now_ms: int, keep_ms: int) -> int:
-    """Callbacks that wait for a place of a host silent too long, failed unsent with `error` as a last failed
-    attempt's are (`settle`), in one pipeline; only those still queued and due by `now_ms` (not claimed, settled
-    or retried since). Returns how many were failed."""
+    """Callbacks that wait for a place of their host while their own origin is silent too long, failed unsent
+    with `error` as a last failed attempt's are (`settle`), in one pipeline; only those still queued and due by
+    `now_ms` (not claimed, settled or retried since). Returns how many were failed."""
     rids = list(rids)
     if not rids:
         return 0
@@ -142,23 +156,25 @@ async def give_up(redis: Any, rids: Iterable[str], error: str, *, now_ms: int, k
     return sum(int(reply) for reply in await pipe.execute())
 
 
-async def silent_hosts(redis: Any) -> dict[str, tuple[int, int]]:
-    """The receiver hosts no attempt got a whole answer from since their last uncut one: host -> (since when,
-    when its last attempt was cut), in ms."""
+async def silent_origins(redis: Any) -> dict[str, tuple[int, int]]:
+    """The receivers (origins, `callback_origin`) no attempt got a timely success from since their last
+    success or quick failure: origin -> (since when, when its last such attempt ended), in ms."""
     silent: dict[str, tuple[int, int]] = {}
-    for host, seen in (await redis.hgetall(keys.CALLBACKS_SILENT)).items():
+    for origin, seen in (await redis.hgetall(keys.CALLBACKS_SILENT)).items():
         since, _, last = text(seen).partition(" ")
         if since.isdigit() and last.isdigit():
-            silent[text(host)] = (int(since), int(last))
+            silent[text(origin)] = (int(since), int(last))
     return silent
 
 
-async def note_cut(redis: Any, host: str, *, now_ms: int, gap_ms: int) -> int:
-    """An attempt to `host` was cut at --webhook-timeout: its silence goes on to `now_ms`, or starts then (none
-    yet, or its last cut more than `gap_ms` ago: a time no attempt saw is no silence). Returns its start (ms)."""
-    return int(await redis.eval(script("callback_silent"), 1, keys.CALLBACKS_SILENT, host, now_ms, gap_ms))
+async def note_silent(redis: Any, origin: str, *, now_ms: int, gap_ms: int) -> int:
+    """An attempt to `origin` got no timely success (cut at --webhook-timeout, or failed only after a host
+    turns slow): its silence goes on to `now_ms`, or starts then (none yet, or its last such attempt more than
+    `gap_ms` ago: a time no attempt saw is no silence). Returns its start (ms)."""
+    return int(await redis.eval(script("callback_silent"), 1, keys.CALLBACKS_SILENT, origin, now_ms, gap_ms))
 
 
-async def note_answered(redis: Any, host: str) -> None:
-    """An attempt to `host` ended uncut (an answer, or a connection refused at once): it is not silent."""
-    await redis.hdel(keys.CALLBACKS_SILENT, host)
+async def note_answered(redis: Any, origin: str) -> None:
+    """An attempt to `origin` succeeded, or failed quickly (an error status, a refused connection: such a
+    receiver drains through the retry schedule): it is not silent."""
+    await redis.hdel(keys.CALLBACKS_SILENT, origin)

@@ -173,8 +173,9 @@ API_KEY_IDS = API_KEYS + ":ids"  # hash key_id -> the key's digest (the field of
 API_KEYS_USED = API_KEYS + ":used"  # hash key_id -> when it last authenticated (Unix s; about once a minute)
 TENANT_LIMITS = PREFIX + "tenant_limits"  # hash "<tenant>:<limit>" -> int (scheduler/limits.py)
 AUDIT = PREFIX + "audit"  # list of admin changes, newest first, capped (api/audit.py)
-# hash receiver host -> "<since ms> <last ms>": how long no callback attempt to it got a whole answer (written by
-# the delivery processes, webhooks/delivery.py; a host is there only while silent: one small key, one slot)
+# hash receiver origin ("<scheme>://<host>:<port>") -> "<since ms> <last ms>": how long no callback attempt to it got
+# a timely success (written by the delivery processes, webhooks/delivery.py; an origin is there only while silent:
+# one small key, one slot)
 CALLBACKS_SILENT = PREFIX + "cbsilent"
 
 

@@ -51,19 +51,27 @@ TTL more, in the same call (sessions/callbacks.py `push_back`, one round trip a 
 retry keep it: a backlog that outlasts the session's TTL drops none of it, nor does a delivery outage (a
 restart, a deploy) shorter than that TTL around its due time.
 
-A wait is bounded by its host's silence, not by the callback's age (a give-up counted from a request's end
-failed healthy receivers' callbacks after a delivery outage). An attempt cut at --webhook-timeout notes its
-host silent in the store (since when, and its latest cut: `callbacks.note_cut`, one hash every process
-writes); one that ends uncut (any answer, or a connection error that comes at once: such a host drains
-through the retry schedule) deletes the note, so separate slow spells never add up, and nor does a time no
-attempt saw (a cut more than `silence_gap_ms` after the last starts the silence over: a delivery outage is
-no silence). A callback that would wait for a full host silent for the retry schedule's whole span
-(`give_up_after`: every backoff and every attempt's timeout, about 715 s by default) is failed unsent
-instead (`callbacks.give_up`), as a last failed attempt would fail it. The host's own places keep trying,
-so one that answers again is seen at its next attempt and nothing more fails; a dead receiver's backlog is
-then what its places and their retries hold, not every callback that ended since it died. Each pass reads
-the notes (one HGETALL) and an attempt deletes one only when its process saw it: an answer from a host
-that is not silent costs no command.
+A wait is bounded by its receiver's silence, not by the callback's age (a give-up counted from a request's
+end failed healthy receivers' callbacks after a delivery outage). The receiver is the callback URL's origin
+(scheme, host, port: `callbacks.callback_origin`), not its host: a healthy receiver on another port of a
+dead one's host must not have its callbacks failed for it (they share the host's places all the same). An
+attempt that gets no timely success notes its origin silent in the store (since when, and its latest such
+attempt: `callbacks.note_silent`, one hash every process writes): one cut at --webhook-timeout, or one that
+fails (any status but a 2xx, any error) only after SLOW_AFTER_SECONDS, as a dead receiver behind a gateway
+that answers 502 or 504 late, or a connection that takes seconds to fail, does. A 2xx, or a failure that
+comes sooner (such a receiver drains through the retry schedule), deletes the note, so separate slow spells
+never add up, and nor does a time no attempt saw (such an attempt more than `silence_gap_ms` after the last
+starts the silence over: a delivery outage is no silence). A callback whose own origin has been silent for
+the retry schedule's whole span (`give_up_after`: every backoff and every attempt's timeout, about 715 s by
+default) and that would wait for its full host is failed unsent instead (`callbacks.give_up`), as a last
+failed attempt would fail it. So is one of it held here (`Rooms.drop_held`, at the start of a pass), and in
+a pass such callbacks are placed after the others: the hold and the places of a host shared with a silent
+origin go to its other origins' callbacks first. Those released from the hold for a host turned slow
+(`Rooms.release_slow`, of origins not silent too long) are pushed back as before, and judged when due
+again. The origin's own places keep trying, so one that answers again is seen at its next attempt and
+nothing more fails; a dead receiver's backlog is then what its places and their retries hold, not every
+callback that ended since it died. Each pass reads the notes (one HGETALL) and an attempt
+deletes one only when its process saw it: a success of an origin that is not silent costs no command.
 
 On stop, the attempts in flight get up to --webhook-timeout (their own cap) plus SETTLE_SECONDS to end
 (an attempt cut by its cap then still records why); any still running then are cancelled. Any number of
@@ -107,7 +115,8 @@ HTTPX_CUTS = (httpx.ConnectTimeout, httpx.ReadTimeout, httpx.WriteTimeout)  # ht
 
 
 class Unanswered(str):
-    """The error of an attempt cut at --webhook-timeout (no whole answer within it): it notes its host silent."""
+    """The error of an attempt cut at --webhook-timeout (no whole answer within it): it notes its origin silent
+    however long it took (a timeout shorter than SLOW_AFTER_SECONDS too)."""
 
 
 class Delivery:
@@ -124,7 +133,7 @@ class Delivery:
                            slow_after=SLOW_AFTER_SECONDS)
         self.early_pass = asyncio.Event()  # set when a freed place wants callbacks a pass left due
         self.handing_on = True  # a freed place starts a held callback; off once the process stops
-        self.silent: dict[str, tuple[int, int]] = {}  # host -> its silence (ms: since, last cut), read each pass
+        self.silent: dict[str, tuple[int, int]] = {}  # origin -> its silence (ms: since, last), read each pass
 
     async def run(self, stop: asyncio.Event) -> None:
         """Pass after pass until `stop`, then the deliveries in flight are drained; a store outage is logged
@@ -168,18 +177,15 @@ class Delivery:
         how); returns how many it started, without waiting for them (`drain` does)."""
         now, now_ms = time.monotonic(), int(time.time() * 1000)
         self.rooms.pass_began(now_ms, now)
-        self.silent = await callbacks.silent_hosts(self.redis)
-        given_up: dict[str, list[str]] = {}  # host -> waiting callbacks failed unsent: silent too long
-        waiting: dict[str, int] = {}  # pushed back for their host's slowness
-        for host, rids in self.rooms.release_slow(now).items():
-            for rid in rids:
-                if self.silent_for(host, now_ms) is not None:
-                    given_up.setdefault(host, []).append(rid)
-                else:
-                    waiting[rid] = self.slow_turn(host, now_ms, now)
+        self.silent = await callbacks.silent_origins(self.redis)
+        silent = {origin for origin in self.silent if self.silent_for(origin, now_ms) is not None}
+        await self.give_up(self.rooms.drop_held(silent), now_ms)  # before they are read again as due
+        given_up: dict[str, list[str]] = {}  # origin -> waiting callbacks failed unsent: silent too long
+        # Released from the hold for their host's slowness: pushed back (judged again when due).
+        waiting = {rid: self.slow_turn(host, now_ms, now)
+                   for host, rids in self.rooms.release_slow(now).items() for rid in rids}
         due = await self.read_due(now_ms)
         if not due:
-            await self.give_up(given_up, now_ms)
             await self.push_back(waiting, now_ms)
             return 0
         pipe = self.redis.pipeline(transaction=False)
@@ -188,12 +194,14 @@ class Delivery:
         urls = await pipe.execute()
         started = 0
         kept: list[str] = []
-        for rid, url in zip(due, urls, strict=True):
-            host = (callbacks.callback_host(url) if url else None) or ""  # "": the claim will drop it
-            if self.rooms.host_full(host) and self.silent_for(host, now_ms) is not None:
-                given_up.setdefault(host, []).append(rid)  # it would wait for a host that answers nothing
+        read = [(rid, (callbacks.callback_host(url) if url else None) or "", self.origin(url or ""))
+                for rid, url in zip(due, urls, strict=True)]  # host "": the claim drops it
+        read.sort(key=lambda each: each[2] in silent)  # silent origins' last: the others take the places first
+        for rid, host, origin in read:
+            if self.rooms.host_full(host) and origin in silent:
+                given_up.setdefault(origin, []).append(rid)  # it would wait, for a receiver that answers nothing
                 continue
-            placement = self.rooms.place(rid, host, now)
+            placement = self.rooms.place(rid, host, now, origin)
             if placement is Placement.FULL:  # no place left in all: it stays due, its request kept
                 kept.append(rid)
             elif placement is Placement.START:
@@ -208,26 +216,32 @@ class Delivery:
         await self.push_back(waiting, now_ms, kept=kept)
         return started
 
+    @staticmethod
+    def origin(url: str) -> str:
+        """The receiver a callback URL names, as its silence is noted ("" for none: never silent)."""
+        return (callbacks.callback_origin(url) if url else None) or ""
+
     def give_up_after(self) -> float:
-        """How long a receiver's host may answer no attempt before what waits for its places is failed unsent
-        (seconds): the retry schedule's whole span, every backoff and every attempt's timeout (about 715 s by
-        default), as long as a callback first tried when the silence began takes to fail."""
+        """How long a receiver (an origin) may give no attempt a timely success before its callbacks that wait
+        for its host's places are failed unsent (seconds): the retry schedule's whole span, every backoff and
+        every attempt's timeout (about 715 s by default), as long as a callback first tried when the silence
+        began takes to fail."""
         settings = self.settings
         attempts = settings.webhook_max_attempts
         return settings.webhook_backoff * (2 ** (attempts - 1) - 1) + attempts * settings.webhook_timeout
 
     def silence_gap_ms(self) -> int:
-        """The longest time between two cut attempts of one silence (ms). A full host's place frees at a cut and
-        takes a callback again within a push (`push_cap`) and a pass, cut a timeout later; twice that allows for
-        the rest. A longer time without a cut (no delivery process ran, or none had a callback for the host)
-        starts its silence over: no attempt saw it."""
+        """The longest time between two untimely attempts of one silence (ms). A full host's place frees when
+        one ends (at a cut, at the latest) and takes a callback again within a push (`push_cap`) and a pass,
+        ended at most a timeout later; twice that allows for the rest. A longer time without one (no delivery
+        process ran, or none had a callback for the origin) starts its silence over: no attempt saw it."""
         return int((self.push_cap() + 2 * (self.settings.webhook_timeout + self.poll_seconds)) * 1000)
 
-    def silent_for(self, host: str, now_ms: int) -> float | None:
-        """How long `host` has answered no attempt (seconds, as attempts saw it) when that is long enough to
-        give up on what waits for it (`give_up_after`) and still going on (its last cut within
-        `silence_gap_ms`); else None."""
-        seen = self.silent.get(host)
+    def silent_for(self, origin: str, now_ms: int) -> float | None:
+        """How long `origin` has given no attempt a timely success (seconds, as attempts saw it) when that is
+        long enough to give up on what waits for it (`give_up_after`) and still going on (its last untimely
+        attempt within `silence_gap_ms`); else None."""
+        seen = self.silent.get(origin)
         if seen is None:
             return None
         since, last = seen
@@ -237,15 +251,15 @@ class Delivery:
         return span
 
     async def give_up(self, given_up: dict[str, list[str]], now_ms: int) -> None:
-        """Fail unsent the waiting callbacks of hosts silent too long (host -> request ids), one pipeline a
-        host."""
-        for host, rids in given_up.items():
-            span = self.silent_for(host, now_ms) or self.give_up_after()
-            error = (f"the receiver's host gave no whole answer to any attempt for {span:.0f} s"
-                     " (each cut at --webhook-timeout)")
+        """Fail unsent the waiting callbacks of origins silent too long (origin -> request ids), one pipeline
+        an origin."""
+        for origin, rids in given_up.items():
+            span = self.silent_for(origin, now_ms) or self.give_up_after()
+            error = (f"the receiver gave no answer in time and no success to any attempt for {span:.0f} s"
+                     f" (each cut at --webhook-timeout, or failed after {self.rooms.slow_after:g} s or more)")
             failed = await callbacks.give_up(self.redis, rids, error, now_ms=now_ms, keep_ms=self.lease_ms)
             if failed:
-                log.warning("%d callbacks to %s failed unsent: %s", failed, host, error)
+                log.warning("%d callbacks to %s failed unsent: %s", failed, origin, error)
 
     def slow_turn(self, host: str, now_ms: int, now: float) -> int:
         """When a callback waiting for slow `host` is due again (ms): its turn, at most `push_cap` away."""
@@ -362,7 +376,10 @@ class Delivery:
             await callbacks.settle(self.redis, rid, attempt, "failed", "host not in --webhook-allow",
                                    keep_ms=self.lease_ms)
             return
+        began = time.monotonic()
         error = await self.post(http, url, rid, fields)
+        untimely = error is not None and (isinstance(error, Unanswered)
+                                          or time.monotonic() - began >= self.rooms.slow_after)
         if error is None:
             await callbacks.settle(self.redis, rid, attempt, "delivered", keep_ms=self.lease_ms)
             log.info("callback of %s delivered (attempt %d)", rid, attempt)
@@ -378,24 +395,26 @@ class Delivery:
             await callbacks.settle(self.redis, rid, attempt, "retry", error, int((time.time() + delay) * 1000),
                                    keep_ms=keep_ms)
             log.info("callback of %s: attempt %d failed (%s); retrying in %.1f s", rid, attempt, error, delay)
-        await self.note_host(callbacks.callback_host(url) or "", error)
+        await self.note_origin(self.origin(url), untimely=untimely)
 
-    async def note_host(self, host: str, error: str | None) -> None:
-        """What an attempt says of its host's silence: a cut one goes on with it, one that ended uncut ends it
-        (a command only when this process knows of a note: read each pass, or written here). Written after its
-        outcome, which a store error here must not undo: a note missed only moves a give-up later, and a note
-        left is deleted by a later answer, once a pass has read it."""
-        if not host:
+    async def note_origin(self, origin: str, *, untimely: bool) -> None:
+        """What an attempt says of its receiver's silence: an untimely one (cut at the timeout, or failed only
+        after SLOW_AFTER_SECONDS) goes on with it; a success, or a failure that came sooner, ends it (a command
+        only when this process knows of a note: read each pass, or written here). Written after its outcome,
+        which a store error here must not undo: a note missed only moves a give-up later, and a note left is
+        deleted by a later success, once a pass has read it."""
+        if not origin:
             return
         try:
-            if isinstance(error, Unanswered):
+            if untimely:
                 now_ms = int(time.time() * 1000)
-                since = await callbacks.note_cut(self.redis, host, now_ms=now_ms, gap_ms=self.silence_gap_ms())
-                self.silent[host] = (since, now_ms)
-            elif self.silent.pop(host, None) is not None:
-                await callbacks.note_answered(self.redis, host)
+                since = await callbacks.note_silent(self.redis, origin, now_ms=now_ms,
+                                                    gap_ms=self.silence_gap_ms())
+                self.silent[origin] = (since, now_ms)
+            elif self.silent.pop(origin, None) is not None:
+                await callbacks.note_answered(self.redis, origin)
         except (*UNAVAILABLE, RedisError) as failure:
-            log.warning("callbacks to %s: whether it answers not noted (%s)", host, failure)
+            log.warning("callbacks to %s: whether it answers in time not noted (%s)", origin, failure)
 
     async def post(self, http: httpx.AsyncClient, url: str, rid: str, fields: dict[str, str]) -> str | None:
         """One signed POST of the request's final status; None when the receiver took it (2xx, whatever then

@@ -24,7 +24,9 @@ it is no longer slow, so its next waits start at the front again. One read again
 guess was short) goes to the end again.
 A LEAVE'd callback's due time is noted: a pass comes early once one of them is due and the hold is used up.
 A held callback stays due in the store, unclaimed: another process may claim it first, and then this
-one's claim is refused and the place passes on.
+one's claim is refused and the place passes on. Its receiver (an origin: the places are per host, but a
+host may hold several receivers) is noted with it, so that the caller can let go of those of a receiver
+it gives up on (`drop_held`), leaving their places in the hold to the host's other receivers.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ class Placement(Enum):
 class Host:
     in_flight: dict[str, float] = field(default_factory=dict)  # request id -> when its attempt began
     held: deque[str] = field(default_factory=deque)  # due, unclaimed, waiting for one of its places
+    held_origins: dict[str, str] = field(default_factory=dict)  # held request id -> its receiver (origin)
     left_due: bool = False  # a pass pushed callbacks of it past its full hold (LEAVE): they want a pass
     leave_dues: deque[int] = field(default_factory=deque)  # when those LEAVE'd callbacks are due (ms, in order)
 
@@ -88,7 +91,7 @@ class Rooms:
         room = self.hosts.get(host)
         return bool(host) and room is not None and len(room.in_flight) >= self.per_host
 
-    def place(self, rid: str, host: str, now: float) -> Placement:
+    def place(self, rid: str, host: str, now: float, origin: str = "") -> Placement:
         """What a pass does with a due callback it read (`host` "" for one without a valid URL: no bound,
         its claim drops it). START and HOLD are recorded here; the caller starts a START. A full host's
         callback waits its host's way (HOLD, LEAVE, PUSH) whether or not `concurrency` is reached: only one
@@ -102,6 +105,7 @@ class Rooms:
                 room.left_due = True
                 return Placement.LEAVE
             room.held.append(rid)
+            room.held_origins[rid] = origin
             self.host_of[rid] = host
             return Placement.HOLD
         if self.full():
@@ -135,6 +139,7 @@ class Rooms:
         if room is None or not room.held or len(room.in_flight) >= self.per_host or self.in_flight >= self.concurrency:
             return None
         rid = room.held.popleft()
+        room.held_origins.pop(rid, None)
         self.in_flight += 1
         room.in_flight[rid] = now
         return rid
@@ -207,12 +212,37 @@ class Rooms:
             if room.held and self.slow(room, now):
                 released[host] = list(room.held)
                 room.held.clear()
+                room.held_origins.clear()
         for rids in released.values():
             for rid in rids:
                 del self.host_of[rid]
+        self.drop_idle()
+        return released
+
+    def drop_held(self, origins: set[str]) -> dict[str, list[str]]:
+        """The held callbacks of these receivers (origins), let go here, by origin: the caller gives up on
+        them, and the host's hold is left to its other receivers' callbacks."""
+        dropped: dict[str, list[str]] = {}
+        if not origins:
+            return dropped
+        for room in self.hosts.values():
+            kept: deque[str] = deque()
+            for rid in room.held:
+                origin = room.held_origins.get(rid, "")
+                if origin in origins:
+                    dropped.setdefault(origin, []).append(rid)
+                    del room.held_origins[rid]
+                    del self.host_of[rid]
+                else:
+                    kept.append(rid)
+            room.held = kept
+        self.drop_idle()
+        return dropped
+
+    def drop_idle(self) -> None:
+        """Forget the hosts with nothing in flight or held here."""
         for host in [h for h, room in self.hosts.items() if not room.in_flight and not room.held]:
             del self.hosts[host]
-        return released
 
     def host_slow(self, host: str, now: float) -> bool:
         """`host` has an attempt here that has run `slow_after` seconds or more."""

@@ -1,8 +1,9 @@
 -- callback_give_up.lua (run with EVAL by the delivery process, webhooks/delivery.py: a pipeline of them a
--- pass): a due callback that waits for a place of its receiver's host, which has answered no attempt for a
--- whole retry schedule (sessions/callbacks.py `silent_hosts`), is marked failed unsent, as a last failed
--- attempt marks it (callback_settle.lua): `cbs` failed, `cbe` why, its attempts (`cbn`) as they are, its
--- entry dropped and its request kept ARGV[4] ms more or until its own expiry (`cbx`) when that is later.
+-- pass): a due callback that waits for a place of its receiver's host while its receiver (its URL's origin)
+-- has given no attempt a timely success for a whole retry schedule (sessions/callbacks.py `silent_origins`),
+-- is marked failed unsent, as a last failed attempt marks it (callback_settle.lua): `cbs` failed, `cbe`
+-- why, its attempts (`cbn`) as they are, its entry dropped and its request kept ARGV[4] ms more or until its
+-- own expiry (`cbx`) when that is later.
 -- Only a callback still queued and due by ARGV[2] is touched: one claimed since (due a lease on), settled
 -- (no longer queued) or due later (a retry) is left to its attempt.
 -- KEYS[1] the bucket's due callbacks sg:{s:<bucket>}:cb   KEYS[2] the request hash sg:{s:<bucket>}:r:<rid>

@@ -1,10 +1,12 @@
 -- callback_silent.lua (run with EVAL by the delivery process, webhooks/delivery.py): an attempt to a receiver
--- host was cut at --webhook-timeout. The host's silence, as attempts see it ("<since ms> <last ms>": since
--- when no attempt to it got a whole answer, and when the last one was cut), goes on to now; it starts over
--- at now when there is none (an attempt that ended uncut deleted it) or when the last cut is more than
--- ARGV[3] ms old: a time with no attempt to see it (an outage of every delivery process) is no silence.
--- KEYS[1] the hosts' silences sg:cbsilent (one hash, every delivery process's)
--- ARGV[1] host   ARGV[2] now (ms)   ARGV[3] the longest gap between cuts of one silence (ms)
+-- (the callback URL's origin: scheme, host, port) got no timely success: cut at --webhook-timeout, or failed
+-- only after as long as makes a host slow. The receiver's silence, as attempts see it ("<since ms> <last ms>":
+-- since when no attempt to it got a timely success, and when the last such attempt ended), goes on to now; it
+-- starts over at now when there is none (a success, or a quick failure, deleted it) or when the last such
+-- attempt is more than ARGV[3] ms old: a time with no attempt to see it (an outage of every delivery process)
+-- is no silence.
+-- KEYS[1] the receivers' silences sg:cbsilent (one hash, every delivery process's)
+-- ARGV[1] origin   ARGV[2] now (ms)   ARGV[3] the longest gap between two attempts of one silence (ms)
 -- Returns the silence's start (ms).
 local seen = redis.call('HGET', KEYS[1], ARGV[1])
 local since, last
