@@ -438,9 +438,10 @@ def test_a_backend_restarted_with_another_model_is_listed_again() -> None:
     assert backend.listings == 2, backend.listings
 
 
-def test_a_listing_that_keeps_naming_a_refused_model_fails_the_attempt() -> None:
-    """Bounded: a backend whose listing names the model it refuses gets --backend-retries tries (each listing
-    again), then the attempt fails as a transient one, counted against --max-attempts. Old: permanent at once."""
+def test_a_listing_that_still_names_a_refused_model_keeps_the_refusal() -> None:
+    """A backend whose listing still names the model it refuses has not changed models: the refusal is the
+    request's, permanent at once, after one listing (the first form of the fix retried it --backend-retries
+    times, listing each time)."""
     backend = Restarting("llama-v1")
 
     async def main() -> tuple[list[Any], EngineError | None]:
@@ -454,9 +455,98 @@ def test_a_listing_that_keeps_naming_a_refused_model_fails_the_attempt() -> None
 
     with ServerThread(backend.app()) as server:
         out, error = asyncio.run(main())
-    assert out == [] and error is not None and error.transient, error  # old: transient False
+    assert out == [] and error is not None and not error.transient, error
     assert "does not exist" in str(error), error
-    assert backend.chats == ["gone"] * 4 and backend.listings == 3, (backend.chats, backend.listings)
+    assert backend.chats == ["gone"] and backend.listings == 1, (backend.chats, backend.listings)
+
+
+class Several:
+    """Ollama-like: /v1/models lists several served models (the latest pulled first), all served; a chat naming
+    another gets Ollama's 404."""
+
+    def __init__(self, listing: list[str]) -> None:
+        self.listing = listing
+        self.chats: list[str] = []
+        self.listings = 0
+
+    def app(self) -> Starlette:
+        return Starlette(routes=[Route("/v1/models", self.models), Route("/version", self.version),
+                                 Route("/v1/chat/completions", self.chat, methods=["POST"])])
+
+    async def models(self, _: Request) -> Response:
+        self.listings += 1
+        return JSONResponse({"object": "list", "data": [{"id": m, "object": "model"} for m in self.listing]})
+
+    async def version(self, _: Request) -> Response:
+        return JSONResponse({"version": "0.11.0"})
+
+    async def chat(self, request: Request) -> Response:
+        body = await request.json()
+        self.chats.append(body["model"])
+        if body["model"] not in self.listing:
+            return JSONResponse({"error": {"message": f'model "{body["model"]}" not found, try pulling it first',
+                                           "type": "api_error"}}, status_code=404)
+        return Response(chunk({"content": body["model"]}, "stop") + DONE, media_type="text/event-stream")
+
+
+def test_a_probe_keeps_the_model_learnt_while_it_is_listed() -> None:
+    """A re-probe of a backend that serves several models, whose listing changed order (`ollama pull qwen`):
+    the model learnt is still served, and the group is routed by its name. The first form of the fix took the
+    new first one: tenants asking for llama3 were answered by qwen."""
+    backend = Several(["llama3:latest", "qwen:latest"])
+
+    async def main() -> list[str]:
+        engine = learnt_engine(server.url)
+        try:
+            await drain(engine)
+            backend.listing = ["qwen:latest", "llama3:latest"]
+            await engine.probe("default")
+            await drain(engine)
+            return backend.chats
+        finally:
+            await engine.aclose()
+
+    with ServerThread(backend.app()) as server:
+        chats = asyncio.run(main())
+    assert set(chats) == {"llama3:latest"}, chats  # the probe's test request included
+
+
+def test_a_model_removed_from_a_backend_that_serves_several_is_the_requests_refusal() -> None:
+    """`ollama rm llama3` on a backend that also serves qwen: the 404 is the request's (as before the first form
+    of the fix, which answered it with qwen, a model nobody chose)."""
+    backend = Several(["llama3:latest", "qwen:latest"])
+
+    async def main() -> tuple[list[Any], EngineError | None]:
+        engine = learnt_engine(server.url)
+        try:
+            await drain(engine)
+            backend.listing = ["qwen:latest"] + ["other:latest"]
+            return await drain(engine)
+        finally:
+            await engine.aclose()
+
+    with ServerThread(backend.app()) as server:
+        out, error = asyncio.run(main())
+    assert error is not None and not error.transient and "not found" in str(error), (out, error)
+    assert backend.chats == ["llama3:latest", "llama3:latest"], backend.chats
+
+
+def test_a_404_that_only_quotes_the_model_is_the_requests_own() -> None:
+    """A gateway's 404 about its route, quoting the model inside other words: no listing, permanent at once (the
+    first form of the fix retried it --backend-retries times, listing each time)."""
+    async def chat(request: Request) -> Response:
+        body = await request.json()
+        return JSONResponse({"error": {"message": f"no route for POST /v1/chat/completions (tenant policy "
+                                                  f"'{body['model']}-free-tier' does not allow chat)"}},
+                            status_code=404)
+
+    backend = Restarting("llama")
+    app = Starlette(routes=[Route("/v1/models", backend.models), Route("/v1/chat/completions", chat,
+                                                                       methods=["POST"])])
+    with ServerThread(app) as server:
+        [error] = asyncio.run(runs(server.url, 1))
+    assert isinstance(error, EngineError) and not error.transient, error
+    assert backend.listings == 1, backend.listings  # the model learnt, no listing again
 
 
 def test_a_configured_model_refused_stays_the_requests_failure() -> None:

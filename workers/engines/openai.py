@@ -24,8 +24,9 @@ Failures, and who handles them:
   within `first_token_timeout`): retried here with tenacity, exponential backoff with full jitter
   (waits drawn from [0, 0.5 s x 2^n], at most 8 s), at most `retries` tries; then the attempt fails
   as a transient EngineError naming the backend and its last error. Other 4xx are permanent at once
-  (the request itself is wrong), but for a 404 naming the model learnt from /models (no --backend-model): a
-  backend restarted with another model, whose name is forgotten and listed again at the next try. A retried
+  (the request itself is wrong), but for a 404 saying the model learnt from /models (no --backend-model) does
+  not exist, from a backend whose /models now lists one other model (one restarted with another): that one is
+  learnt and the next try names it. A retried
   status with a `Retry-After` (seconds or an HTTP-date; vLLM, TGI and proxies send it when overloaded) is
   honoured: the next try waits at least that long, but at most RETRY_AFTER_MAX_SECONDS (30 s: a confused
   backend cannot park the slot for hours); one that does not parse or is past leaves the backoff as it is. A
@@ -210,10 +211,15 @@ def names_engine_death(message: str) -> bool:
 
 
 def refuses_model(status: int, payload: bytes, model: str) -> bool:
-    """Whether an error answer says the backend does not serve `model`: a 404 that names it (vLLM's NotFoundError
-    "The model `x` does not exist.", Ollama's 'model "x" not found')."""
-    return status == 404 and bool(model) and (model in payload.decode(errors="replace")
-                                              or model in error_message(status, payload))
+    """Whether an error answer says the backend does not serve `model`: a 404 whose own message (not an echo of
+    the request) names it quoted and says it does not exist or is not found (vLLM's NotFoundError "The model `x`
+    does not exist.", Ollama's 'model "x" not found'). A 404 about anything else (a wrong path, a gateway's
+    route) that merely quotes the name is the request's own failure."""
+    if status != 404 or not model:
+        return False
+    message = error_message(status, payload).lower()
+    named = any(f"{quote}{model.lower()}{quote}" in message for quote in ("`", '"', "'"))
+    return named and ("does not exist" in message or "not found" in message)
 
 
 def error_message(status: int, body: bytes) -> str:
@@ -501,30 +507,53 @@ class OpenAIEngine:
         return self.models.get(group) or self.models.get("*")
 
     async def model_for(self, group: str) -> str:
-        """`--backend-model` for the group (or `*`); else the first model the backend serves, learnt until the
-        next probe, or until the backend refuses it (`_post`: one restarted with another model)."""
+        """`--backend-model` for the group (or `*`); else the first model the backend serves, learnt and kept
+        while the backend lists it (`probe`, `_relearn`: one restarted with another model)."""
         configured = self.configured_model(group)
         if configured:
             return configured
         if self._served_model is None:
-            async with asyncio.timeout(self.timeout), self.session.get(f"{self.base_url}/models") as response:
-                body = await response.read()
-                if response.status != 200:
-                    self._raise_for_status(response.status, body, response.headers)
-                listing = orjson.loads(body)
-                items = listing.get("data") if isinstance(listing, dict) else None
-                if not isinstance(items, list):  # (`{"data": 5}`: no model listed, not a TypeError)
-                    items = []
-                served = [m["id"] for m in items if isinstance(m, dict) and m.get("id")]
-            if not served:
-                raise Permanent("the backend's /models lists no model; set --backend-model")
-            self._served_model = str(served[0])
+            self._served_model = (await self._served_models())[0]
         return self._served_model
+
+    async def _served_models(self) -> list[str]:
+        """The ids of the backend's /models (at least one, else Permanent: --backend-model is needed)."""
+        async with asyncio.timeout(self.timeout), self.session.get(f"{self.base_url}/models") as response:
+            body = await response.read()
+            if response.status != 200:
+                self._raise_for_status(response.status, body, response.headers)
+            listing = orjson.loads(body)
+            items = listing.get("data") if isinstance(listing, dict) else None
+            if not isinstance(items, list):  # (`{"data": 5}`: no model listed, not a TypeError)
+                items = []
+            served = [str(m["id"]) for m in items if isinstance(m, dict) and m.get("id")]
+        if not served:
+            raise Permanent("the backend's /models lists no model; set --backend-model")
+        return served
+
+    async def _relearn(self, refused: str) -> bool:
+        """After a 404 saying the backend does not serve `refused`, the model its /models named: whether it now
+        serves one model, another (a single-model server, vLLM's, restarted with another), which is learnt
+        instead, so that the run is tried again with it. A backend that still lists the refused model, or lists
+        several (Ollama's after an `ollama rm`), keeps the refusal, the request's: a tenant is not answered by a
+        model nobody chose."""
+        served = await self._served_models()
+        if refused in served or len(served) != 1:
+            return False
+        if self._served_model == refused:  # (another run may have learnt the new one meanwhile)
+            self._served_model = served[0]
+        log.warning("backend %s no longer serves model %s but %s: tried again with it", self.base_url, refused,
+                    served[0])
+        return True
 
     async def probe(self, group: str) -> Capabilities:
         """Learn what the backend can do (workers/engines/probe.py) and act on it. The model it serves is
-        listed again: a backend probed again may have restarted with another."""
-        self._served_model = None
+        listed again: a backend probed again may have restarted with another; the one learnt is kept while it
+        is listed (a listing whose order changed, Ollama's after a pull, changes nothing)."""
+        if self.configured_model(group) is None:
+            served = await self._served_models()
+            if self._served_model not in served:
+                self._served_model = served[0]
         found = await probe(self.session, self.base_url, await self.model_for(group))
         self.capabilities = found
         self.send_priority = self.send_priority and found.accepts_priority
@@ -856,13 +885,10 @@ class OpenAIEngine:
             if renamed_budget(response.status, payload, body):
                 lessons.append("budget")
                 continue
-            if learnt and refuses_model(response.status, payload, body["model"]):
-                if self._served_model == body["model"]:  # (another run may have learnt the new one meanwhile)
-                    self._served_model = None
-                log.warning("backend %s no longer serves model %s; its /models is asked again", self.base_url,
-                            body["model"])
+            if learnt and refuses_model(response.status, payload, body["model"]) and await self._relearn(
+                    body["model"]):
                 raise Transient(f"{error_message(response.status, payload)} (the model its /models named; "
-                                "listed again)")
+                                "it serves another now)")
             self._raise_for_status(response.status, payload, response.headers)  # the request's own error
 
     def _learn(self, lessons: list[str]) -> None:
