@@ -12,13 +12,14 @@ until it is due and the longer of a lease and that TTL more, so that a delivery 
 around its due time loses nothing. Its last attempt settled, the request is kept a lease more, or until its
 own expiry (the one it ended with, recorded as `cbx` before the first lengthening) when that is later.
 
-A receiver that gives no attempt a timely success (each is cut at --webhook-timeout, or fails only after a
-host turns slow) is noted silent in one small hash (`keys.CALLBACKS_SILENT`, keyed by the callback URL's
-origin, `callback_origin`: -> since when, and when its last such attempt ended), written by every delivery
-process; a success, or a failure that comes quickly, deletes it. A callback of a silent origin that waits for
-a place of its host, silent for a whole retry schedule, is failed unsent (`give_up`): what bounds a dead
-receiver's backlog. The origin, not the host: another port or scheme of the same host is another receiver,
-whose callbacks a dead one must not fail (the places stay per host: webhooks/rooms.py).
+A receiver that gives no attempt a timely success (each is cut at --webhook-timeout, or fails only after a host
+turns slow, or fails while its host's places are all taken) is noted silent in one small hash
+(`keys.CALLBACKS_SILENT`, keyed by the callback URL's origin, `callback_origin`: -> since when, and when its last
+such attempt ended), written by every delivery process; a success, or another failure, deletes it (a note whose
+silence is over is deleted when read). A callback of a silent origin that waits for a place of its host, silent for
+a whole retry schedule, is failed unsent (`give_up`): what bounds a dead receiver's backlog. The origin, not the
+host: another port or scheme of the same host is another receiver, whose callbacks a dead one must not fail (the
+places stay per host: webhooks/rooms.py).
 """
 
 from __future__ import annotations
@@ -156,15 +157,32 @@ async def give_up(redis: Any, rids: Iterable[str], error: str, *, now_ms: int, k
     return sum(int(reply) for reply in await pipe.execute())
 
 
-async def silent_origins(redis: Any) -> dict[str, tuple[int, int]]:
-    """The receivers (origins, `callback_origin`) no attempt got a timely success from since their last
-    success or quick failure: origin -> (since when, when its last such attempt ended), in ms."""
+def _silences(origins: Iterable[Any], seen: Iterable[Any]) -> dict[str, tuple[int, int]]:
     silent: dict[str, tuple[int, int]] = {}
-    for origin, seen in (await redis.hgetall(keys.CALLBACKS_SILENT)).items():
-        since, _, last = text(seen).partition(" ")
+    for origin, value in zip(origins, seen, strict=True):
+        since, _, last = text(value or "").partition(" ")
         if since.isdigit() and last.isdigit():
             silent[text(origin)] = (int(since), int(last))
     return silent
+
+
+async def silent_origins(redis: Any, *, now_ms: int, gap_ms: int) -> dict[str, tuple[int, int]]:
+    """The receivers (origins, `callback_origin`) no attempt got a timely success from since their last
+    success or quick failure: origin -> (since when, when its last such attempt ended), in ms. A note whose
+    last attempt is more than `gap_ms` old is over (a time no attempt saw is no silence): deleted here, so the
+    hash holds only silences going on (an origin no callback names any more does not stay in it for good)."""
+    notes = await redis.hgetall(keys.CALLBACKS_SILENT)
+    silent = _silences(notes.keys(), notes.values())
+    over = [origin for origin, (_, last) in silent.items() if now_ms - last > gap_ms]
+    if over:  # (one extended meanwhile by another process only starts over at its next such attempt: later)
+        await redis.hdel(keys.CALLBACKS_SILENT, *over)
+    return {origin: seen for origin, seen in silent.items() if origin not in over}
+
+
+async def silences_of(redis: Any, origins: list[str]) -> dict[str, tuple[int, int]]:
+    """The notes of `origins` as they are now (a give-up's last look: a success since the pass read them
+    deleted its origin's)."""
+    return _silences(origins, await redis.hmget(keys.CALLBACKS_SILENT, origins)) if origins else {}
 
 
 async def note_silent(redis: Any, origin: str, *, now_ms: int, gap_ms: int) -> int:

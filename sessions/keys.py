@@ -174,8 +174,8 @@ API_KEYS_USED = API_KEYS + ":used"  # hash key_id -> when it last authenticated 
 TENANT_LIMITS = PREFIX + "tenant_limits"  # hash "<tenant>:<limit>" -> int (scheduler/limits.py)
 AUDIT = PREFIX + "audit"  # list of admin changes, newest first, capped (api/audit.py)
 # hash receiver origin ("<scheme>://<host>:<port>") -> "<since ms> <last ms>": how long no callback attempt to it got
-# a timely success (written by the delivery processes, webhooks/delivery.py; an origin is there only while silent:
-# one small key, one slot)
+# a timely success (written by the delivery processes, webhooks/delivery.py; a note whose silence is over is deleted
+# when a pass reads it: one small key, one slot)
 CALLBACKS_SILENT = PREFIX + "cbsilent"
 
 

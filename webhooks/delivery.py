@@ -58,9 +58,11 @@ dead one's host must not have its callbacks failed for it (they share the host's
 attempt that gets no timely success notes its origin silent in the store (since when, and its latest such
 attempt: `callbacks.note_silent`, one hash every process writes): one cut at --webhook-timeout, or one that
 fails (any status but a 2xx, any error) only after SLOW_AFTER_SECONDS, as a dead receiver behind a gateway
-that answers 502 or 504 late, or a connection that takes seconds to fail, does. A 2xx, or a failure that
-comes sooner (such a receiver drains through the retry schedule), deletes the note, so separate slow spells
-never add up, and nor does a time no attempt saw (such an attempt more than `silence_gap_ms` after the last
+that answers 502 or 504 late, or a connection that takes seconds to fail, does; and so does any failure while
+every place of its host is taken (a backlog waits: a receiver failing at once, a balancer's instant 503 with
+no healthy target, drains no faster than its places allow). A 2xx, or a failure that comes sooner while the
+host has places free (such a receiver drains through the retry schedule), deletes the note, so separate slow
+spells never add up, and nor does a time no attempt saw (such an attempt more than `silence_gap_ms` after the last
 starts the silence over: a delivery outage is no silence). A callback whose own origin has been silent for
 the retry schedule's whole span (`give_up_after`: every backoff and every attempt's timeout, about 715 s by
 default) and that would wait for its full host is failed unsent instead (`callbacks.give_up`), as a last
@@ -70,8 +72,12 @@ origin go to its other origins' callbacks first. Those released from the hold fo
 (`Rooms.release_slow`, of origins not silent too long) are pushed back as before, and judged when due
 again. The origin's own places keep trying, so one that answers again is seen at its next attempt and
 nothing more fails; a dead receiver's backlog is then what its places and their retries hold, not every
-callback that ended since it died. Each pass reads the notes (one HGETALL) and an attempt
-deletes one only when its process saw it: a success of an origin that is not silent costs no command.
+callback that ended since it died. A callback due while the receiver is still silent, up to its first
+success, is failed as well: once a receiver has given no success for that span, what comes due before one is
+not waited for. Each pass reads the notes (one HGETALL; a note whose silence is over, its last such attempt
+more than `silence_gap_ms` old, is deleted then, so the hash holds only silences going on), a give-up reads
+its origins' notes again first (a success meanwhile saves their callbacks), and an attempt deletes one only
+when its process saw it: a success of an origin that is not silent costs no command.
 
 On stop, the attempts in flight get up to --webhook-timeout (their own cap) plus SETTLE_SECONDS to end
 (an attempt cut by its cap then still records why); any still running then are cancelled. Any number of
@@ -177,7 +183,7 @@ class Delivery:
         how); returns how many it started, without waiting for them (`drain` does)."""
         now, now_ms = time.monotonic(), int(time.time() * 1000)
         self.rooms.pass_began(now_ms, now)
-        self.silent = await callbacks.silent_origins(self.redis)
+        self.silent = await callbacks.silent_origins(self.redis, now_ms=now_ms, gap_ms=self.silence_gap_ms())
         silent = {origin for origin in self.silent if self.silent_for(origin, now_ms) is not None}
         await self.give_up(self.rooms.drop_held(silent), now_ms)  # before they are read again as due
         given_up: dict[str, list[str]] = {}  # origin -> waiting callbacks failed unsent: silent too long
@@ -252,11 +258,23 @@ class Delivery:
 
     async def give_up(self, given_up: dict[str, list[str]], now_ms: int) -> None:
         """Fail unsent the waiting callbacks of origins silent too long (origin -> request ids), one pipeline
-        an origin."""
+        an origin; each origin's note read again first (a success during the pass, here or in another process,
+        deleted it: its callbacks are left to wait)."""
+        if not given_up:
+            return
+        fresh = await callbacks.silences_of(self.redis, list(given_up))
+        for origin in given_up:
+            if origin in fresh:
+                self.silent[origin] = fresh[origin]
+            else:
+                self.silent.pop(origin, None)
         for origin, rids in given_up.items():
-            span = self.silent_for(origin, now_ms) or self.give_up_after()
-            error = (f"the receiver gave no answer in time and no success to any attempt for {span:.0f} s"
-                     f" (each cut at --webhook-timeout, or failed after {self.rooms.slow_after:g} s or more)")
+            span = self.silent_for(origin, now_ms)
+            if span is None or not rids:
+                continue
+            error = (f"the receiver gave no success to any attempt for {span:.0f} s while callbacks waited"
+                     f" (each cut at --webhook-timeout, or failed after {self.rooms.slow_after:g} s or more,"
+                     " or while its host's places were all taken)")
             failed = await callbacks.give_up(self.redis, rids, error, now_ms=now_ms, keep_ms=self.lease_ms)
             if failed:
                 log.warning("%d callbacks to %s failed unsent: %s", failed, origin, error)
@@ -378,8 +396,12 @@ class Delivery:
             return
         began = time.monotonic()
         error = await self.post(http, url, rid, fields)
+        # No success in time: a cut, a failure that took a slow host's time, or any failure while every place
+        # of its host is taken (a backlog waits: a receiver failing fast, an instant 503 of a balancer with no
+        # healthy target, drains no faster through its retries than its places allow)
         untimely = error is not None and (isinstance(error, Unanswered)
-                                          or time.monotonic() - began >= self.rooms.slow_after)
+                                          or time.monotonic() - began >= self.rooms.slow_after
+                                          or self.rooms.host_full(callbacks.callback_host(url) or ""))
         if error is None:
             await callbacks.settle(self.redis, rid, attempt, "delivered", keep_ms=self.lease_ms)
             log.info("callback of %s delivered (attempt %d)", rid, attempt)
@@ -398,8 +420,9 @@ class Delivery:
         await self.note_origin(self.origin(url), untimely=untimely)
 
     async def note_origin(self, origin: str, *, untimely: bool) -> None:
-        """What an attempt says of its receiver's silence: an untimely one (cut at the timeout, or failed only
-        after SLOW_AFTER_SECONDS) goes on with it; a success, or a failure that came sooner, ends it (a command
+        """What an attempt says of its receiver's silence: an untimely one (cut at the timeout, failed only after
+        SLOW_AFTER_SECONDS, or failed while its host's places were all taken) goes on with it; a success, or
+        another failure, ends it (a command
         only when this process knows of a note: read each pass, or written here). Written after its outcome,
         which a store error here must not undo: a note missed only moves a give-up later, and a note left is
         deleted by a later success, once a pass has read it."""
