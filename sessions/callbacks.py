@@ -152,8 +152,8 @@ async def give_up(redis: Any, rids: Iterable[str], error: str, *, now_ms: int, k
         return 0
     pipe = redis.pipeline(transaction=False)
     for rid in rids:
-        pipe.eval(script("callback_give_up"), 2, keys.callbacks_due(keys.bucket_of_request(rid)), keys.request(rid),
-                  rid, now_ms, error[:500], max(1, keep_ms))
+        pipe.eval(script("callback_settle"), 2, keys.callbacks_due(keys.bucket_of_request(rid)), keys.request(rid),
+                  rid, 0, "given_up", error[:500], now_ms, max(1, keep_ms))
     return sum(int(reply) for reply in await pipe.execute())
 
 

@@ -92,6 +92,14 @@ def auth_stack(redis_url: str) -> Iterator[Stack]:
 
 
 @pytest.fixture
+def short(redis_url: str) -> Iterator[Stack]:
+    """The usual stack with sessions that expire 1 s after their last event."""
+    running = Stack(fast_settings(redis_url, session_ttl=1)).start(workers=1)
+    yield running
+    running.stop()
+
+
+@pytest.fixture
 def idle_auth_stack(redis_url: str) -> Iterator[Stack]:
     """Auth on, the admin key `admin-secret`, and no worker: what is submitted stays queued."""
     running = Stack(fast_settings(redis_url, auth=True, admin_key="admin-secret")).start(workers=0)

@@ -369,13 +369,12 @@ def test_the_count_sends_each_servers_field() -> None:
 
 
 # ---- a second review: a backend restarted with another model; counts, continuations and chunks ----------------
-class Restarting:
-    """A vLLM-like server whose served model changes (a restart with another): /v1/models lists `model`, a chat
-    naming another gets vLLM's 404 NotFoundError. Records the models the chats named and the listings."""
+class Several:
+    """Ollama-like: /v1/models lists several served models (the latest pulled first), all served; a chat naming
+    another gets Ollama's 404. Records the models the chats named and the listings."""
 
-    def __init__(self, model: str) -> None:
-        self.model = model
-        self.listed: str | None = None  # what /v1/models names, when not `model`
+    def __init__(self, listing: list[str]) -> None:
+        self.listing = listing
         self.chats: list[str] = []
         self.listings = 0
 
@@ -383,9 +382,19 @@ class Restarting:
         return Starlette(routes=[Route("/v1/models", self.models), Route("/version", self.version),
                                  Route("/v1/chat/completions", self.chat, methods=["POST"])])
 
+    def listed_ids(self) -> list[str]:
+        return self.listing
+
+    def refusal(self, model: str) -> Response | None:
+        """The 404 of a chat naming `model`, when the backend does not serve it."""
+        if model in self.listing:
+            return None
+        return JSONResponse({"error": {"message": f'model "{model}" not found, try pulling it first',
+                                       "type": "api_error"}}, status_code=404)
+
     async def models(self, _: Request) -> Response:
         self.listings += 1
-        return JSONResponse({"object": "list", "data": [{"id": self.listed or self.model, "object": "model"}]})
+        return JSONResponse({"object": "list", "data": [{"id": m, "object": "model"} for m in self.listed_ids()]})
 
     async def version(self, _: Request) -> Response:
         return JSONResponse({"version": "0.11.0"})
@@ -393,10 +402,36 @@ class Restarting:
     async def chat(self, request: Request) -> Response:
         body = await request.json()
         self.chats.append(body["model"])
-        if body["model"] != self.model:
-            return JSONResponse({"object": "error", "message": f"The model `{body['model']}` does not exist.",
-                                 "type": "NotFoundError", "param": None, "code": 404}, status_code=404)
-        return Response(chunk({"content": "ok"}, "stop") + DONE, media_type="text/event-stream")
+        refused = self.refusal(body["model"])
+        if refused is not None:
+            return refused
+        return Response(chunk({"content": self.text_of(body["model"])}, "stop") + DONE, media_type="text/event-stream")
+
+    def text_of(self, model: str) -> str:
+        """The answer's text: the model that gave it."""
+        return model
+
+
+class Restarting(Several):
+    """A vLLM-like server whose served model changes (a restart with another): /v1/models lists `model` (or
+    `listed`), a chat naming another gets vLLM's 404 NotFoundError."""
+
+    def __init__(self, model: str) -> None:
+        super().__init__([model])
+        self.model = model
+        self.listed: str | None = None  # what /v1/models names, when not `model`
+
+    def listed_ids(self) -> list[str]:
+        return [self.listed or self.model]
+
+    def text_of(self, model: str) -> str:
+        return "ok"
+
+    def refusal(self, model: str) -> Response | None:
+        if model == self.model:
+            return None
+        return JSONResponse({"object": "error", "message": f"The model `{model}` does not exist.",
+                             "type": "NotFoundError", "param": None, "code": 404}, status_code=404)
 
 
 def learnt_engine(url: str, models: dict[str, str] | None = None) -> OpenAIEngine:
@@ -458,35 +493,6 @@ def test_a_listing_that_still_names_a_refused_model_keeps_the_refusal() -> None:
     assert out == [] and error is not None and not error.transient, error
     assert "does not exist" in str(error), error
     assert backend.chats == ["gone"] and backend.listings == 1, (backend.chats, backend.listings)
-
-
-class Several:
-    """Ollama-like: /v1/models lists several served models (the latest pulled first), all served; a chat naming
-    another gets Ollama's 404."""
-
-    def __init__(self, listing: list[str]) -> None:
-        self.listing = listing
-        self.chats: list[str] = []
-        self.listings = 0
-
-    def app(self) -> Starlette:
-        return Starlette(routes=[Route("/v1/models", self.models), Route("/version", self.version),
-                                 Route("/v1/chat/completions", self.chat, methods=["POST"])])
-
-    async def models(self, _: Request) -> Response:
-        self.listings += 1
-        return JSONResponse({"object": "list", "data": [{"id": m, "object": "model"} for m in self.listing]})
-
-    async def version(self, _: Request) -> Response:
-        return JSONResponse({"version": "0.11.0"})
-
-    async def chat(self, request: Request) -> Response:
-        body = await request.json()
-        self.chats.append(body["model"])
-        if body["model"] not in self.listing:
-            return JSONResponse({"error": {"message": f'model "{body["model"]}" not found, try pulling it first',
-                                           "type": "api_error"}}, status_code=404)
-        return Response(chunk({"content": body["model"]}, "stop") + DONE, media_type="text/event-stream")
 
 
 def test_a_probe_keeps_the_model_learnt_while_it_is_listed() -> None:

@@ -7,24 +7,14 @@ from __future__ import annotations
 
 import http.client
 import json
-from collections.abc import Iterator
 from typing import Any
 
-import pytest
 import redis
 
 from sluicegate.sessions import keys
 from tests.helpers import Stack, call, fast_settings, submit, wait_for
 
 KEPT_MS = 60_000  # what callback_claim/settle give a request hash whose callback is still being tried
-
-
-@pytest.fixture
-def short(redis_url: str) -> Iterator[Stack]:
-    """The usual stack with sessions that expire 1 s after their last event."""
-    running = Stack(fast_settings(redis_url, session_ttl=1)).start(workers=1)
-    yield running
-    running.stop()
 
 
 def get(base: str, path: str, headers: dict[str, str] | None = None) -> tuple[int, Any]:

@@ -10,11 +10,9 @@ answering as if the request had nothing more to send:
 from __future__ import annotations
 
 import http.client
-import json
 import shutil
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,30 +22,7 @@ import redis
 from sluicegate.embedded import EmbeddedServer, free_port
 from sluicegate.sessions import keys
 from tests.helpers import SseEvent, Stack, call, fast_settings, sse, submit, wait_for
-
-KEPT_MS = 60_000  # what callback_claim/settle give a request hash whose callback is still being tried
-
-
-@pytest.fixture
-def short(redis_url: str) -> Iterator[Stack]:
-    """The usual stack with sessions that expire 1 s after their last event."""
-    running = Stack(fast_settings(redis_url, session_ttl=1)).start(workers=1)
-    yield running
-    running.stop()
-
-
-def get(base: str, path: str, headers: dict[str, str] | None = None) -> tuple[int, Any]:
-    """A GET whose body is read whole (a stream that ended, or an error), JSON decoded when it is JSON."""
-    host, port = base.removeprefix("http://").split(":")
-    connection = http.client.HTTPConnection(host, int(port), timeout=10)
-    try:
-        connection.request("GET", path, headers=headers or {})
-        response = connection.getresponse()
-        body = response.read()
-        is_json = response.getheader("content-type", "").startswith("application/json")
-        return response.status, json.loads(body) if is_json else body
-    finally:
-        connection.close()
+from tests.test_request_stream_log_gone import KEPT_MS, get
 
 
 def resumed(base: str, rid: str, cursor: int) -> tuple[int, Any]:

@@ -35,27 +35,18 @@ GAVE_UP = "the receiver gave no success to any attempt for"
 POLL = 0.1
 
 
-class HangingReceiver:
-    """Answers 200 in 10 ms, except to a request that comes within one of `hangs` ((start, end), time.time()):
-    that one it holds without answering (its attempt is cut at the timeout)."""
+class Receiver:
+    """A loopback HTTP receiver of callbacks on a port of its own; `answer(handler)` answers one POST, its body
+    read (subclasses)."""
 
-    def __init__(self, hangs: Sequence[tuple[float, float]] = ()) -> None:
-        self.taken: dict[str, float] = {}
-        self.release = threading.Event()  # ends the hung handlers at teardown
+    def __init__(self) -> None:
+        self.release = threading.Event()  # ends the held handlers at teardown
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:  # noqa: N802 - http.server's name
                 self.rfile.read(int(self.headers["content-length"]))
-                now = time.time()
-                if any(start <= now < end for start, end in hangs):
-                    outer.release.wait(60)
-                    return
-                time.sleep(0.01)
-                outer.taken.setdefault(self.path, now)
-                self.send_response(200)
-                self.send_header("content-length", "0")
-                self.end_headers()
+                outer.answer(self)
 
             def log_message(self, *_: object) -> None:
                 pass
@@ -65,10 +56,38 @@ class HangingReceiver:
         self.url = f"http://{HOST}:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
+    def answer(self, handler: BaseHTTPRequestHandler) -> None:
+        raise NotImplementedError
+
+    @staticmethod
+    def reply(handler: BaseHTTPRequestHandler, status: int) -> None:
+        handler.send_response(status)
+        handler.send_header("content-length", "0")
+        handler.end_headers()
+
     def stop(self) -> None:
         self.release.set()
         self.server.shutdown()
         self.server.server_close()
+
+
+class HangingReceiver(Receiver):
+    """Answers 200 in 10 ms, except to a request that comes within one of `hangs` ((start, end), time.time()):
+    that one it holds without answering (its attempt is cut at the timeout)."""
+
+    def __init__(self, hangs: Sequence[tuple[float, float]] = ()) -> None:
+        self.taken: dict[str, float] = {}
+        self.hangs = hangs
+        super().__init__()
+
+    def answer(self, handler: BaseHTTPRequestHandler) -> None:
+        now = time.time()
+        if any(start <= now < end for start, end in self.hangs):
+            self.release.wait(60)
+            return
+        time.sleep(0.01)
+        self.taken.setdefault(handler.path, now)
+        self.reply(handler, 200)
 
 
 def small_settings(redis_url: str, *, attempts: int = 2) -> Settings:
@@ -217,16 +236,17 @@ def test_a_healthy_receiver_loses_nothing_to_a_delivery_outage_longer_than_a_sch
 
 
 def test_a_silence_before_a_delivery_outage_does_not_count_past_it(redis_url: str, r) -> None:
-    """A receiver hangs for 1.6 s while callbacks come at 40 a second: its attempts are cut for more than the
-    0.65-s schedule, and the silence is noted. Then no delivery process runs for 2 s (longer than the 1.1-s
-    gap a silence allows between two cuts), the receiver answering again meanwhile; 150 callbacks are due to it
-    when one starts again. The old silence is not counted on (no attempt saw the outage, and the first one
-    answered ends it): all 150 are delivered, none failed unsent (they would be if a silence noted before an
-    outage counted through it)."""
+    """A receiver hangs for 2.2 s while callbacks come at 40 a second for the 1.6 s a delivery process runs (the hang
+    outlasts it: a first answer just before its end would start a new silence): its attempts are cut for more
+    than the 0.65-s schedule, and the silence is noted. Then no delivery process runs for about 2 s (longer
+    than the 1.1-s gap a silence allows between two cuts), the receiver answering again meanwhile; 150
+    callbacks are due to it when one starts again. The old silence is not counted on (no attempt saw the
+    outage, and the first one answered ends it): all 150 are delivered, none failed unsent (they would be if a
+    silence noted before an outage counted through it)."""
     settings = small_settings(redis_url)
     span = schedule_span(settings)
     began = time.time()
-    receiver = HangingReceiver([(began, began + 1.6)])
+    receiver = HangingReceiver([(began, began + 2.2)])
     flow = Flow(r, receiver.url, name="pre")
     try:
         run_delivery(settings, seconds=1.6, produce=lambda: flow.run(1.6, began=began))
@@ -236,7 +256,8 @@ def test_a_silence_before_a_delivery_outage_does_not_count_past_it(redis_url: st
         assert (last - since) / 1000 >= span, seen  # a silence long enough to give up on what waits
         gave_up = [rid for rid, (_, cbe) in flow.outcomes().items() if (cbe or "").startswith(GAVE_UP)]
         assert gave_up  # and it did, while it lasted
-        outage_ends = last / 1000 + Delivery(settings, poll_seconds=POLL).silence_gap_ms() / 1000 + 0.5
+        outage_ends = max(last / 1000 + Delivery(settings, poll_seconds=POLL).silence_gap_ms() / 1000,
+                          began + 2.2) + 0.5
         rids = [f"{keys.all_buckets()[i % 7]}after{i}" for i in range(150)]
         for rid in rids:
             ended_with_callback(r, rid, f"{receiver.url}/{rid}", ended_ms=int(time.time() * 1000), ttl_ms=600_000)
@@ -349,37 +370,22 @@ def test_a_late_attempt_cannot_undo_a_callback_failed_unsent(redis_url: str) -> 
     asyncio.run(main())
 
 
-class LateFailure:
+class LateFailure(Receiver):
     """A dead receiver behind a gateway: each request is read whole, then after `after` seconds answered
     `status` (a 502 or 504 of the gateway), or with `status` None its connection closed unanswered."""
 
     def __init__(self, after: float, status: int | None = 504) -> None:
         self.tried = 0
-        outer = self
+        self.after, self.status = after, status
+        super().__init__()
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 - http.server's name
-                self.rfile.read(int(self.headers["content-length"]))
-                outer.tried += 1
-                time.sleep(after)
-                if status is None:
-                    self.close_connection = True  # no answer at all: the sender sees the connection end
-                    return
-                self.send_response(status)
-                self.send_header("content-length", "0")
-                self.end_headers()
-
-            def log_message(self, *_: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer((HOST, 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://{HOST}:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+    def answer(self, handler: BaseHTTPRequestHandler) -> None:
+        self.tried += 1
+        time.sleep(self.after)
+        if self.status is None:
+            handler.close_connection = True  # no answer at all: the sender sees the connection end
+            return
+        self.reply(handler, self.status)
 
 
 @pytest.mark.parametrize("slow_after", [1.0, 0.1], ids=["held-and-left", "pushed-back"])
