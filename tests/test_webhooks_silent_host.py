@@ -102,6 +102,27 @@ def schedule_span(settings: Settings) -> float:
     return settings.webhook_backoff * (2 ** (attempts - 1) - 1) + attempts * settings.webhook_timeout
 
 
+def watching(flow: Flow, seconds: float, look: Callable[[float], None], *,
+             began: float | None = None) -> Callable[[], Coroutine[Any, Any, None]]:
+    """A `produce` for run_delivery: the flow for `seconds`, and `look(seconds since the flow began)` every 50 ms
+    meanwhile."""
+    async def produce() -> None:
+        start = time.time() if began is None else began
+
+        async def watch() -> None:
+            while True:
+                look(time.time() - start)
+                await asyncio.sleep(0.05)
+
+        task = asyncio.create_task(watch())
+        try:
+            await flow.run(seconds, began=start)
+        finally:
+            task.cancel()
+
+    return produce
+
+
 def run_delivery(settings: Settings, *, seconds: float, produce: Callable[[], Coroutine[Any, Any, None]] | None = None,
                  until: Callable[[], bool] | None = None) -> None:
     """One delivery process (polling every POLL s) for `seconds`, beside `produce`, or until `until()`; then
@@ -174,28 +195,17 @@ def test_a_silent_hosts_backlog_stops_growing_once_it_answered_nothing_for_a_who
     accepted_at: list[tuple[float, int]] = []
     first_given_up: list[float] = []  # seconds after the flow began
 
-    async def produce() -> None:
-        began = time.time()
-
-        async def watch() -> None:
-            while True:
-                accepted_at.append((time.time() - began, hole.accepted))
-                if not first_given_up:
-                    pipe = r.pipeline(transaction=False)
-                    for rid in list(flow.ended):
-                        pipe.hget(keys.request(rid), "cbe")
-                    if any((cbe or "").startswith(GAVE_UP) for cbe in pipe.execute()):
-                        first_given_up.append(time.time() - began)
-                await asyncio.sleep(0.05)
-
-        watching = asyncio.create_task(watch())
-        try:
-            await flow.run(5.0, began=began)
-        finally:
-            watching.cancel()
+    def look(at: float) -> None:
+        accepted_at.append((at, hole.accepted))
+        if not first_given_up:
+            pipe = r.pipeline(transaction=False)
+            for rid in list(flow.ended):
+                pipe.hget(keys.request(rid), "cbe")
+            if any((cbe or "").startswith(GAVE_UP) for cbe in pipe.execute()):
+                first_given_up.append(at)
 
     try:
-        run_delivery(settings, seconds=5.5, produce=produce)
+        run_delivery(settings, seconds=5.5, produce=watching(flow, 5.0, look))
     finally:
         hole.stop()
     outcomes = flow.outcomes()
@@ -310,22 +320,13 @@ def test_two_slow_spells_separated_by_answers_do_not_add_up(redis_url: str, r) -
     flow = Flow(r, receiver.url, name="spell")
     noted: list[tuple[float, str]] = []
 
-    async def produce() -> None:
-        async def watch() -> None:
-            while True:
-                seen = r.hget(keys.CALLBACKS_SILENT, callbacks.callback_origin(receiver.url))
-                if seen:
-                    noted.append((time.time() - began, seen))
-                await asyncio.sleep(0.05)
-
-        watching = asyncio.create_task(watch())
-        try:
-            await flow.run(3.0)
-        finally:
-            watching.cancel()
+    def look(_: float) -> None:
+        seen = r.hget(keys.CALLBACKS_SILENT, callbacks.callback_origin(receiver.url))
+        if seen:
+            noted.append((time.time() - began, seen))
 
     try:
-        run_delivery(settings, seconds=12.0, produce=produce,
+        run_delivery(settings, seconds=12.0, produce=watching(flow, 3.0, look),
                      until=lambda: time.time() > began + 3.0 and all(
                          r.hget(keys.request(rid), "cbs") for rid in flow.ended))
     finally:
@@ -472,20 +473,9 @@ def test_a_receiver_whose_attempts_fail_quickly_is_never_silent(redis_url: str, 
     flow = Flow(r, f"{gateway.url}/void", name="quick")
     noted: list[str] = []
 
-    async def produce() -> None:
-        async def watch() -> None:
-            while True:
-                noted.extend(r.hvals(keys.CALLBACKS_SILENT))
-                await asyncio.sleep(0.05)
-
-        watching = asyncio.create_task(watch())
-        try:
-            await flow.run(3.0)
-        finally:
-            watching.cancel()
-
     try:
-        run_delivery(settings, seconds=10.0, produce=produce,
+        run_delivery(settings, seconds=10.0, produce=watching(flow, 3.0, lambda _: noted.extend(
+                         r.hvals(keys.CALLBACKS_SILENT))),
                      until=lambda: len(flow.ended) > 100 and all(
                          r.hget(keys.request(rid), "cbs") for rid in flow.ended))
     finally:
