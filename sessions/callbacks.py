@@ -41,28 +41,33 @@ def script(name: str) -> str:
     return (SCRIPTS / f"{name}.lua").read_text()
 
 
-def callback_host(url: str) -> str | None:
-    """The host an http(s) URL names (lowercased), or None when it is not one."""
+def _http_url(url: str) -> tuple[str, str, int | None] | None:
+    """The scheme, host (lowercased) and port of an http(s) URL, or None when it is not one."""
     try:
         parts = urlsplit(url)
         host = parts.hostname
-        parts.port  # noqa: B018 - raises on a bad port
+        port = parts.port  # raises on a bad port
     except ValueError:
         return None
     if parts.scheme not in ("http", "https") or not host:
         return None
-    return host.lower()
+    return parts.scheme, host.lower(), port
+
+
+def callback_host(url: str) -> str | None:
+    """The host an http(s) URL names (lowercased), or None when it is not one."""
+    parsed = _http_url(url)
+    return None if parsed is None else parsed[1]
 
 
 def callback_origin(url: str) -> str | None:
     """The origin an http(s) URL names, "<scheme>://<host>:<port>" (host lowercased, the scheme's default port
     filled in), or None when it is not one: a callback's receiver, as its silence is noted."""
-    host = callback_host(url)
-    if host is None:
+    parsed = _http_url(url)
+    if parsed is None:
         return None
-    parts = urlsplit(url)
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    return f"{parts.scheme}://{f'[{host}]' if ':' in host else host}:{port}"
+    scheme, host, port = parsed
+    return f"{scheme}://{f'[{host}]' if ':' in host else host}:{port or (443 if scheme == 'https' else 80)}"
 
 
 def callback_allowed(url: str, hosts: Sequence[str]) -> bool:

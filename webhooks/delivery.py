@@ -200,8 +200,8 @@ class Delivery:
         urls = await pipe.execute()
         started = 0
         kept: list[str] = []
-        read = [(rid, (callbacks.callback_host(url) if url else None) or "", self.origin(url or ""))
-                for rid, url in zip(due, urls, strict=True)]  # host "": the claim drops it
+        read = [(rid, callbacks.callback_host(url or "") or "", callbacks.callback_origin(url or "") or "")
+                for rid, url in zip(due, urls, strict=True)]  # host "": the claim drops it; origin "": never silent
         read.sort(key=lambda each: each[2] in silent)  # silent origins' last: the others take the places first
         for rid, host, origin in read:
             if self.rooms.host_full(host) and origin in silent:
@@ -221,11 +221,6 @@ class Delivery:
         await self.give_up(given_up, now_ms)
         await self.push_back(waiting, now_ms, kept=kept)
         return started
-
-    @staticmethod
-    def origin(url: str) -> str:
-        """The receiver a callback URL names, as its silence is noted ("" for none: never silent)."""
-        return (callbacks.callback_origin(url) if url else None) or ""
 
     def give_up_after(self) -> float:
         """How long a receiver (an origin) may give no attempt a timely success before its callbacks that wait
@@ -401,7 +396,7 @@ class Delivery:
         # healthy target, drains no faster through its retries than its places allow)
         untimely = error is not None and (isinstance(error, Unanswered)
                                           or time.monotonic() - began >= self.rooms.slow_after
-                                          or self.rooms.host_full(callbacks.callback_host(url) or ""))
+                                          or self.rooms.host_full(self.rooms.host_of.get(rid, "")))
         if error is None:
             await callbacks.settle(self.redis, rid, attempt, "delivered", keep_ms=self.lease_ms)
             log.info("callback of %s delivered (attempt %d)", rid, attempt)
@@ -417,7 +412,7 @@ class Delivery:
             await callbacks.settle(self.redis, rid, attempt, "retry", error, int((time.time() + delay) * 1000),
                                    keep_ms=keep_ms)
             log.info("callback of %s: attempt %d failed (%s); retrying in %.1f s", rid, attempt, error, delay)
-        await self.note_origin(self.origin(url), untimely=untimely)
+        await self.note_origin(callbacks.callback_origin(url) or "", untimely=untimely)
 
     async def note_origin(self, origin: str, *, untimely: bool) -> None:
         """What an attempt says of its receiver's silence: an untimely one (cut at the timeout, failed only after
