@@ -217,6 +217,13 @@ class Harness:
             assert self.append(run, remaining)[0] == 1, f"{rid} was fenced"
         return self.finish(run)
 
+    def stop_after(self, rid: str, tokens: int) -> list[Any]:
+        """Stream `tokens` of a held request, then end it there (a stop string): what its run reserved beyond
+        them is given back."""
+        run = self.run_of(rid)
+        self.append(run, tokens)
+        return self.finish(run, detail="stop")
+
     def heartbeat(self, wid: str) -> list[str]:
         """Renew the worker and the leases of the runs it holds; returns the runs it no longer owns.
         A worker that had lapsed (the sweep retires the worker of a lapsed lease) offers its free

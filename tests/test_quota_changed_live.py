@@ -26,9 +26,7 @@ def test_runs_from_before_a_tokens_quota_give_its_bucket_nothing_back(r: redis.R
     new = [h.submit(f"n{i}", tenant="t", max_tokens=1000) for i in range(3)]
     assert [h.status(x) for x in new] == ["running", "queued", "queued"]  # the first took the whole bucket
     for rid in old:
-        run = h.run_of(rid)
-        h.append(run, 10)
-        h.finish(run, detail="stop")  # 990 of 1,000 unused: reserved from no bucket
+        h.stop_after(rid, 10)  # 990 of 1,000 unused: reserved from no bucket
     h.sweep()  # the clock has not moved: the bucket has refilled nothing
     assert [h.status(x) for x in new] == ["running", "queued", "queued"]
     assert float(r.hget(keys.group_key("default", "qs"), "lvl")) <= 0
@@ -41,9 +39,7 @@ def test_a_run_under_the_tokens_quota_still_gives_back_what_it_did_not_use(r: re
     first = h.submit("a", tenant="t", max_tokens=1000)
     second = h.submit("b", tenant="t", max_tokens=900)
     assert (h.status(first), h.status(second)) == ("running", "queued")
-    run = h.run_of(first)
-    h.append(run, 10)
-    h.finish(run, detail="stop")  # 990 unused go back: the second fits
+    h.stop_after(first, 10)  # 990 unused go back: the second fits
     assert h.status(second) == "running"
 
 

@@ -34,9 +34,7 @@ def test_runs_reserved_under_a_removed_tokens_quota_give_a_readded_one_nothing(r
     set_quota(h, **RATE)  # set again: a new, full bucket
     new = [h.submit(f"n{i}", tenant="t", max_tokens=900) for i in range(3)]
     assert [h.status(x) for x in new] == ["running", "queued", "queued"]  # the first took 900 of the new 1,000
-    run = h.run_of(old)
-    h.append(run, 10)
-    h.finish(run, detail="stop")  # 990 unused, reserved from the removed bucket
+    h.stop_after(old, 10)  # 990 unused, reserved from the removed bucket
     h.sweep()
     assert [h.status(x) for x in new] == ["running", "queued", "queued"]
     assert float(r.hget(keys.group_key("default", "qs"), "lvl")) < 900
@@ -52,9 +50,7 @@ def test_a_run_under_a_readded_tokens_quota_gives_its_unused_tokens_back(r: redi
     first = h.submit("a", tenant="t", max_tokens=1000)
     second = h.submit("b", tenant="t", max_tokens=900)
     assert (h.status(first), h.status(second)) == ("running", "queued")
-    run = h.run_of(first)
-    h.append(run, 10)
-    h.finish(run, detail="stop")  # 990 unused go back: the second fits
+    h.stop_after(first, 10)  # 990 unused go back: the second fits
     h.sweep()
     assert h.status(second) == "running"
 
@@ -69,8 +65,6 @@ def test_a_rate_change_keeps_the_bucket_and_its_refunds(r: redis.Redis, cluster:
     set_quota(h, tokens_per_second=2)  # the same bucket, refilled faster (burst_tokens stays 1,000)
     second = h.submit("b", tenant="t", max_tokens=900)
     assert (h.status(first), h.status(second)) == ("running", "queued")
-    run = h.run_of(first)
-    h.append(run, 10)
-    h.finish(run, detail="stop")
+    h.stop_after(first, 10)
     h.sweep()
     assert h.status(second) == "running"

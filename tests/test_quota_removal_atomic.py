@@ -130,9 +130,7 @@ def test_a_run_ending_beside_a_removal_refunds_nothing_into_the_quota_set_again(
         seen["before"] = command[0].decode().upper()
         h.set_quota("default", **RATE)
         seen["new"] = h.submit("n1", tenant="t", max_tokens=900)
-        run = h.run_of(old)
-        h.append(run, 10)
-        h.finish(run, detail="stop")
+        h.stop_after(old, 10)
         h.sweep()
 
     proxy = OneCommandAtATime(r.connection_pool.connection_kwargs["port"], others)

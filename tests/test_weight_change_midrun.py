@@ -25,9 +25,7 @@ def test_a_weight_lowered_mid_run_corrects_at_the_weight_charged(r: redis.Redis)
     first = h.submit("a-0", tenant="a", max_tokens=1000)
     assert h.vtc("a") == 1000
     h.weight("a", 0.01)
-    run = h.run_of(first)
-    h.append(run, 10)
-    h.finish(run, detail="stop")
+    h.stop_after(first, 10)
     assert h.vtc("a") == 10  # charged 1000 at weight 1, 10 produced (not 1000 - 990 / 0.01)
     # and the fair order holds: at a hundredth of b's weight, a gets about one dispatch in a hundred
     for i in range(1, 31):
