@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from sluicegate.scheduler.deadlines import MAX_DEADLINE_MS
-from sluicegate.scheduler.quota import Quota, not_boolean
+from sluicegate.scheduler.quota import NotBoolean, Quota
 from sluicegate.sessions.keys import NAME_PATTERN
 from sluicegate.sessions.registry import check_model_name
 from sluicegate.sessions.requests import ENGINE_OWNED_PARAMS
@@ -155,7 +155,7 @@ class SubmitBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     prompt: str | None = None
     messages: list[Message] | None = Field(default=None, min_length=1)
-    max_tokens: int = Field(default=DEFAULT_MAX_TOKENS, ge=1)
+    max_tokens: Annotated[int, NotBoolean] = Field(default=DEFAULT_MAX_TOKENS, ge=1)
     priority: int | str = 5
     # A name (NAME_PATTERN), checked only where it is used (api/requests_routes.py `submit_tenant`): with a
     # tenant key the field is ignored, whatever JSON it holds (null, a number: CONTRACT.md), as the chat route
@@ -163,7 +163,8 @@ class SubmitBody(BaseModel):
     tenant: Any = Field(default="default", json_schema_extra={"type": "string", "pattern": NAME_PATTERN})
     group: str = Field(default="default", pattern=NAME_PATTERN)
     params: dict[str, Any] = Field(default_factory=dict)
-    deadline_ms: int | None = Field(default=None, ge=1, le=MAX_DEADLINE_MS)  # time-to-first-token objective
+    # the time-to-first-token objective
+    deadline_ms: Annotated[int | None, NotBoolean] = Field(default=None, ge=1, le=MAX_DEADLINE_MS)
     on_deadline_miss: Literal["run", "fail"] = "run"
     callback_url: str | None = None  # push mode: checked against --webhook-allow (api/callbacks.py)
 
@@ -171,11 +172,6 @@ class SubmitBody(BaseModel):
     @classmethod
     def _priority(cls, value: Any) -> int:
         return parse_priority(value)
-
-    @field_validator("max_tokens", "deadline_ms", mode="before")
-    @classmethod
-    def _not_boolean(cls, value: Any) -> Any:
-        return not_boolean(value)  # `true` was a budget of one token, a deadline of 1 ms
 
     def budget(self, limit: int) -> int:
         """`max_tokens` as given (above `limit`: the submit's 422), else the default within `limit`."""
@@ -196,10 +192,10 @@ class TenantBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     # at least 1e-6: a tenant's fairness counter grows by its tokens over its weight, and a weight near
     # zero (1e-320) would make it infinite for good, even after the weight is set right
-    weight: float | None = Field(default=None, ge=1e-6, le=1e6)
+    weight: Annotated[float | None, NotBoolean] = Field(default=None, ge=1e-6, le=1e6)
     max_priority: int | None = Field(default=None, ge=0, le=9)
-    max_queued: int | None = Field(default=None, ge=0, le=1_000_000)
-    max_streams: int | None = Field(default=None, ge=0, le=1_000_000)
+    max_queued: Annotated[int | None, NotBoolean] = Field(default=None, ge=0, le=1_000_000)
+    max_streams: Annotated[int | None, NotBoolean] = Field(default=None, ge=0, le=1_000_000)
 
     @field_validator("weight")
     @classmethod
@@ -207,11 +203,6 @@ class TenantBody(BaseModel):
         if value is None:
             raise ValueError("a number from 1e-6 to 1e6 (leave the field out to keep the weight)")
         return value
-
-    @field_validator("weight", "max_queued", "max_streams", mode="before")
-    @classmethod
-    def _not_boolean(cls, value: Any) -> Any:
-        return not_boolean(value)
 
     @field_validator("max_priority", mode="before")
     @classmethod
@@ -266,12 +257,7 @@ class KeyBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     tenant: str = Field(pattern=NAME_PATTERN)
     # seconds; none: never expires. At least MIN_KEY_SECONDS: `1e-9` made a key expired before its first use.
-    expires_in: float | None = Field(default=None, ge=MIN_KEY_SECONDS, le=10 * 365 * 86400)
-
-    @field_validator("expires_in", mode="before")
-    @classmethod
-    def _not_boolean(cls, value: Any) -> Any:
-        return not_boolean(value)  # `true` was a key of one second
+    expires_in: Annotated[float | None, NotBoolean] = Field(default=None, ge=MIN_KEY_SECONDS, le=10 * 365 * 86400)
 
 
 class ChatBody(BaseModel):
@@ -280,11 +266,6 @@ class ChatBody(BaseModel):
     model_config = ConfigDict(extra="allow")
     messages: list[Message] = Field(min_length=1)
     model: str | None = None
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: Annotated[int | None, NotBoolean] = Field(default=None, ge=1)
+    max_completion_tokens: Annotated[int | None, NotBoolean] = Field(default=None, ge=1)
     stream: bool | None = False  # OpenAI's schema allows null: the default (False)
-
-    @field_validator("max_tokens", "max_completion_tokens", mode="before")
-    @classmethod
-    def _not_boolean(cls, value: Any) -> Any:
-        return not_boolean(value)  # `true` was a budget of one token

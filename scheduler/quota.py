@@ -3,9 +3,9 @@ fields and their rules, in one place. The dispatch script reads the same names (
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 MIN_RATE = 1e-6  # per second; quotas.lua reads a rate stored before this floor at it
 
@@ -18,6 +18,9 @@ def not_boolean(value: Any) -> Any:
     return value
 
 
+NotBoolean = BeforeValidator(not_boolean)  # a number field's annotation: Annotated[int | None, NotBoolean]
+
+
 class Quota(BaseModel):
     """Absent fields keep their value; null removes the limit (unlimited) of a rate or `max_concurrency`, and
     puts a burst back to its default (quotas.lua: `burst` 1 request, `burst_tokens` one second of tokens/s)."""
@@ -27,17 +30,11 @@ class Quota(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     # At least one a million seconds: a rate of 1e-320 made the interval (1000 / rate) infinite, and the
     # scripts' arithmetic on it NaN, which admits everything (and stayed stored after a sane rate).
-    requests_per_second: float | None = Field(default=None, ge=MIN_RATE, le=1e9)
-    tokens_per_second: float | None = Field(default=None, ge=MIN_RATE, le=1e12)
-    burst: int | None = Field(default=None, ge=1, le=10**9)
-    max_concurrency: int | None = Field(default=None, ge=0, le=10**6)
-    burst_tokens: float | None = Field(default=None, gt=0, le=1e12)
-
-    @field_validator("requests_per_second", "tokens_per_second", "burst", "max_concurrency", "burst_tokens",
-                     mode="before")
-    @classmethod
-    def _not_boolean(cls, value: Any) -> Any:
-        return not_boolean(value)
+    requests_per_second: Annotated[float | None, NotBoolean] = Field(default=None, ge=MIN_RATE, le=1e9)
+    tokens_per_second: Annotated[float | None, NotBoolean] = Field(default=None, ge=MIN_RATE, le=1e12)
+    burst: Annotated[int | None, NotBoolean] = Field(default=None, ge=1, le=10**9)
+    max_concurrency: Annotated[int | None, NotBoolean] = Field(default=None, ge=0, le=10**6)
+    burst_tokens: Annotated[float | None, NotBoolean] = Field(default=None, gt=0, le=1e12)
 
 
 QUOTA_FIELDS = tuple(Quota.model_fields)
