@@ -36,6 +36,5 @@ if #ARGV > last_set then
 end
 if #stale > 0 then redis.call('HDEL', cp .. 'qs', unpack(stale)) end
 if tokens then redis.call('HINCRBY', cp .. 'qs', 'tgen', 1) end
-redis.call('RPUSH', cp .. 'hint', 1)
-redis.call('LTRIM', cp .. 'hint', 0, 0)
+hint_scheduler(cp)
 return removed

@@ -15,5 +15,5 @@ for i = 2, #ARGV - 1, 2 do
   redis.call('HSET', cp .. 'tw', ARGV[i], ARGV[i + 1])
   held = held + rescore_share(cp, ARGV[i])
 end
-if redis.call('LLEN', cp .. 'hint') == 0 then redis.call('LPUSH', cp .. 'hint', 1) end
+hint_scheduler(cp)
 return held

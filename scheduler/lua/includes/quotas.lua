@@ -99,6 +99,12 @@ local function quota_refund(cp, unused, now, gen)
   end
 end
 
+-- Wake the group's scheduler loop for a sweep (it waits on its hint list): one entry at most, since a
+-- hint already there ends its next wait at once all the same.
+local function hint_scheduler(cp)
+  if redis.call('LLEN', cp .. 'hint') == 0 then redis.call('LPUSH', cp .. 'hint', 1) end
+end
+
 -- The group's scheduler loop sleeps until the earliest of these wake-ups (a quota refill, the end
 -- of a preemption quantum): note one and nudge the loop if it sleeps longer. The loop sleeps no later
 -- than the wake noted when its last sweep ended (sweep.lua), and that sweep cleared the hint list: a
@@ -107,5 +113,5 @@ local function note_wake(cp, wake)
   local current = tonumber(redis.call('HGET', cp .. 'qs', 'wake') or '')
   if current and wake >= current then return end
   redis.call('HSET', cp .. 'qs', 'wake', wake)
-  if redis.call('LLEN', cp .. 'hint') == 0 then redis.call('LPUSH', cp .. 'hint', 1) end
+  hint_scheduler(cp)
 end

@@ -158,7 +158,7 @@ local function unboost_run(cp, key, rec, now)
   redis.call('HSET', cp .. 'ri', key, cjson.encode(rec))
   note_class(cp, rec.rid, rec.p)
   trim_classes(cp)
-  if redis.call('LLEN', cp .. 'hint') == 0 then redis.call('LPUSH', cp .. 'hint', 1) end
+  hint_scheduler(cp)
   return true
 end
 
