@@ -10,12 +10,16 @@
 
 `stream()` is the point of a client: generation never depends on the connection, so a dropped
 connection or a restarted API is a reconnect with `Last-Event-ID`, not an error. It retries
-transport errors and 5xx with a bounded, jittered backoff and gives up (`StreamUnavailable`) after
+transport errors, 5xx and bodies that do not decode (`bad_encoding`: a proxy's Content-Encoding on a plain
+body) with a bounded, jittered backoff and gives up (`StreamUnavailable`) after
 `reconnect_timeout` seconds without a connection; a 4xx is the caller's problem and is raised at
 once (`CursorExpired` when the session's log no longer holds the cursor). Every error the API
 answers is a `SluicegateError` carrying its status and the `type`/`code` of the JSON error body; an
-argument refused before sending (a number JSON cannot carry: nan, inf; a base URL that is not http(s), refused
-when the client is built) is an `InvalidArgument`, both a `SluicegateError` and a `ValueError`.
+argument refused before sending (a number JSON cannot carry: nan, inf; a base URL that is not http(s), or an
+API key that no header can carry, refused when the client is built) is an `InvalidArgument`, both a
+`SluicegateError` and a `ValueError`. A 3xx is an error as a 4xx is (redirects are not followed), and a 2xx
+that is not what the route answers (a catch-all's `{"ok": true}`, a list, no body) is `not_the_api`. No
+message names the API key or the password of a URL's userinfo.
 
 A non-streamed `chat()` waits for its answer as long as its request takes (nothing is written before it;
 `chat_timeout` bounds the wait). A streamed one is a `ChatStream` that owns its connection (read it to its
@@ -77,8 +81,9 @@ class SluicegateError(Exception):
 
 class InvalidArgument(SluicegateError, ValueError):
     """An argument refused before anything was sent (422 `invalid_request`, as the server words a bad
-    field): a number JSON cannot carry (nan, inf), or a base URL with no http(s) scheme or no host (raised
-    by the constructor). Also a ValueError, which such calls raised before."""
+    field): a number JSON cannot carry (nan, inf), or a base URL with no http(s) scheme or no host, or an
+    API key with a character a header cannot carry (raised by the constructor). Also a ValueError, which
+    such calls raised before."""
 
 
 class CursorExpired(SluicegateError):
@@ -164,9 +169,45 @@ def _error_from(response: httpx.Response, body: bytes) -> SluicegateError:
     retry_after = None
     with contextlib.suppress(ValueError):
         retry_after = float(response.headers["retry-after"]) if "retry-after" in response.headers else None
+    if not message and 300 <= response.status_code < 400 and "location" in response.headers:
+        message = (f"{response.reason_phrase}: to {_shown_url(response.headers['location'])} (redirects are "
+                   "not followed: give that URL)")
     kind = CursorExpired if code == "cursor_expired" else SluicegateError
     return kind(response.status_code, code, message or response.reason_phrase, parsed, retry_after,
                 response.headers.get("x-request-id"))
+
+
+def _success(response: httpx.Response) -> bool:
+    """A 2xx. Anything else is an error answer, a 3xx too: redirects are not followed, and a 3xx's body (often
+    none) is no answer of the route."""
+    return 200 <= response.status_code < 300
+
+
+def _undecodable(response: httpx.Response, error: httpx.DecodingError,
+                 request_id: str | None = None) -> SluicegateError:
+    """A body that does not decode as its Content-Encoding says (a proxy's gzip header on a plain body): an
+    error answer is its status alone (a 503 stays a 503, retried where a 503 is); a 2xx is `bad_encoding`."""
+    if not _success(response):
+        return _error_from(response, b"")
+    return SluicegateError(response.status_code, "bad_encoding", "the answer's body does not decode as its "
+                           f"Content-Encoding ({response.headers.get('content-encoding')}) says: {error}",
+                           request_id=request_id or response.headers.get("x-request-id"))
+
+
+def _error_body(response: httpx.Response) -> bytes:
+    """An error answer's body, read; b"" when it does not decode (the status alone says enough then)."""
+    try:
+        return response.read()
+    except httpx.DecodingError:
+        return b""
+
+
+async def _aerror_body(response: httpx.Response) -> bytes:
+    """As _error_body."""
+    try:
+        return await response.aread()
+    except httpx.DecodingError:
+        return b""
 
 
 def _one_line(body: bytes) -> str:
@@ -197,6 +238,42 @@ def _json_of(response: httpx.Response) -> Any:
                               request_id=response.headers.get("x-request-id")) from error
 
 
+def _text(value: Any) -> bool:
+    return isinstance(value, str)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _objects(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(item, dict) for item in value)
+
+
+Shape = tuple[tuple[str, Callable[[Any], bool]], ...]  # the fields a route's answer always has, and their test
+ANY_OBJECT: Shape = ()
+SUBMITTED: Shape = (("request_id", _text), ("session_id", _text))
+REQUEST: Shape = (("request_id", _text),)
+GROUP: Shape = (("group", _text),)
+TENANT: Shape = (("tenant", _text), ("weight", _number))
+GROUPS: Shape = (("groups", _objects),)
+TENANTS: Shape = (("tenants", _objects),)
+STATS: Shape = (("queued", _number), ("groups", _objects), ("workers", _objects))
+CHAT: Shape = (("choices", _objects),)
+
+
+def _shaped(response: httpx.Response, payload: Any, shape: Shape) -> dict[str, Any]:
+    """`payload` when it is a JSON object with the fields the route always answers. Anything else (a catch-all's
+    `{"ok": true}`, a list, a 2xx with no body) answered the call but is not the API: `not_the_api`, rather
+    than a success the caller would print or a KeyError later."""
+    if isinstance(payload, dict) and all(test(payload.get(name)) for name, test in shape):
+        return payload
+    wanted = f"a JSON object with {', '.join(name for name, _ in shape)}" if shape else "a JSON object"
+    raise SluicegateError(response.status_code, "not_the_api", f"the answer is not the API's ({wanted} was "
+                          f"expected): {_one_line(response.content) or 'no body'}", payload,
+                          request_id=response.headers.get("x-request-id"))
+
+
 def _not_an_event_stream(error: SSEError, request_id: str | None = None) -> SluicegateError:
     """A 200 that is no event stream: not the API (a proxy's or another app's page)."""
     return SluicegateError(200, "not_an_event_stream", str(error), request_id=request_id)
@@ -204,8 +281,13 @@ def _not_an_event_stream(error: SSEError, request_id: str | None = None) -> Slui
 
 def _unreachable(error: Exception, url: str) -> SluicegateError:
     """No answer: `unreachable` when nothing was sent (the connection failed, or no connection of the pool
-    came free in time); `no_answer` when the call went out and its answer did not come back, so a submit
-    may have been stored (check the session before submitting again, or get a duplicate)."""
+    came free in time); `not_sent` when the request could not be written at all (a header value httpx
+    refuses, a scheme it has no transport for: sending it again changes nothing); `no_answer` when the call
+    went out and its answer did not come back, so a submit may have been stored (check the session before
+    submitting again, or get a duplicate). `url` is one without its userinfo (_shown_url)."""
+    if isinstance(error, httpx.LocalProtocolError | httpx.UnsupportedProtocol):
+        return SluicegateError(None, "not_sent", f"{url}: not sent, the request could not be written "
+                               f"({type(error).__name__}: {error})")
     if isinstance(error, httpx.ConnectError | httpx.ConnectTimeout):
         return SluicegateError(None, "unreachable", f"{url}: {type(error).__name__}: {error}")
     if isinstance(error, httpx.PoolTimeout):  # waited for a free connection of this client: nothing went out
@@ -387,7 +469,8 @@ class _Base:
                  stream_read_timeout: float = 60.0, reconnect_timeout: float = 60.0, max_backoff: float = 2.0,
                  chat_timeout: float | None = None) -> None:
         self.url = _base_url(url or os.environ.get("SLUICEGATE_URL") or DEFAULT_URL)
-        self.api_key = api_key if api_key is not None else (os.environ.get("SLUICEGATE_API_KEY") or None)
+        self.shown_url = _shown_url(self.url)  # what messages name: the URL without its userinfo's password
+        self.api_key = _api_key(api_key if api_key is not None else (os.environ.get("SLUICEGATE_API_KEY") or None))
         self.timeout = timeout
         # Idle SSE streams get a keep-alive comment every --sse-ping-seconds (15 s by default): a read
         # silent for longer than this is a dead connection (a host gone without a FIN), so reconnect.
@@ -421,13 +504,39 @@ def _base_url(url: str) -> str:
     scheme (`localhost:8000`) or no host, every call would fail as if sent (`no_answer`, and a stream
     would retry it for its whole reconnect_timeout) though nothing can ever be sent."""
     parsed = httpx.URL(url)  # httpx.InvalidURL for one that does not parse at all, as httpx.Client raised
+    shown = _shown_url(url)
     if parsed.scheme not in ("http", "https"):
-        hint = "http://" + url.split("://", 1)[-1]
-        raise InvalidArgument(422, "invalid_request", f"url {url!r}: not an http:// or https:// URL (did you mean "
-                              f"{hint!r}?)")
+        hint = "http://" + shown.split("://", 1)[-1]
+        raise InvalidArgument(422, "invalid_request", f"url {shown!r}: not an http:// or https:// URL (did you "
+                              f"mean {hint!r}?)")
     if not parsed.host:
-        raise InvalidArgument(422, "invalid_request", f"url {url!r}: no host (e.g. {DEFAULT_URL!r})")
+        raise InvalidArgument(422, "invalid_request", f"url {shown!r}: no host (e.g. {DEFAULT_URL!r})")
     return url.rstrip("/")
+
+
+def _shown_url(url: str) -> str:
+    """`url` as a message may name it: its userinfo (`http://bob:secret@host`, sent as Basic auth) left out,
+    since messages end up on terminals, in logs and in an assistant's context."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
+    authority = rest[:end]
+    if "@" not in authority:
+        return url
+    return f"{scheme}{sep}{authority.rsplit('@', 1)[1]}{rest[end:]}"
+
+
+def _api_key(key: str | None) -> str | None:
+    """`key`, or InvalidArgument for one an HTTP header cannot carry (a line end or tab pasted with it, a
+    space, a non-ASCII character): h11 would refuse the header with a message that quotes it, on every
+    call and every reconnect. The message here does not quote it."""
+    if key is None or all("!" <= c <= "~" for c in key):
+        return key
+    where = next(i for i, c in enumerate(key) if not "!" <= c <= "~")
+    raise InvalidArgument(422, "invalid_request", f"the API key (--api-key / SLUICEGATE_API_KEY) has a character "
+                          f"a header cannot carry at position {where} of {len(key)} (a line end, a tab, a space "
+                          "or a non-ASCII character): only printable ASCII")
 
 
 def _submitted(payload: dict[str, Any]) -> Submitted:
@@ -455,6 +564,8 @@ def _read_chunks(response: httpx.Response, url: str,
             yield chunk
     except SSEError as error:  # before TransportError, which httpx-sse's SSEError subclasses
         raise _not_an_event_stream(error, request_id) from error
+    except httpx.DecodingError as error:  # a RequestError, not a TransportError
+        raise _undecodable(response, error, request_id) from error
     except httpx.TransportError as error:
         raise _cut(error, url, request_id) from error
     finally:
@@ -473,6 +584,8 @@ async def _aread_chunks(response: httpx.Response, url: str,
             yield chunk
     except SSEError as error:  # before TransportError, which httpx-sse's SSEError subclasses
         raise _not_an_event_stream(error, request_id) from error
+    except httpx.DecodingError as error:  # as in _read_chunks
+        raise _undecodable(response, error, request_id) from error
     except httpx.TransportError as error:
         raise _cut(error, url, request_id) from error
     finally:
@@ -562,14 +675,30 @@ class Client(_Base):
     def close(self) -> None:
         self.http.close()
 
-    def _call(self, method: str, path: str, body: Any = None, params: Mapping[str, Any] | None = None) -> Any:
+    def _send(self, method: str, path: str, *, json_body: Any = None, params: Mapping[str, Any] | None = None,
+              headers: Mapping[str, str] | None = None, timeout: Any = httpx.USE_CLIENT_DEFAULT) -> httpx.Response:
+        """A 2xx answer, its body read; raises the SluicegateError of any other (a 3xx too), of a body that
+        does not decode, or of no answer."""
+        request = self.http.build_request(method, path, json=json_body, params=params, headers=headers,
+                                          timeout=timeout)
         try:
-            response = self.http.request(method, path, json=_json_safe(body), params=params)
+            response = self.http.send(request, stream=True)
+            try:
+                response.read()
+            except httpx.DecodingError as error:  # a RequestError, not a TransportError
+                raise _undecodable(response, error) from error
+            finally:
+                response.close()
         except httpx.TransportError as error:
-            raise _unreachable(error, self.url + path) from error
-        if response.status_code >= 400:
+            raise _unreachable(error, self.shown_url + path) from error
+        if not _success(response):
             raise _error_from(response, response.content)
-        return _json_of(response)
+        return response
+
+    def _call(self, method: str, path: str, body: Any = None, params: Mapping[str, Any] | None = None,
+              shape: Shape = ANY_OBJECT) -> dict[str, Any]:
+        response = self._send(method, path, json_body=_json_safe(body), params=params)
+        return _shaped(response, _json_of(response), shape)
 
     # requests
     def submit(self, session_id: str, prompt: str | Sequence[Mapping[str, Any]], *, max_tokens: int | None = None,
@@ -579,15 +708,15 @@ class Client(_Base):
         """Queue a request in the session (`prompt` is a string, or a list of chat messages)."""
         body = _submit_body(prompt, max_tokens, priority, tenant, group, params, deadline_ms, on_deadline_miss,
                             callback_url)
-        return _submitted(self._call("POST", f"{_session_path(session_id)}/requests", body))
+        return _submitted(self._call("POST", f"{_session_path(session_id)}/requests", body, shape=SUBMITTED))
 
     def request(self, request_id: str, *, include_output: bool = False) -> dict[str, Any]:
         """Status, tokens so far and timestamps (with `include_output`, the text so far too)."""
         params = {"include": "output"} if include_output else None
-        return self._call("GET", f"/v1/requests/{_quoted(request_id)}", params=params)
+        return self._call("GET", f"/v1/requests/{_quoted(request_id)}", params=params, shape=REQUEST)
 
     def cancel(self, request_id: str) -> dict[str, Any]:
-        return self._call("DELETE", f"/v1/requests/{_quoted(request_id)}")
+        return self._call("DELETE", f"/v1/requests/{_quoted(request_id)}", shape=REQUEST)
 
     def stream(self, *, session_id: str | None = None, request_id: str | None = None, after: int | None = None,
                reconnect_timeout: float | None = None,
@@ -603,17 +732,22 @@ class Client(_Base):
                     if response.status_code == 204:  # a request's stream resumed at or past its terminal event
                         return
                     if response.status_code != 200:
-                        raise follow.refused(response, response.read())
+                        raise follow.refused(response, _error_body(response))
                     follow.connected()
-                    for sse in source.iter_sse():
-                        event = follow.accept(sse)
-                        if event is not None:
-                            yield event
-                            if follow.ended:
-                                return
+                    try:
+                        for sse in source.iter_sse():
+                            event = follow.accept(sse)
+                            if event is not None:
+                                yield event
+                                if follow.ended:
+                                    return
+                    except httpx.DecodingError as error:  # retried as a 5xx is: a proxy's mangling may pass
+                        raise _Retry(_undecodable(response, error)) from error
                     raise _Retry(ConnectionError("the stream ended before its terminal event"))
             except SSEError as error:  # first: it is a TransportError too, which would be retried for ever
                 raise _not_an_event_stream(error) from error
+            except (httpx.LocalProtocolError, httpx.UnsupportedProtocol) as error:  # never sent: retrying is no use
+                raise _unreachable(error, self.shown_url + follow.path) from error
             except (_Retry, httpx.TransportError) as error:
                 cause = error.error if isinstance(error, _Retry) else error
                 time.sleep(follow.backoff(cause))
@@ -643,31 +777,26 @@ class Client(_Base):
         body, headers = _chat_call(messages, model, stream, session_id, priority, tenant, group, max_tokens,
                                    deadline_ms, callback_url, extra)
         if not stream:
-            try:
-                response = self.http.post("/v1/chat/completions", json=body, headers=headers,
-                                          timeout=self.chat_timeout)
-            except httpx.TransportError as error:
-                raise _unreachable(error, self.url + "/v1/chat/completions") from error
-            if response.status_code >= 400:
-                raise _error_from(response, response.content)
+            response = self._send("POST", "/v1/chat/completions", json_body=body, headers=headers,
+                                  timeout=self.chat_timeout)
             payload = _json_of(response)
             failed = _body_error(payload, response.headers.get("x-request-id"))
             if failed is not None:
                 raise failed
-            return payload
+            return _shaped(response, payload, CHAT)
         request = self.http.build_request("POST", "/v1/chat/completions", json=body,
                                           headers={**headers, "Accept": "text/event-stream"},
                                           timeout=self.stream_timeout)
         try:
             response = self.http.send(request, stream=True)
         except httpx.TransportError as error:
-            raise _unreachable(error, self.url + "/v1/chat/completions") from error
-        if response.status_code >= 400:
+            raise _unreachable(error, self.shown_url + "/v1/chat/completions") from error
+        if not _success(response):
             try:
-                raise _error_from(response, response.read())
+                raise _error_from(response, _error_body(response))
             finally:
                 response.close()
-        return ChatStream(response, self.url + "/v1/chat/completions")
+        return ChatStream(response, self.shown_url + "/v1/chat/completions")
 
     # admin (the admin key when auth is on)
     def set_quota(self, group: str, *, requests_per_second: float | None = KEEP, tokens_per_second: float | None = KEEP,
@@ -676,27 +805,27 @@ class Client(_Base):
         """Set a group's quota fields: the ones not given are kept, None removes a limit (unlimited)."""
         fields = _admin_fields(requests_per_second=requests_per_second, tokens_per_second=tokens_per_second,
                                burst=burst, max_concurrency=max_concurrency, burst_tokens=burst_tokens, model=model)
-        return self._call("PUT", f"/v1/admin/groups/{_quoted(group)}", fields)
+        return self._call("PUT", f"/v1/admin/groups/{_quoted(group)}", fields, shape=GROUP)
 
     def set_weight(self, tenant: str, weight: float) -> dict[str, Any]:
         """A tenant's fair-share weight (default 1.0)."""
-        return self._call("PUT", f"/v1/admin/tenants/{_quoted(tenant)}", {"weight": weight})
+        return self._call("PUT", f"/v1/admin/tenants/{_quoted(tenant)}", {"weight": weight}, shape=TENANT)
 
     def set_tenant(self, tenant: str, *, weight: float = KEEP, max_priority: Priority | None = KEEP,
                    max_streams: int | None = KEEP, **limits: Any) -> dict[str, Any]:
         """A tenant's weight and guardrails: fields not given are kept, None goes back to the default."""
         fields = _admin_fields(weight=weight, max_priority=max_priority, max_streams=max_streams, **limits)
-        return self._call("PUT", f"/v1/admin/tenants/{_quoted(tenant)}", fields)
+        return self._call("PUT", f"/v1/admin/tenants/{_quoted(tenant)}", fields, shape=TENANT)
 
     def groups(self) -> list[dict[str, Any]]:
-        return self._call("GET", "/v1/admin/groups")["groups"]
+        return self._call("GET", "/v1/admin/groups", shape=GROUPS)["groups"]
 
     def tenants(self) -> list[dict[str, Any]]:
-        return self._call("GET", "/v1/admin/tenants")["tenants"]
+        return self._call("GET", "/v1/admin/tenants", shape=TENANTS)["tenants"]
 
     def stats(self) -> dict[str, Any]:
         """Queue depth by group, priority and tenant; running; workers; quotas; tenants."""
-        return self._call("GET", "/v1/admin/stats")
+        return self._call("GET", "/v1/admin/stats", shape=STATS)
 
 
 # ---- async ----------------------------------------------------------------------------------------
@@ -721,14 +850,30 @@ class AsyncClient(_Base):
     async def aclose(self) -> None:
         await self.http.aclose()
 
-    async def _call(self, method: str, path: str, body: Any = None, params: Mapping[str, Any] | None = None) -> Any:
+    async def _send(self, method: str, path: str, *, json_body: Any = None,
+                    params: Mapping[str, Any] | None = None, headers: Mapping[str, str] | None = None,
+                    timeout: Any = httpx.USE_CLIENT_DEFAULT) -> httpx.Response:
+        """As Client._send."""
+        request = self.http.build_request(method, path, json=json_body, params=params, headers=headers,
+                                          timeout=timeout)
         try:
-            response = await self.http.request(method, path, json=_json_safe(body), params=params)
+            response = await self.http.send(request, stream=True)
+            try:
+                await response.aread()
+            except httpx.DecodingError as error:
+                raise _undecodable(response, error) from error
+            finally:
+                await response.aclose()
         except httpx.TransportError as error:
-            raise _unreachable(error, self.url + path) from error
-        if response.status_code >= 400:
+            raise _unreachable(error, self.shown_url + path) from error
+        if not _success(response):
             raise _error_from(response, response.content)
-        return _json_of(response)
+        return response
+
+    async def _call(self, method: str, path: str, body: Any = None, params: Mapping[str, Any] | None = None,
+                    shape: Shape = ANY_OBJECT) -> dict[str, Any]:
+        response = await self._send(method, path, json_body=_json_safe(body), params=params)
+        return _shaped(response, _json_of(response), shape)
 
     async def submit(self, session_id: str, prompt: str | Sequence[Mapping[str, Any]], *,
                      max_tokens: int | None = None, priority: Priority | None = None, tenant: str | None = None,
@@ -737,14 +882,14 @@ class AsyncClient(_Base):
                      callback_url: str | None = None) -> Submitted:
         body = _submit_body(prompt, max_tokens, priority, tenant, group, params, deadline_ms, on_deadline_miss,
                             callback_url)
-        return _submitted(await self._call("POST", f"{_session_path(session_id)}/requests", body))
+        return _submitted(await self._call("POST", f"{_session_path(session_id)}/requests", body, shape=SUBMITTED))
 
     async def request(self, request_id: str, *, include_output: bool = False) -> dict[str, Any]:
         params = {"include": "output"} if include_output else None
-        return await self._call("GET", f"/v1/requests/{_quoted(request_id)}", params=params)
+        return await self._call("GET", f"/v1/requests/{_quoted(request_id)}", params=params, shape=REQUEST)
 
     async def cancel(self, request_id: str) -> dict[str, Any]:
-        return await self._call("DELETE", f"/v1/requests/{_quoted(request_id)}")
+        return await self._call("DELETE", f"/v1/requests/{_quoted(request_id)}", shape=REQUEST)
 
     async def stream(self, *, session_id: str | None = None, request_id: str | None = None, after: int | None = None,
                      reconnect_timeout: float | None = None,
@@ -759,17 +904,22 @@ class AsyncClient(_Base):
                     if response.status_code == 204:  # as in Client.stream
                         return
                     if response.status_code != 200:
-                        raise follow.refused(response, await response.aread())
+                        raise follow.refused(response, await _aerror_body(response))
                     follow.connected()
-                    async for sse in source.aiter_sse():
-                        event = follow.accept(sse)
-                        if event is not None:
-                            yield event
-                            if follow.ended:
-                                return
+                    try:
+                        async for sse in source.aiter_sse():
+                            event = follow.accept(sse)
+                            if event is not None:
+                                yield event
+                                if follow.ended:
+                                    return
+                    except httpx.DecodingError as error:  # as in Client.stream()
+                        raise _Retry(_undecodable(response, error)) from error
                     raise _Retry(ConnectionError("the stream ended before its terminal event"))
             except SSEError as error:  # first, as in Client.stream()
                 raise _not_an_event_stream(error) from error
+            except (httpx.LocalProtocolError, httpx.UnsupportedProtocol) as error:  # as in Client.stream()
+                raise _unreachable(error, self.shown_url + follow.path) from error
             except (_Retry, httpx.TransportError) as error:
                 cause = error.error if isinstance(error, _Retry) else error
                 await asyncio.sleep(follow.backoff(cause))
@@ -796,29 +946,24 @@ class AsyncClient(_Base):
                                    deadline_ms, callback_url, extra)
         path = "/v1/chat/completions"
         if not stream:
-            try:
-                response = await self.http.post(path, json=body, headers=headers, timeout=self.chat_timeout)
-            except httpx.TransportError as error:
-                raise _unreachable(error, self.url + path) from error
-            if response.status_code >= 400:
-                raise _error_from(response, response.content)
+            response = await self._send("POST", path, json_body=body, headers=headers, timeout=self.chat_timeout)
             payload = _json_of(response)
             failed = _body_error(payload, response.headers.get("x-request-id"))
             if failed is not None:
                 raise failed
-            return payload
+            return _shaped(response, payload, CHAT)
         request = self.http.build_request("POST", path, json=body, headers={**headers, "Accept": "text/event-stream"},
                                           timeout=self.stream_timeout)
         try:
             response = await self.http.send(request, stream=True)
         except httpx.TransportError as error:
-            raise _unreachable(error, self.url + path) from error
-        if response.status_code >= 400:
+            raise _unreachable(error, self.shown_url + path) from error
+        if not _success(response):
             try:
-                raise _error_from(response, await response.aread())
+                raise _error_from(response, await _aerror_body(response))
             finally:
                 await response.aclose()
-        return await AsyncChatStream.open(response, self.url + path)
+        return await AsyncChatStream.open(response, self.shown_url + path)
 
     async def set_quota(self, group: str, *, requests_per_second: float | None = KEEP,
                         tokens_per_second: float | None = KEEP, burst: int | None = KEEP,
@@ -826,21 +971,21 @@ class AsyncClient(_Base):
                         model: str | None = KEEP) -> dict[str, Any]:
         fields = _admin_fields(requests_per_second=requests_per_second, tokens_per_second=tokens_per_second,
                                burst=burst, max_concurrency=max_concurrency, burst_tokens=burst_tokens, model=model)
-        return await self._call("PUT", f"/v1/admin/groups/{_quoted(group)}", fields)
+        return await self._call("PUT", f"/v1/admin/groups/{_quoted(group)}", fields, shape=GROUP)
 
     async def set_weight(self, tenant: str, weight: float) -> dict[str, Any]:
-        return await self._call("PUT", f"/v1/admin/tenants/{_quoted(tenant)}", {"weight": weight})
+        return await self._call("PUT", f"/v1/admin/tenants/{_quoted(tenant)}", {"weight": weight}, shape=TENANT)
 
     async def set_tenant(self, tenant: str, *, weight: float = KEEP, max_priority: Priority | None = KEEP,
                          max_streams: int | None = KEEP, **limits: Any) -> dict[str, Any]:
         fields = _admin_fields(weight=weight, max_priority=max_priority, max_streams=max_streams, **limits)
-        return await self._call("PUT", f"/v1/admin/tenants/{_quoted(tenant)}", fields)
+        return await self._call("PUT", f"/v1/admin/tenants/{_quoted(tenant)}", fields, shape=TENANT)
 
     async def groups(self) -> list[dict[str, Any]]:
-        return (await self._call("GET", "/v1/admin/groups"))["groups"]
+        return (await self._call("GET", "/v1/admin/groups", shape=GROUPS))["groups"]
 
     async def tenants(self) -> list[dict[str, Any]]:
-        return (await self._call("GET", "/v1/admin/tenants"))["tenants"]
+        return (await self._call("GET", "/v1/admin/tenants", shape=TENANTS))["tenants"]
 
     async def stats(self) -> dict[str, Any]:
-        return await self._call("GET", "/v1/admin/stats")
+        return await self._call("GET", "/v1/admin/stats", shape=STATS)

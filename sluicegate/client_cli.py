@@ -83,8 +83,9 @@ def add_commands(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run one client command; a refused call is one line on stderr and exit code 1; input that cannot be
-    sent (a URL that does not parse, text that is not valid Unicode, a number JSON cannot carry) is one
-    line and exit code 2."""
+    sent (a URL that does not parse, text that is not valid Unicode, a number JSON cannot carry, an API key
+    with a character no header can carry) is one line and exit code 2. No line names the API key or the
+    password of the URL's userinfo (the client's messages leave them out)."""
     import httpx
 
     from sluicegate.client import Client, InvalidArgument, SluicegateError

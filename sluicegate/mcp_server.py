@@ -157,36 +157,51 @@ async def _recent_events(client: AsyncClient, session_id: str, limit: int) -> tu
     import httpx
     from httpx_sse import SSEError, aconnect_sse
 
-    from sluicegate.client import _error_from, _not_an_event_stream, _session_path, _unreachable
+    from sluicegate.client import (
+        _aerror_body,
+        _error_from,
+        _not_an_event_stream,
+        _session_path,
+        _undecodable,
+        _unreachable,
+    )
 
     kept: deque[dict[str, Any]] = deque(maxlen=limit)
     tokens: Counter[str] = Counter()
     loop = asyncio.get_running_loop()
     deadline = loop.time() + READ_BUDGET
     path = f"{_session_path(session_id)}/events"
+    last_id = 0  # the API's event ids start at 1 and only increase
     try:
         # read=READ_BUDGET bounds the wait for the head; the reads after it are bounded by wait_for below
         async with aconnect_sse(client.http, "GET", path,
                                 timeout=httpx.Timeout(client.timeout, read=READ_BUDGET)) as source:
             if source.response.status_code != 200:
-                raise _error_from(source.response, await source.response.aread())
+                raise _error_from(source.response, await _aerror_body(source.response))
             events = source.aiter_sse()
             while (wait := min(IDLE_SECONDS, deadline - loop.time())) > 0:
                 try:
                     sse = await asyncio.wait_for(anext(events), wait)
                 except (TimeoutError, StopAsyncIteration):
                     break
-                if not sse.id:  # a keep-alive
+                except httpx.DecodingError as error:  # a RequestError, not a TransportError
+                    raise _undecodable(source.response, error) from error
+                # A keep-alive comment still comes out as an SSE: event "message", and the id of the event
+                # before it (httpx-sse keeps the last id, as EventSource does). Every log event is named and
+                # has a new id, as the client's _Follow.accept checks.
+                event_id = int(sse.id) if sse.id.isascii() and sse.id.isdigit() else 0
+                if sse.event in ("", "message") or event_id <= last_id:
                     continue
+                last_id = event_id
                 data: dict[str, Any] = {}
                 with contextlib.suppress(ValueError):
                     data = sse.json() if sse.data else {}
                 if sse.event == "token":
                     tokens[str(data.get("request_id"))] += 1
                 else:
-                    kept.append({"id": int(sse.id), "event": sse.event, "data": data})
+                    kept.append({"id": event_id, "event": sse.event, "data": data})
     except SSEError as error:  # first: it is a TransportError too, but an answer did come (another app's page)
         raise _not_an_event_stream(error) from error
     except httpx.TransportError as error:
-        raise _unreachable(error, f"{client.url}{path}") from error
+        raise _unreachable(error, f"{client.shown_url}{path}") from error
     return list(kept), tokens
