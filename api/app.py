@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -107,11 +109,22 @@ def create_app(settings: Settings | None = None, *, own_process: bool = False) -
                                lean=lean, cluster=cluster, log_max_events=settings.session_log_max_events),
             keyring=KeyRing(redis, enabled=settings.auth_enabled, admin_key=settings.admin_key),
             directory=Directory(redis), guardrails=Guardrails(redis))
+        svc: Services = app.state.services
+        publisher = asyncio.create_task(svc.publish_streams_forever())  # the fleet's open streams (/metrics)
         if own_process:
             settle_after_start_up()
         try:
             yield
         finally:
+            publisher.cancel()
+            try:
+                await publisher
+            except asyncio.CancelledError:
+                pass
+            except Exception:  # it survives a store outage; anything else is a bug, said here, not a failed shutdown
+                log.exception("the open streams' publisher had stopped")
+            with contextlib.suppress(Exception):  # a store that is down: the entry lapses by itself
+                await asyncio.wait_for(svc.withdraw_streams(), timeout=2)
             await hub.stop()
             if lean is not None:
                 await lean.aclose()
@@ -147,7 +160,7 @@ def create_app(settings: Settings | None = None, *, own_process: bool = False) -
     async def metrics(request: Request) -> Response:
         svc = services(request)
         await svc.keyring.require_metrics_reader(request, settings.metrics_key)
-        return Response(await render_metrics(svc.redis, open_streams=svc.open_streams,
+        return Response(await render_metrics(svc.redis, open_streams=await svc.fleet_open_streams(),
                                              max_tenants=settings.metrics_max_tenants),
                         media_type=CONTENT_TYPE_LATEST)
 

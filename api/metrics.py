@@ -1,8 +1,9 @@
 """GET /metrics: the cluster's counters and histograms, kept in Redis by the atomic scripts.
 
 Any API process reports the same numbers (they are not per-process: every counter is a sum of the
-Redis metrics hashes, every gauge a read of Redis state), so a scrape of any replica is complete; the
-one exception is `sluicegate_open_streams`, which is about the process that answers. Histograms are
+Redis metrics hashes, every gauge a read of Redis state), so a scrape of any replica is complete; even
+`sluicegate_open_streams`, whose counts live in the processes, is the sum of the entries each process
+publishes about once a second (api/services.py `fleet_open_streams`). Histograms are
 labelled by group and priority; counters also by tenant, bounded to `max_tenants` tenants plus
 `tenant="~other"`, so the series stay few however many tenants call. The labelled tenants are the
 first seen (sessions/metrics_store.py `labelled_tenants`) and keep their label: a re-ranking would move
@@ -142,6 +143,7 @@ def _gauge(name: str, doc: str, labels: list[str], rows: Iterable[tuple[list[str
 
 
 async def render_metrics(redis: Any, *, open_streams: int, max_tenants: int = 20) -> bytes:
+    """The scrape's text; `open_streams` is the fleet's (api/services.py `fleet_open_streams`)."""
     groups = sorted(text(g) for g in await redis.smembers(keys.GROUPS))
     totals = await read_metrics(redis, groups)
     keep = set(await labelled_tenants(redis, max_tenants, ranked_tenants(totals)))
@@ -177,7 +179,8 @@ async def render_metrics(redis: Any, *, open_streams: int, max_tenants: int = 20
                (([g, q], v) for g, s in state.items() for q, v in sorted(s["quota"].items()))),
         _gauge("sluicegate_tenant_weight", "Fair-share weight of each tenant with its own label.", ["tenant"],
                (([t], weights.get(t, 1.0)) for t in sorted(keep))),
-        _gauge("sluicegate_open_streams", "SSE streams open on this API process.", [], [([], open_streams)]),
+        _gauge("sluicegate_open_streams", "SSE streams open on the fleet's API processes (each one's count is "
+               "at most about a second old).", [], [([], open_streams)]),
         _histogram("sluicegate_request_wait_seconds", "Submission to first dispatch.", totals.get("wait", {})),
         _histogram("sluicegate_time_to_first_token_seconds", "Submission to first token.", totals.get("ttft", {})),
         _histogram("sluicegate_deadline_slack_seconds", "Time left to its deadline when a request with one was "

@@ -177,6 +177,10 @@ AUDIT = PREFIX + "audit"  # list of admin changes, newest first, capped (api/aud
 # a timely success (written by the delivery processes, webhooks/delivery.py; a note whose silence is over is deleted
 # when a pass reads it: one small key, one slot)
 CALLBACKS_SILENT = PREFIX + "cbsilent"
+# hash API process id ("<host>:<pid>:<random>") -> "<open SSE streams> <expires ms>": each API process rewrites its
+# entry about once a second and deletes it at shutdown; /metrics sums the live ones and deletes lapsed ones
+# (api/services.py: one small key, one slot, so every process reports the fleet's open streams)
+API_STREAMS = PREFIX + "api_streams"
 
 
 def usage_hour(hour: int) -> str:
