@@ -17,7 +17,9 @@ SIGTERM; a request still marked running is taken as preempted: it resumes from i
 1. the new data plane, in one transaction (one slot): meta and log (same event ids, the request ids
    in entries rewritten; a request still marked running gets a `preempted` event, reason
    `migration`), the lite queue in the same order, each request's hash and input; TTLs as they were
-   (an idle session and its ended requests keep what remains of theirs, queued work has none);
+   (an idle session and its ended requests keep what remains of theirs, queued work has none); and
+   the session's mark `sg:{s:<bucket>}:migrated:<sid>` (migrated_mark: its last event id, no TTL), which
+   outlives the new session: step 4 deletes it with the old keys;
 2. the aliases;
 3. the session's head made ready on its group's control plane (the library's `ready` function);
 4. the session's old keys deleted, unless an old API wrote to it since it was read (see delete_session):
@@ -28,7 +30,10 @@ Step 1 writes no key the new layout already has: a session whose new meta, log o
 as written when they are exactly what this session's step 1 writes (an earlier run died before step 4),
 else it is left alone, old keys and all (the new version wrote the same session id, or ran the migrated
 session on since: rewriting it would lose its events and hand their ids out again), and the run ends
-with exit code 1 and a line for it. Likewise a request hash the new layout holds, changed.
+with exit code 1 and a line for it. Likewise a request hash the new layout holds, changed, and a session
+whose mark is there but whose new keys are not (the new version ran it and it expired since: rewriting it
+would run its ended requests again). A key of the old layout with another type than the layout gives it is
+a line too (kept, not read). A run a Redis error stops says so, exit code 1: run it again.
 
 Before the sessions, and also when none is left (an idle session expires while the old stack is stopped):
 each group is registered with its copies of `sg:policy` and `sg:tenants` and its quota settings
@@ -52,7 +57,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from redis.exceptions import RedisError, WatchError
+from redis.exceptions import RedisError, ResponseError, WatchError
 
 from sluicegate.sessions import keys
 from sluicegate.sessions.callbacks import script  # sessions/lua/standalone/<name>.lua
@@ -95,6 +100,33 @@ def is_old_key(key: str) -> bool:
 
 def new_request_id(sid: str, old_rid: str) -> str:
     return keys.bucket_of_session(sid) + old_rid
+
+
+def migrated_mark(sid: str) -> str:
+    """String, in the session's bucket (step 1 writes it in its transaction): the session's last event id
+    when migrate moved it. No TTL: it must outlive the new session, which may run on and expire while the old
+    keys stay (a run died in step 4, or an old API wrote to them): a rerun that finds it and no new session
+    leaves the old keys alone. Step 4 deletes it with them; a real run deletes those of sessions with no
+    old keys (deleted by hand)."""
+    return f"{keys.session_prefix(sid)}migrated:{sid}"
+
+
+MARKS = keys.PREFIX + "{s:*}:migrated:*"  # every session's mark (a SCAN pattern: braces are literal)
+
+
+def wrong_type(error: object) -> bool:
+    """A command met a key of another type than it works on (WRONGTYPE)."""
+    return isinstance(error, ResponseError) and str(error).startswith("WRONGTYPE")
+
+
+async def execute(pipe: Any) -> list[Any]:
+    """Run a pipeline; its first error raised as the server sent it (redis-py's own annotation of a
+    pipeline's error loses the server's message)."""
+    replies = await pipe.execute(raise_on_error=False)
+    for reply in replies:
+        if isinstance(reply, Exception):
+            raise reply
+    return list(replies)
 
 
 def _number(value: str | None, default: float = 0) -> float | int:
@@ -227,6 +259,12 @@ class OldStackRunning(RuntimeError):
     """Old workers still hold live leases: the old version is running (migrating now would lose work)."""
 
 
+def old_stack_running(workers: list[str]) -> str:
+    """Why a run refuses (and a dry run warns) while old workers hold live leases."""
+    return (f"old workers are still running ({', '.join(workers)}): stop the old API, scheduler and workers "
+            "first (a worker that died is forgotten within its lease, a few seconds); nothing was changed")
+
+
 class MigrationLocked(RuntimeError):
     """Another run of migrate holds the run lock (two at once would count the queue depth twice)."""
 
@@ -262,18 +300,23 @@ class Summary:
     live_old_workers: list[str] = field(default_factory=list)  # a real run refuses while there are any
     conflicts: dict[str, str] = field(default_factory=dict)  # session -> why it was left alone (old keys kept)
     unmigrated: list[str] = field(default_factory=list)  # sessions still written in the old layout after the passes
+    wrong_type: list[str] = field(default_factory=list)  # old request keys of another type: not read, kept
 
     def line(self) -> str:
         return json.dumps({"summary": "migrate", **self.__dict__}, separators=(",", ":"))
 
     def problems(self) -> list[str]:
-        """One line for each session left in the old layout: a run with any ends with exit code 1."""
-        lines = [f"session {sid!r} not migrated: {why}; its old keys (sg:s:{sid}:m|q|l, its requests' sg:r:<id>) "
+        """One line for each session left in the old layout (and for a dry run's live old workers, which
+        make a real run refuse): a run with any ends with exit code 1."""
+        lines = [old_stack_running(self.live_old_workers)] if self.dry_run and self.live_old_workers else []
+        lines += [f"session {sid!r} not migrated: {why}; its old keys (sg:s:{sid}:m|q|l, its requests' sg:r:<id>) "
                  "are kept: check the session, then delete them by hand" for sid, why in self.conflicts.items()]
         if self.unmigrated:
             lines.append(f"{len(self.unmigrated)} session(s) still written in the old layout after {MAX_PASSES} "
                          f"passes (is an old API still running?), their old keys kept: "
                          f"{', '.join(self.unmigrated[:10])}")
+        lines += [f"{key} is not a hash, as the old layout's request keys are: not read, kept: check it, then "
+                  "delete it by hand" for key in self.wrong_type]
         return lines
 
 
@@ -285,6 +328,7 @@ class Found:
     log_length: int
     last_entry: str | None
     hashes: list[dict[str, str]]  # each stored request's new hash ({}: none), in plan.requests' order
+    mark: str | None = None  # migrated_mark: the last event id when a run moved the session, or None
 
 
 class Migration:
@@ -320,7 +364,7 @@ class Migration:
             pipe.hgetall(OLD_REQUEST + rid)
             pipe.pttl(OLD_REQUEST + rid)
             pipe.get(OLD_REQUEST + rid + ":in")
-            fields, pttl, text = await pipe.execute()
+            fields, pttl, text = await execute(pipe)
         return OldRequest(rid, fields, int(pttl), text) if fields else None
 
     async def read_list(self, key: str) -> list[str]:
@@ -367,10 +411,11 @@ class Migration:
             pipe.lrange(keys.session_queue(sid), 0, -1)
             pipe.llen(keys.session_log(sid))
             pipe.lindex(keys.session_log(sid), -1)
+            pipe.get(migrated_mark(sid))
             for request in plan.requests.values():
                 pipe.hgetall(keys.request(plan.new_id(request.rid)))
-            meta, queue, length, last, *hashes = await pipe.execute()
-        return Found(meta, queue, int(length), last, hashes)
+            meta, queue, length, last, mark, *hashes = await execute(pipe)
+        return Found(meta, queue, int(length), last, hashes, mark)
 
     def conflict(self, plan: SessionPlan, found: Found, *, orphan: bool) -> tuple[str | None, bool]:
         """(why the plan must not be written, or None; whether an earlier run already wrote it all).
@@ -378,7 +423,9 @@ class Migration:
         The new version may have written the same session id (it was started before migrate), or run the
         migrated session on after a run of migrate died before deleting its old keys: rewriting it would
         lose its new requests and events and hand out its event ids again. Only what this plan would write
-        itself (an earlier run's step 1, one transaction) counts as written."""
+        itself (an earlier run's step 1, one transaction) counts as written. A session an earlier run moved
+        (its mark) of which the new layout holds nothing ended there since (the new version ran it, and it
+        expired): rewriting it would run its requests again."""
         if not orphan and (found.meta or found.queue or found.log_length):
             entries, seq = plan.new_log()
             if (found.meta == self.new_meta(plan, seq) and found.queue == [plan.new_id(r.rid) for r in plan.waiting]
@@ -386,6 +433,10 @@ class Migration:
                 return None, True
             return (f"the new layout already holds it (last event id {found.meta.get('seq', '?')}, "
                     f"{len(found.queue)} queued), not as migrate writes it"), False
+        if not orphan and found.mark is not None:
+            return (f"an earlier run of migrate moved it (last event id {found.mark}) and the new layout no "
+                    "longer holds it (the new version ran it, and it expired): rewriting it would run its "
+                    "requests again and hand its event ids out again"), False
         for request, now in zip(plan.requests.values(), found.hashes, strict=True):
             if now and now != self.new_fields(request):
                 return f"the new layout already holds request {plan.new_id(request.rid)!r}, changed since", False
@@ -400,7 +451,7 @@ class Migration:
         stored = list(plan.requests.values())
         watched = [keys.request(plan.new_id(r.rid)) for r in stored]
         if not orphan:
-            watched += [keys.session_meta(sid), keys.session_log(sid), keys.session_queue(sid)]
+            watched += [keys.session_meta(sid), keys.session_log(sid), keys.session_queue(sid), migrated_mark(sid)]
         for _ in range(WRITE_TRIES):
             try:
                 async with self.r.pipeline(transaction=True) as tx:
@@ -439,6 +490,7 @@ class Migration:
             tx.pexpire(meta_key, meta_ttl)
         if log_ttl > 0 and entries:
             tx.pexpire(log_key, log_ttl)
+        tx.set(migrated_mark(sid), seq)
 
     @staticmethod
     def count_depth(tx: Any, bucket: str, requests: list[OldRequest]) -> None:
@@ -510,6 +562,7 @@ class Migration:
         base = OLD_SESSION + plan.sid
         session = [] if orphan else old_session_keys(plan.sid)
         requests = old_request_keys(plan.requests)
+        mark = [] if orphan else [migrated_mark(plan.sid)]
         if self.cluster:
             if not orphan:
                 if await self.r.llen(base + ":l") != len(plan.log):
@@ -526,7 +579,7 @@ class Migration:
                             return False
                     tx.multi()
                     if session or requests:
-                        tx.delete(*session, *requests)
+                        tx.delete(*session, *requests, *mark)
                     await tx.execute()
                     return True
             except WatchError:  # written since the check: checked again
@@ -534,10 +587,12 @@ class Migration:
         return False
 
     async def finish_delete(self, plan: SessionPlan) -> None:
-        """The deletes of step 4, one key a command, the old meta (with its MOVED mark) last."""
+        """The deletes of step 4, one key a command, the old meta (with its MOVED mark) last, then the
+        session's migrated_mark (once no old key of it is left to rewrite it from)."""
         base = OLD_SESSION + plan.sid
         await self.delete([base + ":q", base + ":l", *old_request_keys(plan.requests)])
         await self.delete([base + ":m"])
+        await self.delete([migrated_mark(plan.sid)])
 
     # ---- the run lock --------------------------------------------------------------------------
     async def lock(self) -> None:
@@ -602,8 +657,15 @@ class Migration:
             async with self.r.pipeline(transaction=False) as pipe:
                 for rid in rids[i:i + CHUNK]:
                     pipe.hmget(OLD_REQUEST + rid, ["sid", "g"])
-                replies = await pipe.execute()
-            for rid, (sid, group) in zip(rids[i:i + CHUNK], replies, strict=True):
+                replies = await pipe.execute(raise_on_error=False)
+            for rid, reply in zip(rids[i:i + CHUNK], replies, strict=True):
+                if wrong_type(reply):  # not a request: reported and kept, not read
+                    if OLD_REQUEST + rid not in self.summary.wrong_type:
+                        self.summary.wrong_type.append(OLD_REQUEST + rid)
+                    continue
+                if isinstance(reply, Exception):
+                    raise reply
+                sid, group = reply
                 if sid is not None:
                     by_session.setdefault(sid, set()).add(rid)
                 if group:
@@ -630,6 +692,8 @@ class Migration:
         old = await self.old_keys()
         self.summary.old_keys = len(old)
         if not old:
+            if not self.dry_run:
+                await self.sweep_marks(set())
             return self.summary
         await self.check_stopped(old)
         await self.groups_and_quotas(old, set())  # also when no session is left (the sweep deletes the old cfg)
@@ -641,8 +705,13 @@ class Migration:
             await self.groups_and_quotas(old, groups)
             for sid in todo:
                 self.check_lock()
-                plan = await self.read_session(sid, by_session.get(sid, set()))
-                await self.move(plan, orphan=sid not in sids)
+                try:
+                    plan = await self.read_session(sid, by_session.get(sid, set()))
+                    await self.move(plan, orphan=sid not in sids)
+                except ResponseError as error:
+                    if not wrong_type(error):
+                        raise
+                    self.summary.conflicts[sid] = f"a key of it is not of the type the old layout gives it ({error})"
             if not self.dry_run:
                 old = await self.old_keys()
         if self.dry_run:
@@ -650,9 +719,21 @@ class Migration:
         self.summary.unmigrated = todo
         kept = set(todo) | set(self.summary.conflicts)
         keep = {key for sid in kept for key in [*old_session_keys(sid), *old_request_keys(by_session.get(sid, ()))]}
+        keep.update(old_request_keys(key.removeprefix(OLD_REQUEST) for key in self.summary.wrong_type))
         self.check_lock()
         await self.delete([key for key in old if key not in keep])  # the old control plane, workers, metrics
+        await self.sweep_marks(kept)
         return self.summary
+
+    async def sweep_marks(self, kept: set[str]) -> None:
+        """Delete the migrated_mark of every session whose old keys are gone (step 4 deletes its own; this
+        catches those of old keys deleted by hand, and of a run that died between the two): no rerun can
+        rewrite such a session. The marks of the sessions left in the old layout (`kept`) stay."""
+        marks = [key async for key in self.r.scan_iter(match=MARKS, count=CHUNK)]
+        stale = [key for key in marks if key.split(":migrated:", 1)[1] not in kept]
+        for key in stale:  # a session written in the old layout since the passes' last scan keeps its mark
+            if not any([await self.r.exists(old) for old in old_session_keys(key.split(":migrated:", 1)[1])]):
+                await self.r.delete(key)
 
     async def check_stopped(self, old: list[str]) -> None:
         """An old worker renews its liveness key (sg:w:<wid>, a PX lease) while it runs; one that was
@@ -662,9 +743,7 @@ class Migration:
             if await self.r.type(key) == "string" and await self.r.pttl(key) > 0:
                 self.summary.live_old_workers.append(key.removeprefix(keys.PREFIX + "w:"))
         if self.summary.live_old_workers and not self.dry_run:
-            raise OldStackRunning(f"old workers are still running ({', '.join(self.summary.live_old_workers)}): "
-                                  "stop the old API, scheduler and workers first (a worker that died is "
-                                  "forgotten within its lease, a few seconds); nothing was changed")
+            raise OldStackRunning(old_stack_running(self.summary.live_old_workers))
 
     async def move(self, plan: SessionPlan, *, orphan: bool) -> None:
         if MOVED in plan.meta:  # moved by a run that died in step 4 on a cluster: only deletes are left
@@ -727,9 +806,9 @@ def migrate(redis_url: str, **options: Any) -> Summary:
 
 
 def main(settings: Settings, *, dry_run: bool) -> int:
-    """`sluicegate migrate`: exit code 0; 1 when Redis cannot be used, the old version still runs, another run
-    holds the lock, or a session was left in the old layout (a conflict, or still being written); 2 without
-    --redis-url."""
+    """`sluicegate migrate`: exit code 0; 1 when Redis cannot be used or fails part-way, the old version still
+    runs (a dry run too: the real run would refuse), another run holds the lock, or a session or key was left
+    in the old layout (a conflict, still being written, a key of another type); 2 without --redis-url."""
     if not settings.redis_url:
         print("sluicegate migrate: --redis-url is required (the Redis of the deployment to migrate)", file=sys.stderr)
         return 2
@@ -743,6 +822,10 @@ def main(settings: Settings, *, dry_run: bool) -> int:
                           lease_ms=int(settings.lease_seconds * 1000), session_ttl=settings.session_ttl)
     except (OldStackRunning, MigrationLocked) as error:
         print(f"sluicegate migrate: {error}", file=sys.stderr)
+        return 1
+    except (RedisError, OSError) as error:  # a dropped connection, a failover, a key it cannot use
+        print(f"sluicegate migrate: the store failed part-way ({type(error).__name__}: {error}): run it again "
+              "(each step is idempotent)", file=sys.stderr)
         return 1
     for problem in summary.problems():
         print(f"sluicegate migrate: {problem}", file=sys.stderr)

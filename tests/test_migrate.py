@@ -24,7 +24,7 @@ from tests.helpers import ON_CLUSTER, Stack, call, fast_settings, sse, submit, w
 from tests.metrics_helpers import raw_depths
 
 TENANT, GROUP, WEIGHT = "acme", "default", 4.0
-KEPT_GLOBALS = {keys.GROUPS, keys.TENANT_WEIGHTS, keys.POLICY}
+KEPT_GLOBALS = {keys.GROUPS, keys.GROUPS_HINT, keys.TENANT_WEIGHTS, keys.POLICY}  # the hint: a stack's own start
 
 
 def old_id() -> str:
