@@ -17,6 +17,7 @@
 -- lost-worker test below and its runs' first lease at dispatch, runs.lua worker_lease)
 -- ARGV[3] max attempts (a lost worker counts as a failed attempt)
 -- ARGV[4] session ttl s
+-- Notes its pass in the group's qs (sw; gr, the workers' grace after a restart: runs.lua store_grace).
 -- Clears the group's hint list (cp .. 'hint', the scheduler loop's wake-up): see the end.
 -- Returns {lapsed runs, promoted, dispatched, next wake ms or -1, now ms, number of runs to hand back,
 -- "reason:rid|attempt" to hand back..., expired "rid|sid" or "behind:rid|sid" to end on the data plane...};
@@ -26,6 +27,7 @@
 -- kept), and the scheduler that swept writes it on the data plane (scheduler/loop.py): runs.lua note_class.
 local cp, lease, max_attempts, ttl = KEYS[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local now = clock()
+local grace = store_grace(cp, now)
 local lapsed, promoted = 0, 0
 local lost = {}
 for _, key in ipairs(redis.call('ZRANGEBYSCORE', cp .. 'leases', '-inf', now, 'LIMIT', 0, 200)) do
@@ -44,22 +46,34 @@ for _, key in ipairs(redis.call('ZRANGEBYSCORE', cp .. 'leases', '-inf', now, 'L
     -- (lease_lapsed): a slow worker is not a failed attempt. Its late start is fenced. "A lease" is the
     -- worker's own (runs.lua worker_lease): it beats on its own --heartbeat-seconds, which may be longer
     -- than this scheduler's lease.
+    -- After the store came back (a restart, a failover: runs.lua store_grace) a worker's silence counts from
+    -- the grace's start, not from its last beat: no worker could beat while the store was down, and a store
+    -- outage is no failed attempt. A run of a worker not heard from since has its lease put off to the
+    -- grace's end (its worker renews it at its next beat, as it rejoins): not stopped, and not counted. A
+    -- worker still silent then is lost, as above.
     local beat = tonumber(redis.call('GET', kworker(cp, rec.w)) or '')
-    local reason = 'lease_lapsed'
-    if not beat or now - beat >= worker_lease(cp, rec.w, lease) * 0.9 then
-      reason = 'worker_lost'
-      redis.call('DEL', kworker(cp, rec.w))
-      redis.call('LREM', cp .. 'idle', 0, rec.w)
-      redis.call('HDEL', cp .. 'wl', rec.w) -- recorded again when it beats or registers
-    end
-    lapsed = lapsed + 1
-    if single_server then
-      local _, _, produced, spec, nxt = d_stop(rec.rid, tostring(rec.a), nil, reason, max_attempts, now,
-        ttl, false)
-      release(cp, key, produced, spec, now)
-      if nxt then ready(gpre(nxt.g), nxt, now, lease) end
+    local wlease = worker_lease(cp, rec.w, lease)
+    local unheard = grace and (not beat or beat < grace) -- not heard from since the store came back
+    if unheard and now - grace < wlease * 0.9 then
+      redis.call('ZADD', cp .. 'leases', 'XX', grace + wlease, key)
     else
-      lost[#lost + 1] = reason .. ':' .. key
+      local heard = unheard and grace or beat
+      local reason = 'lease_lapsed'
+      if not heard or now - heard >= wlease * 0.9 then
+        reason = 'worker_lost'
+        redis.call('DEL', kworker(cp, rec.w))
+        redis.call('LREM', cp .. 'idle', 0, rec.w)
+        redis.call('HDEL', cp .. 'wl', rec.w) -- recorded again when it beats or registers
+      end
+      lapsed = lapsed + 1
+      if single_server then
+        local _, _, produced, spec, nxt = d_stop(rec.rid, tostring(rec.a), nil, reason, max_attempts, now,
+          ttl, false)
+        release(cp, key, produced, spec, now)
+        if nxt then ready(gpre(nxt.g), nxt, now, lease) end
+      else
+        lost[#lost + 1] = reason .. ':' .. key
+      end
     end
   end
 end

@@ -99,6 +99,40 @@ local function worker_lease(cp, wid, fallback)
   return tonumber(redis.call('HGET', cp .. 'wl', wid) or '') or fallback
 end
 
+-- The server's own clock in microseconds (never the pinned one): below 2^53 for centuries yet.
+local function server_us()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
+
+-- When this library's first sweep came (server_us): a library local, reset whenever the library loads, so
+-- whenever the server restarts (from its AOF), a replica takes over or a new version loads.
+local first_call_us = false
+local function library_first_call()
+  if not first_call_us then first_call_us = server_us() end
+  return first_call_us
+end
+
+-- The start of the group's workers' grace after the store came back (ms on the call's clock; nil: none
+-- noted). While the store was down (or restarting, or failing over) no worker could beat: after it, every
+-- liveness key has expired and every lease lapsed though the workers live, and a sweep would judge them all
+-- lost, counting a failed attempt for every run in flight. So the first sweep after the library (re)loaded,
+-- when the group was swept before it (qs sw, that pass's server_us), opens a grace (qs gr) of one lease from
+-- its own `now`: until then the sweep counts a worker's silence from the grace, not from its last beat
+-- (sweep.lua). A new version's first sweep opens one too, once: harmless.
+local function store_grace(cp, now)
+  local qs = cp .. 'qs'
+  local swept = tonumber(redis.call('HGET', qs, 'sw') or '')
+  local grace = tonumber(redis.call('HGET', qs, 'gr') or '')
+  local first = library_first_call() -- before this pass's sw: every pass of this load notes a later one
+  if swept and swept < first then
+    grace = now
+    redis.call('HSET', qs, 'gr', now)
+  end
+  redis.call('HSET', qs, 'sw', server_us())
+  return grace
+end
+
 local function take_ticket(cp)
   while true do
     local wid = redis.call('RPOP', cp .. 'idle')

@@ -28,7 +28,8 @@
 --     wk / workers     zset / hash   the group's workers by last heartbeat / their slot counts
 --     wl               hash   worker -> its own lease ms (register_worker, heartbeat; runs.lua worker_lease)
 --     w:<wid> / w:<wid>:in / w:<wid>:ctl   liveness (PX) / inbox of assignments / control channel
---     cfg / qs         hash   quota settings / quota state (incl. wake: when a quota admits next)
+--     cfg / qs         hash   quota settings / quota state (incl. wake: when a quota admits next; sw / gr: the
+--                             sweep's last pass / the workers' grace after a restart, runs.lua store_grace)
 --     hint             list   wakes the group's scheduler loop
 --     pol / tw         hash   copies of the policy and of the tenant weights (decisions read these)
 --     dlp / dld        zset   ready heads with a deadline: when their slack runs out / their deadline (fairness.lua)
