@@ -83,9 +83,10 @@ LOST_NOTE_MARGIN_MS = 1000  # a fail deadline noted after a lost submit answer, 
 @dataclass
 class EndProgress:
     """How far one run's end (finish or hand-back) on a cluster got, kept by its caller across its retries: a
-    retry takes up from the control step that failed, with the data step's first reply. The data step retried
-    is refused (the request has ended already) and its reply would carry neither the backend's prompt count
-    nor the session's next head."""
+    retry takes up from the control step that failed, with the data step's first reply. A data step whose reply
+    was lost (no reply kept) is sent again: the data plane refuses it (the request ended by this very end), but
+    its reply carries the first one's counts, the backend's prompt count and the session's waiting head
+    (requests.lua `ended_by`)."""
 
     reply: Any = None
     released: bool = False

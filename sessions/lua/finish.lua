@@ -11,7 +11,8 @@
 -- ARGV[11..] those tokens' event data (JSON), one per token, in index order
 -- Returns {finished 1|0, status before, tokens this attempt produced (-1 unknown), next head's
 -- ready spec JSON or "", (refused) the request's spec JSON to requeue or "", the request's input
--- tokens as the backend counted them (-1 unknown)}.
+-- tokens as the backend counted them (-1 unknown)}. The same end resent after its reply was lost is
+-- refused (0) with the first reply's counts and the session's waiting head (requests.lua ended_by).
 local usage = ARGV[8] -- its text, kept as it is (usage_of, requests.lua)
 local r = append_tail(KEYS[1], ARGV[3], ARGV[4], ARGV[5], ARGV[9] or '', ARGV[10] or '', ARGV, 11)
 local finished, status, produced, nxt, requeue, prompt = d_finish(ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], usage,

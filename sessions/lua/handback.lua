@@ -7,7 +7,8 @@
 -- the sweep, for a lost worker)   ARGV[5] reason ("label" or "label: detail")   ARGV[6] max attempts
 -- ARGV[7] session ttl s
 -- Returns {stopped 1|0, status before, produced (-1 unknown), ready spec JSON to requeue or "",
--- (ended) the session's next head's ready spec JSON or ""}.
+-- (ended) the session's next head's ready spec JSON or ""}. A worker's hand-back that ended the request,
+-- resent after its reply was lost, is refused (0) with the session's waiting head (requests.lua ended_by).
 local wid = ARGV[4] ~= '' and ARGV[4] or nil
 local stopped, status, produced, spec, nxt = d_stop(ARGV[2], ARGV[3], wid, ARGV[5], tonumber(ARGV[6]), clock(),
   tonumber(ARGV[7]), true)

@@ -20,6 +20,8 @@
 --     cls / c<P> / c<P>:<T> / age<P> / cn / btn / bt / vtc / vlast   ready sets and fairness
 --     ri               hash   "rid|attempt" -> run record (JSON) of each dispatched, unreleased run
 --     run              zset   running runs, score ranks preemption victims first
+--     rt:<T> / ro      zset   a tenant's running runs / tenants by runs over weight (runs.lua run_added)
+--     rdur             string the mean duration of the group's finished runs (ms; runs.lua note_run_duration)
 --     pre              zset   runs being stopped, worker not yet let go (cancelled; preempted under a max_concurrency cap)
 --     pin              set    runs never to preempt: they streamed a tool-call delta (pin.lua)
 --     leases           zset   "rid|attempt" -> lease expiry (ms)
@@ -39,7 +41,8 @@
 --     epw              list   "rid|class": effective classes the sweep gave, for the scheduler to write on the
 --                             data plane (cluster; sweep.lua, scheduler/loop.py)
 --     m                hash   the group's share of the metrics
---   global             sg:groups (set), sg:groups:hint, sg:models, sg:policy, sg:tenants, sg:keys, sg:clock (tests only)
+--   global             sg:groups (set), sg:groups:hint, sg:models, sg:policy, sg:tenants, sg:keys, sg:clock (tests only);
+--                      those no script reads: README "Keyspace"
 
 local PREFIX = 'sg:'
 local TERMINAL = { {{TERMINAL}} }

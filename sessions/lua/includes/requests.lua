@@ -249,22 +249,38 @@ local function advance(dp, sid, rid, was_head, now, ttl, via_outbox)
   return nil
 end
 
+-- A deadline missed with no first token, recorded as the first token's append would have judged it
+-- (deadline_met false, the metric); `r.dmt` marks it recorded for the rest of the call (finalize).
+local function record_miss(rid, r)
+  redis.call('HSET', kreq(rid), 'dmt', '0')
+  count(dpre_of(rid) .. 'm', 'deadlines', r.g .. '|' .. r.p .. '|missed')
+  r.dmt = '0'
+end
+
 -- A `"on_deadline_miss": "fail"` deadline missed before the request's first token: it ends failed with an
 -- `error` event whose message this gives (`what` came too late: it "starts deadline_exceeded", says the
 -- contract), and the miss is recorded as its first token's would have been (deadline_met false, the metric).
 -- The caller writes the message as the request's `err` and finalizes it.
 local DEADLINE_EXCEEDED = 'deadline_exceeded' -- also the worker's detail for it (sessions/runs.py)
-local function deadline_missed(rid, r, what)
-  redis.call('HSET', kreq(rid), 'dmt', '0')
-  count(dpre_of(rid) .. 'm', 'deadlines', r.g .. '|' .. r.p .. '|missed')
+local function deadline_message(r, what)
   return string.format('%s: %s within its deadline of %d ms', DEADLINE_EXCEEDED, what,
     tonumber(r.dl) - tonumber(r.sub))
+end
+local function deadline_missed(rid, r, what)
+  record_miss(rid, r)
+  return deadline_message(r, what)
 end
 
 -- `r.st`: the status it ends from (a request that was waiting leaves the depth gauge). `data`: the end
 -- event's data, a table or its JSON text (d_finish's, which carries the backend's usage as it came).
+-- A request that ends, however (failed for its attempts or by its engine, cancelled, done), after its deadline
+-- passed (by this clock, `now`) with no first token missed it, whatever its on_deadline_miss: recorded here,
+-- once (a `fail` deadline's end recorded it already: deadline_missed), or the late requests that never got a
+-- token would count as neither. One that ends before its deadline was never judged (deadline_met null).
+-- `r` needs `dl` and `ft` (every caller's fields have them).
 local function finalize(rid, r, status, event, data, now, ttl, via_outbox)
   local dp = dpre_of(rid)
+  if r.dl and not r.ft and not r.dmt and now > tonumber(r.dl) then record_miss(rid, r) end
   if r.st ~= 'running' then count_waiting(rid, r, -1) end
   redis.call('HSET', kreq(rid), 'st', status, 'fin', now)
   redis.call('EXPIRE', kreq(rid), ttl)
@@ -303,6 +319,44 @@ end
 local function still_waiting(rid, r, attempt)
   if r.st and not TERMINAL[r.st] and tonumber(r.a) <= tonumber(attempt) then return ready_spec(rid) end
   return nil
+end
+
+-- The session's head when it waits to be readied (queued or preempted), as a ready spec; nil when it runs
+-- or the session has none. What a replayed end (below) answers as the session's next head: the first
+-- reply's head may have been readied, dispatched or ended since, and readying a waiting head again is what
+-- the repair pass does with its outbox entry (the control plane answers "known" or "stale").
+local function waiting_head(dp, sid)
+  local head = redis.call('LINDEX', kqueue(dp, sid), 0)
+  local st = head and redis.call('HGET', kreq(head), 'st')
+  if st == 'queued' or st == 'preempted' then return ready_spec(head) end
+  return nil
+end
+
+-- A run's end on a cluster whose reply was lost (the connection broke after the call landed) is sent again
+-- whole by the worker (EndProgress has no reply to take up from), and finds the request ended by that very
+-- end: by this attempt on this worker (`r.a`, `r.w`), done (`done`: the end was a done one) or failed with
+-- one of the error messages that end writes (`messages`). Nothing else ends a request with this attempt,
+-- worker and message: only the end's owner ends it done, and the sweep's ends write their own messages
+-- (a lost worker's last attempt: d_stop's message names worker_lost; d_expire's says "not started"). The
+-- end's reply then carries what the first one did for the steps after it: the tokens produced (by the
+-- backend's count), the backend's prompt count and the session's waiting head; a plain refusal would leave
+-- the release without the prompt count, and the next head waiting for the repair pass. It still says
+-- "not ended by this call" (0), as a resent end says on one server. Its release on the control plane goes
+-- once per run record, so a release that landed already is not repeated. One server ends a run in one call:
+-- its resent end only releases, as before (`same_end`, the same test on either: whether its tail, left out,
+-- was a fenced write; see append_tail).
+local function same_end(rid, r, attempt, wid, done, messages)
+  if not wid or r.a ~= attempt or r.w ~= wid then return false end
+  if r.st == 'done' then return done end
+  if r.st ~= 'failed' or #messages == 0 then return false end
+  local err = redis.call('HGET', kreq(rid), 'err')
+  for _, message in ipairs(messages) do
+    if err == message then return true end
+  end
+  return false
+end
+local function ended_by(rid, r, attempt, wid, done, messages)
+  return not single_server and same_end(rid, r, attempt, wid, done, messages)
 end
 
 -- The usage a `done` reports, as JSON text: the backend's for the whole request when it gave one (`usage`,
@@ -383,9 +437,10 @@ end
 -- other gap cannot come from the run's owner (only it writes): an error, and the run's lease lapses
 -- (the request resumes from the tokens in the log) rather than ending with tokens missing.
 -- An end resent after its reply was lost (the request ended done by this attempt on worker `wid`) appends
--- nothing and counts no fenced write: no run was lost, the end that landed decides. Only `done`: a request
--- that ended failed with that attempt and worker may have been failed by the sweep (its worker declared lost at
--- --max-attempts), whose worker's late end is a fenced write like any other.
+-- nothing and counts no fenced write: no run was lost, the end that landed decides. A request that ended
+-- failed with that attempt and worker appends nothing either (`r.tail_held`), and d_finish tells whether that
+-- end was this one (same_end: its own message, or its missed `fail` deadline's) or the sweep's (its worker
+-- declared lost at --max-attempts), whose worker's late end is a fenced write like any other.
 -- Returns the request's FINISH_FIELDS as they are after the append, which the end then reads no more (nil
 -- when there was no tail: the end reads them itself).
 local FINISH_FIELDS = { 'st', 'a', 'w', 'n', 'dn', 'sid', 'g', 'tn', 'p', 'it', 'fl', 'dl', 'dm', 'ft', 'sub', 'fp' }
@@ -394,6 +449,10 @@ local function append_tail(dp, rid, attempt, wid, first, times, args, from)
   first = tonumber(first)
   local r = load(rid, FINISH_FIELDS)
   if r.st == 'done' and r.a == attempt and r.w == wid then return r end
+  if r.st == 'failed' and r.a == attempt and r.w == wid then
+    r.tail_held = true
+    return r
+  end
   local appended = d_append(dp, rid, attempt, first, times, args, from, r)
   if appended[1] == -1 and appended[2] ~= first + #args - from + 1 then
     error('the run\'s last tokens start at index ' .. first .. ' but the log expects ' .. appended[2], 0)
@@ -409,6 +468,20 @@ end
 local function d_finish(rid, attempt, wid, outcome, detail, usage, now, ttl, via_outbox, r)
   r = r or load(rid, FINISH_FIELDS)
   if not owns(r, attempt, wid) then
+    -- the messages this end writes when it ends the request failed: its own, or a missed `fail` deadline's
+    local messages = outcome == 'done' and {} or { detail }
+    if r.dm == '1' and not r.ft then messages[#messages + 1] = deadline_message(r, 'no first token') end
+    local same = same_end(rid, r, attempt, wid, outcome == 'done', messages)
+    -- a tail append_tail held back: a fenced write (as d_append counts one) unless this is that end resent
+    if r.tail_held and not same then count(dpre_of(rid) .. 'm', 'fenced', r.g or '?') end
+    if same and not single_server then -- a resent end: its first reply's counts
+      local produced, prompt = produced_by(r, attempt), nil
+      if r.st == 'done' then
+        local _, input, output, backends = usage_of(r, usage, tonumber(r.n))
+        if backends then produced, prompt = math.max(0, output - tonumber(r.dn or 0)), input end
+      end
+      return false, r.st, produced, waiting_head(dpre_of(rid), r.sid), nil, prompt
+    end
     return false, r.st or 'missing', produced_by(r, attempt), nil, still_waiting(rid, r, attempt)
   end
   if r.dm == '1' and not r.ft
@@ -441,6 +514,12 @@ end
 -- its worker was lost. Preemptions, cancels and graceful hand-backs (shutdown) do not count.
 local FAILURES = { backend_error = true, worker_lost = true }
 
+-- The error message of a request that failed its `max_attempts`-th attempt (`failures`), the last for `label`.
+local function attempts_message(failures, max_attempts, label, detail)
+  return 'failed ' .. failures .. ' attempts (--max-attempts ' .. max_attempts .. '); last: '
+    .. label .. (detail and detail ~= '' and (': ' .. detail) or '')
+end
+
 -- Stop attempt `attempt` and put its request back to wait (preempted, worker lost or shutting
 -- down, backend failed): it resumes from the tokens so far. `reason` is a label ("priority",
 -- "worker_lost", ...), optionally followed by ": detail"; only the label reaches metrics (bounded
@@ -453,6 +532,12 @@ local function d_stop(rid, attempt, wid, reason, max_attempts, now, ttl, via_out
   local label, detail = string.match(reason, '^([%w_]+):%s*(.*)$')
   label = label or reason
   if not owns(r, attempt, wid) then -- not ours any more; still waiting: requeue it as it is
+    -- a resent hand-back that ended the request (its last allowed attempt): the session's waiting head too
+    local ending = FAILURES[label] and max_attempts and r.fl and { attempts_message(r.fl, max_attempts, label, detail) }
+      or {}
+    if ended_by(rid, r, attempt, wid, false, ending) then
+      return false, r.st, produced_by(r, attempt), nil, waiting_head(dpre_of(rid), r.sid)
+    end
     if r.st and not TERMINAL[r.st] and tonumber(r.a) < tonumber(attempt) then
       -- Closed before it started (on a cluster: an assignment still in a busy worker's inbox when its
       -- lease lapsed): its late start must be refused, or it would run unseen by the control plane.
@@ -463,11 +548,9 @@ local function d_stop(rid, attempt, wid, reason, max_attempts, now, ttl, via_out
   if FAILURES[label] and max_attempts then
     local failures = redis.call('HINCRBY', kreq(rid), 'fl', 1)
     if failures >= max_attempts then
-      local message = 'failed ' .. failures .. ' attempts (--max-attempts ' .. max_attempts .. '); last: '
-        .. label .. (detail and detail ~= '' and (': ' .. detail) or '')
-      -- Its "fail" deadline passed with no first token: a miss too (deadline_met false, counted), whatever
-      -- the attempts' count says of the end.
-      if r.dm == '1' and not r.ft and now > tonumber(r.dl) then deadline_missed(rid, r, 'no first token') end
+      local message = attempts_message(failures, max_attempts, label, detail)
+      -- Its deadline passed with no first token: a miss too (finalize records it), whatever the attempts'
+      -- count says of the end.
       redis.call('HSET', kreq(rid), 'err', message)
       local nxt = finalize(rid, r, 'failed', 'error', { request_id = rid, tokens = tonumber(r.n), message = message },
         now, ttl, via_outbox)
@@ -501,17 +584,12 @@ end
 -- write). Returns outcome ('cancelled' | 'terminal' | 'missing' | 'forbidden'), the request's
 -- fields before, produced by its current attempt, the session's next head.
 -- One cancelled after its deadline passed (by this clock, `now`) with no first token missed it, whatever its
--- on_deadline_miss: recorded as deadline_missed records it (deadline_met false, the metric), or the late
--- requests their clients gave up on would count as neither. One cancelled before its deadline was never judged.
+-- on_deadline_miss (finalize records it); one cancelled before its deadline was never judged.
 local function d_cancel(rid, owner, now, ttl, via_outbox)
   local r = load(rid, END_FIELDS)
   if not r.st then return 'missing', r end
   if owner ~= '' and r.tn ~= owner then return 'forbidden', r end
   if TERMINAL[r.st] then return 'terminal', r end
-  if r.dl and not r.ft and now > tonumber(r.dl) then
-    redis.call('HSET', kreq(rid), 'dmt', '0')
-    count(dpre_of(rid) .. 'm', 'deadlines', r.g .. '|' .. r.p .. '|missed')
-  end
   local nxt = finalize(rid, r, 'cancelled', 'cancelled', { request_id = rid, tokens = tonumber(r.n) }, now, ttl,
     via_outbox)
   return 'cancelled', r, produced_by(r, r.a), nxt
