@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 import urllib.request
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -171,6 +172,23 @@ def checkout_python(checkout: Path) -> str:
     return str(own)
 
 
+def sluicegate_checkout(checkout: Path) -> None:
+    """Refuse (CheckoutRefused) a DIR that is not a checkout of Sluicegate: its pyproject.toml must name the
+    project. Otherwise `serve` there exits at once and a bench fails late, with a traceback and a scratch dir
+    left behind, instead of in one line before anything starts."""
+    if checkout.resolve() == ROOT:
+        return
+    pyproject = checkout / "pyproject.toml"
+    try:
+        name = tomllib.loads(pyproject.read_text()).get("project", {}).get("name")
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as error:
+        raise CheckoutRefused(f"{checkout} is not a checkout of sluicegate ({pyproject}: "
+                              f"{type(error).__name__})") from None
+    if name != "sluicegate":
+        raise CheckoutRefused(f"{checkout} is not a checkout of sluicegate ({pyproject} names the project "
+                              f"{name!r})")
+
+
 @dataclass
 class ServeProcess:
     """`sluicegate serve` in a subprocess on a free port, with its own data dir (removed at stop).
@@ -190,27 +208,44 @@ class ServeProcess:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 60) -> ServeProcess:
+        python = checkout_python(self.checkout)  # another checkout only in its own .venv: CheckoutRefused
+        sluicegate_checkout(self.checkout)
         self.port = self.port or free_port()
         self.data_dir = tempfile.mkdtemp(prefix="sg-bench-")
-        python = checkout_python(self.checkout)  # another checkout only in its own .venv: CheckoutRefused
         args = [python, "-m", "sluicegate", "serve", "--port", str(self.port), "--data-dir", self.data_dir,
                 "--log-level", "warning", *self.flags]
         if self.redis_url:
             args += ["--redis-url", self.redis_url]
-        log = open(Path(self.data_dir) / "serve.log", "wb")  # noqa: SIM115 - handed to the child
-        self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                        cwd=self.checkout)
+        try:
+            with open(Path(self.data_dir) / "serve.log", "wb") as log:  # the child keeps its own copy
+                self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                                cwd=self.checkout)
+            self._wait_up(timeout)
+        except BaseException:
+            self.stop()  # a failed start leaves no process and no data dir behind (its log's tail is in the error)
+            raise
+        return self
+
+    def _wait_up(self, timeout: float) -> None:
+        """Until /healthz answers; a serve that exited or never answered raises with its log's last lines."""
+        assert self.process is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"serve exited; see {self.data_dir}/serve.log")
+                raise RuntimeError(f"serve exited ({self.process.returncode}); its log ended:\n{self._log_tail()}")
             try:
                 with urllib.request.urlopen(self.base_url + "/healthz", timeout=1) as response:
                     if response.status == 200:
-                        return self
+                        return
             except OSError:
                 time.sleep(0.2)
-        raise TimeoutError("serve did not come up")
+        raise TimeoutError(f"serve did not come up in {timeout:g} s; its log ended:\n{self._log_tail()}")
+
+    def _log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join((Path(self.data_dir) / "serve.log").read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:

@@ -36,8 +36,10 @@ def _save(plt: Any, fig: Any, name: str) -> Path:
     return path
 
 
-def decision_cost(rows: Sequence[Mapping[str, Any]], name: str = "decision_cost.png") -> Path | None:
-    """p50/p99 decision time (ms) against queued requests, log x axis."""
+def decision_cost(rows: Sequence[Mapping[str, Any]], name: str = "decision_cost.png", *, tenants: int,
+                  groups: int) -> Path | None:
+    """p50/p99 decision time (ms) against queued requests, log x axis; the axis names the run's own tenants and
+    groups (the bench's settings, which change what a decision sees)."""
     plt = _pyplot()
     if plt is None:
         return None
@@ -50,7 +52,7 @@ def decision_cost(rows: Sequence[Mapping[str, Any]], name: str = "decision_cost.
     ax.axhline(DECISION_P99_MS, color="grey", linestyle=":", label=f"target p99 ({DECISION_P99_MS:g} ms)")
     ax.set_xscale("log")
     ax.set_ylim(bottom=0)
-    ax.set_xlabel("queued requests (1k tenants, 10 groups)")
+    ax.set_xlabel(f"queued requests ({tenants:,} tenants, {groups} group{'s' if groups != 1 else ''})")
     ax.set_ylabel("dispatch decision (ms)")
     ax.set_title("Scheduling decision cost against queue size")
     ax.legend(fontsize=8)

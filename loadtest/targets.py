@@ -27,6 +27,8 @@ RESUMABLE_SHARE_OF_CHAT: Final = 0.80
 
 # | scheduling decision | p99 <= 1 ms with 1M queued requests over 1k tenants |
 DECISION_P99_MS: Final = 1.0
+# the same row: "over 1k tenants"
+DECISION_TENANTS: Final = 1_000
 
 # | token fan-out through the API, one process | >= 50k tokens/s, ... |
 FANOUT_TOKENS_PER_S: Final = 50_000
@@ -69,3 +71,29 @@ CLUSTER_MASTERS: Final = 3
 # | cluster: 3 masters | ...; single-server TTFT not slower by more than 5% |
 # (`ttft --against` measures it; no verdict is printed)
 CLUSTER_SINGLE_SERVER_TTFT_SLOWDOWN: Final = 0.05
+
+# ---- What a verdict needs measured -------------------------------------------------------------------------------
+# DESIGN sets the figures above, not how much must be measured before one is judged; these floors do, so that a
+# run too short to say anything prints "no verdict: too short (...)" and stores None instead of a verdict drawn
+# from a handful of requests. Each is at or below what README's own command for the row measures.
+
+# a p99 (nearest rank) of fewer than 100 samples is their maximum: no percentile at all. (`ttft`, `resume`,
+# `decision`; README's commands take 400, 1,200 and 3,000 a case.)
+P99_MIN_SAMPLES: Final = 100
+# `throughput`: seconds measured in each phase behind a verdict (README's commands: 15 s on the chat route alone;
+# 20 s over 2 rounds, 10 s a phase, with the routes alternating).
+THROUGHPUT_MIN_PHASE_S: Final = 10.0
+# `throughput`: a phase that completed nothing, or whose failed requests exceed this share of its completed ones,
+# is a miss whatever the rate (a serve that died mid-run must not be judged on the phases before it).
+THROUGHPUT_MAX_ERROR_SHARE: Final = 0.001
+# `priority`: seconds of load at each level (README's command: the default, 30 s) ...
+PRIORITY_MIN_SECONDS: Final = 30.0
+# ... and high-priority requests read back at each level. README's command expects ~120 at 0.5x (10% of 40 req/s
+# for 30 s); 50 keeps it clear of a Poisson shortfall (100 would refuse ~3% of its runs) while refusing a p99 of a
+# handful (the reviewer's 18).
+PRIORITY_MIN_HIGH_SAMPLES: Final = 50
+# `priority`: the resolution of a wait (started_at - submitted_at, two server timestamps): the wait criterion
+# compares with at least this, so that a 0 ms wait at 0.5x does not make any wait at 3x a miss.
+PRIORITY_WAIT_RESOLUTION_MS: Final = 1.0
+# `recovery`: kills behind the worst kill -> next token (README's command: `recovery --rounds 8`).
+RECOVERY_MIN_KILLS: Final = 8

@@ -313,6 +313,9 @@ def report(args: argparse.Namespace, tally: Tally, seconds: float, masters: list
         failures.append(f"{len(tally.errors)} requests failed, first: {tally.errors[0]}")
     if tally.requests != expected:
         failures.append(f"{tally.requests} of {expected} requests completed cleanly")
+    if tally.requests == 0 or tally.tokens == 0 or sum(tokens) == 0:  # no spread of nothing: not a pass
+        failures.append(f"nothing measured: {tally.requests} requests, {tally.tokens} tokens received, "
+                        f"{sum(tokens)} appended (--sessions x --requests-per-session = {expected})")
     if sum(tokens) != tally.tokens:
         failures.append(f"the masters' metrics count {sum(tokens):,} tokens appended, the clients received "
                         f"{tally.tokens:,}")

@@ -19,7 +19,7 @@ Aging runs at the product default (`--max-wait-seconds 60`): it promotes only re
 a higher class, and here every request is in one class, so fair share alone decides. In one class
 at sustained 3x overload queues grow without bound, so "wait <= class max wait + 1 s" cannot hold
 and is reported for information, not as a target.
-Writes docs/fairness_share.png: token share by tenant per 10 s window, one panel per ratio.
+Writes docs/fairness_share.png (not with `--no-plot`): token share by tenant per 10 s window, one panel per ratio.
 """
 
 from __future__ import annotations
@@ -62,6 +62,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-wait-seconds", type=float, default=60.0, help="class max wait (aging) of the serve")
     p.add_argument("--serve-flag", action="append", default=[], metavar="FLAG", help="extra flag for serve (repeat)")
     p.add_argument("--seed", type=int, default=5)
+    p.add_argument("--no-plot", action="store_true", help="do not write docs/fairness_share.png")
 
 
 def jain(values: list[float]) -> float:
@@ -239,9 +240,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         print("targets: " + ", ".join(f"{k} {verdict_word(v)}" for k, v in r["targets_ok"].items())
               + "; checks: " + ", ".join(f"{k} {'met' if v else 'NOT met'}" for k, v in r["checks_ok"].items()))
     panels = [(f"estimate ratio {r['estimate_ratio']}", r["plot"]["times"], r["plot"]["shares"]) for r in results]
-    plots.fairness_share(panels, results[0]["plot"]["targets"],
-                         title=f"Token share by tenant (weights {args.weights.replace(',', ':')}, "
-                               f"{args.overload:g}x overload, 10 s windows)")
+    if not getattr(args, "no_plot", False):  # a Namespace built by hand (tests) may lack the flag
+        plots.fairness_share(panels, results[0]["plot"]["targets"],
+                             title=f"Token share by tenant (weights {args.weights.replace(',', ':')}, "
+                                   f"{args.overload:g}x overload, 10 s windows)")
     result = {"runs": [{k: v for k, v in r.items() if k != "plot"} for r in results]}
     write_result("fairness", result)
     return result

@@ -10,10 +10,14 @@ Against `sluicegate serve` (sim engine, 2 workers x 8 slots by default).
     high), first at 0.5x then at 3x the group's capacity, each for `--seconds`. Per priority: wait
     (started_at - submitted_at) and time to first token (first_token_at - submitted_at), both on
     the server clock. Target (DESIGN.md, stated there on the wait): high-priority p99 at 3x <= 1.2x its
-    p99 at 0.5x. The ratio is taken on time to first token: below capacity a request is dispatched
-    inside its own submit script, so its wait is ~0 and a ratio of waits has no meaning; TTFT includes
-    the engine's prefill, as a user sees it.
-Writes docs/priority_wait.png: wait by priority over time through both load levels.
+    p99 at 0.5x. Judged on the wait as DESIGN states it, against at least the wait's resolution (1 ms:
+    below capacity a request is dispatched inside its own submit script, so its wait at 0.5x is ~0), AND
+    on time to first token, this bench's stricter reading of the same ratio (TTFT includes the engine's
+    prefill, as a user sees it; a long prefill dilutes the ratio, which is why the wait is judged too).
+    A verdict needs >= 30 s at each level and >= 50 high-priority requests read back at each
+    (loadtest/targets.py); results are read back only once the last arrivals had time to start and stream
+    (2 s plus the prefill and one token's time after each level).
+Writes docs/priority_wait.png (not with `--no-plot`): wait by priority over time through both load levels.
 Aging, with (ii) alone: `--skip i --loads 1.5 --mix 2:0.1,7:0.9 --serve-flag=--max-wait-seconds=5`
 keeps high-priority load above capacity, so low requests only start once promoted: their wait should
 stay within the max wait + 1 s (wait_max_ms of priority 2).
@@ -41,11 +45,19 @@ from sluicegate.loadtest.common import (
     write_result,
 )
 from sluicegate.loadtest.scenarios.live import OpenLoop, capacity, fetch_views, get_json, serve_flags, submit
-from sluicegate.loadtest.targets import HIGH_PRIORITY_P99_RATIO
+from sluicegate.loadtest.targets import (
+    HIGH_PRIORITY_P99_RATIO,
+    PRIORITY_MIN_HIGH_SAMPLES,
+    PRIORITY_MIN_SECONDS,
+    PRIORITY_WAIT_RESOLUTION_MS,
+)
 
 NAMES = {2: "low", 5: "normal", 7: "high"}
 # (i)'s bound on every high-priority start under full load: a check of this bench's own; DESIGN sets no target for it.
 START_CHECK_MS = 100
+# (ii): seconds after a level's last arrival before the next level (or the read-back), on top of the time the
+# last arrivals need to stream their first token (the prefill and one token's time: `settle_seconds`)
+SETTLE_S = 2.0
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -63,6 +75,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip", choices=("i", "ii"), help="skip one part")
     p.add_argument("--serve-flag", action="append", default=[], metavar="FLAG", help="extra flag for serve (repeat)")
     p.add_argument("--seed", type=int, default=11)
+    p.add_argument("--no-plot", action="store_true", help="do not write docs/priority_wait.png")
+
+
+def settle_seconds(args: argparse.Namespace) -> float:
+    """How long (ii) waits after a level's last arrival: long enough for a request submitted at its end to start
+    and stream a first token (the sim's prefill, then one token's time), or it would read as "no first token"."""
+    token_s = 1 / args.tokens_per_second if args.tokens_per_second > 0 else 0.0
+    return SETTLE_S + args.prefill_ms / 1000 + token_s
 
 
 def stats(values: list[float]) -> dict[str, float]:
@@ -141,7 +161,7 @@ async def overload(args: argparse.Namespace, base: str, http: aiohttp.ClientSess
         errors[str(load)] = len(loop.errors)
         for s in submitted:
             s.at += started - t_origin
-        await asyncio.sleep(2.0)  # let the last high-priority arrivals start
+        await asyncio.sleep(settle_seconds(args))  # let the last arrivals start and stream a first token
         levels.append((load, submitted))
     # Read back every high-priority request and a sample of the others (enough for the plot).
     wanted = []
@@ -176,11 +196,11 @@ async def overload(args: argparse.Namespace, base: str, http: aiohttp.ClientSess
                      "wait_max_ms": w["max_ms"],
                      "ttft_p50_ms": t["p50_ms"], "ttft_p99_ms": t["p99_ms"]})
     high = {row["load"]: row for row in rows if row["priority"] == args.high}
-    ratio, stranded, met = high_verdict(high, min(loads), max(loads))
-    summary = {"capacity_per_s": cap, "slots": slots, "rows": rows, "high_ttft_p99_ratio": ratio,
+    verdict = overload_verdict(high, min(loads), max(loads), args.seconds)
+    summary = {"capacity_per_s": cap, "slots": slots, "rows": rows, "high_ttft_p99_ratio": verdict["ttft_ratio"],
                "high_wait_p99_ms": {str(k): v["wait_p99_ms"] for k, v in high.items()},
-               "target_ratio": HIGH_PRIORITY_P99_RATIO, "high_stranded": stranded,
-               "target_ok": met,
+               "target_ratio": HIGH_PRIORITY_P99_RATIO, "high_stranded": verdict["stranded"],
+               "target_ok": verdict["met"], "verdict": verdict, "seconds_per_level": args.seconds,
                "submitted": {str(load): len(s) for load, s in levels},
                "submit_errors": errors}
     return {"summary": summary, "series": dict(sorted(series.items(), reverse=True)), "boundaries": boundaries}
@@ -198,6 +218,55 @@ def high_verdict(high: dict[float, dict[str, Any]], lo: float, hi: float) -> tup
     if (lo, hi) != DESIGN_LOADS:
         return ratio, stranded, None
     return ratio, stranded, ratio <= HIGH_PRIORITY_P99_RATIO and stranded == 0
+
+
+def wait_verdict(high: dict[float, dict[str, Any]], lo: float, hi: float) -> tuple[float, bool]:
+    """(the limit in ms, the wait criterion met): DESIGN's row as it states it, the high class's wait p99 at `hi`
+    <= 1.2x its wait p99 at `lo`, the latter taken as at least PRIORITY_WAIT_RESOLUTION_MS (a 0 ms wait at 0.5x,
+    a dispatch inside the submit, would otherwise make any wait at 3x a miss). A missing level or a p99 of no
+    sample (nan) is a miss."""
+    lo_p99 = high[lo]["wait_p99_ms"] if lo in high else float("nan")
+    hi_p99 = high[hi]["wait_p99_ms"] if hi in high else float("nan")
+    limit = HIGH_PRIORITY_P99_RATIO * max(lo_p99, PRIORITY_WAIT_RESOLUTION_MS) if lo_p99 == lo_p99 else float("nan")
+    return limit, hi_p99 <= limit
+
+
+def measured_enough(high: dict[float, dict[str, Any]], lo: float, hi: float, seconds: float) -> str:
+    """Why (ii) measured too little for a verdict ("" when enough): PRIORITY_MIN_SECONDS at each level and
+    PRIORITY_MIN_HIGH_SAMPLES high-priority requests read back at each (stranded ones count: they are misses)."""
+    if seconds < PRIORITY_MIN_SECONDS:
+        return f"too short ({seconds:g} s a level; a verdict needs >= {PRIORITY_MIN_SECONDS:g} s, --seconds)"
+    for load in (lo, hi):
+        n = high[load]["sampled"] if load in high else 0
+        if n < PRIORITY_MIN_HIGH_SAMPLES:
+            return (f"too short ({n} high-priority requests at {load:g}x; a verdict needs >= "
+                    f"{PRIORITY_MIN_HIGH_SAMPLES} at each level)")
+    return ""
+
+
+def overload_verdict(high: dict[float, dict[str, Any]], lo: float, hi: float, seconds: float) -> dict[str, Any]:
+    """(ii)'s verdict from the high class's rows by load: None for loads other than DESIGN's or too little
+    measured (`measured_enough`); else met only when the wait criterion (`wait_verdict`, DESIGN's row) AND the
+    TTFT-ratio criterion with no stranded request (`high_verdict`, this bench's stricter reading) both hold."""
+    ratio, stranded, ttft_met = high_verdict(high, lo, hi)
+    limit, wait_met = wait_verdict(high, lo, hi)
+    short = measured_enough(high, lo, hi, seconds) if ttft_met is not None else ""
+    met = None if ttft_met is None or short else bool(ttft_met and wait_met)
+    return {"met": met, "reason": short or None, "ttft_ratio": ratio, "ttft_met": ttft_met, "stranded": stranded,
+            "wait_p99_ms": {str(load): high[load]["wait_p99_ms"] if load in high else None for load in (lo, hi)},
+            "wait_limit_ms": limit, "wait_met": wait_met, "wait_resolution_ms": PRIORITY_WAIT_RESOLUTION_MS}
+
+
+def verdict_line(v: dict[str, Any], lo: str, hi: str) -> str:
+    """Both criteria, and the verdict (or why none)."""
+    wait = {load: "none" if ms is None else f"{ms:.1f} ms" for load, ms in v["wait_p99_ms"].items()}
+    overall = (f"no verdict: {v['reason']}" if v["reason"] else verdict_word(v["met"]))
+    return (f"high-priority wait p99 at {hi}x {wait.get(hi)} <= {HIGH_PRIORITY_P99_RATIO:g} x max(its p99 at "
+            f"{lo}x {wait.get(lo)}, {PRIORITY_WAIT_RESOLUTION_MS:g} ms resolution) = {v['wait_limit_ms']:.1f} ms "
+            f"(DESIGN's row) -> {'met' if v['wait_met'] else 'NOT met'}; TTFT p99 at {hi}x / at {lo}x = "
+            f"{v['ttft_ratio']:.2f} (<= {HIGH_PRIORITY_P99_RATIO:g}, this bench's stricter reading) -> "
+            f"{'met' if v['ttft_ratio'] <= HIGH_PRIORITY_P99_RATIO else 'NOT met'}; high-priority requests with no "
+            f"first token (a miss whatever the ratios): {v['stranded']}; verdict -> {overall}")
 
 
 def verdict_word(met: bool | None) -> str:
@@ -236,13 +305,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         s = result["ii"]["summary"]
         print(f"\n(ii) open-loop load, capacity {s['capacity_per_s']:.1f} req/s ({s['slots']} slots):")
         print_table(s["rows"])
-        print(f"high-priority TTFT p99 at {args.loads.split(',')[-1]}x / at {args.loads.split(',')[0]}x = "
-              f"{s['high_ttft_p99_ratio']:.2f} (target <= {HIGH_PRIORITY_P99_RATIO:g}) -> "
-              f"{verdict_word(s['target_ok'])}; "
-              f"high-priority requests with no first token (a miss whatever the ratio): {s['high_stranded']}; "
-              f"high wait p99 (ms) by load: {json.dumps(s['high_wait_p99_ms'])}; submits refused by load: "
+        loads = sorted(float(x) for x in args.loads.split(","))
+        print(verdict_line(s["verdict"], str(loads[0]), str(loads[-1])))
+        print(f"high wait p99 (ms) by load: {json.dumps(s['high_wait_p99_ms'])}; submits refused by load: "
               f"{json.dumps(s['submit_errors'])}")
-        plots.priority_wait(result["ii"]["series"], marks=result["ii"]["boundaries"],
-                            title=f"Wait by priority: {args.loads.replace(',', 'x then ')}x capacity")
+        if not args.no_plot:
+            plots.priority_wait(result["ii"]["series"], marks=result["ii"]["boundaries"],
+                                title=f"Wait by priority: {args.loads.replace(',', 'x then ')}x capacity")
     write_result("priority", {k: {kk: vv for kk, vv in v.items() if kk != "series"} for k, v in result.items()})
     return result

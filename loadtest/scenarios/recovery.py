@@ -6,7 +6,9 @@ once tokens flow, SIGKILL the worker named in its `started`/`resumed` event (wor
 process: its pid comes from GET /v1/admin/stats, `workers[].pid`). Measured: kill -> `resumed`
 event, and kill -> the next token. Every token index must arrive exactly once, in order. Then the
 request is cancelled and the dead worker replaced.
-Target (DESIGN.md: dead worker to resumed generation): worst kill -> next token <= 3 s.
+Target (DESIGN.md: dead worker to resumed generation): worst kill -> next token <= 3 s, judged only with the
+product's default lease and heartbeat (the figure is theirs: a shorter lease resumes sooner) and over at least
+8 kills (README's `recovery --rounds 8`, loadtest/targets.py); otherwise "no verdict".
 """
 
 from __future__ import annotations
@@ -31,15 +33,29 @@ from sluicegate.loadtest.common import (
     wait_http,
     write_result,
 )
-from sluicegate.loadtest.targets import RECOVERY_S
+from sluicegate.loadtest.targets import RECOVERY_MIN_KILLS, RECOVERY_S
+from sluicegate.settings import Settings, from_env
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--rounds", type=int, default=4, help="kills")
+    parser.add_argument("--rounds", type=int, default=RECOVERY_MIN_KILLS,
+                        help=f"kills (a verdict needs >= {RECOVERY_MIN_KILLS})")
     parser.add_argument("--tokens-per-second", type=float, default=50.0, help="sim pace")
     parser.add_argument("--tokens-before-kill", type=int, default=25, help="tokens streamed before the kill")
     parser.add_argument("--lease-seconds", type=float, default=None, help="override the lease (default: settings)")
     parser.add_argument("--heartbeat-seconds", type=float, default=None, help="override the heartbeat")
+
+
+def recovery_verdict(worst_s: float, kills: int, lease_s: float, heartbeat_s: float) -> tuple[bool | None, str]:
+    """(the target met, why no verdict): None unless the stack ran the product's default lease and heartbeat
+    (DESIGN's figure is for them: a shorter lease resumes sooner) and made RECOVERY_MIN_KILLS kills or more."""
+    defaults = (Settings.model_fields["lease_seconds"].default, Settings.model_fields["heartbeat_seconds"].default)
+    if (lease_s, heartbeat_s) != defaults:
+        return None, (f"DESIGN's figure is for the default lease {defaults[0]:g} s and heartbeat {defaults[1]:g} s; "
+                      f"this run had {lease_s:g} s and {heartbeat_s:g} s")
+    if kills < RECOVERY_MIN_KILLS:
+        return None, f"too short ({kills} kill{'s' if kills != 1 else ''}; a verdict needs >= {RECOVERY_MIN_KILLS})"
+    return worst_s <= RECOVERY_S, ""
 
 
 async def live_workers(http: aiohttp.ClientSession, base: str) -> dict[str, int]:
@@ -110,6 +126,8 @@ async def measure(base: str, url: str, worker_flags: list[str], workers: dict[in
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    # the lease and heartbeat the stack runs with: these flags, else its SLUICEGATE_* variables, config, defaults
+    effective = from_env(lease_seconds=args.lease_seconds or None, heartbeat_seconds=args.heartbeat_seconds or None)
     server = scratch_server(persistent=True)
     port = free_port()
     common = ["--redis-url", server.url]
@@ -138,10 +156,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     print_table(rows, ["round", "victim_pid", "tokens_checked", "kill_to_resumed_s", "kill_to_next_token_s"])
     print()
     print_table(summary)
-    met = max(token) <= RECOVERY_S
-    print(f"\nworst kill -> next token {max(token):.2f} s: target <= {RECOVERY_S:g} s ({'met' if met else 'MISSED'})")
+    met, why = recovery_verdict(max(token), len(rows), effective.lease_seconds, effective.heartbeat_seconds)
+    word = f"no verdict: {why}" if met is None else f"target <= {RECOVERY_S:g} s ({'met' if met else 'MISSED'})"
+    print(f"\nworst kill -> next token {max(token):.2f} s: {word}")
     result = {"rounds": rows, "summary": summary, "target_s": RECOVERY_S, "target_met": met,
+              "verdict_reason": why or None,
               "settings": {"tokens_per_second": args.tokens_per_second, "lease_seconds": args.lease_seconds,
-                           "heartbeat_seconds": args.heartbeat_seconds, "worker_flags": worker_flags}}
+                           "heartbeat_seconds": args.heartbeat_seconds, "worker_flags": worker_flags,
+                           "effective_lease_seconds": effective.lease_seconds,
+                           "effective_heartbeat_seconds": effective.heartbeat_seconds}}
     write_result("recovery", result)
     return result

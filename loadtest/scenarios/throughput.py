@@ -8,7 +8,9 @@ every server process, by role, so the bottleneck is visible. Target (DESIGN.md):
 requests/s with 32 clients on the chat route in front of a real streaming server, 2 cores (other
 setups get no verdict); with `--mode both`, the resumable route (submit + GET events) >= 80% of the
 chat route, "the same" setup (`--engine-server sim-backend --clients 32`, 2 cores: the two routes in
-alternating phases behind one `serve`; other setups print the share with no verdict).
+alternating phases behind one `serve`; other setups print the share with no verdict). A verdict also needs
+each measured phase to run >= 10 s (shorter: "no verdict: too short"), and a phase that completed nothing or
+failed more than 0.1% of what it completed makes it a miss whatever the rate (loadtest/targets.py).
 
 `--engine-server llamacpp` puts a real engine behind Sluicegate instead of the sim engine: llama-cpp-python's
 server (the `engines` extra) with the small generated model of sluicegate.loadtest.engine_servers, through
@@ -29,7 +31,8 @@ import argparse
 import asyncio
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import orjson
@@ -49,7 +52,14 @@ from sluicegate.loadtest.common import (
     wait_model,
     write_result,
 )
-from sluicegate.loadtest.targets import CHAT_CLIENTS, CHAT_MAX_TOKENS, CHAT_REQUESTS_PER_S, RESUMABLE_SHARE_OF_CHAT
+from sluicegate.loadtest.targets import (
+    CHAT_CLIENTS,
+    CHAT_MAX_TOKENS,
+    CHAT_REQUESTS_PER_S,
+    RESUMABLE_SHARE_OF_CHAT,
+    THROUGHPUT_MAX_ERROR_SHARE,
+    THROUGHPUT_MIN_PHASE_S,
+)
 
 ENGINE_SERVERS = ("sim", "llamacpp", "sim-backend")
 PROMPT = "throughput bench"
@@ -228,30 +238,83 @@ def setup_said(args: argparse.Namespace, mode: str) -> str:
             f"answers, engine server {args.engine_server}")
 
 
-def target_line(rate: float, args: argparse.Namespace, mode: str = "chat") -> tuple[str, dict[str, Any]]:
+@dataclass(frozen=True)
+class Phase:
+    """One measured phase behind a figure: a rate is judged only when each of its phases ran long enough,
+    completed requests and failed (almost) none."""
+
+    route: str
+    round: int  # 1-based
+    completed: int
+    seconds: float
+    errors: int
+
+
+def phase_of(route: str, round_no: int, out: dict[str, Any]) -> Phase:
+    """The phase that `measure` reported as `out`."""
+    return Phase(route, round_no, out["completed"], out["seconds"], len(out["errors"]))
+
+
+def phases_verdict(phases: Sequence[Phase]) -> tuple[bool | None, str]:
+    """(whether the phases may be judged on their figure, why not): None when a phase measured less than
+    THROUGHPUT_MIN_PHASE_S (too short to judge), False when a phase completed nothing or failed more than
+    THROUGHPUT_MAX_ERROR_SHARE of what it completed (a serve that died mid-run is a miss whatever the phases
+    before it did). The seconds are taken to 0.1 s: the loop's timers may end a phase a few ms early."""
+    if not phases:
+        return None, "too short (nothing measured)"
+    for p in phases:
+        if round(p.seconds, 1) < THROUGHPUT_MIN_PHASE_S:
+            return None, (f"too short (the {p.route} phase of round {p.round} measured {p.seconds:.2f} s; a verdict "
+                          f"needs >= {THROUGHPUT_MIN_PHASE_S:g} s a phase)")
+    for p in phases:
+        if p.completed == 0:
+            return False, f"the {p.route} phase of round {p.round} completed 0 requests ({p.errors} failed)"
+        if p.errors > THROUGHPUT_MAX_ERROR_SHARE * p.completed:
+            return False, (f"the {p.route} phase of round {p.round} had {p.errors} failed requests to "
+                           f"{p.completed} completed (allowed <= {THROUGHPUT_MAX_ERROR_SHARE:.1%})")
+    return True, ""
+
+
+def target_line(rate: float, args: argparse.Namespace, mode: str = "chat", *,
+                phases: Sequence[Phase] | None = None) -> tuple[str, dict[str, Any]]:
     """The verdict against DESIGN's chat-route figure, given only for the setup that figure is for (the chat
-    route in `design_setup`), and its JSON fields (`target_met` is None for another setup)."""
+    route in `design_setup`) and for `phases` (the route's measured phases) that `phases_verdict` lets be
+    judged, and its JSON fields (`target_met` is None for another setup or too short a run). Every run passes
+    `phases`; without them (the setup rule's unit tests) the rate alone is judged."""
     as_target = design_setup(args) and mode == "chat"
-    met = rate >= CHAT_REQUESTS_PER_S if as_target else None
-    if as_target:
+    measured, why = phases_verdict(phases) if phases is not None else (True, "")
+    met = (rate >= CHAT_REQUESTS_PER_S if measured else measured) if as_target else None
+    if as_target and measured is None:
+        line = f"no verdict: {why}"
+    elif as_target and measured is False:
+        line = f"target >= {CHAT_REQUESTS_PER_S:,} (MISSED: {why})"
+    elif as_target:
         line = f"target >= {CHAT_REQUESTS_PER_S:,} ({'met' if met else 'MISSED'})"
     else:
         line = (f"no verdict: DESIGN's {CHAT_REQUESTS_PER_S:,} is for {CHAT_CLIENTS} clients on the chat route, "
                 f"{DESIGN_CORES} cores, {CHAT_MAX_TOKENS}-token answers from a real streaming server "
                 f"(--engine-server sim-backend --max-tokens {CHAT_MAX_TOKENS}); {setup_said(args, mode)}")
     return line, {"target": CHAT_REQUESTS_PER_S, "target_met": met, "setup_as_target": as_target,
+                  "verdict_reason": why or None,
                   "target_setup": {"clients": CHAT_CLIENTS, "mode": "chat", "engine_server": "sim-backend",
                                    "max_tokens": CHAT_MAX_TOKENS, "cores": DESIGN_CORES}}
 
 
-def share_line(share: float, args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
+def share_line(share: float, args: argparse.Namespace, *,
+               phases: Sequence[Phase] | None = None) -> tuple[str, dict[str, Any]]:
     """The verdict on the resumable route's share of the chat route (DESIGN: >= 80%), given only for
     `design_setup` with the routes in alternating phases (`--rounds` 2 or more: with one round the chat
-    phase always runs first, on a freshly started serve), and its JSON fields (`target_met` is None
-    otherwise)."""
+    phase always runs first, on a freshly started serve) and for `phases` (both routes' measured phases) that
+    `phases_verdict` lets be judged, and its JSON fields (`target_met` is None otherwise). Every run passes
+    `phases`; without them (the setup rule's unit tests) the share alone is judged."""
     as_target = design_setup(args) and args.rounds >= 2
-    met = share >= RESUMABLE_SHARE_OF_CHAT if as_target else None
-    if as_target:
+    measured, why = phases_verdict(phases) if phases is not None else (True, "")
+    met = (share >= RESUMABLE_SHARE_OF_CHAT if measured else measured) if as_target else None
+    if as_target and measured is None:
+        line = f"no verdict: {why}"
+    elif as_target and measured is False:
+        line = f"target >= {RESUMABLE_SHARE_OF_CHAT:.0%} (MISSED: {why})"
+    elif as_target:
         line = f"target >= {RESUMABLE_SHARE_OF_CHAT:.0%} ({'met' if met else 'MISSED'})"
     else:
         line = (f"no verdict: DESIGN's {RESUMABLE_SHARE_OF_CHAT:.0%} is for the chat row's setup ({CHAT_CLIENTS} "
@@ -259,7 +322,7 @@ def share_line(share: float, args: argparse.Namespace) -> tuple[str, dict[str, A
                 f"the routes alternating (--rounds 2 or more); {setup_said(args, 'both')}, "
                 f"{args.rounds} round{'s' if args.rounds != 1 else ''}")
     return line, {"sse_share_of_chat": round(share, 3), "target_share": RESUMABLE_SHARE_OF_CHAT,
-                  "target_met": met, "setup_as_target": as_target}
+                  "target_met": met, "setup_as_target": as_target, "verdict_reason": why or None}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -299,9 +362,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if out["errors"]:
         print(f"first errors: {out['errors'][:3]}")
     print(run_host_line(out))
-    line, verdict = target_line(rate, args, args.mode)
+    phases = [phase_of(args.mode, 1, out)]
+    line, verdict = target_line(rate, args, args.mode, phases=phases)
     print(f"\n{rate:.0f} completed requests/s: {line}")
     result = {"rows": rows, "req_per_s": round(rate, 1), **verdict, "server_cpu_seconds": cpu,
+              "phases": [asdict(p) for p in phases],
               "errors": out["errors"][:20],
               "steal_percent": out["steal_percent"], "load_average": out["load_average"],
               "settings": {**{k: v for k, v in vars(args).items() if k != "func"}, "serve_flags": flags}}
@@ -327,10 +392,12 @@ def run_both(args: argparse.Namespace, flags: list[str]) -> dict[str, Any]:
           f"engine: Sluicegate's sim")
     print_table(rows)
     print_runs_cpu({f"{mode} phases": out for mode, out in merged.items()})
-    line, verdict = share_line(share, args)
+    phases = [p for out in merged.values() for p in out["phases"]]
+    line, verdict = share_line(share, args, phases=phases)
     print(f"\nresumable route (submit + GET events) {rates['sse']:.0f} req/s = {100 * share:.0f}% of the chat "
           f"route's {rates['chat']:.0f} req/s: {line}")
     result = {"rows": rows, "req_per_s": {m: round(r, 1) for m, r in rates.items()}, **verdict,
+              "phases": [asdict(p) for p in phases],
               "server_cpu_seconds": {m: merged[m]["server_cpu"] for m in merged},
               "errors": {m: merged[m]["errors"][:20] for m in merged},
               "steal_percent": {m: merged[m]["steal_percent"] for m in merged},
@@ -350,7 +417,8 @@ def alternate(ones: dict[str, One], roots: list[int], expected: int,
               args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     """Each route of `ones` measured in turn, `args.rounds` rounds of `args.duration / rounds` seconds a
     phase (chat, sse, chat, sse, ...), so a neighbour's load on the shared cores falls on both routes
-    alike; each phase has its own warm-up. Returns each route's phases merged, as `measure` reports one."""
+    alike; each phase has its own warm-up. Returns each route's phases merged, as `measure` reports one,
+    with each phase as a `Phase` under "phases" (what a verdict needs of each)."""
     phase = argparse.Namespace(**{**vars(args), "duration": args.duration / max(1, args.rounds)})
     outs: dict[str, list[dict[str, Any]]] = {mode: [] for mode in ones}
     for r in range(max(1, args.rounds)):
@@ -368,7 +436,8 @@ def alternate(ones: dict[str, One], roots: list[int], expected: int,
                         "errors": [e for p in parts for e in p["errors"]],
                         "client_cpu": sum(p["client_cpu"] for p in parts), "server_cpu": cpu,
                         "steal_percent": max(p["steal_percent"] for p in parts),
-                        "load_average": (parts[0]["load_average"][0], parts[-1]["load_average"][1])}
+                        "load_average": (parts[0]["load_average"][0], parts[-1]["load_average"][1]),
+                        "phases": [phase_of(mode, r + 1, p) for r, p in enumerate(parts)]}
     return merged
 
 
@@ -462,7 +531,8 @@ def run_sim_backend(args: argparse.Namespace) -> dict[str, Any]:
                 merged = alternate(ones, roots, args.max_tokens, args)
             else:
                 progress(f"through Sluicegate ({args.mode} route)")
-                merged = {args.mode: measure_on_loop(ones[args.mode], roots, args.max_tokens, args)}
+                out = measure_on_loop(ones[args.mode], roots, args.max_tokens, args)
+                merged = {args.mode: {**out, "phases": [phase_of(args.mode, 1, out)]}}
         finally:
             serve.stop()
     finally:
@@ -477,25 +547,27 @@ def run_sim_backend(args: argparse.Namespace) -> dict[str, Any]:
     print_table(rows)
     print_both_cpu(direct_out, merged)
     result: dict[str, Any] = {"rows": rows, "direct_req_per_s": round(direct_rate, 1)}
+    phases = {mode: o["phases"] for mode, o in merged.items()}
     if "chat" in rates:
-        line, verdict = target_line(rates["chat"], args)
+        line, verdict = target_line(rates["chat"], args, phases=phases["chat"])
         print(f"\n{rates['chat']:.0f} completed requests/s on the chat route through Sluicegate, "
               f"{direct_rate:.0f} directly: {line}")
         result.update({"req_per_s": round(rates["chat"], 1), **verdict})
     if "sse" in rates and "chat" not in rates:
-        line, verdict = target_line(rates["sse"], args, "sse")
+        line, verdict = target_line(rates["sse"], args, "sse", phases=phases["sse"])
         print(f"\n{rates['sse']:.0f} completed requests/s on the resumable route through Sluicegate, "
               f"{direct_rate:.0f} directly: {line}")
         result.update({"req_per_s": round(rates["sse"], 1), **verdict})
     if len(rates) == 2:
         share = rates["sse"] / rates["chat"] if rates["chat"] else float("nan")
-        line, share_verdict = share_line(share, args)
+        line, share_verdict = share_line(share, args, phases=[p for ps in phases.values() for p in ps])
         print(f"resumable route (submit + GET events) {rates['sse']:.0f} req/s = {100 * share:.0f}% of the chat "
               f"route's {rates['chat']:.0f} req/s: {line}")
         result.update({"resumable_req_per_s": round(rates["sse"], 1),
-                       **{("share_" + k if k in ("target_met", "setup_as_target") else k): v
+                       **{("share_" + k if k in ("target_met", "setup_as_target", "verdict_reason") else k): v
                           for k, v in share_verdict.items()}})
-    result.update({"server_cpu_seconds": {m: o["server_cpu"] for m, o in merged.items()},
+    result.update({"phases": [asdict(p) for ps in phases.values() for p in ps],
+                   "server_cpu_seconds": {m: o["server_cpu"] for m, o in merged.items()},
                    "direct_server_cpu_seconds": direct_out["server_cpu"],
                    "errors": {m: o["errors"][:20] for m, o in merged.items()},
                    "steal_percent": {"direct": direct_out["steal_percent"],
