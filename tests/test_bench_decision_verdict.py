@@ -15,7 +15,8 @@ from sluicegate.loadtest.scenarios import decision
 def row(queued: int, **changes: Any) -> dict[str, Any]:
     return {"queued": queued, "samples": 2000, "dispatched": 2000, "p50_ms": 0.05, "p99_ms": 0.09, "max_ms": 0.2,
             "rtt_p50_ms": 0.1, "rtt_p99_ms": 0.2, "ping_ms": 0.05, "commands": 6, "us_per_command": 8.0,
-            "used_memory_mb": 970.0, "steal_pct": 0.0, "queued_after": queued, "group_queued": queued, **changes}
+            "used_memory_mb": 970.0, "steal_pct": 0.0, "queued_after": queued, "group_queued": queued,
+            "tenants": 1000, "groups": 1, **changes}  # DESIGN's 1,000 tenants, as `scenario` writes them
 
 
 def targets(monkeypatch: pytest.MonkeyPatch, *rows: dict[str, Any]) -> dict[str, Any]:
@@ -84,3 +85,11 @@ def test_a_small_run_counts_the_queue_of_the_decided_group(groups: int, whole: b
     assert got["queued"] == got["queued_after"] == 200 and got["dispatched"] == 20
     assert (got["group_queued"] == 200) is whole and 0 < got["group_queued"] <= 200
     assert decision.p99_verdict({**got, "p99_ms": 0.5})[0] is whole
+
+
+def test_a_row_that_does_not_name_its_tenants_is_refused() -> None:
+    """Every measured row names its tenants; one that does not is not judged as if it had DESIGN's 1,000."""
+    unnamed = {k: v for k, v in row(1_000_000).items() if k != "tenants"}
+    with pytest.raises(KeyError, match="tenants"):
+        decision.size_verdict(unnamed)
+    assert decision.size_verdict(row(1_000_000)) == (True, "")

@@ -92,6 +92,25 @@ def test_a_group_that_serves_nothing_after_the_warmup_misses_and_the_run_still_w
     monkeypatch.setattr(fairness, "scenario", measured)
     monkeypatch.setattr(fairness, "write_result", lambda name, result: written.setdefault(name, result))
     monkeypatch.setattr(fairness.plots, "fairness_share", lambda *a, **k: None)
-    fairness.run(argparse.Namespace(overload=3.0, weights="1,2,4,8"))
+    fairness.run(argparse.Namespace(overload=3.0, weights="1,2,4,8", no_plot=False))
     assert written["fairness"]["runs"][0]["targets_ok"]["jain"] is False
     assert "targets: share NOT met, window NOT met, jain NOT met" in capsys.readouterr().out
+
+
+def test_run_reads_its_no_plot_flag_from_its_arguments(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--no-plot` is one of fairness's arguments: `run` reads it as such, with no default for a Namespace that
+    lacks it, and draws the plot only when it is off."""
+    async def measured(args: argparse.Namespace) -> list[dict[str, Any]]:
+        return [{**analyse(), "submit_errors": 0}]
+
+    drawn: list[str] = []
+    monkeypatch.setattr(fairness, "scenario", measured)
+    monkeypatch.setattr(fairness, "write_result", lambda name, result: None)
+    monkeypatch.setattr(fairness.plots, "fairness_share", lambda *a, **k: drawn.append("plot"))
+    with pytest.raises(AttributeError, match="no_plot"):
+        fairness.run(argparse.Namespace(overload=3.0, weights="1,2,4,8"))
+    assert drawn == []
+    fairness.run(argparse.Namespace(overload=3.0, weights="1,2,4,8", no_plot=True))
+    assert drawn == []
+    fairness.run(argparse.Namespace(overload=3.0, weights="1,2,4,8", no_plot=False))
+    assert drawn == ["plot"]

@@ -219,11 +219,11 @@ def p99_verdict(row: dict[str, Any] | None) -> tuple[bool, str]:
 
 def size_verdict(row: dict[str, Any] | None) -> tuple[bool | None, str]:
     """(the size meets DESIGN's p99, why not or why no verdict): None for a row measured with other than DESIGN's
-    1,000 tenants or with fewer than P99_MIN_SAMPLES samples; else `p99_verdict`. A row with no `tenants` field
-    (written before the field was) is judged on its samples alone."""
+    1,000 tenants or with fewer than P99_MIN_SAMPLES samples; else `p99_verdict`. Every row names its `tenants`
+    (`scenario` writes them): a row that does not is refused (KeyError), not judged as if it had DESIGN's."""
     if row is None:
         return p99_verdict(row)
-    tenants = row.get("tenants", DECISION_TENANTS)
+    tenants = row["tenants"]
     if tenants != DECISION_TENANTS:
         return None, f"DESIGN's row is for {DECISION_TENANTS:,} tenants; this run had {tenants:,} (--tenants)"
     if row["samples"] < P99_MIN_SAMPLES:

@@ -240,7 +240,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         print("targets: " + ", ".join(f"{k} {verdict_word(v)}" for k, v in r["targets_ok"].items())
               + "; checks: " + ", ".join(f"{k} {'met' if v else 'NOT met'}" for k, v in r["checks_ok"].items()))
     panels = [(f"estimate ratio {r['estimate_ratio']}", r["plot"]["times"], r["plot"]["shares"]) for r in results]
-    if not getattr(args, "no_plot", False):  # a Namespace built by hand (tests) may lack the flag
+    if not args.no_plot:
         plots.fairness_share(panels, results[0]["plot"]["targets"],
                              title=f"Token share by tenant (weights {args.weights.replace(',', ':')}, "
                                    f"{args.overload:g}x overload, 10 s windows)")

@@ -276,13 +276,13 @@ def phases_verdict(phases: Sequence[Phase]) -> tuple[bool | None, str]:
 
 
 def target_line(rate: float, args: argparse.Namespace, mode: str = "chat", *,
-                phases: Sequence[Phase] | None = None) -> tuple[str, dict[str, Any]]:
+                phases: Sequence[Phase]) -> tuple[str, dict[str, Any]]:
     """The verdict against DESIGN's chat-route figure, given only for the setup that figure is for (the chat
     route in `design_setup`) and for `phases` (the route's measured phases) that `phases_verdict` lets be
-    judged, and its JSON fields (`target_met` is None for another setup or too short a run). Every run passes
-    `phases`; without them (the setup rule's unit tests) the rate alone is judged."""
+    judged, and its JSON fields (`target_met` is None for another setup or too short a run). `phases` is
+    required: a rate is never judged apart from what measured it."""
     as_target = design_setup(args) and mode == "chat"
-    measured, why = phases_verdict(phases) if phases is not None else (True, "")
+    measured, why = phases_verdict(phases)
     met = (rate >= CHAT_REQUESTS_PER_S if measured else measured) if as_target else None
     if as_target and measured is None:
         line = f"no verdict: {why}"
@@ -301,14 +301,14 @@ def target_line(rate: float, args: argparse.Namespace, mode: str = "chat", *,
 
 
 def share_line(share: float, args: argparse.Namespace, *,
-               phases: Sequence[Phase] | None = None) -> tuple[str, dict[str, Any]]:
+               phases: Sequence[Phase]) -> tuple[str, dict[str, Any]]:
     """The verdict on the resumable route's share of the chat route (DESIGN: >= 80%), given only for
     `design_setup` with the routes in alternating phases (`--rounds` 2 or more: with one round the chat
     phase always runs first, on a freshly started serve) and for `phases` (both routes' measured phases) that
-    `phases_verdict` lets be judged, and its JSON fields (`target_met` is None otherwise). Every run passes
-    `phases`; without them (the setup rule's unit tests) the share alone is judged."""
+    `phases_verdict` lets be judged, and its JSON fields (`target_met` is None otherwise). `phases` is
+    required: a share is never judged apart from what measured it."""
     as_target = design_setup(args) and args.rounds >= 2
-    measured, why = phases_verdict(phases) if phases is not None else (True, "")
+    measured, why = phases_verdict(phases)
     met = (share >= RESUMABLE_SHARE_OF_CHAT if measured else measured) if as_target else None
     if as_target and measured is None:
         line = f"no verdict: {why}"
