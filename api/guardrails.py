@@ -6,7 +6,9 @@ and is not limited; but a request the admin key submits for a tenant is that ten
 among its `max_queued` (never refused), so the tenant's own submits count it from the start. Limits are
 stored by scheduler/limits.py; every submit of a tenant key needs them, so each tenant's limits are
 cached here for `ttl` seconds (a change made through this process applies at once, one made through
-another within `ttl`). Checks run before anything is stored.
+another within `ttl`). The admin key may submit for any number of tenant names: the cache, in the order
+its entries were loaded, drops the stale ones at its front as it adds one, and holds MAX_CACHED_TENANTS at
+most. Checks run before anything is stored.
 
 Queued requests are counted in Redis, fleet-wide (api/admission.py). Open streams are counted in this
 API process (no Redis write per stream, nothing to leak when a
@@ -16,6 +18,7 @@ process dies): with N API processes behind a balancer a tenant can hold up to N 
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -28,6 +31,7 @@ from sluicegate.sessions import keys
 
 STREAM_RETRY_AFTER = 5  # seconds: streams end with their requests; sooner would mostly be refused again
 QUEUED_RETRY_AFTER = 1  # seconds: a place frees as soon as one of the tenant's requests ends
+MAX_CACHED_TENANTS = 4096  # tenants whose limits one API process caches at most (the oldest loaded go first)
 
 
 def never_admitted(tenant: str, what: str, limit: str, retry_after: int) -> ApiError:
@@ -43,7 +47,8 @@ class Guardrails:
         self.redis = redis
         self.ttl = ttl
         self.clock = clock
-        self.cached: dict[str, tuple[float, TenantLimits]] = {}  # tenant -> (loaded at, limits)
+        # tenant -> (loaded at, limits), oldest loaded first (_remember)
+        self.cached: OrderedDict[str, tuple[float, TenantLimits]] = OrderedDict()
         self.streams: dict[str, int] = {}  # tenant -> SSE streams open in this process
         self.queued = QueuedLimit(redis, clock=clock)
 
@@ -53,8 +58,17 @@ class Guardrails:
         if hit is not None and now - hit[0] <= self.ttl:
             return hit[1]
         limits = await read_limits(self.redis, tenant)
-        self.cached[tenant] = (now, limits)
+        self._remember(tenant, now, limits)
         return limits
+
+    def _remember(self, tenant: str, loaded: float, limits: TenantLimits) -> None:
+        """Cache `tenant`'s limits as the newest entry, and drop from the front the entries gone stale or past
+        MAX_CACHED_TENANTS: an entry is dropped at most once per load, so the hot path stays O(1) amortized."""
+        self.cached[tenant] = (loaded, limits)
+        self.cached.move_to_end(tenant)
+        while len(self.cached) > MAX_CACHED_TENANTS or (
+                self.cached and loaded - next(iter(self.cached.values()))[0] > self.ttl):
+            self.cached.popitem(last=False)
 
     def invalidate(self, tenant: str | None = None) -> None:
         """Forget cached limits (this process changed them): the next check reads them again."""

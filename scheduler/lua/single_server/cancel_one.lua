@@ -7,5 +7,8 @@ local rid = ARGV[4]
 local outcome, r, produced, nxt = d_cancel(rid, ARGV[5], now, tonumber(ARGV[3]), false)
 if outcome ~= 'cancelled' then return { outcome, r.st } end
 withdraw(gpre(r.g), rid, r.a, r.sid, produced, now, lease)
+-- A `fail` deadline noted while it waited behind its session's head (dlq) would stay up to that deadline
+-- after the session is gone: only readying it (dispatch.lua ready) or the sweep at its deadline took it out.
+if r.dl then redis.call('ZREM', gpre(r.g) .. 'dlq', rid .. '|' .. r.sid) end
 if nxt then ready(gpre(nxt.g), nxt, now, lease) end
 return { outcome }
