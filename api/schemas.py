@@ -10,11 +10,11 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from sluicegate.scheduler.deadlines import MAX_DEADLINE_MS
-from sluicegate.scheduler.quota import NotBoolean, Quota
+from sluicegate.scheduler.quota import Quota
 from sluicegate.sessions.keys import NAME_PATTERN
 from sluicegate.sessions.registry import check_model_name
 from sluicegate.sessions.requests import ENGINE_OWNED_PARAMS
-from sluicegate.settings import PRIORITY_NAMES
+from sluicegate.settings import PRIORITY_NAMES, NotBoolean
 
 ROLES = ("system", "user", "assistant", "tool", "developer", "function")
 DEFAULT_MAX_TOKENS = 256  # the budget of a call that gives none, unless --max-tokens-limit is lower

@@ -3,22 +3,13 @@ fields and their rules, in one place. The dispatch script reads the same names (
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field
+
+from sluicegate.settings import NotBoolean
 
 MIN_RATE = 1e-6  # per second; quotas.lua reads a rate stored before this floor at it
-
-
-def not_boolean(value: Any) -> Any:
-    """A number field's before-check: pydantic's lax mode takes JSON true/false as 1/0 (`max_concurrency: true`
-    a cap of 1, `max_queued: false` a limit that admits nothing), never what the caller meant."""
-    if isinstance(value, bool):
-        raise ValueError("a number, not a boolean")
-    return value
-
-
-NotBoolean = BeforeValidator(not_boolean)  # a number field's annotation: Annotated[int | None, NotBoolean]
 
 
 class Quota(BaseModel):

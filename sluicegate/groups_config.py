@@ -14,8 +14,9 @@ variable named the setting, so `SLUICEGATE_WORKERS=1 sluicegate serve --config f
 group one worker, while a top-level `workers = 3` is only the default of groups that do not say.
 An explicit `--backend-model` overrides the model of the groups it names (a bare `name`: every group).
 
-Everything is checked here, before any process starts; a problem is one BadSetting naming the table
-and the key (the CLI prints `sluicegate: bad setting: groups.NAME.KEY: ...` and exits 2).
+Everything is checked here, before any process starts, the workers of all groups together too (at most
+MAX_TOTAL_WORKERS); a problem is one BadSetting naming the table and the key (the CLI prints `sluicegate:
+bad setting: groups.NAME.KEY: ...` and exits 2).
 """
 
 from __future__ import annotations
@@ -44,6 +45,10 @@ WORKER_KEYS = {"model": "backend_model", "engine": "engine", "backend_url": "bac
                "sim_tokens_per_second": "sim_tokens_per_second", "sim_prefill_ms": "sim_prefill_ms"}
 QUOTA_KEYS = QUOTA_FIELDS
 KEYS = (*WORKER_KEYS, *QUOTA_KEYS)
+# Worker processes serve starts for all its groups together (each group's own cap is Settings' MAX_WORKERS):
+# about 14 GB of Python processes, far above what one host runs, so a typo or a large SLUICEGATE_WORKERS given
+# to many groups is refused before any starts.
+MAX_TOTAL_WORKERS = 256
 ALIASES = {"backend_model": "model"}  # the setting's name where the table has its own word
 
 
@@ -92,11 +97,41 @@ def load_groups(settings: Settings, explicit: frozenset[str] = frozenset()) -> l
         if group.model is None:
             continue
         if group.model in served:
+            origin = _same_model_origin(settings, explicit, tables, served[group.model], group.name, path)
             raise BadSetting(f"{TABLE}.{group.name}.model", f"`{group.model}` is also the model of "
-                             f"[groups.{served[group.model]}], in {path}: chat requests choose a group by model, "
+                             f"[groups.{served[group.model]}], {origin}: chat requests choose a group by model, "
                              "so each model has one group")
         served[group.model] = group.name
+    _check_total_workers(settings, groups, path)
     return groups
+
+
+def _check_total_workers(settings: Settings, groups: list[GroupConfig], path: str) -> None:
+    """Serve starts every group's workers: refuse more than MAX_TOTAL_WORKERS in all, naming each group's."""
+    counts = {group.name: int(group.changes.get("workers", settings.workers)) for group in groups}
+    if sum(counts.values()) > MAX_TOTAL_WORKERS:
+        each = ", ".join(f"{name} {count}" for name, count in counts.items())
+        raise BadSetting("workers", f"the groups of {path} have {sum(counts.values())} workers in all ({each}); "
+                         f"serve starts at most {MAX_TOTAL_WORKERS}")
+
+
+def _same_model_origin(settings: Settings, explicit: frozenset[str], tables: Mapping[str, Any], first: str,
+                       second: str, path: str) -> str:
+    """Where two groups' equal model came from: the file, or an explicit --backend-model (whose bare name is
+    every group's), so that the message blames what gave it."""
+    flag = "--backend-model (or SLUICEGATE_BACKEND_MODEL)"
+    given = settings.backend_models()
+    from_flag = {name: "backend_model" in explicit and bool(given.get(name) or given.get("*"))
+                 for name in (first, second)}
+    if not any(from_flag.values()):
+        return f"in {path}"
+    if all(from_flag.values()):
+        bare = " (a bare name is every group's model: give GROUP=MODEL,...)" if "*" in given else ""
+        return f"both from {flag}{bare}"
+    flagged = first if from_flag[first] else second
+    other = second if flagged == first else first
+    source = f"[groups.{other}] of {path}" if "model" in tables[other] else f"the top-level backend_model of {path}"
+    return f"[groups.{flagged}]'s from {flag}, [groups.{other}]'s from {source}"
 
 
 def _group(settings: Settings, explicit: frozenset[str], name: str, table: Any, path: str) -> GroupConfig:

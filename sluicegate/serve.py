@@ -53,7 +53,7 @@ from sluicegate.groups_config import GroupConfig
 from sluicegate.scheduler import audit_log
 from sluicegate.scheduler.admin import Tuning
 from sluicegate.sessions.connect import UNAVAILABLE, async_client, redacted
-from sluicegate.sessions.registry import declare_group, forget_group_model, group_models, model_conflict
+from sluicegate.sessions.registry import DEFAULT_GROUP, declare_group, forget_group_model, group_models, model_conflict
 from sluicegate.settings import Settings
 from sluicegate.webhooks.delivery import SETTLE_SECONDS
 
@@ -181,6 +181,17 @@ async def declare_groups(settings: Settings, groups: Sequence[GroupConfig]) -> N
                 await audit_log.append(client, "config", "group.update", group.name, was, after)
     finally:
         await client.aclose()
+
+
+def warn_no_default_workers(groups: Sequence[GroupConfig], pools: Sequence[Sequence[Settings]]) -> None:
+    """One warning when the groups give `default` no worker: a chat call without `model` (and a submit without
+    `group`) goes to `default`, and would wait there for a worker that this serve never starts."""
+    if any(shares for group, shares in zip(groups, pools, strict=True) if group.name == DEFAULT_GROUP):
+        return
+    served = ", ".join(group.name for group, shares in zip(groups, pools, strict=True) if shares) or "none"
+    log.warning("no workers for group %s (this serve's groups with workers: %s): a chat call without `model` "
+                "or a submit without `group` goes to %s and waits until a worker of it runs elsewhere",
+                DEFAULT_GROUP, served, DEFAULT_GROUP)
 
 
 def share_engine(pool: Settings) -> list[Settings]:
@@ -349,7 +360,11 @@ def serve(settings: Settings, groups: Sequence[GroupConfig] = ()) -> int:
     webhooks: Restarted | None = None
     code = 0
     try:
-        pools = [share_engine(pool) for pool in [group.worker_settings(settings) for group in groups] or [settings]]
+        pools: list[list[Settings]] = []
+        for pool in [group.worker_settings(settings) for group in groups] or [settings]:
+            if stopping:  # asking an engine may take a while: a stop signal meanwhile ends the start-up here
+                return code
+            pools.append(share_engine(pool))
         if groups:
             try:
                 asyncio.run(declare_groups(settings, groups))
@@ -359,9 +374,15 @@ def serve(settings: Settings, groups: Sequence[GroupConfig] = ()) -> int:
             for group, shares in zip(groups, pools, strict=True):
                 log.info("group %s: model %s, %s engine, workers %s", group.name, group.model or "-",
                          group.worker_settings(settings).engine, slot_split(shares))
+            warn_no_default_workers(groups, pools)
+        if stopping:
+            return code
         core = {"scheduler": spawn("scheduler", settings), "api": spawn("api", settings)}
         webhooks = Restarted("webhooks", settings)  # callbacks and usage folding: restarted when it dies, like a worker
-        workers = [Restarted("worker", worker) for shares in pools for worker in shares]
+        for worker in (worker for shares in pools for worker in shares):
+            if stopping:  # a stop signal while the workers start: start no more, stop those started (finally)
+                break
+            workers.append(Restarted("worker", worker))
         what = f"{len(groups)} groups, {len(workers)} workers" if groups else \
             f"{len(workers)} workers ({settings.engine} engine)"
         serving = f"serving on http://{settings.host}:{settings.port} with {what}"

@@ -17,12 +17,21 @@ import ipaddress
 import math
 import re
 import tomllib
+import types
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 from urllib.parse import urlsplit
 
-from pydantic import AfterValidator, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BeforeValidator,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     EnvSettingsSource,
@@ -39,6 +48,9 @@ FILE_TABLES = ("groups",)  # the only tables a --config file may hold: [groups.N
 PRIORITY_NAMES = {"low": 2, "normal": 5, "high": 7, "critical": 9}
 PRIORITY_CLASSES = range(10)
 DEFAULT_SLOTS = 8
+# Worker processes of one group that serve starts (each is a Python process of ~55 MB that runs many requests at
+# once, its slots): a cap far above any one host's use, that refuses a typo (100000) before it starts them all.
+MAX_WORKERS = 64
 # How long an API process, once told to stop (SIGTERM, Ctrl-C), lets its open responses finish before uvicorn
 # closes their connections (its timeout_graceful_shutdown); a chat stream ends itself just before (ShutdownEnd).
 GRACEFUL_SHUTDOWN_SECONDS = 5
@@ -125,6 +137,26 @@ def _host_and_port(url: str) -> str:
     if port == 0:
         raise ValueError(f"`{url}`: its port should be a number 1-65535")
     return url
+
+
+def not_boolean(value: Any) -> Any:
+    """A number field's before-check: pydantic's lax mode takes JSON true/false as 1/0 (`max_concurrency: true`
+    a cap of 1, `max_queued: false` a limit that admits nothing), never what the caller meant."""
+    if isinstance(value, bool):
+        raise ValueError("a number, not a boolean")
+    return value
+
+
+NotBoolean = BeforeValidator(not_boolean)  # a number field's annotation: Annotated[int | None, NotBoolean]
+
+
+def _takes_number(annotation: Any) -> bool:
+    """The field's type is (or may be) an int or a float, under Annotated or in a union with None."""
+    if annotation in (int, float):
+        return True
+    if get_origin(annotation) in (Annotated, Union, types.UnionType):
+        return any(_takes_number(arg) for arg in get_args(annotation))
+    return False
 
 
 def _off_or_a_cluster(masters: int) -> int:
@@ -229,7 +261,8 @@ class Settings(BaseSettings):
     cluster: ClusterSize = Field(0, description="run a Valkey Cluster of N masters (N >= 3) on ports "
                                  "--port..--port+N-1 instead of one server; 0 = one server")
     # processes
-    workers: int = Field(2, ge=0, description="worker processes that serve starts (0: run workers elsewhere)")
+    workers: int = Field(2, ge=0, le=MAX_WORKERS, description="worker processes that serve starts (0: run workers "
+                         f"elsewhere; at most {MAX_WORKERS})")
     api_processes: Count = Field(1, description="API processes answering on --port (uvicorn workers sharing one "
                                  "listening socket): the API is stateless, so N processes use N cores")
     redis_max_connections: Annotated[int, Field(ge=4, le=10_000)] = Field(
@@ -367,6 +400,16 @@ class Settings(BaseSettings):
     def _empty_is_unset(cls, value: Any) -> Any:
         return None if value == "" else value
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_boolean_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        """A number setting refuses true/false: pydantic's lax mode takes them as 1/0, so a file's `session_ttl =
+        true` expired every session after 1 s and `[groups.a] workers = true` meant one worker (the environment's
+        text never parses as a boolean here; the quota keys refuse them the same way)."""
+        if info.field_name is not None and _takes_number(cls.model_fields[info.field_name].annotation):
+            return not_boolean(value)
+        return value
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _lower(cls, value: Any) -> Any:
@@ -485,6 +528,9 @@ def file_values(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
             raise BadSetting(key, f"{path} cannot name another config file")
         if key in names:
             values[key] = value
+        elif key in FILE_TABLES and not isinstance(value, dict):  # `groups = 3`, `[[groups]]`: no `group` typo
+            raise BadSetting(key, f"give one table [{key}.NAME] per group, each with its keys (e.g. [{key}.a] "
+                             f"then workers = 2), in {path}")
         elif isinstance(value, dict):
             check_table(key, path)
             tables[key] = value
