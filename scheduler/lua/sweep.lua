@@ -3,7 +3,9 @@
 -- requests waiting past their class's max wait while a higher class has work (aging), raise requests
 -- whose deadline's slack runs out (by up to dlb classes, never above the highest class with work), end
 -- those whose deadline passed with "on_deadline_miss": "fail" (ready heads, dld, and requests still
--- waiting behind their session's head, dlq), and dispatch when the group's quota now admits work.
+-- waiting behind their session's head, dlq), forget a batch of the counters of tenants idle for a session
+-- ttl that no longer matter (fairness.lua forget_idle_counters), and dispatch when the group's quota now
+-- admits work.
 -- Idempotent; safe to run anywhere.
 -- On a cluster an expired request's "rid|sid" is returned ("behind:rid|sid" for one from dlq); the
 -- scheduler ends it on the data plane (expire.lua), then withdraws it here. Its entry in dld (dlq) goes
@@ -16,8 +18,9 @@
 -- ARGV[1] flags   ARGV[2] lease ms (this scheduler's; a worker's own recorded lease goes first: for the
 -- lost-worker test below and its runs' first lease at dispatch, runs.lua worker_lease)
 -- ARGV[3] max attempts (a lost worker counts as a failed attempt)
--- ARGV[4] session ttl s
--- Notes its pass in the group's qs (sw; gr, the workers' grace after a restart: runs.lua store_grace).
+-- ARGV[4] session ttl s (also how long a tenant stays idle before its counter may go)
+-- Notes its pass in the group's qs (sw; gr, the workers' grace after a restart: runs.lua store_grace; vsc,
+-- where its scan of the tenants' counters goes on: fairness.lua forget_idle_counters, which keeps vi too).
 -- Clears the group's hint list (cp .. 'hint', the scheduler loop's wake-up): see the end.
 -- Returns {lapsed runs, promoted, dispatched, next wake ms or -1, now ms, number of runs to hand back,
 -- "reason:rid|attempt" to hand back..., expired "rid|sid" or "behind:rid|sid" to end on the data plane...};
@@ -156,6 +159,8 @@ for _, entry in ipairs(redis.call('ZRANGEBYSCORE', cp .. 'dlq', '-inf', now, 'LI
     expired[#expired + 1] = 'behind:' .. entry
   end
 end
+-- Idle tenants' counters that no longer matter (fairness.lua); a caller that gives no ttl knows no grace.
+if ttl then forget_idle_counters(cp, now, ttl * 1000) end
 redis.call('HDEL', cp .. 'qs', 'wake', 'qwake') -- its dispatch notes them again if they still hold
 local started = dispatch(cp, now, lease, true)
 local nxt = tonumber(redis.call('HGET', cp .. 'qs', 'wake') or '')

@@ -33,6 +33,13 @@ local function vtc_get(cp, tenant)
   return tonumber(redis.call('HGET', cp .. 'vtc', tenant) or '0') or 0
 end
 
+-- The counter a tenant entering the backlog is lifted to, if below it (make_ready; dispatch.lua start_alone,
+-- with none backlogged): the least backlogged counter, or with none the last one charged (vlast), or 0.
+local function vtc_floor(cp)
+  local least = redis.call('ZRANGE', cp .. 'bt', 0, 0, 'WITHSCORES')[2]
+  return tonumber(least or redis.call('GET', cp .. 'vlast') or '0') or 0
+end
+
 local function vtc_set(cp, tenant, value, old)
   redis.call('HSET', cp .. 'vtc', tenant, value)
   redis.call('ZADD', cp .. 'bt', 'XX', value, tenant)
@@ -118,9 +125,9 @@ local function make_ready(cp, spec, now, keep_counter)
   end
   local counter = vtc_get(cp, tenant)
   if redis.call('HINCRBY', cp .. 'btn', tenant, 1) == 1 then
-    -- A returning tenant is lifted to the least backlogged counter: no credit banked while idle.
-    local least = redis.call('ZRANGE', cp .. 'bt', 0, 0, 'WITHSCORES')[2]
-    local floor = tonumber(least or redis.call('GET', cp .. 'vlast') or '0')
+    -- A returning tenant is lifted to the least backlogged counter: no credit banked while idle. (A
+    -- counter kept here was never forgotten: forget_idle_counters takes none of a tenant waiting or running.)
+    local floor = vtc_floor(cp)
     if counter < floor and not keep_counter then
       counter = floor
       redis.call('HSET', cp .. 'vtc', tenant, counter)
@@ -157,4 +164,61 @@ end
 local function ready_head(cp, sid)
   local raw = redis.call('HGET', cp .. 'rq', sid)
   return raw and spec_decode(raw, sid, cp) or nil
+end
+
+-- An idle tenant's counter is forgotten (HDEL vtc) once it has been idle a while (`grace`: the sweep gives
+-- the session TTL) and forgetting changes nothing: the tenant has no backlog (btn) and no run (rt:<T>), and
+-- its counter is at or below the floor, which its return would lift it to anyway, as it lifts a tenant never
+-- seen (make_ready). Else vtc keeps a field for every tenant name ever sent (with auth off, any name a client
+-- sends), for good, and every read of it (admin stats) grows with them. A counter above the floor (the tenant
+-- used more than the backlogged ones: it returns behind them) stays until the floor passes it. The sweep does
+-- it (sweep.lua), VTC_SCAN fields a pass (HSCAN, its cursor in qs vsc, and in a page of more, qs vso): vi holds when a pass first found each
+-- tenant idle (dropped when one finds it active, or it is forgotten), so the grace counts from there (a tenant
+-- active only between two passes over it keeps its mark: it may go a grace early, which changes nothing
+-- either). Only while vtc holds more fields than there are backlogged (bt) or running (ro) tenants: else
+-- every counter is an active tenant's, and no mark is left (a busy group's pass pays four calls); a release
+-- or a dispatch, on every request's way, pays nothing. Returns the number forgotten.
+local VTC_SCAN = 50
+local function forget_idle_counters(cp, now, grace)
+  local counters, marks = cp .. 'vtc', cp .. 'vi'
+  local active = math.max(redis.call('ZCARD', cp .. 'bt'), redis.call('ZCARD', cp .. 'ro'))
+  if redis.call('HLEN', counters) <= active then
+    redis.call('DEL', marks)
+    return 0
+  end
+  local qs = cp .. 'qs'
+  local page = redis.call('HSCAN', counters, redis.call('HGET', qs, 'vsc') or '0', 'COUNT', VTC_SCAN)
+  -- A small hash (a listpack: up to 512 fields) answers whole whatever COUNT says: its page is taken VTC_SCAN
+  -- fields a pass, from where the pass before left it (qs vso), so that no pass blocks the server for long.
+  local fields = page[2]
+  local offset = tonumber(redis.call('HGET', qs, 'vso') or '') or 0
+  if offset >= #fields then offset = 0 end -- the page shrank since (fields forgotten): from its start
+  local last = math.min(#fields, offset + 2 * VTC_SCAN)
+  if last < #fields then
+    redis.call('HSET', qs, 'vso', last) -- the same cursor next pass, for the rest of this page
+  else
+    redis.call('HDEL', qs, 'vso')
+    if page[1] == '0' then
+      redis.call('HDEL', qs, 'vsc')
+    else
+      redis.call('HSET', qs, 'vsc', page[1])
+    end
+  end
+  local floor = vtc_floor(cp) -- forgetting moves neither bt nor vlast: one floor for the batch
+  local forgotten = 0
+  for i = offset + 1, last, 2 do
+    local tenant = fields[i]
+    if redis.call('HEXISTS', cp .. 'btn', tenant) == 1 or redis.call('EXISTS', cp .. 'rt:' .. tenant) == 1 then
+      redis.call('ZREM', marks, tenant)
+    else
+      local since = tonumber(redis.call('ZSCORE', marks, tenant))
+      if not since then
+        redis.call('ZADD', marks, now, tenant)
+      elseif now - since >= grace and (tonumber(fields[i + 1]) or 0) <= floor then
+        forgotten = forgotten + redis.call('HDEL', counters, tenant)
+        redis.call('ZREM', marks, tenant)
+      end
+    end
+  end
+  return forgotten
 end

@@ -17,7 +17,9 @@
 --     us               string the bucket's last fold sequence (usage_take.lua; expires after 35 days)
 --   control plane of a group   sg:{g:G}:
 --     rq               hash   sid -> ready spec of each ready session's head request (ready_specs.lua)
---     cls / c<P> / c<P>:<T> / age<P> / cn / btn / bt / vtc / vlast   ready sets and fairness
+--     cls / c<P> / c<P>:<T> / age<P> / cn / btn / bt / vtc / vlast   ready sets and fairness (an idle
+--                             tenant's vtc field goes once its return would lift it anyway: fairness.lua)
+--     vi               zset   tenant -> when the sweep first found it idle (forget_idle_counters)
 --     ri               hash   "rid|attempt" -> run record (JSON) of each dispatched, unreleased run
 --     run              zset   running runs, score ranks preemption victims first
 --     rt:<T> / ro      zset   a tenant's running runs / tenants by runs over weight (runs.lua run_added)
@@ -31,7 +33,9 @@
 --     wl               hash   worker -> its own lease ms (register_worker, heartbeat; runs.lua worker_lease)
 --     w:<wid> / w:<wid>:in / w:<wid>:ctl   liveness (PX) / inbox of assignments / control channel
 --     cfg / qs         hash   quota settings / quota state (incl. wake: when a quota admits next; sw / gr: the
---                             sweep's last pass / the workers' grace after a restart, runs.lua store_grace)
+--                             sweep's last pass / the workers' grace after a restart, runs.lua store_grace;
+--                             vsc / vso: the sweep's HSCAN cursor over vtc / where in its page it goes on,
+--                             fairness.lua forget_idle_counters)
 --     hint             list   wakes the group's scheduler loop
 --     pol / tw         hash   copies of the policy and of the tenant weights (decisions read these)
 --     dlp / dld        zset   ready heads with a deadline: when their slack runs out / their deadline (fairness.lua)
