@@ -15,8 +15,8 @@ body) with a bounded, jittered backoff and gives up (`StreamUnavailable`) after
 `reconnect_timeout` seconds without a connection; a 4xx is the caller's problem and is raised at
 once (`CursorExpired` when the session's log no longer holds the cursor). Every error the API
 answers is a `SluicegateError` carrying its status and the `type`/`code` of the JSON error body; an
-argument refused before sending (a number JSON cannot carry: nan, inf; a base URL that is not http(s), or an
-API key that no header can carry, refused when the client is built) is an `InvalidArgument`, both a
+argument refused before sending (a number JSON cannot carry: nan, inf; a base URL that is not http(s) or does
+not parse, or an API key that no header can carry, refused when the client is built) is an `InvalidArgument`, both a
 `SluicegateError` and a `ValueError`. A 3xx is an error as a 4xx is (redirects are not followed), and a 2xx
 that is not what the route answers (a catch-all's `{"ok": true}`, a list, no body) is `not_the_api`. No
 message names the API key or the password of a URL's userinfo.
@@ -36,6 +36,7 @@ import json
 import math
 import os
 import random
+import re
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -81,9 +82,10 @@ class SluicegateError(Exception):
 
 class InvalidArgument(SluicegateError, ValueError):
     """An argument refused before anything was sent (422 `invalid_request`, as the server words a bad
-    field): a number JSON cannot carry (nan, inf), or a base URL with no http(s) scheme or no host, or an
-    API key with a character a header cannot carry (raised by the constructor). Also a ValueError, which
-    such calls raised before."""
+    field): a number JSON cannot carry (nan, inf), or a base URL that does not parse, has no http(s) scheme
+    or no host, or an `@` past its host (a password's unencoded `/`), or an API key with a character a header
+    cannot carry (a line end, a NUL, a non-ASCII character, a space or tab at either end; a space inside is
+    carried) (raised by the constructor). Also a ValueError, which such calls raised before."""
 
 
 class CursorExpired(SluicegateError):
@@ -169,9 +171,9 @@ def _error_from(response: httpx.Response, body: bytes) -> SluicegateError:
     retry_after = None
     with contextlib.suppress(ValueError):
         retry_after = float(response.headers["retry-after"]) if "retry-after" in response.headers else None
-    if not message and 300 <= response.status_code < 400 and "location" in response.headers:
-        message = (f"{response.reason_phrase}: to {_shown_url(response.headers['location'])} (redirects are "
-                   "not followed: give that URL)")
+    if 300 <= response.status_code < 400 and "location" in response.headers:  # where, before any page's line
+        message = "; ".join(filter(None, [f"redirected to {_shown_url(response.headers['location'])} (redirects "
+                                          "are not followed: set the client's URL to where it leads)", message]))
     kind = CursorExpired if code == "cursor_expired" else SluicegateError
     return kind(response.status_code, code, message or response.reason_phrase, parsed, retry_after,
                 response.headers.get("x-request-id"))
@@ -502,8 +504,21 @@ class _Base:
 def _base_url(url: str) -> str:
     """`url` without its trailing `/`, or InvalidArgument for one httpx cannot send to: with no http(s)
     scheme (`localhost:8000`) or no host, every call would fail as if sent (`no_answer`, and a stream
-    would retry it for its whole reconnect_timeout) though nothing can ever be sent."""
-    parsed = httpx.URL(url)  # httpx.InvalidURL for one that does not parse at all, as httpx.Client raised
+    would retry it for its whole reconnect_timeout) though nothing can ever be sent. No message quotes
+    more of a URL that does not parse, or has an `@` past its userinfo, than its scheme and host: httpx's own
+    message (`Invalid port: 'hunter2'`) or the whole text would name a password with `/`, `?` or `#` in it."""
+    _, sep, rest = url.partition("://")
+    after = rest if sep else url
+    if "@" in after[_authority_end(after):]:
+        # `http://alice:pa/ss@host`: httpx ends the userinfo's authority at the `/` (host `alice`, port `pa`)
+        raise InvalidArgument(422, "invalid_request", f"url {_outline(url)!r}: an @ past the end of its host "
+                              "(a / ? or # ends it): a password with / ? # or @ in it must be percent-encoded (%2F "
+                              "%3F %23 %40)")
+    try:
+        parsed = httpx.URL(url)
+    except httpx.InvalidURL as error:  # its message quotes the part it refused, which may be the password
+        fault = re.split(r": |, ", str(error), maxsplit=1)[0]  # what is wrong, before what it quotes
+        raise InvalidArgument(422, "invalid_request", f"url {_outline(url)!r}: does not parse ({fault})") from None
     shown = _shown_url(url)
     if parsed.scheme not in ("http", "https"):
         hint = "http://" + shown.split("://", 1)[-1]
@@ -514,29 +529,59 @@ def _base_url(url: str) -> str:
     return url.rstrip("/")
 
 
+def _authority_end(rest: str) -> int:
+    """Where the authority of `rest` (a URL past its `scheme://`) ends: its first `/`, `?` or `#`, as httpx
+    parses it."""
+    return min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
+
+
+def _outline(url: str) -> str:
+    """A URL refused before it parsed, as its message may name it: its scheme and the host after its last `@`,
+    nothing else (`http://...@127.0.0.1:9`)."""
+    scheme, sep, rest = url.partition("://")
+    shown_scheme = "" if not sep else f"{scheme}://" if re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]*", scheme) else "...://"
+    tail = (rest if sep else url).rsplit("@", 1)
+    host = tail[-1][:_authority_end(tail[-1])]
+    return f"{shown_scheme}{'...@' if len(tail) > 1 else ''}{host}"
+
+
 def _shown_url(url: str) -> str:
     """`url` as a message may name it: its userinfo (`http://bob:secret@host`, sent as Basic auth) left out,
     since messages end up on terminals, in logs and in an assistant's context."""
     scheme, sep, rest = url.partition("://")
     if not sep:
         scheme, rest = "", url
-    end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
+    end = _authority_end(rest)
     authority = rest[:end]
     if "@" not in authority:
         return url
     return f"{scheme}{sep}{authority.rsplit('@', 1)[1]}{rest[end:]}"
 
 
+_NEVER_IN_A_HEADER = frozenset("\0\r\n\x0b\x0c")  # h11's header value: no NUL, no whitespace but a space or tab
+
+
 def _api_key(key: str | None) -> str | None:
-    """`key`, or InvalidArgument for one an HTTP header cannot carry (a line end or tab pasted with it, a
-    space, a non-ASCII character): h11 would refuse the header with a message that quotes it, on every
-    call and every reconnect. The message here does not quote it."""
-    if key is None or all("!" <= c <= "~" for c in key):
+    """`key`, or InvalidArgument for one an HTTP header cannot carry, by h11's rule for a header value: a line
+    end (pasted with it, or read from a file with its newline), a NUL, a vertical tab or form feed, a space or
+    tab at either end, or a non-ASCII character (httpx writes headers as ASCII). h11 would refuse the header
+    with a message that quotes it, on every call and every reconnect; the message here does not quote it. A
+    space or tab inside is carried: a passphrase (`correct horse battery staple`) is a key the server takes."""
+    if not key:
         return key
-    where = next(i for i, c in enumerate(key) if not "!" <= c <= "~")
+    faults = [(i, "a non-ASCII character" if not c.isascii() else "a line end" if c in "\r\n" else "a NUL"
+               if c == "\0" else "a vertical tab or form feed") for i, c in enumerate(key)
+              if not c.isascii() or c in _NEVER_IN_A_HEADER]
+    if key[0] in " \t":
+        faults.append((0, "a space or tab at its start"))
+    if key[-1] in " \t":
+        faults.append((len(key) - 1, "a space or tab at its end"))
+    if not faults:
+        return key
+    where, what = min(faults, key=lambda fault: fault[0])
     raise InvalidArgument(422, "invalid_request", f"the API key (--api-key / SLUICEGATE_API_KEY) has a character "
-                          f"a header cannot carry at position {where} of {len(key)} (a line end, a tab, a space "
-                          "or a non-ASCII character): only printable ASCII")
+                          f"a header cannot carry at position {where} of {len(key)}: {what} (a space inside is "
+                          "carried; a line end, a NUL, a non-ASCII character or a space at either end is not)")
 
 
 def _submitted(payload: dict[str, Any]) -> Submitted:

@@ -84,8 +84,9 @@ def add_commands(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run one client command; a refused call is one line on stderr and exit code 1; input that cannot be
     sent (a URL that does not parse, text that is not valid Unicode, a number JSON cannot carry, an API key
-    with a character no header can carry) is one line and exit code 2. No line names the API key or the
-    password of the URL's userinfo (the client's messages leave them out)."""
+    with a character no header can carry: a line end, a non-ASCII character, a space at either end) is one
+    line and exit code 2. No line names the API key or the password of the URL's userinfo (the client's
+    messages leave them out; httpx's InvalidURL, which may quote it, is not printed)."""
     import httpx
 
     from sluicegate.client import Client, InvalidArgument, SluicegateError
@@ -101,7 +102,10 @@ def run(args: argparse.Namespace) -> int:
     except SluicegateError as error:
         fail(args, error)
         return 1
-    except (httpx.InvalidURL, ValueError) as error:  # UnicodeError is a ValueError
+    except httpx.InvalidURL:  # its text quotes what it refused, which may be a password: not printed
+        print(f"sluicegate {args.command}: cannot send this: a URL that does not parse", file=sys.stderr)
+        return 2
+    except ValueError as error:  # UnicodeError is a ValueError
         print(f"sluicegate {args.command}: cannot send this: {type(error).__name__}: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -56,6 +56,37 @@ def test_a_redirect_with_no_body_is_an_error_answer(name: str) -> None:
     assert "https://127.0.0.1:1/elsewhere" in refused.message
 
 
+NGINX_PAGE = (b"<html>\r\n<head><title>301 Moved Permanently</title></head>\r\n<body>\r\n<center><h1>301 Moved "
+              b"Permanently</h1></center>\r\n<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n")
+NGINX_301: Answer = (301, {"Location": "https://bob:hunter2@sg.example.internal/v1/admin/stats",
+                           "Content-Type": "text/html"}, NGINX_PAGE)
+
+
+@pytest.mark.parametrize("name", CALLS)
+def test_a_redirect_with_a_page_says_where_it_leads(name: str) -> None:
+    """nginx's 301 has an HTML page: the message was that page's line, with no word of where it led."""
+    refused = refusal(NGINX_301, CALLS[name])
+    assert (refused.status, refused.code) == (301, "http_301")
+    assert "redirected to https://sg.example.internal/v1/admin/stats" in refused.message, refused.message
+    assert "hunter2" not in str(refused) and "not followed" in refused.message
+
+
+def test_the_cli_and_the_async_client_say_where_a_redirect_leads() -> None:
+    with scripted(NGINX_301) as server:
+        result = sg("stats", "--url", server.url)
+
+        async def main() -> None:
+            async with AsyncClient(server.url) as client:
+                with pytest.raises(SluicegateError) as refused:
+                    await client.set_weight("t", 2)
+                assert "redirected to https://sg.example.internal/" in refused.value.message
+
+        asyncio.run(main())
+    assert result.returncode == 1 and len(result.stderr.splitlines()) == 1, result.stderr
+    assert "http_301" in result.stderr and "https://sg.example.internal/v1/admin/stats" in result.stderr
+    assert "hunter2" not in result.stderr
+
+
 @pytest.mark.parametrize("answer", [JSON_OK, JSON_LIST], ids=["ok", "list"])
 @pytest.mark.parametrize("name", CALLS)
 def test_a_2xx_of_another_shape_is_not_the_api(name: str, answer: Answer) -> None:
