@@ -105,3 +105,12 @@ def idle_auth_stack(redis_url: str) -> Iterator[Stack]:
     running = Stack(fast_settings(redis_url, auth=True, admin_key="admin-secret")).start(workers=0)
     yield running
     running.stop()
+
+
+@pytest.fixture
+def no_sluicegate_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No SLUICEGATE_* variable of the developer's shell leaks into a test of settings (`pytestmark =
+    pytest.mark.usefixtures("no_sluicegate_env")` in the modules that read them)."""
+    for name in list(os.environ):
+        if name.startswith("SLUICEGATE_"):
+            monkeypatch.delenv(name)

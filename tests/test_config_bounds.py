@@ -20,35 +20,19 @@ from pathlib import Path
 import pytest
 
 from sluicegate import serve as serve_module
-from sluicegate.cli import build_parser, given_flags, settings_from
 from sluicegate.embedded import STOP_SIGNALS, free_port
-from sluicegate.groups_config import GroupConfig, explicit_names, load_groups
 from sluicegate.settings import BadSetting, Settings
 from tests.helpers import ON_CLUSTER
+from tests.test_config_groups import groups_of
 
-
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No SLUICEGATE_* variable of the developer's shell leaks into these tests."""
-    for name in list(os.environ):
-        if name.startswith("SLUICEGATE_"):
-            monkeypatch.delenv(name)
-
-
-def groups_of(tmp_path: Path, text: str, *argv: str) -> tuple[Settings, list[GroupConfig]]:
-    """What `sluicegate serve --config <text> <argv>` would run (its checks only: nothing starts)."""
-    config = tmp_path / "fleet.toml"
-    config.write_text(text)
-    args = build_parser().parse_args(["serve", "--config", str(config), *argv])
-    settings = settings_from(args)
-    return settings, load_groups(settings, explicit_names(given_flags(args)))
+pytestmark = pytest.mark.usefixtures("no_sluicegate_env")
 
 
 def refused(tmp_path: Path, text: str, *argv: str) -> str:
     """The BadSetting line (the CLI prints it after `sluicegate: bad setting: ` and exits 2), FILE for the path."""
     with pytest.raises(BadSetting) as problem:
         groups_of(tmp_path, text, *argv)
-    return str(problem.value).replace(str(tmp_path / "fleet.toml"), "FILE")
+    return str(problem.value).replace(str(tmp_path / "sluicegate.toml"), "FILE")
 
 
 # ---- 1. workers: a cap per group and in all ----------------------------------------------------------

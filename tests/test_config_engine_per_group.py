@@ -32,12 +32,7 @@ backend_url = "http://127.0.0.1:8002/v1"
 """
 
 
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No SLUICEGATE_* variable of the developer's shell leaks into these tests."""
-    for name in list(os.environ):
-        if name.startswith("SLUICEGATE_"):
-            monkeypatch.delenv(name)
+pytestmark = pytest.mark.usefixtures("no_sluicegate_env")
 
 
 def serve_would_run(monkeypatch: pytest.MonkeyPatch, argv: list[str]) -> tuple[int, dict[str, Any]]:

@@ -46,12 +46,7 @@ max_concurrency = 4
 """
 
 
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No SLUICEGATE_* variable of the developer's shell leaks into these tests."""
-    for name in list(os.environ):
-        if name.startswith("SLUICEGATE_"):
-            monkeypatch.delenv(name)
+pytestmark = pytest.mark.usefixtures("no_sluicegate_env")
 
 
 def groups_of(tmp_path: Path, text: str, *argv: str) -> tuple[Settings, list[GroupConfig]]:

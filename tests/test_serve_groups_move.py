@@ -6,7 +6,6 @@ and a model that a group the file does not list serves stops it before anything 
 from __future__ import annotations
 
 import asyncio
-import os
 from pathlib import Path
 
 import pytest
@@ -19,13 +18,7 @@ from sluicegate.sessions.registry import ModelConflict
 from sluicegate.settings import from_env
 from tests.helpers import ON_CLUSTER
 
-
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No SLUICEGATE_* variable of the developer's shell leaks into these tests."""
-    for name in list(os.environ):
-        if name.startswith("SLUICEGATE_"):
-            monkeypatch.delenv(name)
+pytestmark = pytest.mark.usefixtures("no_sluicegate_env")
 
 
 def run(tmp_path: Path, redis_url: str, text: str) -> None:

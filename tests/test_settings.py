@@ -49,12 +49,7 @@ BAD_VALUES = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No SLUICEGATE_* variable of the developer's shell leaks into these tests."""
-    for name in list(os.environ):
-        if name.startswith("SLUICEGATE_"):
-            monkeypatch.delenv(name)
+pytestmark = pytest.mark.usefixtures("no_sluicegate_env")
 
 
 def refusal(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:

@@ -275,6 +275,21 @@ def phases_verdict(phases: Sequence[Phase]) -> tuple[bool | None, str]:
     return True, ""
 
 
+def judged(as_target: bool, reached: bool, target: str,
+           phases: Sequence[Phase]) -> tuple[bool | None, str, str]:
+    """A figure's verdict in the target's setup (`as_target`): met when it `reached` the `target` and its
+    measured phases let it be judged (`phases_verdict`), a miss when they failed, none when too short; with
+    the verdict's reason and its line (empty outside the setup: the caller says why)."""
+    measured, why = phases_verdict(phases)
+    if not as_target:
+        return None, why, ""
+    if measured is None:
+        return None, why, f"no verdict: {why}"
+    if measured is False:
+        return False, why, f"target >= {target} (MISSED: {why})"
+    return reached, why, f"target >= {target} ({'met' if reached else 'MISSED'})"
+
+
 def target_line(rate: float, args: argparse.Namespace, mode: str = "chat", *,
                 phases: Sequence[Phase]) -> tuple[str, dict[str, Any]]:
     """The verdict against DESIGN's chat-route figure, given only for the setup that figure is for (the chat
@@ -282,15 +297,8 @@ def target_line(rate: float, args: argparse.Namespace, mode: str = "chat", *,
     judged, and its JSON fields (`target_met` is None for another setup or too short a run). `phases` is
     required: a rate is never judged apart from what measured it."""
     as_target = design_setup(args) and mode == "chat"
-    measured, why = phases_verdict(phases)
-    met = (rate >= CHAT_REQUESTS_PER_S if measured else measured) if as_target else None
-    if as_target and measured is None:
-        line = f"no verdict: {why}"
-    elif as_target and measured is False:
-        line = f"target >= {CHAT_REQUESTS_PER_S:,} (MISSED: {why})"
-    elif as_target:
-        line = f"target >= {CHAT_REQUESTS_PER_S:,} ({'met' if met else 'MISSED'})"
-    else:
+    met, why, line = judged(as_target, rate >= CHAT_REQUESTS_PER_S, f"{CHAT_REQUESTS_PER_S:,}", phases)
+    if not as_target:
         line = (f"no verdict: DESIGN's {CHAT_REQUESTS_PER_S:,} is for {CHAT_CLIENTS} clients on the chat route, "
                 f"{DESIGN_CORES} cores, {CHAT_MAX_TOKENS}-token answers from a real streaming server "
                 f"(--engine-server sim-backend --max-tokens {CHAT_MAX_TOKENS}); {setup_said(args, mode)}")
@@ -308,15 +316,8 @@ def share_line(share: float, args: argparse.Namespace, *,
     `phases_verdict` lets be judged, and its JSON fields (`target_met` is None otherwise). `phases` is
     required: a share is never judged apart from what measured it."""
     as_target = design_setup(args) and args.rounds >= 2
-    measured, why = phases_verdict(phases)
-    met = (share >= RESUMABLE_SHARE_OF_CHAT if measured else measured) if as_target else None
-    if as_target and measured is None:
-        line = f"no verdict: {why}"
-    elif as_target and measured is False:
-        line = f"target >= {RESUMABLE_SHARE_OF_CHAT:.0%} (MISSED: {why})"
-    elif as_target:
-        line = f"target >= {RESUMABLE_SHARE_OF_CHAT:.0%} ({'met' if met else 'MISSED'})"
-    else:
+    met, why, line = judged(as_target, share >= RESUMABLE_SHARE_OF_CHAT, f"{RESUMABLE_SHARE_OF_CHAT:.0%}", phases)
+    if not as_target:
         line = (f"no verdict: DESIGN's {RESUMABLE_SHARE_OF_CHAT:.0%} is for the chat row's setup ({CHAT_CLIENTS} "
                 f"clients, {DESIGN_CORES} cores, --engine-server sim-backend --max-tokens {CHAT_MAX_TOKENS}), "
                 f"the routes alternating (--rounds 2 or more); {setup_said(args, 'both')}, "
