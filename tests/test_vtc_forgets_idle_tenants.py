@@ -182,9 +182,9 @@ def test_admin_tenants_lists_a_forgotten_tenant_by_its_weight_without_a_counter(
 
 
 @pytest.mark.skipif(not ON_CLUSTER, reason="one server closes a cancelled run's accounting in the cancel itself")
-def test_a_counter_forgotten_while_a_cancelled_run_is_let_go_is_corrected_from_the_floor(r: redis.Redis) -> None:
-    """A cluster cancel stops the run (its tenant holds no run) and its worker lets go later: a sweep between
-    may forget the tenant's counter, which then stood at the floor; the run's refund counts from there."""
+def test_a_tenant_whose_cancelled_run_is_not_yet_let_go_keeps_its_counter(r: redis.Redis) -> None:
+    """A cluster cancel stops the run (its tenant holds no running run) and its worker lets go later: until
+    then the run's record stands, and its end corrects the tenant's counter, which is kept for it."""
     h = Harness(r, cluster=True)
     s = Sweeper(h)
     h.add_worker("w1", slots=1)
@@ -194,6 +194,40 @@ def test_a_counter_forgotten_while_a_cancelled_run_is_let_go_is_corrected_from_t
     s.sweep()
     s.wait_grace()
     s.sweep()
-    assert counters(r) == {}  # no run, no backlog, at the floor (30): forgotten
+    assert counters(r) == {"t": 30}  # its run record stands: kept [forgotten while the run waited to be let go]
     h.handback(h.run_of(rid), reason="cancelled")  # produced 2 of 10: 16 given back
-    assert counters(r) == {"t": 30 - 2 * 8}  # from the floor, not from 0 (-16)
+    assert counters(r) == {"t": 30 - 2 * 8}
+    s.sweep()
+    s.wait_grace()
+    s.sweep()
+    assert counters(r) == {}  # let go, idle, below the floor (30): forgotten now
+
+
+USAGE_500_IN = {"prompt_tokens": 500, "completion_tokens": 10, "total_tokens": 510}
+
+
+def test_a_counter_the_floor_may_yet_fall_below_is_kept(r: redis.Redis) -> None:
+    """The floor can fall: a backlogged tenant's run that ends with less than it was charged is refunded. A
+    counter at or below the floor now but above where a refund may take it is kept: forgotten, it would come
+    back lifted to less than it stood at, its counted tokens forgiven."""
+    h = Harness(r, cluster=ON_CLUSTER)
+    s = Sweeper(h)
+    h.add_worker("w1", slots=1)
+    x = h.submit("sx", tenant="X", prompt=PROMPT, max_tokens=10)
+    run = h.run_of(x)
+    h.append(run, 10)
+    h.runs.remove(run)
+    run_sync(h.t.finish(run.rid, run.attempt, wid=run.wid, group=run.group, outcome="done", detail="length",
+                        return_slot=True, usage=USAGE_500_IN))
+    h.collect()
+    assert counters(r) == {"X": 520}  # the backend counted 500 input tokens (the estimate: 10)
+    long = h.submit("sa", tenant="L", prompt=PROMPT, max_tokens=300)  # charged 10 + 2 * 300: L at 640
+    h.submit("sb", tenant="L", prompt=PROMPT, max_tokens=10, priority=1)  # L backlogged: the floor is 640
+    s.sweep()
+    s.wait_grace()
+    s.sweep()
+    assert "X" in counters(r)  # 520 <= 640, but L's run may be refunded to 40 [forgotten]
+    h.submit("sh", tenant="H", prompt=PROMPT, max_tokens=10, priority=5)
+    h.finish(h.run_of(long), detail="stop")  # nothing produced: L refunded to 40, the floor with it
+    h.submit("sx2", tenant="X", prompt=PROMPT, max_tokens=10, priority=1)
+    assert counters(r)["X"] == 520  # X queues behind L, as it stood [40: 480 of its tokens forgiven]

@@ -167,9 +167,9 @@ local function ready_head(cp, sid)
 end
 
 -- An idle tenant's counter is forgotten (HDEL vtc) once it has been idle a while (`grace`: the sweep gives
--- the session TTL) and forgetting changes nothing: the tenant has no backlog (btn) and no run (rt:<T>), and
+-- the session TTL) and forgetting changes nothing: the tenant has no backlog (btn) and no run record (ri), and
 -- its counter is at or below the floor, which its return would lift it to anyway, as it lifts a tenant never
--- seen (make_ready). Else vtc keeps a field for every tenant name ever sent (with auth off, any name a client
+-- seen (make_ready), and the floor cannot fall below it before the runs in flight end (lowest_floor). Else vtc keeps a field for every tenant name ever sent (with auth off, any name a client
 -- sends), for good, and every read of it (admin stats) grows with them. A counter above the floor (the tenant
 -- used more than the backlogged ones: it returns behind them) stays until the floor passes it. The sweep does
 -- it (sweep.lua), VTC_SCAN fields a pass (HSCAN, its cursor in qs vsc, and in a page of more, qs vso): vi holds when a pass first found each
@@ -178,6 +178,26 @@ end
 -- either). Only while vtc holds more fields than there are backlogged (bt) or running (ro) tenants: else
 -- every counter is an active tenant's, and no mark is left (a busy group's pass pays four calls); a release
 -- or a dispatch, on every request's way, pays nothing. Returns the number forgotten.
+-- The lowest the floor can fall to before the runs in flight end, and the tenants that hold a run record (ri:
+-- running, or stopped and not yet let go): a run's end refunds what it was charged beyond what it produced, at
+-- most its whole estimate (w_out * ce + w_in * it, over the weight it was charged at), and a refund to a
+-- backlogged tenant lowers the floor, or a refunded tenant's next charge vlast. A counter forgotten above that
+-- would come back lifted to less than it stood at (credit for what it used); one with a run record is never
+-- forgotten (its end corrects the counter). One read of the group's run records a pass: as many as its slots.
+local function lowest_floor(cp)
+  local pol, floor, holding = policy(cp), vtc_floor(cp), {}
+  for _, raw in ipairs(redis.call('HVALS', cp .. 'ri')) do
+    local ok, rec = pcall(cjson.decode, raw)
+    if ok and type(rec) == 'table' and rec.tn then
+      holding[rec.tn] = true
+      local charged = pol.w_out * (tonumber(rec.ce) or 0) + pol.w_in * (tonumber(rec.it) or 0)
+      local low = vtc_get(cp, rec.tn) - charged / (tonumber(rec.tw) or weight(cp, rec.tn))
+      if low < floor then floor = low end
+    end
+  end
+  return floor, holding
+end
+
 local VTC_SCAN = 50
 local function forget_idle_counters(cp, now, grace)
   local counters, marks = cp .. 'vtc', cp .. 'vi'
@@ -204,11 +224,11 @@ local function forget_idle_counters(cp, now, grace)
       redis.call('HSET', qs, 'vsc', page[1])
     end
   end
-  local floor = vtc_floor(cp) -- forgetting moves neither bt nor vlast: one floor for the batch
+  local floor, holding = lowest_floor(cp)
   local forgotten = 0
   for i = offset + 1, last, 2 do
     local tenant = fields[i]
-    if redis.call('HEXISTS', cp .. 'btn', tenant) == 1 or redis.call('EXISTS', cp .. 'rt:' .. tenant) == 1 then
+    if holding[tenant] or redis.call('HEXISTS', cp .. 'btn', tenant) == 1 then
       redis.call('ZREM', marks, tenant)
     else
       local since = tonumber(redis.call('ZSCORE', marks, tenant))

@@ -71,10 +71,7 @@ local function end_run(cp, key, rec, produced, now, prompt, finished)
   if prompt and rec.it then correction = correction + pol.w_in * (prompt - rec.it) end
   correction = correction / (tonumber(rec.tw) or weight(cp, rec.tn))
   if correction ~= 0 then
-    -- a counter forgotten while this run was stopped and not yet let go (a cancel: its tenant had no run
-    -- left, fairness.lua forget_idle_counters) stood at most at the floor: corrected from there
-    local known = redis.call('HGET', cp .. 'vtc', rec.tn)
-    local counter = known and (tonumber(known) or 0) or vtc_floor(cp)
+    local counter = vtc_get(cp, rec.tn) -- never forgotten while this record is (forget_idle_counters)
     vtc_set(cp, rec.tn, counter + correction, counter)
   end
   quota_refund(cp, (rec.cr or 0) - produced, now, rec.cg)
