@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
 import redis
 
 from sluicegate.groups_config import load_groups
@@ -19,7 +20,9 @@ from sluicegate.sessions.connect import async_client
 from sluicegate.sessions.registry import declare_group
 from sluicegate.settings import from_env
 from tests.helpers import ON_CLUSTER
-from tests.test_serve_groups_move import clean_env, run  # noqa: F401 (clean_env: an autouse fixture)
+from tests.test_serve_groups_move import run
+
+pytestmark = pytest.mark.usefixtures("no_sluicegate_env")
 
 NO_DEADLINES: dict[str, int] = {}
 
