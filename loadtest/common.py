@@ -189,6 +189,14 @@ def sluicegate_checkout(checkout: Path) -> None:
                               f"{name!r})")
 
 
+def sluicegate_python(checkout: Path) -> str:
+    """The python that runs `checkout`'s code (checkout_python), once the DIR is known to be a checkout of
+    Sluicegate (sluicegate_checkout): the one check a bench makes of a tree it is to run."""
+    python = checkout_python(checkout)
+    sluicegate_checkout(checkout)
+    return python
+
+
 @dataclass
 class ServeProcess:
     """`sluicegate serve` in a subprocess on a free port, with its own data dir (removed at stop).
@@ -208,8 +216,7 @@ class ServeProcess:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 60) -> ServeProcess:
-        python = checkout_python(self.checkout)  # another checkout only in its own .venv: CheckoutRefused
-        sluicegate_checkout(self.checkout)
+        python = sluicegate_python(self.checkout)  # another checkout only in its own .venv: CheckoutRefused
         self.port = self.port or free_port()
         self.data_dir = tempfile.mkdtemp(prefix="sg-bench-")
         args = [python, "-m", "sluicegate", "serve", "--port", str(self.port), "--data-dir", self.data_dir,

@@ -57,7 +57,6 @@ import aiohttp
 from sluicegate.loadtest.common import (
     Component,
     ServeProcess,
-    checkout_python,
     client_session,
     cpu_by_role,
     cpu_delta,
@@ -67,7 +66,7 @@ from sluicegate.loadtest.common import (
     percentile,
     print_table,
     progress,
-    sluicegate_checkout,
+    sluicegate_python,
     sse_events,
     steal_percent,
     wait_http,
@@ -337,8 +336,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if unknown:
         raise SystemExit(f"sluicegate bench ttft: unknown mode {', '.join(sorted(unknown))} (of {','.join(MODES)})")
     if args.against:
-        checkout_python(args.against.resolve())  # CheckoutRefused before anything starts
-        sluicegate_checkout(args.against.resolve())
+        sluicegate_python(args.against.resolve())  # CheckoutRefused before anything starts
     with engine_server(args) as backend, contextlib.ExitStack() as chain:
         floors = {mode: chain.enter_context(floor_chain(backend.url, one_process=one))
                   for mode, one in FLOORS.items() if mode in args.modes.split(",")}
