@@ -97,3 +97,11 @@ PRIORITY_MIN_HIGH_SAMPLES: Final = 50
 PRIORITY_WAIT_RESOLUTION_MS: Final = 1.0
 # `recovery`: kills behind the worst kill -> next token (README's command: `recovery --rounds 8`).
 RECOVERY_MIN_KILLS: Final = 8
+
+
+def verdict_word(met: bool | None, no_verdict: str = "") -> str:
+    """The one wording of a verdict every bench prints: "met", "MISSED", or "no verdict (why)" when the run
+    could not judge (`no_verdict` says why: off DESIGN's setup, too short)."""
+    if met is None:
+        return f"no verdict ({no_verdict})" if no_verdict else "no verdict"
+    return "met" if met else "MISSED"

@@ -69,7 +69,7 @@ def test_the_runs_last_window_is_judged() -> None:
 @pytest.mark.parametrize("overload", [1.5, 4.0])
 def test_an_overload_outside_designs_row_gets_no_verdict(overload: float) -> None:
     assert analyse(overload=overload)["targets_ok"] == {"share": None, "window": None, "jain": None}
-    assert fairness.verdict_word(None).startswith("no verdict (DESIGN's row is for 2-3x overload")
+    assert fairness.off_design(None).startswith("no verdict (DESIGN's row is for 2-3x overload")
 
 
 def test_another_window_gets_no_window_verdict() -> None:
@@ -94,7 +94,7 @@ def test_a_group_that_serves_nothing_after_the_warmup_misses_and_the_run_still_w
     monkeypatch.setattr(fairness.plots, "fairness_share", lambda *a, **k: None)
     fairness.run(argparse.Namespace(overload=3.0, weights="1,2,4,8", no_plot=False))
     assert written["fairness"]["runs"][0]["targets_ok"]["jain"] is False
-    assert "targets: share NOT met, window NOT met, jain NOT met" in capsys.readouterr().out
+    assert "targets: share MISSED, window MISSED, jain MISSED" in capsys.readouterr().out
 
 
 def test_run_reads_its_no_plot_flag_from_its_arguments(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -17,7 +17,7 @@ def test_memory_judges_only_a_100_char_prompt() -> None:
     assert memory.memory_verdict(900.0, 100) is True
     assert memory.memory_verdict(1100.0, 100) is False
     assert memory.memory_verdict(900.0, 50) is None
-    assert memory.verdict_word(None) == "no verdict (DESIGN's row is for a 100-char prompt)"
+    assert memory.off_design(None) == "no verdict (DESIGN's row is for a 100-char prompt)"
 
 
 @pytest.mark.single_server  # a scratch server of its own

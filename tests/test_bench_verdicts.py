@@ -131,7 +131,7 @@ def test_the_wait_is_judged_as_design_states_it_beside_the_ttft_ratio() -> None:
     assert v["ttft_met"] is True and v["wait_met"] is False and v["met"] is False
     assert v["wait_limit_ms"] == pytest.approx(1.2)  # 1.2 x the 1 ms resolution, the 0.5x wait being 0
     line = priority.verdict_line(v, "0.5", "3.0")
-    assert "wait p99 at 3.0x 813.9 ms" in line and "-> NOT met; TTFT p99" in line and line.endswith("NOT met")
+    assert "wait p99 at 3.0x 813.9 ms" in line and "-> MISSED; TTFT p99" in line and line.endswith("MISSED")
     assert priority.overload_verdict({0.5: high(22.0, 0.0), 3.0: high(23.0, 1.1)}, 0.5, 3.0, 30.0)["met"] is True
     assert priority.overload_verdict({0.5: high(22.0, 0.0), 3.0: high(23.0, 1.3)}, 0.5, 3.0, 30.0)["met"] is False
     assert priority.overload_verdict({0.5: high(22.0, 10.0), 3.0: high(23.0, 12.0)}, 0.5, 3.0, 30.0)["met"] is True

@@ -51,7 +51,7 @@ from sluicegate.loadtest.common import (
     wait_http,
     write_result,
 )
-from sluicegate.loadtest.targets import CLUSTER_MASTERS
+from sluicegate.loadtest.targets import CLUSTER_MASTERS, verdict_word
 from sluicegate.loadtest.targets import CLUSTER_MAX_APPEND_SHARE as MAX_APPEND_SHARE
 from sluicegate.sessions import keys
 from sluicegate.sessions.connect import key_slot, sync_client
@@ -262,12 +262,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                   slots)
 
 
-def verdict_word(met: bool | None) -> str:
-    if met is None:
-        return f"no verdict (DESIGN's row is for {CLUSTER_MASTERS} masters)"
-    return "met" if met else "NOT met"
-
-
 def report(args: argparse.Namespace, tally: Tally, seconds: float, masters: list[Master],
            before: list[dict[str, float]], after: list[dict[str, float]], dbsize: list[int],
            cpu: dict[str, float], client_cpu: float, slots: int) -> dict[str, Any]:
@@ -334,9 +328,10 @@ def report(args: argparse.Namespace, tally: Tally, seconds: float, masters: list
     print(f"\n{summary['req_per_s']:,.0f} completed requests/s, {summary['tokens_per_s']:,.0f} tokens/s; "
           f"key shares {key_shares}; append shares {append_shares}: "
           + ("all within bounds" if not failures else f"{len(failures)} failure(s)"))
+    verdict = verdict_word(target_met, f"DESIGN's row is for {CLUSTER_MASTERS} masters")
     print(f"target (DESIGN, {CLUSTER_MASTERS} masters): no master above {MAX_APPEND_SHARE:.0%} of the token appends, "
-          f"every stream intact -> {verdict_word(target_met)}; check (this bench's own): key shares "
-          f"{KEY_SHARE[0]:.0%}-{KEY_SHARE[1]:.0%} -> {'met' if not check_failures else 'NOT met'}")
+          f"every stream intact -> {verdict}; check (this bench's own): key shares "
+          f"{KEY_SHARE[0]:.0%}-{KEY_SHARE[1]:.0%} -> {verdict_word(not check_failures)}")
     if failures:
         raise SystemExit(1)
     return result

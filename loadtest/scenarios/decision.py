@@ -46,7 +46,7 @@ from sluicegate.loadtest.common import (
     steal_percent,
     write_result,
 )
-from sluicegate.loadtest.targets import DECISION_P99_MS, DECISION_TENANTS, P99_MIN_SAMPLES
+from sluicegate.loadtest.targets import DECISION_P99_MS, DECISION_TENANTS, P99_MIN_SAMPLES, verdict_word
 from sluicegate.sessions import keys
 from sluicegate.sessions.registry import register_group
 from sluicegate.sessions.requests import NewRequest
@@ -234,7 +234,7 @@ def size_verdict(row: dict[str, Any] | None) -> tuple[bool | None, str]:
 def verdict_text(ok: bool | None, why: str) -> str:
     if ok is None:
         return f"no verdict: {why}"
-    return "met" if ok else f"MISSED ({why})"
+    return verdict_word(ok) if ok else f"{verdict_word(ok)} ({why})"
 
 
 async def _queued(redis: Redis, groups: list[str]) -> int:

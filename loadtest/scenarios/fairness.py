@@ -39,6 +39,7 @@ from sluicegate.loadtest.targets import (
     FAIR_SHARE_DEVIATION,
     FAIR_WINDOW_DEVIATION,
     FAIR_WINDOW_S,
+    verdict_word,
 )
 
 # The longest a backlogged tenant may go without a dispatch: a check of this bench's own, not a DESIGN target.
@@ -110,11 +111,10 @@ def design_verdicts(args: argparse.Namespace, length: float) -> tuple[bool, bool
     return row, row and args.window == FAIR_WINDOW_S and length == FAIR_WINDOW_S
 
 
-def verdict_word(met: bool | None) -> str:
-    if met is None:
-        return (f"no verdict (DESIGN's row is for {FAIR_OVERLOAD[0]:g}-{FAIR_OVERLOAD[1]:g}x overload, "
-                f"{FAIR_WINDOW_S:g} s windows)")
-    return "met" if met else "NOT met"
+def off_design(met: bool | None) -> str:
+    """A target's verdict word, saying why there is none off DESIGN's setup."""
+    return verdict_word(met, f"DESIGN's row is for {FAIR_OVERLOAD[0]:g}-{FAIR_OVERLOAD[1]:g}x overload, "
+                             f"{FAIR_WINDOW_S:g} s windows")
 
 
 async def one_ratio(args: argparse.Namespace, ratio: float) -> dict[str, Any]:
@@ -237,8 +237,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
               f">= {FAIR_JAIN_MIN:g}), longest gap {r['longest_gap_s']:.2f} s (check < {GAP_CHECK_S:g}), max wait "
               f"{r['max_wait_s']:.1f} s (class max wait {r['class_max_wait_s']:.0f} s), submits refused "
               f"{r['submit_errors']}")
-        print("targets: " + ", ".join(f"{k} {verdict_word(v)}" for k, v in r["targets_ok"].items())
-              + "; checks: " + ", ".join(f"{k} {'met' if v else 'NOT met'}" for k, v in r["checks_ok"].items()))
+        print("targets: " + ", ".join(f"{k} {off_design(v)}" for k, v in r["targets_ok"].items())
+              + "; checks: " + ", ".join(f"{k} {verdict_word(v)}" for k, v in r["checks_ok"].items()))
     panels = [(f"estimate ratio {r['estimate_ratio']}", r["plot"]["times"], r["plot"]["shares"]) for r in results]
     if not args.no_plot:
         plots.fairness_share(panels, results[0]["plot"]["targets"],

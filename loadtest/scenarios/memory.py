@@ -29,7 +29,7 @@ from sluicegate.loadtest.common import (
     scratch_server,
     write_result,
 )
-from sluicegate.loadtest.targets import MEMORY_BYTES_PER_REQUEST, MEMORY_PROMPT_CHARS
+from sluicegate.loadtest.targets import MEMORY_BYTES_PER_REQUEST, MEMORY_PROMPT_CHARS, verdict_word
 from sluicegate.sessions import keys
 from sluicegate.sessions.requests import NewRequest
 from sluicegate.sessions.store import SessionStore
@@ -186,10 +186,9 @@ def memory_verdict(per_request: float, prompt_chars: int) -> bool | None:
     return per_request <= MEMORY_BYTES_PER_REQUEST if prompt_chars == MEMORY_PROMPT_CHARS else None
 
 
-def verdict_word(met: bool | None) -> str:
-    if met is None:
-        return f"no verdict (DESIGN's row is for a {MEMORY_PROMPT_CHARS}-char prompt)"
-    return "met" if met else "MISSED"
+def off_design(met: bool | None) -> str:
+    """The target's verdict word, saying why there is none off DESIGN's setup."""
+    return verdict_word(met, f"DESIGN's row is for a {MEMORY_PROMPT_CHARS}-char prompt")
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -222,7 +221,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         print_table(rows)
         met = memory_verdict(per_request, args.prompt_chars)
         print(f"\nper queued request: {per_request:.0f} B used_memory ({per_request_dataset:.0f} B dataset); "
-              f"target <= {MEMORY_BYTES_PER_REQUEST} B ({verdict_word(met)})")
+              f"target <= {MEMORY_BYTES_PER_REQUEST} B ({off_design(met)})")
         result = {"requests": n, "via": args.via, "server": version, "prompt_chars": args.prompt_chars,
                   "bytes_per_request": round(per_request, 1),
                   "dataset_bytes_per_request": round(per_request_dataset, 1),

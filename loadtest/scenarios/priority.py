@@ -50,6 +50,7 @@ from sluicegate.loadtest.targets import (
     PRIORITY_MIN_HIGH_SAMPLES,
     PRIORITY_MIN_SECONDS,
     PRIORITY_WAIT_RESOLUTION_MS,
+    verdict_word,
 )
 
 NAMES = {2: "low", 5: "normal", 7: "high"}
@@ -260,19 +261,18 @@ def overload_verdict(high: dict[float, dict[str, Any]], lo: float, hi: float, se
 def verdict_line(v: dict[str, Any], lo: str, hi: str) -> str:
     """Both criteria, and the verdict (or why none)."""
     wait = {load: "none" if ms is None else f"{ms:.1f} ms" for load, ms in v["wait_p99_ms"].items()}
-    overall = (f"no verdict: {v['reason']}" if v["reason"] else verdict_word(v["met"]))
+    overall = (f"no verdict: {v['reason']}" if v["reason"] else off_design(v["met"]))
     return (f"high-priority wait p99 at {hi}x {wait.get(hi)} <= {HIGH_PRIORITY_P99_RATIO:g} x max(its p99 at "
             f"{lo}x {wait.get(lo)}, {PRIORITY_WAIT_RESOLUTION_MS:g} ms resolution) = {v['wait_limit_ms']:.1f} ms "
-            f"(DESIGN's row) -> {'met' if v['wait_met'] else 'NOT met'}; TTFT p99 at {hi}x / at {lo}x = "
+            f"(DESIGN's row) -> {verdict_word(v['wait_met'])}; TTFT p99 at {hi}x / at {lo}x = "
             f"{v['ttft_ratio']:.2f} (<= {HIGH_PRIORITY_P99_RATIO:g}, this bench's stricter reading) -> "
-            f"{'met' if v['ttft_ratio'] <= HIGH_PRIORITY_P99_RATIO else 'NOT met'}; high-priority requests with no "
+            f"{verdict_word(v['ttft_ratio'] <= HIGH_PRIORITY_P99_RATIO)}; high-priority requests with no "
             f"first token (a miss whatever the ratios): {v['stranded']}; verdict -> {overall}")
 
 
-def verdict_word(met: bool | None) -> str:
-    if met is None:
-        return f"no verdict (DESIGN's row is for {DESIGN_LOADS[1]:g}x against {DESIGN_LOADS[0]:g}x)"
-    return "met" if met else "NOT met"
+def off_design(met: bool | None) -> str:
+    """The verdict word, saying why there is none off DESIGN's setup."""
+    return verdict_word(met, f"DESIGN's row is for {DESIGN_LOADS[1]:g}x against {DESIGN_LOADS[0]:g}x")
 
 
 async def scenario(args: argparse.Namespace) -> dict[str, Any]:
@@ -300,7 +300,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         print_table([{"measure": k, **v} for k, v in s.items() if isinstance(v, dict)],
                     ["measure", "n", "p50_ms", "p99_ms", "max_ms"])
         print(f"check (this bench's own, not a DESIGN target): starts within {START_CHECK_MS} ms every time "
-              f"(server clock: started_at - submitted_at) -> {'met' if s['check_ok'] else 'NOT met'}")
+              f"(server clock: started_at - submitted_at) -> {verdict_word(s['check_ok'])}")
     if "ii" in result:
         s = result["ii"]["summary"]
         print(f"\n(ii) open-loop load, capacity {s['capacity_per_s']:.1f} req/s ({s['slots']} slots):")

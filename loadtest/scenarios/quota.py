@@ -21,7 +21,7 @@ from typing import Any
 
 from sluicegate.loadtest.common import ServeProcess, client_session, print_table, progress, write_result
 from sluicegate.loadtest.scenarios.live import OpenLoop, fetch_views, get_json, poll_tokens, put, serve_flags
-from sluicegate.loadtest.targets import QUOTA_RATIO
+from sluicegate.loadtest.targets import QUOTA_RATIO, verdict_word
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -112,7 +112,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for r in rows:
         print(f"{r['quota']}: dispatches per second {r['dispatches_by_second']}")
     print(f"target: {QUOTA_RATIO[0]:g} <= measured / quota <= {QUOTA_RATIO[1]:g} while backlogged -> " +
-          ", ".join(f"{r['quota']} {'met' if r['ok'] else 'NOT met'}" for r in rows))
+          ", ".join(f"{r['quota']} {verdict_word(r['ok'])}" for r in rows))
     result = {"rows": rows, "target_ratio": list(QUOTA_RATIO)}
     write_result("quota", result)
     return result

@@ -82,6 +82,7 @@ from sluicegate.loadtest.common import (
     write_result,
 )
 from sluicegate.loadtest.scenarios.live import LABEL, METRIC_LINE, get_json, put
+from sluicegate.loadtest.targets import verdict_word
 from sluicegate.sessions import keys
 
 FLOOD = "flood"
@@ -817,10 +818,8 @@ def report(args: argparse.Namespace, out: dict[str, Any], slots: int) -> dict[st
     print("\nTTFT of the well-behaved tenants (ms; client: POST sent -> first token event; server: first_token_at -"
           f" submitted_at, sampled; first {soak.warmup:.0f} s of each phase left out; no first token: +inf):")
     print_table(ttft)
-    verdict_c = "met" if met_client else "MISS"
-    verdict_s = "met" if met_server else "MISS"
-    print(f"p99 with the flooder / without: client {ratio_client:.2f}x ({verdict_c}), server {ratio_server:.2f}x "
-          f"({verdict_s}); target <= {TTFT_RATIO_TARGET}x")
+    print(f"p99 with the flooder / without: client {ratio_client:.2f}x ({verdict_word(met_client)}), server "
+          f"{ratio_server:.2f}x ({verdict_word(met_server)}); target <= {TTFT_RATIO_TARGET}x")
     print("\nper tenant and phase (server counters: requests done and output tokens):")
     print_table(tenants)
     preempted = preemptions(out["marks"])

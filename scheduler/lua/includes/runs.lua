@@ -122,8 +122,8 @@ end
 -- (sweep.lua). A new version's first sweep opens one too, once: harmless.
 local function store_grace(cp, now)
   local qs = cp .. 'qs'
-  local swept = tonumber(redis.call('HGET', qs, 'sw') or '')
-  local grace = tonumber(redis.call('HGET', qs, 'gr') or '')
+  local noted = redis.call('HMGET', qs, 'sw', 'gr')
+  local swept, grace = tonumber(noted[1] or ''), tonumber(noted[2] or '')
   local first = library_first_call() -- before this pass's sw: every pass of this load notes a later one
   if swept and swept < first then
     grace = now
