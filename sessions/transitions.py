@@ -386,7 +386,11 @@ class Transitions:
                 await settled(self.scripts.client.zadd(keys.group_key(group, "leases"),
                                                        {key: float(reply[4]) + LEASE_PUSH_BACK_MS}, xx=True,
                                                        gt=True))  # a lease renewed meanwhile stands
+        checks = []  # "check:rid|sid": a dlq entry to take out if its request is gone or ended
         for entry in (text(x) for x in reply[6 + lost:]):  # deadlines missed by requests that fail then
+            if entry.startswith("check:"):
+                checks.append(entry.removeprefix("check:"))
+                continue
             # "behind:rid|sid": one submitted behind its session's head (dlq), ended only if still there
             behind = entry.startswith("behind:")
             rid, _, sid = entry.removeprefix("behind:").partition("|")
@@ -398,7 +402,31 @@ class Transitions:
                 log.warning("sweep: ending %s past its deadline failed (%s); the next sweep retries it", rid, error)
                 zset, member = ("dlq", f"{rid}|{sid}") if behind else ("dld", sid)
                 await settled(self.scripts.client.zadd(keys.group_key(group, zset), {member: float(reply[4])}))
+        if checks:
+            await self._drop_ended_behind(group, checks)
         return SweepResult(int(reply[0]), int(reply[1]), int(reply[2]), float(reply[3]), float(reply[4]))
+
+    async def _drop_ended_behind(self, group: str, entries: Sequence[str]) -> None:
+        """Take out of the group's dlq the "rid|sid" entries whose request is gone or ended (cluster: the sweep
+        returns a batch in turn, sweep.lua). Such an entry was left by a cancel whose control step failed, or
+        noted after a submit whose answers were lost for a request never stored (maybe_stored): else it stayed
+        up to its deadline, a day at most, past its session. A request stored after this read (that lost
+        submit's call still on its way) loses its note, as when the note itself fails: it fails once it is its
+        session's head. A status that cannot be read keeps its entry for the next turn."""
+        pipe = self.scripts.client.pipeline(transaction=False)
+        for entry in entries:
+            pipe.hget(keys.request(entry.partition("|")[0]), "st")
+        try:
+            statuses = await settled(pipe.execute(raise_on_error=False))
+            ended = [entry for entry, status in zip(entries, statuses, strict=True)
+                     if not isinstance(status, BaseException)
+                     and (status is None or text(status) in keys.TERMINAL_STATUSES)]
+            if ended:
+                await settled(self.scripts.client.zrem(keys.group_key(group, "dlq"), *ended))
+        except Exception as error:
+            if not store_unavailable(error):
+                raise
+            log.warning("sweep: checking %d dlq entries failed (%s); their next turn will", len(entries), error)
 
     async def _expire(self, rid: str, now: Any, *, behind: bool = False) -> None:
         """End a request past its `fail` deadline on its data plane, at the sweep's clock, then withdraw it.

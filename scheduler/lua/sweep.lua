@@ -3,9 +3,9 @@
 -- requests waiting past their class's max wait while a higher class has work (aging), raise requests
 -- whose deadline's slack runs out (by up to dlb classes, never above the highest class with work), end
 -- those whose deadline passed with "on_deadline_miss": "fail" (ready heads, dld, and requests still
--- waiting behind their session's head, dlq), forget a batch of the counters of tenants idle for a session
--- ttl that no longer matter (fairness.lua forget_idle_counters), and dispatch when the group's quota now
--- admits work.
+-- waiting behind their session's head, dlq; a dlq entry whose request is gone or ended is dropped, checked
+-- in turn), forget a batch of the counters of tenants idle for a session ttl that no longer matter
+-- (fairness.lua forget_idle_counters), and dispatch when the group's quota now admits work.
 -- Idempotent; safe to run anywhere.
 -- On a cluster an expired request's "rid|sid" is returned ("behind:rid|sid" for one from dlq); the
 -- scheduler ends it on the data plane (expire.lua), then withdraws it here. Its entry in dld (dlq) goes
@@ -20,14 +20,17 @@
 -- ARGV[3] max attempts (a lost worker counts as a failed attempt)
 -- ARGV[4] session ttl s (also how long a tenant stays idle before its counter may go)
 -- Notes its pass in the group's qs (sw; gr, the workers' grace after a restart: runs.lua store_grace; vsc,
--- where its scan of the tenants' counters goes on: fairness.lua forget_idle_counters, which keeps vi too).
+-- where its scan of the tenants' counters goes on: fairness.lua forget_idle_counters, which keeps vi too;
+-- dqt and dqi, when and from where its check of dlq goes on: see below).
 -- Clears the group's hint list (cp .. 'hint', the scheduler loop's wake-up): see the end.
 -- Returns {lapsed runs, promoted, dispatched, next wake ms or -1, now ms, number of runs to hand back,
--- "reason:rid|attempt" to hand back..., expired "rid|sid" or "behind:rid|sid" to end on the data plane...};
+-- "reason:rid|attempt" to hand back..., expired "rid|sid" or "behind:rid|sid" to end on the data plane...,
+-- "check:rid|sid" dlq entries to take out if their request is gone or ended (cluster; see below)...};
 -- the expiries are decided at this call's clock (its `now`, passed on to expire.lua).
 -- A request's effective class (the request hash's ep, shown as effective_priority) is written with its
 -- promotion on one server; on a cluster its "rid|class" is pushed to epw (capped at EPW_MAX, the newest
 -- kept), and the scheduler that swept writes it on the data plane (scheduler/loop.py): runs.lua note_class.
+local DLQ_CHECK, DLQ_CHECK_MS = 50, 5000 -- dlq entries checked a pass, and how often (below)
 local cp, lease, max_attempts, ttl = KEYS[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local now = clock()
 local grace = store_grace(cp, now)
@@ -159,6 +162,39 @@ for _, entry in ipairs(redis.call('ZRANGEBYSCORE', cp .. 'dlq', '-inf', now, 'LI
     expired[#expired + 1] = 'behind:' .. entry
   end
 end
+-- An entry whose request ended or was never stored: a cluster's cancel whose control step (withdraw.lua)
+-- failed, or a submit whose answers were lost (maybe_stored: noted whether stored or not). Nothing else
+-- takes it out before its deadline, up to a day away: a batch of DLQ_CHECK, taken in turn (qs dqi: where
+-- the batch before ended), is checked every DLQ_CHECK_MS (qs dqt: the next check), and an entry whose
+-- request is gone or ended goes. On a cluster its "check:rid|sid" is returned: the scheduler reads the
+-- request's status on its data plane and takes the entry out there (sessions/transitions.py).
+local qs = cp .. 'qs'
+local checks = {}
+local size = redis.call('ZCARD', cp .. 'dlq')
+if size > 0 and now >= (tonumber(redis.call('HGET', qs, 'dqt') or '') or 0) then
+  redis.call('HSET', qs, 'dqt', now + DLQ_CHECK_MS)
+  local from = tonumber(redis.call('HGET', qs, 'dqi') or '') or 0
+  if from >= size then from = 0 end
+  local batch = redis.call('ZRANGE', cp .. 'dlq', from, from + DLQ_CHECK - 1)
+  local dropped = 0
+  for _, entry in ipairs(batch) do
+    if single_server then
+      local rid = string.match(entry, '^([^|]*)|')
+      local status = rid and redis.call('HGET', kreq(rid), 'st')
+      if not status or TERMINAL[status] then
+        redis.call('ZREM', cp .. 'dlq', entry)
+        dropped = dropped + 1
+      end
+    else
+      checks[#checks + 1] = 'check:' .. entry
+    end
+  end
+  if from + #batch >= size then
+    redis.call('HDEL', qs, 'dqi')
+  else
+    redis.call('HSET', qs, 'dqi', from + #batch - dropped)
+  end
+end
 -- Idle tenants' counters that no longer matter (fairness.lua); a caller that gives no ttl knows no grace.
 if ttl then forget_idle_counters(cp, now, ttl * 1000) end
 redis.call('HDEL', cp .. 'qs', 'wake', 'qwake') -- its dispatch notes them again if they still hold
@@ -178,4 +214,5 @@ redis.call('DEL', cp .. 'hint')
 local reply = { lapsed, promoted, started, nxt and tostring(nxt) or '-1', tostring(now), #lost }
 for _, key in ipairs(lost) do reply[#reply + 1] = key end
 for _, entry in ipairs(expired) do reply[#reply + 1] = entry end
+for _, entry in ipairs(checks) do reply[#reply + 1] = entry end
 return reply

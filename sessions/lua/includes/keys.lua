@@ -35,12 +35,14 @@
 --     cfg / qs         hash   quota settings / quota state (incl. wake: when a quota admits next; sw / gr: the
 --                             sweep's last pass / the workers' grace after a restart, runs.lua store_grace;
 --                             vsc / vso: the sweep's HSCAN cursor over vtc / where in its page it goes on,
---                             fairness.lua forget_idle_counters)
+--                             fairness.lua forget_idle_counters; dqt / dqi: when / from where the sweep's
+--                             next check of dlq goes, sweep.lua)
 --     hint             list   wakes the group's scheduler loop
 --     pol / tw         hash   copies of the policy and of the tenant weights (decisions read these)
 --     dlp / dld        zset   ready heads with a deadline: when their slack runs out / their deadline (fairness.lua)
 --     dlq              zset   "rid|sid" -> deadline of a request with a "fail" one submitted behind its session's
---                             head (requests.lua d_submit; the sweep ends it if it still waits there)
+--                             head (requests.lua d_submit; the sweep ends it if it still waits there, and
+--                             drops, checked in turn, the entry of a request gone or ended)
 --     dls              hash   default deadline ms per priority class (scheduler/deadlines.py; the API reads it)
 --     epw              list   "rid|class": effective classes the sweep gave, for the scheduler to write on the
 --                             data plane (cluster; sweep.lua, scheduler/loop.py)
