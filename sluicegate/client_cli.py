@@ -1,5 +1,5 @@
 """The client commands: `sluicegate submit | tail | quota | weight | stats`, over the HTTP API
-(sluicegate/client.py), for operators and scripts. They talk to `--url` (env SLUICEGATE_URL) with
+(sluicegate/client/), for operators and scripts. They talk to `--url` (env SLUICEGATE_URL) with
 `--api-key` (env SLUICEGATE_API_KEY); human output by default, `--json` for one JSON document per line.
 
 Kept apart from the server commands: they take no server settings (`--group` here is a submit's

@@ -1,7 +1,7 @@
 """`sluicegate mcp`: a stdio MCP server, so that an AI assistant (Claude Desktop, an IDE, an agent) can
 operate a Sluicegate deployment: look at its queues, set a tenant's weight or a group's quota, inspect a
 session, cancel a request. Every tool is one or a few calls of the HTTP API through
-sluicegate/client.py, to `--url` (env SLUICEGATE_URL) with `--api-key` (env SLUICEGATE_API_KEY, the
+sluicegate/client/, to `--url` (env SLUICEGATE_URL) with `--api-key` (env SLUICEGATE_API_KEY, the
 admin key for the admin tools when auth is on): the MCP server holds no state and needs no Redis.
 
 Needs the `mcp` extra (`pip install 'sluicegate[mcp]'`); it is imported only when the command runs, so
@@ -157,14 +157,8 @@ async def _recent_events(client: AsyncClient, session_id: str, limit: int) -> tu
     import httpx
     from httpx_sse import SSEError, aconnect_sse
 
-    from sluicegate.client import (
-        _aerror_body,
-        _error_from,
-        _not_an_event_stream,
-        _session_path,
-        _undecodable,
-        _unreachable,
-    )
+    from sluicegate.client.addresses import _session_path
+    from sluicegate.client.errors import _aerror_body, _error_from, _not_an_event_stream, _undecodable, _unreachable
 
     kept: deque[dict[str, Any]] = deque(maxlen=limit)
     tokens: Counter[str] = Counter()

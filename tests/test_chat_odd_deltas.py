@@ -48,7 +48,7 @@ def test_a_function_that_is_no_object_adds_nothing() -> None:
 def test_the_python_client_reads_a_failures_status() -> None:
     """An error object inside a 200 stream names its type as `code` now (a string) and its status as `status`:
     the client gives the failure's status, and reads the integer code older servers send."""
-    from sluicegate.client import _body_error
+    from sluicegate.client.errors import _body_error
 
     failed = {"type": "generation_failed", "message": "m"}
     too_long = {"type": "invalid_request", "message": "m", "code": "invalid_request"}

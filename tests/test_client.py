@@ -1,4 +1,4 @@
-"""The Python client (sluicegate/client.py) against a real stack: submit and stream, resuming by itself
+"""The Python client (sluicegate/client/) against a real stack: submit and stream, resuming by itself
 across API restarts (graceful and kill -9) with no token lost or doubled, chat streamed and not, and
 the API's errors as SluicegateError with their code. Real Valkey, real HTTP; nothing mocked."""
 

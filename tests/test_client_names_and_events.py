@@ -1,4 +1,4 @@
-"""The client (sluicegate/client.py) with names and events at their edges: the names "." and ".." that the
+"""The client (sluicegate/client/) with names and events at their edges: the names "." and ".." that the
 server accepts for a session, a tenant or a group (as URL path segments they are dot segments, which a URL
 resolver removes), against a real stack; and an event whose data is not JSON (an event cut on the way: httpx-sse
 before 0.4.2 split lines on U+2028), from a small HTTP server of the test's own, which must be a
@@ -14,7 +14,8 @@ from collections.abc import Iterator
 import pytest
 from httpx_sse import ServerSentEvent
 
-from sluicegate.client import AsyncClient, Client, SluicegateError, _Follow
+from sluicegate.client import AsyncClient, Client, SluicegateError
+from sluicegate.client.follow import _Follow
 from tests.helpers import Stack, call
 
 GOOD = b'id: 1\nevent: queued\ndata: {"request_id": "r1"}\n\n'
