@@ -97,10 +97,16 @@ class Harness:
         self._tune(lambda tuning: tuning.set_quota(group, dict(fields)))
 
     def _tune(self, change: Callable[[Tuning], Awaitable[Any]]) -> None:
+        """`change` on a Tuning whose scripts go out with the harness's flags: on one server at the pinned clock
+        (sg:clock), as every other step of a test, since a tokens/s change settles the bucket at the call's now
+        (set_quota.lua); Tuning's own scripts read the server's clock, decades after the pinned T0."""
         async def put() -> None:
             client = self.async_client()
             try:
-                await change(Tuning(client))
+                tuning = Tuning(client)
+                tuning.scripts = Scripts(client, single_server=self.scripts.single_server,
+                                         pinned_clock="T" in self.scripts.flags)
+                await change(tuning)
             finally:
                 if isinstance(client, AsyncRedis):
                     await client.aclose(close_connection_pool=True)
@@ -121,15 +127,7 @@ class Harness:
 
     def quota(self, group: str, **fields: float | None) -> None:
         """Through the admin code path (scheduler.admin.Tuning.set_quota): None removes a field = unlimited."""
-
-        async def set_quota() -> None:
-            client = AsyncRedis(connection_pool=AsyncConnectionPool(**self.r.connection_pool.connection_kwargs))
-            try:
-                await Tuning(client).set_quota(group, fields)
-            finally:
-                await client.aclose(close_connection_pool=True)
-
-        asyncio.run(set_quota())
+        self._tune(lambda tuning: tuning.set_quota(group, dict(fields)))
 
     # -- the worker's side -----------------------------------------------------------------------
     def add_worker(self, wid: str, group: str = "default", slots: int = 1, *, collect: bool = True,

@@ -112,24 +112,78 @@ def test_fair_share_swaps_a_run_when_max_concurrency_is_the_limit(r: redis.Redis
     assert len(h.running()) == 4 and h.pending_preemptions() == 0
 
 
+def obey_stops(h: Harness, rounds: int = 4) -> None:
+    """A worker that obeys every stop notice lets go; the sweep decides again."""
+    for _ in range(rounds):
+        for run in [run for run in h.runs if h.status(run.rid) == "preempted"]:
+            h.handback(run, reason="priority")
+        h.sweep()
+
+
 @pytest.mark.single_server  # the deterministic harness pins the clock (a global key)
-@pytest.mark.parametrize("cap", [0, 2])
-def test_a_max_concurrency_below_the_runs_in_flight_stops_none_for_a_higher_class(r: redis.Redis, cap: int) -> None:
-    """Stopping one run would not let the class-7 request start: none is stopped (each stop's release
-    stopped the next one, until every lower-class run was down)."""
+def test_a_max_concurrency_of_0_stops_none_for_a_higher_class(r: redis.Redis) -> None:
+    """No stop would let the class-7 request start: none is stopped (each stop's release stopped the next
+    one, until every lower-class run was down)."""
     h = Harness(r)
     h.policy(min_run=0)
     h.add_worker("w", slots=4)
     lows = [h.submit(f"l{i}", tenant="A", priority=2, max_tokens=50) for i in range(3)]
     h.advance(100)
-    h.quota("default", max_concurrency=cap)
+    h.quota("default", max_concurrency=0)
     high = h.submit("h", tenant="B", priority=7)
-    for _ in range(4):  # a worker that obeys any stop notice lets go; the sweep decides again
-        for run in [run for run in h.runs if h.status(run.rid) == "preempted"]:
-            h.handback(run, reason="priority")
-        h.sweep()
+    obey_stops(h)
     assert all(h.status(x) == "running" and not preempted_reasons(h, f"l{i}", x) for i, x in enumerate(lows))
     assert h.status(high) == "queued" and h.pending_preemptions() == 0
+
+
+@pytest.mark.single_server  # the deterministic harness pins the clock (a global key)
+def test_runs_of_the_waiting_class_filling_the_cap_stop_no_lower_run(r: redis.Redis) -> None:
+    """The cap lowered to 1 with a class-7 run in flight: no stop of a class-2 run would let the waiting
+    class-7 request start before that run ends, so none is stopped."""
+    h = Harness(r)
+    h.policy(min_run=0)
+    h.add_worker("w", slots=4)
+    mine = h.submit("m", tenant="B", priority=7, max_tokens=50)
+    lows = [h.submit(f"l{i}", tenant="A", priority=2, max_tokens=50) for i in range(2)]
+    h.advance(100)
+    h.quota("default", max_concurrency=1)
+    high = h.submit("h", tenant="B", priority=7)
+    obey_stops(h)
+    assert all(h.status(x) == "running" and not preempted_reasons(h, f"l{i}", x) for i, x in enumerate(lows))
+    assert h.status(mine) == "running" and h.status(high) == "queued" and h.pending_preemptions() == 0
+
+
+@pytest.mark.single_server  # the deterministic harness pins the clock (a global key)
+def test_a_max_concurrency_lowered_below_the_runs_in_flight_stops_enough_for_a_higher_class(r: redis.Redis) -> None:
+    """Three class-2 runs and the cap lowered to 2: the class-7 request starts once 3 - 2 + 1 = 2 of them let
+    go. Both stop at once (the most recently started first), a later decision counts them and stops no third,
+    and the waiting request starts when they have let go (CONTRACT: a waiting request of higher priority
+    preempts lower-priority work when the group has no free slot). The old code stopped none while the runs
+    were above the cap: the request waited for the class-2 runs to end by themselves."""
+    h = Harness(r)
+    h.policy(min_run=0)
+    h.add_worker("w", slots=4)
+    lows = []
+    for i in range(3):
+        lows.append(h.submit(f"l{i}", tenant="A", priority=2, max_tokens=50))
+        h.advance(1)
+    h.advance(100)
+    h.quota("default", max_concurrency=2)
+    high = h.submit("h", tenant="B", priority=7)
+    stopped = [run for run in h.runs if h.status(run.rid) == "preempted"]
+    assert [run.rid for run in stopped] == [lows[2], lows[1]] or [run.rid for run in stopped] == [lows[1], lows[2]]
+    assert h.status(high) == "queued" and h.pending_preemptions() == 2  # counted until their workers let go
+    h.sweep()  # a decision while both are being stopped: no third stop
+    assert h.status(lows[0]) == "running" and h.pending_preemptions() == 2
+    h.handback(stopped[0], reason="priority")
+    h.sweep()
+    assert h.status(high) == "queued"  # one run and one being stopped: still at the cap of 2
+    assert h.status(lows[0]) == "running" and h.pending_preemptions() == 1
+    h.handback(stopped[1], reason="priority")
+    h.sweep()
+    assert h.status(high) == "running" and len(h.running()) == 2 and h.pending_preemptions() == 0
+    assert [h.status(x) for x in lows] == ["running", "preempted", "preempted"]
+    assert not preempted_reasons(h, "l0", lows[0])
 
 
 @pytest.mark.single_server  # the deterministic harness pins the clock (a global key)

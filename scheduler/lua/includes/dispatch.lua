@@ -134,7 +134,8 @@ local function dispatch(cp, now, lease, share)
         -- serves preemptions' waits, which are no throttle
         if wake then redis.call('HSET', cp .. 'qs', 'qwake', wake) note_wake(cp, wake) break end
         -- max_concurrency: the runs in flight are the slots here; as with no free slot (a swap, for
-        -- priority or fair share, keeps them; none while they are above the cap: preempt_for)
+        -- priority or fair share, keeps them; as many as the waiting need while they are above the cap:
+        -- preempt_for)
         local handed, ran = without_free_slot(cp, tonumber(top), cfg, now, lease, share)
         if not handed then break end
         if ran then started = started + 1 end

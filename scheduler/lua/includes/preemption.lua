@@ -221,9 +221,12 @@ end
 -- With a max_concurrency cap (`cfg.mc`) a stopped run counts as in flight until its worker lets go
 -- (quotas.lua in_flight: the cap bounds what the engines run at once), so there the slot is not handed
 -- over: the stop frees it when the worker lets go, and as many runs stop as requests of a higher class
--- wait beyond the slots already being freed. A run stops only when the running ones would then be fewer
--- than the cap: a cap lowered below the runs in flight (or to 0) stops none, where each stop's release
--- would otherwise stop the next one.
+-- wait beyond the slots that will be free once those being freed (pre) let go: the fewer of the slots
+-- being freed and of the cap less the runs left running. A cap lowered below the runs in flight thus stops
+-- at once as many lower-class runs as the waiting need (running - cap + 1 for one request), lowest class
+-- first; a later decision counts those stops (out of the running set, in pre) and stops no more. None stops
+-- when the runs of the waiting class or above fill the cap (or it is 0): no stop below would let the
+-- request start, and each stop's release would stop the next one until every lower-class run was down.
 local function preempt_for(cp, top, now, lease, cfg)
   -- The lowest-ranked runs first: most decisions end here, when none ranks below the waiting class.
   local victims = redis.call('ZRANGE', cp .. 'run', 0, WINDOW - 1, 'WITHSCORES')
@@ -242,15 +245,21 @@ local function preempt_for(cp, top, now, lease, cfg)
   -- preemptions) may fill a window, and a preemptible run ranked after them is still a victim.
   local cap = cfg.mc
   local quantum_cls, found, offset = nil, false, 0
-  local running = cap and redis.call('ZCARD', cp .. 'run')
+  local running, kept -- with a cap: the runs in the running set, and those of the class or above (not victims)
+  if cap then
+    running = redis.call('ZCARD', cp .. 'run')
+    kept = redis.call('ZCOUNT', cp .. 'run', top * RANK, '+inf')
+  end
   while true do
     for i = 1, #victims, 2 do
       local vcls = math.floor(tonumber(victims[i + 1]) / RANK)
       if vcls >= top or (quantum_cls and vcls > quantum_cls) then return found end
       local above = 0
       for c = vcls + 1, 9 do above = above + (waiting[c] or 0) end
-      if above <= pending then return true end -- the slots being freed cover those waiting above
-      if running and running > cap then return found end
+      -- the slots free once those being freed let go: under a cap, no more than it leaves the runs left
+      local freed = cap and math.min(pending, cap - running) or pending
+      if above <= freed then return true end -- the slots being freed cover those waiting above
+      if cap and kept >= cap then return found end -- no stop below the class would let the waiting start
       local rec = run_record(cp, victims[i])
       local ok, ripe = preemptible(cp, victims[i], rec, pol, now)
       if ok and slot_can_pass(cp, victims[i], rec) then
