@@ -31,16 +31,16 @@ def check_callback(svc: Services, url: str | None) -> str | None:
 
 
 def sendable(url: str) -> bool:
-    """Whether delivery can send to `url`: urlsplit (callback_host) silently drops tabs and newlines, but httpx
-    refuses any control character, so such a URL would pass here and fail at every delivery attempt. A lone
+    """Whether delivery can send to `url`: urlsplit (callback_host) silently drops tabs and newlines, and
+    leading spaces, but httpx refuses any control character and reads " http://host/" as a relative URL (no
+    host: UnsupportedProtocol), so such a URL would pass here and fail at every delivery attempt. A lone
     surrogate (valid JSON: "\\ud800") is no character UTF-8 can encode: httpx raises UnicodeEncodeError."""
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in url):
+    if url != url.strip() or any(ord(c) < 0x20 or ord(c) == 0x7F for c in url):
         return False
     try:
-        httpx.URL(url)
+        return bool(httpx.URL(url).host)
     except (httpx.InvalidURL, UnicodeError):
         return False
-    return True
 
 
 async def attach_callback(svc: Services, request_id: str, url: str | None) -> None:

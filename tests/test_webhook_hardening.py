@@ -33,6 +33,37 @@ def test_a_callback_url_with_a_control_character_is_422(redis_url: str, r) -> No
         stack.stop()
 
 
+def test_a_callback_url_with_a_leading_space_is_422(redis_url: str, r) -> None:
+    """urlsplit drops leading spaces, so " http://127.0.0.1:P/hook" passed the host check as 127.0.0.1; httpx
+    reads it as a relative URL (no host) and refused every attempt (UnsupportedProtocol). Old: 202, then the
+    callback failed unsent after its attempts."""
+    stack = start_stack(redis_url, delivery=False)
+    try:
+        for url in (" http://127.0.0.1:9/hook", "  http://127.0.0.1:9/hook", "http://127.0.0.1:9/hook "):
+            code, reply = call("POST", f"{stack.base_url}/v1/sessions/sp/requests",
+                               {"prompt": "hi", "max_tokens": 2, "callback_url": url})
+            assert code == 422 and reply["error"]["type"] == "callback_not_allowed", (url, code, reply)
+        assert not r.exists(keys.session_meta("sp"))
+    finally:
+        stack.stop()
+
+
+def test_a_chat_calls_callback_header_with_a_leading_space_is_sent(redis_url: str) -> None:
+    """The chat route's X-Callback-Url: HTTP drops a header value's leading and trailing spaces, so the URL
+    noted is the one without them, and it is delivered (no unsendable URL is stored by this route either)."""
+    receiver = Receiver().start()
+    stack = start_stack(redis_url)
+    try:
+        code, reply = call("POST", f"{stack.base_url}/v1/chat/completions",
+                           {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+                           headers={"X-Callback-Url": f" {receiver.url}/chat "})
+        assert code == 200, reply
+        wait_for(lambda: receiver.to("/chat"), timeout=20, what="the chat call's callback")
+    finally:
+        stack.stop()
+        receiver.stop()
+
+
 def test_a_stored_url_httpx_refuses_fails_after_max_attempts(redis_url: str, r) -> None:
     """A URL stored before the submit check refused it: each attempt fails (httpx.InvalidURL does not escape the
     delivery task, which would leave the claim to its lease forever) and the bound on attempts applies."""

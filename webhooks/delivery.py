@@ -32,11 +32,16 @@ starts the moment one of the host's places frees; more than that are pushed back
 what is already due: a fast host's backlog in one bucket never hides another host's callbacks), and a
 pass comes early (at least MIN_PASS_GAP after the last) once the held ones are all started and one of
 those is due: a fast receiver gets its callbacks as fast as it answers them, not PER_HOST a poll. A pass
-reads past the held callbacks at the front of a bucket (BATCH more than it holds there). Once the host is
+reads past the held callbacks at the front of a bucket (BATCH more than it holds there), and pages on (BATCH a
+page, up to PAGES a bucket and PAGED past the first pages in all) while none of a bucket's callbacks read was
+left due for want of a place in all: a host's backlog at the front of a bucket (thousands, after an outage)
+hides no other host's callback behind it for more than a pass or two. Past a bucket's first page, a callback
+past its host's full hold is left due where it is (the early pass reads it first), not pushed back by a turn
+guessed before the host's answer time is known. Once the host is
 slow (a receiver that answers late or never), its due callbacks, the held ones included, have their due
 time moved on by their turn, the first a share of --webhook-timeout (`host_full_wait`), so that a dead
-receiver's growing backlog neither fills the front of its bucket (a pass reads BATCH a bucket, oldest
-first: callbacks behind them would never be read) nor is read again every pass. A turn (webhooks/rooms.py
+receiver's growing backlog neither fills the front of its bucket (a pass reads at most PAGES of BATCH a
+bucket, oldest first: callbacks behind them would never be read) nor is read again every pass. A turn (webhooks/rooms.py
 `Rooms.turn`) is a callback's place in its host's queue: PER_HOST of them about every time the host's
 places all free (`turn_wait`), so a waiting callback is read about once per turn it can get, and a
 backlog costs the store about what its host's turnover does, not a few commands a callback every pass;
@@ -93,6 +98,7 @@ import logging
 import random
 import time
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -109,7 +115,9 @@ from sluicegate.webhooks.signing import HEADER, signature
 log = logging.getLogger(__name__)
 POLL_SECONDS = 1.0  # between passes over the buckets (a delivery is due within about this long)
 FOLD_SECONDS = 10.0  # between usage folds (reads fold too: this only keeps the pending hashes small)
-BATCH = 100  # callbacks read per bucket and pass
+BATCH = 100  # callbacks read per bucket and pass, a page (more pages while all those read wait: PAGES)
+PAGES = 8  # pages of BATCH read at most per bucket and pass, while none read is left due for want of room
+PAGED = 20 * BATCH  # callbacks read past the buckets' first pages in one pass, in all
 CONCURRENCY = 64  # deliveries in flight at once, in all
 PER_HOST = 4  # deliveries in flight at once to one receiver host
 HELD_PER_HOST = 100  # due callbacks held for a full host that turns over, each started as a place frees
@@ -123,6 +131,15 @@ HTTPX_CUTS = (httpx.ConnectTimeout, httpx.ReadTimeout, httpx.WriteTimeout)  # ht
 class Unanswered(str):
     """The error of an attempt cut at --webhook-timeout (no whole answer within it): it notes its origin silent
     however long it took (a timeout shorter than SLOW_AFTER_SECONDS too)."""
+
+
+@dataclass
+class Cursor:
+    """How far a pass has read a bucket's due callbacks (they are read by due time, then member, as stored)."""
+
+    score: float  # the due time (ms) of the last one read
+    at_score: int  # how many read have that due time: the next page starts past them
+    more: bool  # its last page was as long as asked: more may be due behind it
 
 
 class Delivery:
@@ -140,6 +157,7 @@ class Delivery:
         self.early_pass = asyncio.Event()  # set when a freed place wants callbacks a pass left due
         self.handing_on = True  # a freed place starts a held callback; off once the process stops
         self.silent: dict[str, tuple[int, int]] = {}  # origin -> its silence (ms: since, last), read each pass
+        self.cursors: dict[str, Cursor] = {}  # bucket -> how far this pass has read its due callbacks
 
     async def run(self, stop: asyncio.Event) -> None:
         """Pass after pass until `stop`, then the deliveries in flight are drained; a store outage is logged
@@ -191,15 +209,42 @@ class Delivery:
         waiting = {rid: self.slow_turn(host, now_ms, now)
                    for host, rids in self.rooms.release_slow(now).items() for rid in rids}
         due = await self.read_due(now_ms)
+        started = 0
+        kept: list[str] = []
+        paged = 0
+        for page in range(PAGES):
+            # Past a bucket's first page only while every callback read of it was started or waits for its host
+            # (held, pushed back, past its full hold): a backlog at the front of a bucket hides no other host's.
+            if page:
+                left_due = {keys.bucket_of_request(rid) for rid in kept}
+                more = [bucket for bucket, cursor in self.cursors.items() if cursor.more and bucket not in left_due]
+                more = more[:(PAGED - paged) // BATCH]
+                if not more:
+                    break
+                paged += len(more) * BATCH
+                due = await self.read_more(more, now_ms)
+            started += await self.place_due(http, due, silent, now, now_ms, waiting, kept, given_up,
+                                            first_page=not page)
+        await self.give_up(given_up, now_ms)
+        await self.push_back(waiting, now_ms, kept=kept)
+        return started
+
+    async def place_due(self, http: httpx.AsyncClient, due: list[str], silent: set[str], now: float, now_ms: int,
+                        waiting: dict[str, int], kept: list[str], given_up: dict[str, list[str]], *,
+                        first_page: bool = True) -> int:
+        """Start, hold or push back (into `waiting`) each of these due callbacks, as its host's bound allows;
+        `kept` gets those left due for want of a place in all, `given_up` those of origins silent too long
+        that would wait. Past a bucket's first page, one past its host's full hold is left due where it is
+        (an early pass reads it first once the hold is used up): pushed back, a fast host's backlog would be
+        spread over turns guessed before its answer time is known, and drain no faster than those.
+        Returns how many it started."""
         if not due:
-            await self.push_back(waiting, now_ms)
             return 0
         pipe = self.redis.pipeline(transaction=False)
         for rid in due:
             pipe.hget(keys.request(rid), "cb")  # its host, to count it against its bound before claiming it
         urls = await pipe.execute()
         started = 0
-        kept: list[str] = []
         read = [(rid, callbacks.callback_host(url or "") or "", callbacks.callback_origin(url or "") or "")
                 for rid, url in zip(due, urls, strict=True)]  # host "": the claim drops it; origin "": never silent
         read.sort(key=lambda each: each[2] in silent)  # silent origins' last: the others take the places first
@@ -215,11 +260,9 @@ class Delivery:
                 started += 1
             elif placement is Placement.PUSH:  # its turn in its slow host's queue
                 waiting[rid] = self.slow_turn(host, now_ms, now)
-            elif placement is Placement.LEAVE:  # behind what is due now, by its turn; an early pass reads it
+            elif placement is Placement.LEAVE and first_page:  # behind what is due, by its turn (early pass)
                 waiting[rid] = self.rooms.turn(host, now_ms, self.turn_wait(host, now, slow=False), leave=True,
                                                cap=self.push_cap())
-        await self.give_up(given_up, now_ms)
-        await self.push_back(waiting, now_ms, kept=kept)
         return started
 
     def give_up_after(self) -> float:
@@ -286,20 +329,48 @@ class Delivery:
         return max(self.settings.webhook_timeout, self.poll_seconds)
 
     async def read_due(self, now_ms: int) -> list[str]:
-        """The callbacks due now that are neither in flight nor held here: up to BATCH a bucket, oldest first,
-        past those held here at its front."""
+        """The callbacks due now that are neither in flight nor held here, a bucket's first page: up to BATCH a
+        bucket, oldest first, past those held here at its front (`read_more` reads on, from `self.cursors`)."""
         buckets = keys.all_buckets()
         pipe = self.redis.pipeline(transaction=False)
         for bucket in buckets:
             pipe.zcount(keys.callbacks_due(bucket), "-inf", now_ms)
         counts = await pipe.execute()
-        due: list[str] = []
+        self.cursors = {}
         held_in = Counter(keys.bucket_of_request(rid) for rid in self.rooms.held_rids())  # due, at the front
-        for bucket in (b for b, n in zip(buckets, counts, strict=True) if n):
-            rids = await self.redis.zrangebyscore(keys.callbacks_due(bucket), "-inf", now_ms, start=0,
-                                                  num=BATCH + held_in[bucket])
-            due += (rid for rid in rids if not self.rooms.known(rid))
-        return due
+        due_buckets = [b for b, n in zip(buckets, counts, strict=True) if n]
+        if not due_buckets:
+            return []
+        pipe = self.redis.pipeline(transaction=False)
+        for bucket in due_buckets:
+            pipe.zrangebyscore(keys.callbacks_due(bucket), "-inf", now_ms, start=0, num=BATCH + held_in[bucket],
+                               withscores=True)
+        pages = await pipe.execute()
+        return [rid for bucket, rows in zip(due_buckets, pages, strict=True)
+                for rid in self.turn_page(bucket, rows, BATCH + held_in[bucket])]
+
+    async def read_more(self, buckets: list[str], now_ms: int) -> list[str]:
+        """The next page (BATCH) of these buckets' due callbacks, after what this pass read of them, by score:
+        one a pass started meanwhile was claimed out of the due ones, which shifts no place after it."""
+        pipe = self.redis.pipeline(transaction=False)
+        for bucket in buckets:
+            cursor = self.cursors[bucket]
+            pipe.zrangebyscore(keys.callbacks_due(bucket), cursor.score, now_ms, start=cursor.at_score, num=BATCH,
+                               withscores=True)
+        pages = await pipe.execute()
+        return [rid for bucket, rows in zip(buckets, pages, strict=True) for rid in self.turn_page(bucket, rows, BATCH)]
+
+    def turn_page(self, bucket: str, rows: list[tuple[str, float]], asked: int) -> list[str]:
+        """Note how far a page of `bucket` (request id, due ms) took its cursor; its callbacks not known here."""
+        before = self.cursors.get(bucket)
+        if rows:
+            score = rows[-1][1]
+            at_score = sum(due == score for _, due in rows) + (
+                before.at_score if before is not None and before.score == score else 0)
+            self.cursors[bucket] = Cursor(score, at_score, len(rows) >= asked)
+        elif before is not None:
+            before.more = False
+        return [rid for rid, _ in rows if not self.rooms.known(rid)]
 
     async def push_back(self, waiting: dict[str, int], now_ms: int, *, kept: list[str] | None = None) -> None:
         """Move waiting callbacks (a slow host's, or past a fast one's hold) to their next due times (request
