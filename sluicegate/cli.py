@@ -207,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
 
         from sluicegate.embedded import (
             DataDirInUse,
+            DataDirMismatch,
             EmbeddedCluster,
             EmbeddedServer,
             ServerNotFound,
@@ -240,13 +241,16 @@ def main(argv: list[str] | None = None) -> int:
                                           lock=lock)
                 if not port_named(settings):  # a restart comes back on the data dir's cluster's ports
                     cluster.port = cluster.existing_base_port() or port
-                return cluster.run_foreground()  # a named port other than theirs: refused (RuntimeError)
+                return cluster.run_foreground()  # a named port other than theirs: refused (DataDirMismatch)
             # A child, not an exec: Valkey ignores SIGHUP, and would outlive its closed terminal (run_foreground)
             return EmbeddedServer(data_dir=settings.data_dir, port=port, host=settings.host,
                                   appendfsync=settings.appendfsync, password=password, lock=lock).run_foreground()
         except ServerNotFound as error:
             print(f"sluicegate: {error}", file=sys.stderr)
             return 1
+        except DataDirMismatch as error:  # before anything started: a bad setting
+            print(f"sluicegate redis: {error}", file=sys.stderr)
+            return 2
         except (RuntimeError, TimeoutError, ValueError, OSError, RedisError) as error:  # the cluster did not form
             print(f"sluicegate redis: {error}", file=sys.stderr)
             return 1

@@ -165,6 +165,11 @@ class DataDirInUse(RuntimeError):
     pass
 
 
+class DataDirMismatch(RuntimeError):
+    """The data dir holds a cluster these settings cannot start (another port, another size): a refusal before
+    anything starts, exit 2 as a bad setting, never the 1 of a store that died."""
+
+
 def lock_store_dir(directory: str | Path, data_dir: str | Path) -> int:
     """An exclusive flock on DIRECTORY/lock, taken before anything there is read or written; its fd, to hold for
     the store's whole life and pass on to the store's processes (`lock` of EmbeddedServer/EmbeddedCluster), so
@@ -514,7 +519,7 @@ class EmbeddedCluster:
         if not self.port:
             self.port = existing or free_port_block(self.masters, self.host)
         elif existing is not None and existing != self.port:  # else a new, empty cluster beside the old one
-            raise RuntimeError(f"{self.data_dir} holds a cluster on ports {existing}-{existing + self.masters - 1}, "
+            raise DataDirMismatch(f"{self.data_dir} holds a cluster on ports {existing}-{existing + self.masters - 1}, "
                                f"not from {self.port}: start it with --port {existing}, or use a new data dir")
         if self.port + self.masters - 1 + CLUSTER_BUS_OFFSET > 65535:
             raise ValueError(f"port {self.port} is too high: the cluster bus needs port + {CLUSTER_BUS_OFFSET} "
@@ -610,7 +615,7 @@ class EmbeddedCluster:
         if not ports:
             return None
         if ports != list(range(ports[0], ports[0] + self.masters)):
-            raise RuntimeError(f"{self.data_dir} holds a cluster on ports {ports}, not {self.masters} consecutive "
+            raise DataDirMismatch(f"{self.data_dir} holds a cluster on ports {ports}, not {self.masters} consecutive "
                                f"ports: pass {self.size_flag} {len(ports)} as before, or use a new data dir")
         return ports[0]
 

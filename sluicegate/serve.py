@@ -39,6 +39,7 @@ from redis import RedisError
 from sluicegate.embedded import (
     STOP_SIGNALS,
     DataDirInUse,
+    DataDirMismatch,
     EmbeddedCluster,
     EmbeddedServer,
     ServerNotFound,
@@ -344,6 +345,9 @@ def serve(settings: Settings, groups: Sequence[GroupConfig] = ()) -> int:
             if isinstance(error, KeyboardInterrupt):
                 print("sluicegate serve: stopped while its store was starting", file=sys.stderr)
                 return 1
+            if isinstance(error, DataDirMismatch):  # refused before it started: a bad setting
+                print(f"sluicegate serve: {error}", file=sys.stderr)
+                return 2
             if isinstance(error, (ServerNotFound, RuntimeError, TimeoutError, ValueError)):
                 print(f"sluicegate serve: {error}", file=sys.stderr)
                 return 1
