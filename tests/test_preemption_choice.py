@@ -187,6 +187,35 @@ def test_a_max_concurrency_lowered_below_the_runs_in_flight_stops_enough_for_a_h
 
 
 @pytest.mark.single_server  # the deterministic harness pins the clock (a global key)
+@pytest.mark.parametrize("immune", ["pinned", "max_preemptions"])
+def test_a_lowered_cap_filled_by_runs_no_stop_can_take_stops_none(r: redis.Redis, immune: str) -> None:
+    """Five class-2 runs, two of them immune (pinned, or at --max-preemptions), and the cap lowered to 2: the
+    two immune runs fill it, so no stop below the class could let the class-7 request start. None stops, and
+    the runs go on (a stop would only be followed by its restart being held at the cap). The first form of
+    the lowered-cap stops counted only the runs of the waiting class or above: all three others stopped, and
+    nothing started."""
+    h = Harness(r)
+    h.policy(min_run=0, max_pre=1)
+    h.add_worker("w", slots=6)
+    lows = []
+    for i in range(5):
+        lows.append(h.submit(f"l{i}", tenant="A", priority=2, max_tokens=50))
+        h.advance(1)
+    h.advance(100)
+    for rid in lows[:2]:
+        if immune == "pinned":
+            assert run_sync(h.t.pin("default", rid, h.run_of(rid).attempt))
+        else:
+            h.set_preemptions(rid, 1)
+    h.quota("default", max_concurrency=2)
+    high = h.submit("h", tenant="B", priority=7)
+    h.sweep()
+    assert h.pending_preemptions() == 0
+    assert [h.status(x) for x in lows] == ["running"] * 5 and h.status(high) == "queued"
+    assert not any(preempted_reasons(h, f"l{i}", rid) for i, rid in enumerate(lows))
+
+
+@pytest.mark.single_server  # the deterministic harness pins the clock (a global key)
 def test_a_max_concurrency_at_the_runs_in_flight_stops_one_for_a_higher_class(r: redis.Redis) -> None:
     h = Harness(r)
     h.policy(min_run=0)

@@ -227,6 +227,9 @@ end
 -- first; a later decision counts those stops (out of the running set, in pre) and stops no more. None stops
 -- when the runs of the waiting class or above fill the cap (or it is 0): no stop below would let the
 -- request start, and each stop's release would stop the next one until every lower-class run was down.
+-- For the same reason the stops are chosen first and made only if they open a slot once their workers let
+-- go (counting the runs inside their min-run quantum, stopped when it ends): runs below the class that no
+-- stop can take (pinned, at their max preemptions, their slot unable to pass) may fill the cap too.
 local function preempt_for(cp, top, now, lease, cfg)
   -- The lowest-ranked runs first: most decisions end here, when none ranks below the waiting class.
   local victims = redis.call('ZRANGE', cp .. 'run', 0, WINDOW - 1, 'WITHSCORES')
@@ -250,29 +253,38 @@ local function preempt_for(cp, top, now, lease, cfg)
     running = redis.call('ZCARD', cp .. 'run')
     kept = redis.call('ZCOUNT', cp .. 'run', top * RANK, '+inf')
   end
+  local stops, later = {}, 0 -- under a cap: the runs chosen to stop, and those to stop once their quantum ends
+  -- The decision's answer (waits), the chosen stops made first if they open a slot (`running` already
+  -- counts them out); else none is made, as none would let a waiting request start.
+  local function settle(waits)
+    if #stops == 0 then return waits end
+    if running - later >= cap then return found end
+    for _, stop in ipairs(stops) do preempt(cp, stop[1], stop[2], now, lease, 'priority', false) end
+    return true
+  end
   while true do
     for i = 1, #victims, 2 do
       local vcls = math.floor(tonumber(victims[i + 1]) / RANK)
-      if vcls >= top or (quantum_cls and vcls > quantum_cls) then return found end
+      if vcls >= top or (quantum_cls and vcls > quantum_cls) then return settle(found) end
       local above = 0
       for c = vcls + 1, 9 do above = above + (waiting[c] or 0) end
       -- the slots free once those being freed let go: under a cap, no more than it leaves the runs left
       local freed = cap and math.min(pending, cap - running) or pending
-      if above <= freed then return true end -- the slots being freed cover those waiting above
+      if above <= freed then return settle(true) end -- the slots being freed cover those waiting above
       if cap and kept >= cap then return found end -- no stop below the class would let the waiting start
       local rec = run_record(cp, victims[i])
       local ok, ripe = preemptible(cp, victims[i], rec, pol, now)
       if ok and slot_can_pass(cp, victims[i], rec) then
         if not cap then return hand_to_waiting(cp, top, victims[i], rec, now, lease, cfg) end
-        preempt(cp, victims[i], rec, now, lease, 'priority', false)
-        pending, found, running = pending + 1, true, running - 1
-        offset = offset - 1 -- out of the running set: the next window starts one rank earlier
+        stops[#stops + 1] = { victims[i], rec }
+        pending, running = pending + 1, running - 1
       elseif not ok and ripe then
         quantum_cls, found = quantum_cls or vcls, true
+        later = later + 1
         note_wake(cp, ripe)
       end
     end
-    if #victims < 2 * WINDOW then return found end
+    if #victims < 2 * WINDOW then return settle(found) end
     offset = offset + WINDOW
     victims = redis.call('ZRANGE', cp .. 'run', offset, offset + WINDOW - 1, 'WITHSCORES')
   end
