@@ -641,7 +641,8 @@ class Worker:
     def _notice(self, notice: str) -> None:
         """A control notice "rid|attempt|reason" (reason: priority or cancelled). It can overtake its
         run's assignment (the notice comes on the control connection, the assignment on the inbox
-        one): kept a while, it stops the run before it starts."""
+        one): kept a while, it stops the run before its engine is called (on a cluster reading the run's
+        spec has started it on the data plane by then: its stream shows `started`, then `preempted`)."""
         rid, attempt, reason = (notice.split("|") + ["", ""])[:3]
         key = f"{rid}|{attempt}"
         if key not in self.runs:  # kept with the early notice (bounded), not for a run that may never come
