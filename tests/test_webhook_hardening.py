@@ -27,6 +27,8 @@ def test_a_callback_url_with_a_control_character_is_422(redis_url: str, r) -> No
             code, reply = call("POST", f"{stack.base_url}/v1/sessions/ctl/requests",
                                {"prompt": "hi", "max_tokens": 2, "callback_url": url})
             assert code == 422 and reply["error"]["type"] == "callback_not_allowed", (url, code, reply)
+            why = "a character UTF-8 cannot encode" if "\ud800" in url else "a control character"
+            assert why in reply["error"]["message"], (url, reply)
         assert not r.exists(keys.session_meta("ctl"))
         assert submit(stack.base_url, "ctl-ok", max_tokens=2, callback_url="http://127.0.0.1:9/a b")  # httpx quotes it
     finally:
@@ -36,16 +38,38 @@ def test_a_callback_url_with_a_control_character_is_422(redis_url: str, r) -> No
 def test_a_callback_url_with_a_leading_space_is_422(redis_url: str, r) -> None:
     """urlsplit drops leading spaces, so " http://127.0.0.1:P/hook" passed the host check as 127.0.0.1; httpx
     reads it as a relative URL (no host) and refused every attempt (UnsupportedProtocol). Old: 202, then the
-    callback failed unsent after its attempts."""
+    callback failed unsent after its attempts. The 422 names why (a Unicode space too)."""
     stack = start_stack(redis_url, delivery=False)
     try:
-        for url in (" http://127.0.0.1:9/hook", "  http://127.0.0.1:9/hook", "http://127.0.0.1:9/hook "):
+        for url in (" http://127.0.0.1:9/hook", "  http://127.0.0.1:9/hook", "\u00a0http://127.0.0.1:9/hook",
+                    "\u3000http://127.0.0.1:9/hook"):
             code, reply = call("POST", f"{stack.base_url}/v1/sessions/sp/requests",
                                {"prompt": "hi", "max_tokens": 2, "callback_url": url})
             assert code == 422 and reply["error"]["type"] == "callback_not_allowed", (url, code, reply)
+            assert reply["error"]["message"].startswith("callback_url: starts with a space"), (url, reply)
         assert not r.exists(keys.session_meta("sp"))
     finally:
         stack.stop()
+
+
+def test_a_callback_url_with_trailing_or_inner_spaces_is_taken_and_delivered(redis_url: str) -> None:
+    """A space at the end of the URL, or a Unicode one (NBSP, U+3000) in its path or query, is no reason to
+    refuse it: httpx sends it percent-encoded and the receiver takes it. Old: 422 for any URL != url.strip()
+    ("callback_url: an http(s) URL of at most 2048 characters", whatever the cause)."""
+    receiver = Receiver().start()
+    stack = start_stack(redis_url)
+    try:
+        paths = {"/trailing%20": "/trailing ", "/nbsp?note=caf%C3%A9%C2%A0": "/nbsp?note=caf\u00e9\u00a0",
+                 "/%E6%96%87%E3%80%80": "/\u6587\u3000"}
+        for sent in paths.values():
+            code, reply = call("POST", f"{stack.base_url}/v1/sessions/sp-end/requests",
+                               {"prompt": "hi", "max_tokens": 2, "callback_url": f"{receiver.url}{sent}"})
+            assert code == 202, (sent, code, reply)
+        for path in paths:
+            wait_for(lambda path=path: receiver.to(path), timeout=20, what=f"the callback to {path}")
+    finally:
+        stack.stop()
+        receiver.stop()
 
 
 def test_a_chat_calls_callback_header_with_a_leading_space_is_sent(redis_url: str) -> None:

@@ -6,10 +6,14 @@ Real Valkey, real HTTP receivers on 127.0.0.1 (the other host is `localhost`: an
 
 from __future__ import annotations
 
+import asyncio
 import time
+
+import httpx
 
 from sluicegate.sessions import keys
 from sluicegate.webhooks import delivery as delivery_module
+from sluicegate.webhooks.delivery import Delivery
 from tests.test_webhooks import hook_settings
 from tests.test_webhooks_recovery import Receiver, ended_with_callback, run_delivery
 
@@ -79,3 +83,45 @@ def test_a_fast_hosts_backlog_drains_faster_than_a_read_a_poll(redis_url: str, r
         receiver.stop()
     assert len(receiver.taken) == n and took < 3.0, (len(receiver.taken), took)
     assert all(r.hget(keys.request(rid), "cbs") == "delivered" for rid in rids)
+
+
+def test_every_backlogged_bucket_is_paged_in_its_turn(redis_url: str, r) -> None:
+    """More backlogged buckets than a pass's paging budget (PAGED) reaches: 30 buckets with 250 callbacks due
+    each, to one host. Two passes page past the first page of all 30 (the next pass pages on from the bucket
+    after the last one paged), so another host's callback behind a backlog in a late bucket waits no longer
+    than in an early one. Old: every pass paged the first PAGED / BATCH (20) in bucket order, the same ones,
+    never the other 10."""
+    buckets = keys.all_buckets()[:30]
+    assert len(buckets) * delivery_module.BATCH > delivery_module.PAGED  # the case this is
+    receiver = Receiver(answer_s=0.0)
+    now_ms = int(time.time() * 1000)
+    pipe = r.pipeline(transaction=False)
+    for bucket in buckets:
+        for i in range(250):
+            ended_with_callback(pipe, f"{bucket}back{i:06d}", f"{receiver.url}/{bucket}/{i}",
+                                ended_ms=now_ms - 5000 + i, ttl_ms=600_000)
+    pipe.execute()
+    paged: list[str] = []
+
+    async def two_passes() -> None:
+        delivery = Delivery(hook_settings(redis_url, webhook_timeout=5.0))
+        read_more = delivery.read_more
+
+        async def noted(more: list[str], now_ms: int) -> list[str]:
+            paged.extend(more)
+            return await read_more(more, now_ms)
+
+        delivery.read_more = noted  # type: ignore[method-assign]
+        try:
+            async with httpx.AsyncClient(timeout=5.0, trust_env=False) as http:
+                for _ in range(2):
+                    await delivery.deliver_due(http)
+                await delivery.drain(5.0)
+        finally:
+            await delivery.redis.aclose()
+
+    try:
+        asyncio.run(two_passes())
+    finally:
+        receiver.stop()
+    assert not set(buckets) - set(paged), sorted(set(buckets) - set(paged))
