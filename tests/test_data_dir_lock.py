@@ -158,7 +158,7 @@ def test_a_cluster_of_another_size_names_the_flag_that_was_passed(tmp_path: Path
     done = subprocess.run([sys.executable, "-m", "sluicegate", "serve", "--embedded-cluster", "4", "--data-dir",
                            str(data), "--port", str(free_port()), "--workers", "0"], capture_output=True, text=True,
                           cwd=ROOT, env=env, timeout=60, start_new_session=True)
-    assert done.returncode == 1, done.stderr
+    assert done.returncode == 2, done.stderr  # a refusal before anything starts, as a bad setting (it was 1)
     # old: "pass the same --cluster N (and --port) as before": serve has no --cluster, and its --port is the API's
     assert "pass --embedded-cluster 3 as before, or use a new data dir" in done.stderr, done.stderr
     assert "--cluster" not in done.stderr and "--port" not in done.stderr, done.stderr
@@ -167,5 +167,5 @@ def test_a_cluster_of_another_size_names_the_flag_that_was_passed(tmp_path: Path
     done = subprocess.run([sys.executable, "-m", "sluicegate", "redis", "--cluster", "4", "--data-dir",
                            str(redis_data)], capture_output=True, text=True, cwd=ROOT, env=env, timeout=60,
                           start_new_session=True)
-    assert done.returncode == 1, done.stderr
+    assert done.returncode == 2, done.stderr
     assert "pass --cluster 3 as before, or use a new data dir" in done.stderr, done.stderr
