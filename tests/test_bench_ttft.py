@@ -40,12 +40,9 @@ def test_without_direct_calls_the_ways_alone_and_direct_alone_is_one_call_a_roun
     assert round_orders(["direct"], 3) == [["direct"]] * 3
 
 
-def test_against_a_checkout_without_its_own_venv_is_refused_before_anything_starts(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    """This tree's python in another DIR would run `sluicegate/` from DIR but sluicegate.api, .sessions ... from
-    this tree (its editable install maps them here): a mix of both trees, timed as the other one."""
-    other = tmp_path / "other"
-    (other / "sluicegate").mkdir(parents=True)
+def nothing_starts(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every way `ttft` starts a process (its engine server, serve, a component) notes it in the list returned
+    and raises instead: a refusal must come before any of them."""
     started: list[str] = []
 
     def start(*args: Any, **kwargs: Any) -> None:
@@ -55,6 +52,16 @@ def test_against_a_checkout_without_its_own_venv_is_refused_before_anything_star
     monkeypatch.setattr(ttft, "engine_server", start)
     monkeypatch.setattr(common.ServeProcess, "start", start)
     monkeypatch.setattr(common.Component, "start", start)
+    return started
+
+
+def test_against_a_checkout_without_its_own_venv_is_refused_before_anything_starts(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """This tree's python in another DIR would run `sluicegate/` from DIR but sluicegate.api, .sessions ... from
+    this tree (its editable install maps them here): a mix of both trees, timed as the other one."""
+    other = tmp_path / "other"
+    (other / "sluicegate").mkdir(parents=True)
+    started = nothing_starts(monkeypatch)
     assert bench.main(["ttft", "--against", str(other)]) == 2
     assert not started
     err = capsys.readouterr().err.strip()

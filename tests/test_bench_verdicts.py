@@ -17,6 +17,7 @@ import redis
 
 from sluicegate.loadtest import bench, common, plots
 from sluicegate.loadtest.scenarios import cluster, decision, fairness, priority, recovery, resume, throughput, ttft
+from tests.test_bench_ttft import nothing_starts
 
 pytestmark = pytest.mark.single_server  # no Redis, or a server of its own: once is enough
 
@@ -308,14 +309,7 @@ def test_against_a_dir_that_is_no_checkout_is_refused_in_one_line(
         common.sluicegate_checkout(fake)
     common.sluicegate_checkout(common.ROOT)  # this tree passes
 
-    started: list[str] = []
-
-    def start(*args: Any, **kwargs: Any) -> None:
-        started.append("something")
-        raise RuntimeError("started")
-
-    monkeypatch.setattr(ttft, "engine_server", start)
-    monkeypatch.setattr(common.Component, "start", start)
+    started = nothing_starts(monkeypatch)
     before = scratch_dirs()
     assert bench.main(["ttft", "--against", str(fake)]) == 2
     assert not started and scratch_dirs() <= before

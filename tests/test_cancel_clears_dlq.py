@@ -15,13 +15,10 @@ import redis
 from sluicegate.sessions import keys
 from tests.helpers import ON_CLUSTER, Stack, call, fast_settings, submit, wait_for
 from tests.sched_harness import Harness
+from tests.test_deadline_behind_head import dlq
 from tests.test_ttl import PAST_TTL, TTL, assert_gone
 
 HOUR_MS = 3_600_000
-
-
-def dlq(r: redis.Redis, group: str = "default") -> dict[str, float]:
-    return dict(r.zrange(keys.group_key(group, "dlq"), 0, -1, withscores=True))
 
 
 def test_a_cancel_behind_the_head_takes_its_dlq_entry_out(r: redis.Redis) -> None:

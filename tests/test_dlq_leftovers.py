@@ -21,14 +21,11 @@ from sluicegate.sessions import keys
 from sluicegate.sessions.transitions import MaybeStored, Transitions
 from tests.helpers import ON_CLUSTER
 from tests.sched_harness import Harness
+from tests.test_deadline_behind_head import dlq
 
 HOUR_MS = 3_600_000
 CHECK_MS = 5000  # sweep.lua DLQ_CHECK_MS: how often a batch of dlq is checked
 CHECK_BATCH = 50  # sweep.lua DLQ_CHECK
-
-
-def dlq(r: redis.Redis) -> dict[str, float]:
-    return dict(r.zrange(keys.group_key("default", "dlq"), 0, -1, withscores=True))
 
 
 def later(h: Harness, ms: int) -> None:

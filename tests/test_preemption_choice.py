@@ -112,6 +112,20 @@ def test_fair_share_swaps_a_run_when_max_concurrency_is_the_limit(r: redis.Redis
     assert len(h.running()) == 4 and h.pending_preemptions() == 0
 
 
+def class_2_runs(r: redis.Redis, count: int, *, slots: int, **policy: int) -> tuple[Harness, list[str]]:
+    """`count` class-2 runs of tenant A on one worker of `slots`, started 1 ms apart (the last the most recently
+    started) and run 100 ms; no min-run quantum (`policy` adds to it)."""
+    h = Harness(r)
+    h.policy(min_run=0, **policy)
+    h.add_worker("w", slots=slots)
+    lows = []
+    for i in range(count):
+        lows.append(h.submit(f"l{i}", tenant="A", priority=2, max_tokens=50))
+        h.advance(1)
+    h.advance(100)
+    return h, lows
+
+
 def obey_stops(h: Harness, rounds: int = 4) -> None:
     """A worker that obeys every stop notice lets go; the sweep decides again."""
     for _ in range(rounds):
@@ -160,14 +174,7 @@ def test_a_max_concurrency_lowered_below_the_runs_in_flight_stops_enough_for_a_h
     and the waiting request starts when they have let go (CONTRACT: a waiting request of higher priority
     preempts lower-priority work when the group has no free slot). The old code stopped none while the runs
     were above the cap: the request waited for the class-2 runs to end by themselves."""
-    h = Harness(r)
-    h.policy(min_run=0)
-    h.add_worker("w", slots=4)
-    lows = []
-    for i in range(3):
-        lows.append(h.submit(f"l{i}", tenant="A", priority=2, max_tokens=50))
-        h.advance(1)
-    h.advance(100)
+    h, lows = class_2_runs(r, 3, slots=4)
     h.quota("default", max_concurrency=2)
     high = h.submit("h", tenant="B", priority=7)
     stopped = [run for run in h.runs if h.status(run.rid) == "preempted"]
@@ -194,14 +201,7 @@ def test_a_lowered_cap_filled_by_runs_no_stop_can_take_stops_none(r: redis.Redis
     the runs go on (a stop would only be followed by its restart being held at the cap). The first form of
     the lowered-cap stops counted only the runs of the waiting class or above: all three others stopped, and
     nothing started."""
-    h = Harness(r)
-    h.policy(min_run=0, max_pre=1)
-    h.add_worker("w", slots=6)
-    lows = []
-    for i in range(5):
-        lows.append(h.submit(f"l{i}", tenant="A", priority=2, max_tokens=50))
-        h.advance(1)
-    h.advance(100)
+    h, lows = class_2_runs(r, 5, slots=6, max_pre=1)
     for rid in lows[:2]:
         if immune == "pinned":
             assert run_sync(h.t.pin("default", rid, h.run_of(rid).attempt))
@@ -217,14 +217,7 @@ def test_a_lowered_cap_filled_by_runs_no_stop_can_take_stops_none(r: redis.Redis
 
 @pytest.mark.single_server  # the deterministic harness pins the clock (a global key)
 def test_a_max_concurrency_at_the_runs_in_flight_stops_one_for_a_higher_class(r: redis.Redis) -> None:
-    h = Harness(r)
-    h.policy(min_run=0)
-    h.add_worker("w", slots=4)
-    lows = []
-    for i in range(3):
-        lows.append(h.submit(f"l{i}", tenant="A", priority=2, max_tokens=50))
-        h.advance(1)
-    h.advance(100)
+    h, lows = class_2_runs(r, 3, slots=4)
     h.quota("default", max_concurrency=3)
     high = h.submit("h", tenant="B", priority=7)
     stopped = [run for run in h.runs if h.status(run.rid) == "preempted"]

@@ -17,6 +17,14 @@ from tests.test_webhooks import delivered, start_stack, status
 from tests.webhook_receiver import Receiver
 
 
+def refusal(stack, session: str, url: str) -> str:
+    """A submit with `url` as its callback_url: a 422 callback_not_allowed (asserted); its message."""
+    code, reply = call("POST", f"{stack.base_url}/v1/sessions/{session}/requests",
+                       {"prompt": "hi", "max_tokens": 2, "callback_url": url})
+    assert code == 422 and reply["error"]["type"] == "callback_not_allowed", (url, code, reply)
+    return reply["error"]["message"]
+
+
 def test_a_callback_url_with_a_control_character_is_422(redis_url: str, r) -> None:
     """urlsplit drops \\t\\r\\n silently, so such a URL passed the host check; httpx refuses it at every send."""
     stack = start_stack(redis_url, delivery=False)
@@ -24,11 +32,8 @@ def test_a_callback_url_with_a_control_character_is_422(redis_url: str, r) -> No
         # and a lone surrogate, valid JSON ("\\ud800") that httpx cannot encode (UnicodeEncodeError: was a 500)
         for url in ("http://127.0.0.1:9/hook\n", "http://127.0.0.1:9/h\tok", "http://127.0.0.1:9/\x7f",
                     "http://127.0.0.1:9/\ud800"):
-            code, reply = call("POST", f"{stack.base_url}/v1/sessions/ctl/requests",
-                               {"prompt": "hi", "max_tokens": 2, "callback_url": url})
-            assert code == 422 and reply["error"]["type"] == "callback_not_allowed", (url, code, reply)
             why = "a character UTF-8 cannot encode" if "\ud800" in url else "a control character"
-            assert why in reply["error"]["message"], (url, reply)
+            assert why in refusal(stack, "ctl", url), url
         assert not r.exists(keys.session_meta("ctl"))
         assert submit(stack.base_url, "ctl-ok", max_tokens=2, callback_url="http://127.0.0.1:9/a b")  # httpx quotes it
     finally:
@@ -43,10 +48,8 @@ def test_a_callback_url_with_a_leading_space_is_422(redis_url: str, r) -> None:
     try:
         for url in (" http://127.0.0.1:9/hook", "  http://127.0.0.1:9/hook", "\u00a0http://127.0.0.1:9/hook",
                     "\u3000http://127.0.0.1:9/hook"):
-            code, reply = call("POST", f"{stack.base_url}/v1/sessions/sp/requests",
-                               {"prompt": "hi", "max_tokens": 2, "callback_url": url})
-            assert code == 422 and reply["error"]["type"] == "callback_not_allowed", (url, code, reply)
-            assert reply["error"]["message"].startswith("callback_url: starts with a space"), (url, reply)
+            message = refusal(stack, "sp", url)
+            assert message.startswith("callback_url: starts with a space"), (url, message)
         assert not r.exists(keys.session_meta("sp"))
     finally:
         stack.stop()
